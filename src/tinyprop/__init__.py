@@ -1,0 +1,1 @@
+"""tinyprop: TinyPropv2 dynamic sparse backpropagation for PyTorch."""
