@@ -1,7 +1,17 @@
-"""The shared in-memory dataset: float32 inputs, int64 labels, and where they came from."""
+"""The shared in-memory dataset (float32 inputs, int64 labels, their source) and its helpers:
+where the real data lives (``data_dir`` / ``TINYPROP_DATA``) and the npz cache of built arrays."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -43,7 +53,8 @@ class ArrayDataset(Dataset):
                 f"labels must lie in [0, {num_classes}); found range "
                 f"[{int(y.min())}, {int(y.max())}]: check num_classes or the label mapping"
             )
-        self.x = x.to(torch.float32).contiguous()  # (N, *input_shape)
+        # x may be a broadcast view (e.g. one grey channel expanded to three): kept as is.
+        self.x = x.to(torch.float32)  # (N, *input_shape)
         self.y = y.to(torch.int64).contiguous()  # (N,)
         self.source = str(source)
         self.num_classes = int(num_classes)
@@ -69,3 +80,70 @@ class ArrayDataset(Dataset):
             f"ArrayDataset(n={len(self)}, input_shape={self.input_shape}, "
             f"num_classes={self.num_classes}, source={self.source!r})"
         )
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> tuple[Path | None, bool]:
+    """Where real datasets live: ``data_dir`` if given, else ``$TINYPROP_DATA``, else None.
+
+    Returns:
+        ``(folder, explicit)``; ``explicit`` is True when the caller passed ``data_dir`` (then a
+        dataset missing there is an error), False when it came from the environment (then a
+        loader falls back to its offline source).
+
+    Example:
+        >>> resolve_data_dir("/data")
+        (PosixPath('/data'), True)
+    """
+    if data_dir is not None:
+        folder, explicit = Path(data_dir).expanduser(), True
+    elif os.environ.get("TINYPROP_DATA"):
+        folder, explicit = Path(os.environ["TINYPROP_DATA"]).expanduser(), False
+    else:
+        return None, False
+    if explicit and not folder.is_dir():
+        raise FileNotFoundError(f"data_dir {folder} is not a folder: give an existing folder")
+    return folder, explicit
+
+
+def cache_key(params: dict) -> str:
+    """A short stable hash of JSON-serialisable parameters, for cache file names."""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_arrays(
+    stem: str, params: dict, build: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Load arrays from the npz cache, or build them once and cache them.
+
+    The file is ``cache_dir()/<stem>-<hash of params>.npz``, written atomically (safe when
+    several processes build the same data at once). An unreadable cache file is rebuilt with
+    a warning.
+
+    Args:
+        stem: readable prefix of the file name, e.g. ``"flowers102-synthetic"``.
+        params: everything the arrays depend on (seed, sizes, version, ...).
+        build: makes the arrays when the cache misses.
+
+    Returns:
+        The arrays by name.
+
+    Example:
+        >>> arrays = cached_arrays("demo", {"n": 3}, lambda: {"x": np.arange(3)})
+        >>> arrays["x"].tolist()
+        [0, 1, 2]
+    """
+    from tinyprop.data.cache import cache_dir
+
+    path = cache_dir() / f"{stem}-{cache_key(params)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            warnings.warn(f"cache file {path} is unreadable ({error}); rebuilding it", stacklevel=2)
+    arrays = build()
+    temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(temporary, **arrays)
+    os.replace(temporary, path)
+    return arrays
