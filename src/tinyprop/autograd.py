@@ -1,0 +1,87 @@
+"""The sparse backward of a Linear / Conv1d / Conv2d layer (meProp with per-sample k).
+
+Forward is the layer's ordinary dense forward. Backward, per trained sample: keep the k entries
+of the output gradient δ chosen by the policy, gather the input patches of the kept positions
+only, and compute the weight and input gradients as sparse-times-dense products with k · fan_in
+multiply-accumulates each. The bias gradient is dense (from the full δ), as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from tinyprop.patches import patches_for
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def sparse_rows(row: Tensor, column: Tensor, value: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix of the given shape from (row, column, value) triplets (unique pairs)."""
+    order = torch.argsort(row * shape[1] + column)
+    counts = torch.bincount(row, minlength=shape[0])
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=row.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return torch.sparse_csr_tensor(
+        crow, column[order], value[order], shape, check_invariants=False
+    )
+
+
+class SparseBackprop(torch.autograd.Function):
+    """y = layer(x); backward keeps k output gradients per sample (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer, call) -> Tensor:
+        ctx.layer, ctx.call = layer, call
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return layer.dense_forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        x, weight = ctx.saved_tensors
+        layer = ctx.layer
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        geometry = patches_for(layer, x.shape)
+        positions, groups = geometry.positions, geometry.groups
+        channels_out, fan_in = geometry.channels_out, geometry.fan_in
+
+        rows = layer.tinyprop_state.trained_rows(x.shape[0], x.device)  # (B',)
+        delta = geometry.delta_matrix(grad_output)[rows]  # (B', C_out, P)
+        flat = delta.reshape(rows.numel(), -1)  # (B', N)
+        keep = layer.keep_count(flat)  # (B',)
+        local_row, entry = layer.select(flat, keep)  # (M,), (M,)
+        value = flat[local_row, entry]  # (M,)
+        channel = entry // positions
+        position = entry % positions
+        group = channel // (channels_out // groups)
+        sample = rows[local_row]
+
+        # the distinct input patches the kept entries read: (U,) keys (sample, position, group)
+        key = (sample * positions + position) * groups + group
+        unique_key, patch = torch.unique(key, return_inverse=True)
+        unique_group = unique_key % groups
+        unique_position = (unique_key // groups) % positions
+        unique_sample = unique_key // (groups * positions)
+        patch_count = unique_key.numel()
+
+        grad_input = grad_weight = grad_bias = None
+        if needs_weight:
+            patches = geometry.gather(x, unique_sample, unique_position, unique_group)  # (U, F)
+            kept = sparse_rows(channel, patch, value, (channels_out, patch_count))  # (C_out, U)
+            grad_weight = (kept @ patches).reshape(weight.shape)  # (C_out, fan_in)
+        if needs_input:
+            kept_t = sparse_rows(patch, channel, value, (patch_count, channels_out))  # (U, C_out)
+            grad_patches = kept_t @ weight.reshape(channels_out, fan_in)  # (U, fan_in)
+            grad_input = geometry.scatter(
+                grad_patches, unique_sample, unique_position, unique_group, x.shape
+            )
+        if ctx.has_bias and needs_bias:
+            grad_bias = delta.sum((0, 2))  # (C_out,), dense
+        ctx.call.keep = keep
+        ctx.call.computes_input_grad = bool(needs_input)
+        return grad_input, grad_weight, grad_bias, None, None

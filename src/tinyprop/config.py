@@ -1,0 +1,121 @@
+"""TinyPropConfig: the settings of every sparse-backprop policy, validated, plus named presets.
+
+All five policies are settings of one code path (see ``spec/algorithm.md``):
+
+- ``full``: dense backprop, PyTorch's own backward (the 100% reference).
+- ``topk``: meProp, a fixed ratio of output gradients kept per layer and sample.
+- ``randomk``: as ``topk`` but a uniformly random subset (a control for "does top-k matter").
+- ``tinyprop``: TinyProp v1, k adapts to the current local error per layer and sample.
+- ``tinypropv2``: TinyProp v1 plus the per-sample decision to skip the whole training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+
+
+@dataclass(frozen=True)
+class TinyPropConfig:
+    """Settings of sparse backpropagation. Defaults follow ``spec/algorithm.md``.
+
+    Args:
+        policy: one of ``full``, ``topk``, ``randomk``, ``tinyprop``, ``tinypropv2``.
+        s_min: S_min, the smallest backprop ratio of TinyProp (at zero local error).
+        s_max: S_max, the largest backprop ratio of TinyProp (at the largest error seen).
+        zeta: ζ, damping per layer of distance d from the output: ratio times ζ^d.
+        ratio: the fixed kept fraction of ``topk`` and ``randomk``.
+        d_min: D_min of the TinyPropv2 decision metric D (at zero output error).
+        d_max: D_max of the decision metric D (at the largest output error seen).
+        beta: β, damping factor of the decision metric D.
+        skip_threshold: τ, a sample is skipped when D < τ (``tinypropv2`` only).
+        seed: seed of the random choice of ``randomk``.
+
+    Example:
+        >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
+        >>> cfg.replace(ratio=0.1).ratio
+        0.1
+    """
+
+    policy: str = "tinypropv2"
+    s_min: float = 0.1  # S_min: backprop ratio at zero local error
+    s_max: float = 0.9  # S_max: backprop ratio at the largest local error seen so far
+    zeta: float = 0.5  # ζ: per-layer damping, ratio · ζ^(distance from output)
+    ratio: float = 0.1  # fixed kept fraction for topk / randomk
+    d_min: float = 0.0  # D_min of the skip decision metric
+    d_max: float = 1.0  # D_max of the skip decision metric
+    beta: float = 1.0  # β: damping of the skip decision metric
+    skip_threshold: float = 0.5  # τ: skip the sample when D < τ
+    seed: int = 0  # randomk's random stream
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        for name in ("s_min", "s_max", "zeta", "ratio", "d_min", "d_max", "beta", "skip_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not 0.0 <= self.s_min <= 1.0 or not 0.0 <= self.s_max <= 1.0:
+            raise ValueError(
+                f"s_min and s_max must lie in [0, 1], got s_min={self.s_min}, s_max={self.s_max}"
+            )
+        if self.s_min > self.s_max:
+            raise ValueError(
+                f"s_min ({self.s_min}) must not exceed s_max ({self.s_max}); swap them"
+            )
+        if not 0.0 < self.zeta <= 1.0:
+            raise ValueError(f"zeta must lie in (0, 1], got {self.zeta}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio must lie in (0, 1], got {self.ratio}; 1.0 keeps everything")
+        if self.d_min > self.d_max:
+            raise ValueError(f"d_min ({self.d_min}) must not exceed d_max ({self.d_max})")
+        if self.beta <= 0.0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.skip_threshold < 0.0:
+            raise ValueError(
+                f"skip_threshold must be >= 0, got {self.skip_threshold}; 0 never skips"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        """True when k follows the local error (TinyProp v1 and v2)."""
+        return self.policy in ("tinyprop", "tinypropv2")
+
+    @property
+    def skips(self) -> bool:
+        """True when whole samples may be skipped (TinyPropv2)."""
+        return self.policy == "tinypropv2"
+
+    def replace(self, **changes) -> TinyPropConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (for result records)."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, TinyPropConfig] = {
+    "full": TinyPropConfig(policy="full"),
+    "meprop": TinyPropConfig(policy="topk", ratio=0.1),
+    "randomk": TinyPropConfig(policy="randomk", ratio=0.1),
+    # the defaults of the authors' C examples
+    "tinyprop": TinyPropConfig(policy="tinyprop", s_min=0.1, s_max=0.9, zeta=0.5),
+    # the settings of the authors' PyTorch notebook
+    "tinyprop-notebook": TinyPropConfig(policy="tinyprop", s_min=0.0, s_max=1.0, zeta=1.0),
+    "tinypropv2": TinyPropConfig(policy="tinypropv2"),
+}
+
+
+def preset(name: str) -> TinyPropConfig:
+    """A named configuration, e.g. ``preset("meprop")``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,88 @@
+"""Pure tensor functions of TinyProp: local error, running max, ratio, k, top-k, skip decision.
+
+Everything works on a batch of samples at once, in batch order, and matches the per-sample,
+sequential definition of ``spec/algorithm.md`` exactly (the running maximum is a cumulative max).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def local_error(delta: Tensor) -> Tensor:
+    """Y = Σ_i |δ_i| per sample. ``delta`` (B, ...) -> (B,)."""
+    return delta.abs().flatten(1).sum(1)
+
+
+def running_max(error: Tensor, previous: Tensor) -> Tensor:
+    """Ymax after each sample in batch order: max(previous, Y_1..Y_n). (B,) -> (B,)."""
+    if error.numel() == 0:
+        return error
+    return torch.cummax(error, 0).values.clamp_min(previous)
+
+
+def error_fraction(error: Tensor, error_max: Tensor) -> Tensor:
+    """α = Y / Ymax in [0, 1], with α = 0 where Ymax = 0 (no error seen yet)."""
+    safe = torch.where(error_max > 0, error_max, torch.ones_like(error_max))
+    return torch.where(error_max > 0, error / safe, torch.zeros_like(error))
+
+
+def backprop_ratio(
+    error: Tensor, error_max: Tensor, s_min: float, s_max: float, zeta: float, depth: int
+) -> Tensor:
+    """bpr = (S_min + (Y / Ymax) · (S_max - S_min)) · ζ^d, per sample (TinyProp v1, exact)."""
+    alpha = error_fraction(error, error_max)  # (B,)
+    return (s_min + alpha * (s_max - s_min)) * zeta**depth
+
+
+def keep_count(ratio: Tensor | float, size: int) -> Tensor:
+    """k = clamp(floor(ratio · N + 1/2), 1, N): round half up, at least one, at most all."""
+    ratio = torch.as_tensor(ratio, dtype=torch.float64)
+    return torch.floor(ratio * size + 0.5).long().clamp(1, size)
+
+
+def adaptive_keep_count(
+    error: Tensor, error_max: Tensor, s_min: float, s_max: float, zeta: float, depth: int,
+    size: int,
+) -> Tensor:
+    """TinyProp's k per sample; k = 1 where Ymax = 0 (avoids 0/0). (B,) -> (B,) long."""
+    ratio = backprop_ratio(error.double(), error_max.double(), s_min, s_max, zeta, depth)
+    keep = keep_count(ratio, size)
+    return torch.where(error_max > 0, keep, torch.ones_like(keep))
+
+
+def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the ``keep[n]`` largest scores of each row.
+
+    Args:
+        scores: (B, N) non-negative scores (|δ| for top-k, random keys for random-k).
+        keep: (B,) how many to keep per row, each in [1, N].
+
+    Returns:
+        ``(rows, columns)``, two (M,) long tensors with M = Σ keep, grouped by row.
+        Ties are broken by ``torch.topk`` (deterministic for a given input).
+    """
+    if scores.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.long, device=scores.device)
+        return empty, empty
+    most = int(keep.max())
+    columns = scores.topk(most, dim=1, sorted=True).indices  # (B, most)
+    valid = torch.arange(most, device=scores.device) < keep.unsqueeze(1)  # (B, most)
+    rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(columns)
+    return rows[valid], columns[valid]
+
+
+def decision_metric(
+    error: Tensor, error_max: Tensor, d_min: float, d_max: float, beta: float
+) -> Tensor:
+    """D = (D_min + α · (D_max - D_min)) · β with α = Y_L / Ymax_L (TinyPropv2)."""
+    alpha = error_fraction(error, error_max)
+    return (d_min + alpha * (d_max - d_min)) * beta
+
+
+def skip_decision(
+    error: Tensor, error_max: Tensor, d_min: float, d_max: float, beta: float, threshold: float
+) -> Tensor:
+    """True where the sample is trained (D >= τ), False where it is skipped. (B,) -> (B,)."""
+    return decision_metric(error, error_max, d_min, d_max, beta) >= threshold

@@ -1,0 +1,124 @@
+"""Geometry of a trainable layer seen as "weights times patches".
+
+Every supported layer computes, for each sample, output channel c and output position p,
+``z[c, p] = W[c] · patch[p, g(c)]`` where ``W`` is the weight viewed as (C_out, fan_in) and
+``g(c)`` the channel's group. A Linear layer has one position per leading index and one group;
+a convolution's patches are the receptive fields of its (zero-)padded input. The sparse
+backward gathers the patches of the kept positions only and scatters their gradients back, so
+its work scales with k, never with the dense output size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LinearPatches:
+    """Patches of ``nn.Linear``: input (B, *, in) -> each leading index is one position."""
+
+    def __init__(self, layer: nn.Linear, input_shape: torch.Size):
+        self.positions = 1
+        for size in input_shape[1:-1]:
+            self.positions *= size
+        self.groups = 1
+        self.fan_in = layer.in_features
+        self.channels_out = layer.out_features
+
+    def delta_matrix(self, grad_output: Tensor) -> Tensor:
+        """(B, *, out) -> (B, out, positions), channel-major like a convolution."""
+        batch = grad_output.shape[0]
+        return grad_output.reshape(batch, self.positions, self.channels_out).transpose(1, 2)
+
+    def gather(self, x: Tensor, sample: Tensor, position: Tensor, group: Tensor) -> Tensor:
+        """Patches of the given (sample, position) pairs: (U, in)."""
+        rows = x.reshape(-1, self.fan_in)  # (B * positions, in)
+        return rows[sample * self.positions + position]
+
+    def scatter(self, grad_patches: Tensor, sample, position, group, input_shape) -> Tensor:
+        """Add patch gradients (U, in) back into an input-shaped gradient."""
+        grad = grad_patches.new_zeros(input_shape[0] * self.positions, self.fan_in)
+        grad.index_add_(0, sample * self.positions + position, grad_patches)
+        return grad.reshape(input_shape)
+
+
+class ConvPatches:
+    """Patches of ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation, groups)."""
+
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d, input_shape: torch.Size):
+        two_d = isinstance(layer, nn.Conv2d)
+        self.two_d = two_d
+        self.pad = layer._reversed_padding_repeated_twice  # (left, right[, top, bottom])
+        spatial = tuple(input_shape[2:]) if two_d else (1, input_shape[2])
+        pads = (self.pad[2], self.pad[3], self.pad[0], self.pad[1]) if two_d else (
+            0, 0, self.pad[0], self.pad[1]
+        )
+        padded = (spatial[0] + pads[0] + pads[1], spatial[1] + pads[2] + pads[3])
+        kernel = tuple(layer.kernel_size) if two_d else (1, layer.kernel_size[0])
+        stride = tuple(layer.stride) if two_d else (1, layer.stride[0])
+        dilation = tuple(layer.dilation) if two_d else (1, layer.dilation[0])
+        out = tuple(
+            (padded[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+        )
+        self.groups = layer.groups
+        self.channels_in = input_shape[1]
+        self.channels_out = layer.out_channels
+        self.channels_per_group = self.channels_in // self.groups
+        self.fan_in = self.channels_per_group * kernel[0] * kernel[1]
+        self.positions = out[0] * out[1]
+        self.padded_shape = (input_shape[0], self.channels_in, *padded)
+        self.sample_size = self.channels_in * padded[0] * padded[1]
+        self.index = _patch_index(self.channels_in, self.groups, padded, kernel, stride, dilation, out)
+
+    def delta_matrix(self, grad_output: Tensor) -> Tensor:
+        """(B, C_out, *spatial) -> (B, C_out, positions)."""
+        return grad_output.reshape(grad_output.shape[0], self.channels_out, self.positions)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pad) if any(self.pad) else x
+
+    def gather(self, x: Tensor, sample: Tensor, position: Tensor, group: Tensor) -> Tensor:
+        """Receptive fields of the given (sample, position, group): (U, fan_in)."""
+        flat = self._padded(x).reshape(-1)  # (B * C_in * Hp * Wp,)
+        offsets = self.index.to(x.device)[group, position]  # (U, fan_in)
+        return flat[sample.unsqueeze(1) * self.sample_size + offsets]
+
+    def scatter(self, grad_patches: Tensor, sample, position, group, input_shape) -> Tensor:
+        """Add receptive-field gradients (U, fan_in) back into the input's gradient."""
+        flat = grad_patches.new_zeros(self.padded_shape[0] * self.sample_size)
+        offsets = self.index.to(grad_patches.device)[group, position]  # (U, fan_in)
+        flat.index_add_(0, (sample.unsqueeze(1) * self.sample_size + offsets).reshape(-1),
+                        grad_patches.reshape(-1))
+        padded = flat.reshape(self.padded_shape)
+        if self.two_d:
+            left, right, top, bottom = self.pad
+            grad = padded[:, :, top : padded.shape[2] - bottom, left : padded.shape[3] - right]
+        else:
+            left, right = self.pad
+            grad = padded[:, :, 0, left : padded.shape[3] - right]
+        return grad.reshape(input_shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_index(channels_in, groups, padded, kernel, stride, dilation, out) -> Tensor:
+    """Offsets into one padded sample (C_in, Hp, Wp) of every patch: (G, positions, fan_in)."""
+    per_group = channels_in // groups
+    channel = torch.arange(channels_in).view(groups, 1, per_group, 1, 1)
+    ki = torch.arange(kernel[0]).view(1, 1, 1, -1, 1) * dilation[0]
+    kj = torch.arange(kernel[1]).view(1, 1, 1, 1, -1) * dilation[1]
+    oh = torch.arange(out[0]).repeat_interleave(out[1]) * stride[0]  # (positions,)
+    ow = torch.arange(out[1]).repeat(out[0]) * stride[1]
+    rows = oh.view(1, -1, 1, 1, 1) + ki  # (1, P, 1, kh, 1)
+    cols = ow.view(1, -1, 1, 1, 1) + kj  # (1, P, 1, 1, kw)
+    index = channel * padded[0] * padded[1] + rows * padded[1] + cols  # (G, P, Cg, kh, kw)
+    return index.reshape(groups, out[0] * out[1], -1)
+
+
+def patches_for(layer: nn.Module, input_shape: torch.Size) -> LinearPatches | ConvPatches:
+    """The patch geometry of a supported layer for one input shape."""
+    if isinstance(layer, nn.Linear):
+        return LinearPatches(layer, input_shape)
+    return ConvPatches(layer, input_shape)
