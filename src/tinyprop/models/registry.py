@@ -19,7 +19,7 @@ from tinyprop.models.resnet import resnet8
 class Reference:
     """One dataset's reference model: its name, builder and default shapes."""
 
-    model_name: str
+    model_name: str  # independent of the input shape and classes (records store those)
     builder: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
     num_classes: int | None  # None: an autoencoder (no classes)
@@ -28,7 +28,7 @@ class Reference:
 # dataset -> variant -> reference model; the first variant is the default
 _REFERENCES: dict[str, dict[str, Reference]] = {
     "mnist": {
-        "mlp": Reference("mlp-784-128-64-10", mlp, (1, 28, 28), 10),
+        "mlp": Reference("mlp-128-64", mlp, (1, 28, 28), 10),
         "cnn": Reference("cnn-8-16", cnn, (1, 28, 28), 10),
     },
     "cifar10": {"resnet8": Reference("resnet8", resnet8, (3, 32, 32), 10)},

@@ -1,0 +1,235 @@
+"""``tinyprop report RESULTS_DIR``: Markdown and CSV tables and accuracy-vs-compute plots.
+
+Per dataset: full training's metric; each policy's metric at the setting chosen by the
+validation metric (never the test metric), its drop vs full in percentage points, total and
+backward compute in % of full, and skip rate; means and standard deviations over seeds, and the
+data source of every row. Writes ``report.md``, ``report.csv`` (chosen settings),
+``report_settings.csv`` (every setting) and ``plot_<protocol>_<dataset>.png`` into the folder.
+
+Example:
+    tinyprop report benchmarks/results/small-finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tinyprop.bench import store
+
+POLICY_ORDER = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+TARGET_DROP_PP = 1.0  # issue 5: tinypropv2 within 1 pp of full ...
+TARGET_BACKWARD = 0.20  # ... at no more than 20% of full training's backward compute
+
+
+@dataclass
+class SettingSummary:
+    """One (protocol, dataset, policy, setting) aggregated over seeds."""
+
+    protocol: str
+    dataset: str
+    source: str
+    model: str
+    policy: str
+    setting: str
+    seeds: int
+    metric_name: str
+    metric_mean: float
+    metric_std: float
+    val_metric_mean: float
+    compute_pct: float
+    backward_pct: float
+    skip_pct: float
+    drop_pp: float | None = None  # full's mean metric minus this one (positive = worse)
+    chosen: bool = False
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _policy_rank(policy: str) -> tuple[int, str]:
+    return (POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER), policy)
+
+
+def summarise(records: list[dict]) -> list[SettingSummary]:
+    """Aggregate records over seeds, choose each policy's setting by validation metric and fill
+    in the drop vs full.
+
+    The chosen setting of a policy has the highest mean validation metric over seeds (ties: the
+    lower backward compute). The drop is ``mean(full) - mean(policy)`` in percentage points.
+
+    Args:
+        records: run records (see ``tinyprop.bench.store``).
+
+    Returns:
+        One :class:`SettingSummary` per (protocol, dataset, policy, setting), sorted.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        label = record.get("settings_label") or _label(record["settings"])
+        key = (record["protocol"], record["dataset"], record["source"], record["policy"], label)
+        groups.setdefault(key, []).append(record)
+    summaries = []
+    for (protocol, dataset, source, policy, label), group in groups.items():
+        metric = [float(r["metric"]) for r in group]
+        summaries.append(
+            SettingSummary(
+                protocol=protocol,
+                dataset=dataset,
+                source=source,
+                model=group[0]["model"],
+                policy=policy,
+                setting=label,
+                seeds=len(group),
+                metric_name=group[0]["metric_name"],
+                metric_mean=statistics.fmean(metric),
+                metric_std=_std(metric),
+                val_metric_mean=statistics.fmean(float(r["val_metric"]) for r in group),
+                compute_pct=100 * statistics.fmean(float(r["compute_ratio"]) for r in group),
+                backward_pct=100 * statistics.fmean(float(r["backward_ratio"]) for r in group),
+                skip_pct=100 * statistics.fmean(float(r["skip_rate"]) for r in group),
+            )  # fmt: skip
+        )
+    by_policy: dict[tuple, list[SettingSummary]] = {}
+    for summary in summaries:
+        key = (summary.protocol, summary.dataset, summary.source, summary.policy)
+        by_policy.setdefault(key, []).append(summary)
+    for options in by_policy.values():
+        best = max(options, key=lambda s: (s.val_metric_mean, -s.backward_pct))
+        best.chosen = True
+    full = {
+        (s.protocol, s.dataset, s.source): s for s in summaries if s.policy == "full" and s.chosen
+    }
+    for summary in summaries:
+        reference = full.get((summary.protocol, summary.dataset, summary.source))
+        if reference is not None:
+            summary.drop_pp = reference.metric_mean - summary.metric_mean
+    summaries.sort(
+        key=lambda s: (s.protocol, s.dataset, s.source, _policy_rank(s.policy), s.backward_pct)
+    )
+    return summaries
+
+
+def _label(settings: dict) -> str:
+    from tinyprop.bench.suites import settings_label
+
+    return settings_label(settings)
+
+
+def _format_metric(summary: SettingSummary) -> str:
+    return f"{summary.metric_mean:.2f} ± {summary.metric_std:.2f}"
+
+
+def markdown(summaries: list[SettingSummary]) -> str:
+    """The report as Markdown: one table per protocol, chosen settings only."""
+    lines = [
+        "# Benchmark report",
+        "",
+        "Metric in percent on the test split (accuracy; AUC for dcase2020), mean ± std over "
+        "seeds. Each policy's setting was chosen by its mean validation metric (a split carved "
+        "from the training data), never by the test metric. Drop = full's mean minus the "
+        "policy's mean, in percentage points (positive = worse than full). Compute: total "
+        "(forward + backward + selection) and backward (+ selection) MACs in % of full "
+        "training's on the same samples. Skip: share of samples whose backward was skipped.",
+    ]
+    for protocol in sorted({s.protocol for s in summaries}):
+        chosen = [s for s in summaries if s.protocol == protocol and s.chosen]
+        lines += [
+            "",
+            f"## Protocol: {protocol}",
+            "",
+            "| dataset | source | policy | setting | seeds | metric | drop (pp) | total % | "
+            "backward % | skip % |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in chosen:
+            drop = "" if s.drop_pp is None else f"{s.drop_pp:+.2f}"
+            lines.append(
+                f"| {s.dataset} | {s.source} | {s.policy} | {s.setting} | {s.seeds} | "
+                f"{s.metric_name} {_format_metric(s)} | {drop} | {s.compute_pct:.1f} | "
+                f"{s.backward_pct:.1f} | {s.skip_pct:.1f} |"
+            )
+        verdicts = []
+        for s in chosen:
+            if s.policy != "tinypropv2" or s.drop_pp is None:
+                continue
+            met = s.drop_pp <= TARGET_DROP_PP and s.backward_pct <= 100 * TARGET_BACKWARD
+            verdicts.append(
+                f"- {s.dataset}: {'meets' if met else 'misses'} the target (drop "
+                f"{s.drop_pp:+.2f} pp, backward {s.backward_pct:.1f}% of full, total "
+                f"{s.compute_pct:.1f}%)"
+            )
+        if verdicts:
+            lines += [
+                "",
+                f"Target: tinypropv2 within {TARGET_DROP_PP:g} pp of full at no more than "
+                f"{100 * TARGET_BACKWARD:g}% of full backward compute.",
+                *verdicts,
+            ]
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = [
+    "protocol", "dataset", "source", "model", "policy", "setting", "chosen", "seeds",
+    "metric_name", "metric_mean", "metric_std", "drop_pp", "compute_pct", "backward_pct",
+    "skip_pct", "val_metric_mean",
+]  # fmt: skip
+
+
+def write_csv(summaries: list[SettingSummary], path: Path) -> None:
+    """Write summaries as CSV (columns :data:`CSV_COLUMNS`)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for summary in summaries:
+            writer.writerow(asdict(summary))
+
+
+def build_report(folder: str | Path, out: str | Path | None = None, plots: bool = True) -> str:
+    """Read the records in ``folder`` and write the report files into ``out`` (default: the
+    same folder).
+
+    Returns:
+        The Markdown text.
+
+    Example:
+        >>> print(build_report("benchmarks/results/small-finetune"))  # doctest: +SKIP
+    """
+    records = store.read_records(folder)
+    if not records:
+        raise ValueError(f"no run records in {folder}: run `tinyprop bench` into it first")
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarise(records)
+    text = markdown(summaries)
+    (out / "report.md").write_text(text)
+    write_csv([s for s in summaries if s.chosen], out / "report.csv")
+    write_csv(summaries, out / "report_settings.csv")
+    if plots:
+        from tinyprop.bench.plots import plot_all
+
+        plot_all(summaries, out)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tinyprop report``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="tinyprop report", description="Tables (Markdown, CSV) and plots from run records."
+    )
+    parser.add_argument("results", metavar="RESULTS_DIR", help="folder of run records")
+    parser.add_argument("--out", help="where to write the report (default: RESULTS_DIR)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    try:
+        text = build_report(args.results, args.out, plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"tinyprop report: {error}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0

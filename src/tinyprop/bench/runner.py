@@ -1,0 +1,384 @@
+"""``tinyprop bench``: run datasets x policies x settings x seeds under a protocol, one JSON
+record per run, locally or as Ray tasks; finished runs are skipped (resume).
+
+Examples:
+    tinyprop bench --suite small --protocol finetune
+    tinyprop bench --suite small --datasets mnist har --policies full tinypropv2 --seeds 0
+    tinyprop bench --suite paper --protocol scratch --ray auto
+    tinyprop bench --suite small --list          # show the planned runs and what is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import tinyprop
+from tinyprop import models
+from tinyprop.bench import protocols, sources, store, suites
+from tinyprop.bench.suites import DatasetPlan
+from tinyprop.bench.training import evaluate, pretrain_dense, train_policy
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs (picklable, so it can travel to a Ray worker)."""
+
+    suite: str
+    dataset: str
+    policy: str
+    settings: dict = field(hash=False)
+    protocol: str = "scratch"
+    seed: int = 0
+    plan: DatasetPlan = DatasetPlan(None, None, 1, 1)
+    val_fraction: float = 0.1
+    pretrain_fraction: float = 0.5
+    results: str = "."
+    data_dir: str | None = None
+    commit: str = "unknown"
+    threads: int = 1
+
+    @property
+    def settings_label(self) -> str:
+        """Short label of the settings, e.g. ``ratio=0.1``."""
+        return suites.settings_label(self.settings)
+
+    @property
+    def path(self) -> Path:
+        """Where this run's record is written."""
+        name = store.record_name(
+            self.protocol, self.dataset, self.policy, self.settings_label, self.seed
+        )
+        return Path(self.results) / name
+
+    @property
+    def title(self) -> str:
+        """One-line description for progress bars."""
+        return f"{self.dataset} {self.policy} {self.settings_label} seed{self.seed}"
+
+
+def plan_runs(
+    suite: suites.Suite,
+    protocol: str,
+    results: str,
+    datasets: list[str] | None = None,
+    policies: list[str] | None = None,
+    seeds: list[int] | None = None,
+    max_settings: int | None = None,
+    data_dir: str | None = None,
+    commit: str = "unknown",
+    threads: int = 1,
+) -> list[RunSpec]:
+    """All runs of a suite (datasets x policies x settings x seeds), each config validated.
+
+    Args:
+        suite: the suite (sizes and settings grids).
+        protocol: ``"scratch"`` or ``"finetune"``.
+        results: folder of the records.
+        datasets, policies, seeds: subsets (default: the suite's all).
+        max_settings: keep only the first N settings of each policy's grid.
+        data_dir: folder of the real datasets.
+        commit: code version written into every record.
+        threads: torch threads per run.
+
+    Returns:
+        The runs in order: dataset, seed, policy, setting.
+
+    Example:
+        >>> len(plan_runs(suites.get("tiny"), "scratch", "/tmp/r"))
+        12
+    """
+    if protocol not in protocols.PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {protocols.PROTOCOLS}")
+    datasets = list(suite.datasets) if datasets is None else datasets
+    policies = list(suite.settings) if policies is None else policies
+    seeds = list(suite.seeds) if seeds is None else seeds
+    for name in datasets:
+        if name not in suite.datasets:
+            raise ValueError(
+                f"dataset {name!r} is not in suite {suite.name!r}; choose from "
+                f"{list(suite.datasets)}"
+            )
+    for policy in policies:
+        if policy not in suite.settings:
+            raise ValueError(f"unknown policy {policy!r}; choose from {list(suite.settings)}")
+    runs = []
+    for dataset in datasets:
+        for seed in seeds:
+            for policy in policies:
+                for settings in suite.settings[policy][:max_settings]:
+                    tinyprop.TinyPropConfig(policy=policy, seed=seed, **settings)  # validate
+                    runs.append(
+                        RunSpec(
+                            suite=suite.name,
+                            dataset=dataset,
+                            policy=policy,
+                            settings=dict(settings),
+                            protocol=protocol,
+                            seed=seed,
+                            plan=suite.datasets[dataset],
+                            val_fraction=suite.val_fraction,
+                            pretrain_fraction=suite.pretrain_fraction,
+                            results=str(results),
+                            data_dir=data_dir,
+                            commit=commit,
+                            threads=threads,
+                        )  # fmt: skip
+                    )
+    return runs
+
+
+def _prepare(spec: RunSpec):
+    """Load the data, cut the splits, build the fresh model (seeded)."""
+    pool = sources.load(spec.dataset, "train", spec.plan.train_samples, spec.data_dir)
+    test = sources.load(spec.dataset, "test", spec.plan.test_samples, spec.data_dir)
+    splits = protocols.split_pool(
+        len(pool.y), spec.protocol, spec.seed, spec.val_fraction, spec.pretrain_fraction
+    )
+    model_dataset = sources.model_dataset(spec.dataset)
+    torch.manual_seed(spec.seed)
+    model = models.build(
+        model_dataset,
+        num_classes=pool.num_classes,
+        input_shape=pool.input_shape,
+        variant=spec.plan.variant,
+    )
+    return pool, test, splits, model_dataset, model
+
+
+def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
+    """The ``finetune`` protocol's pretrained weights for ``spec``'s dataset and seed: loaded from
+    ``cache_dir()/pretrained`` or trained (dense) and cached. The same for every policy."""
+    from tinyprop.data import cache_dir
+
+    torch.set_num_threads(spec.threads)
+    pool, _, splits, model_dataset, model = _prepare(spec)
+    reference = models.reference(model_dataset, spec.plan.variant)
+    key = protocols.pretrain_key(
+        spec.dataset, pool.source, reference.model_name, spec.plan, seed=spec.seed,
+        val_fraction=spec.val_fraction, pretrain_fraction=spec.pretrain_fraction,
+        input_shape=pool.input_shape, num_classes=pool.num_classes,
+    )  # fmt: skip
+    path = cache_dir() / "pretrained" / f"{spec.dataset}-seed{spec.seed}-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    pretrain_dense(
+        model,
+        pool.x[splits.pretrain],
+        pool.y[splits.pretrain],
+        epochs=spec.plan.pretrain_epochs,
+        batch_size=spec.plan.batch_size,
+        lr=spec.plan.lr,
+        seed=spec.seed + 1000,
+        autoencoder=models.is_autoencoder(model_dataset),
+    )
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    protocols.save_state(state, path)
+    return state
+
+
+def execute_run(spec: RunSpec, pretrained: dict[str, torch.Tensor] | None = None) -> dict:
+    """Run one benchmark run and write its record.
+
+    Args:
+        spec: the run.
+        pretrained: the pretrained weights (finetune); computed or loaded when None.
+
+    Returns:
+        The record (also written to ``spec.path``).
+    """
+    start = time.perf_counter()
+    torch.set_num_threads(spec.threads)
+    pool, test, splits, model_dataset, model = _prepare(spec)
+    autoencoder = models.is_autoencoder(model_dataset)
+    pretrained_metric = None
+    if spec.protocol == "finetune":
+        model.load_state_dict(pretrained if pretrained is not None else pretrained_state(spec))
+        pretrained_metric = evaluate(model, test.x, test.y, autoencoder)[1]
+    config = tinyprop.TinyPropConfig(policy=spec.policy, seed=spec.seed, **spec.settings)
+    result = train_policy(
+        model,
+        config,
+        pool.x[splits.train],
+        pool.y[splits.train],
+        epochs=spec.plan.epochs,
+        batch_size=spec.plan.batch_size,
+        lr=spec.plan.lr,
+        seed=spec.seed + 2000,
+        autoencoder=autoencoder,
+    )
+    val_metric_name, val_metric = evaluate(
+        model, pool.x[splits.val], pool.y[splits.val], autoencoder
+    )
+    metric_name, metric = evaluate(model, test.x, test.y, autoencoder)
+    record = {
+        "dataset": spec.dataset,
+        "source": pool.source,
+        "model": models.reference(model_dataset, spec.plan.variant).model_name,
+        "input_shape": list(pool.input_shape),
+        "num_classes": pool.num_classes,
+        "policy": spec.policy,
+        "settings": dict(spec.settings),
+        "settings_label": spec.settings_label,
+        "protocol": spec.protocol,
+        "seed": spec.seed,
+        "suite": spec.suite,
+        "metric_name": metric_name,
+        "metric": metric,
+        "val_metric_name": val_metric_name,
+        "val_metric": val_metric,
+        "pretrained_metric": pretrained_metric,
+        "compute_ratio": result.ledger.ratio(),
+        "backward_ratio": result.ledger.backward_ratio(),
+        "skip_rate": result.skip_rate,
+        "ledger": result.ledger.as_dict(),
+        "trained_samples": result.trained,
+        "skipped_samples": result.skipped,
+        "optimizer_batches": result.steps,
+        "final_loss": result.last_loss,
+        "epochs": spec.plan.epochs,
+        "batch_size": spec.plan.batch_size,
+        "lr": spec.plan.lr,
+        "train_samples": len(splits.train),
+        "val_samples": len(splits.val),
+        "pretrain_samples": len(splits.pretrain),
+        "test_samples": len(test.y),
+        "train_wall_s": result.wall_s,
+        "wall_s": time.perf_counter() - start,
+        "commit": spec.commit,
+        "torch": torch.__version__,
+    }
+    store.write_record(spec.path, record)
+    return record
+
+
+def run_local(runs: list[RunSpec]) -> list[str]:
+    """Run ``runs`` one after another in this process; returns the titles of failed runs."""
+    failures = []
+    pretrained: dict[tuple[str, int], dict] = {}
+    with tqdm(total=len(runs), unit="run", dynamic_ncols=True) as bar:
+        for spec in runs:
+            bar.set_description(spec.title)
+            try:
+                state = None
+                if spec.protocol == "finetune":
+                    key = (spec.dataset, spec.seed)
+                    if key not in pretrained:
+                        pretrained = {key: pretrained_state(spec)}  # keep one dataset's weights
+                    state = pretrained[key]
+                record = execute_run(spec, state)
+                bar.set_postfix_str(f"{record['metric_name']} {record['metric']:.1f}")
+            except Exception:  # one failed run must not stop the suite
+                failures.append(spec.title)
+                tqdm.write(f"run {spec.title} failed:\n{traceback.format_exc()}")
+            bar.update(1)
+    return failures
+
+
+def run_ray(runs: list[RunSpec], address: str | None = None) -> list[str]:
+    """Run each run as a Ray task (one CPU each); pretraining is one task per (dataset, seed)
+    whose weights travel to the run tasks through the object store. Records are written by the
+    task and again by the driver (so a cluster without a shared folder still gets them).
+
+    Args:
+        runs: the runs.
+        address: the cluster (``ray.init(address=...)``); ``"local"`` starts a local instance;
+            ignored when Ray is already initialised in this process.
+
+    Returns:
+        Titles of failed runs.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        if address in (None, "local"):
+            ray.init(include_dashboard=False)
+        else:
+            ray.init(address=address)
+    pretrain_task = ray.remote(num_cpus=1)(pretrained_state)
+    run_task = ray.remote(num_cpus=1)(execute_run)
+    pretrained = {}
+    for spec in runs:
+        key = (spec.dataset, spec.seed)
+        if spec.protocol == "finetune" and key not in pretrained:
+            pretrained[key] = pretrain_task.remote(spec)
+    pending = {
+        run_task.remote(spec, pretrained.get((spec.dataset, spec.seed))): spec for spec in runs
+    }
+    failures = []
+    with tqdm(total=len(pending), unit="run", dynamic_ncols=True) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(done[0])
+            try:
+                record = ray.get(done[0])
+                store.write_record(spec.path, record)
+                bar.set_postfix_str(f"{spec.title}: {record['metric_name']} {record['metric']:.1f}")
+            except Exception as error:
+                failures.append(spec.title)
+                tqdm.write(f"run {spec.title} failed: {error}")
+            bar.update(1)
+    return failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tinyprop bench`` flags."""
+    parser = argparse.ArgumentParser(
+        prog="tinyprop bench",
+        description="Run a benchmark suite: datasets x policies x settings x seeds. One JSON "
+        "record per run in the results folder; finished runs are skipped (resume).",
+    )
+    parser.add_argument("--suite", default="small", choices=list(suites.SUITES))
+    parser.add_argument("--protocol", default="finetune", choices=protocols.PROTOCOLS)
+    parser.add_argument("--datasets", nargs="+", help="subset of the suite's datasets")
+    parser.add_argument("--policies", nargs="+", help="subset of " + ", ".join(suites.POLICIES))
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the suite's)")
+    parser.add_argument("--max-settings", type=int, help="first N settings of each policy only")
+    parser.add_argument(
+        "--results", help="results folder (default benchmarks/results/SUITE-PROTOCOL)"
+    )
+    parser.add_argument("--ray", metavar="ADDRESS", help="run on Ray ('local' starts one here)")
+    parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tinyprop bench``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    suite = suites.get(args.suite)
+    results = args.results or f"benchmarks/results/{suite.name}-{args.protocol}"
+    try:
+        runs = plan_runs(
+            suite, args.protocol, results, args.datasets, args.policies, args.seeds,
+            args.max_settings, args.data_dir, store.commit_hash(), args.threads,
+        )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        print(f"tinyprop bench: {error}", file=sys.stderr)
+        return 2
+    todo = [spec for spec in runs if not spec.path.is_file()]
+    print(
+        f"suite {suite.name}, protocol {args.protocol}: {len(runs)} runs, "
+        f"{len(runs) - len(todo)} already done, {len(todo)} to run; records in {results}"
+    )
+    if args.list:
+        for spec in runs:
+            print(("done  " if spec.path.is_file() else "todo  ") + spec.title)
+        return 0
+    if not todo:
+        return 0
+    start = time.perf_counter()
+    failures = run_ray(todo, args.ray) if args.ray else run_local(todo)
+    print(f"{len(todo) - len(failures)} runs finished in {time.perf_counter() - start:.0f} s")
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0

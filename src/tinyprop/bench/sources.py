@@ -1,0 +1,71 @@
+"""Where a benchmark's data comes from: ``tinyprop.data`` (or a test-only tiny dataset), capped
+to the suite's sizes, as in-memory tensors."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from tinyprop.bench import tiny
+
+POOL_SEED = 12345  # the same capped pool for every seed and policy
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """One split as tensors, with what the results must say about it."""
+
+    x: torch.Tensor  # (N, *input_shape)
+    y: torch.Tensor  # (N,)
+    source: str
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample."""
+        return tuple(self.x.shape[1:])
+
+
+def model_dataset(name: str) -> str:
+    """The dataset whose reference model a (possibly test-only) dataset uses."""
+    return tiny.TINY_DATASETS.get(name, name)
+
+
+@functools.lru_cache(maxsize=4)
+def load(name: str, split: str, cap: int | None, data_dir: str | None = None) -> Arrays:
+    """Load a split and keep at most ``cap`` samples (a fixed seeded random subset).
+
+    Args:
+        name: a ``tinyprop.data`` dataset name or a test-only ``tiny-*`` name.
+        split: ``"train"`` or ``"test"``.
+        cap: maximum number of samples; None keeps all.
+        data_dir: folder of the real datasets (see ``tinyprop.data.load``).
+
+    Returns:
+        :class:`Arrays` of the (capped) split.
+
+    Example:
+        >>> load("tiny-blobs", "test", 10).x.shape
+        torch.Size([10, 1, 4, 4])
+    """
+    if name in tiny.TINY_DATASETS:
+        dataset = tiny.load(name, split)
+    else:
+        from tinyprop import data
+
+        dataset = data.load(name, split, data_dir=data_dir)
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        x, y = dataset.x, dataset.y
+    else:
+        pairs = [dataset[index] for index in range(len(dataset))]
+        x = torch.stack([torch.as_tensor(pair[0]) for pair in pairs])
+        y = torch.as_tensor([int(pair[1]) for pair in pairs])
+    if len(y) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} is empty")
+    if cap is not None and cap < len(y):
+        generator = torch.Generator().manual_seed(POOL_SEED)
+        keep = torch.randperm(len(y), generator=generator)[:cap].sort().values
+        x, y = x[keep], y[keep]
+    return Arrays(x.float().contiguous(), y.long(), str(dataset.source), int(dataset.num_classes))

@@ -1,0 +1,148 @@
+"""Benchmark suites: per dataset how much data and training, and each policy's settings grid.
+
+``small`` is sized for all 8 datasets x 5 policies x 3 seeds on a 2-core machine in a few hours
+(the sizes are in :data:`SMALL`); ``paper`` uses the full datasets; ``tiny`` is for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """How one dataset is trained in a suite.
+
+    Attributes:
+        train_samples: cap on the training pool (validation and pretraining parts are carved
+            from it); None = the whole training split.
+        test_samples: cap on the test split; None = all of it.
+        epochs: epochs of the trained run (on-device training).
+        pretrain_epochs: epochs of the dense pretraining of the ``finetune`` protocol.
+        batch_size: minibatch size (one optimizer step per batch).
+        lr: Adam learning rate.
+        variant: model variant of :func:`tinyprop.models.build` (None = the default).
+    """
+
+    train_samples: int | None
+    test_samples: int | None
+    epochs: int
+    pretrain_epochs: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named benchmark: datasets with their plans, policies with settings grids, seeds.
+
+    Attributes:
+        val_fraction: part of the training pool held out as the validation split (settings
+            are chosen on it, never on the test split).
+        pretrain_fraction: part of the remaining training pool used for dense pretraining in the
+            ``finetune`` protocol; the rest is the on-device training data.
+    """
+
+    name: str
+    datasets: dict[str, DatasetPlan]
+    settings: dict[str, list[dict]]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    val_fraction: float = 0.1
+    pretrain_fraction: float = 0.5
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+# settings grids: every entry is a set of TinyPropConfig fields on top of the policy's defaults
+SMALL_SETTINGS: dict[str, list[dict]] = {
+    "full": [{}],
+    "topk": [{"ratio": 0.05}, {"ratio": 0.1}, {"ratio": 0.2}],
+    "randomk": [{"ratio": 0.1}, {"ratio": 0.2}],
+    "tinyprop": [{"zeta": 1.0}, {"zeta": 0.5}],
+    "tinypropv2": [
+        {"zeta": 1.0, "skip_threshold": 0.3},
+        {"zeta": 1.0, "skip_threshold": 0.5},
+        {"zeta": 0.5, "skip_threshold": 0.3},
+    ],
+}
+
+PAPER_SETTINGS: dict[str, list[dict]] = {
+    "full": [{}],
+    "topk": [{"ratio": r} for r in (0.02, 0.05, 0.1, 0.2, 0.3)],
+    "randomk": [{"ratio": r} for r in (0.05, 0.1, 0.2, 0.3)],
+    "tinyprop": [{"zeta": z, "s_max": s} for z in (1.0, 0.75, 0.5) for s in (0.5, 0.9)],
+    "tinypropv2": [
+        {"zeta": z, "s_max": 0.9, "skip_threshold": t}
+        for z in (1.0, 0.75, 0.5)
+        for t in (0.1, 0.3, 0.5, 0.7)
+    ],
+}
+
+SMALL = Suite(
+    name="small",
+    datasets={
+        "mnist": DatasetPlan(6000, 2000, epochs=3, pretrain_epochs=3),
+        "cifar10": DatasetPlan(2000, 1000, epochs=2, pretrain_epochs=3),
+        "cifar100": DatasetPlan(4000, 1000, epochs=2, pretrain_epochs=3),
+        "flowers102": DatasetPlan(2040, 1020, epochs=3, pretrain_epochs=4),
+        "food101": DatasetPlan(2020, 1010, epochs=3, pretrain_epochs=4),
+        "speech_commands": DatasetPlan(3000, 1000, epochs=3, pretrain_epochs=3),
+        "har": DatasetPlan(None, None, epochs=20, pretrain_epochs=20, batch_size=8),
+        "dcase2020": DatasetPlan(3000, 1000, epochs=5, pretrain_epochs=5),
+    },
+    settings=SMALL_SETTINGS,
+)
+
+PAPER = Suite(
+    name="paper",
+    datasets={
+        "mnist": DatasetPlan(None, None, epochs=10, pretrain_epochs=10),
+        "cifar10": DatasetPlan(None, None, epochs=30, pretrain_epochs=30, batch_size=64),
+        "cifar100": DatasetPlan(None, None, epochs=30, pretrain_epochs=30, batch_size=64),
+        "flowers102": DatasetPlan(None, None, epochs=30, pretrain_epochs=30),
+        "food101": DatasetPlan(None, None, epochs=20, pretrain_epochs=20, batch_size=64),
+        "speech_commands": DatasetPlan(None, None, epochs=20, pretrain_epochs=20, batch_size=64),
+        "har": DatasetPlan(None, None, epochs=50, pretrain_epochs=50, batch_size=8),
+        "dcase2020": DatasetPlan(None, None, epochs=30, pretrain_epochs=30, batch_size=64),
+    },
+    settings=PAPER_SETTINGS,
+)
+
+TINY = Suite(
+    name="tiny",
+    datasets={
+        "tiny-blobs": DatasetPlan(None, None, epochs=2, pretrain_epochs=2, batch_size=16),
+        "tiny-anomaly": DatasetPlan(None, None, epochs=2, pretrain_epochs=2, batch_size=16),
+    },
+    settings={
+        "full": [{}],
+        "topk": [{"ratio": 0.2}],
+        "randomk": [{"ratio": 0.2}],
+        "tinyprop": [{}],
+        "tinypropv2": [{"skip_threshold": 0.3}, {"skip_threshold": 0.6}],
+    },
+    seeds=(0,),
+)
+
+SUITES = {suite.name: suite for suite in (SMALL, PAPER, TINY)}
+
+
+def get(name: str) -> Suite:
+    """The suite called ``name`` (``small``, ``paper`` or ``tiny``)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {list(SUITES)}")
+    return SUITES[name]
+
+
+def settings_label(settings: dict) -> str:
+    """A short stable label of a settings dict, e.g. ``ratio=0.1`` or ``default``.
+
+    Example:
+        >>> settings_label({"zeta": 1.0, "skip_threshold": 0.3})
+        'skip_threshold=0.3,zeta=1.0'
+    """
+    if not settings:
+        return "default"
+    return ",".join(f"{key}={settings[key]}" for key in sorted(settings))

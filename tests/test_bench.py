@@ -1,0 +1,154 @@
+"""The benchmark runner on the test-only tiny suite: records, resume, Ray, protocols, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tinyprop.bench import metrics, protocols, runner, store, suites, tiny
+from tinyprop.bench.training import batches
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYPROP_CACHE", str(tmp_path / "cache"))  # pretrained weights go here
+
+
+def _records(folder):
+    return {path.name: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
+def test_local_run_writes_complete_records_and_resumes(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    calls = []
+    execute = runner.execute_run
+    monkeypatch.setattr(runner, "execute_run", lambda *a: calls.append(a[0].title) or execute(*a))
+    common = ["--suite", "tiny", "--protocol", "finetune", "--results", str(results)]
+    # an "interrupted" sweep: only two policies got done
+    assert runner.main(common + ["--policies", "full", "topk"]) == 0
+    assert len(calls) == 4  # 2 datasets x 2 policies x 1 setting x 1 seed
+    first = _records(results)
+    assert runner.main(common) == 0  # the full sweep resumes
+    assert len(calls) == 12  # 2 datasets x 6 (policy, setting) pairs: only 8 new ones ran
+    records = _records(results)
+    assert len(records) == 12
+    for name, record in first.items():
+        assert records[name] == record  # finished runs were not redone
+    for record in records.values():
+        assert set(store.REQUIRED_KEYS) <= set(record)
+        assert record["protocol"] == "finetune" and record["seed"] == 0
+        assert 0 < record["compute_ratio"] <= 1.0 + 1e-9
+        assert 0 <= record["backward_ratio"] <= 1.0 + 1e-9
+        assert 0 <= record["skip_rate"] <= 1
+        assert record["pretrain_samples"] > 0 and record["train_samples"] > 0
+        assert record["pretrained_metric"] is not None
+        if record["dataset"] == "tiny-anomaly":
+            assert record["metric_name"] == "auc" and record["val_metric_name"] == "neg_mse"
+        else:
+            assert record["metric_name"] == "accuracy" and record["val_metric_name"] == "accuracy"
+    by_policy = {(r["dataset"], r["policy"], r["settings_label"]): r for r in records.values()}
+    full = by_policy[("tiny-blobs", "full", "default")]
+    assert full["compute_ratio"] == pytest.approx(1.0) and full["skip_rate"] == 0
+    assert by_policy[("tiny-blobs", "topk", "ratio=0.2")]["backward_ratio"] < 0.6
+    # the blobs are easy: a pretrained then fine-tuned MLP must beat chance (25%) by far
+    assert full["metric"] > 80
+    assert runner.main(common) == 0 and len(calls) == 12  # nothing left to do
+
+
+def test_all_policies_start_from_the_same_pretrained_weights(tmp_path):
+    suite = suites.get("tiny")
+    runs = runner.plan_runs(suite, "finetune", str(tmp_path), ["tiny-blobs"], ["full", "topk"])
+    first = runner.pretrained_state(runs[0])
+    again = runner.pretrained_state(runs[1])  # from the cache file
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    other_seed = runner.plan_runs(suite, "finetune", str(tmp_path), ["tiny-blobs"], seeds=[1])
+    different = runner.pretrained_state(other_seed[0])
+    assert not all(torch.equal(first[name], different[name]) for name in first)
+
+
+def test_ray_runs_each_run_as_a_task(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        results = tmp_path / "ray"
+        args = ["--suite", "tiny", "--protocol", "finetune", "--results", str(results)]
+        args += ["--datasets", "tiny-blobs", "--policies", "full", "tinypropv2"]
+        assert runner.main(args + ["--ray", "ignored-when-initialised"]) == 0
+        records = _records(results)
+        assert len(records) == 3  # full + 2 tinypropv2 settings
+        for record in records.values():
+            assert set(store.REQUIRED_KEYS) <= set(record)
+    finally:
+        ray.shutdown()
+
+
+def test_plan_validates_names_and_settings(tmp_path):
+    suite = suites.get("tiny")
+    with pytest.raises(ValueError, match="not in suite"):
+        runner.plan_runs(suite, "scratch", str(tmp_path), datasets=["imagenet"])
+    with pytest.raises(ValueError, match="unknown policy"):
+        runner.plan_runs(suite, "scratch", str(tmp_path), policies=["sgd"])
+    with pytest.raises(ValueError, match="unknown protocol"):
+        runner.plan_runs(suite, "transfer", str(tmp_path))
+    assert runner.main(["--suite", "tiny", "--datasets", "imagenet"]) == 2
+    runs = runner.plan_runs(suite, "scratch", str(tmp_path), max_settings=1)
+    assert len(runs) == 2 * 5  # one setting per policy
+    assert len({run.path for run in runs}) == len(runs)
+
+
+def test_every_suite_has_valid_settings_for_all_policies():
+    for suite in suites.SUITES.values():
+        assert set(suite.settings) == set(suites.POLICIES)
+        runs = runner.plan_runs(suite, "scratch", "/nonexistent")  # builds every config
+        assert len(runs) == len(suite.datasets) * len(suite.seeds) * sum(
+            len(grid) for grid in suite.settings.values()
+        )
+
+
+def test_splits_are_disjoint_and_cover_the_pool():
+    for protocol in protocols.PROTOCOLS:
+        splits = protocols.split_pool(101, protocol, seed=3, val_fraction=0.1, pretrain_fraction=0.5)
+        every = torch.cat([splits.val, splits.pretrain, splits.train])
+        assert sorted(every.tolist()) == list(range(101))
+        assert len(splits.val) == 10
+    scratch = protocols.split_pool(101, "scratch", 3, 0.1, 0.5)
+    assert len(scratch.pretrain) == 0
+    again = protocols.split_pool(101, "finetune", 3, 0.1, 0.5)
+    assert torch.equal(again.val, scratch.val)  # the validation split is the same in both
+    with pytest.raises(ValueError, match="at least 3"):
+        protocols.split_pool(2, "finetune", 0, 0.1, 0.5)
+
+
+def test_batches_cover_every_sample_once_per_epoch():
+    seen = [index for _, batch in batches(10, 3, 2, seed=0) for index in batch.tolist()]
+    assert sorted(seen) == sorted(list(range(10)) * 2)
+
+
+def test_auc_matches_pairwise_counting():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40,), generator=generator).float()  # many ties
+    labels = torch.randint(0, 2, (40,), generator=generator)
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    wins = (positive[:, None] > negative[None, :]).double().sum()
+    ties = (positive[:, None] == negative[None, :]).double().sum()
+    expected = 100 * (wins + 0.5 * ties).item() / (len(positive) * len(negative))
+    assert metrics.auc(scores, labels) == pytest.approx(expected)
+    assert metrics.auc(torch.tensor([1.0, 2.0]), torch.tensor([0, 1])) == 100.0
+    with pytest.raises(ValueError, match="both present"):
+        metrics.auc(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]))
+
+
+def test_accuracy_counts_argmax_hits():
+    logits = torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    assert metrics.accuracy(logits, torch.tensor([1, 0, 0])) == pytest.approx(200 / 3)
+
+
+def test_tiny_datasets_are_deterministic():
+    first, second = tiny.load("tiny-blobs", "train"), tiny.load("tiny-blobs", "train")
+    assert torch.equal(first.x, second.x) and torch.equal(first.y, second.y)
+    anomalies = tiny.load("tiny-anomaly", "train")
+    assert int(anomalies.y.sum()) == 0  # training data is normal only
+    assert set(tiny.load("tiny-anomaly", "test").y.tolist()) == {0, 1}
