@@ -76,13 +76,14 @@ def official_split(folder: Path, split: str) -> tuple[list[Path], np.ndarray]:
 def load(
     name: str = "flowers102", split: str = "train", data_dir: str | Path | None = None, **options
 ) -> ArrayDataset:
-    """Load Flowers102 as float32 ``(N, 3, R, R)``, normalised with the ImageNet mean/std.
+    """Load Flowers102 as float32 ``(N, 3, R, R)``, normalised per channel.
 
     With ``data_dir`` (or ``$TINYPROP_DATA``) holding the official release (in ``flowers-102/``,
     ``flowers102/`` or the folder itself), images are decoded with Pillow, the shorter side
-    resized to R and the centre cropped; train = ``trnid`` + ``valid``, test = ``tstid`` (see
-    :func:`official_split`). The decoded images are cached. Otherwise the synthetic stand-in is
-    used: 102 classes, 40 train / 10 test images per class by default.
+    resized to R, the centre cropped (cached), and normalised with the ImageNet mean/std;
+    train = ``trnid`` + ``valid``, test = ``tstid`` (see :func:`official_split`). Otherwise the
+    synthetic stand-in is used: 102 classes, 40 train / 10 test images per class by default,
+    normalised with its own mean/std.
 
     Args:
         name: ``"flowers102"``.

@@ -74,13 +74,14 @@ def official_split(folder: Path, split: str) -> tuple[list[Path], np.ndarray]:
 def load(
     name: str = "food101", split: str = "train", data_dir: str | Path | None = None, **options
 ) -> ArrayDataset:
-    """Load Food-101 as float32 ``(N, 3, R, R)``, normalised with the ImageNet mean/std.
+    """Load Food-101 as float32 ``(N, 3, R, R)``, normalised per channel.
 
     With ``data_dir`` (or ``$TINYPROP_DATA``) holding the official release (in ``food-101/``,
     ``food101/`` or the folder itself), the official train/test lists are used; images are
-    decoded with Pillow, shorter side resized to R, centre cropped, and cached. Otherwise the
-    synthetic stand-in: 101 classes, 30 train / 10 test images per class by default (1/25 of
-    the real 750 / 250).
+    decoded with Pillow, shorter side resized to R, centre cropped (cached), and normalised
+    with the ImageNet mean/std. Otherwise the synthetic stand-in: 101 classes, 30 train / 10
+    test images per class by default (1/25 of the real 750 / 250), normalised with its own
+    mean/std.
 
     Args:
         name: ``"food101"``.

@@ -27,16 +27,34 @@ class SyntheticStyle:
         num_classes: number of classes.
         prototype_seed: seed of the class prototypes (fixed per style: it defines the task).
         per_class: default number of samples per class, per split.
+        mean: per-channel mean of ``x / 255`` (measured on the default train split at 64x64).
+        std: per-channel standard deviation of ``x / 255`` (likewise).
     """
 
     kind: str
     num_classes: int
     prototype_seed: int
     per_class: dict[str, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
-FLOWERS = SyntheticStyle("flowers", 102, prototype_seed=102, per_class={"train": 40, "test": 10})
-FOOD = SyntheticStyle("food", 101, prototype_seed=101, per_class={"train": 30, "test": 10})
+FLOWERS = SyntheticStyle(
+    "flowers",
+    102,
+    prototype_seed=102,
+    per_class={"train": 40, "test": 10},
+    mean=(0.2619, 0.3539, 0.2314),
+    std=(0.1890, 0.1840, 0.1893),
+)
+FOOD = SyntheticStyle(
+    "food",
+    101,
+    prototype_seed=101,
+    per_class={"train": 30, "test": 10},
+    mean=(0.6317, 0.6128, 0.5997),
+    std=(0.2421, 0.2627, 0.2747),
+)
 
 
 def hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -243,7 +261,7 @@ def synthetic_dataset(
         limit: keep the first ``limit`` samples (classes are shuffled, so a prefix is mixed).
 
     Returns:
-        float32 ``(N, 3, resolution, resolution)`` normalised with the ImageNet mean/std.
+        float32 ``(N, 3, resolution, resolution)`` normalised with the style's mean/std.
 
     Example:
         >>> test = synthetic_dataset(FOOD, "test", "synthetic food101 stand-in", 32, per_class=1)
@@ -251,7 +269,7 @@ def synthetic_dataset(
         (101, 101)
     """
     from tinyprop.data.base import ArrayDataset, cached_arrays
-    from tinyprop.data.images import IMAGENET_MEAN, IMAGENET_STD, normalise
+    from tinyprop.data.images import normalise
 
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
@@ -271,5 +289,5 @@ def synthetic_dataset(
 
     arrays = cached_arrays(f"{style.kind}-synthetic", params, build)
     images, labels = arrays["images"][:limit], arrays["labels"][:limit]
-    x = normalise(images, IMAGENET_MEAN, IMAGENET_STD)  # (N, 3, R, R)
+    x = normalise(images, style.mean, style.std)  # (N, 3, R, R)
     return ArrayDataset(x, labels, source=source, num_classes=style.num_classes)
