@@ -25,9 +25,7 @@ def sparse_rows(row: Tensor, column: Tensor, value: Tensor, shape: tuple[int, in
     counts = torch.bincount(row, minlength=shape[0])
     crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=row.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    return torch.sparse_csr_tensor(
-        crow, column[order], value[order], shape, check_invariants=False
-    )
+    return torch.sparse_csr_tensor(crow, column[order], value[order], shape, check_invariants=False)
 
 
 class SparseBackprop(torch.autograd.Function):

@@ -43,7 +43,12 @@ def keep_count(ratio: Tensor | float, size: int) -> Tensor:
 
 
 def adaptive_keep_count(
-    error: Tensor, error_max: Tensor, s_min: float, s_max: float, zeta: float, depth: int,
+    error: Tensor,
+    error_max: Tensor,
+    s_min: float,
+    s_max: float,
+    zeta: float,
+    depth: int,
     size: int,
 ) -> Tensor:
     """TinyProp's k per sample; k = 1 where Ymax = 0 (avoids 0/0). (B,) -> (B,) long."""

@@ -20,8 +20,13 @@ from torch import Tensor, nn
 
 from tinyprop.autograd import SparseBackprop
 from tinyprop.config import TinyPropConfig
-from tinyprop.functional import adaptive_keep_count, keep_count, local_error, running_max
-from tinyprop.functional import select_topk
+from tinyprop.functional import (
+    adaptive_keep_count,
+    keep_count,
+    local_error,
+    running_max,
+    select_topk,
+)
 
 
 @dataclass

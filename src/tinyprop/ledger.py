@@ -55,7 +55,9 @@ class Ledger:
 
     def backward_ratio(self) -> float:
         """Backward vs full: (backward + selection) / dense backward (the headline figure)."""
-        return (self.backward + self.selection) / self.backward_dense if self.backward_dense else 0.0
+        return (
+            (self.backward + self.selection) / self.backward_dense if self.backward_dense else 0.0
+        )
 
     def as_dict(self) -> dict:
         """Counts and both ratios as a plain dict."""

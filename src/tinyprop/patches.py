@@ -53,8 +53,10 @@ class ConvPatches:
         self.two_d = two_d
         self.pad = layer._reversed_padding_repeated_twice  # (left, right[, top, bottom])
         spatial = tuple(input_shape[2:]) if two_d else (1, input_shape[2])
-        pads = (self.pad[2], self.pad[3], self.pad[0], self.pad[1]) if two_d else (
-            0, 0, self.pad[0], self.pad[1]
+        pads = (
+            (self.pad[2], self.pad[3], self.pad[0], self.pad[1])
+            if two_d
+            else (0, 0, self.pad[0], self.pad[1])
         )
         padded = (spatial[0] + pads[0] + pads[1], spatial[1] + pads[2] + pads[3])
         kernel = tuple(layer.kernel_size) if two_d else (1, layer.kernel_size[0])
@@ -71,7 +73,9 @@ class ConvPatches:
         self.positions = out[0] * out[1]
         self.padded_shape = (input_shape[0], self.channels_in, *padded)
         self.sample_size = self.channels_in * padded[0] * padded[1]
-        self.index = _patch_index(self.channels_in, self.groups, padded, kernel, stride, dilation, out)
+        self.index = _patch_index(
+            self.channels_in, self.groups, padded, kernel, stride, dilation, out
+        )
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, C_out, *spatial) -> (B, C_out, positions)."""
@@ -90,8 +94,11 @@ class ConvPatches:
         """Add receptive-field gradients (U, fan_in) back into the input's gradient."""
         flat = grad_patches.new_zeros(self.padded_shape[0] * self.sample_size)
         offsets = self.index.to(grad_patches.device)[group, position]  # (U, fan_in)
-        flat.index_add_(0, (sample.unsqueeze(1) * self.sample_size + offsets).reshape(-1),
-                        grad_patches.reshape(-1))
+        flat.index_add_(
+            0,
+            (sample.unsqueeze(1) * self.sample_size + offsets).reshape(-1),
+            grad_patches.reshape(-1),
+        )
         padded = flat.reshape(self.padded_shape)
         if self.two_d:
             left, right, top, bottom = self.pad

@@ -89,7 +89,8 @@ def train_step(
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
         raise ValueError(
             f"loss_fn must return one loss per sample, shape ({batch_size},), got "
-            f"{_describe(losses)}; use reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
+            f"{_describe(losses)}; use reduction='none', "
+            "e.g. nn.CrossEntropyLoss(reduction='none')"
         )
     if not torch.isfinite(losses).all():
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()

@@ -1,0 +1,122 @@
+"""Bad input gets a clear error that names the problem."""
+
+import pytest
+import torch
+from core_models import batch, build
+from torch import nn
+
+import tinyprop
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(s_min=0.9, s_max=0.1), "must not exceed s_max"),
+        (dict(ratio=0.0), "ratio must lie in"),
+        (dict(ratio=1.5), "ratio must lie in"),
+        (dict(skip_threshold=-0.1), "skip_threshold must be >= 0"),
+        (dict(policy="sparse"), "unknown policy"),
+        (dict(zeta=0.0), "zeta must lie in"),
+        (dict(d_min=1.0, d_max=0.5), "d_min"),
+        (dict(beta=0.0), "beta must be positive"),
+        (dict(s_max=float("nan")), "must be finite"),
+    ],
+)
+def test_invalid_settings(changes, message):
+    with pytest.raises(ValueError, match=message):
+        tinyprop.TinyPropConfig(**changes)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        tinyprop.preset("nope")
+    assert tinyprop.preset("meprop").policy == "topk"
+
+
+def prepared(policy="tinypropv2"):
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy=policy))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_loss_that_is_not_per_sample():
+    model, optimizer = prepared()
+    x, y = batch("mlp")
+    with pytest.raises(ValueError, match="one loss per sample.*reduction='none'"):
+        tinyprop.train_step(model, x, y, nn.CrossEntropyLoss(), optimizer)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_infinite_loss_applies_no_update(bad):
+    model, optimizer = prepared("full")
+    x, y = batch("mlp")
+    x[2, 0] = bad
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite for samples \[2\]"):
+        tinyprop.train_step(model, x, y, LOSS, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "name,shape,message",
+    [
+        ("mlp", (4, 11), r"layer '0' \(Linear, in_features=12\)"),
+        ("cnn", (4, 2, 8, 8), r"layer '0' \(Conv2d, in_channels=3\)"),
+        ("cnn", (3, 8, 8), "batched input"),
+        (
+            "conv1d",
+            (4, 2, 4, 4),
+            r"Conv1d, in_channels=2\) expects batched input of shape \(batch, 2, L\)",
+        ),
+    ],
+)
+def test_wrong_input_shape(name, shape, message):
+    model = tinyprop.apply(build(name), tinyprop.TinyPropConfig())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        tinyprop.train_step(
+            model,
+            torch.randn(shape, dtype=torch.float64),
+            torch.zeros(shape[0], dtype=torch.long),
+            LOSS,
+            optimizer,
+        )
+
+
+def test_batch_size_mismatch():
+    model, optimizer = prepared()
+    x, y = batch("mlp")
+    with pytest.raises(ValueError, match="batch size 6 but y has shape"):
+        tinyprop.train_step(model, x, y[:3], LOSS, optimizer)
+
+
+def test_model_without_supported_layers():
+    with pytest.raises(ValueError, match="no layer tinyprop supports.*Embedding"):
+        tinyprop.apply(nn.Sequential(nn.Embedding(10, 4), nn.ReLU()))
+
+
+def test_unsupported_trainable_module_is_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GRU(8, 8))
+    with pytest.warns(UserWarning, match=r"dense \(unsupported\): 2 \(GRU\)"):
+        tinyprop.apply(model)
+    assert type(model[0]).__name__ == "TinyPropLinear"
+
+
+def test_apply_twice_and_remove_without_apply():
+    model, _ = prepared()
+    with pytest.raises(ValueError, match="already has tinyprop applied"):
+        tinyprop.apply(model)
+    with pytest.raises(ValueError, match="does not have tinyprop applied"):
+        tinyprop.remove(build("mlp"))
+    with pytest.raises(ValueError, match="does not have tinyprop applied"):
+        x, y = batch("mlp")
+        tinyprop.train_step(build("mlp"), x, y, LOSS, torch.optim.SGD(build("mlp").parameters()))
+
+
+def test_circular_padding_conv_stays_dense_with_warning():
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(12, 2)
+    )
+    with pytest.warns(UserWarning, match=r"0 \(Conv1d\)"):
+        tinyprop.apply(model)

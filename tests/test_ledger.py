@@ -1,0 +1,72 @@
+"""The ledger's MAC counts against counts done by hand (see the comments)."""
+
+import pytest
+import torch
+from core_models import batch, build
+from torch import nn
+
+import tinyprop
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def one_step(name, config, size):
+    model = tinyprop.apply(build(name), config)
+    x, y = batch(name, size=size)
+    return tinyprop.train_step(model, x, y, LOSS, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# MLP 12-16-16-5, per sample:
+#   forward 12·16 + 16·16 + 16·5 = 528
+#   dense backward: L0 weight 192 + bias 16 = 208 (no input gradient for the first layer);
+#   L1 weight 256 + input 256 + activation 16 + bias 16 = 544; L2 80 + 80 + 16 + 5 = 181 -> 933
+#   topk 0.25: k = 4, 4, 1 -> L0 4·12 + 16 = 64; L1 4·16·2 + 16 + 16 = 160; L2 16·2 + 16 + 5 = 53
+#   -> 277, selection 16 + 16 + 5 = 37
+# CNN (3x8x8), per sample: conv0 N=384 fan_in=27, dw conv1 N=96 fan_in=9 (no bias),
+#   conv2 N=64 fan_in=54, linear N=5 fan_in=16
+#   forward 10368 + 864 + 3456 + 80 = 14768
+#   dense: 10368+384 | 864+864+384 | 3456+3456+96+64 | 80+80+16+5 = 10752+2112+7072+181 = 20117
+#   topk 0.1: k = 38, 10, 6, 1 -> 1026+384 | 90+90+384 | 324+324+96+64 | 16+16+16+5
+#   = 1410 + 564 + 808 + 53 = 2835, selection 384 + 96 + 64 + 5 = 549
+CASES = {
+    ("mlp", "full"): dict(forward=528, backward=933, backward_dense=933, selection=0),
+    ("mlp", "topk"): dict(forward=528, backward=277, backward_dense=933, selection=37),
+    ("cnn", "full"): dict(forward=14768, backward=20117, backward_dense=20117, selection=0),
+    ("cnn", "topk"): dict(forward=14768, backward=2835, backward_dense=20117, selection=549),
+}
+RATIOS = {"mlp": 0.25, "cnn": 0.1}
+
+
+@pytest.mark.parametrize("name,policy", list(CASES))
+def test_ledger_matches_hand_count(name, policy):
+    size = 3
+    stats = one_step(name, tinyprop.TinyPropConfig(policy=policy, ratio=RATIOS[name]), size)
+    expected = {key: value * size for key, value in CASES[(name, policy)].items()}
+    assert {k: getattr(stats.macs, k) for k in expected} == expected
+
+
+def test_ledger_ratios_and_accumulation():
+    ledger = tinyprop.Ledger()
+    for _ in range(2):
+        ledger += one_step("mlp", tinyprop.TinyPropConfig(policy="topk", ratio=0.25), 3).macs
+    assert ledger.forward == 2 * 3 * 528
+    assert ledger.backward_ratio() == pytest.approx((277 + 37) / 933)
+    assert ledger.ratio() == pytest.approx((528 + 277 + 37) / (528 + 933))
+    assert ledger.as_dict()["backward_ratio"] == ledger.backward_ratio()
+
+
+def test_tinyprop_ledger_follows_kept_counts():
+    stats = one_step("mlp", tinyprop.TinyPropConfig(policy="tinyprop"), 4)
+    k = {name: stats.keep[name].sum().item() for name in ("0", "2", "4")}
+    # per trained sample fixed parts: L0 bias 16; L1 activation 16 + bias 16; L2 16 + 5
+    expected = k["0"] * 12 + 4 * 16 + k["2"] * 32 + 4 * 32 + k["4"] * 32 + 4 * 21
+    assert stats.macs.backward == expected
+    assert stats.macs.selection == 4 * 2 * (16 + 16 + 5)
+
+
+def test_skipped_samples_cost_forward_and_decision_only():
+    stats = one_step("mlp", tinyprop.TinyPropConfig(skip_threshold=1.5), 4)
+    assert stats.skipped == 4
+    assert stats.macs.forward == 4 * 528 and stats.macs.backward == 0
+    assert stats.macs.backward_dense == 4 * 933
+    assert stats.macs.selection == 4 * 5  # Y_L of the 5 outputs, per sample
