@@ -1,0 +1,234 @@
+/*
+ * tinyprop.h: TinyPropv2 on-device training in C99.
+ *
+ * Dynamic sparse backpropagation (TinyProp v1, arXiv 2308.09201; TinyPropv2, arXiv 2409.07109)
+ * with the same formulas as the Python library `tinyprop`. No dynamic allocation and no
+ * dependency beyond libm: the caller gives one memory arena, whose size `tp_arena_bytes` tells
+ * before anything runs. Every public function checks its arguments and returns a tp_status.
+ *
+ * Example (see runtime/examples/ for a complete program):
+ *
+ *     static const tp_layer_spec layers[] = {
+ *         TP_FLATTEN_SPEC(),
+ *         TP_DENSE_SPEC(16, weight0, bias0), TP_RELU_SPEC(),
+ *         TP_DENSE_SPEC(10, weight1, bias1),
+ *     };
+ *     tp_model_spec spec = {1, 8, 8, 4, layers};              // input (C, H, W) = (1, 8, 8)
+ *     tp_policy_config policy = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+ *     tp_optimizer_config sgd = tp_sgd(0.05, 0.9, 0.0);
+ *     size_t bytes;
+ *     tp_arena_bytes(&spec, &policy, &sgd, &bytes);
+ *     static float arena[ARENA_FLOATS];                          // >= bytes, 4-byte aligned
+ *     static tp_model model;
+ *     tp_init(&model, &spec, &policy, &sgd, arena, sizeof arena);
+ *     tp_train_batch(&model, x, labels, batch, &stats, NULL);    // x: (B, C, H, W) float32
+ *
+ * Layout conventions follow PyTorch: activations are (C, H, W) channel-major; a dense weight
+ * is [out, in]; a conv weight is [C_out, C_in / groups, kh, kw]. A Conv1d / pool1d is a 2-D one
+ * with height 1.
+ */
+#ifndef TINYPROP_H
+#define TINYPROP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Capacity of the model description (layers of any kind). */
+#define TP_MAX_LAYERS 48
+
+typedef enum {
+    TP_OK = 0,
+    TP_ERR_NULL = -1,        /* a required pointer is NULL */
+    TP_ERR_ARGUMENT = -2,    /* a setting or count is out of range */
+    TP_ERR_SHAPE = -3,       /* layer shapes do not fit together */
+    TP_ERR_ARENA = -4,       /* the arena is too small or not 4-byte aligned */
+    TP_ERR_LABEL = -5,       /* a label outside [0, classes) */
+    TP_ERR_NONFINITE = -6,   /* a loss is NaN or infinite: nothing was updated */
+    TP_ERR_STATE = -7,       /* the model was not initialised by tp_init */
+    TP_ERR_UNSUPPORTED = -8  /* a layer or setting this runtime does not offer */
+} tp_status;
+
+/* A short English text for a status code (never NULL). */
+const char *tp_status_string(tp_status status);
+
+/* ---------------------------------------------------------------- model description */
+
+typedef enum {
+    TP_LAYER_DENSE = 0,   /* nn.Linear on a flat input */
+    TP_LAYER_CONV2D = 1,  /* nn.Conv2d / nn.Conv1d (height 1), groups for depthwise */
+    TP_LAYER_RELU = 2,
+    TP_LAYER_MAXPOOL = 3, /* nn.MaxPool2d / nn.MaxPool1d */
+    TP_LAYER_AVGPOOL = 4, /* nn.AvgPool2d / nn.AvgPool1d (count_include_pad=True) */
+    TP_LAYER_FLATTEN = 5  /* (C, H, W) -> (C*H*W, 1, 1), no copy */
+} tp_layer_kind;
+
+typedef struct {
+    tp_layer_kind kind;
+    int32_t out_channels;           /* dense: out_features; conv: C_out; others: unused */
+    int32_t kernel_h, kernel_w;     /* conv and pools */
+    int32_t stride_h, stride_w;     /* conv and pools; 0 means 1 for conv, kernel for pools */
+    int32_t padding_h, padding_w;   /* conv and pools */
+    int32_t dilation_h, dilation_w; /* conv only; 0 means 1 */
+    int32_t groups;                 /* conv only; 0 means 1; C_in for depthwise */
+    int32_t has_bias;               /* dense and conv: 1 with a bias, 0 without */
+    const float *weight;            /* initial weights (PyTorch layout); NULL means zeros */
+    const float *bias;              /* initial bias; NULL means zeros */
+} tp_layer_spec;
+
+#define TP_DENSE_SPEC(out, w, b) {TP_LAYER_DENSE, (out), 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, (w), (b)}
+#define TP_CONV_SPEC(out, kh, kw, sh, sw, ph, pw, groups, w, b) \
+    {TP_LAYER_CONV2D, (out), (kh), (kw), (sh), (sw), (ph), (pw), 1, 1, (groups), 1, (w), (b)}
+#define TP_RELU_SPEC() {TP_LAYER_RELU, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
+#define TP_MAXPOOL_SPEC(kh, kw, sh, sw) \
+    {TP_LAYER_MAXPOOL, 0, (kh), (kw), (sh), (sw), 0, 0, 0, 0, 0, 0, NULL, NULL}
+#define TP_AVGPOOL_SPEC(kh, kw, sh, sw) \
+    {TP_LAYER_AVGPOOL, 0, (kh), (kw), (sh), (sw), 0, 0, 0, 0, 0, 0, NULL, NULL}
+#define TP_FLATTEN_SPEC() {TP_LAYER_FLATTEN, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
+
+typedef struct {
+    int32_t input_channels, input_height, input_width; /* one sample's shape (C, H, W) */
+    int32_t layer_count;
+    const tp_layer_spec *layers; /* the last layer's output are the class logits */
+} tp_model_spec;
+
+/* ---------------------------------------------------------------- policy and optimizer */
+
+typedef enum {
+    TP_POLICY_FULL = 0,       /* dense backprop: the reference */
+    TP_POLICY_TOPK = 1,       /* meProp: k = round(ratio * N) per layer */
+    TP_POLICY_TINYPROP = 2,   /* TinyProp v1: adaptive k per layer and sample */
+    TP_POLICY_TINYPROPV2 = 3  /* v1 + per-sample skip decision */
+} tp_policy;
+
+/* Settings are doubles, as Python's floats are: k is computed in double precision like the
+ * Python library does, the skip metric in float32 like its tensors. */
+typedef struct {
+    tp_policy policy;
+    double s_min, s_max, zeta;   /* backprop ratio: (s_min + Y/Ymax (s_max - s_min)) zeta^d */
+    double ratio;                /* topk: kept fraction, in (0, 1] */
+    double d_min, d_max, beta;   /* skip metric D = (d_min + alpha (d_max - d_min)) beta */
+    double skip_threshold;       /* a sample is trained iff D >= skip_threshold */
+} tp_policy_config;
+
+/* The Python library's defaults (s_min 0.1, s_max 0.9, zeta 0.5, ratio 0.1, d 0..1, beta 1,
+ * threshold 0.5). */
+tp_policy_config tp_policy_defaults(tp_policy policy);
+
+typedef enum { TP_OPTIMIZER_SGD = 0, TP_OPTIMIZER_ADAM = 1 } tp_optimizer_kind;
+
+typedef struct {
+    tp_optimizer_kind kind;
+    double lr;
+    double momentum;      /* SGD; 0 disables the momentum buffer */
+    int32_t nesterov;     /* SGD with momentum */
+    double weight_decay;  /* L2 term added to the gradient (PyTorch semantics, both) */
+    double beta1, beta2;  /* Adam */
+    double eps;           /* Adam, added outside the square root */
+} tp_optimizer_config;
+
+/* torch.optim.SGD(lr, momentum, weight_decay) */
+tp_optimizer_config tp_sgd(double lr, double momentum, double weight_decay);
+/* torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay) */
+tp_optimizer_config tp_adam(double lr, double weight_decay);
+
+/* ---------------------------------------------------------------- model state */
+
+/* Multiply-accumulates, counted as the Python library's Ledger does. */
+typedef struct {
+    uint64_t forward;        /* forward pass of every sample (trained or skipped) */
+    uint64_t backward;       /* backward work actually done */
+    uint64_t backward_dense; /* what full training would have done on the same samples */
+    uint64_t selection;      /* computing Y and choosing the top k */
+} tp_ledger;
+
+typedef struct {
+    tp_layer_kind kind;
+    int32_t in_c, in_h, in_w, out_c, out_h, out_w;
+    int32_t kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w;
+    int32_t groups, has_bias;
+    int32_t trainable_index;     /* 0.. in forward order, -1 if the layer has no parameters */
+    int32_t depth;               /* d_l = L - l for trainable layers */
+    double depth_scale;          /* zeta^d_l */
+    int32_t fan_in;              /* in_features, or C_in/groups * kh * kw */
+    int32_t input_is_sample;     /* 1 when this layer reads the sample itself */
+    float *weight, *bias, *grad_weight, *grad_bias;
+    float *output;               /* this layer's output for the current sample */
+    float running_max;           /* Ymax_l */
+} tp_layer;
+
+/* The caller allocates this struct (e.g. static); tp_init fills it; the arena holds the rest. */
+typedef struct {
+    uint32_t magic;
+    int32_t layer_count, trainable_count;
+    int32_t input_size, class_count, max_activation, max_trainable_output;
+    tp_layer layers[TP_MAX_LAYERS];
+    tp_policy_config policy;
+    tp_optimizer_config optimizer;
+    size_t parameter_count;
+    float *parameters, *gradients, *moment1, *moment2;
+    float *delta_a, *delta_b, *selection_values;
+    int32_t *selection_index;
+    float running_max_output;    /* Ymax of the output error, for the v2 skip decision */
+    int64_t optimizer_steps;     /* batches with an update (Adam's t; SGD's first-step rule) */
+    tp_ledger total;             /* accumulated since tp_init */
+    size_t arena_bytes_used;
+} tp_model;
+
+typedef struct {
+    float loss;           /* mean over the batch (all samples, skipped ones included) */
+    int32_t trained, skipped;
+    tp_ledger macs;       /* this step only */
+} tp_step_stats;
+
+/* ---------------------------------------------------------------- functions */
+
+/* Bytes of arena that training `spec` with `policy` and `optimizer` needs (weights, gradients,
+ * optimizer state, one sample's activations, the backward buffers and the selection scratch). */
+tp_status tp_arena_bytes(const tp_model_spec *spec, const tp_policy_config *policy,
+                         const tp_optimizer_config *optimizer, size_t *bytes);
+
+/* Bytes inference alone needs if the weights stay in read-only memory: two activation buffers. */
+tp_status tp_inference_bytes(const tp_model_spec *spec, size_t *bytes);
+
+/* Validate everything, lay the arena out and copy the initial weights into it. */
+tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                  const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes);
+
+/* One training step on a batch: per sample forward, loss, skip decision (v2) and sparse
+ * backward; one optimizer update with the gradient of the mean loss over the batch, none when
+ * every sample is skipped. x: (batch, C, H, W) float32; labels: (batch,).
+ * `keep` (optional, batch * trainable_count): k per sample and trainable layer, 0 if skipped.
+ * `trained_mask` (optional, batch): 1 if the sample was trained. Either may be NULL.
+ * On TP_ERR_NONFINITE nothing (weights, optimizer, running maxima) has changed. */
+tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
+                         tp_step_stats *stats, int32_t *keep, uint8_t *trained_mask);
+
+/* Forward one sample; writes class_count logits (optional) and the arg-max class (optional). */
+tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *predicted);
+
+/* Copy all parameters out, layer by layer (weight then bias), as in a PyTorch state_dict. */
+tp_status tp_read_parameters(const tp_model *model, float *out, size_t count);
+
+/* sizeof(tp_model), for language bindings that allocate the struct themselves. */
+size_t tp_model_struct_bytes(void);
+
+/* Number of parameters and trainable layers. */
+tp_status tp_parameter_count(const tp_model *model, size_t *count);
+tp_status tp_trainable_count(const tp_model *model, int32_t *count);
+
+/* The running maxima: Ymax per trainable layer (count entries) and of the output error. */
+tp_status tp_read_running_max(const tp_model *model, float *layer_max, int32_t count,
+                              float *output_max);
+
+/* The MACs counted since tp_init, and the arena bytes the model uses. */
+tp_status tp_read_totals(const tp_model *model, tp_ledger *total, size_t *arena_bytes_used);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TINYPROP_H */

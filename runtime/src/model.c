@@ -1,0 +1,433 @@
+/* model.c: validate a model description, plan the arena, initialise the model. */
+#include <math.h>
+#include <string.h>
+
+#include "tp_internal.h"
+
+const char *tp_status_string(tp_status status) {
+    switch (status) {
+    case TP_OK: return "ok";
+    case TP_ERR_NULL: return "a required pointer is NULL";
+    case TP_ERR_ARGUMENT: return "a setting or count is out of range";
+    case TP_ERR_SHAPE: return "layer shapes do not fit together";
+    case TP_ERR_ARENA: return "the arena is too small or not 4-byte aligned";
+    case TP_ERR_LABEL: return "a label is outside [0, classes)";
+    case TP_ERR_NONFINITE: return "a loss is NaN or infinite; nothing was updated";
+    case TP_ERR_STATE: return "the model was not initialised by tp_init";
+    case TP_ERR_UNSUPPORTED: return "a layer or setting this runtime does not offer";
+    }
+    return "unknown status";
+}
+
+tp_policy_config tp_policy_defaults(tp_policy policy) {
+    tp_policy_config config;
+    config.policy = policy;
+    config.s_min = 0.1;
+    config.s_max = 0.9;
+    config.zeta = 0.5;
+    config.ratio = 0.1;
+    config.d_min = 0.0;
+    config.d_max = 1.0;
+    config.beta = 1.0;
+    config.skip_threshold = 0.5;
+    return config;
+}
+
+tp_optimizer_config tp_sgd(double lr, double momentum, double weight_decay) {
+    tp_optimizer_config config;
+    memset(&config, 0, sizeof config);
+    config.kind = TP_OPTIMIZER_SGD;
+    config.lr = lr;
+    config.momentum = momentum;
+    config.weight_decay = weight_decay;
+    config.beta1 = 0.9;
+    config.beta2 = 0.999;
+    config.eps = 1e-8;
+    return config;
+}
+
+tp_optimizer_config tp_adam(double lr, double weight_decay) {
+    tp_optimizer_config config = tp_sgd(lr, 0.0, weight_decay);
+    config.kind = TP_OPTIMIZER_ADAM;
+    return config;
+}
+
+static int finite_in(double value, double low, double high) {
+    return isfinite(value) && value >= low && value <= high;
+}
+
+tp_status tp_check_policy(const tp_policy_config *policy) {
+    if (policy == NULL) return TP_ERR_NULL;
+    if ((int)policy->policy < (int)TP_POLICY_FULL || (int)policy->policy > (int)TP_POLICY_TINYPROPV2)
+        return TP_ERR_UNSUPPORTED;
+    if (!finite_in(policy->s_min, 0.0, 1.0) || !finite_in(policy->s_max, 0.0, 1.0) ||
+        policy->s_min > policy->s_max)
+        return TP_ERR_ARGUMENT;
+    if (!finite_in(policy->zeta, 0.0, 1.0) || policy->zeta <= 0.0) return TP_ERR_ARGUMENT;
+    if (!finite_in(policy->ratio, 0.0, 1.0) || policy->ratio <= 0.0) return TP_ERR_ARGUMENT;
+    if (!isfinite(policy->d_min) || !isfinite(policy->d_max) || policy->d_min > policy->d_max)
+        return TP_ERR_ARGUMENT;
+    if (!finite_in(policy->beta, 0.0, 1e30) || policy->beta <= 0.0) return TP_ERR_ARGUMENT;
+    if (!finite_in(policy->skip_threshold, 0.0, 1e30)) return TP_ERR_ARGUMENT;
+    return TP_OK;
+}
+
+tp_status tp_check_optimizer(const tp_optimizer_config *optimizer) {
+    if (optimizer == NULL) return TP_ERR_NULL;
+    if (optimizer->kind != TP_OPTIMIZER_SGD && optimizer->kind != TP_OPTIMIZER_ADAM)
+        return TP_ERR_UNSUPPORTED;
+    if (!finite_in(optimizer->lr, 0.0, 1e30)) return TP_ERR_ARGUMENT;
+    if (!finite_in(optimizer->weight_decay, 0.0, 1e30)) return TP_ERR_ARGUMENT;
+    if (optimizer->kind == TP_OPTIMIZER_SGD) {
+        if (!finite_in(optimizer->momentum, 0.0, 1e30)) return TP_ERR_ARGUMENT;
+        if (optimizer->nesterov != 0 && (optimizer->nesterov != 1 || optimizer->momentum <= 0.0))
+            return TP_ERR_ARGUMENT;
+    } else {
+        if (!(optimizer->beta1 >= 0.0 && optimizer->beta1 < 1.0)) return TP_ERR_ARGUMENT;
+        if (!(optimizer->beta2 >= 0.0 && optimizer->beta2 < 1.0)) return TP_ERR_ARGUMENT;
+        if (!finite_in(optimizer->eps, 0.0, 1e30)) return TP_ERR_ARGUMENT;
+    }
+    return TP_OK;
+}
+
+int tp_layer_is_trainable(tp_layer_kind kind) {
+    return kind == TP_LAYER_DENSE || kind == TP_LAYER_CONV2D;
+}
+
+int32_t tp_layer_output_size(const tp_layer *layer) {
+    return layer->out_c * layer->out_h * layer->out_w;
+}
+
+int32_t tp_layer_input_size(const tp_layer *layer) {
+    return layer->in_c * layer->in_h * layer->in_w;
+}
+
+/* Shapes stay far below 2^31 elements; this bound keeps every product in int32 and size_t. */
+#define TP_MAX_DIMENSION 65536
+#define TP_MAX_ELEMENTS (1L << 26)
+
+static int product_fits(long a, long b, long c) {
+    return a > 0 && b > 0 && c > 0 && a <= TP_MAX_ELEMENTS && b <= TP_MAX_ELEMENTS &&
+           c <= TP_MAX_ELEMENTS && a * b <= TP_MAX_ELEMENTS && a * b * c <= TP_MAX_ELEMENTS;
+}
+
+static int window_output(int32_t in, int32_t kernel, int32_t stride, int32_t padding,
+                         int32_t dilation, int32_t *out) {
+    long span = (long)dilation * (kernel - 1) + 1;
+    long padded = (long)in + 2L * padding;
+    if (kernel < 1 || stride < 1 || padding < 0 || dilation < 1 || kernel > TP_MAX_DIMENSION ||
+        stride > TP_MAX_DIMENSION || padding > TP_MAX_DIMENSION || dilation > TP_MAX_DIMENSION)
+        return 0;
+    if (padded < span) return 0;
+    *out = (int32_t)((padded - span) / stride + 1);
+    return 1;
+}
+
+tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, int32_t in_w,
+                         tp_layer *layer) {
+    memset(layer, 0, sizeof *layer);
+    if (!product_fits(in_c, in_h, in_w)) return TP_ERR_SHAPE;
+    layer->kind = spec->kind;
+    layer->in_c = in_c;
+    layer->in_h = in_h;
+    layer->in_w = in_w;
+    layer->trainable_index = -1;
+    layer->dilation_h = layer->dilation_w = 1;
+    layer->groups = 1;
+    switch (spec->kind) {
+    case TP_LAYER_DENSE:
+        if (in_h != 1 || in_w != 1) return TP_ERR_SHAPE; /* flatten first */
+        if (spec->out_channels < 1 || spec->out_channels > TP_MAX_ELEMENTS) return TP_ERR_ARGUMENT;
+        if (spec->has_bias != 0 && spec->has_bias != 1) return TP_ERR_ARGUMENT;
+        if (!product_fits(spec->out_channels, in_c, 1)) return TP_ERR_SHAPE;
+        layer->out_c = spec->out_channels;
+        layer->out_h = layer->out_w = 1;
+        layer->has_bias = spec->has_bias;
+        layer->fan_in = in_c;
+        return TP_OK;
+    case TP_LAYER_CONV2D: {
+        int32_t groups = spec->groups == 0 ? 1 : spec->groups;
+        int32_t sh = spec->stride_h == 0 ? 1 : spec->stride_h;
+        int32_t sw = spec->stride_w == 0 ? 1 : spec->stride_w;
+        int32_t dh = spec->dilation_h == 0 ? 1 : spec->dilation_h;
+        int32_t dw = spec->dilation_w == 0 ? 1 : spec->dilation_w;
+        if (spec->out_channels < 1 || spec->out_channels > TP_MAX_ELEMENTS) return TP_ERR_ARGUMENT;
+        if (groups < 1 || spec->has_bias < 0 || spec->has_bias > 1) return TP_ERR_ARGUMENT;
+        if (in_c % groups != 0 || spec->out_channels % groups != 0) return TP_ERR_SHAPE;
+        if (!window_output(in_h, spec->kernel_h, sh, spec->padding_h, dh, &layer->out_h) ||
+            !window_output(in_w, spec->kernel_w, sw, spec->padding_w, dw, &layer->out_w))
+            return TP_ERR_SHAPE;
+        layer->out_c = spec->out_channels;
+        layer->kernel_h = spec->kernel_h;
+        layer->kernel_w = spec->kernel_w;
+        layer->stride_h = sh;
+        layer->stride_w = sw;
+        layer->padding_h = spec->padding_h;
+        layer->padding_w = spec->padding_w;
+        layer->dilation_h = dh;
+        layer->dilation_w = dw;
+        layer->groups = groups;
+        layer->has_bias = spec->has_bias;
+        if (!product_fits(in_c / groups, spec->kernel_h, spec->kernel_w)) return TP_ERR_SHAPE;
+        layer->fan_in = in_c / groups * spec->kernel_h * spec->kernel_w;
+        if (!product_fits(layer->out_c, layer->fan_in, 1) ||
+            !product_fits(layer->out_c, layer->out_h, layer->out_w))
+            return TP_ERR_SHAPE;
+        return TP_OK;
+    }
+    case TP_LAYER_RELU:
+    case TP_LAYER_FLATTEN:
+        layer->out_c = spec->kind == TP_LAYER_FLATTEN ? in_c * in_h * in_w : in_c;
+        layer->out_h = spec->kind == TP_LAYER_FLATTEN ? 1 : in_h;
+        layer->out_w = spec->kind == TP_LAYER_FLATTEN ? 1 : in_w;
+        return TP_OK;
+    case TP_LAYER_MAXPOOL:
+    case TP_LAYER_AVGPOOL: {
+        int32_t sh = spec->stride_h == 0 ? spec->kernel_h : spec->stride_h;
+        int32_t sw = spec->stride_w == 0 ? spec->kernel_w : spec->stride_w;
+        /* PyTorch: padding at most half the kernel */
+        if (spec->padding_h * 2 > spec->kernel_h || spec->padding_w * 2 > spec->kernel_w)
+            return TP_ERR_ARGUMENT;
+        if (!window_output(in_h, spec->kernel_h, sh, spec->padding_h, 1, &layer->out_h) ||
+            !window_output(in_w, spec->kernel_w, sw, spec->padding_w, 1, &layer->out_w))
+            return TP_ERR_SHAPE;
+        layer->out_c = in_c;
+        layer->kernel_h = spec->kernel_h;
+        layer->kernel_w = spec->kernel_w;
+        layer->stride_h = sh;
+        layer->stride_w = sw;
+        layer->padding_h = spec->padding_h;
+        layer->padding_w = spec->padding_w;
+        return TP_OK;
+    }
+    }
+    return TP_ERR_UNSUPPORTED;
+}
+
+/* Everything the arena holds, in floats (every buffer is float or int32: 4 bytes). */
+typedef struct {
+    size_t parameters, moments, activations, deltas, selection;
+    int32_t trainable_count, class_count, max_activation, max_trainable_output;
+} tp_plan;
+
+static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *policy,
+                            const tp_optimizer_config *optimizer, tp_model *model, tp_plan *plan) {
+    tp_layer layer;
+    int32_t c, h, w, i, trainable = 0, current_is_sample = 1;
+    tp_status status;
+    if (spec == NULL || plan == NULL) return TP_ERR_NULL;
+    if (policy != NULL && (status = tp_check_policy(policy)) != TP_OK) return status;
+    if (optimizer != NULL && (status = tp_check_optimizer(optimizer)) != TP_OK) return status;
+    if (spec->layer_count < 1 || spec->layer_count > TP_MAX_LAYERS) return TP_ERR_ARGUMENT;
+    if (spec->layers == NULL) return TP_ERR_NULL;
+    memset(plan, 0, sizeof *plan);
+    c = spec->input_channels;
+    h = spec->input_height;
+    w = spec->input_width;
+    if (!product_fits(c, h, w)) return TP_ERR_SHAPE;
+    plan->max_activation = c * h * w;
+    for (i = 0; i < spec->layer_count; i++) {
+        const tp_layer_spec *s = &spec->layers[i];
+        int32_t out_size;
+        status = tp_layer_shape(s, c, h, w, &layer);
+        if (status != TP_OK) return status;
+        out_size = tp_layer_output_size(&layer);
+        if (tp_layer_is_trainable(s->kind)) {
+            size_t weights = (size_t)layer.out_c * (size_t)layer.fan_in;
+            plan->parameters += weights + (layer.has_bias ? (size_t)layer.out_c : 0);
+            layer.trainable_index = trainable++;
+            if (out_size > plan->max_trainable_output) plan->max_trainable_output = out_size;
+        }
+        /* ReLU works in place and Flatten aliases its input, except on the sample itself */
+        layer.input_is_sample = current_is_sample;
+        if (s->kind != TP_LAYER_FLATTEN && !(s->kind == TP_LAYER_RELU && !current_is_sample)) {
+            plan->activations += (size_t)out_size;
+            current_is_sample = 0;
+        }
+        if (out_size > plan->max_activation) plan->max_activation = out_size;
+        if (model != NULL) model->layers[i] = layer;
+        c = layer.out_c;
+        h = layer.out_h;
+        w = layer.out_w;
+    }
+    if (trainable == 0) return TP_ERR_ARGUMENT;
+    if (c * h * w < 2) return TP_ERR_SHAPE; /* at least two classes */
+    plan->trainable_count = trainable;
+    plan->class_count = c * h * w;
+    if (optimizer != NULL) {
+        if (optimizer->kind == TP_OPTIMIZER_ADAM)
+            plan->moments = 2 * plan->parameters;
+        else if (optimizer->momentum != 0.0f)
+            plan->moments = plan->parameters;
+    }
+    plan->deltas = 2 * (size_t)plan->max_activation;
+    if (policy != NULL && policy->policy != TP_POLICY_FULL)
+        plan->selection = 2 * (size_t)plan->max_trainable_output;
+    return TP_OK;
+}
+
+static size_t plan_floats(const tp_plan *plan) {
+    return 2 * plan->parameters + plan->moments + plan->activations + plan->deltas +
+           plan->selection;
+}
+
+tp_status tp_arena_bytes(const tp_model_spec *spec, const tp_policy_config *policy,
+                         const tp_optimizer_config *optimizer, size_t *bytes) {
+    tp_plan plan;
+    tp_status status;
+    if (spec == NULL || policy == NULL || optimizer == NULL || bytes == NULL) return TP_ERR_NULL;
+    status = plan_model(spec, policy, optimizer, NULL, &plan);
+    if (status != TP_OK) return status;
+    *bytes = plan_floats(&plan) * sizeof(float);
+    return TP_OK;
+}
+
+tp_status tp_inference_bytes(const tp_model_spec *spec, size_t *bytes) {
+    tp_plan plan;
+    tp_status status;
+    if (spec == NULL || bytes == NULL) return TP_ERR_NULL;
+    status = plan_model(spec, NULL, NULL, NULL, &plan);
+    if (status != TP_OK) return status;
+    *bytes = 2 * (size_t)plan.max_activation * sizeof(float);
+    return TP_OK;
+}
+
+static float *take(float **cursor, size_t count) {
+    float *start = *cursor;
+    *cursor += count;
+    return start;
+}
+
+tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                  const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes) {
+    tp_plan plan;
+    tp_status status;
+    float *cursor, *previous_output = NULL;
+    int32_t i, trainable_seen = 0;
+    if (model == NULL || spec == NULL || policy == NULL || optimizer == NULL || arena == NULL)
+        return TP_ERR_NULL;
+    memset(model, 0, sizeof *model);
+    status = plan_model(spec, policy, optimizer, model, &plan);
+    if (status != TP_OK) {
+        memset(model, 0, sizeof *model);
+        return status;
+    }
+    if (((uintptr_t)arena % sizeof(float)) != 0 || arena_bytes < plan_floats(&plan) * sizeof(float))
+    {
+        memset(model, 0, sizeof *model);
+        return TP_ERR_ARENA;
+    }
+    model->layer_count = spec->layer_count;
+    model->trainable_count = plan.trainable_count;
+    model->input_size = spec->input_channels * spec->input_height * spec->input_width;
+    model->class_count = plan.class_count;
+    model->max_activation = plan.max_activation;
+    model->max_trainable_output = plan.max_trainable_output;
+    model->policy = *policy;
+    model->optimizer = *optimizer;
+    model->parameter_count = plan.parameters;
+    cursor = (float *)arena;
+    model->parameters = take(&cursor, plan.parameters);
+    model->gradients = take(&cursor, plan.parameters);
+    memset(model->gradients, 0, plan.parameters * sizeof(float));
+    if (plan.moments > 0) {
+        model->moment1 = take(&cursor, plan.parameters);
+        memset(model->moment1, 0, plan.parameters * sizeof(float));
+        if (plan.moments > plan.parameters) {
+            model->moment2 = take(&cursor, plan.parameters);
+            memset(model->moment2, 0, plan.parameters * sizeof(float));
+        }
+    }
+    {
+        float *weights = model->parameters, *grads = model->gradients;
+        for (i = 0; i < spec->layer_count; i++) {
+            tp_layer *layer = &model->layers[i];
+            const tp_layer_spec *s = &spec->layers[i];
+            if (tp_layer_is_trainable(layer->kind)) {
+                size_t count = (size_t)layer->out_c * (size_t)layer->fan_in;
+                layer->weight = weights;
+                layer->grad_weight = grads;
+                if (s->weight != NULL)
+                    memcpy(weights, s->weight, count * sizeof(float));
+                else
+                    memset(weights, 0, count * sizeof(float));
+                weights += count;
+                grads += count;
+                if (layer->has_bias) {
+                    layer->bias = weights;
+                    layer->grad_bias = grads;
+                    if (s->bias != NULL)
+                        memcpy(weights, s->bias, (size_t)layer->out_c * sizeof(float));
+                    else
+                        memset(weights, 0, (size_t)layer->out_c * sizeof(float));
+                    weights += layer->out_c;
+                    grads += layer->out_c;
+                }
+                layer->depth = plan.trainable_count - 1 - trainable_seen;
+                layer->depth_scale = pow(policy->zeta, (double)layer->depth);
+                trainable_seen++;
+            }
+            if (layer->kind == TP_LAYER_FLATTEN ||
+                (layer->kind == TP_LAYER_RELU && !layer->input_is_sample)) {
+                layer->output = previous_output; /* NULL for a Flatten on the sample itself */
+            } else {
+                layer->output = take(&cursor, (size_t)tp_layer_output_size(layer));
+            }
+            previous_output = layer->output;
+        }
+    }
+    model->delta_a = take(&cursor, (size_t)plan.max_activation);
+    model->delta_b = take(&cursor, (size_t)plan.max_activation);
+    if (plan.selection > 0) {
+        model->selection_values = take(&cursor, (size_t)plan.max_trainable_output);
+        model->selection_index = (int32_t *)(void *)take(&cursor, (size_t)plan.max_trainable_output);
+    }
+    model->arena_bytes_used = (size_t)(cursor - (float *)arena) * sizeof(float);
+    model->magic = TP_MAGIC;
+    return TP_OK;
+}
+
+tp_status tp_parameter_count(const tp_model *model, size_t *count) {
+    if (model == NULL || count == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    *count = model->parameter_count;
+    return TP_OK;
+}
+
+tp_status tp_trainable_count(const tp_model *model, int32_t *count) {
+    if (model == NULL || count == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    *count = model->trainable_count;
+    return TP_OK;
+}
+
+tp_status tp_read_parameters(const tp_model *model, float *out, size_t count) {
+    if (model == NULL || out == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    if (count != model->parameter_count) return TP_ERR_ARGUMENT;
+    memcpy(out, model->parameters, count * sizeof(float));
+    return TP_OK;
+}
+
+tp_status tp_read_running_max(const tp_model *model, float *layer_max, int32_t count,
+                              float *output_max) {
+    int32_t i;
+    if (model == NULL || layer_max == NULL || output_max == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    if (count != model->trainable_count) return TP_ERR_ARGUMENT;
+    for (i = 0; i < model->layer_count; i++)
+        if (model->layers[i].trainable_index >= 0)
+            layer_max[model->layers[i].trainable_index] = model->layers[i].running_max;
+    *output_max = model->running_max_output;
+    return TP_OK;
+}
+
+size_t tp_model_struct_bytes(void) { return sizeof(tp_model); }
+
+tp_status tp_read_totals(const tp_model *model, tp_ledger *total, size_t *arena_bytes_used) {
+    if (model == NULL || total == NULL || arena_bytes_used == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    *total = model->total;
+    *arena_bytes_used = model->arena_bytes_used;
+    return TP_OK;
+}

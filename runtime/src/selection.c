@@ -1,0 +1,120 @@
+/* selection.c: local error, backprop ratio, top-k by partial selection, skip decision. */
+#include <math.h>
+
+#include "tp_internal.h"
+
+/* Y = sum_i |delta_i| (the layer's local error, TinyProp eq. 1), in float32 with a running
+ * compensation (Neumaier) so that it is as close to the exact sum as PyTorch's cascade sum. */
+float tp_local_error(const float *delta, int32_t n) {
+    float sum = 0.0f, compensation = 0.0f;
+    int32_t i;
+    for (i = 0; i < n; i++) {
+        const float value = fabsf(delta[i]);
+        const float next = sum + value;
+        if (sum >= value)
+            compensation += (sum - next) + value;
+        else
+            compensation += (value - next) + sum;
+        sum = next;
+    }
+    return sum + compensation;
+}
+
+/* k = clamp(floor(bpr * N + 0.5), 1, N) with bpr = (s_min + Y/Ymax (s_max - s_min)) zeta^d for
+ * TinyProp, bpr = ratio for top-k, and k = N for full training. Ymax already includes Y, and
+ * k = 1 while Ymax is 0. In double precision, as the Python library computes it. */
+int32_t tp_keep_count(const tp_policy_config *policy, float local_error, float running_max,
+                      double depth_scale, int32_t n) {
+    double backprop_ratio, k;
+    if (policy->policy == TP_POLICY_FULL) return n;
+    if (policy->policy == TP_POLICY_TOPK) {
+        backprop_ratio = policy->ratio;
+    } else {
+        if (!(running_max > 0.0f)) return 1;
+        backprop_ratio = (policy->s_min + ((double)local_error / (double)running_max) *
+                                              (policy->s_max - policy->s_min)) * depth_scale;
+    }
+    k = floor(backprop_ratio * (double)n + 0.5);
+    if (!(k >= 1.0)) return 1; /* also NaN */
+    if (k >= (double)n) return n;
+    return (int32_t)k;
+}
+
+static void swap_float(float *a, float *b) {
+    const float t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* The k-th largest value (1-based) of a[0..n), reordering a; O(n) expected (quickselect with
+ * a three-way partition, so runs of equal values, e.g. the zeros behind a ReLU, cost one pass).
+ * *greater receives the count of values strictly larger than the result. */
+static float kth_largest(float *a, int32_t n, int32_t k, int32_t *greater) {
+    int32_t low = 0, high = n - 1;
+    const int32_t target = k - 1;
+    while (low < high) {
+        const float first = a[low], middle = a[low + (high - low) / 2], last = a[high];
+        float pivot;
+        int32_t lt = low, i = low, gt = high;
+        /* median of three */
+        if ((first >= middle) == (middle >= last))
+            pivot = middle;
+        else if ((middle >= first) == (first >= last))
+            pivot = first;
+        else
+            pivot = last;
+        while (i <= gt) { /* descending: [low, lt) > pivot, [lt, gt] == pivot, (gt, high] < */
+            if (a[i] > pivot)
+                swap_float(&a[lt++], &a[i++]);
+            else if (a[i] < pivot)
+                swap_float(&a[i], &a[gt--]);
+            else
+                i++;
+        }
+        if (target < lt) {
+            high = lt - 1;
+        } else if (target > gt) {
+            low = gt + 1;
+        } else {
+            *greater = lt;
+            return pivot;
+        }
+    }
+    *greater = low;
+    return a[target];
+}
+
+void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, int32_t *kept) {
+    int32_t i, greater = 0, count = 0, equal_left;
+    float threshold;
+    for (i = 0; i < n; i++) scratch[i] = fabsf(delta[i]);
+    threshold = kth_largest(scratch, n, k, &greater);
+    equal_left = k - greater;
+    for (i = 0; i < n && count < k; i++) {
+        const float magnitude = fabsf(delta[i]);
+        if (magnitude > threshold) {
+            kept[count++] = i;
+        } else if (magnitude == threshold && equal_left > 0) {
+            kept[count++] = i;
+            equal_left--;
+        }
+    }
+    /* NaN magnitudes compare false everywhere: fill up with the lowest unused indices */
+    for (i = 0; count < k && i < n; i++) {
+        const float magnitude = fabsf(delta[i]);
+        if (!(magnitude > threshold) && !(magnitude == threshold)) kept[count++] = i;
+    }
+}
+
+/* TinyPropv2: D = (d_min + alpha (d_max - d_min)) beta with alpha = Y_out / Ymax_out; the
+ * sample is trained iff D >= skip_threshold. Ymax_out already includes Y_out. */
+int tp_skip_decision_trains(const tp_policy_config *policy, float output_error,
+                            float running_max_output) {
+    float alpha, decision;
+    if (policy->policy != TP_POLICY_TINYPROPV2) return 1;
+    /* float32, as the Python library's tensors; the settings' arithmetic in double first */
+    alpha = running_max_output > 0.0f ? output_error / running_max_output : 0.0f;
+    decision = ((float)policy->d_min + alpha * (float)(policy->d_max - policy->d_min)) *
+               (float)policy->beta;
+    return decision >= (float)policy->skip_threshold;
+}

@@ -1,0 +1,64 @@
+/* tp_internal.h: declarations shared by the runtime's source files (not part of the API). */
+#ifndef TP_INTERNAL_H
+#define TP_INTERNAL_H
+
+#include "tinyprop.h"
+
+#define TP_MAGIC 0x54505632u /* "TPV2" */
+
+/* ---- model.c */
+/* Fill `layer` (shapes, fan_in) from its spec and the input shape; no pointers. */
+tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, int32_t in_w,
+                         tp_layer *layer);
+tp_status tp_check_policy(const tp_policy_config *policy);
+tp_status tp_check_optimizer(const tp_optimizer_config *optimizer);
+int32_t tp_layer_output_size(const tp_layer *layer);
+int32_t tp_layer_input_size(const tp_layer *layer);
+int tp_layer_is_trainable(tp_layer_kind kind);
+
+/* ---- layers.c: one sample, (C, H, W) layout */
+void tp_dense_forward(const tp_layer *layer, const float *x, float *y);
+void tp_conv_forward(const tp_layer *layer, const float *x, float *y);
+void tp_relu_forward(const float *x, float *y, int32_t n);
+void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y);
+void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y);
+void tp_relu_backward(const float *y, float *delta, int32_t n);
+void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *delta_out,
+                         float *delta_in);
+void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *delta_in);
+/* Gradients from the kept output entries `kept` (count k), or from all when kept == NULL.
+ * Adds to grad_weight; writes delta_in (zeroed first) unless delta_in == NULL. */
+void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
+                       int32_t k, float *delta_in);
+void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
+                      int32_t k, float *delta_in);
+
+/* ---- selection.c */
+float tp_local_error(const float *delta, int32_t n);
+int32_t tp_keep_count(const tp_policy_config *policy, float local_error, float running_max,
+                      double depth_scale, int32_t n);
+/* Indices (ascending) of the k entries of largest |delta|; ties go to the lower index.
+ * scratch: n floats. Returns nothing; writes k indices to kept. */
+void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, int32_t *kept);
+int tp_skip_decision_trains(const tp_policy_config *policy, float output_error,
+                            float running_max_output);
+
+/* ---- loss.c: softmax cross-entropy of one sample; writes dloss/dlogits, returns the loss */
+float tp_cross_entropy(const float *logits, int32_t classes, int32_t label, float *grad);
+
+/* ---- optimizer.c */
+void tp_optimizer_update(tp_model *model, int32_t batch);
+
+/* ---- ledger.c */
+uint64_t tp_macs_forward(const tp_layer *layer);
+uint64_t tp_macs_backward_dense(const tp_layer *layer, int is_first_trainable);
+uint64_t tp_macs_backward(const tp_layer *layer, int32_t k, int is_first_trainable);
+uint64_t tp_macs_selection(const tp_layer *layer, tp_policy policy);
+void tp_ledger_add(tp_ledger *total, const tp_ledger *part);
+
+/* ---- train.c: one sample (exported for instruction counting) */
+tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
+                         int *trained, int32_t *keep_row, tp_ledger *macs);
+tp_status tp_forward_sample(tp_model *model, const float *x, const float **logits);
+
+#endif

@@ -1,0 +1,170 @@
+/* train.c: the training step: per sample forward, loss, skip decision and sparse backward;
+ * one optimizer update per batch. */
+#include <math.h>
+#include <string.h>
+
+#include "tp_internal.h"
+
+static const float *layer_input(const tp_model *model, int32_t i, const float *x) {
+    return model->layers[i].input_is_sample ? x : model->layers[i - 1].output;
+}
+
+tp_status tp_forward_sample(tp_model *model, const float *x, const float **logits) {
+    const float *current = x;
+    int32_t i;
+    for (i = 0; i < model->layer_count; i++) {
+        tp_layer *layer = &model->layers[i];
+        switch (layer->kind) {
+        case TP_LAYER_DENSE: tp_dense_forward(layer, current, layer->output); break;
+        case TP_LAYER_CONV2D: tp_conv_forward(layer, current, layer->output); break;
+        case TP_LAYER_RELU:
+            tp_relu_forward(current, layer->output, tp_layer_output_size(layer));
+            break;
+        case TP_LAYER_MAXPOOL: tp_maxpool_forward(layer, current, layer->output); break;
+        case TP_LAYER_AVGPOOL: tp_avgpool_forward(layer, current, layer->output); break;
+        case TP_LAYER_FLATTEN: break;
+        default: return TP_ERR_UNSUPPORTED;
+        }
+        if (layer->output != NULL) current = layer->output;
+    }
+    *logits = current;
+    return TP_OK;
+}
+
+/* Sparse backward of one trainable layer: choose k, select, accumulate gradients, and write
+ * the input gradient (unless it is the first trainable layer). Returns k. */
+static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
+                                  const float *delta, float *delta_in, tp_ledger *macs) {
+    const int32_t n = tp_layer_output_size(layer);
+    const int first = layer->trainable_index == 0;
+    const tp_policy policy = model->policy.policy;
+    const int32_t *kept = NULL;
+    int32_t k = n;
+    if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
+        const float local_error = tp_local_error(delta, n);
+        if (local_error > layer->running_max) layer->running_max = local_error;
+        k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
+    } else if (policy == TP_POLICY_TOPK) {
+        k = tp_keep_count(&model->policy, 0.0f, 0.0f, 1.0, n);
+    }
+    if (k < n) {
+        tp_select_topk(delta, n, k, model->selection_values, model->selection_index);
+        kept = model->selection_index;
+    }
+    if (layer->kind == TP_LAYER_DENSE)
+        tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
+    else
+        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
+    macs->backward += tp_macs_backward(layer, k, first);
+    macs->selection += tp_macs_selection(layer, policy);
+    return k;
+}
+
+tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
+                         int *trained, int32_t *keep_row, tp_ledger *macs) {
+    const float *logits;
+    float *delta = model->delta_a, *spare = model->delta_b;
+    int32_t i;
+    tp_status status = tp_forward_sample(model, x, &logits);
+    if (status != TP_OK) return status;
+    for (i = 0; i < model->layer_count; i++) {
+        const tp_layer *layer = &model->layers[i];
+        if (layer->trainable_index < 0) continue;
+        /* full training would backpropagate every sample, skipped or not */
+        macs->forward += tp_macs_forward(layer);
+        macs->backward_dense += tp_macs_backward_dense(layer, layer->trainable_index == 0);
+    }
+    *loss = tp_cross_entropy(logits, model->class_count, label, delta);
+    if (!isfinite(*loss)) return TP_ERR_NONFINITE;
+    *trained = 1;
+    if (model->policy.policy == TP_POLICY_TINYPROPV2) {
+        const float output_error = tp_local_error(delta, model->class_count);
+        if (output_error > model->running_max_output) model->running_max_output = output_error;
+        *trained = tp_skip_decision_trains(&model->policy, output_error,
+                                           model->running_max_output);
+        macs->selection += (uint64_t)model->class_count; /* Y_L of every sample */
+    }
+    if (!*trained) return TP_OK;
+    for (i = model->layer_count - 1; i >= 0; i--) {
+        tp_layer *layer = &model->layers[i];
+        const float *input = layer_input(model, i, x);
+        float *swap;
+        switch (layer->kind) {
+        case TP_LAYER_RELU:
+            tp_relu_backward(layer->output, delta, tp_layer_output_size(layer));
+            continue;
+        case TP_LAYER_FLATTEN: continue;
+        case TP_LAYER_MAXPOOL: tp_maxpool_backward(layer, input, delta, spare); break;
+        case TP_LAYER_AVGPOOL: tp_avgpool_backward(layer, delta, spare); break;
+        case TP_LAYER_DENSE:
+        case TP_LAYER_CONV2D: {
+            const int32_t k = backward_trainable(model, layer, input, delta, spare, macs);
+            if (keep_row != NULL) keep_row[layer->trainable_index] = k;
+            if (layer->trainable_index == 0) return TP_OK;
+            break;
+        }
+        default: return TP_ERR_UNSUPPORTED;
+        }
+        swap = delta;
+        delta = spare;
+        spare = swap;
+    }
+    return TP_OK;
+}
+
+tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
+                         tp_step_stats *stats, int32_t *keep, uint8_t *trained_mask) {
+    float saved_max[TP_MAX_LAYERS];
+    float saved_output_max, loss_sum = 0.0f;
+    tp_ledger macs = {0, 0, 0, 0};
+    int32_t b, i, trained_count = 0;
+    if (model == NULL || x == NULL || labels == NULL || stats == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    if (batch < 1 || batch > (1 << 24)) return TP_ERR_ARGUMENT;
+    for (b = 0; b < batch; b++)
+        if (labels[b] < 0 || labels[b] >= model->class_count) return TP_ERR_LABEL;
+    for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
+    saved_output_max = model->running_max_output;
+    memset(model->gradients, 0, model->parameter_count * sizeof(float));
+    for (b = 0; b < batch; b++) {
+        const float *sample = x + (size_t)b * (size_t)model->input_size;
+        int32_t *keep_row = keep != NULL ? keep + (size_t)b * model->trainable_count : NULL;
+        float loss = 0.0f;
+        int trained = 0;
+        tp_status status;
+        if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
+        status = tp_sample_step(model, sample, labels[b], &loss, &trained, keep_row, &macs);
+        if (status != TP_OK) {
+            /* leave the model as it was before the batch */
+            for (i = 0; i < model->layer_count; i++) model->layers[i].running_max = saved_max[i];
+            model->running_max_output = saved_output_max;
+            memset(model->gradients, 0, model->parameter_count * sizeof(float));
+            return status;
+        }
+        if (trained_mask != NULL) trained_mask[b] = (uint8_t)trained;
+        trained_count += trained;
+        loss_sum += loss;
+    }
+    if (trained_count > 0) tp_optimizer_update(model, batch);
+    stats->loss = loss_sum / (float)batch;
+    stats->trained = trained_count;
+    stats->skipped = batch - trained_count;
+    stats->macs = macs;
+    tp_ledger_add(&model->total, &macs);
+    return TP_OK;
+}
+
+tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *predicted) {
+    const float *out;
+    int32_t i, best = 0;
+    tp_status status;
+    if (model == NULL || x == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    status = tp_forward_sample(model, x, &out);
+    if (status != TP_OK) return status;
+    for (i = 1; i < model->class_count; i++)
+        if (out[i] > out[best]) best = i;
+    if (logits != NULL) memcpy(logits, out, (size_t)model->class_count * sizeof(float));
+    if (predicted != NULL) *predicted = best;
+    return TP_OK;
+}

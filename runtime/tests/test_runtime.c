@@ -1,0 +1,350 @@
+/* test_runtime.c: unit tests of the C runtime, run plain and under AddressSanitizer + UBSan.
+ *
+ * Every arena is malloc'ed with exactly tp_arena_bytes bytes, so under ASan any write past
+ * what the runtime said it needs aborts the test. Exit status 0 when all checks pass.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tinyprop.h"
+#include "tp_internal.h"
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond)                                                                    \
+    do {                                                                               \
+        checks++;                                                                      \
+        if (!(cond)) {                                                                 \
+            failures++;                                                                \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);   \
+        }                                                                              \
+    } while (0)
+
+static unsigned long long rng_state = 88172645463325252ULL;
+static float uniform(void) { /* xorshift64, in [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((double)(rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+static void fill(float *values, size_t n, float scale) {
+    size_t i;
+    for (i = 0; i < n; i++) values[i] = uniform() * scale;
+}
+
+/* ------------------------------------------------------------------ models under test */
+static float mlp_w0[12 * 16], mlp_b0[12], mlp_w1[8 * 12], mlp_b1[8], mlp_w2[4 * 8], mlp_b2[4];
+static tp_layer_spec mlp_layers[] = {
+    TP_FLATTEN_SPEC(),
+    TP_DENSE_SPEC(12, mlp_w0, mlp_b0), TP_RELU_SPEC(),
+    TP_DENSE_SPEC(8, mlp_w1, mlp_b1), TP_RELU_SPEC(),
+    TP_DENSE_SPEC(4, mlp_w2, mlp_b2),
+};
+static const tp_model_spec mlp_spec = {1, 4, 4, 6, mlp_layers};
+
+/* conv (2->4, 3x3, pad 1), depthwise 3x3 stride 2, max pool, pointwise, avg pool, dense */
+static float cnn_w0[4 * 2 * 9], cnn_b0[4], cnn_w1[4 * 9], cnn_b1[4], cnn_w2[6 * 4], cnn_w3[5 * 6];
+static float cnn_b3[5];
+static tp_layer_spec cnn_layers[] = {
+    TP_CONV_SPEC(4, 3, 3, 1, 1, 1, 1, 1, cnn_w0, cnn_b0), TP_RELU_SPEC(),
+    TP_CONV_SPEC(4, 3, 3, 2, 2, 1, 1, 4, cnn_w1, cnn_b1), TP_RELU_SPEC(),
+    TP_MAXPOOL_SPEC(2, 2, 0, 0),
+    {TP_LAYER_CONV2D, 6, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, cnn_w2, NULL}, TP_RELU_SPEC(),
+    TP_AVGPOOL_SPEC(2, 2, 0, 0), TP_FLATTEN_SPEC(),
+    TP_DENSE_SPEC(5, cnn_w3, cnn_b3),
+};
+static const tp_model_spec cnn_spec = {2, 8, 8, 10, cnn_layers};
+
+/* 1-D CNN: conv1d k5 pad 2, relu, maxpool 2, conv1d, relu, avgpool, flatten, dense */
+static float har_w0[8 * 3 * 5], har_b0[8], har_w1[8 * 8 * 5], har_b1[8], har_w2[3 * 8], har_b2[3];
+static tp_layer_spec har_layers[] = {
+    TP_CONV_SPEC(8, 1, 5, 1, 1, 0, 2, 1, har_w0, har_b0), TP_RELU_SPEC(),
+    TP_MAXPOOL_SPEC(1, 2, 0, 0),
+    TP_CONV_SPEC(8, 1, 5, 1, 1, 0, 2, 1, har_w1, har_b1), TP_RELU_SPEC(),
+    TP_AVGPOOL_SPEC(1, 10, 0, 0), TP_FLATTEN_SPEC(),
+    TP_DENSE_SPEC(3, har_w2, har_b2),
+};
+static const tp_model_spec har_spec = {3, 1, 20, 8, har_layers};
+
+static void init_weights(void) {
+    fill(mlp_w0, 12 * 16, 0.3f); fill(mlp_b0, 12, 0.1f);
+    fill(mlp_w1, 8 * 12, 0.3f); fill(mlp_b1, 8, 0.1f);
+    fill(mlp_w2, 4 * 8, 0.3f); fill(mlp_b2, 4, 0.1f);
+    fill(cnn_w0, 4 * 2 * 9, 0.3f); fill(cnn_b0, 4, 0.1f);
+    fill(cnn_w1, 4 * 9, 0.3f); fill(cnn_b1, 4, 0.1f);
+    fill(cnn_w2, 6 * 4, 0.5f); fill(cnn_w3, 5 * 6, 0.4f); fill(cnn_b3, 5, 0.1f);
+    fill(har_w0, 8 * 3 * 5, 0.3f); fill(har_b0, 8, 0.1f);
+    fill(har_w1, 8 * 8 * 5, 0.2f); fill(har_b1, 8, 0.1f);
+    fill(har_w2, 3 * 8, 0.4f); fill(har_b2, 3, 0.1f);
+}
+
+/* A model with a malloc'ed arena of exactly the advertised size. */
+typedef struct {
+    tp_model model;
+    void *arena;
+    size_t bytes;
+} owned_model;
+
+static tp_status make_model(owned_model *m, const tp_model_spec *spec, tp_policy policy,
+                            tp_optimizer_kind optimizer) {
+    tp_policy_config config = tp_policy_defaults(policy);
+    tp_optimizer_config opt = optimizer == TP_OPTIMIZER_ADAM ? tp_adam(0.01, 0.0)
+                                                             : tp_sgd(0.05, 0.9, 1e-4);
+    tp_status status = tp_arena_bytes(spec, &config, &opt, &m->bytes);
+    if (status != TP_OK) return status;
+    m->arena = malloc(m->bytes);
+    if (m->arena == NULL) return TP_ERR_ARENA;
+    return tp_init(&m->model, spec, &config, &opt, m->arena, m->bytes);
+}
+
+/* ------------------------------------------------------------------ tests */
+
+static void test_arena_exact_for_every_model_and_policy(void) {
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    int s, p, o, step;
+    for (s = 0; s < 3; s++) {
+        for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p++) {
+            for (o = 0; o <= 1; o++) {
+                owned_model m;
+                const int input = specs[s]->input_channels * specs[s]->input_height *
+                                  specs[s]->input_width;
+                float x[6 * 160];
+                int32_t labels[6], keep[6 * 8];
+                uint8_t mask[6];
+                tp_step_stats stats;
+                CHECK(make_model(&m, specs[s], (tp_policy)p, (tp_optimizer_kind)o) == TP_OK);
+                CHECK(m.model.arena_bytes_used == m.bytes);
+                for (step = 0; step < 4; step++) {
+                    int b;
+                    fill(x, (size_t)(6 * input), 1.0f);
+                    for (b = 0; b < 6; b++) labels[b] = (int32_t)(b % m.model.class_count);
+                    CHECK(tp_train_batch(&m.model, x, labels, 6, &stats, keep, mask) == TP_OK);
+                    CHECK(stats.trained + stats.skipped == 6);
+                    CHECK(isfinite(stats.loss));
+                    CHECK(stats.macs.forward > 0 && stats.macs.backward_dense > 0);
+                    if (p == TP_POLICY_FULL) CHECK(stats.macs.backward == stats.macs.backward_dense);
+                    if (p != TP_POLICY_FULL) CHECK(stats.macs.backward < stats.macs.backward_dense);
+                }
+                free(m.arena);
+            }
+        }
+    }
+}
+
+static void test_arguments_are_checked(void) {
+    owned_model m;
+    tp_policy_config policy = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    tp_optimizer_config opt = tp_sgd(0.1, 0.0, 0.0);
+    tp_step_stats stats;
+    size_t bytes = 0;
+    float x[16] = {0};
+    int32_t labels[1] = {0};
+    static tp_model fresh;
+    tp_layer_spec bad_layers[2] = {TP_CONV_SPEC(2, 3, 3, 1, 1, 0, 0, 1, NULL, NULL),
+                                   TP_DENSE_SPEC(3, NULL, NULL)};
+    tp_model_spec bad = {1, 4, 4, 2, bad_layers};
+    CHECK(tp_arena_bytes(NULL, &policy, &opt, &bytes) == TP_ERR_NULL);
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, NULL) == TP_ERR_NULL);
+    CHECK(tp_arena_bytes(&bad, &policy, &opt, &bytes) == TP_ERR_SHAPE); /* dense needs flatten */
+    policy.s_min = 0.95; /* s_min > s_max */
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_ERR_ARGUMENT);
+    policy = tp_policy_defaults(TP_POLICY_TOPK);
+    policy.ratio = 0.0;
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_ERR_ARGUMENT);
+    policy = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    policy.skip_threshold = NAN;
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_ERR_ARGUMENT);
+    policy = tp_policy_defaults((tp_policy)7);
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_ERR_UNSUPPORTED);
+    policy = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    opt.lr = -1.0;
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_ERR_ARGUMENT);
+    opt = tp_sgd(0.1, 0.0, 0.0);
+    /* arena one float short, and misaligned */
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_OK);
+    m.arena = malloc(bytes + 8);
+    CHECK(tp_init(&m.model, &mlp_spec, &policy, &opt, m.arena, bytes - 4) == TP_ERR_ARENA);
+    CHECK(tp_init(&m.model, &mlp_spec, &policy, &opt, (char *)m.arena + 2, bytes) == TP_ERR_ARENA);
+    CHECK(tp_train_batch(&m.model, x, labels, 1, &stats, NULL, NULL) == TP_ERR_STATE);
+    CHECK(tp_train_batch(&fresh, x, labels, 1, &stats, NULL, NULL) == TP_ERR_STATE);
+    CHECK(tp_init(&m.model, &mlp_spec, &policy, &opt, m.arena, bytes) == TP_OK);
+    CHECK(tp_train_batch(&m.model, NULL, labels, 1, &stats, NULL, NULL) == TP_ERR_NULL);
+    CHECK(tp_train_batch(&m.model, x, labels, 0, &stats, NULL, NULL) == TP_ERR_ARGUMENT);
+    labels[0] = 4;
+    CHECK(tp_train_batch(&m.model, x, labels, 1, &stats, NULL, NULL) == TP_ERR_LABEL);
+    labels[0] = -1;
+    CHECK(tp_train_batch(&m.model, x, labels, 1, &stats, NULL, NULL) == TP_ERR_LABEL);
+    CHECK(tp_read_parameters(&m.model, x, 3) == TP_ERR_ARGUMENT);
+    CHECK(tp_predict(&m.model, NULL, NULL, NULL) == TP_ERR_NULL);
+    CHECK(strcmp(tp_status_string(TP_ERR_ARENA), "ok") != 0);
+    free(m.arena);
+}
+
+static void test_nonfinite_loss_changes_nothing(void) {
+    owned_model m;
+    float before[400], after[400], x[2 * 16];
+    int32_t labels[2] = {0, 1};
+    tp_step_stats stats;
+    size_t count;
+    CHECK(make_model(&m, &mlp_spec, TP_POLICY_TINYPROPV2, TP_OPTIMIZER_ADAM) == TP_OK);
+    CHECK(tp_parameter_count(&m.model, &count) == TP_OK && count <= 400);
+    fill(x, 32, 1.0f);
+    CHECK(tp_train_batch(&m.model, x, labels, 2, &stats, NULL, NULL) == TP_OK);
+    tp_read_parameters(&m.model, before, count);
+    x[16 + 3] = NAN; /* second sample */
+    CHECK(tp_train_batch(&m.model, x, labels, 2, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+    tp_read_parameters(&m.model, after, count);
+    CHECK(memcmp(before, after, count * sizeof(float)) == 0);
+    CHECK(m.model.optimizer_steps == 1);
+    free(m.arena);
+}
+
+static void test_all_skipped_batch_makes_no_update(void) {
+    owned_model m;
+    float before[400], after[400], x[4 * 16];
+    int32_t labels[4] = {0, 1, 2, 3};
+    uint8_t mask[4];
+    tp_step_stats stats;
+    size_t count;
+    CHECK(make_model(&m, &mlp_spec, TP_POLICY_TINYPROPV2, TP_OPTIMIZER_ADAM) == TP_OK);
+    tp_parameter_count(&m.model, &count);
+    m.model.policy.skip_threshold = 2.0; /* D <= 1 < 2: every sample is skipped */
+    fill(x, 64, 1.0f);
+    tp_read_parameters(&m.model, before, count);
+    CHECK(tp_train_batch(&m.model, x, labels, 4, &stats, NULL, mask) == TP_OK);
+    tp_read_parameters(&m.model, after, count);
+    CHECK(stats.skipped == 4 && stats.trained == 0 && mask[0] == 0 && mask[3] == 0);
+    CHECK(memcmp(before, after, count * sizeof(float)) == 0);
+    CHECK(m.model.optimizer_steps == 0);
+    CHECK(stats.macs.backward == 0 && stats.macs.backward_dense > 0);
+    free(m.arena);
+}
+
+static void test_keep_count_formula(void) {
+    tp_policy_config v1 = tp_policy_defaults(TP_POLICY_TINYPROP);
+    tp_policy_config topk = tp_policy_defaults(TP_POLICY_TOPK);
+    /* Ymax = 0: k = 1 */
+    CHECK(tp_keep_count(&v1, 0.0f, 0.0f, 1.0, 100) == 1);
+    /* Y = Ymax, d = 0: bpr = s_max = 0.9 -> 90 of 100 */
+    CHECK(tp_keep_count(&v1, 2.0f, 2.0f, 1.0, 100) == 90);
+    /* Y = Ymax / 2, d = 1: (0.1 + 0.5 * 0.8) * 0.5 = 0.25 -> 25 */
+    CHECK(tp_keep_count(&v1, 1.0f, 2.0f, 0.5, 100) == 25);
+    /* round half up: 0.25 * 10 = 2.5 -> 3; clamp to at least 1 */
+    CHECK(tp_keep_count(&v1, 1.0f, 2.0f, 0.5, 10) == 3);
+    CHECK(tp_keep_count(&v1, 0.0f, 2.0f, 0.0625, 3) == 1);
+    CHECK(tp_keep_count(&topk, 0.0f, 0.0f, 1.0, 25) == 3);
+    topk.ratio = 1.0;
+    CHECK(tp_keep_count(&topk, 0.0f, 0.0f, 1.0, 25) == 25);
+}
+
+static void test_topk_selection(void) {
+    const float delta[8] = {0.5f, -3.0f, 1.0f, -1.0f, 0.0f, 1.0f, 2.0f, -0.25f};
+    float scratch[8];
+    int32_t kept[8];
+    tp_select_topk(delta, 8, 2, scratch, kept);
+    CHECK(kept[0] == 1 && kept[1] == 6);
+    /* |1| appears three times (2, 3, 5): ties go to the lower index */
+    tp_select_topk(delta, 8, 4, scratch, kept);
+    CHECK(kept[0] == 1 && kept[1] == 2 && kept[2] == 3 && kept[3] == 6);
+    tp_select_topk(delta, 8, 8, scratch, kept);
+    CHECK(kept[0] == 0 && kept[7] == 7);
+}
+
+static void test_selection_against_sort(void) {
+    float delta[300], scratch[300];
+    int32_t kept[300];
+    int trial;
+    for (trial = 0; trial < 200; trial++) {
+        const int32_t n = 1 + (int32_t)((uniform() + 1.0f) * 149.0f);
+        const int32_t k = 1 + (int32_t)((uniform() + 1.0f) * 0.5f * (float)(n - 1));
+        int32_t i, j, ok = 1;
+        for (i = 0; i < n; i++) delta[i] = (float)(int)(uniform() * 4.0f); /* many ties */
+        tp_select_topk(delta, n, k, scratch, kept);
+        /* every kept entry beats (or ties with a higher index than) every other entry */
+        for (i = 0; i < k && ok; i++) {
+            if (i > 0 && kept[i] <= kept[i - 1]) ok = 0;
+            for (j = 0; j < n && ok; j++) {
+                int32_t t, is_kept = 0;
+                const float a = fabsf(delta[kept[i]]), b = fabsf(delta[j]);
+                for (t = 0; t < k; t++) is_kept |= kept[t] == j;
+                if (!is_kept && (b > a || (b == a && j < kept[i]))) ok = 0;
+            }
+        }
+        CHECK(ok);
+    }
+}
+
+static void test_skip_decision(void) {
+    tp_policy_config v2 = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    CHECK(tp_skip_decision_trains(&v2, 1.0f, 2.0f) == 1);  /* D = 0.5 >= 0.5 */
+    CHECK(tp_skip_decision_trains(&v2, 0.9f, 2.0f) == 0);  /* D = 0.45 */
+    CHECK(tp_skip_decision_trains(&v2, 0.0f, 0.0f) == 0);  /* alpha = 0 before any error */
+    v2.d_min = 0.5;
+    CHECK(tp_skip_decision_trains(&v2, 0.0f, 2.0f) == 1);
+}
+
+/* Full training, batch 1, SGD lr 1: the update equals minus the gradient; compare with central
+ * differences of the loss computed through tp_predict. */
+static void test_gradient_matches_finite_differences(void) {
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    int s;
+    for (s = 0; s < 3; s++) {
+        tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
+        tp_optimizer_config sgd = tp_sgd(1.0, 0.0, 0.0);
+        static float before[2000], after[2000], x[160], logits[8], grad[8];
+        tp_model model;
+        void *arena;
+        size_t bytes, count, i;
+        int32_t label = 1;
+        tp_step_stats stats;
+        int worst_ok = 1;
+        tp_arena_bytes(specs[s], &full, &sgd, &bytes);
+        arena = malloc(bytes);
+        CHECK(tp_init(&model, specs[s], &full, &sgd, arena, bytes) == TP_OK);
+        tp_parameter_count(&model, &count);
+        CHECK(count <= 2000);
+        fill(x, (size_t)model.input_size, 1.0f);
+        tp_read_parameters(&model, before, count);
+        CHECK(tp_train_batch(&model, x, &label, 1, &stats, NULL, NULL) == TP_OK);
+        tp_read_parameters(&model, after, count);
+        memcpy(model.parameters, before, count * sizeof(float));
+        for (i = 0; i < count; i += 7) {
+            const float h = 1e-2f, saved = model.parameters[i];
+            float up, down, numeric, analytic;
+            model.parameters[i] = saved + h;
+            tp_predict(&model, x, logits, NULL);
+            up = tp_cross_entropy(logits, model.class_count, label, grad);
+            model.parameters[i] = saved - h;
+            tp_predict(&model, x, logits, NULL);
+            down = tp_cross_entropy(logits, model.class_count, label, grad);
+            model.parameters[i] = saved;
+            numeric = (up - down) / (2.0f * h);
+            analytic = before[i] - after[i];
+            if (fabsf(numeric - analytic) > 2e-3f + 2e-2f * fabsf(analytic)) {
+                worst_ok = 0;
+                fprintf(stderr, "model %d parameter %zu: numeric %g analytic %g\n", s, i,
+                        (double)numeric, (double)analytic);
+            }
+        }
+        CHECK(worst_ok);
+        free(arena);
+    }
+}
+
+int main(void) {
+    init_weights();
+    test_arguments_are_checked();
+    test_arena_exact_for_every_model_and_policy();
+    test_nonfinite_loss_changes_nothing();
+    test_all_skipped_batch_makes_no_update();
+    test_keep_count_formula();
+    test_topk_selection();
+    test_selection_against_sort();
+    test_skip_decision();
+    test_gradient_matches_finite_differences();
+    printf("%d checks, %d failures\n", checks, failures);
+    return failures == 0 ? 0 : 1;
+}
