@@ -31,13 +31,14 @@ def find_official(folder: Path) -> Path | None:
 def _read_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Named integer vectors from a MATLAB file, with a clear error if unreadable."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         mat = loadmat(path)
         return {key: np.asarray(mat[key]).astype(np.int64).ravel() for key in keys}
     except KeyError as error:
         raise ValueError(f"{path} lacks the variable {error}: re-download the file") from error
-    except (ValueError, OSError, TypeError) as error:
+    except (MatReadError, ValueError, OSError, TypeError) as error:
         raise ValueError(f"cannot read {path} ({error}): re-download the file") from error
 
 
