@@ -234,6 +234,12 @@ def test_cifar10_stand_in_is_padded_fashion_mnist():
     assert len(data.load("cifar10", "test")) == 10000
 
 
+def test_fashion_mnist_fetch_says_what_to_install_without_apt(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar.shutil, "which", lambda _name: None)
+    with pytest.raises(RuntimeError, match="apt-get install -y dataset-fashion-mnist"):
+        cifar._fetch_fashion_deb(tmp_path)
+
+
 def test_cifar100_stand_in_is_deterministic_digit_pairs():
     first = data.load("cifar100", "train", per_class=3, seed=5)
     again = data.load("cifar100", "train", per_class=3, seed=5)

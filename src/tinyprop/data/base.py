@@ -66,7 +66,10 @@ class ArrayDataset(Dataset):
 
     @property
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """All inputs and labels as ``(x, y)``: ``(N, *input_shape)`` float32, ``(N,)`` int64."""
+        """All inputs and labels as ``(x, y)``: ``(N, *input_shape)`` float32, ``(N,)`` int64.
+
+        ``x`` may be a broadcast view (grey images repeated to 3 channels): use ``reshape``,
+        not ``view``, or ``.contiguous()`` first."""
         return self.x, self.y
 
     def __len__(self) -> int:
@@ -91,8 +94,8 @@ def resolve_data_dir(data_dir: str | Path | None) -> tuple[Path | None, bool]:
         loader falls back to its offline source).
 
     Example:
-        >>> resolve_data_dir("/data")
-        (PosixPath('/data'), True)
+        >>> resolve_data_dir("/tmp")
+        (PosixPath('/tmp'), True)
     """
     if data_dir is not None:
         folder, explicit = Path(data_dir).expanduser(), True

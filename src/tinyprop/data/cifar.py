@@ -39,7 +39,8 @@ from tinyprop.data.images import (
 FASHION_DEB = "dataset-fashion-mnist"
 FASHION_DEB_VERSION = "0.0~git20200523.55506a9-1"
 FASHION_DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
-FASHION_SYSTEM_FOLDER = Path("/usr/share/datasets/fashion-mnist")
+FASHION_DEB_FOLDER = "usr/share/datasets/fashion-mnist"  # where the .deb puts the IDX files
+FASHION_SYSTEM_FOLDER = Path("/") / FASHION_DEB_FOLDER  # ... once installed
 
 SOURCE_CIFAR10_STAND_IN = "fashion-mnist as cifar10 stand-in"
 SOURCE_CIFAR100_STAND_IN = "mnist digit pairs as cifar100 stand-in"
@@ -162,7 +163,7 @@ def _fetch_fashion_deb(workdir: Path) -> Path:
             f"{FASHION_DEB_SHA256}; rerun, or `apt-get install -y {FASHION_DEB}`"
         )
     subprocess.run([dpkg_deb, "-x", str(debs[0]), str(workdir / "root")], check=True, timeout=600)
-    return workdir / "root" / FASHION_SYSTEM_FOLDER.relative_to("/")
+    return workdir / "root" / FASHION_DEB_FOLDER
 
 
 def _build_fashion_arrays() -> dict[str, np.ndarray]:
@@ -185,7 +186,7 @@ def fashion_mnist_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Real Fashion-MNIST: images ``(N, 28, 28)`` uint8, labels ``(N,)`` uint8 (60k/10k).
 
     Example:
-        >>> images, labels = fashion_mnist_arrays("test")  # doctest: +SKIP
+        >>> images, labels = fashion_mnist_arrays("test")
         >>> images.shape
         (10000, 28, 28)
     """
@@ -210,7 +211,7 @@ def digit_pairs(split: str, per_class: int, seed: int) -> tuple[np.ndarray, np.n
         Images ``(100 * per_class, 32, 32)`` uint8 in shuffled order and labels ``(N,)`` int64.
 
     Example:
-        >>> images, labels = digit_pairs("test", per_class=2, seed=0)  # doctest: +SKIP
+        >>> images, labels = digit_pairs("test", per_class=2, seed=0)
         >>> images.shape
         (200, 32, 32)
     """
@@ -256,7 +257,7 @@ def load(
         An :class:`ArrayDataset` (10 or 100 classes, input ``(3, 32, 32)``).
 
     Example:
-        >>> train = load("cifar10", "train", limit=1000)  # doctest: +SKIP
+        >>> train = load("cifar10", "train", limit=1000)
         >>> train.source, train.input_shape
         ('fashion-mnist as cifar10 stand-in', (3, 32, 32))
     """

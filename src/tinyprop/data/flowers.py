@@ -98,7 +98,7 @@ def load(
         ``"synthetic flowers102 stand-in"``.
 
     Example:
-        >>> test = load("flowers102", "test", resolution=32)  # doctest: +SKIP
+        >>> test = load("flowers102", "test", resolution=32)
         >>> test.input_shape
         (3, 32, 32)
     """

@@ -94,7 +94,7 @@ def load(
         An :class:`ArrayDataset` with ``source`` ``"food101"`` or ``"synthetic food101 stand-in"``.
 
     Example:
-        >>> test = load("food101", "test", resolution=32)  # doctest: +SKIP
+        >>> test = load("food101", "test", resolution=32)
         >>> test.num_classes
         101
     """

@@ -102,7 +102,7 @@ def mnist_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
         ``(images, labels)``, cached as npz after the first call.
 
     Example:
-        >>> images, labels = mnist_arrays("test")  # doctest: +SKIP
+        >>> images, labels = mnist_arrays("test")
         >>> images.shape
         (10000, 28, 28)
     """
@@ -142,7 +142,7 @@ def load(
         An :class:`ArrayDataset` with ``source`` ``"mnist"``, 10 classes, input ``(1, 28, 28)``.
 
     Example:
-        >>> test = load("mnist", "test", limit=100)  # doctest: +SKIP
+        >>> test = load("mnist", "test", limit=100)
         >>> test.input_shape, test.num_classes
         ((1, 28, 28), 10)
     """
