@@ -1,0 +1,150 @@
+"""Export a PyTorch model to the C runtime: a header with shapes and initial weights, an example
+``main.c`` that trains on samples fed to it, and a copy of the runtime sources.
+
+Example:
+    >>> from tinyprop.export import export_c
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> result = export_c(net, TinyPropConfig("tinypropv2"), "out/", input_shape=(1, 4, 4))
+    >>> result.arena_bytes          # RAM training needs, besides the program's own
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from tinyprop.config import TinyPropConfig
+from tinyprop.export.c_source import MAIN_C, MAKEFILE, model_header, samples_header
+from tinyprop.export.graph import (
+    LayerSpec,
+    UnsupportedLayerError,
+    arena_bytes,
+    describe,
+    inference_bytes,
+)
+from tinyprop.export.runtime import OptimizerSpec, runtime_dir
+
+__all__ = [
+    "ExportResult",
+    "LayerSpec",
+    "OptimizerSpec",
+    "UnsupportedLayerError",
+    "describe",
+    "export_c",
+]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_c` wrote and the memory the model needs."""
+
+    out_dir: Path
+    files: list[Path]
+    layers: list[LayerSpec]
+    parameters: int
+    arena_bytes: int  # training RAM (tp_arena_bytes)
+    inference_bytes: int  # inference RAM with the weights in flash
+
+
+def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """One sample's shape when the first layer tells it (a Linear, or Flatten + Linear)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            break
+    raise ValueError(
+        "cannot infer the input shape of a convolutional model; pass input_shape, e.g. "
+        "(1, 28, 28) (--input-shape 1,28,28 on the command line)"
+    )
+
+
+def export_c(
+    model: nn.Module,
+    config: TinyPropConfig,
+    out_dir: str | Path,
+    input_shape: tuple[int, ...] | None = None,
+    optimizer: OptimizerSpec | None = None,
+    batch_size: int = 8,
+    samples: tuple[np.ndarray, np.ndarray] | None = None,
+    epochs: int = 1,
+    model_name: str = "a PyTorch model",
+) -> ExportResult:
+    """Write C sources that train ``model`` with ``config`` in the C runtime.
+
+    Files: ``tinyprop_model.h`` (shapes, exact float32 initial weights, policy, optimizer,
+    arena size), ``main.c`` (trains on samples from stdin, or built-in ones), ``Makefile``,
+    ``runtime/`` (the runtime's sources) and, when ``samples`` is given, ``tinyprop_samples.h``.
+
+    Args:
+        model: an ``nn.Sequential`` of Linear, Conv1d, Conv2d (incl. depthwise), ReLU,
+            Max/AvgPool 1d/2d, Flatten (tinyprop-applied or plain).
+        config: the policy (``full``, ``topk``, ``tinyprop``, ``tinypropv2``).
+        out_dir: folder to write (created).
+        input_shape: one sample's shape; inferred for MLPs.
+        optimizer: SGD or Adam settings; SGD with lr 0.01 when omitted.
+        batch_size: samples per update in the example.
+        samples: optional ``(x, y)`` to build into the example (``-DTP_EMBEDDED_SAMPLES``).
+        epochs: passes over the built-in samples.
+        model_name: text for the header comment.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        UnsupportedLayerError: naming the type and path of a layer the runtime cannot run.
+    """
+    if not isinstance(config, TinyPropConfig):
+        raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
+    if config.policy == "randomk":
+        raise ValueError(
+            "the C runtime has no randomk policy; export with full, topk, tinyprop or tinypropv2"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    optimizer = optimizer or OptimizerSpec()
+    shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
+    layers = describe(model, shape)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    def write(name: str, text: str) -> None:
+        path = out / name
+        path.write_text(text)
+        files.append(path)
+
+    write("tinyprop_model.h", model_header(layers, config, optimizer, batch_size, model_name))
+    write("main.c", MAIN_C)
+    write("Makefile", MAKEFILE)
+    if samples is not None:
+        x, y = (np.asarray(v) for v in samples)
+        if x.shape[0] != y.shape[0] or x[0].size != np.prod(layers[0].input_shape):
+            raise ValueError(
+                f"samples must be (x (N, {shape}), y (N,)), got {x.shape} and {y.shape}"
+            )
+        classes = layers[-1].output_size
+        if y.min() < 0 or y.max() >= classes:
+            raise ValueError(f"sample labels must lie in [0, {classes}), got {y.min()}..{y.max()}")
+        write("tinyprop_samples.h", samples_header(x, y, epochs))
+    source = runtime_dir()
+    for sub in ("include", "src"):
+        target = out / "runtime" / sub
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted((source / sub).iterdir()):
+            if path.suffix in (".c", ".h"):
+                shutil.copy(path, target / path.name)
+                files.append(target / path.name)
+    trainable = [x for x in layers if x.trainable]
+    return ExportResult(
+        out_dir=out,
+        files=files,
+        layers=layers,
+        parameters=sum(x.weight.size + (0 if x.bias is None else x.bias.size) for x in trainable),
+        arena_bytes=arena_bytes(layers, config.policy, optimizer.kind, optimizer.momentum),
+        inference_bytes=inference_bytes(layers),
+    )

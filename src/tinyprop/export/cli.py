@@ -1,0 +1,130 @@
+"""``tinyprop export MODEL.pt --config POLICY --out DIR``: C sources for the runtime.
+
+MODEL.pt is either a whole pickled ``nn.Module`` (``torch.save(model)``; loading it runs
+pickle, so only export files you trust) or a ``state_dict`` together with ``--model DATASET``
+(the dataset's reference model from :mod:`tinyprop.models`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tinyprop.config import PRESETS, TinyPropConfig
+from tinyprop.export import export_c
+from tinyprop.export.graph import UnsupportedLayerError
+from tinyprop.export.runtime import OptimizerSpec
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--input-shape must look like 1,28,28, got {text!r}"
+        ) from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--input-shape needs positive sizes, got {text!r}")
+    return shape
+
+
+def _config(text: str) -> TinyPropConfig:
+    """A preset or policy name, a JSON file of TinyPropConfig fields, or inline JSON."""
+    if text in PRESETS:
+        return PRESETS[text]
+    path = Path(text)
+    raw = path.read_text() if path.is_file() else text
+    try:
+        fields = json.loads(raw)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(
+            f"--config must be a preset ({', '.join(PRESETS)}), a JSON file or inline JSON; "
+            f"got {text!r}"
+        ) from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError("--config JSON must be an object of TinyPropConfig fields")
+    try:
+        return TinyPropConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"--config: {error}") from error
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinyprop export", description="Write C sources that train MODEL.pt on a device."
+    )
+    p.add_argument("model_file", metavar="MODEL.pt", help="torch.save'd nn.Module or state_dict")
+    p.add_argument(
+        "--config",
+        type=_config,
+        default=PRESETS["tinypropv2"],
+        help="preset name, JSON file or inline JSON (default: tinypropv2)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--model", help="dataset whose reference model MODEL.pt's state_dict is for")
+    p.add_argument("--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    return p
+
+
+def _load(args) -> tuple[nn.Module, tuple[int, ...] | None]:
+    if not args.model_file.is_file():
+        raise FileNotFoundError(f"model file {args.model_file} does not exist")
+    if args.model:
+        from tinyprop import models
+
+        reference = models.reference(args.model)
+        shape = args.input_shape or reference.input_shape
+        model = models.build(args.model, input_shape=shape)
+        state = torch.load(args.model_file, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{args.model_file} is not a state_dict; drop --model to load a module"
+            )
+        model.load_state_dict(state)
+        return model, shape
+    loaded = torch.load(args.model_file, map_location="cpu", weights_only=False)
+    if not isinstance(loaded, nn.Module):
+        raise ValueError(
+            f"{args.model_file} holds a {type(loaded).__name__}, not an nn.Module; for a "
+            "state_dict pass --model DATASET (e.g. --model har)"
+        )
+    return loaded, args.input_shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the export command; returns the exit status."""
+    args = parser().parse_args(argv)
+    args.model_file = Path(args.model_file)
+    try:
+        model, shape = _load(args)
+        optimizer = OptimizerSpec(
+            args.optimizer, args.lr, args.momentum, weight_decay=args.weight_decay
+        )
+        result = export_c(
+            model,
+            args.config,
+            args.out,
+            shape,
+            optimizer,
+            args.batch_size,
+            model_name=str(args.model_file),
+        )
+    except (UnsupportedLayerError, ValueError, FileNotFoundError, TypeError) as error:
+        print(f"tinyprop export: {error}")
+        return 2
+    print(f"wrote {len(result.files)} files to {result.out_dir}")
+    print(
+        f"parameters {result.parameters}, training arena {result.arena_bytes} bytes, "
+        f"inference {result.inference_bytes} bytes"
+    )
+    print(f"build: make -C {result.out_dir} && {result.out_dir}/train < samples.bin")
+    return 0

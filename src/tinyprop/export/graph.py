@@ -1,0 +1,345 @@
+"""Walk a sequential PyTorch model into the C runtime's layer list (``tp_layer_spec``).
+
+The runtime runs a chain of layers on one sample of shape (C, H, W): dense, conv2d (a Conv1d is
+a conv2d of height 1), ReLU, max / average pooling and flatten. This module turns an
+``nn.Sequential`` (nested ones are flattened) into that chain with every shape worked out, and
+names any module it cannot run by its type and its path in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+# tp_layer_kind values of runtime/include/tinyprop.h
+DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN = range(6)
+KIND_NAMES = {
+    DENSE: "TP_LAYER_DENSE",
+    CONV2D: "TP_LAYER_CONV2D",
+    RELU: "TP_LAYER_RELU",
+    MAXPOOL: "TP_LAYER_MAXPOOL",
+    AVGPOOL: "TP_LAYER_AVGPOOL",
+    FLATTEN: "TP_LAYER_FLATTEN",
+}
+SUPPORTED = (
+    "Linear, Conv1d, Conv2d (incl. depthwise, zero padding), ReLU, MaxPool1d/2d, AvgPool1d/2d, "
+    "AdaptiveAvgPool1d/2d to size 1, Flatten, Identity, Dropout with p=0"
+)
+
+
+class UnsupportedLayerError(ValueError):
+    """A module the C runtime cannot run; the message names its type and path."""
+
+
+@dataclass
+class LayerSpec:
+    """One runtime layer: the fields of ``tp_layer_spec`` plus shapes and the module path."""
+
+    kind: int
+    path: str  # where it sits in the PyTorch model, e.g. "3" or "features.0"
+    module_type: str
+    input_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    output_shape: tuple[int, int, int]
+    out_channels: int = 0
+    kernel: tuple[int, int] = (0, 0)
+    stride: tuple[int, int] = (0, 0)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    has_bias: bool = False
+    weight: np.ndarray | None = field(default=None, repr=False)  # float32, PyTorch layout
+    bias: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def trainable(self) -> bool:
+        """True for dense and conv layers (the ones with parameters)."""
+        return self.kind in (DENSE, CONV2D)
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs per output: in_features, or C_in / groups · kh · kw."""
+        if self.kind == DENSE:
+            return self.input_shape[0]
+        if self.kind == CONV2D:
+            return self.input_shape[0] // self.groups * self.kernel[0] * self.kernel[1]
+        return 0
+
+    @property
+    def output_size(self) -> int:
+        """N_l: output elements per sample."""
+        return math.prod(self.output_shape)
+
+    @property
+    def input_size(self) -> int:
+        """Input elements per sample."""
+        return math.prod(self.input_shape)
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[-1]))
+
+
+def _single(value) -> int:
+    return int(value) if isinstance(value, int) else int(value[0])
+
+
+def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The leaf modules of (nested) nn.Sequential containers, in order, with their paths."""
+    if isinstance(model, nn.Sequential):
+        leaves = []
+        for name, child in model.named_children():
+            leaves += _sequence(child, f"{prefix}.{name}" if prefix else name)
+        return leaves
+    return [(prefix or "<root>", model)]
+
+
+def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"cannot export layer '{path}' ({type(module).__name__}): {why}. "
+        f"The C runtime supports: {SUPPORTED}."
+    )
+
+
+def _window(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _as_float32(tensor: torch.Tensor, path: str, name: str) -> np.ndarray:
+    array = tensor.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"layer '{path}' has a NaN or infinite {name}; cannot export it")
+    return array
+
+
+def _conv(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool) -> LayerSpec:
+    channels, height, width = shape
+    if module.padding_mode != "zeros":
+        raise _unsupported(path, module, f"padding_mode={module.padding_mode!r} (only 'zeros')")
+    if isinstance(module.padding, str):
+        if module.padding != "valid":
+            raise _unsupported(path, module, "padding='same' (give the padding as numbers)")
+        padding = (0, 0)
+    else:
+        padding = _pair(module.padding) if two_d else (0, _single(module.padding))
+    if getattr(module, "transposed", False):
+        raise _unsupported(path, module, "transposed convolution")
+    if channels != module.in_channels:
+        raise ValueError(
+            f"layer '{path}' ({type(module).__name__}) expects {module.in_channels} input "
+            f"channels but the previous layer gives {channels}"
+        )
+    kernel = _pair(module.kernel_size) if two_d else (1, _single(module.kernel_size))
+    stride = _pair(module.stride) if two_d else (1, _single(module.stride))
+    dilation = _pair(module.dilation) if two_d else (1, _single(module.dilation))
+    out_h = _window(height, kernel[0], stride[0], padding[0], dilation[0])
+    out_w = _window(width, kernel[1], stride[1], padding[1], dilation[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"layer '{path}' ({type(module).__name__}) leaves no output for {shape}")
+    return LayerSpec(
+        kind=CONV2D,
+        path=path,
+        module_type=type(module).__name__,
+        input_shape=shape,
+        output_shape=(module.out_channels, out_h, out_w),
+        out_channels=module.out_channels,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=module.groups,
+        has_bias=module.bias is not None,
+        weight=_as_float32(module.weight, path, "weight"),
+        bias=None if module.bias is None else _as_float32(module.bias, path, "bias"),
+    )
+
+
+def _pool(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool) -> LayerSpec:
+    channels, height, width = shape
+    kind = MAXPOOL if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) else AVGPOOL
+    if module.ceil_mode:
+        raise _unsupported(path, module, "ceil_mode=True")
+    if kind == MAXPOOL:
+        if module.return_indices:
+            raise _unsupported(path, module, "return_indices=True")
+        if _pair(module.dilation) != (1, 1) if two_d else _single(module.dilation) != 1:
+            raise _unsupported(path, module, "dilation other than 1")
+    elif getattr(module, "divisor_override", None) is not None:
+        raise _unsupported(path, module, "divisor_override")
+    stride_value = module.stride if module.stride is not None else module.kernel_size
+    if two_d:
+        kernel, stride, padding = (
+            _pair(module.kernel_size),
+            _pair(stride_value),
+            _pair(module.padding),
+        )
+    else:
+        kernel = (1, _single(module.kernel_size))
+        stride = (1, _single(stride_value))
+        padding = (0, _single(module.padding))
+    if kind == AVGPOOL and not module.count_include_pad and padding != (0, 0):
+        raise _unsupported(path, module, "count_include_pad=False with padding")
+    out_h = _window(height, kernel[0], stride[0], padding[0])
+    out_w = _window(width, kernel[1], stride[1], padding[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"layer '{path}' ({type(module).__name__}) leaves no output for {shape}")
+    return LayerSpec(
+        kind=kind,
+        path=path,
+        module_type=type(module).__name__,
+        input_shape=shape,
+        output_shape=(channels, out_h, out_w),
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+    )
+
+
+def _adaptive(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool):
+    size = module.output_size
+    sizes = _pair(size) if two_d else (1, _single(size))
+    if sizes != (1, 1):
+        raise _unsupported(path, module, f"output_size={size} (only 1, a global average)")
+    channels, height, width = shape
+    return LayerSpec(
+        kind=AVGPOOL,
+        path=path,
+        module_type=type(module).__name__,
+        input_shape=shape,
+        output_shape=(channels, 1, 1),
+        kernel=(height, width),
+        stride=(height, width),
+    )
+
+
+def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
+    """The runtime layers of ``model`` for one sample of ``input_shape``.
+
+    Args:
+        model: an ``nn.Sequential`` (possibly nested) of supported layers.
+        input_shape: one sample's shape without the batch: ``(F,)``, ``(C, L)`` or ``(C, H, W)``.
+
+    Returns:
+        One :class:`LayerSpec` per runtime layer (Identity and Dropout are left out).
+
+    Raises:
+        UnsupportedLayerError: naming the type and path of a module the runtime cannot run.
+        ValueError: when shapes do not fit together.
+
+    Example:
+        >>> describe(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), (1, 2, 2))[1].fan_in
+        4
+    """
+    if not 1 <= len(input_shape) <= 3 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(
+            f"input_shape must be one sample's shape (F,), (C, L) or (C, H, W), got {input_shape}"
+        )
+    padded = (1,) * (3 - len(input_shape)) + tuple(int(s) for s in input_shape)
+    # (F,) -> (F, 1, 1); (C, L) -> (C, 1, L); (C, H, W) as is
+    shape = (
+        (padded[2], 1, 1)
+        if len(input_shape) == 1
+        else ((padded[1], 1, padded[2]) if len(input_shape) == 2 else padded)
+    )
+    rank = len(input_shape)  # the PyTorch tensor rank of one sample, to check layer inputs
+    layers: list[LayerSpec] = []
+    for path, module in _sequence(model):
+        name = type(module).__name__
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            raise _unsupported(path, module, f"p={module.p} (the runtime has no dropout; use p=0)")
+        if isinstance(module, (nn.Identity, nn.Dropout)):
+            continue
+        if isinstance(module, nn.Linear):
+            if rank != 1:
+                raise _unsupported(
+                    path, module, f"a Linear on a {rank}-D sample (put a Flatten before it)"
+                )
+            if shape[0] != module.in_features:
+                raise ValueError(
+                    f"layer '{path}' (Linear) expects {module.in_features} inputs but the "
+                    f"previous layer gives {shape[0]}"
+                )
+            spec = LayerSpec(
+                kind=DENSE,
+                path=path,
+                module_type=name,
+                input_shape=shape,
+                output_shape=(module.out_features, 1, 1),
+                out_channels=module.out_features,
+                has_bias=module.bias is not None,
+                weight=_as_float32(module.weight, path, "weight"),
+                bias=None if module.bias is None else _as_float32(module.bias, path, "bias"),
+            )
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            two_d = isinstance(module, nn.Conv2d)
+            if rank != (3 if two_d else 2):
+                raise _unsupported(path, module, f"a {name} on a {rank}-D sample")
+            spec = _conv(path, module, shape, two_d)
+        elif isinstance(module, nn.ReLU):
+            spec = LayerSpec(RELU, path, name, shape, shape)
+        elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
+            two_d = isinstance(module, (nn.MaxPool2d, nn.AvgPool2d))
+            if rank != (3 if two_d else 2):
+                raise _unsupported(path, module, f"a {name} on a {rank}-D sample")
+            spec = _pool(path, module, shape, two_d)
+        elif isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            two_d = isinstance(module, nn.AdaptiveAvgPool2d)
+            if rank != (3 if two_d else 2):
+                raise _unsupported(path, module, f"a {name} on a {rank}-D sample")
+            spec = _adaptive(path, module, shape, two_d)
+        elif isinstance(module, nn.Flatten):
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise _unsupported(path, module, "start_dim/end_dim other than 1/-1")
+            spec = LayerSpec(FLATTEN, path, name, shape, (math.prod(shape), 1, 1))
+            rank = 1
+        else:
+            raise _unsupported(path, module, "no C implementation")
+        layers.append(spec)
+        shape = spec.output_shape
+    if not any(layer.trainable for layer in layers):
+        raise ValueError("the model has no Linear or Conv layer; nothing to train")
+    if math.prod(shape) < 2:
+        raise ValueError(f"the model's output {shape} has fewer than two classes")
+    if rank != 1:
+        raise ValueError(
+            f"the model's output per sample must be a vector of logits, got shape {shape}; "
+            "end with Flatten and Linear"
+        )
+    return layers
+
+
+def inference_bytes(layers: list[LayerSpec]) -> int:
+    """RAM for inference with the weights in flash: two buffers of the largest activation."""
+    largest = max([math.prod(layers[0].input_shape)] + [x.output_size for x in layers])
+    return 2 * largest * 4
+
+
+def arena_bytes(layers: list[LayerSpec], policy: str, optimizer: str, momentum: float) -> int:
+    """Bytes of the training arena, exactly as ``tp_arena_bytes`` computes them.
+
+    Args:
+        layers: from :func:`describe`.
+        policy: ``full``, ``topk``, ``tinyprop`` or ``tinypropv2``.
+        optimizer: ``sgd`` or ``adam``.
+        momentum: SGD momentum (0 keeps no momentum buffer).
+    """
+    parameters = sum(
+        x.out_channels * x.fan_in + (x.out_channels if x.has_bias else 0)
+        for x in layers
+        if x.trainable
+    )
+    moments = 2 * parameters if optimizer == "adam" else (parameters if momentum else 0)
+    activations, current_is_sample = 0, True
+    for layer in layers:
+        if layer.kind != FLATTEN and not (layer.kind == RELU and not current_is_sample):
+            activations += layer.output_size
+            current_is_sample = False
+    largest = max([math.prod(layers[0].input_shape)] + [x.output_size for x in layers])
+    largest_trainable = max(x.output_size for x in layers if x.trainable)
+    selection = 2 * largest_trainable if policy != "full" else 0
+    return 4 * (2 * parameters + moments + activations + 2 * largest + selection)

@@ -1,0 +1,496 @@
+"""Build the C runtime with the system compiler and drive it from Python (ctypes).
+
+Used by the parity tests and the benchmarks: the same model, data and settings run in the C
+runtime and in the Python library, and their weights, k per layer, skip decisions and MAC
+counts are compared.
+
+Example:
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> c_model = RuntimeModel(net, (1, 4, 4), TinyPropConfig("tinypropv2"), OptimizerSpec(lr=0.1))
+    >>> stats = c_model.train_batch(x.numpy(), y.numpy())   # x (B, 1, 4, 4), y (B,)
+    >>> stats.keep, stats.trained_mask, c_model.parameters()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tinyprop.config import TinyPropConfig
+from tinyprop.data.cache import cache_dir
+from tinyprop.export.graph import LayerSpec, describe
+from tinyprop.ledger import Ledger
+
+POLICY_CODES = {"full": 0, "topk": 1, "tinyprop": 2, "tinypropv2": 3}
+OPTIMIZER_CODES = {"sgd": 0, "adam": 1}
+STATUS = {
+    0: "ok",
+    -1: "a required pointer is NULL",
+    -2: "a setting or count is out of range",
+    -3: "layer shapes do not fit together",
+    -4: "the arena is too small or not 4-byte aligned",
+    -5: "a label is outside [0, classes)",
+    -6: "a loss is NaN or infinite; nothing was updated",
+    -7: "the model was not initialised",
+    -8: "a layer or setting the runtime does not offer",
+}
+
+
+def runtime_dir() -> Path:
+    """The ``runtime/`` folder of this source checkout (C headers and sources)."""
+    path = Path(__file__).resolve().parents[3] / "runtime"
+    if not (path / "include" / "tinyprop.h").is_file():
+        raise FileNotFoundError(
+            f"the C runtime sources are not at {path}; the exporter and the C bindings need a "
+            "source checkout of tinyprop (git clone, then pip install -e .)"
+        )
+    return path
+
+
+def runtime_sources() -> list[Path]:
+    """The runtime's C files, sorted."""
+    return sorted((runtime_dir() / "src").glob("*.c"))
+
+
+def build_library(flags: tuple[str, ...] = ("-O2",), compiler: str = "gcc") -> Path:
+    """Compile the runtime into a shared library (cached by a hash of sources and flags).
+
+    Args:
+        flags: extra compiler flags, e.g. ``("-O0", "-g")``.
+        compiler: the C compiler to call.
+
+    Returns:
+        Path of the ``.so`` file.
+    """
+    if shutil.which(compiler) is None:
+        raise FileNotFoundError(
+            f"C compiler {compiler!r} not found; install gcc (apt-get install gcc)"
+        )
+    root = runtime_dir()
+    files = runtime_sources() + sorted((root / "src").glob("*.h")) + [root / "include/tinyprop.h"]
+    digest = hashlib.sha256(" ".join((compiler,) + flags).encode())
+    for path in files:
+        digest.update(path.read_bytes())
+    out_dir = cache_dir() / "runtime"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    library = out_dir / f"libtinyprop-{digest.hexdigest()[:16]}.so"
+    if not library.exists():
+        command = [
+            compiler,
+            "-std=c99",
+            "-fPIC",
+            "-shared",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            *flags,
+            "-I",
+            str(root / "include"),
+            *map(str, runtime_sources()),
+            "-lm",
+            "-o",
+            str(library) + ".tmp",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"building the C runtime failed:\n{' '.join(command)}\n{result.stderr}"
+            )
+        Path(str(library) + ".tmp").replace(library)
+    return library
+
+
+class LayerSpecC(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("out_channels", ctypes.c_int32),
+        ("kernel_h", ctypes.c_int32),
+        ("kernel_w", ctypes.c_int32),
+        ("stride_h", ctypes.c_int32),
+        ("stride_w", ctypes.c_int32),
+        ("padding_h", ctypes.c_int32),
+        ("padding_w", ctypes.c_int32),
+        ("dilation_h", ctypes.c_int32),
+        ("dilation_w", ctypes.c_int32),
+        ("groups", ctypes.c_int32),
+        ("has_bias", ctypes.c_int32),
+        ("weight", ctypes.POINTER(ctypes.c_float)),
+        ("bias", ctypes.POINTER(ctypes.c_float)),
+    ]
+
+
+class ModelSpecC(ctypes.Structure):
+    _fields_ = [
+        ("input_channels", ctypes.c_int32),
+        ("input_height", ctypes.c_int32),
+        ("input_width", ctypes.c_int32),
+        ("layer_count", ctypes.c_int32),
+        ("layers", ctypes.POINTER(LayerSpecC)),
+    ]
+
+
+class PolicyC(ctypes.Structure):
+    _fields_ = [("policy", ctypes.c_int)] + [
+        (name, ctypes.c_double)
+        for name in ("s_min", "s_max", "zeta", "ratio", "d_min", "d_max", "beta", "skip_threshold")
+    ]
+
+
+class OptimizerC(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("lr", ctypes.c_double),
+        ("momentum", ctypes.c_double),
+        ("nesterov", ctypes.c_int32),
+        ("weight_decay", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("beta2", ctypes.c_double),
+        ("eps", ctypes.c_double),
+    ]
+
+
+class LedgerC(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64) for name in ("forward", "backward", "backward_dense", "selection")
+    ]
+
+
+class StepStatsC(ctypes.Structure):
+    _fields_ = [
+        ("loss", ctypes.c_float),
+        ("trained", ctypes.c_int32),
+        ("skipped", ctypes.c_int32),
+        ("macs", LedgerC),
+    ]
+
+
+def load_library(path: Path | None = None) -> ctypes.CDLL:
+    """Load the runtime (built by :func:`build_library` when no path is given) with signatures."""
+    lib = ctypes.CDLL(str(path or build_library()))
+    pointer = ctypes.c_void_p
+    lib.tp_arena_bytes.argtypes = [
+        ctypes.POINTER(ModelSpecC),
+        ctypes.POINTER(PolicyC),
+        ctypes.POINTER(OptimizerC),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    lib.tp_inference_bytes.argtypes = [ctypes.POINTER(ModelSpecC), ctypes.POINTER(ctypes.c_size_t)]
+    lib.tp_init.argtypes = [
+        pointer,
+        ctypes.POINTER(ModelSpecC),
+        ctypes.POINTER(PolicyC),
+        ctypes.POINTER(OptimizerC),
+        pointer,
+        ctypes.c_size_t,
+    ]
+    lib.tp_train_batch.argtypes = [
+        pointer,
+        pointer,
+        pointer,
+        ctypes.c_int32,
+        ctypes.POINTER(StepStatsC),
+        pointer,
+        pointer,
+    ]
+    lib.tp_predict.argtypes = [pointer, pointer, pointer, pointer]
+    lib.tp_read_parameters.argtypes = [pointer, pointer, ctypes.c_size_t]
+    lib.tp_parameter_count.argtypes = [pointer, ctypes.POINTER(ctypes.c_size_t)]
+    lib.tp_read_running_max.argtypes = [pointer, pointer, ctypes.c_int32, pointer]
+    lib.tp_read_totals.argtypes = [
+        pointer,
+        ctypes.POINTER(LedgerC),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    lib.tp_model_struct_bytes.restype = ctypes.c_size_t
+    lib.tp_status_string.restype = ctypes.c_char_p
+    for name in (
+        "tp_arena_bytes",
+        "tp_inference_bytes",
+        "tp_init",
+        "tp_train_batch",
+        "tp_predict",
+        "tp_read_parameters",
+        "tp_parameter_count",
+        "tp_read_running_max",
+        "tp_read_totals",
+    ):
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer the runtime runs: SGD (momentum, Nesterov, weight decay) or Adam.
+
+    Example:
+        >>> OptimizerSpec.from_torch(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    """
+
+    kind: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZER_CODES:
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.kind!r}")
+
+    @classmethod
+    def from_torch(cls, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
+        """The settings of a ``torch.optim.SGD`` or ``torch.optim.Adam`` with one param group."""
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("the C runtime supports one parameter group (one lr for all)")
+        group = optimizer.param_groups[0]
+        if group.get("maximize") or group.get("differentiable"):
+            raise ValueError("maximize/differentiable optimizers are not supported by the runtime")
+        if type(optimizer) is torch.optim.SGD:
+            if group["dampening"] != 0:
+                raise ValueError(f"SGD dampening={group['dampening']} is not supported (use 0)")
+            return cls(
+                "sgd",
+                float(group["lr"]),
+                float(group["momentum"]),
+                bool(group["nesterov"]),
+                float(group["weight_decay"]),
+            )
+        if type(optimizer) is torch.optim.Adam:
+            if group["amsgrad"] or group.get("decoupled_weight_decay"):
+                raise ValueError("Adam with amsgrad or decoupled weight decay is not supported")
+            return cls(
+                "adam",
+                float(group["lr"]),
+                weight_decay=float(group["weight_decay"]),
+                betas=tuple(map(float, group["betas"])),
+                eps=float(group["eps"]),
+            )
+        raise ValueError(
+            "the C runtime runs torch.optim.SGD or torch.optim.Adam, "
+            f"not {type(optimizer).__name__}"
+        )
+
+    def to_c(self) -> OptimizerC:
+        """The ``tp_optimizer_config`` struct."""
+        return OptimizerC(
+            OPTIMIZER_CODES[self.kind],
+            self.lr,
+            self.momentum,
+            int(self.nesterov),
+            self.weight_decay,
+            self.betas[0],
+            self.betas[1],
+            self.eps,
+        )
+
+
+def policy_to_c(config: TinyPropConfig) -> PolicyC:
+    """The ``tp_policy_config`` struct of a :class:`TinyPropConfig`."""
+    if config.policy not in POLICY_CODES:
+        raise ValueError(
+            f"the C runtime offers the policies {list(POLICY_CODES)}, not {config.policy!r}"
+        )
+    return PolicyC(
+        POLICY_CODES[config.policy],
+        config.s_min,
+        config.s_max,
+        config.zeta,
+        config.ratio,
+        config.d_min,
+        config.d_max,
+        config.beta,
+        config.skip_threshold,
+    )
+
+
+@dataclass
+class RuntimeStepStats:
+    """What one C training step did (mirrors :class:`tinyprop.StepStats`)."""
+
+    loss: float
+    trained: int
+    skipped: int
+    macs: Ledger
+    keep: np.ndarray  # (B, trainable layers) k per sample and layer, 0 where skipped
+    trained_mask: np.ndarray  # (B,) bool
+
+
+def check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    """Raise a clear error for a non-zero ``tp_status``."""
+    if status != 0:
+        raise RuntimeError(f"{what} failed: {STATUS.get(status, status)} (tp_status {status})")
+
+
+class RuntimeModel:
+    """A model living in the C runtime: its own arena, weights and optimizer state.
+
+    Args:
+        model: an ``nn.Sequential`` the exporter supports (its current weights are copied).
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)`` or ``(6, 100)``.
+        config: the policy (``full``, ``topk``, ``tinyprop``, ``tinypropv2``).
+        optimizer: :class:`OptimizerSpec`.
+        library: a loaded runtime (see :func:`load_library`); built when omitted.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, ...],
+        config: TinyPropConfig,
+        optimizer: OptimizerSpec,
+        library: ctypes.CDLL | None = None,
+    ):
+        self.lib = library or load_library()
+        self.layers: list[LayerSpec] = describe(model, input_shape)
+        self.input_shape = tuple(input_shape)
+        self._weights = []  # keep the arrays alive while C holds pointers
+        specs = (LayerSpecC * len(self.layers))()
+        for spec, layer in zip(specs, self.layers, strict=True):
+            spec.kind = layer.kind
+            spec.out_channels = layer.out_channels
+            spec.kernel_h, spec.kernel_w = layer.kernel
+            spec.stride_h, spec.stride_w = layer.stride
+            spec.padding_h, spec.padding_w = layer.padding
+            spec.dilation_h, spec.dilation_w = layer.dilation
+            spec.groups = layer.groups
+            spec.has_bias = int(layer.has_bias)
+            for name in ("weight", "bias"):
+                array = getattr(layer, name)
+                if array is not None:
+                    self._weights.append(array)
+                    setattr(spec, name, array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        self._specs = specs
+        c, h, w = self.layers[0].input_shape
+        self.spec = ModelSpecC(c, h, w, len(self.layers), specs)
+        self.policy = policy_to_c(config)
+        self.optimizer = optimizer.to_c()
+        size = ctypes.c_size_t()
+        check(
+            self.lib,
+            self.lib.tp_arena_bytes(
+                ctypes.byref(self.spec),
+                ctypes.byref(self.policy),
+                ctypes.byref(self.optimizer),
+                ctypes.byref(size),
+            ),
+            "tp_arena_bytes",
+        )
+        self.arena_bytes = size.value
+        check(
+            self.lib,
+            self.lib.tp_inference_bytes(ctypes.byref(self.spec), ctypes.byref(size)),
+            "tp_inference_bytes",
+        )
+        self.inference_bytes = size.value
+        self.arena = np.zeros(self.arena_bytes // 4 + 1, dtype=np.float32)
+        self.model = ctypes.create_string_buffer(self.lib.tp_model_struct_bytes())
+        check(
+            self.lib,
+            self.lib.tp_init(
+                self.model,
+                ctypes.byref(self.spec),
+                ctypes.byref(self.policy),
+                ctypes.byref(self.optimizer),
+                self.arena.ctypes.data,
+                self.arena_bytes,
+            ),
+            "tp_init",
+        )
+        self.trainable = [layer for layer in self.layers if layer.trainable]
+        self.sample_size = int(np.prod(self.layers[0].input_shape))
+
+    def train_batch(self, x: np.ndarray, y: np.ndarray) -> RuntimeStepStats:
+        """One training step on a batch. x: (B, *input_shape) float32; y: (B,) class labels."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.ascontiguousarray(y, dtype=np.int32)
+        if x.ndim < 1 or x.shape[0] != y.shape[0] or x[0].size != self.sample_size:
+            raise ValueError(
+                f"x must be (B, {self.input_shape}) and y (B,), got {x.shape} and {y.shape}"
+            )
+        batch = x.shape[0]
+        keep = np.zeros((batch, len(self.trainable)), dtype=np.int32)
+        mask = np.zeros(batch, dtype=np.uint8)
+        stats = StepStatsC()
+        status = self.lib.tp_train_batch(
+            self.model,
+            x.ctypes.data,
+            y.ctypes.data,
+            batch,
+            ctypes.byref(stats),
+            keep.ctypes.data,
+            mask.ctypes.data,
+        )
+        check(self.lib, status, "tp_train_batch")
+        macs = Ledger(
+            stats.macs.forward, stats.macs.backward, stats.macs.backward_dense, stats.macs.selection
+        )
+        return RuntimeStepStats(
+            float(stats.loss), stats.trained, stats.skipped, macs, keep, mask.astype(bool)
+        )
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Current weights by state_dict name (``<path>.weight``, ``<path>.bias``)."""
+        count = ctypes.c_size_t()
+        check(self.lib, self.lib.tp_parameter_count(self.model, ctypes.byref(count)), "count")
+        flat = np.zeros(count.value, dtype=np.float32)
+        check(
+            self.lib,
+            self.lib.tp_read_parameters(self.model, flat.ctypes.data, count.value),
+            "tp_read_parameters",
+        )
+        result, offset = {}, 0
+        for layer in self.trainable:
+            size = layer.weight.size
+            result[f"{layer.path}.weight"] = flat[offset : offset + size].copy()
+            offset += size
+            if layer.has_bias:
+                result[f"{layer.path}.bias"] = flat[offset : offset + layer.out_channels].copy()
+                offset += layer.out_channels
+        return result
+
+    def running_max(self) -> tuple[np.ndarray, float]:
+        """Ymax per trainable layer and the output error's Ymax."""
+        layer_max = np.zeros(len(self.trainable), dtype=np.float32)
+        output_max = np.zeros(1, dtype=np.float32)
+        check(
+            self.lib,
+            self.lib.tp_read_running_max(
+                self.model, layer_max.ctypes.data, len(self.trainable), output_max.ctypes.data
+            ),
+            "tp_read_running_max",
+        )
+        return layer_max, float(output_max[0])
+
+    def totals(self) -> tuple[Ledger, int]:
+        """MACs since initialisation and the arena bytes in use."""
+        ledger, used = LedgerC(), ctypes.c_size_t()
+        check(
+            self.lib,
+            self.lib.tp_read_totals(self.model, ctypes.byref(ledger), ctypes.byref(used)),
+            "tp_read_totals",
+        )
+        return Ledger(
+            ledger.forward, ledger.backward, ledger.backward_dense, ledger.selection
+        ), used.value
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits of one sample."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        if x.size != self.sample_size:
+            raise ValueError(f"x must hold {self.sample_size} values, got {x.size}")
+        logits = np.zeros(int(np.prod(self.layers[-1].output_shape)), dtype=np.float32)
+        check(
+            self.lib,
+            self.lib.tp_predict(self.model, x.ctypes.data, logits.ctypes.data, None),
+            "tp_predict",
+        )
+        return logits

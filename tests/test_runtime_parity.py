@@ -1,0 +1,226 @@
+"""Parity of the C runtime with the Python library: same weights, data, settings and batches.
+
+Every model (an MLP, a small CNN with a depthwise conv, the HAR 1-D CNN) runs several training
+steps under every policy in C (through ctypes) and in ``tinyprop.train_step``; after every step
+the weights agree within 1e-5 relative (float32), and the k per layer and sample, the skip
+decisions, the running maxima and the MAC counts agree exactly.
+
+Ties among equal |δ| (an average pool hands the same error to every position it covers) are
+broken towards the lower index in C. Where the library's ``select_topk`` breaks them otherwise,
+the tests compare against the library with that one function replaced by the lower-index rule
+(``lowest_index_select_topk`` below), and say so in the test output.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+import tinyprop.layers
+from tinyprop import models
+from tinyprop.export.graph import arena_bytes
+from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, load_library
+
+POLICIES = ("full", "topk", "tinyprop", "tinypropv2")
+
+
+def lowest_index_select_topk(scores: torch.Tensor, keep: torch.Tensor):
+    """select_topk with ties among equal scores going to the lower index (the C rule)."""
+    if scores.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.long, device=scores.device)
+        return empty, empty
+    values = scores.topk(int(keep.max()), dim=1, sorted=True).values  # (B, most)
+    threshold = values.gather(1, (keep - 1).unsqueeze(1))  # (B, 1) the k-th largest score
+    greater = scores > threshold  # (B, N)
+    equal = scores == threshold  # (B, N)
+    room = (keep - greater.sum(1)).unsqueeze(1)  # (B, 1) ties still to keep
+    kept = greater | (equal & (equal.cumsum(1) <= room))  # (B, N)
+    return kept.nonzero(as_tuple=True)
+
+
+def library_breaks_ties_low() -> bool:
+    """True when the library's select_topk already keeps the lower index among ties."""
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 2.0, 0.5, 2.0, 2.0]])
+    rows, columns = tinyprop.layers.select_topk(scores, torch.tensor([3]))
+    return sorted(columns.tolist()) == [1, 2, 3]
+
+
+@pytest.fixture
+def tie_rule(monkeypatch):
+    if not library_breaks_ties_low():
+        print("parity: library select_topk breaks ties otherwise; using the lower-index rule")
+        monkeypatch.setattr(tinyprop.layers, "select_topk", lowest_index_select_topk)
+
+
+@pytest.fixture(scope="module")
+def library():
+    return load_library()
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(36, 24),
+        nn.ReLU(),
+        nn.Linear(24, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    )
+
+
+def cnn_depthwise() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),  # (B, 6, 6, 6)
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6),  # depthwise (B, 6, 3, 3)
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 1),  # pointwise
+        nn.ReLU(),
+        nn.MaxPool2d(2, stride=1),  # (B, 8, 2, 2)
+        nn.AvgPool2d(2),  # (B, 8, 1, 1)
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def har() -> nn.Module:
+    return models.build("har", input_shape=(6, 40), channels=8)
+
+
+# name -> (builder, one sample's shape, SGD learning rate that makes some samples get skipped)
+MODELS = {
+    "mlp": (mlp, (1, 6, 6), 0.05),
+    "cnn_depthwise": (cnn_depthwise, (2, 6, 6), 0.2),
+    "har": (har, (6, 40), 0.05),
+}
+
+
+def batches(shape, classes, steps, batch_size, seed):
+    """A learnable task: class prototypes plus noise, so errors spread and samples get skipped."""
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(classes, *shape, generator=generator)
+    for _ in range(steps):
+        y = torch.randint(0, classes, (batch_size,), generator=generator)
+        x = 2.0 * prototypes[y] + 0.7 * torch.randn(batch_size, *shape, generator=generator)
+        yield x, y
+
+
+def torch_optimizer(spec: OptimizerSpec, parameters):
+    if spec.kind == "adam":
+        return torch.optim.Adam(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(
+        parameters, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+
+
+def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, seed=0):
+    """Train in C and in Python side by side; assert agreement after every step."""
+    build, shape, _ = MODELS[model_name]
+    torch.manual_seed(seed)
+    reference = build()
+    c_model = RuntimeModel(reference, shape, config, optimizer, library)
+    python_model = tinyprop.apply(copy.deepcopy(reference), config)
+    python_optimizer = torch_optimizer(optimizer, python_model.parameters())
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    classes = c_model.layers[-1].output_size
+    trained = skipped = 0
+    for step, (x, y) in enumerate(batches(shape, classes, steps, batch_size, seed)):
+        python_stats = tinyprop.train_step(python_model, x, y, loss_fn, python_optimizer)
+        c_stats = c_model.train_batch(x.numpy(), y.numpy())
+        where = f"{model_name}/{config.policy}/{optimizer.kind} step {step}"
+        assert c_stats.trained_mask.tolist() == python_stats.trained_mask.tolist(), where
+        assert c_stats.macs == python_stats.macs, where
+        assert c_stats.loss == pytest.approx(python_stats.loss, rel=1e-5), where
+        for column, (name, python_keep) in enumerate(python_stats.keep.items()):
+            c_keep = c_stats.keep[c_stats.trained_mask, column]
+            assert c_keep.tolist() == python_keep.tolist(), f"{where}: k of layer {name}"
+        state = python_model.state_dict()
+        for name, c_value in c_model.parameters().items():
+            python_value = state[name].numpy().reshape(-1)
+            scale = float(np.abs(python_value).max())
+            np.testing.assert_allclose(
+                c_value, python_value, rtol=1e-5, atol=1e-5 * scale, err_msg=f"{where}: {name}"
+            )
+        if config.adaptive:
+            layer_max, output_max = c_model.running_max()
+            python_max = [
+                float(m.error_max) for _, m in tinyprop.model.state_of(python_model).layers
+            ]
+            np.testing.assert_allclose(layer_max, python_max, rtol=1e-5, err_msg=where)
+            if config.skips:
+                expected = float(getattr(python_model, tinyprop.model.OUTPUT_ERROR_MAX))
+                assert output_max == pytest.approx(expected, rel=1e-5), where
+        trained += c_stats.trained
+        skipped += c_stats.skipped
+    return c_model, trained, skipped
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_parity_sgd_momentum(library, tie_rule, model_name, policy):
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    optimizer = OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9, weight_decay=1e-4)
+    c_model, trained, skipped = run_parity(library, model_name, config, optimizer)
+    if policy == "tinypropv2":  # the skip decision was exercised both ways
+        assert trained > 0 and skipped > 0, (trained, skipped)
+    else:
+        assert skipped == 0
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("policy", ["full", "tinypropv2"])
+def test_parity_adam(library, tie_rule, model_name, policy):
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    run_parity(library, model_name, config, OptimizerSpec("adam", lr=0.01), steps=4)
+
+
+def test_parity_topk_small_ratio_and_v1_settings(library, tie_rule):
+    run_parity(library, "har", tinyprop.TinyPropConfig("topk", ratio=0.05), OptimizerSpec(lr=0.1))
+    notebook = tinyprop.PRESETS["tinyprop-notebook"]
+    run_parity(library, "cnn_depthwise", notebook, OptimizerSpec(lr=0.1, momentum=0.5))
+
+
+def test_arena_size_is_what_training_uses(library):
+    for model_name, (build, shape, _) in MODELS.items():
+        for policy in POLICIES:
+            config = tinyprop.TinyPropConfig(policy=policy)
+            for optimizer in (OptimizerSpec(), OptimizerSpec(momentum=0.9), OptimizerSpec("adam")):
+                c_model = RuntimeModel(build(), shape, config, optimizer, library)
+                _, used = c_model.totals()
+                expected = arena_bytes(c_model.layers, policy, optimizer.kind, optimizer.momentum)
+                assert c_model.arena_bytes == used == expected, (model_name, policy, optimizer)
+
+
+def test_predict_matches_pytorch_forward(library):
+    for build, shape, _ in MODELS.values():
+        torch.manual_seed(3)
+        net = build()
+        c_model = RuntimeModel(
+            net, shape, tinyprop.TinyPropConfig("full"), OptimizerSpec(), library
+        )
+        x = torch.randn(1, *shape)
+        with torch.no_grad():
+            expected = net(x)[0].numpy()
+        np.testing.assert_allclose(c_model.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_runtime_rejects_bad_input(library):
+    c_model = RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig(), OptimizerSpec(), library)
+    x = np.zeros((2, 1, 6, 6), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="label is outside"):
+        c_model.train_batch(x, np.array([0, 5]))
+    x[1, 0, 0, 0] = np.nan
+    before = c_model.parameters()
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        c_model.train_batch(x, np.array([0, 1]))
+    for name, value in c_model.parameters().items():
+        np.testing.assert_array_equal(value, before[name])
+    with pytest.raises(ValueError, match="randomk"):
+        RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig("randomk"), OptimizerSpec(), library)
+    with pytest.raises(ValueError, match="SGD dampening"):
+        OptimizerSpec.from_torch(torch.optim.SGD(mlp().parameters(), lr=0.1, dampening=0.5))
