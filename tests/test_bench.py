@@ -110,7 +110,9 @@ def test_every_suite_has_valid_settings_for_all_policies():
 
 def test_splits_are_disjoint_and_cover_the_pool():
     for protocol in protocols.PROTOCOLS:
-        splits = protocols.split_pool(101, protocol, seed=3, val_fraction=0.1, pretrain_fraction=0.5)
+        splits = protocols.split_pool(
+            101, protocol, seed=3, val_fraction=0.1, pretrain_fraction=0.5
+        )
         every = torch.cat([splits.val, splits.pretrain, splits.train])
         assert sorted(every.tolist()) == list(range(101))
         assert len(splits.val) == 10
@@ -152,3 +154,21 @@ def test_tiny_datasets_are_deterministic():
     anomalies = tiny.load("tiny-anomaly", "train")
     assert int(anomalies.y.sum()) == 0  # training data is normal only
     assert set(tiny.load("tiny-anomaly", "test").y.tolist()) == {0, 1}
+
+
+def test_train_command_prints_metric_and_ledger(tmp_path, capsys):
+    from tinyprop import train
+
+    record_path = tmp_path / "run.json"
+    args = ["--suite", "tiny", "--dataset", "tiny-blobs", "--policy", "topk", "--ratio", "0.25"]
+    assert train.main(args + ["--epochs", "1", "--record", str(record_path)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(record_path.read_text())
+    assert record["settings"] == {"ratio": 0.25} and record["epochs"] == 1
+    assert f"test accuracy: {record['metric']:.2f}%" in printed
+    assert f"backward {100 * record['backward_ratio']:.1f}%" in printed
+    assert "ledger (MACs)" in printed
+    assert train.main(["--dataset", "imagenet"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    assert train.main(args + ["--s-min", "0.9", "--s-max", "0.1"]) == 2
+    assert "s_min" in capsys.readouterr().err

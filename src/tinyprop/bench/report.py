@@ -44,6 +44,7 @@ class SettingSummary:
     compute_pct: float
     backward_pct: float
     skip_pct: float
+    pretrained_mean: float | None = None  # finetune: test metric of the pretrained weights
     drop_pp: float | None = None  # full's mean metric minus this one (positive = worse)
     chosen: bool = False
 
@@ -77,6 +78,9 @@ def summarise(records: list[dict]) -> list[SettingSummary]:
     summaries = []
     for (protocol, dataset, source, policy, label), group in groups.items():
         metric = [float(r["metric"]) for r in group]
+        before = [
+            float(r["pretrained_metric"]) for r in group if r.get("pretrained_metric") is not None
+        ]
         summaries.append(
             SettingSummary(
                 protocol=protocol,
@@ -93,6 +97,7 @@ def summarise(records: list[dict]) -> list[SettingSummary]:
                 compute_pct=100 * statistics.fmean(float(r["compute_ratio"]) for r in group),
                 backward_pct=100 * statistics.fmean(float(r["backward_ratio"]) for r in group),
                 skip_pct=100 * statistics.fmean(float(r["skip_rate"]) for r in group),
+                pretrained_mean=statistics.fmean(before) if before else None,
             )  # fmt: skip
         )
     by_policy: dict[tuple, list[SettingSummary]] = {}
@@ -135,24 +140,29 @@ def markdown(summaries: list[SettingSummary]) -> str:
         "from the training data), never by the test metric. Drop = full's mean minus the "
         "policy's mean, in percentage points (positive = worse than full). Compute: total "
         "(forward + backward + selection) and backward (+ selection) MACs in % of full "
-        "training's on the same samples. Skip: share of samples whose backward was skipped.",
+        "training's on the same samples. Skip: share of samples whose backward was skipped. "
+        "Pretrained (finetune only): the test metric of the pretrained weights every policy "
+        "starts from, before on-device training.",
     ]
     for protocol in sorted({s.protocol for s in summaries}):
         chosen = [s for s in summaries if s.protocol == protocol and s.chosen]
+        pretrained = any(s.pretrained_mean is not None for s in chosen)
         lines += [
             "",
             f"## Protocol: {protocol}",
             "",
             "| dataset | source | policy | setting | seeds | metric | drop (pp) | total % | "
-            "backward % | skip % |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "backward % | skip % |" + (" pretrained |" if pretrained else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pretrained else ""),
         ]
         for s in chosen:
             drop = "" if s.drop_pp is None else f"{s.drop_pp:+.2f}"
+            before = "" if s.pretrained_mean is None else f" {s.pretrained_mean:.2f} |"
             lines.append(
                 f"| {s.dataset} | {s.source} | {s.policy} | {s.setting} | {s.seeds} | "
                 f"{s.metric_name} {_format_metric(s)} | {drop} | {s.compute_pct:.1f} | "
                 f"{s.backward_pct:.1f} | {s.skip_pct:.1f} |"
+                + (before or (" |" if pretrained else ""))
             )
         verdicts = []
         for s in chosen:
@@ -177,7 +187,7 @@ def markdown(summaries: list[SettingSummary]) -> str:
 CSV_COLUMNS = [
     "protocol", "dataset", "source", "model", "policy", "setting", "chosen", "seeds",
     "metric_name", "metric_mean", "metric_std", "drop_pp", "compute_pct", "backward_pct",
-    "skip_pct", "val_metric_mean",
+    "skip_pct", "val_metric_mean", "pretrained_mean",
 ]  # fmt: skip
 
 

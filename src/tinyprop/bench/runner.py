@@ -184,12 +184,15 @@ def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
     return state
 
 
-def execute_run(spec: RunSpec, pretrained: dict[str, torch.Tensor] | None = None) -> dict:
+def execute_run(
+    spec: RunSpec, pretrained: dict[str, torch.Tensor] | None = None, write: bool = True
+) -> dict:
     """Run one benchmark run and write its record.
 
     Args:
         spec: the run.
         pretrained: the pretrained weights (finetune); computed or loaded when None.
+        write: write the record to ``spec.path``.
 
     Returns:
         The record (also written to ``spec.path``).
@@ -255,7 +258,8 @@ def execute_run(spec: RunSpec, pretrained: dict[str, torch.Tensor] | None = None
         "commit": spec.commit,
         "torch": torch.__version__,
     }
-    store.write_record(spec.path, record)
+    if write:
+        store.write_record(spec.path, record)
     return record
 
 

@@ -58,13 +58,13 @@ class Suite:
 # settings grids: every entry is a set of TinyPropConfig fields on top of the policy's defaults
 SMALL_SETTINGS: dict[str, list[dict]] = {
     "full": [{}],
-    "topk": [{"ratio": 0.05}, {"ratio": 0.1}, {"ratio": 0.2}],
-    "randomk": [{"ratio": 0.1}, {"ratio": 0.2}],
+    "topk": [{"ratio": 0.1}, {"ratio": 0.2}, {"ratio": 0.3}],
+    "randomk": [{"ratio": 0.1}, {"ratio": 0.3}],
     "tinyprop": [{"zeta": 1.0}, {"zeta": 0.5}],
     "tinypropv2": [
+        {"zeta": 1.0, "skip_threshold": 0.1},
         {"zeta": 1.0, "skip_threshold": 0.3},
         {"zeta": 1.0, "skip_threshold": 0.5},
-        {"zeta": 0.5, "skip_threshold": 0.3},
     ],
 }
 
@@ -83,16 +83,20 @@ PAPER_SETTINGS: dict[str, list[dict]] = {
 SMALL = Suite(
     name="small",
     datasets={
-        "mnist": DatasetPlan(6000, 2000, epochs=3, pretrain_epochs=3),
-        "cifar10": DatasetPlan(2000, 1000, epochs=2, pretrain_epochs=3),
-        "cifar100": DatasetPlan(4000, 1000, epochs=2, pretrain_epochs=3),
+        "mnist": DatasetPlan(20000, 5000, epochs=3, pretrain_epochs=1),
+        "cifar10": DatasetPlan(2000, 2000, epochs=2, pretrain_epochs=3),
+        "cifar100": DatasetPlan(3000, 2000, epochs=2, pretrain_epochs=3),
         "flowers102": DatasetPlan(2040, 1020, epochs=3, pretrain_epochs=4),
         "food101": DatasetPlan(2020, 1010, epochs=3, pretrain_epochs=4),
         "speech_commands": DatasetPlan(3000, 1000, epochs=3, pretrain_epochs=3),
-        "har": DatasetPlan(None, None, epochs=20, pretrain_epochs=20, batch_size=8),
-        "dcase2020": DatasetPlan(3000, 1000, epochs=5, pretrain_epochs=5),
+        "har": DatasetPlan(None, None, epochs=30, pretrain_epochs=30, batch_size=8),
+        "dcase2020": DatasetPlan(5000, None, epochs=5, pretrain_epochs=2),
     },
     settings=SMALL_SETTINGS,
+    notes={
+        "sizes": "train_samples is the pool before the 10% validation split; finetune "
+        "pretrains on half of the rest and trains on-device on the other half",
+    },
 )
 
 PAPER = Suite(

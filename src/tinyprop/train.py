@@ -1,0 +1,106 @@
+"""``tinyprop train``: train one dataset's reference model with one policy; print the metric and
+the compute ledger's ratios.
+
+Examples:
+    tinyprop train --dataset mnist --policy tinypropv2 --epochs 3
+    tinyprop train --dataset har --policy topk --ratio 0.1 --protocol finetune --seed 1
+    tinyprop train --dataset cifar10 --policy tinyprop --zeta 1.0 --train-samples 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from tinyprop import models
+from tinyprop.bench import protocols, runner, sources, store, suites
+
+CONFIG_FLAGS = ("ratio", "s_min", "s_max", "zeta", "d_min", "d_max", "beta", "skip_threshold")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tinyprop train`` flags."""
+    parser = argparse.ArgumentParser(
+        prog="tinyprop train",
+        description="Train one dataset's reference model with one policy. Sizes default to "
+        "the chosen suite's plan for the dataset (--suite small).",
+    )
+    parser.add_argument("--dataset", required=True, help="a dataset name, e.g. mnist")
+    parser.add_argument("--policy", default="tinypropv2", choices=suites.POLICIES)
+    parser.add_argument("--protocol", default="scratch", choices=protocols.PROTOCOLS)
+    parser.add_argument("--suite", default="small", choices=list(suites.SUITES))
+    parser.add_argument("--epochs", type=int, help="epochs (default: the suite's)")
+    parser.add_argument("--pretrain-epochs", type=int, help="finetune: dense pretraining epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="Adam learning rate")
+    parser.add_argument("--train-samples", type=int, help="cap on the training pool")
+    parser.add_argument("--test-samples", type=int, help="cap on the test split")
+    parser.add_argument("--variant", help="model variant, e.g. cnn for mnist")
+    parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--record", metavar="PATH", help="also write the run record as JSON")
+    for name in CONFIG_FLAGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name,
+                            help=f"TinyPropConfig.{name}")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tinyprop train``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    suite = suites.get(args.suite)
+    if args.dataset in suite.datasets:
+        plan = suite.datasets[args.dataset]
+    elif args.dataset in models.names():
+        plan = suites.SMALL.datasets[args.dataset]
+    else:
+        known = sorted(set(models.names()) | set(suite.datasets))
+        print(f"tinyprop train: unknown dataset {args.dataset!r}; choose one of {known}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    changes = {
+        "epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "train_samples": args.train_samples,
+        "test_samples": args.test_samples, "variant": args.variant,
+    }  # fmt: skip
+    plan = dataclasses.replace(plan, **{k: v for k, v in changes.items() if v is not None})
+    settings = {
+        name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None
+    }
+    try:
+        (spec,) = runner.plan_runs(
+            dataclasses.replace(suite, datasets={args.dataset: plan},
+                                settings={args.policy: [settings]}),
+            args.protocol, ".", seeds=[args.seed], data_dir=args.data_dir,
+            commit=store.commit_hash(), threads=args.threads,
+        )  # fmt: skip
+        pool = sources.load(args.dataset, "train", plan.train_samples, args.data_dir)
+        network = models.build(
+            sources.model_dataset(args.dataset), num_classes=pool.num_classes,
+            input_shape=pool.input_shape, variant=plan.variant,
+        )  # fmt: skip
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        print(f"tinyprop train: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.dataset} ({pool.source}), input {pool.input_shape}: "
+          f"{models.summary(network, pool.input_shape)}")  # fmt: skip
+    print(f"training {spec.title} ({args.protocol}, {plan.epochs} epochs, batch "
+          f"{plan.batch_size}, lr {plan.lr}) ...")  # fmt: skip
+    record = runner.execute_run(spec, write=False)
+    if args.record:
+        store.write_record(args.record, record)
+    if record["pretrained_metric"] is not None:
+        print(f"pretrained test {record['metric_name']}: {record['pretrained_metric']:.2f}%")
+    print(
+        f"test {record['metric_name']}: {record['metric']:.2f}%  "
+        f"(validation {record['val_metric_name']}: {record['val_metric']:.4g})\n"
+        f"compute vs full: total {100 * record['compute_ratio']:.1f}%, backward "
+        f"{100 * record['backward_ratio']:.1f}%; skipped {100 * record['skip_rate']:.1f}% of "
+        f"{record['trained_samples'] + record['skipped_samples']} samples; "
+        f"{record['train_wall_s']:.1f} s training"
+    )
+    print("ledger (MACs): " + json.dumps(record["ledger"]))
+    return 0
