@@ -163,7 +163,8 @@ def test_synthetic_speech_tiny_set_is_deterministic(private_cache):
     assert not np.array_equal(first, other)
     assert np.all(np.abs(first).max(axis=1) > 0) and np.all(np.abs(first) <= 1.0)
     dataset = data.load("speech_commands", "train", per_class=2)
-    assert dataset.source == "synthetic speech (espeak-ng) as speech_commands stand-in"
+    engines = " + ".join(synthetic_speech.engines_available())
+    assert dataset.source == f"synthetic speech ({engines}) as speech_commands stand-in"
     assert len(dataset) == 24 and dataset.input_shape == (1, 49, 10)
     assert torch.bincount(dataset.y).tolist() == [2] * 12
     assert len(data.load("speech_commands", "train", per_class=2, limit=5)) == 5
@@ -323,3 +324,10 @@ def test_synthetic_machines_are_deterministic_and_anomalies_detectable(private_c
     normal, anomalous = score[test.y == 0], score[test.y == 1]
     auc = (anomalous[:, None] > normal[None]).float().mean().item()
     assert auc > 0.75
+
+
+def test_tinyprop_data_without_the_dataset_falls_back_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYPROP_DATA", str(tmp_path))  # shared folder holding no HAR copy
+    with pytest.warns(UserWarning, match="offline source"):
+        dataset = data.load("har", "test", substitute="synthetic", size=12)
+    assert dataset.source == "synthetic har-shaped"

@@ -12,8 +12,8 @@ clips (``silence_percentage`` of the keyword count) are 1 s crops of the backgro
 at a random volume in [0, 1]. No other augmentation.
 
 Offline stand-in: :mod:`tinyprop.data.synthetic_speech` (espeak-ng / flite), 200 clips per class
-for train and 50 for test by default, source ``"synthetic speech (espeak-ng) as speech_commands
-stand-in"``.
+for train and 50 for test by default, source ``"synthetic speech (espeak-ng + flite) as
+speech_commands stand-in"`` (``(espeak-ng)`` alone when flite is not installed).
 
 Front end (both sources): 49 frames x 10 MFCCs (DS-CNN / MLPerf Tiny KWS), ``input_shape`` ==
 ``(1, 49, 10)``; or ``features="log_mel"`` for 49 frames x 40 log mel energies, ``(1, 49, 40)``.
@@ -21,7 +21,7 @@ Front end (both sources): 49 frames x 10 MFCCs (DS-CNN / MLPerf Tiny KWS), ``inp
 Example:
     >>> train = load("speech_commands", "train", per_class=20)  # doctest: +SKIP
     >>> train.source, train.num_classes, train.input_shape  # doctest: +SKIP
-    ('synthetic speech (espeak-ng) as speech_commands stand-in', 12, (1, 49, 10))
+    ('synthetic speech (espeak-ng + flite) as speech_commands stand-in', 12, (1, 49, 10))
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from tinyprop.data.synthetic_speech import (
 )
 
 SOURCE_REAL = "speech_commands"
-SOURCE_SYNTHETIC = "synthetic speech (espeak-ng) as speech_commands stand-in"
+SOURCE_SYNTHETIC = "synthetic speech ({engines}) as speech_commands stand-in"  # engines used
 DEFAULT_PER_CLASS = {"train": 200, "test": 50}
 FEATURES = ("mfcc", "log_mel")
 BACKGROUND = "_background_noise_"
@@ -217,7 +217,7 @@ def load(
         source = SOURCE_REAL
     else:
         arrays = _load_synthetic(split, features, per_class, limit, seed, workers)
-        source = SOURCE_SYNTHETIC
+        source = SOURCE_SYNTHETIC.format(engines=" + ".join(engines_available()))
     return ArrayDataset(
         torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]), source, len(LABELS)
     )
