@@ -37,8 +37,15 @@ def conv1d() -> nn.Module:
     )
 
 
-INPUT_SHAPES = {"mlp": (12,), "cnn": (3, 8, 8), "conv1d": (2, 16)}
-BUILDERS = {"mlp": mlp, "cnn": cnn, "conv1d": conv1d}
+def resnet() -> nn.Module:
+    """The reference ResNet-8 (BatchNorm, residual 1x1 shortcuts), narrow, on 3x16x16."""
+    from tinyprop.models.resnet import resnet8
+
+    return resnet8(num_classes=5, input_shape=(3, 16, 16), width=4)
+
+
+INPUT_SHAPES = {"mlp": (12,), "cnn": (3, 8, 8), "conv1d": (2, 16), "resnet": (3, 16, 16)}
+BUILDERS = {"mlp": mlp, "cnn": cnn, "conv1d": conv1d, "resnet": resnet}
 
 
 def batch(name: str, size: int = 6, seed: int = 0, dtype=torch.float64):

@@ -8,9 +8,18 @@ from core_models import BUILDERS, batch, build
 from torch import nn
 
 import tinyprop
+import tinyprop.autograd
 from tinyprop.functional import keep_count
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.fixture(params=["sparse kernels", "dense kernels"])
+def kernel(request, monkeypatch):
+    """Run a test with the sparse kernels only, then with the dense kernels only."""
+    threshold = 1.0 if request.param == "sparse kernels" else 0.0
+    monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
+    return request.param
 
 
 def plain_gradients(model, x, y):
@@ -36,7 +45,7 @@ def tinyprop_gradients(model, x, y, config):
     ],
     ids=["full", "topk-1.0", "tinyprop-all"],
 )
-def test_keeping_everything_equals_plain_pytorch(name, config):
+def test_keeping_everything_equals_plain_pytorch(name, config, kernel):
     reference = build(name)
     x, y = batch(name)
     expected = plain_gradients(copy.deepcopy(reference), x, y)
@@ -83,7 +92,7 @@ def masked_reference(model, x, y, ratio):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.7])
-def test_fixed_ratio_equals_masked_reference(name, ratio):
+def test_fixed_ratio_equals_masked_reference(name, ratio, kernel):
     model = build(name)
     x, y = batch(name)
     expected = masked_reference(copy.deepcopy(model), x, y, ratio)

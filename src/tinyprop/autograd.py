@@ -4,6 +4,7 @@ Forward is the layer's ordinary dense forward. Backward, per trained sample: kee
 of the output gradient δ chosen by the policy, gather the input patches of the kept positions
 only, and compute the weight and input gradients as sparse-times-dense products with k · fan_in
 multiply-accumulates each. The bias gradient is dense (from the full δ), as in the authors' code.
+When most entries are kept, dense kernels on the masked δ are faster (see DENSE_KERNEL_DENSITY).
 """
 
 from __future__ import annotations
@@ -18,14 +19,29 @@ from tinyprop.patches import patches_for
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
+# Above this fraction of kept entries (in one layer and step), the kept entries are multiplied
+# with the dense kernels (GEMM / convolution backward on the masked δ) instead of the sparse
+# ones: on CPUs the sparse kernels are slower there (measured crossover about 0.15 for a
+# 2048x2048 Linear, batch 128). The result is the same up to float rounding; the ledger counts
+# k · fan_in either way. Set to 1.0 to always use the sparse kernels.
+DENSE_KERNEL_DENSITY = 0.15
 
-def sparse_rows(row: Tensor, column: Tensor, value: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A CSR matrix of the given shape from (row, column, value) triplets (unique pairs)."""
-    order = torch.argsort(row * shape[1] + column)
+
+def sparse_rows(
+    row: Tensor, column: Tensor, value: Tensor, shape: tuple[int, int], grouped: bool = False
+) -> Tensor:
+    """A CSR matrix of the given shape from (row, column, value) triplets (unique pairs).
+
+    ``grouped`` says the triplets already come in non-decreasing row order (columns inside a
+    row may be in any order), which saves the sort.
+    """
+    if not grouped:
+        order = torch.argsort(row, stable=True)
+        column, value = column[order], value[order]
     counts = torch.bincount(row, minlength=shape[0])
     crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=row.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    return torch.sparse_csr_tensor(crow, column[order], value[order], shape, check_invariants=False)
+    return torch.sparse_csr_tensor(crow, column, value, shape, check_invariants=False)
 
 
 class SparseBackprop(torch.autograd.Function):
@@ -54,32 +70,49 @@ class SparseBackprop(torch.autograd.Function):
         keep = layer.keep_count(flat)  # (B',)
         local_row, entry = layer.select(flat, keep)  # (M,), (M,)
         value = flat[local_row, entry]  # (M,)
+        ctx.call.keep = keep
+        ctx.call.computes_input_grad = bool(needs_input)
+
+        grad_bias = delta.sum((0, 2)) if ctx.has_bias and needs_bias else None  # (C_out,), dense
+        if not (needs_input or needs_weight):
+            return None, None, grad_bias, None, None
+        density = entry.numel() / max(flat.numel(), 1)
+        if density > DENSE_KERNEL_DENSITY:
+            masked = torch.zeros_like(flat)  # (B', N): the kept entries, zeros elsewhere
+            masked[local_row, entry] = value
+            grad_input, grad_weight = geometry.dense_gradients(
+                x, weight, rows, masked, needs_input, needs_weight
+            )
+            return grad_input, grad_weight, grad_bias, None, None
+
         channel = entry // positions
         position = entry % positions
         group = channel // (channels_out // groups)
         sample = rows[local_row]
-
         # the distinct input patches the kept entries read: (U,) keys (sample, position, group)
-        key = (sample * positions + position) * groups + group
-        unique_key, patch = torch.unique(key, return_inverse=True)
-        unique_group = unique_key % groups
-        unique_position = (unique_key // groups) % positions
-        unique_sample = unique_key // (groups * positions)
-        patch_count = unique_key.numel()
+        linear = positions == 1 and groups == 1
+        if linear:  # a Linear layer on (B, in): one patch per sample
+            patch, unique_sample = local_row, rows
+            unique_position = unique_group = torch.zeros_like(rows)
+        else:
+            key = (sample * positions + position) * groups + group
+            unique_key, patch = torch.unique(key, return_inverse=True)
+            unique_group = unique_key % groups
+            unique_position = (unique_key // groups) % positions
+            unique_sample = unique_key // (groups * positions)
+        patch_count = unique_sample.numel()
 
-        grad_input = grad_weight = grad_bias = None
+        grad_input = grad_weight = None
         if needs_weight:
             patches = geometry.gather(x, unique_sample, unique_position, unique_group)  # (U, F)
             kept = sparse_rows(channel, patch, value, (channels_out, patch_count))  # (C_out, U)
             grad_weight = (kept @ patches).reshape(weight.shape)  # (C_out, fan_in)
         if needs_input:
-            kept_t = sparse_rows(patch, channel, value, (patch_count, channels_out))  # (U, C_out)
+            kept_t = sparse_rows(  # (U, C_out); select() groups the entries by sample
+                patch, channel, value, (patch_count, channels_out), grouped=linear
+            )
             grad_patches = kept_t @ weight.reshape(channels_out, fan_in)  # (U, fan_in)
             grad_input = geometry.scatter(
                 grad_patches, unique_sample, unique_position, unique_group, x.shape
             )
-        if ctx.has_bias and needs_bias:
-            grad_bias = delta.sum((0, 2))  # (C_out,), dense
-        ctx.call.keep = keep
-        ctx.call.computes_input_grad = bool(needs_input)
         return grad_input, grad_weight, grad_bias, None, None

@@ -72,9 +72,12 @@ def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         return empty, empty
     most = int(keep.max())
-    columns = scores.topk(most, dim=1, sorted=True).indices  # (B, most)
-    valid = torch.arange(most, device=scores.device) < keep.unsqueeze(1)  # (B, most)
+    uniform = bool((keep == most).all())  # fixed k: no ranking inside the kept set needed
+    columns = scores.topk(most, dim=1, sorted=not uniform).indices  # (B, most)
     rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(columns)
+    if uniform:
+        return rows.reshape(-1), columns.reshape(-1)
+    valid = torch.arange(most, device=scores.device) < keep.unsqueeze(1)  # (B, most)
     return rows[valid], columns[valid]
 
 

@@ -44,6 +44,18 @@ class LinearPatches:
         grad.index_add_(0, sample * self.positions + position, grad_patches)
         return grad.reshape(input_shape)
 
+    def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
+        """Input and weight gradients from the masked δ (B', N) with dense matrix products."""
+        masked = masked.reshape(-1, self.channels_out, self.positions).transpose(1, 2)
+        masked = masked.reshape(-1, self.channels_out)  # (B' * P, out)
+        grad_input = grad_weight = None
+        if needs_weight:
+            grad_weight = masked.t() @ x[rows].reshape(-1, self.fan_in)  # (out, in)
+        if needs_input:
+            grad_input = x.new_zeros(x.shape)
+            grad_input[rows] = (masked @ weight).reshape(-1, *x.shape[1:])
+        return grad_input, grad_weight
+
 
 class ConvPatches:
     """Patches of ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation, groups)."""
@@ -76,6 +88,9 @@ class ConvPatches:
         self.index = _patch_index(
             self.channels_in, self.groups, padded, kernel, stride, dilation, out
         )
+        self._stride = list(layer.stride)
+        self._dilation = list(layer.dilation)
+        self._output_spatial = out if two_d else (out[1],)
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, C_out, *spatial) -> (B, C_out, positions)."""
@@ -107,6 +122,39 @@ class ConvPatches:
             left, right = self.pad
             grad = padded[:, :, 0, left : padded.shape[3] - right]
         return grad.reshape(input_shape)
+
+    def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
+        """Input and weight gradients from the masked δ (B', N) with PyTorch's convolution
+        backward (on the explicitly padded input, so any padding works)."""
+        padded = self._padded(x[rows])  # (B', C_in, [Hp,] Wp)
+        grad_output = masked.reshape(rows.numel(), self.channels_out, -1)
+        grad_output = grad_output.reshape(rows.numel(), self.channels_out, *self._output_spatial)
+        grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            padded,
+            weight,
+            None,
+            self._stride,
+            [0] * len(self._stride),
+            self._dilation,
+            False,
+            [0] * len(self._stride),
+            self.groups,
+            [needs_input, needs_weight, False],
+        )
+        grad_input = None
+        if needs_input:
+            grad_input = x.new_zeros(x.shape)
+            grad_input[rows] = self._crop(grad_padded)
+        return grad_input, grad_weight
+
+    def _crop(self, padded: Tensor) -> Tensor:
+        """Remove the padding from a gradient w.r.t. the padded input."""
+        if self.two_d:
+            left, right, top, bottom = self.pad
+            return padded[:, :, top : padded.shape[2] - bottom, left : padded.shape[3] - right]
+        left, right = self.pad
+        return padded[:, :, left : padded.shape[2] - right]
 
 
 @functools.lru_cache(maxsize=64)
