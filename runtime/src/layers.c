@@ -11,8 +11,16 @@ void tp_dense_forward(const tp_layer *layer, const float *x, float *y) {
     int32_t j, i;
     for (j = 0; j < out; j++) {
         const float *row = layer->weight + (size_t)j * (size_t)in;
-        float sum = 0.0f;
-        for (i = 0; i < in; i++) sum += row[i] * x[i];
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, sum;
+        /* four partial sums: independent chains the compiler can pipeline or vectorise */
+        for (i = 0; i + 4 <= in; i += 4) {
+            s0 += row[i] * x[i];
+            s1 += row[i + 1] * x[i + 1];
+            s2 += row[i + 2] * x[i + 2];
+            s3 += row[i + 3] * x[i + 3];
+        }
+        for (; i < in; i++) s0 += row[i] * x[i];
+        sum = (s0 + s1) + (s2 + s3);
         y[j] = layer->has_bias ? sum + layer->bias[j] : sum;
     }
 }
@@ -47,35 +55,66 @@ void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, cons
 
 /* ---------------------------------------------------------------- conv2d (groups, dilation) */
 
+/* First and one-past-last output index o whose input o * stride - padding + offset lies in
+ * [0, size), for a kernel tap at `offset` = k * dilation. */
+static void valid_outputs(int32_t out_size, int32_t in_size, int32_t stride, int32_t padding,
+                          int32_t offset, int32_t *first, int32_t *last) {
+    const int32_t shift = padding - offset; /* input = o * stride - shift */
+    int32_t lo = shift > 0 ? (shift + stride - 1) / stride : 0;
+    int32_t hi = (in_size - 1 + shift) >= 0 ? (in_size - 1 + shift) / stride + 1 : 0;
+    if (hi > out_size) hi = out_size;
+    if (lo > hi) lo = hi;
+    *first = lo;
+    *last = hi;
+}
+
+/* Weight-stationary order: for each weight, add its product to every output it touches (a
+ * contiguous row update when the stride is 1). Each output still sums its terms in the order
+ * (input channel, kh, kw), then adds the bias. */
 void tp_conv_forward(const tp_layer *layer, const float *x, float *y) {
     const int32_t in_per_group = layer->in_c / layer->groups;
     const int32_t out_per_group = layer->out_c / layer->groups;
     const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w;
-    int32_t oc, oh, ow, ic, kh, kw;
+    const int32_t out_h = layer->out_h, out_w = layer->out_w, in_w = layer->in_w;
+    const size_t in_plane = (size_t)layer->in_h * in_w, out_plane = (size_t)out_h * out_w;
+    int32_t oc, ic, kh, kw, oh, ow;
+    memset(y, 0, (size_t)layer->out_c * out_plane * sizeof(float));
     for (oc = 0; oc < layer->out_c; oc++) {
         const int32_t first_in = (oc / out_per_group) * in_per_group;
-        const float *w_oc = layer->weight + (size_t)oc * (size_t)layer->fan_in;
-        for (oh = 0; oh < layer->out_h; oh++) {
-            for (ow = 0; ow < layer->out_w; ow++) {
-                const int32_t h0 = oh * layer->stride_h - layer->padding_h;
-                const int32_t w0 = ow * layer->stride_w - layer->padding_w;
-                float sum = 0.0f;
-                for (ic = 0; ic < in_per_group; ic++) {
-                    const float *x_c = x + (size_t)(first_in + ic) * layer->in_h * layer->in_w;
-                    const float *w_c = w_oc + (size_t)ic * kh_n * kw_n;
-                    for (kh = 0; kh < kh_n; kh++) {
-                        const int32_t ih = h0 + kh * layer->dilation_h;
-                        if (ih < 0 || ih >= layer->in_h) continue;
-                        for (kw = 0; kw < kw_n; kw++) {
-                            const int32_t iw = w0 + kw * layer->dilation_w;
-                            if (iw < 0 || iw >= layer->in_w) continue;
-                            sum += w_c[kh * kw_n + kw] * x_c[ih * layer->in_w + iw];
+        float *y_c = y + (size_t)oc * out_plane;
+        for (ic = 0; ic < in_per_group; ic++) {
+            const float *x_c = x + (size_t)(first_in + ic) * in_plane;
+            const float *w_c = layer->weight + (size_t)oc * layer->fan_in + (size_t)ic * kh_n * kw_n;
+            for (kh = 0; kh < kh_n; kh++) {
+                int32_t oh_first, oh_last;
+                valid_outputs(out_h, layer->in_h, layer->stride_h, layer->padding_h,
+                              kh * layer->dilation_h, &oh_first, &oh_last);
+                for (kw = 0; kw < kw_n; kw++) {
+                    const float w = w_c[kh * kw_n + kw];
+                    const int32_t offset_w = kw * layer->dilation_w - layer->padding_w;
+                    int32_t ow_first, ow_last;
+                    valid_outputs(out_w, in_w, layer->stride_w, layer->padding_w,
+                                  kw * layer->dilation_w, &ow_first, &ow_last);
+                    for (oh = oh_first; oh < oh_last; oh++) {
+                        const int32_t ih = oh * layer->stride_h - layer->padding_h +
+                                           kh * layer->dilation_h;
+                        const float *x_row = x_c + (size_t)ih * in_w;
+                        float *y_row = y_c + (size_t)oh * out_w;
+                        if (layer->stride_w == 1) {
+                            const float *x_shift = x_row + offset_w;
+                            for (ow = ow_first; ow < ow_last; ow++) y_row[ow] += w * x_shift[ow];
+                        } else {
+                            for (ow = ow_first; ow < ow_last; ow++)
+                                y_row[ow] += w * x_row[ow * layer->stride_w + offset_w];
                         }
                     }
                 }
-                y[((size_t)oc * layer->out_h + oh) * layer->out_w + ow] =
-                    layer->has_bias ? sum + layer->bias[oc] : sum;
             }
+        }
+        if (layer->has_bias) {
+            const float b = layer->bias[oc];
+            size_t p;
+            for (p = 0; p < out_plane; p++) y_c[p] += b;
         }
     }
 }
@@ -88,25 +127,30 @@ static void conv_backward_element(tp_layer *layer, const float *x, float d, int3
     const int32_t in_per_group = layer->in_c / layer->groups;
     const int32_t first_in = (oc / (layer->out_c / layer->groups)) * in_per_group;
     const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w;
+    const int32_t dh = layer->dilation_h, dw = layer->dilation_w, in_w = layer->in_w;
     const int32_t h0 = oh * layer->stride_h - layer->padding_h;
     const int32_t w0 = ow * layer->stride_w - layer->padding_w;
-    const size_t in_plane = (size_t)layer->in_h * layer->in_w;
+    const size_t in_plane = (size_t)layer->in_h * in_w;
     float *g_oc = layer->grad_weight + (size_t)oc * (size_t)layer->fan_in;
     const float *w_oc = layer->weight + (size_t)oc * (size_t)layer->fan_in;
+    /* the taps whose input lies inside the image */
+    int32_t kh_first = h0 < 0 ? (-h0 + dh - 1) / dh : 0;
+    int32_t kh_last = (layer->in_h - 1 - h0) >= 0 ? (layer->in_h - 1 - h0) / dh + 1 : 0;
+    int32_t kw_first = w0 < 0 ? (-w0 + dw - 1) / dw : 0;
+    int32_t kw_last = (in_w - 1 - w0) >= 0 ? (in_w - 1 - w0) / dw + 1 : 0;
     int32_t ic, kh, kw;
+    if (kh_last > kh_n) kh_last = kh_n;
+    if (kw_last > kw_n) kw_last = kw_n;
     for (ic = 0; ic < in_per_group; ic++) {
         const size_t x_offset = (size_t)(first_in + ic) * in_plane;
         const int32_t w_offset = ic * kh_n * kw_n;
-        for (kh = 0; kh < kh_n; kh++) {
-            const int32_t ih = h0 + kh * layer->dilation_h;
-            if (ih < 0 || ih >= layer->in_h) continue;
-            for (kw = 0; kw < kw_n; kw++) {
-                const int32_t iw = w0 + kw * layer->dilation_w;
-                const size_t xi = x_offset + (size_t)ih * layer->in_w + iw;
-                if (iw < 0 || iw >= layer->in_w) continue;
-                g_oc[w_offset + kh * kw_n + kw] += d * x[xi];
-                if (delta_in != NULL) delta_in[xi] += w_oc[w_offset + kh * kw_n + kw] * d;
-            }
+        for (kh = kh_first; kh < kh_last; kh++) {
+            const long row = (long)x_offset + (long)(h0 + kh * dh) * in_w + w0;
+            float *g_row = g_oc + w_offset + kh * kw_n;
+            const float *w_row = w_oc + w_offset + kh * kw_n;
+            for (kw = kw_first; kw < kw_last; kw++) g_row[kw] += d * x[row + kw * dw];
+            if (delta_in != NULL)
+                for (kw = kw_first; kw < kw_last; kw++) delta_in[row + kw * dw] += w_row[kw] * d;
         }
     }
 }

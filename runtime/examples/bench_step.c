@@ -1,0 +1,187 @@
+/* bench_step.c: instruction counts of one training step under callgrind (driven by
+ * benchmarks/runtime_bench.py; build against an exported tinyprop_model.h).
+ *
+ * 1. Warm up: train the model with tinypropv2 on a learnable synthetic task (class prototypes
+ *    plus noise) so that errors spread out and some samples are skipped, as in real training.
+ * 2. Find a fresh sample that tinypropv2 skips and one that it trains (with its true label if
+ *    one of 200 is trained, else with a wrong label), each tried on a copy of the state, which
+ *    is then restored.
+ * 3. Measure, each between CALLGRIND_TOGGLE_COLLECT pairs and dumped under its own name:
+ *    the per-sample step (forward, loss, skip decision, sparse backward with gradient
+ *    accumulation) of the trained sample under full, topk (ratio 0.1) and tinypropv2, of the
+ *    skipped sample under tinypropv2, and the per-batch update (zero gradients + SGD step).
+ * Run: valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no ./bench_step
+ */
+#include <stdio.h>
+#include <string.h>
+#include <valgrind/callgrind.h>
+
+#include "tinyprop_model.h"
+#include "tp_internal.h"
+
+#ifndef WARMUP_SAMPLES
+#define WARMUP_SAMPLES 48
+#endif
+#ifndef WARMUP_EPOCHS
+#define WARMUP_EPOCHS 3
+#endif
+#ifndef WARMUP_LR
+#define WARMUP_LR 0.05
+#endif
+#ifndef WARMUP_SHIFT
+#define WARMUP_SHIFT 1.0f
+#endif
+#define WARMUP_BATCH 8
+
+static float arena[TP_MODEL_ARENA_BYTES / sizeof(float)];
+static float arena_backup[TP_MODEL_ARENA_BYTES / sizeof(float)];
+static tp_model model, model_backup;
+static float prototypes[TP_MODEL_CLASSES][TP_MODEL_INPUT_SIZE];
+static float warmup_x[WARMUP_SAMPLES][TP_MODEL_INPUT_SIZE];
+static int32_t warmup_y[WARMUP_SAMPLES];
+static float sample[TP_MODEL_INPUT_SIZE];
+
+static unsigned long long rng = 0x9E3779B97F4A7C15ULL;
+static float uniform(void) { /* xorshift64 in [-1, 1) */
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+static float noise(void) { return uniform() + uniform() + uniform(); } /* roughly normal */
+
+static int32_t draw(float *x) {
+    int32_t label = (int32_t)((uniform() + 1.0f) * 0.5f * TP_MODEL_CLASSES), i;
+    if (label >= TP_MODEL_CLASSES) label = TP_MODEL_CLASSES - 1;
+    for (i = 0; i < TP_MODEL_INPUT_SIZE; i++) x[i] = prototypes[label][i] + 0.6f * noise();
+    return label;
+}
+
+static void save(void) {
+    memcpy(arena_backup, arena, sizeof arena);
+    model_backup = model;
+}
+static void restore(void) {
+    memcpy(arena, arena_backup, sizeof arena);
+    model = model_backup;
+}
+
+/* One per-sample step on the current state; returns trained (1) or skipped (0). */
+static int step(int32_t label, int32_t *keep, int measured, const char *name) {
+    float loss;
+    int trained = 0;
+    tp_ledger macs = {0, 0, 0, 0};
+    memset(model.gradients, 0, model.parameter_count * sizeof(float));
+    if (measured) CALLGRIND_TOGGLE_COLLECT;
+    tp_sample_step(&model, sample, label, &loss, &trained, keep, &macs);
+    if (measured) {
+        CALLGRIND_TOGGLE_COLLECT;
+        CALLGRIND_DUMP_STATS_AT(name);
+        printf("region %s trained %d macs %lu %lu %lu %lu keep", name, trained,
+               (unsigned long)macs.forward, (unsigned long)macs.backward,
+               (unsigned long)macs.backward_dense, (unsigned long)macs.selection);
+        if (trained) {
+            int32_t l;
+            for (l = 0; l < model.trainable_count; l++) printf(" %ld", (long)keep[l]);
+        }
+        printf("\n");
+    }
+    return trained;
+}
+
+int main(void) {
+    tp_policy_config v2 = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+#ifdef WARMUP_ADAM
+    tp_optimizer_config sgd = tp_adam(WARMUP_LR, 0.0);
+#else
+    tp_optimizer_config sgd = tp_sgd(WARMUP_LR, 0.9, 0.0);
+#endif
+    tp_step_stats stats;
+    int32_t keep[TP_MODEL_LAYERS], i, j, epoch, trained_label = -1, skipped_label = -1;
+    static float trained_x[TP_MODEL_INPUT_SIZE], skipped_x[TP_MODEL_INPUT_SIZE];
+    size_t bytes = 0;
+    if (tp_arena_bytes(&tp_model_spec_exported, &v2, &sgd, &bytes) != TP_OK ||
+        bytes > sizeof arena ||
+        tp_init(&model, &tp_model_spec_exported, &v2, &sgd, arena, sizeof arena) != TP_OK) {
+        printf("init failed\n");
+        return 1;
+    }
+    /* a class shifts each input channel (and, for images, each column) by a constant */
+    for (i = 0; i < TP_MODEL_CLASSES; i++) {
+        float channel_shift[TP_MODEL_INPUT_CHANNELS], column_shift[TP_MODEL_INPUT_WIDTH];
+        for (j = 0; j < TP_MODEL_INPUT_CHANNELS; j++) channel_shift[j] = WARMUP_SHIFT * noise();
+        for (j = 0; j < TP_MODEL_INPUT_WIDTH; j++)
+            column_shift[j] = TP_MODEL_INPUT_HEIGHT > 1 ? WARMUP_SHIFT * noise() : 0.0f;
+        for (j = 0; j < TP_MODEL_INPUT_SIZE; j++)
+            prototypes[i][j] = channel_shift[j / (TP_MODEL_INPUT_HEIGHT * TP_MODEL_INPUT_WIDTH)] +
+                               column_shift[j % TP_MODEL_INPUT_WIDTH];
+    }
+    for (i = 0; i < WARMUP_SAMPLES; i++) warmup_y[i] = draw(warmup_x[i]);
+    /* full training first (deep nets learn slowly with the sparse policies), then one epoch of
+     * tinypropv2 so that its running maxima hold the errors of the task */
+    model.policy = tp_policy_defaults(TP_POLICY_FULL);
+    for (epoch = 0; epoch <= WARMUP_EPOCHS; epoch++) {
+        if (epoch == WARMUP_EPOCHS) model.policy = v2;
+        for (i = 0; i < WARMUP_SAMPLES; i += WARMUP_BATCH) {
+            tp_train_batch(&model, warmup_x[i], &warmup_y[i], WARMUP_BATCH, &stats, NULL, NULL);
+            printf("warmup epoch %ld loss %.4f trained %ld skipped %ld\n", (long)epoch,
+                   (double)stats.loss, (long)stats.trained, (long)stats.skipped);
+        }
+    }
+    /* fresh samples: the first that v2 skips, and the first that it trains, with its true
+     * label (a typical trained sample); after 200 tries, with a wrong label (a hard one) */
+    for (i = 0; i < 400 && (trained_label < 0 || skipped_label < 0); i++) {
+        const int32_t label = draw(sample);
+        const int32_t train_label = i < 200 ? label : (label + 1) % TP_MODEL_CLASSES;
+        int trained;
+        save();
+        trained = step(label, keep, 0, "probe");
+        restore();
+        if (!trained && skipped_label < 0) {
+            skipped_label = label;
+            memcpy(skipped_x, sample, sizeof sample);
+        }
+        if (trained_label < 0 && train_label != label) {
+            save();
+            trained = step(train_label, keep, 0, "probe");
+            restore();
+        }
+        if (trained && trained_label < 0) {
+            trained_label = train_label;
+            if (train_label != label) printf("trained sample has a wrong label (hard)\n");
+            memcpy(trained_x, sample, sizeof sample);
+        }
+    }
+    printf("found trained %d skipped %d after %ld samples\n", trained_label >= 0,
+           skipped_label >= 0, (long)i);
+    CALLGRIND_START_INSTRUMENTATION;
+    if (trained_label >= 0) {
+        const tp_policy policies[3] = {TP_POLICY_FULL, TP_POLICY_TOPK, TP_POLICY_TINYPROPV2};
+        const char *names[3] = {"full_trained", "topk_trained", "tinypropv2_trained"};
+        int p;
+        memcpy(sample, trained_x, sizeof sample);
+        for (p = 0; p < 3; p++) {
+            save();
+            model.policy = tp_policy_defaults(policies[p]);
+            step(trained_label, keep, 1, names[p]);
+            restore();
+        }
+        /* the per-batch part of a step: zero the gradients, one SGD update */
+        save();
+        CALLGRIND_TOGGLE_COLLECT;
+        memset(model.gradients, 0, model.parameter_count * sizeof(float));
+        tp_optimizer_update(&model, 1);
+        CALLGRIND_TOGGLE_COLLECT;
+        CALLGRIND_DUMP_STATS_AT("update");
+        printf("region update\n");
+        restore();
+    }
+    if (skipped_label >= 0) {
+        memcpy(sample, skipped_x, sizeof sample);
+        save();
+        step(skipped_label, keep, 1, "tinypropv2_skipped");
+        restore();
+    }
+    CALLGRIND_STOP_INSTRUMENTATION;
+    return 0;
+}
