@@ -75,9 +75,11 @@ def measure(name: str, work: Path) -> list[dict]:
     result = export_model(name, work / name)
     program = work / name / "bench_step"
     root = runtime_dir()
-    command = ["gcc", "-std=c99", "-O2", "-g", *BENCH_MODELS[name][2], "-I", str(root / "include"), "-I",
-               str(root / "src"), "-I", str(work / name), str(root / "examples/bench_step.c"),
-               *map(str, sorted((root / "src").glob("*.c"))), "-lm", "-o", str(program)]  # fmt: skip
+    sources = [str(root / "examples/bench_step.c")]
+    sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
+    includes = ["-I", str(root / "include"), "-I", str(root / "src"), "-I", str(work / name)]
+    command = ["gcc", "-std=c99", "-O2", "-g", *BENCH_MODELS[name][2], *includes, *sources, "-lm",
+               "-o", str(program)]  # fmt: skip
     subprocess.run(command, check=True)
     prefix = work / name / "callgrind.out"
     run = subprocess.run(
