@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint format bench speed clean
+.PHONY: demo test system-deps lint format bench bench-finetune bench-scratch speed clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -24,8 +24,12 @@ $(VENV)/.installed-test: $(PY) pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/tinyprop demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test system-deps
 	$(PY) -m pytest
+
+# Debian packages the tests use (espeak-ng, flite, dataset-fashion-mnist); a no-op when present.
+system-deps:
+	./scripts/install-system-deps.sh
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -37,6 +41,17 @@ format: $(VENV)/.installed-test
 
 speed: $(VENV)/.installed
 	$(PY) benchmarks/speed.py
+
+# The paper's evaluation, small suite, both protocols (hours on 2 cores; resumable).
+bench: bench-finetune bench-scratch
+
+bench-finetune: $(VENV)/.installed-test system-deps
+	$(VENV)/bin/tinyprop bench --suite small --protocol finetune --ray local
+	$(VENV)/bin/tinyprop report benchmarks/results/small-finetune
+
+bench-scratch: $(VENV)/.installed-test system-deps
+	$(VENV)/bin/tinyprop bench --suite small --protocol scratch --ray local
+	$(VENV)/bin/tinyprop report benchmarks/results/small-scratch
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
