@@ -1,0 +1,140 @@
+"""Cortex-M4 build of the exported examples: flash and RAM per model, and a run under QEMU
+(mps2-an386, semihosting) whose weights after training are compared with the host build's.
+
+    python benchmarks/runtime_bench.py --cortex-m4      # = make -C runtime cortex-m4
+
+Needs arm-none-eabi-gcc with newlib (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi) and,
+to run, qemu-system-arm (Debian: qemu-system-arm).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tinyprop
+from tinyprop import models
+from tinyprop.export import OptimizerSpec, export_c
+from tinyprop.export.runtime import runtime_dir
+
+M4_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+EXAMPLES = {
+    # name -> (dataset, one sample's shape, samples built in, batch size, epochs)
+    "har-cnn1d": ("har", (6, 100), 16, 4, 2),
+    "keyword-ds-cnn": ("speech_commands", (1, 49, 10), 8, 4, 1),
+    "mnist-mlp": ("mnist", (1, 28, 28), 16, 8, 1),
+}
+
+
+def parameters_from(output: str) -> np.ndarray:
+    """The float32 weights printed as bit patterns (``p INDEX HEX``) by the example."""
+    bits = [int(line.split()[2], 16) for line in output.splitlines() if line.startswith("p ")]
+    return np.array(bits, dtype=np.uint32).view(np.float32)
+
+
+def build_and_run(name: str, work: Path) -> dict:
+    dataset, shape, count, batch_size, epochs = EXAMPLES[name]
+    torch.manual_seed(0)
+    net = models.build(dataset, input_shape=shape)
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((count, *shape)).astype(np.float32)
+    classes = models.reference(dataset).num_classes
+    y = np.arange(count) % classes
+    out = work / name
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    optimizer = OptimizerSpec("sgd", 0.05, 0.9)
+    result = export_c(net, config, out, shape, optimizer, batch_size, (x, y), epochs, name)
+    root = runtime_dir() / "examples" / "cortex_m4"
+    sources = [str(out / "main.c"), *map(str, sorted((out / "runtime/src").glob("*.c")))]
+    common = ["-std=c99", "-O2", "-DTP_EMBEDDED_SAMPLES", "-DTP_PRINT_PARAMETERS",
+              "-I", str(out / "runtime/include"), "-I", str(out)]  # fmt: skip
+    elf = out / "train_m4.elf"
+    subprocess.run(
+        ["arm-none-eabi-gcc", *common, *M4_FLAGS, "--specs=rdimon.specs", *sources,
+         str(root / "startup.c"), "-T", str(root / "an386.ld"), "-lm", "-o", str(elf)],
+        check=True,
+    )  # fmt: skip
+    size = subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True, text=True)
+    text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
+    record = {
+        "model": name,
+        "parameters": result.parameters,
+        "text": text,
+        "data": data,
+        "bss": bss,
+        "flash_bytes": text + data,
+        "ram_bytes": data + bss,
+        "training_arena_bytes": result.arena_bytes,  # inside bss (a static array)
+        "inference_bytes": result.inference_bytes,
+        "compiler": "arm-none-eabi-gcc -O2 " + " ".join(M4_FLAGS),
+        "qemu": None,
+    }
+    host = out / "train_host"
+    subprocess.run(["gcc", *common, *sources, "-lm", "-o", str(host)], check=True)
+    host_run = subprocess.run([str(host)], capture_output=True, text=True, check=True)
+    if shutil.which("qemu-system-arm") is None:
+        record["qemu"] = "not run: qemu-system-arm not found (apt-get install -y qemu-system-arm)"
+        return record
+    qemu = subprocess.run(
+        ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting",
+         "-kernel", str(elf)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    ok = qemu.returncode == 0 and qemu.stdout.rstrip().endswith("done")
+    board, reference = parameters_from(qemu.stdout), parameters_from(host_run.stdout)
+    same_shape = board.shape == reference.shape and board.size == result.parameters
+    difference = (
+        float(np.max(np.abs(board - reference)) / np.max(np.abs(reference))) if same_shape else None
+    )
+    batches_board = [line for line in qemu.stdout.splitlines() if line.startswith("batch ")]
+    batches_host = [line for line in host_run.stdout.splitlines() if line.startswith("batch ")]
+    record["qemu"] = {
+        "ran": ok,
+        "batches": len(batches_board),
+        "max_relative_weight_difference_to_host": difference,
+        "bit_identical_weights": bool(same_shape and np.array_equal(board, reference)),
+        "weights_match_1e-5": bool(
+            same_shape
+            and np.allclose(board, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+        ),
+        "same_skip_decisions": [line.split()[-3:] for line in batches_board]
+        == [line.split()[-3:] for line in batches_host],
+    }
+    return record
+
+
+def cortex_m4(out: Path) -> int:
+    """Build, size and run every example; print a table and write ``out`` (JSON)."""
+    if shutil.which("arm-none-eabi-gcc") is None:
+        print("arm-none-eabi-gcc not found: apt-get install -y gcc-arm-none-eabi "
+              "libnewlib-arm-none-eabi qemu-system-arm")  # fmt: skip
+        return 1
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in EXAMPLES:
+            records.append(build_and_run(name, Path(tmp)))
+    print(
+        f"{'model':<16} {'params':>7} {'flash':>9} {'RAM':>9} {'arena':>9} {'inference':>9}  QEMU"
+    )
+    for r in records:
+        q = r["qemu"]
+        status = q if isinstance(q, str) else (
+            f"ran {q['batches']} batches, weights vs host: max rel diff "
+            f"{q['max_relative_weight_difference_to_host']:.2e}, "
+            f"{'bit-identical' if q['bit_identical_weights'] else 'within 1e-5' if q['weights_match_1e-5'] else 'DIFFERENT'}"
+            f", skip decisions {'same' if q['same_skip_decisions'] else 'DIFFERENT'}"
+        )  # fmt: skip
+        print(f"{r['model']:<16} {r['parameters']:>7} {r['flash_bytes']:>9} {r['ram_bytes']:>9} "
+              f"{r['training_arena_bytes']:>9} {r['inference_bytes']:>9}  {status}")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {out}")
+    failed = [r["model"] for r in records if isinstance(r["qemu"], dict) and not (
+        r["qemu"]["ran"] and r["qemu"]["weights_match_1e-5"])]  # fmt: skip
+    return 1 if failed else 0
