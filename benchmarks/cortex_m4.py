@@ -124,12 +124,21 @@ def cortex_m4(out: Path) -> int:
     )
     for r in records:
         q = r["qemu"]
-        status = q if isinstance(q, str) else (
-            f"ran {q['batches']} batches, weights vs host: max rel diff "
-            f"{q['max_relative_weight_difference_to_host']:.2e}, "
-            f"{'bit-identical' if q['bit_identical_weights'] else 'within 1e-5' if q['weights_match_1e-5'] else 'DIFFERENT'}"
-            f", skip decisions {'same' if q['same_skip_decisions'] else 'DIFFERENT'}"
-        )  # fmt: skip
+        if isinstance(q, str):
+            status = q
+        else:
+            verdict = (
+                "bit-identical"
+                if q["bit_identical_weights"]
+                else "within 1e-5"
+                if q["weights_match_1e-5"]
+                else "DIFFERENT"
+            )
+            status = (
+                f"ran {q['batches']} batches, weights vs host: max rel diff "
+                f"{q['max_relative_weight_difference_to_host']:.2e} ({verdict}), skip decisions "
+                f"{'same' if q['same_skip_decisions'] else 'DIFFERENT'}"
+            )
         print(f"{r['model']:<16} {r['parameters']:>7} {r['flash_bytes']:>9} {r['ram_bytes']:>9} "
               f"{r['training_arena_bytes']:>9} {r['inference_bytes']:>9}  {status}")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,107 @@
+/* fuzz_train.c: libFuzzer harness for the training step (make -C runtime fuzz).
+ *
+ * The fuzz input chooses a small model (layer kinds, sizes, kernels, strides, paddings, groups),
+ * a policy and its settings (including out-of-range ones), an optimizer, a batch size, the
+ * inputs (any float bit patterns: NaN, inf, huge) and the labels (also out of range). The
+ * arena is exactly tp_arena_bytes long, so AddressSanitizer catches any write past it;
+ * every function must return a status instead of crashing.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tinyprop.h"
+
+typedef struct {
+    const uint8_t *data;
+    size_t size, at;
+} reader;
+
+static uint8_t byte(reader *r) { return r->at < r->size ? r->data[r->at++] : 0; }
+static float any_float(reader *r) {
+    uint32_t bits = 0;
+    int i;
+    for (i = 0; i < 4; i++) bits = bits << 8 | byte(r);
+    {
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        return value;
+    }
+}
+static double setting(reader *r) { /* mostly sensible, sometimes out of range */
+    const uint8_t b = byte(r);
+    return b < 240 ? (double)b / 200.0 : (double)any_float(r);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    reader r = {data, size, 0};
+    tp_layer_spec layers[8];
+    tp_model_spec spec;
+    tp_policy_config policy;
+    tp_optimizer_config optimizer;
+    static tp_model model;
+    tp_step_stats stats;
+    size_t bytes = 0;
+    int32_t count = 1 + byte(&r) % 8, i, batch, step;
+    void *arena;
+    float *x;
+    int32_t labels[6], keep[6 * 8];
+    uint8_t mask[6];
+    memset(layers, 0, sizeof layers);
+    spec.input_channels = 1 + byte(&r) % 4;
+    spec.input_height = 1 + byte(&r) % 8;
+    spec.input_width = 1 + byte(&r) % 8;
+    spec.layer_count = count;
+    spec.layers = layers;
+    for (i = 0; i < count; i++) {
+        tp_layer_spec *l = &layers[i];
+        l->kind = (tp_layer_kind)(byte(&r) % 7); /* 6 is not a kind */
+        l->out_channels = (int32_t)(byte(&r) % 10) - 1;
+        l->kernel_h = byte(&r) % 4;
+        l->kernel_w = byte(&r) % 4;
+        l->stride_h = byte(&r) % 3;
+        l->stride_w = byte(&r) % 3;
+        l->padding_h = byte(&r) % 3;
+        l->padding_w = byte(&r) % 3;
+        l->dilation_h = byte(&r) % 3;
+        l->dilation_w = byte(&r) % 3;
+        l->groups = byte(&r) % 4;
+        l->has_bias = byte(&r) % 3;
+    }
+    policy.policy = (tp_policy)(byte(&r) % 5);
+    policy.s_min = setting(&r);
+    policy.s_max = setting(&r);
+    policy.zeta = setting(&r);
+    policy.ratio = setting(&r);
+    policy.d_min = setting(&r);
+    policy.d_max = setting(&r);
+    policy.beta = setting(&r);
+    policy.skip_threshold = setting(&r);
+    optimizer = byte(&r) % 2 ? tp_adam(setting(&r), setting(&r) / 10.0)
+                             : tp_sgd(setting(&r), setting(&r), setting(&r) / 10.0);
+    batch = (int32_t)(byte(&r) % 7); /* 0 is invalid */
+    if (tp_arena_bytes(&spec, &policy, &optimizer, &bytes) != TP_OK) return 0;
+    if (bytes > (1u << 22)) return 0;
+    arena = malloc(bytes);
+    x = malloc(sizeof(float) * 6 * (size_t)(spec.input_channels * spec.input_height *
+                                           spec.input_width));
+    if (arena == NULL || x == NULL) abort();
+    if (tp_init(&model, &spec, &policy, &optimizer, arena, bytes) == TP_OK) {
+        const int32_t n = spec.input_channels * spec.input_height * spec.input_width;
+        if (model.arena_bytes_used != bytes) abort(); /* the size said is the size used */
+        for (step = 0; step < 3; step++) {
+            for (i = 0; i < 6 * n; i++) x[i] = byte(&r) < 250 ? (float)(int8_t)byte(&r) / 16.0f
+                                                               : any_float(&r);
+            for (i = 0; i < 6; i++) labels[i] = (int32_t)(byte(&r) % 16) - 1;
+            (void)tp_train_batch(&model, x, labels, batch, &stats, keep, mask);
+        }
+        {
+            float logits[64];
+            int32_t predicted;
+            if (model.class_count <= 64) (void)tp_predict(&model, x, logits, &predicted);
+        }
+    }
+    free(x);
+    free(arena);
+    return 0;
+}
