@@ -66,7 +66,8 @@ def masked_reference(model, x, y, ratio):
             flat = grad.flatten(1)
             k = int(keep_count(ratio, flat.shape[1]))
             kept = torch.zeros_like(flat)
-            index = flat.abs().topk(k, dim=1).indices
+            # the k largest |δ|, ties to the lower index (a stable sort keeps index order)
+            index = flat.abs().sort(dim=1, descending=True, stable=True).indices[:, :k]
             kept.scatter_(1, index, flat.gather(1, index))
             channel_dims = [0] + list(range(2, grad.dim())) if grad.dim() > 2 else [0]
             dense_bias[layer] = grad.sum(channel_dims)

@@ -73,3 +73,10 @@ def test_backprop_ratio_stays_between_damped_bounds(errors, previous, a, b, zeta
     same_max = torch.full_like(error, float(error_max[-1]))
     ordered = adaptive_keep_count(error.sort().values, same_max, s_min, s_max, zeta, depth, 50)
     assert torch.all(ordered[1:] >= ordered[:-1])
+
+
+def test_select_topk_breaks_ties_towards_the_lower_index():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 2.0, 0.5, 2.0, 2.0], [0.0] * 8])
+    rows, columns = select_topk(scores, torch.tensor([3, 2]))
+    assert rows.tolist() == [0, 0, 0, 1, 1]
+    assert columns.tolist() == [1, 2, 3, 0, 1]

@@ -58,27 +58,29 @@ def adaptive_keep_count(
 
 
 def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the ``keep[n]`` largest scores of each row.
+    """Indices of the ``keep[n]`` largest scores of each row; ties go to the lower index.
+
+    The tie rule is the C runtime's and does not depend on the other rows of the batch (ties
+    are common: average pooling hands the same error to many positions, ReLU many zeros).
 
     Args:
         scores: (B, N) non-negative scores (|δ| for top-k, random keys for random-k).
         keep: (B,) how many to keep per row, each in [1, N].
 
     Returns:
-        ``(rows, columns)``, two (M,) long tensors with M = Σ keep, grouped by row.
-        Ties are broken by ``torch.topk`` (deterministic for a given input).
+        ``(rows, columns)``, two (M,) long tensors with M = Σ keep, in row-major order with
+        ascending columns.
     """
     if scores.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         return empty, empty
-    most = int(keep.max())
-    uniform = bool((keep == most).all())  # fixed k: no ranking inside the kept set needed
-    columns = scores.topk(most, dim=1, sorted=not uniform).indices  # (B, most)
-    rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(columns)
-    if uniform:
-        return rows.reshape(-1), columns.reshape(-1)
-    valid = torch.arange(most, device=scores.device) < keep.unsqueeze(1)  # (B, most)
-    return rows[valid], columns[valid]
+    largest = scores.topk(int(keep.max()), dim=1, sorted=True).values  # (B, most)
+    threshold = largest.gather(1, (keep - 1).unsqueeze(1))  # (B, 1): the k-th largest score
+    above = scores > threshold  # (B, N)
+    tied = scores == threshold  # (B, N)
+    room = keep.unsqueeze(1) - above.sum(1, keepdim=True)  # (B, 1): ties still to keep
+    kept = above | (tied & (tied.cumsum(1) <= room))  # (B, N), exactly keep[n] per row
+    return kept.nonzero(as_tuple=True)
 
 
 def decision_metric(
