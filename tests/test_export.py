@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import tinyprop
-import tinyprop.layers
 from tinyprop import models
 from tinyprop.export import UnsupportedLayerError, describe, export_c
 from tinyprop.export.c_source import float_literal
@@ -40,11 +39,7 @@ def write_samples(path, x: np.ndarray, y: np.ndarray) -> None:
             handle.write(np.int32(label).tobytes())
 
 
-def test_exported_example_trains_like_python_under_asan(tmp_path, monkeypatch):
-    from test_runtime_parity import library_breaks_ties_low, lowest_index_select_topk
-
-    if not library_breaks_ties_low():  # the C tie rule, see test_runtime_parity.py
-        monkeypatch.setattr(tinyprop.layers, "select_topk", lowest_index_select_topk)
+def test_exported_example_trains_like_python_under_asan(tmp_path):
     torch.manual_seed(0)
     shape = (6, 40)
     net = models.build("har", input_shape=shape, channels=8)

@@ -5,10 +5,9 @@ steps under every policy in C (through ctypes) and in ``tinyprop.train_step``; a
 the weights agree within 1e-5 relative (float32), and the k per layer and sample, the skip
 decisions, the running maxima and the MAC counts agree exactly.
 
-Ties among equal |δ| (an average pool hands the same error to every position it covers) are
-broken towards the lower index in C. Where the library's ``select_topk`` breaks them otherwise,
-the tests compare against the library with that one function replaced by the lower-index rule
-(``lowest_index_select_topk`` below), and say so in the test output.
+Ties among equal |δ| (an average pool hands the same error to every position it covers) go to
+the lower index, in C and in the library's ``select_topk`` alike, so the tests run the library
+as it is.
 """
 
 from __future__ import annotations
@@ -21,40 +20,11 @@ import torch
 from torch import nn
 
 import tinyprop
-import tinyprop.layers
 from tinyprop import models
 from tinyprop.export.graph import arena_bytes
 from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, load_library
 
 POLICIES = ("full", "topk", "tinyprop", "tinypropv2")
-
-
-def lowest_index_select_topk(scores: torch.Tensor, keep: torch.Tensor):
-    """select_topk with ties among equal scores going to the lower index (the C rule)."""
-    if scores.shape[0] == 0:
-        empty = torch.empty(0, dtype=torch.long, device=scores.device)
-        return empty, empty
-    values = scores.topk(int(keep.max()), dim=1, sorted=True).values  # (B, most)
-    threshold = values.gather(1, (keep - 1).unsqueeze(1))  # (B, 1) the k-th largest score
-    greater = scores > threshold  # (B, N)
-    equal = scores == threshold  # (B, N)
-    room = (keep - greater.sum(1)).unsqueeze(1)  # (B, 1) ties still to keep
-    kept = greater | (equal & (equal.cumsum(1) <= room))  # (B, N)
-    return kept.nonzero(as_tuple=True)
-
-
-def library_breaks_ties_low() -> bool:
-    """True when the library's select_topk already keeps the lower index among ties."""
-    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 2.0, 0.5, 2.0, 2.0]])
-    rows, columns = tinyprop.layers.select_topk(scores, torch.tensor([3]))
-    return sorted(columns.tolist()) == [1, 2, 3]
-
-
-@pytest.fixture
-def tie_rule(monkeypatch):
-    if not library_breaks_ties_low():
-        print("parity: library select_topk breaks ties otherwise; using the lower-index rule")
-        monkeypatch.setattr(tinyprop.layers, "select_topk", lowest_index_select_topk)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +132,7 @@ def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, se
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("policy", POLICIES)
-def test_parity_sgd_momentum(library, tie_rule, model_name, policy):
+def test_parity_sgd_momentum(library, model_name, policy):
     config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
     optimizer = OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9, weight_decay=1e-4)
     c_model, trained, skipped = run_parity(library, model_name, config, optimizer)
@@ -174,12 +144,12 @@ def test_parity_sgd_momentum(library, tie_rule, model_name, policy):
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("policy", ["full", "tinypropv2"])
-def test_parity_adam(library, tie_rule, model_name, policy):
+def test_parity_adam(library, model_name, policy):
     config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
     run_parity(library, model_name, config, OptimizerSpec("adam", lr=0.01), steps=4)
 
 
-def test_parity_topk_small_ratio_and_v1_settings(library, tie_rule):
+def test_parity_topk_small_ratio_and_v1_settings(library):
     run_parity(library, "har", tinyprop.TinyPropConfig("topk", ratio=0.05), OptimizerSpec(lr=0.1))
     notebook = tinyprop.PRESETS["tinyprop-notebook"]
     run_parity(library, "cnn_depthwise", notebook, OptimizerSpec(lr=0.1, momentum=0.5))
