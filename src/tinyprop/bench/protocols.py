@@ -23,7 +23,8 @@ import torch
 from tinyprop.bench.suites import DatasetPlan
 
 PROTOCOLS = ("scratch", "finetune")
-PRETRAIN_VERSION = 1  # bump when pretraining changes, to invalidate cached weights
+PRETRAIN_VERSION = 2  # bump when pretraining changes, to invalidate cached weights
+# 2: BatchNorm statistics recomputed on the pretraining data at the end
 
 
 @dataclass(frozen=True)
