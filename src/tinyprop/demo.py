@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use the first N training images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # one thread: these models are small, and a second thread only adds contention on a shared
+    # machine (every policy runs under the same setting)
+    torch.set_num_threads(1)
     if args.epochs < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--epochs and --limit must be positive")
     source, count, rows = run(args.epochs, args.limit, args.seed)

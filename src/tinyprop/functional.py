@@ -74,10 +74,19 @@ def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     if scores.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         return empty, empty
-    largest = scores.topk(int(keep.max()), dim=1, sorted=True).values  # (B, most)
+    most = int(keep.max())
+    largest, columns = scores.topk(most, dim=1, sorted=True)  # (B, most)
     threshold = largest.gather(1, (keep - 1).unsqueeze(1))  # (B, 1): the k-th largest score
-    above = scores > threshold  # (B, N)
+    chosen = torch.arange(most, device=scores.device) < keep.unsqueeze(1)  # (B, most)
     tied = scores == threshold  # (B, N)
+    tied_chosen = (largest == threshold) & chosen  # (B, most)
+    if bool((tied.sum(1) == tied_chosen.sum(1)).all()):
+        # no tie crosses the cut: topk's choice is the only one; columns ascending per row
+        columns = torch.where(chosen, columns, scores.shape[1]).sort(dim=1).values
+        rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
+        valid = columns < scores.shape[1]  # (B, most)
+        return rows.expand_as(columns)[valid], columns[valid]
+    above = scores > threshold  # (B, N)
     room = keep.unsqueeze(1) - above.sum(1, keepdim=True)  # (B, 1): ties still to keep
     kept = above | (tied & (tied.cumsum(1) <= room))  # (B, N), exactly keep[n] per row
     return kept.nonzero(as_tuple=True)
