@@ -6,6 +6,7 @@ sequential definition of ``spec/algorithm.md`` exactly (the running maximum is a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,6 +58,29 @@ def adaptive_keep_count(
     return torch.where(error_max > 0, keep, torch.ones_like(keep))
 
 
+def kth_largest(scores: Tensor, keep: Tensor) -> Tensor:
+    """The ``keep[n]``-th largest score of each row: (B, N), (B,) -> (B, 1).
+
+    On the CPU this is NumPy's introselect (``np.partition``, O(N) per row, an order of
+    magnitude faster than ``torch.topk`` for long rows); elsewhere ``torch.topk``.
+    """
+    size = scores.shape[1]
+    if scores.device.type != "cpu":
+        largest = scores.topk(int(keep.max()), dim=1, sorted=True).values  # (B, most)
+        return largest.gather(1, (keep - 1).unsqueeze(1))
+    array = scores.detach().numpy()
+    counts = keep.unique()
+    if counts.numel() == 1:  # one k for every row (top-k, random-k)
+        column = size - int(counts[0])
+        return torch.from_numpy(np.partition(array, column, axis=1)[:, column : column + 1])
+    threshold = torch.empty(scores.shape[0], 1, dtype=scores.dtype)
+    for count in counts.tolist():  # one partition per distinct k
+        rows = (keep == count).nonzero().flatten()
+        part = np.partition(array[rows.numpy()], size - count, axis=1)
+        threshold[rows] = torch.from_numpy(part[:, size - count : size - count + 1])
+    return threshold
+
+
 def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """Indices of the ``keep[n]`` largest scores of each row; ties go to the lower index.
 
@@ -74,21 +98,14 @@ def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     if scores.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         return empty, empty
-    most = int(keep.max())
-    largest, columns = scores.topk(most, dim=1, sorted=True)  # (B, most)
-    threshold = largest.gather(1, (keep - 1).unsqueeze(1))  # (B, 1): the k-th largest score
-    chosen = torch.arange(most, device=scores.device) < keep.unsqueeze(1)  # (B, most)
-    tied = scores == threshold  # (B, N)
-    tied_chosen = (largest == threshold) & chosen  # (B, most)
-    if bool((tied.sum(1) == tied_chosen.sum(1)).all()):
-        # no tie crosses the cut: topk's choice is the only one; columns ascending per row
-        columns = torch.where(chosen, columns, scores.shape[1]).sort(dim=1).values
-        rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
-        valid = columns < scores.shape[1]  # (B, most)
-        return rows.expand_as(columns)[valid], columns[valid]
+    threshold = kth_largest(scores, keep).to(scores.device)  # (B, 1)
     above = scores > threshold  # (B, N)
+    tied = scores == threshold  # (B, N)
     room = keep.unsqueeze(1) - above.sum(1, keepdim=True)  # (B, 1): ties still to keep
-    kept = above | (tied & (tied.cumsum(1) <= room))  # (B, N), exactly keep[n] per row
+    if bool((tied.sum(1, keepdim=True) <= room).all()):  # every tie fits: keep them all
+        kept = above | tied
+    else:  # the lower-index ties up to the room left
+        kept = above | (tied & (tied.cumsum(1) <= room))  # (B, N), exactly keep[n] per row
     return kept.nonzero(as_tuple=True)
 
 
