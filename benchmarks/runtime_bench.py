@@ -4,12 +4,20 @@ build (flash, RAM, a run under QEMU checked against the host).
     python benchmarks/runtime_bench.py                 # = make -C runtime bench
     python benchmarks/runtime_bench.py --cortex-m4     # = make -C runtime cortex-m4
 
-Instruction counts (valgrind --tool=callgrind, x86-64 host, gcc -O2): for the HAR 1-D CNN and
+Instruction counts (valgrind --tool=callgrind, x86-64 host, gcc -O3): for the HAR 1-D CNN and
 the keyword-spotting DS-CNN, the per-sample step (forward, loss, skip decision, sparse backward
 with gradient accumulation) of a sample that tinypropv2 trains, under full, topk (ratio 0.1)
 and tinypropv2, and of a sample that tinypropv2 skips; plus the per-batch update (zero the
-gradients, one SGD step), reported separately and as a batch-of-one total. The model is first
-warmed up on a learnable synthetic task (see runtime/examples/bench_step.c).
+gradients, one SGD step), reported separately and as a batch-of-one total; plus the mean per
+sample of a short training run (64 fresh samples in batches of 8, whole tp_train_batch calls,
+updates included) under each policy from the same state. The model is first warmed up on a
+learnable synthetic task (see runtime/examples/bench_step.c).
+
+Three builds of the same code: ``O3`` (the runtime's default flags; gcc vectorises the dense
+loops with SSE2), ``O3-scalar`` (-fno-tree-vectorize: one float operation per instruction, as
+on a Cortex-M4 whose FPU has no SIMD) and ``O3-zero-skip`` (-DTP_SKIP_ZERO_ERRORS=1: every
+policy skips the output entries whose error is exactly zero; reported as ``<policy>_zero_skip``
+beside the dense reference ``full``).
 """
 
 from __future__ import annotations
@@ -34,19 +42,35 @@ from tinyprop.export.runtime import runtime_dir
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODELS = {
     # name in the results -> (dataset of tinyprop.models, one sample's shape, warm-up settings
-    # of bench_step.c that make the model learn the synthetic task so that samples get skipped)
-    "har-cnn1d": ("har", (6, 100), ["-DWARMUP_EPOCHS=2", "-DWARMUP_LR=0.05"]),
+    # of bench_step.c that make the model learn the synthetic task so that samples get skipped;
+    # HAR gets noisier samples, else it classifies every fresh sample so confidently that
+    # tinypropv2 skips all of them)
+    "har-cnn1d": (
+        "har",
+        (6, 100),
+        ["-DWARMUP_EPOCHS=2", "-DWARMUP_LR=0.05", "-DWARMUP_NOISE=1.0f"],
+    ),
     "keyword-ds-cnn": (
         "speech_commands",
         (1, 49, 10),
         ["-DWARMUP_EPOCHS=12", "-DWARMUP_LR=0.003", "-DWARMUP_ADAM", "-DWARMUP_SHIFT=3"],
     ),
 }
+# build name -> (extra gcc flags, suffix of the policy names in the results)
+BUILDS = {
+    "O3": ([], ""),
+    "O3-scalar": (["-fno-tree-vectorize"], ""),
+    "O3-zero-skip": (["-DTP_SKIP_ZERO_ERRORS=1"], "_zero_skip"),
+}
+MEAN_SAMPLES = 64
 CASES = [
     ("full", "trained", "full_trained"),
     ("topk", "trained", "topk_trained"),
     ("tinypropv2", "trained", "tinypropv2_trained"),
     ("tinypropv2", "skipped", "tinypropv2_skipped"),
+    ("full", "mean", "full_mean"),
+    ("topk", "mean", "topk_mean"),
+    ("tinypropv2", "mean", "tinypropv2_mean"),
 ]
 
 
@@ -71,17 +95,22 @@ def callgrind_totals(prefix: Path) -> dict[str, int]:
     return totals
 
 
-def measure(name: str, work: Path) -> list[dict]:
-    result = export_model(name, work / name)
-    program = work / name / "bench_step"
+def run_build(name: str, work: Path, build: str) -> tuple[dict[str, int], dict[str, list]]:
+    """Compile bench_step.c for one model and build, run it under callgrind.
+
+    Returns:
+        (instructions per dump name, the driver's ``region`` line split into words per name).
+    """
     root = runtime_dir()
+    program = work / name / f"bench_step_{build}"
     sources = [str(root / "examples/bench_step.c")]
     sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
     includes = ["-I", str(root / "include"), "-I", str(root / "src"), "-I", str(work / name)]
-    command = ["gcc", "-std=c99", "-O2", "-g", *BENCH_MODELS[name][2], *includes, *sources, "-lm",
+    flags = [*BUILDS[build][0], *BENCH_MODELS[name][2], f"-DMEAN_SAMPLES={MEAN_SAMPLES}"]
+    command = ["gcc", "-std=c99", "-O3", "-g", *flags, *includes, *sources, "-lm",
                "-o", str(program)]  # fmt: skip
     subprocess.run(command, check=True)
-    prefix = work / name / "callgrind.out"
+    prefix = work / name / f"callgrind.{build}.out"
     run = subprocess.run(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
          f"--callgrind-out-file={prefix}", str(program)],
@@ -93,45 +122,74 @@ def measure(name: str, work: Path) -> list[dict]:
             parts = line.split()
             regions[parts[1]] = parts
         elif line.startswith(("found", "trained sample")):
-            print(f"  {name}: {line}")
+            print(f"  {name} {build}: {line}")
     totals = callgrind_totals(prefix)
     missing = [dump for *_, dump in CASES if dump not in totals] + (
         [] if "update" in totals else ["update"]
     )
     if missing:
         raise RuntimeError(f"{name}: no callgrind dump for {missing}; driver said:\n{run.stdout}")
-    update = totals["update"]
-    full = totals["full_trained"]
+    return totals, regions
+
+
+def measure(name: str, work: Path) -> list[dict]:
+    result = export_model(name, work / name)
+    runs = {build: run_build(name, work, build) for build in BUILDS}
+    # every record's reference: the dense `full` of the same case and vectorisation
+    reference = {b: runs["O3" if suffix else b][0] for b, (_, suffix) in BUILDS.items()}
     records = []
-    for policy, case, dump in CASES:
-        parts = regions[dump]
-        instructions = totals[dump]
-        with_update = instructions + (update if case == "trained" else 0)
-        records.append(
-            {
+    for build, (_, suffix) in BUILDS.items():
+        totals, regions = runs[build]
+        update = totals["update"]
+        for policy, case, dump in CASES:
+            parts = regions[dump]
+            samples = MEAN_SAMPLES if case == "mean" else 1
+            instructions = round(totals[dump] / samples)
+            # the reference: dense `full` of the same case and vectorisation
+            full = round(reference[build][f"full_{case}"] / samples)
+            own_full = round(totals[f"full_{case}"] / samples)
+            with_update = instructions + (update if case == "trained" else 0)
+            full_update = full + (update if case != "mean" else 0)
+            macs = dict(
+                zip(("forward", "backward", "backward_dense", "selection"), map(int, parts[5:9]),
+                    strict=True)
+            )  # fmt: skip
+            record = {
                 "model": name,
-                "policy": policy,
+                "policy": policy + suffix,
                 "case": case,
                 "instructions": instructions,
                 "ratio_to_full": round(instructions / full, 4),
+                "build": build,
                 "ratio": 0.1 if policy == "topk" else None,
                 "update_instructions": update if case == "trained" else 0,
-                "instructions_batch1": with_update,
-                "ratio_to_full_batch1": round(with_update / (full + update), 4),
-                "macs": dict(
-                    zip(
-                        ("forward", "backward", "backward_dense", "selection"),
-                        map(int, parts[5:9]),
-                        strict=True,
-                    )
-                ),  # fmt: skip
-                "keep": [int(v) for v in parts[10:]],
+                "instructions_batch1": with_update if case != "mean" else instructions,
+                "ratio_to_full_batch1": round(
+                    (with_update if case != "mean" else instructions) / full_update, 4
+                ),
+                "macs": {key: value // samples for key, value in macs.items()},
+                "trained": int(parts[3]),
+                "samples": samples,
+                "keep": [int(v) for v in parts[10:]] if case != "mean" else [],
                 "parameters": result.parameters,
                 "training_arena_bytes": result.arena_bytes,
                 "inference_bytes": result.inference_bytes,
             }
-        )
+            if suffix:
+                record["ratio_to_full" + suffix] = round(instructions / own_full, 4)
+            records.append(record)
     return records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"\n{'model':<15} {'build':<13} {'policy':<21} {'case':<8} {'instructions':>12} "
+          f"{'x full':>7} {'+update':>11} {'x full':>6}  trained  k per layer")  # fmt: skip
+    for r in records:
+        trained = f"{r['trained']}/{r['samples']}"
+        print(f"{r['model']:<15} {r['build']:<13} {r['policy']:<21} {r['case']:<8} "
+              f"{r['instructions']:>12,} {r['ratio_to_full']:>7.3f} "
+              f"{r['instructions_batch1']:>11,} {r['ratio_to_full_batch1']:>6.3f}  "
+              f"{trained:>7}  {r['keep'] or ''}")  # fmt: skip
 
 
 def bench(out: Path) -> int:
@@ -142,12 +200,7 @@ def bench(out: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in BENCH_MODELS:
             records += measure(name, Path(tmp))
-    print(f"\n{'model':<16} {'policy':<11} {'case':<8} {'instructions':>13} {'x full':>7} "
-          f"{'+update (B=1)':>14} {'x full':>7}  k per layer")  # fmt: skip
-    for r in records:
-        print(f"{r['model']:<16} {r['policy']:<11} {r['case']:<8} {r['instructions']:>13,} "
-              f"{r['ratio_to_full']:>7.3f} {r['instructions_batch1']:>14,} "
-              f"{r['ratio_to_full_batch1']:>7.3f}  {r['keep']}")  # fmt: skip
+    print_table(records)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -22,7 +22,7 @@ from torch import nn
 import tinyprop
 from tinyprop import models
 from tinyprop.export.graph import arena_bytes
-from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, load_library
+from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, build_library, load_library
 
 POLICIES = ("full", "topk", "tinyprop", "tinypropv2")
 
@@ -153,6 +153,16 @@ def test_parity_topk_small_ratio_and_v1_settings(library):
     run_parity(library, "har", tinyprop.TinyPropConfig("topk", ratio=0.05), OptimizerSpec(lr=0.1))
     notebook = tinyprop.PRESETS["tinyprop-notebook"]
     run_parity(library, "cnn_depthwise", notebook, OptimizerSpec(lr=0.1, momentum=0.5))
+
+
+def test_parity_of_the_zero_skipping_build():
+    """-DTP_SKIP_ZERO_ERRORS=1 (the benchmark's extra baseline) only leaves out zero terms."""
+    library = load_library(build_library(("-O3", "-DTP_SKIP_ZERO_ERRORS=1")))
+    for model_name in ("har", "cnn_depthwise"):
+        for policy in ("full", "topk", "tinypropv2"):
+            config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+            optimizer = OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9)
+            run_parity(library, model_name, config, optimizer, steps=3)
 
 
 def test_arena_size_is_what_training_uses(library):

@@ -10,6 +10,11 @@
  *    the per-sample step (forward, loss, skip decision, sparse backward with gradient
  *    accumulation) of the trained sample under full, topk (ratio 0.1) and tinypropv2, of the
  *    skipped sample under tinypropv2, and the per-batch update (zero gradients + SGD step).
+ * 4. Measure a short training run from the warmed-up state under each policy: MEAN_SAMPLES
+ *    fresh samples (the same for every policy) in batches of WARMUP_BATCH, whole
+ *    tp_train_batch calls (forward, skip decisions, sparse backward, updates), dumped as
+ *    "<policy>_mean"; the driver divides by MEAN_SAMPLES.
+ * Build with -DTP_SKIP_ZERO_ERRORS=1 for the variant that skips zero output errors.
  * Run: valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no ./bench_step
  */
 #include <stdio.h>
@@ -31,7 +36,13 @@
 #ifndef WARMUP_SHIFT
 #define WARMUP_SHIFT 1.0f
 #endif
+#ifndef WARMUP_NOISE
+#define WARMUP_NOISE 0.6f
+#endif
 #define WARMUP_BATCH 8
+#ifndef MEAN_SAMPLES
+#define MEAN_SAMPLES 64
+#endif
 
 static float arena[TP_MODEL_ARENA_BYTES / sizeof(float)];
 static float arena_backup[TP_MODEL_ARENA_BYTES / sizeof(float)];
@@ -40,6 +51,8 @@ static float prototypes[TP_MODEL_CLASSES][TP_MODEL_INPUT_SIZE];
 static float warmup_x[WARMUP_SAMPLES][TP_MODEL_INPUT_SIZE];
 static int32_t warmup_y[WARMUP_SAMPLES];
 static float sample[TP_MODEL_INPUT_SIZE];
+static float mean_x[MEAN_SAMPLES][TP_MODEL_INPUT_SIZE];
+static int32_t mean_y[MEAN_SAMPLES];
 
 static unsigned long long rng = 0x9E3779B97F4A7C15ULL;
 static float uniform(void) { /* xorshift64 in [-1, 1) */
@@ -53,7 +66,7 @@ static float noise(void) { return uniform() + uniform() + uniform(); } /* roughl
 static int32_t draw(float *x) {
     int32_t label = (int32_t)((uniform() + 1.0f) * 0.5f * TP_MODEL_CLASSES), i;
     if (label >= TP_MODEL_CLASSES) label = TP_MODEL_CLASSES - 1;
-    for (i = 0; i < TP_MODEL_INPUT_SIZE; i++) x[i] = prototypes[label][i] + 0.6f * noise();
+    for (i = 0; i < TP_MODEL_INPUT_SIZE; i++) x[i] = prototypes[label][i] + WARMUP_NOISE * noise();
     return label;
 }
 
@@ -181,6 +194,32 @@ int main(void) {
         save();
         step(skipped_label, keep, 1, "tinypropv2_skipped");
         restore();
+    }
+    /* a short training run from the warmed-up state, the same samples for every policy */
+    for (i = 0; i < MEAN_SAMPLES; i++) mean_y[i] = draw(mean_x[i]);
+    {
+        const tp_policy policies[3] = {TP_POLICY_FULL, TP_POLICY_TOPK, TP_POLICY_TINYPROPV2};
+        const char *names[3] = {"full_mean", "topk_mean", "tinypropv2_mean"};
+        int p;
+        for (p = 0; p < 3; p++) {
+            tp_ledger macs = {0, 0, 0, 0};
+            int32_t trained = 0;
+            save();
+            model.policy = tp_policy_defaults(policies[p]);
+            CALLGRIND_TOGGLE_COLLECT;
+            for (i = 0; i + WARMUP_BATCH <= MEAN_SAMPLES; i += WARMUP_BATCH) {
+                tp_train_batch(&model, mean_x[i], &mean_y[i], WARMUP_BATCH, &stats, NULL, NULL);
+                tp_ledger_add(&macs, &stats.macs);
+                trained += stats.trained;
+            }
+            CALLGRIND_TOGGLE_COLLECT;
+            CALLGRIND_DUMP_STATS_AT(names[p]);
+            printf("region %s trained %ld macs %lu %lu %lu %lu samples %ld\n", names[p],
+                   (long)trained, (unsigned long)macs.forward, (unsigned long)macs.backward,
+                   (unsigned long)macs.backward_dense, (unsigned long)macs.selection,
+                   (long)MEAN_SAMPLES);
+            restore();
+        }
     }
     CALLGRIND_STOP_INSTRUMENTATION;
     return 0;

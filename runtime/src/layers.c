@@ -4,50 +4,66 @@
 
 #include "tp_internal.h"
 
+/* Build with -DTP_SKIP_ZERO_ERRORS=1 to skip, in every policy, the output entries whose error
+ * is exactly zero (many, behind a ReLU or a max pool): less work than the dense backward that
+ * the MAC ledger counts. Off by default: `full` is then the dense reference (every one of the
+ * N entries, as a standard framework computes it) and the sparse policies process exactly
+ * their k kept entries. */
+#ifndef TP_SKIP_ZERO_ERRORS
+#define TP_SKIP_ZERO_ERRORS 0
+#endif
+
+/* ---------------------------------------------------------------- vector helpers */
+
+/* sum_i a[i] b[i] with four partial sums (independent chains the compiler can vectorise) */
+static float dot(const float *restrict a, const float *restrict b, int32_t n) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int32_t i;
+    for (i = 0; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* y[i] += a x[i] */
+static void axpy(float *restrict y, float a, const float *restrict x, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 /* ---------------------------------------------------------------- dense */
 
 void tp_dense_forward(const tp_layer *layer, const float *x, float *y) {
     const int32_t in = layer->fan_in, out = layer->out_c;
-    int32_t j, i;
+    int32_t j;
     for (j = 0; j < out; j++) {
-        const float *row = layer->weight + (size_t)j * (size_t)in;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, sum;
-        /* four partial sums: independent chains the compiler can pipeline or vectorise */
-        for (i = 0; i + 4 <= in; i += 4) {
-            s0 += row[i] * x[i];
-            s1 += row[i + 1] * x[i + 1];
-            s2 += row[i + 2] * x[i + 2];
-            s3 += row[i + 3] * x[i + 3];
-        }
-        for (; i < in; i++) s0 += row[i] * x[i];
-        sum = (s0 + s1) + (s2 + s3);
+        const float sum = dot(layer->weight + (size_t)j * (size_t)in, x, in);
         y[j] = layer->has_bias ? sum + layer->bias[j] : sum;
     }
 }
 
 static void dense_backward_row(tp_layer *layer, const float *x, float d, int32_t j,
                                float *delta_in) {
-    const int32_t in = layer->fan_in;
-    float *grad_row = layer->grad_weight + (size_t)j * (size_t)in;
-    const float *row = layer->weight + (size_t)j * (size_t)in;
-    int32_t i;
-    for (i = 0; i < in; i++) grad_row[i] += d * x[i];
-    if (delta_in != NULL)
-        for (i = 0; i < in; i++) delta_in[i] += row[i] * d;
+    const size_t offset = (size_t)j * (size_t)layer->fan_in;
+#if TP_SKIP_ZERO_ERRORS
+    if (d == 0.0f) return;
+#endif
+    axpy(layer->grad_weight + offset, d, x, layer->fan_in);
+    if (delta_in != NULL) axpy(delta_in, d, layer->weight + offset, layer->fan_in);
 }
 
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                        int32_t k, float *delta_in) {
     int32_t n;
     if (delta_in != NULL) memset(delta_in, 0, (size_t)layer->fan_in * sizeof(float));
-    /* rows with a zero error (e.g. behind an inactive ReLU) add nothing: skip them */
     if (kept == NULL) {
-        for (n = 0; n < layer->out_c; n++)
-            if (delta[n] != 0.0f) dense_backward_row(layer, x, delta[n], n, delta_in);
+        for (n = 0; n < layer->out_c; n++) dense_backward_row(layer, x, delta[n], n, delta_in);
     } else {
-        for (n = 0; n < k; n++)
-            if (delta[kept[n]] != 0.0f)
-                dense_backward_row(layer, x, delta[kept[n]], kept[n], delta_in);
+        for (n = 0; n < k; n++) dense_backward_row(layer, x, delta[kept[n]], kept[n], delta_in);
     }
     if (layer->has_bias)
         for (n = 0; n < layer->out_c; n++) layer->grad_bias[n] += delta[n];
@@ -68,50 +84,88 @@ static void valid_outputs(int32_t out_size, int32_t in_size, int32_t stride, int
     *last = hi;
 }
 
-/* Weight-stationary order: for each weight, add its product to every output it touches (a
- * contiguous row update when the stride is 1). Each output still sums its terms in the order
- * (input channel, kh, kw), then adds the bias. */
+/* The outputs one kernel tap (kh, kw) touches: rows [oh_first, oh_last), columns [ow_first,
+ * ow_last); output (oh, ow) reads input (oh * stride_h + row_shift, ow * stride_w + col_shift).
+ * `span` > 0 when those outputs and inputs are both one contiguous run (stride 1, whole rows of
+ * equal width, e.g. a 1x1 kernel or a 1-D conv): the tap is then a single vector operation. */
+typedef struct {
+    int32_t oh_first, oh_last, ow_first, ow_last, row_shift, col_shift, span;
+} tp_tap;
+
+static tp_tap conv_tap(const tp_layer *layer, int32_t kh, int32_t kw) {
+    tp_tap tap;
+    valid_outputs(layer->out_h, layer->in_h, layer->stride_h, layer->padding_h,
+                  kh * layer->dilation_h, &tap.oh_first, &tap.oh_last);
+    valid_outputs(layer->out_w, layer->in_w, layer->stride_w, layer->padding_w,
+                  kw * layer->dilation_w, &tap.ow_first, &tap.ow_last);
+    tap.row_shift = kh * layer->dilation_h - layer->padding_h;
+    tap.col_shift = kw * layer->dilation_w - layer->padding_w;
+    tap.span = 0;
+    if (tap.oh_first < tap.oh_last && tap.ow_first < tap.ow_last &&
+        (tap.oh_last - tap.oh_first == 1 ||
+         (layer->stride_h == 1 && layer->stride_w == 1 && tap.col_shift == 0 &&
+          tap.ow_first == 0 && tap.ow_last == layer->out_w && layer->out_w == layer->in_w)) &&
+        layer->stride_w == 1)
+        tap.span = (tap.oh_last - tap.oh_first - 1) * layer->out_w + tap.ow_last - tap.ow_first;
+    return tap;
+}
+
+/* Offsets of output (oh, tap.ow_first) and of the input it reads, within their planes. */
+static size_t tap_output_offset(const tp_layer *layer, const tp_tap *tap, int32_t oh) {
+    return (size_t)oh * (size_t)layer->out_w + (size_t)tap->ow_first;
+}
+static size_t tap_input_offset(const tp_layer *layer, const tp_tap *tap, int32_t oh) {
+    return (size_t)(oh * layer->stride_h + tap->row_shift) * (size_t)layer->in_w +
+           (size_t)(tap->ow_first * layer->stride_w + tap->col_shift);
+}
+
+/* Weight-stationary order: for each kernel tap and weight, add its product to every output it
+ * touches (one contiguous run per row when the stride is 1, one for the whole tap when
+ * conv_tap finds a span). Each output sums its terms in the order (kh, kw, input channel),
+ * then adds the bias. */
 void tp_conv_forward(const tp_layer *layer, const float *x, float *y) {
     const int32_t in_per_group = layer->in_c / layer->groups;
     const int32_t out_per_group = layer->out_c / layer->groups;
-    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w;
-    const int32_t out_h = layer->out_h, out_w = layer->out_w, in_w = layer->in_w;
-    const size_t in_plane = (size_t)layer->in_h * in_w, out_plane = (size_t)out_h * out_w;
+    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w, stride_w = layer->stride_w;
+    const size_t in_plane = (size_t)layer->in_h * (size_t)layer->in_w;
+    const size_t out_plane = (size_t)layer->out_h * (size_t)layer->out_w;
     int32_t oc, ic, kh, kw, oh, ow;
     memset(y, 0, (size_t)layer->out_c * out_plane * sizeof(float));
-    for (oc = 0; oc < layer->out_c; oc++) {
-        const int32_t first_in = (oc / out_per_group) * in_per_group;
-        float *y_c = y + (size_t)oc * out_plane;
-        for (ic = 0; ic < in_per_group; ic++) {
-            const float *x_c = x + (size_t)(first_in + ic) * in_plane;
-            const float *w_c = layer->weight + (size_t)oc * layer->fan_in + (size_t)ic * kh_n * kw_n;
-            for (kh = 0; kh < kh_n; kh++) {
-                int32_t oh_first, oh_last;
-                valid_outputs(out_h, layer->in_h, layer->stride_h, layer->padding_h,
-                              kh * layer->dilation_h, &oh_first, &oh_last);
-                for (kw = 0; kw < kw_n; kw++) {
-                    const float w = w_c[kh * kw_n + kw];
-                    const int32_t offset_w = kw * layer->dilation_w - layer->padding_w;
-                    int32_t ow_first, ow_last;
-                    valid_outputs(out_w, in_w, layer->stride_w, layer->padding_w,
-                                  kw * layer->dilation_w, &ow_first, &ow_last);
-                    for (oh = oh_first; oh < oh_last; oh++) {
-                        const int32_t ih = oh * layer->stride_h - layer->padding_h +
-                                           kh * layer->dilation_h;
-                        const float *x_row = x_c + (size_t)ih * in_w;
-                        float *y_row = y_c + (size_t)oh * out_w;
-                        if (layer->stride_w == 1) {
-                            const float *x_shift = x_row + offset_w;
-                            for (ow = ow_first; ow < ow_last; ow++) y_row[ow] += w * x_shift[ow];
+    for (kh = 0; kh < kh_n; kh++) {
+        for (kw = 0; kw < kw_n; kw++) {
+            const tp_tap tap = conv_tap(layer, kh, kw);
+            const int32_t count = tap.ow_last - tap.ow_first;
+            const size_t out_at = tap_output_offset(layer, &tap, tap.oh_first);
+            const size_t in_at = tap_input_offset(layer, &tap, tap.oh_first);
+            if (count <= 0 || tap.oh_first >= tap.oh_last) continue;
+            for (oc = 0; oc < layer->out_c; oc++) {
+                const int32_t first_in = (oc / out_per_group) * in_per_group;
+                const float *w_oc = layer->weight + (size_t)oc * (size_t)layer->fan_in +
+                                    (size_t)(kh * kw_n + kw);
+                float *y_c = y + (size_t)oc * out_plane;
+                for (ic = 0; ic < in_per_group; ic++) {
+                    const float w = w_oc[(size_t)ic * (size_t)(kh_n * kw_n)];
+                    const float *x_c = x + (size_t)(first_in + ic) * in_plane;
+                    if (tap.span > 0) {
+                        axpy(y_c + out_at, w, x_c + in_at, tap.span);
+                        continue;
+                    }
+                    for (oh = tap.oh_first; oh < tap.oh_last; oh++) {
+                        float *y_run = y_c + tap_output_offset(layer, &tap, oh);
+                        const float *x_run = x_c + tap_input_offset(layer, &tap, oh);
+                        if (stride_w == 1) {
+                            axpy(y_run, w, x_run, count);
                         } else {
-                            for (ow = ow_first; ow < ow_last; ow++)
-                                y_row[ow] += w * x_row[ow * layer->stride_w + offset_w];
+                            for (ow = 0; ow < count; ow++) y_run[ow] += w * x_run[ow * stride_w];
                         }
                     }
                 }
             }
         }
-        if (layer->has_bias) {
+    }
+    if (layer->has_bias) {
+        for (oc = 0; oc < layer->out_c; oc++) {
+            float *y_c = y + (size_t)oc * out_plane;
             const float b = layer->bias[oc];
             size_t p;
             for (p = 0; p < out_plane; p++) y_c[p] += b;
@@ -119,20 +173,83 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y) {
     }
 }
 
-/* The weight and input gradient of one output element (oc, oh, ow) = index `j`. */
+#if !TP_SKIP_ZERO_ERRORS
+/* The dense backward of a conv (every output entry), in the forward's weight-stationary
+ * order: each weight's gradient is one dot product of the output error with the input it
+ * saw, and its input-gradient term one vector update. */
+static void conv_backward_dense(tp_layer *layer, const float *x, const float *delta,
+                                float *delta_in) {
+    const int32_t in_per_group = layer->in_c / layer->groups;
+    const int32_t out_per_group = layer->out_c / layer->groups;
+    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w, stride_w = layer->stride_w;
+    const size_t in_plane = (size_t)layer->in_h * (size_t)layer->in_w;
+    const size_t out_plane = (size_t)layer->out_h * (size_t)layer->out_w;
+    int32_t oc, ic, kh, kw, oh, ow;
+    for (kh = 0; kh < kh_n; kh++) {
+        for (kw = 0; kw < kw_n; kw++) {
+            const tp_tap tap = conv_tap(layer, kh, kw);
+            const int32_t count = tap.ow_last - tap.ow_first;
+            const size_t out_at = tap_output_offset(layer, &tap, tap.oh_first);
+            const size_t in_at = tap_input_offset(layer, &tap, tap.oh_first);
+            if (count <= 0 || tap.oh_first >= tap.oh_last) continue;
+            for (oc = 0; oc < layer->out_c; oc++) {
+                const int32_t first_in = (oc / out_per_group) * in_per_group;
+                const size_t w_at = (size_t)oc * (size_t)layer->fan_in + (size_t)(kh * kw_n + kw);
+                const float *d_c = delta + (size_t)oc * out_plane;
+                for (ic = 0; ic < in_per_group; ic++) {
+                    const size_t w_index = w_at + (size_t)ic * (size_t)(kh_n * kw_n);
+                    const float w = layer->weight[w_index];
+                    const size_t x_offset = (size_t)(first_in + ic) * in_plane;
+                    const float *x_c = x + x_offset;
+                    float *din_c = delta_in != NULL ? delta_in + x_offset : NULL;
+                    float g = 0.0f;
+                    if (tap.span > 0) {
+                        g = dot(d_c + out_at, x_c + in_at, tap.span);
+                        if (din_c != NULL) axpy(din_c + in_at, w, d_c + out_at, tap.span);
+                        layer->grad_weight[w_index] += g;
+                        continue;
+                    }
+                    for (oh = tap.oh_first; oh < tap.oh_last; oh++) {
+                        const float *d_run = d_c + tap_output_offset(layer, &tap, oh);
+                        const size_t in_row = tap_input_offset(layer, &tap, oh);
+                        if (stride_w == 1) {
+                            g += dot(d_run, x_c + in_row, count);
+                            if (din_c != NULL) axpy(din_c + in_row, w, d_run, count);
+                            continue;
+                        }
+                        for (ow = 0; ow < count; ow++)
+                            g += d_run[ow] * x_c[in_row + (size_t)(ow * stride_w)];
+                        if (din_c != NULL)
+                            for (ow = 0; ow < count; ow++)
+                                din_c[in_row + (size_t)(ow * stride_w)] += w * d_run[ow];
+                    }
+                    layer->grad_weight[w_index] += g;
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* The weight and input gradient of one output element (oc, oh, ow) = index `j`: for each
+ * kernel tap whose input lies inside the image, one pass over the input channels of its group
+ * (both products of a channel in the same iteration). */
 static void conv_backward_element(tp_layer *layer, const float *x, float d, int32_t j,
                                   float *delta_in) {
     const int32_t plane = layer->out_h * layer->out_w;
-    const int32_t oc = j / plane, oh = (j % plane) / layer->out_w, ow = j % layer->out_w;
+    const int32_t oc = j / plane, within = j - oc * plane;
+    const int32_t oh = within / layer->out_w, ow = within - oh * layer->out_w;
     const int32_t in_per_group = layer->in_c / layer->groups;
     const int32_t first_in = (oc / (layer->out_c / layer->groups)) * in_per_group;
-    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w;
+    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w, taps = kh_n * kw_n;
     const int32_t dh = layer->dilation_h, dw = layer->dilation_w, in_w = layer->in_w;
     const int32_t h0 = oh * layer->stride_h - layer->padding_h;
     const int32_t w0 = ow * layer->stride_w - layer->padding_w;
-    const size_t in_plane = (size_t)layer->in_h * in_w;
-    float *g_oc = layer->grad_weight + (size_t)oc * (size_t)layer->fan_in;
-    const float *w_oc = layer->weight + (size_t)oc * (size_t)layer->fan_in;
+    const size_t in_plane = (size_t)layer->in_h * (size_t)in_w;
+    float *restrict g_oc = layer->grad_weight + (size_t)oc * (size_t)layer->fan_in;
+    const float *restrict w_oc = layer->weight + (size_t)oc * (size_t)layer->fan_in;
+    const float *restrict x_group = x + (size_t)first_in * in_plane;
+    float *restrict din_group = delta_in != NULL ? delta_in + (size_t)first_in * in_plane : NULL;
     /* the taps whose input lies inside the image */
     int32_t kh_first = h0 < 0 ? (-h0 + dh - 1) / dh : 0;
     int32_t kh_last = (layer->in_h - 1 - h0) >= 0 ? (layer->in_h - 1 - h0) / dh + 1 : 0;
@@ -141,16 +258,23 @@ static void conv_backward_element(tp_layer *layer, const float *x, float d, int3
     int32_t ic, kh, kw;
     if (kh_last > kh_n) kh_last = kh_n;
     if (kw_last > kw_n) kw_last = kw_n;
-    for (ic = 0; ic < in_per_group; ic++) {
-        const size_t x_offset = (size_t)(first_in + ic) * in_plane;
-        const int32_t w_offset = ic * kh_n * kw_n;
-        for (kh = kh_first; kh < kh_last; kh++) {
-            const long row = (long)x_offset + (long)(h0 + kh * dh) * in_w + w0;
-            float *g_row = g_oc + w_offset + kh * kw_n;
-            const float *w_row = w_oc + w_offset + kh * kw_n;
-            for (kw = kw_first; kw < kw_last; kw++) g_row[kw] += d * x[row + kw * dw];
-            if (delta_in != NULL)
-                for (kw = kw_first; kw < kw_last; kw++) delta_in[row + kw * dw] += w_row[kw] * d;
+    for (kh = kh_first; kh < kh_last; kh++) {
+        for (kw = kw_first; kw < kw_last; kw++) {
+            const size_t at = (size_t)(h0 + kh * dh) * (size_t)in_w + (size_t)(w0 + kw * dw);
+            const int32_t tap = kh * kw_n + kw;
+            float *restrict g = g_oc + tap;
+            const float *restrict xs = x_group + at;
+            if (din_group != NULL) {
+                const float *restrict w = w_oc + tap;
+                float *restrict din = din_group + at;
+                for (ic = 0; ic < in_per_group; ic++) {
+                    g[(size_t)ic * (size_t)taps] += d * xs[(size_t)ic * in_plane];
+                    din[(size_t)ic * in_plane] += w[(size_t)ic * (size_t)taps] * d;
+                }
+            } else {
+                for (ic = 0; ic < in_per_group; ic++)
+                    g[(size_t)ic * (size_t)taps] += d * xs[(size_t)ic * in_plane];
+            }
         }
     }
 }
@@ -162,18 +286,28 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
     int32_t n;
     if (delta_in != NULL) memset(delta_in, 0, (size_t)tp_layer_input_size(layer) * sizeof(float));
     if (kept == NULL) {
+#if TP_SKIP_ZERO_ERRORS
         for (n = 0; n < n_out; n++)
             if (delta[n] != 0.0f) conv_backward_element(layer, x, delta[n], n, delta_in);
+#else
+        (void)n_out;
+        conv_backward_dense(layer, x, delta, delta_in);
+#endif
     } else {
-        for (n = 0; n < k; n++)
-            if (delta[kept[n]] != 0.0f)
-                conv_backward_element(layer, x, delta[kept[n]], kept[n], delta_in);
+        for (n = 0; n < k; n++) {
+#if TP_SKIP_ZERO_ERRORS
+            if (delta[kept[n]] == 0.0f) continue;
+#endif
+            conv_backward_element(layer, x, delta[kept[n]], kept[n], delta_in);
+        }
     }
     if (layer->has_bias) {
-        int32_t oc, p;
+        int32_t oc;
         for (oc = 0; oc < layer->out_c; oc++) {
+            const float *d_c = delta + (size_t)oc * (size_t)plane;
             float sum = 0.0f;
-            for (p = 0; p < plane; p++) sum += delta[oc * plane + p];
+            int32_t p;
+            for (p = 0; p < plane; p++) sum += d_c[p];
             layer->grad_bias[oc] += sum;
         }
     }

@@ -264,7 +264,7 @@ int main(void) {
 
 MAKEFILE = """# Build the exported example on the host: make && ./train < samples.bin
 CC ?= gcc
-CFLAGS ?= -O2
+CFLAGS ?= -O3
 train: main.c tinyprop_model.h $(wildcard runtime/src/*.c)
 \t$(CC) -std=c99 $(CFLAGS) -Iruntime/include -I. main.c runtime/src/*.c -lm -o train
 clean:

@@ -60,7 +60,7 @@ def runtime_sources() -> list[Path]:
     return sorted((runtime_dir() / "src").glob("*.c"))
 
 
-def build_library(flags: tuple[str, ...] = ("-O2",), compiler: str = "gcc") -> Path:
+def build_library(flags: tuple[str, ...] = ("-O3",), compiler: str = "gcc") -> Path:
     """Compile the runtime into a shared library (cached by a hash of sources and flags).
 
     Args:
