@@ -55,10 +55,12 @@ def test_keeping_everything_equals_plain_pytorch(name, config, kernel):
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
 
 
-def masked_reference(model, x, y, ratio):
+def masked_reference(model, x, y, ratio, dense_last=False):
     """Hand-written meProp: hooks keep the top-k |δ| of every layer output, per sample; the bias
     gradient comes from the full δ (as in the authors' code)."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    if dense_last:
+        layers = layers[:-1]
     dense_bias = {}
 
     def hook_for(layer):
@@ -152,3 +154,16 @@ def test_conv_weight_gradient_rows_follow_kept_channels():
     k = stats.keep["2"].item()
     assert k == int(keep_count(0.05, 6 * 4 * 4))
     assert int((model[2].weight.grad.flatten(1).abs().sum(1) > 0).sum()) <= k
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_dense_output_layer_keeps_the_last_layer_dense(name):
+    model = build(name)
+    x, y = batch(name)
+    expected = masked_reference(copy.deepcopy(model), x, y, 0.2, dense_last=True)
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.2, dense_output_layer=True)
+    got, stats = tinyprop_gradients(model, x, y, config)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10, msg=key)
+    last = list(stats.keep)[-1]
+    assert stats.keep[last].tolist() == [5] * len(x)  # all 5 outputs kept

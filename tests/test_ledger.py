@@ -70,3 +70,11 @@ def test_skipped_samples_cost_forward_and_decision_only():
     assert stats.macs.forward == 4 * 528 and stats.macs.backward == 0
     assert stats.macs.backward_dense == 4 * 933
     assert stats.macs.selection == 4 * 5  # Y_L of the 5 outputs, per sample
+
+
+def test_dense_output_layer_costs_dense_backward_and_no_selection():
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.25, dense_output_layer=True)
+    stats = one_step("mlp", config, 3)
+    # L0 64 and L1 160 as in the topk case; L2 dense: 80 + 80 + 16 + 5 = 181
+    assert stats.macs.backward == 3 * (64 + 160 + 181)
+    assert stats.macs.selection == 3 * (16 + 16)

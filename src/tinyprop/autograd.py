@@ -68,14 +68,20 @@ class SparseBackprop(torch.autograd.Function):
         delta = geometry.delta_matrix(grad_output)[rows]  # (B', C_out, P)
         flat = delta.reshape(rows.numel(), -1)  # (B', N)
         keep = layer.keep_count(flat)  # (B',)
-        local_row, entry = layer.select(flat, keep)  # (M,), (M,)
-        value = flat[local_row, entry]  # (M,)
         ctx.call.keep = keep
         ctx.call.computes_input_grad = bool(needs_input)
-
         grad_bias = delta.sum((0, 2)) if ctx.has_bias and needs_bias else None  # (C_out,), dense
         if not (needs_input or needs_weight):
             return None, None, grad_bias, None, None
+        if layer.keeps_everything:  # a dense output layer: no selection
+            ctx.call.selected = False
+            grad_input, grad_weight = geometry.dense_gradients(
+                x, weight, rows, flat, needs_input, needs_weight
+            )
+            return grad_input, grad_weight, grad_bias, None, None
+
+        local_row, entry = layer.select(flat, keep)  # (M,), (M,)
+        value = flat[local_row, entry]  # (M,)
         density = entry.numel() / max(flat.numel(), 1)
         if density > DENSE_KERNEL_DENSITY:
             masked = torch.zeros_like(flat)  # (B', N): the kept entries, zeros elsewhere

@@ -33,6 +33,8 @@ class TinyPropConfig:
         beta: β, damping factor of the decision metric D.
         skip_threshold: τ, a sample is skipped when D < τ (``tinypropv2`` only).
         seed: seed of the random choice of ``randomk``.
+        dense_output_layer: keep the output layer (d = 0) dense, as meProp's reference code
+            does; off by default (every layer sparse, as ``spec/algorithm.md`` defines).
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -50,6 +52,7 @@ class TinyPropConfig:
     beta: float = 1.0  # β: damping of the skip decision metric
     skip_threshold: float = 0.5  # τ: skip the sample when D < τ
     seed: int = 0  # randomk's random stream
+    dense_output_layer: bool = False  # backpropagate the output layer densely (meProp's code)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -82,6 +85,10 @@ class TinyPropConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.dense_output_layer, bool):
+            raise TypeError(
+                f"dense_output_layer must be True or False, got {self.dense_output_layer!r}"
+            )
 
     @property
     def adaptive(self) -> bool:
@@ -104,7 +111,7 @@ class TinyPropConfig:
 
 PRESETS: dict[str, TinyPropConfig] = {
     "full": TinyPropConfig(policy="full"),
-    "meprop": TinyPropConfig(policy="topk", ratio=0.1),
+    "meprop": TinyPropConfig(policy="topk", ratio=0.1, dense_output_layer=True),
     "randomk": TinyPropConfig(policy="randomk", ratio=0.1),
     # the defaults of the authors' C examples
     "tinyprop": TinyPropConfig(policy="tinyprop", s_min=0.1, s_max=0.9, zeta=0.5),

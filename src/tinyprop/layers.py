@@ -41,6 +41,7 @@ class LayerCall:
     input_size: int  # input elements per sample (the previous activation's derivative)
     computes_input_grad: bool
     keep: Tensor | None = None  # (trained,) k per trained sample, set by the backward
+    selected: bool = True  # False when the layer kept everything without a selection
 
 
 @dataclass
@@ -106,6 +107,8 @@ class SparseBackpropLayer:
         """k per sample for the policy. ``delta`` (B', N) -> (B',) long."""
         config = self.tinyprop_state.config
         samples, size = delta.shape
+        if self.keeps_everything:
+            return torch.full((samples,), size, dtype=torch.long, device=delta.device)
         if not config.adaptive:
             return keep_count(config.ratio, size).expand(samples).to(delta.device)
         error = local_error(delta)  # (B',) Y_l
@@ -115,6 +118,11 @@ class SparseBackpropLayer:
         return adaptive_keep_count(
             error, error_max, config.s_min, config.s_max, config.zeta, self.depth, size
         ).to(delta.device)
+
+    @property
+    def keeps_everything(self) -> bool:
+        """True for the output layer under ``dense_output_layer`` (no selection at all)."""
+        return self.depth == 0 and self.tinyprop_state.config.dense_output_layer
 
     def select(self, delta: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """The kept entries: top-|δ| for every policy but random-k. (B', N) -> (M,), (M,)."""

@@ -102,6 +102,8 @@ def step_ledger(
         fixed = layer_backward_macs(call, 0)
         per_keep = layer_backward_macs(call, 1) - fixed
         ledger.backward += trained * fixed + kept * per_keep
+        if not call.selected:
+            continue
         if config.policy == "randomk":
             ledger.selection += kept
         elif config.adaptive:

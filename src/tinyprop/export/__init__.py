@@ -100,6 +100,11 @@ def export_c(
     """
     if not isinstance(config, TinyPropConfig):
         raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
+    if config.dense_output_layer:
+        raise ValueError(
+            "the C runtime backpropagates every layer sparsely; export with "
+            "dense_output_layer=False"
+        )
     if config.policy == "randomk":
         raise ValueError(
             "the C runtime has no randomk policy; export with full, topk, tinyprop or tinypropv2"
