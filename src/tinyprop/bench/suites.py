@@ -63,11 +63,14 @@ class Suite:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-# settings grids: every entry is a set of TinyPropConfig fields on top of the policy's defaults
+# settings grids: every entry is a set of TinyPropConfig fields on top of the policy's defaults.
+# topk and randomk keep the output layer dense, as meProp's reference code does (with k = 1 of
+# 10 logits the output layer collapses; see benchmarks/results/accuracy_study.md).
+MEPROP = {"dense_output_layer": True}
 SMALL_SETTINGS: dict[str, list[dict]] = {
     "full": [{}],
-    "topk": [{"ratio": 0.1}, {"ratio": 0.2}, {"ratio": 0.3}],
-    "randomk": [{"ratio": 0.1}, {"ratio": 0.3}],
+    "topk": [{"ratio": 0.1, **MEPROP}, {"ratio": 0.2, **MEPROP}, {"ratio": 0.3, **MEPROP}],
+    "randomk": [{"ratio": 0.1, **MEPROP}, {"ratio": 0.3, **MEPROP}],
     "tinyprop": [{"zeta": 1.0}, {"zeta": 0.5}],
     "tinypropv2": [
         {"zeta": 1.0, "skip_threshold": 0.1},
@@ -78,8 +81,8 @@ SMALL_SETTINGS: dict[str, list[dict]] = {
 
 PAPER_SETTINGS: dict[str, list[dict]] = {
     "full": [{}],
-    "topk": [{"ratio": r} for r in (0.02, 0.05, 0.1, 0.2, 0.3)],
-    "randomk": [{"ratio": r} for r in (0.05, 0.1, 0.2, 0.3)],
+    "topk": [{"ratio": r, **MEPROP} for r in (0.02, 0.05, 0.1, 0.2, 0.3)],
+    "randomk": [{"ratio": r, **MEPROP} for r in (0.05, 0.1, 0.2, 0.3)],
     "tinyprop": [{"zeta": z, "s_max": s} for z in (1.0, 0.75, 0.5) for s in (0.5, 0.9)],
     "tinypropv2": [
         {"zeta": z, "s_max": 0.9, "skip_threshold": t}
