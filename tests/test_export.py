@@ -149,7 +149,10 @@ def test_cli_exports_a_module_and_a_state_dict(tmp_path, capsys):
     torch.save(net, tmp_path / "har.pt")
     torch.save(net.state_dict(), tmp_path / "har_state.pt")
     status = export_main([str(tmp_path / "har.pt"), "--config", "meprop", "--input-shape",
-                          "6,100", "--out", str(tmp_path / "a")])  # fmt: skip
+                          "6,100", "--out", str(tmp_path / "m")])  # fmt: skip
+    assert status == 2 and "dense_output_layer=False" in capsys.readouterr().out
+    status = export_main([str(tmp_path / "har.pt"), "--config", '{"policy": "topk"}',
+                          "--input-shape", "6,100", "--out", str(tmp_path / "a")])  # fmt: skip
     assert status == 0
     header = (tmp_path / "a" / "tinyprop_model.h").read_text()
     assert "TP_POLICY_TOPK" in header and "#define TP_MODEL_INPUT_SIZE 600" in header
