@@ -390,7 +390,9 @@ void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *del
             for (ow = 0; ow < layer->out_w; ow++) {
                 const float d = delta_out[((size_t)c * layer->out_h + oh) * layer->out_w + ow];
                 tp_window win;
+#if TP_SKIP_ZERO_ERRORS
                 if (d == 0.0f) continue;
+#endif
                 win = pool_window(layer, oh, ow);
                 delta_in[(size_t)c * in_plane + window_argmax(layer, x_c, &win)] += d;
             }
