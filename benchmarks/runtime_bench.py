@@ -146,7 +146,6 @@ def measure(name: str, work: Path) -> list[dict]:
             parts = regions[dump]
             samples = MEAN_SAMPLES if case == "mean" else 1
             instructions = round(totals[dump] / samples)
-            # the reference: dense `full` of the same case and vectorisation
             full_dump = "full_mean" if case == "mean" else "full_trained"  # skipped: vs trained
             full = round(reference[build][full_dump] / samples)
             own_full = round(totals[full_dump] / samples)
