@@ -19,6 +19,7 @@ def kernel(request, monkeypatch):
     """Run a test with the sparse kernels only, then with the dense kernels only."""
     threshold = 1.0 if request.param == "sparse kernels" else 0.0
     monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
+    monkeypatch.setattr(tinyprop.autograd, "CONV_DENSE_KERNEL_DENSITY", threshold)
     return request.param
 
 

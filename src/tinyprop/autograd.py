@@ -15,16 +15,18 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from tinyprop.patches import patches_for
+from tinyprop.patches import LinearPatches, patches_for
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-# Above this fraction of kept entries (in one layer and step), the kept entries are multiplied
-# with the dense kernels (GEMM / convolution backward on the masked δ) instead of the sparse
-# ones: on CPUs the sparse kernels are slower there (measured crossover about 0.15 for a
-# 2048x2048 Linear, batch 128). The result is the same up to float rounding; the ledger counts
-# k · fan_in either way. Set to 1.0 to always use the sparse kernels.
-DENSE_KERNEL_DENSITY = 0.15
+# Above these fractions of kept entries (in one layer and step), the kept entries are multiplied
+# with PyTorch's dense kernels (GEMM / convolution backward on the masked δ) instead of the
+# sparse ones, which are slower on CPUs there. Measured crossovers (benchmarks/speed.py, one
+# thread): about 0.15 for a 2048x2048 Linear at batch 128; below 0.05 for 3x3 convolutions,
+# whose dense backward (oneDNN) beats gathering patches. The result is the same up to float
+# rounding, and the ledger counts k · fan_in either way. 1.0 always uses the sparse kernels.
+DENSE_KERNEL_DENSITY = 0.15  # Linear layers
+CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers
 
 
 def sparse_rows(
@@ -83,7 +85,8 @@ class SparseBackprop(torch.autograd.Function):
         local_row, entry = layer.select(flat, keep)  # (M,), (M,)
         value = flat[local_row, entry]  # (M,)
         density = entry.numel() / max(flat.numel(), 1)
-        if density > DENSE_KERNEL_DENSITY:
+        linear_layer = isinstance(geometry, LinearPatches)
+        if density > (DENSE_KERNEL_DENSITY if linear_layer else CONV_DENSE_KERNEL_DENSITY):
             masked = torch.zeros_like(flat)  # (B', N): the kept entries, zeros elsewhere
             masked[local_row, entry] = value
             grad_input, grad_weight = geometry.dense_gradients(

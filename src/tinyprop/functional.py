@@ -69,16 +69,22 @@ def kth_largest(scores: Tensor, keep: Tensor) -> Tensor:
         largest = scores.topk(int(keep.max()), dim=1, sorted=True).values  # (B, most)
         return largest.gather(1, (keep - 1).unsqueeze(1))
     array = scores.detach().numpy()
+    # δ behind ReLU and pooling is mostly exact zeros, and introselect slows down tenfold on
+    # that many equal keys: give the zeros distinct negative stand-ins. The k-th largest is
+    # unchanged where a row has at least k non-zero scores; elsewhere it is 0.
+    positive = array > 0  # (B, N)
+    distinct = np.where(positive, array, -np.arange(1, size + 1, dtype=array.dtype))
     counts = keep.unique()
     if counts.numel() == 1:  # one k for every row (top-k, random-k)
         column = size - int(counts[0])
-        return torch.from_numpy(np.partition(array, column, axis=1)[:, column : column + 1])
+        part = np.partition(distinct, column, axis=1)[:, column : column + 1]  # (B, 1)
+        return torch.from_numpy(part).clamp_min_(0)
     threshold = torch.empty(scores.shape[0], 1, dtype=scores.dtype)
     for count in counts.tolist():  # one partition per distinct k
         rows = (keep == count).nonzero().flatten()
-        part = np.partition(array[rows.numpy()], size - count, axis=1)
+        part = np.partition(distinct[rows.numpy()], size - count, axis=1)
         threshold[rows] = torch.from_numpy(part[:, size - count : size - count + 1])
-    return threshold
+    return threshold.clamp_min_(0)  # rows with fewer than k non-zero scores: 0
 
 
 def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
