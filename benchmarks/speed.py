@@ -5,6 +5,9 @@ every policy trains its own model (same initial weights, same batches) in chunks
 round-robin, and the per-step time is the median over chunks. What counts is the ratio to
 ``full`` measured in the same run, not the absolute time.
 
+One torch thread by default: on a shared 2-core machine a second thread oversubscribes the
+cores and makes every timing erratic (``--threads 0`` uses torch's default).
+
 Run:
     python benchmarks/speed.py                 # both models, writes benchmarks/results/speed.json
     python benchmarks/speed.py --rounds 3      # quicker, noisier
@@ -147,10 +150,10 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=9, help="chunks per policy")
-    parser.add_argument("--chunk", type=int, default=10, help="steps per chunk")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--rounds", type=int, default=8, help="chunks per policy")
+    parser.add_argument("--chunk", type=int, default=5, help="steps per chunk")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()
     if args.threads:
