@@ -84,6 +84,34 @@ def test_ties_in_validation_pick_the_cheaper_setting():
     assert chosen(report.summarise(records))["topk"].drop_pp is None  # no full run to compare
 
 
+def test_cheapest_setting_within_tolerance_of_full_on_validation():
+    records = [
+        make_record("full", {}, 0, 95.0, 94.0, 1.0, 1.0),
+        make_record("tinypropv2", {"skip_threshold": 0.1}, 0, 94.8, 93.9, 0.40),
+        make_record("tinypropv2", {"skip_threshold": 0.3}, 0, 94.0, 93.2, 0.20),
+        make_record("tinypropv2", {"skip_threshold": 0.5}, 0, 99.0, 92.0, 0.10),  # test ignored
+    ]
+    assert chosen(report.summarise(records))["tinypropv2"].setting == "skip_threshold=0.3"
+    assert chosen(report.summarise(records, tolerance=0.5))["tinypropv2"].setting == (
+        "skip_threshold=0.1"
+    )
+    assert chosen(report.summarise(records, tolerance=-1))["tinypropv2"].setting == (
+        "skip_threshold=0.1"
+    )
+    assert chosen(report.summarise(records, tolerance=5))["tinypropv2"].setting == (
+        "skip_threshold=0.5"
+    )
+
+
+def test_reconstruction_error_tolerance_is_relative():
+    records = [
+        make_record("full", {}, 0, 80.0, -2.0, 1.0, 1.0, val_metric_name="neg_mse"),
+        make_record("topk", {"ratio": 0.1}, 0, 70.0, -2.01, 0.1, val_metric_name="neg_mse"),
+        make_record("topk", {"ratio": 0.05}, 0, 75.0, -2.5, 0.05, val_metric_name="neg_mse"),
+    ]
+    assert chosen(report.summarise(records))["topk"].setting == "ratio=0.1"  # within 1% of 2.0
+
+
 def test_report_files_table_and_plots(tmp_path, capsys):
     write(tmp_path, RECORDS)
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a record: skipped with a warning

@@ -1,7 +1,8 @@
 """``tinyprop report RESULTS_DIR``: Markdown and CSV tables and accuracy-vs-compute plots.
 
-Per dataset: full training's metric; each policy's metric at the setting chosen by the
-validation metric (never the test metric), its drop vs full in percentage points, total and
+Per dataset: full training's metric; each policy's metric at the setting chosen on the
+validation split (the cheapest within ``--tolerance`` pp of full training's validation metric;
+never by the test metric), its drop vs full in percentage points, total and
 backward compute in % of full, and skip rate; means and standard deviations over seeds, and the
 data source of every row. Writes ``report.md``, ``report.csv`` (chosen settings),
 ``report_settings.csv`` (every setting) and ``plot_<protocol>_<dataset>.png`` into the folder.
@@ -41,6 +42,7 @@ class SettingSummary:
     metric_mean: float
     metric_std: float
     val_metric_mean: float
+    val_metric_name: str
     compute_pct: float
     backward_pct: float
     skip_pct: float
@@ -57,15 +59,41 @@ def _policy_rank(policy: str) -> tuple[int, str]:
     return (POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER), policy)
 
 
-def summarise(records: list[dict]) -> list[SettingSummary]:
-    """Aggregate records over seeds, choose each policy's setting by validation metric and fill
-    in the drop vs full.
+def tolerance_for(reference: SettingSummary, tolerance: float) -> float:
+    """The validation tolerance in the metric's unit: ``tolerance`` percentage points, or for
+    a reconstruction error (``neg_mse``, DCASE's normal-only validation) ``tolerance`` percent
+    of full training's error."""
+    if reference.val_metric_name == "neg_mse":
+        return abs(reference.val_metric_mean) * tolerance / 100
+    return tolerance
 
-    The chosen setting of a policy has the highest mean validation metric over seeds (ties: the
-    lower backward compute). The drop is ``mean(full) - mean(policy)`` in percentage points.
+
+def choose_setting(
+    options: list[SettingSummary], full: SettingSummary | None, tolerance: float
+) -> SettingSummary:
+    """A policy's setting, from validation metrics only: the one with the least backward compute
+    among those within ``tolerance`` of full training's validation metric; when none is (or
+    there is no full run), the one with the best validation metric."""
+    if full is not None and tolerance >= 0:
+        floor = full.val_metric_mean - tolerance_for(full, tolerance)
+        close = [option for option in options if option.val_metric_mean >= floor]
+        if close:
+            return min(close, key=lambda s: (s.backward_pct, -s.val_metric_mean))
+    return max(options, key=lambda s: (s.val_metric_mean, -s.backward_pct))
+
+
+def summarise(records: list[dict], tolerance: float = 1.0) -> list[SettingSummary]:
+    """Aggregate records over seeds, choose each policy's setting on the validation split and
+    fill in the drop vs full.
+
+    The chosen setting of a policy is the cheapest (least backward compute) whose mean
+    validation metric is within ``tolerance`` percentage points of full training's; when none
+    is, the one with the best mean validation metric (:func:`choose_setting`). The test metric
+    plays no part. The drop is ``mean(full) - mean(policy)`` in percentage points.
 
     Args:
         records: run records (see ``tinyprop.bench.store``).
+        tolerance: validation tolerance in percentage points (negative: best validation metric).
 
     Returns:
         One :class:`SettingSummary` per (protocol, dataset, policy, setting), sorted.
@@ -94,6 +122,7 @@ def summarise(records: list[dict]) -> list[SettingSummary]:
                 metric_mean=statistics.fmean(metric),
                 metric_std=_std(metric),
                 val_metric_mean=statistics.fmean(float(r["val_metric"]) for r in group),
+                val_metric_name=group[0].get("val_metric_name", group[0]["metric_name"]),
                 compute_pct=100 * statistics.fmean(float(r["compute_ratio"]) for r in group),
                 backward_pct=100 * statistics.fmean(float(r["backward_ratio"]) for r in group),
                 skip_pct=100 * statistics.fmean(float(r["skip_rate"]) for r in group),
@@ -104,9 +133,9 @@ def summarise(records: list[dict]) -> list[SettingSummary]:
     for summary in summaries:
         key = (summary.protocol, summary.dataset, summary.source, summary.policy)
         by_policy.setdefault(key, []).append(summary)
-    for options in by_policy.values():
-        best = max(options, key=lambda s: (s.val_metric_mean, -s.backward_pct))
-        best.chosen = True
+    for key, options in by_policy.items():
+        reference = by_policy.get((*key[:3], "full"))
+        choose_setting(options, reference[0] if reference else None, tolerance).chosen = True
     full = {
         (s.protocol, s.dataset, s.source): s for s in summaries if s.policy == "full" and s.chosen
     }
@@ -136,8 +165,10 @@ def markdown(summaries: list[SettingSummary]) -> str:
         "# Benchmark report",
         "",
         "Metric in percent on the test split (accuracy; AUC for dcase2020), mean ± std over "
-        "seeds. Each policy's setting was chosen by its mean validation metric (a split carved "
-        "from the training data), never by the test metric. Drop = full's mean minus the "
+        "seeds. Each policy's setting was chosen on the validation split (carved from the "
+        "training data), never by the test metric: the one with the least backward compute "
+        "whose mean validation metric is within the tolerance (1 pp unless stated) of full "
+        "training's, else the best on validation. Drop = full's mean minus the "
         "policy's mean, in percentage points (positive = worse than full). Compute: total "
         "(forward + backward + selection) and backward (+ selection) MACs in % of full "
         "training's on the same samples. Skip: share of samples whose backward was skipped. "
@@ -200,7 +231,9 @@ def write_csv(summaries: list[SettingSummary], path: Path) -> None:
             writer.writerow(asdict(summary))
 
 
-def build_report(folder: str | Path, out: str | Path | None = None, plots: bool = True) -> str:
+def build_report(
+    folder: str | Path, out: str | Path | None = None, plots: bool = True, tolerance: float = 1.0
+) -> str:
     """Read the records in ``folder`` and write the report files into ``out`` (default: the
     same folder).
 
@@ -215,7 +248,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, plots: bool 
         raise ValueError(f"no run records in {folder}: run `tinyprop bench` into it first")
     out = Path(out or folder)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = summarise(records)
+    summaries = summarise(records, tolerance)
     text = markdown(summaries)
     (out / "report.md").write_text(text)
     write_csv([s for s in summaries if s.chosen], out / "report.csv")
@@ -235,9 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", metavar="RESULTS_DIR", help="folder of run records")
     parser.add_argument("--out", help="where to write the report (default: RESULTS_DIR)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.0,
+        help="choose each policy's cheapest setting within this many pp of full training's "
+        "validation metric (default 1.0; negative: the best validation metric)",
+    )
     args = parser.parse_args(argv)
     try:
-        text = build_report(args.results, args.out, plots=not args.no_plots)
+        text = build_report(
+            args.results, args.out, plots=not args.no_plots, tolerance=args.tolerance
+        )
     except (FileNotFoundError, ValueError) as error:
         print(f"tinyprop report: {error}", file=sys.stderr)
         return 2
