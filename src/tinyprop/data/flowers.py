@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyprop.data.base import ArrayDataset, resolve_data_dir
-from tinyprop.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image_files, normalise
-from tinyprop.data.synthetic_images import FLOWERS, synthetic_dataset
+from tinyprop.data.base import ArrayDataset
+from tinyprop.data.image_folders import load_image_dataset
+from tinyprop.data.synthetic_images import FLOWERS
 
 SOURCE_STAND_IN = "synthetic flowers102 stand-in"
 NUM_CLASSES = 102
-DEFAULT_RESOLUTION = 64
 
 
 def _is_official(folder: Path) -> bool:
@@ -102,24 +101,16 @@ def load(
         >>> test.input_shape
         (3, 32, 32)
     """
-    resolution = int(options.pop("resolution", DEFAULT_RESOLUTION))
-    limit = options.pop("limit", None)
-    per_class, seed = options.pop("per_class", None), int(options.pop("seed", 0))
-    if options:
-        raise TypeError(f"unknown flowers102 option(s) {sorted(options)}; see flowers.load")
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
-    folder, explicit = resolve_data_dir(data_dir)
-    official = find_official(folder) if folder is not None else None
-    if official is not None:
-        paths, labels = official_split(official, split)
-        paths, labels = paths[:limit], labels[:limit]
-        images = load_image_files("flowers102-real", paths, resolution, f"flowers102 {split}")
-        x = normalise(images, IMAGENET_MEAN, IMAGENET_STD)  # (N, 3, R, R)
-        return ArrayDataset(x, labels, source="flowers102", num_classes=NUM_CLASSES)
-    if explicit:
-        raise FileNotFoundError(
-            f"no Flowers102 release (jpg/, imagelabels.mat, setid.mat) in {folder} or "
-            f"{folder}/flowers-102: put it there, or leave data_dir unset for the stand-in"
-        )
-    return synthetic_dataset(FLOWERS, split, SOURCE_STAND_IN, resolution, per_class, seed, limit)
+    return load_image_dataset(
+        "flowers102",
+        split,
+        data_dir,
+        options,
+        find_official=find_official,
+        official_split=official_split,
+        release="Flowers102 release (jpg/, imagelabels.mat, setid.mat) in {folder} or "
+        "{folder}/flowers-102",
+        stand_in=FLOWERS,
+        stand_in_source=SOURCE_STAND_IN,
+        num_classes=NUM_CLASSES,
+    )

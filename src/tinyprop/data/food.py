@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyprop.data.base import ArrayDataset, resolve_data_dir
-from tinyprop.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image_files, normalise
-from tinyprop.data.synthetic_images import FOOD, synthetic_dataset
+from tinyprop.data.base import ArrayDataset
+from tinyprop.data.image_folders import load_image_dataset
+from tinyprop.data.synthetic_images import FOOD
 
 SOURCE_STAND_IN = "synthetic food101 stand-in"
 NUM_CLASSES = 101
-DEFAULT_RESOLUTION = 64
 
 
 def _is_official(folder: Path) -> bool:
@@ -98,25 +97,16 @@ def load(
         >>> test.num_classes
         101
     """
-    resolution = int(options.pop("resolution", DEFAULT_RESOLUTION))
-    limit = options.pop("limit", None)
-    per_class, seed = options.pop("per_class", None), int(options.pop("seed", 0))
-    if options:
-        raise TypeError(f"unknown food101 option(s) {sorted(options)}; see food.load")
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
-    folder, explicit = resolve_data_dir(data_dir)
-    official = find_official(folder) if folder is not None else None
-    if official is not None:
-        paths, labels = official_split(official, split)
-        paths, labels = paths[:limit], labels[:limit]
-        images = load_image_files("food101-real", paths, resolution, f"food101 {split}")
-        x = normalise(images, IMAGENET_MEAN, IMAGENET_STD)  # (N, 3, R, R)
-        return ArrayDataset(x, labels, source="food101", num_classes=NUM_CLASSES)
-    if explicit:
-        raise FileNotFoundError(
-            f"no Food-101 release (images/, meta/classes.txt, meta/{{train,test}}.txt) in "
-            f"{folder} or {folder}/food-101: put it there, or leave data_dir unset for the "
-            "stand-in"
-        )
-    return synthetic_dataset(FOOD, split, SOURCE_STAND_IN, resolution, per_class, seed, limit)
+    return load_image_dataset(
+        "food101",
+        split,
+        data_dir,
+        options,
+        find_official=find_official,
+        official_split=official_split,
+        release="Food-101 release (images/, meta/classes.txt, meta/{{train,test}}.txt) in "
+        "{folder} or {folder}/food-101",
+        stand_in=FOOD,
+        stand_in_source=SOURCE_STAND_IN,
+        num_classes=NUM_CLASSES,
+    )
