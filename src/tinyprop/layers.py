@@ -27,6 +27,7 @@ from tinyprop.functional import (
     running_max,
     select_topk,
 )
+from tinyprop.patches import patches_for
 
 
 @dataclass
@@ -90,8 +91,6 @@ class SparseBackpropLayer:
         return SparseBackprop.apply(x, self.weight, self.bias, self, call)
 
     def describe_call(self, x: Tensor) -> LayerCall:
-        from tinyprop.patches import patches_for
-
         geometry = patches_for(self, x.shape)
         return LayerCall(
             layer=self,
