@@ -172,6 +172,7 @@ typedef struct {
     float *parameters, *gradients, *moment1, *moment2;
     float *delta_a, *delta_b, *selection_values;
     int32_t *selection_index;
+    float *conv_scratch;         /* padded input, patch buffers, position sort (convs) */
     float running_max_output;    /* Ymax of the output error, for the v2 skip decision */
     int64_t optimizer_steps;     /* batches with an update (Adam's t; SGD's first-step rule) */
     tp_ledger total;             /* accumulated since tp_init */

@@ -169,6 +169,10 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
         layer->groups = groups;
         layer->has_bias = spec->has_bias;
         if (!product_fits(in_c / groups, spec->kernel_h, spec->kernel_w)) return TP_ERR_SHAPE;
+        /* the zero-padded input lives in the conv scratch */
+        if (!product_fits(in_c, (long)in_h + 2L * spec->padding_h,
+                          (long)in_w + 2L * spec->padding_w))
+            return TP_ERR_SHAPE;
         layer->fan_in = in_c / groups * spec->kernel_h * spec->kernel_w;
         if (!product_fits(layer->out_c, layer->fan_in, 1) ||
             !product_fits(layer->out_c, layer->out_h, layer->out_w))
@@ -206,7 +210,7 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
 
 /* Everything the arena holds, in floats (every buffer is float or int32: 4 bytes). */
 typedef struct {
-    size_t parameters, moments, activations, deltas, selection;
+    size_t parameters, moments, activations, deltas, selection, conv;
     int32_t trainable_count, class_count, max_activation, max_trainable_output;
 } tp_plan;
 
@@ -232,6 +236,8 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
         status = tp_layer_shape(s, c, h, w, &layer);
         if (status != TP_OK) return status;
         out_size = tp_layer_output_size(&layer);
+        if (s->kind == TP_LAYER_CONV2D && tp_conv_scratch_floats(&layer) > plan->conv)
+            plan->conv = tp_conv_scratch_floats(&layer);
         if (tp_layer_is_trainable(s->kind)) {
             size_t weights = (size_t)layer.out_c * (size_t)layer.fan_in;
             plan->parameters += weights + (layer.has_bias ? (size_t)layer.out_c : 0);
@@ -268,7 +274,7 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
 
 static size_t plan_floats(const tp_plan *plan) {
     return 2 * plan->parameters + plan->moments + plan->activations + plan->deltas +
-           plan->selection;
+           plan->selection + plan->conv;
 }
 
 tp_status tp_arena_bytes(const tp_model_spec *spec, const tp_policy_config *policy,
@@ -382,6 +388,7 @@ tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_co
         model->selection_values = take(&cursor, (size_t)plan.max_trainable_output);
         model->selection_index = (int32_t *)(void *)take(&cursor, (size_t)plan.max_trainable_output);
     }
+    if (plan.conv > 0) model->conv_scratch = take(&cursor, plan.conv);
     model->arena_bytes_used = (size_t)(cursor - (float *)arena) * sizeof(float);
     model->magic = TP_MAGIC;
     return TP_OK;

@@ -18,7 +18,9 @@ int tp_layer_is_trainable(tp_layer_kind kind);
 
 /* ---- layers.c: one sample, (C, H, W) layout */
 void tp_dense_forward(const tp_layer *layer, const float *x, float *y);
-void tp_conv_forward(const tp_layer *layer, const float *x, float *y);
+/* conv.c; scratch: tp_conv_scratch_floats(layer) floats */
+size_t tp_conv_scratch_floats(const tp_layer *layer);
+void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch);
 void tp_relu_forward(const float *x, float *y, int32_t n);
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y);
 void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y);
@@ -31,7 +33,7 @@ void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *d
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                        int32_t k, float *delta_in);
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                      int32_t k, float *delta_in);
+                      int32_t k, float *delta_in, float *scratch);
 
 /* ---- selection.c */
 float tp_local_error(const float *delta, int32_t n);

@@ -16,7 +16,7 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
         tp_layer *layer = &model->layers[i];
         switch (layer->kind) {
         case TP_LAYER_DENSE: tp_dense_forward(layer, current, layer->output); break;
-        case TP_LAYER_CONV2D: tp_conv_forward(layer, current, layer->output); break;
+        case TP_LAYER_CONV2D: tp_conv_forward(layer, current, layer->output, model->conv_scratch); break;
         case TP_LAYER_RELU:
             tp_relu_forward(current, layer->output, tp_layer_output_size(layer));
             break;
@@ -54,7 +54,7 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     if (layer->kind == TP_LAYER_DENSE)
         tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
     else
-        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
+        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in, model->conv_scratch);
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
     return k;

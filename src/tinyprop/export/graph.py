@@ -74,6 +74,20 @@ class LayerSpec:
         return math.prod(self.output_shape)
 
     @property
+    def conv_scratch_size(self) -> int:
+        """Floats of the C runtime's conv scratch for this layer (``tp_conv_scratch_floats``).
+
+        Two zero-padded copies of the input, three patch buffers of fan_in, the position sort
+        (one start per output position plus one, one entry per output); 0 unless a conv.
+        """
+        if self.kind != CONV2D:
+            return 0
+        channels, height, width = self.input_shape
+        padded = channels * (height + 2 * self.padding[0]) * (width + 2 * self.padding[1])
+        plane = self.output_shape[1] * self.output_shape[2]
+        return 2 * padded + 3 * self.fan_in + plane + 1 + self.output_size
+
+    @property
     def input_size(self) -> int:
         """Input elements per sample."""
         return math.prod(self.input_shape)
@@ -342,4 +356,5 @@ def arena_bytes(layers: list[LayerSpec], policy: str, optimizer: str, momentum: 
     largest = max([math.prod(layers[0].input_shape)] + [x.output_size for x in layers])
     largest_trainable = max(x.output_size for x in layers if x.trainable)
     selection = 2 * largest_trainable if policy != "full" else 0
-    return 4 * (2 * parameters + moments + activations + 2 * largest + selection)
+    conv = max(x.conv_scratch_size for x in layers)
+    return 4 * (2 * parameters + moments + activations + 2 * largest + selection + conv)

@@ -1,0 +1,422 @@
+/* conv.c: conv2d forward and (sparse) backward of one sample, (C, H, W) layout, groups,
+ * stride, padding and dilation.
+ *
+ * Both directions work on the zero-padded input (copied into the conv scratch when the layer
+ * pads), so no kernel tap needs a bounds check, and on the patch of an output position: the
+ * fan_in input values it reads, in the weight's (input channel, kh, kw) order, found through a
+ * table of offsets.
+ *
+ * Forward (output-stationary, register-blocked): 4 output channels x 8 consecutive output
+ * columns accumulate in registers over the whole patch, one load of the 8 inputs serving the 4
+ * channels (stride 1 along the width; other strides use the weight-stationary tap loop).
+ *
+ * Backward (position-major): for each output position, the patch is gathered once into a
+ * contiguous buffer and serves every channel processed at that position: the weight-gradient
+ * row of channel c gets delta * patch and the patch's input gradient gets delta * W[c], both
+ * contiguous vector updates over fan_in (two channels per pass); the patch gradient is then
+ * scattered back once. `full` runs every channel at every position (the dense backward, an
+ * im2col outer-product form); the sparse policies run exactly their kept entries, grouped by
+ * position with a counting sort. */
+#include <string.h>
+
+#include "tp_internal.h"
+
+#ifndef TP_SKIP_ZERO_ERRORS
+#define TP_SKIP_ZERO_ERRORS 0
+#endif
+
+#define BLOCK_CHANNELS 4
+#define BLOCK_COLUMNS 8
+
+/* The forward blocks must vectorise across their 8 columns (gcc's SLP vectoriser), not
+ * across the patch (which would gather through the offset table): no loop vectorisation. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define TP_VECTORISE_COLUMNS __attribute__((optimize("no-tree-loop-vectorize")))
+#else
+#define TP_VECTORISE_COLUMNS
+#endif
+
+/* Geometry of the padded input and where each scratch buffer lives. */
+typedef struct {
+    int32_t in_per_group, out_per_group, padded_h, padded_w, plane, pads;
+    size_t padded_plane, padded_size;
+    float *x_padded, *delta_in_padded, *patch, *patch_delta;
+    int32_t *offset, *position_start, *position_order;
+} tp_conv_plan;
+
+size_t tp_conv_scratch_floats(const tp_layer *layer) {
+    const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
+                          (size_t)(layer->in_w + 2 * layer->padding_w);
+    const size_t plane = (size_t)layer->out_h * (size_t)layer->out_w;
+    return 2 * padded + 3 * (size_t)layer->fan_in + plane + 1 + (size_t)layer->out_c * plane;
+}
+
+static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
+    tp_conv_plan plan;
+    int32_t ic, kh, kw, j = 0;
+    plan.in_per_group = layer->in_c / layer->groups;
+    plan.out_per_group = layer->out_c / layer->groups;
+    plan.padded_h = layer->in_h + 2 * layer->padding_h;
+    plan.padded_w = layer->in_w + 2 * layer->padding_w;
+    plan.plane = layer->out_h * layer->out_w;
+    plan.pads = layer->padding_h > 0 || layer->padding_w > 0;
+    plan.padded_plane = (size_t)plan.padded_h * (size_t)plan.padded_w;
+    plan.padded_size = (size_t)layer->in_c * plan.padded_plane;
+    plan.x_padded = scratch;
+    plan.delta_in_padded = plan.x_padded + plan.padded_size;
+    plan.patch = plan.delta_in_padded + plan.padded_size;
+    plan.patch_delta = plan.patch + layer->fan_in;
+    plan.offset = (int32_t *)(void *)(plan.patch_delta + layer->fan_in);
+    plan.position_start = plan.offset + layer->fan_in;
+    plan.position_order = plan.position_start + plan.plane + 1;
+    for (ic = 0; ic < plan.in_per_group; ic++)
+        for (kh = 0; kh < layer->kernel_h; kh++)
+            for (kw = 0; kw < layer->kernel_w; kw++)
+                plan.offset[j++] = (int32_t)((size_t)ic * plan.padded_plane +
+                                             (size_t)(kh * layer->dilation_h) *
+                                                 (size_t)plan.padded_w) +
+                                   kw * layer->dilation_w;
+    return plan;
+}
+
+/* The input as the kernels read it: x itself, or its zero-padded copy. */
+static const float *padded_input(const tp_layer *layer, const tp_conv_plan *plan,
+                                 const float *x) {
+    int32_t c, ih;
+    if (!plan->pads) return x;
+    memset(plan->x_padded, 0, plan->padded_size * sizeof(float));
+    for (c = 0; c < layer->in_c; c++)
+        for (ih = 0; ih < layer->in_h; ih++)
+            memcpy(plan->x_padded + (size_t)c * plan->padded_plane +
+                       (size_t)(ih + layer->padding_h) * (size_t)plan->padded_w +
+                       (size_t)layer->padding_w,
+                   x + ((size_t)c * (size_t)layer->in_h + (size_t)ih) * (size_t)layer->in_w,
+                   (size_t)layer->in_w * sizeof(float));
+    return plan->x_padded;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+/* Eight accumulators per channel as plain scalars (gcc's SLP vectoriser turns each channel's
+ * eight into two vector registers; arrays would stay in memory). */
+#define DECLARE8(a) float a##0 = 0.0f, a##1 = 0.0f, a##2 = 0.0f, a##3 = 0.0f, a##4 = 0.0f, \
+                          a##5 = 0.0f, a##6 = 0.0f, a##7 = 0.0f
+#define ACCUMULATE8(a, v)                                                                   \
+    do {                                                                                    \
+        a##0 += (v) * x0;                                                                   \
+        a##1 += (v) * x1;                                                                   \
+        a##2 += (v) * x2;                                                                   \
+        a##3 += (v) * x3;                                                                   \
+        a##4 += (v) * x4;                                                                   \
+        a##5 += (v) * x5;                                                                   \
+        a##6 += (v) * x6;                                                                   \
+        a##7 += (v) * x7;                                                                   \
+    } while (0)
+#define STORE8(y, a)                                                                        \
+    do {                                                                                    \
+        (y)[0] = a##0;                                                                      \
+        (y)[1] = a##1;                                                                      \
+        (y)[2] = a##2;                                                                      \
+        (y)[3] = a##3;                                                                      \
+        (y)[4] = a##4;                                                                      \
+        (y)[5] = a##5;                                                                      \
+        (y)[6] = a##6;                                                                      \
+        (y)[7] = a##7;                                                                      \
+    } while (0)
+#define LOAD8(xs)                                                                           \
+    const float x0 = (xs)[0], x1 = (xs)[1], x2 = (xs)[2], x3 = (xs)[3], x4 = (xs)[4],       \
+                x5 = (xs)[5], x6 = (xs)[6], x7 = (xs)[7]
+
+/* 4 channels x 8 columns: y_c[t] = sum_j w_c[j] x[offset[j] + t] */
+TP_VECTORISE_COLUMNS static void forward_block(const float *restrict w, int32_t fan_in,
+                                               const int32_t *restrict offset,
+                                               const float *restrict x, float *restrict y,
+                                               size_t y_channel) {
+    const float *restrict w0 = w;
+    const float *restrict w1 = w0 + fan_in;
+    const float *restrict w2 = w1 + fan_in;
+    const float *restrict w3 = w2 + fan_in;
+    DECLARE8(a);
+    DECLARE8(b);
+    DECLARE8(c);
+    DECLARE8(d);
+    int32_t j;
+    for (j = 0; j < fan_in; j++) {
+        LOAD8(x + offset[j]);
+        const float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
+        ACCUMULATE8(a, v0);
+        ACCUMULATE8(b, v1);
+        ACCUMULATE8(c, v2);
+        ACCUMULATE8(d, v3);
+    }
+    STORE8(y, a);
+    STORE8(y + y_channel, b);
+    STORE8(y + 2 * y_channel, c);
+    STORE8(y + 3 * y_channel, d);
+}
+
+/* 1 channel x 8 columns */
+TP_VECTORISE_COLUMNS static void forward_block_channel(const float *restrict w, int32_t fan_in,
+                                                       const int32_t *restrict offset,
+                                                       const float *restrict x,
+                                                       float *restrict y) {
+    DECLARE8(a);
+    int32_t j;
+    for (j = 0; j < fan_in; j++) {
+        LOAD8(x + offset[j]);
+        const float v = w[j];
+        ACCUMULATE8(a, v);
+    }
+    STORE8(y, a);
+}
+
+/* 1 channel x 1 column (the columns left over after the blocks of 8) */
+static float forward_point(const float *restrict w, int32_t fan_in,
+                           const int32_t *restrict offset, const float *restrict x) {
+    float a = 0.0f;
+    int32_t j;
+    for (j = 0; j < fan_in; j++) a += w[j] * x[offset[j]];
+    return a;
+}
+
+/* stride_w > 1: weight-stationary, one kernel tap at a time over the (unpadded) input */
+static void forward_taps(const tp_layer *layer, const float *x, float *y, int32_t in_per_group,
+                         int32_t out_per_group) {
+    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w;
+    const size_t in_plane = (size_t)layer->in_h * (size_t)layer->in_w;
+    const size_t out_plane = (size_t)layer->out_h * (size_t)layer->out_w;
+    int32_t oc, ic, kh, kw, oh, ow;
+    memset(y, 0, (size_t)layer->out_c * out_plane * sizeof(float));
+    for (oc = 0; oc < layer->out_c; oc++) {
+        const int32_t first_in = (oc / out_per_group) * in_per_group;
+        float *y_c = y + (size_t)oc * out_plane;
+        for (ic = 0; ic < in_per_group; ic++) {
+            const float *x_c = x + (size_t)(first_in + ic) * in_plane;
+            for (kh = 0; kh < kh_n; kh++) {
+                for (kw = 0; kw < kw_n; kw++) {
+                    const float w = layer->weight[(size_t)oc * (size_t)layer->fan_in +
+                                                  (size_t)((ic * kh_n + kh) * kw_n + kw)];
+                    for (oh = 0; oh < layer->out_h; oh++) {
+                        const int32_t ih = oh * layer->stride_h - layer->padding_h +
+                                           kh * layer->dilation_h;
+                        if (ih < 0 || ih >= layer->in_h) continue;
+                        for (ow = 0; ow < layer->out_w; ow++) {
+                            const int32_t iw = ow * layer->stride_w - layer->padding_w +
+                                               kw * layer->dilation_w;
+                            if (iw < 0 || iw >= layer->in_w) continue;
+                            y_c[(size_t)oh * (size_t)layer->out_w + (size_t)ow] +=
+                                w * x_c[(size_t)ih * (size_t)layer->in_w + (size_t)iw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch) {
+    const tp_conv_plan plan = conv_plan(layer, scratch);
+    const size_t out_plane = (size_t)plan.plane;
+    const int32_t fan_in = layer->fan_in, out_w = layer->out_w;
+    int32_t group, oc, oh, ow;
+    if (layer->stride_w != 1) {
+        forward_taps(layer, x, y, plan.in_per_group, plan.out_per_group);
+    } else {
+        const float *source = padded_input(layer, &plan, x);
+        const size_t padded_w = (size_t)(plan.pads ? plan.padded_w : layer->in_w);
+        for (group = 0; group < layer->groups; group++) {
+            const float *x_group = source + (size_t)group * (size_t)plan.in_per_group *
+                                                (plan.pads ? plan.padded_plane
+                                                           : (size_t)layer->in_h *
+                                                                 (size_t)layer->in_w);
+            const int32_t oc_end = (group + 1) * plan.out_per_group;
+            for (oc = group * plan.out_per_group; oc < oc_end;) {
+                const int32_t block = oc_end - oc >= BLOCK_CHANNELS ? BLOCK_CHANNELS : 1;
+                const float *w = layer->weight + (size_t)oc * (size_t)fan_in;
+                for (oh = 0; oh < layer->out_h; oh++) {
+                    const float *x_row = x_group + (size_t)(oh * layer->stride_h) * padded_w;
+                    float *y_row = y + (size_t)oc * out_plane + (size_t)oh * (size_t)out_w;
+                    for (ow = 0; ow + BLOCK_COLUMNS <= out_w; ow += BLOCK_COLUMNS) {
+                        if (block == BLOCK_CHANNELS)
+                            forward_block(w, fan_in, plan.offset, x_row + ow, y_row + ow,
+                                          out_plane);
+                        else
+                            forward_block_channel(w, fan_in, plan.offset, x_row + ow,
+                                                  y_row + ow);
+                    }
+                    for (; ow < out_w; ow++) {
+                        int32_t b;
+                        for (b = 0; b < block; b++)
+                            y_row[(size_t)b * out_plane + (size_t)ow] = forward_point(
+                                w + (size_t)b * (size_t)fan_in, fan_in, plan.offset, x_row + ow);
+                    }
+                }
+                oc += block;
+            }
+        }
+        /* without padding the offsets assumed the unpadded row width: they are the same */
+    }
+    if (layer->has_bias) {
+        for (oc = 0; oc < layer->out_c; oc++) {
+            float *y_c = y + (size_t)oc * out_plane;
+            const float b = layer->bias[oc];
+            size_t p;
+            for (p = 0; p < out_plane; p++) y_c[p] += b;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- backward */
+
+/* two channels at one position: g0 += d0 patch, g1 += d1 patch, patch_delta += d0 w0 + d1 w1 */
+static void backward_pair(const float *restrict patch, float *restrict patch_delta,
+                          float *restrict g0, float *restrict g1, const float *restrict w0,
+                          const float *restrict w1, float d0, float d1, int32_t n) {
+    int32_t j;
+    if (patch_delta != NULL) {
+        for (j = 0; j < n; j++) {
+            const float p = patch[j];
+            g0[j] += d0 * p;
+            g1[j] += d1 * p;
+            patch_delta[j] += d0 * w0[j] + d1 * w1[j];
+        }
+    } else {
+        for (j = 0; j < n; j++) {
+            const float p = patch[j];
+            g0[j] += d0 * p;
+            g1[j] += d1 * p;
+        }
+    }
+}
+
+static void backward_single(const float *restrict patch, float *restrict patch_delta,
+                            float *restrict g, const float *restrict w, float d, int32_t n) {
+    int32_t j;
+    if (patch_delta != NULL) {
+        for (j = 0; j < n; j++) {
+            g[j] += d * patch[j];
+            patch_delta[j] += d * w[j];
+        }
+    } else {
+        for (j = 0; j < n; j++) g[j] += d * patch[j];
+    }
+}
+
+/* The channels channels[0..count) (ascending) at output position p: gather each group's patch
+ * once, update every channel's weight-gradient row and the patch gradient, scatter it back. */
+static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const float *source,
+                              float *delta_in_target, size_t group_stride, const float *delta,
+                              int32_t p, const int32_t *channels, int32_t count) {
+    const int32_t fan_in = layer->fan_in;
+    const int32_t oh = p / layer->out_w, ow = p - oh * layer->out_w;
+    const size_t base = (size_t)(oh * layer->stride_h) * (size_t)(plan->pads ? plan->padded_w
+                                                                            : layer->in_w) +
+                        (size_t)(ow * layer->stride_w);
+    const int32_t *restrict offset = plan->offset;
+    float *restrict patch = plan->patch;
+    float *restrict patch_delta = delta_in_target != NULL ? plan->patch_delta : NULL;
+    int32_t i = 0, j;
+    while (i < count) {
+        const int32_t group = layer->groups == 1 ? 0 : channels[i] / plan->out_per_group;
+        const size_t at = (size_t)group * group_stride + base;
+        const float *restrict x = source + at;
+        int32_t pending = -1;
+        float pending_delta = 0.0f;
+        for (j = 0; j < fan_in; j++) patch[j] = x[offset[j]];
+        if (patch_delta != NULL) memset(patch_delta, 0, (size_t)fan_in * sizeof(float));
+        for (; i < count; i++) {
+            const int32_t c = channels[i];
+            const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
+            if (layer->groups != 1 && c / plan->out_per_group != group) break;
+#if TP_SKIP_ZERO_ERRORS
+            if (d == 0.0f) continue;
+#endif
+            if (pending < 0) {
+                pending = c;
+                pending_delta = d;
+                continue;
+            }
+            backward_pair(patch, patch_delta,
+                          layer->grad_weight + (size_t)pending * (size_t)fan_in,
+                          layer->grad_weight + (size_t)c * (size_t)fan_in,
+                          layer->weight + (size_t)pending * (size_t)fan_in,
+                          layer->weight + (size_t)c * (size_t)fan_in, pending_delta, d, fan_in);
+            pending = -1;
+        }
+        if (pending >= 0)
+            backward_single(patch, patch_delta,
+                            layer->grad_weight + (size_t)pending * (size_t)fan_in,
+                            layer->weight + (size_t)pending * (size_t)fan_in, pending_delta,
+                            fan_in);
+        if (patch_delta != NULL) {
+            float *restrict target = delta_in_target + at;
+            for (j = 0; j < fan_in; j++) target[offset[j]] += patch_delta[j];
+        }
+    }
+}
+
+void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
+                      int32_t k, float *delta_in, float *scratch) {
+    const tp_conv_plan plan = conv_plan(layer, scratch);
+    const float *source = padded_input(layer, &plan, x);
+    const size_t group_stride =
+        (size_t)plan.in_per_group *
+        (plan.pads ? plan.padded_plane : (size_t)layer->in_h * (size_t)layer->in_w);
+    float *target = NULL;
+    int32_t p, n;
+    if (delta_in != NULL) {
+        target = plan.pads ? plan.delta_in_padded : delta_in;
+        memset(target, 0,
+               (plan.pads ? plan.padded_size : (size_t)tp_layer_input_size(layer)) *
+                   sizeof(float));
+    }
+    if (kept == NULL) {
+        /* every channel at every position */
+        for (n = 0; n < layer->out_c; n++) plan.position_order[n] = n;
+        for (p = 0; p < plan.plane; p++)
+            backward_position(layer, &plan, source, target, group_stride, delta, p,
+                              plan.position_order, layer->out_c);
+    } else {
+        /* counting sort of the kept entries (ascending c * plane + p) by position; each
+         * position's channels stay ascending */
+        int32_t *start = plan.position_start, *order = plan.position_order, c = 0;
+        memset(start, 0, (size_t)(plan.plane + 1) * sizeof(int32_t));
+        for (n = 0; n < k; n++) {
+            while (kept[n] >= (c + 1) * plan.plane) c++;
+            start[kept[n] - c * plan.plane + 1]++;
+        }
+        for (p = 0; p < plan.plane; p++) start[p + 1] += start[p];
+        c = 0;
+        for (n = 0; n < k; n++) {
+            while (kept[n] >= (c + 1) * plan.plane) c++;
+            order[start[kept[n] - c * plan.plane]++] = c;
+        }
+        /* start[p] now ends position p's run, which begins where p - 1's ended */
+        for (p = 0; p < plan.plane; p++) {
+            const int32_t first = p == 0 ? 0 : start[p - 1];
+            if (start[p] > first)
+                backward_position(layer, &plan, source, target, group_stride, delta, p,
+                                  order + first, start[p] - first);
+        }
+    }
+    if (delta_in != NULL && plan.pads) {
+        int32_t ic, ih;
+        for (ic = 0; ic < layer->in_c; ic++)
+            for (ih = 0; ih < layer->in_h; ih++)
+                memcpy(delta_in + ((size_t)ic * (size_t)layer->in_h + (size_t)ih) *
+                                      (size_t)layer->in_w,
+                       plan.delta_in_padded + (size_t)ic * plan.padded_plane +
+                           (size_t)(ih + layer->padding_h) * (size_t)plan.padded_w +
+                           (size_t)layer->padding_w,
+                       (size_t)layer->in_w * sizeof(float));
+    }
+    if (layer->has_bias) {
+        int32_t oc;
+        for (oc = 0; oc < layer->out_c; oc++) {
+            const float *d_c = delta + (size_t)oc * (size_t)plan.plane;
+            float sum = 0.0f;
+            for (p = 0; p < plan.plane; p++) sum += d_c[p];
+            layer->grad_bias[oc] += sum;
+        }
+    }
+}
