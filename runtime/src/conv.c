@@ -244,6 +244,18 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
                             forward_block_channel(w, fan_in, plan.offset, x_row + ow,
                                                   y_row + ow);
                     }
+                    if (ow < out_w && out_w >= BLOCK_COLUMNS) {
+                        /* the last columns: one more block ending at the row's end (columns
+                         * computed twice get the same value, summed in the same order) */
+                        ow = out_w - BLOCK_COLUMNS;
+                        if (block == BLOCK_CHANNELS)
+                            forward_block(w, fan_in, plan.offset, x_row + ow, y_row + ow,
+                                          out_plane);
+                        else
+                            forward_block_channel(w, fan_in, plan.offset, x_row + ow,
+                                                  y_row + ow);
+                        ow = out_w;
+                    }
                     for (; ow < out_w; ow++) {
                         int32_t b;
                         for (b = 0; b < block; b++)
@@ -377,20 +389,13 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
             backward_position(layer, &plan, source, target, group_stride, delta, p,
                               plan.position_order, layer->out_c);
     } else {
-        /* counting sort of the kept entries (ascending c * plane + p) by position; each
-         * position's channels stay ascending */
-        int32_t *start = plan.position_start, *order = plan.position_order, c = 0;
+        /* counting sort of the kept entries (c * plane + p) by position; each position's
+         * channels keep their order (ascending, as the selection returns them) */
+        int32_t *start = plan.position_start, *order = plan.position_order;
         memset(start, 0, (size_t)(plan.plane + 1) * sizeof(int32_t));
-        for (n = 0; n < k; n++) {
-            while (kept[n] >= (c + 1) * plan.plane) c++;
-            start[kept[n] - c * plan.plane + 1]++;
-        }
+        for (n = 0; n < k; n++) start[kept[n] % plan.plane + 1]++;
         for (p = 0; p < plan.plane; p++) start[p + 1] += start[p];
-        c = 0;
-        for (n = 0; n < k; n++) {
-            while (kept[n] >= (c + 1) * plan.plane) c++;
-            order[start[kept[n] - c * plan.plane]++] = c;
-        }
+        for (n = 0; n < k; n++) order[start[kept[n] % plan.plane]++] = kept[n] / plan.plane;
         /* start[p] now ends position p's run, which begins where p - 1's ended */
         for (p = 0; p < plan.plane; p++) {
             const int32_t first = p == 0 ? 0 : start[p - 1];

@@ -120,37 +120,84 @@ static int32_t window_argmax(const tp_layer *layer, const float *x_c, const tp_w
     return best;
 }
 
+/* Window geometry of a max pool, copied out of the layer (no reloads through aliasing). */
+typedef struct {
+    int32_t in_w, kernel_h, kernel_w, stride_h, stride_w, inside;
+} tp_pool_shape;
+
+static tp_pool_shape pool_shape(const tp_layer *layer) {
+    tp_pool_shape shape;
+    shape.in_w = layer->in_w;
+    shape.kernel_h = layer->kernel_h;
+    shape.kernel_w = layer->kernel_w;
+    shape.stride_h = layer->stride_h;
+    shape.stride_w = layer->stride_w;
+    shape.inside = layer->padding_h == 0 && layer->padding_w == 0; /* no window is clipped */
+    return shape;
+}
+
+/* Index within the channel plane of the maximum that output (oh, ow) takes: the first
+ * maximum, a NaN wins (window_argmax's rule); without padding no window needs clipping. */
+static inline int32_t pool_argmax(const tp_layer *layer, tp_pool_shape shape,
+                                  const float *x_c, int32_t oh, int32_t ow) {
+    tp_window win;
+    if (shape.inside) {
+        const int32_t h_start = oh * shape.stride_h, w_start = ow * shape.stride_w;
+        int32_t ih, iw, best = h_start * shape.in_w + w_start;
+        float best_value = x_c[best];
+        if (shape.kernel_h == 1 && shape.kernel_w == 2) { /* the 1-D pool of two */
+            const float second = x_c[best + 1];
+            return second > best_value || second != second ? best + 1 : best;
+        }
+        for (ih = 0; ih < shape.kernel_h; ih++) {
+            const int32_t row = (h_start + ih) * shape.in_w + w_start;
+            for (iw = ih == 0 ? 1 : 0; iw < shape.kernel_w; iw++) {
+                const float value = x_c[row + iw];
+                if (value > best_value || value != value) {
+                    best_value = value;
+                    best = row + iw;
+                }
+            }
+        }
+        return best;
+    }
+    win = pool_window(layer, oh, ow);
+    return window_argmax(layer, x_c, &win);
+}
+
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y) {
+    const tp_pool_shape shape = pool_shape(layer);
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
+    const int32_t out_h = layer->out_h, out_w = layer->out_w;
     int32_t c, oh, ow;
     for (c = 0; c < layer->in_c; c++) {
         const float *x_c = x + (size_t)c * in_plane;
-        for (oh = 0; oh < layer->out_h; oh++) {
-            for (ow = 0; ow < layer->out_w; ow++) {
-                const tp_window win = pool_window(layer, oh, ow);
-                y[((size_t)c * layer->out_h + oh) * layer->out_w + ow] =
-                    x_c[window_argmax(layer, x_c, &win)];
-            }
+        for (oh = 0; oh < out_h; oh++) {
+            float *y_row = y + ((size_t)c * out_h + oh) * out_w;
+            for (ow = 0; ow < out_w; ow++)
+                y_row[ow] = x_c[pool_argmax(layer, shape, x_c, oh, ow)];
         }
     }
 }
 
 void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *delta_out,
                          float *delta_in) {
+    const tp_pool_shape shape = pool_shape(layer);
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
+    const int32_t out_h = layer->out_h, out_w = layer->out_w;
     int32_t c, oh, ow;
     memset(delta_in, 0, (size_t)tp_layer_input_size(layer) * sizeof(float));
     for (c = 0; c < layer->in_c; c++) {
         const float *x_c = x + (size_t)c * in_plane;
-        for (oh = 0; oh < layer->out_h; oh++) {
-            for (ow = 0; ow < layer->out_w; ow++) {
-                const float d = delta_out[((size_t)c * layer->out_h + oh) * layer->out_w + ow];
-                tp_window win;
+        float *d_c = delta_in + (size_t)c * in_plane;
+        for (oh = 0; oh < out_h; oh++) {
+            const float *d_row = delta_out + ((size_t)c * out_h + oh) * out_w;
+            for (ow = 0; ow < out_w; ow++) {
+                const float d = d_row[ow];
 #if TP_SKIP_ZERO_ERRORS
                 if (d == 0.0f) continue;
 #endif
-                win = pool_window(layer, oh, ow);
-                delta_in[(size_t)c * in_plane + window_argmax(layer, x_c, &win)] += d;
+                d_c[pool_argmax(layer, shape, x_c, oh, ow)] += d;
             }
         }
     }

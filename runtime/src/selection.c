@@ -85,17 +85,39 @@ static float kth_largest(float *a, int32_t n, int32_t k, int32_t *greater) {
 }
 
 void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, int32_t *kept) {
-    int32_t i, greater = 0, count = 0, equal_left;
+    int32_t i, greater = 0, count = 0, equal_left, nonzero = 0;
     float threshold;
-    for (i = 0; i < n; i++) scratch[i] = fabsf(delta[i]);
-    threshold = kth_largest(scratch, n, k, &greater);
-    equal_left = k - greater;
-    for (i = 0; i < n && count < k; i++) {
+    /* Only the non-zero magnitudes compete (behind a ReLU or a max pool most are zero): gather
+     * them and their indices (ascending, into kept, which the filter below overwrites in
+     * place: it never writes ahead of what it reads). */
+    for (i = 0; i < n; i++) {
         const float magnitude = fabsf(delta[i]);
+        scratch[nonzero] = magnitude;
+        kept[nonzero] = i;
+        nonzero += magnitude != 0.0f;
+    }
+    if (k >= nonzero) {
+        /* every non-zero entry, then the zeros of lowest index */
+        int32_t zeros_left = k - nonzero;
+        for (i = 0; i < n && count < k; i++) {
+            if (fabsf(delta[i]) != 0.0f) {
+                kept[count++] = i;
+            } else if (zeros_left > 0) {
+                kept[count++] = i;
+                zeros_left--;
+            }
+        }
+        return;
+    }
+    threshold = kth_largest(scratch, nonzero, k, &greater);
+    equal_left = k - greater;
+    for (i = 0; i < nonzero && count < k; i++) {
+        const int32_t index = kept[i];
+        const float magnitude = fabsf(delta[index]);
         if (magnitude > threshold) {
-            kept[count++] = i;
+            kept[count++] = index;
         } else if (magnitude == threshold && equal_left > 0) {
-            kept[count++] = i;
+            kept[count++] = index;
             equal_left--;
         }
     }
