@@ -42,13 +42,14 @@ typedef struct {
     size_t padded_plane, padded_size;
     float *x_padded, *delta_in_padded, *patch, *patch_delta;
     int32_t *offset, *position_start, *position_order;
+    int32_t *run_offset, runs, run_length; /* the patch as runs of contiguous inputs */
 } tp_conv_plan;
 
 size_t tp_conv_scratch_floats(const tp_layer *layer) {
     const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
                           (size_t)(layer->in_w + 2 * layer->padding_w);
     const size_t plane = (size_t)layer->out_h * (size_t)layer->out_w;
-    return 2 * padded + 3 * (size_t)layer->fan_in + plane + 1 + (size_t)layer->out_c * plane;
+    return 2 * padded + 4 * (size_t)layer->fan_in + plane + 1 + (size_t)layer->out_c * plane;
 }
 
 static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
@@ -67,7 +68,8 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
     plan.patch = plan.delta_in_padded + plan.padded_size;
     plan.patch_delta = plan.patch + layer->fan_in;
     plan.offset = (int32_t *)(void *)(plan.patch_delta + layer->fan_in);
-    plan.position_start = plan.offset + layer->fan_in;
+    plan.run_offset = plan.offset + layer->fan_in;
+    plan.position_start = plan.run_offset + layer->fan_in;
     plan.position_order = plan.position_start + plan.plane + 1;
     for (ic = 0; ic < plan.in_per_group; ic++)
         for (kh = 0; kh < layer->kernel_h; kh++)
@@ -76,6 +78,10 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
                                              (size_t)(kh * layer->dilation_h) *
                                                  (size_t)plan.padded_w) +
                                    kw * layer->dilation_w;
+    /* a kernel row is one run of kernel_w inputs when the dilation along the width is 1 */
+    plan.run_length = layer->dilation_w == 1 ? layer->kernel_w : 1;
+    plan.runs = layer->fan_in / plan.run_length;
+    for (j = 0; j < plan.runs; j++) plan.run_offset[j] = plan.offset[j * plan.run_length];
     return plan;
 }
 
@@ -170,6 +176,66 @@ TP_VECTORISE_COLUMNS static void forward_block_channel(const float *restrict w, 
     STORE8(y, a);
 }
 
+#define DECLARE4(a) float a##0 = 0.0f, a##1 = 0.0f, a##2 = 0.0f, a##3 = 0.0f
+#define ACCUMULATE4(a, v)                                                                   \
+    do {                                                                                    \
+        a##0 += (v) * x0;                                                                   \
+        a##1 += (v) * x1;                                                                   \
+        a##2 += (v) * x2;                                                                   \
+        a##3 += (v) * x3;                                                                   \
+    } while (0)
+#define STORE4(y, a)                                                                        \
+    do {                                                                                    \
+        (y)[0] = a##0;                                                                      \
+        (y)[1] = a##1;                                                                      \
+        (y)[2] = a##2;                                                                      \
+        (y)[3] = a##3;                                                                      \
+    } while (0)
+
+/* `block` (4 or 1) channels x 4 columns, for the columns after the blocks of 8 */
+TP_VECTORISE_COLUMNS static void forward_block_narrow(const float *restrict w, int32_t block,
+                                                      int32_t fan_in,
+                                                      const int32_t *restrict offset,
+                                                      const float *restrict x,
+                                                      float *restrict y, size_t y_channel) {
+    int32_t j, b;
+    if (block == BLOCK_CHANNELS) {
+        const float *restrict w0 = w;
+        const float *restrict w1 = w0 + fan_in;
+        const float *restrict w2 = w1 + fan_in;
+        const float *restrict w3 = w2 + fan_in;
+        DECLARE4(a);
+        DECLARE4(b);
+        DECLARE4(c);
+        DECLARE4(d);
+        for (j = 0; j < fan_in; j++) {
+            const float *restrict xs = x + offset[j];
+            const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
+            const float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
+            ACCUMULATE4(a, v0);
+            ACCUMULATE4(b, v1);
+            ACCUMULATE4(c, v2);
+            ACCUMULATE4(d, v3);
+        }
+        STORE4(y, a);
+        STORE4(y + y_channel, b);
+        STORE4(y + 2 * y_channel, c);
+        STORE4(y + 3 * y_channel, d);
+        return;
+    }
+    for (b = 0; b < block; b++) {
+        const float *restrict wb = w + (size_t)b * (size_t)fan_in;
+        DECLARE4(a);
+        for (j = 0; j < fan_in; j++) {
+            const float *restrict xs = x + offset[j];
+            const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
+            const float v = wb[j];
+            ACCUMULATE4(a, v);
+        }
+        STORE4(y + (size_t)b * y_channel, a);
+    }
+}
+
 /* 1 channel x 1 column (the columns left over after the blocks of 8) */
 static float forward_point(const float *restrict w, int32_t fan_in,
                            const int32_t *restrict offset, const float *restrict x) {
@@ -244,17 +310,15 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
                             forward_block_channel(w, fan_in, plan.offset, x_row + ow,
                                                   y_row + ow);
                     }
-                    if (ow < out_w && out_w >= BLOCK_COLUMNS) {
-                        /* the last columns: one more block ending at the row's end (columns
-                         * computed twice get the same value, summed in the same order) */
-                        ow = out_w - BLOCK_COLUMNS;
-                        if (block == BLOCK_CHANNELS)
-                            forward_block(w, fan_in, plan.offset, x_row + ow, y_row + ow,
-                                          out_plane);
-                        else
-                            forward_block_channel(w, fan_in, plan.offset, x_row + ow,
-                                                  y_row + ow);
-                        ow = out_w;
+                    /* the columns left: blocks of 4, the last one ending at the row's end
+                     * (a column computed twice gets the same value, summed in the same
+                     * order) */
+                    if (ow < out_w && out_w >= 4) {
+                        for (; ow < out_w; ow += 4) {
+                            if (ow + 4 > out_w) ow = out_w - 4;
+                            forward_block_narrow(w, block, fan_in, plan.offset, x_row + ow,
+                                                 y_row + ow, out_plane);
+                        }
                     }
                     for (; ow < out_w; ow++) {
                         int32_t b;
@@ -314,6 +378,29 @@ static void backward_single(const float *restrict patch, float *restrict patch_d
     }
 }
 
+/* patch[j] = x[offset[j]], copied run by run */
+static void gather_patch(const tp_conv_plan *plan, const float *restrict x, float *restrict patch) {
+    const int32_t runs = plan->runs, length = plan->run_length;
+    int32_t r, t;
+    for (r = 0; r < runs; r++) {
+        const float *restrict from = x + plan->run_offset[r];
+        float *restrict to = patch + (size_t)r * (size_t)length;
+        for (t = 0; t < length; t++) to[t] = from[t];
+    }
+}
+
+/* target[offset[j]] += patch_delta[j], run by run */
+static void scatter_patch(const tp_conv_plan *plan, const float *restrict patch_delta,
+                          float *restrict target) {
+    const int32_t runs = plan->runs, length = plan->run_length;
+    int32_t r, t;
+    for (r = 0; r < runs; r++) {
+        float *restrict to = target + plan->run_offset[r];
+        const float *restrict from = patch_delta + (size_t)r * (size_t)length;
+        for (t = 0; t < length; t++) to[t] += from[t];
+    }
+}
+
 /* The channels channels[0..count) (ascending) at output position p: gather each group's patch
  * once, update every channel's weight-gradient row and the patch gradient, scatter it back. */
 static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const float *source,
@@ -324,17 +411,16 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
     const size_t base = (size_t)(oh * layer->stride_h) * (size_t)(plan->pads ? plan->padded_w
                                                                             : layer->in_w) +
                         (size_t)(ow * layer->stride_w);
-    const int32_t *restrict offset = plan->offset;
     float *restrict patch = plan->patch;
     float *restrict patch_delta = delta_in_target != NULL ? plan->patch_delta : NULL;
-    int32_t i = 0, j;
+    int32_t i = 0;
     while (i < count) {
         const int32_t group = layer->groups == 1 ? 0 : channels[i] / plan->out_per_group;
         const size_t at = (size_t)group * group_stride + base;
         const float *restrict x = source + at;
         int32_t pending = -1;
         float pending_delta = 0.0f;
-        for (j = 0; j < fan_in; j++) patch[j] = x[offset[j]];
+        gather_patch(plan, x, patch);
         if (patch_delta != NULL) memset(patch_delta, 0, (size_t)fan_in * sizeof(float));
         for (; i < count; i++) {
             const int32_t c = channels[i];
@@ -361,8 +447,7 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
                             layer->weight + (size_t)pending * (size_t)fan_in, pending_delta,
                             fan_in);
         if (patch_delta != NULL) {
-            float *restrict target = delta_in_target + at;
-            for (j = 0; j < fan_in; j++) target[offset[j]] += patch_delta[j];
+            scatter_patch(plan, patch_delta, delta_in_target + at);
         }
     }
 }

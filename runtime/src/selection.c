@@ -40,47 +40,35 @@ int32_t tp_keep_count(const tp_policy_config *policy, float local_error, float r
     return (int32_t)k;
 }
 
-static void swap_float(float *a, float *b) {
-    const float t = *a;
-    *a = *b;
-    *b = t;
-}
-
-/* The k-th largest value (1-based) of a[0..n), reordering a; O(n) expected (quickselect with
- * a three-way partition, so runs of equal values, e.g. the zeros behind a ReLU, cost one pass).
- * *greater receives the count of values strictly larger than the result. */
-static float kth_largest(float *a, int32_t n, int32_t k, int32_t *greater) {
+/* The k-th largest value (1-based) of a[0..n), reordering a; O(n) expected: Hoare's
+ * partition around the median of three (Wirth's loop: the pivot's own value stops both
+ * scans, so no bounds checks; NaN compares false and stops them too). Zeros are not among the
+ * values (tp_select_topk leaves them out), so long runs of equal values are rare. */
+static float kth_largest(float *a, int32_t n, int32_t k) {
     int32_t low = 0, high = n - 1;
     const int32_t target = k - 1;
     while (low < high) {
         const float first = a[low], middle = a[low + (high - low) / 2], last = a[high];
         float pivot;
-        int32_t lt = low, i = low, gt = high;
-        /* median of three */
+        int32_t i = low, j = high;
         if ((first >= middle) == (middle >= last))
             pivot = middle;
         else if ((middle >= first) == (first >= last))
             pivot = first;
         else
             pivot = last;
-        while (i <= gt) { /* descending: [low, lt) > pivot, [lt, gt] == pivot, (gt, high] < */
-            if (a[i] > pivot)
-                swap_float(&a[lt++], &a[i++]);
-            else if (a[i] < pivot)
-                swap_float(&a[i], &a[gt--]);
-            else
-                i++;
-        }
-        if (target < lt) {
-            high = lt - 1;
-        } else if (target > gt) {
-            low = gt + 1;
-        } else {
-            *greater = lt;
-            return pivot;
-        }
+        do { /* descending: [low, i) >= pivot, (j, high] <= pivot */
+            while (a[i] > pivot) i++;
+            while (pivot > a[j]) j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        } while (i <= j);
+        if (j < target) low = i;
+        if (target < i) high = j;
     }
-    *greater = low;
     return a[target];
 }
 
@@ -91,10 +79,15 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
      * them and their indices (ascending, into kept, which the filter below overwrites in
      * place: it never writes ahead of what it reads). */
     for (i = 0; i < n; i++) {
-        const float magnitude = fabsf(delta[i]);
-        scratch[nonzero] = magnitude;
+        union {
+            float value;
+            uint32_t bits;
+        } magnitude;
+        magnitude.value = delta[i];
+        magnitude.bits &= 0x7fffffffu; /* |delta|; a NaN stays non-zero */
+        scratch[nonzero] = magnitude.value;
         kept[nonzero] = i;
-        nonzero += magnitude != 0.0f;
+        nonzero += magnitude.bits != 0u;
     }
     if (k >= nonzero) {
         /* every non-zero entry, then the zeros of lowest index */
@@ -109,7 +102,8 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
         }
         return;
     }
-    threshold = kth_largest(scratch, nonzero, k, &greater);
+    threshold = kth_largest(scratch, nonzero, k);
+    for (i = 0; i < nonzero; i++) greater += scratch[i] > threshold;
     equal_left = k - greater;
     for (i = 0; i < nonzero && count < k; i++) {
         const int32_t index = kept[i];

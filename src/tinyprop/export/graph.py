@@ -77,7 +77,7 @@ class LayerSpec:
     def conv_scratch_size(self) -> int:
         """Floats of the C runtime's conv scratch for this layer (``tp_conv_scratch_floats``).
 
-        Two zero-padded copies of the input, three patch buffers of fan_in, the position sort
+        Two zero-padded copies of the input, four patch buffers of fan_in, the position sort
         (one start per output position plus one, one entry per output); 0 unless a conv.
         """
         if self.kind != CONV2D:
@@ -85,7 +85,7 @@ class LayerSpec:
         channels, height, width = self.input_shape
         padded = channels * (height + 2 * self.padding[0]) * (width + 2 * self.padding[1])
         plane = self.output_shape[1] * self.output_shape[2]
-        return 2 * padded + 3 * self.fan_in + plane + 1 + self.output_size
+        return 2 * padded + 4 * self.fan_in + plane + 1 + self.output_size
 
     @property
     def input_size(self) -> int:
