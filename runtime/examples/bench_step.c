@@ -182,7 +182,7 @@ int main(void) {
         /* the per-batch part of a step: zero the gradients, one SGD update */
         save();
         CALLGRIND_TOGGLE_COLLECT;
-        memset(model.gradients, 0, model.parameter_count * sizeof(float));
+        tp_zero(model.gradients, model.parameter_count); /* as tp_train_batch does */
         tp_optimizer_update(&model, 1);
         CALLGRIND_TOGGLE_COLLECT;
         CALLGRIND_DUMP_STATS_AT("update");

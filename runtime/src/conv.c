@@ -32,8 +32,10 @@
  * across the patch (which would gather through the offset table): no loop vectorisation. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define TP_VECTORISE_COLUMNS __attribute__((optimize("no-tree-loop-vectorize")))
+#define TP_NO_LIBRARY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
 #else
 #define TP_VECTORISE_COLUMNS
+#define TP_NO_LIBRARY_CALLS
 #endif
 
 /* Geometry of the padded input and where each scratch buffer lives. */
@@ -86,18 +88,23 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
 }
 
 /* The input as the kernels read it: x itself, or its zero-padded copy. */
-static const float *padded_input(const tp_layer *layer, const tp_conv_plan *plan,
-                                 const float *x) {
-    int32_t c, ih;
+TP_NO_LIBRARY_CALLS static const float *padded_input(const tp_layer *layer,
+                                                     const tp_conv_plan *plan,
+                                                     const float *x) {
+    const int32_t in_w = layer->in_w;
+    int32_t c, ih, iw;
     if (!plan->pads) return x;
-    memset(plan->x_padded, 0, plan->padded_size * sizeof(float));
-    for (c = 0; c < layer->in_c; c++)
-        for (ih = 0; ih < layer->in_h; ih++)
-            memcpy(plan->x_padded + (size_t)c * plan->padded_plane +
-                       (size_t)(ih + layer->padding_h) * (size_t)plan->padded_w +
-                       (size_t)layer->padding_w,
-                   x + ((size_t)c * (size_t)layer->in_h + (size_t)ih) * (size_t)layer->in_w,
-                   (size_t)layer->in_w * sizeof(float));
+    tp_zero(plan->x_padded, plan->padded_size);
+    for (c = 0; c < layer->in_c; c++) {
+        for (ih = 0; ih < layer->in_h; ih++) {
+            float *restrict to = plan->x_padded + (size_t)c * plan->padded_plane +
+                                 (size_t)(ih + layer->padding_h) * (size_t)plan->padded_w +
+                                 (size_t)layer->padding_w;
+            const float *restrict from =
+                x + ((size_t)c * (size_t)layer->in_h + (size_t)ih) * (size_t)in_w;
+            for (iw = 0; iw < in_w; iw++) to[iw] = from[iw];
+        }
+    }
     return plan->x_padded;
 }
 
@@ -252,7 +259,7 @@ static void forward_taps(const tp_layer *layer, const float *x, float *y, int32_
     const size_t in_plane = (size_t)layer->in_h * (size_t)layer->in_w;
     const size_t out_plane = (size_t)layer->out_h * (size_t)layer->out_w;
     int32_t oc, ic, kh, kw, oh, ow;
-    memset(y, 0, (size_t)layer->out_c * out_plane * sizeof(float));
+    tp_zero(y, (size_t)layer->out_c * out_plane);
     for (oc = 0; oc < layer->out_c; oc++) {
         const int32_t first_in = (oc / out_per_group) * in_per_group;
         float *y_c = y + (size_t)oc * out_plane;
@@ -378,26 +385,65 @@ static void backward_single(const float *restrict patch, float *restrict patch_d
     }
 }
 
-/* patch[j] = x[offset[j]], copied run by run */
-static void gather_patch(const tp_conv_plan *plan, const float *restrict x, float *restrict patch) {
+/* patch[j] = x[offset[j]], copied run by run (kernel widths 3 and 5 unrolled; no memcpy
+ * call for a few floats) */
+TP_NO_LIBRARY_CALLS static void gather_patch(const tp_conv_plan *plan, const float *restrict x,
+                                             float *restrict patch) {
     const int32_t runs = plan->runs, length = plan->run_length;
+    const int32_t *restrict run_offset = plan->run_offset;
     int32_t r, t;
-    for (r = 0; r < runs; r++) {
-        const float *restrict from = x + plan->run_offset[r];
-        float *restrict to = patch + (size_t)r * (size_t)length;
-        for (t = 0; t < length; t++) to[t] = from[t];
+    if (length == 5) {
+        for (r = 0; r < runs; r++, patch += 5) {
+            const float *restrict from = x + run_offset[r];
+            patch[0] = from[0];
+            patch[1] = from[1];
+            patch[2] = from[2];
+            patch[3] = from[3];
+            patch[4] = from[4];
+        }
+    } else if (length == 3) {
+        for (r = 0; r < runs; r++, patch += 3) {
+            const float *restrict from = x + run_offset[r];
+            patch[0] = from[0];
+            patch[1] = from[1];
+            patch[2] = from[2];
+        }
+    } else {
+        for (r = 0; r < runs; r++, patch += length) {
+            const float *restrict from = x + run_offset[r];
+            for (t = 0; t < length; t++) patch[t] = from[t];
+        }
     }
 }
 
 /* target[offset[j]] += patch_delta[j], run by run */
-static void scatter_patch(const tp_conv_plan *plan, const float *restrict patch_delta,
-                          float *restrict target) {
+TP_NO_LIBRARY_CALLS static void scatter_patch(const tp_conv_plan *plan,
+                                              const float *restrict patch_delta,
+                                              float *restrict target) {
     const int32_t runs = plan->runs, length = plan->run_length;
+    const int32_t *restrict run_offset = plan->run_offset;
     int32_t r, t;
-    for (r = 0; r < runs; r++) {
-        float *restrict to = target + plan->run_offset[r];
-        const float *restrict from = patch_delta + (size_t)r * (size_t)length;
-        for (t = 0; t < length; t++) to[t] += from[t];
+    if (length == 5) {
+        for (r = 0; r < runs; r++, patch_delta += 5) {
+            float *restrict to = target + run_offset[r];
+            to[0] += patch_delta[0];
+            to[1] += patch_delta[1];
+            to[2] += patch_delta[2];
+            to[3] += patch_delta[3];
+            to[4] += patch_delta[4];
+        }
+    } else if (length == 3) {
+        for (r = 0; r < runs; r++, patch_delta += 3) {
+            float *restrict to = target + run_offset[r];
+            to[0] += patch_delta[0];
+            to[1] += patch_delta[1];
+            to[2] += patch_delta[2];
+        }
+    } else {
+        for (r = 0; r < runs; r++, patch_delta += length) {
+            float *restrict to = target + run_offset[r];
+            for (t = 0; t < length; t++) to[t] += patch_delta[t];
+        }
     }
 }
 
@@ -421,7 +467,7 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
         int32_t pending = -1;
         float pending_delta = 0.0f;
         gather_patch(plan, x, patch);
-        if (patch_delta != NULL) memset(patch_delta, 0, (size_t)fan_in * sizeof(float));
+        if (patch_delta != NULL) tp_zero(patch_delta, (size_t)fan_in);
         for (; i < count; i++) {
             const int32_t c = channels[i];
             const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
@@ -452,6 +498,23 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
     }
 }
 
+/* delta_in = the interior of the padded input gradient */
+TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_conv_plan *plan,
+                                               float *delta_in) {
+    const int32_t in_w = layer->in_w;
+    int32_t ic, ih, iw;
+    for (ic = 0; ic < layer->in_c; ic++) {
+        for (ih = 0; ih < layer->in_h; ih++) {
+            float *restrict to =
+                delta_in + ((size_t)ic * (size_t)layer->in_h + (size_t)ih) * (size_t)in_w;
+            const float *restrict from = plan->delta_in_padded + (size_t)ic * plan->padded_plane +
+                                         (size_t)(ih + layer->padding_h) * (size_t)plan->padded_w +
+                                         (size_t)layer->padding_w;
+            for (iw = 0; iw < in_w; iw++) to[iw] = from[iw];
+        }
+    }
+}
+
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                       int32_t k, float *delta_in, float *scratch) {
     const tp_conv_plan plan = conv_plan(layer, scratch);
@@ -463,9 +526,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
     int32_t p, n;
     if (delta_in != NULL) {
         target = plan.pads ? plan.delta_in_padded : delta_in;
-        memset(target, 0,
-               (plan.pads ? plan.padded_size : (size_t)tp_layer_input_size(layer)) *
-                   sizeof(float));
+        tp_zero(target, plan.pads ? plan.padded_size : (size_t)tp_layer_input_size(layer));
     }
     if (kept == NULL) {
         /* every channel at every position */
@@ -489,17 +550,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
                                   order + first, start[p] - first);
         }
     }
-    if (delta_in != NULL && plan.pads) {
-        int32_t ic, ih;
-        for (ic = 0; ic < layer->in_c; ic++)
-            for (ih = 0; ih < layer->in_h; ih++)
-                memcpy(delta_in + ((size_t)ic * (size_t)layer->in_h + (size_t)ih) *
-                                      (size_t)layer->in_w,
-                       plan.delta_in_padded + (size_t)ic * plan.padded_plane +
-                           (size_t)(ih + layer->padding_h) * (size_t)plan.padded_w +
-                           (size_t)layer->padding_w,
-                       (size_t)layer->in_w * sizeof(float));
-    }
+    if (delta_in != NULL && plan.pads) unpad_delta_in(layer, &plan, delta_in);
     if (layer->has_bias) {
         int32_t oc;
         for (oc = 0; oc < layer->out_c; oc++) {

@@ -15,6 +15,16 @@
 
 /* ---------------------------------------------------------------- vector helpers */
 
+/* p[0..n) = 0 as a plain vectorisable loop (gcc would otherwise call memset, whose
+ * `rep stos` valgrind counts once per byte) */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+void tp_zero(float *p, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++) p[i] = 0.0f;
+}
+
 /* sum_i a[i] b[i] with four partial sums (independent chains the compiler can vectorise) */
 static float dot(const float *restrict a, const float *restrict b, int32_t n) {
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
@@ -59,7 +69,7 @@ static void dense_backward_row(tp_layer *layer, const float *x, float d, int32_t
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                        int32_t k, float *delta_in) {
     int32_t n;
-    if (delta_in != NULL) memset(delta_in, 0, (size_t)layer->fan_in * sizeof(float));
+    if (delta_in != NULL) tp_zero(delta_in, (size_t)layer->fan_in);
     if (kept == NULL) {
         for (n = 0; n < layer->out_c; n++) dense_backward_row(layer, x, delta[n], n, delta_in);
     } else {
@@ -78,8 +88,7 @@ void tp_relu_forward(const float *x, float *y, int32_t n) {
 
 void tp_relu_backward(const float *y, float *delta, int32_t n) {
     int32_t i;
-    for (i = 0; i < n; i++)
-        if (!(y[i] > 0.0f)) delta[i] = 0.0f;
+    for (i = 0; i < n; i++) delta[i] = y[i] > 0.0f ? delta[i] : 0.0f; /* branchless */
 }
 
 /* ---------------------------------------------------------------- pooling (PyTorch rules) */
@@ -165,11 +174,53 @@ static inline int32_t pool_argmax(const tp_layer *layer, tp_pool_shape shape,
     return window_argmax(layer, x_c, &win);
 }
 
+/* The 1-D pool of two (kernel 1x2, stride 2, no padding): the second of a pair wins when
+ * larger or NaN (window_argmax's rule); branch-free, a row at a time. */
+static int pool_of_two(const tp_layer *layer) {
+    return layer->kernel_h == 1 && layer->kernel_w == 2 && layer->stride_h == 1 &&
+           layer->stride_w == 2 && layer->padding_h == 0 && layer->padding_w == 0;
+}
+
+static void pool_of_two_forward(const tp_layer *layer, const float *x, float *y) {
+    const int32_t rows = layer->in_c * layer->in_h, in_w = layer->in_w, out_w = layer->out_w;
+    int32_t r, ow;
+    for (r = 0; r < rows; r++) {
+        const float *restrict x_row = x + (size_t)r * (size_t)in_w;
+        float *restrict y_row = y + (size_t)r * (size_t)out_w;
+        for (ow = 0; ow < out_w; ow++) {
+            const float first = x_row[2 * ow], second = x_row[2 * ow + 1];
+            y_row[ow] = second > first || second != second ? second : first;
+        }
+    }
+}
+
+static void pool_of_two_backward(const tp_layer *layer, const float *x, const float *delta_out,
+                                 float *delta_in) {
+    const int32_t rows = layer->in_c * layer->in_h, in_w = layer->in_w, out_w = layer->out_w;
+    int32_t r, ow, iw;
+    for (r = 0; r < rows; r++) {
+        const float *restrict x_row = x + (size_t)r * (size_t)in_w;
+        const float *restrict d_row = delta_out + (size_t)r * (size_t)out_w;
+        float *restrict din_row = delta_in + (size_t)r * (size_t)in_w;
+        for (ow = 0; ow < out_w; ow++) {
+            const float first = x_row[2 * ow], second = x_row[2 * ow + 1], d = d_row[ow];
+            const int second_wins = second > first || second != second;
+            din_row[2 * ow] = second_wins ? 0.0f : d;
+            din_row[2 * ow + 1] = second_wins ? d : 0.0f;
+        }
+        for (iw = 2 * out_w; iw < in_w; iw++) din_row[iw] = 0.0f; /* an odd last column */
+    }
+}
+
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y) {
     const tp_pool_shape shape = pool_shape(layer);
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
     const int32_t out_h = layer->out_h, out_w = layer->out_w;
     int32_t c, oh, ow;
+    if (pool_of_two(layer)) {
+        pool_of_two_forward(layer, x, y);
+        return;
+    }
     for (c = 0; c < layer->in_c; c++) {
         const float *x_c = x + (size_t)c * in_plane;
         for (oh = 0; oh < out_h; oh++) {
@@ -186,7 +237,13 @@ void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *del
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
     const int32_t out_h = layer->out_h, out_w = layer->out_w;
     int32_t c, oh, ow;
-    memset(delta_in, 0, (size_t)tp_layer_input_size(layer) * sizeof(float));
+#if !TP_SKIP_ZERO_ERRORS
+    if (pool_of_two(layer)) {
+        pool_of_two_backward(layer, x, delta_out, delta_in);
+        return;
+    }
+#endif
+    tp_zero(delta_in, (size_t)tp_layer_input_size(layer));
     for (c = 0; c < layer->in_c; c++) {
         const float *x_c = x + (size_t)c * in_plane;
         float *d_c = delta_in + (size_t)c * in_plane;
@@ -223,7 +280,7 @@ void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y) {
 void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *delta_in) {
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
     int32_t c, oh, ow, ih, iw;
-    memset(delta_in, 0, (size_t)tp_layer_input_size(layer) * sizeof(float));
+    tp_zero(delta_in, (size_t)tp_layer_input_size(layer));
     for (c = 0; c < layer->in_c; c++) {
         float *d_c = delta_in + (size_t)c * in_plane;
         for (oh = 0; oh < layer->out_h; oh++) {

@@ -17,6 +17,7 @@ int32_t tp_layer_input_size(const tp_layer *layer);
 int tp_layer_is_trainable(tp_layer_kind kind);
 
 /* ---- layers.c: one sample, (C, H, W) layout */
+void tp_zero(float *p, size_t n); /* p[0..n) = 0 */
 void tp_dense_forward(const tp_layer *layer, const float *x, float *y);
 /* conv.c; scratch: tp_conv_scratch_floats(layer) floats */
 size_t tp_conv_scratch_floats(const tp_layer *layer);

@@ -125,7 +125,7 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
         if (labels[b] < 0 || labels[b] >= model->class_count) return TP_ERR_LABEL;
     for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
     saved_output_max = model->running_max_output;
-    memset(model->gradients, 0, model->parameter_count * sizeof(float));
+    tp_zero(model->gradients, model->parameter_count);
     for (b = 0; b < batch; b++) {
         const float *sample = x + (size_t)b * (size_t)model->input_size;
         int32_t *keep_row = keep != NULL ? keep + (size_t)b * model->trainable_count : NULL;
@@ -138,7 +138,7 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
             /* leave the model as it was before the batch */
             for (i = 0; i < model->layer_count; i++) model->layers[i].running_max = saved_max[i];
             model->running_max_output = saved_output_max;
-            memset(model->gradients, 0, model->parameter_count * sizeof(float));
+            tp_zero(model->gradients, model->parameter_count);
             return status;
         }
         if (trained_mask != NULL) trained_mask[b] = (uint8_t)trained;
