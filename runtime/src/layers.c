@@ -194,6 +194,7 @@ static void pool_of_two_forward(const tp_layer *layer, const float *x, float *y)
     }
 }
 
+#if !TP_SKIP_ZERO_ERRORS /* (the zero-skipping build keeps the general loop) */
 static void pool_of_two_backward(const tp_layer *layer, const float *x, const float *delta_out,
                                  float *delta_in) {
     const int32_t rows = layer->in_c * layer->in_h, in_w = layer->in_w, out_w = layer->out_w;
@@ -211,6 +212,7 @@ static void pool_of_two_backward(const tp_layer *layer, const float *x, const fl
         for (iw = 2 * out_w; iw < in_w; iw++) din_row[iw] = 0.0f; /* an odd last column */
     }
 }
+#endif
 
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y) {
     const tp_pool_shape shape = pool_shape(layer);
