@@ -118,8 +118,8 @@ def train_step(
         macs=Ledger(),
         trained_mask=trained_mask,
     )
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients, even when nothing trains
     if trained:
-        optimizer.zero_grad(set_to_none=True)
         state.rows = trained_mask.nonzero().flatten()
         mask = trained_mask.view(-1, *([1] * (output_grad.dim() - 1)))
         try:
