@@ -10,7 +10,9 @@ with gradient accumulation) of a sample that tinypropv2 trains, under full, topk
 and tinypropv2, and of a sample that tinypropv2 skips; plus the per-batch update (zero the
 gradients, one SGD step), reported separately and as a batch-of-one total; plus the mean per
 sample of a short training run (64 fresh samples in batches of 8, whole tp_train_batch calls,
-updates included) under each policy from the same state. The model is first warmed up on a
+updates included) under each policy from the same state; plus that tinypropv2 run replayed
+sample by sample, each step also run under full on the same state, reported as the trained
+sample of median ratio ("median_trained"). The model is first warmed up on a
 learnable synthetic task (see runtime/examples/bench_step.c).
 
 Three builds of the same code: ``O3`` (the runtime's default flags; gcc vectorises the dense
@@ -121,6 +123,9 @@ def run_build(name: str, work: Path, build: str) -> tuple[dict[str, int], dict[s
         if line.startswith("region "):
             parts = line.split()
             regions[parts[1]] = parts
+        elif line.startswith("sample "):  # the tinypropv2 run replayed sample by sample
+            parts = line.split()
+            regions[f"sample_{parts[1]}"] = parts
         elif line.startswith(("found", "trained sample")):
             print(f"  {name} {build}: {line}")
     totals = callgrind_totals(prefix)
@@ -179,7 +184,49 @@ def measure(name: str, work: Path) -> list[dict]:
             if suffix:
                 record["ratio_to_full" + suffix] = round(instructions / own_full, 4)
             records.append(record)
+        records.append(median_trained(name, build, suffix, totals, regions, reference[build]))
     return records
+
+
+def median_trained(
+    name: str, build: str, suffix: str, totals: dict[str, int], regions: dict, full: dict
+) -> dict:
+    """The median trained sample of the tinypropv2 run replayed sample by sample.
+
+    Each sample's step under tinypropv2 is divided by the same sample's step under full on the
+    same state (``full`` holds the dumps of the matching dense build); of the trained samples,
+    the one with the median ratio (the lower middle one for an even count) is reported.
+    """
+    samples = sorted(int(key.split("_")[1]) for key in regions if key.startswith("sample_"))
+    trained = []
+    for i in samples:
+        parts = regions[f"sample_{i}"]
+        if parts[3] == "1":
+            ratio = totals[f"v2_sample_{i}"] / full[f"full_sample_{i}"]
+            trained.append((ratio, i, [int(v) for v in parts[5:]]))
+    trained.sort()
+    ratio, index, keep = trained[(len(trained) - 1) // 2]
+    ratios = [r for r, _, _ in trained]
+    return {
+        "model": name,
+        "policy": "tinypropv2" + suffix,
+        "case": "median_trained",
+        "instructions": totals[f"v2_sample_{index}"],
+        "ratio_to_full": round(ratio, 4),
+        "build": build,
+        "ratio": None,
+        "instructions_batch1": totals[f"v2_sample_{index}"],
+        "ratio_to_full_batch1": round(ratio, 4),
+        "trained": len(trained),
+        "samples": len(samples),
+        "keep": keep,
+        "sample": index,
+        "trained_ratios": {
+            "min": round(min(ratios), 4),
+            "median": round(ratio, 4),
+            "max": round(max(ratios), 4),
+        },
+    }
 
 
 def print_table(records: list[dict]) -> None:

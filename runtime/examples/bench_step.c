@@ -14,6 +14,8 @@
  *    fresh samples (the same for every policy) in batches of WARMUP_BATCH, whole
  *    tp_train_batch calls (forward, skip decisions, sparse backward, updates), dumped as
  *    "<policy>_mean"; the driver divides by MEAN_SAMPLES.
+ * 5. Replay the tinypropv2 run sample by sample: each sample's step under tinypropv2 and, on a
+ *    copy of the same state, under full ("v2_sample_<i>", "full_sample_<i>").
  * Build with -DTP_SKIP_ZERO_ERRORS=1 for the variant that skips zero output errors.
  * Run: valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no ./bench_step
  */
@@ -46,7 +48,8 @@
 
 static float arena[TP_MODEL_ARENA_BYTES / sizeof(float)];
 static float arena_backup[TP_MODEL_ARENA_BYTES / sizeof(float)];
-static tp_model model, model_backup;
+static float arena_full[TP_MODEL_ARENA_BYTES / sizeof(float)];
+static tp_model model, model_backup, model_full;
 static float prototypes[TP_MODEL_CLASSES][TP_MODEL_INPUT_SIZE];
 static float warmup_x[WARMUP_SAMPLES][TP_MODEL_INPUT_SIZE];
 static int32_t warmup_y[WARMUP_SAMPLES];
@@ -220,6 +223,50 @@ int main(void) {
                    (long)MEAN_SAMPLES);
             restore();
         }
+    }
+    /* 5. the tinypropv2 run again, sample by sample (the same samples, batches and updates as
+     *    tp_train_batch): each sample's step is measured under tinypropv2 ("v2_sample_<i>")
+     *    and, on a copy of the same state, under full ("full_sample_<i>"), so that every
+     *    trained sample has its own ratio to full (the driver reports the median). */
+    {
+        tp_ledger macs = {0, 0, 0, 0};
+        char name[64];
+        save();
+        model.policy = v2;
+        for (i = 0; i + WARMUP_BATCH <= MEAN_SAMPLES; i += WARMUP_BATCH) {
+            int32_t trained_count = 0;
+            tp_zero(model.gradients, model.parameter_count);
+            for (j = i; j < i + WARMUP_BATCH; j++) {
+                float loss;
+                int trained = 0;
+                /* full on a copy of the state */
+                memcpy(sample, mean_x[j], sizeof sample);
+                memcpy(arena_full, arena, sizeof arena);
+                model_full = model;
+                model.policy = tp_policy_defaults(TP_POLICY_FULL);
+                CALLGRIND_TOGGLE_COLLECT;
+                tp_sample_step(&model, sample, mean_y[j], &loss, &trained, keep, &macs);
+                CALLGRIND_TOGGLE_COLLECT;
+                snprintf(name, sizeof name, "full_sample_%ld", (long)j);
+                CALLGRIND_DUMP_STATS_AT(name);
+                memcpy(arena, arena_full, sizeof arena);
+                model = model_full;
+                CALLGRIND_TOGGLE_COLLECT;
+                tp_sample_step(&model, sample, mean_y[j], &loss, &trained, keep, &macs);
+                CALLGRIND_TOGGLE_COLLECT;
+                snprintf(name, sizeof name, "v2_sample_%ld", (long)j);
+                CALLGRIND_DUMP_STATS_AT(name);
+                printf("sample %ld trained %d keep", (long)j, trained);
+                if (trained) {
+                    int32_t l;
+                    for (l = 0; l < model.trainable_count; l++) printf(" %ld", (long)keep[l]);
+                }
+                printf("\n");
+                trained_count += trained;
+            }
+            if (trained_count > 0) tp_optimizer_update(&model, WARMUP_BATCH);
+        }
+        restore();
     }
     CALLGRIND_STOP_INSTRUMENTATION;
     return 0;

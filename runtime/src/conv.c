@@ -447,6 +447,11 @@ TP_NO_LIBRARY_CALLS static void scatter_patch(const tp_conv_plan *plan,
     }
 }
 
+TP_NO_LIBRARY_CALLS static void zero_patch(float *restrict patch_delta, int32_t n) {
+    int32_t j;
+    for (j = 0; j < n; j++) patch_delta[j] = 0.0f;
+}
+
 /* The channels channels[0..count) (ascending) at output position p: gather each group's patch
  * once, update every channel's weight-gradient row and the patch gradient, scatter it back. */
 static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const float *source,
@@ -467,7 +472,7 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
         int32_t pending = -1;
         float pending_delta = 0.0f;
         gather_patch(plan, x, patch);
-        if (patch_delta != NULL) tp_zero(patch_delta, (size_t)fan_in);
+        if (patch_delta != NULL) zero_patch(patch_delta, fan_in);
         for (; i < count; i++) {
             const int32_t c = channels[i];
             const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
