@@ -252,37 +252,21 @@ static float forward_point(const float *restrict w, int32_t fan_in,
     return a;
 }
 
-/* stride_w > 1: weight-stationary, one kernel tap at a time over the (unpadded) input */
-static void forward_taps(const tp_layer *layer, const float *x, float *y, int32_t in_per_group,
-                         int32_t out_per_group) {
-    const int32_t kh_n = layer->kernel_h, kw_n = layer->kernel_w;
-    const size_t in_plane = (size_t)layer->in_h * (size_t)layer->in_w;
-    const size_t out_plane = (size_t)layer->out_h * (size_t)layer->out_w;
-    int32_t oc, ic, kh, kw, oh, ow;
-    tp_zero(y, (size_t)layer->out_c * out_plane);
+/* stride_w > 1: one output at a time, each a dot product of its weights with its patch */
+static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, const float *source,
+                           float *y) {
+    const size_t group_stride = (size_t)plan->in_per_group * plan->padded_plane;
+    int32_t oc, oh, ow;
     for (oc = 0; oc < layer->out_c; oc++) {
-        const int32_t first_in = (oc / out_per_group) * in_per_group;
-        float *y_c = y + (size_t)oc * out_plane;
-        for (ic = 0; ic < in_per_group; ic++) {
-            const float *x_c = x + (size_t)(first_in + ic) * in_plane;
-            for (kh = 0; kh < kh_n; kh++) {
-                for (kw = 0; kw < kw_n; kw++) {
-                    const float w = layer->weight[(size_t)oc * (size_t)layer->fan_in +
-                                                  (size_t)((ic * kh_n + kh) * kw_n + kw)];
-                    for (oh = 0; oh < layer->out_h; oh++) {
-                        const int32_t ih = oh * layer->stride_h - layer->padding_h +
-                                           kh * layer->dilation_h;
-                        if (ih < 0 || ih >= layer->in_h) continue;
-                        for (ow = 0; ow < layer->out_w; ow++) {
-                            const int32_t iw = ow * layer->stride_w - layer->padding_w +
-                                               kw * layer->dilation_w;
-                            if (iw < 0 || iw >= layer->in_w) continue;
-                            y_c[(size_t)oh * (size_t)layer->out_w + (size_t)ow] +=
-                                w * x_c[(size_t)ih * (size_t)layer->in_w + (size_t)iw];
-                        }
-                    }
-                }
-            }
+        const float *w = layer->weight + (size_t)oc * (size_t)layer->fan_in;
+        const float *x_group = source + (size_t)(oc / plan->out_per_group) * group_stride;
+        float *y_c = y + (size_t)oc * (size_t)plan->plane;
+        for (oh = 0; oh < layer->out_h; oh++) {
+            const float *x_row = x_group + (size_t)(oh * layer->stride_h) *
+                                               (size_t)plan->padded_w;
+            for (ow = 0; ow < layer->out_w; ow++)
+                y_c[oh * layer->out_w + ow] = forward_point(
+                    w, layer->fan_in, plan->offset, x_row + (size_t)(ow * layer->stride_w));
         }
     }
 }
@@ -292,8 +276,12 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
     const size_t out_plane = (size_t)plan.plane;
     const int32_t fan_in = layer->fan_in, out_w = layer->out_w;
     int32_t group, oc, oh, ow;
+    /* a 1x1 conv with stride 1 and no padding reads its input plane as one long row */
+    const int flat = layer->kernel_h == 1 && layer->kernel_w == 1 && layer->stride_h == 1 &&
+                     layer->stride_w == 1 && !plan.pads;
+    const int32_t rows = flat ? 1 : layer->out_h, row_width = flat ? plan.plane : out_w;
     if (layer->stride_w != 1) {
-        forward_taps(layer, x, y, plan.in_per_group, plan.out_per_group);
+        forward_points(layer, &plan, padded_input(layer, &plan, x), y);
     } else {
         const float *source = padded_input(layer, &plan, x);
         const size_t padded_w = (size_t)(plan.pads ? plan.padded_w : layer->in_w);
@@ -306,10 +294,10 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
             for (oc = group * plan.out_per_group; oc < oc_end;) {
                 const int32_t block = oc_end - oc >= BLOCK_CHANNELS ? BLOCK_CHANNELS : 1;
                 const float *w = layer->weight + (size_t)oc * (size_t)fan_in;
-                for (oh = 0; oh < layer->out_h; oh++) {
+                for (oh = 0; oh < rows; oh++) {
                     const float *x_row = x_group + (size_t)(oh * layer->stride_h) * padded_w;
-                    float *y_row = y + (size_t)oc * out_plane + (size_t)oh * (size_t)out_w;
-                    for (ow = 0; ow + BLOCK_COLUMNS <= out_w; ow += BLOCK_COLUMNS) {
+                    float *y_row = y + (size_t)oc * out_plane + (size_t)oh * (size_t)row_width;
+                    for (ow = 0; ow + BLOCK_COLUMNS <= row_width; ow += BLOCK_COLUMNS) {
                         if (block == BLOCK_CHANNELS)
                             forward_block(w, fan_in, plan.offset, x_row + ow, y_row + ow,
                                           out_plane);
@@ -320,14 +308,14 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
                     /* the columns left: blocks of 4, the last one ending at the row's end
                      * (a column computed twice gets the same value, summed in the same
                      * order) */
-                    if (ow < out_w && out_w >= 4) {
-                        for (; ow < out_w; ow += 4) {
-                            if (ow + 4 > out_w) ow = out_w - 4;
+                    if (ow < row_width && row_width >= 4) {
+                        for (; ow < row_width; ow += 4) {
+                            if (ow + 4 > row_width) ow = row_width - 4;
                             forward_block_narrow(w, block, fan_in, plan.offset, x_row + ow,
                                                  y_row + ow, out_plane);
                         }
                     }
-                    for (; ow < out_w; ow++) {
+                    for (; ow < row_width; ow++) {
                         int32_t b;
                         for (b = 0; b < block; b++)
                             y_row[(size_t)b * out_plane + (size_t)ow] = forward_point(
@@ -337,7 +325,6 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
                 oc += block;
             }
         }
-        /* without padding the offsets assumed the unpadded row width: they are the same */
     }
     if (layer->has_bias) {
         for (oc = 0; oc < layer->out_c; oc++) {
