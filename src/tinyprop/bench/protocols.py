@@ -75,10 +75,20 @@ def split_pool(
     return Splits(val, rest[:pretrain_count], rest[pretrain_count:])
 
 
+# DatasetPlan fields added after weights were cached: left out of the key at these defaults, so
+# plans that do not use them keep their cached weights (and keys)
+_LATER_PLAN_DEFAULTS = {"data_options": (), "standardize": None}
+
+
 def pretrain_key(dataset: str, source: str, model_name: str, plan: DatasetPlan, **extra) -> str:
     """A stable hash of everything the pretrained weights depend on."""
+    plan_fields = {
+        name: value
+        for name, value in asdict(plan).items()
+        if name not in _LATER_PLAN_DEFAULTS or value != _LATER_PLAN_DEFAULTS[name]
+    }
     text = json.dumps(
-        {"dataset": dataset, "source": source, "model": model_name, "plan": asdict(plan),
+        {"dataset": dataset, "source": source, "model": model_name, "plan": plan_fields,
          "version": PRETRAIN_VERSION, **extra},
         sort_keys=True,
     )  # fmt: skip

@@ -136,12 +136,23 @@ def plan_runs(
 
 
 def _prepare(spec: RunSpec):
-    """Load the data, cut the splits, build the fresh model (seeded)."""
-    pool = sources.load(spec.dataset, "train", spec.plan.train_samples, spec.data_dir)
-    test = sources.load(spec.dataset, "test", spec.plan.test_samples, spec.data_dir)
+    """Load the data, cut the splits, standardise the inputs if the plan says so (statistics of
+    the pretraining part under finetune, of the training part under scratch), build the fresh
+    model (seeded)."""
+    plan = spec.plan
+    pool = sources.load(spec.dataset, "train", plan.train_samples, spec.data_dir, plan.data_options)
+    test = sources.load(spec.dataset, "test", plan.test_samples, spec.data_dir, plan.data_options)
     splits = protocols.split_pool(
         len(pool.y), spec.protocol, spec.seed, spec.val_fraction, spec.pretrain_fraction
     )
+    if plan.standardize == "last_axis":
+        reference = splits.pretrain if spec.protocol == "finetune" else splits.train
+        pool, test = sources.standardize_last_axis(pool.x[reference], pool, test)
+    elif plan.standardize is not None:
+        raise ValueError(
+            f"unknown standardize {plan.standardize!r} in the plan of {spec.dataset!r}; choose "
+            f"one of {suites.STANDARDIZE}"
+        )
     model_dataset = sources.model_dataset(spec.dataset)
     torch.manual_seed(spec.seed)
     model = models.build(

@@ -4,7 +4,7 @@ to the suite's sizes, as in-memory tensors."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,7 +34,13 @@ def model_dataset(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load(name: str, split: str, cap: int | None, data_dir: str | None = None) -> Arrays:
+def load(
+    name: str,
+    split: str,
+    cap: int | None,
+    data_dir: str | None = None,
+    options: tuple[tuple[str, object], ...] = (),
+) -> Arrays:
     """Load a split and keep at most ``cap`` samples (a fixed seeded random subset).
 
     Args:
@@ -42,6 +48,8 @@ def load(name: str, split: str, cap: int | None, data_dir: str | None = None) ->
         split: ``"train"`` or ``"test"``.
         cap: maximum number of samples; None keeps all.
         data_dir: folder of the real datasets (see ``tinyprop.data.load``).
+        options: ``(name, value)`` pairs passed to ``tinyprop.data.load`` (e.g. resolution);
+            must be empty for a ``tiny-*`` dataset.
 
     Returns:
         :class:`Arrays` of the (capped) split.
@@ -51,11 +59,13 @@ def load(name: str, split: str, cap: int | None, data_dir: str | None = None) ->
         torch.Size([10, 1, 4, 4])
     """
     if name in tiny.TINY_DATASETS:
+        if options:
+            raise ValueError(f"the test dataset {name!r} takes no data options, got {options}")
         dataset = tiny.load(name, split)
     else:
         from tinyprop import data
 
-        dataset = data.load(name, split, data_dir=data_dir)
+        dataset = data.load(name, split, data_dir=data_dir, **dict(options))
     if hasattr(dataset, "x") and hasattr(dataset, "y"):
         x, y = dataset.x, dataset.y
     else:
@@ -69,3 +79,31 @@ def load(name: str, split: str, cap: int | None, data_dir: str | None = None) ->
         keep = torch.randperm(len(y), generator=generator)[:cap].sort().values
         x, y = x[keep], y[keep]
     return Arrays(x.float().contiguous(), y.long(), str(dataset.source), int(dataset.num_classes))
+
+
+def standardize_last_axis(reference: torch.Tensor, *splits: Arrays) -> list[Arrays]:
+    """Standardise every feature of the last axis with statistics of ``reference`` only.
+
+    Each position of the last axis (e.g. each MFCC coefficient of ``(N, 1, frames, 10)``)
+    gets its mean and standard deviation over all other axes of ``reference`` (the training
+    inputs; never validation or test data); every split is shifted and scaled with them.
+
+    Args:
+        reference: ``(N, ..., F)`` training inputs the statistics come from.
+        splits: the splits to standardise (e.g. the whole pool and the test split).
+
+    Returns:
+        The standardised splits, in order (new :class:`Arrays`; the inputs are unchanged).
+
+    Example:
+        >>> pool = Arrays(torch.tensor([[0.0, 10.0], [2.0, 30.0]]), torch.tensor([0, 1]), "s", 2)
+        >>> standardize_last_axis(pool.x, pool)[0].x
+        tensor([[-0.7071, -0.7071],
+                [ 0.7071,  0.7071]])
+    """
+    if len(reference) < 2:
+        raise ValueError(f"standardisation needs at least 2 training samples, got {len(reference)}")
+    axes = tuple(range(reference.dim() - 1))
+    mean = reference.mean(axes)  # (F,)
+    std = reference.std(axes).clamp_min(1e-6)  # (F,)
+    return [replace(split, x=((split.x - mean) / std).contiguous()) for split in splits]

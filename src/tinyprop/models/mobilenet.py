@@ -9,6 +9,9 @@ BLOCKS = [
     (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
     (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
 ]  # fmt: skip
+# a shorter stack for small budgets: the 13 blocks without the five repeated 512-channel blocks
+# and the last 1024 one (7 blocks, still 5 stride-2 stages counting the stem)
+SHORT_BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (1024, 2)]
 
 
 def depthwise_separable(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
@@ -24,7 +27,10 @@ def depthwise_separable(in_channels: int, out_channels: int, stride: int) -> lis
 
 
 def mobilenet_v1(
-    num_classes: int = 102, input_shape: tuple[int, ...] = (3, 64, 64), width: float = 0.25
+    num_classes: int = 102,
+    input_shape: tuple[int, ...] = (3, 64, 64),
+    width: float = 0.25,
+    blocks: list[tuple[int, int]] | None = None,
 ) -> nn.Sequential:
     """MobileNetV1: a strided 3x3 stem and 13 depthwise-separable blocks, global average pool.
 
@@ -32,6 +38,8 @@ def mobilenet_v1(
         num_classes: number of output logits.
         input_shape: ``(C, H, W)`` of one sample (64x64 by default: 5 stride-2 stages leave 2x2).
         width: the width multiplier (alpha) applied to every layer's channels.
+        blocks: ``(output channels at width 1.0, stride)`` of each depthwise-separable block;
+            None = MobileNetV1's 13 (:data:`BLOCKS`).
 
     Returns:
         An ``nn.Sequential`` mapping ``(B, C, H, W)`` to ``(B, num_classes)``.
@@ -48,7 +56,7 @@ def mobilenet_v1(
         nn.BatchNorm2d(channels),
         nn.ReLU(),
     ]
-    for base_channels, stride in BLOCKS:
+    for base_channels, stride in BLOCKS if blocks is None else blocks:
         out_channels = max(8, int(base_channels * width))
         layers += depthwise_separable(channels, out_channels, stride)
         channels = out_channels
@@ -58,3 +66,28 @@ def mobilenet_v1(
         nn.Linear(channels, num_classes),  # (B, num_classes)
     ]
     return nn.Sequential(*layers)
+
+
+def mobilenet_v1_short(
+    num_classes: int = 102, input_shape: tuple[int, ...] = (3, 32, 32), width: float = 0.5
+) -> nn.Sequential:
+    """MobileNetV1 with 7 depthwise-separable blocks (:data:`SHORT_BLOCKS`) at width 0.5.
+
+    The small benchmark suite's model for the Flowers102/Food101 stand-ins at 32x32: the full
+    13-block MobileNetV1-0.25 does not learn them within that suite's budget (3-6% at 64x64
+    from 3 epochs; 36% after 15), this one reaches about 60% from scratch in 15 epochs, at a
+    lower cost per sample.
+
+    Args:
+        num_classes: number of output logits.
+        input_shape: ``(C, H, W)`` of one sample.
+        width: the width multiplier.
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(B, C, H, W)`` to ``(B, num_classes)``.
+
+    Example:
+        >>> mobilenet_v1_short(101)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 101])
+    """
+    return mobilenet_v1(num_classes, input_shape, width, blocks=SHORT_BLOCKS)

@@ -11,7 +11,7 @@ from tinyprop.models.autoencoder import autoencoder
 from tinyprop.models.dscnn import ds_cnn
 from tinyprop.models.har import cnn1d
 from tinyprop.models.mnist import cnn, mlp
-from tinyprop.models.mobilenet import mobilenet_v1
+from tinyprop.models.mobilenet import mobilenet_v1, mobilenet_v1_short
 from tinyprop.models.resnet import resnet8
 
 
@@ -33,8 +33,14 @@ _REFERENCES: dict[str, dict[str, Reference]] = {
     },
     "cifar10": {"resnet8": Reference("resnet8", resnet8, (3, 32, 32), 10)},
     "cifar100": {"resnet8": Reference("resnet8", resnet8, (3, 32, 32), 100)},
-    "flowers102": {"mobilenet": Reference("mobilenetv1-0.25", mobilenet_v1, (3, 64, 64), 102)},
-    "food101": {"mobilenet": Reference("mobilenetv1-0.25", mobilenet_v1, (3, 64, 64), 101)},
+    "flowers102": {
+        "mobilenet": Reference("mobilenetv1-0.25", mobilenet_v1, (3, 64, 64), 102),
+        "mobilenet-short": Reference("mobilenetv1-0.5-7", mobilenet_v1_short, (3, 32, 32), 102),
+    },
+    "food101": {
+        "mobilenet": Reference("mobilenetv1-0.25", mobilenet_v1, (3, 64, 64), 101),
+        "mobilenet-short": Reference("mobilenetv1-0.5-7", mobilenet_v1_short, (3, 32, 32), 101),
+    },
     "speech_commands": {"dscnn": Reference("ds-cnn-s", ds_cnn, (1, 49, 10), 12)},
     "har": {"cnn1d": Reference("cnn1d-16-32-32", cnn1d, (6, 100), 4)},
     "dcase2020": {"autoencoder": Reference("autoencoder-64-8", autoencoder, (640,), None)},
