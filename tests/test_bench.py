@@ -172,3 +172,30 @@ def test_train_command_prints_metric_and_ledger(tmp_path, capsys):
     assert "unknown dataset" in capsys.readouterr().err
     assert train.main(args + ["--s-min", "0.9", "--s-max", "0.1"]) == 2
     assert "s_min" in capsys.readouterr().err
+
+
+def test_standardize_last_axis_uses_the_reference_statistics_only():
+    from tinyprop.bench.sources import Arrays, standardize_last_axis
+
+    generator = torch.Generator().manual_seed(0)
+    train = Arrays(torch.randn(50, 1, 7, 3, generator=generator) * 40 + 5, torch.zeros(50), "s", 2)
+    test = Arrays(torch.randn(20, 1, 7, 3, generator=generator) * 40 + 5, torch.zeros(20), "s", 2)
+    scaled_train, scaled_test = standardize_last_axis(train.x, train, test)
+    per_feature = scaled_train.x.reshape(-1, 3)
+    torch.testing.assert_close(per_feature.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_feature.std(0), torch.ones(3), atol=1e-5, rtol=0)
+    assert not torch.allclose(scaled_test.x.reshape(-1, 3).mean(0), torch.zeros(3), atol=1e-3)
+    with pytest.raises(ValueError, match="at least 2 training samples"):
+        standardize_last_axis(train.x[:1], train)
+
+
+def test_pretrain_key_ignores_new_plan_fields_at_their_defaults():
+    from tinyprop.bench.protocols import pretrain_key
+    from tinyprop.bench.suites import DatasetPlan
+
+    plain = DatasetPlan(100, 50, epochs=2, pretrain_epochs=3)
+    same = DatasetPlan(100, 50, epochs=2, pretrain_epochs=3, data_options=(), standardize=None)
+    other = DatasetPlan(100, 50, epochs=2, pretrain_epochs=3, data_options=(("resolution", 32),))
+    key = pretrain_key("d", "s", "m", plain, seed=0)
+    assert key == pretrain_key("d", "s", "m", same, seed=0)
+    assert key != pretrain_key("d", "s", "m", other, seed=0)
