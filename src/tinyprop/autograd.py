@@ -85,8 +85,8 @@ class SparseBackprop(torch.autograd.Function):
         local_row, entry = layer.select(flat, keep)  # (M,), (M,)
         value = flat[local_row, entry]  # (M,)
         density = entry.numel() / max(flat.numel(), 1)
-        linear_layer = isinstance(geometry, LinearPatches)
-        if density > (DENSE_KERNEL_DENSITY if linear_layer else CONV_DENSE_KERNEL_DENSITY):
+        is_linear = isinstance(geometry, LinearPatches)
+        if density > (DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY):
             masked = torch.zeros_like(flat)  # (B', N): the kept entries, zeros elsewhere
             masked[local_row, entry] = value
             grad_input, grad_weight = geometry.dense_gradients(
@@ -99,8 +99,8 @@ class SparseBackprop(torch.autograd.Function):
         group = channel // (channels_out // groups)
         sample = rows[local_row]
         # the distinct input patches the kept entries read: (U,) keys (sample, position, group)
-        linear = positions == 1 and groups == 1
-        if linear:  # a Linear layer on (B, in): one patch per sample
+        one_patch_per_sample = positions == 1 and groups == 1  # e.g. a Linear layer on (B, in)
+        if one_patch_per_sample:
             patch, unique_sample = local_row, rows
             unique_position = unique_group = torch.zeros_like(rows)
         else:
@@ -118,7 +118,7 @@ class SparseBackprop(torch.autograd.Function):
             grad_weight = (kept @ patches).reshape(weight.shape)  # (C_out, fan_in)
         if needs_input:
             kept_t = sparse_rows(  # (U, C_out); select() groups the entries by sample
-                patch, channel, value, (patch_count, channels_out), grouped=linear
+                patch, channel, value, (patch_count, channels_out), grouped=one_patch_per_sample
             )
             grad_patches = kept_t @ weight.reshape(channels_out, fan_in)  # (U, fan_in)
             grad_input = geometry.scatter(
