@@ -141,3 +141,17 @@ def test_missing_or_empty_results_are_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert report.main([str(tmp_path)]) == 2
     assert "no run records" in capsys.readouterr().err
+
+
+def test_equal_compute_comparison_counts_matched_settings():
+    records = [
+        make_record("full", {}, 0, 95.0, 94.0, 1.0, 1.0),
+        make_record("topk", {"ratio": 0.1}, 0, 90.0, 90.0, 0.10),
+        make_record("topk", {"ratio": 0.3}, 0, 94.0, 93.0, 0.30),
+        make_record("tinypropv2", {"skip_threshold": 0.5}, 0, 91.0, 90.0, 0.08),
+        make_record("tinypropv2", {"skip_threshold": 0.1}, 0, 93.0, 92.0, 0.25),
+    ]
+    summaries = report.summarise(records)
+    # topk 0.1 (90.0 at 10%) is beaten by v2 0.5 (91.0 at 8%); topk 0.3 (94.0 at 30%) by none
+    assert report.equal_compute_lines(summaries) == ["- mnist: topk 1/2"]
+    assert "- mnist: topk 1/2" in report.markdown(summaries)

@@ -212,7 +212,42 @@ def markdown(summaries: list[SettingSummary]) -> str:
                 f"{100 * TARGET_BACKWARD:g}% of full backward compute.",
                 *verdicts,
             ]
+        comparison = equal_compute_lines([s for s in summaries if s.protocol == protocol])
+        if comparison:
+            lines += [
+                "",
+                "At equal compute (every setting, test metric, as in the plots): how many of each "
+                "other policy's settings some tinypropv2 setting matches or beats with no more "
+                "backward compute.",
+                *comparison,
+            ]
     return "\n".join(lines) + "\n"
+
+
+def matched_by(points: list[SettingSummary], rivals: list[SettingSummary]) -> int:
+    """How many of ``points`` some rival matches or beats in metric at no more backward compute."""
+    return sum(
+        any(r.backward_pct <= p.backward_pct and r.metric_mean >= p.metric_mean for r in rivals)
+        for p in points
+    )
+
+
+def equal_compute_lines(summaries: list[SettingSummary]) -> list[str]:
+    """Per dataset: tinypropv2 against every other sparse policy at equal backward compute."""
+    lines = []
+    for dataset in sorted({s.dataset for s in summaries}):
+        group = [s for s in summaries if s.dataset == dataset]
+        v2 = [s for s in group if s.policy == "tinypropv2"]
+        if not v2:
+            continue
+        counts = []
+        for policy in ("topk", "randomk", "tinyprop"):
+            points = [s for s in group if s.policy == policy]
+            if points:
+                counts.append(f"{policy} {matched_by(points, v2)}/{len(points)}")
+        if counts:
+            lines.append(f"- {dataset}: " + ", ".join(counts))
+    return lines
 
 
 CSV_COLUMNS = [
