@@ -4,7 +4,9 @@
 #include "tp_internal.h"
 
 /* Y = sum_i |delta_i| (the layer's local error, TinyProp eq. 1), in float32 with a running
- * compensation (Neumaier) so that it is as close to the exact sum as PyTorch's cascade sum. */
+ * compensation (Neumaier) so that it is as close to the exact sum as PyTorch's cascade sum.
+ * Zeros change neither the sum nor the compensation (both stay as they are, bit for bit), so
+ * the sum over tp_gather_nonzero's values is the same float as over all of delta. */
 float tp_local_error(const float *delta, int32_t n) {
     float sum = 0.0f, compensation = 0.0f;
     int32_t i;
@@ -72,12 +74,11 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
     return a[target];
 }
 
-void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, int32_t *kept) {
-    int32_t i, greater = 0, count = 0, equal_left, nonzero = 0;
-    float threshold;
-    /* Only the non-zero magnitudes compete (behind a ReLU or a max pool most are zero): gather
-     * them and their indices (ascending, into kept, which the filter below overwrites in
-     * place: it never writes ahead of what it reads). */
+/* Only the non-zero magnitudes compete in top-k (behind a ReLU or a max pool most are zero):
+ * gather them and their indices (ascending, into kept, which tp_select_topk_gathered's filter
+ * overwrites in place: it never writes ahead of what it reads). Returns their count. */
+int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept) {
+    int32_t i, nonzero = 0;
 #define TP_GATHER_NONZERO(index)                                                            \
     do {                                                                                    \
         union {                                                                             \
@@ -98,6 +99,13 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
     }
     for (; i < n; i++) TP_GATHER_NONZERO(i);
 #undef TP_GATHER_NONZERO
+    return nonzero;
+}
+
+void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *scratch,
+                             int32_t *kept, int32_t nonzero) {
+    int32_t i, greater = 0, count = 0, equal_left;
+    float threshold;
     if (k >= nonzero) {
         /* every non-zero entry, then the zeros of lowest index */
         int32_t zeros_left = k - nonzero;
@@ -129,6 +137,10 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
         const float magnitude = fabsf(delta[i]);
         if (!(magnitude > threshold) && !(magnitude == threshold)) kept[count++] = i;
     }
+}
+
+void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, int32_t *kept) {
+    tp_select_topk_gathered(delta, n, k, scratch, kept, tp_gather_nonzero(delta, n, scratch, kept));
 }
 
 /* TinyPropv2: D = (d_min + alpha (d_max - d_min)) beta with alpha = Y_out / Ymax_out; the

@@ -43,6 +43,11 @@ int32_t tp_keep_count(const tp_policy_config *policy, float local_error, float r
 /* Indices (ascending) of the k entries of largest |delta|; ties go to the lower index.
  * scratch: n floats. Returns nothing; writes k indices to kept. */
 void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, int32_t *kept);
+/* The same in two steps: the non-zero |delta| (in index order) to scratch and their indices to
+ * kept, returning their count; then the selection from them (kept: n ints, as above). */
+int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept);
+void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *scratch,
+                             int32_t *kept, int32_t nonzero);
 int tp_skip_decision_trains(const tp_policy_config *policy, float output_error,
                             float running_max_output);
 

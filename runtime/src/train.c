@@ -41,15 +41,24 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     const int32_t *kept = NULL;
     int32_t k = n;
     if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
-        const float local_error = tp_local_error(delta, n);
+        /* one pass over delta: its non-zero magnitudes serve both Y (zeros add nothing to it)
+         * and the selection */
+        const int32_t nonzero =
+            tp_gather_nonzero(delta, n, model->selection_values, model->selection_index);
+        const float local_error = tp_local_error(model->selection_values, nonzero);
         if (local_error > layer->running_max) layer->running_max = local_error;
         k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
+        if (k < n) {
+            tp_select_topk_gathered(delta, n, k, model->selection_values, model->selection_index,
+                                    nonzero);
+            kept = model->selection_index;
+        }
     } else if (policy == TP_POLICY_TOPK) {
         k = tp_keep_count(&model->policy, 0.0f, 0.0f, 1.0, n);
-    }
-    if (k < n) {
-        tp_select_topk(delta, n, k, model->selection_values, model->selection_index);
-        kept = model->selection_index;
+        if (k < n) {
+            tp_select_topk(delta, n, k, model->selection_values, model->selection_index);
+            kept = model->selection_index;
+        }
     }
     if (layer->kind == TP_LAYER_DENSE)
         tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
