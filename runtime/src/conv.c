@@ -338,12 +338,21 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
 
 /* ---------------------------------------------------------------- backward */
 
-/* two channels at one position: g0 += d0 patch, g1 += d1 patch, patch_delta += d0 w0 + d1 w1 */
+/* two channels at one position: g0 += d0 patch, g1 += d1 patch, patch_delta += d0 w0 + d1 w1
+ * (patch_delta = d0 w0 + d1 w1 for the position's first channels, `first`: the same floats as
+ * zeroing it first, but for the sign of a zero, which the scatter's addition loses) */
 static void backward_pair(const float *restrict patch, float *restrict patch_delta,
                           float *restrict g0, float *restrict g1, const float *restrict w0,
-                          const float *restrict w1, float d0, float d1, int32_t n) {
+                          const float *restrict w1, float d0, float d1, int32_t n, int first) {
     int32_t j;
-    if (patch_delta != NULL) {
+    if (patch_delta != NULL && first) {
+        for (j = 0; j < n; j++) {
+            const float p = patch[j];
+            g0[j] += d0 * p;
+            g1[j] += d1 * p;
+            patch_delta[j] = d0 * w0[j] + d1 * w1[j];
+        }
+    } else if (patch_delta != NULL) {
         for (j = 0; j < n; j++) {
             const float p = patch[j];
             g0[j] += d0 * p;
@@ -360,9 +369,15 @@ static void backward_pair(const float *restrict patch, float *restrict patch_del
 }
 
 static void backward_single(const float *restrict patch, float *restrict patch_delta,
-                            float *restrict g, const float *restrict w, float d, int32_t n) {
+                            float *restrict g, const float *restrict w, float d, int32_t n,
+                            int first) {
     int32_t j;
-    if (patch_delta != NULL) {
+    if (patch_delta != NULL && first) {
+        for (j = 0; j < n; j++) {
+            g[j] += d * patch[j];
+            patch_delta[j] = d * w[j];
+        }
+    } else if (patch_delta != NULL) {
         for (j = 0; j < n; j++) {
             g[j] += d * patch[j];
             patch_delta[j] += d * w[j];
@@ -434,11 +449,6 @@ TP_NO_LIBRARY_CALLS static void scatter_patch(const tp_conv_plan *plan,
     }
 }
 
-TP_NO_LIBRARY_CALLS static void zero_patch(float *restrict patch_delta, int32_t n) {
-    int32_t j;
-    for (j = 0; j < n; j++) patch_delta[j] = 0.0f;
-}
-
 /* The channels channels[0..count) (ascending) at output position p: gather each group's patch
  * once, update every channel's weight-gradient row and the patch gradient, scatter it back. */
 static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const float *source,
@@ -458,8 +468,8 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
         const float *restrict x = source + at;
         int32_t pending = -1;
         float pending_delta = 0.0f;
+        int first = 1; /* patch_delta not written yet at this position */
         gather_patch(plan, x, patch);
-        if (patch_delta != NULL) zero_patch(patch_delta, fan_in);
         for (; i < count; i++) {
             const int32_t c = channels[i];
             const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
@@ -476,17 +486,19 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
                           layer->grad_weight + (size_t)pending * (size_t)fan_in,
                           layer->grad_weight + (size_t)c * (size_t)fan_in,
                           layer->weight + (size_t)pending * (size_t)fan_in,
-                          layer->weight + (size_t)c * (size_t)fan_in, pending_delta, d, fan_in);
+                          layer->weight + (size_t)c * (size_t)fan_in, pending_delta, d, fan_in,
+                          first);
             pending = -1;
+            first = 0;
         }
-        if (pending >= 0)
+        if (pending >= 0) {
             backward_single(patch, patch_delta,
                             layer->grad_weight + (size_t)pending * (size_t)fan_in,
                             layer->weight + (size_t)pending * (size_t)fan_in, pending_delta,
-                            fan_in);
-        if (patch_delta != NULL) {
-            scatter_patch(plan, patch_delta, delta_in_target + at);
+                            fan_in, first);
+            first = 0;
         }
+        if (patch_delta != NULL && !first) scatter_patch(plan, patch_delta, delta_in_target + at);
     }
 }
 
