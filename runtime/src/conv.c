@@ -73,17 +73,27 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
     plan.run_offset = plan.offset + layer->fan_in;
     plan.position_start = plan.run_offset + layer->fan_in;
     plan.position_order = plan.position_start + plan.plane + 1;
-    for (ic = 0; ic < plan.in_per_group; ic++)
-        for (kh = 0; kh < layer->kernel_h; kh++)
-            for (kw = 0; kw < layer->kernel_w; kw++)
-                plan.offset[j++] = (int32_t)((size_t)ic * plan.padded_plane +
-                                             (size_t)(kh * layer->dilation_h) *
-                                                 (size_t)plan.padded_w) +
-                                   kw * layer->dilation_w;
-    /* a kernel row is one run of kernel_w inputs when the dilation along the width is 1 */
-    plan.run_length = layer->dilation_w == 1 ? layer->kernel_w : 1;
-    plan.runs = layer->fan_in / plan.run_length;
-    for (j = 0; j < plan.runs; j++) plan.run_offset[j] = plan.offset[j * plan.run_length];
+    {
+        /* locals: the int32_t stores below could alias the layer's fields */
+        int32_t *restrict offset = plan.offset, *restrict run_offset = plan.run_offset;
+        const int32_t kernel_h = layer->kernel_h, kernel_w = layer->kernel_w;
+        const int32_t dilation_w = layer->dilation_w;
+        const int32_t row_step = layer->dilation_h * plan.padded_w;
+        const int32_t channel_step = (int32_t)plan.padded_plane;
+        int32_t r = 0;
+        for (ic = 0; ic < plan.in_per_group; ic++) {
+            for (kh = 0; kh < kernel_h; kh++) {
+                const int32_t row = ic * channel_step + kh * row_step;
+                run_offset[r++] = row; /* used when the kernel rows are runs (below) */
+                for (kw = 0; kw < kernel_w; kw++) offset[j++] = row + kw * dilation_w;
+            }
+        }
+        /* a kernel row is one run of kernel_w inputs when the dilation along the width is 1 */
+        plan.run_length = dilation_w == 1 ? kernel_w : 1;
+        plan.runs = layer->fan_in / plan.run_length;
+        if (plan.run_length == 1)
+            for (j = 0; j < plan.runs; j++) run_offset[j] = offset[j];
+    }
     return plan;
 }
 
