@@ -78,7 +78,8 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
  * gather them and their indices (ascending, into kept, which tp_select_topk_gathered's filter
  * overwrites in place: it never writes ahead of what it reads). Returns their count. */
 int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept) {
-    int32_t i, nonzero = 0;
+    int32_t i;
+    size_t nonzero = 0; /* pointer-sized: no sign extension per entry */
 #define TP_GATHER_NONZERO(index)                                                            \
     do {                                                                                    \
         union {                                                                             \
@@ -89,7 +90,7 @@ int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t
         magnitude.bits &= 0x7fffffffu; /* |delta|; a NaN stays non-zero */                  \
         scratch[nonzero] = magnitude.value;                                                 \
         kept[nonzero] = (index);                                                            \
-        nonzero += magnitude.bits != 0u;                                                    \
+        nonzero += magnitude.bits != 0u;                                                \
     } while (0)
     for (i = 0; i + 4 <= n; i += 4) { /* unrolled: the loop control is most of the cost */
         TP_GATHER_NONZERO(i);
@@ -99,12 +100,12 @@ int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t
     }
     for (; i < n; i++) TP_GATHER_NONZERO(i);
 #undef TP_GATHER_NONZERO
-    return nonzero;
+    return (int32_t)nonzero;
 }
 
 void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *scratch,
                              int32_t *kept, int32_t nonzero) {
-    int32_t i, greater = 0, count = 0, equal_left;
+    int32_t i, greater = 0, at_least = 0, count = 0, equal_left;
     float threshold;
     if (k >= nonzero) {
         /* every non-zero entry, then the zeros of lowest index */
@@ -120,8 +121,26 @@ void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *sc
         return;
     }
     threshold = kth_largest(scratch, nonzero, k);
-    for (i = 0; i < nonzero; i++) greater += scratch[i] > threshold;
+    for (i = 0; i < nonzero; i++) {
+        greater += scratch[i] > threshold;
+        at_least += scratch[i] >= threshold;
+    }
     equal_left = k - greater;
+    if (at_least >= k && greater <= k) {
+        /* k of the gathered entries qualify (always, unless NaNs upset the selection): the
+         * filter stops at the k-th without a bounds test */
+        for (i = 0; count < k; i++) {
+            const int32_t index = kept[i];
+            const float magnitude = fabsf(delta[index]);
+            if (magnitude > threshold) {
+                kept[count++] = index;
+            } else if (magnitude == threshold && equal_left > 0) {
+                kept[count++] = index;
+                equal_left--;
+            }
+        }
+        return;
+    }
     for (i = 0; i < nonzero && count < k; i++) {
         const int32_t index = kept[i];
         const float magnitude = fabsf(delta[index]);
