@@ -54,7 +54,9 @@ size_t tp_conv_scratch_floats(const tp_layer *layer) {
     return 2 * padded + 4 * (size_t)layer->fan_in + plane + 1 + (size_t)layer->out_c * plane;
 }
 
-static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
+/* with_offsets: also the per-tap offset table (the forward's; the backward reads the
+ * kernel-row runs only) */
+static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_offsets) {
     tp_conv_plan plan;
     int32_t ic, kh, kw, j = 0;
     plan.in_per_group = layer->in_c / layer->groups;
@@ -81,15 +83,17 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch) {
         const int32_t row_step = layer->dilation_h * plan.padded_w;
         const int32_t channel_step = (int32_t)plan.padded_plane;
         int32_t r = 0;
+        /* a kernel row is one run of kernel_w inputs when the dilation along the width is 1 */
+        plan.run_length = dilation_w == 1 ? kernel_w : 1;
+        if (plan.run_length == 1) with_offsets = 1; /* the runs are the taps */
         for (ic = 0; ic < plan.in_per_group; ic++) {
             for (kh = 0; kh < kernel_h; kh++) {
                 const int32_t row = ic * channel_step + kh * row_step;
                 run_offset[r++] = row; /* used when the kernel rows are runs (below) */
-                for (kw = 0; kw < kernel_w; kw++) offset[j++] = row + kw * dilation_w;
+                if (with_offsets)
+                    for (kw = 0; kw < kernel_w; kw++) offset[j++] = row + kw * dilation_w;
             }
         }
-        /* a kernel row is one run of kernel_w inputs when the dilation along the width is 1 */
-        plan.run_length = dilation_w == 1 ? kernel_w : 1;
         plan.runs = layer->fan_in / plan.run_length;
         if (plan.run_length == 1)
             for (j = 0; j < plan.runs; j++) run_offset[j] = offset[j];
@@ -282,7 +286,7 @@ static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, cons
 }
 
 void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch) {
-    const tp_conv_plan plan = conv_plan(layer, scratch);
+    const tp_conv_plan plan = conv_plan(layer, scratch, 1);
     const size_t out_plane = (size_t)plan.plane;
     const int32_t fan_in = layer->fan_in, out_w = layer->out_w;
     int32_t group, oc, oh, ow;
@@ -531,7 +535,7 @@ TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_c
 
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                       int32_t k, float *delta_in, float *scratch) {
-    const tp_conv_plan plan = conv_plan(layer, scratch);
+    const tp_conv_plan plan = conv_plan(layer, scratch, 0);
     const float *source = padded_input(layer, &plan, x);
     const size_t group_stride =
         (size_t)plan.in_per_group *

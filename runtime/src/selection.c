@@ -7,20 +7,29 @@
  * compensation (Neumaier) so that it is as close to the exact sum as PyTorch's cascade sum.
  * Zeros change neither the sum nor the compensation (both stay as they are, bit for bit), so
  * the sum over tp_gather_nonzero's values is the same float as over all of delta. */
-float tp_local_error(const float *delta, int32_t n) {
-    float sum = 0.0f, compensation = 0.0f;
-    int32_t i;
-    for (i = 0; i < n; i++) {
-        const float value = fabsf(delta[i]);
-        const float next = sum + value;
-        if (sum >= value)
-            compensation += (sum - next) + value;
-        else
-            compensation += (value - next) + sum;
-        sum = next;
-    }
-    return sum + compensation;
+#define TP_NEUMAIER_SUM(magnitude)                                                          \
+    do {                                                                                    \
+        float sum = 0.0f, compensation = 0.0f;                                              \
+        int32_t i;                                                                          \
+        for (i = 0; i < n; i++) {                                                           \
+            const float value = magnitude;                                                  \
+            const float next = sum + value;                                                 \
+            if (sum >= value)                                                               \
+                compensation += (sum - next) + value;                                       \
+            else                                                                            \
+                compensation += (value - next) + sum;                                       \
+            sum = next;                                                                     \
+        }                                                                                   \
+        return sum + compensation;                                                          \
+    } while (0)
+
+float tp_local_error(const float *delta, int32_t n) { TP_NEUMAIER_SUM(fabsf(delta[i])); }
+
+/* the same sum over magnitudes already taken (tp_gather_nonzero's values) */
+float tp_local_error_of_magnitudes(const float *magnitudes, int32_t n) {
+    TP_NEUMAIER_SUM(magnitudes[i]);
 }
+#undef TP_NEUMAIER_SUM
 
 /* k = clamp(floor(bpr * N + 0.5), 1, N) with bpr = (s_min + Y/Ymax (s_max - s_min)) zeta^d for
  * TinyProp, bpr = ratio for top-k, and k = N for full training. Ymax already includes Y, and
@@ -121,12 +130,14 @@ void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *sc
         return;
     }
     threshold = kth_largest(scratch, nonzero, k);
-    for (i = 0; i < nonzero; i++) {
+    /* the selection leaves the k largest in scratch[0..k) (unless NaNs upset it) */
+    for (i = 0; i < k; i++) {
         greater += scratch[i] > threshold;
         at_least += scratch[i] >= threshold;
     }
+    for (; i < nonzero; i++) greater += scratch[i] > threshold;
     equal_left = k - greater;
-    if (at_least >= k && greater <= k) {
+    if (at_least == k && greater <= k) {
         /* k of the gathered entries qualify (always, unless NaNs upset the selection): the
          * filter stops at the k-th without a bounds test */
         for (i = 0; count < k; i++) {

@@ -38,6 +38,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
 
 /* ---- selection.c */
 float tp_local_error(const float *delta, int32_t n);
+float tp_local_error_of_magnitudes(const float *magnitudes, int32_t n); /* |.| taken */
 int32_t tp_keep_count(const tp_policy_config *policy, float local_error, float running_max,
                       double depth_scale, int32_t n);
 /* Indices (ascending) of the k entries of largest |delta|; ties go to the lower index.

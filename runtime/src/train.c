@@ -45,7 +45,8 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
          * and the selection */
         const int32_t nonzero =
             tp_gather_nonzero(delta, n, model->selection_values, model->selection_index);
-        const float local_error = tp_local_error(model->selection_values, nonzero);
+        const float local_error =
+            tp_local_error_of_magnitudes(model->selection_values, nonzero);
         if (local_error > layer->running_max) layer->running_max = local_error;
         k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
         if (k < n) {
