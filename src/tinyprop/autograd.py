@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from tinyprop.patches import LinearPatches, patches_for
+from tinyprop.patches import LinearPatches
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -62,7 +62,7 @@ class SparseBackprop(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        geometry = patches_for(layer, x.shape)
+        geometry = ctx.call.geometry  # computed once, in the forward
         positions, groups = geometry.positions, geometry.groups
         channels_out, fan_in = geometry.channels_out, geometry.fan_in
 

@@ -43,6 +43,7 @@ class LayerCall:
     computes_input_grad: bool
     keep: Tensor | None = None  # (trained,) k per trained sample, set by the backward
     selected: bool = True  # False when the layer kept everything without a selection
+    geometry: object = None  # the layer's patch geometry for this input shape (patches.py)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class SparseBackpropLayer:
             weight_trainable=self.weight.requires_grad,
             input_size=x[0].numel(),
             computes_input_grad=x.requires_grad,
+            geometry=geometry,
         )
 
     def keep_count(self, delta: Tensor) -> Tensor:
