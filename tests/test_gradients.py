@@ -9,17 +9,23 @@ from torch import nn
 
 import tinyprop
 import tinyprop.autograd
+import tinyprop.native
 from tinyprop.functional import keep_count
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
-@pytest.fixture(params=["sparse kernels", "dense kernels"])
+@pytest.fixture(params=["sparse kernels", "dense kernels", "pytorch-only kernels"])
 def kernel(request, monkeypatch):
-    """Run a test with the sparse kernels only, then with the dense kernels only."""
-    threshold = 1.0 if request.param == "sparse kernels" else 0.0
+    """Run a test with the sparse kernels only, then with the dense kernels only, then with
+    the sparse kernels and no native (compiled) selection."""
+    threshold = 0.0 if request.param == "dense kernels" else float("inf")
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "CONV_DENSE_KERNEL_DENSITY", threshold)
+    if request.param == "pytorch-only kernels":
+        monkeypatch.setattr(tinyprop.native, "can_select", lambda scores: False)
+        monkeypatch.setattr(tinyprop.native, "can_linear_backward", lambda x, weight: False)
     return request.param
 
 

@@ -15,17 +15,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tinyprop import native
 from tinyprop.patches import LinearPatches
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Above these fractions of kept entries (in one layer and step), the kept entries are multiplied
 # with PyTorch's dense kernels (GEMM / convolution backward on the masked δ) instead of the
-# sparse ones, which are slower on CPUs there. Measured crossovers (benchmarks/speed.py, one
-# thread): about 0.15 for a 2048x2048 Linear at batch 128; below 0.05 for 3x3 convolutions,
-# whose dense backward (oneDNN) beats gathering patches. The result is the same up to float
-# rounding, and the ledger counts k · fan_in either way. 1.0 always uses the sparse kernels.
-DENSE_KERNEL_DENSITY = 0.15  # Linear layers
+# sparse ones, which are slower there. Measured crossovers on one thread (2048x2048 Linear,
+# batch 128; benchmarks/speed.py): about 0.6 for the native Linear kernel (tinyprop.native; it
+# runs on one thread, so its limit is divided by torch's thread count), about 0.15 for PyTorch's
+# sparse CSR products (used without the native kernels, for float64, or for a Linear on (B, *,
+# in)), below 0.05 for 3x3 convolutions, whose dense backward (oneDNN) beats gathering patches.
+# The result is the same up to float rounding, and the ledger counts k · fan_in either way.
+# 1.0 always uses the sparse kernels.
+NATIVE_DENSE_KERNEL_DENSITY = 0.5  # Linear layers, native kernel, per torch thread
+DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
 CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers
 
 
@@ -86,6 +91,14 @@ class SparseBackprop(torch.autograd.Function):
         value = flat[local_row, entry]  # (M,)
         density = entry.numel() / max(flat.numel(), 1)
         is_linear = isinstance(geometry, LinearPatches)
+        if is_linear and x.dim() == 2 and native.can_linear_backward(x, weight):
+            if density <= NATIVE_DENSE_KERNEL_DENSITY / torch.get_num_threads():
+                row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (B + 1,) CSR
+                row_start[rows.cpu() + 1] = keep.cpu()  # skipped samples keep nothing
+                grad_input, grad_weight = native.linear_backward(
+                    x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
+                )
+                return grad_input, grad_weight, grad_bias, None, None
         if density > (DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY):
             masked = torch.zeros_like(flat)  # (B', N): the kept entries, zeros elsewhere
             masked[local_row, entry] = value

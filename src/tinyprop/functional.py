@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tinyprop import native
+
 
 def local_error(delta: Tensor) -> Tensor:
     """Y = Σ_i |δ_i| per sample. ``delta`` (B, ...) -> (B,)."""
@@ -104,6 +106,15 @@ def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     if scores.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         return empty, empty
+    if native.can_select(scores):  # the same entries, selected in compiled code
+        columns = native.select_topk(scores, keep)  # (M,)
+        rows = torch.repeat_interleave(torch.arange(scores.shape[0]), keep.cpu())  # (M,)
+        return rows, columns
+    return select_topk_torch(scores, keep)
+
+
+def select_topk_torch(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """``select_topk`` with PyTorch/NumPy kernels (any device; the reference of the native one)."""
     threshold = kth_largest(scores, keep).to(scores.device)  # (B, 1)
     above = scores > threshold  # (B, N)
     tied = scores == threshold  # (B, N)

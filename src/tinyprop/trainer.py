@@ -126,10 +126,8 @@ def train_step(
             output.backward(output_grad * mask)
         finally:
             state.rows = None
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    parameter.grad.div_(batch_size)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        torch._foreach_div_([grad for grad in grads if grad is not None], batch_size)
         optimizer.step()
         stats.stepped = True
     output_size = output[0].numel()

@@ -1,0 +1,179 @@
+"""Native CPU kernels of the sparse backward: per-row top-k selection and the Linear backward.
+
+``kernels.c`` is compiled with the system C compiler on first use (about a second) and cached
+in tinyprop's cache folder, keyed by the source, the flags and the machine; it is loaded with
+``ctypes``. Without a compiler, or with ``TINYPROP_NATIVE=0``, tinyprop uses its PyTorch/NumPy
+kernels instead: same kept entries, same gradients up to float rounding, slower.
+
+Why hand-written: PyTorch has no fused "top-k per row, then products of the kept entries"
+kernel for CPUs; its sparse CSR products and ``topk`` cost more than the dense backward they
+replace at the densities TinyProp keeps (see ``benchmarks/speed.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC"]
+
+_pointer = ctypes.c_void_p
+_int64 = ctypes.c_int64
+
+
+def enabled() -> bool:
+    """False when ``TINYPROP_NATIVE=0`` asks for the PyTorch kernels only."""
+    return os.environ.get("TINYPROP_NATIVE", "1") != "0"
+
+
+def _machine_key() -> str:
+    """What the compiled code depends on besides the source: compiler, flags, CPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                cpu += line
+    except OSError:
+        pass
+    return f"{_compiler()} {' '.join(FLAGS)} {platform.system()} {cpu}"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them if needed; None if they cannot be built."""
+    if not enabled():
+        return None
+    from tinyprop.data.cache import cache_dir  # the project's git-ignored cache folder
+
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + _machine_key().encode()).hexdigest()[:16]
+    folder = cache_dir() / "native"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"kernels-{digest}.so"
+    if not path.exists():
+        handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(handle)
+        command = [_compiler(), *FLAGS, str(SOURCE), "-o", temporary]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            os.unlink(temporary)
+            detail = getattr(error, "stderr", "") or str(error)
+            warnings.warn(
+                f"tinyprop: could not compile its native kernels ({' '.join(command)}: "
+                f"{detail.strip()[:300]}); using the slower PyTorch kernels. Install a C "
+                "compiler (e.g. gcc) or set TINYPROP_NATIVE=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        os.replace(temporary, path)  # atomic: concurrent builders never load a partial file
+    lib = ctypes.CDLL(str(path))
+    for name in ("tp_select_topk_f32", "tp_select_topk_f64"):
+        getattr(lib, name).argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _pointer]
+        getattr(lib, name).restype = ctypes.c_int
+    lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
+    lib.tp_linear_backward_f32.argtypes += [_pointer] * 8
+    lib.tp_linear_backward_f32.restype = ctypes.c_int
+    return lib
+
+
+def _address(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def can_select(scores: Tensor) -> bool:
+    """Whether ``select_topk`` can run natively on these scores."""
+    return (
+        scores.device.type == "cpu"
+        and scores.dtype in (torch.float32, torch.float64)
+        and library() is not None
+    )
+
+
+def select_topk(scores: Tensor, keep: Tensor) -> Tensor:
+    """Columns of the ``keep[r]`` largest scores of each row, ascending, ties to the lower index.
+
+    ``scores`` (B, N) >= 0, ``keep`` (B,) in [1, N] -> (Σ keep,) long, row by row.
+    """
+    scores = scores.detach().contiguous()
+    keep = keep.to(torch.int64).contiguous()
+    columns = torch.empty(int(keep.sum()), dtype=torch.int64)  # (M,)
+    scratch = torch.empty(scores.shape[1], dtype=scores.dtype)  # (N,)
+    function = library().tp_select_topk_f32
+    if scores.dtype == torch.float64:
+        function = library().tp_select_topk_f64
+    status = function(
+        scores.data_ptr(), scores.shape[0], scores.shape[1], keep.data_ptr(),
+        columns.data_ptr(), scratch.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"keep counts must be in [1, {scores.shape[1]}], got {keep.tolist()}")
+    return columns
+
+
+def can_linear_backward(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``linear_backward`` can run natively: float32 CPU, input (B, in)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and library() is not None
+    )
+
+
+def linear_backward(
+    x: Tensor,
+    weight: Tensor,
+    row_start: Tensor,
+    column: Tensor,
+    value: Tensor,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of ``y = x Wᵀ`` from the kept entries of δ only.
+
+    Args:
+        x: (B, in) layer input; weight: (out, in).
+        row_start: (B + 1,) CSR offsets of each sample's kept entries (empty for skipped ones).
+        column: (M,) kept output index j; value: (M,) δ[s, j] there.
+
+    Returns:
+        ``(grad_input (B, in) or None, grad_weight (out, in) or None)``: k · in multiply-
+        accumulates each; rows nobody kept are zero.
+    """
+    x, weight = x.detach().contiguous(), weight.detach().contiguous()
+    value = value.detach().to(torch.float32).contiguous()
+    row_start, column = row_start.contiguous(), column.contiguous()
+    batch, inputs = x.shape
+    outputs = weight.shape[0]
+    grad_input = torch.empty(batch, inputs) if needs_input else None  # (B, in)
+    grad_weight = torch.empty(outputs, inputs) if needs_weight else None  # (out, in)
+    column_start = torch.empty(outputs + 1, dtype=torch.int64)  # scratch for the CSC regroup
+    by_column_sample = torch.empty(column.numel(), dtype=torch.int64)
+    by_column_value = torch.empty(column.numel(), dtype=torch.float32)
+    status = library().tp_linear_backward_f32(
+        x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
+        row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
+        _address(grad_weight), _address(grad_input),
+        column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
+    return grad_input, grad_weight

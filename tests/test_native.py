@@ -1,0 +1,129 @@
+"""The native kernels (tinyprop.native) against the PyTorch kernels they replace."""
+
+import copy
+
+import pytest
+import torch
+from core_models import batch, build
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import tinyprop
+import tinyprop.autograd
+from tinyprop import native
+from tinyprop.functional import keep_count, select_topk, select_topk_torch
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler")
+
+
+@st.composite
+def scores_and_keep(draw):
+    """Scores of every kind select_topk meets: continuous, many ties, mostly zeros, tiny."""
+    rows, size = draw(st.integers(1, 5)), draw(st.integers(1, 300))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    kind = draw(st.sampled_from(["uniform", "ties", "zeros", "denormal"]))
+    scores = torch.rand(rows, size, generator=generator)
+    if kind == "ties":
+        scores = torch.randint(0, 4, (rows, size), generator=generator).float()
+    elif kind == "zeros":
+        scores[scores < 0.8] = 0
+    elif kind == "denormal":
+        scores = scores * 1e-40
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    keep = torch.randint(1, size + 1, (rows,), generator=generator)
+    return scores.to(dtype), keep
+
+
+@settings(max_examples=300, deadline=None)
+@given(scores_and_keep())
+def test_native_selection_equals_pytorch_selection(case):
+    scores, keep = case
+    rows, columns = select_topk(scores, keep)
+    expected_rows, expected_columns = select_topk_torch(scores, keep)
+    assert torch.equal(rows, expected_rows)
+    assert torch.equal(columns, expected_columns)
+
+
+def test_native_selection_rejects_bad_keep():
+    with pytest.raises(ValueError, match="keep counts must be in"):
+        native.select_topk(torch.rand(2, 5), torch.tensor([0, 3]))
+
+
+def test_native_linear_backward_equals_products_of_kept_entries():
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(6, 7, generator=generator), torch.randn(9, 7, generator=generator)
+    delta = torch.randn(6, 9, generator=generator)
+    keep = torch.tensor([2, 0, 9, 1, 0, 4])  # samples 1 and 4 skipped: no entries
+    mask = torch.zeros(6, 9)
+    for sample, count in enumerate(keep.tolist()):
+        mask[sample, torch.randperm(9, generator=generator)[:count]] = 1
+    rows, columns = mask.nonzero(as_tuple=True)
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0)])
+    grad_input, grad_weight = native.linear_backward(
+        x, weight, row_start, columns, delta[rows, columns], True, True
+    )
+    masked = delta * mask
+    torch.testing.assert_close(grad_weight, masked.t() @ x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_input, masked @ weight, rtol=1e-5, atol=1e-6)
+    assert grad_input[1].abs().sum() == 0 and grad_input[4].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tinyprop.TinyPropConfig(policy="topk", ratio=0.3),
+        tinyprop.TinyPropConfig(policy="tinyprop", zeta=1.0),
+        tinyprop.TinyPropConfig(policy="tinypropv2", zeta=1.0, skip_threshold=0.5),
+        tinyprop.TinyPropConfig(policy="randomk", ratio=0.2),
+    ],
+    ids=lambda config: config.policy,
+)
+def test_native_training_matches_pytorch_kernels(config, monkeypatch):
+    """Three float32 steps of the MLP: same k, skips and Ymax; weights equal up to rounding."""
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", float("inf"))
+    monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", 1.0)
+    reference = tinyprop.apply(build("mlp", dtype=torch.float32), config)
+    model = copy.deepcopy(reference)
+    batches = [batch("mlp", size=8, seed=seed, dtype=torch.float32) for seed in range(3)]
+    calls = []
+    linear_backward = native.linear_backward
+    monkeypatch.setattr(
+        native, "linear_backward", lambda *args: calls.append(1) or linear_backward(*args)
+    )
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "can_select", lambda scores: False)
+            monkeypatch.setattr(native, "can_linear_backward", lambda x, weight: False)
+        trained = reference if not use_native else model
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+        stats = [tinyprop.train_step(trained, x, y, LOSS, optimizer) for x, y in batches]
+        results.append(stats)
+    assert calls, "the native Linear kernel did not run"
+    for native_stats, torch_stats in zip(*results, strict=True):
+        assert torch.equal(native_stats.trained_mask, torch_stats.trained_mask)
+        for name, keep in native_stats.keep.items():
+            assert torch.equal(keep, torch_stats.keep[name])
+    for (name, value), expected in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_batch_of_one_native_weight_gradient_has_k_rows(monkeypatch):
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", float("inf"))
+    torch.manual_seed(0)  # tanh: no exact-zero gradients, so every kept row is non-zero
+    model = nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
+    )
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=0.25))
+    x, y = batch("mlp", size=1, dtype=torch.float32)
+    stats = tinyprop.train_step(model, x, y, LOSS, torch.optim.SGD(model.parameters(), lr=0.0))
+    for name in ("0", "2", "4"):
+        layer = dict(model.named_modules())[name]
+        k = int(keep_count(0.25, layer.out_features))
+        assert stats.keep[name].tolist() == [k]
+        assert int((layer.weight.grad.abs().sum(1) > 0).sum()) == k, name
