@@ -6,7 +6,7 @@
 /* Y = sum_i |delta_i| (the layer's local error, TinyProp eq. 1), in float32 with a running
  * compensation (Neumaier) so that it is as close to the exact sum as PyTorch's cascade sum.
  * Zeros change neither the sum nor the compensation (both stay as they are, bit for bit), so
- * the sum over tp_gather_nonzero's values is the same float as over all of delta. */
+ * tp_gather_nonzero_sum, which adds the non-zero magnitudes only, gets the same float. */
 #define TP_NEUMAIER_SUM(magnitude)                                                          \
     do {                                                                                    \
         float sum = 0.0f, compensation = 0.0f;                                              \
@@ -25,10 +25,6 @@
 
 float tp_local_error(const float *delta, int32_t n) { TP_NEUMAIER_SUM(fabsf(delta[i])); }
 
-/* the same sum over magnitudes already taken (tp_gather_nonzero's values) */
-float tp_local_error_of_magnitudes(const float *magnitudes, int32_t n) {
-    TP_NEUMAIER_SUM(magnitudes[i]);
-}
 #undef TP_NEUMAIER_SUM
 
 /* k = clamp(floor(bpr * N + 0.5), 1, N) with bpr = (s_min + Y/Ymax (s_max - s_min)) zeta^d for
@@ -85,11 +81,11 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
 
 /* Only the non-zero magnitudes compete in top-k (behind a ReLU or a max pool most are zero):
  * gather them and their indices (ascending, into kept, which tp_select_topk_gathered's filter
- * overwrites in place: it never writes ahead of what it reads). Returns their count. */
-int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept) {
-    int32_t i;
-    size_t nonzero = 0; /* pointer-sized: no sign extension per entry */
-#define TP_GATHER_NONZERO(index)                                                            \
+ * overwrites in place: it never writes ahead of what it reads). Returns their count. A zero
+ * entry costs a load, a test and a branch; only the non-zero ones are stored. With `sum`, also
+ * Y of the same entries (TP_NEUMAIER_SUM's arithmetic in the same order, zeros left out, which
+ * add nothing to it), so that TinyProp takes Y and the selection's input from one pass. */
+#define TP_GATHER_NONZERO(index, with_sum)                                                  \
     do {                                                                                    \
         union {                                                                             \
             float value;                                                                    \
@@ -97,20 +93,120 @@ int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t
         } magnitude;                                                                        \
         magnitude.value = delta[index];                                                     \
         magnitude.bits &= 0x7fffffffu; /* |delta|; a NaN stays non-zero */                  \
-        scratch[nonzero] = magnitude.value;                                                 \
-        kept[nonzero] = (index);                                                            \
-        nonzero += magnitude.bits != 0u;                                                \
+        if (magnitude.bits != 0u) {                                                         \
+            const float value = magnitude.value;                                            \
+            scratch[nonzero] = value;                                                       \
+            kept[nonzero] = (int32_t)(index);                                               \
+            nonzero++;                                                                      \
+            if (with_sum) {                                                                 \
+                const float next = sum + value;                                             \
+                if (sum >= value)                                                           \
+                    compensation += (sum - next) + value;                                   \
+                else                                                                        \
+                    compensation += (value - next) + sum;                                   \
+                sum = next;                                                                 \
+            }                                                                               \
+        }                                                                                   \
     } while (0)
-    for (i = 0; i + 4 <= n; i += 4) { /* unrolled: the loop control is most of the cost */
-        TP_GATHER_NONZERO(i);
-        TP_GATHER_NONZERO(i + 1);
-        TP_GATHER_NONZERO(i + 2);
-        TP_GATHER_NONZERO(i + 3);
-    }
-    for (; i < n; i++) TP_GATHER_NONZERO(i);
-#undef TP_GATHER_NONZERO
-    return (int32_t)nonzero;
+#define TP_GATHER_LOOP(with_sum)                                                            \
+    do {                                                                                    \
+        for (i = 0; i + 4 <= n; i += 4) { /* unrolled: the loop control is most of it */   \
+            TP_GATHER_NONZERO(i, with_sum);                                                 \
+            TP_GATHER_NONZERO(i + 1, with_sum);                                             \
+            TP_GATHER_NONZERO(i + 2, with_sum);                                             \
+            TP_GATHER_NONZERO(i + 3, with_sum);                                             \
+        }                                                                                   \
+        for (; i < n; i++) TP_GATHER_NONZERO(i, with_sum);                                  \
+    } while (0)
+
+int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept) {
+    int32_t i, nonzero = 0;
+    float sum = 0.0f, compensation = 0.0f;
+    TP_GATHER_LOOP(0);
+    (void)sum;
+    (void)compensation;
+    return nonzero;
 }
+
+int32_t tp_gather_nonzero_sum(const float *delta, int32_t n, float *scratch, int32_t *kept,
+                              float *local_error) {
+    int32_t i, nonzero = 0;
+    float sum = 0.0f, compensation = 0.0f;
+    TP_GATHER_LOOP(1);
+    *local_error = sum + compensation;
+    return nonzero;
+}
+#undef TP_GATHER_LOOP
+#undef TP_GATHER_NONZERO
+
+/* The k-th largest (1-based) of the n gathered magnitudes a[] (reordering a), and how many
+ * of them are greater than it (*greater) and at least as large (*at_least).
+ *
+ * Large n: two pivots taken from a sample of SAMPLE values bracket the k-th largest (Floyd
+ * and Rivest's idea); one pass counts the values above the upper pivot and moves those between
+ * the pivots to the front of a, and the quickselect runs on those few only. If the sample was
+ * unlucky (the k-th largest is not between the pivots) or a NaN upset the counts, the values
+ * are gathered again from delta (through kept) and the quickselect runs on all of them.
+ * Without NaNs the threshold is the k-th largest value whichever way it was found, so the
+ * selection is the same. */
+#define SAMPLE 64
+#define SAMPLE_GAP 5 /* ranks of the sample on each side of the k-th one's expected rank */
+static float select_threshold(float *a, int32_t n, int32_t k, const float *delta,
+                              const int32_t *kept, int32_t *greater, int32_t *at_least) {
+    int32_t i, above = 0, between = 0, count_greater = 0, count_at_least = 0;
+    float threshold;
+    if (n >= 4 * SAMPLE) {
+        float sample[SAMPLE], high = 0.0f, low;
+        /* descending ranks (0-based) of the pivots in the sample; rank -1: no upper pivot */
+        const int32_t rank = (int32_t)(((int64_t)k * SAMPLE) / n);
+        const int32_t high_rank = rank - SAMPLE_GAP;
+        const int32_t low_rank = rank + SAMPLE_GAP < SAMPLE ? rank + SAMPLE_GAP : SAMPLE - 1;
+        const int32_t stride = n / SAMPLE;
+        for (i = 0; i < SAMPLE; i++) sample[i] = a[i * stride];
+        if (high_rank >= 0) {
+            high = kth_largest(sample, SAMPLE, high_rank + 1);
+            low = kth_largest(sample + high_rank + 1, SAMPLE - high_rank - 1,
+                              low_rank - high_rank);
+            for (i = 0; i < n; i++) {
+                const float value = a[i];
+                if (value >= low) {
+                    if (value > high)
+                        above++;
+                    else
+                        a[between++] = value;
+                }
+            }
+        } else {
+            low = kth_largest(sample, SAMPLE, low_rank + 1);
+            for (i = 0; i < n; i++) {
+                const float value = a[i];
+                if (value >= low) a[between++] = value;
+            }
+        }
+        if (above < k && k <= above + between) {
+            threshold = kth_largest(a, between, k - above);
+            for (i = 0; i < between; i++) {
+                count_greater += a[i] > threshold;
+                count_at_least += a[i] >= threshold;
+            }
+            *greater = above + count_greater;
+            *at_least = above + count_at_least;
+            return threshold;
+        }
+        /* the pivots missed: start again from all the values */
+        for (i = 0; i < n; i++) a[i] = fabsf(delta[kept[i]]);
+    }
+    threshold = kth_largest(a, n, k);
+    for (i = 0; i < n; i++) {
+        count_greater += a[i] > threshold;
+        count_at_least += a[i] >= threshold;
+    }
+    *greater = count_greater;
+    *at_least = count_at_least;
+    return threshold;
+}
+#undef SAMPLE
+#undef SAMPLE_GAP
 
 void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *scratch,
                              int32_t *kept, int32_t nonzero) {
@@ -129,25 +225,29 @@ void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *sc
         }
         return;
     }
-    threshold = kth_largest(scratch, nonzero, k);
-    /* the selection leaves the k largest in scratch[0..k) (unless NaNs upset it) */
-    for (i = 0; i < k; i++) {
-        greater += scratch[i] > threshold;
-        at_least += scratch[i] >= threshold;
-    }
-    for (; i < nonzero; i++) greater += scratch[i] > threshold;
+    threshold = select_threshold(scratch, nonzero, k, delta, kept, &greater, &at_least);
     equal_left = k - greater;
-    if (at_least == k && greater <= k) {
+    if (at_least >= k && greater <= k) {
         /* k of the gathered entries qualify (always, unless NaNs upset the selection): the
-         * filter stops at the k-th without a bounds test */
+         * filter stops at the k-th without a bounds test; one comparison per entry when every
+         * value equal to the threshold is kept (the usual case: it is the only one) */
+        if (at_least == k) {
+            for (i = 0; count < k; i++) {
+                const int32_t index = kept[i];
+                if (fabsf(delta[index]) >= threshold) kept[count++] = index;
+            }
+            return;
+        }
         for (i = 0; count < k; i++) {
             const int32_t index = kept[i];
             const float magnitude = fabsf(delta[index]);
-            if (magnitude > threshold) {
-                kept[count++] = index;
-            } else if (magnitude == threshold && equal_left > 0) {
-                kept[count++] = index;
-                equal_left--;
+            if (magnitude >= threshold) {
+                if (magnitude > threshold) {
+                    kept[count++] = index;
+                } else if (equal_left > 0) {
+                    kept[count++] = index;
+                    equal_left--;
+                }
             }
         }
         return;

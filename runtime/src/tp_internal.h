@@ -38,7 +38,6 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
 
 /* ---- selection.c */
 float tp_local_error(const float *delta, int32_t n);
-float tp_local_error_of_magnitudes(const float *magnitudes, int32_t n); /* |.| taken */
 int32_t tp_keep_count(const tp_policy_config *policy, float local_error, float running_max,
                       double depth_scale, int32_t n);
 /* Indices (ascending) of the k entries of largest |delta|; ties go to the lower index.
@@ -47,6 +46,9 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
 /* The same in two steps: the non-zero |delta| (in index order) to scratch and their indices to
  * kept, returning their count; then the selection from them (kept: n ints, as above). */
 int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept);
+/* the same, also writing Y of delta (tp_local_error's float) to *local_error */
+int32_t tp_gather_nonzero_sum(const float *delta, int32_t n, float *scratch, int32_t *kept,
+                              float *local_error);
 void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *scratch,
                              int32_t *kept, int32_t nonzero);
 int tp_skip_decision_trains(const tp_policy_config *policy, float output_error,

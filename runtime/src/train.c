@@ -43,10 +43,9 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
         /* one pass over delta: its non-zero magnitudes serve both Y (zeros add nothing to it)
          * and the selection */
-        const int32_t nonzero =
-            tp_gather_nonzero(delta, n, model->selection_values, model->selection_index);
-        const float local_error =
-            tp_local_error_of_magnitudes(model->selection_values, nonzero);
+        float local_error;
+        const int32_t nonzero = tp_gather_nonzero_sum(
+            delta, n, model->selection_values, model->selection_index, &local_error);
         if (local_error > layer->running_max) layer->running_max = local_error;
         k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
         if (k < n) {

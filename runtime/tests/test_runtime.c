@@ -277,6 +277,49 @@ static void test_selection_against_sort(void) {
     }
 }
 
+/* Large inputs take the sampled path of the selection (two pivots from a sample, then the
+ * values between them): the kept set equals the first k of a sort by (|delta| descending,
+ * index ascending), with many zeros, many ties or distinct values, for small and large k. */
+static const float *sort_delta;
+static int by_magnitude_then_index(const void *a, const void *b) {
+    const int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    const float x = fabsf(sort_delta[i]), y = fabsf(sort_delta[j]);
+    if (x != y) return x > y ? -1 : 1;
+    return i < j ? -1 : (i > j);
+}
+static int by_index(const void *a, const void *b) {
+    const int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    return i < j ? -1 : (i > j);
+}
+
+static void test_large_selection_against_sort(void) {
+    static float delta[3000], scratch[3000];
+    static int32_t kept[3000], order[3000];
+    const unsigned long long saved_state = rng_state; /* the later tests see the same draws */
+    int trial;
+    for (trial = 0; trial < 120; trial++) {
+        const int32_t n = 256 + (int32_t)((uniform() + 1.0f) * 0.5f * 2700.0f);
+        const int kind = trial % 4;
+        int32_t i, k, ok = 1;
+        for (i = 0; i < n; i++) {
+            const float u = uniform();
+            if (kind == 0) delta[i] = u; /* distinct values */
+            else if (kind == 1) delta[i] = (float)(int)(u * 6.0f); /* many ties and zeros */
+            else if (kind == 2) delta[i] = uniform() < 0.0f ? 0.0f : u * u * u; /* half zeros */
+            else delta[i] = i % 7 == 0 ? 1.0f : (i % 3 == 0 ? -0.5f : u * 0.01f);
+        }
+        k = trial % 5 == 0 ? 1 + trial % 3 : 1 + (int32_t)((uniform() + 1.0f) * 0.5f * (float)(n - 1));
+        tp_select_topk(delta, n, k, scratch, kept);
+        for (i = 0; i < n; i++) order[i] = i;
+        sort_delta = delta;
+        qsort(order, (size_t)n, sizeof order[0], by_magnitude_then_index);
+        qsort(order, (size_t)k, sizeof order[0], by_index);
+        for (i = 0; i < k; i++) ok &= kept[i] == order[i];
+        CHECK(ok);
+    }
+    rng_state = saved_state;
+}
+
 static void test_skip_decision(void) {
     tp_policy_config v2 = tp_policy_defaults(TP_POLICY_TINYPROPV2);
     CHECK(tp_skip_decision_trains(&v2, 1.0f, 2.0f) == 1);  /* D = 0.5 >= 0.5 */
@@ -343,6 +386,7 @@ int main(void) {
     test_keep_count_formula();
     test_topk_selection();
     test_selection_against_sort();
+    test_large_selection_against_sort();
     test_skip_decision();
     test_gradient_matches_finite_differences();
     printf("%d checks, %d failures\n", checks, failures);
