@@ -99,12 +99,16 @@ SMALL_SETTINGS: dict[str, list[dict]] = {
     "full": [{}],
     "topk": [{"ratio": 0.1, **MEPROP}, {"ratio": 0.2, **MEPROP}, {"ratio": 0.3, **MEPROP}],
     "randomk": [{"ratio": 0.1, **MEPROP}, {"ratio": 0.3, **MEPROP}],
-    "tinyprop": [{"zeta": 1.0}, {"zeta": 0.5}, {"zeta": 1.0, "s_max": 0.5}],
+    # zeta = 0.9 (added with the same point for tinypropv2, so each has the curve between
+    # zeta 1 and 0.5): 0.5^d keeps almost nothing in the early conv layers of ResNet-8
+    "tinyprop": [{"zeta": 1.0}, {"zeta": 0.9}, {"zeta": 0.5}, {"zeta": 1.0, "s_max": 0.5}],
     "tinypropv2": [
         {"zeta": 1.0, "skip_threshold": 0.1},
         {"zeta": 1.0, "skip_threshold": 0.3},
         {"zeta": 1.0, "skip_threshold": 0.5},
-        # cheaper: half the largest ratio (deep conv nets keep too much at s_max = 0.9)
+        {"zeta": 0.9, "skip_threshold": 0.5},
+        # cheaper: a smaller largest ratio (deep conv nets keep too much at s_max = 0.9)
+        {"zeta": 1.0, "s_max": 0.7, "skip_threshold": 0.5},
         {"zeta": 1.0, "s_max": 0.5, "skip_threshold": 0.3},
         {"zeta": 1.0, "s_max": 0.5, "skip_threshold": 0.5},
     ],
