@@ -285,7 +285,7 @@ static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, cons
     }
 }
 
-void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch) {
+void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch, int relu) {
     const tp_conv_plan plan = conv_plan(layer, scratch, 1);
     const size_t out_plane = (size_t)plan.plane;
     const int32_t fan_in = layer->fan_in, out_w = layer->out_w;
@@ -340,12 +340,22 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
             }
         }
     }
-    if (layer->has_bias) {
+    if (layer->has_bias || relu) {
+        /* the bias, and the ReLU (tp_relu_forward's expression) in the same pass */
         for (oc = 0; oc < layer->out_c; oc++) {
-            float *y_c = y + (size_t)oc * out_plane;
-            const float b = layer->bias[oc];
+            float *restrict y_c = y + (size_t)oc * out_plane;
+            const float b = layer->has_bias ? layer->bias[oc] : 0.0f;
             size_t p;
-            for (p = 0; p < out_plane; p++) y_c[p] += b;
+            if (!relu) {
+                for (p = 0; p < out_plane; p++) y_c[p] += b;
+            } else if (layer->has_bias) {
+                for (p = 0; p < out_plane; p++) {
+                    const float v = y_c[p] + b;
+                    y_c[p] = v < 0.0f ? 0.0f : v;
+                }
+            } else {
+                for (p = 0; p < out_plane; p++) y_c[p] = y_c[p] < 0.0f ? 0.0f : y_c[p];
+            }
         }
     }
 }

@@ -214,6 +214,48 @@ static void pool_of_two_backward(const tp_layer *layer, const float *x, const fl
 }
 #endif
 
+/* The pool of two's backward and, in the same pass, the derivative of the ReLU whose output x
+ * is (delta_in = relu'(x) * routed delta: the routed entry keeps d where x > 0, the same floats
+ * as tp_maxpool_backward followed by tp_relu_backward). Returns 0, doing nothing, for other
+ * pools (and in the zero-skipping build). */
+int tp_maxpool_relu_backward(const tp_layer *layer, const float *x, const float *delta_out,
+                             float *delta_in) {
+#if TP_SKIP_ZERO_ERRORS
+    (void)layer;
+    (void)x;
+    (void)delta_out;
+    (void)delta_in;
+    return 0;
+#else
+    const int32_t rows = layer->in_c * layer->in_h, in_w = layer->in_w, out_w = layer->out_w;
+    int32_t r, ow, iw;
+    if (!pool_of_two(layer)) return 0;
+    for (r = 0; r < rows; r++) {
+        const float *restrict x_row = x + (size_t)r * (size_t)in_w;
+        const float *restrict d_row = delta_out + (size_t)r * (size_t)out_w;
+        float *restrict din_row = delta_in + (size_t)r * (size_t)in_w;
+        for (ow = 0; ow < out_w; ow++) {
+            const float first = x_row[2 * ow], second = x_row[2 * ow + 1], d = d_row[ow];
+            /* branch-free: d's bits or those of +0.0f through integer masks */
+            const int second_wins = (second > first) | (second != second);
+            const uint32_t mask_first = 0u - (uint32_t)(!second_wins & (first > 0.0f));
+            const uint32_t mask_second = 0u - (uint32_t)(second_wins & (second > 0.0f));
+            uint32_t bits, out;
+            float value;
+            memcpy(&bits, &d, sizeof bits);
+            out = bits & mask_first;
+            memcpy(&value, &out, sizeof value);
+            din_row[2 * ow] = value;
+            out = bits & mask_second;
+            memcpy(&value, &out, sizeof value);
+            din_row[2 * ow + 1] = value;
+        }
+        for (iw = 2 * out_w; iw < in_w; iw++) din_row[iw] = 0.0f; /* an odd last column */
+    }
+    return 1;
+#endif
+}
+
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y) {
     const tp_pool_shape shape = pool_shape(layer);
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
@@ -264,6 +306,7 @@ void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *del
 
 void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y) {
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
+    const int32_t in_w = layer->in_w;
     int32_t c, oh, ow, ih, iw;
     for (c = 0; c < layer->in_c; c++) {
         const float *x_c = x + (size_t)c * in_plane;
@@ -271,28 +314,64 @@ void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y) {
             for (ow = 0; ow < layer->out_w; ow++) {
                 const tp_window win = pool_window(layer, oh, ow);
                 float sum = 0.0f;
-                for (ih = win.h_start; ih < win.h_end; ih++)
-                    for (iw = win.w_start; iw < win.w_end; iw++) sum += x_c[ih * layer->in_w + iw];
+                for (ih = win.h_start; ih < win.h_end; ih++) {
+                    const float *restrict row = x_c + (size_t)ih * (size_t)in_w;
+                    for (iw = win.w_start; iw < win.w_end; iw++) sum += row[iw];
+                }
                 y[((size_t)c * layer->out_h + oh) * layer->out_w + ow] = sum / (float)win.divisor;
             }
         }
     }
 }
 
-void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *delta_in) {
+/* relu_output == NULL: the average pool's backward; else also the derivative of the ReLU whose
+ * output it is, in the same pass, when the windows do not overlap (stride >= kernel): each
+ * input entry then gets 0 + d once, kept where relu_output > 0 (the same floats as the two
+ * passes). Returns 0, doing nothing, for overlapping windows with a ReLU. */
+static int avgpool_backward(const tp_layer *layer, const float *relu_output,
+                            const float *delta_out, float *delta_in) {
     const size_t in_plane = (size_t)layer->in_h * layer->in_w;
+    const int32_t in_w = layer->in_w;
     int32_t c, oh, ow, ih, iw;
+    if (relu_output != NULL &&
+        (layer->stride_h < layer->kernel_h || layer->stride_w < layer->kernel_w))
+        return 0;
     tp_zero(delta_in, (size_t)tp_layer_input_size(layer));
     for (c = 0; c < layer->in_c; c++) {
         float *d_c = delta_in + (size_t)c * in_plane;
+        const float *y_c = relu_output != NULL ? relu_output + (size_t)c * in_plane : NULL;
         for (oh = 0; oh < layer->out_h; oh++) {
             for (ow = 0; ow < layer->out_w; ow++) {
                 const tp_window win = pool_window(layer, oh, ow);
                 const float d = delta_out[((size_t)c * layer->out_h + oh) * layer->out_w + ow] /
                                 (float)win.divisor;
-                for (ih = win.h_start; ih < win.h_end; ih++)
-                    for (iw = win.w_start; iw < win.w_end; iw++) d_c[ih * layer->in_w + iw] += d;
+                for (ih = win.h_start; ih < win.h_end; ih++) {
+                    float *restrict row = d_c + (size_t)ih * (size_t)in_w;
+                    if (y_c != NULL) {
+                        /* the bits of 0 + d where the ReLU passed, of +0.0f elsewhere */
+                        const float *restrict y_row = y_c + (size_t)ih * (size_t)in_w;
+                        const float added = 0.0f + d;
+                        uint32_t bits;
+                        memcpy(&bits, &added, sizeof bits);
+                        for (iw = win.w_start; iw < win.w_end; iw++) {
+                            const uint32_t out = bits & (0u - (uint32_t)(y_row[iw] > 0.0f));
+                            memcpy(&row[iw], &out, sizeof out);
+                        }
+                    } else {
+                        for (iw = win.w_start; iw < win.w_end; iw++) row[iw] += d;
+                    }
+                }
             }
         }
     }
+    return 1;
+}
+
+void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *delta_in) {
+    avgpool_backward(layer, NULL, delta_out, delta_in);
+}
+
+int tp_avgpool_relu_backward(const tp_layer *layer, const float *relu_output,
+                             const float *delta_out, float *delta_in) {
+    return avgpool_backward(layer, relu_output, delta_out, delta_in);
 }

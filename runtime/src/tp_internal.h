@@ -21,7 +21,8 @@ void tp_zero(float *p, size_t n); /* p[0..n) = 0 */
 void tp_dense_forward(const tp_layer *layer, const float *x, float *y);
 /* conv.c; scratch: tp_conv_scratch_floats(layer) floats */
 size_t tp_conv_scratch_floats(const tp_layer *layer);
-void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch);
+/* relu: also apply the ReLU that follows in place (y = max(y, 0) in the bias pass) */
+void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch, int relu);
 void tp_relu_forward(const float *x, float *y, int32_t n);
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y);
 void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y);
@@ -29,6 +30,12 @@ void tp_relu_backward(const float *y, float *delta, int32_t n);
 void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *delta_out,
                          float *delta_in);
 void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *delta_in);
+/* The same fused with the derivative of the ReLU before the pool (relu'(x) * pool backward in
+ * one pass, the same floats); 0 (nothing done) where that does not apply. */
+int tp_maxpool_relu_backward(const tp_layer *layer, const float *x, const float *delta_out,
+                             float *delta_in);
+int tp_avgpool_relu_backward(const tp_layer *layer, const float *relu_output,
+                             const float *delta_out, float *delta_in);
 /* Gradients from the kept output entries `kept` (count k), or from all when kept == NULL.
  * Adds to grad_weight; writes delta_in (zeroed first) unless delta_in == NULL. */
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,

@@ -16,7 +16,15 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
         tp_layer *layer = &model->layers[i];
         switch (layer->kind) {
         case TP_LAYER_DENSE: tp_dense_forward(layer, current, layer->output); break;
-        case TP_LAYER_CONV2D: tp_conv_forward(layer, current, layer->output, model->conv_scratch); break;
+        case TP_LAYER_CONV2D: {
+            /* a ReLU right after it that works in place is applied in the conv's last pass */
+            const int relu = i + 1 < model->layer_count &&
+                             model->layers[i + 1].kind == TP_LAYER_RELU &&
+                             model->layers[i + 1].output == layer->output;
+            tp_conv_forward(layer, current, layer->output, model->conv_scratch, relu);
+            i += relu;
+            break;
+        }
         case TP_LAYER_RELU:
             tp_relu_forward(current, layer->output, tp_layer_output_size(layer));
             break;
@@ -103,8 +111,22 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
             tp_relu_backward(layer->output, delta, tp_layer_output_size(layer));
             continue;
         case TP_LAYER_FLATTEN: continue;
-        case TP_LAYER_MAXPOOL: tp_maxpool_backward(layer, input, delta, spare); break;
-        case TP_LAYER_AVGPOOL: tp_avgpool_backward(layer, delta, spare); break;
+        /* a pool right after a ReLU takes the ReLU's derivative in the same pass where it can
+         * (the ReLU's output is the pool's input); the ReLU is then passed over */
+        case TP_LAYER_MAXPOOL:
+            if (i > 0 && model->layers[i - 1].kind == TP_LAYER_RELU &&
+                tp_maxpool_relu_backward(layer, input, delta, spare))
+                i--;
+            else
+                tp_maxpool_backward(layer, input, delta, spare);
+            break;
+        case TP_LAYER_AVGPOOL:
+            if (i > 0 && model->layers[i - 1].kind == TP_LAYER_RELU &&
+                tp_avgpool_relu_backward(layer, model->layers[i - 1].output, delta, spare))
+                i--;
+            else
+                tp_avgpool_backward(layer, delta, spare);
+            break;
         case TP_LAYER_DENSE:
         case TP_LAYER_CONV2D: {
             const int32_t k = backward_trainable(model, layer, input, delta, spare, macs);
