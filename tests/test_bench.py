@@ -199,3 +199,29 @@ def test_pretrain_key_ignores_new_plan_fields_at_their_defaults():
     key = pretrain_key("d", "s", "m", plain, seed=0)
     assert key == pretrain_key("d", "s", "m", same, seed=0)
     assert key != pretrain_key("d", "s", "m", other, seed=0)
+
+
+def test_validation_is_topped_up_from_outside_the_capped_pool():
+    from tinyprop.bench import sources
+
+    plan = suites.DatasetPlan(120, None, epochs=1, pretrain_epochs=1)
+    spec = runner.RunSpec("t", "tiny-blobs", "full", {}, "finetune", 1, plan, min_val_samples=50)
+    pool, _, splits, _, _ = runner._prepare(spec)
+    plain, _, plain_splits, _, _ = runner._prepare(
+        runner.RunSpec(**{**vars(spec), "min_val_samples": 0})
+    )
+    assert len(plain_splits.val) == 12 and len(splits.val) == 50
+    # the pretraining and training parts (and the pool they index) are unchanged
+    assert torch.equal(splits.train, plain_splits.train)
+    assert torch.equal(splits.pretrain, plain_splits.pretrain)
+    torch.testing.assert_close(pool.x[: len(plain.y)], plain.x)
+    # the 38 extra validation samples are training samples outside the pool
+    whole = sources.load("tiny-blobs", "train", None).x.reshape(240, -1)
+    extra = pool.x[len(plain.y) :].reshape(38, -1)
+    inside = plain.x.reshape(120, -1)
+    assert all((whole == row).all(1).any() for row in extra)
+    assert not any((inside == row).all(1).any() for row in extra)
+    # no samples outside the pool: the pool's share only
+    whole_plan = suites.DatasetPlan(None, None, epochs=1, pretrain_epochs=1)
+    _, _, uncapped, _, _ = runner._prepare(runner.RunSpec(**{**vars(spec), "plan": whole_plan}))
+    assert len(uncapped.val) == 24

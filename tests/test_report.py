@@ -155,3 +155,24 @@ def test_equal_compute_comparison_counts_matched_settings():
     # topk 0.1 (90.0 at 10%) is beaten by v2 0.5 (91.0 at 8%); topk 0.3 (94.0 at 30%) by none
     assert report.equal_compute_lines(summaries) == ["- mnist: topk 1/2"]
     assert "- mnist: topk 1/2" in report.markdown(summaries)
+
+
+def test_misses_say_why_from_the_numbers():
+    records = [
+        make_record("full", {}, 0, 95.0, 94.0, 1.0, 1.0, val_samples=300),
+        # chosen on validation (0.5 pp) but 3 pp below full on test
+        make_record("tinypropv2", {"skip_threshold": 0.5}, 0, 92.0, 93.5, 0.10, val_samples=300),
+        make_record("tinypropv2", {"skip_threshold": 0.1}, 0, 95.0, 93.0, 0.30, val_samples=300),
+    ]
+    text = report.markdown(report.summarise(records))
+    assert "mnist: misses the target (drop +3.00 pp, backward 10.0% of full" in text
+    assert "validation put it +0.50 pp from full (tolerance 1, 300 validation samples" in text
+    cheap_too_far = [r for r in records if r["settings"] != {"skip_threshold": 0.5}] + [
+        make_record("tinypropv2", {"skip_threshold": 0.7}, 0, 93.0, 91.0, 0.15)
+    ]
+    summaries = report.summarise(cheap_too_far)
+    assert chosen(summaries)["tinypropv2"].val_drop == pytest.approx(1.0)
+    assert (
+        "every setting at <= 20% backward was more than the tolerance below full on validation "
+        "(closest: skip_threshold=0.7 at 15.0% backward, validation +3.00 pp, test +2.00 pp)"
+    ) in report.markdown(summaries)

@@ -49,6 +49,10 @@ class SettingSummary:
     pretrained_mean: float | None = None  # finetune: test metric of the pretrained weights
     drop_pp: float | None = None  # full's mean metric minus this one (positive = worse)
     chosen: bool = False
+    val_samples: float | None = None  # validation samples per seed (mean over seeds)
+    # full's mean validation metric minus this one, in the unit of the tolerance (pp; for a
+    # reconstruction error, percent of full training's error); positive = worse than full
+    val_drop: float | None = None
 
 
 def _std(values: list[float]) -> float:
@@ -66,6 +70,47 @@ def tolerance_for(reference: SettingSummary, tolerance: float) -> float:
     if reference.val_metric_name == "neg_mse":
         return abs(reference.val_metric_mean) * tolerance / 100
     return tolerance
+
+
+def validation_drop(summary: SettingSummary, full: SettingSummary) -> float:
+    """How far ``summary``'s mean validation metric is below full training's, in the unit of the
+    tolerance: percentage points, or for a reconstruction error (``neg_mse``) percent of full
+    training's error. Positive = worse than full."""
+    drop = full.val_metric_mean - summary.val_metric_mean
+    if full.val_metric_name == "neg_mse":
+        return 100 * drop / abs(full.val_metric_mean) if full.val_metric_mean else 0.0
+    return drop
+
+
+def miss_reason(
+    chosen: SettingSummary, options: list[SettingSummary], tolerance: float = 1.0
+) -> str:
+    """Why ``chosen`` (a policy's validation-chosen setting) misses the target, from the
+    numbers: its test drop despite the validation, or the cheap settings' validation drops.
+
+    Args:
+        chosen: the chosen setting (with ``drop_pp`` and ``val_drop`` filled in).
+        options: every setting of the same policy, dataset and protocol.
+        tolerance: the validation tolerance the choice used.
+    """
+    unit = "% of full's validation error" if chosen.val_metric_name == "neg_mse" else " pp"
+    per_seed = (
+        f", {chosen.val_samples:.0f} validation samples per seed" if chosen.val_samples else ""
+    )
+    if chosen.backward_pct <= 100 * TARGET_BACKWARD:
+        return (
+            f"validation put it {chosen.val_drop:+.2f}{unit} from full (tolerance {tolerance:g}"
+            f"{per_seed}), the test split {chosen.drop_pp:+.2f} pp"
+        )
+    cheap = [s for s in options if s.backward_pct <= 100 * TARGET_BACKWARD]
+    if not cheap:
+        return f"no setting of the grid runs at <= {100 * TARGET_BACKWARD:g}% backward"
+    best = min(cheap, key=lambda s: s.val_drop if s.val_drop is not None else float("inf"))
+    return (
+        f"every setting at <= {100 * TARGET_BACKWARD:g}% backward was more than the tolerance "
+        f"below full on validation (closest: {best.setting} at {best.backward_pct:.1f}% backward, "
+        f"validation {best.val_drop:+.2f}{unit}, test {best.drop_pp:+.2f} pp)"
+    )
 
 
 def choose_setting(
@@ -127,6 +172,9 @@ def summarise(records: list[dict], tolerance: float = 1.0) -> list[SettingSummar
                 backward_pct=100 * statistics.fmean(float(r["backward_ratio"]) for r in group),
                 skip_pct=100 * statistics.fmean(float(r["skip_rate"]) for r in group),
                 pretrained_mean=statistics.fmean(before) if before else None,
+                val_samples=statistics.fmean(int(r["val_samples"]) for r in group)
+                if all("val_samples" in r for r in group)
+                else None,
             )  # fmt: skip
         )
     by_policy: dict[tuple, list[SettingSummary]] = {}
@@ -143,6 +191,7 @@ def summarise(records: list[dict], tolerance: float = 1.0) -> list[SettingSummar
         reference = full.get((summary.protocol, summary.dataset, summary.source))
         if reference is not None:
             summary.drop_pp = reference.metric_mean - summary.metric_mean
+            summary.val_drop = validation_drop(summary, reference)
     summaries.sort(
         key=lambda s: (s.protocol, s.dataset, s.source, _policy_rank(s.policy), s.backward_pct)
     )
@@ -159,7 +208,7 @@ def _format_metric(summary: SettingSummary) -> str:
     return f"{summary.metric_mean:.2f} ± {summary.metric_std:.2f}"
 
 
-def markdown(summaries: list[SettingSummary]) -> str:
+def markdown(summaries: list[SettingSummary], tolerance: float = 1.0) -> str:
     """The report as Markdown: one table per protocol, chosen settings only."""
     lines = [
         "# Benchmark report",
@@ -200,10 +249,17 @@ def markdown(summaries: list[SettingSummary]) -> str:
             if s.policy != "tinypropv2" or s.drop_pp is None:
                 continue
             met = s.drop_pp <= TARGET_DROP_PP and s.backward_pct <= 100 * TARGET_BACKWARD
+            options = [
+                o
+                for o in summaries
+                if (o.protocol, o.dataset, o.source, o.policy)
+                == (s.protocol, s.dataset, s.source, s.policy)
+            ]
             verdicts.append(
                 f"- {s.dataset}: {'meets' if met else 'misses'} the target (drop "
                 f"{s.drop_pp:+.2f} pp, backward {s.backward_pct:.1f}% of full, total "
                 f"{s.compute_pct:.1f}%)"
+                + ("" if met or s.val_drop is None else ": " + miss_reason(s, options, tolerance))
             )
         if verdicts:
             lines += [
@@ -253,7 +309,7 @@ def equal_compute_lines(summaries: list[SettingSummary]) -> list[str]:
 CSV_COLUMNS = [
     "protocol", "dataset", "source", "model", "policy", "setting", "chosen", "seeds",
     "metric_name", "metric_mean", "metric_std", "drop_pp", "compute_pct", "backward_pct",
-    "skip_pct", "val_metric_mean", "pretrained_mean",
+    "skip_pct", "val_metric_mean", "val_drop", "val_samples", "pretrained_mean",
 ]  # fmt: skip
 
 
@@ -284,7 +340,7 @@ def build_report(
     out = Path(out or folder)
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarise(records, tolerance)
-    text = markdown(summaries)
+    text = markdown(summaries, tolerance)
     (out / "report.md").write_text(text)
     write_csv([s for s in summaries if s.chosen], out / "report.csv")
     write_csv(summaries, out / "report_settings.csv")

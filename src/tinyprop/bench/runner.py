@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ class RunSpec:
     val_fraction: float = 0.1
     pretrain_fraction: float = 0.5
     results: str = "."
+    min_val_samples: int = 0
     data_dir: str | None = None
     commit: str = "unknown"
     threads: int = 1
@@ -127,6 +128,7 @@ def plan_runs(
                             val_fraction=suite.val_fraction,
                             pretrain_fraction=suite.pretrain_fraction,
                             results=str(results),
+                            min_val_samples=suite.min_val_samples,
                             data_dir=data_dir,
                             commit=commit,
                             threads=threads,
@@ -136,15 +138,26 @@ def plan_runs(
 
 
 def _prepare(spec: RunSpec):
-    """Load the data, cut the splits, standardise the inputs if the plan says so (statistics of
-    the pretraining part under finetune, of the training part under scratch), build the fresh
-    model (seeded)."""
+    """Load the data, cut the splits (the validation split topped up to ``min_val_samples``
+    from training data outside the capped pool, when there is some), standardise the inputs if
+    the plan says so (statistics of the pretraining part under finetune, of the training part
+    under scratch), build the fresh model (seeded)."""
     plan = spec.plan
     pool = sources.load(spec.dataset, "train", plan.train_samples, spec.data_dir, plan.data_options)
     test = sources.load(spec.dataset, "test", plan.test_samples, spec.data_dir, plan.data_options)
     splits = protocols.split_pool(
         len(pool.y), spec.protocol, spec.seed, spec.val_fraction, spec.pretrain_fraction
     )
+    if spec.min_val_samples > len(splits.val):
+        extra = sources.outside_pool(
+            spec.dataset, "train", plan.train_samples, spec.min_val_samples - len(splits.val),
+            spec.seed, spec.data_dir, plan.data_options,
+        )  # fmt: skip
+        if len(extra.y):
+            start = len(pool.y)
+            pool = replace(pool, x=torch.cat([pool.x, extra.x]), y=torch.cat([pool.y, extra.y]))
+            added = torch.arange(start, start + len(extra.y))
+            splits = replace(splits, val=torch.cat([splits.val, added]))
     if plan.standardize == "last_axis":
         reference = splits.pretrain if spec.protocol == "finetune" else splits.train
         pool, test = sources.standardize_last_axis(pool.x[reference], pool, test)

@@ -33,6 +33,36 @@ def model_dataset(name: str) -> str:
     return tiny.TINY_DATASETS.get(name, name)
 
 
+@functools.lru_cache(maxsize=2)
+def _load_all(
+    name: str, split: str, data_dir: str | None, options: tuple[tuple[str, object], ...]
+) -> Arrays:
+    """A whole split as :class:`Arrays` (cached: the pool and the samples outside it come from
+    one load)."""
+    if name in tiny.TINY_DATASETS:
+        if options:
+            raise ValueError(f"the test dataset {name!r} takes no data options, got {options}")
+        dataset = tiny.load(name, split)
+    else:
+        from tinyprop import data
+
+        dataset = data.load(name, split, data_dir=data_dir, **dict(options))
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        x, y = dataset.x, dataset.y
+    else:
+        pairs = [dataset[index] for index in range(len(dataset))]
+        x = torch.stack([torch.as_tensor(pair[0]) for pair in pairs])
+        y = torch.as_tensor([int(pair[1]) for pair in pairs])
+    if len(y) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} is empty")
+    return Arrays(x.float().contiguous(), y.long(), str(dataset.source), int(dataset.num_classes))
+
+
+def _pool_order(count: int) -> torch.Tensor:
+    """The fixed order whose first ``cap`` indices are the capped pool."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(POOL_SEED))
+
+
 @functools.lru_cache(maxsize=4)
 def load(
     name: str,
@@ -58,27 +88,38 @@ def load(
         >>> load("tiny-blobs", "test", 10).x.shape
         torch.Size([10, 1, 4, 4])
     """
-    if name in tiny.TINY_DATASETS:
-        if options:
-            raise ValueError(f"the test dataset {name!r} takes no data options, got {options}")
-        dataset = tiny.load(name, split)
-    else:
-        from tinyprop import data
+    whole = _load_all(name, split, data_dir, options)
+    if cap is None or cap >= len(whole.y):
+        return whole
+    keep = _pool_order(len(whole.y))[:cap].sort().values
+    return replace(whole, x=whole.x[keep].contiguous(), y=whole.y[keep])
 
-        dataset = data.load(name, split, data_dir=data_dir, **dict(options))
-    if hasattr(dataset, "x") and hasattr(dataset, "y"):
-        x, y = dataset.x, dataset.y
-    else:
-        pairs = [dataset[index] for index in range(len(dataset))]
-        x = torch.stack([torch.as_tensor(pair[0]) for pair in pairs])
-        y = torch.as_tensor([int(pair[1]) for pair in pairs])
-    if len(y) == 0:
-        raise ValueError(f"dataset {name!r} split {split!r} is empty")
-    if cap is not None and cap < len(y):
-        generator = torch.Generator().manual_seed(POOL_SEED)
-        keep = torch.randperm(len(y), generator=generator)[:cap].sort().values
-        x, y = x[keep], y[keep]
-    return Arrays(x.float().contiguous(), y.long(), str(dataset.source), int(dataset.num_classes))
+
+def outside_pool(
+    name: str,
+    split: str,
+    cap: int | None,
+    count: int,
+    seed: int,
+    data_dir: str | None = None,
+    options: tuple[tuple[str, object], ...] = (),
+) -> Arrays:
+    """Up to ``count`` samples of ``split`` that are not in the capped pool ``load(name, split,
+    cap)`` (a random subset, seeded by ``seed``): extra validation data where the split holds
+    more than the pool. Empty when the pool is the whole split.
+
+    Example:
+        >>> extra = outside_pool("tiny-blobs", "train", 200, 30, seed=0)
+        >>> len(extra.y), len(outside_pool("tiny-blobs", "train", None, 30, seed=0).y)
+        (30, 0)
+    """
+    whole = _load_all(name, split, data_dir, options)
+    if cap is None or cap >= len(whole.y) or count <= 0:
+        return replace(whole, x=whole.x[:0], y=whole.y[:0])
+    rest = _pool_order(len(whole.y))[cap:]
+    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:count]
+    index = rest[pick].sort().values
+    return replace(whole, x=whole.x[index].contiguous(), y=whole.y[index])
 
 
 def standardize_last_axis(reference: torch.Tensor, *splits: Arrays) -> list[Arrays]:
