@@ -21,11 +21,12 @@ def kernel(request, monkeypatch):
     the sparse kernels and no native (compiled) selection."""
     threshold = 0.0 if request.param == "dense kernels" else float("inf")
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", threshold)
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "CONV_DENSE_KERNEL_DENSITY", threshold)
     if request.param == "pytorch-only kernels":
         monkeypatch.setattr(tinyprop.native, "can_select", lambda scores: False)
-        monkeypatch.setattr(tinyprop.native, "can_linear_backward", lambda x, weight: False)
+        monkeypatch.setattr(tinyprop.native, "can_backward", lambda x, weight: False)
     return request.param
 
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from core_models import batch, build
+from core_models import BUILDERS, batch, build
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler"
 @st.composite
 def scores_and_keep(draw):
     """Scores of every kind select_topk meets: continuous, many ties, mostly zeros, tiny."""
-    rows, size = draw(st.integers(1, 5)), draw(st.integers(1, 300))
+    rows, size = draw(st.integers(1, 5)), draw(st.integers(1, 3000))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     kind = draw(st.sampled_from(["uniform", "ties", "zeros", "denormal"]))
     scores = torch.rand(rows, size, generator=generator)
@@ -33,7 +33,8 @@ def scores_and_keep(draw):
     elif kind == "denormal":
         scores = scores * 1e-40
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    keep = torch.randint(1, size + 1, (rows,), generator=generator)
+    most = draw(st.sampled_from([size, max(1, size // 8)]))  # small k: the sampled bound
+    keep = torch.randint(1, most + 1, (rows,), generator=generator)
     return scores.to(dtype), keep
 
 
@@ -47,9 +48,25 @@ def test_native_selection_equals_pytorch_selection(case):
     assert torch.equal(columns, expected_columns)
 
 
+@settings(max_examples=100, deadline=None)
+@given(scores_and_keep(), st.booleans())
+def test_native_topk_of_signed_delta_keeps_largest_magnitudes(case, negate):
+    scores, keep = case
+    sign = torch.where(torch.rand(scores.shape) < 0.5, -1.0, 1.0).to(scores.dtype)
+    delta = scores * sign * (-1 if negate else 1)  # (B, N) signed, |δ| = scores
+    columns, values = native.topk(delta, keep)
+    rows, expected_columns = select_topk_torch(scores, keep)
+    assert torch.equal(columns, expected_columns)
+    assert torch.equal(values, delta[rows, expected_columns])
+    masked = native.topk(delta, keep, masked=True)
+    expected = torch.zeros_like(delta)
+    expected[rows, expected_columns] = delta[rows, expected_columns]
+    assert torch.equal(masked, expected)
+
+
 def test_native_selection_rejects_bad_keep():
     with pytest.raises(ValueError, match="keep counts must be in"):
-        native.select_topk(torch.rand(2, 5), torch.tensor([0, 3]))
+        native.topk(torch.rand(2, 5), torch.tensor([0, 3]))
 
 
 def test_native_linear_backward_equals_products_of_kept_entries():
@@ -81,28 +98,32 @@ def test_native_linear_backward_equals_products_of_kept_entries():
     ],
     ids=lambda config: config.policy,
 )
-def test_native_training_matches_pytorch_kernels(config, monkeypatch):
-    """Three float32 steps of the MLP: same k, skips and Ymax; weights equal up to rounding."""
-    monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", float("inf"))
-    monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", 1.0)
-    reference = tinyprop.apply(build("mlp", dtype=torch.float32), config)
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_native_training_matches_pytorch_kernels(name, config, monkeypatch):
+    """Three float32 steps of each test model (MLP, CNN with depthwise and dilated convs,
+    Conv1d with padding='same', ResNet with BatchNorm): same k, skips and Ymax as with the
+    PyTorch kernels; weights equal up to float rounding."""
+    for threshold in ("NATIVE_DENSE", "NATIVE_CONV_DENSE", "DENSE", "CONV_DENSE"):
+        monkeypatch.setattr(tinyprop.autograd, f"{threshold}_KERNEL_DENSITY", float("inf"))
+    reference = tinyprop.apply(build(name, dtype=torch.float32), config)
     model = copy.deepcopy(reference)
-    batches = [batch("mlp", size=8, seed=seed, dtype=torch.float32) for seed in range(3)]
+    batches = [batch(name, size=8, seed=seed, dtype=torch.float32) for seed in range(3)]
     calls = []
-    linear_backward = native.linear_backward
-    monkeypatch.setattr(
-        native, "linear_backward", lambda *args: calls.append(1) or linear_backward(*args)
-    )
+    for kernel in ("linear_backward", "conv_backward"):
+        original = getattr(native, kernel)
+        monkeypatch.setattr(
+            native, kernel, lambda *args, original=original: calls.append(1) or original(*args)
+        )
     results = []
     for use_native in (True, False):
         if not use_native:
             monkeypatch.setattr(native, "can_select", lambda scores: False)
-            monkeypatch.setattr(native, "can_linear_backward", lambda x, weight: False)
+            monkeypatch.setattr(native, "can_backward", lambda x, weight: False)
         trained = reference if not use_native else model
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
         stats = [tinyprop.train_step(trained, x, y, LOSS, optimizer) for x, y in batches]
         results.append(stats)
-    assert calls, "the native Linear kernel did not run"
+    assert calls, "the native kernels did not run"
     for native_stats, torch_stats in zip(*results, strict=True):
         assert torch.equal(native_stats.trained_mask, torch_stats.trained_mask)
         for name, keep in native_stats.keep.items():
@@ -110,7 +131,7 @@ def test_native_training_matches_pytorch_kernels(config, monkeypatch):
     for (name, value), expected in zip(
         model.state_dict().items(), reference.state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_batch_of_one_native_weight_gradient_has_k_rows(monkeypatch):

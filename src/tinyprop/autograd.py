@@ -30,6 +30,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # The result is the same up to float rounding, and the ledger counts k · fan_in either way.
 # 1.0 always uses the sparse kernels.
 NATIVE_DENSE_KERNEL_DENSITY = 0.5  # Linear layers, native kernel, per torch thread
+NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.5  # Conv1d / Conv2d layers, native kernel, per thread
 DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
 CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers
 
@@ -87,23 +88,26 @@ class SparseBackprop(torch.autograd.Function):
             )
             return grad_input, grad_weight, grad_bias, None, None
 
-        local_row, entry = layer.select(flat, keep)  # (M,), (M,)
-        value = flat[local_row, entry]  # (M,)
-        density = entry.numel() / max(flat.numel(), 1)
         is_linear = isinstance(geometry, LinearPatches)
-        if is_linear and x.dim() == 2 and native.can_linear_backward(x, weight):
-            if density <= NATIVE_DENSE_KERNEL_DENSITY / torch.get_num_threads():
-                row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (B + 1,) CSR
-                row_start[rows.cpu() + 1] = keep.cpu()  # skipped samples keep nothing
-                grad_input, grad_weight = native.linear_backward(
-                    x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
-                )
-                return grad_input, grad_weight, grad_bias, None, None
-        if density > (DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY):
-            masked = torch.zeros_like(flat)  # (B', N): the kept entries, zeros elsewhere
-            masked[local_row, entry] = value
+        use_native = native.can_backward(x, weight) and (not is_linear or x.dim() == 2)
+        if use_native:  # the native kernels run on one thread; PyTorch's dense ones on all
+            limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
+            limit /= torch.get_num_threads()
+        else:
+            limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
+        if float(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
+            masked = layer.select(flat, keep, masked=True)  # (B', N)
             grad_input, grad_weight = geometry.dense_gradients(
                 x, weight, rows, masked, needs_input, needs_weight
+            )
+            return grad_input, grad_weight, grad_bias, None, None
+
+        local_row, entry, value = layer.select(flat, keep)  # (M,) each
+        if use_native:
+            row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (B + 1,) CSR
+            row_start[rows.cpu() + 1] = keep.cpu()  # skipped samples keep nothing
+            grad_input, grad_weight = geometry.native_gradients(
+                x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
             )
             return grad_input, grad_weight, grad_bias, None, None
 

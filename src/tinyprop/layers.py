@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyprop import native
 from tinyprop.autograd import SparseBackprop
 from tinyprop.config import TinyPropConfig
 from tinyprop.functional import (
@@ -125,10 +126,21 @@ class SparseBackpropLayer:
         """True for the output layer under ``dense_output_layer`` (no selection at all)."""
         return self.depth == 0 and self.tinyprop_state.config.dense_output_layer
 
-    def select(self, delta: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        """The kept entries: top-|δ| for every policy but random-k. (B', N) -> (M,), (M,)."""
+    def select(self, delta: Tensor, keep: Tensor, masked: bool = False):
+        """The kept entries of δ: top-|δ| for every policy but random-k.
+
+        ``delta`` (B', N), ``keep`` (B',). Returns ``(rows, columns, values)``, three (M,)
+        tensors in row-major order, or with ``masked`` the (B', N) tensor of δ at the kept
+        entries and zeros elsewhere.
+        """
         config = self.tinyprop_state.config
         self.backward_steps += 1
+        if config.policy != "randomk" and native.can_select(delta):  # one compiled pass
+            if masked:
+                return native.topk(delta, keep, masked=True)
+            columns, values = native.topk(delta, keep)  # (M,), (M,)
+            rows = torch.repeat_interleave(torch.arange(delta.shape[0]), keep.cpu())  # (M,)
+            return rows.to(delta.device), columns.to(delta.device), values.to(delta.device)
         if config.policy == "randomk":
             generator = torch.Generator().manual_seed(
                 (config.seed * 1_000_003 + self.layer_index * 10_007 + int(self.backward_steps))
@@ -137,7 +149,11 @@ class SparseBackpropLayer:
             scores = torch.rand(delta.shape, generator=generator).to(delta.device)
         else:
             scores = delta.abs()
-        return select_topk(scores, keep)
+        rows, columns = select_topk(scores, keep)  # (M,), (M,)
+        values = delta[rows, columns]  # (M,)
+        if masked:
+            return torch.zeros_like(delta).index_put_((rows, columns), values)
+        return rows, columns, values
 
 
 class TinyPropLinear(SparseBackpropLayer, nn.Linear):

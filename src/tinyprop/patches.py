@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyprop import native
+
 
 class LinearPatches:
     """Patches of ``nn.Linear``: input (B, *, in) -> each leading index is one position."""
@@ -43,6 +45,13 @@ class LinearPatches:
         grad = grad_patches.new_zeros(input_shape[0] * self.positions, self.fan_in)
         grad.index_add_(0, sample * self.positions + position, grad_patches)
         return grad.reshape(input_shape)
+
+    def native_gradients(self, x, weight, row_start, column, value, needs_input, needs_weight):
+        """Input and weight gradients from the kept entries (CSR by sample over the whole
+        batch) with the native kernel; x (B, in) only."""
+        return native.linear_backward(
+            x, weight, row_start, column, value, needs_input, needs_weight
+        )
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
         """Input and weight gradients from the masked δ (B', N) with dense matrix products."""
@@ -91,6 +100,9 @@ class ConvPatches:
         self._stride = list(layer.stride)
         self._dilation = list(layer.dilation)
         self._output_spatial = out if two_d else (out[1],)
+        # as a 2-D convolution (Conv1d: height 1), for the native kernel
+        self.native_shape = (*padded, self.channels_in, self.channels_out, *kernel, *out)
+        self.native_shape += (*stride, *dilation, self.groups)
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, C_out, *spatial) -> (B, C_out, positions)."""
@@ -122,6 +134,28 @@ class ConvPatches:
             left, right = self.pad
             grad = padded[:, :, 0, left : padded.shape[3] - right]
         return grad.reshape(input_shape)
+
+    def native_gradients(self, x, weight, row_start, column, value, needs_input, needs_weight):
+        """Input and weight gradients from the kept entries (CSR by sample over the whole
+        batch: ``row_start`` (B + 1,), ``column`` (M,) = c · P + p, ``value`` (M,)) with the
+        native kernel, channels-last."""
+        padded = self._padded(x)  # (B, C_in, [Hp,] Wp)
+        padded = padded if self.two_d else padded.unsqueeze(2)  # (B, C_in, Hp, Wp)
+        grad_padded, grad_weight = native.conv_backward(
+            padded.permute(0, 2, 3, 1),  # (B, Hp, Wp, C_in)
+            weight.reshape(self.channels_out, self.channels_per_group, *self.native_shape[4:6])
+            .permute(0, 2, 3, 1),  # (C_out, kh, kw, C_in / G)
+            (x.shape[0], *self.native_shape),
+            row_start, column, value, needs_input, needs_weight,
+        )  # fmt: skip
+        if grad_weight is not None:  # (C_out, kh, kw, C_in / G) -> the weight's shape
+            grad_weight = grad_weight.permute(0, 3, 1, 2).reshape(weight.shape)
+        grad_input = None
+        if grad_padded is not None:  # (B, Hp, Wp, C_in) -> (B, C_in, *spatial)
+            grad_padded = grad_padded.permute(0, 3, 1, 2)
+            grad_padded = grad_padded if self.two_d else grad_padded.squeeze(2)
+            grad_input = self._crop(grad_padded).contiguous()
+        return grad_input, grad_weight
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
         """Input and weight gradients from the masked δ (B', N) with PyTorch's convolution

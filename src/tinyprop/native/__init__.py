@@ -85,12 +85,14 @@ def library() -> ctypes.CDLL | None:
             return None
         os.replace(temporary, path)  # atomic: concurrent builders never load a partial file
     lib = ctypes.CDLL(str(path))
-    for name in ("tp_select_topk_f32", "tp_select_topk_f64"):
-        getattr(lib, name).argtypes = [_pointer, _int64, _int64, _pointer, _pointer, _pointer]
+    for name in ("tp_topk_f32", "tp_topk_f64"):
+        getattr(lib, name).argtypes = [_pointer, _int64, _int64, _pointer] + [_pointer] * 5
         getattr(lib, name).restype = ctypes.c_int
     lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
     lib.tp_linear_backward_f32.argtypes += [_pointer] * 8
     lib.tp_linear_backward_f32.restype = ctypes.c_int
+    lib.tp_conv_backward_f32.argtypes = [_pointer] * 8
+    lib.tp_conv_backward_f32.restype = ctypes.c_int
     return lib
 
 
@@ -98,44 +100,42 @@ def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def can_select(scores: Tensor) -> bool:
-    """Whether ``select_topk`` can run natively on these scores."""
+def can_select(delta: Tensor) -> bool:
+    """Whether ``topk`` can run natively on this (B, N) tensor."""
     return (
-        scores.device.type == "cpu"
-        and scores.dtype in (torch.float32, torch.float64)
+        delta.device.type == "cpu"
+        and delta.dtype in (torch.float32, torch.float64)
         and library() is not None
     )
 
 
-def select_topk(scores: Tensor, keep: Tensor) -> Tensor:
-    """Columns of the ``keep[r]`` largest scores of each row, ascending, ties to the lower index.
+def topk(delta: Tensor, keep: Tensor, masked: bool = False) -> tuple[Tensor, Tensor] | Tensor:
+    """The ``keep[r]`` entries of largest |δ| of each row, ascending, ties to the lower index.
 
-    ``scores`` (B, N) >= 0, ``keep`` (B,) in [1, N] -> (Σ keep,) long, row by row.
+    ``delta`` (B, N), ``keep`` (B,) in [1, N]. Returns ``(columns, values)``, two (Σ keep,)
+    tensors row by row (the kept indices and δ there), or with ``masked`` the (B, N) tensor of
+    δ at the kept entries and zeros elsewhere.
     """
-    scores = scores.detach().contiguous()
+    delta = delta.detach().contiguous()
     keep = keep.to(torch.int64).contiguous()
-    columns = torch.empty(int(keep.sum()), dtype=torch.int64)  # (M,)
-    scratch = torch.empty(scores.shape[1], dtype=scores.dtype)  # (N,)
-    function = library().tp_select_topk_f32
-    if scores.dtype == torch.float64:
-        function = library().tp_select_topk_f64
+    rows, size = delta.shape
+    scratch = torch.empty(2 * size, dtype=delta.dtype)  # (2 N,)
+    index_scratch = torch.empty(size, dtype=torch.int64)  # (N,)
+    columns = values = output = None
+    if masked:
+        output = torch.empty_like(delta)  # (B, N)
+    else:
+        columns = torch.empty(int(keep.sum()), dtype=torch.int64)  # (M,)
+        values = torch.empty(columns.numel(), dtype=delta.dtype)  # (M,)
+    function = library().tp_topk_f64 if delta.dtype == torch.float64 else library().tp_topk_f32
     status = function(
-        scores.data_ptr(), scores.shape[0], scores.shape[1], keep.data_ptr(),
-        columns.data_ptr(), scratch.data_ptr(),
+        delta.data_ptr(), rows, size, keep.data_ptr(),
+        _address(columns), _address(values), _address(output), scratch.data_ptr(),
+        index_scratch.data_ptr(),
     )  # fmt: skip
     if status != 0:
-        raise ValueError(f"keep counts must be in [1, {scores.shape[1]}], got {keep.tolist()}")
-    return columns
-
-
-def can_linear_backward(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``linear_backward`` can run natively: float32 CPU, input (B, in)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.dim() == 2
-        and library() is not None
-    )
+        raise ValueError(f"keep counts must be in [1, {size}], got {keep.tolist()}")
+    return output if masked else (columns, values)
 
 
 def linear_backward(
@@ -176,4 +176,53 @@ def linear_backward(
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
+    return grad_input, grad_weight
+
+
+def can_backward(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``linear_backward`` / ``conv_backward`` can run natively: float32 on the CPU."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and library() is not None
+    )
+
+
+def conv_backward(
+    x: Tensor,
+    weight: Tensor,
+    shape: tuple[int, ...],
+    row_start: Tensor,
+    column: Tensor,
+    value: Tensor,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of a convolution from the kept entries of δ only.
+
+    Args:
+        x: (B, Hp, Wp, C_in) zero-padded input, channels-last (a view is fine).
+        weight: (C_out, kh, kw, C_in / G), channels-last.
+        shape: (B, Hp, Wp, C_in, C_out, kh, kw, H_out, W_out, stride_h, stride_w,
+            dilation_h, dilation_w, G).
+        row_start: (B + 1,) CSR offsets of each sample's kept entries; column: (M,) kept
+            index c · P + p into the sample's δ (C_out, P = H_out · W_out); value: (M,) δ there.
+
+    Returns:
+        ``(grad_input (B, Hp, Wp, C_in) or None, grad_weight (C_out, kh, kw, C_in / G) or
+        None)``: (C_in / G) · kh · kw multiply-accumulates per kept entry each.
+    """
+    x, weight = x.detach().contiguous(), weight.detach().contiguous()
+    value = value.detach().to(torch.float32).contiguous()
+    row_start, column = row_start.contiguous(), column.contiguous()
+    grad_input = torch.empty_like(x) if needs_input else None
+    grad_weight = torch.empty_like(weight) if needs_weight else None
+    dims = torch.tensor(shape, dtype=torch.int64)
+    status = library().tp_conv_backward_f32(
+        x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
+        row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
+        _address(grad_weight), _address(grad_input),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")
     return grad_input, grad_weight

@@ -1,7 +1,7 @@
 /* Native CPU kernels of tinyprop's sparse backward (built on first use, see native/__init__.py).
  *
- * tp_select_topk_{f32,f64}: the k largest scores of each row, ties to the lower index: the same
- *     rule as tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
+ * tp_topk_{f32,f64}: the k entries of largest magnitude of each row, ties to the lower index:
+ *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each, in one pass over the weight's rows.
  *
@@ -9,6 +9,10 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
+#if defined(__AVX2__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <string.h>
 
 /* Quickselect with a three-way partition (many equal scores stay linear): returns the value of
@@ -42,63 +46,104 @@
 DEFINE_KTH_SMALLEST(f32, float)
 DEFINE_KTH_SMALLEST(f64, double)
 
-/* The k-th largest of row[0:n] >= 0 (k in [1, n]), scratch (n,). Float32, the training dtype: a
- * histogram of the exponent and top two mantissa bits (the bit pattern of a float >= 0 orders
- * like the float) finds the bucket holding the k-th largest, and the quickselect runs on that
- * bucket's few entries only: two branch-free passes over the row. */
-static float kth_largest_f32(const float *row, int64_t n, int64_t k, float *scratch) {
-    enum { SHIFT = 21, BUCKETS = 1024 }; /* bits 21..30; bit 31 (sign) is 0, or -0.0 */
-    int64_t count[BUCKETS] = {0};
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t bits;
-        memcpy(&bits, row + i, sizeof bits);
-        count[(bits >> SHIFT) & (BUCKETS - 1)]++;
+/* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound, ascending; returns
+ * count. With AVX2, eight comparisons become one bit mask, so the loop costs per candidate, not
+ * per entry (most entries are below the bound). */
+static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *index,
+                           float *magnitude) {
+    int64_t count = 0, i = 0;
+#if defined(__AVX2__) && defined(__GNUC__)
+    const __m256 sign = _mm256_set1_ps(-0.0f), limit = _mm256_set1_ps(bound);
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)); /* |row[i..i+8)| */
+        unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_GE_OQ));
+        for (; mask; mask &= mask - 1) {
+            int64_t at = i + __builtin_ctz(mask);
+            index[count] = at, magnitude[count] = fabsf(row[at]), count++;
+        }
     }
-    int64_t above = 0, bucket = BUCKETS - 1; /* entries in the buckets above `bucket` */
-    while (above + count[bucket] < k) above += count[bucket--];
-    int64_t candidates = 0;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t bits;
-        memcpy(&bits, row + i, sizeof bits);
-        scratch[candidates] = row[i];
-        candidates += (int64_t)((bits >> SHIFT) & (BUCKETS - 1)) == bucket;
+#endif
+    for (; i < n; i++) {
+        float a = fabsf(row[i]);
+        index[count] = i, magnitude[count] = a;
+        count += a >= bound;
     }
-    return kth_smallest_f32(scratch, candidates, candidates - (k - above));
+    return count;
 }
 
-/* Float64 (tests, reference runs): δ behind ReLU is mostly exact zeros, so select among the
- * positive entries only. */
-static double kth_largest_f64(const double *row, int64_t n, int64_t k, double *scratch) {
-    int64_t positive = 0;
+static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *index,
+                           double *magnitude) {
+    int64_t count = 0;
     for (int64_t i = 0; i < n; i++) {
-        scratch[positive] = row[i];
-        positive += row[i] > 0;
+        double a = fabs(row[i]);
+        index[count] = i, magnitude[count] = a;
+        count += a >= bound;
     }
-    return positive >= k ? kth_smallest_f64(scratch, positive, positive - k) : 0;
+    return count;
 }
 
-/* scores (rows, n) >= 0; keep (rows,) in [1, n]; columns (Σ keep,) written row by row in
- * ascending order; scratch (n,). Returns 0, or -1 on a keep outside [1, n]. */
-#define DEFINE_SELECT_TOPK(SUFFIX, T)                                                        \
-    int tp_select_topk_##SUFFIX(const T *scores, int64_t rows, int64_t n, const int64_t *keep, \
-                                int64_t *columns, T *scratch) {                              \
+/* Per row of delta (rows, n): keep the keep[r] entries of largest |δ|, ties to the lower index
+ * (keep in [1, n]). Writes, each when not NULL: columns (Σ keep,) the kept indices row by row
+ * in ascending order, values (Σ keep,) δ there, masked (rows, n) δ at the kept entries and 0
+ * elsewhere. scratch (2 n,) of T, index_scratch (n,). Returns 0, or -1 on a keep outside [1, n].
+ *
+ * Finding the k-th largest |δ| t: when k is small against n, a strided sample of SAMPLE entries
+ * gives a bound e a little below t (the sample's value of rank k · SAMPLE / n plus a margin);
+ * one pass collects the candidates |δ| >= e, and the quickselect runs on those few.
+ * Every other entry is below e <= t, so t and its ties are among the candidates. If fewer than
+ * k entries reach e (a bad sample), or k is large, the quickselect runs on all non-zero |δ|. */
+#define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST)                                                \
+    int tp_topk_##SUFFIX(const T *delta, int64_t rows, int64_t n, const int64_t *keep,       \
+                         int64_t *columns, T *values, T *masked, T *scratch,                 \
+                         int64_t *index_scratch) {                                           \
+        enum { SAMPLE = 64 };                                                                \
+        T *magnitude = scratch, *work = scratch + n;                                         \
         for (int64_t r = 0; r < rows; r++) {                                                 \
-            const T *row = scores + r * n;                                                   \
-            int64_t k = keep[r];                                                             \
+            const T *row = delta + r * n;                                                    \
+            int64_t k = keep[r], count = 0;                                                  \
             if (k < 1 || k > n) return -1;                                                   \
-            T threshold = kth_largest_##SUFFIX(row, n, k, scratch);                          \
+            int64_t *index = index_scratch; /* the candidates, ascending */                  \
+            if (n >= 4 * SAMPLE && 8 * k <= n) {                                             \
+                for (int64_t i = 0; i < SAMPLE; i++) work[i] = ABS(row[i * (n / SAMPLE)]);   \
+                int64_t rank = k * SAMPLE / n + 4; /* expected rank of t, plus a margin */    \
+                T bound = kth_smallest_##SUFFIX(work, SAMPLE, SAMPLE - 1 - rank);            \
+                count = collect_##SUFFIX(row, n, bound, index, magnitude);                   \
+            }                                                                                \
+            if (count < k) /* no usable bound: every non-zero entry is a candidate */        \
+                count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                \
+            T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */    \
+            if (count >= k) {                                                                \
+                memcpy(work, magnitude, (size_t)count * sizeof(T));                          \
+                threshold = kth_smallest_##SUFFIX(work, count, count - k);                   \
+            }                                                                                \
             int64_t room = k; /* ties at the threshold go to the lower index */              \
-            for (int64_t i = 0; i < n; i++) room -= row[i] > threshold;                      \
-            for (int64_t i = 0; i < n; i++) {                                                \
-                T v = row[i];                                                                \
-                if (v > threshold || (v == threshold && room-- > 0)) *columns++ = i;         \
+            for (int64_t c = 0; c < count; c++) room -= magnitude[c] > threshold;            \
+            if (masked) memset(masked + r * n, 0, (size_t)n * sizeof(T));                    \
+            if (threshold == 0) { /* every non-zero entry, then the first zeros */           \
+                for (int64_t i = 0; i < n; i++) {                                            \
+                    if (row[i] != 0 || room-- > 0) {                                         \
+                        if (columns) *columns++ = i;                                         \
+                        if (values) *values++ = row[i];                                      \
+                        if (masked) masked[r * n + i] = row[i];                              \
+                    }                                                                        \
+                }                                                                            \
+                continue;                                                                    \
+            }                                                                                \
+            for (int64_t c = 0; c < count; c++) {                                            \
+                T a = magnitude[c];                                                          \
+                if (a > threshold || (a == threshold && room-- > 0)) {                       \
+                    int64_t i = index[c];                                                    \
+                    if (columns) *columns++ = i;                                             \
+                    if (values) *values++ = row[i];                                          \
+                    if (masked) masked[r * n + i] = row[i];                                  \
+                }                                                                            \
             }                                                                                \
         }                                                                                    \
         return 0;                                                                            \
     }
 
-DEFINE_SELECT_TOPK(f32, float)
-DEFINE_SELECT_TOPK(f64, double)
+DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f))
+DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0))
 
 /* out[0:m] (+)= Σ_t value[t] · source[sample[t]][0:m] over `count` terms, four at a time so the
  * accumulator row is loaded and stored once per four terms. */
@@ -173,6 +218,56 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
                 float *restrict out = grad_input + by_column_sample[t] * m;
                 float v = by_column_value[t];
                 for (int64_t i = 0; i < m; i++) out[i] += v * w[i];
+            }
+        }
+    }
+    return 0;
+}
+
+/* Convolution backward from the kept entries of δ (CSR by sample, column = c · P + p with P =
+ * out_h · out_w output positions), channels-last:
+ *   x (batch, in_h, in_w, channels_in), the zero-padded input; weight (channels_out, kh, kw, cg)
+ *   with cg = channels_in / groups. Writes, when not NULL (both zeroed here first):
+ *   grad_weight (channels_out, kh, kw, cg) += δ[s, c, p] · patch(s, p, group of c)
+ *   grad_input (batch, in_h, in_w, channels_in): patch(s, p, group of c) += δ[s, c, p] · weight[c]
+ * so each kept entry costs cg · kh · kw multiply-accumulates per gradient, the inner loop over
+ * cg contiguous in all three arrays. shape: {batch, in_h, in_w, channels_in, channels_out, kh,
+ * kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
+ * Returns 0, or -1 on an index out of range. */
+int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
+                         const int64_t *row_start, const int64_t *column, const float *value,
+                         float *grad_weight, float *grad_input) {
+    int64_t batch = shape[0], in_h = shape[1], in_w = shape[2], channels_in = shape[3];
+    int64_t channels_out = shape[4], kh = shape[5], kw = shape[6], out_h = shape[7];
+    int64_t out_w = shape[8], stride_h = shape[9], stride_w = shape[10];
+    int64_t dilation_h = shape[11], dilation_w = shape[12], groups = shape[13];
+    int64_t cg = channels_in / groups, per_group = channels_out / groups;
+    int64_t positions = out_h * out_w, taps = kh * kw;
+    if (grad_weight) memset(grad_weight, 0, (size_t)(channels_out * taps * cg) * sizeof(float));
+    if (grad_input)
+        memset(grad_input, 0, (size_t)(batch * in_h * in_w * channels_in) * sizeof(float));
+    for (int64_t s = 0; s < batch; s++) {
+        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+            if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
+            int64_t c = column[e] / positions, p = column[e] % positions;
+            int64_t top = (p / out_w) * stride_h, left = (p % out_w) * stride_w;
+            int64_t first = ((s * in_h + top) * in_w + left) * channels_in + (c / per_group) * cg;
+            float v = value[e];
+            for (int64_t ky = 0; ky < kh; ky++) {
+                for (int64_t kx = 0; kx < kw; kx++) {
+                    int64_t at = first + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
+                    int64_t tap = (c * taps + ky * kw + kx) * cg;
+                    if (grad_weight) {
+                        float *restrict gw = grad_weight + tap;
+                        const float *restrict patch = x + at;
+                        for (int64_t i = 0; i < cg; i++) gw[i] += v * patch[i];
+                    }
+                    if (grad_input) {
+                        float *restrict gx = grad_input + at;
+                        const float *restrict w = weight + tap;
+                        for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
+                    }
+                }
             }
         }
     }
