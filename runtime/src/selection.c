@@ -149,8 +149,8 @@ int32_t tp_gather_nonzero_sum(const float *delta, int32_t n, float *scratch, int
  * are gathered again from delta (through kept) and the quickselect runs on all of them.
  * Without NaNs the threshold is the k-th largest value whichever way it was found, so the
  * selection is the same. */
-#define SAMPLE 64
-#define SAMPLE_GAP 5 /* ranks of the sample on each side of the k-th one's expected rank */
+#define SAMPLE 48
+#define SAMPLE_GAP 4 /* ranks of the sample on each side of the k-th one's expected rank */
 static float select_threshold(float *a, int32_t n, int32_t k, const float *delta,
                               const int32_t *kept, int32_t *greater, int32_t *at_least) {
     int32_t i, above = 0, between = 0, count_greater = 0, count_at_least = 0;
@@ -193,7 +193,27 @@ static float select_threshold(float *a, int32_t n, int32_t k, const float *delta
             *at_least = above + count_at_least;
             return threshold;
         }
-        /* the pivots missed: start again from all the values */
+        /* the pivots missed: the k-th largest is above the upper pivot or below the lower one;
+         * gather that side again from delta (a's front was overwritten) and select there */
+        {
+            const int32_t higher = k <= above, skipped = higher ? 0 : above + between;
+            int32_t side = 0;
+            for (i = 0; i < n; i++) {
+                const float value = fabsf(delta[kept[i]]);
+                if (higher ? value > high : value < low) a[side++] = value;
+            }
+            if (k - skipped >= 1 && k - skipped <= side) {
+                threshold = kth_largest(a, side, k - skipped);
+                for (i = 0; i < side; i++) {
+                    count_greater += a[i] > threshold;
+                    count_at_least += a[i] >= threshold;
+                }
+                *greater = skipped + count_greater;
+                *at_least = skipped + count_at_least;
+                return threshold;
+            }
+        }
+        /* (NaNs upset the counts): start again from all the values */
         for (i = 0; i < n; i++) a[i] = fabsf(delta[kept[i]]);
     }
     threshold = kth_largest(a, n, k);
