@@ -24,6 +24,7 @@ def kernel(request, monkeypatch):
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "CONV_DENSE_KERNEL_DENSITY", threshold)
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_MIN_FAN_IN", 0)
     if request.param == "pytorch-only kernels":
         monkeypatch.setattr(tinyprop.native, "can_select", lambda scores: False)
         monkeypatch.setattr(tinyprop.native, "can_backward", lambda x, weight: False)

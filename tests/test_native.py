@@ -105,6 +105,7 @@ def test_native_training_matches_pytorch_kernels(name, config, monkeypatch):
     PyTorch kernels; weights equal up to float rounding."""
     for threshold in ("NATIVE_DENSE", "NATIVE_CONV_DENSE", "DENSE", "CONV_DENSE"):
         monkeypatch.setattr(tinyprop.autograd, f"{threshold}_KERNEL_DENSITY", float("inf"))
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_MIN_FAN_IN", 0)
     reference = tinyprop.apply(build(name, dtype=torch.float32), config)
     model = copy.deepcopy(reference)
     batches = [batch(name, size=8, seed=seed, dtype=torch.float32) for seed in range(3)]

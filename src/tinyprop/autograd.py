@@ -16,23 +16,26 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tinyprop import native
-from tinyprop.patches import LinearPatches
+from tinyprop.patches import LinearPatches, take
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Above these fractions of kept entries (in one layer and step), the kept entries are multiplied
 # with PyTorch's dense kernels (GEMM / convolution backward on the masked δ) instead of the
-# sparse ones, which are slower there. Measured crossovers on one thread (2048x2048 Linear,
-# batch 128; benchmarks/speed.py): about 0.6 for the native Linear kernel (tinyprop.native; it
-# runs on one thread, so its limit is divided by torch's thread count), about 0.15 for PyTorch's
-# sparse CSR products (used without the native kernels, for float64, or for a Linear on (B, *,
-# in)), below 0.05 for 3x3 convolutions, whose dense backward (oneDNN) beats gathering patches.
+# sparse ones, which are slower there. Crossovers measured on one thread at batch 128 (the
+# native kernels run on one thread, so their limits are divided by torch's thread count):
+# - native Linear kernel: about 0.6 (2048x2048);
+# - native convolution kernel: 0.1 (16->32 channels, 3x3) to 0.2 (64->64); with a fan-in
+#   below 64 (a first layer on one channel, a depthwise conv) its per-tap overhead loses to
+#   oneDNN's dense backward at any density, so those layers keep the dense kernels;
+# - PyTorch's sparse CSR products (no native kernels, float64, Linear on (B, *, in)): about
+#   0.15 for a 2048x2048 Linear, below 0.05 for 3x3 convolutions.
 # The result is the same up to float rounding, and the ledger counts k · fan_in either way.
-# 1.0 always uses the sparse kernels.
 NATIVE_DENSE_KERNEL_DENSITY = 0.5  # Linear layers, native kernel, per torch thread
-NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.5  # Conv1d / Conv2d layers, native kernel, per thread
+NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.1  # Conv1d / Conv2d layers, native kernel, per thread
+NATIVE_CONV_MIN_FAN_IN = 64  # C_in / G · kh · kw; smaller convolutions keep the dense kernels
 DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
-CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers
+CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kernels
 
 
 def sparse_rows(
@@ -73,7 +76,7 @@ class SparseBackprop(torch.autograd.Function):
         channels_out, fan_in = geometry.channels_out, geometry.fan_in
 
         rows = layer.tinyprop_state.trained_rows(x.shape[0], x.device)  # (B',)
-        delta = geometry.delta_matrix(grad_output)[rows]  # (B', C_out, P)
+        delta = take(geometry.delta_matrix(grad_output), rows)  # (B', C_out, P)
         flat = delta.reshape(rows.numel(), -1)  # (B', N)
         keep = layer.keep_count(flat)  # (B',)
         ctx.call.keep = keep
@@ -89,7 +92,9 @@ class SparseBackprop(torch.autograd.Function):
             return grad_input, grad_weight, grad_bias, None, None
 
         is_linear = isinstance(geometry, LinearPatches)
-        use_native = native.can_backward(x, weight) and (not is_linear or x.dim() == 2)
+        use_native = native.can_backward(x, weight) and (
+            x.dim() == 2 if is_linear else fan_in >= NATIVE_CONV_MIN_FAN_IN
+        )
         if use_native:  # the native kernels run on one thread; PyTorch's dense ones on all
             limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
             limit /= torch.get_num_threads()

@@ -19,6 +19,20 @@ from torch import Tensor, nn
 from tinyprop import native
 
 
+def take(tensor: Tensor, rows: Tensor) -> Tensor:
+    """tensor[rows] for sorted unique ``rows``, without a copy when every row is taken."""
+    return tensor if rows.numel() == tensor.shape[0] else tensor[rows]
+
+
+def put(values: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
+    """A zero tensor of ``shape`` with ``values`` at the sorted unique ``rows``."""
+    if rows.numel() == shape[0]:
+        return values.contiguous()
+    out = values.new_zeros(shape)
+    out[rows] = values
+    return out
+
+
 class LinearPatches:
     """Patches of ``nn.Linear``: input (B, *, in) -> each leading index is one position."""
 
@@ -59,10 +73,10 @@ class LinearPatches:
         masked = masked.reshape(-1, self.channels_out)  # (B' * P, out)
         grad_input = grad_weight = None
         if needs_weight:
-            grad_weight = masked.t() @ x[rows].reshape(-1, self.fan_in)  # (out, in)
+            grad_weight = masked.t() @ take(x, rows).reshape(-1, self.fan_in)  # (out, in)
         if needs_input:
-            grad_input = x.new_zeros(x.shape)
-            grad_input[rows] = (masked @ weight).reshape(-1, *x.shape[1:])
+            grad_rows = (masked @ weight).reshape(-1, *x.shape[1:])  # (B', *, in)
+            grad_input = put(grad_rows, rows, x.shape)
         return grad_input, grad_weight
 
 
@@ -160,7 +174,7 @@ class ConvPatches:
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
         """Input and weight gradients from the masked δ (B', N) with PyTorch's convolution
         backward (on the explicitly padded input, so any padding works)."""
-        padded = self._padded(x[rows])  # (B', C_in, [Hp,] Wp)
+        padded = self._padded(take(x, rows))  # (B', C_in, [Hp,] Wp)
         grad_output = masked.reshape(rows.numel(), self.channels_out, -1)
         grad_output = grad_output.reshape(rows.numel(), self.channels_out, *self._output_spatial)
         grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -178,8 +192,7 @@ class ConvPatches:
         )
         grad_input = None
         if needs_input:
-            grad_input = x.new_zeros(x.shape)
-            grad_input[rows] = self._crop(grad_padded)
+            grad_input = put(self._crop(grad_padded), rows, x.shape)
         return grad_input, grad_weight
 
     def _crop(self, padded: Tensor) -> Tensor:
