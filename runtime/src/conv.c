@@ -266,6 +266,29 @@ static float forward_point(const float *restrict w, int32_t fan_in,
     return a;
 }
 
+/* 4 channels x 1 column (a row's one column left after the blocks of 8): y_c = sum_j w_c[j]
+ * x[offset[j]], in the same order as every other kernel */
+static void forward_point4(const float *restrict w, int32_t fan_in,
+                           const int32_t *restrict offset, const float *restrict x,
+                           float *restrict y, size_t y_channel) {
+    const float *restrict w1 = w + fan_in;
+    const float *restrict w2 = w1 + fan_in;
+    const float *restrict w3 = w2 + fan_in;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    int32_t j;
+    for (j = 0; j < fan_in; j++) {
+        const float v = x[offset[j]];
+        a0 += w[j] * v;
+        a1 += w1[j] * v;
+        a2 += w2[j] * v;
+        a3 += w3[j] * v;
+    }
+    y[0] = a0;
+    y[y_channel] = a1;
+    y[2 * y_channel] = a2;
+    y[3 * y_channel] = a3;
+}
+
 /* stride_w > 1: one output at a time, each a dot product of its weights with its patch */
 static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, const float *source,
                            float *y) {
@@ -322,6 +345,12 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
                     /* the columns left: blocks of 4, the last one ending at the row's end
                      * (a column computed twice gets the same value, summed in the same
                      * order) */
+                    if (ow == row_width - 1 && block == BLOCK_CHANNELS) {
+                        /* one column left: computing 4 to use 1 would cost more */
+                        forward_point4(w, fan_in, plan.offset, x_row + ow, y_row + ow,
+                                       out_plane);
+                        ow++;
+                    }
                     if (ow < row_width && row_width >= 4) {
                         for (; ow < row_width; ow += 4) {
                             if (ow + 4 > row_width) ow = row_width - 4;
@@ -544,7 +573,7 @@ TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_c
 }
 
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                      int32_t k, float *delta_in, float *scratch) {
+                      int32_t k, float *delta_in, float *scratch, int bias_done) {
     const tp_conv_plan plan = conv_plan(layer, scratch, 0);
     const float *source = padded_input(layer, &plan, x);
     const size_t group_stride =
@@ -579,7 +608,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
         }
     }
     if (delta_in != NULL && plan.pads) unpad_delta_in(layer, &plan, delta_in);
-    if (layer->has_bias) {
+    if (layer->has_bias && !bias_done) {
         int32_t oc;
         for (oc = 0; oc < layer->out_c; oc++) {
             const float *d_c = delta + (size_t)oc * (size_t)plan.plane;

@@ -98,6 +98,7 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
             scratch[nonzero] = value;                                                       \
             kept[nonzero] = (int32_t)(index);                                               \
             nonzero++;                                                                      \
+            if (with_bias) bias_sum += delta[index];                                        \
             if (with_sum) {                                                                 \
                 const float next = sum + value;                                             \
                 if (sum >= value)                                                           \
@@ -108,34 +109,61 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
             }                                                                               \
         }                                                                                   \
     } while (0)
-#define TP_GATHER_LOOP(with_sum)                                                            \
+/* over [from, to) */
+#define TP_GATHER_LOOP(from, to, with_sum)                                                  \
     do {                                                                                    \
-        for (i = 0; i + 4 <= n; i += 4) { /* unrolled: the loop control is most of it */   \
+        for (i = (from); i + 4 <= (to); i += 4) { /* unrolled: loop control is most of it */ \
             TP_GATHER_NONZERO(i, with_sum);                                                 \
             TP_GATHER_NONZERO(i + 1, with_sum);                                             \
             TP_GATHER_NONZERO(i + 2, with_sum);                                             \
             TP_GATHER_NONZERO(i + 3, with_sum);                                             \
         }                                                                                   \
-        for (; i < n; i++) TP_GATHER_NONZERO(i, with_sum);                                  \
+        for (; i < (to); i++) TP_GATHER_NONZERO(i, with_sum);                               \
+    } while (0)
+/* grad_bias != NULL: delta is `channels` rows of `plane` entries, and each row's sum (in
+ * order, zeros left out: they add nothing to it) is added to grad_bias[row], the floats of
+ * the bias gradient loop that the backward then leaves out */
+#define TP_GATHER_BODY(with_sum)                                                            \
+    do {                                                                                    \
+        if (grad_bias == NULL) {                                                            \
+            const int with_bias = 0;                                                        \
+            float bias_sum = 0.0f;                                                          \
+            TP_GATHER_LOOP(0, n, with_sum);                                                 \
+            (void)bias_sum;                                                                 \
+        } else {                                                                            \
+            const int with_bias = 1;                                                        \
+            int32_t row;                                                                    \
+            for (row = 0; row * plane < n; row++) {                                         \
+                float bias_sum = 0.0f;                                                      \
+                TP_GATHER_LOOP(row * plane, (row + 1) * plane, with_sum);                   \
+                grad_bias[row] += bias_sum;                                                 \
+            }                                                                               \
+        }                                                                                   \
     } while (0)
 
-int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept) {
+int32_t tp_gather_nonzero_bias(const float *delta, int32_t n, float *scratch, int32_t *kept,
+                               int32_t plane, float *grad_bias) {
     int32_t i, nonzero = 0;
     float sum = 0.0f, compensation = 0.0f;
-    TP_GATHER_LOOP(0);
+    TP_GATHER_BODY(0);
     (void)sum;
     (void)compensation;
     return nonzero;
 }
 
+int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept) {
+    return tp_gather_nonzero_bias(delta, n, scratch, kept, n, NULL);
+}
+
 int32_t tp_gather_nonzero_sum(const float *delta, int32_t n, float *scratch, int32_t *kept,
-                              float *local_error) {
+                              float *local_error, int32_t plane, float *grad_bias) {
     int32_t i, nonzero = 0;
     float sum = 0.0f, compensation = 0.0f;
-    TP_GATHER_LOOP(1);
+    TP_GATHER_BODY(1);
     *local_error = sum + compensation;
     return nonzero;
 }
+#undef TP_GATHER_BODY
 #undef TP_GATHER_LOOP
 #undef TP_GATHER_NONZERO
 

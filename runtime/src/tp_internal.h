@@ -40,8 +40,9 @@ int tp_avgpool_relu_backward(const tp_layer *layer, const float *relu_output,
  * Adds to grad_weight; writes delta_in (zeroed first) unless delta_in == NULL. */
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                        int32_t k, float *delta_in);
+/* bias_done: the bias gradient was already added (by the selection's gather) */
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                      int32_t k, float *delta_in, float *scratch);
+                      int32_t k, float *delta_in, float *scratch, int bias_done);
 
 /* ---- selection.c */
 float tp_local_error(const float *delta, int32_t n);
@@ -53,9 +54,13 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
 /* The same in two steps: the non-zero |delta| (in index order) to scratch and their indices to
  * kept, returning their count; then the selection from them (kept: n ints, as above). */
 int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept);
-/* the same, also writing Y of delta (tp_local_error's float) to *local_error */
+/* the same, also writing Y of delta (tp_local_error's float) to *local_error; with grad_bias,
+ * also adding the sum of each row of `plane` entries of delta to grad_bias[row] (the floats
+ * of the conv backward's bias loop, which then is left out) */
 int32_t tp_gather_nonzero_sum(const float *delta, int32_t n, float *scratch, int32_t *kept,
-                              float *local_error);
+                              float *local_error, int32_t plane, float *grad_bias);
+int32_t tp_gather_nonzero_bias(const float *delta, int32_t n, float *scratch, int32_t *kept,
+                               int32_t plane, float *grad_bias);
 void tp_select_topk_gathered(const float *delta, int32_t n, int32_t k, float *scratch,
                              int32_t *kept, int32_t nonzero);
 int tp_skip_decision_trains(const tp_policy_config *policy, float output_error,

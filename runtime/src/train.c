@@ -48,12 +48,20 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     const tp_policy policy = model->policy.policy;
     const int32_t *kept = NULL;
     int32_t k = n;
+    /* a conv's bias gradient (the sum of each channel's delta) comes from the selection's
+     * pass over delta: the same floats, zeros left out */
+    float *const grad_bias =
+        layer->kind == TP_LAYER_CONV2D && layer->has_bias ? layer->grad_bias : NULL;
+    const int32_t plane = layer->out_h * layer->out_w;
+    int bias_done = 0;
     if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
         /* one pass over delta: its non-zero magnitudes serve both Y (zeros add nothing to it)
          * and the selection */
         float local_error;
-        const int32_t nonzero = tp_gather_nonzero_sum(
-            delta, n, model->selection_values, model->selection_index, &local_error);
+        const int32_t nonzero =
+            tp_gather_nonzero_sum(delta, n, model->selection_values, model->selection_index,
+                                  &local_error, plane, grad_bias);
+        bias_done = grad_bias != NULL;
         if (local_error > layer->running_max) layer->running_max = local_error;
         k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
         if (k < n) {
@@ -64,14 +72,19 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     } else if (policy == TP_POLICY_TOPK) {
         k = tp_keep_count(&model->policy, 0.0f, 0.0f, 1.0, n);
         if (k < n) {
-            tp_select_topk(delta, n, k, model->selection_values, model->selection_index);
+            const int32_t nonzero = tp_gather_nonzero_bias(
+                delta, n, model->selection_values, model->selection_index, plane, grad_bias);
+            tp_select_topk_gathered(delta, n, k, model->selection_values, model->selection_index,
+                                    nonzero);
             kept = model->selection_index;
+            bias_done = grad_bias != NULL;
         }
     }
     if (layer->kind == TP_LAYER_DENSE)
         tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
     else
-        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in, model->conv_scratch);
+        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in, model->conv_scratch,
+                         bias_done);
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
     return k;
