@@ -225,3 +225,26 @@ def test_validation_is_topped_up_from_outside_the_capped_pool():
     whole_plan = suites.DatasetPlan(None, None, epochs=1, pretrain_epochs=1)
     _, _, uncapped, _, _ = runner._prepare(runner.RunSpec(**{**vars(spec), "plan": whole_plan}))
     assert len(uncapped.val) == 24
+
+
+def test_an_interrupted_sweep_keeps_its_records_and_resumes(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    common = ["--suite", "tiny", "--protocol", "scratch", "--results", str(results)]
+    execute, calls = runner.execute_run, []
+
+    def interrupt_at_the_fifth_run(*args):
+        calls.append(args[0].title)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a run
+        return execute(*args)
+
+    monkeypatch.setattr(runner, "execute_run", interrupt_at_the_fifth_run)
+    assert runner.main(common) == 130
+    assert "interrupted: 4 of 12 runs finished and kept, 8 left" in capsys.readouterr().err
+    first = _records(results)
+    assert len(first) == 4
+    monkeypatch.setattr(runner, "execute_run", lambda *a: calls.append(a[0].title) or execute(*a))
+    assert runner.main(common) == 0
+    assert "12 runs, 4 already done, 8 to run" in capsys.readouterr().out
+    assert len(calls) == 13 and len(_records(results)) == 12  # the 4 finished were not redone
+    assert all(_records(results)[name] == record for name, record in first.items())

@@ -404,7 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     start = time.perf_counter()
-    failures = run_ray(todo, args.ray) if args.ray else run_local(todo)
+    try:
+        failures = run_ray(todo, args.ray) if args.ray else run_local(todo)
+    except KeyboardInterrupt:
+        left = sum(not spec.path.is_file() for spec in todo)
+        print(
+            f"\ninterrupted: {len(todo) - left} of {len(todo)} runs finished and kept, {left} "
+            "left; the same command resumes without redoing finished runs",
+            file=sys.stderr,
+        )
+        return 130
     print(f"{len(todo) - len(failures)} runs finished in {time.perf_counter() - start:.0f} s")
     if failures:
         print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
