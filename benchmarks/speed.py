@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import tinyprop
-from tinyprop import data
+from tinyprop import data, native
 
 POLICIES = {
     "full": tinyprop.TinyPropConfig(policy="full"),
@@ -169,6 +169,7 @@ def main() -> None:
         f"{torch.__version__}",
         "batch_size": args.batch_size,
         "glibc_keeps_freed_memory": kept_memory,
+        "native_kernels": native.library() is not None,
         "steps_per_policy": args.rounds * args.chunk,
         "models": {},
     }
