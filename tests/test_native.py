@@ -1,6 +1,8 @@
 """The native kernels (tinyprop.native) against the PyTorch kernels they replace."""
 
 import copy
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +151,16 @@ def test_batch_of_one_native_weight_gradient_has_k_rows(monkeypatch):
         k = int(keep_count(0.25, layer.out_features))
         assert stats.keep[name].tolist() == [k]
         assert int((layer.weight.grad.abs().sum(1) > 0).sum()) == k, name
+
+
+def test_native_kernels_stay_in_bounds_under_sanitizers(tmp_path):
+    """tests/native/sanitize.c drives every kernel with random shapes and exactly-sized
+    buffers, built with AddressSanitizer and UBSan (and AVX2 where the CPU has it)."""
+    binary = tmp_path / "sanitize"
+    source = Path(__file__).with_name("native") / "sanitize.c"
+    flags = ["-O1", "-g", "-std=c99", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    command = [native._compiler(), *flags, "-march=native", str(source), str(native.SOURCE)]
+    subprocess.run([*command, "-lm", "-o", str(binary)], check=True, capture_output=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"

@@ -125,8 +125,9 @@ def topk(delta: Tensor, keep: Tensor, masked: bool = False) -> tuple[Tensor, Ten
     if masked:
         output = torch.empty_like(delta)  # (B, N)
     else:
-        columns = torch.empty(int(keep.sum()), dtype=torch.int64)  # (M,)
-        values = torch.empty(columns.numel(), dtype=delta.dtype)  # (M,)
+        kept = int(keep.sum())  # M; the kernel may write one slot past it
+        columns = torch.empty(kept + 1, dtype=torch.int64)[:kept]  # (M,)
+        values = torch.empty(kept + 1, dtype=delta.dtype)[:kept]  # (M,)
     function = library().tp_topk_f64 if delta.dtype == torch.float64 else library().tp_topk_f32
     status = function(
         delta.data_ptr(), rows, size, keep.data_ptr(),

@@ -43,8 +43,34 @@
         return a[index];                                                                     \
     }
 
-DEFINE_KTH_SMALLEST(f32, float)
 DEFINE_KTH_SMALLEST(f64, double)
+
+/* The k-th largest of a[0:n] >= 0 (k in [1, n]), a unchanged. Float32: the largest bit pattern
+ * t with at least k entries >= t (floats >= 0 order like their bit patterns), built bit by bit;
+ * each of the 31 steps is one branch-free count the compiler vectorizes. */
+static float kth_largest_f32(const float *a, int64_t n, int64_t k, float *work) {
+    int32_t *bits = (int32_t *)(void *)work;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, a + i, sizeof u);
+        bits[i] = (int32_t)u;
+    }
+    int32_t t = 0;
+    for (int bit = 30; bit >= 0; bit--) {
+        int32_t trial = t | (int32_t)(1u << bit), at_least = 0;
+        for (int64_t i = 0; i < n; i++) at_least += bits[i] >= trial;
+        if (at_least >= k) t = trial;
+    }
+    float result;
+    memcpy(&result, &t, sizeof result);
+    return result;
+}
+
+/* Float64 (tests, reference runs): a quickselect on a copy. */
+static double kth_largest_f64(const double *a, int64_t n, int64_t k, double *work) {
+    memcpy(work, a, (size_t)n * sizeof(double));
+    return kth_smallest_f64(work, n, n - k);
+}
 
 /* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound, ascending; returns
  * count. With AVX2, eight comparisons become one bit mask, so the loop costs per candidate, not
@@ -85,13 +111,15 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
 /* Per row of delta (rows, n): keep the keep[r] entries of largest |δ|, ties to the lower index
  * (keep in [1, n]). Writes, each when not NULL: columns (Σ keep,) the kept indices row by row
  * in ascending order, values (Σ keep,) δ there, masked (rows, n) δ at the kept entries and 0
- * elsewhere. scratch (2 n,) of T, index_scratch (n,). Returns 0, or -1 on a keep outside [1, n].
+ * elsewhere; columns and values must have one writable slot past Σ keep. scratch (2 n,) of T,
+ * index_scratch (n,). Returns 0, or -1 on a keep outside [1, n].
  *
- * Finding the k-th largest |δ| t: when k is small against n, a strided sample of SAMPLE entries
- * gives a bound e a little below t (the sample's value of rank k · SAMPLE / n plus a margin);
- * one pass collects the candidates |δ| >= e, and the quickselect runs on those few.
+ * Finding the k-th largest |δ| t: when k is small against n, a strided sample of 64 (256 for
+ * long rows) entries gives a bound e a little below t (the sample's value of rank k · 64 / n
+ * plus a margin of two standard deviations and 4);
+ * one pass collects the candidates |δ| >= e, and the k-th largest is found among those few.
  * Every other entry is below e <= t, so t and its ties are among the candidates. If fewer than
- * k entries reach e (a bad sample), or k is large, the quickselect runs on all non-zero |δ|. */
+ * k entries reach e (a bad sample), or k is large, the candidates are all non-zero |δ|. */
 #define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST)                                                \
     int tp_topk_##SUFFIX(const T *delta, int64_t rows, int64_t n, const int64_t *keep,       \
                          int64_t *columns, T *values, T *masked, T *scratch,                 \
@@ -104,17 +132,18 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
             if (k < 1 || k > n) return -1;                                                   \
             int64_t *index = index_scratch; /* the candidates, ascending */                  \
             if (n >= 4 * SAMPLE && 8 * k <= n) {                                             \
-                for (int64_t i = 0; i < SAMPLE; i++) work[i] = ABS(row[i * (n / SAMPLE)]);   \
-                int64_t rank = k * SAMPLE / n + 4; /* expected rank of t, plus a margin */    \
-                T bound = kth_smallest_##SUFFIX(work, SAMPLE, SAMPLE - 1 - rank);            \
+                int64_t sample = n >= 16 * SAMPLE ? 4 * SAMPLE : SAMPLE;                     \
+                for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[i * (n / sample)]);   \
+                double expected = (double)k * (double)sample / (double)n; /* rank of t */    \
+                int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */    \
+                T bound = kth_largest_##SUFFIX(work, sample, rank + 1, magnitude);           \
                 count = collect_##SUFFIX(row, n, bound, index, magnitude);                   \
             }                                                                                \
             if (count < k) /* no usable bound: every non-zero entry is a candidate */        \
                 count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                \
             T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */    \
             if (count >= k) {                                                                \
-                memcpy(work, magnitude, (size_t)count * sizeof(T));                          \
-                threshold = kth_smallest_##SUFFIX(work, count, count - k);                   \
+                threshold = kth_largest_##SUFFIX(magnitude, count, k, work);                 \
             }                                                                                \
             int64_t room = k; /* ties at the threshold go to the lower index */              \
             for (int64_t c = 0; c < count; c++) room -= magnitude[c] > threshold;            \
@@ -129,15 +158,19 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
                 }                                                                            \
                 continue;                                                                    \
             }                                                                                \
+            int64_t written = 0; /* branch-free: write every candidate, advance if kept */   \
             for (int64_t c = 0; c < count; c++) {                                            \
                 T a = magnitude[c];                                                          \
-                if (a > threshold || (a == threshold && room-- > 0)) {                       \
-                    int64_t i = index[c];                                                    \
-                    if (columns) *columns++ = i;                                             \
-                    if (values) *values++ = row[i];                                          \
-                    if (masked) masked[r * n + i] = row[i];                                  \
-                }                                                                            \
+                int64_t i = index[c], tie = a == threshold;                                  \
+                int64_t kept = (a > threshold) | (tie & (room > 0));                         \
+                room -= tie & kept;                                                          \
+                if (columns) columns[written] = i; /* one slot past the end is writable */   \
+                if (values) values[written] = row[i];                                        \
+                if (masked) masked[r * n + i] = kept ? row[i] : 0;                           \
+                written += kept;                                                             \
             }                                                                                \
+            if (columns) columns += written;                                                 \
+            if (values) values += written;                                                   \
         }                                                                                    \
         return 0;                                                                            \
     }
