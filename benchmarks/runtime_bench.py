@@ -15,6 +15,12 @@ sample by sample, each step also run under full on the same state, reported as t
 sample of median ratio ("median_trained"). The model is first warmed up on a
 learnable synthetic task (see runtime/examples/bench_step.c).
 
+Besides the default settings (s_min 0.1, s_max 0.9, zeta 0.5, skip_threshold 0.5, the library's
+defaults), tinypropv2 is measured at the setting the project's HAR benchmark chose on its
+validation split (benchmarks/results/small-finetune/report.md: s_max 0.5, skip_threshold 0.5,
+zeta 1.0), from the same warmed-up state: records with ``"label": "tinypropv2_chosen"`` and
+their ``settings``.
+
 Three builds of the same code: ``O3`` (the runtime's default flags; gcc vectorises the dense
 loops with SSE2), ``O3-scalar`` (-fno-tree-vectorize: one float operation per instruction, as
 on a Cortex-M4 whose FPU has no SIMD) and ``O3-zero-skip`` (-DTP_SKIP_ZERO_ERRORS=1: every
@@ -65,15 +71,31 @@ BUILDS = {
     "O3-zero-skip": (["-DTP_SKIP_ZERO_ERRORS=1"], "_zero_skip"),
 }
 MEAN_SAMPLES = 64
+# tinypropv2's settings: the library's defaults, and the one the HAR benchmark chose on its
+# validation split (small-finetune report, har row); bench_step.c sets the same numbers
+DEFAULT_SETTINGS = {"s_min": 0.1, "s_max": 0.9, "zeta": 0.5, "skip_threshold": 0.5}
+CHOSEN_SETTINGS = {"s_min": 0.1, "s_max": 0.5, "zeta": 1.0, "skip_threshold": 0.5}
 CASES = [
     ("full", "trained", "full_trained"),
     ("topk", "trained", "topk_trained"),
     ("tinypropv2", "trained", "tinypropv2_trained"),
     ("tinypropv2", "skipped", "tinypropv2_skipped"),
+    ("tinypropv2_chosen", "trained", "tinypropv2_chosen_trained"),
+    ("tinypropv2_chosen", "skipped", "tinypropv2_chosen_skipped"),
     ("full", "mean", "full_mean"),
     ("topk", "mean", "topk_mean"),
     ("tinypropv2", "mean", "tinypropv2_mean"),
+    ("tinypropv2_chosen", "mean", "tinypropv2_chosen_mean"),
 ]
+
+
+def settings_of(label: str) -> dict | None:
+    """The tinypropv2 settings a record's label stands for (None for full and topk)."""
+    if label == "tinypropv2_chosen":
+        return dict(CHOSEN_SETTINGS, chosen_by="small-finetune har, validation split")
+    if label == "tinypropv2":
+        return dict(DEFAULT_SETTINGS)
+    return None
 
 
 def export_model(name: str, out_dir: Path, **kwargs):
@@ -123,9 +145,9 @@ def run_build(name: str, work: Path, build: str) -> tuple[dict[str, int], dict[s
         if line.startswith("region "):
             parts = line.split()
             regions[parts[1]] = parts
-        elif line.startswith("sample "):  # the tinypropv2 run replayed sample by sample
+        elif line.startswith(("sample ", "samplec ")):  # the tinypropv2 runs replayed
             parts = line.split()
-            regions[f"sample_{parts[1]}"] = parts
+            regions[f"{parts[0]}_{parts[1]}"] = parts
         elif line.startswith(("found", "trained sample")):
             print(f"  {name} {build}: {line}")
     totals = callgrind_totals(prefix)
@@ -147,7 +169,8 @@ def measure(name: str, work: Path) -> list[dict]:
     for build, (_, suffix) in BUILDS.items():
         totals, regions = runs[build]
         update = totals["update"]
-        for policy, case, dump in CASES:
+        for label, case, dump in CASES:
+            policy = label.removesuffix("_chosen")
             parts = regions[dump]
             samples = MEAN_SAMPLES if case == "mean" else 1
             instructions = round(totals[dump] / samples)
@@ -163,6 +186,8 @@ def measure(name: str, work: Path) -> list[dict]:
             record = {
                 "model": name,
                 "policy": policy + suffix,
+                "label": label + suffix,
+                "settings": settings_of(label),
                 "case": case,
                 "instructions": instructions,
                 "ratio_to_full": round(instructions / full, 4),
@@ -184,12 +209,16 @@ def measure(name: str, work: Path) -> list[dict]:
             if suffix:
                 record["ratio_to_full" + suffix] = round(instructions / own_full, 4)
             records.append(record)
-        records.append(median_trained(name, build, suffix, totals, regions, reference[build]))
+        for tag in ("", "c"):
+            records.append(
+                median_trained(name, build, suffix, totals, regions, reference[build], tag)
+            )
     return records
 
 
 def median_trained(
-    name: str, build: str, suffix: str, totals: dict[str, int], regions: dict, full: dict
+    name: str, build: str, suffix: str, totals: dict[str, int], regions: dict, full: dict,
+    tag: str = "",
 ) -> dict:
     """The median trained sample of the tinypropv2 run replayed sample by sample.
 
@@ -197,25 +226,30 @@ def median_trained(
     same state (``full`` holds the dumps of the matching dense build); of the trained samples,
     the one with the median ratio (the lower middle one for an even count) is reported.
     """
-    samples = sorted(int(key.split("_")[1]) for key in regions if key.startswith("sample_"))
+    samples = sorted(
+        int(key.split("_")[1]) for key in regions if key.startswith(f"sample{tag}_")
+    )
     trained = []
     for i in samples:
-        parts = regions[f"sample_{i}"]
+        parts = regions[f"sample{tag}_{i}"]
         if parts[3] == "1":
-            ratio = totals[f"v2_sample_{i}"] / full[f"full_sample_{i}"]
+            ratio = totals[f"v2{tag}_sample_{i}"] / full[f"full{tag}_sample_{i}"]
             trained.append((ratio, i, [int(v) for v in parts[5:]]))
     trained.sort()
     ratio, index, keep = trained[(len(trained) - 1) // 2]
     ratios = [r for r, _, _ in trained]
+    label = "tinypropv2_chosen" if tag else "tinypropv2"
     return {
         "model": name,
         "policy": "tinypropv2" + suffix,
+        "label": label + suffix,
+        "settings": settings_of(label),
         "case": "median_trained",
-        "instructions": totals[f"v2_sample_{index}"],
+        "instructions": totals[f"v2{tag}_sample_{index}"],
         "ratio_to_full": round(ratio, 4),
         "build": build,
         "ratio": None,
-        "instructions_batch1": totals[f"v2_sample_{index}"],
+        "instructions_batch1": totals[f"v2{tag}_sample_{index}"],
         "ratio_to_full_batch1": round(ratio, 4),
         "trained": len(trained),
         "samples": len(samples),
@@ -230,11 +264,11 @@ def median_trained(
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"\n{'model':<15} {'build':<13} {'policy':<21} {'case':<8} {'instructions':>12} "
+    print(f"\n{'model':<15} {'build':<13} {'label':<28} {'case':<14} {'instructions':>12} "
           f"{'x full':>7} {'+update':>11} {'x full':>6}  trained  k per layer")  # fmt: skip
     for r in records:
         trained = f"{r['trained']}/{r['samples']}"
-        print(f"{r['model']:<15} {r['build']:<13} {r['policy']:<21} {r['case']:<8} "
+        print(f"{r['model']:<15} {r['build']:<13} {r['label']:<28} {r['case']:<14} "
               f"{r['instructions']:>12,} {r['ratio_to_full']:>7.3f} "
               f"{r['instructions_batch1']:>11,} {r['ratio_to_full_batch1']:>6.3f}  "
               f"{trained:>7}  {r['keep'] or ''}")  # fmt: skip

@@ -16,9 +16,14 @@
  *    "<policy>_mean"; the driver divides by MEAN_SAMPLES.
  * 5. Replay the tinypropv2 run sample by sample: each sample's step under tinypropv2 and, on a
  *    copy of the same state, under full ("v2_sample_<i>", "full_sample_<i>").
+ * 6. Steps 3-5 for tinypropv2 at the setting the project's HAR benchmark chose on its
+ *    validation split (s_max 0.5, skip_threshold 0.5, zeta 1.0; "chosen"), from the same
+ *    warmed-up state: "tinypropv2_chosen_trained", "_skipped", "_mean", and the replay
+ *    "v2c_sample_<i>" / "fullc_sample_<i>".
  * Build with -DTP_SKIP_ZERO_ERRORS=1 for the variant that skips zero output errors.
  * Run: valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no ./bench_step
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <valgrind/callgrind.h>
@@ -80,6 +85,24 @@ static void save(void) {
 static void restore(void) {
     memcpy(arena, arena_backup, sizeof arena);
     model = model_backup;
+}
+
+/* tinypropv2 at the HAR benchmark's chosen setting (benchmarks/results/small-finetune) */
+static tp_policy_config chosen_setting(void) {
+    tp_policy_config config = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    config.s_max = 0.5;
+    config.skip_threshold = 0.5;
+    config.zeta = 1.0;
+    return config;
+}
+
+/* Switch the model's policy, with the per-layer zeta^depth that tp_init derives from it. */
+static void set_policy(tp_policy_config config) {
+    int32_t l;
+    model.policy = config;
+    for (l = 0; l < model.layer_count; l++)
+        if (model.layers[l].trainable_index >= 0)
+            model.layers[l].depth_scale = pow(config.zeta, (double)model.layers[l].depth);
 }
 
 /* One per-sample step on the current state; returns trained (1) or skipped (0). */
@@ -173,12 +196,13 @@ int main(void) {
     CALLGRIND_START_INSTRUMENTATION;
     if (trained_label >= 0) {
         const tp_policy policies[3] = {TP_POLICY_FULL, TP_POLICY_TOPK, TP_POLICY_TINYPROPV2};
-        const char *names[3] = {"full_trained", "topk_trained", "tinypropv2_trained"};
+        const char *names[4] = {"full_trained", "topk_trained", "tinypropv2_trained",
+                                "tinypropv2_chosen_trained"};
         int p;
         memcpy(sample, trained_x, sizeof sample);
-        for (p = 0; p < 3; p++) {
+        for (p = 0; p < 4; p++) {
             save();
-            model.policy = tp_policy_defaults(policies[p]);
+            set_policy(p < 3 ? tp_policy_defaults(policies[p]) : chosen_setting());
             step(trained_label, keep, 1, names[p]);
             restore();
         }
@@ -197,18 +221,23 @@ int main(void) {
         save();
         step(skipped_label, keep, 1, "tinypropv2_skipped");
         restore();
+        save();
+        set_policy(chosen_setting());
+        step(skipped_label, keep, 1, "tinypropv2_chosen_skipped");
+        restore();
     }
     /* a short training run from the warmed-up state, the same samples for every policy */
     for (i = 0; i < MEAN_SAMPLES; i++) mean_y[i] = draw(mean_x[i]);
     {
         const tp_policy policies[3] = {TP_POLICY_FULL, TP_POLICY_TOPK, TP_POLICY_TINYPROPV2};
-        const char *names[3] = {"full_mean", "topk_mean", "tinypropv2_mean"};
+        const char *names[4] = {"full_mean", "topk_mean", "tinypropv2_mean",
+                                "tinypropv2_chosen_mean"};
         int p;
-        for (p = 0; p < 3; p++) {
+        for (p = 0; p < 4; p++) {
             tp_ledger macs = {0, 0, 0, 0};
             int32_t trained = 0;
             save();
-            model.policy = tp_policy_defaults(policies[p]);
+            set_policy(p < 3 ? tp_policy_defaults(policies[p]) : chosen_setting());
             CALLGRIND_TOGGLE_COLLECT;
             for (i = 0; i + WARMUP_BATCH <= MEAN_SAMPLES; i += WARMUP_BATCH) {
                 tp_train_batch(&model, mean_x[i], &mean_y[i], WARMUP_BATCH, &stats, NULL, NULL);
@@ -228,11 +257,12 @@ int main(void) {
      *    tp_train_batch): each sample's step is measured under tinypropv2 ("v2_sample_<i>")
      *    and, on a copy of the same state, under full ("full_sample_<i>"), so that every
      *    trained sample has its own ratio to full (the driver reports the median). */
-    {
+    for (epoch = 0; epoch < 2; epoch++) { /* the default setting, then the chosen one */
+        const char *tag = epoch == 0 ? "" : "c";
         tp_ledger macs = {0, 0, 0, 0};
         char name[64];
         save();
-        model.policy = v2;
+        set_policy(epoch == 0 ? v2 : chosen_setting());
         for (i = 0; i + WARMUP_BATCH <= MEAN_SAMPLES; i += WARMUP_BATCH) {
             int32_t trained_count = 0;
             tp_zero(model.gradients, model.parameter_count);
@@ -247,16 +277,16 @@ int main(void) {
                 CALLGRIND_TOGGLE_COLLECT;
                 tp_sample_step(&model, sample, mean_y[j], &loss, &trained, keep, &macs);
                 CALLGRIND_TOGGLE_COLLECT;
-                snprintf(name, sizeof name, "full_sample_%ld", (long)j);
+                snprintf(name, sizeof name, "full%s_sample_%ld", tag, (long)j);
                 CALLGRIND_DUMP_STATS_AT(name);
                 memcpy(arena, arena_full, sizeof arena);
                 model = model_full;
                 CALLGRIND_TOGGLE_COLLECT;
                 tp_sample_step(&model, sample, mean_y[j], &loss, &trained, keep, &macs);
                 CALLGRIND_TOGGLE_COLLECT;
-                snprintf(name, sizeof name, "v2_sample_%ld", (long)j);
+                snprintf(name, sizeof name, "v2%s_sample_%ld", tag, (long)j);
                 CALLGRIND_DUMP_STATS_AT(name);
-                printf("sample %ld trained %d keep", (long)j, trained);
+                printf("sample%s %ld trained %d keep", tag, (long)j, trained);
                 if (trained) {
                     int32_t l;
                     for (l = 0; l < model.trainable_count; l++) printf(" %ld", (long)keep[l]);
