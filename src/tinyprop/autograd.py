@@ -1,10 +1,12 @@
 """The sparse backward of a Linear / Conv1d / Conv2d layer (meProp with per-sample k).
 
 Forward is the layer's ordinary dense forward. Backward, per trained sample: keep the k entries
-of the output gradient δ chosen by the policy, gather the input patches of the kept positions
-only, and compute the weight and input gradients as sparse-times-dense products with k · fan_in
-multiply-accumulates each. The bias gradient is dense (from the full δ), as in the authors' code.
-When most entries are kept, dense kernels on the masked δ are faster (see DENSE_KERNEL_DENSITY).
+of the output gradient δ chosen by the policy and compute the weight and input gradients from
+the kept entries only, k · fan_in multiply-accumulates each: with the native kernels
+(tinyprop.native) on the CPU in float32, else by gathering the input patches of the kept
+positions and multiplying with PyTorch's CSR kernels. The bias gradient is dense (from the full
+δ), as in the authors' code. When many entries are kept, dense kernels on the masked δ are
+faster (see the *_DENSE_KERNEL_DENSITY limits below).
 """
 
 from __future__ import annotations
@@ -72,8 +74,6 @@ class SparseBackprop(torch.autograd.Function):
         layer = ctx.layer
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         geometry = ctx.call.geometry  # computed once, in the forward
-        positions, groups = geometry.positions, geometry.groups
-        channels_out, fan_in = geometry.channels_out, geometry.fan_in
 
         rows = layer.tinyprop_state.trained_rows(x.shape[0], x.device)  # (B',)
         delta = take(geometry.delta_matrix(grad_output), rows)  # (B', C_out, P)
@@ -93,7 +93,7 @@ class SparseBackprop(torch.autograd.Function):
 
         is_linear = isinstance(geometry, LinearPatches)
         use_native = native.can_backward(x, weight) and (
-            x.dim() == 2 if is_linear else fan_in >= NATIVE_CONV_MIN_FAN_IN
+            x.dim() == 2 if is_linear else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN
         )
         if use_native:  # the native kernels run on one thread; PyTorch's dense ones on all
             limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
@@ -116,34 +116,49 @@ class SparseBackprop(torch.autograd.Function):
             )
             return grad_input, grad_weight, grad_bias, None, None
 
-        channel = entry // positions
-        position = entry % positions
-        group = channel // (channels_out // groups)
-        sample = rows[local_row]
-        # the distinct input patches the kept entries read: (U,) keys (sample, position, group)
-        one_patch_per_sample = positions == 1 and groups == 1  # e.g. a Linear layer on (B, in)
-        if one_patch_per_sample:
-            patch, unique_sample = local_row, rows
-            unique_position = unique_group = torch.zeros_like(rows)
-        else:
-            key = (sample * positions + position) * groups + group
-            unique_key, patch = torch.unique(key, return_inverse=True)
-            unique_group = unique_key % groups
-            unique_position = (unique_key // groups) % positions
-            unique_sample = unique_key // (groups * positions)
-        patch_count = unique_sample.numel()
-
-        grad_input = grad_weight = None
-        if needs_weight:
-            patches = geometry.gather(x, unique_sample, unique_position, unique_group)  # (U, F)
-            kept = sparse_rows(channel, patch, value, (channels_out, patch_count))  # (C_out, U)
-            grad_weight = (kept @ patches).reshape(weight.shape)  # (C_out, fan_in)
-        if needs_input:
-            kept_t = sparse_rows(  # (U, C_out); select() groups the entries by sample
-                patch, channel, value, (patch_count, channels_out), grouped=one_patch_per_sample
-            )
-            grad_patches = kept_t @ weight.reshape(channels_out, fan_in)  # (U, fan_in)
-            grad_input = geometry.scatter(
-                grad_patches, unique_sample, unique_position, unique_group, x.shape
-            )
+        grad_input, grad_weight = pytorch_sparse_gradients(
+            geometry, x, weight, rows, local_row, entry, value, needs_input, needs_weight
+        )
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def pytorch_sparse_gradients(
+    geometry, x, weight, rows, local_row, entry, value, needs_input, needs_weight
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients from the kept entries with PyTorch's kernels: gather the
+    input patches the kept entries read, multiply with CSR matrices of the kept δ, scatter the
+    patch gradients back. ``local_row``, ``entry``, ``value``: (M,) kept (row of ``rows``,
+    index c · P + p, δ) triplets."""
+    positions, groups = geometry.positions, geometry.groups
+    channels_out, fan_in = geometry.channels_out, geometry.fan_in
+    channel = entry // positions
+    position = entry % positions
+    group = channel // (channels_out // groups)
+    sample = rows[local_row]
+    # the distinct input patches the kept entries read: (U,) keys (sample, position, group)
+    one_patch_per_sample = positions == 1 and groups == 1  # e.g. a Linear layer on (B, in)
+    if one_patch_per_sample:
+        patch, unique_sample = local_row, rows
+        unique_position = unique_group = torch.zeros_like(rows)
+    else:
+        key = (sample * positions + position) * groups + group
+        unique_key, patch = torch.unique(key, return_inverse=True)
+        unique_group = unique_key % groups
+        unique_position = (unique_key // groups) % positions
+        unique_sample = unique_key // (groups * positions)
+    patch_count = unique_sample.numel()
+
+    grad_input = grad_weight = None
+    if needs_weight:
+        patches = geometry.gather(x, unique_sample, unique_position, unique_group)  # (U, F)
+        kept = sparse_rows(channel, patch, value, (channels_out, patch_count))  # (C_out, U)
+        grad_weight = (kept @ patches).reshape(weight.shape)  # (C_out, fan_in)
+    if needs_input:
+        kept_t = sparse_rows(  # (U, C_out); select() groups the entries by sample
+            patch, channel, value, (patch_count, channels_out), grouped=one_patch_per_sample
+        )
+        grad_patches = kept_t @ weight.reshape(channels_out, fan_in)  # (U, fan_in)
+        grad_input = geometry.scatter(
+            grad_patches, unique_sample, unique_position, unique_group, x.shape
+        )
+    return grad_input, grad_weight
