@@ -150,7 +150,7 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8, help="chunks per policy")
+    parser.add_argument("--rounds", type=int, default=12, help="chunks per policy")
     parser.add_argument("--chunk", type=int, default=5, help="steps per chunk")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
