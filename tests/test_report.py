@@ -166,7 +166,10 @@ def test_misses_say_why_from_the_numbers():
     ]
     text = report.markdown(report.summarise(records))
     assert "mnist: misses the target (drop +3.00 pp, backward 10.0% of full" in text
-    assert "validation put it +0.50 pp from full (tolerance 1, 300 validation samples" in text
+    assert (
+        "validation put the chosen setting +0.50 pp from full (tolerance 1, 300 validation samples"
+        in text
+    )
     cheap_too_far = [r for r in records if r["settings"] != {"skip_threshold": 0.5}] + [
         make_record("tinypropv2", {"skip_threshold": 0.7}, 0, 93.0, 91.0, 0.15)
     ]
@@ -176,3 +179,16 @@ def test_misses_say_why_from_the_numbers():
         "every setting at <= 20% backward was more than the tolerance below full on validation "
         "(closest: skip_threshold=0.7 at 15.0% backward, validation +3.00 pp, test +2.00 pp)"
     ) in report.markdown(summaries)
+
+
+def test_a_miss_on_both_counts_gives_both_reasons():
+    records = [
+        make_record("full", {}, 0, 95.0, 94.0, 1.0, 1.0, val_samples=4),
+        make_record("tinypropv2", {"skip_threshold": 0.1}, 0, 93.0, 94.0, 0.30, val_samples=4),
+    ]
+    text = report.markdown(report.summarise(records))
+    assert (
+        "misses the target (drop +2.00 pp, backward 30.0% of full, total 50.0%): no setting of "
+        "the grid runs at <= 20% backward; validation put the chosen setting +0.00 pp from full "
+        "(tolerance 1, 4 validation samples per seed), the test split +2.00 pp"
+    ) in text
