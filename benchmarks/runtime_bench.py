@@ -217,7 +217,12 @@ def measure(name: str, work: Path) -> list[dict]:
 
 
 def median_trained(
-    name: str, build: str, suffix: str, totals: dict[str, int], regions: dict, full: dict,
+    name: str,
+    build: str,
+    suffix: str,
+    totals: dict[str, int],
+    regions: dict,
+    full: dict,
     tag: str = "",
 ) -> dict:
     """The median trained sample of the tinypropv2 run replayed sample by sample.
@@ -226,9 +231,7 @@ def median_trained(
     same state (``full`` holds the dumps of the matching dense build); of the trained samples,
     the one with the median ratio (the lower middle one for an even count) is reported.
     """
-    samples = sorted(
-        int(key.split("_")[1]) for key in regions if key.startswith(f"sample{tag}_")
-    )
+    samples = sorted(int(key.split("_")[1]) for key in regions if key.startswith(f"sample{tag}_"))
     trained = []
     for i in samples:
         parts = regions[f"sample{tag}_{i}"]
