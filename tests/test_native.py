@@ -1,7 +1,9 @@
 """The native kernels (tinyprop.native) against the PyTorch kernels they replace."""
 
 import copy
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,27 @@ def test_native_kernels_stay_in_bounds_under_sanitizers(tmp_path):
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
+
+
+def test_without_a_compiler_tinyprop_warns_and_trains_with_pytorch_kernels(tmp_path):
+    script = (
+        "import warnings, torch, tinyprop\n"
+        "from tinyprop import native\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert native.library() is None\n"
+        "assert 'could not compile its native kernels' in str(caught[0].message)\n"
+        "model = tinyprop.apply(torch.nn.Sequential(torch.nn.Linear(8, 4)),\n"
+        "                       tinyprop.TinyPropConfig(policy='topk', ratio=0.5))\n"
+        "x, y = torch.randn(3, 8), torch.tensor([0, 1, 2])\n"
+        "loss = torch.nn.CrossEntropyLoss(reduction='none')\n"
+        "stats = tinyprop.train_step(model, x, y, loss, torch.optim.SGD(model.parameters(), 0.1))\n"
+        "print(stats.keep['0'].tolist())\n"
+    )
+    environment = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
+    environment["TINYPROP_CACHE"] = str(tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[2, 2, 2]"
