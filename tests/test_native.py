@@ -58,8 +58,9 @@ def test_native_topk_of_signed_delta_keeps_largest_magnitudes(case, negate):
     scores, keep = case
     sign = torch.where(torch.rand(scores.shape) < 0.5, -1.0, 1.0).to(scores.dtype)
     delta = scores * sign * (-1 if negate else 1)  # (B, N) signed, |δ| = scores
-    columns, values = native.topk(delta, keep)
-    rows, expected_columns = select_topk_torch(scores, keep)
+    rows, columns, values = native.topk(delta, keep)
+    expected_rows, expected_columns = select_topk_torch(scores, keep)
+    assert torch.equal(rows, expected_rows)
     assert torch.equal(columns, expected_columns)
     assert torch.equal(values, delta[rows, expected_columns])
     masked = native.topk(delta, keep, masked=True)

@@ -107,8 +107,7 @@ def select_topk(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         return empty, empty
     if native.can_select(scores):  # the same entries, selected in compiled code
-        columns, _ = native.topk(scores, keep)  # (M,)
-        rows = torch.repeat_interleave(torch.arange(scores.shape[0]), keep.cpu())  # (M,)
+        rows, columns, _ = native.topk(scores, keep)  # (M,), (M,)
         return rows, columns
     return select_topk_torch(scores, keep)
 

@@ -136,11 +136,7 @@ class SparseBackpropLayer:
         config = self.tinyprop_state.config
         self.backward_steps += 1
         if config.policy != "randomk" and native.can_select(delta):  # one compiled pass
-            if masked:
-                return native.topk(delta, keep, masked=True)
-            columns, values = native.topk(delta, keep)  # (M,), (M,)
-            rows = torch.repeat_interleave(torch.arange(delta.shape[0]), keep.cpu())  # (M,)
-            return rows.to(delta.device), columns.to(delta.device), values.to(delta.device)
+            return native.topk(delta, keep, masked=masked)  # CPU only, like the layer
         if config.policy == "randomk":
             generator = torch.Generator().manual_seed(
                 (config.seed * 1_000_003 + self.layer_index * 10_007 + int(self.backward_steps))

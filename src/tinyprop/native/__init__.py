@@ -100,6 +100,13 @@ def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _kernel_inputs(x, weight, row_start, column, value) -> tuple[Tensor, ...]:
+    """The backward kernels' inputs as contiguous tensors they can read (value as float32)."""
+    x, weight = x.detach().contiguous(), weight.detach().contiguous()
+    value = value.detach().to(torch.float32).contiguous()
+    return x, weight, row_start.contiguous(), column.contiguous(), value
+
+
 def can_select(delta: Tensor) -> bool:
     """Whether ``topk`` can run natively on this (B, N) tensor."""
     return (
@@ -109,16 +116,18 @@ def can_select(delta: Tensor) -> bool:
     )
 
 
-def topk(delta: Tensor, keep: Tensor, masked: bool = False) -> tuple[Tensor, Tensor] | Tensor:
+def topk(
+    delta: Tensor, keep: Tensor, masked: bool = False
+) -> tuple[Tensor, Tensor, Tensor] | Tensor:
     """The ``keep[r]`` entries of largest |δ| of each row, ascending, ties to the lower index.
 
-    ``delta`` (B, N), ``keep`` (B,) in [1, N]. Returns ``(columns, values)``, two (Σ keep,)
-    tensors row by row (the kept indices and δ there), or with ``masked`` the (B, N) tensor of
-    δ at the kept entries and zeros elsewhere.
+    ``delta`` (B, N), ``keep`` (B,) in [1, N]. Returns ``(rows, columns, values)``, three
+    (Σ keep,) tensors row by row (the kept entries and δ there), or with ``masked`` the (B, N)
+    tensor of δ at the kept entries and zeros elsewhere.
     """
     delta = delta.detach().contiguous()
     keep = keep.to(torch.int64).contiguous()
-    rows, size = delta.shape
+    samples, size = delta.shape
     scratch = torch.empty(2 * size, dtype=delta.dtype)  # (2 N,)
     index_scratch = torch.empty(size, dtype=torch.int64)  # (N,)
     columns = values = output = None
@@ -130,13 +139,16 @@ def topk(delta: Tensor, keep: Tensor, masked: bool = False) -> tuple[Tensor, Ten
         values = torch.empty(kept + 1, dtype=delta.dtype)[:kept]  # (M,)
     function = library().tp_topk_f64 if delta.dtype == torch.float64 else library().tp_topk_f32
     status = function(
-        delta.data_ptr(), rows, size, keep.data_ptr(),
+        delta.data_ptr(), samples, size, keep.data_ptr(),
         _address(columns), _address(values), _address(output), scratch.data_ptr(),
         index_scratch.data_ptr(),
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"keep counts must be in [1, {size}], got {keep.tolist()}")
-    return output if masked else (columns, values)
+    if masked:
+        return output
+    rows = torch.repeat_interleave(torch.arange(samples), keep)  # (M,)
+    return rows, columns, values
 
 
 def linear_backward(
@@ -159,9 +171,7 @@ def linear_backward(
         ``(grad_input (B, in) or None, grad_weight (out, in) or None)``: k · in multiply-
         accumulates each; rows nobody kept are zero.
     """
-    x, weight = x.detach().contiguous(), weight.detach().contiguous()
-    value = value.detach().to(torch.float32).contiguous()
-    row_start, column = row_start.contiguous(), column.contiguous()
+    x, weight, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
     batch, inputs = x.shape
     outputs = weight.shape[0]
     grad_input = torch.empty(batch, inputs) if needs_input else None  # (B, in)
@@ -213,9 +223,7 @@ def conv_backward(
         ``(grad_input (B, Hp, Wp, C_in) or None, grad_weight (C_out, kh, kw, C_in / G) or
         None)``: (C_in / G) · kh · kw multiply-accumulates per kept entry each.
     """
-    x, weight = x.detach().contiguous(), weight.detach().contiguous()
-    value = value.detach().to(torch.float32).contiguous()
-    row_start, column = row_start.contiguous(), column.contiguous()
+    x, weight, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
     grad_input = torch.empty_like(x) if needs_input else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
     dims = torch.tensor(shape, dtype=torch.int64)

@@ -17,33 +17,30 @@
 
 /* Quickselect with a three-way partition (many equal scores stay linear): returns the value of
  * rank `index` (ascending) of a[0:n], reordering a. */
-#define DEFINE_KTH_SMALLEST(SUFFIX, T)                                                       \
-    static T kth_smallest_##SUFFIX(T *a, int64_t n, int64_t index) {                         \
-        int64_t low = 0, high = n - 1;                                                       \
-        while (low < high) {                                                                 \
-            int64_t mid = low + (high - low) / 2;                                            \
-            T x = a[low], y = a[mid], z = a[high]; /* median of three as the pivot */        \
-            T pivot = (x < y) ? ((y < z) ? y : ((x < z) ? z : x))                            \
-                              : ((x < z) ? x : ((y < z) ? z : y));                           \
-            int64_t lt = low, i = low, gt = high; /* [low,lt) < p, [lt,i) == p, (gt,high] > p */ \
-            while (i <= gt) {                                                                \
-                T v = a[i];                                                                  \
-                if (v < pivot) {                                                             \
-                    a[i] = a[lt], a[lt] = v, lt++, i++;                                      \
-                } else if (v > pivot) {                                                      \
-                    a[i] = a[gt], a[gt] = v, gt--;                                           \
-                } else {                                                                     \
-                    i++;                                                                     \
-                }                                                                            \
-            }                                                                                \
-            if (index < lt) high = lt - 1;                                                   \
-            else if (index > gt) low = gt + 1;                                               \
-            else return pivot;                                                               \
-        }                                                                                    \
-        return a[index];                                                                     \
+static double kth_smallest_f64(double *a, int64_t n, int64_t index) {
+    int64_t low = 0, high = n - 1;
+    while (low < high) {
+        int64_t mid = low + (high - low) / 2;
+        double x = a[low], y = a[mid], z = a[high]; /* median of three as the pivot */
+        double pivot = (x < y) ? ((y < z) ? y : ((x < z) ? z : x))
+                               : ((x < z) ? x : ((y < z) ? z : y));
+        int64_t lt = low, i = low, gt = high; /* [low,lt) < p, [lt,i) == p, (gt,high] > p */
+        while (i <= gt) {
+            double v = a[i];
+            if (v < pivot) {
+                a[i] = a[lt], a[lt] = v, lt++, i++;
+            } else if (v > pivot) {
+                a[i] = a[gt], a[gt] = v, gt--;
+            } else {
+                i++;
+            }
+        }
+        if (index < lt) high = lt - 1;
+        else if (index > gt) low = gt + 1;
+        else return pivot;
     }
-
-DEFINE_KTH_SMALLEST(f64, double)
+    return a[index];
+}
 
 /* The k-th largest of a[0:n] >= 0 (k in [1, n]), a unchanged. Float32: the largest bit pattern
  * t with at least k entries >= t (floats >= 0 order like their bit patterns), built bit by bit;
@@ -178,20 +175,17 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f))
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0))
 
-/* out[0:m] (+)= Σ_t value[t] · source[sample[t]][0:m] over `count` terms, four at a time so the
- * accumulator row is loaded and stored once per four terms. */
+/* out[0:m] = Σ_t value[t] · source[sample[t]][0:m] over `count` terms (zeros for none), four at
+ * a time after the first so the accumulator row is loaded and stored once per four terms. */
 static void accumulate_rows(float *restrict out, const float *restrict source, int64_t m,
-                            const int64_t *sample, const float *value, int64_t count, int add) {
-    if (!add) {
-        if (count == 0) {
-            memset(out, 0, (size_t)m * sizeof(float));
-            return;
-        }
-        const float *x = source + sample[0] * m;
-        float v = value[0];
-        for (int64_t i = 0; i < m; i++) out[i] = v * x[i];
-        sample++, value++, count--;
+                            const int64_t *sample, const float *value, int64_t count) {
+    if (count == 0) {
+        memset(out, 0, (size_t)m * sizeof(float));
+        return;
     }
+    const float *first = source + sample[0] * m;
+    for (int64_t i = 0; i < m; i++) out[i] = value[0] * first[i];
+    sample++, value++, count--;
     int64_t t = 0;
     for (; t + 4 <= count; t += 4) {
         const float *restrict x0 = source + sample[t] * m, *restrict x1 = source + sample[t + 1] * m;
@@ -240,7 +234,7 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
         for (int64_t j = 0; j < n; j++) {
             int64_t first = column_start[j], count = column_start[j + 1] - first;
             accumulate_rows(grad_weight + j * m, x, m, by_column_sample + first,
-                            by_column_value + first, count, 0);
+                            by_column_value + first, count);
         }
     if (grad_input) {
         memset(grad_input, 0, (size_t)(batch * m) * sizeof(float));
