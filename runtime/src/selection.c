@@ -7,18 +7,23 @@
  * compensation (Neumaier) so that it is as close to the exact sum as PyTorch's cascade sum.
  * Zeros change neither the sum nor the compensation (both stay as they are, bit for bit), so
  * tp_gather_nonzero_sum, which adds the non-zero magnitudes only, gets the same float. */
+/* One step of that sum: sum += value, with the rounding error kept in compensation. */
+#define TP_NEUMAIER_ADD(sum, compensation, value)                                           \
+    do {                                                                                    \
+        const float next = (sum) + (value);                                                 \
+        if ((sum) >= (value))                                                               \
+            (compensation) += ((sum) - next) + (value);                                     \
+        else                                                                                \
+            (compensation) += ((value) - next) + (sum);                                     \
+        (sum) = next;                                                                       \
+    } while (0)
 #define TP_NEUMAIER_SUM(magnitude)                                                          \
     do {                                                                                    \
         float sum = 0.0f, compensation = 0.0f;                                              \
         int32_t i;                                                                          \
         for (i = 0; i < n; i++) {                                                           \
             const float value = magnitude;                                                  \
-            const float next = sum + value;                                                 \
-            if (sum >= value)                                                               \
-                compensation += (sum - next) + value;                                       \
-            else                                                                            \
-                compensation += (value - next) + sum;                                       \
-            sum = next;                                                                     \
+            TP_NEUMAIER_ADD(sum, compensation, value);                                      \
         }                                                                                   \
         return sum + compensation;                                                          \
     } while (0)
@@ -83,8 +88,9 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
  * gather them and their indices (ascending, into kept, which tp_select_topk_gathered's filter
  * overwrites in place: it never writes ahead of what it reads). Returns their count. A zero
  * entry costs a load, a test and a branch; only the non-zero ones are stored. With `sum`, also
- * Y of the same entries (TP_NEUMAIER_SUM's arithmetic in the same order, zeros left out, which
- * add nothing to it), so that TinyProp takes Y and the selection's input from one pass. */
+ * Y of the same entries (TP_NEUMAIER_SUM's step, TP_NEUMAIER_ADD, in the same order, zeros left
+ * out, which add nothing to it), so that TinyProp takes Y and the selection's input from one
+ * pass. */
 #define TP_GATHER_NONZERO(index, with_sum)                                                  \
     do {                                                                                    \
         union {                                                                             \
@@ -99,14 +105,7 @@ static float kth_largest(float *a, int32_t n, int32_t k) {
             kept[nonzero] = (int32_t)(index);                                               \
             nonzero++;                                                                      \
             if (with_bias) bias_sum += delta[index];                                        \
-            if (with_sum) {                                                                 \
-                const float next = sum + value;                                             \
-                if (sum >= value)                                                           \
-                    compensation += (sum - next) + value;                                   \
-                else                                                                        \
-                    compensation += (value - next) + sum;                                   \
-                sum = next;                                                                 \
-            }                                                                               \
+            if (with_sum) TP_NEUMAIER_ADD(sum, compensation, value);                        \
         }                                                                                   \
     } while (0)
 /* over [from, to) */
