@@ -15,6 +15,13 @@ sample by sample, each step also run under full on the same state, reported as t
 sample of median ratio ("median_trained"). The model is first warmed up on a
 learnable synthetic task (see runtime/examples/bench_step.c).
 
+Then the project's HAR benchmark run (small suite, finetune, seed 0: BasicMotions, the pretrained
+weights, the on-device samples in the benchmark's order and batches) is replayed in the runtime
+(runtime/examples/bench_replay.c), every step measured under tinypropv2 and under full on the same
+state: the median trained and skipped step with the spread of the ratios ("run_trained",
+"run_skipped") and the whole run's instructions against full's ("run_total"), in the O3 and
+O3-scalar builds, at both settings.
+
 Besides the default settings (s_min 0.1, s_max 0.9, zeta 0.5, skip_threshold 0.5, the library's
 defaults), tinypropv2 is measured at the setting the project's HAR benchmark chose on its
 validation split (benchmarks/results/small-finetune/report.md: s_max 0.5, skip_threshold 0.5,
@@ -266,15 +273,165 @@ def median_trained(
     }
 
 
+# the replay of a real training run (bench_replay.c): tinypropv2's settings as -D flags
+REPLAY_SETTINGS = {
+    "tinypropv2": [],
+    "tinypropv2_chosen": ["-DREPLAY_S_MAX=0.5", "-DREPLAY_ZETA=1.0", "-DREPLAY_SKIP_THRESHOLD=0.5"],
+}
+REPLAY_BUILDS = ("O3", "O3-scalar")
+
+
+def export_har_run(out_dir: Path) -> dict:
+    """The project's HAR benchmark run for bench_replay.c: the ``small`` suite's ``finetune``
+    protocol, seed 0 (the pretrained weights, the on-device training samples, and the order and
+    batches in which ``tinyprop bench`` feeds them), exported to ``out_dir``."""
+    from tinyprop.bench import runner, suites, training
+
+    (spec,) = runner.plan_runs(
+        suites.get("small"), "finetune", str(out_dir), datasets=["har"],
+        policies=["tinypropv2"], seeds=[0], max_settings=1,
+    )  # fmt: skip
+    pool, _, splits, _, model = runner.prepare(spec)
+    model.load_state_dict(runner.pretrained_state(spec))
+    x, y = pool.x[splits.train], pool.y[splits.train]
+    plan = spec.plan
+    # the batches of runner.execute_run's train_policy call (seed spec.seed + 2000)
+    batches = [index for _, index in training.batches(len(y), plan.batch_size, plan.epochs,
+                                                      spec.seed + 2000)]  # fmt: skip
+    order = torch.cat(batches).tolist()
+    export_c(model, tinyprop.TinyPropConfig("tinypropv2"), out_dir, tuple(pool.input_shape),
+             OptimizerSpec("adam", plan.lr), batch_size=plan.batch_size,
+             samples=(x.numpy(), y.numpy()))  # fmt: skip
+    sizes = ", ".join(str(len(b)) for b in batches)
+    (out_dir / "replay_order.h").write_text(
+        "/* the order and batches of the training run (runtime_bench.py) */\n"
+        f"#define REPLAY_STEPS {len(order)}\n#define REPLAY_BATCHES {len(batches)}\n"
+        f"static const int32_t replay_order[{len(order)}] = {{{', '.join(map(str, order))}}};\n"
+        f"static const int32_t replay_batch_size[{len(batches)}] = {{{sizes}}};\n"
+    )
+    return {
+        "run": "small suite, finetune, seed 0",
+        "source": pool.source,
+        "train_samples": len(y),
+        "epochs": plan.epochs,
+        "batch_size": plan.batch_size,
+        "optimizer": f"adam lr {plan.lr}",
+        "steps": len(order),
+    }
+
+
+def replay(work: Path, build: str, label: str) -> list[tuple[int, int, list[int], int, int]]:
+    """Run bench_replay.c for one build and setting under callgrind.
+
+    Returns:
+        Per step: (step, trained, k per layer, tinypropv2 instructions, full instructions).
+    """
+    root = runtime_dir()
+    program = work / f"bench_replay_{build}_{label}"
+    sources = [str(root / "examples/bench_replay.c")]
+    sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
+    includes = ["-I", str(root / "include"), "-I", str(root / "src"), "-I", str(work)]
+    flags = [*BUILDS[build][0], *REPLAY_SETTINGS[label]]
+    command = ["gcc", "-std=c99", "-O3", "-g", *flags, *includes, *sources, "-lm",
+               "-o", str(program)]  # fmt: skip
+    subprocess.run(command, check=True)
+    prefix = work / f"callgrind.replay.{build}.{label}.out"
+    run = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+         f"--callgrind-out-file={prefix}", str(program)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    totals = callgrind_totals(prefix)
+    steps = []
+    for line in run.stdout.splitlines():
+        if line.startswith("step "):
+            parts = line.split()  # step <i> trained <t> keep <k...>
+            i = int(parts[1])
+            steps.append((i, int(parts[3]), [int(v) for v in parts[5:]],
+                          totals[f"v2_{i}"], totals[f"full_{i}"]))  # fmt: skip
+    if not steps:
+        raise RuntimeError(f"bench_replay printed no steps:\n{run.stdout}\n{run.stderr}")
+    return steps
+
+
+def replay_records(work: Path) -> list[dict]:
+    """Every step of the HAR benchmark's finetune run, replayed in the C runtime: per trained
+    step its ratio to a full step on the same state (the median step reported, with the
+    spread), per skipped step likewise, and the whole run's instructions against full's."""
+    run = export_har_run(work / "har-run")
+    records = []
+    for build in REPLAY_BUILDS:
+        for label in REPLAY_SETTINGS:
+            steps = replay(work / "har-run", build, label)
+            for case, chosen in (("run_trained", 1), ("run_skipped", 0)):
+                cases = sorted((v2 / full, i, keep, v2) for i, t, keep, v2, full in steps
+                               if t == chosen)  # fmt: skip
+                if not cases:
+                    continue
+                ratios = np.array([r for r, *_ in cases])
+                ratio, index, keep, instructions = cases[(len(cases) - 1) // 2]
+                records.append({
+                    "model": "har-cnn1d", "policy": "tinypropv2", "label": label,
+                    "settings": settings_of(label), "case": case,
+                    "instructions": instructions, "ratio_to_full": round(ratio, 4),
+                    "build": build, "ratio": None, "trained": chosen * len(cases),
+                    "samples": len(steps), "steps": len(cases), "keep": keep, "sample": index,
+                    "step_ratios": {
+                        "min": round(float(ratios.min()), 4),
+                        "median": round(ratio, 4),
+                        "p90": round(float(np.quantile(ratios, 0.9)), 4),
+                        "max": round(float(ratios.max()), 4),
+                        "share_at_most_0.5": round(float(np.mean(ratios <= 0.5)), 4),
+                    },
+                    "replayed_run": run,
+                })  # fmt: skip
+            v2_total = sum(v2 for *_, v2, _ in steps)
+            full_total = sum(full for *_, full in steps)
+            records.append({
+                "model": "har-cnn1d", "policy": "tinypropv2", "label": label,
+                "settings": settings_of(label), "case": "run_total",
+                "instructions": round(v2_total / len(steps)),
+                "ratio_to_full": round(v2_total / full_total, 4), "build": build,
+                "ratio": None, "trained": sum(t for _, t, *_ in steps), "samples": len(steps),
+                "keep": [], "replayed_run": run,
+            })  # fmt: skip
+    return records
+
+
 def print_table(records: list[dict]) -> None:
     print(f"\n{'model':<15} {'build':<13} {'label':<28} {'case':<14} {'instructions':>12} "
           f"{'x full':>7} {'+update':>11} {'x full':>6}  trained  k per layer")  # fmt: skip
     for r in records:
+        if "replayed_run" in r:
+            continue
         trained = f"{r['trained']}/{r['samples']}"
         print(f"{r['model']:<15} {r['build']:<13} {r['label']:<28} {r['case']:<14} "
               f"{r['instructions']:>12,} {r['ratio_to_full']:>7.3f} "
               f"{r['instructions_batch1']:>11,} {r['ratio_to_full_batch1']:>6.3f}  "
               f"{trained:>7}  {r['keep'] or ''}")  # fmt: skip
+    replayed = [r for r in records if "replayed_run" in r]
+    if replayed:
+        run = replayed[0]["replayed_run"]
+        print(
+            f"\nthe HAR benchmark's training run replayed step by step ({run['run']}, "
+            f"{run['source']}: {run['train_samples']} samples x {run['epochs']} epochs, "
+            f"batches of {run['batch_size']}); each step against full on the same state"
+        )
+        print(f"{'build':<10} {'label':<18} {'case':<12} {'steps':>6} {'median':>7} {'min':>6} "
+              f"{'p90':>6} {'max':>6} {'<=0.5':>6}  k per layer (median step)")  # fmt: skip
+        for r in replayed:
+            spread = r.get("step_ratios")
+            if spread is None:  # run_total: the whole run's ratio
+                print(
+                    f"{r['build']:<10} {r['label']:<18} {r['case']:<12} {r['samples']:>6} "
+                    f"{r['ratio_to_full']:>7.3f}  (trained {r['trained']} of the steps)"
+                )
+                continue
+            print(
+                f"{r['build']:<10} {r['label']:<18} {r['case']:<12} {r['steps']:>6} "
+                f"{spread['median']:>7.3f} {spread['min']:>6.3f} {spread['p90']:>6.3f} "
+                f"{spread['max']:>6.3f} {spread['share_at_most_0.5']:>6.0%}  {r['keep'] or ''}"
+            )
 
 
 def bench(out: Path) -> int:
@@ -285,6 +442,7 @@ def bench(out: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in BENCH_MODELS:
             records += measure(name, Path(tmp))
+        records += replay_records(Path(tmp))
     print_table(records)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")

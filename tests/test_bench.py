@@ -206,8 +206,8 @@ def test_validation_is_topped_up_from_outside_the_capped_pool():
 
     plan = suites.DatasetPlan(120, None, epochs=1, pretrain_epochs=1)
     spec = runner.RunSpec("t", "tiny-blobs", "full", {}, "finetune", 1, plan, min_val_samples=50)
-    pool, _, splits, _, _ = runner._prepare(spec)
-    plain, _, plain_splits, _, _ = runner._prepare(
+    pool, _, splits, _, _ = runner.prepare(spec)
+    plain, _, plain_splits, _, _ = runner.prepare(
         runner.RunSpec(**{**vars(spec), "min_val_samples": 0})
     )
     assert len(plain_splits.val) == 12 and len(splits.val) == 50
@@ -223,7 +223,7 @@ def test_validation_is_topped_up_from_outside_the_capped_pool():
     assert not any((inside == row).all(1).any() for row in extra)
     # no samples outside the pool: the pool's share only
     whole_plan = suites.DatasetPlan(None, None, epochs=1, pretrain_epochs=1)
-    _, _, uncapped, _, _ = runner._prepare(runner.RunSpec(**{**vars(spec), "plan": whole_plan}))
+    _, _, uncapped, _, _ = runner.prepare(runner.RunSpec(**{**vars(spec), "plan": whole_plan}))
     assert len(uncapped.val) == 24
 
 

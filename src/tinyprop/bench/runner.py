@@ -137,7 +137,7 @@ def plan_runs(
     return runs
 
 
-def _prepare(spec: RunSpec):
+def prepare(spec: RunSpec):
     """Load the data, cut the splits (the validation split topped up to ``min_val_samples``
     from training data outside the capped pool, when there is some), standardise the inputs if
     the plan says so (statistics of the pretraining part under finetune, of the training part
@@ -183,7 +183,7 @@ def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
     from tinyprop.data import cache_dir
 
     torch.set_num_threads(spec.threads)
-    pool, _, splits, model_dataset, model = _prepare(spec)
+    pool, _, splits, model_dataset, model = prepare(spec)
     reference = models.reference(model_dataset, spec.plan.variant)
     key = protocols.pretrain_key(
         spec.dataset, pool.source, reference.model_name, spec.plan, seed=spec.seed,
@@ -223,7 +223,7 @@ def execute_run(
     """
     start = time.perf_counter()
     torch.set_num_threads(spec.threads)
-    pool, test, splits, model_dataset, model = _prepare(spec)
+    pool, test, splits, model_dataset, model = prepare(spec)
     autoencoder = models.is_autoencoder(model_dataset)
     pretrained_metric = None
     if spec.protocol == "finetune":
