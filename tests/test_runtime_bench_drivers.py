@@ -1,8 +1,9 @@
-"""The instruction-count driver of the real-run replay (runtime/examples/bench_replay.c) builds
-and replays a training run faithfully: measuring every step under full on a copy of the state
-must leave the tinypropv2 run exactly as the Python library trains it (same trained samples,
-same k per layer). Built under AddressSanitizer and run natively: the callgrind requests are
-replaced by no-ops (valgrind is needed only by the benchmark itself)."""
+"""The instruction-count drivers of `make -C runtime bench`, built under AddressSanitizer and
+run natively (the callgrind requests replaced by no-ops; valgrind is needed only by the
+benchmark itself). The real-run replay (runtime/examples/bench_replay.c) must leave the
+tinypropv2 run exactly as the Python library trains it (same trained samples, same k per layer)
+while it measures every step under full on a copy of the state; the single-step driver
+(runtime/examples/bench_step.c) must find a trained and a skipped sample and measure its cases."""
 
 from __future__ import annotations
 
@@ -80,3 +81,37 @@ def test_replay_driver_follows_the_python_tinypropv2_run(tmp_path):
     assert 0 < sum(c_trained) < len(steps)  # both kinds of step occur
     assert c_trained == python_trained
     assert c_keep == python_keep
+
+
+def test_step_driver_finds_and_measures_its_cases(tmp_path):
+    torch.manual_seed(0)
+    shape = (6, 100)
+    net = models.build("har", input_shape=shape)
+    out = tmp_path / "har"
+    export_c(net, tinyprop.TinyPropConfig("tinypropv2"), out, shape, OptimizerSpec("adam", 0.003))
+    (tmp_path / "shim" / "valgrind").mkdir(parents=True)
+    (tmp_path / "shim" / "valgrind" / "callgrind.h").write_text(CALLGRIND_NO_OPS)
+    root = runtime_dir()
+    program = tmp_path / "bench_step"
+    # the benchmark's HAR warm-up (benchmarks/runtime_bench.py), a shorter run
+    flags = ["-DWARMUP_EPOCHS=2", "-DWARMUP_LR=0.05", "-DWARMUP_NOISE=1.0f", "-DMEAN_SAMPLES=16"]
+    build = subprocess.run(
+        ["gcc", "-std=c99", "-O1", "-g", *SANITIZE, "-Wall", "-Werror", *flags,
+         "-I", str(tmp_path / "shim"), "-I", str(root / "include"), "-I", str(root / "src"),
+         "-I", str(out), str(root / "examples" / "bench_step.c"),
+         *map(str, sorted((root / "src").glob("*.c"))), "-lm", "-o", str(program)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "found trained 1 skipped 1" in run.stdout
+    regions = {line.split()[1]: line.split() for line in run.stdout.splitlines()
+               if line.startswith("region ")}  # fmt: skip
+    for name in ("full_trained", "topk_trained", "tinypropv2_trained", "tinypropv2_skipped"):
+        assert name in regions
+    assert regions["full_trained"][3] == "1" and regions["tinypropv2_skipped"][3] == "0"
+    # full keeps every output entry; top-k 0.1 a tenth of each trainable layer's
+    full_keep = [int(v) for v in regions["full_trained"][10:]]
+    topk_keep = [int(v) for v in regions["topk_trained"][10:]]
+    assert topk_keep == [max(1, int(n * 0.1 + 0.5)) for n in full_keep]
