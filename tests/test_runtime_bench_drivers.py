@@ -19,11 +19,30 @@ from tinyprop.export import OptimizerSpec, export_c
 from tinyprop.export.runtime import runtime_dir
 
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-CALLGRIND_NO_OPS = """#define CALLGRIND_START_INSTRUMENTATION
-#define CALLGRIND_STOP_INSTRUMENTATION
-#define CALLGRIND_TOGGLE_COLLECT
+CALLGRIND_NO_OPS = """#define CALLGRIND_START_INSTRUMENTATION ((void)0)
+#define CALLGRIND_STOP_INSTRUMENTATION ((void)0)
+#define CALLGRIND_TOGGLE_COLLECT ((void)0)
 #define CALLGRIND_DUMP_STATS_AT(name) ((void)(name))
 """
+
+
+def build_driver(tmp_path, driver: str, model_dir, flags: list[str]):
+    """Build runtime/examples/<driver>.c against the export in ``model_dir`` under ASan, with
+    the callgrind requests as no-ops; returns the program's path."""
+    shim = tmp_path / "shim"
+    (shim / "valgrind").mkdir(parents=True, exist_ok=True)
+    (shim / "valgrind" / "callgrind.h").write_text(CALLGRIND_NO_OPS)
+    root = runtime_dir()
+    program = tmp_path / driver
+    build = subprocess.run(
+        ["gcc", "-std=c99", "-O1", "-g", *SANITIZE, "-Wall", "-Wextra", "-Werror", *flags,
+         "-I", str(shim), "-I", str(root / "include"), "-I", str(root / "src"),
+         "-I", str(model_dir), str(root / "examples" / f"{driver}.c"),
+         *map(str, sorted((root / "src").glob("*.c"))), "-lm", "-o", str(program)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    return program
 
 
 def test_replay_driver_follows_the_python_tinypropv2_run(tmp_path):
@@ -49,18 +68,7 @@ def test_replay_driver_follows_the_python_tinypropv2_run(tmp_path):
         f"static const int32_t replay_order[] = {{{', '.join(map(str, steps))}}};\n"
         f"static const int32_t replay_batch_size[] = {{{sizes}}};\n"
     )
-    (tmp_path / "shim" / "valgrind").mkdir(parents=True)
-    (tmp_path / "shim" / "valgrind" / "callgrind.h").write_text(CALLGRIND_NO_OPS)
-    root = runtime_dir()
-    program = tmp_path / "bench_replay"
-    build = subprocess.run(
-        ["gcc", "-std=c99", "-O1", "-g", *SANITIZE, "-Wall", "-Wextra", "-Werror",
-         "-I", str(tmp_path / "shim"), "-I", str(root / "include"), "-I", str(root / "src"),
-         "-I", str(out), str(root / "examples" / "bench_replay.c"),
-         *map(str, sorted((root / "src").glob("*.c"))), "-lm", "-o", str(program)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr
+    program = build_driver(tmp_path, "bench_replay", out, [])
     run = subprocess.run([str(program)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line.split() for line in run.stdout.splitlines() if line.startswith("step ")]
@@ -89,20 +97,9 @@ def test_step_driver_finds_and_measures_its_cases(tmp_path):
     net = models.build("har", input_shape=shape)
     out = tmp_path / "har"
     export_c(net, tinyprop.TinyPropConfig("tinypropv2"), out, shape, OptimizerSpec("adam", 0.003))
-    (tmp_path / "shim" / "valgrind").mkdir(parents=True)
-    (tmp_path / "shim" / "valgrind" / "callgrind.h").write_text(CALLGRIND_NO_OPS)
-    root = runtime_dir()
-    program = tmp_path / "bench_step"
     # the benchmark's HAR warm-up (benchmarks/runtime_bench.py), a shorter run
     flags = ["-DWARMUP_EPOCHS=2", "-DWARMUP_LR=0.05", "-DWARMUP_NOISE=1.0f", "-DMEAN_SAMPLES=16"]
-    build = subprocess.run(
-        ["gcc", "-std=c99", "-O1", "-g", *SANITIZE, "-Wall", "-Werror", *flags,
-         "-I", str(tmp_path / "shim"), "-I", str(root / "include"), "-I", str(root / "src"),
-         "-I", str(out), str(root / "examples" / "bench_step.c"),
-         *map(str, sorted((root / "src").glob("*.c"))), "-lm", "-o", str(program)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr
+    program = build_driver(tmp_path, "bench_step", out, flags)
     run = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "found trained 1 skipped 1" in run.stdout
