@@ -126,29 +126,42 @@ def callgrind_totals(prefix: Path) -> dict[str, int]:
     return totals
 
 
+def run_driver(
+    driver: str, model_dir: Path, program: Path, flags: list[str]
+) -> tuple[str, dict[str, int]]:
+    """Compile runtime/examples/<driver>.c against the export in ``model_dir`` (gcc -O3 and
+    ``flags``) into ``program`` and run it under callgrind.
+
+    Returns:
+        (the driver's standard output, instructions per dump name).
+    """
+    root = runtime_dir()
+    sources = [str(root / "examples" / f"{driver}.c")]
+    sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
+    includes = ["-I", str(root / "include"), "-I", str(root / "src"), "-I", str(model_dir)]
+    command = ["gcc", "-std=c99", "-O3", "-g", *flags, *includes, *sources, "-lm",
+               "-o", str(program)]  # fmt: skip
+    subprocess.run(command, check=True)
+    prefix = program.with_name(f"callgrind.{program.name}.out")
+    run = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+         f"--callgrind-out-file={prefix}", str(program)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return run.stdout, callgrind_totals(prefix)
+
+
 def run_build(name: str, work: Path, build: str) -> tuple[dict[str, int], dict[str, list]]:
     """Compile bench_step.c for one model and build, run it under callgrind.
 
     Returns:
         (instructions per dump name, the driver's ``region`` line split into words per name).
     """
-    root = runtime_dir()
-    program = work / name / f"bench_step_{build}"
-    sources = [str(root / "examples/bench_step.c")]
-    sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
-    includes = ["-I", str(root / "include"), "-I", str(root / "src"), "-I", str(work / name)]
     flags = [*BUILDS[build][0], *BENCH_MODELS[name][2], f"-DMEAN_SAMPLES={MEAN_SAMPLES}"]
-    command = ["gcc", "-std=c99", "-O3", "-g", *flags, *includes, *sources, "-lm",
-               "-o", str(program)]  # fmt: skip
-    subprocess.run(command, check=True)
-    prefix = work / name / f"callgrind.{build}.out"
-    run = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-         f"--callgrind-out-file={prefix}", str(program)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    stdout, totals = run_driver("bench_step", work / name, work / name / f"bench_step_{build}",
+                                flags)  # fmt: skip
     regions = {}
-    for line in run.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("region "):
             parts = line.split()
             regions[parts[1]] = parts
@@ -157,12 +170,11 @@ def run_build(name: str, work: Path, build: str) -> tuple[dict[str, int], dict[s
             regions[f"{parts[0]}_{parts[1]}"] = parts
         elif line.startswith(("found", "trained sample")):
             print(f"  {name} {build}: {line}")
-    totals = callgrind_totals(prefix)
     missing = [dump for *_, dump in CASES if dump not in totals] + (
         [] if "update" in totals else ["update"]
     )
     if missing:
-        raise RuntimeError(f"{name}: no callgrind dump for {missing}; driver said:\n{run.stdout}")
+        raise RuntimeError(f"{name}: no callgrind dump for {missing}; driver said:\n{stdout}")
     return totals, regions
 
 
@@ -326,31 +338,17 @@ def replay(work: Path, build: str, label: str) -> list[tuple[int, int, list[int]
     Returns:
         Per step: (step, trained, k per layer, tinypropv2 instructions, full instructions).
     """
-    root = runtime_dir()
-    program = work / f"bench_replay_{build}_{label}"
-    sources = [str(root / "examples/bench_replay.c")]
-    sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
-    includes = ["-I", str(root / "include"), "-I", str(root / "src"), "-I", str(work)]
     flags = [*BUILDS[build][0], *REPLAY_SETTINGS[label]]
-    command = ["gcc", "-std=c99", "-O3", "-g", *flags, *includes, *sources, "-lm",
-               "-o", str(program)]  # fmt: skip
-    subprocess.run(command, check=True)
-    prefix = work / f"callgrind.replay.{build}.{label}.out"
-    run = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-         f"--callgrind-out-file={prefix}", str(program)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    totals = callgrind_totals(prefix)
+    stdout, totals = run_driver("bench_replay", work, work / f"bench_replay_{build}_{label}", flags)
     steps = []
-    for line in run.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("step "):
             parts = line.split()  # step <i> trained <t> keep <k...>
             i = int(parts[1])
             steps.append((i, int(parts[3]), [int(v) for v in parts[5:]],
                           totals[f"v2_{i}"], totals[f"full_{i}"]))  # fmt: skip
     if not steps:
-        raise RuntimeError(f"bench_replay printed no steps:\n{run.stdout}\n{run.stderr}")
+        raise RuntimeError(f"bench_replay printed no steps:\n{stdout}")
     return steps
 
 
