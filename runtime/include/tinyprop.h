@@ -47,7 +47,7 @@ typedef enum {
     TP_ERR_SHAPE = -3,       /* layer shapes do not fit together */
     TP_ERR_ARENA = -4,       /* the arena is too small or not 4-byte aligned */
     TP_ERR_LABEL = -5,       /* a label outside [0, classes) */
-    TP_ERR_NONFINITE = -6,   /* a loss is NaN or infinite: nothing was updated */
+    TP_ERR_NONFINITE = -6,   /* a loss, input or logit is NaN or infinite: nothing changed */
     TP_ERR_STATE = -7,       /* the model was not initialised by tp_init */
     TP_ERR_UNSUPPORTED = -8  /* a layer or setting this runtime does not offer */
 } tp_status;
@@ -208,7 +208,8 @@ tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_co
 tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
                          tp_step_stats *stats, int32_t *keep, uint8_t *trained_mask);
 
-/* Forward one sample; writes class_count logits (optional) and the arg-max class (optional). */
+/* Forward one sample; writes class_count logits (optional) and the arg-max class (optional).
+ * TP_ERR_NONFINITE (nothing written) when an input value or a logit is NaN or infinite. */
 tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *predicted);
 
 /* Copy all parameters out, layer by layer (weight then bias), as in a PyTorch state_dict. */

@@ -12,7 +12,7 @@ const char *tp_status_string(tp_status status) {
     case TP_ERR_SHAPE: return "layer shapes do not fit together";
     case TP_ERR_ARENA: return "the arena is too small or not 4-byte aligned";
     case TP_ERR_LABEL: return "a label is outside [0, classes)";
-    case TP_ERR_NONFINITE: return "a loss is NaN or infinite; nothing was updated";
+    case TP_ERR_NONFINITE: return "a loss, input or logit is NaN or infinite; nothing changed";
     case TP_ERR_STATE: return "the model was not initialised by tp_init";
     case TP_ERR_UNSUPPORTED: return "a layer or setting this runtime does not offer";
     }

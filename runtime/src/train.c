@@ -204,8 +204,12 @@ tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *pr
     tp_status status;
     if (model == NULL || x == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    for (i = 0; i < model->input_size; i++) /* ReLU and max pooling would hide a NaN */
+        if (!isfinite(x[i])) return TP_ERR_NONFINITE;
     status = tp_forward_sample(model, x, &out);
     if (status != TP_OK) return status;
+    for (i = 0; i < model->class_count; i++) /* finite input, overflowing weights */
+        if (!isfinite(out[i])) return TP_ERR_NONFINITE;
     for (i = 1; i < model->class_count; i++)
         if (out[i] > out[best]) best = i;
     if (logits != NULL) memcpy(logits, out, (size_t)model->class_count * sizeof(float));

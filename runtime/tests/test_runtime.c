@@ -141,7 +141,7 @@ static void test_arguments_are_checked(void) {
     tp_step_stats stats;
     size_t bytes = 0;
     float x[16] = {0};
-    int32_t labels[1] = {0};
+    int32_t labels[1] = {0}, predicted = -1;
     static tp_model fresh;
     tp_layer_spec bad_layers[2] = {TP_CONV_SPEC(2, 3, 3, 1, 1, 0, 0, 1, NULL, NULL),
                                    TP_DENSE_SPEC(3, NULL, NULL)};
@@ -179,6 +179,14 @@ static void test_arguments_are_checked(void) {
     CHECK(tp_train_batch(&m.model, x, labels, 1, &stats, NULL, NULL) == TP_ERR_LABEL);
     CHECK(tp_read_parameters(&m.model, x, 3) == TP_ERR_ARGUMENT);
     CHECK(tp_predict(&m.model, NULL, NULL, NULL) == TP_ERR_NULL);
+    x[0] = 0.5f; /* the rest stays 0 */
+    predicted = -1;
+    CHECK(tp_predict(&m.model, x, NULL, &predicted) == TP_OK && predicted >= 0);
+    x[5] = NAN;
+    predicted = -1;
+    CHECK(tp_predict(&m.model, x, NULL, &predicted) == TP_ERR_NONFINITE && predicted == -1);
+    x[5] = -INFINITY;
+    CHECK(tp_predict(&m.model, x, NULL, &predicted) == TP_ERR_NONFINITE);
     CHECK(strcmp(tp_status_string(TP_ERR_ARENA), "ok") != 0);
     free(m.arena);
 }
