@@ -1,7 +1,8 @@
 """Native CPU kernels of the sparse backward: per-row top-k selection and the Linear backward.
 
 ``kernels.c`` is compiled with the system C compiler on first use (about a second) and cached
-in tinyprop's cache folder, keyed by the source, the flags and the machine; it is loaded with
+in tinyprop's cache folder, keyed by the source, the flags and the machine, verified by the
+SHA-256 recorded when it was built (:mod:`tinyprop.native.build`); it is loaded with
 ``ctypes``. Without a compiler, or with ``TINYPROP_NATIVE=0``, tinyprop uses its PyTorch/NumPy
 kernels instead: same kept entries, same gradients up to float rounding, slower.
 
@@ -14,20 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import subprocess
-import sysconfig
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC"]
+from tinyprop.native import build
+from tinyprop.native.build import FLAGS, SOURCE, _compiler  # noqa: F401 (public names)
 
 _pointer = ctypes.c_void_p
 _int64 = ctypes.c_int64
@@ -38,53 +32,15 @@ def enabled() -> bool:
     return os.environ.get("TINYPROP_NATIVE", "1") != "0"
 
 
-def _machine_key() -> str:
-    """What the compiled code depends on besides the source: compiler, flags, CPU."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                cpu += line
-    except OSError:
-        pass
-    return f"{_compiler()} {' '.join(FLAGS)} {platform.system()} {cpu}"
-
-
-def _compiler() -> str:
-    return os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, building them if needed; None if they cannot be built."""
+    """The compiled kernels, building them if needed; None (after one warning) if they cannot
+    be built and loaded (see :mod:`tinyprop.native.build`)."""
     if not enabled():
         return None
-    from tinyprop.data.cache import cache_dir  # the project's git-ignored cache folder
-
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + _machine_key().encode()).hexdigest()[:16]
-    folder = cache_dir() / "native"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"kernels-{digest}.so"
-    if not path.exists():
-        handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(handle)
-        command = [_compiler(), *FLAGS, str(SOURCE), "-o", temporary]
-        try:
-            subprocess.run(command, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as error:
-            os.unlink(temporary)
-            detail = getattr(error, "stderr", "") or str(error)
-            warnings.warn(
-                f"tinyprop: could not compile its native kernels ({' '.join(command)}: "
-                f"{detail.strip()[:300]}); using the slower PyTorch kernels. Install a C "
-                "compiler (e.g. gcc) or set TINYPROP_NATIVE=0 to silence this.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
-        os.replace(temporary, path)  # atomic: concurrent builders never load a partial file
-    lib = ctypes.CDLL(str(path))
+    lib = build.load()  # verified before it is loaded; rebuilt when it does not verify
+    if lib is None:
+        return None
     for name in ("tp_topk_f32", "tp_topk_f64"):
         getattr(lib, name).argtypes = [_pointer, _int64, _int64, _pointer] + [_pointer] * 5
         getattr(lib, name).restype = ctypes.c_int
