@@ -18,6 +18,7 @@ import numpy as np
 from torch import nn
 
 from tinyprop.config import TinyPropConfig
+from tinyprop.export import ownership
 from tinyprop.export.c_source import MAIN_C, MAKEFILE, model_header, samples_header
 from tinyprop.export.graph import (
     LayerSpec,
@@ -63,6 +64,16 @@ def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
     )
 
 
+def planned_files(samples: bool) -> list[str]:
+    """The files :func:`export_c` writes, relative to its output folder."""
+    names = ["tinyprop_model.h", "main.c", "Makefile"] + (["tinyprop_samples.h"] if samples else [])
+    source = runtime_dir()
+    for sub in ("include", "src"):
+        names += [f"runtime/{sub}/{path.name}" for path in sorted((source / sub).iterdir())
+                  if path.suffix in (".c", ".h")]  # fmt: skip
+    return names
+
+
 def export_c(
     model: nn.Module,
     config: TinyPropConfig,
@@ -73,6 +84,7 @@ def export_c(
     samples: tuple[np.ndarray, np.ndarray] | None = None,
     epochs: int = 1,
     model_name: str = "a PyTorch model",
+    force: bool = False,
 ) -> ExportResult:
     """Write C sources that train ``model`` with ``config`` in the C runtime.
 
@@ -90,13 +102,15 @@ def export_c(
         batch_size: samples per update in the example.
         samples: optional ``(x, y)`` to build into the example (``-DTP_EMBEDDED_SAMPLES``).
         epochs: passes over the built-in samples.
-        model_name: text for the header comment.
+        model_name: text for the header comment (escaped).
+        force: overwrite files in ``out_dir`` that an earlier export did not write.
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
         UnsupportedLayerError: naming the type and path of a layer the runtime cannot run.
+        FileExistsError: ``out_dir`` holds files export would overwrite and did not write.
     """
     if not isinstance(config, TinyPropConfig):
         raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
@@ -116,6 +130,7 @@ def export_c(
     layers = describe(model, shape)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ownership.refuse_foreign_files(out, planned_files(samples is not None), force)
     files = []
 
     def write(name: str, text: str) -> None:
@@ -144,6 +159,7 @@ def export_c(
             if path.suffix in (".c", ".h"):
                 shutil.copy(path, target / path.name)
                 files.append(target / path.name)
+    ownership.record_written(out, files)
     trainable = [x for x in layers if x.trainable]
     return ExportResult(
         out_dir=out,

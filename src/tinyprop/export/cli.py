@@ -1,8 +1,9 @@
 """``tinyprop export MODEL.pt --config POLICY --out DIR``: C sources for the runtime.
 
-MODEL.pt is either a whole pickled ``nn.Module`` (``torch.save(model)``; loading it runs
-pickle, so only export files you trust) or a ``state_dict`` together with ``--model DATASET``
-(the dataset's reference model from :mod:`tinyprop.models`).
+MODEL.pt is either a whole pickled ``nn.Sequential`` of plain ``torch.nn`` layers
+(``torch.save(model)``) or a ``state_dict`` together with ``--model DATASET`` (the dataset's
+reference model from :mod:`tinyprop.models`). Either is loaded with PyTorch's restricted
+unpickler (:mod:`tinyprop.export.loading`): nothing in the file is ever run.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from tinyprop.config import PRESETS, TinyPropConfig
 from tinyprop.export import export_c
 from tinyprop.export.graph import UnsupportedLayerError
+from tinyprop.export.loading import load_model_file
 from tinyprop.export.runtime import OptimizerSpec
 
 
@@ -65,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
         help="preset name, JSON file or inline JSON (default: tinypropv2)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite files in --out that an earlier export did not write (e.g. your Makefile)",
+    )
     p.add_argument("--model", help="dataset whose reference model MODEL.pt's state_dict is for")
     p.add_argument("--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
@@ -76,22 +82,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> tuple[nn.Module, tuple[int, ...] | None]:
-    if not args.model_file.is_file():
-        raise FileNotFoundError(f"model file {args.model_file} does not exist")
+    loaded = load_model_file(args.model_file)  # never runs code from the file
     if args.model:
         from tinyprop import models
 
         reference = models.reference(args.model)
         shape = args.input_shape or reference.input_shape
         model = models.build(args.model, input_shape=shape)
-        state = torch.load(args.model_file, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
+        if not isinstance(loaded, dict):
             raise ValueError(
                 f"{args.model_file} is not a state_dict; drop --model to load a module"
             )
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(loaded)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ValueError(
+                f"{args.model_file} does not fit the {args.model} reference model ({first_line})"
+            ) from None
         return model, shape
-    loaded = torch.load(args.model_file, map_location="cpu", weights_only=False)
     if not isinstance(loaded, nn.Module):
         raise ValueError(
             f"{args.model_file} holds a {type(loaded).__name__}, not an nn.Module; for a "
@@ -117,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             optimizer,
             args.batch_size,
             model_name=str(args.model_file),
+            force=args.force,
         )
-    except (UnsupportedLayerError, ValueError, FileNotFoundError, TypeError) as error:
+    except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
         print(f"tinyprop export: {error}")
         return 2
     print(f"wrote {len(result.files)} files to {result.out_dir}")

@@ -1,0 +1,111 @@
+"""Findings 3 and 6 of the fail-safe issue: ``tinyprop export`` ran code from MODEL.pt (loaded
+with weights_only=False), showed raw unpickler tracebacks, overwrote the user's own files in
+--out and wrote the model path verbatim into a C comment."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+from tinyprop import models
+from tinyprop.export import export_c
+from tinyprop.export.cli import main as export_main
+
+
+class RunsCode:
+    """A pickled object whose unpickling would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("tinyprop export:")]
+    assert len(lines) == 1, captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("with_model", [False, True], ids=["module", "state_dict"])
+def test_export_never_runs_code_from_the_model_file(tmp_path, capsys, with_model):
+    marker = tmp_path / "marker"
+    torch.save({"weight": RunsCode(marker)}, tmp_path / "evil.pt")
+    argv = [str(tmp_path / "evil.pt"), "--out", str(tmp_path / "out")]
+    assert export_main(argv + (["--model", "har"] if with_model else [])) == 2
+    assert not marker.exists()
+    assert "posix.system" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", "truncated"])
+def test_unreadable_model_file_gets_one_line(tmp_path, capsys, content):
+    path = tmp_path / "model.pt"
+    if content == "truncated":
+        torch.save(models.build("har"), path)
+        content = path.read_bytes()[:2000]
+    path.write_bytes(content)
+    assert export_main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a readable torch file" in _one_line_error(capsys)
+
+
+def test_tinyprop_layers_are_refused_with_what_to_do(tmp_path, capsys):
+    net = tinyprop.apply(models.build("har"), tinyprop.TinyPropConfig())
+    torch.save(net, tmp_path / "applied.pt")
+    assert export_main([str(tmp_path / "applied.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "state_dict" in _one_line_error(capsys)
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_export_refuses_to_overwrite_user_files(tmp_path, capsys):
+    torch.save(_mlp(), tmp_path / "mlp.pt")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "Makefile").write_text("# my own Makefile\n")
+    (out / "main.c").write_text("int main(void) { return 0; }\n")
+    argv = [str(tmp_path / "mlp.pt"), "--input-shape", "1,4,4", "--out", str(out)]
+    assert export_main(argv) == 2
+    assert "--force" in _one_line_error(capsys)
+    assert (out / "Makefile").read_text() == "# my own Makefile\n"
+    assert (out / "main.c").read_text() == "int main(void) { return 0; }\n"
+    assert not (out / "tinyprop_model.h").exists()  # nothing written at all
+    assert export_main(argv + ["--force"]) == 0
+    assert "my own" not in (out / "Makefile").read_text()
+    assert export_main(argv) == 0  # its own files, unchanged: exported again freely
+    (out / "main.c").write_text((out / "main.c").read_text() + "/* my change */\n")
+    assert export_main(argv) == 2
+    assert "main.c" in _one_line_error(capsys)
+
+
+def _code_outside_comments(header: str, tmp_path) -> str:
+    """The header with its comments removed by the C preprocessor."""
+    path = tmp_path / "header.h"
+    path.write_text(header)
+    command = ["gcc", "-fpreprocessed", "-dD", "-E", "-P", str(path)]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc")
+def test_paths_and_layer_names_cannot_inject_c(tmp_path, capsys):
+    folder = tmp_path / "evil*" / "\nint injected_by_path = 1;\n/*"
+    folder.mkdir(parents=True)
+    net = nn.Sequential()
+    net.add_module("a*/ int injected_by_name = 2; /*", nn.Flatten())
+    net.add_module("fc\n#define X 1", nn.Linear(16, 3))
+    torch.save(net, folder / "model.pt")
+    out = tmp_path / "out"
+    assert export_main([str(folder / "model.pt"), "--input-shape", "16", "--out", str(out)]) == 0
+    header = (out / "tinyprop_model.h").read_text()
+    code = _code_outside_comments(header, tmp_path)
+    assert "injected" not in code and "#define X" not in code
+    assert "injected_by_path" in header  # still shown, escaped, inside the comment
+    assert export_c(net, tinyprop.TinyPropConfig(), tmp_path / "api", input_shape=(16,))
