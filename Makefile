@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 
-.PHONY: demo test system-deps lint format bench bench-finetune bench-scratch speed clean
+.PHONY: demo test system-deps lint format bench bench-finetune bench-scratch speed fuzz-native clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -41,6 +41,10 @@ format: $(VENV)/.installed-test
 
 speed: $(VENV)/.installed
 	$(PY) benchmarks/speed.py
+
+# libFuzzer (clang, ASan + UBSan) on the native kernels for FUZZ_SECONDS (default 600).
+fuzz-native:
+	./benchmarks/fuzz_native.sh
 
 # The paper's evaluation, small suite, both protocols (hours on 2 cores; resumable).
 bench: bench-finetune bench-scratch

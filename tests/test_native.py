@@ -74,6 +74,79 @@ def test_native_selection_rejects_bad_keep():
         native.topk(torch.rand(2, 5), torch.tensor([0, 3]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("size", [16, 100_000])  # every entry a candidate / the sampled bound
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_topk_on_nan_or_inf_raises_naming_the_row(dtype, bad, size, masked):
+    """A row of δ holding NaN or ±Inf has no k largest entries: the kernel reports the row
+    (it used to write past its buffers on NaN: "double free or corruption")."""
+    delta = torch.rand(4, size, dtype=dtype) * (torch.rand(4, size) < 0.1)  # mostly zeros
+    delta[2, size // 3] = bad
+    delta[3, 0] = bad
+    with pytest.raises(FloatingPointError, match="row 2 of the output gradient δ"):
+        native.topk(delta, torch.full((4,), max(1, size // 50)), masked=masked)
+
+
+def test_select_topk_on_a_nan_column_raises_instead_of_corrupting_memory():
+    """The reproduction from the report: NaN in column 0 of zero rows, keep 1."""
+    scores = torch.zeros(4, 16)
+    scores[:, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="row 0 .* 1 NaN or infinite"):
+        select_topk(scores, torch.ones(4, dtype=torch.long))
+
+
+def test_native_topk_keeps_exactly_k_of_denormals_and_finite_extremes():
+    big = torch.finfo(torch.float32).max
+    delta = torch.tensor([[1e-45, -1e-45, 0.0, big, -big, 1e-40, 3e-41, 0.0]] * 3)
+    for k in range(1, 9):
+        keep = torch.full((3,), k)
+        rows, columns, values = native.topk(delta, keep)
+        assert torch.equal(columns, select_topk_torch(delta.abs(), keep)[1])
+        assert torch.equal(values, delta[rows, columns])
+
+
+def test_native_topk_rejects_mismatched_shapes_and_bad_keep_before_writing():
+    with pytest.raises(ValueError, match="keep \\(B,\\)"):
+        native.topk(torch.rand(3, 5), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="keep counts must be in"):
+        native.topk(torch.rand(2, 5), torch.tensor([5, -5]))  # Σ keep = 0: nothing written
+
+
+def test_native_backward_kernels_pass_nan_through_and_check_their_entries():
+    """NaN and ±Inf in x, weight or the kept δ only flow into the gradients they touch (the
+    training step's own check reports them); malformed kept entries are a ValueError."""
+    x, weight = torch.randn(3, 4), torch.randn(5, 4)
+    x[1, 2] = float("nan")
+    row_start, column = torch.tensor([0, 1, 1, 3]), torch.tensor([0, 2, 4])
+    value = torch.tensor([1.0, float("inf"), 0.5])
+    grad_input, grad_weight = native.linear_backward(
+        x, weight, row_start, column, value, True, True
+    )
+    assert torch.isfinite(grad_input[0]).all() and (grad_input[1] == 0).all()
+    assert not torch.isfinite(grad_input[2]).all()
+    assert torch.isfinite(grad_weight[[0, 1, 3]]).all() and not torch.isfinite(grad_weight[2]).all()
+    with pytest.raises(ValueError, match="kept entries must be"):
+        native.linear_backward(x, weight, row_start[:3], column, value, True, True)
+    with pytest.raises(ValueError, match="kept entries must be"):
+        native.linear_backward(x, weight, row_start, column[:2], value[:2], True, True)
+    with pytest.raises(ValueError, match="kept output indices"):
+        native.linear_backward(x, weight, row_start, column + 3, value, True, True)
+    images, kernels = torch.randn(1, 4, 4, 2), torch.randn(3, 3, 3, 2)
+    images[0, 1, 1, 0] = float("nan")
+    shape = (1, 4, 4, 2, 3, 3, 3, 2, 2, 1, 1, 1, 1, 1)
+    grad_input, grad_weight = native.conv_backward(
+        images, kernels, shape, torch.tensor([0, 1]), torch.tensor([5]), torch.ones(1),
+        True, True,
+    )  # fmt: skip
+    assert grad_weight.isnan().any() and torch.isfinite(grad_input).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        native.conv_backward(
+            images, kernels, (1, 4, 4, 2, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1),
+            torch.tensor([0, 1]), torch.tensor([5]), torch.ones(1), True, True,
+        )  # fmt: skip
+
+
 def test_native_linear_backward_equals_products_of_kept_entries():
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(6, 7, generator=generator), torch.randn(9, 7, generator=generator)
@@ -157,8 +230,9 @@ def test_batch_of_one_native_weight_gradient_has_k_rows(monkeypatch):
 
 
 def test_native_kernels_stay_in_bounds_under_sanitizers(tmp_path):
-    """tests/native/sanitize.c drives every kernel with random shapes and exactly-sized
-    buffers, built with AddressSanitizer and UBSan (and AVX2 where the CPU has it)."""
+    """tests/native/sanitize.c drives every kernel with random shapes, exactly-sized buffers
+    and any floats (NaN, ±Inf, denormals), built with AddressSanitizer and UBSan (and AVX2
+    where the CPU has it), and checks every top-k output and status against the rule."""
     binary = tmp_path / "sanitize"
     source = Path(__file__).with_name("native") / "sanitize.c"
     flags = ["-O1", "-g", "-std=c99", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]

@@ -1,8 +1,12 @@
 /* Random shapes through every native kernel, built with -fsanitize=address,undefined by
- * tests/test_native.py: no read or write outside the buffers the Python wrappers allocate. */
+ * tests/test_native.py: no read or write outside the buffers the Python wrappers allocate, on
+ * any float input (NaN, ±Inf and denormals included), and every top-k output is checked. */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+
+#include "check_topk.h"
 
 int tp_topk_f32(const float *, int64_t, int64_t, const int64_t *, int64_t *, float *, float *,
                 float *, int64_t *);
@@ -16,56 +20,89 @@ int tp_conv_backward_f32(const float *, const float *, const int64_t *, const in
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
-/* Exactly-sized buffers (plus the one slot the wrappers add), so the sanitizer sees overruns. */
+/* One entry of a row of the given kind: continuous, ties, mostly zeros, denormals, or
+ * continuous with NaN and ±Inf sprinkled in (rarely, so most such rows have one or none). */
+static float entry(int kind) {
+    switch (kind) {
+    case 1: return (float)(rand() % 3);
+    case 2: return rand() % 4 ? 0.0f : uniform();
+    case 3: return uniform() * 1e-40f;
+    case 4: {
+        int pick = rand() % 4000;
+        return pick == 0 ? NAN : pick == 1 ? INFINITY : pick == 2 ? -INFINITY : uniform();
+    }
+    default: return uniform();
+    }
+}
+
+/* Exactly-sized buffers, so the sanitizer sees overruns; checks the status (0, -1 for a bad
+ * keep, 1 + the first row holding NaN or ±Inf) and, when 0, every row's kept entries. */
 static int check_topk(int64_t rows, int64_t n) {
     float *delta = malloc(sizeof(float) * rows * n), *masked = malloc(sizeof(float) * rows * n);
     double *wide = malloc(sizeof(double) * rows * n), *wide_masked = malloc(sizeof(double) * rows * n);
     int64_t *keep = malloc(sizeof(int64_t) * rows), total = 0;
-    int kind = rand() % 3; /* continuous, ties, mostly zeros */
-    for (int64_t i = 0; i < rows * n; i++) {
-        float v = kind == 1 ? (float)(rand() % 3) : uniform();
-        delta[i] = (kind == 2 && rand() % 4) ? 0.0f : v;
-        wide[i] = delta[i];
-    }
+    int kind = rand() % 5, bad_keep = rand() % 50 == 0, expected = 0;
+    for (int64_t i = 0; i < rows * n; i++) wide[i] = delta[i] = entry(kind);
     for (int64_t r = 0; r < rows; r++) {
         int64_t most = rand() % 2 ? n : n / 8 + 1;
         keep[r] = 1 + rand() % (most < n ? most : n);
         total += keep[r];
+        if (!expected && !row_is_finite_f32(delta + r * n, n)) expected = (int)r + 1;
     }
-    int64_t *columns = malloc(sizeof(int64_t) * (total + 1)), *index = malloc(sizeof(int64_t) * n);
-    float *values = malloc(sizeof(float) * (total + 1)), *scratch = malloc(sizeof(float) * 2 * n);
-    double *wide_values = malloc(sizeof(double) * (total + 1));
+    if (bad_keep) { /* a keep out of range: rejected before anything is written */
+        int64_t r = rand() % rows;
+        total -= keep[r];
+        keep[r] = rand() % 2 ? 0 : -n;
+        expected = -1;
+    }
+    total = total > 0 ? total : 1;
+    int64_t *columns = malloc(sizeof(int64_t) * total), *index = malloc(sizeof(int64_t) * n);
+    float *values = malloc(sizeof(float) * total), *scratch = malloc(sizeof(float) * 2 * n);
+    double *wide_values = malloc(sizeof(double) * total);
     double *wide_scratch = malloc(sizeof(double) * 2 * n);
-    int status = tp_topk_f32(delta, rows, n, keep, columns, values, masked, scratch, index) |
-                 tp_topk_f64(wide, rows, n, keep, columns, wide_values, wide_masked, wide_scratch,
-                             index);
+    int64_t *wide_columns = malloc(sizeof(int64_t) * total);
+    int status = tp_topk_f32(delta, rows, n, keep, columns, values, masked, scratch, index);
+    int wide_status = tp_topk_f64(wide, rows, n, keep, wide_columns, wide_values, wide_masked,
+                                  wide_scratch, index);
+    int failed = status != expected || wide_status != expected;
+    for (int64_t r = 0, at = 0; !failed && status == 0 && r < rows; at += keep[r++]) {
+        failed |= !topk_row_is_valid_f32(delta + r * n, n, keep[r], columns + at, values + at,
+                                         masked + r * n);
+        failed |= !topk_row_is_valid_f64(wide + r * n, n, keep[r], wide_columns + at,
+                                         wide_values + at, wide_masked + r * n);
+    }
+    if (failed)
+        fprintf(stderr, "topk rows %lld n %lld kind %d: status %d / %d, expected %d\n",
+                (long long)rows, (long long)n, kind, status, wide_status, expected);
     free(delta), free(masked), free(wide), free(wide_masked), free(keep), free(columns);
     free(index), free(values), free(scratch), free(wide_values), free(wide_scratch);
-    return status;
+    free(wide_columns);
+    return failed;
 }
 
 /* Random kept entries: sample s keeps a random subset of its n outputs (maybe none). */
 static int64_t kept_entries(int64_t batch, int64_t n, int64_t *row_start, int64_t **column,
-                            float **value) {
+                            float **value, int kind) {
     *column = malloc(sizeof(int64_t) * (batch * n + 1));
     *value = malloc(sizeof(float) * (batch * n + 1));
     int64_t nnz = 0;
     row_start[0] = 0;
     for (int64_t s = 0; s < batch; s++) {
         for (int64_t j = 0; j < n; j++)
-            if (rand() % 5 == 0) (*column)[nnz] = j, (*value)[nnz++] = uniform();
+            if (rand() % 5 == 0) (*column)[nnz] = j, (*value)[nnz++] = entry(kind);
         row_start[s + 1] = nnz;
     }
     return nnz;
 }
 
 static int check_linear(int64_t batch, int64_t n, int64_t m) {
+    int kind = rand() % 5; /* NaN and ±Inf flow into the gradients, nothing else */
     float *x = malloc(sizeof(float) * batch * m), *weight = malloc(sizeof(float) * n * m);
-    for (int64_t i = 0; i < batch * m; i++) x[i] = uniform();
-    for (int64_t i = 0; i < n * m; i++) weight[i] = uniform();
+    for (int64_t i = 0; i < batch * m; i++) x[i] = entry(kind);
+    for (int64_t i = 0; i < n * m; i++) weight[i] = entry(kind);
     int64_t *row_start = malloc(sizeof(int64_t) * (batch + 1)), *column;
     float *value;
-    int64_t nnz = kept_entries(batch, n, row_start, &column, &value);
+    int64_t nnz = kept_entries(batch, n, row_start, &column, &value, kind);
     float *grad_weight = malloc(sizeof(float) * n * m), *grad_input = malloc(sizeof(float) * batch * m);
     int64_t *column_start = malloc(sizeof(int64_t) * (n + 1));
     int64_t *by_sample = malloc(sizeof(int64_t) * (nnz + 1));
@@ -79,6 +116,7 @@ static int check_linear(int64_t batch, int64_t n, int64_t m) {
 }
 
 static int check_conv(void) {
+    int kind = rand() % 5;
     int64_t groups = 1 + rand() % 3, cg = 1 + rand() % 3, per_group = 1 + rand() % 3;
     int64_t kh = 1 + rand() % 3, kw = 1 + rand() % 3, sh = 1 + rand() % 2, sw = 1 + rand() % 2;
     int64_t dh = 1 + rand() % 2, dw = 1 + rand() % 2, batch = 1 + rand() % 3;
@@ -88,11 +126,11 @@ static int check_conv(void) {
     int64_t shape[14] = {batch, in_h, in_w, cin, cout, kh, kw, out_h, out_w, sh, sw, dh, dw, groups};
     float *x = malloc(sizeof(float) * batch * in_h * in_w * cin);
     float *weight = malloc(sizeof(float) * cout * kh * kw * cg);
-    for (int64_t i = 0; i < batch * in_h * in_w * cin; i++) x[i] = uniform();
-    for (int64_t i = 0; i < cout * kh * kw * cg; i++) weight[i] = uniform();
+    for (int64_t i = 0; i < batch * in_h * in_w * cin; i++) x[i] = entry(kind);
+    for (int64_t i = 0; i < cout * kh * kw * cg; i++) weight[i] = entry(kind);
     int64_t *row_start = malloc(sizeof(int64_t) * (batch + 1)), *column;
     float *value;
-    kept_entries(batch, n, row_start, &column, &value);
+    kept_entries(batch, n, row_start, &column, &value, kind);
     float *grad_weight = malloc(sizeof(float) * cout * kh * kw * cg);
     float *grad_input = malloc(sizeof(float) * batch * in_h * in_w * cin);
     int status = tp_conv_backward_f32(x, weight, shape, row_start, column, value, grad_weight,

@@ -57,10 +57,24 @@ def _address(tensor: Tensor | None) -> int | None:
 
 
 def _kernel_inputs(x, weight, row_start, column, value) -> tuple[Tensor, ...]:
-    """The backward kernels' inputs as contiguous tensors they can read (value as float32)."""
+    """The backward kernels' inputs as contiguous tensors they can read (value as float32),
+    after checking that the kept entries (CSR) fit the batch: the kernels trust the sizes."""
     x, weight = x.detach().contiguous(), weight.detach().contiguous()
     value = value.detach().to(torch.float32).contiguous()
-    return x, weight, row_start.contiguous(), column.contiguous(), value
+    row_start = row_start.to(torch.int64).contiguous()
+    column = column.to(torch.int64).contiguous()
+    if (
+        row_start.shape != (x.shape[0] + 1,)
+        or column.dim() != 1
+        or value.shape != column.shape
+        or int(row_start[-1]) != column.numel()
+    ):
+        raise ValueError(
+            f"kept entries must be row_start ({x.shape[0] + 1},) ending at M with column and "
+            f"value (M,), got {tuple(row_start.shape)}, {tuple(column.shape)}, "
+            f"{tuple(value.shape)}"
+        )
+    return x, weight, row_start, column, value
 
 
 def can_select(delta: Tensor) -> bool:
@@ -80,9 +94,18 @@ def topk(
     ``delta`` (B, N), ``keep`` (B,) in [1, N]. Returns ``(rows, columns, values)``, three
     (Σ keep,) tensors row by row (the kept entries and δ there), or with ``masked`` the (B, N)
     tensor of δ at the kept entries and zeros elsewhere.
+
+    Raises:
+        ValueError: a keep count outside [1, N], or shapes that do not match.
+        FloatingPointError: a row of δ holds NaN or ±Inf (it has no k largest entries).
     """
     delta = delta.detach().contiguous()
     keep = keep.to(torch.int64).contiguous()
+    if delta.dim() != 2 or keep.shape != delta.shape[:1]:
+        raise ValueError(
+            f"topk needs delta (B, N) and keep (B,), got {tuple(delta.shape)} and "
+            f"{tuple(keep.shape)}"
+        )
     samples, size = delta.shape
     scratch = torch.empty(2 * size, dtype=delta.dtype)  # (2 N,)
     index_scratch = torch.empty(size, dtype=torch.int64)  # (N,)
@@ -90,21 +113,38 @@ def topk(
     if masked:
         output = torch.empty_like(delta)  # (B, N)
     else:
-        kept = int(keep.sum())  # M; the kernel may write one slot past it
-        columns = torch.empty(kept + 1, dtype=torch.int64)[:kept]  # (M,)
-        values = torch.empty(kept + 1, dtype=delta.dtype)[:kept]  # (M,)
+        kept = max(int(keep.sum()), 0)  # M (the kernel rejects bad keeps before writing)
+        columns = torch.empty(kept, dtype=torch.int64)  # (M,)
+        values = torch.empty(kept, dtype=delta.dtype)  # (M,)
     function = library().tp_topk_f64 if delta.dtype == torch.float64 else library().tp_topk_f32
     status = function(
         delta.data_ptr(), samples, size, keep.data_ptr(),
         _address(columns), _address(values), _address(output), scratch.data_ptr(),
         index_scratch.data_ptr(),
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"keep counts must be in [1, {size}], got {keep.tolist()}")
+    _check_selection(status, delta, keep)
     if masked:
         return output
     rows = torch.repeat_interleave(torch.arange(samples), keep)  # (M,)
     return rows, columns, values
+
+
+def _check_selection(status: int, delta: Tensor, keep: Tensor) -> None:
+    """Turn the top-k kernel's status into the error it stands for (0: nothing to say)."""
+    if status == 0:
+        return
+    if status == -1:
+        raise ValueError(f"keep counts must be in [1, {delta.shape[1]}], got {keep.tolist()}")
+    if status > 0:
+        row = status - 1
+        bad = int((~torch.isfinite(delta[row])).sum())
+        raise FloatingPointError(
+            f"row {row} of the output gradient δ ({delta.shape[0]} rows of {delta.shape[1]}) "
+            f"holds {bad} NaN or infinite entries, so it has no k largest entries to keep; "
+            "the loss or its gradient stopped being finite (check the learning rate, and "
+            "log / sqrt / division at 0 in the loss)"
+        )
+    raise RuntimeError(f"tinyprop's native top-k kernel failed (status {status}); please report")
 
 
 def linear_backward(
@@ -128,6 +168,8 @@ def linear_backward(
         accumulates each; rows nobody kept are zero.
     """
     x, weight, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
     batch, inputs = x.shape
     outputs = weight.shape[0]
     grad_input = torch.empty(batch, inputs) if needs_input else None  # (B, in)
@@ -180,6 +222,19 @@ def conv_backward(
         None)``: (C_in / G) · kh · kw multiply-accumulates per kept entry each.
     """
     x, weight, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
+    batch, in_h, in_w, channels_in, channels_out, kh, kw, out_h, out_w = shape[:9]
+    stride_h, stride_w, dilation_h, dilation_w, groups = shape[9:]
+    if (
+        x.shape != (batch, in_h, in_w, channels_in)
+        or groups < 1
+        or channels_in % groups
+        or channels_out % groups
+        or weight.shape != (channels_out, kh, kw, channels_in // groups)
+        or min(stride_h, stride_w, dilation_h, dilation_w, out_h, out_w) < 1
+        or (out_h - 1) * stride_h + (kh - 1) * dilation_h >= in_h
+        or (out_w - 1) * stride_w + (kw - 1) * dilation_w >= in_w
+    ):
+        raise ValueError(f"conv_backward: shape {shape} does not fit x {x.shape}, {weight.shape}")
     grad_input = torch.empty_like(x) if needs_input else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
     dims = torch.tensor(shape, dtype=torch.int64)

@@ -7,6 +7,8 @@
  *
  * Plain C99; every buffer is caller-owned (PyTorch tensors), nothing is allocated here.
  */
+#include <float.h>
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <math.h>
@@ -69,9 +71,10 @@ static double kth_largest_f64(const double *a, int64_t n, int64_t k, double *wor
     return kth_smallest_f64(work, n, n - k);
 }
 
-/* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound, ascending; returns
- * count. With AVX2, eight comparisons become one bit mask, so the loop costs per candidate, not
- * per entry (most entries are below the bound). */
+/* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound or NaN (unordered
+ * compares), ascending; returns count. Every NaN and ±Inf of the row is collected whatever the
+ * bound, so the caller finds them among the candidates. With AVX2, eight comparisons become one
+ * bit mask, so the loop costs per candidate, not per entry (most entries are below the bound). */
 static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *index,
                            float *magnitude) {
     int64_t count = 0, i = 0;
@@ -79,17 +82,17 @@ static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *in
     const __m256 sign = _mm256_set1_ps(-0.0f), limit = _mm256_set1_ps(bound);
     for (; i + 8 <= n; i += 8) {
         __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)); /* |row[i..i+8)| */
-        unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_GE_OQ));
+        unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_NLT_UQ));
         for (; mask; mask &= mask - 1) {
             int64_t at = i + __builtin_ctz(mask);
             index[count] = at, magnitude[count] = fabsf(row[at]), count++;
         }
     }
 #endif
-    for (; i < n; i++) {
+    for (; i < n; i++) { /* branch-free: count <= i < n, so the slot is always in bounds */
         float a = fabsf(row[i]);
         index[count] = i, magnitude[count] = a;
-        count += a >= bound;
+        count += !(a < bound);
     }
     return count;
 }
@@ -100,7 +103,7 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
     for (int64_t i = 0; i < n; i++) {
         double a = fabs(row[i]);
         index[count] = i, magnitude[count] = a;
-        count += a >= bound;
+        count += !(a < bound);
     }
     return count;
 }
@@ -108,8 +111,11 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
 /* Per row of delta (rows, n): keep the keep[r] entries of largest |δ|, ties to the lower index
  * (keep in [1, n]). Writes, each when not NULL: columns (Σ keep,) the kept indices row by row
  * in ascending order, values (Σ keep,) δ there, masked (rows, n) δ at the kept entries and 0
- * elsewhere; columns and values must have one writable slot past Σ keep. scratch (2 n,) of T,
- * index_scratch (n,). Returns 0, or -1 on a keep outside [1, n].
+ * elsewhere; never more than keep[r] entries per row. scratch (2 n,) of T, index_scratch (n,).
+ * Returns 0; -1 when a keep is outside [1, n] (checked before anything is written); 1 + r when
+ * row r holds a NaN or ±Inf (no k largest |δ| exist: the outputs of rows >= r are unspecified,
+ * nothing is written outside them); -2 if the kept entries did not add up to keep[r] (a broken
+ * invariant, never expected).
  *
  * Finding the k-th largest |δ| t: when k is small against n, a strided sample of 64 (256 for
  * long rows) entries gives a bound e a little below t (the sample's value of rank k · 64 / n
@@ -117,16 +123,17 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
  * one pass collects the candidates |δ| >= e, and the k-th largest is found among those few.
  * Every other entry is below e <= t, so t and its ties are among the candidates. If fewer than
  * k entries reach e (a bad sample), or k is large, the candidates are all non-zero |δ|. */
-#define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST)                                                \
+#define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST, LARGEST)                                       \
     int tp_topk_##SUFFIX(const T *delta, int64_t rows, int64_t n, const int64_t *keep,       \
                          int64_t *columns, T *values, T *masked, T *scratch,                 \
                          int64_t *index_scratch) {                                           \
         enum { SAMPLE = 64 };                                                                \
         T *magnitude = scratch, *work = scratch + n;                                         \
+        for (int64_t r = 0; r < rows; r++)                                                   \
+            if (keep[r] < 1 || keep[r] > n) return -1;                                       \
         for (int64_t r = 0; r < rows; r++) {                                                 \
             const T *row = delta + r * n;                                                    \
             int64_t k = keep[r], count = 0;                                                  \
-            if (k < 1 || k > n) return -1;                                                   \
             int64_t *index = index_scratch; /* the candidates, ascending */                  \
             if (n >= 4 * SAMPLE && 8 * k <= n) {                                             \
                 int64_t sample = n >= 16 * SAMPLE ? 4 * SAMPLE : SAMPLE;                     \
@@ -138,6 +145,8 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
             }                                                                                \
             if (count < k) /* no usable bound: every non-zero entry is a candidate */        \
                 count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                \
+            for (int64_t c = 0; c < count; c++) /* every NaN and ±Inf is a candidate */      \
+                if (!(magnitude[c] <= LARGEST)) return r < INT_MAX - 1 ? (int)r + 1 : INT_MAX; \
             T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */    \
             if (count >= k) {                                                                \
                 threshold = kth_largest_##SUFFIX(magnitude, count, k, work);                 \
@@ -145,35 +154,37 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
             int64_t room = k; /* ties at the threshold go to the lower index */              \
             for (int64_t c = 0; c < count; c++) room -= magnitude[c] > threshold;            \
             if (masked) memset(masked + r * n, 0, (size_t)n * sizeof(T));                    \
+            int64_t written = 0;                                                             \
             if (threshold == 0) { /* every non-zero entry, then the first zeros */           \
-                for (int64_t i = 0; i < n; i++) {                                            \
+                for (int64_t i = 0; i < n && written < k; i++) {                             \
                     if (row[i] != 0 || room-- > 0) {                                         \
-                        if (columns) *columns++ = i;                                         \
-                        if (values) *values++ = row[i];                                      \
+                        if (columns) columns[written] = i;                                   \
+                        if (values) values[written] = row[i];                                \
                         if (masked) masked[r * n + i] = row[i];                              \
+                        written++;                                                           \
                     }                                                                        \
                 }                                                                            \
-                continue;                                                                    \
+            } else {                                                                         \
+                for (int64_t c = 0; c < count && written < k; c++) {                         \
+                    T a = magnitude[c];                                                      \
+                    int64_t i = index[c], tie = a == threshold;                              \
+                    if (!((a > threshold) | (tie & (room > 0)))) continue;                   \
+                    room -= tie;                                                             \
+                    if (columns) columns[written] = i;                                       \
+                    if (values) values[written] = row[i];                                    \
+                    if (masked) masked[r * n + i] = row[i];                                  \
+                    written++;                                                               \
+                }                                                                            \
             }                                                                                \
-            int64_t written = 0; /* branch-free: write every candidate, advance if kept */   \
-            for (int64_t c = 0; c < count; c++) {                                            \
-                T a = magnitude[c];                                                          \
-                int64_t i = index[c], tie = a == threshold;                                  \
-                int64_t kept = (a > threshold) | (tie & (room > 0));                         \
-                room -= tie & kept;                                                          \
-                if (columns) columns[written] = i; /* one slot past the end is writable */   \
-                if (values) values[written] = row[i];                                        \
-                if (masked) masked[r * n + i] = kept ? row[i] : 0;                           \
-                written += kept;                                                             \
-            }                                                                                \
-            if (columns) columns += written;                                                 \
-            if (values) values += written;                                                   \
+            if (written != k) return -2;                                                     \
+            if (columns) columns += k;                                                       \
+            if (values) values += k;                                                         \
         }                                                                                    \
         return 0;                                                                            \
     }
 
-DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f))
-DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0))
+DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
+DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
 
 /* out[0:m] = Σ_t value[t] · source[sample[t]][0:m] over `count` terms (zeros for none), four at
  * a time after the first so the accumulator row is loaded and stored once per four terms. */
@@ -200,6 +211,14 @@ static void accumulate_rows(float *restrict out, const float *restrict source, i
     }
 }
 
+/* Whether row_start (batch + 1,) is a CSR offset array: starts at 0, never decreases. */
+static int valid_offsets(const int64_t *row_start, int64_t batch) {
+    if (row_start[0] != 0) return 0;
+    for (int64_t s = 0; s < batch; s++)
+        if (row_start[s + 1] < row_start[s]) return 0;
+    return 1;
+}
+
 /* Linear backward from the kept entries of δ, given by sample (CSR):
  *   row_start (batch + 1,), column (nnz,) output index j, value (nnz,) δ[s, j].
  * x (batch, m), weight (n, m). Writes (when not NULL):
@@ -207,12 +226,14 @@ static void accumulate_rows(float *restrict out, const float *restrict source, i
  *   grad_input (batch, m): row s = Σ_{j kept by s} δ[s, j] · weight[j]
  * The entries are regrouped by output (CSC) first, so each pass over j reads every weight row
  * (and writes every grad_weight row) once. Scratch: column_start (n + 1,), by_column_sample (nnz,), by_column_value (nnz,).
- * Returns 0, or -1 on an index out of range. */
+ * Returns 0, or -1 on an index out of range or offsets that decrease. Any float values
+ * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
 int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
                            int64_t m, const int64_t *row_start, const int64_t *column,
                            const float *value, float *grad_weight, float *grad_input,
                            int64_t *column_start, int64_t *by_column_sample,
                            float *by_column_value) {
+    if (!valid_offsets(row_start, batch)) return -1;
     int64_t nnz = row_start[batch];
     memset(column_start, 0, (size_t)(n + 1) * sizeof(int64_t));
     for (int64_t e = 0; e < nnz; e++) {
@@ -260,7 +281,8 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
  * so each kept entry costs cg · kh · kw multiply-accumulates per gradient, the inner loop over
  * cg contiguous in all three arrays. shape: {batch, in_h, in_w, channels_in, channels_out, kh,
  * kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
- * Returns 0, or -1 on an index out of range. */
+ * Returns 0, or -1 on an index out of range or offsets that decrease; float values, NaN and
+ * ±Inf included, only flow into the gradients. */
 int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
                          float *grad_weight, float *grad_input) {
@@ -270,6 +292,7 @@ int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *sha
     int64_t dilation_h = shape[11], dilation_w = shape[12], groups = shape[13];
     int64_t cg = channels_in / groups, per_group = channels_out / groups;
     int64_t positions = out_h * out_w, taps = kh * kw;
+    if (!valid_offsets(row_start, batch)) return -1;
     if (grad_weight) memset(grad_weight, 0, (size_t)(channels_out * taps * cg) * sizeof(float));
     if (grad_input)
         memset(grad_input, 0, (size_t)(batch * in_h * in_w * channels_in) * sizeof(float));
