@@ -18,7 +18,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(PY) pyproject.toml
-	$(PIP) install --quiet $(TORCH) -e ".[test,dev]"
+	$(PIP) install --quiet $(TORCH) -e ".[test,dev,docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -50,11 +50,11 @@ fuzz-native:
 bench: bench-finetune bench-scratch
 
 bench-finetune: $(VENV)/.installed-test system-deps
-	$(VENV)/bin/tinyprop bench --suite small --protocol finetune --ray local
+	$(VENV)/bin/tinyprop bench --suite small --protocol finetune --ray local --results benchmarks/results/small-finetune
 	$(VENV)/bin/tinyprop report benchmarks/results/small-finetune
 
 bench-scratch: $(VENV)/.installed-test system-deps
-	$(VENV)/bin/tinyprop bench --suite small --protocol scratch --ray local
+	$(VENV)/bin/tinyprop bench --suite small --protocol scratch --ray local --results benchmarks/results/small-scratch
 	$(VENV)/bin/tinyprop report benchmarks/results/small-scratch
 
 clean:

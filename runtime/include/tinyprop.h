@@ -6,7 +6,8 @@
  * dependency beyond libm: the caller gives one memory arena, whose size `tp_arena_bytes` tells
  * before anything runs. Every public function checks its arguments and returns a tp_status.
  *
- * Example (see runtime/examples/ for a complete program):
+ * Example (runtime/examples/train_example.c is a complete program; `tinyprop export` writes
+ * the model header it includes and copies it as main.c):
  *
  *     static const tp_layer_spec layers[] = {
  *         TP_FLATTEN_SPEC(),
@@ -21,7 +22,9 @@
  *     static float arena[ARENA_FLOATS];                          // >= bytes, 4-byte aligned
  *     static tp_model model;
  *     tp_init(&model, &spec, &policy, &sgd, arena, sizeof arena);
- *     tp_train_batch(&model, x, labels, batch, &stats, NULL);    // x: (B, C, H, W) float32
+ *     tp_step_stats stats;
+ *     tp_train_batch(&model, x, labels, batch, &stats, NULL, NULL);  // x: (B, C, H, W) float32
+ *     // the last two arguments, k per sample and layer and the trained mask, may be NULL
  *
  * Layout conventions follow PyTorch: activations are (C, H, W) channel-major; a dense weight
  * is [out, in]; a conv weight is [C_out, C_in / groups, kh, kw]. A Conv1d / pool1d is a 2-D one

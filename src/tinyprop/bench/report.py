@@ -340,6 +340,10 @@ def build_report(
     Example:
         >>> print(build_report("benchmarks/results/small-finetune"))  # doctest: +SKIP
     """
+    if plots:  # before anything is written: one clear line when matplotlib is missing
+        from tinyprop.extras import require
+
+        require("matplotlib", "bench", "pass --no-plots for the tables alone")
     records = store.read_records(folder)
     if not records:
         raise ValueError(f"no run records in {folder}: run `tinyprop bench` into it first")

@@ -43,7 +43,7 @@ class RunSpec:
     results: str = "."
     min_val_samples: int = 0
     data_dir: str | None = None
-    commit: str = "unknown"
+    commit: str | None = None
     threads: int = 1
 
     @property
@@ -74,7 +74,7 @@ def plan_runs(
     seeds: list[int] | None = None,
     max_settings: int | None = None,
     data_dir: str | None = None,
-    commit: str = "unknown",
+    commit: str | None = None,
     threads: int = 1,
 ) -> list[RunSpec]:
     """All runs of a suite (datasets x policies x settings x seeds), each config validated.
@@ -86,7 +86,7 @@ def plan_runs(
         datasets, policies, seeds: subsets (default: the suite's all).
         max_settings: keep only the first N settings of each policy's grid.
         data_dir: folder of the real datasets.
-        commit: code version written into every record.
+        commit: the checkout's commit written into every record (None outside a checkout).
         threads: torch threads per run.
 
     Returns:
@@ -280,6 +280,7 @@ def execute_run(
         "train_wall_s": result.wall_s,
         "wall_s": time.perf_counter() - start,
         "commit": spec.commit,
+        "tinyprop_version": tinyprop.__version__,
         "torch": torch.__version__,
     }
     if write:
@@ -323,8 +324,9 @@ def run_ray(runs: list[RunSpec], address: str | None = None) -> list[str]:
     Returns:
         Titles of failed runs.
     """
-    import ray
+    from tinyprop.extras import require
 
+    ray = require("ray", "bench", "drop --ray to run the runs one after another here")
     if not ray.is_initialized():
         if address in (None, "local"):
             ray.init(include_dashboard=False)
@@ -370,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the suite's)")
     parser.add_argument("--max-settings", type=int, help="first N settings of each policy only")
     parser.add_argument(
-        "--results", help="results folder (default benchmarks/results/SUITE-PROTOCOL)"
+        "--results",
+        help="results folder (default results/SUITE-PROTOCOL in the current folder; the "
+        "committed records are in benchmarks/results/)",
     )
     parser.add_argument("--ray", metavar="ADDRESS", help="run on Ray ('local' starts one here)")
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tinyprop bench``; returns the exit code."""
     args = build_parser().parse_args(argv)
     suite = suites.get(args.suite)
-    results = args.results or f"benchmarks/results/{suite.name}-{args.protocol}"
+    results = str(Path(args.results or f"results/{suite.name}-{args.protocol}").resolve())
     try:
         runs = plan_runs(
             suite, args.protocol, results, args.datasets, args.policies, args.seeds,

@@ -56,14 +56,21 @@ def read_records(folder: os.PathLike) -> list[dict]:
     return records
 
 
-def commit_hash() -> str:
-    """Short git hash of the source checkout, or ``"unknown"`` outside a git checkout."""
-    root = Path(__file__).resolve().parents[3]
+def commit_hash() -> str | None:
+    """Short git hash of the tinyprop checkout this code runs from, or None when it does not run
+    from one (an installed wheel, even one whose virtual environment sits inside some other git
+    repository: that repository's commit says nothing about this code)."""
+    package = Path(__file__).resolve().parents[1]  # .../src/tinyprop in a checkout
+    root = package.parents[1]
+    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return None
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        top = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
             capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+        ).stdout.split()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit or "unknown"
+        return None
+    if len(top) != 2 or Path(top[0]).resolve() != root:
+        return None
+    return top[1]

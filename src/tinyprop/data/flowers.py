@@ -29,6 +29,9 @@ def find_official(folder: Path) -> Path | None:
 
 def _read_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Named integer vectors from a MATLAB file, with a clear error if unreadable."""
+    from tinyprop.extras import require
+
+    require("scipy", "bench")  # MATLAB files need scipy.io
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 

@@ -84,6 +84,9 @@ def load_image(path: str | Path, resolution: int) -> np.ndarray:
         >>> load_image("jpg/image_00001.jpg", 64).shape  # doctest: +SKIP
         (3, 64, 64)
     """
+    from tinyprop.extras import require
+
+    require("PIL", "bench", "convert the images yourself")  # decoding JPEG/PNG needs Pillow
     from PIL import Image, UnidentifiedImageError
 
     try:

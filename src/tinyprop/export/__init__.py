@@ -19,7 +19,7 @@ from torch import nn
 
 from tinyprop.config import TinyPropConfig
 from tinyprop.export import ownership
-from tinyprop.export.c_source import MAIN_C, MAKEFILE, model_header, samples_header
+from tinyprop.export.c_source import MAKEFILE, model_header, samples_header
 from tinyprop.export.graph import (
     LayerSpec,
     UnsupportedLayerError,
@@ -89,7 +89,8 @@ def export_c(
     """Write C sources that train ``model`` with ``config`` in the C runtime.
 
     Files: ``tinyprop_model.h`` (shapes, exact float32 initial weights, policy, optimizer,
-    arena size), ``main.c`` (trains on samples from stdin, or built-in ones), ``Makefile``,
+    arena size), ``main.c`` (a copy of ``runtime/examples/train_example.c``: trains on samples
+    from stdin, or built-in ones), ``Makefile``,
     ``runtime/`` (the runtime's sources) and, when ``samples`` is given, ``tinyprop_samples.h``.
 
     Args:
@@ -139,7 +140,8 @@ def export_c(
         files.append(path)
 
     write("tinyprop_model.h", model_header(layers, config, optimizer, batch_size, model_name))
-    write("main.c", MAIN_C)
+    source = runtime_dir()
+    write("main.c", (source / "examples" / "train_example.c").read_text())
     write("Makefile", MAKEFILE)
     if samples is not None:
         x, y = (np.asarray(v) for v in samples)
@@ -151,7 +153,6 @@ def export_c(
         if y.min() < 0 or y.max() >= classes:
             raise ValueError(f"sample labels must lie in [0, {classes}), got {y.min()}..{y.max()}")
         write("tinyprop_samples.h", samples_header(x, y, epochs))
-    source = runtime_dir()
     for sub in ("include", "src"):
         target = out / "runtime" / sub
         target.mkdir(parents=True, exist_ok=True)

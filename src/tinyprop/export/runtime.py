@@ -45,14 +45,17 @@ STATUS = {
 
 
 def runtime_dir() -> Path:
-    """The ``runtime/`` folder of this source checkout (C headers and sources)."""
-    path = Path(__file__).resolve().parents[3] / "runtime"
-    if not (path / "include" / "tinyprop.h").is_file():
-        raise FileNotFoundError(
-            f"the C runtime sources are not at {path}; the exporter and the C bindings need a "
-            "source checkout of tinyprop (git clone, then pip install -e .)"
-        )
-    return path
+    """The C runtime's folder (``include/``, ``src/``, ``examples/train_example.c``): the copy
+    installed with the package (``tinyprop/_runtime`` in a wheel), else the ``runtime/`` folder
+    of the source checkout this module runs from (an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    for path in (package / "_runtime", package.parents[1] / "runtime"):
+        if (path / "include" / "tinyprop.h").is_file():
+            return path
+    raise FileNotFoundError(
+        f"the C runtime sources are neither in {package / '_runtime'} nor in a source checkout; "
+        "reinstall tinyprop (pip install tinyprop-*.whl, or pip install -e . in a clone)"
+    )
 
 
 def runtime_sources() -> list[Path]:
