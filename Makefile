@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 
-.PHONY: demo test system-deps lint format bench bench-finetune bench-scratch speed fuzz-native clean
+.PHONY: demo test docs system-deps lint format bench bench-finetune bench-scratch speed fuzz-native clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -27,17 +27,23 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test system-deps
 	$(PY) -m pytest
 
+# The documentation site (build/site): the results page and the README table are written from the
+# records first; any MkDocs warning fails the build. make test checks both (tests/test_docs.py).
+docs: $(VENV)/.installed-test
+	$(PY) scripts/results_page.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 # Debian packages the tests use (espeak-ng, flite, dataset-fashion-mnist); a no-op when present.
 system-deps:
 	./scripts/install-system-deps.sh
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 format: $(VENV)/.installed-test
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 
 speed: $(VENV)/.installed
 	$(PY) benchmarks/speed.py

@@ -1,6 +1,6 @@
 """TinyPropConfig: the settings of every sparse-backprop policy, validated, plus named presets.
 
-All five policies are settings of one code path (see ``spec/algorithm.md``):
+All five policies are settings of one code path (see ``docs/algorithm.md``):
 
 - ``full``: dense backprop, PyTorch's own backward (the 100% reference).
 - ``topk``: meProp, a fixed ratio of output gradients kept per layer and sample.
@@ -20,7 +20,7 @@ POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
 
 @dataclass(frozen=True)
 class TinyPropConfig:
-    """Settings of sparse backpropagation. Defaults follow ``spec/algorithm.md``.
+    """Settings of sparse backpropagation. Defaults follow ``docs/algorithm.md``.
 
     Args:
         policy: one of ``full``, ``topk``, ``randomk``, ``tinyprop``, ``tinypropv2``.
@@ -34,7 +34,7 @@ class TinyPropConfig:
         skip_threshold: τ, a sample is skipped when D < τ (``tinypropv2`` only).
         seed: seed of the random choice of ``randomk``.
         dense_output_layer: keep the output layer (d = 0) dense, as meProp's reference code
-            does; off by default (every layer sparse, as ``spec/algorithm.md`` defines).
+            does; off by default (every layer sparse, as ``docs/algorithm.md`` defines).
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)

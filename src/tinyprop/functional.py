@@ -1,7 +1,7 @@
 """Pure tensor functions of TinyProp: local error, running max, ratio, k, top-k, skip decision.
 
 Everything works on a batch of samples at once, in batch order, and matches the per-sample,
-sequential definition of ``spec/algorithm.md`` exactly (the running maximum is a cumulative max).
+sequential definition of ``docs/algorithm.md`` exactly (the running maximum is a cumulative max).
 """
 
 from __future__ import annotations

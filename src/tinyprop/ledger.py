@@ -1,4 +1,4 @@
-"""Exact multiply-accumulate (MAC) accounting of a training run (``spec/algorithm.md``).
+"""Exact multiply-accumulate (MAC) accounting of a training run (``docs/algorithm.md``).
 
 Per trainable layer l and sample, with N_l output elements, fan_in inputs per output and k_l
 kept entries:

@@ -5,6 +5,7 @@ Examples:
     tinyprop train --dataset mnist --policy tinypropv2 --epochs 3
     tinyprop train --dataset har --policy topk --ratio 0.1 --protocol finetune --seed 1
     tinyprop train --dataset cifar10 --policy tinyprop --zeta 1.0 --train-samples 5000
+    tinyprop train --dataset har --protocol finetune --save har.pt   # then tinyprop export
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--record", metavar="PATH", help="also write the run record as JSON")
+    parser.add_argument(
+        "--save",
+        metavar="MODEL.pt",
+        help="save the trained state_dict (then: tinyprop export MODEL.pt --model DATASET)",
+    )
     for name in CONFIG_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name,
                             help=f"TinyPropConfig.{name}")  # fmt: skip
@@ -89,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{models.summary(network, pool.input_shape)}")  # fmt: skip
     print(f"training {spec.title} ({args.protocol}, {plan.epochs} epochs, batch "
           f"{plan.batch_size}, lr {plan.lr}) ...")  # fmt: skip
-    record = runner.execute_run(spec, write=False)
+    record = runner.execute_run(spec, write=False, save_model=args.save)
+    if args.save:
+        print(f"saved the trained weights to {args.save}")
     if args.record:
         store.write_record(args.record, record)
     if record["pretrained_metric"] is not None:

@@ -83,7 +83,9 @@ def plan_runs(
         suite: the suite (sizes and settings grids).
         protocol: ``"scratch"`` or ``"finetune"``.
         results: folder of the records.
-        datasets, policies, seeds: subsets (default: the suite's all).
+        datasets: a subset of the suite's datasets (default: all).
+        policies: a subset of the suite's policies (default: all).
+        seeds: the seeds (default: the suite's).
         max_settings: keep only the first N settings of each policy's grid.
         data_dir: folder of the real datasets.
         commit: the checkout's commit written into every record (None outside a checkout).
@@ -209,7 +211,10 @@ def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
 
 
 def execute_run(
-    spec: RunSpec, pretrained: dict[str, torch.Tensor] | None = None, write: bool = True
+    spec: RunSpec,
+    pretrained: dict[str, torch.Tensor] | None = None,
+    write: bool = True,
+    save_model: str | None = None,
 ) -> dict:
     """Run one benchmark run and write its record.
 
@@ -217,6 +222,8 @@ def execute_run(
         spec: the run.
         pretrained: the pretrained weights (finetune); computed or loaded when None.
         write: write the record to ``spec.path``.
+        save_model: also save the trained model's ``state_dict`` to this path (plain PyTorch
+            keys, for ``tinyprop export --model DATASET``).
 
     Returns:
         The record (also written to ``spec.path``).
@@ -245,6 +252,8 @@ def execute_run(
         model, pool.x[splits.val], pool.y[splits.val], autoencoder
     )
     metric_name, metric = evaluate(model, test.x, test.y, autoencoder)
+    if save_model:
+        protocols.save_state(model.state_dict(), Path(save_model).resolve())
     record = {
         "dataset": spec.dataset,
         "source": pool.source,
