@@ -63,11 +63,12 @@ def test_nan_or_infinite_loss_applies_no_update(bad):
     [
         ("mlp", (4, 11), r"layer '0' \(Linear, in_features=12\)"),
         ("cnn", (4, 2, 8, 8), r"layer '0' \(Conv2d, in_channels=3\)"),
-        ("cnn", (3, 8, 8), "batched input"),
+        # an unbatched image goes through the convolutions (as in PyTorch), not the head
+        ("cnn", (3, 8, 8), r"layer '8' \(Linear, in_features=16\)"),
         (
             "conv1d",
             (4, 2, 4, 4),
-            r"Conv1d, in_channels=2\) expects batched input of shape \(batch, 2, L\)",
+            r"Conv1d, in_channels=2\) expects input of shape \(batch, 2, L\)",
         ),
     ],
 )
@@ -98,7 +99,9 @@ def test_model_without_supported_layers():
 
 def test_unsupported_trainable_module_is_named_in_a_warning():
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GRU(8, 8))
-    with pytest.warns(UserWarning, match=r"dense \(unsupported\): 2 \(GRU\)"):
+    with pytest.warns(
+        UserWarning, match=r"dense \(their backward is counted dense in the ledger\): 2 \(GRU\)"
+    ):
         tinyprop.apply(model)
     assert type(model[0]).__name__ == "TinyPropLinear"
 

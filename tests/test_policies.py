@@ -64,9 +64,25 @@ def test_train_step_keeps_k_by_the_formula(policy):
         assert model[0].error_max.item() == pytest.approx(previous_max)
 
 
-def test_depth_follows_layer_order():
-    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinyprop"))
-    assert [model[i].depth for i in (0, 2, 4)] == [2, 1, 0]
+class HeadRegisteredFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)  # registered first, called last
+        self.body = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_depth_follows_the_forward_order_not_the_registration_order():
+    config = tinyprop.TinyPropConfig(policy="tinyprop", s_min=1.0, s_max=1.0, zeta=0.5)
+    model = tinyprop.apply(HeadRegisteredFirst().double(), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    stats = tinyprop.train_step(model, x, y, LOSS, optimizer)
+    assert stats.keep["head"].tolist() == [3] * 4  # d = 0: ζ^0 · 3 outputs
+    assert stats.keep["body"].tolist() == [4] * 4  # d = 1: ζ^1 · 8 outputs
+    assert list(stats.keep) == ["body", "head"]  # forward order
 
 
 def adam_state(optimizer):

@@ -11,6 +11,7 @@ faster (see the *_DENSE_KERNEL_DENSITY limits below).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -18,7 +19,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tinyprop import native
-from tinyprop.patches import LinearPatches, take
+from tinyprop.functional import local_error, running_max, select_topk
+from tinyprop.patches import LinearPatches
+from tinyprop.state import BackwardRecord
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -58,12 +61,12 @@ def sparse_rows(
 
 
 class SparseBackprop(torch.autograd.Function):
-    """y = layer(x); backward keeps k output gradients per sample (see module docstring)."""
+    """y = layer(x); backward keeps k output gradients per row (see module docstring)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer, call) -> Tensor:
         ctx.layer, ctx.call = layer, call
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight)
         return layer.dense_forward(x, weight, bias)
 
@@ -71,55 +74,150 @@ class SparseBackprop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         x, weight = ctx.saved_tensors
-        layer = ctx.layer
+        layer, call = ctx.layer, ctx.call
+        state = layer.tinyprop_state
+        step, policy = state.step, state.policy
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        geometry = ctx.call.geometry  # computed once, in the forward
+        geometry = call.geometry  # computed once, in the forward
+        compute = compute_dtype(x.dtype, weight.dtype)  # float16 / bfloat16 -> float32
+        x, weight = x.to(compute), weight.to(compute)
 
-        rows = layer.tinyprop_state.trained_rows(x.shape[0], x.device)  # (B',)
-        delta = take(geometry.delta_matrix(grad_output), rows)  # (B', C_out, P)
-        flat = delta.reshape(rows.numel(), -1)  # (B', N)
-        keep = layer.keep_count(flat)  # (B',)
-        ctx.call.keep = keep
-        ctx.call.computes_input_grad = bool(needs_input)
-        grad_bias = delta.sum((0, 2)) if ctx.has_bias and needs_bias else None  # (C_out,), dense
-        if not (needs_input or needs_weight):
-            return None, None, grad_bias, None, None
-        if layer.keeps_everything:  # a dense output layer: no selection
-            ctx.call.selected = False
-            grad_input, grad_weight = geometry.dense_gradients(
-                x, weight, rows, flat, needs_input, needs_weight
+        delta = geometry.delta_matrix(grad_output).to(compute)  # (R, C_out, P)
+        flat = delta.reshape(delta.shape[0], -1)  # (R, N)
+        size = flat.shape[1]
+        unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
+        error = local_error(flat).double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
+        check_finite(error, layer.layer_name, step)
+        rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
+        if rows.numel() < flat.shape[0]:
+            delta, flat, error = delta[rows], flat[rows], error[rows]
+        previous = step.error_max(layer) if step is not None else layer.error_max.double()
+        error_max = running_max(error, previous)  # (R',) Ymax_l after each row
+        keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
+        keeps_everything = call.depth == 0 and policy.config.dense_output_layer
+        if keeps_everything:
+            keep = torch.full_like(keep, size)
+        backward_step = _count_backward(layer, step)
+        if policy.adaptive and rows.numel():
+            _set_error_max(layer, step, error_max[-1])
+        if step is not None:
+            trained_rows = 0 if keeps_everything else rows.numel()
+            kept = 0 if keeps_everything else int(keep.sum())
+            step.add(
+                BackwardRecord(
+                    call=call,
+                    keep=keep,
+                    selected=not keeps_everything,
+                    computes_input_grad=bool(needs_input),
+                    selection_macs=policy.selection_macs(trained_rows, size, kept),
+                )
             )
-            return grad_input, grad_weight, grad_bias, None, None
 
-        is_linear = isinstance(geometry, LinearPatches)
-        use_native = native.can_backward(x, weight) and (
-            x.dim() == 2 if is_linear else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN
-        )
-        if use_native:  # the native kernels run on one thread; PyTorch's dense ones on all
-            limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
-            limit /= torch.get_num_threads()
-        else:
-            limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
-        if float(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
-            masked = layer.select(flat, keep, masked=True)  # (B', N)
-            grad_input, grad_weight = geometry.dense_gradients(
-                x, weight, rows, masked, needs_input, needs_weight
-            )
-            return grad_input, grad_weight, grad_bias, None, None
-
-        local_row, entry, value = layer.select(flat, keep)  # (M,) each
-        if use_native:
-            row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (B + 1,) CSR
-            row_start[rows.cpu() + 1] = keep.cpu()  # skipped samples keep nothing
-            grad_input, grad_weight = geometry.native_gradients(
-                x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
-            )
-            return grad_input, grad_weight, grad_bias, None, None
-
-        grad_input, grad_weight = pytorch_sparse_gradients(
-            geometry, x, weight, rows, local_row, entry, value, needs_input, needs_weight
-        )
+        grad_bias = None
+        if ctx.bias_dtype is not None and needs_bias:
+            grad_bias = delta.sum((0, 2)).to(ctx.bias_dtype)  # (C_out,), dense
+        grad_input, grad_weight = _gradients(
+            layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything,
+            backward_step, needs_input, needs_weight,
+        )  # fmt: skip
+        if grad_input is not None:
+            grad_input = grad_input.to(ctx.saved_tensors[0].dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.saved_tensors[1].dtype)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def _gradients(
+    layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything, backward_step,
+    needs_input, needs_weight,
+):  # fmt: skip
+    """Input and weight gradients of the rows ``rows`` (R',) from their kept entries."""
+    if not (needs_input or needs_weight):
+        return None, None
+    if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
+        grad_input = torch.zeros_like(x) if needs_input else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        return grad_input, grad_weight
+    if keeps_everything:  # a dense output layer: no selection
+        return geometry.dense_gradients(x, weight, rows, flat, needs_input, needs_weight)
+
+    is_linear = isinstance(geometry, LinearPatches)
+    use_native = native.can_backward(x, weight) and (
+        x.dim() == 2 if is_linear else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN
+    )
+    if use_native:  # the native kernels run on one thread; PyTorch's dense ones on all
+        limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
+        limit /= torch.get_num_threads()
+    else:
+        limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
+    select = functools.partial(_select, policy, layer.layer_index, backward_step)
+    if float(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
+        masked = select(flat, keep, masked=True)  # (R', N)
+        return geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight)
+
+    local_row, entry, value = select(flat, keep)  # (M,) each
+    if use_native:
+        row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
+        row_start[rows.cpu() + 1] = keep.cpu()  # zero rows keep nothing
+        return geometry.native_gradients(
+            x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
+        )
+    return pytorch_sparse_gradients(
+        geometry, x, weight, rows, local_row, entry, value, needs_input, needs_weight
+    )
+
+
+def _select(policy, layer_index: int, backward_step: int, flat: Tensor, keep: Tensor,
+            masked: bool = False):  # fmt: skip
+    """The kept entries of δ (R', N): top-|δ| for every policy but random-k.
+
+    Returns ``(rows, columns, values)``, three (M,) tensors in row-major order, or with
+    ``masked`` the (R', N) tensor of δ at the kept entries and zeros elsewhere.
+    """
+    if not policy.random and native.can_select(flat):  # one compiled pass
+        return native.topk(flat, keep, masked=masked)
+    scores = policy.scores(flat, layer_index, backward_step)  # (R', N)
+    rows, columns = select_topk(scores, keep)  # (M,), (M,)
+    values = flat[rows, columns]  # (M,)
+    if masked:
+        return torch.zeros_like(flat).index_put_((rows, columns), values)
+    return rows, columns, values
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the sparse backward computes in: the widest input, at least float32."""
+    widest = functools.reduce(torch.promote_types, dtypes)
+    return torch.promote_types(widest, torch.float32)
+
+
+def check_finite(error: Tensor, layer_name: str, step) -> None:
+    """A clear error, before anything is updated, when a row's δ holds NaN or inf."""
+    finite = torch.isfinite(error)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    if step is not None:
+        step.failed = True
+    raise FloatingPointError(
+        f"the output gradient of layer '{layer_name}' is NaN or infinite in rows {bad[:10]} "
+        "(rows of that layer's input); no update was applied. A loss can be finite while its "
+        "gradient is not (e.g. sqrt or log at 0): check the loss and the inputs."
+    )
+
+
+def _count_backward(layer, step) -> int:
+    """The layer's backward-pass number (seeds random-k), counted in the step or the buffer."""
+    if step is not None:
+        return step.next_backward_step(layer)
+    layer.backward_steps += 1
+    return int(layer.backward_steps)
+
+
+def _set_error_max(layer, step, value: Tensor) -> None:
+    if step is not None:
+        step.set_error_max(layer, value)
+    else:
+        layer.error_max.fill_(float(value))
 
 
 def pytorch_sparse_gradients(

@@ -1,67 +1,47 @@
-"""Sparse-backprop versions of nn.Linear / nn.Conv1d / nn.Conv2d and their per-layer state.
+"""Which modules get sparse backprop, and the sparse class each one is turned into.
 
-``apply`` turns a supported module into its sparse-backprop class in place (as
-``torch.nn.utils.parametrize`` does), so the module keeps its parameters, its name and its
-``state_dict`` keys; it gains two buffers:
+``apply`` turns a supported module into a subclass of its own class with the sparse forward
+(as ``torch.nn.utils.parametrize`` does), so the module keeps its parameters, its name, its
+``state_dict`` keys and every method it had; it gains two buffers:
 
 - ``error_max``: Ymax_l, the running maximum of the layer's local error (TinyProp);
 - ``backward_steps``: how many backward passes the layer has done (seeds random-k).
 
-``remove`` restores the original class and drops both buffers.
+Supported: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (any stride, padding, dilation, groups)
+and their subclasses that keep the parent's ``forward`` (e.g. the ``out_proj`` of
+``nn.MultiheadAttention``), plus any module registered with :func:`register_linear` (e.g.
+transformers' GPT-2 ``Conv1D``). ``remove`` restores the original class and drops both buffers.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyprop import native
 from tinyprop.autograd import SparseBackprop
-from tinyprop.config import TinyPropConfig
-from tinyprop.functional import (
-    adaptive_keep_count,
-    keep_count,
-    local_error,
-    running_max,
-    select_topk,
-)
 from tinyprop.patches import patches_for
+from tinyprop.state import ForwardPass, TinyPropState
+
+# user-registered linear-like classes -> whether their weight is stored (in, out)
+_REGISTERED_LINEAR: dict[type, bool] = {}
 
 
-@dataclass
-class LayerCall:
-    """What one forward call of a layer needs for the compute ledger."""
+def register_linear(module_class: type, transposed: bool = False) -> None:
+    """Let :func:`tinyprop.apply` give ``module_class`` sparse backprop as a linear layer.
 
-    layer: nn.Module
-    output_size: int  # N_l: output elements per sample
-    fan_in: int  # in_features, or C_in / groups · kh · kw
-    has_bias: bool
-    weight_trainable: bool
-    input_size: int  # input elements per sample (the previous activation's derivative)
-    computes_input_grad: bool
-    keep: Tensor | None = None  # (trained,) k per trained sample, set by the backward
-    selected: bool = True  # False when the layer kept everything without a selection
-    geometry: object = None  # the layer's patch geometry for this input shape (patches.py)
+    The class must hold a 2-D ``weight`` and a ``bias`` (or ``None``) and compute
+    ``y = x @ weight.T + bias`` on inputs (..., in), or ``y = x @ weight + bias`` with
+    ``transposed=True`` (weight stored (in, out), as transformers' GPT-2 ``Conv1D``). Its
+    ``forward`` is replaced by the sparse one while tinyprop is applied.
 
-
-@dataclass
-class TinyPropState:
-    """State shared by the layers of one model: config, layer order and the current step."""
-
-    config: TinyPropConfig
-    layers: list[tuple[str, nn.Module]] = field(default_factory=list)
-    collecting: bool = False  # record LayerCalls (inside train_step only)
-    calls: list[LayerCall] = field(default_factory=list)
-    rows: Tensor | None = None  # indices of the trained samples of the current step
-
-    def trained_rows(self, batch_size: int, device: torch.device) -> Tensor:
-        """Indices of the samples the backward must process (all, outside train_step)."""
-        if self.rows is None:
-            return torch.arange(batch_size, device=device)
-        return self.rows.to(device)
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> tinyprop.register_linear(Conv1D, transposed=True)
+    """
+    if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
+        raise TypeError(f"register_linear expects an nn.Module subclass, got {module_class!r}")
+    _REGISTERED_LINEAR[module_class] = bool(transposed)
 
 
 class SparseBackpropLayer:
@@ -69,133 +49,176 @@ class SparseBackpropLayer:
 
     tinyprop_state: TinyPropState
     layer_name: str
-    layer_index: int  # l - 1, in forward (registration) order
-    depth: int  # d_l = L - l, 0 for the output layer
+    layer_index: int  # registration order (seeds random-k; depth fallback)
+    registration_depth: int  # L - l by registration, used only outside a root forward
+    unbatched_dims: int  # input dims of one unbatched sample
 
     def check_input(self, x: Tensor) -> None:
         raise NotImplementedError
+
+    def sparse_weight(self) -> Tensor:
+        """The weight as the sparse backward sees it: (out, in) or (C_out, C_in / G, ...)."""
+        return self.weight
 
     def dense_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == self.unbatched_dims:  # one unbatched sample
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         self.check_input(x)
         state = self.tinyprop_state
-        call = None
-        if state.collecting:
-            call = self.describe_call(x)
-            state.calls.append(call)
-        dense = state.config.policy == "full" or not torch.is_grad_enabled()
-        if dense or not (x.requires_grad or self.weight.requires_grad):
-            return self.dense_forward(x, self.weight, self.bias)
-        if call is None:
-            call = self.describe_call(x)
-        return SparseBackprop.apply(x, self.weight, self.bias, self, call)
+        weight = self.sparse_weight()
+        trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if not trains or not state.policy.sparse:
+            if trains:
+                self._record(x, weight)  # full policy: the ledger still counts the call
+            return self.dense_forward(x, weight, self.bias)
+        call = self._record(x, weight)
+        return SparseBackprop.apply(x, weight, self.bias, self, call)
 
-    def describe_call(self, x: Tensor) -> LayerCall:
-        geometry = patches_for(self, x.shape)
-        return LayerCall(
-            layer=self,
+    def _record(self, x: Tensor, weight: Tensor):
+        state = self.tinyprop_state
+        geometry = patches_for(self, x.shape, weight.shape)
+        fields = dict(
+            layer_name=self.layer_name,
+            layer_index=self.layer_index,
+            rows=x.shape[0],
             output_size=geometry.channels_out * geometry.positions,
             fan_in=geometry.fan_in,
-            has_bias=self.bias is not None,
-            weight_trainable=self.weight.requires_grad,
             input_size=x[0].numel(),
-            computes_input_grad=x.requires_grad,
+            has_bias=self.bias is not None,
+            weight_trainable=weight.requires_grad,
+            input_requires_grad=x.requires_grad,
             geometry=geometry,
         )
-
-    def keep_count(self, delta: Tensor) -> Tensor:
-        """k per sample for the policy. ``delta`` (B', N) -> (B',) long."""
-        config = self.tinyprop_state.config
-        samples, size = delta.shape
-        if self.keeps_everything:
-            return torch.full((samples,), size, dtype=torch.long, device=delta.device)
-        if not config.adaptive:
-            return keep_count(config.ratio, size).expand(samples).to(delta.device)
-        error = local_error(delta)  # (B',) Y_l
-        error_max = running_max(error, self.error_max.to(error.dtype))  # (B',) Ymax_l
-        if samples:
-            self.error_max.fill_(float(error_max[-1]))
-        return adaptive_keep_count(
-            error, error_max, config.s_min, config.s_max, config.zeta, self.depth, size
-        ).to(delta.device)
-
-    @property
-    def keeps_everything(self) -> bool:
-        """True for the output layer under ``dense_output_layer`` (no selection at all)."""
-        return self.depth == 0 and self.tinyprop_state.config.dense_output_layer
-
-    def select(self, delta: Tensor, keep: Tensor, masked: bool = False):
-        """The kept entries of δ: top-|δ| for every policy but random-k.
-
-        ``delta`` (B', N), ``keep`` (B',). Returns ``(rows, columns, values)``, three (M,)
-        tensors in row-major order, or with ``masked`` the (B', N) tensor of δ at the kept
-        entries and zeros elsewhere.
-        """
-        config = self.tinyprop_state.config
-        self.backward_steps += 1
-        if config.policy != "randomk" and native.can_select(delta):  # one compiled pass
-            return native.topk(delta, keep, masked=masked)  # CPU only, like the layer
-        if config.policy == "randomk":
-            generator = torch.Generator().manual_seed(
-                (config.seed * 1_000_003 + self.layer_index * 10_007 + int(self.backward_steps))
-                % (2**63)
-            )
-            scores = torch.rand(delta.shape, generator=generator).to(delta.device)
-        else:
-            scores = delta.abs()
-        rows, columns = select_topk(scores, keep)  # (M,), (M,)
-        values = delta[rows, columns]  # (M,)
-        if masked:
-            return torch.zeros_like(delta).index_put_((rows, columns), values)
-        return rows, columns, values
+        if state.open_pass is not None:
+            return state.open_pass.add(fields)
+        # called outside the root module's forward (a submodule called directly): the depth
+        # falls back to the registration order
+        forward_pass = ForwardPass()
+        state.finish_pass(forward_pass)
+        return forward_pass.add({**fields, "fixed_depth": self.registration_depth})
 
 
-class TinyPropLinear(SparseBackpropLayer, nn.Linear):
-    """nn.Linear with sparse backprop."""
+class _LinearLayer(SparseBackpropLayer):
+    """A linear layer: y = x Wᵀ + b on (..., in)."""
+
+    unbatched_dims = 1
+    transposed_weight = False
+
+    def sparse_weight(self) -> Tensor:
+        return self.weight.t() if self.transposed_weight else self.weight
 
     def check_input(self, x: Tensor) -> None:
-        if x.dim() < 2 or x.shape[-1] != self.in_features:
+        in_features = self.sparse_weight().shape[1]
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
-                f"layer '{self.layer_name}' (Linear, in_features={self.in_features}) expects "
-                f"input of shape (batch, ..., {self.in_features}), got {tuple(x.shape)}"
+                f"layer '{self.layer_name}' ({self._original_name()}, in_features="
+                f"{in_features}) expects input of shape (batch, ..., {in_features}), got {shape}"
             )
 
     def dense_forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
+    def _original_name(self) -> str:
+        return self._tinyprop_original_class.__name__
 
-class _TinyPropConv(SparseBackpropLayer):
+
+class _ConvLayer(SparseBackpropLayer):
     spatial_dims: int
 
+    @property
+    def unbatched_dims(self) -> int:
+        return self.spatial_dims + 1
+
     def check_input(self, x: Tensor) -> None:
-        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            spatial = "L" if self.spatial_dims == 1 else "H, W"
-            raise ValueError(
-                f"layer '{self.layer_name}' (Conv{self.spatial_dims}d, in_channels="
-                f"{self.in_channels}) expects batched input of shape (batch, {self.in_channels}, "
-                f"{spatial}), got {tuple(x.shape)}"
-            )
+        if not isinstance(x, Tensor) or x.dim() != self.spatial_dims + 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(self._shape_message(shape))
+        if x.shape[1] != self.in_channels:
+            raise ValueError(self._shape_message(tuple(x.shape)))
+
+    def _shape_message(self, shape) -> str:
+        spatial = "L" if self.spatial_dims == 1 else "H, W"
+        return (
+            f"layer '{self.layer_name}' (Conv{self.spatial_dims}d, in_channels="
+            f"{self.in_channels}) expects input of shape (batch, {self.in_channels}, "
+            f"{spatial}), got {shape}"
+        )
 
     def dense_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
 
-class TinyPropConv1d(_TinyPropConv, nn.Conv1d):
-    """nn.Conv1d with sparse backprop."""
-
+class _Conv1dLayer(_ConvLayer):
     spatial_dims = 1
 
 
-class TinyPropConv2d(_TinyPropConv, nn.Conv2d):
-    """nn.Conv2d (incl. grouped / depthwise) with sparse backprop."""
-
+class _Conv2dLayer(_ConvLayer):
     spatial_dims = 2
 
 
-SPARSE_CLASSES: dict[type, type] = {
+class TinyPropLinear(_LinearLayer, nn.Linear):
+    """nn.Linear with sparse backprop."""
+
+
+class TinyPropConv1d(_Conv1dLayer, nn.Conv1d):
+    """nn.Conv1d with sparse backprop."""
+
+
+class TinyPropConv2d(_Conv2dLayer, nn.Conv2d):
+    """nn.Conv2d (incl. grouped / depthwise) with sparse backprop."""
+
+
+_SPARSE_CLASSES: dict[type, type] = {
     nn.Linear: TinyPropLinear,
     nn.Conv1d: TinyPropConv1d,
     nn.Conv2d: TinyPropConv2d,
 }
+
+
+def _keeps_forward(module: nn.Module, base: type) -> bool:
+    """True when a subclass of ``base`` computes what ``base`` computes (same forward)."""
+    kind = type(module)
+    same = kind.forward is base.forward
+    if base is not nn.Linear:
+        same = same and kind._conv_forward is base._conv_forward
+    return same
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear' / 'conv1d' / 'conv2d' for a module tinyprop can make sparse, else None.
+
+    Returns 'override' for a subclass of a supported class whose forward differs (it stays
+    dense: tinyprop cannot know what that forward computes).
+    """
+    for registered in type(module).__mro__:
+        if registered in _REGISTERED_LINEAR:
+            return "linear"
+    for base, kind in ((nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d")):
+        if isinstance(module, base):
+            if kind != "linear" and getattr(module, "padding_mode", "zeros") != "zeros":
+                return None
+            return kind if _keeps_forward(module, base) else "override"
+    return None
+
+
+def sparse_class(original: type) -> type:
+    """The sparse subclass of a supported class (created once per class)."""
+    if original not in _SPARSE_CLASSES:
+        transposed = next(
+            (_REGISTERED_LINEAR[c] for c in original.__mro__ if c in _REGISTERED_LINEAR), None
+        )
+        if transposed is not None:
+            mixin = type("_RegisteredLinear", (_LinearLayer,), {"transposed_weight": transposed})
+        elif issubclass(original, nn.Linear):
+            mixin = _LinearLayer
+        elif issubclass(original, nn.Conv1d):
+            mixin = _Conv1dLayer
+        else:
+            mixin = _Conv2dLayer
+        name = f"TinyProp{original.__name__}"
+        _SPARSE_CLASSES[original] = type(name, (mixin, original), {"__module__": __name__})
+    return _SPARSE_CLASSES[original]

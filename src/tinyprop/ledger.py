@@ -1,23 +1,26 @@
-"""Exact multiply-accumulate (MAC) accounting of a training run (``docs/algorithm.md``).
+"""Multiply-accumulate (MAC) accounting of a training run (see docs/algorithm.md).
 
-Per trainable layer l and sample, with N_l output elements, fan_in inputs per output and k_l
-kept entries:
+Per sparse layer call and row (a sample, or a token / time step when the layer sees them as
+rows), with N_l output elements, fan_in inputs per output and k_l kept entries:
 
-- forward: N_l · fan_in, for every sample (skipped or not);
+- forward: N_l · fan_in, for every row (skipped or not);
 - backward done: k_l · fan_in (weight gradient) + k_l · fan_in (input gradient, not for the first
   layer) + N_l (dense bias gradient) + input size (the previous activation's derivative, when the
-  input gradient is computed), for every trained sample;
-- dense backward: the same with k_l = N_l, for every sample of the batch (what full training
+  input gradient is computed), for every row with a non-zero δ;
+- dense backward: the same with k_l = N_l, for every row of the batch (what full training
   would have done on the same samples);
-- selection: Y_l (N_l additions) and the top-k selection (N_l comparisons) for TinyProp, N_l for
-  top-k, k_l random draws for random-k, plus, for TinyPropv2, the output error Y_L of every sample.
+- selection: per row with a non-zero δ, Y_l (N_l additions) and the top-k selection (N_l
+  comparisons) for TinyProp, N_l for top-k, k_l random draws for random-k, plus, for
+  TinyPropv2, the output error Y_L of every sample;
+- modules tinyprop does not make sparse (custom layers, attention products, embeddings...):
+  their forward MACs as torch's FLOP counter measures them on the first forward pass of each
+  input shape, their backward as twice that (done densely for the whole batch whenever a
+  backward runs), reported in ``unattributed`` as well.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-from tinyprop.config import TinyPropConfig
 
 
 @dataclass
@@ -35,12 +38,16 @@ class Ledger:
     backward: int = 0  # backward work actually done
     backward_dense: int = 0  # what full training would have done on the same samples
     selection: int = 0  # local errors, top-k selection, skip decision
+    # MACs of the modules tinyprop does not make sparse (counted dense, measured with torch's
+    # FLOP counter); already included in forward, backward and backward_dense
+    unattributed: int = 0
 
     def __iadd__(self, other: Ledger) -> Ledger:
         self.forward += other.forward
         self.backward += other.backward
         self.backward_dense += other.backward_dense
         self.selection += other.selection
+        self.unattributed += other.unattributed
         return self
 
     def __add__(self, other: Ledger) -> Ledger:
@@ -64,12 +71,12 @@ class Ledger:
         return {**asdict(self), "ratio": self.ratio(), "backward_ratio": self.backward_ratio()}
 
 
-def layer_backward_macs(call, keep: int) -> int:
-    """Backward MACs of one layer call for one sample that keeps ``keep`` output entries."""
+def layer_backward_macs(call, keep: int, computes_input_grad: bool) -> int:
+    """Backward MACs of one layer call for one row that keeps ``keep`` output entries."""
     macs = 0
     if call.weight_trainable:
         macs += keep * call.fan_in
-    if call.computes_input_grad:
+    if computes_input_grad:
         macs += keep * call.fan_in + call.input_size
     if call.has_bias:
         macs += call.output_size
@@ -77,39 +84,50 @@ def layer_backward_macs(call, keep: int) -> int:
 
 
 def step_ledger(
-    calls: list, config: TinyPropConfig, batch_size: int, trained: int, output_size: int
+    forward_passes: list,
+    records: list,
+    policy,
+    batch_size: int,
+    trained: int,
+    output_size: int,
+    backward_ran: bool,
 ) -> Ledger:
-    """The ledger of one ``train_step`` from the layer calls it recorded.
+    """The ledger of one training step.
 
     Args:
-        calls: the step's ``LayerCall`` records (``keep`` set for sparse layers).
-        config: the policy that ran.
+        forward_passes: the step's forward passes (``tinyprop.state.ForwardPass``): every
+            sparse-layer call and the MACs of everything else.
+        records: the ``BackwardRecord`` of every sparse-layer call whose backward ran.
+        policy: the policy that ran.
         batch_size: B, samples in the batch.
         trained: samples that were backpropagated.
-        output_size: elements of the model output per sample (for the skip decision's Y_L).
+        output_size: elements of the output error per sample (the skip decision's Y_L).
+        backward_ran: whether a backward pass ran (not when every sample was skipped).
     """
     ledger = Ledger()
-    for call in calls:
-        ledger.forward += batch_size * call.output_size * call.fan_in
-        ledger.backward_dense += batch_size * layer_backward_macs(call, call.output_size)
-        if not trained:
-            continue
-        if config.policy == "full" or call.keep is None:
-            ledger.backward += trained * layer_backward_macs(call, call.output_size)
-            continue
-        kept = int(call.keep.sum())
-        # layer_backward_macs is affine in keep: sum over samples = per-sample parts + kept part
-        fixed = layer_backward_macs(call, 0)
-        per_keep = layer_backward_macs(call, 1) - fixed
-        ledger.backward += trained * fixed + kept * per_keep
-        if not call.selected:
-            continue
-        if config.policy == "randomk":
-            ledger.selection += kept
-        elif config.adaptive:
-            ledger.selection += trained * 2 * call.output_size
-        else:
-            ledger.selection += trained * call.output_size
-    if config.skips:
+    for forward_pass in forward_passes:
+        for call in forward_pass.calls:
+            dense = call.rows * layer_backward_macs(
+                call, call.output_size, call.input_requires_grad
+            )
+            ledger.forward += call.forward_macs
+            ledger.backward_dense += dense
+            if backward_ran and not policy.sparse:
+                ledger.backward += dense
+        # modules that stay dense: their backward is about twice their forward (gradients of
+        # their inputs and of their weights), done for the whole batch whenever a backward runs
+        other = forward_pass.other_macs
+        ledger.forward += other
+        ledger.backward_dense += 2 * other
+        ledger.unattributed += other + (2 * other if backward_ran else 0)
+        if backward_ran:
+            ledger.backward += 2 * other
+    for record in records:
+        call = record.call
+        fixed = layer_backward_macs(call, 0, record.computes_input_grad)
+        per_keep = layer_backward_macs(call, 1, record.computes_input_grad) - fixed
+        ledger.backward += record.keep.numel() * fixed + int(record.keep.sum()) * per_keep
+        ledger.selection += record.selection_macs
+    if policy.skips:
         ledger.selection += batch_size * output_size
     return ledger

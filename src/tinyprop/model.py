@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from tinyprop.config import TinyPropConfig
-from tinyprop.layers import SPARSE_CLASSES, TinyPropState
+from tinyprop.layers import layer_kind, sparse_class
+from tinyprop.state import ForwardPass, TinyPropState
 
 OUTPUT_ERROR_MAX = "tinyprop_output_error_max"  # Ymax_L of the skip decision, on the root module
 _STATE = "_tinyprop_state"
 _ORIGINAL_CLASS = "_tinyprop_original_class"
+_LAYER_ATTRIBUTES = ("tinyprop_state", "layer_name", "layer_index", "registration_depth")
+_MAX_SIGNATURES = 1024  # input shapes whose other-module MACs are remembered
 # trainable modules that keep their normal dense backward without a warning
 _DENSE_BY_DESIGN = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
     nn.GroupNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
 )
 
 
-def _supported(module: nn.Module) -> bool:
-    return type(module) in SPARSE_CLASSES and getattr(module, "padding_mode", "zeros") == "zeros"
-
-
 def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
-    """Give every nn.Linear, nn.Conv1d and nn.Conv2d of ``model`` sparse backprop, in place.
+    """Give every linear and convolution layer of ``model`` sparse backprop, in place.
 
-    Layers are ordered by registration (the order of ``model.named_modules()``); the last one is
-    the output layer (distance d = 0). Other trainable modules stay dense and are named in a
-    warning; normalisation, activation, pooling, dropout and reshaping modules keep their
-    normal backward.
+    Converted: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (zero padding) and their
+    subclasses that keep the parent's forward, and classes registered with
+    :func:`tinyprop.register_linear`. A layer's distance d from the output comes from the order
+    in which the forward pass calls the layers (the last one called has d = 0). Other trainable
+    modules stay dense, are counted dense by the ledger, and are named in a warning
+    (normalisation and embedding layers without one).
 
     Args:
         model: any ``nn.Module`` with at least one supported layer.
@@ -51,50 +57,59 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         raise TypeError(f"apply expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, TinyPropConfig):
         raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
+    if unwrap(model) is not model:
+        raise ValueError(
+            f"apply tinyprop to the model inside {type(model).__name__} (before wrapping it), "
+            "then wrap it"
+        )
     if is_tinyprop(model):
         raise ValueError("model already has tinyprop applied; call tinyprop.remove(model) first")
-    targets = [(name, module) for name, module in model.named_modules() if _supported(module)]
+    kinds = {name: layer_kind(module) for name, module in model.named_modules()}
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if kinds[name] not in (None, "override")
+    ]
     if not targets:
         raise ValueError(
             "model has no layer tinyprop supports (nn.Linear, nn.Conv1d, nn.Conv2d with "
-            f"padding_mode='zeros'); found only: {_module_types(model)}"
+            "padding_mode='zeros', or a class given to tinyprop.register_linear); found only: "
+            f"{_module_types(model)}"
         )
-    unsupported = [
-        f"{name or '<root>'} ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if not _supported(module)
-        and not isinstance(module, _DENSE_BY_DESIGN)
-        and any(p.requires_grad for p in module.parameters(recurse=False))
-    ]
-    if unsupported:
-        warnings.warn(
-            "tinyprop keeps these trainable modules dense (unsupported): " + ", ".join(unsupported),
-            stacklevel=2,
-        )
+    _warn_dense_modules(model, kinds)
     state = TinyPropState(config=config, layers=targets)
     count = len(targets)
     for index, (name, module) in enumerate(targets):
         original = type(module)
-        module.__class__ = SPARSE_CLASSES[original]
+        module.__class__ = sparse_class(original)
         setattr(module, _ORIGINAL_CLASS, original)
         module.tinyprop_state = state
         module.layer_name = name or "<root>"
         module.layer_index = index
-        module.depth = count - 1 - index
+        module.registration_depth = count - 1 - index
         device = module.weight.device
         module.register_buffer("error_max", torch.zeros((), device=device))
         module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
+        state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
     model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), device=targets[-1][1].weight.device))
+    state.handles += [
+        model.register_load_state_dict_pre_hook(_check_loaded_maxima),
+        model.register_forward_pre_hook(_open_forward_pass, with_kwargs=True),
+        model.register_forward_hook(_close_forward_pass, with_kwargs=True, always_call=True),
+    ]
     setattr(model, _STATE, state)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: plain torch modules, the same ``state_dict`` keys and values."""
+    model = unwrap(model)
     state = state_of(model)
+    for handle in state.handles:
+        handle.remove()
     for _, module in state.layers:
         module.__class__ = getattr(module, _ORIGINAL_CLASS)
-        for attribute in (_ORIGINAL_CLASS, "tinyprop_state", "layer_name", "layer_index", "depth"):
+        for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):
             delattr(module, attribute)
         del module._buffers["error_max"], module._buffers["backward_steps"]
     del model._buffers[OUTPUT_ERROR_MAX]
@@ -104,14 +119,118 @@ def remove(model: nn.Module) -> nn.Module:
 
 def is_tinyprop(model: nn.Module) -> bool:
     """True when :func:`apply` has been called on ``model`` (and not undone)."""
-    return isinstance(getattr(model, _STATE, None), TinyPropState)
+    return isinstance(getattr(unwrap(model), _STATE, None), TinyPropState)
 
 
 def state_of(model: nn.Module) -> TinyPropState:
     """The shared state of an applied model; a clear error when tinyprop is not applied."""
     if not is_tinyprop(model):
         raise ValueError("model does not have tinyprop applied; call tinyprop.apply(model, config)")
-    return getattr(model, _STATE)
+    return getattr(unwrap(model), _STATE)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel, DataParallel or torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
+    """Root forward pre-hook: record the sparse-layer calls of a training forward pass."""
+    state = getattr(model, _STATE)
+    if not torch.is_grad_enabled() or state.open_pass is not None:
+        return
+    forward_pass = ForwardPass()
+    state.open_pass = forward_pass
+    signature = _signature(args, kwargs)
+    if signature in state.other_macs_cache:
+        forward_pass.other_macs = state.other_macs_cache[signature]
+    else:  # first pass with these shapes: measure what the other modules compute
+        forward_pass.counter = FlopCounterMode(display=False)
+        forward_pass.signature = signature
+        forward_pass.counter.__enter__()
+
+
+def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
+    state = getattr(model, _STATE)
+    forward_pass = state.open_pass
+    if forward_pass is None:
+        return
+    state.open_pass = None
+    counter, forward_pass.counter = forward_pass.counter, None
+    if counter is not None:
+        counter.__exit__(None, None, None)
+        sparse = sum(call.forward_macs for call in forward_pass.calls)
+        forward_pass.other_macs = max(0, counter.get_total_flops() // 2 - sparse)
+        if len(state.other_macs_cache) >= _MAX_SIGNATURES:
+            state.other_macs_cache.pop(next(iter(state.other_macs_cache)))
+        state.other_macs_cache[forward_pass.signature] = forward_pass.other_macs
+    forward_pass.output = _main_tensor(output)
+    state.finish_pass(forward_pass)
+
+
+def _signature(args, kwargs) -> tuple:
+    leaves, _ = tree_flatten((args, kwargs))
+    return tuple(
+        (tuple(leaf.shape), leaf.dtype, leaf.requires_grad) if isinstance(leaf, Tensor) else None
+        for leaf in leaves
+    )
+
+
+def _main_tensor(output) -> Tensor | None:
+    """The tensor the losses are computed from: the output, its ``logits``, or its first
+    tensor."""
+    if isinstance(output, Tensor):
+        return output
+    try:
+        logits = output["logits"]
+        if isinstance(logits, Tensor):
+            return logits
+    except (KeyError, TypeError, IndexError):
+        pass
+    leaves, _ = tree_flatten(output)
+    return next((leaf for leaf in leaves if isinstance(leaf, Tensor)), None)
+
+
+def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
+    """Refuse a checkpoint whose running maxima are NaN, infinite or negative."""
+    for name in ("error_max", OUTPUT_ERROR_MAX):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            number = float(value)
+            if not math.isfinite(number) or number < 0:
+                raise ValueError(
+                    f"checkpoint entry '{prefix + name}' is {number}: a running maximum must "
+                    "be finite and >= 0 (the checkpoint is corrupt; reset it to 0 to restart "
+                    "the error statistics)"
+                )
+
+
+def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
+    dense = [
+        f"{name or '<root>'} ({type(module).__name__}"
+        + (
+            ", forward overridden: see tinyprop.register_linear"
+            if kinds[name] == "override"
+            else ""
+        )
+        + ")"
+        for name, module in model.named_modules()
+        if kinds[name] in (None, "override")
+        and not isinstance(module, _DENSE_BY_DESIGN)
+        and any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    if dense:
+        warnings.warn(
+            "tinyprop keeps these trainable modules dense (their backward is counted dense in "
+            "the ledger): " + ", ".join(dense),
+            stacklevel=3,
+        )
 
 
 def _module_types(model: nn.Module) -> str:

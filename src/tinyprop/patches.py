@@ -34,15 +34,14 @@ def put(values: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
 
 
 class LinearPatches:
-    """Patches of ``nn.Linear``: input (B, *, in) -> each leading index is one position."""
+    """Patches of a linear layer: input (R, *, in) -> each middle index is one position."""
 
-    def __init__(self, layer: nn.Linear, input_shape: torch.Size):
+    def __init__(self, input_shape: torch.Size, weight_shape: torch.Size):
         self.positions = 1
         for size in input_shape[1:-1]:
             self.positions *= size
         self.groups = 1
-        self.fan_in = layer.in_features
-        self.channels_out = layer.out_features
+        self.channels_out, self.fan_in = weight_shape  # (out, in)
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, *, out) -> (B, out, positions), channel-major like a convolution."""
@@ -219,8 +218,11 @@ def _patch_index(channels_in, groups, padded, kernel, stride, dilation, out) -> 
     return index.reshape(groups, out[0] * out[1], -1)
 
 
-def patches_for(layer: nn.Module, input_shape: torch.Size) -> LinearPatches | ConvPatches:
-    """The patch geometry of a supported layer for one input shape."""
-    if isinstance(layer, nn.Linear):
-        return LinearPatches(layer, input_shape)
-    return ConvPatches(layer, input_shape)
+def patches_for(
+    layer: nn.Module, input_shape: torch.Size, weight_shape: torch.Size
+) -> LinearPatches | ConvPatches:
+    """The patch geometry of a sparse layer for one input shape (``weight_shape`` as the
+    sparse backward sees the weight: (out, in) for every linear layer)."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return ConvPatches(layer, input_shape)
+    return LinearPatches(input_shape, weight_shape)

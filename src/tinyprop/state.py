@@ -1,0 +1,131 @@
+"""What an applied model remembers: its policy, its sparse layers, and the forward passes that
+have not been accounted to a training step yet.
+
+A forward pass of the root module is delimited by forward hooks (see :mod:`tinyprop.model`):
+every sparse-layer call inside it is recorded as an immutable :class:`LayerCall`, which gives
+
+- the layer's depth d (calls after it in the same forward pass: the output layer has d = 0),
+  from the order the forward ran, never from the order the modules were registered;
+- the forward MACs of the compute ledger.
+
+Per-step state (the trained samples, the records of the backward) lives in a
+:class:`tinyprop.step.StepContext`, never here.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from tinyprop.config import TinyPropConfig
+from tinyprop.policies import Policy, policy_for
+
+MAX_PENDING_PASSES = 64  # forward passes kept for the ledger when no step consumes them
+
+
+class ForwardPass:
+    """The sparse-layer calls of one forward pass of the root module, in call order."""
+
+    def __init__(self) -> None:
+        self.calls: list[LayerCall] = []
+        self.other_macs = 0  # forward MACs of everything that is not a sparse layer
+        self.counter = None  # torch's FLOP counter while a new input shape is measured
+        self.signature = None  # that input shape
+        self._output = None  # weak reference to the model output (for the skip decision)
+
+    def add(self, call_fields: dict) -> LayerCall:
+        call = LayerCall(forward_pass=self, index=len(self.calls), **call_fields)
+        self.calls.append(call)
+        return call
+
+    @property
+    def output(self):
+        return None if self._output is None else self._output()
+
+    @output.setter
+    def output(self, value) -> None:
+        try:
+            self._output = weakref.ref(value)
+        except TypeError:  # a container (dict, tuple, ModelOutput): not kept
+            self._output = None
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCall:
+    """One call of a sparse layer: its geometry for one input shape, fixed at the forward.
+
+    A *row* is one index of the layer input's first dimension: a sample for (B, ...) inputs, a
+    token after a (B·T, D) reshape, a time step for sequence-first (T, B, D) inputs. Top-k and
+    the running maximum work per row.
+    """
+
+    layer_name: str
+    layer_index: int  # registration index (seeds random-k)
+    rows: int  # R: first dimension of the layer input
+    output_size: int  # N_l: output elements per row
+    fan_in: int  # in_features, or C_in / groups · kh · kw
+    input_size: int  # input elements per row
+    has_bias: bool
+    weight_trainable: bool
+    input_requires_grad: bool
+    geometry: object  # the patch geometry (tinyprop.patches), for the backward
+    forward_pass: ForwardPass = field(repr=False)
+    index: int = 0  # position among the sparse-layer calls of its forward pass
+    fixed_depth: int | None = None  # set for a call outside a root forward (registration order)
+
+    @property
+    def depth(self) -> int:
+        """d: how many sparse-layer calls came after this one in its forward pass."""
+        if self.fixed_depth is not None:
+            return self.fixed_depth
+        return len(self.forward_pass.calls) - 1 - self.index
+
+    @property
+    def forward_macs(self) -> int:
+        return self.rows * self.output_size * self.fan_in
+
+
+@dataclass(frozen=True, eq=False)
+class BackwardRecord:
+    """What the backward of one layer call did (appended to the step context)."""
+
+    call: LayerCall
+    keep: Tensor  # (R',) k of each row with a non-zero δ, in row order
+    selected: bool  # False when the layer kept everything without a selection
+    computes_input_grad: bool
+    selection_macs: int  # local errors and top-k selection, from the policy
+
+
+@dataclass
+class TinyPropState:
+    """Shared by the root module and its sparse layers."""
+
+    config: TinyPropConfig
+    layers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    open_pass: ForwardPass | None = None  # the root forward that is running
+    pending: list[ForwardPass] = field(default_factory=list)  # finished, not yet accounted
+    step: object = None  # the StepContext whose backward is running (tinyprop.step)
+    other_macs_cache: dict = field(default_factory=dict)  # input signature -> other MACs
+    warned: set = field(default_factory=set)
+    handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
+    last_stats: object = None  # StepStats of the last finished step
+
+    _policy: Policy | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The policy object of ``config`` (made again when the config is replaced)."""
+        if self._policy is None or self._policy.config is not self.config:
+            self._policy = policy_for(self.config)
+        return self._policy
+
+    def finish_pass(self, forward_pass: ForwardPass) -> None:
+        self.pending.append(forward_pass)
+        del self.pending[:-MAX_PENDING_PASSES]
+
+    def take_passes(self) -> list[ForwardPass]:
+        """The forward passes since the last step (they belong to this step's ledger)."""
+        passes, self.pending = self.pending, []
+        return passes

@@ -1,0 +1,308 @@
+"""One training step as an explicit object, and the two ways to run it in your own loop.
+
+- :func:`loss` makes the TinyPropv2 skip decision for a batch of per-sample losses and returns
+  the scalar to backpropagate: the mean over the whole batch with skipped samples contributing
+  zero. Whoever calls ``.backward()`` on it (you, ``GradScaler``, Lightning, a transformers
+  ``Trainer``) runs the sparse backward of this step.
+- :func:`backward` does both and returns the step's :class:`StepStats`.
+
+While the step's backward runs, its :class:`StepContext` is the only thing the layers write
+to: one immutable :class:`~tinyprop.state.BackwardRecord` per layer call, and the new running
+maxima, which are written to the layers' buffers only when the whole backward succeeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tinyprop.functional import local_error, running_max, skip_decision
+from tinyprop.ledger import Ledger, step_ledger
+from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
+
+
+@dataclass
+class StepStats:
+    """What one training step did.
+
+    Attributes:
+        loss: mean of the per-sample losses over the batch (all samples).
+        trained: samples backpropagated.
+        skipped: samples skipped by the TinyPropv2 decision (forward only).
+        macs: the step's :class:`~tinyprop.Ledger` (complete once the backward has run).
+        keep: layer name -> (rows,) k of each row the layer backpropagated (rows with a
+            non-zero output gradient), layers in forward order.
+        trained_mask: (B,) True where the sample was trained.
+        stepped: whether the optimizer stepped (set by :func:`tinyprop.train_step`).
+    """
+
+    loss: float
+    trained: int
+    skipped: int
+    macs: Ledger = field(default_factory=Ledger)
+    keep: dict[str, Tensor] = field(default_factory=dict)
+    trained_mask: Tensor | None = None
+    stepped: bool = False
+
+
+class StepContext:
+    """The per-step state of one batch: the decision, the backward's records, new maxima."""
+
+    def __init__(self, model: nn.Module, stats: StepStats, forward_passes: list, output_size: int):
+        self.model = model
+        self.state = state_of(model)
+        self.stats = stats
+        self.forward_passes = forward_passes
+        self.output_size = output_size  # elements of δ_L per sample (the decision's Y_L)
+        self.records: list = []
+        self.error_unit = 1.0 / len(stats.trained_mask)  # δ per unit of one sample's loss
+        self.output_error_max: float | None = None
+        self.failed = False
+        self.finished = False
+        self._error_max: dict[nn.Module, Tensor] = {}
+        self._backward_steps: dict[nn.Module, int] = {}
+
+    def add(self, record) -> None:
+        self.records.append(record)
+
+    def error_max(self, layer: nn.Module) -> Tensor:
+        """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""
+        return self._error_max.get(layer, layer.error_max.double())
+
+    def set_error_max(self, layer: nn.Module, value: Tensor) -> None:
+        self._error_max[layer] = value.detach().double()
+
+    def next_backward_step(self, layer: nn.Module) -> int:
+        count = self._backward_steps.get(layer, int(layer.backward_steps)) + 1
+        self._backward_steps[layer] = count
+        return count
+
+    def begin_backward(self, scale: float) -> None:
+        """Called when the backward reaches the step's loss; ``scale`` is its upstream gradient
+        (GradScaler's factor, 1/n of gradient accumulation, 1 otherwise)."""
+        self.state.step = self
+        if scale != 0.0 and torch.isfinite(torch.tensor(scale)):
+            self.error_unit = scale / len(self.stats.trained_mask)
+        torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def finish(self) -> None:
+        """Write the new running maxima and complete the ledger (after a whole backward)."""
+        if self.state.step is self:
+            self.state.step = None
+        if self.finished:
+            return
+        self.finished = True
+        if self.failed:
+            return
+        with torch.no_grad():
+            for layer, value in self._error_max.items():
+                layer.error_max.fill_(float(value))
+            for layer, count in self._backward_steps.items():
+                layer.backward_steps.fill_(count)
+            if self.output_error_max is not None:
+                getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
+        stats = self.stats
+        stats.macs = step_ledger(
+            self.forward_passes,
+            self.records,
+            self.state.policy,
+            len(stats.trained_mask),
+            stats.trained,
+            self.output_size,
+            backward_ran=bool(self.records) or (stats.trained > 0 and not self.state.policy.sparse),
+        )
+        by_call = {id(record.call): record for record in self.records}
+        calls = [call for forward_pass in self.forward_passes for call in forward_pass.calls]
+        for call in calls:  # forward order
+            record = by_call.get(id(call))
+            if record is None:
+                continue
+            name = call.layer_name
+            stats.keep[name] = (
+                record.keep
+                if name not in stats.keep
+                else torch.cat([stats.keep[name], record.keep])
+            )
+        self.state.last_stats = stats
+
+
+class _StepBoundary(torch.autograd.Function):
+    """Identity on the step's scalar loss; its backward opens the step for the layers."""
+
+    @staticmethod
+    def forward(ctx, total: Tensor, step: StepContext) -> Tensor:
+        ctx.step = step
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.step.begin_backward(float(grad))
+        return grad, None
+
+
+def loss(
+    model: nn.Module, losses: Tensor, output: Tensor | None = None, *, sample_dim: int = 0
+) -> Tensor:
+    """The scalar to backpropagate for one batch, with the TinyPropv2 skip decision made.
+
+    Equal to ``losses.mean()`` with the skipped samples' losses set to zero (the mean is over
+    the whole batch). Call ``.backward()`` on it, in any way (``scaler.scale(l).backward()``,
+    Lightning, a transformers ``Trainer``): the sparse layers then run this step's policy,
+    and :func:`step_stats` gives what the step did once the backward has finished.
+
+    Args:
+        model: the model given to :func:`tinyprop.apply` (or its DistributedDataParallel
+            wrapper).
+        losses: (B,) per-sample losses of the last forward pass(es), e.g. from
+            ``nn.CrossEntropyLoss(reduction="none")``.
+        output: the model output the losses come from, for the decision's output error Y_L
+            (``tinypropv2`` only). By default the output of the model's last forward pass (a
+            tensor, or the ``logits`` of a dict-like output, or the first tensor of a tuple).
+        sample_dim: the dimension of ``output`` that indexes the samples (1 for
+            sequence-first outputs (T, B, ...)).
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: losses that are not one value per sample; an output whose sample
+            dimension does not match.
+        FloatingPointError: a NaN or infinite loss or output error (nothing is updated).
+
+    Example:
+        >>> losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        >>> tinyprop.loss(model, losses).backward()
+        >>> optimizer.step()
+    """
+    return _step_loss(model, losses, output, sample_dim)[0]
+
+
+def backward(
+    model: nn.Module,
+    losses: Tensor,
+    output: Tensor | None = None,
+    *,
+    sample_dim: int = 0,
+    grad_scaler=None,
+) -> StepStats:
+    """Accumulate into ``.grad`` what ``losses.mean().backward()`` would under the policy.
+
+    Skipped samples contribute zero (the mean is over the whole batch); gradients are added to
+    what ``.grad`` already holds, never zeroed, and no optimizer step is taken, so gradient
+    accumulation, clipping, schedulers and ``GradScaler`` work as with plain PyTorch. When
+    every sample is skipped no backward runs at all (except under DistributedDataParallel,
+    where every rank must join the gradient all-reduce).
+
+    Args:
+        model, losses, output, sample_dim: as for :func:`loss`.
+        grad_scaler: a ``torch.amp.GradScaler``: backpropagates ``grad_scaler.scale(loss)``.
+
+    Returns:
+        :class:`StepStats` of the step (``stepped`` stays False).
+
+    Example:
+        >>> optimizer.zero_grad()
+        >>> stats = tinyprop.backward(model, loss_fn(model(x), y))
+        >>> optimizer.step()
+    """
+    scalar, step = _step_loss(model, losses, output, sample_dim)
+    if step.stats.trained or is_distributed(model):
+        (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
+    else:
+        step.finish()
+    return step.stats
+
+
+def step_stats(model: nn.Module) -> StepStats | None:
+    """The :class:`StepStats` of the model's last finished step (None before the first)."""
+    return state_of(unwrap(model)).last_stats
+
+
+def is_distributed(model: nn.Module) -> bool:
+    """True for a DistributedDataParallel model (every rank must run every backward)."""
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int):
+    """The step's scalar loss (the masked mean, through the step boundary) and its context."""
+    step = _open_step(model, losses, output, sample_dim)
+    weights = step.stats.trained_mask.to(losses.dtype) / losses.shape[0]  # (B,)
+    return _StepBoundary.apply((losses * weights).sum(), step), step
+
+
+def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> StepContext:
+    module = unwrap(model)
+    state = state_of(module)
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(
+            f"losses must be one loss per sample, shape (B,), got {_describe(losses)}; use "
+            "reduction='none', e.g. nn.CrossEntropyLoss(reduction='none')"
+        )
+    if not losses.requires_grad:
+        raise ValueError("losses do not require grad: compute them from the model's output")
+    if not torch.isfinite(losses.detach()).all():
+        bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"loss is NaN or infinite for samples {bad[:10]} of the batch; no update was applied. "
+            "Check the inputs for NaN/inf or lower the learning rate."
+        )
+    state.step = None  # a step whose backward never finished is over
+    batch = losses.shape[0]
+    trained_mask = torch.ones(batch, dtype=torch.bool, device=losses.device)
+    stats = StepStats(
+        loss=float(losses.detach().float().mean()), trained=batch, skipped=0,
+        trained_mask=trained_mask,
+    )  # fmt: skip
+    passes = state.take_passes()
+    output_size = 0
+    step = StepContext(module, stats, passes, output_size)
+    if state.policy.skips:
+        if output is None:
+            output = passes[-1].output if passes else None
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                "tinypropv2 needs the model output the losses come from, for the skip "
+                "decision: pass it as output=..."
+            )
+        error = _output_error(losses, output, sample_dim)  # (B,) Y_L
+        step.output_size = output.numel() // batch
+        error_max = running_max(error, getattr(module, OUTPUT_ERROR_MAX).double())  # (B,)
+        config = state.config
+        trained_mask = skip_decision(
+            error, error_max, config.d_min, config.d_max, config.beta, config.skip_threshold
+        ).to(losses.device)
+        step.output_error_max = float(error_max[-1])
+        stats.trained_mask = trained_mask
+        stats.trained = int(trained_mask.sum())
+        stats.skipped = batch - stats.trained
+    return step
+
+
+def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
+    """Y_L of every sample: Σ |∂loss_n / ∂output_n|. (B,) float64."""
+    batch = losses.shape[0]
+    if output.dim() == 0 or output.shape[sample_dim] != batch:
+        raise ValueError(
+            f"the output has shape {tuple(output.shape)} but there are {batch} losses: its "
+            f"dimension {sample_dim} must index the samples (pass sample_dim=..., e.g. 1 for "
+            "sequence-first outputs)"
+        )
+    (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
+    if grad is None:
+        raise ValueError("the losses do not depend on the given output; pass output=...")
+    error = local_error(grad.detach().movedim(sample_dim, 0).double())  # (B,)
+    if not torch.isfinite(error).all():
+        bad = (~torch.isfinite(error)).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"the output error is NaN or infinite for samples {bad[:10]} (the loss is finite "
+            "but its gradient is not); no update was applied"
+        )
+    return error
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
