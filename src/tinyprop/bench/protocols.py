@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
 from tinyprop.bench.suites import DatasetPlan
+from tinyprop.data.cache import arrays_digest
 
 PROTOCOLS = ("scratch", "finetune")
 PRETRAIN_VERSION = 2  # bump when pretraining changes, to invalidate cached weights
@@ -96,9 +98,29 @@ def pretrain_key(dataset: str, source: str, model_name: str, plan: DatasetPlan, 
 
 
 def save_state(state: dict[str, torch.Tensor], path: os.PathLike) -> None:
-    """Write a state_dict atomically (safe with several writers of the same weights)."""
+    """Write a state_dict atomically (safe with several writers of the same weights), with the
+    SHA-256 of its tensors so that :func:`load_state` can tell a damaged file."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, temporary)
+    torch.save({"state_dict": state, "sha256": arrays_digest(state.items())}, temporary)
     os.replace(temporary, path)
+
+
+def load_state(path: os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The state_dict :func:`save_state` wrote to ``path``; None when there is none, or with a
+    warning when the file is unreadable (truncated, empty) or fails its SHA-256 check, so the
+    caller rebuilds it. Loaded with ``weights_only=True``: nothing in the file is run."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state, recorded = saved["state_dict"], saved["sha256"]
+        if recorded == arrays_digest(state.items()):
+            return state
+        problem = "does not match the SHA-256 recorded when it was written"
+    except Exception as error:  # torch.load raises many kinds on a damaged file
+        first_line = (str(error).splitlines() or [""])[0][:120]
+        problem = f"is unreadable ({type(error).__name__}: {first_line})"
+    warnings.warn(f"pretrained weights {path} {problem}; training them again", stacklevel=2)
+    return None

@@ -193,8 +193,9 @@ def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
         input_shape=pool.input_shape, num_classes=pool.num_classes,
     )  # fmt: skip
     path = cache_dir() / "pretrained" / f"{spec.dataset}-seed{spec.seed}-{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
+    state = protocols.load_state(path)  # None when absent, damaged or changed: trained again
+    if state is not None:
+        return state
     pretrain_dense(
         model,
         pool.x[splits.pretrain],

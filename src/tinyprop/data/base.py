@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,8 +118,8 @@ def cached_arrays(
     """Load arrays from the npz cache, or build them once and cache them.
 
     The file is ``cache_dir()/<stem>-<hash of params>.npz``, written atomically (safe when
-    several processes build the same data at once). An unreadable cache file is rebuilt with
-    a warning.
+    several processes build the same data at once) with the SHA-256 of its arrays; a cache file
+    that is unreadable or fails that check is rebuilt with a warning.
 
     Args:
         stem: readable prefix of the file name, e.g. ``"flowers102-synthetic"``.
@@ -137,16 +135,11 @@ def cached_arrays(
         [0, 1, 2]
     """
     from tinyprop.data.cache import cache_dir
+    from tinyprop.data.npz_cache import read_verified, write_verified
 
     path = cache_dir() / f"{stem}-{cache_key(params)}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            warnings.warn(f"cache file {path} is unreadable ({error}); rebuilding it", stacklevel=2)
-    arrays = build()
-    temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(temporary, **arrays)
-    os.replace(temporary, path)
+    arrays = read_verified(path)
+    if arrays is None:
+        arrays = build()
+        write_verified(path, arrays, compressed=True)
     return arrays
