@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from tinyprop import models
 from tinyprop.bench import protocols, runner, sources, store, suites
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None
     }
     try:
+        if args.record:  # before training, so the run is not lost to an unwritable path
+            store.check_writable(Path(args.record).parent)
+            if Path(args.record).is_dir():
+                raise IsADirectoryError(f"--record {args.record} is a folder; give a file path")
         (spec,) = runner.plan_runs(
             dataclasses.replace(suite, datasets={args.dataset: plan},
                                 settings={args.policy: [settings]}),
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             sources.model_dataset(args.dataset), num_classes=pool.num_classes,
             input_shape=pool.input_shape, variant=plan.variant,
         )  # fmt: skip
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"tinyprop train: {error}", file=sys.stderr)
         return 2
     print(f"{args.dataset} ({pool.source}), input {pool.input_shape}: "

@@ -17,6 +17,7 @@ import argparse
 import csv
 import statistics
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -378,11 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        text = build_report(
-            args.results, args.out, plots=not args.no_plots, tolerance=args.tolerance
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text = build_report(
+                args.results, args.out, plots=not args.no_plots, tolerance=args.tolerance
+            )
     except (FileNotFoundError, ValueError) as error:
         print(f"tinyprop report: {error}", file=sys.stderr)
         return 2
+    finally:
+        for warning in caught:  # e.g. the records skipped as unreadable, each named
+            print(f"tinyprop report: {warning.message}", file=sys.stderr)
     print(text)
     return 0

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import tinyprop
 from tinyprop import models
-from tinyprop.bench import protocols, sources, store, suites
+from tinyprop.bench import claims, protocols, sources, store, suites
 from tinyprop.bench.suites import DatasetPlan
 from tinyprop.bench.training import evaluate, pretrain_dense, train_policy
 
@@ -298,14 +298,25 @@ def execute_run(
     return record
 
 
-def run_local(runs: list[RunSpec]) -> list[str]:
-    """Run ``runs`` one after another in this process; returns the titles of failed runs."""
+def run_local(runs: list[RunSpec], elsewhere: list[str] | None = None) -> list[str]:
+    """Run ``runs`` one after another in this process; returns the titles of failed runs.
+    Runs another process claimed or finished meanwhile are left to it (titles added to
+    ``elsewhere``)."""
+    elsewhere = [] if elsewhere is None else elsewhere
     failures = []
     pretrained: dict[tuple[str, int], dict] = {}
     with tqdm(total=len(runs), unit="run", dynamic_ncols=True) as bar:
         for spec in runs:
             bar.set_description(spec.title)
+            if not claims.try_claim(spec.path):  # another bench process on this folder runs it
+                tqdm.write(f"run {spec.title}: another process is running it; leaving it to that")
+                elsewhere.append(spec.title)
+                bar.update(1)
+                continue
             try:
+                if store.load_record(spec.path)[0] is not None:
+                    elsewhere.append(spec.title)  # finished by another process meanwhile
+                    continue
                 state = None
                 if spec.protocol == "finetune":
                     key = (spec.dataset, spec.seed)
@@ -317,7 +328,9 @@ def run_local(runs: list[RunSpec]) -> list[str]:
             except Exception:  # one failed run must not stop the suite
                 failures.append(spec.title)
                 tqdm.write(f"run {spec.title} failed:\n{traceback.format_exc()}")
-            bar.update(1)
+            finally:
+                claims.release(spec.path)
+                bar.update(1)
     return failures
 
 
@@ -368,6 +381,26 @@ def run_ray(runs: list[RunSpec], address: str | None = None) -> list[str]:
     return failures
 
 
+def _finished(spec: RunSpec, say: bool = False) -> bool:
+    """Whether ``spec``'s record is there and valid; ``say`` prints why an existing one is not
+    (unreadable, truncated, incomplete: the run is done again)."""
+    record, problem = store.load_record(spec.path)
+    if say and record is None and problem != "missing":
+        print(f"record {spec.path}: {problem}; running {spec.title} again")
+    return record is not None
+
+
+def _run_ray_claimed(runs: list[RunSpec], address: str | None, elsewhere: list[str]) -> list[str]:
+    """:func:`run_ray` on the runs no other process has claimed, holding their claims."""
+    mine = [spec for spec in runs if claims.try_claim(spec.path)]
+    elsewhere += [spec.title for spec in runs if spec not in mine]
+    try:
+        return run_ray(mine, address) if mine else []
+    finally:
+        for spec in mine:
+            claims.release(spec.path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tinyprop bench`` flags."""
     parser = argparse.ArgumentParser(
@@ -399,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     suite = suites.get(args.suite)
     results = str(Path(args.results or f"results/{suite.name}-{args.protocol}").resolve())
     try:
+        if not args.list:
+            store.check_writable(results)  # before any run: no finished work lost to it
+    except OSError as error:
+        print(f"tinyprop bench: {error}", file=sys.stderr)
+        return 2
+    try:
         runs = plan_runs(
             suite, args.protocol, results, args.datasets, args.policies, args.seeds,
             args.max_settings, args.data_dir, store.commit_hash(), args.threads,
@@ -406,29 +445,37 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as error:
         print(f"tinyprop bench: {error}", file=sys.stderr)
         return 2
-    todo = [spec for spec in runs if not spec.path.is_file()]
+    todo = [spec for spec in runs if not _finished(spec, say=not args.list)]
     print(
         f"suite {suite.name}, protocol {args.protocol}: {len(runs)} runs, "
         f"{len(runs) - len(todo)} already done, {len(todo)} to run; records in {results}"
     )
     if args.list:
         for spec in runs:
-            print(("done  " if spec.path.is_file() else "todo  ") + spec.title)
+            print(("todo  " if spec in todo else "done  ") + spec.title)
         return 0
     if not todo:
         return 0
     start = time.perf_counter()
+    elsewhere: list[str] = []  # runs another process on this folder claimed
     try:
-        failures = run_ray(todo, args.ray) if args.ray else run_local(todo)
+        if args.ray:
+            failures = _run_ray_claimed(todo, args.ray, elsewhere)
+        else:
+            failures = run_local(todo, elsewhere)
     except KeyboardInterrupt:
-        left = sum(not spec.path.is_file() for spec in todo)
+        left = sum(not _finished(spec) for spec in todo)
         print(
             f"\ninterrupted: {len(todo) - left} of {len(todo)} runs finished and kept, {left} "
             "left; the same command resumes without redoing finished runs",
             file=sys.stderr,
         )
         return 130
-    print(f"{len(todo) - len(failures)} runs finished in {time.perf_counter() - start:.0f} s")
+    finished = len(todo) - len(failures) - len(elsewhere)
+    print(
+        f"{finished} runs finished in {time.perf_counter() - start:.0f} s"
+        + (f"; {len(elsewhere)} left to another process on {results}" if elsewhere else "")
+    )
     if failures:
         print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,56 @@ REQUIRED_KEYS = (
     "dataset", "source", "model", "policy", "settings", "protocol", "seed", "metric_name",
     "metric", "val_metric", "compute_ratio", "backward_ratio", "skip_rate", "wall_s", "commit",
 )  # fmt: skip
+TEXT_KEYS = ("dataset", "source", "model", "policy", "protocol", "metric_name", "commit")
+NUMBER_KEYS = ("metric", "val_metric", "compute_ratio", "backward_ratio", "skip_rate", "wall_s")
+
+
+def record_problem(record: object) -> str | None:
+    """What makes ``record`` unusable as a run record (missing keys, wrong types), or None."""
+    if not isinstance(record, dict):
+        return f"holds a JSON {type(record).__name__}, not a run record"
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        return f"incomplete record: missing {', '.join(missing)}"
+    wrong = [key for key in TEXT_KEYS if not isinstance(record[key], str)]
+    wrong += [
+        key
+        for key in NUMBER_KEYS
+        if isinstance(record[key], bool) or not isinstance(record[key], int | float)
+    ]
+    if isinstance(record["seed"], bool) or not isinstance(record["seed"], int):
+        wrong.append("seed")
+    if not isinstance(record["settings"], dict):
+        wrong.append("settings")
+    return f"wrong types for {', '.join(wrong)}" if wrong else None
+
+
+def load_record(path: os.PathLike) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a valid run record at ``path``, else ``(None, why not)`` (missing,
+    unreadable, binary garbage, truncated JSON, incomplete)."""
+    try:
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"unreadable ({type(error).__name__}: {str(error)[:100]})"
+    problem = record_problem(record)
+    return (None, problem) if problem else (record, None)
+
+
+def check_writable(folder: os.PathLike) -> None:
+    """Raise OSError saying what to do unless records can be written into ``folder`` (created if
+    needed): checked before any run starts, so no finished work is lost to it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"cannot write records into {folder} ({error.strerror or error}); choose a folder "
+            "you can write to"
+        ) from None
 
 
 def record_name(protocol: str, dataset: str, policy: str, settings_label: str, seed: int) -> str:
@@ -32,7 +83,8 @@ def write_record(path: os.PathLike, record: dict) -> None:
 def read_records(folder: os.PathLike) -> list[dict]:
     """All run records (``*.json`` with the required keys) in ``folder``, sorted by file name.
 
-    Files that are not records are skipped with a warning.
+    Files that are not valid records (unreadable, binary, truncated, incomplete) are skipped
+    with a warning naming each.
 
     Example:
         >>> read_records("benchmarks/results/small-finetune")  # doctest: +SKIP
@@ -44,13 +96,9 @@ def read_records(folder: os.PathLike) -> list[dict]:
         )
     records = []
     for path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            warnings.warn(f"skipping unreadable record {path}: {error}", stacklevel=2)
-            continue
-        if not isinstance(record, dict) or any(key not in record for key in REQUIRED_KEYS):
-            warnings.warn(f"skipping {path}: not a run record (missing keys)", stacklevel=2)
+        record, problem = load_record(path)
+        if problem is not None:
+            warnings.warn(f"skipping {path}: {problem}", stacklevel=2)
             continue
         records.append(record)
     return records

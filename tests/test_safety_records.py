@@ -1,0 +1,125 @@
+"""Finding 5 of the fail-safe issue: results lost or never redone. A truncated or empty record
+counted as done on resume and report left it out silently; one binary record aborted the
+report; an unwritable results folder was found only after every run had trained; two bench
+processes on one folder each ran every run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tinyprop import train
+from tinyprop.bench import report, runner, store
+
+TINY = ["--suite", "tiny", "--protocol", "scratch", "--datasets", "tiny-blobs"]
+DAMAGE = {"truncated": b'{"dataset": "tiny-blobs", "pol', "empty": b"", "binary": os.urandom(300)}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYPROP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The titles of the runs executed (a stand-in run writing a valid record)."""
+    calls = []
+
+    def execute(spec, pretrained=None, write=True):
+        calls.append(spec.title)
+        record = {key: 0.5 for key in store.NUMBER_KEYS} | {key: "x" for key in store.TEXT_KEYS}
+        record |= {"settings": spec.settings, "seed": spec.seed, "metric_name": "accuracy"}
+        store.write_record(spec.path, record)
+        return record
+
+    monkeypatch.setattr(runner, "execute_run", execute)
+    return calls
+
+
+def test_damaged_records_are_run_again_with_a_line_saying_so(tmp_path, counted, capsys):
+    results = tmp_path / "results"
+    argv = TINY + ["--results", str(results)]
+    assert runner.main(argv) == 0 and len(counted) == 6
+    paths = sorted(results.glob("*.json"))
+    for path, content in zip(paths, DAMAGE.values(), strict=False):
+        path.write_bytes(content)
+    incomplete = paths[3]
+    incomplete.write_text('{"dataset": "tiny-blobs"}')
+    counted.clear()
+    capsys.readouterr()
+    assert runner.main(argv) == 0
+    assert len(counted) == 4  # the three damaged ones and the incomplete one, nothing else
+    out = capsys.readouterr().out
+    for path in paths[:4]:
+        assert f"record {path}:" in out and "again" in out
+    assert "incomplete record: missing" in out and "unreadable" in out
+    assert all(store.load_record(path)[0] is not None for path in paths)
+
+
+def test_report_skips_and_names_bad_records(tmp_path, capsys):
+    from test_report import RECORDS, write
+
+    write(tmp_path, RECORDS)
+    for name, content in DAMAGE.items():
+        (tmp_path / f"{name}.json").write_bytes(content)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "types.json").write_text(
+        '{"dataset": 1, ' + ", ".join(f'"{key}": "x"' for key in store.REQUIRED_KEYS[1:]) + "}"
+    )
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    for name in [*DAMAGE, "list", "types"]:
+        assert f"skipping {tmp_path / name}.json" in err
+    assert "| mnist |" in (tmp_path / "report.md").read_text()
+
+
+def _unwritable(tmp_path):
+    """A results path nobody can write to, even root: below a regular file."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return blocker / "results"
+
+
+def test_unwritable_results_fail_before_any_run(tmp_path, counted, capsys):
+    start = time.perf_counter()
+    assert runner.main(TINY + ["--results", str(_unwritable(tmp_path))]) == 2
+    assert time.perf_counter() - start < 5 and counted == []
+    assert "cannot write records into" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="root writes to read-only folders")
+def test_read_only_results_fail_before_any_run(tmp_path, counted, capsys):
+    results = tmp_path / "results"
+    results.mkdir(mode=0o500)
+    assert runner.main(TINY + ["--results", str(results)]) == 2 and counted == []
+
+
+@pytest.mark.parametrize("where", ["unwritable", "folder"])
+def test_train_record_path_is_checked_before_training(tmp_path, counted, capsys, where):
+    record = _unwritable(tmp_path) / "run.json" if where == "unwritable" else tmp_path
+    start = time.perf_counter()
+    argv = ["--dataset", "tiny-blobs", "--suite", "tiny", "--record", str(record)]
+    assert train.main(argv) == 2
+    assert time.perf_counter() - start < 5 and counted == []
+    assert "tinyprop train:" in capsys.readouterr().err
+
+
+def test_two_bench_processes_run_each_run_once(tmp_path):
+    """Two real ``tinyprop bench`` processes on one results folder, started together."""
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "tinyprop.cli", "bench", *TINY, "--results", str(results)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    finished = [int(line.split()[0]) for out in outputs for line in out.splitlines()
+                if " runs finished in " in line]  # fmt: skip
+    assert sum(finished) == 6, outputs  # each of the 6 runs ran in exactly one process
+    assert len(list(results.glob("*.json"))) == 6
+    assert not list(results.glob(".*.claim"))  # every claim released
