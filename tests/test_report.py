@@ -114,10 +114,11 @@ def test_reconstruction_error_tolerance_is_relative():
 
 def test_report_files_table_and_plots(tmp_path, capsys):
     write(tmp_path, RECORDS)
-    (tmp_path / "notes.json").write_text("[1, 2]")  # not a record: skipped with a warning
-    with pytest.warns(UserWarning, match="not a run record"):
-        assert report.main([str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
+    (tmp_path / "notes.json").write_text("[1, 2]")  # not a record: skipped, named on stderr
+    assert report.main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipping {tmp_path / 'notes.json'}: holds a JSON list" in captured.err
+    printed = captured.out
     text = (tmp_path / "report.md").read_text()
     assert printed.strip() == text.strip()
     assert "| mnist | mnist | tinypropv2 | skip_threshold=0.5 | 2 | accuracy 96.00 ± 0.71 |" in text
