@@ -100,4 +100,4 @@ def test_damaged_pretrained_weights_are_trained_again(private_cache, damage):
     with pytest.warns(UserWarning, match="training them again"):
         again = runner.pretrained_state(spec)
     assert all(torch.equal(state[name], again[name]) for name in state)
-    assert protocols.load_state(path) is not None  # the rewritten file verifies
+    assert protocols.load_pretrained(path) is not None  # the rewritten file verifies

@@ -98,27 +98,34 @@ def pretrain_key(dataset: str, source: str, model_name: str, plan: DatasetPlan, 
 
 
 def save_state(state: dict[str, torch.Tensor], path: os.PathLike) -> None:
-    """Write a state_dict atomically (safe with several writers of the same weights), with the
-    SHA-256 of its tensors so that :func:`load_state` can tell a damaged file."""
+    """Write a state_dict atomically (safe with several writers of the same weights)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
-    torch.save({"state_dict": state, "sha256": arrays_digest(state.items())}, temporary)
+    torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def load_state(path: os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The state_dict :func:`save_state` wrote to ``path``; None when there is none, or with a
-    warning when the file is unreadable (truncated, empty) or fails its SHA-256 check, so the
-    caller rebuilds it. Loaded with ``weights_only=True``: nothing in the file is run."""
+def save_pretrained(state: dict[str, torch.Tensor], path: os.PathLike) -> None:
+    """:func:`save_state` for the pretrained-weights cache: the state_dict together with the
+    SHA-256 of its tensors, so that :func:`load_pretrained` can tell a damaged file."""
+    save_state({"state_dict": state, "sha256": arrays_digest(state.items())}, path)
+
+
+def load_pretrained(path: os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The state_dict :func:`save_pretrained` wrote to ``path``; None when there is none, or with
+    a warning when the file is unreadable (truncated, empty) or fails its SHA-256 check, so the
+    caller trains it again. Loaded with ``weights_only=True``: nothing in the file is run."""
     if not os.path.isfile(path):
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        state, recorded = saved["state_dict"], saved["sha256"]
-        if recorded == arrays_digest(state.items()):
-            return state
-        problem = "does not match the SHA-256 recorded when it was written"
+        if not isinstance(saved, dict) or "sha256" not in saved:
+            problem = "has no recorded SHA-256 (written by an older tinyprop)"
+        elif saved["sha256"] == arrays_digest(saved["state_dict"].items()):
+            return saved["state_dict"]
+        else:
+            problem = "does not match the SHA-256 recorded when it was written"
     except Exception as error:  # torch.load raises many kinds on a damaged file
         first_line = (str(error).splitlines() or [""])[0][:120]
         problem = f"is unreadable ({type(error).__name__}: {first_line})"

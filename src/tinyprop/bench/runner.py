@@ -193,7 +193,7 @@ def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
         input_shape=pool.input_shape, num_classes=pool.num_classes,
     )  # fmt: skip
     path = cache_dir() / "pretrained" / f"{spec.dataset}-seed{spec.seed}-{key}.pt"
-    state = protocols.load_state(path)  # None when absent, damaged or changed: trained again
+    state = protocols.load_pretrained(path)  # None when absent, damaged or changed: trained again
     if state is not None:
         return state
     pretrain_dense(
@@ -207,7 +207,7 @@ def pretrained_state(spec: RunSpec) -> dict[str, torch.Tensor]:
         autoencoder=models.is_autoencoder(model_dataset),
     )
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    protocols.save_state(state, path)
+    protocols.save_pretrained(state, path)
     return state
 
 

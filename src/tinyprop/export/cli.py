@@ -96,9 +96,9 @@ def _load(args) -> tuple[nn.Module, tuple[int, ...] | None]:
         try:
             model.load_state_dict(loaded)
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0]
+            detail = " ".join(str(error).split())[:300]  # the missing and unexpected keys
             raise ValueError(
-                f"{args.model_file} does not fit the {args.model} reference model ({first_line})"
+                f"{args.model_file} does not fit the {args.model} reference model ({detail})"
             ) from None
         return model, shape
     if not isinstance(loaded, nn.Module):
