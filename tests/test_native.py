@@ -229,16 +229,20 @@ def test_batch_of_one_native_weight_gradient_has_k_rows(monkeypatch):
         assert int((layer.weight.grad.abs().sum(1) > 0).sum()) == k, name
 
 
-def test_native_kernels_stay_in_bounds_under_sanitizers(tmp_path):
-    """tests/native/sanitize.c drives every kernel with random shapes, exactly-sized buffers
-    and any floats (NaN, ±Inf, denormals), built with AddressSanitizer and UBSan (and AVX2
-    where the CPU has it), and checks every top-k output and status against the rule."""
+@pytest.mark.parametrize(
+    "sanitizers, cases", [("address,undefined", 2000), ("thread", 300)], ids=["asan", "tsan"]
+)
+def test_native_kernels_stay_in_bounds_under_sanitizers(tmp_path, sanitizers, cases):
+    """tests/native/sanitize.c drives every kernel with random shapes, exactly-sized buffers,
+    any floats (NaN, ±Inf, denormals) and 1 to 4 threads, built with AddressSanitizer and UBSan
+    (and AVX2 where the CPU has it), then with ThreadSanitizer (no data race), and checks every
+    top-k output and status against the rule."""
     binary = tmp_path / "sanitize"
     source = Path(__file__).with_name("native") / "sanitize.c"
-    flags = ["-O1", "-g", "-std=c99", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    flags = ["-O1", "-g", "-std=c99", f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all"]
     command = [native._compiler(), *flags, "-march=native", str(source), str(native.SOURCE)]
     subprocess.run([*command, "-lm", "-o", str(binary)], check=True, capture_output=True)
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(binary), str(cases)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
 
@@ -265,3 +269,42 @@ def test_without_a_compiler_tinyprop_warns_and_trains_with_pytorch_kernels(tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[2, 2, 2]"
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_native_kernels_are_identical_at_every_thread_count(threads, monkeypatch):
+    """Each kernel splits its work along outputs no two threads share, every output summed in
+    the same order: bit-identical results whatever torch's thread count."""
+    monkeypatch.setattr(native, "SELECTION_GRAIN", 1)  # split even these small problems
+    monkeypatch.setattr(native, "BACKWARD_GRAIN", 1)
+    generator = torch.Generator().manual_seed(threads)
+    delta = torch.randn(7, 3000, generator=generator) * (torch.rand(7, 3000) < 0.3)
+    keep = torch.randint(1, 400, (7,), generator=generator)
+    x, weight = torch.randn(7, 300, generator=generator), torch.randn(3000, 300)
+    images = torch.randn(5, 9, 9, 6, generator=generator)  # (B, Hp, Wp, C_in), 2 groups
+    kernels = torch.randn(8, 3, 3, 3, generator=generator)  # (C_out, kh, kw, C_in / G)
+    shape = (5, 9, 9, 6, 8, 3, 3, 7, 7, 1, 1, 1, 1, 2)
+    conv_row_start = torch.tensor([0, 40, 40, 90, 150, 200])
+    conv_column = torch.randint(0, 8 * 49, (200,), generator=generator)
+    conv_value = torch.randn(200, generator=generator)
+
+    def run():
+        rows, columns, values = native.topk(delta, keep)
+        masked = native.topk(delta.double(), keep, masked=True)
+        row_start = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0)])
+        linear = native.linear_backward(x, weight, row_start, columns, values, True, True)
+        conv = native.conv_backward(
+            images, kernels, shape, conv_row_start, conv_column, conv_value, True, True
+        )
+        return [rows, columns, values, masked, *linear, *conv]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(threads)
+        assert native.threads_for(10**9, 1) == threads
+        for one, many in zip(single, run(), strict=True):
+            assert torch.equal(one, many)
+    finally:
+        torch.set_num_threads(before)

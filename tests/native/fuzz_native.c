@@ -2,7 +2,7 @@
  *
  * The fuzz input chooses a kernel (top-k in float32 or float64, Linear or convolution
  * backward), its shapes, keep counts (sometimes out of range), which outputs are wanted, and
- * the floats: a palette of eight arbitrary bit patterns (NaN, ±Inf, denormals, huge) drawn
+ * the thread count (1 to 3), and the floats: a palette of eight arbitrary bit patterns (NaN, ±Inf, denormals, huge) drawn
  * from in runs, so rows hold ties, zeros and the rare NaN alike. Every buffer is exactly as
  * long as the Python wrappers allocate, so AddressSanitizer catches any access past it. The
  * harness aborts when a status is not the documented one (0; -1 for a bad keep or index;
@@ -15,14 +15,14 @@
 #include "check_topk.h"
 
 int tp_topk_f32(const float *, int64_t, int64_t, const int64_t *, int64_t *, float *, float *,
-                float *, int64_t *);
+                float *, int64_t *, int64_t);
 int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, double *,
-                double *, double *, int64_t *);
+                double *, double *, int64_t *, int64_t);
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
-                           int64_t *, int64_t *, float *);
+                           int64_t *, int64_t *, float *, int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
-                         const int64_t *, const float *, float *, float *);
+                         const int64_t *, const float *, float *, float *, int64_t);
 
 typedef struct {
     const uint8_t *data;
@@ -84,14 +84,16 @@ static void fuzz_topk(reader *r, int wide) {
     if (bad_keep) expected = -1;
     total = total > 0 ? total : 1;
     int64_t *columns = (flags & 1) ? malloc(sizeof(int64_t) * total) : NULL;
-    int64_t *index = malloc(sizeof(int64_t) * n);
+    int64_t threads = 1 + (flags >> 4) % 3;
+    int64_t *index = malloc(sizeof(int64_t) * threads * n);
     size_t size = wide ? sizeof(double) : sizeof(float);
     void *values = (flags & 2) ? malloc(size * total) : NULL;
     void *masked = (flags & 4) ? malloc(size * rows * n) : NULL;
-    void *scratch = malloc(size * 2 * n);
+    void *scratch = malloc(size * threads * 2 * n);
     int status = wide ? tp_topk_f64(wide_delta, rows, n, keep, columns, values, masked, scratch,
-                                    index)
-                      : tp_topk_f32(delta, rows, n, keep, columns, values, masked, scratch, index);
+                                    index, threads)
+                      : tp_topk_f32(delta, rows, n, keep, columns, values, masked, scratch, index,
+                                    threads);
     if (status != expected) abort();
     for (int64_t r_ = 0, at = 0; status == 0 && columns && r_ < rows; at += keep[r_++]) {
         int valid = wide ? topk_row_is_valid_f64(wide_delta + r_ * n, n, keep[r_], columns + at,
@@ -129,7 +131,7 @@ static int64_t kept_entries(reader *r, int64_t batch, int64_t n, int64_t *row_st
 }
 
 static void fuzz_linear(reader *r) {
-    int64_t batch = 1 + byte(r) % 6, n = 1 + byte(r) % 48, m = 1 + byte(r) % 48;
+    int64_t batch = 1 + byte(r) % 6, n = 1 + byte(r) % 48, m = 1 + byte(r) % 80;
     uint8_t flags = byte(r), spread = byte(r);
     float *x = malloc(sizeof(float) * batch * m), *weight = malloc(sizeof(float) * n * m);
     fill(r, x, batch * m, spread), fill(r, weight, n * m, spread);
@@ -144,7 +146,7 @@ static void fuzz_linear(reader *r) {
     float *by_value = malloc(sizeof(float) * (nnz + 1));
     int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
                                         grad_weight, grad_input, column_start, by_sample,
-                                        by_value);
+                                        by_value, 1 + (flags >> 4) % 3);
     if (status != expected) abort();
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input), free(column_start), free(by_sample), free(by_value);
@@ -172,7 +174,7 @@ static void fuzz_conv(reader *r) {
     float *grad_weight = (flags & 1) ? malloc(sizeof(float) * w_size) : NULL;
     float *grad_input = (flags & 2) ? malloc(sizeof(float) * x_size) : NULL;
     int status = tp_conv_backward_f32(x, weight, shape, row_start, column, value, grad_weight,
-                                      grad_input);
+                                      grad_input, 1 + (flags >> 4) % 3);
     if (status != expected) abort();
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input);

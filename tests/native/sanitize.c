@@ -1,6 +1,7 @@
 /* Random shapes through every native kernel, built with -fsanitize=address,undefined by
  * tests/test_native.py: no read or write outside the buffers the Python wrappers allocate, on
- * any float input (NaN, ±Inf and denormals included), and every top-k output is checked. */
+ * any float input (NaN, ±Inf and denormals included) and 1 to 4 threads (also built with
+ * -fsanitize=thread: no data race), and every top-k output is checked. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -9,14 +10,14 @@
 #include "check_topk.h"
 
 int tp_topk_f32(const float *, int64_t, int64_t, const int64_t *, int64_t *, float *, float *,
-                float *, int64_t *);
+                float *, int64_t *, int64_t);
 int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, double *,
-                double *, double *, int64_t *);
+                double *, double *, int64_t *, int64_t);
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
-                           int64_t *, int64_t *, float *);
+                           int64_t *, int64_t *, float *, int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
-                         const int64_t *, const float *, float *, float *);
+                         const int64_t *, const float *, float *, float *, int64_t);
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
@@ -37,7 +38,7 @@ static float entry(int kind) {
 
 /* Exactly-sized buffers, so the sanitizer sees overruns; checks the status (0, -1 for a bad
  * keep, 1 + the first row holding NaN or ±Inf) and, when 0, every row's kept entries. */
-static int check_topk(int64_t rows, int64_t n) {
+static int check_topk(int64_t rows, int64_t n, int64_t threads) {
     float *delta = malloc(sizeof(float) * rows * n), *masked = malloc(sizeof(float) * rows * n);
     double *wide = malloc(sizeof(double) * rows * n), *wide_masked = malloc(sizeof(double) * rows * n);
     int64_t *keep = malloc(sizeof(int64_t) * rows), total = 0;
@@ -56,14 +57,17 @@ static int check_topk(int64_t rows, int64_t n) {
         expected = -1;
     }
     total = total > 0 ? total : 1;
-    int64_t *columns = malloc(sizeof(int64_t) * total), *index = malloc(sizeof(int64_t) * n);
-    float *values = malloc(sizeof(float) * total), *scratch = malloc(sizeof(float) * 2 * n);
+    int64_t *columns = malloc(sizeof(int64_t) * total);
+    int64_t *index = malloc(sizeof(int64_t) * threads * n);
+    float *values = malloc(sizeof(float) * total);
+    float *scratch = malloc(sizeof(float) * threads * 2 * n);
     double *wide_values = malloc(sizeof(double) * total);
-    double *wide_scratch = malloc(sizeof(double) * 2 * n);
+    double *wide_scratch = malloc(sizeof(double) * threads * 2 * n);
     int64_t *wide_columns = malloc(sizeof(int64_t) * total);
-    int status = tp_topk_f32(delta, rows, n, keep, columns, values, masked, scratch, index);
+    int status = tp_topk_f32(delta, rows, n, keep, columns, values, masked, scratch, index,
+                             threads);
     int wide_status = tp_topk_f64(wide, rows, n, keep, wide_columns, wide_values, wide_masked,
-                                  wide_scratch, index);
+                                  wide_scratch, index, threads);
     int failed = status != expected || wide_status != expected;
     for (int64_t r = 0, at = 0; !failed && status == 0 && r < rows; at += keep[r++]) {
         failed |= !topk_row_is_valid_f32(delta + r * n, n, keep[r], columns + at, values + at,
@@ -95,7 +99,7 @@ static int64_t kept_entries(int64_t batch, int64_t n, int64_t *row_start, int64_
     return nnz;
 }
 
-static int check_linear(int64_t batch, int64_t n, int64_t m) {
+static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     int kind = rand() % 5; /* NaN and ±Inf flow into the gradients, nothing else */
     float *x = malloc(sizeof(float) * batch * m), *weight = malloc(sizeof(float) * n * m);
     for (int64_t i = 0; i < batch * m; i++) x[i] = entry(kind);
@@ -109,13 +113,13 @@ static int check_linear(int64_t batch, int64_t n, int64_t m) {
     float *by_value = malloc(sizeof(float) * (nnz + 1));
     int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
                                         grad_weight, grad_input, column_start, by_sample,
-                                        by_value);
+                                        by_value, threads);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input), free(column_start), free(by_sample), free(by_value);
     return status;
 }
 
-static int check_conv(void) {
+static int check_conv(int64_t threads) {
     int kind = rand() % 5;
     int64_t groups = 1 + rand() % 3, cg = 1 + rand() % 3, per_group = 1 + rand() % 3;
     int64_t kh = 1 + rand() % 3, kw = 1 + rand() % 3, sh = 1 + rand() % 2, sw = 1 + rand() % 2;
@@ -134,20 +138,23 @@ static int check_conv(void) {
     float *grad_weight = malloc(sizeof(float) * cout * kh * kw * cg);
     float *grad_input = malloc(sizeof(float) * batch * in_h * in_w * cin);
     int status = tp_conv_backward_f32(x, weight, shape, row_start, column, value, grad_weight,
-                                      grad_input);
+                                      grad_input, threads);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input);
     return status;
 }
 
-int main(void) {
+/* argv[1]: how many random cases of each kernel (default 2000 top-k, 300 of the others). */
+int main(int argc, char **argv) {
+    int cases = argc > 1 ? atoi(argv[1]) : 2000;
     srand(7);
-    for (int trial = 0; trial < 2000; trial++)
-        if (check_topk(1 + rand() % 4, 1 + rand() % 3000)) return 1;
-    for (int trial = 0; trial < 300; trial++)
-        if (check_linear(1 + rand() % 6, 1 + rand() % 40, 1 + rand() % 40)) return 1;
-    for (int trial = 0; trial < 300; trial++)
-        if (check_conv()) return 1;
+    for (int trial = 0; trial < cases; trial++)
+        if (check_topk(1 + rand() % 4, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_linear(1 + rand() % 6, 1 + rand() % 40, 1 + rand() % 80, 1 + rand() % 4))
+            return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_conv(1 + rand() % 4)) return 1;
     puts("ok");
     return 0;
 }

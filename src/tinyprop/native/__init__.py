@@ -42,14 +42,26 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     for name in ("tp_topk_f32", "tp_topk_f64"):
-        getattr(lib, name).argtypes = [_pointer, _int64, _int64, _pointer] + [_pointer] * 5
+        getattr(lib, name).argtypes = [_pointer, _int64, _int64] + [_pointer] * 6 + [_int64]
         getattr(lib, name).restype = ctypes.c_int
     lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
-    lib.tp_linear_backward_f32.argtypes += [_pointer] * 8
+    lib.tp_linear_backward_f32.argtypes += [_pointer] * 8 + [_int64]
     lib.tp_linear_backward_f32.restype = ctypes.c_int
-    lib.tp_conv_backward_f32.argtypes = [_pointer] * 8
+    lib.tp_conv_backward_f32.argtypes = [_pointer] * 8 + [_int64]
     lib.tp_conv_backward_f32.restype = ctypes.c_int
     return lib
+
+
+# Work (entries scanned, multiply-accumulates) below which another thread costs more than it
+# saves: starting one takes tens of microseconds.
+SELECTION_GRAIN = 1 << 15  # entries of δ per part
+BACKWARD_GRAIN = 1 << 17  # multiply-accumulates per part
+
+
+def threads_for(work: int, grain: int) -> int:
+    """How many parts a kernel splits ``work`` into: torch's thread count at most, each part
+    at least ``grain``. The results do not depend on it (see kernels.c)."""
+    return max(1, min(torch.get_num_threads(), work // grain))
 
 
 def _address(tensor: Tensor | None) -> int | None:
@@ -107,8 +119,9 @@ def topk(
             f"{tuple(keep.shape)}"
         )
     samples, size = delta.shape
-    scratch = torch.empty(2 * size, dtype=delta.dtype)  # (2 N,)
-    index_scratch = torch.empty(size, dtype=torch.int64)  # (N,)
+    threads = threads_for(delta.numel(), SELECTION_GRAIN)  # parts of the rows
+    scratch = torch.empty(threads, 2 * size, dtype=delta.dtype)  # (T, 2 N)
+    index_scratch = torch.empty(threads, size, dtype=torch.int64)  # (T, N)
     columns = values = output = None
     if masked:
         output = torch.empty_like(delta)  # (B, N)
@@ -120,7 +133,7 @@ def topk(
     status = function(
         delta.data_ptr(), samples, size, keep.data_ptr(),
         _address(columns), _address(values), _address(output), scratch.data_ptr(),
-        index_scratch.data_ptr(),
+        index_scratch.data_ptr(), threads,
     )  # fmt: skip
     _check_selection(status, delta, keep)
     if masked:
@@ -182,6 +195,7 @@ def linear_backward(
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input),
         column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr(),
+        threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN),
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
@@ -242,6 +256,7 @@ def conv_backward(
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input),
+        threads_for(column.numel() * kh * kw * (channels_in // groups), BACKWARD_GRAIN),
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")

@@ -4,18 +4,122 @@
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each, in one pass over the weight's rows.
+ * tp_conv_backward_f32: the same for a convolution, channels-last.
  *
- * Plain C99; every buffer is caller-owned (PyTorch tensors), nothing is allocated here.
+ * Each kernel cuts its work into parts along an axis whose outputs no two parts share (rows of δ
+ * for top-k, input features for the Linear backward, output channels then samples for the
+ * convolution) and runs them on up to `threads` POSIX threads, the caller's among them. Every
+ * output is computed by the same operations in the same order whatever the thread count, so
+ * results are identical at every thread count.
+ *
+ * C99 with POSIX threads; every buffer is caller-owned (PyTorch tensors); the only allocation
+ * is the small record of a threaded call's parts.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <float.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #if defined(__AVX2__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
 #include <string.h>
+
+/* One part of a kernel's work: the part-th of `parts` slices of its outputs, done by worker
+ * `worker` (0 .. threads - 1, e.g. to pick its scratch); returns a status. */
+typedef int (*part_body)(const void *context, int64_t part, int64_t parts, int64_t worker);
+
+/* The parts of one kernel call, shared by the threads working on it. Parts are handed out in
+ * order from `next`, so a thread that starts late (on a busy machine) simply takes fewer; the
+ * last thread to let go of the job frees it, so one that starts after the call has returned
+ * finds no part left and touches nothing else. */
+typedef struct {
+    part_body body;
+    const void *context;
+    int64_t parts, next, done, workers; /* next, workers, users: atomics; done: under lock */
+    int users;
+    pthread_mutex_t lock;
+    pthread_cond_t finished;
+    int status[]; /* (parts,) */
+} part_job;
+
+static void work_on(part_job *job, int64_t worker) {
+    int64_t part;
+    while ((part = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < job->parts) {
+        job->status[part] = job->body(job->context, part, job->parts, worker);
+        pthread_mutex_lock(&job->lock);
+        if (++job->done == job->parts) pthread_cond_signal(&job->finished);
+        pthread_mutex_unlock(&job->lock);
+    }
+}
+
+static void let_go(part_job *job) {
+    if (__atomic_sub_fetch(&job->users, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&job->lock);
+        pthread_cond_destroy(&job->finished);
+        free(job);
+    }
+}
+
+static void *helper(void *argument) {
+    part_job *job = argument;
+    work_on(job, __atomic_fetch_add(&job->workers, 1, __ATOMIC_RELAXED));
+    let_go(job);
+    return NULL;
+}
+
+/* Runs body for parts 0 .. parts - 1 on the calling thread and up to threads - 1 detached
+ * helper threads (alone when a job or a thread cannot be had); returns the first non-zero
+ * status in part order, as a single thread stopping at the first error would. */
+static int run_parts(part_body body, const void *context, int64_t parts, int64_t threads) {
+    part_job *job = NULL;
+    if (threads > 1 && parts > 1) job = malloc(sizeof *job + (size_t)parts * sizeof(int));
+    if (job == NULL) {
+        for (int64_t part = 0; part < parts; part++) {
+            int status = body(context, part, parts, 0);
+            if (status) return status;
+        }
+        return 0;
+    }
+    *job = (part_job){.body = body, .context = context, .parts = parts, .workers = 1, .users = 1};
+    pthread_mutex_init(&job->lock, NULL);
+    pthread_cond_init(&job->finished, NULL);
+    pthread_attr_t detached;
+    pthread_attr_init(&detached);
+    pthread_attr_setdetachstate(&detached, PTHREAD_CREATE_DETACHED);
+    for (int64_t t = 1; t < threads && t < parts; t++) {
+        pthread_t handle;
+        __atomic_add_fetch(&job->users, 1, __ATOMIC_ACQ_REL);
+        if (pthread_create(&handle, &detached, helper, job) != 0)
+            __atomic_sub_fetch(&job->users, 1, __ATOMIC_ACQ_REL);
+    }
+    pthread_attr_destroy(&detached);
+    work_on(job, 0);
+    pthread_mutex_lock(&job->lock);
+    while (job->done < job->parts) pthread_cond_wait(&job->finished, &job->lock);
+    pthread_mutex_unlock(&job->lock);
+    int status = 0;
+    for (int64_t part = 0; part < parts && !status; part++) status = job->status[part];
+    let_go(job);
+    return status;
+}
+
+/* Start of the part-th of `parts` slices of [0, n), a multiple of `align` (the last ends at n). */
+static int64_t slice_start(int64_t n, int64_t part, int64_t parts, int64_t align) {
+    if (part >= parts) return n;
+    int64_t at = n / parts * part + n % parts * part / parts;
+    return at - at % align;
+}
+
+/* How many parts to cut `size` units into for `threads` threads: four per thread (so a thread
+ * that starts late leaves its share to the others), one unit at least each. */
+static int64_t parts_for(int64_t size, int64_t threads) {
+    int64_t parts = 4 * threads;
+    return parts < size ? parts : size < 1 ? 1 : size;
+}
 
 /* Quickselect with a three-way partition (many equal scores stay linear): returns the value of
  * rank `index` (ascending) of a[0:n], reordering a. */
@@ -111,11 +215,11 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
 /* Per row of delta (rows, n): keep the keep[r] entries of largest |δ|, ties to the lower index
  * (keep in [1, n]). Writes, each when not NULL: columns (Σ keep,) the kept indices row by row
  * in ascending order, values (Σ keep,) δ there, masked (rows, n) δ at the kept entries and 0
- * elsewhere; never more than keep[r] entries per row. scratch (2 n,) of T, index_scratch (n,).
- * Returns 0; -1 when a keep is outside [1, n] (checked before anything is written); 1 + r when
- * row r holds a NaN or ±Inf (no k largest |δ| exist: the outputs of rows >= r are unspecified,
- * nothing is written outside them); -2 if the kept entries did not add up to keep[r] (a broken
- * invariant, never expected).
+ * elsewhere; never more than keep[r] entries per row. scratch (threads, 2 n) of T,
+ * index_scratch (threads, n): one slice per thread. Returns 0; -1 when a keep is outside
+ * [1, n] (checked before anything is written); 1 + r when row r holds a NaN or ±Inf (no k largest |δ| exist: the outputs of the rows from r
+ * on are unspecified, nothing is written outside them); -2 if the kept entries did not add up to
+ * keep[r] (a broken invariant, never expected).
  *
  * Finding the k-th largest |δ| t: when k is small against n, a strided sample of 64 (256 for
  * long rows) entries gives a bound e a little below t (the sample's value of rank k · 64 / n
@@ -124,90 +228,121 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
  * Every other entry is below e <= t, so t and its ties are among the candidates. If fewer than
  * k entries reach e (a bad sample), or k is large, the candidates are all non-zero |δ|. */
 #define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST, LARGEST)                                       \
-    int tp_topk_##SUFFIX(const T *delta, int64_t rows, int64_t n, const int64_t *keep,       \
-                         int64_t *columns, T *values, T *masked, T *scratch,                 \
-                         int64_t *index_scratch) {                                           \
+    /* One row: 0, 1 when it holds NaN or ±Inf, -2 on a broken invariant. */                 \
+    static int topk_row_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t *columns,       \
+                                 T *values, T *masked, T *scratch, int64_t *index) {         \
         enum { SAMPLE = 64 };                                                                \
         T *magnitude = scratch, *work = scratch + n;                                         \
-        for (int64_t r = 0; r < rows; r++)                                                   \
-            if (keep[r] < 1 || keep[r] > n) return -1;                                       \
-        for (int64_t r = 0; r < rows; r++) {                                                 \
-            const T *row = delta + r * n;                                                    \
-            int64_t k = keep[r], count = 0;                                                  \
-            int64_t *index = index_scratch; /* the candidates, ascending */                  \
-            if (n >= 4 * SAMPLE && 8 * k <= n) {                                             \
-                int64_t sample = n >= 16 * SAMPLE ? 4 * SAMPLE : SAMPLE;                     \
-                for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[i * (n / sample)]);   \
-                double expected = (double)k * (double)sample / (double)n; /* rank of t */    \
-                int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */    \
-                T bound = kth_largest_##SUFFIX(work, sample, rank + 1, magnitude);           \
-                count = collect_##SUFFIX(row, n, bound, index, magnitude);                   \
-            }                                                                                \
-            if (count < k) /* no usable bound: every non-zero entry is a candidate */        \
-                count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                \
-            for (int64_t c = 0; c < count; c++) /* every NaN and ±Inf is a candidate */      \
-                if (!(magnitude[c] <= LARGEST)) return r < INT_MAX - 1 ? (int)r + 1 : INT_MAX; \
-            T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */    \
-            if (count >= k) {                                                                \
-                threshold = kth_largest_##SUFFIX(magnitude, count, k, work);                 \
-            }                                                                                \
-            int64_t room = k; /* ties at the threshold go to the lower index */              \
-            for (int64_t c = 0; c < count; c++) room -= magnitude[c] > threshold;            \
-            if (masked) memset(masked + r * n, 0, (size_t)n * sizeof(T));                    \
-            int64_t written = 0;                                                             \
-            if (threshold == 0) { /* every non-zero entry, then the first zeros */           \
-                for (int64_t i = 0; i < n && written < k; i++) {                             \
-                    if (row[i] != 0 || room-- > 0) {                                         \
-                        if (columns) columns[written] = i;                                   \
-                        if (values) values[written] = row[i];                                \
-                        if (masked) masked[r * n + i] = row[i];                              \
-                        written++;                                                           \
-                    }                                                                        \
-                }                                                                            \
-            } else {                                                                         \
-                for (int64_t c = 0; c < count && written < k; c++) {                         \
-                    T a = magnitude[c];                                                      \
-                    int64_t i = index[c], tie = a == threshold;                              \
-                    if (!((a > threshold) | (tie & (room > 0)))) continue;                   \
-                    room -= tie;                                                             \
+        int64_t count = 0; /* candidates index[0:count], ascending, |δ| in magnitude */      \
+        if (n >= 4 * SAMPLE && 8 * k <= n) {                                                 \
+            int64_t sample = n >= 16 * SAMPLE ? 4 * SAMPLE : SAMPLE;                         \
+            for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[i * (n / sample)]);       \
+            double expected = (double)k * (double)sample / (double)n; /* rank of t */        \
+            int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */        \
+            T bound = kth_largest_##SUFFIX(work, sample, rank + 1, magnitude);               \
+            count = collect_##SUFFIX(row, n, bound, index, magnitude);                       \
+        }                                                                                    \
+        if (count < k) /* no usable bound: every non-zero entry is a candidate */            \
+            count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                    \
+        for (int64_t c = 0; c < count; c++) /* every NaN and ±Inf is a candidate */          \
+            if (!(magnitude[c] <= LARGEST)) return 1;                                        \
+        T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */        \
+        if (count >= k) threshold = kth_largest_##SUFFIX(magnitude, count, k, work);         \
+        int64_t room = k; /* ties at the threshold go to the lower index */                  \
+        for (int64_t c = 0; c < count; c++) room -= magnitude[c] > threshold;                \
+        if (masked) memset(masked, 0, (size_t)n * sizeof(T));                                \
+        int64_t written = 0;                                                                 \
+        if (threshold == 0) { /* every non-zero entry, then the first zeros */               \
+            for (int64_t i = 0; i < n && written < k; i++) {                                 \
+                if (row[i] != 0 || room-- > 0) {                                             \
                     if (columns) columns[written] = i;                                       \
                     if (values) values[written] = row[i];                                    \
-                    if (masked) masked[r * n + i] = row[i];                                  \
+                    if (masked) masked[i] = row[i];                                          \
                     written++;                                                               \
                 }                                                                            \
             }                                                                                \
-            if (written != k) return -2;                                                     \
-            if (columns) columns += k;                                                       \
-            if (values) values += k;                                                         \
+        } else {                                                                             \
+            for (int64_t c = 0; c < count && written < k; c++) {                             \
+                T a = magnitude[c];                                                          \
+                int64_t i = index[c], tie = a == threshold;                                  \
+                if (!((a > threshold) | (tie & (room > 0)))) continue;                       \
+                room -= tie;                                                                 \
+                if (columns) columns[written] = i;                                           \
+                if (values) values[written] = row[i];                                        \
+                if (masked) masked[i] = row[i];                                              \
+                written++;                                                                   \
+            }                                                                                \
+        }                                                                                    \
+        return written == k ? 0 : -2;                                                        \
+    }                                                                                        \
+                                                                                             \
+    typedef struct {                                                                         \
+        const T *delta;                                                                      \
+        int64_t rows, n;                                                                     \
+        const int64_t *keep;                                                                 \
+        int64_t *columns;                                                                    \
+        T *values, *masked, *scratch;                                                        \
+        int64_t *index_scratch;                                                              \
+    } topk_##SUFFIX##_call;                                                                  \
+                                                                                             \
+    static int topk_part_##SUFFIX(const void *context, int64_t part, int64_t parts,          \
+                                  int64_t worker) {                                          \
+        const topk_##SUFFIX##_call *c = context;                                             \
+        int64_t n = c->n, first = slice_start(c->rows, part, parts, 1);                      \
+        int64_t end = slice_start(c->rows, part + 1, parts, 1), at = 0;                      \
+        for (int64_t r = 0; r < first; r++) at += c->keep[r]; /* this part's first slot */   \
+        for (int64_t r = first; r < end; r++) {                                              \
+            int status = topk_row_##SUFFIX(                                                  \
+                c->delta + r * n, n, c->keep[r], c->columns ? c->columns + at : NULL,        \
+                c->values ? c->values + at : NULL, c->masked ? c->masked + r * n : NULL,     \
+                c->scratch + worker * 2 * n, c->index_scratch + worker * n);                 \
+            if (status == 1) return r < INT_MAX - 1 ? (int)r + 1 : INT_MAX;                  \
+            if (status) return status;                                                       \
+            at += c->keep[r];                                                                \
         }                                                                                    \
         return 0;                                                                            \
+    }                                                                                        \
+                                                                                             \
+    int tp_topk_##SUFFIX(const T *delta, int64_t rows, int64_t n, const int64_t *keep,       \
+                         int64_t *columns, T *values, T *masked, T *scratch,                 \
+                         int64_t *index_scratch, int64_t threads) {                          \
+        for (int64_t r = 0; r < rows; r++)                                                   \
+            if (keep[r] < 1 || keep[r] > n) return -1;                                       \
+        topk_##SUFFIX##_call call = {delta, rows, n, keep, columns, values, masked, scratch, \
+                                     index_scratch};                                         \
+        return run_parts(topk_part_##SUFFIX, &call, parts_for(rows, threads), threads);      \
     }
 
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
 
-/* out[0:m] = Σ_t value[t] · source[sample[t]][0:m] over `count` terms (zeros for none), four at
- * a time after the first so the accumulator row is loaded and stored once per four terms. */
-static void accumulate_rows(float *restrict out, const float *restrict source, int64_t m,
-                            const int64_t *sample, const float *value, int64_t count) {
+/* out[0:width] = Σ_t value[t] · source[sample[t] · stride + 0:width] over `count` terms (zeros
+ * for none), four at a time after the first so the accumulator is loaded and stored once per
+ * four terms. */
+static void accumulate_rows(float *restrict out, const float *restrict source, int64_t stride,
+                            int64_t width, const int64_t *sample, const float *value,
+                            int64_t count) {
     if (count == 0) {
-        memset(out, 0, (size_t)m * sizeof(float));
+        memset(out, 0, (size_t)width * sizeof(float));
         return;
     }
-    const float *first = source + sample[0] * m;
-    for (int64_t i = 0; i < m; i++) out[i] = value[0] * first[i];
+    const float *first = source + sample[0] * stride;
+    for (int64_t i = 0; i < width; i++) out[i] = value[0] * first[i];
     sample++, value++, count--;
     int64_t t = 0;
     for (; t + 4 <= count; t += 4) {
-        const float *restrict x0 = source + sample[t] * m, *restrict x1 = source + sample[t + 1] * m;
-        const float *restrict x2 = source + sample[t + 2] * m, *restrict x3 = source + sample[t + 3] * m;
+        const float *restrict x0 = source + sample[t] * stride;
+        const float *restrict x1 = source + sample[t + 1] * stride;
+        const float *restrict x2 = source + sample[t + 2] * stride;
+        const float *restrict x3 = source + sample[t + 3] * stride;
         float v0 = value[t], v1 = value[t + 1], v2 = value[t + 2], v3 = value[t + 3];
-        for (int64_t i = 0; i < m; i++) out[i] += v0 * x0[i] + v1 * x1[i] + v2 * x2[i] + v3 * x3[i];
+        for (int64_t i = 0; i < width; i++)
+            out[i] += v0 * x0[i] + v1 * x1[i] + v2 * x2[i] + v3 * x3[i];
     }
     for (; t < count; t++) {
-        const float *restrict x = source + sample[t] * m;
+        const float *restrict x = source + sample[t] * stride;
         float v = value[t];
-        for (int64_t i = 0; i < m; i++) out[i] += v * x[i];
+        for (int64_t i = 0; i < width; i++) out[i] += v * x[i];
     }
 }
 
@@ -219,20 +354,57 @@ static int valid_offsets(const int64_t *row_start, int64_t batch) {
     return 1;
 }
 
+typedef struct {
+    const float *x, *weight;
+    int64_t batch, n, m;
+    const int64_t *column_start, *by_column_sample;
+    const float *by_column_value;
+    float *grad_weight, *grad_input;
+} linear_call;
+
+/* Input features [first, end) of both gradients (a multiple of 16 wide, but the last). */
+static int linear_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const linear_call *c = context;
+    int64_t m = c->m, first = slice_start(m, part, parts, 16);
+    int64_t width = slice_start(m, part + 1, parts, 16) - first;
+    if (c->grad_weight)
+        for (int64_t j = 0; j < c->n; j++) {
+            int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
+            accumulate_rows(c->grad_weight + j * m + first, c->x + first, m, width,
+                            c->by_column_sample + start, c->by_column_value + start, count);
+        }
+    if (c->grad_input) {
+        for (int64_t s = 0; s < c->batch; s++)
+            memset(c->grad_input + s * m + first, 0, (size_t)width * sizeof(float));
+        for (int64_t j = 0; j < c->n; j++) { /* weight row j is read once, for every sample */
+            int64_t start = c->column_start[j], end = c->column_start[j + 1];
+            const float *restrict w = c->weight + j * m + first;
+            for (int64_t t = start; t < end; t++) {
+                float *restrict out = c->grad_input + c->by_column_sample[t] * m + first;
+                float v = c->by_column_value[t];
+                for (int64_t i = 0; i < width; i++) out[i] += v * w[i];
+            }
+        }
+    }
+    return 0;
+}
+
 /* Linear backward from the kept entries of δ, given by sample (CSR):
  *   row_start (batch + 1,), column (nnz,) output index j, value (nnz,) δ[s, j].
  * x (batch, m), weight (n, m). Writes (when not NULL):
  *   grad_weight (n, m): row j = Σ_{s keeps j} δ[s, j] · x[s]   (zeros where nobody kept j)
  *   grad_input (batch, m): row s = Σ_{j kept by s} δ[s, j] · weight[j]
  * The entries are regrouped by output (CSC) first, so each pass over j reads every weight row
- * (and writes every grad_weight row) once. Scratch: column_start (n + 1,), by_column_sample (nnz,), by_column_value (nnz,).
+ * (and writes every grad_weight row) once; the input features are split into up to `threads`
+ * parts. Scratch: column_start (n + 1,), by_column_sample (nnz,), by_column_value (nnz,).
  * Returns 0, or -1 on an index out of range or offsets that decrease. Any float values
  * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
 int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
                            int64_t m, const int64_t *row_start, const int64_t *column,
                            const float *value, float *grad_weight, float *grad_input,
                            int64_t *column_start, int64_t *by_column_sample,
-                           float *by_column_value) {
+                           float *by_column_value, int64_t threads) {
     if (!valid_offsets(row_start, batch)) return -1;
     int64_t nnz = row_start[batch];
     memset(column_start, 0, (size_t)(n + 1) * sizeof(int64_t));
@@ -250,25 +422,79 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
     }
     for (int64_t j = n; j > 0; j--) column_start[j] = column_start[j - 1]; /* undo the shift */
     column_start[0] = 0;
+    linear_call call = {x, weight, batch, n, m, column_start, by_column_sample,
+                        by_column_value, grad_weight, grad_input};
+    int64_t parts = parts_for((m + 15) / 16, threads); /* 16 features wide at least */
+    return run_parts(linear_part, &call, parts, threads);
+}
 
-    if (grad_weight)
-        for (int64_t j = 0; j < n; j++) {
-            int64_t first = column_start[j], count = column_start[j + 1] - first;
-            accumulate_rows(grad_weight + j * m, x, m, by_column_sample + first,
-                            by_column_value + first, count);
-        }
-    if (grad_input) {
-        memset(grad_input, 0, (size_t)(batch * m) * sizeof(float));
-        for (int64_t j = 0; j < n; j++) { /* weight row j is read once, for every sample */
-            int64_t first = column_start[j], count = column_start[j + 1] - first;
-            const float *restrict w = weight + j * m;
-            for (int64_t t = first; t < first + count; t++) {
-                float *restrict out = grad_input + by_column_sample[t] * m;
-                float v = by_column_value[t];
-                for (int64_t i = 0; i < m; i++) out[i] += v * w[i];
+typedef struct {
+    const float *x, *weight;
+    const int64_t *shape, *row_start, *column;
+    const float *value;
+    float *grad_weight, *grad_input;
+} conv_call;
+
+/* The kept entries of samples [first_sample, end_sample) and output channels [first_channel,
+ * end_channel): into grad_weight (for_weight) or grad_input, in sample and entry order. */
+static void conv_entries(const conv_call *c, int for_weight, int64_t first_sample,
+                         int64_t end_sample, int64_t first_channel, int64_t end_channel) {
+    const int64_t *shape = c->shape;
+    int64_t in_h = shape[1], in_w = shape[2], channels_in = shape[3], channels_out = shape[4];
+    int64_t kh = shape[5], kw = shape[6], out_h = shape[7], out_w = shape[8];
+    int64_t stride_h = shape[9], stride_w = shape[10], dilation_h = shape[11];
+    int64_t dilation_w = shape[12], groups = shape[13];
+    int64_t cg = channels_in / groups, per_group = channels_out / groups;
+    int64_t positions = out_h * out_w, taps = kh * kw;
+    for (int64_t s = first_sample; s < end_sample; s++) {
+        for (int64_t e = c->row_start[s]; e < c->row_start[s + 1]; e++) {
+            int64_t ch = c->column[e] / positions, p = c->column[e] % positions;
+            if (ch < first_channel || ch >= end_channel) continue;
+            int64_t top = (p / out_w) * stride_h, left = (p % out_w) * stride_w;
+            int64_t start = ((s * in_h + top) * in_w + left) * channels_in;
+            start += (ch / per_group) * cg;
+            float v = c->value[e];
+            for (int64_t ky = 0; ky < kh; ky++) {
+                for (int64_t kx = 0; kx < kw; kx++) {
+                    int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
+                    int64_t tap = (ch * taps + ky * kw + kx) * cg;
+                    if (for_weight) {
+                        float *restrict gw = c->grad_weight + tap;
+                        const float *restrict patch = c->x + at;
+                        for (int64_t i = 0; i < cg; i++) gw[i] += v * patch[i];
+                    } else {
+                        float *restrict gx = c->grad_input + at;
+                        const float *restrict w = c->weight + tap;
+                        for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
+                    }
+                }
             }
         }
     }
+}
+
+/* Output channels [first, end) of grad_weight: every sample's entries of those channels. */
+static int conv_weight_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const conv_call *c = context;
+    int64_t channels_out = c->shape[4];
+    int64_t size = c->shape[5] * c->shape[6] * (c->shape[3] / c->shape[13]); /* kh kw cg */
+    int64_t first = slice_start(channels_out, part, parts, 1);
+    int64_t end = slice_start(channels_out, part + 1, parts, 1);
+    memset(c->grad_weight + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
+    conv_entries(c, 1, 0, c->shape[0], first, end);
+    return 0;
+}
+
+/* Samples [first, end) of grad_input: their entries of every channel. */
+static int conv_input_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const conv_call *c = context;
+    int64_t size = c->shape[1] * c->shape[2] * c->shape[3];
+    int64_t first = slice_start(c->shape[0], part, parts, 1);
+    int64_t end = slice_start(c->shape[0], part + 1, parts, 1);
+    memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
+    conv_entries(c, 0, first, end, 0, c->shape[4]);
     return 0;
 }
 
@@ -279,47 +505,21 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
  *   grad_weight (channels_out, kh, kw, cg) += δ[s, c, p] · patch(s, p, group of c)
  *   grad_input (batch, in_h, in_w, channels_in): patch(s, p, group of c) += δ[s, c, p] · weight[c]
  * so each kept entry costs cg · kh · kw multiply-accumulates per gradient, the inner loop over
- * cg contiguous in all three arrays. shape: {batch, in_h, in_w, channels_in, channels_out, kh,
- * kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
- * Returns 0, or -1 on an index out of range or offsets that decrease; float values, NaN and
- * ±Inf included, only flow into the gradients. */
+ * cg contiguous in all three arrays. grad_weight is split by output channel, grad_input by
+ * sample, into up to `threads` parts each. shape: {batch, in_h, in_w, channels_in,
+ * channels_out, kh, kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
+ * Returns 0, or -1 on an index out of range or offsets that decrease (checked before anything
+ * is written); float values, NaN and ±Inf included, only flow into the gradients. */
 int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
-                         float *grad_weight, float *grad_input) {
-    int64_t batch = shape[0], in_h = shape[1], in_w = shape[2], channels_in = shape[3];
-    int64_t channels_out = shape[4], kh = shape[5], kw = shape[6], out_h = shape[7];
-    int64_t out_w = shape[8], stride_h = shape[9], stride_w = shape[10];
-    int64_t dilation_h = shape[11], dilation_w = shape[12], groups = shape[13];
-    int64_t cg = channels_in / groups, per_group = channels_out / groups;
-    int64_t positions = out_h * out_w, taps = kh * kw;
+                         float *grad_weight, float *grad_input, int64_t threads) {
+    int64_t batch = shape[0], channels_out = shape[4], positions = shape[7] * shape[8];
     if (!valid_offsets(row_start, batch)) return -1;
-    if (grad_weight) memset(grad_weight, 0, (size_t)(channels_out * taps * cg) * sizeof(float));
-    if (grad_input)
-        memset(grad_input, 0, (size_t)(batch * in_h * in_w * channels_in) * sizeof(float));
-    for (int64_t s = 0; s < batch; s++) {
-        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
-            if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
-            int64_t c = column[e] / positions, p = column[e] % positions;
-            int64_t top = (p / out_w) * stride_h, left = (p % out_w) * stride_w;
-            int64_t first = ((s * in_h + top) * in_w + left) * channels_in + (c / per_group) * cg;
-            float v = value[e];
-            for (int64_t ky = 0; ky < kh; ky++) {
-                for (int64_t kx = 0; kx < kw; kx++) {
-                    int64_t at = first + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
-                    int64_t tap = (c * taps + ky * kw + kx) * cg;
-                    if (grad_weight) {
-                        float *restrict gw = grad_weight + tap;
-                        const float *restrict patch = x + at;
-                        for (int64_t i = 0; i < cg; i++) gw[i] += v * patch[i];
-                    }
-                    if (grad_input) {
-                        float *restrict gx = grad_input + at;
-                        const float *restrict w = weight + tap;
-                        for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
-                    }
-                }
-            }
-        }
-    }
+    int64_t nnz = row_start[batch];
+    for (int64_t e = 0; e < nnz; e++)
+        if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
+    conv_call call = {x, weight, shape, row_start, column, value, grad_weight, grad_input};
+    if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
+    if (grad_input) run_parts(conv_input_part, &call, parts_for(batch, threads), threads);
     return 0;
 }
