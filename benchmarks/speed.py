@@ -2,15 +2,18 @@
 
 The machine may be shared and noisy, so the policies are measured in one run, interleaved:
 every policy trains its own model (same initial weights, same batches) in chunks of steps,
-round-robin, and the per-step time is the median over chunks. What counts is the ratio to
-``full`` measured in the same run, not the absolute time.
+round-robin. Each round gives one ratio per policy (its chunk's time over ``full``'s chunk of
+the same round); the table shows the median ratio and its spread (lowest and highest round).
+What counts is the ratio to ``full`` measured in the same run, not the absolute time. Beside
+each ratio: the MAC limit, the ratio the step would have if its wall time followed its
+multiply-accumulates (the ledger's total vs full).
 
-One torch thread by default: on a shared 2-core machine a second thread oversubscribes the
-cores and makes every timing erratic (``--threads 0`` uses torch's default).
+Every model is measured at torch's default thread count and at one thread (``--threads``).
 
 Run:
-    python benchmarks/speed.py                 # both models, writes benchmarks/results/speed.json
-    python benchmarks/speed.py --rounds 3      # quicker, noisier
+    python benchmarks/speed.py                 # all models, writes benchmarks/results/speed.json
+    python benchmarks/speed.py --rounds 4      # quicker, noisier
+    python benchmarks/speed.py --models "small CNN 16-32-32" --threads 1
 """
 
 from __future__ import annotations
@@ -51,6 +54,49 @@ def wide_mlp() -> nn.Module:
     )
 
 
+def deep_mlp() -> nn.Module:
+    """1024-2048-2048-2048-10 on MNIST padded to 32x32 (batch 64)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(1024, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 10),
+    )
+
+
+def separable(channels_in: int, channels_out: int, stride: int) -> list[nn.Module]:
+    """MobileNet's block: 3x3 depthwise, then 1x1 pointwise, each with BatchNorm and ReLU."""
+    return [
+        nn.Conv2d(channels_in, channels_in, 3, stride, 1, groups=channels_in, bias=False),
+        nn.BatchNorm2d(channels_in),
+        nn.ReLU(),
+        nn.Conv2d(channels_in, channels_out, 1, bias=False),
+        nn.BatchNorm2d(channels_out),
+        nn.ReLU(),
+    ]
+
+
+def mobilenet_style() -> nn.Module:
+    """A MobileNet-style CNN: a strided 3x3 conv, four depthwise-separable blocks, global
+    average pooling and a linear head (28x28 -> 14 -> 7 -> 4)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, 2, 1, bias=False),  # (B, 32, 14, 14)
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        *separable(32, 64, 1),
+        *separable(64, 128, 2),  # (B, 128, 7, 7)
+        *separable(128, 128, 1),
+        *separable(128, 256, 2),  # (B, 256, 4, 4)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+
+
 def small_cnn() -> nn.Module:
     """Three 3x3 conv layers (16, 32, 32 channels) with pooling and a linear head."""
     return nn.Sequential(
@@ -68,15 +114,22 @@ def small_cnn() -> nn.Module:
 
 
 HEADER = (
-    "| policy     | ms / step | wall vs full | MACs total vs full | backward MACs vs full "
-    "| skipped |\n|------------|-----------|--------------|--------------------"
+    "| policy     | ms / step | wall vs full (spread)  | MAC limit | backward MACs vs full "
+    "| skipped |\n|------------|-----------|------------------------|-----------"
     "|-----------------------|---------|"
 )
-MODELS = {"wide MLP 784-2048-2048-10": wide_mlp, "small CNN 16-32-32": small_cnn}
+# name -> (builder, batch size, input side: MNIST's 28x28, or zero-padded to 32x32)
+MODELS = {
+    "wide MLP 784-2048-2048-10": (wide_mlp, 128, 28),
+    "deep MLP 1024-2048-2048-2048-10": (deep_mlp, 64, 32),
+    "small CNN 16-32-32": (small_cnn, 128, 28),
+    "MobileNet-style CNN": (mobilenet_style, 64, 28),
+}
 
 
 def measure(build, x, y, batch_size: int, rounds: int, chunk: int) -> dict[str, dict]:
-    """Per-step wall time of every policy, interleaved in chunks of ``chunk`` steps."""
+    """Per-step wall time of every policy, interleaved in chunks of ``chunk`` steps (one
+    untimed warm-up chunk each first)."""
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     runs = {}
     for name, config in POLICIES.items():
@@ -92,8 +145,10 @@ def measure(build, x, y, batch_size: int, rounds: int, chunk: int) -> dict[str, 
             "next": 0,
         }
     steps = len(x) // batch_size
-    for _ in range(rounds):
+    for round_index in range(rounds + 1):
         for run in runs.values():
+            if round_index == 0:  # warm-up: kernels compiled, buffers allocated
+                run["ledger"], run["skipped"], run["seen"] = tinyprop.Ledger(), 0, 0
             start = time.perf_counter()
             for _ in range(chunk):
                 index = slice(run["next"] * batch_size, (run["next"] + 1) * batch_size)
@@ -104,14 +159,16 @@ def measure(build, x, y, batch_size: int, rounds: int, chunk: int) -> dict[str, 
                 run["skipped"] += stats.skipped
                 run["seen"] += batch_size
                 run["next"] = (run["next"] + 1) % steps
-            run["times"].append((time.perf_counter() - start) / chunk)
-    full = statistics.median(runs["full"]["times"])
+            if round_index > 0:
+                run["times"].append((time.perf_counter() - start) / chunk)
     results = {}
     for name, run in runs.items():
         per_step = statistics.median(run["times"])
+        ratios = [t / f for t, f in zip(run["times"], runs["full"]["times"], strict=True)]
         results[name] = {
             "ms_per_step": 1000 * per_step,
-            "ratio_to_full": per_step / full,
+            "ratio_to_full": statistics.median(ratios),
+            "ratio_spread": [min(ratios), max(ratios)],
             "mac_ratio": run["ledger"].ratio(),
             "backward_mac_ratio": run["ledger"].backward_ratio(),
             "skip_rate": run["skipped"] / run["seen"],
@@ -148,42 +205,57 @@ def commit() -> str:
         return "unknown"
 
 
+def thread_counts(text: str) -> list[int]:
+    """``"0,1"`` -> torch's default thread count and one thread, e.g. [2, 1]."""
+    default = torch.get_num_threads()
+    counts = [int(part) or default for part in text.split(",")]
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 0 (0: default), got {text}")
+    return list(dict.fromkeys(counts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=12, help="chunks per policy")
+    parser.add_argument("--rounds", type=int, default=8, help="timed chunks per policy")
     parser.add_argument("--chunk", type=int, default=5, help="steps per chunk")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    parser.add_argument(
+        "--threads", type=thread_counts, default="0,1", help="torch threads, 0: torch's default"
+    )
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     kept_memory = keep_freed_memory()
-    train = data.load("mnist", "train", limit=args.batch_size * args.rounds * args.chunk)
-    x, y = train.tensors
+    largest_batch = max(MODELS[name][1] for name in args.models)
+    train = data.load("mnist", "train", limit=largest_batch * (args.rounds + 1) * args.chunk)
+    images, y = train.tensors  # (N, 1, 28, 28)
     record = {
         "command": "python benchmarks/speed.py",
         "commit": commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-        "torch threads, torch "
-        f"{torch.__version__}",
-        "batch_size": args.batch_size,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"default {torch.get_num_threads()} torch threads",
         "glibc_keeps_freed_memory": kept_memory,
         "native_kernels": native.library() is not None,
         "steps_per_policy": args.rounds * args.chunk,
-        "models": {},
+        "threads": {},
     }
-    for model_name, build in MODELS.items():
-        results = measure(build, x, y, args.batch_size, args.rounds, args.chunk)
-        record["models"][model_name] = results
-        print(f"\n{model_name}, batch {args.batch_size}, MNIST")
-        print(HEADER)
-        for name, row in results.items():
-            print(
-                f"| {name:<10} | {row['ms_per_step']:>9.2f} | {row['ratio_to_full']:>12.2f} | "
-                f"{row['mac_ratio']:>18.3f} | {row['backward_mac_ratio']:>21.3f} | "
-                f"{100 * row['skip_rate']:>6.1f}% |"
-            )
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        record["threads"][str(threads)] = models = {}
+        for model_name in args.models:
+            build, batch_size, side = MODELS[model_name]
+            pad = (side - images.shape[-1]) // 2
+            x = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+            results = measure(build, x, y, batch_size, args.rounds, args.chunk)
+            models[model_name] = {"batch_size": batch_size, "policies": results}
+            print(f"\n{model_name}, batch {batch_size}, MNIST {side}x{side}, {threads} threads")
+            print(HEADER)
+            for name, row in results.items():
+                spread = "{:.2f} ({:.2f}-{:.2f})".format(row["ratio_to_full"], *row["ratio_spread"])
+                print(
+                    f"| {name:<10} | {row['ms_per_step']:>9.2f} | {spread:>22} | "
+                    f"{row['mac_ratio']:>9.3f} | {row['backward_mac_ratio']:>21.3f} | "
+                    f"{100 * row['skip_rate']:>6.1f}% |"
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {args.out}")
