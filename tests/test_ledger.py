@@ -78,3 +78,40 @@ def test_dense_output_layer_costs_dense_backward_and_no_selection():
     # L0 64 and L1 160 as in the topk case; L2 dense: 80 + 80 + 16 + 5 = 181
     assert stats.macs.backward == 3 * (64 + 160 + 181)
     assert stats.macs.selection == 3 * (16 + 16)
+
+
+class CustomLinear(nn.Module):
+    """A linear layer tinyprop does not know (no nn.Linear subclass): it stays dense."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, inputs) / inputs**0.5)
+
+    def forward(self, x):
+        return x @ self.weight.t()
+
+
+def test_ledger_counts_custom_dense_modules_as_dense():
+    """Two custom linear modules (dense) and one nn.Linear head (top-k), batch 8."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="0 \\(CustomLinear\\), 2 \\(CustomLinear\\)"):
+        model = tinyprop.apply(
+            nn.Sequential(CustomLinear(64, 128), nn.ReLU(), CustomLinear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10)),
+            tinyprop.TinyPropConfig(policy="topk", ratio=0.1),
+        )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    stats = tinyprop.train_step(model, x, y, LOSS, optimizer)
+    other = 8 * (64 * 128 + 128 * 128)  # the custom modules' forward: 196,608 MACs
+    head_dense = 10 * 128 + 10 * 128 + 128 + 10  # weight + input grad + ReLU' + bias, per row
+    head_sparse = 1 * 128 + 1 * 128 + 128 + 10  # k = 1 of 10 outputs
+    assert stats.macs.forward == other + 8 * 128 * 10  # 206,848, not only the head's 10,240
+    assert stats.macs.backward_dense == 2 * other + 8 * head_dense
+    assert stats.macs.backward == 2 * other + 8 * head_sparse
+    assert stats.macs.selection == 8 * 10
+    assert stats.macs.unattributed == 3 * other
+    assert stats.macs.backward_ratio() == pytest.approx(
+        (2 * other + 8 * head_sparse + 80) / (2 * other + 8 * head_dense)
+    )
+    assert stats.macs.backward_ratio() > 0.95  # the saving on the head is almost nothing

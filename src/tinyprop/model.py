@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from tinyprop import flop_formulas  # noqa: F401 (registers attention on the CPU)
 from tinyprop.config import TinyPropConfig
 from tinyprop.layers import layer_kind, sparse_class
 from tinyprop.state import ForwardPass, TinyPropState

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
 from tinyprop.step import StepStats, backward, is_distributed
 
 
@@ -45,6 +46,7 @@ def train_step(
         >>> stats = train_step(model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer)
         >>> stats.loss, stats.trained, stats.macs.backward_ratio()
     """
+    state_of(model)  # a clear error when tinyprop is not applied
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batched tensor (B, ...), got {_describe(x)}")
     batch_size = x.shape[0]
@@ -64,11 +66,15 @@ def train_step(
             f"{_describe(losses)}; use reduction='none', "
             "e.g. nn.CrossEntropyLoss(reduction='none')"
         )
+    running = _running_state(model)  # restored when a gradient turns out NaN / inf
     try:
         stats = backward(model, losses, output)
         check_gradients(optimizer)
     except FloatingPointError:
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, value in running:
+                buffer.copy_(value)
         raise
     trained = stats.trained
     if is_distributed(model):  # every rank steps when any rank trained: weights stay equal
@@ -101,6 +107,15 @@ def check_gradients(optimizer: torch.optim.Optimizer) -> None:
         f"a parameter gradient is NaN or infinite (optimizer parameters {bad[:10]}, in "
         "param_groups order) although every loss was finite; no update was applied"
     )
+
+
+def _running_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, copy) of tinyprop's running maxima and counters (a few scalars)."""
+    module = unwrap(model)
+    buffers = [getattr(module, OUTPUT_ERROR_MAX)]
+    for _, layer in state_of(module).layers:
+        buffers += [layer.error_max, layer.backward_steps]
+    return [(buffer, buffer.clone()) for buffer in buffers]
 
 
 def _describe(value) -> str:

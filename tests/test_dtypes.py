@@ -1,0 +1,70 @@
+"""Half precision: a model cast to bfloat16 / float16, and float32 under torch.autocast, train
+with every policy; k is the float32 run's up to the rounding of the local errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_zoo import zoo
+
+import tinyprop
+
+POLICIES = ["full", "topk", "randomk", "tinyprop", "tinypropv2"]
+MODELS = ["mlp", "cnn", "per_token", "encoder_seq_first"]
+
+
+def run(name: str, policy: str, mode: str, steps: int = 3):
+    """Train a few steps; returns the step stats and the final parameters."""
+    model, (x,), y, loss_fn = zoo(size=6, seed=1)[name]()
+    model = model.float()
+    x = x.float()
+    config = tinyprop.TinyPropConfig(policy=policy, ratio=0.2, skip_threshold=0.3)
+    if mode in ("bfloat16", "float16"):
+        model = model.to(getattr(torch, mode))
+        x = x.to(getattr(torch, mode))
+    tinyprop.apply(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    history = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
+        history.append(stats)
+    return history, model
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "float16", "autocast"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", MODELS)
+def test_half_precision_trains_like_float32(name, policy, mode):
+    reference, _ = run(name, policy, "float32")
+    history, model = run(name, policy, mode)
+    for step, (stats, expected) in enumerate(zip(history, reference, strict=True)):
+        assert torch.isfinite(torch.tensor(stats.loss))
+        assert stats.loss == pytest.approx(expected.loss, rel=0.1, abs=0.05)
+        assert stats.keep.keys() == expected.keep.keys()
+        for layer, keep in stats.keep.items():
+            if policy in ("topk", "randomk"):  # k depends on N only
+                assert torch.equal(keep, expected.keep[layer]), layer
+            elif step == 0 and keep.numel() == expected.keep[layer].numel():
+                # adaptive: k follows Y_l / Ymax_l, which half precision rounds
+                total, reference_total = int(keep.sum()), int(expected.keep[layer].sum())
+                assert abs(total - reference_total) <= max(2, 0.1 * reference_total), layer
+    for parameter in model.parameters():
+        assert torch.isfinite(parameter.float()).all()
+        assert parameter.dtype == (torch.float32 if mode == "autocast" else getattr(torch, mode))
+
+
+def test_bfloat16_gradient_is_close_to_float32():
+    model, (x,), y, loss_fn = zoo(size=6, seed=1)["mlp"]()
+    model = model.float()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
+    grads = []
+    for net, inputs in ((model, x.float()), (half, x.to(torch.bfloat16))):
+        tinyprop.apply(net, config)
+        tinyprop.backward(net, loss_fn(net(inputs), y))
+        grads.append([p.grad.float() for p in net.parameters()])
+    for full, low in zip(*grads, strict=True):
+        torch.testing.assert_close(low, full, rtol=0.05, atol=0.02)

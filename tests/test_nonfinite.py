@@ -1,0 +1,129 @@
+"""NaN / inf inside a training step: a finite loss whose gradient is not (sqrt at 0), in the
+output error, in a hidden layer's δ, or only in a dense module's parameter gradient. Every
+policy and kernel set raises FloatingPointError before anything is updated."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from core_models import build
+from torch import nn
+
+import tinyprop
+import tinyprop.native
+
+POLICIES = ["full", "topk", "randomk", "tinyprop", "tinypropv2"]
+
+
+@pytest.fixture(params=["native kernels", "pytorch kernels"])
+def kernels(request, monkeypatch):
+    if request.param == "pytorch kernels":
+        monkeypatch.setattr(tinyprop.native, "can_select", lambda scores: False)
+        monkeypatch.setattr(tinyprop.native, "can_backward", lambda x, weight: False)
+    return request.param
+
+
+def distance(output, target):
+    """Per-sample Euclidean distance: finite at 0, but its gradient there is NaN."""
+    return torch.sqrt(((output - target) ** 2).sum(1))
+
+
+def snapshot(model, optimizer):
+    return (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(optimizer.state_dict()["state"]),
+    )
+
+
+def assert_untouched(model, optimizer, before):
+    parameters, optimizer_state = before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, parameters[name]), name
+    after = optimizer.state_dict()["state"]
+    for index, entry in optimizer_state.items():
+        for key, value in entry.items():
+            assert torch.equal(after[index][key], value), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nan_output_gradient_raises_before_any_update(policy, kernels):
+    model = tinyprop.apply(
+        build("mlp", dtype=torch.float32), tinyprop.TinyPropConfig(policy=policy)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = torch.randn(6, 12)
+    tinyprop.train_step(model, x, torch.randn(6, 5), distance, optimizer)  # a good step first
+    target = torch.randn(6, 5)
+    with torch.no_grad():
+        target[2] = model(x)[2]  # sample 2: distance 0, gradient NaN
+    before = snapshot(model, optimizer)
+    # full has no sparse layer to name the rows: the parameter gradient check catches it
+    message = "parameter gradient is NaN" if policy == "full" else r"NaN or infinite.*\[2\]"
+    with pytest.raises(FloatingPointError, match=message):
+        tinyprop.train_step(model, x, target, distance, optimizer)
+    assert_untouched(model, optimizer, before)
+    # the model trains on afterwards, and its running maxima stayed finite
+    stats = tinyprop.train_step(model, x, torch.randn(6, 5), distance, optimizer)
+    assert stats.trained + stats.skipped == 6
+    for name, buffer in model.named_buffers():
+        if name.endswith("error_max"):
+            assert torch.isfinite(buffer).all(), name
+
+
+class SquareRootGain(nn.Module):
+    """y = x · sqrt(g): g = 0 gives an infinite gradient of g alone."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        return x * torch.sqrt(self.gain)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nan_only_in_a_dense_parameter_gradient_raises(policy):
+    with pytest.warns(UserWarning, match="SquareRootGain"):
+        model = tinyprop.apply(
+            nn.Sequential(nn.Linear(4, 6), SquareRootGain(6), nn.Linear(6, 3)),
+            tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.0),
+        )
+    with torch.no_grad():
+        model[1].gain[0] = 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = snapshot(model, optimizer)
+    with pytest.raises(FloatingPointError, match="parameter gradient is NaN or infinite"):
+        tinyprop.train_step(
+            model, torch.randn(5, 4), torch.randint(0, 3, (5,)),
+            nn.CrossEntropyLoss(reduction="none"), optimizer,
+        )  # fmt: skip
+    assert_untouched(model, optimizer, before)
+
+
+def test_checkpoint_with_a_nan_running_maximum_is_refused():
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig())
+    state = model.state_dict()
+    state["2.error_max"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="'2.error_max' is nan"):
+        model.load_state_dict(state)
+    state = model.state_dict()
+    state["tinyprop_output_error_max"] = torch.tensor(float("inf"))
+    with pytest.raises(ValueError, match="tinyprop_output_error_max' is inf"):
+        model.load_state_dict(state)
+
+
+def test_own_loop_backward_raises_on_nan_and_keeps_maxima():
+    model = tinyprop.apply(build("mlp", dtype=torch.float32), tinyprop.TinyPropConfig("tinyprop"))
+    x = torch.randn(6, 12)
+    tinyprop.backward(model, distance(model(x), torch.randn(6, 5)))
+    maxima = {n: b.clone() for n, b in model.named_buffers() if n.endswith("error_max")}
+    target = torch.randn(6, 5)
+    output = model(x)
+    target[4] = output[4].detach()
+    with pytest.raises(FloatingPointError, match=r"layer '4'.*\[4\]"):
+        tinyprop.backward(model, distance(output, target))
+    for name, value in maxima.items():
+        assert torch.equal(dict(model.named_buffers())[name], value), name
