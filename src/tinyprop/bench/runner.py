@@ -4,7 +4,8 @@ record per run, locally or as Ray tasks; finished runs are skipped (resume).
 Examples:
     tinyprop bench --suite small --protocol finetune
     tinyprop bench --suite small --datasets mnist har --policies full tinypropv2 --seeds 0
-    tinyprop bench --suite paper --protocol scratch --ray auto
+    tinyprop bench --suite small --protocol scratch --ray local      # two runs at a time
+    tinyprop bench --suite paper --ray HEAD_HOST:6379                # a running Ray cluster
     tinyprop bench --suite small --list          # show the planned runs and what is done
 """
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 import tinyprop
 from tinyprop import models
 from tinyprop.bench import claims, protocols, sources, store, suites
+from tinyprop.bench.cluster import CONNECT_TIMEOUT_S, RayConnectionError
 from tinyprop.bench.suites import DatasetPlan
 from tinyprop.bench.training import evaluate, pretrain_dense, train_policy
 
@@ -291,6 +293,8 @@ def execute_run(
         "wall_s": time.perf_counter() - start,
         "commit": spec.commit,
         "tinyprop_version": tinyprop.__version__,
+        "attempts": 1,  # the Ray driver sets these when a run needed more than one
+        "retried_errors": [],
         "torch": torch.__version__,
     }
     if write:
@@ -334,51 +338,11 @@ def run_local(runs: list[RunSpec], elsewhere: list[str] | None = None) -> list[s
     return failures
 
 
-def run_ray(runs: list[RunSpec], address: str | None = None) -> list[str]:
-    """Run each run as a Ray task (one CPU each); pretraining is one task per (dataset, seed)
-    whose weights travel to the run tasks through the object store. Records are written by the
-    task and again by the driver (so a cluster without a shared folder still gets them).
+def run_ray(runs: list[RunSpec], address: str = "local", retries: int = 2) -> list[str]:
+    """Run each run as a Ray task; see :func:`tinyprop.bench.cluster.run_ray`."""
+    from tinyprop.bench import cluster
 
-    Args:
-        runs: the runs.
-        address: the cluster (``ray.init(address=...)``); ``"local"`` starts a local instance;
-            ignored when Ray is already initialised in this process.
-
-    Returns:
-        Titles of failed runs.
-    """
-    from tinyprop.extras import require
-
-    ray = require("ray", "bench", "drop --ray to run the runs one after another here")
-    if not ray.is_initialized():
-        if address in (None, "local"):
-            ray.init(include_dashboard=False)
-        else:
-            ray.init(address=address)
-    pretrain_task = ray.remote(num_cpus=1)(pretrained_state)
-    run_task = ray.remote(num_cpus=1)(execute_run)
-    pretrained = {}
-    for spec in runs:
-        key = (spec.dataset, spec.seed)
-        if spec.protocol == "finetune" and key not in pretrained:
-            pretrained[key] = pretrain_task.remote(spec)
-    pending = {
-        run_task.remote(spec, pretrained.get((spec.dataset, spec.seed))): spec for spec in runs
-    }
-    failures = []
-    with tqdm(total=len(pending), unit="run", dynamic_ncols=True) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            spec = pending.pop(done[0])
-            try:
-                record = ray.get(done[0])
-                store.write_record(spec.path, record)
-                bar.set_postfix_str(f"{spec.title}: {record['metric_name']} {record['metric']:.1f}")
-            except Exception as error:
-                failures.append(spec.title)
-                tqdm.write(f"run {spec.title} failed: {error}")
-            bar.update(1)
-    return failures
+    return cluster.run_ray(runs, address, retries)
 
 
 def _finished(spec: RunSpec, say: bool = False) -> bool:
@@ -390,12 +354,21 @@ def _finished(spec: RunSpec, say: bool = False) -> bool:
     return record is not None
 
 
-def _run_ray_claimed(runs: list[RunSpec], address: str | None, elsewhere: list[str]) -> list[str]:
-    """:func:`run_ray` on the runs no other process has claimed, holding their claims."""
+def _run_ray_claimed(
+    runs: list[RunSpec],
+    address: str,
+    elsewhere: list[str],
+    retries: int = 2,
+    timeout: float = CONNECT_TIMEOUT_S,
+) -> list[str]:
+    """Ray runs (:func:`tinyprop.bench.cluster.run_ray`) of the runs no other process has
+    claimed, holding their claims."""
+    from tinyprop.bench import cluster
+
     mine = [spec for spec in runs if claims.try_claim(spec.path)]
     elsewhere += [spec.title for spec in runs if spec not in mine]
     try:
-        return run_ray(mine, address) if mine else []
+        return cluster.run_ray(mine, address, retries, timeout) if mine else []
     finally:
         for spec in mine:
             claims.release(spec.path)
@@ -419,7 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="results folder (default results/SUITE-PROTOCOL in the current folder; the "
         "committed records are in benchmarks/results/)",
     )
-    parser.add_argument("--ray", metavar="ADDRESS", help="run on Ray ('local' starts one here)")
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the runs as Ray tasks: 'local' starts a private Ray instance for this sweep "
+        "(never an existing one); HOST:PORT or ray://HOST:PORT joins a running cluster",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="with --ray: tries again per failed run"
+    )
+    parser.add_argument(
+        "--ray-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT_S,
+        help=f"with --ray ADDRESS: seconds to wait for the cluster (default {CONNECT_TIMEOUT_S:g})",
+    )
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
@@ -430,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tinyprop bench``; returns the exit code."""
     args = build_parser().parse_args(argv)
     suite = suites.get(args.suite)
+    # absolute paths: Ray workers run in folders of their own
     results = str(Path(args.results or f"results/{suite.name}-{args.protocol}").resolve())
+    data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
     try:
         if not args.list:
             store.check_writable(results)  # before any run: no finished work lost to it
@@ -440,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = plan_runs(
             suite, args.protocol, results, args.datasets, args.policies, args.seeds,
-            args.max_settings, args.data_dir, store.commit_hash(), args.threads,
+            args.max_settings, data_dir, store.commit_hash(), args.threads,
         )  # fmt: skip
     except (ValueError, TypeError) as error:
         print(f"tinyprop bench: {error}", file=sys.stderr)
@@ -460,9 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     elsewhere: list[str] = []  # runs another process on this folder claimed
     try:
         if args.ray:
-            failures = _run_ray_claimed(todo, args.ray, elsewhere)
+            failures = _run_ray_claimed(todo, args.ray, elsewhere, args.retries, args.ray_timeout)
         else:
             failures = run_local(todo, elsewhere)
+    except RayConnectionError as error:
+        print(f"tinyprop bench: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         left = sum(not _finished(spec) for spec in todo)
         print(
