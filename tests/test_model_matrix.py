@@ -20,6 +20,7 @@ from model_zoo import zoo
 from transformers.pytorch_utils import Conv1D  # the test extra: the matrix runs, never skips
 
 import tinyprop
+from tinyprop.attention import TinyPropMultiheadAttention
 from tinyprop.functional import keep_count
 from tinyprop.layers import layer_kind
 
@@ -61,7 +62,12 @@ def keep_top_rows(grad: torch.Tensor, ratio: float, linear: bool) -> torch.Tenso
 
 
 def masked_reference(model, ratio: float):
-    """Patch every layer tinyprop converts: forward without bias, hook on δ, bias added."""
+    """Patch every layer tinyprop converts: forward without bias, hook on δ, bias added.
+    Attention calls its out_proj as a module, as under tinyprop (whose full and topk-1.0 rows
+    check that attention against PyTorch's own)."""
+    for module in model.modules():
+        if type(module) is torch.nn.MultiheadAttention:
+            module.__class__ = TinyPropMultiheadAttention
     for module in model.modules():
         kind = layer_kind(module)
         if kind not in ("linear", "conv1d", "conv2d"):
@@ -131,6 +137,50 @@ def test_per_token_layer_selects_per_token():
     )
     assert stats.keep["token"].tolist() == [2] * 20  # 4 samples x 5 tokens, 25% of 8 outputs
     assert stats.keep["head"].tolist() == [1] * 4
+
+
+class MaskedAttention(torch.nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = torch.nn.Linear(8, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x, key_padding_mask, attn_mask, is_causal):
+        x = x if self.batch_first else x.transpose(0, 1)
+        attended, _ = self.attention(
+            x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
+            attn_mask=attn_mask, is_causal=is_causal,
+        )  # fmt: skip
+        attended = attended if self.batch_first else attended.transpose(0, 1)
+        return self.head(attended.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["padding", "causal", "causal+padding", "float 3-D"])
+def test_attention_with_masks_equals_pytorch(batch_first, masks):
+    torch.manual_seed(0)
+    model = MaskedAttention(batch_first).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    arguments = {
+        "padding": (padding, None, False),
+        "causal": (None, causal, True),
+        "causal+padding": (padding, causal, True),
+        "float 3-D": (None, torch.randn(6, 5, 5, dtype=torch.float64), False),
+    }[masks]
+    expected = copy.deepcopy(model)
+    expected.zero_grad()
+    F.cross_entropy(expected(x, *arguments), y).backward()
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    stats = tinyprop.backward(model, F.cross_entropy(model(x, *arguments), y, reduction="none"))
+    assert "attention.out_proj" in stats.keep  # called as a module: sparse
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=name)
+    tinyprop.remove(model)
+    assert type(model.attention) is torch.nn.MultiheadAttention
 
 
 def test_gpt2_body_is_sparse_and_counted():

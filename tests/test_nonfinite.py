@@ -127,3 +127,33 @@ def test_own_loop_backward_raises_on_nan_and_keeps_maxima():
         tinyprop.backward(model, distance(output, target))
     for name, value in maxima.items():
         assert torch.equal(dict(model.named_buffers())[name], value), name
+
+
+class Magnitude(nn.Module):
+    """|x| as sqrt(x²): finite everywhere, gradient NaN (0 / 0) where x = 0."""
+
+    def forward(self, x):
+        return torch.sqrt(x**2)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nan_in_a_hidden_layer_delta_raises_before_any_update(policy, kernels):
+    """Sample 2 reaches sqrt(x²) with x = 0: a NaN δ in the first layer only."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(
+        nn.Sequential(nn.Linear(4, 16), Magnitude(), nn.Linear(16, 3)),
+        tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.0),
+    )
+    with torch.no_grad():
+        model[0].bias.zero_()
+    x = torch.randn(8, 4)
+    x[2] = 0.0
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = snapshot(model, optimizer)
+    message = "parameter gradient is NaN" if policy == "full" else r"layer '0'.*rows \[2\]"
+    with pytest.raises(FloatingPointError, match=message):
+        tinyprop.train_step(
+            model, x, torch.randint(0, 3, (8,)),
+            nn.CrossEntropyLoss(reduction="none"), optimizer,
+        )  # fmt: skip
+    assert_untouched(model, optimizer, before)

@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyprop import flop_formulas  # noqa: F401 (registers attention on the CPU)
+from tinyprop.attention import TinyPropMultiheadAttention
 from tinyprop.config import TinyPropConfig
 from tinyprop.layers import layer_kind, sparse_class
 from tinyprop.state import ForwardPass, TinyPropState
@@ -79,6 +80,10 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         )
     _warn_dense_modules(model, kinds)
     state = TinyPropState(config=config, layers=targets)
+    for module in model.modules():  # so that their out_proj is called, and can be sparse
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = TinyPropMultiheadAttention
+            state.attention.append(module)
     count = len(targets)
     for index, (name, module) in enumerate(targets):
         original = type(module)
@@ -108,6 +113,8 @@ def remove(model: nn.Module) -> nn.Module:
     state = state_of(model)
     for handle in state.handles:
         handle.remove()
+    for module in state.attention:
+        module.__class__ = nn.MultiheadAttention
     for _, module in state.layers:
         module.__class__ = getattr(module, _ORIGINAL_CLASS)
         for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):

@@ -110,6 +110,7 @@ class TinyPropState:
     other_macs_cache: dict = field(default_factory=dict)  # input signature -> other MACs
     warned: set = field(default_factory=set)
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
+    attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
     last_stats: object = None  # StepStats of the last finished step
 
     _policy: Policy | None = None

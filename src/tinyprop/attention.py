@@ -1,0 +1,92 @@
+"""nn.MultiheadAttention whose output projection is called as a module, so it can be sparse.
+
+PyTorch's ``nn.MultiheadAttention.forward`` applies ``out_proj`` as a function of its weight,
+never calling the module, so a sparse ``out_proj`` would never run. ``apply`` gives attention
+modules this subclass: for the case every transformer layer uses (packed in-projection, no
+``bias_k`` / ``add_zero_attn``, ``need_weights=False``) it computes the same attention with
+``scaled_dot_product_attention`` and then calls ``self.out_proj`` on the (L·N, E) token rows;
+any other call goes to PyTorch's own forward (dense, and counted dense).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TinyPropMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention with ``out_proj`` called as a module (sparse under tinyprop)."""
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        if (
+            need_weights
+            or not self._qkv_same_embed_dim
+            or self.bias_k is not None
+            or self.add_zero_attn
+            or query.dim() != 3
+        ):
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask,
+                average_attn_weights, is_causal,
+            )  # fmt: skip
+        if self.batch_first:
+            query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+        targets, batch, embed = query.shape  # (L, N, E)
+        sources = key.shape[0]  # S
+        heads = self.num_heads
+        attn_mask, is_causal = _attention_mask(
+            attn_mask, key_padding_mask, is_causal, query.dtype, batch, heads, sources
+        )
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        weights = self.in_proj_weight.chunk(3)
+        q, k, v = (
+            F.linear(x, w, b).reshape(x.shape[0], batch * heads, -1).transpose(0, 1)
+            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )  # (N·H, L or S, E / H)
+        q, k, v = (t.reshape(batch, heads, t.shape[1], t.shape[2]) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask, self.dropout if self.training else 0.0, is_causal
+        )  # (N, H, L, E / H)
+        rows = attended.permute(2, 0, 1, 3).reshape(targets * batch, embed)  # (L·N, E)
+        output = self.out_proj(rows).reshape(targets, batch, -1)  # (L, N, E)
+        return (output.transpose(0, 1) if self.batch_first else output), None
+
+
+def _attention_mask(attn_mask, key_padding_mask, is_causal, dtype, batch, heads, sources):
+    """The float mask of scaled_dot_product_attention, merged as PyTorch's attention merges
+    ``attn_mask`` (L, S) or (N·H, L, S) and ``key_padding_mask`` (N, S)."""
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=dtype,
+    )  # fmt: skip
+    if is_causal and attn_mask is None:
+        raise RuntimeError("is_causal needs attn_mask, as in nn.MultiheadAttention")
+    if is_causal and key_padding_mask is None:
+        return None, True
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=dtype, check_other=False,
+    )  # fmt: skip
+    if key_padding_mask is not None:
+        is_causal = False
+        padding = key_padding_mask.view(batch, 1, 1, sources).expand(-1, heads, -1, -1)
+        padding = padding.reshape(batch * heads, 1, sources)
+        attn_mask = padding if attn_mask is None else attn_mask + padding
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:  # (L, S)
+            attn_mask = attn_mask.view(1, 1, *attn_mask.shape)
+        elif attn_mask.shape[0] == 1:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(batch, heads, -1, sources)
+    return attn_mask, is_causal
