@@ -31,8 +31,10 @@ def test_docs_build_strict_without_warnings(tmp_path):
     assert "WARNING" not in run.stderr, run.stderr
     api = (tmp_path / "site" / "api.html").read_text()
     assert "train_step" in api and "TinyPropConfig" in api  # generated from the docstrings
-    for page in ("algorithm", "benchmark", "datasets", "results", "runtime", "changelog"):
+    for page in ("algorithm", "benchmark", "datasets", "results", "ray", "runtime", "changelog"):
         assert (tmp_path / "site" / f"{page}.html").is_file(), page
+    for page in (tmp_path / "site").glob("*.html"):  # no page loads or links anything outside
+        assert not re.search(r'(?:href|src)="(?:https?:)?//', page.read_text()), page.name
 
 
 def test_readme_is_short():
