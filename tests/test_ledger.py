@@ -65,7 +65,10 @@ def test_tinyprop_ledger_follows_kept_counts():
 
 
 def test_skipped_samples_cost_forward_and_decision_only():
-    stats = one_step("mlp", tinyprop.TinyPropConfig(skip_threshold=1.5), 4)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(skip_threshold=1.0))
+    model.tinyprop_output_error_max.fill_(1e6)  # every D = Y_L / Ymax_L < τ: all skipped
+    x, y = batch("mlp", size=4)
+    stats = tinyprop.train_step(model, x, y, LOSS, torch.optim.SGD(model.parameters(), lr=0.1))
     assert stats.skipped == 4
     assert stats.macs.forward == 4 * 528 and stats.macs.backward == 0
     assert stats.macs.backward_dense == 4 * 933

@@ -101,8 +101,9 @@ def test_step_with_every_sample_skipped_changes_nothing():
     with torch.no_grad():
         easy = model(x).argmax(1)
     model[4].bias.data  # noqa: B018 (no change expected)
-    config_blocking = tinyprop.TinyPropConfig(skip_threshold=1.5)  # D <= 1 < 1.5: skip all
-    model.__dict__["_tinyprop_state"].config = config_blocking
+    # τ at the largest D (D_max·β = 1) and Ymax far above every error: every D < τ, all skipped
+    model.__dict__["_tinyprop_state"].config = tinyprop.TinyPropConfig(skip_threshold=1.0)
+    model.tinyprop_output_error_max.fill_(1e6)
     stats = tinyprop.train_step(model, x, easy, LOSS, optimizer)
     assert stats.trained == 0 and stats.skipped == 8 and not stats.stepped
     assert stats.macs.backward == 0 and stats.macs.forward > 0
@@ -143,7 +144,8 @@ def test_partly_skipped_step_equals_training_on_the_trained_samples_alone():
 
 
 def test_skipped_samples_do_not_update_hidden_running_max():
-    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(skip_threshold=1.5))
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(skip_threshold=1.0))
+    model.tinyprop_output_error_max.fill_(1e6)  # every D = Y_L / Ymax_L < τ: all skipped
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = batch("mlp")
     tinyprop.train_step(model, x, y, LOSS, optimizer)

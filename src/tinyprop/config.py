@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 
 POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+LARGEST_SETTING = 1e6  # bound of d_max and beta: far above any useful value, far below overflow
+LARGEST_SEED = 2**31 - 1  # seeds (plus the offsets the benchmark adds) fit every RNG's range
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class TinyPropConfig:
         beta: β, damping factor of the decision metric D.
         skip_threshold: τ, a sample is skipped when D < τ (``tinypropv2`` only).
         seed: seed of the random choice of ``randomk``.
+
+    Valid ranges, checked at construction (ValueError or TypeError naming the field):
+    every float finite; 0 <= S_min <= S_max <= 1; 0 < ζ <= 1; 0 < ratio <= 1;
+    0 <= D_min <= D_max <= 1e6 (τ >= 0, so a negative D_min would only move where D crosses τ,
+    which τ itself sets); 0 < β <= 1e6; 0 <= τ <= D_max·β, the largest value D reaches (a
+    larger τ would skip every sample); 0 <= seed <= 2^31 - 1.
         dense_output_layer: keep the output layer (d = 0) dense, as meProp's reference code
             does; off by default (every layer sparse, as ``docs/algorithm.md`` defines).
 
@@ -75,16 +83,30 @@ class TinyPropConfig:
             raise ValueError(f"zeta must lie in (0, 1], got {self.zeta}")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"ratio must lie in (0, 1], got {self.ratio}; 1.0 keeps everything")
-        if self.d_min > self.d_max:
-            raise ValueError(f"d_min ({self.d_min}) must not exceed d_max ({self.d_max})")
-        if self.beta <= 0.0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0.0 <= self.d_min <= self.d_max <= LARGEST_SETTING:
+            raise ValueError(
+                f"d_min and d_max must satisfy 0 <= d_min <= d_max <= {LARGEST_SETTING:g}, got "
+                f"d_min={self.d_min}, d_max={self.d_max}"
+            )
+        if not 0.0 < self.beta <= LARGEST_SETTING:
+            raise ValueError(
+                f"beta must be positive and at most {LARGEST_SETTING:g}, got {self.beta}"
+            )
         if self.skip_threshold < 0.0:
             raise ValueError(
                 f"skip_threshold must be >= 0, got {self.skip_threshold}; 0 never skips"
             )
+        largest_metric = self.d_max * self.beta  # D at the largest output error seen
+        if self.skip_threshold > largest_metric:
+            raise ValueError(
+                f"skip_threshold τ={self.skip_threshold} exceeds the largest decision metric D "
+                f"can reach, d_max·beta = {largest_metric:g}: every sample would be skipped; "
+                f"choose τ <= {largest_metric:g} (or raise d_max or beta)"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed <= LARGEST_SEED:
+            raise ValueError(f"seed must lie in [0, {LARGEST_SEED}], got {self.seed}")
         if not isinstance(self.dense_output_layer, bool):
             raise TypeError(
                 f"dense_output_layer must be True or False, got {self.dense_output_layer!r}"

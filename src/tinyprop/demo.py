@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import tinyprop
-from tinyprop import data, models
+from tinyprop import cli_types, data, models
 from tinyprop.bench.training import evaluate, train_policy
 
 POLICIES = {
@@ -94,9 +94,13 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyprop demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the training set")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N training images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--epochs", type=cli_types.positive_int, default=3, help="passes over the training set"
+    )
+    parser.add_argument(
+        "--limit", type=cli_types.positive_int, default=None, help="use the first N training images"
+    )
+    parser.add_argument("--seed", type=cli_types.seed, default=0)
     args = parser.parse_args(argv)
     # one thread: these models are small, and a second thread only adds contention on a shared
     # machine (every policy runs under the same setting)

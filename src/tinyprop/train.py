@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from tinyprop import models
+from tinyprop import cli_types, models
 from tinyprop.bench import protocols, runner, sources, store, suites
 
 CONFIG_FLAGS = ("ratio", "s_min", "s_max", "zeta", "d_min", "d_max", "beta", "skip_threshold")
@@ -33,16 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", default="tinypropv2", choices=suites.POLICIES)
     parser.add_argument("--protocol", default="scratch", choices=protocols.PROTOCOLS)
     parser.add_argument("--suite", default="small", choices=list(suites.SUITES))
-    parser.add_argument("--epochs", type=int, help="epochs (default: the suite's)")
-    parser.add_argument("--pretrain-epochs", type=int, help="finetune: dense pretraining epochs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--train-samples", type=int, help="cap on the training pool")
-    parser.add_argument("--test-samples", type=int, help="cap on the test split")
+    parser.add_argument(
+        "--epochs", type=cli_types.positive_int, help="epochs (default: the suite's)"
+    )
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=cli_types.non_negative_int,
+        help="finetune: dense pretraining epochs",
+    )
+    parser.add_argument("--seed", type=cli_types.seed, default=0)
+    parser.add_argument("--batch-size", type=cli_types.positive_int)
+    parser.add_argument("--lr", type=cli_types.positive_float, help="Adam learning rate")
+    parser.add_argument(
+        "--train-samples", type=cli_types.positive_int, help="cap on the training pool"
+    )
+    parser.add_argument("--test-samples", type=cli_types.positive_int, help="cap on the test split")
     parser.add_argument("--variant", help="model variant, e.g. cnn for mnist")
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=cli_types.positive_int, default=1, help="torch threads")
     parser.add_argument("--record", metavar="PATH", help="also write the run record as JSON")
     parser.add_argument(
         "--save",
@@ -50,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the trained state_dict (then: tinyprop export MODEL.pt --model DATASET)",
     )
     for name in CONFIG_FLAGS:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name,
+        parser.add_argument(f"--{name.replace('_', '-')}", type=cli_types.finite_float, dest=name,
                             help=f"TinyPropConfig.{name}")  # fmt: skip
     return parser
 

@@ -21,6 +21,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tinyprop import cli_types
 from tinyprop.bench import store
 
 POLICY_ORDER = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=cli_types.finite_float,
         default=1.0,
         help="choose each policy's cheapest setting within this many pp of full training's "
         "validation metric (default 1.0; negative: the best validation metric)",

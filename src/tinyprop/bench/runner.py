@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import tinyprop
-from tinyprop import models
+from tinyprop import cli_types, models
 from tinyprop.bench import claims, protocols, sources, store, suites
 from tinyprop.bench.cluster import CONNECT_TIMEOUT_S, RayConnectionError
 from tinyprop.bench.suites import DatasetPlan
@@ -385,8 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", default="finetune", choices=protocols.PROTOCOLS)
     parser.add_argument("--datasets", nargs="+", help="subset of the suite's datasets")
     parser.add_argument("--policies", nargs="+", help="subset of " + ", ".join(suites.POLICIES))
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the suite's)")
-    parser.add_argument("--max-settings", type=int, help="first N settings of each policy only")
+    parser.add_argument(
+        "--seeds", nargs="+", type=cli_types.seed, help="seeds (default: the suite's)"
+    )
+    parser.add_argument(
+        "--max-settings", type=cli_types.positive_int, help="first N settings of each policy only"
+    )
     parser.add_argument(
         "--results",
         help="results folder (default results/SUITE-PROTOCOL in the current folder; the "
@@ -408,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"with --ray ADDRESS: seconds to wait for the cluster (default {CONNECT_TIMEOUT_S:g})",
     )
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--threads", type=cli_types.positive_int, default=1, help="torch threads per run"
+    )
     parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
     return parser
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from tinyprop import cli_types
 from tinyprop.config import PRESETS, TinyPropConfig
 from tinyprop.export import export_c
 from tinyprop.export.graph import UnsupportedLayerError
@@ -74,10 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="dataset whose reference model MODEL.pt's state_dict is for")
     p.add_argument("--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=cli_types.positive_float, default=0.01)
+    p.add_argument("--momentum", type=cli_types.non_negative_float, default=0.0)
+    p.add_argument("--weight-decay", type=cli_types.non_negative_float, default=0.0)
+    p.add_argument("--batch-size", type=cli_types.positive_int, default=8)
     return p
 
 
