@@ -12,68 +12,52 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 from tinyprop.config import LARGEST_SEED
 
+T = TypeVar("T")
 
-def _integer(text: str, what: str) -> int:
+
+def _parsed(text: str, convert: Callable[[str], T], what: str, accept: Callable[[T], bool]) -> T:
+    """``convert(text)`` when that works and ``accept`` takes the value; else the parser's error
+    ``must be WHAT, got 'TEXT'``."""
     try:
-        return int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-
-
-def _finite(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if not math.isfinite(value):
+        value = None
+    if value is None or not accept(value):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (threads, epochs, batch sizes, sample counts)."""
-    value = _integer(text, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _parsed(text, int, "a positive integer", lambda value: value >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _integer(text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _parsed(text, int, "an integer >= 0", lambda value: value >= 0)
 
 
 def seed(text: str) -> int:
     """A seed: an integer in [0, 2^31 - 1] (see :class:`tinyprop.TinyPropConfig`)."""
     what = f"an integer in [0, {LARGEST_SEED}]"
-    value = _integer(text, what)
-    if not 0 <= value <= LARGEST_SEED:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-    return value
+    return _parsed(text, int, what, lambda value: 0 <= value <= LARGEST_SEED)
 
 
 def finite_float(text: str) -> float:
     """Any finite number (its range is checked where it is used, e.g. TinyPropConfig)."""
-    return _finite(text, "a finite number")
+    return _parsed(text, float, "a finite number", math.isfinite)
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates)."""
-    value = _finite(text, "a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+    return _parsed(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (momentum, weight decay)."""
-    value = _finite(text, "a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _parsed(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
