@@ -108,3 +108,14 @@ def test_cache_folder_of_another_user_is_not_trusted(private_cache):
     assert build.library_path() is None
     with pytest.warns(RuntimeWarning, match="belongs to another user"):
         assert build.load() is None
+
+
+def test_runtime_library_cache_is_verified_too(private_cache):
+    from tinyprop.export import runtime
+
+    path = runtime.build_library()
+    assert cache.digest_matches(path) and path.parent.stat().st_mode & 0o777 == 0o700
+    marker = _plant(path, private_cache)  # swapped in after the build
+    assert runtime.build_library() == path and cache.digest_matches(path)
+    runtime.load_library(path)
+    assert not marker.exists()

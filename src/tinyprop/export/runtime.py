@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tinyprop.config import TinyPropConfig
-from tinyprop.data.cache import cache_dir
+from tinyprop.data.cache import cache_dir, digest_matches, private_folder, record_digest
 from tinyprop.export.graph import LayerSpec, describe
 from tinyprop.ledger import Ledger
 
@@ -64,7 +64,8 @@ def runtime_sources() -> list[Path]:
 
 
 def build_library(flags: tuple[str, ...] = ("-O3",), compiler: str = "gcc") -> Path:
-    """Compile the runtime into a shared library (cached by a hash of sources and flags).
+    """Compile the runtime into a shared library (cached by a hash of sources and flags, in a
+    folder only this user can write, its SHA-256 recorded at build time and checked on reuse).
 
     Args:
         flags: extra compiler flags, e.g. ``("-O0", "-g")``.
@@ -82,10 +83,11 @@ def build_library(flags: tuple[str, ...] = ("-O3",), compiler: str = "gcc") -> P
     digest = hashlib.sha256(" ".join((compiler,) + flags).encode())
     for path in files:
         digest.update(path.read_bytes())
-    out_dir = cache_dir() / "runtime"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_folder(cache_dir() / "runtime")  # 0700, owner-checked
+    if out_dir is None:
+        raise PermissionError(f"{cache_dir() / 'runtime'} belongs to another user; not using it")
     library = out_dir / f"libtinyprop-{digest.hexdigest()[:16]}.so"
-    if not library.exists():
+    if not digest_matches(library):  # missing, planted, truncated: built again, never loaded
         command = [
             compiler,
             "-std=c99",
@@ -108,6 +110,7 @@ def build_library(flags: tuple[str, ...] = ("-O3",), compiler: str = "gcc") -> P
                 f"building the C runtime failed:\n{' '.join(command)}\n{result.stderr}"
             )
         Path(str(library) + ".tmp").replace(library)
+        record_digest(library)
     return library
 
 
