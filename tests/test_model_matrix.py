@@ -191,3 +191,21 @@ def test_gpt2_body_is_sparse_and_counted():
     assert "transformer.h.0.attn.c_attn" in stats.keep and "lm_head" in stats.keep
     assert stats.macs.unattributed > 0  # attention products, counted dense
     assert 0.1 < stats.macs.backward_ratio() < 0.5
+
+
+def test_whole_model_save_load_and_deepcopy_train_on():
+    """torch.save(model) of an applied model (pending forward passes included) and deepcopy."""
+    import io
+
+    model, inputs, y, loss_fn = build("cnn")
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.0))
+    tinyprop.backward(model, loss_fn(model(*inputs), y))
+    model(*inputs)  # a forward pass no step has accounted yet
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        stats = tinyprop.backward(twin, loss_fn(twin(*inputs), y))
+        assert stats.trained == 4 and stats.keep
+        tinyprop.remove(twin)
+        assert not tinyprop.is_tinyprop(twin)

@@ -14,7 +14,6 @@ Per-step state (the trained samples, the records of the backward) lives in a
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -33,23 +32,12 @@ class ForwardPass:
         self.other_macs = 0  # forward MACs of everything that is not a sparse layer
         self.counter = None  # torch's FLOP counter while a new input shape is measured
         self.signature = None  # that input shape
-        self._output = None  # weak reference to the model output (for the skip decision)
+        self.output = None  # the model output (for the skip decision); only the last pass keeps it
 
     def add(self, call_fields: dict) -> LayerCall:
         call = LayerCall(forward_pass=self, index=len(self.calls), **call_fields)
         self.calls.append(call)
         return call
-
-    @property
-    def output(self):
-        return None if self._output is None else self._output()
-
-    @output.setter
-    def output(self, value) -> None:
-        try:
-            self._output = weakref.ref(value)
-        except TypeError:  # a container (dict, tuple, ModelOutput): not kept
-            self._output = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,7 +110,15 @@ class TinyPropState:
             self._policy = policy_for(self.config)
         return self._policy
 
+    def __getstate__(self) -> dict:
+        """For torch.save / pickle of a whole model: the per-step leftovers are not kept."""
+        state = dict(self.__dict__)
+        state.update(open_pass=None, pending=[], step=None, last_stats=None, _policy=None)
+        return state
+
     def finish_pass(self, forward_pass: ForwardPass) -> None:
+        if self.pending:  # only the newest pass holds on to its output tensor
+            self.pending[-1].output = None
         self.pending.append(forward_pass)
         del self.pending[:-MAX_PENDING_PASSES]
 
