@@ -109,3 +109,12 @@ def test_paths_and_layer_names_cannot_inject_c(tmp_path, capsys):
     assert "injected" not in code and "#define X" not in code
     assert "injected_by_path" in header  # still shown, escaped, inside the comment
     assert export_c(net, tinyprop.TinyPropConfig(), tmp_path / "api", input_shape=(16,))
+
+
+def test_folder_as_model_file_and_file_as_out_get_one_line(tmp_path, capsys):
+    torch.save(_mlp(), tmp_path / "mlp.pt")
+    (tmp_path / "a-file").write_text("")
+    assert export_main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "is a folder" in _one_line_error(capsys)
+    assert export_main([str(tmp_path / "mlp.pt"), "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file; give a folder" in _one_line_error(capsys)

@@ -54,6 +54,11 @@ def check_writable(folder: os.PathLike) -> None:
     """Raise OSError saying what to do unless records can be written into ``folder`` (created if
     needed): checked before any run starts, so no finished work is lost to it."""
     folder = Path(folder)
+    blocking = next((part for part in (folder, *folder.parents) if part.is_file()), None)
+    if blocking is not None:
+        raise NotADirectoryError(
+            f"cannot write records into {folder}: {blocking} is a file; choose a folder"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the export command; returns the exit status."""
     args = parser().parse_args(argv)
     args.model_file = Path(args.model_file)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"tinyprop export: --out {args.out} is a file; give a folder")
+        return 2
     try:
         model, shape = _load(args)
         optimizer = OptimizerSpec(

@@ -38,6 +38,8 @@ def load_model_file(path: Path) -> object:
         UnsafeModelFileError: unreadable, not a torch file, or naming a class or function that is
             not allowed, in one line that says what to do.
     """
+    if path.is_dir():
+        raise FileNotFoundError(f"model file {path} is a folder; give the .pt file")
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
