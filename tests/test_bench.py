@@ -31,9 +31,9 @@ def test_local_run_writes_complete_records_and_resumes(tmp_path, monkeypatch):
     assert len(calls) == 4  # 2 datasets x 2 policies x 1 setting x 1 seed
     first = _records(results)
     assert runner.main(common) == 0  # the full sweep resumes
-    assert len(calls) == 12  # 2 datasets x 6 (policy, setting) pairs: only 8 new ones ran
+    assert len(calls) == 14  # 2 datasets x 7 (policy, setting) pairs: only 10 new ones ran
     records = _records(results)
-    assert len(records) == 12
+    assert len(records) == 14
     for name, record in first.items():
         assert records[name] == record  # finished runs were not redone
     for record in records.values():
@@ -54,7 +54,7 @@ def test_local_run_writes_complete_records_and_resumes(tmp_path, monkeypatch):
     assert by_policy[("tiny-blobs", "topk", "ratio=0.2")]["backward_ratio"] < 0.6
     # the blobs are easy: a pretrained then fine-tuned MLP must beat chance (25%) by far
     assert full["metric"] > 80
-    assert runner.main(common) == 0 and len(calls) == 12  # nothing left to do
+    assert runner.main(common) == 0 and len(calls) == 14  # nothing left to do
 
 
 def test_all_policies_start_from_the_same_pretrained_weights(tmp_path):
@@ -95,7 +95,7 @@ def test_plan_validates_names_and_settings(tmp_path):
         runner.plan_runs(suite, "transfer", str(tmp_path))
     assert runner.main(["--suite", "tiny", "--datasets", "imagenet"]) == 2
     runs = runner.plan_runs(suite, "scratch", str(tmp_path), max_settings=1)
-    assert len(runs) == 2 * 5  # one setting per policy
+    assert len(runs) == 2 * 6  # one setting per policy
     assert len({run.path for run in runs}) == len(runs)
 
 
@@ -240,11 +240,11 @@ def test_an_interrupted_sweep_keeps_its_records_and_resumes(tmp_path, monkeypatc
 
     monkeypatch.setattr(runner, "execute_run", interrupt_at_the_fifth_run)
     assert runner.main(common) == 130
-    assert "interrupted: 4 of 12 runs finished and kept, 8 left" in capsys.readouterr().err
+    assert "interrupted: 4 of 14 runs finished and kept, 10 left" in capsys.readouterr().err
     first = _records(results)
     assert len(first) == 4
     monkeypatch.setattr(runner, "execute_run", lambda *a: calls.append(a[0].title) or execute(*a))
     assert runner.main(common) == 0
-    assert "12 runs, 4 already done, 8 to run" in capsys.readouterr().out
-    assert len(calls) == 13 and len(_records(results)) == 12  # the 4 finished were not redone
+    assert "14 runs, 4 already done, 10 to run" in capsys.readouterr().out
+    assert len(calls) == 15 and len(_records(results)) == 14  # the 4 finished were not redone
     assert all(_records(results)[name] == record for name, record in first.items())

@@ -94,7 +94,7 @@ class SparseBackprop(torch.autograd.Function):
         previous = step.error_max(layer) if step is not None else layer.error_max.double()
         error_max = running_max(error, previous)  # (R',) Ymax_l after each row
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
-        keeps_everything = call.depth == 0 and policy.config.dense_output_layer
+        keeps_everything = policy.keeps_everything(call.depth)
         if keeps_everything:
             keep = torch.full_like(keep, size)
         backward_step = _count_backward(layer, step)

@@ -1,12 +1,17 @@
 """TinyPropConfig: the settings of every sparse-backprop policy, validated, plus named presets.
 
-All five policies are settings of one code path (see ``docs/algorithm.md``):
+The policies are settings of one code path (see ``docs/algorithm.md``):
 
 - ``full``: dense backprop, PyTorch's own backward (the 100% reference).
 - ``topk``: meProp, a fixed ratio of output gradients kept per layer and sample.
 - ``randomk``: as ``topk`` but a uniformly random subset (a control for "does top-k matter").
 - ``tinyprop``: TinyProp v1, k adapts to the current local error per layer and sample.
 - ``tinypropv2``: TinyProp v1 plus the per-sample decision to skip the whole training step.
+- ``selective_backprop``: Selective-Backprop (Jiang et al. 2019), a baseline: each sample is
+  kept with probability CDF(loss)^β over a window of recent losses, kept samples dense.
+
+``budget`` (any policy but ``full``) replaces the knobs that set the cost by one number, the
+backward ratio the run is held at (see :mod:`tinyprop.budget` and ``docs/budget.md``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2", "selective_backprop")
 LARGEST_SETTING = 1e6  # bound of d_max and beta: far above any useful value, far below overflow
 LARGEST_SEED = 2**31 - 1  # seeds (plus the offsets the benchmark adds) fit every RNG's range
 
@@ -25,14 +30,16 @@ class TinyPropConfig:
     """Settings of sparse backpropagation. Defaults follow ``docs/algorithm.md``.
 
     Args:
-        policy: one of ``full``, ``topk``, ``randomk``, ``tinyprop``, ``tinypropv2``.
+        policy: one of ``full``, ``topk``, ``randomk``, ``tinyprop``, ``tinypropv2``,
+            ``selective_backprop``.
         s_min: S_min, the smallest backprop ratio of TinyProp (at zero local error).
         s_max: S_max, the largest backprop ratio of TinyProp (at the largest error seen).
         zeta: ζ, damping per layer of distance d from the output: ratio times ζ^d.
         ratio: the fixed kept fraction of ``topk`` and ``randomk``.
         d_min: D_min of the TinyPropv2 decision metric D (at zero output error).
         d_max: D_max of the decision metric D (at the largest output error seen).
-        beta: β, damping factor of the decision metric D.
+        beta: β, damping factor of the decision metric D (``tinypropv2``); for
+            ``selective_backprop`` the exponent of CDF(loss)^β (1 keeps half the samples).
         skip_threshold: τ, a sample is skipped when D < τ (``tinypropv2`` only).
         seed: seed of the random choice of ``randomk``.
 
@@ -43,6 +50,11 @@ class TinyPropConfig:
     larger τ would skip every sample); 0 <= seed <= 2^31 - 1.
         dense_output_layer: keep the output layer (d = 0) dense, as meProp's reference code
             does; off by default (every layer sparse, as ``docs/algorithm.md`` defines).
+        budget: b in (0, 1]: hold the run's backward ratio (backward + selection MACs over
+            dense backward MACs, as ``Ledger.backward_ratio`` counts them) at b by adapting
+            the keep ratios (and, for ``tinypropv2`` and ``selective_backprop``, the share of
+            trained samples) online; ``ratio`` and ``skip_threshold`` are then not used.
+            None (default): the fixed settings decide the cost.
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -61,6 +73,7 @@ class TinyPropConfig:
     skip_threshold: float = 0.5  # τ: skip the sample when D < τ
     seed: int = 0  # randomk's random stream
     dense_output_layer: bool = False  # backpropagate the output layer densely (meProp's code)
+    budget: float | None = None  # b: the backward ratio held over the run (tinyprop.budget)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -107,9 +120,27 @@ class TinyPropConfig:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not 0 <= self.seed <= LARGEST_SEED:
             raise ValueError(f"seed must lie in [0, {LARGEST_SEED}], got {self.seed}")
+        self._check_budget()
         if not isinstance(self.dense_output_layer, bool):
             raise TypeError(
                 f"dense_output_layer must be True or False, got {self.dense_output_layer!r}"
+            )
+
+    def _check_budget(self) -> None:
+        budget = self.budget
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"budget must be a number in (0, 1] or None, got {budget!r}")
+        if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"budget must lie in (0, 1] (the share of full training's backward compute, "
+                f"e.g. 0.1), got {budget}"
+            )
+        if self.policy == "full":
+            raise ValueError(
+                "the full policy has no budget (it is the 100% reference); choose topk, "
+                "randomk, tinyprop, tinypropv2 or selective_backprop, or drop budget"
             )
 
     @property
@@ -119,8 +150,8 @@ class TinyPropConfig:
 
     @property
     def skips(self) -> bool:
-        """True when whole samples may be skipped (TinyPropv2)."""
-        return self.policy == "tinypropv2"
+        """True when whole samples may be skipped (TinyPropv2, Selective-Backprop)."""
+        return self.policy in ("tinypropv2", "selective_backprop")
 
     def replace(self, **changes) -> TinyPropConfig:
         """A copy with some fields changed (validated again)."""

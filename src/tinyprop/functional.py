@@ -1,4 +1,5 @@
-"""Pure tensor functions of TinyProp: local error, running max, ratio, k, top-k, skip decision.
+"""Pure tensor functions of TinyProp: local error, running max, ratio, k, top-k, skip decision;
+and of the budget controller and Selective-Backprop (the last section).
 
 Everything works on a batch of samples at once, in batch order, and matches the per-sample,
 sequential definition of ``docs/algorithm.md`` exactly (the running maximum is a cumulative max).
@@ -53,10 +54,14 @@ def adaptive_keep_count(
     zeta: float,
     depth: int,
     size: int,
+    scale: float = 1.0,
 ) -> Tensor:
-    """TinyProp's k per sample; k = 1 where Ymax = 0 (avoids 0/0). (B,) -> (B,) long."""
+    """TinyProp's k per sample; k = 1 where Ymax = 0 (avoids 0/0). (B,) -> (B,) long.
+
+    ``scale`` is the budget controller's keep scale c (bpr · c, k at most N); 1 without one.
+    """
     ratio = backprop_ratio(error.double(), error_max.double(), s_min, s_max, zeta, depth)
-    keep = keep_count(ratio, size)
+    keep = keep_count(ratio * scale, size)
     return torch.where(error_max > 0, keep, torch.ones_like(keep))
 
 
@@ -138,3 +143,77 @@ def skip_decision(
 ) -> Tensor:
     """True where the sample is trained (D >= τ), False where it is skipped. (B,) -> (B,)."""
     return decision_metric(error, error_max, d_min, d_max, beta) >= threshold
+
+
+# --- the budget controller (tinyprop.budget) and Selective-Backprop --------------------------
+
+
+def budget_step_target(
+    budget: float, spent: float, dense: float, steps: int, horizon: int
+) -> float:
+    """r* = b + (b - R) · n / H: the step ratio that pays a run ratio R = S / D back to the
+    budget b within H steps (after n steps, D / n is the mean dense MACs of a step), limited to
+    [b / 4, min(1, 4 b)]. ``spent`` S, ``dense`` D: the run's MACs so far."""
+    if dense <= 0:
+        return budget
+    run_ratio = spent / dense
+    target = budget + (budget - run_ratio) * steps / horizon
+    return min(max(target, budget / 4), min(1.0, 4 * budget))
+
+
+def split_range(
+    log_keep: float,
+    log_train: float,
+    change: float,
+    keep_limits: tuple[float, float],
+    train_limits: tuple[float, float],
+) -> tuple[float, float]:
+    """Share a change of the log cost between the two actuators, one after the other.
+
+    ``log_keep`` u_k = log c (the keep scale), ``log_train`` u_q = log(q / q0) (the trained
+    share). A decrease lowers u_k to its floor first, then u_q; an increase raises u_q back to
+    0 (q = q0) first, then u_k to its cap, then u_q to its cap. What no actuator can take is
+    dropped (anti-windup).
+    """
+    keep_low, keep_high = keep_limits
+    train_low, train_high = train_limits
+    if change < 0:
+        step = max(change, keep_low - log_keep)
+        log_keep, change = log_keep + step, change - step
+        log_train += max(change, train_low - log_train)
+        return log_keep, log_train
+    for actuator in ("train_to_start", "keep", "train"):
+        if actuator == "keep":
+            step = min(change, max(0.0, keep_high - log_keep))
+            log_keep += step
+        else:
+            high = min(0.0, train_high) if actuator == "train_to_start" else train_high
+            step = min(change, max(0.0, high - log_train))
+            log_train += step
+        change -= step
+    return log_keep, log_train
+
+
+def percentile_keep(scores: Tensor, window: Tensor, share: float) -> Tensor:
+    """True for the samples whose score is at least the (1 - q) quantile of the recent scores
+    and the batch's own: about the share q of samples with the largest scores is trained.
+    ``scores`` (B,), ``window`` (W,) with NaN where empty -> (B,) bool."""
+    pool = torch.cat([window.to(scores), scores])  # (W + B,)
+    threshold = torch.nanquantile(pool, 1.0 - min(max(share, 0.0), 1.0))
+    return scores >= threshold
+
+
+def loss_cdf(losses: Tensor, window: Tensor) -> Tensor:
+    """CDF(loss): the share of the recent losses and the batch's own at or below each loss.
+    ``losses`` (B,), ``window`` (W,) with NaN where empty -> (B,) in (0, 1]."""
+    pool = torch.cat([window.to(losses), losses])  # (W + B,)
+    pool = pool[~torch.isnan(pool)]
+    return (pool.unsqueeze(0) <= losses.unsqueeze(1)).double().mean(1)  # (B,)
+
+
+def selective_backprop_probability(losses: Tensor, window: Tensor, beta: float) -> Tensor:
+    """Selective-Backprop's keep probability CDF(loss)^β (Jiang et al. 2019). (B,) -> (B,).
+
+    With β = 1 / q - 1 a sample is kept with probability q on average (CDF(loss) is uniform
+    when the losses are i.i.d.: E[U^β] = 1 / (β + 1))."""
+    return loss_cdf(losses, window) ** beta

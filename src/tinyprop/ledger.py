@@ -11,7 +11,8 @@ rows), with N_l output elements, fan_in inputs per output and k_l kept entries:
   would have done on the same samples);
 - selection: per row with a non-zero δ, Y_l (N_l additions) and the top-k selection (N_l
   comparisons) for TinyProp, N_l for top-k, k_l random draws for random-k, plus, for
-  TinyPropv2, the output error Y_L of every sample;
+  TinyPropv2, the output error Y_L of every sample (with a budget also one selection pass over
+  the recent errors), for Selective-Backprop each loss's rank among the recent losses;
 - modules tinyprop does not make sparse (custom layers, attention products, embeddings...):
   their forward MACs as torch's FLOP counter measures them on the first forward pass of each
   input shape, their backward as twice that (done densely for the whole batch whenever a
@@ -128,6 +129,5 @@ def step_ledger(
         per_keep = layer_backward_macs(call, 1, record.computes_input_grad) - fixed
         ledger.backward += record.keep.numel() * fixed + int(record.keep.sum()) * per_keep
         ledger.selection += record.selection_macs
-    if policy.skips:
-        ledger.selection += batch_size * output_size
+    ledger.selection += policy.decision_macs(batch_size, output_size)  # the skip decision
     return ledger

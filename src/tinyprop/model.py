@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +80,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
             f"{_module_types(model)}"
         )
     _warn_dense_modules(model, kinds)
-    state = TinyPropState(config=config, layers=targets)
+    state = TinyPropState(config=config, layers=targets, root=weakref.ref(model))
     for module in model.modules():  # so that their out_proj is called, and can be sparse
         if type(module) is nn.MultiheadAttention:
             module.__class__ = TinyPropMultiheadAttention
@@ -98,6 +99,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
         state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
     model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), device=targets[-1][1].weight.device))
+    for name, value in state.policy.control_buffers().items():  # budget controller (budget.py)
+        model.register_buffer(name, value.to(targets[-1][1].weight.device))
     state.handles += [
         model.register_load_state_dict_pre_hook(_check_loaded_maxima),
         model.register_forward_pre_hook(_open_forward_pass, with_kwargs=True),
@@ -121,6 +124,8 @@ def remove(model: nn.Module) -> nn.Module:
             delattr(module, attribute)
         del module._buffers["error_max"], module._buffers["backward_steps"]
     del model._buffers[OUTPUT_ERROR_MAX]
+    for name in state.policy.control_buffers():
+        del model._buffers[name]
     delattr(model, _STATE)
     return model
 

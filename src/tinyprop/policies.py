@@ -7,11 +7,25 @@ PyTorch's own backward; the others go through :class:`tinyprop.autograd.SparseBa
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
 
+import torch
+from torch import Tensor, nn
+
+from tinyprop.budget import WINDOW, BudgetController, ScoreWindow
 from tinyprop.config import TinyPropConfig
-from tinyprop.functional import adaptive_keep_count, keep_count
+from tinyprop.functional import (
+    adaptive_keep_count,
+    keep_count,
+    percentile_keep,
+    running_max,
+    selective_backprop_probability,
+    skip_decision,
+)
+
+SMALLEST_KEEP_SCALE = 1e-4  # floors and caps of the budget controller's c and q
+LARGEST_KEEP_SCALE = 1e4
+SMALLEST_TRAINED_SHARE = 1e-3
 
 
 class Policy:
@@ -19,14 +33,38 @@ class Policy:
 
     Args:
         config: the validated settings.
+        root: the model given to :func:`tinyprop.apply`, whose buffers hold the budget
+            controller's and the score window's state (None: a policy without them).
     """
 
     adaptive = False  # k follows the local error Y_l / Ymax_l (TinyProp)
     skips = False  # whole samples may be skipped (TinyPropv2)
     random = False  # random-k: random scores instead of |δ|
+    skip_score = "output_error"  # what the skip decision ranks: Y_L, or the "loss"
+    keeps_window = False  # remembers the last W skip scores (without a budget too)
 
-    def __init__(self, config: TinyPropConfig):
+    def __init__(self, config: TinyPropConfig, root: nn.Module | None = None):
         self.config = config
+        self.budget: BudgetController | None = None
+        self.window: ScoreWindow | None = None
+        if root is not None and config.budget is not None:
+            self.budget = BudgetController(root, config.budget, *self.budget_plan(config.budget))
+        if root is not None and (self.keeps_window or (self.skips and self.budget is not None)):
+            self.window = ScoreWindow(root)
+
+    def budget_plan(self, budget: float) -> tuple:
+        """(c at the start, (smallest, largest) c, q0, (smallest, largest) q) of the budget
+        controller (:mod:`tinyprop.budget`): top-k keeps the ratio c = b of every sample."""
+        return budget, (SMALLEST_KEEP_SCALE, 1.0), 1.0, (1.0, 1.0)
+
+    def control_buffers(self) -> dict[str, Tensor]:
+        """Name -> initial value of the buffers the root module needs for this policy."""
+        buffers = {}
+        if self.window is not None:
+            buffers.update(ScoreWindow.initial_buffers())
+        if self.budget is not None:
+            buffers.update(self.budget.initial_buffers())
+        return buffers
 
     @property
     def name(self) -> str:
@@ -39,7 +77,28 @@ class Policy:
 
     def keep_count(self, error: Tensor, error_max: Tensor, depth: int, size: int) -> Tensor:
         """k per row. ``error`` Y_l (R,), ``error_max`` Ymax_l after each row (R,) -> (R,)."""
-        return keep_count(self.config.ratio, size).expand(error.shape[0]).to(error.device)
+        ratio = self.config.ratio if self.budget is None else self.budget.keep_scale
+        return keep_count(ratio, size).expand(error.shape[0]).to(error.device)
+
+    def keeps_everything(self, depth: int) -> bool:
+        """True when the layer at distance ``depth`` from the output is backpropagated densely
+        (no selection): meProp's dense output layer."""
+        return depth == 0 and self.config.dense_output_layer
+
+    def trained_mask(self, scores: Tensor, step) -> Tensor:
+        """(B,) True for the samples to train, from their (B,) skip scores (``skips`` only)."""
+        raise NotImplementedError(f"the {self.name} policy trains every sample")
+
+    def decision_macs(self, batch_size: int, output_size: int) -> int:
+        """Work of the per-sample skip decision of one step (0 without one)."""
+        return 0
+
+    def finish_step(self, step) -> None:
+        """After a whole backward: remember the step's skip scores, move the controller."""
+        if self.window is not None and step.skip_scores is not None:
+            self.window.push(step.skip_scores)
+        if self.budget is not None:
+            self.budget.finish_step(step.stats.macs, step.records)
 
     def scores(self, delta: Tensor, layer_index: int, backward_step: int) -> Tensor:
         """What the top-k ranks: |δ| (R, N)."""
@@ -82,14 +141,30 @@ class RandomKPolicy(Policy):
 
 
 class TinyPropPolicy(Policy):
-    """TinyProp v1: bpr_l = (S_min + Y_l / Ymax_l · (S_max - S_min)) · ζ^d per row."""
+    """TinyProp v1: bpr_l = (S_min + Y_l / Ymax_l · (S_max - S_min)) · ζ^d per row (times the
+    budget controller's keep scale c with a budget)."""
 
     adaptive = True
 
+    def budget_plan(self, budget):
+        train_start = self.trained_share_start(budget)
+        middle = max((self.config.s_min + self.config.s_max) / 2, SMALLEST_KEEP_SCALE)
+        keep_start = min(max(budget / train_start / middle, SMALLEST_KEEP_SCALE), 1.0 / middle)
+        smallest_share = min(SMALLEST_TRAINED_SHARE, train_start)
+        return (
+            keep_start, (SMALLEST_KEEP_SCALE, LARGEST_KEEP_SCALE),
+            train_start, (smallest_share if self.skips else 1.0, 1.0),
+        )  # fmt: skip
+
+    def trained_share_start(self, budget: float) -> float:
+        """q0: TinyProp v1 trains every sample."""
+        return 1.0
+
     def keep_count(self, error, error_max, depth, size):
         config = self.config
+        scale = 1.0 if self.budget is None else self.budget.keep_scale
         return adaptive_keep_count(
-            error, error_max, config.s_min, config.s_max, config.zeta, depth, size
+            error, error_max, config.s_min, config.s_max, config.zeta, depth, size, scale
         ).to(error.device)
 
     def selection_macs(self, trained, size, kept):
@@ -97,9 +172,63 @@ class TinyPropPolicy(Policy):
 
 
 class TinyPropV2Policy(TinyPropPolicy):
-    """TinyProp v1 plus the per-sample skip decision D < τ (TinyPropv2)."""
+    """TinyProp v1 plus the per-sample skip decision D < τ (TinyPropv2); with a budget, τ is the
+    (1 - q) percentile of the recent output errors Y_L (see :mod:`tinyprop.budget`)."""
 
     skips = True
+
+    def trained_share_start(self, budget):
+        return math.sqrt(budget)  # q0 = √b: the budget split evenly (in log) with sparsity
+
+    def trained_mask(self, scores, step):
+        """``scores``: the (B,) output errors Y_L."""
+        if self.budget is not None:
+            return percentile_keep(scores, self.window.values, self.budget.trained_share)
+        config = self.config
+        error_max = running_max(scores, step.previous_output_error_max())  # (B,) Ymax_L
+        step.output_error_max = float(error_max[-1])
+        return skip_decision(
+            scores, error_max, config.d_min, config.d_max, config.beta, config.skip_threshold
+        )
+
+    def decision_macs(self, batch_size, output_size):
+        # Y_L of every sample; with a budget, one selection pass over the window and the batch
+        window = WINDOW + batch_size if self.budget is not None else 0
+        return batch_size * output_size + window
+
+
+class SelectiveBackpropPolicy(Policy):
+    """Selective-Backprop (Jiang et al. 2019): each sample is trained with probability
+    CDF(loss)^β, the CDF over the last W losses and the batch's; trained samples are
+    backpropagated densely. With a budget, β = 1 / q - 1 for the controller's share q."""
+
+    skips = True
+    skip_score = "loss"
+    keeps_window = True
+
+    def budget_plan(self, budget):
+        smallest_share = min(SMALLEST_TRAINED_SHARE, budget)
+        return 1.0, (1.0, 1.0), budget, (smallest_share, 1.0)
+
+    def keeps_everything(self, depth):
+        return True
+
+    def selection_macs(self, trained, size, kept):
+        return 0
+
+    def trained_mask(self, scores, step):
+        """``scores``: the (B,) per-sample losses."""
+        if self.budget is None:
+            beta = self.config.beta
+        else:
+            beta = 1.0 / max(self.budget.trained_share, SMALLEST_TRAINED_SHARE) - 1.0
+        probability = selective_backprop_probability(scores.cpu(), self.window.values.cpu(), beta)
+        seed = self.config.seed * 1_000_003 + self.window.steps
+        draws = torch.rand(scores.shape[0], generator=torch.Generator().manual_seed(seed))
+        return draws < probability  # (B,)
+
+    def decision_macs(self, batch_size, output_size):
+        return batch_size * (WINDOW + batch_size)  # each loss against the window and batch
 
 
 _POLICIES = {
@@ -108,9 +237,11 @@ _POLICIES = {
     "randomk": RandomKPolicy,
     "tinyprop": TinyPropPolicy,
     "tinypropv2": TinyPropV2Policy,
+    "selective_backprop": SelectiveBackpropPolicy,
 }
 
 
-def policy_for(config: TinyPropConfig) -> Policy:
-    """The policy object of a configuration."""
-    return _POLICIES[config.policy](config)
+def policy_for(config: TinyPropConfig, root: nn.Module | None = None) -> Policy:
+    """The policy object of a configuration (``root``: the applied model, for the buffers of
+    the budget controller and the score window)."""
+    return _POLICIES[config.policy](config, root)

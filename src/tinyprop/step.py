@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tinyprop.functional import local_error, running_max, skip_decision
+from tinyprop.functional import local_error
 from tinyprop.ledger import Ledger, step_ledger
 from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
 
@@ -59,6 +59,7 @@ class StepContext:
         self.records: list = []
         self.error_unit = 1.0 / len(stats.trained_mask)  # δ per unit of one sample's loss
         self.output_error_max: float | None = None
+        self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
         self.failed = False
         self.finished = False
         self._error_max: dict[nn.Module, Tensor] = {}
@@ -70,6 +71,10 @@ class StepContext:
     def error_max(self, layer: nn.Module) -> Tensor:
         """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""
         return self._error_max.get(layer, layer.error_max.double())
+
+    def previous_output_error_max(self) -> Tensor:
+        """Ymax_L before this step (the skip decision's running maximum)."""
+        return getattr(self.model, OUTPUT_ERROR_MAX).double()
 
     def set_error_max(self, layer: nn.Module, value: Tensor) -> None:
         self._error_max[layer] = value.detach().double()
@@ -125,6 +130,8 @@ class StepContext:
                 if name not in stats.keep
                 else torch.cat([stats.keep[name], record.keep])
             )
+        with torch.no_grad():
+            self.state.policy.finish_step(self)  # the score window and the budget controller
         self.state.last_stats = stats
 
 
@@ -258,22 +265,22 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
     passes = state.take_passes()
     output_size = 0
     step = StepContext(module, stats, passes, output_size)
-    if state.policy.skips:
-        if output is None:
-            output = passes[-1].output if passes else None
-        if not isinstance(output, Tensor):
-            raise ValueError(
-                "tinypropv2 needs the model output the losses come from, for the skip "
-                "decision: pass it as output=..."
-            )
-        error = _output_error(losses, output, sample_dim)  # (B,) Y_L
-        step.output_size = output.numel() // batch
-        error_max = running_max(error, getattr(module, OUTPUT_ERROR_MAX).double())  # (B,)
-        config = state.config
-        trained_mask = skip_decision(
-            error, error_max, config.d_min, config.d_max, config.beta, config.skip_threshold
-        ).to(losses.device)
-        step.output_error_max = float(error_max[-1])
+    policy = state.policy
+    if policy.skips:
+        if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
+            scores = losses.detach().double()
+        else:  # TinyPropv2 ranks the output errors
+            if output is None:
+                output = passes[-1].output if passes else None
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    "tinypropv2 needs the model output the losses come from, for the skip "
+                    "decision: pass it as output=..."
+                )
+            scores = _output_error(losses, output, sample_dim)  # (B,) Y_L
+            step.output_size = output.numel() // batch
+        step.skip_scores = scores
+        trained_mask = policy.trained_mask(scores, step).to(losses.device)  # (B,)
         stats.trained_mask = trained_mask
         stats.trained = int(trained_mask.sum())
         stats.skipped = batch - stats.trained

@@ -5,6 +5,7 @@ Examples:
     tinyprop train --dataset mnist --policy tinypropv2 --epochs 3
     tinyprop train --dataset har --policy topk --ratio 0.1 --protocol finetune --seed 1
     tinyprop train --dataset cifar10 --policy tinyprop --zeta 1.0 --train-samples 5000
+    tinyprop train --dataset mnist --policy tinypropv2 --budget 0.1   # 10% of full's backward
     tinyprop train --dataset har --protocol finetune --save har.pt   # then tinyprop export
 """
 
@@ -19,7 +20,9 @@ from pathlib import Path
 from tinyprop import cli_types, models
 from tinyprop.bench import protocols, runner, sources, store, suites
 
-CONFIG_FLAGS = ("ratio", "s_min", "s_max", "zeta", "d_min", "d_max", "beta", "skip_threshold")
+CONFIG_FLAGS = (
+    "ratio", "s_min", "s_max", "zeta", "d_min", "d_max", "beta", "skip_threshold", "budget",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tinyprop import cli_types
 from tinyprop.bench import store
 
-POLICY_ORDER = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+POLICY_ORDER = ("full", "topk", "randomk", "tinyprop", "tinypropv2", "selective_backprop")
 TARGET_DROP_PP = 1.0  # issue 5: tinypropv2 within 1 pp of full ...
 TARGET_BACKWARD = 0.20  # ... at no more than 20% of full training's backward compute
 

@@ -27,6 +27,27 @@ from tinyprop.bench import claims, protocols, sources, store, suites
 from tinyprop.bench.cluster import CONNECT_TIMEOUT_S, RayConnectionError
 from tinyprop.bench.suites import DatasetPlan
 from tinyprop.bench.training import evaluate, pretrain_dense, train_policy
+from tinyprop.optim import OPTIMIZERS
+
+# settings keys that set the training recipe, not the TinyPropConfig: the optimizer (adam by
+# default) and its learning rate (the plan's by default), so both can be chosen on validation
+RECIPE_KEYS = ("optimizer", "lr")
+
+
+def config_settings(settings: dict) -> dict:
+    """The TinyPropConfig fields of a settings dict (without :data:`RECIPE_KEYS`)."""
+    return {key: value for key, value in settings.items() if key not in RECIPE_KEYS}
+
+
+def check_recipe(settings: dict) -> None:
+    """A clear error for an unknown optimizer or a bad learning rate in a settings dict."""
+    if settings.get("optimizer", "adam") not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {settings['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}"
+        )
+    lr = settings.get("lr", 1.0)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +140,8 @@ def plan_runs(
         for seed in seeds:
             for policy in policies:
                 for settings in suite.settings[policy][:max_settings]:
-                    tinyprop.TinyPropConfig(policy=policy, seed=seed, **settings)  # validate
+                    check_recipe(settings)
+                    tinyprop.TinyPropConfig(policy=policy, seed=seed, **config_settings(settings))
                     runs.append(
                         RunSpec(
                             suite=suite.name,
@@ -239,7 +261,11 @@ def execute_run(
     if spec.protocol == "finetune":
         model.load_state_dict(pretrained if pretrained is not None else pretrained_state(spec))
         pretrained_metric = evaluate(model, test.x, test.y, autoencoder)[1]
-    config = tinyprop.TinyPropConfig(policy=spec.policy, seed=spec.seed, **spec.settings)
+    config = tinyprop.TinyPropConfig(
+        policy=spec.policy, seed=spec.seed, **config_settings(spec.settings)
+    )
+    optimizer = spec.settings.get("optimizer", "adam")
+    lr = spec.settings.get("lr", spec.plan.lr)
     result = train_policy(
         model,
         config,
@@ -247,9 +273,10 @@ def execute_run(
         pool.y[splits.train],
         epochs=spec.plan.epochs,
         batch_size=spec.plan.batch_size,
-        lr=spec.plan.lr,
+        lr=lr,
         seed=spec.seed + 2000,
         autoencoder=autoencoder,
+        optimizer=optimizer,
     )
     val_metric_name, val_metric = evaluate(
         model, pool.x[splits.val], pool.y[splits.val], autoencoder
@@ -284,7 +311,8 @@ def execute_run(
         "final_loss": result.last_loss,
         "epochs": spec.plan.epochs,
         "batch_size": spec.plan.batch_size,
-        "lr": spec.plan.lr,
+        "lr": lr,
+        "optimizer": optimizer,
         "train_samples": len(splits.train),
         "val_samples": len(splits.val),
         "pretrain_samples": len(splits.pretrain),

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2")
+POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2", "selective_backprop")
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,31 @@ SMALL_SETTINGS: dict[str, list[dict]] = {
     ],
 }
 
+# budget runs (tinyprop.budget): every sparse policy held at the same backward ratio b, so the
+# policies compare at equal compute with one flag and no per-dataset setting
+BUDGETS = (0.2, 0.1, 0.05)  # the most useful first (--max-settings 1 runs 0.2)
+
+
+def budget_settings(extra: dict | None = None) -> list[dict]:
+    """``{"budget": b}`` for every b of :data:`BUDGETS` (plus ``extra``)."""
+    return [{"budget": budget, **(extra or {})} for budget in BUDGETS]
+
+
+SMALL_SETTINGS["selective_backprop"] = budget_settings()
+# the optimizer question: SGD with momentum 0.9 at two learning rates beside the plan's Adam,
+# and Adam with per-entry moments (tinyprop.optim.LazyAdam); chosen on validation like a setting
+SGD_SETTINGS = [{"optimizer": "sgd", "lr": 0.01}, {"optimizer": "sgd", "lr": 0.05}]
+BUDGET_SETTINGS: dict[str, list[dict]] = {
+    "full": [{}, *SGD_SETTINGS],
+    "topk": budget_settings(MEPROP),
+    "randomk": budget_settings(MEPROP),
+    "tinyprop": budget_settings(),
+    "tinypropv2": budget_settings()
+    + [{"budget": 0.2, **sgd} for sgd in SGD_SETTINGS]
+    + [{"budget": 0.2, "optimizer": "lazy_adam"}],
+    "selective_backprop": budget_settings(),
+}
+
 PAPER_SETTINGS: dict[str, list[dict]] = {
     "full": [{}],
     "topk": [{"ratio": r, **MEPROP} for r in (0.02, 0.05, 0.1, 0.2, 0.3)],
@@ -134,7 +159,9 @@ PAPER_SETTINGS: dict[str, list[dict]] = {
         {"zeta": z, "s_max": 0.9, "skip_threshold": t}
         for z in (1.0, 0.75, 0.5)
         for t in (0.1, 0.3, 0.5, 0.7)
-    ],
+    ]
+    + budget_settings(),
+    "selective_backprop": budget_settings(),
 }
 
 # the image stand-ins at 32x32, the whole training split (40 and 30 per class), a 7-block
@@ -190,6 +217,18 @@ PAPER = Suite(
     settings=PAPER_SETTINGS,
 )
 
+PAPER_SETTINGS["topk"] += budget_settings(MEPROP)
+PAPER_SETTINGS["randomk"] += budget_settings(MEPROP)
+
+# the small suite's datasets and sizes, every policy at the budgets only (equal compute)
+BUDGET = Suite(
+    name="budget",
+    datasets=SMALL.datasets,
+    settings=BUDGET_SETTINGS,
+    notes=SMALL.notes,
+    min_val_samples=SMALL.min_val_samples,
+)
+
 TINY = Suite(
     name="tiny",
     datasets={
@@ -202,15 +241,16 @@ TINY = Suite(
         "randomk": [{"ratio": 0.2}],
         "tinyprop": [{}],
         "tinypropv2": [{"skip_threshold": 0.3}, {"skip_threshold": 0.6}],
+        "selective_backprop": [{"budget": 0.3}],
     },
     seeds=(0,),
 )
 
-SUITES = {suite.name: suite for suite in (SMALL, PAPER, TINY)}
+SUITES = {suite.name: suite for suite in (SMALL, PAPER, BUDGET, TINY)}
 
 
 def get(name: str) -> Suite:
-    """The suite called ``name`` (``small``, ``paper`` or ``tiny``)."""
+    """The suite called ``name`` (``small``, ``paper``, ``budget`` or ``tiny``)."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; choose one of {list(SUITES)}")
     return SUITES[name]

@@ -23,6 +23,7 @@ from torch.nn import functional
 import tinyprop
 from tinyprop.bench import metrics
 from tinyprop.models import reconstruction_loss
+from tinyprop.optim import make_optimizer
 
 
 def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -151,8 +152,9 @@ def train_policy(
     autoencoder: bool,
     progress=None,
     recalibrate: bool = True,
+    optimizer: str = "adam",
 ) -> TrainResult:
-    """Train with ``tinyprop.train_step`` under ``config`` (Adam), then remove tinyprop and
+    """Train with ``tinyprop.train_step`` under ``config``, then remove tinyprop and
     recompute the BatchNorm statistics on ``x`` (when the model has BatchNorm).
 
     Args:
@@ -162,19 +164,21 @@ def train_policy(
         y: ``(N,)`` labels (ignored for an autoencoder, whose target is ``x``).
         epochs: passes over ``x``.
         batch_size: samples per optimizer step.
-        lr: Adam learning rate.
+        lr: learning rate.
         seed: seeds the batch order.
         autoencoder: reconstruction loss instead of cross-entropy.
         progress: optional callable ``progress(samples_done)`` called after every batch.
         recalibrate: recompute BatchNorm running statistics on ``x`` after training (its
             forward MACs are added to the ledger's ``forward``).
+        optimizer: ``adam`` (default), ``sgd`` (momentum 0.9) or ``lazy_adam``
+            (:class:`tinyprop.optim.LazyAdam`).
 
     Returns:
         A :class:`TrainResult` with the accumulated ledger and skip counts.
     """
     loss_fn = loss_function(autoencoder)
     tinyprop.apply(model, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer(optimizer, model, lr)
     ledger = tinyprop.Ledger()
     trained = skipped = steps = 0
     last_loss = float("nan")

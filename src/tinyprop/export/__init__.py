@@ -120,6 +120,11 @@ def export_c(
             "the C runtime backpropagates every layer sparsely; export with "
             "dense_output_layer=False"
         )
+    if config.budget is not None or config.policy == "selective_backprop":
+        raise ValueError(
+            "the C runtime has no budget controller and no selective_backprop policy; export "
+            "with fixed settings (full, topk, tinyprop or tinypropv2 without budget)"
+        )
     if config.policy == "randomk":
         raise ValueError(
             "the C runtime has no randomk policy; export with full, topk, tinyprop or tinypropv2"

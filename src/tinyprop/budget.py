@@ -1,0 +1,212 @@
+"""Say the budget: hold a run's backward ratio at a stated share of full training's.
+
+``TinyPropConfig(policy=..., budget=b)`` replaces the settings that fix the cost (``ratio``,
+``skip_threshold``) by one number b, the backward ratio of the run as
+:meth:`tinyprop.Ledger.backward_ratio` counts it: (backward + selection MACs) / dense backward
+MACs. The policy still decides per sample and per layer *where* the compute goes (TinyProp's k
+follows each layer's local error, TinyPropv2 trains the samples with the largest output error);
+the controller decides *how much*, from what the ledger measured after every step. No setting
+depends on the dataset.
+
+Symbols (one step = one :class:`tinyprop.step.StepContext`):
+
+- b: the budget. S, D: the run's spent (backward + selection) and dense backward MACs so far;
+  R = S / D the run's backward ratio; n the finished steps.
+- r* = b + (b - R) · n / H: the step ratio that pays R's deviation from b back within H steps
+  (:func:`tinyprop.functional.budget_step_target`), limited to [b / 4, min(1, 4 b)].
+- r̃ = Ŝ / D̂: the measured step ratio, with Ŝ, D̂ exponential averages (factor λ) of the
+  steps' spent and dense MACs (a step that skipped every sample has Ŝ += 0).
+- the integral law on the log cost: Δ = η · (log r* - log r̃), shared by split range
+  (:func:`tinyprop.functional.split_range`) between two actuators:
+
+  - c = exp(u_k), the keep scale: TinyProp's bpr_l = (S_min + α (S_max - S_min)) ζ^d · c
+    (k at most N_l); top-k / random-k keep the ratio c. Starts at the ratio left per trained
+    sample, (b / q0) / ((S_min + S_max) / 2) for TinyProp, b for top-k.
+  - q = q0 · exp(u_q), the trained share (``tinypropv2``, ``selective_backprop``): TinyPropv2
+    trains the samples whose output error Y_L is at least the (1 - q) quantile of the last W
+    samples' (and the batch's own; D is increasing in Y_L, so this is the skip decision with
+    τ set by a percentile, as Selective-Backprop does with losses); Selective-Backprop uses
+    β = 1 / q - 1. q0 = √b for TinyPropv2 (the budget split evenly, in log, between skipping
+    and sparsity), b for Selective-Backprop (its kept samples are dense).
+
+  A decrease lowers c to its floor first, then q; an increase restores q to q0, then raises c,
+  then q. c's floor and cap are also where it stops having an effect: when every kept row of
+  the step kept 1 entry (or all N_l), c is not moved further down (up).
+
+Constants: W = 256 scores, H = 20 steps, λ = 0.5, η = 0.5 (chosen once on a toy stream and
+checked on the benchmark datasets, never per dataset; see ``docs/budget.md``).
+
+Every number the controller remembers is a buffer of the root module (``tinyprop_budget_*``,
+``tinyprop_score_window*``), so ``state_dict`` / ``load_state_dict`` resume a run exactly. The
+buffers change only when a step's backward finished (:meth:`BudgetController.finish_step`).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from tinyprop.functional import budget_step_target, split_range
+
+WINDOW = 256  # W: recent skip scores (output errors or losses) the percentile looks at
+HORIZON = 20  # H: steps over which the run ratio's deviation from b is paid back
+SMOOTHING = 0.5  # λ: weight of the past in the measured step ratio r̃
+GAIN = 0.5  # η: integral gain on the log cost
+
+
+class ScoreWindow:
+    """The last W skip scores, oldest first, NaN where empty; and how many steps pushed."""
+
+    VALUES = "tinyprop_score_window"
+    STEPS = "tinyprop_score_window_steps"
+
+    def __init__(self, root: nn.Module):
+        self._root = weakref.ref(root)
+
+    @classmethod
+    def initial_buffers(cls) -> dict[str, Tensor]:
+        return {
+            cls.VALUES: torch.full((WINDOW,), math.nan, dtype=torch.float64),
+            cls.STEPS: torch.zeros((), dtype=torch.long),
+        }
+
+    @property
+    def values(self) -> Tensor:
+        """(W,) the recent scores (NaN where empty)."""
+        return getattr(self._root(), self.VALUES)
+
+    @property
+    def steps(self) -> int:
+        return int(getattr(self._root(), self.STEPS))
+
+    def push(self, scores: Tensor) -> None:
+        """Append a batch's (B,) scores, dropping the oldest."""
+        values = self.values
+        recent = torch.cat([values, scores.detach().to(values)])[-WINDOW:]  # (W,)
+        values.copy_(recent)
+        getattr(self._root(), self.STEPS).add_(1)
+
+
+class BudgetController:
+    """The controller of one run (see the module docstring for the symbols).
+
+    Args:
+        root: the model given to :func:`tinyprop.apply` (holds the buffers).
+        budget: b.
+        keep_start: c at the start.
+        keep_limits: (smallest, largest) c; equal for a policy without a keep scale.
+        train_start: q0.
+        train_limits: (smallest, largest) q; both q0 for a policy that trains every sample.
+    """
+
+    SPENT = "tinyprop_budget_spent"  # S
+    DENSE = "tinyprop_budget_dense"  # D
+    STEPS = "tinyprop_budget_steps"  # n
+    SMOOTHED_SPENT = "tinyprop_budget_smoothed_spent"  # Ŝ
+    SMOOTHED_DENSE = "tinyprop_budget_smoothed_dense"  # D̂
+    LOG_KEEP_SCALE = "tinyprop_budget_log_keep_scale"  # u_k = log c
+    LOG_TRAINED_SHARE = "tinyprop_budget_log_trained_share"  # u_q = log(q / q0)
+
+    def __init__(
+        self,
+        root: nn.Module,
+        budget: float,
+        keep_start: float,
+        keep_limits: tuple[float, float],
+        train_start: float,
+        train_limits: tuple[float, float],
+    ):
+        self._root = weakref.ref(root) if root is not None else None
+        self.budget = budget
+        self.keep_start = keep_start
+        self.keep_limits = (math.log(keep_limits[0]), math.log(keep_limits[1]))
+        self.train_start = train_start
+        self.train_limits = (
+            math.log(train_limits[0] / train_start),
+            math.log(train_limits[1] / train_start),
+        )
+
+    def initial_buffers(self) -> dict[str, Tensor]:
+        count = {"dtype": torch.long}  # MAC counts stay exact (and out of model.half())
+        return {
+            self.SPENT: torch.zeros((), **count),
+            self.DENSE: torch.zeros((), **count),
+            self.STEPS: torch.zeros((), **count),
+            self.SMOOTHED_SPENT: torch.zeros((), **count),
+            self.SMOOTHED_DENSE: torch.zeros((), **count),
+            self.LOG_KEEP_SCALE: torch.tensor(math.log(self.keep_start), dtype=torch.float64),
+            self.LOG_TRAINED_SHARE: torch.zeros((), dtype=torch.float64),
+        }
+
+    def _buffer(self, name: str) -> Tensor:
+        return getattr(self._root(), name)
+
+    @property
+    def keep_scale(self) -> float:
+        """c, the factor on the keep ratios of the running step."""
+        return math.exp(float(self._buffer(self.LOG_KEEP_SCALE)))
+
+    @property
+    def trained_share(self) -> float:
+        """q, the share of samples the running step trains."""
+        return self.train_start * math.exp(float(self._buffer(self.LOG_TRAINED_SHARE)))
+
+    @property
+    def run_ratio(self) -> float:
+        """R = S / D, the backward ratio of the run so far (0 before the first step)."""
+        dense = int(self._buffer(self.DENSE))
+        return int(self._buffer(self.SPENT)) / dense if dense else 0.0
+
+    def finish_step(self, ledger, records=()) -> None:
+        """Account a finished step's :class:`~tinyprop.Ledger` and move c and q.
+
+        ``records``: the step's :class:`~tinyprop.state.BackwardRecord` (k per row), to see
+        whether c still has an effect."""
+        spent, dense = ledger.backward + ledger.selection, ledger.backward_dense
+        if dense <= 0:
+            return
+        buffers = {name: self._buffer(name) for name in self.initial_buffers()}
+        run_spent = int(buffers[self.SPENT]) + spent
+        run_dense = int(buffers[self.DENSE]) + dense
+        steps = int(buffers[self.STEPS]) + 1
+        smoothed_spent = _smooth(buffers[self.SMOOTHED_SPENT], spent)  # Ŝ
+        smoothed_dense = _smooth(buffers[self.SMOOTHED_DENSE], dense)  # D̂
+        target = budget_step_target(self.budget, run_spent, run_dense, steps, HORIZON)  # r*
+        measured = max(smoothed_spent, 1) / smoothed_dense  # r̃ (tiny after skipped steps)
+        change = GAIN * (math.log(target) - math.log(measured))
+        log_keep = float(buffers[self.LOG_KEEP_SCALE])
+        keep_limits = _effective_limits(self.keep_limits, log_keep, records)
+        log_keep, log_train = split_range(
+            log_keep, float(buffers[self.LOG_TRAINED_SHARE]), change, keep_limits,
+            self.train_limits,
+        )  # fmt: skip
+        with torch.no_grad():
+            buffers[self.SPENT].fill_(run_spent)
+            buffers[self.DENSE].fill_(run_dense)
+            buffers[self.STEPS].fill_(steps)
+            buffers[self.SMOOTHED_SPENT].fill_(smoothed_spent)
+            buffers[self.SMOOTHED_DENSE].fill_(smoothed_dense)
+            buffers[self.LOG_KEEP_SCALE].fill_(log_keep)
+            buffers[self.LOG_TRAINED_SHARE].fill_(log_train)
+
+
+def _smooth(average: Tensor, value: int) -> int:
+    """λ · average + (1 - λ) · value, rounded (MAC counts stay integers)."""
+    return round(SMOOTHING * int(average) + (1 - SMOOTHING) * value)
+
+
+def _effective_limits(limits: tuple, log_keep: float, records) -> tuple[float, float]:
+    """(floor, cap) of u_k, narrowed to the current u_k where moving c has no effect: every
+    selecting layer kept all N_l entries of every row (cap), or 1 entry (floor)."""
+    selected = [record for record in records if record.selected and record.keep.numel()]
+    if not selected:
+        return limits
+    low, high = limits
+    if all(bool((record.keep >= record.call.output_size).all()) for record in selected):
+        high = min(high, max(low, log_keep))
+    if all(bool((record.keep <= 1).all()) for record in selected):
+        low = max(low, min(high, log_keep))
+    return low, high

@@ -1,0 +1,216 @@
+"""The budget controller: the backward ratio it holds, exact resume, bad budgets refused; and the
+Selective-Backprop policy."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+from tinyprop.budget import BudgetController, ScoreWindow
+from tinyprop.functional import (
+    budget_step_target,
+    loss_cdf,
+    percentile_keep,
+    selective_backprop_probability,
+    split_range,
+)
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+SPARSE_POLICIES = ("topk", "randomk", "tinyprop", "tinypropv2", "selective_backprop")
+
+
+def toy_stream(steps: int, batch: int = 32, seed: int = 0):
+    """Batches of a 5-class problem whose difficulty drifts (the losses fall as it learns)."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(5, 20, generator=generator) * 0.4  # overlapping: never fit exactly
+    for _ in range(steps):
+        y = torch.randint(0, 5, (batch,), generator=generator)
+        yield centers[y] + torch.randn(batch, 20, generator=generator), y
+
+
+def toy_model(config: tinyprop.TinyPropConfig, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
+    return tinyprop.apply(net, config)
+
+
+def run(model, batches, optimizer=None):
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ledgers = []
+    for x, y in batches:
+        ledgers.append(tinyprop.train_step(model, x, y, LOSS, optimizer).macs)
+    return ledgers
+
+
+def ratio(ledgers) -> float:
+    return sum(ledgers, tinyprop.Ledger()).backward_ratio()
+
+
+@pytest.mark.parametrize("policy", SPARSE_POLICIES)
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_budget_is_held_on_a_toy_stream(policy, budget):
+    config = tinyprop.TinyPropConfig(policy=policy, budget=budget, zeta=1.0)
+    ledgers = run(toy_model(config), toy_stream(300))
+    after_warm_up = ratio(ledgers[50:])
+    whole_run = ratio(ledgers)
+    assert abs(after_warm_up / budget - 1) <= 0.10, (after_warm_up, whole_run)
+    assert abs(whole_run / budget - 1) <= 0.10, (after_warm_up, whole_run)
+
+
+def test_tinypropv2_budget_uses_both_skipping_and_sparsity():
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.1)
+    model = toy_model(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    skipped = trained = 0
+    for x, y in toy_stream(100):
+        stats = tinyprop.train_step(model, x, y, LOSS, optimizer)
+        skipped, trained = skipped + stats.skipped, trained + stats.trained
+    controller = tinyprop.model.state_of(model).policy.budget
+    assert 0.1 < trained / (trained + skipped) < 0.9  # some samples skipped, not all
+    assert controller.keep_scale < 1.0 and 0.05 < controller.run_ratio < 0.15
+
+
+@pytest.mark.parametrize("policy", ["tinypropv2", "selective_backprop", "topk"])
+def test_resume_from_state_dict_is_exact(policy):
+    config = tinyprop.TinyPropConfig(policy=policy, budget=0.2)
+    batches = list(toy_stream(60, seed=3))
+    model = toy_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run(model, batches[:30], optimizer)
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    assert any(key.startswith("tinyprop_budget_") for key in model.state_dict())
+    rest = run(model, batches[30:], optimizer)
+
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)
+    resumed = toy_model(config, seed=99)  # different weights until loaded
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    rest_again = run(resumed, batches[30:], resumed_optimizer)
+
+    assert [ledger.as_dict() for ledger in rest] == [ledger.as_dict() for ledger in rest_again]
+    for (name, value), (_, again) in zip(
+        model.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(value, again) or (value.isnan() & again.isnan()).all(), name
+
+
+def test_buffers_change_only_after_a_whole_backward():
+    model = toy_model(tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.2))
+    before = copy.deepcopy(model.state_dict())
+    x, y = next(toy_stream(1))
+    output = model(x)
+    tinyprop.loss(model, LOSS(output, y), output)  # decision made, no backward yet
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) or value.isnan().all(), name
+    model.zero_grad()
+    output = model(x)
+    tinyprop.backward(model, LOSS(output, y), output)
+    assert int(model.tinyprop_budget_steps) == 1
+    assert int(model.tinyprop_score_window_steps) == 1
+
+
+def test_remove_drops_the_controller_buffers():
+    model = toy_model(tinyprop.TinyPropConfig(policy="selective_backprop", budget=0.3))
+    plain = tinyprop.remove(model)
+    assert not any(key.startswith("tinyprop") for key in plain.state_dict())
+
+
+@pytest.mark.parametrize(
+    "budget, error, words",
+    [
+        (0.0, ValueError, "(0, 1]"),
+        (1.5, ValueError, "(0, 1]"),
+        (-0.1, ValueError, "(0, 1]"),
+        (float("nan"), ValueError, "(0, 1]"),
+        ("10%", TypeError, "number"),
+        (True, TypeError, "number"),
+    ],
+)
+def test_invalid_budgets_are_refused(budget, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace("]", r"\]")):
+        tinyprop.TinyPropConfig(policy="tinypropv2", budget=budget)
+
+
+def test_full_has_no_budget():
+    with pytest.raises(ValueError, match="full policy has no budget"):
+        tinyprop.TinyPropConfig(policy="full", budget=0.1)
+
+
+def test_budget_step_target_pays_back_the_deviation():
+    assert budget_step_target(0.1, 0, 0, 0, 20) == 0.1
+    # run at 0.12 after 20 steps: the next steps aim 0.02 below the budget
+    assert budget_step_target(0.1, 12, 100, 20, 20) == pytest.approx(0.08)
+    assert budget_step_target(0.1, 90, 100, 1000, 20) == pytest.approx(0.025)  # limited to b/4
+
+
+def test_split_range_moves_one_actuator_after_the_other():
+    keep, train = (-2.0, 2.0), (-3.0, 1.0)
+    assert split_range(0.0, 0.0, -1.0, keep, train) == (-1.0, 0.0)  # keep scale first
+    assert split_range(-1.5, 0.0, -1.0, keep, train) == (-2.0, -0.5)  # then the share
+    assert split_range(-2.0, -0.5, 1.0, keep, train) == (-1.5, 0.0)  # share back to q0 first
+    assert split_range(1.5, 0.0, 1.0, keep, train) == (2.0, 0.5)  # keep cap, then share
+    assert split_range(2.0, 1.0, 1.0, keep, train) == (2.0, 1.0)  # all saturated: dropped
+
+
+def test_percentile_keep_trains_the_largest_share():
+    window = torch.full((8,), float("nan"))
+    scores = torch.arange(10, dtype=torch.float64)
+    assert percentile_keep(scores, window, 0.3).sum() == 3
+    assert percentile_keep(scores, window, 1.0).all()
+    window = torch.arange(100, 108, dtype=torch.float64)  # the recent scores were all larger
+    assert percentile_keep(scores, window, 0.3).sum() == 0
+
+
+def test_selective_backprop_probability_is_cdf_to_the_beta():
+    window = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    losses = torch.tensor([0.5, 2.0, 4.0])
+    assert loss_cdf(losses, window).tolist() == pytest.approx([1 / 6, 4 / 6, 1.0])
+    probability = selective_backprop_probability(losses, window, 2.0)
+    assert probability.tolist() == pytest.approx([1 / 36, 16 / 36, 1.0])
+
+
+def test_selective_backprop_keeps_high_loss_samples_and_backpropagates_them_densely():
+    config = tinyprop.TinyPropConfig(policy="selective_backprop", beta=2.0)
+    model = toy_model(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trained = total = 0
+    for x, y in toy_stream(40):
+        stats = tinyprop.train_step(model, x, y, LOSS, optimizer)
+        trained, total = trained + stats.trained, total + x.shape[0]
+        for name, keep in stats.keep.items():  # every kept sample dense in every layer
+            size = dict(model.named_modules())[name].out_features
+            assert (keep == size).all()
+        ledger = stats.macs
+        # the ledger's backward is the dense backward of the trained samples only
+        dense_per_sample = (ledger.backward_dense - ledger.unattributed) / x.shape[0]
+        assert ledger.backward == pytest.approx(stats.trained * dense_per_sample)
+    assert 0.2 < trained / total < 0.5  # E[U^2] = 1/3
+
+
+def test_selective_backprop_prefers_large_losses():
+    config = tinyprop.TinyPropConfig(policy="selective_backprop", beta=3.0)
+    model = toy_model(config)
+    kept_losses, skipped_losses = [], []
+    for x, y in toy_stream(30):
+        model.zero_grad()
+        losses = LOSS(model(x), y)
+        stats = tinyprop.backward(model, losses)
+        kept_losses += losses[stats.trained_mask].tolist()
+        skipped_losses += losses[~stats.trained_mask].tolist()
+    kept = torch.tensor(kept_losses)
+    skipped = torch.tensor(skipped_losses)
+    assert 0.1 < len(kept) / (len(kept) + len(skipped)) < 0.4  # E[U^3] = 1/4
+    assert kept.mean() > skipped.mean() and kept.median() > skipped.quantile(0.75)
+
+
+def test_controller_and_window_are_documented_objects():
+    assert "r* = b + (b - R)" in tinyprop.budget.__doc__
+    assert BudgetController.finish_step.__doc__ and ScoreWindow.push.__doc__
