@@ -214,3 +214,26 @@ def test_selective_backprop_prefers_large_losses():
 def test_controller_and_window_are_documented_objects():
     assert "r* = b + (b - R)" in tinyprop.budget.__doc__
     assert BudgetController.finish_step.__doc__ and ScoreWindow.push.__doc__
+
+
+def test_report_has_an_equal_compute_table():
+    from tinyprop.bench.report import budget_of, budget_table, summarise
+
+    assert budget_of("budget=0.05,dense_output_layer=True") == 0.05
+    assert budget_of("budget=0.2,lr=0.01,optimizer=sgd") is None  # the optimizer study
+    assert budget_of("ratio=0.1") is None
+
+    def record(policy, label, metric, backward, seed):
+        return {
+            "protocol": "finetune", "dataset": "d", "source": "s", "model": "m",
+            "policy": policy, "settings": {}, "settings_label": label, "seed": seed,
+            "metric_name": "accuracy", "metric": metric, "val_metric": metric,
+            "compute_ratio": 0.5, "backward_ratio": backward, "skip_rate": 0.0,
+        }  # fmt: skip
+
+    records = [record("full", "default", 90.0, 1.0, seed) for seed in (0, 1)]
+    records += [record("topk", "budget=0.1", 80.0 + seed, 0.1, seed) for seed in (0, 1)]
+    records += [record("tinypropv2", "budget=0.1", 88.0, 0.1, seed) for seed in (0, 1)]
+    lines = budget_table(summarise(records))
+    assert "| d | topk | 90.00 ± 0.00 | 80.50 ± 0.71 (10.0) |" in lines
+    assert "| d | tinypropv2 | 90.00 ± 0.00 | 88.00 ± 0.00 (10.0) |" in lines

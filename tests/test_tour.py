@@ -31,7 +31,7 @@ def test_the_tour_runs_as_written(tmp_path):
     run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert len(list((tmp_path / "results" / "tiny-finetune").glob("finetune__*.json"))) == 12
+    assert len(list((tmp_path / "results" / "tiny-finetune").glob("finetune__*.json"))) == 14
     assert (tmp_path / "results" / "tiny-finetune" / "report.md").is_file()
     assert (tmp_path / "har.pt").is_file() and (tmp_path / "har_c" / "train").is_file()
     assert "model: 8372 parameters" in run.stdout and run.stdout.rstrip().endswith("done")

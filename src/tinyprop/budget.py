@@ -44,7 +44,6 @@ buffers change only when a step's backward finished (:meth:`BudgetController.fin
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +63,7 @@ class ScoreWindow:
     STEPS = "tinyprop_score_window_steps"
 
     def __init__(self, root: nn.Module):
-        self._root = weakref.ref(root)
+        self._root = root  # a plain reference: the model pickles and deep-copies with it
 
     @classmethod
     def initial_buffers(cls) -> dict[str, Tensor]:
@@ -76,18 +75,18 @@ class ScoreWindow:
     @property
     def values(self) -> Tensor:
         """(W,) the recent scores (NaN where empty)."""
-        return getattr(self._root(), self.VALUES)
+        return getattr(self._root, self.VALUES)
 
     @property
     def steps(self) -> int:
-        return int(getattr(self._root(), self.STEPS))
+        return int(getattr(self._root, self.STEPS))
 
     def push(self, scores: Tensor) -> None:
         """Append a batch's (B,) scores, dropping the oldest."""
         values = self.values
         recent = torch.cat([values, scores.detach().to(values)])[-WINDOW:]  # (W,)
         values.copy_(recent)
-        getattr(self._root(), self.STEPS).add_(1)
+        getattr(self._root, self.STEPS).add_(1)
 
 
 class BudgetController:
@@ -119,7 +118,7 @@ class BudgetController:
         train_start: float,
         train_limits: tuple[float, float],
     ):
-        self._root = weakref.ref(root) if root is not None else None
+        self._root = root
         self.budget = budget
         self.keep_start = keep_start
         self.keep_limits = (math.log(keep_limits[0]), math.log(keep_limits[1]))
@@ -142,7 +141,7 @@ class BudgetController:
         }
 
     def _buffer(self, name: str) -> Tensor:
-        return getattr(self._root(), name)
+        return getattr(self._root, name)
 
     @property
     def keep_scale(self) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +79,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
             f"{_module_types(model)}"
         )
     _warn_dense_modules(model, kinds)
-    state = TinyPropState(config=config, layers=targets, root=weakref.ref(model))
+    state = TinyPropState(config=config, layers=targets, root=model)
     for module in model.modules():  # so that their out_proj is called, and can be sparse
         if type(module) is nn.MultiheadAttention:
             module.__class__ = TinyPropMultiheadAttention

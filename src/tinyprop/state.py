@@ -100,7 +100,7 @@ class TinyPropState:
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
     last_stats: object = None  # StepStats of the last finished step
-    root: object = None  # weak reference to the applied model (buffers of the budget controller)
+    root: object = None  # the applied model (holds the budget controller's buffers)
 
     _policy: Policy | None = None
 
@@ -108,7 +108,7 @@ class TinyPropState:
     def policy(self) -> Policy:
         """The policy object of ``config`` (made again when the config is replaced)."""
         if self._policy is None or self._policy.config is not self.config:
-            self._policy = policy_for(self.config, self.root() if self.root else None)
+            self._policy = policy_for(self.config, self.root)
         return self._policy
 
     def __getstate__(self) -> dict:

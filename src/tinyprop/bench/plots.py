@@ -17,11 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MARKERS = {"full": "*", "topk": "o", "randomk": "s", "tinyprop": "^", "tinypropv2": "D"}
+MARKERS = {"full": "*", "topk": "o", "randomk": "s", "tinyprop": "^", "tinypropv2": "D",
+           "selective_backprop": "v"}  # fmt: skip
 COLORS = {"full": "black", "topk": "tab:blue", "randomk": "tab:gray", "tinyprop": "tab:green",
-          "tinypropv2": "tab:red"}  # fmt: skip
+          "tinypropv2": "tab:red", "selective_backprop": "tab:purple"}  # fmt: skip
 SHORT = {"ratio": "r", "zeta": "ζ", "s_max": "Smax", "s_min": "Smin", "skip_threshold": "τ",
-         "d_min": "Dmin", "d_max": "Dmax", "beta": "β"}  # fmt: skip
+         "d_min": "Dmin", "d_max": "Dmax", "beta": "β", "budget": "b"}  # fmt: skip
 METRIC_RANGE = (0.0, 100.0)
 TARGET_BACKWARD_PCT, TARGET_DROP_PP = 20.0, 1.0
 FORMATS = (".png", ".svg")

@@ -276,6 +276,7 @@ def markdown(summaries: list[SettingSummary], tolerance: float = 1.0) -> str:
                 f"{100 * TARGET_BACKWARD:g}% of full backward compute.",
                 *verdicts,
             ]
+        lines += budget_table([s for s in summaries if s.protocol == protocol])
         comparison = equal_compute_lines([s for s in summaries if s.protocol == protocol])
         if comparison:
             lines += [
@@ -286,6 +287,57 @@ def markdown(summaries: list[SettingSummary], tolerance: float = 1.0) -> str:
                 *comparison,
             ]
     return "\n".join(lines) + "\n"
+
+
+def budget_of(setting: str) -> float | None:
+    """The ``budget`` of a settings label (None for a label without one, or with a recipe
+    change such as ``optimizer=sgd``: those are the optimizer study, not the equal-compute
+    table).
+
+    Example:
+        >>> budget_of("budget=0.1,dense_output_layer=True")
+        0.1
+    """
+    fields = dict(item.partition("=")[::2] for item in setting.split(","))
+    if "budget" not in fields or "optimizer" in fields or "lr" in fields:
+        return None
+    return float(fields["budget"])
+
+
+def budget_table(summaries: list[SettingSummary]) -> list[str]:
+    """The equal-compute table: every policy's test metric at each budget (mean ± std over
+    seeds) with the backward ratio it reached, one row per dataset and policy."""
+    budgets = sorted({b for s in summaries if (b := budget_of(s.setting)) is not None})
+    if not budgets:
+        return []
+    lines = [
+        "",
+        "Equal compute: every policy held at the same backward budget b (`budget` setting, no "
+        "other choice); test metric mean ± std over seeds, in brackets the backward % reached. "
+        "Full training's metric for reference.",
+        "",
+        "| dataset | policy | full | " + " | ".join(f"b = {b:g}" for b in budgets) + " |",
+        "|---|---|---|" + "---|" * len(budgets),
+    ]
+    full = {s.dataset: s for s in summaries if s.policy == "full" and s.chosen}
+    groups: dict[tuple, dict] = {}
+    for s in summaries:
+        if (budget := budget_of(s.setting)) is not None:
+            groups.setdefault((s.dataset, _policy_rank(s.policy)), {})[budget] = s
+    for (dataset, (_, policy)), by_budget in sorted(groups.items()):
+        reference = full.get(dataset)
+        cells = [
+            f"{_format_metric(by_budget[b])} ({by_budget[b].backward_pct:.1f})"
+            if b in by_budget
+            else ""
+            for b in budgets
+        ]
+        lines.append(
+            f"| {dataset} | {policy} | {_format_metric(reference) if reference else ''} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
 
 
 def matched_by(points: list[SettingSummary], rivals: list[SettingSummary]) -> int:
