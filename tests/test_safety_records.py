@@ -43,7 +43,7 @@ def counted(monkeypatch):
 def test_damaged_records_are_run_again_with_a_line_saying_so(tmp_path, counted, capsys):
     results = tmp_path / "results"
     argv = TINY + ["--results", str(results)]
-    assert runner.main(argv) == 0 and len(counted) == 6
+    assert runner.main(argv) == 0 and len(counted) == 7
     paths = sorted(results.glob("*.json"))
     for path, content in zip(paths, DAMAGE.values(), strict=False):
         path.write_bytes(content)
@@ -120,6 +120,6 @@ def test_two_bench_processes_run_each_run_once(tmp_path):
     assert [process.returncode for process in processes] == [0, 0], outputs
     finished = [int(line.split()[0]) for out in outputs for line in out.splitlines()
                 if " runs finished in " in line]  # fmt: skip
-    assert sum(finished) == 6, outputs  # each of the 6 runs ran in exactly one process
-    assert len(list(results.glob("*.json"))) == 6
+    assert sum(finished) == 7, outputs  # each of the 7 runs ran in exactly one process
+    assert len(list(results.glob("*.json"))) == 7
     assert not list(results.glob(".*.claim"))  # every claim released
