@@ -222,6 +222,7 @@ def test_report_has_an_equal_compute_table():
     assert budget_of("budget=0.05,dense_output_layer=True") == 0.05
     assert budget_of("budget=0.2,lr=0.01,optimizer=sgd") is None  # the optimizer study
     assert budget_of("ratio=0.1") is None
+    assert budget_of("budget=0.2,zeta=1.0") is None
 
     def record(policy, label, metric, backward, seed):
         return {

@@ -290,16 +290,16 @@ def markdown(summaries: list[SettingSummary], tolerance: float = 1.0) -> str:
 
 
 def budget_of(setting: str) -> float | None:
-    """The ``budget`` of a settings label (None for a label without one, or with a recipe
-    change such as ``optimizer=sgd``: those are the optimizer study, not the equal-compute
-    table).
+    """The ``budget`` of a settings label (None for a label without one, or with any other
+    change such as ``optimizer=sgd`` or ``zeta=1.0``: the equal-compute table holds the budget
+    runs at their defaults only).
 
     Example:
         >>> budget_of("budget=0.1,dense_output_layer=True")
         0.1
     """
     fields = dict(item.partition("=")[::2] for item in setting.split(","))
-    if "budget" not in fields or "optimizer" in fields or "lr" in fields:
+    if "budget" not in fields or set(fields) - {"budget", "dense_output_layer"}:
         return None
     return float(fields["budget"])
 
