@@ -40,6 +40,12 @@ POLICIES = {
     "topk 0.05": tinyprop.TinyPropConfig(policy="topk", ratio=0.05),
     "tinypropv2": tinyprop.TinyPropConfig(policy="tinypropv2"),
 }
+# CNNs also: convolutions with a fan-in below 64 backpropagated densely (no selection there)
+CNN_POLICIES = {
+    **POLICIES,
+    "topk 0.05 dense-small": POLICIES["topk 0.05"].replace(dense_small_layers=True),
+    "tinypropv2 dense-small": POLICIES["tinypropv2"].replace(dense_small_layers=True),
+}
 
 
 def wide_mlp() -> nn.Module:
@@ -114,25 +120,25 @@ def small_cnn() -> nn.Module:
 
 
 HEADER = (
-    "| policy     | ms / step | wall vs full (spread)  | MAC limit | backward MACs vs full "
-    "| skipped |\n|------------|-----------|------------------------|-----------"
-    "|-----------------------|---------|"
+    "| policy                 | ms / step | wall vs full (spread)  | MAC limit "
+    "| backward MACs vs full | skipped |\n|------------------------|-----------"
+    "|------------------------|-----------|-----------------------|---------|"
 )
-# name -> (builder, batch size, input side: MNIST's 28x28, or zero-padded to 32x32)
+# name -> (builder, batch size, input side: MNIST's 28x28, or zero-padded to 32x32, policies)
 MODELS = {
-    "wide MLP 784-2048-2048-10": (wide_mlp, 128, 28),
-    "deep MLP 1024-2048-2048-2048-10": (deep_mlp, 64, 32),
-    "small CNN 16-32-32": (small_cnn, 128, 28),
-    "MobileNet-style CNN": (mobilenet_style, 64, 28),
+    "wide MLP 784-2048-2048-10": (wide_mlp, 128, 28, POLICIES),
+    "deep MLP 1024-2048-2048-2048-10": (deep_mlp, 64, 32, POLICIES),
+    "small CNN 16-32-32": (small_cnn, 128, 28, CNN_POLICIES),
+    "MobileNet-style CNN": (mobilenet_style, 64, 28, CNN_POLICIES),
 }
 
 
-def measure(build, x, y, batch_size: int, rounds: int, chunk: int) -> dict[str, dict]:
+def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> dict[str, dict]:
     """Per-step wall time of every policy, interleaved in chunks of ``chunk`` steps (one
     untimed warm-up chunk each first)."""
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     runs = {}
-    for name, config in POLICIES.items():
+    for name, config in policies.items():
         torch.manual_seed(0)
         model = tinyprop.apply(build(), config)
         runs[name] = {
@@ -225,7 +231,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()
     kept_memory = keep_freed_memory()
-    largest_batch = max(MODELS[name][1] for name in args.models)
+    largest_batch = max(MODELS[name][1] for name in args.models)  # (MNIST, not the padding)
     train = data.load("mnist", "train", limit=largest_batch * (args.rounds + 1) * args.chunk)
     images, y = train.tensors  # (N, 1, 28, 28)
     record = {
@@ -242,17 +248,17 @@ def main() -> None:
         torch.set_num_threads(threads)
         record["threads"][str(threads)] = models = {}
         for model_name in args.models:
-            build, batch_size, side = MODELS[model_name]
+            build, batch_size, side, policies = MODELS[model_name]
             pad = (side - images.shape[-1]) // 2
             x = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
-            results = measure(build, x, y, batch_size, args.rounds, args.chunk)
+            results = measure(build, policies, x, y, batch_size, args.rounds, args.chunk)
             models[model_name] = {"batch_size": batch_size, "policies": results}
             print(f"\n{model_name}, batch {batch_size}, MNIST {side}x{side}, {threads} threads")
             print(HEADER)
             for name, row in results.items():
                 spread = "{:.2f} ({:.2f}-{:.2f})".format(row["ratio_to_full"], *row["ratio_spread"])
                 print(
-                    f"| {name:<10} | {row['ms_per_step']:>9.2f} | {spread:>22} | "
+                    f"| {name:<22} | {row['ms_per_step']:>9.2f} | {spread:>22} | "
                     f"{row['mac_ratio']:>9.3f} | {row['backward_mac_ratio']:>21.3f} | "
                     f"{100 * row['skip_rate']:>6.1f}% |"
                 )

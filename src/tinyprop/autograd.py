@@ -27,17 +27,19 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 # Above these fractions of kept entries (in one layer and step), the kept entries are multiplied
 # with PyTorch's dense kernels (GEMM / convolution backward on the masked δ) instead of the
-# sparse ones, which are slower there. Crossovers measured on one thread at batch 128 (the
-# native kernels run on one thread, so their limits are divided by torch's thread count):
-# - native Linear kernel: about 0.6 (2048x2048);
-# - native convolution kernel: 0.1 (16->32 channels, 3x3) to 0.2 (64->64); with a fan-in
-#   below 64 (a first layer on one channel, a depthwise conv) its per-tap overhead loses to
-#   oneDNN's dense backward at any density, so those layers keep the dense kernels;
+# sparse ones, which are slower there. The native kernels use torch's thread count as the dense
+# ones do, so the limits hold at every thread count. Crossovers at batch 128:
+# - native Linear kernel (2048x2048): 0.6 on one thread on a quiet machine; re-measured on
+#   the shared 2-core machine under load, 0.2 on one thread and 0.3 on two (median of three);
+# - native convolution kernel: 0.1 (16->32 channels, 3x3) to 0.2 (64->64), one thread; with a
+#   fan-in below 64 (a first layer on one channel, a depthwise conv) its per-tap overhead loses
+#   to oneDNN's dense backward at any density, so those layers keep the dense kernels (and
+#   under ``dense_small_layers`` skip the selection too);
 # - PyTorch's sparse CSR products (no native kernels, float64, Linear on (B, *, in)): about
 #   0.15 for a 2048x2048 Linear, below 0.05 for 3x3 convolutions.
 # The result is the same up to float rounding, and the ledger counts k · fan_in either way.
-NATIVE_DENSE_KERNEL_DENSITY = 0.5  # Linear layers, native kernel, per torch thread
-NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.1  # Conv1d / Conv2d layers, native kernel, per thread
+NATIVE_DENSE_KERNEL_DENSITY = 0.3  # Linear layers, native kernel
+NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.1  # Conv1d / Conv2d layers, native kernel
 NATIVE_CONV_MIN_FAN_IN = 64  # C_in / G · kh · kw; smaller convolutions keep the dense kernels
 DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
 CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kernels
@@ -94,7 +96,9 @@ class SparseBackprop(torch.autograd.Function):
         previous = step.error_max(layer) if step is not None else layer.error_max.double()
         error_max = running_max(error, previous)  # (R',) Ymax_l after each row
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
-        keeps_everything = policy.keeps_everything(call.depth)
+        keeps_everything = policy.keeps_everything(call.depth) or is_dense_small_layer(
+            policy.config, geometry
+        )
         if keeps_everything:
             keep = torch.full_like(keep, size)
         backward_step = _count_backward(layer, step)
@@ -127,6 +131,14 @@ class SparseBackprop(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+def is_dense_small_layer(config, geometry) -> bool:
+    """Whether ``dense_small_layers`` backpropagates this layer call densely (k = N, no
+    selection): a convolution with a fan-in below ``NATIVE_CONV_MIN_FAN_IN``, whose selection
+    alone costs more than its dense backward."""
+    small = not isinstance(geometry, LinearPatches) and geometry.fan_in < NATIVE_CONV_MIN_FAN_IN
+    return config.dense_small_layers and small
+
+
 def _gradients(
     layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything, backward_step,
     needs_input, needs_weight,
@@ -145,9 +157,8 @@ def _gradients(
     use_native = native.can_backward(x, weight) and (
         x.dim() == 2 if is_linear else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN
     )
-    if use_native:  # the native kernels run on one thread; PyTorch's dense ones on all
+    if use_native:
         limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
-        limit /= torch.get_num_threads()
     else:
         limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
     select = functools.partial(_select, policy, layer.layer_index, backward_step)

@@ -55,6 +55,12 @@ class TinyPropConfig:
             the keep ratios (and, for ``tinypropv2`` and ``selective_backprop``, the share of
             trained samples) online; ``ratio`` and ``skip_threshold`` are then not used.
             None (default): the fixed settings decide the cost.
+        dense_small_layers: backpropagate densely (k = N, no selection) the layers whose
+            sparse backward cannot be faster than their dense one: convolutions with a fan-in
+            C_in / G · kh · kw below 64 (a first layer on one channel, depthwise and narrow
+            pointwise convolutions), where selecting k entries already costs more than the
+            whole dense backward (measured in ``benchmarks/speed.py``). The ledger counts
+            them as dense. Off by default.
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -74,6 +80,7 @@ class TinyPropConfig:
     seed: int = 0  # randomk's random stream
     dense_output_layer: bool = False  # backpropagate the output layer densely (meProp's code)
     budget: float | None = None  # b: the backward ratio held over the run (tinyprop.budget)
+    dense_small_layers: bool = False  # dense backward where sparse cannot be faster
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -121,6 +128,10 @@ class TinyPropConfig:
         if not 0 <= self.seed <= LARGEST_SEED:
             raise ValueError(f"seed must lie in [0, {LARGEST_SEED}], got {self.seed}")
         self._check_budget()
+        if not isinstance(self.dense_small_layers, bool):
+            raise ValueError(
+                f"dense_small_layers must be True or False, got {self.dense_small_layers!r}"
+            )
         if not isinstance(self.dense_output_layer, bool):
             raise TypeError(
                 f"dense_output_layer must be True or False, got {self.dense_output_layer!r}"

@@ -115,10 +115,10 @@ def export_c(
     """
     if not isinstance(config, TinyPropConfig):
         raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
-    if config.dense_output_layer:
+    if config.dense_output_layer or config.dense_small_layers:
         raise ValueError(
             "the C runtime backpropagates every layer sparsely; export with "
-            "dense_output_layer=False"
+            "dense_output_layer=False and dense_small_layers=False"
         )
     if config.budget is not None or config.policy == "selective_backprop":
         raise ValueError(
