@@ -1,4 +1,4 @@
-"""Wall-clock per training step: full vs topk (0.1, 0.05) vs tinypropv2, side by side.
+"""Wall-clock per training step: full vs topk (0.1, 0.05, unified) vs tinypropv2, side by side.
 
 The machine may be shared and noisy, so the policies are measured in one run, interleaved:
 every policy trains its own model (same initial weights, same batches) in chunks of steps,
@@ -39,6 +39,7 @@ POLICIES = {
     "topk 0.1": tinyprop.TinyPropConfig(policy="topk", ratio=0.1),
     "topk 0.05": tinyprop.TinyPropConfig(policy="topk", ratio=0.05),
     "tinypropv2": tinyprop.TinyPropConfig(policy="tinypropv2"),
+    "topk 0.05 unified": tinyprop.TinyPropConfig(policy="topk", ratio=0.05, unified=True),
 }
 # CNNs also: convolutions with a fan-in below 64 backpropagated densely (no selection there)
 CNN_POLICIES = {

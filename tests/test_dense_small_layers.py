@@ -60,7 +60,7 @@ def test_small_fan_in_convolutions_keep_every_entry_and_count_as_dense(policy, m
 def test_default_keeps_every_layer_sparse_and_export_refuses_the_setting(tmp_path):
     _, stats = step(tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
     assert all((keep < 64 * 8).all() for keep in stats.keep.values())
-    with pytest.raises(ValueError, match="dense_small_layers"):
+    with pytest.raises(TypeError, match="dense_small_layers"):
         tinyprop.TinyPropConfig(policy="topk", dense_small_layers=1)
     net = copy.deepcopy(model())
     config = tinyprop.TinyPropConfig(policy="topk", dense_small_layers=True)

@@ -11,6 +11,7 @@ faster (see the *_DENSE_KERNEL_DENSITY limits below).
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 
@@ -46,7 +47,11 @@ CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kerne
 
 
 def sparse_rows(
-    row: Tensor, column: Tensor, value: Tensor, shape: tuple[int, int], grouped: bool = False
+    row: Tensor,
+    column: Tensor,
+    value: Tensor,
+    shape: tuple[int, int],
+    grouped: bool = False,
 ) -> Tensor:
     """A CSR matrix of the given shape from (row, column, value) triplets (unique pairs).
 
@@ -99,8 +104,12 @@ class SparseBackprop(torch.autograd.Function):
         keeps_everything = policy.keeps_everything(call.depth) or is_dense_small_layer(
             policy.config, geometry
         )
+        channels = None  # unified top-k: the kept output channels shared by every row
         if keeps_everything:
             keep = torch.full_like(keep, size)
+        elif policy.config.unified and rows.numel():
+            channels = unified_channels(delta, keep)  # (K,)
+            keep = torch.full_like(keep, channels.numel() * delta.shape[2])
         backward_step = _count_backward(layer, step)
         if policy.adaptive and rows.numel():
             _set_error_max(layer, step, error_max[-1])
@@ -120,10 +129,15 @@ class SparseBackprop(torch.autograd.Function):
         grad_bias = None
         if ctx.bias_dtype is not None and needs_bias:
             grad_bias = delta.sum((0, 2)).to(ctx.bias_dtype)  # (C_out,), dense
-        grad_input, grad_weight = _gradients(
-            layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything,
-            backward_step, needs_input, needs_weight,
-        )  # fmt: skip
+        if channels is not None and (needs_input or needs_weight):
+            grad_input, grad_weight = unified_gradients(
+                geometry, x, weight, rows, delta, channels, needs_input, needs_weight
+            )
+        else:
+            grad_input, grad_weight = _gradients(
+                layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything,
+                backward_step, needs_input, needs_weight,
+            )  # fmt: skip
         if grad_input is not None:
             grad_input = grad_input.to(ctx.saved_tensors[0].dtype)
         if grad_weight is not None:
@@ -137,6 +151,42 @@ def is_dense_small_layer(config, geometry) -> bool:
     alone costs more than its dense backward."""
     small = not isinstance(geometry, LinearPatches) and geometry.fan_in < NATIVE_CONV_MIN_FAN_IN
     return config.dense_small_layers and small
+
+
+def unified_channels(delta: Tensor, keep: Tensor) -> Tensor:
+    """meProp's unified top-k: the output channels every row of a layer call keeps.
+
+    ``delta`` (R', C_out, P), ``keep`` (R',) k per row. Returns the ⌈mean k / P⌉ channels of
+    largest Σ |δ| over the rows and positions (at least one), ascending, ties to the lower
+    index: (K,) long.
+    """
+    rows, channels_out, positions = delta.shape
+    mean_keep = -(-int(keep.sum()) // rows)  # ⌈mean k⌉
+    count = min(max(-(-mean_keep // positions), 1), channels_out)
+    score = delta.abs().sum((0, 2)).unsqueeze(0)  # (1, C_out)
+    return select_topk(score, torch.full((1,), count, device=delta.device))[1]
+
+
+def unified_gradients(geometry, x, weight, rows, delta, channels, needs_input, needs_weight):
+    """Input and weight gradients from the kept channels of δ (R', C_out, P), shared by every
+    row: the dense kernels on the kept channels only, a K / C_out smaller product (for grouped
+    convolutions, whose channels cannot be cut apart, the masked δ on the whole layer)."""
+    if geometry.groups > 1:
+        masked = torch.zeros_like(delta)  # (R', C_out, P)
+        masked[:, channels] = delta[:, channels]
+        flat = masked.reshape(delta.shape[0], -1)
+        return geometry.dense_gradients(x, weight, rows, flat, needs_input, needs_weight)
+    kept = copy.copy(geometry)  # the same layer with only the kept output channels
+    kept.channels_out = channels.numel()
+    kept_delta = delta[:, channels].reshape(delta.shape[0], -1)  # (R', K · P)
+    grad_input, kept_grad = kept.dense_gradients(
+        x, weight[channels], rows, kept_delta, needs_input, needs_weight
+    )
+    grad_weight = None
+    if kept_grad is not None:  # zero rows for the channels nobody kept
+        grad_weight = weight.new_zeros(weight.shape)
+        grad_weight[channels] = kept_grad.reshape(-1, *weight.shape[1:])
+    return grad_input, grad_weight
 
 
 def _gradients(
@@ -264,7 +314,11 @@ def pytorch_sparse_gradients(
         grad_weight = (kept @ patches).reshape(weight.shape)  # (C_out, fan_in)
     if needs_input:
         kept_t = sparse_rows(  # (U, C_out); select() groups the entries by sample
-            patch, channel, value, (patch_count, channels_out), grouped=one_patch_per_sample
+            patch,
+            channel,
+            value,
+            (patch_count, channels_out),
+            grouped=one_patch_per_sample,
         )
         grad_patches = kept_t @ weight.reshape(channels_out, fan_in)  # (U, fan_in)
         grad_input = geometry.scatter(

@@ -61,6 +61,11 @@ class TinyPropConfig:
             pointwise convolutions), where selecting k entries already costs more than the
             whole dense backward (measured in ``benchmarks/speed.py``). The ledger counts
             them as dense. Off by default.
+        unified: meProp's unified top-k (``topk``, ``tinyprop``, ``tinypropv2``): one set of
+            kept output channels per layer call, shared by the rows it trains: the channels of
+            largest Σ |δ| over the rows (and positions), ⌈mean k / P⌉ of them (P output
+            positions per channel, 1 for a Linear layer on (B, in)), so the sparse backward is
+            a smaller dense product. Off by default (k entries per row, chosen per row).
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -81,11 +86,21 @@ class TinyPropConfig:
     dense_output_layer: bool = False  # backpropagate the output layer densely (meProp's code)
     budget: float | None = None  # b: the backward ratio held over the run (tinyprop.budget)
     dense_small_layers: bool = False  # dense backward where sparse cannot be faster
+    unified: bool = False  # one kept index set per layer call, shared by its rows (meProp)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        for name in ("s_min", "s_max", "zeta", "ratio", "d_min", "d_max", "beta", "skip_threshold"):
+        for name in (
+            "s_min",
+            "s_max",
+            "zeta",
+            "ratio",
+            "d_min",
+            "d_max",
+            "beta",
+            "skip_threshold",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
@@ -128,9 +143,12 @@ class TinyPropConfig:
         if not 0 <= self.seed <= LARGEST_SEED:
             raise ValueError(f"seed must lie in [0, {LARGEST_SEED}], got {self.seed}")
         self._check_budget()
-        if not isinstance(self.dense_small_layers, bool):
+        for name in ("dense_small_layers", "unified"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.unified and self.policy not in ("topk", "tinyprop", "tinypropv2"):
             raise ValueError(
-                f"dense_small_layers must be True or False, got {self.dense_small_layers!r}"
+                f"unified applies to topk, tinyprop and tinypropv2, not {self.policy!r}"
             )
         if not isinstance(self.dense_output_layer, bool):
             raise TypeError(

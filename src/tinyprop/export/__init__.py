@@ -115,10 +115,10 @@ def export_c(
     """
     if not isinstance(config, TinyPropConfig):
         raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
-    if config.dense_output_layer or config.dense_small_layers:
+    if config.dense_output_layer or config.dense_small_layers or config.unified:
         raise ValueError(
-            "the C runtime backpropagates every layer sparsely; export with "
-            "dense_output_layer=False and dense_small_layers=False"
+            "the C runtime backpropagates every layer sparsely, k entries chosen per sample; "
+            "export with dense_output_layer=False, dense_small_layers=False, unified=False"
         )
     if config.budget is not None or config.policy == "selective_backprop":
         raise ValueError(
@@ -144,7 +144,10 @@ def export_c(
         path.write_text(text)
         files.append(path)
 
-    write("tinyprop_model.h", model_header(layers, config, optimizer, batch_size, model_name))
+    write(
+        "tinyprop_model.h",
+        model_header(layers, config, optimizer, batch_size, model_name),
+    )
     source = runtime_dir()
     write("main.c", (source / "examples" / "train_example.c").read_text())
     write("Makefile", MAKEFILE)
