@@ -84,6 +84,8 @@ class SparseBackprop(torch.autograd.Function):
         layer, call = ctx.layer, ctx.call
         state = layer.tinyprop_state
         step, policy = state.step, state.policy
+        if step is None and policy.skips:
+            warn_outside_step(state)
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         geometry = call.geometry  # computed once, in the forward
         compute = compute_dtype(x.dtype, weight.dtype)  # float16 / bfloat16 -> float32
@@ -243,6 +245,22 @@ def _select(policy, layer_index: int, backward_step: int, flat: Tensor, keep: Te
     if masked:
         return torch.zeros_like(flat).index_put_((rows, columns), values)
     return rows, columns, values
+
+
+def warn_outside_step(state) -> None:
+    """Warn once that the backward of a skipping policy (tinypropv2) did not start from
+    tinyprop.loss: nothing is skipped."""
+    if "outside a step" in state.warned:
+        return
+    state.warned.add("outside a step")
+    warnings.warn(
+        f"{state.policy.name}: this backward did not start from tinyprop.loss or "
+        "tinyprop.backward, so "
+        "no sample is skipped (the layers still keep k of each row's output gradient, with "
+        "their local errors in units of the loss as given). Backpropagate "
+        "tinyprop.loss(model, per_sample_losses) instead of the plain mean loss.",
+        stacklevel=2,
+    )
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -13,9 +13,12 @@ maxima, which are written to the layers' buffers only when the whole backward su
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinyprop.functional import local_error
@@ -193,6 +196,7 @@ def backward(
     *,
     sample_dim: int = 0,
     grad_scaler=None,
+    scale: float = 1.0,
 ) -> StepStats:
     """Accumulate into ``.grad`` what ``losses.mean().backward()`` would under the policy.
 
@@ -205,6 +209,10 @@ def backward(
     Args:
         model, losses, output, sample_dim: as for :func:`loss`.
         grad_scaler: a ``torch.amp.GradScaler``: backpropagates ``grad_scaler.scale(loss)``.
+        scale: multiplies the loss before the backward: ``1 / n`` makes ``n`` calls on
+            batches of ``B`` samples accumulate the gradient of one batch of ``n · B``
+            (gradient accumulation). As with ``GradScaler``'s factor, the policy sees the
+            unscaled errors (running maxima and k do not depend on it).
 
     Returns:
         :class:`StepStats` of the step (``stepped`` stays False).
@@ -214,7 +222,11 @@ def backward(
         >>> stats = tinyprop.backward(model, loss_fn(model(x), y))
         >>> optimizer.step()
     """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scalar, step = _step_loss(model, losses, output, sample_dim)
+    if scale != 1.0:
+        scalar = scalar * scale
     if step.stats.trained or is_distributed(model):
         (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
     else:
@@ -232,6 +244,22 @@ def is_distributed(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
+def warn_without_ddp(model: nn.Module, state) -> None:
+    """Warn once when torch.distributed runs several ranks but ``model`` is not wrapped in
+    DistributedDataParallel: nothing would average the gradients across the ranks."""
+    if is_distributed(model) or "without ddp" in state.warned:
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        state.warned.add("without ddp")
+        warnings.warn(
+            f"torch.distributed runs {dist.get_world_size()} ranks but the model given to "
+            "tinyprop is not wrapped in DistributedDataParallel: its gradients are not "
+            "averaged across the ranks and their weights will drift apart. Pass the "
+            "DistributedDataParallel wrapper (tinyprop unwraps it).",
+            stacklevel=4,
+        )
+
+
 def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int):
     """The step's scalar loss (the masked mean, through the step boundary) and its context."""
     step = _open_step(model, losses, output, sample_dim)
@@ -242,6 +270,7 @@ def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int):
 def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> StepContext:
     module = unwrap(model)
     state = state_of(module)
+    warn_without_ddp(model, state)
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(
             f"losses must be one loss per sample, shape (B,), got {_describe(losses)}; use "

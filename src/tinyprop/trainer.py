@@ -19,10 +19,11 @@ def train_step(
 ) -> StepStats:
     """One training step with the policy given to :func:`tinyprop.apply`.
 
-    ``optimizer.zero_grad()``, the forward pass, :func:`tinyprop.backward` (the gradient of the
-    mean loss over the batch, skipped samples contributing zero) and one optimizer step, or
-    none at all when every sample is skipped (its state stays untouched). Under
-    DistributedDataParallel the optimizer steps on every rank when any rank trained.
+    ``zero_grad()`` of the model and of the optimizer (parameters outside the optimizer hold
+    this step's gradient, never a sum over steps), the forward pass, :func:`tinyprop.backward`
+    (the gradient of the mean loss over the batch, skipped samples contributing zero) and one
+    optimizer step, or none at all when every sample is skipped (its state stays untouched).
+    Under DistributedDataParallel the optimizer steps on every rank when any rank trained.
 
     Args:
         model: a model prepared by :func:`tinyprop.apply`, or its DistributedDataParallel
@@ -52,6 +53,7 @@ def train_step(
     batch_size = x.shape[0]
     if isinstance(y, Tensor) and (y.dim() == 0 or y.shape[0] != batch_size):
         raise ValueError(f"x has batch size {batch_size} but y has shape {tuple(y.shape)}")
+    unwrap(model).zero_grad(set_to_none=True)  # also parameters outside the optimizer
     optimizer.zero_grad(set_to_none=True)
     output = model(x)
     if not isinstance(output, Tensor) or output.shape[:1] != (batch_size,):
@@ -71,6 +73,7 @@ def train_step(
         stats = backward(model, losses, output)
         check_gradients(optimizer)
     except FloatingPointError:
+        unwrap(model).zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, value in running:

@@ -1,0 +1,219 @@
+"""tinyprop.backward / tinyprop.loss in your own loop: plain PyTorch's gradient at ratio 1.0,
+gradient accumulation, GradScaler, clipping and schedulers, plain loss.backward() (float64)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from core_models import BUILDERS, batch, build
+from torch import nn
+
+import tinyprop
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+KEEP_ALL = tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
+
+
+def gradients(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def buffers(model, only_maxima=False) -> dict:
+    """Running maxima Ymax_l, Ymax_L and (unless ``only_maxima``) the backward counters."""
+    names = ("error_max",) if only_maxima else ("error_max", "backward_steps")
+    return {n: value.clone() for n, value in model.named_buffers() if n.endswith(names)}
+
+
+def assert_same(got: dict, expected: dict, atol=1e-10) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_backward_at_ratio_one_equals_mean_backward_and_accumulates(name):
+    plain = build(name)
+    model = tinyprop.apply(copy.deepcopy(plain), KEEP_ALL)
+    x, y = batch(name, size=6)
+    LOSS(plain(x), y).mean().backward()
+    expected = gradients(plain)
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    assert (stats.trained, stats.skipped, stats.stepped) == (6, 0, False)
+    assert_same(gradients(model), expected)
+    # a second call adds to .grad (no zeroing), as a second loss.backward() would
+    tinyprop.backward(model, LOSS(model(x), y))
+    assert_same(gradients(model), {key: 2 * value for key, value in expected.items()})
+
+
+ACCUMULATED = [
+    tinyprop.TinyPropConfig(policy="topk", ratio=0.3),
+    tinyprop.TinyPropConfig(policy="tinyprop"),
+    tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95),
+]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("config", ACCUMULATED, ids=lambda config: config.policy)
+@pytest.mark.parametrize("way", ["backward(scale=1/2)", "(loss/2).backward()"])
+def test_two_calls_on_halves_equal_one_call_on_the_batch(name, config, way):
+    """Two steps: per sample, k, the skip decision and the running maxima do not depend on how
+    the batch is split, so halves scaled by 1/2 give the whole batch's gradient exactly."""
+    whole = tinyprop.apply(build(name), config)
+    halves = copy.deepcopy(whole)
+    for step in range(2):
+        x, y = batch(name, size=8, seed=step)
+        whole.zero_grad()
+        expected = tinyprop.backward(whole, LOSS(whole(x), y))
+        halves.zero_grad()
+        trained = []
+        for part in (slice(0, 4), slice(4, 8)):
+            losses = LOSS(halves(x[part]), y[part])
+            if way == "backward(scale=1/2)":
+                trained.append(tinyprop.backward(halves, losses, scale=0.5).trained_mask)
+            else:
+                (tinyprop.loss(halves, losses) / 2).backward()
+                trained.append(tinyprop.step_stats(halves).trained_mask)
+        assert torch.cat(trained).tolist() == expected.trained_mask.tolist()
+        assert_same(gradients(halves), gradients(whole))
+        assert_same(buffers(halves, only_maxima=True), buffers(whole, only_maxima=True))
+    if config.skips:
+        assert 0 < expected.trained < 8  # the decision did skip some samples
+
+
+def test_scale_must_be_positive_and_finite():
+    model = tinyprop.apply(build("mlp"), KEEP_ALL)
+    x, y = batch("mlp")
+    for scale in (0.0, -1.0, float("inf"), "0.5"):
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            tinyprop.backward(model, LOSS(model(x), y), scale=scale)
+
+
+def run_loop(way: str, steps=4):
+    """tinypropv2 (skipping some samples) trained with SGD, scaled or not by a GradScaler."""
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
+    model = tinyprop.apply(build("mlp"), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    trained = []
+    for step in range(steps):
+        x, y = batch("mlp", size=8, seed=step)
+        optimizer.zero_grad()
+        losses = LOSS(model(x), y)
+        if way == "unscaled":
+            stats = tinyprop.backward(model, losses)
+            if stats.trained:
+                optimizer.step()
+        elif way == "grad_scaler=":
+            stats = tinyprop.backward(model, losses, grad_scaler=scaler)
+            if stats.trained:  # GradScaler asserts on an optimizer without gradients
+                scaler.step(optimizer)
+                scaler.update()
+        else:  # scaler.scale(tinyprop.loss(...)).backward(): the backward always runs
+            scaler.scale(tinyprop.loss(model, losses)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            stats = tinyprop.step_stats(model)
+        trained.append(stats.trained_mask.tolist())
+    return model, trained
+
+
+@pytest.mark.parametrize("way", ["grad_scaler=", "scaler.scale(loss)"])
+def test_grad_scaler_gives_the_unscaled_update_and_running_maxima(way):
+    expected, expected_trained = run_loop("unscaled")
+    got, trained = run_loop(way)
+    assert trained == expected_trained
+    assert 0 < sum(map(sum, trained)) < 4 * 8  # some samples skipped, some trained
+    assert_same(dict(got.named_parameters()), dict(expected.named_parameters()))
+    assert_same(buffers(got), buffers(expected))  # Ymax_l, Ymax_L, backward counters
+
+
+def test_clipping_and_scheduler_in_own_loop_equal_plain_pytorch():
+    plain = build("cnn")
+    model = tinyprop.apply(copy.deepcopy(plain), KEEP_ALL)
+    results = []
+    for net, use_tinyprop in ((plain, False), (model, True)):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        norms = []
+        for step in range(5):
+            x, y = batch("cnn", size=6, seed=step)
+            optimizer.zero_grad()
+            losses = LOSS(net(x), y)
+            if use_tinyprop:
+                tinyprop.backward(net, losses)
+            else:
+                losses.mean().backward()
+            norms.append(float(nn.utils.clip_grad_norm_(net.parameters(), max_norm=0.05)))
+            optimizer.step()
+            scheduler.step()
+        results.append((dict(net.named_parameters()), norms))
+    (expected, expected_norms), (got, got_norms) = results
+    assert min(expected_norms) > 0.05  # the clipping did act
+    assert got_norms == pytest.approx(expected_norms, rel=0, abs=1e-10)
+    assert_same(got, expected)
+
+
+def test_train_step_zeroes_parameters_outside_the_optimizer():
+    """A parameter left out of the optimizer holds the last step's gradient, never a sum."""
+    plain = build("mlp")
+    model = tinyprop.apply(copy.deepcopy(plain), KEEP_ALL)
+    optimizer = torch.optim.SGD(model[4].parameters(), lr=0.5)  # only the last layer
+    for step in range(3):
+        x, y = batch("mlp", seed=step)
+        with torch.no_grad():
+            for mine, theirs in zip(plain.parameters(), model.parameters(), strict=True):
+                mine.copy_(theirs)
+        plain.zero_grad()
+        LOSS(plain(x), y).mean().backward()
+        tinyprop.train_step(model, x, y, LOSS, optimizer)
+        torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad, rtol=0, atol=1e-10)
+
+
+def plain_backward(model, seed=0):
+    x, y = batch("mlp", seed=seed)
+    LOSS(model(x), y).mean().backward()
+
+
+def test_plain_backward_warns_once_for_tinypropv2():
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    with pytest.warns(UserWarning, match="no sample is skipped") as caught:
+        plain_backward(model)
+        plain_backward(model, seed=1)
+    assert len([w for w in caught if "no sample is skipped" in str(w.message)]) == 1
+    assert model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("policy", ["topk", "randomk", "tinyprop", "tinypropv2"])
+def test_no_warning_through_tinyprop_loss(policy):
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy=policy))
+    x, y = batch("mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tinyprop.loss(model, LOSS(model(x), y)).backward()
+        if policy != "tinypropv2":
+            plain_backward(model)  # only tinypropv2 loses something in a plain backward
+
+
+def test_plain_backward_with_topk_keeps_the_same_entries_as_tinyprop_backward():
+    """topk / randomk select per row of each layer: a plain mean-loss backward gives the same
+    sparse gradient as tinyprop.backward (only the skip decision needs tinyprop.loss)."""
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.25)
+    model = tinyprop.apply(build("cnn"), config)
+    reference = copy.deepcopy(model)
+    x, y = batch("cnn")
+    LOSS(model(x), y).mean().backward()
+    tinyprop.backward(reference, LOSS(reference(x), y))
+    assert_same(gradients(model), gradients(reference))
+
+
+def test_warns_once_when_distributed_without_ddp(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    model = tinyprop.apply(build("mlp"), KEEP_ALL)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch("mlp")
+    with pytest.warns(UserWarning, match="not wrapped in DistributedDataParallel") as caught:
+        tinyprop.train_step(model, x, y, LOSS, optimizer)
+        tinyprop.backward(model, LOSS(model(x), y))
+    assert len([w for w in caught if "DistributedDataParallel" in str(w.message)]) == 1
