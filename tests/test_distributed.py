@@ -1,0 +1,125 @@
+"""DistributedDataParallel: 2 CPU processes, gloo. tinypropv2 skips most samples, so a rank
+often skips its whole batch while the other trains: every rank must still join the gradient
+all-reduce (no deadlock) and the weights must stay identical on both ranks."""
+
+import datetime
+import json
+import os
+import socket
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from core_models import mlp
+from torch import nn
+
+import tinyprop
+
+WORLD = 2
+STEPS = 100
+BATCH = 2  # per rank
+LOSS = nn.CrossEntropyLoss(reduction="none")
+WAYS = ("train_step", "tinyprop.backward", "tinyprop.loss().backward()")
+TIMEOUT = 120  # seconds for the whole job; a deadlock fails the test instead of hanging it
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train(way: str, rank: int) -> dict:
+    """STEPS steps of tinypropv2 under DDP; what each step trained on each rank."""
+    torch.manual_seed(0)  # the same initial weights on both ranks
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
+    model = nn.parallel.DistributedDataParallel(tinyprop.apply(mlp(), config))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
+    trained = []
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 12, generator=generator)
+        y = x[:, :5].argmax(1)  # learnable: the output errors fall and most samples skip
+        if way == "train_step":
+            stats = tinyprop.train_step(model, x, y, LOSS, optimizer)
+        else:
+            optimizer.zero_grad()
+            losses = LOSS(model(x), y)
+            if way == "tinyprop.backward":
+                stats = tinyprop.backward(model, losses)
+            else:
+                tinyprop.loss(model, losses).backward()
+                stats = tinyprop.step_stats(model)
+            count = torch.tensor([stats.trained])
+            dist.all_reduce(count)  # step on every rank when any rank trained
+            if int(count):
+                optimizer.step()
+        trained.append(stats.trained)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(weights) for _ in range(WORLD)]
+    dist.all_gather(gathered, weights)
+    counts = torch.tensor(trained)
+    all_counts = [torch.zeros_like(counts) for _ in range(WORLD)]
+    dist.all_gather(all_counts, counts)
+    alone = sum(int(c.eq(0).any() and c.gt(0).any()) for c in torch.stack(all_counts).T)
+    return {
+        "weight_difference": float((gathered[0] - gathered[1]).abs().max()),
+        "weight_change": float((weights - initial_weights()).abs().max()),
+        "trained": sum(trained),
+        "steps_one_rank_skipped_all": alone,
+    }
+
+
+def initial_weights() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.cat([p.detach().flatten() for p in mlp().parameters()])
+
+
+def warns_without_ddp() -> bool:
+    model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="topk"))
+    x, y = torch.randn(BATCH, 12), torch.randint(0, 5, (BATCH,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tinyprop.backward(model, LOSS(model(x), y))
+    return any("not wrapped in DistributedDataParallel" in str(w.message) for w in caught)
+
+
+def worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT)
+    )
+    try:
+        results = {way: train(way, rank) for way in WAYS}
+        results["warns_without_ddp"] = warns_without_ddp()
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as file:
+            json.dump(results, file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_skipping_most_samples_keep_identical_weights(tmp_path):
+    start = time.monotonic()
+    context = mp.start_processes(
+        worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    while not context.join(timeout=1):
+        if time.monotonic() - start > TIMEOUT:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"the DDP job did not finish in {TIMEOUT} s (deadlock?)")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    for rank, result in enumerate(results):
+        assert result["warns_without_ddp"], rank
+        for way in WAYS:
+            got = result[way]
+            assert got["weight_difference"] == 0.0, (way, got)
+            assert got["weight_change"] > 0.0, (way, got)  # it did train
+            # most samples skipped, and steps where one rank skipped its whole batch while
+            # the other trained (the case that deadlocked)
+            assert 0 < got["trained"] < STEPS * BATCH / 2, (way, got)
+            assert got["steps_one_rank_skipped_all"] > 10, (way, got)
+    print(f"DDP job {time.monotonic() - start:.1f} s:", json.dumps(results[0]))

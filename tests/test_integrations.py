@@ -1,0 +1,172 @@
+"""The PyTorch Lightning and transformers Trainer recipes train, and follow the policy."""
+
+import warnings
+
+import pytest
+import torch
+from core_models import mlp
+from torch import nn
+
+import tinyprop
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+CONFIG = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
+STEPS, BATCH = 24, 4
+
+
+def learnable_data(size=STEPS * BATCH, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, 12, generator=generator, dtype=torch.float64)
+    return x, x[:, :5].argmax(1)
+
+
+def reference_run():
+    """tinyprop.train_step on the same batches: the weights and trained counts to match."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(mlp().double(), CONFIG)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = learnable_data()
+    trained = [
+        tinyprop.train_step(model, x[i : i + BATCH], y[i : i + BATCH], LOSS, optimizer).trained
+        for i in range(0, len(x), BATCH)
+    ]
+    return model, trained
+
+
+def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
+    pl = pytest.importorskip("pytorch_lightning")
+    from tinyprop.integrations.lightning import TinyPropCallback
+
+    class Classifier(pl.LightningModule):  # the recipe of docs/integrations.md
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return tinyprop.loss(self.model, LOSS(self.model(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    class Trained(pl.Callback):
+        def __init__(self):
+            self.trained = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.trained.append(tinyprop.step_stats(pl_module.model).trained)
+
+    expected, expected_trained = reference_run()
+    torch.manual_seed(0)
+    module = Classifier(tinyprop.apply(mlp().double(), CONFIG))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*learnable_data()), batch_size=BATCH
+    )
+    trained = Trained()
+    monkeypatch.chdir(tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[TinyPropCallback(), trained],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(module, loader)
+    assert trainer.global_step == STEPS
+    assert trained.trained == expected_trained
+    assert 0 in trained.trained and sum(trained.trained) < STEPS * BATCH / 2  # steps skipped
+    for (name, got), want in zip(
+        module.model.named_parameters(), expected.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+    assert "tinyprop/backward_ratio" in trainer.callback_metrics
+    assert list(tmp_path.iterdir()) == []  # no logs or checkpoints left behind
+
+
+def tiny_transformer(kind: str):
+    """A small BERT classifier or GPT-2 language model from a config (no weights loaded),
+    dropout off, float64."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=16, num_labels=3,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        return transformers.BertForSequenceClassification(config).double()
+    config = transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def token_data(kind: str, size=24, length=8):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (size, length), generator=generator)
+    labels = ids[:, 0] % 3 if kind == "bert" else ids  # GPT-2: the model's own shifted labels
+    return [{"input_ids": i, "labels": label} for i, label in zip(ids, labels, strict=True)]
+
+
+def run_trainer(kind, folder, config=None, steps=6):
+    """Train ``steps`` steps; plain ``Trainer`` on the model's own loss when config is None."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    from tinyprop.integrations.transformers import (
+        TinyPropTrainer,
+        causal_lm_losses,
+        sequence_losses,
+    )
+
+    model = tiny_transformer(kind)
+    args = transformers.TrainingArguments(
+        output_dir=str(folder), use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", per_device_train_batch_size=4, max_steps=steps,
+        learning_rate=1e-2, seed=0, disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    data = token_data(kind)
+    losses = causal_lm_losses if kind == "gpt2" else sequence_losses
+    if config is None:  # the mean of the same per-sample losses (GPT-2's own loss is float32)
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=data,
+            compute_loss_func=lambda outputs, labels, **_: losses(outputs.logits, labels).mean(),
+        )  # fmt: skip
+    else:
+        tinyprop.register_linear(Conv1D, transposed=True)
+        model = tinyprop.apply(model, config)
+        trainer = TinyPropTrainer(
+            model=model, args=args, train_dataset=data, per_sample_loss=losses
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dense embeddings/layer norms named by apply, etc.
+        trainer.train()
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_transformers_trainer_recipe_at_ratio_one_equals_plain_trainer(kind, tmp_path):
+    expected = run_trainer(kind, tmp_path / "plain")
+    got = run_trainer(
+        kind, tmp_path / "tinyprop", tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
+    )
+    state = {name: value for name, value in got.named_parameters()}
+    for name, want in expected.named_parameters():
+        torch.testing.assert_close(state[name], want, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_transformers_trainer_recipe_trains_sparse_and_skips(kind, tmp_path):
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.9)
+    initial = {name: value.clone() for name, value in tiny_transformer(kind).named_parameters()}
+    model = run_trainer(kind, tmp_path, config)
+    stats = tinyprop.step_stats(model)
+    assert stats is not None and stats.macs.backward_ratio() < 1.0
+    layers = [name for name, _ in tinyprop.model.state_of(model).layers]
+    assert any("attention" in name or "attn" in name for name in layers), layers  # the body too
+    changed = [
+        name for name, value in model.named_parameters() if not torch.equal(value, initial[name])
+    ]
+    assert changed
