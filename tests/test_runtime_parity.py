@@ -23,6 +23,7 @@ import tinyprop
 from tinyprop import models
 from tinyprop.export.graph import arena_bytes
 from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, build_library, load_library
+from tinyprop.memory import MemoryMode, freeze, train_step_in_place
 
 POLICIES = ("full", "topk", "tinyprop", "tinypropv2")
 
@@ -88,25 +89,56 @@ def torch_optimizer(spec: OptimizerSpec, parameters):
     )
 
 
-def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, seed=0):
-    """Train in C and in Python side by side; assert agreement after every step."""
+def run_parity(
+    library, model_name, config, optimizer, steps=6, batch_size=8, seed=0, memory=None
+):
+    """Train in C and in Python side by side; assert agreement after every step.
+
+    ``memory``: a :class:`MemoryMode`; the Python side freezes the same layers and, with
+    ``sgd_in_place``, steps once per sample (:func:`train_step_in_place`)."""
     build, shape, _ = MODELS[model_name]
+    memory = memory or MemoryMode()
     torch.manual_seed(seed)
     reference = build()
-    c_model = RuntimeModel(reference, shape, config, optimizer, library)
-    python_model = tinyprop.apply(copy.deepcopy(reference), config)
-    python_optimizer = torch_optimizer(optimizer, python_model.parameters())
+    c_model = RuntimeModel(reference, shape, config, optimizer, library, memory)
+    python_model = copy.deepcopy(reference)
+    freeze(python_model, memory)
+    python_model = tinyprop.apply(python_model, config)
+    python_optimizer = torch_optimizer(
+        optimizer, [p for p in python_model.parameters() if p.requires_grad]
+    )
+    step_function = train_step_in_place if memory.sgd_in_place else tinyprop.train_step
+    trained_layers = [
+        name
+        for name, module in tinyprop.model.state_of(python_model).layers
+        if module.weight.requires_grad
+    ]
+    frozen_bias = sum(
+        layer.output_size
+        for layer, (_, module) in zip(
+            c_model.trainable, tinyprop.model.state_of(python_model).layers, strict=True
+        )
+        if layer.has_bias and not module.weight.requires_grad
+    )
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     classes = c_model.layers[-1].output_size
     trained = skipped = 0
     for step, (x, y) in enumerate(batches(shape, classes, steps, batch_size, seed)):
-        python_stats = tinyprop.train_step(python_model, x, y, loss_fn, python_optimizer)
+        python_stats = step_function(python_model, x, y, loss_fn, python_optimizer)
         c_stats = c_model.train_batch(x.numpy(), y.numpy())
-        where = f"{model_name}/{config.policy}/{optimizer.kind} step {step}"
+        where = f"{model_name}/{config.policy}/{optimizer.kind}/{memory} step {step}"
         assert c_stats.trained_mask.tolist() == python_stats.trained_mask.tolist(), where
-        assert c_stats.macs == python_stats.macs, where
+        # the library's ledger counts N per frozen biased layer for a bias gradient that is
+        # never formed (in backward for trained samples, in backward_dense for all); the
+        # runtime counts no backward work for frozen layers
+        expected = copy.copy(python_stats.macs)
+        expected.backward -= frozen_bias * c_stats.trained
+        expected.backward_dense -= frozen_bias * len(y)
+        assert c_stats.macs == expected, (where, c_stats.macs, python_stats.macs)
         assert c_stats.loss == pytest.approx(python_stats.loss, rel=1e-5), where
-        for column, (name, python_keep) in enumerate(python_stats.keep.items()):
+        first_column = len(c_model.trainable) - len(trained_layers)
+        for column, name in enumerate(trained_layers, start=first_column):
+            python_keep = python_stats.keep[name]
             c_keep = c_stats.keep[c_stats.trained_mask, column]
             assert c_keep.tolist() == python_keep.tolist(), f"{where}: k of layer {name}"
         state = python_model.state_dict()
@@ -204,3 +236,76 @@ def test_runtime_rejects_bad_input(library):
         RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig("randomk"), OptimizerSpec(), library)
     with pytest.raises(ValueError, match="SGD dampening"):
         OptimizerSpec.from_torch(torch.optim.SGD(mlp().parameters(), lr=0.1, dampening=0.5))
+
+
+# memory modes: (model, first trained dense/conv layer) pairs that freeze a conv, a depthwise
+# conv and everything but the classifier
+FROZEN = [("mlp", 1), ("cnn_depthwise", 2), ("har", 2), ("har", 3)]
+
+
+@pytest.mark.parametrize(("model_name", "first"), FROZEN)
+@pytest.mark.parametrize("policy", ["full", "tinypropv2"])
+def test_parity_frozen_layers(library, model_name, first, policy):
+    """Frozen layers (weights read from the spec) and the last layers trained: the same run as
+    the library with requires_grad False on the frozen layers, Adam and SGD with momentum."""
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    memory = MemoryMode(first)
+    for optimizer in (
+        OptimizerSpec("adam", lr=0.01),
+        OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9, weight_decay=1e-4),
+    ):
+        torch.manual_seed(0)
+        before = RuntimeModel(MODELS[model_name][0](), MODELS[model_name][1], config, optimizer,
+                              library, memory).parameters()  # fmt: skip
+        c_model, trained, _ = run_parity(
+            library, model_name, config, optimizer, steps=4, memory=memory
+        )
+        assert trained > 0
+        after = c_model.parameters()
+        for layer in c_model.trainable[:first]:  # frozen: exactly as they were
+            np.testing.assert_array_equal(after[f"{layer.path}.weight"], before[f"{layer.path}.weight"])
+
+
+@pytest.mark.parametrize(("model_name", "first"), [("mlp", 0), ("cnn_depthwise", 0), ("har", 2)])
+@pytest.mark.parametrize("policy", ["full", "topk", "tinypropv2"])
+def test_parity_sgd_in_place(library, model_name, first, policy):
+    """In-place SGD: every trained sample is its own step, as the library's per-sample loop."""
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    optimizer = OptimizerSpec("sgd", lr=MODELS[model_name][2], weight_decay=1e-3)
+    _, trained, _ = run_parity(
+        library, model_name, config, optimizer, steps=3, memory=MemoryMode(first, True)
+    )
+    assert trained > 0
+
+
+def test_arena_of_every_mode_is_what_training_uses(library):
+    """tp_arena_bytes_mode = the bytes tp_init_mode lays out = the Python plan."""
+    for model_name, (build, shape, _) in MODELS.items():
+        count = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in build().modules())
+        for first in range(count):
+            for in_place in (False, True):
+                optimizers = (
+                    [OptimizerSpec(weight_decay=1e-4)]
+                    if in_place
+                    else [OptimizerSpec(momentum=0.9), OptimizerSpec("adam")]
+                )
+                for optimizer in optimizers:
+                    for policy in ("full", "tinypropv2"):
+                        memory = MemoryMode(first, in_place)
+                        config = tinyprop.TinyPropConfig(policy=policy)
+                        c_model = RuntimeModel(build(), shape, config, optimizer, library, memory)
+                        _, used = c_model.totals()
+                        expected = arena_bytes(
+                            c_model.layers, policy, optimizer.kind, optimizer.momentum, memory
+                        )
+                        where = (model_name, memory, policy, optimizer.kind)
+                        assert c_model.arena_bytes == used == expected, where
+
+
+def test_memory_mode_rejects_what_it_cannot_do(library):
+    with pytest.raises(ValueError, match="sgd_in_place needs plain SGD"):
+        RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig(), OptimizerSpec("adam"), library,
+                     MemoryMode(0, True))  # fmt: skip
+    with pytest.raises(RuntimeError, match="out of range"):
+        RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig(), OptimizerSpec(), library,
+                     MemoryMode(3))  # fmt: skip

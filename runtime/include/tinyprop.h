@@ -138,6 +138,32 @@ tp_optimizer_config tp_sgd(double lr, double momentum, double weight_decay);
 /* torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay) */
 tp_optimizer_config tp_adam(double lr, double weight_decay);
 
+/* ---------------------------------------------------------------- memory mode */
+
+/* How lean training is with memory (all settings exact against the Python library's mirror,
+ * tinyprop.memory):
+ * - first_trained_layer: the trainable layers (dense and conv, counted in forward order from 0)
+ *   before this one are frozen: their weights stay in the spec's (const, flash) arrays, they
+ *   get no gradient, no optimizer state, and their activations live only until the next
+ *   layer has read them. 0 trains every layer (last-layers fine-tuning: e.g. the last one).
+ * - sgd_in_place: every trained sample is its own SGD step (plain SGD: no momentum, no
+ *   Nesterov; weight decay allowed), applied as soon as a layer's backward is done: a dense
+ *   layer updates each weight where its gradient is formed (no gradient buffer), a conv layer
+ *   gathers its gradient in a buffer of its own size that lives only during its backward.
+ *   The batch given to tp_train_batch is then a list of samples, each trained with lr (not
+ *   lr / batch). If a sample's loss is not finite, the samples before it stay applied.
+ * The arena's transient buffers (activations, errors, selection and conv scratch, in-place
+ * gradients) are placed by their lifetimes within one training step, each where it does not
+ * overlap a buffer alive at the same time, so that memory is reused once a buffer's backward
+ * has run; tp_arena_bytes computes that plan before anything runs. */
+typedef struct {
+    int32_t first_trained_layer;
+    int32_t sgd_in_place;
+} tp_memory_config;
+
+/* Every layer trained, one update per batch (the Python library's train_step). */
+tp_memory_config tp_memory_defaults(void);
+
 /* ---------------------------------------------------------------- model state */
 
 /* Multiply-accumulates, counted as the Python library's Ledger does. */
@@ -158,8 +184,14 @@ typedef struct {
     double depth_scale;          /* zeta^d_l */
     int32_t fan_in;              /* in_features, or C_in/groups * kh * kw */
     int32_t input_is_sample;     /* 1 when this layer reads the sample itself */
-    float *weight, *bias, *grad_weight, *grad_bias;
+    int32_t trained;             /* 1 for a trainable layer at or after first_trained_layer */
+    float *weight, *bias;        /* a frozen layer's point into the spec (never written) */
+    float *grad_weight, *grad_bias; /* NULL for frozen layers and in-place dense layers */
     float *output;               /* this layer's output for the current sample */
+    float *input_delta;          /* where its backward writes the error of its input */
+    float *forward_scratch;      /* conv: zero-padded input, tap offsets */
+    float *backward_scratch;     /* trained conv: the same, patch buffers, position sort */
+    float *selection;            /* trained, sparse policies: |delta| values then indices */
     float running_max;           /* Ymax_l */
 } tp_layer;
 
@@ -167,15 +199,16 @@ typedef struct {
 typedef struct {
     uint32_t magic;
     int32_t layer_count, trainable_count;
-    int32_t input_size, class_count, max_activation, max_trainable_output;
+    int32_t input_size, class_count;
     tp_layer layers[TP_MAX_LAYERS];
+    int32_t first_trained_layer; /* index into layers of the first trained layer */
     tp_policy_config policy;
     tp_optimizer_config optimizer;
-    size_t parameter_count;
-    float *parameters, *gradients, *moment1, *moment2;
-    float *delta_a, *delta_b, *selection_values;
-    int32_t *selection_index;
-    float *conv_scratch;         /* padded input, patch buffers, position sort (convs) */
+    tp_memory_config memory;
+    size_t parameter_count;      /* parameters in the arena: the trained layers' */
+    size_t total_parameter_count; /* of every layer, frozen ones included */
+    float *parameters, *gradients, *moment1, *moment2; /* gradients: NULL when in place */
+    float *loss_delta;           /* dloss/dlogits of the current sample */
     float running_max_output;    /* Ymax of the output error, for the v2 skip decision */
     int64_t optimizer_steps;     /* batches with an update (Adam's t; SGD's first-step rule) */
     tp_ledger total;             /* accumulated since tp_init */
@@ -195,12 +228,24 @@ typedef struct {
 tp_status tp_arena_bytes(const tp_model_spec *spec, const tp_policy_config *policy,
                          const tp_optimizer_config *optimizer, size_t *bytes);
 
+/* The same for a memory mode (tp_arena_bytes uses tp_memory_defaults()). */
+tp_status tp_arena_bytes_mode(const tp_model_spec *spec, const tp_policy_config *policy,
+                              const tp_optimizer_config *optimizer, const tp_memory_config *memory,
+                              size_t *bytes);
+
 /* Bytes inference alone needs if the weights stay in read-only memory: two activation buffers. */
 tp_status tp_inference_bytes(const tp_model_spec *spec, size_t *bytes);
 
 /* Validate everything, lay the arena out and copy the initial weights into it. */
 tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
                   const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes);
+
+/* tp_init under a memory mode (tp_init uses tp_memory_defaults()). Frozen layers need their
+ * weights (and biases) in the spec: TP_ERR_NULL otherwise. sgd_in_place needs plain SGD:
+ * TP_ERR_ARGUMENT otherwise. */
+tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                       const tp_optimizer_config *optimizer, const tp_memory_config *memory,
+                       void *arena, size_t arena_bytes);
 
 /* One training step on a batch: per sample forward, loss, skip decision (v2) and sparse
  * backward; one optimizer update with the gradient of the mean loss over the batch, none when
@@ -215,13 +260,14 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
  * TP_ERR_NONFINITE (nothing written) when an input value or a logit is NaN or infinite. */
 tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *predicted);
 
-/* Copy all parameters out, layer by layer (weight then bias), as in a PyTorch state_dict. */
+/* Copy all parameters out, layer by layer (weight then bias), as in a PyTorch state_dict;
+ * count: total_parameter_count (frozen layers included). */
 tp_status tp_read_parameters(const tp_model *model, float *out, size_t count);
 
 /* sizeof(tp_model), for language bindings that allocate the struct themselves. */
 size_t tp_model_struct_bytes(void);
 
-/* Number of parameters and trainable layers. */
+/* Number of parameters (all layers, frozen included) and trainable layers. */
 tp_status tp_parameter_count(const tp_model *model, size_t *count);
 tp_status tp_trainable_count(const tp_model *model, int32_t *count);
 

@@ -47,16 +47,14 @@ typedef struct {
     int32_t *run_offset, runs, run_length; /* the patch as runs of contiguous inputs */
 } tp_conv_plan;
 
-size_t tp_conv_scratch_floats(const tp_layer *layer) {
-    const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
-                          (size_t)(layer->in_w + 2 * layer->padding_w);
-    const size_t plane = (size_t)layer->out_h * (size_t)layer->out_w;
-    return 2 * padded + 4 * (size_t)layer->fan_in + plane + 1 + (size_t)layer->out_c * plane;
-}
-
-/* with_offsets: also the per-tap offset table (the forward's; the backward reads the
- * kernel-row runs only) */
-static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_offsets) {
+/* The scratch layout (tp_conv_forward_scratch_floats / tp_conv_backward_scratch_floats in
+ * plan.c): the padded input (when the layer pads), the tap and run offsets; then, for the
+ * backward only, the padded input error (when the layer pads and passes an error on), the
+ * patch and its error, the position starts and the channel order of a dense backward.
+ * with_offsets: also the per-tap offset table (the forward's; the backward reads the
+ * kernel-row runs only); with_delta_in: the backward writes the input's error. */
+static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_offsets,
+                              int with_delta_in) {
     tp_conv_plan plan;
     int32_t ic, kh, kw, j = 0;
     plan.in_per_group = layer->in_c / layer->groups;
@@ -68,12 +66,12 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_of
     plan.padded_plane = (size_t)plan.padded_h * (size_t)plan.padded_w;
     plan.padded_size = (size_t)layer->in_c * plan.padded_plane;
     plan.x_padded = scratch;
-    plan.delta_in_padded = plan.x_padded + plan.padded_size;
-    plan.patch = plan.delta_in_padded + plan.padded_size;
-    plan.patch_delta = plan.patch + layer->fan_in;
-    plan.offset = (int32_t *)(void *)(plan.patch_delta + layer->fan_in);
+    plan.offset = (int32_t *)(void *)(plan.x_padded + (plan.pads ? plan.padded_size : 0));
     plan.run_offset = plan.offset + layer->fan_in;
-    plan.position_start = plan.run_offset + layer->fan_in;
+    plan.delta_in_padded = (float *)(void *)(plan.run_offset + layer->fan_in);
+    plan.patch = plan.delta_in_padded + (plan.pads && with_delta_in ? plan.padded_size : 0);
+    plan.patch_delta = plan.patch + layer->fan_in;
+    plan.position_start = (int32_t *)(void *)(plan.patch_delta + layer->fan_in);
     plan.position_order = plan.position_start + plan.plane + 1;
     {
         /* locals: the int32_t stores below could alias the layer's fields */
@@ -309,7 +307,7 @@ static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, cons
 }
 
 void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch, int relu) {
-    const tp_conv_plan plan = conv_plan(layer, scratch, 1);
+    const tp_conv_plan plan = conv_plan(layer, scratch, 1, 0);
     const size_t out_plane = (size_t)plan.plane;
     const int32_t fan_in = layer->fan_in, out_w = layer->out_w;
     int32_t group, oc, oh, ow;
@@ -573,8 +571,8 @@ TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_c
 }
 
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                      int32_t k, float *delta_in, float *scratch, int bias_done) {
-    const tp_conv_plan plan = conv_plan(layer, scratch, 0);
+                      int32_t k, float *delta_in, float *scratch, int32_t *order, int bias_done) {
+    const tp_conv_plan plan = conv_plan(layer, scratch, 0, delta_in != NULL);
     const float *source = padded_input(layer, &plan, x);
     const size_t group_stride =
         (size_t)plan.in_per_group *
@@ -594,7 +592,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
     } else {
         /* counting sort of the kept entries (c * plane + p) by position; each position's
          * channels keep their order (ascending, as the selection returns them) */
-        int32_t *start = plan.position_start, *order = plan.position_order;
+        int32_t *start = plan.position_start;
         memset(start, 0, (size_t)(plan.plane + 1) * sizeof(int32_t));
         for (n = 0; n < k; n++) start[kept[n] % plan.plane + 1]++;
         for (p = 0; p < plan.plane; p++) start[p + 1] += start[p];

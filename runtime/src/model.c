@@ -208,93 +208,103 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
     return TP_ERR_UNSUPPORTED;
 }
 
-/* Everything the arena holds, in floats (every buffer is float or int32: 4 bytes). */
-typedef struct {
-    size_t parameters, moments, activations, deltas, selection, conv;
-    int32_t trainable_count, class_count, max_activation, max_trainable_output;
-} tp_plan;
+tp_memory_config tp_memory_defaults(void) {
+    tp_memory_config memory;
+    memory.first_trained_layer = 0;
+    memory.sgd_in_place = 0;
+    return memory;
+}
 
+static tp_status check_memory(const tp_memory_config *memory, const tp_optimizer_config *optimizer,
+                              int32_t trainable_count) {
+    if (memory->first_trained_layer < 0 || memory->first_trained_layer >= trainable_count)
+        return TP_ERR_ARGUMENT;
+    if (memory->sgd_in_place != 0 && memory->sgd_in_place != 1) return TP_ERR_ARGUMENT;
+    if (memory->sgd_in_place && (optimizer->kind != TP_OPTIMIZER_SGD ||
+                                 optimizer->momentum != 0.0 || optimizer->nesterov != 0))
+        return TP_ERR_ARGUMENT; /* in place needs plain SGD: no state between samples */
+    return TP_OK;
+}
+
+/* Shapes of every layer (into layers), which ones train, and the arena plan. */
 static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *policy,
-                            const tp_optimizer_config *optimizer, tp_model *model, tp_plan *plan) {
-    tp_layer layer;
+                            const tp_optimizer_config *optimizer, const tp_memory_config *memory,
+                            tp_layer *layers, tp_arena_plan *plan) {
     int32_t c, h, w, i, trainable = 0, current_is_sample = 1;
     tp_status status;
-    if (spec == NULL || plan == NULL) return TP_ERR_NULL;
-    if (policy != NULL && (status = tp_check_policy(policy)) != TP_OK) return status;
-    if (optimizer != NULL && (status = tp_check_optimizer(optimizer)) != TP_OK) return status;
+    if (spec == NULL || policy == NULL || optimizer == NULL || memory == NULL) return TP_ERR_NULL;
+    if ((status = tp_check_policy(policy)) != TP_OK) return status;
+    if ((status = tp_check_optimizer(optimizer)) != TP_OK) return status;
     if (spec->layer_count < 1 || spec->layer_count > TP_MAX_LAYERS) return TP_ERR_ARGUMENT;
     if (spec->layers == NULL) return TP_ERR_NULL;
-    memset(plan, 0, sizeof *plan);
     c = spec->input_channels;
     h = spec->input_height;
     w = spec->input_width;
     if (!product_fits(c, h, w)) return TP_ERR_SHAPE;
-    plan->max_activation = c * h * w;
     for (i = 0; i < spec->layer_count; i++) {
         const tp_layer_spec *s = &spec->layers[i];
-        int32_t out_size;
-        status = tp_layer_shape(s, c, h, w, &layer);
+        tp_layer *layer = &layers[i];
+        status = tp_layer_shape(s, c, h, w, layer);
         if (status != TP_OK) return status;
-        out_size = tp_layer_output_size(&layer);
-        if (s->kind == TP_LAYER_CONV2D && tp_conv_scratch_floats(&layer) > plan->conv)
-            plan->conv = tp_conv_scratch_floats(&layer);
-        if (tp_layer_is_trainable(s->kind)) {
-            size_t weights = (size_t)layer.out_c * (size_t)layer.fan_in;
-            plan->parameters += weights + (layer.has_bias ? (size_t)layer.out_c : 0);
-            layer.trainable_index = trainable++;
-            if (out_size > plan->max_trainable_output) plan->max_trainable_output = out_size;
-        }
+        if (tp_layer_is_trainable(s->kind)) layer->trainable_index = trainable++;
         /* ReLU works in place and Flatten aliases its input, except on the sample itself */
-        layer.input_is_sample = current_is_sample;
-        if (s->kind != TP_LAYER_FLATTEN && !(s->kind == TP_LAYER_RELU && !current_is_sample)) {
-            plan->activations += (size_t)out_size;
+        layer->input_is_sample = current_is_sample;
+        if (s->kind != TP_LAYER_FLATTEN && !(s->kind == TP_LAYER_RELU && !current_is_sample))
             current_is_sample = 0;
-        }
-        if (out_size > plan->max_activation) plan->max_activation = out_size;
-        if (model != NULL) model->layers[i] = layer;
-        c = layer.out_c;
-        h = layer.out_h;
-        w = layer.out_w;
+        c = layer->out_c;
+        h = layer->out_h;
+        w = layer->out_w;
     }
     if (trainable == 0) return TP_ERR_ARGUMENT;
     if (c * h * w < 2) return TP_ERR_SHAPE; /* at least two classes */
-    plan->trainable_count = trainable;
-    plan->class_count = c * h * w;
-    if (optimizer != NULL) {
-        if (optimizer->kind == TP_OPTIMIZER_ADAM)
-            plan->moments = 2 * plan->parameters;
-        else if (optimizer->momentum != 0.0f)
-            plan->moments = plan->parameters;
-    }
-    plan->deltas = 2 * (size_t)plan->max_activation;
-    if (policy != NULL && policy->policy != TP_POLICY_FULL)
-        plan->selection = 2 * (size_t)plan->max_trainable_output;
-    return TP_OK;
+    if ((status = check_memory(memory, optimizer, trainable)) != TP_OK) return status;
+    for (i = 0; i < spec->layer_count; i++)
+        layers[i].trained = layers[i].trainable_index >= memory->first_trained_layer;
+    return tp_plan_arena(layers, spec->layer_count, c * h * w, policy, optimizer, memory, plan);
 }
 
-static size_t plan_floats(const tp_plan *plan) {
-    return 2 * plan->parameters + plan->moments + plan->activations + plan->deltas +
-           plan->selection + plan->conv;
+tp_status tp_arena_bytes_mode(const tp_model_spec *spec, const tp_policy_config *policy,
+                              const tp_optimizer_config *optimizer, const tp_memory_config *memory,
+                              size_t *bytes) {
+    tp_layer layers[TP_MAX_LAYERS];
+    tp_arena_plan plan;
+    tp_status status;
+    if (bytes == NULL) return TP_ERR_NULL;
+    status = plan_model(spec, policy, optimizer, memory, layers, &plan);
+    if (status != TP_OK) return status;
+    *bytes = tp_plan_floats(&plan) * sizeof(float);
+    return TP_OK;
 }
 
 tp_status tp_arena_bytes(const tp_model_spec *spec, const tp_policy_config *policy,
                          const tp_optimizer_config *optimizer, size_t *bytes) {
-    tp_plan plan;
-    tp_status status;
-    if (spec == NULL || policy == NULL || optimizer == NULL || bytes == NULL) return TP_ERR_NULL;
-    status = plan_model(spec, policy, optimizer, NULL, &plan);
-    if (status != TP_OK) return status;
-    *bytes = plan_floats(&plan) * sizeof(float);
-    return TP_OK;
+    const tp_memory_config memory = tp_memory_defaults();
+    return tp_arena_bytes_mode(spec, policy, optimizer, &memory, bytes);
 }
 
 tp_status tp_inference_bytes(const tp_model_spec *spec, size_t *bytes) {
-    tp_plan plan;
+    tp_layer layer;
+    int32_t c, h, w, i;
+    size_t largest;
     tp_status status;
     if (spec == NULL || bytes == NULL) return TP_ERR_NULL;
-    status = plan_model(spec, NULL, NULL, NULL, &plan);
-    if (status != TP_OK) return status;
-    *bytes = 2 * (size_t)plan.max_activation * sizeof(float);
+    if (spec->layer_count < 1 || spec->layer_count > TP_MAX_LAYERS) return TP_ERR_ARGUMENT;
+    if (spec->layers == NULL) return TP_ERR_NULL;
+    c = spec->input_channels;
+    h = spec->input_height;
+    w = spec->input_width;
+    if (!product_fits(c, h, w)) return TP_ERR_SHAPE;
+    largest = (size_t)c * (size_t)h * (size_t)w;
+    for (i = 0; i < spec->layer_count; i++) {
+        status = tp_layer_shape(&spec->layers[i], c, h, w, &layer);
+        if (status != TP_OK) return status;
+        if ((size_t)tp_layer_output_size(&layer) > largest)
+            largest = (size_t)tp_layer_output_size(&layer);
+        c = layer.out_c;
+        h = layer.out_h;
+        w = layer.out_w;
+    }
+    *bytes = 2 * largest * sizeof(float);
     return TP_OK;
 }
 
@@ -304,38 +314,119 @@ static float *take(float **cursor, size_t count) {
     return start;
 }
 
-tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
-                  const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes) {
-    tp_plan plan;
+static void copy_or_zero(float *to, const float *from, size_t count) {
+    if (from != NULL)
+        memcpy(to, from, count * sizeof(float));
+    else
+        memset(to, 0, count * sizeof(float));
+}
+
+/* Weights of every trainable layer: a trained one's copied into the arena (with its gradient
+ * unless in place), a frozen one's read where the spec keeps them. */
+static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
+    float *weights = model->parameters, *grads = model->gradients;
+    int32_t i;
+    for (i = 0; i < spec->layer_count; i++) {
+        tp_layer *layer = &model->layers[i];
+        const tp_layer_spec *s = &spec->layers[i];
+        const size_t count = (size_t)layer->out_c * (size_t)layer->fan_in;
+        if (!tp_layer_is_trainable(layer->kind)) continue;
+        model->total_parameter_count += count + (layer->has_bias ? (size_t)layer->out_c : 0);
+        layer->depth = model->trainable_count - 1 - layer->trainable_index;
+        layer->depth_scale = pow(model->policy.zeta, (double)layer->depth);
+        if (!layer->trained) {
+            if (s->weight == NULL || (layer->has_bias && s->bias == NULL)) return TP_ERR_NULL;
+            layer->weight = (float *)(uintptr_t)s->weight; /* read only: frozen */
+            layer->bias = layer->has_bias ? (float *)(uintptr_t)s->bias : NULL;
+            continue;
+        }
+        layer->weight = weights;
+        copy_or_zero(weights, s->weight, count);
+        weights += count;
+        if (grads != NULL) {
+            layer->grad_weight = grads;
+            grads += count;
+        }
+        if (layer->has_bias) {
+            layer->bias = weights;
+            copy_or_zero(weights, s->bias, (size_t)layer->out_c);
+            weights += layer->out_c;
+            if (grads != NULL) {
+                layer->grad_bias = grads;
+                grads += layer->out_c;
+            }
+        }
+    }
+    return TP_OK;
+}
+
+/* Point every layer at its transient buffers (placed by the plan). */
+static void place_transient(tp_model *model, const tp_arena_plan *plan, float *base) {
+    float *previous_output = NULL;
+    int32_t i;
+    for (i = 0; i < plan->count; i++) {
+        const tp_buffer *buffer = &plan->buffers[i];
+        float *at = base + buffer->offset;
+        tp_layer *layer = buffer->layer >= 0 ? &model->layers[buffer->layer] : NULL;
+        switch ((tp_buffer_use)buffer->use) {
+        case TP_BUFFER_OUTPUT: layer->output = at; break;
+        case TP_BUFFER_FORWARD_SCRATCH: layer->forward_scratch = at; break;
+        case TP_BUFFER_LOSS_DELTA: model->loss_delta = at; break;
+        case TP_BUFFER_INPUT_DELTA: layer->input_delta = at; break;
+        case TP_BUFFER_BACKWARD_SCRATCH: layer->backward_scratch = at; break;
+        case TP_BUFFER_SELECTION: layer->selection = at; break;
+        case TP_BUFFER_GRADIENT:
+            layer->grad_weight = at;
+            layer->grad_bias = layer->has_bias ? at + (size_t)layer->out_c * layer->fan_in : NULL;
+            break;
+        }
+    }
+    for (i = 0; i < model->layer_count; i++) {
+        tp_layer *layer = &model->layers[i];
+        if (layer->kind == TP_LAYER_FLATTEN ||
+            (layer->kind == TP_LAYER_RELU && !layer->input_is_sample))
+            layer->output = previous_output; /* NULL for a Flatten on the sample itself */
+        previous_output = layer->output;
+    }
+}
+
+tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                       const tp_optimizer_config *optimizer, const tp_memory_config *memory,
+                       void *arena, size_t arena_bytes) {
+    tp_arena_plan plan;
     tp_status status;
-    float *cursor, *previous_output = NULL;
-    int32_t i, trainable_seen = 0;
-    if (model == NULL || spec == NULL || policy == NULL || optimizer == NULL || arena == NULL)
+    float *cursor;
+    if (model == NULL || spec == NULL || policy == NULL || optimizer == NULL || memory == NULL ||
+        arena == NULL)
         return TP_ERR_NULL;
     memset(model, 0, sizeof *model);
-    status = plan_model(spec, policy, optimizer, model, &plan);
+    status = plan_model(spec, policy, optimizer, memory, model->layers, &plan);
+    if (status == TP_OK && (((uintptr_t)arena % sizeof(float)) != 0 ||
+                            arena_bytes < tp_plan_floats(&plan) * sizeof(float)))
+        status = TP_ERR_ARENA;
     if (status != TP_OK) {
         memset(model, 0, sizeof *model);
         return status;
     }
-    if (((uintptr_t)arena % sizeof(float)) != 0 || arena_bytes < plan_floats(&plan) * sizeof(float))
-    {
-        memset(model, 0, sizeof *model);
-        return TP_ERR_ARENA;
-    }
     model->layer_count = spec->layer_count;
-    model->trainable_count = plan.trainable_count;
+    {
+        int32_t i;
+        for (i = 0; i < spec->layer_count; i++)
+            model->trainable_count += model->layers[i].trainable_index >= 0;
+    }
     model->input_size = spec->input_channels * spec->input_height * spec->input_width;
-    model->class_count = plan.class_count;
-    model->max_activation = plan.max_activation;
-    model->max_trainable_output = plan.max_trainable_output;
+    model->class_count = tp_layer_output_size(&model->layers[spec->layer_count - 1]);
+    model->first_trained_layer = plan.first_trained;
     model->policy = *policy;
     model->optimizer = *optimizer;
+    model->memory = *memory;
     model->parameter_count = plan.parameters;
     cursor = (float *)arena;
     model->parameters = take(&cursor, plan.parameters);
-    model->gradients = take(&cursor, plan.parameters);
-    memset(model->gradients, 0, plan.parameters * sizeof(float));
+    if (plan.gradients > 0) {
+        model->gradients = take(&cursor, plan.gradients);
+        memset(model->gradients, 0, plan.gradients * sizeof(float));
+    }
     if (plan.moments > 0) {
         model->moment1 = take(&cursor, plan.parameters);
         memset(model->moment1, 0, plan.parameters * sizeof(float));
@@ -344,60 +435,27 @@ tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_co
             memset(model->moment2, 0, plan.parameters * sizeof(float));
         }
     }
-    {
-        float *weights = model->parameters, *grads = model->gradients;
-        for (i = 0; i < spec->layer_count; i++) {
-            tp_layer *layer = &model->layers[i];
-            const tp_layer_spec *s = &spec->layers[i];
-            if (tp_layer_is_trainable(layer->kind)) {
-                size_t count = (size_t)layer->out_c * (size_t)layer->fan_in;
-                layer->weight = weights;
-                layer->grad_weight = grads;
-                if (s->weight != NULL)
-                    memcpy(weights, s->weight, count * sizeof(float));
-                else
-                    memset(weights, 0, count * sizeof(float));
-                weights += count;
-                grads += count;
-                if (layer->has_bias) {
-                    layer->bias = weights;
-                    layer->grad_bias = grads;
-                    if (s->bias != NULL)
-                        memcpy(weights, s->bias, (size_t)layer->out_c * sizeof(float));
-                    else
-                        memset(weights, 0, (size_t)layer->out_c * sizeof(float));
-                    weights += layer->out_c;
-                    grads += layer->out_c;
-                }
-                layer->depth = plan.trainable_count - 1 - trainable_seen;
-                layer->depth_scale = pow(policy->zeta, (double)layer->depth);
-                trainable_seen++;
-            }
-            if (layer->kind == TP_LAYER_FLATTEN ||
-                (layer->kind == TP_LAYER_RELU && !layer->input_is_sample)) {
-                layer->output = previous_output; /* NULL for a Flatten on the sample itself */
-            } else {
-                layer->output = take(&cursor, (size_t)tp_layer_output_size(layer));
-            }
-            previous_output = layer->output;
-        }
+    status = place_parameters(model, spec);
+    if (status != TP_OK) {
+        memset(model, 0, sizeof *model);
+        return status;
     }
-    model->delta_a = take(&cursor, (size_t)plan.max_activation);
-    model->delta_b = take(&cursor, (size_t)plan.max_activation);
-    if (plan.selection > 0) {
-        model->selection_values = take(&cursor, (size_t)plan.max_trainable_output);
-        model->selection_index = (int32_t *)(void *)take(&cursor, (size_t)plan.max_trainable_output);
-    }
-    if (plan.conv > 0) model->conv_scratch = take(&cursor, plan.conv);
-    model->arena_bytes_used = (size_t)(cursor - (float *)arena) * sizeof(float);
+    place_transient(model, &plan, cursor);
+    model->arena_bytes_used = tp_plan_floats(&plan) * sizeof(float);
     model->magic = TP_MAGIC;
     return TP_OK;
+}
+
+tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                  const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes) {
+    const tp_memory_config memory = tp_memory_defaults();
+    return tp_init_mode(model, spec, policy, optimizer, &memory, arena, arena_bytes);
 }
 
 tp_status tp_parameter_count(const tp_model *model, size_t *count) {
     if (model == NULL || count == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
-    *count = model->parameter_count;
+    *count = model->total_parameter_count;
     return TP_OK;
 }
 
@@ -409,10 +467,21 @@ tp_status tp_trainable_count(const tp_model *model, int32_t *count) {
 }
 
 tp_status tp_read_parameters(const tp_model *model, float *out, size_t count) {
+    int32_t i;
     if (model == NULL || out == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
-    if (count != model->parameter_count) return TP_ERR_ARGUMENT;
-    memcpy(out, model->parameters, count * sizeof(float));
+    if (count != model->total_parameter_count) return TP_ERR_ARGUMENT;
+    for (i = 0; i < model->layer_count; i++) {
+        const tp_layer *layer = &model->layers[i];
+        const size_t weights = (size_t)layer->out_c * (size_t)layer->fan_in;
+        if (!tp_layer_is_trainable(layer->kind)) continue;
+        memcpy(out, layer->weight, weights * sizeof(float));
+        out += weights;
+        if (layer->has_bias) {
+            memcpy(out, layer->bias, (size_t)layer->out_c * sizeof(float));
+            out += layer->out_c;
+        }
+    }
     return TP_OK;
 }
 

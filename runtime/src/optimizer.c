@@ -51,3 +51,54 @@ void tp_optimizer_update(tp_model *model, int32_t batch) {
         }
     }
 }
+
+/* One SGD step of one sample (batch 1: grad / 1 is grad), weight decay as above. */
+static float sgd_step(float param, float grad, float lr, float weight_decay) {
+    if (weight_decay != 0.0f) grad = grad + weight_decay * param;
+    return param + -lr * grad;
+}
+
+void tp_sgd_step_layer(const tp_optimizer_config *optimizer, tp_layer *layer) {
+    const size_t weights = (size_t)layer->out_c * (size_t)layer->fan_in;
+    const float lr = (float)optimizer->lr, weight_decay = (float)optimizer->weight_decay;
+    size_t i;
+    for (i = 0; i < weights; i++)
+        layer->weight[i] = sgd_step(layer->weight[i], layer->grad_weight[i] / 1.0f, lr,
+                                    weight_decay);
+    if (layer->has_bias)
+        for (i = 0; i < (size_t)layer->out_c; i++)
+            layer->bias[i] = sgd_step(layer->bias[i], layer->grad_bias[i] / 1.0f, lr,
+                                      weight_decay);
+}
+
+/* Row j of a dense layer, one sample: its input error from the weights before the step, then
+ * each weight's step with its gradient d x[i] (0 + d x[i] in the buffered path: the same). */
+static void dense_row_sgd(tp_layer *layer, const float *x, float d, int32_t j, float lr,
+                          float weight_decay, float *delta_in) {
+    float *row = layer->weight + (size_t)j * (size_t)layer->fan_in;
+    int32_t i;
+    if (delta_in != NULL)
+        for (i = 0; i < layer->fan_in; i++) delta_in[i] += d * row[i];
+    for (i = 0; i < layer->fan_in; i++) row[i] = sgd_step(row[i], 0.0f + d * x[i], lr, weight_decay);
+}
+
+void tp_dense_backward_sgd(tp_layer *layer, const tp_optimizer_config *optimizer,
+                           const float *x, const float *delta, const int32_t *kept, int32_t k,
+                           float *delta_in) {
+    const float lr = (float)optimizer->lr, weight_decay = (float)optimizer->weight_decay;
+    int32_t j, next = 0, i;
+    if (delta_in != NULL) tp_zero(delta_in, (size_t)layer->fan_in);
+    for (j = 0; j < layer->out_c; j++) {
+        if (kept == NULL || (next < k && kept[next] == j)) { /* kept rows ascend */
+            dense_row_sgd(layer, x, delta[j], j, lr, weight_decay, delta_in);
+            next++;
+        } else if (weight_decay != 0.0f) {
+            /* a row without gradient: PyTorch still steps it (0 + weight decay) */
+            float *row = layer->weight + (size_t)j * (size_t)layer->fan_in;
+            for (i = 0; i < layer->fan_in; i++) row[i] = sgd_step(row[i], 0.0f, lr, weight_decay);
+        }
+    }
+    if (layer->has_bias)
+        for (j = 0; j < layer->out_c; j++)
+            layer->bias[j] = sgd_step(layer->bias[j], 0.0f + delta[j], lr, weight_decay);
+}

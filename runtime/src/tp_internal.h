@@ -16,11 +16,43 @@ int32_t tp_layer_output_size(const tp_layer *layer);
 int32_t tp_layer_input_size(const tp_layer *layer);
 int tp_layer_is_trainable(tp_layer_kind kind);
 
+/* ---- plan.c: the arena plan (see plan.c for the lifetimes and the placement) */
+/* at most 6 transient buffers per layer (output, forward and backward scratch, input error,
+ * selection, in-place gradient) and the loss error */
+#define TP_MAX_BUFFERS (6 * TP_MAX_LAYERS + 1)
+typedef enum {
+    TP_BUFFER_OUTPUT = 0,
+    TP_BUFFER_FORWARD_SCRATCH = 1,
+    TP_BUFFER_LOSS_DELTA = 2,
+    TP_BUFFER_INPUT_DELTA = 3,
+    TP_BUFFER_BACKWARD_SCRATCH = 4,
+    TP_BUFFER_SELECTION = 5,
+    TP_BUFFER_GRADIENT = 6
+} tp_buffer_use;
+typedef struct {
+    uint32_t floats, offset; /* in floats (every buffer holds 4-byte floats or int32s) */
+    int16_t first, last;     /* the steps it is alive */
+    int16_t layer;           /* the layer it belongs to (-1: the loss error) */
+    uint8_t use;             /* tp_buffer_use */
+} tp_buffer;
+typedef struct {
+    size_t parameters, gradients, moments; /* persistent, in floats */
+    size_t transient;                      /* the placed buffers' extent, in floats */
+    int32_t first_trained, count;
+    tp_buffer buffers[TP_MAX_BUFFERS];
+} tp_arena_plan;
+/* layers: shapes, `trained` and `input_is_sample` set (no pointers needed) */
+tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t class_count,
+                        const tp_policy_config *policy, const tp_optimizer_config *optimizer,
+                        const tp_memory_config *memory, tp_arena_plan *plan);
+size_t tp_plan_floats(const tp_arena_plan *plan); /* the whole arena, in floats */
+size_t tp_conv_forward_scratch_floats(const tp_layer *layer);
+size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta);
+
 /* ---- layers.c: one sample, (C, H, W) layout */
 void tp_zero(float *p, size_t n); /* p[0..n) = 0 */
 void tp_dense_forward(const tp_layer *layer, const float *x, float *y);
-/* conv.c; scratch: tp_conv_scratch_floats(layer) floats */
-size_t tp_conv_scratch_floats(const tp_layer *layer);
+/* conv.c; scratch: tp_conv_forward_scratch_floats(layer) floats */
 /* relu: also apply the ReLU that follows in place (y = max(y, 0) in the bias pass) */
 void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch, int relu);
 void tp_relu_forward(const float *x, float *y, int32_t n);
@@ -40,9 +72,11 @@ int tp_avgpool_relu_backward(const tp_layer *layer, const float *relu_output,
  * Adds to grad_weight; writes delta_in (zeroed first) unless delta_in == NULL. */
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                        int32_t k, float *delta_in);
-/* bias_done: the bias gradient was already added (by the selection's gather) */
+/* bias_done: the bias gradient was already added (by the selection's gather); scratch:
+ * tp_conv_backward_scratch_floats(layer, delta_in != NULL) floats; order: k int32s for the
+ * position sort of the kept entries (unused when kept == NULL) */
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                      int32_t k, float *delta_in, float *scratch, int bias_done);
+                      int32_t k, float *delta_in, float *scratch, int32_t *order, int bias_done);
 
 /* ---- selection.c */
 float tp_local_error(const float *delta, int32_t n);
@@ -71,6 +105,13 @@ float tp_cross_entropy(const float *logits, int32_t classes, int32_t label, floa
 
 /* ---- optimizer.c */
 void tp_optimizer_update(tp_model *model, int32_t batch);
+/* sgd_in_place: one SGD step of a conv layer with its gradient buffer (one sample) */
+void tp_sgd_step_layer(const tp_optimizer_config *optimizer, tp_layer *layer);
+/* sgd_in_place: a dense layer's backward that updates each weight where its gradient is
+ * formed (after its input error has used it); the same floats as the buffered step */
+void tp_dense_backward_sgd(tp_layer *layer, const tp_optimizer_config *optimizer,
+                           const float *x, const float *delta, const int32_t *kept, int32_t k,
+                           float *delta_in);
 
 /* ---- ledger.c */
 uint64_t tp_macs_forward(const tp_layer *layer);

@@ -21,7 +21,7 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
             const int relu = i + 1 < model->layer_count &&
                              model->layers[i + 1].kind == TP_LAYER_RELU &&
                              model->layers[i + 1].output == layer->output;
-            tp_conv_forward(layer, current, layer->output, model->conv_scratch, relu);
+            tp_conv_forward(layer, current, layer->output, layer->forward_scratch, relu);
             i += relu;
             break;
         }
@@ -39,12 +39,16 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
     return TP_OK;
 }
 
-/* Sparse backward of one trainable layer: choose k, select, accumulate gradients, and write
- * the input gradient (unless it is the first trainable layer). Returns k. */
+/* Sparse backward of one trained layer: choose k, select, accumulate gradients (or, in place,
+ * update the weights), and write the input gradient (unless it is the first trained layer).
+ * Returns k. */
 static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
                                   const float *delta, float *delta_in, tp_ledger *macs) {
     const int32_t n = tp_layer_output_size(layer);
-    const int first = layer->trainable_index == 0;
+    const int first = layer == &model->layers[model->first_trained_layer];
+    const int in_place = model->memory.sgd_in_place;
+    float *const values = layer->selection;
+    int32_t *const indices = (int32_t *)(void *)(layer->selection + n);
     const tp_policy policy = model->policy.policy;
     const int32_t *kept = NULL;
     int32_t k = n;
@@ -54,37 +58,44 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         layer->kind == TP_LAYER_CONV2D && layer->has_bias ? layer->grad_bias : NULL;
     const int32_t plane = layer->out_h * layer->out_w;
     int bias_done = 0;
+    /* in place, a conv gathers this sample's gradient in its own buffer */
+    if (in_place && layer->kind == TP_LAYER_CONV2D)
+        tp_zero(layer->grad_weight, (size_t)layer->out_c * (size_t)layer->fan_in +
+                                        (layer->has_bias ? (size_t)layer->out_c : 0));
     if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
         /* one pass over delta: its non-zero magnitudes serve both Y (zeros add nothing to it)
          * and the selection */
         float local_error;
         const int32_t nonzero =
-            tp_gather_nonzero_sum(delta, n, model->selection_values, model->selection_index,
-                                  &local_error, plane, grad_bias);
+            tp_gather_nonzero_sum(delta, n, values, indices, &local_error, plane, grad_bias);
         bias_done = grad_bias != NULL;
         if (local_error > layer->running_max) layer->running_max = local_error;
         k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
         if (k < n) {
-            tp_select_topk_gathered(delta, n, k, model->selection_values, model->selection_index,
-                                    nonzero);
-            kept = model->selection_index;
+            tp_select_topk_gathered(delta, n, k, values, indices, nonzero);
+            kept = indices;
         }
     } else if (policy == TP_POLICY_TOPK) {
         k = tp_keep_count(&model->policy, 0.0f, 0.0f, 1.0, n);
         if (k < n) {
-            const int32_t nonzero = tp_gather_nonzero_bias(
-                delta, n, model->selection_values, model->selection_index, plane, grad_bias);
-            tp_select_topk_gathered(delta, n, k, model->selection_values, model->selection_index,
-                                    nonzero);
-            kept = model->selection_index;
+            const int32_t nonzero =
+                tp_gather_nonzero_bias(delta, n, values, indices, plane, grad_bias);
+            tp_select_topk_gathered(delta, n, k, values, indices, nonzero);
+            kept = indices;
             bias_done = grad_bias != NULL;
         }
     }
-    if (layer->kind == TP_LAYER_DENSE)
+    if (layer->kind == TP_LAYER_DENSE && in_place) {
+        tp_dense_backward_sgd(layer, &model->optimizer, x, delta, kept, k,
+                              first ? NULL : delta_in);
+    } else if (layer->kind == TP_LAYER_DENSE) {
         tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
-    else
-        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in, model->conv_scratch,
-                         bias_done);
+    } else {
+        /* the kept entries' position sort goes where the selection's values were */
+        tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in,
+                         layer->backward_scratch, (int32_t *)(void *)values, bias_done);
+        if (in_place) tp_sgd_step_layer(&model->optimizer, layer);
+    }
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
     return k;
@@ -93,16 +104,18 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
 tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
                          int *trained, int32_t *keep_row, tp_ledger *macs) {
     const float *logits;
-    float *delta = model->delta_a, *spare = model->delta_b;
+    float *delta = model->loss_delta;
     int32_t i;
     tp_status status = tp_forward_sample(model, x, &logits);
     if (status != TP_OK) return status;
     for (i = 0; i < model->layer_count; i++) {
         const tp_layer *layer = &model->layers[i];
         if (layer->trainable_index < 0) continue;
-        /* full training would backpropagate every sample, skipped or not */
         macs->forward += tp_macs_forward(layer);
-        macs->backward_dense += tp_macs_backward_dense(layer, layer->trainable_index == 0);
+        /* full training (of the same trained layers) would backpropagate every sample */
+        if (layer->trained)
+            macs->backward_dense +=
+                tp_macs_backward_dense(layer, i == model->first_trained_layer);
     }
     *loss = tp_cross_entropy(logits, model->class_count, label, delta);
     if (!isfinite(*loss)) return TP_ERR_NONFINITE;
@@ -115,10 +128,10 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         macs->selection += (uint64_t)model->class_count; /* Y_L of every sample */
     }
     if (!*trained) return TP_OK;
-    for (i = model->layer_count - 1; i >= 0; i--) {
+    for (i = model->layer_count - 1; i >= model->first_trained_layer; i--) {
         tp_layer *layer = &model->layers[i];
         const float *input = layer_input(model, i, x);
-        float *swap;
+        float *const spare = layer->input_delta; /* this layer's input error (NULL for F) */
         switch (layer->kind) {
         case TP_LAYER_RELU:
             tp_relu_backward(layer->output, delta, tp_layer_output_size(layer));
@@ -144,14 +157,12 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         case TP_LAYER_CONV2D: {
             const int32_t k = backward_trainable(model, layer, input, delta, spare, macs);
             if (keep_row != NULL) keep_row[layer->trainable_index] = k;
-            if (layer->trainable_index == 0) return TP_OK;
+            if (i == model->first_trained_layer) return TP_OK;
             break;
         }
         default: return TP_ERR_UNSUPPORTED;
         }
-        swap = delta;
         delta = spare;
-        spare = swap;
     }
     return TP_OK;
 }
@@ -169,7 +180,7 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
         if (labels[b] < 0 || labels[b] >= model->class_count) return TP_ERR_LABEL;
     for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
     saved_output_max = model->running_max_output;
-    tp_zero(model->gradients, model->parameter_count);
+    if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
     for (b = 0; b < batch; b++) {
         const float *sample = x + (size_t)b * (size_t)model->input_size;
         int32_t *keep_row = keep != NULL ? keep + (size_t)b * model->trainable_count : NULL;
@@ -177,19 +188,24 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
         int trained = 0;
         tp_status status;
         if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
+        if (model->memory.sgd_in_place) { /* the samples before this one stay applied */
+            for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
+            saved_output_max = model->running_max_output;
+        }
         status = tp_sample_step(model, sample, labels[b], &loss, &trained, keep_row, &macs);
         if (status != TP_OK) {
             /* leave the model as it was before the batch */
             for (i = 0; i < model->layer_count; i++) model->layers[i].running_max = saved_max[i];
             model->running_max_output = saved_output_max;
-            tp_zero(model->gradients, model->parameter_count);
+            if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
             return status;
         }
         if (trained_mask != NULL) trained_mask[b] = (uint8_t)trained;
+        if (trained && model->memory.sgd_in_place) model->optimizer_steps++; /* applied */
         trained_count += trained;
         loss_sum += loss;
     }
-    if (trained_count > 0) tp_optimizer_update(model, batch);
+    if (trained_count > 0 && !model->memory.sgd_in_place) tp_optimizer_update(model, batch);
     stats->loss = loss_sum / (float)batch;
     stats->trained = trained_count;
     stats->skipped = batch - trained_count;

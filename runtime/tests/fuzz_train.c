@@ -47,7 +47,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     float *x;
     int32_t labels[6], keep[6 * 8];
     uint8_t mask[6];
+    static float weights[1 << 20]; /* every layer's initial weights (frozen layers read them) */
+    tp_memory_config memory;
     memset(layers, 0, sizeof layers);
+    if (weights[0] == 0.0f)
+        for (i = 0; i < (1 << 20); i++) weights[i] = (float)((i * 7919) % 201 - 100) / 400.0f;
     spec.input_channels = 1 + byte(&r) % 4;
     spec.input_height = 1 + byte(&r) % 8;
     spec.input_width = 1 + byte(&r) % 8;
@@ -67,6 +71,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         l->dilation_w = byte(&r) % 3;
         l->groups = byte(&r) % 4;
         l->has_bias = byte(&r) % 3;
+        l->weight = byte(&r) % 4 ? weights : NULL; /* NULL: zeros, or an error when frozen */
+        l->bias = weights;
     }
     policy.policy = (tp_policy)(byte(&r) % 5);
     policy.s_min = setting(&r);
@@ -80,13 +86,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     optimizer = byte(&r) % 2 ? tp_adam(setting(&r), setting(&r) / 10.0)
                              : tp_sgd(setting(&r), setting(&r), setting(&r) / 10.0);
     batch = (int32_t)(byte(&r) % 7); /* 0 is invalid */
-    if (tp_arena_bytes(&spec, &policy, &optimizer, &bytes) != TP_OK) return 0;
+    memory.first_trained_layer = (int32_t)(byte(&r) % 4); /* may be past the last one */
+    memory.sgd_in_place = byte(&r) % 3 == 0;            /* an error with Adam or momentum */
+    if (tp_arena_bytes_mode(&spec, &policy, &optimizer, &memory, &bytes) != TP_OK) return 0;
     if (bytes > (1u << 22)) return 0;
     arena = malloc(bytes);
     x = malloc(sizeof(float) * 6 * (size_t)(spec.input_channels * spec.input_height *
                                            spec.input_width));
     if (arena == NULL || x == NULL) abort();
-    if (tp_init(&model, &spec, &policy, &optimizer, arena, bytes) == TP_OK) {
+    if (tp_init_mode(&model, &spec, &policy, &optimizer, &memory, arena, bytes) == TP_OK &&
+        model.total_parameter_count <= (1u << 20)) { /* frozen weights within `weights` */
         const int32_t n = spec.input_channels * spec.input_height * spec.input_width;
         if (model.arena_bytes_used != bytes) abort(); /* the size said is the size used */
         for (step = 0; step < 3; step++) {

@@ -385,6 +385,92 @@ static void test_gradient_matches_finite_differences(void) {
     }
 }
 
+/* Every memory mode of every model: the arena exactly as said (malloc'ed to the byte, so ASan
+ * sees any write past it), frozen weights never written, training runs. */
+static void test_memory_modes(void) {
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    const int trainable[] = {3, 4, 3};
+    int s, first, in_place, p, step;
+    for (s = 0; s < 3; s++) {
+        for (first = 0; first < trainable[s]; first++) {
+            for (in_place = 0; in_place <= 1; in_place++) {
+                for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
+                    tp_policy_config config = tp_policy_defaults((tp_policy)p);
+                    tp_optimizer_config opt =
+                        in_place ? tp_sgd(0.05, 0.0, 1e-3) : tp_adam(0.01, 0.0);
+                    tp_memory_config memory = tp_memory_defaults();
+                    tp_model model;
+                    size_t bytes = 0, full_bytes = 0;
+                    float x[6 * 160];
+                    int32_t labels[6], b;
+                    tp_step_stats stats;
+                    void *arena;
+                    memory.first_trained_layer = first;
+                    memory.sgd_in_place = in_place;
+                    CHECK(tp_arena_bytes_mode(specs[s], &config, &opt, &memory, &bytes) == TP_OK);
+                    CHECK(tp_arena_bytes(specs[s], &config, &opt, &full_bytes) == TP_OK);
+                    CHECK(bytes <= full_bytes);
+                    arena = malloc(bytes);
+                    CHECK(tp_init_mode(&model, specs[s], &config, &opt, &memory, arena,
+                                       bytes - 4) == TP_ERR_ARENA);
+                    CHECK(tp_init_mode(&model, specs[s], &config, &opt, &memory, arena, bytes) ==
+                          TP_OK);
+                    CHECK(model.arena_bytes_used == bytes);
+                    for (step = 0; step < 3; step++) {
+                        const int32_t input = model.input_size;
+                        fill(x, (size_t)(6 * input), 1.0f);
+                        for (b = 0; b < 6; b++) labels[b] = b % model.class_count;
+                        CHECK(tp_train_batch(&model, x, labels, 6, &stats, NULL, NULL) == TP_OK);
+                        CHECK(isfinite(stats.loss));
+                    }
+                    for (b = 0; b < model.layer_count; b++) {
+                        const tp_layer *layer = &model.layers[b];
+                        if (layer->trainable_index < 0) continue;
+                        CHECK(layer->trained == (layer->trainable_index >= first));
+                        /* frozen: the spec's own arrays, untouched */
+                        if (!layer->trained) CHECK(layer->weight == specs[s]->layers[b].weight);
+                        if (layer->trained) CHECK(layer->weight != specs[s]->layers[b].weight);
+                    }
+                    free(arena);
+                }
+            }
+        }
+    }
+    {
+        tp_policy_config config = tp_policy_defaults(TP_POLICY_FULL);
+        tp_optimizer_config adam = tp_adam(0.01, 0.0), momentum = tp_sgd(0.1, 0.9, 0.0);
+        tp_memory_config memory = tp_memory_defaults();
+        tp_layer_spec layers[6];
+        tp_model_spec no_weights = mlp_spec;
+        size_t bytes;
+        memory.sgd_in_place = 1; /* in place needs plain SGD */
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        memory.sgd_in_place = 2;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory = tp_memory_defaults();
+        memory.first_trained_layer = 3; /* the MLP has three dense layers */
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory.first_trained_layer = -1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, NULL, &bytes) == TP_ERR_NULL);
+        /* a frozen layer needs its weights in the spec */
+        memcpy(layers, mlp_layers, sizeof layers);
+        layers[1].weight = NULL;
+        no_weights.layers = layers;
+        memory.first_trained_layer = 1;
+        CHECK(tp_arena_bytes_mode(&no_weights, &config, &adam, &memory, &bytes) == TP_OK);
+        {
+            tp_model model;
+            void *arena = malloc(bytes);
+            CHECK(tp_init_mode(&model, &no_weights, &config, &adam, &memory, arena, bytes) ==
+                  TP_ERR_NULL);
+            free(arena);
+        }
+    }
+}
+
 int main(void) {
     init_weights();
     test_arguments_are_checked();
@@ -397,6 +483,7 @@ int main(void) {
     test_large_selection_against_sort();
     test_skip_decision();
     test_gradient_matches_finite_differences();
+    test_memory_modes();
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

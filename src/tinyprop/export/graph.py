@@ -74,20 +74,6 @@ class LayerSpec:
         return math.prod(self.output_shape)
 
     @property
-    def conv_scratch_size(self) -> int:
-        """Floats of the C runtime's conv scratch for this layer (``tp_conv_scratch_floats``).
-
-        Two zero-padded copies of the input, four patch buffers of fan_in, the position sort
-        (one start per output position plus one, one entry per output); 0 unless a conv.
-        """
-        if self.kind != CONV2D:
-            return 0
-        channels, height, width = self.input_shape
-        padded = channels * (height + 2 * self.padding[0]) * (width + 2 * self.padding[1])
-        plane = self.output_shape[1] * self.output_shape[2]
-        return 2 * padded + 4 * self.fan_in + plane + 1 + self.output_size
-
-    @property
     def input_size(self) -> int:
         """Input elements per sample."""
         return math.prod(self.input_shape)
@@ -333,28 +319,18 @@ def inference_bytes(layers: list[LayerSpec]) -> int:
     return 2 * largest * 4
 
 
-def arena_bytes(layers: list[LayerSpec], policy: str, optimizer: str, momentum: float) -> int:
-    """Bytes of the training arena, exactly as ``tp_arena_bytes`` computes them.
+def arena_bytes(
+    layers: list[LayerSpec], policy: str, optimizer: str, momentum: float, mode=None
+) -> int:
+    """Bytes of the training arena, exactly as ``tp_arena_bytes_mode`` computes them.
 
     Args:
         layers: from :func:`describe`.
         policy: ``full``, ``topk``, ``tinyprop`` or ``tinypropv2``.
         optimizer: ``sgd`` or ``adam``.
         momentum: SGD momentum (0 keeps no momentum buffer).
+        mode: a :class:`tinyprop.memory.MemoryMode`; every layer trained when omitted.
     """
-    parameters = sum(
-        x.out_channels * x.fan_in + (x.out_channels if x.has_bias else 0)
-        for x in layers
-        if x.trainable
-    )
-    moments = 2 * parameters if optimizer == "adam" else (parameters if momentum else 0)
-    activations, current_is_sample = 0, True
-    for layer in layers:
-        if layer.kind != FLATTEN and not (layer.kind == RELU and not current_is_sample):
-            activations += layer.output_size
-            current_is_sample = False
-    largest = max([math.prod(layers[0].input_shape)] + [x.output_size for x in layers])
-    largest_trainable = max(x.output_size for x in layers if x.trainable)
-    selection = 2 * largest_trainable if policy != "full" else 0
-    conv = max(x.conv_scratch_size for x in layers)
-    return 4 * (2 * parameters + moments + activations + 2 * largest + selection + conv)
+    from tinyprop.export.arena import plan_arena
+
+    return plan_arena(layers, policy, optimizer, momentum, mode).bytes

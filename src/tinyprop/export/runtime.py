@@ -28,6 +28,7 @@ from tinyprop.config import TinyPropConfig
 from tinyprop.data.cache import cache_dir, digest_matches, private_folder, record_digest
 from tinyprop.export.graph import LayerSpec, describe
 from tinyprop.ledger import Ledger
+from tinyprop.memory import MemoryMode
 
 POLICY_CODES = {"full": 0, "topk": 1, "tinyprop": 2, "tinypropv2": 3}
 OPTIMIZER_CODES = {"sgd": 0, "adam": 1}
@@ -163,6 +164,15 @@ class OptimizerC(ctypes.Structure):
     ]
 
 
+class MemoryC(ctypes.Structure):
+    _fields_ = [("first_trained_layer", ctypes.c_int32), ("sgd_in_place", ctypes.c_int32)]
+
+
+def memory_to_c(mode: MemoryMode) -> MemoryC:
+    """The ``tp_memory_config`` struct of a :class:`tinyprop.memory.MemoryMode`."""
+    return MemoryC(mode.first_trained_layer, int(mode.sgd_in_place))
+
+
 class LedgerC(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64) for name in ("forward", "backward", "backward_dense", "selection")
@@ -188,7 +198,23 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
         ctypes.POINTER(OptimizerC),
         ctypes.POINTER(ctypes.c_size_t),
     ]
+    lib.tp_arena_bytes_mode.argtypes = [
+        ctypes.POINTER(ModelSpecC),
+        ctypes.POINTER(PolicyC),
+        ctypes.POINTER(OptimizerC),
+        ctypes.POINTER(MemoryC),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
     lib.tp_inference_bytes.argtypes = [ctypes.POINTER(ModelSpecC), ctypes.POINTER(ctypes.c_size_t)]
+    lib.tp_init_mode.argtypes = [
+        pointer,
+        ctypes.POINTER(ModelSpecC),
+        ctypes.POINTER(PolicyC),
+        ctypes.POINTER(OptimizerC),
+        ctypes.POINTER(MemoryC),
+        pointer,
+        ctypes.c_size_t,
+    ]
     lib.tp_init.argtypes = [
         pointer,
         ctypes.POINTER(ModelSpecC),
@@ -219,8 +245,10 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
     lib.tp_status_string.restype = ctypes.c_char_p
     for name in (
         "tp_arena_bytes",
+        "tp_arena_bytes_mode",
         "tp_inference_bytes",
         "tp_init",
+        "tp_init_mode",
         "tp_train_batch",
         "tp_predict",
         "tp_read_parameters",
@@ -345,6 +373,8 @@ class RuntimeModel:
         config: the policy (``full``, ``topk``, ``tinyprop``, ``tinypropv2``).
         optimizer: :class:`OptimizerSpec`.
         library: a loaded runtime (see :func:`load_library`); built when omitted.
+        memory: the :class:`tinyprop.memory.MemoryMode` (frozen layers, in-place SGD); every
+            layer trained, one update per batch, when omitted.
     """
 
     def __init__(
@@ -354,8 +384,11 @@ class RuntimeModel:
         config: TinyPropConfig,
         optimizer: OptimizerSpec,
         library: ctypes.CDLL | None = None,
+        memory: MemoryMode | None = None,
     ):
         self.lib = library or load_library()
+        self.memory_mode = memory or MemoryMode()
+        self.memory_mode.check(optimizer.kind, optimizer.momentum, optimizer.nesterov)
         self.layers: list[LayerSpec] = describe(model, input_shape)
         self.input_shape = tuple(input_shape)
         self._weights = []  # keep the arrays alive while C holds pointers
@@ -379,16 +412,18 @@ class RuntimeModel:
         self.spec = ModelSpecC(c, h, w, len(self.layers), specs)
         self.policy = policy_to_c(config)
         self.optimizer = optimizer.to_c()
+        self.memory = memory_to_c(self.memory_mode)
         size = ctypes.c_size_t()
         check(
             self.lib,
-            self.lib.tp_arena_bytes(
+            self.lib.tp_arena_bytes_mode(
                 ctypes.byref(self.spec),
                 ctypes.byref(self.policy),
                 ctypes.byref(self.optimizer),
+                ctypes.byref(self.memory),
                 ctypes.byref(size),
             ),
-            "tp_arena_bytes",
+            "tp_arena_bytes_mode",
         )
         self.arena_bytes = size.value
         check(
@@ -401,15 +436,16 @@ class RuntimeModel:
         self.model = ctypes.create_string_buffer(self.lib.tp_model_struct_bytes())
         check(
             self.lib,
-            self.lib.tp_init(
+            self.lib.tp_init_mode(
                 self.model,
                 ctypes.byref(self.spec),
                 ctypes.byref(self.policy),
                 ctypes.byref(self.optimizer),
+                ctypes.byref(self.memory),
                 self.arena.ctypes.data,
                 self.arena_bytes,
             ),
-            "tp_init",
+            "tp_init_mode",
         )
         self.trainable = [layer for layer in self.layers if layer.trainable]
         self.sample_size = int(np.prod(self.layers[0].input_shape))

@@ -1,0 +1,212 @@
+/* plan.c: the arena plan. Persistent buffers first (the trained layers' parameters, their
+ * gradients unless updated in place, optimizer state); then the transient buffers of one
+ * training step, each placed by its lifetime where it overlaps no buffer alive at the same
+ * time, so that memory is reused once a buffer's last reader (often its backward) has run.
+ *
+ * Time steps of a training step with L layers: the forward of layer i is step i, the loss is
+ * step L, the backward of layer i is step 2L - i (the backward stops at the first trained
+ * layer F). Transient buffers, created in this order (the order breaks ties in placement):
+ *   for each layer i: its output (unless it aliases its input: Flatten, or a ReLU in place),
+ *     alive from step i to its last reader (the next layers' forward, the loss, the backward
+ *     of a trained layer or a pool that reads it as input, the backward of a ReLU whose output
+ *     it is); a conv's forward scratch (padded input, tap offsets), alive at step i;
+ *   the loss error dloss/dlogits (class_count), from step L to its reader;
+ *   for each layer j from L-1 down to F: the error of its input, written by a pool or a
+ *     trained layer above F, from step 2L - j to the backward of the next layer below that is
+ *     not a ReLU or Flatten (those work on it in place); a trained conv's backward scratch,
+ *     the selection scratch of a trained layer (sparse policies: N values and N indices) and,
+ *     with sgd_in_place, a trained conv's gradient, all alive at step 2L - j.
+ * Placement (greedy by size): buffers by decreasing size (ties: creation order), each at the
+ * lowest offset (0 or the end of a placed buffer alive at an overlapping time) where it
+ * overlaps no placed buffer alive at an overlapping time. The Python mirror
+ * (tinyprop.export.arena) computes the same plan. */
+#include "tp_internal.h"
+
+/* one buffer at most 2^26 floats, all of them at most 2^30 (offsets are uint32) */
+#define TP_PLAN_MAX_FLOATS (1UL << 26)
+
+static size_t layer_parameters(const tp_layer *layer) {
+    return (size_t)layer->out_c * (size_t)layer->fan_in + (layer->has_bias ? (size_t)layer->out_c : 0);
+}
+
+/* A conv's forward scratch: its zero-padded input (when it pads) and two tables of fan_in. */
+size_t tp_conv_forward_scratch_floats(const tp_layer *layer) {
+    const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
+                          (size_t)(layer->in_w + 2 * layer->padding_w);
+    const int pads = layer->padding_h > 0 || layer->padding_w > 0;
+    return (pads ? padded : 0) + 2 * (size_t)layer->fan_in;
+}
+
+/* Its backward scratch: the same, the padded input error (when it pads and passes an error
+ * on), two patch buffers of fan_in and the position sort (plane + 1 starts, out_c channels;
+ * a sparse policy sorts its kept entries in the selection scratch instead). */
+size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta) {
+    const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
+                          (size_t)(layer->in_w + 2 * layer->padding_w);
+    const int pads = layer->padding_h > 0 || layer->padding_w > 0;
+    return tp_conv_forward_scratch_floats(layer) + (pads && writes_input_delta ? padded : 0) +
+           2 * (size_t)layer->fan_in + (size_t)layer->out_h * (size_t)layer->out_w + 1 +
+           (size_t)layer->out_c;
+}
+
+static int32_t max_i32(int32_t a, int32_t b) { return a > b ? a : b; }
+
+static tp_status add_buffer(tp_arena_plan *plan, size_t floats, int32_t first, int32_t last,
+                            int32_t layer, tp_buffer_use use) {
+    tp_buffer *buffer;
+    if (floats == 0) return TP_OK;
+    if (plan->count >= TP_MAX_BUFFERS) return TP_ERR_ARGUMENT;
+    if (floats > TP_PLAN_MAX_FLOATS) return TP_ERR_SHAPE;
+    buffer = &plan->buffers[plan->count++];
+    buffer->floats = (uint32_t)floats;
+    buffer->first = (int16_t)first;
+    buffer->last = (int16_t)last;
+    buffer->layer = (int16_t)layer;
+    buffer->use = (uint8_t)use;
+    buffer->offset = 0;
+    return TP_OK;
+}
+
+/* The step of the backward that reads the error of layer j's input, which the layers below
+ * with an in-place backward (ReLU, Flatten) pass on: the next layer below that is neither. */
+static int32_t error_reader(const tp_layer *layers, int32_t j, int32_t layer_count) {
+    int32_t k = j - 1;
+    while (k > 0 && (layers[k].kind == TP_LAYER_RELU || layers[k].kind == TP_LAYER_FLATTEN)) k--;
+    return 2 * layer_count - k;
+}
+
+static int overlaps(const tp_buffer *a, const tp_buffer *b) {
+    return a->first <= b->last && b->first <= a->last;
+}
+
+static tp_status place(tp_arena_plan *plan) {
+    int32_t order[TP_MAX_BUFFERS];
+    int32_t i, j, placed;
+    size_t total = 0;
+    for (i = 0; i < plan->count; i++) total += plan->buffers[i].floats;
+    if (total > (1UL << 30)) return TP_ERR_SHAPE; /* offsets + sizes stay within uint32 */
+    for (i = 0; i < plan->count; i++) order[i] = i;
+    for (i = 1; i < plan->count; i++) { /* insertion sort: larger first, then creation order */
+        const int32_t current = order[i];
+        for (j = i; j > 0 && plan->buffers[order[j - 1]].floats < plan->buffers[current].floats;
+             j--)
+            order[j] = order[j - 1];
+        order[j] = current;
+    }
+    plan->transient = 0;
+    for (placed = 0; placed < plan->count; placed++) {
+        tp_buffer *buffer = &plan->buffers[order[placed]];
+        uint32_t best = UINT32_MAX;
+        int32_t c;
+        for (c = -1; c < placed; c++) { /* candidates: 0 and the ends of placed buffers */
+            uint32_t candidate;
+            int fits = 1;
+            if (c >= 0) {
+                const tp_buffer *other = &plan->buffers[order[c]];
+                if (!overlaps(buffer, other)) continue;
+                candidate = other->offset + other->floats;
+            } else {
+                candidate = 0;
+            }
+            if (candidate >= best) continue;
+            for (j = 0; j < placed && fits; j++) {
+                const tp_buffer *other = &plan->buffers[order[j]];
+                fits = !overlaps(buffer, other) || candidate >= other->offset + other->floats ||
+                       other->offset >= candidate + buffer->floats;
+            }
+            if (fits) best = candidate;
+        }
+        buffer->offset = best;
+        if ((size_t)best + buffer->floats > plan->transient)
+            plan->transient = (size_t)best + buffer->floats;
+    }
+    return TP_OK;
+}
+
+tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t class_count,
+                        const tp_policy_config *policy, const tp_optimizer_config *optimizer,
+                        const tp_memory_config *memory, tp_arena_plan *plan) {
+    int32_t storage[TP_MAX_LAYERS], last_use[TP_MAX_LAYERS];
+    const int32_t L = layer_count;
+    int32_t i, first = -1;
+    tp_status status;
+    plan->count = 0;
+    plan->parameters = 0;
+    for (i = 0; i < L; i++) {
+        if (layers[i].trained) {
+            if (first < 0) first = i;
+            plan->parameters += layer_parameters(&layers[i]);
+        }
+    }
+    if (first < 0) return TP_ERR_ARGUMENT;
+    plan->first_trained = first;
+    plan->gradients = memory->sgd_in_place ? 0 : plan->parameters;
+    plan->moments = optimizer->kind == TP_OPTIMIZER_ADAM ? 2 * plan->parameters
+                    : optimizer->momentum != 0.0       ? plan->parameters
+                                                       : 0;
+    /* which layer's buffer holds each output (-1: the sample), and its last reader */
+    for (i = 0; i < L; i++) {
+        const int aliases = layers[i].kind == TP_LAYER_FLATTEN ||
+                            (layers[i].kind == TP_LAYER_RELU && !layers[i].input_is_sample);
+        storage[i] = aliases ? (i > 0 ? storage[i - 1] : -1) : i;
+        last_use[i] = i;
+    }
+    for (i = 0; i < L; i++) {
+        const int32_t input = i > 0 ? storage[i - 1] : -1;
+        const tp_layer_kind kind = layers[i].kind;
+        if (input >= 0) last_use[input] = max_i32(last_use[input], i);
+        if (i < first) continue;
+        if (input >= 0 && (layers[i].trained || kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
+            last_use[input] = max_i32(last_use[input], 2 * L - i);
+        if (kind == TP_LAYER_RELU && storage[i] >= 0)
+            last_use[storage[i]] = max_i32(last_use[storage[i]], 2 * L - i);
+    }
+    if (storage[L - 1] >= 0) last_use[storage[L - 1]] = max_i32(last_use[storage[L - 1]], L);
+    for (i = 0; i < L; i++) {
+        if (storage[i] == i) {
+            status = add_buffer(plan, (size_t)tp_layer_output_size(&layers[i]), i, last_use[i], i,
+                                TP_BUFFER_OUTPUT);
+            if (status != TP_OK) return status;
+        }
+        if (layers[i].kind == TP_LAYER_CONV2D) {
+            status = add_buffer(plan, tp_conv_forward_scratch_floats(&layers[i]), i, i, i,
+                                TP_BUFFER_FORWARD_SCRATCH);
+            if (status != TP_OK) return status;
+        }
+    }
+    status = add_buffer(plan, (size_t)class_count, L, error_reader(layers, L, L), -1,
+                        TP_BUFFER_LOSS_DELTA);
+    if (status != TP_OK) return status;
+    for (i = L - 1; i >= first; i--) {
+        const tp_layer *layer = &layers[i];
+        const int32_t step = 2 * L - i;
+        const int writer = i > first && (layer->trained || layer->kind == TP_LAYER_MAXPOOL ||
+                                         layer->kind == TP_LAYER_AVGPOOL);
+        if (writer) {
+            status = add_buffer(plan, (size_t)tp_layer_input_size(layer), step,
+                                error_reader(layers, i, L), i, TP_BUFFER_INPUT_DELTA);
+            if (status != TP_OK) return status;
+        }
+        if (!layer->trained) continue;
+        if (layer->kind == TP_LAYER_CONV2D) {
+            status = add_buffer(plan, tp_conv_backward_scratch_floats(layer, i > first), step,
+                                step, i, TP_BUFFER_BACKWARD_SCRATCH);
+            if (status != TP_OK) return status;
+        }
+        if (policy->policy != TP_POLICY_FULL) {
+            status = add_buffer(plan, 2 * (size_t)tp_layer_output_size(layer), step, step, i,
+                                TP_BUFFER_SELECTION);
+            if (status != TP_OK) return status;
+        }
+        if (memory->sgd_in_place && layer->kind == TP_LAYER_CONV2D) {
+            status = add_buffer(plan, layer_parameters(layer), step, step, i,
+                                TP_BUFFER_GRADIENT);
+            if (status != TP_OK) return status;
+        }
+    }
+    return place(plan);
+}
+
+size_t tp_plan_floats(const tp_arena_plan *plan) {
+    return plan->parameters + plan->gradients + plan->moments + plan->transient;
+}

@@ -1,0 +1,201 @@
+"""The C runtime's arena plan, computed in Python exactly as ``runtime/src/plan.c`` does.
+
+Persistent buffers: the trained layers' parameters, their gradients (none with
+``sgd_in_place``) and the optimizer state (Adam: two moments; SGD with momentum: one). Then the
+transient buffers of one training step, each alive over a range of steps: with L layers the
+forward of layer i is step i, the loss step L, the backward of layer i step 2L - i (the
+backward stops at the first trained layer F). They are placed greedily by size: each at the
+lowest offset (0 or the end of a placed buffer alive at an overlapping step) where it overlaps
+no placed buffer alive at an overlapping step, so memory is reused once a buffer's last reader
+(often its backward) has run.
+
+Example:
+    >>> plan = plan_arena(describe(net, (1, 28, 28)), "full", "sgd", 0.0, MemoryMode(1))
+    >>> plan.bytes, plan.transient_floats
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tinyprop.export.graph import AVGPOOL, CONV2D, FLATTEN, MAXPOOL, RELU, LayerSpec
+from tinyprop.memory import MemoryMode
+
+# tp_buffer_use of plan.c
+OUTPUT, FORWARD_SCRATCH, LOSS_DELTA, INPUT_DELTA, BACKWARD_SCRATCH, SELECTION, GRADIENT = range(7)
+
+
+@dataclass
+class Buffer:
+    """One transient buffer: its size in floats, the steps it is alive, and its place."""
+
+    floats: int
+    first: int
+    last: int
+    layer: int  # -1 for the loss error
+    use: int
+    offset: int = 0
+
+
+@dataclass
+class ArenaPlan:
+    """Floats of each part of the arena; ``bytes`` equals ``tp_arena_bytes_mode``."""
+
+    parameters: int  # the trained layers' weights and biases
+    gradients: int
+    moments: int  # optimizer state
+    transient_floats: int  # extent of the placed transient buffers
+    first_trained: int  # index into the layer list of the first trained layer
+    buffers: list[Buffer]
+
+    @property
+    def bytes(self) -> int:
+        """The whole arena in bytes (every buffer holds 4-byte floats or int32s)."""
+        return 4 * (self.parameters + self.gradients + self.moments + self.transient_floats)
+
+
+def layer_parameters(layer: LayerSpec) -> int:
+    """Weights and biases of a dense or conv layer."""
+    return layer.out_channels * layer.fan_in + (layer.out_channels if layer.has_bias else 0)
+
+
+def trained_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
+    """Per layer: a dense or conv layer at or after the mode's first trained one."""
+    trainable = [index for index, layer in enumerate(layers) if layer.trainable]
+    if not 0 <= mode.first_trained_layer < len(trainable):
+        raise ValueError(
+            f"first_trained_layer must lie in [0, {len(trainable)}) for this model (it has "
+            f"{len(trainable)} dense/conv layers), got {mode.first_trained_layer}"
+        )
+    first = trainable[mode.first_trained_layer]
+    return [layer.trainable and index >= first for index, layer in enumerate(layers)]
+
+
+def _padded(layer: LayerSpec) -> tuple[int, bool]:
+    channels, height, width = layer.input_shape
+    size = channels * (height + 2 * layer.padding[0]) * (width + 2 * layer.padding[1])
+    return size, layer.padding != (0, 0)
+
+
+def conv_forward_scratch(layer: LayerSpec) -> int:
+    """``tp_conv_forward_scratch_floats``: the padded input (when padding) and two tables."""
+    padded, pads = _padded(layer)
+    return (padded if pads else 0) + 2 * layer.fan_in
+
+
+def conv_backward_scratch(layer: LayerSpec, writes_input_delta: bool) -> int:
+    """``tp_conv_backward_scratch_floats``."""
+    padded, pads = _padded(layer)
+    plane = layer.output_shape[1] * layer.output_shape[2]
+    return (
+        conv_forward_scratch(layer)
+        + (padded if pads and writes_input_delta else 0)
+        + 2 * layer.fan_in
+        + plane
+        + 1
+        + layer.out_channels
+    )
+
+
+def _error_reader(layers: list[LayerSpec], j: int) -> int:
+    """Step of the backward that reads the error of layer j's input (past in-place layers)."""
+    k = j - 1
+    while k > 0 and layers[k].kind in (RELU, FLATTEN):
+        k -= 1
+    return 2 * len(layers) - k
+
+
+def _place(buffers: list[Buffer]) -> int:
+    order = sorted(range(len(buffers)), key=lambda i: (-buffers[i].floats, i))
+    placed: list[Buffer] = []
+    extent = 0
+    for index in order:
+        buffer = buffers[index]
+        alive = [b for b in placed if b.first <= buffer.last and buffer.first <= b.last]
+        best = None
+        for candidate in [0] + [b.offset + b.floats for b in alive]:
+            if best is not None and candidate >= best:
+                continue
+            if all(
+                candidate >= b.offset + b.floats or b.offset >= candidate + buffer.floats
+                for b in alive
+            ):
+                best = candidate
+        buffer.offset = best
+        extent = max(extent, best + buffer.floats)
+        placed.append(buffer)
+    return extent
+
+
+def plan_arena(
+    layers: list[LayerSpec],
+    policy: str,
+    optimizer: str,
+    momentum: float,
+    mode: MemoryMode | None = None,
+) -> ArenaPlan:
+    """The arena of ``tp_init_mode`` for these layers, policy, optimizer and memory mode.
+
+    Args:
+        layers: from :func:`tinyprop.export.graph.describe`.
+        policy: ``full``, ``topk``, ``tinyprop`` or ``tinypropv2``.
+        optimizer: ``sgd`` or ``adam``.
+        momentum: SGD momentum (0: no momentum buffer).
+        mode: the memory mode; every layer trained when omitted.
+    """
+    mode = mode or MemoryMode()
+    mode.check(optimizer, momentum)
+    trained = trained_flags(layers, mode)
+    first = trained.index(True)
+    count = len(layers)
+    parameters = sum(layer_parameters(x) for x, t in zip(layers, trained, strict=True) if t)
+    gradients = 0 if mode.sgd_in_place else parameters
+    moments = 2 * parameters if optimizer == "adam" else (parameters if momentum else 0)
+    storage, last_use, current_is_sample = [], list(range(count)), True
+    for i, layer in enumerate(layers):
+        aliases = layer.kind == FLATTEN or (layer.kind == RELU and not current_is_sample)
+        storage.append((storage[i - 1] if i > 0 else -1) if aliases else i)
+        if not aliases:
+            current_is_sample = False
+    for i, layer in enumerate(layers):
+        source = storage[i - 1] if i > 0 else -1
+        if source >= 0:
+            last_use[source] = max(last_use[source], i)
+        if i < first:
+            continue
+        if source >= 0 and (trained[i] or layer.kind in (MAXPOOL, AVGPOOL)):
+            last_use[source] = max(last_use[source], 2 * count - i)
+        if layer.kind == RELU and storage[i] >= 0:
+            last_use[storage[i]] = max(last_use[storage[i]], 2 * count - i)
+    if storage[-1] >= 0:
+        last_use[storage[-1]] = max(last_use[storage[-1]], count)
+    buffers: list[Buffer] = []
+
+    def add(floats: int, start: int, end: int, layer: int, use: int) -> None:
+        if floats > 0:
+            buffers.append(Buffer(floats, start, end, layer, use))
+
+    for i, layer in enumerate(layers):
+        if storage[i] == i:
+            add(layer.output_size, i, last_use[i], i, OUTPUT)
+        if layer.kind == CONV2D:
+            add(conv_forward_scratch(layer), i, i, i, FORWARD_SCRATCH)
+    add(layers[-1].output_size, count, _error_reader(layers, count), -1, LOSS_DELTA)
+    for i in range(count - 1, first - 1, -1):
+        layer, step = layers[i], 2 * count - i
+        if i > first and (trained[i] or layer.kind in (MAXPOOL, AVGPOOL)):
+            add(math.prod(layer.input_shape), step, _error_reader(layers, i), i, INPUT_DELTA)
+        if not trained[i]:
+            continue
+        if layer.kind == CONV2D:
+            add(conv_backward_scratch(layer, i > first), step, step, i, BACKWARD_SCRATCH)
+        if policy != "full":
+            add(2 * layer.output_size, step, step, i, SELECTION)
+        if mode.sgd_in_place and layer.kind == CONV2D:
+            add(layer_parameters(layer), step, step, i, GRADIENT)
+    transient = _place(buffers)
+    return ArenaPlan(parameters, gradients, moments, transient, first, buffers)
+
+
+__all__ = ["ArenaPlan", "Buffer", "layer_parameters", "plan_arena", "trained_flags"]

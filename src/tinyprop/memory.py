@@ -1,0 +1,234 @@
+"""Memory-lean training modes: the Python mirror of the C runtime's ``tp_memory_config``.
+
+A mode says which layers train and how updates are applied, so that the accuracy of training
+on a microcontroller can be measured here before anything is flashed:
+
+- ``first_trained_layer`` (last-layers fine-tuning): the dense/conv layers before this one
+  (counted from 0 in forward order) are frozen. Here their parameters get
+  ``requires_grad=False`` (:func:`freeze`), which tinyprop already handles (no gradient, no
+  backward through them); in C their weights stay ``const`` in flash.
+- ``sgd_in_place``: plain SGD where every trained sample is its own step, applied as soon as a
+  layer's backward is done (C: no gradient buffer for dense layers, one layer-sized buffer for
+  a conv while its backward runs). Here: :func:`train_step_in_place`, one ``train_step`` per
+  sample. With one sample per batch it is the ordinary SGD step.
+
+``tinyprop.export.arena.plan_arena`` computes the arena of a mode exactly as the runtime does,
+and :data:`MODES` names the modes measured for the example models.
+
+Example:
+    >>> mode = MODES["speech_commands"][1]          # the last layers only, Adam
+    >>> freeze(model, mode.memory)
+    >>> optimizer = mode.optimizer_for(model, lr=3e-3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import tinyprop
+from tinyprop.ledger import Ledger
+
+TRAINABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class MemoryMode:
+    """The runtime's ``tp_memory_config``.
+
+    Attributes:
+        first_trained_layer: index (forward order, from 0) of the first dense/conv layer that
+            trains; the ones before are frozen. 0 trains every layer.
+        sgd_in_place: every trained sample is its own plain-SGD step, applied in place.
+    """
+
+    first_trained_layer: int = 0
+    sgd_in_place: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.first_trained_layer, bool) or not isinstance(
+            self.first_trained_layer, int
+        ):
+            raise TypeError(
+                f"first_trained_layer must be an int, got {self.first_trained_layer!r}"
+            )
+        if self.first_trained_layer < 0:
+            raise ValueError(f"first_trained_layer must be >= 0, got {self.first_trained_layer}")
+
+    def check(self, optimizer: str, momentum: float, nesterov: bool = False) -> None:
+        """Raise ValueError when the optimizer does not fit the mode."""
+        if self.sgd_in_place and (optimizer != "sgd" or momentum != 0 or nesterov):
+            raise ValueError(
+                "sgd_in_place needs plain SGD (no momentum, no Nesterov, no Adam): an in-place "
+                f"update keeps no state between samples; got {optimizer} with momentum "
+                f"{momentum}"
+            )
+
+
+def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The dense and conv layers of ``model`` in forward (registration) order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, TRAINABLE_TYPES)]
+
+
+def freeze(model: nn.Module, mode: MemoryMode) -> list[str]:
+    """Freeze the dense/conv layers before ``mode.first_trained_layer`` (``requires_grad``
+    False on their parameters); returns their names.
+
+    Raises:
+        ValueError: when the model has no dense/conv layer at that index.
+    """
+    layers = trainable_layers(model)
+    if not 0 <= mode.first_trained_layer < len(layers):
+        raise ValueError(
+            f"first_trained_layer must lie in [0, {len(layers)}) for this model (it has "
+            f"{len(layers)} dense/conv layers), got {mode.first_trained_layer}"
+        )
+    frozen = layers[: mode.first_trained_layer]
+    for _, module in frozen:
+        for parameter in module.parameters(recurse=False):
+            parameter.requires_grad_(False)
+    return [name for name, _ in frozen]
+
+
+def train_step_in_place(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer
+) -> tinyprop.StepStats:
+    """``sgd_in_place`` semantics: every sample of the batch is its own step (in order).
+
+    Returns one :class:`tinyprop.StepStats` for the batch: the mean loss, the summed counts and
+    ledger, k per layer of the trained samples, the trained mask.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise ValueError("train_step_in_place runs plain torch.optim.SGD")
+    group = optimizer.param_groups[0]
+    if group["momentum"] or group["nesterov"]:
+        raise ValueError("sgd_in_place needs SGD without momentum or Nesterov")
+    losses, trained, skipped, macs = [], 0, 0, Ledger()
+    keep: dict[str, list[torch.Tensor]] = {}
+    mask = []
+    for index in range(len(x)):
+        stats = tinyprop.train_step(
+            model, x[index : index + 1], y[index : index + 1], loss_fn, optimizer
+        )
+        losses.append(stats.loss)
+        trained += stats.trained
+        skipped += stats.skipped
+        macs += stats.macs
+        mask.append(bool(stats.trained_mask[0]) if stats.trained_mask is not None else True)
+        for name, values in stats.keep.items():
+            keep.setdefault(name, []).append(values)
+    return tinyprop.StepStats(
+        loss=float(sum(losses) / len(losses)),
+        trained=trained,
+        skipped=skipped,
+        macs=macs,
+        keep={name: torch.cat(values) for name, values in keep.items()},
+        trained_mask=torch.tensor(mask),
+        stepped=trained > 0,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    """A named way to train a model on a device: memory mode, optimizer and what it is for.
+
+    Attributes:
+        name: short label (records, tables).
+        memory: the :class:`MemoryMode`.
+        optimizer: ``adam`` or ``sgd``.
+        momentum: SGD momentum.
+        lr_scale: the learning rate is the plan's (Adam) learning rate times this; with
+            ``sgd_in_place`` also divided by the batch size (every sample is a step, so an
+            epoch moves the weights about as far as with one step per batch).
+        description: one line for tables.
+    """
+
+    name: str
+    memory: MemoryMode = field(default_factory=MemoryMode)
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    lr_scale: float = 1.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        self.memory.check(self.optimizer, self.momentum)
+
+    def learning_rate(self, adam_lr: float, batch_size: int) -> float:
+        """The learning rate of this mode for a plan with Adam at ``adam_lr``."""
+        lr = adam_lr * self.lr_scale
+        return lr / batch_size if self.memory.sgd_in_place else lr
+
+    def optimizer_for(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The torch optimizer of this mode over the model's trainable parameters."""
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adam":
+            return torch.optim.Adam(parameters, lr=lr)
+        return torch.optim.SGD(parameters, lr=lr, momentum=self.momentum)
+
+    def step(self, model: nn.Module, x, y, loss_fn, optimizer) -> tinyprop.StepStats:
+        """One batch under this mode's update semantics."""
+        if self.memory.sgd_in_place:
+            return train_step_in_place(model, x, y, loss_fn, optimizer)
+        return tinyprop.train_step(model, x, y, loss_fn, optimizer)
+
+
+FULL = TrainingMode("all-adam", description="every layer, Adam (the reference)")
+
+# the modes measured per example model (dataset name -> modes; the first is the reference).
+# Layer indices count dense/conv layers: HAR CNN conv0 conv1 conv2 linear3; DS-CNN conv0,
+# (depthwise, pointwise) x 4 = 1..8, linear 9; MNIST MLP linear 0, 1, 2.
+MODES: dict[str, list[TrainingMode]] = {
+    "har": [
+        FULL,
+        TrainingMode(
+            "last1-adam", MemoryMode(3), description="the classifier only (conv frozen), Adam"
+        ),
+        TrainingMode(
+            "last2-sgd-in-place",
+            MemoryMode(2, sgd_in_place=True),
+            optimizer="sgd",
+            lr_scale=10.0,
+            description="last conv + classifier, per-sample SGD in place",
+        ),
+    ],
+    "speech_commands": [
+        FULL,
+        TrainingMode(
+            "last2-adam",
+            MemoryMode(8),
+            description="last pointwise conv + classifier, Adam",
+        ),
+        TrainingMode(
+            "last1-adam", MemoryMode(9), description="the classifier only, Adam"
+        ),
+        TrainingMode(
+            "last2-sgd-in-place",
+            MemoryMode(8, sgd_in_place=True),
+            optimizer="sgd",
+            lr_scale=10.0,
+            description="last pointwise conv + classifier, per-sample SGD in place",
+        ),
+    ],
+    "mnist": [
+        FULL,
+        TrainingMode("last1-adam", MemoryMode(2), description="the classifier only, Adam"),
+        TrainingMode(
+            "all-sgd-in-place",
+            MemoryMode(0, sgd_in_place=True),
+            optimizer="sgd",
+            lr_scale=10.0,
+            description="every layer, per-sample SGD in place (no gradient buffer)",
+        ),
+    ],
+}
+
+
+def modes_for(dataset: str) -> list[TrainingMode]:
+    """The modes measured for a dataset's example model."""
+    if dataset not in MODES:
+        raise ValueError(f"no training modes for {dataset!r}; choose one of {list(MODES)}")
+    return MODES[dataset]
