@@ -1,7 +1,16 @@
-"""Cortex-M4 build of the exported examples: flash and RAM per model, and a run under QEMU
-(mps2-an386, semihosting) whose weights after training are compared with the host build's.
+"""Cortex-M4 build of the exported examples under every memory mode (``tinyprop.memory.MODES``):
+flash and RAM per model and mode, a run under QEMU (mps2-an386, semihosting) whose weights after
+training are compared with the host build's, and instructions per trained and skipped step
+(callgrind on the host build, x86-64 gcc -O2 -fno-tree-vectorize: one float operation per
+instruction, as on the Cortex-M4, whose FPU has no SIMD).
 
     python benchmarks/runtime_bench.py --cortex-m4      # = make -C runtime cortex-m4
+
+Every mode is built twice, training full (dense) backprop and tinypropv2 (the library's
+defaults; sparse policies need selection scratch) on built-in samples with the mode's
+optimizer: Adam at lr 0.001, or SGD at the mode's learning rate for an Adam lr of 0.001; with
+-DTP_MAX_LAYERS set to the model's layer count (the model struct holds that many layer
+records); the in-place modes read one sample at a time (their batch buffer holds one).
 
 Needs arm-none-eabi-gcc with newlib (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi) and,
 to run, qemu-system-arm (Debian: qemu-system-arm).
@@ -22,8 +31,10 @@ import tinyprop
 from tinyprop import models
 from tinyprop.export import OptimizerSpec, export_c
 from tinyprop.export.runtime import runtime_dir
+from tinyprop.memory import TrainingMode, modes_for
 
 M4_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+POLICIES = ("full", "tinypropv2")  # dense backprop of the trained layers, and TinyPropv2
 EXAMPLES = {
     # name -> (dataset, one sample's shape, samples built in, batch size, epochs)
     "har-cnn1d": ("har", (6, 100), 16, 4, 2),
@@ -38,7 +49,48 @@ def parameters_from(output: str) -> np.ndarray:
     return np.array(bits, dtype=np.uint32).view(np.float32)
 
 
-def build_and_run(name: str, work: Path) -> dict:
+def optimizer_of(mode: TrainingMode, batch_size: int) -> OptimizerSpec:
+    """The optimizer a mode trains with in the example (Adam lr 0.001, or the mode's SGD)."""
+    lr = mode.learning_rate(0.001, batch_size)
+    if mode.optimizer == "adam":
+        return OptimizerSpec("adam", lr)
+    return OptimizerSpec("sgd", lr, mode.momentum)
+
+
+def instructions_per_step(host: Path, output: str) -> dict | None:
+    """Instructions per skipped and per trained step of the host build (callgrind): the whole
+    per-sample step over every sample, and its backward (tp_backward_sample) over the trained
+    ones; a skipped step is the step without a backward."""
+    if shutil.which("valgrind") is None:
+        return None
+    totals = {}
+    for function in ("tp_sample_step", "tp_backward_sample"):
+        out_file = host.with_suffix(f".{function}.callgrind")
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+             f"--toggle-collect={function}", f"--callgrind-out-file={out_file}", str(host)],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        line = [
+            x for x in out_file.read_text().splitlines() if x.startswith(("totals:", "summary:"))
+        ]
+        totals[function] = int(line[0].split()[1])
+    batches = [x.split() for x in output.splitlines() if x.startswith("batch ")]
+    trained = sum(int(b[5]) for b in batches)
+    samples = trained + sum(int(b[7]) for b in batches)
+    skipped_step = (totals["tp_sample_step"] - totals["tp_backward_sample"]) / samples
+    return {
+        "build": "x86-64 gcc -O2 -fno-tree-vectorize, callgrind",
+        "samples": samples,
+        "trained": trained,
+        "skipped_step": round(skipped_step),
+        "trained_step": round(skipped_step + totals["tp_backward_sample"] / trained)
+        if trained
+        else None,
+    }
+
+
+def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tinypropv2") -> dict:
     dataset, shape, count, batch_size, epochs = EXAMPLES[name]
     torch.manual_seed(0)
     net = models.build(dataset, input_shape=shape)
@@ -46,13 +98,18 @@ def build_and_run(name: str, work: Path) -> dict:
     x = generator.standard_normal((count, *shape)).astype(np.float32)
     classes = models.reference(dataset).num_classes
     y = np.arange(count) % classes
-    out = work / name
-    config = tinyprop.TinyPropConfig("tinypropv2")
-    optimizer = OptimizerSpec("sgd", 0.05, 0.9)
-    result = export_c(net, config, out, shape, optimizer, batch_size, (x, y), epochs, name)
+    out = work / f"{name}-{mode.name}-{policy}"
+    config = tinyprop.TinyPropConfig(policy)
+    if mode.memory.sgd_in_place:
+        batch_size = 1  # every sample is its own step: a buffer of one sample is enough
+    optimizer = optimizer_of(mode, batch_size)
+    result = export_c(
+        net, config, out, shape, optimizer, batch_size, (x, y), epochs, name, memory=mode.memory
+    )
     root = runtime_dir() / "examples" / "cortex_m4"
     sources = [str(out / "main.c"), *map(str, sorted((out / "runtime/src").glob("*.c")))]
     common = ["-std=c99", "-O2", "-DTP_EMBEDDED_SAMPLES", "-DTP_PRINT_PARAMETERS",
+              f"-DTP_MAX_LAYERS={len(result.layers)}",
               "-I", str(out / "runtime/include"), "-I", str(out)]  # fmt: skip
     elf = out / "train_m4.elf"
     subprocess.run(
@@ -64,20 +121,37 @@ def build_and_run(name: str, work: Path) -> dict:
     text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
     record = {
         "model": name,
+        "mode": mode.name,
+        "mode_description": mode.description,
+        "first_trained_layer": mode.memory.first_trained_layer,
+        "sgd_in_place": mode.memory.sgd_in_place,
+        "optimizer": optimizer.kind,
+        "momentum": optimizer.momentum,
+        "policy": config.policy,
         "parameters": result.parameters,
+        "trained_parameters": result.memory.trained_parameters,
         "text": text,
         "data": data,
         "bss": bss,
         "flash_bytes": text + data,
         "ram_bytes": data + bss,
         "training_arena_bytes": result.arena_bytes,  # inside bss (a static array)
+        "arena_parts": {
+            "parameters": result.memory.parameter_bytes,
+            "gradients": result.memory.gradient_bytes,
+            "optimizer": result.memory.optimizer_bytes,
+            "step_buffers": result.memory.transient_bytes,
+        },
         "inference_bytes": result.inference_bytes,
         "compiler": "arm-none-eabi-gcc -O2 " + " ".join(M4_FLAGS),
         "qemu": None,
     }
     host = out / "train_host"
-    subprocess.run(["gcc", *common, *sources, "-lm", "-o", str(host)], check=True)
+    subprocess.run(
+        ["gcc", *common, "-fno-tree-vectorize", *sources, "-lm", "-o", str(host)], check=True
+    )
     host_run = subprocess.run([str(host)], capture_output=True, text=True, check=True)
+    record["instructions"] = instructions_per_step(host, host_run.stdout)
     if shutil.which("qemu-system-arm") is None:
         record["qemu"] = "not run: qemu-system-arm not found (apt-get install -y qemu-system-arm)"
         return record
@@ -88,7 +162,7 @@ def build_and_run(name: str, work: Path) -> dict:
     )  # fmt: skip
     ok = qemu.returncode == 0 and qemu.stdout.rstrip().endswith("done")
     board, reference = parameters_from(qemu.stdout), parameters_from(host_run.stdout)
-    same_shape = board.shape == reference.shape and board.size == result.parameters
+    same_shape = board.shape == reference.shape and board.size == result.memory.trained_parameters
     difference = (
         float(np.max(np.abs(board - reference)) / np.max(np.abs(reference))) if same_shape else None
     )
@@ -117,10 +191,14 @@ def cortex_m4(out: Path) -> int:
         return 1
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in EXAMPLES:
-            records.append(build_and_run(name, Path(tmp)))
+        for name, (dataset, *_) in EXAMPLES.items():
+            for mode in modes_for(dataset):
+                for policy in POLICIES:
+                    records.append(build_and_run(name, mode, Path(tmp), policy))
+                    print(f"built and ran {name} {mode.name} {policy}", flush=True)
     print(
-        f"{'model':<16} {'params':>7} {'flash':>9} {'RAM':>9} {'arena':>9} {'inference':>9}  QEMU"
+        f"{'model':<16} {'mode':<20} {'policy':<11} {'flash':>9} {'RAM':>9} {'arena':>9} "
+        f"{'skipped':>10} {'trained':>10}  QEMU"
     )
     for r in records:
         q = r["qemu"]
@@ -139,11 +217,16 @@ def cortex_m4(out: Path) -> int:
                 f"{q['max_relative_weight_difference_to_host']:.2e} ({verdict}), skip decisions "
                 f"{'same' if q['same_skip_decisions'] else 'DIFFERENT'}"
             )
-        print(f"{r['model']:<16} {r['parameters']:>7} {r['flash_bytes']:>9} {r['ram_bytes']:>9} "
-              f"{r['training_arena_bytes']:>9} {r['inference_bytes']:>9}  {status}")  # fmt: skip
+        steps = r["instructions"] or {}
+        skipped, trained = steps.get("skipped_step") or "-", steps.get("trained_step") or "-"
+        print(f"{r['model']:<16} {r['mode']:<20} {r['policy']:<11} {r['flash_bytes']:>9} "
+              f"{r['ram_bytes']:>9} {r['training_arena_bytes']:>9} {skipped:>10} "
+              f"{trained:>10}  {status}")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2) + "\n")
     print(f"wrote {out}")
-    failed = [r["model"] for r in records if isinstance(r["qemu"], dict) and not (
-        r["qemu"]["ran"] and r["qemu"]["weights_match_1e-5"])]  # fmt: skip
+    failed = [(r["model"], r["mode"], r["policy"]) for r in records
+              if isinstance(r["qemu"], dict) and not (
+                  r["qemu"]["ran"] and r["qemu"]["weights_match_1e-5"]
+                  and r["qemu"]["same_skip_decisions"])]  # fmt: skip
     return 1 if failed else 0

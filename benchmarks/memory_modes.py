@@ -36,8 +36,14 @@ def runs(datasets, seeds, policies):
 def summary(results: Path) -> list[dict]:
     """Mean and standard deviation of the test accuracy per dataset, mode and policy."""
     groups: dict[tuple, list[dict]] = {}
-    for record in store.read_records(results):
-        key = (record["dataset"], record["mode"], record["policy"], settings_label(record["settings"]))
+    for path in sorted(results.glob("finetune__*.json")):
+        record = json.loads(path.read_text())
+        key = (
+            record["dataset"],
+            record["mode"],
+            record["policy"],
+            settings_label(record["settings"]),
+        )
         groups.setdefault(key, []).append(record)
     rows = []
     for (dataset, mode, policy, label), records in sorted(groups.items()):
@@ -71,8 +77,9 @@ def main(argv=None) -> int:
     rows = summary(args.results)
     print(f"{'dataset':<16} {'mode':<20} {'policy':<11} seeds  accuracy        backward")
     for r in rows:
+        accuracy = f"{r['accuracy_mean']:6.2f} ± {r['accuracy_std']:4.2f}"
         print(f"{r['dataset']:<16} {r['mode']:<20} {r['policy']:<11} {r['seeds']:>5}  "
-              f"{r['accuracy_mean']:6.2f} ± {r['accuracy_std']:4.2f}   {r['backward_ratio']:.3f}")  # fmt: skip
+              f"{accuracy}   {r['backward_ratio']:.3f}")  # fmt: skip
     (args.results / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 

@@ -89,9 +89,7 @@ def torch_optimizer(spec: OptimizerSpec, parameters):
     )
 
 
-def run_parity(
-    library, model_name, config, optimizer, steps=6, batch_size=8, seed=0, memory=None
-):
+def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, seed=0, memory=None):
     """Train in C and in Python side by side; assert agreement after every step.
 
     ``memory``: a :class:`MemoryMode`; the Python side freezes the same layers and, with
@@ -263,7 +261,9 @@ def test_parity_frozen_layers(library, model_name, first, policy):
         assert trained > 0
         after = c_model.parameters()
         for layer in c_model.trainable[:first]:  # frozen: exactly as they were
-            np.testing.assert_array_equal(after[f"{layer.path}.weight"], before[f"{layer.path}.weight"])
+            np.testing.assert_array_equal(
+                after[f"{layer.path}.weight"], before[f"{layer.path}.weight"]
+            )
 
 
 @pytest.mark.parametrize(("model_name", "first"), [("mlp", 0), ("cnn_depthwise", 0), ("har", 2)])

@@ -8,8 +8,8 @@
  *         samples.bin: records of TP_MODEL_INPUT_SIZE float32 values then one int32 label
  *         (native byte order); every TP_MODEL_BATCH_SIZE records make one update.
  * Board:  build with -DTP_EMBEDDED_SAMPLES: trains on tinyprop_samples.h for TP_SAMPLE_EPOCHS.
- * Prints one line per batch, the MAC totals and (with -DTP_PRINT_PARAMETERS) every weight as
- * its float32 bit pattern, so that two builds can be compared exactly.
+ * Prints one line per batch, the MAC totals and (with -DTP_PRINT_PARAMETERS) every trained
+ * weight as its float32 bit pattern, so that two builds can be compared exactly.
  */
 #include <stdio.h>
 #include <string.h>
@@ -19,7 +19,8 @@
 #include "tinyprop_samples.h"
 #endif
 
-/* Exactly the bytes tp_arena_bytes asks for (checked at start-up). */
+/* Exactly the bytes tp_arena_bytes_mode asks for under the header's memory mode (checked at
+ * start-up). */
 static float arena[TP_MODEL_ARENA_BYTES / sizeof(float)];
 static tp_model model;
 static float batch_x[TP_MODEL_BATCH_SIZE * TP_MODEL_INPUT_SIZE];
@@ -72,8 +73,8 @@ static int feed(void) {
 
 int main(void) {
     size_t needed = 0;
-    tp_status status = tp_arena_bytes(&tp_model_spec_exported, &tp_model_policy,
-                                      &tp_model_optimizer, &needed);
+    tp_status status = tp_arena_bytes_mode(&tp_model_spec_exported, &tp_model_policy,
+                                           &tp_model_optimizer, &tp_model_memory, &needed);
     tp_ledger total;
     size_t used;
     if (status != TP_OK || needed != TP_MODEL_ARENA_BYTES) {
@@ -81,8 +82,8 @@ int main(void) {
                (unsigned long)needed, (unsigned long)TP_MODEL_ARENA_BYTES);
         return 1;
     }
-    status = tp_init(&model, &tp_model_spec_exported, &tp_model_policy, &tp_model_optimizer,
-                     arena, sizeof arena);
+    status = tp_init_mode(&model, &tp_model_spec_exported, &tp_model_policy, &tp_model_optimizer,
+                          &tp_model_memory, arena, sizeof arena);
     if (status != TP_OK) {
         printf("tp_init: %s\n", tp_status_string(status));
         return 1;

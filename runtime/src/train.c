@@ -101,33 +101,15 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     return k;
 }
 
-tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
-                         int *trained, int32_t *keep_row, tp_ledger *macs) {
-    const float *logits;
+/* The backward of one trained sample, from the loss error down to the first trained layer (a
+ * function of its own so that instruction counts can tell trained from skipped steps). */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *keep_row,
+                                    tp_ledger *macs) {
     float *delta = model->loss_delta;
     int32_t i;
-    tp_status status = tp_forward_sample(model, x, &logits);
-    if (status != TP_OK) return status;
-    for (i = 0; i < model->layer_count; i++) {
-        const tp_layer *layer = &model->layers[i];
-        if (layer->trainable_index < 0) continue;
-        macs->forward += tp_macs_forward(layer);
-        /* full training (of the same trained layers) would backpropagate every sample */
-        if (layer->trained)
-            macs->backward_dense +=
-                tp_macs_backward_dense(layer, i == model->first_trained_layer);
-    }
-    *loss = tp_cross_entropy(logits, model->class_count, label, delta);
-    if (!isfinite(*loss)) return TP_ERR_NONFINITE;
-    *trained = 1;
-    if (model->policy.policy == TP_POLICY_TINYPROPV2) {
-        const float output_error = tp_local_error(delta, model->class_count);
-        if (output_error > model->running_max_output) model->running_max_output = output_error;
-        *trained = tp_skip_decision_trains(&model->policy, output_error,
-                                           model->running_max_output);
-        macs->selection += (uint64_t)model->class_count; /* Y_L of every sample */
-    }
-    if (!*trained) return TP_OK;
     for (i = model->layer_count - 1; i >= model->first_trained_layer; i--) {
         tp_layer *layer = &model->layers[i];
         const float *input = layer_input(model, i, x);
@@ -165,6 +147,37 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         delta = spare;
     }
     return TP_OK;
+}
+
+
+tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
+                         int *trained, int32_t *keep_row, tp_ledger *macs) {
+    const float *logits;
+    float *const delta = model->loss_delta;
+    int32_t i;
+    tp_status status = tp_forward_sample(model, x, &logits);
+    if (status != TP_OK) return status;
+    for (i = 0; i < model->layer_count; i++) {
+        const tp_layer *layer = &model->layers[i];
+        if (layer->trainable_index < 0) continue;
+        macs->forward += tp_macs_forward(layer);
+        /* full training (of the same trained layers) would backpropagate every sample */
+        if (layer->trained)
+            macs->backward_dense +=
+                tp_macs_backward_dense(layer, i == model->first_trained_layer);
+    }
+    *loss = tp_cross_entropy(logits, model->class_count, label, delta);
+    if (!isfinite(*loss)) return TP_ERR_NONFINITE;
+    *trained = 1;
+    if (model->policy.policy == TP_POLICY_TINYPROPV2) {
+        const float output_error = tp_local_error(delta, model->class_count);
+        if (output_error > model->running_max_output) model->running_max_output = output_error;
+        *trained = tp_skip_decision_trains(&model->policy, output_error,
+                                           model->running_max_output);
+        macs->selection += (uint64_t)model->class_count; /* Y_L of every sample */
+    }
+    if (!*trained) return TP_OK;
+    return tp_backward_sample(model, x, keep_row, macs);
 }
 
 tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,

@@ -51,9 +51,7 @@ class MemoryMode:
         if isinstance(self.first_trained_layer, bool) or not isinstance(
             self.first_trained_layer, int
         ):
-            raise TypeError(
-                f"first_trained_layer must be an int, got {self.first_trained_layer!r}"
-            )
+            raise TypeError(f"first_trained_layer must be an int, got {self.first_trained_layer!r}")
         if self.first_trained_layer < 0:
             raise ValueError(f"first_trained_layer must be >= 0, got {self.first_trained_layer}")
 
@@ -184,8 +182,9 @@ FULL = TrainingMode("all-adam", description="every layer, Adam (the reference)")
 MODES: dict[str, list[TrainingMode]] = {
     "har": [
         FULL,
+        TrainingMode("last2-adam", MemoryMode(2), description="last conv + classifier, Adam"),
         TrainingMode(
-            "last1-adam", MemoryMode(3), description="the classifier only (conv frozen), Adam"
+            "last1-adam", MemoryMode(3), description="the classifier only (convs frozen), Adam"
         ),
         TrainingMode(
             "last2-sgd-in-place",
@@ -198,13 +197,16 @@ MODES: dict[str, list[TrainingMode]] = {
     "speech_commands": [
         FULL,
         TrainingMode(
-            "last2-adam",
-            MemoryMode(8),
-            description="last pointwise conv + classifier, Adam",
+            "last3-sgd",
+            MemoryMode(7),
+            optimizer="sgd",
+            lr_scale=10.0,
+            description="last depthwise + pointwise conv + classifier, SGD",
         ),
         TrainingMode(
-            "last1-adam", MemoryMode(9), description="the classifier only, Adam"
+            "last2-adam", MemoryMode(8), description="last pointwise conv + classifier, Adam"
         ),
+        TrainingMode("last1-adam", MemoryMode(9), description="the classifier only, Adam"),
         TrainingMode(
             "last2-sgd-in-place",
             MemoryMode(8, sgd_in_place=True),

@@ -46,9 +46,7 @@ def record_path(results: Path, dataset: str, mode: TrainingMode, label: str, see
     return results / f"finetune__{dataset}__{mode.name}__{label}__seed{seed}.json"
 
 
-def run_mode(
-    dataset: str, mode: TrainingMode, policy: str, settings: dict, seed: int
-) -> dict:
+def run_mode(dataset: str, mode: TrainingMode, policy: str, settings: dict, seed: int) -> dict:
     """Pretrained weights, the mode's frozen layers and optimizer, the finetune training run,
     the test accuracy. Returns the record."""
     start = time.perf_counter()

@@ -20,22 +20,26 @@ from torch import nn
 from tinyprop.config import TinyPropConfig
 from tinyprop.export import ownership
 from tinyprop.export.c_source import MAKEFILE, model_header, samples_header
+from tinyprop.export.footprint import MemoryReport, footprint, footprint_of_layers
 from tinyprop.export.graph import (
     LayerSpec,
     UnsupportedLayerError,
-    arena_bytes,
     describe,
     inference_bytes,
 )
 from tinyprop.export.runtime import OptimizerSpec, runtime_dir
+from tinyprop.memory import MemoryMode
 
 __all__ = [
     "ExportResult",
     "LayerSpec",
+    "MemoryMode",
+    "MemoryReport",
     "OptimizerSpec",
     "UnsupportedLayerError",
     "describe",
     "export_c",
+    "footprint",
 ]
 
 
@@ -47,8 +51,9 @@ class ExportResult:
     files: list[Path]
     layers: list[LayerSpec]
     parameters: int
-    arena_bytes: int  # training RAM (tp_arena_bytes)
+    arena_bytes: int  # training RAM (tp_arena_bytes_mode)
     inference_bytes: int  # inference RAM with the weights in flash
+    memory: MemoryReport | None = None  # the arena's parts and the weights' flash
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -85,6 +90,7 @@ def export_c(
     epochs: int = 1,
     model_name: str = "a PyTorch model",
     force: bool = False,
+    memory: MemoryMode | None = None,
 ) -> ExportResult:
     """Write C sources that train ``model`` with ``config`` in the C runtime.
 
@@ -105,6 +111,8 @@ def export_c(
         epochs: passes over the built-in samples.
         model_name: text for the header comment (escaped).
         force: overwrite files in ``out_dir`` that an earlier export did not write.
+        memory: the memory mode (frozen first layers, in-place SGD); every layer trained when
+            omitted.
 
     Returns:
         :class:`ExportResult`.
@@ -132,8 +140,10 @@ def export_c(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     optimizer = optimizer or OptimizerSpec()
+    memory = memory or MemoryMode()
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     layers = describe(model, shape)
+    report = footprint_of_layers(layers, config, optimizer, memory)  # checks the mode
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ownership.refuse_foreign_files(out, planned_files(samples is not None), force)
@@ -146,7 +156,7 @@ def export_c(
 
     write(
         "tinyprop_model.h",
-        model_header(layers, config, optimizer, batch_size, model_name),
+        model_header(layers, config, optimizer, batch_size, model_name, memory),
     )
     source = runtime_dir()
     write("main.c", (source / "examples" / "train_example.c").read_text())
@@ -175,6 +185,7 @@ def export_c(
         files=files,
         layers=layers,
         parameters=sum(x.weight.size + (0 if x.bias is None else x.bias.size) for x in trainable),
-        arena_bytes=arena_bytes(layers, config.policy, optimizer.kind, optimizer.momentum),
+        arena_bytes=report.arena_bytes,
         inference_bytes=inference_bytes(layers),
+        memory=report,
     )

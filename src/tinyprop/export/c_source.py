@@ -8,6 +8,7 @@ import numpy as np
 from tinyprop.config import TinyPropConfig
 from tinyprop.export.escaping import c_comment
 from tinyprop.export.graph import KIND_NAMES, LayerSpec, arena_bytes, inference_bytes
+from tinyprop.memory import MemoryMode
 
 POLICY_NAMES = {
     "full": "TP_POLICY_FULL",
@@ -48,8 +49,10 @@ def model_header(
     optimizer,
     batch_size: int,
     model_name: str,
+    memory=None,
 ) -> str:
-    """The generated ``tinyprop_model.h``: shapes, initial weights, policy and optimizer.
+    """The generated ``tinyprop_model.h``: shapes, initial weights, policy, optimizer and
+    memory mode.
 
     Args:
         layers: from :func:`tinyprop.export.graph.describe`.
@@ -57,10 +60,12 @@ def model_header(
         optimizer: an :class:`tinyprop.export.runtime.OptimizerSpec`.
         batch_size: samples per update in the example program.
         model_name: a free-text name for the comment at the top.
+        memory: a :class:`tinyprop.memory.MemoryMode` (every layer trained when None).
     """
+    memory = memory or MemoryMode()
     trainable = [x for x in layers if x.trainable]
     parameters = sum(x.weight.size + (x.bias.size if x.bias is not None else 0) for x in trainable)
-    arena = arena_bytes(layers, config.policy, optimizer.kind, optimizer.momentum)
+    arena = arena_bytes(layers, config.policy, optimizer.kind, optimizer.momentum, memory)
     c, h, w = layers[0].input_shape
     classes = layers[-1].output_size
     out = [
@@ -76,9 +81,12 @@ def model_header(
         f"#define TP_MODEL_INPUT_SIZE {c * h * w}",
         f"#define TP_MODEL_CLASSES {classes}",
         f"#define TP_MODEL_LAYERS {len(layers)}",
+        "#if TP_MAX_LAYERS < TP_MODEL_LAYERS",
+        '#error "this model needs TP_MAX_LAYERS >= TP_MODEL_LAYERS (-DTP_MAX_LAYERS=N)"',
+        "#endif",
         f"#define TP_MODEL_TRAINABLE_LAYERS {len(trainable)}",
         f"#define TP_MODEL_PARAMETERS {parameters}",
-        "/* training arena: weights, gradients, optimizer state, activations, selection */",
+        "/* training arena: trained weights, gradients, optimizer state, one step's buffers */",
         f"#define TP_MODEL_ARENA_BYTES {arena}",
         "/* inference alone with the weights in flash: two activation buffers */",
         f"#define TP_MODEL_INFERENCE_BYTES {inference_bytes(layers)}",
@@ -129,6 +137,12 @@ def model_header(
         "  /* lr, momentum, nesterov, weight_decay */",
         f"    {_c_double(optimizer.betas[0])}, {_c_double(optimizer.betas[1])}, "
         f"{_c_double(optimizer.eps)}}};  /* beta1, beta2, eps (Adam) */",
+        "",
+        "/* memory mode: trainable layers before the first trained one are frozen (weights",
+        " * read from the const arrays above); in place: every sample its own SGD step */",
+        "static const tp_memory_config tp_model_memory = {",
+        f"    {memory.first_trained_layer}, {int(memory.sgd_in_place)}}};"
+        "  /* first_trained_layer, sgd_in_place */",
         "",
         "#endif /* TINYPROP_MODEL_H */",
         "",

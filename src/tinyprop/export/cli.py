@@ -20,6 +20,7 @@ from tinyprop.export import export_c
 from tinyprop.export.graph import UnsupportedLayerError
 from tinyprop.export.loading import load_model_file
 from tinyprop.export.runtime import OptimizerSpec
+from tinyprop.memory import MemoryMode
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -79,6 +80,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=cli_types.non_negative_float, default=0.0)
     p.add_argument("--weight-decay", type=cli_types.non_negative_float, default=0.0)
     p.add_argument("--batch-size", type=cli_types.positive_int, default=8)
+    p.add_argument(
+        "--first-trained-layer",
+        type=cli_types.non_negative_int,
+        default=0,
+        help="dense/conv layers before this index (from 0) are frozen, weights in flash",
+    )
+    p.add_argument(
+        "--sgd-in-place",
+        action="store_true",
+        help="every sample its own plain-SGD step, applied in place (no gradient buffer)",
+    )
     return p
 
 
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size,
             model_name=str(args.model_file),
             force=args.force,
+            memory=MemoryMode(args.first_trained_layer, args.sgd_in_place),
         )
     except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
         print(f"tinyprop export: {error}")
@@ -139,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"parameters {result.parameters}, training arena {result.arena_bytes} bytes, "
         f"inference {result.inference_bytes} bytes"
+    )
+    report = result.memory
+    print(
+        f"arena: trained parameters {report.parameter_bytes}, gradients {report.gradient_bytes}, "
+        f"optimizer {report.optimizer_bytes}, one step's buffers {report.transient_bytes}; "
+        f"flash: weights {report.weight_flash_bytes} bytes "
+        f"({report.frozen_parameters} of {report.frozen_parameters + report.trained_parameters} "
+        "parameters frozen) plus the program's code"
     )
     print(f"build: make -C {result.out_dir} && {result.out_dir}/train < samples.bin")
     return 0

@@ -1,0 +1,126 @@
+"""Memory modes outside the parity runs: the exporter's RAM report equals the C arena, an
+exported example with frozen layers and in-place SGD builds and trains under AddressSanitizer
+with exactly the advertised arena, the CLI takes the mode, bad modes get clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import tinyprop
+from tinyprop import models
+from tinyprop.export import MemoryMode, export_c, footprint
+from tinyprop.export.cli import main as export_main
+from tinyprop.export.runtime import OptimizerSpec, RuntimeModel
+from tinyprop.memory import MODES, TrainingMode, freeze
+
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+EXAMPLES = {"har": (6, 100), "speech_commands": (1, 49, 10), "mnist": (1, 28, 28)}
+
+
+@pytest.mark.parametrize("dataset", list(EXAMPLES))
+def test_footprint_of_every_named_mode_equals_the_c_arena(dataset):
+    shape = EXAMPLES[dataset]
+    net = models.build(dataset, input_shape=shape)
+    for mode in MODES[dataset]:
+        for policy in ("full", "tinypropv2"):
+            config = tinyprop.TinyPropConfig(policy)
+            optimizer = OptimizerSpec(mode.optimizer, 0.001, mode.momentum)
+            report = footprint(net, shape, config, optimizer, mode.memory)
+            c_model = RuntimeModel(net, shape, config, optimizer, memory=mode.memory)
+            assert report.arena_bytes == c_model.arena_bytes == c_model.totals()[1], mode
+            assert report.arena_bytes == (
+                report.parameter_bytes
+                + report.gradient_bytes
+                + report.optimizer_bytes
+                + report.transient_bytes
+            )
+            assert report.weight_flash_bytes == 4 * sum(p.numel() for p in net.parameters())
+            assert report.trained_parameters + report.frozen_parameters == sum(
+                p.numel() for p in net.parameters()
+            )
+
+
+def test_lean_modes_use_less_ram_than_full_training():
+    """The modes the README's table reports: under 64 KB for HAR's classifier-only mode, the
+    keyword model's last-two-layer mode far below full training."""
+    har, keyword = models.build("har", input_shape=(6, 100)), models.build("speech_commands")
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    adam = OptimizerSpec("adam", 0.001)
+    assert footprint(har, (6, 100), config, adam, MemoryMode(3)).arena_bytes < 20_000
+    full = footprint(keyword, (1, 49, 10), config, adam).arena_bytes
+    lean = footprint(keyword, (1, 49, 10), config, adam, MemoryMode(8)).arena_bytes
+    assert lean < full / 3
+
+
+def test_exported_example_with_a_mode_trains_under_asan(tmp_path):
+    torch.manual_seed(0)
+    shape = (6, 40)
+    net = models.build("har", input_shape=shape, channels=8)
+    config = tinyprop.TinyPropConfig("tinypropv2", skip_threshold=0.9)
+    for memory in (MemoryMode(2), MemoryMode(1, sgd_in_place=True)):
+        out = tmp_path / f"har-{memory.first_trained_layer}-{int(memory.sgd_in_place)}"
+        result = export_c(net, config, out, shape, OptimizerSpec("sgd", 0.05), 4, memory=memory)
+        header = (out / "tinyprop_model.h").read_text()
+        assert f"{memory.first_trained_layer}, {int(memory.sgd_in_place)}}};" in header
+        assert f"#define TP_MODEL_ARENA_BYTES {result.arena_bytes}" in header
+        generator = np.random.default_rng(1)
+        x = generator.standard_normal((12, *shape)).astype(np.float32)
+        y = np.arange(12) % 4
+        with open(tmp_path / "samples.bin", "wb") as handle:
+            for sample, label in zip(x, y, strict=True):
+                handle.write(sample.tobytes() + np.int32(label).tobytes())
+        program = out / "train"
+        build = subprocess.run(
+            ["gcc", "-std=c99", "-O1", "-g", *SANITIZE, "-Wall", "-Werror",
+             "-I", str(out / "runtime/include"), "-I", str(out), str(out / "main.c"),
+             *map(str, (out / "runtime/src").glob("*.c")), "-lm", "-o", str(program)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert build.returncode == 0, build.stderr
+        with open(tmp_path / "samples.bin", "rb") as stdin:
+            run = subprocess.run([str(program)], stdin=stdin, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"training arena {result.arena_bytes} bytes" in run.stdout
+        assert run.stdout.splitlines()[-1] == "done"
+
+
+def test_cli_takes_the_mode_and_reports_ram_and_flash(tmp_path, capsys):
+    net = models.build("har", input_shape=(6, 100))
+    torch.save(net.state_dict(), tmp_path / "har.pt")
+    status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
+                          str(tmp_path / "out"), "--optimizer", "adam",
+                          "--first-trained-layer", "3"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    expected = footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("adam", 0.01),
+                         MemoryMode(3))  # fmt: skip
+    assert f"training arena {expected.arena_bytes} bytes" in printed
+    assert f"flash: weights {expected.weight_flash_bytes} bytes" in printed
+    status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
+                          str(tmp_path / "out2"), "--optimizer", "adam",
+                          "--sgd-in-place"])  # fmt: skip
+    assert status == 2
+    assert "sgd_in_place needs plain SGD" in capsys.readouterr().out
+
+
+def test_bad_modes_are_named():
+    net = models.build("har", input_shape=(6, 100))
+    with pytest.raises(ValueError, match=r"first_trained_layer must lie in \[0, 4\)"):
+        footprint(net, (6, 100), tinyprop.TinyPropConfig(), mode=MemoryMode(4))
+    with pytest.raises(ValueError, match=r"first_trained_layer must lie in \[0, 4\)"):
+        freeze(net, MemoryMode(7))
+    with pytest.raises(ValueError, match="first_trained_layer must be >= 0"):
+        MemoryMode(-1)
+    with pytest.raises(ValueError, match="sgd_in_place needs plain SGD"):
+        TrainingMode("x", MemoryMode(0, True), optimizer="adam")
+
+
+def test_freeze_stops_gradients_of_the_first_layers():
+    net = models.build("har", input_shape=(6, 100))
+    assert freeze(net, MemoryMode(2)) == ["0", "3"]
+    trainable = [name for name, p in net.named_parameters() if p.requires_grad]
+    assert trainable == ["6.weight", "6.bias", "10.weight", "10.bias"]
