@@ -71,6 +71,16 @@ void tp_sgd_step_layer(const tp_optimizer_config *optimizer, tp_layer *layer) {
                                       weight_decay);
 }
 
+void tp_sgd_decay_layer(const tp_optimizer_config *optimizer, tp_layer *layer) {
+    const size_t weights = (size_t)layer->out_c * (size_t)layer->fan_in;
+    const float lr = (float)optimizer->lr, weight_decay = (float)optimizer->weight_decay;
+    size_t i;
+    for (i = 0; i < weights; i++) layer->weight[i] = sgd_step(layer->weight[i], 0.0f, lr, weight_decay);
+    if (layer->has_bias)
+        for (i = 0; i < (size_t)layer->out_c; i++)
+            layer->bias[i] = sgd_step(layer->bias[i], 0.0f, lr, weight_decay);
+}
+
 /* Row j of a dense layer, one sample: its input error from the weights before the step, then
  * each weight's step with its gradient d x[i] (0 + d x[i] in the buffered path: the same). */
 static void dense_row_sgd(tp_layer *layer, const float *x, float d, int32_t j, float lr,

@@ -107,6 +107,8 @@ float tp_cross_entropy(const float *logits, int32_t classes, int32_t label, floa
 void tp_optimizer_update(tp_model *model, int32_t batch);
 /* sgd_in_place: one SGD step of a conv layer with its gradient buffer (one sample) */
 void tp_sgd_step_layer(const tp_optimizer_config *optimizer, tp_layer *layer);
+/* sgd_in_place: the step of a layer whose gradient is zero (weight decay only) */
+void tp_sgd_decay_layer(const tp_optimizer_config *optimizer, tp_layer *layer);
 /* sgd_in_place: a dense layer's backward that updates each weight where its gradient is
  * formed (after its input error has used it); the same floats as the buffered step */
 void tp_dense_backward_sgd(tp_layer *layer, const tp_optimizer_config *optimizer,

@@ -39,9 +39,17 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
     return TP_OK;
 }
 
+static int any_nonzero(const float *delta, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; i++)
+        if (delta[i] != 0.0f) return 1;
+    return 0;
+}
+
 /* Sparse backward of one trained layer: choose k, select, accumulate gradients (or, in place,
  * update the weights), and write the input gradient (unless it is the first trained layer).
- * Returns k. */
+ * Returns k; 0 when a sparse policy finds this sample's delta all zero: as in the library, the
+ * sample then has no backward here or below (nothing to add, nothing counted). */
 static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
                                   const float *delta, float *delta_in, tp_ledger *macs) {
     const int32_t n = tp_layer_output_size(layer);
@@ -69,6 +77,7 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         const int32_t nonzero =
             tp_gather_nonzero_sum(delta, n, values, indices, &local_error, plane, grad_bias);
         bias_done = grad_bias != NULL;
+        if (nonzero == 0) return 0;
         if (local_error > layer->running_max) layer->running_max = local_error;
         k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
         if (k < n) {
@@ -80,9 +89,12 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         if (k < n) {
             const int32_t nonzero =
                 tp_gather_nonzero_bias(delta, n, values, indices, plane, grad_bias);
+            if (nonzero == 0) return 0;
             tp_select_topk_gathered(delta, n, k, values, indices, nonzero);
             kept = indices;
             bias_done = grad_bias != NULL;
+        } else if (!any_nonzero(delta, n)) {
+            return 0;
         }
     }
     if (layer->kind == TP_LAYER_DENSE && in_place) {
@@ -99,6 +111,15 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
     return k;
+}
+
+/* In place, a sample whose error is zero from layer `from` down still steps those layers as
+ * the library's optimizer does with a zero gradient: weight decay only. */
+static void decay_layers_in_place(tp_model *model, int32_t from) {
+    int32_t i;
+    if (model->optimizer.weight_decay == 0.0) return;
+    for (i = from; i >= model->first_trained_layer; i--)
+        if (model->layers[i].trained) tp_sgd_decay_layer(&model->optimizer, &model->layers[i]);
 }
 
 /* The backward of one trained sample, from the loss error down to the first trained layer (a
@@ -139,6 +160,10 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
         case TP_LAYER_CONV2D: {
             const int32_t k = backward_trainable(model, layer, input, delta, spare, macs);
             if (keep_row != NULL) keep_row[layer->trainable_index] = k;
+            if (k == 0) { /* a zero error here and below: in place, only the decay steps */
+                if (model->memory.sgd_in_place) decay_layers_in_place(model, i);
+                return TP_OK;
+            }
             if (i == model->first_trained_layer) return TP_OK;
             break;
         }

@@ -207,13 +207,6 @@ MODES: dict[str, list[TrainingMode]] = {
             "last2-adam", MemoryMode(8), description="last pointwise conv + classifier, Adam"
         ),
         TrainingMode("last1-adam", MemoryMode(9), description="the classifier only, Adam"),
-        TrainingMode(
-            "last2-sgd-in-place",
-            MemoryMode(8, sgd_in_place=True),
-            optimizer="sgd",
-            lr_scale=10.0,
-            description="last pointwise conv + classifier, per-sample SGD in place",
-        ),
     ],
     "mnist": [
         FULL,
