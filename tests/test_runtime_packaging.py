@@ -15,15 +15,14 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from tinyprop.export.runtime import runtime_dir
+import tinyprop
 
-ROOT = runtime_dir()
-PROJECT_VERSION = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["version"]
+ROOT = Path(__file__).resolve().parents[1] / "runtime"  # the checkout's runtime/ folder
+PROJECT_VERSION = tinyprop.__version__
 ARDUINO_REQUIRED = (
     "name", "version", "author", "maintainer", "sentence", "paragraph", "category", "url",
     "architectures",
