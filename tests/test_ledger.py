@@ -118,3 +118,22 @@ def test_ledger_counts_custom_dense_modules_as_dense():
         (2 * other + 8 * head_sparse + 80) / (2 * other + 8 * head_dense)
     )
     assert stats.macs.backward_ratio() > 0.95  # the saving on the head is almost nothing
+
+
+@pytest.mark.parametrize("policy", ["full", "topk"])
+def test_frozen_first_layer_has_no_backward_in_the_ledger(policy):
+    """A frozen first layer (weight and bias without grad, input without grad) does no backward:
+    it is counted in the forward only, never as a dense module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    model[0].requires_grad_(False)
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy, ratio=1.0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    stats = tinyprop.train_step(
+        model, torch.randn(4, 12), torch.tensor([0, 1, 2, 3]), LOSS, optimizer
+    )
+    head = 5 * 16 + 5  # weight + bias gradient per sample: nothing below needs an input grad
+    assert stats.macs.forward == 4 * (12 * 16 + 16 * 5)
+    assert stats.macs.backward_dense == 4 * head
+    assert stats.macs.backward == 4 * head
+    assert stats.macs.unattributed == 0

@@ -71,8 +71,8 @@ class SparseBackpropLayer:
         weight = self.sparse_weight()
         trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if not trains or not state.policy.sparse:
-            if trains:
-                self._record(x, weight)  # full policy: the ledger still counts the call
+            if torch.is_grad_enabled():  # the ledger counts the call (frozen: no backward)
+                self._record(x, weight)
             return self.dense_forward(x, weight, self.bias)
         call = self._record(x, weight)
         return SparseBackprop.apply(x, weight, self.bias, self, call)
@@ -87,7 +87,7 @@ class SparseBackpropLayer:
             output_size=geometry.channels_out * geometry.positions,
             fan_in=geometry.fan_in,
             input_size=x[0].numel(),
-            has_bias=self.bias is not None,
+            has_bias=self.bias is not None and self.bias.requires_grad,
             weight_trainable=weight.requires_grad,
             input_requires_grad=x.requires_grad,
             geometry=geometry,
