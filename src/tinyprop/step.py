@@ -273,7 +273,7 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
     warn_without_ddp(model, state)
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(
-            f"losses must be one loss per sample, shape (B,), got {_describe(losses)}; use "
+            f"losses must be one loss per sample, shape (B,), got {describe(losses)}; use "
             "reduction='none', e.g. nn.CrossEntropyLoss(reduction='none')"
         )
     if not losses.requires_grad:
@@ -338,7 +338,8 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
     return error
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
+    """A short description of a value for error messages."""
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
-from tinyprop.step import StepStats, backward, is_distributed
+from tinyprop.step import StepStats, backward, describe, is_distributed
 
 
 def train_step(
@@ -49,7 +49,7 @@ def train_step(
     """
     state_of(model)  # a clear error when tinyprop is not applied
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batched tensor (B, ...), got {_describe(x)}")
+        raise ValueError(f"x must be a non-empty batched tensor (B, ...), got {describe(x)}")
     batch_size = x.shape[0]
     if isinstance(y, Tensor) and (y.dim() == 0 or y.shape[0] != batch_size):
         raise ValueError(f"x has batch size {batch_size} but y has shape {tuple(y.shape)}")
@@ -59,13 +59,13 @@ def train_step(
     if not isinstance(output, Tensor) or output.shape[:1] != (batch_size,):
         raise ValueError(
             f"the model must return one output tensor (B, ...) with B={batch_size}; "
-            f"got {_describe(output)}"
+            f"got {describe(output)}"
         )
     losses = loss_fn(output, y)
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
         raise ValueError(
             f"loss_fn must return one loss per sample, shape ({batch_size},), got "
-            f"{_describe(losses)}; use reduction='none', "
+            f"{describe(losses)}; use reduction='none', "
             "e.g. nn.CrossEntropyLoss(reduction='none')"
         )
     running = _running_state(model)  # restored when a gradient turns out NaN / inf
@@ -119,9 +119,3 @@ def _running_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     for _, layer in state_of(module).layers:
         buffers += [layer.error_max, layer.backward_steps]
     return [(buffer, buffer.clone()) for buffer in buffers]
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
