@@ -91,7 +91,7 @@ class StepContext:
         """Called when the backward reaches the step's loss; ``scale`` is its upstream gradient
         (GradScaler's factor, 1/n of gradient accumulation, 1 otherwise)."""
         self.state.step = self
-        if scale != 0.0 and torch.isfinite(torch.tensor(scale)):
+        if scale != 0.0 and math.isfinite(scale):
             self.error_unit = scale / len(self.stats.trained_mask)
         torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
