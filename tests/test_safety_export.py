@@ -118,3 +118,35 @@ def test_folder_as_model_file_and_file_as_out_get_one_line(tmp_path, capsys):
     assert "is a folder" in _one_line_error(capsys)
     assert export_main([str(tmp_path / "mlp.pt"), "--out", str(tmp_path / "a-file")]) == 2
     assert "is a file; give a folder" in _one_line_error(capsys)
+
+
+def _claims_a_huge_layer(kind: str) -> nn.Module:
+    """A file of a few kilobytes whose first Linear claims 300,000 x 300,000 weights."""
+    size = 300_000
+    if kind == "meta":
+        meta = {"device": "meta"}
+        return nn.Sequential(nn.Linear(size, size, **meta), nn.Linear(size, 3, **meta))
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    net[0].weight = nn.Parameter(torch.zeros(1).expand(size, size))  # stride 0: 4 bytes
+    net[0].bias = nn.Parameter(torch.zeros(1).expand(size))
+    net[1].weight = nn.Parameter(torch.zeros(1).expand(3, size))
+    net[0].in_features = net[0].out_features = net[1].in_features = size
+    return net
+
+
+@pytest.mark.parametrize("kind", ["meta", "expanded"])
+def test_huge_claimed_shapes_are_refused_before_allocating(tmp_path, capsys, kind):
+    """Export used to copy such a weight to float32: a 360 GB allocation and a traceback."""
+    path = tmp_path / "huge.pt"
+    torch.save(_claims_a_huge_layer(kind), path)
+    assert path.stat().st_size < 10_000
+    argv = [str(path), "--out", str(tmp_path / "out"), "--input-shape", "300000"]
+    assert export_main(argv) == 2
+    expected = "meta tensor" if kind == "meta" else "expanded tensor"
+    assert expected in _one_line_error(capsys)
+
+
+def test_symlink_to_a_device_is_not_a_regular_file(tmp_path, capsys):
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    assert export_main([str(tmp_path / "zero.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a regular file" in _one_line_error(capsys)

@@ -80,7 +80,8 @@ class SparseBackprop(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
+        input_dtype, weight_dtype = x.dtype, weight.dtype
         layer, call = ctx.layer, ctx.call
         state = layer.tinyprop_state
         step, policy = state.step, state.policy
@@ -141,9 +142,9 @@ class SparseBackprop(torch.autograd.Function):
                 backward_step, needs_input, needs_weight,
             )  # fmt: skip
         if grad_input is not None:
-            grad_input = grad_input.to(ctx.saved_tensors[0].dtype)
+            grad_input = grad_input.to(input_dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(ctx.saved_tensors[1].dtype)
+            grad_weight = grad_weight.to(weight_dtype)
         return grad_input, grad_weight, grad_bias, None, None
 
 

@@ -15,13 +15,15 @@ transformers' GPT-2 ``Conv1D``). ``remove`` restores the original class and drop
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyprop.autograd import SparseBackprop
 from tinyprop.patches import patches_for
-from tinyprop.state import ForwardPass, TinyPropState
+from tinyprop.state import ForwardPass, TinyPropState, backward_running, recomputed_call
 
 # user-registered linear-like classes -> whether their weight is stored (in, out)
 _REGISTERED_LINEAR: dict[type, bool] = {}
@@ -53,7 +55,7 @@ class SparseBackpropLayer:
     registration_depth: int  # L - l by registration, used only outside a root forward
     unbatched_dims: int  # input dims of one unbatched sample
 
-    def check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor, weight: Tensor) -> None:
         raise NotImplementedError
 
     def sparse_weight(self) -> Tensor:
@@ -66,34 +68,47 @@ class SparseBackpropLayer:
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.dim() == self.unbatched_dims:  # one unbatched sample
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        self.check_input(x)
-        state = self.tinyprop_state
+        # the weight is computed once per call: a parametrization (spectral_norm's power
+        # iteration) must run as often as in PyTorch's own forward
         weight = self.sparse_weight()
+        self.check_input(x, weight)
+        state = self.tinyprop_state
         trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if not trains or not state.policy.sparse:
-            if torch.is_grad_enabled():  # the ledger counts the call (frozen: no backward)
+            # the ledger counts the call: frozen, or under no_grad inside a training forward
+            # (reentrant activation checkpointing) it has no backward there
+            if torch.is_grad_enabled() or state.open_pass is not None:
                 self._record(x, weight)
             return self.dense_forward(x, weight, self.bias)
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"layer '{self.layer_name}': tinyprop's sparse backward does not run under "
+                "torch.func transforms (grad, vmap, jacrev); call tinyprop.remove(model) first "
+                "(or use the 'full' policy), or tinyprop.backward on a batch"
+            )
         call = self._record(x, weight)
         return SparseBackprop.apply(x, weight, self.bias, self, call)
 
     def _record(self, x: Tensor, weight: Tensor):
         state = self.tinyprop_state
         geometry = patches_for(self, x.shape, weight.shape)
+        grad = torch.is_grad_enabled()
         fields = dict(
             layer_name=self.layer_name,
             layer_index=self.layer_index,
             rows=x.shape[0],
             output_size=geometry.channels_out * geometry.positions,
             fan_in=geometry.fan_in,
-            input_size=x[0].numel(),
-            has_bias=self.bias is not None and self.bias.requires_grad,
-            weight_trainable=weight.requires_grad,
-            input_requires_grad=x.requires_grad,
+            input_size=math.prod(x.shape[1:]),  # x[0] fails on an empty batch
+            has_bias=grad and self.bias is not None and self.bias.requires_grad,
+            weight_trainable=grad and weight.requires_grad,
+            input_requires_grad=grad and x.requires_grad,
             geometry=geometry,
         )
         if state.open_pass is not None:
             return state.open_pass.add(fields)
+        if backward_running():  # activation checkpointing runs the forward again
+            return recomputed_call(state.step, fields, self.registration_depth)
         # called outside the root module's forward (a submodule called directly): the depth
         # falls back to the registration order
         forward_pass = ForwardPass()
@@ -110,8 +125,8 @@ class _LinearLayer(SparseBackpropLayer):
     def sparse_weight(self) -> Tensor:
         return self.weight.t() if self.transposed_weight else self.weight
 
-    def check_input(self, x: Tensor) -> None:
-        in_features = self.sparse_weight().shape[1]
+    def check_input(self, x: Tensor, weight: Tensor) -> None:
+        in_features = weight.shape[1]
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -133,7 +148,7 @@ class _ConvLayer(SparseBackpropLayer):
     def unbatched_dims(self) -> int:
         return self.spatial_dims + 1
 
-    def check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor, weight: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != self.spatial_dims + 2:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(self._shape_message(shape))

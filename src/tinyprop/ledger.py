@@ -111,7 +111,8 @@ def step_ledger(
             dense = call.rows * layer_backward_macs(
                 call, call.output_size, call.input_requires_grad
             )
-            ledger.forward += call.forward_macs
+            if not call.recomputed:  # activation checkpointing's second forward is not counted
+                ledger.forward += call.forward_macs
             ledger.backward_dense += dense
             if backward_ran and not policy.sparse:
                 ledger.backward += dense

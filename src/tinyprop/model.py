@@ -7,6 +7,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -93,15 +94,17 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         module.layer_name = name or "<root>"
         module.layer_index = index
         module.registration_depth = count - 1 - index
-        device = module.weight.device
+        device = _device(module)
         module.register_buffer("error_max", torch.zeros((), device=device))
         module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
         state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
-    model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), device=targets[-1][1].weight.device))
+    device = _device(targets[-1][1])
+    model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), device=device))
     for name, value in state.policy.control_buffers().items():  # budget controller (budget.py)
-        model.register_buffer(name, value.to(targets[-1][1].weight.device))
+        model.register_buffer(name, value.to(device))
     state.handles += [
         model.register_load_state_dict_pre_hook(_check_loaded_maxima),
+        model.register_load_state_dict_post_hook(_accept_plain_checkpoint),
         model.register_forward_pre_hook(_open_forward_pass, with_kwargs=True),
         model.register_forward_hook(_close_forward_pass, with_kwargs=True, always_call=True),
     ]
@@ -223,6 +226,34 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
                 )
 
 
+def _accept_plain_checkpoint(model: nn.Module, incompatible_keys) -> None:
+    """Load a checkpoint saved without tinyprop (no running maxima at all) into an applied
+    model, strict or not: the running state starts afresh, as after :func:`apply`. A
+    checkpoint holding only some of tinyprop's entries stays an error."""
+    state = getattr(model, _STATE)
+    initial = {OUTPUT_ERROR_MAX: torch.zeros(()), **state.policy.control_buffers()}
+    for name, _ in state.layers:
+        prefix = f"{name}." if name else ""
+        initial[prefix + "error_max"] = torch.zeros(())
+        initial[prefix + "backward_steps"] = torch.zeros((), dtype=torch.long)
+    missing = incompatible_keys.missing_keys
+    for key in list(missing):  # the model may sit inside the module being loaded
+        if not key.endswith(OUTPUT_ERROR_MAX):
+            continue
+        prefix = key[: -len(OUTPUT_ERROR_MAX)]
+        if not {prefix + name for name in initial} <= set(missing):
+            continue
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in initial.items():
+                buffers[name].copy_(value)
+        missing[:] = [
+            entry
+            for entry in missing
+            if not (entry.startswith(prefix) and entry[len(prefix) :] in initial)
+        ]
+
+
 def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
     dense = [
         f"{name or '<root>'} ({type(module).__name__}"
@@ -235,6 +266,7 @@ def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
         for name, module in model.named_modules()
         if kinds[name] in (None, "override")
         and not isinstance(module, _DENSE_BY_DESIGN)
+        and not _parametrizes_a_target(name, module, kinds)
         and any(p.requires_grad for p in module.parameters(recurse=False))
     ]
     if dense:
@@ -243,6 +275,22 @@ def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
             "the ledger): " + ", ".join(dense),
             stacklevel=3,
         )
+
+
+def _parametrizes_a_target(name: str, module: nn.Module, kinds: dict) -> bool:
+    """True for the parametrizations (weight_norm, spectral_norm, ...) of a sparse layer: the
+    layer computes its weight through them and is sparse itself."""
+    if not isinstance(module, parametrize.ParametrizationList):
+        return False
+    owner = name.rsplit("parametrizations.", 1)[0].rstrip(".")  # "0.parametrizations.weight"
+    return kinds.get(owner) not in (None, "override")
+
+
+def _device(layer: nn.Module) -> torch.device:
+    """The device of a layer's parameters, read without computing ``layer.weight``: under a
+    parametrization that would run it (spectral_norm's power iteration would step once more
+    than in PyTorch's own training)."""
+    return next(layer.parameters()).device
 
 
 def _module_types(model: nn.Module) -> str:

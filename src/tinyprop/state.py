@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from tinyprop.config import TinyPropConfig
@@ -62,6 +63,7 @@ class LayerCall:
     forward_pass: ForwardPass = field(repr=False)
     index: int = 0  # position among the sparse-layer calls of its forward pass
     fixed_depth: int | None = None  # set for a call outside a root forward (registration order)
+    recomputed: bool = False  # run again by activation checkpointing (forward counted once)
 
     @property
     def depth(self) -> int:
@@ -127,3 +129,27 @@ class TinyPropState:
         """The forward passes since the last step (they belong to this step's ledger)."""
         passes, self.pending = self.pending, []
         return passes
+
+
+def backward_running() -> bool:
+    """True while the autograd engine runs a backward pass: a layer called then is activation
+    checkpointing (``torch.utils.checkpoint``) running its forward again."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def recomputed_call(step, call_fields: dict, registration_depth: int) -> LayerCall:
+    """The call of a layer whose forward activation checkpointing runs again in the backward.
+
+    It takes the depth d of the original call (the same layer's last unmatched call with the
+    same input shape in the step's forward passes; the registration order without one). The
+    ledger does not count the recomputation. Non-reentrant checkpointing backpropagates the
+    original call, so this one is left out; reentrant checkpointing ran the original under
+    no_grad (recorded without a backward) and backpropagates this one: it joins the step's
+    ``recomputed_pass``, and the ledger counts its dense backward as the reference.
+    """
+    original = None if step is None else step.original_call(call_fields)
+    depth = registration_depth if original is None else original.depth
+    call_fields = {**call_fields, "fixed_depth": depth, "recomputed": True}
+    if original is None or original.weight_trainable or original.input_requires_grad:
+        return ForwardPass().add(call_fields)  # not part of any step
+    return step.recomputed_pass.add(call_fields)

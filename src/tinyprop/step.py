@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tinyprop.functional import local_error
 from tinyprop.ledger import Ledger, step_ledger
 from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
+from tinyprop.state import ForwardPass, LayerCall
 
 
 @dataclass
@@ -67,6 +68,22 @@ class StepContext:
         self.finished = False
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_steps: dict[nn.Module, int] = {}
+        self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
+        self._matched: set[int] = set()  # ids of the original calls of recomputed ones
+
+    def original_call(self, call_fields: dict) -> LayerCall | None:
+        """The forward call a recomputation (activation checkpointing) repeats: the layer's
+        last call with the same input shape not matched yet, or None."""
+        for forward_pass in reversed(self.forward_passes):
+            for call in reversed(forward_pass.calls):
+                same = all(
+                    getattr(call, key) == call_fields[key]
+                    for key in ("layer_index", "rows", "input_size")
+                )
+                if same and id(call) not in self._matched:
+                    self._matched.add(id(call))
+                    return call
+        return None
 
     def add(self, record) -> None:
         self.records.append(record)
@@ -112,8 +129,9 @@ class StepContext:
             if self.output_error_max is not None:
                 getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
         stats = self.stats
+        passes = self.forward_passes + [self.recomputed_pass]
         stats.macs = step_ledger(
-            self.forward_passes,
+            passes,
             self.records,
             self.state.policy,
             len(stats.trained_mask),
@@ -122,7 +140,7 @@ class StepContext:
             backward_ran=bool(self.records) or (stats.trained > 0 and not self.state.policy.sparse),
         )
         by_call = {id(record.call): record for record in self.records}
-        calls = [call for forward_pass in self.forward_passes for call in forward_pass.calls]
+        calls = [call for forward_pass in passes for call in forward_pass.calls]
         for call in calls:  # forward order
             record = by_call.get(id(call))
             if record is None:

@@ -55,7 +55,8 @@ def train_step(
         raise ValueError(f"x has batch size {batch_size} but y has shape {tuple(y.shape)}")
     unwrap(model).zero_grad(set_to_none=True)  # also parameters outside the optimizer
     optimizer.zero_grad(set_to_none=True)
-    output = model(x)
+    state_of(model).take_passes()  # earlier forward passes with grad (an evaluation) have no
+    output = model(x)  # backward: only this step's forward belongs to its ledger
     if not isinstance(output, Tensor) or output.shape[:1] != (batch_size,):
         raise ValueError(
             f"the model must return one output tensor (B, ...) with B={batch_size}; "

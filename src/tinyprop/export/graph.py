@@ -110,7 +110,24 @@ def _window(size: int, kernel: int, stride: int, padding: int, dilation: int = 1
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+INT32_MAX = 2**31 - 1  # the C runtime's sizes and offsets are int32
+
+
 def _as_float32(tensor: torch.Tensor, path: str, name: str) -> np.ndarray:
+    # checked before the values are copied: a file of a few bytes can claim any shape
+    if tensor.is_meta:
+        raise ValueError(f"layer '{path}' has a {name} without values (a meta tensor)")
+    if tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+        raise ValueError(
+            f"layer '{path}' has a {name} of shape {tuple(tensor.shape)} stored in "
+            f"{tensor.untyped_storage().nbytes()} bytes (an expanded tensor, not trained "
+            "weights); cannot export it"
+        )
+    if tensor.numel() * 4 > INT32_MAX:
+        raise ValueError(
+            f"layer '{path}' has a {name} of {tensor.numel()} values, beyond the C runtime's "
+            "int32 sizes (2 GiB of float32)"
+        )
     array = tensor.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
     if not np.all(np.isfinite(array)):
         raise ValueError(f"layer '{path}' has a NaN or infinite {name}; cannot export it")

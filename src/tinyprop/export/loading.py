@@ -41,7 +41,8 @@ def load_model_file(path: Path) -> object:
     if path.is_dir():
         raise FileNotFoundError(f"model file {path} is a folder; give the .pt file")
     if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"model file {path} {what}")
     try:
         with torch.serialization.safe_globals(list(ALLOWED_MODULES)):
             return torch.load(path, map_location="cpu", weights_only=True)

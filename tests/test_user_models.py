@@ -1,0 +1,237 @@
+"""What users bring that the other tests do not: parametrized weights (weight_norm,
+spectral_norm, torch.nn.utils.parametrize), activation checkpointing (reentrant or not, and
+transformers' gradient_checkpointing_enable), empty batches, torch.func transforms, plain
+checkpoints loaded after apply, evaluation passes between training steps (float64)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model_matrix import masked_reference, plain_gradients
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
+
+import tinyprop
+from tinyprop.model import state_of
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+class Symmetric(nn.Module):
+    def forward(self, weight):
+        return weight.triu() + weight.triu(1).transpose(-1, -2)
+
+
+def symmetric(layer):
+    parametrize.register_parametrization(layer, "weight", Symmetric())
+    return layer
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": nn.utils.parametrizations.weight_norm,
+    "spectral_norm": nn.utils.parametrizations.spectral_norm,
+    "symmetric": symmetric,
+}
+
+
+def parametrized_mlp(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    wrap = PARAMETRIZATIONS[kind]
+    return nn.Sequential(wrap(nn.Linear(6, 6)), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+def data(size: int = 4, features: int = 6, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, features, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 3, (size,), generator=generator)
+
+
+def gradients(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("kind", list(PARAMETRIZATIONS))
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_parametrized_weights_equal_plain_pytorch(kind, ratio):
+    """spectral_norm's power iteration runs once per forward, as in PyTorch (apply and the
+    input check used to run it again: gradients 1e-9 off in float64); no dense warning for
+    the parametrization of a sparse layer."""
+    model = parametrized_mlp(kind)
+    x, y = data()
+    reference = copy.deepcopy(model)
+    if ratio < 1.0:
+        reference = masked_reference(reference, ratio)
+    expected = plain_gradients(reference, (x,), y, LOSS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=ratio))
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    assert_same(gradients(model), expected)
+    assert list(stats.keep) == ["0", "2"]
+    for name, buffer in reference.named_buffers():  # spectral_norm's _u and _v
+        torch.testing.assert_close(model.state_dict()[name], buffer, rtol=0, atol=0)
+
+
+class Checkpointed(nn.Module):
+    """Two Linear layers inside torch.utils.checkpoint (or not: ``reentrant=None``), a head."""
+
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        self.reentrant = reentrant
+        self.first = nn.Linear(6, 16)
+        self.second = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def block(self, x):
+        return torch.relu(self.second(torch.relu(self.first(x))))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(self.block(x))
+        return self.head(checkpoint(self.block, x, use_reentrant=self.reentrant))
+
+
+CHECKPOINT_POLICIES = [
+    tinyprop.TinyPropConfig(policy="topk", ratio=0.3),
+    tinyprop.TinyPropConfig(policy="tinyprop"),
+    tinyprop.TinyPropConfig(policy="full"),
+]
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("config", CHECKPOINT_POLICIES, ids=lambda config: config.policy)
+def test_activation_checkpointing_equals_the_plain_forward(reentrant, config):
+    """Non-reentrant checkpointing unpacked the saved tensors twice (CheckpointError); the
+    recomputed forward left stray forward passes that the next step's ledger counted (topk:
+    backward ratio 0.23 instead of 0.41), and under reentrant checkpointing the layers' dense
+    backward was counted twice (1.86). Now gradients, k and ledger equal the plain run."""
+    torch.manual_seed(0)
+    plain = tinyprop.apply(Checkpointed(None).double(), config)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.reentrant = reentrant
+    for step in range(2):
+        x, y = data(size=8, seed=step)
+        x.requires_grad_()  # reentrant checkpointing needs an input that requires grad
+        results = []
+        for model in (plain, checkpointed):
+            model.zero_grad()
+            stats = tinyprop.backward(model, LOSS(model(x), y))
+            results.append((gradients(model), stats))
+        (expected, expected_stats), (got, got_stats) = results
+        assert_same(got, expected)
+        assert got_stats.macs == expected_stats.macs
+        assert {name: keep.tolist() for name, keep in got_stats.keep.items()} == {
+            name: keep.tolist() for name, keep in expected_stats.keep.items()
+        }
+        assert state_of(checkpointed).pending == []
+
+
+def test_transformers_gradient_checkpointing_trains_sparse():
+    """A LLaMA-style model (RMSNorm, rotary, tied embeddings) from a small config with
+    gradient_checkpointing_enable(): the same gradients as without, at topk 0.1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).double()
+    checkpointed = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the method's rename, use_cache
+        checkpointed.gradient_checkpointing_enable()
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(0))
+
+    def losses(model):
+        logits = model(ids).logits[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    results = []
+    for each in (model, checkpointed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # RMSNorm stays dense
+            tinyprop.apply(each, tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
+        each.train()
+        results.append((tinyprop.backward(each, losses(each)), gradients(each)))
+    (expected_stats, expected), (got_stats, got) = results
+    assert_same(got, expected)
+    assert got_stats.macs == expected_stats.macs and len(got_stats.keep) == 15
+
+
+def test_empty_batch_forward_works_and_backward_says_why():
+    model = tinyprop.apply(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double())
+    x, y = data()
+    output = model(x[:0])  # IndexError in the layer before
+    assert output.shape == (0, 3)
+    with pytest.raises(ValueError, match="one loss per sample"):
+        tinyprop.backward(model, LOSS(output, y[:0]))
+
+
+def test_torch_func_transforms_give_a_clear_error():
+    """torch.func.grad / vmap raised PyTorch's 'must override setup_context'; now an error
+    names tinyprop and the way out; the full policy (dense) works under them."""
+    x, y = data()
+    for policy, works in (("topk", False), ("full", True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+        plain = copy.deepcopy(model)
+        tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy))
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(params, model=model):
+            return LOSS(torch.func.functional_call(model, params, (x,)), y).mean()
+
+        if not works:
+            with pytest.raises(RuntimeError, match="torch.func transforms"):
+                torch.func.grad(loss)(params)
+            continue
+        expected = torch.func.grad(functools.partial(loss, model=plain))(params)
+        assert_same(torch.func.grad(loss)(params), expected)
+
+
+def test_plain_checkpoint_loads_into_an_applied_model():
+    """A state_dict saved before apply (a pretrained model) loads strictly, also inside a
+    wrapper module; the running state starts afresh. Some tinyprop entries only: an error."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    model = tinyprop.apply(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)))
+    model[0].error_max.fill_(3.0)
+    assert str(model.load_state_dict(plain.state_dict())) == "<All keys matched successfully>"
+    assert torch.equal(model[0].weight, plain[0].weight) and float(model[0].error_max) == 0.0
+    wrapped, wrapped_plain = nn.ModuleDict({"net": model}), nn.ModuleDict({"net": plain})
+    wrapped.load_state_dict(wrapped_plain.state_dict())
+    partial = {**plain.state_dict(), "0.error_max": torch.tensor(1.0)}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(partial)
+
+
+def test_train_step_ledger_leaves_out_an_evaluation_pass_with_grad():
+    """An evaluation forward run with grad enabled between two steps (no torch.no_grad) has
+    no backward: train_step's ledger counted its forward and dense backward."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double())
+    other = copy.deepcopy(model)
+    x, y = data(size=8)
+    ledgers = []
+    for each, evaluate in ((model, False), (other, True)):
+        optimizer = torch.optim.SGD(each.parameters(), lr=0.1)
+        if evaluate:
+            each.eval()
+            each(x)
+            each.train()
+        ledgers.append(tinyprop.train_step(each, x, y, LOSS, optimizer).macs)
+    assert ledgers[0] == ledgers[1]
