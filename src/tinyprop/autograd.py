@@ -20,9 +20,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from tinyprop import native
-from tinyprop.functional import local_error, running_max, select_topk
+from tinyprop.functional import local_error, running_max, select_mask, select_topk
 from tinyprop.patches import LinearPatches
-from tinyprop.state import BackwardRecord
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -89,7 +88,7 @@ class SparseBackprop(torch.autograd.Function):
             warn_outside_step(state)
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         geometry = call.geometry  # computed once, in the forward
-        compute = compute_dtype(x.dtype, weight.dtype)  # float16 / bfloat16 -> float32
+        compute = compute_dtype(input_dtype, weight_dtype)  # float16 / bfloat16 -> float32
         x, weight = x.to(compute), weight.to(compute)
 
         delta = geometry.delta_matrix(grad_output).to(compute)  # (R, C_out, P)
@@ -97,55 +96,68 @@ class SparseBackprop(torch.autograd.Function):
         size = flat.shape[1]
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
         error = local_error(flat).double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
-        check_finite(error, layer.layer_name, step)
-        rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
-        if rows.numel() < flat.shape[0]:
-            delta, flat, error = delta[rows], flat[rows], error[rows]
+        rows = None  # None: every row, zero rows keep nothing (no host read of δ)
+        if reads_are_free(flat.device) or step is None:
+            check_finite(error, layer.layer_name, step)
+        else:  # checked once per step, when the backward has finished
+            step.check_finite_later(error, layer.layer_name)
+        if reads_are_free(flat.device):
+            rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
+            if rows.numel() < flat.shape[0]:
+                delta, flat, error = delta[rows], flat[rows], error[rows]
         previous = step.error_max(layer) if step is not None else layer.error_max.double()
         error_max = running_max(error, previous)  # (R',) Ymax_l after each row
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
         keeps_everything = policy.keeps_everything(call.depth) or is_dense_small_layer(
             policy.config, geometry
         )
-        channels = None  # unified top-k: the kept output channels shared by every row
         if keeps_everything:
             keep = torch.full_like(keep, size)
-        elif policy.config.unified and rows.numel():
-            channels = unified_channels(delta, keep)  # (K,)
-            keep = torch.full_like(keep, channels.numel() * delta.shape[2])
-        backward_step = _count_backward(layer, step)
-        if policy.adaptive and rows.numel():
+        if rows is None:
+            keep = keep.masked_fill(error == 0, 0)  # (R,) zero rows keep nothing
+        backward_step = _count_backward(layer, step, policy.random)
+        if policy.adaptive and error.numel():  # zero rows leave the running maximum as it is
             _set_error_max(layer, step, error_max[-1])
-        if step is not None:
-            trained_rows = 0 if keeps_everything else rows.numel()
-            kept = 0 if keeps_everything else int(keep.sum())
-            step.add(
-                BackwardRecord(
-                    call=call,
-                    keep=keep,
-                    selected=not keeps_everything,
-                    computes_input_grad=bool(needs_input),
-                    selection_macs=policy.selection_macs(trained_rows, size, kept),
-                )
-            )
 
         grad_bias = None
         if ctx.bias_dtype is not None and needs_bias:
             grad_bias = delta.sum((0, 2)).to(ctx.bias_dtype)  # (C_out,), dense
-        if channels is not None and (needs_input or needs_weight):
-            grad_input, grad_weight = unified_gradients(
-                geometry, x, weight, rows, delta, channels, needs_input, needs_weight
-            )
+        select = functools.partial(_select, policy, layer.layer_index, backward_step)
+        needs = (needs_input, needs_weight)
+        if rows is None:  # a device that pays for host reads
+            grad_input, grad_weight, keep = masked_gradients(
+                policy.config.unified, select, geometry, x, weight, delta, keep,
+                keeps_everything, *needs,
+            )  # fmt: skip
+        elif policy.config.unified and not keeps_everything and rows.numel():
+            channels = unified_channels(delta, keep)  # (K,) shared by every row
+            keep = torch.full_like(keep, channels.numel() * delta.shape[2])
+            grad_input, grad_weight = (None, None)
+            if needs_input or needs_weight:
+                grad_input, grad_weight = unified_gradients(
+                    geometry, x, weight, rows, delta, channels, *needs
+                )
         else:
             grad_input, grad_weight = _gradients(
-                layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything,
-                backward_step, needs_input, needs_weight,
-            )  # fmt: skip
+                select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs
+            )
+        if step is not None:
+            step.add(call, keep, not keeps_everything, bool(needs_input), rows is None)
         if grad_input is not None:
             grad_input = grad_input.to(input_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+# device types where reading a value on the host costs nothing (no queue to wait for)
+HOST_DEVICES = ("cpu",)
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """True on the CPU: the backward may read values (rows with a non-zero δ, k) on the host.
+    Elsewhere (CUDA) it takes the path without host reads: :func:`masked_gradients`."""
+    return device.type in HOST_DEVICES
 
 
 def is_dense_small_layer(config, geometry) -> bool:
@@ -192,9 +204,41 @@ def unified_gradients(geometry, x, weight, rows, delta, channels, needs_input, n
     return grad_input, grad_weight
 
 
+def masked_gradients(
+    unified, select, geometry, x, weight, delta, keep, keeps_everything, needs_input,
+    needs_weight,
+):  # fmt: skip
+    """Input and weight gradients without reading anything on the host (for CUDA): every row
+    of δ (R, C_out, P), the kept entries as a mask, the dense kernels on the masked δ.
+
+    ``keep`` (R,) is 0 on the rows whose δ is zero. Returns ``(grad_input, grad_weight, keep)``
+    with ``keep`` as the ledger counts it (K · P for every trained row under ``unified``).
+    """
+    flat = delta.reshape(delta.shape[0], -1)  # (R, N)
+    if keeps_everything:
+        masked = flat
+    elif unified:  # the ⌈mean k / P⌉ channels of largest Σ |δ|, as unified_channels
+        channels_out, positions = delta.shape[1:]
+        trained = (keep > 0).sum().clamp_min(1)
+        mean_keep = -(-keep.sum() // trained)  # ⌈mean k⌉ over the trained rows
+        count = (-(-mean_keep // positions)).clamp(1, channels_out)  # () K
+        score = delta.abs().sum((0, 2)).unsqueeze(0)  # (1, C_out)
+        channels = select_mask(score, count.reshape(1))  # (1, C_out)
+        masked = torch.where(channels.unsqueeze(2), delta, 0).reshape(flat.shape)
+        keep = torch.where(keep > 0, count * positions, 0)
+    else:
+        masked = select(flat, keep, mask_only=True)  # (R, N)
+    if not (needs_input or needs_weight):
+        return None, None, keep
+    rows = torch.arange(flat.shape[0], device=flat.device)  # (R,)
+    grad_input, grad_weight = geometry.dense_gradients(
+        x, weight, rows, masked, needs_input, needs_weight
+    )
+    return grad_input, grad_weight, keep
+
+
 def _gradients(
-    layer, policy, geometry, x, weight, rows, flat, keep, keeps_everything, backward_step,
-    needs_input, needs_weight,
+    select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
 ):  # fmt: skip
     """Input and weight gradients of the rows ``rows`` (R',) from their kept entries."""
     if not (needs_input or needs_weight):
@@ -214,15 +258,14 @@ def _gradients(
         limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
     else:
         limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
-    select = functools.partial(_select, policy, layer.layer_index, backward_step)
-    if float(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
+    if int(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
         masked = select(flat, keep, masked=True)  # (R', N)
         return geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight)
 
-    local_row, entry, value = select(flat, keep)  # (M,) each
+    local_row, entry, value = select(flat, keep, with_rows=not use_native)  # (M,) each
     if use_native:
         row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
-        row_start[rows.cpu() + 1] = keep.cpu()  # zero rows keep nothing
+        row_start[rows + 1] = keep  # zero rows keep nothing
         return geometry.native_gradients(
             x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
         )
@@ -232,14 +275,19 @@ def _gradients(
 
 
 def _select(policy, layer_index: int, backward_step: int, flat: Tensor, keep: Tensor,
-            masked: bool = False):  # fmt: skip
+            masked: bool = False, with_rows: bool = True, mask_only: bool = False):  # fmt: skip
     """The kept entries of δ (R', N): top-|δ| for every policy but random-k.
 
-    Returns ``(rows, columns, values)``, three (M,) tensors in row-major order, or with
-    ``masked`` the (R', N) tensor of δ at the kept entries and zeros elsewhere.
+    Returns ``(rows, columns, values)``, three (M,) tensors in row-major order (``rows`` None
+    without ``with_rows``, from the native kernel), or with ``masked`` the (R', N) tensor of δ
+    at the kept entries and zeros elsewhere; ``mask_only`` gives that tensor from
+    :func:`select_mask`, without reading anything on the host.
     """
+    if mask_only:
+        scores = policy.scores(flat, layer_index, backward_step)  # (R, N)
+        return torch.where(select_mask(scores, keep), flat, 0)
     if not policy.random and native.can_select(flat):  # one compiled pass
-        return native.topk(flat, keep, masked=masked)
+        return native.topk(flat, keep, masked=masked, with_rows=with_rows)
     scores = policy.scores(flat, layer_index, backward_step)  # (R', N)
     rows, columns = select_topk(scores, keep)  # (M,), (M,)
     values = flat[rows, columns]  # (M,)
@@ -285,19 +333,20 @@ def check_finite(error: Tensor, layer_name: str, step) -> None:
     )
 
 
-def _count_backward(layer, step) -> int:
-    """The layer's backward-pass number (seeds random-k), counted in the step or the buffer."""
+def _count_backward(layer, step, read: bool) -> int | None:
+    """Count the layer's backward pass, in the step or the buffer; its number (seeds
+    random-k) when ``read``, else None (nothing read on the host)."""
     if step is not None:
-        return step.next_backward_step(layer)
+        return step.next_backward_step(layer, read)
     layer.backward_steps += 1
-    return int(layer.backward_steps)
+    return int(layer.backward_steps) if read else None
 
 
 def _set_error_max(layer, step, value: Tensor) -> None:
     if step is not None:
         step.set_error_max(layer, value)
     else:
-        layer.error_max.fill_(float(value))
+        layer.error_max.copy_(value)  # float64 -> the buffer's dtype, no host read
 
 
 def pytorch_sparse_gradients(

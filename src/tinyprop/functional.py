@@ -7,6 +7,8 @@ sequential definition of ``docs/algorithm.md`` exactly (the running maximum is a
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -44,6 +46,11 @@ def keep_count(ratio: Tensor | float, size: int) -> Tensor:
     """k = clamp(floor(ratio · N + 1/2), 1, N): round half up, at least one, at most all."""
     ratio = torch.as_tensor(ratio, dtype=torch.float64)
     return torch.floor(ratio * size + 0.5).long().clamp(1, size)
+
+
+def fixed_keep_count(ratio: float, size: int) -> int:
+    """:func:`keep_count` of one ratio as a Python int (the same float64 arithmetic)."""
+    return min(max(math.floor(ratio * size + 0.5), 1), size)
 
 
 def adaptive_keep_count(
@@ -128,6 +135,19 @@ def select_topk_torch(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     else:  # the lower-index ties up to the room left
         kept = above | (tied & (tied.cumsum(1) <= room))  # (B, N), exactly keep[n] per row
     return kept.nonzero(as_tuple=True)
+
+
+def select_mask(scores: Tensor, keep: Tensor) -> Tensor:
+    """The entries ``select_topk`` keeps, as a mask, without reading anything on the host.
+
+    The ``keep[n]`` largest scores of each row, ties to the lower index (a stable descending
+    sort puts equal scores in index order): the selection of devices where a host read would
+    stall the queue (CUDA). ``scores`` (B, N), ``keep`` (B,) in [0, N] -> (B, N) bool.
+    """
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, N)
+    rank = torch.arange(scores.shape[1], device=scores.device)  # (N,)
+    taken = rank.unsqueeze(0) < keep.unsqueeze(1)  # (B, N): the first keep[n] ranks
+    return torch.zeros_like(taken).scatter_(1, order, taken)
 
 
 def decision_metric(

@@ -16,7 +16,7 @@ from tinyprop.budget import WINDOW, BudgetController, ScoreWindow
 from tinyprop.config import TinyPropConfig
 from tinyprop.functional import (
     adaptive_keep_count,
-    keep_count,
+    fixed_keep_count,
     percentile_keep,
     running_max,
     selective_backprop_probability,
@@ -78,7 +78,8 @@ class Policy:
     def keep_count(self, error: Tensor, error_max: Tensor, depth: int, size: int) -> Tensor:
         """k per row. ``error`` Y_l (R,), ``error_max`` Ymax_l after each row (R,) -> (R,)."""
         ratio = self.config.ratio if self.budget is None else self.budget.keep_scale
-        return keep_count(ratio, size).expand(error.shape[0]).to(error.device)
+        count = fixed_keep_count(ratio, size)  # the same k for every row
+        return torch.full(error.shape, count, dtype=torch.long, device=error.device)
 
     def keeps_everything(self, depth: int) -> bool:
         """True when the layer at distance ``depth`` from the output is backpropagated densely

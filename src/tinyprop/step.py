@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tinyprop.autograd import check_finite
 from tinyprop.functional import local_error
 from tinyprop.ledger import Ledger, step_ledger
 from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
-from tinyprop.state import ForwardPass, LayerCall
+from tinyprop.state import BackwardRecord, ForwardPass, LayerCall
 
 
 @dataclass
@@ -60,14 +61,16 @@ class StepContext:
         self.stats = stats
         self.forward_passes = forward_passes
         self.output_size = output_size  # elements of δ_L per sample (the decision's Y_L)
-        self.records: list = []
+        self.records: list = []  # BackwardRecord of every layer call, made by finish()
         self.error_unit = 1.0 / len(stats.trained_mask)  # δ per unit of one sample's loss
         self.output_error_max: float | None = None
         self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
         self.failed = False
         self.finished = False
         self._error_max: dict[nn.Module, Tensor] = {}
-        self._backward_steps: dict[nn.Module, int] = {}
+        self._backward_calls: dict[nn.Module, int] = {}
+        self._calls: list[tuple] = []  # (call, keep, selected, computes_input_grad, every_row)
+        self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
 
@@ -85,12 +88,22 @@ class StepContext:
                     return call
         return None
 
-    def add(self, record) -> None:
-        self.records.append(record)
+    def add(
+        self, call, keep: Tensor, selected: bool, computes_input_grad: bool, every_row: bool
+    ) -> None:
+        """What one layer call's backward did: ``keep`` (R',) k of each row with a non-zero δ,
+        or with ``every_row`` (the path without host reads) (R,) with 0 on the other rows."""
+        self._calls.append((call, keep, selected, computes_input_grad, every_row))
+
+    def check_finite_later(self, error: Tensor, layer_name: str) -> None:
+        """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
+        per step instead of one per layer)."""
+        self._finite_checks.append((torch.isfinite(error).all(), error, layer_name))
 
     def error_max(self, layer: nn.Module) -> Tensor:
         """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""
-        return self._error_max.get(layer, layer.error_max.double())
+        value = self._error_max.get(layer)
+        return layer.error_max.double() if value is None else value
 
     def previous_output_error_max(self) -> Tensor:
         """Ymax_L before this step (the skip decision's running maximum)."""
@@ -99,10 +112,12 @@ class StepContext:
     def set_error_max(self, layer: nn.Module, value: Tensor) -> None:
         self._error_max[layer] = value.detach().double()
 
-    def next_backward_step(self, layer: nn.Module) -> int:
-        count = self._backward_steps.get(layer, int(layer.backward_steps)) + 1
-        self._backward_steps[layer] = count
-        return count
+    def next_backward_step(self, layer: nn.Module, read: bool) -> int | None:
+        """Count a backward pass of ``layer``; its number (buffer + passes of this step) when
+        ``read`` (random-k's seed), else None (nothing read on the host)."""
+        calls = self._backward_calls.get(layer, 0) + 1
+        self._backward_calls[layer] = calls
+        return int(layer.backward_steps) + calls if read else None
 
     def begin_backward(self, scale: float) -> None:
         """Called when the backward reaches the step's loss; ``scale`` is its upstream gradient
@@ -121,11 +136,13 @@ class StepContext:
         self.finished = True
         if self.failed:
             return
+        self._check_finite()
+        self.records = self._make_records()
         with torch.no_grad():
             for layer, value in self._error_max.items():
-                layer.error_max.fill_(float(value))
-            for layer, count in self._backward_steps.items():
-                layer.backward_steps.fill_(count)
+                layer.error_max.copy_(value)  # float64 -> the buffer's dtype
+            for layer, calls in self._backward_calls.items():
+                layer.backward_steps.add_(calls)
             if self.output_error_max is not None:
                 getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
         stats = self.stats
@@ -154,6 +171,44 @@ class StepContext:
         with torch.no_grad():
             self.state.policy.finish_step(self)  # the score window and the budget controller
         self.state.last_stats = stats
+
+    def _check_finite(self) -> None:
+        """The deferred NaN / inf checks of the layers' Y_l: one host read for all of them."""
+        if not self._finite_checks:
+            return
+        finite = torch.stack([flag for flag, _, _ in self._finite_checks]).cpu()
+        for flag, (_, error, name) in zip(finite.tolist(), self._finite_checks, strict=True):
+            if not flag:
+                check_finite(error.cpu(), name, self)  # raises, with the rows
+
+    def _make_records(self) -> list[BackwardRecord]:
+        """One :class:`BackwardRecord` per layer call, k of the rows with a non-zero δ only;
+        keeps left on a device are read in one transfer."""
+        keeps = [keep for _, keep, *_ in self._calls]
+        on_device = [keep for keep in keeps if keep.device.type != "cpu"]
+        if on_device:
+            moved = iter(torch.cat(on_device).cpu().split([k.numel() for k in on_device]))
+            keeps = [keep if keep.device.type == "cpu" else next(moved) for keep in keeps]
+        keeps = [  # (R',) the rows with a non-zero δ
+            keep[keep > 0] if every_row else keep
+            for keep, (*_, every_row) in zip(keeps, self._calls, strict=True)
+        ]
+        policy = self.state.policy
+        records = []
+        for (call, _, selected, computes_input_grad, _), keep in zip(
+            self._calls, keeps, strict=True
+        ):
+            trained, kept = (keep.numel(), int(keep.sum())) if selected else (0, 0)
+            records.append(
+                BackwardRecord(
+                    call=call,
+                    keep=keep,
+                    selected=selected,
+                    computes_input_grad=computes_input_grad,
+                    selection_macs=policy.selection_macs(trained, call.output_size, kept),
+                )
+            )
+        return records
 
 
 class _StepBoundary(torch.autograd.Function):

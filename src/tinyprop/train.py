@@ -6,6 +6,7 @@ Examples:
     tinyprop train --dataset har --policy topk --ratio 0.1 --protocol finetune --seed 1
     tinyprop train --dataset cifar10 --policy tinyprop --zeta 1.0 --train-samples 5000
     tinyprop train --dataset mnist --policy tinypropv2 --budget 0.1   # 10% of full's backward
+    tinyprop train --dataset mnist --policy topk --budget 0.1 --unified  # meProp's unified top-k
     tinyprop train --dataset har --protocol finetune --save har.pt   # then tinyprop export
 """
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in CONFIG_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=cli_types.finite_float, dest=name,
                             help=f"TinyPropConfig.{name}")  # fmt: skip
+    parser.add_argument(
+        "--unified", action="store_true", help="meProp's unified top-k (TinyPropConfig.unified)"
+    )
     return parser
 
 
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None
     }
+    if args.unified:
+        settings["unified"] = True
     try:
         if args.record:  # before training, so the run is not lost to an unwritable path
             store.check_writable(Path(args.record).parent)

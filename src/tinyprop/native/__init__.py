@@ -99,13 +99,14 @@ def can_select(delta: Tensor) -> bool:
 
 
 def topk(
-    delta: Tensor, keep: Tensor, masked: bool = False
-) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+    delta: Tensor, keep: Tensor, masked: bool = False, with_rows: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor] | Tensor:
     """The ``keep[r]`` entries of largest |δ| of each row, ascending, ties to the lower index.
 
     ``delta`` (B, N), ``keep`` (B,) in [1, N]. Returns ``(rows, columns, values)``, three
-    (Σ keep,) tensors row by row (the kept entries and δ there), or with ``masked`` the (B, N)
-    tensor of δ at the kept entries and zeros elsewhere.
+    (Σ keep,) tensors row by row (the kept entries and δ there; ``rows`` is None without
+    ``with_rows``), or with ``masked`` the (B, N) tensor of δ at the kept entries and zeros
+    elsewhere.
 
     Raises:
         ValueError: a keep count outside [1, N], or shapes that do not match.
@@ -138,7 +139,7 @@ def topk(
     _check_selection(status, delta, keep)
     if masked:
         return output
-    rows = torch.repeat_interleave(torch.arange(samples), keep)  # (M,)
+    rows = torch.repeat_interleave(torch.arange(samples), keep) if with_rows else None  # (M,)
     return rows, columns, values
 
 
