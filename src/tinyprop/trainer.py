@@ -81,7 +81,9 @@ def train_step(
                 buffer.copy_(value)
         raise
     trained = stats.trained
-    if is_distributed(model):  # every rank steps when any rank trained: weights stay equal
+    if in_join(model):  # ranks that ran out of data shadow DDP's collectives only: no count
+        trained = 1  # every rank steps, as in plain DDP (a zero gradient when none trained)
+    elif is_distributed(model):  # every rank steps when any rank trained: weights stay equal
         count = torch.tensor([trained], dtype=torch.long, device=output.device)
         dist.all_reduce(count)
         trained = int(count)
@@ -89,6 +91,12 @@ def train_step(
         optimizer.step()
         stats.stepped = True
     return stats
+
+
+def in_join(model: nn.Module) -> bool:
+    """True inside ``with model.join():`` (DDP with uneven inputs across the ranks)."""
+    config = getattr(model, "_join_config", None) if is_distributed(model) else None
+    return bool(getattr(config, "enable", False))
 
 
 def check_gradients(optimizer: torch.optim.Optimizer) -> None:
