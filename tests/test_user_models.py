@@ -235,3 +235,32 @@ def test_train_step_ledger_leaves_out_an_evaluation_pass_with_grad():
             each.train()
         ledgers.append(tinyprop.train_step(each, x, y, LOSS, optimizer).macs)
     assert ledgers[0] == ledgers[1]
+
+
+class SparseEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(10, 6, sparse=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids))
+
+
+def test_train_step_with_sparse_gradients_equals_plain_pytorch():
+    """nn.Embedding(sparse=True): train_step's NaN check raised NotImplementedError (no
+    norm kernel for sparse tensors); now 3 SGD steps equal plain PyTorch's."""
+    torch.manual_seed(0)
+    plain = SparseEmbedding().double()
+    model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    optimizers = [torch.optim.SGD(each.parameters(), lr=0.1) for each in (plain, model)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 10, (8,), generator=generator)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        optimizers[0].zero_grad()
+        LOSS(plain(ids), y).mean().backward()
+        optimizers[0].step()
+        tinyprop.train_step(model, ids, y, LOSS, optimizers[1])
+    for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)

@@ -102,7 +102,7 @@ def in_join(model: nn.Module) -> bool:
 def check_gradients(optimizer: torch.optim.Optimizer) -> None:
     """FloatingPointError when a parameter gradient holds NaN or inf (before the step)."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    grads = [grad for grad in grads if grad is not None]
+    grads = [_values(grad) for grad in grads if grad is not None]
     if not grads:
         return
     norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads)])
@@ -113,12 +113,18 @@ def check_gradients(optimizer: torch.optim.Optimizer) -> None:
         names[id(p)]
         for group in optimizer.param_groups
         for p in group["params"]
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        if p.grad is not None and not bool(torch.isfinite(_values(p.grad)).all())
     ]
     raise FloatingPointError(
         f"a parameter gradient is NaN or infinite (optimizer parameters {bad[:10]}, in "
         "param_groups order) although every loss was finite; no update was applied"
     )
+
+
+def _values(grad: Tensor) -> Tensor:
+    """The stored values of a gradient: a sparse one (``nn.Embedding(sparse=True)``) has no
+    dense norm kernel."""
+    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def _running_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
