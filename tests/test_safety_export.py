@@ -150,3 +150,13 @@ def test_symlink_to_a_device_is_not_a_regular_file(tmp_path, capsys):
     (tmp_path / "zero.pt").symlink_to("/dev/zero")
     assert export_main([str(tmp_path / "zero.pt"), "--out", str(tmp_path / "out")]) == 2
     assert "is not a regular file" in _one_line_error(capsys)
+
+
+def test_sizes_beyond_the_runtime_int32_are_refused(tmp_path, capsys):
+    """--batch-size 9999999999 was exported (#define TP_MODEL_BATCH_SIZE 9999999999) and only
+    the C link failed."""
+    torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "m.pt")
+    argv = [str(tmp_path / "m.pt"), "--out", str(tmp_path / "out"), "--input-shape", "4"]
+    assert export_main(argv + ["--batch-size", "9999999999"]) == 2
+    assert "beyond the C runtime's int32 sizes" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()

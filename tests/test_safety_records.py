@@ -77,6 +77,24 @@ def test_report_skips_and_names_bad_records(tmp_path, capsys):
     assert "| mnist |" in (tmp_path / "report.md").read_text()
 
 
+def test_report_skips_hostile_records(tmp_path, capsys):
+    """A symlink to /dev/zero was read until memory ran out, and deeply nested JSON raised
+    RecursionError with a traceback; both are skipped, as is a file too large for a record."""
+    from test_report import RECORDS, write
+
+    write(tmp_path, RECORDS)
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with open(tmp_path / "huge.json", "wb") as file:
+        file.truncate(store.MAX_RECORD_BYTES + 1)  # sparse: no disk used
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'zero.json'}: not a regular file" in err
+    assert f"skipping {tmp_path / 'deep.json'}: unreadable (RecursionError" in err
+    assert f"skipping {tmp_path / 'huge.json'}: too large" in err
+    assert "| mnist |" in (tmp_path / "report.md").read_text()
+
+
 def _unwritable(tmp_path):
     """A results path nobody can write to, even root: below a regular file."""
     blocker = tmp_path / "a-file"

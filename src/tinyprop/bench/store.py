@@ -37,14 +37,22 @@ def record_problem(record: object) -> str | None:
     return f"wrong types for {', '.join(wrong)}" if wrong else None
 
 
+MAX_RECORD_BYTES = 16 * 2**20  # a run record is a few kilobytes (the largest kept: 62 KB)
+
+
 def load_record(path: os.PathLike) -> tuple[dict | None, str | None]:
     """``(record, None)`` for a valid run record at ``path``, else ``(None, why not)`` (missing,
     unreadable, binary garbage, truncated JSON, incomplete)."""
+    path = Path(path)
     try:
-        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+        if not path.is_file():  # a symlink to /dev/zero would be read forever
+            return (None, "not a regular file") if path.exists() else (None, "missing")
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            return None, f"too large ({path.stat().st_size} bytes) for a run record"
+        record = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # deep nesting
         return None, f"unreadable ({type(error).__name__}: {str(error)[:100]})"
     problem = record_problem(record)
     return (None, problem) if problem else (record, None)

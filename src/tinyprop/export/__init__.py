@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tinyprop.export import ownership
 from tinyprop.export.c_source import MAKEFILE, model_header, samples_header
 from tinyprop.export.footprint import MemoryReport, footprint, footprint_of_layers
 from tinyprop.export.graph import (
+    INT32_MAX,
     LayerSpec,
     UnsupportedLayerError,
     describe,
@@ -144,6 +146,13 @@ def export_c(
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     layers = describe(model, shape)
     report = footprint_of_layers(layers, config, optimizer, memory)  # checks the mode
+    batch_bytes = batch_size * math.prod(shape) * 4  # the example's static batch buffer
+    for what, size in (("training arena", report.arena_bytes), ("batch buffer", batch_bytes)):
+        if size > INT32_MAX:
+            raise ValueError(
+                f"the {what} would need {size} bytes, beyond the C runtime's int32 sizes; "
+                "lower --batch-size or --input-shape"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ownership.refuse_foreign_files(out, planned_files(samples is not None), force)
