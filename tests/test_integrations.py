@@ -170,3 +170,40 @@ def test_transformers_trainer_recipe_trains_sparse_and_skips(kind, tmp_path):
         name for name, value in model.named_parameters() if not torch.equal(value, initial[name])
     ]
     assert changed
+
+
+def test_transformers_trainer_trains_an_encoder_decoder_model(tmp_path):
+    """T5 with input_ids and labels only: TinyPropTrainer popped the labels, so the model had
+    no decoder inputs (ValueError from T5); it now makes them from the labels as the model
+    does, and topk at 1.0 equals the plain Trainer on the model's own loss."""
+    transformers = pytest.importorskip("transformers")
+    from tinyprop.integrations.transformers import TinyPropTrainer, token_losses
+
+    def t5():
+        torch.manual_seed(0)
+        config = transformers.T5Config(
+            vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+            dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        return transformers.T5ForConditionalGeneration(config).double()
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 40, (8, 7), generator=generator)
+    labels = torch.randint(3, 40, (8, 5), generator=generator)
+    data = [{"input_ids": i, "labels": label} for i, label in zip(ids, labels, strict=True)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+        seed=0, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    plain = t5()
+    model = tinyprop.apply(t5(), tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layer norms named by apply
+        transformers.Trainer(model=plain, args=args, train_dataset=data).train()
+        TinyPropTrainer(
+            model=model, args=args, train_dataset=data, per_sample_loss=token_losses
+        ).train()
+    assert tinyprop.step_stats(model).keep  # the sparse layers ran
+    for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)

@@ -26,6 +26,7 @@ from torch import Tensor
 import tinyprop
 from tinyprop.extras import require
 from tinyprop.integrations._skip import drop_gradients
+from tinyprop.model import unwrap
 
 transformers = require("transformers", "transformers")
 
@@ -48,8 +49,9 @@ def causal_lm_losses(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def token_losses(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-sequence mean cross-entropy of token labels (token classification, masked LM),
-    tokens labelled -100 left out. (B, T, V), (B, T) -> (B,)"""
+    """Per-sequence mean cross-entropy of token labels (token classification, masked LM, the
+    decoder of an encoder-decoder model such as T5 or BART), tokens labelled -100 left out.
+    (B, T, V), (B, T) -> (B,)"""
     per_token = F.cross_entropy(
         logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )  # (B, T)
@@ -81,6 +83,10 @@ class TinyPropTrainer(transformers.Trainer):
         if "labels" not in inputs:
             raise ValueError("TinyPropTrainer needs batches with 'labels'")
         labels = inputs.pop("labels")  # the model would compute its own (batch-mean) loss
+        prepare = getattr(unwrap(model), "prepare_decoder_input_ids_from_labels", None)
+        if prepare is not None and "decoder_input_ids" not in inputs:
+            # an encoder-decoder model (T5, BART) makes its decoder inputs from the labels
+            inputs["decoder_input_ids"] = prepare(labels=labels)
         outputs = model(**inputs)
         logits = outputs["logits"]
         losses = self.per_sample_loss(logits, labels)  # (B,)
