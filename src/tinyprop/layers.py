@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyprop.autograd import SparseBackprop
-from tinyprop.patches import patches_for
+from tinyprop.patches import cached_patches_for
 from tinyprop.state import ForwardPass, TinyPropState, backward_running, recomputed_call
 
 # user-registered linear-like classes -> whether their weight is stored (in, out)
@@ -91,7 +91,7 @@ class SparseBackpropLayer:
 
     def _record(self, x: Tensor, weight: Tensor):
         state = self.tinyprop_state
-        geometry = patches_for(self, x.shape, weight.shape)
+        geometry = cached_patches_for(state.geometry_cache, self, x.shape, weight.shape)
         grad = torch.is_grad_enabled()
         fields = dict(
             layer_name=self.layer_name,

@@ -190,7 +190,10 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
 
 
 def _signature(args, kwargs) -> tuple:
-    leaves, _ = tree_flatten((args, kwargs))
+    if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # model(x): no flattening
+        leaves = args
+    else:
+        leaves, _ = tree_flatten((args, kwargs))
     return tuple(
         (tuple(leaf.shape), leaf.dtype, leaf.requires_grad) if isinstance(leaf, Tensor) else None
         for leaf in leaves

@@ -218,6 +218,28 @@ def _patch_index(channels_in, groups, padded, kernel, stride, dilation, out) -> 
     return index.reshape(groups, out[0] * out[1], -1)
 
 
+_GEOMETRY_CACHE_SIZE = 256  # convolution calls (layer, input shape) remembered per model
+
+
+def cached_patches_for(
+    cache: dict, layer: nn.Module, input_shape: torch.Size, weight_shape: torch.Size
+) -> LinearPatches | ConvPatches:
+    """:func:`patches_for`, a convolution's geometry kept in ``cache`` for the next call with the
+    same input shape and settings (computing it costs more than the rest of a small forward)."""
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return LinearPatches(input_shape, weight_shape)
+    key = (
+        layer, tuple(input_shape), tuple(weight_shape), tuple(layer.stride),
+        tuple(layer._reversed_padding_repeated_twice), tuple(layer.dilation), layer.groups,
+    )  # fmt: skip
+    geometry = cache.get(key)
+    if geometry is None:
+        if len(cache) >= _GEOMETRY_CACHE_SIZE:
+            cache.clear()
+        geometry = cache[key] = ConvPatches(layer, input_shape)
+    return geometry
+
+
 def patches_for(
     layer: nn.Module, input_shape: torch.Size, weight_shape: torch.Size
 ) -> LinearPatches | ConvPatches:

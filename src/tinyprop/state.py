@@ -98,6 +98,7 @@ class TinyPropState:
     pending: list[ForwardPass] = field(default_factory=list)  # finished, not yet accounted
     step: object = None  # the StepContext whose backward is running (tinyprop.step)
     other_macs_cache: dict = field(default_factory=dict)  # input signature -> other MACs
+    geometry_cache: dict = field(default_factory=dict)  # convolution call -> its patch geometry
     warned: set = field(default_factory=set)
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
@@ -116,7 +117,10 @@ class TinyPropState:
     def __getstate__(self) -> dict:
         """For torch.save / pickle of a whole model: the per-step leftovers are not kept."""
         state = dict(self.__dict__)
-        state.update(open_pass=None, pending=[], step=None, last_stats=None, _policy=None)
+        state.update(
+            open_pass=None, pending=[], step=None, last_stats=None, _policy=None,
+            geometry_cache={},
+        )  # fmt: skip
         return state
 
     def finish_pass(self, forward_pass: ForwardPass) -> None:

@@ -351,7 +351,8 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
         )
     if not losses.requires_grad:
         raise ValueError("losses do not require grad: compute them from the model's output")
-    if not torch.isfinite(losses.detach()).all():
+    mean_loss = float(losses.detach().float().mean())  # NaN / inf when any loss is
+    if not math.isfinite(mean_loss) and not torch.isfinite(losses.detach()).all():
         bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
         raise FloatingPointError(
             f"loss is NaN or infinite for samples {bad[:10]} of the batch; no update was applied. "
@@ -361,7 +362,7 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
     batch = losses.shape[0]
     trained_mask = torch.ones(batch, dtype=torch.bool, device=losses.device)
     stats = StepStats(
-        loss=float(losses.detach().float().mean()), trained=batch, skipped=0,
+        loss=mean_loss, trained=batch, skipped=0,
         trained_mask=trained_mask,
     )  # fmt: skip
     passes = state.take_passes()
