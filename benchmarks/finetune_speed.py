@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
+
+from speed import load_average
 
 from tinyprop.bench import runner, suites
 
@@ -78,6 +81,7 @@ def main() -> None:
         "--out", default=str(Path(__file__).parent / "results" / "finetune_speed.json")
     )
     args = parser.parse_args()
+    start_load = os.getloadavg()[0]
     record = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "runs": {}}
     for dataset in args.datasets:
         results = measure(dataset, args.repeats, args.threads)
@@ -91,9 +95,10 @@ def main() -> None:
                 f"| {policy:<22} | {row['train_wall_s']:>7.2f} | {spread:>21} | "
                 f"{row['mac_ratio']:>9.3f} | {100 * row['skip_rate']:>6.1f}% |"
             )
+    record["load_average"] = load_average(start_load)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} (load average {record['load_average']})")
 
 
 if __name__ == "__main__":

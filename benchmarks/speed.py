@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -212,6 +213,12 @@ def commit() -> str:
         return "unknown"
 
 
+def load_average(start: float) -> str:
+    """The 1-minute load average at the start and at the end of the run (other processes
+    competing for the cores make every ratio noisier)."""
+    return f"{start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+
+
 def thread_counts(text: str) -> list[int]:
     """``"0,1"`` -> torch's default thread count and one thread, e.g. [2, 1]."""
     default = torch.get_num_threads()
@@ -231,12 +238,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()
+    start_load = os.getloadavg()[0]
     kept_memory = keep_freed_memory()
     largest_batch = max(MODELS[name][1] for name in args.models)  # (MNIST, not the padding)
     train = data.load("mnist", "train", limit=largest_batch * (args.rounds + 1) * args.chunk)
     images, y = train.tensors  # (N, 1, 28, 28)
     record = {
-        "command": "python benchmarks/speed.py",
+        "command": "python " + " ".join(sys.argv),
         "commit": commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"default {torch.get_num_threads()} torch threads",
@@ -263,9 +271,10 @@ def main() -> None:
                     f"{row['mac_ratio']:>9.3f} | {row['backward_mac_ratio']:>21.3f} | "
                     f"{100 * row['skip_rate']:>6.1f}% |"
                 )
+    record["load_average"] = load_average(start_load)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} (load average {record['load_average']})")
 
 
 if __name__ == "__main__":
