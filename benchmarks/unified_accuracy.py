@@ -24,7 +24,9 @@ from pathlib import Path
 
 from tinyprop.bench import runner, suites
 
-POLICIES = ("topk", "tinypropv2")
+# policy -> its settings besides the budget: as the bench's budget records (meProp's top-k keeps
+# its output layer dense)
+POLICIES = {"topk": {"dense_output_layer": True}, "tinypropv2": {}}
 
 
 def plan(dataset: str, budget: float, seed: int) -> dict[str, runner.RunSpec]:
@@ -38,9 +40,10 @@ def plan(dataset: str, budget: float, seed: int) -> dict[str, runner.RunSpec]:
         return dataclasses.replace(run, settings=settings)
 
     runs = {"full": spec("full", {})}
-    for policy in POLICIES:
-        runs[f"{policy} per-sample"] = spec(policy, {"budget": budget})
-        runs[f"{policy} unified"] = spec(policy, {"budget": budget, "unified": True})
+    for policy, settings in POLICIES.items():
+        settings = {"budget": budget, **settings}
+        runs[f"{policy} per-sample"] = spec(policy, settings)
+        runs[f"{policy} unified"] = spec(policy, {**settings, "unified": True})
     return runs
 
 
