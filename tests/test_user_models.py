@@ -264,3 +264,18 @@ def test_train_step_with_sparse_gradients_equals_plain_pytorch():
         tinyprop.train_step(model, ids, y, LOSS, optimizers[1])
     for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
+
+
+def test_apply_to_a_model_holding_an_applied_part_says_what_to_do():
+    """apply(model.encoder) then apply(model) left the encoder's layers dense with a warning
+    about an overridden forward (and the encoder's own hooks on); apply(model.encoder) after
+    apply(model) said the encoder had no supported layer."""
+    body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+    model = nn.Sequential(body, nn.Linear(8, 3))
+    tinyprop.apply(body)
+    with pytest.raises(ValueError, match="'0' inside this model already has tinyprop applied"):
+        tinyprop.apply(model)
+    tinyprop.remove(body)
+    tinyprop.apply(model)
+    with pytest.raises(ValueError, match="'0' inside this model already has tinyprop applied"):
+        tinyprop.apply(body)

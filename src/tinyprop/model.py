@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tinyprop import flop_formulas  # noqa: F401 (registers attention on the CPU)
 from tinyprop.attention import TinyPropMultiheadAttention
 from tinyprop.config import TinyPropConfig
-from tinyprop.layers import layer_kind, sparse_class
+from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
 from tinyprop.state import ForwardPass, TinyPropState
 
 OUTPUT_ERROR_MAX = "tinyprop_output_error_max"  # Ymax_L of the skip decision, on the root module
@@ -67,6 +67,20 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         )
     if is_tinyprop(model):
         raise ValueError("model already has tinyprop applied; call tinyprop.remove(model) first")
+    inner = next(
+        (
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, SparseBackpropLayer) or is_tinyprop(module)
+        ),
+        None,
+    )
+    if inner is not None:  # a part of it, or a model containing it, was applied before
+        raise ValueError(
+            f"'{inner}' inside this model already has tinyprop applied (it, or a module "
+            "around it, was given to tinyprop.apply); call tinyprop.remove on the module that "
+            "was applied first, then apply to the whole model once"
+        )
     kinds = {name: layer_kind(module) for name, module in model.named_modules()}
     targets = [
         (name, module)
