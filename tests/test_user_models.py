@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 
 import pytest
@@ -279,3 +280,24 @@ def test_apply_to_a_model_holding_an_applied_part_says_what_to_do():
     tinyprop.apply(model)
     with pytest.raises(ValueError, match="'0' inside this model already has tinyprop applied"):
         tinyprop.apply(body)
+
+
+@pytest.mark.parametrize(
+    "entry, value",
+    [
+        ("tinyprop_budget_log_keep_scale", math.nan),  # was: ignored, or a ValueError in k
+        ("tinyprop_budget_log_keep_scale", 1e30),  # was: OverflowError at the next step
+        ("tinyprop_budget_log_trained_share", math.nan),  # was: quantile() q must be in [0, 1]
+        ("tinyprop_score_window", math.inf),  # was: every later sample skipped, silently
+        ("tinyprop_budget_steps", -1),
+    ],
+)
+def test_corrupt_budget_state_in_a_checkpoint_is_refused(entry, value):
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.3)
+    model = tinyprop.apply(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), config)
+    x, y = data(size=8)
+    tinyprop.train_step(model, x.float(), y, LOSS, torch.optim.SGD(model.parameters(), lr=0.1))
+    checkpoint = model.state_dict()
+    checkpoint[entry] = torch.full_like(checkpoint[entry], value)
+    with pytest.raises(ValueError, match=entry):
+        model.load_state_dict(checkpoint)

@@ -56,6 +56,12 @@ SMOOTHING = 0.5  # λ: weight of the past in the measured step ratio r̃
 GAIN = 0.5  # η: integral gain on the log cost
 
 
+def check_count(value, name: str) -> None:
+    """A checkpoint's count (steps, MACs) must be >= 0."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not float(value) >= 0:
+        raise ValueError(f"checkpoint entry '{name}' is {float(value)}: a count must be >= 0")
+
+
 class ScoreWindow:
     """The last W skip scores, oldest first, NaN where empty; and how many steps pushed."""
 
@@ -80,6 +86,15 @@ class ScoreWindow:
     @property
     def steps(self) -> int:
         return int(getattr(self._root, self.STEPS))
+
+    @classmethod
+    def check_loaded(cls, state_dict: dict, prefix: str) -> None:
+        """Refuse a checkpoint whose window holds an infinite score (NaN marks an empty slot)
+        or whose step count is negative."""
+        values, steps = state_dict.get(prefix + cls.VALUES), state_dict.get(prefix + cls.STEPS)
+        if isinstance(values, Tensor) and bool(torch.isinf(values).any()):
+            raise ValueError(f"checkpoint entry '{prefix + cls.VALUES}' holds an infinite score")
+        check_count(steps, prefix + cls.STEPS)
 
     def push(self, scores: Tensor) -> None:
         """Append a batch's (B,) scores, dropping the oldest."""
@@ -142,6 +157,25 @@ class BudgetController:
 
     def _buffer(self, name: str) -> Tensor:
         return getattr(self._root, name)
+
+    def check_loaded(self, state_dict: dict, prefix: str) -> None:
+        """Refuse a checkpoint whose counts are negative or whose log c, log(q / q0) lie
+        outside the controller's limits (NaN, infinite or huge: the step would fail or
+        silently train nothing)."""
+        for name in (self.SPENT, self.DENSE, self.STEPS, self.SMOOTHED_SPENT, self.SMOOTHED_DENSE):
+            check_count(state_dict.get(prefix + name), prefix + name)
+        for name, (low, high) in (
+            (self.LOG_KEEP_SCALE, self.keep_limits),
+            (self.LOG_TRAINED_SHARE, self.train_limits),
+        ):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor) and value.numel() == 1:
+                number = float(value)
+                if not low - 1e-9 <= number <= high + 1e-9:  # NaN fails too
+                    raise ValueError(
+                        f"checkpoint entry '{prefix + name}' is {number}, outside the budget "
+                        f"controller's limits [{low:.4g}, {high:.4g}] (the checkpoint is corrupt)"
+                    )
 
     @property
     def keep_scale(self) -> float:

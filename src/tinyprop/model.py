@@ -230,7 +230,11 @@ def _main_tensor(output) -> Tensor | None:
 
 
 def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
-    """Refuse a checkpoint whose running maxima are NaN, infinite or negative."""
+    """Refuse a checkpoint whose running maxima are NaN, infinite or negative (or, on the
+    root module, whose budget controller or score window is corrupt)."""
+    state = getattr(module, _STATE, None)
+    if state is not None:
+        state.policy.check_loaded(state_dict, prefix)
     for name in ("error_max", OUTPUT_ERROR_MAX):
         value = state_dict.get(prefix + name)
         if isinstance(value, Tensor) and value.numel() == 1:

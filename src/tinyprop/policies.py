@@ -66,6 +66,13 @@ class Policy:
             buffers.update(self.budget.initial_buffers())
         return buffers
 
+    def check_loaded(self, state_dict: dict, prefix: str) -> None:
+        """Refuse a checkpoint whose score window or budget controller state is corrupt."""
+        if self.window is not None:
+            self.window.check_loaded(state_dict, prefix)
+        if self.budget is not None:
+            self.budget.check_loaded(state_dict, prefix)
+
     @property
     def name(self) -> str:
         return self.config.policy
