@@ -1,0 +1,281 @@
+"""Models and loops users bring, checked against plain PyTorch (too slow for ``make test``).
+
+For each transformers model family, built from a small config (no downloaded weights), in
+float64 with dropout off: ``full`` and ``topk`` at ratio 1.0 must give the gradients of
+``losses.mean().backward()``, ``topk`` at 0.1 those of a per-row top-k reference (the masked
+reference of tests/test_model_matrix.py), to 1e-10; ``tinypropv2`` must run. Then PyTorch
+Lightning with ``accumulate_grad_batches=2``, gradient clipping and ``precision="bf16-mixed"``
+against the same steps written by hand.
+
+    .venv/bin/python benchmarks/user_models.py            # everything (a few minutes)
+    .venv/bin/python benchmarks/user_models.py vit llama  # some models only
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import transformers as T  # noqa: E402  (the test extra)
+from core_models import mlp  # noqa: E402
+from test_integrations import learnable_data  # noqa: E402
+from test_model_matrix import masked_reference, plain_gradients  # noqa: E402
+
+import tinyprop  # noqa: E402
+
+BATCH = 3
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def classifier_loss(output, y):
+    return F.cross_entropy(output.logits, y, reduction="none")
+
+
+def causal_lm_loss(output, ids):
+    logits = output.logits[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+def token_loss(output, labels):
+    return F.cross_entropy(output.logits.transpose(1, 2), labels, reduction="none").mean(1)
+
+
+class WithLabels(nn.Module):
+    """An encoder-decoder model called with (inputs, labels): it makes its decoder inputs."""
+
+    def __init__(self, model: nn.Module, input_name: str):
+        super().__init__()
+        self.model = model
+        self.input_name = input_name
+
+    def forward(self, inputs, labels):
+        return self.model(**{self.input_name: inputs}, labels=labels)
+
+
+def _ids(size, high=40):
+    return torch.randint(3, high, size, generator=torch.Generator().manual_seed(0))
+
+
+def vit():
+    config = T.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    x = torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return T.ViTForImageClassification(config), (x,), _ids((BATCH,)) % 3, classifier_loss
+
+
+def distilbert():
+    config = T.DistilBertConfig(
+        vocab_size=40, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16,
+        num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+    )  # fmt: skip
+    model = T.DistilBertForSequenceClassification(config)
+    return model, (_ids((BATCH, 7)),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def llama(checkpointing: bool = False):
+    config = T.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = T.LlamaForCausalLM(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()
+    ids = _ids((BATCH, 7))
+    return model, (ids,), ids, causal_lm_loss
+
+
+def mistral():
+    config = T.MistralConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        sliding_window=4,
+    )  # fmt: skip
+    ids = _ids((BATCH, 7))
+    return T.MistralForCausalLM(config), (ids,), ids, causal_lm_loss
+
+
+def t5():
+    config = T.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    labels = _ids((BATCH, 5))
+    model = WithLabels(T.T5ForConditionalGeneration(config), "input_ids")
+    return model, (_ids((BATCH, 7)), labels), labels, token_loss
+
+
+def bart():
+    config = T.BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, pad_token_id=1, decoder_start_token_id=2,
+    )  # fmt: skip
+    labels = _ids((BATCH, 5))
+    model = WithLabels(T.BartForConditionalGeneration(config), "input_ids")
+    return model, (_ids((BATCH, 7)), labels), labels, token_loss
+
+
+def whisper():
+    config = T.WhisperConfig(
+        vocab_size=40, num_mel_bins=8, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, d_model=16, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_source_positions=8, max_target_positions=16, pad_token_id=0,
+        decoder_start_token_id=1, eos_token_id=2, bos_token_id=1, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    features = torch.randn(BATCH, 8, 16, generator=torch.Generator().manual_seed(0))
+    labels = _ids((BATCH, 5))
+    model = WithLabels(T.WhisperForConditionalGeneration(config), "input_features")
+    return model, (features, labels), labels, token_loss
+
+
+MODELS = {
+    "vit": vit,
+    "distilbert": distilbert,
+    "llama": llama,
+    "llama-checkpointing": lambda: llama(checkpointing=True),
+    "mistral": mistral,
+    "t5": t5,
+    "bart": bart,
+    "whisper": whisper,
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model, inputs, y, loss = MODELS[name]()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    return model.double(), inputs, y, loss
+
+
+def check_model(name: str) -> list[str]:
+    """One line per policy: the largest gradient difference, or that tinypropv2 ran."""
+    lines = []
+    for policy in ("full", "topk-1.0", "topk-0.1", "tinypropv2"):
+        model, inputs, y, loss = build(name)
+        if policy == "topk-0.1":
+            expected = plain_gradients(masked_reference(copy.deepcopy(model), 0.1), inputs, y, loss)
+            config = tinyprop.TinyPropConfig(policy="topk", ratio=0.1)
+        elif policy == "tinypropv2":
+            expected, config = None, tinyprop.TinyPropConfig(policy="tinypropv2")
+        else:
+            expected = plain_gradients(copy.deepcopy(model), inputs, y, loss)
+            config = tinyprop.TinyPropConfig(policy=policy.split("-")[0], ratio=1.0)
+        tinyprop.apply(model, config)
+        model.zero_grad()
+        stats = tinyprop.backward(model, loss(model(*inputs), y))
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        ratio = f"backward ratio {stats.macs.backward_ratio():.3f}, {len(stats.keep)} sparse"
+        if expected is None:
+            lines.append(f"{name:20} {policy:10} trained {stats.trained}/{BATCH}, {ratio}")
+            continue
+        assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))
+        worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+        verdict = "equal" if worst < 1e-10 else "DIFFERENT"
+        lines.append(f"{name:20} {policy:10} {verdict} (max difference {worst:.1e}), {ratio}")
+    return lines
+
+
+CONFIG = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
+
+
+def lightning_run(accumulate: int, clip: float | None, precision: str, dtype) -> nn.Module:
+    import pytorch_lightning as pl
+
+    from tinyprop.integrations.lightning import TinyPropCallback
+
+    class Classifier(pl.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return tinyprop.loss(self.model, LOSS(self.model(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    module = Classifier(tinyprop.apply(mlp().to(dtype), CONFIG))
+    x, y = learnable_data()
+    data = torch.utils.data.TensorDataset(x.to(dtype), y)
+    os.chdir(tempfile.mkdtemp())
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[TinyPropCallback()],
+        accumulate_grad_batches=accumulate, precision=precision, gradient_clip_val=clip,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    return module.model
+
+
+def hand_run(accumulate: int, clip: float | None, autocast: bool, dtype) -> nn.Module:
+    """The same steps in a loop of one's own: loss / n, no step when nothing trained."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(mlp().to(dtype), CONFIG)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = learnable_data()
+    x, trained = x.to(dtype), 0
+    for index, start in enumerate(range(0, len(x), 4), start=1):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses = LOSS(model(x[start : start + 4]), y[start : start + 4])
+        (tinyprop.loss(model, losses) / accumulate).backward()
+        trained += tinyprop.step_stats(model).trained
+        if index % accumulate == 0:
+            if trained == 0:  # what TinyPropCallback does
+                for parameter in model.parameters():
+                    parameter.grad = None
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad()
+            trained = 0
+    return model
+
+
+def check_lightning() -> list[str]:
+    lines = []
+    for label, accumulate, clip, precision, dtype in [
+        ("accumulate_grad_batches=2", 2, None, "64-true", torch.float64),
+        ("gradient_clip_val=0.01", 1, 0.01, "64-true", torch.float64),
+        ('precision="bf16-mixed"', 1, None, "bf16-mixed", torch.float32),
+    ]:
+        got = lightning_run(accumulate, clip, precision, dtype)
+        expected = hand_run(accumulate, clip, precision == "bf16-mixed", dtype)
+        worst = max(
+            (p - q).abs().max().item()
+            for p, q in zip(got.parameters(), expected.parameters(), strict=True)
+        )
+        lines.append(f"lightning {label:28} weights vs the hand loop: max difference {worst:.1e}")
+    return lines
+
+
+def main(names: list[str]) -> None:
+    warnings.simplefilter("ignore")  # dense modules named by apply, deprecations
+    for name in names or MODELS:
+        for line in check_model(name):
+            print(line, flush=True)
+    if not names:
+        for line in check_lightning():
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
