@@ -238,3 +238,92 @@ def test_report_has_an_equal_compute_table():
     lines = budget_table(summarise(records))
     assert "| d | topk | 90.00 ± 0.00 | 80.50 ± 0.71 (10.0) |" in lines
     assert "| d | tinypropv2 | 90.00 ± 0.00 | 88.00 ± 0.00 (10.0) |" in lines
+
+
+@pytest.mark.parametrize("skip_split, start", [(0.0, 1.0), (0.5, 0.5), (1.0, 0.25)])
+def test_skip_split_sets_the_trained_share_at_the_start(skip_split, start):
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.25, skip_split=skip_split)
+    controller = tinyprop.model.state_of(toy_model(config)).policy.budget
+    assert controller.trained_share == pytest.approx(start)
+
+
+def test_skip_split_zero_skips_only_once_the_layers_are_as_sparse_as_they_go():
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.2, skip_split=0.0)
+    model = toy_model(config)
+    skipped = sum(stats.skipped for stats in train_steps(model, toy_stream(100)))
+    assert skipped == 0  # k alone reaches 20% on this MLP
+    assert abs(state_ratio(model) / 0.2 - 1) <= 0.10
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "half"])
+def test_invalid_skip_split_is_refused(bad):
+    with pytest.raises((ValueError, TypeError), match="skip_split"):
+        tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.2, skip_split=bad)
+
+
+def batchnorm_model(config: tinyprop.TinyPropConfig) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32),
+        nn.ReLU(), nn.Linear(32, 5),
+    )  # fmt: skip
+    return tinyprop.apply(net, config)
+
+
+def train_steps(model, batches, lr=0.01):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return [tinyprop.train_step(model, x, y, LOSS, optimizer) for x, y in batches]
+
+
+def state_ratio(model) -> float:
+    return tinyprop.model.state_of(model).policy.budget.run_ratio
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_drop_skipped_rows_leaves_skipped_samples_out_below_batchnorm(drop):
+    config = tinyprop.TinyPropConfig(
+        policy="tinypropv2", budget=0.5, skip_split=1.0, s_min=1.0, s_max=1.0, zeta=1.0,
+        drop_skipped_rows=drop,
+    )  # fmt: skip
+    model = batchnorm_model(config)
+    (stats,) = train_steps(model, toy_stream(1), lr=0.0)
+    assert 0 < stats.skipped < 32
+    rows = {name: keep.numel() for name, keep in stats.keep.items()}
+    assert rows["6"] == stats.trained  # the output layer: skipped rows have δ = 0 anyway
+    assert rows["0"] == (stats.trained if drop else 32)  # BatchNorm mixes them in below
+
+
+def test_drop_skipped_rows_gradient_is_the_trained_rows_part():
+    """Every entry kept (S_min = S_max = ζ = 1, c = 1 on the first step, half the samples trained
+    with q0 = b): the first layer's weight gradient is plain autograd's on the masked loss with
+    the skipped samples' rows of δ set to zero at every Linear layer."""
+    config = tinyprop.TinyPropConfig(
+        policy="tinypropv2", budget=0.5, skip_split=1.0, s_min=1.0, s_max=1.0, zeta=1.0,
+        drop_skipped_rows=True,
+    )  # fmt: skip
+    model = batchnorm_model(config)
+    x, y = next(toy_stream(1))
+    model.zero_grad()
+    output = model(x)
+    stats = tinyprop.backward(model, LOSS(output, y), output)
+    trained = stats.trained_mask.unsqueeze(1)  # (B, 1)
+    assert 0 < int(trained.sum()) < len(y)
+    reference = tinyprop.remove(copy.deepcopy(model))
+    captured = {}
+
+    def drop_skipped(index):
+        def hook(grad):  # (B, N) δ of a Linear layer's output
+            captured[index] = grad * trained
+            return captured[index]
+
+        return hook
+
+    hidden = x
+    for index, module in enumerate(reference):
+        hidden = module(hidden)
+        if isinstance(module, nn.Linear):
+            hidden.register_hook(drop_skipped(index))
+    (LOSS(hidden, y) * trained.squeeze(1) / len(y)).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, captured[0].T @ x)
+    second_input = reference[:3](x).detach()  # (B, 32)
+    torch.testing.assert_close(model[3].weight.grad, captured[3].T @ second_input)

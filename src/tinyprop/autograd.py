@@ -101,10 +101,17 @@ class SparseBackprop(torch.autograd.Function):
             check_finite(error, layer.layer_name, step)
         else:  # checked once per step, when the backward has finished
             step.check_finite_later(error, layer.layer_name)
+        drop = policy.config.drop_skipped_rows and step is not None
         if reads_are_free(flat.device):
             rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
+            if drop:
+                rows = skipped_rows_dropped(step, rows, flat.shape[0])  # (R'',) trained samples'
             if rows.numel() < flat.shape[0]:
                 delta, flat, error = delta[rows], flat[rows], error[rows]
+        elif drop and flat.shape[0] == step.stats.trained_mask.numel():
+            trained = step.stats.trained_mask.to(flat.device)  # (R,) skipped rows keep nothing
+            delta = delta * trained.view(-1, 1, 1).to(delta.dtype)
+            flat, error = delta.reshape(delta.shape[0], -1), error * trained
         previous = step.error_max(layer) if step is not None else layer.error_max.double()
         error_max = running_max(error, previous)  # (R',) Ymax_l after each row
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
@@ -158,6 +165,16 @@ def reads_are_free(device: torch.device) -> bool:
     """True on the CPU: the backward may read values (rows with a non-zero δ, k) on the host.
     Elsewhere (CUDA) it takes the path without host reads: :func:`masked_gradients`."""
     return device.type in HOST_DEVICES
+
+
+def skipped_rows_dropped(step, rows: Tensor, count: int) -> Tensor:
+    """``rows`` (R',) without the rows of skipped samples, for a layer call whose ``count`` rows
+    are the batch's samples (R = B). Calls with another row count (a sequence layer on
+    (B, T, F) or (T, B, F)) keep every row: which sample a row belongs to is not known there."""
+    trained = step.stats.trained_mask  # (B,)
+    if count != trained.numel() or bool(trained.all()):
+        return rows
+    return rows[trained.to(rows.device)[rows]]  # (R'',)
 
 
 def is_dense_small_layer(config, geometry) -> bool:

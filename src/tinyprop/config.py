@@ -66,6 +66,14 @@ class TinyPropConfig:
             largest Σ |δ| over the rows (and positions), ⌈mean k / P⌉ of them (P output
             positions per channel, 1 for a Linear layer on (B, in)), so the sparse backward is
             a smaller dense product. Off by default (k entries per row, chosen per row).
+        skip_split: with a budget (``tinypropv2``), the share, in log, of the saving that
+            skipping samples takes at the start: the trained share starts at q0 = b^skip_split
+            (0: train every sample and make the layers sparser first, skipping only once the
+            keep ratios cannot go lower; 1: skip first). In [0, 1].
+        drop_skipped_rows: a skipped sample gets no backward in any sparse layer (its rows
+            are left out of every layer's selection and gradients). Without it, a BatchNorm
+            in training mode hands skipped samples a non-zero δ (through the batch mean and
+            variance) and the layers below it backpropagate them. Off by default.
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -87,6 +95,8 @@ class TinyPropConfig:
     budget: float | None = None  # b: the backward ratio held over the run (tinyprop.budget)
     dense_small_layers: bool = False  # dense backward where sparse cannot be faster
     unified: bool = False  # one kept index set per layer call, shared by its rows (meProp)
+    skip_split: float = 0.5  # with a budget: q0 = b^skip_split, the trained share at the start
+    drop_skipped_rows: bool = False  # skipped samples get no backward in any sparse layer
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -143,7 +153,11 @@ class TinyPropConfig:
         if not 0 <= self.seed <= LARGEST_SEED:
             raise ValueError(f"seed must lie in [0, {LARGEST_SEED}], got {self.seed}")
         self._check_budget()
-        for name in ("dense_small_layers", "unified"):
+        if isinstance(self.skip_split, bool) or not isinstance(self.skip_split, (int, float)):
+            raise TypeError(f"skip_split must be a number in [0, 1], got {self.skip_split!r}")
+        if not 0.0 <= self.skip_split <= 1.0:
+            raise ValueError(f"skip_split must lie in [0, 1], got {self.skip_split}")
+        for name in ("dense_small_layers", "unified", "drop_skipped_rows"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.unified and self.policy not in ("topk", "tinyprop", "tinypropv2"):

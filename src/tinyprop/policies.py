@@ -7,8 +7,6 @@ PyTorch's own backward; the others go through :class:`tinyprop.autograd.SparseBa
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -186,7 +184,7 @@ class TinyPropV2Policy(TinyPropPolicy):
     skips = True
 
     def trained_share_start(self, budget):
-        return math.sqrt(budget)  # q0 = √b: the budget split evenly (in log) with sparsity
+        return budget**self.config.skip_split  # q0 = b^e (e = 1/2: split evenly in log)
 
     def trained_mask(self, scores, step):
         """``scores``: the (B,) output errors Y_L."""

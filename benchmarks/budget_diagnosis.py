@@ -1,0 +1,155 @@
+"""Where does a budget run's backward compute go? One finetune run of the benchmark, with the
+ledger of every step broken down per layer.
+
+For every sparse layer (forward order) it prints: the share of the batch's rows that were
+backpropagated there (rows with a non-zero δ: a skipped sample still gets one below a
+BatchNorm in training mode), the mean kept share k / N_l of those rows, and the layer's part
+of the run's spent MACs (fixed per row: input gradient zeroing and bias; per kept entry);
+then the dense modules' part (BatchNorm, ReLU, pooling: their backward runs for the whole batch)
+and the selection's.
+
+    python benchmarks/budget_diagnosis.py --dataset cifar10 --budget 0.2 [--set zeta=1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import tinyprop.step
+from tinyprop.bench import runner, suites
+from tinyprop.ledger import layer_backward_macs, step_ledger
+
+
+class Breakdown:
+    """Accumulates the per-layer MACs of every step of a run."""
+
+    def __init__(self):
+        self.layers = defaultdict(lambda: defaultdict(int))
+        self.order: list[str] = []
+        self.other = 0
+        self.dense = 0
+        self.selection = 0
+        self.decision = 0
+        self.steps = 0
+        self.trained = 0
+        self.samples = 0
+
+    def __call__(self, forward_passes, records, policy, batch_size, trained, output_size,
+                 backward_ran):  # fmt: skip
+        ledger = step_ledger(
+            forward_passes, records, policy, batch_size, trained, output_size, backward_ran
+        )
+        by_call = {id(record.call): record for record in records}
+        for forward_pass in forward_passes:
+            if backward_ran:
+                self.other += 2 * forward_pass.other_macs
+            for call in forward_pass.calls:
+                name = call.layer_name
+                if name not in self.order:
+                    self.order.append(name)
+                layer = self.layers[name]
+                layer["rows"] += call.rows
+                layer["dense"] += call.rows * layer_backward_macs(
+                    call, call.output_size, call.input_requires_grad
+                )
+                layer["entries"] += call.output_size
+                record = by_call.get(id(call))
+                if record is None:
+                    continue
+                fixed = layer_backward_macs(call, 0, record.computes_input_grad)
+                per_keep = layer_backward_macs(call, 1, record.computes_input_grad) - fixed
+                layer["rows_backward"] += record.keep.numel()
+                layer["kept"] += int(record.keep.sum())
+                layer["kept_possible"] += record.keep.numel() * call.output_size
+                layer["fixed"] += record.keep.numel() * fixed
+                layer["variable"] += int(record.keep.sum()) * per_keep
+                layer["selection"] += record.selection_macs
+        self.dense += ledger.backward_dense
+        self.selection += ledger.selection
+        self.decision += policy.decision_macs(batch_size, output_size)
+        self.steps += 1
+        self.trained += trained
+        self.samples += batch_size
+        return ledger
+
+    def report(self) -> dict:
+        spent_layers = sum(v["fixed"] + v["variable"] for v in self.layers.values())
+        spent = spent_layers + self.other + self.selection
+        rows = []
+        for name in self.order:
+            v = self.layers[name]
+            rows.append({
+                "layer": name,
+                "dense_share": v["dense"] / self.dense,
+                "rows_backward": v["rows_backward"] / max(v["rows"], 1),
+                "keep": v["kept"] / max(v["kept_possible"], 1),
+                "fixed_of_run": v["fixed"] / self.dense,
+                "variable_of_run": v["variable"] / self.dense,
+            })  # fmt: skip
+        return {
+            "backward_ratio": spent / self.dense,
+            "trained_share": self.trained / max(self.samples, 1),
+            "other_of_run": self.other / self.dense,
+            "selection_of_run": self.selection / self.dense,
+            "layers": rows,
+        }
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--policy", default="tinypropv2")
+    parser.add_argument("--protocol", default="finetune")
+    parser.add_argument("--budget", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], help="config fields, e.g. zeta=1.0")
+    parser.add_argument("--json", help="also write the breakdown and metrics here")
+    args = parser.parse_args()
+    settings = {"budget": args.budget} if args.policy != "full" else {}
+    settings.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
+    suite = suites.get("budget")
+    spec = runner.RunSpec(
+        suite=suite.name, dataset=args.dataset, protocol=args.protocol, policy=args.policy,
+        settings=settings, seed=args.seed, plan=suite.datasets[args.dataset],
+        val_fraction=suite.val_fraction, pretrain_fraction=suite.pretrain_fraction,
+        min_val_samples=suite.min_val_samples, commit="diagnosis",
+    )  # fmt: skip
+    breakdown = Breakdown()
+    tinyprop.step.step_ledger = breakdown
+    record = runner.execute_run(spec, write=False)
+    result = breakdown.report()
+    print(
+        f"{args.dataset} {args.policy} {settings}: metric {record['metric']:.2f} "
+        f"(val {record['val_metric']:.2f}, pretrained {record['pretrained_metric']}), "
+        f"backward {100 * record['backward_ratio']:.2f}%, trained share "
+        f"{100 * result['trained_share']:.1f}%"
+    )
+    print(
+        f"dense modules {100 * result['other_of_run']:.2f}% of full's backward, "
+        f"selection {100 * result['selection_of_run']:.2f}%"
+    )
+    print(f"{'layer':28s} {'dense%':>7s} {'rows%':>6s} {'k/N%':>6s} {'fixed%':>7s} {'var%':>6s}")
+    for row in result["layers"]:
+        print(
+            f"{row['layer'][:28]:28s} {100 * row['dense_share']:7.2f} "
+            f"{100 * row['rows_backward']:6.1f} {100 * row['keep']:6.2f} "
+            f"{100 * row['fixed_of_run']:7.2f} {100 * row['variable_of_run']:6.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"record": record, "breakdown": result}, handle, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
