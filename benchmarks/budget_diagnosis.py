@@ -17,6 +17,7 @@ import argparse
 import json
 from collections import defaultdict
 
+import tinyprop.budget
 import tinyprop.step
 from tinyprop.bench import runner, suites
 from tinyprop.ledger import layer_backward_macs, step_ledger
@@ -35,6 +36,7 @@ class Breakdown:
         self.steps = 0
         self.trained = 0
         self.samples = 0
+        self.step_ratios: list[float] = []
 
     def __call__(self, forward_passes, records, policy, batch_size, trained, output_size,
                  backward_ran):  # fmt: skip
@@ -67,6 +69,8 @@ class Breakdown:
                 layer["variable"] += int(record.keep.sum()) * per_keep
                 layer["selection"] += record.selection_macs
         self.dense += ledger.backward_dense
+        if ledger.backward_dense:
+            self.step_ratios.append(ledger.backward_ratio())
         self.selection += ledger.selection
         self.decision += policy.decision_macs(batch_size, output_size)
         self.steps += 1
@@ -94,6 +98,7 @@ class Breakdown:
             "other_of_run": self.other / self.dense,
             "selection_of_run": self.selection / self.dense,
             "layers": rows,
+            "step_ratios": self.step_ratios,
         }
 
 
@@ -111,12 +116,15 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--policy", default="tinypropv2")
     parser.add_argument("--protocol", default="finetune")
-    parser.add_argument("--budget", type=float, default=0.2)
+    parser.add_argument("--budget", type=float, default=0.2, help="0: no budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="config fields, e.g. zeta=1.0")
     parser.add_argument("--json", help="also write the breakdown and metrics here")
+    parser.add_argument(
+        "--controller", nargs="*", default=[], help="budget constants, e.g. HORIZON=60 GAIN=0.2"
+    )
     args = parser.parse_args()
-    settings = {"budget": args.budget} if args.policy != "full" else {}
+    settings = {"budget": args.budget} if args.policy != "full" and args.budget else {}
     settings.update({k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
     suite = suites.get("budget")
     spec = runner.RunSpec(
@@ -125,6 +133,9 @@ def main() -> None:
         val_fraction=suite.val_fraction, pretrain_fraction=suite.pretrain_fraction,
         min_val_samples=suite.min_val_samples, commit="diagnosis",
     )  # fmt: skip
+    for item in args.controller:
+        name, value = item.split("=", 1)
+        setattr(tinyprop.budget, name, parse_value(value))
     breakdown = Breakdown()
     tinyprop.step.step_ledger = breakdown
     record = runner.execute_run(spec, write=False)
@@ -146,6 +157,12 @@ def main() -> None:
             f"{100 * row['rows_backward']:6.1f} {100 * row['keep']:6.2f} "
             f"{100 * row['fixed_of_run']:7.2f} {100 * row['variable_of_run']:6.2f}"
         )
+    ratios = result["step_ratios"]
+    tenth = max(len(ratios) // 10, 1)
+    print("step ratio by tenth of the run:", " ".join(
+        f"{100 * sum(ratios[i:i + tenth]) / len(ratios[i:i + tenth]):.0f}"
+        for i in range(0, len(ratios), tenth)
+    ))  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"record": record, "breakdown": result}, handle, indent=1, default=str)

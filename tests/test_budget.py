@@ -327,3 +327,13 @@ def test_drop_skipped_rows_gradient_is_the_trained_rows_part():
     torch.testing.assert_close(model[0].weight.grad, captured[0].T @ x)
     second_input = reference[:3](x).detach()  # (B, 32)
     torch.testing.assert_close(model[3].weight.grad, captured[3].T @ second_input)
+
+
+def test_budget_defaults_zeta_one_and_dropped_skipped_rows_and_keeps_what_is_given():
+    assert tinyprop.TinyPropConfig().zeta == 0.5  # the authors' setting without a budget
+    assert tinyprop.TinyPropConfig(budget=0.1).zeta == 1.0
+    assert tinyprop.TinyPropConfig(budget=0.1, zeta=0.5).zeta == 0.5
+    assert tinyprop.TinyPropConfig(zeta=0.75).zeta == 0.75
+    assert not tinyprop.TinyPropConfig().drop_skipped_rows
+    assert tinyprop.TinyPropConfig(budget=0.1).drop_skipped_rows
+    assert not tinyprop.TinyPropConfig(budget=0.1, drop_skipped_rows=False).drop_skipped_rows

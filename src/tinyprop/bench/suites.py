@@ -139,6 +139,14 @@ SMALL_SETTINGS["selective_backprop"] = budget_settings()
 # the optimizer question: SGD with momentum 0.9 at two learning rates beside the plan's Adam,
 # and Adam with per-entry moments (tinyprop.optim.LazyAdam); chosen on validation like a setting
 SGD_SETTINGS = [{"optimizer": "sgd", "lr": 0.01}, {"optimizer": "sgd", "lr": 0.05}]
+# what the budget defaults (zeta = 1, skipped rows dropped, q0 = sqrt(b)) were chosen against, at
+# b = 0.2: the earlier defaults (zeta = 0.5, skipped rows backpropagated), skipped rows
+# backpropagated alone, and no skipping until the layers are as sparse as they go
+BUDGET_ALTERNATIVES = [
+    {"budget": 0.2, "zeta": 0.5, "drop_skipped_rows": False},
+    {"budget": 0.2, "drop_skipped_rows": False},
+    {"budget": 0.2, "skip_split": 0.0},
+]
 BUDGET_SETTINGS: dict[str, list[dict]] = {
     "full": [{}, *SGD_SETTINGS],
     "topk": budget_settings(MEPROP),
@@ -146,7 +154,8 @@ BUDGET_SETTINGS: dict[str, list[dict]] = {
     "tinyprop": budget_settings(),
     "tinypropv2": budget_settings()
     + [{"budget": 0.2, **sgd} for sgd in SGD_SETTINGS]
-    + [{"budget": 0.2, "optimizer": "lazy_adam"}],
+    + [{"budget": 0.2, "optimizer": "lazy_adam"}]
+    + BUDGET_ALTERNATIVES,
     "selective_backprop": budget_settings(),
 }
 
