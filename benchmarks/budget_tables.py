@@ -1,0 +1,206 @@
+"""The tables of ``docs/budget.md`` from the budget suite's records.
+
+    python benchmarks/budget_tables.py [--results benchmarks/results]
+
+Reads ``budget-finetune`` and ``budget-scratch`` under ``--results`` and prints Markdown:
+the backward ratio reached at each budget (every policy, every seed), the accuracy change
+against full training (mean over the seeds both have, Adam and SGD-momentum), the equal-compute
+comparison of the policies, and the alternatives the defaults were chosen against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+
+DATASETS = (
+    "mnist", "har", "cifar10", "cifar100", "flowers102", "food101", "speech_commands",
+    "dcase2020",
+)  # fmt: skip
+REAL = {"mnist": "real MNIST", "har": "real BasicMotions", "cifar10": "real Fashion-MNIST"}
+POLICIES = ("tinypropv2", "topk", "randomk", "selective_backprop")
+BUDGETS = (0.05, 0.1, 0.2)
+SGD = {"optimizer": "sgd", "lr": 0.01}
+
+
+def load(folder: str) -> list[dict]:
+    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
+
+
+def default_budget(record: dict, extra: dict | None = None) -> float | None:
+    """b of a run at the budget defaults (topk / randomk: meProp's dense output layer), plus
+    ``extra`` recipe fields; None otherwise."""
+    settings = dict(record["settings"])
+    budget = settings.pop("budget", None)
+    if record["policy"] in ("topk", "randomk"):
+        settings.pop("dense_output_layer", None)
+    return budget if settings == (extra or {}) else None
+
+
+def metric_by_seed(records, policy, dataset, select) -> dict[int, dict]:
+    return {
+        r["seed"]: r for r in records if r["policy"] == policy and r["dataset"] == dataset
+        and select(r)
+    }  # fmt: skip
+
+
+def full_runs(records, dataset, extra=None):
+    return metric_by_seed(records, "full", dataset, lambda r: r["settings"] == (extra or {}))
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def change(runs: dict, reference: dict) -> str:
+    """mean(policy) - mean(full) over the seeds both have, with the seed count."""
+    seeds = sorted(set(runs) & set(reference))
+    if not seeds:
+        return ""
+    delta = statistics.mean(runs[s]["metric"] - reference[s]["metric"] for s in seeds)
+    ratio = statistics.mean(100 * runs[s]["backward_ratio"] for s in seeds)
+    return f"{delta:+.2f} ({ratio:.1f}%, n={len(seeds)})"
+
+
+def ratio_table(records: dict[str, list[dict]]) -> list[str]:
+    lines = [
+        "| protocol | dataset | " + " | ".join(f"b = {b:g}" for b in BUDGETS) + " |",
+        "|---|---|" + "---|" * len(BUDGETS),
+    ]
+    for protocol, runs in records.items():
+        for dataset in DATASETS:
+            cells, seen = [], False
+            for budget in BUDGETS:
+                reached = [
+                    100 * r["backward_ratio"] for r in runs
+                    if r["dataset"] == dataset and default_budget(r, _recipe(r)) == budget
+                ]  # fmt: skip
+                seen |= bool(reached)
+                span = f"{min(reached):.2f}–{max(reached):.2f}" if reached else ""
+                cells.append(f"{span} ({len(reached)} runs)" if reached else "")
+            if seen:
+                lines.append(f"| {protocol} | {dataset} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _recipe(record: dict) -> dict:
+    """The optimizer fields of a run's settings (a budget run under SGD is still a default)."""
+    return {k: v for k, v in record["settings"].items() if k in ("optimizer", "lr")}
+
+
+def accuracy_table(runs: list[dict]) -> list[str]:
+    lines = [
+        "| dataset | full Adam | tinypropv2 b = 0.2 | b = 0.1 | b = 0.05 | full SGD | "
+        "tinypropv2 SGD b = 0.2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset in DATASETS:
+        full = full_runs(runs, dataset)
+        if not full:
+            continue
+        cells = [mean_std([r["metric"] for r in full.values()]) + f" (n={len(full)})"]
+        for budget in (0.2, 0.1, 0.05):
+            tp = metric_by_seed(
+                runs, "tinypropv2", dataset, lambda r, b=budget: default_budget(r) == b
+            )
+            cells.append(change(tp, full))
+        full_sgd = full_runs(runs, dataset, SGD)
+        cells.append(mean_std([r["metric"] for r in full_sgd.values()]))
+        tp_sgd = metric_by_seed(
+            runs, "tinypropv2", dataset, lambda r: default_budget(r, SGD) == 0.2
+        )
+        cells.append(change(tp_sgd, full_sgd))
+        name = f"{dataset} ({REAL[dataset]})" if dataset in REAL else dataset
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def equal_compute_table(runs: list[dict], budget: float) -> list[str]:
+    lines = [
+        "| dataset | full | " + " | ".join(POLICIES) + " |",
+        "|---|---|" + "---|" * len(POLICIES),
+    ]
+    for dataset in DATASETS:
+        full = full_runs(runs, dataset)
+        cells = []
+        for policy in POLICIES:
+            held = metric_by_seed(runs, policy, dataset, lambda r: default_budget(r) == budget)
+            if not held:
+                cells.append("")
+                continue
+            reached = statistics.mean(100 * r["backward_ratio"] for r in held.values())
+            metric = mean_std([r["metric"] for r in held.values()])
+            cells.append(f"{metric} ({reached:.1f}%, n={len(held)})")
+        if any(cells):
+            reference = mean_std([r["metric"] for r in full.values()])
+            lines.append(f"| {dataset} | {reference} | " + " | ".join(cells) + " |")
+    return lines
+
+
+ALTERNATIVES = {
+    "default": {},
+    "zeta=0.5, rows kept (earlier defaults)": {"zeta": 0.5, "drop_skipped_rows": False},
+    "rows kept": {"drop_skipped_rows": False},
+    "no skipping first (skip_split=0)": {"skip_split": 0.0},
+}
+
+
+def alternatives_table(runs: list[dict]) -> list[str]:
+    lines = [
+        "| dataset | full | " + " | ".join(ALTERNATIVES) + " |",
+        "|---|---|" + "---|" * len(ALTERNATIVES),
+    ]
+    for dataset in DATASETS:
+        cells = []
+        for extra in ALTERNATIVES.values():
+            held = metric_by_seed(
+                runs, "tinypropv2", dataset, lambda r, e=extra: default_budget(r, e) == 0.2
+            )
+            values = [(r["val_metric"], r["metric"]) for r in held.values()]
+            cells.append(
+                f"{statistics.mean(v for v, _ in values):.2f} / "
+                f"{statistics.mean(t for _, t in values):.2f} (n={len(values)})"
+                if values else ""
+            )  # fmt: skip
+        if sum(bool(c) for c in cells) > 1:
+            reference = full_runs(runs, dataset)
+            val = statistics.mean(r["val_metric"] for r in reference.values())
+            test = statistics.mean(r["metric"] for r in reference.values())
+            lines.append(f"| {dataset} | {val:.2f} / {test:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="benchmarks/results")
+    args = parser.parse_args()
+    records = {
+        protocol: load(os.path.join(args.results, f"budget-{protocol}"))
+        for protocol in ("finetune", "scratch")
+    }
+    sections = [
+        ("Backward ratio reached, % of full (lowest–highest over policies, optimizers, seeds)",
+         ratio_table(records)),
+        ("Finetune: test metric change against full (mean over common seeds)",
+         accuracy_table(records["finetune"])),
+        ("Scratch: test metric change against full", accuracy_table(records["scratch"])),
+        ("Equal compute, finetune, b = 0.2: test metric (backward % reached)",
+         equal_compute_table(records["finetune"], 0.2)),
+        ("Equal compute, finetune, b = 0.1", equal_compute_table(records["finetune"], 0.1)),
+        ("Alternatives at b = 0.2, finetune: validation / test metric",
+         alternatives_table(records["finetune"])),
+    ]  # fmt: skip
+    for title, lines in sections:
+        print(f"### {title}\n")
+        print("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
