@@ -293,10 +293,13 @@ def test_drop_skipped_rows_leaves_skipped_samples_out_below_batchnorm(drop):
     assert rows["0"] == (stats.trained if drop else 32)  # BatchNorm mixes them in below
 
 
-def test_drop_skipped_rows_gradient_is_the_trained_rows_part():
+@pytest.mark.parametrize("host_path", [True, False])
+def test_drop_skipped_rows_gradient_is_the_trained_rows_part(host_path, monkeypatch):
     """Every entry kept (S_min = S_max = ζ = 1, c = 1 on the first step, half the samples trained
     with q0 = b): the first layer's weight gradient is plain autograd's on the masked loss with
-    the skipped samples' rows of δ set to zero at every Linear layer."""
+    the skipped samples' rows of δ set to zero at every Linear layer. Both backward paths: the
+    host's (rows left out) and the device's without host reads (rows masked to zero)."""
+    monkeypatch.setattr(tinyprop.autograd, "HOST_DEVICES", ("cpu",) if host_path else ())
     config = tinyprop.TinyPropConfig(
         policy="tinypropv2", budget=0.5, skip_split=1.0, s_min=1.0, s_max=1.0, zeta=1.0,
         drop_skipped_rows=True,
