@@ -1,5 +1,6 @@
-"""Markdown tables of the wall-clock records (for docs/benchmark.md), read from
-``benchmarks/results/speed.json`` and ``finetune_speed.json``.
+"""Markdown tables of the wall-clock records and of unified vs per-sample top-k (for
+docs/benchmark.md), read from ``benchmarks/results/speed.json``, ``finetune_speed.json`` and
+``unified_accuracy.json``.
 
 Run:
     python benchmarks/speed_table.py
@@ -67,6 +68,25 @@ def finetune_table(record: dict) -> list[str]:
     return lines
 
 
+def unified_table(record: dict) -> list[str]:
+    """Test metric (backward % reached) per dataset and budget, per-sample beside unified."""
+    runs = record["runs"]
+    columns = ["full", "topk per-sample", "topk unified", "tinypropv2 per-sample",
+               "tinypropv2 unified"]  # fmt: skip
+    lines = ["| dataset, budget | " + " | ".join(columns) + " |", "|---|" + "---:|" * 5]
+    cases = dict.fromkeys(key.rsplit(" seed", 1)[0] for key in runs)
+    for case in cases:
+        cells = []
+        for label in columns:
+            rows = [row for key, row in runs.items() if key.startswith(case + " seed")
+                    and key.endswith(" " + label)]  # fmt: skip
+            metric = sum(row["metric"] for row in rows) / len(rows)
+            backward = 100 * sum(row["backward_ratio"] for row in rows) / len(rows)
+            cells.append(f"{metric:.2f}" + ("" if label == "full" else f" ({backward:.1f})"))
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     speed = json.loads((RESULTS / "speed.json").read_text())
     print(f"`{speed['command']}` (commit {speed['commit']}, {speed['machine']}, "
@@ -76,6 +96,9 @@ def main() -> None:
     print(f"\n`{finetune['command']}` ({finetune['threads']} torch thread(s), "
           f"load {finetune.get('load_average', 'not recorded')}):\n")  # fmt: skip
     print("\n".join(finetune_table(finetune)))
+    unified = json.loads((RESULTS / "unified_accuracy.json").read_text())
+    print("\ntest metric (backward % of full reached), finetune, small suite:\n")
+    print("\n".join(unified_table(unified)))
 
 
 if __name__ == "__main__":
