@@ -1,0 +1,62 @@
+"""cProfile of training steps of one of ``benchmarks/speed.py``'s models: full's and a policy's
+milliseconds per step, then the policy's 10 steps by function (where its time goes).
+
+Run:
+    python benchmarks/profile_step.py "wide MLP 784-2048-2048-10" --threads 1
+    python benchmarks/profile_step.py "small CNN 16-32-32" --policy "topk 0.05" --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from speed import MODELS, keep_freed_memory
+from torch import nn
+
+import tinyprop
+from tinyprop import data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", choices=list(MODELS))
+    parser.add_argument("--policy", default="topk 0.05")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=25, help="functions listed")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    build, batch_size, side, policies = MODELS[args.model]
+    x, y = data.load("mnist", "train", limit=batch_size * 10).tensors  # (N, 1, 28, 28)
+    pad = (side - x.shape[-1]) // 2
+    x = nn.functional.pad(x, (pad,) * 4) if pad else x
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    for name in ("full", args.policy):
+        torch.manual_seed(0)
+        model = tinyprop.apply(build(), policies[name])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def train(index: int, model=model, optimizer=optimizer) -> None:
+            batch = slice((index % 10) * batch_size, (index % 10 + 1) * batch_size)
+            tinyprop.train_step(model, x[batch], y[batch], loss_fn, optimizer)
+
+        for index in range(3):
+            train(index)
+        start = time.perf_counter()
+        for index in range(10):
+            train(index)
+        print(f"{name}: {(time.perf_counter() - start) * 100:.1f} ms per step")
+    profile = cProfile.Profile()
+    profile.enable()
+    for index in range(10):
+        train(index)
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(args.rows)
+
+
+if __name__ == "__main__":
+    main()
