@@ -172,6 +172,12 @@ def test_train_command_prints_metric_and_ledger(tmp_path, capsys):
     assert "unknown dataset" in capsys.readouterr().err
     assert train.main(args + ["--s-min", "0.9", "--s-max", "0.1"]) == 2
     assert "s_min" in capsys.readouterr().err
+    unified = tmp_path / "unified.json"
+    assert train.main(args + ["--epochs", "1", "--unified", "--record", str(unified)]) == 0
+    assert json.loads(unified.read_text())["settings"] == {"ratio": 0.25, "unified": True}
+    assert train.main(["--suite", "tiny", "--dataset", "tiny-blobs", "--unified"]) == 0
+    assert train.main(args[:4] + ["--policy", "full", "--unified"]) == 2
+    assert "unified applies to topk" in capsys.readouterr().err
 
 
 def test_standardize_last_axis_uses_the_reference_statistics_only():
