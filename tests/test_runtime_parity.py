@@ -89,17 +89,22 @@ def torch_optimizer(spec: OptimizerSpec, parameters):
     )
 
 
-def trained_layers_backward(c_model, count, keep, trained, batch_size) -> tuple[int, int]:
+def trained_layers_backward(
+    c_model, count, keep, trained, batch_size, bias_only=()
+) -> tuple[int, int]:
     """Backward and dense-backward MACs of the last ``count`` dense/conv layers, by the
-    ledger's formula: per trained sample k fan_in (weight gradient), k fan_in + input size
-    (input gradient, not for the first trained layer), N (bias gradient)."""
+    ledger's formula: per trained sample k fan_in (weight gradient, not for a layer in
+    ``bias_only``: numbers among all dense/conv layers), k fan_in + input size (input gradient,
+    not for the first trained layer), N (bias gradient)."""
     layers = c_model.trainable[-count:]
+    offset = len(c_model.trainable) - count
     backward = dense = 0
     for index, layer in enumerate(layers):
         first = index == 0
+        weight_trains = offset + index not in bias_only
 
-        def macs(k, layer=layer, first=first):
-            total = k * layer.fan_in
+        def macs(k, layer=layer, first=first, weight_trains=weight_trains):
+            total = k * layer.fan_in if weight_trains else 0
             if not first:
                 total += k * layer.fan_in + layer.input_size
             return total + (layer.output_size if layer.has_bias else 0)
@@ -129,10 +134,10 @@ def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, se
         optimizer, [p for p in python_model.parameters() if p.requires_grad]
     )
     step_function = train_step_in_place if memory.sgd_in_place else tinyprop.train_step
-    trained_layers = [
-        name
-        for name, module in tinyprop.model.state_of(python_model).layers
-        if module.weight.requires_grad
+    trained_layers = [  # (column among the dense/conv layers, name); bias-only ones too
+        (column, name)
+        for column, (name, module) in enumerate(tinyprop.model.state_of(python_model).layers)
+        if any(p.requires_grad for p in module.parameters(recurse=False))
     ]
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     classes = c_model.layers[-1].output_size
@@ -152,12 +157,12 @@ def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, se
             assert c_stats.macs.forward == python_stats.macs.forward, where
             assert c_stats.macs.selection == python_stats.macs.selection, where
             expected = trained_layers_backward(
-                c_model, len(trained_layers), python_stats.keep, c_stats.trained, len(y)
-            )
+                c_model, len(trained_layers), python_stats.keep, c_stats.trained, len(y),
+                memory.bias_only_layers,
+            )  # fmt: skip
             assert (c_stats.macs.backward, c_stats.macs.backward_dense) == expected, where
         assert c_stats.loss == pytest.approx(python_stats.loss, rel=1e-5), where
-        first_column = len(c_model.trainable) - len(trained_layers)
-        for column, name in enumerate(trained_layers, start=first_column):
+        for column, name in trained_layers:
             if name not in python_stats.keep:  # no k recorded: nothing trained, or full
                 assert config.policy == "full" or c_stats.trained == 0, f"{where}: {name}"
                 continue
@@ -292,6 +297,43 @@ def test_parity_frozen_layers(library, model_name, first, policy):
             )
 
 
+# bias-only layers (weights frozen, bias trained, error passed on; a ReLU before them keeps a
+# bit mask): (model, first trained layer, bias-only layers): the depthwise and pointwise convs
+# of the CNN (the first conv's weights train), the depthwise one alone, a dense layer of the MLP, a conv of the HAR CNN behind frozen layers
+BIAS_ONLY = [
+    ("cnn_depthwise", 0, (1, 2)),
+    ("cnn_depthwise", 0, (1,)),
+    ("mlp", 0, (1,)),
+    ("har", 1, (2,)),
+]
+
+
+@pytest.mark.parametrize(("model_name", "first", "bias_only"), BIAS_ONLY)
+@pytest.mark.parametrize("policy", ["full", "topk", "tinypropv2"])
+def test_parity_bias_only_layers(library, model_name, first, bias_only, policy):
+    """Bias-only layers: the same run as the library with requires_grad False on their
+    weights (Adam and SGD with momentum); their weights stay exactly as they were."""
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    memory = MemoryMode(first, bias_only_layers=bias_only)
+    for optimizer in (
+        OptimizerSpec("adam", lr=0.01),
+        OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9, weight_decay=1e-4),
+    ):
+        torch.manual_seed(0)
+        before = RuntimeModel(MODELS[model_name][0](), MODELS[model_name][1], config, optimizer,
+                              library, memory).parameters()  # fmt: skip
+        c_model, trained, _ = run_parity(
+            library, model_name, config, optimizer, steps=4, memory=memory
+        )
+        assert trained > 0
+        after = c_model.parameters()
+        for index in bias_only:
+            name = f"{c_model.trainable[index].path}.weight"
+            np.testing.assert_array_equal(after[name], before[name])
+            bias = f"{c_model.trainable[index].path}.bias"
+            assert not np.array_equal(after[bias], before[bias]), bias
+
+
 @pytest.mark.parametrize(("model_name", "first"), [("mlp", 0), ("cnn_depthwise", 0), ("har", 2)])
 @pytest.mark.parametrize("policy", ["full", "topk", "tinypropv2"])
 def test_parity_sgd_in_place(library, model_name, first, policy):
@@ -326,6 +368,17 @@ def test_arena_of_every_mode_is_what_training_uses(library):
                         )
                         where = (model_name, memory, policy, optimizer.kind)
                         assert c_model.arena_bytes == used == expected, where
+    for model_name, first, bias_only in BIAS_ONLY:
+        build, shape, _ = MODELS[model_name]
+        memory = MemoryMode(first, bias_only_layers=bias_only)
+        for optimizer in (OptimizerSpec(momentum=0.9), OptimizerSpec("adam")):
+            for policy in ("full", "tinypropv2"):
+                config = tinyprop.TinyPropConfig(policy=policy)
+                c_model = RuntimeModel(build(), shape, config, optimizer, library, memory)
+                expected = arena_bytes(
+                    c_model.layers, policy, optimizer.kind, optimizer.momentum, memory
+                )
+                assert c_model.arena_bytes == c_model.totals()[1] == expected, memory
 
 
 def test_memory_mode_rejects_what_it_cannot_do(library):

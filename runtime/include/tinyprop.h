@@ -156,6 +156,11 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   gathers its gradient in a buffer of its own size that lives only during its backward.
  *   The batch given to tp_train_batch is then a list of samples, each trained with lr (not
  *   lr / batch). If a sample's loss is not finite, the samples before it stay applied.
+ * - bias_only_layers: bit i set: trainable layer i (after first_trained_layer, with a bias)
+ *   trains its bias only (TinyTL-style): its weights stay in the spec's const arrays, its
+ *   error still passes on to the layers below, its input is not kept for the backward, and
+ *   a ReLU right before it keeps a 1-bit mask of its output instead of the output. Not with
+ *   sgd_in_place (TP_ERR_UNSUPPORTED). Trainable layers 0..31 only.
  * The arena's transient buffers (activations, errors, selection and conv scratch, in-place
  * gradients) are placed by their lifetimes within one training step, each where it does not
  * overlap a buffer alive at the same time, so that memory is reused once a buffer's backward
@@ -163,6 +168,7 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
 typedef struct {
     int32_t first_trained_layer;
     int32_t sgd_in_place;
+    uint32_t bias_only_layers;
 } tp_memory_config;
 
 /* Every layer trained, one update per batch (the Python library's train_step). */
@@ -189,6 +195,7 @@ typedef struct {
     int32_t fan_in;              /* in_features, or C_in/groups * kh * kw */
     int32_t input_is_sample;     /* 1 when this layer reads the sample itself */
     int32_t trained;             /* 1 for a trainable layer at or after first_trained_layer */
+    int32_t bias_only;           /* trained, its weight frozen (bias_only_layers) */
     float *weight, *bias;        /* a frozen layer's point into the spec (never written) */
     float *grad_weight, *grad_bias; /* NULL for frozen layers and in-place dense layers */
     float *output;               /* this layer's output for the current sample */
@@ -196,6 +203,7 @@ typedef struct {
     float *forward_scratch;      /* conv: zero-padded input, tap offsets */
     float *backward_scratch;     /* trained conv: the same, patch buffers, position sort */
     float *selection;            /* trained, sparse policies: |delta| values then indices */
+    uint32_t *relu_mask;         /* a ReLU before a bias-only layer: bit j = output j > 0 */
     float running_max;           /* Ymax_l */
 } tp_layer;
 

@@ -51,10 +51,11 @@ typedef struct {
  * plan.c): the padded input (when the layer pads), the tap and run offsets; then, for the
  * backward only, the padded input error (when the layer pads and passes an error on), the
  * patch and its error, the position starts and the channel order of a dense backward.
+ * with_input: 0 leaves the padded input out (a bias-only layer's backward never reads it).
  * with_offsets: also the per-tap offset table (the forward's; the backward reads the
  * kernel-row runs only); with_delta_in: the backward writes the input's error. */
 static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_offsets,
-                              int with_delta_in) {
+                              int with_delta_in, int with_input) {
     tp_conv_plan plan;
     int32_t ic, kh, kw, j = 0;
     plan.in_per_group = layer->in_c / layer->groups;
@@ -66,7 +67,8 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_of
     plan.padded_plane = (size_t)plan.padded_h * (size_t)plan.padded_w;
     plan.padded_size = (size_t)layer->in_c * plan.padded_plane;
     plan.x_padded = scratch;
-    plan.offset = (int32_t *)(void *)(plan.x_padded + (plan.pads ? plan.padded_size : 0));
+    plan.offset =
+        (int32_t *)(void *)(plan.x_padded + (plan.pads && with_input ? plan.padded_size : 0));
     plan.run_offset = plan.offset + layer->fan_in;
     plan.delta_in_padded = (float *)(void *)(plan.run_offset + layer->fan_in);
     plan.patch = plan.delta_in_padded + (plan.pads && with_delta_in ? plan.padded_size : 0);
@@ -307,7 +309,7 @@ static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, cons
 }
 
 void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scratch, int relu) {
-    const tp_conv_plan plan = conv_plan(layer, scratch, 1, 0);
+    const tp_conv_plan plan = conv_plan(layer, scratch, 1, 0, 1);
     const size_t out_plane = (size_t)plan.plane;
     const int32_t fan_in = layer->fan_in, out_w = layer->out_w;
     int32_t group, oc, oh, ow;
@@ -500,8 +502,62 @@ TP_NO_LIBRARY_CALLS static void scatter_patch(const tp_conv_plan *plan,
     }
 }
 
+/* A bias-only layer (frozen weight) at output position p: only the patch gradient of the
+ * channels channels[0..count) (two per pass, as below), scattered back; the input is not
+ * read. */
+static void input_error_position(const tp_layer *layer, const tp_conv_plan *plan,
+                                 float *delta_in_target, size_t group_stride, const float *delta,
+                                 int32_t p, const int32_t *channels, int32_t count) {
+    const int32_t fan_in = layer->fan_in;
+    const int32_t oh = p / layer->out_w, ow = p - oh * layer->out_w;
+    const size_t base = (size_t)(oh * layer->stride_h) * (size_t)(plan->pads ? plan->padded_w
+                                                                            : layer->in_w) +
+                        (size_t)(ow * layer->stride_w);
+    float *restrict patch_delta = plan->patch_delta;
+    int32_t i = 0, j;
+    while (i < count) {
+        const int32_t group = layer->groups == 1 ? 0 : channels[i] / plan->out_per_group;
+        const size_t at = (size_t)group * group_stride + base;
+        int32_t pending = -1;
+        float pending_delta = 0.0f;
+        int first = 1;
+        for (; i < count; i++) {
+            const int32_t c = channels[i];
+            const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
+            const float *restrict w0, *restrict w1;
+            if (layer->groups != 1 && c / plan->out_per_group != group) break;
+#if TP_SKIP_ZERO_ERRORS
+            if (d == 0.0f) continue;
+#endif
+            if (pending < 0) {
+                pending = c;
+                pending_delta = d;
+                continue;
+            }
+            w0 = layer->weight + (size_t)pending * (size_t)fan_in;
+            w1 = layer->weight + (size_t)c * (size_t)fan_in;
+            if (first)
+                for (j = 0; j < fan_in; j++) patch_delta[j] = pending_delta * w0[j] + d * w1[j];
+            else
+                for (j = 0; j < fan_in; j++) patch_delta[j] += pending_delta * w0[j] + d * w1[j];
+            pending = -1;
+            first = 0;
+        }
+        if (pending >= 0) {
+            const float *restrict w = layer->weight + (size_t)pending * (size_t)fan_in;
+            if (first)
+                for (j = 0; j < fan_in; j++) patch_delta[j] = pending_delta * w[j];
+            else
+                for (j = 0; j < fan_in; j++) patch_delta[j] += pending_delta * w[j];
+            first = 0;
+        }
+        if (!first) scatter_patch(plan, patch_delta, delta_in_target + at);
+    }
+}
+
 /* The channels channels[0..count) (ascending) at output position p: gather each group's patch
- * once, update every channel's weight-gradient row and the patch gradient, scatter it back. */
+ * once, update every channel's weight-gradient row and the patch gradient, scatter it back
+ * (a bias-only layer: the patch gradient only). */
 static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const float *source,
                               float *delta_in_target, size_t group_stride, const float *delta,
                               int32_t p, const int32_t *channels, int32_t count) {
@@ -513,6 +569,12 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
     float *restrict patch = plan->patch;
     float *restrict patch_delta = delta_in_target != NULL ? plan->patch_delta : NULL;
     int32_t i = 0;
+    if (layer->bias_only) {
+        if (delta_in_target != NULL)
+            input_error_position(layer, plan, delta_in_target, group_stride, delta, p, channels,
+                                 count);
+        return;
+    }
     while (i < count) {
         const int32_t group = layer->groups == 1 ? 0 : channels[i] / plan->out_per_group;
         const size_t at = (size_t)group * group_stride + base;
@@ -572,8 +634,8 @@ TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_c
 
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                       int32_t k, float *delta_in, float *scratch, int32_t *order, int bias_done) {
-    const tp_conv_plan plan = conv_plan(layer, scratch, 0, delta_in != NULL);
-    const float *source = padded_input(layer, &plan, x);
+    const tp_conv_plan plan = conv_plan(layer, scratch, 0, delta_in != NULL, !layer->bias_only);
+    const float *source = layer->bias_only ? NULL : padded_input(layer, &plan, x);
     const size_t group_stride =
         (size_t)plan.in_per_group *
         (plan.pads ? plan.padded_plane : (size_t)layer->in_h * (size_t)layer->in_w);

@@ -62,7 +62,7 @@ static void dense_backward_row(tp_layer *layer, const float *x, float d, int32_t
 #if TP_SKIP_ZERO_ERRORS
     if (d == 0.0f) return;
 #endif
-    axpy(layer->grad_weight + offset, d, x, layer->fan_in);
+    if (!layer->bias_only) axpy(layer->grad_weight + offset, d, x, layer->fan_in);
     if (delta_in != NULL) axpy(delta_in, d, layer->weight + offset, layer->fan_in);
 }
 
@@ -89,6 +89,17 @@ void tp_relu_forward(const float *x, float *y, int32_t n) {
 void tp_relu_backward(const float *y, float *delta, int32_t n) {
     int32_t i;
     for (i = 0; i < n; i++) delta[i] = y[i] > 0.0f ? delta[i] : 0.0f; /* branchless */
+}
+
+void tp_relu_mask(const float *y, uint32_t *mask, int32_t n) {
+    int32_t i;
+    for (i = 0; i < (n + 31) / 32; i++) mask[i] = 0u;
+    for (i = 0; i < n; i++) mask[i >> 5] |= (uint32_t)(y[i] > 0.0f) << (i & 31);
+}
+
+void tp_relu_backward_mask(const uint32_t *mask, float *delta, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; i++) delta[i] = (mask[i >> 5] >> (i & 31)) & 1u ? delta[i] : 0.0f;
 }
 
 /* ---------------------------------------------------------------- pooling (PyTorch rules) */

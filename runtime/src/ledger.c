@@ -8,11 +8,12 @@ uint64_t tp_macs_forward(const tp_layer *layer) {
     return (uint64_t)tp_layer_output_size(layer) * (uint64_t)layer->fan_in;
 }
 
-/* k fan_in (weight gradient) + k fan_in + input size (input gradient and the previous
- * activation's derivative; not for the first layer) + N_l (dense bias gradient). */
+/* k fan_in (weight gradient; not for a bias-only layer) + k fan_in + input size (input
+ * gradient and the previous activation's derivative; not for the first layer) + N_l (dense
+ * bias gradient). */
 uint64_t tp_macs_backward(const tp_layer *layer, int32_t k, int is_first_trainable) {
     const uint64_t products = (uint64_t)k * (uint64_t)layer->fan_in;
-    uint64_t macs = products;
+    uint64_t macs = layer->bias_only ? 0 : products;
     if (!is_first_trainable) macs += products + (uint64_t)tp_layer_input_size(layer);
     if (layer->has_bias) macs += (uint64_t)tp_layer_output_size(layer);
     return macs;

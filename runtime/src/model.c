@@ -212,6 +212,7 @@ tp_memory_config tp_memory_defaults(void) {
     tp_memory_config memory;
     memory.first_trained_layer = 0;
     memory.sgd_in_place = 0;
+    memory.bias_only_layers = 0u;
     return memory;
 }
 
@@ -223,6 +224,16 @@ static tp_status check_memory(const tp_memory_config *memory, const tp_optimizer
     if (memory->sgd_in_place && (optimizer->kind != TP_OPTIMIZER_SGD ||
                                  optimizer->momentum != 0.0 || optimizer->nesterov != 0))
         return TP_ERR_ARGUMENT; /* in place needs plain SGD: no state between samples */
+    if (memory->bias_only_layers != 0u) {
+        /* bits after the first trained layer (whose weights train) and below the count */
+        const uint32_t up_to_first = memory->first_trained_layer >= 31
+                                         ? 0xFFFFFFFFu
+                                         : (2u << memory->first_trained_layer) - 1u;
+        if ((memory->bias_only_layers & up_to_first) != 0u) return TP_ERR_ARGUMENT;
+        if (trainable_count < 32 && (memory->bias_only_layers >> trainable_count) != 0u)
+            return TP_ERR_ARGUMENT;
+        if (memory->sgd_in_place) return TP_ERR_UNSUPPORTED;
+    }
     return TP_OK;
 }
 
@@ -258,8 +269,12 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
     if (trainable == 0) return TP_ERR_ARGUMENT;
     if (c * h * w < 2) return TP_ERR_SHAPE; /* at least two classes */
     if ((status = check_memory(memory, optimizer, trainable)) != TP_OK) return status;
-    for (i = 0; i < spec->layer_count; i++)
-        layers[i].trained = layers[i].trainable_index >= memory->first_trained_layer;
+    for (i = 0; i < spec->layer_count; i++) {
+        const int32_t index = layers[i].trainable_index;
+        layers[i].trained = index >= memory->first_trained_layer;
+        layers[i].bias_only = index >= 0 && index < 32 && ((memory->bias_only_layers >> index) & 1u);
+        if (layers[i].bias_only && !layers[i].has_bias) return TP_ERR_ARGUMENT; /* no bias */
+    }
     return tp_plan_arena(layers, spec->layer_count, c * h * w, policy, optimizer, memory, plan);
 }
 
@@ -340,12 +355,17 @@ static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
             layer->bias = layer->has_bias ? (float *)(uintptr_t)s->bias : NULL;
             continue;
         }
-        layer->weight = weights;
-        copy_or_zero(weights, s->weight, count);
-        weights += count;
-        if (grads != NULL) {
-            layer->grad_weight = grads;
-            grads += count;
+        if (layer->bias_only) {
+            if (s->weight == NULL) return TP_ERR_NULL;
+            layer->weight = (float *)(uintptr_t)s->weight; /* read only: frozen */
+        } else {
+            layer->weight = weights;
+            copy_or_zero(weights, s->weight, count);
+            weights += count;
+            if (grads != NULL) {
+                layer->grad_weight = grads;
+                grads += count;
+            }
         }
         if (layer->has_bias) {
             layer->bias = weights;
@@ -379,6 +399,7 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
             layer->grad_weight = at;
             layer->grad_bias = layer->has_bias ? at + (size_t)layer->out_c * layer->fan_in : NULL;
             break;
+        case TP_BUFFER_RELU_MASK: layer->relu_mask = (uint32_t *)(void *)at; break;
         }
     }
     for (i = 0; i < model->layer_count; i++) {

@@ -29,6 +29,17 @@ static size_t layer_parameters(const tp_layer *layer) {
     return (size_t)layer->out_c * (size_t)layer->fan_in + (layer->has_bias ? (size_t)layer->out_c : 0);
 }
 
+/* The parameters a trained layer keeps in the arena: a bias-only layer's bias. */
+static size_t trained_parameters(const tp_layer *layer) {
+    return layer->bias_only ? (size_t)layer->out_c : layer_parameters(layer);
+}
+
+/* A ReLU (with its own output buffer or in place) right before a bias-only layer keeps a bit
+ * mask of its output for its backward instead of the output. */
+static int keeps_mask(const tp_layer *layers, int32_t i, int32_t layer_count) {
+    return layers[i].kind == TP_LAYER_RELU && i + 1 < layer_count && layers[i + 1].bias_only;
+}
+
 /* A conv's forward scratch: its zero-padded input (when it pads) and two tables of fan_in. */
 size_t tp_conv_forward_scratch_floats(const tp_layer *layer) {
     const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
@@ -37,14 +48,17 @@ size_t tp_conv_forward_scratch_floats(const tp_layer *layer) {
     return (pads ? padded : 0) + 2 * (size_t)layer->fan_in;
 }
 
-/* Its backward scratch: the same, the padded input error (when it pads and passes an error
- * on), two patch buffers of fan_in and the position sort (plane + 1 starts, out_c channels;
- * a sparse policy sorts its kept entries in the selection scratch instead). */
-size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta) {
+/* Its backward scratch: the same (without the padded input when it does not read its input:
+ * a bias-only layer), the padded input error (when it pads and passes an error on), two patch
+ * buffers of fan_in and the position sort (plane + 1 starts, out_c channels; a sparse policy
+ * sorts its kept entries in the selection scratch instead). */
+size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta,
+                                       int reads_input) {
     const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
                           (size_t)(layer->in_w + 2 * layer->padding_w);
     const int pads = layer->padding_h > 0 || layer->padding_w > 0;
-    return tp_conv_forward_scratch_floats(layer) + (pads && writes_input_delta ? padded : 0) +
+    return (pads && reads_input ? padded : 0) + 2 * (size_t)layer->fan_in +
+           (pads && writes_input_delta ? padded : 0) +
            2 * (size_t)layer->fan_in + (size_t)layer->out_h * (size_t)layer->out_w + 1 +
            (size_t)layer->out_c;
 }
@@ -135,7 +149,7 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
     for (i = 0; i < L; i++) {
         if (layers[i].trained) {
             if (first < 0) first = i;
-            plan->parameters += layer_parameters(&layers[i]);
+            plan->parameters += trained_parameters(&layers[i]);
         }
     }
     if (first < 0) return TP_ERR_ARGUMENT;
@@ -156,9 +170,10 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
         const tp_layer_kind kind = layers[i].kind;
         if (input >= 0) last_use[input] = max_i32(last_use[input], i);
         if (i < first) continue;
-        if (input >= 0 && (layers[i].trained || kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
+        if (input >= 0 && ((layers[i].trained && !layers[i].bias_only) ||
+                           kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
             last_use[input] = max_i32(last_use[input], 2 * L - i);
-        if (kind == TP_LAYER_RELU && storage[i] >= 0)
+        if (kind == TP_LAYER_RELU && storage[i] >= 0 && !keeps_mask(layers, i, L))
             last_use[storage[i]] = max_i32(last_use[storage[i]], 2 * L - i);
     }
     if (storage[L - 1] >= 0) last_use[storage[L - 1]] = max_i32(last_use[storage[L - 1]], L);
@@ -171,6 +186,11 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
         if (layers[i].kind == TP_LAYER_CONV2D) {
             status = add_buffer(plan, tp_conv_forward_scratch_floats(&layers[i]), i, i, i,
                                 TP_BUFFER_FORWARD_SCRATCH);
+            if (status != TP_OK) return status;
+        }
+        if (i >= first && keeps_mask(layers, i, L)) {
+            status = add_buffer(plan, (size_t)(tp_layer_output_size(&layers[i]) + 31) / 32, i,
+                                2 * L - i, i, TP_BUFFER_RELU_MASK);
             if (status != TP_OK) return status;
         }
     }
@@ -189,8 +209,9 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
         }
         if (!layer->trained) continue;
         if (layer->kind == TP_LAYER_CONV2D) {
-            status = add_buffer(plan, tp_conv_backward_scratch_floats(layer, i > first), step,
-                                step, i, TP_BUFFER_BACKWARD_SCRATCH);
+            status = add_buffer(plan, tp_conv_backward_scratch_floats(layer, i > first,
+                                                                      !layer->bias_only),
+                                step, step, i, TP_BUFFER_BACKWARD_SCRATCH);
             if (status != TP_OK) return status;
         }
         if (policy->policy != TP_POLICY_FULL) {

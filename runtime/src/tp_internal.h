@@ -27,7 +27,8 @@ typedef enum {
     TP_BUFFER_INPUT_DELTA = 3,
     TP_BUFFER_BACKWARD_SCRATCH = 4,
     TP_BUFFER_SELECTION = 5,
-    TP_BUFFER_GRADIENT = 6
+    TP_BUFFER_GRADIENT = 6,
+    TP_BUFFER_RELU_MASK = 7
 } tp_buffer_use;
 typedef struct {
     uint32_t floats, offset; /* in floats (every buffer holds 4-byte floats or int32s) */
@@ -47,7 +48,9 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                         const tp_memory_config *memory, tp_arena_plan *plan);
 size_t tp_plan_floats(const tp_arena_plan *plan); /* the whole arena, in floats */
 size_t tp_conv_forward_scratch_floats(const tp_layer *layer);
-size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta);
+/* reads_input: 0 for a bias-only layer (no weight gradient: its input is not read) */
+size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta,
+                                       int reads_input);
 
 /* ---- layers.c: one sample, (C, H, W) layout */
 void tp_zero(float *p, size_t n); /* p[0..n) = 0 */
@@ -59,6 +62,10 @@ void tp_relu_forward(const float *x, float *y, int32_t n);
 void tp_maxpool_forward(const tp_layer *layer, const float *x, float *y);
 void tp_avgpool_forward(const tp_layer *layer, const float *x, float *y);
 void tp_relu_backward(const float *y, float *delta, int32_t n);
+/* a ReLU's output as bits (bit j of word j / 32: y[j] > 0), and the backward from them: the
+ * same floats as tp_relu_backward from y (a bias-only layer's input is not kept) */
+void tp_relu_mask(const float *y, uint32_t *mask, int32_t n);
+void tp_relu_backward_mask(const uint32_t *mask, float *delta, int32_t n);
 void tp_maxpool_backward(const tp_layer *layer, const float *x, const float *delta_out,
                          float *delta_in);
 void tp_avgpool_backward(const tp_layer *layer, const float *delta_out, float *delta_in);
@@ -69,7 +76,7 @@ int tp_maxpool_relu_backward(const tp_layer *layer, const float *x, const float 
 int tp_avgpool_relu_backward(const tp_layer *layer, const float *relu_output,
                              const float *delta_out, float *delta_in);
 /* Gradients from the kept output entries `kept` (count k), or from all when kept == NULL.
- * Adds to grad_weight; writes delta_in (zeroed first) unless delta_in == NULL. */
+ * Adds to grad_weight (not for a bias-only layer, whose x may then be NULL); writes delta_in (zeroed first) unless delta_in == NULL. */
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                        int32_t k, float *delta_in);
 /* bias_done: the bias gradient was already added (by the selection's gather); scratch:

@@ -23,10 +23,15 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
                              model->layers[i + 1].output == layer->output;
             tp_conv_forward(layer, current, layer->output, layer->forward_scratch, relu);
             i += relu;
+            if (relu && model->layers[i].relu_mask != NULL)
+                tp_relu_mask(layer->output, model->layers[i].relu_mask,
+                             tp_layer_output_size(layer));
             break;
         }
         case TP_LAYER_RELU:
             tp_relu_forward(current, layer->output, tp_layer_output_size(layer));
+            if (layer->relu_mask != NULL)
+                tp_relu_mask(layer->output, layer->relu_mask, tp_layer_output_size(layer));
             break;
         case TP_LAYER_MAXPOOL: tp_maxpool_forward(layer, current, layer->output); break;
         case TP_LAYER_AVGPOOL: tp_avgpool_forward(layer, current, layer->output); break;
@@ -137,7 +142,10 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
         float *const spare = layer->input_delta; /* this layer's input error (NULL for F) */
         switch (layer->kind) {
         case TP_LAYER_RELU:
-            tp_relu_backward(layer->output, delta, tp_layer_output_size(layer));
+            if (layer->relu_mask != NULL)
+                tp_relu_backward_mask(layer->relu_mask, delta, tp_layer_output_size(layer));
+            else
+                tp_relu_backward(layer->output, delta, tp_layer_output_size(layer));
             continue;
         case TP_LAYER_FLATTEN: continue;
         /* a pool right after a ReLU takes the ReLU's derivative in the same pass where it can

@@ -386,18 +386,19 @@ static void test_gradient_matches_finite_differences(void) {
 }
 
 /* Every memory mode of every model: the arena exactly as said (malloc'ed to the byte, so ASan
- * sees any write past it), frozen weights never written, training runs. */
+ * sees any write past it), frozen weights never written, training runs. in_place 2: the
+ * layers after the first trained one train their biases only (bias_only_layers). */
 static void test_memory_modes(void) {
     const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
     const int trainable[] = {3, 4, 3};
     int s, first, in_place, p, step;
     for (s = 0; s < 3; s++) {
         for (first = 0; first < trainable[s]; first++) {
-            for (in_place = 0; in_place <= 1; in_place++) {
+            for (in_place = 0; in_place <= 2; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
                     tp_policy_config config = tp_policy_defaults((tp_policy)p);
                     tp_optimizer_config opt =
-                        in_place ? tp_sgd(0.05, 0.0, 1e-3) : tp_adam(0.01, 0.0);
+                        in_place == 1 ? tp_sgd(0.05, 0.0, 1e-3) : tp_adam(0.01, 0.0);
                     tp_memory_config memory = tp_memory_defaults();
                     tp_model model;
                     size_t bytes = 0, full_bytes = 0;
@@ -405,8 +406,13 @@ static void test_memory_modes(void) {
                     int32_t labels[6], b;
                     tp_step_stats stats;
                     void *arena;
+                    /* the layers after the first trained one that have a bias (the CNN's
+                     * pointwise conv, trainable layer 2, has none) */
+                    const uint32_t later = ((1u << trainable[s]) - 1u) & ~((2u << first) - 1u) &
+                                           (s == 1 ? ~(1u << 2) : ~0u);
                     memory.first_trained_layer = first;
-                    memory.sgd_in_place = in_place;
+                    memory.sgd_in_place = in_place == 1;
+                    memory.bias_only_layers = in_place == 2 ? later : 0u;
                     CHECK(tp_arena_bytes_mode(specs[s], &config, &opt, &memory, &bytes) == TP_OK);
                     CHECK(tp_arena_bytes(specs[s], &config, &opt, &full_bytes) == TP_OK);
                     CHECK(bytes <= full_bytes);
@@ -428,8 +434,11 @@ static void test_memory_modes(void) {
                         if (layer->trainable_index < 0) continue;
                         CHECK(layer->trained == (layer->trainable_index >= first));
                         /* frozen: the spec's own arrays, untouched */
-                        if (!layer->trained) CHECK(layer->weight == specs[s]->layers[b].weight);
-                        if (layer->trained) CHECK(layer->weight != specs[s]->layers[b].weight);
+                        const int frozen = !layer->trained || layer->bias_only;
+                        CHECK(layer->bias_only == (int32_t)((memory.bias_only_layers >>
+                                                             layer->trainable_index) & 1u));
+                        if (frozen) CHECK(layer->weight == specs[s]->layers[b].weight);
+                        if (!frozen) CHECK(layer->weight != specs[s]->layers[b].weight);
                     }
                     free(arena);
                 }
@@ -455,6 +464,20 @@ static void test_memory_modes(void) {
         memory.first_trained_layer = -1;
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, NULL, &bytes) == TP_ERR_NULL);
+        /* bias-only layers: after the first trained one, within the model, not in place */
+        memory.first_trained_layer = 1;
+        memory.bias_only_layers = 1u << 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory.bias_only_layers = 1u << 3;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory.bias_only_layers = 1u << 2;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_OK);
+        CHECK(tp_arena_bytes_mode(&cnn_spec, &config, &adam, &memory, &bytes) ==
+              TP_ERR_ARGUMENT); /* the pointwise conv has no bias to train */
+        memory.sgd_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        memory = tp_memory_defaults();
         /* a frozen layer needs its weights in the spec */
         memcpy(layers, mlp_layers, sizeof layers);
         layers[1].weight = NULL;

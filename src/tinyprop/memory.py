@@ -46,6 +46,7 @@ class MemoryMode:
 
     first_trained_layer: int = 0
     sgd_in_place: bool = False
+    bias_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.first_trained_layer, bool) or not isinstance(
@@ -54,6 +55,25 @@ class MemoryMode:
             raise TypeError(f"first_trained_layer must be an int, got {self.first_trained_layer!r}")
         if self.first_trained_layer < 0:
             raise ValueError(f"first_trained_layer must be >= 0, got {self.first_trained_layer}")
+        layers = tuple(self.bias_only_layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise TypeError(f"bias_only_layers must hold ints, got {self.bias_only_layers!r}")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"bias_only_layers must be increasing, got {layers}")
+        if layers and layers[0] <= self.first_trained_layer:
+            raise ValueError(
+                "bias_only_layers must lie after first_trained_layer (whose weights train; the "
+                f"layers before are frozen), got {layers} with first_trained_layer "
+                f"{self.first_trained_layer}"
+            )
+        if layers and self.sgd_in_place:
+            raise ValueError("bias_only_layers do not work with sgd_in_place (not built)")
+        object.__setattr__(self, "bias_only_layers", layers)
+
+    @property
+    def bias_only_bits(self) -> int:
+        """``bias_only_layers`` as the runtime's bit mask (bit i: trainable layer i)."""
+        return sum(1 << index for index in self.bias_only_layers)
 
     def check(self, optimizer: str, momentum: float, nesterov: bool = False) -> None:
         """Raise ValueError when the optimizer does not fit the mode."""
@@ -83,10 +103,17 @@ def freeze(model: nn.Module, mode: MemoryMode) -> list[str]:
             f"first_trained_layer must lie in [0, {len(layers)}) for this model (it has "
             f"{len(layers)} dense/conv layers), got {mode.first_trained_layer}"
         )
+    if mode.bias_only_layers and mode.bias_only_layers[-1] >= len(layers):
+        raise ValueError(
+            f"bias_only_layers must lie in [0, {len(layers)}) for this model, got "
+            f"{mode.bias_only_layers}"
+        )
     frozen = layers[: mode.first_trained_layer]
     for _, module in frozen:
         for parameter in module.parameters(recurse=False):
             parameter.requires_grad_(False)
+    for index in mode.bias_only_layers:
+        layers[index][1].weight.requires_grad_(False)
     return [name for name, _ in frozen]
 
 

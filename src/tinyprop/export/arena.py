@@ -23,7 +23,16 @@ from tinyprop.export.graph import AVGPOOL, CONV2D, FLATTEN, MAXPOOL, RELU, Layer
 from tinyprop.memory import MemoryMode
 
 # tp_buffer_use of plan.c
-OUTPUT, FORWARD_SCRATCH, LOSS_DELTA, INPUT_DELTA, BACKWARD_SCRATCH, SELECTION, GRADIENT = range(7)
+(
+    OUTPUT,
+    FORWARD_SCRATCH,
+    LOSS_DELTA,
+    INPUT_DELTA,
+    BACKWARD_SCRATCH,
+    SELECTION,
+    GRADIENT,
+    RELU_MASK,
+) = range(8)
 
 
 @dataclass
@@ -72,6 +81,38 @@ def trained_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
     return [layer.trainable and index >= first for index, layer in enumerate(layers)]
 
 
+def bias_only_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
+    """Per layer: a trained layer whose bias alone trains (``mode.bias_only_layers``).
+
+    Raises:
+        ValueError: when such a layer does not exist or has no bias.
+    """
+    trainable = [index for index, layer in enumerate(layers) if layer.trainable]
+    flags = [False] * len(layers)
+    for number in mode.bias_only_layers:
+        if number >= len(trainable):
+            raise ValueError(
+                f"bias_only_layers must lie in [0, {len(trainable)}) for this model, got "
+                f"{mode.bias_only_layers}"
+            )
+        if number >= 32:
+            raise ValueError(f"bias_only_layers: the runtime handles layers 0..31, got {number}")
+        if not layers[trainable[number]].has_bias:
+            raise ValueError(f"bias_only_layers: layer {number} has no bias to train")
+        flags[trainable[number]] = True
+    return flags
+
+
+def trained_parameters(layer: LayerSpec, bias_only: bool) -> int:
+    """Parameters a trained layer keeps in the arena (a bias-only layer: its bias)."""
+    return layer.out_channels if bias_only else layer_parameters(layer)
+
+
+def keeps_mask(layers: list[LayerSpec], bias_only: list[bool], i: int) -> bool:
+    """A ReLU right before a bias-only layer keeps a bit mask of its output instead."""
+    return layers[i].kind == RELU and i + 1 < len(layers) and bias_only[i + 1]
+
+
 def _padded(layer: LayerSpec) -> tuple[int, bool]:
     channels, height, width = layer.input_shape
     size = channels * (height + 2 * layer.padding[0]) * (width + 2 * layer.padding[1])
@@ -84,12 +125,13 @@ def conv_forward_scratch(layer: LayerSpec) -> int:
     return (padded if pads else 0) + 2 * layer.fan_in
 
 
-def conv_backward_scratch(layer: LayerSpec, writes_input_delta: bool) -> int:
-    """``tp_conv_backward_scratch_floats``."""
+def conv_backward_scratch(layer: LayerSpec, writes_input_delta: bool, reads_input: bool) -> int:
+    """``tp_conv_backward_scratch_floats`` (reads_input False for a bias-only layer)."""
     padded, pads = _padded(layer)
     plane = layer.output_shape[1] * layer.output_shape[2]
     return (
-        conv_forward_scratch(layer)
+        (padded if pads and reads_input else 0)
+        + 2 * layer.fan_in
         + (padded if pads and writes_input_delta else 0)
         + 2 * layer.fan_in
         + plane
@@ -147,9 +189,14 @@ def plan_arena(
     mode = mode or MemoryMode()
     mode.check(optimizer, momentum)
     trained = trained_flags(layers, mode)
+    bias_only = bias_only_flags(layers, mode)
+    if mode.sgd_in_place and any(bias_only):
+        raise ValueError("bias_only_layers do not work with sgd_in_place (not built)")
     first = trained.index(True)
     count = len(layers)
-    parameters = sum(layer_parameters(x) for x, t in zip(layers, trained, strict=True) if t)
+    parameters = sum(
+        trained_parameters(x, b) for x, t, b in zip(layers, trained, bias_only, strict=True) if t
+    )
     gradients = 0 if mode.sgd_in_place else parameters
     moments = 2 * parameters if optimizer == "adam" else (parameters if momentum else 0)
     storage, last_use, current_is_sample = [], list(range(count)), True
@@ -164,9 +211,11 @@ def plan_arena(
             last_use[source] = max(last_use[source], i)
         if i < first:
             continue
-        if source >= 0 and (trained[i] or layer.kind in (MAXPOOL, AVGPOOL)):
+        if source >= 0 and (
+            (trained[i] and not bias_only[i]) or layer.kind in (MAXPOOL, AVGPOOL)
+        ):
             last_use[source] = max(last_use[source], 2 * count - i)
-        if layer.kind == RELU and storage[i] >= 0:
+        if layer.kind == RELU and storage[i] >= 0 and not keeps_mask(layers, bias_only, i):
             last_use[storage[i]] = max(last_use[storage[i]], 2 * count - i)
     if storage[-1] >= 0:
         last_use[storage[-1]] = max(last_use[storage[-1]], count)
@@ -181,6 +230,8 @@ def plan_arena(
             add(layer.output_size, i, last_use[i], i, OUTPUT)
         if layer.kind == CONV2D:
             add(conv_forward_scratch(layer), i, i, i, FORWARD_SCRATCH)
+        if i >= first and keeps_mask(layers, bias_only, i):
+            add(-(-layer.output_size // 32), i, 2 * count - i, i, RELU_MASK)
     add(layers[-1].output_size, count, _error_reader(layers, count), -1, LOSS_DELTA)
     for i in range(count - 1, first - 1, -1):
         layer, step = layers[i], 2 * count - i
@@ -189,7 +240,13 @@ def plan_arena(
         if not trained[i]:
             continue
         if layer.kind == CONV2D:
-            add(conv_backward_scratch(layer, i > first), step, step, i, BACKWARD_SCRATCH)
+            add(
+                conv_backward_scratch(layer, i > first, not bias_only[i]),
+                step,
+                step,
+                i,
+                BACKWARD_SCRATCH,
+            )
         if policy != "full":
             add(2 * layer.output_size, step, step, i, SELECTION)
         if mode.sgd_in_place and layer.kind == CONV2D:
@@ -198,4 +255,12 @@ def plan_arena(
     return ArenaPlan(parameters, gradients, moments, transient, first, buffers)
 
 
-__all__ = ["ArenaPlan", "Buffer", "layer_parameters", "plan_arena", "trained_flags"]
+__all__ = [
+    "ArenaPlan",
+    "Buffer",
+    "bias_only_flags",
+    "layer_parameters",
+    "plan_arena",
+    "trained_flags",
+    "trained_parameters",
+]

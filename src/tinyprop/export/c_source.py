@@ -139,10 +139,12 @@ def model_header(
         f"{_c_double(optimizer.eps)}}};  /* beta1, beta2, eps (Adam) */",
         "",
         "/* memory mode: trainable layers before the first trained one are frozen (weights",
-        " * read from the const arrays above); in place: every sample its own SGD step */",
+        " * read from the const arrays above); in place: every sample its own SGD step;",
+        " * bit i of bias_only_layers: trainable layer i trains its bias only */",
         "static const tp_memory_config tp_model_memory = {",
-        f"    {memory.first_trained_layer}, {int(memory.sgd_in_place)}}};"
-        "  /* first_trained_layer, sgd_in_place */",
+        f"    {memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
+        f"0x{memory.bias_only_bits:X}u}};"
+        "  /* first_trained_layer, sgd_in_place, bias_only_layers */",
         "",
         "#endif /* TINYPROP_MODEL_H */",
         "",

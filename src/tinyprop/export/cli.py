@@ -91,6 +91,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every sample its own plain-SGD step, applied in place (no gradient buffer)",
     )
+    p.add_argument(
+        "--bias-only-layers",
+        type=cli_types.non_negative_int,
+        nargs="+",
+        default=[],
+        metavar="INDEX",
+        help="dense/conv layers (from 0) that train their bias only, weights in flash",
+    )
     return p
 
 
@@ -143,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size,
             model_name=str(args.model_file),
             force=args.force,
-            memory=MemoryMode(args.first_trained_layer, args.sgd_in_place),
+            memory=MemoryMode(
+                args.first_trained_layer, args.sgd_in_place, tuple(args.bias_only_layers)
+            ),
         )
     except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
         print(f"tinyprop export: {error}")

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from tinyprop.config import TinyPropConfig
-from tinyprop.export.arena import layer_parameters, plan_arena, trained_flags
+from tinyprop.export.arena import (
+    bias_only_flags,
+    layer_parameters,
+    plan_arena,
+    trained_flags,
+    trained_parameters,
+)
 from tinyprop.export.graph import LayerSpec, describe, inference_bytes
 from tinyprop.export.runtime import OptimizerSpec
 from tinyprop.memory import MemoryMode
@@ -57,8 +63,11 @@ def footprint_of_layers(
     """:class:`MemoryReport` of already described layers."""
     plan = plan_arena(layers, config.policy, optimizer.kind, optimizer.momentum, mode)
     trained = trained_flags(layers, mode)
+    bias_only = bias_only_flags(layers, mode)
     counts = [layer_parameters(x) if x.trainable else 0 for x in layers]
-    trained_count = sum(c for c, t in zip(counts, trained, strict=True) if t)
+    trained_count = sum(
+        trained_parameters(x, b) for x, t, b in zip(layers, trained, bias_only, strict=True) if t
+    )
     return MemoryReport(
         arena_bytes=plan.bytes,
         parameter_bytes=4 * plan.parameters,

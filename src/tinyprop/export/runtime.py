@@ -165,12 +165,16 @@ class OptimizerC(ctypes.Structure):
 
 
 class MemoryC(ctypes.Structure):
-    _fields_ = [("first_trained_layer", ctypes.c_int32), ("sgd_in_place", ctypes.c_int32)]
+    _fields_ = [
+        ("first_trained_layer", ctypes.c_int32),
+        ("sgd_in_place", ctypes.c_int32),
+        ("bias_only_layers", ctypes.c_uint32),
+    ]
 
 
 def memory_to_c(mode: MemoryMode) -> MemoryC:
     """The ``tp_memory_config`` struct of a :class:`tinyprop.memory.MemoryMode`."""
-    return MemoryC(mode.first_trained_layer, int(mode.sgd_in_place))
+    return MemoryC(mode.first_trained_layer, int(mode.sgd_in_place), mode.bias_only_bits)
 
 
 class LedgerC(ctypes.Structure):
