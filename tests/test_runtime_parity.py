@@ -299,7 +299,8 @@ def test_parity_frozen_layers(library, model_name, first, policy):
 
 # bias-only layers (weights frozen, bias trained, error passed on; a ReLU before them keeps a
 # bit mask): (model, first trained layer, bias-only layers): the depthwise and pointwise convs
-# of the CNN (the first conv's weights train), the depthwise one alone, a dense layer of the MLP, a conv of the HAR CNN behind frozen layers
+# of the CNN (the first conv's weights train), the depthwise one alone, a dense layer of the
+# MLP, a conv of the HAR CNN behind frozen layers
 BIAS_ONLY = [
     ("cnn_depthwise", 0, (1, 2)),
     ("cnn_depthwise", 0, (1,)),

@@ -211,9 +211,7 @@ def plan_arena(
             last_use[source] = max(last_use[source], i)
         if i < first:
             continue
-        if source >= 0 and (
-            (trained[i] and not bias_only[i]) or layer.kind in (MAXPOOL, AVGPOOL)
-        ):
+        if source >= 0 and ((trained[i] and not bias_only[i]) or layer.kind in (MAXPOOL, AVGPOOL)):
             last_use[source] = max(last_use[source], 2 * count - i)
         if layer.kind == RELU and storage[i] >= 0 and not keeps_mask(layers, bias_only, i):
             last_use[storage[i]] = max(last_use[storage[i]], 2 * count - i)
