@@ -61,11 +61,17 @@ def test_exported_example_with_a_mode_trains_under_asan(tmp_path):
     shape = (6, 40)
     net = models.build("har", input_shape=shape, channels=8)
     config = tinyprop.TinyPropConfig("tinypropv2", skip_threshold=0.9)
-    for memory in (MemoryMode(2), MemoryMode(1, sgd_in_place=True)):
+    for memory in (
+        MemoryMode(2),
+        MemoryMode(1, sgd_in_place=True),
+        MemoryMode(1, bias_only_layers=(2,)),
+    ):
         out = tmp_path / f"har-{memory.first_trained_layer}-{int(memory.sgd_in_place)}"
+        out = out.with_name(out.name + "-" + "-".join(map(str, memory.bias_only_layers)))
         result = export_c(net, config, out, shape, OptimizerSpec("sgd", 0.05), 4, memory=memory)
         header = (out / "tinyprop_model.h").read_text()
-        assert f"{memory.first_trained_layer}, {int(memory.sgd_in_place)}}};" in header
+        fields = f"{memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
+        assert f"{fields}0x{memory.bias_only_bits:X}u}};" in header
         assert f"#define TP_MODEL_ARENA_BYTES {result.arena_bytes}" in header
         generator = np.random.default_rng(1)
         x = generator.standard_normal((12, *shape)).astype(np.float32)
@@ -105,6 +111,15 @@ def test_cli_takes_the_mode_and_reports_ram_and_flash(tmp_path, capsys):
                           "--sgd-in-place"])  # fmt: skip
     assert status == 2
     assert "sgd_in_place needs plain SGD" in capsys.readouterr().out
+    status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
+                          str(tmp_path / "out3"), "--optimizer", "adam",
+                          "--bias-only-layers", "1", "2"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    expected = footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("adam", 0.01),
+                         MemoryMode(0, bias_only_layers=(1, 2)))  # fmt: skip
+    assert f"training arena {expected.arena_bytes} bytes" in printed
+    assert "0x6u};" in (tmp_path / "out3" / "tinyprop_model.h").read_text()
 
 
 def test_bad_modes_are_named():
@@ -117,6 +132,23 @@ def test_bad_modes_are_named():
         MemoryMode(-1)
     with pytest.raises(ValueError, match="sgd_in_place needs plain SGD"):
         TrainingMode("x", MemoryMode(0, True), optimizer="adam")
+    with pytest.raises(ValueError, match="bias_only_layers must lie after first_trained_layer"):
+        MemoryMode(1, bias_only_layers=(1,))
+    with pytest.raises(ValueError, match="bias_only_layers do not work with sgd_in_place"):
+        MemoryMode(0, True, bias_only_layers=(1,))
+    with pytest.raises(ValueError, match=r"bias_only_layers must lie in \[0, 4\)"):
+        footprint(net, (6, 100), tinyprop.TinyPropConfig(), mode=MemoryMode(0, False, (4,)))
+    bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(600, 8),
+                               torch.nn.Linear(8, 4, bias=False))  # fmt: skip
+    with pytest.raises(ValueError, match="layer 1 has no bias to train"):
+        footprint(bare, (6, 100), tinyprop.TinyPropConfig(), mode=MemoryMode(0, False, (1,)))
+
+
+def test_bias_only_layers_freeze_the_weights_only():
+    net = models.build("speech_commands")
+    freeze(net, MemoryMode(0, bias_only_layers=(1, 2)))
+    frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
+    assert frozen == ["2.weight", "4.weight"]
 
 
 def test_freeze_stops_gradients_of_the_first_layers():

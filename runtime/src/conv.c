@@ -2,7 +2,8 @@
  * stride, padding and dilation.
  *
  * Both directions work on the zero-padded input (copied into the conv scratch when the layer
- * pads), so no kernel tap needs a bounds check, and on the patch of an output position: the
+ * pads; a grouped conv, e.g. depthwise, one group at a time, so that the scratch holds one
+ * group's channels), so no kernel tap needs a bounds check, and on the patch of an output position: the
  * fan_in input values it reads, in the weight's (input channel, kh, kw) order, found through a
  * table of offsets.
  *
@@ -65,7 +66,7 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_of
     plan.plane = layer->out_h * layer->out_w;
     plan.pads = layer->padding_h > 0 || layer->padding_w > 0;
     plan.padded_plane = (size_t)plan.padded_h * (size_t)plan.padded_w;
-    plan.padded_size = (size_t)layer->in_c * plan.padded_plane;
+    plan.padded_size = (size_t)plan.in_per_group * plan.padded_plane; /* one group's */
     plan.x_padded = scratch;
     plan.offset =
         (int32_t *)(void *)(plan.x_padded + (plan.pads && with_input ? plan.padded_size : 0));
@@ -101,15 +102,17 @@ static tp_conv_plan conv_plan(const tp_layer *layer, float *scratch, int with_of
     return plan;
 }
 
-/* The input as the kernels read it: x itself, or its zero-padded copy. */
+/* The input channels of one group as the kernels read them: x itself, or their zero-padded
+ * copy. */
 TP_NO_LIBRARY_CALLS static const float *padded_input(const tp_layer *layer,
                                                      const tp_conv_plan *plan,
-                                                     const float *x) {
+                                                     const float *x, int32_t group) {
     const int32_t in_w = layer->in_w;
     int32_t c, ih, iw;
+    x += (size_t)group * (size_t)plan->in_per_group * (size_t)layer->in_h * (size_t)in_w;
     if (!plan->pads) return x;
     tp_zero(plan->x_padded, plan->padded_size);
-    for (c = 0; c < layer->in_c; c++) {
+    for (c = 0; c < plan->in_per_group; c++) {
         for (ih = 0; ih < layer->in_h; ih++) {
             float *restrict to = plan->x_padded + (size_t)c * plan->padded_plane +
                                  (size_t)(ih + layer->padding_h) * (size_t)plan->padded_w +
@@ -290,20 +293,21 @@ static void forward_point4(const float *restrict w, int32_t fan_in,
 }
 
 /* stride_w > 1: one output at a time, each a dot product of its weights with its patch */
-static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, const float *source,
+static void forward_points(const tp_layer *layer, const tp_conv_plan *plan, const float *x,
                            float *y) {
-    const size_t group_stride = (size_t)plan->in_per_group * plan->padded_plane;
-    int32_t oc, oh, ow;
-    for (oc = 0; oc < layer->out_c; oc++) {
-        const float *w = layer->weight + (size_t)oc * (size_t)layer->fan_in;
-        const float *x_group = source + (size_t)(oc / plan->out_per_group) * group_stride;
-        float *y_c = y + (size_t)oc * (size_t)plan->plane;
-        for (oh = 0; oh < layer->out_h; oh++) {
-            const float *x_row = x_group + (size_t)(oh * layer->stride_h) *
-                                               (size_t)plan->padded_w;
-            for (ow = 0; ow < layer->out_w; ow++)
-                y_c[oh * layer->out_w + ow] = forward_point(
-                    w, layer->fan_in, plan->offset, x_row + (size_t)(ow * layer->stride_w));
+    const size_t row_width = (size_t)(plan->pads ? plan->padded_w : layer->in_w);
+    int32_t group, oc, oh, ow;
+    for (group = 0; group < layer->groups; group++) {
+        const float *x_group = padded_input(layer, plan, x, group);
+        for (oc = group * plan->out_per_group; oc < (group + 1) * plan->out_per_group; oc++) {
+            const float *w = layer->weight + (size_t)oc * (size_t)layer->fan_in;
+            float *y_c = y + (size_t)oc * (size_t)plan->plane;
+            for (oh = 0; oh < layer->out_h; oh++) {
+                const float *x_row = x_group + (size_t)(oh * layer->stride_h) * row_width;
+                for (ow = 0; ow < layer->out_w; ow++)
+                    y_c[oh * layer->out_w + ow] = forward_point(
+                        w, layer->fan_in, plan->offset, x_row + (size_t)(ow * layer->stride_w));
+            }
         }
     }
 }
@@ -318,15 +322,11 @@ void tp_conv_forward(const tp_layer *layer, const float *x, float *y, float *scr
                      layer->stride_w == 1 && !plan.pads;
     const int32_t rows = flat ? 1 : layer->out_h, row_width = flat ? plan.plane : out_w;
     if (layer->stride_w != 1) {
-        forward_points(layer, &plan, padded_input(layer, &plan, x), y);
+        forward_points(layer, &plan, x, y);
     } else {
-        const float *source = padded_input(layer, &plan, x);
         const size_t padded_w = (size_t)(plan.pads ? plan.padded_w : layer->in_w);
         for (group = 0; group < layer->groups; group++) {
-            const float *x_group = source + (size_t)group * (size_t)plan.in_per_group *
-                                                (plan.pads ? plan.padded_plane
-                                                           : (size_t)layer->in_h *
-                                                                 (size_t)layer->in_w);
+            const float *x_group = padded_input(layer, &plan, x, group);
             const int32_t oc_end = (group + 1) * plan.out_per_group;
             for (oc = group * plan.out_per_group; oc < oc_end;) {
                 const int32_t block = oc_end - oc >= BLOCK_CHANNELS ? BLOCK_CHANNELS : 1;
@@ -615,12 +615,12 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
     }
 }
 
-/* delta_in = the interior of the padded input gradient */
+/* delta_in (one group's channels) = the interior of the padded input gradient */
 TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_conv_plan *plan,
                                                float *delta_in) {
     const int32_t in_w = layer->in_w;
     int32_t ic, ih, iw;
-    for (ic = 0; ic < layer->in_c; ic++) {
+    for (ic = 0; ic < plan->in_per_group; ic++) {
         for (ih = 0; ih < layer->in_h; ih++) {
             float *restrict to =
                 delta_in + ((size_t)ic * (size_t)layer->in_h + (size_t)ih) * (size_t)in_w;
@@ -632,42 +632,55 @@ TP_NO_LIBRARY_CALLS static void unpad_delta_in(const tp_layer *layer, const tp_c
     }
 }
 
+/* Group by group (one group: the whole layer): its padded input and input error live in the
+ * scratch while its channels run, position by position. Every input entry belongs to one
+ * group, so it gets the same additions in the same order as position-major over all
+ * channels. */
 void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
                       int32_t k, float *delta_in, float *scratch, int32_t *order, int bias_done) {
     const tp_conv_plan plan = conv_plan(layer, scratch, 0, delta_in != NULL, !layer->bias_only);
-    const float *source = layer->bias_only ? NULL : padded_input(layer, &plan, x);
-    const size_t group_stride =
-        (size_t)plan.in_per_group *
-        (plan.pads ? plan.padded_plane : (size_t)layer->in_h * (size_t)layer->in_w);
-    float *target = NULL;
-    int32_t p, n;
-    if (delta_in != NULL) {
-        target = plan.pads ? plan.delta_in_padded : delta_in;
-        tp_zero(target, plan.pads ? plan.padded_size : (size_t)tp_layer_input_size(layer));
-    }
-    if (kept == NULL) {
-        /* every channel at every position */
-        for (n = 0; n < layer->out_c; n++) plan.position_order[n] = n;
-        for (p = 0; p < plan.plane; p++)
-            backward_position(layer, &plan, source, target, group_stride, delta, p,
-                              plan.position_order, layer->out_c);
-    } else {
-        /* counting sort of the kept entries (c * plane + p) by position; each position's
-         * channels keep their order (ascending, as the selection returns them) */
-        int32_t *start = plan.position_start;
-        memset(start, 0, (size_t)(plan.plane + 1) * sizeof(int32_t));
-        for (n = 0; n < k; n++) start[kept[n] % plan.plane + 1]++;
-        for (p = 0; p < plan.plane; p++) start[p + 1] += start[p];
-        for (n = 0; n < k; n++) order[start[kept[n] % plan.plane]++] = kept[n] / plan.plane;
-        /* start[p] now ends position p's run, which begins where p - 1's ended */
-        for (p = 0; p < plan.plane; p++) {
-            const int32_t first = p == 0 ? 0 : start[p - 1];
-            if (start[p] > first)
-                backward_position(layer, &plan, source, target, group_stride, delta, p,
-                                  order + first, start[p] - first);
+    const size_t group_inputs =
+        (size_t)plan.in_per_group * (size_t)layer->in_h * (size_t)layer->in_w;
+    const int32_t per_group = plan.out_per_group;
+    int32_t p, n, group, next = 0;
+    if (delta_in != NULL && !plan.pads) tp_zero(delta_in, (size_t)tp_layer_input_size(layer));
+    for (n = 0; n < layer->out_c; n++) plan.position_order[n] = n;
+    for (group = 0; group < layer->groups; group++) {
+        const float *source = layer->bias_only ? NULL : padded_input(layer, &plan, x, group);
+        float *target = NULL;
+        if (delta_in != NULL) {
+            target = plan.pads ? plan.delta_in_padded : delta_in + (size_t)group * group_inputs;
+            if (plan.pads) tp_zero(target, plan.padded_size);
         }
+        if (kept == NULL) {
+            /* every channel of the group at every position */
+            for (p = 0; p < plan.plane; p++)
+                backward_position(layer, &plan, source, target, 0, delta, p,
+                                  plan.position_order + (size_t)group * (size_t)per_group,
+                                  per_group);
+        } else {
+            /* the group's kept entries (c * plane + p ascending: a run of kept), sorted by
+             * position (counting sort); each position's channels keep their order */
+            int32_t *start = plan.position_start;
+            const int32_t begin = next;
+            const int32_t end_index = (group + 1) * per_group * plan.plane;
+            while (next < k && kept[next] < end_index) next++;
+            memset(start, 0, (size_t)(plan.plane + 1) * sizeof(int32_t));
+            for (n = begin; n < next; n++) start[kept[n] % plan.plane + 1]++;
+            for (p = 0; p < plan.plane; p++) start[p + 1] += start[p];
+            for (n = begin; n < next; n++)
+                order[begin + start[kept[n] % plan.plane]++] = kept[n] / plan.plane;
+            /* start[p] now ends position p's run, which begins where p - 1's ended */
+            for (p = 0; p < plan.plane; p++) {
+                const int32_t first = p == 0 ? 0 : start[p - 1];
+                if (start[p] > first)
+                    backward_position(layer, &plan, source, target, 0, delta, p,
+                                      order + begin + first, start[p] - first);
+            }
+        }
+        if (delta_in != NULL && plan.pads)
+            unpad_delta_in(layer, &plan, delta_in + (size_t)group * group_inputs);
     }
-    if (delta_in != NULL && plan.pads) unpad_delta_in(layer, &plan, delta_in);
     if (layer->has_bias && !bias_done) {
         int32_t oc;
         for (oc = 0; oc < layer->out_c; oc++) {

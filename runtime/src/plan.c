@@ -8,8 +8,10 @@
  * layer F). Transient buffers, created in this order (the order breaks ties in placement):
  *   for each layer i: its output (unless it aliases its input: Flatten, or a ReLU in place),
  *     alive from step i to its last reader (the next layers' forward, the loss, the backward
- *     of a trained layer or a pool that reads it as input, the backward of a ReLU whose output
- *     it is); a conv's forward scratch (padded input, tap offsets), alive at step i;
+ *     of a trained layer (not bias-only) or a pool that reads it as input, the backward of a
+ *     ReLU whose output it is, unless that ReLU keeps a mask); a conv's forward scratch (one
+ *     group's padded input, tap offsets), alive at step i; from F on, a ReLU right before a
+ *     bias-only layer: the bit mask of its output (ceil(N / 32) words), steps i to 2L - i;
  *   the loss error dloss/dlogits (class_count), from step L to its reader;
  *   for each layer j from L-1 down to F: the error of its input, written by a pool or a
  *     trained layer above F, from step 2L - j to the backward of the next layer below that is
@@ -40,10 +42,16 @@ static int keeps_mask(const tp_layer *layers, int32_t i, int32_t layer_count) {
     return layers[i].kind == TP_LAYER_RELU && i + 1 < layer_count && layers[i + 1].bias_only;
 }
 
-/* A conv's forward scratch: its zero-padded input (when it pads) and two tables of fan_in. */
+/* One group's zero-padded input (a grouped conv pads one group at a time). */
+static size_t padded_group_floats(const tp_layer *layer) {
+    return (size_t)(layer->in_c / layer->groups) * (size_t)(layer->in_h + 2 * layer->padding_h) *
+           (size_t)(layer->in_w + 2 * layer->padding_w);
+}
+
+/* A conv's forward scratch: its zero-padded input (one group's, when it pads) and two tables
+ * of fan_in. */
 size_t tp_conv_forward_scratch_floats(const tp_layer *layer) {
-    const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
-                          (size_t)(layer->in_w + 2 * layer->padding_w);
+    const size_t padded = padded_group_floats(layer);
     const int pads = layer->padding_h > 0 || layer->padding_w > 0;
     return (pads ? padded : 0) + 2 * (size_t)layer->fan_in;
 }
@@ -54,8 +62,7 @@ size_t tp_conv_forward_scratch_floats(const tp_layer *layer) {
  * sorts its kept entries in the selection scratch instead). */
 size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta,
                                        int reads_input) {
-    const size_t padded = (size_t)layer->in_c * (size_t)(layer->in_h + 2 * layer->padding_h) *
-                          (size_t)(layer->in_w + 2 * layer->padding_w);
+    const size_t padded = padded_group_floats(layer);
     const int pads = layer->padding_h > 0 || layer->padding_w > 0;
     return (pads && reads_input ? padded : 0) + 2 * (size_t)layer->fan_in +
            (pads && writes_input_delta ? padded : 0) +
