@@ -125,6 +125,7 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
         "mode_description": mode.description,
         "first_trained_layer": mode.memory.first_trained_layer,
         "sgd_in_place": mode.memory.sgd_in_place,
+        "bias_only_layers": list(mode.memory.bias_only_layers),
         "optimizer": optimizer.kind,
         "momentum": optimizer.momentum,
         "policy": config.policy,

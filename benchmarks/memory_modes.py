@@ -54,6 +54,7 @@ def summary(results: Path) -> list[dict]:
             "accuracy_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "backward_ratio": statistics.mean(r["ledger"]["backward_ratio"] for r in records),
             "pretrained_mean": statistics.mean(r["pretrained_metric"] for r in records),
+            "val_mean": statistics.mean(r["val_metric"] for r in records),
         })  # fmt: skip
     return rows
 
@@ -75,11 +76,12 @@ def main(argv=None) -> int:
         print(f"{dataset} {mode.name} {label} seed {seed}: accuracy {record['metric']:.2f} "
               f"({record['wall_s']:.0f} s)", flush=True)  # fmt: skip
     rows = summary(args.results)
-    print(f"{'dataset':<16} {'mode':<20} {'policy':<11} seeds  accuracy        backward")
+    print(f"{'dataset':<16} {'mode':<26} {'policy':<11} seeds  accuracy        validation"
+          "  backward")  # fmt: skip
     for r in rows:
         accuracy = f"{r['accuracy_mean']:6.2f} ± {r['accuracy_std']:4.2f}"
-        print(f"{r['dataset']:<16} {r['mode']:<20} {r['policy']:<11} {r['seeds']:>5}  "
-              f"{accuracy}   {r['backward_ratio']:.3f}")  # fmt: skip
+        print(f"{r['dataset']:<16} {r['mode']:<26} {r['policy']:<11} {r['seeds']:>5}  "
+              f"{accuracy}   {r['val_mean']:6.2f}     {r['backward_ratio']:.3f}")  # fmt: skip
     (args.results / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 

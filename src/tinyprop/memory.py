@@ -204,6 +204,8 @@ class TrainingMode:
 FULL = TrainingMode("all-adam", description="every layer, Adam (the reference)")
 
 # the modes measured per example model (dataset name -> modes; the first is the reference).
+# first-bias-last2: TinyTL-style bias updates between a trained first conv and trained last
+# layers (the first conv matters on the keyword task; its input is the 2 KB sample).
 # Layer indices count dense/conv layers: HAR CNN conv0 conv1 conv2 linear3; DS-CNN conv0,
 # (depthwise, pointwise) x 4 = 1..8, linear 9; MNIST MLP linear 0, 1, 2.
 MODES: dict[str, list[TrainingMode]] = {
@@ -234,6 +236,18 @@ MODES: dict[str, list[TrainingMode]] = {
             "last2-adam", MemoryMode(8), description="last pointwise conv + classifier, Adam"
         ),
         TrainingMode("last1-adam", MemoryMode(9), description="the classifier only, Adam"),
+        TrainingMode(
+            "first-bias-last2-adam",
+            MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 6, 7)),
+            description="first conv, last pointwise conv and classifier; biases of the layers "
+            "between (weights in flash), Adam",
+        ),
+        TrainingMode(
+            "first-bias-last2-adam-lr3",
+            MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 6, 7)),
+            lr_scale=3.0,
+            description="the same, Adam at 3x the plan's learning rate",
+        ),
     ],
     "mnist": [
         FULL,

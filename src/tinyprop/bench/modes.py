@@ -80,6 +80,7 @@ def run_mode(dataset: str, mode: TrainingMode, policy: str, settings: dict, seed
         "mode_description": mode.description,
         "first_trained_layer": mode.memory.first_trained_layer,
         "sgd_in_place": mode.memory.sgd_in_place,
+        "bias_only_layers": list(mode.memory.bias_only_layers),
         "frozen_layers": frozen,
         "optimizer": mode.optimizer,
         "lr": lr,
