@@ -6,6 +6,7 @@ table of mean and standard deviation per dataset, mode and policy.
 
     python benchmarks/memory_modes.py                    # all of it (a few CPU-minutes)
     python benchmarks/memory_modes.py --datasets har --seeds 0
+    python benchmarks/memory_modes.py --datasets speech_commands --modes last2-adam
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tinyprop.memory import modes_for
 RESULTS = Path(__file__).resolve().parent / "results" / "memory-modes"
 
 
-def runs(datasets, seeds, policies):
+def runs(datasets, seeds, policies, names=None):
     for dataset in datasets:
         for seed in seeds:
             for mode in modes_for(dataset):
+                if names and mode.name not in names:
+                    continue
                 for policy in policies:
                     settings = CHOSEN_TINYPROPV2[dataset] if policy == "tinypropv2" else {}
                     yield dataset, mode, policy, settings, seed
@@ -64,9 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["har", "speech_commands"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--policies", nargs="+", default=["full", "tinypropv2"])
+    parser.add_argument("--modes", nargs="+", help="only these modes (names); default: all")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    for dataset, mode, policy, settings, seed in runs(args.datasets, args.seeds, args.policies):
+    for dataset, mode, policy, settings, seed in runs(
+        args.datasets, args.seeds, args.policies, args.modes
+    ):
         label = f"{policy}__{settings_label(settings)}"
         path = record_path(args.results, dataset, mode, label, seed)
         if path.is_file():

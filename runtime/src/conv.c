@@ -502,117 +502,103 @@ TP_NO_LIBRARY_CALLS static void scatter_patch(const tp_conv_plan *plan,
     }
 }
 
+/* Where the patch of output position p starts in one group's (padded) input. */
+static size_t position_base(const tp_layer *layer, const tp_conv_plan *plan, int32_t p) {
+    const int32_t oh = p / layer->out_w, ow = p - oh * layer->out_w;
+    return (size_t)(oh * layer->stride_h) *
+               (size_t)(plan->pads ? plan->padded_w : layer->in_w) +
+           (size_t)(ow * layer->stride_w);
+}
+
 /* A bias-only layer (frozen weight) at output position p: only the patch gradient of the
  * channels channels[0..count) (two per pass, as below), scattered back; the input is not
  * read. */
 static void input_error_position(const tp_layer *layer, const tp_conv_plan *plan,
-                                 float *delta_in_target, size_t group_stride, const float *delta,
-                                 int32_t p, const int32_t *channels, int32_t count) {
+                                 float *delta_in_target, const float *delta, int32_t p,
+                                 const int32_t *channels, int32_t count) {
     const int32_t fan_in = layer->fan_in;
-    const int32_t oh = p / layer->out_w, ow = p - oh * layer->out_w;
-    const size_t base = (size_t)(oh * layer->stride_h) * (size_t)(plan->pads ? plan->padded_w
-                                                                            : layer->in_w) +
-                        (size_t)(ow * layer->stride_w);
     float *restrict patch_delta = plan->patch_delta;
-    int32_t i = 0, j;
-    while (i < count) {
-        const int32_t group = layer->groups == 1 ? 0 : channels[i] / plan->out_per_group;
-        const size_t at = (size_t)group * group_stride + base;
-        int32_t pending = -1;
-        float pending_delta = 0.0f;
-        int first = 1;
-        for (; i < count; i++) {
-            const int32_t c = channels[i];
-            const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
-            const float *restrict w0, *restrict w1;
-            if (layer->groups != 1 && c / plan->out_per_group != group) break;
+    int32_t i, j, pending = -1;
+    float pending_delta = 0.0f;
+    int first = 1;
+    for (i = 0; i < count; i++) {
+        const int32_t c = channels[i];
+        const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
+        const float *restrict w0, *restrict w1;
 #if TP_SKIP_ZERO_ERRORS
-            if (d == 0.0f) continue;
+        if (d == 0.0f) continue;
 #endif
-            if (pending < 0) {
-                pending = c;
-                pending_delta = d;
-                continue;
-            }
-            w0 = layer->weight + (size_t)pending * (size_t)fan_in;
-            w1 = layer->weight + (size_t)c * (size_t)fan_in;
-            if (first)
-                for (j = 0; j < fan_in; j++) patch_delta[j] = pending_delta * w0[j] + d * w1[j];
-            else
-                for (j = 0; j < fan_in; j++) patch_delta[j] += pending_delta * w0[j] + d * w1[j];
-            pending = -1;
-            first = 0;
+        if (pending < 0) {
+            pending = c;
+            pending_delta = d;
+            continue;
         }
-        if (pending >= 0) {
-            const float *restrict w = layer->weight + (size_t)pending * (size_t)fan_in;
-            if (first)
-                for (j = 0; j < fan_in; j++) patch_delta[j] = pending_delta * w[j];
-            else
-                for (j = 0; j < fan_in; j++) patch_delta[j] += pending_delta * w[j];
-            first = 0;
-        }
-        if (!first) scatter_patch(plan, patch_delta, delta_in_target + at);
+        w0 = layer->weight + (size_t)pending * (size_t)fan_in;
+        w1 = layer->weight + (size_t)c * (size_t)fan_in;
+        if (first)
+            for (j = 0; j < fan_in; j++) patch_delta[j] = pending_delta * w0[j] + d * w1[j];
+        else
+            for (j = 0; j < fan_in; j++) patch_delta[j] += pending_delta * w0[j] + d * w1[j];
+        pending = -1;
+        first = 0;
     }
+    if (pending >= 0) {
+        const float *restrict w = layer->weight + (size_t)pending * (size_t)fan_in;
+        if (first)
+            for (j = 0; j < fan_in; j++) patch_delta[j] = pending_delta * w[j];
+        else
+            for (j = 0; j < fan_in; j++) patch_delta[j] += pending_delta * w[j];
+        first = 0;
+    }
+    if (!first) scatter_patch(plan, patch_delta, delta_in_target + position_base(layer, plan, p));
 }
 
-/* The channels channels[0..count) (ascending) at output position p: gather each group's patch
- * once, update every channel's weight-gradient row and the patch gradient, scatter it back
- * (a bias-only layer: the patch gradient only). */
+/* The channels channels[0..count) (ascending, all of one group, whose input and input error
+ * `source` and `delta_in_target` hold) at output position p: gather the patch once, update
+ * every channel's weight-gradient row and the patch gradient, scatter it back (a bias-only
+ * layer: the patch gradient only). */
 static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const float *source,
-                              float *delta_in_target, size_t group_stride, const float *delta,
-                              int32_t p, const int32_t *channels, int32_t count) {
+                              float *delta_in_target, const float *delta, int32_t p,
+                              const int32_t *channels, int32_t count) {
     const int32_t fan_in = layer->fan_in;
-    const int32_t oh = p / layer->out_w, ow = p - oh * layer->out_w;
-    const size_t base = (size_t)(oh * layer->stride_h) * (size_t)(plan->pads ? plan->padded_w
-                                                                            : layer->in_w) +
-                        (size_t)(ow * layer->stride_w);
+    const size_t at = position_base(layer, plan, p);
     float *restrict patch = plan->patch;
     float *restrict patch_delta = delta_in_target != NULL ? plan->patch_delta : NULL;
-    int32_t i = 0;
+    int32_t i, pending = -1;
+    float pending_delta = 0.0f;
+    int first = 1; /* patch_delta not written yet at this position */
     if (layer->bias_only) {
         if (delta_in_target != NULL)
-            input_error_position(layer, plan, delta_in_target, group_stride, delta, p, channels,
-                                 count);
+            input_error_position(layer, plan, delta_in_target, delta, p, channels, count);
         return;
     }
-    while (i < count) {
-        const int32_t group = layer->groups == 1 ? 0 : channels[i] / plan->out_per_group;
-        const size_t at = (size_t)group * group_stride + base;
-        const float *restrict x = source + at;
-        int32_t pending = -1;
-        float pending_delta = 0.0f;
-        int first = 1; /* patch_delta not written yet at this position */
-        gather_patch(plan, x, patch);
-        for (; i < count; i++) {
-            const int32_t c = channels[i];
-            const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
-            if (layer->groups != 1 && c / plan->out_per_group != group) break;
+    gather_patch(plan, source + at, patch);
+    for (i = 0; i < count; i++) {
+        const int32_t c = channels[i];
+        const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
 #if TP_SKIP_ZERO_ERRORS
-            if (d == 0.0f) continue;
+        if (d == 0.0f) continue;
 #endif
-            if (pending < 0) {
-                pending = c;
-                pending_delta = d;
-                continue;
-            }
-            backward_pair(patch, patch_delta,
-                          layer->grad_weight + (size_t)pending * (size_t)fan_in,
-                          layer->grad_weight + (size_t)c * (size_t)fan_in,
-                          layer->weight + (size_t)pending * (size_t)fan_in,
-                          layer->weight + (size_t)c * (size_t)fan_in, pending_delta, d, fan_in,
-                          first);
-            pending = -1;
-            first = 0;
+        if (pending < 0) {
+            pending = c;
+            pending_delta = d;
+            continue;
         }
-        if (pending >= 0) {
-            backward_single(patch, patch_delta,
-                            layer->grad_weight + (size_t)pending * (size_t)fan_in,
-                            layer->weight + (size_t)pending * (size_t)fan_in, pending_delta,
-                            fan_in, first);
-            first = 0;
-        }
-        if (patch_delta != NULL && !first) scatter_patch(plan, patch_delta, delta_in_target + at);
+        backward_pair(patch, patch_delta, layer->grad_weight + (size_t)pending * (size_t)fan_in,
+                      layer->grad_weight + (size_t)c * (size_t)fan_in,
+                      layer->weight + (size_t)pending * (size_t)fan_in,
+                      layer->weight + (size_t)c * (size_t)fan_in, pending_delta, d, fan_in,
+                      first);
+        pending = -1;
+        first = 0;
     }
+    if (pending >= 0) {
+        backward_single(patch, patch_delta, layer->grad_weight + (size_t)pending * (size_t)fan_in,
+                        layer->weight + (size_t)pending * (size_t)fan_in, pending_delta, fan_in,
+                        first);
+        first = 0;
+    }
+    if (patch_delta != NULL && !first) scatter_patch(plan, patch_delta, delta_in_target + at);
 }
 
 /* delta_in (one group's channels) = the interior of the padded input gradient */
@@ -655,7 +641,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
         if (kept == NULL) {
             /* every channel of the group at every position */
             for (p = 0; p < plan.plane; p++)
-                backward_position(layer, &plan, source, target, 0, delta, p,
+                backward_position(layer, &plan, source, target, delta, p,
                                   plan.position_order + (size_t)group * (size_t)per_group,
                                   per_group);
         } else {
@@ -674,7 +660,7 @@ void tp_conv_backward(tp_layer *layer, const float *x, const float *delta, const
             for (p = 0; p < plan.plane; p++) {
                 const int32_t first = p == 0 ? 0 : start[p - 1];
                 if (start[p] > first)
-                    backward_position(layer, &plan, source, target, 0, delta, p,
+                    backward_position(layer, &plan, source, target, delta, p,
                                       order + begin + first, start[p] - first);
             }
         }

@@ -61,7 +61,9 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     const int first = layer == &model->layers[model->first_trained_layer];
     const int in_place = model->memory.sgd_in_place;
     float *const values = layer->selection;
-    int32_t *const indices = (int32_t *)(void *)(layer->selection + n);
+    /* no selection scratch under full (no offset on a NULL pointer) */
+    int32_t *const indices =
+        values != NULL ? (int32_t *)(void *)(layer->selection + n) : NULL;
     const tp_policy policy = model->policy.policy;
     const int32_t *kept = NULL;
     int32_t k = n;

@@ -51,7 +51,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tp_memory_config memory;
     memset(layers, 0, sizeof layers);
     if (weights[0] == 0.0f)
-        for (i = 0; i < (1 << 20); i++) weights[i] = (float)((i * 7919) % 201 - 100) / 400.0f;
+        for (i = 0; i < (1 << 20); i++) /* (i * 7919) % 201 without overflowing int32 */
+            weights[i] = (float)((int32_t)(((int64_t)i * 7919) % 201) - 100) / 400.0f;
     spec.input_channels = 1 + byte(&r) % 4;
     spec.input_height = 1 + byte(&r) % 8;
     spec.input_width = 1 + byte(&r) % 8;

@@ -248,6 +248,12 @@ MODES: dict[str, list[TrainingMode]] = {
             lr_scale=3.0,
             description="the same, Adam at 3x the plan's learning rate",
         ),
+        TrainingMode(
+            "pointwise-adam",
+            MemoryMode(0, bias_only_layers=(1, 3, 5, 7)),
+            description="every layer but the depthwise convs, which train their biases, Adam "
+            "(which layers matter; does not fit 256 KB)",
+        ),
     ],
     "mnist": [
         FULL,
