@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from speed import load_average
+from speed import write_record
 
 from tinyprop.bench import runner, suites
 
@@ -95,10 +94,7 @@ def main() -> None:
                 f"| {policy:<22} | {row['train_wall_s']:>7.2f} | {spread:>21} | "
                 f"{row['mac_ratio']:>9.3f} | {100 * row['skip_rate']:>6.1f}% |"
             )
-    record["load_average"] = load_average(start_load)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out} (load average {record['load_average']})")
+    write_record(record, args.out, start_load)
 
 
 if __name__ == "__main__":

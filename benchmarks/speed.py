@@ -219,6 +219,14 @@ def load_average(start: float) -> str:
     return f"{start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
 
 
+def write_record(record: dict, out: str, start_load: float) -> None:
+    """Write ``record`` as JSON to ``out`` with the run's load average, and say where."""
+    record["load_average"] = load_average(start_load)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out} (load average {record['load_average']})")
+
+
 def thread_counts(text: str) -> list[int]:
     """``"0,1"`` -> torch's default thread count and one thread, e.g. [2, 1]."""
     default = torch.get_num_threads()
@@ -271,10 +279,7 @@ def main() -> None:
                     f"{row['mac_ratio']:>9.3f} | {row['backward_mac_ratio']:>21.3f} | "
                     f"{100 * row['skip_rate']:>6.1f}% |"
                 )
-    record["load_average"] = load_average(start_load)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out} (load average {record['load_average']})")
+    write_record(record, args.out, start_load)
 
 
 if __name__ == "__main__":
