@@ -272,13 +272,9 @@ def test_runtime_rejects_bad_input(library):
 FROZEN = [("mlp", 1), ("cnn_depthwise", 2), ("har", 2), ("har", 3)]
 
 
-@pytest.mark.parametrize(("model_name", "first"), FROZEN)
-@pytest.mark.parametrize("policy", ["full", "tinypropv2"])
-def test_parity_frozen_layers(library, model_name, first, policy):
-    """Frozen layers (weights read from the spec) and the last layers trained: the same run as
-    the library with requires_grad False on the frozen layers, Adam and SGD with momentum."""
-    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
-    memory = MemoryMode(first)
+def runs_with_adam_and_sgd(library, model_name, config, memory):
+    """Four parity steps under a memory mode with Adam, then with SGD with momentum: yields the
+    C model and its parameters before and after each run (the runs train some sample)."""
     for optimizer in (
         OptimizerSpec("adam", lr=0.01),
         OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9, weight_decay=1e-4),
@@ -290,7 +286,17 @@ def test_parity_frozen_layers(library, model_name, first, policy):
             library, model_name, config, optimizer, steps=4, memory=memory
         )
         assert trained > 0
-        after = c_model.parameters()
+        yield c_model, before, c_model.parameters()
+
+
+@pytest.mark.parametrize(("model_name", "first"), FROZEN)
+@pytest.mark.parametrize("policy", ["full", "tinypropv2"])
+def test_parity_frozen_layers(library, model_name, first, policy):
+    """Frozen layers (weights read from the spec) and the last layers trained: the same run as
+    the library with requires_grad False on the frozen layers, Adam and SGD with momentum."""
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    memory = MemoryMode(first)
+    for c_model, before, after in runs_with_adam_and_sgd(library, model_name, config, memory):
         for layer in c_model.trainable[:first]:  # frozen: exactly as they were
             np.testing.assert_array_equal(
                 after[f"{layer.path}.weight"], before[f"{layer.path}.weight"]
@@ -316,18 +322,7 @@ def test_parity_bias_only_layers(library, model_name, first, bias_only, policy):
     weights (Adam and SGD with momentum); their weights stay exactly as they were."""
     config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
     memory = MemoryMode(first, bias_only_layers=bias_only)
-    for optimizer in (
-        OptimizerSpec("adam", lr=0.01),
-        OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9, weight_decay=1e-4),
-    ):
-        torch.manual_seed(0)
-        before = RuntimeModel(MODELS[model_name][0](), MODELS[model_name][1], config, optimizer,
-                              library, memory).parameters()  # fmt: skip
-        c_model, trained, _ = run_parity(
-            library, model_name, config, optimizer, steps=4, memory=memory
-        )
-        assert trained > 0
-        after = c_model.parameters()
+    for c_model, before, after in runs_with_adam_and_sgd(library, model_name, config, memory):
         for index in bias_only:
             name = f"{c_model.trainable[index].path}.weight"
             np.testing.assert_array_equal(after[name], before[name])
