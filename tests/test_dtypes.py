@@ -68,3 +68,52 @@ def test_bfloat16_gradient_is_close_to_float32():
         grads.append([p.grad.float() for p in net.parameters()])
     for full, low in zip(*grads, strict=True):
         torch.testing.assert_close(low, full, rtol=0.05, atol=0.02)
+
+
+def large_error_step(model, dtype, config):
+    """One tinyprop.backward whose local errors lie past float16's 65504 (small inputs keep the
+    gradients themselves in range)."""
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(0)).to(dtype) * 1e-3
+    output = model(x)
+    return tinyprop.backward(model, (output.float() * 20000).sum(1), output)
+
+
+def running_maxima(model) -> list[float]:
+    layers = [layer.error_max for _, layer in tinyprop.model.state_of(model).layers]
+    return [float(value) for value in [*layers, model.tinyprop_output_error_max]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_keeps_running_maxima_past_float16_range(dtype):
+    from core_models import mlp
+
+    torch.manual_seed(0)
+    reference = mlp()
+    config = tinyprop.TinyPropConfig(policy="tinypropv2")
+    model = tinyprop.apply(copy.deepcopy(reference), config).to(dtype)
+    tinyprop.apply(reference, config)
+    for _ in range(2):  # the second step reads the first step's maxima
+        stats, expected = large_error_step(model, dtype, config), large_error_step(
+            reference, torch.float32, config
+        )
+        assert stats.trained == expected.trained  # was 0: Ymax inf, every sample skipped
+    maxima = running_maxima(model)
+    assert max(maxima) > 65504 and all(torch.isfinite(torch.tensor(maxima)))
+    assert maxima == pytest.approx(running_maxima(reference), rel=0.05)
+    fresh = tinyprop.apply(mlp(), config).to(dtype)
+    fresh.load_state_dict(model.state_dict())  # was refused: "a running maximum ... is inf"
+    assert running_maxima(fresh) == running_maxima(model)
+
+
+def test_half_cast_after_training_keeps_layer_maxima_and_restarts_an_overflowed_output_max():
+    from core_models import mlp
+
+    torch.manual_seed(0)
+    model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    large_error_step(model, torch.float32, None)
+    before = running_maxima(model)
+    model.half()
+    assert running_maxima(model)[:-1] == before[:-1]  # the layers' Ymax_l survive the cast
+    with pytest.warns(UserWarning, match="tinyprop_output_error_max.*became inf"):
+        stats = large_error_step(model, torch.float16, None)
+    assert stats.trained > 0 and all(torch.isfinite(torch.tensor(running_maxima(model))))

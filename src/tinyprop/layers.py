@@ -58,6 +58,17 @@ class SparseBackpropLayer:
     def check_input(self, x: Tensor, weight: Tensor) -> None:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``.half()``, ``.to()``, ``.cuda()``), but Ymax_l keeps at
+        least float32: in float16 a running maximum past 65504 would become inf."""
+        kept = self._buffers.get("error_max")
+        module = super()._apply(fn, recurse)
+        cast = self._buffers.get("error_max")
+        if kept is not None and cast is not None and cast.dtype != kept.dtype:
+            wide = torch.promote_types(cast.dtype, torch.float32)
+            self._buffers["error_max"] = kept.to(device=cast.device, dtype=wide)
+        return module
+
     def sparse_weight(self) -> Tensor:
         """The weight as the sparse backward sees it: (out, in) or (C_out, C_in / G, ...)."""
         return self.weight

@@ -22,6 +22,7 @@ _STATE = "_tinyprop_state"
 _ORIGINAL_CLASS = "_tinyprop_original_class"
 _LAYER_ATTRIBUTES = ("tinyprop_state", "layer_name", "layer_index", "registration_depth")
 _MAX_SIGNATURES = 1024  # input shapes whose other-module MACs are remembered
+_NARROW_DTYPES = (torch.float16, torch.bfloat16)  # where model.half() / .to(bfloat16) put buffers
 # trainable modules that keep their normal dense backward without a warning
 _DENSE_BY_DESIGN = (
     nn.modules.batchnorm._NormBase,
@@ -229,11 +230,37 @@ def _main_tensor(output) -> Tensor | None:
     return next((leaf for leaf in leaves if isinstance(leaf, Tensor)), None)
 
 
+def widen_running_state(model: nn.Module) -> None:
+    """Give tinyprop's floating buffers on the root module their own dtype back after
+    ``model.half()`` or ``.to(torch.bfloat16)`` narrowed them (float32 for Ymax_L, float64 for
+    the budget controller and the score window): in float16 a running maximum past 65504 is
+    inf, and every sample would then be skipped. A value the cast already turned into inf
+    restarts afresh (Ymax_L at 0, the window's slot empty), with a warning. The sparse layers
+    keep their own Ymax_l wide through the cast (``SparseBackpropLayer._apply``)."""
+    buffers = model._buffers
+    for name, buffer in list(buffers.items()):
+        if not name.startswith("tinyprop_") or buffer is None or buffer.dtype not in _NARROW_DTYPES:
+            continue
+        wide = buffers[name] = buffer.to(torch.float32 if name == OUTPUT_ERROR_MAX else torch.float64)
+        if bool(torch.isinf(wide).any()):
+            with torch.no_grad():
+                wide.masked_fill_(torch.isinf(wide), 0.0 if name == OUTPUT_ERROR_MAX else math.nan)
+            warnings.warn(
+                f"tinyprop: '{name}' was cast to {buffer.dtype} (model.half() or .to()) while it "
+                "held more than that dtype can, and became inf; it restarts afresh as at the "
+                "start of training. Cast the model before tinyprop.apply, or before training, "
+                "to keep it.",
+                stacklevel=4,
+            )
+
+
 def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
     """Refuse a checkpoint whose running maxima are NaN, infinite or negative (or, on the
-    root module, whose budget controller or score window is corrupt)."""
+    root module, whose budget controller or score window is corrupt). The buffers it loads
+    into are widened first: a float16 model keeps them in float32 (or float64)."""
     state = getattr(module, _STATE, None)
     if state is not None:
+        widen_running_state(module)
         state.policy.check_loaded(state_dict, prefix)
     for name in ("error_max", OUTPUT_ERROR_MAX):
         value = state_dict.get(prefix + name)

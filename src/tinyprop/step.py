@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tinyprop.autograd import check_finite
 from tinyprop.functional import local_error
 from tinyprop.ledger import Ledger, step_ledger
-from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
+from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap, widen_running_state
 from tinyprop.state import BackwardRecord, ForwardPass, LayerCall
 
 
@@ -359,6 +359,7 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
             "Check the inputs for NaN/inf or lower the learning rate."
         )
     state.step = None  # a step whose backward never finished is over
+    widen_running_state(module)  # after model.half(): Ymax_L past 65504 would be inf
     batch = losses.shape[0]
     trained_mask = torch.ones(batch, dtype=torch.bool, device=losses.device)
     stats = StepStats(

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap
+from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap, widen_running_state
 from tinyprop.step import StepStats, backward, describe, is_distributed
 
 
@@ -130,6 +130,7 @@ def _values(grad: Tensor) -> Tensor:
 def _running_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """(buffer, copy) of tinyprop's running maxima and counters (a few scalars)."""
     module = unwrap(model)
+    widen_running_state(module)  # the step writes these buffers, not float16 copies
     buffers = [getattr(module, OUTPUT_ERROR_MAX)]
     for _, layer in state_of(module).layers:
         buffers += [layer.error_max, layer.backward_steps]
