@@ -93,8 +93,9 @@ def test_half_model_keeps_running_maxima_past_float16_range(dtype):
     model = tinyprop.apply(copy.deepcopy(reference), config).to(dtype)
     tinyprop.apply(reference, config)
     for _ in range(2):  # the second step reads the first step's maxima
-        stats, expected = large_error_step(model, dtype, config), large_error_step(
-            reference, torch.float32, config
+        stats, expected = (
+            large_error_step(model, dtype, config),
+            large_error_step(reference, torch.float32, config),
         )
         assert stats.trained == expected.trained  # was 0: Ymax inf, every sample skipped
     maxima = running_maxima(model)

@@ -207,3 +207,50 @@ def test_transformers_trainer_trains_an_encoder_decoder_model(tmp_path):
     assert tinyprop.step_stats(model).keep  # the sparse layers ran
     for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
+
+
+def test_lightning_ddp_with_gradient_accumulation(tmp_path):
+    """2 processes (Lightning's "ddp" strategy, gloo), accumulate_grad_batches=2: topk at 1.0
+    gives plain PyTorch's weights for the global batch, tinypropv2 keeps both ranks' weights
+    equal when one rank skips its whole accumulation window, and nothing warns (tinyprop
+    warned that the model was not wrapped in DDP: Lightning wraps the LightningModule)."""
+    pytest.importorskip("pytorch_lightning")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lightning_ddp_job as job
+
+    script = Path(__file__).with_name("lightning_ddp_job.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    model = job.mlp()  # the reference: Adam on the 16 samples of each optimizer step
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = job.data()
+    window = job.BATCH * job.ACCUMULATE  # the samples of one rank's optimizer step
+    samplers = [  # Lightning's: shuffled with seed 0
+        list(torch.utils.data.DistributedSampler(x, num_replicas=2, rank=rank, seed=0))
+        for rank in (0, 1)
+    ]
+    for start in range(0, job.SAMPLES // 2, window):
+        rows = [i for sampler in samplers for i in sampler[start : start + window]]
+        optimizer.zero_grad()
+        LOSS(model(x[rows]), y[rows]).mean().backward()
+        optimizer.step()
+    for policy in ("topk", "tinypropv2"):
+        runs = [rank[policy] for rank in ranks]
+        assert runs[0]["steps"] == job.SAMPLES // (2 * window)
+        assert runs[0]["weights"] == runs[1]["weights"], policy
+        assert runs[0]["warnings"] == runs[1]["warnings"] == [], policy
+    for got, want in zip(ranks[0]["topk"]["weights"], model.parameters(), strict=True):
+        torch.testing.assert_close(
+            torch.tensor(got, dtype=torch.float64), want.detach().flatten(), rtol=0, atol=1e-10
+        )
+    trained = torch.tensor([rank["tinypropv2"]["trained"] for rank in ranks])  # (2, micro)
+    per_window = trained.reshape(2, -1, job.ACCUMULATE).sum(2)  # (2, optimizer steps)
+    assert bool(((per_window == 0).any(0) & (per_window > 0).any(0)).any())  # one rank alone

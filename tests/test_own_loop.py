@@ -217,3 +217,44 @@ def test_warns_once_when_distributed_without_ddp(monkeypatch):
         tinyprop.train_step(model, x, y, LOSS, optimizer)
         tinyprop.backward(model, LOSS(model(x), y))
     assert len([w for w in caught if "DistributedDataParallel" in str(w.message)]) == 1
+
+
+class TwoOutputs(nn.Module):
+    """Returns its hidden features and the logits computed from them (and a second head)."""
+
+    def __init__(self, returns: str):
+        super().__init__()
+        self.returns = returns
+        self.body, self.head, self.other = nn.Linear(12, 16), nn.Linear(16, 5), nn.Linear(16, 5)
+
+    def forward(self, x):
+        hidden = torch.relu(self.body(x))
+        outputs = {"features": hidden, "scores": self.head(hidden), "other": self.other(hidden)}
+        if self.returns == "tuple":
+            return outputs["features"], outputs["scores"], outputs["other"]
+        return outputs
+
+
+@pytest.mark.parametrize("returns", ["tuple", "dict"])
+def test_tuple_output_finds_the_tensor_the_losses_come_from(returns):
+    torch.manual_seed(0)
+    model = tinyprop.apply(TwoOutputs(returns).double(), tinyprop.TinyPropConfig())
+    named = copy.deepcopy(model)  # told the output
+    x, y = batch("mlp")
+    scores = lambda out: out[1] if returns == "tuple" else out["scores"]  # noqa: E731
+    for _ in range(3):  # the second and third steps read Ymax_L of the first
+        stats = tinyprop.backward(model, LOSS(scores(model(x)), y))
+        out = named(x)
+        expected = tinyprop.backward(named, LOSS(scores(out), y), output=scores(out))
+        assert torch.equal(stats.trained_mask, expected.trained_mask)
+        assert_same(buffers(model), buffers(named))  # Y_L of the features before
+    for heads in ("both", "none"):  # two heads side by side, or no output tensor at all
+        out = model(x)
+        losses = LOSS(scores(out), y)
+        if heads == "both":
+            other = out[2] if returns == "tuple" else out["other"]
+            losses = losses + LOSS(other, y)
+        else:
+            losses = LOSS(model.head.weight[:, :1].T.expand(6, 5), y)  # not from the output
+        with pytest.raises(ValueError, match="pass it: tinyprop.backward.*output="):
+            tinyprop.loss(model, losses)

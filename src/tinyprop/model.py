@@ -175,6 +175,9 @@ def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
     state = getattr(model, _STATE)
     if not torch.is_grad_enabled() or state.open_pass is not None:
         return
+    if not state.inside_ddp:  # Lightning wraps the LightningModule, not the applied model
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        state.inside_ddp = ddp is not None and any(m is model for m in ddp.module.modules())
     forward_pass = ForwardPass()
     state.open_pass = forward_pass
     signature = _signature(args, kwargs)
@@ -215,9 +218,10 @@ def _signature(args, kwargs) -> tuple:
     )
 
 
-def _main_tensor(output) -> Tensor | None:
-    """The tensor the losses are computed from: the output, its ``logits``, or its first
-    tensor."""
+def _main_tensor(output) -> Tensor | tuple[Tensor, ...] | None:
+    """The tensor the losses are computed from: the output, or its ``logits``; for another
+    tuple / dict output, its tensors with a gradient (the step finds the one the losses come
+    from: :func:`output_the_losses_come_from`)."""
     if isinstance(output, Tensor):
         return output
     try:
@@ -227,7 +231,41 @@ def _main_tensor(output) -> Tensor | None:
     except (KeyError, TypeError, IndexError):
         pass
     leaves, _ = tree_flatten(output)
-    return next((leaf for leaf in leaves if isinstance(leaf, Tensor)), None)
+    tensors = list({id(leaf): leaf for leaf in leaves if isinstance(leaf, Tensor)}.values())
+    with_grad = tuple(tensor for tensor in tensors if tensor.grad_fn is not None)
+    if len(with_grad) > 1:
+        return with_grad
+    return with_grad[0] if with_grad else next(iter(tensors), None)
+
+
+def output_the_losses_come_from(losses: Tensor, candidates: tuple[Tensor, ...]) -> Tensor:
+    """Of the tensors of a tuple or dict model output, the one the losses are computed from:
+    the losses' autograd graph reaches it, and through no other of them (the logits, not the
+    hidden features the logits are computed from). One walk of the graph, each node at most
+    twice; a ValueError naming the way out when there is not exactly one."""
+    nodes = {}
+    for tensor in candidates:  # two tensors of one autograd node cannot be told apart
+        nodes.setdefault(tensor.grad_fn, []).append(tensor)
+    directly, through_another = set(), set()  # nodes reached without / through a candidate
+    stack = [(losses.grad_fn, False)]
+    while stack:
+        node, through = stack.pop()
+        seen = through_another if through else directly
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        through = through or node in nodes
+        stack.extend((next_node, through) for next_node, _ in node.next_functions)
+    found = [node for node in nodes if node in directly and node not in through_another]
+    if len(found) == 1 and len(nodes[found[0]]) == 1:
+        return nodes[found[0]][0]
+    reached = sum(len(nodes[node]) for node in nodes if node in directly)
+    raise ValueError(
+        f"the model returned {len(candidates)} tensors with a gradient and the losses depend on "
+        f"{reached} of them, so tinypropv2 cannot tell which one is the output its skip "
+        "decision measures; pass it: tinyprop.backward(model, losses, output=logits) (or "
+        "tinyprop.loss(..., output=logits))"
+    )
 
 
 def widen_running_state(model: nn.Module) -> None:
@@ -241,10 +279,11 @@ def widen_running_state(model: nn.Module) -> None:
     for name, buffer in list(buffers.items()):
         if not name.startswith("tinyprop_") or buffer is None or buffer.dtype not in _NARROW_DTYPES:
             continue
-        wide = buffers[name] = buffer.to(torch.float32 if name == OUTPUT_ERROR_MAX else torch.float64)
+        maximum = name == OUTPUT_ERROR_MAX  # float32; the window and the controller float64
+        wide = buffers[name] = buffer.to(torch.float32 if maximum else torch.float64)
         if bool(torch.isinf(wide).any()):
             with torch.no_grad():
-                wide.masked_fill_(torch.isinf(wide), 0.0 if name == OUTPUT_ERROR_MAX else math.nan)
+                wide.masked_fill_(torch.isinf(wide), 0.0 if maximum else math.nan)
             warnings.warn(
                 f"tinyprop: '{name}' was cast to {buffer.dtype} (model.half() or .to()) while it "
                 "held more than that dtype can, and became inf; it restarts afresh as at the "

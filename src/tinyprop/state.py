@@ -104,6 +104,7 @@ class TinyPropState:
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
     last_stats: object = None  # StepStats of the last finished step
     root: object = None  # the applied model (holds the budget controller's buffers)
+    inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
 
     _policy: Policy | None = None
 
@@ -118,7 +119,7 @@ class TinyPropState:
         """For torch.save / pickle of a whole model: the per-step leftovers are not kept."""
         state = dict(self.__dict__)
         state.update(
-            open_pass=None, pending=[], step=None, last_stats=None, _policy=None,
+            open_pass=None, pending=[], step=None, last_stats=None, _policy=None, inside_ddp=False,
             geometry_cache={},
         )  # fmt: skip
         return state

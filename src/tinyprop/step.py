@@ -24,7 +24,13 @@ from torch import Tensor, nn
 from tinyprop.autograd import check_finite
 from tinyprop.functional import local_error
 from tinyprop.ledger import Ledger, step_ledger
-from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap, widen_running_state
+from tinyprop.model import (
+    OUTPUT_ERROR_MAX,
+    output_the_losses_come_from,
+    state_of,
+    unwrap,
+    widen_running_state,
+)
 from tinyprop.state import BackwardRecord, ForwardPass, LayerCall
 
 
@@ -242,7 +248,9 @@ def loss(
             ``nn.CrossEntropyLoss(reduction="none")``.
         output: the model output the losses come from, for the decision's output error Y_L
             (``tinypropv2`` only). By default the output of the model's last forward pass (a
-            tensor, or the ``logits`` of a dict-like output, or the first tensor of a tuple).
+            tensor, or the ``logits`` of a dict-like output; of another tuple or dict output, the
+            one tensor the losses are computed from, found in their autograd graph: the
+            logits, not the features they come from; a ValueError when that is ambiguous).
         sample_dim: the dimension of ``output`` that indexes the samples (1 for
             sequence-first outputs (T, B, ...)).
 
@@ -300,7 +308,7 @@ def backward(
     scalar, step = _step_loss(model, losses, output, sample_dim)
     if scale != 1.0:
         scalar = scalar * scale
-    if step.stats.trained or is_distributed(model):
+    if step.stats.trained or is_distributed(model) or step.state.inside_ddp:
         (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
     else:
         step.finish()
@@ -319,8 +327,9 @@ def is_distributed(model: nn.Module) -> bool:
 
 def warn_without_ddp(model: nn.Module, state) -> None:
     """Warn once when torch.distributed runs several ranks but ``model`` is not wrapped in
-    DistributedDataParallel: nothing would average the gradients across the ranks."""
-    if is_distributed(model) or "without ddp" in state.warned:
+    DistributedDataParallel, nor run inside one (a LightningModule holding it is wrapped):
+    nothing would average the gradients across the ranks."""
+    if is_distributed(model) or state.inside_ddp or "without ddp" in state.warned:
         return
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         state.warned.add("without ddp")
@@ -376,6 +385,8 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
         else:  # TinyPropv2 ranks the output errors
             if output is None:
                 output = passes[-1].output if passes else None
+                if isinstance(output, tuple):  # a tuple / dict output: find the losses' one
+                    output = output_the_losses_come_from(losses, output)
             if not isinstance(output, Tensor):
                 raise ValueError(
                     "tinypropv2 needs the model output the losses come from, for the skip "

@@ -1,0 +1,75 @@
+"""Run by tests/test_integrations.py as ``python lightning_ddp_job.py OUT_FOLDER``: the Lightning
+recipe on 2 CPU processes (strategy "ddp", gloo) with accumulate_grad_batches=2, first topk at
+ratio 1.0, then tinypropv2; each rank writes its weights, trained counts and tinyprop's warnings
+as JSON (Lightning starts rank 1 by running this script again)."""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+import tinyprop
+from tinyprop.integrations.lightning import TinyPropCallback
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+SAMPLES, BATCH, ACCUMULATE = 96, 4, 2
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+
+
+def data():
+    x = torch.randn(SAMPLES, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x, x[:, :5].argmax(1)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.trained = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return tinyprop.loss(self.model, LOSS(self.model(x), y))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.trained.append(tinyprop.step_stats(self.model).trained)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def fit(config) -> dict:
+    module = Classifier(tinyprop.apply(mlp(), config))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data()), batch_size=BATCH)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+        accumulate_grad_batches=ACCUMULATE, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[TinyPropCallback()],
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    return {
+        "rank": trainer.global_rank,
+        "steps": trainer.global_step,
+        "trained": module.trained,
+        "weights": [p.detach().flatten().tolist() for p in module.model.parameters()],
+        "warnings": sorted({str(w.message) for w in caught if "tinyprop" in str(w.message)}),
+    }
+
+
+if __name__ == "__main__":
+    runs = {
+        "topk": fit(tinyprop.TinyPropConfig(policy="topk", ratio=1.0)),
+        "tinypropv2": fit(tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)),
+    }
+    rank = runs["topk"]["rank"]
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(runs))
