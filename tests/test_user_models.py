@@ -204,6 +204,47 @@ def test_torch_func_transforms_give_a_clear_error():
         assert_same(torch.func.grad(loss)(params), expected)
 
 
+class Critic(nn.Module):
+    """A sparse head beside a dense path: a gradient penalty reaches both."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 1)
+        self.scale = nn.Parameter(torch.full((6,), 0.5))
+
+    def forward(self, x):
+        return self.head(x) + (x * self.scale).sum(1, keepdim=True)
+
+
+def gradient_penalty(model, x) -> None:
+    """WGAN-GP: backpropagate (||∂ model(x) / ∂x|| - 1)², differentiating the gradient."""
+    x = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    (gradient.norm(dim=1) - 1).pow(2).mean().backward()
+
+
+@pytest.mark.parametrize("build", [Critic, lambda: nn.Sequential(nn.Linear(6, 4), nn.Tanh())])
+def test_create_graph_through_a_sparse_layer_names_tinyprop_and_the_way_out(build):
+    """A second backward through a sparse layer: PyTorch's '@once_differentiable' error, or
+    (Critic: the sparse head got a gradient that did not require grad) a penalty whose
+    gradient silently left the head out. Now the first backward says what to do; the full
+    policy gives plain PyTorch's gradients."""
+    x, _ = data()
+    for policy in ("topk", "full"):
+        torch.manual_seed(0)
+        model = build().double()
+        plain = copy.deepcopy(model)
+        tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy, ratio=1.0))
+        if policy == "topk":
+            with pytest.raises(RuntimeError, match="create_graph=True.*policy='full'"):
+                gradient_penalty(model, x)
+            continue
+        gradient_penalty(model, x)
+        gradient_penalty(plain, x)
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert_same(grads, {n: p.grad for n, p in plain.named_parameters() if p.grad is not None})
+
+
 def test_plain_checkpoint_loads_into_an_applied_model():
     """A state_dict saved before apply (a pretrained model) loads strictly, also inside a
     wrapper module; the running state starts afresh. Some tinyprop entries only: an error."""

@@ -17,7 +17,6 @@ import warnings
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from tinyprop import native
 from tinyprop.functional import local_error, running_max, select_mask, select_topk
@@ -77,8 +76,15 @@ class SparseBackprop(torch.autograd.Function):
         return layer.dense_forward(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the sparse backward has no backward
+            raise RuntimeError(
+                f"layer '{ctx.layer.layer_name}': tinyprop's sparse backward cannot be "
+                "differentiated, and this backward runs with create_graph=True (a gradient "
+                "penalty, a double backward, a Hessian-vector product), whose second backward "
+                "would miss this layer's part. Compute such a loss with the dense backward: "
+                "TinyPropConfig(policy='full'), or tinyprop.remove(model) first"
+            )
         x, weight = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
         input_dtype, weight_dtype = x.dtype, weight.dtype
         layer, call = ctx.layer, ctx.call
