@@ -69,6 +69,27 @@ def test_native_topk_of_signed_delta_keeps_largest_magnitudes(case, negate):
     assert torch.equal(masked, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("keep_share", [0.01, 0.05, 0.1, 0.3])
+def test_native_selection_of_pooled_delta_equals_pytorch_selection(dtype, keep_share):
+    """δ of a conv layer behind ReLU and 2x2 max pooling: three entries of every window and
+    the inactive ReLUs are exact zeros, in a pattern that repeats every image row (the row
+    sample of the selection must not follow it); some rows keep more than their non-zeros."""
+    generator = torch.Generator().manual_seed(13)
+    pooled = torch.randn(6, 16, 14, 14, generator=generator)  # (B, C, H/2, W/2)
+    pooled[torch.rand(pooled.shape, generator=generator) < 0.5] = 0  # inactive ReLUs
+    mask = nn.functional.max_pool2d(torch.rand(6, 16, 28, 28, generator=generator), 2, 2, 0, 1,
+                                    False, True)[1]  # fmt: skip
+    delta = nn.functional.max_unpool2d(pooled, mask, 2).reshape(6, -1).to(dtype)  # (B, N)
+    delta[5, 40:] = 0  # a row with fewer non-zero entries than k
+    keep = torch.full((6,), max(1, round(keep_share * delta.shape[1])))
+    rows, columns, values = native.topk(delta, keep)
+    expected_rows, expected_columns = select_topk_torch(delta.abs(), keep)
+    assert torch.equal(rows, expected_rows)
+    assert torch.equal(columns, expected_columns)
+    assert torch.equal(values, delta[rows, columns])
+
+
 def test_native_selection_rejects_bad_keep():
     with pytest.raises(ValueError, match="keep counts must be in"):
         native.topk(torch.rand(2, 5), torch.tensor([0, 3]))

@@ -32,7 +32,7 @@ def delta_and_gradients(layer: nn.Module, x, y, channels_kept: int):
     return kept.nonzero().flatten(), weight.grad, x_.grad
 
 
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 4])  # 4: one input channel per group, as depthwise
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_unified_keeps_the_same_channels_for_every_row_and_their_exact_gradients(kind, groups):
     torch.manual_seed(0)
@@ -57,11 +57,12 @@ def test_unified_keeps_the_same_channels_for_every_row_and_their_exact_gradients
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = tinyprop.train_step(model, inputs, y, lambda o, t: LOSS(o.flatten(1), t), optimizer)
     expected_k = 4 if kind == "linear" else 3
-    channels, grad_weight, _ = delta_and_gradients(reference[0], x, y, expected_k)
+    channels, grad_weight, grad_input = delta_and_gradients(reference[0], x, y, expected_k)
     assert stats.keep["0"].tolist() == [expected_k * positions] * 6  # the same k for every row
     kept_rows = model[0].weight.grad.flatten(1).abs().sum(1).nonzero().flatten()
     assert set(kept_rows.tolist()) <= set(channels.tolist())
     torch.testing.assert_close(model[0].weight.grad, grad_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs.grad, grad_input, rtol=1e-5, atol=1e-6)
 
 
 def _args(layer):

@@ -208,12 +208,11 @@ def unified_channels(delta: Tensor, keep: Tensor) -> Tensor:
 def unified_gradients(geometry, x, weight, rows, delta, channels, needs_input, needs_weight):
     """Input and weight gradients from the kept channels of δ (R', C_out, P), shared by every
     row: the dense kernels on the kept channels only, a K / C_out smaller product (for grouped
-    convolutions, whose channels cannot be cut apart, the masked δ on the whole layer)."""
+    convolutions, on the groups holding a kept channel: see :func:`unified_group_gradients`)."""
     if geometry.groups > 1:
-        masked = torch.zeros_like(delta)  # (R', C_out, P)
-        masked[:, channels] = delta[:, channels]
-        flat = masked.reshape(delta.shape[0], -1)
-        return geometry.dense_gradients(x, weight, rows, flat, needs_input, needs_weight)
+        return unified_group_gradients(
+            geometry, x, weight, rows, delta, channels, needs_input, needs_weight
+        )
     kept = copy.copy(geometry)  # the same layer with only the kept output channels
     kept.channels_out = channels.numel()
     kept_delta = delta[:, channels].reshape(delta.shape[0], -1)  # (R', K · P)
@@ -224,6 +223,39 @@ def unified_gradients(geometry, x, weight, rows, delta, channels, needs_input, n
     if kept_grad is not None:  # zero rows for the channels nobody kept
         grad_weight = weight.new_zeros(weight.shape)
         grad_weight[channels] = kept_grad.reshape(-1, *weight.shape[1:])
+    return grad_input, grad_weight
+
+
+def unified_group_gradients(
+    geometry, x, weight, rows, delta, channels, needs_input, needs_weight
+):  # fmt: skip
+    """:func:`unified_gradients` of a grouped convolution (a depthwise one: a group per
+    channel). Its groups cannot be cut apart, but a group without a kept channel has a zero
+    gradient and passes none to its inputs: the dense kernels run on the G' groups that hold
+    a kept channel (the other channels of those groups masked), a G' / G smaller
+    convolution, and the gradients of the other groups are zeros."""
+    groups, channels_out = geometry.groups, geometry.channels_out
+    per_group, channels_per_group = channels_out // groups, geometry.channels_per_group
+    touched = torch.unique(channels // per_group)  # (G',) ascending
+    out_channels = (touched.unsqueeze(1) * per_group + torch.arange(per_group)).flatten()
+    in_channels = touched.unsqueeze(1) * channels_per_group + torch.arange(channels_per_group)
+    in_channels = in_channels.flatten()  # (G' · C_in / G,)
+    kept = torch.isin(out_channels, channels).view(1, -1, 1)  # (1, G' · C_out / G, 1)
+    masked = torch.where(kept, delta[:, out_channels], 0)  # (R', G' · C_out / G, P)
+    smaller = copy.copy(geometry)  # the same layer on the touched groups only
+    smaller.groups, smaller.channels_out = touched.numel(), out_channels.numel()
+    smaller.channels_in = in_channels.numel()
+    grad_part, weight_part = smaller.dense_gradients(
+        x[:, in_channels], weight[out_channels], rows, masked.reshape(delta.shape[0], -1),
+        needs_input, needs_weight,
+    )  # fmt: skip
+    grad_input = grad_weight = None
+    if grad_part is not None:
+        grad_input = x.new_zeros(x.shape)  # (B, C_in, *spatial)
+        grad_input[:, in_channels] = grad_part
+    if weight_part is not None:
+        grad_weight = weight.new_zeros(weight.shape)  # (C_out, C_in / G, *kernel)
+        grad_weight[out_channels] = weight_part
     return grad_input, grad_weight
 
 

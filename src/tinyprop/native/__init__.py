@@ -259,6 +259,8 @@ def conv_backward(
         _address(grad_weight), _address(grad_input),
         threads_for(column.numel() * kh * kw * (channels_in // groups), BACKWARD_GRAIN),
     )  # fmt: skip
+    if status == -3:
+        raise MemoryError(f"conv_backward: no memory for the places of {column.numel()} entries")
     if status != 0:
         raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")
     return grad_input, grad_weight

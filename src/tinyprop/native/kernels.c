@@ -12,8 +12,8 @@
  * output is computed by the same operations in the same order whatever the thread count, so
  * results are identical at every thread count.
  *
- * C99 with POSIX threads; every buffer is caller-owned (PyTorch tensors); the only allocation
- * is the small record of a threaded call's parts.
+ * C99 with POSIX threads; every buffer is caller-owned (PyTorch tensors); the only allocations
+ * are the small record of a threaded call's parts and the convolution's entry places.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
@@ -175,14 +175,47 @@ static double kth_largest_f64(const double *a, int64_t n, int64_t k, double *wor
     return kth_smallest_f64(work, n, n - k);
 }
 
+/* The step of the row sample i · step mod n (i < 256): near n / φ and coprime with n, so the
+ * sample visits distinct entries spread over the row without following the period of a pooling
+ * window or an image row (a plain stride n / 256 can hit only positions that max pooling never
+ * passes an error to). */
+static int64_t sample_step(int64_t n) {
+    int64_t step = (int64_t)((double)n * 0.6180339887498949) | 1;
+    for (;; step += 2) {
+        int64_t a = n, b = step;
+        while (b) { int64_t t = a % b; a = b; b = t; }
+        if (a == 1) return step;
+    }
+}
+
 /* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound or NaN (unordered
  * compares), ascending; returns count. Every NaN and ±Inf of the row is collected whatever the
- * bound, so the caller finds them among the candidates. With AVX2, eight comparisons become one
- * bit mask, so the loop costs per candidate, not per entry (most entries are below the bound). */
+ * bound, so the caller finds them among the candidates. With AVX-512 (or AVX2), sixteen (eight)
+ * comparisons become one bit mask; AVX-512 packs the candidates of a block with one compress, so
+ * the loop has no branch per candidate. Whole blocks are stored at `count` <= i: they end
+ * before i + 16 <= n, inside both buffers. */
 static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *index,
                            float *magnitude) {
     int64_t count = 0, i = 0;
-#if defined(__AVX2__) && defined(__GNUC__)
+#if defined(__AVX512F__) && defined(__GNUC__)
+    const __m512 limit = _mm512_set1_ps(bound);
+    const __m512i low_lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i high_lanes = _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(row + i)); /* |row[i..i+16)| */
+        __mmask16 mask = _mm512_cmp_ps_mask(a, limit, _CMP_NLT_UQ);
+        if (!mask) continue;
+        __m512i at = _mm512_set1_epi64(i);
+        __mmask8 low = (__mmask8)mask, high = (__mmask8)(mask >> 8);
+        int64_t low_count = __builtin_popcount(low);
+        _mm512_storeu_ps(magnitude + count, _mm512_maskz_compress_ps(mask, a));
+        _mm512_storeu_si512((void *)(index + count),
+                            _mm512_maskz_compress_epi64(low, _mm512_add_epi64(at, low_lanes)));
+        _mm512_storeu_si512((void *)(index + count + low_count),
+                            _mm512_maskz_compress_epi64(high, _mm512_add_epi64(at, high_lanes)));
+        count += __builtin_popcount(mask);
+    }
+#elif defined(__AVX2__) && defined(__GNUC__)
     const __m256 sign = _mm256_set1_ps(-0.0f), limit = _mm256_set1_ps(bound);
     for (; i + 8 <= n; i += 8) {
         __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)); /* |row[i..i+8)| */
@@ -221,9 +254,11 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
  * on are unspecified, nothing is written outside them); -2 if the kept entries did not add up to
  * keep[r] (a broken invariant, never expected).
  *
- * Finding the k-th largest |δ| t: when k is small against n, a strided sample of 64 (256 for
- * long rows) entries gives a bound e a little below t (the sample's value of rank k · 64 / n
- * plus a margin of two standard deviations and 4);
+ * Finding the k-th largest |δ| t: when k is small against n, a sample of 64 (256 for long rows)
+ * entries spread over the row (see sample_step) gives a bound e a little below t (the sample's
+ * value of rank k · 64 / n plus a margin of two standard deviations and 4), at least the
+ * smallest non-zero |δ| (behind ReLU and pooling most entries are zeros, and a zero is never
+ * needed as a candidate: rows with fewer than k non-zero entries take the path below);
  * one pass collects the candidates |δ| >= e, and the k-th largest is found among those few.
  * Every other entry is below e <= t, so t and its ties are among the candidates. If fewer than
  * k entries reach e (a bad sample), or k is large, the candidates are all non-zero |δ|. */
@@ -236,16 +271,21 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
         int64_t count = 0; /* candidates index[0:count], ascending, |δ| in magnitude */      \
         if (n >= 4 * SAMPLE && 8 * k <= n) {                                                 \
             int64_t sample = n >= 16 * SAMPLE ? 4 * SAMPLE : SAMPLE;                         \
-            for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[i * (n / sample)]);       \
+            int64_t step = sample_step(n);                                                   \
+            for (int64_t i = 0, at = 0; i < sample; i++, at = at + step < n ? at + step      \
+                                                                      : at + step - n)     \
+                work[i] = ABS(row[at]); /* row[i · step mod n] */                            \
             double expected = (double)k * (double)sample / (double)n; /* rank of t */        \
             int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */        \
             T bound = kth_largest_##SUFFIX(work, sample, rank + 1, magnitude);               \
+            if (bound < SMALLEST) bound = SMALLEST; /* zeros are never needed as candidates */ \
             count = collect_##SUFFIX(row, n, bound, index, magnitude);                       \
         }                                                                                    \
         if (count < k) /* no usable bound: every non-zero entry is a candidate */            \
             count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                    \
-        for (int64_t c = 0; c < count; c++) /* every NaN and ±Inf is a candidate */          \
-            if (!(magnitude[c] <= LARGEST)) return 1;                                        \
+        int not_finite = 0; /* every NaN and ±Inf is a candidate */                          \
+        for (int64_t c = 0; c < count; c++) not_finite |= !(magnitude[c] <= LARGEST);        \
+        if (not_finite) return 1;                                                            \
         T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */        \
         if (count >= k) threshold = kth_largest_##SUFFIX(magnitude, count, k, work);         \
         int64_t room = k; /* ties at the threshold go to the lower index */                  \
@@ -261,16 +301,20 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
                     written++;                                                               \
                 }                                                                            \
             }                                                                                \
-        } else {                                                                             \
-            for (int64_t c = 0; c < count && written < k; c++) {                             \
+        } else { /* the kept candidates packed to index[0:written] in place, branch-free */ \
+            for (int64_t c = 0; c < count; c++) {                                            \
                 T a = magnitude[c];                                                          \
-                int64_t i = index[c], tie = a == threshold;                                  \
-                if (!((a > threshold) | (tie & (room > 0)))) continue;                       \
-                room -= tie;                                                                 \
-                if (columns) columns[written] = i;                                           \
-                if (values) values[written] = row[i];                                        \
+                int64_t tie = a == threshold, take = (a > threshold) | (tie & (room > 0));   \
+                room -= tie & take;                                                          \
+                index[written] = index[c]; /* written <= c */                                \
+                written += take;                                                             \
+            }                                                                                \
+            if (written > k) return -2;                                                      \
+            for (int64_t w = 0; w < written; w++) {                                          \
+                int64_t i = index[w];                                                        \
+                if (columns) columns[w] = i;                                                 \
+                if (values) values[w] = row[i];                                              \
                 if (masked) masked[i] = row[i];                                              \
-                written++;                                                                   \
             }                                                                                \
         }                                                                                    \
         return written == k ? 0 : -2;                                                        \
@@ -430,43 +474,76 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
 
 typedef struct {
     const float *x, *weight;
-    const int64_t *shape, *row_start, *column;
+    const int64_t *shape, *row_start;
+    const int64_t *entry_channel, *entry_start; /* (nnz,) each, from conv_entry_places */
     const float *value;
     float *grad_weight, *grad_input;
 } conv_call;
+
+/* For every kept entry e (column c · P + p of sample s): entry_channel[e] = c and entry_start[e]
+ * = the offset in x of the first input its patch reads (sample s, the window's top-left at
+ * output position p, the first channel of c's group). position_start (P,) is scratch. The
+ * entries of a sample come in ascending order from the selection, so the channel is found
+ * with one division per channel of a sample, not per entry (any order is still right). */
+static void conv_entry_places(const int64_t *shape, const int64_t *row_start,
+                              const int64_t *column, int64_t *entry_channel,
+                              int64_t *entry_start, int64_t *position_start) {
+    int64_t in_h = shape[1], in_w = shape[2], channels_in = shape[3], channels_out = shape[4];
+    int64_t out_h = shape[7], out_w = shape[8], stride_h = shape[9], stride_w = shape[10];
+    int64_t groups = shape[13], positions = out_h * out_w;
+    int64_t cg = channels_in / groups, per_group = channels_out / groups;
+    for (int64_t row = 0, p = 0; row < out_h; row++)
+        for (int64_t col = 0; col < out_w; col++, p++)
+            position_start[p] = (row * stride_h * in_w + col * stride_w) * channels_in;
+    for (int64_t s = 0; s < shape[0]; s++) {
+        int64_t ch = 0, base = -1, group_start = 0, sample_start = s * in_h * in_w * channels_in;
+        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+            if (column[e] < base || column[e] >= base + positions || base < 0) {
+                ch = column[e] / positions, base = ch * positions;
+                group_start = sample_start + (ch / per_group) * cg;
+            }
+            entry_channel[e] = ch;
+            entry_start[e] = group_start + position_start[column[e] - base];
+        }
+    }
+}
 
 /* The kept entries of samples [first_sample, end_sample) and output channels [first_channel,
  * end_channel): into grad_weight (for_weight) or grad_input, in sample and entry order. */
 static void conv_entries(const conv_call *c, int for_weight, int64_t first_sample,
                          int64_t end_sample, int64_t first_channel, int64_t end_channel) {
     const int64_t *shape = c->shape;
-    int64_t in_h = shape[1], in_w = shape[2], channels_in = shape[3], channels_out = shape[4];
-    int64_t kh = shape[5], kw = shape[6], out_h = shape[7], out_w = shape[8];
-    int64_t stride_h = shape[9], stride_w = shape[10], dilation_h = shape[11];
-    int64_t dilation_w = shape[12], groups = shape[13];
-    int64_t cg = channels_in / groups, per_group = channels_out / groups;
-    int64_t positions = out_h * out_w, taps = kh * kw;
-    for (int64_t s = first_sample; s < end_sample; s++) {
-        for (int64_t e = c->row_start[s]; e < c->row_start[s + 1]; e++) {
-            int64_t ch = c->column[e] / positions, p = c->column[e] % positions;
-            if (ch < first_channel || ch >= end_channel) continue;
-            int64_t top = (p / out_w) * stride_h, left = (p % out_w) * stride_w;
-            int64_t start = ((s * in_h + top) * in_w + left) * channels_in;
-            start += (ch / per_group) * cg;
-            float v = c->value[e];
-            for (int64_t ky = 0; ky < kh; ky++) {
-                for (int64_t kx = 0; kx < kw; kx++) {
+    int64_t in_w = shape[2], channels_in = shape[3], kh = shape[5], kw = shape[6];
+    int64_t dilation_h = shape[11], dilation_w = shape[12], groups = shape[13];
+    int64_t cg = channels_in / groups, taps = kh * kw;
+    for (int64_t e = c->row_start[first_sample]; e < c->row_start[end_sample]; e++) {
+        int64_t ch = c->entry_channel[e], start = c->entry_start[e];
+        if (ch < first_channel || ch >= end_channel) continue;
+        float v = c->value[e];
+        if (cg == 1) { /* one input channel per group (a first layer, a depthwise conv) */
+            float *restrict out = for_weight ? c->grad_weight + ch * taps : c->grad_input;
+            const float *restrict in = for_weight ? c->x : c->weight + ch * taps;
+            for (int64_t ky = 0, tap = 0; ky < kh; ky++) {
+                for (int64_t kx = 0; kx < kw; kx++, tap++) {
                     int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
-                    int64_t tap = (ch * taps + ky * kw + kx) * cg;
-                    if (for_weight) {
-                        float *restrict gw = c->grad_weight + tap;
-                        const float *restrict patch = c->x + at;
-                        for (int64_t i = 0; i < cg; i++) gw[i] += v * patch[i];
-                    } else {
-                        float *restrict gx = c->grad_input + at;
-                        const float *restrict w = c->weight + tap;
-                        for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
-                    }
+                    if (for_weight) out[tap] += v * in[at];
+                    else out[at] += v * in[tap];
+                }
+            }
+            continue;
+        }
+        for (int64_t ky = 0; ky < kh; ky++) {
+            for (int64_t kx = 0; kx < kw; kx++) {
+                int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
+                int64_t tap = (ch * taps + ky * kw + kx) * cg;
+                if (for_weight) {
+                    float *restrict gw = c->grad_weight + tap;
+                    const float *restrict patch = c->x + at;
+                    for (int64_t i = 0; i < cg; i++) gw[i] += v * patch[i];
+                } else {
+                    float *restrict gx = c->grad_input + at;
+                    const float *restrict w = c->weight + tap;
+                    for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
                 }
             }
         }
@@ -508,8 +585,9 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
  * cg contiguous in all three arrays. grad_weight is split by output channel, grad_input by
  * sample, into up to `threads` parts each. shape: {batch, in_h, in_w, channels_in,
  * channels_out, kh, kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
- * Returns 0, or -1 on an index out of range or offsets that decrease (checked before anything
- * is written); float values, NaN and ±Inf included, only flow into the gradients. */
+ * Returns 0, -1 on an index out of range or offsets that decrease (checked before anything is
+ * written), -3 when the (2 nnz + P) integers of the entries' places cannot be allocated; float
+ * values, NaN and ±Inf included, only flow into the gradients. */
 int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
                          float *grad_weight, float *grad_input, int64_t threads) {
@@ -518,8 +596,13 @@ int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *sha
     int64_t nnz = row_start[batch];
     for (int64_t e = 0; e < nnz; e++)
         if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
-    conv_call call = {x, weight, shape, row_start, column, value, grad_weight, grad_input};
+    int64_t *places = malloc((size_t)(2 * nnz + positions) * sizeof(int64_t));
+    if (places == NULL) return -3;
+    conv_entry_places(shape, row_start, column, places, places + nnz, places + 2 * nnz);
+    conv_call call = {x, weight, shape, row_start, places, places + nnz, value, grad_weight,
+                      grad_input};
     if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
     if (grad_input) run_parts(conv_input_part, &call, parts_for(batch, threads), threads);
+    free(places);
     return 0;
 }
