@@ -236,13 +236,18 @@ def thread_counts(text: str) -> list[int]:
     return list(dict.fromkeys(counts))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rounds, --chunk and --threads of the wall-clock scripts."""
     parser.add_argument("--rounds", type=int, default=8, help="timed chunks per policy")
     parser.add_argument("--chunk", type=int, default=5, help="steps per chunk")
     parser.add_argument(
         "--threads", type=thread_counts, default="0,1", help="torch threads, 0: torch's default"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_timing_arguments(parser)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     args = parser.parse_args()

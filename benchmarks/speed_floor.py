@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 from finetune_speed import SETTINGS
-from speed import MODELS, POLICIES, commit, keep_freed_memory, thread_counts, write_record
+from speed import (
+    MODELS,
+    POLICIES,
+    add_timing_arguments,
+    commit,
+    keep_freed_memory,
+    write_record,
+)
 from torch import nn
 
 import tinyprop
@@ -192,11 +199,7 @@ def row(name: str, result: dict, target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8, help="timed chunks per function")
-    parser.add_argument("--chunk", type=int, default=5, help="steps per chunk (speed models)")
-    parser.add_argument(
-        "--threads", type=thread_counts, default="0,1", help="torch threads, 0: torch's default"
-    )
+    add_timing_arguments(parser)  # a finetune run: one pass over its steps in --rounds chunks
     parser.add_argument("--workloads", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "speed_floor.json")

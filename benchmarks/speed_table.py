@@ -1,17 +1,22 @@
-"""Markdown tables of the wall-clock records and of unified vs per-sample top-k (for
-docs/benchmark.md), read from ``benchmarks/results/speed.json``, ``finetune_speed.json`` and
-``unified_accuracy.json``.
+"""Markdown tables of the wall-clock records, their floors and unified vs per-sample top-k
+(for docs/benchmark.md), read from ``benchmarks/results/speed.json``, ``speed_floor.json``,
+``finetune_speed.json`` and ``unified_accuracy.json``; ``--readme`` writes the summary of the
+targets into README.md between its speed-table markers.
 
 Run:
     python benchmarks/speed_table.py
+    python benchmarks/speed_table.py --readme
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+README_START, README_END = "<!-- speed-table: start -->", "<!-- speed-table: end -->"
 
 
 def ratio(row: dict) -> str:
@@ -87,12 +92,95 @@ def unified_table(record: dict) -> list[str]:
     return lines
 
 
+def floor_table(record: dict) -> list[str]:
+    """Per workload and thread count: full's step, its parts, the floor, measured, target."""
+    lines = [
+        "| workload (batch) | threads | full ms | forward + loss | optimizer | dense backward "
+        "| r | floor | measured | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for threads, results in record["threads"].items():
+        for name, row in results.items():
+            measured = "{:.2f} ({:.2f}–{:.2f})".format(row["measured"], *row["measured_spread"])
+            verdict = " blocked" if row["floor"] > row["target"] else ""
+            lines.append(
+                f"| {name} ({row['batch_size']}) | {threads} | {row['ms_full']:.1f} | "
+                f"{row['ms_forward_and_loss']:.1f} | {row['ms_optimizer']:.1f} | "
+                f"{row['ms_dense_backward']:.1f} | {row['backward_mac_ratio']:.3f} | "
+                f"{row['floor']:.2f} | {measured} {row['policy']} | {row['target']}{verdict} |"
+            )
+    return lines
+
+
+def readme_summary(speed: dict, floor: dict, finetune: dict) -> list[str]:
+    """The targets of the speed issue: measured beside the MAC limit, the floor and the target,
+    per thread count (the finetune runs at the bench's one thread)."""
+    threads = list(speed["threads"])
+    lines = [
+        f"`{speed['command']}`, `{floor['command']}` and `{finetune['command']}` (commit "
+        f"{speed['commit']}; load {speed.get('load_average')}); wall time vs `full`, "
+        + " / ".join(f"{t} thread(s)" for t in threads) + ":",
+        "",
+        "| model (batch) | topk 0.05 | topk 0.05 unified | MAC limit | floor | target |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for model, entry in speed["threads"][threads[0]].items():
+        cells = []
+        for policy in ("topk 0.05", "topk 0.05 unified"):
+            rows = [speed["threads"][t][model]["policies"][policy] for t in threads]
+            cells.append(" / ".join(f"{row['ratio_to_full']:.2f}" for row in rows))
+        floors = [floor["threads"].get(t, {}).get(model) for t in threads]
+        limit = entry["policies"]["topk 0.05"]["mac_ratio"]
+        lines.append(
+            f"| {model} ({entry['batch_size']}) | {cells[0]} | {cells[1]} | {limit:.2f} | "
+            + " / ".join(f"{row['floor']:.2f}" if row else "–" for row in floors)
+            + f" | {floor_target(floors)} |"
+        )
+    for dataset, runs in finetune["runs"].items():
+        name = f"finetune {dataset}"
+        row = runs["tinypropv2"]
+        floors = [floor["threads"].get(str(finetune["threads"]), {}).get(name)]
+        lines.append(
+            f"| {name}, tinypropv2, whole run ({finetune['threads']} thread) | "
+            f"{row['ratio_to_full']:.2f} | – | {row['mac_ratio']:.2f} | "
+            + (f"{floors[0]['floor']:.2f}" if floors[0] else "–")
+            + f" | {floor_target(floors)} |"
+        )
+    return lines
+
+
+def floor_target(floors: list) -> str:
+    """The target, marked blocked when a floor measured for it is above it."""
+    known = [row for row in floors if row]
+    if not known:
+        return "–"
+    blocked = [row for row in known if row["floor"] > row["target"]]
+    return f"{known[0]['target']}" + (" (below the floor)" if blocked else "")
+
+
+def write_readme(lines: list[str]) -> None:
+    text = README.read_text()
+    start, end = text.index(README_START), text.index(README_END)
+    body = "\n".join(lines)
+    README.write_text(text[: start + len(README_START)] + "\n" + body + "\n" + text[end:])
+    print(f"wrote the speed summary into {README}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--readme", action="store_true", help="write the README summary")
+    args = parser.parse_args()
     speed = json.loads((RESULTS / "speed.json").read_text())
+    finetune = json.loads((RESULTS / "finetune_speed.json").read_text())
+    floor = json.loads((RESULTS / "speed_floor.json").read_text())
+    if args.readme:
+        write_readme(readme_summary(speed, floor, finetune))
+        return
     print(f"`{speed['command']}` (commit {speed['commit']}, {speed['machine']}, "
           f"load {speed.get('load_average', 'not recorded')}):\n")  # fmt: skip
     print("\n".join(speed_table(speed)))
-    finetune = json.loads((RESULTS / "finetune_speed.json").read_text())
+    print(f"\n`{floor['command']}` (commit {floor['commit']}, load {floor['load_average']}):\n")
+    print("\n".join(floor_table(floor)))
     print(f"\n`{finetune['command']}` ({finetune['threads']} torch thread(s), "
           f"load {finetune.get('load_average', 'not recorded')}):\n")  # fmt: skip
     print("\n".join(finetune_table(finetune)))
