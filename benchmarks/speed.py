@@ -6,7 +6,8 @@ round-robin. Each round gives one ratio per policy (its chunk's time over ``full
 the same round); the table shows the median ratio and its spread (lowest and highest round).
 What counts is the ratio to ``full`` measured in the same run, not the absolute time. Beside
 each ratio: the MAC limit, the ratio the step would have if its wall time followed its
-multiply-accumulates (the ledger's total vs full).
+multiply-accumulates (the ledger's total vs full). Under the table: the kernel each layer's
+backward ran in the last step (``StepStats.kernels``).
 
 Every model is measured at torch's default thread count and at one thread (``--threads``).
 
@@ -151,6 +152,7 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
             "skipped": 0,
             "seen": 0,
             "next": 0,
+            "kernels": {},
         }
     steps = len(x) // batch_size
     for round_index in range(rounds + 1):
@@ -164,6 +166,7 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
                     run["model"], x[index], y[index], loss_fn, run["optimizer"]
                 )
                 run["ledger"] += stats.macs
+                run["kernels"] = stats.kernels  # layer -> the kernel its backward ran
                 run["skipped"] += stats.skipped
                 run["seen"] += batch_size
                 run["next"] = (run["next"] + 1) % steps
@@ -180,6 +183,7 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
             "mac_ratio": run["ledger"].ratio(),
             "backward_mac_ratio": run["ledger"].backward_ratio(),
             "skip_rate": run["skipped"] / run["seen"],
+            "kernels": run["kernels"],
         }
     return results
 
@@ -284,6 +288,9 @@ def main() -> None:
                     f"{row['mac_ratio']:>9.3f} | {row['backward_mac_ratio']:>21.3f} | "
                     f"{100 * row['skip_rate']:>6.1f}% |"
                 )
+            for name, row in results.items():  # the ledger counts k · fan-in whichever ran
+                kernels = "; ".join(f"{layer}: {kind}" for layer, kind in row["kernels"].items())
+                print(f"  {name} kernels by layer: {kernels or 'PyTorch dense backward'}")
     write_record(record, args.out, start_load)
 
 

@@ -329,3 +329,27 @@ def test_native_kernels_are_identical_at_every_thread_count(threads, monkeypatch
             assert torch.equal(one, many)
     finally:
         torch.set_num_threads(before)
+
+
+def test_step_stats_name_the_kernel_of_every_layer():
+    """StepStats.kernels: a small fan-in convolution runs the dense kernels on the masked δ, a
+    larger one the native sparse kernel; unified top-k the dense kernels on its kept channels
+    (of its kept groups for a depthwise conv); the ledger counts the same k either way."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(),  # fan-in 9
+        nn.Conv2d(8, 8, 3), nn.ReLU(),  # fan-in 72
+        nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(),  # depthwise
+        nn.Linear(8 * 4 * 4, 3),
+    )  # fmt: skip
+    x, y = torch.randn(4, 1, 10, 10), torch.tensor([0, 1, 2, 0])
+    per_sample = tinyprop.apply(copy.deepcopy(model), tinyprop.TinyPropConfig("topk", ratio=0.05))
+    optimizer = torch.optim.SGD(per_sample.parameters(), lr=0.0)
+    stats = tinyprop.train_step(per_sample, x, y, LOSS, optimizer)
+    assert stats.kernels["0"] == tinyprop.autograd.MASKED_DENSE
+    assert stats.kernels["2"] == tinyprop.autograd.NATIVE_SPARSE
+    unified = tinyprop.apply(model, tinyprop.TinyPropConfig("topk", ratio=0.05, unified=True))
+    optimizer = torch.optim.SGD(unified.parameters(), lr=0.0)
+    stats = tinyprop.train_step(unified, x, y, LOSS, optimizer)
+    assert stats.kernels["2"] == tinyprop.autograd.KEPT_CHANNELS
+    assert stats.kernels["4"] == tinyprop.autograd.KEPT_GROUPS
+    assert set(stats.kernels.values()) <= set(tinyprop.autograd.KERNELS)

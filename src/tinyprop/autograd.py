@@ -43,6 +43,18 @@ NATIVE_CONV_MIN_FAN_IN = 64  # C_in / G · kh · kw; smaller convolutions keep t
 DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
 CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kernels
 
+# the kernels a layer call's backward may run (StepStats.kernels names one per layer)
+NATIVE_SPARSE = "native sparse"
+PYTORCH_SPARSE = "PyTorch sparse (CSR)"
+MASKED_DENSE = "dense on the masked δ"
+EVERY_ENTRY = "dense (every entry kept)"
+KEPT_CHANNELS = "dense on the kept channels"
+KEPT_GROUPS = "dense on the groups of the kept channels"
+NO_ROW = "none (every row's δ is zero)"
+NO_GRADIENT = "none (no gradient needed)"
+KERNELS = (NATIVE_SPARSE, PYTORCH_SPARSE, MASKED_DENSE, EVERY_ENTRY, KEPT_CHANNELS, KEPT_GROUPS,
+           NO_ROW, NO_GRADIENT)  # fmt: skip
+
 
 def sparse_rows(
     row: Tensor,
@@ -142,20 +154,22 @@ class SparseBackprop(torch.autograd.Function):
                 policy.config.unified, select, geometry, x, weight, delta, keep,
                 keeps_everything, *needs,
             )  # fmt: skip
+            kernel = EVERY_ENTRY if keeps_everything else MASKED_DENSE
         elif policy.config.unified and not keeps_everything and rows.numel():
             channels = unified_channels(delta, keep)  # (K,) shared by every row
             keep = torch.full_like(keep, channels.numel() * delta.shape[2])
             grad_input, grad_weight = (None, None)
+            kernel = KEPT_GROUPS if geometry.groups > 1 else KEPT_CHANNELS
             if needs_input or needs_weight:
                 grad_input, grad_weight = unified_gradients(
                     geometry, x, weight, rows, delta, channels, *needs
                 )
         else:
-            grad_input, grad_weight = _gradients(
+            grad_input, grad_weight, kernel = _gradients(
                 select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs
             )
         if step is not None:
-            step.add(call, keep, not keeps_everything, bool(needs_input), rows is None)
+            step.add(call, keep, not keeps_everything, bool(needs_input), rows is None, kernel)
         if grad_input is not None:
             grad_input = grad_input.to(input_dtype)
         if grad_weight is not None:
@@ -295,15 +309,19 @@ def masked_gradients(
 def _gradients(
     select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
 ):  # fmt: skip
-    """Input and weight gradients of the rows ``rows`` (R',) from their kept entries."""
+    """Input and weight gradients of the rows ``rows`` (R',) from their kept entries, and the
+    kernel that computed them (one of :data:`KERNELS`)."""
     if not (needs_input or needs_weight):
-        return None, None
+        return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
         grad_input = torch.zeros_like(x) if needs_input else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
-        return grad_input, grad_weight
+        return grad_input, grad_weight, NO_ROW
     if keeps_everything:  # a dense output layer: no selection
-        return geometry.dense_gradients(x, weight, rows, flat, needs_input, needs_weight)
+        return (
+            *geometry.dense_gradients(x, weight, rows, flat, needs_input, needs_weight),
+            EVERY_ENTRY,
+        )
 
     is_linear = isinstance(geometry, LinearPatches)
     use_native = native.can_backward(x, weight) and (
@@ -315,17 +333,26 @@ def _gradients(
         limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
     if int(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
         masked = select(flat, keep, masked=True)  # (R', N)
-        return geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight)
+        return (
+            *geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight),
+            MASKED_DENSE,
+        )
 
     local_row, entry, value = select(flat, keep, with_rows=not use_native)  # (M,) each
     if use_native:
         row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
         row_start[rows + 1] = keep  # zero rows keep nothing
-        return geometry.native_gradients(
-            x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
+        return (
+            *geometry.native_gradients(
+                x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
+            ),
+            NATIVE_SPARSE,
         )
-    return pytorch_sparse_gradients(
-        geometry, x, weight, rows, local_row, entry, value, needs_input, needs_weight
+    return (
+        *pytorch_sparse_gradients(
+            geometry, x, weight, rows, local_row, entry, value, needs_input, needs_weight
+        ),
+        PYTORCH_SPARSE,
     )
 
 

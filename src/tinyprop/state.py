@@ -86,6 +86,7 @@ class BackwardRecord:
     selected: bool  # False when the layer kept everything without a selection
     computes_input_grad: bool
     selection_macs: int  # local errors and top-k selection, from the policy
+    kernel: str = ""  # which kernel computed the gradients (see tinyprop.autograd.KERNELS)
 
 
 @dataclass

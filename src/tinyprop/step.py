@@ -45,6 +45,9 @@ class StepStats:
         macs: the step's :class:`~tinyprop.Ledger` (complete once the backward has run).
         keep: layer name -> (rows,) k of each row the layer backpropagated (rows with a
             non-zero output gradient), layers in forward order.
+        kernels: layer name -> the kernel that computed its gradients in this step (one of
+            :data:`tinyprop.autograd.KERNELS`; the ledger counts the algorithm's MACs
+            whichever ran), layers in forward order.
         trained_mask: (B,) True where the sample was trained.
         stepped: whether the optimizer stepped (set by :func:`tinyprop.train_step`).
     """
@@ -54,6 +57,7 @@ class StepStats:
     skipped: int
     macs: Ledger = field(default_factory=Ledger)
     keep: dict[str, Tensor] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)
     trained_mask: Tensor | None = None
     stepped: bool = False
 
@@ -75,7 +79,8 @@ class StepContext:
         self.finished = False
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
-        self._calls: list[tuple] = []  # (call, keep, selected, computes_input_grad, every_row)
+        self._calls: list[tuple] = []  # (call, keep, selected, computes_input_grad, every_row,
+        # kernel)
         self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
@@ -95,11 +100,18 @@ class StepContext:
         return None
 
     def add(
-        self, call, keep: Tensor, selected: bool, computes_input_grad: bool, every_row: bool
+        self,
+        call,
+        keep: Tensor,
+        selected: bool,
+        computes_input_grad: bool,
+        every_row: bool,
+        kernel: str = "",
     ) -> None:
         """What one layer call's backward did: ``keep`` (R',) k of each row with a non-zero δ,
-        or with ``every_row`` (the path without host reads) (R,) with 0 on the other rows."""
-        self._calls.append((call, keep, selected, computes_input_grad, every_row))
+        or with ``every_row`` (the path without host reads) (R,) with 0 on the other rows;
+        ``kernel``: which kernel computed its gradients."""
+        self._calls.append((call, keep, selected, computes_input_grad, every_row, kernel))
 
     def check_finite_later(self, error: Tensor, layer_name: str) -> None:
         """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
@@ -174,6 +186,7 @@ class StepContext:
                 if name not in stats.keep
                 else torch.cat([stats.keep[name], record.keep])
             )
+            stats.kernels[name] = record.kernel
         with torch.no_grad():
             self.state.policy.finish_step(self)  # the score window and the budget controller
         self.state.last_stats = stats
@@ -197,11 +210,11 @@ class StepContext:
             keeps = [keep if keep.device.type == "cpu" else next(moved) for keep in keeps]
         keeps = [  # (R',) the rows with a non-zero δ
             keep[keep > 0] if every_row else keep
-            for keep, (*_, every_row) in zip(keeps, self._calls, strict=True)
+            for keep, (*_, every_row, _) in zip(keeps, self._calls, strict=True)
         ]
         policy = self.state.policy
         records = []
-        for (call, _, selected, computes_input_grad, _), keep in zip(
+        for (call, _, selected, computes_input_grad, _, kernel), keep in zip(
             self._calls, keeps, strict=True
         ):
             trained, kept = (keep.numel(), int(keep.sum())) if selected else (0, 0)
@@ -212,6 +225,7 @@ class StepContext:
                     selected=selected,
                     computes_input_grad=computes_input_grad,
                     selection_macs=policy.selection_macs(trained, call.output_size, kept),
+                    kernel=kernel,
                 )
             )
         return records
