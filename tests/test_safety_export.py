@@ -160,3 +160,46 @@ def test_sizes_beyond_the_runtime_int32_are_refused(tmp_path, capsys):
     assert export_main(argv + ["--batch-size", "9999999999"]) == 2
     assert "beyond the C runtime's int32 sizes" in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def _repeated_and_tied():
+    """A Sequential holding one Linear twice, and one whose two Linears share a weight."""
+    torch.manual_seed(0)
+    twice = nn.Linear(8, 8)
+    repeated = nn.Sequential(twice, nn.ReLU(), twice, nn.ReLU(), nn.Linear(8, 3))
+    tied = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    tied[2].weight = tied[0].weight
+    return {"repeated": repeated, "tied": tied}
+
+
+@pytest.mark.parametrize("kind", ["repeated", "tied"])
+def test_shared_weights_are_refused(tmp_path, capsys, kind):
+    """A module used twice was exported once (the C model was a layer short of the PyTorch
+    one); tied weights became two copies that the device trained apart. Both silently."""
+    torch.save(_repeated_and_tied()[kind], tmp_path / "model.pt")
+    assert export_main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert "layers '0' and '2' share" in line and "clone" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["nan", "empty"])
+def test_nan_weights_and_empty_models_get_one_line(tmp_path, capsys, kind):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    if kind == "nan":
+        with torch.no_grad():
+            model[2].bias[1] = float("nan")
+    else:
+        model = nn.Sequential()
+    torch.save(model, tmp_path / "model.pt")
+    assert export_main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]) == 2
+    expected = "layer '2' has a NaN or infinite bias" if kind == "nan" else "has no layers"
+    assert expected in _one_line_error(capsys)
+
+
+def test_state_dict_that_does_not_fit_the_reference_model_names_the_keys(tmp_path, capsys):
+    torch.save(nn.Sequential(nn.Linear(4, 3)).state_dict(), tmp_path / "weights.pt")
+    argv = [str(tmp_path / "weights.pt"), "--model", "har", "--out", str(tmp_path / "out")]
+    assert export_main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "does not fit the har reference model" in line and "Missing key(s)" in line

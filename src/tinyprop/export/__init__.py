@@ -60,6 +60,8 @@ class ExportResult:
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
     """One sample's shape when the first layer tells it (a Linear, or Flatten + Linear)."""
+    if not any(True for _ in model.parameters()):
+        raise ValueError("the model has no layers with weights; nothing to export or train")
     for module in model.modules():
         if isinstance(module, nn.Linear):
             return (module.in_features,)

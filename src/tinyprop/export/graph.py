@@ -90,10 +90,11 @@ def _single(value) -> int:
 
 
 def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """The leaf modules of (nested) nn.Sequential containers, in order, with their paths."""
+    """The leaf modules of (nested) nn.Sequential containers, in order, with their paths (a
+    module held twice comes twice: ``named_children`` would leave the second out)."""
     if isinstance(model, nn.Sequential):
         leaves = []
-        for name, child in model.named_children():
+        for name, child in model._modules.items():
             leaves += _sequence(child, f"{prefix}.{name}" if prefix else name)
         return leaves
     return [(prefix or "<root>", model)]
@@ -104,6 +105,23 @@ def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedLayerErro
         f"cannot export layer '{path}' ({type(module).__name__}): {why}. "
         f"The C runtime supports: {SUPPORTED}."
     )
+
+
+def _check_not_shared(path: str, module: nn.Module, owners: dict[int, str]) -> None:
+    """Refuse a layer whose weight or bias is another layer's (a module held twice, tied
+    weights): the runtime gives every layer its own copy, which training would drift apart."""
+    for name, tensor in module.named_parameters(recurse=False):
+        if tensor.numel() == 0:
+            continue
+        key = id(tensor) if tensor.is_meta else tensor.data_ptr()  # the same values
+        if key in owners and owners[key] != path:
+            raise UnsupportedLayerError(
+                f"layers '{owners[key]}' and '{path}' share one {name} (one module used twice, "
+                "or tied weights); the C runtime gives every layer its own copy and would train "
+                "them apart. Export untied copies if that is what you want (e.g. "
+                f"model[i].{name} = nn.Parameter(model[i].{name}.detach().clone()))"
+            )
+        owners.setdefault(key, path)
 
 
 def _window(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
@@ -265,7 +283,9 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
     )
     rank = len(input_shape)  # the PyTorch tensor rank of one sample, to check layer inputs
     layers: list[LayerSpec] = []
+    owners: dict[int, str] = {}  # address of every weight and bias -> its first layer's path
     for path, module in _sequence(model):
+        _check_not_shared(path, module, owners)
         name = type(module).__name__
         if isinstance(module, nn.Dropout) and module.p > 0:
             raise _unsupported(path, module, f"p={module.p} (the runtime has no dropout; use p=0)")
