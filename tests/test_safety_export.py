@@ -203,3 +203,14 @@ def test_state_dict_that_does_not_fit_the_reference_model_names_the_keys(tmp_pat
     assert export_main(argv) == 2
     line = _one_line_error(capsys)
     assert "does not fit the har reference model" in line and "Missing key(s)" in line
+
+
+def test_ram_smaller_than_training_needs_is_refused_before_writing(tmp_path, capsys):
+    torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "m.pt")
+    argv = [str(tmp_path / "m.pt"), "--batch-size", "8"]  # arena 644 + batch buffer 128 bytes
+    assert export_main(argv + ["--out", str(tmp_path / "small"), "--ram", "771"]) == 2
+    line = _one_line_error(capsys)
+    assert "needs 772 bytes of RAM" in line and "has 771" in line and "--batch-size" in line
+    assert not (tmp_path / "small").exists()
+    assert export_main(argv + ["--out", str(tmp_path / "fits"), "--ram", "772"]) == 0
+    assert "training needs 772 of the device's 772 bytes" in capsys.readouterr().out

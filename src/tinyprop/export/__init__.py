@@ -56,6 +56,7 @@ class ExportResult:
     arena_bytes: int  # training RAM (tp_arena_bytes_mode)
     inference_bytes: int  # inference RAM with the weights in flash
     memory: MemoryReport | None = None  # the arena's parts and the weights' flash
+    batch_bytes: int = 0  # the example's static batch buffer
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -95,6 +96,7 @@ def export_c(
     model_name: str = "a PyTorch model",
     force: bool = False,
     memory: MemoryMode | None = None,
+    ram_bytes: int | None = None,
 ) -> ExportResult:
     """Write C sources that train ``model`` with ``config`` in the C runtime.
 
@@ -117,6 +119,8 @@ def export_c(
         force: overwrite files in ``out_dir`` that an earlier export did not write.
         memory: the memory mode (frozen first layers, in-place SGD); every layer trained when
             omitted.
+        ram_bytes: the device's RAM: a ValueError, before anything is written, when the
+            training arena and the example's batch buffer need more.
 
     Returns:
         :class:`ExportResult`.
@@ -155,6 +159,14 @@ def export_c(
                 f"the {what} would need {size} bytes, beyond the C runtime's int32 sizes; "
                 "lower --batch-size or --input-shape"
             )
+    if ram_bytes is not None and report.arena_bytes + batch_bytes > ram_bytes:
+        raise ValueError(
+            f"training needs {report.arena_bytes + batch_bytes:,} bytes of RAM (arena "
+            f"{report.arena_bytes:,}, batch buffer {batch_bytes:,}; the stack and the program's "
+            f"own data come on top) but the device has {ram_bytes:,}; nothing was written. "
+            "Lower --batch-size, freeze the first layers (--first-trained-layer), train some "
+            "layers' bias only (--bias-only-layers) or use --sgd-in-place"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ownership.refuse_foreign_files(out, planned_files(samples is not None), force)
@@ -199,4 +211,5 @@ def export_c(
         arena_bytes=report.arena_bytes,
         inference_bytes=inference_bytes(layers),
         memory=report,
+        batch_bytes=batch_bytes,
     )

@@ -99,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="INDEX",
         help="dense/conv layers (from 0) that train their bias only, weights in flash",
     )
+    p.add_argument(
+        "--ram",
+        type=cli_types.positive_int,
+        metavar="BYTES",
+        help="the device's RAM in bytes: refuse (nothing written) when training needs more",
+    )
     return p
 
 
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             memory=MemoryMode(
                 args.first_trained_layer, args.sgd_in_place, tuple(args.bias_only_layers)
             ),
+            ram_bytes=args.ram,
         )
     except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
         print(f"tinyprop export: {error}")
@@ -171,5 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({report.frozen_parameters} of {report.frozen_parameters + report.trained_parameters} "
         "parameters frozen) plus the program's code"
     )
+    if args.ram is not None:
+        needed = result.arena_bytes + result.batch_bytes
+        print(
+            f"RAM: training needs {needed:,} of the device's {args.ram:,} bytes (arena and batch "
+            "buffer; the stack and the program's own data come on top)"
+        )
     print(f"build: make -C {result.out_dir} && {result.out_dir}/train < samples.bin")
     return 0
