@@ -258,3 +258,24 @@ def test_tuple_output_finds_the_tensor_the_losses_come_from(returns):
             losses = LOSS(model.head.weight[:, :1].T.expand(6, 5), y)  # not from the output
         with pytest.raises(ValueError, match="pass it: tinyprop.backward.*output="):
             tinyprop.loss(model, losses)
+
+
+def test_losses_of_several_forward_passes_say_what_to_do():
+    """Two forward passes, their losses concatenated (or the first pass's only): tinypropv2
+    named only sample_dim (or said 'the given output' of a call that gave none); one
+    tinyprop.backward per pass with scale=1/2 is the way, and gives the gradient of the batch."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp", size=8)
+    first, second = model(x[:4]), model(x[4:])
+    with pytest.raises(ValueError, match="one tinyprop.backward per pass"):
+        tinyprop.loss(model, torch.cat([LOSS(first, y[:4]), LOSS(second, y[4:])]))
+    first, second = model(x[:4]), model(x[4:])
+    with pytest.raises(ValueError, match="last forward pass.*output="):
+        tinyprop.loss(model, LOSS(first, y[:4]))
+    keep_all = tinyprop.apply(build("mlp"), KEEP_ALL)
+    plain = build("mlp")
+    for half in (slice(0, 4), slice(4, 8)):
+        tinyprop.backward(keep_all, LOSS(keep_all(x[half]), y[half]), scale=0.5)
+    LOSS(plain(x), y).mean().backward()
+    assert_same(gradients(keep_all), gradients(plain))

@@ -423,11 +423,16 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
         raise ValueError(
             f"the output has shape {tuple(output.shape)} but there are {batch} losses: its "
             f"dimension {sample_dim} must index the samples (pass sample_dim=..., e.g. 1 for "
-            "sequence-first outputs)"
+            "sequence-first outputs, or output=... the losses come from). Losses of several "
+            "forward passes need one tinyprop.backward per pass (scale=1/n adds them up as "
+            "one batch)"
         )
     (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
     if grad is None:
-        raise ValueError("the losses do not depend on the given output; pass output=...")
+        raise ValueError(
+            "the losses do not depend on the output (by default the one of the model's last "
+            "forward pass); pass the output they come from as output=..."
+        )
     error = local_error(grad.detach().movedim(sample_dim, 0).double())  # (B,)
     if not torch.isfinite(error).all():
         bad = (~torch.isfinite(error)).nonzero().flatten().tolist()
