@@ -11,6 +11,11 @@ on a microcontroller can be measured here before anything is flashed:
   layer's backward is done (C: no gradient buffer for dense layers, one layer-sized buffer for
   a conv while its backward runs). Here: :func:`train_step_in_place`, one ``train_step`` per
   sample. With one sample per batch it is the ordinary SGD step.
+- ``momentum_in_place``: SGD with momentum and one step per batch, without a gradient buffer:
+  in C the momentum buffer is scaled by ``momentum * B`` at a batch's first trained sample,
+  each trained sample's gradient is added into it, and the update divides it by B. The same
+  step as ``torch.optim.SGD(momentum=...)`` up to the order of float additions, so the mirror
+  is the plain optimizer.
 
 ``tinyprop.export.arena.plan_arena`` computes the arena of a mode exactly as the runtime does,
 and :data:`MODES` names the modes measured for the example models.
@@ -42,11 +47,16 @@ class MemoryMode:
         first_trained_layer: index (forward order, from 0) of the first dense/conv layer that
             trains; the ones before are frozen. 0 trains every layer.
         sgd_in_place: every trained sample is its own plain-SGD step, applied in place.
+        bias_only_layers: trainable layers (after the first trained one) whose bias alone
+            trains; their weights stay in flash.
+        momentum_in_place: SGD with momentum (no Nesterov) accumulates the batch's gradient
+            in its momentum buffer: no gradient buffer.
     """
 
     first_trained_layer: int = 0
     sgd_in_place: bool = False
     bias_only_layers: tuple[int, ...] = ()
+    momentum_in_place: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.first_trained_layer, bool) or not isinstance(
@@ -68,6 +78,11 @@ class MemoryMode:
             )
         if layers and self.sgd_in_place:
             raise ValueError("bias_only_layers do not work with sgd_in_place (not built)")
+        if self.momentum_in_place and self.sgd_in_place:
+            raise ValueError(
+                "momentum_in_place and sgd_in_place exclude each other: sgd_in_place steps "
+                "every sample with plain SGD, momentum_in_place steps once per batch"
+            )
         object.__setattr__(self, "bias_only_layers", layers)
 
     @property
@@ -82,6 +97,12 @@ class MemoryMode:
                 "sgd_in_place needs plain SGD (no momentum, no Nesterov, no Adam): an in-place "
                 f"update keeps no state between samples; got {optimizer} with momentum "
                 f"{momentum}"
+            )
+        if self.momentum_in_place and (optimizer != "sgd" or momentum == 0 or nesterov):
+            raise ValueError(
+                "momentum_in_place needs SGD with momentum > 0 and without Nesterov (the "
+                f"gradient is gathered in the momentum buffer); got {optimizer} with momentum "
+                f"{momentum}, nesterov {nesterov}"
             )
 
 
@@ -247,6 +268,18 @@ MODES: dict[str, list[TrainingMode]] = {
             MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 6, 7)),
             lr_scale=3.0,
             description="the same, Adam at 3x the plan's learning rate",
+        ),
+        *(
+            TrainingMode(
+                f"first-bias-pw34-sgdm-lr{scale}",
+                MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 7), momentum_in_place=True),
+                optimizer="sgd",
+                momentum=0.9,
+                lr_scale=float(scale),
+                description="first conv, last two pointwise convs and classifier; biases of "
+                f"the layers between; SGD momentum 0.9 gathered in its buffer, {scale}x lr",
+            )
+            for scale in (3, 10, 30)
         ),
         TrainingMode(
             "pointwise-adam",
