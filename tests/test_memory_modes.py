@@ -132,8 +132,8 @@ def test_bad_modes_are_named():
         MemoryMode(-1)
     with pytest.raises(ValueError, match="sgd_in_place needs plain SGD"):
         TrainingMode("x", MemoryMode(0, True), optimizer="adam")
-    with pytest.raises(ValueError, match="bias_only_layers must lie after first_trained_layer"):
-        MemoryMode(1, bias_only_layers=(1,))
+    with pytest.raises(ValueError, match="bias_only_layers must lie at or after first_trained"):
+        MemoryMode(2, bias_only_layers=(1,))
     with pytest.raises(ValueError, match="bias_only_layers do not work with sgd_in_place"):
         MemoryMode(0, True, bias_only_layers=(1,))
     with pytest.raises(ValueError, match=r"bias_only_layers must lie in \[0, 4\)"):

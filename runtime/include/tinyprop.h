@@ -156,11 +156,19 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   gathers its gradient in a buffer of its own size that lives only during its backward.
  *   The batch given to tp_train_batch is then a list of samples, each trained with lr (not
  *   lr / batch). If a sample's loss is not finite, the samples before it stay applied.
- * - bias_only_layers: bit i set: trainable layer i (after first_trained_layer, with a bias)
+ * - bias_only_layers: bit i set: trainable layer i (from first_trained_layer on, with a bias)
  *   trains its bias only (TinyTL-style): its weights stay in the spec's const arrays, its
  *   error still passes on to the layers below, its input is not kept for the backward, and
  *   a ReLU right before it keeps a 1-bit mask of its output instead of the output. Not with
  *   sgd_in_place (TP_ERR_UNSUPPORTED). Trainable layers 0..31 only.
+ * - momentum_in_place: SGD with momentum (momentum > 0, no Nesterov; TP_ERR_ARGUMENT
+ *   otherwise), one update per batch, without a gradient buffer: at a batch's first trained
+ *   sample the momentum buffer is scaled by momentum * batch, each trained sample's gradient is
+ *   added into it, and the update divides it by the batch size, adds the weight decay and
+ *   steps (torch.optim.SGD's step up to the order of float additions). Not with sgd_in_place.
+ *   If a sample's loss is not finite, the weights and running maxima stay as they were but the
+ *   momentum buffer (which held part of the batch's gradient) is reset to zero, as after
+ *   tp_init, and the next update is a first step.
  * The arena's transient buffers (activations, errors, selection and conv scratch, in-place
  * gradients) are placed by their lifetimes within one training step, each where it does not
  * overlap a buffer alive at the same time, so that memory is reused once a buffer's backward
@@ -169,6 +177,7 @@ typedef struct {
     int32_t first_trained_layer;
     int32_t sgd_in_place;
     uint32_t bias_only_layers;
+    int32_t momentum_in_place;
 } tp_memory_config;
 
 /* Every layer trained, one update per batch (the Python library's train_step). */
@@ -219,12 +228,15 @@ typedef struct {
     tp_memory_config memory;
     size_t parameter_count;      /* parameters in the arena: the trained layers' */
     size_t total_parameter_count; /* of every layer, frozen ones included */
-    float *parameters, *gradients, *moment1, *moment2; /* gradients: NULL when in place */
+    float *parameters, *gradients, *moment1, *moment2; /* gradients: NULL when in place
+                                                         (momentum_in_place: moment1) */
     float *loss_delta;           /* dloss/dlogits of the current sample */
     float running_max_output;    /* Ymax of the output error, for the v2 skip decision */
     int64_t optimizer_steps;     /* batches with an update (Adam's t; SGD's first-step rule) */
     tp_ledger total;             /* accumulated since tp_init */
     size_t arena_bytes_used;
+    int32_t momentum_batch;      /* momentum_in_place: the batch size until its first trained
+                                    sample scales the momentum buffer, then 0 */
 } tp_model;
 
 typedef struct {

@@ -213,6 +213,7 @@ tp_memory_config tp_memory_defaults(void) {
     memory.first_trained_layer = 0;
     memory.sgd_in_place = 0;
     memory.bias_only_layers = 0u;
+    memory.momentum_in_place = 0;
     return memory;
 }
 
@@ -224,12 +225,17 @@ static tp_status check_memory(const tp_memory_config *memory, const tp_optimizer
     if (memory->sgd_in_place && (optimizer->kind != TP_OPTIMIZER_SGD ||
                                  optimizer->momentum != 0.0 || optimizer->nesterov != 0))
         return TP_ERR_ARGUMENT; /* in place needs plain SGD: no state between samples */
+    if (memory->momentum_in_place != 0 && memory->momentum_in_place != 1) return TP_ERR_ARGUMENT;
+    if (memory->momentum_in_place &&
+        (memory->sgd_in_place || optimizer->kind != TP_OPTIMIZER_SGD ||
+         optimizer->momentum == 0.0 || optimizer->nesterov != 0))
+        return TP_ERR_ARGUMENT; /* the gradient is gathered in the momentum buffer */
     if (memory->bias_only_layers != 0u) {
-        /* bits after the first trained layer (whose weights train) and below the count */
-        const uint32_t up_to_first = memory->first_trained_layer >= 31
+        /* bits from the first trained layer on and below the count */
+        const uint32_t below_first = memory->first_trained_layer >= 32
                                          ? 0xFFFFFFFFu
-                                         : (2u << memory->first_trained_layer) - 1u;
-        if ((memory->bias_only_layers & up_to_first) != 0u) return TP_ERR_ARGUMENT;
+                                         : (1u << memory->first_trained_layer) - 1u;
+        if ((memory->bias_only_layers & below_first) != 0u) return TP_ERR_ARGUMENT;
         if (trainable_count < 32 && (memory->bias_only_layers >> trainable_count) != 0u)
             return TP_ERR_ARGUMENT;
         if (memory->sgd_in_place) return TP_ERR_UNSUPPORTED;
@@ -339,7 +345,9 @@ static void copy_or_zero(float *to, const float *from, size_t count) {
 /* Weights of every trainable layer: a trained one's copied into the arena (with its gradient
  * unless in place), a frozen one's read where the spec keeps them. */
 static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
-    float *weights = model->parameters, *grads = model->gradients;
+    /* momentum_in_place: each gradient is gathered in its momentum entry */
+    float *weights = model->parameters,
+          *grads = model->memory.momentum_in_place ? model->moment1 : model->gradients;
     int32_t i;
     for (i = 0; i < spec->layer_count; i++) {
         tp_layer *layer = &model->layers[i];

@@ -4,6 +4,31 @@
 
 #include "tp_internal.h"
 
+/* momentum_in_place, a batch's first trained sample: momentum * batch * buffer, so that adding
+ * the samples' gradients and dividing by batch gives momentum * buffer + gradient / batch. */
+void tp_momentum_begin_batch(tp_model *model, int32_t batch) {
+    const float momentum = (float)model->optimizer.momentum, batch_size = (float)batch;
+    float *buffer = model->moment1;
+    size_t i;
+    for (i = 0; i < model->parameter_count; i++) buffer[i] = buffer[i] * momentum * batch_size;
+}
+
+/* momentum_in_place: the update from the buffer that gathered momentum * batch * buffer plus
+ * the batch's gradient (torch.optim.SGD: buffer = momentum buffer + gradient / batch + weight
+ * decay, then the step). */
+static void momentum_in_place_update(tp_model *model, int32_t batch) {
+    const float batch_size = (float)batch, lr = (float)model->optimizer.lr;
+    const float weight_decay = (float)model->optimizer.weight_decay;
+    float *param = model->parameters, *buffer = model->moment1;
+    size_t i;
+    for (i = 0; i < model->parameter_count; i++) {
+        float value = buffer[i] / batch_size;
+        if (weight_decay != 0.0f) value = value + weight_decay * param[i];
+        buffer[i] = value;
+        param[i] = param[i] + -lr * value;
+    }
+}
+
 /* One update of every parameter with the batch-mean gradient model->gradients / batch. */
 void tp_optimizer_update(tp_model *model, int32_t batch) {
     const tp_optimizer_config *opt = &model->optimizer;
@@ -13,7 +38,9 @@ void tp_optimizer_update(tp_model *model, int32_t batch) {
     float *param = model->parameters, *grads = model->gradients;
     size_t i;
     model->optimizer_steps++;
-    if (opt->kind == TP_OPTIMIZER_SGD) {
+    if (model->memory.momentum_in_place) {
+        momentum_in_place_update(model, batch);
+    } else if (opt->kind == TP_OPTIMIZER_SGD) {
         const int first = model->optimizer_steps == 1;
         const float momentum = (float)opt->momentum, lr = (float)opt->lr;
         for (i = 0; i < count; i++) {

@@ -1,5 +1,5 @@
 /* plan.c: the arena plan. Persistent buffers first (the trained layers' parameters, their
- * gradients unless updated in place, optimizer state); then the transient buffers of one
+ * gradients unless updated in place or gathered in the momentum buffer, optimizer state); then the transient buffers of one
  * training step, each placed by its lifetime where it overlaps no buffer alive at the same
  * time, so that memory is reused once a buffer's last reader (often its backward) has run.
  *
@@ -161,7 +161,7 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
     }
     if (first < 0) return TP_ERR_ARGUMENT;
     plan->first_trained = first;
-    plan->gradients = memory->sgd_in_place ? 0 : plan->parameters;
+    plan->gradients = memory->sgd_in_place || memory->momentum_in_place ? 0 : plan->parameters;
     plan->moments = optimizer->kind == TP_OPTIMIZER_ADAM ? 2 * plan->parameters
                     : optimizer->momentum != 0.0       ? plan->parameters
                                                        : 0;

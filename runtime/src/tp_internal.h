@@ -112,6 +112,9 @@ float tp_cross_entropy(const float *logits, int32_t classes, int32_t label, floa
 
 /* ---- optimizer.c */
 void tp_optimizer_update(tp_model *model, int32_t batch);
+/* momentum_in_place: scale the momentum buffer by momentum * batch before a batch's first
+ * trained sample adds its gradient */
+void tp_momentum_begin_batch(tp_model *model, int32_t batch);
 /* sgd_in_place: one SGD step of a conv layer with its gradient buffer (one sample) */
 void tp_sgd_step_layer(const tp_optimizer_config *optimizer, tp_layer *layer);
 /* sgd_in_place: the step of a layer whose gradient is zero (weight decay only) */

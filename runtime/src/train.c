@@ -212,6 +212,10 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         macs->selection += (uint64_t)model->class_count; /* Y_L of every sample */
     }
     if (!*trained) return TP_OK;
+    if (model->memory.momentum_in_place && model->momentum_batch > 0) {
+        tp_momentum_begin_batch(model, model->momentum_batch);
+        model->momentum_batch = 0;
+    }
     return tp_backward_sample(model, x, keep_row, macs);
 }
 
@@ -229,6 +233,7 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
     for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
     saved_output_max = model->running_max_output;
     if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
+    model->momentum_batch = batch;
     for (b = 0; b < batch; b++) {
         const float *sample = x + (size_t)b * (size_t)model->input_size;
         int32_t *keep_row = keep != NULL ? keep + (size_t)b * model->trainable_count : NULL;
@@ -246,6 +251,11 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
             for (i = 0; i < model->layer_count; i++) model->layers[i].running_max = saved_max[i];
             model->running_max_output = saved_output_max;
             if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
+            if (model->memory.momentum_in_place && model->momentum_batch == 0) {
+                /* the buffer holds part of this batch's gradient: start afresh */
+                tp_zero(model->moment1, model->parameter_count);
+                model->optimizer_steps = 0;
+            }
             return status;
         }
         if (trained_mask != NULL) trained_mask[b] = (uint8_t)trained;

@@ -210,6 +210,38 @@ static void test_nonfinite_loss_changes_nothing(void) {
     free(m.arena);
 }
 
+/* momentum_in_place: a non-finite loss after a trained sample leaves the weights as they were
+ * and the momentum buffer, which held part of the batch's gradient, at zero (a fresh start) */
+static void test_nonfinite_loss_with_momentum_in_place(void) {
+    tp_policy_config config = tp_policy_defaults(TP_POLICY_FULL);
+    tp_optimizer_config opt = tp_sgd(0.05, 0.9, 0.0);
+    tp_memory_config memory = tp_memory_defaults();
+    tp_model model;
+    float before[400], after[400], x[2 * 16];
+    int32_t labels[2] = {0, 1};
+    tp_step_stats stats;
+    size_t bytes, count, i;
+    void *arena;
+    int nonzero = 0;
+    memory.momentum_in_place = 1;
+    CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &opt, &memory, &bytes) == TP_OK);
+    arena = malloc(bytes);
+    CHECK(tp_init_mode(&model, &mlp_spec, &config, &opt, &memory, arena, bytes) == TP_OK);
+    CHECK(tp_parameter_count(&model, &count) == TP_OK && count <= 400);
+    fill(x, 32, 1.0f);
+    CHECK(tp_train_batch(&model, x, labels, 2, &stats, NULL, NULL) == TP_OK);
+    for (i = 0; i < model.parameter_count; i++) nonzero |= model.moment1[i] != 0.0f;
+    CHECK(nonzero && model.optimizer_steps == 1);
+    tp_read_parameters(&model, before, count);
+    x[16 + 3] = NAN; /* second sample: the first one's gradient is in the buffer by then */
+    CHECK(tp_train_batch(&model, x, labels, 2, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+    tp_read_parameters(&model, after, count);
+    CHECK(memcmp(before, after, count * sizeof(float)) == 0);
+    for (i = 0; i < model.parameter_count; i++) CHECK(model.moment1[i] == 0.0f);
+    CHECK(model.optimizer_steps == 0);
+    free(arena);
+}
+
 static void test_all_skipped_batch_makes_no_update(void) {
     owned_model m;
     float before[400], after[400], x[4 * 16];
@@ -387,18 +419,20 @@ static void test_gradient_matches_finite_differences(void) {
 
 /* Every memory mode of every model: the arena exactly as said (malloc'ed to the byte, so ASan
  * sees any write past it), frozen weights never written, training runs. in_place 2: the
- * layers after the first trained one train their biases only (bias_only_layers). */
+ * layers after the first trained one train their biases only (bias_only_layers); in_place 3:
+ * the same with SGD momentum gathered in its buffer (momentum_in_place, no gradients). */
 static void test_memory_modes(void) {
     const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
     const int trainable[] = {3, 4, 3};
     int s, first, in_place, p, step;
     for (s = 0; s < 3; s++) {
         for (first = 0; first < trainable[s]; first++) {
-            for (in_place = 0; in_place <= 2; in_place++) {
+            for (in_place = 0; in_place <= 3; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
                     tp_policy_config config = tp_policy_defaults((tp_policy)p);
-                    tp_optimizer_config opt =
-                        in_place == 1 ? tp_sgd(0.05, 0.0, 1e-3) : tp_adam(0.01, 0.0);
+                    tp_optimizer_config opt = in_place == 1   ? tp_sgd(0.05, 0.0, 1e-3)
+                                              : in_place == 3 ? tp_sgd(0.05, 0.9, 1e-3)
+                                                              : tp_adam(0.01, 0.0);
                     tp_memory_config memory = tp_memory_defaults();
                     tp_model model;
                     size_t bytes = 0, full_bytes = 0;
@@ -412,7 +446,8 @@ static void test_memory_modes(void) {
                                            (s == 1 ? ~(1u << 2) : ~0u);
                     memory.first_trained_layer = first;
                     memory.sgd_in_place = in_place == 1;
-                    memory.bias_only_layers = in_place == 2 ? later : 0u;
+                    memory.bias_only_layers = in_place >= 2 ? later : 0u;
+                    memory.momentum_in_place = in_place == 3;
                     CHECK(tp_arena_bytes_mode(specs[s], &config, &opt, &memory, &bytes) == TP_OK);
                     CHECK(tp_arena_bytes(specs[s], &config, &opt, &full_bytes) == TP_OK);
                     CHECK(bytes <= full_bytes);
@@ -422,6 +457,7 @@ static void test_memory_modes(void) {
                     CHECK(tp_init_mode(&model, specs[s], &config, &opt, &memory, arena, bytes) ==
                           TP_OK);
                     CHECK(model.arena_bytes_used == bytes);
+                    CHECK((model.gradients == NULL) == (in_place == 1 || in_place == 3));
                     for (step = 0; step < 3; step++) {
                         const int32_t input = model.input_size;
                         fill(x, (size_t)(6 * input), 1.0f);
@@ -458,16 +494,38 @@ static void test_memory_modes(void) {
               TP_ERR_ARGUMENT);
         memory.sgd_in_place = 2;
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        /* momentum in place: SGD with momentum, no Nesterov, not with sgd_in_place */
+        memory = tp_memory_defaults();
+        memory.momentum_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) == TP_OK);
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        momentum.nesterov = 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        momentum.nesterov = 0;
+        momentum.momentum = 0.0;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        momentum.momentum = 0.9;
+        memory.sgd_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        memory.sgd_in_place = 0;
+        memory.momentum_in_place = 2;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
         memory = tp_memory_defaults();
         memory.first_trained_layer = 3; /* the MLP has three dense layers */
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
         memory.first_trained_layer = -1;
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, NULL, &bytes) == TP_ERR_NULL);
-        /* bias-only layers: after the first trained one, within the model, not in place */
+        /* bias-only layers: from the first trained one on, within the model, not in place */
         memory.first_trained_layer = 1;
-        memory.bias_only_layers = 1u << 1;
+        memory.bias_only_layers = 1u << 0;
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory.bias_only_layers = 1u << 1; /* the first trained layer itself: its bias */
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_OK);
         memory.bias_only_layers = 1u << 3;
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
         memory.bias_only_layers = 1u << 2;
@@ -507,6 +565,7 @@ int main(void) {
     test_skip_decision();
     test_gradient_matches_finite_differences();
     test_memory_modes();
+    test_nonfinite_loss_with_momentum_in_place(); /* last: fill() draws from one sequence */
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -47,7 +47,7 @@ class MemoryMode:
         first_trained_layer: index (forward order, from 0) of the first dense/conv layer that
             trains; the ones before are frozen. 0 trains every layer.
         sgd_in_place: every trained sample is its own plain-SGD step, applied in place.
-        bias_only_layers: trainable layers (after the first trained one) whose bias alone
+        bias_only_layers: trained layers (the first trained one included) whose bias alone
             trains; their weights stay in flash.
         momentum_in_place: SGD with momentum (no Nesterov) accumulates the batch's gradient
             in its momentum buffer: no gradient buffer.
@@ -70,11 +70,10 @@ class MemoryMode:
             raise TypeError(f"bias_only_layers must hold ints, got {self.bias_only_layers!r}")
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"bias_only_layers must be increasing, got {layers}")
-        if layers and layers[0] <= self.first_trained_layer:
+        if layers and layers[0] < self.first_trained_layer:
             raise ValueError(
-                "bias_only_layers must lie after first_trained_layer (whose weights train; the "
-                f"layers before are frozen), got {layers} with first_trained_layer "
-                f"{self.first_trained_layer}"
+                "bias_only_layers must lie at or after first_trained_layer (the layers before "
+                f"are frozen), got {layers} with first_trained_layer {self.first_trained_layer}"
             )
         if layers and self.sgd_in_place:
             raise ValueError("bias_only_layers do not work with sgd_in_place (not built)")
@@ -271,7 +270,7 @@ MODES: dict[str, list[TrainingMode]] = {
         ),
         *(
             TrainingMode(
-                f"first-bias-pw34-sgdm-lr{scale}",
+                f"first-bias-pw34-sgdm-lr{scale:g}",
                 MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 7), momentum_in_place=True),
                 optimizer="sgd",
                 momentum=0.9,
@@ -279,7 +278,24 @@ MODES: dict[str, list[TrainingMode]] = {
                 description="first conv, last two pointwise convs and classifier; biases of "
                 f"the layers between; SGD momentum 0.9 gathered in its buffer, {scale}x lr",
             )
-            for scale in (3, 10, 30)
+            for scale in (0.3, 1, 3, 10, 30)
+        ),
+        TrainingMode(
+            "bias-pw34-adam",
+            MemoryMode(0, bias_only_layers=(0, 1, 2, 3, 4, 5, 7)),
+            description="last two pointwise convs and classifier; biases of every layer "
+            "before, Adam (which layers matter; does not fit 256 KB)",
+        ),
+        TrainingMode(
+            "pw34-adam",
+            MemoryMode(5, bias_only_layers=(5, 7)),
+            description="last two pointwise convs and classifier, the biases of the depthwise "
+            "convs before them, Adam (which layers matter; does not fit 256 KB)",
+        ),
+        TrainingMode(
+            "first-bias-pw34-adam",
+            MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 7)),
+            description="the same layers with Adam (which layers matter; does not fit 256 KB)",
         ),
         TrainingMode(
             "pointwise-adam",

@@ -1,7 +1,7 @@
 """The C runtime's arena plan, computed in Python exactly as ``runtime/src/plan.c`` does.
 
 Persistent buffers: the trained layers' parameters (a bias-only layer's bias), their gradients
-(none with ``sgd_in_place``) and the optimizer state (Adam: two moments; SGD with momentum:
+(none with ``sgd_in_place`` or ``momentum_in_place``) and the optimizer state (Adam: two moments; SGD with momentum:
 one). Then the transient buffers of one training step, each alive over a range of steps: with
 L layers the forward of layer i is step i, the loss step L, the backward of layer i step 2L - i
 (the backward stops at the first trained layer F). A bias-only layer's input is not kept for
@@ -201,7 +201,7 @@ def plan_arena(
     parameters = sum(
         trained_parameters(x, b) for x, t, b in zip(layers, trained, bias_only, strict=True) if t
     )
-    gradients = 0 if mode.sgd_in_place else parameters
+    gradients = 0 if mode.sgd_in_place or mode.momentum_in_place else parameters
     moments = 2 * parameters if optimizer == "adam" else (parameters if momentum else 0)
     storage, last_use, current_is_sample = [], list(range(count)), True
     for i, layer in enumerate(layers):

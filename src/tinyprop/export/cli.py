@@ -105,6 +105,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="the device's RAM in bytes: refuse (nothing written) when training needs more",
     )
+    p.add_argument(
+        "--momentum-in-place",
+        action="store_true",
+        help="SGD momentum gathers the batch's gradient in its buffer (no gradient buffer)",
+    )
     return p
 
 
@@ -158,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             model_name=str(args.model_file),
             force=args.force,
             memory=MemoryMode(
-                args.first_trained_layer, args.sgd_in_place, tuple(args.bias_only_layers)
+                args.first_trained_layer,
+                args.sgd_in_place,
+                tuple(args.bias_only_layers),
+                args.momentum_in_place,
             ),
             ram_bytes=args.ram,
         )

@@ -38,7 +38,7 @@ class MemoryReport:
     Attributes:
         arena_bytes: the training arena (RAM), = ``tp_arena_bytes_mode``.
         parameter_bytes: trained weights and biases (in the arena).
-        gradient_bytes: their gradients (0 with ``sgd_in_place``).
+        gradient_bytes: their gradients (0 with ``sgd_in_place`` or ``momentum_in_place``).
         optimizer_bytes: optimizer state (Adam: 2 per trained parameter; SGD momentum: 1).
         transient_bytes: one step's activations, errors and scratch, placed by liveness.
         trained_parameters, frozen_parameters: counts.
@@ -61,6 +61,7 @@ def footprint_of_layers(
     layers: list[LayerSpec], config: TinyPropConfig, optimizer: OptimizerSpec, mode: MemoryMode
 ) -> MemoryReport:
     """:class:`MemoryReport` of already described layers."""
+    mode.check(optimizer.kind, optimizer.momentum, optimizer.nesterov)
     plan = plan_arena(layers, config.policy, optimizer.kind, optimizer.momentum, mode)
     trained = trained_flags(layers, mode)
     bias_only = bias_only_flags(layers, mode)

@@ -169,12 +169,18 @@ class MemoryC(ctypes.Structure):
         ("first_trained_layer", ctypes.c_int32),
         ("sgd_in_place", ctypes.c_int32),
         ("bias_only_layers", ctypes.c_uint32),
+        ("momentum_in_place", ctypes.c_int32),
     ]
 
 
 def memory_to_c(mode: MemoryMode) -> MemoryC:
     """The ``tp_memory_config`` struct of a :class:`tinyprop.memory.MemoryMode`."""
-    return MemoryC(mode.first_trained_layer, int(mode.sgd_in_place), mode.bias_only_bits)
+    return MemoryC(
+        mode.first_trained_layer,
+        int(mode.sgd_in_place),
+        mode.bias_only_bits,
+        int(mode.momentum_in_place),
+    )
 
 
 class LedgerC(ctypes.Structure):
