@@ -1,16 +1,16 @@
 """The C runtime's arena plan, computed in Python exactly as ``runtime/src/plan.c`` does.
 
-Persistent buffers: the trained layers' parameters (a bias-only layer's bias), their gradients
-(none with ``sgd_in_place`` or ``momentum_in_place``) and the optimizer state (Adam: two moments; SGD with momentum:
-one). Then the transient buffers of one training step, each alive over a range of steps: with
-L layers the forward of layer i is step i, the loss step L, the backward of layer i step 2L - i
-(the backward stops at the first trained layer F). A bias-only layer's input is not kept for
-its backward; a ReLU right before it keeps a bit mask of its output (one 32-bit word per 32
-entries) from its forward to its backward instead. A conv's padded copies (input, input error)
-hold one group's channels (a grouped conv pads one group at a time). They are placed greedily
-by size: each at the lowest offset (0 or the end of a placed buffer alive at an overlapping
-step) where it overlaps no placed buffer alive at an overlapping step, so memory is reused once
-a buffer's last reader (often its backward) has run.
+Persistent buffers: the trained layers' parameters (a bias-only layer's bias), their gradients (none
+with ``sgd_in_place`` or ``momentum_in_place``) and the optimizer state (Adam: two moments; SGD with
+momentum: one). Then the transient buffers of one training step, each alive over a range of steps:
+with L layers the forward of layer i is step i, the loss step L, the backward of layer i step 2L - i
+(the backward stops at the first trained layer F). A bias-only layer's input is not kept for its
+backward; a ReLU right before it keeps a bit mask of its output (one 32-bit word per 32 entries)
+from its forward to its backward instead. A conv's padded copies (input, input error) hold one
+group's channels (a grouped conv pads one group at a time). They are placed greedily by size: each
+at the lowest offset (0 or the end of a placed buffer alive at an overlapping step) where it
+overlaps no placed buffer alive at an overlapping step, so memory is reused once a buffer's last
+reader (often its backward) has run.
 
 Example:
     >>> plan = plan_arena(describe(net, (1, 28, 28)), "full", "sgd", 0.0, MemoryMode(1))
