@@ -5,7 +5,10 @@ accuracy over 3 seeds (benchmarks/results/memory-modes/, ``python
 benchmarks/memory_modes.py``) against full float training of all layers with Adam, and the
 instructions per skipped and trained step (callgrind, host build).
 
-    python benchmarks/memory_table.py        # prints the markdown table
+    python benchmarks/memory_table.py        # prints the markdown tables
+
+A second table lists the accuracy-only modes (``TrainingMode.on_device`` False: which layers,
+learning rates or optimizers matter) with the arena the runtime's plan gives them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+
+from tinyprop import models
+from tinyprop.config import TinyPropConfig
+from tinyprop.export import OptimizerSpec, footprint
+from tinyprop.memory import modes_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = {"har-cnn1d": "har", "keyword-ds-cnn": "speech_commands", "mnist-mlp": "mnist"}
@@ -29,26 +37,27 @@ def accuracies() -> dict[tuple[str, str, str], list[float]]:
     return table
 
 
-def main() -> None:
-    records = json.loads((RESULTS / "runtime_cortex_m4.json").read_text())
-    measured = accuracies()
+def accuracy_cells(values: list[float], reference: list[float]) -> tuple[str, str]:
+    """Mean ± standard deviation (seeds) and the difference to the reference's mean."""
+    if not values:
+        return "not measured", ""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    accuracy = f"{statistics.mean(values):.2f} ± {spread:.2f} ({len(values)})"
+    delta = f"{statistics.mean(values) - statistics.mean(reference):+.2f} pp" if reference else ""
+    return accuracy, delta
+
+
+def device_table(records: list[dict], measured: dict) -> None:
+    """Every Cortex-M4 build: flash, RAM, arena, accuracy, instructions, QEMU."""
     print("| model | mode | policy | flash | RAM | arena | accuracy (3 seeds) | vs all-adam full "
           "| instr. skipped step | instr. trained step | QEMU |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---|")
     for r in records:
         dataset = DATASETS[r["model"]]
-        values = measured.get((dataset, r["mode"], r["policy"]), [])
-        reference = measured.get((dataset, "all-adam", "full"), [])
-        if values:
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            accuracy = f"{statistics.mean(values):.2f} ± {spread:.2f} ({len(values)})"
-            delta = (
-                f"{statistics.mean(values) - statistics.mean(reference):+.2f} pp"
-                if reference
-                else ""
-            )
-        else:
-            accuracy, delta = "not measured", ""
+        accuracy, delta = accuracy_cells(
+            measured.get((dataset, r["mode"], r["policy"]), []),
+            measured.get((dataset, "all-adam", "full"), []),
+        )
         steps = r.get("instructions") or {}
         q = r["qemu"]
         qemu = (
@@ -62,6 +71,46 @@ def main() -> None:
             f"{r['ram_bytes']:,} | {r['training_arena_bytes']:,} | {accuracy} | {delta} | "
             f"{steps.get('skipped_step', 0):,} | {steps.get('trained_step') or 0:,} | {qemu} |"
         )
+
+
+def accuracy_only_table(measured: dict) -> None:
+    """The accuracy-only modes (``on_device`` False): arena from the runtime's plan."""
+    print("| model | mode | what trains | optimizer, lr | arena (full) | accuracy (3 seeds) "
+          "| vs all-adam full | validation |")  # fmt: skip
+    print("|---|---|---|---|---:|---|---:|---:|")
+    for model, dataset in DATASETS.items():
+        shape = models.reference(dataset).input_shape
+        net = models.build(dataset, input_shape=shape)
+        for mode in modes_for(dataset):
+            if mode.on_device:
+                continue
+            optimizer = OptimizerSpec(mode.optimizer, 0.001, mode.momentum)
+            arena = footprint(net, shape, TinyPropConfig("full"), optimizer, mode.memory)
+            accuracy, delta = accuracy_cells(
+                measured.get((dataset, mode.name, "full"), []),
+                measured.get((dataset, "all-adam", "full"), []),
+            )
+            validation = measured_validation(dataset, mode.name)
+            rate = f"{mode.optimizer}{' momentum 0.9' if mode.momentum else ''}, x{mode.lr_scale:g}"
+            print(f"| {NAMES[model]} | {mode.name} | {mode.description} | {rate} | "
+                  f"{arena.arena_bytes:,} | {accuracy} | {delta} | {validation} |")  # fmt: skip
+
+
+def measured_validation(dataset: str, mode: str) -> str:
+    """Mean validation accuracy of a mode's dense (full) runs."""
+    values = [
+        json.loads(path.read_text())["val_metric"]
+        for path in (RESULTS / "memory-modes").glob(f"finetune__{dataset}__{mode}__full__*.json")
+    ]
+    return f"{statistics.mean(values):.2f}" if values else ""
+
+
+def main() -> None:
+    records = json.loads((RESULTS / "runtime_cortex_m4.json").read_text())
+    measured = accuracies()
+    device_table(records, measured)
+    print()
+    accuracy_only_table(measured)
 
 
 if __name__ == "__main__":

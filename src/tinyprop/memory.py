@@ -188,6 +188,9 @@ class TrainingMode:
             ``sgd_in_place`` also divided by the batch size (every sample is a step, so an
             epoch moves the weights about as far as with one step per batch).
         description: one line for tables.
+        on_device: built for the Cortex-M4 (``make -C runtime cortex-m4``) and in the README's
+            table; False for a mode measured for accuracy only (which layers, learning rates
+            or optimizers matter), whose arena ``tinyprop.export.footprint`` reports.
     """
 
     name: str
@@ -196,6 +199,7 @@ class TrainingMode:
     momentum: float = 0.0
     lr_scale: float = 1.0
     description: str = ""
+    on_device: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -228,6 +232,8 @@ FULL = TrainingMode("all-adam", description="every layer, Adam (the reference)")
 # layers (the first conv matters on the keyword task; its input is the 2 KB sample).
 # Layer indices count dense/conv layers: HAR CNN conv0 conv1 conv2 linear3; DS-CNN conv0,
 # (depthwise, pointwise) x 4 = 1..8, linear 9; MNIST MLP linear 0, 1, 2.
+FIRST_BIAS_PW34 = (1, 2, 3, 4, 5, 7)  # DS-CNN: every layer between conv0 and pw3 bias-only
+DEPTHWISE = (1, 3, 5, 7)  # DS-CNN: the depthwise convs
 MODES: dict[str, list[TrainingMode]] = {
     "har": [
         FULL,
@@ -271,37 +277,63 @@ MODES: dict[str, list[TrainingMode]] = {
         *(
             TrainingMode(
                 f"first-bias-pw34-sgdm-lr{scale:g}",
-                MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 7), momentum_in_place=True),
+                MemoryMode(0, bias_only_layers=FIRST_BIAS_PW34, momentum_in_place=True),
                 optimizer="sgd",
                 momentum=0.9,
                 lr_scale=float(scale),
                 description="first conv, last two pointwise convs and classifier; biases of "
-                f"the layers between; SGD momentum 0.9 gathered in its buffer, {scale}x lr",
+                f"the layers between; SGD momentum 0.9 gathered in its buffer, {scale:g}x lr",
+                on_device=scale == 3,  # the learning rate chosen on the validation split
             )
             for scale in (0.3, 1, 3, 10, 30)
         ),
+        # which layers and optimizers matter (accuracy only: these do not fit 256 KB)
+        TrainingMode(
+            "first-bias-pw34-adam",
+            MemoryMode(0, bias_only_layers=FIRST_BIAS_PW34),
+            description="first conv, last two pointwise convs and classifier; biases of the "
+            "layers between, Adam",
+            on_device=False,
+        ),
+        TrainingMode(
+            "first-bias-pw34-adam-lr3",
+            MemoryMode(0, bias_only_layers=FIRST_BIAS_PW34),
+            lr_scale=3.0,
+            description="the same, Adam at 3x the plan's learning rate",
+            on_device=False,
+        ),
         TrainingMode(
             "bias-pw34-adam",
-            MemoryMode(0, bias_only_layers=(0, 1, 2, 3, 4, 5, 7)),
-            description="last two pointwise convs and classifier; biases of every layer "
-            "before, Adam (which layers matter; does not fit 256 KB)",
+            MemoryMode(0, bias_only_layers=(0, *FIRST_BIAS_PW34)),
+            description="last two pointwise convs and classifier; the biases of every layer "
+            "before, Adam",
+            on_device=False,
         ),
         TrainingMode(
             "pw34-adam",
             MemoryMode(5, bias_only_layers=(5, 7)),
             description="last two pointwise convs and classifier, the biases of the depthwise "
-            "convs before them, Adam (which layers matter; does not fit 256 KB)",
+            "convs before them, Adam",
+            on_device=False,
         ),
-        TrainingMode(
-            "first-bias-pw34-adam",
-            MemoryMode(0, bias_only_layers=(1, 2, 3, 4, 5, 7)),
-            description="the same layers with Adam (which layers matter; does not fit 256 KB)",
+        *(
+            TrainingMode(
+                f"pointwise-sgdm-lr{scale:g}",
+                MemoryMode(0, bias_only_layers=DEPTHWISE, momentum_in_place=True),
+                optimizer="sgd",
+                momentum=0.9,
+                lr_scale=float(scale),
+                description="every layer but the depthwise convs, which train their biases; SGD "
+                f"momentum 0.9 gathered in its buffer, {scale:g}x lr",
+                on_device=False,
+            )
+            for scale in (1, 3, 10)
         ),
         TrainingMode(
             "pointwise-adam",
-            MemoryMode(0, bias_only_layers=(1, 3, 5, 7)),
-            description="every layer but the depthwise convs, which train their biases, Adam "
-            "(which layers matter; does not fit 256 KB)",
+            MemoryMode(0, bias_only_layers=DEPTHWISE),
+            description="every layer but the depthwise convs, which train their biases, Adam",
+            on_device=False,
         ),
     ],
     "mnist": [
