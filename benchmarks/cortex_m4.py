@@ -128,6 +128,7 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
         "sgd_in_place": mode.memory.sgd_in_place,
         "bias_only_layers": list(mode.memory.bias_only_layers),
         "momentum_in_place": mode.memory.momentum_in_place,
+        "selection_in_place": mode.memory.selection_in_place,
         "optimizer": optimizer.kind,
         "momentum": optimizer.momentum,
         "policy": config.policy,

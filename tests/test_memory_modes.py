@@ -61,17 +61,23 @@ def test_exported_example_with_a_mode_trains_under_asan(tmp_path):
     shape = (6, 40)
     net = models.build("har", input_shape=shape, channels=8)
     config = tinyprop.TinyPropConfig("tinypropv2", skip_threshold=0.9)
-    for memory in (
+    for number, memory in enumerate((
         MemoryMode(2),
         MemoryMode(1, sgd_in_place=True),
         MemoryMode(1, bias_only_layers=(2,)),
-    ):
-        out = tmp_path / f"har-{memory.first_trained_layer}-{int(memory.sgd_in_place)}"
-        out = out.with_name(out.name + "-" + "-".join(map(str, memory.bias_only_layers)))
-        result = export_c(net, config, out, shape, OptimizerSpec("sgd", 0.05), 4, memory=memory)
+        MemoryMode(1, bias_only_layers=(1, 2), momentum_in_place=True, selection_in_place=True),
+    )):  # fmt: skip
+        out = tmp_path / f"har-{number}"
+        momentum = 0.9 if memory.momentum_in_place else 0.0
+        optimizer = OptimizerSpec("sgd", 0.05, momentum)
+        result = export_c(net, config, out, shape, optimizer, 4, memory=memory)
         header = (out / "tinyprop_model.h").read_text()
-        fields = f"{memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
-        assert f"{fields}0x{memory.bias_only_bits:X}u}};" in header
+        fields = (
+            f"{memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
+            f"0x{memory.bias_only_bits:X}u, {int(memory.momentum_in_place)}, "
+            f"{int(memory.selection_in_place)}}};"
+        )
+        assert fields in header
         assert f"#define TP_MODEL_ARENA_BYTES {result.arena_bytes}" in header
         generator = np.random.default_rng(1)
         x = generator.standard_normal((12, *shape)).astype(np.float32)
@@ -119,7 +125,19 @@ def test_cli_takes_the_mode_and_reports_ram_and_flash(tmp_path, capsys):
     expected = footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("adam", 0.01),
                          MemoryMode(0, bias_only_layers=(1, 2)))  # fmt: skip
     assert f"training arena {expected.arena_bytes} bytes" in printed
-    assert "0x6u};" in (tmp_path / "out3" / "tinyprop_model.h").read_text()
+    status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
+                          str(tmp_path / "out4"), "--optimizer", "sgd", "--momentum", "0.9",
+                          "--momentum-in-place", "--selection-in-place"])  # fmt: skip
+    lean = footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("sgd", 0.01, 0.9),
+                     MemoryMode(0, momentum_in_place=True, selection_in_place=True))  # fmt: skip
+    assert status == 0
+    assert f"training arena {lean.arena_bytes} bytes" in capsys.readouterr().out
+    status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
+                          str(tmp_path / "out5"), "--optimizer", "adam",
+                          "--momentum-in-place"])  # fmt: skip
+    assert status == 2
+    assert "momentum_in_place needs SGD with momentum" in capsys.readouterr().out
+    assert "0x6u, 0, 0};" in (tmp_path / "out3" / "tinyprop_model.h").read_text()
 
 
 def test_bad_modes_are_named():
@@ -138,6 +156,13 @@ def test_bad_modes_are_named():
         MemoryMode(0, True, bias_only_layers=(1,))
     with pytest.raises(ValueError, match=r"bias_only_layers must lie in \[0, 4\)"):
         footprint(net, (6, 100), tinyprop.TinyPropConfig(), mode=MemoryMode(0, False, (4,)))
+    with pytest.raises(ValueError, match="selection_in_place does not work with sgd_in_place"):
+        MemoryMode(0, True, selection_in_place=True)
+    with pytest.raises(ValueError, match="momentum_in_place and sgd_in_place exclude"):
+        MemoryMode(0, True, momentum_in_place=True)
+    with pytest.raises(ValueError, match="momentum_in_place needs SGD with momentum"):
+        footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("sgd", 0.1, 0.9,
+                  nesterov=True), MemoryMode(momentum_in_place=True))  # fmt: skip
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(600, 8),
                                torch.nn.Linear(8, 4, bias=False))  # fmt: skip
     with pytest.raises(ValueError, match="layer 1 has no bias to train"):

@@ -149,13 +149,14 @@ def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, se
         c_stats = c_model.train_batch(x.numpy(), y.numpy())
         where = f"{model_name}/{config.policy}/{optimizer.kind}/{memory} step {step}"
         assert c_stats.trained_mask.tolist() == python_stats.trained_mask.tolist(), where
-        if memory.first_trained_layer == 0:
+        if memory.first_trained_layer == 0 and 0 not in memory.bias_only_layers:
             assert c_stats.macs == python_stats.macs, where
         else:
             # with frozen layers the library's ledger also counts work for them (this core
             # version: more backward MACs than training every layer); the runtime counts the
             # trained layers' backward only, checked here against the ledger's formula with
-            # the library's k
+            # the library's k (a first layer that trains its bias only: the library's ledger
+            # leaves its dense bias gradient out under sparse policies, the runtime counts it)
             assert c_stats.macs.forward == python_stats.macs.forward, where
             assert c_stats.macs.selection == python_stats.macs.selection, where
             expected = trained_layers_backward(
@@ -165,6 +166,8 @@ def run_parity(library, model_name, config, optimizer, steps=6, batch_size=8, se
             assert (c_stats.macs.backward, c_stats.macs.backward_dense) == expected, where
         assert c_stats.loss == pytest.approx(python_stats.loss, rel=1e-5), where
         for column, name in trained_layers:
+            if column == memory.first_trained_layer and column in memory.bias_only_layers:
+                continue  # a first layer that trains its bias only selects nothing (dense)
             if name not in python_stats.keep:  # no k recorded: nothing trained, or full
                 assert config.policy == "full" or c_stats.trained == 0, f"{where}: {name}"
                 continue
@@ -378,6 +381,55 @@ def test_parity_momentum_in_place_har(library):
     assert trained > 0
 
 
+# selection in place (top-k chosen in delta itself, no selection scratch): every layer, with
+# bias-only layers (the first trained one too), behind frozen layers, with momentum in place
+SELECTION_IN_PLACE = [
+    ("cnn_depthwise", MemoryMode(0, selection_in_place=True)),
+    ("cnn_depthwise", MemoryMode(0, bias_only_layers=(0, 1, 2), selection_in_place=True)),
+    ("mlp", MemoryMode(0, bias_only_layers=(1,), selection_in_place=True)),
+    ("har", MemoryMode(1, selection_in_place=True)),
+]
+
+
+@pytest.mark.parametrize(("model_name", "memory"), SELECTION_IN_PLACE)
+@pytest.mark.parametrize("policy", ["topk", "tinyprop", "tinypropv2"])
+def test_parity_selection_in_place(library, model_name, memory, policy):
+    """The same kept entries as the scratch-based selection: the library's run, Adam and SGD
+    with momentum (the second one also with momentum in place)."""
+    config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+    for _ in runs_with_adam_and_sgd(library, model_name, config, memory):
+        pass
+    optimizer = OptimizerSpec("sgd", lr=MODELS[model_name][2], momentum=0.9)
+    _, trained, _ = run_parity(
+        library, model_name, config, optimizer, steps=4,
+        memory=replace(memory, momentum_in_place=True),
+    )  # fmt: skip
+    assert trained > 0
+
+
+def test_selection_in_place_equals_the_scratch_selection(library):
+    """Weights after training with and without selection_in_place agree to float rounding
+    (the same kept entries; where a selection keeps zero errors, k above the non-zero count,
+    the scratch-based backward pairs them with other channels and the in-place one skips
+    them, so a few additions pair up differently)."""
+    for model_name, memory in SELECTION_IN_PLACE:
+        build, shape, lr = MODELS[model_name]
+        for policy in ("topk", "tinypropv2"):
+            config = tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.9)
+            weights = []
+            for lean in (False, True):
+                torch.manual_seed(0)
+                optimizer = OptimizerSpec(lr=lr, momentum=0.9)
+                lean_memory = replace(memory, selection_in_place=lean)
+                c_model = RuntimeModel(build(), shape, config, optimizer, library, lean_memory)
+                for x, y in batches(shape, c_model.layers[-1].output_size, 4, 8, 0):
+                    c_model.train_batch(x.numpy(), y.numpy())
+                weights.append(c_model.parameters())
+            for name, value in weights[0].items():
+                np.testing.assert_allclose(weights[1][name], value, rtol=1e-6, atol=1e-7,
+                                           err_msg=name)  # fmt: skip
+
+
 def test_arena_of_every_mode_is_what_training_uses(library):
     """tp_arena_bytes_mode = the bytes tp_init_mode lays out = the Python plan."""
     for model_name, (build, shape, _) in MODELS.items():
@@ -411,6 +463,13 @@ def test_arena_of_every_mode_is_what_training_uses(library):
                     c_model.layers, policy, optimizer.kind, optimizer.momentum, memory
                 )
                 assert c_model.arena_bytes == c_model.totals()[1] == expected, memory
+    for model_name, memory in SELECTION_IN_PLACE:
+        build, shape, _ = MODELS[model_name]
+        for policy in ("topk", "tinypropv2"):
+            config = tinyprop.TinyPropConfig(policy=policy)
+            c_model = RuntimeModel(build(), shape, config, OptimizerSpec("adam"), library, memory)
+            expected = arena_bytes(c_model.layers, policy, "adam", 0.0, memory)
+            assert c_model.arena_bytes == c_model.totals()[1] == expected, memory
     for memory in MOMENTUM_IN_PLACE:
         build, shape, _ = MODELS["cnn_depthwise"]
         optimizer = OptimizerSpec(momentum=0.9)

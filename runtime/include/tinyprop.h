@@ -169,6 +169,15 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   If a sample's loss is not finite, the weights and running maxima stay as they were but the
  *   momentum buffer (which held part of the batch's gradient) is reset to zero, as after
  *   tp_init, and the next update is a first step.
+ * - selection_in_place: a sparse policy keeps no selection scratch (two entries per output):
+ *   the k-th largest |delta| is found by a radix select over its bits (a table of 256 counts),
+ *   the entries not kept are set to zero in delta itself (dead after this layer's backward;
+ *   the bias gradient and Y are taken before), and the backward runs over delta skipping its
+ *   zeros. The same kept entries (ties to the lower index); the same floats but where k
+ *   exceeds the count of non-zero errors (the scratch-based backward then also runs the kept
+ *   zeros, pairing channels differently: float rounding). Not with sgd_in_place
+ *   (TP_ERR_UNSUPPORTED). A first trained layer that is bias-only selects nothing (any
+ *   policy): its bias gradient is dense, it has no weight gradient or input error.
  * The arena's transient buffers (activations, errors, selection and conv scratch, in-place
  * gradients) are placed by their lifetimes within one training step, each where it does not
  * overlap a buffer alive at the same time, so that memory is reused once a buffer's backward
@@ -178,6 +187,7 @@ typedef struct {
     int32_t sgd_in_place;
     uint32_t bias_only_layers;
     int32_t momentum_in_place;
+    int32_t selection_in_place;
 } tp_memory_config;
 
 /* Every layer trained, one update per batch (the Python library's train_step). */
@@ -205,13 +215,15 @@ typedef struct {
     int32_t input_is_sample;     /* 1 when this layer reads the sample itself */
     int32_t trained;             /* 1 for a trainable layer at or after first_trained_layer */
     int32_t bias_only;           /* trained, its weight frozen (bias_only_layers) */
+    int32_t skip_zero_errors;    /* selection_in_place: the backward leaves out zero errors */
     float *weight, *bias;        /* a frozen layer's point into the spec (never written) */
     float *grad_weight, *grad_bias; /* NULL for frozen layers and in-place dense layers */
     float *output;               /* this layer's output for the current sample */
     float *input_delta;          /* where its backward writes the error of its input */
     float *forward_scratch;      /* conv: zero-padded input, tap offsets */
     float *backward_scratch;     /* trained conv: the same, patch buffers, position sort */
-    float *selection;            /* trained, sparse policies: |delta| values then indices */
+    float *selection;            /* trained, sparse policies: |delta| values then indices
+                                    (selection_in_place: 256 counts) */
     uint32_t *relu_mask;         /* a ReLU before a bias-only layer: bit j = output j > 0 */
     float running_max;           /* Ymax_l */
 } tp_layer;

@@ -525,9 +525,7 @@ static void input_error_position(const tp_layer *layer, const tp_conv_plan *plan
         const int32_t c = channels[i];
         const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
         const float *restrict w0, *restrict w1;
-#if TP_SKIP_ZERO_ERRORS
-        if (d == 0.0f) continue;
-#endif
+        if ((TP_SKIP_ZERO_ERRORS || layer->skip_zero_errors) && d == 0.0f) continue;
         if (pending < 0) {
             pending = c;
             pending_delta = d;
@@ -576,9 +574,7 @@ static void backward_position(tp_layer *layer, const tp_conv_plan *plan, const f
     for (i = 0; i < count; i++) {
         const int32_t c = channels[i];
         const float d = delta[(size_t)c * (size_t)plan->plane + (size_t)p];
-#if TP_SKIP_ZERO_ERRORS
-        if (d == 0.0f) continue;
-#endif
+        if ((TP_SKIP_ZERO_ERRORS || layer->skip_zero_errors) && d == 0.0f) continue;
         if (pending < 0) {
             pending = c;
             pending_delta = d;

@@ -59,15 +59,13 @@ void tp_dense_forward(const tp_layer *layer, const float *x, float *y) {
 static void dense_backward_row(tp_layer *layer, const float *x, float d, int32_t j,
                                float *delta_in) {
     const size_t offset = (size_t)j * (size_t)layer->fan_in;
-#if TP_SKIP_ZERO_ERRORS
-    if (d == 0.0f) return;
-#endif
+    if ((TP_SKIP_ZERO_ERRORS || layer->skip_zero_errors) && d == 0.0f) return;
     if (!layer->bias_only) axpy(layer->grad_weight + offset, d, x, layer->fan_in);
     if (delta_in != NULL) axpy(delta_in, d, layer->weight + offset, layer->fan_in);
 }
 
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                       int32_t k, float *delta_in) {
+                       int32_t k, float *delta_in, int bias_done) {
     int32_t n;
     if (delta_in != NULL) tp_zero(delta_in, (size_t)layer->fan_in);
     if (kept == NULL) {
@@ -75,8 +73,18 @@ void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, cons
     } else {
         for (n = 0; n < k; n++) dense_backward_row(layer, x, delta[kept[n]], kept[n], delta_in);
     }
-    if (layer->has_bias)
+    if (layer->has_bias && !bias_done)
         for (n = 0; n < layer->out_c; n++) layer->grad_bias[n] += delta[n];
+}
+
+void tp_bias_gradient(tp_layer *layer, const float *delta) {
+    const int32_t plane = layer->out_h * layer->out_w;
+    int32_t c, p;
+    for (c = 0; c < layer->out_c; c++) {
+        float sum = 0.0f;
+        for (p = 0; p < plane; p++) sum += delta[(size_t)c * (size_t)plane + (size_t)p];
+        layer->grad_bias[c] += sum;
+    }
 }
 
 /* ---------------------------------------------------------------- ReLU */

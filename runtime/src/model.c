@@ -214,6 +214,7 @@ tp_memory_config tp_memory_defaults(void) {
     memory.sgd_in_place = 0;
     memory.bias_only_layers = 0u;
     memory.momentum_in_place = 0;
+    memory.selection_in_place = 0;
     return memory;
 }
 
@@ -230,6 +231,9 @@ static tp_status check_memory(const tp_memory_config *memory, const tp_optimizer
         (memory->sgd_in_place || optimizer->kind != TP_OPTIMIZER_SGD ||
          optimizer->momentum == 0.0 || optimizer->nesterov != 0))
         return TP_ERR_ARGUMENT; /* the gradient is gathered in the momentum buffer */
+    if (memory->selection_in_place != 0 && memory->selection_in_place != 1)
+        return TP_ERR_ARGUMENT;
+    if (memory->selection_in_place && memory->sgd_in_place) return TP_ERR_UNSUPPORTED;
     if (memory->bias_only_layers != 0u) {
         /* bits from the first trained layer on and below the count */
         const uint32_t below_first = memory->first_trained_layer >= 32
@@ -280,6 +284,15 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
         layers[i].trained = index >= memory->first_trained_layer;
         layers[i].bias_only = index >= 0 && index < 32 && ((memory->bias_only_layers >> index) & 1u);
         if (layers[i].bias_only && !layers[i].has_bias) return TP_ERR_ARGUMENT; /* no bias */
+        layers[i].skip_zero_errors =
+            layers[i].trained && memory->selection_in_place && policy->policy != TP_POLICY_FULL;
+    }
+    for (i = 0; i < spec->layer_count; i++) { /* the first trained layer, if bias-only, selects
+                                                 nothing (train.c) */
+        if (layers[i].trained) {
+            if (layers[i].bias_only) layers[i].skip_zero_errors = 0;
+            break;
+        }
     }
     return tp_plan_arena(layers, spec->layer_count, c * h * w, policy, optimizer, memory, plan);
 }

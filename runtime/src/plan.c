@@ -16,7 +16,8 @@
  *   for each layer j from L-1 down to F: the error of its input, written by a pool or a
  *     trained layer above F, from step 2L - j to the backward of the next layer below that is
  *     not a ReLU or Flatten (those work on it in place); a trained conv's backward scratch,
- *     the selection scratch of a trained layer (sparse policies: N values and N indices) and,
+ *     the selection scratch of a trained layer (sparse policies: N values and N indices, or
+ *     with selection_in_place TP_RADIX_COUNTS counts) and,
  *     with sgd_in_place, a trained conv's gradient, all alive at step 2L - j.
  * Placement (greedy by size): buffers by decreasing size (ties: creation order), each at the
  * lowest offset (0 or the end of a placed buffer alive at an overlapping time) where it
@@ -221,9 +222,14 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                                 step, step, i, TP_BUFFER_BACKWARD_SCRATCH);
             if (status != TP_OK) return status;
         }
-        if (policy->policy != TP_POLICY_FULL) {
-            status = add_buffer(plan, 2 * (size_t)tp_layer_output_size(layer), step, step, i,
-                                TP_BUFFER_SELECTION);
+        /* (a first trained layer that is bias-only selects nothing: its bias gradient is
+         * dense, and it has no weight gradient or input error) */
+        if (policy->policy != TP_POLICY_FULL && !(i == first && layer->bias_only)) {
+            status = add_buffer(plan,
+                                memory->selection_in_place
+                                    ? TP_RADIX_COUNTS
+                                    : 2 * (size_t)tp_layer_output_size(layer),
+                                step, step, i, TP_BUFFER_SELECTION);
             if (status != TP_OK) return status;
         }
         if (memory->sgd_in_place && layer->kind == TP_LAYER_CONV2D) {

@@ -166,6 +166,73 @@ int32_t tp_gather_nonzero_sum(const float *delta, int32_t n, float *scratch, int
 #undef TP_GATHER_LOOP
 #undef TP_GATHER_NONZERO
 
+/* |delta|'s bits: non-negative floats order as their bit patterns (a NaN above infinity) */
+static uint32_t magnitude_bits(float value) {
+    union {
+        float value;
+        uint32_t bits;
+    } magnitude;
+    magnitude.value = value;
+    return magnitude.bits & 0x7fffffffu;
+}
+
+/* The same floats as the gather's pass (rows of `plane` entries, zeros left out of the bias
+ * sums and of Y, Y's compensated steps in index order), without storing the entries. */
+int32_t tp_error_sums(const float *delta, int32_t n, float *local_error, int32_t plane,
+                      float *grad_bias) {
+    int32_t row, i, nonzero = 0;
+    float sum = 0.0f, compensation = 0.0f;
+    if (plane < 1) plane = n;
+    for (row = 0; row * plane < n; row++) {
+        const int32_t end = (row + 1) * plane < n ? (row + 1) * plane : n;
+        float bias_sum = 0.0f;
+        for (i = row * plane; i < end; i++) {
+            if (magnitude_bits(delta[i]) != 0u) {
+                const float value = fabsf(delta[i]);
+                nonzero++;
+                bias_sum += delta[i];
+                if (local_error != NULL) TP_NEUMAIER_ADD(sum, compensation, value);
+            }
+        }
+        if (grad_bias != NULL) grad_bias[row] += bias_sum;
+    }
+    if (local_error != NULL) *local_error = sum + compensation;
+    return nonzero;
+}
+
+/* Radix select, most significant byte first: the bits t of the k-th largest magnitude, and
+ * how many of the kept entries equal it (k minus those above t). Four passes over delta, one
+ * table of 256 counts. Then one pass zeroes every entry below t and the entries equal to t
+ * past the first `equal` of them (ties go to the lower index, as tp_select_topk_gathered). */
+void tp_keep_topk_in_place(float *delta, int32_t n, int32_t k, int32_t nonzero,
+                           uint32_t *counts) {
+    uint32_t prefix = 0u, mask = 0u;
+    int32_t shift, i, left = k, equal;
+    if (k >= nonzero) return; /* every non-zero entry is kept; the zeros stay zero */
+    for (shift = 24; shift >= 0; shift -= 8) {
+        int32_t digit;
+        for (i = 0; i < TP_RADIX_COUNTS; i++) counts[i] = 0u;
+        for (i = 0; i < n; i++) {
+            const uint32_t bits = magnitude_bits(delta[i]);
+            if ((bits & mask) == prefix) counts[(bits >> shift) & 0xffu]++;
+        }
+        for (digit = TP_RADIX_COUNTS - 1; digit > 0 && (uint32_t)left > counts[digit]; digit--)
+            left -= (int32_t)counts[digit];
+        prefix |= (uint32_t)digit << shift;
+        mask |= 0xffu << shift;
+    }
+    equal = left; /* the k-th largest is the `left`-th entry equal to prefix */
+    for (i = 0; i < n; i++) {
+        const uint32_t bits = magnitude_bits(delta[i]);
+        if (bits > prefix) continue;
+        if (bits == prefix && equal > 0) {
+            equal--;
+            continue;
+        }
+        delta[i] = 0.0f;
+    }
+}
+
 /* The k-th largest (1-based) of the n gathered magnitudes a[] (reordering a), and how many
  * of them are greater than it (*greater) and at least as large (*at_least).
  *

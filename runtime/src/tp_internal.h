@@ -76,9 +76,12 @@ int tp_maxpool_relu_backward(const tp_layer *layer, const float *x, const float 
 int tp_avgpool_relu_backward(const tp_layer *layer, const float *relu_output,
                              const float *delta_out, float *delta_in);
 /* Gradients from the kept output entries `kept` (count k), or from all when kept == NULL.
- * Adds to grad_weight (not for a bias-only layer, whose x may then be NULL); writes delta_in (zeroed first) unless delta_in == NULL. */
+ * Adds to grad_weight (not for a bias-only layer, whose x may then be NULL); writes delta_in
+ * (zeroed first) unless delta_in == NULL; adds the bias gradient unless bias_done. */
 void tp_dense_backward(tp_layer *layer, const float *x, const float *delta, const int32_t *kept,
-                       int32_t k, float *delta_in);
+                       int32_t k, float *delta_in, int bias_done);
+/* A dense or conv layer's bias gradient alone: each channel's sum of delta added to it. */
+void tp_bias_gradient(tp_layer *layer, const float *delta);
 /* bias_done: the bias gradient was already added (by the selection's gather); scratch:
  * tp_conv_backward_scratch_floats(layer, delta_in != NULL) floats; order: k int32s for the
  * position sort of the kept entries (unused when kept == NULL) */
@@ -95,6 +98,17 @@ void tp_select_topk(const float *delta, int32_t n, int32_t k, float *scratch, in
 /* The same in two steps: the non-zero |delta| (in index order) to scratch and their indices to
  * kept, returning their count; then the selection from them (kept: n ints, as above). */
 int32_t tp_gather_nonzero(const float *delta, int32_t n, float *scratch, int32_t *kept);
+/* selection_in_place: the count of non-zero entries of delta, and in the same pass (the
+ * floats of tp_gather_nonzero_sum / _bias) Y into *local_error (unless NULL) and, with
+ * grad_bias, each row of `plane` entries' sum added to grad_bias[row]. Stores nothing else. */
+int32_t tp_error_sums(const float *delta, int32_t n, float *local_error, int32_t plane,
+                      float *grad_bias);
+/* selection_in_place: set to zero the entries of delta that top-k does not keep (the k
+ * largest |delta|, ties to the lower index; nothing when k >= nonzero), by a radix select
+ * over the magnitudes' bits in `counts` (TP_RADIX_COUNTS entries) */
+#define TP_RADIX_COUNTS 256
+void tp_keep_topk_in_place(float *delta, int32_t n, int32_t k, int32_t nonzero,
+                           uint32_t *counts);
 /* the same, also writing Y of delta (tp_local_error's float) to *local_error; with grad_bias,
  * also adding the sum of each row of `plane` entries of delta to grad_bias[row] (the floats
  * of the conv backward's bias loop, which then is left out) */

@@ -55,8 +55,31 @@ static int any_nonzero(const float *delta, int32_t n) {
  * update the weights), and write the input gradient (unless it is the first trained layer).
  * Returns k; 0 when a sparse policy finds this sample's delta all zero: as in the library, the
  * sample then has no backward here or below (nothing to add, nothing counted). */
+/* selection_in_place: Y and the bias gradient from delta, then the entries top-k does not keep
+ * set to zero in delta (the backward then skips zeros). Returns k, 0 when delta is all zero. */
+static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta) {
+    const int32_t n = tp_layer_output_size(layer);
+    const int32_t plane = layer->kind == TP_LAYER_CONV2D ? layer->out_h * layer->out_w : 1;
+    float *const grad_bias = layer->has_bias ? layer->grad_bias : NULL;
+    const int adaptive = model->policy.policy == TP_POLICY_TINYPROP ||
+                         model->policy.policy == TP_POLICY_TINYPROPV2;
+    float local_error = 0.0f;
+    const int32_t nonzero = tp_error_sums(delta, n, adaptive ? &local_error : NULL, plane,
+                                          grad_bias);
+    int32_t k;
+    if (nonzero == 0) return 0;
+    if (adaptive) {
+        if (local_error > layer->running_max) layer->running_max = local_error;
+        k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
+    } else {
+        k = tp_keep_count(&model->policy, 0.0f, 0.0f, 1.0, n);
+    }
+    tp_keep_topk_in_place(delta, n, k, nonzero, (uint32_t *)(void *)layer->selection);
+    return k;
+}
+
 static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
-                                  const float *delta, float *delta_in, tp_ledger *macs) {
+                                  float *delta, float *delta_in, tp_ledger *macs) {
     const int32_t n = tp_layer_output_size(layer);
     const int first = layer == &model->layers[model->first_trained_layer];
     const int in_place = model->memory.sgd_in_place;
@@ -77,7 +100,19 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     if (in_place && layer->kind == TP_LAYER_CONV2D)
         tp_zero(layer->grad_weight, (size_t)layer->out_c * (size_t)layer->fan_in +
                                         (layer->has_bias ? (size_t)layer->out_c : 0));
-    if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
+    if (first && layer->bias_only) {
+        /* nothing of it needs a selection (no weight gradient, no input error): the dense
+         * bias gradient, as the library's backward of a layer whose input and weight need no
+         * gradient */
+        tp_bias_gradient(layer, delta);
+        macs->backward += tp_macs_backward(layer, n, first);
+        return n;
+    }
+    if (layer->skip_zero_errors) { /* selection_in_place under a sparse policy */
+        k = select_in_place(model, layer, delta);
+        if (k == 0) return 0;
+        bias_done = layer->has_bias;
+    } else if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
         /* one pass over delta: its non-zero magnitudes serve both Y (zeros add nothing to it)
          * and the selection */
         float local_error;
@@ -108,7 +143,7 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         tp_dense_backward_sgd(layer, &model->optimizer, x, delta, kept, k,
                               first ? NULL : delta_in);
     } else if (layer->kind == TP_LAYER_DENSE) {
-        tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in);
+        tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in, bias_done);
     } else {
         /* the kept entries' position sort goes where the selection's values were */
         tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in,

@@ -90,6 +90,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memory.first_trained_layer = (int32_t)(byte(&r) % 4); /* may be past the last one */
     memory.sgd_in_place = byte(&r) % 3 == 0;            /* an error with Adam or momentum */
     memory.bias_only_layers = byte(&r) % 2 ? 0u : (uint32_t)(byte(&r) % 16); /* may be invalid */
+    memory.momentum_in_place = byte(&r) % 4 == 0;  /* an error without SGD momentum */
+    memory.selection_in_place = byte(&r) % 2 == 0; /* an error with sgd_in_place */
     if (tp_arena_bytes_mode(&spec, &policy, &optimizer, &memory, &bytes) != TP_OK) return 0;
     if (bytes > (1u << 22)) return 0;
     arena = malloc(bytes);

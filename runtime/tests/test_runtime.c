@@ -420,14 +420,16 @@ static void test_gradient_matches_finite_differences(void) {
 /* Every memory mode of every model: the arena exactly as said (malloc'ed to the byte, so ASan
  * sees any write past it), frozen weights never written, training runs. in_place 2: the
  * layers after the first trained one train their biases only (bias_only_layers); in_place 3:
- * the same with SGD momentum gathered in its buffer (momentum_in_place, no gradients). */
+ * the same with SGD momentum gathered in its buffer (momentum_in_place, no gradients);
+ * in_place 4: every layer from the first trained one bias-only but the last, top-k chosen in
+ * delta itself (selection_in_place), Adam. */
 static void test_memory_modes(void) {
     const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
     const int trainable[] = {3, 4, 3};
     int s, first, in_place, p, step;
     for (s = 0; s < 3; s++) {
         for (first = 0; first < trainable[s]; first++) {
-            for (in_place = 0; in_place <= 3; in_place++) {
+            for (in_place = 0; in_place <= 4; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
                     tp_policy_config config = tp_policy_defaults((tp_policy)p);
                     tp_optimizer_config opt = in_place == 1   ? tp_sgd(0.05, 0.0, 1e-3)
@@ -446,8 +448,14 @@ static void test_memory_modes(void) {
                                            (s == 1 ? ~(1u << 2) : ~0u);
                     memory.first_trained_layer = first;
                     memory.sgd_in_place = in_place == 1;
-                    memory.bias_only_layers = in_place >= 2 ? later : 0u;
+                    memory.bias_only_layers = in_place == 2 || in_place == 3 ? later
+                                              : in_place == 4
+                                                  ? (later | (1u << first)) &
+                                                        ~(1u << (trainable[s] - 1)) &
+                                                        (s == 1 ? ~(1u << 2) : ~0u)
+                                                  : 0u;
                     memory.momentum_in_place = in_place == 3;
+                    memory.selection_in_place = in_place == 4;
                     CHECK(tp_arena_bytes_mode(specs[s], &config, &opt, &memory, &bytes) == TP_OK);
                     CHECK(tp_arena_bytes(specs[s], &config, &opt, &full_bytes) == TP_OK);
                     CHECK(bytes <= full_bytes);

@@ -82,6 +82,7 @@ def run_mode(dataset: str, mode: TrainingMode, policy: str, settings: dict, seed
         "sgd_in_place": mode.memory.sgd_in_place,
         "bias_only_layers": list(mode.memory.bias_only_layers),
         "momentum_in_place": mode.memory.momentum_in_place,
+        "selection_in_place": mode.memory.selection_in_place,
         "frozen_layers": frozen,
         "optimizer": mode.optimizer,
         "momentum": mode.momentum,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from tinyprop.export.graph import AVGPOOL, CONV2D, FLATTEN, MAXPOOL, RELU, LayerSpec
 from tinyprop.memory import MemoryMode
 
+RADIX_COUNTS = 256  # selection_in_place: the radix select's table (TP_RADIX_COUNTS)
 # tp_buffer_use of plan.c
 (
     OUTPUT,
@@ -249,8 +250,9 @@ def plan_arena(
                 i,
                 BACKWARD_SCRATCH,
             )
-        if policy != "full":
-            add(2 * layer.output_size, step, step, i, SELECTION)
+        if policy != "full" and not (i == first and bias_only[i]):
+            floats = RADIX_COUNTS if mode.selection_in_place else 2 * layer.output_size
+            add(floats, step, step, i, SELECTION)
         if mode.sgd_in_place and layer.kind == CONV2D:
             add(layer_parameters(layer), step, step, i, GRADIENT)
     transient = _place(buffers)

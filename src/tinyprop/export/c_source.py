@@ -141,11 +141,14 @@ def model_header(
         "/* memory mode: trainable layers before the first trained one are frozen (weights",
         " * read from the const arrays above); in place: every sample its own SGD step;",
         " * bit i of bias_only_layers: trainable layer i trains its bias only; momentum in",
-        " * place: the batch's gradient gathered in the SGD momentum buffer */",
+        " * place: the batch's gradient gathered in the SGD momentum buffer; selection in",
+        " * place: top-k chosen in the error itself, no selection scratch */",
         "static const tp_memory_config tp_model_memory = {",
         f"    {memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
-        f"0x{memory.bias_only_bits:X}u, {int(memory.momentum_in_place)}}};"
-        "  /* first_trained_layer, sgd_in_place, bias_only_layers, momentum_in_place */",
+        f"0x{memory.bias_only_bits:X}u, {int(memory.momentum_in_place)}, "
+        f"{int(memory.selection_in_place)}}};"
+        "  /* first_trained_layer, sgd_in_place, bias_only_layers, momentum_in_place,"
+        " selection_in_place */",
         "",
         "#endif /* TINYPROP_MODEL_H */",
         "",

@@ -110,6 +110,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="SGD momentum gathers the batch's gradient in its buffer (no gradient buffer)",
     )
+    p.add_argument(
+        "--selection-in-place",
+        action="store_true",
+        help="sparse policies choose top-k in the error itself (no selection scratch)",
+    )
     return p
 
 
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.sgd_in_place,
                 tuple(args.bias_only_layers),
                 args.momentum_in_place,
+                args.selection_in_place,
             ),
             ram_bytes=args.ram,
         )

@@ -170,6 +170,7 @@ class MemoryC(ctypes.Structure):
         ("sgd_in_place", ctypes.c_int32),
         ("bias_only_layers", ctypes.c_uint32),
         ("momentum_in_place", ctypes.c_int32),
+        ("selection_in_place", ctypes.c_int32),
     ]
 
 
@@ -180,6 +181,7 @@ def memory_to_c(mode: MemoryMode) -> MemoryC:
         int(mode.sgd_in_place),
         mode.bias_only_bits,
         int(mode.momentum_in_place),
+        int(mode.selection_in_place),
     )
 
 
