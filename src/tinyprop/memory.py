@@ -351,6 +351,13 @@ MODES: dict[str, list[TrainingMode]] = {
             description="every layer but the depthwise convs, which train their biases, Adam",
             on_device=False,
         ),
+        TrainingMode(
+            "bias-pointwise-adam",
+            MemoryMode(0, bias_only_layers=(0, *DEPTHWISE)),
+            description="the pointwise convs and the classifier; the biases of the first and "
+            "the depthwise convs, Adam",
+            on_device=False,
+        ),
     ],
     "mnist": [
         FULL,
