@@ -236,6 +236,12 @@ class TrainingMode:
 
 FULL = TrainingMode("all-adam", description="every layer, Adam (the reference)")
 
+
+def study(name: str, memory: MemoryMode, description: str, **settings) -> TrainingMode:
+    """An accuracy-only mode (``on_device`` False): which layers or settings matter."""
+    return TrainingMode(name, memory, description=description, on_device=False, **settings)
+
+
 # the modes measured per example model (dataset name -> modes; the first is the reference).
 # selection_in_place changes no float the library computes, only the runtime's selection
 # scratch under sparse policies (records measured before it was set still hold).
@@ -304,59 +310,51 @@ MODES: dict[str, list[TrainingMode]] = {
             for scale in (0.3, 1, 3, 10, 30)
         ),
         # which layers and optimizers matter (accuracy only: these do not fit 256 KB)
-        TrainingMode(
+        study(
             "first-bias-pw34-adam",
             MemoryMode(0, bias_only_layers=FIRST_BIAS_PW34),
-            description="first conv, last two pointwise convs and classifier; biases of the "
-            "layers between, Adam",
-            on_device=False,
+            "first conv, last two pointwise convs and classifier; biases of the layers between, "
+            "Adam",
         ),
-        TrainingMode(
+        study(
             "first-bias-pw34-adam-lr3",
             MemoryMode(0, bias_only_layers=FIRST_BIAS_PW34),
+            "the same, Adam at 3x the plan's learning rate",
             lr_scale=3.0,
-            description="the same, Adam at 3x the plan's learning rate",
-            on_device=False,
         ),
-        TrainingMode(
+        study(
             "bias-pw34-adam",
             MemoryMode(0, bias_only_layers=(0, *FIRST_BIAS_PW34)),
-            description="last two pointwise convs and classifier; the biases of every layer "
-            "before, Adam",
-            on_device=False,
+            "last two pointwise convs and classifier; the biases of every layer before, Adam",
         ),
-        TrainingMode(
+        study(
             "pw34-adam",
             MemoryMode(5, bias_only_layers=(5, 7)),
-            description="last two pointwise convs and classifier, the biases of the depthwise "
-            "convs before them, Adam",
-            on_device=False,
+            "last two pointwise convs and classifier, the biases of the depthwise convs before "
+            "them, Adam",
         ),
         *(
-            TrainingMode(
+            study(
                 f"pointwise-sgdm-lr{scale:g}",
                 MemoryMode(0, bias_only_layers=DEPTHWISE, momentum_in_place=True),
+                "every layer but the depthwise convs, which train their biases; SGD momentum "
+                f"0.9 gathered in its buffer, {scale:g}x lr",
                 optimizer="sgd",
                 momentum=0.9,
                 lr_scale=float(scale),
-                description="every layer but the depthwise convs, which train their biases; SGD "
-                f"momentum 0.9 gathered in its buffer, {scale:g}x lr",
-                on_device=False,
             )
             for scale in (1, 3, 10)
         ),
-        TrainingMode(
+        study(
             "pointwise-adam",
             MemoryMode(0, bias_only_layers=DEPTHWISE),
-            description="every layer but the depthwise convs, which train their biases, Adam",
-            on_device=False,
+            "every layer but the depthwise convs, which train their biases, Adam",
         ),
-        TrainingMode(
+        study(
             "bias-pointwise-adam",
             MemoryMode(0, bias_only_layers=(0, *DEPTHWISE)),
-            description="the pointwise convs and the classifier; the biases of the first and "
-            "the depthwise convs, Adam",
-            on_device=False,
+            "the pointwise convs and the classifier; the biases of the first and the depthwise "
+            "convs, Adam",
         ),
     ],
     "mnist": [
