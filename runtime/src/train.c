@@ -51,10 +51,6 @@ static int any_nonzero(const float *delta, int32_t n) {
     return 0;
 }
 
-/* Sparse backward of one trained layer: choose k, select, accumulate gradients (or, in place,
- * update the weights), and write the input gradient (unless it is the first trained layer).
- * Returns k; 0 when a sparse policy finds this sample's delta all zero: as in the library, the
- * sample then has no backward here or below (nothing to add, nothing counted). */
 /* selection_in_place: Y and the bias gradient from delta, then the entries top-k does not keep
  * set to zero in delta (the backward then skips zeros). Returns k, 0 when delta is all zero. */
 static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta) {
@@ -78,6 +74,10 @@ static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta) {
     return k;
 }
 
+/* Sparse backward of one trained layer: choose k, select, accumulate gradients (or, in place,
+ * update the weights), and write the input gradient (unless it is the first trained layer).
+ * Returns k; 0 when a sparse policy finds this sample's delta all zero: as in the library, the
+ * sample then has no backward here or below (nothing to add, nothing counted). */
 static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
                                   float *delta, float *delta_in, tp_ledger *macs) {
     const int32_t n = tp_layer_output_size(layer);
