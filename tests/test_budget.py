@@ -340,3 +340,56 @@ def test_budget_defaults_zeta_one_and_dropped_skipped_rows_and_keeps_what_is_giv
     assert not tinyprop.TinyPropConfig().drop_skipped_rows
     assert tinyprop.TinyPropConfig(budget=0.1).drop_skipped_rows
     assert not tinyprop.TinyPropConfig(budget=0.1, drop_skipped_rows=False).drop_skipped_rows
+    assert not tinyprop.TinyPropConfig(budget=0.1).skip_zero_entries
+    assert tinyprop.TinyPropConfig(budget=0.1).dense_output_layer is None  # dense when cheap
+    assert tinyprop.TinyPropConfig().dense_output_layer is False
+
+
+def keep_of_one_step(model) -> dict:
+    """Layer name -> (R,) k of each backpropagated row, for one toy batch."""
+    x, y = next(toy_stream(1))
+    output = model(x)
+    return tinyprop.backward(model, LOSS(output, y), output).keep
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinypropv2"])
+def test_a_cheap_output_layer_is_dense_under_a_budget_and_an_expensive_one_sparse(policy):
+    config = tinyprop.TinyPropConfig(policy=policy, budget=0.3, skip_split=0.0)
+    keep = keep_of_one_step(toy_model(config))  # output layer 64 -> 5: 6.8% of the backward
+    assert (keep["4"] == 5).all() and (keep["2"] < 64).all()
+    torch.manual_seed(0)  # an autoencoder-like net whose output layer is most of the backward
+    wide = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 400))
+    assert (keep_of_one_step(tinyprop.apply(wide, config))["2"] < 400).all()
+    sparse = config.replace(dense_output_layer=False)  # what is given is kept
+    assert (keep_of_one_step(toy_model(sparse))["4"] < 5).all()
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinyprop"])
+def test_skip_zero_entries_gives_the_same_gradients_for_fewer_macs(policy):
+    """Every entry asked for (k = N): with the cap, a row keeps only its non-zero entries of δ
+    (ReLU zeroes many), the gradients are the same and the backward MACs fewer."""
+    every = {"ratio": 1.0} if policy == "topk" else {"s_min": 1.0, "s_max": 1.0, "zeta": 1.0}
+    runs = {}
+    for cap in (False, True):
+        config = tinyprop.TinyPropConfig(policy=policy, skip_zero_entries=cap, **every)
+        model = toy_model(config)
+        x, y = next(toy_stream(1))
+        stats = tinyprop.backward(model, LOSS(model(x), y))
+        runs[cap] = ([p.grad.clone() for p in model.parameters()], stats)
+    for capped, uncapped in zip(runs[True][0], runs[False][0], strict=True):
+        torch.testing.assert_close(capped, uncapped)
+    capped, uncapped = runs[True][1], runs[False][1]
+    assert capped.macs.backward < uncapped.macs.backward
+    assert capped.macs.selection > uncapped.macs.selection  # the non-zero entries counted
+    hidden = capped.keep["2"]  # behind a ReLU: fewer than the 64 entries kept
+    assert (hidden <= 64).all() and (hidden < 64).any()
+
+
+def test_skip_zero_entries_holds_the_budget_without_winding_up_the_keep_scale():
+    """Rows that kept all their non-zero entries count as saturated: c stops rising there
+    (it would otherwise climb to its cap of 1e4 while k stays at nnz)."""
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.1, skip_zero_entries=True)
+    model = toy_model(config)
+    ledgers = run(model, toy_stream(300))
+    assert abs(ratio(ledgers) / 0.1 - 1) <= 0.10
+    assert tinyprop.model.state_of(model).policy.budget.keep_scale < 10

@@ -133,11 +133,15 @@ class SparseBackprop(torch.autograd.Function):
         previous = step.error_max(layer) if step is not None else layer.error_max.double()
         error_max = running_max(error, previous)  # (R',) Ymax_l after each row
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
-        keeps_everything = policy.keeps_everything(call.depth) or is_dense_small_layer(
+        keeps_everything = policy.keeps_everything(call) or is_dense_small_layer(
             policy.config, geometry
         )
+        limit = None  # the most each row can keep: N_l, or its non-zero entries
         if keeps_everything:
             keep = torch.full_like(keep, size)
+        elif policy.caps_keep_at_nonzero():  # a zero entry adds nothing, costs fan_in MACs
+            limit = (flat != 0).sum(1)  # (R',) nnz
+            keep = torch.minimum(keep, limit)  # (R',) k <= nnz
         if rows is None:
             keep = keep.masked_fill(error == 0, 0)  # (R,) zero rows keep nothing
         backward_step = _count_backward(layer, step, policy.random)
@@ -169,7 +173,9 @@ class SparseBackprop(torch.autograd.Function):
                 select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs
             )
         if step is not None:
-            step.add(call, keep, not keeps_everything, bool(needs_input), rows is None, kernel)
+            step.add(
+                call, keep, not keeps_everything, bool(needs_input), rows is None, kernel, limit
+            )
         if grad_input is not None:
             grad_input = grad_input.to(input_dtype)
         if grad_weight is not None:

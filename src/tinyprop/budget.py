@@ -49,11 +49,27 @@ import torch
 from torch import Tensor, nn
 
 from tinyprop.functional import budget_step_target, split_range
+from tinyprop.ledger import layer_backward_macs
 
 WINDOW = 256  # W: recent skip scores (output errors or losses) the percentile looks at
 HORIZON = 20  # H: steps over which the run ratio's deviation from b is paid back
 SMOOTHING = 0.5  # λ: weight of the past in the measured step ratio r̃
 GAIN = 0.5  # η: integral gain on the log cost
+CHEAP_OUTPUT_SHARE = 0.25  # the output layer is dense when its dense backward is <= b / 4
+
+
+def is_cheap_output_layer(call, budget: float) -> bool:
+    """Whether the output layer call's dense backward is at most ``CHEAP_OUTPUT_SHARE`` · b of
+    its forward pass's dense backward (sparse layers and the dense modules between them), so
+    that keeping it dense (``dense_output_layer=None`` with a budget) takes at most a quarter
+    of the budget. Depends on the shapes only, so a resumed run decides the same."""
+    forward_pass = call.forward_pass
+
+    def dense(each) -> int:
+        return each.rows * layer_backward_macs(each, each.output_size, each.input_requires_grad)
+
+    whole = sum(dense(each) for each in forward_pass.calls) + 2 * forward_pass.other_macs
+    return dense(call) <= CHEAP_OUTPUT_SHARE * budget * whole
 
 
 def check_count(value, name: str) -> None:
@@ -233,12 +249,13 @@ def _smooth(average: Tensor, value: int) -> int:
 
 def _effective_limits(limits: tuple, log_keep: float, records) -> tuple[float, float]:
     """(floor, cap) of u_k, narrowed to the current u_k where moving c has no effect: every
-    selecting layer kept all N_l entries of every row (cap), or 1 entry (floor)."""
+    selecting layer kept all it could of every row, N_l entries or all its non-zero ones
+    (``skip_zero_entries``) (cap), or 1 entry (floor)."""
     selected = [record for record in records if record.selected and record.keep.numel()]
     if not selected:
         return limits
     low, high = limits
-    if all(bool((record.keep >= record.call.output_size).all()) for record in selected):
+    if all(record.keeps_all_it_can for record in selected):
         high = min(high, max(low, log_keep))
     if all(bool((record.keep <= 1).all()) for record in selected):
         low = max(low, min(high, log_keep))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tinyprop.budget import WINDOW, BudgetController, ScoreWindow
+from tinyprop.budget import WINDOW, BudgetController, ScoreWindow, is_cheap_output_layer
 from tinyprop.config import TinyPropConfig
 from tinyprop.functional import (
     adaptive_keep_count,
@@ -86,10 +86,19 @@ class Policy:
         count = fixed_keep_count(ratio, size)  # the same k for every row
         return torch.full(error.shape, count, dtype=torch.long, device=error.device)
 
-    def keeps_everything(self, depth: int) -> bool:
-        """True when the layer at distance ``depth`` from the output is backpropagated densely
-        (no selection): meProp's dense output layer."""
-        return depth == 0 and self.config.dense_output_layer
+    def keeps_everything(self, call) -> bool:
+        """True when the layer call is backpropagated densely (no selection): meProp's dense
+        output layer; with a budget and ``dense_output_layer=None``, an output layer that is
+        cheap (:func:`tinyprop.budget.is_cheap_output_layer`)."""
+        if call.depth != 0:
+            return False
+        if self.config.dense_output_layer is None:
+            return is_cheap_output_layer(call, self.config.budget)
+        return self.config.dense_output_layer
+
+    def caps_keep_at_nonzero(self) -> bool:
+        """True when a row keeps at most its non-zero entries of δ (``skip_zero_entries``)."""
+        return self.config.skip_zero_entries and not self.random
 
     def trained_mask(self, scores: Tensor, step) -> Tensor:
         """(B,) True for the samples to train, from their (B,) skip scores (``skips`` only)."""
@@ -216,7 +225,7 @@ class SelectiveBackpropPolicy(Policy):
         smallest_share = min(SMALLEST_TRAINED_SHARE, budget)
         return 1.0, (1.0, 1.0), budget, (smallest_share, 1.0)
 
-    def keeps_everything(self, depth):
+    def keeps_everything(self, call):
         return True
 
     def selection_macs(self, trained, size, kept):

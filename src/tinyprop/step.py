@@ -80,7 +80,7 @@ class StepContext:
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[tuple] = []  # (call, keep, selected, computes_input_grad, every_row,
-        # kernel)
+        # kernel, every row kept all it could)
         self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
@@ -107,11 +107,14 @@ class StepContext:
         computes_input_grad: bool,
         every_row: bool,
         kernel: str = "",
+        limit: Tensor | None = None,
     ) -> None:
         """What one layer call's backward did: ``keep`` (R',) k of each row with a non-zero δ,
         or with ``every_row`` (the path without host reads) (R,) with 0 on the other rows;
-        ``kernel``: which kernel computed its gradients."""
-        self._calls.append((call, keep, selected, computes_input_grad, every_row, kernel))
+        ``kernel``: which kernel computed its gradients; ``limit``: the most each row could
+        keep (its non-zero entries), None: N_l."""
+        full = (keep >= (call.output_size if limit is None else limit)).all()  # () bool
+        self._calls.append((call, keep, selected, computes_input_grad, every_row, kernel, full))
 
     def check_finite_later(self, error: Tensor, layer_name: str) -> None:
         """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
@@ -210,22 +213,26 @@ class StepContext:
             keeps = [keep if keep.device.type == "cpu" else next(moved) for keep in keeps]
         keeps = [  # (R',) the rows with a non-zero δ
             keep[keep > 0] if every_row else keep
-            for keep, (*_, every_row, _) in zip(keeps, self._calls, strict=True)
+            for keep, (*_, every_row, _, _) in zip(keeps, self._calls, strict=True)
         ]
         policy = self.state.policy
         records = []
-        for (call, _, selected, computes_input_grad, _, kernel), keep in zip(
+        for (call, _, selected, computes_input_grad, _, kernel, full), keep in zip(
             self._calls, keeps, strict=True
         ):
             trained, kept = (keep.numel(), int(keep.sum())) if selected else (0, 0)
+            selection = policy.selection_macs(trained, call.output_size, kept)
+            if policy.caps_keep_at_nonzero():  # the non-zero entries of each row, counted
+                selection += trained * call.output_size
             records.append(
                 BackwardRecord(
                     call=call,
                     keep=keep,
                     selected=selected,
                     computes_input_grad=computes_input_grad,
-                    selection_macs=policy.selection_macs(trained, call.output_size, kept),
+                    selection_macs=selection,
                     kernel=kernel,
+                    keeps_all_it_can=bool(full),
                 )
             )
         return records
