@@ -117,7 +117,7 @@ class TinyPropConfig:
     beta: float = 1.0  # β: damping of the skip decision metric
     skip_threshold: float = 0.5  # τ: skip the sample when D < τ
     seed: int = 0  # randomk's random stream
-    dense_output_layer: bool | None = None  # dense output layer; None: False, or cheap ones (budget)
+    dense_output_layer: bool | None = None  # dense output layer; None: False, or if cheap (budget)
     budget: float | None = None  # b: the backward ratio held over the run (tinyprop.budget)
     dense_small_layers: bool = False  # dense backward where sparse cannot be faster
     unified: bool = False  # one kept index set per layer call, shared by its rows (meProp)

@@ -1,4 +1,5 @@
-"""Dataset registry: the paper's eight datasets, each from its real format or an offline source.
+"""Dataset registry: the paper's eight datasets, each from its real format or an offline source,
+and two more real ones (Fashion-MNIST as itself, the 8x8 digits).
 
 Example:
     >>> from tinyprop import data
@@ -22,13 +23,15 @@ _REGISTRY: dict[str, str] = {
     "speech_commands": "speech_commands",
     "har": "har",
     "dcase2020": "dcase",
+    "fashion_mnist": "fashion_mnist",  # real data besides the paper's eight
+    "digits": "digits",
 }
 
 SPLITS = ("train", "test")
 
 
 def names() -> list[str]:
-    """The registered dataset names, in the paper's order of presentation."""
+    """The registered dataset names: the paper's eight in its order, then the extra real ones."""
     return list(_REGISTRY)
 
 

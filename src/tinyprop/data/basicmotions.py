@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from tinyprop.data.cache import cache_dir, sha256
 from tinyprop.data.npz_cache import cached_arrays
+from tinyprop.data.wheels import download_wheel
 
 WHEEL_REQUIREMENT = "aeon==1.6.0"
 WHEEL_NAME = "aeon-1.6.0-py3-none-any.whl"
@@ -82,26 +81,14 @@ def parse_ts(text: str, name: str = "<ts>") -> tuple[np.ndarray, list[str], tupl
 
 def fetch_wheel(folder: Path) -> Path:
     """The verified aeon wheel in ``folder``, downloaded with ``pip download`` when missing."""
-    wheel = folder / WHEEL_NAME
-    command = [
-        sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps",
-        "--only-binary=:all:", "--quiet", "-d", str(folder),
-    ]  # fmt: skip
-    if not wheel.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(
-                f"could not fetch BasicMotions (inside the {WHEEL_REQUIREMENT} wheel): "
-                f"{(result.stderr or result.stdout).strip()[-400:]}; check the package registry "
-                f"is reachable and run by hand: {' '.join(command)}"
-            )
+    wheel = download_wheel(WHEEL_REQUIREMENT, folder, WHEEL_NAME, "BasicMotions")
     digest = sha256(wheel)
     if digest != WHEEL_SHA256:
         wheel.unlink()
         raise RuntimeError(
             f"{wheel} has SHA-256 {digest}, expected {WHEEL_SHA256}: the download was corrupt "
-            f"and has been deleted; run again, or fetch it by hand: {' '.join(command)}"
+            f"and has been deleted; run again, or fetch it by hand: pip download "
+            f"{WHEEL_REQUIREMENT} --no-deps --only-binary=:all: -d {folder}"
         )
     return wheel
 

@@ -44,11 +44,17 @@ _REFERENCES: dict[str, dict[str, Reference]] = {
     "speech_commands": {"dscnn": Reference("ds-cnn-s", ds_cnn, (1, 49, 10), 12)},
     "har": {"cnn1d": Reference("cnn1d-16-32-32", cnn1d, (6, 100), 4)},
     "dcase2020": {"autoencoder": Reference("autoencoder-64-8", autoencoder, (640,), None)},
+    # real datasets besides the paper's eight, on MNIST-sized models of their own
+    "fashion_mnist": {
+        "mlp": Reference("mlp-128-64", mlp, (1, 28, 28), 10),
+        "cnn": Reference("cnn-8-16", cnn, (1, 28, 28), 10),
+    },
+    "digits": {"mlp": Reference("mlp-128-64", mlp, (1, 8, 8), 10)},
 }
 
 
 def names() -> list[str]:
-    """Dataset names that have a reference model (the paper's eight)."""
+    """Dataset names that have a reference model (the paper's eight, then the extra real ones)."""
     return list(_REFERENCES)
 
 
