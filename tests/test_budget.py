@@ -3,6 +3,7 @@ Selective-Backprop policy."""
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -393,3 +394,18 @@ def test_skip_zero_entries_holds_the_budget_without_winding_up_the_keep_scale():
     ledgers = run(model, toy_stream(300))
     assert abs(ratio(ledgers) / 0.1 - 1) <= 0.10
     assert tinyprop.model.state_of(model).policy.budget.keep_scale < 10
+
+
+def test_the_controller_moves_c_and_q_at_most_twofold_per_step():
+    """Small batches often train no sample at all; c must not wind up on such steps."""
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.1)
+    model = toy_model(config)
+    controller = tinyprop.model.state_of(model).policy.budget
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    previous = (controller.keep_scale, controller.trained_share)
+    for x, y in toy_stream(80, batch=4):
+        tinyprop.train_step(model, x, y, LOSS, optimizer)
+        now = (controller.keep_scale, controller.trained_share)
+        change = sum(abs(math.log(a / b)) for a, b in zip(now, previous, strict=True))
+        assert change <= math.log(2) + 1e-9
+        previous = now
