@@ -355,7 +355,7 @@ def keep_of_one_step(model) -> dict:
 
 @pytest.mark.parametrize("policy", ["topk", "tinypropv2"])
 def test_a_cheap_output_layer_is_dense_under_a_budget_and_an_expensive_one_sparse(policy):
-    config = tinyprop.TinyPropConfig(policy=policy, budget=0.3, skip_split=0.0)
+    config = tinyprop.TinyPropConfig(policy=policy, budget=0.2, skip_split=0.0)
     keep = keep_of_one_step(toy_model(config))  # output layer 64 -> 5: 6.8% of the backward
     assert (keep["4"] == 5).all() and (keep["2"] < 64).all()
     torch.manual_seed(0)  # an autoencoder-like net whose output layer is most of the backward
@@ -409,3 +409,11 @@ def test_the_controller_moves_c_and_q_at_most_twofold_per_step():
         change = sum(abs(math.log(a / b)) for a, b in zip(now, previous, strict=True))
         assert change <= math.log(2) + 1e-9
         previous = now
+
+
+def test_a_policy_that_trains_every_sample_keeps_the_output_layer_dense_only_below_half_b():
+    """6.8% of the backward: above b / 2 = 5% at b = 0.1 for top-k (it could not skip to pay
+    for it), dense for TinyPropv2, which skips more samples instead."""
+    for policy, dense in (("topk", False), ("tinypropv2", True)):
+        config = tinyprop.TinyPropConfig(policy=policy, budget=0.1, skip_split=0.0)
+        assert bool((keep_of_one_step(toy_model(config))["4"] == 5).all()) == dense

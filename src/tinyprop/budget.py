@@ -61,21 +61,23 @@ HORIZON = 20  # H: steps over which the run ratio's deviation from b is paid bac
 SMOOTHING = 0.5  # λ: weight of the past in the measured step ratio r̃
 GAIN = 0.5  # η: integral gain on the log cost
 LARGEST_CHANGE = math.log(2)  # |Δ| per step: c and q at most double or halve in one step
-CHEAP_OUTPUT_SHARE = 0.25  # the output layer is dense when its dense backward is <= b / 4
+CHEAP_OUTPUT_SHARE = 0.25  # the output layer is dense when it is <= 1/4 of the dense backward
 
 
-def is_cheap_output_layer(call, budget: float) -> bool:
-    """Whether the output layer call's dense backward is at most ``CHEAP_OUTPUT_SHARE`` · b of
-    its forward pass's dense backward (sparse layers and the dense modules between them), so
-    that keeping it dense (``dense_output_layer=None`` with a budget) takes at most a quarter
-    of the budget. Depends on the shapes only, so a resumed run decides the same."""
+def is_cheap_output_layer(call, budget: float, skips: bool) -> bool:
+    """Whether the output layer call's dense backward is at most ``CHEAP_OUTPUT_SHARE`` of its
+    forward pass's dense backward (sparse layers and the dense modules between them) and, for
+    a policy that trains every sample (``skips`` False), at most b / 2 (so that the other
+    layers keep half the budget; a policy that skips samples meets b by skipping more).
+    Depends on the shapes only, so a resumed run decides the same."""
     forward_pass = call.forward_pass
 
     def dense(each) -> int:
         return each.rows * layer_backward_macs(each, each.output_size, each.input_requires_grad)
 
     whole = sum(dense(each) for each in forward_pass.calls) + 2 * forward_pass.other_macs
-    return dense(call) <= CHEAP_OUTPUT_SHARE * budget * whole
+    limit = CHEAP_OUTPUT_SHARE if skips else min(CHEAP_OUTPUT_SHARE, budget / 2)
+    return dense(call) <= limit * whole
 
 
 def check_count(value, name: str) -> None:

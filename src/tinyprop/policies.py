@@ -93,7 +93,7 @@ class Policy:
         if call.depth != 0:
             return False
         if self.config.dense_output_layer is None:
-            return is_cheap_output_layer(call, self.config.budget)
+            return is_cheap_output_layer(call, self.config.budget, self.skips)
         return self.config.dense_output_layer
 
     def caps_keep_at_nonzero(self) -> bool:
