@@ -97,8 +97,8 @@ class TinyPropConfig:
             and False without one (the library's behaviour before the setting existed).
         skip_zero_entries: a row keeps at most its non-zero entries of δ (k ≤ nnz): a zero
             entry adds nothing to any gradient and only costs its k · fan_in MACs (behind a
-            ReLU there are many: 15% of the kept entries of the MNIST MLP at b = 0.2, finetune,
-            were zero). Counting them costs N_l comparisons per row, counted as selection.
+            ReLU there are many). Counting them costs N_l comparisons per row, counted as
+            selection.
             Not for ``randomk`` (its entries are random by design). Off by default: with a
             budget the controller spent the saving on training more samples (MNIST MLP from
             scratch at b = 0.1, seed 0: 51% of the samples trained instead of 31%), and the
