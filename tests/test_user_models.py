@@ -245,6 +245,18 @@ def test_create_graph_through_a_sparse_layer_names_tinyprop_and_the_way_out(buil
         assert_same(grads, {n: p.grad for n, p in plain.named_parameters() if p.grad is not None})
 
 
+def test_torch_jit_trace_of_an_applied_model_records_the_plain_model():
+    """torch.jit.trace (deployment) failed its sanity check: the first call of an input shape
+    ran under torch's FLOP counter, the check call did not, and the graphs differed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    tinyprop.apply(model, tinyprop.TinyPropConfig())
+    x = torch.randn(2, 3, 4, 4)
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    assert "flop_counter" not in str(traced.graph)
+
+
 def test_plain_checkpoint_loads_into_an_applied_model():
     """A state_dict saved before apply (a pretrained model) loads strictly, also inside a
     wrapper module; the running state starts afresh. Some tinyprop entries only: an error."""

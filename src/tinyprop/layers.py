@@ -85,6 +85,8 @@ class SparseBackpropLayer:
         self.check_input(x, weight)
         state = self.tinyprop_state
         trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if torch.jit.is_tracing():  # torch.jit.trace records the plain layer, for inference
+            return self.dense_forward(x, weight, self.bias)
         if not trains or not state.policy.sparse:
             # the ledger counts the call: frozen, or under no_grad inside a training forward
             # (reentrant activation checkpointing) it has no backward there

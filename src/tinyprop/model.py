@@ -173,8 +173,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
     """Root forward pre-hook: record the sparse-layer calls of a training forward pass."""
     state = getattr(model, _STATE)
-    if not torch.is_grad_enabled() or state.open_pass is not None:
-        return
+    if not torch.is_grad_enabled() or state.open_pass is not None or torch.jit.is_tracing():
+        return  # torch.jit.trace: no FLOP counter in the recorded graph
     if not state.inside_ddp:  # Lightning wraps the LightningModule, not the applied model
         ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
         state.inside_ddp = ddp is not None and any(m is model for m in ddp.module.modules())
