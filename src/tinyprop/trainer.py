@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tinyprop.model import OUTPUT_ERROR_MAX, state_of, unwrap, widen_running_state
+from tinyprop.model import state_of, unwrap, widen_running_state
 from tinyprop.step import StepStats, backward, describe, is_distributed
 
 
@@ -128,10 +128,11 @@ def _values(grad: Tensor) -> Tensor:
 
 
 def _running_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """(buffer, copy) of tinyprop's running maxima and counters (a few scalars)."""
+    """(buffer, copy) of tinyprop's running state: the running maxima and counters, the
+    budget controller and the score window (a few scalars and the window's W values)."""
     module = unwrap(model)
     widen_running_state(module)  # the step writes these buffers, not float16 copies
-    buffers = [getattr(module, OUTPUT_ERROR_MAX)]
+    buffers = [buffer for name, buffer in module._buffers.items() if name.startswith("tinyprop_")]
     for _, layer in state_of(module).layers:
         buffers += [layer.error_max, layer.backward_steps]
     return [(buffer, buffer.clone()) for buffer in buffers]
