@@ -279,3 +279,20 @@ def test_losses_of_several_forward_passes_say_what_to_do():
         tinyprop.backward(keep_all, LOSS(keep_all(x[half]), y[half]), scale=0.5)
     LOSS(plain(x), y).mean().backward()
     assert_same(gradients(keep_all), gradients(plain))
+
+
+def test_sequence_first_output_with_as_many_steps_as_samples_needs_sample_dim():
+    """A (T, B, C) output with T = B passed the shape check with the default sample_dim=0:
+    tinypropv2 then ranked time steps as if they were samples, silently."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1), nn.Linear(8, 3)).double()
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x = torch.randn(4, 4, 8, dtype=torch.float64)  # (T, B, D), T = B = 4
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="sample_dim=.*sequence-first"):
+        tinyprop.loss(model, LOSS(model(x).mean(0), y))  # loss n comes from output[:, n]
+    assert tinyprop.backward(model, LOSS(model(x).mean(0), y), sample_dim=1).trained == 4
+    batch_first = model(x).transpose(0, 1)  # (B, T, C), also 4 x 4: no false alarm
+    stats = tinyprop.backward(model, LOSS(batch_first.mean(1), y), output=batch_first)
+    assert stats.trained == 4

@@ -440,6 +440,13 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
             "the losses do not depend on the output (by default the one of the model's last "
             "forward pass); pass the output they come from as output=..."
         )
+    others = [
+        d
+        for d in range(output.dim())
+        if output.shape[d] == batch and d != sample_dim % output.dim()
+    ]
+    if others:  # (T, B, ...) with T = B passes the shape check whichever dimension is given
+        _check_sample_dim(losses, output, grad, sample_dim, others)
     error = local_error(grad.detach().movedim(sample_dim, 0).double())  # (B,)
     if not torch.isfinite(error).all():
         bad = (~torch.isfinite(error)).nonzero().flatten().tolist()
@@ -448,6 +455,26 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
             "but its gradient is not); no update was applied"
         )
     return error
+
+
+def _check_sample_dim(losses: Tensor, output: Tensor, grad: Tensor, sample_dim: int, others):
+    """A ValueError when loss n does not come from slice n of ``output`` along ``sample_dim``
+    alone: weighting the losses by n + 1 must scale slice n of the gradient by n + 1."""
+    batch = losses.shape[0]
+    weights = torch.arange(1, batch + 1, dtype=losses.dtype, device=losses.device)  # (B,)
+    (weighted,) = torch.autograd.grad((losses * weights).sum(), output, retain_graph=True)
+    expected = grad.movedim(sample_dim, 0).double() * weights.double().view(
+        -1, *[1] * (grad.dim() - 1)
+    )
+    got = weighted.movedim(sample_dim, 0).double()
+    if not torch.allclose(got, expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max())):
+        raise ValueError(
+            f"the loss of sample n does not come from slice n of the output along dimension "
+            f"{sample_dim} (the output has shape {tuple(output.shape)}: dimension "
+            f"{others[0]} has {batch} entries too, e.g. a sequence-first (T, B, ...) output "
+            "with T = B); pass sample_dim=... the dimension that indexes the samples (1 for "
+            "sequence-first outputs), or output=... the tensor each loss comes from"
+        )
 
 
 def describe(value) -> str:
