@@ -296,3 +296,20 @@ def test_sequence_first_output_with_as_many_steps_as_samples_needs_sample_dim():
     batch_first = model(x).transpose(0, 1)  # (B, T, C), also 4 x 4: no false alarm
     stats = tinyprop.backward(model, LOSS(batch_first.mean(1), y), output=batch_first)
     assert stats.trained == 4
+
+
+def test_output_before_a_sparse_layer_leaves_the_layers_alone():
+    """output= features before a sparse head: the decision's gradient ran the head's sparse
+    backward outside the step (a 'did not start from tinyprop.loss' warning, its backward
+    count and running maximum moved); now it is a plain dense gradient. The step itself is
+    the same as with output= the logits, up to Y_L of the features."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp")
+    features = {}
+    model[3].register_forward_hook(lambda module, args, out: features.update(out=out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = tinyprop.backward(model, LOSS(model(x), y), output=features["out"])
+    assert stats.trained == 6
+    assert [int(layer.backward_steps) for layer in (model[0], model[2], model[4])] == [1, 1, 1]

@@ -102,7 +102,7 @@ class SparseBackprop(torch.autograd.Function):
         layer, call = ctx.layer, ctx.call
         state = layer.tinyprop_state
         step, policy = state.step, state.policy
-        if step is None and policy.skips:
+        if step is None and policy.skips and not state.deciding:
             warn_outside_step(state)
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         geometry = call.geometry  # computed once, in the forward
@@ -111,6 +111,11 @@ class SparseBackprop(torch.autograd.Function):
 
         delta = geometry.delta_matrix(grad_output).to(compute)  # (R, C_out, P)
         flat = delta.reshape(delta.shape[0], -1)  # (R, N)
+        if state.deciding:  # the skip decision's gradient by an output= before this layer:
+            rows = torch.arange(flat.shape[0], device=flat.device)  # dense, nothing recorded
+            grad_input, _ = geometry.dense_gradients(x, weight, rows, flat, needs_input, False)
+            grad_input = None if grad_input is None else grad_input.to(input_dtype)
+            return grad_input, None, None, None, None
         size = flat.shape[1]
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
         error = local_error(flat).double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows

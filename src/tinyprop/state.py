@@ -107,6 +107,7 @@ class TinyPropState:
     last_stats: object = None  # StepStats of the last finished step
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
+    deciding: bool = False  # the skip decision's gradient runs (tinyprop.step._output_error)
 
     _policy: Policy | None = None
 
@@ -121,8 +122,8 @@ class TinyPropState:
         """For torch.save / pickle of a whole model: the per-step leftovers are not kept."""
         state = dict(self.__dict__)
         state.update(
-            open_pass=None, pending=[], step=None, last_stats=None, _policy=None, inside_ddp=False,
-            geometry_cache={},
+            open_pass=None, pending=[], step=None, last_stats=None, _policy=None,
+            inside_ddp=False, deciding=False, geometry_cache={},
         )  # fmt: skip
         return state
 

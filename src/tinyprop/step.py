@@ -413,7 +413,11 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
                     "tinypropv2 needs the model output the losses come from, for the skip "
                     "decision: pass it as output=..."
                 )
-            scores = _output_error(losses, output, sample_dim)  # (B,) Y_L
+            state.deciding = True  # an output= before sparse layers: no step work in them
+            try:
+                scores = _output_error(losses, output, sample_dim)  # (B,) Y_L
+            finally:
+                state.deciding = False
             step.output_size = output.numel() // batch
         step.skip_scores = scores
         trained_mask = policy.trained_mask(scores, step).to(losses.device)  # (B,)
