@@ -155,7 +155,7 @@ def floor_target(floors: list) -> str:
     if not known:
         return "–"
     blocked = [row for row in known if row["floor"] > row["target"]]
-    return f"{known[0]['target']}" + (" (blocked: below the floor)" if blocked else "")
+    return f"{known[0]['target']}" + (" (blocked: the floor is above it)" if blocked else "")
 
 
 def write_readme(lines: list[str]) -> None:
