@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,19 @@ from tinyprop.model import (
     widen_running_state,
 )
 from tinyprop.state import BackwardRecord, ForwardPass, LayerCall
+
+
+class PendingCall(NamedTuple):
+    """What one layer call's backward did, until the step's end makes it a
+    :class:`~tinyprop.state.BackwardRecord` (k read from the device in one transfer)."""
+
+    call: LayerCall
+    keep: Tensor  # (R',) k of each row with a non-zero δ, or (R,) with 0 elsewhere (every_row)
+    selected: bool  # the layer chose entries (False: dense)
+    computes_input_grad: bool
+    every_row: bool  # keep holds every row (the path without host reads)
+    kernel: str  # which kernel computed the gradients
+    keeps_all_it_can: Tensor  # () bool: every row kept N_l entries or all its non-zero ones
 
 
 @dataclass
@@ -79,8 +93,7 @@ class StepContext:
         self.finished = False
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
-        self._calls: list[tuple] = []  # (call, keep, selected, computes_input_grad, every_row,
-        # kernel, every row kept all it could)
+        self._calls: list[PendingCall] = []  # what each layer call's backward did
         self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
@@ -114,7 +127,9 @@ class StepContext:
         ``kernel``: which kernel computed its gradients; ``limit``: the most each row could
         keep (its non-zero entries), None: N_l."""
         full = (keep >= (call.output_size if limit is None else limit)).all()  # () bool
-        self._calls.append((call, keep, selected, computes_input_grad, every_row, kernel, full))
+        self._calls.append(
+            PendingCall(call, keep, selected, computes_input_grad, every_row, kernel, full)
+        )
 
     def check_finite_later(self, error: Tensor, layer_name: str) -> None:
         """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
@@ -206,21 +221,20 @@ class StepContext:
     def _make_records(self) -> list[BackwardRecord]:
         """One :class:`BackwardRecord` per layer call, k of the rows with a non-zero δ only;
         keeps left on a device are read in one transfer."""
-        keeps = [keep for _, keep, *_ in self._calls]
+        keeps = [pending.keep for pending in self._calls]
         on_device = [keep for keep in keeps if keep.device.type != "cpu"]
         if on_device:
             moved = iter(torch.cat(on_device).cpu().split([k.numel() for k in on_device]))
             keeps = [keep if keep.device.type == "cpu" else next(moved) for keep in keeps]
         keeps = [  # (R',) the rows with a non-zero δ
-            keep[keep > 0] if every_row else keep
-            for keep, (*_, every_row, _, _) in zip(keeps, self._calls, strict=True)
+            keep[keep > 0] if pending.every_row else keep
+            for keep, pending in zip(keeps, self._calls, strict=True)
         ]
         policy = self.state.policy
         records = []
-        for (call, _, selected, computes_input_grad, _, kernel, full), keep in zip(
-            self._calls, keeps, strict=True
-        ):
-            trained, kept = (keep.numel(), int(keep.sum())) if selected else (0, 0)
+        for pending, keep in zip(self._calls, keeps, strict=True):
+            call = pending.call
+            trained, kept = (keep.numel(), int(keep.sum())) if pending.selected else (0, 0)
             selection = policy.selection_macs(trained, call.output_size, kept)
             if policy.caps_keep_at_nonzero():  # the non-zero entries of each row, counted
                 selection += trained * call.output_size
@@ -228,11 +242,11 @@ class StepContext:
                 BackwardRecord(
                     call=call,
                     keep=keep,
-                    selected=selected,
-                    computes_input_grad=computes_input_grad,
+                    selected=pending.selected,
+                    computes_input_grad=pending.computes_input_grad,
                     selection_macs=selection,
-                    kernel=kernel,
-                    keeps_all_it_can=bool(full),
+                    kernel=pending.kernel,
+                    keeps_all_it_can=bool(pending.keeps_all_it_can),
                 )
             )
         return records
