@@ -354,3 +354,37 @@ def test_corrupt_budget_state_in_a_checkpoint_is_refused(entry, value):
     checkpoint[entry] = torch.full_like(checkpoint[entry], value)
     with pytest.raises(ValueError, match=entry):
         model.load_state_dict(checkpoint)
+
+
+def lazy_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(6), nn.ReLU(), nn.Linear(6, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_lazy_layers_applied_before_their_first_forward_train_sparse(ratio):
+    """nn.LazyLinear / nn.LazyConv2d given to apply before any forward: their first forward
+    turned them into plain Linear / Conv2d and the call failed ('Linear' object has no
+    attribute 'unbatched_dims'); now they become tinyprop's layers, and remove() gives the
+    plain classes (the lazy ones when no forward ran)."""
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(0)
+    model = tinyprop.apply(lazy_cnn(), tinyprop.TinyPropConfig(policy="topk", ratio=ratio))
+    torch.manual_seed(1)
+    model(x)  # the lazy layers draw their weights here
+    torch.manual_seed(0)
+    plain = lazy_cnn()
+    torch.manual_seed(1)
+    plain(x)
+    reference = plain if ratio == 1.0 else masked_reference(copy.deepcopy(plain), ratio)
+    expected = plain_gradients(reference, (x,), y, LOSS)
+    model.zero_grad()
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    assert_same(gradients(model), expected)
+    assert list(stats.keep) == ["0", "3", "5"]
+    tinyprop.remove(model)
+    assert [type(layer) for layer in model] == [type(layer) for layer in plain]
+    untouched = tinyprop.remove(tinyprop.apply(lazy_cnn()))
+    assert [type(layer).__name__ for layer in untouched][::3] == ["LazyConv2d", "LazyLinear"]

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,7 +39,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
 
     Converted: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (zero padding) and their
     subclasses that keep the parent's forward, and classes registered with
-    :func:`tinyprop.register_linear`. A layer's distance d from the output comes from the order
+    :func:`tinyprop.register_linear`; lazy ones (``nn.LazyLinear``) too, before their first
+    forward. A layer's distance d from the output comes from the order
     in which the forward pass calls the layers (the last one called has d = 0). Other trainable
     modules stay dense, are counted dense by the ledger, and are named in a warning
     (normalisation and embedding layers without one).
@@ -105,6 +107,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         original = type(module)
         module.__class__ = sparse_class(original)
         setattr(module, _ORIGINAL_CLASS, original)
+        if isinstance(module, LazyModuleMixin):  # nn.LazyLinear before its first forward
+            module.cls_to_become = sparse_class(original.cls_to_become)
         module.tinyprop_state = state
         module.layer_name = name or "<root>"
         module.layer_index = index
@@ -136,7 +140,12 @@ def remove(model: nn.Module) -> nn.Module:
     for module in state.attention:
         module.__class__ = nn.MultiheadAttention
     for _, module in state.layers:
-        module.__class__ = getattr(module, _ORIGINAL_CLASS)
+        original = getattr(module, _ORIGINAL_CLASS)
+        if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)
+            del module.cls_to_become
+            if not isinstance(module, LazyModuleMixin):  # initialized by a forward since
+                original = original.cls_to_become
+        module.__class__ = original
         for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):
             delattr(module, attribute)
         del module._buffers["error_max"], module._buffers["backward_steps"]
