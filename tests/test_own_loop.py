@@ -10,6 +10,7 @@ from core_models import BUILDERS, batch, build
 from torch import nn
 
 import tinyprop
+from tinyprop import autograd
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 KEEP_ALL = tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
@@ -126,6 +127,61 @@ def test_grad_scaler_gives_the_unscaled_update_and_running_maxima(way):
     assert 0 < sum(map(sum, trained)) < 4 * 8  # some samples skipped, some trained
     assert_same(dict(got.named_parameters()), dict(expected.named_parameters()))
     assert_same(buffers(got), buffers(expected))  # Ymax_l, Ymax_L, backward counters
+
+
+def fp16_scaler_loop(config, way: str, steps: int = 6):
+    """Autocast float16 with a GradScaler whose first scales overflow float16's δ: per step,
+    whether the scaler skipped it, and whether the weights and tinyprop's buffers moved."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp").float(), config)  # float16 forward, float32 weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    history = []
+    for step in range(steps):
+        x, y = batch("mlp", size=8, seed=step)
+        before = (copy.deepcopy(dict(model.named_parameters())), buffers(model))
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            output = model(x.float())
+        losses = LOSS(output.float(), y)
+        scale = scaler.get_scale()
+        if way == "grad_scaler=":
+            tinyprop.backward(model, losses, grad_scaler=scaler)
+        else:
+            scaler.scale(tinyprop.loss(model, losses)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        moved = [
+            any(not torch.equal(a, b) for a, b in zip(old.values(), new.values(), strict=True))
+            for old, new in zip(
+                before, (dict(model.named_parameters()), buffers(model)), strict=True
+            )
+        ]
+        history.append((scaler.get_scale() < scale, *moved))
+    return history
+
+
+@pytest.mark.parametrize("way", ["grad_scaler=", "scaler.scale(loss)"])
+@pytest.mark.parametrize("config", [KEEP_ALL, tinyprop.TinyPropConfig(policy="tinypropv2")],
+                         ids=["topk-1.0", "tinypropv2"])  # fmt: skip
+@pytest.mark.parametrize("host_path", [True, False], ids=["host", "device"])
+def test_a_grad_scaler_overflow_skips_the_step_and_leaves_the_running_state(
+    way, config, host_path, monkeypatch
+):
+    """float16 with a GradScaler: a scale that overflows δ is the scaler's signal to skip the
+    step and halve the scale. It raised FloatingPointError (a NaN δ) at the first such step;
+    now the overflow reaches the gradients, the scaler skips the step, and the weights and
+    the running maxima stay as they were; the steps after it train."""
+    monkeypatch.setattr(autograd, "HOST_DEVICES", ("cpu",) if host_path else ())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fp16_scaler_loop(config, way)
+    skipped = [entry for entry in history if entry[0]]
+    assert skipped and len(skipped) < len(history)
+    assert all(entry == (True, False, False) for entry in skipped)
+    assert history[-1] == (False, True, True)
+    warned = [w for w in caught if "passed on to the gradients" in str(w.message)]
+    assert len(warned) == (0 if way == "grad_scaler=" else 1)
 
 
 def test_clipping_and_scheduler_in_own_loop_equal_plain_pytorch():

@@ -120,10 +120,17 @@ class SparseBackprop(torch.autograd.Function):
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
         error = local_error(flat).double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
         rows = None  # None: every row, zero rows keep nothing (no host read of δ)
+        poison = None  # NaN when a row's δ is not finite and a GradScaler must see it
         if reads_are_free(flat.device) or step is None:
-            check_finite(error, layer.layer_name, step)
+            if not bool(torch.isfinite(error).all()):
+                if step is not None and step.passes_overflow_on(layer.layer_name):
+                    dtypes = (input_dtype, weight_dtype)
+                    return overflowed_gradients(ctx, geometry, x, weight, delta, dtypes)
+                check_finite(error, layer.layer_name, step)
         else:  # checked once per step, when the backward has finished
             step.check_finite_later(error, layer.layer_name)
+            if step.passes_overflow:
+                poison = error.sum() * 0  # () NaN when any row's Y_l is NaN or inf
         drop = policy.config.drop_skipped_rows and step is not None
         if reads_are_free(flat.device):
             rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
@@ -181,11 +188,33 @@ class SparseBackprop(torch.autograd.Function):
             step.add(
                 call, keep, not keeps_everything, bool(needs_input), rows is None, kernel, limit
             )
+        if poison is not None:  # the scaler finds the overflow in the gradients
+            grad_input = None if grad_input is None else grad_input + poison
+            grad_weight = None if grad_weight is None else grad_weight + poison
         if grad_input is not None:
             grad_input = grad_input.to(input_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def overflowed_gradients(ctx, geometry, x, weight, delta, dtypes):
+    """PyTorch's dense gradients of a δ (R, C_out, P) that holds NaN or inf, for a step whose
+    loss a GradScaler scaled: the overflow reaches the gradients, where the scaler finds it and
+    skips the optimizer step (the step records nothing: see ``StepContext.passes_overflow``)."""
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    rows = torch.arange(delta.shape[0], device=delta.device)  # (R,)
+    flat = delta.reshape(delta.shape[0], -1)  # (R, N)
+    grad_input, grad_weight = geometry.dense_gradients(
+        x, weight, rows, flat, needs_input, needs_weight
+    )
+    grad_bias = None
+    if ctx.bias_dtype is not None and needs_bias:
+        grad_bias = delta.sum((0, 2)).to(ctx.bias_dtype)  # (C_out,)
+    input_dtype, weight_dtype = dtypes  # the gradients are returned in these
+    grad_input = None if grad_input is None else grad_input.to(input_dtype)
+    grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+    return grad_input, grad_weight, grad_bias, None, None
 
 
 # device types where reading a value on the host costs nothing (no queue to wait for)
@@ -422,7 +451,9 @@ def check_finite(error: Tensor, layer_name: str, step) -> None:
     raise FloatingPointError(
         f"the output gradient of layer '{layer_name}' is NaN or infinite in rows {bad[:10]} "
         "(rows of that layer's input); no update was applied. A loss can be finite while its "
-        "gradient is not (e.g. sqrt or log at 0): check the loss and the inputs."
+        "gradient is not (e.g. sqrt or log at 0): check the loss and the inputs. Under a "
+        "GradScaler (fp16), backpropagate scaler.scale(tinyprop.loss(model, losses)) or call "
+        "tinyprop.backward(..., grad_scaler=scaler): an overflow then skips the step"
     )
 
 

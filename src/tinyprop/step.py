@@ -91,6 +91,12 @@ class StepContext:
         self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
         self.failed = False
         self.finished = False
+        # whether a NaN / inf δ reaches the gradients (for a GradScaler, which then skips the
+        # step) instead of raising: True with grad_scaler=, False for tinyprop.backward without
+        # one; None: decided when the backward starts (a loss scaled up, by GradScaler.scale)
+        self.passes_overflow: bool | None = None
+        self.explicit_scaler = False  # grad_scaler= given: no warning when it overflows
+        self.overflowed = False
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
@@ -131,6 +137,26 @@ class StepContext:
             PendingCall(call, keep, selected, computes_input_grad, every_row, kernel, full)
         )
 
+    def passes_overflow_on(self, layer_name: str) -> bool:
+        """Whether a NaN / inf δ of ``layer_name`` goes on into the gradients (the step then
+        records nothing, and a GradScaler skips its optimizer step) rather than raising."""
+        if not self.passes_overflow:
+            return False
+        self.failed = self.overflowed = True
+        if self.explicit_scaler or "overflow" in self.state.warned:
+            return True
+        self.state.warned.add("overflow")
+        warnings.warn(
+            f"tinyprop: the output gradient of layer '{layer_name}' is NaN or infinite under a "
+            f"loss scale of {self.error_unit * len(self.stats.trained_mask):g}, as when a "
+            "GradScaler's scale overflows float16: it is passed on to the gradients, where the "
+            "scaler finds it and skips the optimizer step, and tinyprop's running state is "
+            "left as it was (warned once). Without a GradScaler, look for the NaN: "
+            "tinyprop.backward(model, losses, scale=...) raises FloatingPointError instead.",
+            stacklevel=2,
+        )
+        return True
+
     def check_finite_later(self, error: Tensor, layer_name: str) -> None:
         """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
         per step instead of one per layer)."""
@@ -161,6 +187,8 @@ class StepContext:
         self.state.step = self
         if scale != 0.0 and math.isfinite(scale):
             self.error_unit = scale / len(self.stats.trained_mask)
+        if self.passes_overflow is None:  # GradScaler's scales are 2^16 and so on
+            self.passes_overflow = scale > 1.0
         torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
     def finish(self) -> None:
@@ -170,9 +198,10 @@ class StepContext:
         if self.finished:
             return
         self.finished = True
+        if not self.failed:
+            self._check_finite()  # fails the step (or raises) on a NaN / inf δ
         if self.failed:
             return
-        self._check_finite()
         self.records = self._make_records()
         with torch.no_grad():
             for layer, value in self._error_max.items():
@@ -216,6 +245,8 @@ class StepContext:
         finite = torch.stack([flag for flag, _, _ in self._finite_checks]).cpu()
         for flag, (_, error, name) in zip(finite.tolist(), self._finite_checks, strict=True):
             if not flag:
+                if self.passes_overflow_on(name):  # the gradients hold NaN: the scaler skips
+                    return
                 check_finite(error.cpu(), name, self)  # raises, with the rows
 
     def _make_records(self) -> list[BackwardRecord]:
@@ -324,7 +355,9 @@ def backward(
 
     Args:
         model, losses, output, sample_dim: as for :func:`loss`.
-        grad_scaler: a ``torch.amp.GradScaler``: backpropagates ``grad_scaler.scale(loss)``.
+        grad_scaler: a ``torch.amp.GradScaler``: backpropagates ``grad_scaler.scale(loss)``;
+            an overflow (a NaN / inf δ) then reaches the gradients, where the scaler finds it
+            and skips the step, instead of raising (the running state stays as it was).
         scale: multiplies the loss before the backward: ``1 / n`` makes ``n`` calls on
             batches of ``B`` samples accumulate the gradient of one batch of ``n · B``
             (gradient accumulation). As with ``GradScaler``'s factor, the policy sees the
@@ -341,6 +374,7 @@ def backward(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scalar, step = _step_loss(model, losses, output, sample_dim)
+    step.passes_overflow = step.explicit_scaler = grad_scaler is not None
     if scale != 1.0:
         scalar = scalar * scale
     if step.stats.trained or is_distributed(model) or step.state.inside_ddp:
