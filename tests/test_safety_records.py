@@ -6,6 +6,7 @@ processes on one folder each ran every run."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from tinyprop import train
-from tinyprop.bench import report, runner, store
+from tinyprop.bench import claims, report, runner, store
 
 TINY = ["--suite", "tiny", "--protocol", "scratch", "--datasets", "tiny-blobs"]
 DAMAGE = {"truncated": b'{"dataset": "tiny-blobs", "pol', "empty": b"", "binary": os.urandom(300)}
@@ -141,3 +142,38 @@ def test_two_bench_processes_run_each_run_once(tmp_path):
     assert sum(finished) == 7, outputs  # each of the 7 runs ran in exactly one process
     assert len(list(results.glob("*.json"))) == 7
     assert not list(results.glob(".*.claim"))  # every claim released
+
+
+def _claim(record, holder: str, age_s: float):
+    path = claims.claim_path(record)
+    path.write_text(holder)
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_stale_claims_are_taken_over_and_live_ones_named(tmp_path):
+    """A run whose claim was left by a killed bench process was never run again, silently
+    ('another process is running it', exit 0): a claim file left empty (killed between
+    creating and writing it), or whose process id a later process now holds. Those are taken
+    over; a claim that may be live (another host) names its holder and the file to delete."""
+    record = tmp_path / "run.json"
+    _claim(record, "", age_s=5)  # its creator is writing it right now
+    assert not claims.try_claim(record)
+    _claim(record, "", age_s=2 * claims.EMPTY_CLAIM_STALE_S)
+    assert claims.try_claim(record)
+    claims.release(record)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = f'{{"host": "{socket.gethostname()}", "pid": {later.pid}}}'
+        _claim(record, holder, age_s=0)  # that process made the claim: it is alive
+        assert not claims.try_claim(record)
+        _claim(record, holder, age_s=3600)  # made before that process started: pid reused
+        assert claims.try_claim(record)
+        claims.release(record)
+    finally:
+        later.kill()
+        later.wait()
+    path = _claim(record, '{"host": "another-machine", "pid": 4242}', age_s=3600)
+    assert not claims.try_claim(record)
+    note = claims.describe_holder(record)
+    assert "process 4242 on host another-machine" in note and f"delete {path}" in note

@@ -341,7 +341,7 @@ def run_local(runs: list[RunSpec], elsewhere: list[str] | None = None) -> list[s
         for spec in runs:
             bar.set_description(spec.title)
             if not claims.try_claim(spec.path):  # another bench process on this folder runs it
-                tqdm.write(f"run {spec.title}: another process is running it; leaving it to that")
+                tqdm.write(f"run {spec.title}: {claims.describe_holder(spec.path)}")
                 elsewhere.append(spec.title)
                 bar.update(1)
                 continue
@@ -394,7 +394,10 @@ def _run_ray_claimed(
     from tinyprop.bench import cluster
 
     mine = [spec for spec in runs if claims.try_claim(spec.path)]
-    elsewhere += [spec.title for spec in runs if spec not in mine]
+    for spec in runs:
+        if spec not in mine:
+            print(f"run {spec.title}: {claims.describe_holder(spec.path)}")
+            elsewhere.append(spec.title)
     try:
         return cluster.run_ray(mine, address, retries, timeout) if mine else []
     finally:
