@@ -23,6 +23,9 @@ from tinyprop.data.cache import cache_dir, digest_matches, private_folder, recor
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC"]
+# Threads of PyTorch's own OpenMP team when the compiler has OpenMP (the library then shares
+# torch's libgomp: no thread waits spinning for a core another team holds); POSIX threads else.
+OPENMP = ["-fopenmp"]
 FALLBACK = "using the slower PyTorch kernels"
 
 
@@ -53,15 +56,19 @@ def library_path() -> Path | None:
 
 
 def compile_library(path: Path) -> str | None:
-    """Compile ``kernels.c`` into ``path`` and record its SHA-256; returns why not, or None."""
+    """Compile ``kernels.c`` into ``path`` (with OpenMP if the compiler has it) and record its
+    SHA-256; returns why not, or None."""
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(handle)
-    command = [_compiler(), *FLAGS, str(SOURCE), "-o", temporary]
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as error:
+    for extra in (OPENMP, []):
+        command = [_compiler(), *FLAGS, *extra, str(SOURCE), "-o", temporary]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+            break
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+    else:
         os.unlink(temporary)
-        detail = getattr(error, "stderr", "") or str(error)
         return f"{' '.join(command)}: {detail.strip()[:300]}"
     os.chmod(temporary, 0o600)
     os.replace(temporary, path)  # atomic: concurrent builders never load a partial file

@@ -18,7 +18,11 @@
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
 #include <limits.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
 #include <pthread.h>
+#endif
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,6 +40,35 @@ typedef int (*part_body)(const void *context, int64_t part, int64_t parts, int64
  * order from `next`, so a thread that starts late (on a busy machine) simply takes fewer; the
  * last thread to let go of the job frees it, so one that starts after the call has returned
  * finds no part left and touches nothing else. */
+#ifdef _OPENMP
+/* Runs body for parts 0 .. parts - 1 on up to `threads` threads of the OpenMP team (the same
+ * threads as PyTorch's own parallel work, so none of them waits spinning for a core another
+ * one holds); returns the first non-zero status in part order, as a single thread stopping at
+ * the first error would. Parts are handed out in order, so a thread that starts late simply
+ * takes fewer. */
+static int run_parts(part_body body, const void *context, int64_t parts, int64_t threads) {
+    if (threads <= 1 || parts <= 1) {
+        for (int64_t part = 0; part < parts; part++) {
+            int status = body(context, part, parts, 0);
+            if (status) return status;
+        }
+        return 0;
+    }
+    int *status = malloc((size_t)parts * sizeof(int));
+    if (status == NULL) return run_parts(body, context, parts, 1);
+    int64_t next = 0;
+#pragma omp parallel num_threads((int)(threads < parts ? threads : parts))
+    {
+        int64_t part, worker = omp_get_thread_num();
+        while ((part = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < parts)
+            status[part] = body(context, part, parts, worker);
+    }
+    int result = 0;
+    for (int64_t part = 0; part < parts && !result; part++) result = status[part];
+    free(status);
+    return result;
+}
+#else
 typedef struct {
     part_body body;
     const void *context;
@@ -106,6 +139,7 @@ static int run_parts(part_body body, const void *context, int64_t parts, int64_t
     let_go(job);
     return status;
 }
+#endif
 
 /* Start of the part-th of `parts` slices of [0, n), a multiple of `align` (the last ends at n). */
 static int64_t slice_start(int64_t n, int64_t part, int64_t parts, int64_t align) {
@@ -360,34 +394,57 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
 
-/* out[0:width] = Σ_t value[t] · source[sample[t] · stride + 0:width] over `count` terms (zeros
- * for none), four at a time after the first so the accumulator is loaded and stored once per
- * four terms. */
-static void accumulate_rows(float *restrict out, const float *restrict source, int64_t stride,
-                            int64_t width, const int64_t *sample, const float *value,
-                            int64_t count) {
-    if (count == 0) {
-        memset(out, 0, (size_t)width * sizeof(float));
+/* Features per tile of the Linear backward: x[:, tile] of 128 samples (32 KB) or 128 rows of
+ * the weight stay in the L1 cache while the tile's outputs are summed in registers. */
+enum { TILE = 64, ROW_BLOCK = 128 };
+/* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
+ * measured) are written past the caches: they would not stay there, and a streamed store does
+ * not read the line it replaces first. */
+#define STREAM_FLOATS ((int64_t)1 << 20)
+
+/* out[0:width] = (from_out ? out[0:width] : 0) + Σ_t value[t] · source[index[t] · stride + 0:width]
+ * over `count` terms in t order (width <= TILE): the tile's sums stay in registers, so each
+ * multiply-accumulate loads one source float and out is stored once. */
+static void tile_sum(float *restrict out, const float *restrict source, int64_t stride,
+                     int64_t width, const int64_t *index, const float *value, int64_t count,
+                     int from_out, int stream) {
+#if defined(__AVX512F__) && defined(__GNUC__)
+    __mmask16 k[4];
+    for (int q = 0; q < 4; q++) {
+        int64_t lanes = width - 16 * q;
+        k[q] = lanes >= 16 ? 0xFFFF : lanes <= 0 ? 0 : (__mmask16)((1u << lanes) - 1);
+    }
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    if (from_out) {
+        a0 = _mm512_maskz_loadu_ps(k[0], out), a1 = _mm512_maskz_loadu_ps(k[1], out + 16);
+        a2 = _mm512_maskz_loadu_ps(k[2], out + 32), a3 = _mm512_maskz_loadu_ps(k[3], out + 48);
+    }
+    for (int64_t t = 0; t < count; t++) {
+        const float *row = source + index[t] * stride;
+        __m512 v = _mm512_set1_ps(value[t]);
+        a0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k[0], row), a0);
+        a1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k[1], row + 16), a1);
+        a2 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k[2], row + 32), a2);
+        a3 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k[3], row + 48), a3);
+    }
+    if (stream && width == TILE && ((uintptr_t)out & 63) == 0) {
+        _mm512_stream_ps(out, a0), _mm512_stream_ps(out + 16, a1);
+        _mm512_stream_ps(out + 32, a2), _mm512_stream_ps(out + 48, a3);
         return;
     }
-    const float *first = source + sample[0] * stride;
-    for (int64_t i = 0; i < width; i++) out[i] = value[0] * first[i];
-    sample++, value++, count--;
-    int64_t t = 0;
-    for (; t + 4 <= count; t += 4) {
-        const float *restrict x0 = source + sample[t] * stride;
-        const float *restrict x1 = source + sample[t + 1] * stride;
-        const float *restrict x2 = source + sample[t + 2] * stride;
-        const float *restrict x3 = source + sample[t + 3] * stride;
-        float v0 = value[t], v1 = value[t + 1], v2 = value[t + 2], v3 = value[t + 3];
-        for (int64_t i = 0; i < width; i++)
-            out[i] += v0 * x0[i] + v1 * x1[i] + v2 * x2[i] + v3 * x3[i];
-    }
-    for (; t < count; t++) {
-        const float *restrict x = source + sample[t] * stride;
+    _mm512_mask_storeu_ps(out, k[0], a0), _mm512_mask_storeu_ps(out + 16, k[1], a1);
+    _mm512_mask_storeu_ps(out + 32, k[2], a2), _mm512_mask_storeu_ps(out + 48, k[3], a3);
+#else
+    (void)stream;
+    float sum[TILE];
+    for (int64_t i = 0; i < width; i++) sum[i] = from_out ? out[i] : 0.0f;
+    for (int64_t t = 0; t < count; t++) {
+        const float *restrict row = source + index[t] * stride;
         float v = value[t];
-        for (int64_t i = 0; i < width; i++) out[i] += v * x[i];
+        for (int64_t i = 0; i < width; i++) sum[i] += v * row[i];
     }
+    memcpy(out, sum, (size_t)width * sizeof(float));
+#endif
 }
 
 /* Whether row_start (batch + 1,) is a CSR offset array: starts at 0, never decreases. */
@@ -400,36 +457,46 @@ static int valid_offsets(const int64_t *row_start, int64_t batch) {
 
 typedef struct {
     const float *x, *weight;
-    int64_t batch, n, m;
-    const int64_t *column_start, *by_column_sample;
+    int64_t batch, n, m, blocks;
+    int stream; /* write grad_weight with streamed stores */
+    const int64_t *column_start, *by_column_sample; /* (n + 1,), (nnz,): the entries by output */
     const float *by_column_value;
+    const int64_t *block_start, *by_row_column; /* (batch, blocks + 1), (nnz,): by sample */
+    const float *by_row_value;
     float *grad_weight, *grad_input;
 } linear_call;
 
-/* Input features [first, end) of both gradients (a multiple of 16 wide, but the last). */
+/* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. In a tile,
+ * grad_weight row j sums the x rows of the samples that kept j; grad_input row s sums the
+ * weight rows s kept, ROW_BLOCK rows of the weight at a time (so they stay in L1 across the
+ * batch), the running sum stored between blocks. */
 static int linear_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
     const linear_call *c = context;
-    int64_t m = c->m, first = slice_start(m, part, parts, 16);
-    int64_t width = slice_start(m, part + 1, parts, 16) - first;
-    if (c->grad_weight)
-        for (int64_t j = 0; j < c->n; j++) {
-            int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
-            accumulate_rows(c->grad_weight + j * m + first, c->x + first, m, width,
-                            c->by_column_sample + start, c->by_column_value + start, count);
-        }
-    if (c->grad_input) {
-        for (int64_t s = 0; s < c->batch; s++)
-            memset(c->grad_input + s * m + first, 0, (size_t)width * sizeof(float));
-        for (int64_t j = 0; j < c->n; j++) { /* weight row j is read once, for every sample */
-            int64_t start = c->column_start[j], end = c->column_start[j + 1];
-            const float *restrict w = c->weight + j * m + first;
-            for (int64_t t = start; t < end; t++) {
-                float *restrict out = c->grad_input + c->by_column_sample[t] * m + first;
-                float v = c->by_column_value[t];
-                for (int64_t i = 0; i < width; i++) out[i] += v * w[i];
+    int64_t m = c->m, tiles = (m + TILE - 1) / TILE;
+    int64_t first = slice_start(tiles, part, parts, 1) * TILE;
+    int64_t end = slice_start(tiles, part + 1, parts, 1) * TILE;
+    if (end > m) end = m;
+    if (c->grad_weight) {
+        for (int64_t at = first; at < end; at += TILE)
+            for (int64_t j = 0; j < c->n; j++) {
+                int64_t start = c->column_start[j], width = end - at < TILE ? end - at : TILE;
+                tile_sum(c->grad_weight + j * m + at, c->x + at, m, width,
+                         c->by_column_sample + start, c->by_column_value + start,
+                         c->column_start[j + 1] - start, 0, c->stream);
             }
-        }
+    }
+    if (c->grad_input) {
+        for (int64_t block = 0; block < c->blocks; block++)
+            for (int64_t at = first; at < end; at += TILE)
+                for (int64_t s = 0; s < c->batch; s++) {
+                    const int64_t *from = c->block_start + s * (c->blocks + 1) + block;
+                    int64_t width = end - at < TILE ? end - at : TILE;
+                    if (block > 0 && from[1] == from[0]) continue; /* nothing to add */
+                    tile_sum(c->grad_input + s * m + at, c->weight + at, m, width,
+                             c->by_row_column + from[0], c->by_row_value + from[0],
+                             from[1] - from[0], block > 0, 0);
+                }
     }
     return 0;
 }
@@ -439,11 +506,14 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
  * x (batch, m), weight (n, m). Writes (when not NULL):
  *   grad_weight (n, m): row j = Σ_{s keeps j} δ[s, j] · x[s]   (zeros where nobody kept j)
  *   grad_input (batch, m): row s = Σ_{j kept by s} δ[s, j] · weight[j]
- * The entries are regrouped by output (CSC) first, so each pass over j reads every weight row
- * (and writes every grad_weight row) once; the input features are split into up to `threads`
- * parts. Scratch: column_start (n + 1,), by_column_sample (nnz,), by_column_value (nnz,).
- * Returns 0, or -1 on an index out of range or offsets that decrease. Any float values
- * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
+ * The entries are regrouped by output (CSC) for grad_weight, and by sample in ascending j, cut
+ * into blocks of ROW_BLOCK outputs, for grad_input; the input features are cut into tiles of
+ * TILE, shared out among up to `threads` threads, every output summed in the same order
+ * whatever the thread count. Scratch: column_start (n + 1,), by_column_sample (nnz,),
+ * by_column_value (nnz,). Returns 0, -1 on an index out of range or offsets that decrease,
+ * -3 when the by-sample regroup (nnz + batch · (n / ROW_BLOCK + 2) integers, nnz floats) cannot
+ * be allocated. Any float values (NaN, ±Inf) only flow into the gradients: no branch depends on
+ * them. */
 int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
                            int64_t m, const int64_t *row_start, const int64_t *column,
                            const float *value, float *grad_weight, float *grad_input,
@@ -466,10 +536,41 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
     }
     for (int64_t j = n; j > 0; j--) column_start[j] = column_start[j - 1]; /* undo the shift */
     column_start[0] = 0;
-    linear_call call = {x, weight, batch, n, m, column_start, by_column_sample,
-                        by_column_value, grad_weight, grad_input};
-    int64_t parts = parts_for((m + 15) / 16, threads); /* 16 features wide at least */
-    return run_parts(linear_part, &call, parts, threads);
+    int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK, *by_row = NULL, *block_start = NULL;
+    float *by_row_value = NULL;
+    if (grad_input) { /* each sample's entries in ascending j, with where each block starts */
+        by_row = malloc((size_t)(nnz + batch * (blocks + 1)) * sizeof(int64_t) +
+                        (size_t)nnz * sizeof(float));
+        if (by_row == NULL) return -3;
+        by_row_value = (float *)(void *)(by_row + nnz + batch * (blocks + 1));
+        block_start = by_row + nnz;
+        int64_t *next = block_start; /* first the cursor of each sample's next slot */
+        for (int64_t s = 0; s < batch; s++) next[s * (blocks + 1)] = row_start[s];
+        for (int64_t j = 0; j < n; j++) {
+            for (int64_t t = column_start[j]; t < column_start[j + 1]; t++) {
+                int64_t slot = next[by_column_sample[t] * (blocks + 1)]++;
+                by_row[slot] = j;
+                by_row_value[slot] = by_column_value[t];
+            }
+        }
+        for (int64_t s = 0; s < batch; s++) {
+            int64_t *starts = block_start + s * (blocks + 1), e = row_start[s];
+            for (int64_t block = 0; block <= blocks; block++) {
+                while (e < row_start[s + 1] && by_row[e] < block * ROW_BLOCK) e++;
+                starts[block] = e;
+            }
+        }
+    }
+    linear_call call = {x, weight, batch, n, m, blocks, n * m >= STREAM_FLOATS, column_start, by_column_sample,
+                        by_column_value, block_start, by_row, by_row_value, grad_weight,
+                        grad_input};
+    int64_t parts = parts_for((m + TILE - 1) / TILE, threads);
+    int status = run_parts(linear_part, &call, parts, threads);
+#if defined(__AVX512F__) && defined(__GNUC__)
+    _mm_sfence(); /* the streamed stores of grad_weight are visible before the caller reads */
+#endif
+    free(by_row);
+    return status;
 }
 
 typedef struct {
