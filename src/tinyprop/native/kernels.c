@@ -3,17 +3,19 @@
  * tp_topk_{f32,f64}: the k entries of largest magnitude of each row, ties to the lower index:
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
- *     δ only, k · fan_in multiply-accumulates each, in one pass over the weight's rows.
+ *     δ only, k · fan_in multiply-accumulates each, tile by tile of 64 input features.
  * tp_conv_backward_f32: the same for a convolution, channels-last.
  *
  * Each kernel cuts its work into parts along an axis whose outputs no two parts share (rows of δ
  * for top-k, input features for the Linear backward, output channels then samples for the
- * convolution) and runs them on up to `threads` POSIX threads, the caller's among them. Every
- * output is computed by the same operations in the same order whatever the thread count, so
- * results are identical at every thread count.
+ * convolution) and runs them on up to `threads` threads, the caller's among them: OpenMP's
+ * (PyTorch's own team) when built with -fopenmp, POSIX threads else. Every output is computed by
+ * the same operations in the same order whatever the thread count, so results are identical at
+ * every thread count.
  *
- * C99 with POSIX threads; every buffer is caller-owned (PyTorch tensors); the only allocations
- * are the small record of a threaded call's parts and the convolution's entry places.
+ * C99 with OpenMP or POSIX threads; every buffer is caller-owned (PyTorch tensors); the only
+ * allocations are the small record of a threaded call's parts, the Linear backward's by-sample
+ * regroup and the convolution's entry places.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
