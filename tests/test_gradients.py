@@ -22,6 +22,7 @@ def kernel(request, monkeypatch):
     threshold = 0.0 if request.param == "dense kernels" else float("inf")
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_DENSE_KERNEL_DENSITY", threshold)
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "CONV_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_MIN_FAN_IN", 0)

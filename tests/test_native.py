@@ -197,6 +197,56 @@ def test_native_linear_backward_equals_products_of_kept_entries(outputs, inputs)
 
 
 @pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 4, 9, 7, 4, 3, 1, 1, 1),  # (B, C_in, H, W, C_out, k, stride, padding, dilation)
+        (3, 4, 9, 7, 8, 3, 2, 1, 1),  # two output channels per input channel
+        (2, 6, 12, 12, 6, 3, 2, 2, 2),
+        (2, 6, 5, 5, 6, 5, 1, 0, 1),
+        (2, 5, 1, 11, 5, 3, 1, 1, 1),  # a Conv1d as a 2-D convolution of height 1
+    ],
+)
+def test_native_depthwise_backward_equals_pytorch_on_the_kept_entries(shape):
+    """The depthwise kernel reads the unpadded input (channels first) and leaves out the taps
+    in the zero padding: PyTorch's gradients of the masked δ."""
+    batch, channels, height, width, channels_out, size, stride, padding, dilation = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(batch, channels, height, width, generator=generator, requires_grad=True)
+    kernel = (1, size) if height == 1 else (size, size)
+    pad = (0, padding) if height == 1 else (padding, padding)
+    weight = torch.randn(channels_out, 1, *kernel, generator=generator, requires_grad=True)
+    out = nn.functional.conv2d(x, weight, None, stride, pad, dilation, groups=channels)
+    positions = out.shape[2] * out.shape[3]
+    delta = torch.randn(batch, channels_out * positions, generator=generator)
+    keep = torch.tensor([5, 0, 17][:batch])  # the second sample keeps nothing
+    columns = [torch.randperm(delta.shape[1], generator=generator)[:k].sort().values for k in keep]
+    mask = torch.zeros_like(delta)
+    for sample, column in enumerate(columns):
+        mask[sample, column] = 1
+    out.backward((delta * mask).view_as(out))
+    column = torch.cat(columns)
+    rows = torch.repeat_interleave(torch.arange(batch), keep)
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0)])
+    geometry = (batch, channels, height, width, channels_out, *kernel, *out.shape[2:])
+    geometry += (
+        1 if height == 1 else stride,
+        stride,
+        pad[0],
+        pad[1],
+        1 if height == 1 else dilation,
+    )
+    geometry += (dilation, channels)
+    grad_input, grad_weight = native.plane_conv_backward(
+        x.detach(), weight.detach().reshape(channels_out, *kernel), geometry, row_start, column,
+        delta[rows, column], True, True,
+    )  # fmt: skip
+    torch.testing.assert_close(grad_input, x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        grad_weight, weight.grad.reshape(grad_weight.shape), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
     "config",
     [
         tinyprop.TinyPropConfig(policy="topk", ratio=0.3),
@@ -211,14 +261,21 @@ def test_native_training_matches_pytorch_kernels(name, config, monkeypatch):
     """Three float32 steps of each test model (MLP, CNN with depthwise and dilated convs,
     Conv1d with padding='same', ResNet with BatchNorm): same k, skips and Ymax as with the
     PyTorch kernels; weights equal up to float rounding."""
-    for threshold in ("NATIVE_DENSE", "NATIVE_CONV_DENSE", "DENSE", "CONV_DENSE"):
+    thresholds = (
+        "NATIVE_DENSE",
+        "NATIVE_CONV_DENSE",
+        "NATIVE_DEPTHWISE_DENSE",
+        "DENSE",
+        "CONV_DENSE",
+    )
+    for threshold in thresholds:
         monkeypatch.setattr(tinyprop.autograd, f"{threshold}_KERNEL_DENSITY", float("inf"))
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_MIN_FAN_IN", 0)
     reference = tinyprop.apply(build(name, dtype=torch.float32), config)
     model = copy.deepcopy(reference)
     batches = [batch(name, size=8, seed=seed, dtype=torch.float32) for seed in range(3)]
     calls = []
-    for kernel in ("linear_backward", "conv_backward"):
+    for kernel in ("linear_backward", "conv_backward", "plane_conv_backward"):
         original = getattr(native, kernel)
         monkeypatch.setattr(
             native, kernel, lambda *args, original=original: calls.append(1) or original(*args)
@@ -321,6 +378,9 @@ def test_native_kernels_are_identical_at_every_thread_count(threads, monkeypatch
     conv_row_start = torch.tensor([0, 40, 40, 90, 150, 200])
     conv_column = torch.randint(0, 8 * 49, (200,), generator=generator)
     conv_value = torch.randn(200, generator=generator)
+    planes = torch.randn(5, 4, 9, 9, generator=generator)  # (B, C_in, H, W), depthwise
+    plane_kernels = torch.randn(8, 3, 3, generator=generator)  # (C_out, kh, kw), 2 per group
+    plane_shape = (5, 4, 9, 9, 8, 3, 3, 7, 7, 1, 1, 0, 0, 1, 1, 4)
 
     def run():
         rows, columns, values = native.topk(delta, keep)
@@ -330,7 +390,10 @@ def test_native_kernels_are_identical_at_every_thread_count(threads, monkeypatch
         conv = native.conv_backward(
             images, kernels, shape, conv_row_start, conv_column, conv_value, True, True
         )
-        return [rows, columns, values, masked, *linear, *conv]
+        plane = native.plane_conv_backward(
+            planes, plane_kernels, plane_shape, conv_row_start, conv_column, conv_value, True, True
+        )
+        return [rows, columns, values, masked, *linear, *conv, *plane]
 
     before = torch.get_num_threads()
     try:

@@ -39,7 +39,9 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # The result is the same up to float rounding, and the ledger counts k · fan_in either way.
 NATIVE_DENSE_KERNEL_DENSITY = 0.3  # Linear layers, native kernel
 NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.1  # Conv1d / Conv2d layers, native kernel
+NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY = 0.5  # depthwise ones (PyTorch's dense kernel is slow)
 NATIVE_CONV_MIN_FAN_IN = 64  # C_in / G · kh · kw; smaller convolutions keep the dense kernels
+# (but for depthwise ones: their native kernel reads the input as it is, no channels-last copy)
 DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
 CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kernels
 
@@ -365,9 +367,13 @@ def _gradients(
 
     is_linear = isinstance(geometry, LinearPatches)
     use_native = native.can_backward(x, weight) and (
-        x.dim() == 2 if is_linear else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN
+        x.dim() == 2
+        if is_linear
+        else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN or geometry.one_channel_per_group
     )
-    if use_native:
+    if use_native and not is_linear and geometry.one_channel_per_group:
+        limit = NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY
+    elif use_native:
         limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
     else:
         limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY

@@ -116,6 +116,10 @@ class ConvPatches:
         # as a 2-D convolution (Conv1d: height 1), for the native kernel
         self.native_shape = (*padded, self.channels_in, self.channels_out, *kernel, *out)
         self.native_shape += (*stride, *dilation, self.groups)
+        # one input channel per group (depthwise): the native kernel on the unpadded input
+        self.one_channel_per_group = self.groups > 1 and self.channels_per_group == 1
+        self.plane_shape = (self.channels_in, *spatial, self.channels_out, *kernel, *out)
+        self.plane_shape += (*stride, pads[0], pads[2], *dilation, self.groups)
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, C_out, *spatial) -> (B, C_out, positions)."""
@@ -151,7 +155,17 @@ class ConvPatches:
     def native_gradients(self, x, weight, row_start, column, value, needs_input, needs_weight):
         """Input and weight gradients from the kept entries (CSR by sample over the whole
         batch: ``row_start`` (B + 1,), ``column`` (M,) = c · P + p, ``value`` (M,)) with the
-        native kernel, channels-last."""
+        native kernel, channels-last (a depthwise convolution: on the input as it is)."""
+        if self.one_channel_per_group:
+            grad_input, grad_weight = native.plane_conv_backward(
+                x.reshape(x.shape[0], self.channels_in, *self.plane_shape[1:3]),
+                weight.reshape(self.channels_out, *self.native_shape[4:6]),
+                (x.shape[0], *self.plane_shape),
+                row_start, column, value, needs_input, needs_weight,
+            )  # fmt: skip
+            grad_input = None if grad_input is None else grad_input.reshape(x.shape)
+            grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
+            return grad_input, grad_weight
         padded = self._padded(x)  # (B, C_in, [Hp,] Wp)
         padded = padded if self.two_d else padded.unsqueeze(2)  # (B, C_in, Hp, Wp)
         grad_padded, grad_weight = native.conv_backward(

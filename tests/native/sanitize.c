@@ -18,6 +18,8 @@ int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64
                            int64_t *, int64_t *, float *, int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
+int tp_plane_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
+                               const int64_t *, const float *, float *, float *, int64_t);
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
@@ -121,7 +123,8 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
 
 static int check_conv(int64_t threads) {
     int kind = rand() % 5;
-    int64_t groups = 1 + rand() % 3, cg = 1 + rand() % 3, per_group = 1 + rand() % 3;
+    int64_t groups = 1 + rand() % 3, cg = rand() % 4 ? 1 + rand() % 3 : 16 * (1 + rand() % 2);
+    int64_t per_group = 1 + rand() % 3; /* cg 16 or 32: the vector paths */
     int64_t kh = 1 + rand() % 3, kw = 1 + rand() % 3, sh = 1 + rand() % 2, sw = 1 + rand() % 2;
     int64_t dh = 1 + rand() % 2, dw = 1 + rand() % 2, batch = 1 + rand() % 3;
     int64_t in_h = dh * (kh - 1) + 1 + rand() % 5, in_w = dw * (kw - 1) + 1 + rand() % 5;
@@ -144,6 +147,37 @@ static int check_conv(int64_t threads) {
     return status;
 }
 
+/* A convolution with one input channel per group on the unpadded input (channels first),
+ * any padding that leaves at least one output position. */
+static int check_plane_conv(int64_t threads) {
+    int kind = rand() % 5;
+    int64_t groups = 1 + rand() % 4, per_group = 1 + rand() % 3, batch = 1 + rand() % 3;
+    int64_t kh = 1 + rand() % 3, kw = 1 + rand() % 3, sh = 1 + rand() % 2, sw = 1 + rand() % 2;
+    int64_t dh = 1 + rand() % 2, dw = 1 + rand() % 2, top = rand() % 3, left = rand() % 3;
+    int64_t in_h = 1 + rand() % 6, in_w = 1 + rand() % 6;
+    int64_t span_h = in_h + top + rand() % 3 - dh * (kh - 1) - 1;
+    int64_t span_w = in_w + left + rand() % 3 - dw * (kw - 1) - 1;
+    if (span_h < 0 || span_w < 0) return 0; /* no output position: not a convolution */
+    int64_t out_h = span_h / sh + 1, out_w = span_w / sw + 1;
+    int64_t cout = groups * per_group, n = cout * out_h * out_w;
+    int64_t shape[16] = {batch, groups, in_h, in_w, cout, kh, kw, out_h, out_w, sh, sw,
+                         top, left, dh, dw, groups};
+    float *x = malloc(sizeof(float) * batch * groups * in_h * in_w);
+    float *weight = malloc(sizeof(float) * cout * kh * kw);
+    for (int64_t i = 0; i < batch * groups * in_h * in_w; i++) x[i] = entry(kind);
+    for (int64_t i = 0; i < cout * kh * kw; i++) weight[i] = entry(kind);
+    int64_t *row_start = malloc(sizeof(int64_t) * (batch + 1)), *column;
+    float *value;
+    kept_entries(batch, n, row_start, &column, &value, kind);
+    float *grad_weight = malloc(sizeof(float) * cout * kh * kw);
+    float *grad_input = malloc(sizeof(float) * batch * groups * in_h * in_w);
+    int status = tp_plane_conv_backward_f32(x, weight, shape, row_start, column, value,
+                                            grad_weight, grad_input, threads);
+    free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
+    free(grad_input);
+    return status;
+}
+
 /* argv[1]: how many random cases of each kernel (default 2000 top-k, 300 of the others). */
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 2000;
@@ -151,10 +185,13 @@ int main(int argc, char **argv) {
     for (int trial = 0; trial < cases; trial++)
         if (check_topk(1 + rand() % 4, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
-        if (check_linear(1 + rand() % 6, 1 + rand() % 40, 1 + rand() % 80, 1 + rand() % 4))
+        if (check_linear(1 + rand() % 6, 1 + rand() % (trial % 4 ? 40 : 300), 1 + rand() % 150,
+                         1 + rand() % 4)) /* up to 300 outputs: several blocks of 128 */
             return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_conv(1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_plane_conv(1 + rand() % 4)) return 1;
     puts("ok");
     return 0;
 }

@@ -47,8 +47,9 @@ def library() -> ctypes.CDLL | None:
     lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
     lib.tp_linear_backward_f32.argtypes += [_pointer] * 8 + [_int64]
     lib.tp_linear_backward_f32.restype = ctypes.c_int
-    lib.tp_conv_backward_f32.argtypes = [_pointer] * 8 + [_int64]
-    lib.tp_conv_backward_f32.restype = ctypes.c_int
+    for name in ("tp_conv_backward_f32", "tp_plane_conv_backward_f32"):
+        getattr(lib, name).argtypes = [_pointer] * 8 + [_int64]
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -265,4 +266,58 @@ def conv_backward(
         raise MemoryError(f"conv_backward: no memory for the places of {column.numel()} entries")
     if status != 0:
         raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")
+    return grad_input, grad_weight
+
+
+def plane_conv_backward(
+    x: Tensor,
+    weight: Tensor,
+    shape: tuple[int, ...],
+    row_start: Tensor,
+    column: Tensor,
+    value: Tensor,
+    needs_input: bool,
+    needs_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of a convolution with one input channel per group (depthwise)
+    from the kept entries of δ only, on the unpadded input as it is (channels first).
+
+    Args:
+        x: (B, C_in, H, W) the layer's input (not padded); weight: (C_out, kh, kw).
+        shape: (B, C_in, H, W, C_out, kh, kw, H_out, W_out, stride_h, stride_w, pad_top,
+            pad_left, dilation_h, dilation_w, G) with C_in = G.
+        row_start, column, value: the kept entries as for :func:`conv_backward`.
+
+    Returns:
+        ``(grad_input (B, C_in, H, W) or None, grad_weight (C_out, kh, kw) or None)``: kh · kw
+        multiply-accumulates per kept entry each (fewer where the window overlaps the padding).
+    """
+    x, weight, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
+    batch, channels_in, height, width, channels_out, kh, kw, out_h, out_w = shape[:9]
+    stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, groups = shape[9:]
+    if (
+        x.shape != (batch, channels_in, height, width)
+        or groups < 1
+        or channels_in != groups
+        or channels_out % groups
+        or weight.shape != (channels_out, kh, kw)
+        or min(stride_h, stride_w, dilation_h, dilation_w, out_h, out_w) < 1
+        or min(pad_top, pad_left) < 0
+    ):
+        raise ValueError(
+            f"plane_conv_backward: shape {shape} does not fit {x.shape}, {weight.shape}"
+        )
+    grad_input = torch.empty_like(x) if needs_input else None
+    grad_weight = torch.empty_like(weight) if needs_weight else None
+    dims = torch.tensor(shape, dtype=torch.int64)
+    status = library().tp_plane_conv_backward_f32(
+        x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
+        row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
+        _address(grad_weight), _address(grad_input),
+        threads_for(column.numel() * kh * kw, BACKWARD_GRAIN),
+    )  # fmt: skip
+    if status == -3:
+        raise MemoryError(f"plane_conv_backward: no memory for {column.numel()} entries")
+    if status != 0:
+        raise ValueError(f"kept indices must be in [0, {channels_out * out_h * out_w})")
     return grad_input, grad_weight

@@ -5,6 +5,8 @@
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each, tile by tile of 64 input features.
  * tp_conv_backward_f32: the same for a convolution, channels-last.
+ * tp_plane_conv_backward_f32: the same for a convolution with one input channel per group (a
+ *     depthwise one), on the unpadded input as PyTorch holds it.
  *
  * Each kernel cuts its work into parts along an axis whose outputs no two parts share (rows of δ
  * for top-k, input features for the Linear backward, output channels then samples for the
@@ -404,9 +406,9 @@ enum { TILE = 64, ROW_BLOCK = 128 };
  * not read the line it replaces first. */
 #define STREAM_FLOATS ((int64_t)1 << 20)
 
-/* out[0:width] = (from_out ? out[0:width] : 0) + Σ_t value[t] · source[index[t] · stride + 0:width]
- * over `count` terms in t order (width <= TILE): the tile's sums stay in registers, so each
- * multiply-accumulate loads one source float and out is stored once. */
+/* out[i] = (from_out ? out[i] : 0) + Σ_t value[t] · source[index[t] · stride + i] for i in
+ * [0, width), over `count` terms in t order (width <= TILE): the tile's sums stay in registers,
+ * so each multiply-accumulate loads one source float and out is stored once. */
 static void tile_sum(float *restrict out, const float *restrict source, int64_t stride,
                      int64_t width, const int64_t *index, const float *value, int64_t count,
                      int from_out, int stream) {
@@ -563,9 +565,12 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
             }
         }
     }
-    linear_call call = {x, weight, batch, n, m, blocks, n * m >= STREAM_FLOATS, column_start, by_column_sample,
-                        by_column_value, block_start, by_row, by_row_value, grad_weight,
-                        grad_input};
+    linear_call call = {.x = x, .weight = weight, .batch = batch, .n = n, .m = m,
+                        .blocks = blocks, .stream = n * m >= STREAM_FLOATS,
+                        .column_start = column_start, .by_column_sample = by_column_sample,
+                        .by_column_value = by_column_value, .block_start = block_start,
+                        .by_row_column = by_row, .by_row_value = by_row_value,
+                        .grad_weight = grad_weight, .grad_input = grad_input};
     int64_t parts = parts_for((m + TILE - 1) / TILE, threads);
     int status = run_parts(linear_part, &call, parts, threads);
 #if defined(__AVX512F__) && defined(__GNUC__)
@@ -579,6 +584,7 @@ typedef struct {
     const float *x, *weight;
     const int64_t *shape, *row_start;
     const int64_t *entry_channel, *entry_start; /* (nnz,) each, from conv_entry_places */
+    const int64_t *channel_start, *by_channel; /* (C_out + 1,), (nnz,): the entries by channel */
     const float *value;
     float *grad_weight, *grad_input;
 } conv_call;
@@ -611,43 +617,93 @@ static void conv_entry_places(const int64_t *shape, const int64_t *row_start,
     }
 }
 
-/* The kept entries of samples [first_sample, end_sample) and output channels [first_channel,
- * end_channel): into grad_weight (for_weight) or grad_input, in sample and entry order. */
-static void conv_entries(const conv_call *c, int for_weight, int64_t first_sample,
-                         int64_t end_sample, int64_t first_channel, int64_t end_channel) {
+/* The offset in a patch (from its first input) of the 16 floats that vector q of a channel's
+ * weights (kh, kw, cg) multiplies, cg a multiple of 16. */
+static int64_t patch_offset(const int64_t *shape, int64_t q) {
+    int64_t in_w = shape[2], channels_in = shape[3], kw = shape[6];
+    int64_t cg = channels_in / shape[13], tap = q / (cg / 16), i = q % (cg / 16) * 16;
+    return (tap / kw * shape[11] * in_w + tap % kw * shape[12]) * channels_in + i;
+}
+
+/* grad_weight of output channel ch from its entries (in entry order). With AVX-512 and cg a
+ * multiple of 16, four vectors of the channel's weights at a time are summed in registers over
+ * every entry, then stored once; else each entry adds into grad_weight. Either way each weight
+ * sums the entries in the same order. */
+static void conv_channel_weight(const conv_call *c, int64_t ch) {
     const int64_t *shape = c->shape;
     int64_t in_w = shape[2], channels_in = shape[3], kh = shape[5], kw = shape[6];
-    int64_t dilation_h = shape[11], dilation_w = shape[12], groups = shape[13];
-    int64_t cg = channels_in / groups, taps = kh * kw;
-    for (int64_t e = c->row_start[first_sample]; e < c->row_start[end_sample]; e++) {
-        int64_t ch = c->entry_channel[e], start = c->entry_start[e];
-        if (ch < first_channel || ch >= end_channel) continue;
-        float v = c->value[e];
-        if (cg == 1) { /* one input channel per group (a first layer, a depthwise conv) */
-            float *restrict out = for_weight ? c->grad_weight + ch * taps : c->grad_input;
-            const float *restrict in = for_weight ? c->x : c->weight + ch * taps;
-            for (int64_t ky = 0, tap = 0; ky < kh; ky++) {
-                for (int64_t kx = 0; kx < kw; kx++, tap++) {
-                    int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
-                    if (for_weight) out[tap] += v * in[at];
-                    else out[at] += v * in[tap];
-                }
+    int64_t cg = channels_in / shape[13], taps = kh * kw, size = taps * cg;
+    const int64_t *entries = c->by_channel + c->channel_start[ch];
+    int64_t count = c->channel_start[ch + 1] - c->channel_start[ch];
+    float *restrict gw = c->grad_weight + ch * size;
+#if defined(__AVX512F__) && defined(__GNUC__)
+    if (cg % 16 == 0) {
+        int64_t vectors = size / 16, q = 0;
+        for (; q + 4 <= vectors; q += 4) {
+            int64_t o0 = patch_offset(shape, q), o1 = patch_offset(shape, q + 1);
+            int64_t o2 = patch_offset(shape, q + 2), o3 = patch_offset(shape, q + 3);
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t t = 0; t < count; t++) {
+                const float *patch = c->x + c->entry_start[entries[t]];
+                __m512 v = _mm512_set1_ps(c->value[entries[t]]);
+                a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o0), a0);
+                a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o1), a1);
+                a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o2), a2);
+                a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o3), a3);
             }
-            continue;
+            _mm512_storeu_ps(gw + 16 * q, a0), _mm512_storeu_ps(gw + 16 * q + 16, a1);
+            _mm512_storeu_ps(gw + 16 * q + 32, a2), _mm512_storeu_ps(gw + 16 * q + 48, a3);
         }
+        for (; q < vectors; q++) {
+            int64_t o = patch_offset(shape, q);
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t t = 0; t < count; t++)
+                a = _mm512_fmadd_ps(_mm512_set1_ps(c->value[entries[t]]),
+                                    _mm512_loadu_ps(c->x + c->entry_start[entries[t]] + o), a);
+            _mm512_storeu_ps(gw + 16 * q, a);
+        }
+        return;
+    }
+#endif
+    memset(gw, 0, (size_t)size * sizeof(float));
+    for (int64_t t = 0; t < count; t++) {
+        int64_t start = c->entry_start[entries[t]];
+        float v = c->value[entries[t]];
+        for (int64_t ky = 0, tap = 0; ky < kh; ky++) {
+            for (int64_t kx = 0; kx < kw; kx++, tap++) {
+                const float *restrict patch =
+                    c->x + start + (ky * shape[11] * in_w + kx * shape[12]) * channels_in;
+                for (int64_t i = 0; i < cg; i++) gw[tap * cg + i] += v * patch[i];
+            }
+        }
+    }
+}
+
+/* The kept entries of samples [first, end) into grad_input, in entry order: each adds δ times
+ * its channel's weights into its patch (16 floats at a time with AVX-512 when cg allows). */
+static void conv_input_entries(const conv_call *c, int64_t first, int64_t end) {
+    const int64_t *shape = c->shape;
+    int64_t in_w = shape[2], channels_in = shape[3], kh = shape[5], kw = shape[6];
+    int64_t dilation_h = shape[11], dilation_w = shape[12];
+    int64_t cg = channels_in / shape[13], taps = kh * kw;
+    for (int64_t e = c->row_start[first]; e < c->row_start[end]; e++) {
+        int64_t ch = c->entry_channel[e], start = c->entry_start[e];
+        float v = c->value[e];
+        const float *restrict w = c->weight + ch * taps * cg;
         for (int64_t ky = 0; ky < kh; ky++) {
-            for (int64_t kx = 0; kx < kw; kx++) {
+            for (int64_t kx = 0; kx < kw; kx++, w += cg) {
                 int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
-                int64_t tap = (ch * taps + ky * kw + kx) * cg;
-                if (for_weight) {
-                    float *restrict gw = c->grad_weight + tap;
-                    const float *restrict patch = c->x + at;
-                    for (int64_t i = 0; i < cg; i++) gw[i] += v * patch[i];
-                } else {
-                    float *restrict gx = c->grad_input + at;
-                    const float *restrict w = c->weight + tap;
-                    for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
+                float *restrict gx = c->grad_input + at;
+#if defined(__AVX512F__) && defined(__GNUC__)
+                if (cg % 16 == 0) {
+                    __m512 value = _mm512_set1_ps(v);
+                    for (int64_t i = 0; i < cg; i += 16)
+                        _mm512_storeu_ps(gx + i, _mm512_fmadd_ps(value, _mm512_loadu_ps(w + i),
+                                                                 _mm512_loadu_ps(gx + i)));
+                    continue;
                 }
+#endif
+                for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
             }
         }
     }
@@ -658,11 +714,9 @@ static int conv_weight_part(const void *context, int64_t part, int64_t parts, in
     (void)worker;
     const conv_call *c = context;
     int64_t channels_out = c->shape[4];
-    int64_t size = c->shape[5] * c->shape[6] * (c->shape[3] / c->shape[13]); /* kh kw cg */
     int64_t first = slice_start(channels_out, part, parts, 1);
     int64_t end = slice_start(channels_out, part + 1, parts, 1);
-    memset(c->grad_weight + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
-    conv_entries(c, 1, 0, c->shape[0], first, end);
+    for (int64_t ch = first; ch < end; ch++) conv_channel_weight(c, ch);
     return 0;
 }
 
@@ -674,7 +728,7 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
     int64_t first = slice_start(c->shape[0], part, parts, 1);
     int64_t end = slice_start(c->shape[0], part + 1, parts, 1);
     memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
-    conv_entries(c, 0, first, end, 0, c->shape[4]);
+    conv_input_entries(c, first, end);
     return 0;
 }
 
@@ -689,7 +743,8 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
  * sample, into up to `threads` parts each. shape: {batch, in_h, in_w, channels_in,
  * channels_out, kh, kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
  * Returns 0, -1 on an index out of range or offsets that decrease (checked before anything is
- * written), -3 when the (2 nnz + P) integers of the entries' places cannot be allocated; float
+ * written), -3 when the (3 nnz + P + C_out + 1) integers of the entries' places cannot be
+ * allocated; float
  * values, NaN and ±Inf included, only flow into the gradients. */
 int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
@@ -699,13 +754,155 @@ int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *sha
     int64_t nnz = row_start[batch];
     for (int64_t e = 0; e < nnz; e++)
         if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
-    int64_t *places = malloc((size_t)(2 * nnz + positions) * sizeof(int64_t));
+    int64_t *places = malloc((size_t)(3 * nnz + positions + channels_out + 1) * sizeof(int64_t));
     if (places == NULL) return -3;
-    conv_entry_places(shape, row_start, column, places, places + nnz, places + 2 * nnz);
-    conv_call call = {x, weight, shape, row_start, places, places + nnz, value, grad_weight,
-                      grad_input};
+    int64_t *entry_channel = places, *entry_start = places + nnz, *by_channel = places + 2 * nnz;
+    int64_t *channel_start = by_channel + nnz + positions; /* after conv_entry_places' scratch */
+    conv_entry_places(shape, row_start, column, entry_channel, entry_start, by_channel + nnz);
+    memset(channel_start, 0, (size_t)(channels_out + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < nnz; e++) channel_start[entry_channel[e] + 1]++;
+    for (int64_t ch = 0; ch < channels_out; ch++) channel_start[ch + 1] += channel_start[ch];
+    for (int64_t e = 0; e < nnz; e++) by_channel[channel_start[entry_channel[e]]++] = e;
+    for (int64_t ch = channels_out; ch > 0; ch--) channel_start[ch] = channel_start[ch - 1];
+    channel_start[0] = 0; /* the entries of each channel in entry order (a counting sort) */
+    conv_call call = {x, weight, shape, row_start, entry_channel, entry_start, channel_start,
+                      by_channel, value, grad_weight, grad_input};
     if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
     if (grad_input) run_parts(conv_input_part, &call, parts_for(batch, threads), threads);
+    free(places);
+    return 0;
+}
+
+typedef struct {
+    const float *x, *weight;
+    const int64_t *shape, *row_start;
+    /* (nnz,) each: an entry's input plane's offset in x, its output position p, its channel;
+     * (P,) each: the window's top row and left column at p (negative in the padding), whether
+     * every tap of it is inside the input; (kh kw,): a tap's offset from the window's corner;
+     * (C_out + 1,), (nnz,): the entries by output channel */
+    const int64_t *entry_plane, *entry_position, *entry_channel, *top, *left, *inside;
+    const int64_t *tap_offset, *channel_start, *by_channel;
+    const float *value;
+    float *grad_weight, *grad_input;
+} plane_call;
+
+/* One kept entry e of a convolution with one input channel per group: the window's taps that
+ * fall in the zero padding are left out. Adds into grad_weight[c] (for_weight) or into the
+ * input plane's gradient. */
+static void plane_entry(const plane_call *c, int64_t e, int for_weight) {
+    const int64_t *shape = c->shape;
+    int64_t in_h = shape[2], in_w = shape[3], kh = shape[5], kw = shape[6];
+    int64_t p = c->entry_position[e], top = c->top[p], left = c->left[p];
+    int64_t plane = c->entry_plane[e], first_tap = c->entry_channel[e] * kh * kw;
+    float v = c->value[e];
+    if (c->inside[p]) { /* no tap in the padding: no test per tap */
+        const float *restrict in = for_weight ? c->x + plane + top * in_w + left
+                                              : c->weight + first_tap;
+        float *restrict out = for_weight ? c->grad_weight + first_tap
+                                         : c->grad_input + plane + top * in_w + left;
+        for (int64_t tap = 0; tap < kh * kw; tap++) {
+            if (for_weight) out[tap] += v * in[c->tap_offset[tap]];
+            else out[c->tap_offset[tap]] += v * in[tap];
+        }
+        return;
+    }
+    for (int64_t ky = 0; ky < kh; ky++) {
+        int64_t row = top + ky * shape[13];
+        if (row < 0 || row >= in_h) continue;
+        for (int64_t kx = 0; kx < kw; kx++) {
+            int64_t col = left + kx * shape[14];
+            if (col < 0 || col >= in_w) continue;
+            int64_t at = plane + row * in_w + col, tap = first_tap + ky * kw + kx;
+            if (for_weight) c->grad_weight[tap] += v * c->x[at];
+            else c->grad_input[at] += v * c->weight[tap];
+        }
+    }
+}
+
+/* Output channels [first, end) of grad_weight: their entries, in entry order. */
+static int plane_weight_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const plane_call *c = context;
+    int64_t channels_out = c->shape[4], taps = c->shape[5] * c->shape[6];
+    int64_t first = slice_start(channels_out, part, parts, 1);
+    int64_t end = slice_start(channels_out, part + 1, parts, 1);
+    memset(c->grad_weight + first * taps, 0, (size_t)((end - first) * taps) * sizeof(float));
+    for (int64_t t = c->channel_start[first]; t < c->channel_start[end]; t++)
+        plane_entry(c, c->by_channel[t], 1);
+    return 0;
+}
+
+/* Samples [first, end) of grad_input: their entries of every channel, in entry order. */
+static int plane_input_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const plane_call *c = context;
+    int64_t size = c->shape[1] * c->shape[2] * c->shape[3];
+    int64_t first = slice_start(c->shape[0], part, parts, 1);
+    int64_t end = slice_start(c->shape[0], part + 1, parts, 1);
+    memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
+    for (int64_t e = c->row_start[first]; e < c->row_start[end]; e++) plane_entry(c, e, 0);
+    return 0;
+}
+
+/* Backward of a convolution with one input channel per group (a depthwise convolution, or a
+ * first layer on one channel) from the kept entries of δ (CSR by sample, column = c · P + p),
+ * on the unpadded input as PyTorch holds it (channels first): no padded or channels-last copy.
+ *   x (batch, C_in, in_h, in_w), weight (C_out, kh, kw), C_in = groups. Writes, when not NULL
+ *   (both zeroed here first): grad_weight (C_out, kh, kw), grad_input (batch, C_in, in_h, in_w).
+ * shape: {batch, C_in, in_h, in_w, C_out, kh, kw, out_h, out_w, stride_h, stride_w, pad_top,
+ * pad_left, dilation_h, dilation_w, groups}. grad_weight is split by output channel, grad_input
+ * by sample; every output sums its entries in entry order whatever the thread count. Returns
+ * 0, -1 on an index out of range or offsets that decrease (checked before anything is
+ * written), -3 when the (5 nnz + 2 P + C_out + 1) integers of the entries' places cannot be
+ * allocated. */
+int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
+                               const int64_t *row_start, const int64_t *column,
+                               const float *value, float *grad_weight, float *grad_input,
+                               int64_t threads) {
+    int64_t batch = shape[0], channels_in = shape[1], channels_out = shape[4];
+    int64_t out_w = shape[8], positions = shape[7] * out_w, plane = shape[2] * shape[3];
+    int64_t per_group = channels_out / shape[15];
+    if (!valid_offsets(row_start, batch)) return -1;
+    int64_t nnz = row_start[batch];
+    for (int64_t e = 0; e < nnz; e++)
+        if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
+    int64_t kh = shape[5], kw = shape[6], taps = kh * kw;
+    int64_t *places = malloc((size_t)(4 * nnz + 3 * positions + taps + channels_out + 1) * 8);
+    if (places == NULL) return -3;
+    int64_t *entry_plane = places, *entry_position = places + nnz;
+    int64_t *entry_channel = places + 2 * nnz, *by_channel = places + 3 * nnz;
+    int64_t *top = places + 4 * nnz, *left = top + positions;
+    int64_t *inside = left + positions, *tap_offset = inside + positions;
+    int64_t *channel_start = tap_offset + taps;
+    for (int64_t tap = 0; tap < taps; tap++)
+        tap_offset[tap] = tap / kw * shape[13] * shape[3] + tap % kw * shape[14];
+    for (int64_t p = 0; p < positions; p++) {
+        top[p] = p / out_w * shape[9] - shape[11];
+        left[p] = p % out_w * shape[10] - shape[12];
+        inside[p] = top[p] >= 0 && top[p] + (kh - 1) * shape[13] < shape[2] && left[p] >= 0 &&
+                    left[p] + (kw - 1) * shape[14] < shape[3];
+    }
+    for (int64_t s = 0; s < batch; s++) { /* one division per channel of a sample, as a rule */
+        int64_t ch = 0, base = -1, at = 0;
+        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+            if (column[e] < base || column[e] >= base + positions || base < 0) {
+                ch = column[e] / positions, base = ch * positions;
+                at = (s * channels_in + ch / per_group) * plane;
+            }
+            entry_channel[e] = ch, entry_position[e] = column[e] - base, entry_plane[e] = at;
+        }
+    }
+    memset(channel_start, 0, (size_t)(channels_out + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < nnz; e++) channel_start[entry_channel[e] + 1]++;
+    for (int64_t ch = 0; ch < channels_out; ch++) channel_start[ch + 1] += channel_start[ch];
+    for (int64_t e = 0; e < nnz; e++) by_channel[channel_start[entry_channel[e]]++] = e;
+    for (int64_t ch = channels_out; ch > 0; ch--) channel_start[ch] = channel_start[ch - 1];
+    channel_start[0] = 0; /* the entries of each channel in entry order (a counting sort) */
+    plane_call call = {x, weight, shape, row_start, entry_plane, entry_position, entry_channel,
+                       top, left, inside, tap_offset, channel_start, by_channel, value,
+                       grad_weight, grad_input};
+    if (grad_weight) run_parts(plane_weight_part, &call, parts_for(channels_out, threads), threads);
+    if (grad_input) run_parts(plane_input_part, &call, parts_for(batch, threads), threads);
     free(places);
     return 0;
 }
