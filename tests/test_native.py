@@ -196,6 +196,19 @@ def test_native_linear_backward_equals_products_of_kept_entries(outputs, inputs)
     assert grad_input[1].abs().sum() == 0 and grad_input[4].abs().sum() == 0
 
 
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 2, 1, 0)])
+def test_native_channels_last_copy_equals_pad_then_permute(pads):
+    """The convolution kernel's input and its gradient's way back: exactly F.pad and a
+    channels-last copy, and the cropped channels-first copy."""
+    generator = torch.Generator().manual_seed(sum(pads))
+    x = torch.randn(3, 5, 4, 7, generator=generator)
+    top, bottom, left, right = pads
+    expected = nn.functional.pad(x, (left, right, top, bottom)).permute(0, 2, 3, 1)
+    padded = native.channels_last(x, pads)
+    assert torch.equal(padded, expected)
+    assert torch.equal(native.channels_first(padded, pads), x)
+
+
 @pytest.mark.parametrize(
     "shape",
     [

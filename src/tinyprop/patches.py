@@ -120,6 +120,7 @@ class ConvPatches:
         self.one_channel_per_group = self.groups > 1 and self.channels_per_group == 1
         self.plane_shape = (self.channels_in, *spatial, self.channels_out, *kernel, *out)
         self.plane_shape += (*stride, pads[0], pads[2], *dilation, self.groups)
+        self.pads = pads  # (top, bottom, left, right), as a 2-D convolution
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, C_out, *spatial) -> (B, C_out, positions)."""
@@ -166,10 +167,9 @@ class ConvPatches:
             grad_input = None if grad_input is None else grad_input.reshape(x.shape)
             grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
             return grad_input, grad_weight
-        padded = self._padded(x)  # (B, C_in, [Hp,] Wp)
-        padded = padded if self.two_d else padded.unsqueeze(2)  # (B, C_in, Hp, Wp)
+        planes = x if self.two_d else x.unsqueeze(2)  # (B, C_in, H, W)
         grad_padded, grad_weight = native.conv_backward(
-            padded.permute(0, 2, 3, 1),  # (B, Hp, Wp, C_in)
+            native.channels_last(planes, self.pads),  # (B, Hp, Wp, C_in)
             weight.reshape(self.channels_out, self.channels_per_group, *self.native_shape[4:6])
             .permute(0, 2, 3, 1),  # (C_out, kh, kw, C_in / G)
             (x.shape[0], *self.native_shape),
@@ -179,9 +179,7 @@ class ConvPatches:
             grad_weight = grad_weight.permute(0, 3, 1, 2).reshape(weight.shape)
         grad_input = None
         if grad_padded is not None:  # (B, Hp, Wp, C_in) -> (B, C_in, *spatial)
-            grad_padded = grad_padded.permute(0, 3, 1, 2)
-            grad_padded = grad_padded if self.two_d else grad_padded.squeeze(2)
-            grad_input = self._crop(grad_padded).contiguous()
+            grad_input = native.channels_first(grad_padded, self.pads).reshape(x.shape)
         return grad_input, grad_weight
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):

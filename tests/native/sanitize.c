@@ -20,6 +20,8 @@ int tp_conv_backward_f32(const float *, const float *, const int64_t *, const in
                          const int64_t *, const float *, float *, float *, int64_t);
 int tp_plane_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                                const int64_t *, const float *, float *, float *, int64_t);
+void tp_channels_last_f32(const float *, const int64_t *, float *, int64_t);
+void tp_channels_first_f32(const float *, const int64_t *, float *, int64_t);
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
@@ -178,6 +180,24 @@ static int check_plane_conv(int64_t threads) {
     return status;
 }
 
+/* A batch to padded channels-last and back: the copy of every float comes back. */
+static int check_layout(int64_t threads) {
+    int64_t shape[8] = {1 + rand() % 4, 1 + rand() % 5, 1 + rand() % 6, 1 + rand() % 6,
+                        rand() % 3, rand() % 3, rand() % 3, rand() % 3};
+    int64_t size = shape[0] * shape[1] * shape[2] * shape[3];
+    int64_t padded = shape[0] * shape[1] * (shape[2] + shape[4] + shape[5]) *
+                     (shape[3] + shape[6] + shape[7]);
+    float *x = malloc(sizeof(float) * size), *back = malloc(sizeof(float) * size);
+    float *last = malloc(sizeof(float) * padded);
+    for (int64_t i = 0; i < size; i++) x[i] = (float)i;
+    tp_channels_last_f32(x, shape, last, threads);
+    tp_channels_first_f32(last, shape, back, threads);
+    int status = 0;
+    for (int64_t i = 0; i < size; i++) status |= back[i] != x[i];
+    free(x), free(back), free(last);
+    return status;
+}
+
 /* argv[1]: how many random cases of each kernel (default 2000 top-k, 300 of the others). */
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 2000;
@@ -192,6 +212,8 @@ int main(int argc, char **argv) {
         if (check_conv(1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_plane_conv(1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_layout(1 + rand() % 4)) return 1;
     puts("ok");
     return 0;
 }

@@ -7,6 +7,8 @@
  * tp_conv_backward_f32: the same for a convolution, channels-last.
  * tp_plane_conv_backward_f32: the same for a convolution with one input channel per group (a
  *     depthwise one), on the unpadded input as PyTorch holds it.
+ * tp_channels_last_f32, tp_channels_first_f32: a batch from channels first to zero-padded
+ *     channels-last (the convolution kernel's input) and its gradient back, cropped.
  *
  * Each kernel cuts its work into parts along an axis whose outputs no two parts share (rows of δ
  * for top-k, input features for the Linear backward, output channels then samples for the
@@ -905,4 +907,70 @@ int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_
     if (grad_input) run_parts(plane_input_part, &call, parts_for(batch, threads), threads);
     free(places);
     return 0;
+}
+
+typedef struct {
+    const float *in;
+    float *out;
+    const int64_t *shape; /* {batch, channels, height, width, top, bottom, left, right} */
+} layout_call;
+
+/* Samples [first, end) of x (channels first) into the zero-padded channels-last copy. */
+static int channels_last_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const layout_call *c = context;
+    const int64_t *shape = c->shape;
+    int64_t channels = shape[1], height = shape[2], width = shape[3];
+    int64_t padded_h = height + shape[4] + shape[5], padded_w = width + shape[6] + shape[7];
+    int64_t first = slice_start(shape[0], part, parts, 1);
+    int64_t end = slice_start(shape[0], part + 1, parts, 1);
+    for (int64_t s = first; s < end; s++) {
+        float *restrict out = c->out + s * padded_h * padded_w * channels;
+        const float *restrict in = c->in + s * channels * height * width;
+        memset(out, 0, (size_t)(padded_h * padded_w * channels) * sizeof(float));
+        for (int64_t row = 0; row < height; row++) {
+            float *restrict line = out + ((row + shape[4]) * padded_w + shape[6]) * channels;
+            for (int64_t col = 0; col < width; col++)
+                for (int64_t ch = 0; ch < channels; ch++)
+                    line[col * channels + ch] = in[(ch * height + row) * width + col];
+        }
+    }
+    return 0;
+}
+
+/* Samples [first, end) of the padded channels-last gradient, cropped, into channels first. */
+static int channels_first_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const layout_call *c = context;
+    const int64_t *shape = c->shape;
+    int64_t channels = shape[1], height = shape[2], width = shape[3];
+    int64_t padded_h = height + shape[4] + shape[5], padded_w = width + shape[6] + shape[7];
+    int64_t first = slice_start(shape[0], part, parts, 1);
+    int64_t end = slice_start(shape[0], part + 1, parts, 1);
+    for (int64_t s = first; s < end; s++) {
+        const float *restrict in = c->in + s * padded_h * padded_w * channels;
+        float *restrict out = c->out + s * channels * height * width;
+        for (int64_t ch = 0; ch < channels; ch++)
+            for (int64_t row = 0; row < height; row++) {
+                const float *restrict line =
+                    in + ((row + shape[4]) * padded_w + shape[6]) * channels;
+                for (int64_t col = 0; col < width; col++)
+                    out[(ch * height + row) * width + col] = line[col * channels + ch];
+            }
+    }
+    return 0;
+}
+
+/* x (batch, channels, height, width) -> out (batch, top + height + bottom, left + width +
+ * right, channels), zeros in the padding: the channels-last input of tp_conv_backward_f32. */
+void tp_channels_last_f32(const float *x, const int64_t *shape, float *out, int64_t threads) {
+    layout_call call = {x, out, shape};
+    run_parts(channels_last_part, &call, parts_for(shape[0], threads), threads);
+}
+
+/* The reverse, without the padding: grad (batch, padded h, padded w, channels) -> out (batch,
+ * channels, height, width). */
+void tp_channels_first_f32(const float *grad, const int64_t *shape, float *out, int64_t threads) {
+    layout_call call = {grad, out, shape};
+    run_parts(channels_first_part, &call, parts_for(shape[0], threads), threads);
 }
