@@ -120,6 +120,45 @@ def test_unsupported_layers_are_named_with_their_path():
         describe(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)), (3,))
 
 
+class Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class HalvedLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+class ClampedReLU(nn.ReLU):
+    def forward(self, x):
+        return x.clamp(0, 6)
+
+
+def test_layers_computing_something_else_than_their_class_are_refused():
+    """A residual nn.Sequential subclass, a Linear or ReLU subclass with its own forward, and a
+    layer with a forward hook were exported as the plain layers: a C program computing another
+    function than the model, silently. A tinyprop-applied model still exports."""
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    hooked[1].register_forward_hook(lambda module, inputs, output: output * 3)
+    cases = {
+        r"'1' \(Residual\): a subclass of Sequential with its own forward": nn.Sequential(
+            nn.Linear(4, 4), Residual(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)
+        ),
+        r"'2' \(HalvedLinear\): a subclass of Linear": nn.Sequential(
+            nn.Linear(4, 4), nn.ReLU(), HalvedLinear(4, 2)
+        ),
+        r"'1' \(ClampedReLU\)": nn.Sequential(nn.Linear(4, 4), ClampedReLU(), nn.Linear(4, 2)),
+        r"'1' \(ReLU\): it has forward hooks": hooked,
+    }
+    for message, model in cases.items():
+        with pytest.raises(UnsupportedLayerError, match=message):
+            describe(model, (4,))
+    applied = tinyprop.apply(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(),
+                                           nn.Linear(8, 2)))  # fmt: skip
+    assert [layer.kind for layer in describe(applied, (1, 4, 4))] == [1, 2, 5, 0]
+
+
 def test_describe_shapes_of_reference_models():
     for name, shape in (("har", (6, 100)), ("speech_commands", (1, 49, 10))):
         net = models.build(name, input_shape=shape)

@@ -89,9 +89,51 @@ def _single(value) -> int:
     return int(value) if isinstance(value, int) else int(value[0])
 
 
+# the classes the runtime runs, by the methods that say what they compute: a subclass that
+# overrides one of them (a residual Sequential, a scaled Linear) computes something else
+_RUNTIME_METHODS = {
+    nn.Sequential: ("forward",),
+    nn.Linear: ("forward",),
+    nn.Conv1d: ("forward", "_conv_forward"),
+    nn.Conv2d: ("forward", "_conv_forward"),
+    nn.ReLU: ("forward",),
+    nn.MaxPool1d: ("forward",),
+    nn.MaxPool2d: ("forward",),
+    nn.AvgPool1d: ("forward",),
+    nn.AvgPool2d: ("forward",),
+    nn.AdaptiveAvgPool1d: ("forward",),
+    nn.AdaptiveAvgPool2d: ("forward",),
+    nn.Flatten: ("forward",),
+    nn.Identity: ("forward",),
+    nn.Dropout: ("forward",),
+}
+
+
+def _check_computes_its_base(path: str, module: nn.Module) -> None:
+    """Refuse a module whose output is not its supported class's: a subclass with its own
+    forward, or forward hooks (both were exported as the plain layer, silently)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    if any(getattr(hook, "__module__", None) != "tinyprop.model" for hook in hooks):
+        raise _unsupported(
+            path, module, "it has forward hooks, which may change what it computes (the C "
+            "runtime would not run them); remove them, or fold what they do into the weights"
+        )  # fmt: skip
+    kind = getattr(module, "_tinyprop_original_class", type(module))  # before tinyprop.apply
+    for base, methods in _RUNTIME_METHODS.items():
+        if issubclass(kind, base):
+            changed = [m for m in methods if getattr(kind, m) is not getattr(base, m)]
+            if changed:
+                raise _unsupported(
+                    path, module, f"a subclass of {base.__name__} with its own {changed[0]}, "
+                    f"so it may compute something else than {base.__name__}"
+                )  # fmt: skip
+            return
+
+
 def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """The leaf modules of (nested) nn.Sequential containers, in order, with their paths (a
     module held twice comes twice: ``named_children`` would leave the second out)."""
+    _check_computes_its_base(prefix or "<root>", model)
     if isinstance(model, nn.Sequential):
         leaves = []
         for name, child in model._modules.items():
