@@ -3,6 +3,7 @@ with weights_only=False), showed raw unpickler tracebacks, overwrote the user's 
 --out and wrote the model path verbatim into a C comment."""
 
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -214,3 +215,14 @@ def test_ram_smaller_than_training_needs_is_refused_before_writing(tmp_path, cap
     assert not (tmp_path / "small").exists()
     assert export_main(argv + ["--out", str(tmp_path / "fits"), "--ram", "772"]) == 0
     assert "training needs 772 of the device's 772 bytes" in capsys.readouterr().out
+
+
+def test_the_printed_build_command_works_for_a_folder_with_spaces(tmp_path, capsys):
+    """`build: make -C my out && my out/train` was printed unquoted: pasted into a shell it
+    ran `make -C my` and `my out/train`."""
+    torch.save(_mlp(), tmp_path / "mlp.pt")
+    out = tmp_path / "my out ü"
+    assert export_main([str(tmp_path / "mlp.pt"), "--input-shape", "1,4,4", "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("build: "))
+    words = shlex.split(line.removeprefix("build: "))
+    assert words == ["make", "-C", str(out), "&&", f"{out}/train", "<", "samples.bin"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from torch import nn
@@ -198,5 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             f"RAM: training needs {needed:,} of the device's {args.ram:,} bytes (arena and batch "
             "buffer; the stack and the program's own data come on top)"
         )
-    print(f"build: make -C {result.out_dir} && {result.out_dir}/train < samples.bin")
+    folder = shlex.quote(str(result.out_dir))  # a path with spaces, pasted into a shell
+    program = shlex.quote(f"{result.out_dir}/train")
+    print(f"build: make -C {folder} && {program} < samples.bin")
     return 0
