@@ -388,3 +388,45 @@ def test_lazy_layers_applied_before_their_first_forward_train_sparse(ratio):
     assert [type(layer) for layer in model] == [type(layer) for layer in plain]
     untouched = tinyprop.remove(tinyprop.apply(lazy_cnn()))
     assert [type(layer).__name__ for layer in untouched][::3] == ["LazyConv2d", "LazyLinear"]
+
+
+CHECKPOINT_CONFIGS = {
+    "tinypropv2": tinyprop.TinyPropConfig(policy="tinypropv2"),
+    "tinypropv2-budget": tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.3),
+    "topk-budget": tinyprop.TinyPropConfig(policy="topk", budget=0.3),
+}
+
+
+@pytest.mark.parametrize("saved", list(CHECKPOINT_CONFIGS))
+@pytest.mark.parametrize("loaded", list(CHECKPOINT_CONFIGS))
+def test_checkpoint_of_another_policy_loads_its_weights_and_maxima(saved, loaded):
+    """A checkpoint of a run without a budget loaded into a model with one failed ('Missing
+    key(s): tinyprop_budget_spent, ...'), and the reverse ('Unexpected key(s)'), though the
+    weights and running maxima fit: the controller and the score window now start afresh,
+    or are left out; a group of entries only part of which is there stays an error."""
+    x, y = data(size=8)
+    source = tinyprop.apply(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), CHECKPOINT_CONFIGS[saved]
+    )
+    tinyprop.train_step(source, x.float(), y, LOSS, torch.optim.SGD(source.parameters(), lr=0.1))
+    checkpoint = source.state_dict()
+    target = tinyprop.apply(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), CHECKPOINT_CONFIGS[loaded]
+    )
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if "budget" in k or "window" in k}
+    wrapped = nn.ModuleDict({"net": target})  # also inside a larger module
+    assert str(wrapped.load_state_dict({f"net.{k}": v for k, v in checkpoint.items()})) == (
+        "<All keys matched successfully>"
+    )
+    state = target.state_dict()
+    for key in ("0.weight", "0.error_max", "2.error_max", "tinyprop_output_error_max"):
+        assert torch.equal(state[key], checkpoint[key]), key
+    for key, value in state.items():
+        if key in fresh:
+            expected = checkpoint[key] if key in checkpoint else fresh[key]
+            torch.testing.assert_close(value, expected, rtol=0, atol=0, equal_nan=True)
+    if "budget" in loaded:
+        partial = {k: v for k, v in checkpoint.items() if k != "tinyprop_budget_spent"}
+        partial.setdefault("tinyprop_budget_steps", torch.tensor(1))
+        with pytest.raises(RuntimeError, match="tinyprop_budget_spent"):
+            target.load_state_dict(partial)

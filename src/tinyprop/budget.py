@@ -198,7 +198,10 @@ class BudgetController:
                 if not low - 1e-9 <= number <= high + 1e-9:  # NaN fails too
                     raise ValueError(
                         f"checkpoint entry '{prefix + name}' is {number}, outside the budget "
-                        f"controller's limits [{low:.4g}, {high:.4g}] (the checkpoint is corrupt)"
+                        f"controller's limits [{low:.4g}, {high:.4g}] for this policy and budget "
+                        "(the checkpoint is corrupt, or was saved with another policy or budget, "
+                        "whose controller state does not carry over: delete its "
+                        "tinyprop_budget_* entries to start the controller afresh)"
                     )
 
     @property

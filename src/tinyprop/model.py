@@ -308,6 +308,7 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
     into are widened first: a float16 model keeps them in float32 (or float64)."""
     state = getattr(module, _STATE, None)
     if state is not None:
+        state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
         state.policy.check_loaded(state_dict, prefix)
     for name in ("error_max", OUTPUT_ERROR_MAX):
@@ -322,32 +323,49 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
                 )
 
 
+# the entries of the budget controller and of the score window (tinyprop.budget): one group each
+_CONTROL_GROUPS = ("tinyprop_budget_", "tinyprop_score_window")
+
+
 def _accept_plain_checkpoint(model: nn.Module, incompatible_keys) -> None:
     """Load a checkpoint saved without tinyprop (no running maxima at all) into an applied
-    model, strict or not: the running state starts afresh, as after :func:`apply`. A
-    checkpoint holding only some of tinyprop's entries stays an error."""
+    model, strict or not: the running state starts afresh, as after :func:`apply`. The same
+    for the budget controller and the score window alone, whose entries depend on the policy
+    and the budget: a checkpoint of a run without them starts them afresh, and the entries
+    of a run with them are left out when this model's policy has none. A checkpoint holding
+    only some entries of a group stays an error."""
     state = getattr(model, _STATE)
-    initial = {OUTPUT_ERROR_MAX: torch.zeros(()), **state.policy.control_buffers()}
+    prefix, state.load_prefix = state.load_prefix or "", None
+    control = state.policy.control_buffers()
+    initial = {OUTPUT_ERROR_MAX: torch.zeros(()), **control}
     for name, _ in state.layers:
-        prefix = f"{name}." if name else ""
-        initial[prefix + "error_max"] = torch.zeros(())
-        initial[prefix + "backward_steps"] = torch.zeros((), dtype=torch.long)
+        layer = f"{name}." if name else ""
+        initial[layer + "error_max"] = torch.zeros(())
+        initial[layer + "backward_steps"] = torch.zeros((), dtype=torch.long)
+    groups = [initial] + [
+        {name: value for name, value in control.items() if name.startswith(group)}
+        for group in _CONTROL_GROUPS
+    ]
     missing = incompatible_keys.missing_keys
-    for key in list(missing):  # the model may sit inside the module being loaded
-        if not key.endswith(OUTPUT_ERROR_MAX):
-            continue
-        prefix = key[: -len(OUTPUT_ERROR_MAX)]
-        if not {prefix + name for name in initial} <= set(missing):
+    for group in groups:
+        names = {prefix + name for name in group}
+        if not names or not names <= set(missing):
             continue
         buffers = dict(model.named_buffers())
         with torch.no_grad():
-            for name, value in initial.items():
+            for name, value in group.items():
                 buffers[name].copy_(value)
-        missing[:] = [
-            entry
-            for entry in missing
-            if not (entry.startswith(prefix) and entry[len(prefix) :] in initial)
-        ]
+        missing[:] = [entry for entry in missing if entry not in names]
+    unexpected = incompatible_keys.unexpected_keys
+    unexpected[:] = [  # another policy's controller or window: nothing here to load it into
+        entry
+        for entry in unexpected
+        if not (
+            entry.startswith(prefix)
+            and entry[len(prefix) :].startswith(_CONTROL_GROUPS)
+            and "." not in entry[len(prefix) :]
+        )
+    ]
 
 
 def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:

@@ -108,6 +108,7 @@ class TinyPropState:
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
     deciding: bool = False  # the skip decision's gradient runs (tinyprop.step._output_error)
+    load_prefix: str | None = None  # the model's prefix in the state_dict being loaded
 
     _policy: Policy | None = None
 
