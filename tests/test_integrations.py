@@ -254,3 +254,58 @@ def test_lightning_ddp_with_gradient_accumulation(tmp_path):
     trained = torch.tensor([rank["tinypropv2"]["trained"] for rank in ranks])  # (2, micro)
     per_window = trained.reshape(2, -1, job.ACCUMULATE).sum(2)  # (2, optimizer steps)
     assert bool(((per_window == 0).any(0) & (per_window > 0).any(0)).any())  # one rank alone
+
+
+def lora_llama():
+    """A LLaMA of a small config with peft's LoRA on q_proj and v_proj (lora_B drawn, not zero,
+    so that every LoRA weight gets a gradient), float64."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config).double(), lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    return model
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_peft_lora_trains_the_adapters_as_plain_pytorch_and_saves(ratio, tmp_path):
+    """peft's LoRA: the frozen base layers backpropagate their input gradient sparsely, the
+    adapters train; topk at 1.0 gives plain PyTorch's adapter gradients, at 0.1 the per-row
+    top-k reference's. save_pretrained writes tinyprop's running maxima too (peft warns about
+    their 0-d shape); a plain PeftModel loads the adapter and ignores them."""
+    import peft
+    from test_model_matrix import masked_reference, plain_gradients
+    from transformers import LlamaForCausalLM
+
+    def losses(output, ids):
+        logits = output.logits[:, :-1].transpose(1, 2)
+        return nn.functional.cross_entropy(logits, ids[:, 1:], reduction="none").mean(1)
+
+    ids = torch.randint(3, 40, (3, 7), generator=torch.Generator().manual_seed(0))
+    model = lora_llama()
+    reference = masked_reference(lora_llama(), ratio) if ratio < 1 else lora_llama()
+    expected = plain_gradients(reference, (ids,), ids, losses)
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=ratio))
+    stats = tinyprop.backward(model, losses(model(ids), ids))
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and all("lora_" in name for name in got)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)
+    assert sum("lora_" in name for name in stats.keep) == 8  # A and B of q, v in 2 layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+        torch.manual_seed(0)  # the base weights of lora_llama()
+        base = LlamaForCausalLM(model.config).double()
+        plain = peft.PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
