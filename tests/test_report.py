@@ -142,6 +142,9 @@ def test_missing_or_empty_results_are_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert report.main([str(tmp_path)]) == 2
     assert "no run records" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text("{}")  # a record given instead of its folder
+    assert report.main([str(tmp_path / "run.json")]) == 2
+    assert "is a file, not a results folder" in capsys.readouterr().err  # was: does not exist
 
 
 def test_equal_compute_comparison_counts_matched_settings():

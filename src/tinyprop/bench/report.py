@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             text = build_report(
                 args.results, args.out, plots=not args.no_plots, tolerance=args.tolerance
             )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         print(f"tinyprop report: {error}", file=sys.stderr)
         return 2
     finally:

@@ -103,6 +103,11 @@ def read_records(folder: os.PathLike) -> list[dict]:
         >>> read_records("benchmarks/results/small-finetune")  # doctest: +SKIP
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"{folder} is a file, not a results folder: give the folder holding the run "
+            f"records (e.g. {folder.parent})"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(
             f"results folder {folder} does not exist: run `tinyprop bench` first or check the path"
