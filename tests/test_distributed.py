@@ -1,6 +1,7 @@
 """DistributedDataParallel: 2 CPU processes, gloo. tinypropv2 skips most samples, so a rank
 often skips its whole batch while the other trains: every rank must still join the gradient
-all-reduce (no deadlock) and the weights must stay identical on both ranks."""
+all-reduce (no deadlock) and the weights must stay identical on both ranks. A NaN on one rank
+makes every rank raise after the all-reduce."""
 
 import datetime
 import json
@@ -90,6 +91,61 @@ def train_uneven(rank: int) -> float:
     return float((gathered[0] - gathered[1]).abs().max())
 
 
+class Sqrt(nn.Module):
+    """sqrt(|h|): its gradient is not finite where h = 0."""
+
+    def forward(self, h):
+        return h.abs().sqrt()
+
+
+def train_with_a_nan_on_one_rank(way: str, rank: int) -> dict:
+    """Step 1: a NaN δ on rank 0 alone (its first layer zeroed for that step: sqrt at 0);
+    step 2: a NaN loss on rank 1 alone (a NaN input). Each raised FloatingPointError on its
+    rank alone, inside or before the backward: the other rank waited in the gradient
+    all-reduce until the timeout, and a loop going on after the error broke DDP ('Expected
+    to have finished reduction in the prior iteration')."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 8), Sqrt(), nn.Linear(8, 5))
+    model = nn.parallel.DistributedDataParallel(
+        tinyprop.apply(net, tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(rank)
+    outcomes, weights = [], []
+    for step in range(4):
+        x = torch.randn(BATCH, 12, generator=generator)
+        y = x[:, :5].argmax(1)
+        kept = [p.detach().clone() for p in net[0].parameters()]
+        if step == 1 and rank == 0:
+            with torch.no_grad():
+                for parameter in net[0].parameters():
+                    parameter.zero_()
+        if step == 2 and rank == 1:
+            x[0, 0] = float("nan")
+        try:
+            if way == "train_step":
+                tinyprop.train_step(model, x, y, LOSS, optimizer)
+            else:
+                optimizer.zero_grad()
+                tinyprop.backward(model, LOSS(model(x), y))
+                optimizer.step()
+            outcomes.append("ok")
+        except FloatingPointError:
+            outcomes.append("raised")
+        if step == 1 and rank == 0:
+            with torch.no_grad():
+                for parameter, value in zip(net[0].parameters(), kept, strict=True):
+                    parameter.copy_(value)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    gathered = [torch.zeros_like(weights[-1]) for _ in range(WORLD)]
+    dist.all_gather(gathered, weights[-1])
+    return {
+        "outcomes": outcomes,
+        "unchanged_while_raising": bool(torch.equal(weights[0], weights[2])),
+        "weight_difference": float((gathered[0] - gathered[1]).abs().max()),
+    }
+
+
 def initial_weights() -> torch.Tensor:
     torch.manual_seed(0)
     return torch.cat([p.detach().flatten() for p in mlp().parameters()])
@@ -114,6 +170,7 @@ def worker(rank: int, port: int, folder: str) -> None:
         results = {way: train(way, rank) for way in WAYS}
         results["warns_without_ddp"] = warns_without_ddp()
         results["uneven_weight_difference"] = train_uneven(rank)
+        results["nan"] = {way: train_with_a_nan_on_one_rank(way, rank) for way in WAYS[:2]}
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as file:
             json.dump(results, file)
     finally:
@@ -134,6 +191,12 @@ def test_ddp_two_ranks_skipping_most_samples_keep_identical_weights(tmp_path):
     for rank, result in enumerate(results):
         assert result["warns_without_ddp"], rank
         assert result["uneven_weight_difference"] == 0.0, rank
+        for way, got in result["nan"].items():  # every rank raises at both steps, then trains
+            assert got == {
+                "outcomes": ["ok", "raised", "raised", "ok"],
+                "unchanged_while_raising": True,
+                "weight_difference": 0.0,
+            }, (rank, way)
         for way in WAYS:
             got = result[way]
             assert got["weight_difference"] == 0.0, (way, got)

@@ -95,8 +95,9 @@ class StepContext:
         # step) instead of raising: True with grad_scaler=, False for tinyprop.backward without
         # one; None: decided when the backward starts (a loss scaled up, by GradScaler.scale)
         self.passes_overflow: bool | None = None
-        self.explicit_scaler = False  # grad_scaler= given: no warning when it overflows
-        self.overflowed = False
+        self.quiet_overflow = False  # grad_scaler=, or tinyprop.backward raising after DDP
+        self.distributed = False  # under DistributedDataParallel: no rank raises alone
+        self.overflow_problem: str | None = None  # the first NaN / inf passed on, named
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
@@ -139,23 +140,39 @@ class StepContext:
 
     def passes_overflow_on(self, layer_name: str) -> bool:
         """Whether a NaN / inf δ of ``layer_name`` goes on into the gradients (the step then
-        records nothing, and a GradScaler skips its optimizer step) rather than raising."""
+        records nothing; a GradScaler skips its optimizer step; under DistributedDataParallel
+        the all-reduce takes it to every rank) rather than raising."""
         if not self.passes_overflow:
             return False
-        self.failed = self.overflowed = True
-        if self.explicit_scaler or "overflow" in self.state.warned:
-            return True
-        self.state.warned.add("overflow")
-        warnings.warn(
-            f"tinyprop: the output gradient of layer '{layer_name}' is NaN or infinite under a "
-            f"loss scale of {self.error_unit * len(self.stats.trained_mask):g}, as when a "
-            "GradScaler's scale overflows float16: it is passed on to the gradients, where the "
-            "scaler finds it and skips the optimizer step, and tinyprop's running state is "
-            "left as it was (warned once). Without a GradScaler, look for the NaN: "
-            "tinyprop.backward(model, losses, scale=...) raises FloatingPointError instead.",
-            stacklevel=2,
-        )
+        self.pass_on(f"the output gradient of layer '{layer_name}' is NaN or infinite")
         return True
+
+    def pass_on(self, problem: str, warn: bool = True) -> None:
+        """Fail the step: ``problem`` (a NaN / inf) goes on into the gradients, with a
+        warning (once) unless the caller raises it afterwards or a GradScaler handles it."""
+        self.failed = True
+        if self.overflow_problem is None:
+            self.overflow_problem = problem
+        if not warn or self.quiet_overflow or "overflow" in self.state.warned:
+            return
+        self.state.warned.add("overflow")
+        if self.distributed:
+            why = (
+                "under DistributedDataParallel: it is passed on to the gradients, and through "
+                "the all-reduce to every rank (a rank raising alone would leave the others "
+                "waiting in the all-reduce), and tinyprop's running state is left as it was "
+                "(warned once). An optimizer step would write NaN into the weights of every "
+                "rank: tinyprop.backward and train_step raise FloatingPointError on every rank."
+            )
+        else:
+            why = (
+                f"under a loss scale of {self.error_unit * len(self.stats.trained_mask):g}, as "
+                "when a GradScaler's scale overflows float16: it is passed on to the gradients, "
+                "where the scaler finds it and skips the optimizer step, and tinyprop's running "
+                "state is left as it was (warned once). Without a GradScaler, look for the NaN: "
+                "tinyprop.backward(model, losses, scale=...) raises FloatingPointError instead."
+            )
+        warnings.warn(f"tinyprop: {problem} {why}", stacklevel=3)
 
     def check_finite_later(self, error: Tensor, layer_name: str) -> None:
         """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
@@ -188,7 +205,9 @@ class StepContext:
         if scale != 0.0 and math.isfinite(scale):
             self.error_unit = scale / len(self.stats.trained_mask)
         if self.passes_overflow is None:  # GradScaler's scales are 2^16 and so on
-            self.passes_overflow = scale > 1.0
+            self.passes_overflow = scale > 1.0 or self.distributed
+        if self.overflow_problem is not None:  # a NaN loss under DDP, found before
+            self.pass_on(self.overflow_problem)
         torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
     def finish(self) -> None:
@@ -374,14 +393,37 @@ def backward(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scalar, step = _step_loss(model, losses, output, sample_dim)
-    step.passes_overflow = step.explicit_scaler = grad_scaler is not None
+    step.passes_overflow = step.quiet_overflow = grad_scaler is not None or step.distributed
     if scale != 1.0:
         scalar = scalar * scale
-    if step.stats.trained or is_distributed(model) or step.state.inside_ddp:
+    if step.stats.trained or step.distributed:
         (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
+        if step.distributed and grad_scaler is None:
+            _raise_on_every_rank(model, step)
     else:
         step.finish()
     return step.stats
+
+
+def _raise_on_every_rank(model: nn.Module, step: StepContext) -> None:
+    """Under DistributedDataParallel, after the backward: FloatingPointError on every rank
+    when a NaN / inf reached this rank's gradients, its own (this rank's loss or δ) or another
+    rank's (through the gradient all-reduce). Raised before the backward, it left the other
+    ranks waiting in the all-reduce."""
+    todo = "no update was applied: zero the gradients and go on with the next batch on every rank"
+    if step.overflow_problem is not None:
+        raise FloatingPointError(
+            f"{step.overflow_problem}; under DistributedDataParallel it went on through the "
+            f"gradient all-reduce, so that every rank finishes the backward and raises; {todo}"
+        )
+    grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None]
+    grads = [grad.coalesce().values() if grad.is_sparse else grad for grad in grads]
+    if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        raise FloatingPointError(
+            "a parameter gradient is NaN or infinite after DistributedDataParallel's gradient "
+            "all-reduce (another rank's loss or gradient was not finite, and it raises too); "
+            f"{todo}"
+        )
 
 
 def step_stats(model: nn.Module) -> StepStats | None:
@@ -429,13 +471,17 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
         )
     if not losses.requires_grad:
         raise ValueError("losses do not require grad: compute them from the model's output")
+    distributed = is_distributed(model) or state.inside_ddp
     mean_loss = float(losses.detach().float().mean())  # NaN / inf when any loss is
+    problem = None
     if not math.isfinite(mean_loss) and not torch.isfinite(losses.detach()).all():
         bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-        raise FloatingPointError(
-            f"loss is NaN or infinite for samples {bad[:10]} of the batch; no update was applied. "
-            "Check the inputs for NaN/inf or lower the learning rate."
-        )
+        problem = f"loss is NaN or infinite for samples {bad[:10]} of the batch"
+        if not distributed:  # under DDP every rank must still join the backward's all-reduce
+            raise FloatingPointError(
+                f"{problem}; no update was applied. Check the inputs for NaN/inf or lower the "
+                "learning rate."
+            )
     state.step = None  # a step whose backward never finished is over
     widen_running_state(module)  # after model.half(): Ymax_L past 65504 would be inf
     batch = losses.shape[0]
@@ -447,6 +493,11 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
     passes = state.take_passes()
     output_size = 0
     step = StepContext(module, stats, passes, output_size)
+    step.distributed = distributed
+    if problem is not None:  # under DDP: every sample, the NaN reaches the gradients
+        step.passes_overflow = True
+        step.pass_on(problem, warn=False)  # warned when the backward starts, if at all
+        return step
     policy = state.policy
     if policy.skips:
         if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
@@ -464,6 +515,12 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
             state.deciding = True  # an output= before sparse layers: no step work in them
             try:
                 scores = _output_error(losses, output, sample_dim)  # (B,) Y_L
+            except FloatingPointError as error:
+                if not distributed:
+                    raise
+                step.passes_overflow = True  # every sample, the NaN reaches the gradients
+                step.pass_on(str(error).split("; no update")[0], warn=False)
+                return step
             finally:
                 state.deciding = False
             step.output_size = output.numel() // batch

@@ -41,7 +41,8 @@ def train_step(
         ValueError: on mismatched batch sizes or a loss that is not one value per sample.
         FloatingPointError: when a loss, an output error, a layer's output gradient or a
             parameter gradient is NaN or infinite (parameters, running maxima and optimizer
-            state are left untouched; the gradients are zeroed).
+            state are left untouched; the gradients are zeroed). Under DistributedDataParallel
+            on every rank, after the backward's all-reduce.
 
     Example:
         >>> stats = train_step(model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer)
