@@ -66,16 +66,20 @@ def test_exported_example_with_a_mode_trains_under_asan(tmp_path):
         MemoryMode(1, sgd_in_place=True),
         MemoryMode(1, bias_only_layers=(2,)),
         MemoryMode(1, bias_only_layers=(1, 2), momentum_in_place=True, selection_in_place=True),
+        MemoryMode(0, bias_only_layers=(1,), adam_in_place=True, moment_bits=8,
+                   recompute_layers=(2, 3), selection_in_place=True),
     )):  # fmt: skip
         out = tmp_path / f"har-{number}"
         momentum = 0.9 if memory.momentum_in_place else 0.0
-        optimizer = OptimizerSpec("sgd", 0.05, momentum)
+        adam = memory.adam_in_place
+        optimizer = OptimizerSpec("adam", 0.01) if adam else OptimizerSpec("sgd", 0.05, momentum)
         result = export_c(net, config, out, shape, optimizer, 4, memory=memory)
         header = (out / "tinyprop_model.h").read_text()
         fields = (
             f"{memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
             f"0x{memory.bias_only_bits:X}u, {int(memory.momentum_in_place)}, "
-            f"{int(memory.selection_in_place)}}};"
+            f"{int(memory.selection_in_place)}, {int(adam)}, {memory.moment_bits}, "
+            f"0x{memory.recompute_bits:X}u}};"
         )
         assert fields in header
         assert f"#define TP_MODEL_ARENA_BYTES {result.arena_bytes}" in header
@@ -137,7 +141,17 @@ def test_cli_takes_the_mode_and_reports_ram_and_flash(tmp_path, capsys):
                           "--momentum-in-place"])  # fmt: skip
     assert status == 2
     assert "momentum_in_place needs SGD with momentum" in capsys.readouterr().out
-    assert "0x6u, 0, 0};" in (tmp_path / "out3" / "tinyprop_model.h").read_text()
+    assert "0x6u, 0, 0, 0, 32, 0x0u};" in (tmp_path / "out3" / "tinyprop_model.h").read_text()
+    status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
+                          str(tmp_path / "out6"), "--optimizer", "adam", "--bias-only-layers", "1",
+                          "--adam-in-place", "--moment-bits", "8", "--recompute-layers", "2",
+                          "3"])  # fmt: skip
+    lean = footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("adam", 0.01),
+                     MemoryMode(0, bias_only_layers=(1,), adam_in_place=True, moment_bits=8,
+                                recompute_layers=(2, 3)))  # fmt: skip
+    assert status == 0
+    assert f"training arena {lean.arena_bytes} bytes" in capsys.readouterr().out
+    assert "0x2u, 0, 0, 1, 8, 0xCu};" in (tmp_path / "out6" / "tinyprop_model.h").read_text()
 
 
 def test_bad_modes_are_named():
@@ -160,6 +174,15 @@ def test_bad_modes_are_named():
         MemoryMode(0, True, selection_in_place=True)
     with pytest.raises(ValueError, match="momentum_in_place and sgd_in_place exclude"):
         MemoryMode(0, True, momentum_in_place=True)
+    with pytest.raises(ValueError, match="adam_in_place and moment_bits 8 need Adam"):
+        TrainingMode("x", MemoryMode(0, moment_bits=8), optimizer="sgd")
+    with pytest.raises(ValueError, match="adam_in_place excludes"):
+        MemoryMode(0, adam_in_place=True, momentum_in_place=True)
+    with pytest.raises(TypeError, match="recompute_layers must hold ints"):
+        MemoryMode(0, recompute_layers=(1.5,))
+    with pytest.raises(ValueError, match=r"recompute_layers must lie in \[0, 4\)"):
+        footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("adam", 0.01),
+                  MemoryMode(0, recompute_layers=(4,)))  # fmt: skip
     with pytest.raises(ValueError, match="momentum_in_place needs SGD with momentum"):
         footprint(net, (6, 100), tinyprop.TinyPropConfig(), OptimizerSpec("sgd", 0.1, 0.9,
                   nesterov=True), MemoryMode(momentum_in_place=True))  # fmt: skip

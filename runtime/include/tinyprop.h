@@ -178,6 +178,27 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   zeros, pairing channels differently: float rounding). Not with sgd_in_place
  *   (TP_ERR_UNSUPPORTED). A first trained layer that is bias-only selects nothing (any
  *   policy): its bias gradient is dense, it has no weight gradient or input error.
+ * - adam_in_place: Adam (TP_ERR_ARGUMENT otherwise) where every trained sample is its own step
+ *   (t counts trained samples; lr, not lr / batch), applied as soon as a layer's backward is
+ *   done: each trained layer gathers the sample's gradient in a buffer of its own size that
+ *   lives only during its backward, then steps. No gradient buffer for the model. Bias-only
+ *   layers and selection_in_place work with it; not with sgd_in_place or momentum_in_place.
+ *   A sample whose error is zero from some layer down (sparse policies) steps those layers
+ *   with a zero gradient, as torch.optim.Adam does. If a sample's loss is not finite, the
+ *   samples before it stay applied.
+ * - moment_bits: 32 (or 0: float moments) or 8 (Adam only, TP_ERR_ARGUMENT otherwise): Adam
+ *   keeps m and v between steps in 8 bits per entry plus one float per block of
+ *   TP_MOMENT_BLOCK entries of each weight and bias (m: codes -127..127 times max|m| / 127;
+ *   v through w = sqrt(v): codes 0..255, at least 1 where w > 0, times max w / 255). A step
+ *   decodes them, runs the float Adam step and encodes them again (rounding to nearest even;
+ *   tinyprop.moments.Adam8bit, the same floats).
+ * - recompute_layers: bit i set: trainable layer i (after first_trained_layer, not bias-only;
+ *   TP_ERR_ARGUMENT otherwise) keeps no input for its backward: when its backward runs, the
+ *   forward of the layers before it runs again from the sample (the same floats; its outputs
+ *   alternate between this layer's recomputed input and the error buffer of its input, which
+ *   is written only after), and a ReLU working in place on that input reads it there. The
+ *   recomputed forward is not counted in the ledger (it repeats work already counted).
+ *   Trainable layers 0..31 only.
  * The arena's transient buffers (activations, errors, selection and conv scratch, in-place
  * gradients) are placed by their lifetimes within one training step, each where it does not
  * overlap a buffer alive at the same time, so that memory is reused once a buffer's backward
@@ -188,7 +209,13 @@ typedef struct {
     uint32_t bias_only_layers;
     int32_t momentum_in_place;
     int32_t selection_in_place;
+    int32_t adam_in_place;
+    int32_t moment_bits;
+    uint32_t recompute_layers;
 } tp_memory_config;
+
+/* moment_bits 8: entries per block of a moment (one float of scale per block and moment) */
+#define TP_MOMENT_BLOCK 64
 
 /* Every layer trained, one update per batch (the Python library's train_step). */
 tp_memory_config tp_memory_defaults(void);
@@ -226,6 +253,12 @@ typedef struct {
                                     (selection_in_place: 256 counts) */
     uint32_t *relu_mask;         /* a ReLU before a bias-only layer: bit j = output j > 0 */
     float running_max;           /* Ymax_l */
+    size_t parameter_offset;     /* trained: its first parameter in the model's arrays */
+    size_t block_offset;         /* trained, moment_bits 8: its first block of moments */
+    int32_t recompute_input;     /* recompute_layers: its input is computed again */
+    float *recomputed_input;     /* where (the last of the recomputed outputs) */
+    float *recompute_partner;    /* where the other recomputed outputs alternate */
+    float *recompute_scratch;    /* the recomputed convs' forward scratch */
 } tp_layer;
 
 /* The caller allocates this struct (e.g. static); tp_init fills it; the arena holds the rest. */
@@ -242,6 +275,9 @@ typedef struct {
     size_t total_parameter_count; /* of every layer, frozen ones included */
     float *parameters, *gradients, *moment1, *moment2; /* gradients: NULL when in place
                                                          (momentum_in_place: moment1) */
+    int8_t *first_codes;         /* moment_bits 8: m's codes, v's (of sqrt v), block maxima */
+    uint8_t *second_codes;
+    float *first_max, *second_max;
     float *loss_delta;           /* dloss/dlogits of the current sample */
     float running_max_output;    /* Ymax of the output error, for the v2 skip decision */
     int64_t optimizer_steps;     /* batches with an update (Adam's t; SGD's first-step rule) */

@@ -215,6 +215,9 @@ tp_memory_config tp_memory_defaults(void) {
     memory.bias_only_layers = 0u;
     memory.momentum_in_place = 0;
     memory.selection_in_place = 0;
+    memory.adam_in_place = 0;
+    memory.moment_bits = 32;
+    memory.recompute_layers = 0u;
     return memory;
 }
 
@@ -234,6 +237,22 @@ static tp_status check_memory(const tp_memory_config *memory, const tp_optimizer
     if (memory->selection_in_place != 0 && memory->selection_in_place != 1)
         return TP_ERR_ARGUMENT;
     if (memory->selection_in_place && memory->sgd_in_place) return TP_ERR_UNSUPPORTED;
+    if (memory->adam_in_place != 0 && memory->adam_in_place != 1) return TP_ERR_ARGUMENT;
+    if (memory->adam_in_place && (optimizer->kind != TP_OPTIMIZER_ADAM || memory->sgd_in_place ||
+                                  memory->momentum_in_place))
+        return TP_ERR_ARGUMENT; /* one step per sample of Adam */
+    if (memory->moment_bits != 0 && memory->moment_bits != 32 && memory->moment_bits != 8)
+        return TP_ERR_ARGUMENT;
+    if (memory->moment_bits == 8 && optimizer->kind != TP_OPTIMIZER_ADAM) return TP_ERR_ARGUMENT;
+    if (memory->recompute_layers != 0u) {
+        const uint32_t up_to_first = memory->first_trained_layer >= 31
+                                         ? 0xFFFFFFFFu
+                                         : (1u << (memory->first_trained_layer + 1)) - 1u;
+        if ((memory->recompute_layers & up_to_first) != 0u) return TP_ERR_ARGUMENT;
+        if ((memory->recompute_layers & memory->bias_only_layers) != 0u) return TP_ERR_ARGUMENT;
+        if (trainable_count < 32 && (memory->recompute_layers >> trainable_count) != 0u)
+            return TP_ERR_ARGUMENT;
+    }
     if (memory->bias_only_layers != 0u) {
         /* bits from the first trained layer on and below the count */
         const uint32_t below_first = memory->first_trained_layer >= 32
@@ -286,6 +305,9 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
         if (layers[i].bias_only && !layers[i].has_bias) return TP_ERR_ARGUMENT; /* no bias */
         layers[i].skip_zero_errors =
             layers[i].trained && memory->selection_in_place && policy->policy != TP_POLICY_FULL;
+        /* (after the first trained layer: never the layer that reads the sample) */
+        layers[i].recompute_input =
+            index >= 0 && index < 32 && ((memory->recompute_layers >> index) & 1u);
     }
     for (i = 0; i < spec->layer_count; i++) { /* the first trained layer, if bias-only, selects
                                                  nothing (train.c) */
@@ -361,6 +383,7 @@ static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
     /* momentum_in_place: each gradient is gathered in its momentum entry */
     float *weights = model->parameters,
           *grads = model->memory.momentum_in_place ? model->moment1 : model->gradients;
+    size_t blocks = 0;
     int32_t i;
     for (i = 0; i < spec->layer_count; i++) {
         tp_layer *layer = &model->layers[i];
@@ -376,6 +399,9 @@ static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
             layer->bias = layer->has_bias ? (float *)(uintptr_t)s->bias : NULL;
             continue;
         }
+        layer->parameter_offset = (size_t)(weights - model->parameters);
+        layer->block_offset = blocks;
+        blocks += tp_moment_blocks(layer);
         if (layer->bias_only) {
             if (s->weight == NULL) return TP_ERR_NULL;
             layer->weight = (float *)(uintptr_t)s->weight; /* read only: frozen */
@@ -417,10 +443,15 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
         case TP_BUFFER_BACKWARD_SCRATCH: layer->backward_scratch = at; break;
         case TP_BUFFER_SELECTION: layer->selection = at; break;
         case TP_BUFFER_GRADIENT:
-            layer->grad_weight = at;
-            layer->grad_bias = layer->has_bias ? at + (size_t)layer->out_c * layer->fan_in : NULL;
+            layer->grad_weight = layer->bias_only ? NULL : at;
+            layer->grad_bias = !layer->has_bias  ? NULL
+                               : layer->bias_only ? at
+                                                  : at + (size_t)layer->out_c * layer->fan_in;
             break;
         case TP_BUFFER_RELU_MASK: layer->relu_mask = (uint32_t *)(void *)at; break;
+        case TP_BUFFER_RECOMPUTED_INPUT: layer->recomputed_input = at; break;
+        case TP_BUFFER_RECOMPUTE_PARTNER: layer->recompute_partner = at; break;
+        case TP_BUFFER_RECOMPUTE_SCRATCH: layer->recompute_scratch = at; break;
         }
     }
     for (i = 0; i < model->layer_count; i++) {
@@ -429,6 +460,11 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
             (layer->kind == TP_LAYER_RELU && !layer->input_is_sample))
             layer->output = previous_output; /* NULL for a Flatten on the sample itself */
         previous_output = layer->output;
+    }
+    for (i = 0; i < model->layer_count; i++) { /* the partner: else the input error's buffer */
+        tp_layer *layer = &model->layers[i];
+        if (layer->recompute_input && layer->recompute_partner == NULL)
+            layer->recompute_partner = layer->input_delta;
     }
 }
 
@@ -469,7 +505,16 @@ tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_poli
         model->gradients = take(&cursor, plan.gradients);
         memset(model->gradients, 0, plan.gradients * sizeof(float));
     }
-    if (plan.moments > 0) {
+    if (plan.moments > 0 && memory->moment_bits == 8) {
+        const size_t code_floats = (plan.parameters + 3) / 4;
+        const size_t blocks = (plan.moments - 2 * code_floats) / 2;
+        float *codes = take(&cursor, plan.moments);
+        memset(codes, 0, plan.moments * sizeof(float));
+        model->first_codes = (int8_t *)(void *)codes;
+        model->second_codes = (uint8_t *)(void *)(codes + code_floats);
+        model->first_max = codes + 2 * code_floats;
+        model->second_max = model->first_max + blocks;
+    } else if (plan.moments > 0) {
         model->moment1 = take(&cursor, plan.parameters);
         memset(model->moment1, 0, plan.parameters * sizeof(float));
         if (plan.moments > plan.parameters) {

@@ -54,29 +54,120 @@ void tp_optimizer_update(tp_model *model, int32_t batch) {
             param[i] = param[i] + -lr * grad;
         }
     } else {
-        const double t = (double)model->optimizer_steps;
-        const double correction1 = 1.0 - pow(opt->beta1, t);
-        const double correction2 = 1.0 - pow(opt->beta2, t);
-        const float step_size = (float)(opt->lr / correction1);
-        const float correction2_sqrt = (float)sqrt(correction2);
-        const float lerp_weight = (float)(1.0 - opt->beta1);
-        const float beta2 = (float)opt->beta2, one_minus_beta2 = (float)(1.0 - opt->beta2);
-        const float eps = (float)opt->eps;
-        for (i = 0; i < count; i++) {
-            float grad = grads[i] / batch_size;
-            float *m = &model->moment1[i], *v = &model->moment2[i];
-            float denominator;
-            if (weight_decay != 0.0f) grad = grad + weight_decay * param[i];
-            /* torch.lerp(m, grad, w): m + w (grad - m) for w < 0.5, else grad - (grad - m)(1 - w) */
-            if (lerp_weight < 0.5f)
-                *m = *m + lerp_weight * (grad - *m);
-            else
-                *m = grad - (grad - *m) * (1.0f - lerp_weight);
-            *v = *v * beta2 + one_minus_beta2 * grad * grad;
-            denominator = sqrtf(*v) / correction2_sqrt + eps;
-            param[i] = param[i] + -step_size * (*m / denominator);
+        int32_t l;
+        for (l = 0; l < model->layer_count; l++)
+            if (model->layers[l].trained) tp_adam_step_layer(model, &model->layers[l], batch, 0);
+    }
+}
+
+/* Adam's settings for step t = model->optimizer_steps, combined in double as torch does. */
+typedef struct {
+    float step_size, correction2_sqrt, lerp_weight, beta2, one_minus_beta2, eps, weight_decay;
+    float batch;
+} adam_constants;
+
+static adam_constants adam_for_step(const tp_model *model, int32_t batch) {
+    const tp_optimizer_config *opt = &model->optimizer;
+    const double t = (double)model->optimizer_steps;
+    adam_constants c;
+    c.step_size = (float)(opt->lr / (1.0 - pow(opt->beta1, t)));
+    c.correction2_sqrt = (float)sqrt(1.0 - pow(opt->beta2, t));
+    c.lerp_weight = (float)(1.0 - opt->beta1);
+    c.beta2 = (float)opt->beta2;
+    c.one_minus_beta2 = (float)(1.0 - opt->beta2);
+    c.eps = (float)opt->eps;
+    c.weight_decay = (float)opt->weight_decay;
+    c.batch = (float)batch;
+    return c;
+}
+
+/* One entry of torch.optim.Adam's single-tensor step in float32: m and v in place, returns the
+ * new parameter. */
+static float adam_entry(const adam_constants *c, float param, float grad, float *m, float *v) {
+    float denominator;
+    if (c->weight_decay != 0.0f) grad = grad + c->weight_decay * param;
+    /* torch.lerp(m, grad, w): m + w (grad - m) for w < 0.5, else grad - (grad - m)(1 - w) */
+    if (c->lerp_weight < 0.5f)
+        *m = *m + c->lerp_weight * (grad - *m);
+    else
+        *m = grad - (grad - *m) * (1.0f - c->lerp_weight);
+    *v = *v * c->beta2 + c->one_minus_beta2 * grad * grad;
+    denominator = sqrtf(*v) / c->correction2_sqrt + c->eps;
+    return param + -c->step_size * (*m / denominator);
+}
+
+/* One tensor (a weight or a bias) with float moments; grad NULL: a zero gradient. */
+static void adam_tensor(const adam_constants *c, float *param, const float *grad, size_t count,
+                        float *m, float *v) {
+    size_t i;
+    for (i = 0; i < count; i++)
+        param[i] = adam_entry(c, param[i], grad != NULL ? grad[i] / c->batch : 0.0f, &m[i], &v[i]);
+}
+
+/* The same with 8-bit moments (tinyprop.moments): per block of TP_MOMENT_BLOCK entries, decode
+ * m = code * (max|m| / 127) and w = code * (max w / 255), v = w * w; the float step; then the
+ * block's new maxima and codes (rounded to nearest even; w = sqrt(v) > 0 at least code 1). */
+static void adam_tensor_8bit(const adam_constants *c, float *param, const float *grad,
+                             size_t count, int8_t *first, uint8_t *second, float *first_max,
+                             float *second_max) {
+    float m[TP_MOMENT_BLOCK], w[TP_MOMENT_BLOCK];
+    size_t start, i;
+    for (start = 0; start < count; start += TP_MOMENT_BLOCK) {
+        const size_t n = count - start < TP_MOMENT_BLOCK ? count - start : TP_MOMENT_BLOCK;
+        const size_t block = start / TP_MOMENT_BLOCK;
+        const float first_scale = first_max[block] / 127.0f;
+        const float second_scale = second_max[block] / 255.0f;
+        float largest_m = 0.0f, largest_w = 0.0f, scale;
+        for (i = 0; i < n; i++) {
+            const float g = grad != NULL ? grad[start + i] / c->batch : 0.0f;
+            const float decoded_w = (float)second[start + i] * second_scale;
+            float mm = (float)first[start + i] * first_scale, vv = decoded_w * decoded_w;
+            param[start + i] = adam_entry(c, param[start + i], g, &mm, &vv);
+            m[i] = mm;
+            w[i] = sqrtf(vv);
+            if (fabsf(mm) > largest_m) largest_m = fabsf(mm);
+            if (w[i] > largest_w) largest_w = w[i];
+        }
+        first_max[block] = largest_m;
+        second_max[block] = largest_w;
+        scale = largest_m / 127.0f;
+        for (i = 0; i < n; i++)
+            first[start + i] = largest_m > 0.0f ? (int8_t)rintf(m[i] / scale) : 0;
+        scale = largest_w / 255.0f;
+        for (i = 0; i < n; i++) {
+            float code = largest_w > 0.0f ? rintf(w[i] / scale) : 0.0f;
+            if (code > 255.0f) code = 255.0f;
+            if (w[i] > 0.0f && code < 1.0f) code = 1.0f;
+            second[start + i] = (uint8_t)code;
         }
     }
+}
+
+void tp_adam_step_layer(tp_model *model, tp_layer *layer, int32_t batch, int zero_gradient) {
+    const adam_constants c = adam_for_step(model, batch);
+    const size_t weights = layer->bias_only ? 0 : (size_t)layer->out_c * (size_t)layer->fan_in;
+    const size_t offset = layer->parameter_offset, bias_offset = offset + weights;
+    const float *grad_weight = zero_gradient ? NULL : layer->grad_weight;
+    const float *grad_bias = zero_gradient ? NULL : layer->grad_bias;
+    if (model->memory.moment_bits == 8) {
+        const size_t bias_block =
+            layer->block_offset + (weights + TP_MOMENT_BLOCK - 1) / TP_MOMENT_BLOCK;
+        if (weights > 0)
+            adam_tensor_8bit(&c, layer->weight, grad_weight, weights, model->first_codes + offset,
+                             model->second_codes + offset, model->first_max + layer->block_offset,
+                             model->second_max + layer->block_offset);
+        if (layer->has_bias)
+            adam_tensor_8bit(&c, layer->bias, grad_bias, (size_t)layer->out_c,
+                             model->first_codes + bias_offset, model->second_codes + bias_offset,
+                             model->first_max + bias_block, model->second_max + bias_block);
+        return;
+    }
+    if (weights > 0)
+        adam_tensor(&c, layer->weight, grad_weight, weights, model->moment1 + offset,
+                    model->moment2 + offset);
+    if (layer->has_bias)
+        adam_tensor(&c, layer->bias, grad_bias, (size_t)layer->out_c,
+                    model->moment1 + bias_offset, model->moment2 + bias_offset);
 }
 
 /* One SGD step of one sample (batch 1: grad / 1 is grad), weight decay as above. */

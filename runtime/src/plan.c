@@ -18,7 +18,13 @@
  *     not a ReLU or Flatten (those work on it in place); a trained conv's backward scratch,
  *     the selection scratch of a trained layer (sparse policies: N values and N indices, or
  *     with selection_in_place TP_RADIX_COUNTS counts) and,
- *     with sgd_in_place, a trained conv's gradient, all alive at step 2L - j.
+ *     with sgd_in_place a trained conv's gradient (adam_in_place: any trained layer's, its
+ *     trained parameters), all alive at step 2L - j; with recompute_layers, for a layer j
+ *     whose input is recomputed: that input (the largest output of the layers before j), alive
+ *     from step 2L - j to the backward of a ReLU working in place on it; a partner of the same
+ *     size where the recomputed outputs alternate (unless j writes an input error at least
+ *     that large, which serves instead), and the largest forward scratch of the convs before
+ *     j, both alive at step 2L - j.
  * Placement (greedy by size): buffers by decreasing size (ties: creation order), each at the
  * lowest offset (0 or the end of a placed buffer alive at an overlapping time) where it
  * overlaps no placed buffer alive at an overlapping time. The Python mirror
@@ -35,6 +41,38 @@ static size_t layer_parameters(const tp_layer *layer) {
 /* The parameters a trained layer keeps in the arena: a bias-only layer's bias. */
 static size_t trained_parameters(const tp_layer *layer) {
     return layer->bias_only ? (size_t)layer->out_c : layer_parameters(layer);
+}
+
+size_t tp_moment_blocks(const tp_layer *layer) {
+    const size_t block = TP_MOMENT_BLOCK;
+    const size_t weights = (size_t)layer->out_c * (size_t)layer->fan_in;
+    return (layer->bias_only ? 0 : (weights + block - 1) / block) +
+           (layer->has_bias ? ((size_t)layer->out_c + block - 1) / block : 0);
+}
+
+int tp_layer_aliases(const tp_layer *layer) {
+    return layer->kind == TP_LAYER_FLATTEN ||
+           (layer->kind == TP_LAYER_RELU && !layer->input_is_sample);
+}
+
+int32_t tp_recompute_consumer(const tp_layer *layers, int32_t i, int32_t layer_count) {
+    int32_t k = i + 1;
+    if (!tp_layer_aliases(&layers[i])) return -1;
+    while (k < layer_count &&
+           (layers[k].kind == TP_LAYER_RELU || layers[k].kind == TP_LAYER_FLATTEN))
+        k++;
+    return k < layer_count && layers[k].recompute_input ? k : -1;
+}
+
+/* The last step that reads layer i's recomputed input: its backward, or the backward of a ReLU
+ * working in place on it (among the layers right before i that alias their input). */
+static int32_t recompute_reader(const tp_layer *layers, int32_t i, int32_t layer_count) {
+    int32_t last = 2 * layer_count - i, k = i - 1;
+    while (k > 0 && (layers[k].kind == TP_LAYER_RELU || layers[k].kind == TP_LAYER_FLATTEN)) {
+        if (layers[k].kind == TP_LAYER_RELU) last = 2 * layer_count - k;
+        k--;
+    }
+    return last;
 }
 
 /* A ReLU (with its own output buffer or in place) right before a bias-only layer keeps a bit
@@ -145,12 +183,39 @@ static tp_status place(tp_arena_plan *plan) {
     return TP_OK;
 }
 
+/* The buffers of layer i's recomputed input (see the top of this file). */
+static tp_status add_recompute(tp_arena_plan *plan, const tp_layer *layers, int32_t i,
+                               int32_t layer_count, int writes_input_delta) {
+    const int32_t step = 2 * layer_count - i;
+    size_t largest = 0, scratch = 0;
+    int32_t j, outputs = 0;
+    tp_status status;
+    for (j = 0; j < i; j++) {
+        if (!tp_layer_aliases(&layers[j])) {
+            const size_t size = (size_t)tp_layer_output_size(&layers[j]);
+            if (size > largest) largest = size;
+            outputs++;
+        }
+        if (layers[j].kind == TP_LAYER_CONV2D && tp_conv_forward_scratch_floats(&layers[j]) > scratch)
+            scratch = tp_conv_forward_scratch_floats(&layers[j]);
+    }
+    status = add_buffer(plan, largest, step, recompute_reader(layers, i, layer_count), i,
+                        TP_BUFFER_RECOMPUTED_INPUT);
+    if (status != TP_OK) return status;
+    if (outputs > 1 && !(writes_input_delta && (size_t)tp_layer_input_size(&layers[i]) >= largest)) {
+        status = add_buffer(plan, largest, step, step, i, TP_BUFFER_RECOMPUTE_PARTNER);
+        if (status != TP_OK) return status;
+    }
+    return add_buffer(plan, scratch, step, step, i, TP_BUFFER_RECOMPUTE_SCRATCH);
+}
+
 tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t class_count,
                         const tp_policy_config *policy, const tp_optimizer_config *optimizer,
                         const tp_memory_config *memory, tp_arena_plan *plan) {
     int32_t storage[TP_MAX_LAYERS], last_use[TP_MAX_LAYERS];
     const int32_t L = layer_count;
     int32_t i, first = -1;
+    size_t blocks = 0;
     tp_status status;
     plan->count = 0;
     plan->parameters = 0;
@@ -158,14 +223,21 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
         if (layers[i].trained) {
             if (first < 0) first = i;
             plan->parameters += trained_parameters(&layers[i]);
+            blocks += tp_moment_blocks(&layers[i]);
         }
     }
     if (first < 0) return TP_ERR_ARGUMENT;
     plan->first_trained = first;
-    plan->gradients = memory->sgd_in_place || memory->momentum_in_place ? 0 : plan->parameters;
-    plan->moments = optimizer->kind == TP_OPTIMIZER_ADAM ? 2 * plan->parameters
-                    : optimizer->momentum != 0.0       ? plan->parameters
-                                                       : 0;
+    plan->gradients = memory->sgd_in_place || memory->adam_in_place || memory->momentum_in_place
+                          ? 0
+                          : plan->parameters;
+    if (optimizer->kind == TP_OPTIMIZER_ADAM && memory->moment_bits == 8)
+        /* two arrays of one-byte codes (each rounded up to whole floats), two block maxima */
+        plan->moments = 2 * ((plan->parameters + 3) / 4) + 2 * blocks;
+    else
+        plan->moments = optimizer->kind == TP_OPTIMIZER_ADAM ? 2 * plan->parameters
+                        : optimizer->momentum != 0.0       ? plan->parameters
+                                                           : 0;
     /* which layer's buffer holds each output (-1: the sample), and its last reader */
     for (i = 0; i < L; i++) {
         const int aliases = layers[i].kind == TP_LAYER_FLATTEN ||
@@ -178,10 +250,12 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
         const tp_layer_kind kind = layers[i].kind;
         if (input >= 0) last_use[input] = max_i32(last_use[input], i);
         if (i < first) continue;
-        if (input >= 0 && ((layers[i].trained && !layers[i].bias_only) ||
-                           kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
+        if (input >= 0 &&
+            ((layers[i].trained && !layers[i].bias_only && !layers[i].recompute_input) ||
+             kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
             last_use[input] = max_i32(last_use[input], 2 * L - i);
-        if (kind == TP_LAYER_RELU && storage[i] >= 0 && !keeps_mask(layers, i, L))
+        if (kind == TP_LAYER_RELU && storage[i] >= 0 && !keeps_mask(layers, i, L) &&
+            tp_recompute_consumer(layers, i, L) < 0)
             last_use[storage[i]] = max_i32(last_use[storage[i]], 2 * L - i);
     }
     if (storage[L - 1] >= 0) last_use[storage[L - 1]] = max_i32(last_use[storage[L - 1]], L);
@@ -232,9 +306,13 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                                 step, step, i, TP_BUFFER_SELECTION);
             if (status != TP_OK) return status;
         }
-        if (memory->sgd_in_place && layer->kind == TP_LAYER_CONV2D) {
-            status = add_buffer(plan, layer_parameters(layer), step, step, i,
+        if ((memory->sgd_in_place && layer->kind == TP_LAYER_CONV2D) || memory->adam_in_place) {
+            status = add_buffer(plan, trained_parameters(layer), step, step, i,
                                 TP_BUFFER_GRADIENT);
+            if (status != TP_OK) return status;
+        }
+        if (layer->recompute_input) {
+            status = add_recompute(plan, layers, i, L, i > first);
             if (status != TP_OK) return status;
         }
     }

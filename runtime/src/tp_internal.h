@@ -17,9 +17,9 @@ int32_t tp_layer_input_size(const tp_layer *layer);
 int tp_layer_is_trainable(tp_layer_kind kind);
 
 /* ---- plan.c: the arena plan (see plan.c for the lifetimes and the placement) */
-/* at most 6 transient buffers per layer (output, forward and backward scratch, input error,
- * selection, in-place gradient) and the loss error */
-#define TP_MAX_BUFFERS (6 * TP_MAX_LAYERS + 1)
+/* at most 9 transient buffers per layer (output, forward and backward scratch, input error,
+ * selection, in-place gradient, recomputed input, its partner and scratch) and the loss error */
+#define TP_MAX_BUFFERS (9 * TP_MAX_LAYERS + 1)
 typedef enum {
     TP_BUFFER_OUTPUT = 0,
     TP_BUFFER_FORWARD_SCRATCH = 1,
@@ -28,7 +28,10 @@ typedef enum {
     TP_BUFFER_BACKWARD_SCRATCH = 4,
     TP_BUFFER_SELECTION = 5,
     TP_BUFFER_GRADIENT = 6,
-    TP_BUFFER_RELU_MASK = 7
+    TP_BUFFER_RELU_MASK = 7,
+    TP_BUFFER_RECOMPUTED_INPUT = 8,
+    TP_BUFFER_RECOMPUTE_PARTNER = 9,
+    TP_BUFFER_RECOMPUTE_SCRATCH = 10
 } tp_buffer_use;
 typedef struct {
     uint32_t floats, offset; /* in floats (every buffer holds 4-byte floats or int32s) */
@@ -47,6 +50,13 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                         const tp_policy_config *policy, const tp_optimizer_config *optimizer,
                         const tp_memory_config *memory, tp_arena_plan *plan);
 size_t tp_plan_floats(const tp_arena_plan *plan); /* the whole arena, in floats */
+/* trained layer's moment blocks (moment_bits 8): its weight's (unless bias-only), its bias's */
+size_t tp_moment_blocks(const tp_layer *layer);
+/* a layer that aliases its input (Flatten, or a ReLU in place): no output buffer of its own */
+int tp_layer_aliases(const tp_layer *layer);
+/* the layer whose recomputed input is layer i's output (i aliases its input, and so do the
+ * layers up to the next one, which recomputes its input), or -1 */
+int32_t tp_recompute_consumer(const tp_layer *layers, int32_t i, int32_t layer_count);
 size_t tp_conv_forward_scratch_floats(const tp_layer *layer);
 /* reads_input: 0 for a bias-only layer (no weight gradient: its input is not read) */
 size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_delta,
@@ -129,6 +139,9 @@ void tp_optimizer_update(tp_model *model, int32_t batch);
 /* momentum_in_place: scale the momentum buffer by momentum * batch before a batch's first
  * trained sample adds its gradient */
 void tp_momentum_begin_batch(tp_model *model, int32_t batch);
+/* one Adam step of a trained layer with its gradient divided by `batch` (grad_weight and
+ * grad_bias; zero when `zero_gradient`), t = model->optimizer_steps, float or 8-bit moments */
+void tp_adam_step_layer(tp_model *model, tp_layer *layer, int32_t batch, int zero_gradient);
 /* sgd_in_place: one SGD step of a conv layer with its gradient buffer (one sample) */
 void tp_sgd_step_layer(const tp_optimizer_config *optimizer, tp_layer *layer);
 /* sgd_in_place: the step of a layer whose gradient is zero (weight decay only) */

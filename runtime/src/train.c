@@ -9,6 +9,50 @@ static const float *layer_input(const tp_model *model, int32_t i, const float *x
     return model->layers[i].input_is_sample ? x : model->layers[i - 1].output;
 }
 
+/* recompute_layers: the input of layer `upto` computed again from the sample x by the forward
+ * of the layers before it (the same functions on the same floats as tp_forward_sample, ReLU
+ * masks not written again); their outputs alternate between the layer's partner and its
+ * recomputed input, where the last one lands. Returns that input. */
+static const float *recompute_input(tp_model *model, const float *x, int32_t upto) {
+    tp_layer *const target = &model->layers[upto];
+    float *const buffers[2] = {target->recomputed_input, target->recompute_partner};
+    const float *current = x;
+    int32_t i, outputs = 0, written = 0;
+    for (i = 0; i < upto; i++) outputs += !tp_layer_aliases(&model->layers[i]);
+    for (i = 0; i < upto; i++) {
+        const tp_layer *layer = &model->layers[i];
+        float *out;
+        if (layer->kind == TP_LAYER_FLATTEN) continue;
+        if (tp_layer_aliases(layer)) { /* a ReLU in place */
+            tp_relu_forward(current, (float *)(uintptr_t)current, tp_layer_output_size(layer));
+            continue;
+        }
+        out = buffers[(outputs - 1 - written++) % 2];
+        switch (layer->kind) {
+        case TP_LAYER_DENSE: tp_dense_forward(layer, current, out); break;
+        case TP_LAYER_CONV2D: {
+            const int relu = i + 1 < upto && model->layers[i + 1].kind == TP_LAYER_RELU &&
+                             !model->layers[i + 1].input_is_sample;
+            tp_conv_forward(layer, current, out, target->recompute_scratch, relu);
+            i += relu;
+            break;
+        }
+        case TP_LAYER_RELU: tp_relu_forward(current, out, tp_layer_output_size(layer)); break;
+        case TP_LAYER_MAXPOOL: tp_maxpool_forward(layer, current, out); break;
+        case TP_LAYER_AVGPOOL: tp_avgpool_forward(layer, current, out); break;
+        default: break;
+        }
+        current = out;
+    }
+    return current;
+}
+
+/* The output of ReLU i for its backward: where the next layer recomputed it, else kept. */
+static const float *relu_output(const tp_model *model, int32_t i) {
+    const int32_t consumer = tp_recompute_consumer(model->layers, i, model->layer_count);
+    return consumer >= 0 ? model->layers[consumer].recomputed_input : model->layers[i].output;
+}
+
 tp_status tp_forward_sample(tp_model *model, const float *x, const float **logits) {
     const float *current = x;
     int32_t i;
@@ -83,6 +127,7 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     const int32_t n = tp_layer_output_size(layer);
     const int first = layer == &model->layers[model->first_trained_layer];
     const int in_place = model->memory.sgd_in_place;
+    const int adam_in_place = model->memory.adam_in_place;
     float *const values = layer->selection;
     /* no selection scratch under full (no offset on a NULL pointer) */
     int32_t *const indices =
@@ -97,14 +142,17 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     const int32_t plane = layer->out_h * layer->out_w;
     int bias_done = 0;
     /* in place, a conv gathers this sample's gradient in its own buffer */
-    if (in_place && layer->kind == TP_LAYER_CONV2D)
-        tp_zero(layer->grad_weight, (size_t)layer->out_c * (size_t)layer->fan_in +
-                                        (layer->has_bias ? (size_t)layer->out_c : 0));
+    if ((in_place && layer->kind == TP_LAYER_CONV2D) || adam_in_place)
+        tp_zero(layer->grad_bias != NULL && layer->grad_weight == NULL ? layer->grad_bias
+                                                                       : layer->grad_weight,
+                (layer->bias_only ? 0 : (size_t)layer->out_c * (size_t)layer->fan_in) +
+                    (layer->has_bias ? (size_t)layer->out_c : 0));
     if (first && layer->bias_only) {
         /* nothing of it needs a selection (no weight gradient, no input error): the dense
          * bias gradient, as the library's backward of a layer whose input and weight need no
          * gradient */
         tp_bias_gradient(layer, delta);
+        if (adam_in_place) tp_adam_step_layer(model, layer, 1, 0);
         macs->backward += tp_macs_backward(layer, n, first);
         return n;
     }
@@ -150,6 +198,7 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
                          layer->backward_scratch, (int32_t *)(void *)values, bias_done);
         if (in_place) tp_sgd_step_layer(&model->optimizer, layer);
     }
+    if (adam_in_place) tp_adam_step_layer(model, layer, 1, 0);
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
     return k;
@@ -159,6 +208,11 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
  * the library's optimizer does with a zero gradient: weight decay only. */
 static void decay_layers_in_place(tp_model *model, int32_t from) {
     int32_t i;
+    if (model->memory.adam_in_place) { /* Adam steps them with a zero gradient */
+        for (i = from; i >= model->first_trained_layer; i--)
+            if (model->layers[i].trained) tp_adam_step_layer(model, &model->layers[i], 1, 1);
+        return;
+    }
     if (model->optimizer.weight_decay == 0.0) return;
     for (i = from; i >= model->first_trained_layer; i--)
         if (model->layers[i].trained) tp_sgd_decay_layer(&model->optimizer, &model->layers[i]);
@@ -182,7 +236,7 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
             if (layer->relu_mask != NULL)
                 tp_relu_backward_mask(layer->relu_mask, delta, tp_layer_output_size(layer));
             else
-                tp_relu_backward(layer->output, delta, tp_layer_output_size(layer));
+                tp_relu_backward(relu_output(model, i), delta, tp_layer_output_size(layer));
             continue;
         case TP_LAYER_FLATTEN: continue;
         /* a pool right after a ReLU takes the ReLU's derivative in the same pass where it can
@@ -203,10 +257,12 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
             break;
         case TP_LAYER_DENSE:
         case TP_LAYER_CONV2D: {
-            const int32_t k = backward_trainable(model, layer, input, delta, spare, macs);
+            const float *kept_input = layer->recompute_input ? recompute_input(model, x, i) : input;
+            const int32_t k = backward_trainable(model, layer, kept_input, delta, spare, macs);
             if (keep_row != NULL) keep_row[layer->trainable_index] = k;
             if (k == 0) { /* a zero error here and below: in place, only the decay steps */
-                if (model->memory.sgd_in_place) decay_layers_in_place(model, i);
+                if (model->memory.sgd_in_place || model->memory.adam_in_place)
+                    decay_layers_in_place(model, i);
                 return TP_OK;
             }
             if (i == model->first_trained_layer) return TP_OK;
@@ -247,6 +303,7 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         macs->selection += (uint64_t)model->class_count; /* Y_L of every sample */
     }
     if (!*trained) return TP_OK;
+    if (model->memory.adam_in_place) model->optimizer_steps++; /* this sample's step */
     if (model->memory.momentum_in_place && model->momentum_batch > 0) {
         tp_momentum_begin_batch(model, model->momentum_batch);
         model->momentum_batch = 0;
@@ -276,7 +333,8 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
         int trained = 0;
         tp_status status;
         if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
-        if (model->memory.sgd_in_place) { /* the samples before this one stay applied */
+        if (model->memory.sgd_in_place || model->memory.adam_in_place) {
+            /* the samples before this one stay applied */
             for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
             saved_output_max = model->running_max_output;
         }
@@ -298,7 +356,8 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
         trained_count += trained;
         loss_sum += loss;
     }
-    if (trained_count > 0 && !model->memory.sgd_in_place) tp_optimizer_update(model, batch);
+    if (trained_count > 0 && !model->memory.sgd_in_place && !model->memory.adam_in_place)
+        tp_optimizer_update(model, batch);
     stats->loss = loss_sum / (float)batch;
     stats->trained = trained_count;
     stats->skipped = batch - trained_count;

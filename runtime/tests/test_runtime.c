@@ -422,14 +422,16 @@ static void test_gradient_matches_finite_differences(void) {
  * layers after the first trained one train their biases only (bias_only_layers); in_place 3:
  * the same with SGD momentum gathered in its buffer (momentum_in_place, no gradients);
  * in_place 4: every layer from the first trained one bias-only but the last, top-k chosen in
- * delta itself (selection_in_place), Adam. */
+ * delta itself (selection_in_place), Adam; in_place 5: every layer after the first trained one
+ * recomputes its input, Adam in place with 8-bit moments, selection_in_place; in_place 6: the
+ * same recompute with one Adam step per batch, 8-bit moments. */
 static void test_memory_modes(void) {
     const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
     const int trainable[] = {3, 4, 3};
     int s, first, in_place, p, step;
     for (s = 0; s < 3; s++) {
         for (first = 0; first < trainable[s]; first++) {
-            for (in_place = 0; in_place <= 4; in_place++) {
+            for (in_place = 0; in_place <= 6; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
                     tp_policy_config config = tp_policy_defaults((tp_policy)p);
                     tp_optimizer_config opt = in_place == 1   ? tp_sgd(0.05, 0.0, 1e-3)
@@ -455,17 +457,24 @@ static void test_memory_modes(void) {
                                                         (s == 1 ? ~(1u << 2) : ~0u)
                                                   : 0u;
                     memory.momentum_in_place = in_place == 3;
-                    memory.selection_in_place = in_place == 4;
+                    memory.selection_in_place = in_place == 4 || in_place == 5;
+                    memory.adam_in_place = in_place == 5;
+                    memory.moment_bits = in_place >= 5 ? 8 : 32;
+                    memory.recompute_layers =
+                        in_place >= 5 ? ((1u << trainable[s]) - 1u) & ~((2u << first) - 1u) : 0u;
                     CHECK(tp_arena_bytes_mode(specs[s], &config, &opt, &memory, &bytes) == TP_OK);
                     CHECK(tp_arena_bytes(specs[s], &config, &opt, &full_bytes) == TP_OK);
-                    CHECK(bytes <= full_bytes);
+                    /* (recomputing may cost more than it saves on these small models) */
+                    if (in_place < 5) CHECK(bytes <= full_bytes);
                     arena = malloc(bytes);
                     CHECK(tp_init_mode(&model, specs[s], &config, &opt, &memory, arena,
                                        bytes - 4) == TP_ERR_ARENA);
                     CHECK(tp_init_mode(&model, specs[s], &config, &opt, &memory, arena, bytes) ==
                           TP_OK);
                     CHECK(model.arena_bytes_used == bytes);
-                    CHECK((model.gradients == NULL) == (in_place == 1 || in_place == 3));
+                    CHECK((model.gradients == NULL) ==
+                          (in_place == 1 || in_place == 3 || in_place == 5));
+                    CHECK((model.first_codes != NULL) == (in_place >= 5));
                     for (step = 0; step < 3; step++) {
                         const int32_t input = model.input_size;
                         fill(x, (size_t)(6 * input), 1.0f);
@@ -543,6 +552,32 @@ static void test_memory_modes(void) {
         memory.sgd_in_place = 1;
         CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
               TP_ERR_ARGUMENT);
+        /* Adam in place and 8-bit moments: Adam only; moment_bits 32, 0 or 8 */
+        memory = tp_memory_defaults();
+        memory.adam_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_OK);
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        memory.momentum_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory = tp_memory_defaults();
+        memory.moment_bits = 8;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_OK);
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &momentum, &memory, &bytes) ==
+              TP_ERR_ARGUMENT);
+        memory.moment_bits = 16;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        /* recompute: after the first trained layer, not bias-only, within the model */
+        memory = tp_memory_defaults();
+        memory.recompute_layers = 1u << 2;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_OK);
+        memory.recompute_layers = 1u << 0; /* the first trained layer (it reads the sample) */
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory.recompute_layers = 1u << 3;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
+        memory.recompute_layers = 1u << 2;
+        memory.bias_only_layers = 1u << 2;
+        CHECK(tp_arena_bytes_mode(&mlp_spec, &config, &adam, &memory, &bytes) == TP_ERR_ARGUMENT);
         memory = tp_memory_defaults();
         /* a frozen layer needs its weights in the spec */
         memcpy(layers, mlp_layers, sizeof layers);

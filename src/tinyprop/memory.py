@@ -21,6 +21,15 @@ on a microcontroller can be measured here before anything is flashed:
   largest, the entries not kept are set to zero in δ itself and the backward skips zeros. The
   same kept entries (the floats differ by rounding only where k exceeds the non-zero errors):
   the mirror is the library as it is.
+- ``adam_in_place``: Adam where every trained sample is its own step (t counts trained
+  samples), applied as soon as a layer's backward is done: in C a trained layer gathers the
+  sample's gradient in a buffer of its own size that lives only during its backward (no
+  gradient buffer for the model). Here: :func:`train_step_in_place` with Adam.
+- ``moment_bits``: 32 (float moments) or 8: Adam keeps m and v in 8 bits per entry plus a
+  float per block of 64 (:class:`tinyprop.moments.Adam8bit`, the same floats as C).
+- ``recompute_layers``: trained layers (not bias-only) whose input is not kept for their
+  backward: in C it is computed again from the sample (the forward of the layers before it, the
+  same floats) when their backward runs. The library keeps it: the same floats.
 
 ``tinyprop.export.arena.plan_arena`` computes the arena of a mode exactly as the runtime does,
 and :data:`MODES` names the modes measured for the example models.
@@ -40,6 +49,7 @@ from torch import nn
 
 import tinyprop
 from tinyprop.ledger import Ledger
+from tinyprop.moments import Adam8bit
 
 TRAINABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -57,6 +67,11 @@ class MemoryMode:
         momentum_in_place: SGD with momentum (no Nesterov) accumulates the batch's gradient
             in its momentum buffer: no gradient buffer.
         selection_in_place: sparse policies select top-k in δ itself (no selection scratch).
+        adam_in_place: every trained sample is its own Adam step, each layer's applied after
+            its backward (no gradient buffer).
+        moment_bits: 32, or 8 for Adam's moments in 8 bits (:mod:`tinyprop.moments`).
+        recompute_layers: trained layers whose input is computed again from the sample for
+            their backward instead of kept.
     """
 
     first_trained_layer: int = 0
@@ -64,6 +79,9 @@ class MemoryMode:
     bias_only_layers: tuple[int, ...] = ()
     momentum_in_place: bool = False
     selection_in_place: bool = False
+    adam_in_place: bool = False
+    moment_bits: int = 32
+    recompute_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.first_trained_layer, bool) or not isinstance(
@@ -72,11 +90,27 @@ class MemoryMode:
             raise TypeError(f"first_trained_layer must be an int, got {self.first_trained_layer!r}")
         if self.first_trained_layer < 0:
             raise ValueError(f"first_trained_layer must be >= 0, got {self.first_trained_layer}")
-        layers = tuple(self.bias_only_layers)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-            raise TypeError(f"bias_only_layers must hold ints, got {self.bias_only_layers!r}")
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"bias_only_layers must be increasing, got {layers}")
+        layers = _layer_indices("bias_only_layers", self.bias_only_layers)
+        recompute = _layer_indices("recompute_layers", self.recompute_layers)
+        if recompute and recompute[0] <= self.first_trained_layer:
+            raise ValueError(
+                "recompute_layers must lie after first_trained_layer (a frozen layer's input is "
+                f"not kept anyway), got {recompute} with first_trained_layer "
+                f"{self.first_trained_layer}"
+            )
+        if set(recompute) & set(layers):
+            raise ValueError(
+                "recompute_layers must not be bias-only (a bias-only layer keeps no input), got "
+                f"{sorted(set(recompute) & set(layers))}"
+            )
+        if recompute and recompute[-1] >= 32:
+            raise ValueError(f"recompute_layers: the runtime handles layers 0..31, got {recompute}")
+        if self.moment_bits not in (8, 32) or isinstance(self.moment_bits, bool):
+            raise ValueError(f"moment_bits must be 32 or 8, got {self.moment_bits!r}")
+        if self.adam_in_place and (self.sgd_in_place or self.momentum_in_place):
+            raise ValueError(
+                "adam_in_place excludes sgd_in_place and momentum_in_place (one optimizer)"
+            )
         if layers and layers[0] < self.first_trained_layer:
             raise ValueError(
                 "bias_only_layers must lie at or after first_trained_layer (the layers before "
@@ -92,11 +126,22 @@ class MemoryMode:
                 "every sample with plain SGD, momentum_in_place steps once per batch"
             )
         object.__setattr__(self, "bias_only_layers", layers)
+        object.__setattr__(self, "recompute_layers", recompute)
 
     @property
     def bias_only_bits(self) -> int:
         """``bias_only_layers`` as the runtime's bit mask (bit i: trainable layer i)."""
         return sum(1 << index for index in self.bias_only_layers)
+
+    @property
+    def recompute_bits(self) -> int:
+        """``recompute_layers`` as the runtime's bit mask (bit i: trainable layer i)."""
+        return sum(1 << index for index in self.recompute_layers)
+
+    @property
+    def in_place(self) -> bool:
+        """Every trained sample is its own step (``sgd_in_place`` or ``adam_in_place``)."""
+        return self.sgd_in_place or self.adam_in_place
 
     def check(self, optimizer: str, momentum: float, nesterov: bool = False) -> None:
         """Raise ValueError when the optimizer does not fit the mode."""
@@ -112,6 +157,22 @@ class MemoryMode:
                 f"gradient is gathered in the momentum buffer); got {optimizer} with momentum "
                 f"{momentum}, nesterov {nesterov}"
             )
+        if (self.adam_in_place or self.moment_bits != 32) and optimizer != "adam":
+            raise ValueError(
+                "adam_in_place and moment_bits 8 need Adam; got "
+                f"{optimizer} (adam_in_place {self.adam_in_place}, moment_bits "
+                f"{self.moment_bits})"
+            )
+
+
+def _layer_indices(name: str, values) -> tuple[int, ...]:
+    """A mode's tuple of dense/conv layer indices, checked: ints, increasing."""
+    layers = tuple(values)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise TypeError(f"{name} must hold ints, got {values!r}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{name} must be increasing, got {layers}")
+    return layers
 
 
 def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -149,16 +210,24 @@ def freeze(model: nn.Module, mode: MemoryMode) -> list[str]:
 def train_step_in_place(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, optimizer
 ) -> tinyprop.StepStats:
-    """``sgd_in_place`` semantics: every sample of the batch is its own step (in order).
+    """``sgd_in_place`` and ``adam_in_place`` semantics: every sample of the batch is its own
+    step (in order) of plain SGD or Adam (float or 8-bit moments, without AMSGrad).
 
     Returns one :class:`tinyprop.StepStats` for the batch: the mean loss, the summed counts and
     ledger, k per layer of the trained samples, the trained mask.
     """
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError("train_step_in_place runs plain torch.optim.SGD")
-    group = optimizer.param_groups[0]
-    if group["momentum"] or group["nesterov"]:
-        raise ValueError("sgd_in_place needs SGD without momentum or Nesterov")
+    if isinstance(optimizer, torch.optim.SGD):
+        group = optimizer.param_groups[0]
+        if group["momentum"] or group["nesterov"]:
+            raise ValueError("sgd_in_place needs SGD without momentum or Nesterov")
+    elif isinstance(optimizer, torch.optim.Adam):
+        if optimizer.param_groups[0]["amsgrad"]:
+            raise ValueError("adam_in_place needs Adam without AMSGrad")
+    elif not isinstance(optimizer, Adam8bit):
+        raise ValueError(
+            "train_step_in_place runs plain torch.optim.SGD, torch.optim.Adam or "
+            f"tinyprop.moments.Adam8bit, got {type(optimizer).__name__}"
+        )
     losses, trained, skipped, macs = [], 0, 0, Ledger()
     keep: dict[str, list[torch.Tensor]] = {}
     mask = []
@@ -223,13 +292,15 @@ class TrainingMode:
     def optimizer_for(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         """The torch optimizer of this mode over the model's trainable parameters."""
         parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adam" and self.memory.moment_bits == 8:
+            return Adam8bit(parameters, lr=lr)
         if self.optimizer == "adam":
             return torch.optim.Adam(parameters, lr=lr)
         return torch.optim.SGD(parameters, lr=lr, momentum=self.momentum)
 
     def step(self, model: nn.Module, x, y, loss_fn, optimizer) -> tinyprop.StepStats:
         """One batch under this mode's update semantics."""
-        if self.memory.sgd_in_place:
+        if self.memory.in_place:
             return train_step_in_place(model, x, y, loss_fn, optimizer)
         return tinyprop.train_step(model, x, y, loss_fn, optimizer)
 

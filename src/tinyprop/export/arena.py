@@ -36,7 +36,11 @@ RADIX_COUNTS = 256  # selection_in_place: the radix select's table (TP_RADIX_COU
     SELECTION,
     GRADIENT,
     RELU_MASK,
-) = range(8)
+    RECOMPUTED_INPUT,
+    RECOMPUTE_PARTNER,
+    RECOMPUTE_SCRATCH,
+) = range(11)
+MOMENT_BLOCK = 64  # moment_bits 8: entries per block (tinyprop.moments.BLOCK)
 
 
 @dataclass
@@ -112,6 +116,56 @@ def trained_parameters(layer: LayerSpec, bias_only: bool) -> int:
     return layer.out_channels if bias_only else layer_parameters(layer)
 
 
+def moment_blocks(layer: LayerSpec, bias_only: bool) -> int:
+    """Blocks of :data:`MOMENT_BLOCK` entries of a trained layer's tensors (weight, bias)."""
+    weights = 0 if bias_only else -(-(layer.out_channels * layer.fan_in) // MOMENT_BLOCK)
+    return weights + (-(-layer.out_channels // MOMENT_BLOCK) if layer.has_bias else 0)
+
+
+def moment_floats(parameters: int, blocks: int, bits: int) -> int:
+    """Adam's two moments: 2 floats per parameter, or with 8 bits two codes per parameter
+    (each array rounded up to whole floats) and two block maxima per block."""
+    return 2 * parameters if bits == 32 else 2 * (-(-parameters // 4)) + 2 * blocks
+
+
+def recompute_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
+    """Per layer: a trained layer whose input is computed again for its backward.
+
+    Raises:
+        ValueError: when such a layer does not exist.
+    """
+    trainable = [index for index, layer in enumerate(layers) if layer.trainable]
+    flags = [False] * len(layers)
+    for number in mode.recompute_layers:
+        if number >= len(trainable):
+            raise ValueError(
+                f"recompute_layers must lie in [0, {len(trainable)}) for this model, got "
+                f"{mode.recompute_layers}"
+            )
+        flags[trainable[number]] = True
+    return flags
+
+
+def _recompute_reader(layers: list[LayerSpec], i: int) -> int:
+    """Last step that reads the recomputed input of layer i: its backward, or the backward of
+    a ReLU working in place on it (the layers right before i that alias their input)."""
+    last, k = 2 * len(layers) - i, i - 1
+    while k > 0 and layers[k].kind in (RELU, FLATTEN):
+        if layers[k].kind == RELU:
+            last = 2 * len(layers) - k
+        k -= 1
+    return last
+
+
+def recompute_consumer(layers: list[LayerSpec], recompute: list[bool], i: int) -> bool:
+    """Layer i aliases its input (ReLU in place, Flatten) and the next layer that does not
+    recomputes its input: i's output is then that recomputed input."""
+    k = i + 1
+    while k < len(layers) and layers[k].kind in (RELU, FLATTEN):
+        k += 1
+    return k < len(layers) and recompute[k]
+
+
 def keeps_mask(layers: list[LayerSpec], bias_only: list[bool], i: int) -> bool:
     """A ReLU right before a bias-only layer keeps a bit mask of its output instead."""
     return layers[i].kind == RELU and i + 1 < len(layers) and bias_only[i + 1]
@@ -151,6 +205,24 @@ def _error_reader(layers: list[LayerSpec], j: int) -> int:
     while k > 0 and layers[k].kind in (RELU, FLATTEN):
         k -= 1
     return 2 * len(layers) - k
+
+
+def _add_recompute(
+    layers: list[LayerSpec], storage: list[int], i: int, writes_input_delta: bool, add
+) -> None:
+    """The buffers of layer i's recomputed input: the forward of the layers before it runs
+    again from the sample, its outputs alternating between the recomputed input (the last one
+    lands there) and a partner: the error of i's input (written only after) when it is large
+    enough, else a buffer of its own; the convs' forward scratch."""
+    step = 2 * len(layers) - i
+    outputs = [j for j in range(i) if storage[j] == j]
+    largest = max(layers[j].output_size for j in outputs)
+    add(largest, step, _recompute_reader(layers, i), i, RECOMPUTED_INPUT)
+    partner_is_error = writes_input_delta and math.prod(layers[i].input_shape) >= largest
+    if len(outputs) > 1 and not partner_is_error:
+        add(largest, step, step, i, RECOMPUTE_PARTNER)
+    scratch = [conv_forward_scratch(layers[j]) for j in range(i) if layers[j].kind == CONV2D]
+    add(max(scratch, default=0), step, step, i, RECOMPUTE_SCRATCH)
 
 
 def _place(buffers: list[Buffer]) -> int:
@@ -195,6 +267,7 @@ def plan_arena(
     mode.check(optimizer, momentum)
     trained = trained_flags(layers, mode)
     bias_only = bias_only_flags(layers, mode)
+    recompute = recompute_flags(layers, mode)
     if mode.sgd_in_place and any(bias_only):
         raise ValueError("bias_only_layers do not work with sgd_in_place (not built)")
     first = trained.index(True)
@@ -202,8 +275,14 @@ def plan_arena(
     parameters = sum(
         trained_parameters(x, b) for x, t, b in zip(layers, trained, bias_only, strict=True) if t
     )
-    gradients = 0 if mode.sgd_in_place or mode.momentum_in_place else parameters
-    moments = 2 * parameters if optimizer == "adam" else (parameters if momentum else 0)
+    blocks = sum(
+        moment_blocks(x, b) for x, t, b in zip(layers, trained, bias_only, strict=True) if t
+    )
+    gradients = 0 if mode.in_place or mode.momentum_in_place else parameters
+    if optimizer == "adam":
+        moments = moment_floats(parameters, blocks, mode.moment_bits)
+    else:
+        moments = parameters if momentum else 0
     storage, last_use, current_is_sample = [], list(range(count)), True
     for i, layer in enumerate(layers):
         aliases = layer.kind == FLATTEN or (layer.kind == RELU and not current_is_sample)
@@ -216,9 +295,15 @@ def plan_arena(
             last_use[source] = max(last_use[source], i)
         if i < first:
             continue
-        if source >= 0 and ((trained[i] and not bias_only[i]) or layer.kind in (MAXPOOL, AVGPOOL)):
+        reads_input = trained[i] and not bias_only[i] and not recompute[i]
+        if source >= 0 and (reads_input or layer.kind in (MAXPOOL, AVGPOOL)):
             last_use[source] = max(last_use[source], 2 * count - i)
-        if layer.kind == RELU and storage[i] >= 0 and not keeps_mask(layers, bias_only, i):
+        if (
+            layer.kind == RELU
+            and storage[i] >= 0
+            and not keeps_mask(layers, bias_only, i)
+            and not recompute_consumer(layers, recompute, i)
+        ):
             last_use[storage[i]] = max(last_use[storage[i]], 2 * count - i)
     if storage[-1] >= 0:
         last_use[storage[-1]] = max(last_use[storage[-1]], count)
@@ -253,8 +338,10 @@ def plan_arena(
         if policy != "full" and not (i == first and bias_only[i]):
             floats = RADIX_COUNTS if mode.selection_in_place else 2 * layer.output_size
             add(floats, step, step, i, SELECTION)
-        if mode.sgd_in_place and layer.kind == CONV2D:
-            add(layer_parameters(layer), step, step, i, GRADIENT)
+        if (mode.sgd_in_place and layer.kind == CONV2D) or mode.adam_in_place:
+            add(trained_parameters(layer, bias_only[i]), step, step, i, GRADIENT)
+        if recompute[i]:
+            _add_recompute(layers, storage, i, i > first, add)
     transient = _place(buffers)
     return ArenaPlan(parameters, gradients, moments, transient, first, buffers)
 

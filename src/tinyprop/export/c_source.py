@@ -142,13 +142,16 @@ def model_header(
         " * read from the const arrays above); in place: every sample its own SGD step;",
         " * bit i of bias_only_layers: trainable layer i trains its bias only; momentum in",
         " * place: the batch's gradient gathered in the SGD momentum buffer; selection in",
-        " * place: top-k chosen in the error itself, no selection scratch */",
+        " * place: top-k chosen in the error itself, no selection scratch; adam in place:",
+        " * every sample its own Adam step; moment_bits 8: Adam's moments in 8 bits; bit i of",
+        " * recompute_layers: trainable layer i's input computed again for its backward */",
         "static const tp_memory_config tp_model_memory = {",
         f"    {memory.first_trained_layer}, {int(memory.sgd_in_place)}, "
         f"0x{memory.bias_only_bits:X}u, {int(memory.momentum_in_place)}, "
-        f"{int(memory.selection_in_place)}}};"
+        f"{int(memory.selection_in_place)}, {int(memory.adam_in_place)}, "
+        f"{memory.moment_bits}, 0x{memory.recompute_bits:X}u}};"
         "  /* first_trained_layer, sgd_in_place, bias_only_layers, momentum_in_place,"
-        " selection_in_place */",
+        " selection_in_place, adam_in_place, moment_bits, recompute_layers */",
         "",
         "#endif /* TINYPROP_MODEL_H */",
         "",

@@ -116,6 +116,28 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sparse policies choose top-k in the error itself (no selection scratch)",
     )
+    p.add_argument(
+        "--adam-in-place",
+        action="store_true",
+        help="every sample its own Adam step, each layer's applied after its backward "
+        "(no gradient buffer)",
+    )
+    p.add_argument(
+        "--moment-bits",
+        type=int,
+        choices=(32, 8),
+        default=32,
+        help="Adam's moments in 32-bit floats or 8-bit codes with a scale per 64 entries",
+    )
+    p.add_argument(
+        "--recompute-layers",
+        type=cli_types.non_negative_int,
+        nargs="+",
+        default=[],
+        metavar="INDEX",
+        help="dense/conv layers (from 0) whose input is computed again for their backward "
+        "instead of kept",
+    )
     return p
 
 
@@ -174,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(args.bias_only_layers),
                 args.momentum_in_place,
                 args.selection_in_place,
+                args.adam_in_place,
+                args.moment_bits,
+                tuple(args.recompute_layers),
             ),
             ram_bytes=args.ram,
         )

@@ -171,6 +171,9 @@ class MemoryC(ctypes.Structure):
         ("bias_only_layers", ctypes.c_uint32),
         ("momentum_in_place", ctypes.c_int32),
         ("selection_in_place", ctypes.c_int32),
+        ("adam_in_place", ctypes.c_int32),
+        ("moment_bits", ctypes.c_int32),
+        ("recompute_layers", ctypes.c_uint32),
     ]
 
 
@@ -182,6 +185,9 @@ def memory_to_c(mode: MemoryMode) -> MemoryC:
         mode.bias_only_bits,
         int(mode.momentum_in_place),
         int(mode.selection_in_place),
+        int(mode.adam_in_place),
+        mode.moment_bits,
+        mode.recompute_bits,
     )
 
 
