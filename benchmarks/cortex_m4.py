@@ -11,7 +11,8 @@ Every mode is built twice, training full (dense) backprop and tinypropv2 (the li
 defaults; sparse policies need selection scratch) on built-in samples with the mode's
 optimizer: Adam at lr 0.001, or SGD at the mode's learning rate for an Adam lr of 0.001; with
 -DTP_MAX_LAYERS set to the model's layer count (the model struct holds that many layer
-records); the in-place modes read one sample at a time (their batch buffer holds one).
+records); the in-place modes (SGD or Adam) read one sample at a time (their batch buffer
+holds one).
 
 Needs arm-none-eabi-gcc with newlib (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi) and,
 to run, qemu-system-arm (Debian: qemu-system-arm).
@@ -101,7 +102,7 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
     y = np.arange(count) % classes
     out = work / f"{name}-{mode.name}-{policy}"
     config = tinyprop.TinyPropConfig(policy)
-    if mode.memory.sgd_in_place:
+    if mode.memory.in_place:
         batch_size = 1  # every sample is its own step: a buffer of one sample is enough
     optimizer = optimizer_of(mode, batch_size)
     result = export_c(
@@ -129,6 +130,9 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
         "bias_only_layers": list(mode.memory.bias_only_layers),
         "momentum_in_place": mode.memory.momentum_in_place,
         "selection_in_place": mode.memory.selection_in_place,
+        "adam_in_place": mode.memory.adam_in_place,
+        "moment_bits": mode.memory.moment_bits,
+        "recompute_layers": list(mode.memory.recompute_layers),
         "optimizer": optimizer.kind,
         "momentum": optimizer.momentum,
         "policy": config.policy,

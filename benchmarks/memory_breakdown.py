@@ -30,8 +30,11 @@ PARTS = {  # buffer use -> the part it counts in
     arena.LOSS_DELTA: "errors (delta)",
     arena.INPUT_DELTA: "errors (delta)",
     arena.SELECTION: "selection scratch",
-    arena.GRADIENT: "in-place conv gradient",
+    arena.GRADIENT: "in-place gradient (one layer)",
     arena.RELU_MASK: "ReLU bit masks",
+    arena.RECOMPUTED_INPUT: "recomputed input",
+    arena.RECOMPUTE_PARTNER: "recomputed input",
+    arena.RECOMPUTE_SCRATCH: "conv scratch",
 }
 
 

@@ -322,6 +322,16 @@ def study(name: str, memory: MemoryMode, description: str, **settings) -> Traini
 # (depthwise, pointwise) x 4 = 1..8, linear 9; MNIST MLP linear 0, 1, 2.
 FIRST_BIAS_PW34 = (1, 2, 3, 4, 5, 7)  # DS-CNN: every layer between conv0 and pw3 bias-only
 DEPTHWISE = (1, 3, 5, 7)  # DS-CNN: the depthwise convs
+# DS-CNN in 256 KB: the pointwise convs and the classifier train (the first and depthwise convs
+# their biases), Adam per sample with 8-bit moments, the pointwise convs' inputs recomputed
+LEAN_POINTWISE = MemoryMode(
+    0,
+    bias_only_layers=(0, *DEPTHWISE),
+    selection_in_place=True,
+    adam_in_place=True,
+    moment_bits=8,
+    recompute_layers=(2, 4, 6, 8),
+)
 MODES: dict[str, list[TrainingMode]] = {
     "har": [
         FULL,
@@ -420,6 +430,23 @@ MODES: dict[str, list[TrainingMode]] = {
             "pointwise-adam",
             MemoryMode(0, bias_only_layers=DEPTHWISE),
             "every layer but the depthwise convs, which train their biases, Adam",
+        ),
+        TrainingMode(
+            "bias-pw-adam8-in-place",
+            LEAN_POINTWISE,
+            lr_scale=0.3,
+            description="the pointwise convs and the classifier, the biases of the first and the "
+            "depthwise convs; Adam per sample in place (0.3x lr), 8-bit moments, the pointwise "
+            "convs' inputs recomputed",
+        ),
+        *(
+            study(
+                f"bias-pw-adam8-in-place-lr{scale:g}",
+                LEAN_POINTWISE,
+                f"the same at {scale:g}x the plan's learning rate (choosing it on validation)",
+                lr_scale=float(scale),
+            )
+            for scale in (0.1, 1)
         ),
         study(
             "bias-pointwise-adam",
