@@ -1,7 +1,10 @@
 """Cortex-M4 build of the exported examples under every device mode (``tinyprop.memory.MODES``,
 ``on_device``; the accuracy-only modes are left out):
-flash and RAM per model and mode, a run under QEMU (mps2-an386, semihosting) whose weights after
-training are compared with the host build's, and instructions per trained and skipped step
+flash and RAM per model and mode, a run under QEMU (mps2-an386, semihosting) whose weights
+after training are compared with the host build's (within 1e-5 relative; with 8-bit Adam
+moments at most 1% of the entries beyond, by less than the learning rate: an entry can round to
+the neighbouring code where the two builds' floats differ in the last bits), and instructions
+per trained and skipped step
 (callgrind on the host build, x86-64 gcc -O2 -fno-tree-vectorize: one float operation per
 instruction, as on the Cortex-M4, whose FPU has no SIMD).
 
@@ -174,6 +177,20 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
     difference = (
         float(np.max(np.abs(board - reference)) / np.max(np.abs(reference))) if same_shape else None
     )
+    scale = float(np.abs(reference).max()) if same_shape else 0.0
+    close = np.isclose(board, reference, rtol=1e-5, atol=1e-5 * scale) if same_shape else None
+    beyond = int((~close).sum()) if same_shape else None
+    within_1e5 = bool(same_shape and beyond == 0)
+    if mode.memory.moment_bits == 8:
+        # an entry can round to the neighbouring 8-bit code on one side when the floats it
+        # rounds differ in the last bits (libm, order of additions): the parity tests' bound
+        match = bool(
+            same_shape
+            and beyond <= max(1, 0.01 * board.size)
+            and float(np.abs(board - reference).max()) <= optimizer.lr
+        )
+    else:
+        match = within_1e5
     batches_board = [line for line in qemu.stdout.splitlines() if line.startswith("batch ")]
     batches_host = [line for line in host_run.stdout.splitlines() if line.startswith("batch ")]
     record["qemu"] = {
@@ -181,10 +198,9 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
         "batches": len(batches_board),
         "max_relative_weight_difference_to_host": difference,
         "bit_identical_weights": bool(same_shape and np.array_equal(board, reference)),
-        "weights_match_1e-5": bool(
-            same_shape
-            and np.allclose(board, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
-        ),
+        "weights_match_1e-5": within_1e5,
+        "entries_beyond_1e-5": beyond,
+        "weights_match": match,
         "same_skip_decisions": [line.split()[-3:] for line in batches_board]
         == [line.split()[-3:] for line in batches_host],
     }
@@ -220,6 +236,8 @@ def cortex_m4(out: Path) -> int:
                 if q["bit_identical_weights"]
                 else "within 1e-5"
                 if q["weights_match_1e-5"]
+                else f"{q['entries_beyond_1e-5']} entries beyond 1e-5, within the 8-bit bound"
+                if q["weights_match"]
                 else "DIFFERENT"
             )
             status = (
@@ -237,6 +255,6 @@ def cortex_m4(out: Path) -> int:
     print(f"wrote {out}")
     failed = [(r["model"], r["mode"], r["policy"]) for r in records
               if isinstance(r["qemu"], dict) and not (
-                  r["qemu"]["ran"] and r["qemu"]["weights_match_1e-5"]
+                  r["qemu"]["ran"] and r["qemu"]["weights_match"]
                   and r["qemu"]["same_skip_decisions"])]  # fmt: skip
     return 1 if failed else 0

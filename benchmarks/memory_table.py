@@ -65,7 +65,9 @@ def device_table(records: list[dict], measured: dict) -> None:
             if isinstance(q, str)
             else f"{q['max_relative_weight_difference_to_host']:.1e}, "
             f"{'same' if q['same_skip_decisions'] else 'DIFFERENT'} skips"
-        )
+            + (f", {q['entries_beyond_1e-5']} entries beyond 1e-5"
+               if q.get("entries_beyond_1e-5") else "")
+        )  # fmt: skip
         print(
             f"| {NAMES[r['model']]} | {r['mode']} | {r['policy']} | {r['flash_bytes']:,} | "
             f"{r['ram_bytes']:,} | {r['training_arena_bytes']:,} | {accuracy} | {delta} | "
