@@ -92,3 +92,14 @@ def test_bad_settings_are_named():
     half(torch.ones(1, 2, dtype=torch.float16)).sum().backward()
     with pytest.raises(ValueError, match="float32"):
         optimizer.step()
+
+
+def test_a_diverged_run_encodes_nan_as_code_zero():
+    """NaN moments (a diverged run) get code 0 and do not set the block's scale, as in C."""
+    m = torch.tensor([float("nan"), 2.0, -1.0, float("inf")] + [0.5] * (BLOCK - 4))
+    codes, largest = encode_first(m[:3])
+    assert codes.tolist() == [0, 127, -64] and float(largest[0]) == 2.0
+    codes, largest = encode_first(m)  # an infinite scale: every code 0 (inf / inf is NaN)
+    assert not codes.any() and float(largest[0]) == float("inf")
+    w_codes, w_largest = encode_second(torch.tensor([float("nan"), 4.0, 1.0]))
+    assert w_codes.tolist() == [0, 255, 64] and float(w_largest[0]) == 4.0

@@ -125,17 +125,21 @@ static void adam_tensor_8bit(const adam_constants *c, float *param, const float 
             param[start + i] = adam_entry(c, param[start + i], g, &mm, &vv);
             m[i] = mm;
             w[i] = sqrtf(vv);
-            if (fabsf(mm) > largest_m) largest_m = fabsf(mm);
+            if (fabsf(mm) > largest_m) largest_m = fabsf(mm); /* NaN left out */
             if (w[i] > largest_w) largest_w = w[i];
         }
         first_max[block] = largest_m;
         second_max[block] = largest_w;
         scale = largest_m / 127.0f;
-        for (i = 0; i < n; i++)
-            first[start + i] = largest_m > 0.0f ? (int8_t)rintf(m[i] / scale) : 0;
+        for (i = 0; i < n; i++) {
+            float code = largest_m > 0.0f ? rintf(m[i] / scale) : 0.0f;
+            if (code != code) code = 0.0f; /* NaN (a diverged run): code 0, as the mirror */
+            first[start + i] = (int8_t)(code > 127.0f ? 127.0f : code < -127.0f ? -127.0f : code);
+        }
         scale = largest_w / 255.0f;
         for (i = 0; i < n; i++) {
             float code = largest_w > 0.0f ? rintf(w[i] / scale) : 0.0f;
+            if (code != code) code = 0.0f;
             if (code > 255.0f) code = 255.0f;
             if (w[i] > 0.0f && code < 1.0f) code = 1.0f;
             second[start + i] = (uint8_t)code;

@@ -92,6 +92,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memory.bias_only_layers = byte(&r) % 2 ? 0u : (uint32_t)(byte(&r) % 16); /* may be invalid */
     memory.momentum_in_place = byte(&r) % 4 == 0;  /* an error without SGD momentum */
     memory.selection_in_place = byte(&r) % 2 == 0; /* an error with sgd_in_place */
+    memory.adam_in_place = byte(&r) % 4 == 0;      /* an error without Adam */
+    memory.moment_bits = byte(&r) % 3 == 0 ? 8 : 32; /* 8: an error without Adam */
+    memory.recompute_layers = byte(&r) % 2 ? 0u : (uint32_t)(byte(&r) % 16); /* may be invalid */
     if (tp_arena_bytes_mode(&spec, &policy, &optimizer, &memory, &bytes) != TP_OK) return 0;
     if (bytes > (1u << 22)) return 0;
     arena = malloc(bytes);

@@ -44,14 +44,20 @@ def blocks(values: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, BLOCK)  # (blocks, BLOCK)
 
 
+def _largest(grouped: torch.Tensor) -> torch.Tensor:
+    """Each block's largest entry, NaN left out (a diverged run: NaN entries get code 0)."""
+    return torch.where(torch.isnan(grouped), 0.0, grouped).amax(dim=1)
+
+
 def encode_first(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """m (flat float32) -> (int8 codes, per-block max |m|)."""
     grouped = blocks(m)  # (blocks, BLOCK)
-    largest = grouped.abs().amax(dim=1)  # (blocks,)
+    largest = _largest(grouped.abs())  # (blocks,)
     scale = largest / FIRST_CODES
     codes = torch.where(
         largest[:, None] > 0, torch.round(grouped / scale[:, None]), torch.zeros_like(grouped)
     )
+    codes = torch.clamp(torch.nan_to_num(codes, nan=0.0), -FIRST_CODES, FIRST_CODES)
     return codes.reshape(-1)[: m.numel()].to(torch.int8), largest
 
 
@@ -64,9 +70,10 @@ def decode_first(codes: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
 def encode_second(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w = √v (flat float32, >= 0) -> (uint8 codes, at least 1 where w > 0; per-block max w)."""
     grouped = blocks(w)  # (blocks, BLOCK)
-    largest = grouped.amax(dim=1)  # (blocks,)
+    largest = _largest(grouped)  # (blocks,)
     scale = largest / SECOND_CODES
-    rounded = torch.clamp(torch.round(grouped / scale[:, None]), max=SECOND_CODES)
+    rounded = torch.nan_to_num(torch.round(grouped / scale[:, None]), nan=0.0)
+    rounded = torch.clamp(rounded, max=SECOND_CODES)
     rounded = torch.where(grouped > 0, torch.clamp(rounded, min=1), rounded)
     codes = torch.where(largest[:, None] > 0, rounded, torch.zeros_like(grouped))
     return codes.reshape(-1)[: w.numel()].to(torch.uint8), largest
