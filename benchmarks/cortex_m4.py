@@ -195,6 +195,8 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
     batches_host = [line for line in host_run.stdout.splitlines() if line.startswith("batch ")]
     record["qemu"] = {
         "ran": ok,
+        "exit_code": qemu.returncode,
+        **({} if ok else {"output_tail": (qemu.stdout[-300:] + qemu.stderr[-300:])}),
         "batches": len(batches_board),
         "max_relative_weight_difference_to_host": difference,
         "bit_identical_weights": bool(same_shape and np.array_equal(board, reference)),
@@ -207,8 +209,13 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
     return record
 
 
-def cortex_m4(out: Path) -> int:
-    """Build, size and run every example; print a table and write ``out`` (JSON)."""
+def cortex_m4(out: Path, models: list[str] | None = None) -> int:
+    """Build, size and run every example (or those named in ``models``, whose records then
+    replace theirs in ``out``); write ``out`` (JSON) and print a table."""
+    unknown = sorted(set(models or []) - set(EXAMPLES))
+    if unknown:
+        print(f"unknown example models {unknown}; choose from {list(EXAMPLES)}")
+        return 2
     if shutil.which("arm-none-eabi-gcc") is None:
         print("arm-none-eabi-gcc not found: apt-get install -y gcc-arm-none-eabi "
               "libnewlib-arm-none-eabi qemu-system-arm")  # fmt: skip
@@ -216,12 +223,20 @@ def cortex_m4(out: Path) -> int:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (dataset, *_) in EXAMPLES.items():
+            if models and name not in models:
+                continue
             for mode in modes_for(dataset):
                 if not mode.on_device:
                     continue
                 for policy in POLICIES:
                     records.append(build_and_run(name, mode, Path(tmp), policy))
                     print(f"built and ran {name} {mode.name} {policy}", flush=True)
+    if models and out.is_file():  # keep the other models' records, in the examples' order
+        kept = [r for r in json.loads(out.read_text()) if r["model"] not in models]
+        order = list(EXAMPLES)
+        records = sorted(kept + records, key=lambda r: order.index(r["model"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=2) + "\n")
     print(
         f"{'model':<16} {'mode':<20} {'policy':<11} {'flash':>9} {'RAM':>9} {'arena':>9} "
         f"{'skipped':>10} {'trained':>10}  QEMU"
@@ -240,9 +255,11 @@ def cortex_m4(out: Path) -> int:
                 if q["weights_match"]
                 else "DIFFERENT"
             )
+            difference = q["max_relative_weight_difference_to_host"]
             status = (
                 f"ran {q['batches']} batches, weights vs host: max rel diff "
-                f"{q['max_relative_weight_difference_to_host']:.2e} ({verdict}), skip decisions "
+                f"{'none (no comparable weights)' if difference is None else f'{difference:.2e}'}"
+                f" ({verdict}), skip decisions "
                 f"{'same' if q['same_skip_decisions'] else 'DIFFERENT'}"
             )
         steps = r["instructions"] or {}
@@ -250,8 +267,6 @@ def cortex_m4(out: Path) -> int:
         print(f"{r['model']:<16} {r['mode']:<20} {r['policy']:<11} {r['flash_bytes']:>9} "
               f"{r['ram_bytes']:>9} {r['training_arena_bytes']:>9} {skipped:>10} "
               f"{trained:>10}  {status}")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=2) + "\n")
     print(f"wrote {out}")
     failed = [(r["model"], r["mode"], r["policy"]) for r in records
               if isinstance(r["qemu"], dict) and not (

@@ -452,12 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cortex-m4", action="store_true", help="cross-build and run on QEMU")
     parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        help="--cortex-m4: only these example models (their records replace theirs in --out)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.cortex_m4:
         from cortex_m4 import cortex_m4  # benchmarks/cortex_m4.py
 
-        return cortex_m4(args.out or ROOT / "benchmarks/results/runtime_cortex_m4.json")
+        return cortex_m4(
+            args.out or ROOT / "benchmarks/results/runtime_cortex_m4.json", args.models
+        )
     return bench(args.out or ROOT / "benchmarks/results/runtime_instructions.json")
 
 
