@@ -99,6 +99,23 @@ def test_plan_validates_names_and_settings(tmp_path):
     assert len({run.path for run in runs}) == len(runs)
 
 
+def test_plan_runs_only_the_named_settings(tmp_path):
+    suite = suites.get("budget")
+    labels = ["budget=0.2,lr=0.01,optimizer=sgd", "lr=0.01,optimizer=sgd"]
+    runs = runner.plan_runs(
+        suite, "finetune", str(tmp_path), ["digits"], ["full", "tinypropv2"], [0, 1],
+        labels=labels,
+    )  # fmt: skip
+    assert sorted((run.policy, run.settings_label, run.seed) for run in runs) == [
+        ("full", labels[1], 0), ("full", labels[1], 1),
+        ("tinypropv2", labels[0], 0), ("tinypropv2", labels[0], 1),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no policy of the run has the setting 'budget=0.3'"):
+        runner.plan_runs(suite, "finetune", str(tmp_path), labels=["budget=0.3"])
+    argv = ["--suite", "budget", "--datasets", "digits", "--settings", "budget=0.3", "--list"]
+    assert runner.main(argv) == 2
+
+
 def test_every_suite_has_valid_settings_for_all_policies():
     for suite in suites.SUITES.values():
         assert set(suite.settings) == set(suites.POLICIES)

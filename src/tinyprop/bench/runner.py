@@ -99,6 +99,7 @@ def plan_runs(
     data_dir: str | None = None,
     commit: str | None = None,
     threads: int = 1,
+    labels: list[str] | None = None,
 ) -> list[RunSpec]:
     """All runs of a suite (datasets x policies x settings x seeds), each config validated.
 
@@ -113,6 +114,9 @@ def plan_runs(
         data_dir: folder of the real datasets.
         commit: the checkout's commit written into every record (None outside a checkout).
         threads: torch threads per run.
+        labels: keep only the settings with these labels (:func:`suites.settings_label`, e.g.
+            ``budget=0.2,lr=0.01,optimizer=sgd``; ``default`` for ``{}``), after
+            ``max_settings``; a label no policy of the run has is an error.
 
     Returns:
         The runs in order: dataset, seed, policy, setting.
@@ -135,11 +139,24 @@ def plan_runs(
     for policy in policies:
         if policy not in suite.settings:
             raise ValueError(f"unknown policy {policy!r}; choose from {list(suite.settings)}")
+    grids = {policy: suite.settings[policy][:max_settings] for policy in policies}
+    if labels is not None:
+        grids = {
+            policy: [each for each in grid if suites.settings_label(each) in labels]
+            for policy, grid in grids.items()
+        }
+        known = {suites.settings_label(each) for grid in grids.values() for each in grid}
+        for label in labels:
+            if label not in known:
+                raise ValueError(
+                    f"no policy of the run has the setting {label!r}; see the labels with "
+                    f"--list (without --settings)"
+                )
     runs = []
     for dataset in datasets:
         for seed in seeds:
             for policy in policies:
-                for settings in suite.settings[policy][:max_settings]:
+                for settings in grids[policy]:
                     check_recipe(settings)
                     tinyprop.TinyPropConfig(policy=policy, seed=seed, **config_settings(settings))
                     runs.append(
@@ -423,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-settings", type=cli_types.positive_int, help="first N settings of each policy only"
     )
     parser.add_argument(
+        "--settings",
+        nargs="+",
+        metavar="LABEL",
+        help="only the settings with these labels, e.g. budget=0.2 or "
+        "budget=0.2,lr=0.01,optimizer=sgd (default: every setting; --list shows the labels)",
+    )
+    parser.add_argument(
         "--results",
         help="results folder (default results/SUITE-PROTOCOL in the current folder; the "
         "committed records are in benchmarks/results/)",
@@ -466,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = plan_runs(
             suite, args.protocol, results, args.datasets, args.policies, args.seeds,
-            args.max_settings, data_dir, store.commit_hash(), args.threads,
+            args.max_settings, data_dir, store.commit_hash(), args.threads, args.settings,
         )  # fmt: skip
     except (ValueError, TypeError) as error:
         print(f"tinyprop bench: {error}", file=sys.stderr)
