@@ -303,7 +303,7 @@ def test_drop_skipped_rows_gradient_is_the_trained_rows_part(host_path, monkeypa
     monkeypatch.setattr(tinyprop.autograd, "HOST_DEVICES", ("cpu",) if host_path else ())
     config = tinyprop.TinyPropConfig(
         policy="tinypropv2", budget=0.5, skip_split=1.0, s_min=1.0, s_max=1.0, zeta=1.0,
-        drop_skipped_rows=True,
+        drop_skipped_rows=True, batch_norm_trained_rows=False,
     )  # fmt: skip
     model = batchnorm_model(config)
     x, y = next(toy_stream(1))
@@ -333,6 +333,90 @@ def test_drop_skipped_rows_gradient_is_the_trained_rows_part(host_path, monkeypa
     torch.testing.assert_close(model[3].weight.grad, captured[3].T @ second_input)
 
 
+@pytest.mark.parametrize("host_path", [True, False])
+def test_batch_norm_trained_rows_takes_the_means_over_the_trained_samples(host_path, monkeypatch):
+    """Every entry kept, half the samples trained (as above): the input gradient of the
+    BatchNorm is plain autograd's on the masked loss, dx, plus the skipped rows' share
+    estimated by the trained rows', (N - K) / K · (dx - γ / σ · dy) (dy: the BatchNorm's
+    output gradient), and zero on the skipped rows; γ's and β's gradients are plain autograd's."""
+    monkeypatch.setattr(tinyprop.autograd, "HOST_DEVICES", ("cpu",) if host_path else ())
+    config = tinyprop.TinyPropConfig(
+        policy="tinypropv2", budget=0.5, skip_split=1.0, s_min=1.0, s_max=1.0, zeta=1.0
+    )
+    assert config.drop_skipped_rows and config.batch_norm_trained_rows
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 5))
+    net[1].weight.data.uniform_(0.5, 1.5)  # γ != 1
+    reference = copy.deepcopy(net)
+    model = tinyprop.apply(net, config)
+    x, y = next(toy_stream(1))
+    output = model(x)
+    stats = tinyprop.backward(model, LOSS(output, y), output)
+    trained = stats.trained_mask.unsqueeze(1)  # (B, 1)
+    rows, count = int(trained.sum()), len(y)
+    assert 0 < rows < count
+    captured = {}
+    normalised_input = reference[0](x)  # (B, 32)
+    normalised_input.register_hook(lambda grad: captured.setdefault("dx", grad))
+    normalised = reference[1](normalised_input)
+    normalised.register_hook(lambda grad: captured.setdefault("dy", grad))
+    logits = reference[3](reference[2](normalised))
+    (LOSS(logits, y) * trained.squeeze(1) / count).sum().backward()
+    scale = reference[1].weight.detach() / torch.sqrt(
+        normalised_input.detach().var(0, unbiased=False) + reference[1].eps
+    )  # (32,) γ / σ
+    dx, dy = captured["dx"], captured["dy"]
+    expected = (dx + (count - rows) / rows * (dx - scale * dy)) * trained  # (B, 32)
+    torch.testing.assert_close(model[0].weight.grad, expected.T @ x)
+    torch.testing.assert_close(model[0].bias.grad, expected.sum(0))
+    torch.testing.assert_close(model[1].weight.grad, reference[1].weight.grad)
+    torch.testing.assert_close(model[1].bias.grad, reference[1].bias.grad)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+@pytest.mark.parametrize("kind", [nn.BatchNorm1d, nn.BatchNorm2d])
+def test_batch_norm_trained_rows_is_plain_batch_norm_when_no_sample_is_skipped(kind):
+    """Outside a tinyprop step (or with every sample trained) the swapped BatchNorm computes
+    PyTorch's gradients and running statistics; remove() gives the plain class back."""
+    torch.manual_seed(0)
+    plain = kind(3)
+    plain.weight.data.uniform_(0.5, 1.5)
+    swapped = copy.deepcopy(plain)
+    conv = nn.Conv1d(3, 3, 1) if kind is nn.BatchNorm1d else nn.Conv2d(3, 3, 1)
+    model = tinyprop.apply(
+        nn.Sequential(conv, swapped), tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.2)
+    )
+    assert type(model[1]).__name__ == f"TinyProp{kind.__name__}"
+    x = torch.randn(6, 3, 5) if kind is nn.BatchNorm1d else torch.randn(6, 3, 4, 4)
+    x.requires_grad_(True)
+    dy = torch.randn_like(x)
+    reference_x = x.detach().clone().requires_grad_(True)
+    torch.autograd.backward(model[1](x), dy)
+    torch.autograd.backward(plain(reference_x), dy)
+    torch.testing.assert_close(x.grad, reference_x.grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(swapped, name).grad, getattr(plain, name).grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(swapped, name), getattr(plain, name))
+    keys = set(model.state_dict())
+    tinyprop.remove(model)
+    assert type(model[1]) is kind and not hasattr(model[1], "tinyprop_state")
+    assert set(model.state_dict()) <= keys
+
+
+def test_batch_norm_is_swapped_only_with_the_setting():
+    for config, swapped in (
+        (tinyprop.TinyPropConfig(policy="tinypropv2"), False),
+        (tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.2), True),
+        (tinyprop.TinyPropConfig(policy="topk", budget=0.2), True),  # its forward stays plain
+        (tinyprop.TinyPropConfig(budget=0.2, batch_norm_trained_rows=False), False),
+        (tinyprop.TinyPropConfig(drop_skipped_rows=True), True),
+    ):
+        model = batchnorm_model(config)
+        assert (type(model[1]) is not nn.BatchNorm1d) == swapped, config
+
+
 def test_budget_defaults_zeta_one_and_dropped_skipped_rows_and_keeps_what_is_given():
     assert tinyprop.TinyPropConfig().zeta == 0.5  # the authors' setting without a budget
     assert tinyprop.TinyPropConfig(budget=0.1).zeta == 1.0
@@ -342,6 +426,9 @@ def test_budget_defaults_zeta_one_and_dropped_skipped_rows_and_keeps_what_is_giv
     assert tinyprop.TinyPropConfig(budget=0.1).drop_skipped_rows
     assert not tinyprop.TinyPropConfig(budget=0.1, drop_skipped_rows=False).drop_skipped_rows
     assert not tinyprop.TinyPropConfig(budget=0.1).skip_zero_entries
+    assert tinyprop.TinyPropConfig(budget=0.1).batch_norm_trained_rows
+    assert not tinyprop.TinyPropConfig().batch_norm_trained_rows  # as drop_skipped_rows
+    assert not tinyprop.TinyPropConfig(budget=0.1, drop_skipped_rows=False).batch_norm_trained_rows
     assert tinyprop.TinyPropConfig(budget=0.1).dense_output_layer is None  # dense when cheap
     assert tinyprop.TinyPropConfig().dense_output_layer is False
 

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tinyprop import flop_formulas  # noqa: F401 (registers attention on the CPU)
 from tinyprop.attention import TinyPropMultiheadAttention
+from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
 from tinyprop.config import TinyPropConfig
 from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
 from tinyprop.state import ForwardPass, TinyPropState
@@ -102,6 +103,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         if type(module) is nn.MultiheadAttention:
             module.__class__ = TinyPropMultiheadAttention
             state.attention.append(module)
+    if config.batch_norm_trained_rows:
+        state.batch_norms = swap_batch_norms(model, state)
     count = len(targets)
     for index, (name, module) in enumerate(targets):
         original = type(module)
@@ -139,6 +142,7 @@ def remove(model: nn.Module) -> nn.Module:
         handle.remove()
     for module in state.attention:
         module.__class__ = nn.MultiheadAttention
+    restore_batch_norms(state.batch_norms)
     for _, module in state.layers:
         original = getattr(module, _ORIGINAL_CLASS)
         if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)

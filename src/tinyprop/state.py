@@ -104,6 +104,7 @@ class TinyPropState:
     warned: set = field(default_factory=set)
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
+    batch_norms: list = field(default_factory=list)  # BatchNorms swapped (tinyprop.batch_norm)
     last_stats: object = None  # StepStats of the last finished step
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
