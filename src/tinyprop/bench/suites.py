@@ -139,13 +139,15 @@ SMALL_SETTINGS["selective_backprop"] = budget_settings()
 # the optimizer question: SGD with momentum 0.9 at two learning rates beside the plan's Adam,
 # and Adam with per-entry moments (tinyprop.optim.LazyAdam); chosen on validation like a setting
 SGD_SETTINGS = [{"optimizer": "sgd", "lr": 0.01}, {"optimizer": "sgd", "lr": 0.05}]
-# what the budget defaults (zeta = 1, skipped rows dropped, q0 = sqrt(b), a cheap output layer
-# dense) were chosen against: the defaults before the output layer was dense (a sparse output
+# what the budget defaults (zeta = 1, skipped rows dropped, BatchNorm's backward over the
+# trained rows, q0 = sqrt(b), a cheap output layer dense) were chosen against: BatchNorm's
+# backward over every row, the defaults before the output layer was dense (a sparse output
 # layer, also at b = 0.1 and from scratch), the earlier defaults (zeta = 0.5, skipped rows
 # backpropagated), skipped rows backpropagated alone, and no skipping until the layers are as
 # sparse as they go (all three with a sparse output layer)
 SPARSE_OUTPUT = {"dense_output_layer": False}
 BUDGET_ALTERNATIVES = [
+    {"budget": 0.2, "batch_norm_trained_rows": False},  # the defaults before it existed
     {"budget": 0.2, **SPARSE_OUTPUT},
     {"budget": 0.1, **SPARSE_OUTPUT},
     {"budget": 0.2, "zeta": 0.5, "drop_skipped_rows": False, **SPARSE_OUTPUT},
