@@ -31,17 +31,21 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # - native Linear kernel (2048x2048): 0.6 on one thread on a quiet machine; re-measured on
 #   the shared 2-core machine under load, 0.2 on one thread and 0.3 on two (median of three);
 # - native convolution kernel: 0.1 (16->32 channels, 3x3) to 0.2 (64->64), one thread; with a
-#   fan-in below 64 (a first layer on one channel, a depthwise conv) its per-tap overhead loses
-#   to oneDNN's dense backward at any density, so those layers keep the dense kernels (and
-#   under ``dense_small_layers`` skip the selection too);
+#   fan-in below 32 (a first layer on one channel) its per-tap overhead loses to oneDNN's dense
+#   backward at any density, so those layers keep the dense kernels (and under
+#   ``dense_small_layers``, fan-in below 64, skip the selection too). A 1x1 conv of fan-in 32
+#   (the MobileNet-style CNN's 32 -> 64, 5% of 12,544 kept, benchmarks/layer_kernels.py, one
+#   thread, loaded machine): native 1.61 ms against 2.20 dense. A depthwise conv runs its own
+#   native kernel on the input as it is: 0.57-1.16 ms against 2.2-3.4 dense at 5%;
 # - PyTorch's sparse CSR products (no native kernels, float64, Linear on (B, *, in)): about
 #   0.15 for a 2048x2048 Linear, below 0.05 for 3x3 convolutions.
 # The result is the same up to float rounding, and the ledger counts k · fan_in either way.
 NATIVE_DENSE_KERNEL_DENSITY = 0.3  # Linear layers, native kernel
 NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.1  # Conv1d / Conv2d layers, native kernel
 NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY = 0.5  # depthwise ones (PyTorch's dense kernel is slow)
-NATIVE_CONV_MIN_FAN_IN = 64  # C_in / G · kh · kw; smaller convolutions keep the dense kernels
+NATIVE_CONV_MIN_FAN_IN = 32  # C_in / G · kh · kw; smaller convolutions keep the dense kernels
 # (but for depthwise ones: their native kernel reads the input as it is, no channels-last copy)
+DENSE_SMALL_FAN_IN = 64  # below it, dense_small_layers backpropagates a convolution densely
 DENSE_KERNEL_DENSITY = 0.15  # Linear layers, PyTorch sparse kernels
 CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kernels
 
@@ -241,9 +245,9 @@ def skipped_rows_dropped(step, rows: Tensor, count: int) -> Tensor:
 
 def is_dense_small_layer(config, geometry) -> bool:
     """Whether ``dense_small_layers`` backpropagates this layer call densely (k = N, no
-    selection): a convolution with a fan-in below ``NATIVE_CONV_MIN_FAN_IN``, whose selection
+    selection): a convolution with a fan-in below ``DENSE_SMALL_FAN_IN``, whose selection
     alone costs more than its dense backward."""
-    small = not isinstance(geometry, LinearPatches) and geometry.fan_in < NATIVE_CONV_MIN_FAN_IN
+    small = not isinstance(geometry, LinearPatches) and geometry.fan_in < DENSE_SMALL_FAN_IN
     return config.dense_small_layers and small
 
 
