@@ -8,7 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import tinyprop
 from tinyprop import cli
@@ -36,6 +38,29 @@ def test_settings_at_the_edges_of_their_ranges_are_accepted():
     tinyprop.TinyPropConfig(d_min=0.0, d_max=0.0, skip_threshold=0.0)
     tinyprop.TinyPropConfig(d_max=2.0, beta=1.5, skip_threshold=3.0)  # τ = D_max·β exactly
     tinyprop.TinyPropConfig(d_max=1e6, beta=1e6, seed=2**31 - 1)
+
+
+def test_numpy_numbers_are_settings_like_python_ones():
+    """A sweep over np.linspace(..., dtype=np.float32) or np.arange seeds: np.float32 and
+    np.int64 were refused ('ratio must be a number, got np.float32(0.5)'); they now become the
+    Python numbers (records and hashes stay plain). A tensor or a NumPy bool stays an error."""
+    config = tinyprop.TinyPropConfig(
+        policy="topk", ratio=np.float32(0.25), seed=np.int64(3), budget=np.float64(0.5)
+    )
+    assert (config.ratio, config.seed, config.budget) == (0.25, 3, 0.5)
+    assert [type(value) for value in (config.ratio, config.seed, config.budget)] == [
+        float,
+        int,
+        float,
+    ]
+    assert config == tinyprop.TinyPropConfig(policy="topk", ratio=0.25, seed=3, budget=0.5)
+    for bad in (
+        dict(ratio=torch.tensor(0.5)),
+        dict(ratio=np.bool_(True)),
+        dict(seed=np.float32(1)),
+    ):
+        with pytest.raises(TypeError):
+            tinyprop.TinyPropConfig(policy="topk", **bad)
 
 
 TRAIN = ["train", "--dataset", "tiny-blobs", "--suite", "tiny"]

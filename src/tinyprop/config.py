@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 POLICIES = ("full", "topk", "randomk", "tinyprop", "tinypropv2", "selective_backprop")
 LARGEST_SETTING = 1e6  # bound of d_max and beta: far above any useful value, far below overflow
 DEFAULT_ZETA = 0.5  # ζ without a budget (the authors' C examples); 1.0 with a budget
 LARGEST_SEED = 2**31 - 1  # seeds (plus the offsets the benchmark adds) fit every RNG's range
+
+
+# the settings that are numbers: a NumPy scalar given for one becomes the Python number
+_NUMBER_FIELDS = (
+    "s_min", "s_max", "zeta", "ratio", "d_min", "d_max", "beta", "skip_threshold", "seed",
+    "budget", "skip_split",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,11 @@ class TinyPropConfig:
     batch_norm_trained_rows: bool | None = None  # BatchNorm's backward means over trained rows
 
     def __post_init__(self) -> None:
+        for name in _NUMBER_FIELDS:  # NumPy scalars (a sweep over np.linspace) as Python ones
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and type(value).__module__ == "numpy":
+                plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+                object.__setattr__(self, name, plain)
         if self.zeta is None:  # the defaults depend on whether a budget is set
             object.__setattr__(self, "zeta", DEFAULT_ZETA if self.budget is None else 1.0)
         if self.drop_skipped_rows is None:
