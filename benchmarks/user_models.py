@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import transformers as T  # noqa: E402  (the test extra)
 from core_models import mlp  # noqa: E402
-from test_integrations import learnable_data  # noqa: E402
+from test_integrations import CONFIG, learnable_data, lightning_classifier  # noqa: E402
 from test_model_matrix import masked_reference, plain_gradients  # noqa: E402
 
 import tinyprop  # noqa: E402
@@ -192,28 +192,13 @@ def check_model(name: str) -> list[str]:
     return lines
 
 
-CONFIG = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
-
-
 def lightning_run(accumulate: int, clip: float | None, precision: str, dtype) -> nn.Module:
     import pytorch_lightning as pl
 
     from tinyprop.integrations.lightning import TinyPropCallback
 
-    class Classifier(pl.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return tinyprop.loss(self.model, LOSS(self.model(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.01)
-
     torch.manual_seed(0)
-    module = Classifier(tinyprop.apply(mlp().to(dtype), CONFIG))
+    module = lightning_classifier(tinyprop.apply(mlp().to(dtype), CONFIG))
     x, y = learnable_data()
     data = torch.utils.data.TensorDataset(x.to(dtype), y)
     os.chdir(tempfile.mkdtemp())

@@ -33,11 +33,12 @@ def reference_run():
     return model, trained
 
 
-def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
-    pl = pytest.importorskip("pytorch_lightning")
-    from tinyprop.integrations.lightning import TinyPropCallback
+def lightning_classifier(model: nn.Module):
+    """The recipe of docs/integrations.md: ``training_step`` returns ``tinyprop.loss``; Adam
+    at 0.01 (benchmarks/user_models.py trains it too)."""
+    import pytorch_lightning as pl
 
-    class Classifier(pl.LightningModule):  # the recipe of docs/integrations.md
+    class Classifier(pl.LightningModule):
         def __init__(self, model):
             super().__init__()
             self.model = model
@@ -49,6 +50,13 @@ def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=0.01)
 
+    return Classifier(model)
+
+
+def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
+    pl = pytest.importorskip("pytorch_lightning")
+    from tinyprop.integrations.lightning import TinyPropCallback
+
     class Trained(pl.Callback):
         def __init__(self):
             self.trained = []
@@ -58,7 +66,7 @@ def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
 
     expected, expected_trained = reference_run()
     torch.manual_seed(0)
-    module = Classifier(tinyprop.apply(mlp().double(), CONFIG))
+    module = lightning_classifier(tinyprop.apply(mlp().double(), CONFIG))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*learnable_data()), batch_size=BATCH
     )
