@@ -215,6 +215,12 @@ def test_ram_smaller_than_training_needs_is_refused_before_writing(tmp_path, cap
     assert not (tmp_path / "small").exists()
     assert export_main(argv + ["--out", str(tmp_path / "fits"), "--ram", "772"]) == 0
     assert "training needs 772 of the device's 772 bytes" in capsys.readouterr().out
+    # as a datasheet gives it (it was 'must be a positive integer, got 1K'): 1024 bytes
+    assert export_main(argv + ["--out", str(tmp_path / "kib"), "--ram", "1K"]) == 0
+    assert "training needs 772 of the device's 1,024 bytes" in capsys.readouterr().out
+    for ram in ("1.5K", "0K", "1X"):
+        with pytest.raises(SystemExit):
+            export_main(argv + ["--out", str(tmp_path / "bad"), "--ram", ram])
 
 
 def test_the_printed_build_command_works_for_a_folder_with_spaces(tmp_path, capsys):

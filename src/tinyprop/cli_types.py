@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -61,3 +62,20 @@ def positive_float(text: str) -> float:
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (momentum, weight decay)."""
     return _parsed(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+# a device's RAM as its datasheet gives it: kilobytes and megabytes of SRAM are powers of 1024
+_BYTES = re.compile(r"(\d+)\s*(?:([KM])(?:I?B)?|B)?")
+_BYTE_UNITS = {None: 1, "K": 1024, "M": 1024**2}
+
+
+def byte_count(text: str) -> int:
+    """A positive number of bytes: ``262144``, or with a unit as a datasheet writes it,
+    ``256K`` / ``256KB`` / ``256KiB`` (x 1024), ``1M`` / ``1MB`` / ``1MiB`` (x 1024²)."""
+
+    def convert(value: str) -> int | None:
+        match = _BYTES.fullmatch(value.strip().upper())
+        return None if match is None else int(match[1]) * _BYTE_UNITS[match[2]]
+
+    return _parsed(text, convert, "a positive number of bytes (e.g. 262144 or 256K)",
+                   lambda value: value is not None and value >= 1)  # fmt: skip

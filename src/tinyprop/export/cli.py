@@ -102,9 +102,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ram",
-        type=cli_types.positive_int,
+        type=cli_types.byte_count,
         metavar="BYTES",
-        help="the device's RAM in bytes: refuse (nothing written) when training needs more",
+        help="the device's RAM in bytes, or as its datasheet gives it (256K, 256KiB, 1M: "
+        "powers of 1024): refuse (nothing written) when training needs more",
     )
     p.add_argument(
         "--momentum-in-place",
