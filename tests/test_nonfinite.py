@@ -134,6 +134,11 @@ def test_own_loop_backward_raises_on_nan_and_keeps_maxima():
         tinyprop.backward(model, distance(output, target))
     for name, value in maxima.items():
         assert torch.equal(dict(model.named_buffers())[name], value), name
+    # a GradScaler that is switched off checks nothing: the NaN must not pass on to .grad
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    model.zero_grad()
+    with pytest.raises(FloatingPointError, match=r"layer '4'.*\[4\]"):
+        tinyprop.backward(model, distance(model(x), target), grad_scaler=disabled)
 
 
 class Magnitude(nn.Module):

@@ -136,7 +136,7 @@ def fp16_scaler_loop(config, way: str, steps: int = 6):
     model = tinyprop.apply(build("mlp").float(), config)  # float16 forward, float32 weights
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-    history = []
+    history, seen = [], []
     for step in range(steps):
         x, y = batch("mlp", size=8, seed=step)
         before = (copy.deepcopy(dict(model.named_parameters())), buffers(model))
@@ -149,6 +149,10 @@ def fp16_scaler_loop(config, way: str, steps: int = 6):
             tinyprop.backward(model, losses, grad_scaler=scaler)
         else:
             scaler.scale(tinyprop.loss(model, losses)).backward()
+        # this step's stats, also when it overflowed (step_stats gave the step before it)
+        stats = tinyprop.step_stats(model)
+        assert stats is not None and all(stats is not earlier for earlier in seen)
+        seen.append(stats)
         scaler.step(optimizer)
         scaler.update()
         moved = [

@@ -220,6 +220,8 @@ class StepContext:
         if not self.failed:
             self._check_finite()  # fails the step (or raises) on a NaN / inf δ
         if self.failed:
+            if self.overflow_problem is not None:  # passed on, not raised: step_stats tells
+                self.state.last_stats = self.stats  # this step (its ledger empty), not the last
             return
         self.records = self._make_records()
         with torch.no_grad():
@@ -393,12 +395,13 @@ def backward(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scalar, step = _step_loss(model, losses, output, sample_dim)
-    step.passes_overflow = step.quiet_overflow = grad_scaler is not None or step.distributed
+    scaling = grad_scaler is not None and grad_scaler.is_enabled()  # it checks for inf
+    step.passes_overflow = step.quiet_overflow = scaling or step.distributed
     if scale != 1.0:
         scalar = scalar * scale
     if step.stats.trained or step.distributed:
         (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
-        if step.distributed and grad_scaler is None:
+        if step.distributed and not scaling:
             _raise_on_every_rank(model, step)
     else:
         step.finish()
