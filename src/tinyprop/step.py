@@ -91,9 +91,10 @@ class StepContext:
         self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
         self.failed = False
         self.finished = False
-        # whether a NaN / inf δ reaches the gradients (for a GradScaler, which then skips the
-        # step) instead of raising: True with grad_scaler=, False for tinyprop.backward without
-        # one; None: decided when the backward starts (a loss scaled up, by GradScaler.scale)
+        # whether a NaN / inf δ reaches the gradients instead of raising: for a GradScaler,
+        # which then skips the step (grad_scaler=, or None: decided when the backward starts,
+        # a loss scaled above 1), and under DistributedDataParallel (every rank must finish
+        # the all-reduce; tinyprop.backward then raises on every rank); False otherwise
         self.passes_overflow: bool | None = None
         self.quiet_overflow = False  # grad_scaler=, or tinyprop.backward raising after DDP
         self.distributed = False  # under DistributedDataParallel: no rank raises alone
