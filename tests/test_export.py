@@ -150,6 +150,9 @@ def test_layers_computing_something_else_than_their_class_are_refused():
         ),
         r"'1' \(ClampedReLU\)": nn.Sequential(nn.Linear(4, 4), ClampedReLU(), nn.Linear(4, 2)),
         r"'1' \(ReLU\): it has forward hooks": hooked,
+        r"'0' \(LazyLinear\): its weights are not drawn yet": nn.Sequential(
+            nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2)
+        ),
     }
     for message, model in cases.items():
         with pytest.raises(UnsupportedLayerError, match=message):

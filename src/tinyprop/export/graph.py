@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 # tp_layer_kind values of runtime/include/tinyprop.h
 DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN = range(6)
@@ -112,6 +113,11 @@ _RUNTIME_METHODS = {
 def _check_computes_its_base(path: str, module: nn.Module) -> None:
     """Refuse a module whose output is not its supported class's: a subclass with its own
     forward, or forward hooks (both were exported as the plain layer, silently)."""
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise _unsupported(
+            path, module, "its weights are not drawn yet (a lazy layer before its first "
+            "forward); run one forward pass of the model (e.g. model(example_batch)) first"
+        )  # fmt: skip
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     if any(getattr(hook, "__module__", None) != "tinyprop.model" for hook in hooks):
         raise _unsupported(
