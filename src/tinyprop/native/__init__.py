@@ -257,20 +257,15 @@ def conv_backward(
         or (out_w - 1) * stride_w + (kw - 1) * dilation_w >= in_w
     ):
         raise ValueError(f"conv_backward: shape {shape} does not fit x {x.shape}, {weight.shape}")
-    grad_input = torch.empty_like(x) if needs_input else None
-    grad_weight = torch.empty_like(weight) if needs_weight else None
-    dims = torch.tensor(shape, dtype=torch.int64)
-    status = library().tp_conv_backward_f32(
-        x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
-        row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
-        _address(grad_weight), _address(grad_input),
-        threads_for(column.numel() * kh * kw * (channels_in // groups), BACKWARD_GRAIN),
-    )  # fmt: skip
-    if status == -3:
-        raise MemoryError(f"conv_backward: no memory for the places of {column.numel()} entries")
-    if status != 0:
-        raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")
-    return grad_input, grad_weight
+    inputs = (x, weight, row_start, column, value)
+    return _conv_kernel(
+        "tp_conv_backward_f32",
+        inputs,
+        shape,
+        kh * kw * (channels_in // groups),
+        needs_input,
+        needs_weight,
+    )
 
 
 def plane_conv_backward(
@@ -311,19 +306,30 @@ def plane_conv_backward(
         raise ValueError(
             f"plane_conv_backward: shape {shape} does not fit {x.shape}, {weight.shape}"
         )
+    inputs = (x, weight, row_start, column, value)
+    return _conv_kernel(
+        "tp_plane_conv_backward_f32", inputs, shape, kh * kw, needs_input, needs_weight
+    )
+
+
+def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight):
+    """Run the convolution kernel ``name`` on its checked ``inputs`` (x, weight, row_start,
+    column, value); returns ``(grad_input or None, grad_weight or None)`` shaped like x and
+    weight."""
+    x, weight, row_start, column, value = inputs
     grad_input = torch.empty_like(x) if needs_input else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
     dims = torch.tensor(shape, dtype=torch.int64)
-    status = library().tp_plane_conv_backward_f32(
+    status = getattr(library(), name)(
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input),
-        threads_for(column.numel() * kh * kw, BACKWARD_GRAIN),
+        threads_for(column.numel() * macs_per_entry, BACKWARD_GRAIN),
     )  # fmt: skip
     if status == -3:
-        raise MemoryError(f"plane_conv_backward: no memory for {column.numel()} entries")
+        raise MemoryError(f"{name}: no memory for the places of {column.numel()} entries")
     if status != 0:
-        raise ValueError(f"kept indices must be in [0, {channels_out * out_h * out_w})")
+        raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")
     return grad_input, grad_weight
 
 
