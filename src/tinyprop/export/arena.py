@@ -89,25 +89,37 @@ def trained_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
     return [layer.trainable and index >= first for index, layer in enumerate(layers)]
 
 
+def _flags_of(layers: list[LayerSpec], numbers: tuple[int, ...], name: str) -> list[bool]:
+    """Per layer: whether it is one of the dense/conv layers ``numbers`` (counted from 0).
+
+    Raises:
+        ValueError: when such a layer does not exist.
+    """
+    trainable = [index for index, layer in enumerate(layers) if layer.trainable]
+    flags = [False] * len(layers)
+    for number in numbers:
+        if number >= len(trainable):
+            raise ValueError(
+                f"{name} must lie in [0, {len(trainable)}) for this model, got {numbers}"
+            )
+        flags[trainable[number]] = True
+    return flags
+
+
 def bias_only_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
     """Per layer: a trained layer whose bias alone trains (``mode.bias_only_layers``).
 
     Raises:
         ValueError: when such a layer does not exist or has no bias.
     """
-    trainable = [index for index, layer in enumerate(layers) if layer.trainable]
-    flags = [False] * len(layers)
+    flags = _flags_of(layers, mode.bias_only_layers, "bias_only_layers")
     for number in mode.bias_only_layers:
-        if number >= len(trainable):
-            raise ValueError(
-                f"bias_only_layers must lie in [0, {len(trainable)}) for this model, got "
-                f"{mode.bias_only_layers}"
-            )
         if number >= 32:
             raise ValueError(f"bias_only_layers: the runtime handles layers 0..31, got {number}")
-        if not layers[trainable[number]].has_bias:
+    dense_or_conv = [layer for layer in layers if layer.trainable]
+    for number in mode.bias_only_layers:
+        if not dense_or_conv[number].has_bias:
             raise ValueError(f"bias_only_layers: layer {number} has no bias to train")
-        flags[trainable[number]] = True
     return flags
 
 
@@ -134,16 +146,7 @@ def recompute_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
     Raises:
         ValueError: when such a layer does not exist.
     """
-    trainable = [index for index, layer in enumerate(layers) if layer.trainable]
-    flags = [False] * len(layers)
-    for number in mode.recompute_layers:
-        if number >= len(trainable):
-            raise ValueError(
-                f"recompute_layers must lie in [0, {len(trainable)}) for this model, got "
-                f"{mode.recompute_layers}"
-            )
-        flags[trainable[number]] = True
-    return flags
+    return _flags_of(layers, mode.recompute_layers, "recompute_layers")
 
 
 def _recompute_reader(layers: list[LayerSpec], i: int) -> int:
