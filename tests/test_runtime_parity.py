@@ -449,9 +449,21 @@ def test_selection_in_place_equals_the_scratch_selection(library):
                                            err_msg=name)  # fmt: skip
 
 
+def checked_arena(library, model_name, policy, optimizer, memory):
+    """The C model of `model_name` under `memory`, its arena checked three ways:
+    tp_arena_bytes_mode = the bytes tp_init_mode lays out = the Python plan."""
+    build, shape, _ = MODELS[model_name]
+    config = tinyprop.TinyPropConfig(policy=policy)
+    c_model = RuntimeModel(build(), shape, config, optimizer, library, memory)
+    expected = arena_bytes(c_model.layers, policy, optimizer.kind, optimizer.momentum, memory)
+    where = (model_name, memory, policy, optimizer.kind)
+    assert c_model.arena_bytes == c_model.totals()[1] == expected, where
+    return c_model
+
+
 def test_arena_of_every_mode_is_what_training_uses(library):
     """tp_arena_bytes_mode = the bytes tp_init_mode lays out = the Python plan."""
-    for model_name, (build, shape, _) in MODELS.items():
+    for model_name, (build, _, _) in MODELS.items():
         count = sum(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in build().modules())
         for first in range(count):
             for in_place in (False, True):
@@ -463,42 +475,23 @@ def test_arena_of_every_mode_is_what_training_uses(library):
                 for optimizer in optimizers:
                     for policy in ("full", "tinypropv2"):
                         memory = MemoryMode(first, in_place)
-                        config = tinyprop.TinyPropConfig(policy=policy)
-                        c_model = RuntimeModel(build(), shape, config, optimizer, library, memory)
-                        _, used = c_model.totals()
-                        expected = arena_bytes(
-                            c_model.layers, policy, optimizer.kind, optimizer.momentum, memory
-                        )
-                        where = (model_name, memory, policy, optimizer.kind)
-                        assert c_model.arena_bytes == used == expected, where
+                        checked_arena(library, model_name, policy, optimizer, memory)
     for model_name, first, bias_only in BIAS_ONLY:
-        build, shape, _ = MODELS[model_name]
         memory = MemoryMode(first, bias_only_layers=bias_only)
         for optimizer in (OptimizerSpec(momentum=0.9), OptimizerSpec("adam")):
             for policy in ("full", "tinypropv2"):
-                config = tinyprop.TinyPropConfig(policy=policy)
-                c_model = RuntimeModel(build(), shape, config, optimizer, library, memory)
-                expected = arena_bytes(
-                    c_model.layers, policy, optimizer.kind, optimizer.momentum, memory
-                )
-                assert c_model.arena_bytes == c_model.totals()[1] == expected, memory
+                checked_arena(library, model_name, policy, optimizer, memory)
     for model_name, memory in SELECTION_IN_PLACE:
-        build, shape, _ = MODELS[model_name]
         for policy in ("topk", "tinypropv2"):
-            config = tinyprop.TinyPropConfig(policy=policy)
-            c_model = RuntimeModel(build(), shape, config, OptimizerSpec("adam"), library, memory)
-            expected = arena_bytes(c_model.layers, policy, "adam", 0.0, memory)
-            assert c_model.arena_bytes == c_model.totals()[1] == expected, memory
+            checked_arena(library, model_name, policy, OptimizerSpec("adam"), memory)
     for memory in MOMENTUM_IN_PLACE:
-        build, shape, _ = MODELS["cnn_depthwise"]
-        optimizer = OptimizerSpec(momentum=0.9)
         for policy in ("full", "tinypropv2"):
-            config = tinyprop.TinyPropConfig(policy=policy)
-            c_model = RuntimeModel(build(), shape, config, optimizer, library, memory)
-            expected = arena_bytes(c_model.layers, policy, "sgd", 0.9, memory)
+            c_model = checked_arena(
+                library, "cnn_depthwise", policy, OptimizerSpec(momentum=0.9), memory
+            )
+            expected = c_model.arena_bytes
             without = plan_arena(c_model.layers, policy, "sgd", 0.9, replace(memory,
                                  momentum_in_place=False))  # fmt: skip
-            assert c_model.arena_bytes == c_model.totals()[1] == expected, memory
             assert without.bytes - expected == 4 * without.gradients > 0, memory  # no gradients
 
 
@@ -568,12 +561,9 @@ def test_arena_of_the_lean_adam_modes(library):
     """tp_arena_bytes_mode = what tp_init_mode lays out = the Python plan; recomputing and
     8-bit moments make it smaller on the small DS-CNN."""
     for model_name, memory in LEAN_ADAM:
-        build, shape, _ = MODELS[model_name]
         for policy in ("full", "tinypropv2"):
-            config = tinyprop.TinyPropConfig(policy=policy)
-            c_model = RuntimeModel(build(), shape, config, OptimizerSpec("adam"), library, memory)
-            expected = arena_bytes(c_model.layers, policy, "adam", 0.0, memory)
-            assert c_model.arena_bytes == c_model.totals()[1] == expected, (model_name, memory)
+            c_model = checked_arena(library, model_name, policy, OptimizerSpec("adam"), memory)
+            expected = c_model.arena_bytes
             plain = plan_arena(c_model.layers, policy, "adam", 0.0,
                                replace(memory, moment_bits=32))  # fmt: skip
             if memory.moment_bits == 8:
