@@ -137,3 +137,24 @@ def test_frozen_first_layer_has_no_backward_in_the_ledger(policy):
     assert stats.macs.backward_dense == 4 * head
     assert stats.macs.backward == 4 * head
     assert stats.macs.unattributed == 0
+
+
+@pytest.mark.parametrize("policy", ["full", "topk", "tinypropv2"])
+def test_bias_only_first_layer_counts_its_dense_bias_gradient(policy):
+    """A first layer whose bias alone trains runs no sparse backward (its input and weight need
+    no gradient), but its bias gradient is formed: 16 additions per trained sample, under every
+    policy (the sparse ones left it out; the C runtime counts it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    model[0].weight.requires_grad_(False)
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy, ratio=1.0, skip_threshold=0.0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    stats = tinyprop.train_step(
+        model, torch.randn(4, 12), torch.tensor([0, 1, 2, 3]), LOSS, optimizer
+    )
+    # the head per trained sample: weight 16 k + input 16 k + ReLU 16 + bias 5 (k = 5 under
+    # full and topk 1.0, tinypropv2's k as recorded); the first layer's bias 16
+    keep = stats.keep["2"].tolist() if policy == "tinypropv2" else [5] * 4
+    assert stats.trained == len(keep) == 4
+    assert stats.macs.backward_dense == 4 * (80 + 80 + 16 + 5 + 16)
+    assert stats.macs.backward == sum(2 * 16 * k + 16 + 5 + 16 for k in keep)

@@ -7,6 +7,9 @@ rows), with N_l output elements, fan_in inputs per output and k_l kept entries:
 - backward done: k_l · fan_in (weight gradient) + k_l · fan_in (input gradient, not for the first
   layer) + N_l (dense bias gradient) + input size (the previous activation's derivative, when the
   input gradient is computed), for every row with a non-zero δ;
+  A layer whose bias alone trains and whose input needs no gradient (a first trained layer
+  with a frozen weight) runs no sparse backward; its dense bias gradient, N_l per trained
+  row, is counted all the same, as the C runtime counts it;
 - dense backward: the same with k_l = N_l, for every row of the batch (what full training
   would have done on the same samples);
 - selection: per row with a non-zero δ, Y_l (N_l additions) and the top-k selection (N_l
@@ -84,6 +87,30 @@ def layer_backward_macs(call, keep: int, computes_input_grad: bool) -> int:
     return macs
 
 
+def bias_only_backward(forward_passes: list, records: list, batch_size: int, trained: int) -> int:
+    """The dense bias gradient of the calls whose bias alone trains (a first trained layer with
+    a frozen weight): no sparse backward runs there, so they have no record, but autograd
+    forms their bias gradient, N_l additions per trained row (every row when the rows are not
+    the batch's samples). A layer run again by activation checkpointing is counted once."""
+    recorded = {id(record.call) for record in records}
+    calls = [call for forward_pass in forward_passes for call in forward_pass.calls]
+    bias_only = [
+        call
+        for call in calls
+        if call.has_bias
+        and not call.weight_trainable
+        and not call.input_requires_grad
+        and id(call) not in recorded
+    ]
+    first_run = {call.layer_name for call in bias_only if not call.recomputed}
+    macs = 0
+    for call in bias_only:
+        if call.recomputed and call.layer_name in first_run:
+            continue
+        macs += (trained if call.rows == batch_size else call.rows) * call.output_size
+    return macs
+
+
 def step_ledger(
     forward_passes: list,
     records: list,
@@ -124,6 +151,8 @@ def step_ledger(
         ledger.unattributed += other + (2 * other if backward_ran else 0)
         if backward_ran:
             ledger.backward += 2 * other
+    if backward_ran and policy.sparse:
+        ledger.backward += bias_only_backward(forward_passes, records, batch_size, trained)
     for record in records:
         call = record.call
         fixed = layer_backward_macs(call, 0, record.computes_input_grad)
