@@ -111,9 +111,9 @@ def test_unsupported_layers_are_named_with_their_path():
         describe(Custom(), (4,))
     with pytest.raises(UnsupportedLayerError, match="Dropout.*p=0.5"):
         describe(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)), (4,))
-    with pytest.raises(UnsupportedLayerError, match="ceil_mode"):
+    with pytest.raises(UnsupportedLayerError, match="ceil_mode"):  # a partial last window
         describe(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(),
-                               nn.Linear(4, 2)), (1, 4, 4))  # fmt: skip
+                               nn.Linear(4, 2)), (1, 5, 5))  # fmt: skip
     with pytest.raises(UnsupportedLayerError, match="put a Flatten"):
         describe(nn.Sequential(nn.Conv1d(2, 2, 3), nn.Linear(2, 2)), (2, 4))
     with pytest.raises(ValueError, match=r"'0' \(Linear\) expects 4 inputs .* gives 3"):

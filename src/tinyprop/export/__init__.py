@@ -21,6 +21,7 @@ from torch import nn
 from tinyprop.config import TinyPropConfig
 from tinyprop.export import ownership
 from tinyprop.export.c_source import MAKEFILE, model_header, samples_header
+from tinyprop.export.folding import fold_batch_norm
 from tinyprop.export.footprint import MemoryReport, footprint, footprint_of_layers
 from tinyprop.export.graph import (
     INT32_MAX,
@@ -41,6 +42,7 @@ __all__ = [
     "UnsupportedLayerError",
     "describe",
     "export_c",
+    "fold_batch_norm",
     "footprint",
 ]
 
@@ -107,7 +109,8 @@ def export_c(
 
     Args:
         model: an ``nn.Sequential`` of Linear, Conv1d, Conv2d (incl. depthwise), ReLU,
-            Max/AvgPool 1d/2d, Flatten (tinyprop-applied or plain).
+            Max/AvgPool 1d/2d, adaptive pools whose windows come out even, Flatten
+            (tinyprop-applied or plain); fold BatchNorm first (:func:`fold_batch_norm`).
         config: the policy (``full``, ``topk``, ``tinyprop``, ``tinypropv2``).
         out_dir: folder to write (created).
         input_shape: one sample's shape; inferred for MLPs.

@@ -18,6 +18,7 @@ from torch import nn
 from tinyprop import cli_types
 from tinyprop.config import PRESETS, TinyPropConfig
 from tinyprop.export import export_c
+from tinyprop.export.folding import fold_batch_norm
 from tinyprop.export.graph import UnsupportedLayerError
 from tinyprop.export.loading import load_model_file
 from tinyprop.export.runtime import OptimizerSpec
@@ -139,6 +140,12 @@ def parser() -> argparse.ArgumentParser:
         help="dense/conv layers (from 0) whose input is computed again for their backward "
         "instead of kept",
     )
+    p.add_argument(
+        "--fold-batch-norm",
+        action="store_true",
+        help="fold each BatchNorm into the Linear/conv before it (running statistics, as in "
+        "eval mode); the device then trains the folded layers",
+    )
     return p
 
 
@@ -179,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model, shape = _load(args)
+        if args.fold_batch_norm:
+            model = fold_batch_norm(model)
         optimizer = OptimizerSpec(
             args.optimizer, args.lr, args.momentum, weight_decay=args.weight_decay
         )

@@ -28,7 +28,8 @@ KIND_NAMES = {
 }
 SUPPORTED = (
     "Linear, Conv1d, Conv2d (incl. depthwise, zero padding), ReLU, MaxPool1d/2d, AvgPool1d/2d, "
-    "AdaptiveAvgPool1d/2d to size 1, Flatten, Identity, Dropout with p=0"
+    "AdaptiveAvgPool1d/2d and AdaptiveMaxPool1d/2d to a size that divides the input, Flatten, "
+    "Identity, Dropout with p=0; BatchNorm folded first (tinyprop.export.fold_batch_norm)"
 )
 
 
@@ -90,6 +91,14 @@ def _single(value) -> int:
     return int(value) if isinstance(value, int) else int(value[0])
 
 
+ADAPTIVE_POOLS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
 # the classes the runtime runs, by the methods that say what they compute: a subclass that
 # overrides one of them (a residual Sequential, a scaled Linear) computes something else
 _RUNTIME_METHODS = {
@@ -104,9 +113,11 @@ _RUNTIME_METHODS = {
     nn.AvgPool2d: ("forward",),
     nn.AdaptiveAvgPool1d: ("forward",),
     nn.AdaptiveAvgPool2d: ("forward",),
+    nn.AdaptiveMaxPool1d: ("forward",),
+    nn.AdaptiveMaxPool2d: ("forward",),
     nn.Flatten: ("forward",),
     nn.Identity: ("forward",),
-    nn.Dropout: ("forward",),
+    **{dropout: ("forward",) for dropout in DROPOUTS},
 }
 
 
@@ -146,6 +157,41 @@ def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]
             leaves += _sequence(child, f"{prefix}.{name}" if prefix else name)
         return leaves
     return [(prefix or "<root>", model)]
+
+
+_ACTIVATIONS = (
+    nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+)  # fmt: skip
+
+
+def _what_to_do(module: nn.Module) -> str:
+    """The way out for a module type the runtime does not run."""
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return (
+            "the runtime trains one sample at a time, without batch statistics; fold it into "
+            "the layer before it with tinyprop.export.fold_batch_norm(model) (tinyprop export "
+            "--fold-batch-norm), which keeps what the model computes in eval mode"
+        )
+    if isinstance(module, _ACTIVATIONS):
+        return (
+            "the runtime's only activation is ReLU; put nn.ReLU() in its place and fine-tune "
+            "the model in PyTorch before exporting"
+        )
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        return (
+            "the runtime's loss is softmax cross-entropy on the logits; end the model with the "
+            "last Linear (train it in PyTorch with nn.CrossEntropyLoss on the logits)"
+        )
+    if type(module).forward is not nn.Module.forward and any(True for _ in module.children()):
+        return (
+            "the exporter reads the layers of an nn.Sequential in order and cannot read a "
+            "forward written in Python (functional calls, branches, residual sums); write the "
+            "model as an nn.Sequential of supported layers (nested ones are fine)"
+        )
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return "it has no forward of its own; put its layers in an nn.Sequential instead"
+    return "leave it out, or replace it by layers the runtime runs"
 
 
 def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedLayerError:
@@ -200,16 +246,24 @@ def _as_float32(tensor: torch.Tensor, path: str, name: str) -> np.ndarray:
     return array
 
 
+def _same_padding(path: str, module: nn.Module, kernel, dilation) -> tuple[int, int]:
+    """padding='same' as numbers: PyTorch pads dilation · (kernel − 1) in all, the odd one
+    at the end; the runtime pads both sides alike, so an odd total cannot be run."""
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+    if any(total % 2 for total in totals):
+        raise _unsupported(
+            path, module, f"padding='same' with kernel {module.kernel_size} and dilation "
+            f"{module.dilation} pads one more zero at the end than at the start, and the "
+            "runtime pads both sides alike; use an odd kernel size (or dilation · (kernel − 1) "
+            "even), or give the padding as numbers"
+        )  # fmt: skip
+    return (totals[0] // 2, totals[1] // 2)
+
+
 def _conv(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool) -> LayerSpec:
     channels, height, width = shape
     if module.padding_mode != "zeros":
         raise _unsupported(path, module, f"padding_mode={module.padding_mode!r} (only 'zeros')")
-    if isinstance(module.padding, str):
-        if module.padding != "valid":
-            raise _unsupported(path, module, "padding='same' (give the padding as numbers)")
-        padding = (0, 0)
-    else:
-        padding = _pair(module.padding) if two_d else (0, _single(module.padding))
     if getattr(module, "transposed", False):
         raise _unsupported(path, module, "transposed convolution")
     if channels != module.in_channels:
@@ -220,6 +274,12 @@ def _conv(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
     kernel = _pair(module.kernel_size) if two_d else (1, _single(module.kernel_size))
     stride = _pair(module.stride) if two_d else (1, _single(module.stride))
     dilation = _pair(module.dilation) if two_d else (1, _single(module.dilation))
+    if module.padding == "same":
+        padding = _same_padding(path, module, kernel, dilation)
+    elif module.padding == "valid":
+        padding = (0, 0)
+    else:
+        padding = _pair(module.padding) if two_d else (0, _single(module.padding))
     out_h = _window(height, kernel[0], stride[0], padding[0], dilation[0])
     out_w = _window(width, kernel[1], stride[1], padding[1], dilation[1])
     if out_h < 1 or out_w < 1:
@@ -245,8 +305,6 @@ def _conv(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
 def _pool(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool) -> LayerSpec:
     channels, height, width = shape
     kind = MAXPOOL if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) else AVGPOOL
-    if module.ceil_mode:
-        raise _unsupported(path, module, "ceil_mode=True")
     if kind == MAXPOOL:
         if module.return_indices:
             raise _unsupported(path, module, "return_indices=True")
@@ -266,11 +324,28 @@ def _pool(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
         stride = (1, _single(stride_value))
         padding = (0, _single(module.padding))
     if kind == AVGPOOL and not module.count_include_pad and padding != (0, 0):
-        raise _unsupported(path, module, "count_include_pad=False with padding")
+        raise _unsupported(
+            path, module, "count_include_pad=False with padding (the runtime divides by the "
+            "whole window); use count_include_pad=True or padding=0"
+        )  # fmt: skip
+    if any(2 * p > k for p, k in zip(padding, kernel, strict=True)):
+        raise ValueError(
+            f"layer '{path}' ({type(module).__name__}): padding {module.padding} is more than "
+            f"half the kernel {module.kernel_size}, which PyTorch refuses to run as well"
+        )
     out_h = _window(height, kernel[0], stride[0], padding[0])
     out_w = _window(width, kernel[1], stride[1], padding[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(f"layer '{path}' ({type(module).__name__}) leaves no output for {shape}")
+    if module.ceil_mode and (out_h, out_w) != tuple(
+        _ceil_window(size, k, st, p)
+        for size, k, st, p in zip((height, width), kernel, stride, padding, strict=True)
+    ):
+        raise _unsupported(
+            path, module, f"ceil_mode=True, which gives a partial window more than "
+            f"ceil_mode=False on a {shape} input; use ceil_mode=False, or an input size whose "
+            "windows come out even"
+        )  # fmt: skip
     return LayerSpec(
         kind=kind,
         path=path,
@@ -283,20 +358,43 @@ def _pool(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
     )
 
 
+def _ceil_window(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Pooling output size with ceil_mode=True, as PyTorch computes it (a last window that
+    would start in the padding at the end is left out)."""
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + padding else out
+
+
 def _adaptive(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool):
-    size = module.output_size
-    sizes = _pair(size) if two_d else (1, _single(size))
-    if sizes != (1, 1):
-        raise _unsupported(path, module, f"output_size={size} (only 1, a global average)")
+    """An adaptive pool whose windows come out even (each input size a multiple of its output
+    size) is the plain pool with kernel = stride = input / output; others are refused."""
     channels, height, width = shape
+    kind = AVGPOOL if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) else MAXPOOL
+    if kind == MAXPOOL and module.return_indices:
+        raise _unsupported(path, module, "return_indices=True")
+    size = module.output_size
+    if not isinstance(size, (tuple, list)):
+        size_per_dimension = (size, size) if two_d else (size,)
+    else:
+        size_per_dimension = tuple(size)
+    wanted = ((1,) if not two_d else ()) + size_per_dimension  # (height, width)
+    inputs = (height, width)
+    sizes = tuple(i if w is None else int(w) for i, w in zip(inputs, wanted, strict=True))
+    if any(i % o for i, o in zip(inputs, sizes, strict=True)):
+        raise _unsupported(
+            path, module, f"output_size={size} on a {inputs[1] if not two_d else inputs} "
+            "input: its windows overlap unevenly; use an input size that is a multiple of the "
+            "output size, or a plain pooling layer"
+        )  # fmt: skip
+    kernel = (height // sizes[0], width // sizes[1])
     return LayerSpec(
-        kind=AVGPOOL,
+        kind=kind,
         path=path,
         module_type=type(module).__name__,
         input_shape=shape,
-        output_shape=(channels, 1, 1),
-        kernel=(height, width),
-        stride=(height, width),
+        output_shape=(channels, *sizes),
+        kernel=kernel,
+        stride=kernel,
     )
 
 
@@ -335,9 +433,12 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
     for path, module in _sequence(model):
         _check_not_shared(path, module, owners)
         name = type(module).__name__
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            raise _unsupported(path, module, f"p={module.p} (the runtime has no dropout; use p=0)")
-        if isinstance(module, (nn.Identity, nn.Dropout)):
+        if isinstance(module, DROPOUTS) and module.p > 0:
+            raise _unsupported(
+                path, module, f"p={module.p}: the runtime has no dropout; set its p to 0 or put "
+                "nn.Identity() in its place to export (training then runs without dropout)"
+            )  # fmt: skip
+        if isinstance(module, (nn.Identity, *DROPOUTS)):
             continue
         if isinstance(module, nn.Linear):
             if rank != 1:
@@ -372,8 +473,8 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
             if rank != (3 if two_d else 2):
                 raise _unsupported(path, module, f"a {name} on a {rank}-D sample")
             spec = _pool(path, module, shape, two_d)
-        elif isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            two_d = isinstance(module, nn.AdaptiveAvgPool2d)
+        elif isinstance(module, ADAPTIVE_POOLS):
+            two_d = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
             if rank != (3 if two_d else 2):
                 raise _unsupported(path, module, f"a {name} on a {rank}-D sample")
             spec = _adaptive(path, module, shape, two_d)
@@ -383,7 +484,7 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
             spec = LayerSpec(FLATTEN, path, name, shape, (math.prod(shape), 1, 1))
             rank = 1
         else:
-            raise _unsupported(path, module, "no C implementation")
+            raise _unsupported(path, module, f"no C implementation; {_what_to_do(module)}")
         layers.append(spec)
         shape = spec.output_shape
     if not any(layer.trainable for layer in layers):

@@ -1,0 +1,91 @@
+"""Fold BatchNorm layers into the Linear or conv layer before them, for export.
+
+The C runtime trains one sample at a time, so a BatchNorm's batch statistics have no meaning
+there. A BatchNorm right after a Linear / Conv1d / Conv2d computes, with its running statistics
+(as in ``model.eval()``), an affine map per channel that the layer's weight and bias can take:
+``W' = W · γ / sqrt(σ² + ε)`` per output channel, ``b' = (b − μ) · γ / sqrt(σ² + ε) + β``.
+The folded model computes what the original computes in eval mode; it then trains without
+BatchNorm, in C and in the Python library alike.
+
+Example:
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+    ...                     nn.Linear(64, 3))
+    >>> folded = fold_batch_norm(net)          # a copy; net is left as it was
+    >>> type(folded[1]).__name__
+    'Identity'
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FOLDS_INTO = {nn.BatchNorm1d: (nn.Linear, nn.Conv1d), nn.BatchNorm2d: (nn.Conv2d,)}
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The leaf modules of (nested) nn.Sequential containers in order, with their paths."""
+    if type(module) is nn.Sequential or (
+        isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+    ):
+        leaves = []
+        for name, child in module._modules.items():
+            leaves += _leaves(child, f"{prefix}.{name}" if prefix else name)
+        return leaves
+    return [(prefix, module)]
+
+
+def _refuse(path: str, norm: nn.Module, why: str) -> ValueError:
+    return ValueError(f"cannot fold layer '{path}' ({type(norm).__name__}): {why}")
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm1d/2d folded into the layer before it.
+
+    Args:
+        model: an ``nn.Sequential`` (possibly nested) in which each BatchNorm comes right
+            after a Linear / Conv1d (BatchNorm1d) or a Conv2d (BatchNorm2d) with as many
+            output channels, and keeps running statistics.
+
+    Returns:
+        The folded copy: each BatchNorm replaced by ``nn.Identity``, the layer before it given
+        the folded weight and bias (a bias is added where it had none). ``model`` is unchanged.
+
+    Raises:
+        ValueError: naming the BatchNorm that cannot be folded and why.
+    """
+    folded = copy.deepcopy(model)
+    leaves = _leaves(folded)
+    for index, (path, norm) in enumerate(leaves):
+        if not isinstance(norm, _BATCH_NORMS):
+            continue
+        kinds = _FOLDS_INTO[nn.BatchNorm2d if isinstance(norm, nn.BatchNorm2d) else nn.BatchNorm1d]
+        layer_path, layer = leaves[index - 1] if index > 0 else ("", None)
+        if not isinstance(layer, kinds):
+            raise _refuse(
+                path, norm, "it does not come right after a "
+                f"{' or '.join(k.__name__ for k in kinds)}, so no layer's weights can take it"
+            )  # fmt: skip
+        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        if norm.num_features != channels:
+            raise _refuse(path, norm, f"{norm.num_features} features after {channels} channels")
+        if norm.running_mean is None or norm.running_var is None:
+            raise _refuse(
+                path, norm, "it keeps no running statistics (track_running_stats=False), so "
+                "it normalises with each batch's, which one sample at a time cannot do"
+            )  # fmt: skip
+        with torch.no_grad():
+            weight, bias = fuse_conv_bn_weights(
+                layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps,
+                norm.weight, norm.bias,
+            )  # fmt: skip
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=layer.weight.requires_grad)
+        layer.bias = nn.Parameter(bias.detach())
+        parent_path, _, name = path.rpartition(".")
+        parent = folded.get_submodule(parent_path) if parent_path else folded
+        setattr(parent, name, nn.Identity())
+    return folded

@@ -1,0 +1,274 @@
+"""Models nobody on the team wrote, exported to the C runtime: each one that exports trains in C
+as in the Python library (weights within 1e-5 after every step, the same skips and MACs), and
+each one that cannot names the layer and what to do.
+
+Covered: Conv1d stacks (stride, padding, dilation, groups), non-square Conv2d, padding='same',
+bias=False, pools with padding and ceil_mode, adaptive pools, Dropout variants at p=0, nested
+and named Sequentials, BatchNorm folded before export (:func:`tinyprop.export.fold_batch_norm`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from test_runtime_parity import batches
+from torch import nn
+
+import tinyprop
+from tinyprop.export import UnsupportedLayerError, describe, fold_batch_norm
+from tinyprop.export.cli import main as export_main
+from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, load_library
+
+Seq = nn.Sequential
+
+
+@pytest.fixture(scope="module")
+def library():
+    return load_library()
+
+
+def with_statistics(model: nn.Module) -> nn.Module:
+    """Running statistics and affine weights away from their initial 0 / 1."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            size = module.num_features
+            module.running_mean.copy_(torch.rand(size, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.rand(size, generator=generator) - 0.5)
+    return model
+
+
+def folded(build):
+    """A builder of the BatchNorm-folded model of ``build``."""
+    return lambda: fold_batch_norm(with_statistics(build()))
+
+
+# name -> (builder, one sample's shape); exported after fold_batch_norm
+WITH_BATCH_NORM = {
+    "batch_norm_folded_conv_depthwise_no_bias": (
+        lambda: Seq(
+            nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Flatten(), nn.Linear(16, 3),
+        ),
+        (2, 6, 6),
+    ),
+    "batch_norm_folded_linear_and_conv1d": (
+        lambda: Seq(
+            Seq(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4, affine=False)), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3),
+        ),
+        (2, 10),
+    ),
+}  # fmt: skip
+
+# name -> (builder, one sample's shape)
+EXPORTED = {
+    "conv1d_stride_padding_dilation_groups": (
+        lambda: Seq(
+            nn.Conv1d(3, 8, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv1d(8, 8, 3, dilation=2, padding=2), nn.ReLU(),
+            nn.Conv1d(8, 6, 3, groups=2, stride=3, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(36, 4),
+        ),
+        (3, 32),
+    ),
+    "conv2d_non_square_depthwise_dilated": (
+        lambda: Seq(
+            nn.Conv2d(2, 4, (3, 5), stride=(1, 2), padding=(1, 2)), nn.ReLU(),
+            nn.Conv2d(4, 4, (1, 3), dilation=(1, 2), padding=(0, 2), groups=4), nn.ReLU(),
+            nn.Flatten(), nn.Linear(140, 3),
+        ),
+        (2, 7, 10),
+    ),
+    "padding_same_2d_and_1d_dilated": (
+        lambda: Seq(
+            nn.Conv1d(2, 4, 5, padding="same", dilation=2), nn.ReLU(),
+            nn.Conv1d(4, 4, 3, padding="same", bias=False), nn.ReLU(),
+            nn.Flatten(), nn.Linear(48, 3, bias=False),
+        ),
+        (2, 12),
+    ),
+    "pools_padded_overlapping_ceil_adaptive": (
+        lambda: Seq(
+            nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),  # (4, 4, 4)
+            nn.AvgPool2d(2, stride=1, padding=1),  # (4, 5, 5)
+            nn.Conv2d(4, 4, 2), nn.ReLU(),  # (4, 4, 4)
+            nn.MaxPool2d(2, ceil_mode=True),  # ceil_mode changes nothing here: (4, 2, 2)
+            nn.AdaptiveAvgPool2d((None, 1)),  # (4, 2, 1)
+            nn.Flatten(), nn.Linear(8, 3),
+        ),
+        (1, 7, 7),
+    ),
+    "adaptive_max_and_dropouts_at_zero": (
+        lambda: Seq(
+            nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Dropout1d(0.0),
+            nn.AdaptiveMaxPool1d(2), nn.Flatten(), nn.Dropout(0.0), nn.Linear(8, 3),
+        ),
+        (2, 10),
+    ),
+    "nested_named_sequentials_and_flatten_placements": (
+        lambda: Seq(
+            OrderedDict(
+                features=Seq(Seq(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Identity()),
+                head=Seq(nn.Flatten(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Flatten()),
+                out=nn.Linear(8, 3),
+            )
+        ),
+        (1, 6, 6),
+    ),
+    **{name: (folded(build), shape) for name, (build, shape) in WITH_BATCH_NORM.items()},
+}  # fmt: skip
+
+
+def run_parity(library, build, shape, config, optimizer, steps=4):
+    """Train the model in C and in the library side by side; compare after every step."""
+    torch.manual_seed(0)
+    reference = build()
+    c_model = RuntimeModel(reference, shape, config, optimizer, library)
+    x = torch.randn(1, *shape)
+    with torch.no_grad():
+        expected = reference.eval()(x)[0].numpy()
+    np.testing.assert_allclose(c_model.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+    python_model = tinyprop.apply(copy.deepcopy(reference).train(), config)
+    if optimizer.kind == "adam":
+        python_optimizer = torch.optim.Adam(python_model.parameters(), lr=optimizer.lr)
+    else:
+        python_optimizer = torch.optim.SGD(
+            python_model.parameters(), lr=optimizer.lr, momentum=optimizer.momentum
+        )
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    trained = skipped = 0
+    for step, (x, y) in enumerate(batches(shape, c_model.layers[-1].output_size, steps, 8, 0)):
+        python_stats = tinyprop.train_step(python_model, x, y, loss_fn, python_optimizer)
+        c_stats = c_model.train_batch(x.numpy(), y.numpy())
+        assert c_stats.trained_mask.tolist() == python_stats.trained_mask.tolist(), step
+        assert c_stats.macs == python_stats.macs, step
+        state = python_model.state_dict()
+        for name, value in c_model.parameters().items():
+            python_value = state[name].numpy().reshape(-1)
+            scale = float(np.abs(python_value).max())
+            np.testing.assert_allclose(
+                value, python_value, rtol=1e-5, atol=1e-5 * scale, err_msg=f"step {step} {name}"
+            )
+        trained += c_stats.trained
+        skipped += c_stats.skipped
+    return trained, skipped
+
+
+@pytest.mark.parametrize("name", list(EXPORTED))
+def test_user_models_train_in_c_as_in_the_library(library, name):
+    build, shape = EXPORTED[name]
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.9)
+    trained, skipped = run_parity(
+        library, build, shape, config, OptimizerSpec(lr=0.05, momentum=0.9)
+    )
+    assert trained > 0 and skipped > 0, (trained, skipped)
+
+
+@pytest.mark.parametrize("policy", ["full", "topk", "tinyprop"])
+def test_user_model_under_adam_and_every_policy(library, policy):
+    build, shape = EXPORTED["pools_padded_overlapping_ceil_adaptive"]
+    config = tinyprop.TinyPropConfig(policy=policy)
+    run_parity(library, build, shape, config, OptimizerSpec("adam", lr=0.01), steps=3)
+
+
+def test_folding_keeps_the_eval_output_and_leaves_the_model_alone():
+    for build, shape in WITH_BATCH_NORM.values():
+        torch.manual_seed(0)
+        model = with_statistics(build())
+        before = copy.deepcopy(model.state_dict())
+        result = fold_batch_norm(model)
+        x = torch.randn(5, *shape)
+        with torch.no_grad():
+            torch.testing.assert_close(result(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in result.modules())
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+# (model, one sample's shape, what the message must say)
+REFUSED = [
+    (Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)), (1, 6, 6),
+     r"layer '1' \(BatchNorm2d\).*fold_batch_norm"),
+    (Seq(nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 3)), (6,), r"'1' \(ReLU6\).*nn\.ReLU\(\)"),
+    (Seq(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), (6,), r"'1' \(GELU\).*nn\.ReLU\(\)"),
+    (Seq(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3)), (6,), r"'1' \(SiLU\).*fine-tune"),
+    (Seq(nn.Linear(6, 8), nn.LeakyReLU(), nn.Linear(8, 3)), (6,), r"'1' \(LeakyReLU\)"),
+    (Seq(nn.Linear(6, 8), nn.Hardswish(), nn.Linear(8, 3)), (6,), r"'1' \(Hardswish\)"),
+    (Seq(nn.Linear(6, 3), nn.Softmax(dim=1)), (6,), r"'1' \(Softmax\).*logits"),
+    (Seq(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3)), (6,),
+     r"'1' \(Dropout\).*nn\.Identity"),
+    (Seq(nn.Conv2d(1, 2, 3), nn.Dropout2d(0.2), nn.Flatten(), nn.Linear(32, 3)), (1, 6, 6),
+     r"'1' \(Dropout2d\): p=0\.2"),
+    (Seq(nn.Conv2d(1, 4, 4, padding="same"), nn.Flatten(), nn.Linear(144, 3)), (1, 6, 6),
+     r"'0' \(Conv2d\): padding='same'.*odd kernel"),
+    (Seq(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(36, 3)),
+     (1, 7, 7), r"'1' \(MaxPool2d\): ceil_mode=True"),
+    (Seq(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 3)), (1, 6, 6),
+     r"'1' \(AdaptiveAvgPool2d\): output_size=3.*multiple"),
+    (Seq(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, padding=1, count_include_pad=False), nn.Flatten(),
+         nn.Linear(16, 3)), (1, 6, 6), r"'1' \(AvgPool2d\): count_include_pad=False"),
+    (FunctionalNet(), (6,), r"'<root>' \(FunctionalNet\).*nn\.Sequential"),
+    (nn.ModuleList([nn.Linear(6, 3)]), (6,), r"'<root>' \(ModuleList\).*nn\.Sequential"),
+    (Seq(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)), (6,), r"'1' \(LayerNorm\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "shape", "message"), REFUSED)
+def test_what_cannot_be_exported_is_named_with_what_to_do(model, shape, message):
+    with pytest.raises(UnsupportedLayerError, match=message):
+        describe(model, shape)
+
+
+def test_pool_padding_pytorch_refuses_is_refused():
+    model = Seq(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, padding=2), nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="more than half the kernel"):
+        describe(model, (1, 6, 6))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (Seq(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3)), r"'0' \(BatchNorm2d\).*right after a Conv2d"),
+        (Seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), r"'2' .*right after"),
+        (Seq(nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False)), "running stat"),
+        (Seq(nn.Conv1d(1, 4, 3), nn.BatchNorm2d(4)), r"right after a Conv2d"),
+    ],
+)
+def test_batch_norm_that_cannot_be_folded_is_named(model, message):
+    with pytest.raises(ValueError, match=message):
+        fold_batch_norm(model)
+
+
+def test_cli_folds_batch_norm_on_request(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = with_statistics(
+        Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    )
+    path = tmp_path / "bn.pt"
+    torch.save(model, path)
+    arguments = [str(path), "--input-shape", "1,6,6", "--out", str(tmp_path / "c")]
+    assert export_main(arguments) == 2
+    assert "--fold-batch-norm" in capsys.readouterr().out
+    assert export_main([*arguments, "--fold-batch-norm"]) == 0
+    header = (tmp_path / "c" / "tinyprop_model.h").read_text()
+    assert header.count("TP_LAYER_CONV2D") == 1 and "BatchNorm" not in header.split("*/", 1)[1]
