@@ -5,6 +5,7 @@ top-k selection, the skip decision and gradients against finite differences."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -35,3 +36,40 @@ def test_c_unit_tests(tmp_path, sanitize, flags):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith("0 failures"), run.stdout
     assert int(run.stdout.split()[0]) > 500  # the checks really ran
+
+
+def build_and_run_size_checks(tmp_path, compiler: list[str], runner: list[str]) -> str:
+    """runtime/tests/test_sizes.c built with ``compiler`` and run with ``runner``: its output."""
+    root = runtime_dir()
+    program = tmp_path / "test_sizes"
+    sources = [str(root / "tests" / "test_sizes.c")]
+    sources += [str(path) for path in sorted((root / "src").glob("*.c"))]
+    build = subprocess.run([*compiler, "-I", str(root / "include"), *sources, "-lm", "-o",
+                            str(program)], capture_output=True, text=True)  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([*runner, str(program)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == "sizes ok 11 of 11", run.stdout
+    return run.stdout
+
+
+def test_hostile_sizes_are_refused_on_the_host(tmp_path):
+    """Shapes whose element counts, dilated kernels or arena overflow 32-bit arithmetic (an
+    input of 65536 x 65536, 51 GB of Adam state) get TP_ERR_SHAPE (ASan and UBSan on)."""
+    build_and_run_size_checks(tmp_path, ["gcc", *WARNINGS, "-O1", "-g", *SANITIZE], [])
+
+
+@pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+    reason="needs arm-none-eabi-gcc and qemu-system-arm",
+)
+def test_hostile_sizes_are_refused_on_a_32_bit_cortex_m4(tmp_path):
+    """The same checks where long and size_t have 32 bits: a spec claiming 2^32 input elements
+    used to wrap to 0 there and pass, and the arena was sized for far less than it holds."""
+    root = runtime_dir() / "examples" / "cortex_m4"
+    compiler = ["arm-none-eabi-gcc", "-std=c99", "-O2", "-mcpu=cortex-m4", "-mthumb",
+                "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16", "--specs=rdimon.specs",
+                str(root / "startup.c"), "-T", str(root / "an386.ld")]  # fmt: skip
+    runner = ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting",
+              "-kernel"]  # fmt: skip
+    build_and_run_size_checks(tmp_path, compiler, runner)

@@ -102,19 +102,21 @@ int32_t tp_layer_input_size(const tp_layer *layer) {
     return layer->in_c * layer->in_h * layer->in_w;
 }
 
-/* Shapes stay far below 2^31 elements; this bound keeps every product in int32 and size_t. */
+/* Shapes stay far below 2^31 elements; this bound keeps every product in int32 and size_t.
+ * The checks multiply in int64_t: a long has 32 bits on a Cortex-M4, where 65536 x 65536
+ * wrapped to 0 and passed. */
 #define TP_MAX_DIMENSION 65536
-#define TP_MAX_ELEMENTS (1L << 26)
+#define TP_MAX_ELEMENTS ((int64_t)1 << 26)
 
-static int product_fits(long a, long b, long c) {
+static int product_fits(int64_t a, int64_t b, int64_t c) {
     return a > 0 && b > 0 && c > 0 && a <= TP_MAX_ELEMENTS && b <= TP_MAX_ELEMENTS &&
            c <= TP_MAX_ELEMENTS && a * b <= TP_MAX_ELEMENTS && a * b * c <= TP_MAX_ELEMENTS;
 }
 
 static int window_output(int32_t in, int32_t kernel, int32_t stride, int32_t padding,
                          int32_t dilation, int32_t *out) {
-    long span = (long)dilation * (kernel - 1) + 1;
-    long padded = (long)in + 2L * padding;
+    const int64_t span = (int64_t)dilation * (kernel - 1) + 1;
+    const int64_t padded = (int64_t)in + 2 * (int64_t)padding;
     if (kernel < 1 || stride < 1 || padding < 0 || dilation < 1 || kernel > TP_MAX_DIMENSION ||
         stride > TP_MAX_DIMENSION || padding > TP_MAX_DIMENSION || dilation > TP_MAX_DIMENSION)
         return 0;
@@ -170,8 +172,8 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
         layer->has_bias = spec->has_bias;
         if (!product_fits(in_c / groups, spec->kernel_h, spec->kernel_w)) return TP_ERR_SHAPE;
         /* the zero-padded input lives in the conv scratch */
-        if (!product_fits(in_c, (long)in_h + 2L * spec->padding_h,
-                          (long)in_w + 2L * spec->padding_w))
+        if (!product_fits(in_c, (int64_t)in_h + 2 * (int64_t)spec->padding_h,
+                          (int64_t)in_w + 2 * (int64_t)spec->padding_w))
             return TP_ERR_SHAPE;
         layer->fan_in = in_c / groups * spec->kernel_h * spec->kernel_w;
         if (!product_fits(layer->out_c, layer->fan_in, 1) ||

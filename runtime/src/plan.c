@@ -31,8 +31,12 @@
  * (tinyprop.export.arena) computes the same plan. */
 #include "tp_internal.h"
 
-/* one buffer at most 2^26 floats, all of them at most 2^30 (offsets are uint32) */
-#define TP_PLAN_MAX_FLOATS (1UL << 26)
+/* one buffer at most 2^26 floats, all of them at most 2^30 (offsets are uint32); the whole
+ * arena at most TP_ARENA_MAX_FLOATS (2 GiB - 4 bytes: its bytes fit an int32 and a 32-bit
+ * size_t). Sums are taken in uint64_t or checked as they grow, so nothing wraps around a
+ * 32-bit size_t. */
+#define TP_PLAN_MAX_FLOATS ((size_t)1 << 26)
+#define TP_ARENA_MAX_FLOATS (((uint64_t)1 << 29) - 1)
 
 static size_t layer_parameters(const tp_layer *layer) {
     return (size_t)layer->out_c * (size_t)layer->fan_in + (layer->has_bias ? (size_t)layer->out_c : 0);
@@ -142,9 +146,9 @@ static int overlaps(const tp_buffer *a, const tp_buffer *b) {
 static tp_status place(tp_arena_plan *plan) {
     int32_t order[TP_MAX_BUFFERS];
     int32_t i, j, placed;
-    size_t total = 0;
+    uint64_t total = 0;
     for (i = 0; i < plan->count; i++) total += plan->buffers[i].floats;
-    if (total > (1UL << 30)) return TP_ERR_SHAPE; /* offsets + sizes stay within uint32 */
+    if (total > ((uint64_t)1 << 30)) return TP_ERR_SHAPE; /* offsets + sizes within uint32 */
     for (i = 0; i < plan->count; i++) order[i] = i;
     for (i = 1; i < plan->count; i++) { /* insertion sort: larger first, then creation order */
         const int32_t current = order[i];
@@ -222,8 +226,9 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
     for (i = 0; i < L; i++) {
         if (layers[i].trained) {
             if (first < 0) first = i;
-            plan->parameters += trained_parameters(&layers[i]);
+            plan->parameters += trained_parameters(&layers[i]); /* each at most 2^27 */
             blocks += tp_moment_blocks(&layers[i]);
+            if (plan->parameters > TP_ARENA_MAX_FLOATS) return TP_ERR_SHAPE;
         }
     }
     if (first < 0) return TP_ERR_ARGUMENT;
@@ -316,7 +321,12 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
             if (status != TP_OK) return status;
         }
     }
-    return place(plan);
+    status = place(plan);
+    if (status != TP_OK) return status;
+    if ((uint64_t)plan->parameters + plan->gradients + plan->moments + plan->transient >
+        TP_ARENA_MAX_FLOATS)
+        return TP_ERR_SHAPE;
+    return TP_OK;
 }
 
 size_t tp_plan_floats(const tp_arena_plan *plan) {
