@@ -160,8 +160,11 @@ BUDGET_CANDIDATES = [
     {"budget": 0.2, "skip_split": 0.25},
     {"budget": 0.2, "skip_split": 0.25, **SGD_SETTINGS[0]},
 ]
+# is the plan's Adam learning rate (1e-3 on the ResNet-8 pair) tuned? Twice it, for full and the
+# budget alike, so each chooses its learning rate on validation
+LEARNING_RATE_CHECK = {"lr": 0.002}
 BUDGET_SETTINGS: dict[str, list[dict]] = {
-    "full": [{}, *SGD_SETTINGS],
+    "full": [{}, *SGD_SETTINGS, LEARNING_RATE_CHECK],
     "topk": budget_settings(MEPROP),
     "randomk": budget_settings(MEPROP),
     "tinyprop": budget_settings(),
@@ -169,7 +172,8 @@ BUDGET_SETTINGS: dict[str, list[dict]] = {
     + [{"budget": 0.2, **sgd} for sgd in SGD_SETTINGS]
     + [{"budget": 0.2, "optimizer": "lazy_adam"}]
     + BUDGET_ALTERNATIVES
-    + BUDGET_CANDIDATES,
+    + BUDGET_CANDIDATES
+    + [{"budget": 0.2, **LEARNING_RATE_CHECK}],
     "selective_backprop": budget_settings(),
 }
 
