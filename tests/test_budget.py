@@ -504,3 +504,40 @@ def test_a_policy_that_trains_every_sample_keeps_the_output_layer_dense_only_bel
     for policy, dense in (("topk", False), ("tinypropv2", True)):
         config = tinyprop.TinyPropConfig(policy=policy, budget=0.1, skip_split=0.0)
         assert bool((keep_of_one_step(toy_model(config))["4"] == 5).all()) == dense
+
+
+@pytest.mark.parametrize("mean_over_trained", [False, True])
+def test_mean_over_trained_divides_the_step_loss_by_the_trained_samples(mean_over_trained):
+    """Every entry kept, half the samples trained: the gradient is plain autograd's on the
+    trained samples' losses summed and divided by K (``mean_over_trained``) or by B."""
+    config = tinyprop.TinyPropConfig(
+        policy="tinypropv2", budget=0.5, skip_split=1.0, s_min=1.0, s_max=1.0, zeta=1.0,
+        mean_over_trained=mean_over_trained,
+    )  # fmt: skip
+    model = toy_model(config)
+    reference = tinyprop.remove(copy.deepcopy(model))
+    x, y = next(toy_stream(1))
+    output = model(x)
+    losses = LOSS(output, y)
+    stats = tinyprop.backward(model, losses, output)
+    trained = stats.trained_mask
+    assert 0 < stats.trained < len(y)
+    expected = (LOSS(reference(x), y) * trained).sum() / (
+        stats.trained if mean_over_trained else len(y)
+    )
+    expected.backward()
+    for sparse, dense in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(sparse.grad, dense.grad)
+
+
+def test_mean_over_trained_is_the_batch_mean_when_nothing_is_skipped():
+    x, y = next(toy_stream(1))
+    grads = []
+    for mean_over_trained in (False, True):
+        config = tinyprop.TinyPropConfig(policy="tinyprop", mean_over_trained=mean_over_trained)
+        model = toy_model(config)
+        output = model(x)
+        tinyprop.backward(model, LOSS(output, y), output)
+        grads.append([p.grad for p in model.parameters()])
+    for first, second in zip(*grads, strict=True):
+        torch.testing.assert_close(first, second)

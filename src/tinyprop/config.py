@@ -119,6 +119,12 @@ class TinyPropConfig:
             budget the controller spent the saving on training more samples (MNIST MLP from
             scratch at b = 0.1, seed 0: 51% of the samples trained instead of 31%), and the
             run lost accuracy (93.16% against 95.82% without it; see ``docs/budget.md``).
+        mean_over_trained: the step's loss is the mean over the trained samples,
+            Σ_trained ℓ_n / K, instead of over the batch, Σ_trained ℓ_n / B (skipped samples
+            count as 0), as Selective-Backprop averages over the samples it keeps: a step on K
+            samples is as large as a step on B. Under SGD the step otherwise shrinks by K / B;
+            Adam divides a constant factor out. The same as the batch mean when nothing is
+            skipped. Off by default.
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -144,6 +150,7 @@ class TinyPropConfig:
     drop_skipped_rows: bool | None = None  # skipped samples: no backward; None: True with a budget
     skip_zero_entries: bool = False  # a row keeps at most its non-zero entries of δ
     batch_norm_trained_rows: bool | None = None  # BatchNorm's backward means over trained rows
+    mean_over_trained: bool = False  # the step's loss: mean over the trained samples, not B
 
     def __post_init__(self) -> None:
         for name in _NUMBER_FIELDS:  # NumPy scalars (a sweep over np.linspace) as Python ones
@@ -219,7 +226,7 @@ class TinyPropConfig:
             raise ValueError(f"skip_split must lie in [0, 1], got {self.skip_split}")
         for name in (
             "dense_small_layers", "unified", "drop_skipped_rows", "skip_zero_entries",
-            "batch_norm_trained_rows",
+            "batch_norm_trained_rows", "mean_over_trained",
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -86,7 +86,7 @@ class StepContext:
         self.forward_passes = forward_passes
         self.output_size = output_size  # elements of δ_L per sample (the decision's Y_L)
         self.records: list = []  # BackwardRecord of every layer call, made by finish()
-        self.error_unit = 1.0 / len(stats.trained_mask)  # δ per unit of one sample's loss
+        self.error_unit = 1.0 / self.averaged_samples  # δ per unit of one sample's loss
         self.output_error_max: float | None = None
         self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
         self.failed = False
@@ -167,7 +167,7 @@ class StepContext:
             )
         else:
             why = (
-                f"under a loss scale of {self.error_unit * len(self.stats.trained_mask):g}, as "
+                f"under a loss scale of {self.error_unit * self.averaged_samples:g}, as "
                 "when a GradScaler's scale overflows float16: it is passed on to the gradients, "
                 "where the scaler finds it and skips the optimizer step, and tinyprop's running "
                 "state is left as it was (warned once). Without a GradScaler, look for the NaN: "
@@ -192,6 +192,14 @@ class StepContext:
     def set_error_max(self, layer: nn.Module, value: Tensor) -> None:
         self._error_max[layer] = value.detach().double()
 
+    @property
+    def averaged_samples(self) -> int:
+        """The step loss's denominator: the batch size B, or with ``mean_over_trained`` the
+        trained samples K (at least 1)."""
+        if self.state.policy.config.mean_over_trained:
+            return max(self.stats.trained, 1)
+        return len(self.stats.trained_mask)
+
     def next_backward_step(self, layer: nn.Module, read: bool) -> int | None:
         """Count a backward pass of ``layer``; its number (buffer + passes of this step) when
         ``read`` (random-k's seed), else None (nothing read on the host)."""
@@ -204,7 +212,7 @@ class StepContext:
         (GradScaler's factor, 1/n of gradient accumulation, 1 otherwise)."""
         self.state.step = self
         if scale != 0.0 and math.isfinite(scale):
-            self.error_unit = scale / len(self.stats.trained_mask)
+            self.error_unit = scale / self.averaged_samples
         if self.passes_overflow is None:  # GradScaler's scales are 2^16 and so on
             self.passes_overflow = scale > 1.0 or self.distributed
         if self.overflow_problem is not None:  # a NaN loss under DDP, found before
@@ -325,7 +333,8 @@ def loss(
     """The scalar to backpropagate for one batch, with the TinyPropv2 skip decision made.
 
     Equal to ``losses.mean()`` with the skipped samples' losses set to zero (the mean is over
-    the whole batch). Call ``.backward()`` on it, in any way (``scaler.scale(l).backward()``,
+    the whole batch; with ``mean_over_trained``, over the trained samples).
+    Call ``.backward()`` on it, in any way (``scaler.scale(l).backward()``,
     Lightning, a transformers ``Trainer``): the sparse layers then run this step's policy,
     and :func:`step_stats` gives what the step did once the backward has finished.
 
@@ -460,7 +469,7 @@ def warn_without_ddp(model: nn.Module, state) -> None:
 def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int):
     """The step's scalar loss (the masked mean, through the step boundary) and its context."""
     step = _open_step(model, losses, output, sample_dim)
-    weights = step.stats.trained_mask.to(losses.dtype) / losses.shape[0]  # (B,)
+    weights = step.stats.trained_mask.to(losses.dtype) / step.averaged_samples  # (B,)
     return _StepBoundary.apply((losses * weights).sum(), step), step
 
 
@@ -533,6 +542,7 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
         stats.trained_mask = trained_mask
         stats.trained = int(trained_mask.sum())
         stats.skipped = batch - stats.trained
+        step.error_unit = 1.0 / step.averaged_samples
     return step
 
 
