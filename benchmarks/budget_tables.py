@@ -179,17 +179,32 @@ ALTERNATIVES = {
     },
     "rows kept": {"drop_skipped_rows": False, **SPARSE_OUTPUT},
     "no skipping first (skip_split=0)": {"skip_split": 0.0, **ALL_ROWS, **SPARSE_OUTPUT},
+    "skip_split=0.25": {"skip_split": 0.25},
+    "skip_split=0.75": {"skip_split": 0.75},
+    "mean_over_trained": {"mean_over_trained": True},
 }  # fmt: skip
+# the candidates under SGD-momentum, against full SGD
+SGD_ALTERNATIVES = {
+    "default": SGD,
+    "skip_split=0.25": {"skip_split": 0.25, **SGD},
+    "mean_over_trained": {"mean_over_trained": True, **SGD},
+}  # fmt: skip
+LEARNING_RATE = {"lr": 0.002}  # twice the plans' Adam rate of 1e-3
 
 
-def alternatives_table(runs: list[dict], budget: float = 0.2) -> list[str]:
+def alternatives_table(
+    runs: list[dict], budget: float = 0.2, alternatives=None, recipe=None
+) -> list[str]:
+    """Validation / test metric of each alternative (settings on top of the budget defaults,
+    ``recipe``: the optimizer fields of the full run they are held against)."""
+    alternatives = ALTERNATIVES if alternatives is None else alternatives
     lines = [
-        "| dataset | full | " + " | ".join(ALTERNATIVES) + " |",
-        "|---|---|" + "---|" * len(ALTERNATIVES),
+        "| dataset | full | " + " | ".join(alternatives) + " |",
+        "|---|---|" + "---|" * len(alternatives),
     ]
     for dataset in DATASETS:
         cells = []
-        for extra in ALTERNATIVES.values():
+        for extra in alternatives.values():
             if extra == ALL_ROWS and dataset not in BATCH_NORM:  # the default's runs again
                 cells.append("")
                 continue
@@ -204,10 +219,48 @@ def alternatives_table(runs: list[dict], budget: float = 0.2) -> list[str]:
                 if values else ""
             )  # fmt: skip
         if sum(bool(c) for c in cells) > 1:
-            reference = full_runs(runs, dataset)
+            reference = full_runs(runs, dataset, recipe)
             val = statistics.mean(r["val_metric"] for r in reference.values())
             test = statistics.mean(r["metric"] for r in reference.values())
             lines.append(f"| {dataset} | {val:.2f} / {test:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def learning_rate_table(runs: list[dict], budget: float = 0.2) -> list[str]:
+    """Full and the budget default at the plan's Adam learning rate and at LEARNING_RATE:
+    validation / test means, the rate each chooses on validation, and the test change of the
+    budget run against full when both use the rate they chose (mean over the common seeds)."""
+    lines = [
+        "| dataset | full, plan lr | full, lr 0.002 | tinypropv2, plan lr | tinypropv2, lr 0.002 "
+        "| chosen on validation (full, tinypropv2) | change, chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset in DATASETS:
+        full = {"plan": full_runs(runs, dataset), "0.002": full_runs(runs, dataset, LEARNING_RATE)}
+        held = {
+            rate: metric_by_seed(
+                runs, "tinypropv2", dataset, lambda r, e=extra: default_budget(r, e) == budget
+            )
+            for rate, extra in (("plan", {}), ("0.002", LEARNING_RATE))
+        }  # fmt: skip
+        if not full["0.002"] or not held["0.002"]:
+            continue
+
+        def cell(by_seed):
+            val = statistics.mean(r["val_metric"] for r in by_seed.values())
+            test = statistics.mean(r["metric"] for r in by_seed.values())
+            return f"{val:.2f} / {test:.2f} (n={len(by_seed)})"
+
+        def chosen(options):
+            return max(options, key=lambda k: statistics.mean(
+                r["val_metric"] for r in options[k].values()))  # fmt: skip
+
+        full_rate, held_rate = chosen(full), chosen(held)
+        lines.append(
+            f"| {dataset} | {cell(full['plan'])} | {cell(full['0.002'])} | "
+            f"{cell(held['plan'])} | {cell(held['0.002'])} | {full_rate}, {held_rate} | "
+            f"{change(held[held_rate], full[full_rate])} |"
+        )
     return lines
 
 
@@ -231,6 +284,10 @@ def main() -> None:
         *((f"Alternatives at b = {budget:g}, {protocol}: validation / test metric",
            alternatives_table(records[protocol], budget))
           for protocol in ("finetune", "scratch") for budget in (0.2, 0.1)),
+        ("Alternatives at b = 0.2, finetune, SGD-momentum (lr 0.01): validation / test metric",
+         alternatives_table(records["finetune"], 0.2, SGD_ALTERNATIVES, SGD)),
+        ("Learning rate chosen on validation, finetune, b = 0.2: validation / test metric",
+         learning_rate_table(records["finetune"])),
     ]  # fmt: skip
     for title, lines in sections:
         if len(lines) <= 2:  # a header without rows: no records for it yet
