@@ -181,6 +181,8 @@ ALTERNATIVES = {
     "no skipping first (skip_split=0)": {"skip_split": 0.0, **ALL_ROWS, **SPARSE_OUTPUT},
     "skip_split=0.25": {"skip_split": 0.25},
     "skip_split=0.75": {"skip_split": 0.75},
+    "zeta=0.9": {"zeta": 0.9},
+    "dense_small_layers": {"dense_small_layers": True},
     "mean_over_trained": {"mean_over_trained": True},
 }  # fmt: skip
 # the candidates under SGD-momentum, against full SGD
