@@ -183,6 +183,7 @@ ALTERNATIVES = {
     "skip_split=0.75": {"skip_split": 0.75},
     "zeta=0.9": {"zeta": 0.9},
     "dense_small_layers": {"dense_small_layers": True},
+    "running_max_per_batch": {"running_max_per_batch": True},
     "mean_over_trained": {"mean_over_trained": True},
 }  # fmt: skip
 # the candidates under SGD-momentum, against full SGD

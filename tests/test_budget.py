@@ -541,3 +541,25 @@ def test_mean_over_trained_is_the_batch_mean_when_nothing_is_skipped():
         grads.append([p.grad for p in model.parameters()])
     for first, second in zip(*grads, strict=True):
         torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_running_max_per_batch_measures_every_row_against_the_batch_maximum(per_batch):
+    """The output layer's k on a fresh model: α = Y / Ymax with Ymax the cumulative maximum in
+    batch order, or (``running_max_per_batch``) the batch's largest Y for every row."""
+    config = tinyprop.TinyPropConfig(
+        policy="tinyprop", zeta=1.0, s_min=0.1, s_max=0.9, running_max_per_batch=per_batch
+    )
+    model = toy_model(config)
+    x, y = next(toy_stream(1))
+    output = model(x)
+    stats = tinyprop.backward(model, LOSS(output, y), output)
+    delta = torch.softmax(output.detach().double(), 1) - nn.functional.one_hot(y, 5)  # (B, 5)
+    error = delta.abs().sum(1)  # (B,) Y_L per unit of one sample's loss
+    error_max = error.max().expand_as(error) if per_batch else torch.cummax(error, 0).values
+    expected = tinyprop.functional.keep_count(0.1 + error / error_max * 0.8, 5)
+    assert torch.equal(stats.keep["4"].cpu(), expected)
+    sequential = tinyprop.functional.keep_count(
+        0.1 + error / torch.cummax(error, 0).values * 0.8, 5
+    )
+    assert torch.equal(stats.keep["4"].cpu(), sequential) != per_batch

@@ -150,6 +150,8 @@ class SparseBackprop(torch.autograd.Function):
             flat, error = delta.reshape(delta.shape[0], -1), error * trained
         previous = step.error_max(layer) if step is not None else layer.error_max.double()
         error_max = running_max(error, previous)  # (R',) Ymax_l after each row
+        if policy.config.running_max_per_batch:  # every row against the batch's Ymax_l
+            error_max = error_max[-1:].expand_as(error)  # (R',)
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
         keeps_everything = policy.keeps_everything(call) or is_dense_small_layer(
             policy.config, geometry

@@ -125,6 +125,10 @@ class TinyPropConfig:
             samples is as large as a step on B. Under SGD the step otherwise shrinks by K / B;
             Adam divides a constant factor out. The same as the batch mean when nothing is
             skipped. Off by default.
+        running_max_per_batch: TinyProp's running maximum Ymax_l is taken once per step,
+            so every row of a batch is measured against the largest local error up to and
+            including its batch, instead of after each row in batch order (the sequential
+            definition of ``docs/algorithm.md``, which the C runtime follows). Off by default.
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -151,6 +155,7 @@ class TinyPropConfig:
     skip_zero_entries: bool = False  # a row keeps at most its non-zero entries of δ
     batch_norm_trained_rows: bool | None = None  # BatchNorm's backward means over trained rows
     mean_over_trained: bool = False  # the step's loss: mean over the trained samples, not B
+    running_max_per_batch: bool = False  # Ymax_l once per batch, not after each row
 
     def __post_init__(self) -> None:
         for name in _NUMBER_FIELDS:  # NumPy scalars (a sweep over np.linspace) as Python ones
@@ -226,7 +231,7 @@ class TinyPropConfig:
             raise ValueError(f"skip_split must lie in [0, 1], got {self.skip_split}")
         for name in (
             "dense_small_layers", "unified", "drop_skipped_rows", "skip_zero_entries",
-            "batch_norm_trained_rows", "mean_over_trained",
+            "batch_norm_trained_rows", "mean_over_trained", "running_max_per_batch",
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -157,13 +157,14 @@ BUDGET_ALTERNATIVES = [
 # candidate defaults for ResNet-8 (Fashion-MNIST as the cifar10 stand-in lost 1.15 pp at b = 0.2),
 # chosen on validation: a larger or smaller trained share at the start (q0 = b^0.25, b^0.75), a
 # little more of the keep ratio to the top layers (zeta 0.9), dense small layers (ResNet-8's stem,
-# fan-in 27), and the step's loss averaged over the trained samples (mean_over_trained)
+# fan-in 27), Ymax_l once per batch, and the step's loss averaged over the trained samples
 BUDGET_CANDIDATES = [
     {"budget": 0.2, "skip_split": 0.25},
     {"budget": 0.2, "skip_split": 0.25, **SGD_SETTINGS[0]},
     {"budget": 0.2, "skip_split": 0.75},
     {"budget": 0.2, "zeta": 0.9},
     {"budget": 0.2, "dense_small_layers": True},
+    {"budget": 0.2, "running_max_per_batch": True},
     {"budget": 0.2, "mean_over_trained": True},
     {"budget": 0.2, "mean_over_trained": True, **SGD_SETTINGS[0]},
 ]
