@@ -563,3 +563,15 @@ def test_running_max_per_batch_measures_every_row_against_the_batch_maximum(per_
         0.1 + error / torch.cummax(error, 0).values * 0.8, 5
     )
     assert torch.equal(stats.keep["4"].cpu(), sequential) != per_batch
+
+
+@pytest.mark.parametrize("field", ["mean_over_trained", "running_max_per_batch"])
+def test_export_refuses_what_the_c_runtime_does_not_do(field, tmp_path):
+    from tinyprop.export import export_c
+
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", **{field: True})
+    net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 5))
+    with pytest.raises(ValueError, match=f"{field}=False"):
+        export_c(net, config, tmp_path, input_shape=(20,))
+    with pytest.raises(TypeError, match=field):
+        tinyprop.TinyPropConfig(policy="tinypropv2", **{field: 1})

@@ -139,6 +139,11 @@ def export_c(
             "the C runtime backpropagates every layer sparsely, k entries chosen per sample; "
             "export with dense_output_layer=False, dense_small_layers=False, unified=False"
         )
+    if config.mean_over_trained or config.running_max_per_batch:
+        raise ValueError(
+            "the C runtime averages the loss over the batch and updates Ymax_l after each "
+            "sample; export with mean_over_trained=False, running_max_per_batch=False"
+        )
     if config.budget is not None or config.policy == "selective_backprop":
         raise ValueError(
             "the C runtime has no budget controller and no selective_backprop policy; export "
