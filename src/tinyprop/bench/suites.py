@@ -169,10 +169,11 @@ BUDGET_CANDIDATES = [
     {"budget": 0.2, "mean_over_trained": True, **SGD_SETTINGS[0]},
 ]
 # is the plan's Adam learning rate (1e-3 on the ResNet-8 pair) tuned? Twice it, for full and the
-# budget alike, so each chooses its learning rate on validation
+# budget alike, so each chooses its learning rate on validation; and SGD-momentum at half its 0.01
 LEARNING_RATE_CHECK = {"lr": 0.002}
+SGD_SLOWER = {"optimizer": "sgd", "lr": 0.005}
 BUDGET_SETTINGS: dict[str, list[dict]] = {
-    "full": [{}, *SGD_SETTINGS, LEARNING_RATE_CHECK],
+    "full": [{}, *SGD_SETTINGS, LEARNING_RATE_CHECK, SGD_SLOWER],
     "topk": budget_settings(MEPROP),
     "randomk": budget_settings(MEPROP),
     "tinyprop": budget_settings(),
@@ -181,7 +182,7 @@ BUDGET_SETTINGS: dict[str, list[dict]] = {
     + [{"budget": 0.2, "optimizer": "lazy_adam"}]
     + BUDGET_ALTERNATIVES
     + BUDGET_CANDIDATES
-    + [{"budget": 0.2, **LEARNING_RATE_CHECK}],
+    + [{"budget": 0.2, **LEARNING_RATE_CHECK}, {"budget": 0.2, **SGD_SLOWER}],
     "selective_backprop": budget_settings(),
 }
 
