@@ -13,6 +13,8 @@ from torch import nn
 
 import tinyprop
 import tinyprop.native
+import tinyprop.step
+import tinyprop.trainer
 
 POLICIES = ["full", "topk", "randomk", "tinyprop", "tinypropv2"]
 
@@ -168,4 +170,55 @@ def test_nan_in_a_hidden_layer_delta_raises_before_any_update(policy, kernels):
             model, x, torch.randint(0, 3, (8,)),
             nn.CrossEntropyLoss(reduction="none"), optimizer,
         )  # fmt: skip
+    assert_untouched(model, optimizer, before)
+
+
+def test_gradient_check_refuses_nan_and_inf_but_not_a_sum_that_overflows():
+    """The check sums each gradient once; a finite gradient whose sum overflows float32 is
+    checked element by element and passes, a NaN or inf one is refused with the rows named."""
+    first, second = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([first, second], lr=0.1)
+    first.grad = torch.ones(3)
+    second.grad = torch.full((4,), 3e38)  # finite; its sum is inf in float32
+    assert torch.isinf(second.grad.sum())
+    tinyprop.trainer.check_gradients(optimizer)  # no error
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        second.grad = torch.tensor([1.0, bad, 2.0, 3.0])
+        message = r"a parameter gradient is NaN or infinite \(optimizer parameters \[1\]"
+        with pytest.raises(FloatingPointError, match=message):
+            tinyprop.trainer.check_gradients(optimizer)
+    half = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    half.grad = torch.full((4,), 60000.0, dtype=torch.float16)  # summed in float32
+    tinyprop.trainer.check_gradients(torch.optim.SGD([half], lr=0.1))
+
+
+def test_a_weight_gradient_proved_finite_is_not_read_again():
+    """A sparse Linear whose input is smaller than its weight proves its weight gradient
+    finite from max |x| · Σ Y_l; train_step then skips it (the gradient is that tensor)."""
+    model = tinyprop.apply(
+        nn.Sequential(nn.Linear(64, 2), nn.ReLU(), nn.Linear(2, 64)),
+        tinyprop.TinyPropConfig(policy="topk", ratio=0.25),
+    )
+    losses = model(torch.randn(2, 64)).square().sum(1)
+    step = tinyprop.step.run_backward(model, losses, None, 0, None, 1.0)
+    grad = model[2].weight.grad
+    assert step.proven_finite[id(model[2].weight)] == (grad.data_ptr(), grad._version)
+    assert step.proven_finite[id(model[0].weight)] is None  # x (2, 64) is not smaller
+
+
+def test_a_weight_gradient_that_overflows_from_finite_factors_is_refused():
+    """δ and x finite, their products past float32's range: the bound does not prove the
+    gradient finite, the check finds the inf and refuses the step."""
+    model = tinyprop.apply(nn.Linear(4, 3), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    with torch.no_grad():
+        model.weight.fill_(0.25)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.full((2, 4), 1e38)  # (2, 4): smaller than the weight (3, 4), so a bound is tried
+
+    def wavy(output, target):  # finite at any finite output, |∂loss / ∂output| up to 100
+        return 100 * torch.sin(output).sum(1)
+
+    before = snapshot(model, optimizer)
+    with pytest.raises(FloatingPointError, match="a parameter gradient is NaN or infinite"):
+        tinyprop.train_step(model, x, torch.zeros(2), wavy, optimizer)
     assert_untouched(model, optimizer, before)

@@ -89,6 +89,7 @@ class SparseBackprop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer, call) -> Tensor:
         ctx.layer, ctx.call = layer, call
+        ctx.weight_id = id(weight)  # the parameter, for StepContext.prove_finite
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight)
         return layer.dense_forward(x, weight, bias)
@@ -203,6 +204,8 @@ class SparseBackprop(torch.autograd.Function):
             grad_input = grad_input.to(input_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
+            if step is not None and poison is None and reads_are_free(grad_weight.device):
+                step.prove_finite(ctx.weight_id, grad_weight, x, error, unit)
         return grad_input, grad_weight, grad_bias, None, None
 
 

@@ -103,6 +103,8 @@ class StepContext:
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
         self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
+        # id(weight) -> (data_ptr, version) of its gradient, proved finite (None: called twice)
+        self.proven_finite: dict[int, tuple[int, int] | None] = {}
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
 
@@ -179,6 +181,26 @@ class StepContext:
         """Check a layer's Y_l (R,) for NaN / inf when the backward has finished (one host read
         per step instead of one per layer)."""
         self._finite_checks.append((torch.isfinite(error).all(), error, layer_name))
+
+    def prove_finite(
+        self, weight_id: int, grad_weight: Tensor, x: Tensor, error: Tensor, unit: float
+    ) -> None:
+        """Record a layer's weight gradient as finite when a bound proves it, so that
+        ``train_step`` need not read it again: each element sums δ · x over the rows and
+        positions, so it is at most max |x| · Σ_rows Σ |δ| = max |x| · Σ Y_l · unit in size
+        (rounding included, with a factor 4 to spare below the dtype's largest value). Only
+        when reading ``x`` costs less than reading the gradient; a second call of the same
+        weight in the step (its gradient is then a sum) withdraws it."""
+        if weight_id in self.proven_finite:
+            self.proven_finite[weight_id] = None
+            return
+        self.proven_finite[weight_id] = None
+        if x.numel() >= grad_weight.numel() or x.numel() == 0:
+            return
+        low, high = torch.aminmax(x.detach())  # NaN when x holds one
+        bound = float(torch.maximum(-low, high)) * float(error.sum()) * unit
+        if bound < torch.finfo(grad_weight.dtype).max / 4:  # False for NaN / inf
+            self.proven_finite[weight_id] = (grad_weight.data_ptr(), grad_weight._version)
 
     def error_max(self, layer: nn.Module) -> Tensor:
         """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""
@@ -402,6 +424,14 @@ def backward(
         >>> stats = tinyprop.backward(model, loss_fn(model(x), y))
         >>> optimizer.step()
     """
+    return run_backward(model, losses, output, sample_dim, grad_scaler, scale).stats
+
+
+def run_backward(
+    model: nn.Module, losses: Tensor, output, sample_dim: int, grad_scaler, scale: float
+) -> StepContext:
+    """:func:`backward`, returning the whole :class:`StepContext` (``train_step`` also reads
+    the gradients it proved finite)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scalar, step = _step_loss(model, losses, output, sample_dim)
@@ -415,7 +445,7 @@ def backward(
             _raise_on_every_rank(model, step)
     else:
         step.finish()
-    return step.stats
+    return step
 
 
 def _raise_on_every_rank(model: nn.Module, step: StepContext) -> None:

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinyprop.model import state_of, unwrap, widen_running_state
-from tinyprop.step import StepStats, backward, describe, is_distributed
+from tinyprop.step import StepStats, describe, is_distributed, run_backward
 
 
 def train_step(
@@ -72,8 +72,9 @@ def train_step(
         )
     running = _running_state(model)  # restored when a gradient turns out NaN / inf
     try:
-        stats = backward(model, losses, output)
-        check_gradients(optimizer)
+        step = run_backward(model, losses, output, 0, None, 1.0)
+        stats = step.stats
+        check_gradients(optimizer, step.proven_finite)
     except FloatingPointError:
         unwrap(model).zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
@@ -100,26 +101,46 @@ def in_join(model: nn.Module) -> bool:
     return bool(getattr(config, "enable", False))
 
 
-def check_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """FloatingPointError when a parameter gradient holds NaN or inf (before the step)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-    grads = [_values(grad) for grad in grads if grad is not None]
+def check_gradients(optimizer: torch.optim.Optimizer, proven: dict | None = None) -> None:
+    """FloatingPointError when a parameter gradient holds NaN or inf (before the step).
+
+    One sum per gradient (a single pass, threaded by torch): a NaN / inf element makes it NaN /
+    inf. A sum of finite elements can overflow too, so a non-finite sum is confirmed element by
+    element before the step is refused. ``proven``: id(parameter) -> (data_ptr, version) of
+    gradients a sparse layer proved finite from a bound (:meth:`StepContext.prove_finite`),
+    not read again when the parameter's gradient is still that tensor, unmodified.
+    """
+    proven = proven or {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [
+        _values(p.grad)
+        for p in params
+        if p.grad is not None and proven.get(id(p)) != (p.grad.data_ptr(), p.grad._version)
+    ]
     if not grads:
         return
-    norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads)])
-    if bool(torch.isfinite(norms).all()):
+    sums = [grad.sum(dtype=_sum_dtype(grad.dtype)) for grad in grads]
+    if bool(
+        torch.stack([(s.abs() if s.is_complex() else s).double() for s in sums]).isfinite().all()
+    ):
         return
-    names = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    names = {id(p): i for i, p in enumerate(params)}
     bad = [
         names[id(p)]
-        for group in optimizer.param_groups
-        for p in group["params"]
+        for p in params
         if p.grad is not None and not bool(torch.isfinite(_values(p.grad)).all())
     ]
+    if not bad:  # finite elements whose sum overflowed
+        return
     raise FloatingPointError(
         f"a parameter gradient is NaN or infinite (optimizer parameters {bad[:10]}, in "
         "param_groups order) although every loss was finite; no update was applied"
     )
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 gradients are summed in float32 (their own range overflows first)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _values(grad: Tensor) -> Tensor:
