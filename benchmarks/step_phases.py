@@ -36,7 +36,7 @@ def timed(function, phase: str):
 
 def phases(dataset: str = "har", repeats: int = 2) -> None:
     """Process time of the run's phases, per policy (the backward includes the decision)."""
-    trainer.backward = timed(trainer.backward, "backward (with the decision)")
+    trainer.run_backward = timed(trainer.run_backward, "backward (with the decision)")
     step._step_loss = timed(step._step_loss, "decision")
     torch.optim.Adam.step = timed(torch.optim.Adam.step, "optimizer")
     specs = {}
