@@ -1,4 +1,4 @@
-"""Wall-clock per training step: full vs topk (0.1, 0.05, unified) vs tinypropv2, side by side.
+"""Wall-clock per training step: full vs topk (0.1, 0.05, unified, fused SGD) vs tinypropv2.
 
 The machine may be shared and noisy, so the policies are measured in one run, interleaved:
 every policy trains its own model (same initial weights, same batches) in chunks of steps,
@@ -43,9 +43,14 @@ POLICIES = {
     "tinypropv2": tinyprop.TinyPropConfig(policy="tinypropv2"),
     "topk 0.05 unified": tinyprop.TinyPropConfig(policy="topk", ratio=0.05, unified=True),
 }
-# CNNs also: convolutions with a fan-in below 64 backpropagated densely (no selection there)
+# the same policy, run by train_step(fused_update=True): SGD updates the sparse Linear weights
+# from the kept entries, without a dense weight gradient
+FUSED_UPDATE = "topk 0.05 fused SGD"
+POLICIES[FUSED_UPDATE] = POLICIES["topk 0.05"]
+# CNNs also: convolutions with a fan-in below 64 backpropagated densely (no selection there);
+# not the fused SGD update (it fuses only their small Linear head)
 CNN_POLICIES = {
-    **POLICIES,
+    **{name: config for name, config in POLICIES.items() if name != FUSED_UPDATE},
     "topk 0.05 dense-small": POLICIES["topk 0.05"].replace(dense_small_layers=True),
     "tinypropv2 dense-small": POLICIES["tinypropv2"].replace(dense_small_layers=True),
 }
@@ -156,15 +161,16 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
         }
     steps = len(x) // batch_size
     for round_index in range(rounds + 1):
-        for run in runs.values():
+        for name, run in runs.items():
             if round_index == 0:  # warm-up: kernels compiled, buffers allocated
                 run["ledger"], run["skipped"], run["seen"] = tinyprop.Ledger(), 0, 0
             start = time.perf_counter()
             for _ in range(chunk):
                 index = slice(run["next"] * batch_size, (run["next"] + 1) * batch_size)
                 stats = tinyprop.train_step(
-                    run["model"], x[index], y[index], loss_fn, run["optimizer"]
-                )
+                    run["model"], x[index], y[index], loss_fn, run["optimizer"],
+                    fused_update=name == FUSED_UPDATE,
+                )  # fmt: skip
                 run["ledger"] += stats.macs
                 run["kernels"] = stats.kernels  # layer -> the kernel its backward ran
                 run["skipped"] += stats.skipped

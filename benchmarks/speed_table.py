@@ -121,18 +121,20 @@ def readme_summary(speed: dict, floor: dict, finetune: dict) -> list[str]:
         f"{speed['commit']}; load {speed.get('load_average')}); wall time vs `full`, "
         + " / ".join(f"{t} thread(s)" for t in threads) + ":",
         "",
-        "| model (batch) | topk 0.05 | topk 0.05 unified | MAC limit | floor | target |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model (batch) | topk 0.05 | topk 0.05 fused SGD | topk 0.05 unified | MAC limit "
+        "| floor | target |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for model, entry in speed["threads"][threads[0]].items():
         cells = []
-        for policy in ("topk 0.05", "topk 0.05 unified"):
-            rows = [speed["threads"][t][model]["policies"][policy] for t in threads]
-            cells.append(" / ".join(f"{row['ratio_to_full']:.2f}" for row in rows))
+        for policy in ("topk 0.05", "topk 0.05 fused SGD", "topk 0.05 unified"):
+            rows = [speed["threads"][t][model]["policies"].get(policy) for t in threads]
+            cells.append(" / ".join(f"{row['ratio_to_full']:.2f}" if row else "–" for row in rows))
         floors = [floor["threads"].get(t, {}).get(model) for t in threads]
         limit = entry["policies"]["topk 0.05"]["mac_ratio"]
         lines.append(
-            f"| {model} ({entry['batch_size']}) | {cells[0]} | {cells[1]} | {limit:.2f} | "
+            f"| {model} ({entry['batch_size']}) | {cells[0]} | {cells[1]} | {cells[2]} | "
+            f"{limit:.2f} | "
             + " / ".join(f"{row['floor']:.2f}" if row else "–" for row in floors)
             + f" | {floor_target(floors)} |"
         )
@@ -142,7 +144,7 @@ def readme_summary(speed: dict, floor: dict, finetune: dict) -> list[str]:
         floors = [floor["threads"].get(str(finetune["threads"]), {}).get(name)]
         lines.append(
             f"| {name}, tinypropv2, whole run ({finetune['threads']} thread) | "
-            f"{row['ratio_to_full']:.2f} | – | {row['mac_ratio']:.2f} | "
+            f"{row['ratio_to_full']:.2f} | – | – | {row['mac_ratio']:.2f} | "
             + (f"{floors[0]['floor']:.2f}" if floors[0] else "–")
             + f" | {floor_target(floors)} |"
         )

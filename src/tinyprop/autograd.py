@@ -51,6 +51,7 @@ CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kerne
 
 # the kernels a layer call's backward may run (StepStats.kernels names one per layer)
 NATIVE_SPARSE = "native sparse"
+FUSED_UPDATE = "native sparse, weight updated by SGD in place (no weight gradient)"
 PYTORCH_SPARSE = "PyTorch sparse (CSR)"
 MASKED_DENSE = "dense on the masked δ"
 EVERY_ENTRY = "dense (every entry kept)"
@@ -58,8 +59,8 @@ KEPT_CHANNELS = "dense on the kept channels"
 KEPT_GROUPS = "dense on the groups of the kept channels"
 NO_ROW = "none (every row's δ is zero)"
 NO_GRADIENT = "none (no gradient needed)"
-KERNELS = (NATIVE_SPARSE, PYTORCH_SPARSE, MASKED_DENSE, EVERY_ENTRY, KEPT_CHANNELS, KEPT_GROUPS,
-           NO_ROW, NO_GRADIENT)  # fmt: skip
+KERNELS = (NATIVE_SPARSE, FUSED_UPDATE, PYTORCH_SPARSE, MASKED_DENSE, EVERY_ENTRY, KEPT_CHANNELS,
+           KEPT_GROUPS, NO_ROW, NO_GRADIENT)  # fmt: skip
 
 
 def sparse_rows(
@@ -190,8 +191,11 @@ class SparseBackprop(torch.autograd.Function):
                     geometry, x, weight, rows, delta, channels, *needs
                 )
         else:
+            defer = None  # train_step(fused_update=True): SGD's update of this weight, later
+            if step is not None and needs_weight and ctx.weight_id in step.fused_weights:
+                defer = functools.partial(step.defer_update, ctx.weight_id, error, unit)
             grad_input, grad_weight, kernel = _gradients(
-                select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs
+                select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs, defer
             )
         if step is not None:
             step.add(
@@ -359,9 +363,12 @@ def masked_gradients(
 
 def _gradients(
     select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
+    defer=None,
 ):  # fmt: skip
     """Input and weight gradients of the rows ``rows`` (R',) from their kept entries, and the
-    kernel that computed them (one of :data:`KERNELS`)."""
+    kernel that computed them (one of :data:`KERNELS`). ``defer(x, row_start, column, value)``:
+    takes the native Linear kernel's kept entries for a fused SGD update instead of the weight
+    gradient (which is then None) when it returns True."""
     if not (needs_input or needs_weight):
         return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
@@ -397,9 +404,17 @@ def _gradients(
     if use_native:
         row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
         row_start[rows + 1] = keep  # zero rows keep nothing
+        row_start = row_start.cumsum(0)
+        if is_linear and defer is not None and defer(x, row_start, entry, value):
+            grad_input = None
+            if needs_input:
+                grad_input, _ = geometry.native_gradients(
+                    x, weight, row_start, entry, value, True, False
+                )
+            return grad_input, None, FUSED_UPDATE
         return (
             *geometry.native_gradients(
-                x, weight, row_start.cumsum(0), entry, value, needs_input, needs_weight
+                x, weight, row_start, entry, value, needs_input, needs_weight
             ),
             NATIVE_SPARSE,
         )

@@ -105,6 +105,10 @@ class StepContext:
         self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
         # id(weight) -> (data_ptr, version) of its gradient, proved finite (None: called twice)
         self.proven_finite: dict[int, tuple[int, int] | None] = {}
+        # train_step(fused_update=True): id -> the Linear weights SGD may update from the kept
+        # entries (tinyprop.fused_update), and the updates taken: (weight, x, CSR of the kept δ)
+        self.fused_weights: dict[int, nn.Parameter] = {}
+        self.deferred_updates: list[tuple[nn.Parameter, Tensor, Tensor, Tensor, Tensor]] = []
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
 
@@ -197,10 +201,22 @@ class StepContext:
         self.proven_finite[weight_id] = None
         if x.numel() >= grad_weight.numel() or x.numel() == 0:
             return
-        low, high = torch.aminmax(x.detach())  # NaN when x holds one
-        bound = float(torch.maximum(-low, high)) * float(error.sum()) * unit
-        if bound < torch.finfo(grad_weight.dtype).max / 4:  # False for NaN / inf
+        if _bounded(x, error, unit, grad_weight.dtype):
             self.proven_finite[weight_id] = (grad_weight.data_ptr(), grad_weight._version)
+
+    def defer_update(
+        self, weight_id: int, error: Tensor, unit: float, x: Tensor, row_start, column, value
+    ) -> bool:
+        """Take a Linear layer's kept entries (CSR by sample) for SGD's fused update of its
+        weight after the step (:func:`tinyprop.fused_update.apply_updates`), instead of its
+        weight gradient: only when the bound of :meth:`prove_finite` proves that gradient
+        finite (nothing then needs checking), once per weight and step."""
+        weight = self.fused_weights.get(weight_id)
+        if weight is None or x.numel() == 0 or not _bounded(x, error, unit, weight.dtype):
+            return False
+        del self.fused_weights[weight_id]
+        self.deferred_updates.append((weight, x, row_start, column, value))
+        return True
 
     def error_max(self, layer: nn.Module) -> Tensor:
         """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""
@@ -335,6 +351,15 @@ class StepContext:
         return records
 
 
+def _bounded(x: Tensor, error: Tensor, unit: float, dtype: torch.dtype) -> bool:
+    """Whether every element of a weight gradient from the input ``x`` and the rows' local
+    errors ``error`` (R',) Y_l is finite: at most max |x| · Σ Y_l · unit in size, rounding
+    included, with a factor 4 to spare below the dtype's largest value (False for NaN / inf)."""
+    low, high = torch.aminmax(x.detach())  # NaN when x holds one
+    bound = float(torch.maximum(-low, high)) * float(error.sum()) * unit
+    return bound < torch.finfo(dtype).max / 4
+
+
 class _StepBoundary(torch.autograd.Function):
     """Identity on the step's scalar loss; its backward opens the step for the layers."""
 
@@ -428,13 +453,21 @@ def backward(
 
 
 def run_backward(
-    model: nn.Module, losses: Tensor, output, sample_dim: int, grad_scaler, scale: float
+    model: nn.Module,
+    losses: Tensor,
+    output,
+    sample_dim: int,
+    grad_scaler,
+    scale: float,
+    fused_weights: dict | None = None,
 ) -> StepContext:
     """:func:`backward`, returning the whole :class:`StepContext` (``train_step`` also reads
-    the gradients it proved finite)."""
+    the gradients it proved finite, and the weight updates it deferred, from
+    ``fused_weights``: id -> weight, see :mod:`tinyprop.fused_update`)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scalar, step = _step_loss(model, losses, output, sample_dim)
+    step.fused_weights = dict(fused_weights or {})
     scaling = grad_scaler is not None and grad_scaler.is_enabled()  # it checks for inf
     step.passes_overflow = step.quiet_overflow = scaling or step.distributed
     if scale != 1.0:

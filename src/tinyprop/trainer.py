@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tinyprop.fused_update import apply_updates, fusable_weights
 from tinyprop.model import state_of, unwrap, widen_running_state
 from tinyprop.step import StepStats, describe, is_distributed, run_backward
 
@@ -16,6 +17,8 @@ def train_step(
     y: Tensor,
     loss_fn,
     optimizer: torch.optim.Optimizer,
+    *,
+    fused_update: bool = False,
 ) -> StepStats:
     """One training step with the policy given to :func:`tinyprop.apply`.
 
@@ -33,6 +36,11 @@ def train_step(
         loss_fn: ``loss_fn(output, y) -> (B,)`` per-sample losses, e.g.
             ``nn.CrossEntropyLoss(reduction="none")``.
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        fused_update: with ``torch.optim.SGD`` (no momentum, weight decay, nesterov or
+            maximize) and the native kernels, the weights of the sparse Linear layers are
+            updated from the kept entries of δ without a dense weight gradient: the same
+            weights as SGD's step, their ``.grad`` left None (see :mod:`tinyprop.fused_update`;
+            other optimizers: a warning, and the usual step).
 
     Returns:
         :class:`StepStats`.
@@ -72,7 +80,10 @@ def train_step(
         )
     running = _running_state(model)  # restored when a gradient turns out NaN / inf
     try:
-        step = run_backward(model, losses, output, 0, None, 1.0)
+        fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
+        if is_distributed(model):  # the gradients go through the all-reduce
+            fused = None
+        step = run_backward(model, losses, output, 0, None, 1.0, fused)
         stats = step.stats
         check_gradients(optimizer, step.proven_finite)
     except FloatingPointError:
@@ -91,6 +102,7 @@ def train_step(
         trained = int(count)
     if trained:
         optimizer.step()
+        apply_updates(step, optimizer)
         stats.stepped = True
     return stats
 

@@ -16,6 +16,9 @@ int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, do
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
                            int64_t *, int64_t *, float *, int64_t);
+int tp_linear_update_f32(const float *, float *, int64_t, int64_t, int64_t, const int64_t *,
+                         const int64_t *, const float *, float, int64_t *, int64_t *, float *,
+                         int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
 int tp_plane_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
@@ -118,6 +121,18 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
                                         grad_weight, grad_input, column_start, by_sample,
                                         by_value, threads);
+    /* the fused SGD update: weight += -lr · grad_weight, the same sums (exactly, as the
+     * kernel's sums run in the same order) */
+    float *updated = malloc(sizeof(float) * n * m);
+    for (int64_t i = 0; i < n * m; i++) updated[i] = weight[i];
+    int update_status = tp_linear_update_f32(x, updated, batch, n, m, row_start, column, value,
+                                             -0.5f, column_start, by_sample, by_value, threads);
+    if (update_status != status) status = 1;
+    for (int64_t i = 0; status == 0 && i < n * m; i++) {
+        float expected = weight[i] + -0.5f * grad_weight[i];
+        if (!(updated[i] == expected || (isnan(updated[i]) && isnan(expected)))) status = 1;
+    }
+    free(updated);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input), free(column_start), free(by_sample), free(by_value);
     return status;

@@ -47,6 +47,10 @@ def library() -> ctypes.CDLL | None:
     lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
     lib.tp_linear_backward_f32.argtypes += [_pointer] * 8 + [_int64]
     lib.tp_linear_backward_f32.restype = ctypes.c_int
+    lib.tp_linear_update_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
+    lib.tp_linear_update_f32.argtypes += [_pointer] * 3 + [ctypes.c_float] + [_pointer] * 3
+    lib.tp_linear_update_f32.argtypes += [_int64]
+    lib.tp_linear_update_f32.restype = ctypes.c_int
     for name in ("tp_conv_backward_f32", "tp_plane_conv_backward_f32"):
         getattr(lib, name).argtypes = [_pointer] * 8 + [_int64]
         getattr(lib, name).restype = ctypes.c_int
@@ -208,6 +212,39 @@ def linear_backward(
     if status != 0:
         raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
     return grad_input, grad_weight
+
+
+def linear_update(
+    x: Tensor, weight: Tensor, row_start: Tensor, column: Tensor, value: Tensor, scale: float
+) -> None:
+    """SGD's update of a Linear weight from the kept entries of δ, in place, without the weight
+    gradient: ``weight += scale · grad_weight`` (scale = -lr), with ``grad_weight`` as
+    :func:`linear_backward` sums it (rows nobody kept stay as they are).
+
+    Args:
+        x: (B, in) layer input; weight: (out, in) float32, contiguous, updated in place.
+        row_start, column, value: the kept entries as for :func:`linear_backward`.
+    """
+    if not (
+        weight.is_contiguous() and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    ):
+        raise ValueError("linear_update needs a contiguous float32 CPU weight")
+    x, _, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
+    batch, inputs = x.shape
+    outputs = weight.shape[0]
+    column_start = torch.empty(outputs + 1, dtype=torch.int64)  # scratch for the CSC regroup
+    by_column_sample = torch.empty(column.numel(), dtype=torch.int64)
+    by_column_value = torch.empty(column.numel(), dtype=torch.float32)
+    status = library().tp_linear_update_f32(
+        x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
+        row_start.data_ptr(), column.data_ptr(), value.data_ptr(), scale,
+        column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr(),
+        threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
 
 
 def can_backward(x: Tensor, weight: Tensor) -> bool:

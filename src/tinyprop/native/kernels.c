@@ -4,6 +4,8 @@
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each, tile by tile of 64 input features.
+ * tp_linear_update_f32: SGD's update of a Linear weight from the same kept entries, the weight
+ *     gradient never written (summed tile by tile as tp_linear_backward_f32 sums it).
  * tp_conv_backward_f32: the same for a convolution, channels-last.
  * tp_plane_conv_backward_f32: the same for a convolution with one input channel per group (a
  *     depthwise one), on the unpadded input as PyTorch holds it.
@@ -461,6 +463,32 @@ static int valid_offsets(const int64_t *row_start, int64_t batch) {
     return 1;
 }
 
+/* The kept entries (CSR by sample) regrouped by output (CSC): column_start (n + 1,), and the
+ * samples (ascending) and values of each output's entries. Returns 0, -1 on an index out of
+ * range or offsets that decrease. */
+static int regroup_by_column(int64_t batch, int64_t n, const int64_t *row_start,
+                             const int64_t *column, const float *value, int64_t *column_start,
+                             int64_t *by_column_sample, float *by_column_value) {
+    if (!valid_offsets(row_start, batch)) return -1;
+    int64_t nnz = row_start[batch];
+    memset(column_start, 0, (size_t)(n + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < nnz; e++) {
+        if (column[e] < 0 || column[e] >= n) return -1;
+        column_start[column[e] + 1]++;
+    }
+    for (int64_t j = 0; j < n; j++) column_start[j + 1] += column_start[j];
+    for (int64_t s = 0; s < batch; s++) { /* samples in ascending order inside each column */
+        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+            int64_t slot = column_start[column[e]]++;
+            by_column_sample[slot] = s;
+            by_column_value[slot] = value[e];
+        }
+    }
+    for (int64_t j = n; j > 0; j--) column_start[j] = column_start[j - 1]; /* undo the shift */
+    column_start[0] = 0;
+    return 0;
+}
+
 typedef struct {
     const float *x, *weight;
     int64_t batch, n, m, blocks;
@@ -525,23 +553,10 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
                            const float *value, float *grad_weight, float *grad_input,
                            int64_t *column_start, int64_t *by_column_sample,
                            float *by_column_value, int64_t threads) {
-    if (!valid_offsets(row_start, batch)) return -1;
+    if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
+                          by_column_value) != 0)
+        return -1;
     int64_t nnz = row_start[batch];
-    memset(column_start, 0, (size_t)(n + 1) * sizeof(int64_t));
-    for (int64_t e = 0; e < nnz; e++) {
-        if (column[e] < 0 || column[e] >= n) return -1;
-        column_start[column[e] + 1]++;
-    }
-    for (int64_t j = 0; j < n; j++) column_start[j + 1] += column_start[j];
-    for (int64_t s = 0; s < batch; s++) { /* samples in ascending order inside each column */
-        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
-            int64_t slot = column_start[column[e]]++;
-            by_column_sample[slot] = s;
-            by_column_value[slot] = value[e];
-        }
-    }
-    for (int64_t j = n; j > 0; j--) column_start[j] = column_start[j - 1]; /* undo the shift */
-    column_start[0] = 0;
     int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK, *by_row = NULL, *block_start = NULL;
     float *by_row_value = NULL;
     if (grad_input) { /* each sample's entries in ascending j, with where each block starts */
@@ -580,6 +595,55 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
 #endif
     free(by_row);
     return status;
+}
+
+typedef struct {
+    const float *x;
+    int64_t n, m;
+    const int64_t *column_start, *by_column_sample;
+    const float *by_column_value;
+    float *weight, scale;
+} update_call;
+
+/* The rows [part, part + 1) · n / parts of the weight: row j += scale · (its gradient row,
+ * summed tile by tile as tp_linear_backward_f32 sums it), read and written once, in order (x
+ * stays in the cache); rows nobody kept stay as they are. */
+static int update_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const update_call *c = context;
+    int64_t m = c->m, first = slice_start(c->n, part, parts, 1);
+    int64_t end = slice_start(c->n, part + 1, parts, 1);
+    float sum[TILE];
+    for (int64_t j = first; j < end; j++) {
+        int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
+        if (count == 0) continue; /* a zero gradient row: w + scale · 0 = w */
+        for (int64_t at = 0; at < m; at += TILE) {
+            int64_t width = m - at < TILE ? m - at : TILE;
+            tile_sum(sum, c->x + at, m, width, c->by_column_sample + start,
+                     c->by_column_value + start, count, 0, 0);
+            float *restrict w = c->weight + j * m + at;
+            for (int64_t i = 0; i < width; i++) w[i] += c->scale * sum[i];
+        }
+    }
+    return 0;
+}
+
+/* SGD's update of a Linear weight from the kept entries of δ, without the weight gradient:
+ *   weight (n, m) += scale · Σ_{s keeps j} δ[s, j] · x[s]   row by row (scale = -lr),
+ * the gradient rows summed as by tp_linear_backward_f32 (same order at every thread count).
+ * Inputs and scratch as for tp_linear_backward_f32. Returns 0, -1 on an index out of range or
+ * offsets that decrease (nothing written then). */
+int tp_linear_update_f32(const float *x, float *weight, int64_t batch, int64_t n, int64_t m,
+                         const int64_t *row_start, const int64_t *column, const float *value,
+                         float scale, int64_t *column_start, int64_t *by_column_sample,
+                         float *by_column_value, int64_t threads) {
+    if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
+                          by_column_value) != 0)
+        return -1;
+    update_call call = {.x = x, .n = n, .m = m, .column_start = column_start,
+                        .by_column_sample = by_column_sample,
+                        .by_column_value = by_column_value, .weight = weight, .scale = scale};
+    return run_parts(update_part, &call, parts_for(n, threads), threads);
 }
 
 typedef struct {

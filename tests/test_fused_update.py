@@ -1,0 +1,130 @@
+"""train_step(fused_update=True): SGD's update of the sparse Linear weights from the kept
+entries, without a weight gradient, gives the weights torch.optim.SGD gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+import tinyprop.native
+from tinyprop.autograd import FUSED_UPDATE, NATIVE_SPARSE
+
+pytestmark = pytest.mark.skipif(
+    tinyprop.native.library() is None, reason="the fused update runs in the native kernels"
+)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(20, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 5)
+    )
+
+
+def train(policy: str, fused: bool, steps: int = 6, threads: int = 1, **sgd):
+    torch.set_num_threads(threads)
+    model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy=policy, ratio=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), **{"lr": 0.05, **sgd})
+    generator = torch.Generator().manual_seed(1)
+    kernels = []
+    for _ in range(steps):
+        x = torch.randn(3, 20, generator=generator)  # (3, 20): smaller than the weights
+        y = torch.randint(0, 5, (3,), generator=generator)
+        stats = tinyprop.train_step(
+            model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer, fused_update=fused
+        )
+        kernels.append(stats.kernels)
+    return model, kernels
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinypropv2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_update_gives_sgds_weights(policy, threads):
+    threads_before = torch.get_num_threads()
+    try:
+        plain, plain_kernels = train(policy, fused=False, threads=threads)
+        fused, fused_kernels = train(policy, fused=True, threads=threads)
+    finally:
+        torch.set_num_threads(threads_before)
+    for (name, expected), actual in zip(
+        plain.state_dict().items(), fused.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(FUSED_UPDATE in kernels.values() for kernels in fused_kernels)
+    assert all(FUSED_UPDATE not in kernels.values() for kernels in plain_kernels)
+    # a layer whose update was fused in the last step has no weight gradient; its bias has one
+    for name, kernel in fused_kernels[-1].items():
+        layer = fused[int(name)]
+        assert (layer.weight.grad is None) == (kernel == FUSED_UPDATE), name
+        assert layer.bias.grad is not None
+
+
+def test_other_optimizers_step_as_usual_with_a_warning():
+    plain, _ = train("topk", fused=False, momentum=0.9)
+    with pytest.warns(UserWarning, match="fused_update=True fuses the update of torch.optim.SGD"):
+        fused, kernels = train("topk", fused=True, momentum=0.9)
+    assert all(NATIVE_SPARSE in k.values() and FUSED_UPDATE not in k.values() for k in kernels)
+    for expected, actual in zip(plain.parameters(), fused.parameters(), strict=True):
+        assert torch.equal(actual, expected)
+
+
+def test_a_refused_step_applies_no_fused_update():
+    """A NaN found after the backward (here in a dense parameter's gradient) refuses the step:
+    the deferred weight updates are dropped with it."""
+
+    class NanGain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(96))
+
+        def forward(self, x):
+            return x * torch.sqrt(self.gain)  # gain 0: infinite gradient
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="NanGain"):
+        model = tinyprop.apply(
+            nn.Sequential(nn.Linear(20, 96), NanGain(), nn.Linear(96, 96), nn.Linear(96, 5)),
+            tinyprop.TinyPropConfig(policy="topk", ratio=0.1),
+        )
+    with torch.no_grad():
+        model[1].gain[0] = 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FloatingPointError, match="parameter gradient is NaN or infinite"):
+        tinyprop.train_step(
+            model, torch.randn(3, 20), torch.zeros(3, dtype=torch.long),
+            nn.CrossEntropyLoss(reduction="none"), optimizer, fused_update=True,
+        )  # fmt: skip
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_native_update_is_sgds_step_on_the_native_gradient(threads):
+    """The update kernel sums each gradient row as linear_backward does: SGD's weights (to
+    float rounding: whether ``w + (-lr) · g`` is one fused multiply-add can differ), at any
+    thread count; rows nobody kept stay exactly as they are."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(threads)
+        x = torch.randn(16, 300, generator=generator)
+        weight = torch.randn(200, 300, generator=generator)
+        keep = torch.randint(1, 12, (16,), generator=generator)
+        _, column, value = tinyprop.native.topk(torch.randn(16, 200, generator=generator), keep)
+        row_start = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0)])
+        _, grad = tinyprop.native.linear_backward(x, weight, row_start, column, value, False, True)
+        parameter = nn.Parameter(weight.clone())
+        parameter.grad = grad
+        torch.optim.SGD([parameter], lr=0.3).step()
+        updated = weight.clone()
+        tinyprop.native.linear_update(x, updated, row_start, column, value, -0.3)
+    finally:
+        torch.set_num_threads(threads_before)
+    torch.testing.assert_close(updated, parameter.detach(), rtol=1e-6, atol=1e-6)
+    untouched = (grad == 0).all(1)  # (200,) rows nobody kept
+    assert untouched.any() and torch.equal(updated[untouched], weight[untouched])
