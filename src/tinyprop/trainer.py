@@ -124,11 +124,7 @@ def check_gradients(optimizer: torch.optim.Optimizer, proven: dict | None = None
     """
     proven = proven or {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grads = [
-        _values(p.grad)
-        for p in params
-        if p.grad is not None and proven.get(id(p)) != (p.grad.data_ptr(), p.grad._version)
-    ]
+    grads = [_values(p.grad) for p in params if p.grad is not None and not _proven(p, proven)]
     if not grads:
         return
     sums = [grad.sum(dtype=_sum_dtype(grad.dtype)) for grad in grads]
@@ -147,6 +143,15 @@ def check_gradients(optimizer: torch.optim.Optimizer, proven: dict | None = None
     raise FloatingPointError(
         f"a parameter gradient is NaN or infinite (optimizer parameters {bad[:10]}, in "
         "param_groups order) although every loss was finite; no update was applied"
+    )
+
+
+def _proven(parameter: nn.Parameter, proven: dict) -> bool:
+    """Whether the parameter's gradient is still the tensor a layer proved finite."""
+    key = proven.get(id(parameter))
+    grad = parameter.grad
+    return (
+        key is not None and grad.layout == torch.strided and key == (grad.data_ptr(), grad._version)
     )
 
 
