@@ -4,6 +4,7 @@ milliseconds per step, then the policy's 10 steps by function (where its time go
 Run:
     python benchmarks/profile_step.py "wide MLP 784-2048-2048-10" --threads 1
     python benchmarks/profile_step.py "small CNN 16-32-32" --policy "topk 0.05" --threads 2
+    python benchmarks/profile_step.py "wide MLP 784-2048-2048-10" --policy "topk 0.05 fused SGD"
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pstats
 import time
 
 import torch
-from speed import MODELS, keep_freed_memory
+from speed import FUSED_UPDATE, MODELS, keep_freed_memory
 from torch import nn
 
 import tinyprop
@@ -40,9 +41,9 @@ def main() -> None:
         model = tinyprop.apply(build(), policies[name])
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
-        def train(index: int, model=model, optimizer=optimizer) -> None:
+        def train(index: int, model=model, optimizer=optimizer, fused=name == FUSED_UPDATE) -> None:
             batch = slice((index % 10) * batch_size, (index % 10 + 1) * batch_size)
-            tinyprop.train_step(model, x[batch], y[batch], loss_fn, optimizer)
+            tinyprop.train_step(model, x[batch], y[batch], loss_fn, optimizer, fused_update=fused)
 
         for index in range(3):
             train(index)

@@ -51,7 +51,7 @@ CONV_DENSE_KERNEL_DENSITY = 0.02  # Conv1d / Conv2d layers, PyTorch sparse kerne
 
 # the kernels a layer call's backward may run (StepStats.kernels names one per layer)
 NATIVE_SPARSE = "native sparse"
-FUSED_UPDATE = "native sparse, weight updated by SGD in place (no weight gradient)"
+FUSED_UPDATE = "native sparse, fused SGD update (no weight gradient)"
 PYTORCH_SPARSE = "PyTorch sparse (CSR)"
 MASKED_DENSE = "dense on the masked δ"
 EVERY_ENTRY = "dense (every entry kept)"
