@@ -118,3 +118,42 @@ def test_half_cast_after_training_keeps_layer_maxima_and_restarts_an_overflowed_
     with pytest.warns(UserWarning, match="tinyprop_output_error_max.*became inf"):
         stats = large_error_step(model, torch.float16, None)
     assert stats.trained > 0 and all(torch.isfinite(torch.tensor(running_maxima(model))))
+
+
+def default_dtype_gradients(default: torch.dtype, policy: str) -> tuple[dict, dict]:
+    """A float32 MLP and CNN (fan-in 40 · 9: the native kernels) trained one step with torch's
+    default dtype set to ``default`` while the model is applied and backpropagated; returns
+    the gradients and tinyprop's buffer dtypes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(40, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(16 * 25, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3),
+    )  # fmt: skip
+    x, y = torch.randn(4, 40, 5, 5), torch.randint(0, 3, (4,))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy, ratio=0.05))
+        loss = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        stats = tinyprop.backward(model, loss)
+    finally:
+        torch.set_default_dtype(previous)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return grads, {name: b.dtype for name, b in model.named_buffers()}, stats.kernels
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["topk", "randomk"])
+def test_a_float32_model_under_another_default_dtype_gets_the_float32_default_gradients(
+    default, policy
+):
+    """The native kernels' outputs were allocated in torch's default dtype: under float64 the
+    float32 values filled half of each tensor (gradients silently wrong, up to inf), under
+    float16 / bfloat16 (Lightning's precision="bf16-true" sets it while training_step runs,
+    manual_backward included) the kernels wrote past their end (heap corruption, abort)."""
+    expected, expected_dtypes, kernels = default_dtype_gradients(torch.float32, policy)
+    assert "native sparse" in kernels.values() or not tinyprop.native.library()
+    got, dtypes, _ = default_dtype_gradients(default, policy)
+    for name, grad in expected.items():
+        assert torch.equal(got[name], grad), name
+    assert dtypes == expected_dtypes  # Ymax_l, Ymax_L float32 under a float16 default too

@@ -24,6 +24,10 @@ _STATE = "_tinyprop_state"
 _ORIGINAL_CLASS = "_tinyprop_original_class"
 _LAYER_ATTRIBUTES = ("tinyprop_state", "layer_name", "layer_index", "registration_depth")
 _MAX_SIGNATURES = 1024  # input shapes whose other-module MACs are remembered
+# the running maxima Ymax_l, Ymax_L: float32 whatever torch's default dtype is (a float16
+# default, set by PyTorch Lightning's precision="16-true" while the model is built, would make
+# a maximum past 65504 inf)
+RUNNING_MAX_DTYPE = torch.float32
 _NARROW_DTYPES = (torch.float16, torch.bfloat16)  # where model.half() / .to(bfloat16) put buffers
 # trainable modules that keep their normal dense backward without a warning
 _DENSE_BY_DESIGN = (
@@ -117,11 +121,12 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         module.layer_index = index
         module.registration_depth = count - 1 - index
         device = _device(module)
-        module.register_buffer("error_max", torch.zeros((), device=device))
+        maximum = torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device)
+        module.register_buffer("error_max", maximum)
         module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
         state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
     device = _device(targets[-1][1])
-    model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), device=device))
+    model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device))
     for name, value in state.policy.control_buffers().items():  # budget controller (budget.py)
         model.register_buffer(name, value.to(device))
     state.handles += [

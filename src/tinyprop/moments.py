@@ -129,9 +129,9 @@ class Adam8bit(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
             state["first_codes"] = torch.zeros(count, dtype=torch.int8)
-            state["first_max"] = torch.zeros(math.ceil(count / BLOCK))
+            state["first_max"] = torch.zeros(math.ceil(count / BLOCK), dtype=torch.float32)
             state["second_codes"] = torch.zeros(count, dtype=torch.uint8)
-            state["second_max"] = torch.zeros(math.ceil(count / BLOCK))
+            state["second_max"] = torch.zeros(math.ceil(count / BLOCK), dtype=torch.float32)
         state["step"] += 1
         t = state["step"]
         grad = parameter.grad.reshape(-1)  # (count,)

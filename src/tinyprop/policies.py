@@ -149,7 +149,9 @@ class RandomKPolicy(Policy):
     def scores(self, delta, layer_index, backward_step):
         seed = self.config.seed * 1_000_003 + layer_index * 10_007 + backward_step
         generator = torch.Generator().manual_seed(seed % (2**63))
-        return torch.rand(delta.shape, generator=generator).to(delta.device)  # (R, N)
+        # float32 draws whatever torch's default dtype: the same entries under any default
+        draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+        return draws.to(delta.device)  # (R, N)
 
     def selection_macs(self, trained, size, kept):
         return kept  # one random draw per kept entry
@@ -239,7 +241,8 @@ class SelectiveBackpropPolicy(Policy):
             beta = 1.0 / max(self.budget.trained_share, SMALLEST_TRAINED_SHARE) - 1.0
         probability = selective_backprop_probability(scores.cpu(), self.window.values.cpu(), beta)
         seed = self.config.seed * 1_000_003 + self.window.steps
-        draws = torch.rand(scores.shape[0], generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        draws = torch.rand(scores.shape[0], generator=generator, dtype=torch.float32)  # (B,)
         return draws < probability  # (B,)
 
     def decision_macs(self, batch_size, output_size):

@@ -77,6 +77,15 @@ def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _float32_empty(*shape: int) -> Tensor:
+    """A float32 CPU tensor for a kernel to write into. Never ``torch.empty(shape)``: that takes
+    torch's default dtype and device, and under ``torch.set_default_dtype(torch.float64)`` the
+    kernel's float32 values filled half of a float64 tensor (silently wrong gradients), under
+    a float16 / bfloat16 default (PyTorch Lightning's ``precision="bf16-true"`` sets it while
+    ``training_step`` runs) it wrote past the end of a tensor half the size (heap corruption)."""
+    return torch.empty(shape, dtype=torch.float32, device="cpu")
+
+
 def _kernel_inputs(x, weight, row_start, column, value) -> tuple[Tensor, ...]:
     """The backward kernels' inputs as contiguous tensors they can read (value as float32),
     after checking that the kept entries (CSR) fit the batch: the kernels trust the sizes."""
@@ -195,8 +204,8 @@ def linear_backward(
         raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
     batch, inputs = x.shape
     outputs = weight.shape[0]
-    grad_input = torch.empty(batch, inputs) if needs_input else None  # (B, in)
-    grad_weight = torch.empty(outputs, inputs) if needs_weight else None  # (out, in)
+    grad_input = _float32_empty(batch, inputs) if needs_input else None  # (B, in)
+    grad_weight = _float32_empty(outputs, inputs) if needs_weight else None  # (out, in)
     column_start = torch.empty(outputs + 1, dtype=torch.int64)  # scratch for the CSC regroup
     by_column_sample = torch.empty(column.numel(), dtype=torch.int64)
     by_column_value = torch.empty(column.numel(), dtype=torch.float32)
@@ -377,7 +386,7 @@ def channels_last(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     x = x.detach().contiguous()
     batch, channels, height, width = x.shape
     top, bottom, left, right = pads
-    out = torch.empty(batch, top + height + bottom, left + width + right, channels)
+    out = _float32_empty(batch, top + height + bottom, left + width + right, channels)
     shape = torch.tensor([batch, channels, height, width, *pads], dtype=torch.int64)
     threads = threads_for(out.numel(), LAYOUT_GRAIN)
     library().tp_channels_last_f32(x.data_ptr(), shape.data_ptr(), out.data_ptr(), threads)
@@ -391,7 +400,7 @@ def channels_first(grad: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     batch, padded_h, padded_w, channels = grad.shape
     top, bottom, left, right = pads
     height, width = padded_h - top - bottom, padded_w - left - right
-    out = torch.empty(batch, channels, height, width)
+    out = _float32_empty(batch, channels, height, width)
     shape = torch.tensor([batch, channels, height, width, *pads], dtype=torch.int64)
     threads = threads_for(out.numel(), LAYOUT_GRAIN)
     library().tp_channels_first_f32(grad.data_ptr(), shape.data_ptr(), out.data_ptr(), threads)
