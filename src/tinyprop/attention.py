@@ -5,11 +5,14 @@ never calling the module, so a sparse ``out_proj`` would never run. ``apply`` gi
 modules this subclass: for the case every transformer layer uses (packed in-projection, no
 ``bias_k`` / ``add_zero_attn``, ``need_weights=False``) it computes the same attention with
 ``scaled_dot_product_attention`` and then calls ``self.out_proj`` on the (L·N, E) token rows;
-any other call goes to PyTorch's own forward (dense, and counted dense).
+any other call goes to PyTorch's own forward (dense, and counted dense), and so does every
+call where ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own attention,
+to the bit: the rewritten one rounds differently) and under ``torch.no_grad`` (evaluation).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,6 +33,7 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
     ):
         if (
             need_weights
+            or not self._sparse_out_proj()
             or not self._qkv_same_embed_dim
             or self.bias_k is not None
             or self.add_zero_attn
@@ -60,6 +64,18 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         rows = attended.permute(2, 0, 1, 3).reshape(targets * batch, embed)  # (L·N, E)
         output = self.out_proj(rows).reshape(targets, batch, -1)  # (L, N, E)
         return (output.transpose(0, 1) if self.batch_first else output), None
+
+    def _sparse_out_proj(self) -> bool:
+        """Whether this call's ``out_proj`` runs tinyprop's sparse backward: a sparse policy,
+        in a forward with gradients (or one that records the calls: reentrant activation
+        checkpointing runs it under no_grad first). Without tinyprop's state (the class used on
+        its own, as the tests' reference does) ``out_proj`` is always called as a module."""
+        state = getattr(self.out_proj, "tinyprop_state", None)
+        if state is None:
+            return True
+        if not state.policy.sparse:
+            return False
+        return torch.is_grad_enabled() or state.open_pass is not None
 
 
 def _attention_mask(attn_mask, key_padding_mask, is_causal, dtype, batch, heads, sources):
