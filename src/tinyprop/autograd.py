@@ -139,14 +139,19 @@ class SparseBackprop(torch.autograd.Function):
             step.check_finite_later(error, layer.layer_name)
             if step.passes_overflow:
                 poison = error.sum() * 0  # () NaN when any row's Y_l is NaN or inf
-        drop = policy.config.drop_skipped_rows and step is not None
+        drop = (
+            policy.config.drop_skipped_rows
+            and step is not None
+            and step.couples_samples
+            and rows_are_samples(step, x.shape, geometry)
+        )
         if reads_are_free(flat.device):
             rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
             if drop:
-                rows = skipped_rows_dropped(step, rows, flat.shape[0])  # (R'',) trained samples'
+                rows = skipped_rows_dropped(step, rows)  # (R'',) the trained samples' rows
             if rows.numel() < flat.shape[0]:
                 delta, flat, error = delta[rows], flat[rows], error[rows]
-        elif drop and flat.shape[0] == step.stats.trained_mask.numel():
+        elif drop:
             trained = step.stats.trained_mask.to(flat.device)  # (R,) skipped rows keep nothing
             delta = delta * trained.view(-1, 1, 1).to(delta.dtype)
             flat, error = delta.reshape(delta.shape[0], -1), error * trained
@@ -242,12 +247,28 @@ def reads_are_free(device: torch.device) -> bool:
     return device.type in HOST_DEVICES
 
 
-def skipped_rows_dropped(step, rows: Tensor, count: int) -> Tensor:
-    """``rows`` (R',) without the rows of skipped samples, for a layer call whose ``count`` rows
-    are the batch's samples (R = B). Calls with another row count (a sequence layer on
-    (B, T, F) or (T, B, F)) keep every row: which sample a row belongs to is not known there."""
+def rows_are_samples(step, shape: torch.Size, geometry) -> bool:
+    """Whether the rows of a layer call with input ``shape`` are certainly the batch's B
+    samples, so that ``drop_skipped_rows`` may leave out the skipped ones: a convolution's
+    (B, C, ...) input (PyTorch's convolutions are batch-first), or a linear layer's input
+    (B, ..., F) of B rows with no other dimension of B entries before F. A (T, B, F)
+    sequence-first input with T = B cannot be told from (B, T, F), and dropping its rows
+    left out time steps of the trained samples too: a wrong gradient, silently. Such calls,
+    and calls with another row count ((T, B, F) with T != B, a (B·T, F) reshape), keep every
+    row. (Dropping happens only while a BatchNorm couples the samples, ``couples_samples``:
+    a (B, F) tensor that does not hold samples, as peft's DoRA runs lora_A and lora_B on an
+    identity of in_features rows, is left alone in every model without one.)"""
+    batch = step.stats.trained_mask.numel()
+    if shape[0] != batch:
+        return False
+    return not isinstance(geometry, LinearPatches) or batch not in shape[1:-1]
+
+
+def skipped_rows_dropped(step, rows: Tensor) -> Tensor:
+    """``rows`` (R',) without the rows of skipped samples, for a layer call whose rows are the
+    batch's samples (:func:`rows_are_samples`)."""
     trained = step.stats.trained_mask  # (B,)
-    if count != trained.numel() or bool(trained.all()):
+    if bool(trained.all()):
         return rows
     return rows[trained.to(rows.device)[rows]]  # (R'',)
 

@@ -96,7 +96,9 @@ class TinyPropConfig:
             keep ratios cannot go lower; 1: skip first). In [0, 1].
         drop_skipped_rows: a skipped sample gets no backward in any sparse layer (its rows
             are left out of every layer's selection and gradients; layers that see one row per
-            sample, R = B: a sequence layer keeps its rows). Without it, a BatchNorm
+            sample, R = B: a sequence layer keeps its rows, and so does a (T, B, F) layer with
+            T = B; rows are left out only while a BatchNorm in training mode couples the
+            samples, see ``tinyprop.autograd.rows_are_samples``). Without it, a BatchNorm
             in training mode hands skipped samples a non-zero δ (through the batch mean and
             variance) and the layers below it backpropagate them, so skipping saves nothing
             there. None (default) becomes True with a budget (ResNet-8 on the cifar10

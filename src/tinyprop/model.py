@@ -107,6 +107,9 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         if type(module) is nn.MultiheadAttention:
             module.__class__ = TinyPropMultiheadAttention
             state.attention.append(module)
+    state.coupling_norms = [
+        module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
     if config.batch_norm_trained_rows:
         state.batch_norms = swap_batch_norms(model, state)
     count = len(targets)

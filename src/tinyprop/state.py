@@ -105,6 +105,9 @@ class TinyPropState:
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
     batch_norms: list = field(default_factory=list)  # BatchNorms swapped (tinyprop.batch_norm)
+    # every BatchNorm of the model: in training mode it hands skipped samples a δ through the
+    # batch statistics, the only case where drop_skipped_rows has rows to leave out
+    coupling_norms: list = field(default_factory=list)
     last_stats: object = None  # StepStats of the last finished step
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module

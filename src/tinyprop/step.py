@@ -99,6 +99,10 @@ class StepContext:
         self.quiet_overflow = False  # grad_scaler=, or tinyprop.backward raising after DDP
         self.distributed = False  # under DistributedDataParallel: no rank raises alone
         self.overflow_problem: str | None = None  # the first NaN / inf passed on, named
+        # whether drop_skipped_rows has anything to drop: a BatchNorm in training mode couples
+        # the samples (without one a skipped sample's rows hold a zero δ already, and rows that
+        # are not samples must keep theirs: see tinyprop.autograd.rows_are_samples)
+        self.couples_samples = any(norm.training for norm in self.state.coupling_norms)
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
