@@ -124,6 +124,19 @@ def test_checkpoint_with_a_nan_running_maximum_is_refused():
         model.load_state_dict(state)
 
 
+@pytest.mark.parametrize("entry", ["2.error_max", "tinyprop_output_error_max"])
+def test_checkpoint_maximum_past_its_float32_buffer_is_refused(entry):
+    """A float64 1e39 is finite, and was loaded: the float32 buffer then held inf, and every
+    sample was skipped from then on (Ymax_L), or the layer kept its floor of k (Ymax_l)."""
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig())
+    state = model.state_dict()
+    state[entry] = torch.tensor(1e39, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"'{entry}' is 1e\\+39.*at most 3.403e\\+38"):
+        model.load_state_dict(state)
+    state[entry] = torch.tensor(3e38, dtype=torch.float64)  # float32 holds it
+    model.load_state_dict(state)
+
+
 def test_own_loop_backward_raises_on_nan_and_keeps_maxima():
     model = tinyprop.apply(build("mlp", dtype=torch.float32), tinyprop.TinyPropConfig("tinyprop"))
     x = torch.randn(6, 12)

@@ -325,13 +325,18 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
         state.policy.check_loaded(state_dict, prefix)
     for name in ("error_max", OUTPUT_ERROR_MAX):
         value = state_dict.get(prefix + name)
-        if isinstance(value, Tensor) and value.numel() == 1:
+        buffer = module._buffers.get(name)
+        if isinstance(value, Tensor) and value.numel() == 1 and buffer is not None:
             number = float(value)
-            if not math.isfinite(number) or number < 0:
+            # what the buffer can hold: a float64 1e39 became inf in the float32 buffer (every
+            # sample then skipped, or k at its floor, silently)
+            largest = torch.finfo(buffer.dtype).max if buffer.is_floating_point() else math.inf
+            if not math.isfinite(number) or not 0 <= number <= largest:
                 raise ValueError(
                     f"checkpoint entry '{prefix + name}' is {number}: a running maximum must "
-                    "be finite and >= 0 (the checkpoint is corrupt; reset it to 0 to restart "
-                    "the error statistics)"
+                    f"be finite, >= 0 and at most {largest:.4g} (the largest {buffer.dtype} it "
+                    "loads into); the checkpoint is corrupt: reset it to 0 to restart the error "
+                    "statistics"
                 )
 
 
