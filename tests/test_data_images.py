@@ -29,6 +29,7 @@ from tinyprop.data.images import (
     FASHION_MNIST_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    load_image,
 )
 from tinyprop.data.synthetic_images import FLOWERS, FOOD, generate
 
@@ -390,3 +391,37 @@ def test_the_registry_routes_to_these_loaders():
     assert {"mnist", "cifar10", "cifar100", "flowers102", "food101"} <= set(data.names())
     for module in (mnist, cifar, flowers, food):
         assert callable(module.load)
+
+
+def test_an_idx_file_that_inflates_without_end_is_refused(tmp_path, monkeypatch):
+    """A few kilobytes of .gz can inflate to gigabytes: the read stops past the cap (it read
+    the whole file into memory)."""
+    from tinyprop.data import idx
+
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 4096)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + bytes(100_000)))
+    with pytest.raises(ValueError, match="more than 4096 bytes decompressed.*re-download"):
+        idx.read_idx(bomb)
+    plain = tmp_path / "train-labels-idx1-ubyte"
+    plain.write_bytes(bytes([0, 0, 8, 1]) + bytes(100_000))
+    with pytest.raises(ValueError, match="more than 4096 bytes, far more"):
+        idx.read_idx(plain)
+    small = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    small.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 9])))
+    assert idx.read_idx(small).tolist() == [7, 9]
+
+
+@pytest.mark.parametrize("side", [40, 100])  # past PIL's limit (a warning), past twice it
+def test_an_image_past_the_pixel_limit_is_refused_naming_the_file(tmp_path, monkeypatch, side):
+    """PIL only warned below twice its limit and decoded (gigabytes for a hostile PNG), and
+    above it raised DecompressionBombError, which the loader let through as a traceback."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "image_00001.png"
+    Image.new("RGB", (side, side)).save(path)
+    with pytest.raises(ValueError, match=r"image_00001.png is too large to decode"):
+        load_image(path, 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    assert load_image(path, 16).shape == (3, 16, 16)

@@ -18,6 +18,10 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+# The most bytes an IDX file may hold (decompressed): MNIST's largest file has 47,040,016. A
+# small .gz can inflate to any size (a "gzip bomb"), and reading it whole ran out of memory.
+MAX_IDX_BYTES = 256 * 2**20
+
 # The four files of the official distribution, by (split, part).
 IDX_STEMS = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -66,13 +70,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file from disk, plain or gzip-compressed (by the ``.gz`` suffix)."""
     path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                data = handle.read()
-        else:
-            data = path.read_bytes()
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            data = handle.read(MAX_IDX_BYTES + 1)  # no further: a bomb stops here
     except (OSError, EOFError) as error:  # gzip raises BadGzipFile (OSError) or EOFError
         raise ValueError(f"cannot read {path}: {error}; re-download the file") from error
+    if len(data) > MAX_IDX_BYTES:
+        raise ValueError(
+            f"{path} holds more than {MAX_IDX_BYTES} bytes{' decompressed' * (opener is not open)}"
+            ", far more than any MNIST-style IDX file: it is not one (a compressed file that "
+            "inflates without end?); re-download the file"
+        )
     return parse_idx(data, str(path))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,22 +91,38 @@ def load_image(path: str | Path, resolution: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            width, height = image.size
-            scale = resolution / min(width, height)
-            new_width = max(resolution, round(width * scale))
-            new_size = (new_width, max(resolution, round(height * scale)))
-            image = image.resize(new_size, Image.Resampling.BICUBIC)
-            left = (new_size[0] - resolution) // 2
-            top = (new_size[1] - resolution) // 2
-            image = image.crop((left, top, left + resolution, top + resolution))
-            array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+        with warnings.catch_warnings():
+            # an image past PIL's pixel limit (a small file that decodes to gigabytes) is an
+            # error, not a warning: the decode would hold it all in memory
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _decoded(Image, path, resolution)
+        array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(
             f"cannot decode image {path}: {error}; replace the file with a good copy"
         ) from error
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"image {path} is too large to decode ({error}); a dataset image of this size is "
+            "not one the loaders expect: replace the file with a good copy"
+        ) from error
     return np.ascontiguousarray(array.transpose(2, 0, 1))  # (3, H, W)
+
+
+def _decoded(Image, path: Path, resolution: int):
+    """The image at ``path`` as RGB, resized (bicubic) so its shorter side is ``resolution``,
+    centre-cropped to ``resolution`` x ``resolution``."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        scale = resolution / min(width, height)
+        new_width = max(resolution, round(width * scale))
+        new_size = (new_width, max(resolution, round(height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        left = (new_size[0] - resolution) // 2
+        top = (new_size[1] - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        return image
 
 
 def load_images(paths: Sequence[Path], resolution: int, description: str = "") -> np.ndarray:
