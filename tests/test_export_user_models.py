@@ -2,7 +2,8 @@
 as in the Python library (weights within 1e-5 after every step, the same skips and MACs), and
 each one that cannot names the layer and what to do.
 
-Covered: Conv1d stacks (stride, padding, dilation, groups), non-square Conv2d, padding='same',
+Covered: models whose forward is written in Python (read as the chain of layers it calls),
+Conv1d stacks (stride, padding, dilation, groups), non-square Conv2d, padding='same',
 bias=False, pools with padding and ceil_mode, adaptive pools, Dropout variants at p=0, nested
 and named Sequentials, BatchNorm folded before export (:func:`tinyprop.export.fold_batch_norm`).
 """
@@ -48,6 +49,56 @@ def with_statistics(model: nn.Module) -> nn.Module:
 def folded(build):
     """A builder of the BatchNorm-folded model of ``build``."""
     return lambda: fold_batch_norm(with_statistics(build()))
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+class MnistStyle(nn.Module):
+    """The shape of PyTorch's MNIST example: functional ReLU, pooling and flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 8, 3)
+        self.fc1 = nn.Linear(8 * 2 * 2, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(nn.functional.relu(self.conv1(x))))
+        x = nn.functional.max_pool2d(x, 2)
+        x = x.view(x.size(0), -1)
+        x = nn.functional.dropout(nn.functional.relu(self.fc1(x)), 0.5, training=False)
+        return self.fc2(x)
+
+
+class Blocks(nn.Module):
+    """User blocks with their own forward, a Sequential inside, a pool and a flatten."""
+
+    class Block(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.conv = nn.Conv1d(channels, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    def __init__(self):
+        super().__init__()
+        self.first = Blocks.Block(2)
+        self.second = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4 * 9, 3)
+
+    def forward(self, x):
+        x = nn.functional.avg_pool1d(self.second(self.first(x)), 2, stride=1, padding=1)
+        return self.head(torch.flatten(x, 1))
 
 
 # name -> (builder, one sample's shape); exported after fold_batch_norm
@@ -126,6 +177,9 @@ EXPORTED = {
         (1, 6, 6),
     ),
     **{name: (folded(build), shape) for name, (build, shape) in WITH_BATCH_NORM.items()},
+    "forward_with_functional_calls": (FunctionalNet, (6,)),
+    "mnist_style_forward": (MnistStyle, (1, 8, 8)),
+    "user_blocks_with_their_own_forward": (Blocks, (2, 10)),
 }  # fmt: skip
 
 
@@ -195,16 +249,6 @@ def test_folding_keeps_the_eval_output_and_leaves_the_model_alone():
             torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
-class FunctionalNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.first = nn.Linear(6, 8)
-        self.second = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.second(torch.relu(self.first(x)))
-
-
 # (model, one sample's shape, what the message must say)
 REFUSED = [
     (Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)), (1, 6, 6),
@@ -227,7 +271,6 @@ REFUSED = [
      r"'1' \(AdaptiveAvgPool2d\): output_size=3.*multiple"),
     (Seq(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, padding=1, count_include_pad=False), nn.Flatten(),
          nn.Linear(16, 3)), (1, 6, 6), r"'1' \(AvgPool2d\): count_include_pad=False"),
-    (FunctionalNet(), (6,), r"'<root>' \(FunctionalNet\).*nn\.Sequential"),
     (nn.ModuleList([nn.Linear(6, 3)]), (6,), r"'<root>' \(ModuleList\).*nn\.Sequential"),
     (Seq(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)), (6,), r"'1' \(LayerNorm\)"),
 ]  # fmt: skip
@@ -245,10 +288,17 @@ def test_pool_padding_pytorch_refuses_is_refused():
         describe(model, (1, 6, 6))
 
 
+def negative_variance() -> nn.Module:
+    model = Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    model[1].running_var.fill_(-1.0)
+    return model
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [
         (Seq(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3)), r"'0' \(BatchNorm2d\).*right after a Conv2d"),
+        (negative_variance(), r"'1' \(BatchNorm2d\).*NaN or infinite.*running_var"),
         (Seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), r"'2' .*right after"),
         (Seq(nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False)), "running stat"),
         (Seq(nn.Conv1d(1, 4, 3), nn.BatchNorm2d(4)), r"right after a Conv2d"),
@@ -272,3 +322,55 @@ def test_cli_folds_batch_norm_on_request(tmp_path, capsys):
     assert export_main([*arguments, "--fold-batch-norm"]) == 0
     header = (tmp_path / "c" / "tinyprop_model.h").read_text()
     assert header.count("TP_LAYER_CONV2D") == 1 and "BatchNorm" not in header.split("*/", 1)[1]
+
+
+@pytest.mark.parametrize("shape", ["1,,10", "2,10,", " 2x10 "])
+def test_cli_input_shape_with_an_empty_part_is_refused(tmp_path, capsys, shape):
+    """An --input-shape of 1,,10 was read as (1, 10); a trailing comma and spaces are fine."""
+    path = tmp_path / "conv.pt"
+    torch.save(Seq(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)), path)
+    arguments = [str(path), "--input-shape", shape, "--out", str(tmp_path / "c")]
+    if shape == "1,,10":
+        with pytest.raises(SystemExit):
+            export_main(arguments)
+        assert "--input-shape must look like 1,28,28" in capsys.readouterr().err
+    else:
+        assert export_main(arguments) == 0
+
+
+class Forward(nn.Module):
+    """A forward written in Python around two Linear layers: ``body(self, x)``."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.last = nn.Linear(6, 3)
+        self.body = body
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def branch(self, x):
+    if x.sum() > 0:
+        x = self.first(x)
+    return self.last(x)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (lambda self, x: self.last(x + self.first(x)), "residual sum or a branch"),
+        (lambda self, x: self.last(torch.sigmoid(self.first(x))), "'sigmoid'.*no C implementation"),
+        (lambda self, x: self.last(self.first(self.first(x))), "calls 'first' more than once"),
+        (lambda self, x: self.last(nn.functional.linear(x, self.first.weight)), "first.weight"),
+        (lambda self, x: (self.last(self.first(x)), x), "residual sum or a branch"),
+        (lambda self, x: self.last(self.first(x).view(-1, 2, 3).flatten(1)), "not a flat"),
+        (lambda self, x: self.last(self.first(x)).log_softmax(1), "log_softmax"),
+        (branch, "cannot be traced by torch.fx"),
+        (lambda self, x: self.last(self.first(x[:, :4])), "fails on a batch"),
+    ],
+)
+def test_a_forward_that_is_not_a_chain_of_runtime_layers_is_named(body, message):
+    with pytest.raises(UnsupportedLayerError, match=message):
+        describe(Forward(body), (6,))

@@ -27,8 +27,9 @@ from tinyprop.memory import MemoryMode
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part)
-    except ValueError:
+        parts = text.strip().rstrip(",").replace("x", ",").split(",")
+        shape = tuple(int(part) for part in parts)
+    except ValueError:  # also an empty part: "1,,28" is not (1, 28)
         raise argparse.ArgumentTypeError(
             f"--input-shape must look like 1,28,28, got {text!r}"
         ) from None

@@ -83,6 +83,11 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
                 layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps,
                 norm.weight, norm.bias,
             )  # fmt: skip
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            raise _refuse(
+                path, norm, "the folded weight or bias is NaN or infinite (a negative or NaN "
+                "running_var, or NaN statistics); check the BatchNorm's buffers"
+            )  # fmt: skip
         layer.weight = nn.Parameter(weight.detach(), requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias.detach())
         parent_path, _, name = path.rpartition(".")

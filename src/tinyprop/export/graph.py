@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from tinyprop.export.tracing import TracingError, traced_layers
+
 # tp_layer_kind values of runtime/include/tinyprop.h
 DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN = range(6)
 KIND_NAMES = {
@@ -192,6 +194,27 @@ def _what_to_do(module: nn.Module) -> str:
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return "it has no forward of its own; put its layers in an nn.Sequential instead"
     return "leave it out, or replace it by layers the runtime runs"
+
+
+def _layers_of(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
+    """The layers ``model`` runs with their paths: an nn.Sequential's leaves, or the chain a
+    forward written in Python calls (read by torch.fx, :mod:`tinyprop.export.tracing`)."""
+    kind = getattr(model, "_tinyprop_original_class", type(model))
+    written_in_python = (
+        not issubclass(kind, tuple(_RUNTIME_METHODS))
+        and kind.forward is not nn.Module.forward
+        and any(True for _ in model.children())
+    )
+    if not written_in_python:
+        return _sequence(model)
+    _check_computes_its_base("<root>", model)  # lazy layers, forward hooks
+    try:
+        layers = traced_layers(model, input_shape)
+    except TracingError as error:
+        raise _unsupported("<root>", model, str(error)) from None
+    for path, module in layers:
+        _check_computes_its_base(path, module)
+    return layers
 
 
 def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedLayerError:
@@ -430,7 +453,7 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
     rank = len(input_shape)  # the PyTorch tensor rank of one sample, to check layer inputs
     layers: list[LayerSpec] = []
     owners: dict[int, str] = {}  # address of every weight and bias -> its first layer's path
-    for path, module in _sequence(model):
+    for path, module in _layers_of(model, tuple(int(size) for size in input_shape)):
         _check_not_shared(path, module, owners)
         name = type(module).__name__
         if isinstance(module, DROPOUTS) and module.p > 0:
