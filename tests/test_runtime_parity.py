@@ -13,6 +13,7 @@ as it is.
 from __future__ import annotations
 
 import copy
+import ctypes
 from dataclasses import replace
 
 import numpy as np
@@ -24,7 +25,13 @@ import tinyprop
 from tinyprop import models
 from tinyprop.export.arena import plan_arena
 from tinyprop.export.graph import arena_bytes
-from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, build_library, load_library
+from tinyprop.export.runtime import (
+    OptimizerSpec,
+    RuntimeModel,
+    StepStatsC,
+    build_library,
+    load_library,
+)
 from tinyprop.memory import MemoryMode, freeze, train_step_in_place
 from tinyprop.moments import Adam8bit
 
@@ -547,3 +554,67 @@ def test_lean_adam_modes_reject_what_they_cannot_do(library):
     with pytest.raises(RuntimeError, match="out of range"):  # the MLP has 3 dense layers
         RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig(), OptimizerSpec("adam"), library,
                      MemoryMode(0, recompute_layers=(3,)))  # fmt: skip
+
+
+ONE_AT_A_TIME = [  # (model, memory, optimizer): the update kinds a batch can end with
+    ("cnn_depthwise", MemoryMode(), OptimizerSpec(lr=0.2, momentum=0.9, weight_decay=1e-4)),
+    ("cnn_depthwise", MemoryMode(0, momentum_in_place=True), OptimizerSpec(lr=0.2, momentum=0.9)),
+    ("har", MemoryMode(2, sgd_in_place=True), OptimizerSpec(lr=0.05)),
+    ("mlp", MemoryMode(0, adam_in_place=True, moment_bits=8), OptimizerSpec("adam", lr=0.01)),
+    ("cnn_depthwise", MemoryMode(0, bias_only_layers=(0, 1), selection_in_place=True),
+     OptimizerSpec("adam", lr=0.01)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model_name", "memory", "optimizer"), ONE_AT_A_TIME)
+def test_samples_fed_one_at_a_time_train_as_the_whole_batch(library, model_name, memory, optimizer):
+    """tp_batch_begin / tp_batch_add per sample / tp_batch_end: the same floats, k, skips and
+    MACs as tp_train_batch with the whole batch (a device holds one sample, not the batch)."""
+    build, shape, _ = MODELS[model_name]
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.9)
+    torch.manual_seed(0)
+    reference = build()
+    whole, one_at_a_time = (
+        RuntimeModel(copy.deepcopy(reference), shape, config, optimizer, library, memory)
+        for _ in range(2)
+    )
+    trained = 0
+    for x, y in batches(shape, whole.layers[-1].output_size, 4, 8, 0):
+        expected = whole.train_batch(x.numpy(), y.numpy())
+        got = one_at_a_time.train_one_at_a_time(x.numpy(), y.numpy())
+        assert (got.loss, got.trained, got.macs) == (expected.loss, expected.trained, expected.macs)
+        np.testing.assert_array_equal(got.keep, expected.keep)
+        np.testing.assert_array_equal(got.trained_mask, expected.trained_mask)
+        for name, value in whole.parameters().items():
+            np.testing.assert_array_equal(one_at_a_time.parameters()[name], value, err_msg=name)
+        trained += got.trained
+    assert trained > 0
+
+
+def test_a_batch_fed_one_at_a_time_is_checked(library):
+    """Too few samples before the end, too many, a bad label (the batch goes on without it) and
+    a NaN sample (the model stays as it was and the batch is cancelled)."""
+    c_model = RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig(), OptimizerSpec(), library)
+    lib, model = c_model.lib, c_model.model
+    batch = ctypes.create_string_buffer(lib.tp_batch_struct_bytes())
+    stats = StepStatsC()
+    x = np.ones((1, 6, 6), dtype=np.float32)
+    status = {name: code for code, name in enumerate(
+        ["ok", "null", "argument", "shape", "arena", "label", "nonfinite", "state"])}  # fmt: skip
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 0, None, None) == -status["state"]
+    assert lib.tp_batch_begin(model, batch, 2) == 0
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 5, None, None) == -status["label"]
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 1, None, None) == 0
+    assert lib.tp_batch_end(model, batch, ctypes.byref(stats)) == -status["argument"]
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 2, None, None) == 0
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 3, None, None) == -status["state"]
+    assert lib.tp_batch_end(model, batch, ctypes.byref(stats)) == 0
+    assert stats.trained + stats.skipped == 2
+    before = c_model.parameters()
+    assert lib.tp_batch_begin(model, batch, 2) == 0
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 0, None, None) == 0
+    x[0, 0, 0] = np.nan
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 1, None, None) == -status["nonfinite"]
+    assert lib.tp_batch_end(model, batch, ctypes.byref(stats)) == -status["state"]
+    for name, value in c_model.parameters().items():
+        np.testing.assert_array_equal(value, before[name])

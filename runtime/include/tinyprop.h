@@ -293,6 +293,20 @@ typedef struct {
     tp_ledger macs;       /* this step only */
 } tp_step_stats;
 
+/* A batch fed one sample at a time (tp_batch_begin, tp_batch_add per sample, tp_batch_end):
+ * the same floats as tp_train_batch with the whole batch, but the program holds one sample,
+ * not the batch (a batch of 32 keyword samples is 62,720 B; one is 1,960 B). The caller
+ * owns the struct (stack or static); one pending batch per model. */
+typedef struct {
+    uint32_t magic;              /* set by tp_batch_begin, cleared by tp_batch_end or an error */
+    const tp_model *model;
+    int32_t size, added, trained;
+    float loss_sum;
+    tp_ledger macs;
+    float saved_max[TP_MAX_LAYERS]; /* the running maxima to go back to on a non-finite loss */
+    float saved_output_max;
+} tp_batch;
+
 /* ---------------------------------------------------------------- functions */
 
 /* Bytes of arena that training `spec` with `policy` and `optimizer` needs (weights, gradients,
@@ -327,6 +341,23 @@ tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_poli
  * On TP_ERR_NONFINITE nothing (weights, optimizer, running maxima) has changed. */
 tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
                          tp_step_stats *stats, int32_t *keep, uint8_t *trained_mask);
+
+/* tp_train_batch one sample at a time. tp_batch_begin: a batch of `size` samples (the update
+ * averages over `size`; momentum_in_place scales its buffer by it). tp_batch_add: one sample's
+ * forward, loss, skip decision and sparse backward; `keep_row` (optional, trainable_count
+ * entries) and `trained` (optional) as one row of tp_train_batch's. A label outside
+ * [0, classes) is TP_ERR_LABEL and changes nothing (the batch goes on without it); a non-finite
+ * loss is TP_ERR_NONFINITE, leaves the model as tp_train_batch leaves it and cancels the batch
+ * (TP_ERR_STATE until the next tp_batch_begin); more than `size` samples: TP_ERR_STATE.
+ * tp_batch_end: the update (none when every sample was skipped) and the batch's stats;
+ * TP_ERR_ARGUMENT, the batch still pending, until exactly `size` samples were added. */
+tp_status tp_batch_begin(tp_model *model, tp_batch *batch, int32_t size);
+tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t label,
+                       int32_t *keep_row, uint8_t *trained);
+tp_status tp_batch_end(tp_model *model, tp_batch *batch, tp_step_stats *stats);
+
+/* sizeof(tp_batch), for language bindings that allocate the struct themselves. */
+size_t tp_batch_struct_bytes(void);
 
 /* Forward one sample; writes class_count logits (optional) and the arg-max class (optional).
  * TP_ERR_NONFINITE (nothing written) when an input value or a logit is NaN or infinite. */

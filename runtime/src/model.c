@@ -589,6 +589,8 @@ tp_status tp_read_running_max(const tp_model *model, float *layer_max, int32_t c
 
 size_t tp_model_struct_bytes(void) { return sizeof(tp_model); }
 
+size_t tp_batch_struct_bytes(void) { return sizeof(tp_batch); }
+
 tp_status tp_read_totals(const tp_model *model, tp_ledger *total, size_t *arena_bytes_used) {
     if (model == NULL || total == NULL || arena_bytes_used == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;

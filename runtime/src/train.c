@@ -311,59 +311,101 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
     return tp_backward_sample(model, x, keep_row, macs);
 }
 
+/* The batch's state before its first sample (or, in the in-place modes, before the current
+ * one: the samples before it stay applied), to go back to when a loss is not finite. */
+static void save_maxima(const tp_model *model, tp_batch *batch) {
+    int32_t i;
+    for (i = 0; i < model->layer_count; i++) batch->saved_max[i] = model->layers[i].running_max;
+    batch->saved_output_max = model->running_max_output;
+}
+
+static void restore_and_cancel(tp_model *model, tp_batch *batch) {
+    int32_t i;
+    for (i = 0; i < model->layer_count; i++) model->layers[i].running_max = batch->saved_max[i];
+    model->running_max_output = batch->saved_output_max;
+    if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
+    if (model->memory.momentum_in_place && model->momentum_batch == 0) {
+        /* the buffer holds part of this batch's gradient: start afresh */
+        tp_zero(model->moment1, model->parameter_count);
+        model->optimizer_steps = 0;
+    }
+    model->momentum_batch = 0;
+    batch->magic = 0; /* cancelled: tp_batch_add and tp_batch_end refuse it */
+}
+
+tp_status tp_batch_begin(tp_model *model, tp_batch *batch, int32_t size) {
+    if (model == NULL || batch == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    if (size < 1 || size > (1 << 24)) return TP_ERR_ARGUMENT;
+    memset(batch, 0, sizeof *batch);
+    batch->model = model;
+    batch->size = size;
+    save_maxima(model, batch);
+    if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
+    model->momentum_batch = size;
+    batch->magic = TP_MAGIC;
+    return TP_OK;
+}
+
+tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t label,
+                       int32_t *keep_row, uint8_t *trained_out) {
+    float loss = 0.0f;
+    int trained = 0;
+    tp_status status;
+    if (model == NULL || batch == NULL || x == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC || batch->magic != TP_MAGIC || batch->model != model ||
+        batch->added >= batch->size)
+        return TP_ERR_STATE;
+    if (label < 0 || label >= model->class_count) return TP_ERR_LABEL; /* nothing changed */
+    if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
+    if (model->memory.sgd_in_place || model->memory.adam_in_place) save_maxima(model, batch);
+    status = tp_sample_step(model, x, label, &loss, &trained, keep_row, &batch->macs);
+    if (status != TP_OK) {
+        restore_and_cancel(model, batch); /* leave the model as it was before the batch */
+        return status;
+    }
+    if (trained_out != NULL) *trained_out = (uint8_t)trained;
+    if (trained && model->memory.sgd_in_place) model->optimizer_steps++; /* applied */
+    batch->trained += trained;
+    batch->loss_sum += loss;
+    batch->added++;
+    return TP_OK;
+}
+
+tp_status tp_batch_end(tp_model *model, tp_batch *batch, tp_step_stats *stats) {
+    if (model == NULL || batch == NULL || stats == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC || batch->magic != TP_MAGIC || batch->model != model)
+        return TP_ERR_STATE;
+    if (batch->added != batch->size) return TP_ERR_ARGUMENT; /* the batch stays pending */
+    if (batch->trained > 0 && !model->memory.sgd_in_place && !model->memory.adam_in_place)
+        tp_optimizer_update(model, batch->size);
+    model->momentum_batch = 0;
+    stats->loss = batch->loss_sum / (float)batch->size;
+    stats->trained = batch->trained;
+    stats->skipped = batch->size - batch->trained;
+    stats->macs = batch->macs;
+    tp_ledger_add(&model->total, &batch->macs);
+    batch->magic = 0;
+    return TP_OK;
+}
+
 tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
                          tp_step_stats *stats, int32_t *keep, uint8_t *trained_mask) {
-    float saved_max[TP_MAX_LAYERS];
-    float saved_output_max, loss_sum = 0.0f;
-    tp_ledger macs = {0, 0, 0, 0};
-    int32_t b, i, trained_count = 0;
+    tp_batch pending;
+    int32_t b;
+    tp_status status;
     if (model == NULL || x == NULL || labels == NULL || stats == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
     if (batch < 1 || batch > (1 << 24)) return TP_ERR_ARGUMENT;
-    for (b = 0; b < batch; b++)
+    for (b = 0; b < batch; b++) /* every label first: a bad one changes nothing */
         if (labels[b] < 0 || labels[b] >= model->class_count) return TP_ERR_LABEL;
-    for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
-    saved_output_max = model->running_max_output;
-    if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
-    model->momentum_batch = batch;
-    for (b = 0; b < batch; b++) {
-        const float *sample = x + (size_t)b * (size_t)model->input_size;
-        int32_t *keep_row = keep != NULL ? keep + (size_t)b * model->trainable_count : NULL;
-        float loss = 0.0f;
-        int trained = 0;
-        tp_status status;
-        if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
-        if (model->memory.sgd_in_place || model->memory.adam_in_place) {
-            /* the samples before this one stay applied */
-            for (i = 0; i < model->layer_count; i++) saved_max[i] = model->layers[i].running_max;
-            saved_output_max = model->running_max_output;
-        }
-        status = tp_sample_step(model, sample, labels[b], &loss, &trained, keep_row, &macs);
-        if (status != TP_OK) {
-            /* leave the model as it was before the batch */
-            for (i = 0; i < model->layer_count; i++) model->layers[i].running_max = saved_max[i];
-            model->running_max_output = saved_output_max;
-            if (model->gradients != NULL) tp_zero(model->gradients, model->parameter_count);
-            if (model->memory.momentum_in_place && model->momentum_batch == 0) {
-                /* the buffer holds part of this batch's gradient: start afresh */
-                tp_zero(model->moment1, model->parameter_count);
-                model->optimizer_steps = 0;
-            }
-            return status;
-        }
-        if (trained_mask != NULL) trained_mask[b] = (uint8_t)trained;
-        if (trained && model->memory.sgd_in_place) model->optimizer_steps++; /* applied */
-        trained_count += trained;
-        loss_sum += loss;
-    }
-    if (trained_count > 0 && !model->memory.sgd_in_place && !model->memory.adam_in_place)
-        tp_optimizer_update(model, batch);
-    stats->loss = loss_sum / (float)batch;
-    stats->trained = trained_count;
-    stats->skipped = batch - trained_count;
-    stats->macs = macs;
-    tp_ledger_add(&model->total, &macs);
-    return TP_OK;
+    status = tp_batch_begin(model, &pending, batch);
+    for (b = 0; b < batch && status == TP_OK; b++)
+        status = tp_batch_add(model, &pending, x + (size_t)b * (size_t)model->input_size,
+                              labels[b],
+                              keep != NULL ? keep + (size_t)b * model->trainable_count : NULL,
+                              trained_mask != NULL ? trained_mask + b : NULL);
+    return status == TP_OK ? tp_batch_end(model, &pending, stats) : status;
 }
 
 tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *predicted) {

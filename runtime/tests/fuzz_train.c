@@ -2,7 +2,8 @@
  *
  * The fuzz input chooses a small model (layer kinds, sizes, kernels, strides, paddings, groups),
  * a policy and its settings (including out-of-range ones), an optimizer, a batch size, the
- * inputs (any float bit patterns: NaN, inf, huge) and the labels (also out of range). The
+ * inputs (any float bit patterns: NaN, inf, huge) and the labels (also out of range), fed as
+ * whole batches or one sample at a time (tp_batch_add, sometimes too few or too many). The
  * arena is exactly tp_arena_bytes long, so AddressSanitizer catches any write past it;
  * every function must return a status instead of crashing.
  */
@@ -109,7 +110,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             for (i = 0; i < 6 * n; i++) x[i] = byte(&r) < 250 ? (float)(int8_t)byte(&r) / 16.0f
                                                                : any_float(&r);
             for (i = 0; i < 6; i++) labels[i] = (int32_t)(byte(&r) % 16) - 1;
-            (void)tp_train_batch(&model, x, labels, batch, &stats, keep, mask);
+            if (byte(&r) % 2) {
+                (void)tp_train_batch(&model, x, labels, batch, &stats, keep, mask);
+            } else { /* one sample at a time: sometimes too few or too many before the end */
+                tp_batch pending;
+                const int32_t adds = (int32_t)(byte(&r) % 7);
+                if (tp_batch_begin(&model, &pending, batch) == TP_OK) {
+                    for (i = 0; i < adds; i++)
+                        (void)tp_batch_add(&model, &pending, x + (size_t)i * (size_t)n, labels[i],
+                                           keep + (size_t)i * (size_t)model.trainable_count,
+                                           mask + i);
+                    (void)tp_batch_end(&model, &pending, &stats);
+                }
+            }
         }
         {
             float logits[64];

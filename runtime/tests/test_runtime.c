@@ -11,17 +11,7 @@
 #include "tinyprop.h"
 #include "tp_internal.h"
 
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        checks++;                                                                      \
-        if (!(cond)) {                                                                 \
-            failures++;                                                                \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);   \
-        }                                                                              \
-    } while (0)
+#include "checks.h"
 
 static unsigned long long rng_state = 88172645463325252ULL;
 static float uniform(void) { /* xorshift64, in [-1, 1) */
@@ -595,6 +585,89 @@ static void test_memory_modes(void) {
     }
 }
 
+/* tp_batch_begin / tp_batch_add / tp_batch_end, one sample at a time, give the same floats as
+ * tp_train_batch with the whole batch; errors leave the model as tp_train_batch does */
+static void test_samples_one_at_a_time_equal_the_whole_batch(void) {
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    float x[6 * 160], whole[2000], streamed[2000];
+    int32_t labels[6], keep[6 * 8], keep_streamed[6 * 8];
+    uint8_t mask[6], mask_streamed[6];
+    int s, p, o, step, b;
+    for (s = 0; s < 3; s++) {
+        for (p = 0; p <= 3; p += 3) { /* full, tinypropv2 */
+            for (o = 0; o <= 1; o++) {
+                owned_model a, c;
+                const int input = specs[s]->input_channels * specs[s]->input_height *
+                                  specs[s]->input_width;
+                size_t count;
+                CHECK(make_model(&a, specs[s], (tp_policy)p, (tp_optimizer_kind)o) == TP_OK);
+                CHECK(make_model(&c, specs[s], (tp_policy)p, (tp_optimizer_kind)o) == TP_OK);
+                CHECK(tp_parameter_count(&a.model, &count) == TP_OK && count <= 2000);
+                for (step = 0; step < 4; step++) {
+                    tp_step_stats one, other;
+                    tp_batch batch;
+                    fill(x, (size_t)(6 * input), 1.0f);
+                    for (b = 0; b < 6; b++) labels[b] = (int32_t)((b + step) % a.model.class_count);
+                    CHECK(tp_train_batch(&a.model, x, labels, 6, &one, keep, mask) == TP_OK);
+                    CHECK(tp_batch_begin(&c.model, &batch, 6) == TP_OK);
+                    for (b = 0; b < 6; b++)
+                        CHECK(tp_batch_add(&c.model, &batch, x + b * input, labels[b],
+                                           keep_streamed + b * c.model.trainable_count,
+                                           mask_streamed + b) == TP_OK);
+                    CHECK(tp_batch_end(&c.model, &batch, &other) == TP_OK);
+                    CHECK(one.loss == other.loss && one.trained == other.trained);
+                    CHECK(memcmp(&one.macs, &other.macs, sizeof one.macs) == 0);
+                    CHECK(memcmp(keep, keep_streamed,
+                                 (size_t)(6 * a.model.trainable_count) * sizeof(int32_t)) == 0);
+                    CHECK(memcmp(mask, mask_streamed, 6) == 0);
+                    tp_read_parameters(&a.model, whole, count);
+                    tp_read_parameters(&c.model, streamed, count);
+                    CHECK(memcmp(whole, streamed, count * sizeof(float)) == 0);
+                }
+                free(a.arena);
+                free(c.arena);
+            }
+        }
+    }
+}
+
+static void test_batch_api_errors(void) {
+    owned_model m;
+    static tp_model fresh;
+    float x[16], before[400], after[400];
+    tp_step_stats stats;
+    tp_batch batch;
+    size_t count;
+    CHECK(make_model(&m, &mlp_spec, TP_POLICY_TINYPROPV2, TP_OPTIMIZER_SGD) == TP_OK);
+    CHECK(tp_parameter_count(&m.model, &count) == TP_OK && count <= 400);
+    fill(x, 16, 1.0f);
+    memset(&batch, 0, sizeof batch);
+    CHECK(tp_batch_add(&m.model, &batch, x, 0, NULL, NULL) == TP_ERR_STATE); /* no begin */
+    CHECK(tp_batch_begin(&fresh, &batch, 2) == TP_ERR_STATE);
+    CHECK(tp_batch_begin(&m.model, &batch, 0) == TP_ERR_ARGUMENT);
+    CHECK(tp_batch_begin(&m.model, NULL, 2) == TP_ERR_NULL);
+    CHECK(tp_batch_begin(&m.model, &batch, 2) == TP_OK);
+    CHECK(tp_batch_add(&m.model, &batch, NULL, 0, NULL, NULL) == TP_ERR_NULL);
+    CHECK(tp_batch_add(&m.model, &batch, x, 4, NULL, NULL) == TP_ERR_LABEL); /* not added */
+    CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_OK);
+    CHECK(tp_batch_end(&m.model, &batch, &stats) == TP_ERR_ARGUMENT); /* one of two */
+    CHECK(tp_batch_add(&m.model, &batch, x, 2, NULL, NULL) == TP_OK);
+    CHECK(tp_batch_add(&m.model, &batch, x, 3, NULL, NULL) == TP_ERR_STATE); /* a third */
+    CHECK(tp_batch_end(&m.model, &batch, &stats) == TP_OK && stats.trained + stats.skipped == 2);
+    CHECK(tp_batch_end(&m.model, &batch, &stats) == TP_ERR_STATE); /* ended */
+    tp_read_parameters(&m.model, before, count);
+    CHECK(tp_batch_begin(&m.model, &batch, 2) == TP_OK);
+    CHECK(tp_batch_add(&m.model, &batch, x, 0, NULL, NULL) == TP_OK);
+    x[3] = NAN;
+    CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_ERR_NONFINITE);
+    tp_read_parameters(&m.model, after, count);
+    CHECK(memcmp(before, after, count * sizeof(float)) == 0);
+    x[3] = 0.5f;
+    CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_ERR_STATE); /* cancelled */
+    CHECK(tp_batch_end(&m.model, &batch, &stats) == TP_ERR_STATE);
+    free(m.arena);
+}
+
 int main(void) {
     init_weights();
     test_arguments_are_checked();
@@ -608,7 +681,9 @@ int main(void) {
     test_skip_decision();
     test_gradient_matches_finite_differences();
     test_memory_modes();
-    test_nonfinite_loss_with_momentum_in_place(); /* last: fill() draws from one sequence */
+    test_nonfinite_loss_with_momentum_in_place(); /* fill() draws from one sequence */
+    test_samples_one_at_a_time_equal_the_whole_batch();
+    test_batch_api_errors();
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

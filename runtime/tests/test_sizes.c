@@ -10,17 +10,7 @@
 
 #include "tinyprop.h"
 
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        checks++;                                                                      \
-        if (!(cond)) {                                                                 \
-            failures++;                                                                \
-            printf("%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);            \
-        }                                                                              \
-    } while (0)
+#include "checks.h"
 
 #define LAYERS 48 /* TP_MAX_LAYERS by default */
 

@@ -250,6 +250,10 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
         pointer,
         pointer,
     ]
+    lib.tp_batch_begin.argtypes = [pointer, pointer, ctypes.c_int32]
+    lib.tp_batch_add.argtypes = [pointer, pointer, pointer, ctypes.c_int32, pointer, pointer]
+    lib.tp_batch_end.argtypes = [pointer, pointer, ctypes.POINTER(StepStatsC)]
+    lib.tp_batch_struct_bytes.restype = ctypes.c_size_t
     lib.tp_predict.argtypes = [pointer, pointer, pointer, pointer]
     lib.tp_read_parameters.argtypes = [pointer, pointer, ctypes.c_size_t]
     lib.tp_parameter_count.argtypes = [pointer, ctypes.POINTER(ctypes.c_size_t)]
@@ -268,6 +272,9 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
         "tp_init",
         "tp_init_mode",
         "tp_train_batch",
+        "tp_batch_begin",
+        "tp_batch_add",
+        "tp_batch_end",
         "tp_predict",
         "tp_read_parameters",
         "tp_parameter_count",
@@ -468,34 +475,48 @@ class RuntimeModel:
         self.trainable = [layer for layer in self.layers if layer.trainable]
         self.sample_size = int(np.prod(self.layers[0].input_shape))
 
-    def train_batch(self, x: np.ndarray, y: np.ndarray) -> RuntimeStepStats:
-        """One training step on a batch. x: (B, *input_shape) float32; y: (B,) class labels."""
+    def _batch_arrays(self, x: np.ndarray, y: np.ndarray):
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.ascontiguousarray(y, dtype=np.int32)
         if x.ndim < 1 or x.shape[0] != y.shape[0] or x[0].size != self.sample_size:
             raise ValueError(
                 f"x must be (B, {self.input_shape}) and y (B,), got {x.shape} and {y.shape}"
             )
-        batch = x.shape[0]
-        keep = np.zeros((batch, len(self.trainable)), dtype=np.int32)
-        mask = np.zeros(batch, dtype=np.uint8)
-        stats = StepStatsC()
-        status = self.lib.tp_train_batch(
-            self.model,
-            x.ctypes.data,
-            y.ctypes.data,
-            batch,
-            ctypes.byref(stats),
-            keep.ctypes.data,
-            mask.ctypes.data,
-        )
-        check(self.lib, status, "tp_train_batch")
+        keep = np.zeros((x.shape[0], len(self.trainable)), dtype=np.int32)
+        return x, y, keep, np.zeros(x.shape[0], dtype=np.uint8), StepStatsC()
+
+    @staticmethod
+    def _step_stats(stats: StepStatsC, keep: np.ndarray, mask: np.ndarray) -> RuntimeStepStats:
         macs = Ledger(
             stats.macs.forward, stats.macs.backward, stats.macs.backward_dense, stats.macs.selection
         )
         return RuntimeStepStats(
             float(stats.loss), stats.trained, stats.skipped, macs, keep, mask.astype(bool)
         )
+
+    def train_batch(self, x: np.ndarray, y: np.ndarray) -> RuntimeStepStats:
+        """One training step on a batch. x: (B, *input_shape) float32; y: (B,) class labels."""
+        x, y, keep, mask, stats = self._batch_arrays(x, y)
+        status = self.lib.tp_train_batch(self.model, x.ctypes.data, y.ctypes.data, x.shape[0],
+                                          ctypes.byref(stats), keep.ctypes.data,
+                                          mask.ctypes.data)  # fmt: skip
+        check(self.lib, status, "tp_train_batch")
+        return self._step_stats(stats, keep, mask)
+
+    def train_one_at_a_time(self, x: np.ndarray, y: np.ndarray) -> RuntimeStepStats:
+        """The same step fed sample by sample: tp_batch_begin, tp_batch_add per sample,
+        tp_batch_end (what a device holding one sample at a time calls)."""
+        x, y, keep, mask, stats = self._batch_arrays(x, y)
+        batch = ctypes.create_string_buffer(self.lib.tp_batch_struct_bytes())
+        check(self.lib, self.lib.tp_batch_begin(self.model, batch, x.shape[0]), "tp_batch_begin")
+        for index in range(x.shape[0]):
+            sample, row, trained = x[index], keep[index], mask[index:]
+            status = self.lib.tp_batch_add(self.model, batch, sample.ctypes.data, int(y[index]),
+                                           row.ctypes.data, trained.ctypes.data)  # fmt: skip
+            check(self.lib, status, "tp_batch_add")
+        check(self.lib, self.lib.tp_batch_end(self.model, batch, ctypes.byref(stats)),
+              "tp_batch_end")  # fmt: skip
+        return self._step_stats(stats, keep, mask)
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Current weights by state_dict name (``<path>.weight``, ``<path>.bias``)."""
