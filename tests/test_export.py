@@ -92,6 +92,12 @@ def test_exported_example_trains_like_python_under_asan(tmp_path):
     assert c_weights.size == result.parameters == python_weights.numel()
     np.testing.assert_allclose(c_weights, python_weights.numpy(), rtol=1e-5, atol=1e-6)
     assert f"training arena {result.arena_bytes} bytes" in lines[0]
+    # a file cut inside its last record (or written for another input size) is named, not
+    # trained on without that record
+    data = (tmp_path / "samples.bin").read_bytes()
+    cut = subprocess.run([str(program)], input=data[:-3], capture_output=True)
+    assert cut.returncode == 1
+    assert b"ends inside record 21 (961 of its 964 bytes: 240 float32" in cut.stdout
 
 
 def test_unsupported_layers_are_named_with_their_path():

@@ -101,6 +101,22 @@ class Blocks(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class GlobalMean(nn.Module):
+    """Global average pooling written as a mean, a squeeze after an adaptive pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pointwise = nn.Conv2d(4, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x).relu()).contiguous()
+        x = self.pointwise(x).mean((2, 3), keepdim=True).squeeze((2, 3))
+        return self.head(x)
+
+
 # name -> (builder, one sample's shape); exported after fold_batch_norm
 WITH_BATCH_NORM = {
     "batch_norm_folded_conv_depthwise_no_bias": (
@@ -180,6 +196,7 @@ EXPORTED = {
     "forward_with_functional_calls": (FunctionalNet, (6,)),
     "mnist_style_forward": (MnistStyle, (1, 8, 8)),
     "user_blocks_with_their_own_forward": (Blocks, (2, 10)),
+    "mean_squeeze_contiguous_forward": (GlobalMean, (1, 6, 6)),
 }  # fmt: skip
 
 
@@ -351,6 +368,12 @@ class Forward(nn.Module):
         return self.body(self, x)
 
 
+def in_place(self, x):
+    x = self.first(x)
+    x.relu_()
+    return x
+
+
 def branch(self, x):
     if x.sum() > 0:
         x = self.first(x)
@@ -369,6 +392,12 @@ def branch(self, x):
         (lambda self, x: self.last(self.first(x)).log_softmax(1), "log_softmax"),
         (branch, "cannot be traced by torch.fx"),
         (lambda self, x: self.last(self.first(x[:, :4])), "fails on a batch"),
+        (lambda self, x: self.last(self.first(x) * 2.0), "constant.*fold"),
+        (
+            lambda self, x: self.last(self.first(x).mean(1, keepdim=True).expand(-1, 6)),
+            "averages over dimensions",
+        ),
+        (lambda self, x: self.last(in_place(self, x)), r"in place.*x = x\.relu\(\)"),
     ],
 )
 def test_a_forward_that_is_not_a_chain_of_runtime_layers_is_named(body, message):

@@ -55,12 +55,19 @@ static int feed(void) {
 }
 #else
 static int feed(void) {
+    const size_t values = (size_t)TP_MODEL_INPUT_SIZE * sizeof(float), record = values + 4;
     int32_t count = 0, number = 0;
     for (;;) {
-        if (fread(&batch_x[(size_t)count * TP_MODEL_INPUT_SIZE], sizeof(float),
-                  TP_MODEL_INPUT_SIZE, stdin) != TP_MODEL_INPUT_SIZE ||
-            fread(&batch_y[count], sizeof(int32_t), 1, stdin) != 1)
-            break;
+        size_t got = fread(&batch_x[(size_t)count * TP_MODEL_INPUT_SIZE], 1, values, stdin);
+        if (got == values) got += fread(&batch_y[count], 1, sizeof(int32_t), stdin);
+        if (got == 0) break;
+        if (got != record) { /* a file written for another input size, or cut short */
+            printf("samples: the input ends inside record %ld (%lu of its %lu bytes: %d float32 "
+                   "values, then an int32 label)\n",
+                   (long)number * TP_MODEL_BATCH_SIZE + count, (unsigned long)got,
+                   (unsigned long)record, TP_MODEL_INPUT_SIZE);
+            return 1;
+        }
         if (++count == TP_MODEL_BATCH_SIZE) {
             if (train(count, number++) != 0) return 1;
             count = 0;

@@ -5,9 +5,10 @@ PyTorch MNIST example: ``F.max_pool2d(F.relu(self.conv1(x)), 2)``, ``x.view(x.si
 ``torch.fx`` records that forward as a graph; when the graph is a chain (every result used by
 the next call only) of what the runtime runs, it is that chain of layers: each submodule by
 its path in the model, each function as the layer it computes (``F.relu`` -> ``nn.ReLU``,
-``F.max_pool2d(x, 2)`` -> ``nn.MaxPool2d(2)``, a view or flatten to ``(B, -1)`` ->
-``nn.Flatten``). Anything else (a residual sum, a branch, a function the runtime lacks, a
-forward that cannot be traced) is refused with what it is and where.
+``F.max_pool2d(x, 2)`` -> ``nn.MaxPool2d(2)``, a view, flatten or squeeze to ``(B, -1)`` ->
+``nn.Flatten``, ``x.mean((2, 3))`` -> a global average pool and ``nn.Flatten``). Anything
+else (a residual sum, a branch, a function the runtime lacks, a forward that cannot be
+traced) is refused with what it is and where.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 _LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"}
-_FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape}
+_FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze}
+_SAME = {"contiguous", "clone"}  # the same values: no layer
+_MEAN = {"mean", torch.mean}
 _POOLS = {  # function -> (layer class, its arguments)
     F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
                                   "return_indices")),
@@ -44,6 +47,7 @@ _POOLS = {  # function -> (layer class, its arguments)
     F.softmax: (nn.Softmax, ("dim",)),
     F.log_softmax: (nn.LogSoftmax, ("dim",)),
 }  # fmt: skip
+_IN_PLACE = {"relu_", "clamp_", "mul_", "add_", "sigmoid_", "tanh_"}
 _TWO_TENSORS = {operator.add, torch.add, operator.mul, torch.mul, torch.cat, "add", "mul"}
 
 
@@ -70,15 +74,36 @@ def _flattens(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     return len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:])
 
 
-def _layer_of(node: torch.fx.Node, graph_module, source) -> nn.Module:
-    """The layer a function or method call computes, or a TracingError naming it."""
+def _global_mean(node: torch.fx.Node, source: torch.fx.Node, where: str) -> list[nn.Module]:
+    """x.mean((2, 3)) (or over the length of a 1-D sample): a global average pool, flattened
+    unless keepdim."""
+    before, after = source.meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+    rank = len(before)
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    if rank not in (3, 4) or sorted(d % rank for d in dims) != list(range(2, rank)):
+        raise TracingError(
+            f"{where} averages over dimensions {dims} of a {tuple(before)} batch; the runtime "
+            "averages over the whole length or plane only (x.mean((2, 3)), x.mean(-1))"
+        )
+    pool = nn.AdaptiveAvgPool2d(1) if rank == 4 else nn.AdaptiveAvgPool1d(1)
+    return [pool] if keepdim and len(after) == rank else [pool, nn.Flatten()]
+
+
+def _layers_of(node: torch.fx.Node, graph_module, source) -> list[nn.Module]:
+    """The layers a function or method call computes, or a TracingError naming it."""
     target = node.target
     where = f"'{node.name}' ({_name(target)} in forward)"
     if target in _RELU:
-        return nn.ReLU()
+        return [nn.ReLU()]
+    if target in _SAME:
+        return []
+    if target in _MEAN:
+        return _global_mean(node, source, where)
     if target in _FLATTEN:
         if _flattens(node, source):
-            return nn.Flatten()
+            return [nn.Flatten()]
         raise TracingError(
             f"{where} gives shape {tuple(node.meta['tensor_meta'].shape[1:])} per sample, not a "
             "flat vector; the runtime reshapes only as nn.Flatten does (x.flatten(1), "
@@ -89,12 +114,17 @@ def _layer_of(node: torch.fx.Node, graph_module, source) -> nn.Module:
         arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
         kwargs = arguments.kwargs if arguments is not None else {}
         if target is F.dropout and kwargs.get("training") is False:
-            return nn.Identity()  # F.dropout(x, p, training=False) does nothing
-        return layer_class(**{name: kwargs[name] for name in names if name in kwargs})
-    if target in _TWO_TENSORS:
+            return []  # F.dropout(x, p, training=False) does nothing
+        return [layer_class(**{name: kwargs[name] for name in names if name in kwargs})]
+    if target in _TWO_TENSORS and len([a for a in node.all_input_nodes if _is_tensor(a)]) > 1:
         raise TracingError(
             f"{where} combines two tensors (a residual sum or a branch); the runtime runs a "
             "chain of layers, each reading the one before"
+        )
+    if target in _TWO_TENSORS:
+        raise TracingError(
+            f"{where} scales or shifts by a constant, which the runtime has no layer for; "
+            "fold the constant into the weights of the layer before it"
         )
     raise TracingError(
         f"{where} has no C implementation; write the forward with the runtime's layers "
@@ -153,6 +183,11 @@ def traced_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[
                 raise TracingError("its forward does not return the last layer's output alone")
             break
         if sources != [previous] or len([u for u in previous.users if _is_tensor(u)]) > 1:
+            if any(_name(u.target) in _IN_PLACE and not u.users for u in previous.users):
+                raise TracingError(
+                    f"'{previous.name}' is changed in place by a statement (x.relu_()) that "
+                    "the graph does not chain; write x = x.relu() or x = F.relu(x)"
+                )
             raise TracingError(
                 f"'{node.name}' ({_name(node.target)} in forward) reads other tensors than the "
                 "one before it, or one result is read twice (a residual sum or a branch); the "
@@ -168,6 +203,7 @@ def traced_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[
                 )
             layers.append((node.target, module))
         else:
-            layers.append((f"{node.name} (in forward)", _layer_of(node, graph_module, previous)))
+            for layer in _layers_of(node, graph_module, previous):
+                layers.append((f"{node.name} (in forward)", layer))
         previous = node
     return layers
