@@ -34,9 +34,12 @@ def captured_calls(model_name: str) -> tuple[list[tuple], dict[str, str]]:
     x = nn.functional.pad(x, (pad,) * 4) if pad else x
     calls, original = [], autograd._gradients
 
-    def capture(select, geometry, inputs, weight, rows, flat, keep, everything, *needs):
+    def capture(select, geometry, inputs, weight, rows, flat, keep, everything, *needs_and_defer):
+        needs = needs_and_defer[:2]  # needs_input, needs_weight (then train_step's defer)
         calls.append((geometry, inputs.detach(), weight.detach(), rows, flat, keep, *needs))
-        return original(select, geometry, inputs, weight, rows, flat, keep, everything, *needs)
+        return original(
+            select, geometry, inputs, weight, rows, flat, keep, everything, *needs_and_defer
+        )
 
     torch.manual_seed(0)
     model = tinyprop.apply(build(), POLICIES["topk 0.05"])
