@@ -27,6 +27,7 @@ from tinyprop.state import ForwardPass, TinyPropState, backward_running, recompu
 
 # user-registered linear-like classes -> whether their weight is stored (in, out)
 _REGISTERED_LINEAR: dict[type, bool] = {}
+_REGISTERED = "_RegisteredLinear"  # the name of their sparse classes' mixin
 
 
 def register_linear(module_class: type, transposed: bool = False) -> None:
@@ -68,6 +69,19 @@ class SparseBackpropLayer:
             wide = torch.promote_types(cast.dtype, torch.float32)
             self._buffers["error_max"] = kept.to(device=cast.device, dtype=wide)
         return module
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (``torch.save(model)``, multiprocessing) by the original class: the sparse
+        class of a subclass (``NonDynamicallyQuantizableLinear``, the ``out_proj`` of every
+        ``nn.MultiheadAttention``) or of a registered class (GPT-2's ``Conv1D``) is made at
+        ``apply`` time and cannot be found by name, and pickling the model failed ("attribute
+        lookup TinyPropConv1D on tinyprop.layers failed"). Unpickling makes it again."""
+        reduced = super().__reduce_ex__(protocol)
+        if protocol < 2:
+            return reduced
+        mixin, original = type(self).__bases__  # see sparse_class
+        registered = mixin.transposed_weight if mixin.__name__ == _REGISTERED else None
+        return (_unpickled_layer, (original, registered), *reduced[2:])
 
     def sparse_weight(self) -> Tensor:
         """The weight as the sparse backward sees it: (out, in) or (C_out, C_in / G, ...)."""
@@ -240,7 +254,7 @@ def sparse_class(original: type) -> type:
             (_REGISTERED_LINEAR[c] for c in original.__mro__ if c in _REGISTERED_LINEAR), None
         )
         if transposed is not None:
-            mixin = type("_RegisteredLinear", (_LinearLayer,), {"transposed_weight": transposed})
+            mixin = type(_REGISTERED, (_LinearLayer,), {"transposed_weight": transposed})
         elif issubclass(original, nn.Linear):
             mixin = _LinearLayer
         elif issubclass(original, nn.Conv1d):
@@ -250,3 +264,13 @@ def sparse_class(original: type) -> type:
         name = f"TinyProp{original.__name__}"
         _SPARSE_CLASSES[original] = type(name, (mixin, original), {"__module__": __name__})
     return _SPARSE_CLASSES[original]
+
+
+def _unpickled_layer(original: type, registered: bool | None = None) -> nn.Module:
+    """An empty instance of the sparse class of ``original``, for pickle to fill in; a class
+    that was given to :func:`register_linear` (``registered``: its ``transposed``) is
+    registered again in a process that has not done so (it would become a convolution)."""
+    if registered is not None and original not in _SPARSE_CLASSES:
+        register_linear(original, transposed=registered)
+    cls = sparse_class(original)
+    return cls.__new__(cls)

@@ -1,0 +1,65 @@
+"""A whole applied model pickles (``torch.save(model)``, multiprocessing): the sparse classes
+of subclasses (``nn.MultiheadAttention``'s ``out_proj``) and of registered classes (GPT-2's
+``Conv1D``) are made at ``apply`` time, and pickle could not find them by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def encoder() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    return nn.Sequential(layer, nn.Flatten(), nn.Linear(40, 3))
+
+
+def test_an_applied_encoder_saves_whole_loads_and_trains(tmp_path):
+    model = tinyprop.apply(encoder(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    torch.save(model, tmp_path / "model.pt")  # PicklingError before
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded[0].self_attn.out_proj) is type(model[0].self_attn.out_proj)
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    for net in (model, loaded):
+        stats = tinyprop.train_step(net, x, y, LOSS, torch.optim.SGD(net.parameters(), lr=0.1))
+        assert "0.self_attn.out_proj" in stats.keep
+    for (name, expected), got in zip(model.named_parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(got, expected), name
+
+
+LOAD = """
+import sys, torch, tinyprop
+model = torch.load(sys.argv[1], weights_only=False)
+x = torch.load(sys.argv[2])
+torch.save(model(x).detach(), sys.argv[3])
+print(type(model.projection).__name__)
+"""
+
+
+def test_a_registered_class_loads_in_a_process_that_never_registered_it(tmp_path):
+    """The fresh process registers Conv1D again (transposed), as the saving one had; without
+    that its sparse class would have been made as a convolution's."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    tinyprop.register_linear(conv1d, transposed=True)
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.projection = conv1d(8, 6)
+    model.head = nn.Linear(8, 3)
+    tinyprop.apply(model, tinyprop.TinyPropConfig())
+    x = torch.randn(4, 6)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(x, tmp_path / "x.pt")
+    paths = [str(tmp_path / name) for name in ("model.pt", "x.pt", "out.pt")]
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, *paths], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["TinyPropConv1D"]
+    assert torch.equal(torch.load(paths[2]), model(x).detach())
