@@ -158,3 +158,35 @@ def test_bias_only_first_layer_counts_its_dense_bias_gradient(policy):
     assert stats.trained == len(keep) == 4
     assert stats.macs.backward_dense == 4 * (80 + 80 + 16 + 5 + 16)
     assert stats.macs.backward == sum(2 * 16 * k + 16 + 5 + 16 for k in keep)
+
+
+class Flagged(nn.Module):
+    """A flag argument runs a dense (not sparse) product of 16 x 16 per sample more."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(16, 16)
+        self.mix = nn.Parameter(torch.eye(16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, extra: bool = False):
+        h = torch.relu(self.hidden(x))
+        return self.head(h @ self.mix if extra else h)
+
+
+@pytest.mark.parametrize("mode", ["flag", "training"])
+def test_other_macs_follow_a_flag_argument_and_the_training_mode(mode):
+    """The MACs of the modules that stay dense were measured once per input shape: a call with
+    another flag (or in another mode) was counted with the first call's MACs."""
+    model = tinyprop.apply(Flagged(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    x, y = torch.randn(4, 16), torch.randint(0, 3, (4,))
+    ledgers = []
+    for extra in (False, True, False):
+        if mode == "flag":
+            output = model(x, extra=extra)
+        else:  # the module computes the extra product in eval mode
+            model.train(not extra)
+            output = model(x, extra=not model.training)
+        ledgers.append(tinyprop.backward(model, LOSS(output, y)).macs.unattributed)
+    assert ledgers[1] - ledgers[0] == 3 * 4 * 16 * 16  # forward + twice it backward, B = 4
+    assert ledgers[2] == ledgers[0]

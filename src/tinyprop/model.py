@@ -201,7 +201,7 @@ def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
         state.inside_ddp = ddp is not None and any(m is model for m in ddp.module.modules())
     forward_pass = ForwardPass()
     state.open_pass = forward_pass
-    signature = _signature(args, kwargs)
+    signature = (model.training, _signature(args, kwargs))
     if signature in state.other_macs_cache:
         forward_pass.other_macs = state.other_macs_cache[signature]
     else:  # first pass with these shapes: measure what the other modules compute
@@ -229,12 +229,20 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
 
 
 def _signature(args, kwargs) -> tuple:
+    """What decides the MACs of a forward call besides the module's own code: each tensor's
+    shape, dtype and whether it requires grad, the names of the keyword arguments, and the
+    values of flags (bools, strings, None: ``output_hidden_states=True`` runs more than
+    ``False``; they were all one signature, and the ledger counted the first call's MACs for
+    every later one). Numbers count by their type: a value that changes at every call would
+    run the FLOP counter at every call."""
     if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # model(x): no flattening
         leaves = args
     else:
         leaves, _ = tree_flatten((args, kwargs))
-    return tuple(
-        (tuple(leaf.shape), leaf.dtype, leaf.requires_grad) if isinstance(leaf, Tensor) else None
+    return tuple(sorted(kwargs)) + tuple(
+        (tuple(leaf.shape), leaf.dtype, leaf.requires_grad)
+        if isinstance(leaf, Tensor)
+        else (leaf if isinstance(leaf, (bool, str, type(None))) else type(leaf))
         for leaf in leaves
     )
 
