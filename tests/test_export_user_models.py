@@ -403,3 +403,11 @@ def branch(self, x):
 def test_a_forward_that_is_not_a_chain_of_runtime_layers_is_named(body, message):
     with pytest.raises(UnsupportedLayerError, match=message):
         describe(Forward(body), (6,))
+
+
+def test_a_layer_name_torch_fx_cannot_write_is_a_clear_error():
+    """A submodule named with a newline: torch.fx's generated code was a SyntaxError traceback."""
+    model = Forward(lambda self, x: self.last(getattr(self, "odd\nname")(x)))
+    model.add_module("odd\nname", nn.Linear(6, 6))
+    with pytest.raises(UnsupportedLayerError, match="cannot be traced by torch.fx"):
+        describe(model, (6,))

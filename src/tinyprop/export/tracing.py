@@ -146,13 +146,12 @@ def traced_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[
     """
     copied = copy.deepcopy(model)  # the shape pass runs it: BatchNorm statistics stay put
     try:
-        graph = _Tracer().trace(copied)
+        graph_module = torch.fx.GraphModule(copied, _Tracer().trace(copied))
     except Exception as error:  # noqa: BLE001 - torch.fx raises many kinds
         raise TracingError(
             f"its forward cannot be traced by torch.fx ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); write the model as an nn.Sequential"
+            f"{(str(error).splitlines() or [''])[0][:200]}); write the model as an nn.Sequential"
         ) from None
-    graph_module = torch.fx.GraphModule(copied, graph)
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else None
     try:
