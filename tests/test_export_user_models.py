@@ -75,7 +75,7 @@ class MnistStyle(nn.Module):
         x = torch.relu(self.conv2(nn.functional.relu(self.conv1(x))))
         x = nn.functional.max_pool2d(x, 2)
         x = x.view(x.size(0), -1)
-        x = nn.functional.dropout(nn.functional.relu(self.fc1(x)), 0.5, training=False)
+        x = nn.functional.dropout(nn.functional.relu(self.fc1(x)), 0.0, training=self.training)
         return self.fc2(x)
 
 
@@ -393,6 +393,10 @@ def branch(self, x):
         (branch, "cannot be traced by torch.fx"),
         (lambda self, x: self.last(self.first(x[:, :4])), "fails on a batch"),
         (lambda self, x: self.last(self.first(x) * 2.0), "constant.*fold"),
+        (
+            lambda self, x: self.last(nn.functional.dropout(self.first(x), 0.3, training=False)),
+            r"\(Dropout\): p=0\.3",
+        ),
         (
             lambda self, x: self.last(self.first(x).mean(1, keepdim=True).expand(-1, 6)),
             "averages over dimensions",

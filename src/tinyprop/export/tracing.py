@@ -6,7 +6,8 @@ PyTorch MNIST example: ``F.max_pool2d(F.relu(self.conv1(x)), 2)``, ``x.view(x.si
 the next call only) of what the runtime runs, it is that chain of layers: each submodule by
 its path in the model, each function as the layer it computes (``F.relu`` -> ``nn.ReLU``,
 ``F.max_pool2d(x, 2)`` -> ``nn.MaxPool2d(2)``, a view, flatten or squeeze to ``(B, -1)`` ->
-``nn.Flatten``, ``x.mean((2, 3))`` -> a global average pool and ``nn.Flatten``). Anything
+``nn.Flatten``, ``x.mean((2, 3))`` -> a global average pool and ``nn.Flatten``; dropout
+with p > 0 becomes ``nn.Dropout`` and is refused as such, whatever the mode). Anything
 else (a residual sum, a branch, a function the runtime lacks, a forward that cannot be
 traced) is refused with what it is and where.
 """
@@ -113,8 +114,8 @@ def _layers_of(node: torch.fx.Node, graph_module, source) -> list[nn.Module]:
         layer_class, names = _POOLS[target]
         arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
         kwargs = arguments.kwargs if arguments is not None else {}
-        if target is F.dropout and kwargs.get("training") is False:
-            return []  # F.dropout(x, p, training=False) does nothing
+        if target is F.dropout and kwargs.get("p", 0.5) == 0:
+            return []  # (training=self.training is a constant of the traced mode: not read)
         return [layer_class(**{name: kwargs[name] for name in names if name in kwargs})]
     if target in _TWO_TENSORS and len([a for a in node.all_input_nodes if _is_tensor(a)]) > 1:
         raise TracingError(
