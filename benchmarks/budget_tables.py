@@ -27,7 +27,7 @@ REAL = {
 # the models with BatchNorm (ResNet-8, MobileNet): batch_norm_trained_rows acts there only
 BATCH_NORM = ("cifar10", "cifar100", "flowers102", "food101")
 POLICIES = ("tinypropv2", "topk", "randomk", "selective_backprop")
-BUDGETS = (0.05, 0.1, 0.2)
+BUDGETS = (0.05, 0.1, 0.2, 0.3)
 SGD = {"optimizer": "sgd", "lr": 0.01}
 SEEDS = (0, 1, 2)  # the seeds of every table but the one with more seeds
 
@@ -268,6 +268,33 @@ def learning_rate_table(runs: list[dict], budget: float = 0.2) -> list[str]:
     return lines
 
 
+def curve_table(runs: list[dict], largest: float = 0.3) -> list[str]:
+    """The budget default's validation / test change against full at every budget run, on the
+    datasets that were also run at ``largest`` (mean over the seeds both have)."""
+    budgets = [b for b in BUDGETS if b >= 0.1]
+    lines = [
+        "| dataset | " + " | ".join(f"b = {b:g}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for dataset in DATASETS:
+        full = full_runs(runs, dataset)
+        cells = []
+        for budget in budgets:
+            held = metric_by_seed(
+                runs, "tinypropv2", dataset, lambda r, b=budget: default_budget(r) == b
+            )
+            seeds = sorted(set(held) & set(full))
+            if not seeds:
+                cells.append("")
+                continue
+            val = statistics.mean(held[s]["val_metric"] - full[s]["val_metric"] for s in seeds)
+            test = statistics.mean(held[s]["metric"] - full[s]["metric"] for s in seeds)
+            cells.append(f"{val:+.2f} / {test:+.2f} (n={len(seeds)})")
+        if cells[-1]:
+            lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def more_seeds_table(runs: list[dict], dataset: str = "cifar10") -> list[str]:
     """Full and the budget default (Adam and SGD-momentum) on every seed run: the change per
     seed, its mean over seeds 0-2 and over every seed both have."""
@@ -324,6 +351,8 @@ def main() -> None:
          alternatives_table(records["finetune"], 0.2, SGD_ALTERNATIVES, SGD)),
         ("Learning rate chosen on validation, finetune, b = 0.2: validation / test metric",
          learning_rate_table(records["finetune"])),
+        ("How much backward, finetune: validation / test change against full",
+         curve_table(records["finetune"])),
         ("More seeds, finetune, cifar10 stand-in (ResNet-8), b = 0.2: test accuracy",
          more_seeds_table(every_seed["finetune"])),
     ]  # fmt: skip
