@@ -194,6 +194,10 @@ SGD_ALTERNATIVES = {
     "mean_over_trained": {"mean_over_trained": True, **SGD},
 }  # fmt: skip
 LEARNING_RATE = {"lr": 0.002}  # twice the plans' Adam rate of 1e-3
+LEARNING_RATES = {  # label -> the optimizer fields of the runs (the plan's Adam rate: none)
+    "Adam": {"plan": {}, "0.002": LEARNING_RATE},
+    "SGD": {lr: {"optimizer": "sgd", "lr": float(lr)} for lr in ("0.005", "0.01", "0.05")},
+}
 
 
 def alternatives_table(
@@ -231,40 +235,45 @@ def alternatives_table(
 
 
 def learning_rate_table(runs: list[dict], budget: float = 0.2) -> list[str]:
-    """Full and the budget default at the plan's Adam learning rate and at LEARNING_RATE:
-    validation / test means, the rate each chooses on validation, and the test change of the
-    budget run against full when both use the rate they chose (mean over the common seeds)."""
+    """Full and the budget default at each learning rate run (Adam: the plan's and
+    LEARNING_RATE; SGD-momentum: 0.005, 0.01, 0.05): validation / test means, the rate each
+    chooses on validation, and the test change of the budget run against full when both use
+    the rate they chose (mean over the common seeds)."""
     lines = [
-        "| dataset | full, plan lr | full, lr 0.002 | tinypropv2, plan lr | tinypropv2, lr 0.002 "
+        "| dataset | optimizer | full, per lr | tinypropv2, per lr "
         "| chosen on validation (full, tinypropv2) | change, chosen |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
-        full = {"plan": full_runs(runs, dataset), "0.002": full_runs(runs, dataset, LEARNING_RATE)}
-        held = {
-            rate: metric_by_seed(
-                runs, "tinypropv2", dataset, lambda r, e=extra: default_budget(r, e) == budget
+        for optimizer, recipes in LEARNING_RATES.items():
+            full = {lr: full_runs(runs, dataset, recipe) for lr, recipe in recipes.items()}
+            held = {
+                lr: metric_by_seed(
+                    runs, "tinypropv2", dataset, lambda r, e=recipe: default_budget(r, e) == budget
+                )
+                for lr, recipe in recipes.items()
+            }  # fmt: skip
+            full = {lr: by_seed for lr, by_seed in full.items() if by_seed}
+            held = {lr: by_seed for lr, by_seed in held.items() if by_seed}
+            if len(full) < 2 or len(held) < 2:
+                continue
+
+            def cells(options):
+                return "; ".join(
+                    f"{lr}: {statistics.mean(r['val_metric'] for r in by_seed.values()):.2f} / "
+                    f"{statistics.mean(r['metric'] for r in by_seed.values()):.2f}"
+                    for lr, by_seed in options.items()
+                )
+
+            def chosen(options):
+                return max(options, key=lambda k: statistics.mean(
+                    r["val_metric"] for r in options[k].values()))  # fmt: skip
+
+            full_rate, held_rate = chosen(full), chosen(held)
+            lines.append(
+                f"| {dataset} | {optimizer} | {cells(full)} | {cells(held)} | "
+                f"{full_rate}, {held_rate} | {change(held[held_rate], full[full_rate])} |"
             )
-            for rate, extra in (("plan", {}), ("0.002", LEARNING_RATE))
-        }  # fmt: skip
-        if not full["0.002"] or not held["0.002"]:
-            continue
-
-        def cell(by_seed):
-            val = statistics.mean(r["val_metric"] for r in by_seed.values())
-            test = statistics.mean(r["metric"] for r in by_seed.values())
-            return f"{val:.2f} / {test:.2f} (n={len(by_seed)})"
-
-        def chosen(options):
-            return max(options, key=lambda k: statistics.mean(
-                r["val_metric"] for r in options[k].values()))  # fmt: skip
-
-        full_rate, held_rate = chosen(full), chosen(held)
-        lines.append(
-            f"| {dataset} | {cell(full['plan'])} | {cell(full['0.002'])} | "
-            f"{cell(held['plan'])} | {cell(held['0.002'])} | {full_rate}, {held_rate} | "
-            f"{change(held[held_rate], full[full_rate])} |"
-        )
     return lines
 
 
