@@ -110,9 +110,9 @@ def test_plan_runs_only_the_named_settings(tmp_path):
         ("full", labels[1], 0), ("full", labels[1], 1),
         ("tinypropv2", labels[0], 0), ("tinypropv2", labels[0], 1),
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="no policy of the run has the setting 'budget=0.3'"):
-        runner.plan_runs(suite, "finetune", str(tmp_path), labels=["budget=0.3"])
-    argv = ["--suite", "budget", "--datasets", "digits", "--settings", "budget=0.3", "--list"]
+    with pytest.raises(ValueError, match="no policy of the run has the setting 'budget=0.4'"):
+        runner.plan_runs(suite, "finetune", str(tmp_path), labels=["budget=0.4"])
+    argv = ["--suite", "budget", "--datasets", "digits", "--settings", "budget=0.4", "--list"]
     assert runner.main(argv) == 2
 
 
