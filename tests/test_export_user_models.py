@@ -415,3 +415,16 @@ def test_a_layer_name_torch_fx_cannot_write_is_a_clear_error():
     model.add_module("odd\nname", nn.Linear(6, 6))
     with pytest.raises(UnsupportedLayerError, match="cannot be traced by torch.fx"):
         describe(model, (6,))
+
+
+def test_a_model_deeper_than_the_runtime_holds_names_the_limit(library):
+    """49 runtime layers against TP_MAX_LAYERS = 48: the error gives both counts and the flag
+    (it was the C status 'a setting or count is out of range')."""
+    layers = [nn.Linear(4, 4) if i % 2 == 0 else nn.ReLU() for i in range(48)] + [nn.Linear(4, 2)]
+    model = nn.Sequential(*layers)
+    assert len(describe(model, (4,))) == 49
+    config = tinyprop.TinyPropConfig(policy="full")
+    with pytest.raises(ValueError, match=r"49 runtime layers.*at most 48.*-DTP_MAX_LAYERS=49"):
+        RuntimeModel(model, (4,), config, OptimizerSpec(lr=0.05), library)
+    shallower = nn.Sequential(*layers[:47])
+    assert RuntimeModel(shallower, (4,), config, OptimizerSpec(lr=0.05), library).arena_bytes > 0

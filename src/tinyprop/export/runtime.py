@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -57,6 +58,15 @@ def runtime_dir() -> Path:
         f"the C runtime sources are neither in {package / '_runtime'} nor in a source checkout; "
         "reinstall tinyprop (pip install tinyprop-*.whl, or pip install -e . in a clone)"
     )
+
+
+def runtime_max_layers() -> int:
+    """The layer count the runtime is built for: ``TP_MAX_LAYERS`` in ``include/tinyprop.h``."""
+    header = (runtime_dir() / "include" / "tinyprop.h").read_text()
+    found = re.search(r"#define\s+TP_MAX_LAYERS\s+(\d+)", header)
+    if found is None:
+        raise RuntimeError("include/tinyprop.h does not define TP_MAX_LAYERS; reinstall tinyprop")
+    return int(found.group(1))
 
 
 def runtime_sources() -> list[Path]:
@@ -415,6 +425,13 @@ class RuntimeModel:
         self.memory_mode = memory or MemoryMode()
         self.memory_mode.check(optimizer.kind, optimizer.momentum, optimizer.nesterov)
         self.layers: list[LayerSpec] = describe(model, input_shape)
+        limit = runtime_max_layers()
+        if len(self.layers) > limit:
+            raise ValueError(
+                f"the model has {len(self.layers)} runtime layers (activations and pools count), "
+                f"the runtime built here holds at most {limit} (TP_MAX_LAYERS); export it with "
+                f"`tinyprop export` and build with -DTP_MAX_LAYERS={len(self.layers)}"
+            )
         self.input_shape = tuple(input_shape)
         self._weights = []  # keep the arrays alive while C holds pointers
         specs = (LayerSpecC * len(self.layers))()
