@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from tinyprop.optim import check_adam_settings
+
 BLOCK = 64  # entries per block of a moment (the runtime's TP_MOMENT_BLOCK)
 FIRST_CODES = 127  # m: codes -127..127
 SECOND_CODES = 255  # √v: codes 0..255
@@ -98,10 +100,7 @@ class Adam8bit(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        check_adam_settings(lr, betas)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}

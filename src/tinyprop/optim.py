@@ -18,6 +18,14 @@ OPTIMIZERS = ("adam", "sgd", "lazy_adam")
 SGD_MOMENTUM = 0.9
 
 
+def check_adam_settings(lr: float, betas) -> None:
+    """Refuse a learning rate that is not positive or a β outside [0, 1), as torch's Adam does."""
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+
+
 class LazyAdam(torch.optim.Optimizer):
     """Adam whose moments and weights move only where the gradient is non-zero.
 
@@ -36,10 +44,7 @@ class LazyAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        check_adam_settings(lr, betas)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
 
     @torch.no_grad()
