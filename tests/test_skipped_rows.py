@@ -84,3 +84,36 @@ def test_a_sequence_first_layer_keeps_its_rows_below_a_batch_norm():
     assert 0 < stats.trained < BATCH
     assert stats.keep["head"].numel() == stats.trained
     assert stats.keep["token"].numel() == BATCH  # every time step (it kept `trained` before)
+
+
+def info_nce(embeddings, labels=None):
+    """Symmetric InfoNCE of 2·P rows (P anchors, then their P positives): (2P,) one loss per
+    row, each depending on every row of the batch."""
+    z = nn.functional.normalize(embeddings, dim=1)
+    pairs = z.shape[0] // 2
+    logits = z[:pairs] @ z[pairs:].T / 0.5  # (P, P)
+    target = torch.arange(pairs)
+    return torch.cat(
+        [LOSS(logits, target), LOSS(logits.T, target)]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [BATCH, 16])
+def test_a_contrastive_loss_gets_the_exact_gradient_of_the_trained_samples(width):
+    """InfoNCE couples the samples: a skipped sample's embedding gets a gradient from the
+    trained samples' losses. Below a BatchNorm, drop_skipped_rows left those rows out (the
+    gradient 0.18 off, silently), and an embedding as wide as the batch (D = B) was refused
+    with a ValueError asking for a sample_dim no dimension could satisfy."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, width)
+    ).double()  # fmt: skip
+    model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(**CONFIG))
+    x = torch.randn(BATCH, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="losses couple the samples"):
+        stats = tinyprop.backward(model, info_nce(model(x)))
+    assert 0 < stats.trained < BATCH
+    assert stats.keep["0"].numel() == BATCH  # the skipped rows are backpropagated too
+    (info_nce(plain(x)) * stats.trained_mask / BATCH).sum().backward()
+    for (key, expected), got in zip(plain.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=1e-12, msg=key)

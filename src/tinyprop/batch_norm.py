@@ -72,10 +72,10 @@ class _TrainedRowsNorm(torch.autograd.Function):
 
 def trained_rows(module: nn.Module, rows: int) -> Tensor | None:
     """(B,) the trained samples of the running tinyprop step, when some (not all) of a batch of
-    ``rows`` samples were skipped; None otherwise (no step, every sample trained, or a row
-    count that is not the batch's)."""
+    ``rows`` samples were skipped; None otherwise (no step, every sample trained, a row count
+    that is not the batch's, or losses that couple the samples)."""
     step = module.tinyprop_state.step
-    if step is None:
+    if step is None or step.loss_couples_samples:  # a contrastive loss: every row's dy counts
         return None
     trained = step.stats.trained_mask  # (B,)
     if trained.numel() != rows or bool(trained.all()) or not bool(trained.any()):

@@ -103,6 +103,8 @@ class StepContext:
         # the samples (without one a skipped sample's rows hold a zero δ already, and rows that
         # are not samples must keep theirs: see tinyprop.autograd.rows_are_samples)
         self.couples_samples = any(norm.training for norm in self.state.coupling_norms)
+        # the losses couple the samples (a contrastive loss): skipped rows are backpropagated
+        self.loss_couples_samples = False
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
@@ -610,7 +612,48 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
         stats.trained = int(trained_mask.sum())
         stats.skipped = batch - stats.trained
         step.error_unit = 1.0 / step.averaged_samples
+        config = policy.config
+        leaves_out = config.drop_skipped_rows or config.batch_norm_trained_rows
+        if 0 < stats.skipped and leaves_out and step.couples_samples:
+            _keep_rows_of_a_coupled_loss(step, losses, output, passes, sample_dim)
     return step
+
+
+def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, passes, dim) -> None:
+    """Backpropagate the skipped samples' rows when the losses couple the samples (a
+    contrastive or pairwise loss: loss m depends on sample n's output): their output gradient
+    from the trained samples' losses is not zero, and ``drop_skipped_rows`` /
+    ``batch_norm_trained_rows`` leaving them out gave the trained samples' loss a wrong
+    gradient, silently. Warned once; the gradient is then the exact one."""
+    if output is None:
+        output = passes[-1].output if passes else None
+        if isinstance(output, tuple):
+            output = output_the_losses_come_from(losses, output)
+    if not isinstance(output, Tensor) or output.dim() == 0:
+        return
+    dim = dim % output.dim()
+    if output.shape[dim] != losses.shape[0]:
+        return
+    step.state.deciding = True  # an output= before sparse layers: no step work in them
+    try:
+        (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
+        if grad is None or _loss_n_comes_from_slice_n(losses, output, grad)[dim]:
+            return
+    finally:
+        step.state.deciding = False
+    step.couples_samples = False  # no row is dropped, BatchNorm's backward is PyTorch's
+    step.loss_couples_samples = True
+    if "coupled loss" not in step.state.warned:
+        step.state.warned.add("coupled loss")
+        warnings.warn(
+            "tinyprop: the per-sample losses couple the samples (loss m depends on the output "
+            "of sample n, as a contrastive, triplet or InfoNCE loss does), so a skipped "
+            "sample's output still gets a gradient from the trained samples' losses: its "
+            "rows are backpropagated (drop_skipped_rows and batch_norm_trained_rows do not "
+            "apply to such steps), which gives the exact gradient of the trained samples' "
+            "loss and saves less compute (warned once)",
+            stacklevel=5,
+        )
 
 
 def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
@@ -649,22 +692,40 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
 
 def _check_sample_dim(losses: Tensor, output: Tensor, grad: Tensor, sample_dim: int, others):
     """A ValueError when loss n does not come from slice n of ``output`` along ``sample_dim``
-    alone: weighting the losses by n + 1 must scale slice n of the gradient by n + 1."""
+    but does along another dimension of B entries (``others``). When it comes from no single
+    slice (a contrastive loss couples the samples: a (B, D) embedding with D = B), the given
+    dimension stands (it raised, asking for a sample_dim no dimension could satisfy)."""
+    along = _loss_n_comes_from_slice_n(losses, output, grad)
+    if along[sample_dim % output.dim()] or not any(along[d] for d in others):
+        return
+    batch, other = losses.shape[0], next(d for d in others if along[d])
+    raise ValueError(
+        f"the loss of sample n does not come from slice n of the output along dimension "
+        f"{sample_dim} (the output has shape {tuple(output.shape)}: dimension "
+        f"{other} has {batch} entries too, e.g. a sequence-first (T, B, ...) output "
+        "with T = B); pass sample_dim=... the dimension that indexes the samples (1 for "
+        "sequence-first outputs), or output=... the tensor each loss comes from"
+    )
+
+
+def _loss_n_comes_from_slice_n(losses: Tensor, output: Tensor, grad: Tensor) -> list[bool]:
+    """For each dimension d of ``output``: whether loss n comes from slice n along d alone
+    (False for a dimension without B entries). ``grad`` is ∂ Σ losses / ∂ output. Weighting
+    the losses by n + 1 must scale slice n of the gradient by n + 1: one more gradient of the
+    loss function, by the output."""
     batch = losses.shape[0]
     weights = torch.arange(1, batch + 1, dtype=losses.dtype, device=losses.device)  # (B,)
     (weighted,) = torch.autograd.grad((losses * weights).sum(), output, retain_graph=True)
-    expected = grad.movedim(sample_dim, 0).double() * weights.double().view(
-        -1, *[1] * (grad.dim() - 1)
-    )
-    got = weighted.movedim(sample_dim, 0).double()
-    if not torch.allclose(got, expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max())):
-        raise ValueError(
-            f"the loss of sample n does not come from slice n of the output along dimension "
-            f"{sample_dim} (the output has shape {tuple(output.shape)}: dimension "
-            f"{others[0]} has {batch} entries too, e.g. a sequence-first (T, B, ...) output "
-            "with T = B); pass sample_dim=... the dimension that indexes the samples (1 for "
-            "sequence-first outputs), or output=... the tensor each loss comes from"
-        )
+    along = []
+    for dim in range(output.dim()):
+        if output.shape[dim] != batch:
+            along.append(False)
+            continue
+        scaled = grad.movedim(dim, 0).double() * weights.double().view(-1, *[1] * (grad.dim() - 1))
+        got = weighted.movedim(dim, 0).double()
+        tolerance = 1e-3 * float(scaled.abs().max())
+        along.append(torch.allclose(got, scaled, rtol=1e-2, atol=tolerance))
+    return along
 
 
 def describe(value) -> str:
