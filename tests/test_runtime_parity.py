@@ -592,8 +592,9 @@ def test_samples_fed_one_at_a_time_train_as_the_whole_batch(library, model_name,
 
 
 def test_a_batch_fed_one_at_a_time_is_checked(library):
-    """Too few samples before the end, too many, a bad label (the batch goes on without it) and
-    a NaN sample (the model stays as it was and the batch is cancelled)."""
+    """Too few samples before the end, too many, a bad label or a NaN value (the batch goes on
+    without that sample) and a sample whose loss is not finite (the model stays as it was and
+    the batch is cancelled)."""
     c_model = RuntimeModel(mlp(), (1, 6, 6), tinyprop.TinyPropConfig(), OptimizerSpec(), library)
     lib, model = c_model.lib, c_model.model
     batch = ctypes.create_string_buffer(lib.tp_batch_struct_bytes())
@@ -614,6 +615,9 @@ def test_a_batch_fed_one_at_a_time_is_checked(library):
     assert lib.tp_batch_begin(model, batch, 2) == 0
     assert lib.tp_batch_add(model, batch, x.ctypes.data, 0, None, None) == 0
     x[0, 0, 0] = np.nan
+    assert lib.tp_batch_add(model, batch, x.ctypes.data, 1, None, None) == -status["nonfinite"]
+    assert lib.tp_batch_end(model, batch, ctypes.byref(stats)) == -status["argument"]  # pending
+    x[:] = 3e38  # finite values whose forward overflows: the loss is not finite
     assert lib.tp_batch_add(model, batch, x.ctypes.data, 1, None, None) == -status["nonfinite"]
     assert lib.tp_batch_end(model, batch, ctypes.byref(stats)) == -status["state"]
     for name, value in c_model.parameters().items():

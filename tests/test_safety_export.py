@@ -159,7 +159,7 @@ def test_sizes_beyond_the_runtime_int32_are_refused(tmp_path, capsys):
     torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "m.pt")
     argv = [str(tmp_path / "m.pt"), "--out", str(tmp_path / "out"), "--input-shape", "4"]
     assert export_main(argv + ["--batch-size", "9999999999"]) == 2
-    assert "beyond the C runtime's int32 sizes" in _one_line_error(capsys)
+    assert "beyond the C runtime's largest batch (16,777,216" in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -208,16 +208,21 @@ def test_state_dict_that_does_not_fit_the_reference_model_names_the_keys(tmp_pat
 
 def test_ram_smaller_than_training_needs_is_refused_before_writing(tmp_path, capsys):
     torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "m.pt")
-    argv = [str(tmp_path / "m.pt"), "--batch-size", "8"]  # arena 644 + batch buffer 128 bytes
-    assert export_main(argv + ["--out", str(tmp_path / "small"), "--ram", "771"]) == 2
+    # arena 644 + one sample 16 bytes: the example streams samples, so the batch size of 8
+    # does not count (it held 8 samples, 128 bytes)
+    argv = [str(tmp_path / "m.pt"), "--batch-size", "8"]
+    assert export_main(argv + ["--out", str(tmp_path / "small"), "--ram", "659"]) == 2
     line = _one_line_error(capsys)
-    assert "needs 772 bytes of RAM" in line and "has 771" in line and "--batch-size" in line
+    assert "needs 660 bytes of RAM" in line and "has 659" in line and "one sample 16" in line
+    assert "--first-trained-layer" in line and "--batch-size" not in line
     assert not (tmp_path / "small").exists()
-    assert export_main(argv + ["--out", str(tmp_path / "fits"), "--ram", "772"]) == 0
-    assert "training needs 772 of the device's 772 bytes" in capsys.readouterr().out
+    assert export_main(argv + ["--out", str(tmp_path / "fits"), "--ram", "660"]) == 0
+    assert "training needs 660 of the device's 660 bytes" in capsys.readouterr().out
+    big_batch = [str(tmp_path / "m.pt"), "--batch-size", "4096", "--ram", "660"]
+    assert export_main(big_batch + ["--out", str(tmp_path / "big-batch")]) == 0
     # as a datasheet gives it (it was 'must be a positive integer, got 1K'): 1024 bytes
     assert export_main(argv + ["--out", str(tmp_path / "kib"), "--ram", "1K"]) == 0
-    assert "training needs 772 of the device's 1,024 bytes" in capsys.readouterr().out
+    assert "training needs 660 of the device's 1,024 bytes" in capsys.readouterr().out
     for ram in ("1.5K", "0K", "1X"):
         with pytest.raises(SystemExit):
             export_main(argv + ["--out", str(tmp_path / "bad"), "--ram", ram])

@@ -54,7 +54,8 @@ typedef enum {
     TP_ERR_SHAPE = -3,       /* layer shapes do not fit together */
     TP_ERR_ARENA = -4,       /* the arena is too small or not 4-byte aligned */
     TP_ERR_LABEL = -5,       /* a label outside [0, classes) */
-    TP_ERR_NONFINITE = -6,   /* a loss, input or logit is NaN or infinite: nothing changed */
+    TP_ERR_NONFINITE = -6,   /* a loss, input, gradient, weight or logit is NaN or infinite:
+                                nothing changed */
     TP_ERR_STATE = -7,       /* the model was not initialised by tp_init */
     TP_ERR_UNSUPPORTED = -8  /* a layer or setting this runtime does not offer */
 } tp_status;
@@ -328,7 +329,7 @@ tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_co
 
 /* tp_init under a memory mode (tp_init uses tp_memory_defaults()). Frozen layers need their
  * weights (and biases) in the spec: TP_ERR_NULL otherwise. sgd_in_place needs plain SGD:
- * TP_ERR_ARGUMENT otherwise. */
+ * TP_ERR_ARGUMENT otherwise. A NaN or infinite weight or bias in the spec: TP_ERR_NONFINITE. */
 tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
                        const tp_optimizer_config *optimizer, const tp_memory_config *memory,
                        void *arena, size_t arena_bytes);
@@ -338,7 +339,9 @@ tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_poli
  * every sample is skipped. x: (batch, C, H, W) float32; labels: (batch,).
  * `keep` (optional, batch * trainable_count): k per sample and trainable layer, 0 if skipped.
  * `trained_mask` (optional, batch): 1 if the sample was trained. Either may be NULL.
- * On TP_ERR_NONFINITE nothing (weights, optimizer, running maxima) has changed. */
+ * Every label and input value is checked first (TP_ERR_LABEL, TP_ERR_NONFINITE: nothing ran).
+ * On TP_ERR_NONFINITE (also a loss, or a gradient that summed to infinity, outside the
+ * in-place modes) nothing (weights, optimizer, running maxima) has changed. */
 tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
                          tp_step_stats *stats, int32_t *keep, uint8_t *trained_mask);
 
@@ -346,15 +349,22 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
  * averages over `size`; momentum_in_place scales its buffer by it). tp_batch_add: one sample's
  * forward, loss, skip decision and sparse backward; `keep_row` (optional, trainable_count
  * entries) and `trained` (optional) as one row of tp_train_batch's. A label outside
- * [0, classes) is TP_ERR_LABEL and changes nothing (the batch goes on without it); a non-finite
- * loss is TP_ERR_NONFINITE, leaves the model as tp_train_batch leaves it and cancels the batch
+ * [0, classes) is TP_ERR_LABEL and an input value that is NaN or infinite TP_ERR_NONFINITE,
+ * and neither changes anything (the batch goes on without that sample); a non-finite loss is
+ * TP_ERR_NONFINITE, leaves the model as tp_train_batch leaves it and cancels the batch
  * (TP_ERR_STATE until the next tp_batch_begin); more than `size` samples: TP_ERR_STATE.
  * tp_batch_end: the update (none when every sample was skipped) and the batch's stats;
- * TP_ERR_ARGUMENT, the batch still pending, until exactly `size` samples were added. */
+ * TP_ERR_ARGUMENT, the batch still pending, until exactly `size` samples were added; a
+ * gradient that summed to infinity: TP_ERR_NONFINITE, the batch cancelled as for a loss.
+ * tp_batch_shorten: the input ended early (a file's last, partial batch): the batch becomes
+ * the samples added so far (at least one; TP_ERR_ARGUMENT otherwise), and the update averages
+ * over them, as tp_train_batch with that many does. momentum_in_place scales its buffer by
+ * `size` at a batch's first trained sample: after one, TP_ERR_UNSUPPORTED (still pending). */
 tp_status tp_batch_begin(tp_model *model, tp_batch *batch, int32_t size);
 tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t label,
                        int32_t *keep_row, uint8_t *trained);
 tp_status tp_batch_end(tp_model *model, tp_batch *batch, tp_step_stats *stats);
+tp_status tp_batch_shorten(tp_model *model, tp_batch *batch);
 
 /* sizeof(tp_batch), for language bindings that allocate the struct themselves. */
 size_t tp_batch_struct_bytes(void);

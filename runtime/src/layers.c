@@ -25,6 +25,13 @@ void tp_zero(float *p, size_t n) {
     for (i = 0; i < n; i++) p[i] = 0.0f;
 }
 
+int tp_all_finite(const float *values, size_t n) {
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (!isfinite(values[i])) return 0;
+    return 1;
+}
+
 /* sum_i a[i] b[i] with four partial sums (independent chains the compiler can vectorise) */
 static float dot(const float *restrict a, const float *restrict b, int32_t n) {
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;

@@ -12,7 +12,8 @@ const char *tp_status_string(tp_status status) {
     case TP_ERR_SHAPE: return "layer shapes do not fit together";
     case TP_ERR_ARENA: return "the arena is too small or not 4-byte aligned";
     case TP_ERR_LABEL: return "a label is outside [0, classes)";
-    case TP_ERR_NONFINITE: return "a loss, input or logit is NaN or infinite; nothing changed";
+    case TP_ERR_NONFINITE:
+        return "a loss, input, gradient, weight or logit is NaN or infinite; nothing changed";
     case TP_ERR_STATE: return "the model was not initialised by tp_init";
     case TP_ERR_UNSUPPORTED: return "a layer or setting this runtime does not offer";
     }
@@ -392,6 +393,10 @@ static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
         const tp_layer_spec *s = &spec->layers[i];
         const size_t count = (size_t)layer->out_c * (size_t)layer->fan_in;
         if (!tp_layer_is_trainable(layer->kind)) continue;
+        /* a NaN or infinite initial weight (a corrupted header) would make every loss NaN */
+        if ((s->weight != NULL && !tp_all_finite(s->weight, count)) ||
+            (layer->has_bias && s->bias != NULL && !tp_all_finite(s->bias, (size_t)layer->out_c)))
+            return TP_ERR_NONFINITE;
         model->total_parameter_count += count + (layer->has_bias ? (size_t)layer->out_c : 0);
         layer->depth = model->trainable_count - 1 - layer->trainable_index;
         layer->depth_scale = pow(model->policy.zeta, (double)layer->depth);

@@ -357,6 +357,7 @@ tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t
         batch->added >= batch->size)
         return TP_ERR_STATE;
     if (label < 0 || label >= model->class_count) return TP_ERR_LABEL; /* nothing changed */
+    if (!tp_all_finite(x, (size_t)model->input_size)) return TP_ERR_NONFINITE; /* likewise */
     if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
     if (model->memory.sgd_in_place || model->memory.adam_in_place) save_maxima(model, batch);
     status = tp_sample_step(model, x, label, &loss, &trained, keep_row, &batch->macs);
@@ -372,11 +373,32 @@ tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t
     return TP_OK;
 }
 
+tp_status tp_batch_shorten(tp_model *model, tp_batch *batch) {
+    if (model == NULL || batch == NULL) return TP_ERR_NULL;
+    if (model->magic != TP_MAGIC || batch->magic != TP_MAGIC || batch->model != model)
+        return TP_ERR_STATE;
+    if (batch->added < 1) return TP_ERR_ARGUMENT;
+    /* momentum_in_place scaled its buffer by the declared size at the first trained sample */
+    if (model->memory.momentum_in_place && batch->trained > 0 && batch->added != batch->size)
+        return TP_ERR_UNSUPPORTED;
+    batch->size = batch->added;
+    model->momentum_batch = model->momentum_batch > 0 ? batch->size : 0;
+    return TP_OK;
+}
+
 tp_status tp_batch_end(tp_model *model, tp_batch *batch, tp_step_stats *stats) {
     if (model == NULL || batch == NULL || stats == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC || batch->magic != TP_MAGIC || batch->model != model)
         return TP_ERR_STATE;
     if (batch->added != batch->size) return TP_ERR_ARGUMENT; /* the batch stays pending */
+    /* finite inputs and losses can still sum to an infinite gradient (values near FLT_MAX):
+     * refused before the update, which would have written it into every weight */
+    if (batch->trained > 0 && !model->memory.sgd_in_place && !model->memory.adam_in_place &&
+        !tp_all_finite(model->memory.momentum_in_place ? model->moment1 : model->gradients,
+                       model->parameter_count)) {
+        restore_and_cancel(model, batch);
+        return TP_ERR_NONFINITE;
+    }
     if (batch->trained > 0 && !model->memory.sgd_in_place && !model->memory.adam_in_place)
         tp_optimizer_update(model, batch->size);
     model->momentum_batch = 0;
@@ -399,6 +421,9 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
     if (batch < 1 || batch > (1 << 24)) return TP_ERR_ARGUMENT;
     for (b = 0; b < batch; b++) /* every label first: a bad one changes nothing */
         if (labels[b] < 0 || labels[b] >= model->class_count) return TP_ERR_LABEL;
+    /* every input value too: an infinite one can give a finite loss (a ReLU zeroes -inf) and
+     * an infinite gradient */
+    if (!tp_all_finite(x, (size_t)batch * (size_t)model->input_size)) return TP_ERR_NONFINITE;
     status = tp_batch_begin(model, &pending, batch);
     for (b = 0; b < batch && status == TP_OK; b++)
         status = tp_batch_add(model, &pending, x + (size_t)b * (size_t)model->input_size,

@@ -3,7 +3,8 @@
  * The fuzz input chooses a small model (layer kinds, sizes, kernels, strides, paddings, groups),
  * a policy and its settings (including out-of-range ones), an optimizer, a batch size, the
  * inputs (any float bit patterns: NaN, inf, huge) and the labels (also out of range), fed as
- * whole batches or one sample at a time (tp_batch_add, sometimes too few or too many). The
+ * whole batches or one sample at a time (tp_batch_add, sometimes too few or too many, sometimes
+ * shortened), and now and then one initial weight replaced by any float (NaN, inf). The
  * arena is exactly tp_arena_bytes long, so AddressSanitizer catches any write past it;
  * every function must return a status instead of crashing.
  */
@@ -50,6 +51,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint8_t mask[6];
     static float weights[1 << 20]; /* every layer's initial weights (frozen layers read them) */
     tp_memory_config memory;
+    int32_t poke;
+    float saved = 0.0f;
     memset(layers, 0, sizeof layers);
     if (weights[0] == 0.0f)
         for (i = 0; i < (1 << 20); i++) /* (i * 7919) % 201 without overflowing int32 */
@@ -96,12 +99,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memory.adam_in_place = byte(&r) % 4 == 0;      /* an error without Adam */
     memory.moment_bits = byte(&r) % 3 == 0 ? 8 : 32; /* 8: an error without Adam */
     memory.recompute_layers = byte(&r) % 2 ? 0u : (uint32_t)(byte(&r) % 16); /* may be invalid */
+    poke = byte(&r) % 8 == 0 ? (int32_t)(byte(&r) % 64) : -1; /* a hostile initial weight */
     if (tp_arena_bytes_mode(&spec, &policy, &optimizer, &memory, &bytes) != TP_OK) return 0;
     if (bytes > (1u << 22)) return 0;
     arena = malloc(bytes);
     x = malloc(sizeof(float) * 6 * (size_t)(spec.input_channels * spec.input_height *
                                            spec.input_width));
     if (arena == NULL || x == NULL) abort();
+    if (poke >= 0) {
+        saved = weights[poke];
+        weights[poke] = any_float(&r); /* NaN, inf or huge: TP_ERR_NONFINITE or trained */
+    }
     if (tp_init_mode(&model, &spec, &policy, &optimizer, &memory, arena, bytes) == TP_OK &&
         model.total_parameter_count <= (1u << 20)) { /* frozen weights within `weights` */
         const int32_t n = spec.input_channels * spec.input_height * spec.input_width;
@@ -120,6 +128,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         (void)tp_batch_add(&model, &pending, x + (size_t)i * (size_t)n, labels[i],
                                            keep + (size_t)i * (size_t)model.trainable_count,
                                            mask + i);
+                    if (adds < batch && byte(&r) % 2) /* the input ended early */
+                        (void)tp_batch_shorten(&model, &pending);
                     (void)tp_batch_end(&model, &pending, &stats);
                 }
             }
@@ -130,6 +140,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (model.class_count <= 64) (void)tp_predict(&model, x, logits, &predicted);
         }
     }
+    if (poke >= 0) weights[poke] = saved;
     free(x);
     free(arena);
     return 0;

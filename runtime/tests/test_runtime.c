@@ -223,7 +223,14 @@ static void test_nonfinite_loss_with_momentum_in_place(void) {
     for (i = 0; i < model.parameter_count; i++) nonzero |= model.moment1[i] != 0.0f;
     CHECK(nonzero && model.optimizer_steps == 1);
     tp_read_parameters(&model, before, count);
-    x[16 + 3] = NAN; /* second sample: the first one's gradient is in the buffer by then */
+    x[16 + 3] = NAN; /* refused before anything runs: the momentum buffer is kept */
+    CHECK(tp_train_batch(&model, x, labels, 2, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+    tp_read_parameters(&model, after, count);
+    CHECK(memcmp(before, after, count * sizeof(float)) == 0);
+    CHECK(model.optimizer_steps == 1);
+    /* second sample: finite values whose forward overflows; the first one's gradient is in
+     * the buffer by then */
+    for (i = 16; i < 32; i++) x[i] = 3e38f;
     CHECK(tp_train_batch(&model, x, labels, 2, &stats, NULL, NULL) == TP_ERR_NONFINITE);
     tp_read_parameters(&model, after, count);
     CHECK(memcmp(before, after, count * sizeof(float)) == 0);
@@ -638,6 +645,7 @@ static void test_batch_api_errors(void) {
     tp_step_stats stats;
     tp_batch batch;
     size_t count;
+    int i;
     CHECK(make_model(&m, &mlp_spec, TP_POLICY_TINYPROPV2, TP_OPTIMIZER_SGD) == TP_OK);
     CHECK(tp_parameter_count(&m.model, &count) == TP_OK && count <= 400);
     fill(x, 16, 1.0f);
@@ -658,14 +666,92 @@ static void test_batch_api_errors(void) {
     tp_read_parameters(&m.model, before, count);
     CHECK(tp_batch_begin(&m.model, &batch, 2) == TP_OK);
     CHECK(tp_batch_add(&m.model, &batch, x, 0, NULL, NULL) == TP_OK);
-    x[3] = NAN;
+    x[3] = NAN; /* an input value: refused, nothing changed, the batch goes on */
+    CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_ERR_NONFINITE);
+    x[3] = -INFINITY;
+    CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_ERR_NONFINITE);
+    CHECK(batch.added == 1 && batch.magic != 0);
+    for (i = 0; i < 16; i++) x[i] = 3e38f; /* finite, but the loss is not */
     CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_ERR_NONFINITE);
     tp_read_parameters(&m.model, after, count);
     CHECK(memcmp(before, after, count * sizeof(float)) == 0);
-    x[3] = 0.5f;
+    fill(x, 16, 1.0f);
     CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_ERR_STATE); /* cancelled */
     CHECK(tp_batch_end(&m.model, &batch, &stats) == TP_ERR_STATE);
+    /* a short last batch: the samples added so far, averaged over their count */
+    CHECK(tp_batch_shorten(&m.model, &batch) == TP_ERR_STATE); /* cancelled */
+    CHECK(tp_batch_begin(&m.model, &batch, 3) == TP_OK);
+    CHECK(tp_batch_shorten(&m.model, &batch) == TP_ERR_ARGUMENT); /* none added */
+    CHECK(tp_batch_add(&m.model, &batch, x, 1, NULL, NULL) == TP_OK);
+    CHECK(tp_batch_shorten(&m.model, &batch) == TP_OK);
+    CHECK(tp_batch_end(&m.model, &batch, &stats) == TP_OK && stats.trained + stats.skipped == 1);
     free(m.arena);
+}
+
+/* Hostile values: an infinite input value that a ReLU turns into a finite loss (it gave an
+ * infinite gradient and NaN weights with status ok), finite inputs whose gradients sum to
+ * infinity, a NaN weight in the spec; and a short last batch equals tp_train_batch of it. */
+static void test_hostile_values(void) {
+    static float w0[2 * 4], b0[2], w1[2 * 2];
+    static tp_layer_spec layers[] = {
+        TP_FLATTEN_SPEC(), TP_DENSE_SPEC(2, w0, b0), TP_RELU_SPEC(),
+        {TP_LAYER_DENSE, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, w1, NULL},
+    };
+    static const tp_model_spec spec = {1, 1, 4, 4, layers};
+    const tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
+    const tp_optimizer_config sgd = tp_sgd(0.1, 0.0, 0.0);
+    float x[3 * 4] = {INFINITY, 0.0f, 0.0f, 0.0f}, before[14], after[14], one[14];
+    int32_t labels[3] = {0, 1, 0}, same_labels[2] = {0, 0};
+    tp_model model, copy;
+    tp_step_stats stats;
+    tp_batch batch;
+    size_t bytes;
+    void *arena, *copy_arena;
+    int i;
+    for (i = 0; i < 8; i++) w0[i] = i % 4 == 0 ? -0.5f : 0.1f; /* -inf into the ReLU */
+    for (i = 0; i < 4; i++) w1[i] = i % 2 ? 0.2f : -0.1f;
+    CHECK(tp_arena_bytes(&spec, &full, &sgd, &bytes) == TP_OK);
+    arena = malloc(bytes);
+    copy_arena = malloc(bytes);
+    CHECK(tp_init(&model, &spec, &full, &sgd, arena, bytes) == TP_OK);
+    tp_read_parameters(&model, before, 14);
+    CHECK(tp_train_batch(&model, x, labels, 1, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+    tp_read_parameters(&model, after, 14);
+    CHECK(memcmp(before, after, sizeof before) == 0);
+    /* finite inputs near FLT_MAX with tiny weights: finite losses, gradients 3e38 each, whose
+     * sum over the batch is infinite */
+    for (i = 0; i < 8; i++) w0[i] = 1e-30f;
+    for (i = 0; i < 4; i++) w1[i] = i == 0 || i == 3 ? 1.0f : -1.0f; /* |input error| 1 */
+    CHECK(tp_init(&model, &spec, &full, &sgd, arena, bytes) == TP_OK);
+    for (i = 0; i < 8; i++) x[i] = 2e38f;
+    tp_read_parameters(&model, before, 14);
+    CHECK(tp_train_batch(&model, x, same_labels, 2, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+    tp_read_parameters(&model, after, 14);
+    CHECK(memcmp(before, after, sizeof before) == 0);
+    CHECK(model.optimizer_steps == 0);
+    /* a NaN (or infinite) weight or bias in the spec */
+    w0[5] = NAN;
+    CHECK(tp_init(&model, &spec, &full, &sgd, arena, bytes) == TP_ERR_NONFINITE);
+    w0[5] = 0.1f;
+    b0[1] = -INFINITY;
+    CHECK(tp_init(&model, &spec, &full, &sgd, arena, bytes) == TP_ERR_NONFINITE);
+    b0[1] = 0.0f;
+    /* a batch of 3 shortened after 2 samples = tp_train_batch of those 2 */
+    for (i = 0; i < 8; i++) w0[i] = 0.1f * (float)(i % 3) - 0.1f;
+    fill(x, 12, 1.0f);
+    CHECK(tp_init(&model, &spec, &full, &sgd, arena, bytes) == TP_OK);
+    CHECK(tp_init(&copy, &spec, &full, &sgd, copy_arena, bytes) == TP_OK);
+    CHECK(tp_train_batch(&model, x, labels, 2, &stats, NULL, NULL) == TP_OK);
+    CHECK(tp_batch_begin(&copy, &batch, 3) == TP_OK);
+    CHECK(tp_batch_add(&copy, &batch, x, labels[0], NULL, NULL) == TP_OK);
+    CHECK(tp_batch_add(&copy, &batch, x + 4, labels[1], NULL, NULL) == TP_OK);
+    CHECK(tp_batch_shorten(&copy, &batch) == TP_OK);
+    CHECK(tp_batch_end(&copy, &batch, &stats) == TP_OK && stats.trained == 2);
+    tp_read_parameters(&model, after, 14);
+    tp_read_parameters(&copy, one, 14);
+    CHECK(memcmp(after, one, sizeof one) == 0);
+    free(arena);
+    free(copy_arena);
 }
 
 int main(void) {
@@ -684,6 +770,7 @@ int main(void) {
     test_nonfinite_loss_with_momentum_in_place(); /* fill() draws from one sequence */
     test_samples_one_at_a_time_equal_the_whole_batch();
     test_batch_api_errors();
+    test_hostile_values();
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -20,7 +20,7 @@ from torch import nn
 
 from tinyprop.config import TinyPropConfig
 from tinyprop.export import ownership
-from tinyprop.export.c_source import MAKEFILE, model_header, samples_header
+from tinyprop.export.c_source import makefile, model_header, samples_header
 from tinyprop.export.folding import fold_batch_norm
 from tinyprop.export.footprint import MemoryReport, footprint, footprint_of_layers
 from tinyprop.export.graph import (
@@ -32,6 +32,8 @@ from tinyprop.export.graph import (
 )
 from tinyprop.export.runtime import OptimizerSpec, runtime_dir
 from tinyprop.memory import MemoryMode
+
+MAX_BATCH_SIZE = 1 << 24  # tp_batch_begin's and tp_train_batch's limit
 
 __all__ = [
     "ExportResult",
@@ -58,7 +60,12 @@ class ExportResult:
     arena_bytes: int  # training RAM (tp_arena_bytes_mode)
     inference_bytes: int  # inference RAM with the weights in flash
     memory: MemoryReport | None = None  # the arena's parts and the weights' flash
-    batch_bytes: int = 0  # the example's static batch buffer
+    sample_bytes: int = 0  # the example's buffer of one sample (it streams the samples)
+
+    @property
+    def batch_bytes(self) -> int:
+        """The example's input buffer: one sample since it streams them (the old name)."""
+        return self.sample_bytes
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -123,7 +130,8 @@ def export_c(
         memory: the memory mode (frozen first layers, in-place SGD); every layer trained when
             omitted.
         ram_bytes: the device's RAM: a ValueError, before anything is written, when the
-            training arena and the example's batch buffer need more.
+            training arena and the example's sample buffer need more (the example feeds
+            one sample at a time, so the batch size does not change it).
 
     Returns:
         :class:`ExportResult`.
@@ -160,20 +168,26 @@ def export_c(
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     layers = describe(model, shape)
     report = footprint_of_layers(layers, config, optimizer, memory)  # checks the mode
-    batch_bytes = batch_size * math.prod(shape) * 4  # the example's static batch buffer
-    for what, size in (("training arena", report.arena_bytes), ("batch buffer", batch_bytes)):
+    if batch_size > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"batch_size {batch_size} is beyond the C runtime's largest batch "
+            f"({MAX_BATCH_SIZE:,}, tp_batch_begin), within its int32 sizes; lower --batch-size"
+        )
+    sample_bytes = math.prod(shape) * 4  # the example's buffer of one sample
+    for what, size in (("training arena", report.arena_bytes), ("sample buffer", sample_bytes)):
         if size > INT32_MAX:
             raise ValueError(
                 f"the {what} would need {size} bytes, beyond the C runtime's int32 sizes; "
-                "lower --batch-size or --input-shape"
+                "lower --input-shape"
             )
-    if ram_bytes is not None and report.arena_bytes + batch_bytes > ram_bytes:
+    if ram_bytes is not None and report.arena_bytes + sample_bytes > ram_bytes:
         raise ValueError(
-            f"training needs {report.arena_bytes + batch_bytes:,} bytes of RAM (arena "
-            f"{report.arena_bytes:,}, batch buffer {batch_bytes:,}; the stack and the program's "
+            f"training needs {report.arena_bytes + sample_bytes:,} bytes of RAM (arena "
+            f"{report.arena_bytes:,}, one sample {sample_bytes:,}; the stack and the program's "
             f"own data come on top) but the device has {ram_bytes:,}; nothing was written. "
-            "Lower --batch-size, freeze the first layers (--first-trained-layer), train some "
-            "layers' bias only (--bias-only-layers) or use --sgd-in-place"
+            "Freeze the first layers (--first-trained-layer), train some layers' bias only "
+            "(--bias-only-layers), use --sgd-in-place or --adam-in-place, or keep Adam's "
+            "moments in 8 bits (--moment-bits 8)"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +205,7 @@ def export_c(
     )
     source = runtime_dir()
     write("main.c", (source / "examples" / "train_example.c").read_text())
-    write("Makefile", MAKEFILE)
+    write("Makefile", makefile(len(layers)))
     if samples is not None:
         x, y = (np.asarray(v) for v in samples)
         if x.shape[0] != y.shape[0] or x[0].size != np.prod(layers[0].input_shape):
@@ -219,5 +233,5 @@ def export_c(
         arena_bytes=report.arena_bytes,
         inference_bytes=inference_bytes(layers),
         memory=report,
-        batch_bytes=batch_bytes,
+        sample_bytes=sample_bytes,
     )

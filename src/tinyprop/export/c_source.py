@@ -179,11 +179,17 @@ def samples_header(x: np.ndarray, y: np.ndarray, epochs: int) -> str:
     )
 
 
-MAKEFILE = """# Build the exported example on the host: make && ./train < samples.bin
+def makefile(layer_count: int) -> str:
+    """The example's Makefile: builds ``train`` on the host with ``-DTP_MAX_LAYERS`` set to the
+    model's runtime layer count (the header refuses a smaller limit; the runtime's default is
+    48), outside CFLAGS so that ``make CFLAGS=-O1`` keeps it."""
+    return f"""# Build the exported example on the host: make && ./train < samples.bin
 CC ?= gcc
 CFLAGS ?= -O3
+# the model's runtime layers (tp_model holds this many layer records)
+TP_FLAGS := -DTP_MAX_LAYERS={layer_count}
 train: main.c tinyprop_model.h $(wildcard runtime/src/*.c)
-\t$(CC) -std=c99 $(CFLAGS) -Iruntime/include -I. main.c runtime/src/*.c -lm -o train
+\t$(CC) -std=c99 $(CFLAGS) $(TP_FLAGS) -Iruntime/include -I. main.c runtime/src/*.c -lm -o train
 clean:
 \trm -f train
 """

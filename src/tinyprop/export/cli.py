@@ -230,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         "parameters frozen) plus the program's code"
     )
     if args.ram is not None:
-        needed = result.arena_bytes + result.batch_bytes
+        needed = result.arena_bytes + result.sample_bytes
         print(
-            f"RAM: training needs {needed:,} of the device's {args.ram:,} bytes (arena and batch "
-            "buffer; the stack and the program's own data come on top)"
+            f"RAM: training needs {needed:,} of the device's {args.ram:,} bytes (arena and one "
+            "sample; the stack and the program's own data come on top)"
         )
     folder = shlex.quote(str(result.out_dir))  # a path with spaces, pasted into a shell
     program = shlex.quote(f"{result.out_dir}/train")

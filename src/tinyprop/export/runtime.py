@@ -40,7 +40,7 @@ STATUS = {
     -3: "layer shapes do not fit together",
     -4: "the arena is too small or not 4-byte aligned",
     -5: "a label is outside [0, classes)",
-    -6: "a loss is NaN or infinite; nothing was updated",
+    -6: "a loss, input, gradient or weight is NaN or infinite; nothing was updated",
     -7: "the model was not initialised",
     -8: "a layer or setting the runtime does not offer",
 }
