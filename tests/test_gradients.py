@@ -23,6 +23,7 @@ def kernel(request, monkeypatch):
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY", threshold)
+    monkeypatch.setattr(tinyprop.autograd, "NATIVE_ONE_CHANNEL_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "CONV_DENSE_KERNEL_DENSITY", threshold)
     monkeypatch.setattr(tinyprop.autograd, "NATIVE_CONV_MIN_FAN_IN", 0)

@@ -217,6 +217,8 @@ def test_native_channels_last_copy_equals_pad_then_permute(pads):
         (2, 6, 12, 12, 6, 3, 2, 2, 2),
         (2, 6, 5, 5, 6, 5, 1, 0, 1),
         (2, 5, 1, 11, 5, 3, 1, 1, 1),  # a Conv1d as a 2-D convolution of height 1
+        (3, 1, 10, 9, 8, 3, 1, 1, 1),  # a first layer on one input channel (groups=1)
+        (3, 1, 11, 11, 4, 3, 2, 1, 1),
     ],
 )
 def test_native_depthwise_backward_equals_pytorch_on_the_kept_entries(shape):
@@ -278,6 +280,7 @@ def test_native_training_matches_pytorch_kernels(name, config, monkeypatch):
         "NATIVE_DENSE",
         "NATIVE_CONV_DENSE",
         "NATIVE_DEPTHWISE_DENSE",
+        "NATIVE_ONE_CHANNEL_DENSE",
         "DENSE",
         "CONV_DENSE",
     )
@@ -421,24 +424,90 @@ def test_native_kernels_are_identical_at_every_thread_count(threads, monkeypatch
 
 
 def test_step_stats_name_the_kernel_of_every_layer():
-    """StepStats.kernels: a small fan-in convolution runs the dense kernels on the masked δ, a
-    larger one the native sparse kernel; unified top-k the dense kernels on its kept channels
-    (of its kept groups for a depthwise conv); the ledger counts the same k either way."""
+    """StepStats.kernels: a small fan-in convolution on several input channels runs the dense
+    kernels on the masked δ, a larger one and a first layer on one input channel the native
+    sparse kernel; unified top-k the dense kernels on its kept channels (of its kept groups for
+    a depthwise conv); the ledger counts the same k either way."""
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.ReLU(),  # fan-in 9
+        nn.Conv2d(1, 8, 3), nn.ReLU(),  # fan-in 9, one input channel
         nn.Conv2d(8, 8, 3), nn.ReLU(),  # fan-in 72
-        nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(),  # depthwise
-        nn.Linear(8 * 4 * 4, 3),
+        nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 2, 1), nn.Flatten(),  # fan-in 8
+        nn.Linear(2 * 4 * 4, 3),
     )  # fmt: skip
     x, y = torch.randn(4, 1, 10, 10), torch.tensor([0, 1, 2, 0])
     per_sample = tinyprop.apply(copy.deepcopy(model), tinyprop.TinyPropConfig("topk", ratio=0.05))
     optimizer = torch.optim.SGD(per_sample.parameters(), lr=0.0)
     stats = tinyprop.train_step(per_sample, x, y, LOSS, optimizer)
-    assert stats.kernels["0"] == tinyprop.autograd.MASKED_DENSE
+    assert stats.kernels["0"] == tinyprop.autograd.NATIVE_SPARSE
     assert stats.kernels["2"] == tinyprop.autograd.NATIVE_SPARSE
+    assert stats.kernels["6"] == tinyprop.autograd.MASKED_DENSE
     unified = tinyprop.apply(model, tinyprop.TinyPropConfig("topk", ratio=0.05, unified=True))
     optimizer = torch.optim.SGD(unified.parameters(), lr=0.0)
     stats = tinyprop.train_step(unified, x, y, LOSS, optimizer)
     assert stats.kernels["2"] == tinyprop.autograd.KEPT_CHANNELS
     assert stats.kernels["4"] == tinyprop.autograd.KEPT_GROUPS
     assert set(stats.kernels.values()) <= set(tinyprop.autograd.KERNELS)
+
+
+def small_cnn_on_one_channel() -> nn.Module:
+    """A first convolution on one input channel (the native plane kernel), ReLU and max pooling
+    (δ mostly zeros), a wider convolution (the channels-last kernel) and a Linear head."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 8, 6, 6)
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # fan-in 72, (B, 16, 3, 3)
+        nn.Flatten(), nn.Linear(16 * 3 * 3, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinyprop"])
+def test_cnn_native_training_equals_pytorch_kernels_at_1_2_4_threads(policy, monkeypatch):
+    """Three steps of a CNN whose layers all run native kernels (a first layer on one channel
+    included): the same kept entries as PyTorch's kernels, weights equal up to rounding, and
+    bit-identical weights at 1, 2 and 4 torch threads (the work split into parts of any size)."""
+    monkeypatch.setattr(native, "SELECTION_GRAIN", 1)
+    monkeypatch.setattr(native, "BACKWARD_GRAIN", 1)
+    monkeypatch.setattr(native, "LAYOUT_GRAIN", 1)
+    thresholds = ("NATIVE_DENSE", "NATIVE_CONV_DENSE", "NATIVE_DEPTHWISE_DENSE")
+    for threshold in (*thresholds, "NATIVE_ONE_CHANNEL_DENSE"):
+        monkeypatch.setattr(tinyprop.autograd, f"{threshold}_KERNEL_DENSITY", float("inf"))
+    config = tinyprop.TinyPropConfig(policy=policy, ratio=0.1, zeta=1.0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(6, 1, 12, 12, generator=generator), torch.randint(0, 4, (6,)))
+        for _ in range(3)
+    ]
+
+    def train(threads: int, use_native: bool = True):
+        model = tinyprop.apply(small_cnn_on_one_channel(), config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with monkeypatch.context() as patch:
+            if not use_native:
+                patch.setattr(native, "can_select", lambda scores: False)
+                patch.setattr(native, "can_backward", lambda x, weight: False)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                stats = [tinyprop.train_step(model, x, y, LOSS, optimizer) for x, y in batches]
+            finally:
+                torch.set_num_threads(before)
+        return model, stats
+
+    reference, reference_stats = train(1, use_native=False)
+    single, single_stats = train(1)
+    assert single_stats[-1].kernels["0"] == tinyprop.autograd.NATIVE_SPARSE
+    assert single_stats[-1].kernels["3"] == tinyprop.autograd.NATIVE_SPARSE
+    for native_step, torch_step in zip(single_stats, reference_stats, strict=True):
+        for name, keep in native_step.keep.items():
+            assert torch.equal(keep, torch_step.keep[name]), name
+    for (name, value), expected in zip(
+        single.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=name)
+    for threads in (2, 4):
+        model, _ = train(threads)
+        for (name, value), expected in zip(
+            model.state_dict().items(), single.state_dict().values(), strict=True
+        ):
+            assert torch.equal(value, expected), (threads, name)

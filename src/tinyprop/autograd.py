@@ -31,9 +31,13 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # - native Linear kernel (2048x2048): 0.6 on one thread on a quiet machine; re-measured on
 #   the shared 2-core machine under load, 0.2 on one thread and 0.3 on two (median of three);
 # - native convolution kernel: 0.1 (16->32 channels, 3x3) to 0.2 (64->64), one thread; with a
-#   fan-in below 32 (a first layer on one channel) its per-tap overhead loses to oneDNN's dense
-#   backward at any density, so those layers keep the dense kernels (and under
-#   ``dense_small_layers``, fan-in below 64, skip the selection too). A 1x1 conv of fan-in 32
+#   fan-in below 32 its per-tap overhead loses to oneDNN's dense backward at any density, so
+#   those layers keep the dense kernels (and under ``dense_small_layers``, fan-in below 64,
+#   skip the selection too), except a layer on one input channel (a first layer on a
+#   grey image): it runs the depthwise kernel below. Its weight gradient alone (the small CNN's
+#   1 -> 16, 3x3, 28x28, batch 128, one thread): 0.45 ms at 5% against about 0.5 dense, and the
+#   selection writes the kept entries instead of a masked copy of δ; 0.06 for those. A 1x1
+#   conv of fan-in 32
 #   (the MobileNet-style CNN's 32 -> 64, 5% of 12,544 kept, benchmarks/layer_kernels.py, one
 #   thread, loaded machine): native 1.61 ms against 2.20 dense. A depthwise conv runs its own
 #   native kernel on the input as it is: 0.57-1.16 ms against 2.2-3.4 dense at 5%;
@@ -43,6 +47,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 NATIVE_DENSE_KERNEL_DENSITY = 0.3  # Linear layers, native kernel
 NATIVE_CONV_DENSE_KERNEL_DENSITY = 0.1  # Conv1d / Conv2d layers, native kernel
 NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY = 0.5  # depthwise ones (PyTorch's dense kernel is slow)
+NATIVE_ONE_CHANNEL_DENSE_KERNEL_DENSITY = 0.06  # on one input channel, groups=1 (a first layer)
 NATIVE_CONV_MIN_FAN_IN = 32  # C_in / G · kh · kw; smaller convolutions keep the dense kernels
 # (but for depthwise ones: their native kernel reads the input as it is, no channels-last copy)
 DENSE_SMALL_FAN_IN = 64  # below it, dense_small_layers backpropagates a convolution densely
@@ -410,6 +415,8 @@ def _gradients(
     )
     if use_native and not is_linear and geometry.one_channel_per_group:
         limit = NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY
+        if geometry.groups == 1:  # one input channel: PyTorch's dense kernel is fast there
+            limit = NATIVE_ONE_CHANNEL_DENSE_KERNEL_DENSITY
     elif use_native:
         limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
     else:

@@ -116,8 +116,9 @@ class ConvPatches:
         # as a 2-D convolution (Conv1d: height 1), for the native kernel
         self.native_shape = (*padded, self.channels_in, self.channels_out, *kernel, *out)
         self.native_shape += (*stride, *dilation, self.groups)
-        # one input channel per group (depthwise): the native kernel on the unpadded input
-        self.one_channel_per_group = self.groups > 1 and self.channels_per_group == 1
+        # one input channel per group (depthwise, or a first layer on one channel): the native
+        # kernel on the unpadded input
+        self.one_channel_per_group = self.channels_per_group == 1
         self.plane_shape = (self.channels_in, *spatial, self.channels_out, *kernel, *out)
         self.plane_shape += (*stride, pads[0], pads[2], *dilation, self.groups)
         self.pads = pads  # (top, bottom, left, right), as a 2-D convolution

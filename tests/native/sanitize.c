@@ -186,6 +186,13 @@ static int check_plane_conv(int64_t threads) {
     int64_t *row_start = malloc(sizeof(int64_t) * (batch + 1)), *column;
     float *value;
     kept_entries(batch, n, row_start, &column, &value, kind);
+    if (rand() % 2) /* each sample's entries in descending order: the kernel's unsorted path */
+        for (int64_t s = 0; s < batch; s++)
+            for (int64_t a = row_start[s], b = row_start[s + 1] - 1; a < b; a++, b--) {
+                int64_t c = column[a];
+                float v = value[a];
+                column[a] = column[b], value[a] = value[b], column[b] = c, value[b] = v;
+            }
     float *grad_weight = malloc(sizeof(float) * cout * kh * kw);
     float *grad_input = malloc(sizeof(float) * batch * groups * in_h * in_w);
     int status = tp_plane_conv_backward_f32(x, weight, shape, row_start, column, value,

@@ -646,6 +646,28 @@ int tp_linear_update_f32(const float *x, float *weight, int64_t batch, int64_t n
     return run_parts(update_part, &call, parts_for(n, threads), threads);
 }
 
+/* by_channel (nnz,): the entries 0 .. nnz - 1 grouped by channel, each channel's in entry order
+ * (a counting sort), channel c's from channel_start[c] to channel_start[c + 1] (C_out + 1,).
+ * The selection gives each sample's entries channel by channel, so the entries come in runs of
+ * one channel: counted and placed run by run (one counter update per run, not per entry). */
+static void entries_by_channel(int64_t nnz, int64_t channels_out, const int64_t *entry_channel,
+                               int64_t *channel_start, int64_t *by_channel) {
+    memset(channel_start, 0, (size_t)(channels_out + 1) * sizeof(int64_t));
+    for (int64_t e = 0, run; e < nnz; e += run) {
+        for (run = 1; e + run < nnz && entry_channel[e + run] == entry_channel[e]; run++) {}
+        channel_start[entry_channel[e] + 1] += run;
+    }
+    for (int64_t ch = 0; ch < channels_out; ch++) channel_start[ch + 1] += channel_start[ch];
+    for (int64_t e = 0, run; e < nnz; e += run) {
+        for (run = 1; e + run < nnz && entry_channel[e + run] == entry_channel[e]; run++) {}
+        int64_t *slot = by_channel + channel_start[entry_channel[e]];
+        for (int64_t r = 0; r < run; r++) slot[r] = e + r;
+        channel_start[entry_channel[e]] += run;
+    }
+    for (int64_t ch = channels_out; ch > 0; ch--) channel_start[ch] = channel_start[ch - 1];
+    channel_start[0] = 0;
+}
+
 typedef struct {
     const float *x, *weight;
     const int64_t *shape, *row_start;
@@ -825,12 +847,7 @@ int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *sha
     int64_t *entry_channel = places, *entry_start = places + nnz, *by_channel = places + 2 * nnz;
     int64_t *channel_start = by_channel + nnz + positions; /* after conv_entry_places' scratch */
     conv_entry_places(shape, row_start, column, entry_channel, entry_start, by_channel + nnz);
-    memset(channel_start, 0, (size_t)(channels_out + 1) * sizeof(int64_t));
-    for (int64_t e = 0; e < nnz; e++) channel_start[entry_channel[e] + 1]++;
-    for (int64_t ch = 0; ch < channels_out; ch++) channel_start[ch + 1] += channel_start[ch];
-    for (int64_t e = 0; e < nnz; e++) by_channel[channel_start[entry_channel[e]]++] = e;
-    for (int64_t ch = channels_out; ch > 0; ch--) channel_start[ch] = channel_start[ch - 1];
-    channel_start[0] = 0; /* the entries of each channel in entry order (a counting sort) */
+    entries_by_channel(nnz, channels_out, entry_channel, channel_start, by_channel);
     conv_call call = {x, weight, shape, row_start, entry_channel, entry_start, channel_start,
                       by_channel, value, grad_weight, grad_input};
     if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
@@ -850,6 +867,8 @@ typedef struct {
     const int64_t *tap_offset, *channel_start, *by_channel;
     const float *value;
     float *grad_weight, *grad_input;
+    const int64_t *column; /* (nnz,) the kept columns c · P + p */
+    int sorted; /* each sample's columns ascend (the vector path of grad_weight needs it) */
 } plane_call;
 
 /* One kept entry e of a convolution with one input channel per group: the window's taps that
@@ -885,6 +904,77 @@ static void plane_entry(const plane_call *c, int64_t e, int for_weight) {
     }
 }
 
+/* The first of the entries [from, to) of a sample (columns ascending) with a column >= value. */
+static int64_t first_at_least(const int64_t *column, int64_t from, int64_t to, int64_t value) {
+    while (from < to) {
+        int64_t mid = from + (to - from) / 2;
+        if (column[mid] < value) from = mid + 1;
+        else to = mid;
+    }
+    return from;
+}
+
+#if defined(__AVX512F__) && defined(__GNUC__)
+/* Whether the vector path below computes grad_weight: AVX-512, a window of at most 16 taps with
+ * adjacent columns (dilation_w 1), and each sample's entries in ascending column order (as the
+ * selection gives them), so the entries of a channel are one run per sample. */
+static int plane_weight_vectorized(const plane_call *c) {
+    return c->sorted && c->shape[5] * c->shape[6] <= 16 && c->shape[14] == 1;
+}
+
+/* grad_weight of output channels [first, end): sample by sample, each run of a channel's entries
+ * adds into the channel's kh · kw taps held in one register (tap ky · kw + kx in lane
+ * ky · kw + kx). Per entry, each window row inside the input is loaded into its lanes (the taps
+ * in the padding masked out), and one masked multiply-add adds δ times the window. Each tap
+ * sums the same products in the same order as plane_entry does (a channel's entries in entry
+ * order, one fused multiply-add each), so the sums are the same. */
+static void plane_weight_vector(const plane_call *c, int64_t first, int64_t end) {
+    const int64_t *shape = c->shape, *column = c->column;
+    int64_t channels_in = shape[1], in_h = shape[2], in_w = shape[3], channels_out = shape[4];
+    int64_t kh = shape[5], kw = shape[6], positions = shape[7] * shape[8];
+    int64_t dilation_h = shape[13], per_group = channels_out / shape[15], taps = kh * kw;
+    __mmask16 tap_lanes = (__mmask16)((1u << taps) - 1);
+    memset(c->grad_weight + first * taps, 0, (size_t)((end - first) * taps) * sizeof(float));
+    for (int64_t s = 0; s < shape[0]; s++) {
+        int64_t e = first_at_least(column, c->row_start[s], c->row_start[s + 1], first * positions);
+        int64_t last = first_at_least(column, e, c->row_start[s + 1], end * positions);
+        while (e < last) {
+            int64_t ch = column[e] / positions, base = ch * positions;
+            int64_t run_end = first_at_least(column, e, last, base + positions);
+            const float *plane = c->x + (s * channels_in + ch / per_group) * in_h * in_w;
+            float *gw = c->grad_weight + ch * taps;
+            __m512 sum = _mm512_maskz_loadu_ps(tap_lanes, gw);
+            for (; e < run_end; e++) {
+                int64_t p = column[e] - base, top = c->top[p], left = c->left[p];
+                int64_t from = left < 0 ? -left : 0; /* the window's columns inside the input */
+                int64_t to = in_w - left < kw ? in_w - left : kw;
+                if (from >= to) continue;
+                /* lane ky · kw + kx of a row's load reads the input at column left + kx: the load
+                 * starts ky · kw floats before the row's window (lanes outside the mask read
+                 * nothing) */
+                uintptr_t corner = (uintptr_t)(plane + left);
+                __mmask16 row_lanes = (__mmask16)(((1u << (to - from)) - 1) << from), taken = 0;
+                __m512 window = _mm512_setzero_ps();
+                for (int64_t ky = 0; ky < kh; ky++, row_lanes = (__mmask16)(row_lanes << kw)) {
+                    int64_t row = top + ky * dilation_h;
+                    if (row < 0 || row >= in_h) continue;
+                    uintptr_t at = corner + (uintptr_t)(row * in_w - ky * kw) * sizeof(float);
+                    window = _mm512_mask_loadu_ps(window, row_lanes, (const void *)at);
+                    taken |= row_lanes;
+                }
+                sum = _mm512_mask3_fmadd_ps(_mm512_set1_ps(c->value[e]), window, sum, taken);
+            }
+            _mm512_mask_storeu_ps(gw, tap_lanes, sum);
+        }
+    }
+}
+#else
+static int plane_weight_vectorized(const plane_call *c) {
+    (void)c;
+    return 0;
+}
+#endif
+
 /* Output channels [first, end) of grad_weight: their entries, in entry order. */
 static int plane_weight_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
@@ -892,6 +982,12 @@ static int plane_weight_part(const void *context, int64_t part, int64_t parts, i
     int64_t channels_out = c->shape[4], taps = c->shape[5] * c->shape[6];
     int64_t first = slice_start(channels_out, part, parts, 1);
     int64_t end = slice_start(channels_out, part + 1, parts, 1);
+#if defined(__AVX512F__) && defined(__GNUC__)
+    if (plane_weight_vectorized(c)) {
+        plane_weight_vector(c, first, end);
+        return 0;
+    }
+#endif
     memset(c->grad_weight + first * taps, 0, (size_t)((end - first) * taps) * sizeof(float));
     for (int64_t t = c->channel_start[first]; t < c->channel_start[end]; t++)
         plane_entry(c, c->by_channel[t], 1);
@@ -948,8 +1044,16 @@ int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_
         inside[p] = top[p] >= 0 && top[p] + (kh - 1) * shape[13] < shape[2] && left[p] >= 0 &&
                     left[p] + (kw - 1) * shape[14] < shape[3];
     }
-    for (int64_t s = 0; s < batch; s++) { /* one division per channel of a sample, as a rule */
-        int64_t ch = 0, base = -1, at = 0;
+    int sorted = 1;
+    for (int64_t s = 0; s < batch; s++)
+        for (int64_t e = row_start[s] + 1; e < row_start[s + 1]; e++)
+            sorted &= column[e - 1] < column[e];
+    plane_call call = {x, weight, shape, row_start, entry_plane, entry_position, entry_channel,
+                       top, left, inside, tap_offset, channel_start, by_channel, value,
+                       grad_weight, grad_input, column, sorted};
+    int by_entry = grad_weight && !plane_weight_vectorized(&call); /* plane_entry's weights */
+    for (int64_t s = 0; s < batch && (by_entry || grad_input); s++) {
+        int64_t ch = 0, base = -1, at = 0; /* one division per channel of a sample, as a rule */
         for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
             if (column[e] < base || column[e] >= base + positions || base < 0) {
                 ch = column[e] / positions, base = ch * positions;
@@ -958,15 +1062,7 @@ int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_
             entry_channel[e] = ch, entry_position[e] = column[e] - base, entry_plane[e] = at;
         }
     }
-    memset(channel_start, 0, (size_t)(channels_out + 1) * sizeof(int64_t));
-    for (int64_t e = 0; e < nnz; e++) channel_start[entry_channel[e] + 1]++;
-    for (int64_t ch = 0; ch < channels_out; ch++) channel_start[ch + 1] += channel_start[ch];
-    for (int64_t e = 0; e < nnz; e++) by_channel[channel_start[entry_channel[e]]++] = e;
-    for (int64_t ch = channels_out; ch > 0; ch--) channel_start[ch] = channel_start[ch - 1];
-    channel_start[0] = 0; /* the entries of each channel in entry order (a counting sort) */
-    plane_call call = {x, weight, shape, row_start, entry_plane, entry_position, entry_channel,
-                       top, left, inside, tap_offset, channel_start, by_channel, value,
-                       grad_weight, grad_input};
+    if (by_entry) entries_by_channel(nnz, channels_out, entry_channel, channel_start, by_channel);
     if (grad_weight) run_parts(plane_weight_part, &call, parts_for(channels_out, threads), threads);
     if (grad_input) run_parts(plane_input_part, &call, parts_for(batch, threads), threads);
     free(places);
