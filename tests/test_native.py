@@ -209,6 +209,39 @@ def test_native_channels_last_copy_equals_pad_then_permute(pads):
     assert torch.equal(native.channels_first(padded, pads), x)
 
 
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 3)])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_native_conv_input_gradient_channels_first_equals_the_padded_one_cropped(pads, groups):
+    """conv_backward(pads=...) writes the input gradient as PyTorch holds it (channels first,
+    the padding cropped): bit for bit the padded channels-last gradient after channels_first."""
+    generator = torch.Generator().manual_seed(sum(pads) + groups)
+    images = torch.randn(3, 11, 10, 4, generator=generator)  # (B, Hp, Wp, C_in)
+    kernels = torch.randn(6, 3, 3, 4 // groups, generator=generator)  # (C_out, kh, kw, C_in / G)
+    shape = (3, 11, 10, 4, 6, 3, 3, 9, 8, 1, 1, 1, 1, groups)
+    delta = torch.randn(3, 6 * 72, generator=generator)
+    delta[1] = 0  # a sample that keeps nothing
+    rows, column = (delta != 0).nonzero(as_tuple=True)
+    keep = torch.bincount(rows, minlength=3)
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0)])
+    value = delta[rows, column]
+    padded, weight_padded = native.conv_backward(
+        images, kernels, shape, row_start, column, value, True, True
+    )
+    planes, weight_planes = native.conv_backward(
+        images, kernels, shape, row_start, column, value, True, True, pads=pads
+    )
+    assert torch.equal(planes, native.channels_first(padded, pads))
+    assert torch.equal(weight_planes, weight_padded)
+    _, no_weight = native.conv_backward(
+        images, kernels, shape, row_start, column, value, True, False, pads=pads
+    )
+    assert no_weight is None
+    with pytest.raises(ValueError, match="pads"):
+        native.conv_backward(
+            images, kernels, shape, row_start, column, value, True, True, pads=(6, 5, 0, 0)
+        )
+
+
 @pytest.mark.parametrize(
     "shape",
     [
@@ -294,7 +327,11 @@ def test_native_training_matches_pytorch_kernels(name, config, monkeypatch):
     for kernel in ("linear_backward", "conv_backward", "plane_conv_backward"):
         original = getattr(native, kernel)
         monkeypatch.setattr(
-            native, kernel, lambda *args, original=original: calls.append(1) or original(*args)
+            native,
+            kernel,
+            lambda *args, original=original, **options: (
+                calls.append(1) or original(*args, **options)
+            ),
         )
     results = []
     for use_native in (True, False):
@@ -406,10 +443,14 @@ def test_native_kernels_are_identical_at_every_thread_count(threads, monkeypatch
         conv = native.conv_backward(
             images, kernels, shape, conv_row_start, conv_column, conv_value, True, True
         )
+        conv_planes = native.conv_backward(
+            images, kernels, shape, conv_row_start, conv_column, conv_value, True, True,
+            pads=(1, 0, 2, 1),
+        )  # fmt: skip
         plane = native.plane_conv_backward(
             planes, plane_kernels, plane_shape, conv_row_start, conv_column, conv_value, True, True
         )
-        return [rows, columns, values, masked, *linear, *conv, *plane]
+        return [rows, columns, values, masked, *linear, *conv, *conv_planes, *plane]
 
     before = torch.get_num_threads()
     try:

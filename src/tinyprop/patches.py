@@ -169,18 +169,18 @@ class ConvPatches:
             grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
             return grad_input, grad_weight
         planes = x if self.two_d else x.unsqueeze(2)  # (B, C_in, H, W)
-        grad_padded, grad_weight = native.conv_backward(
+        grad_input, grad_weight = native.conv_backward(
             native.channels_last(planes, self.pads),  # (B, Hp, Wp, C_in)
             weight.reshape(self.channels_out, self.channels_per_group, *self.native_shape[4:6])
             .permute(0, 2, 3, 1),  # (C_out, kh, kw, C_in / G)
             (x.shape[0], *self.native_shape),
             row_start, column, value, needs_input, needs_weight,
+            pads=self.pads,  # grad_input (B, C_in, H, W), as PyTorch holds it
         )  # fmt: skip
         if grad_weight is not None:  # (C_out, kh, kw, C_in / G) -> the weight's shape
             grad_weight = grad_weight.permute(0, 3, 1, 2).reshape(weight.shape)
-        grad_input = None
-        if grad_padded is not None:  # (B, Hp, Wp, C_in) -> (B, C_in, *spatial)
-            grad_input = native.channels_first(grad_padded, self.pads).reshape(x.shape)
+        if grad_input is not None:  # (B, C_in, [1,] W) for a Conv1d
+            grad_input = grad_input.reshape(x.shape)
         return grad_input, grad_weight
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):

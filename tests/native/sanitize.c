@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "check_topk.h"
 
@@ -21,6 +22,9 @@ int tp_linear_update_f32(const float *, float *, int64_t, int64_t, int64_t, cons
                          int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
+int tp_conv_backward_planes_f32(const float *, const float *, const int64_t *, const int64_t *,
+                                const int64_t *, const int64_t *, const float *, float *, float *,
+                                float *, int64_t);
 int tp_plane_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                                const int64_t *, const float *, float *, float *, int64_t);
 void tp_channels_last_f32(const float *, const int64_t *, float *, int64_t);
@@ -159,6 +163,25 @@ static int check_conv(int64_t threads) {
     float *grad_input = malloc(sizeof(float) * batch * in_h * in_w * cin);
     int status = tp_conv_backward_f32(x, weight, shape, row_start, column, value, grad_weight,
                                       grad_input, threads);
+    /* the same with the input gradient channels first, cropped: the values of the channels-
+     * first copy of the padded gradient, padding of up to a third of each side */
+    int64_t pads[4] = {rand() % (in_h / 3 + 1), 0, rand() % (in_w / 3 + 1), 0};
+    pads[1] = rand() % (in_h - 2 * pads[0] + 1) / 2, pads[3] = rand() % (in_w - 2 * pads[2] + 1) / 2;
+    int64_t height = in_h - pads[0] - pads[1], width = in_w - pads[2] - pads[3];
+    int64_t layout[8] = {batch, cin, height, width, pads[0], pads[1], pads[2], pads[3]};
+    float *planes = malloc(sizeof(float) * batch * cin * height * width);
+    float *expected = malloc(sizeof(float) * batch * cin * height * width);
+    float *scratch = malloc(sizeof(float) * threads * in_h * in_w * cin);
+    float *planes_weight = malloc(sizeof(float) * cout * kh * kw * cg);
+    if (status == 0 && tp_conv_backward_planes_f32(x, weight, shape, pads, row_start, column, value,
+                                                   planes_weight, planes, scratch, threads))
+        status = 1;
+    if (status == 0) tp_channels_first_f32(grad_input, layout, expected, threads);
+    for (int64_t i = 0; status == 0 && i < batch * cin * height * width; i++)
+        if (memcmp(planes + i, expected + i, sizeof(float))) status = 1;
+    for (int64_t i = 0; status == 0 && i < cout * kh * kw * cg; i++)
+        if (memcmp(planes_weight + i, grad_weight + i, sizeof(float))) status = 1;
+    free(planes), free(expected), free(scratch), free(planes_weight);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input);
     return status;

@@ -54,6 +54,8 @@ def library() -> ctypes.CDLL | None:
     for name in ("tp_conv_backward_f32", "tp_plane_conv_backward_f32"):
         getattr(lib, name).argtypes = [_pointer] * 8 + [_int64]
         getattr(lib, name).restype = ctypes.c_int
+    lib.tp_conv_backward_planes_f32.argtypes = [_pointer] * 10 + [_int64]
+    lib.tp_conv_backward_planes_f32.restype = ctypes.c_int
     for name in ("tp_channels_last_f32", "tp_channels_first_f32"):
         getattr(lib, name).argtypes = [_pointer] * 3 + [_int64]
         getattr(lib, name).restype = None
@@ -274,6 +276,7 @@ def conv_backward(
     value: Tensor,
     needs_input: bool,
     needs_weight: bool,
+    pads: tuple[int, int, int, int] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Input and weight gradients of a convolution from the kept entries of δ only.
 
@@ -284,6 +287,10 @@ def conv_backward(
             dilation_h, dilation_w, G).
         row_start: (B + 1,) CSR offsets of each sample's kept entries; column: (M,) kept
             index c · P + p into the sample's δ (C_out, P = H_out · W_out); value: (M,) δ there.
+
+        pads: (top, bottom, left, right), the padding of ``x``: grad_input comes channels
+            first without it, (B, C_in, Hp - top - bottom, Wp - left - right), as
+            :func:`channels_first` would give it, without the padded copy.
 
     Returns:
         ``(grad_input (B, Hp, Wp, C_in) or None, grad_weight (C_out, kh, kw, C_in / G) or
@@ -304,14 +311,30 @@ def conv_backward(
     ):
         raise ValueError(f"conv_backward: shape {shape} does not fit x {x.shape}, {weight.shape}")
     inputs = (x, weight, row_start, column, value)
-    return _conv_kernel(
-        "tp_conv_backward_f32",
-        inputs,
-        shape,
-        kh * kw * (channels_in // groups),
-        needs_input,
-        needs_weight,
-    )
+    macs_per_entry = kh * kw * (channels_in // groups)
+    if pads is None:
+        return _conv_kernel(
+            "tp_conv_backward_f32", inputs, shape, macs_per_entry, needs_input, needs_weight
+        )
+    top, bottom, left, right = pads
+    if min(pads) < 0 or top + bottom >= in_h or left + right >= in_w:
+        raise ValueError(f"conv_backward: pads {pads} do not fit x {tuple(x.shape)}")
+    threads = threads_for(column.numel() * macs_per_entry, BACKWARD_GRAIN)
+    grad_input = grad_weight = scratch = None
+    if needs_input:  # (B, C_in, H, W), and one padded channels-last sample per thread
+        grad_input = _float32_empty(batch, channels_in, in_h - top - bottom, in_w - left - right)
+        scratch = _float32_empty(threads, in_h * in_w * channels_in)
+    if needs_weight:
+        grad_weight = _float32_empty(*weight.shape)
+    dims = torch.tensor(shape, dtype=torch.int64)
+    padding = torch.tensor(pads, dtype=torch.int64)
+    status = library().tp_conv_backward_planes_f32(
+        x.data_ptr(), weight.data_ptr(), dims.data_ptr(), padding.data_ptr(),
+        row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
+        _address(grad_weight), _address(grad_input), _address(scratch), threads,
+    )  # fmt: skip
+    _check_conv_status(status, "tp_conv_backward_planes_f32", column, shape)
+    return grad_input, grad_weight
 
 
 def plane_conv_backward(
@@ -372,11 +395,16 @@ def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight)
         _address(grad_weight), _address(grad_input),
         threads_for(column.numel() * macs_per_entry, BACKWARD_GRAIN),
     )  # fmt: skip
+    _check_conv_status(status, name, column, shape)
+    return grad_input, grad_weight
+
+
+def _check_conv_status(status: int, name: str, column: Tensor, shape) -> None:
+    """Turn a convolution kernel's status into the error it stands for (0: nothing to say)."""
     if status == -3:
         raise MemoryError(f"{name}: no memory for the places of {column.numel()} entries")
     if status != 0:
         raise ValueError(f"kept indices must be in [0, {shape[4] * shape[7] * shape[8]})")
-    return grad_input, grad_weight
 
 
 def channels_last(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:

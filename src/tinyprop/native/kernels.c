@@ -7,6 +7,7 @@
  * tp_linear_update_f32: SGD's update of a Linear weight from the same kept entries, the weight
  *     gradient never written (summed tile by tile as tp_linear_backward_f32 sums it).
  * tp_conv_backward_f32: the same for a convolution, channels-last.
+ * tp_conv_backward_planes_f32: the same with the input gradient written channels first, cropped.
  * tp_plane_conv_backward_f32: the same for a convolution with one input channel per group (a
  *     depthwise one), on the unpadded input as PyTorch holds it.
  * tp_channels_last_f32, tp_channels_first_f32: a batch from channels first to zero-padded
@@ -675,6 +676,9 @@ typedef struct {
     const int64_t *channel_start, *by_channel; /* (C_out + 1,), (nnz,): the entries by channel */
     const float *value;
     float *grad_weight, *grad_input;
+    const int64_t *pads; /* NULL: grad_input padded channels-last; else {top, bottom, left,
+                          * right}: grad_input (batch, C_in, H, W), through `scratch` */
+    float *scratch;      /* (threads, in_h · in_w · C_in): one padded sample per worker */
 } conv_call;
 
 /* For every kept entry e (column c · P + p of sample s): entry_channel[e] = c and entry_start[e]
@@ -767,9 +771,10 @@ static void conv_channel_weight(const conv_call *c, int64_t ch) {
     }
 }
 
-/* The kept entries of samples [first, end) into grad_input, in entry order: each adds δ times
- * its channel's weights into its patch (16 floats at a time with AVX-512 when cg allows). */
-static void conv_input_entries(const conv_call *c, int64_t first, int64_t end) {
+/* The kept entries of samples [first, end) into `out` (grad_input, or a sample's scratch placed
+ * so that the sample's entries land in it), in entry order: each adds δ times its channel's
+ * weights into its patch (16 floats at a time with AVX-512 when cg allows). */
+static void conv_input_entries(const conv_call *c, int64_t first, int64_t end, float *out) {
     const int64_t *shape = c->shape;
     int64_t in_w = shape[2], channels_in = shape[3], kh = shape[5], kw = shape[6];
     int64_t dilation_h = shape[11], dilation_w = shape[12];
@@ -781,7 +786,7 @@ static void conv_input_entries(const conv_call *c, int64_t first, int64_t end) {
         for (int64_t ky = 0; ky < kh; ky++) {
             for (int64_t kx = 0; kx < kw; kx++, w += cg) {
                 int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
-                float *restrict gx = c->grad_input + at;
+                float *restrict gx = out + at;
 #if defined(__AVX512F__) && defined(__GNUC__)
                 if (cg % 16 == 0) {
                     __m512 value = _mm512_set1_ps(v);
@@ -810,13 +815,32 @@ static int conv_weight_part(const void *context, int64_t part, int64_t parts, in
 
 /* Samples [first, end) of grad_input: their entries of every channel. */
 static int conv_input_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
-    (void)worker;
     const conv_call *c = context;
-    int64_t size = c->shape[1] * c->shape[2] * c->shape[3];
+    int64_t in_h = c->shape[1], in_w = c->shape[2], channels = c->shape[3];
+    int64_t size = in_h * in_w * channels;
     int64_t first = slice_start(c->shape[0], part, parts, 1);
     int64_t end = slice_start(c->shape[0], part + 1, parts, 1);
-    memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
-    conv_input_entries(c, first, end);
+    if (c->pads == NULL) {
+        memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
+        conv_input_entries(c, first, end, c->grad_input);
+        return 0;
+    }
+    /* one sample at a time in the worker's padded channels-last scratch (it stays in the cache),
+     * then cropped into the sample's channels-first gradient */
+    int64_t top = c->pads[0], left = c->pads[2];
+    int64_t height = in_h - top - c->pads[1], width = in_w - left - c->pads[3];
+    float *scratch = c->scratch + worker * size;
+    for (int64_t s = first; s < end; s++) {
+        memset(scratch, 0, (size_t)size * sizeof(float));
+        conv_input_entries(c, s, s + 1, scratch - s * size);
+        float *restrict out = c->grad_input + s * channels * height * width;
+        for (int64_t ch = 0; ch < channels; ch++)
+            for (int64_t row = 0; row < height; row++) {
+                const float *restrict line = scratch + ((row + top) * in_w + left) * channels;
+                for (int64_t col = 0; col < width; col++)
+                    out[(ch * height + row) * width + col] = line[col * channels + ch];
+            }
+    }
     return 0;
 }
 
@@ -834,9 +858,10 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
  * written), -3 when the (3 nnz + P + C_out + 1) integers of the entries' places cannot be
  * allocated; float
  * values, NaN and ±Inf included, only flow into the gradients. */
-int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
+static int conv_backward(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
-                         float *grad_weight, float *grad_input, int64_t threads) {
+                         float *grad_weight, float *grad_input, const int64_t *pads,
+                         float *scratch, int64_t threads) {
     int64_t batch = shape[0], channels_out = shape[4], positions = shape[7] * shape[8];
     if (!valid_offsets(row_start, batch)) return -1;
     int64_t nnz = row_start[batch];
@@ -847,13 +872,34 @@ int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *sha
     int64_t *entry_channel = places, *entry_start = places + nnz, *by_channel = places + 2 * nnz;
     int64_t *channel_start = by_channel + nnz + positions; /* after conv_entry_places' scratch */
     conv_entry_places(shape, row_start, column, entry_channel, entry_start, by_channel + nnz);
-    entries_by_channel(nnz, channels_out, entry_channel, channel_start, by_channel);
+    if (grad_weight) entries_by_channel(nnz, channels_out, entry_channel, channel_start, by_channel);
     conv_call call = {x, weight, shape, row_start, entry_channel, entry_start, channel_start,
-                      by_channel, value, grad_weight, grad_input};
+                      by_channel, value, grad_weight, grad_input, pads, scratch};
     if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
     if (grad_input) run_parts(conv_input_part, &call, parts_for(batch, threads), threads);
     free(places);
     return 0;
+}
+
+int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
+                         const int64_t *row_start, const int64_t *column, const float *value,
+                         float *grad_weight, float *grad_input, int64_t threads) {
+    return conv_backward(x, weight, shape, row_start, column, value, grad_weight, grad_input,
+                         NULL, NULL, threads);
+}
+
+/* tp_conv_backward_f32 with grad_input written as PyTorch holds it: (batch, C_in, H, W),
+ * channels first, without the padding pads = {top, bottom, left, right} (H = in_h - top -
+ * bottom, W = in_w - left - right), every value as tp_conv_backward_f32 then
+ * tp_channels_first_f32 give it. Each sample's gradient is summed in the worker's part of
+ * scratch (threads, in_h · in_w · C_in), where it stays in the cache, and cropped from there:
+ * no padded channels-last gradient of the whole batch is written, zeroed or read back. */
+int tp_conv_backward_planes_f32(const float *x, const float *weight, const int64_t *shape,
+                                const int64_t *pads, const int64_t *row_start,
+                                const int64_t *column, const float *value, float *grad_weight,
+                                float *grad_input, float *scratch, int64_t threads) {
+    return conv_backward(x, weight, shape, row_start, column, value, grad_weight, grad_input,
+                         pads, scratch, threads);
 }
 
 typedef struct {
