@@ -288,6 +288,44 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
     return count;
 }
 
+/* index[0:written] := the candidates index[0:count] whose magnitude is >= threshold, in order,
+ * in place (written <= c at every c); returns written. With AVX-512, sixteen candidates at a
+ * time: one comparison mask, their indices packed in registers and stored whole (each store
+ * ends at or before the candidates still to be read, both halves loaded first). */
+static int64_t pack_at_least_f32(const float *magnitude, int64_t *index, int64_t count,
+                                 float threshold) {
+    int64_t written = 0, c = 0;
+#if defined(__AVX512F__) && defined(__GNUC__)
+    const __m512 bound = _mm512_set1_ps(threshold);
+    for (; c + 16 <= count; c += 16) {
+        __mmask16 take = _mm512_cmp_ps_mask(_mm512_loadu_ps(magnitude + c), bound, _CMP_GE_OQ);
+        __m512i low = _mm512_loadu_si512((const void *)(index + c));
+        __m512i high = _mm512_loadu_si512((const void *)(index + c + 8));
+        __mmask8 low_take = (__mmask8)take, high_take = (__mmask8)(take >> 8);
+        _mm512_storeu_si512((void *)(index + written), _mm512_maskz_compress_epi64(low_take, low));
+        written += __builtin_popcount(low_take);
+        _mm512_storeu_si512((void *)(index + written),
+                            _mm512_maskz_compress_epi64(high_take, high));
+        written += __builtin_popcount(high_take);
+    }
+#endif
+    for (; c < count; c++) {
+        index[written] = index[c];
+        written += magnitude[c] >= threshold;
+    }
+    return written;
+}
+
+static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_t count,
+                                 double threshold) {
+    int64_t written = 0;
+    for (int64_t c = 0; c < count; c++) {
+        index[written] = index[c];
+        written += magnitude[c] >= threshold;
+    }
+    return written;
+}
+
 /* Per row of delta (rows, n): keep the keep[r] entries of largest |δ|, ties to the lower index
  * (keep in [1, n]). Writes, each when not NULL: columns (Σ keep,) the kept indices row by row
  * in ascending order, values (Σ keep,) δ there, masked (rows, n) δ at the kept entries and 0
@@ -331,8 +369,9 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
         if (not_finite) return 1;                                                            \
         T threshold = 0; /* the k-th largest |δ|; 0 when fewer than k are non-zero */        \
         if (count >= k) threshold = kth_largest_##SUFFIX(magnitude, count, k, work);         \
-        int64_t room = k; /* ties at the threshold go to the lower index */                  \
-        for (int64_t c = 0; c < count; c++) room -= magnitude[c] > threshold;                \
+        int64_t room = k, ties = 0; /* ties at the threshold go to the lower index */        \
+        for (int64_t c = 0; c < count; c++)                                                  \
+            room -= magnitude[c] > threshold, ties += magnitude[c] == threshold;             \
         if (masked) memset(masked, 0, (size_t)n * sizeof(T));                                \
         int64_t written = 0;                                                                 \
         if (threshold == 0) { /* every non-zero entry, then the first zeros */               \
@@ -344,13 +383,18 @@ static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *
                     written++;                                                               \
                 }                                                                            \
             }                                                                                \
-        } else { /* the kept candidates packed to index[0:written] in place, branch-free */ \
-            for (int64_t c = 0; c < count; c++) {                                            \
-                T a = magnitude[c];                                                          \
-                int64_t tie = a == threshold, take = (a > threshold) | (tie & (room > 0));   \
-                room -= tie & take;                                                          \
-                index[written] = index[c]; /* written <= c */                                \
-                written += take;                                                             \
+        } else { /* the kept candidates packed to index[0:written] in place */              \
+            if (ties <= room) { /* every tie fits: every candidate >= threshold is kept */   \
+                written = pack_at_least_##SUFFIX(magnitude, index, count, threshold);        \
+            } else { /* the lower-index ties up to the room left, branch-free */             \
+                for (int64_t c = 0; c < count; c++) {                                        \
+                    T a = magnitude[c];                                                      \
+                    int64_t tie = a == threshold;                                            \
+                    int64_t take = (a > threshold) | (tie & (room > 0));                     \
+                    room -= tie & take;                                                      \
+                    index[written] = index[c]; /* written <= c */                            \
+                    written += take;                                                         \
+                }                                                                            \
             }                                                                                \
             if (written > k) return -2;                                                      \
             for (int64_t w = 0; w < written; w++) {                                          \
