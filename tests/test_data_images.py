@@ -425,3 +425,46 @@ def test_an_image_past_the_pixel_limit_is_refused_naming_the_file(tmp_path, monk
         load_image(path, 16)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
     assert load_image(path, 16).shape == (3, 16, 16)
+
+
+class _ArrayMadeBeforeItsData:
+    """Pickles as numpy's first step of every array, with a shape of 10^12 bytes."""
+
+    def __reduce__(self):
+        return (np_reconstruct(), (np.ndarray, (10**12,), b"b"))
+
+
+def np_reconstruct():
+    return (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+
+
+@pytest.mark.parametrize(
+    "batch_data, labels, message",
+    [
+        ([np.zeros(3072, np.uint8)] * 2000, [0] * 2000, "data is list"),  # 6 MB from 8 KB
+        (np.full((2, 3072), 300.0), [0, 1], "data is an array of float64"),  # was cast mod 256
+        (np.zeros((2, 3072), np.uint8), [[0] * 1000] * 2, "labels are not a list of integers"),
+        (np.zeros((2, 3072), np.uint8), [0.5, 1.7], "labels are not a list of integers"),
+        (np.array([None] * 2, dtype=object), [0, 1], "refusing the object dtype"),
+        (_ArrayMadeBeforeItsData(), [0], r"refusing an array of shape \(1000000000000,\)"),
+    ],
+    ids=[
+        "rows by reference",
+        "float data",
+        "nested labels",
+        "float labels",
+        "object array",
+        "shape before data",
+    ],
+)
+def test_a_crafted_cifar_batch_is_refused_naming_the_file(tmp_path, batch_data, labels, message):
+    """A batch the official archive never holds is refused before anything is converted or
+    allocated: a list of rows pickled by reference grew a few KB into gigabytes (6 MB here),
+    float data was cast to uint8 modulo 256 and nested labels were taken, silently; a shape
+    of 10^12 made before the data, and an object array, were tracebacks."""
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({b"data": batch_data, b"labels": labels}, protocol=2))
+    with pytest.raises(ValueError, match=message) as error:
+        data.load("cifar10", "test", data_dir=tmp_path)
+    assert str(path) in str(error.value)

@@ -7,6 +7,7 @@ the offline sources are generated (tiny) or fetched from the package registry (B
 from __future__ import annotations
 
 import math
+import struct
 import zipfile
 
 import numpy as np
@@ -331,3 +332,42 @@ def test_tinyprop_data_without_the_dataset_falls_back_with_a_warning(tmp_path, m
     with pytest.warns(UserWarning, match="offline source"):
         dataset = data.load("har", "test", substitute="synthetic", size=12)
     assert dataset.source == "synthetic har-shaped"
+
+
+def wav_bytes(samples: int, rate: int = SR, data_size: int | None = None) -> bytes:
+    """A 16-bit mono PCM WAV file of ``samples`` zero samples whose header declares
+    ``data_size`` bytes of data (the real size when None)."""
+    data = bytes(2 * samples)
+    declared = len(data) if data_size is None else data_size
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", declared) + data
+    return b"RIFF" + struct.pack("<I", min(len(body), 0xFFFFFFFF)) + body
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (wav_bytes(100, data_size=400), "cut short: its header declares 200 frames"),
+        (wav_bytes(100, rate=0), "sample rate of 0 Hz"),
+    ],
+)
+def test_a_wav_file_cut_short_or_without_a_rate_is_refused_naming_it(tmp_path, content, message):
+    """A file holding less data than its header declares (an archive cut short) was read as a
+    shorter clip, and a sample rate of 0 was returned as it was, silently."""
+    path = tmp_path / "yes" / "clip.wav"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        audio.read_wav(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_wav_header_written_to_a_pipe_is_read_to_the_end(tmp_path):
+    """espeak-ng --stdout cannot go back to write the data size: its placeholder (0x7ffff000)
+    means 'to the end of the file'."""
+    samples, rate = audio.read_wav(wav_bytes(100, data_size=0x7FFFF000))
+    assert samples.shape == (100,) and rate == SR
+    (tmp_path / "zero.wav").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        audio.read_wav(tmp_path / "zero.wav")

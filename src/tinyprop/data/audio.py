@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import io
+import stat
 import wave
 from pathlib import Path
 
@@ -52,10 +53,21 @@ DCASE_LOG_MEL: dict = dict(
 )
 
 
+# The most bytes one WAV file may hold: a Speech Commands background clip (95 s at 16 kHz) has
+# 3 MB, a DCASE clip 320 KB. A header claiming gigabytes was read as far as it claimed.
+MAX_WAV_BYTES = 256 * 2**20
+# A data chunk size from here up is a placeholder: a program writing to a pipe (espeak-ng
+# --stdout writes 0x7ffff000) cannot go back to write the real one. Such data runs to the end
+# of the file; a smaller size is the real one, and a file holding less was cut short.
+STREAMED_DATA_SIZE = 0x7FFF0000
+
+
 def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     """Read a PCM WAV file (8/16/24/32-bit integer) as float32 samples in [-1, 1].
 
-    Multi-channel files are averaged to mono.
+    Multi-channel files are averaged to mono. A file larger than ``MAX_WAV_BYTES``, cut short
+    of the data its header declares, or with a sample rate of 0 is refused (ValueError naming
+    the file).
 
     Args:
         source: a path, or the bytes of a whole WAV file.
@@ -67,22 +79,30 @@ def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
         >>> samples, rate = read_wav("yes/0a7c2a8d_nohash_0.wav")  # doctest: +SKIP
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    content = source if isinstance(source, bytes) else _read_wav_bytes(Path(source))
     try:
-        handle = wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-        with handle:
+        with wave.open(io.BytesIO(content)) as handle:
             channels, width, rate = (
                 handle.getnchannels(),
                 handle.getsampwidth(),
                 handle.getframerate(),
             )
-            raw = handle.readframes(handle.getnframes())
-    except FileNotFoundError:
-        raise
+            frames = handle.getnframes()  # as the header declares
+            raw = handle.readframes(frames)
     except (wave.Error, EOFError, OSError) as error:
         raise ValueError(
             f"cannot read WAV file {name}: {error}; it is corrupt or not 16 kHz PCM WAV: "
             f"re-extract the dataset archive or delete the file"
         ) from error
+    if rate <= 0:
+        raise ValueError(f"WAV file {name} has a sample rate of {rate} Hz; it is corrupt")
+    declared = frames * width * channels  # bytes of the data chunk
+    if len(raw) < declared < STREAMED_DATA_SIZE:
+        raise ValueError(
+            f"WAV file {name} is cut short: its header declares {frames} frames "
+            f"({declared} bytes of data), the file holds {len(raw) // (width * channels)}; "
+            "re-extract the dataset archive or delete the file"
+        )
     usable = len(raw) - len(raw) % (width * channels)
     raw = raw[:usable]
     if width == 1:
@@ -100,6 +120,26 @@ def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
         raise ValueError(f"WAV file {name} has an unsupported sample width of {width} bytes")
     samples = samples.reshape(-1, channels).mean(axis=1)  # (T,)
     return samples.astype(np.float32), rate
+
+
+def _read_wav_bytes(path: Path) -> bytes:
+    """The bytes of a WAV file, at most ``MAX_WAV_BYTES`` (ValueError beyond, or for a path
+    that is not a regular file: a symlink to /dev/zero would never end)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ValueError(f"{path} is not a regular file; a WAV file is expected")
+        with open(path, "rb") as handle:
+            content = handle.read(MAX_WAV_BYTES + 1)  # no further
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ValueError(f"cannot read WAV file {path}: {error}") from error
+    if len(content) > MAX_WAV_BYTES:
+        raise ValueError(
+            f"WAV file {path} holds more than {MAX_WAV_BYTES} bytes, far more than any clip of "
+            "the datasets (minutes of audio); delete it or cut it into clips"
+        )
+    return content
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int = 16000) -> None:

@@ -10,6 +10,7 @@ Offline stand-ins (the real CIFAR is not on any package registry):
 
 from __future__ import annotations
 
+import math
 import pickle
 import shutil
 import subprocess
@@ -64,34 +65,58 @@ _OFFICIAL = {
 }
 
 
+def _empty_array(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` for an array whose data the pickle's next step sets (as
+    numpy pickles every array: an empty (0,) array first): a larger shape would be allocated
+    here, and an object dtype filled, from a few bytes of a crafted file."""
+    if subtype is not np.ndarray or not isinstance(shape, tuple) or math.prod(shape) > 1:
+        raise pickle.UnpicklingError(
+            f"refusing an array of shape {shape!r} made before its data (a crafted file)"
+        )
+    return np.ndarray.__new__(subtype, shape, dtype)
+
+
+def _plain_dtype(*args):
+    """``numpy.dtype`` without Python objects (a CIFAR batch holds bytes and integers)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing the object dtype {dtype} in a CIFAR batch")
+    return dtype
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and numpy arrays (the CIFAR batches hold nothing else),
-    so a tampered file cannot run code."""
+    """Unpickles only plain containers and numpy arrays of bytes and numbers (the CIFAR batches
+    hold nothing else), so a tampered file cannot run code nor make an array larger than
+    itself."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy.core.multiarray", "scalar"): None,
+        ("numpy._core.multiarray", "scalar"): None,
+        ("numpy", "ndarray"): None,
+        ("numpy", "dtype"): _plain_dtype,
+        ("_codecs", "encode"): None,
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
-        return super().find_class(module, name)
+        return self._ALLOWED[module, name] or super().find_class(module, name)
 
 
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR pickle: images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64."""
+    """One CIFAR pickle: images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64.
+
+    The official files hold ``data`` as a uint8 array (N, 3072) and the labels as a list of
+    N ints; anything else is refused before it is converted (a list of arrays, or nested
+    lists, pickled by reference, grew a few KB of file into gigabytes; a float array was cast
+    to uint8 modulo 256)."""
     try:
         with open(path, "rb") as handle:
             batch = _ArrayUnpickler(handle, encoding="latin1").load()
         batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
+        data, labels = batch["data"], batch[label_key]
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, EOFError, KeyError, AttributeError, ValueError) as error:
@@ -99,12 +124,39 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
             f"{path} is not a valid CIFAR python batch ({type(error).__name__}: {error}); "
             "re-download and unpack the official cifar-*-python.tar.gz"
         ) from error
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+    except MemoryError as error:  # a length field claiming more bytes than memory holds
         raise ValueError(
-            f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}; "
-            "re-download the official files"
+            f"{path} is not a valid CIFAR python batch (it claims more memory than there is); "
+            "re-download and unpack the official cifar-*-python.tar.gz"
+        ) from error
+    problem = _batch_problem(data, labels)
+    if problem is not None:
+        raise ValueError(
+            f"{path}: {problem}; the official files hold data (N, 3072) uint8 and N integer "
+            f"labels: re-download them"
         )
-    return data.reshape(-1, 3, 32, 32), labels  # (N, 3, 32, 32) in CIFAR's channel-major order
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)  # (N, 3, 32, 32)
+
+
+def _batch_problem(data, labels) -> str | None:
+    """What is wrong with a batch's ``data`` and ``labels``, or None (checked before either is
+    converted)."""
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        kind = f"an array of {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        return f"data is {kind}, not a uint8 array"
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        return f"data has shape {data.shape}, not (N, 3072)"
+    if isinstance(labels, np.ndarray):
+        integer = labels.dtype.kind in "iu" and labels.ndim == 1
+    else:
+        integer = isinstance(labels, list) and all(type(label) is int for label in labels)
+    if not integer:
+        return "the labels are not a list of integers"
+    if len(labels) != data.shape[0]:
+        return f"{data.shape[0]} images but {len(labels)} labels"
+    if len(labels) and not -(2**63) <= min(labels) <= max(labels) < 2**63:
+        return "a label is outside int64"
+    return None
 
 
 def find_official(name: str, folder: Path) -> Path | None:
