@@ -188,6 +188,39 @@ def test_a_grad_scaler_overflow_skips_the_step_and_leaves_the_running_state(
     assert len(warned) == (0 if way == "grad_scaler=" else 1)
 
 
+def test_a_loss_overflowed_in_a_float16_forward_is_left_to_the_grad_scaler():
+    """A float16 forward that overflows makes a loss NaN or infinite. With grad_scaler= it goes on
+    into the gradients, the scaler skips the step and halves its scale, as in plain PyTorch
+    (it raised FloatingPointError, ending the loop); the weights and tinyprop's running state
+    stay as they were, and the next batch trains."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp").float(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step, overflow in enumerate([False, True, False]):
+        x, y = batch("mlp", size=8, seed=step)
+        if overflow:
+            x[0] = 1e6  # past float16's largest value (65504) in the first layer
+        before = (copy.deepcopy(dict(model.named_parameters())), buffers(model))
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            output = model(x.float())
+        losses = LOSS(output.float(), y)
+        assert bool((~torch.isfinite(losses)).any()) == overflow
+        scale = scaler.get_scale()
+        tinyprop.backward(model, losses, grad_scaler=scaler)
+        scaler.step(optimizer)
+        scaler.update()
+        assert (scaler.get_scale() < scale) == overflow
+        moved = [
+            any(not torch.equal(a, b) for a, b in zip(old.values(), new.values(), strict=True))
+            for old, new in zip(
+                before, (dict(model.named_parameters()), buffers(model)), strict=True
+            )
+        ]
+        assert moved == [not overflow, not overflow]
+
+
 def test_clipping_and_scheduler_in_own_loop_equal_plain_pytorch():
     plain = build("cnn")
     model = tinyprop.apply(copy.deepcopy(plain), KEEP_ALL)

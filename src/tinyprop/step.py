@@ -440,8 +440,9 @@ def backward(
     Args:
         model, losses, output, sample_dim: as for :func:`loss`.
         grad_scaler: a ``torch.amp.GradScaler``: backpropagates ``grad_scaler.scale(loss)``;
-            an overflow (a NaN / inf δ) then reaches the gradients, where the scaler finds it
-            and skips the step, instead of raising (the running state stays as it was).
+            an overflow (a NaN / inf δ, or loss: a float16 forward that overflowed) then
+            reaches the gradients, where the scaler finds it and skips the step, instead of
+            raising (the running state stays as it was).
         scale: multiplies the loss before the backward: ``1 / n`` makes ``n`` calls on
             batches of ``B`` samples accumulate the gradient of one batch of ``n · B``
             (gradient accumulation). As with ``GradScaler``'s factor, the policy sees the
@@ -472,9 +473,9 @@ def run_backward(
     ``fused_weights``: id -> weight, see :mod:`tinyprop.fused_update`)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
-    scalar, step = _step_loss(model, losses, output, sample_dim)
-    step.fused_weights = dict(fused_weights or {})
     scaling = grad_scaler is not None and grad_scaler.is_enabled()  # it checks for inf
+    scalar, step = _step_loss(model, losses, output, sample_dim, scaling)
+    step.fused_weights = dict(fused_weights or {})
     step.passes_overflow = step.quiet_overflow = scaling or step.distributed
     if scale != 1.0:
         scalar = scalar * scale
@@ -535,14 +536,17 @@ def warn_without_ddp(model: nn.Module, state) -> None:
         )
 
 
-def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int):
-    """The step's scalar loss (the masked mean, through the step boundary) and its context."""
-    step = _open_step(model, losses, output, sample_dim)
+def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int, scaling=False):
+    """The step's scalar loss (the masked mean, through the step boundary) and its context;
+    ``scaling``: a GradScaler will find a NaN / inf loss in the gradients and skip the step."""
+    step = _open_step(model, losses, output, sample_dim, scaling)
     weights = step.stats.trained_mask.to(losses.dtype) / step.averaged_samples  # (B,)
     return _StepBoundary.apply((losses * weights).sum(), step), step
 
 
-def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> StepContext:
+def _open_step(
+    model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool = False
+) -> StepContext:
     module = unwrap(model)
     state = state_of(module)
     warn_without_ddp(model, state)
@@ -554,15 +558,20 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
     if not losses.requires_grad:
         raise ValueError("losses do not require grad: compute them from the model's output")
     distributed = is_distributed(model) or state.inside_ddp
+    # a NaN / inf loss or output error goes on into the gradients instead of raising: every
+    # rank must join DDP's all-reduce; a GradScaler skips the step (a float16 forward that
+    # overflowed, as in plain PyTorch)
+    passes_on = distributed or scaling
     mean_loss = float(losses.detach().float().mean())  # NaN / inf when any loss is
     problem = None
     if not math.isfinite(mean_loss) and not torch.isfinite(losses.detach()).all():
         bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
         problem = f"loss is NaN or infinite for samples {bad[:10]} of the batch"
-        if not distributed:  # under DDP every rank must still join the backward's all-reduce
+        if not passes_on:
             raise FloatingPointError(
                 f"{problem}; no update was applied. Check the inputs for NaN/inf or lower the "
-                "learning rate."
+                "learning rate (a float16 forward that overflowed, under a GradScaler: pass "
+                "it as tinyprop.backward(..., grad_scaler=scaler), which skips the step)."
             )
     state.step = None  # a step whose backward never finished is over
     widen_running_state(module)  # after model.half(): Ymax_L past 65504 would be inf
@@ -576,7 +585,7 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
     output_size = 0
     step = StepContext(module, stats, passes, output_size)
     step.distributed = distributed
-    if problem is not None:  # under DDP: every sample, the NaN reaches the gradients
+    if problem is not None:  # DDP or a GradScaler: every sample, the NaN reaches the gradients
         step.passes_overflow = True
         step.pass_on(problem, warn=False)  # warned when the backward starts, if at all
         return step
@@ -598,7 +607,7 @@ def _open_step(model: nn.Module, losses: Tensor, output, sample_dim: int) -> Ste
             try:
                 scores = _output_error(losses, output, sample_dim)  # (B,) Y_L
             except FloatingPointError as error:
-                if not distributed:
+                if not passes_on:
                     raise
                 step.passes_overflow = True  # every sample, the NaN reaches the gradients
                 step.pass_on(str(error).split("; no update")[0], warn=False)
