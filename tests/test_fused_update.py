@@ -63,10 +63,59 @@ def test_fused_update_gives_sgds_weights(policy, threads):
         assert layer.bias.grad is not None
 
 
+SGD_WITH_MOMENTUM = [
+    {"momentum": 0.9},
+    {"momentum": 0.8, "dampening": 0.1},
+    {"momentum": 0.9, "nesterov": True},
+]
+
+
+@pytest.mark.parametrize("sgd", SGD_WITH_MOMENTUM, ids=["momentum", "dampening", "nesterov"])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_fused_update_with_momentum_is_sgds_step_bit_for_bit(sgd, threads):
+    """SGD with momentum (dampening, Nesterov) fused: the same weights and the same momentum
+    buffers as torch.optim.SGD's step on the native weight gradient, bit for bit, at 1, 2 and
+    4 threads; the buffers are the optimizer's own state, so the fused weights and the others
+    (biases) step alike, and rows nobody kept move with their buffer as in SGD."""
+    threads_before = torch.get_num_threads()
+    try:
+        plain, plain_kernels, plain_optimizer = train_with_optimizer(False, threads, **sgd)
+        fused, fused_kernels, fused_optimizer = train_with_optimizer(True, threads, **sgd)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert all(FUSED_UPDATE in kernels.values() for kernels in fused_kernels)
+    assert all(FUSED_UPDATE not in kernels.values() for kernels in plain_kernels)
+    for (name, expected), actual in zip(
+        plain.state_dict().items(), fused.state_dict().values(), strict=True
+    ):
+        assert torch.equal(actual, expected), name
+    for expected, actual in zip(plain.parameters(), fused.parameters(), strict=True):
+        buffer = fused_optimizer.state[actual]["momentum_buffer"]
+        assert torch.equal(buffer, plain_optimizer.state[expected]["momentum_buffer"])
+
+
+def train_with_optimizer(fused: bool, threads: int, steps: int = 5, **sgd):
+    """:func:`train` of topk with the native kernels only (no dense fallback), returning the
+    optimizer too."""
+    torch.set_num_threads(threads)
+    model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), **{"lr": 0.05, **sgd})
+    generator = torch.Generator().manual_seed(2)
+    kernels = []
+    for _ in range(steps):
+        x = torch.randn(3, 20, generator=generator)
+        y = torch.randint(0, 5, (3,), generator=generator)
+        stats = tinyprop.train_step(
+            model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer, fused_update=fused
+        )
+        kernels.append({name: kernel for name, kernel in stats.kernels.items() if name != "4"})
+    return model, kernels, optimizer
+
+
 def test_other_optimizers_step_as_usual_with_a_warning():
-    plain, _ = train("topk", fused=False, momentum=0.9)
+    plain, _ = train("topk", fused=False, momentum=0.9, weight_decay=1e-3)
     with pytest.warns(UserWarning, match="fused_update=True fuses the update of torch.optim.SGD"):
-        fused, kernels = train("topk", fused=True, momentum=0.9)
+        fused, kernels = train("topk", fused=True, momentum=0.9, weight_decay=1e-3)
     assert all(NATIVE_SPARSE in k.values() and FUSED_UPDATE not in k.values() for k in kernels)
     for expected, actual in zip(plain.parameters(), fused.parameters(), strict=True):
         assert torch.equal(actual, expected)

@@ -3,17 +3,27 @@ fused_update=True)``.
 
 At batch 128 and 5% kept per sample, nearly every row of a Linear weight is kept by some sample
 (0.95^128 = 0.14% are not), so the weight gradient W' (out, in) is a whole dense matrix: the
-backward writes it, the gradient check and the optimizer read it again. With plain SGD
-(``W ← W - lr · W'``) none of this is needed: the native kernel adds ``-lr ·`` each gradient row
-to the weight row as it sums it, from the kept entries of δ, once the whole step has been
-checked. The weights come out as ``torch.optim.SGD`` leaves them (the same sums in the same
-order); their ``.grad`` stays None.
+backward writes it, the gradient check and the optimizer read it again. With SGD none of this
+is needed: the native kernel sums each gradient row from the kept entries of δ and applies
+SGD's step to the weight row (and its momentum buffer) right there, once the whole step has
+been checked:
 
-Only where that is exactly SGD's update: ``torch.optim.SGD`` without momentum, weight decay,
-Nesterov or ``maximize``, a float learning rate and no optimizer hooks; a float32, contiguous
-CPU weight of a sparse ``nn.Linear``, without gradient hooks, updated by its native kernel
-(2-D input); a weight gradient the bound of ``StepContext.prove_finite`` proves finite. Every
-other parameter (biases, other layers, the rest of a second call) steps through the optimizer.
+- plain SGD: ``W ← W - lr · W'`` (a row nobody kept stays as it is);
+- with momentum: ``buf ← momentum · buf + (1 - dampening) · W'`` (``buf ← W'`` on the first
+  step), ``W ← W - lr · buf``, or with Nesterov ``W ← W - lr · (W' + momentum · buf)``; every
+  row moves, a row nobody kept with a zero gradient.
+
+The weights and momentum buffers come out as ``torch.optim.SGD`` leaves them (the same sums in
+the same order, rounded as its CPU step rounds them); the buffer is the optimizer's own
+``state[weight]["momentum_buffer"]``; the weights' ``.grad`` stays None.
+
+Only where that is exactly SGD's update: ``torch.optim.SGD`` without weight decay or
+``maximize``, not ``differentiable`` or ``fused``, a float learning rate and no optimizer
+hooks; a float32, contiguous CPU weight of a sparse ``nn.Linear``, without gradient hooks, whose
+momentum buffer (if the optimizer holds one) is float32 and contiguous, updated by its native
+kernel (2-D input); a weight gradient the bound of ``StepContext.prove_finite`` proves finite.
+Every other parameter (biases, other layers, the rest of a second call) steps through the
+optimizer.
 """
 
 from __future__ import annotations
@@ -30,14 +40,15 @@ from tinyprop.model import state_of
 
 def fusable_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, nn.Parameter]:
     """id -> weight of the sparse Linear layers whose SGD update can be fused (see the module
-    docstring); empty (with one warning) when the optimizer is not plain SGD."""
+    docstring); empty (with one warning) when the optimizer is not such an SGD."""
     state = state_of(model)
-    if not plain_sgd(optimizer) or native.library() is None:
+    if not fusable_sgd(optimizer) or native.library() is None:
         if "fused update" not in state.warned:
             state.warned.add("fused update")
             warnings.warn(
-                "fused_update=True fuses the update of torch.optim.SGD without momentum, weight "
-                "decay, nesterov, maximize or hooks (float lr), with the native kernels; this "
+                "fused_update=True fuses the update of torch.optim.SGD (momentum, dampening and "
+                "nesterov included) without weight decay, maximize, fused=True, "
+                "differentiable=True or hooks (float lr), with the native kernels; this "
                 f"{type(optimizer).__name__} steps as usual",
                 stacklevel=3,
             )
@@ -57,35 +68,65 @@ def fusable_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
             and weight.is_contiguous()
             and not weight._backward_hooks
             and weight._post_accumulate_grad_hooks is None
+            and _buffer_fits(optimizer, weight)
         ):
             weights[id(weight)] = weight
     return weights
 
 
-def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` is torch.optim.SGD updating ``p ← p - lr · grad`` and nothing else."""
+def fusable_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch.optim.SGD whose step the native kernel computes exactly:
+    plain or with momentum (dampening, Nesterov), no weight decay, maximize or hooks."""
     if type(optimizer) is not torch.optim.SGD:
         return False
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return False
     return all(
-        not group["momentum"]
-        and not group["weight_decay"]
-        and not group["nesterov"]
+        not group["weight_decay"]
         and not group["maximize"]
         and not group.get("differentiable", False)
+        and not group.get("fused", False)
         and isinstance(group["lr"], (int, float))
+        and isinstance(group["momentum"], (int, float))
+        and isinstance(group["dampening"], (int, float))
         for group in optimizer.param_groups
     )
 
 
+def _buffer_fits(optimizer: torch.optim.Optimizer, weight: nn.Parameter) -> bool:
+    """Whether the weight's momentum buffer, if the optimizer holds one, is one the native
+    kernel can update in place (float32, contiguous, the weight's shape, on the CPU)."""
+    buffer = optimizer.state.get(weight, {}).get("momentum_buffer")
+    return buffer is None or (
+        buffer.dtype == torch.float32
+        and buffer.device.type == "cpu"
+        and buffer.is_contiguous()
+        and buffer.shape == weight.shape
+    )
+
+
 def apply_updates(step, optimizer: torch.optim.Optimizer) -> None:
-    """The deferred updates of a step whose gradients were all checked: ``weight += -lr ·
-    grad_weight`` from the kept entries, lr from the weight's parameter group."""
+    """The deferred updates of a step whose gradients were all checked: SGD's step of each
+    weight from the kept entries, with the settings of the weight's parameter group."""
     if not step.deferred_updates:
         return
-    lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     with torch.no_grad():
         for weight, x, row_start, column, value in step.deferred_updates:
-            native.linear_update(x, weight.data, row_start, column, value, -float(lr[id(weight)]))
+            group = groups[id(weight)]
+            scale = -float(group["lr"])
+            if not group["momentum"]:
+                native.linear_update(x, weight.data, row_start, column, value, scale)
+                continue
+            state = optimizer.state[weight]
+            buffer = state.get("momentum_buffer")
+            first = buffer is None  # SGD's first step: the buffer becomes the gradient
+            if first:
+                buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            native.linear_update(
+                x, weight.data, row_start, column, value, scale, buffer,
+                float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"]),
+                first,
+            )  # fmt: skip
+            state["momentum_buffer"] = buffer
     step.deferred_updates = []

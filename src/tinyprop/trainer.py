@@ -36,11 +36,12 @@ def train_step(
         loss_fn: ``loss_fn(output, y) -> (B,)`` per-sample losses, e.g.
             ``nn.CrossEntropyLoss(reduction="none")``.
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
-        fused_update: with ``torch.optim.SGD`` (no momentum, weight decay, nesterov or
-            maximize) and the native kernels, the weights of the sparse Linear layers are
-            updated from the kept entries of δ without a dense weight gradient: the same
-            weights as SGD's step, their ``.grad`` left None (see :mod:`tinyprop.fused_update`;
-            other optimizers: a warning, and the usual step).
+        fused_update: with ``torch.optim.SGD`` (plain, or with momentum, dampening and
+            nesterov; no weight decay or maximize) and the native kernels, the weights of the
+            sparse Linear layers are updated from the kept entries of δ without a dense
+            weight gradient: the same weights (and momentum buffers) as SGD's step, their
+            ``.grad`` left None (see :mod:`tinyprop.fused_update`; other optimizers: a
+            warning, and the usual step).
 
     Returns:
         :class:`StepStats`.

@@ -20,6 +20,10 @@ int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64
 int tp_linear_update_f32(const float *, float *, int64_t, int64_t, int64_t, const int64_t *,
                          const int64_t *, const float *, float, int64_t *, int64_t *, float *,
                          int64_t);
+int tp_linear_update_momentum_f32(const float *, float *, int64_t, int64_t, int64_t,
+                                  const int64_t *, const int64_t *, const float *, float, float *,
+                                  float, float, int64_t, int64_t, int64_t *, int64_t *, float *,
+                                  int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
 int tp_conv_backward_planes_f32(const float *, const float *, const int64_t *, const int64_t *,
@@ -136,6 +140,27 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
         float expected = weight[i] + -0.5f * grad_weight[i];
         if (!(updated[i] == expected || (isnan(updated[i]) && isnan(expected)))) status = 1;
     }
+    /* with SGD's momentum: the buffer and the weight as torch.optim.SGD rounds them (a new
+     * buffer becomes the gradient; else buf · momentum, then a fused multiply-add each) */
+    int first = rand() % 2, nesterov = rand() % 2;
+    float momentum = 0.9f, damped = nesterov ? 1.0f : 0.75f;
+    float *buffer = malloc(sizeof(float) * n * m), *expected_buffer = malloc(sizeof(float) * n * m);
+    for (int64_t i = 0; i < n * m; i++) updated[i] = weight[i], buffer[i] = entry(kind);
+    for (int64_t i = 0; i < n * m; i++)
+        expected_buffer[i] = first ? grad_weight[i] : fmaf(grad_weight[i], damped, buffer[i] * momentum);
+    if (status == 0 && tp_linear_update_momentum_f32(x, updated, batch, n, m, row_start, column,
+                                                     value, -0.5f, buffer, momentum, damped,
+                                                     first, nesterov, column_start, by_sample,
+                                                     by_value, threads))
+        status = 1;
+    for (int64_t i = 0; status == 0 && i < n * m; i++) {
+        float b = expected_buffer[i];
+        float step = nesterov ? fmaf(b, momentum, grad_weight[i]) : b;
+        float expected = fmaf(step, -0.5f, weight[i]);
+        int same = buffer[i] == b || (isnan(buffer[i]) && isnan(b));
+        if (!same || !(updated[i] == expected || (isnan(updated[i]) && isnan(expected)))) status = 1;
+    }
+    free(buffer), free(expected_buffer);
     free(updated);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input), free(column_start), free(by_sample), free(by_value);

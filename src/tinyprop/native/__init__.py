@@ -51,6 +51,11 @@ def library() -> ctypes.CDLL | None:
     lib.tp_linear_update_f32.argtypes += [_pointer] * 3 + [ctypes.c_float] + [_pointer] * 3
     lib.tp_linear_update_f32.argtypes += [_int64]
     lib.tp_linear_update_f32.restype = ctypes.c_int
+    lib.tp_linear_update_momentum_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
+    lib.tp_linear_update_momentum_f32.argtypes += [_pointer] * 3 + [ctypes.c_float, _pointer]
+    lib.tp_linear_update_momentum_f32.argtypes += [ctypes.c_float] * 2 + [_int64] * 2
+    lib.tp_linear_update_momentum_f32.argtypes += [_pointer] * 3 + [_int64]
+    lib.tp_linear_update_momentum_f32.restype = ctypes.c_int
     for name in ("tp_conv_backward_f32", "tp_plane_conv_backward_f32"):
         getattr(lib, name).argtypes = [_pointer] * 8 + [_int64]
         getattr(lib, name).restype = ctypes.c_int
@@ -226,20 +231,43 @@ def linear_backward(
 
 
 def linear_update(
-    x: Tensor, weight: Tensor, row_start: Tensor, column: Tensor, value: Tensor, scale: float
+    x: Tensor,
+    weight: Tensor,
+    row_start: Tensor,
+    column: Tensor,
+    value: Tensor,
+    scale: float,
+    momentum_buffer: Tensor | None = None,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    first: bool = False,
 ) -> None:
     """SGD's update of a Linear weight from the kept entries of δ, in place, without the weight
     gradient: ``weight += scale · grad_weight`` (scale = -lr), with ``grad_weight`` as
     :func:`linear_backward` sums it (rows nobody kept stay as they are).
 
+    With a ``momentum_buffer``, ``torch.optim.SGD``'s step with ``momentum``, ``dampening``
+    and ``nesterov`` instead, rounding included: the buffer (updated in place) becomes the
+    gradient when ``first`` (a new buffer), else ``buffer · momentum + (1 - dampening) ·
+    grad_weight``; every row moves (a row nobody kept has a zero gradient).
+
     Args:
         x: (B, in) layer input; weight: (out, in) float32, contiguous, updated in place.
         row_start, column, value: the kept entries as for :func:`linear_backward`.
+        momentum_buffer: None, or (out, in) float32, contiguous: SGD's momentum buffer.
     """
-    if not (
-        weight.is_contiguous() and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    tensors = [weight] if momentum_buffer is None else [weight, momentum_buffer]
+    if not all(
+        tensor.is_contiguous() and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+        for tensor in tensors
     ):
-        raise ValueError("linear_update needs a contiguous float32 CPU weight")
+        raise ValueError("linear_update needs a contiguous float32 CPU weight (and buffer)")
+    if momentum_buffer is not None and momentum_buffer.shape != weight.shape:
+        raise ValueError(
+            f"momentum buffer {tuple(momentum_buffer.shape)} does not match the weight "
+            f"{tuple(weight.shape)}"
+        )
     x, _, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
@@ -248,12 +276,20 @@ def linear_update(
     column_start = torch.empty(outputs + 1, dtype=torch.int64)  # scratch for the CSC regroup
     by_column_sample = torch.empty(column.numel(), dtype=torch.int64)
     by_column_value = torch.empty(column.numel(), dtype=torch.float32)
-    status = library().tp_linear_update_f32(
-        x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
-        row_start.data_ptr(), column.data_ptr(), value.data_ptr(), scale,
-        column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr(),
-        threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN),
-    )  # fmt: skip
+    scratch = (column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr())
+    threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
+    kept = (row_start.data_ptr(), column.data_ptr(), value.data_ptr())
+    if momentum_buffer is None:
+        status = library().tp_linear_update_f32(
+            x.data_ptr(), weight.data_ptr(), batch, outputs, inputs, *kept, scale, *scratch,
+            threads,
+        )  # fmt: skip
+    else:  # 1 - dampening rounded to float32 as Tensor.add_'s alpha is
+        status = library().tp_linear_update_momentum_f32(
+            x.data_ptr(), weight.data_ptr(), batch, outputs, inputs, *kept, scale,
+            momentum_buffer.data_ptr(), momentum, 1.0 - dampening, int(first), int(nesterov),
+            *scratch, threads,
+        )  # fmt: skip
     if status != 0:
         raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
 

@@ -4,7 +4,8 @@
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each, tile by tile of 64 input features.
- * tp_linear_update_f32: SGD's update of a Linear weight from the same kept entries, the weight
+ * tp_linear_update_f32, tp_linear_update_momentum_f32: SGD's update (plain, or with momentum)
+ * of a Linear weight from the same kept entries, the weight
  *     gradient never written (summed tile by tile as tp_linear_backward_f32 sums it).
  * tp_conv_backward_f32: the same for a convolution, channels-last.
  * tp_conv_backward_planes_f32: the same with the input gradient written channels first, cropped.
@@ -648,11 +649,37 @@ typedef struct {
     const int64_t *column_start, *by_column_sample;
     const float *by_column_value;
     float *weight, scale;
+    float *buffer; /* NULL: plain SGD; else SGD's momentum buffer (n, m), updated too */
+    float momentum, damped; /* damped = 1 - dampening */
+    int first, nesterov; /* first: the buffer is new (it becomes the gradient) */
 } update_call;
+
+/* One tile of `width` weights of a row with SGD's momentum, as torch.optim.SGD's step on the
+ * CPU computes it, rounding included: buf = g on the first step, else buf = buf · momentum
+ * (rounded), then buf += damped · g (one fused multiply-add, as Tensor.add_ with alpha); the
+ * step s = buf, or g + momentum · buf with Nesterov (fused); w += scale · s (fused). */
+static void momentum_tile(const update_call *c, float *restrict w, float *restrict buf,
+                          const float *restrict g, int64_t width) {
+    float momentum = c->momentum, damped = c->damped, scale = c->scale;
+    if (c->first) {
+        for (int64_t i = 0; i < width; i++) {
+            buf[i] = g[i];
+            w[i] = fmaf(c->nesterov ? fmaf(g[i], momentum, g[i]) : g[i], scale, w[i]);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < width; i++) {
+        float kept = buf[i] * momentum;
+        float next = fmaf(g[i], damped, kept);
+        buf[i] = next;
+        w[i] = fmaf(c->nesterov ? fmaf(next, momentum, g[i]) : next, scale, w[i]);
+    }
+}
 
 /* The rows [part, part + 1) · n / parts of the weight: row j += scale · (its gradient row,
  * summed tile by tile as tp_linear_backward_f32 sums it), read and written once, in order (x
- * stays in the cache); rows nobody kept stay as they are. */
+ * stays in the cache); rows nobody kept stay as they are under plain SGD, and take a zero
+ * gradient under momentum (their buffer still decays, their weight still moves). */
 static int update_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
     const update_call *c = context;
@@ -661,12 +688,20 @@ static int update_part(const void *context, int64_t part, int64_t parts, int64_t
     float sum[TILE];
     for (int64_t j = first; j < end; j++) {
         int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
-        if (count == 0) continue; /* a zero gradient row: w + scale · 0 = w */
+        if (count == 0 && c->buffer == NULL) continue; /* a zero gradient row: w + scale · 0 */
         for (int64_t at = 0; at < m; at += TILE) {
             int64_t width = m - at < TILE ? m - at : TILE;
-            tile_sum(sum, c->x + at, m, width, c->by_column_sample + start,
-                     c->by_column_value + start, count, 0, 0);
+            if (count) {
+                tile_sum(sum, c->x + at, m, width, c->by_column_sample + start,
+                         c->by_column_value + start, count, 0, 0);
+            } else {
+                memset(sum, 0, sizeof sum);
+            }
             float *restrict w = c->weight + j * m + at;
+            if (c->buffer) {
+                momentum_tile(c, w, c->buffer + j * m + at, sum, width);
+                continue;
+            }
             for (int64_t i = 0; i < width; i++) w[i] += c->scale * sum[i];
         }
     }
@@ -688,6 +723,28 @@ int tp_linear_update_f32(const float *x, float *weight, int64_t batch, int64_t n
     update_call call = {.x = x, .n = n, .m = m, .column_start = column_start,
                         .by_column_sample = by_column_sample,
                         .by_column_value = by_column_value, .weight = weight, .scale = scale};
+    return run_parts(update_part, &call, parts_for(n, threads), threads);
+}
+
+/* tp_linear_update_f32 with SGD's momentum: buffer (n, m), the parameter's momentum buffer,
+ * is updated with the weight, every row (see momentum_tile), as torch.optim.SGD does with
+ * momentum, dampening and nesterov (damped = 1 - dampening as the caller rounds it to float);
+ * first: the buffer is new (written, never read). */
+int tp_linear_update_momentum_f32(const float *x, float *weight, int64_t batch, int64_t n,
+                                  int64_t m, const int64_t *row_start, const int64_t *column,
+                                  const float *value, float scale, float *buffer,
+                                  float momentum, float damped, int64_t first,
+                                  int64_t nesterov, int64_t *column_start,
+                                  int64_t *by_column_sample, float *by_column_value,
+                                  int64_t threads) {
+    if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
+                          by_column_value) != 0)
+        return -1;
+    update_call call = {.x = x, .n = n, .m = m, .column_start = column_start,
+                        .by_column_sample = by_column_sample,
+                        .by_column_value = by_column_value, .weight = weight, .scale = scale,
+                        .buffer = buffer, .momentum = momentum, .damped = damped,
+                        .first = first != 0, .nesterov = nesterov != 0};
     return run_parts(update_part, &call, parts_for(n, threads), threads);
 }
 
