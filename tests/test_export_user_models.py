@@ -3,6 +3,7 @@ as in the Python library (weights within 1e-5 after every step, the same skips a
 each one that cannot names the layer and what to do.
 
 Covered: models whose forward is written in Python (read as the chain of layers it calls),
+the activations ReLU6, LeakyReLU, Sigmoid and Tanh (as modules and as functions),
 Conv1d stacks (stride, padding, dilation, groups), non-square Conv2d, padding='same',
 bias=False, pools with padding and ceil_mode, adaptive pools, Dropout variants at p=0, nested
 and named Sequentials, BatchNorm folded before export (:func:`tinyprop.export.fold_batch_norm`).
@@ -101,6 +102,24 @@ class Blocks(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class FunctionalActivations(nn.Module):
+    """The runtime's other activations called as functions: F.relu6, F.leaky_relu with a
+    slope, torch.sigmoid and x.tanh()."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.pointwise = nn.Conv1d(4, 4, 1)
+        self.hidden = nn.Linear(32, 8)
+        self.middle = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = nn.functional.leaky_relu(self.pointwise(nn.functional.relu6(self.conv(x))), 0.2)
+        x = torch.sigmoid(self.hidden(x.flatten(1)))
+        return self.head(self.middle(x).tanh())
+
+
 class GlobalMean(nn.Module):
     """Global average pooling written as a mean, a squeeze after an adaptive pool."""
 
@@ -197,6 +216,15 @@ EXPORTED = {
     "mnist_style_forward": (MnistStyle, (1, 8, 8)),
     "user_blocks_with_their_own_forward": (Blocks, (2, 10)),
     "mean_squeeze_contiguous_forward": (GlobalMean, (1, 6, 6)),
+    "relu6_leaky_sigmoid_tanh_modules": (
+        lambda: Seq(
+            nn.Conv2d(2, 4, 3, padding=1), nn.ReLU6(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.LeakyReLU(), nn.Flatten(),
+            nn.Linear(36, 8), nn.Sigmoid(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3),
+        ),
+        (2, 6, 6),
+    ),
+    "activations_as_functions": (FunctionalActivations, (2, 10)),
 }  # fmt: skip
 
 
@@ -270,11 +298,19 @@ def test_folding_keeps_the_eval_output_and_leaves_the_model_alone():
 REFUSED = [
     (Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)), (1, 6, 6),
      r"layer '1' \(BatchNorm2d\).*fold_batch_norm"),
-    (Seq(nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 3)), (6,), r"'1' \(ReLU6\).*nn\.ReLU\(\)"),
-    (Seq(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), (6,), r"'1' \(GELU\).*nn\.ReLU\(\)"),
+    (Seq(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), (6,),
+     r"'1' \(GELU\).*ReLU, ReLU6, LeakyReLU.*needs its input.*nn\.ReLU\(\)"),
     (Seq(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3)), (6,), r"'1' \(SiLU\).*fine-tune"),
-    (Seq(nn.Linear(6, 8), nn.LeakyReLU(), nn.Linear(8, 3)), (6,), r"'1' \(LeakyReLU\)"),
-    (Seq(nn.Linear(6, 8), nn.Hardswish(), nn.Linear(8, 3)), (6,), r"'1' \(Hardswish\)"),
+    (Seq(nn.Linear(6, 8), nn.LeakyReLU(-0.1), nn.Linear(8, 3)), (6,),
+     r"'1' \(LeakyReLU\): negative_slope=-0\.1.*slope >= 0"),
+    (Seq(nn.Linear(6, 8), nn.Hardswish(), nn.Linear(8, 3)), (6,),
+     r"'1' \(Hardswish\).*derivative needs its input"),
+    (Seq(nn.Linear(6, 8), nn.ELU(), nn.Linear(8, 3)), (6,), r"'1' \(ELU\).*Sigmoid and Tanh"),
+    (Seq(nn.Linear(6, 8), nn.Hardtanh(-1, 1), nn.Linear(8, 3)), (6,), r"'1' \(Hardtanh\)"),
+    (Seq(nn.Linear(6, 8), nn.ReLU(), nn.Sigmoid(), nn.Linear(8, 3)), (6,),
+     r"'2' \(Sigmoid\): it follows the activation '1' \(ReLU\).*in place"),
+    (Seq(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Tanh(), nn.Linear(32, 3)), (2, 10),
+     r"'3' \(Tanh\): it follows the activation '1' \(Tanh\)"),
     (Seq(nn.Linear(6, 3), nn.Softmax(dim=1)), (6,), r"'1' \(Softmax\).*logits"),
     (Seq(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3)), (6,),
      r"'1' \(Dropout\).*nn\.Identity"),
@@ -384,7 +420,7 @@ def branch(self, x):
     ("body", "message"),
     [
         (lambda self, x: self.last(x + self.first(x)), "residual sum or a branch"),
-        (lambda self, x: self.last(torch.sigmoid(self.first(x))), "'sigmoid'.*no C implementation"),
+        (lambda self, x: self.last(nn.functional.gelu(self.first(x))), "'gelu'.*no C "),
         (lambda self, x: self.last(self.first(self.first(x))), "calls 'first' more than once"),
         (lambda self, x: self.last(nn.functional.linear(x, self.first.weight)), "first.weight"),
         (lambda self, x: (self.last(self.first(x)), x), "residual sum or a branch"),

@@ -73,3 +73,32 @@ def test_hostile_sizes_are_refused_on_a_32_bit_cortex_m4(tmp_path):
     runner = ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting",
               "-kernel"]  # fmt: skip
     build_and_run_size_checks(tmp_path, compiler, runner)
+
+
+@pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+    reason="needs arm-none-eabi-gcc and qemu-system-arm",
+)
+def test_c_unit_tests_on_a_cortex_m4(tmp_path):
+    """The same unit tests (hostile values, activations, memory modes, gradients) built for a
+    Cortex-M4 with its FPU and run under QEMU (mps2-an386): newlib's libm, 32-bit size_t."""
+    root = runtime_dir()
+    board = root / "examples" / "cortex_m4"
+    program = tmp_path / "test_runtime.elf"
+    build = subprocess.run(
+        ["arm-none-eabi-gcc", "-std=c99", "-O2", "-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard",
+         "-mfpu=fpv4-sp-d16", "--specs=rdimon.specs", str(board / "startup.c"), "-T",
+         str(board / "an386.ld"), "-I", str(root / "include"), "-I", str(root / "src"),
+         str(root / "tests" / "test_runtime.c"), *map(str, sorted((root / "src").glob("*.c"))),
+         "-lm", "-o", str(program)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run(
+        ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting", "-kernel",
+         str(program)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("0 failures"), run.stdout
+    assert int(run.stdout.split()[0]) > 500

@@ -1,9 +1,10 @@
 """Parity of the C runtime with the Python library: same weights, data, settings and batches.
 
-Every model (an MLP, a small CNN with a depthwise conv, the HAR 1-D CNN) runs several training
-steps under every policy in C (through ctypes) and in ``tinyprop.train_step``; after every step
-the weights agree within 1e-5 relative (float32), and the k per layer and sample, the skip
-decisions, the running maxima and the MAC counts agree exactly.
+Every model (an MLP, a small CNN with a depthwise conv, the HAR 1-D CNN, a CNN with ReLU6,
+LeakyReLU, Sigmoid and Tanh) runs several training steps under every policy in C (through
+ctypes) and in ``tinyprop.train_step``; after every step the weights agree within 1e-5 relative
+(float32), and the k per layer and sample, the skip decisions, the running maxima and the MAC
+counts agree exactly.
 
 Ties among equal |δ| (an average pool hands the same error to every position it covers) go to
 the lower index, in C and in the library's ``select_topk`` alike, so the tests run the library
@@ -73,11 +74,33 @@ def har() -> nn.Module:
     return models.build("har", input_shape=(6, 40), channels=8)
 
 
+def activations() -> nn.Module:
+    """The runtime's other activations: ReLU6 (saturating at 6: the first conv's weights
+    scaled up), LeakyReLU, Sigmoid and Tanh."""
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),  # (B, 4, 6, 6)
+        nn.ReLU6(),
+        nn.MaxPool2d(2),  # (B, 4, 3, 3)
+        nn.Conv2d(4, 6, 1),
+        nn.LeakyReLU(0.1),
+        nn.Flatten(),
+        nn.Linear(54, 16),
+        nn.Sigmoid(),
+        nn.Linear(16, 12),
+        nn.Tanh(),
+        nn.Linear(12, 5),
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(6.0)
+    return net
+
+
 # name -> (builder, one sample's shape, SGD learning rate that makes some samples get skipped)
 MODELS = {
     "mlp": (mlp, (1, 6, 6), 0.05),
     "cnn_depthwise": (cnn_depthwise, (2, 6, 6), 0.2),
     "har": (har, (6, 40), 0.05),
+    "activations": (activations, (2, 6, 6), 0.1),
 }
 
 
@@ -303,6 +326,7 @@ BIAS_ONLY = [
     ("cnn_depthwise", 0, (1,)),
     ("mlp", 0, (1,)),
     ("har", 1, (2,)),
+    ("activations", 0, (1, 3)),  # after a max pool of ReLU6, after a Sigmoid
 ]
 
 
@@ -374,6 +398,7 @@ SELECTION_IN_PLACE = [
     ("cnn_depthwise", MemoryMode(0, bias_only_layers=(0, 1, 2), selection_in_place=True)),
     ("mlp", MemoryMode(0, bias_only_layers=(1,), selection_in_place=True)),
     ("har", MemoryMode(1, selection_in_place=True)),
+    ("activations", MemoryMode(0, selection_in_place=True)),
 ]
 
 
@@ -480,6 +505,7 @@ LEAN_ADAM = [  # (model, memory): Adam in place, 8-bit moments, recomputed input
     ("har", MemoryMode(0, moment_bits=8, recompute_layers=(1, 2, 3))),
     ("cnn_depthwise", MemoryMode(0, recompute_layers=(1, 2, 3))),
     ("mlp", MemoryMode(0, recompute_layers=(1, 2))),
+    ("activations", MemoryMode(0, recompute_layers=(1, 2, 3, 4))),  # activations in place
     (
         "cnn_depthwise",  # the keyword model's mode on a small DS-CNN
         MemoryMode(

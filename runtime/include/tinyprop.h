@@ -71,7 +71,12 @@ typedef enum {
     TP_LAYER_RELU = 2,
     TP_LAYER_MAXPOOL = 3, /* nn.MaxPool2d / nn.MaxPool1d */
     TP_LAYER_AVGPOOL = 4, /* nn.AvgPool2d / nn.AvgPool1d (count_include_pad=True) */
-    TP_LAYER_FLATTEN = 5  /* (C, H, W) -> (C*H*W, 1, 1), no copy */
+    TP_LAYER_FLATTEN = 5, /* (C, H, W) -> (C*H*W, 1, 1), no copy */
+    TP_LAYER_RELU6 = 6,   /* nn.ReLU6: min(max(x, 0), 6) */
+    TP_LAYER_LEAKY_RELU = 7, /* nn.LeakyReLU: x > 0 ? x : slope x, slope >= 0 (weight points
+                                at it; NULL means PyTorch's 0.01) */
+    TP_LAYER_SIGMOID = 8, /* nn.Sigmoid */
+    TP_LAYER_TANH = 9     /* nn.Tanh */
 } tp_layer_kind;
 
 typedef struct {
@@ -83,7 +88,8 @@ typedef struct {
     int32_t dilation_h, dilation_w; /* conv only; 0 means 1 */
     int32_t groups;                 /* conv only; 0 means 1; C_in for depthwise */
     int32_t has_bias;               /* dense and conv: 1 with a bias, 0 without */
-    const float *weight;            /* initial weights (PyTorch layout); NULL means zeros */
+    const float *weight;            /* initial weights (PyTorch layout); NULL means zeros;
+                                       LeakyReLU: its negative_slope (one float) */
     const float *bias;              /* initial bias; NULL means zeros */
 } tp_layer_spec;
 
@@ -96,6 +102,10 @@ typedef struct {
 #define TP_AVGPOOL_SPEC(kh, kw, sh, sw) \
     {TP_LAYER_AVGPOOL, 0, (kh), (kw), (sh), (sw), 0, 0, 0, 0, 0, 0, NULL, NULL}
 #define TP_FLATTEN_SPEC() {TP_LAYER_FLATTEN, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
+/* the other activations; slope: a pointer to LeakyReLU's negative_slope (>= 0), or NULL */
+#define TP_ACTIVATION_SPEC(kind) {(kind), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
+#define TP_LEAKY_RELU_SPEC(slope) \
+    {TP_LAYER_LEAKY_RELU, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (slope), NULL}
 
 typedef struct {
     int32_t input_channels, input_height, input_width; /* one sample's shape (C, H, W) */
@@ -260,6 +270,7 @@ typedef struct {
     float *recomputed_input;     /* where (the last of the recomputed outputs) */
     float *recompute_partner;    /* where the other recomputed outputs alternate */
     float *recompute_scratch;    /* the recomputed convs' forward scratch */
+    float negative_slope;        /* LeakyReLU */
 } tp_layer;
 
 /* The caller allocates this struct (e.g. static); tp_init fills it; the arena holds the rest. */

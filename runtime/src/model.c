@@ -182,7 +182,16 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
             return TP_ERR_SHAPE;
         return TP_OK;
     }
+    case TP_LAYER_LEAKY_RELU:
+        /* the backward tells x > 0 by y > 0: a negative slope would break that */
+        layer->negative_slope = spec->weight != NULL ? spec->weight[0] : 0.01f;
+        if (!isfinite(layer->negative_slope)) return TP_ERR_ARGUMENT;
+        if (layer->negative_slope < 0.0f) return TP_ERR_UNSUPPORTED;
+        /* fall through */
     case TP_LAYER_RELU:
+    case TP_LAYER_RELU6:
+    case TP_LAYER_SIGMOID:
+    case TP_LAYER_TANH:
     case TP_LAYER_FLATTEN:
         layer->out_c = spec->kind == TP_LAYER_FLATTEN ? in_c * in_h * in_w : in_c;
         layer->out_h = spec->kind == TP_LAYER_FLATTEN ? 1 : in_h;
@@ -274,6 +283,7 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
                             const tp_optimizer_config *optimizer, const tp_memory_config *memory,
                             tp_layer *layers, tp_arena_plan *plan) {
     int32_t c, h, w, i, trainable = 0, current_is_sample = 1;
+    tp_layer_kind previous = TP_LAYER_DENSE; /* the last layer that is not a Flatten */
     tp_status status;
     if (spec == NULL || policy == NULL || optimizer == NULL || memory == NULL) return TP_ERR_NULL;
     if ((status = tp_check_policy(policy)) != TP_OK) return status;
@@ -290,9 +300,15 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
         status = tp_layer_shape(s, c, h, w, layer);
         if (status != TP_OK) return status;
         if (tp_layer_is_trainable(s->kind)) layer->trainable_index = trainable++;
-        /* ReLU works in place and Flatten aliases its input, except on the sample itself */
+        /* activations work in place: a second one right after another would overwrite the
+         * output whose backward the first needs (ReLU after ReLU changes nothing) */
+        if (i > 0 && tp_is_activation(s->kind) && tp_is_activation(previous) &&
+            !(s->kind == TP_LAYER_RELU && previous == TP_LAYER_RELU))
+            return TP_ERR_UNSUPPORTED;
+        if (s->kind != TP_LAYER_FLATTEN) previous = s->kind;
+        /* activations work in place and Flatten aliases its input, except on the sample */
         layer->input_is_sample = current_is_sample;
-        if (s->kind != TP_LAYER_FLATTEN && !(s->kind == TP_LAYER_RELU && !current_is_sample))
+        if (s->kind != TP_LAYER_FLATTEN && !(tp_is_activation(s->kind) && !current_is_sample))
             current_is_sample = 0;
         c = layer->out_c;
         h = layer->out_h;
@@ -464,7 +480,7 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
     for (i = 0; i < model->layer_count; i++) {
         tp_layer *layer = &model->layers[i];
         if (layer->kind == TP_LAYER_FLATTEN ||
-            (layer->kind == TP_LAYER_RELU && !layer->input_is_sample))
+            (tp_is_activation(layer->kind) && !layer->input_is_sample))
             layer->output = previous_output; /* NULL for a Flatten on the sample itself */
         previous_output = layer->output;
     }

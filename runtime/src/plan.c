@@ -56,24 +56,27 @@ size_t tp_moment_blocks(const tp_layer *layer) {
 
 int tp_layer_aliases(const tp_layer *layer) {
     return layer->kind == TP_LAYER_FLATTEN ||
-           (layer->kind == TP_LAYER_RELU && !layer->input_is_sample);
+           (tp_is_activation(layer->kind) && !layer->input_is_sample);
+}
+
+/* A layer whose backward works on the error in place: an activation or Flatten. */
+static int passes_error_in_place(tp_layer_kind kind) {
+    return tp_is_activation(kind) || kind == TP_LAYER_FLATTEN;
 }
 
 int32_t tp_recompute_consumer(const tp_layer *layers, int32_t i, int32_t layer_count) {
     int32_t k = i + 1;
     if (!tp_layer_aliases(&layers[i])) return -1;
-    while (k < layer_count &&
-           (layers[k].kind == TP_LAYER_RELU || layers[k].kind == TP_LAYER_FLATTEN))
-        k++;
+    while (k < layer_count && passes_error_in_place(layers[k].kind)) k++;
     return k < layer_count && layers[k].recompute_input ? k : -1;
 }
 
-/* The last step that reads layer i's recomputed input: its backward, or the backward of a ReLU
- * working in place on it (among the layers right before i that alias their input). */
+/* The last step that reads layer i's recomputed input: its backward, or the backward of an
+ * activation working in place on it (among the layers right before i that alias their input). */
 static int32_t recompute_reader(const tp_layer *layers, int32_t i, int32_t layer_count) {
     int32_t last = 2 * layer_count - i, k = i - 1;
-    while (k > 0 && (layers[k].kind == TP_LAYER_RELU || layers[k].kind == TP_LAYER_FLATTEN)) {
-        if (layers[k].kind == TP_LAYER_RELU) last = 2 * layer_count - k;
+    while (k > 0 && passes_error_in_place(layers[k].kind)) {
+        if (tp_is_activation(layers[k].kind)) last = 2 * layer_count - k;
         k--;
     }
     return last;
@@ -135,7 +138,7 @@ static tp_status add_buffer(tp_arena_plan *plan, size_t floats, int32_t first, i
  * with an in-place backward (ReLU, Flatten) pass on: the next layer below that is neither. */
 static int32_t error_reader(const tp_layer *layers, int32_t j, int32_t layer_count) {
     int32_t k = j - 1;
-    while (k > 0 && (layers[k].kind == TP_LAYER_RELU || layers[k].kind == TP_LAYER_FLATTEN)) k--;
+    while (k > 0 && passes_error_in_place(layers[k].kind)) k--;
     return 2 * layer_count - k;
 }
 
@@ -245,8 +248,7 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                                                            : 0;
     /* which layer's buffer holds each output (-1: the sample), and its last reader */
     for (i = 0; i < L; i++) {
-        const int aliases = layers[i].kind == TP_LAYER_FLATTEN ||
-                            (layers[i].kind == TP_LAYER_RELU && !layers[i].input_is_sample);
+        const int aliases = tp_layer_aliases(&layers[i]);
         storage[i] = aliases ? (i > 0 ? storage[i - 1] : -1) : i;
         last_use[i] = i;
     }
@@ -259,7 +261,7 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
             ((layers[i].trained && !layers[i].bias_only && !layers[i].recompute_input) ||
              kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
             last_use[input] = max_i32(last_use[input], 2 * L - i);
-        if (kind == TP_LAYER_RELU && storage[i] >= 0 && !keeps_mask(layers, i, L) &&
+        if (tp_is_activation(kind) && storage[i] >= 0 && !keeps_mask(layers, i, L) &&
             tp_recompute_consumer(layers, i, L) < 0)
             last_use[storage[i]] = max_i32(last_use[storage[i]], 2 * L - i);
     }

@@ -16,6 +16,13 @@ int32_t tp_layer_output_size(const tp_layer *layer);
 int32_t tp_layer_input_size(const tp_layer *layer);
 int tp_layer_is_trainable(tp_layer_kind kind);
 
+/* ---- activations.c: ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh (elementwise, in place) */
+int tp_is_activation(tp_layer_kind kind);
+/* y may be x (in place) */
+void tp_activation_forward(const tp_layer *layer, const float *x, float *y, int32_t n);
+/* delta *= the derivative, from the activation's output y */
+void tp_activation_backward(const tp_layer *layer, const float *y, float *delta, int32_t n);
+
 /* ---- plan.c: the arena plan (see plan.c for the lifetimes and the placement) */
 /* at most 9 transient buffers per layer (output, forward and backward scratch, input error,
  * selection, in-place gradient, recomputed input, its partner and scratch) and the loss error */
@@ -52,7 +59,8 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
 size_t tp_plan_floats(const tp_arena_plan *plan); /* the whole arena, in floats */
 /* trained layer's moment blocks (moment_bits 8): its weight's (unless bias-only), its bias's */
 size_t tp_moment_blocks(const tp_layer *layer);
-/* a layer that aliases its input (Flatten, or a ReLU in place): no output buffer of its own */
+/* a layer that aliases its input (Flatten, or an activation in place): no output buffer of
+ * its own */
 int tp_layer_aliases(const tp_layer *layer);
 /* the layer whose recomputed input is layer i's output (i aliases its input, and so do the
  * layers up to the next one, which recomputes its input), or -1 */

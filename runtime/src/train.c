@@ -23,8 +23,9 @@ static const float *recompute_input(tp_model *model, const float *x, int32_t upt
         const tp_layer *layer = &model->layers[i];
         float *out;
         if (layer->kind == TP_LAYER_FLATTEN) continue;
-        if (tp_layer_aliases(layer)) { /* a ReLU in place */
-            tp_relu_forward(current, (float *)(uintptr_t)current, tp_layer_output_size(layer));
+        if (tp_layer_aliases(layer)) { /* an activation in place */
+            tp_activation_forward(layer, current, (float *)(uintptr_t)current,
+                                  tp_layer_output_size(layer));
             continue;
         }
         out = buffers[(outputs - 1 - written++) % 2];
@@ -37,18 +38,20 @@ static const float *recompute_input(tp_model *model, const float *x, int32_t upt
             i += relu;
             break;
         }
-        case TP_LAYER_RELU: tp_relu_forward(current, out, tp_layer_output_size(layer)); break;
         case TP_LAYER_MAXPOOL: tp_maxpool_forward(layer, current, out); break;
         case TP_LAYER_AVGPOOL: tp_avgpool_forward(layer, current, out); break;
-        default: break;
+        default: /* an activation on the sample itself */
+            tp_activation_forward(layer, current, out, tp_layer_output_size(layer));
+            break;
         }
         current = out;
     }
     return current;
 }
 
-/* The output of ReLU i for its backward: where the next layer recomputed it, else kept. */
-static const float *relu_output(const tp_model *model, int32_t i) {
+/* The output of activation i for its backward: where the next layer recomputed it, else
+ * kept. */
+static const float *activation_output(const tp_model *model, int32_t i) {
     const int32_t consumer = tp_recompute_consumer(model->layers, i, model->layer_count);
     return consumer >= 0 ? model->layers[consumer].recomputed_input : model->layers[i].output;
 }
@@ -79,6 +82,12 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
             break;
         case TP_LAYER_MAXPOOL: tp_maxpool_forward(layer, current, layer->output); break;
         case TP_LAYER_AVGPOOL: tp_avgpool_forward(layer, current, layer->output); break;
+        case TP_LAYER_RELU6:
+        case TP_LAYER_LEAKY_RELU:
+        case TP_LAYER_SIGMOID:
+        case TP_LAYER_TANH:
+            tp_activation_forward(layer, current, layer->output, tp_layer_output_size(layer));
+            break;
         case TP_LAYER_FLATTEN: break;
         default: return TP_ERR_UNSUPPORTED;
         }
@@ -236,7 +245,14 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
             if (layer->relu_mask != NULL)
                 tp_relu_backward_mask(layer->relu_mask, delta, tp_layer_output_size(layer));
             else
-                tp_relu_backward(relu_output(model, i), delta, tp_layer_output_size(layer));
+                tp_relu_backward(activation_output(model, i), delta, tp_layer_output_size(layer));
+            continue;
+        case TP_LAYER_RELU6:
+        case TP_LAYER_LEAKY_RELU:
+        case TP_LAYER_SIGMOID:
+        case TP_LAYER_TANH:
+            tp_activation_backward(layer, activation_output(model, i), delta,
+                                   tp_layer_output_size(layer));
             continue;
         case TP_LAYER_FLATTEN: continue;
         /* a pool right after a ReLU takes the ReLU's derivative in the same pass where it can

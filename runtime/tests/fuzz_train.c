@@ -1,6 +1,7 @@
 /* fuzz_train.c: libFuzzer harness for the training step (make -C runtime fuzz).
  *
- * The fuzz input chooses a small model (layer kinds, sizes, kernels, strides, paddings, groups),
+ * The fuzz input chooses a small model (layer kinds, activations among them, sizes, kernels,
+ * strides, paddings, groups),
  * a policy and its settings (including out-of-range ones), an optimizer, a batch size, the
  * inputs (any float bit patterns: NaN, inf, huge) and the labels (also out of range), fed as
  * whole batches or one sample at a time (tp_batch_add, sometimes too few or too many, sometimes
@@ -50,6 +51,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t labels[6], keep[6 * 8];
     uint8_t mask[6];
     static float weights[1 << 20]; /* every layer's initial weights (frozen layers read them) */
+    static const float slopes[4] = {0.01f, 0.0f, 0.3f, -0.2f}; /* LeakyReLU: the last refused */
     tp_memory_config memory;
     int32_t poke;
     float saved = 0.0f;
@@ -64,7 +66,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     spec.layers = layers;
     for (i = 0; i < count; i++) {
         tp_layer_spec *l = &layers[i];
-        l->kind = (tp_layer_kind)(byte(&r) % 7); /* 6 is not a kind */
+        l->kind = (tp_layer_kind)(byte(&r) % 11); /* 10 is not a kind */
         l->out_channels = (int32_t)(byte(&r) % 10) - 1;
         l->kernel_h = byte(&r) % 4;
         l->kernel_w = byte(&r) % 4;
@@ -78,6 +80,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         l->has_bias = byte(&r) % 3;
         l->weight = byte(&r) % 4 ? weights : NULL; /* NULL: zeros, or an error when frozen */
         l->bias = weights;
+        if (l->kind == TP_LAYER_LEAKY_RELU) /* its slope: default, 0, a fraction, or refused */
+            l->weight = byte(&r) % 4 ? &slopes[byte(&r) % 4] : NULL;
     }
     policy.policy = (tp_policy)(byte(&r) % 5);
     policy.s_min = setting(&r);

@@ -59,6 +59,23 @@ static tp_layer_spec har_layers[] = {
 };
 static const tp_model_spec har_spec = {3, 1, 20, 8, har_layers};
 
+/* the other activations: Tanh on the sample itself, conv + ReLU6, max pool, pointwise conv +
+ * LeakyReLU (slope 0.1), flatten, dense + Sigmoid, dense + Tanh, dense */
+static float act_w0[4 * 2 * 9], act_b0[4], act_w1[3 * 4], act_b1[3], act_w2[6 * 27], act_b2[6];
+static float act_w3[5 * 6], act_b3[5], act_w4[3 * 5], act_b4[3];
+static const float act_slope = 0.1f;
+static tp_layer_spec act_layers[] = {
+    TP_ACTIVATION_SPEC(TP_LAYER_TANH),
+    TP_CONV_SPEC(4, 3, 3, 1, 1, 1, 1, 1, act_w0, act_b0), TP_ACTIVATION_SPEC(TP_LAYER_RELU6),
+    TP_MAXPOOL_SPEC(2, 2, 0, 0),
+    TP_CONV_SPEC(3, 1, 1, 1, 1, 0, 0, 1, act_w1, act_b1), TP_LEAKY_RELU_SPEC(&act_slope),
+    TP_FLATTEN_SPEC(),
+    TP_DENSE_SPEC(6, act_w2, act_b2), TP_ACTIVATION_SPEC(TP_LAYER_SIGMOID),
+    TP_DENSE_SPEC(5, act_w3, act_b3), TP_ACTIVATION_SPEC(TP_LAYER_TANH),
+    TP_DENSE_SPEC(3, act_w4, act_b4),
+};
+static const tp_model_spec act_spec = {2, 6, 6, 12, act_layers};
+
 static void init_weights(void) {
     fill(mlp_w0, 12 * 16, 0.3f); fill(mlp_b0, 12, 0.1f);
     fill(mlp_w1, 8 * 12, 0.3f); fill(mlp_b1, 8, 0.1f);
@@ -69,6 +86,11 @@ static void init_weights(void) {
     fill(har_w0, 8 * 3 * 5, 0.3f); fill(har_b0, 8, 0.1f);
     fill(har_w1, 8 * 8 * 5, 0.2f); fill(har_b1, 8, 0.1f);
     fill(har_w2, 3 * 8, 0.4f); fill(har_b2, 3, 0.1f);
+    fill(act_w0, 4 * 2 * 9, 0.5f); fill(act_b0, 4, 0.1f);
+    fill(act_w1, 3 * 4, 0.5f); fill(act_b1, 3, 0.1f);
+    fill(act_w2, 6 * 27, 0.4f); fill(act_b2, 6, 0.1f);
+    fill(act_w3, 5 * 6, 0.6f); fill(act_b3, 5, 0.1f);
+    fill(act_w4, 3 * 5, 0.6f); fill(act_b4, 3, 0.1f);
 }
 
 /* A model with a malloc'ed arena of exactly the advertised size. */
@@ -93,9 +115,9 @@ static tp_status make_model(owned_model *m, const tp_model_spec *spec, tp_policy
 /* ------------------------------------------------------------------ tests */
 
 static void test_arena_exact_for_every_model_and_policy(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec};
     int s, p, o, step;
-    for (s = 0; s < 3; s++) {
+    for (s = 0; s < 4; s++) {
         for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p++) {
             for (o = 0; o <= 1; o++) {
                 owned_model m;
@@ -369,9 +391,9 @@ static void test_skip_decision(void) {
 /* Full training, batch 1, SGD lr 1: the update equals minus the gradient; compare with central
  * differences of the loss computed through tp_predict. */
 static void test_gradient_matches_finite_differences(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec};
     int s;
-    for (s = 0; s < 3; s++) {
+    for (s = 0; s < 4; s++) {
         tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
         tp_optimizer_config sgd = tp_sgd(1.0, 0.0, 0.0);
         static float before[2000], after[2000], x[160], logits[8], grad[8];
@@ -392,7 +414,7 @@ static void test_gradient_matches_finite_differences(void) {
         tp_read_parameters(&model, after, count);
         memcpy(model.parameters, before, count * sizeof(float));
         for (i = 0; i < count; i += 7) {
-            const float h = 1e-2f, saved = model.parameters[i];
+            const float h = 1e-3f, saved = model.parameters[i]; /* 1e-2 crossed kinks */
             float up, down, numeric, analytic;
             model.parameters[i] = saved + h;
             tp_predict(&model, x, logits, NULL);
@@ -423,10 +445,10 @@ static void test_gradient_matches_finite_differences(void) {
  * recomputes its input, Adam in place with 8-bit moments, selection_in_place; in_place 6: the
  * same recompute with one Adam step per batch, 8-bit moments. */
 static void test_memory_modes(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
-    const int trainable[] = {3, 4, 3};
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec};
+    const int trainable[] = {3, 4, 3, 5};
     int s, first, in_place, p, step;
-    for (s = 0; s < 3; s++) {
+    for (s = 0; s < 4; s++) {
         for (first = 0; first < trainable[s]; first++) {
             for (in_place = 0; in_place <= 6; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
@@ -754,6 +776,44 @@ static void test_hostile_values(void) {
     free(copy_arena);
 }
 
+/* What the activations cannot run: a negative or NaN LeakyReLU slope (the backward tells
+ * x > 0 by y > 0), two activations in a row but ReLU after ReLU (each works in place and
+ * needs its output for its backward). */
+static void test_activations_refused(void) {
+    static float w0[4 * 4], b0[4], w1[2 * 4], b1[2];
+    static float slope;
+    static tp_layer_spec layers[] = {
+        TP_DENSE_SPEC(4, w0, b0), TP_LEAKY_RELU_SPEC(&slope), TP_RELU_SPEC(),
+        TP_DENSE_SPEC(2, w1, b1),
+    };
+    tp_model_spec spec = {4, 1, 1, 4, layers};
+    const tp_policy_config policy = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    const tp_optimizer_config sgd = tp_sgd(0.1, 0.0, 0.0);
+    size_t bytes;
+    slope = 0.2f;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED); /* leaky, relu */
+    layers[2] = layers[1];
+    layers[1] = (tp_layer_spec)TP_RELU_SPEC();
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED); /* relu, leaky */
+    layers[2] = (tp_layer_spec)TP_FLATTEN_SPEC();
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_SIGMOID);
+    layers[0] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_TANH);
+    spec.layers = layers;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED); /* through F */
+    layers[0] = (tp_layer_spec)TP_DENSE_SPEC(4, w0, b0);
+    layers[1] = (tp_layer_spec)TP_LEAKY_RELU_SPEC(&slope);
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK);
+    slope = -0.1f;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED);
+    slope = NAN;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_ARGUMENT);
+    layers[1] = (tp_layer_spec)TP_LEAKY_RELU_SPEC(NULL); /* PyTorch's 0.01 */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK);
+    layers[2] = (tp_layer_spec)TP_RELU_SPEC();
+    layers[1] = (tp_layer_spec)TP_RELU_SPEC();
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* ReLU after ReLU */
+}
+
 int main(void) {
     init_weights();
     test_arguments_are_checked();
@@ -771,6 +831,7 @@ int main(void) {
     test_samples_one_at_a_time_equal_the_whole_batch();
     test_batch_api_errors();
     test_hostile_values();
+    test_activations_refused();
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -116,8 +116,9 @@ def export_c(
 
     Args:
         model: an ``nn.Sequential`` of Linear, Conv1d, Conv2d (incl. depthwise), ReLU,
-            Max/AvgPool 1d/2d, adaptive pools whose windows come out even, Flatten
-            (tinyprop-applied or plain); fold BatchNorm first (:func:`fold_batch_norm`).
+            ReLU6, LeakyReLU, Sigmoid, Tanh, Max/AvgPool 1d/2d, adaptive pools whose windows
+            come out even, Flatten (tinyprop-applied or plain); fold BatchNorm first
+            (:func:`fold_batch_norm`).
         config: the policy (``full``, ``topk``, ``tinyprop``, ``tinypropv2``).
         out_dir: folder to write (created).
         input_shape: one sample's shape; inferred for MLPs.

@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tinyprop.export.graph import AVGPOOL, CONV2D, FLATTEN, MAXPOOL, RELU, LayerSpec
+from tinyprop.export.graph import ACTIVATIONS, AVGPOOL, CONV2D, FLATTEN, MAXPOOL, RELU, LayerSpec
 from tinyprop.memory import MemoryMode
+
+IN_PLACE = (*ACTIVATIONS, FLATTEN)  # layers whose backward works on the error in place
 
 RADIX_COUNTS = 256  # selection_in_place: the radix select's table (TP_RADIX_COUNTS)
 # tp_buffer_use of plan.c
@@ -151,20 +153,20 @@ def recompute_flags(layers: list[LayerSpec], mode: MemoryMode) -> list[bool]:
 
 def _recompute_reader(layers: list[LayerSpec], i: int) -> int:
     """Last step that reads the recomputed input of layer i: its backward, or the backward of
-    a ReLU working in place on it (the layers right before i that alias their input)."""
+    an activation working in place on it (the layers right before i that alias their input)."""
     last, k = 2 * len(layers) - i, i - 1
-    while k > 0 and layers[k].kind in (RELU, FLATTEN):
-        if layers[k].kind == RELU:
+    while k > 0 and layers[k].kind in IN_PLACE:
+        if layers[k].kind in ACTIVATIONS:
             last = 2 * len(layers) - k
         k -= 1
     return last
 
 
 def recompute_consumer(layers: list[LayerSpec], recompute: list[bool], i: int) -> bool:
-    """Layer i aliases its input (ReLU in place, Flatten) and the next layer that does not
-    recomputes its input: i's output is then that recomputed input."""
+    """Layer i aliases its input (an activation in place, Flatten) and the next layer that does
+    not recomputes its input: i's output is then that recomputed input."""
     k = i + 1
-    while k < len(layers) and layers[k].kind in (RELU, FLATTEN):
+    while k < len(layers) and layers[k].kind in IN_PLACE:
         k += 1
     return k < len(layers) and recompute[k]
 
@@ -205,7 +207,7 @@ def conv_backward_scratch(layer: LayerSpec, writes_input_delta: bool, reads_inpu
 def _error_reader(layers: list[LayerSpec], j: int) -> int:
     """Step of the backward that reads the error of layer j's input (past in-place layers)."""
     k = j - 1
-    while k > 0 and layers[k].kind in (RELU, FLATTEN):
+    while k > 0 and layers[k].kind in IN_PLACE:
         k -= 1
     return 2 * len(layers) - k
 
@@ -288,7 +290,7 @@ def plan_arena(
         moments = parameters if momentum else 0
     storage, last_use, current_is_sample = [], list(range(count)), True
     for i, layer in enumerate(layers):
-        aliases = layer.kind == FLATTEN or (layer.kind == RELU and not current_is_sample)
+        aliases = layer.kind == FLATTEN or (layer.kind in ACTIVATIONS and not current_is_sample)
         storage.append((storage[i - 1] if i > 0 else -1) if aliases else i)
         if not aliases:
             current_is_sample = False
@@ -302,7 +304,7 @@ def plan_arena(
         if source >= 0 and (reads_input or layer.kind in (MAXPOOL, AVGPOOL)):
             last_use[source] = max(last_use[source], 2 * count - i)
         if (
-            layer.kind == RELU
+            layer.kind in ACTIVATIONS
             and storage[i] >= 0
             and not keeps_mask(layers, bias_only, i)
             and not recompute_consumer(layers, recompute, i)

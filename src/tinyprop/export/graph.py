@@ -1,7 +1,8 @@
 """Walk a sequential PyTorch model into the C runtime's layer list (``tp_layer_spec``).
 
 The runtime runs a chain of layers on one sample of shape (C, H, W): dense, conv2d (a Conv1d is
-a conv2d of height 1), ReLU, max / average pooling and flatten. This module turns an
+a conv2d of height 1), the activations ReLU, ReLU6, LeakyReLU, Sigmoid and Tanh, max / average
+pooling and flatten. This module turns an
 ``nn.Sequential`` (nested ones are flattened) into that chain with every shape worked out, and
 names any module it cannot run by its type and its path in the model.
 """
@@ -19,7 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from tinyprop.export.tracing import TracingError, traced_layers
 
 # tp_layer_kind values of runtime/include/tinyprop.h
-DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN = range(6)
+DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN, RELU6, LEAKY_RELU, SIGMOID, TANH = range(10)
 KIND_NAMES = {
     DENSE: "TP_LAYER_DENSE",
     CONV2D: "TP_LAYER_CONV2D",
@@ -27,9 +28,18 @@ KIND_NAMES = {
     MAXPOOL: "TP_LAYER_MAXPOOL",
     AVGPOOL: "TP_LAYER_AVGPOOL",
     FLATTEN: "TP_LAYER_FLATTEN",
+    RELU6: "TP_LAYER_RELU6",
+    LEAKY_RELU: "TP_LAYER_LEAKY_RELU",
+    SIGMOID: "TP_LAYER_SIGMOID",
+    TANH: "TP_LAYER_TANH",
 }
+# elementwise, in place, the derivative taken from the output (tp_is_activation)
+ACTIVATIONS = (RELU, RELU6, LEAKY_RELU, SIGMOID, TANH)
+_ACTIVATION_KINDS = {nn.ReLU: RELU, nn.ReLU6: RELU6, nn.LeakyReLU: LEAKY_RELU,
+                     nn.Sigmoid: SIGMOID, nn.Tanh: TANH}  # fmt: skip
 SUPPORTED = (
-    "Linear, Conv1d, Conv2d (incl. depthwise, zero padding), ReLU, MaxPool1d/2d, AvgPool1d/2d, "
+    "Linear, Conv1d, Conv2d (incl. depthwise, zero padding), ReLU, ReLU6, LeakyReLU "
+    "(negative_slope >= 0), Sigmoid, Tanh, MaxPool1d/2d, AvgPool1d/2d, "
     "AdaptiveAvgPool1d/2d and AdaptiveMaxPool1d/2d to a size that divides the input, Flatten, "
     "Identity, Dropout with p=0; BatchNorm folded first (tinyprop.export.fold_batch_norm)"
 )
@@ -109,6 +119,10 @@ _RUNTIME_METHODS = {
     nn.Conv1d: ("forward", "_conv_forward"),
     nn.Conv2d: ("forward", "_conv_forward"),
     nn.ReLU: ("forward",),
+    nn.ReLU6: ("forward",),
+    nn.LeakyReLU: ("forward",),
+    nn.Sigmoid: ("forward",),
+    nn.Tanh: ("forward",),
     nn.MaxPool1d: ("forward",),
     nn.MaxPool2d: ("forward",),
     nn.AvgPool1d: ("forward",),
@@ -162,9 +176,11 @@ def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]
 
 
 _ACTIVATIONS = (
-    nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
 )  # fmt: skip
+# (the activations above are the ones the runtime lacks)
+_RUNTIME_ACTIVATIONS = "ReLU, ReLU6, LeakyReLU (negative_slope >= 0), Sigmoid and Tanh"
 
 
 def _what_to_do(module: nn.Module) -> str:
@@ -176,9 +192,15 @@ def _what_to_do(module: nn.Module) -> str:
             "--fold-batch-norm), which keeps what the model computes in eval mode"
         )
     if isinstance(module, _ACTIVATIONS):
+        why = (
+            " (its derivative needs its input, which the runtime does not keep: it takes an "
+            "activation's derivative from its output)"
+            if isinstance(module, (nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish, nn.Hardsigmoid))
+            else ""
+        )
         return (
-            "the runtime's only activation is ReLU; put nn.ReLU() in its place and fine-tune "
-            "the model in PyTorch before exporting"
+            f"the runtime's activations are {_RUNTIME_ACTIVATIONS}{why}; put one of them, e.g. "
+            "nn.ReLU(), in its place and fine-tune the model in PyTorch before exporting"
         )
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
         return (
@@ -489,8 +511,8 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
             if rank != (3 if two_d else 2):
                 raise _unsupported(path, module, f"a {name} on a {rank}-D sample")
             spec = _conv(path, module, shape, two_d)
-        elif isinstance(module, nn.ReLU):
-            spec = LayerSpec(RELU, path, name, shape, shape)
+        elif type(module) in _ACTIVATION_KINDS or isinstance(module, nn.ReLU):
+            spec = _activation(path, module, shape, layers)
         elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
             two_d = isinstance(module, (nn.MaxPool2d, nn.AvgPool2d))
             if rank != (3 if two_d else 2):
@@ -520,6 +542,29 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
             "end with Flatten and Linear"
         )
     return layers
+
+
+def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) -> LayerSpec:
+    """ReLU, ReLU6, LeakyReLU (its negative_slope as the spec's one weight), Sigmoid, Tanh."""
+    kind = RELU if isinstance(module, nn.ReLU) else _ACTIVATION_KINDS[type(module)]
+    weight = None
+    if kind == LEAKY_RELU:
+        slope = float(module.negative_slope)
+        if not math.isfinite(slope) or slope < 0:
+            raise _unsupported(
+                path, module, f"negative_slope={slope}: the runtime takes the derivative from "
+                "the output, which tells x > 0 by y > 0 only for a slope >= 0; use a slope "
+                ">= 0 (PyTorch's default is 0.01)"
+            )  # fmt: skip
+        weight = np.array([slope], dtype=np.float32)
+    before = next((x for x in reversed(layers) if x.kind != FLATTEN), None)
+    if before is not None and before.kind in ACTIVATIONS and not kind == before.kind == RELU:
+        raise _unsupported(
+            path, module, f"it follows the activation '{before.path}' ({before.module_type}): "
+            "the runtime applies activations in place, so the second would overwrite the "
+            "output the first one's backward needs; merge them into one activation"
+        )  # fmt: skip
+    return LayerSpec(kind, path, type(module).__name__, shape, shape, weight=weight)
 
 
 def inference_bytes(layers: list[LayerSpec]) -> int:

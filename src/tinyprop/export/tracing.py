@@ -28,6 +28,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 _LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"}
+_ELEMENTWISE = {  # the other activations the runtime runs -> their layer
+    F.relu6: nn.ReLU6, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
+    torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh,
+}  # fmt: skip
 _FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze}
 _SAME = {"contiguous", "clone"}  # the same values: no layer
 _MEAN = {"mean", torch.mean}
@@ -98,6 +102,12 @@ def _layers_of(node: torch.fx.Node, graph_module, source) -> list[nn.Module]:
     where = f"'{node.name}' ({_name(target)} in forward)"
     if target in _RELU:
         return [nn.ReLU()]
+    if target in _ELEMENTWISE:
+        return [_ELEMENTWISE[target]()]
+    if target is F.leaky_relu:
+        arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
+        kwargs = arguments.kwargs if arguments is not None else {}
+        return [nn.LeakyReLU(kwargs.get("negative_slope", 0.01))]
     if target in _SAME:
         return []
     if target in _MEAN:
