@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -468,3 +469,22 @@ def test_a_crafted_cifar_batch_is_refused_naming_the_file(tmp_path, batch_data, 
     with pytest.raises(ValueError, match=message) as error:
         data.load("cifar10", "test", data_dir=tmp_path)
     assert str(path) in str(error.value)
+
+
+def float_idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a float32 array in the IDX format (type 0x0D)."""
+    header = bytes([0, 0, 0x0D, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(">f4").tobytes()
+
+
+@pytest.mark.parametrize("part", ["images", "labels"])
+def test_an_idx_file_of_another_type_than_bytes_is_refused_naming_it(tmp_path, part):
+    """MNIST-style IDX files hold unsigned bytes: float labels 1.5, 2.7 were truncated to
+    1, 2, and float images with NaN loaded, silently."""
+    folder = tmp_path / "mnist"
+    write_mnist(folder, {"train": 3, "test": 3}, compress=False)
+    stem = "t10k-images-idx3-ubyte" if part == "images" else "t10k-labels-idx1-ubyte"
+    values = np.full((3, 28, 28), np.nan) if part == "images" else np.array([1.5, 2.7, 3.0])
+    (folder / stem).write_bytes(float_idx_bytes(values))
+    with pytest.raises(ValueError, match=f"{stem} holds float32 values; MNIST-style {part}"):
+        data.load("mnist", "test", data_dir=tmp_path)

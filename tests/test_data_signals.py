@@ -371,3 +371,20 @@ def test_a_wav_header_written_to_a_pipe_is_read_to_the_end(tmp_path):
     (tmp_path / "zero.wav").symlink_to("/dev/zero")
     with pytest.raises(ValueError, match="not a regular file"):
         audio.read_wav(tmp_path / "zero.wav")
+
+
+@pytest.mark.parametrize("value", ["nan", "-inf", "1e39"])
+def test_uci_har_value_that_is_not_finite_is_refused_naming_the_file(
+    tmp_path, private_cache, value
+):
+    """np.loadtxt reads 'nan', 'inf' and 1e39 (inf in float32): such a window was loaded,
+    silently."""
+    root = write_uci_har(tmp_path / "UCI HAR Dataset")
+    path = root / "test" / "Inertial Signals" / "body_acc_y_test.txt"
+    rows = path.read_text().splitlines()
+    rows[1] = " ".join([value] + rows[1].split()[1:])
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(
+        ValueError, match=r"body_acc_y_test.txt holds a NaN or infinite value \(line 2\)"
+    ):
+        data.load("har", "test", data_dir=str(root))

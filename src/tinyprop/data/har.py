@@ -65,6 +65,13 @@ def _read_matrix(path: Path, columns: int | None) -> np.ndarray:
         raise ValueError(
             f"cannot parse {path} ({error}); the file is corrupt: re-extract 'UCI HAR Dataset.zip'"
         ) from error
+    finite = np.isfinite(matrix)  # np.loadtxt reads "nan", "inf" and 1e39 (inf in float32)
+    if not finite.all():
+        line = int(np.argwhere(~finite)[0, 0]) + 1
+        raise ValueError(
+            f"{path} holds a NaN or infinite value (line {line}); the file is corrupt: "
+            "re-extract 'UCI HAR Dataset.zip'"
+        )
     if columns is not None and matrix.shape[1] != columns:
         raise ValueError(
             f"{path} has {matrix.shape[1]} values per line, expected {columns}; the file is "

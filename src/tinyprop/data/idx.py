@@ -96,7 +96,8 @@ def find_idx(folder: Path, split: str, part: str) -> Path | None:
 
 
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, H, W)`` uint8 and labels ``(N,)`` uint8 of one split from an IDX folder.
+    """Images ``(N, H, W)`` uint8 and labels ``(N,)`` uint8 of one split from an IDX folder
+    (files of another IDX type are refused).
 
     Args:
         folder: holds the official files, e.g. ``train-images-idx3-ubyte(.gz)``.
@@ -114,6 +115,12 @@ def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} (plain or .gz)")
     images = read_idx(paths["images"])
     labels = read_idx(paths["labels"])
+    for part, array in (("images", images), ("labels", labels)):
+        if array.dtype != np.uint8:  # float labels were truncated, NaN pixels taken, silently
+            raise ValueError(
+                f"{paths[part]} holds {array.dtype} values; MNIST-style {part} are unsigned "
+                "bytes (IDX type 0x08): re-download the file"
+            )
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"IDX files in {folder} disagree: images {images.shape}, labels {labels.shape}; "
