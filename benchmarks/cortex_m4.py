@@ -95,7 +95,12 @@ def instructions_per_step(host: Path, output: str) -> dict | None:
     }
 
 
-def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tinypropv2") -> dict:
+def build_and_run(
+    name: str, mode: TrainingMode, work: Path, policy: str = "tinypropv2", run: bool = True
+) -> dict:
+    """Export, build for the Cortex-M4 and size one example; with ``run``, also build it for
+    the host, count its instructions and run it under QEMU against the host's weights
+    (``run=False``: the sizes only, as ``tests/test_cortex_m4_records.py`` checks them)."""
     dataset, shape, count, batch_size, epochs = EXAMPLES[name]
     torch.manual_seed(0)
     net = models.build(dataset, input_shape=shape)
@@ -157,6 +162,8 @@ def build_and_run(name: str, mode: TrainingMode, work: Path, policy: str = "tiny
         "compiler": "arm-none-eabi-gcc -O2 " + " ".join(M4_FLAGS),
         "qemu": None,
     }
+    if not run:
+        return record
     host = out / "train_host"
     subprocess.run(
         ["gcc", *common, "-fno-tree-vectorize", *sources, "-lm", "-o", str(host)], check=True

@@ -7,8 +7,10 @@ instructions per skipped and trained step (callgrind, host build).
 
     python benchmarks/memory_table.py        # prints the markdown tables
 
-A second table lists the accuracy-only modes (``TrainingMode.on_device`` False: which layers,
-learning rates or optimizers matter) with the arena the runtime's plan gives them.
+A second table says, per example model, what training every layer with Adam needs and which
+measured builds fit 64 KB and 256 KB of SRAM (RAM = data + bss, the arena inside; the stack
+comes on top). A third lists the accuracy-only modes (``TrainingMode.on_device`` False: which
+layers, learning rates or optimizers matter) with the arena the runtime's plan gives them.
 """
 
 from __future__ import annotations
@@ -75,6 +77,34 @@ def device_table(records: list[dict], measured: dict) -> None:
         )
 
 
+SRAM_SIZES = {"64 KB": 64 * 1024, "256 KB": 256 * 1024}  # common Cortex-M4 parts' SRAM
+
+
+def fit_table(records: list[dict]) -> None:
+    """Per example model: the RAM (data + bss, the training arena inside; the stack on top) of
+    training every layer with Adam, and the measured modes whose build fits 64 KB and 256 KB of
+    SRAM, each as RAM under full / tinypropv2 ("over" where that policy's build does not fit)."""
+    print("| model | every layer, Adam: RAM (arena) full / tinypropv2 | "
+          + " | ".join(f"modes within {name}: RAM full / tinypropv2" for name in SRAM_SIZES)
+          + " |")  # fmt: skip
+    print("|---|---|" + "---|" * len(SRAM_SIZES))
+    for model in DATASETS:
+        ram = {(r["mode"], r["policy"]): r for r in records if r["model"] == model}
+        modes = sorted({mode for mode, _ in ram}, key=lambda m: ram[(m, "full")]["ram_bytes"])
+        every = [ram[("all-adam", p)] for p in ("full", "tinypropv2")]
+        default = " / ".join(f"{r['ram_bytes']:,} ({r['training_arena_bytes']:,})" for r in every)
+        cells = []
+        for limit in SRAM_SIZES.values():
+            fitting = []
+            for mode in modes:
+                sizes = [ram[(mode, p)]["ram_bytes"] for p in ("full", "tinypropv2")]
+                if min(sizes) <= limit:
+                    shown = [f"{size:,}" if size <= limit else "over" for size in sizes]
+                    fitting.append(f"{mode} {shown[0]} / {shown[1]}")
+            cells.append("; ".join(fitting) or "none")
+        print(f"| {NAMES[model]} | {default} | " + " | ".join(cells) + " |")
+
+
 def accuracy_only_table(measured: dict) -> None:
     """The accuracy-only modes (``on_device`` False): arena from the runtime's plan."""
     print("| model | mode | what trains | optimizer, lr | arena (full) | accuracy (3 seeds) "
@@ -111,6 +141,8 @@ def main() -> None:
     records = json.loads((RESULTS / "runtime_cortex_m4.json").read_text())
     measured = accuracies()
     device_table(records, measured)
+    print()
+    fit_table(records)
     print()
     accuracy_only_table(measured)
 
