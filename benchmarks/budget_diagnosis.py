@@ -9,14 +9,28 @@ then the dense modules' part (BatchNorm, ReLU, pooling: their backward runs for 
 and the selection's.
 
     python benchmarks/budget_diagnosis.py --dataset cifar10 --budget 0.2 [--set zeta=1.0]
+
+With ``--gradients`` it also compares, at every step, each layer's weight gradient with the
+two dense gradients of the same batch at the same weights (a plain copy of the model, BatchNorm
+in training mode): full training's (every sample) and the exact gradient of the trained samples
+alone (skipped samples' losses set to 0, the same mean over B). Per layer, the mean over the
+steps of the cosines sparse / dense, trained-only / dense, sparse / trained-only, the norm ratio
+sparse / dense, and the layer's share of the dense gradient's squared norm: how much of the
+step's direction skipping samples loses, and how much the sparse layers lose on top of it.
+
+    python benchmarks/budget_diagnosis.py --dataset cifar10 --budget 0.2 --gradients
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections import defaultdict
 
+import torch
+
+import tinyprop
 import tinyprop.budget
 import tinyprop.step
 from tinyprop.bench import runner, suites
@@ -102,6 +116,73 @@ class Breakdown:
         }
 
 
+class GradientCheck:
+    """Wraps ``tinyprop.train_step``: every step's sparse weight gradients against the dense
+    ones of the same batch at the same weights (see the module docstring)."""
+
+    PAIRS = ("sparse_dense", "trained_dense", "sparse_trained")
+
+    def __init__(self):
+        self.plain = None  # a plain copy of the model (tinyprop removed), reloaded every step
+        self.sums = defaultdict(lambda: defaultdict(float))
+        self.order: list[str] = []
+        self.steps = 0
+        self._train_step = tinyprop.train_step
+
+    def __call__(self, model, x, y, loss_fn, optimizer, **options):
+        if self.plain is None:
+            self.plain = tinyprop.remove(copy.deepcopy(model))
+        names = dict(self.plain.state_dict())
+        self.plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in names})
+        stats = self._train_step(model, x, y, loss_fn, optimizer, **options)
+        self.compare(model, x, y, loss_fn, stats.trained_mask)
+        return stats
+
+    def compare(self, model, x, y, loss_fn, trained_mask) -> None:
+        weights = {
+            name: parameter
+            for name, parameter in self.plain.named_parameters()
+            if parameter.dim() > 1  # the Linear / Conv weights
+        }
+        self.plain.train()
+        losses = loss_fn(self.plain(x), y)  # (B,)
+        dense = torch.autograd.grad(losses.mean(), list(weights.values()), retain_graph=True)
+        mask = trained_mask.to(losses.dtype) if trained_mask is not None else 1.0
+        trained = torch.autograd.grad(
+            (losses * mask).sum() / len(losses), list(weights.values()), allow_unused=True
+        )
+        sparse_of = dict(model.named_parameters())
+        norms = [float(g.pow(2).sum()) for g in dense]
+        total = sum(norms) or 1.0
+        self.steps += 1
+        for (name, _), full, only, norm in zip(weights.items(), dense, trained, norms, strict=True):
+            if name not in self.order:
+                self.order.append(name)
+            grad = sparse_of[name].grad
+            sparse = torch.zeros_like(full) if grad is None else grad
+            only = torch.zeros_like(full) if only is None else only
+            entry = self.sums[name]
+            entry["share"] += norm / total
+            for pair, (a, b) in zip(
+                self.PAIRS, ((sparse, full), (only, full), (sparse, only)), strict=True
+            ):
+                entry[pair] += _cosine(a, b)
+            entry["norm_ratio"] += float(sparse.norm()) / max(float(full.norm()), 1e-30)
+
+    def report(self) -> list[dict]:
+        steps = max(self.steps, 1)
+        return [
+            {"layer": name, **{key: value / steps for key, value in self.sums[name].items()}}
+            for name in self.order
+        ]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b), 0 when either is zero."""
+    denominator = float(a.norm()) * float(b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
+
+
 def parse_value(text: str):
     for kind in (int, float):
         try:
@@ -121,6 +202,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="config fields, e.g. zeta=1.0")
     parser.add_argument("--json", help="also write the breakdown and metrics here")
     parser.add_argument(
+        "--gradients", action="store_true", help="compare each step's gradients with dense ones"
+    )
+    parser.add_argument(
         "--controller", nargs="*", default=[], help="budget constants, e.g. HORIZON=60 GAIN=0.2"
     )
     args = parser.parse_args()
@@ -138,8 +222,13 @@ def main() -> None:
         setattr(tinyprop.budget, name, parse_value(value))
     breakdown = Breakdown()
     tinyprop.step.step_ledger = breakdown
+    check = GradientCheck() if args.gradients else None
+    if check is not None:
+        tinyprop.train_step = check  # the bench's training loop calls tinyprop.train_step
     record = runner.execute_run(spec, write=False)
     result = breakdown.report()
+    if check is not None:
+        result["gradients"] = check.report()
     print(
         f"{args.dataset} {args.policy} {settings}: metric {record['metric']:.2f} "
         f"(val {record['val_metric']:.2f}, pretrained {record['pretrained_metric']}), "
@@ -157,6 +246,16 @@ def main() -> None:
             f"{100 * row['rows_backward']:6.1f} {100 * row['keep']:6.2f} "
             f"{100 * row['fixed_of_run']:7.2f} {100 * row['variable_of_run']:6.2f}"
         )
+    if check is not None:
+        print(
+            "gradients, mean over the steps: cos(sparse, dense), cos(trained only, dense), "
+            "cos(sparse, trained only), |sparse| / |dense|, share of |dense|^2"
+        )
+        for row in result["gradients"]:
+            print(
+                f"{row['layer'][:28]:28s} {row['sparse_dense']:6.3f} {row['trained_dense']:6.3f} "
+                f"{row['sparse_trained']:6.3f} {row['norm_ratio']:6.3f} {100 * row['share']:6.2f}%"
+            )
     ratios = result["step_ratios"]
     tenth = max(len(ratios) // 10, 1)
     print("step ratio by tenth of the run:", " ".join(

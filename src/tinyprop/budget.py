@@ -13,7 +13,10 @@ Symbols (one step = one :class:`tinyprop.step.StepContext`):
 - b: the budget. S, D: the run's spent (backward + selection) and dense backward MACs so far;
   R = S / D the run's backward ratio; n the finished steps.
 - r* = b + (b - R) · n / H: the step ratio that pays R's deviation from b back within H steps
-  (:func:`tinyprop.functional.budget_step_target`), limited to [b / 4, min(1, 4 b)].
+  (:func:`tinyprop.functional.budget_step_target`), limited to [b / 4, min(1, 4 b)]. With a
+  schedule (``budget_schedule`` a, ``budget_steps`` T) b is the next step's budget
+  b (1 + a (1 - 2 t / T)) and R is paid back to the run's budget so far, b (1 + a (1 - n / T)),
+  which is b at n = T (:func:`tinyprop.functional.scheduled_budget`).
 - r̃ = Ŝ / D̂: the measured step ratio, with Ŝ, D̂ exponential averages (factor λ) of the
   steps' spent and dense MACs (a step that skipped every sample has Ŝ += 0).
 - the integral law on the log cost: Δ = η · (log r* - log r̃), limited to ±log 2 per step (a
@@ -53,7 +56,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from tinyprop.functional import budget_step_target, split_range
+from tinyprop.functional import budget_step_target, scheduled_budget, split_range
 from tinyprop.ledger import layer_backward_macs
 
 WINDOW = 256  # W: recent skip scores (output errors or losses) the percentile looks at
@@ -138,6 +141,8 @@ class BudgetController:
         keep_limits: (smallest, largest) c; equal for a policy without a keep scale.
         train_start: q0.
         train_limits: (smallest, largest) q; both q0 for a policy that trains every sample.
+        schedule: a, the budget's tilt over the run (0: b at every step).
+        total_steps: T, the run's steps over which ``schedule`` spreads the budget.
     """
 
     SPENT = "tinyprop_budget_spent"  # S
@@ -156,9 +161,13 @@ class BudgetController:
         keep_limits: tuple[float, float],
         train_start: float,
         train_limits: tuple[float, float],
+        schedule: float = 0.0,
+        total_steps: int | None = None,
     ):
         self._root = root
         self.budget = budget
+        self.schedule = schedule
+        self.total_steps = total_steps
         self.keep_start = keep_start
         self.keep_limits = (math.log(keep_limits[0]), math.log(keep_limits[1]))
         self.train_start = train_start
@@ -234,7 +243,12 @@ class BudgetController:
         steps = int(buffers[self.STEPS]) + 1
         smoothed_spent = _smooth(buffers[self.SMOOTHED_SPENT], spent)  # Ŝ
         smoothed_dense = _smooth(buffers[self.SMOOTHED_DENSE], dense)  # D̂
-        target = budget_step_target(self.budget, run_spent, run_dense, steps, HORIZON)  # r*
+        run_budget, step_budget = scheduled_budget(
+            self.budget, self.schedule, steps, self.total_steps
+        )
+        target = budget_step_target(  # r*
+            step_budget, run_spent, run_dense, steps, HORIZON, run_budget
+        )
         measured = max(smoothed_spent, 1) / smoothed_dense  # r̃ (tiny after skipped steps)
         change = GAIN * (math.log(target) - math.log(measured))
         change = min(max(change, -LARGEST_CHANGE), LARGEST_CHANGE)  # |Δ| <= log 2 per step

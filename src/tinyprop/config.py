@@ -30,7 +30,7 @@ LARGEST_SEED = 2**31 - 1  # seeds (plus the offsets the benchmark adds) fit ever
 # the settings that are numbers: a NumPy scalar given for one becomes the Python number
 _NUMBER_FIELDS = (
     "s_min", "s_max", "zeta", "ratio", "d_min", "d_max", "beta", "skip_threshold", "seed",
-    "budget", "skip_split",
+    "budget", "skip_split", "budget_schedule", "budget_steps",
 )  # fmt: skip
 
 
@@ -131,6 +131,14 @@ class TinyPropConfig:
             so every row of a batch is measured against the largest local error up to and
             including its batch, instead of after each row in batch order (the sequential
             definition of ``docs/algorithm.md``, which the C runtime follows). Off by default.
+        budget_schedule: with a budget, a in (-1, 1): spend the budget unevenly over the run,
+            the step's share falling linearly from (1 + a)·b at the first step to (1 - a)·b at
+            step ``budget_steps`` (a > 0: more backward early, less late; a < 0 the other way),
+            so that the run's backward ratio is still b at its end; after ``budget_steps``
+            steps, b. 0 (default): b at every step.
+        budget_steps: T, the run's length in optimizer steps (``train_step`` calls) over
+            which ``budget_schedule`` spreads the budget; needed when ``budget_schedule`` is
+            not 0. None (default).
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -158,6 +166,8 @@ class TinyPropConfig:
     batch_norm_trained_rows: bool | None = None  # BatchNorm's backward means over trained rows
     mean_over_trained: bool = False  # the step's loss: mean over the trained samples, not B
     running_max_per_batch: bool = False  # Ymax_l once per batch, not after each row
+    budget_schedule: float = 0.0  # a: step budget from (1 + a) b down to (1 - a) b over T steps
+    budget_steps: int | None = None  # T: the run's optimizer steps (for budget_schedule)
 
     def __post_init__(self) -> None:
         for name in _NUMBER_FIELDS:  # NumPy scalars (a sweep over np.linspace) as Python ones
@@ -227,6 +237,7 @@ class TinyPropConfig:
         if not 0 <= self.seed <= LARGEST_SEED:
             raise ValueError(f"seed must lie in [0, {LARGEST_SEED}], got {self.seed}")
         self._check_budget()
+        self._check_budget_schedule()
         if isinstance(self.skip_split, bool) or not isinstance(self.skip_split, (int, float)):
             raise TypeError(f"skip_split must be a number in [0, 1], got {self.skip_split!r}")
         if not 0.0 <= self.skip_split <= 1.0:
@@ -264,6 +275,38 @@ class TinyPropConfig:
             raise ValueError(
                 "the full policy has no budget (it is the 100% reference); choose topk, "
                 "randomk, tinyprop, tinypropv2 or selective_backprop, or drop budget"
+            )
+
+    def _check_budget_schedule(self) -> None:
+        schedule, steps = self.budget_schedule, self.budget_steps
+        if isinstance(schedule, bool) or not isinstance(schedule, (int, float)):
+            raise TypeError(f"budget_schedule must be a number in (-1, 1), got {schedule!r}")
+        if not -1.0 < schedule < 1.0:  # NaN fails too
+            raise ValueError(
+                f"budget_schedule must lie in (-1, 1) (0: the same budget at every step), got "
+                f"{schedule}"
+            )
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ValueError(f"budget_steps must be a positive int or None, got {steps!r}")
+        if schedule == 0.0:
+            return
+        if self.budget is None:
+            raise ValueError(
+                f"budget_schedule={schedule} spreads a budget over the run: set budget too "
+                "(e.g. budget=0.2), or budget_schedule=0"
+            )
+        if steps is None:
+            raise ValueError(
+                f"budget_schedule={schedule} needs the run's length: set budget_steps to the "
+                "number of train_step calls of the run (epochs x batches per epoch)"
+            )
+        if (1.0 + abs(schedule)) * self.budget > 1.0:
+            raise ValueError(
+                f"budget_schedule={schedule} would ask for (1 + |a|)·b = "
+                f"{(1 + abs(schedule)) * self.budget:g} of full's backward at one end of the "
+                f"run, more than full; choose |budget_schedule| <= {1 / self.budget - 1:g}"
             )
 
     @property

@@ -169,16 +169,43 @@ def skip_decision(
 
 
 def budget_step_target(
-    budget: float, spent: float, dense: float, steps: int, horizon: int
+    budget: float,
+    spent: float,
+    dense: float,
+    steps: int,
+    horizon: int,
+    run_budget: float | None = None,
 ) -> float:
-    """r* = b + (b - R) · n / H: the step ratio that pays a run ratio R = S / D back to the
-    budget b within H steps (after n steps, D / n is the mean dense MACs of a step), limited to
-    [b / 4, min(1, 4 b)]. ``spent`` S, ``dense`` D: the run's MACs so far."""
+    """r* = b + (B - R) · n / H: the step ratio that pays a run ratio R = S / D back to the
+    run's budget B (``run_budget``, default b) within H steps (after n steps, D / n is the mean
+    dense MACs of a step), limited to [b / 4, min(1, 4 b)]. ``budget`` b: the next step's
+    budget; ``spent`` S, ``dense`` D: the run's MACs so far."""
     if dense <= 0:
         return budget
+    run_budget = budget if run_budget is None else run_budget
     run_ratio = spent / dense
-    target = budget + (budget - run_ratio) * steps / horizon
+    target = budget + (run_budget - run_ratio) * steps / horizon
     return min(max(target, budget / 4), min(1.0, 4 * budget))
+
+
+def scheduled_budget(
+    budget: float, schedule: float, steps: int, total_steps: int | None
+) -> tuple[float, float]:
+    """(B(n), b(n + 1)): the run's budget after n steps and the next step's, when the step
+    budget falls linearly from (1 + a) b to (1 - a) b over T steps (a = ``schedule``,
+    T = ``total_steps``): b(t) = b (1 + a (1 - 2 t / T)) at the middle t of a step, and
+    B(n) = b (1 + a (1 - n / T)), the mean of b(t) over the first n steps, which is b at
+    n = T. After T steps (and with a = 0) both are b.
+
+    Example:
+        >>> scheduled_budget(0.2, 0.5, 0, 10)
+        (0.30000000000000004, 0.29000000000000004)
+    """
+    if schedule == 0.0 or total_steps is None or steps >= total_steps:
+        return budget, budget
+    run = budget * (1.0 + schedule * (1.0 - steps / total_steps))
+    middle = (steps + 0.5) / total_steps  # the next step's middle, as a share of the run
+    return run, budget * (1.0 + schedule * (1.0 - 2.0 * middle))
 
 
 def split_range(

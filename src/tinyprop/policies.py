@@ -46,7 +46,10 @@ class Policy:
         self.budget: BudgetController | None = None
         self.window: ScoreWindow | None = None
         if root is not None and config.budget is not None:
-            self.budget = BudgetController(root, config.budget, *self.budget_plan(config.budget))
+            self.budget = BudgetController(
+                root, config.budget, *self.budget_plan(config.budget),
+                schedule=config.budget_schedule, total_steps=config.budget_steps,
+            )  # fmt: skip
         if root is not None and (self.keeps_window or (self.skips and self.budget is not None)):
             self.window = ScoreWindow(root)
 

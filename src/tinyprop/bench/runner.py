@@ -39,6 +39,16 @@ def config_settings(settings: dict) -> dict:
     return {key: value for key, value in settings.items() if key not in RECIPE_KEYS}
 
 
+def run_config(spec: RunSpec, train_samples: int) -> tinyprop.TinyPropConfig:
+    """The run's TinyPropConfig; a ``budget_schedule`` without ``budget_steps`` gets the run's
+    length, epochs x batches per epoch (the settings label stays as given)."""
+    fields = config_settings(spec.settings)
+    if fields.get("budget_schedule") and fields.get("budget_steps") is None:
+        batches = -(-train_samples // spec.plan.batch_size)  # the last batch may be smaller
+        fields["budget_steps"] = spec.plan.epochs * batches
+    return tinyprop.TinyPropConfig(policy=spec.policy, seed=spec.seed, **fields)
+
+
 def check_recipe(settings: dict) -> None:
     """A clear error for an unknown optimizer or a bad learning rate in a settings dict."""
     if settings.get("optimizer", "adam") not in OPTIMIZERS:
@@ -278,9 +288,7 @@ def execute_run(
     if spec.protocol == "finetune":
         model.load_state_dict(pretrained if pretrained is not None else pretrained_state(spec))
         pretrained_metric = evaluate(model, test.x, test.y, autoencoder)[1]
-    config = tinyprop.TinyPropConfig(
-        policy=spec.policy, seed=spec.seed, **config_settings(spec.settings)
-    )
+    config = run_config(spec, len(splits.train))
     optimizer = spec.settings.get("optimizer", "adam")
     lr = spec.settings.get("lr", spec.plan.lr)
     result = train_policy(
