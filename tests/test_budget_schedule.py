@@ -98,3 +98,11 @@ def test_the_bench_gives_a_schedule_the_run_length():
     assert spec.settings_label == "budget=0.2,budget_schedule=0.5"
     without = dataclasses.replace(spec, settings={"budget": 0.2})
     assert runner.run_config(without, train_samples=900).budget_steps is None
+
+
+def test_the_bench_plans_a_schedule_before_the_run_length_is_known(tmp_path):
+    (spec,) = runner.plan_runs(
+        suites.get("budget"), "finetune", str(tmp_path), datasets=["cifar10"],
+        policies=["tinypropv2"], seeds=[0], labels=["budget=0.2,budget_schedule=0.5"],
+    )  # fmt: skip
+    assert spec.settings == {"budget": 0.2, "budget_schedule": 0.5}

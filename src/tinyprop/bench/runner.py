@@ -39,13 +39,20 @@ def config_settings(settings: dict) -> dict:
     return {key: value for key, value in settings.items() if key not in RECIPE_KEYS}
 
 
-def run_config(spec: RunSpec, train_samples: int) -> tinyprop.TinyPropConfig:
-    """The run's TinyPropConfig; a ``budget_schedule`` without ``budget_steps`` gets the run's
-    length, epochs x batches per epoch (the settings label stays as given)."""
-    fields = config_settings(spec.settings)
+def run_fields(settings: dict, run_steps: int) -> dict:
+    """The TinyPropConfig fields of a run of ``run_steps`` optimizer steps: a
+    ``budget_schedule`` without ``budget_steps`` gets the run's length (the settings label
+    stays as given)."""
+    fields = config_settings(settings)
     if fields.get("budget_schedule") and fields.get("budget_steps") is None:
-        batches = -(-train_samples // spec.plan.batch_size)  # the last batch may be smaller
-        fields["budget_steps"] = spec.plan.epochs * batches
+        fields["budget_steps"] = run_steps
+    return fields
+
+
+def run_config(spec: RunSpec, train_samples: int) -> tinyprop.TinyPropConfig:
+    """The run's TinyPropConfig (``train_samples`` on-device: epochs x batches steps)."""
+    batches = -(-train_samples // spec.plan.batch_size)  # the last batch may be smaller
+    fields = run_fields(spec.settings, spec.plan.epochs * batches)
     return tinyprop.TinyPropConfig(policy=spec.policy, seed=spec.seed, **fields)
 
 
@@ -168,7 +175,8 @@ def plan_runs(
             for policy in policies:
                 for settings in grids[policy]:
                     check_recipe(settings)
-                    tinyprop.TinyPropConfig(policy=policy, seed=seed, **config_settings(settings))
+                    # checked before any run starts; the run's length is known when it runs
+                    tinyprop.TinyPropConfig(policy=policy, seed=seed, **run_fields(settings, 1))
                     runs.append(
                         RunSpec(
                             suite=suite.name,
