@@ -333,6 +333,62 @@ def more_seeds_table(runs: list[dict], dataset: str = "cifar10") -> list[str]:
     return lines
 
 
+# two-sided 95% quantile of Student's t with n - 1 degrees of freedom (n seeds)
+T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+
+
+def interval(values: list[float]) -> str:
+    """mean ± std [95% confidence interval of the mean] of paired differences."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:+.2f}"
+    std = statistics.stdev(values)
+    half = T95.get(len(values), 2.0) * std / len(values) ** 0.5
+    return f"{mean:+.2f} ± {std:.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def one_machine_table(runs: list[dict]) -> list[str]:
+    """Every ``tinypropv2`` setting of a folder of runs made on one machine against full's
+    runs of the same folder, seed by seed: validation and test change (mean ± std [95% CI]),
+    and the validation change against the budget default's (which the settings are chosen
+    on), with the backward % reached."""
+    lines = [
+        "| dataset | setting | seeds | validation change | test change | validation vs "
+        "default | backward % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset in DATASETS:
+        full = full_runs(runs, dataset)
+        labels = sorted(
+            {r["settings_label"] for r in runs if r["dataset"] == dataset
+             and r["policy"] == "tinypropv2"},
+            key=lambda label: (label != "budget=0.2", label),
+        )  # fmt: skip
+        default = metric_by_seed(
+            runs, "tinypropv2", dataset, lambda r: r["settings_label"] == "budget=0.2"
+        )
+        for label in labels:
+            held = metric_by_seed(
+                runs, "tinypropv2", dataset, lambda r, t=label: r["settings_label"] == t
+            )
+            seeds = sorted(set(held) & set(full))
+            if not seeds:
+                continue
+            val = [held[s]["val_metric"] - full[s]["val_metric"] for s in seeds]
+            test = [held[s]["metric"] - full[s]["metric"] for s in seeds]
+            paired = sorted(set(seeds) & set(default))
+            against = (
+                interval([held[s]["val_metric"] - default[s]["val_metric"] for s in paired])
+                if label != "budget=0.2" and paired else ""
+            )  # fmt: skip
+            ratios = [100 * held[s]["backward_ratio"] for s in seeds]
+            lines.append(
+                f"| {dataset} | {label} | {len(seeds)} | {interval(val)} | {interval(test)} | "
+                f"{against} | {min(ratios):.2f}–{max(ratios):.2f} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="benchmarks/results")
@@ -364,6 +420,8 @@ def main() -> None:
          curve_table(records["finetune"])),
         ("More seeds, finetune, cifar10 stand-in (ResNet-8), b = 0.2: test accuracy",
          more_seeds_table(every_seed["finetune"])),
+        ("One machine, finetune, seeds as run: change against full, mean ± std [95% CI]",
+         one_machine_table(load(os.path.join(args.results, "budget-schedule")))),
     ]  # fmt: skip
     for title, lines in sections:
         if len(lines) <= 2:  # a header without rows: no records for it yet

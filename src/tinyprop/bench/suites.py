@@ -171,12 +171,13 @@ BUDGET_CANDIDATES = [
 # is the plan's Adam learning rate (1e-3 on the ResNet-8 pair) tuned? Twice it, for full and the
 # budget alike, so each chooses its learning rate on validation; and SGD-momentum at half its 0.01
 LEARNING_RATE_CHECK = {"lr": 0.002}
+LEARNING_RATE_LOWER = {"lr": 0.0005}  # half the plan's: does a sparser gradient want smaller steps?
 # the same budget spent unevenly over the run (tinyprop.budget): 1.5 b at the start falling to
 # 0.5 b at the end, and the other way round
 BUDGET_SCHEDULES = [{"budget": 0.2, "budget_schedule": a} for a in (0.5, -0.5)]
 SGD_SLOWER = {"optimizer": "sgd", "lr": 0.005}
 BUDGET_SETTINGS: dict[str, list[dict]] = {
-    "full": [{}, *SGD_SETTINGS, LEARNING_RATE_CHECK, SGD_SLOWER],
+    "full": [{}, *SGD_SETTINGS, LEARNING_RATE_CHECK, SGD_SLOWER, LEARNING_RATE_LOWER],
     "topk": budget_settings(MEPROP),
     "randomk": budget_settings(MEPROP),
     "tinyprop": budget_settings(),
@@ -186,6 +187,7 @@ BUDGET_SETTINGS: dict[str, list[dict]] = {
     + BUDGET_ALTERNATIVES
     + BUDGET_CANDIDATES
     + [{"budget": 0.2, **LEARNING_RATE_CHECK}, {"budget": 0.2, **SGD_SLOWER}]
+    + [{"budget": 0.2, **LEARNING_RATE_LOWER}]
     + [{"budget": 0.3}]  # how much backward the ResNet-8 pair needs to come within 1 pp
     + BUDGET_SCHEDULES,
     "selective_backprop": budget_settings(),
