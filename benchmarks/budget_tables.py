@@ -195,7 +195,7 @@ SGD_ALTERNATIVES = {
 }  # fmt: skip
 LEARNING_RATE = {"lr": 0.002}  # twice the plans' Adam rate of 1e-3
 LEARNING_RATES = {  # label -> the optimizer fields of the runs (the plan's Adam rate: none)
-    "Adam": {"plan": {}, "0.002": LEARNING_RATE},
+    "Adam": {"plan": {}, "0.002": LEARNING_RATE, "0.0005": {"lr": 0.0005}},
     "SGD": {lr: {"optimizer": "sgd", "lr": float(lr)} for lr in ("0.005", "0.01", "0.05")},
 }
 
@@ -347,27 +347,38 @@ def interval(values: list[float]) -> str:
     return f"{mean:+.2f} ± {std:.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
 
+def _recipe_of(settings: dict) -> dict:
+    """The optimizer fields of a run's settings (none: Adam at the plan's rate)."""
+    return {key: settings[key] for key in ("lr", "optimizer") if key in settings}
+
+
 def one_machine_table(runs: list[dict]) -> list[str]:
     """Every ``tinypropv2`` setting of a folder of runs made on one machine against full's
-    runs of the same folder, seed by seed: validation and test change (mean ± std [95% CI]),
-    and the validation change against the budget default's (which the settings are chosen
-    on), with the backward % reached."""
+    runs of the same folder with the same optimizer and learning rate, seed by seed:
+    validation and test change (mean ± std [95% CI]), and the validation change against the
+    budget default's with that optimizer and rate (which the settings are chosen on), with the
+    backward % reached."""
     lines = [
         "| dataset | setting | seeds | validation change | test change | validation vs "
         "default | backward % |",
         "|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
-        full = full_runs(runs, dataset)
-        labels = sorted(
-            {r["settings_label"] for r in runs if r["dataset"] == dataset
-             and r["policy"] == "tinypropv2"},
-            key=lambda label: (label != "budget=0.2", label),
-        )  # fmt: skip
-        default = metric_by_seed(
-            runs, "tinypropv2", dataset, lambda r: r["settings_label"] == "budget=0.2"
-        )
-        for label in labels:
+        settings = {
+            r["settings_label"]: r["settings"] for r in runs
+            if r["dataset"] == dataset and r["policy"] == "tinypropv2"
+        }  # fmt: skip
+        for label in sorted(
+            settings, key=lambda label: (sorted(_recipe_of(settings[label]).items()), label)
+        ):
+            recipe = _recipe_of(settings[label])
+            full = full_runs(runs, dataset, recipe)
+            default = metric_by_seed(
+                runs,
+                "tinypropv2",
+                dataset,
+                lambda r, e=recipe: r["settings"] == {"budget": 0.2, **e},
+            )
             held = metric_by_seed(
                 runs, "tinypropv2", dataset, lambda r, t=label: r["settings_label"] == t
             )
@@ -379,7 +390,7 @@ def one_machine_table(runs: list[dict]) -> list[str]:
             paired = sorted(set(seeds) & set(default))
             against = (
                 interval([held[s]["val_metric"] - default[s]["val_metric"] for s in paired])
-                if label != "budget=0.2" and paired else ""
+                if settings[label] != {"budget": 0.2, **recipe} and paired else ""
             )  # fmt: skip
             ratios = [100 * held[s]["backward_ratio"] for s in seeds]
             lines.append(
