@@ -160,10 +160,12 @@ class SparseBackprop(torch.autograd.Function):
             trained = step.stats.trained_mask.to(flat.device)  # (R,) skipped rows keep nothing
             delta = delta * trained.view(-1, 1, 1).to(delta.dtype)
             flat, error = delta.reshape(delta.shape[0], -1), error * trained
-        previous = step.error_max(layer) if step is not None else layer.error_max.double()
-        error_max = running_max(error, previous)  # (R',) Ymax_l after each row
-        if policy.config.running_max_per_batch:  # every row against the batch's Ymax_l
-            error_max = error_max[-1:].expand_as(error)  # (R',)
+        error_max = error  # k does not follow Y_l / Ymax_l: no running maximum needed
+        if policy.adaptive:
+            previous = step.error_max(layer) if step is not None else layer.error_max.double()
+            error_max = running_max(error, previous)  # (R',) Ymax_l after each row
+            if policy.config.running_max_per_batch:  # every row against the batch's Ymax_l
+                error_max = error_max[-1:].expand_as(error)  # (R',)
         keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
         keeps_everything = policy.keeps_everything(call) or is_dense_small_layer(
             policy.config, geometry
@@ -431,8 +433,11 @@ def _gradients(
     local_row, entry, value = select(flat, keep, with_rows=not use_native)  # (M,) each
     if use_native:
         row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
-        row_start[rows + 1] = keep  # zero rows keep nothing
-        row_start = row_start.cumsum(0)
+        if rows.numel() == x.shape[0]:  # every row
+            torch.cumsum(keep, 0, out=row_start[1:])
+        else:
+            row_start[rows + 1] = keep  # zero rows keep nothing
+            row_start = row_start.cumsum(0)
         if is_linear and defer is not None and defer(x, row_start, entry, value):
             grad_input = None
             if needs_input:
