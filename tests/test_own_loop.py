@@ -188,11 +188,13 @@ def test_a_grad_scaler_overflow_skips_the_step_and_leaves_the_running_state(
     assert len(warned) == (0 if way == "grad_scaler=" else 1)
 
 
-def test_a_loss_overflowed_in_a_float16_forward_is_left_to_the_grad_scaler():
-    """A float16 forward that overflows makes a loss NaN or infinite. With grad_scaler= it goes on
-    into the gradients, the scaler skips the step and halves its scale, as in plain PyTorch
-    (it raised FloatingPointError, ending the loop); the weights and tinyprop's running state
-    stay as they were, and the next batch trains."""
+@pytest.mark.parametrize("way", ["grad_scaler=", "scaler.scale(loss)"])
+def test_a_loss_overflowed_in_a_float16_forward_is_left_to_the_grad_scaler(way):
+    """A float16 forward that overflows makes a loss NaN or infinite. Under a GradScaler it
+    goes on into the gradients, the scaler skips the step and halves its scale, as in plain
+    PyTorch (it raised FloatingPointError, ending the loop: Lightning's 16-mixed backward is
+    the second way); the weights and tinyprop's running state stay as they were, and the
+    next batch trains."""
     torch.manual_seed(0)
     model = tinyprop.apply(build("mlp").float(), tinyprop.TinyPropConfig(policy="tinypropv2"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -208,7 +210,10 @@ def test_a_loss_overflowed_in_a_float16_forward_is_left_to_the_grad_scaler():
         losses = LOSS(output.float(), y)
         assert bool((~torch.isfinite(losses)).any()) == overflow
         scale = scaler.get_scale()
-        tinyprop.backward(model, losses, grad_scaler=scaler)
+        if way == "grad_scaler=":
+            tinyprop.backward(model, losses, grad_scaler=scaler)
+        else:
+            scaler.scale(tinyprop.loss(model, losses)).backward()
         scaler.step(optimizer)
         scaler.update()
         assert (scaler.get_scale() < scale) == overflow
@@ -219,6 +224,18 @@ def test_a_loss_overflowed_in_a_float16_forward_is_left_to_the_grad_scaler():
             )
         ]
         assert moved == [not overflow, not overflow]
+
+
+def test_a_nan_loss_through_tinyprop_loss_without_a_scaler_raises_at_its_backward():
+    """Without a GradScaler, tinyprop.loss's backward raises FloatingPointError naming the
+    samples before any gradient is written."""
+    model = tinyprop.apply(build("mlp").float(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp", size=8, seed=0)
+    x[3] = float("nan")
+    scalar = tinyprop.loss(model, LOSS(model(x.float()), y))
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite for samples \[3\]"):
+        scalar.backward()
+    assert all(parameter.grad is None for parameter in model.parameters())
 
 
 def test_clipping_and_scheduler_in_own_loop_equal_plain_pytorch():

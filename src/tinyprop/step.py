@@ -259,7 +259,14 @@ class StepContext:
             self.error_unit = scale / self.averaged_samples
         if self.passes_overflow is None:  # GradScaler's scales are 2^16 and so on
             self.passes_overflow = scale > 1.0 or self.distributed
-        if self.overflow_problem is not None:  # a NaN loss under DDP, found before
+        if self.overflow_problem is not None:  # a NaN loss (DDP, tinyprop.loss), found before
+            if not self.passes_overflow:  # tinyprop.loss without a GradScaler
+                self.state.step = None
+                raise FloatingPointError(
+                    f"{self.overflow_problem}; no update was applied (this backward stopped "
+                    "before any gradient). Check the inputs for NaN/inf or lower the learning "
+                    "rate."
+                )
             self.pass_on(self.overflow_problem)
         torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
@@ -410,14 +417,16 @@ def loss(
     Raises:
         ValueError: losses that are not one value per sample; an output whose sample
             dimension does not match.
-        FloatingPointError: a NaN or infinite loss or output error (nothing is updated).
+        FloatingPointError: a NaN or infinite loss or output error, when the backward of
+            the returned scalar starts (before any gradient), unless a GradScaler scaled it:
+            then the NaN goes on into the gradients and the scaler skips the step.
 
     Example:
         >>> losses = nn.functional.cross_entropy(model(x), y, reduction="none")
         >>> tinyprop.loss(model, losses).backward()
         >>> optimizer.step()
     """
-    return _step_loss(model, losses, output, sample_dim)[0]
+    return _step_loss(model, losses, output, sample_dim, scaling=None)[0]
 
 
 def backward(
@@ -538,14 +547,15 @@ def warn_without_ddp(model: nn.Module, state) -> None:
 
 def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int, scaling=False):
     """The step's scalar loss (the masked mean, through the step boundary) and its context;
-    ``scaling``: a GradScaler will find a NaN / inf loss in the gradients and skip the step."""
+    ``scaling``: a GradScaler will find a NaN / inf loss in the gradients and skip the step
+    (None: not known before the backward, :func:`loss`)."""
     step = _open_step(model, losses, output, sample_dim, scaling)
     weights = step.stats.trained_mask.to(losses.dtype) / step.averaged_samples  # (B,)
     return _StepBoundary.apply((losses * weights).sum(), step), step
 
 
 def _open_step(
-    model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool = False
+    model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool | None = False
 ) -> StepContext:
     module = unwrap(model)
     state = state_of(module)
@@ -560,8 +570,9 @@ def _open_step(
     distributed = is_distributed(model) or state.inside_ddp
     # a NaN / inf loss or output error goes on into the gradients instead of raising: every
     # rank must join DDP's all-reduce; a GradScaler skips the step (a float16 forward that
-    # overflowed, as in plain PyTorch)
-    passes_on = distributed or scaling
+    # overflowed, as in plain PyTorch). For tinyprop.loss (scaling None) the backward decides:
+    # a loss scaled above 1 (a GradScaler) passes it on, otherwise it raises there
+    passes_on = distributed or scaling is not False
     mean_loss = float(losses.detach().float().mean())  # NaN / inf when any loss is
     problem = None
     if not math.isfinite(mean_loss) and not torch.isfinite(losses.detach()).all():
@@ -570,8 +581,9 @@ def _open_step(
         if not passes_on:
             raise FloatingPointError(
                 f"{problem}; no update was applied. Check the inputs for NaN/inf or lower the "
-                "learning rate (a float16 forward that overflowed, under a GradScaler: pass "
-                "it as tinyprop.backward(..., grad_scaler=scaler), which skips the step)."
+                "learning rate (a float16 forward that overflowed, under a GradScaler: let it "
+                "see the loss, tinyprop.backward(..., grad_scaler=scaler) or "
+                "scaler.scale(tinyprop.loss(...)).backward(), and it skips the step)."
             )
     state.step = None  # a step whose backward never finished is over
     widen_running_state(module)  # after model.half(): Ymax_L past 65504 would be inf
@@ -586,7 +598,7 @@ def _open_step(
     step = StepContext(module, stats, passes, output_size)
     step.distributed = distributed
     if problem is not None:  # DDP or a GradScaler: every sample, the NaN reaches the gradients
-        step.passes_overflow = True
+        step.passes_overflow = True if distributed or scaling else None  # None: at the backward
         step.pass_on(problem, warn=False)  # warned when the backward starts, if at all
         return step
     policy = state.policy
@@ -609,7 +621,7 @@ def _open_step(
             except FloatingPointError as error:
                 if not passes_on:
                     raise
-                step.passes_overflow = True  # every sample, the NaN reaches the gradients
+                step.passes_overflow = True if distributed or scaling else None
                 step.pass_on(str(error).split("; no update")[0], warn=False)
                 return step
             finally:
