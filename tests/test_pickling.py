@@ -63,3 +63,31 @@ def test_a_registered_class_loads_in_a_process_that_never_registered_it(tmp_path
     )
     assert done.stdout.split() == ["TinyPropConv1D"]
     assert torch.equal(torch.load(paths[2]), model(x).detach())
+
+
+def test_a_compiled_applied_model_trains_as_plain_pytorch_and_pickles(tmp_path):
+    """torch.compile of an applied model (docs/models-and-loops.md): train_step on the
+    compiled module gives plain PyTorch's weights (topk at 1.0, a training BatchNorm, batch
+    sizes that change), and the compiled module saves whole, loads and trains."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for batch in (8, 5):
+        x, y = torch.randn(batch, 10), torch.randint(0, 3, (batch,))
+        stats = tinyprop.train_step(compiled, x, y, LOSS, optimizer)
+        assert stats.trained == batch and stats.macs.backward > 0
+        plain_optimizer.zero_grad()
+        LOSS(plain(x), y).mean().backward()
+        plain_optimizer.step()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    torch.save(compiled, tmp_path / "compiled.pt")
+    loaded = torch.load(tmp_path / "compiled.pt", weights_only=False)
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    stats = tinyprop.train_step(loaded, x, y, LOSS, torch.optim.SGD(loaded.parameters(), lr=0.1))
+    assert stats.trained == 8
