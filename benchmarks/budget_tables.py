@@ -411,6 +411,7 @@ def main() -> None:
     records = {  # the tables are over seeds 0-2; more seeds only in their own table
         protocol: [r for r in runs if r["seed"] in SEEDS] for protocol, runs in every_seed.items()
     }
+    one_machine = load(os.path.join(args.results, "budget-schedule"))  # every seed run
     sections = [
         ("Backward ratio reached, % of full (lowest–highest over policies, optimizers, seeds)",
          ratio_table(records)),
@@ -432,7 +433,9 @@ def main() -> None:
         ("More seeds, finetune, cifar10 stand-in (ResNet-8), b = 0.2: test accuracy",
          more_seeds_table(every_seed["finetune"])),
         ("One machine, finetune, seeds as run: change against full, mean ± std [95% CI]",
-         one_machine_table(load(os.path.join(args.results, "budget-schedule")))),
+         one_machine_table(one_machine)),
+        ("One machine, finetune: learning rate chosen on validation, b = 0.2",
+         learning_rate_table(one_machine)),
     ]  # fmt: skip
     for title, lines in sections:
         if len(lines) <= 2:  # a header without rows: no records for it yet
