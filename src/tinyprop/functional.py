@@ -66,10 +66,61 @@ def adaptive_keep_count(
     """TinyProp's k per sample; k = 1 where Ymax = 0 (avoids 0/0). (B,) -> (B,) long.
 
     ``scale`` is the budget controller's keep scale c (bpr · c, k at most N); 1 without one.
+    A few rows on the CPU are computed in Python floats (:func:`scalar_keep_counts`).
     """
+    if few_cpu_rows(error, error_max):
+        counts = scalar_keep_counts(
+            error.tolist(), error_max.tolist(), s_min, s_max, zeta, depth, size, scale
+        )
+        if counts is not None:
+            return torch.tensor(counts, dtype=torch.long)
     ratio = backprop_ratio(error.double(), error_max.double(), s_min, s_max, zeta, depth)
     keep = keep_count(ratio * scale, size)
     return torch.where(error_max > 0, keep, torch.ones_like(keep))
+
+
+# Up to this many rows on the CPU, k and the skip decision are computed in Python floats: the
+# same IEEE float64 operations in the same order as the tensor code (so the same k and the same
+# decisions, bit for bit), with one host read instead of about twenty small tensor operations,
+# whose dispatch costs more than the arithmetic at a fine-tuning batch of 8-32 samples.
+SCALAR_ROWS = 64
+LARGEST_EXACT_COUNT = 2.0**62  # a float64 k past this is left to the tensor code's conversion
+
+
+def few_cpu_rows(*tensors: Tensor) -> bool:
+    """True when every tensor is a 1-D CPU tensor of the same 1 to ``SCALAR_ROWS`` rows."""
+    first = tensors[0]
+    return (
+        all(t.dim() == 1 and t.device.type == "cpu" and t.shape == first.shape for t in tensors)
+        and 0 < first.numel() <= SCALAR_ROWS
+    )
+
+
+def scalar_keep_counts(
+    errors: list[float],
+    maxima: list[float],
+    s_min: float,
+    s_max: float,
+    zeta: float,
+    depth: int,
+    size: int,
+    scale: float,
+) -> list[int] | None:
+    """:func:`adaptive_keep_count` on Python floats, operation for operation: α = Y / Ymax
+    (k = 1 where Ymax is not positive), bpr = (S_min + α · (S_max - S_min)) · ζ^d, times c,
+    k = clamp(floor(bpr · N + 1/2), 1, N). None when a value is not finite or too large for
+    an exact int64 (the tensor code decides those)."""
+    spread, decay = s_max - s_min, zeta**depth
+    counts = []
+    for error, error_max in zip(errors, maxima, strict=True):
+        if not error_max > 0:  # also NaN, as torch.where(error_max > 0, ...) has it
+            counts.append(1)
+            continue
+        value = (s_min + error / error_max * spread) * decay * scale * size + 0.5
+        if not abs(value) < LARGEST_EXACT_COUNT:  # NaN, inf or too large
+            return None
+        counts.append(min(max(math.floor(value), 1), size))
+    return counts
 
 
 def kth_largest(scores: Tensor, keep: Tensor) -> Tensor:
@@ -163,6 +214,30 @@ def skip_decision(
 ) -> Tensor:
     """True where the sample is trained (D >= τ), False where it is skipped. (B,) -> (B,)."""
     return decision_metric(error, error_max, d_min, d_max, beta) >= threshold
+
+
+def scalar_skip_decision(
+    scores: list[float],
+    previous: float,
+    d_min: float,
+    d_max: float,
+    beta: float,
+    threshold: float,
+) -> tuple[list[bool], float] | None:
+    """:func:`running_max` and :func:`skip_decision` on Python floats, operation for
+    operation: Ymax_L after each sample (from ``previous``), D >= τ per sample. Returns (the
+    trained flags, Ymax_L after the last sample), or None when a value is not finite (the
+    tensor code decides those)."""
+    if not all(math.isfinite(score) for score in scores) or not math.isfinite(previous):
+        return None
+    spread = d_max - d_min
+    trained, running = [], -math.inf
+    for score in scores:
+        running = max(running, score)  # cummax
+        error_max = max(running, previous)  # clamp_min(previous)
+        alpha = score / error_max if error_max > 0 else 0.0
+        trained.append((d_min + alpha * spread) * beta >= threshold)
+    return trained, error_max
 
 
 # --- the budget controller (tinyprop.budget) and Selective-Backprop --------------------------

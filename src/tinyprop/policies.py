@@ -14,9 +14,11 @@ from tinyprop.budget import WINDOW, BudgetController, ScoreWindow, is_cheap_outp
 from tinyprop.config import TinyPropConfig
 from tinyprop.functional import (
     adaptive_keep_count,
+    few_cpu_rows,
     fixed_keep_count,
     percentile_keep,
     running_max,
+    scalar_skip_decision,
     selective_backprop_probability,
     skip_decision,
 )
@@ -205,7 +207,16 @@ class TinyPropV2Policy(TinyPropPolicy):
         if self.budget is not None:
             return percentile_keep(scores, self.window.values, self.budget.trained_share)
         config = self.config
-        error_max = running_max(scores, step.previous_output_error_max())  # (B,) Ymax_L
+        previous = step.previous_output_error_max()  # () Ymax_L before this step
+        if few_cpu_rows(scores):
+            decided = scalar_skip_decision(
+                scores.tolist(), float(previous), config.d_min, config.d_max, config.beta,
+                config.skip_threshold,
+            )  # fmt: skip
+            if decided is not None:
+                trained, step.output_error_max = decided
+                return torch.tensor(trained, dtype=torch.bool)
+        error_max = running_max(scores, previous)  # (B,) Ymax_L
         step.output_error_max = float(error_max[-1])
         return skip_decision(
             scores, error_max, config.d_min, config.d_max, config.beta, config.skip_threshold

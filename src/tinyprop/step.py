@@ -91,6 +91,8 @@ class StepContext:
         self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
         self.failed = False
         self.finished = False
+        self.defers_commit = False  # finish() leaves the running state's writes to commit()
+        self.uncommitted = False  # finished, the running state not written yet
         # whether a NaN / inf δ reaches the gradients instead of raising: for a GradScaler,
         # which then skips the step (grad_scaler=, or None: decided when the backward starts,
         # a loss scaled above 1), and under DistributedDataParallel (every rank must finish
@@ -271,7 +273,8 @@ class StepContext:
         torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
     def finish(self) -> None:
-        """Write the new running maxima and complete the ledger (after a whole backward)."""
+        """Complete the ledger and write the new running state (after a whole backward; with
+        ``defers_commit``, :meth:`commit` writes it)."""
         if self.state.step is self:
             self.state.step = None
         if self.finished:
@@ -284,13 +287,6 @@ class StepContext:
                 self.state.last_stats = self.stats  # this step (its ledger empty), not the last
             return
         self.records = self._make_records()
-        with torch.no_grad():
-            for layer, value in self._error_max.items():
-                layer.error_max.copy_(value)  # float64 -> the buffer's dtype
-            for layer, calls in self._backward_calls.items():
-                layer.backward_steps.add_(calls)
-            if self.output_error_max is not None:
-                getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
         stats = self.stats
         passes = self.forward_passes + [self.recomputed_pass]
         stats.macs = step_ledger(
@@ -315,9 +311,28 @@ class StepContext:
                 else torch.cat([stats.keep[name], record.keep])
             )
             stats.kernels[name] = record.kernel
-        with torch.no_grad():
-            self.state.policy.finish_step(self)  # the score window and the budget controller
         self.state.last_stats = stats
+        self.uncommitted = True
+        if not self.defers_commit:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the step's new running state into the buffers: Ymax_l and the backward counts
+        of the layers, Ymax_L, the score window and the budget controller. Done when the
+        backward has finished, or with ``defers_commit`` by whoever set it (``train_step``,
+        once the parameter gradients have passed its check: a refused step leaves the
+        running state as it was without a copy of it taken every step)."""
+        if not self.uncommitted:
+            return
+        self.uncommitted = False
+        with torch.no_grad():
+            for layer, value in self._error_max.items():
+                layer.error_max.copy_(value)  # float64 -> the buffer's dtype
+            for layer, calls in self._backward_calls.items():
+                layer.backward_steps.add_(calls)
+            if self.output_error_max is not None:
+                getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
+            self.state.policy.finish_step(self)  # the score window and the budget controller
 
     def _check_finite(self) -> None:
         """The deferred NaN / inf checks of the layers' Y_l: one host read for all of them."""
@@ -476,24 +491,32 @@ def run_backward(
     grad_scaler,
     scale: float,
     fused_weights: dict | None = None,
+    defers_commit: bool = False,
 ) -> StepContext:
     """:func:`backward`, returning the whole :class:`StepContext` (``train_step`` also reads
     the gradients it proved finite, and the weight updates it deferred, from
-    ``fused_weights``: id -> weight, see :mod:`tinyprop.fused_update`)."""
+    ``fused_weights``: id -> weight, see :mod:`tinyprop.fused_update`; with
+    ``defers_commit`` it writes the running state itself: :meth:`StepContext.commit`).
+
+    A step that skips every sample (outside DistributedDataParallel) builds no step loss
+    and runs no backward: after the forward and the decision, only the ledger and the
+    running state (Ymax_L, the score window, the budget controller) are updated."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a positive finite number (e.g. 1 / n), got {scale!r}")
     scaling = grad_scaler is not None and grad_scaler.is_enabled()  # it checks for inf
-    scalar, step = _step_loss(model, losses, output, sample_dim, scaling)
+    step = _open_step(model, losses, output, sample_dim, scaling)
     step.fused_weights = dict(fused_weights or {})
+    step.defers_commit = defers_commit
     step.passes_overflow = step.quiet_overflow = scaling or step.distributed
+    if not (step.stats.trained or step.distributed):
+        step.finish()
+        return step
+    scalar = _step_scalar(losses, step)
     if scale != 1.0:
         scalar = scalar * scale
-    if step.stats.trained or step.distributed:
-        (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
-        if step.distributed and not scaling:
-            _raise_on_every_rank(model, step)
-    else:
-        step.finish()
+    (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
+    if step.distributed and not scaling:
+        _raise_on_every_rank(model, step)
     return step
 
 
@@ -550,8 +573,13 @@ def _step_loss(model: nn.Module, losses: Tensor, output, sample_dim: int, scalin
     ``scaling``: a GradScaler will find a NaN / inf loss in the gradients and skip the step
     (None: not known before the backward, :func:`loss`)."""
     step = _open_step(model, losses, output, sample_dim, scaling)
+    return _step_scalar(losses, step), step
+
+
+def _step_scalar(losses: Tensor, step: StepContext) -> Tensor:
+    """The masked mean of the losses (B,), through the step boundary: a scalar."""
     weights = step.stats.trained_mask.to(losses.dtype) / step.averaged_samples  # (B,)
-    return _StepBoundary.apply((losses * weights).sum(), step), step
+    return _StepBoundary.apply((losses * weights).sum(), step)
 
 
 def _open_step(

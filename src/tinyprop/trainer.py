@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinyprop.fused_update import apply_updates, fusable_weights
-from tinyprop.model import state_of, unwrap, widen_running_state
+from tinyprop.model import state_of, unwrap
 from tinyprop.step import StepStats, describe, is_distributed, run_backward
 
 
@@ -79,21 +79,19 @@ def train_step(
             f"{describe(losses)}; use reduction='none', "
             "e.g. nn.CrossEntropyLoss(reduction='none')"
         )
-    running = _running_state(model)  # restored when a gradient turns out NaN / inf
     try:
         fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
         if is_distributed(model):  # the gradients go through the all-reduce
             fused = None
-        step = run_backward(model, losses, output, 0, None, 1.0, fused)
+        # the running state is written only once the gradients passed the check (commit)
+        step = run_backward(model, losses, output, 0, None, 1.0, fused, defers_commit=True)
         stats = step.stats
         check_gradients(optimizer, step.proven_finite)
     except FloatingPointError:
         unwrap(model).zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for buffer, value in running:
-                buffer.copy_(value)
         raise
+    step.commit()
     trained = stats.trained
     if in_join(model):  # ranks that ran out of data shadow DDP's collectives only: no count
         trained = 1  # every rank steps, as in plain DDP (a zero gradient when none trained)
@@ -165,14 +163,3 @@ def _values(grad: Tensor) -> Tensor:
     """The stored values of a gradient: a sparse one (``nn.Embedding(sparse=True)``) has no
     dense norm kernel."""
     return grad.coalesce().values() if grad.is_sparse else grad
-
-
-def _running_state(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """(buffer, copy) of tinyprop's running state: the running maxima and counters, the
-    budget controller and the score window (a few scalars and the window's W values)."""
-    module = unwrap(model)
-    widen_running_state(module)  # the step writes these buffers, not float16 copies
-    buffers = [buffer for name, buffer in module._buffers.items() if name.startswith("tinyprop_")]
-    for _, layer in state_of(module).layers:
-        buffers += [layer.error_max, layer.backward_steps]
-    return [(buffer, buffer.clone()) for buffer in buffers]

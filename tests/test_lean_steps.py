@@ -1,0 +1,247 @@
+"""The cheaper step of a fine-tuning batch: k and the skip decision of a few rows in Python
+floats, no step loss or backward when every sample is skipped, the running state written
+after the gradient check instead of copied before every step. Each must leave the training
+bit for bit as the tensor code has it: same skips, same k, same weights, ledger and state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from core_models import build
+from torch import nn
+
+import tinyprop
+import tinyprop.autograd
+import tinyprop.functional
+from tinyprop.functional import (
+    adaptive_keep_count,
+    running_max,
+    scalar_keep_counts,
+    scalar_skip_decision,
+    skip_decision,
+)
+
+
+def tensor_code(monkeypatch):
+    """Every row count goes through the tensor code (the code before the scalar paths)."""
+    monkeypatch.setattr(tinyprop.functional, "SCALAR_ROWS", 0)
+
+
+def test_keep_counts_in_python_floats_are_the_tensor_code_bit_for_bit(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for rows in (1, 2, 7, 64):
+        error = torch.rand(rows, generator=generator, dtype=torch.float64) * 10.0
+        error[::3] = 0.0  # zero rows
+        error_max = running_max(error, torch.tensor(3.0, dtype=torch.float64))
+        cases.append((error, error_max))
+        cases.append((error, torch.zeros(rows, dtype=torch.float64)))  # Ymax = 0: k = 1
+        cases.append((error.float(), error_max.float()))  # float32 inputs
+    # a ratio · N landing exactly on a half: round half up in both
+    cases.append((torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0])))
+    nan = torch.tensor([float("nan"), 1.0], dtype=torch.float64)
+    cases.append((nan, torch.tensor([2.0, 2.0], dtype=torch.float64)))  # left to the tensors
+    cases.append((torch.tensor([1.0, 2.0]), torch.tensor([float("nan"), 2.0])))
+    settings = [
+        (0.05, 0.5, 1.0, 0, 1600, 1.0),
+        (0.0, 1.0, 0.5, 3, 10, 1.0),
+        (0.1, 0.9, 0.8, 2, 4096, 0.37),  # a budget's keep scale c
+        (0.2, 0.2, 1.0, 1, 7, 1e4),  # k past N: clamped
+        (0.0, 1.0, 1.0, 0, 10, 0.0),  # k = 0: at least 1
+    ]
+    for error, error_max in cases:
+        for setting in settings:
+            fast = adaptive_keep_count(error, error_max, *setting)
+            with monkeypatch.context() as patch:
+                tensor_code(patch)
+                reference = adaptive_keep_count(error, error_max, *setting)
+            assert fast.dtype == reference.dtype == torch.long
+            assert torch.equal(fast, reference), (error, error_max, setting)
+    # the counts ask the tensor code to decide values that are not finite or too large
+    assert scalar_keep_counts([float("nan")], [1.0], 0.0, 1.0, 1.0, 0, 10, 1.0) is None
+    assert scalar_keep_counts([1.0], [1.0], 0.0, 1.0, 1.0, 0, 2**62, 10.0) is None
+    assert scalar_keep_counts([1.0, 0.5], [1.0, 1.0], 0.0, 1.0, 1.0, 0, 10, 1.0) == [10, 5]
+
+
+def test_skip_decision_in_python_floats_is_the_tensor_code_bit_for_bit():
+    generator = torch.Generator().manual_seed(1)
+    for rows in (1, 3, 8, 32):
+        scores = torch.rand(rows, generator=generator, dtype=torch.float64) * 4.0
+        scores[rows // 2] = 0.0
+        for previous in (0.0, 1.5, 100.0):
+            for d_min, d_max, beta, threshold in ((0.0, 1.0, 1.0, 0.5), (0.1, 0.9, 1.2, 0.75)):
+                trained, last = scalar_skip_decision(
+                    scores.tolist(), previous, d_min, d_max, beta, threshold
+                )
+                error_max = running_max(scores, torch.tensor(previous, dtype=torch.float64))
+                expected = skip_decision(scores, error_max, d_min, d_max, beta, threshold)
+                assert trained == expected.tolist()
+                assert last == float(error_max[-1])
+                assert math.copysign(1.0, last) == math.copysign(1.0, float(error_max[-1]))
+    # D exactly at τ trains the sample (D >= τ): α = 1 / 2 for the second sample
+    assert scalar_skip_decision([2.0, 1.0], 0.0, 0.0, 1.0, 1.0, 0.5) == ([True, True], 2.0)
+    assert scalar_skip_decision([2.0, 0.5], 0.0, 0.0, 1.0, 1.0, 0.5) == ([True, False], 2.0)
+    assert scalar_skip_decision([1.0, float("inf")], 0.0, 0.0, 1.0, 1.0, 0.5) is None
+    assert scalar_skip_decision([1.0], float("nan"), 0.0, 1.0, 1.0, 0.5) is None
+
+
+class SmallNormed(nn.Module):
+    """Conv2d, BatchNorm2d, Linear, BatchNorm1d: BatchNorm couples the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten()
+        )
+        self.head = nn.Sequential(
+            nn.Linear(6 * 36, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)
+        )
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def learnable_batches(shape, steps=30, batch=8, seed=0):
+    """Labels from a fixed linear map of the inputs (so that samples get skipped as training
+    goes), every third batch of 5 samples."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps * batch, *shape, generator=generator)
+    labels = (x.flatten(1) @ torch.randn(x[0].numel(), 4, generator=generator)).argmax(1)
+    sizes = [5 if step % 3 == 2 else batch for step in range(steps)]
+    starts = [sum(sizes[:step]) for step in range(steps)]
+    return [(x[s : s + n], labels[s : s + n]) for s, n in zip(starts, sizes, strict=True)]
+
+
+def train(model_name, optimizer_name, budget):
+    """Every step's stats and the final model and optimizer state of a tinypropv2 run."""
+    torch.manual_seed(0)
+    if model_name == "normed":
+        model, shape = SmallNormed(), (1, 6, 6)
+    else:
+        model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                              nn.Linear(24, 4))  # fmt: skip
+        shape = (12,)
+    config = tinyprop.TinyPropConfig(
+        policy="tinypropv2", skip_threshold=0.9, zeta=1.0, budget=budget, seed=0
+    )
+    model = tinyprop.apply(model, config)
+    if optimizer_name == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    steps = []
+    for x, y in learnable_batches(shape):
+        stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
+        steps.append(
+            (stats.loss, stats.trained, stats.trained_mask.tolist(), stats.stepped,
+             vars(stats.macs).copy(), {name: k.tolist() for name, k in stats.keep.items()},
+             dict(stats.kernels))
+        )  # fmt: skip
+    return steps, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def assert_same_bits(first, second):
+    if isinstance(first, torch.Tensor):
+        assert first.dtype == second.dtype and first.shape == second.shape
+        if first.is_floating_point():  # NaN (an empty score window) and the sign of zero
+            first, second = (
+                first.reshape(-1).view(torch.uint8),
+                second.reshape(-1).view(torch.uint8),
+            )
+        assert torch.equal(first, second)
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys()
+        for key in first:
+            assert_same_bits(first[key], second[key])
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second)
+        for a, b in zip(first, second, strict=True):
+            assert_same_bits(a, b)
+    elif isinstance(first, float) and math.isnan(first):
+        assert math.isnan(second)
+    else:
+        assert first == second
+
+
+@pytest.mark.parametrize("budget", [None, 0.2])
+@pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
+@pytest.mark.parametrize("model_name", ["mlp", "normed"])
+def test_training_is_bit_identical_with_the_scalar_paths(
+    model_name, optimizer_name, budget, monkeypatch
+):
+    """Mixed batches (some skip every sample, some none, some a few), Adam and SGD-momentum,
+    with and without a budget, with BatchNorm: the same steps, weights, ledger and state."""
+    fast = train(model_name, optimizer_name, budget)
+    tensor_code(monkeypatch)
+    reference = train(model_name, optimizer_name, budget)
+    trained = [step[1] for step in reference[0]]
+    assert 0 < sum(trained) < sum(len(step[2]) for step in reference[0])  # some skipped
+    if budget is None:
+        assert min(trained) == 0  # batches that skip every sample
+    assert_same_bits(fast, reference)
+
+
+def test_a_step_that_skips_every_sample_runs_no_backward(monkeypatch):
+    """No step loss, no backward, no optimizer step: the weights, the optimizer's state and
+    the gradients stay as they were; Ymax_L and the ledger (forward and decision) are kept."""
+    model = tinyprop.apply(build("mlp", dtype=torch.float32), tinyprop.TinyPropConfig())
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
+    tinyprop.train_step(model, x, y, loss_fn, optimizer)
+    with torch.no_grad():
+        model.tinyprop_output_error_max.fill_(1e6)  # every Y_L far below Ymax_L
+    weights = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(optimizer.state_dict()["state"])
+    backward_calls = []
+    original = torch.Tensor.backward
+    monkeypatch.setattr(
+        torch.Tensor, "backward", lambda *a, **k: backward_calls.append(1) or original(*a, **k)
+    )
+    boundary_calls = []
+    monkeypatch.setattr(tinyprop.step, "_step_scalar", lambda *a: boundary_calls.append(1) or None)
+    stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
+    assert (stats.trained, stats.skipped, stats.stepped) == (0, 6, False)
+    assert backward_calls == [] and boundary_calls == []
+    assert all(p.grad is None for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name  # Ymax_L stays 1e6 (the batch's max)
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, moments[index][key]), key
+    assert stats.macs.forward > 0 and stats.macs.backward == 0 and stats.macs.selection > 0
+    assert tinyprop.step_stats(model) is stats
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_a_refused_step_leaves_the_running_state_as_it_was(budget):
+    """The gradient check refuses the step after the backward has finished: Ymax_l, Ymax_L,
+    the backward counts, the score window and the budget controller keep their values (they
+    are written only after the check passed)."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(
+        nn.Sequential(nn.Linear(4, 3)),
+        tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.0, budget=budget),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def wavy(output, target):  # finite at any finite output, |∂loss / ∂output| up to 100
+        return 100 * torch.sin(output).sum(1)
+
+    tinyprop.train_step(model, torch.randn(2, 4), torch.zeros(2), wavy, optimizer)
+    with torch.no_grad():
+        model[0].weight.fill_(0.25)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.full((2, 4), 1e38)  # δ and x finite, the weight gradient past float32's range
+    with pytest.raises(FloatingPointError, match="a parameter gradient is NaN or infinite"):
+        tinyprop.train_step(model, x, torch.zeros(2), wavy, optimizer)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
+    assert all(p.grad is None for p in model.parameters())
+    stats = tinyprop.train_step(model, torch.randn(2, 4), torch.zeros(2), wavy, optimizer)
+    assert stats.stepped  # trains on afterwards
+    assert int(model[0].backward_steps) == 2
