@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from speed import write_record
+from speed import commit, write_record
 
 from tinyprop.bench import runner, suites
 
@@ -81,7 +81,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     start_load = os.getloadavg()[0]
-    record = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "runs": {}}
+    record = {
+        "command": "python " + " ".join(sys.argv), "commit": commit(), "threads": args.threads,
+        "runs": {},
+    }  # fmt: skip
     for dataset in args.datasets:
         results = measure(dataset, args.repeats, args.threads)
         record["runs"][dataset] = results

@@ -183,7 +183,8 @@ def main() -> None:
     print("\n".join(speed_table(speed)))
     print(f"\n`{floor['command']}` (commit {floor['commit']}, load {floor['load_average']}):\n")
     print("\n".join(floor_table(floor)))
-    print(f"\n`{finetune['command']}` ({finetune['threads']} torch thread(s), "
+    print(f"\n`{finetune['command']}` (commit {finetune.get('commit', 'not recorded')}, "
+          f"{finetune['threads']} torch thread(s), "
           f"load {finetune.get('load_average', 'not recorded')}):\n")  # fmt: skip
     print("\n".join(finetune_table(finetune)))
     unified = json.loads((RESULTS / "unified_accuracy.json").read_text())

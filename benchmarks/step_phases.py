@@ -1,18 +1,22 @@
 """Where a fine-tuning run's time goes: process time per phase of ``tinyprop.train_step``, full
-vs tinypropv2, and what a step that skips every sample costs beside the forward and loss.
+vs tinypropv2, what a step that skips every sample costs beside the forward and loss, and the
+run's steps by kind (every sample skipped, or some trained) against full's same steps.
 
 Run:
-    python benchmarks/step_phases.py            # har finetune (small suite, seed 0), one thread
+    python benchmarks/step_phases.py    # har and mnist finetune (small suite, seed 0), one thread
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
+import statistics
 import time
 
 import torch
 from finetune_speed import SETTINGS
+from speed_floor import finetune_workload
 from torch import nn
 
 import tinyprop
@@ -37,7 +41,7 @@ def timed(function, phase: str):
 def phases(dataset: str = "har", repeats: int = 2) -> None:
     """Process time of the run's phases, per policy (the backward includes the decision)."""
     trainer.run_backward = timed(trainer.run_backward, "backward (with the decision)")
-    step._step_loss = timed(step._step_loss, "decision")
+    step._open_step = timed(step._open_step, "decision")
     torch.optim.Adam.step = timed(torch.optim.Adam.step, "optimizer")
     specs = {}
     for label in ("full", "tinypropv2"):
@@ -88,11 +92,47 @@ def skipped_step(name: str, network: nn.Module, x: torch.Tensor, steps: int = 30
           f"sample {costs['skipped step']:.2f} ms ({ratio:.2f}x)")  # fmt: skip
 
 
+def step_kinds(dataset: str, repeats: int = 5) -> None:
+    """Wall time of every step of the finetune run, full and tinypropv2 interleaved run by run,
+    the least of ``repeats`` runs per step (the load of other processes only adds); the
+    tinypropv2 steps that skip every sample and those that train some, beside full's."""
+    workload = finetune_workload(dataset)
+    torch.set_num_threads(1)  # the bench's loaders set one thread
+    configs = {"full": tinyprop.TinyPropConfig(policy="full"), "tinypropv2": workload["policy"][1]}
+    times: dict[str, list[list[float]]] = {label: [] for label in configs}
+    trained = []
+    for _ in range(repeats + 1):  # the first run of each warms up, untimed
+        for label, config in configs.items():
+            model = tinyprop.apply(copy.deepcopy(workload["model"]), config)
+            optimizer = workload["optimizer"](model)
+            seconds, trained = [], []
+            for x, y in workload["batches"]:
+                start = time.perf_counter()
+                stats = tinyprop.train_step(model, x, y, workload["loss"], optimizer)
+                seconds.append(time.perf_counter() - start)
+                trained.append(stats.trained)
+            times[label].append(seconds)
+    least = {label: [min(s) for s in zip(*runs[1:], strict=True)] for label, runs in times.items()}
+    full, sparse = least["full"], least["tinypropv2"]
+    print(f"{dataset} finetune, {len(full)} steps (least of {repeats} runs per step): full "
+          f"{1e3 * statistics.median(full):.2f} ms per step (median), tinypropv2 "
+          f"{sum(sparse) / sum(full):.2f}x full's whole run")  # fmt: skip
+    for kind, steps in (("skip every sample", [i for i, k in enumerate(trained) if k == 0]),
+                        ("train some", [i for i, k in enumerate(trained) if k > 0])):  # fmt: skip
+        if steps:
+            own, dense = [sparse[i] for i in steps], [full[i] for i in steps]
+            print(f"  {len(steps)} steps {kind}: tinypropv2 {1e3 * statistics.median(own):.2f} "
+                  f"ms per step against full's {1e3 * statistics.median(dense):.2f}, "
+                  f"{100 * sum(own) / sum(sparse):.0f}% of tinypropv2's time")  # fmt: skip
+
+
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     skipped_step("har CNN, batch 8", har.cnn1d(4, (6, 100)), torch.randn(8, 6, 100))
     skipped_step("mnist CNN, batch 32", mnist.cnn(), torch.randn(32, 1, 28, 28))
+    for dataset in ("har", "mnist"):
+        step_kinds(dataset)
     phases()
 
 
