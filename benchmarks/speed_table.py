@@ -118,7 +118,11 @@ def readme_summary(speed: dict, floor: dict, finetune: dict) -> list[str]:
     threads = list(speed["threads"])
     lines = [
         f"`{speed['command']}`, `{floor['command']}` and `{finetune['command']}` (commit "
-        f"{speed['commit']}; load {speed.get('load_average')}); wall time vs `full`, "
+        f"{speed['commit']}; load {speed.get('load_average')}"
+        + (f"; the finetune runs at commit {finetune['commit']}, load "
+           f"{finetune.get('load_average')}" if finetune.get("commit", speed["commit"])
+           != speed["commit"] else "")
+        + "); wall time vs `full`, "
         + " / ".join(f"{t} thread(s)" for t in threads) + ":",
         "",
         "| model (batch) | topk 0.05 | topk 0.05 fused SGD | topk 0.05 unified | MAC limit "
