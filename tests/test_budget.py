@@ -76,9 +76,17 @@ def test_tinypropv2_budget_uses_both_skipping_and_sparsity():
     assert controller.keep_scale < 1.0 and 0.05 < controller.run_ratio < 0.15
 
 
-@pytest.mark.parametrize("policy", ["tinypropv2", "selective_backprop", "topk"])
-def test_resume_from_state_dict_is_exact(policy):
-    config = tinyprop.TinyPropConfig(policy=policy, budget=0.2)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"policy": "tinypropv2"},
+        {"policy": "selective_backprop"},
+        {"policy": "topk"},
+        {"policy": "tinypropv2", "budget_schedule": 0.5, "budget_steps": 60},  # spent unevenly
+    ],
+)
+def test_resume_from_state_dict_is_exact(fields):
+    config = tinyprop.TinyPropConfig(budget=0.2, **fields)
     batches = list(toy_stream(60, seed=3))
     model = toy_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

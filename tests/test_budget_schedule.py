@@ -1,11 +1,10 @@
 """The budget spent unevenly over a run (``budget_schedule``): the run's ratio still holds b,
-the steps spend more where the schedule says, the state resumes exactly, bad settings refused."""
+the steps spend more where the schedule says, bad settings refused (exact resume with a
+schedule: tests/test_budget.py)."""
 
 import dataclasses
-import io
 
 import pytest
-import torch
 from test_budget import ratio, run, toy_model, toy_stream
 
 import tinyprop
@@ -46,27 +45,6 @@ def test_scheduled_budget_falls_linearly_and_averages_to_the_budget():
         )
     assert scheduled_budget(0.2, 0.5, 12, 10) == (0.2, 0.2)  # after T steps: b
     assert scheduled_budget(0.2, 0.0, 3, 10) == (0.2, 0.2)
-
-
-def test_resume_with_a_schedule_is_exact():
-    config = tinyprop.TinyPropConfig(
-        policy="tinypropv2", budget=0.2, budget_schedule=0.5, budget_steps=60
-    )
-    batches = list(toy_stream(60, seed=3))
-    model = toy_model(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    run(model, batches[:30], optimizer)
-    saved = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
-    rest = run(model, batches[30:], optimizer)
-    saved.seek(0)
-    checkpoint = torch.load(saved, weights_only=True)
-    resumed = toy_model(config, seed=99)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-3)
-    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
-    rest_again = run(resumed, batches[30:], resumed_optimizer)
-    assert [ledger.as_dict() for ledger in rest] == [ledger.as_dict() for ledger in rest_again]
 
 
 @pytest.mark.parametrize(
