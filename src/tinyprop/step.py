@@ -631,13 +631,11 @@ def _open_step(
         return step
     policy = state.policy
     if policy.skips:
+        output_grad = None  # ∂ Σ losses / ∂ output, when the decision computed it
         if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
             scores = losses.detach().double()
         else:  # TinyPropv2 ranks the output errors
-            if output is None:
-                output = passes[-1].output if passes else None
-                if isinstance(output, tuple):  # a tuple / dict output: find the losses' one
-                    output = output_the_losses_come_from(losses, output)
+            output = _losses_output(losses, output, passes)
             if not isinstance(output, Tensor):
                 raise ValueError(
                     "tinypropv2 needs the model output the losses come from, for the skip "
@@ -645,7 +643,7 @@ def _open_step(
                 )
             state.deciding = True  # an output= before sparse layers: no step work in them
             try:
-                scores = _output_error(losses, output, sample_dim)  # (B,) Y_L
+                scores, output_grad = _output_error(losses, output, sample_dim)  # (B,) Y_L
             except FloatingPointError as error:
                 if not passes_on:
                     raise
@@ -664,20 +662,28 @@ def _open_step(
         config = policy.config
         leaves_out = config.drop_skipped_rows or config.batch_norm_trained_rows
         if 0 < stats.skipped and leaves_out and step.couples_samples:
-            _keep_rows_of_a_coupled_loss(step, losses, output, passes, sample_dim)
+            output = _losses_output(losses, output, passes)
+            _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
     return step
 
 
-def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, passes, dim) -> None:
-    """Backpropagate the skipped samples' rows when the losses couple the samples (a
-    contrastive or pairwise loss: loss m depends on sample n's output): their output gradient
-    from the trained samples' losses is not zero, and ``drop_skipped_rows`` /
-    ``batch_norm_trained_rows`` leaving them out gave the trained samples' loss a wrong
-    gradient, silently. Warned once; the gradient is then the exact one."""
+def _losses_output(losses: Tensor, output, passes):
+    """The output the losses come from: ``output`` when given, else the last forward pass's
+    (of a tuple / dict output, the losses' one); not always a tensor."""
     if output is None:
         output = passes[-1].output if passes else None
         if isinstance(output, tuple):
             output = output_the_losses_come_from(losses, output)
+    return output
+
+
+def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, grad, dim) -> None:
+    """Backpropagate the skipped samples' rows when the losses couple the samples (a
+    contrastive or pairwise loss: loss m depends on sample n's output): their output gradient
+    from the trained samples' losses is not zero, and ``drop_skipped_rows`` /
+    ``batch_norm_trained_rows`` leaving them out gave the trained samples' loss a wrong
+    gradient, silently. Warned once; the gradient is then the exact one. ``grad``:
+    ∂ Σ losses / ∂ output when the skip decision computed it, else None."""
     if not isinstance(output, Tensor) or output.dim() == 0:
         return
     dim = dim % output.dim()
@@ -685,7 +691,10 @@ def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, pass
         return
     step.state.deciding = True  # an output= before sparse layers: no step work in them
     try:
-        (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
+        if grad is None:
+            (grad,) = torch.autograd.grad(
+                losses.sum(), output, retain_graph=True, allow_unused=True
+            )
         if grad is None or _loss_n_comes_from_slice_n(losses, output, grad)[dim]:
             return
     finally:
@@ -705,8 +714,9 @@ def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, pass
         )
 
 
-def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
-    """Y_L of every sample: Σ |∂loss_n / ∂output_n|. (B,) float64."""
+def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tensor, Tensor]:
+    """Y_L of every sample: Σ |∂loss_n / ∂output_n|, (B,) float64; and ∂ Σ losses / ∂ output
+    (the output's shape), which the coupled-loss check reuses."""
     batch = losses.shape[0]
     if output.dim() == 0 or output.shape[sample_dim] != batch:
         raise ValueError(
@@ -736,7 +746,7 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> Tensor:
             f"the output error is NaN or infinite for samples {bad[:10]} (the loss is finite "
             "but its gradient is not); no update was applied"
         )
-    return error
+    return error, grad
 
 
 def _check_sample_dim(losses: Tensor, output: Tensor, grad: Tensor, sample_dim: int, others):
