@@ -20,6 +20,7 @@ from tinyprop.functional import (
     adaptive_keep_count,
     running_max,
     scalar_keep_counts,
+    scalar_running_max,
     scalar_skip_decision,
     skip_decision,
 )
@@ -115,17 +116,35 @@ def learnable_batches(shape, steps=30, batch=8, seed=0):
     return [(x[s : s + n], labels[s : s + n]) for s, n in zip(starts, sizes, strict=True)]
 
 
-def train(model_name, optimizer_name, budget):
-    """Every step's stats and the final model and optimizer state of a tinypropv2 run."""
+def conv1d_model() -> nn.Sequential:
+    """The HAR CNN's shape: convolutions of fan-in 40 and 80 (the native convolution kernel)
+    and 160, max and average pooling, a Linear head."""
+    return nn.Sequential(
+        nn.Conv1d(8, 16, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(), nn.AvgPool1d(6), nn.Flatten(),
+        nn.Linear(32, 4),
+    )  # fmt: skip
+
+
+def train(model_name, optimizer_name, budget, policy="tinypropv2", **settings):
+    """Every step's stats and the final model and optimizer state of a run (tinypropv2 by
+    default)."""
     torch.manual_seed(0)
     if model_name == "normed":
         model, shape = SmallNormed(), (1, 6, 6)
+    elif model_name == "conv1d":
+        model, shape = conv1d_model(), (8, 24)
+    elif model_name == "wide":  # a 784-wide input layer, as the MNIST MLP's
+        model = nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 4))
+        shape = (784,)
     else:
         model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
                               nn.Linear(24, 4))  # fmt: skip
         shape = (12,)
+    skips = {"skip_threshold": 0.9} if policy == "tinypropv2" else {}
     config = tinyprop.TinyPropConfig(
-        policy="tinypropv2", skip_threshold=0.9, zeta=1.0, budget=budget, seed=0
+        policy=policy, zeta=1.0, budget=budget, seed=0, **skips, **settings
     )
     model = tinyprop.apply(model, config)
     if optimizer_name == "adam":
@@ -183,6 +202,60 @@ def test_training_is_bit_identical_with_the_scalar_paths(
     if budget is None:
         assert min(trained) == 0  # batches that skip every sample
     assert_same_bits(fast, reference)
+
+
+@pytest.mark.parametrize(
+    "model_name, policy, settings",
+    [
+        ("conv1d", "tinypropv2", {}),
+        ("conv1d", "tinypropv2", {"s_min": 0.0, "s_max": 0.1}),  # the native kernels
+        ("wide", "tinypropv2", {"s_min": 0.0, "s_max": 0.1}),
+        ("wide", "tinypropv2", {}),
+        ("normed", "tinypropv2", {"drop_skipped_rows": True}),
+        ("mlp", "tinypropv2", {"running_max_per_batch": True}),
+        ("mlp", "tinypropv2", {"dense_output_layer": True}),
+        ("conv1d", "tinypropv2", {"skip_zero_entries": True}),
+        ("mlp", "tinyprop", {}),
+        ("conv1d", "topk", {"ratio": 0.2}),
+        ("mlp", "randomk", {"ratio": 0.3}),
+    ],
+)
+def test_layer_bookkeeping_of_a_few_rows_is_the_tensor_code_bit_for_bit(
+    model_name, policy, settings, monkeypatch
+):
+    """A layer's rows with a non-zero δ, running maximum and k of a few CPU rows in Python
+    floats (tinyprop.autograd.few_rows): the same steps, k, weights, ledger and state as the
+    tensor code, on the native convolution and Linear kernels, the masked dense kernels,
+    dropped rows, a per-batch running maximum, a dense output layer, k capped at the non-zero
+    entries, and the other policies."""
+    calls = []
+    original = tinyprop.autograd.few_rows
+    monkeypatch.setattr(tinyprop.autograd, "few_rows", lambda *a: calls.append(1) or original(*a))
+    fast = train(model_name, "adam", None, policy, **settings)
+    assert calls  # the path under test ran
+    tensor_code(monkeypatch)
+    reference = train(model_name, "adam", None, policy, **settings)
+    assert_same_bits(fast, reference)
+    kernels = {kernel for step in reference[0] for kernel in step[6].values()}
+    if settings.get("s_max") == 0.1:
+        assert tinyprop.autograd.NATIVE_SPARSE in kernels
+
+
+def test_running_max_in_python_floats_is_the_tensor_code_bit_for_bit():
+    generator = torch.Generator().manual_seed(2)
+    for rows in (1, 5, 64):
+        errors = torch.rand(rows, generator=generator, dtype=torch.float64) * 3.0 + 1e-3
+        for previous in (0.0, 1.0, 10.0):
+            expected = running_max(errors, torch.tensor(previous, dtype=torch.float64))
+            got = scalar_running_max(errors.tolist(), previous)
+            assert got == expected.tolist()
+            assert (
+                scalar_running_max(errors.tolist(), previous, per_batch=True)
+                == [float(expected[-1])] * rows
+            )
+    assert scalar_running_max([], 1.0) == []
+    assert scalar_running_max([1.0, float("inf")], 0.0) is None
+    assert scalar_running_max([1.0], float("nan")) is None
 
 
 def test_a_step_that_skips_every_sample_runs_no_backward(monkeypatch):

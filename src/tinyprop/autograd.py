@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 
 import torch
 from torch import Tensor
 
 from tinyprop import native
-from tinyprop.functional import local_error, running_max, select_mask, select_topk
+from tinyprop.functional import (
+    few_cpu_rows,
+    local_error,
+    running_max,
+    scalar_running_max,
+    select_mask,
+    select_topk,
+)
 from tinyprop.patches import LinearPatches
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -120,9 +128,9 @@ class SparseBackprop(torch.autograd.Function):
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         geometry = call.geometry  # computed once, in the forward
         compute = compute_dtype(input_dtype, weight_dtype)  # float16 / bfloat16 -> float32
-        x, weight = x.to(compute), weight.to(compute)
+        x, weight = in_dtype(x, compute), in_dtype(weight, compute)
 
-        delta = geometry.delta_matrix(grad_output).to(compute)  # (R, C_out, P)
+        delta = in_dtype(geometry.delta_matrix(grad_output), compute)  # (R, C_out, P)
         flat = delta.reshape(delta.shape[0], -1)  # (R, N)
         if state.deciding:  # the skip decision's gradient by an output= before this layer:
             rows = torch.arange(flat.shape[0], device=flat.device)  # dense, nothing recorded
@@ -132,41 +140,53 @@ class SparseBackprop(torch.autograd.Function):
         size = flat.shape[1]
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
         error = local_error(flat).double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
-        rows = None  # None: every row, zero rows keep nothing (no host read of δ)
-        poison = None  # NaN when a row's δ is not finite and a GradScaler must see it
-        if reads_are_free(flat.device) or step is None:
-            if not bool(torch.isfinite(error).all()):
-                if step is not None and step.passes_overflow_on(layer.layer_name):
-                    dtypes = (input_dtype, weight_dtype)
-                    return overflowed_gradients(ctx, geometry, x, weight, delta, dtypes)
-                check_finite(error, layer.layer_name, step)
-        else:  # checked once per step, when the backward has finished
-            step.check_finite_later(error, layer.layer_name)
-            if step.passes_overflow:
-                poison = error.sum() * 0  # () NaN when any row's Y_l is NaN or inf
         drop = (
             policy.config.drop_skipped_rows
             and step is not None
             and step.couples_samples
             and rows_are_samples(step, x.shape, geometry)
         )
-        if reads_are_free(flat.device):
-            rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
-            if drop:
-                rows = skipped_rows_dropped(step, rows)  # (R'',) the trained samples' rows
+        rows = None  # None: every row, zero rows keep nothing (no host read of δ)
+        poison = None  # NaN when a row's δ is not finite and a GradScaler must see it
+        few = None  # a few CPU rows: their rows, k and Ymax_l in Python floats
+        if step is not None and reads_are_free(flat.device) and few_cpu_rows(error):
+            few = few_rows(policy, step, layer, call.depth, size, error, drop)
+        if few is not None:
+            kept_rows, kept_errors, counts, maxima = few
+            rows = torch.tensor(kept_rows, dtype=torch.long)  # (R',) rows with a non-zero δ
             if rows.numel() < flat.shape[0]:
-                delta, flat, error = delta[rows], flat[rows], error[rows]
-        elif drop:
-            trained = step.stats.trained_mask.to(flat.device)  # (R,) skipped rows keep nothing
-            delta = delta * trained.view(-1, 1, 1).to(delta.dtype)
-            flat, error = delta.reshape(delta.shape[0], -1), error * trained
-        error_max = error  # k does not follow Y_l / Ymax_l: no running maximum needed
-        if policy.adaptive:
-            previous = step.error_max(layer) if step is not None else layer.error_max.double()
-            error_max = running_max(error, previous)  # (R',) Ymax_l after each row
-            if policy.config.running_max_per_batch:  # every row against the batch's Ymax_l
-                error_max = error_max[-1:].expand_as(error)  # (R',)
-        keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
+                delta, flat = delta[rows], flat[rows]
+            error = torch.tensor(kept_errors, dtype=torch.float64)  # (R',)
+            error_max = torch.tensor(maxima, dtype=torch.float64)  # (R',)
+            keep = torch.tensor(counts, dtype=torch.long)  # (R',)
+        else:
+            if reads_are_free(flat.device) or step is None:
+                if not bool(torch.isfinite(error).all()):
+                    if step is not None and step.passes_overflow_on(layer.layer_name):
+                        dtypes = (input_dtype, weight_dtype)
+                        return overflowed_gradients(ctx, geometry, x, weight, delta, dtypes)
+                    check_finite(error, layer.layer_name, step)
+            else:  # checked once per step, when the backward has finished
+                step.check_finite_later(error, layer.layer_name)
+                if step.passes_overflow:
+                    poison = error.sum() * 0  # () NaN when any row's Y_l is NaN or inf
+            if reads_are_free(flat.device):
+                rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
+                if drop:
+                    rows = skipped_rows_dropped(step, rows)  # (R'',) the trained samples' rows
+                if rows.numel() < flat.shape[0]:
+                    delta, flat, error = delta[rows], flat[rows], error[rows]
+            elif drop:
+                trained = step.stats.trained_mask.to(flat.device)  # (R,) skipped: keep nothing
+                delta = delta * trained.view(-1, 1, 1).to(delta.dtype)
+                flat, error = delta.reshape(delta.shape[0], -1), error * trained
+            error_max = error  # k does not follow Y_l / Ymax_l: no running maximum needed
+            if policy.adaptive:
+                previous = step.error_max(layer) if step is not None else layer.error_max.double()
+                error_max = running_max(error, previous)  # (R',) Ymax_l after each row
+                if policy.config.running_max_per_batch:  # every row against the batch's Ymax_l
+                    error_max = error_max[-1:].expand_as(error)  # (R',)
+            keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
         keeps_everything = policy.keeps_everything(call) or is_dense_small_layer(
             policy.config, geometry
         )
@@ -184,7 +204,7 @@ class SparseBackprop(torch.autograd.Function):
 
         grad_bias = None
         if ctx.bias_dtype is not None and needs_bias:
-            grad_bias = delta.sum((0, 2)).to(ctx.bias_dtype)  # (C_out,), dense
+            grad_bias = in_dtype(delta.sum((0, 2)), ctx.bias_dtype)  # (C_out,), dense
         select = functools.partial(_select, policy, layer.layer_index, backward_step)
         needs = (needs_input, needs_weight)
         if rows is None:  # a device that pays for host reads
@@ -217,9 +237,9 @@ class SparseBackprop(torch.autograd.Function):
             grad_input = None if grad_input is None else grad_input + poison
             grad_weight = None if grad_weight is None else grad_weight + poison
         if grad_input is not None:
-            grad_input = grad_input.to(input_dtype)
+            grad_input = in_dtype(grad_input, input_dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight_dtype)
+            grad_weight = in_dtype(grad_weight, weight_dtype)
             if step is not None and poison is None and reads_are_free(grad_weight.device):
                 step.prove_finite(ctx.weight_id, grad_weight, x, error, unit)
         return grad_input, grad_weight, grad_bias, None, None
@@ -269,6 +289,33 @@ def rows_are_samples(step, shape: torch.Size, geometry) -> bool:
     if shape[0] != batch:
         return False
     return not isinstance(geometry, LinearPatches) or batch not in shape[1:-1]
+
+
+def few_rows(policy, step, layer, depth: int, size: int, error: Tensor, drop: bool):
+    """The rows of a layer call with a non-zero δ, their Y_l, k and Ymax_l after each row, for
+    a few CPU rows (:func:`tinyprop.functional.few_cpu_rows`) in Python floats: one host read
+    of Y_l (R,) instead of about fifteen small tensor operations (finite check, non-zero rows,
+    running maximum, k), the same values bit for bit. ``drop``: leave out the skipped samples'
+    rows (:func:`skipped_rows_dropped`). Returns four lists of R' values, or None when a value
+    is not finite (the tensor code raises or passes it on) or k is left to the tensor code."""
+    values = error.tolist()  # (R,) Y_l
+    if not all(math.isfinite(value) for value in values):
+        return None
+    rows = [row for row, value in enumerate(values) if value > 0]
+    if drop:
+        trained = step.stats.trained_mask.tolist()  # (B,)
+        rows = [row for row in rows if trained[row]]
+    errors = [values[row] for row in rows]
+    maxima = errors  # k does not follow Y_l / Ymax_l: no running maximum needed
+    if policy.adaptive:
+        previous = float(step.error_max(layer))
+        maxima = scalar_running_max(errors, previous, policy.config.running_max_per_batch)
+        if maxima is None:
+            return None
+    counts = policy.scalar_keep_counts(errors, maxima, depth, size)
+    if counts is None:
+        return None
+    return rows, errors, counts, maxima
 
 
 def skipped_rows_dropped(step, rows: Tensor) -> Tensor:
@@ -499,8 +546,16 @@ def warn_outside_step(state) -> None:
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype the sparse backward computes in: the widest input, at least float32."""
+    if all(dtype == torch.float32 for dtype in dtypes):  # the common case, without dispatch
+        return torch.float32
     widest = functools.reduce(torch.promote_types, dtypes)
     return torch.promote_types(widest, torch.float32)
+
+
+def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` (the tensor itself when it has that dtype), without a dispatch
+    when nothing changes."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def check_finite(error: Tensor, layer_name: str, step) -> None:

@@ -123,6 +123,24 @@ def scalar_keep_counts(
     return counts
 
 
+def scalar_running_max(
+    errors: list[float], previous: float, per_batch: bool = False
+) -> list[float] | None:
+    """:func:`running_max` on Python floats, operation for operation: Ymax after each row,
+    max(previous, Y_1..Y_n) (with ``per_batch``, the last one for every row, as
+    ``running_max_per_batch`` has it). None when a value is not finite (the tensor code
+    decides those)."""
+    if not math.isfinite(previous) or not all(math.isfinite(error) for error in errors):
+        return None
+    maxima, running = [], -math.inf
+    for error in errors:
+        running = max(running, error)  # cummax
+        maxima.append(max(running, previous))  # clamp_min(previous)
+    if per_batch and maxima:
+        maxima = [maxima[-1]] * len(maxima)
+    return maxima
+
+
 def kth_largest(scores: Tensor, keep: Tensor) -> Tensor:
     """The ``keep[n]``-th largest score of each row: (B, N), (B,) -> (B, 1).
 

@@ -18,6 +18,7 @@ from tinyprop.functional import (
     fixed_keep_count,
     percentile_keep,
     running_max,
+    scalar_keep_counts,
     scalar_skip_decision,
     selective_backprop_probability,
     skip_decision,
@@ -91,6 +92,14 @@ class Policy:
         count = fixed_keep_count(ratio, size)  # the same k for every row
         return torch.full(error.shape, count, dtype=torch.long, device=error.device)
 
+    def scalar_keep_counts(
+        self, errors: list[float], maxima: list[float], depth: int, size: int
+    ) -> list[int] | None:
+        """:meth:`keep_count` of a few rows in Python floats (the same values, bit for bit);
+        None: left to :meth:`keep_count`."""
+        ratio = self.config.ratio if self.budget is None else self.budget.keep_scale
+        return [fixed_keep_count(ratio, size)] * len(errors)
+
     def keeps_everything(self, call) -> bool:
         """True when the layer call is backpropagated densely (no selection): meProp's dense
         output layer; with a budget and ``dense_output_layer=None``, an output layer that is
@@ -142,6 +151,9 @@ class FullPolicy(Policy):
     def keep_count(self, error, error_max, depth, size):
         return torch.full_like(error, size, dtype=torch.long)
 
+    def scalar_keep_counts(self, errors, maxima, depth, size):
+        return [size] * len(errors)
+
     def selection_macs(self, trained, size, kept):
         return 0
 
@@ -188,6 +200,13 @@ class TinyPropPolicy(Policy):
         return adaptive_keep_count(
             error, error_max, config.s_min, config.s_max, config.zeta, depth, size, scale
         ).to(error.device)
+
+    def scalar_keep_counts(self, errors, maxima, depth, size):
+        config = self.config
+        scale = 1.0 if self.budget is None else self.budget.keep_scale
+        return scalar_keep_counts(
+            errors, maxima, config.s_min, config.s_max, config.zeta, depth, size, scale
+        )
 
     def selection_macs(self, trained, size, kept):
         return 2 * trained * size  # Y_l (N_l additions) and the k-th largest (N_l comparisons)
