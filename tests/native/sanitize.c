@@ -129,6 +129,23 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
                                         grad_weight, grad_input, column_start, by_sample,
                                         by_value, threads);
+    /* grad_input row s: its kept entries in ascending j (as kept_entries gives them), one
+     * term at a time from zero, rounded as the kernel rounds them (exactly the same sums) */
+    for (int64_t s = 0; status == 0 && s < batch; s++) {
+        for (int64_t i = 0; i < m; i++) {
+            float sum = 0.0f;
+            for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+                float term = weight[column[e] * m + i];
+#if defined(__AVX512F__) && defined(__GNUC__)
+                sum = fmaf(value[e], term, sum);
+#else
+                sum += value[e] * term;
+#endif
+            }
+            float got = grad_input[s * m + i];
+            if (!(got == sum || (isnan(got) && isnan(sum)))) status = 1;
+        }
+    }
     /* the fused SGD update: weight += -lr · grad_weight, the same sums (exactly, as the
      * kernel's sums run in the same order) */
     float *updated = malloc(sizeof(float) * n * m);

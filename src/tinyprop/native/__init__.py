@@ -223,8 +223,6 @@ def linear_backward(
         column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr(),
         threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN),
     )  # fmt: skip
-    if status == -3:
-        raise MemoryError(f"linear_backward: no memory to regroup {column.numel()} entries")
     if status != 0:
         raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
     return grad_input, grad_weight

@@ -3,7 +3,7 @@
  * tp_topk_{f32,f64}: the k entries of largest magnitude of each row, ties to the lower index:
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
- *     δ only, k · fan_in multiply-accumulates each, tile by tile of 64 input features.
+ *     δ only, k · fan_in multiply-accumulates each (grad_input reads the weight row by row).
  * tp_linear_update_f32, tp_linear_update_momentum_f32: SGD's update (plain, or with momentum)
  * of a Linear weight from the same kept entries, the weight
  *     gradient never written (summed tile by tile as tp_linear_backward_f32 sums it).
@@ -22,8 +22,8 @@
  * every thread count.
  *
  * C99 with OpenMP or POSIX threads; every buffer is caller-owned (PyTorch tensors); the only
- * allocations are the small record of a threaded call's parts, the Linear backward's by-sample
- * regroup and the convolution's entry places.
+ * allocations are the small record of a threaded call's parts and the convolution's entry
+ * places.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
@@ -448,9 +448,11 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
 
-/* Features per tile of the Linear backward: x[:, tile] of 128 samples (32 KB) or 128 rows of
- * the weight stay in the L1 cache while the tile's outputs are summed in registers. */
-enum { TILE = 64, ROW_BLOCK = 128 };
+/* Features per tile of the Linear weight gradient: x[:, tile] of 128 samples (32 KB) stays in
+ * the L1 cache while the tile's outputs are summed in registers. The input gradient reads the
+ * weight row by row, PREFETCH_ROWS rows ahead of the row it adds (a row's slice is a row of
+ * the weight apart from the last: strided reads the hardware does not fetch ahead by itself). */
+enum { TILE = 64, PREFETCH_ROWS = 4 };
 /* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
  * measured) are written past the caches: they would not stay there, and a streamed store does
  * not read the line it replaces first. */
@@ -501,6 +503,27 @@ static void tile_sum(float *restrict out, const float *restrict source, int64_t 
 #endif
 }
 
+/* out[i] += v · row[i] for i in [0, width): the step tile_sum takes per term, rounded as it
+ * rounds it (a fused multiply-add with AVX-512, the same C expression without). */
+static void row_add(float *restrict out, const float *restrict row, int64_t width, float v) {
+    int64_t i = 0;
+#if defined(__AVX512F__) && defined(__GNUC__)
+    const __m512 value = _mm512_set1_ps(v);
+    for (; i + 16 <= width; i += 16) {
+        __m512 sum = _mm512_fmadd_ps(value, _mm512_loadu_ps(row + i), _mm512_loadu_ps(out + i));
+        _mm512_storeu_ps(out + i, sum);
+    }
+    if (i < width) {
+        __mmask16 lanes = (__mmask16)((1u << (width - i)) - 1);
+        __m512 sum = _mm512_fmadd_ps(value, _mm512_maskz_loadu_ps(lanes, row + i),
+                                     _mm512_maskz_loadu_ps(lanes, out + i));
+        _mm512_mask_storeu_ps(out + i, lanes, sum);
+    }
+#else
+    for (; i < width; i++) out[i] += v * row[i];
+#endif
+}
+
 /* Whether row_start (batch + 1,) is a CSR offset array: starts at 0, never decreases. */
 static int valid_offsets(const int64_t *row_start, int64_t batch) {
     if (row_start[0] != 0) return 0;
@@ -537,19 +560,18 @@ static int regroup_by_column(int64_t batch, int64_t n, const int64_t *row_start,
 
 typedef struct {
     const float *x, *weight;
-    int64_t batch, n, m, blocks;
+    int64_t batch, n, m;
     int stream; /* write grad_weight with streamed stores */
     const int64_t *column_start, *by_column_sample; /* (n + 1,), (nnz,): the entries by output */
     const float *by_column_value;
-    const int64_t *block_start, *by_row_column; /* (batch, blocks + 1), (nnz,): by sample */
-    const float *by_row_value;
     float *grad_weight, *grad_input;
 } linear_call;
 
 /* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. In a tile,
- * grad_weight row j sums the x rows of the samples that kept j; grad_input row s sums the
- * weight rows s kept, ROW_BLOCK rows of the weight at a time (so they stay in L1 across the
- * batch), the running sum stored between blocks. */
+ * grad_weight row j sums the x rows of the samples that kept j. Over the part's features,
+ * grad_input row s starts at zero and adds δ[s, j] · weight[j] for the outputs j it kept, j
+ * ascending: the weight is read once, row after row, each row added into the samples that
+ * kept it (their rows of the part stay in the cache). */
 static int linear_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
     const linear_call *c = context;
@@ -567,16 +589,20 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
             }
     }
     if (c->grad_input) {
-        for (int64_t block = 0; block < c->blocks; block++)
-            for (int64_t at = first; at < end; at += TILE)
-                for (int64_t s = 0; s < c->batch; s++) {
-                    const int64_t *from = c->block_start + s * (c->blocks + 1) + block;
-                    int64_t width = end - at < TILE ? end - at : TILE;
-                    if (block > 0 && from[1] == from[0]) continue; /* nothing to add */
-                    tile_sum(c->grad_input + s * m + at, c->weight + at, m, width,
-                             c->by_row_column + from[0], c->by_row_value + from[0],
-                             from[1] - from[0], block > 0, 0);
-                }
+        int64_t width = end - first;
+        for (int64_t s = 0; s < c->batch; s++)
+            memset(c->grad_input + s * m + first, 0, (size_t)width * sizeof(float));
+        for (int64_t j = 0; j < c->n; j++) {
+            const float *restrict row = c->weight + j * m + first;
+#if defined(__GNUC__)
+            if (j + PREFETCH_ROWS < c->n) /* a hint: nothing depends on it */
+                for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
+                    __builtin_prefetch(row + PREFETCH_ROWS * m + i, 0, 3);
+#endif
+            for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
+                row_add(c->grad_input + c->by_column_sample[t] * m + first, row, width,
+                        c->by_column_value[t]);
+        }
     }
     return 0;
 }
@@ -585,15 +611,12 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
  *   row_start (batch + 1,), column (nnz,) output index j, value (nnz,) δ[s, j].
  * x (batch, m), weight (n, m). Writes (when not NULL):
  *   grad_weight (n, m): row j = Σ_{s keeps j} δ[s, j] · x[s]   (zeros where nobody kept j)
- *   grad_input (batch, m): row s = Σ_{j kept by s} δ[s, j] · weight[j]
- * The entries are regrouped by output (CSC) for grad_weight, and by sample in ascending j, cut
- * into blocks of ROW_BLOCK outputs, for grad_input; the input features are cut into tiles of
- * TILE, shared out among up to `threads` threads, every output summed in the same order
- * whatever the thread count. Scratch: column_start (n + 1,), by_column_sample (nnz,),
- * by_column_value (nnz,). Returns 0, -1 on an index out of range or offsets that decrease,
- * -3 when the by-sample regroup (nnz + batch · (n / ROW_BLOCK + 2) integers, nnz floats) cannot
- * be allocated. Any float values (NaN, ±Inf) only flow into the gradients: no branch depends on
- * them. */
+ *   grad_input (batch, m): row s = Σ_{j kept by s} δ[s, j] · weight[j], j ascending
+ * The entries are regrouped by output (CSC); the input features are cut into tiles of TILE,
+ * shared out among up to `threads` threads, every output summed in the same order whatever the
+ * thread count. Scratch: column_start (n + 1,), by_column_sample (nnz,), by_column_value
+ * (nnz,). Returns 0, -1 on an index out of range or offsets that decrease. Any float values
+ * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
 int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
                            int64_t m, const int64_t *row_start, const int64_t *column,
                            const float *value, float *grad_weight, float *grad_input,
@@ -602,44 +625,16 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
     if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
                           by_column_value) != 0)
         return -1;
-    int64_t nnz = row_start[batch];
-    int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK, *by_row = NULL, *block_start = NULL;
-    float *by_row_value = NULL;
-    if (grad_input) { /* each sample's entries in ascending j, with where each block starts */
-        by_row = malloc((size_t)(nnz + batch * (blocks + 1)) * sizeof(int64_t) +
-                        (size_t)nnz * sizeof(float));
-        if (by_row == NULL) return -3;
-        by_row_value = (float *)(void *)(by_row + nnz + batch * (blocks + 1));
-        block_start = by_row + nnz;
-        int64_t *next = block_start; /* first the cursor of each sample's next slot */
-        for (int64_t s = 0; s < batch; s++) next[s * (blocks + 1)] = row_start[s];
-        for (int64_t j = 0; j < n; j++) {
-            for (int64_t t = column_start[j]; t < column_start[j + 1]; t++) {
-                int64_t slot = next[by_column_sample[t] * (blocks + 1)]++;
-                by_row[slot] = j;
-                by_row_value[slot] = by_column_value[t];
-            }
-        }
-        for (int64_t s = 0; s < batch; s++) {
-            int64_t *starts = block_start + s * (blocks + 1), e = row_start[s];
-            for (int64_t block = 0; block <= blocks; block++) {
-                while (e < row_start[s + 1] && by_row[e] < block * ROW_BLOCK) e++;
-                starts[block] = e;
-            }
-        }
-    }
     linear_call call = {.x = x, .weight = weight, .batch = batch, .n = n, .m = m,
-                        .blocks = blocks, .stream = n * m >= STREAM_FLOATS,
-                        .column_start = column_start, .by_column_sample = by_column_sample,
-                        .by_column_value = by_column_value, .block_start = block_start,
-                        .by_row_column = by_row, .by_row_value = by_row_value,
-                        .grad_weight = grad_weight, .grad_input = grad_input};
+                        .stream = n * m >= STREAM_FLOATS, .column_start = column_start,
+                        .by_column_sample = by_column_sample,
+                        .by_column_value = by_column_value, .grad_weight = grad_weight,
+                        .grad_input = grad_input};
     int64_t parts = parts_for((m + TILE - 1) / TILE, threads);
     int status = run_parts(linear_part, &call, parts, threads);
 #if defined(__AVX512F__) && defined(__GNUC__)
     _mm_sfence(); /* the streamed stores of grad_weight are visible before the caller reads */
 #endif
-    free(by_row);
     return status;
 }
 
