@@ -448,8 +448,7 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
 
-/* Features per tile of the Linear weight gradient: x[:, tile] of 128 samples (32 KB) stays in
- * the L1 cache while the tile's outputs are summed in registers. The input gradient reads the
+/* Features per tile of the Linear weight gradient: the tile's outputs are summed in registers. The input gradient reads the
  * weight row by row, PREFETCH_ROWS rows ahead of the row it adds (a row's slice is a row of
  * the weight apart from the last: strided reads the hardware does not fetch ahead by itself). */
 enum { TILE = 64, PREFETCH_ROWS = 4 };
@@ -567,8 +566,9 @@ typedef struct {
     float *grad_weight, *grad_input;
 } linear_call;
 
-/* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. In a tile,
- * grad_weight row j sums the x rows of the samples that kept j. Over the part's features,
+/* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. Row by
+ * row (each row's tiles written one after the other, not a row of the weight apart), each tile
+ * of grad_weight row j sums the x rows of the samples that kept j. Over the part's features,
  * grad_input row s starts at zero and adds δ[s, j] · weight[j] for the outputs j it kept, j
  * ascending: the weight is read once, row after row, each row added into the samples that
  * kept it (their rows of the part stay in the cache). */
@@ -580,8 +580,8 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
     int64_t end = slice_start(tiles, part + 1, parts, 1) * TILE;
     if (end > m) end = m;
     if (c->grad_weight) {
-        for (int64_t at = first; at < end; at += TILE)
-            for (int64_t j = 0; j < c->n; j++) {
+        for (int64_t j = 0; j < c->n; j++)
+            for (int64_t at = first; at < end; at += TILE) {
                 int64_t start = c->column_start[j], width = end - at < TILE ? end - at : TILE;
                 tile_sum(c->grad_weight + j * m + at, c->x + at, m, width,
                          c->by_column_sample + start, c->by_column_value + start,
