@@ -203,7 +203,64 @@ def test_state_dict_that_does_not_fit_the_reference_model_names_the_keys(tmp_pat
     argv = [str(tmp_path / "weights.pt"), "--model", "har", "--out", str(tmp_path / "out")]
     assert export_main(argv) == 2
     line = _one_line_error(capsys)
-    assert "does not fit the har reference model" in line and "Missing key(s)" in line
+    assert "does not fit the har reference model: keys 6 missing (3.weight, 3.bias" in line
+    assert "2 of another shape (0.weight is (3, 4) in the file, (16, 6, 5) in the model" in line
+    assert "another model" in line
+
+
+def _har_state():
+    torch.manual_seed(0)
+    return models.build("har", input_shape=(6, 100)).state_dict()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        # a training checkpoint: its weights under one entry (the message said: 8 keys missing)
+        (
+            lambda sd: {"epoch": 3, "state_dict": sd, "optimizer": {}},
+            "is a training checkpoint (entries 'epoch', 'state_dict', 'optimizer'), not a "
+            "state_dict: its weights are under 'state_dict'; pass --state-dict-key state_dict",
+        ),
+        # another model's weights: the shapes that differ are named (the message was cut at 300
+        # characters, before the shapes)
+        (
+            lambda sd: {**sd, "0.weight": sd["0.weight"][:2]},
+            "1 of another shape (0.weight is (2, 6, 5) in the file, (16, 6, 5) in the model)",
+        ),
+        # the state_dict of a wrapper: every key one level down
+        (
+            lambda sd: {f"model.{key}": value for key, value in sd.items()},
+            "every key starts with 'model.': save the inner module's state_dict",
+        ),
+    ],
+    ids=["checkpoint", "shape", "prefix"],
+)
+def test_a_foreign_state_dict_is_refused_saying_what_it_is(tmp_path, capsys, content, expected):
+    torch.save(content(_har_state()), tmp_path / "weights.pt")
+    argv = [str(tmp_path / "weights.pt"), "--model", "har", "--out", str(tmp_path / "out")]
+    assert export_main(argv) == 2
+    assert expected in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_exports_with_its_state_dict_key(tmp_path, capsys):
+    state = _har_state()
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "checkpoint.pt")
+    argv = [str(tmp_path / "checkpoint.pt"), "--model", "har", "--out", str(tmp_path / "out")]
+    assert export_main([*argv, "--state-dict-key", "state_dict"]) == 0
+    torch.save(state, tmp_path / "plain.pt")
+    plain = [str(tmp_path / "plain.pt"), "--model", "har", "--out", str(tmp_path / "plain")]
+    assert export_main(plain) == 0
+    capsys.readouterr()
+
+    def weights(folder):  # the header's weight arrays (its comment names the file)
+        text = (tmp_path / folder / "tinyprop_model.h").read_text()
+        return [line for line in text.splitlines() if not line.lstrip().startswith(("/*", "*"))]
+
+    assert weights("out") == weights("plain")
+    assert export_main([*argv, "--state-dict-key", "weights", "--force"]) == 2
+    assert "has no entry 'weights' (it has 'epoch', 'state_dict')" in _one_line_error(capsys)
 
 
 def test_ram_smaller_than_training_needs_is_refused_before_writing(tmp_path, capsys):

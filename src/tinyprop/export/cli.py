@@ -20,7 +20,7 @@ from tinyprop.config import PRESETS, TinyPropConfig
 from tinyprop.export import export_c
 from tinyprop.export.folding import fold_batch_norm
 from tinyprop.export.graph import UnsupportedLayerError
-from tinyprop.export.loading import load_model_file
+from tinyprop.export.loading import load_model_file, state_dict_mismatch
 from tinyprop.export.runtime import OptimizerSpec
 from tinyprop.memory import MemoryMode
 
@@ -77,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
         help="overwrite files in --out that an earlier export did not write (e.g. your Makefile)",
     )
     p.add_argument("--model", help="dataset whose reference model MODEL.pt's state_dict is for")
+    p.add_argument(
+        "--state-dict-key",
+        metavar="KEY",
+        help="with --model: MODEL.pt is a training checkpoint whose entry KEY holds the "
+        "state_dict (e.g. state_dict)",
+    )
     p.add_argument("--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=cli_types.positive_float, default=0.01)
@@ -152,23 +158,26 @@ def parser() -> argparse.ArgumentParser:
 
 def _load(args) -> tuple[nn.Module, tuple[int, ...] | None]:
     loaded = load_model_file(args.model_file)  # never runs code from the file
+    if args.state_dict_key is not None and not args.model:
+        raise ValueError("--state-dict-key needs --model DATASET (the model the weights are for)")
     if args.model:
         from tinyprop import models
 
         reference = models.reference(args.model)
         shape = args.input_shape or reference.input_shape
         model = models.build(args.model, input_shape=shape)
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"{args.model_file} is not a state_dict; drop --model to load a module"
-            )
-        try:
-            model.load_state_dict(loaded)
-        except RuntimeError as error:
-            detail = " ".join(str(error).split())[:300]  # the missing and unexpected keys
-            raise ValueError(
-                f"{args.model_file} does not fit the {args.model} reference model ({detail})"
-            ) from None
+        if args.state_dict_key is not None:
+            if not isinstance(loaded, dict) or args.state_dict_key not in loaded:
+                entries = ", ".join(map(repr, list(loaded)[:8])) if isinstance(loaded, dict) else ""
+                raise ValueError(
+                    f"{args.model_file} has no entry {args.state_dict_key!r}"
+                    + (f" (it has {entries})" if entries else "")
+                )
+            loaded = loaded[args.state_dict_key]
+        problem = state_dict_mismatch(model, loaded, args.model_file, args.model)
+        if problem is not None:
+            raise ValueError(problem)
+        model.load_state_dict(loaded)
         return model, shape
     if not isinstance(loaded, nn.Module):
         raise ValueError(

@@ -58,3 +58,73 @@ def load_model_file(path: Path) -> object:
         raise UnsafeModelFileError(
             f"{path} is not a readable torch file ({reason}); give a file written by torch.save"
         ) from None
+
+
+def is_tensor_dict(value: object) -> bool:
+    """A non-empty dict of tensors: what a ``state_dict`` is."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
+
+
+def checkpoint_entry(loaded: dict) -> str | None:
+    """The key of a training checkpoint (``{"epoch": .., "state_dict": {..}, ..}``) whose value
+    is the model's ``state_dict``, when exactly one entry holds a dict of tensors."""
+    entries = [key for key, value in loaded.items() if is_tensor_dict(value)]
+    return entries[0] if len(entries) == 1 and not is_tensor_dict(loaded) else None
+
+
+def state_dict_mismatch(model: nn.Module, loaded: dict, path: Path, dataset: str) -> str | None:
+    """Why ``loaded`` is not a ``state_dict`` of ``model`` (keys missing, unexpected, shapes
+    that differ, values that are not tensors), in one line; None when it is one."""
+    expected = model.state_dict()
+    if isinstance(loaded, nn.Module):
+        return (
+            f"{path} is a whole {type(loaded).__name__}, not a state_dict; drop --model to load it"
+        )
+    if not isinstance(loaded, dict):
+        return f"{path} holds a {type(loaded).__name__}, not a state_dict"
+    entry = checkpoint_entry(loaded)
+    if entry is not None:
+        return (
+            f"{path} is a training checkpoint (entries {', '.join(map(repr, list(loaded)[:6]))}), "
+            f"not a state_dict: its weights are under {entry!r}; pass --state-dict-key {entry}"
+        )
+    not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    missing = [key for key in expected if key not in loaded]
+    unexpected = [key for key in loaded if key not in expected]
+    shapes = [
+        f"{key} is {tuple(loaded[key].shape)} in the file, {tuple(value.shape)} in the model"
+        for key, value in expected.items()
+        if isinstance(loaded.get(key), torch.Tensor) and loaded[key].shape != value.shape
+    ]
+    problems = []
+    for what, keys in (
+        ("not tensors", not_tensors),
+        ("missing", missing),
+        ("unexpected", unexpected),
+    ):
+        if keys:
+            shown = ", ".join(map(str, keys[:4])) + (", ..." if len(keys) > 4 else "")
+            problems.append(f"{len(keys)} {what} ({shown})")
+    if shapes:
+        problems.append(f"{len(shapes)} of another shape ({'; '.join(shapes[:2])})")
+    if not problems:
+        return None
+    prefixes = {str(key).split(".", 1)[0] + "." for key in unexpected if "." in str(key)}
+    if len(prefixes) == 1 and len(unexpected) == len(loaded):
+        hint = (
+            f"; every key starts with {next(iter(prefixes))!r}: save the inner module's state_dict"
+        )
+    elif missing or unexpected:
+        hint = (
+            "; it is the state_dict of another model: give --model the dataset it was trained "
+            "for, or save the whole nn.Module"
+        )
+    elif shapes:
+        hint = "; the same layers at other sizes: another model, or give the --input-shape it had"
+    else:
+        hint = "; a state_dict holds tensors only"
+    return f"{path} does not fit the {dataset} reference model: keys " + ", ".join(problems) + hint
