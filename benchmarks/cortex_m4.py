@@ -26,11 +26,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stack_usage.py beside this file
+from stack_usage import RUNTIME_ENTRY_POINTS, program_bound, stack_bounds  # noqa: E402
 
 import tinyprop
 from tinyprop import models
@@ -39,6 +43,8 @@ from tinyprop.export.runtime import runtime_dir
 from tinyprop.memory import TrainingMode, modes_for
 
 M4_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+SRAM_SIZES = (64 * 1024, 256 * 1024)  # common Cortex-M4 parts' SRAM: a build that fits runs in it
+QEMU = ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting", "-kernel"]
 POLICIES = ("full", "tinypropv2")  # dense backprop of the trained layers, and TinyPropv2
 EXAMPLES = {
     # name -> (dataset, one sample's shape, samples built in, batch size, epochs)
@@ -96,11 +102,17 @@ def instructions_per_step(host: Path, output: str) -> dict | None:
 
 
 def build_and_run(
-    name: str, mode: TrainingMode, work: Path, policy: str = "tinypropv2", run: bool = True
+    name: str,
+    mode: TrainingMode,
+    work: Path,
+    policy: str = "tinypropv2",
+    run: bool = True,
+    count_instructions: bool = True,
 ) -> dict:
     """Export, build for the Cortex-M4 and size one example; with ``run``, also build it for
     the host, count its instructions and run it under QEMU against the host's weights
-    (``run=False``: the sizes only, as ``tests/test_cortex_m4_records.py`` checks them)."""
+    (``run=False``: the sizes and the stack bound only, as ``tests/test_cortex_m4_records.py``
+    checks them; ``count_instructions=False``: no callgrind)."""
     dataset, shape, count, batch_size, epochs = EXAMPLES[name]
     torch.manual_seed(0)
     net = models.build(dataset, input_shape=shape)
@@ -122,11 +134,16 @@ def build_and_run(
               f"-DTP_MAX_LAYERS={len(result.layers)}",
               "-I", str(out / "runtime/include"), "-I", str(out)]  # fmt: skip
     elf = out / "train_m4.elf"
-    subprocess.run(
-        ["arm-none-eabi-gcc", *common, *M4_FLAGS, "--specs=rdimon.specs", *sources,
-         str(root / "startup.c"), "-T", str(root / "an386.ld"), "-lm", "-o", str(elf)],
-        check=True,
-    )  # fmt: skip
+
+    def link(target: Path, *extra: str) -> None:
+        subprocess.run(
+            ["arm-none-eabi-gcc", *common, *M4_FLAGS, "--specs=rdimon.specs", *sources,
+             str(root / "startup.c"), "-T", str(root / "an386.ld"), *extra, "-lm", "-o",
+             str(target)],
+            check=True,
+        )  # fmt: skip
+
+    link(elf)
     size = subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True, text=True)
     text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
     record = {
@@ -160,6 +177,7 @@ def build_and_run(
         },
         "inference_bytes": result.inference_bytes,
         "compiler": "arm-none-eabi-gcc -O2 " + " ".join(M4_FLAGS),
+        "stack_bound": stack_bound_of(elf),
         "qemu": None,
     }
     if not run:
@@ -169,16 +187,17 @@ def build_and_run(
         ["gcc", *common, "-fno-tree-vectorize", *sources, "-lm", "-o", str(host)], check=True
     )
     host_run = subprocess.run([str(host)], capture_output=True, text=True, check=True)
-    record["instructions"] = instructions_per_step(host, host_run.stdout)
+    record["instructions"] = (
+        instructions_per_step(host, host_run.stdout) if count_instructions else None
+    )
     if shutil.which("qemu-system-arm") is None:
         record["qemu"] = "not run: qemu-system-arm not found (apt-get install -y qemu-system-arm)"
         return record
-    qemu = subprocess.run(
-        ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting",
-         "-kernel", str(elf)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    ok = qemu.returncode == 0 and qemu.stdout.rstrip().endswith("done")
+    measured = out / "train_m4_measured.elf"  # the same program, its stack painted
+    link(measured, str(root / "stack_paint.c"), "-Wl,--wrap=main")
+    qemu = subprocess.run([*QEMU, str(measured)], capture_output=True, text=True, timeout=600)
+    ok = qemu.returncode == 0 and "\ndone\n" in qemu.stdout
+    record["measured_memory"] = measured_memory(qemu.stdout)
     board, reference = parameters_from(qemu.stdout), parameters_from(host_run.stdout)
     same_shape = board.shape == reference.shape and board.size == result.memory.trained_parameters
     difference = (
@@ -213,7 +232,66 @@ def build_and_run(
         "same_skip_decisions": [line.split()[-3:] for line in batches_board]
         == [line.split()[-3:] for line in batches_host],
     }
+    if ok and record["measured_memory"]:
+        record["sram_run"] = run_in_sram(record, link, out, qemu.stdout)
     return record
+
+
+def stack_bound_of(elf: Path) -> dict:
+    """The worst-case stack of the runtime's calls (read from the machine code; the deepest
+    entry point and its chain) and of the whole program with newlib's stdio left out."""
+    bounds = stack_bounds(elf, RUNTIME_ENTRY_POINTS)
+    deepest = max(bounds, key=lambda name: bounds[name]["bytes"])
+    program = program_bound(elf)
+    return {
+        "runtime_bytes": bounds[deepest]["bytes"],
+        "runtime_chain": bounds[deepest]["chain"],
+        "per_entry_point": {name: bound["bytes"] for name, bound in bounds.items()},
+        "program_bytes": program["bytes"],
+        "program_chain": program["chain"],
+        "program_left_out": program["left_out"],
+    }
+
+
+def measured_memory(output: str) -> dict | None:
+    """``memory stack S heap H`` of the painted build (stack_paint.c), or None."""
+    lines = [line.split() for line in output.splitlines() if line.startswith("memory stack ")]
+    if not lines:
+        return None
+    return {"stack_bytes": int(lines[0][2]), "heap_bytes": int(lines[0][4])}
+
+
+def sram_needed(record: dict) -> int:
+    """Bytes of SRAM the program needs: .data + .bss (the arena inside), the heap newlib's
+    stdio takes, and the stack: the larger of the measured one and the bound from the code."""
+    memory = record["measured_memory"]
+    stack = max(memory["stack_bytes"], record["stack_bound"]["program_bytes"])
+    return record["ram_bytes"] + memory["heap_bytes"] + stack
+
+
+def run_in_sram(record: dict, link, out: Path, painted_output: str) -> dict | None:
+    """Run the program again with its stack at the top of the smallest SRAM size it fits
+    (64 KB or 256 KB), as on such a part; its weights must still be the host's."""
+    needed = sram_needed(record)
+    fitting = [size for size in SRAM_SIZES if needed <= size]
+    if not fitting:
+        return None
+    elf = out / f"train_m4_sram{fitting[0]}.elf"
+    link(elf, str(runtime_dir() / "examples/cortex_m4/stack_paint.c"), "-Wl,--wrap=main",
+         f"-DTP_SRAM_BYTES={fitting[0]}")  # fmt: skip
+    qemu = subprocess.run([*QEMU, str(elf)], capture_output=True, text=True, timeout=600)
+    line = next((x for x in qemu.stdout.splitlines() if x.startswith("memory ")), "")
+    board = parameters_from(qemu.stdout)
+    return {
+        "sram_bytes": fitting[0],
+        "needed_bytes": needed,
+        "stack_bytes": int(line.split()[2]) if line.startswith("memory stack") else None,
+        "fits": line.endswith(f"sram {fitting[0]} fits") and "\ndone\n" in qemu.stdout,
+        # the same program as the painted run, its stack elsewhere: the same floats
+        "same_weights_as_painted_run": bool(
+            board.size > 0 and np.array_equal(board, parameters_from(painted_output))
+        ),
+    }
 
 
 def cortex_m4(out: Path, models: list[str] | None = None) -> int:
@@ -246,7 +324,7 @@ def cortex_m4(out: Path, models: list[str] | None = None) -> int:
     out.write_text(json.dumps(records, indent=2) + "\n")
     print(
         f"{'model':<16} {'mode':<20} {'policy':<11} {'flash':>9} {'RAM':>9} {'arena':>9} "
-        f"{'skipped':>10} {'trained':>10}  QEMU"
+        f"{'stack':>6} {'bound':>6} {'heap':>6} {'skipped':>10} {'trained':>10}  QEMU"
     )
     for r in records:
         q = r["qemu"]
@@ -269,14 +347,26 @@ def cortex_m4(out: Path, models: list[str] | None = None) -> int:
                 f" ({verdict}), skip decisions "
                 f"{'same' if q['same_skip_decisions'] else 'DIFFERENT'}"
             )
-        steps = r["instructions"] or {}
+        steps = r.get("instructions") or {}
         skipped, trained = steps.get("skipped_step") or "-", steps.get("trained_step") or "-"
-        print(f"{r['model']:<16} {r['mode']:<20} {r['policy']:<11} {r['flash_bytes']:>9} "
-              f"{r['ram_bytes']:>9} {r['training_arena_bytes']:>9} {skipped:>10} "
-              f"{trained:>10}  {status}")  # fmt: skip
+        memory = r.get("measured_memory") or {}
+        sram = r.get("sram_run")
+        if sram:
+            status += (
+                f"; ran in {sram['sram_bytes'] // 1024} KB SRAM: "
+                f"{'yes' if sram['fits'] and sram['same_weights_as_painted_run'] else 'NO'}"
+            )
+        print(
+            f"{r['model']:<16} {r['mode']:<20} {r['policy']:<11} {r['flash_bytes']:>9} "
+            f"{r['ram_bytes']:>9} {r['training_arena_bytes']:>9} "
+            f"{memory.get('stack_bytes', '-'):>6} {r['stack_bound']['program_bytes']:>6} "
+            f"{memory.get('heap_bytes', '-'):>6} {skipped:>10} {trained:>10}  {status}"
+        )
     print(f"wrote {out}")
     failed = [(r["model"], r["mode"], r["policy"]) for r in records
               if isinstance(r["qemu"], dict) and not (
                   r["qemu"]["ran"] and r["qemu"]["weights_match"]
-                  and r["qemu"]["same_skip_decisions"])]  # fmt: skip
+                  and r["qemu"]["same_skip_decisions"]
+                  and (r.get("sram_run") is None or (r["sram_run"]["fits"]
+                       and r["sram_run"]["same_weights_as_painted_run"])))]  # fmt: skip
     return 1 if failed else 0

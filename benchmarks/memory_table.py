@@ -8,9 +8,12 @@ instructions per skipped and trained step (callgrind, host build).
     python benchmarks/memory_table.py        # prints the markdown tables
 
 A second table says, per example model, what training every layer with Adam needs and which
-measured builds fit 64 KB and 256 KB of SRAM (RAM = data + bss, the arena inside; the stack
-comes on top). A third lists the accuracy-only modes (``TrainingMode.on_device`` False: which
-layers, learning rates or optimizers matter) with the arena the runtime's plan gives them.
+measured builds fit 64 KB and 256 KB of SRAM: data + bss (the arena inside), the heap newlib's
+stdio takes and the stack (the larger of the deepest stack measured under QEMU by stack
+painting and the bound read from the machine code, benchmarks/stack_usage.py); each build
+that fits was run again under QEMU with its stack at the top of that SRAM size. A third lists
+the accuracy-only modes (``TrainingMode.on_device`` False: which layers, learning rates or
+optimizers matter) with the arena the runtime's plan gives them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+
+from cortex_m4 import sram_needed  # benchmarks/cortex_m4.py, beside this file
 
 from tinyprop import models
 from tinyprop.config import TinyPropConfig
@@ -51,9 +56,10 @@ def accuracy_cells(values: list[float], reference: list[float]) -> tuple[str, st
 
 def device_table(records: list[dict], measured: dict) -> None:
     """Every Cortex-M4 build: flash, RAM, arena, accuracy, instructions, QEMU."""
-    print("| model | mode | policy | flash | RAM | arena | accuracy (3 seeds) | vs all-adam full "
-          "| instr. skipped step | instr. trained step | QEMU |")  # fmt: skip
-    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---|")
+    print("| model | mode | policy | flash | RAM | arena | stack (measured / bound) | heap "
+          "| accuracy (3 seeds) | vs all-adam full | instr. skipped step | instr. trained step "
+          "| QEMU |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for r in records:
         dataset = DATASETS[r["model"]]
         accuracy, delta = accuracy_cells(
@@ -70,9 +76,14 @@ def device_table(records: list[dict], measured: dict) -> None:
             + (f", {q['entries_beyond_1e-5']} entries beyond 1e-5"
                if q.get("entries_beyond_1e-5") else "")
         )  # fmt: skip
+        memory = r.get("measured_memory") or {}
+        stack = (
+            f"{memory['stack_bytes']:,} / {r['stack_bound']['program_bytes']:,}" if memory else "-"
+        )
         print(
             f"| {NAMES[r['model']]} | {r['mode']} | {r['policy']} | {r['flash_bytes']:,} | "
-            f"{r['ram_bytes']:,} | {r['training_arena_bytes']:,} | {accuracy} | {delta} | "
+            f"{r['ram_bytes']:,} | {r['training_arena_bytes']:,} | {stack} | "
+            f"{memory.get('heap_bytes', 0):,} | {accuracy} | {delta} | "
             f"{steps.get('skipped_step', 0):,} | {steps.get('trained_step') or 0:,} | {qemu} |"
         )
 
@@ -80,26 +91,38 @@ def device_table(records: list[dict], measured: dict) -> None:
 SRAM_SIZES = {"64 KB": 64 * 1024, "256 KB": 256 * 1024}  # common Cortex-M4 parts' SRAM
 
 
+def ran_in(record: dict, limit: int) -> str:
+    """ " (ran)" when the build ran under QEMU with its stack at the top of ``limit`` bytes."""
+    run = record.get("sram_run") or {}
+    ok = run.get("sram_bytes") == limit and run["fits"] and run["same_weights_as_painted_run"]
+    return " (ran)" if ok else ""
+
+
 def fit_table(records: list[dict]) -> None:
-    """Per example model: the RAM (data + bss, the training arena inside; the stack on top) of
-    training every layer with Adam, and the measured modes whose build fits 64 KB and 256 KB of
-    SRAM, each as RAM under full / tinypropv2 ("over" where that policy's build does not fit)."""
-    print("| model | every layer, Adam: RAM (arena) full / tinypropv2 | "
-          + " | ".join(f"modes within {name}: RAM full / tinypropv2" for name in SRAM_SIZES)
+    """Per example model: the SRAM (data + bss, heap, stack) of training every layer with Adam,
+    and the measured modes whose build fits 64 KB and 256 KB of SRAM, each as the SRAM under
+    full / tinypropv2 ("over" where that policy's build does not fit; "(ran)": run under QEMU
+    with its stack at the top of that size)."""
+    print("| model | every layer, Adam: SRAM (arena) full / tinypropv2 | "
+          + " | ".join(f"modes within {name}: SRAM full / tinypropv2" for name in SRAM_SIZES)
           + " |")  # fmt: skip
     print("|---|---|" + "---|" * len(SRAM_SIZES))
     for model in DATASETS:
         ram = {(r["mode"], r["policy"]): r for r in records if r["model"] == model}
-        modes = sorted({mode for mode, _ in ram}, key=lambda m: ram[(m, "full")]["ram_bytes"])
-        every = [ram[("all-adam", p)] for p in ("full", "tinypropv2")]
-        default = " / ".join(f"{r['ram_bytes']:,} ({r['training_arena_bytes']:,})" for r in every)
+        need = {key: sram_needed(r) for key, r in ram.items()}
+        modes = sorted({mode for mode, _ in ram}, key=lambda m: need[(m, "full")])
+        every = [("all-adam", p) for p in ("full", "tinypropv2")]
+        default = " / ".join(f"{need[k]:,} ({ram[k]['training_arena_bytes']:,})" for k in every)
         cells = []
         for limit in SRAM_SIZES.values():
             fitting = []
             for mode in modes:
-                sizes = [ram[(mode, p)]["ram_bytes"] for p in ("full", "tinypropv2")]
-                if min(sizes) <= limit:
-                    shown = [f"{size:,}" if size <= limit else "over" for size in sizes]
+                keys = [(mode, p) for p in ("full", "tinypropv2")]
+                if min(need[k] for k in keys) <= limit:
+                    shown = [
+                        f"{need[k]:,}{ran_in(ram[k], limit)}" if need[k] <= limit else "over"
+                        for k in keys
+                    ]
                     fitting.append(f"{mode} {shown[0]} / {shown[1]}")
             cells.append("; ".join(fitting) or "none")
         print(f"| {NAMES[model]} | {default} | " + " | ".join(cells) + " |")

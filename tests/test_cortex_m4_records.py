@@ -69,8 +69,53 @@ def test_examples_built_now_have_the_recorded_flash_and_ram(tmp_path, model, mod
     record = next(
         r for r in RECORDS if (r["model"], r["mode"], r["policy"]) == (model, mode, policy)
     )
-    measured = {key: built[key] for key in ("text", "data", "bss", "training_arena_bytes")}
+    measured = {
+        key: built[key] for key in ("text", "data", "bss", "training_arena_bytes", "stack_bound")
+    }
     assert measured == {key: record[key] for key in measured}, (
         "the Cortex-M4 records are stale: run make -C runtime cortex-m4 and "
         "python benchmarks/memory_table.py, and update runtime/README.md"
     )
+
+
+@pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+    reason="needs arm-none-eabi-gcc and qemu-system-arm",
+)
+def test_the_recorded_stack_and_heap_are_measured_again_and_fit_their_sram(tmp_path):
+    """The HAR example that fits 64 KB: its stack painted under QEMU reaches the recorded depth
+    (no deeper than the bound read from its code), its heap the recorded size, and it trains to
+    the same weights with its stack at the top of 64 KB of SRAM."""
+    benchmark = cortex_m4()
+    mode = next(m for m in modes_for("har") if m.name == "last2-sgd-in-place")
+    built = benchmark.build_and_run("har-cnn1d", mode, tmp_path, "full", count_instructions=False)
+    record = next(
+        r for r in RECORDS if (r["model"], r["mode"], r["policy"]) ==
+        ("har-cnn1d", "last2-sgd-in-place", "full")
+    )  # fmt: skip
+    assert built["measured_memory"] == record["measured_memory"]
+    assert built["measured_memory"]["stack_bytes"] <= built["stack_bound"]["program_bytes"]
+    assert built["qemu"]["weights_match"] and built["qemu"]["same_skip_decisions"]
+    sram = built["sram_run"]
+    assert sram == record["sram_run"] and sram["sram_bytes"] == 64 * 1024
+    assert sram["fits"] and sram["same_weights_as_painted_run"]
+    assert sram["needed_bytes"] == benchmark.sram_needed(built) <= 65536
+
+
+def test_readme_fit_table_counts_heap_and_stack():
+    """Every SRAM figure of the 'Fits in SRAM' table is a record's data + bss + heap + stack."""
+    benchmark = cortex_m4()
+    text = (ROOT / "runtime/README.md").read_text()
+    section = text[text.index("### Fits in SRAM") :]
+    table = section[: section.index("\n\n", section.index("| model |"))].splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    rows = [cells for cells in rows if cells[0] in NAMES]
+    assert len(rows) == len(NAMES)
+    for cells in rows:
+        records = {(r["mode"], r["policy"]): r for r in RECORDS if r["model"] == NAMES[cells[0]]}
+        every = " / ".join(
+            f"{benchmark.sram_needed(records[('all-adam', p)]):,} "
+            f"({records[('all-adam', p)]['training_arena_bytes']:,})"
+            for p in ("full", "tinypropv2")
+        )
+        assert cells[1] == every

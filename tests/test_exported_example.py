@@ -142,3 +142,44 @@ def test_a_last_short_batch_under_momentum_in_place_is_refused_by_name(tmp_path)
     whole = subprocess.run([str(program)], input=records(x[:4], np.arange(4) % 4),
                            capture_output=True)  # fmt: skip
     assert whole.returncode == 0 and whole.stdout.decode().rstrip().endswith("done")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # a weight that is not finite (a header edited by hand or by a tool): tp_init refuses it;
+        # the example printed 'tp_init: <text>' without the status code
+        (
+            lambda h, a: h.replace("= {\n    ", '= {\n    __builtin_nanf(""), ', 1),
+            "tp_init: status -6 (a loss, input, gradient, weight or logit is NaN or infinite; "
+            "nothing changed)",
+        ),
+        # an arena smaller than the model needs: tp_init's own status, with its code
+        (
+            lambda h, a: h.replace(f"ARENA_BYTES {a}\n", f"ARENA_BYTES {a - 4}\n"),
+            "tp_init: status -4 (the arena is too small or not 4-byte aligned)",
+        ),
+        # larger: tp_init accepts it, the example names both figures
+        (
+            lambda h, a: h.replace(f"ARENA_BYTES {a}\n", f"ARENA_BYTES {a + 4}\n"),
+            "arena: the model needs {arena} bytes, the header says {larger}",
+        ),
+    ],
+    ids=["nan-weight", "small-arena", "large-arena"],
+)
+def test_a_header_the_runtime_refuses_stops_with_the_status_code(tmp_path, edit, expected):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    result = export_c(net, config, tmp_path, (5,), OptimizerSpec("sgd", 0.05), 4)
+    arena = result.arena_bytes
+    header = tmp_path / "tinyprop_model.h"
+    edited = edit(header.read_text(), arena)
+    assert edited != header.read_text()
+    header.write_text(edited)
+    made = build(tmp_path, "CFLAGS=-O1 -g " + " ".join(SANITIZE))
+    assert made.returncode == 0, made.stdout + made.stderr
+    run = subprocess.run([str(tmp_path / "train")], input=b"", capture_output=True)
+    out = run.stdout.decode()
+    line = expected.format(arena=arena, larger=arena + 4)
+    assert run.returncode == 1 and out.strip().splitlines() == [line], out + run.stderr.decode()

@@ -132,21 +132,23 @@ static int feed(void) {
 }
 #endif
 
+/* tp_init_mode checks the arena against the plan and tp_read_totals says how many bytes it
+ * used, so the header's TP_MODEL_ARENA_BYTES is checked without tp_arena_bytes_mode, whose
+ * own copy of the layers would take the program's deepest stack (runtime/README.md). */
 int main(void) {
-    size_t needed = 0;
-    tp_status status = tp_arena_bytes_mode(&tp_model_spec_exported, &tp_model_policy,
-                                           &tp_model_optimizer, &tp_model_memory, &needed);
     tp_ledger total;
-    size_t used;
-    if (status != TP_OK || needed != TP_MODEL_ARENA_BYTES) {
-        printf("arena: %s, needs %lu bytes, header says %lu\n", tp_status_string(status),
-               (unsigned long)needed, (unsigned long)TP_MODEL_ARENA_BYTES);
+    size_t used = 0;
+    tp_status status = tp_init_mode(&model, &tp_model_spec_exported, &tp_model_policy,
+                                    &tp_model_optimizer, &tp_model_memory, arena, sizeof arena);
+    if (status != TP_OK) {
+        printf("tp_init: ");
+        print_status(status);
         return 1;
     }
-    status = tp_init_mode(&model, &tp_model_spec_exported, &tp_model_policy, &tp_model_optimizer,
-                          &tp_model_memory, arena, sizeof arena);
-    if (status != TP_OK) {
-        printf("tp_init: %s\n", tp_status_string(status));
+    tp_read_totals(&model, &total, &used);
+    if (used != TP_MODEL_ARENA_BYTES) {
+        printf("arena: the model needs %lu bytes, the header says %lu\n", (unsigned long)used,
+               (unsigned long)TP_MODEL_ARENA_BYTES);
         return 1;
     }
     printf("model: %d parameters, training arena %lu bytes, inference %lu bytes\n",
