@@ -31,6 +31,7 @@ from tinyprop.export.graph import (
     inference_bytes,
 )
 from tinyprop.export.runtime import OptimizerSpec, runtime_dir
+from tinyprop.export.sram import SramEstimate, fitting_modes, mode_flags, sram_estimate
 from tinyprop.memory import MemoryMode
 
 MAX_BATCH_SIZE = 1 << 24  # tp_batch_begin's and tp_train_batch's limit
@@ -41,6 +42,7 @@ __all__ = [
     "MemoryMode",
     "MemoryReport",
     "OptimizerSpec",
+    "SramEstimate",
     "UnsupportedLayerError",
     "describe",
     "export_c",
@@ -61,6 +63,7 @@ class ExportResult:
     inference_bytes: int  # inference RAM with the weights in flash
     memory: MemoryReport | None = None  # the arena's parts and the weights' flash
     sample_bytes: int = 0  # the example's buffer of one sample (it streams the samples)
+    sram: SramEstimate | None = None  # the example's SRAM on a Cortex-M4 (export.sram)
 
     @property
     def batch_bytes(self) -> int:
@@ -130,9 +133,10 @@ def export_c(
         force: overwrite files in ``out_dir`` that an earlier export did not write.
         memory: the memory mode (frozen first layers, in-place SGD); every layer trained when
             omitted.
-        ram_bytes: the device's RAM: a ValueError, before anything is written, when the
-            training arena and the example's sample buffer need more (the example feeds
-            one sample at a time, so the batch size does not change it).
+        ram_bytes: the device's SRAM: a ValueError, before anything is written, when the
+            example program needs more on a Cortex-M4 (:mod:`tinyprop.export.sram`: the
+            training arena, one sample's buffer, the program's data, heap and stack; the
+            batch size does not change it), naming the memory modes that would fit.
 
     Returns:
         :class:`ExportResult`.
@@ -181,15 +185,9 @@ def export_c(
                 f"the {what} would need {size} bytes, beyond the C runtime's int32 sizes; "
                 "lower --input-shape"
             )
-    if ram_bytes is not None and report.arena_bytes + sample_bytes > ram_bytes:
-        raise ValueError(
-            f"training needs {report.arena_bytes + sample_bytes:,} bytes of RAM (arena "
-            f"{report.arena_bytes:,}, one sample {sample_bytes:,}; the stack and the program's "
-            f"own data come on top) but the device has {ram_bytes:,}; nothing was written. "
-            "Freeze the first layers (--first-trained-layer), train some layers' bias only "
-            "(--bias-only-layers), use --sgd-in-place or --adam-in-place, or keep Adam's "
-            "moments in 8 bits (--moment-bits 8)"
-        )
+    sram = sram_estimate(len(layers), report.arena_bytes, sample_bytes)
+    if ram_bytes is not None and sram.total_bytes > ram_bytes:
+        raise ValueError(too_little_ram(layers, config, optimizer, memory, ram_bytes, sram))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ownership.refuse_foreign_files(out, planned_files(samples is not None), force)
@@ -235,4 +233,33 @@ def export_c(
         inference_bytes=inference_bytes(layers),
         memory=report,
         sample_bytes=sample_bytes,
+        sram=sram,
+    )
+
+
+def too_little_ram(
+    layers: list[LayerSpec],
+    config: TinyPropConfig,
+    optimizer: OptimizerSpec,
+    memory: MemoryMode,
+    ram_bytes: int,
+    sram: SramEstimate,
+) -> str:
+    """The refusal when the example needs more SRAM than ``ram_bytes``: the parts, and the
+    memory modes that would fit, or what else lowers the figure."""
+    fitting = fitting_modes(layers, config, optimizer, memory, ram_bytes, sram.sample_bytes)
+    if fitting:
+        advice = "these memory modes fit (the most layers trained first): " + "; ".join(
+            f"{mode_flags(mode)} ({estimate.total_bytes:,} bytes)" for mode, estimate in fitting
+        )
+    else:
+        advice = (
+            "no memory mode of this optimizer fits, not even training the last layer alone "
+            "(--first-trained-layer); give a smaller model or input, or a part with more RAM"
+        )
+    return (
+        f"the example program needs {sram.total_bytes:,} bytes of SRAM on a Cortex-M4 "
+        f"({sram.describe()}) but the device has {ram_bytes:,}; nothing was written. "
+        f"{advice[0].upper()}{advice[1:]}. Training some layers' bias only "
+        "(--bias-only-layers) and recomputing inputs (--recompute-layers) lower it too"
     )

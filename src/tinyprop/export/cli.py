@@ -110,10 +110,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ram",
+        "--sram",
+        dest="ram",
         type=cli_types.byte_count,
         metavar="BYTES",
-        help="the device's RAM in bytes, or as its datasheet gives it (256K, 256KiB, 1M: "
-        "powers of 1024): refuse (nothing written) when training needs more",
+        help="the device's SRAM in bytes, or as its datasheet gives it (256K, 256KiB, 1M: "
+        "powers of 1024): refuse (nothing written) when the example program needs more on a "
+        "Cortex-M4 (arena, one sample, program data, heap, stack), naming the memory modes "
+        "that fit",
     )
     p.add_argument(
         "--momentum-in-place",
@@ -238,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({report.frozen_parameters} of {report.frozen_parameters + report.trained_parameters} "
         "parameters frozen) plus the program's code"
     )
-    if args.ram is not None:
-        needed = result.arena_bytes + result.sample_bytes
-        print(
-            f"RAM: training needs {needed:,} of the device's {args.ram:,} bytes (arena and one "
-            "sample; the stack and the program's own data come on top)"
-        )
+    sram = result.sram
+    print(
+        f"SRAM on a Cortex-M4 (the example as built by arm-none-eabi-gcc -O2 with newlib): "
+        f"{sram.total_bytes:,} bytes ({sram.describe()})"
+        + (f", of the device's {args.ram:,}" if args.ram is not None else "")
+    )
     folder = shlex.quote(str(result.out_dir))  # a path with spaces, pasted into a shell
     program = shlex.quote(f"{result.out_dir}/train")
     print(f"build: make -C {folder} && {program} < samples.bin")

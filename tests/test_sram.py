@@ -1,0 +1,131 @@
+"""The SRAM figures of tinyprop.export.sram are what the exported example takes on a Cortex-M4:
+its data + bss besides the arena and the sample buffer, and its deepest stack read from the
+machine code, for a few layer counts (they grow with -DTP_MAX_LAYERS); and a model exported for
+exactly its estimate runs under QEMU with its stack at the top of that SRAM, training to the
+host build's weights, its measured stack and heap within the estimate. A change to the runtime,
+the example or the toolchain that moves a figure fails here."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+from tinyprop.export import OptimizerSpec, export_c, sram
+from tinyprop.export.runtime import runtime_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+M4 = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+QEMU = ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting", "-kernel"]
+needs_arm = pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None, reason="needs arm-none-eabi-gcc"
+)
+needs_qemu = pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None,
+    reason="needs arm-none-eabi-gcc and qemu-system-arm",
+)
+
+
+def stack_usage():
+    """benchmarks/stack_usage.py as a module (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("stack_usage", ROOT / "benchmarks/stack_usage.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack_usage"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def mlp(hidden: int) -> nn.Sequential:
+    """An MLP of 2 x hidden + 3 runtime layers."""
+    torch.manual_seed(0)
+    middle = [module for _ in range(hidden) for module in (nn.Linear(6, 6), nn.ReLU())]
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), *middle, nn.Linear(6, 3))
+
+
+def build_m4(out: Path, layer_count: int, name: str, *extra: str) -> Path:
+    """The exported example built for the Cortex-M4 as benchmarks/cortex_m4.py builds it."""
+    cortex = runtime_dir() / "examples" / "cortex_m4"
+    sources = [str(out / "main.c"), *map(str, sorted((out / "runtime/src").glob("*.c")))]
+    elf = out / f"{name}.elf"
+    subprocess.run(
+        ["arm-none-eabi-gcc", "-std=c99", "-O2", f"-DTP_MAX_LAYERS={layer_count}",
+         "-I", str(out / "runtime/include"), "-I", str(out), *M4, "--specs=rdimon.specs",
+         *sources, str(cortex / "startup.c"), "-T", str(cortex / "an386.ld"), *extra, "-lm",
+         "-o", str(elf)],
+        check=True,
+    )  # fmt: skip
+    return elf
+
+
+@needs_arm
+@pytest.mark.parametrize("hidden", [1, 20])  # 5 and 43 runtime layers: printf or init deepest
+def test_the_estimate_is_the_cortex_m4_build(tmp_path, hidden):
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    result = export_c(mlp(hidden), config, tmp_path, (5,), OptimizerSpec("adam", 1e-3), 4)
+    layers = len(result.layers)
+    elf = build_m4(tmp_path, layers, "train")
+    size = subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True, text=True)
+    _, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
+    program_data = data + bss - result.arena_bytes - result.sample_bytes
+    estimate = result.sram
+    assert estimate.arena_bytes == result.arena_bytes and estimate.sample_bytes == 20
+    assert 0 <= estimate.program_data_bytes - program_data <= 8  # alignment of .bss
+    bound = stack_usage().program_bound(elf)
+    assert estimate.stack_bytes == sram.stack_bytes(layers)
+    # exact for the printf path; 8 bytes over for init: main's frame with built-in samples
+    assert estimate.stack_bytes - bound["bytes"] == (0 if hidden == 1 else 8), bound["chain"]
+    deepest = "printf" if hidden == 1 else "tp_init_mode"
+    assert bound["chain"][:3] == ["main", *(["end_batch", "printf"] if hidden == 1 else
+                                            [deepest, "plan_model.part.0"])]  # fmt: skip
+    # only newlib's stdio calls through pointers (its own frames are counted)
+    assert {"_vfprintf_r", "__sflush_r"} <= set(bound["left_out"])
+    assert not [name for name in bound["left_out"] if name.startswith("tp_")]
+
+
+@needs_qemu
+@pytest.mark.parametrize("hidden", [1, 20])
+def test_a_model_exported_for_its_estimate_runs_in_that_sram(tmp_path, hidden):
+    """Exported with ram_bytes = its estimate, built with its stack at the top of that much
+    SRAM (stack_paint.c): it trains to the weights of the run with QEMU's own stack, and the
+    painted stack and the heap stay within the estimate's parts."""
+    net = mlp(hidden)
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((12, 5)).astype(np.float32)
+    y = np.arange(12) % 3
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    optimizer = OptimizerSpec("adam", 1e-2)
+    first = export_c(net, config, tmp_path / "probe", (5,), optimizer, 4, (x, y), 2)
+    budget = first.sram.total_bytes
+    result = export_c(net, config, tmp_path / "m", (5,), optimizer, 4, (x, y), 2, ram_bytes=budget)
+    with pytest.raises(ValueError, match="bytes of SRAM"):
+        export_c(net, config, tmp_path / "n", (5,), optimizer, 4, (x, y), 2, ram_bytes=budget - 1)
+    layers = len(result.layers)
+    flags = ["-DTP_EMBEDDED_SAMPLES", "-DTP_PRINT_PARAMETERS"]
+    paint = str(runtime_dir() / "examples/cortex_m4/stack_paint.c")
+    outputs = {}
+    for sram_bytes in (None, budget & ~7):
+        extra = [*flags, paint, "-Wl,--wrap=main"]
+        if sram_bytes is not None:
+            extra.append(f"-DTP_SRAM_BYTES={sram_bytes}")
+        elf = build_m4(result.out_dir, layers, f"train{sram_bytes}", *extra)
+        run = subprocess.run([*QEMU, str(elf)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "\ndone\n" in run.stdout, run.stdout[-500:]
+        outputs[sram_bytes] = run.stdout
+    memory = [
+        line.split() for line in outputs[budget & ~7].splitlines() if line.startswith("memory")
+    ]
+    assert memory[0][-1] == "fits", memory
+    stack, heap = int(memory[0][2]), int(memory[0][4])
+    assert stack <= result.sram.stack_bytes and heap <= result.sram.heap_bytes
+    weights = [
+        [line for line in out.splitlines() if line.startswith("p ")] for out in outputs.values()
+    ]
+    assert weights[0] == weights[1] and len(weights[0]) == result.parameters
