@@ -197,11 +197,13 @@ def test_native_linear_backward_equals_products_of_kept_entries(outputs, inputs)
 
 
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 2, 1, 0)])
-def test_native_channels_last_copy_equals_pad_then_permute(pads):
+@pytest.mark.parametrize("size", [(3, 5, 4, 7), (2, 19, 7, 7), (2, 16, 3, 4)])
+def test_native_channels_last_copy_equals_pad_then_permute(pads, size):
     """The convolution kernel's input and its gradient's way back: exactly F.pad and a
-    channels-last copy, and the cropped channels-first copy."""
+    channels-last copy, and the cropped channels-first copy (with 8 or more channels, blocks
+    of 8 channels x 8 positions, some across image rows, and what is left)."""
     generator = torch.Generator().manual_seed(sum(pads))
-    x = torch.randn(3, 5, 4, 7, generator=generator)
+    x = torch.randn(*size, generator=generator)
     top, bottom, left, right = pads
     expected = nn.functional.pad(x, (left, right, top, bottom)).permute(0, 2, 3, 1)
     padded = native.channels_last(x, pads)
@@ -211,13 +213,16 @@ def test_native_channels_last_copy_equals_pad_then_permute(pads):
 
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 3)])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_native_conv_input_gradient_channels_first_equals_the_padded_one_cropped(pads, groups):
+@pytest.mark.parametrize("channels", [4, 16])
+def test_native_conv_input_gradient_channels_first_equals_the_padded_one_cropped(
+    pads, groups, channels
+):
     """conv_backward(pads=...) writes the input gradient as PyTorch holds it (channels first,
     the padding cropped): bit for bit the padded channels-last gradient after channels_first."""
     generator = torch.Generator().manual_seed(sum(pads) + groups)
-    images = torch.randn(3, 11, 10, 4, generator=generator)  # (B, Hp, Wp, C_in)
-    kernels = torch.randn(6, 3, 3, 4 // groups, generator=generator)  # (C_out, kh, kw, C_in / G)
-    shape = (3, 11, 10, 4, 6, 3, 3, 9, 8, 1, 1, 1, 1, groups)
+    images = torch.randn(3, 11, 10, channels, generator=generator)  # (B, Hp, Wp, C_in)
+    kernels = torch.randn(6, 3, 3, channels // groups, generator=generator)  # (C_out, kh, kw, Cg)
+    shape = (3, 11, 10, channels, 6, 3, 3, 9, 8, 1, 1, 1, 1, groups)
     delta = torch.randn(3, 6 * 72, generator=generator)
     delta[1] = 0  # a sample that keeps nothing
     rows, column = (delta != 0).nonzero(as_tuple=True)

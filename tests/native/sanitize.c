@@ -267,19 +267,34 @@ static int check_plane_conv(int64_t threads) {
     return status;
 }
 
-/* A batch to padded channels-last and back: the copy of every float comes back. */
+/* A batch to padded channels-last and back: every float lands where it belongs, the padding
+ * is zero, and the copy of every float comes back. Up to 20 channels and 12 x 12 planes, so
+ * the 8 x 8 blocks of the vector path, their remainders and blocks across image rows all run. */
 static int check_layout(int64_t threads) {
-    int64_t shape[8] = {1 + rand() % 4, 1 + rand() % 5, 1 + rand() % 6, 1 + rand() % 6,
+    int64_t shape[8] = {1 + rand() % 4, 1 + rand() % 20, 1 + rand() % 12, 1 + rand() % 12,
                         rand() % 3, rand() % 3, rand() % 3, rand() % 3};
-    int64_t size = shape[0] * shape[1] * shape[2] * shape[3];
-    int64_t padded = shape[0] * shape[1] * (shape[2] + shape[4] + shape[5]) *
-                     (shape[3] + shape[6] + shape[7]);
+    int64_t batch = shape[0], channels = shape[1], height = shape[2], width = shape[3];
+    int64_t padded_h = height + shape[4] + shape[5], padded_w = width + shape[6] + shape[7];
+    int64_t size = batch * channels * height * width;
+    int64_t padded = batch * channels * padded_h * padded_w;
     float *x = malloc(sizeof(float) * size), *back = malloc(sizeof(float) * size);
     float *last = malloc(sizeof(float) * padded);
-    for (int64_t i = 0; i < size; i++) x[i] = (float)i;
+    for (int64_t i = 0; i < size; i++) x[i] = (float)(i + 1);
+    for (int64_t i = 0; i < padded; i++) last[i] = -1.0f; /* the padding must be written */
     tp_channels_last_f32(x, shape, last, threads);
-    tp_channels_first_f32(last, shape, back, threads);
     int status = 0;
+    for (int64_t s = 0; s < batch; s++)
+        for (int64_t row = 0; row < padded_h; row++)
+            for (int64_t col = 0; col < padded_w; col++)
+                for (int64_t ch = 0; ch < channels; ch++) {
+                    int64_t r = row - shape[4], c = col - shape[6];
+                    float expected = r < 0 || r >= height || c < 0 || c >= width
+                                         ? 0.0f
+                                         : x[((s * channels + ch) * height + r) * width + c];
+                    status |= last[((s * padded_h + row) * padded_w + col) * channels + ch] !=
+                              expected;
+                }
+    tp_channels_first_f32(last, shape, back, threads);
     for (int64_t i = 0; i < size; i++) status |= back[i] != x[i];
     free(x), free(back), free(last);
     return status;

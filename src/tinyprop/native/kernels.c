@@ -765,6 +765,64 @@ static void entries_by_channel(int64_t nnz, int64_t channels_out, const int64_t 
     channel_start[0] = 0;
 }
 
+/* One sample's planes (channels, height, width) and its padded channels-last copy (rows of
+ * padded_w positions of `channels` floats, the sample's first row `top` rows down and its first
+ * column `left` columns in): copies the planes into the copy (to_copy) or back, the padding
+ * untouched either way. With AVX2, blocks of 8 channels x 8 positions (taken in row-major order
+ * over the sample, a block may span image rows) are transposed in registers: 8 loads and 8
+ * stores of 8 floats instead of 64 single copies; the rest one float at a time. Every float is
+ * copied as it is, so either way gives the same copy. */
+static void copy_sample(float *planes, float *copy, int64_t channels, int64_t height,
+                        int64_t width, int64_t padded_w, int64_t top, int64_t left, int to_copy) {
+    int64_t ch = 0;
+#if defined(__AVX2__) && defined(__GNUC__)
+    const int64_t size = height * width;
+    for (; ch + 8 <= channels; ch += 8) {
+        int64_t q = 0;
+        for (; q + 8 <= size; q += 8) {
+            float *at[8]; /* where positions q .. q + 7 of the block's first channel go */
+            for (int64_t i = 0, row = q / width, col = q % width; i < 8; i++) {
+                at[i] = copy + ((row + top) * padded_w + left + col) * channels + ch;
+                if (++col == width) col = 0, row++;
+            }
+            const float *plane = planes + ch * size + q;
+            __m256 r[8], t[8];
+            for (int j = 0; j < 8; j++) /* r[j]: 8 positions of one channel, or the reverse */
+                r[j] = _mm256_loadu_ps(to_copy ? plane + j * size : at[j]);
+            t[0] = _mm256_unpacklo_ps(r[0], r[1]), t[1] = _mm256_unpackhi_ps(r[0], r[1]);
+            t[2] = _mm256_unpacklo_ps(r[2], r[3]), t[3] = _mm256_unpackhi_ps(r[2], r[3]);
+            t[4] = _mm256_unpacklo_ps(r[4], r[5]), t[5] = _mm256_unpackhi_ps(r[4], r[5]);
+            t[6] = _mm256_unpacklo_ps(r[6], r[7]), t[7] = _mm256_unpackhi_ps(r[6], r[7]);
+            r[0] = _mm256_shuffle_ps(t[0], t[2], 0x44), r[1] = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+            r[2] = _mm256_shuffle_ps(t[1], t[3], 0x44), r[3] = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+            r[4] = _mm256_shuffle_ps(t[4], t[6], 0x44), r[5] = _mm256_shuffle_ps(t[4], t[6], 0xEE);
+            r[6] = _mm256_shuffle_ps(t[5], t[7], 0x44), r[7] = _mm256_shuffle_ps(t[5], t[7], 0xEE);
+            for (int i = 0; i < 4; i++) { /* t[i] = column i of the block, t[i + 4] column i+4 */
+                t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+                t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+            }
+            for (int i = 0; i < 8; i++)
+                _mm256_storeu_ps(to_copy ? at[i] : (float *)plane + i * size, t[i]);
+        }
+        for (; q < size; q++) {
+            float *line = copy + ((q / width + top) * padded_w + left + q % width) * channels;
+            for (int64_t c = ch; c < ch + 8; c++) {
+                if (to_copy) line[c] = planes[c * size + q];
+                else planes[c * size + q] = line[c];
+            }
+        }
+    }
+#endif
+    for (int64_t row = 0; ch < channels && row < height; row++) {
+        float *line = copy + ((row + top) * padded_w + left) * channels;
+        for (int64_t col = 0; col < width; col++)
+            for (int64_t c = ch; c < channels; c++) {
+                if (to_copy) line[col * channels + c] = planes[(c * height + row) * width + col];
+                else planes[(c * height + row) * width + col] = line[col * channels + c];
+            }
+    }
+}
+
 typedef struct {
     const float *x, *weight;
     const int64_t *shape, *row_start;
@@ -929,13 +987,8 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
     for (int64_t s = first; s < end; s++) {
         memset(scratch, 0, (size_t)size * sizeof(float));
         conv_input_entries(c, s, s + 1, scratch - s * size);
-        float *restrict out = c->grad_input + s * channels * height * width;
-        for (int64_t ch = 0; ch < channels; ch++)
-            for (int64_t row = 0; row < height; row++) {
-                const float *restrict line = scratch + ((row + top) * in_w + left) * channels;
-                for (int64_t col = 0; col < width; col++)
-                    out[(ch * height + row) * width + col] = line[col * channels + ch];
-            }
+        copy_sample(c->grad_input + s * channels * height * width, scratch, channels, height,
+                    width, in_w, top, left, 0);
     }
     return 0;
 }
@@ -1080,13 +1133,13 @@ static void plane_weight_vector(const plane_call *c, int64_t first, int64_t end)
     for (int64_t s = 0; s < shape[0]; s++) {
         int64_t e = first_at_least(column, c->row_start[s], c->row_start[s + 1], first * positions);
         int64_t last = first_at_least(column, e, c->row_start[s + 1], end * positions);
-        while (e < last) {
-            int64_t ch = column[e] / positions, base = ch * positions;
-            int64_t run_end = first_at_least(column, e, last, base + positions);
+        while (e < last) { /* a run of one channel's entries, walked to its end (runs are a
+                            * few entries long: a search for the end costs more) */
+            int64_t ch = column[e] / positions, base = ch * positions, limit = base + positions;
             const float *plane = c->x + (s * channels_in + ch / per_group) * in_h * in_w;
             float *gw = c->grad_weight + ch * taps;
             __m512 sum = _mm512_maskz_loadu_ps(tap_lanes, gw);
-            for (; e < run_end; e++) {
+            for (; e < last && column[e] < limit; e++) {
                 int64_t p = column[e] - base, top = c->top[p], left = c->left[p];
                 int64_t from = left < 0 ? -left : 0; /* the window's columns inside the input */
                 int64_t to = in_w - left < kw ? in_w - left : kw;
@@ -1227,15 +1280,17 @@ static int channels_last_part(const void *context, int64_t part, int64_t parts, 
     int64_t first = slice_start(shape[0], part, parts, 1);
     int64_t end = slice_start(shape[0], part + 1, parts, 1);
     for (int64_t s = first; s < end; s++) {
-        float *restrict out = c->out + s * padded_h * padded_w * channels;
-        const float *restrict in = c->in + s * channels * height * width;
-        memset(out, 0, (size_t)(padded_h * padded_w * channels) * sizeof(float));
-        for (int64_t row = 0; row < height; row++) {
-            float *restrict line = out + ((row + shape[4]) * padded_w + shape[6]) * channels;
-            for (int64_t col = 0; col < width; col++)
-                for (int64_t ch = 0; ch < channels; ch++)
-                    line[col * channels + ch] = in[(ch * height + row) * width + col];
+        float *out = c->out + s * padded_h * padded_w * channels;
+        int64_t row_size = padded_w * channels, top = shape[4], bottom = top + height;
+        memset(out, 0, (size_t)(top * row_size) * sizeof(float)); /* the padding only */
+        memset(out + bottom * row_size, 0, (size_t)(shape[5] * row_size) * sizeof(float));
+        for (int64_t row = top; row < bottom; row++) {
+            memset(out + row * row_size, 0, (size_t)(shape[6] * channels) * sizeof(float));
+            memset(out + (row + 1) * row_size - shape[7] * channels, 0,
+                   (size_t)(shape[7] * channels) * sizeof(float));
         }
+        copy_sample((float *)(uintptr_t)(c->in + s * channels * height * width), out, channels,
+                    height, width, padded_w, shape[4], shape[6], 1); /* reads the planes only */
     }
     return 0;
 }
@@ -1250,15 +1305,9 @@ static int channels_first_part(const void *context, int64_t part, int64_t parts,
     int64_t first = slice_start(shape[0], part, parts, 1);
     int64_t end = slice_start(shape[0], part + 1, parts, 1);
     for (int64_t s = first; s < end; s++) {
-        const float *restrict in = c->in + s * padded_h * padded_w * channels;
-        float *restrict out = c->out + s * channels * height * width;
-        for (int64_t ch = 0; ch < channels; ch++)
-            for (int64_t row = 0; row < height; row++) {
-                const float *restrict line =
-                    in + ((row + shape[4]) * padded_w + shape[6]) * channels;
-                for (int64_t col = 0; col < width; col++)
-                    out[(ch * height + row) * width + col] = line[col * channels + ch];
-            }
+        copy_sample(c->out + s * channels * height * width,
+                    (float *)(uintptr_t)(c->in + s * padded_h * padded_w * channels), channels,
+                    height, width, padded_w, shape[4], shape[6], 0); /* reads the copy only */
     }
     return 0;
 }
