@@ -1130,7 +1130,19 @@ static void plane_weight_vector(const plane_call *c, int64_t first, int64_t end)
     int64_t dilation_h = shape[13], per_group = channels_out / shape[15], taps = kh * kw;
     __mmask16 tap_lanes = (__mmask16)((1u << taps) - 1);
     memset(c->grad_weight + first * taps, 0, (size_t)((end - first) * taps) * sizeof(float));
+    /* the input planes of channels [first, end) of a sample: one block of x. The next sample's
+     * block is fetched into the cache while this one's entries are summed (the entries read
+     * most of its lines, in no order a hardware prefetcher follows; x was written in the
+     * forward pass and is no longer in the cache) */
+    int64_t plane_size = in_h * in_w, first_plane = first / per_group;
+    int64_t block = ((end - 1) / per_group - first_plane + 1) * plane_size; /* floats */
     for (int64_t s = 0; s < shape[0]; s++) {
+        if (s + 1 < shape[0]) {
+            const char *next = (const char *)(c->x + ((s + 1) * channels_in + first_plane) *
+                                                         plane_size);
+            for (int64_t byte = 0; byte < block * (int64_t)sizeof(float); byte += 64)
+                __builtin_prefetch(next + byte);
+        }
         int64_t e = first_at_least(column, c->row_start[s], c->row_start[s + 1], first * positions);
         int64_t last = first_at_least(column, e, c->row_start[s + 1], end * positions);
         while (e < last) { /* a run of one channel's entries, walked to its end (runs are a
