@@ -241,6 +241,25 @@ def test_layer_bookkeeping_of_a_few_rows_is_the_tensor_code_bit_for_bit(
         assert tinyprop.autograd.NATIVE_SPARSE in kernels
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("model_name", ["conv1d", "wide"])
+def test_few_rows_are_the_tensor_code_bit_for_bit_at_every_thread_count(
+    model_name, threads, monkeypatch
+):
+    """The native kernels split their work by torch's thread count: at 1, 2 and 4 threads the
+    run with the Python-float bookkeeping is the tensor code's, bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        settings = {"s_min": 0.0, "s_max": 0.1}
+        fast = train(model_name, "adam", None, **settings)
+        tensor_code(monkeypatch)
+        reference = train(model_name, "adam", None, **settings)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_bits(fast, reference)
+
+
 def test_running_max_in_python_floats_is_the_tensor_code_bit_for_bit():
     generator = torch.Generator().manual_seed(2)
     for rows in (1, 5, 64):
