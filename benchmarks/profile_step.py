@@ -15,7 +15,7 @@ import pstats
 import time
 
 import torch
-from speed import FUSED_UPDATE, MODELS, keep_freed_memory
+from speed import FUSED, MODELS, keep_freed_memory, optimizer_for
 from torch import nn
 
 import tinyprop
@@ -39,9 +39,9 @@ def main() -> None:
     for name in ("full", args.policy):
         torch.manual_seed(0)
         model = tinyprop.apply(build(), policies[name])
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        optimizer = optimizer_for(name, model)
 
-        def train(index: int, model=model, optimizer=optimizer, fused=name == FUSED_UPDATE) -> None:
+        def train(index: int, model=model, optimizer=optimizer, fused=name in FUSED) -> None:
             batch = slice((index % 10) * batch_size, (index % 10 + 1) * batch_size)
             tinyprop.train_step(model, x[batch], y[batch], loss_fn, optimizer, fused_update=fused)
 

@@ -3,7 +3,8 @@
 The machine may be shared and noisy, so the policies are measured in one run, interleaved:
 every policy trains its own model (same initial weights, same batches) in chunks of steps,
 round-robin. Each round gives one ratio per policy (its chunk's time over ``full``'s chunk of
-the same round); the table shows the median ratio and its spread (lowest and highest round).
+the same round; the rows under SGD with momentum over ``full, SGD momentum``'s chunk); the
+table shows the median ratio and its spread (lowest and highest round).
 What counts is the ratio to ``full`` measured in the same run, not the absolute time. Beside
 each ratio: the MAC limit, the ratio the step would have if its wall time followed its
 multiply-accumulates (the ledger's total vs full). Under the table: the kernel each layer's
@@ -47,10 +48,19 @@ POLICIES = {
 # from the kept entries, without a dense weight gradient
 FUSED_UPDATE = "topk 0.05 fused SGD"
 POLICIES[FUSED_UPDATE] = POLICIES["topk 0.05"]
+# SGD with momentum 0.9 instead of plain SGD: full, and the fused update (which then also steps
+# the momentum buffers); the fused row's ratio is against the full row with the same optimizer
+FULL_MOMENTUM = "full, SGD momentum"
+FUSED_MOMENTUM = "topk 0.05 fused, SGD momentum"
+POLICIES[FULL_MOMENTUM] = POLICIES["full"]
+POLICIES[FUSED_MOMENTUM] = POLICIES["topk 0.05"]
+FUSED = (FUSED_UPDATE, FUSED_MOMENTUM)  # rows run with train_step(fused_update=True)
+MOMENTUM = {FULL_MOMENTUM: 0.9, FUSED_MOMENTUM: 0.9}  # row -> SGD momentum (else 0)
+REFERENCE = {FUSED_MOMENTUM: FULL_MOMENTUM}  # row -> the row its ratio is against (else full)
 # CNNs also: convolutions with a fan-in below 64 backpropagated densely (no selection there);
 # not the fused SGD update (it fuses only their small Linear head)
 CNN_POLICIES = {
-    **{name: config for name, config in POLICIES.items() if name != FUSED_UPDATE},
+    **{name: config for name, config in POLICIES.items() if name not in (*FUSED, FULL_MOMENTUM)},
     "topk 0.05 dense-small": POLICIES["topk 0.05"].replace(dense_small_layers=True),
     "tinypropv2 dense-small": POLICIES["tinypropv2"].replace(dense_small_layers=True),
 }
@@ -151,7 +161,7 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
         model = tinyprop.apply(build(), config)
         runs[name] = {
             "model": model,
-            "optimizer": torch.optim.SGD(model.parameters(), lr=0.01),  # plain SGD, as on an MCU
+            "optimizer": optimizer_for(name, model),
             "times": [],
             "ledger": tinyprop.Ledger(),
             "skipped": 0,
@@ -169,7 +179,7 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
                 index = slice(run["next"] * batch_size, (run["next"] + 1) * batch_size)
                 stats = tinyprop.train_step(
                     run["model"], x[index], y[index], loss_fn, run["optimizer"],
-                    fused_update=name == FUSED_UPDATE,
+                    fused_update=name in FUSED,
                 )  # fmt: skip
                 run["ledger"] += stats.macs
                 run["kernels"] = stats.kernels  # layer -> the kernel its backward ran
@@ -181,7 +191,8 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
     results = {}
     for name, run in runs.items():
         per_step = statistics.median(run["times"])
-        ratios = [t / f for t, f in zip(run["times"], runs["full"]["times"], strict=True)]
+        reference = runs[REFERENCE.get(name, "full")]["times"]
+        ratios = [t / f for t, f in zip(run["times"], reference, strict=True)]
         results[name] = {
             "ms_per_step": 1000 * per_step,
             "ratio_to_full": statistics.median(ratios),
@@ -192,6 +203,11 @@ def measure(build, policies, x, y, batch_size: int, rounds: int, chunk: int) -> 
             "kernels": run["kernels"],
         }
     return results
+
+
+def optimizer_for(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The row's optimizer: plain SGD, as on an MCU, or SGD with momentum (``MOMENTUM``)."""
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=MOMENTUM.get(name, 0.0))
 
 
 def keep_freed_memory() -> bool:
