@@ -185,7 +185,7 @@ def test_export_rejects_randomk_and_bad_samples(tmp_path):
     net = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match="randomk"):
         export_c(net, tinyprop.TinyPropConfig("randomk"), tmp_path)
-    with pytest.raises(ValueError, match="labels must lie"):
+    with pytest.raises(ValueError, match=r"sample 1: label 3 lies outside \[0, 3\)"):
         export_c(net, tinyprop.TinyPropConfig(), tmp_path,
                  samples=(np.zeros((2, 4)), np.array([0, 3])))  # fmt: skip
     with pytest.raises(ValueError, match="input shape"):

@@ -7,13 +7,14 @@ import shlex
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import tinyprop
 from tinyprop import models
-from tinyprop.export import export_c
+from tinyprop.export import OptimizerSpec, export_c
 from tinyprop.export.cli import main as export_main
 from tinyprop.export.sram import sram_estimate
 
@@ -317,3 +318,57 @@ def test_the_printed_build_command_works_for_a_folder_with_spaces(tmp_path, caps
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("build: "))
     words = shlex.split(line.removeprefix("build: "))
     assert words == ["make", "-C", str(out), "&&", f"{out}/train", "<", "samples.bin"]
+
+
+def _small_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+_X, _Y = np.zeros((2, 5), np.float32), np.array([0, 1])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        # each was exported, and the program stopped at tp_init (status -2) or trained on
+        # truncated labels; NaN samples raised 'not enough values to unpack' after writing
+        ({"optimizer": lambda: OptimizerSpec("sgd", float("nan"))}, "optimizer lr must be finite"),
+        ({"optimizer": lambda: OptimizerSpec("sgd", -0.1)}, "optimizer lr must be finite and in"),
+        ({"optimizer": lambda: OptimizerSpec("sgd", 0.1, float("inf"))}, "optimizer momentum"),
+        ({"optimizer": lambda: OptimizerSpec("adam", 1e-3, betas=(0.9, 1.0))}, "betas"),
+        ({"input_shape": (5.0,)}, "input_shape must be one sample's shape"),
+        ({"samples": (np.full((2, 5), np.nan, np.float32), _Y)}, "sample 0: value 0 is nan"),
+        (
+            {"samples": (np.full((2, 5), 1e39), _Y)},
+            r"value 0 is 1e\+39, NaN or infinite in float32",
+        ),
+        ({"samples": (_X, np.array([0.0, 1.5]))}, "sample 1: label 1.5 is not a whole number"),
+        ({"samples": (_X, np.array([0, -1]))}, r"sample 1: label -1 lies outside \[0, 3\)"),
+        ({"samples": (_X[:0], _Y[:0])}, "with N >= 1"),
+        ({"samples": (_X, _Y), "epochs": 0}, "epochs must be a positive int, got 0"),
+        ({"ram_bytes": -1}, "ram_bytes must be a positive int"),
+    ],
+    ids=[
+        "lr-nan",
+        "lr-negative",
+        "momentum-inf",
+        "beta-1",
+        "float-shape",
+        "nan-sample",
+        "float32-overflow",
+        "fractional-label",
+        "negative-label",
+        "no-samples",
+        "no-epochs",
+        "negative-ram",
+    ],  # fmt: skip
+)
+def test_hostile_export_arguments_are_refused_before_writing(tmp_path, arguments, expected):
+    arguments = dict(arguments)
+    optimizer = arguments.pop("optimizer", lambda: OptimizerSpec("sgd", 0.1))
+    shape = arguments.pop("input_shape", (5,))
+    with pytest.raises(ValueError, match=expected):
+        export_c(_small_mlp(), tinyprop.TinyPropConfig(), tmp_path / "out", shape, optimizer(),
+                 **arguments)  # fmt: skip
+    assert not (tmp_path / "out").exists()

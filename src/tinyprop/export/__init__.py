@@ -185,6 +185,12 @@ def export_c(
                 f"the {what} would need {size} bytes, beyond the C runtime's int32 sizes; "
                 "lower --input-shape"
             )
+    if samples is not None:
+        x, y = checked_samples(samples, layers, epochs)
+    if ram_bytes is not None and (
+        isinstance(ram_bytes, bool) or not isinstance(ram_bytes, int) or ram_bytes < 1
+    ):
+        raise ValueError(f"ram_bytes must be a positive int (bytes), got {ram_bytes!r}")
     sram = sram_estimate(len(layers), report.arena_bytes, sample_bytes)
     if ram_bytes is not None and sram.total_bytes > ram_bytes:
         raise ValueError(too_little_ram(layers, config, optimizer, memory, ram_bytes, sram))
@@ -206,14 +212,6 @@ def export_c(
     write("main.c", (source / "examples" / "train_example.c").read_text())
     write("Makefile", makefile(len(layers)))
     if samples is not None:
-        x, y = (np.asarray(v) for v in samples)
-        if x.shape[0] != y.shape[0] or x[0].size != np.prod(layers[0].input_shape):
-            raise ValueError(
-                f"samples must be (x (N, {shape}), y (N,)), got {x.shape} and {y.shape}"
-            )
-        classes = layers[-1].output_size
-        if y.min() < 0 or y.max() >= classes:
-            raise ValueError(f"sample labels must lie in [0, {classes}), got {y.min()}..{y.max()}")
         write("tinyprop_samples.h", samples_header(x, y, epochs))
     for sub in ("include", "src"):
         target = out / "runtime" / sub
@@ -235,6 +233,47 @@ def export_c(
         sample_bytes=sample_bytes,
         sram=sram,
     )
+
+
+def checked_samples(
+    samples: tuple[np.ndarray, np.ndarray], layers: list[LayerSpec], epochs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The built-in samples as float32 inputs (N, F) and int labels (N,), or a ValueError
+    naming what is wrong: shapes, a value that is NaN or infinite in float32, a label that is
+    not a whole number or lies outside the classes, epochs below 1."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    x, y = (np.asarray(v) for v in samples)
+    features = int(np.prod(layers[0].input_shape))
+    if y.ndim != 1 or len(y) < 1 or x.shape[0] != len(y) or x[0].size != features:
+        raise ValueError(
+            f"samples must be (x (N, {features} values each), y (N,)) with N >= 1, got "
+            f"{x.shape} and {y.shape}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) and not np.iscomplexobj(x)):
+        raise ValueError(f"sample inputs must be real numbers, got dtype {x.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        inputs = x.astype(np.float32).reshape(len(y), -1)  # (N, F)
+    bad = np.argwhere(~np.isfinite(inputs))
+    if len(bad):
+        sample, value = (int(i) for i in bad[0])
+        given = float(x.reshape(len(y), -1)[sample, value])
+        raise ValueError(
+            f"sample {sample}: value {value} is {given}, NaN or infinite in float32 "
+            f"({len(bad)} such values); the runtime refuses such a sample"
+        )
+    if not np.issubdtype(y.dtype, np.number) or np.iscomplexobj(y):
+        raise ValueError(f"sample labels must be whole numbers, got dtype {y.dtype}")
+    whole = np.isfinite(y) & (np.floor(y) == y) if np.issubdtype(y.dtype, np.floating) else None
+    if whole is not None and not whole.all():
+        index = int(np.argmin(whole))
+        raise ValueError(f"sample {index}: label {y[index].item()} is not a whole number")
+    classes = layers[-1].output_size
+    outside = np.flatnonzero((y < 0) | (y >= classes))
+    if len(outside):
+        index = int(outside[0])
+        raise ValueError(f"sample {index}: label {y[index].item()} lies outside [0, {classes})")
+    return inputs, y.astype(np.int64)
 
 
 def too_little_ram(

@@ -461,7 +461,11 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
         >>> describe(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), (1, 2, 2))[1].fan_in
         4
     """
-    if not 1 <= len(input_shape) <= 3 or any(int(s) < 1 for s in input_shape):
+    if (
+        not 1 <= len(input_shape) <= 3
+        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in input_shape)
+        or any(s < 1 for s in input_shape)
+    ):
         raise ValueError(
             f"input_shape must be one sample's shape (F,), (C, L) or (C, H, W), got {input_shape}"
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import re
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ from tinyprop.memory import MemoryMode
 
 POLICY_CODES = {"full": 0, "topk": 1, "tinyprop": 2, "tinypropv2": 3}
 OPTIMIZER_CODES = {"sgd": 0, "adam": 1}
+MAX_OPTIMIZER_SETTING = 1e30  # tp_check_optimizer: lr, momentum, weight decay, eps in [0, 1e30]
 STATUS = {
     0: "ok",
     -1: "a required pointer is NULL",
@@ -312,8 +314,26 @@ class OptimizerSpec:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        """Refuse what the runtime's ``tp_check_optimizer`` refuses, before anything is written
+        (an exported program stopped at ``tp_init`` with status -2)."""
         if self.kind not in OPTIMIZER_CODES:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.kind!r}")
+        for name in ("lr", "momentum", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"optimizer {name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and 0 <= value <= MAX_OPTIMIZER_SETTING):
+                raise ValueError(
+                    f"optimizer {name} must be finite and in [0, {MAX_OPTIMIZER_SETTING:g}] (the "
+                    f"C runtime's range), got {value!r}"
+                )
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("Nesterov needs momentum > 0, as in torch.optim.SGD")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ):
+            raise ValueError(f"Adam betas must be two numbers in [0, 1), got {self.betas!r}")
 
     @classmethod
     def from_torch(cls, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
