@@ -65,6 +65,15 @@ SMOOTHING = 0.5  # λ: weight of the past in the measured step ratio r̃
 GAIN = 0.5  # η: integral gain on the log cost
 LARGEST_CHANGE = math.log(2)  # |Δ| per step: c and q at most double or halve in one step
 CHEAP_OUTPUT_SHARE = 0.25  # the output layer is dense when it is <= 1/4 of the dense backward
+# what a checkpoint's controller state may hold (anything beyond is refused when it is loaded)
+LARGEST_COUNT = 2**62  # a MAC count near int64's limit overflows the buffers within steps
+LARGEST_RUN_RATIO = 1e6  # S / D: no step spends more than a few hundred times its dense
+# backward (a Selective-Backprop decision over W + B losses on a layer of one weight)
+LARGEST_STEP_SCALE = 2**16  # the checkpoint's dense MACs per step over the first step's after
+# it was loaded: a batch or input 65,536 times smaller than the run's (a checkpoint scaled by
+# 1e9 froze R, and the run spent b / 4 from then on)
+DECISION_ALLOWANCE = 16  # the skip decision's share of a step, times this, bounds R (inputs
+# of another size than the first step's after loading)
 
 
 def is_cheap_output_layer(call, budget: float, skips: bool) -> bool:
@@ -83,10 +92,20 @@ def is_cheap_output_layer(call, budget: float, skips: bool) -> bool:
     return dense(call) <= limit * whole
 
 
-def check_count(value, name: str) -> None:
-    """A checkpoint's count (steps, MACs) must be >= 0."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not float(value) >= 0:
-        raise ValueError(f"checkpoint entry '{name}' is {float(value)}: a count must be >= 0")
+def check_count(value, name: str) -> int | None:
+    """A checkpoint's count (steps, MACs) must be a whole number in [0, 2^62]; returns it
+    (None for an entry that is missing or not one number: load_state_dict names those)."""
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        return None
+    number = float(value)
+    if not (0 <= number <= LARGEST_COUNT and number == int(number)):  # NaN fails too
+        raise ValueError(
+            f"checkpoint entry '{name}' is {number}: a count must be a whole number in [0, "
+            f"2^62] (a float 1e30 became a negative count in the int64 buffer); the checkpoint "
+            "is corrupt: delete its tinyprop_budget_* and tinyprop_score_window* entries to "
+            "start the budget controller afresh"
+        )
+    return int(number)
 
 
 class ScoreWindow:
@@ -168,6 +187,7 @@ class BudgetController:
         self.budget = budget
         self.schedule = schedule
         self.total_steps = total_steps
+        self.unchecked_scale = False  # a checkpoint's counts loaded, not yet met a step
         self.keep_start = keep_start
         self.keep_limits = (math.log(keep_limits[0]), math.log(keep_limits[1]))
         self.train_start = train_start
@@ -192,11 +212,15 @@ class BudgetController:
         return getattr(self._root, name)
 
     def check_loaded(self, state_dict: dict, prefix: str) -> None:
-        """Refuse a checkpoint whose counts are negative or whose log c, log(q / q0) lie
-        outside the controller's limits (NaN, infinite or huge: the step would fail or
-        silently train nothing)."""
-        for name in (self.SPENT, self.DENSE, self.STEPS, self.SMOOTHED_SPENT, self.SMOOTHED_DENSE):
-            check_count(state_dict.get(prefix + name), prefix + name)
+        """Refuse a checkpoint whose counts are negative, not whole, or do not fit together
+        (:meth:`check_counts`), or whose log c, log(q / q0) lie outside the controller's
+        limits (NaN, infinite or huge: the step would fail or silently train nothing). The
+        counts' scale is checked against this model at the first step (:meth:`check_step`)."""
+        names = (self.SPENT, self.DENSE, self.STEPS, self.SMOOTHED_SPENT, self.SMOOTHED_DENSE)
+        counts = [check_count(state_dict.get(prefix + name), prefix + name) for name in names]
+        if None not in counts:
+            self.check_counts(*counts, prefix)
+            self.unchecked_scale = True
         for name, (low, high) in (
             (self.LOG_KEEP_SCALE, self.keep_limits),
             (self.LOG_TRAINED_SHARE, self.train_limits),
@@ -212,6 +236,66 @@ class BudgetController:
                         "whose controller state does not carry over: delete its "
                         "tinyprop_budget_* entries to start the controller afresh)"
                     )
+
+    def check_counts(
+        self, spent: int, dense: int, steps: int, smoothed_spent: int, smoothed_dense: int, prefix
+    ) -> None:
+        """Refuse counts no run can reach: S, D, Ŝ, D̂ above 0 after n = 0 steps; D < n (each
+        step counts at least one dense MAC); Ŝ > S or D̂ > D (an average of the steps' counts
+        is at most their sum); R = S / D above ``LARGEST_RUN_RATIO``."""
+        if steps == 0 and spent + dense + smoothed_spent + smoothed_dense > 0:
+            problem = f"{self.STEPS} is 0, yet the MAC counts are not"
+        elif dense < steps:
+            problem = f"{self.DENSE} ({dense}) is below {self.STEPS} ({steps})"
+        elif smoothed_spent > spent or smoothed_dense > dense:
+            problem = "a smoothed count (the average of a step) exceeds the run's total"
+        elif spent > LARGEST_RUN_RATIO * dense:
+            problem = f"the run's backward ratio {self.SPENT} / {self.DENSE} is {spent / dense:.3g}"
+        else:
+            return
+        raise ValueError(
+            f"checkpoint entries '{prefix}tinyprop_budget_*' do not fit together: {problem}; "
+            "the checkpoint is corrupt: delete its tinyprop_budget_* entries to start the "
+            "budget controller afresh"
+        )
+
+    def check_step(self, ledger, decision_per_sample: float, batch_size: int) -> None:
+        """At the first step after a checkpoint was loaded, refuse its counts when they do not
+        fit this model: its dense MACs per step (D / n, or D̂) above ``LARGEST_STEP_SCALE``
+        times this step's, or its run ratio R = S / D above what a step can spend: the whole
+        dense backward (k = N_l), twice that in selection, and the skip decision, taken
+        ``DECISION_ALLOWANCE`` times over (``decision_per_sample``: its largest MACs per
+        sample at any batch size, over this step's dense MACs per sample). Such counts outweigh
+        every later step or hold R far from b: the controller then spends b / 4 (or its cap)
+        for good."""
+        dense = ledger.backward_dense
+        if not self.unchecked_scale or dense <= 0:
+            return
+        steps = int(self._buffer(self.STEPS))
+        per_step = max(
+            int(self._buffer(self.DENSE)) / max(steps, 1), int(self._buffer(self.SMOOTHED_DENSE))
+        )
+        largest_ratio = 3 + DECISION_ALLOWANCE * decision_per_sample / (dense / batch_size)
+        if per_step > LARGEST_STEP_SCALE * dense:
+            problem = (
+                f"counts {per_step:.4g} dense backward MACs per step ({self.DENSE} over "
+                f"{self.STEPS}, or {self.SMOOTHED_DENSE}), {per_step / dense:.3g} times this "
+                f"step's {dense}"
+            )
+        elif self.run_ratio > largest_ratio:
+            problem = (
+                f"has a run ratio {self.SPENT} / {self.DENSE} of {self.run_ratio:.4g}, more "
+                f"than this model can spend ({largest_ratio:.3g} at most)"
+            )
+        else:
+            self.unchecked_scale = False
+            return
+        raise ValueError(
+            f"the budget controller state loaded from the checkpoint {problem}: the checkpoint "
+            "is corrupt or comes from another model, and its counts would hold the run's "
+            "backward ratio where they left it. Delete its tinyprop_budget_* entries and load "
+            "it again to start the controller afresh"
+        )
 
     @property
     def keep_scale(self) -> float:

@@ -77,6 +77,17 @@ class Policy:
         if self.budget is not None:
             self.budget.check_loaded(state_dict, prefix)
 
+    def check_step(self, step) -> None:
+        """Before a finished step writes the running state: refuse a loaded budget controller
+        state whose scale does not fit this model (:meth:`BudgetController.check_step`)."""
+        if self.budget is not None:
+            batch = len(step.stats.trained_mask)
+            per_sample = max(  # the decision's largest MACs per sample: batch 1, or 64 x larger
+                self.decision_macs(1, step.output_size),
+                self.decision_macs(64 * batch, step.output_size) / (64 * batch),
+            )
+            self.budget.check_step(step.stats.macs, per_sample, batch)
+
     @property
     def name(self) -> str:
         return self.config.policy

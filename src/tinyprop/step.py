@@ -324,6 +324,7 @@ class StepContext:
         running state as it was without a copy of it taken every step)."""
         if not self.uncommitted:
             return
+        self.state.policy.check_step(self)  # a loaded controller state of another scale
         self.uncommitted = False
         with torch.no_grad():
             for layer, value in self._error_max.items():

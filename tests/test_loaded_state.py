@@ -1,0 +1,92 @@
+"""Checkpoints whose tinyprop state was corrupted (scaled, NaN, of another model): refused when
+loaded, or at the first step when only this model's step can tell, with the entry named; a
+sound checkpoint resumed at another batch size trains on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+CONFIG = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.3)
+X = torch.randn(512, 20, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] + X[:, 1] > 0).long()
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return tinyprop.apply(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)), CONFIG)
+
+
+def train(net: nn.Module, steps: int, start: int = 0, batch: int = 32) -> tinyprop.Ledger:
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    ledger = tinyprop.Ledger()
+    for step in range(start, start + steps):
+        rows = slice(step * batch % 512, step * batch % 512 + batch)
+        ledger += tinyprop.train_step(net, X[rows], Y[rows], LOSS, optimizer).macs
+    return ledger
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> dict:
+    """A run's state after 3 steps (its ratio still away from b)."""
+    net = model()
+    train(net, 3)
+    return net.state_dict()
+
+
+def scaled(checkpoint: dict, names: list[str], factor: float) -> dict:
+    corrupt = dict(checkpoint)
+    for name in names:
+        entry = f"tinyprop_budget_{name}"
+        corrupt[entry] = (corrupt[entry].double() * factor).long()
+    return corrupt
+
+
+@pytest.mark.parametrize(
+    "names, factor, match",
+    [  # before: the run held its backward ratio at ~0.08 (or ~0.9) of b = 0.3, silently
+        (["spent"], 1e9, "backward ratio"),
+        (["spent"], 1e3, "run ratio"),
+        (["dense"], 1e9, "dense backward MACs per step"),
+        (["spent", "dense"], 1e9, "dense backward MACs per step"),
+        (["spent", "dense", "smoothed_spent", "smoothed_dense"], 1e9, "per step"),
+        (["smoothed_dense"], 1e9, "smoothed count"),
+    ],
+)
+def test_scaled_budget_counts_are_refused(checkpoint, names, factor, match):
+    net = model()
+    try:
+        net.load_state_dict(scaled(checkpoint, names, factor))
+    except ValueError as error:  # refused when loaded
+        assert match in str(error)
+        return
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        train(net, 1)  # the first step tells the scale of this model's counts
+    for name, value in net.state_dict().items():  # nothing written, the weights untouched
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [1e30, 2.5, -3.0, float("nan")])
+def test_a_count_that_is_no_whole_number_is_refused(checkpoint, value):
+    """A float 1e30 became -2^63 in the int64 buffer; 2.5 was cut to 2."""
+    corrupt = dict(checkpoint, tinyprop_budget_steps=torch.tensor(value, dtype=torch.float64))
+    with pytest.raises(ValueError, match="tinyprop_budget_steps"):
+        model().load_state_dict(corrupt)
+
+
+def test_counts_after_zero_steps_are_refused(checkpoint):
+    corrupt = dict(checkpoint, tinyprop_budget_steps=torch.tensor(0))
+    with pytest.raises(ValueError, match="tinyprop_budget_steps is 0"):
+        model().load_state_dict(corrupt)
+
+
+def test_a_sound_checkpoint_resumes_at_batch_size_one_and_holds_the_budget(checkpoint):
+    net = model()
+    net.load_state_dict(checkpoint)
+    ledger = train(net, 150, start=3, batch=1)
+    assert abs(ledger.backward_ratio() - 0.3) < 0.1 * 0.3 + 0.02
