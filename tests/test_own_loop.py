@@ -11,6 +11,7 @@ from torch import nn
 
 import tinyprop
 from tinyprop import autograd
+from tinyprop.model import state_of
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 KEEP_ALL = tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
@@ -423,3 +424,30 @@ def test_output_before_a_sparse_layer_leaves_the_layers_alone():
         stats = tinyprop.backward(model, LOSS(model(x), y), output=features["out"])
     assert stats.trained == 6
     assert [int(layer.backward_steps) for layer in (model[0], model[2], model[4])] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("policy", ["full", "topk", "tinypropv2"])
+def test_a_second_backward_of_one_step_loss_is_counted(policy):
+    """``l = tinyprop.loss(...)``; ``l.backward(retain_graph=True)``; ``l.backward()``: the
+    gradients were summed, but the ledger held the first backward only. Now the second adds
+    its backward, selection and dense backward (not the forward or the skip decision); the
+    running maxima are those of one backward (the same errors)."""
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy=policy, ratio=0.5))
+    x, y = batch("mlp", size=8)
+    step_loss = tinyprop.loss(model, LOSS(model(x), y))
+    step_loss.backward(retain_graph=True)
+    first = copy.deepcopy(tinyprop.step_stats(model).macs)
+    once, maxima = gradients(model), buffers(model, only_maxima=True)
+    step_loss.backward()
+    both = tinyprop.step_stats(model).macs
+    if policy != "tinypropv2":  # TinyProp's k follows Ymax_l, which the first backward raised
+        assert_same(gradients(model), {name: 2 * grad for name, grad in once.items()})
+    assert_same(buffers(model, only_maxima=True), maxima, atol=0)
+    decision = state_of(model).policy.decision_macs(8, 5) if policy == "tinypropv2" else 0
+    assert both.forward == first.forward > 0
+    if policy == "tinypropv2":  # fewer entries kept the second time (a higher Ymax_l)
+        assert first.backward < both.backward <= 2 * first.backward
+    else:
+        assert both.backward == 2 * first.backward > 0
+    assert both.backward_dense == 2 * first.backward_dense
+    assert both.selection == 2 * first.selection - decision

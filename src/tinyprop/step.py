@@ -110,6 +110,7 @@ class StepContext:
         self._error_max: dict[nn.Module, Tensor] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
+        self._accounted_calls = 0  # how many of them the ledger holds
         self._finite_checks: list[tuple[Tensor, Tensor, str]] = []  # (all finite, Y_l, name)
         # id(weight) -> (data_ptr, version) of its gradient, proved finite (None: called twice)
         self.proven_finite: dict[int, tuple[int, int] | None] = {}
@@ -278,6 +279,7 @@ class StepContext:
         if self.state.step is self:
             self.state.step = None
         if self.finished:
+            self._count_repeated_backward()
             return
         self.finished = True
         if not self.failed:
@@ -286,7 +288,8 @@ class StepContext:
             if self.overflow_problem is not None:  # passed on, not raised: step_stats tells
                 self.state.last_stats = self.stats  # this step (its ledger empty), not the last
             return
-        self.records = self._make_records()
+        self.records = self._make_records(self._calls)
+        self._accounted_calls = len(self._calls)
         stats = self.stats
         passes = self.forward_passes + [self.recomputed_pass]
         stats.macs = step_ledger(
@@ -316,7 +319,7 @@ class StepContext:
         if not self.defers_commit:
             self.commit()
 
-    def commit(self) -> None:
+    def commit(self, repeated: tuple | None = None) -> None:
         """Write the step's new running state into the buffers: Ymax_l and the backward counts
         of the layers, Ymax_L, the score window and the budget controller. Done when the
         backward has finished, or with ``defers_commit`` by whoever set it (``train_step``,
@@ -331,9 +334,13 @@ class StepContext:
                 layer.error_max.copy_(value)  # float64 -> the buffer's dtype
             for layer, calls in self._backward_calls.items():
                 layer.backward_steps.add_(calls)
+            self._backward_calls = {}  # written: a repeated backward counts on from here
             if self.output_error_max is not None:
                 getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
-            self.state.policy.finish_step(self)  # the score window and the budget controller
+            if repeated is None:
+                self.state.policy.finish_step(self)  # the score window and the controller
+            elif self.state.policy.budget is not None:  # a repeated backward (its ledger)
+                self.state.policy.budget.finish_step(*repeated)
 
     def _check_finite(self) -> None:
         """The deferred NaN / inf checks of the layers' Y_l: one host read for all of them."""
@@ -346,21 +353,51 @@ class StepContext:
                     return
                 check_finite(error.cpu(), name, self)  # raises, with the rows
 
-    def _make_records(self) -> list[BackwardRecord]:
+    def _count_repeated_backward(self) -> None:
+        """Account another backward of the step's loss (``loss.backward(retain_graph=True)``
+        then ``loss.backward()``): the layers ran their sparse backward again and the
+        gradients are summed, as in PyTorch (TinyProp's k then follows the running maxima the
+        first backward raised, as a new step on the same samples would). The step's ledger
+        adds its backward, selection and dense backward (what full training's second backward
+        would have done), not the forward or the skip decision, which ran once; the running
+        maxima and backward counts are written again, and the budget controller accounts it.
+        ``keep`` stays the first backward's. (It was not counted at all.)"""
+        calls = self._calls[self._accounted_calls :]
+        self._accounted_calls = len(self._calls)
+        if self.failed:
+            return
+        self._check_finite()
+        if self.failed:
+            return
+        records = self._make_records(calls)
+        policy, stats = self.state.policy, self.stats
+        passes = self.forward_passes + [self.recomputed_pass]
+        batch = len(stats.trained_mask)
+        ran = bool(records) or (stats.trained > 0 and not policy.sparse)
+        again = step_ledger(passes, records, policy, batch, stats.trained, self.output_size, ran)
+        again.forward = 0  # the forward and the skip decision ran once, in the first backward
+        again.unattributed -= sum(forward_pass.other_macs for forward_pass in passes)
+        again.selection -= policy.decision_macs(batch, self.output_size)
+        stats.macs += again
+        self.records += records
+        self.uncommitted = True
+        self.commit(repeated=(again, records))
+
+    def _make_records(self, pending_calls: list[PendingCall]) -> list[BackwardRecord]:
         """One :class:`BackwardRecord` per layer call, k of the rows with a non-zero δ only;
         keeps left on a device are read in one transfer."""
-        keeps = [pending.keep for pending in self._calls]
+        keeps = [pending.keep for pending in pending_calls]
         on_device = [keep for keep in keeps if keep.device.type != "cpu"]
         if on_device:
             moved = iter(torch.cat(on_device).cpu().split([k.numel() for k in on_device]))
             keeps = [keep if keep.device.type == "cpu" else next(moved) for keep in keeps]
         keeps = [  # (R',) the rows with a non-zero δ
             keep[keep > 0] if pending.every_row else keep
-            for keep, pending in zip(keeps, self._calls, strict=True)
+            for keep, pending in zip(keeps, pending_calls, strict=True)
         ]
         policy = self.state.policy
         records = []
-        for pending, keep in zip(self._calls, keeps, strict=True):
+        for pending, keep in zip(pending_calls, keeps, strict=True):
             call = pending.call
             trained, kept = (keep.numel(), int(keep.sum())) if pending.selected else (0, 0)
             selection = policy.selection_macs(trained, call.output_size, kept)
