@@ -91,6 +91,65 @@ def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no logs or checkpoints left behind
 
 
+def test_lightning_manual_optimization_with_two_optimizers_equals_own_loop(tmp_path):
+    """``automatic_optimization = False``, ``self.manual_backward(tinyprop.loss(...))``, then
+    two optimizers step (one per part of the model). The callback reset its count of trained
+    samples at the first optimizer's step, so it dropped the gradients before the second's:
+    the output layer never trained, silently. Now both step on every backward that trained a
+    sample, and on none when every sample was skipped, as in a loop of your own."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from tinyprop.integrations.lightning import TinyPropCallback
+
+    def optimizers(model):
+        head = list(model[-1].parameters())
+        body = [p for p in model.parameters() if all(p is not h for h in head)]
+        return torch.optim.SGD(body, lr=0.1), torch.optim.SGD(head, lr=0.1)
+
+    class Manual(pl.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.automatic_optimization = model, False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(tinyprop.loss(self.model, LOSS(self.model(x), y)))
+            for optimizer in self.optimizers():
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return optimizers(self.model)
+
+    torch.manual_seed(0)
+    expected = tinyprop.apply(mlp().double(), CONFIG)
+    body, head = optimizers(expected)
+    x, y = learnable_data()
+    trained = 0
+    for i in range(0, len(x), BATCH):
+        body.zero_grad(), head.zero_grad()
+        stats = tinyprop.backward(expected, LOSS(expected(x[i : i + BATCH]), y[i : i + BATCH]))
+        trained += stats.trained
+        if stats.trained:
+            body.step(), head.step()
+    assert 0 < trained < STEPS * BATCH / 2  # some steps skip every sample
+    torch.manual_seed(0)
+    module = Manual(tinyprop.apply(mlp().double(), CONFIG))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[TinyPropCallback(log=False)],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(module, loader)
+    for (name, got), want in zip(
+        module.model.named_parameters(), expected.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+
+
 def tiny_transformer(kind: str):
     """A small BERT classifier or GPT-2 language model from a config (no weights loaded),
     dropout off, float64."""

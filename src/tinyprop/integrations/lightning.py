@@ -50,7 +50,8 @@ class TinyPropCallback(pl.Callback):
     def __init__(self, model: nn.Module | None = None, log: bool = True):
         self.model = model
         self.log = log
-        self._trained = 0  # samples trained since the last optimizer step (accumulation)
+        self._trained = 0  # samples trained by the backwards before the next optimizer step
+        self._stepped = False  # an optimizer stepped since the last backward
         self._counted = None  # the StepStats last counted
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -65,6 +66,8 @@ class TinyPropCallback(pl.Callback):
             self.model = found[0]
 
     def on_after_backward(self, trainer, pl_module) -> None:
+        if self._stepped:  # the first backward after an optimizer step (or several)
+            self._trained, self._stepped = 0, False
         stats = tinyprop.step_stats(self.model)
         if stats is None or stats is self._counted:  # a backward not from tinyprop.loss
             self._trained += 1  # trained every sample: never skip its step
@@ -75,7 +78,10 @@ class TinyPropCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         trained = torch.tensor(float(self._trained), device=pl_module.device)
         trained = trainer.strategy.reduce(trained, reduce_op="sum")  # every rank decides alike
-        self._trained = 0
+        # counted again from the next backward: every optimizer stepping on this backward's
+        # gradients (manual optimization with several optimizers) sees its samples (the
+        # second optimizer saw 0 and its gradients were dropped: it never trained)
+        self._stepped = True
         if float(trained) == 0:
             drop_gradients(pl_module)
 
