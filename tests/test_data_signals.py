@@ -388,3 +388,43 @@ def test_uci_har_value_that_is_not_finite_is_refused_naming_the_file(
         ValueError, match=r"body_acc_y_test.txt holds a NaN or infinite value \(line 2\)"
     ):
         data.load("har", "test", data_dir=str(root))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e39"])
+def test_basicmotions_ts_value_that_is_not_finite_is_refused_naming_the_line(value):
+    """A .ts value "nan", "inf" or beyond float32 (1e39 became inf) was loaded as it was."""
+    text = f"@classLabel true a b\n@data\n1,2:3,4:b\n1,{value}:3,4:a\n"
+    with pytest.raises(ValueError, match="bad.ts line 4: a value is NaN, infinite"):
+        basicmotions.parse_ts(text, "bad.ts")
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("empty", "holds no samples"),  # was numpy's "can't extend empty axis 1", no file named
+        ("short", r"normal_id_00_00000099.wav: clips give 2 frames"),  # no file named
+        ("long id", "is not a DCASE2020 Task 2 file name"),  # was OverflowError
+    ],
+)
+def test_dcase_clip_that_is_empty_short_or_misnamed_is_refused_naming_it(
+    tmp_path, private_cache, kind, message
+):
+    write_dcase(tmp_path / "dev_data")
+    folder = tmp_path / "dev_data" / "fan" / "train"
+    if kind == "long id":
+        audio.write_wav(folder / f"normal_id_{'9' * 30}_00000001.wav", np.zeros(16000))
+    else:
+        audio.write_wav(
+            folder / "normal_id_00_00000099.wav", np.zeros(0 if kind == "empty" else 1000)
+        )
+    with pytest.raises(ValueError, match=message):
+        data.load("dcase2020", "train", data_dir=str(tmp_path))
+
+
+def test_speech_commands_clip_without_samples_is_refused_naming_it(tmp_path, private_cache):
+    """A WAV header without audio was padded into a second of silence under its word's label."""
+    root = write_speech_commands(tmp_path / "speech_commands_v0.02")
+    clip = root / "yes" / "00000003_nohash_0.wav"  # a training clip
+    audio.write_wav(clip, np.zeros(0))
+    with pytest.raises(ValueError, match=f"{clip.name} holds no samples"):
+        data.load("speech_commands", "train", data_dir=str(root))

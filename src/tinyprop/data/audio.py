@@ -122,6 +122,21 @@ def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     return samples.astype(np.float32), rate
 
 
+def read_clip(path: Path, sample_rate: int) -> np.ndarray:
+    """The samples ``(T,)`` of a dataset's WAV clip, refused (ValueError naming the file) when
+    its rate is not ``sample_rate`` or it holds no samples (it was padded into silence, or
+    failed later in the features without naming the file)."""
+    samples, rate = read_wav(path)
+    if rate != sample_rate:
+        raise ValueError(f"{path} has sample rate {rate} Hz; expected {sample_rate} Hz")
+    if samples.size == 0:
+        raise ValueError(
+            f"WAV file {path} holds no samples (a header without audio); re-extract the "
+            "dataset archive or delete the file"
+        )
+    return samples
+
+
 def _read_wav_bytes(path: Path) -> bytes:
     """The bytes of a WAV file, at most ``MAX_WAV_BYTES`` (ValueError beyond, or for a path
     that is not a regular file: a symlink to /dev/zero would never end)."""

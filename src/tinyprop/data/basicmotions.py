@@ -49,6 +49,7 @@ def parse_ts(text: str, name: str = "<ts>") -> tuple[np.ndarray, list[str], tupl
     class_names: tuple[str, ...] = ()
     rows: list[list[list[float]]] = []
     labels: list[str] = []
+    line_numbers: list[int] = []
     in_data = False
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -71,12 +72,22 @@ def parse_ts(text: str, name: str = "<ts>") -> tuple[np.ndarray, list[str], tupl
                 f"{name} line {number}: cannot parse the values ({error}); the file is corrupt"
             ) from error
         labels.append(label.strip())
+        line_numbers.append(number)
     if not rows:
         raise ValueError(f"{name} has no @data rows; the file is corrupt or empty")
     shapes = {(len(row), *{len(dim) for dim in row}) for row in rows}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"{name}: series have unequal lengths or channel counts {sorted(shapes)}")
-    return np.asarray(rows, np.float32), labels, class_names
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+        x = np.asarray(rows, np.float32)  # (N, channels, length)
+    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)  # (N,)
+    if not finite.all():  # "nan", "inf", "1e39" (or "?", a missing value) were taken as they are
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"{name} line {line_numbers[row]}: a value is NaN, infinite or beyond float32's "
+            "range; the file is corrupt (the model would train on it and give NaN weights)"
+        )
+    return x, labels, class_names
 
 
 def fetch_wheel(folder: Path) -> Path:

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 
 from tinyprop.data import synthetic_machine
-from tinyprop.data.audio import DCASE_LOG_MEL, log_mel_spectrogram, read_wav
+from tinyprop.data.audio import DCASE_LOG_MEL, log_mel_spectrogram, read_clip
 from tinyprop.data.base import ArrayDataset
 from tinyprop.data.npz_cache import cached_arrays
 from tinyprop.data.real_data import find_real_root
 
 SOURCE_SYNTHETIC = "synthetic machine sounds as dcase2020 stand-in"
 REAL_MACHINE_TYPES = ("ToyCar", "ToyConveyor", "fan", "pump", "slider", "valve")
-FILE_NAME = re.compile(r"^(normal|anomaly)_id_(\d+)_\d+\.wav$")
+FILE_NAME = re.compile(r"^(normal|anomaly)_id_(\d{1,9})_\d+\.wav$")  # IDs are 2 digits
 GENERATOR_VERSION = 1
 EXPECTED = (
     "the extracted DCASE2020 Task 2 development data: dev_data/<machine_type>/train/"
@@ -111,12 +111,13 @@ def read_real(root: Path, machine_type: str, split: str, segments: int) -> dict[
                 f"{path.name} is not a DCASE2020 Task 2 file name (normal|anomaly)_id_XX_N.wav; "
                 f"remove it from {path.parent}"
             )
-        samples, rate = read_wav(path)
-        if rate != 16000:
-            raise ValueError(f"{path} has sample rate {rate} Hz; DCASE2020 audio is 16 kHz")
+        samples = read_clip(path, 16000)
         labels.append(int(match.group(1) == "anomaly"))
         ids.append(int(match.group(2)))
-        features.append(clip_features(samples[None], segments))  # (1, segments * 64)
+        try:
+            features.append(clip_features(samples[None], segments))  # (1, segments * 64)
+        except ValueError as error:  # too short for the segments
+            raise ValueError(f"{path}: {error}") from error
     return {
         "x": np.concatenate(features),
         "y": np.asarray(labels, np.int64),

@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyprop.data.audio import KWS_MFCC, fix_length, log_mel_spectrogram, mfcc, read_wav
+from tinyprop.data.audio import (
+    KWS_MFCC,
+    fix_length,
+    log_mel_spectrogram,
+    mfcc,
+    read_clip,
+    read_wav,
+)
 from tinyprop.data.base import ArrayDataset
 from tinyprop.data.npz_cache import cached_arrays
 from tinyprop.data.real_data import find_real_root
@@ -152,9 +159,7 @@ def read_real_clips(root: Path, paths: list[str | None], seed: int, split: str) 
             start = int(rng.integers(0, len(noise) - CLIP_SAMPLES + 1))
             clips[index] = noise[start : start + CLIP_SAMPLES] * rng.uniform(0.0, 1.0)
         else:
-            samples, rate = read_wav(root / path)
-            if rate != 16000:
-                raise ValueError(f"{root / path} has sample rate {rate} Hz; expected 16000 Hz")
+            samples = read_clip(root / path, 16000)
             clips[index] = fix_length(samples, CLIP_SAMPLES)  # zero-pad short clips at the end
     return clips
 
