@@ -90,3 +90,15 @@ def test_a_sound_checkpoint_resumes_at_batch_size_one_and_holds_the_budget(check
     net.load_state_dict(checkpoint)
     ledger = train(net, 150, start=3, batch=1)
     assert abs(ledger.backward_ratio() - 0.3) < 0.1 * 0.3 + 0.02
+
+
+@pytest.mark.parametrize("value", [-5, 2**63 - 1, float("nan")])
+def test_a_layer_backward_count_that_is_negative_huge_or_nan_is_refused(value):
+    """A layer's ``backward_steps`` (random-k draws from it) loaded as it was: -5, 2^63 - 1
+    (wrapped to -2^63 at the next step) or a float NaN (-2^63 in the int64 buffer)."""
+    config = tinyprop.TinyPropConfig(policy="randomk", ratio=0.5)
+    net = tinyprop.apply(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 2)), config)
+    corrupt = dict(net.state_dict())
+    corrupt["0.backward_steps"] = torch.tensor(value)
+    with pytest.raises(ValueError, match="'0.backward_steps' is .*set it to 0"):
+        net.load_state_dict(corrupt)

@@ -92,9 +92,16 @@ def is_cheap_output_layer(call, budget: float, skips: bool) -> bool:
     return dense(call) <= limit * whole
 
 
-def check_count(value, name: str) -> int | None:
+RESTART_CONTROLLER = (
+    "delete its tinyprop_budget_* and tinyprop_score_window* entries to start the budget "
+    "controller afresh"
+)
+
+
+def check_count(value, name: str, fix: str = RESTART_CONTROLLER) -> int | None:
     """A checkpoint's count (steps, MACs) must be a whole number in [0, 2^62]; returns it
-    (None for an entry that is missing or not one number: load_state_dict names those)."""
+    (None for an entry that is missing or not one number: load_state_dict names those).
+    ``fix``: what to do about a bad one."""
     if not isinstance(value, Tensor) or value.numel() != 1:
         return None
     number = float(value)
@@ -102,8 +109,7 @@ def check_count(value, name: str) -> int | None:
         raise ValueError(
             f"checkpoint entry '{name}' is {number}: a count must be a whole number in [0, "
             f"2^62] (a float 1e30 became a negative count in the int64 buffer); the checkpoint "
-            "is corrupt: delete its tinyprop_budget_* and tinyprop_score_window* entries to "
-            "start the budget controller afresh"
+            f"is corrupt: {fix}"
         )
     return int(number)
 

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tinyprop import flop_formulas  # noqa: F401 (registers attention on the CPU)
 from tinyprop.attention import TinyPropMultiheadAttention
 from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
+from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
 from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
 from tinyprop.state import ForwardPass, TinyPropState
@@ -331,6 +332,9 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
         state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
         state.policy.check_loaded(state_dict, prefix)
+    # random-k's draws follow it; -5, 2^63 - 1 (wrapping to -2^63) or a float NaN loaded as is
+    fix = "set it to 0 (the count of the layer's backward passes)"
+    check_count(state_dict.get(prefix + "backward_steps"), prefix + "backward_steps", fix)
     for name in ("error_max", OUTPUT_ERROR_MAX):
         value = state_dict.get(prefix + name)
         buffer = module._buffers.get(name)
