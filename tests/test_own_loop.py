@@ -451,3 +451,41 @@ def test_a_second_backward_of_one_step_loss_is_counted(policy):
         assert both.backward == 2 * first.backward > 0
     assert both.backward_dense == 2 * first.backward_dense
     assert both.selection == 2 * first.selection - decision
+
+
+def test_one_logit_per_sample_squeezed_to_b_trains_as_the_unsqueezed_output():
+    """A binary classifier whose output is squeezed to (B,) (``nn.Flatten(0)``, or
+    ``.squeeze(-1)`` before ``binary_cross_entropy_with_logits``): tinypropv2's skip decision
+    raised IndexError (Dimension out of range); it now decides and trains as for the (B, 1)
+    output."""
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
+    x = torch.randn(16, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = (x[:, 0] > 0).double()
+    results = []
+    for squeeze in (False, True):
+        torch.manual_seed(0)
+        layers = [nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 1)] + [nn.Flatten(0)] * squeeze
+        model = tinyprop.apply(nn.Sequential(*layers).double(), config)
+        output = model(x)
+        losses = nn.functional.binary_cross_entropy_with_logits(
+            output.reshape(16), target, reduction="none"
+        )
+        stats = tinyprop.backward(model, losses)
+        results.append((stats.trained_mask, gradients(model)))
+    assert 0 < int(results[0][0].sum()) < 16  # some samples skipped
+    assert torch.equal(results[0][0], results[1][0])
+    assert_same(results[1][1], results[0][1], atol=0)
+
+
+def test_token_losses_get_told_how_to_make_one_loss_per_sample():
+    """(B, T) losses (reduction='none' over tokens) were told to use reduction='none', which
+    they had: now how to reduce each sample's losses to one."""
+    model = tinyprop.apply(nn.Sequential(nn.Linear(6, 5)), tinyprop.TinyPropConfig())
+    x, y = torch.randn(4, 7, 6), torch.randint(0, 5, (4, 7))
+    losses = LOSS(model(x).transpose(1, 2), y)  # (4, 7)
+    with pytest.raises(ValueError, match=r"shape \(4, 7\); reduce each sample's losses"):
+        tinyprop.backward(model, losses)
+    token_loss = lambda output, labels: LOSS(output.transpose(1, 2), labels)  # noqa: E731
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"losses.flatten\(1\).mean\(1\)"):
+        tinyprop.train_step(model, x, y, token_loss, optimizer)

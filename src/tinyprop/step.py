@@ -628,8 +628,8 @@ def _open_step(
     warn_without_ddp(model, state)
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(
-            f"losses must be one loss per sample, shape (B,), got {describe(losses)}; use "
-            "reduction='none', e.g. nn.CrossEntropyLoss(reduction='none')"
+            f"losses must be one loss per sample, shape (B,), got {describe(losses)}; "
+            + how_to_get_per_sample_losses(losses)
         )
     if not losses.requires_grad:
         raise ValueError("losses do not require grad: compute them from the model's output")
@@ -777,7 +777,8 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
     ]
     if others:  # (T, B, ...) with T = B passes the shape check whichever dimension is given
         _check_sample_dim(losses, output, grad, sample_dim, others)
-    error = local_error(grad.detach().movedim(sample_dim, 0).double())  # (B,)
+    # (B,) Y_L; a (B,) output (one logit per sample, squeezed for a binary loss) is (B, 1)
+    error = local_error(grad.detach().movedim(sample_dim, 0).double().reshape(batch, -1))
     if not torch.isfinite(error).all():
         bad = (~torch.isfinite(error)).nonzero().flatten().tolist()
         raise FloatingPointError(
@@ -823,6 +824,18 @@ def _loss_n_comes_from_slice_n(losses: Tensor, output: Tensor, grad: Tensor) -> 
         tolerance = 1e-3 * float(scaled.abs().max())
         along.append(torch.allclose(got, scaled, rtol=1e-2, atol=tolerance))
     return along
+
+
+def how_to_get_per_sample_losses(losses) -> str:
+    """What to do about losses that are not one per sample: a scalar (a reduced loss), or
+    (B, T, ...) losses (one per token or pixel) to reduce over all but the sample dimension."""
+    if isinstance(losses, Tensor) and losses.dim() > 1:
+        return (
+            "reduce each sample's losses to one, keeping dimension 0 the samples: "
+            "losses.flatten(1).mean(1), or over the tokens not labelled -100 "
+            "losses.sum(1) / (labels != -100).sum(1).clamp(min=1)"
+        )
+    return "use reduction='none', e.g. nn.CrossEntropyLoss(reduction='none')"
 
 
 def describe(value) -> str:

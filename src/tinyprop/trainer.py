@@ -8,7 +8,13 @@ from torch import Tensor, nn
 
 from tinyprop.fused_update import apply_updates, fusable_weights
 from tinyprop.model import state_of, unwrap
-from tinyprop.step import StepStats, describe, is_distributed, run_backward
+from tinyprop.step import (
+    StepStats,
+    describe,
+    how_to_get_per_sample_losses,
+    is_distributed,
+    run_backward,
+)
 
 
 def train_step(
@@ -76,8 +82,7 @@ def train_step(
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
         raise ValueError(
             f"loss_fn must return one loss per sample, shape ({batch_size},), got "
-            f"{describe(losses)}; use reduction='none', "
-            "e.g. nn.CrossEntropyLoss(reduction='none')"
+            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
         )
     try:
         fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
