@@ -20,7 +20,7 @@ from speed_floor import finetune_workload
 from torch import nn
 
 import tinyprop
-from tinyprop import step, trainer
+from tinyprop import autograd, step, trainer
 from tinyprop.bench import runner, suites
 from tinyprop.models import har, mnist
 
@@ -39,9 +39,12 @@ def timed(function, phase: str):
 
 
 def phases(dataset: str = "har", repeats: int = 2) -> None:
-    """Process time of the run's phases, per policy (the backward includes the decision)."""
+    """Process time of the run's phases, per policy (the backward includes the decision and
+    the sparse layers' backward)."""
     trainer.run_backward = timed(trainer.run_backward, "backward (with the decision)")
     step._open_step = timed(step._open_step, "decision")
+    sparse = autograd.SparseBackprop
+    sparse.backward = staticmethod(timed(sparse.backward, "sparse layers' backward"))
     torch.optim.Adam.step = timed(torch.optim.Adam.step, "optimizer")
     specs = {}
     for label in ("full", "tinypropv2"):
