@@ -15,7 +15,8 @@ save most of the heap and stack beyond the runtime's.
 
 Example:
     >>> estimate = sram_estimate(layer_count=11, arena_bytes=54_648, sample_bytes=2_400)
-    >>> estimate.total_bytes
+    >>> estimate.total_bytes, estimate.stack_bytes
+    (68896, 3348)
 """
 
 from __future__ import annotations
@@ -85,7 +86,20 @@ def stack_bytes(layer_count: int) -> int:
 
 def sram_estimate(layer_count: int, arena_bytes: int, sample_bytes: int) -> SramEstimate:
     """What the exported example needs on a Cortex-M4 built with ``-DTP_MAX_LAYERS=
-    layer_count`` (the exported Makefile's value: the model's runtime layer count)."""
+    layer_count`` (the exported Makefile's value: the model's runtime layer count).
+
+    Args:
+        layer_count: the model's runtime layers (``len(export_c(...).layers)``).
+        arena_bytes: the training arena (``export_c(...).arena_bytes``).
+        sample_bytes: the example's one-sample input buffer (4 bytes per input value).
+
+    Returns:
+        :class:`SramEstimate`; ``export_c(...).sram`` is this for the exported model.
+
+    Example:
+        >>> sram_estimate(11, 54_648, 2_400).total_bytes  # the HAR CNN, last2-sgd-in-place
+        68896
+    """
     program_data = PROGRAM_DATA_BYTES + LAYER_DATA_BYTES * layer_count
     static = arena_bytes + sample_bytes + program_data  # data + bss: the heap starts there
     pages = -(-(static + HEAP_NEED_BYTES - HEAP_PAST_PAGE_BYTES) // HEAP_PAGE_BYTES)
