@@ -489,3 +489,36 @@ def test_token_losses_get_told_how_to_make_one_loss_per_sample():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"losses.flatten\(1\).mean\(1\)"):
         tinyprop.train_step(model, x, y, token_loss, optimizer)
+
+
+def test_user_hooks_run_as_in_pytorch():
+    """A forward hook that scales a layer's output, a parameter hook that doubles a gradient
+    and full backward hooks on a layer: plain PyTorch's gradients at ratio 1.0. Under
+    tinypropv2 a hook on the output tensor also sees the skip decision's pass (documented in
+    docs/models-and-loops.md); the layers' hooks run once."""
+    plain = build("mlp")
+    x, y = batch("mlp", size=8)
+    calls = {}
+    for name, config in (("plain", None), ("topk", KEEP_ALL), ("tinypropv2", None)):
+        model = copy.deepcopy(plain)
+        if name != "plain":
+            model = tinyprop.apply(model, config or tinyprop.TinyPropConfig(policy=name))
+        counts = calls[name] = {"layer": 0, "output": 0}
+        model[0].register_forward_hook(lambda module, args, output: output * 1.5)
+        model[2].weight.register_hook(lambda grad: 2 * grad)
+        model[4].register_full_backward_hook(
+            lambda module, grad_input, grad_output, counts=counts: counts.update(
+                layer=counts["layer"] + 1
+            )
+        )
+        output = model(x)
+        output.register_hook(lambda grad, counts=counts: counts.update(output=counts["output"] + 1))
+        if name == "plain":
+            LOSS(output, y).mean().backward()
+            expected = gradients(model)
+        else:
+            tinyprop.backward(model, LOSS(output, y))
+            if name == "topk":
+                assert_same(gradients(model), expected)
+    assert calls["plain"] == calls["topk"] == {"layer": 1, "output": 1}
+    assert calls["tinypropv2"] == {"layer": 1, "output": 2}
