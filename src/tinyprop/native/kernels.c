@@ -452,9 +452,10 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
 
-/* Features per tile of the Linear weight gradient: the tile's outputs are summed in registers. The input gradient reads the
- * weight row by row, PREFETCH_ROWS rows ahead of the row it adds (a row's slice is a row of
- * the weight apart from the last: strided reads the hardware does not fetch ahead by itself). */
+/* Features per tile of the Linear weight gradient: the tile's outputs are summed in registers.
+ * The input gradient reads the weight row by row, asking for the row PREFETCH_ROWS ahead of
+ * the one it adds (a thread reads a slice of each row, a row of the weight apart from the last:
+ * strided reads the hardware does not fetch ahead by itself). */
 enum { TILE = 64, PREFETCH_ROWS = 4 };
 /* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
  * measured) are written past the caches: they would not stay there, and a streamed store does
