@@ -80,7 +80,7 @@ class Policy:
     def check_step(self, step) -> None:
         """Before a finished step writes the running state: refuse a loaded budget controller
         state whose scale does not fit this model (:meth:`BudgetController.check_step`)."""
-        if self.budget is not None:
+        if self.budget is not None and self.budget.unchecked_scale:  # once, after loading
             batch = len(step.stats.trained_mask)
             per_sample = max(  # the decision's largest MACs per sample: batch 1, or 64 x larger
                 self.decision_macs(1, step.output_size),
