@@ -6,7 +6,7 @@ makes every rank raise after the all-reduce."""
 import datetime
 import json
 import os
-import socket
+import sys
 import time
 import warnings
 
@@ -24,12 +24,6 @@ BATCH = 2  # per rank
 LOSS = nn.CrossEntropyLoss(reduction="none")
 WAYS = ("train_step", "tinyprop.backward", "tinyprop.loss().backward()")
 TIMEOUT = 120  # seconds for the whole job; a deadlock fails the test instead of hanging it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(way: str, rank: int) -> dict:
@@ -160,11 +154,19 @@ def warns_without_ddp() -> bool:
     return any("not wrapped in DistributedDataParallel" in str(w.message) for w in caught)
 
 
-def worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank: int, folder: str) -> None:
+    """One rank. Its stderr goes to ``rank{rank}.log`` (a crash in gloo's C++ code prints
+    there only), and the ranks meet through a file in the test's own folder: a TCP store on
+    a port picked in advance could be taken, or joined, by a job running at the same time."""
+    log = os.open(os.path.join(folder, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.dup2(log, sys.stderr.fileno())
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT)
+        "gloo",
+        init_method="file://" + os.path.join(folder, "store"),
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT),
     )
     try:
         results = {way: train(way, rank) for way in WAYS}
@@ -177,16 +179,29 @@ def worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+def rank_logs(folder) -> str:
+    """The end of each rank's stderr, for the failure message."""
+    parts = []
+    for rank in range(WORLD):
+        path = folder / f"rank{rank}.log"
+        text = path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
+        parts.append(f"--- rank {rank} stderr ---\n{text}")
+    return "\n".join(parts)
+
+
 def test_ddp_two_ranks_skipping_most_samples_keep_identical_weights(tmp_path):
     start = time.monotonic()
     context = mp.start_processes(
-        worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        worker, args=(str(tmp_path),), nprocs=WORLD, join=False, start_method="spawn"
     )
-    while not context.join(timeout=1):
-        if time.monotonic() - start > TIMEOUT:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError(f"the DDP job did not finish in {TIMEOUT} s (deadlock?)")
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() - start > TIMEOUT:
+                for process in context.processes:
+                    process.kill()
+                raise AssertionError(f"the DDP job did not finish in {TIMEOUT} s (deadlock?)")
+    except Exception as error:  # a rank failed: show what each rank printed
+        raise AssertionError(f"{error}\n{rank_logs(tmp_path)}") from error
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
     for rank, result in enumerate(results):
         assert result["warns_without_ddp"], rank
