@@ -102,3 +102,54 @@ def test_a_layer_backward_count_that_is_negative_huge_or_nan_is_refused(value):
     corrupt["0.backward_steps"] = torch.tensor(value)
     with pytest.raises(ValueError, match="'0.backward_steps' is .*set it to 0"):
         net.load_state_dict(corrupt)
+
+
+def applied_on_meta() -> nn.Module:
+    """The model of :func:`model` built and applied on the meta device (how large models are
+    made before their weights are read), then given memory with ``to_empty``."""
+    with torch.device("meta"):
+        net = tinyprop.apply(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)), CONFIG)
+    return net
+
+
+def tinyprop_entries(net: nn.Module) -> dict:
+    return {k: v for k, v in net.state_dict().items() if not k.endswith(("weight", "bias"))}
+
+
+def test_a_model_applied_on_the_meta_device_starts_its_running_state_afresh():
+    """``to_empty`` leaves tinyprop's buffers holding whatever the memory held (Ymax_l of 7e14
+    skipped every sample, silently; a budget controller of garbage counts), and
+    ``load_state_dict(plain, assign=True)`` left them on meta ("Tensor.item() cannot be
+    called on meta tensors" at the step). They start afresh as after a plain ``apply``,
+    unless a checkpoint gave them values."""
+    reference = model()
+    weights = {
+        k: v.clone() for k, v in reference.state_dict().items() if k.endswith(("weight", "bias"))
+    }
+    emptied = applied_on_meta().to_empty(device="cpu")
+    with torch.no_grad():
+        for buffer in tinyprop_entries(emptied).values():
+            buffer.fill_(7e14 if buffer.is_floating_point() else 123456789)  # what memory held
+        for name, parameter in emptied.named_parameters():  # an init of one's own
+            parameter.copy_(weights[name])
+    assigned = applied_on_meta()
+    assigned.load_state_dict(weights, assign=True)
+    ledgers = [train(net, 4) for net in (reference, emptied, assigned)]
+    assert ledgers[0].backward_ratio() < 1.0
+    for net, ledger in zip((emptied, assigned), ledgers[1:], strict=True):
+        assert ledger == ledgers[0]
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(
+                net.state_dict()[name], value, rtol=0, atol=0, equal_nan=True, msg=name
+            )
+    trained = reference.state_dict()  # a checkpoint loaded after to_empty keeps its values
+    resumed = applied_on_meta().to_empty(device="cpu")
+    resumed.load_state_dict(trained)
+    train(resumed, 1, start=4)
+    again = model()
+    again.load_state_dict(trained)
+    train(again, 1, start=4)
+    for name, value in again.state_dict().items():
+        torch.testing.assert_close(
+            resumed.state_dict()[name], value, rtol=0, atol=0, equal_nan=True, msg=name
+        )

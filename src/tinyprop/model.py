@@ -23,6 +23,7 @@ from tinyprop.state import ForwardPass, TinyPropState
 OUTPUT_ERROR_MAX = "tinyprop_output_error_max"  # Ymax_L of the skip decision, on the root module
 _STATE = "_tinyprop_state"
 _ORIGINAL_CLASS = "_tinyprop_original_class"
+_LAYER_BUFFERS = (".error_max", ".backward_steps")  # tinyprop's buffers on a sparse layer
 _LAYER_ATTRIBUTES = ("tinyprop_state", "layer_name", "layer_index", "registration_depth")
 _MAX_SIGNATURES = 1024  # input shapes whose other-module MACs are remembered
 # the running maxima Ymax_l, Ymax_L: float32 whatever torch's default dtype is (a float16
@@ -139,6 +140,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         model.register_forward_pre_hook(_open_forward_pass, with_kwargs=True),
         model.register_forward_hook(_close_forward_pass, with_kwargs=True, always_call=True),
     ]
+    state.made_on_meta = any(buffer.is_meta for buffer in _running_state(model, state).values())
     setattr(model, _STATE, state)
     return model
 
@@ -195,6 +197,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
     """Root forward pre-hook: record the sparse-layer calls of a training forward pass."""
     state = getattr(model, _STATE)
+    if state.made_on_meta:
+        _fill_running_state_made_on_meta(model, state)
     if not torch.is_grad_enabled() or state.open_pass is not None or torch.jit.is_tracing():
         return  # torch.jit.trace: no FLOP counter in the recorded graph
     if not state.inside_ddp:  # Lightning wraps the LightningModule, not the applied model
@@ -366,16 +370,13 @@ def _accept_plain_checkpoint(model: nn.Module, incompatible_keys) -> None:
     state = getattr(model, _STATE)
     prefix, state.load_prefix = state.load_prefix or "", None
     control = state.policy.control_buffers()
-    initial = {OUTPUT_ERROR_MAX: torch.zeros(()), **control}
-    for name, _ in state.layers:
-        layer = f"{name}." if name else ""
-        initial[layer + "error_max"] = torch.zeros(())
-        initial[layer + "backward_steps"] = torch.zeros((), dtype=torch.long)
+    initial = _initial_running_state(state)
+    missing = incompatible_keys.missing_keys
+    not_loaded = [name for name in initial if prefix + name in missing]
     groups = [initial] + [
         {name: value for name, value in control.items() if name.startswith(group)}
         for group in _CONTROL_GROUPS
     ]
-    missing = incompatible_keys.missing_keys
     for group in groups:
         names = {prefix + name for name in group}
         if not names or not names <= set(missing):
@@ -385,6 +386,8 @@ def _accept_plain_checkpoint(model: nn.Module, incompatible_keys) -> None:
             for name, value in group.items():
                 buffers[name].copy_(value)
         missing[:] = [entry for entry in missing if entry not in names]
+    if state.made_on_meta:  # loaded (strict=False: what the checkpoint lacks starts afresh)
+        _fill_running_state_made_on_meta(model, state, not_loaded)
     unexpected = incompatible_keys.unexpected_keys
     unexpected[:] = [  # another policy's controller or window: nothing here to load it into
         entry
@@ -395,6 +398,55 @@ def _accept_plain_checkpoint(model: nn.Module, incompatible_keys) -> None:
             and "." not in entry[len(prefix) :]
         )
     ]
+
+
+def _initial_running_state(state: TinyPropState) -> dict[str, Tensor]:
+    """Name (from the applied model) -> the value :func:`apply` gives each of tinyprop's
+    buffers: Ymax_L and every layer's Ymax_l at 0, no backward steps, the budget controller
+    and the score window (if the policy has them) afresh."""
+    initial = {OUTPUT_ERROR_MAX: torch.zeros(()), **state.policy.control_buffers()}
+    for name, _ in state.layers:
+        layer = f"{name}." if name else ""
+        initial[layer + "error_max"] = torch.zeros(())
+        initial[layer + "backward_steps"] = torch.zeros((), dtype=torch.long)
+    return initial
+
+
+def _running_state(model: nn.Module, state: TinyPropState) -> dict[str, Tensor]:
+    """Name -> tinyprop's buffers of the applied model (see :func:`_initial_running_state`)."""
+    buffers = dict(model.named_buffers())
+    return {name: buffers[name] for name in _initial_running_state(state)}
+
+
+def _fill_running_state_made_on_meta(
+    model: nn.Module, state: TinyPropState, names: list[str] | None = None
+) -> None:
+    """Give the running state of a model applied on the meta device its initial values, once
+    the model's parameters have left it (``to_empty``, or ``load_state_dict(...,
+    assign=True)``): ``to_empty`` leaves whatever the memory held (a Ymax_l of 7e14 that
+    skipped every sample, a negative one, a budget controller's garbage counts), and a
+    buffer still on meta failed at the step ("cannot be called on meta tensors"). ``names``:
+    only these (the entries a checkpoint did not load); all of them when None."""
+    buffers = _running_state(model, state)
+    owners = {"": model, **{name: layer for name, layer in state.layers}}
+    targets = {}
+    for name in buffers:
+        owner = owners[name.rpartition(".")[0] if name.endswith(_LAYER_BUFFERS) else ""]
+        device = next((p.device for p in owner.parameters()), buffers[name].device)
+        if device.type == "meta":
+            return  # not materialised yet: the next forward or load tries again
+        targets[name] = device
+    initial = _initial_running_state(state)
+    with torch.no_grad():
+        for name in buffers if names is None else names:
+            buffer, value = buffers[name], initial[name]
+            if buffer.is_meta:  # load_state_dict(..., assign=True) left tinyprop's on meta
+                module_name, _, attribute = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                module._buffers[attribute] = value.to(targets[name], buffer.dtype)
+            else:
+                buffer.copy_(value)
+    state.made_on_meta = False
 
 
 def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:

@@ -113,6 +113,10 @@ class TinyPropState:
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
     deciding: bool = False  # the skip decision's gradient runs (tinyprop.step._output_error)
     load_prefix: str | None = None  # the model's prefix in the state_dict being loaded
+    # the running state was made on the meta device: ``to_empty`` fills it with whatever the
+    # memory held, so it starts afresh before the first training forward (a checkpoint loaded
+    # first gives its own values instead)
+    made_on_meta: bool = False
 
     _policy: Policy | None = None
 
