@@ -1,8 +1,10 @@
 """How closely the C runtime follows PyTorch through its activations (ReLU, ReLU6, LeakyReLU,
-Sigmoid, Tanh): for a small model per activation (and one with all of them), the largest
-absolute difference of the logits (forward), and of the weights after N training steps under
-each policy (sparse backward and SGD-momentum updates in C against ``tinyprop.train_step``),
-with the skip decisions and k per layer compared for equality.
+Sigmoid, Tanh, and SiLU, GELU in both forms, Hardswish, Hardsigmoid, Mish, whose derivative
+the runtime takes from their kept input): for a small model per activation (and one with the
+first four), the largest absolute difference of the logits (forward), and of the weights
+after N training steps under each policy (sparse backward and SGD-momentum updates in C
+against ``tinyprop.train_step``), with the skip decisions and k per layer compared for
+equality.
 
     python benchmarks/activation_parity.py              # 20 steps of 8 samples
     python benchmarks/activation_parity.py --steps 50
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         "Sigmoid": lambda: model(nn.Sigmoid()),
         "Tanh": lambda: model(nn.Tanh()),
         "all four": lambda: model(None),
+        "SiLU": lambda: model(nn.SiLU()),
+        "GELU": lambda: model(nn.GELU()),
+        "GELU(tanh)": lambda: model(nn.GELU(approximate="tanh")),
+        "Hardswish": lambda: model(nn.Hardswish()),
+        "Hardsigmoid": lambda: model(nn.Hardsigmoid()),
+        "Mish": lambda: model(nn.Mish()),
     }
     print(f"| activation | policy | max abs diff logits | max abs diff weights after {args.steps} "
           "steps (relative) | same skips, k | trained |")  # fmt: skip
@@ -120,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = next(batches(1, 64))
     saturated = float((builds["ReLU6"]()[:2](x) >= 6.0).float().mean())
     print(f"ReLU6: {saturated:.1%} of the first activation's outputs are at 6 (saturated)")
+    with torch.no_grad():
+        inputs = builds["Hardswish"]()[:1](x)
+    outside = float((inputs.abs() >= 3.0).float().mean())
+    print(f"Hardswish, Hardsigmoid: {outside:.1%} of the first activation's inputs lie beyond ±3")
     print(f"largest relative weight difference {worst:.1e} (the parity tests' bound: 1e-5)")
     return 0 if worst <= 1e-5 else 1
 

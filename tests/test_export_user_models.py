@@ -3,7 +3,8 @@ as in the Python library (weights within 1e-5 after every step, the same skips a
 each one that cannot names the layer and what to do.
 
 Covered: models whose forward is written in Python (read as the chain of layers it calls),
-the activations ReLU6, LeakyReLU, Sigmoid and Tanh (as modules and as functions),
+the activations ReLU6, LeakyReLU, Sigmoid, Tanh, SiLU, GELU, Hardswish, Hardsigmoid and Mish
+(as modules and as functions),
 Conv1d stacks (stride, padding, dilation, groups), non-square Conv2d, padding='same',
 bias=False, pools with padding and ceil_mode, adaptive pools, Dropout variants at p=0, nested
 and named Sequentials, BatchNorm folded before export (:func:`tinyprop.export.fold_batch_norm`).
@@ -120,6 +121,26 @@ class FunctionalActivations(nn.Module):
         return self.head(self.middle(x).tanh())
 
 
+class FunctionalSmoothActivations(nn.Module):
+    """SiLU, GELU (both forms), Hardswish, Hardsigmoid and Mish called as functions, as an
+    EfficientNet- or MobileNetV3-style forward writes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.depthwise = nn.Conv1d(4, 4, 3, padding=1, groups=4)
+        self.hidden = nn.Linear(32, 8)
+        self.middle = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = nn.functional.hardswish(self.conv(x))
+        x = nn.functional.silu(self.depthwise(x), inplace=True)
+        x = nn.functional.gelu(self.hidden(x.flatten(1)), approximate="tanh")
+        x = nn.functional.mish(nn.functional.gelu(self.middle(x)))
+        return self.head(nn.functional.hardsigmoid(x))
+
+
 class GlobalMean(nn.Module):
     """Global average pooling written as a mean, a squeeze after an adaptive pool."""
 
@@ -225,6 +246,17 @@ EXPORTED = {
         (2, 6, 6),
     ),
     "activations_as_functions": (FunctionalActivations, (2, 10)),
+    "mobilenet_v3_style_block": (  # the activations whose derivative needs their input
+        lambda: Seq(
+            nn.Conv2d(2, 8, 3, stride=2, padding=1), nn.Hardswish(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.SiLU(inplace=True), nn.ReLU(),
+            nn.Conv2d(8, 6, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(6, 8), nn.Mish(), nn.Tanh(), nn.Linear(8, 8), nn.Hardsigmoid(),
+            nn.Dropout(0.0), nn.Linear(8, 3),
+        ),
+        (2, 8, 8),
+    ),
+    "smooth_activations_as_functions": (FunctionalSmoothActivations, (2, 10)),
 }  # fmt: skip
 
 
@@ -298,14 +330,14 @@ def test_folding_keeps_the_eval_output_and_leaves_the_model_alone():
 REFUSED = [
     (Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)), (1, 6, 6),
      r"layer '1' \(BatchNorm2d\).*fold_batch_norm"),
-    (Seq(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), (6,),
-     r"'1' \(GELU\).*ReLU, ReLU6, LeakyReLU.*needs its input.*nn\.ReLU\(\)"),
-    (Seq(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3)), (6,), r"'1' \(SiLU\).*fine-tune"),
+    (Seq(nn.Linear(6, 8), nn.PReLU(), nn.Linear(8, 3)), (6,),
+     r"'1' \(PReLU\).*ReLU, ReLU6, LeakyReLU.*Mish.*nn\.ReLU\(\)"),
+    (Seq(nn.Linear(6, 8), nn.SELU(), nn.Linear(8, 3)), (6,), r"'1' \(SELU\).*fine-tune"),
     (Seq(nn.Linear(6, 8), nn.LeakyReLU(-0.1), nn.Linear(8, 3)), (6,),
      r"'1' \(LeakyReLU\): negative_slope=-0\.1.*slope >= 0"),
-    (Seq(nn.Linear(6, 8), nn.Hardswish(), nn.Linear(8, 3)), (6,),
-     r"'1' \(Hardswish\).*derivative needs its input"),
-    (Seq(nn.Linear(6, 8), nn.ELU(), nn.Linear(8, 3)), (6,), r"'1' \(ELU\).*Sigmoid and Tanh"),
+    (Seq(nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 3)), (6,),
+     r"'1' \(Softplus\).*Hardsigmoid and Mish"),
+    (Seq(nn.Linear(6, 8), nn.ELU(), nn.Linear(8, 3)), (6,), r"'1' \(ELU\).*Sigmoid, Tanh"),
     (Seq(nn.Linear(6, 8), nn.Hardtanh(-1, 1), nn.Linear(8, 3)), (6,), r"'1' \(Hardtanh\)"),
     (Seq(nn.Linear(6, 8), nn.ReLU(), nn.Sigmoid(), nn.Linear(8, 3)), (6,),
      r"'2' \(Sigmoid\): it follows the activation '1' \(ReLU\).*in place"),
@@ -420,7 +452,7 @@ def branch(self, x):
     ("body", "message"),
     [
         (lambda self, x: self.last(x + self.first(x)), "residual sum or a branch"),
-        (lambda self, x: self.last(nn.functional.gelu(self.first(x))), "'gelu'.*no C "),
+        (lambda self, x: self.last(nn.functional.elu(self.first(x))), "'elu'.*no C "),
         (lambda self, x: self.last(self.first(self.first(x))), "calls 'first' more than once"),
         (lambda self, x: self.last(nn.functional.linear(x, self.first.weight)), "first.weight"),
         (lambda self, x: (self.last(self.first(x)), x), "residual sum or a branch"),

@@ -1,10 +1,11 @@
 """Parity of the C runtime with the Python library: same weights, data, settings and batches.
 
 Every model (an MLP, a small CNN with a depthwise conv, the HAR 1-D CNN, a CNN with ReLU6,
-LeakyReLU, Sigmoid and Tanh) runs several training steps under every policy in C (through
-ctypes) and in ``tinyprop.train_step``; after every step the weights agree within 1e-5 relative
-(float32), and the k per layer and sample, the skip decisions, the running maxima and the MAC
-counts agree exactly.
+LeakyReLU, Sigmoid and Tanh, one with SiLU, GELU, Hardswish, Hardsigmoid and Mish) runs
+several training steps under every policy in C (through ctypes) and in
+``tinyprop.train_step``; after every step the weights agree within 1e-5 relative (float32),
+and the k per layer and sample, the skip decisions, the running maxima and the MAC counts
+agree exactly.
 
 Ties among equal |δ| (an average pool hands the same error to every position it covers) go to
 the lower index, in C and in the library's ``select_topk`` alike, so the tests run the library
@@ -95,12 +96,42 @@ def activations() -> nn.Module:
     return net
 
 
+def smooth_activations() -> nn.Module:
+    """The activations whose derivative needs their input (an output of their own, the input
+    kept): SiLU after a conv and on a max pool's input, Hardswish (the first conv's weights
+    scaled up so that some inputs lie beyond ±3), GELU after an in-place ReLU, Mish with a Tanh
+    in place after it, GELU's tanh form and Hardsigmoid (MobileNetV3 / EfficientNet blocks)."""
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),  # (B, 4, 6, 6)
+        nn.Hardswish(),
+        nn.MaxPool2d(2),  # (B, 4, 3, 3)
+        nn.Conv2d(4, 6, 1),
+        nn.ReLU(),
+        nn.GELU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6),  # depthwise
+        nn.SiLU(),
+        nn.Flatten(),
+        nn.Linear(54, 16),
+        nn.Mish(),
+        nn.Tanh(),
+        nn.Linear(16, 12),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(12, 8),
+        nn.Hardsigmoid(),
+        nn.Linear(8, 5),
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(4.0)
+    return net
+
+
 # name -> (builder, one sample's shape, SGD learning rate that makes some samples get skipped)
 MODELS = {
     "mlp": (mlp, (1, 6, 6), 0.05),
     "cnn_depthwise": (cnn_depthwise, (2, 6, 6), 0.2),
     "har": (har, (6, 40), 0.05),
     "activations": (activations, (2, 6, 6), 0.1),
+    "smooth_activations": (smooth_activations, (2, 6, 6), 0.1),
 }
 
 
@@ -283,7 +314,7 @@ def test_runtime_rejects_bad_input(library):
 
 # memory modes: (model, first trained dense/conv layer) pairs that freeze a conv, a depthwise
 # conv and everything but the classifier
-FROZEN = [("mlp", 1), ("cnn_depthwise", 2), ("har", 2), ("har", 3)]
+FROZEN = [("mlp", 1), ("cnn_depthwise", 2), ("har", 2), ("har", 3), ("smooth_activations", 2)]
 
 
 def runs_with_adam_and_sgd(library, model_name, config, memory):
@@ -327,6 +358,7 @@ BIAS_ONLY = [
     ("mlp", 0, (1,)),
     ("har", 1, (2,)),
     ("activations", 0, (1, 3)),  # after a max pool of ReLU6, after a Sigmoid
+    ("smooth_activations", 0, (2, 3)),  # after a GELU, after a SiLU (inputs still kept)
 ]
 
 
@@ -399,6 +431,7 @@ SELECTION_IN_PLACE = [
     ("mlp", MemoryMode(0, bias_only_layers=(1,), selection_in_place=True)),
     ("har", MemoryMode(1, selection_in_place=True)),
     ("activations", MemoryMode(0, selection_in_place=True)),
+    ("smooth_activations", MemoryMode(1, selection_in_place=True)),
 ]
 
 
@@ -506,6 +539,12 @@ LEAN_ADAM = [  # (model, memory): Adam in place, 8-bit moments, recomputed input
     ("cnn_depthwise", MemoryMode(0, recompute_layers=(1, 2, 3))),
     ("mlp", MemoryMode(0, recompute_layers=(1, 2))),
     ("activations", MemoryMode(0, recompute_layers=(1, 2, 3, 4))),  # activations in place
+    # SiLU and the like recomputed as any layer with an output; their own inputs kept
+    ("smooth_activations", MemoryMode(0, recompute_layers=(1, 2, 3, 4, 5, 6))),
+    (
+        "smooth_activations",
+        MemoryMode(1, adam_in_place=True, moment_bits=8, recompute_layers=(2, 4)),
+    ),  # fmt: skip
     (
         "cnn_depthwise",  # the keyword model's mode on a small DS-CNN
         MemoryMode(

@@ -76,7 +76,15 @@ typedef enum {
     TP_LAYER_LEAKY_RELU = 7, /* nn.LeakyReLU: x > 0 ? x : slope x, slope >= 0 (weight points
                                 at it; NULL means PyTorch's 0.01) */
     TP_LAYER_SIGMOID = 8, /* nn.Sigmoid */
-    TP_LAYER_TANH = 9     /* nn.Tanh */
+    TP_LAYER_TANH = 9,    /* nn.Tanh */
+    /* these take their derivative from their input: each writes an output of its own, and
+     * the layer before keeps its output until their backward */
+    TP_LAYER_SILU = 10,        /* nn.SiLU: x sigmoid(x) */
+    TP_LAYER_GELU = 11,        /* nn.GELU(): x / 2 (1 + erf(x / sqrt 2)) */
+    TP_LAYER_GELU_TANH = 12,   /* nn.GELU(approximate='tanh') */
+    TP_LAYER_HARDSWISH = 13,   /* nn.Hardswish: x min(max(x + 3, 0), 6) / 6 */
+    TP_LAYER_HARDSIGMOID = 14, /* nn.Hardsigmoid: min(max(x + 3, 0), 6) / 6 */
+    TP_LAYER_MISH = 15         /* nn.Mish: x tanh(softplus(x)) */
 } tp_layer_kind;
 
 typedef struct {
@@ -102,7 +110,8 @@ typedef struct {
 #define TP_AVGPOOL_SPEC(kh, kw, sh, sw) \
     {TP_LAYER_AVGPOOL, 0, (kh), (kw), (sh), (sw), 0, 0, 0, 0, 0, 0, NULL, NULL}
 #define TP_FLATTEN_SPEC() {TP_LAYER_FLATTEN, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
-/* the other activations; slope: a pointer to LeakyReLU's negative_slope (>= 0), or NULL */
+/* the other activations (TP_LAYER_RELU6 ... TP_LAYER_MISH); slope: a pointer to LeakyReLU's
+ * negative_slope (>= 0), or NULL */
 #define TP_ACTIVATION_SPEC(kind) {(kind), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
 #define TP_LEAKY_RELU_SPEC(slope) \
     {TP_LAYER_LEAKY_RELU, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (slope), NULL}

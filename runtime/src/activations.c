@@ -1,21 +1,43 @@
-/* activations.c: the elementwise activations besides ReLU (ReLU6, LeakyReLU, Sigmoid, Tanh),
- * forward and backward with PyTorch's formulas. Each works in place (like ReLU) and takes its
- * derivative from its output y, which determines it for these five: ReLU6 passes the error
- * where 0 < y < 6 (hardtanh_backward: 0 < x < 6), LeakyReLU (slope >= 0) multiplies it by 1
- * where y > 0 and by the slope elsewhere (x > 0 exactly where y > 0), Sigmoid by y (1 - y) and
- * Tanh by 1 - y^2, in the order of ATen's sigmoid_backward ((d (1 - y)) y) and tanh_backward
- * (d (1 - y y)). ReLU's own kernels, fused with convs and pools, are in layers.c and conv.c. */
+/* activations.c: the elementwise activations besides ReLU, forward and backward with PyTorch's
+ * formulas (ATen's CPU kernels, in their order of operations).
+ *
+ * Two families. ReLU6, LeakyReLU, Sigmoid and Tanh work in place (like ReLU) and take their
+ * derivative from their output y, which determines it: ReLU6 passes the error where 0 < y < 6
+ * (hardtanh_backward: 0 < x < 6), LeakyReLU (slope >= 0) multiplies it by 1 where y > 0 and by
+ * the slope elsewhere (x > 0 exactly where y > 0), Sigmoid by y (1 - y) and Tanh by 1 - y^2
+ * (sigmoid_backward: (d (1 - y)) y; tanh_backward: d (1 - y y)).
+ * SiLU, GELU (erf and tanh forms), Hardswish, Hardsigmoid and Mish are not monotonic or flat
+ * in places, so their output does not tell their input: they write an output buffer of their
+ * own and take their derivative from their input x (the previous layer's output, kept for
+ * their backward: tp_activation_reads_input):
+ *   SiLU       y = x / (1 + e^-x)                 y' = s (1 + x (1 - s)), s = 1 / (1 + e^-x)
+ *   GELU       y = x / 2 (1 + erf(x / sqrt 2))    y' = cdf + x pdf
+ *   GELU tanh  y = x / 2 (1 + tanh(b (x + k x^3))), b = sqrt(2 / pi), k = 0.044715
+ *   Hardswish  y = x min(max(x + 3, 0), 6) / 6    y' = 0 (x <= -3), x / 3 + 1/2 (x < 3), 1
+ *   Hardsigmoid y = min(max(x + 3, 0), 6) / 6     y' = 1/6 (-3 < x < 3), else 0
+ *   Mish       y = x tanh(softplus(x))            y' = t + x s (1 - t^2), t = tanh(softplus x)
+ * ReLU's own kernels, fused with convs and pools, are in layers.c and conv.c. */
 #include <math.h>
 
 #include "tp_internal.h"
 
+/* M_SQRT1_2, M_2_SQRTPI and M_SQRT2 as ATen writes them (C99 has no M_ constants) */
+#define TP_SQRT1_2 0.70710678118654752440
+#define TP_2_SQRTPI 1.12837916709551257390
+#define TP_SQRT2 1.41421356237309504880
+
 int tp_is_activation(tp_layer_kind kind) {
     return kind == TP_LAYER_RELU || kind == TP_LAYER_RELU6 || kind == TP_LAYER_LEAKY_RELU ||
-           kind == TP_LAYER_SIGMOID || kind == TP_LAYER_TANH;
+           kind == TP_LAYER_SIGMOID || kind == TP_LAYER_TANH || tp_activation_reads_input(kind);
 }
+
+/* softplus(x) = log1p(exp(x)) as Mish's forward takes it (ATen: beta 1, threshold 20) */
+static float mish_tanh(float x) { return tanhf(x > 20.0f ? x : log1pf(expf(x))); }
 
 void tp_activation_forward(const tp_layer *layer, const float *x, float *y, int32_t n) {
     const float slope = layer->negative_slope;
+    const float alpha = (float)TP_SQRT1_2;
+    const float beta = (float)(TP_SQRT2 * TP_2_SQRTPI * 0.5), kappa = 0.044715f;
     int32_t i;
     switch (layer->kind) {
     case TP_LAYER_RELU: tp_relu_forward(x, y, n); break;
@@ -30,6 +52,33 @@ void tp_activation_forward(const tp_layer *layer, const float *x, float *y, int3
         break;
     case TP_LAYER_TANH:
         for (i = 0; i < n; i++) y[i] = tanhf(x[i]);
+        break;
+    case TP_LAYER_SILU:
+        for (i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
+        break;
+    case TP_LAYER_GELU:
+        for (i = 0; i < n; i++) y[i] = x[i] * 0.5f * (1.0f + erff(x[i] * alpha));
+        break;
+    case TP_LAYER_GELU_TANH:
+        for (i = 0; i < n; i++) {
+            const float inner = beta * (x[i] + kappa * x[i] * x[i] * x[i]);
+            y[i] = 0.5f * x[i] * (1.0f + tanhf(inner));
+        }
+        break;
+    case TP_LAYER_HARDSWISH:
+        for (i = 0; i < n; i++) {
+            const float shifted = x[i] + 3.0f;
+            y[i] = x[i] * (shifted < 0.0f ? 0.0f : (shifted > 6.0f ? 6.0f : shifted)) / 6.0f;
+        }
+        break;
+    case TP_LAYER_HARDSIGMOID:
+        for (i = 0; i < n; i++) {
+            const float shifted = x[i] + 3.0f;
+            y[i] = (shifted < 0.0f ? 0.0f : (shifted > 6.0f ? 6.0f : shifted)) / 6.0f;
+        }
+        break;
+    case TP_LAYER_MISH:
+        for (i = 0; i < n; i++) y[i] = x[i] * mish_tanh(x[i]);
         break;
     default: break;
     }
@@ -51,6 +100,59 @@ void tp_activation_backward(const tp_layer *layer, const float *y, float *delta,
         break;
     case TP_LAYER_TANH:
         for (i = 0; i < n; i++) delta[i] = delta[i] * (1.0f - y[i] * y[i]);
+        break;
+    default: break;
+    }
+}
+
+void tp_activation_backward_input(const tp_layer *layer, const float *x, float *delta,
+                                  int32_t n) {
+    const float alpha = (float)TP_SQRT1_2;
+    const float pdf_scale = (float)(TP_2_SQRTPI * TP_SQRT1_2 * 0.5);
+    const float beta = (float)(TP_SQRT2 * TP_2_SQRTPI * 0.5), kappa = 0.044715f;
+    int32_t i;
+    switch (layer->kind) {
+    case TP_LAYER_SILU:
+        for (i = 0; i < n; i++) {
+            const float s = 1.0f / (1.0f + expf(-x[i]));
+            delta[i] = delta[i] * s * (1.0f + x[i] * (1.0f - s));
+        }
+        break;
+    case TP_LAYER_GELU:
+        for (i = 0; i < n; i++) {
+            const float cdf = 0.5f * (1.0f + erff(x[i] * alpha));
+            const float pdf = expf(-0.5f * x[i] * x[i]) * pdf_scale;
+            delta[i] = delta[i] * (cdf + x[i] * pdf);
+        }
+        break;
+    case TP_LAYER_GELU_TANH:
+        for (i = 0; i < n; i++) {
+            const float x_sq = x[i] * x[i];
+            const float x_cube = x_sq * x[i];
+            const float inner = beta * (x[i] + kappa * x_cube);
+            const float t = tanhf(inner);
+            const float left = 0.5f * x[i];
+            const float right = 1.0f + t;
+            const float left_derivative = 0.5f * right;
+            const float right_derivative = left * (1.0f - t * t) * (beta * (1.0f + 3.0f * kappa * x_sq));
+            delta[i] = delta[i] * (left_derivative + right_derivative);
+        }
+        break;
+    case TP_LAYER_HARDSWISH:
+        for (i = 0; i < n; i++)
+            delta[i] = x[i] <= -3.0f ? 0.0f : (x[i] < 3.0f ? delta[i] * (x[i] / 3.0f + 0.5f)
+                                                            : delta[i]);
+        break;
+    case TP_LAYER_HARDSIGMOID:
+        for (i = 0; i < n; i++)
+            delta[i] = x[i] > -3.0f && x[i] < 3.0f ? delta[i] / 6.0f : 0.0f;
+        break;
+    case TP_LAYER_MISH:
+        for (i = 0; i < n; i++) {
+            const float s = 1.0f / (1.0f + expf(-x[i]));
+            const float t = mish_tanh(x[i]);
+            delta[i] = delta[i] * (t + x[i] * s * (1.0f - t * t));
+        }
         break;
     default: break;
     }

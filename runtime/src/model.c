@@ -192,6 +192,12 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
     case TP_LAYER_RELU6:
     case TP_LAYER_SIGMOID:
     case TP_LAYER_TANH:
+    case TP_LAYER_SILU:
+    case TP_LAYER_GELU:
+    case TP_LAYER_GELU_TANH:
+    case TP_LAYER_HARDSWISH:
+    case TP_LAYER_HARDSIGMOID:
+    case TP_LAYER_MISH:
     case TP_LAYER_FLATTEN:
         layer->out_c = spec->kind == TP_LAYER_FLATTEN ? in_c * in_h * in_w : in_c;
         layer->out_h = spec->kind == TP_LAYER_FLATTEN ? 1 : in_h;
@@ -300,9 +306,11 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
         status = tp_layer_shape(s, c, h, w, layer);
         if (status != TP_OK) return status;
         if (tp_layer_is_trainable(s->kind)) layer->trainable_index = trainable++;
-        /* activations work in place: a second one right after another would overwrite the
-         * output whose backward the first needs (ReLU after ReLU changes nothing) */
-        if (i > 0 && tp_is_activation(s->kind) && tp_is_activation(previous) &&
+        /* ReLU ... Tanh work in place: a second one right after another would overwrite the
+         * output whose backward the first needs (ReLU after ReLU changes nothing); SiLU and
+         * the like write an output of their own and take the derivative from their input */
+        if (i > 0 && tp_is_activation(s->kind) && !tp_activation_reads_input(s->kind) &&
+            tp_is_activation(previous) && !tp_activation_reads_input(previous) &&
             !(s->kind == TP_LAYER_RELU && previous == TP_LAYER_RELU))
             return TP_ERR_UNSUPPORTED;
         if (s->kind != TP_LAYER_FLATTEN) previous = s->kind;
@@ -480,7 +488,8 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
     for (i = 0; i < model->layer_count; i++) {
         tp_layer *layer = &model->layers[i];
         if (layer->kind == TP_LAYER_FLATTEN ||
-            (tp_is_activation(layer->kind) && !layer->input_is_sample))
+            (tp_is_activation(layer->kind) && !tp_activation_reads_input(layer->kind) &&
+             !layer->input_is_sample)) /* (tp_layer_aliases, inline: 8 bytes less stack) */
             layer->output = previous_output; /* NULL for a Flatten on the sample itself */
         previous_output = layer->output;
     }

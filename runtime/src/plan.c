@@ -8,7 +8,8 @@
  * layer F). Transient buffers, created in this order (the order breaks ties in placement):
  *   for each layer i: its output (unless it aliases its input: Flatten, or a ReLU in place),
  *     alive from step i to its last reader (the next layers' forward, the loss, the backward
- *     of a trained layer (not bias-only) or a pool that reads it as input, the backward of a
+ *     of a trained layer (not bias-only), a pool or a SiLU-like activation (one with an output
+ *     of its own, its derivative from its input) that reads it as input, the backward of a
  *     ReLU whose output it is, unless that ReLU keeps a mask); a conv's forward scratch (one
  *     group's padded input, tap offsets), alive at step i; from F on, a ReLU right before a
  *     bias-only layer: the bit mask of its output (ceil(N / 32) words), steps i to 2L - i;
@@ -56,7 +57,8 @@ size_t tp_moment_blocks(const tp_layer *layer) {
 
 int tp_layer_aliases(const tp_layer *layer) {
     return layer->kind == TP_LAYER_FLATTEN ||
-           (tp_is_activation(layer->kind) && !layer->input_is_sample);
+           (tp_is_activation(layer->kind) && !tp_activation_reads_input(layer->kind) &&
+            !layer->input_is_sample);
 }
 
 /* A layer whose backward works on the error in place: an activation or Flatten. */
@@ -64,10 +66,16 @@ static int passes_error_in_place(tp_layer_kind kind) {
     return tp_is_activation(kind) || kind == TP_LAYER_FLATTEN;
 }
 
+/* ... and that works on its input in place too (an activation with an output of its own,
+ * SiLU and the like, ends a chain of layers sharing one buffer) */
+static int works_in_place(tp_layer_kind kind) {
+    return passes_error_in_place(kind) && !tp_activation_reads_input(kind);
+}
+
 int32_t tp_recompute_consumer(const tp_layer *layers, int32_t i, int32_t layer_count) {
     int32_t k = i + 1;
     if (!tp_layer_aliases(&layers[i])) return -1;
-    while (k < layer_count && passes_error_in_place(layers[k].kind)) k++;
+    while (k < layer_count && works_in_place(layers[k].kind)) k++;
     return k < layer_count && layers[k].recompute_input ? k : -1;
 }
 
@@ -75,7 +83,7 @@ int32_t tp_recompute_consumer(const tp_layer *layers, int32_t i, int32_t layer_c
  * activation working in place on it (among the layers right before i that alias their input). */
 static int32_t recompute_reader(const tp_layer *layers, int32_t i, int32_t layer_count) {
     int32_t last = 2 * layer_count - i, k = i - 1;
-    while (k > 0 && passes_error_in_place(layers[k].kind)) {
+    while (k > 0 && works_in_place(layers[k].kind)) {
         if (tp_is_activation(layers[k].kind)) last = 2 * layer_count - k;
         k--;
     }
@@ -259,10 +267,11 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
         if (i < first) continue;
         if (input >= 0 &&
             ((layers[i].trained && !layers[i].bias_only && !layers[i].recompute_input) ||
-             kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL))
+             kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL ||
+             tp_activation_reads_input(kind)))
             last_use[input] = max_i32(last_use[input], 2 * L - i);
-        if (tp_is_activation(kind) && storage[i] >= 0 && !keeps_mask(layers, i, L) &&
-            tp_recompute_consumer(layers, i, L) < 0)
+        if (tp_is_activation(kind) && !tp_activation_reads_input(kind) && storage[i] >= 0 &&
+            !keeps_mask(layers, i, L) && tp_recompute_consumer(layers, i, L) < 0)
             last_use[storage[i]] = max_i32(last_use[storage[i]], 2 * L - i);
     }
     if (storage[L - 1] >= 0) last_use[storage[L - 1]] = max_i32(last_use[storage[L - 1]], L);

@@ -16,12 +16,21 @@ int32_t tp_layer_output_size(const tp_layer *layer);
 int32_t tp_layer_input_size(const tp_layer *layer);
 int tp_layer_is_trainable(tp_layer_kind kind);
 
-/* ---- activations.c: ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh (elementwise, in place) */
+/* ---- activations.c: elementwise activations. ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh work in
+ * place, their derivative from their output; SiLU, GELU, Hardswish, Hardsigmoid, Mish write
+ * an output of their own, their derivative from their input (tp_activation_reads_input) */
 int tp_is_activation(tp_layer_kind kind);
-/* y may be x (in place) */
+/* inline, not a call: the arena plan's frame (the deepest stack on a device) stays as it was */
+static inline int tp_activation_reads_input(tp_layer_kind kind) {
+    return kind >= TP_LAYER_SILU && kind <= TP_LAYER_MISH;
+}
+/* y may be x (in place) for the first family */
 void tp_activation_forward(const tp_layer *layer, const float *x, float *y, int32_t n);
-/* delta *= the derivative, from the activation's output y */
+/* delta *= the derivative, from the activation's output y (first family) */
 void tp_activation_backward(const tp_layer *layer, const float *y, float *delta, int32_t n);
+/* delta *= the derivative, from the activation's input x (second family) */
+void tp_activation_backward_input(const tp_layer *layer, const float *x, float *delta,
+                                  int32_t n);
 
 /* ---- plan.c: the arena plan (see plan.c for the lifetimes and the placement) */
 /* at most 9 transient buffers per layer (output, forward and backward scratch, input error,

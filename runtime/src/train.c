@@ -86,6 +86,12 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
         case TP_LAYER_LEAKY_RELU:
         case TP_LAYER_SIGMOID:
         case TP_LAYER_TANH:
+        case TP_LAYER_SILU:
+        case TP_LAYER_GELU:
+        case TP_LAYER_GELU_TANH:
+        case TP_LAYER_HARDSWISH:
+        case TP_LAYER_HARDSIGMOID:
+        case TP_LAYER_MISH:
             tp_activation_forward(layer, current, layer->output, tp_layer_output_size(layer));
             break;
         case TP_LAYER_FLATTEN: break;
@@ -253,6 +259,14 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
         case TP_LAYER_TANH:
             tp_activation_backward(layer, activation_output(model, i), delta,
                                    tp_layer_output_size(layer));
+            continue;
+        case TP_LAYER_SILU: /* the derivative from its input, kept for this */
+        case TP_LAYER_GELU:
+        case TP_LAYER_GELU_TANH:
+        case TP_LAYER_HARDSWISH:
+        case TP_LAYER_HARDSIGMOID:
+        case TP_LAYER_MISH:
+            tp_activation_backward_input(layer, input, delta, tp_layer_output_size(layer));
             continue;
         case TP_LAYER_FLATTEN: continue;
         /* a pool right after a ReLU takes the ReLU's derivative in the same pass where it can

@@ -66,7 +66,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     spec.layers = layers;
     for (i = 0; i < count; i++) {
         tp_layer_spec *l = &layers[i];
-        l->kind = (tp_layer_kind)(byte(&r) % 11); /* 10 is not a kind */
+        l->kind = (tp_layer_kind)(byte(&r) % 17); /* 16 is not a kind */
         l->out_channels = (int32_t)(byte(&r) % 10) - 1;
         l->kernel_h = byte(&r) % 4;
         l->kernel_w = byte(&r) % 4;

@@ -76,6 +76,26 @@ static tp_layer_spec act_layers[] = {
 };
 static const tp_model_spec act_spec = {2, 6, 6, 12, act_layers};
 
+/* the activations that take their derivative from their input (an output of their own): SiLU
+ * on the sample itself, conv + Hardswish, max pool, pointwise conv + ReLU + GELU (after an
+ * activation in place), flatten, dense + Mish + Tanh (in place after it), dense + GELU tanh,
+ * dense + Hardsigmoid, dense */
+static float sm_w0[4 * 2 * 9], sm_b0[4], sm_w1[3 * 4], sm_b1[3], sm_w2[6 * 27], sm_b2[6];
+static float sm_w3[5 * 6], sm_b3[5], sm_w4[4 * 5], sm_b4[4], sm_w5[3 * 4], sm_b5[3];
+static tp_layer_spec smooth_layers[] = {
+    TP_ACTIVATION_SPEC(TP_LAYER_SILU),
+    TP_CONV_SPEC(4, 3, 3, 1, 1, 1, 1, 1, sm_w0, sm_b0), TP_ACTIVATION_SPEC(TP_LAYER_HARDSWISH),
+    TP_MAXPOOL_SPEC(2, 2, 0, 0),
+    TP_CONV_SPEC(3, 1, 1, 1, 1, 0, 0, 1, sm_w1, sm_b1), TP_RELU_SPEC(),
+    TP_ACTIVATION_SPEC(TP_LAYER_GELU), TP_FLATTEN_SPEC(),
+    TP_DENSE_SPEC(6, sm_w2, sm_b2), TP_ACTIVATION_SPEC(TP_LAYER_MISH),
+    TP_ACTIVATION_SPEC(TP_LAYER_TANH),
+    TP_DENSE_SPEC(5, sm_w3, sm_b3), TP_ACTIVATION_SPEC(TP_LAYER_GELU_TANH),
+    TP_DENSE_SPEC(4, sm_w4, sm_b4), TP_ACTIVATION_SPEC(TP_LAYER_HARDSIGMOID),
+    TP_DENSE_SPEC(3, sm_w5, sm_b5),
+};
+static const tp_model_spec smooth_spec = {2, 6, 6, 16, smooth_layers};
+
 static void init_weights(void) {
     fill(mlp_w0, 12 * 16, 0.3f); fill(mlp_b0, 12, 0.1f);
     fill(mlp_w1, 8 * 12, 0.3f); fill(mlp_b1, 8, 0.1f);
@@ -91,6 +111,12 @@ static void init_weights(void) {
     fill(act_w2, 6 * 27, 0.4f); fill(act_b2, 6, 0.1f);
     fill(act_w3, 5 * 6, 0.6f); fill(act_b3, 5, 0.1f);
     fill(act_w4, 3 * 5, 0.6f); fill(act_b4, 3, 0.1f);
+    fill(sm_w0, 4 * 2 * 9, 0.8f); fill(sm_b0, 4, 0.1f);
+    fill(sm_w1, 3 * 4, 0.6f); fill(sm_b1, 3, 0.1f);
+    fill(sm_w2, 6 * 27, 0.5f); fill(sm_b2, 6, 0.1f);
+    fill(sm_w3, 5 * 6, 0.6f); fill(sm_b3, 5, 0.1f);
+    fill(sm_w4, 4 * 5, 0.6f); fill(sm_b4, 4, 0.1f);
+    fill(sm_w5, 3 * 4, 0.6f); fill(sm_b5, 3, 0.1f);
 }
 
 /* A model with a malloc'ed arena of exactly the advertised size. */
@@ -115,9 +141,9 @@ static tp_status make_model(owned_model *m, const tp_model_spec *spec, tp_policy
 /* ------------------------------------------------------------------ tests */
 
 static void test_arena_exact_for_every_model_and_policy(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec};
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec, &smooth_spec};
     int s, p, o, step;
-    for (s = 0; s < 4; s++) {
+    for (s = 0; s < 5; s++) {
         for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p++) {
             for (o = 0; o <= 1; o++) {
                 owned_model m;
@@ -391,9 +417,9 @@ static void test_skip_decision(void) {
 /* Full training, batch 1, SGD lr 1: the update equals minus the gradient; compare with central
  * differences of the loss computed through tp_predict. */
 static void test_gradient_matches_finite_differences(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec};
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec, &smooth_spec};
     int s;
-    for (s = 0; s < 4; s++) {
+    for (s = 0; s < 5; s++) {
         tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
         tp_optimizer_config sgd = tp_sgd(1.0, 0.0, 0.0);
         static float before[2000], after[2000], x[160], logits[8], grad[8];
@@ -445,10 +471,10 @@ static void test_gradient_matches_finite_differences(void) {
  * recomputes its input, Adam in place with 8-bit moments, selection_in_place; in_place 6: the
  * same recompute with one Adam step per batch, 8-bit moments. */
 static void test_memory_modes(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec};
-    const int trainable[] = {3, 4, 3, 5};
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec, &smooth_spec};
+    const int trainable[] = {3, 4, 3, 5, 6};
     int s, first, in_place, p, step;
-    for (s = 0; s < 4; s++) {
+    for (s = 0; s < 5; s++) {
         for (first = 0; first < trainable[s]; first++) {
             for (in_place = 0; in_place <= 6; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
@@ -812,6 +838,17 @@ static void test_activations_refused(void) {
     layers[2] = (tp_layer_spec)TP_RELU_SPEC();
     layers[1] = (tp_layer_spec)TP_RELU_SPEC();
     CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* ReLU after ReLU */
+    /* SiLU and the like keep an output of their own and take the derivative from their
+     * input: next to any activation, in either order */
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_SILU);
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* SiLU, ReLU */
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_SIGMOID);
+    layers[2] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_GELU);
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* Sigmoid, GELU */
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_MISH);
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* Mish, GELU */
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC((tp_layer_kind)16); /* not a kind */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED);
 }
 
 int main(void) {

@@ -22,10 +22,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tinyprop.export.graph import ACTIVATIONS, AVGPOOL, CONV2D, FLATTEN, MAXPOOL, RELU, LayerSpec
+from tinyprop.export.graph import (
+    ACTIVATIONS,
+    AVGPOOL,
+    CONV2D,
+    FLATTEN,
+    INPUT_ACTIVATIONS,
+    MAXPOOL,
+    RELU,
+    LayerSpec,
+)
 from tinyprop.memory import MemoryMode
 
-IN_PLACE = (*ACTIVATIONS, FLATTEN)  # layers whose backward works on the error in place
+IN_PLACE = (*ACTIVATIONS, FLATTEN)  # layers that work on their input and its error in place
+# layers whose backward works on the error in place (SiLU and the like: an output of their
+# own, the error in place)
+ERROR_IN_PLACE = (*IN_PLACE, *INPUT_ACTIVATIONS)
 
 RADIX_COUNTS = 256  # selection_in_place: the radix select's table (TP_RADIX_COUNTS)
 # tp_buffer_use of plan.c
@@ -207,7 +219,7 @@ def conv_backward_scratch(layer: LayerSpec, writes_input_delta: bool, reads_inpu
 def _error_reader(layers: list[LayerSpec], j: int) -> int:
     """Step of the backward that reads the error of layer j's input (past in-place layers)."""
     k = j - 1
-    while k > 0 and layers[k].kind in IN_PLACE:
+    while k > 0 and layers[k].kind in ERROR_IN_PLACE:
         k -= 1
     return 2 * len(layers) - k
 
@@ -300,8 +312,10 @@ def plan_arena(
             last_use[source] = max(last_use[source], i)
         if i < first:
             continue
-        reads_input = trained[i] and not bias_only[i] and not recompute[i]
-        if source >= 0 and (reads_input or layer.kind in (MAXPOOL, AVGPOOL)):
+        reads_input = (trained[i] and not bias_only[i] and not recompute[i]) or (
+            layer.kind in (MAXPOOL, AVGPOOL, *INPUT_ACTIVATIONS)
+        )
+        if source >= 0 and reads_input:
             last_use[source] = max(last_use[source], 2 * count - i)
         if (
             layer.kind in ACTIVATIONS

@@ -1,8 +1,9 @@
 """Walk a sequential PyTorch model into the C runtime's layer list (``tp_layer_spec``).
 
 The runtime runs a chain of layers on one sample of shape (C, H, W): dense, conv2d (a Conv1d is
-a conv2d of height 1), the activations ReLU, ReLU6, LeakyReLU, Sigmoid and Tanh, max / average
-pooling and flatten. This module turns an
+a conv2d of height 1), the activations ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh (in place) and
+SiLU, GELU, Hardswish, Hardsigmoid, Mish (an output of their own), max / average pooling and
+flatten. This module turns an
 ``nn.Sequential`` (nested ones are flattened) into that chain with every shape worked out, and
 names any module it cannot run by its type and its path in the model.
 """
@@ -21,6 +22,7 @@ from tinyprop.export.tracing import TracingError, traced_layers
 
 # tp_layer_kind values of runtime/include/tinyprop.h
 DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN, RELU6, LEAKY_RELU, SIGMOID, TANH = range(10)
+SILU, GELU, GELU_TANH, HARDSWISH, HARDSIGMOID, MISH = range(10, 16)
 KIND_NAMES = {
     DENSE: "TP_LAYER_DENSE",
     CONV2D: "TP_LAYER_CONV2D",
@@ -32,14 +34,26 @@ KIND_NAMES = {
     LEAKY_RELU: "TP_LAYER_LEAKY_RELU",
     SIGMOID: "TP_LAYER_SIGMOID",
     TANH: "TP_LAYER_TANH",
+    SILU: "TP_LAYER_SILU",
+    GELU: "TP_LAYER_GELU",
+    GELU_TANH: "TP_LAYER_GELU_TANH",
+    HARDSWISH: "TP_LAYER_HARDSWISH",
+    HARDSIGMOID: "TP_LAYER_HARDSIGMOID",
+    MISH: "TP_LAYER_MISH",
 }
-# elementwise, in place, the derivative taken from the output (tp_is_activation)
+# elementwise, in place, the derivative taken from the output
 ACTIVATIONS = (RELU, RELU6, LEAKY_RELU, SIGMOID, TANH)
+# elementwise with an output of their own, the derivative taken from the input (kept until
+# their backward): tp_activation_reads_input
+INPUT_ACTIVATIONS = (SILU, GELU, GELU_TANH, HARDSWISH, HARDSIGMOID, MISH)
 _ACTIVATION_KINDS = {nn.ReLU: RELU, nn.ReLU6: RELU6, nn.LeakyReLU: LEAKY_RELU,
-                     nn.Sigmoid: SIGMOID, nn.Tanh: TANH}  # fmt: skip
+                     nn.Sigmoid: SIGMOID, nn.Tanh: TANH, nn.SiLU: SILU, nn.GELU: GELU,
+                     nn.Hardswish: HARDSWISH, nn.Hardsigmoid: HARDSIGMOID,
+                     nn.Mish: MISH}  # fmt: skip
 SUPPORTED = (
     "Linear, Conv1d, Conv2d (incl. depthwise, zero padding), ReLU, ReLU6, LeakyReLU "
-    "(negative_slope >= 0), Sigmoid, Tanh, MaxPool1d/2d, AvgPool1d/2d, "
+    "(negative_slope >= 0), Sigmoid, Tanh, SiLU, GELU, Hardswish, Hardsigmoid, Mish, "
+    "MaxPool1d/2d, AvgPool1d/2d, "
     "AdaptiveAvgPool1d/2d and AdaptiveMaxPool1d/2d to a size that divides the input, Flatten, "
     "Identity, Dropout with p=0; BatchNorm folded first (tinyprop.export.fold_batch_norm)"
 )
@@ -123,6 +137,11 @@ _RUNTIME_METHODS = {
     nn.LeakyReLU: ("forward",),
     nn.Sigmoid: ("forward",),
     nn.Tanh: ("forward",),
+    nn.SiLU: ("forward",),
+    nn.GELU: ("forward",),
+    nn.Hardswish: ("forward",),
+    nn.Hardsigmoid: ("forward",),
+    nn.Mish: ("forward",),
     nn.MaxPool1d: ("forward",),
     nn.MaxPool2d: ("forward",),
     nn.AvgPool1d: ("forward",),
@@ -176,11 +195,14 @@ def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]
 
 
 _ACTIVATIONS = (
-    nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.RReLU, nn.Threshold, nn.GLU,
 )  # fmt: skip
 # (the activations above are the ones the runtime lacks)
-_RUNTIME_ACTIVATIONS = "ReLU, ReLU6, LeakyReLU (negative_slope >= 0), Sigmoid and Tanh"
+_RUNTIME_ACTIVATIONS = (
+    "ReLU, ReLU6, LeakyReLU (negative_slope >= 0), Sigmoid, Tanh, SiLU, GELU, Hardswish, "
+    "Hardsigmoid and Mish"
+)
 
 
 def _what_to_do(module: nn.Module) -> str:
@@ -192,14 +214,8 @@ def _what_to_do(module: nn.Module) -> str:
             "--fold-batch-norm), which keeps what the model computes in eval mode"
         )
     if isinstance(module, _ACTIVATIONS):
-        why = (
-            " (its derivative needs its input, which the runtime does not keep: it takes an "
-            "activation's derivative from its output)"
-            if isinstance(module, (nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish, nn.Hardsigmoid))
-            else ""
-        )
         return (
-            f"the runtime's activations are {_RUNTIME_ACTIVATIONS}{why}; put one of them, e.g. "
+            f"the runtime's activations are {_RUNTIME_ACTIVATIONS}; put one of them, e.g. "
             "nn.ReLU(), in its place and fine-tune the model in PyTorch before exporting"
         )
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
@@ -549,8 +565,13 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
 
 
 def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) -> LayerSpec:
-    """ReLU, ReLU6, LeakyReLU (its negative_slope as the spec's one weight), Sigmoid, Tanh."""
+    """ReLU, ReLU6, LeakyReLU (its negative_slope as the spec's one weight), Sigmoid, Tanh,
+    SiLU, GELU (either form), Hardswish, Hardsigmoid, Mish."""
     kind = RELU if isinstance(module, nn.ReLU) else _ACTIVATION_KINDS[type(module)]
+    if kind == GELU and module.approximate not in ("none", "tanh"):
+        raise _unsupported(path, module, f"approximate={module.approximate!r}")
+    if kind == GELU and module.approximate == "tanh":
+        kind = GELU_TANH
     weight = None
     if kind == LEAKY_RELU:
         slope = float(module.negative_slope)
@@ -562,11 +583,17 @@ def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) ->
             )  # fmt: skip
         weight = np.array([slope], dtype=np.float32)
     before = next((x for x in reversed(layers) if x.kind != FLATTEN), None)
-    if before is not None and before.kind in ACTIVATIONS and not kind == before.kind == RELU:
+    if (
+        kind in ACTIVATIONS
+        and before is not None
+        and before.kind in ACTIVATIONS
+        and not kind == before.kind == RELU
+    ):
         raise _unsupported(
             path, module, f"it follows the activation '{before.path}' ({before.module_type}): "
-            "the runtime applies activations in place, so the second would overwrite the "
-            "output the first one's backward needs; merge them into one activation"
+            "the runtime applies ReLU, ReLU6, LeakyReLU, Sigmoid and Tanh in place, so the second "
+            "would overwrite the output the first one's backward needs; merge them into one "
+            "activation"
         )  # fmt: skip
     return LayerSpec(kind, path, type(module).__name__, shape, shape, weight=weight)
 

@@ -30,7 +30,8 @@ _LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_"}
 _ELEMENTWISE = {  # the other activations the runtime runs -> their layer
     F.relu6: nn.ReLU6, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
-    torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh,
+    torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh, F.silu: nn.SiLU,
+    F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, F.mish: nn.Mish,
 }  # fmt: skip
 _FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze}
 _SAME = {"contiguous", "clone"}  # the same values: no layer
@@ -104,6 +105,10 @@ def _layers_of(node: torch.fx.Node, graph_module, source) -> list[nn.Module]:
         return [nn.ReLU()]
     if target in _ELEMENTWISE:
         return [_ELEMENTWISE[target]()]
+    if target is F.gelu:
+        arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
+        kwargs = arguments.kwargs if arguments is not None else node.kwargs
+        return [nn.GELU(approximate=kwargs.get("approximate", "none"))]
     if target is F.leaky_relu:
         arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
         kwargs = arguments.kwargs if arguments is not None else {}
