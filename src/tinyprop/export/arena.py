@@ -32,6 +32,7 @@ from tinyprop.export.graph import (
     RELU,
     LayerSpec,
 )
+from tinyprop.export.limits import check_plan
 from tinyprop.memory import MemoryMode
 
 IN_PLACE = (*ACTIVATIONS, FLATTEN)  # layers that work on their input and its error in place
@@ -362,6 +363,7 @@ def plan_arena(
         if recompute[i]:
             _add_recompute(layers, storage, i, i > first, add)
     transient = _place(buffers)
+    check_plan(layers, buffers, parameters + gradients + moments + transient)
     return ArenaPlan(parameters, gradients, moments, transient, first, buffers)
 
 

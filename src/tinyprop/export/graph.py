@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from tinyprop.export.tracing import TracingError, traced_layers
 
@@ -159,6 +160,15 @@ _RUNTIME_METHODS = {
 def _check_computes_its_base(path: str, module: nn.Module) -> None:
     """Refuse a module whose output is not its supported class's: a subclass with its own
     forward, or forward hooks (both were exported as the plain layer, silently)."""
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        raise _unsupported(
+            path, module, f"its {names} is computed by a parametrization (weight_norm, "
+            "spectral_norm, ...) that the C runtime would not apply: it would train the "
+            "computed values as plain weights, not what PyTorch trains; remove it first with "
+            f"torch.nn.utils.parametrize.remove_parametrizations(module, {names.split(', ')[0]!r})"
+            " (keeps the current values)"
+        )  # fmt: skip
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise _unsupported(
             path, module, "its weights are not drawn yet (a lazy layer before its first "
@@ -284,26 +294,39 @@ def _window(size: int, kernel: int, stride: int, padding: int, dilation: int = 1
 
 
 INT32_MAX = 2**31 - 1  # the C runtime's sizes and offsets are int32
+RUNTIME_MAX_ELEMENTS = 2**26  # TP_MAX_ELEMENTS: one tensor, one buffer (tinyprop.export.limits)
 
 
 def _as_float32(tensor: torch.Tensor, path: str, name: str) -> np.ndarray:
     # checked before the values are copied: a file of a few bytes can claim any shape
     if tensor.is_meta:
         raise ValueError(f"layer '{path}' has a {name} without values (a meta tensor)")
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"layer '{path}' has a {name} of dtype {tensor.dtype}; the C runtime trains float32 "
+            "weights: export the float model (not a quantized or complex one)"
+        )
     if tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
         raise ValueError(
             f"layer '{path}' has a {name} of shape {tuple(tensor.shape)} stored in "
             f"{tensor.untyped_storage().nbytes()} bytes (an expanded tensor, not trained "
             "weights); cannot export it"
         )
-    if tensor.numel() * 4 > INT32_MAX:
+    if tensor.numel() > RUNTIME_MAX_ELEMENTS:  # (checked before a copy of up to 2 GiB)
         raise ValueError(
-            f"layer '{path}' has a {name} of {tensor.numel()} values, beyond the C runtime's "
-            "int32 sizes (2 GiB of float32)"
+            f"layer '{path}' has a {name} of {tensor.numel():,} values, beyond the C runtime's "
+            f"{RUNTIME_MAX_ELEMENTS:,} per tensor (2^26, 256 MiB of float32)"
         )
-    array = tensor.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
-    if not np.all(np.isfinite(array)):
+    original = tensor.detach().to("cpu")
+    if not bool(torch.isfinite(original).all()):
         raise ValueError(f"layer '{path}' has a NaN or infinite {name}; cannot export it")
+    array = original.to(torch.float32).contiguous().numpy().reshape(-1).copy()
+    if not np.all(np.isfinite(array)):  # finite in float64, beyond float32's 3.4e38
+        largest = float(original.abs().max())
+        raise ValueError(
+            f"layer '{path}' has a {name} value of magnitude {largest:.3g}, beyond float32's "
+            "range (3.4e38), in which the C runtime computes; cannot export it"
+        )
     return array
 
 
@@ -477,6 +500,12 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
         >>> describe(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), (1, 2, 2))[1].fan_in
         4
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedLayerError(
+            f"the model is a TorchScript module ({type(model).__name__}), whose layers the "
+            "exporter cannot read; export the nn.Module it was scripted or traced from"
+        )
+    model = compiled_original(model)
     if (
         not 1 <= len(input_shape) <= 3
         or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in input_shape)
@@ -561,7 +590,17 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
             f"the model's output per sample must be a vector of logits, got shape {shape}; "
             "end with Flatten and Linear"
         )
+    from tinyprop.export.limits import check_layers  # (limits reads this module's kinds)
+
+    check_layers(layers)
     return layers
+
+
+def compiled_original(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(model)`` wraps (the same layers and weights), or
+    ``model``."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
 
 
 def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) -> LayerSpec:
