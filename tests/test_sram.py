@@ -156,3 +156,69 @@ def test_the_estimate_covers_every_cortex_m4_record():
         assert needed <= estimate.total_bytes, (record["model"], record["mode"], record["policy"])
         assert stack <= estimate.stack_bytes
         assert record["ram_bytes"] - record["training_arena_bytes"] <= estimate.program_data_bytes
+
+
+def smooth_cnn() -> nn.Sequential:
+    """A MobileNetV3 / EfficientNet-style CNN with every activation that keeps its input."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Hardswish(), nn.MaxPool2d(2),  # (4, 4, 4)
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.SiLU(), nn.Conv2d(4, 6, 1), nn.GELU(),
+        nn.Flatten(), nn.Linear(96, 12), nn.Mish(), nn.Linear(12, 8),
+        nn.GELU(approximate="tanh"), nn.Linear(8, 6), nn.Hardsigmoid(), nn.Linear(6, 3),
+    )  # fmt: skip
+
+
+@needs_qemu
+def test_smooth_activations_train_on_the_cortex_m4_as_on_the_host_within_the_estimate(tmp_path):
+    """SiLU, GELU (both forms), Hardswish, Hardsigmoid and Mish with newlib's expf, erff,
+    log1pf and tanhf: exported for its SRAM estimate, run under QEMU with the stack at the top
+    of that SRAM, the weights after training match the host build's (glibc) within 1e-5
+    relative, and the painted stack and the heap stay within the estimate's parts."""
+    generator = np.random.default_rng(0)
+    x = (2.0 * generator.standard_normal((12, 1, 8, 8))).astype(np.float32)
+    y = np.arange(12) % 3
+    config = tinyprop.TinyPropConfig("tinypropv2", skip_threshold=0.3)
+    optimizer = OptimizerSpec("adam", 1e-2)
+    probe = export_c(smooth_cnn(), config, tmp_path / "probe", (1, 8, 8), optimizer, 4, (x, y), 2)
+    budget = probe.sram.total_bytes
+    result = export_c(smooth_cnn(), config, tmp_path / "m", (1, 8, 8), optimizer, 4, (x, y), 2,
+                      ram_bytes=budget)  # fmt: skip
+    layers = len(result.layers)
+    flags = ["-DTP_EMBEDDED_SAMPLES", "-DTP_PRINT_PARAMETERS"]
+    paint = str(runtime_dir() / "examples/cortex_m4/stack_paint.c")
+    elf = build_m4(result.out_dir, layers, "train", *flags, paint, "-Wl,--wrap=main",
+                   f"-DTP_SRAM_BYTES={budget & ~7}")  # fmt: skip
+    device = subprocess.run([*QEMU, str(elf)], capture_output=True, text=True, timeout=300)
+    assert device.returncode == 0 and "\ndone\n" in device.stdout, device.stdout[-500:]
+    memory = [line.split() for line in device.stdout.splitlines() if line.startswith("memory")]
+    assert memory[0][-1] == "fits", memory
+    assert int(memory[0][2]) <= result.sram.stack_bytes
+    assert int(memory[0][4]) <= result.sram.heap_bytes
+    host = result.out_dir / "train_host"
+    sources = [str(result.out_dir / "main.c"),
+               *map(str, sorted((result.out_dir / "runtime/src").glob("*.c")))]  # fmt: skip
+    subprocess.run(["gcc", "-std=c99", "-O2", *flags, f"-DTP_MAX_LAYERS={layers}", "-I",
+                    str(result.out_dir / "runtime/include"), "-I", str(result.out_dir),
+                    *sources, "-lm", "-o", str(host)], check=True)  # fmt: skip
+    on_host = subprocess.run([str(host)], capture_output=True, text=True, timeout=300)
+    assert on_host.returncode == 0, on_host.stdout[-500:]
+
+    def weights(output: str) -> np.ndarray:
+        bits = [int(line.split()[2], 16) for line in output.splitlines() if line.startswith("p ")]
+        return np.array(bits, dtype=np.uint32).view(np.float32)
+
+    expected, got = weights(on_host.stdout), weights(device.stdout)
+    assert len(got) == len(expected) == result.parameters
+    assert not np.array_equal(expected, result_initial_weights(smooth_cnn()))  # it trained
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    trained = [line for line in device.stdout.splitlines() if "trained" in line]
+    assert trained and trained == [
+        line for line in on_host.stdout.splitlines() if "trained" in line
+    ]
+
+
+def result_initial_weights(net: nn.Module) -> np.ndarray:
+    """The model's weights in the runtime's order (layer by layer, weight then bias)."""
+    return np.concatenate([p.detach().numpy().reshape(-1) for p in net.parameters()])
