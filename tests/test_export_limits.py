@@ -9,6 +9,8 @@ the module it wraps (it was refused as an unknown layer). The limits mirror ``mo
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from tinyprop.export.runtime import (
     load_library,
     memory_to_c,
     policy_to_c,
+    runtime_dir,
 )
 from tinyprop.memory import MemoryMode
 
@@ -184,3 +187,22 @@ def test_a_compiled_model_exports_as_the_module_it_wraps(tmp_path):
     assert compiled.arena_bytes == plain.arena_bytes
     header = (tmp_path / "compiled" / "tinyprop_model.h").read_text()
     assert header == (tmp_path / "plain" / "tinyprop_model.h").read_text()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_more_layers_than_the_plan_counts_are_refused_in_python_and_in_c():
+    """The plan's steps 0 .. 2L are int16: at most 16,383 runtime layers (a build for more
+    wrapped them and overlapped buffers alive together)."""
+    layers = dense([4, 4]) * 16384
+    with pytest.raises(RuntimeLimitError, match="16,384 runtime layers.*at most 16,383"):
+        check_layers(layers)
+    check_layers(layers[:16383])
+    plan = str(runtime_dir() / "src" / "plan.c")
+    include = ["-I", str(runtime_dir() / "include")]
+    for count, compiles in ((16383, True), (16384, False)):
+        run = subprocess.run(
+            ["gcc", "-std=c99", "-fsyntax-only", *include, f"-DTP_MAX_LAYERS={count}", plan],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert (run.returncode == 0) == compiles, run.stderr
+        assert compiles or "TP_MAX_LAYERS is at most 16383" in run.stderr

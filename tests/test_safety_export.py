@@ -235,8 +235,23 @@ def _har_state():
             lambda sd: {f"model.{key}": value for key, value in sd.items()},
             "every key starts with 'model.': save the inner module's state_dict",
         ),
+        # integer weights (all but a few truncated to 0 by load_state_dict) and complex ones
+        # (the imaginary part dropped) were exported silently; float64 beyond float32 was
+        # called NaN
+        (
+            lambda sd: {key: value.to(torch.int32) for key, value in sd.items()},
+            "8 not of a float dtype (0.weight torch.int32, 0.bias torch.int32, ",
+        ),
+        (
+            lambda sd: {**sd, "3.bias": sd["3.bias"].to(torch.complex64)},
+            "1 not of a float dtype (3.bias torch.complex64); the runtime trains float32",
+        ),
+        (
+            lambda sd: {**sd, "0.bias": sd["0.bias"].double() * 1e300},
+            "1 beyond float32's range (3.4e38) (0.bias holds ",
+        ),
     ],
-    ids=["checkpoint", "shape", "prefix"],
+    ids=["checkpoint", "shape", "prefix", "integer", "complex", "float64"],
 )
 def test_a_foreign_state_dict_is_refused_saying_what_it_is(tmp_path, capsys, content, expected):
     torch.save(content(_har_state()), tmp_path / "weights.pt")

@@ -42,7 +42,7 @@ extern "C" {
 
 /* Capacity of the model description (layers of any kind). tp_model holds this many layer
  * records (about 150 bytes each on a 32-bit target): a build for one model may set it to that
- * model's layer count, the same for every file (-DTP_MAX_LAYERS=N). */
+ * model's layer count, the same for every file (-DTP_MAX_LAYERS=N), at most 16383. */
 #ifndef TP_MAX_LAYERS
 #define TP_MAX_LAYERS 48
 #endif

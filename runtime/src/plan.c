@@ -32,6 +32,12 @@
  * (tinyprop.export.arena) computes the same plan. */
 #include "tp_internal.h"
 
+/* the steps 0 .. 2L of a buffer's lifetime are int16 (tp_buffer): a larger build would wrap
+ * them and overlap buffers that are alive together */
+#if TP_MAX_LAYERS > 16383
+#error "TP_MAX_LAYERS is at most 16383 (the arena plan's steps 0 .. 2 x layers are int16)"
+#endif
+
 /* one buffer at most 2^26 floats, all of them at most 2^30 (offsets are uint32); the whole
  * arena at most TP_ARENA_MAX_FLOATS (2 GiB - 4 bytes: its bytes fit an int32 and a 32-bit
  * size_t). Sums are taken in uint64_t or checked as they grow, so nothing wraps around a

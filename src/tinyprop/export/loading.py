@@ -25,6 +25,9 @@ ALLOWED_MODULES = tuple(
 ) + (nn.Parameter,)  # torch's own layer classes: export names the ones the runtime lacks
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class UnsafeModelFileError(ValueError):
     """The model file is unreadable, or names something the restricted unpickler refuses."""
 
@@ -100,11 +103,30 @@ def state_dict_mismatch(model: nn.Module, loaded: dict, path: Path, dataset: str
         for key, value in expected.items()
         if isinstance(loaded.get(key), torch.Tensor) and loaded[key].shape != value.shape
     ]
+    present = {
+        key: loaded[key]
+        for key, value in expected.items()
+        if isinstance(loaded.get(key), torch.Tensor)
+        and loaded[key].shape == value.shape
+        and value.is_floating_point()
+    }
+    # an integer, boolean or complex entry for a float weight: load_state_dict casts it (the
+    # fractions of an integer copy truncated to 0; a complex one's imaginary part dropped)
+    not_real = [f"{k} {v.dtype}" for k, v in present.items() if not v.is_floating_point()]
+    # a float64 value beyond float32's range: infinite once loaded (reported as NaN)
+    beyond = [
+        f"{key} holds {float(value.abs().max()):.3g}"
+        for key, value in present.items()
+        if value.is_floating_point()
+        and bool((torch.isfinite(value) & (value.abs() > FLOAT32_MAX)).any())
+    ]
     problems = []
     for what, keys in (
         ("not tensors", not_tensors),
         ("missing", missing),
         ("unexpected", unexpected),
+        ("not of a float dtype", not_real),
+        ("beyond float32's range (3.4e38)", beyond),
     ):
         if keys:
             shown = ", ".join(map(str, keys[:4])) + (", ..." if len(keys) > 4 else "")
@@ -125,6 +147,11 @@ def state_dict_mismatch(model: nn.Module, loaded: dict, path: Path, dataset: str
         )
     elif shapes:
         hint = "; the same layers at other sizes: another model, or give the --input-shape it had"
+    elif not_real or beyond:
+        hint = (
+            "; the runtime trains float32 weights: save the state_dict of the float model (not "
+            "a quantized, integer or complex copy)"
+        )
     else:
         hint = "; a state_dict holds tensors only"
     return f"{path} does not fit the {dataset} reference model: keys " + ", ".join(problems) + hint
