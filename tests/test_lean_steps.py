@@ -337,3 +337,55 @@ def test_a_refused_step_leaves_the_running_state_as_it_was(budget):
     stats = tinyprop.train_step(model, torch.randn(2, 4), torch.zeros(2), wavy, optimizer)
     assert stats.stepped  # trains on afterwards
     assert int(model[0].backward_steps) == 2
+
+
+def test_local_errors_of_a_few_rows_are_the_tensor_code_bit_for_bit():
+    """few_rows divides Σ |δ| by the loss unit in Python floats: the float64 division of the
+    tensor code (``magnitude.double() / unit``), bit for bit, from tiny to huge values."""
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        rows = 1 + trial % 64
+        scale = 10.0 ** (trial % 61 - 30)
+        magnitude = torch.rand(rows, generator=generator) * scale  # float32 Σ |δ|
+        for unit in (1.0, 1 / 32, 1 / 7, 0.1, 3.7e-5, 1e-300, 1e300):
+            expected = (magnitude.double() / unit).tolist()
+            assert [value / unit for value in magnitude.tolist()] == expected
+
+
+def test_csr_offsets_of_a_few_rows_are_the_tensor_code():
+    """The CSR offsets of the kept entries built from Python ints are the tensor code's."""
+    keep = torch.tensor([3, 1, 4])
+    for batch, rows in ((3, [0, 1, 2]), (6, [0, 2, 5]), (5, [1, 3, 4])):
+        row_start = torch.zeros(batch + 1, dtype=torch.long)
+        row_start[torch.tensor(rows) + 1] = keep
+        expected = row_start.cumsum(0).tolist()
+        assert tinyprop.autograd.csr_offsets(batch, rows, keep.tolist()) == expected
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_kernels_reuse_their_scratch_across_shapes(threads):
+    """The native top-k and Linear kernels keep their scratch between calls (one buffer per
+    thread and dtype, grown when needed): a large call, a small one, a large one again give
+    the gradients of fresh buffers, which are PyTorch's dense products of the kept δ."""
+    if not tinyprop.native.can_select(torch.zeros(1, 1)):
+        pytest.skip("no native kernels")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(4)
+        for batch, outputs, inputs, k in ((64, 512, 300, 40), (3, 10, 7, 2), (64, 700, 257, 90)):
+            delta = torch.randn(batch, outputs, generator=generator)
+            x = torch.randn(batch, inputs, generator=generator)
+            weight = torch.randn(outputs, inputs, generator=generator)
+            keep = torch.full((batch,), k, dtype=torch.long)
+            rows, columns, values = tinyprop.native.topk(delta, keep, total=batch * k)
+            masked = torch.zeros_like(delta).index_put_((rows, columns), values)
+            assert torch.equal(masked, tinyprop.native.topk(delta, keep, masked=True))
+            row_start = torch.arange(batch + 1) * k
+            grad_input, grad_weight = tinyprop.native.linear_backward(
+                x, weight, row_start, columns, values, True, True
+            )
+            torch.testing.assert_close(grad_input, masked @ weight, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(grad_weight, masked.t() @ x, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)

@@ -139,7 +139,7 @@ class SparseBackprop(torch.autograd.Function):
             return grad_input, None, None, None, None
         size = flat.shape[1]
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
-        error = local_error(flat).double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
+        magnitude = local_error(flat)  # (R,) Σ |δ| in the compute dtype
         drop = (
             policy.config.drop_skipped_rows
             and step is not None
@@ -149,17 +149,20 @@ class SparseBackprop(torch.autograd.Function):
         rows = None  # None: every row, zero rows keep nothing (no host read of δ)
         poison = None  # NaN when a row's δ is not finite and a GradScaler must see it
         few = None  # a few CPU rows: their rows, k and Ymax_l in Python floats
-        if step is not None and reads_are_free(flat.device) and few_cpu_rows(error):
-            few = few_rows(policy, step, layer, call.depth, size, error, drop)
+        counts = None  # k of each row in Python ints, when a few rows' bookkeeping has them
+        if step is not None and reads_are_free(flat.device) and few_cpu_rows(magnitude):
+            few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
         if few is not None:
             kept_rows, kept_errors, counts, maxima = few
             rows = torch.tensor(kept_rows, dtype=torch.long)  # (R',) rows with a non-zero δ
-            if rows.numel() < flat.shape[0]:
-                delta, flat = delta[rows], flat[rows]
+            if len(kept_rows) < flat.shape[0]:
+                flat = flat[rows]  # (R', N)
+                delta = flat.view(len(kept_rows), *delta.shape[1:])  # (R', C_out, P)
             error = torch.tensor(kept_errors, dtype=torch.float64)  # (R',)
-            error_max = torch.tensor(maxima, dtype=torch.float64)  # (R',)
+            error_max = maxima  # (R',) Python floats: only the last one is written
             keep = torch.tensor(counts, dtype=torch.long)  # (R',)
         else:
+            error = magnitude.double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
             if reads_are_free(flat.device) or step is None:
                 if not bool(torch.isfinite(error).all()):
                     if step is not None and step.passes_overflow_on(layer.layer_name):
@@ -193,9 +196,11 @@ class SparseBackprop(torch.autograd.Function):
         limit = None  # the most each row can keep: N_l, or its non-zero entries
         if keeps_everything:
             keep = torch.full_like(keep, size)
+            counts = None if counts is None else [size] * len(counts)
         elif policy.caps_keep_at_nonzero():  # a zero entry adds nothing, costs fan_in MACs
             limit = (flat != 0).sum(1)  # (R',) nnz
             keep = torch.minimum(keep, limit)  # (R',) k <= nnz
+            counts = None
         if rows is None:
             keep = keep.masked_fill(error == 0, 0)  # (R,) zero rows keep nothing
         backward_step = _count_backward(layer, step, policy.random)
@@ -227,12 +232,15 @@ class SparseBackprop(torch.autograd.Function):
             if step is not None and needs_weight and ctx.weight_id in step.fused_weights:
                 defer = functools.partial(step.defer_update, ctx.weight_id, error, unit)
             grad_input, grad_weight, kernel = _gradients(
-                select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs, defer
-            )
+                select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs, defer,
+                None if counts is None else (kept_rows, counts),
+            )  # fmt: skip
         if step is not None:
+            full = None if counts is None else all(count >= size for count in counts)
             step.add(
-                call, keep, not keeps_everything, bool(needs_input), rows is None, kernel, limit
-            )
+                call, keep, not keeps_everything, bool(needs_input), rows is None, kernel, limit,
+                full,
+            )  # fmt: skip
         if poison is not None:  # the scaler finds the overflow in the gradients
             grad_input = None if grad_input is None else grad_input + poison
             grad_weight = None if grad_weight is None else grad_weight + poison
@@ -291,14 +299,19 @@ def rows_are_samples(step, shape: torch.Size, geometry) -> bool:
     return not isinstance(geometry, LinearPatches) or batch not in shape[1:-1]
 
 
-def few_rows(policy, step, layer, depth: int, size: int, error: Tensor, drop: bool):
+def few_rows(
+    policy, step, layer, depth: int, size: int, magnitude: Tensor, unit: float, drop: bool
+):  # fmt: skip
     """The rows of a layer call with a non-zero δ, their Y_l, k and Ymax_l after each row, for
     a few CPU rows (:func:`tinyprop.functional.few_cpu_rows`) in Python floats: one host read
-    of Y_l (R,) instead of about fifteen small tensor operations (finite check, non-zero rows,
-    running maximum, k), the same values bit for bit. ``drop``: leave out the skipped samples'
+    of Σ |δ| (R,) instead of about fifteen small tensor operations (Y_l in float64, finite
+    check, non-zero rows, running maximum, k), the same values bit for bit (Y_l = Σ |δ| / unit
+    in float64, as ``magnitude.double() / unit``). ``drop``: leave out the skipped samples'
     rows (:func:`skipped_rows_dropped`). Returns four lists of R' values, or None when a value
     is not finite (the tensor code raises or passes it on) or k is left to the tensor code."""
-    values = error.tolist()  # (R,) Y_l
+    if unit == 0:  # Y_l = ±inf / NaN: the tensor code decides
+        return None
+    values = [value / unit for value in magnitude.tolist()]  # (R,) Y_l
     if not math.isfinite(sum(values)):  # a NaN / inf Y_l (or a sum past float64's range)
         return None
     rows = [row for row, value in enumerate(values) if value > 0]
@@ -308,7 +321,7 @@ def few_rows(policy, step, layer, depth: int, size: int, error: Tensor, drop: bo
     errors = [values[row] for row in rows]
     maxima = errors  # k does not follow Y_l / Ymax_l: no running maximum needed
     if policy.adaptive:
-        previous = float(step.error_max(layer))
+        previous = step.error_max_float(layer)
         maxima = scalar_running_max(errors, previous, policy.config.running_max_per_batch)
         if maxima is None:
             return None
@@ -438,12 +451,14 @@ def masked_gradients(
 
 def _gradients(
     select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
-    defer=None,
+    defer=None, counts=None,
 ):  # fmt: skip
     """Input and weight gradients of the rows ``rows`` (R',) from their kept entries, and the
     kernel that computed them (one of :data:`KERNELS`). ``defer(x, row_start, column, value)``:
     takes the native Linear kernel's kept entries for a fused SGD update instead of the weight
-    gradient (which is then None) when it returns True."""
+    gradient (which is then None) when it returns True. ``counts``: ``rows`` and ``keep`` as
+    two lists of Python ints when a few rows' bookkeeping has them (fewer tensor operations,
+    the same gradients), else None."""
     if not (needs_input or needs_weight):
         return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
@@ -470,21 +485,25 @@ def _gradients(
         limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
     else:
         limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
-    if int(keep.sum()) > limit * flat.numel():  # dense kernels on the masked δ
+    kept = int(keep.sum()) if counts is None else sum(counts[1])  # M
+    if kept > limit * flat.numel():  # dense kernels on the masked δ
         masked = select(flat, keep, masked=True)  # (R', N)
         return (
             *geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight),
             MASKED_DENSE,
         )
 
-    local_row, entry, value = select(flat, keep, with_rows=not use_native)  # (M,) each
+    local_row, entry, value = select(flat, keep, with_rows=not use_native, total=kept)  # (M,)
     if use_native:
-        row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
-        if rows.numel() == x.shape[0]:  # every row
-            torch.cumsum(keep, 0, out=row_start[1:])
+        if counts is not None:  # (R + 1,) CSR, from the Python ints
+            row_start = torch.tensor(csr_offsets(x.shape[0], *counts), dtype=torch.long)
         else:
-            row_start[rows + 1] = keep  # zero rows keep nothing
-            row_start = row_start.cumsum(0)
+            row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
+            if rows.numel() == x.shape[0]:  # every row
+                torch.cumsum(keep, 0, out=row_start[1:])
+            else:
+                row_start[rows + 1] = keep  # zero rows keep nothing
+                row_start = row_start.cumsum(0)
         if is_linear and defer is not None and defer(x, row_start, entry, value):
             grad_input = None
             if needs_input:
@@ -506,20 +525,34 @@ def _gradients(
     )
 
 
+def csr_offsets(batch: int, rows: list[int], counts: list[int]) -> list[int]:
+    """CSR offsets (B + 1,) of the kept entries of a batch whose rows ``rows`` (ascending) keep
+    ``counts`` entries each and the other rows none."""
+    kept = [0] * batch
+    for row, count in zip(rows, counts, strict=True):
+        kept[row] = count
+    offsets = [0]
+    for count in kept:
+        offsets.append(offsets[-1] + count)
+    return offsets
+
+
 def _select(policy, layer_index: int, backward_step: int, flat: Tensor, keep: Tensor,
-            masked: bool = False, with_rows: bool = True, mask_only: bool = False):  # fmt: skip
+            masked: bool = False, with_rows: bool = True, mask_only: bool = False,
+            total: int | None = None):  # fmt: skip
     """The kept entries of δ (R', N): top-|δ| for every policy but random-k.
 
     Returns ``(rows, columns, values)``, three (M,) tensors in row-major order (``rows`` None
     without ``with_rows``, from the native kernel), or with ``masked`` the (R', N) tensor of δ
     at the kept entries and zeros elsewhere; ``mask_only`` gives that tensor from
-    :func:`select_mask`, without reading anything on the host.
+    :func:`select_mask`, without reading anything on the host. ``total``: M = Σ keep when the
+    caller knows it.
     """
     if mask_only:
         scores = policy.scores(flat, layer_index, backward_step)  # (R, N)
         return torch.where(select_mask(scores, keep), flat, 0)
     if not policy.random and native.can_select(flat):  # one compiled pass
-        return native.topk(flat, keep, masked=masked, with_rows=with_rows)
+        return native.topk(flat, keep, masked=masked, with_rows=with_rows, total=total)
     scores = policy.scores(flat, layer_index, backward_step)  # (R', N)
     rows, columns = select_topk(scores, keep)  # (M,), (M,)
     values = flat[rows, columns]  # (M,)

@@ -68,8 +68,9 @@ class LinearPatches:
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
         """Input and weight gradients from the masked δ (B', N) with dense matrix products."""
-        masked = masked.reshape(-1, self.channels_out, self.positions).transpose(1, 2)
-        masked = masked.reshape(-1, self.channels_out)  # (B' * P, out)
+        if self.positions > 1:  # (B', out · P) -> (B' · P, out)
+            masked = masked.reshape(-1, self.channels_out, self.positions).transpose(1, 2)
+            masked = masked.reshape(-1, self.channels_out)  # (B' * P, out)
         grad_input = grad_weight = None
         if needs_weight:
             grad_weight = masked.t() @ take(x, rows).reshape(-1, self.fan_in)  # (out, in)

@@ -45,7 +45,7 @@ class PendingCall(NamedTuple):
     computes_input_grad: bool
     every_row: bool  # keep holds every row (the path without host reads)
     kernel: str  # which kernel computed the gradients
-    keeps_all_it_can: Tensor  # () bool: every row kept N_l entries or all its non-zero ones
+    keeps_all_it_can: Tensor | bool  # every row kept N_l entries or all its non-zero ones
 
 
 @dataclass
@@ -107,7 +107,9 @@ class StepContext:
         self.couples_samples = any(norm.training for norm in self.state.coupling_norms)
         # the losses couple the samples (a contrastive loss): skipped rows are backpropagated
         self.loss_couples_samples = False
-        self._error_max: dict[nn.Module, Tensor] = {}
+        # Ymax_l after this step's rows so far: a float64 () tensor, or a Python float (a few
+        # rows' bookkeeping in Python floats, tinyprop.autograd.few_rows)
+        self._error_max: dict[nn.Module, Tensor | float] = {}
         self._backward_calls: dict[nn.Module, int] = {}
         self._calls: list[PendingCall] = []  # what each layer call's backward did
         self._accounted_calls = 0  # how many of them the ledger holds
@@ -144,12 +146,15 @@ class StepContext:
         every_row: bool,
         kernel: str = "",
         limit: Tensor | None = None,
+        full: bool | None = None,
     ) -> None:
         """What one layer call's backward did: ``keep`` (R',) k of each row with a non-zero δ,
         or with ``every_row`` (the path without host reads) (R,) with 0 on the other rows;
         ``kernel``: which kernel computed its gradients; ``limit``: the most each row could
-        keep (its non-zero entries), None: N_l."""
-        full = (keep >= (call.output_size if limit is None else limit)).all()  # () bool
+        keep (its non-zero entries), None: N_l; ``full``: whether every row kept its most,
+        when the caller knows it (a few rows' k in Python ints), else found from ``keep``."""
+        if full is None:
+            full = (keep >= (call.output_size if limit is None else limit)).all()  # () bool
         self._calls.append(
             PendingCall(call, keep, selected, computes_input_grad, every_row, kernel, full)
         )
@@ -230,14 +235,24 @@ class StepContext:
     def error_max(self, layer: nn.Module) -> Tensor:
         """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""
         value = self._error_max.get(layer)
-        return layer.error_max.double() if value is None else value
+        if value is None:
+            return layer.error_max.double()
+        return torch.tensor(value, dtype=torch.float64) if isinstance(value, float) else value
+
+    def error_max_float(self, layer: nn.Module) -> float:
+        """:meth:`error_max` as a Python float (the same value: float32 and float64 buffers
+        convert to float64 exactly), without a tensor operation when a few rows wrote it."""
+        value = self._error_max.get(layer)
+        if value is None:
+            return float(layer.error_max)
+        return value if isinstance(value, float) else float(value)
 
     def previous_output_error_max(self) -> Tensor:
         """Ymax_L before this step (the skip decision's running maximum)."""
         return getattr(self.model, OUTPUT_ERROR_MAX).double()
 
-    def set_error_max(self, layer: nn.Module, value: Tensor) -> None:
-        self._error_max[layer] = value.detach().double()
+    def set_error_max(self, layer: nn.Module, value: Tensor | float) -> None:
+        self._error_max[layer] = value if isinstance(value, float) else value.detach().double()
 
     @property
     def averaged_samples(self) -> int:
@@ -330,8 +345,10 @@ class StepContext:
         self.state.policy.check_step(self)  # a loaded controller state of another scale
         self.uncommitted = False
         with torch.no_grad():
-            for layer, value in self._error_max.items():
-                layer.error_max.copy_(value)  # float64 -> the buffer's dtype
+            for layer, value in self._error_max.items():  # float64 -> the buffer's dtype
+                if isinstance(value, float):  # (fill_ would refuse a float past float32's range)
+                    value = torch.tensor(value, dtype=torch.float64)
+                layer.error_max.copy_(value)
             for layer, calls in self._backward_calls.items():
                 layer.backward_steps.add_(calls)
             self._backward_calls = {}  # written: a repeated backward counts on from here

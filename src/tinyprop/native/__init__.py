@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -80,6 +81,22 @@ def threads_for(work: int, grain: int) -> int:
     return max(1, min(torch.get_num_threads(), work // grain))
 
 
+_scratch = threading.local()  # per thread: (dtype) -> a buffer the kernels may overwrite
+
+
+def _scratch_buffer(dtype: torch.dtype, size: int) -> Tensor:
+    """A CPU tensor of at least ``size`` elements of ``dtype`` for a kernel's scratch (its
+    contents are garbage): one per thread and dtype, grown when a call needs more, so that a
+    layer's backward does not allocate its scratch every step. The kernels only write scratch
+    they read back within the same call; each thread has its own."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(max(size, 1), dtype=dtype, device="cpu")
+        buffers[dtype] = buffer
+    return buffer
+
+
 def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -96,10 +113,9 @@ def _float32_empty(*shape: int) -> Tensor:
 def _kernel_inputs(x, weight, row_start, column, value) -> tuple[Tensor, ...]:
     """The backward kernels' inputs as contiguous tensors they can read (value as float32),
     after checking that the kept entries (CSR) fit the batch: the kernels trust the sizes."""
-    x, weight = x.detach().contiguous(), weight.detach().contiguous()
-    value = value.detach().to(torch.float32).contiguous()
-    row_start = row_start.to(torch.int64).contiguous()
-    column = column.to(torch.int64).contiguous()
+    x, weight = _readable(x, x.dtype), _readable(weight, weight.dtype)
+    value = _readable(value, torch.float32)
+    row_start, column = _readable(row_start, torch.int64), _readable(column, torch.int64)
     if (
         row_start.shape != (x.shape[0] + 1,)
         or column.dim() != 1
@@ -114,6 +130,14 @@ def _kernel_inputs(x, weight, row_start, column, value) -> tuple[Tensor, ...]:
     return x, weight, row_start, column, value
 
 
+def _readable(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` as a contiguous ``dtype`` tensor a kernel can read: itself when it is one
+    (no tensor operation), else a converted copy."""
+    if tensor.dtype == dtype and tensor.is_contiguous():
+        return tensor
+    return tensor.detach().to(dtype).contiguous()
+
+
 def can_select(delta: Tensor) -> bool:
     """Whether ``topk`` can run natively on this (B, N) tensor."""
     return (
@@ -124,21 +148,25 @@ def can_select(delta: Tensor) -> bool:
 
 
 def topk(
-    delta: Tensor, keep: Tensor, masked: bool = False, with_rows: bool = True
+    delta: Tensor,
+    keep: Tensor,
+    masked: bool = False,
+    with_rows: bool = True,
+    total: int | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor] | Tensor:
     """The ``keep[r]`` entries of largest |δ| of each row, ascending, ties to the lower index.
 
     ``delta`` (B, N), ``keep`` (B,) in [1, N]. Returns ``(rows, columns, values)``, three
     (Σ keep,) tensors row by row (the kept entries and δ there; ``rows`` is None without
     ``with_rows``), or with ``masked`` the (B, N) tensor of δ at the kept entries and zeros
-    elsewhere.
+    elsewhere. ``total``: Σ keep when the caller knows it (saves reading it; it must be Σ
+    keep, the kernel writes that many entries).
 
     Raises:
         ValueError: a keep count outside [1, N], or shapes that do not match.
         FloatingPointError: a row of δ holds NaN or ±Inf (it has no k largest entries).
     """
-    delta = delta.detach().contiguous()
-    keep = keep.to(torch.int64).contiguous()
+    delta, keep = _readable(delta, delta.dtype), _readable(keep, torch.int64)
     if delta.dim() != 2 or keep.shape != delta.shape[:1]:
         raise ValueError(
             f"topk needs delta (B, N) and keep (B,), got {tuple(delta.shape)} and "
@@ -146,13 +174,14 @@ def topk(
         )
     samples, size = delta.shape
     threads = threads_for(delta.numel(), SELECTION_GRAIN)  # parts of the rows
-    scratch = torch.empty(threads, 2 * size, dtype=delta.dtype)  # (T, 2 N)
-    index_scratch = torch.empty(threads, size, dtype=torch.int64)  # (T, N)
+    scratch = _scratch_buffer(delta.dtype, threads * 2 * size)  # (T, 2 N)
+    index_scratch = _scratch_buffer(torch.int64, threads * size)  # (T, N)
     columns = values = output = None
     if masked:
         output = torch.empty_like(delta)  # (B, N)
     else:
-        kept = max(int(keep.sum()), 0)  # M (the kernel rejects bad keeps before writing)
+        # M (the kernel rejects bad keeps before writing); a given total must be Σ keep
+        kept = max(int(keep.sum()) if total is None else total, 0)
         columns = torch.empty(kept, dtype=torch.int64)  # (M,)
         values = torch.empty(kept, dtype=delta.dtype)  # (M,)
     function = library().tp_topk_f64 if delta.dtype == torch.float64 else library().tp_topk_f32
@@ -186,6 +215,15 @@ def _check_selection(status: int, delta: Tensor, keep: Tensor) -> None:
     raise RuntimeError(f"tinyprop's native top-k kernel failed (status {status}); please report")
 
 
+def _regroup_scratch(outputs: int, kept: int) -> tuple[int, int, int]:
+    """Addresses of the Linear kernels' scratch for regrouping M = ``kept`` entries by output:
+    column_start (out + 1,) and by_column_sample (M,) int64, by_column_value (M,) float32."""
+    indices = _scratch_buffer(torch.int64, outputs + 1 + kept)
+    values = _scratch_buffer(torch.float32, kept)
+    start = indices.data_ptr()
+    return start, start + (outputs + 1) * indices.element_size(), values.data_ptr()
+
+
 def linear_backward(
     x: Tensor,
     weight: Tensor,
@@ -213,14 +251,11 @@ def linear_backward(
     outputs = weight.shape[0]
     grad_input = _float32_empty(batch, inputs) if needs_input else None  # (B, in)
     grad_weight = _float32_empty(outputs, inputs) if needs_weight else None  # (out, in)
-    column_start = torch.empty(outputs + 1, dtype=torch.int64)  # scratch for the CSC regroup
-    by_column_sample = torch.empty(column.numel(), dtype=torch.int64)
-    by_column_value = torch.empty(column.numel(), dtype=torch.float32)
+    scratch = _regroup_scratch(outputs, column.numel())
     status = library().tp_linear_backward_f32(
         x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
-        _address(grad_weight), _address(grad_input),
-        column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr(),
+        _address(grad_weight), _address(grad_input), *scratch,
         threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN),
     )  # fmt: skip
     if status != 0:
@@ -271,10 +306,7 @@ def linear_update(
         raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
     batch, inputs = x.shape
     outputs = weight.shape[0]
-    column_start = torch.empty(outputs + 1, dtype=torch.int64)  # scratch for the CSC regroup
-    by_column_sample = torch.empty(column.numel(), dtype=torch.int64)
-    by_column_value = torch.empty(column.numel(), dtype=torch.float32)
-    scratch = (column_start.data_ptr(), by_column_sample.data_ptr(), by_column_value.data_ptr())
+    scratch = _regroup_scratch(outputs, column.numel())
     threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
     kept = (row_start.data_ptr(), column.data_ptr(), value.data_ptr())
     if momentum_buffer is None:
