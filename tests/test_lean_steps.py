@@ -389,3 +389,59 @@ def test_native_kernels_reuse_their_scratch_across_shapes(threads):
             torch.testing.assert_close(grad_weight, masked.t() @ x, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinypropv2"])
+def test_bias_gradients_are_proven_finite_and_not_read_again(policy, monkeypatch):
+    """A sparse layer's bias gradient Σ δ is at most Σ Y_l · unit in size: proven finite by
+    the bound, the step's gradient check does not sum it again (the weights of layers whose
+    input is smaller than their weight are proven as before)."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(
+        nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 4)),
+        tinyprop.TinyPropConfig(policy=policy, skip_threshold=0.0),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    original = tinyprop.trainer.check_gradients
+    monkeypatch.setattr(
+        tinyprop.trainer, "check_gradients", lambda o, p: seen.append(dict(p)) or original(o, p)
+    )
+    x, y = torch.randn(8, 40), torch.randint(0, 4, (8,))
+    stats = tinyprop.train_step(model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer)
+    assert stats.trained == 8
+    (proven,) = seen
+    for layer in (model[0], model[2]):
+        assert proven[id(layer.bias)] == (layer.bias.grad.data_ptr(), layer.bias.grad._version)
+    assert proven[id(model[0].weight)] is not None  # x (8, 40) smaller than the weight
+    assert proven[id(model[2].weight)] is None  # x (8, 64) larger than the weight (4, 64)
+
+
+def test_a_bias_gradient_past_its_range_is_still_refused():
+    """The bound does not prove a bias gradient that overflows its dtype (float16: Σ δ =
+    100,000 > 65,504 from two finite δ of 50,000): the step is refused as before."""
+    model = tinyprop.apply(
+        nn.Sequential(nn.Linear(2, 1)).half(), tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def large(output, target):  # float32 losses, ∂ loss_n / ∂ output_n = 100,000
+        return (output.float() * 1e5).sum(1)
+
+    x = torch.zeros(2, 2, dtype=torch.float16)
+    with pytest.raises(FloatingPointError, match="a parameter gradient is NaN or infinite"):
+        tinyprop.train_step(model, x, torch.zeros(2), large, optimizer)
+    assert model[0].bias.grad is None  # zeroed, no update
+
+
+def test_bounds_of_bias_and_weight_gradients():
+    bounded = tinyprop.step._bounded
+    assert bounded(None, 1e3, 0.5, torch.float32)
+    assert not bounded(None, 1e38, 1.0, torch.float32)  # past a quarter of float32's range
+    assert not bounded(None, 4e4, 0.5, torch.float16)
+    assert not bounded(None, float("nan"), 1.0, torch.float32)
+    x = torch.tensor([[-3.0, 2.0]])
+    assert bounded(x, torch.tensor([1.0, 2.0], dtype=torch.float64), 1.0, torch.float32)
+    assert bounded(x, 3.0, 1.0, torch.float32)  # a sum of Y_l as a float
+    assert not bounded(x, 3e37, 1.0, torch.float32)  # 3 · 3e37 > max / 4
+    assert not bounded(torch.tensor([[float("nan"), 1.0]]), 1.0, 1.0, torch.float32)

@@ -104,6 +104,7 @@ class SparseBackprop(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer, call) -> Tensor:
         ctx.layer, ctx.call = layer, call
         ctx.weight_id = id(weight)  # the parameter, for StepContext.prove_finite
+        ctx.bias_id = id(bias)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight)
         return layer.dense_forward(x, weight, bias)
@@ -158,7 +159,7 @@ class SparseBackprop(torch.autograd.Function):
             if len(kept_rows) < flat.shape[0]:
                 flat = flat[rows]  # (R', N)
                 delta = flat.view(len(kept_rows), *delta.shape[1:])  # (R', C_out, P)
-            error = torch.tensor(kept_errors, dtype=torch.float64)  # (R',)
+            error = float(sum(kept_errors))  # Σ Y_l, all the rest needs of the rows' Y_l
             error_max = maxima  # (R',) Python floats: only the last one is written
             keep = torch.tensor(counts, dtype=torch.long)  # (R',)
         else:
@@ -204,7 +205,7 @@ class SparseBackprop(torch.autograd.Function):
         if rows is None:
             keep = keep.masked_fill(error == 0, 0)  # (R,) zero rows keep nothing
         backward_step = _count_backward(layer, step, policy.random)
-        if policy.adaptive and error.numel():  # zero rows leave the running maximum as it is
+        if policy.adaptive and len(error_max):  # zero rows leave the running maximum as it is
             _set_error_max(layer, step, error_max[-1])
 
         grad_bias = None
@@ -246,10 +247,13 @@ class SparseBackprop(torch.autograd.Function):
             grad_weight = None if grad_weight is None else grad_weight + poison
         if grad_input is not None:
             grad_input = in_dtype(grad_input, input_dtype)
+        proves = step is not None and poison is None and reads_are_free(flat.device)
         if grad_weight is not None:
             grad_weight = in_dtype(grad_weight, weight_dtype)
-            if step is not None and poison is None and reads_are_free(grad_weight.device):
+            if proves:
                 step.prove_finite(ctx.weight_id, grad_weight, x, error, unit)
+        if grad_bias is not None and proves:  # Σ δ: at most Σ Y_l · unit in size
+            step.prove_finite(ctx.bias_id, grad_bias, None, error, unit)
         return grad_input, grad_weight, grad_bias, None, None
 
 

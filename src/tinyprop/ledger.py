@@ -157,7 +157,8 @@ def step_ledger(
         call = record.call
         fixed = layer_backward_macs(call, 0, record.computes_input_grad)
         per_keep = layer_backward_macs(call, 1, record.computes_input_grad) - fixed
-        ledger.backward += record.keep.numel() * fixed + int(record.keep.sum()) * per_keep
+        kept = int(record.keep.sum()) if record.kept is None else record.kept  # Σ k
+        ledger.backward += record.keep.numel() * fixed + kept * per_keep
         ledger.selection += record.selection_macs
     ledger.selection += policy.decision_macs(batch_size, output_size)  # the skip decision
     return ledger

@@ -237,15 +237,15 @@ class TinyPropV2Policy(TinyPropPolicy):
         if self.budget is not None:
             return percentile_keep(scores, self.window.values, self.budget.trained_share)
         config = self.config
-        previous = step.previous_output_error_max()  # () Ymax_L before this step
         if few_cpu_rows(scores):
             decided = scalar_skip_decision(
-                scores.tolist(), float(previous), config.d_min, config.d_max, config.beta,
-                config.skip_threshold,
+                scores.tolist(), step.previous_output_error_max_float(), config.d_min,
+                config.d_max, config.beta, config.skip_threshold,
             )  # fmt: skip
             if decided is not None:
                 trained, step.output_error_max = decided
                 return torch.tensor(trained, dtype=torch.bool)
+        previous = step.previous_output_error_max()  # () Ymax_L before this step
         error_max = running_max(scores, previous)  # (B,) Ymax_L
         step.output_error_max = float(error_max[-1])
         return skip_decision(

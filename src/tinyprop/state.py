@@ -88,6 +88,7 @@ class BackwardRecord:
     selection_macs: int  # local errors and top-k selection, from the policy
     kernel: str = ""  # which kernel computed the gradients (see tinyprop.autograd.KERNELS)
     keeps_all_it_can: bool = False  # every row kept N_l entries, or all its non-zero ones
+    kept: int | None = None  # Σ keep (None: the ledger sums ``keep``)
 
 
 @dataclass

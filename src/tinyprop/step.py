@@ -34,6 +34,8 @@ from tinyprop.model import (
 )
 from tinyprop.state import BackwardRecord, ForwardPass, LayerCall
 
+FLOAT32_LARGEST = float(torch.finfo(torch.float32).max)
+
 
 class PendingCall(NamedTuple):
     """What one layer call's backward did, until the step's end makes it a
@@ -46,6 +48,7 @@ class PendingCall(NamedTuple):
     every_row: bool  # keep holds every row (the path without host reads)
     kernel: str  # which kernel computed the gradients
     keeps_all_it_can: Tensor | bool  # every row kept N_l entries or all its non-zero ones
+    kept: int | None  # Σ keep when the layer knew it (Python ints), else None
 
 
 @dataclass
@@ -147,16 +150,18 @@ class StepContext:
         kernel: str = "",
         limit: Tensor | None = None,
         full: bool | None = None,
+        kept: int | None = None,
     ) -> None:
         """What one layer call's backward did: ``keep`` (R',) k of each row with a non-zero δ,
         or with ``every_row`` (the path without host reads) (R,) with 0 on the other rows;
         ``kernel``: which kernel computed its gradients; ``limit``: the most each row could
         keep (its non-zero entries), None: N_l; ``full``: whether every row kept its most,
-        when the caller knows it (a few rows' k in Python ints), else found from ``keep``."""
+        and ``kept``: Σ keep, when the caller knows them (a few rows' k in Python ints), else
+        found from ``keep``."""
         if full is None:
             full = (keep >= (call.output_size if limit is None else limit)).all()  # () bool
         self._calls.append(
-            PendingCall(call, keep, selected, computes_input_grad, every_row, kernel, full)
+            PendingCall(call, keep, selected, computes_input_grad, every_row, kernel, full, kept)
         )
 
     def passes_overflow_on(self, layer_name: str) -> bool:
@@ -201,26 +206,34 @@ class StepContext:
         self._finite_checks.append((torch.isfinite(error).all(), error, layer_name))
 
     def prove_finite(
-        self, weight_id: int, grad_weight: Tensor, x: Tensor, error: Tensor, unit: float
+        self,
+        weight_id: int,
+        grad_weight: Tensor,
+        x: Tensor | None,
+        error: Tensor | float,
+        unit: float,
     ) -> None:
         """Record a layer's weight gradient as finite when a bound proves it, so that
         ``train_step`` need not read it again: each element sums δ · x over the rows and
         positions, so it is at most max |x| · Σ_rows Σ |δ| = max |x| · Σ Y_l · unit in size
         (rounding included, with a factor 4 to spare below the dtype's largest value). Only
         when reading ``x`` costs less than reading the gradient; a second call of the same
-        weight in the step (its gradient is then a sum) withdraws it."""
+        weight in the step (its gradient is then a sum) withdraws it. ``x`` None: a bias
+        gradient, Σ δ, at most Σ Y_l · unit in size (nothing to read). ``error``: the rows'
+        Y_l (R',), or their sum."""
         if weight_id in self.proven_finite:
             self.proven_finite[weight_id] = None
             return
         self.proven_finite[weight_id] = None
-        if x.numel() >= grad_weight.numel() or x.numel() == 0:
+        if x is not None and (x.numel() >= grad_weight.numel() or x.numel() == 0):
             return
         if _bounded(x, error, unit, grad_weight.dtype):
             self.proven_finite[weight_id] = (grad_weight.data_ptr(), grad_weight._version)
 
     def defer_update(
-        self, weight_id: int, error: Tensor, unit: float, x: Tensor, row_start, column, value
-    ) -> bool:
+        self, weight_id: int, error: Tensor | float, unit: float, x: Tensor, row_start, column,
+        value,
+    ) -> bool:  # fmt: skip
         """Take a Linear layer's kept entries (CSR by sample) for SGD's fused update of its
         weight after the step (:func:`tinyprop.fused_update.apply_updates`), instead of its
         weight gradient: only when the bound of :meth:`prove_finite` proves that gradient
@@ -250,6 +263,10 @@ class StepContext:
     def previous_output_error_max(self) -> Tensor:
         """Ymax_L before this step (the skip decision's running maximum)."""
         return getattr(self.model, OUTPUT_ERROR_MAX).double()
+
+    def previous_output_error_max_float(self) -> float:
+        """:meth:`previous_output_error_max` as a Python float (the same value)."""
+        return float(getattr(self.model, OUTPUT_ERROR_MAX))
 
     def set_error_max(self, layer: nn.Module, value: Tensor | float) -> None:
         self._error_max[layer] = value if isinstance(value, float) else value.detach().double()
@@ -346,9 +363,10 @@ class StepContext:
         self.uncommitted = False
         with torch.no_grad():
             for layer, value in self._error_max.items():  # float64 -> the buffer's dtype
-                if isinstance(value, float):  # (fill_ would refuse a float past float32's range)
-                    value = torch.tensor(value, dtype=torch.float64)
-                layer.error_max.copy_(value)
+                if isinstance(value, float) and abs(value) <= FLOAT32_LARGEST:
+                    layer.error_max.fill_(value)  # rounded as copy_ rounds it
+                else:  # (fill_ refuses a float past float32's range, where copy_ rounds)
+                    layer.error_max.copy_(torch.as_tensor(value, dtype=torch.float64))
             for layer, calls in self._backward_calls.items():
                 layer.backward_steps.add_(calls)
             self._backward_calls = {}  # written: a repeated backward counts on from here
@@ -416,7 +434,8 @@ class StepContext:
         records = []
         for pending, keep in zip(pending_calls, keeps, strict=True):
             call = pending.call
-            trained, kept = (keep.numel(), int(keep.sum())) if pending.selected else (0, 0)
+            total = int(keep.sum()) if pending.kept is None else pending.kept  # Σ k
+            trained, kept = (keep.numel(), total) if pending.selected else (0, 0)
             selection = policy.selection_macs(trained, call.output_size, kept)
             if policy.caps_keep_at_nonzero():  # the non-zero entries of each row, counted
                 selection += trained * call.output_size
@@ -429,18 +448,25 @@ class StepContext:
                     selection_macs=selection,
                     kernel=pending.kernel,
                     keeps_all_it_can=bool(pending.keeps_all_it_can),
+                    kept=total,
                 )
             )
         return records
 
 
-def _bounded(x: Tensor, error: Tensor, unit: float, dtype: torch.dtype) -> bool:
+def _bounded(x: Tensor | None, error: Tensor | float, unit: float, dtype: torch.dtype) -> bool:
     """Whether every element of a weight gradient from the input ``x`` and the rows' local
-    errors ``error`` (R',) Y_l is finite: at most max |x| · Σ Y_l · unit in size, rounding
-    included, with a factor 4 to spare below the dtype's largest value (False for NaN / inf)."""
-    low, high = torch.aminmax(x.detach())  # NaN when x holds one
-    bound = float(torch.maximum(-low, high)) * float(error.sum()) * unit
-    return bound < torch.finfo(dtype).max / 4
+    errors ``error`` (R',) Y_l (or their sum) is finite: at most max |x| · Σ Y_l · unit in
+    size, rounding included, with a factor 4 to spare below the dtype's largest value (False
+    for NaN / inf). ``x`` None: a bias gradient, at most Σ Y_l · unit."""
+    total = error if isinstance(error, float) else float(error.sum())  # Σ Y_l
+    largest = 1.0
+    if x is not None:
+        low, high = (float(value) for value in torch.aminmax(x))  # NaN when x holds one
+        if math.isnan(low) or math.isnan(high):
+            return False
+        largest = max(-low, high)  # max |x|
+    return largest * total * unit < torch.finfo(dtype).max / 4
 
 
 class _StepBoundary(torch.autograd.Function):
@@ -709,7 +735,9 @@ def _open_step(
                 state.deciding = False
             step.output_size = output.numel() // batch
         step.skip_scores = scores
-        trained_mask = policy.trained_mask(scores, step).to(losses.device)  # (B,)
+        trained_mask = policy.trained_mask(scores, step)  # (B,)
+        if trained_mask.device != losses.device:
+            trained_mask = trained_mask.to(losses.device)
         stats.trained_mask = trained_mask
         stats.trained = int(trained_mask.sum())
         stats.skipped = batch - stats.trained
@@ -795,8 +823,12 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
     if others:  # (T, B, ...) with T = B passes the shape check whichever dimension is given
         _check_sample_dim(losses, output, grad, sample_dim, others)
     # (B,) Y_L; a (B,) output (one logit per sample, squeezed for a binary loss) is (B, 1)
-    error = local_error(grad.detach().movedim(sample_dim, 0).double().reshape(batch, -1))
-    if not torch.isfinite(error).all():
+    by_sample = grad.detach()
+    if sample_dim % grad.dim() != 0:
+        by_sample = by_sample.movedim(sample_dim, 0)
+    error = local_error(by_sample.double().reshape(batch, -1))
+    # one sum finds a NaN / inf (a sum of finite Y_L past float64's range is looked at again)
+    if not math.isfinite(float(error.sum())) and not torch.isfinite(error).all():
         bad = (~torch.isfinite(error)).nonzero().flatten().tolist()
         raise FloatingPointError(
             f"the output error is NaN or infinite for samples {bad[:10]} (the loss is finite "

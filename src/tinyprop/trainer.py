@@ -161,6 +161,8 @@ def _proven(parameter: nn.Parameter, proven: dict) -> bool:
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16 / bfloat16 gradients are summed in float32 (their own range overflows first)."""
+    if dtype in (torch.float32, torch.float64):  # without a dispatch
+        return dtype
     return torch.promote_types(dtype, torch.float32)
 
 
