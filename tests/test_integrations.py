@@ -239,6 +239,46 @@ def test_transformers_trainer_recipe_trains_sparse_and_skips(kind, tmp_path):
     assert changed
 
 
+def test_transformers_trainer_smooths_labels_as_the_trainer_and_refuses_a_batch_loss(tmp_path):
+    """``label_smoothing_factor`` was ignored (the Trainer's own loss applies it, and
+    TinyPropTrainer replaces that loss): the weights differed by 1.6e-3 from the plain
+    Trainer's after 3 steps, silently. ``compute_loss_func`` was ignored too (and made the
+    Trainer skip its division by the accumulation steps). Now the built-in per-sample losses
+    smooth by that factor, and the rest is a ValueError."""
+    transformers = pytest.importorskip("transformers")
+    from tinyprop.integrations.transformers import TinyPropTrainer
+
+    def arguments(name):
+        return transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), use_cpu=True, report_to=[], save_strategy="no",
+            logging_strategy="no", per_device_train_batch_size=4, max_steps=3,
+            learning_rate=1e-2, seed=0, disable_tqdm=True, remove_unused_columns=False,
+            dataloader_num_workers=0, label_smoothing_factor=0.1,
+        )  # fmt: skip
+
+    data = token_data("bert")
+    plain = tiny_transformer("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.Trainer(model=plain, args=arguments("plain"), train_dataset=data).train()
+        config = tinyprop.TinyPropConfig(policy="topk", ratio=1.0)
+        model = tinyprop.apply(tiny_transformer("bert"), config)
+        TinyPropTrainer(model=model, args=arguments("tinyprop"), train_dataset=data).train()
+    state = dict(model.named_parameters())
+    for name, want in plain.named_parameters():  # the Trainer sums the smoothing in float32
+        torch.testing.assert_close(state[name], want, rtol=0, atol=1e-8, msg=name)
+    with pytest.raises(ValueError, match="per_sample_loss"):
+        TinyPropTrainer(
+            model=model, args=arguments("own"), train_dataset=data,
+            per_sample_loss=lambda logits, labels: LOSS(logits, labels),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        TinyPropTrainer(
+            model=model, args=arguments("batch"), train_dataset=data,
+            compute_loss_func=lambda outputs, labels, **_: outputs.logits.mean(),
+        )  # fmt: skip
+
+
 def test_transformers_trainer_trains_an_encoder_decoder_model(tmp_path):
     """T5 with input_ids and labels only: TinyPropTrainer popped the labels, so the model had
     no decoder inputs (ValueError from T5); it now makes them from the labels as the model
