@@ -5,16 +5,19 @@ processes on one folder each ran every run."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from tinyprop import train
-from tinyprop.bench import claims, report, runner, store
+from tinyprop.bench import claims, protocols, report, runner, store
 
 TINY = ["--suite", "tiny", "--protocol", "scratch", "--datasets", "tiny-blobs"]
 DAMAGE = {"truncated": b'{"dataset": "tiny-blobs", "pol', "empty": b"", "binary": os.urandom(300)}
@@ -125,6 +128,43 @@ def test_train_record_path_is_checked_before_training(tmp_path, counted, capsys,
     assert train.main(argv) == 2
     assert time.perf_counter() - start < 5 and counted == []
     assert "tinyprop train:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--record", "--save"])
+def test_train_refuses_to_replace_a_file_that_is_not_regular(tmp_path, counted, capsys, flag):
+    """``--record /dev/full`` or ``--save /dev/null``: the file was written next to it and
+    renamed over it, which replaced the device node itself with a regular file when run as
+    root (``--save`` of a folder was an IsADirectoryError traceback after training). Here a
+    FIFO stands for the device: refused before training, and it stays a FIFO."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    argv = ["--dataset", "tiny-blobs", "--suite", "tiny", flag, str(fifo)]
+    assert train.main(argv) == 2 and counted == []
+    assert "is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert train.main(["--dataset", "tiny-blobs", "--suite", "tiny", flag, str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_records_and_weights_written_through_a_symlink_keep_the_link(tmp_path):
+    """A record or state_dict path that is a symlink gets its target written; the rename
+    replaced the link with a file before, leaving the target stale."""
+    (tmp_path / "real").mkdir()
+    for name, write in (
+        ("run.json", lambda path: store.write_record(path, {"metric": 1.0})),
+        ("model.pt", lambda path: protocols.save_state({"w": torch.ones(2)}, path)),
+    ):
+        link = tmp_path / name
+        link.symlink_to(tmp_path / "real" / name)
+        write(link)
+        assert link.is_symlink() and (tmp_path / "real" / name).is_file()
+    assert json.loads((tmp_path / "real" / "run.json").read_text()) == {"metric": 1.0}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        store.write_record(fifo, {"metric": 1.0})
+    with pytest.raises(OSError, match="not a regular file"):
+        protocols.save_state({"w": torch.ones(2)}, fifo)
 
 
 def test_two_bench_processes_run_each_run_once(tmp_path):

@@ -67,6 +67,7 @@ TRAIN = ["train", "--dataset", "tiny-blobs", "--suite", "tiny"]
 BENCH = ["bench", "--suite", "tiny", "--results", "/nonexistent-never-written"]
 BAD_ARGUMENTS = [
     (TRAIN + ["--threads", "0"], "--threads"),
+    (TRAIN + ["--threads", "100000"], "--threads"),
     (TRAIN + ["--batch-size", "0"], "--batch-size"),
     (TRAIN + ["--lr", "nan"], "--lr"),
     (TRAIN + ["--lr", "-1"], "--lr"),
@@ -114,4 +115,4 @@ def test_a_real_process_exits_2_without_traceback():
     command = [sys.executable, "-m", "tinyprop.cli", *TRAIN, "--threads", "0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "argument --threads: must be a positive integer, got '0'" in result.stderr
+    assert "argument --threads: must be an integer in [1, 1024], got '0'" in result.stderr

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from tinyprop import cli_types, models
 from tinyprop.bench import protocols, runner, sources, store, suites
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-samples", type=cli_types.positive_int, help="cap on the test split")
     parser.add_argument("--variant", help="model variant, e.g. cnn for mnist")
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
-    parser.add_argument("--threads", type=cli_types.positive_int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=cli_types.thread_count, default=1, help="torch threads")
     parser.add_argument("--record", metavar="PATH", help="also write the run record as JSON")
     parser.add_argument(
         "--save",
@@ -95,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.unified:
         settings["unified"] = True
     try:
-        if args.record:  # before training, so the run is not lost to an unwritable path
-            store.check_writable(Path(args.record).parent)
-            if Path(args.record).is_dir():
-                raise IsADirectoryError(f"--record {args.record} is a folder; give a file path")
+        # before training, so the run is not lost to an unwritable path, and no device file
+        # (/dev/null) is replaced by the rename that writes these files
+        if args.record:
+            store.check_output_file(args.record, "--record")
+        if args.save:
+            store.check_output_file(args.save, "--save")
         (spec,) = runner.plan_runs(
             dataclasses.replace(suite, datasets={args.dataset: plan},
                                 settings={args.policy: [settings]}),
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             commit=store.commit_hash(), threads=args.threads,
         )  # fmt: skip
         pool = sources.load(args.dataset, "train", plan.train_samples, args.data_dir)
+        protocols.split_pool(  # too few samples for the protocol's splits: one line, not later
+            len(pool.y), spec.protocol, spec.seed, spec.val_fraction, spec.pretrain_fraction
+        )
         network = models.build(
             sources.model_dataset(args.dataset), num_classes=pool.num_classes,
             input_shape=pool.input_shape, variant=plan.variant,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from tinyprop.bench import store
 from tinyprop.bench.suites import DatasetPlan
 from tinyprop.data.cache import arrays_digest
 
@@ -98,8 +99,11 @@ def pretrain_key(dataset: str, source: str, model_name: str, plan: DatasetPlan, 
 
 
 def save_state(state: dict[str, torch.Tensor], path: os.PathLike) -> None:
-    """Write a state_dict atomically (safe with several writers of the same weights)."""
-    path = os.fspath(path)
+    """Write a state_dict atomically (safe with several writers of the same weights). A
+    symlink's target is written; a path that is not a regular file (``/dev/null``) raises
+    OSError instead of being replaced."""
+    store.not_regular_file(path, "state_dict file")
+    path = os.path.realpath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     torch.save(state, temporary)

@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", help="folder of the real datasets (else offline sources)")
     parser.add_argument(
-        "--threads", type=cli_types.positive_int, default=1, help="torch threads per run"
+        "--threads", type=cli_types.thread_count, default=1, help="torch threads per run"
     )
     parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
     return parser

@@ -83,10 +83,37 @@ def record_name(protocol: str, dataset: str, policy: str, settings_label: str, s
     return f"{protocol}__{dataset}__{policy}__{settings_label}__seed{seed}.json"
 
 
+def check_output_file(path: os.PathLike, flag: str) -> None:
+    """Raise OSError saying what to do unless a file can be written to ``path`` by a rename
+    (as :func:`write_record` writes): checked before a run starts. A folder, or a device, FIFO
+    or socket (``/dev/null``, ``/dev/full``, ``/dev/stdout`` in a pipe) would be replaced by
+    a regular file; as root, the device node itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file path")
+    not_regular_file(path, flag)
+    check_writable(path.resolve().parent)
+
+
+def not_regular_file(path: os.PathLike, what: str) -> None:
+    """Raise OSError when ``path`` exists (through its symlinks) and is not a regular file
+    (a folder, a device, a FIFO, a socket): a rename onto it would replace it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise OSError(
+            f"{what} {path} is not a regular file (a folder, device, FIFO or socket); writing "
+            "a file there would replace it: give the path of a file"
+        )
+
+
 def write_record(path: os.PathLike, record: dict) -> None:
     """Write ``record`` as JSON to ``path`` atomically (a temporary file, then a rename), so an
-    interrupted run never leaves a half-written record that a resume would take as finished."""
+    interrupted run never leaves a half-written record that a resume would take as finished.
+    A symlink's target is written (the link stays); a path that is not a regular file
+    (``/dev/null``) raises OSError instead of being replaced."""
     path = Path(path)
+    not_regular_file(path, "record")
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
