@@ -153,3 +153,34 @@ def test_a_model_applied_on_the_meta_device_starts_its_running_state_afresh():
         torch.testing.assert_close(
             resumed.state_dict()[name], value, rtol=0, atol=0, equal_nan=True, msg=name
         )
+
+
+@pytest.mark.parametrize("entry", ["tinyprop_output_error_max", "2.error_max"])
+def test_an_absurd_but_finite_running_maximum_is_refused_at_the_first_step(entry):
+    """Ymax_L = 1e30 passes every check on its own value (finite, >= 0, fits float32), and
+    then skipped every sample for good, silently. The output layer's Ymax_l tells it apart:
+    the sample that set Ymax_L was trained, so Ymax_l <= Ymax_L <= R·Ymax_l in any run of a
+    model whose output is its last layer's. Refused at the first step, before any write; a
+    sound checkpoint trains on. (With a budget the decision takes a percentile, not Ymax_L.)"""
+
+    def plain_v2() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+        return tinyprop.apply(net, tinyprop.TinyPropConfig(policy="tinypropv2"))
+
+    net = plain_v2()
+    train(net, 3)
+    checkpoint = net.state_dict()
+    net = plain_v2()
+    net.load_state_dict(checkpoint)
+    assert train(net, 1, start=3).backward_ratio() > 0
+    corrupt = dict(checkpoint)
+    corrupt[entry] = torch.tensor(1e30)
+    net = plain_v2()
+    net.load_state_dict(corrupt)
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    for _ in range(2):  # refused again, not only once
+        with pytest.raises(ValueError, match="tinyprop_output_error_max.*does not fit"):
+            train(net, 1, start=3)
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)

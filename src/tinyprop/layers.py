@@ -16,6 +16,7 @@ transformers' GPT-2 ``Conv1D``). ``remove`` restores the original class and drop
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,10 @@ class SparseBackpropLayer:
                 "(or use the 'full' policy), or tinyprop.backward on a batch"
             )
         call = self._record(x, weight)
-        return SparseBackprop.apply(x, weight, self.bias, self, call)
+        output = SparseBackprop.apply(x, weight, self.bias, self, call)
+        if state.output_error_max_unchecked and state.open_pass is not None:
+            state.open_pass.last_layer_output = (weakref.ref(output), call)
+        return output
 
     def _record(self, x: Tensor, weight: Tensor):
         state = self.tinyprop_state

@@ -336,6 +336,8 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
         state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
         state.policy.check_loaded(state_dict, prefix)
+        loaded = state_dict.get(prefix + OUTPUT_ERROR_MAX)  # checked at the next decision
+        state.output_error_max_unchecked = isinstance(loaded, Tensor) and bool(loaded.gt(0).all())
     # random-k's draws follow it; -5, 2^63 - 1 (wrapping to -2^63) or a float NaN loaded as is
     fix = "set it to 0 (the count of the layer's backward passes)"
     check_count(state_dict.get(prefix + "backward_steps"), prefix + "backward_steps", fix)

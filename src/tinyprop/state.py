@@ -34,6 +34,9 @@ class ForwardPass:
         self.counter = None  # torch's FLOP counter while a new input shape is measured
         self.signature = None  # that input shape
         self.output = None  # the model output (for the skip decision); only the last pass keeps it
+        # (weakref to the output of a sparse-layer call, that call): the last one, recorded
+        # only while a loaded Ymax_L waits for its check (tinyprop.step)
+        self.last_layer_output = None
 
     def add(self, call_fields: dict) -> LayerCall:
         call = LayerCall(forward_pass=self, index=len(self.calls), **call_fields)
@@ -118,6 +121,9 @@ class TinyPropState:
     # memory held, so it starts afresh before the first training forward (a checkpoint loaded
     # first gives its own values instead)
     made_on_meta: bool = False
+    # a checkpoint loaded Ymax_L > 0: checked at the next skip decision against the output
+    # layer's Ymax_l (tinyprop.step._check_loaded_output_error_max)
+    output_error_max_unchecked: bool = False
 
     _policy: Policy | None = None
 

@@ -734,6 +734,8 @@ def _open_step(
             finally:
                 state.deciding = False
             step.output_size = output.numel() // batch
+            if state.output_error_max_unchecked:
+                _check_loaded_output_error_max(module, state, passes, output, batch)
         step.skip_scores = scores
         trained_mask = policy.trained_mask(scores, step)  # (B,)
         if trained_mask.device != losses.device:
@@ -748,6 +750,50 @@ def _open_step(
             output = _losses_output(losses, output, passes)
             _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
     return step
+
+
+# how far apart Ymax_L and the output layer's Ymax_l may lie (beyond the rows per sample)
+# before a loaded checkpoint is refused: rounding and an in-place scaling of the output stay far
+# below it, a corrupt or foreign value (1e30) far above
+LOADED_MAXIMA_SLACK = 1000.0
+
+
+def _check_loaded_output_error_max(
+    module: nn.Module, state, passes: list[ForwardPass], output: Tensor, batch: int
+) -> None:
+    """Refuse a loaded Ymax_L that no run of this model can have reached, at the first skip
+    decision after loading, before anything is written. When the model's output is the output
+    of its last sparse layer (R rows per sample), every trained sample has Y_l ≤ Y_L ≤ R·Y_l
+    there, and the sample that set Ymax_L was trained (α = 1 gives D = D_max·β ≥ τ), so
+    Ymax_l ≤ Ymax_L ≤ R·Ymax_l. A finite but absurd Ymax_L (1e30) passes every check on its
+    own value and skips every later sample for good, silently: here it is an error. Other
+    models (something after the last sparse layer, a budget's percentile decision, an output
+    layer that never trained) cannot tell, and are not checked."""
+    last = passes[-1].last_layer_output if passes else None
+    state.output_error_max_unchecked = False
+    if last is None or state.policy.budget is not None or last[0]() is not output:
+        return
+    call = last[1]
+    if call.rows % batch:
+        return
+    layer = dict(state.layers)[call.layer_name if call.layer_name != "<root>" else ""]
+    output_max = float(getattr(module, OUTPUT_ERROR_MAX))
+    layer_max = float(layer.error_max)
+    rows = call.rows // batch  # R: rows of the output layer per sample
+    if layer_max > 0 and not (
+        layer_max / LOADED_MAXIMA_SLACK <= output_max <= rows * layer_max * LOADED_MAXIMA_SLACK
+    ):
+        state.output_error_max_unchecked = True  # refused again at the next step
+        prefix = state.load_prefix or ""
+        raise ValueError(
+            f"the loaded running maximum '{OUTPUT_ERROR_MAX}' (Ymax_L = {output_max:.4g}) "
+            f"does not fit the output layer '{call.layer_name}' (Ymax_l = {layer_max:.4g}, "
+            f"{rows} row(s) per sample): in a run of this model Ymax_l <= Ymax_L <= "
+            f"{rows} x Ymax_l, and with this value the skip decision would skip every sample "
+            "(or none). The checkpoint is corrupt or of another model: set "
+            f"'{prefix}{OUTPUT_ERROR_MAX}' to 0 (and the layers' error_max too) to restart "
+            "the error statistics"
+        )
 
 
 def _losses_output(losses: Tensor, output, passes):
