@@ -68,8 +68,8 @@ def milliseconds(function, repeats: int = 5, inner: int = 5) -> float:
     return 1000 * best
 
 
-def timed_row(index: int, call: tuple) -> str:
-    """One table row: the call's shape, k and the three kernels' times."""
+def timed_row(index: int, call: tuple, repeats: int = 5) -> tuple[str, list[float]]:
+    """One table row: the call's shape, k and the three kernels' times (also returned, ms)."""
     geometry, inputs, weight, rows, flat, keep, needs_input, needs_weight = call
     masked = native.topk(flat, keep, masked=True)  # (R', N)
     _, column, value = native.topk(flat, keep, with_rows=False)  # (M,) each
@@ -77,23 +77,30 @@ def timed_row(index: int, call: tuple) -> str:
     row_start[rows + 1] = keep
     row_start = row_start.cumsum(0)
     needs = (needs_input, needs_weight)
-    dense = milliseconds(lambda: geometry.dense_gradients(inputs, weight, rows, masked, *needs))
-    sparse = milliseconds(
-        lambda: geometry.native_gradients(inputs, weight, row_start, column, value, *needs)
+    dense = milliseconds(
+        lambda: geometry.dense_gradients(inputs, weight, rows, masked, *needs), repeats
     )
-    selection = milliseconds(lambda: native.topk(flat, keep, with_rows=False))
+    sparse = milliseconds(
+        lambda: geometry.native_gradients(inputs, weight, row_start, column, value, *needs),
+        repeats,
+    )
+    selection = milliseconds(lambda: native.topk(flat, keep, with_rows=False), repeats)
     linear = isinstance(geometry, LinearPatches)
     shape = f"{weight.shape[1] if linear else geometry.channels_in} -> {geometry.channels_out}"
-    return (
+    row = (
         f"| {index} | {shape} ({geometry.groups}) | {geometry.fan_in} | {geometry.positions} "
         f"| {rows.numel()} | {int(keep[0])} | {sparse:.2f} | {dense:.2f} | {selection:.2f} |"
     )
+    return row, [sparse, dense, selection]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="best of this many timings of 5 calls each"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -102,8 +109,12 @@ def main() -> None:
           "| dense on masked δ | selection |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     calls, kernels = captured_calls(args.model)
+    totals = [0.0, 0.0, 0.0]
     for index, call in enumerate(calls):  # backward order: the output layer first
-        print(timed_row(index, call))
+        row, times = timed_row(index, call, args.repeats)
+        totals = [total + time for total, time in zip(totals, times, strict=True)]
+        print(row)
+    print("| all | | | | | | " + " | ".join(f"{total:.2f}" for total in totals) + " |")
     print("kernels the step ran, by layer: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
 
 

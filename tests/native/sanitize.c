@@ -262,6 +262,24 @@ static int check_plane_conv(int64_t threads) {
     float *grad_input = malloc(sizeof(float) * batch * groups * in_h * in_w);
     int status = tp_plane_conv_backward_f32(x, weight, shape, row_start, column, value,
                                             grad_weight, grad_input, threads);
+    /* grad_input as the definition sums it: each entry's taps inside the input, entries in
+     * their order (the kernel's runs of a channel, sorted or not, must give the same floats) */
+    int64_t size = batch * groups * in_h * in_w, positions = out_h * out_w;
+    float *expected = calloc((size_t)size, sizeof(float));
+    for (int64_t s = 0; s < batch; s++)
+        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+            int64_t ch = column[e] / positions, p = column[e] % positions;
+            float *plane = expected + (s * groups + ch / per_group) * in_h * in_w;
+            for (int64_t ky = 0; ky < kh; ky++)
+                for (int64_t kx = 0; kx < kw; kx++) {
+                    int64_t row = p / out_w * sh - top + ky * dh, col = p % out_w * sw - left + kx * dw;
+                    if (row >= 0 && row < in_h && col >= 0 && col < in_w)
+                        plane[row * in_w + col] += value[e] * weight[(ch * kh + ky) * kw + kx];
+                }
+        }
+    for (int64_t i = 0; status == 0 && i < size; i++)
+        if (memcmp(grad_input + i, expected + i, sizeof(float))) status = 1;
+    free(expected);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input);
     return status;

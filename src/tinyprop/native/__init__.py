@@ -442,15 +442,19 @@ def plane_conv_backward(
             f"plane_conv_backward: shape {shape} does not fit {x.shape}, {weight.shape}"
         )
     inputs = (x, weight, row_start, column, value)
+    # kh · kw multiply-accumulates per entry are little beside the input gradient it writes
+    # (zeroed, then added into): that counts too, so a large one is split among the threads
+    written = x.numel() if needs_input else 0
     return _conv_kernel(
-        "tp_plane_conv_backward_f32", inputs, shape, kh * kw, needs_input, needs_weight
+        "tp_plane_conv_backward_f32", inputs, shape, kh * kw, needs_input, needs_weight, written
     )
 
 
-def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight):
+def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight, written=0):
     """Run the convolution kernel ``name`` on its checked ``inputs`` (x, weight, row_start,
     column, value); returns ``(grad_input or None, grad_weight or None)`` shaped like x and
-    weight."""
+    weight. ``written``: floats the kernel writes besides its multiply-accumulates (work that
+    decides the thread count with them)."""
     x, weight, row_start, column, value = inputs
     grad_input = torch.empty_like(x) if needs_input else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
@@ -459,7 +463,7 @@ def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight)
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input),
-        threads_for(column.numel() * macs_per_entry, BACKWARD_GRAIN),
+        threads_for(column.numel() * macs_per_entry + written, BACKWARD_GRAIN),
     )  # fmt: skip
     _check_conv_status(status, name, column, shape)
     return grad_input, grad_weight
