@@ -119,6 +119,14 @@ class SparseBackprop(torch.autograd.Function):
                 "would miss this layer's part. Compute such a loss with the dense backward: "
                 "TinyPropConfig(policy='full'), or tinyprop.remove(model) first"
             )
+        if getattr(ctx, "pool_fusion", None) == "fused":  # see tinyprop.pool_fusion
+            raise RuntimeError(
+                f"layer '{ctx.layer.layer_name}': its output (or its ReLU's) reached another "
+                "node besides the max pooling after it, whose backward tinyprop fused into this "
+                "layer's; call the Conv2d, ReLU and MaxPool2d one after the other in an "
+                "nn.Sequential with nothing else reading their outputs, or apply tinyprop to a "
+                "model that calls them outside an nn.Sequential"
+            )
         x, weight = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
         input_dtype, weight_dtype = x.dtype, weight.dtype
         layer, call = ctx.layer, ctx.call

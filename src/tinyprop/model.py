@@ -18,6 +18,7 @@ from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
 from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
 from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
+from tinyprop.pool_fusion import fuse_pools, restore_pools
 from tinyprop.state import ForwardPass, TinyPropState
 
 OUTPUT_ERROR_MAX = "tinyprop_output_error_max"  # Ymax_L of the skip decision, on the root module
@@ -130,6 +131,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         module.register_buffer("error_max", maximum)
         module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
         state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
+    state.pools = fuse_pools(model, [module for _, module in targets])
     device = _device(targets[-1][1])
     model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device))
     for name, value in state.policy.control_buffers().items():  # budget controller (budget.py)
@@ -154,6 +156,7 @@ def remove(model: nn.Module) -> nn.Module:
     for module in state.attention:
         module.__class__ = nn.MultiheadAttention
     restore_batch_norms(state.batch_norms)
+    restore_pools(getattr(state, "pools", []))
     for _, module in state.layers:
         original = getattr(module, _ORIGINAL_CLASS)
         if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)

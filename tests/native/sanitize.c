@@ -33,6 +33,8 @@ int tp_plane_conv_backward_f32(const float *, const float *, const int64_t *, co
                                const int64_t *, const float *, float *, float *, int64_t);
 void tp_channels_last_f32(const float *, const int64_t *, float *, int64_t);
 void tp_channels_first_f32(const float *, const int64_t *, float *, int64_t);
+int tp_relu_unpool_f32(const float *, const float *, const int64_t *, int64_t, int64_t, int64_t,
+                       float *, int64_t);
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
@@ -318,6 +320,36 @@ static int check_layout(int64_t threads) {
     return status;
 }
 
+/* δ behind ReLU and max pooling: every plane zero but 0 + g at the maxima of windows with a
+ * pooled value not <= 0 (any floats), and -1 for an index outside the plane. */
+static int check_unpool(int64_t threads) {
+    int64_t planes = 1 + rand() % 40, pooled_size = 1 + rand() % 30;
+    int64_t plane_size = pooled_size * (1 + rand() % 4);
+    int64_t size = planes * pooled_size;
+    float *grad = malloc(sizeof(float) * size), *pooled = malloc(sizeof(float) * size);
+    float *delta = malloc(sizeof(float) * planes * plane_size);
+    int64_t *index = malloc(sizeof(int64_t) * size);
+    for (int64_t i = 0; i < size; i++) { /* distinct maxima per plane, as pooling gives them */
+        grad[i] = entry(rand() % 5), pooled[i] = entry(rand() % 5);
+        index[i] = i % pooled_size * (plane_size / pooled_size) + rand() % (plane_size / pooled_size);
+    }
+    int status = tp_relu_unpool_f32(grad, pooled, index, planes, pooled_size, plane_size, delta,
+                                    threads) != 0;
+    for (int64_t p = 0; p < planes && !status; p++)
+        for (int64_t i = 0; i < plane_size; i++) {
+            float expected = 0.0f;
+            for (int64_t q = p * pooled_size; q < (p + 1) * pooled_size; q++)
+                if (index[q] == i && !(pooled[q] <= 0.0f)) expected = 0.0f + grad[q];
+            float got = delta[p * plane_size + i];
+            status |= memcmp(&got, &expected, sizeof got) != 0 && !(isnan(got) && isnan(expected));
+        }
+    index[size - 1] = plane_size; /* outside: refused */
+    status |= tp_relu_unpool_f32(grad, pooled, index, planes, pooled_size, plane_size, delta,
+                                 threads) != -1;
+    free(grad), free(pooled), free(delta), free(index);
+    return status;
+}
+
 /* argv[1]: how many random cases of each kernel (default 2000 top-k, 300 of the others). */
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 2000;
@@ -334,6 +366,8 @@ int main(int argc, char **argv) {
         if (check_plane_conv(1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_layout(1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_unpool(1 + rand() % 4)) return 1;
     puts("ok");
     return 0;
 }

@@ -62,6 +62,8 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_int
     lib.tp_conv_backward_planes_f32.argtypes = [_pointer] * 10 + [_int64]
     lib.tp_conv_backward_planes_f32.restype = ctypes.c_int
+    lib.tp_relu_unpool_f32.argtypes = [_pointer] * 3 + [_int64] * 3 + [_pointer, _int64]
+    lib.tp_relu_unpool_f32.restype = ctypes.c_int
     for name in ("tp_channels_last_f32", "tp_channels_first_f32"):
         getattr(lib, name).argtypes = [_pointer] * 3 + [_int64]
         getattr(lib, name).restype = None
@@ -503,3 +505,44 @@ def channels_first(grad: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     threads = threads_for(out.numel(), LAYOUT_GRAIN)
     library().tp_channels_first_f32(grad.data_ptr(), shape.data_ptr(), out.data_ptr(), threads)
     return out
+
+
+def relu_unpool(grad: Tensor, pooled: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient at y of MaxPool2d(ReLU(y)) with non-overlapping windows, in one pass: what
+    max pooling's backward then ReLU's write (see :mod:`tinyprop.pool_fusion`).
+
+    Args:
+        grad: (B, C, H', W') the pooled output's gradient g; pooled: (B, C, H', W') float32,
+            the pooled values z; indices: (B, C, H', W') each window's maximum, an index into
+            its (H, W) plane (``max_pool2d_with_indices``).
+        shape: (B, C, H, W) of y.
+
+    Returns:
+        (B, C, H, W) float32: 0 + g at the maxima of the windows whose z is not <= 0, zeros
+        elsewhere.
+    """
+    grad = grad.detach().to(torch.float32).contiguous()
+    pooled, indices = pooled.detach().contiguous(), indices.to(torch.int64).contiguous()
+    if (
+        len(shape) != 4
+        or grad.shape != pooled.shape
+        or indices.shape != pooled.shape
+        or pooled.dtype != torch.float32
+        or pooled.shape[:2] != tuple(shape[:2])
+    ):
+        raise ValueError(
+            f"relu_unpool: grad {tuple(grad.shape)}, pooled {tuple(pooled.shape)} and indices "
+            f"{tuple(indices.shape)} must match, (B, C) of {tuple(shape)}"
+        )
+    delta = _float32_empty(*shape)
+    planes = shape[0] * shape[1]
+    status = library().tp_relu_unpool_f32(
+        grad.data_ptr(), pooled.data_ptr(), indices.data_ptr(), planes,
+        pooled.shape[2] * pooled.shape[3], shape[2] * shape[3], delta.data_ptr(),
+        threads_for(delta.numel(), LAYOUT_GRAIN),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(
+            f"relu_unpool: a window maximum's index lies outside the {shape[2]}x{shape[3]} plane"
+        )
+    return delta

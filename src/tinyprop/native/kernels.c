@@ -236,6 +236,25 @@ static int64_t sample_step(int64_t n) {
     }
 }
 
+/* How many entries of a row of n the bound of top-k's search samples: 64, 256 for long rows, 0
+ * (no sample) for short ones. */
+enum { SAMPLE = 64 };
+static int64_t sample_size(int64_t n) {
+    return n >= 16 * SAMPLE ? 4 * SAMPLE : n >= 4 * SAMPLE ? SAMPLE : 0;
+}
+
+/* sampled[0:sample_size(n)] := the places i · sample_step(n) mod n of a row's sample, in
+ * ascending order: the same entries, read front to back (in the order they were drawn, they
+ * jumped across the row and each missed the cache). */
+static void sample_places(int64_t n, int64_t *sampled) {
+    int64_t sample = sample_size(n), step = sample ? sample_step(n) : 0;
+    for (int64_t i = 0, at = 0; i < sample; i++, at = at + step < n ? at + step : at + step - n) {
+        int64_t j = i; /* insertion sort: once per call */
+        for (; j > 0 && sampled[j - 1] > at; j--) sampled[j] = sampled[j - 1];
+        sampled[j] = at;
+    }
+}
+
 /* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound or NaN (unordered
  * compares), ascending; returns count. Every NaN and ±Inf of the row is collected whatever the
  * bound, so the caller finds them among the candidates. With AVX-512 (or AVX2), sixteen (eight)
@@ -351,16 +370,13 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
 #define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST, LARGEST)                                       \
     /* One row: 0, 1 when it holds NaN or ±Inf, -2 on a broken invariant. */                 \
     static int topk_row_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t *columns,       \
-                                 T *values, T *masked, T *scratch, int64_t *index) {         \
-        enum { SAMPLE = 64 };                                                                \
+                                 T *values, T *masked, T *scratch, int64_t *index,           \
+                                 const int64_t *sampled) {                                   \
         T *magnitude = scratch, *work = scratch + n;                                         \
         int64_t count = 0; /* candidates index[0:count], ascending, |δ| in magnitude */      \
-        if (n >= 4 * SAMPLE && 8 * k <= n) {                                                 \
-            int64_t sample = n >= 16 * SAMPLE ? 4 * SAMPLE : SAMPLE;                         \
-            int64_t step = sample_step(n);                                                   \
-            for (int64_t i = 0, at = 0; i < sample; i++, at = at + step < n ? at + step      \
-                                                                      : at + step - n)     \
-                work[i] = ABS(row[at]); /* row[i · step mod n] */                            \
+        int64_t sample = sample_size(n);                                                     \
+        if (sample && 8 * k <= n) {                                                          \
+            for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[sampled[i]]);            \
             double expected = (double)k * (double)sample / (double)n; /* rank of t */        \
             int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */        \
             T bound = kth_largest_##SUFFIX(work, sample, rank + 1, magnitude);               \
@@ -419,6 +435,7 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
         int64_t *columns;                                                                    \
         T *values, *masked, *scratch;                                                        \
         int64_t *index_scratch;                                                              \
+        const int64_t *sampled;                                                              \
     } topk_##SUFFIX##_call;                                                                  \
                                                                                              \
     static int topk_part_##SUFFIX(const void *context, int64_t part, int64_t parts,          \
@@ -431,7 +448,7 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
             int status = topk_row_##SUFFIX(                                                  \
                 c->delta + r * n, n, c->keep[r], c->columns ? c->columns + at : NULL,        \
                 c->values ? c->values + at : NULL, c->masked ? c->masked + r * n : NULL,     \
-                c->scratch + worker * 2 * n, c->index_scratch + worker * n);                 \
+                c->scratch + worker * 2 * n, c->index_scratch + worker * n, c->sampled);     \
             if (status == 1) return r < INT_MAX - 1 ? (int)r + 1 : INT_MAX;                  \
             if (status) return status;                                                       \
             at += c->keep[r];                                                                \
@@ -444,8 +461,10 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
                          int64_t *index_scratch, int64_t threads) {                          \
         for (int64_t r = 0; r < rows; r++)                                                   \
             if (keep[r] < 1 || keep[r] > n) return -1;                                       \
+        int64_t sampled[4 * SAMPLE];                                                         \
+        sample_places(n, sampled);                                                           \
         topk_##SUFFIX##_call call = {delta, rows, n, keep, columns, values, masked, scratch, \
-                                     index_scratch};                                         \
+                                     index_scratch, sampled};                                \
         return run_parts(topk_part_##SUFFIX, &call, parts_for(rows, threads), threads);      \
     }
 
@@ -1407,4 +1426,48 @@ void tp_channels_last_f32(const float *x, const int64_t *shape, float *out, int6
 void tp_channels_first_f32(const float *grad, const int64_t *shape, float *out, int64_t threads) {
     layout_call call = {grad, out, shape};
     run_parts(channels_first_part, &call, parts_for(shape[0], threads), threads);
+}
+
+/* --- δ of a convolution's output behind ReLU and max pooling (tinyprop/pool_fusion.py) ------ */
+
+typedef struct {
+    const float *grad, *pooled;
+    const int64_t *indices;
+    int64_t planes, pooled_size, plane_size;
+    float *delta;
+} unpool_call;
+
+/* Planes [first, end): zeros, then 0 + g[q] at the window maximum indices[q] of every pooled
+ * entry q whose value is not <= 0 (what max pooling's backward and then ReLU's write). */
+static int unpool_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const unpool_call *c = context;
+    int64_t first = slice_start(c->planes, part, parts, 1);
+    int64_t end = slice_start(c->planes, part + 1, parts, 1);
+    for (int64_t p = first; p < end; p++) {
+        const float *grad = c->grad + p * c->pooled_size, *pooled = c->pooled + p * c->pooled_size;
+        const int64_t *index = c->indices + p * c->pooled_size;
+        float *plane = c->delta + p * c->plane_size;
+        uint64_t outside = 0;
+        for (int64_t q = 0; q < c->pooled_size; q++)
+            outside |= (uint64_t)index[q] >= (uint64_t)c->plane_size;
+        if (outside) return -1;
+        memset(plane, 0, (size_t)c->plane_size * sizeof(float));
+        for (int64_t q = 0; q < c->pooled_size; q++) { /* branch-free: a window's own place */
+            float value = 0.0f + grad[q];
+            plane[index[q]] = pooled[q] <= 0.0f ? 0.0f : value;
+        }
+    }
+    return 0;
+}
+
+/* delta (planes, plane_size) from grad, pooled, indices (planes, pooled_size): the gradient of
+ * MaxPool2d(ReLU(y)) with non-overlapping windows at y, the windows' maxima `indices` (into a
+ * plane, as max_pool2d_with_indices gives them). Returns 0; -1 on an index outside the plane
+ * (the planes from that part on are unspecified). */
+int tp_relu_unpool_f32(const float *grad, const float *pooled, const int64_t *indices,
+                       int64_t planes, int64_t pooled_size, int64_t plane_size, float *delta,
+                       int64_t threads) {
+    unpool_call call = {grad, pooled, indices, planes, pooled_size, plane_size, delta};
+    return run_parts(unpool_part, &call, parts_for(planes, threads), threads);
 }
