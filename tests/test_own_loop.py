@@ -522,3 +522,33 @@ def test_user_hooks_run_as_in_pytorch():
                 assert_same(gradients(model), expected)
     assert calls["plain"] == calls["topk"] == {"layer": 1, "output": 1}
     assert calls["tinypropv2"] == {"layer": 1, "output": 2}
+
+
+@pytest.mark.parametrize("policy", ["full", "topk", "tinyprop", "tinypropv2"])
+@pytest.mark.parametrize("loop", ["train_step", "backward", "loss"])
+def test_a_finished_step_lets_its_model_output_and_graph_go(policy, loop):
+    """The model output (and through it the step's graph) is freed once the step is over: the
+    forward pass it was recorded in used to keep it, and the graph held that pass back, a cycle
+    the garbage collector cannot break (one output and graph kept per step, without end)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 7))
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy, ratio=0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append(weakref.ref(output)))
+    for _ in range(4):
+        x, y = torch.randn(16, 20), torch.randint(0, 7, (16,))
+        if loop == "train_step":
+            tinyprop.train_step(model, x, y, LOSS, optimizer)
+        elif loop == "backward":
+            tinyprop.backward(model, LOSS(model(x), y))
+        else:
+            tinyprop.loss(model, LOSS(model(x), y)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    gc.collect()
+    alive = [ref for ref in outputs if ref() is not None]
+    assert outputs and not alive, f"{len(alive)} of {len(outputs)} model outputs still alive"

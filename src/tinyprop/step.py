@@ -666,6 +666,22 @@ def _step_scalar(losses: Tensor, step: StepContext) -> Tensor:
 def _open_step(
     model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool | None = False
 ) -> StepContext:
+    """The step of these losses, its skip decision made; the forward passes it takes let go of
+    their output tensors afterwards (kept, each output's graph holds the step's layer calls,
+    which hold their pass: a cycle through autograd's nodes that the garbage collector cannot
+    break, one model output and graph kept alive per step)."""
+    pending = state_of(unwrap(model)).pending  # the list take_passes hands to the step
+    try:
+        return _decide_step(model, losses, output, sample_dim, scaling)
+    finally:
+        if state_of(unwrap(model)).pending is not pending:  # taken by this step
+            for forward_pass in pending:
+                forward_pass.output = forward_pass.last_layer_output = None
+
+
+def _decide_step(
+    model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool | None = False
+) -> StepContext:
     module = unwrap(model)
     state = state_of(module)
     warn_without_ddp(model, state)
