@@ -1090,6 +1090,24 @@ typedef struct {
     int sorted; /* each sample's columns ascend (the vector path of grad_weight needs it) */
 } plane_call;
 
+/* One kept entry's products δ · weight added into the input plane `plane` of its sample and
+ * group, the window's top-left corner at (top, left) (negative in the padding), the taps in the
+ * padding left out (plane_entry's input gradient, and the sorted path's), in tap order. */
+static void plane_taps(const plane_call *c, float *restrict plane, int64_t top, int64_t left,
+                       const float *restrict w, float v) {
+    const int64_t *shape = c->shape;
+    int64_t in_h = shape[2], in_w = shape[3], kh = shape[5], kw = shape[6];
+    for (int64_t ky = 0; ky < kh; ky++) {
+        int64_t row = top + ky * shape[13];
+        if (row < 0 || row >= in_h) continue;
+        for (int64_t kx = 0; kx < kw; kx++) {
+            int64_t col = left + kx * shape[14];
+            if (col < 0 || col >= in_w) continue;
+            plane[row * in_w + col] += v * w[ky * kw + kx];
+        }
+    }
+}
+
 /* One kept entry e of a convolution with one input channel per group: the window's taps that
  * fall in the zero padding are left out. Adds into grad_weight[c] (for_weight) or into the
  * input plane's gradient. */
@@ -1110,36 +1128,21 @@ static void plane_entry(const plane_call *c, int64_t e, int for_weight) {
         }
         return;
     }
+    if (!for_weight) {
+        plane_taps(c, c->grad_input + plane, top, left, c->weight + first_tap, v);
+        return;
+    }
     for (int64_t ky = 0; ky < kh; ky++) {
         int64_t row = top + ky * shape[13];
         if (row < 0 || row >= in_h) continue;
         for (int64_t kx = 0; kx < kw; kx++) {
             int64_t col = left + kx * shape[14];
             if (col < 0 || col >= in_w) continue;
-            int64_t at = plane + row * in_w + col, tap = first_tap + ky * kw + kx;
-            if (for_weight) c->grad_weight[tap] += v * c->x[at];
-            else c->grad_input[at] += v * c->weight[tap];
+            c->grad_weight[first_tap + ky * kw + kx] += v * c->x[plane + row * in_w + col];
         }
     }
 }
 
-/* One kept entry's products δ · weight added into the input plane `plane` of its sample and
- * group, the window's top-left corner at (top, left) (negative in the padding), the taps in the
- * padding left out: plane_entry's input gradient, in the same tap order. */
-static void plane_taps(const plane_call *c, float *restrict plane, int64_t top, int64_t left,
-                       const float *restrict w, float v) {
-    const int64_t *shape = c->shape;
-    int64_t in_h = shape[2], in_w = shape[3], kh = shape[5], kw = shape[6];
-    for (int64_t ky = 0; ky < kh; ky++) {
-        int64_t row = top + ky * shape[13];
-        if (row < 0 || row >= in_h) continue;
-        for (int64_t kx = 0; kx < kw; kx++) {
-            int64_t col = left + kx * shape[14];
-            if (col < 0 || col >= in_w) continue;
-            plane[row * in_w + col] += v * w[ky * kw + kx];
-        }
-    }
-}
 
 /* The first of the entries [from, to) of a sample (columns ascending) with a column >= value. */
 static int64_t first_at_least(const int64_t *column, int64_t from, int64_t to, int64_t value) {
