@@ -670,11 +670,12 @@ def _open_step(
     their output tensors afterwards (kept, each output's graph holds the step's layer calls,
     which hold their pass: a cycle through autograd's nodes that the garbage collector cannot
     break, one model output and graph kept alive per step)."""
-    pending = state_of(unwrap(model)).pending  # the list take_passes hands to the step
+    state = state_of(unwrap(model))
+    pending = state.pending  # the list take_passes hands to the step
     try:
         return _decide_step(model, losses, output, sample_dim, scaling)
     finally:
-        if state_of(unwrap(model)).pending is not pending:  # taken by this step
+        if state.pending is not pending:  # taken by this step
             for forward_pass in pending:
                 forward_pass.output = forward_pass.last_layer_output = None
 
