@@ -175,6 +175,10 @@ def worker(rank: int, folder: str) -> None:
         results["nan"] = {way: train_with_a_nan_on_one_rank(way, rank) for way in WAYS[:2]}
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as file:
             json.dump(results, file)
+        # both ranks done before either tears gloo down: a rank destroying its group while the
+        # other still talks to it can abort in gloo's C++ code ("terminate called without an
+        # active exception", seen twice under concurrent suites)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
