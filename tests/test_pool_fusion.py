@@ -1,6 +1,7 @@
 """Conv2d -> ReLU -> MaxPool2d with the pooling's and the ReLU's backward fused into the sparse
 one (tinyprop.pool_fusion): the same δ, kept entries, gradients, running maxima and ledger as
-the three modules' own backward passes, bit for bit, at every thread count."""
+the three modules' own backward passes, bit for bit, at every thread count (the bias gradient,
+where k does not read Y_l, as the float64 sum of δ rounded once)."""
 
 from __future__ import annotations
 
@@ -46,15 +47,26 @@ def block_model(generator: torch.Generator, ties: bool) -> nn.Module:
 
 
 def run_step(model, x, y, weights, threads: int, fused: bool):
-    """One train_step; the gradients, keep counts, kernels, ledger and running maxima."""
-    unpooled = []
+    """One train_step; the gradients, keep counts, kernels, ledger and running maxima, the
+    fused nodes' kernels by name (fused) or the two convolutions' δ by layer name."""
+    unpooled, deltas = [], {}
     previous = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
-        if fused:  # count the fused nodes' backward passes
-            relu_unpool = native.relu_unpool
-            patch.setattr(native, "relu_unpool", lambda *a: unpooled.append(a) or relu_unpool(*a))
+        if fused:  # count the fused nodes' backward passes, by kernel
+            for kernel in ("relu_unpool", "pooled_topk"):
+                function = getattr(native, kernel)
+                patch.setattr(
+                    native, kernel,
+                    lambda *a, f=function, n=kernel, **k: unpooled.append(n) or f(*a, **k),
+                )  # fmt: skip
         else:
             patch.setattr(pool_fusion, "fusable_node", lambda pool, input: None)
+            for name in ("0", "3"):  # δ of the convolutions' outputs
+
+                def keep_delta(module, args, output, name=name):
+                    output.register_hook(lambda grad: deltas.__setitem__(name, grad.clone()))
+
+                model[int(name)].register_forward_hook(keep_delta)
         torch.set_num_threads(threads)
         try:
             loss = nn.CrossEntropyLoss(reduction="none")
@@ -71,7 +83,7 @@ def run_step(model, x, y, weights, threads: int, fused: bool):
     assert len(unpooled) == (2 if fused and stats.trained else 0)
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     maxima = {name: b.clone() for name, b in model.named_buffers()}
-    return grads, stats, maxima
+    return grads, stats, maxima, unpooled if fused else deltas
 
 
 CONFIGS = {
@@ -110,8 +122,17 @@ def test_fused_pool_backward_equals_the_modules_own(name, ties, threads):
             assert type(output.grad_fn).__name__ == "PooledSparseBackpropBackward"
             assert type(model[:3](x).grad_fn).__name__ == "PooledSparseBackpropBackward"
         results.append(run_step(model, x, y, weights, threads, fused))
-    (fused_grads, fused_stats, fused_buffers), (grads, stats, buffers) = results
+    (fused_grads, fused_stats, fused_buffers, kernels), (grads, stats, buffers, deltas) = results
+    if name == "topk 0.05":  # plain top-k: δ never written, selected from the pooled entries
+        assert kernels == ["pooled_topk", "pooled_topk"]
+    sums_in_float64 = CONFIGS[name].policy not in ("tinyprop", "tinypropv2")
     for key, value in grads.items():  # bit for bit, signs of zeros included
+        if sums_in_float64 and key in ("0.bias", "3.bias"):  # Σ δ in float64, rounded once
+            expected = deltas[key[0]].double().sum((0, 2, 3)).float()
+            assert torch.equal(fused_grads[key], expected), key
+            rounding = 1e-6 * float(deltas[key[0]].abs().sum())  # the float32 sum's error
+            assert torch.allclose(fused_grads[key], value, rtol=0, atol=rounding), key
+            continue
         assert torch.equal(fused_grads[key].view(torch.int32), value.view(torch.int32)), key
     for key, value in buffers.items():
         assert torch.equal(fused_buffers[key], value), key
@@ -142,6 +163,46 @@ def test_relu_unpool_equals_max_pooling_then_relu_backward():
         delta = native.relu_unpool(grad, pooled, indices, y.shape)
         assert torch.equal(delta.view(torch.int32), expected.view(torch.int32))
     torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pooled_topk_selects_and_sums_as_the_written_delta(threads):
+    """pooled_topk (δ never written) against relu_unpool's δ and native.topk: the same kept
+    entries and values bit for bit, for k below, at and above a row's non-zero entries, with
+    zero rows and ties; Σ |δ| and Σ δ are relu_unpool's and the float64 sums of δ rounded
+    once; a NaN row gives None (the written path reports it)."""
+    generator = torch.Generator().manual_seed(5 + threads)
+    y = torch.randn(7, 6, 8, 10, generator=generator)
+    y[2] = -1.0  # a zero row: every window's maximum behind the ReLU is 0
+    y[4, :, :, :5] = 0.5  # ties in the windows and in |δ|
+    relu = torch.relu(y)
+    pooled, indices = nn.functional.max_pool2d_with_indices(relu, 2)  # (7, 6, 4, 5)
+    grad = torch.randn(pooled.shape, generator=generator)
+    grad[5] = quantized(*grad.shape[1:], generator=generator)  # ties in |δ|
+    torch.set_num_threads(threads)
+    try:
+        delta, row_abs, channel_sum = native.relu_unpool(grad, pooled, indices, y.shape, True)
+        assert torch.equal(delta, native.relu_unpool(grad, pooled, indices, y.shape))
+        flat = delta.reshape(7, -1)  # (B, N)
+        assert torch.equal(row_abs, flat.double().abs().sum(1).float())
+        assert torch.equal(channel_sum, delta.double().sum((0, 2, 3)).float())
+        for keep in (1, 12, 24, 100, 480):  # about 120 non-zero entries a row
+            columns, values, pooled_abs, pooled_sum = native.pooled_topk(
+                grad, pooled, indices, y.shape, keep
+            )
+            _, expected_columns, expected_values = native.topk(
+                flat, torch.full((7,), keep), with_rows=False
+            )
+            assert torch.equal(columns, expected_columns), keep
+            assert torch.equal(values.view(torch.int32), expected_values.view(torch.int32))
+            assert torch.equal(pooled_abs, row_abs) and torch.equal(pooled_sum, channel_sum)
+        grad[3, 1, 2, 2] = float("nan")
+        pooled[3, 1, 2, 2] = 1.0
+        assert native.pooled_topk(grad, pooled, indices, y.shape, 12) is None
+        with pytest.raises(ValueError, match="keep 481 in"):
+            native.pooled_topk(grad, pooled, indices, y.shape, 481)
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_a_block_output_read_elsewhere_is_an_error_not_a_wrong_gradient():

@@ -148,7 +148,9 @@ class SparseBackprop(torch.autograd.Function):
             return grad_input, None, None, None, None
         size = flat.shape[1]
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
-        magnitude = local_error(flat)  # (R,) Σ |δ| in the compute dtype
+        magnitude = getattr(ctx, "local_errors", None)  # from tinyprop.pool_fusion, or
+        if magnitude is None:
+            magnitude = local_error(flat)  # (R,) Σ |δ| in the compute dtype
         drop = (
             policy.config.drop_skipped_rows
             and step is not None
@@ -218,7 +220,10 @@ class SparseBackprop(torch.autograd.Function):
 
         grad_bias = None
         if ctx.bias_dtype is not None and needs_bias:
-            grad_bias = in_dtype(delta.sum((0, 2)), ctx.bias_dtype)  # (C_out,), dense
+            bias_sum = None if drop else getattr(ctx, "bias_sum", None)  # pool_fusion's
+            if bias_sum is None:
+                bias_sum = delta.sum((0, 2))  # (C_out,), dense
+            grad_bias = in_dtype(bias_sum, ctx.bias_dtype)
         select = functools.partial(_select, policy, layer.layer_index, backward_step)
         needs = (needs_input, needs_weight)
         if rows is None:  # a device that pays for host reads
@@ -484,19 +489,7 @@ def _gradients(
         )
 
     is_linear = isinstance(geometry, LinearPatches)
-    use_native = native.can_backward(x, weight) and (
-        x.dim() == 2
-        if is_linear
-        else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN or geometry.one_channel_per_group
-    )
-    if use_native and not is_linear and geometry.one_channel_per_group:
-        limit = NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY
-        if geometry.groups == 1:  # one input channel: PyTorch's dense kernel is fast there
-            limit = NATIVE_ONE_CHANNEL_DENSE_KERNEL_DENSITY
-    elif use_native:
-        limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
-    else:
-        limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
+    use_native, limit = kernel_choice(geometry, x, weight)
     kept = int(keep.sum()) if counts is None else sum(counts[1])  # M
     if kept > limit * flat.numel():  # dense kernels on the masked δ
         masked = select(flat, keep, masked=True)  # (R', N)
@@ -535,6 +528,26 @@ def _gradients(
         ),
         PYTORCH_SPARSE,
     )
+
+
+def kernel_choice(geometry, x: Tensor, weight: Tensor) -> tuple[bool, float]:
+    """Whether a layer call's kept entries go to the native kernels, and the share of kept
+    entries above which the dense kernels on the masked δ run instead (the *_DENSITY limits)."""
+    is_linear = isinstance(geometry, LinearPatches)
+    use_native = native.can_backward(x, weight) and (
+        x.dim() == 2
+        if is_linear
+        else geometry.fan_in >= NATIVE_CONV_MIN_FAN_IN or geometry.one_channel_per_group
+    )
+    if use_native and not is_linear and geometry.one_channel_per_group:
+        limit = NATIVE_DEPTHWISE_DENSE_KERNEL_DENSITY
+        if geometry.groups == 1:  # one input channel: PyTorch's dense kernel is fast there
+            limit = NATIVE_ONE_CHANNEL_DENSE_KERNEL_DENSITY
+    elif use_native:
+        limit = NATIVE_DENSE_KERNEL_DENSITY if is_linear else NATIVE_CONV_DENSE_KERNEL_DENSITY
+    else:
+        limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
+    return use_native, limit
 
 
 def csr_offsets(batch: int, rows: list[int], counts: list[int]) -> list[int]:

@@ -14,8 +14,15 @@ in one pass from the pooled gradient g, the pooled values z and the window maxim
 
 the values PyTorch's max-pool backward (``0 + g``) and ReLU backward (``r <= 0 ? 0 : grad``,
 with r = z at the window's maximum) write, bit for bit, and hands it to the convolution's
-sparse backward (:class:`tinyprop.autograd.SparseBackprop`): the same kept entries, sums and
-ledger as without the fusion.
+sparse backward (:class:`tinyprop.autograd.SparseBackprop`): the same kept entries, gradients
+and ledger as without the fusion. Where k does not read the local error Y_l (every policy but
+TinyProp and TinyPropv2), the same pass also sums each sample's Σ |δ| (which then only finds
+the zero rows and bounds the gradients) and the bias gradient Σ δ, in float64 from the pooled
+entries (in a fixed order, the same at every thread count; PyTorch's float32 sums of δ round
+differently), instead of two more passes over δ; TinyProp's k reads Y_l, which stays PyTorch's
+own float32 sum. Under plain top-k with the native kernels, δ is not even written
+(:func:`selected_backward`): each sample's row is built in the cache and its k entries are
+selected there, the same entries as from the written δ.
 
 Only non-overlapping windows (stride = kernel size, no padding, dilation 1, floor mode), float32
 on the CPU with the native kernels, modules without hooks, outside activation checkpointing,
@@ -35,7 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyprop import native
-from tinyprop.autograd import SparseBackprop
+from tinyprop.autograd import (
+    NATIVE_SPARSE,
+    NO_ROW,
+    SparseBackprop,
+    _count_backward,
+    in_dtype,
+    is_dense_small_layer,
+    kernel_choice,
+)
+from tinyprop.policies import Policy
 
 # Below this many entries of the convolution's output the fused node's fixed cost (Python, one
 # more call) outweighs the two passes it saves: the mnist CNN of the fine-tuning benchmark at
@@ -85,14 +101,98 @@ class PooledSparseBackprop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pooled: Tensor):
         x, weight, pooled, indices = ctx.saved_tensors
-        delta = native.relu_unpool(grad_pooled, pooled, indices, ctx.input_shape)
+        selected = selected_backward(ctx, x, weight, grad_pooled, pooled, indices)
+        if selected is not None:
+            return (*selected, None, None, None)
+        local_errors = bias_sum = None
+        if ctx.layer.tinyprop_state.policy.adaptive:  # k reads Y_l: PyTorch's own sum of |δ|
+            delta = native.relu_unpool(grad_pooled, pooled, indices, ctx.input_shape)
+        else:  # Σ |δ| (B,) and Σ δ (C_out,) from the pooled entries, in the same pass
+            delta, local_errors, bias_sum = native.relu_unpool(
+                grad_pooled, pooled, indices, ctx.input_shape, sums=True
+            )
         convolution = SimpleNamespace(  # what SparseBackprop's node holds
             layer=ctx.layer, call=ctx.call, weight_id=ctx.weight_id, bias_id=ctx.bias_id,
             bias_dtype=ctx.bias_dtype, needs_input_grad=ctx.needs_input_grad,
-            saved_tensors=(x, weight),
+            saved_tensors=(x, weight), local_errors=local_errors, bias_sum=bias_sum,
         )  # fmt: skip
         grad_input, grad_weight, grad_bias = SparseBackprop.backward(convolution, delta)[:3]
         return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def selected_backward(ctx, x, weight, grad_pooled, pooled, indices):
+    """The convolution's sparse backward for plain top-k (the same k in every row, the native
+    kernels) without δ ever written: :func:`tinyprop.native.pooled_topk` builds each sample's
+    row of δ in the cache from the pooled gradient, selects its k entries there and sums
+    Σ |δ| and Σ δ on the way. The same kept entries, gradients and records as
+    :class:`tinyprop.autograd.SparseBackprop`'s backward on the written δ (Σ |δ| and the bias
+    gradient as that path sums them under this fusion: float64 from the pooled entries).
+    Returns ``(grad_input, grad_weight, grad_bias)``, or None where that backward must run
+    (another policy or kernel, a NaN / ±Inf δ, a create_graph backward, no step)."""
+    layer, call = ctx.layer, ctx.call
+    state = layer.tinyprop_state
+    step, policy, geometry = state.step, state.policy, call.geometry
+    config = policy.config
+    if (
+        type(policy) is not Policy  # k from Y_l, random scores, or no selection
+        or step is None
+        or state.deciding
+        or torch.is_grad_enabled()
+        or config.unified
+        or policy.caps_keep_at_nonzero()
+        or policy.keeps_everything(call)
+        or is_dense_small_layer(config, geometry)
+        or (config.drop_skipped_rows and step.couples_samples)
+    ):
+        return None
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    size = geometry.channels_out * geometry.positions  # N
+    use_native, limit = kernel_choice(geometry, x, weight)
+    keep_count = policy.scalar_keep_counts([0.0], [0.0], call.depth, size)[0]  # k of every row
+    if not use_native or not (needs_input or needs_weight) or keep_count > limit * size:
+        return None
+    selected = native.pooled_topk(grad_pooled, pooled, indices, ctx.input_shape, keep_count)
+    if selected is None:  # a NaN / ±Inf δ
+        return None
+    columns, values, magnitude, bias_sum = selected  # (B k,), (B k,), (B,), (C_out,)
+    unit = step.error_unit
+    error = magnitude.double() / unit  # (B,) Y_l
+    if not bool(torch.isfinite(error).all()):
+        return None
+    batch = x.shape[0]
+    rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
+    trained = rows.numel()
+    if trained and keep_count * trained > limit * (trained * size):  # as _gradients decides
+        return None
+    if trained < batch:  # a zero row keeps nothing
+        columns = columns.view(batch, keep_count)[rows].flatten()
+        values = values.view(batch, keep_count)[rows].flatten()
+        error = error[rows]
+        row_start = torch.zeros(batch + 1, dtype=torch.long)  # (B + 1,) CSR
+        row_start[rows + 1] = keep_count
+        row_start = row_start.cumsum(0)
+    else:
+        row_start = torch.arange(0, (batch + 1) * keep_count, keep_count)  # (B + 1,) CSR
+    keep = torch.full((trained,), keep_count, dtype=torch.long)  # (R',)
+    _count_backward(layer, step, False)
+    grad_bias = None
+    if ctx.bias_dtype is not None and needs_bias:
+        grad_bias = in_dtype(bias_sum, ctx.bias_dtype)  # (C_out,), dense
+    if trained == 0:  # every row's δ is zero
+        grad_input = torch.zeros_like(x) if needs_input else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        kernel = NO_ROW
+    else:
+        grad_input, grad_weight = geometry.native_gradients(
+            x, weight, row_start, columns, values, needs_input, needs_weight
+        )
+        kernel = NATIVE_SPARSE
+    step.add(call, keep, True, bool(needs_input), False, kernel)
+    if grad_weight is not None:
+        step.prove_finite(ctx.weight_id, grad_weight, x, error, unit)
+    if grad_bias is not None:  # Σ δ: at most Σ Y_l · unit in size
+        step.prove_finite(ctx.bias_id, grad_bias, None, error, unit)
+    return grad_input, grad_weight, grad_bias
 
 
 def fusable_node(pool: FusedMaxPool2d, input: Tensor):

@@ -35,6 +35,11 @@ void tp_channels_last_f32(const float *, const int64_t *, float *, int64_t);
 void tp_channels_first_f32(const float *, const int64_t *, float *, int64_t);
 int tp_relu_unpool_f32(const float *, const float *, const int64_t *, int64_t, int64_t, int64_t,
                        float *, int64_t);
+int tp_relu_unpool_sums_f32(const float *, const float *, const int64_t *, int64_t, int64_t,
+                            int64_t, int64_t, float *, double *, float *, float *, int64_t);
+int tp_pooled_topk_f32(const float *, const float *, const int64_t *, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t *, float *, double *, float *, float *, float *,
+                       int64_t *, int64_t);
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
@@ -350,6 +355,105 @@ static int check_unpool(int64_t threads) {
     return status;
 }
 
+static int same_float(float a, float b) {
+    return memcmp(&a, &b, sizeof a) == 0 || (isnan(a) && isnan(b));
+}
+
+/* A plane's Σ |δ| or Σ δ as the kernels sum it: float64, in eight lanes (q mod 8), then the lanes
+ * in order. */
+static double plane_sum(const float *grad, const float *pooled, int64_t size, int absolute) {
+    double lanes[8] = {0}, sum = 0;
+    for (int64_t q = 0; q < size; q++) {
+        float value = pooled[q] <= 0.0f ? 0.0f : 0.0f + grad[q];
+        lanes[q % 8] += absolute ? fabsf(value) : value;
+    }
+    for (int lane = 0; lane < 8; lane++) sum += lanes[lane];
+    return sum;
+}
+
+static float rounded(double v) { /* to float32, ±Inf beyond its range */
+    return isnan(v) || fabs(v) <= 3.4028234663852886e38 ? (float)v : v > 0 ? INFINITY : -INFINITY;
+}
+
+/* The sums of tp_relu_unpool_sums_f32 (its δ as tp_relu_unpool_f32's) against their definition,
+ * and tp_pooled_topk_f32 against tp_topk_f32 on that δ: the same status, kept entries, values
+ * and sums, bit for bit; a keep outside [1, n] refused. */
+static int check_pooled_topk(int64_t threads) {
+    int64_t batch = 1 + rand() % 9, channels = 1 + rand() % 6, pooled_size = 1 + rand() % 40;
+    int64_t plane_size = pooled_size * (1 + rand() % 4), n = channels * plane_size;
+    int64_t planes = batch * channels, size = planes * pooled_size, keep = 1 + rand() % n;
+    int kind = rand() % 5;
+    float *grad = malloc(sizeof(float) * size), *pooled = malloc(sizeof(float) * size);
+    int64_t *index = malloc(sizeof(int64_t) * size);
+    float *delta = malloc(sizeof(float) * planes * plane_size);
+    float *plain = malloc(sizeof(float) * planes * plane_size);
+    double *plane_sums = malloc(sizeof(double) * 2 * planes);
+    float *row_abs = malloc(sizeof(float) * batch), *channel_sum = malloc(sizeof(float) * channels);
+    float *pooled_abs = malloc(sizeof(float) * batch);
+    float *pooled_sum = malloc(sizeof(float) * channels);
+    int64_t *keeps = malloc(sizeof(int64_t) * batch), *columns = malloc(sizeof(int64_t) * batch * keep);
+    int64_t *pooled_columns = malloc(sizeof(int64_t) * batch * keep);
+    float *values = malloc(sizeof(float) * batch * keep);
+    float *pooled_values = malloc(sizeof(float) * batch * keep);
+    float *scratch = malloc(sizeof(float) * threads * 3 * n);
+    float *topk_scratch = malloc(sizeof(float) * threads * 2 * n);
+    int64_t *index_scratch = malloc(sizeof(int64_t) * threads * n);
+    for (int64_t i = 0; i < size; i++) {
+        grad[i] = entry(kind), pooled[i] = entry(rand() % 5);
+        index[i] = i % pooled_size * (plane_size / pooled_size) + rand() % (plane_size / pooled_size);
+    }
+    for (int64_t s = 0; s < batch; s++) keeps[s] = keep;
+    int status = tp_relu_unpool_f32(grad, pooled, index, planes, pooled_size, plane_size, plain,
+                                    threads) != 0;
+    status |= tp_relu_unpool_sums_f32(grad, pooled, index, batch, channels, pooled_size,
+                                      plane_size, delta, plane_sums, row_abs, channel_sum,
+                                      threads) != 0;
+    for (int64_t i = 0; i < planes * plane_size; i++) status |= !same_float(delta[i], plain[i]);
+    for (int64_t s = 0; s < batch; s++) {
+        double sum = 0;
+        for (int64_t ch = 0; ch < channels; ch++) {
+            int64_t at = (s * channels + ch) * pooled_size;
+            sum += plane_sum(grad + at, pooled + at, pooled_size, 1);
+        }
+        status |= !same_float(row_abs[s], rounded(sum));
+    }
+    for (int64_t ch = 0; ch < channels; ch++) {
+        double sum = 0;
+        for (int64_t s = 0; s < batch; s++) {
+            int64_t at = (s * channels + ch) * pooled_size;
+            sum += plane_sum(grad + at, pooled + at, pooled_size, 0);
+        }
+        status |= !same_float(channel_sum[ch], rounded(sum));
+    }
+    int expected = tp_topk_f32(delta, batch, n, keeps, columns, values, NULL, topk_scratch,
+                               index_scratch, threads);
+    int got = tp_pooled_topk_f32(grad, pooled, index, batch, channels, pooled_size, plane_size,
+                                 keep, pooled_columns, pooled_values, plane_sums, pooled_abs,
+                                 pooled_sum, scratch, index_scratch, threads);
+    status |= got != expected;
+    if (got == 0 && expected == 0) {
+        for (int64_t i = 0; i < batch * keep; i++)
+            status |= pooled_columns[i] != columns[i] || !same_float(pooled_values[i], values[i]);
+        for (int64_t s = 0; s < batch; s++) status |= !same_float(pooled_abs[s], row_abs[s]);
+        for (int64_t ch = 0; ch < channels; ch++)
+            status |= !same_float(pooled_sum[ch], channel_sum[ch]);
+    }
+    status |= tp_pooled_topk_f32(grad, pooled, index, batch, channels, pooled_size, plane_size,
+                                 n + 1, pooled_columns, pooled_values, plane_sums, pooled_abs,
+                                 pooled_sum, scratch, index_scratch, threads) != -4;
+    index[size - 1] = plane_size; /* outside: refused (unless a row before holds a NaN) */
+    if (expected == 0)
+        status |= tp_pooled_topk_f32(grad, pooled, index, batch, channels, pooled_size, plane_size,
+                                     keep, pooled_columns, pooled_values, plane_sums,
+                                     pooled_abs, pooled_sum, scratch, index_scratch,
+                                     threads) != -1;
+    free(grad), free(pooled), free(index), free(delta), free(plain), free(plane_sums);
+    free(row_abs), free(channel_sum), free(pooled_abs), free(pooled_sum), free(keeps);
+    free(columns), free(pooled_columns), free(values), free(pooled_values), free(scratch);
+    free(topk_scratch), free(index_scratch);
+    return status;
+}
+
 /* argv[1]: how many random cases of each kernel (default 2000 top-k, 300 of the others). */
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 2000;
@@ -368,6 +472,8 @@ int main(int argc, char **argv) {
         if (check_layout(1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_unpool(1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_pooled_topk(1 + rand() % 4)) return 1;
     puts("ok");
     return 0;
 }

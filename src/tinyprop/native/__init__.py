@@ -64,6 +64,12 @@ def library() -> ctypes.CDLL | None:
     lib.tp_conv_backward_planes_f32.restype = ctypes.c_int
     lib.tp_relu_unpool_f32.argtypes = [_pointer] * 3 + [_int64] * 3 + [_pointer, _int64]
     lib.tp_relu_unpool_f32.restype = ctypes.c_int
+    lib.tp_relu_unpool_sums_f32.argtypes = [_pointer] * 3 + [_int64] * 4 + [_pointer] * 4
+    lib.tp_relu_unpool_sums_f32.argtypes += [_int64]
+    lib.tp_relu_unpool_sums_f32.restype = ctypes.c_int
+    lib.tp_pooled_topk_f32.argtypes = [_pointer] * 3 + [_int64] * 5 + [_pointer] * 7
+    lib.tp_pooled_topk_f32.argtypes += [_int64]
+    lib.tp_pooled_topk_f32.restype = ctypes.c_int
     for name in ("tp_channels_last_f32", "tp_channels_first_f32"):
         getattr(lib, name).argtypes = [_pointer] * 3 + [_int64]
         getattr(lib, name).restype = None
@@ -507,7 +513,9 @@ def channels_first(grad: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     return out
 
 
-def relu_unpool(grad: Tensor, pooled: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
+def relu_unpool(
+    grad: Tensor, pooled: Tensor, indices: Tensor, shape: torch.Size, sums: bool = False
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The gradient at y of MaxPool2d(ReLU(y)) with non-overlapping windows, in one pass: what
     max pooling's backward then ReLU's write (see :mod:`tinyprop.pool_fusion`).
 
@@ -516,10 +524,13 @@ def relu_unpool(grad: Tensor, pooled: Tensor, indices: Tensor, shape: torch.Size
             the pooled values z; indices: (B, C, H', W') each window's maximum, an index into
             its (H, W) plane (``max_pool2d_with_indices``).
         shape: (B, C, H, W) of y.
+        sums: also return each sample's Σ |δ| and each channel's Σ δ over the batch, summed
+            in float64 from the pooled entries in a fixed order (the same at every thread
+            count, not PyTorch's float32 order) and rounded to float32 once.
 
     Returns:
-        (B, C, H, W) float32: 0 + g at the maxima of the windows whose z is not <= 0, zeros
-        elsewhere.
+        δ (B, C, H, W) float32: 0 + g at the maxima of the windows whose z is not <= 0, zeros
+        elsewhere; with ``sums``, ``(δ, Σ |δ| (B,), Σ δ (C,))``.
     """
     grad = grad.detach().to(torch.float32).contiguous()
     pooled, indices = pooled.detach().contiguous(), indices.to(torch.int64).contiguous()
@@ -535,14 +546,82 @@ def relu_unpool(grad: Tensor, pooled: Tensor, indices: Tensor, shape: torch.Size
             f"{tuple(indices.shape)} must match, (B, C) of {tuple(shape)}"
         )
     delta = _float32_empty(*shape)
-    planes = shape[0] * shape[1]
-    status = library().tp_relu_unpool_f32(
-        grad.data_ptr(), pooled.data_ptr(), indices.data_ptr(), planes,
-        pooled.shape[2] * pooled.shape[3], shape[2] * shape[3], delta.data_ptr(),
-        threads_for(delta.numel(), LAYOUT_GRAIN),
-    )  # fmt: skip
+    batch, channels = shape[0], shape[1]
+    sizes = (pooled.shape[2] * pooled.shape[3], shape[2] * shape[3])
+    threads = threads_for(delta.numel(), LAYOUT_GRAIN)
+    pointers = (grad.data_ptr(), pooled.data_ptr(), indices.data_ptr())
+    if sums:
+        plane_sums = _scratch_buffer(torch.float64, 2 * batch * channels)
+        row_abs, channel_sum = _float32_empty(batch), _float32_empty(channels)
+        status = library().tp_relu_unpool_sums_f32(
+            *pointers, batch, channels, *sizes, delta.data_ptr(), plane_sums.data_ptr(),
+            row_abs.data_ptr(), channel_sum.data_ptr(), threads,
+        )  # fmt: skip
+    else:
+        status = library().tp_relu_unpool_f32(
+            *pointers, batch * channels, *sizes, delta.data_ptr(), threads
+        )
     if status != 0:
         raise ValueError(
             f"relu_unpool: a window maximum's index lies outside the {shape[2]}x{shape[3]} plane"
         )
-    return delta
+    return (delta, row_abs, channel_sum) if sums else delta
+
+
+def pooled_topk(
+    grad: Tensor, pooled: Tensor, indices: Tensor, shape: torch.Size, keep: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """:func:`relu_unpool`'s δ with ``sums``, then :func:`topk` of it with ``keep`` entries in
+    every row, without writing δ: each sample's row (C · H · W,) is built from the pooled
+    entries in a scratch row that stays in the cache, and selected from there. The same kept
+    entries, values and sums as those two calls, bit for bit.
+
+    Args:
+        grad, pooled, indices, shape: as for :func:`relu_unpool` (float32, int64 indices).
+        keep: k of every row, in [1, C · H · W] (a row whose δ is all zero keeps its first
+            zeros, as :func:`topk` would: the caller drops such rows).
+
+    Returns:
+        ``(columns (B · k,), values (B · k,), Σ |δ| (B,), Σ δ (C,))``, the kept entries row by
+        row in ascending column order; None when a row of δ holds NaN or ±Inf (no k largest
+        entries exist: the caller takes the path that reports it).
+    """
+    grad = grad.detach().to(torch.float32).contiguous()
+    pooled, indices = pooled.detach().contiguous(), indices.to(torch.int64).contiguous()
+    batch, channels = shape[0], shape[1]
+    size = channels * shape[2] * shape[3] if len(shape) == 4 else 0  # N
+    if (
+        size == 0
+        or grad.shape != pooled.shape
+        or indices.shape != pooled.shape
+        or pooled.dtype != torch.float32
+        or pooled.shape[:2] != tuple(shape[:2])
+        or not 1 <= keep <= size
+    ):
+        raise ValueError(
+            f"pooled_topk: grad {tuple(grad.shape)}, pooled {tuple(pooled.shape)} and indices "
+            f"{tuple(indices.shape)} must match, (B, C) of {tuple(shape)}, keep {keep} in "
+            f"[1, {size}]"
+        )
+    threads = threads_for(batch * size, SELECTION_GRAIN)  # parts of the rows
+    scratch = _scratch_buffer(torch.float32, threads * 3 * size)  # (T, 3 N)
+    index_scratch = _scratch_buffer(torch.int64, threads * size)  # (T, N)
+    plane_sums = _scratch_buffer(torch.float64, 2 * batch * channels)
+    columns = torch.empty(batch * keep, dtype=torch.int64)  # (B k,)
+    values, row_abs = _float32_empty(batch * keep), _float32_empty(batch)
+    channel_sum = _float32_empty(channels)
+    status = library().tp_pooled_topk_f32(
+        grad.data_ptr(), pooled.data_ptr(), indices.data_ptr(), batch, channels,
+        pooled.shape[2] * pooled.shape[3], shape[2] * shape[3], keep, columns.data_ptr(),
+        values.data_ptr(), plane_sums.data_ptr(), row_abs.data_ptr(), channel_sum.data_ptr(),
+        scratch.data_ptr(), index_scratch.data_ptr(), threads,
+    )  # fmt: skip
+    if status > 0:
+        return None
+    if status == -1:
+        raise ValueError(
+            f"pooled_topk: a window maximum's index lies outside the {shape[2]}x{shape[3]} plane"
+        )
+    if status != 0:
+        raise RuntimeError(f"tinyprop's pooled top-k kernel failed (status {status})")
+    return columns, values, row_abs, channel_sum

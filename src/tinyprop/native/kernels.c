@@ -13,6 +13,9 @@
  *     depthwise one), on the unpadded input as PyTorch holds it.
  * tp_channels_last_f32, tp_channels_first_f32: a batch from channels first to zero-padded
  *     channels-last (the convolution kernel's input) and its gradient back, cropped.
+ * tp_relu_unpool_f32, tp_relu_unpool_sums_f32: δ of a convolution's output behind ReLU and max
+ *     pooling, from the pooled gradient (with Σ |δ| per sample and Σ δ per channel).
+ * tp_pooled_topk_f32: those sums and tp_topk_f32's selection of that δ, without writing it.
  *
  * Each kernel cuts its work into parts along an axis whose outputs no two parts share (rows of δ
  * for top-k, input features for the Linear backward, output channels then samples for the
@@ -1438,29 +1441,73 @@ typedef struct {
     const int64_t *indices;
     int64_t planes, pooled_size, plane_size;
     float *delta;
+    double *plane_abs, *plane_sum; /* (planes,) each, or NULL: no sums */
 } unpool_call;
 
-/* Planes [first, end): zeros, then 0 + g[q] at the window maximum indices[q] of every pooled
- * entry q whose value is not <= 0 (what max pooling's backward and then ReLU's write). */
+/* Pooled entries per block of unpool_plane: their values are computed into a buffer on the
+ * stack first (a multiple of 8, so that an entry's lane in the sums is q mod 8). */
+enum { UNPOOL_BLOCK = 256 };
+
+/* Plane p into `plane` (plane_size,): zeros, then 0 + g[q] at the window maximum indices[q] of
+ * every pooled entry q whose value is not <= 0 (what max pooling's backward and then ReLU's
+ * write). With plane_abs, also the plane's Σ |δ| and Σ δ in float64, over its pooled entries in
+ * order in eight lanes (q mod 8) added up lane by lane. Returns 0, -1 on an index outside the
+ * plane (nothing written then). The values of a block are computed first, with a select the
+ * compiler vectorizes (written as one loop with the stores, it became a branch on the sign of
+ * z, mispredicted on about every other entry), then stored at their places. */
+static int unpool_plane(const unpool_call *c, int64_t p, float *plane) {
+    int64_t size = c->pooled_size;
+    const float *grad = c->grad + p * size, *pooled = c->pooled + p * size;
+    const int64_t *index = c->indices + p * size;
+    uint64_t outside = 0;
+    for (int64_t q = 0; q < size; q++) outside |= (uint64_t)index[q] >= (uint64_t)c->plane_size;
+    if (outside) return -1;
+    memset(plane, 0, (size_t)c->plane_size * sizeof(float));
+    double absolute[8] = {0}, total[8] = {0};
+#if defined(__AVX512F__) && defined(__GNUC__)
+    __m512d lanes_abs = _mm512_setzero_pd(), lanes_sum = _mm512_setzero_pd();
+#endif
+    for (int64_t block = 0; block < size; block += UNPOOL_BLOCK) {
+        int64_t count = size - block < UNPOOL_BLOCK ? size - block : UNPOOL_BLOCK;
+        float value[UNPOOL_BLOCK];
+        for (int64_t i = 0; i < count; i++) {
+            float kept = 0.0f + grad[block + i];
+            value[i] = pooled[block + i] <= 0.0f ? 0.0f : kept;
+        }
+        for (int64_t i = 0; i < count; i++) plane[index[block + i]] = value[i];
+        if (c->plane_abs == NULL) continue;
+#if defined(__AVX512F__) && defined(__GNUC__)
+        /* eight at a time; the lanes past the end add +0.0, which changes no sum (no lane is
+         * ever -0.0: every value is 0 + g or +0.0) */
+        for (int64_t i = 0; i < count; i += 8) {
+            __mmask8 lanes = (__mmask8)(count - i >= 8 ? 0xFF : (1u << (count - i)) - 1);
+            __m512d wide = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, value + i));
+            lanes_abs = _mm512_add_pd(lanes_abs, _mm512_abs_pd(wide));
+            lanes_sum = _mm512_add_pd(lanes_sum, wide);
+        }
+#else
+        for (int64_t i = 0; i < count; i++)
+            absolute[i % 8] += fabsf(value[i]), total[i % 8] += value[i];
+#endif
+    }
+    if (c->plane_abs == NULL) return 0;
+#if defined(__AVX512F__) && defined(__GNUC__)
+    _mm512_storeu_pd(absolute, lanes_abs), _mm512_storeu_pd(total, lanes_sum);
+#endif
+    double plane_abs = 0, plane_sum = 0;
+    for (int lane = 0; lane < 8; lane++) plane_abs += absolute[lane], plane_sum += total[lane];
+    c->plane_abs[p] = plane_abs, c->plane_sum[p] = plane_sum;
+    return 0;
+}
+
+/* Planes [first, end) of delta. */
 static int unpool_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
     const unpool_call *c = context;
     int64_t first = slice_start(c->planes, part, parts, 1);
     int64_t end = slice_start(c->planes, part + 1, parts, 1);
-    for (int64_t p = first; p < end; p++) {
-        const float *grad = c->grad + p * c->pooled_size, *pooled = c->pooled + p * c->pooled_size;
-        const int64_t *index = c->indices + p * c->pooled_size;
-        float *plane = c->delta + p * c->plane_size;
-        uint64_t outside = 0;
-        for (int64_t q = 0; q < c->pooled_size; q++)
-            outside |= (uint64_t)index[q] >= (uint64_t)c->plane_size;
-        if (outside) return -1;
-        memset(plane, 0, (size_t)c->plane_size * sizeof(float));
-        for (int64_t q = 0; q < c->pooled_size; q++) { /* branch-free: a window's own place */
-            float value = 0.0f + grad[q];
-            plane[index[q]] = pooled[q] <= 0.0f ? 0.0f : value;
-        }
-    }
+    for (int64_t p = first; p < end; p++)
+        if (unpool_plane(c, p, c->delta + p * c->plane_size)) return -1;
     return 0;
 }
 
@@ -1471,6 +1518,104 @@ static int unpool_part(const void *context, int64_t part, int64_t parts, int64_t
 int tp_relu_unpool_f32(const float *grad, const float *pooled, const int64_t *indices,
                        int64_t planes, int64_t pooled_size, int64_t plane_size, float *delta,
                        int64_t threads) {
-    unpool_call call = {grad, pooled, indices, planes, pooled_size, plane_size, delta};
+    unpool_call call = {grad, pooled, indices, planes, pooled_size, plane_size, delta, NULL, NULL};
     return run_parts(unpool_part, &call, parts_for(planes, threads), threads);
+}
+
+/* v rounded to float32, ±Inf beyond its range (a conversion out of range is undefined in C). */
+static float to_float(double v) {
+    if (isnan(v) || fabs(v) <= FLT_MAX) return (float)v;
+    return v > 0 ? INFINITY : -INFINITY;
+}
+
+/* row_abs (batch,) each sample's Σ |δ| and channel_sum (channels,) each channel's Σ δ from the
+ * planes' float64 sums plane_sums (2, batch, channels), the planes in order (a sample's over
+ * its channels, a channel's over the samples), rounded to float32 once. */
+static void add_plane_sums(const double *plane_sums, int64_t batch, int64_t channels,
+                           float *row_abs, float *channel_sum) {
+    int64_t planes = batch * channels;
+    for (int64_t s = 0; s < batch; s++) {
+        double sum = 0;
+        for (int64_t ch = 0; ch < channels; ch++) sum += plane_sums[s * channels + ch];
+        row_abs[s] = to_float(sum);
+    }
+    for (int64_t ch = 0; ch < channels; ch++) {
+        double sum = 0;
+        for (int64_t s = 0; s < batch; s++) sum += plane_sums[planes + s * channels + ch];
+        channel_sum[ch] = to_float(sum);
+    }
+}
+
+/* tp_relu_unpool_f32 on (batch, channels) planes, and the sums of δ the sparse backward needs
+ * besides (add_plane_sums): row_abs (batch,) each sample's Σ |δ| (its local error before the
+ * loss unit) and channel_sum (channels,) Σ δ over the batch (the bias gradient), the same at
+ * every thread count. plane_sums (2 · batch · channels,) is scratch. Returns as
+ * tp_relu_unpool_f32 (sums unspecified on -1). */
+int tp_relu_unpool_sums_f32(const float *grad, const float *pooled, const int64_t *indices,
+                            int64_t batch, int64_t channels, int64_t pooled_size,
+                            int64_t plane_size, float *delta, double *plane_sums,
+                            float *row_abs, float *channel_sum, int64_t threads) {
+    int64_t planes = batch * channels;
+    unpool_call call = {grad,  pooled,     indices,   planes, pooled_size, plane_size,
+                        delta, plane_sums, plane_sums + planes};
+    int status = run_parts(unpool_part, &call, parts_for(planes, threads), threads);
+    if (status == 0) add_plane_sums(plane_sums, batch, channels, row_abs, channel_sum);
+    return status;
+}
+
+typedef struct {
+    unpool_call unpool; /* the batch's planes, with their sums; delta unused */
+    int64_t batch, channels, keep;
+    int64_t *columns;
+    float *values, *scratch;     /* scratch (threads, 3 n): a row of δ, then top-k's 2 n */
+    int64_t *index_scratch;      /* (threads, n) */
+    const int64_t *sampled;
+} pooled_topk_call;
+
+/* Samples [first, end): each sample's row of δ (its planes one after the other) written into
+ * the worker's scratch, where it stays in the cache, and its keep entries of largest |δ|
+ * chosen from there by topk_row_f32 into columns and values at keep · s. */
+static int pooled_topk_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    const pooled_topk_call *c = context;
+    int64_t plane_size = c->unpool.plane_size, n = c->channels * plane_size;
+    int64_t first = slice_start(c->batch, part, parts, 1);
+    int64_t end = slice_start(c->batch, part + 1, parts, 1);
+    float *row = c->scratch + worker * 3 * n;
+    for (int64_t s = first; s < end; s++) {
+        for (int64_t ch = 0; ch < c->channels; ch++)
+            if (unpool_plane(&c->unpool, s * c->channels + ch, row + ch * plane_size)) return -1;
+        int status = topk_row_f32(row, n, c->keep, c->columns + s * c->keep,
+                                  c->values + s * c->keep, NULL, row + n,
+                                  c->index_scratch + worker * n, c->sampled);
+        if (status == 1) return s < INT_MAX - 1 ? (int)s + 1 : INT_MAX;
+        if (status) return status;
+    }
+    return 0;
+}
+
+/* tp_relu_unpool_sums_f32's sums and tp_topk_f32's selection of δ with the same keep for every
+ * row (batch rows of n = channels · plane_size), without writing δ: each sample's row is built
+ * in the worker's scratch (threads, 3 n) from the pooled entries, as tp_relu_unpool_f32 writes
+ * it, and top-k runs on it there; index_scratch (threads, n). Writes columns and values
+ * (batch · keep,), row by row, every row's keep entries (a row whose δ is all zero keeps its
+ * first zeros, as tp_topk_f32 would), row_abs (batch,), channel_sum (channels,); plane_sums
+ * (2 · batch · channels,) is scratch. Returns 0; -1 on an index outside the plane; -4 when
+ * keep is outside [1, n] (nothing written); 1 + s when row s of δ holds a NaN or ±Inf; -2 on
+ * a broken invariant (never expected). The outputs are unspecified unless it returns 0. */
+int tp_pooled_topk_f32(const float *grad, const float *pooled, const int64_t *indices,
+                       int64_t batch, int64_t channels, int64_t pooled_size, int64_t plane_size,
+                       int64_t keep, int64_t *columns, float *values, double *plane_sums,
+                       float *row_abs, float *channel_sum, float *scratch,
+                       int64_t *index_scratch, int64_t threads) {
+    int64_t planes = batch * channels, n = channels * plane_size;
+    if (keep < 1 || keep > n) return -4;
+    int64_t sampled[4 * SAMPLE];
+    sample_places(n, sampled);
+    pooled_topk_call call = {
+        {grad, pooled, indices, planes, pooled_size, plane_size, NULL, plane_sums,
+         plane_sums + planes},
+        batch, channels, keep, columns, values, scratch, index_scratch, sampled};
+    int status = run_parts(pooled_topk_part, &call, parts_for(batch, threads), threads);
+    if (status == 0) add_plane_sums(plane_sums, batch, channels, row_abs, channel_sum);
+    return status;
 }
