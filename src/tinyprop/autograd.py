@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tinyprop import native
 from tinyprop.functional import (
+    SCALAR_ROWS,
     few_cpu_rows,
     local_error,
     running_max,
@@ -148,20 +149,35 @@ class SparseBackprop(torch.autograd.Function):
             return grad_input, None, None, None, None
         size = flat.shape[1]
         unit = step.error_unit if step is not None else 1.0  # δ per unit of one sample's loss
-        magnitude = getattr(ctx, "local_errors", None)  # from tinyprop.pool_fusion, or
-        if magnitude is None:
-            magnitude = local_error(flat)  # (R,) Σ |δ| in the compute dtype
         drop = (
             policy.config.drop_skipped_rows
             and step is not None
             and step.couples_samples
             and rows_are_samples(step, x.shape, geometry)
         )
+        keeps_everything = policy.keeps_everything(call) or is_dense_small_layer(
+            policy.config, geometry
+        )
+        magnitude = getattr(ctx, "local_errors", None)  # from tinyprop.pool_fusion, or
+        selected = None  # the kept entries, selected with Σ |δ|, or
+        if magnitude is None and step is not None and not (drop or keeps_everything):
+            fixed = fixed_native_keep(
+                policy, call, geometry, x, weight, flat, *ctx.needs_input_grad[:2]
+            )
+            if fixed is not None:
+                summed = native.topk_with_sums(flat, fixed)  # None: a row left to local_error
+                if summed is not None:
+                    magnitude, *selected = summed  # (R,) Σ |δ|; CSR of every row
+        if magnitude is None:
+            magnitude = local_error(flat)  # (R,) Σ |δ| in the compute dtype
         rows = None  # None: every row, zero rows keep nothing (no host read of δ)
         poison = None  # NaN when a row's δ is not finite and a GradScaler must see it
         few = None  # a few CPU rows: their rows, k and Ymax_l in Python floats
         counts = None  # k of each row in Python ints, when a few rows' bookkeeping has them
         if step is not None and reads_are_free(flat.device) and few_cpu_rows(magnitude):
+            few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
+        if selected is not None and not selection_fits(few, fixed, magnitude):
+            magnitude, selected = local_error(flat), None  # the code below decides as before
             few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
         if few is not None:
             kept_rows, kept_errors, counts, maxima = few
@@ -201,9 +217,6 @@ class SparseBackprop(torch.autograd.Function):
                 if policy.config.running_max_per_batch:  # every row against the batch's Ymax_l
                     error_max = error_max[-1:].expand_as(error)  # (R',)
             keep = policy.keep_count(error, error_max, call.depth, size)  # (R',)
-        keeps_everything = policy.keeps_everything(call) or is_dense_small_layer(
-            policy.config, geometry
-        )
         limit = None  # the most each row can keep: N_l, or its non-zero entries
         if keeps_everything:
             keep = torch.full_like(keep, size)
@@ -247,7 +260,7 @@ class SparseBackprop(torch.autograd.Function):
                 defer = functools.partial(step.defer_update, ctx.weight_id, error, unit)
             grad_input, grad_weight, kernel = _gradients(
                 select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs, defer,
-                None if counts is None else (kept_rows, counts),
+                None if counts is None else (kept_rows, counts), selected,
             )  # fmt: skip
         if step is not None:
             full = None if counts is None else all(count >= size for count in counts)
@@ -468,14 +481,16 @@ def masked_gradients(
 
 def _gradients(
     select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
-    defer=None, counts=None,
+    defer=None, counts=None, selected=None,
 ):  # fmt: skip
     """Input and weight gradients of the rows ``rows`` (R',) from their kept entries, and the
     kernel that computed them (one of :data:`KERNELS`). ``defer(x, row_start, column, value)``:
     takes the native Linear kernel's kept entries for a fused SGD update instead of the weight
     gradient (which is then None) when it returns True. ``counts``: ``rows`` and ``keep`` as
     two lists of Python ints when a few rows' bookkeeping has them (fewer tensor operations,
-    the same gradients), else None."""
+    the same gradients), else None. ``selected``: the kept entries of the whole batch as
+    (row_start (B + 1,), column (M,), value (M,)) when :func:`fixed_native_keep`'s selection
+    found them already (the native kernel then runs on them), else None."""
     if not (needs_input or needs_weight):
         return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
@@ -488,6 +503,11 @@ def _gradients(
             EVERY_ENTRY,
         )
 
+    if selected is not None:  # fixed_native_keep made sure the native kernel runs on them
+        return (
+            *geometry.native_gradients(x, weight, *selected, needs_input, needs_weight),
+            NATIVE_SPARSE,
+        )
     is_linear = isinstance(geometry, LinearPatches)
     use_native, limit = kernel_choice(geometry, x, weight)
     kept = int(keep.sum()) if counts is None else sum(counts[1])  # M
@@ -548,6 +568,47 @@ def kernel_choice(geometry, x: Tensor, weight: Tensor) -> tuple[bool, float]:
     else:
         limit = DENSE_KERNEL_DENSITY if is_linear else CONV_DENSE_KERNEL_DENSITY
     return use_native, limit
+
+
+def fixed_native_keep(
+    policy, call, geometry, x, weight, flat, needs_input, needs_weight
+) -> int | None:  # fmt: skip
+    """k of every row when the native selection may take each row's Σ |δ| from the same read
+    of δ (:func:`tinyprop.native.topk_with_sums`), else None. Only where Y_l decides nothing
+    but which rows are zero (and the bounds of ``prove_finite``): a fixed-ratio top-k (k does
+    not follow Y_l), no random scores, no cap at the non-zero entries, not unified; a
+    convolution whose kept entries go to the native kernel (k within its density limit), on
+    a few float32 CPU rows (:func:`tinyprop.functional.few_cpu_rows`, which the caller's
+    bookkeeping then runs). The caller leaves out dense layers and dropped rows."""
+    rows, size = flat.shape
+    if (
+        policy.adaptive
+        or policy.random
+        or policy.config.unified
+        or policy.caps_keep_at_nonzero()
+        or not (needs_input or needs_weight)
+        or isinstance(geometry, LinearPatches)
+        or not 0 < rows <= SCALAR_ROWS
+        or flat.dtype != torch.float32
+        or not native.can_select(flat)
+    ):
+        return None
+    use_native, limit = kernel_choice(geometry, x, weight)
+    counts = policy.scalar_keep_counts([0.0], [0.0], call.depth, size)
+    if not use_native or counts is None or not 1 <= counts[0] <= limit * size:
+        return None
+    return counts[0]
+
+
+def selection_fits(few, fixed: int, magnitude: Tensor) -> bool:
+    """Whether :func:`few_rows`' bookkeeping ``few`` trains exactly the rows the native
+    selection kept entries of (those with Σ |δ| > 0; not so when Y_l = Σ |δ| / unit rounds
+    to 0 or the unit is negative), each with k = ``fixed``."""
+    if few is None:
+        return False
+    rows, _, counts, _ = few
+    nonzero = [row for row, value in enumerate(magnitude.tolist()) if value > 0]
+    return rows == nonzero and all(count == fixed for count in counts)
 
 
 def csr_offsets(batch: int, rows: list[int], counts: list[int]) -> list[int]:

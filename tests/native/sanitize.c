@@ -14,6 +14,8 @@ int tp_topk_f32(const float *, int64_t, int64_t, const int64_t *, int64_t *, flo
                 float *, int64_t *, int64_t);
 int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, double *,
                 double *, double *, int64_t *, int64_t);
+int tp_topk_sums_f32(const float *, int64_t, int64_t, int64_t, float *, int64_t *, int64_t *,
+                     float *, float *, int64_t *, int64_t);
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
                            int64_t *, int64_t *, float *, int64_t);
@@ -103,6 +105,46 @@ static int check_topk(int64_t rows, int64_t n, int64_t threads) {
     free(delta), free(masked), free(wide), free(wide_masked), free(keep), free(columns);
     free(index), free(values), free(scratch), free(wide_values), free(wide_scratch);
     free(wide_columns);
+    return failed;
+}
+
+/* tp_topk_sums_f32 on rows of every kind, some all zero, exactly-sized buffers: a row with a
+ * NaN or ±Inf gives 1 + its index or an earlier one's; else each row's sum is within rounding
+ * of Σ |δ| (0 exactly for a zero row, which keeps nothing), the offsets count k per other row,
+ * and every kept row is what tp_topk_f32 keeps of it. */
+static int check_topk_sums(int64_t rows, int64_t n, int64_t threads) {
+    float *delta = malloc(sizeof(float) * rows * n), *sums = malloc(sizeof(float) * rows);
+    int kind = rand() % 5, first_bad = 0;
+    int64_t k = 1 + rand() % (rand() % 2 ? n : n / 8 + 1);
+    for (int64_t r = 0; r < rows; r++) {
+        int zero = rand() % 4 == 0;
+        for (int64_t i = 0; i < n; i++) delta[r * n + i] = zero ? 0.0f : entry(kind);
+        if (!first_bad && !row_is_finite_f32(delta + r * n, n)) first_bad = (int)r + 1;
+    }
+    int64_t *row_start = malloc(sizeof(int64_t) * (rows + 1));
+    int64_t *columns = malloc(sizeof(int64_t) * rows * k), *index = malloc(sizeof(int64_t) * threads * n);
+    float *values = malloc(sizeof(float) * rows * k), *scratch = malloc(sizeof(float) * threads * 2 * n);
+    int status = tp_topk_sums_f32(delta, rows, n, k, sums, row_start, columns, values, scratch,
+                                  index, threads);
+    int failed = first_bad ? !(status >= 1 && status <= first_bad) : status != 0;
+    failed |= tp_topk_sums_f32(delta, rows, n, 0, sums, row_start, columns, values, scratch, index,
+                               threads) != -1;
+    for (int64_t r = 0; !failed && status == 0 && r < rows; r++) {
+        double sum = 0;
+        for (int64_t i = 0; i < n; i++) sum += fabs((double)delta[r * n + i]);
+        int64_t count = row_start[r + 1] - row_start[r];
+        failed |= sum == 0 ? sums[r] != 0 || count != 0
+                           : fabs(sums[r] - sum) > 1e-6 * sum || count != k ||
+                                 !topk_row_is_valid_f32(delta + r * n, n, k,
+                                                        columns + row_start[r],
+                                                        values + row_start[r], NULL);
+    }
+    failed |= status == 0 && row_start[0] != 0;
+    if (failed)
+        fprintf(stderr, "topk_sums rows %lld n %lld k %lld kind %d: status %d, first bad %d\n",
+                (long long)rows, (long long)n, (long long)k, kind, status, first_bad);
+    free(delta), free(sums), free(row_start), free(columns), free(index), free(values);
+    free(scratch);
     return failed;
 }
 
@@ -460,6 +502,8 @@ int main(int argc, char **argv) {
     srand(7);
     for (int trial = 0; trial < cases; trial++)
         if (check_topk(1 + rand() % 4, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases / 2; trial++)
+        if (check_topk_sums(1 + rand() % 6, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_linear(1 + rand() % 6, 1 + rand() % (trial % 4 ? 40 : 300), 1 + rand() % 150,
                          1 + rand() % 4)) /* up to 300 outputs: several blocks of 128 */

@@ -45,6 +45,9 @@ def library() -> ctypes.CDLL | None:
     for name in ("tp_topk_f32", "tp_topk_f64"):
         getattr(lib, name).argtypes = [_pointer, _int64, _int64] + [_pointer] * 6 + [_int64]
         getattr(lib, name).restype = ctypes.c_int
+    lib.tp_topk_sums_f32.argtypes = [_pointer, _int64, _int64, _int64] + [_pointer] * 6
+    lib.tp_topk_sums_f32.argtypes += [_int64]
+    lib.tp_topk_sums_f32.restype = ctypes.c_int
     lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
     lib.tp_linear_backward_f32.argtypes += [_pointer] * 8 + [_int64]
     lib.tp_linear_backward_f32.restype = ctypes.c_int
@@ -203,6 +206,51 @@ def topk(
         return output
     rows = torch.repeat_interleave(torch.arange(samples), keep) if with_rows else None  # (M,)
     return rows, columns, values
+
+
+def topk_with_sums(delta: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Each row's Σ |δ| and, for a ``keep`` that is the same for every row, its kept entries
+    (as :func:`topk`), from one read of the row: a row whose Σ |δ| is 0 keeps nothing.
+
+    ``delta`` (R, N) float32 on the CPU, ``keep`` in [1, N]. Returns ``(sums, row_start,
+    columns, values)``: (R,) float32 Σ |δ| (summed in float64, so it may differ from
+    ``delta.abs().sum(1)`` in the last bits; exactly 0 for a zero row), (R + 1,) CSR offsets
+    of the kept entries, and (M,) their indices and δ, row by row in ascending order. None
+    when a row's Σ |δ| is NaN, infinite or within 1% of float32's largest value (the caller's
+    own sums and checks decide those rows).
+
+    Raises:
+        ValueError: ``keep`` outside [1, N], or ``delta`` not (R, N) float32 on the CPU.
+    """
+    if delta.dim() != 2 or delta.dtype != torch.float32 or delta.device.type != "cpu":
+        raise ValueError(
+            f"topk_with_sums needs a (R, N) float32 CPU tensor, got {tuple(delta.shape)} "
+            f"{delta.dtype} on {delta.device}"
+        )
+    delta = _readable(delta, torch.float32)
+    samples, size = delta.shape
+    if not 1 <= keep <= size:
+        raise ValueError(f"keep must be in [1, {size}], got {keep}")
+    threads = threads_for(delta.numel(), SELECTION_GRAIN)  # parts of the rows
+    scratch = _scratch_buffer(torch.float32, threads * 2 * size)  # (T, 2 N)
+    index_scratch = _scratch_buffer(torch.int64, threads * size)  # (T, N)
+    sums = _float32_empty(samples)  # (R,)
+    row_start = torch.empty(samples + 1, dtype=torch.int64)  # (R + 1,)
+    columns = torch.empty(samples * keep, dtype=torch.int64)  # (R k,) slots
+    values = _float32_empty(samples * keep)  # (R k,)
+    status = library().tp_topk_sums_f32(
+        delta.data_ptr(), samples, size, keep, sums.data_ptr(), row_start.data_ptr(),
+        columns.data_ptr(), values.data_ptr(), scratch.data_ptr(), index_scratch.data_ptr(),
+        threads,
+    )  # fmt: skip
+    if status > 0:  # a row the caller's own sum must judge
+        return None
+    if status != 0:
+        raise RuntimeError(
+            f"tinyprop's native top-k kernel failed (status {status}); please report"
+        )
+    kept = int(row_start[-1])  # M
+    return sums, row_start, columns[:kept], values[:kept]
 
 
 def _check_selection(status: int, delta: Tensor, keep: Tensor) -> None:

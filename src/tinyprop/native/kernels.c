@@ -2,6 +2,7 @@
  *
  * tp_topk_{f32,f64}: the k entries of largest magnitude of each row, ties to the lower index:
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
+ * tp_topk_sums_f32: the same for one fixed k, with each row's Σ |δ| from the same read of it.
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each (grad_input reads the weight row by row).
  * tp_linear_update_f32, tp_linear_update_momentum_f32: SGD's update (plain, or with momentum)
@@ -448,6 +449,11 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
         int64_t end = slice_start(c->rows, part + 1, parts, 1), at = 0;                      \
         for (int64_t r = 0; r < first; r++) at += c->keep[r]; /* this part's first slot */   \
         for (int64_t r = first; r < end; r++) {                                              \
+            if (r + 1 < end) { /* the next row into the cache while this one is selected */  \
+                const char *next = (const char *)(c->delta + (r + 1) * n);                   \
+                for (int64_t byte = 0; byte < n * (int64_t)sizeof(T); byte += 64)            \
+                    __builtin_prefetch(next + byte);                                         \
+            }                                                                                \
             int status = topk_row_##SUFFIX(                                                  \
                 c->delta + r * n, n, c->keep[r], c->columns ? c->columns + at : NULL,        \
                 c->values ? c->values + at : NULL, c->masked ? c->masked + r * n : NULL,     \
@@ -473,6 +479,88 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
 
 DEFINE_TOPK(f32, float, fabsf, nextafterf(0.0f, 1.0f), FLT_MAX)
 DEFINE_TOPK(f64, double, fabs, nextafter(0.0, 1.0), DBL_MAX)
+
+/* Σ |row[i]| over a row of n floats, in double (every float converts exactly): LANES sums of
+ * every LANES-th entry (independent, so the vector adds do not wait on each other), then
+ * added in lane order; the same value whatever the thread count. */
+enum { LANES = 32 };
+static double row_magnitude(const float *row, int64_t n) {
+    double lane[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) lane[j] += fabs((double)row[i + j]);
+    for (int j = 0; i < n; i++, j++) lane[j] += fabs((double)row[i]);
+    double sum = 0;
+    for (int j = 0; j < LANES; j++) sum += lane[j];
+    return sum;
+}
+
+/* A row's Σ |δ| at or above this is left to the caller's own sum (NaN, ±Inf, or a finite row
+ * near float32's overflow, where another summation order could round to inf). */
+#define NEAR_OVERFLOW (FLT_MAX / 1.01f)
+
+typedef struct {
+    const float *delta;
+    int64_t rows, n, k;
+    float *sums;
+    int64_t *counts, *columns;
+    float *values, *scratch;
+    int64_t *index_scratch;
+    const int64_t *sampled;
+} topk_sums_call;
+
+static int topk_sums_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    const topk_sums_call *c = context;
+    int64_t n = c->n, k = c->k, first = slice_start(c->rows, part, parts, 1);
+    int64_t end = slice_start(c->rows, part + 1, parts, 1);
+    for (int64_t r = first; r < end; r++) {
+        const float *row = c->delta + r * n;
+        double sum = row_magnitude(row, n); /* reads the row into the cache for its selection */
+        c->sums[r] = (float)sum;
+        c->counts[r] = 0;
+        if (!(sum < (double)NEAR_OVERFLOW)) return r < INT_MAX - 1 ? (int)r + 1 : INT_MAX;
+        if (sum == 0) continue; /* a zero row keeps nothing */
+        int status = topk_row_f32(row, n, k, c->columns + r * k, c->values + r * k, NULL,
+                                  c->scratch + worker * 2 * n, c->index_scratch + worker * n,
+                                  c->sampled);
+        if (status) return status == 1 ? (int)(r < INT_MAX - 1 ? r + 1 : INT_MAX) : status;
+        c->counts[r] = k;
+    }
+    return 0;
+}
+
+/* Top-k with each row's local error, for a k that does not depend on it (fixed-ratio top-k):
+ * sums[r] = Σ |δ| of row r (float32, summed in double: see row_magnitude), and the k entries of
+ * largest |δ| of every row whose sum is not 0, as tp_topk_f32 keeps them; a zero row keeps
+ * nothing. One pass per row reads it for both, so the selection finds it in the cache.
+ * Writes row_start (rows + 1,) and the kept entries row by row, columns and values (rows · k
+ * slots each: the first row_start[rows] hold them). scratch (threads, 2 n) float,
+ * index_scratch (threads, n). Returns 0; -1 when k is outside [1, n] (nothing written); 1 + r
+ * for a row r whose sum is NaN, ±Inf or near float32's overflow (NEAR_OVERFLOW: the outputs
+ * are then unspecified, the caller sums and selects by its own means); -2 on a broken
+ * invariant. */
+int tp_topk_sums_f32(const float *delta, int64_t rows, int64_t n, int64_t k, float *sums,
+                     int64_t *row_start, int64_t *columns, float *values, float *scratch,
+                     int64_t *index_scratch, int64_t threads) {
+    if (k < 1 || k > n) return -1;
+    int64_t sampled[4 * SAMPLE];
+    sample_places(n, sampled);
+    topk_sums_call call = {delta, rows, n, k, sums, row_start + 1, columns, values, scratch,
+                           index_scratch, sampled};
+    int status = run_parts(topk_sums_part, &call, parts_for(rows, threads), threads);
+    if (status) return status;
+    row_start[0] = 0; /* row_start[r + 1] held row r's count: make it the offsets, and move
+                       * every row's entries from its slot r · k down to row_start[r] */
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t count = row_start[r + 1], at = row_start[r];
+        if (at != r * k && count) {
+            memmove(columns + at, columns + r * k, (size_t)count * sizeof(int64_t));
+            memmove(values + at, values + r * k, (size_t)count * sizeof(float));
+        }
+        row_start[r + 1] = at + count;
+    }
+    return 0;
+}
 
 /* Features per tile of the Linear weight gradient: the tile's outputs are summed in registers.
  * The input gradient reads the weight row by row, asking for the row PREFETCH_ROWS ahead of

@@ -1,0 +1,138 @@
+"""Fixed-ratio top-k's selection with each row's Σ |δ| in one native pass
+(tinyprop.native.topk_with_sums, used by tinyprop.autograd.fixed_native_keep): the same kept
+entries, gradients and records as the selection after PyTorch's Σ |δ|."""
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+import tinyprop.autograd
+from tinyprop import native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler")
+
+
+def rows_of_every_kind(rows: int = 12, size: int = 3000) -> torch.Tensor:
+    """(rows, size) float32: continuous, mostly zeros, ties, denormals, and all-zero rows."""
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(rows, size, generator=generator)
+    delta[1][torch.rand(size, generator=generator) < 0.9] = 0
+    delta[2] = torch.randint(-2, 3, (size,), generator=generator).float()
+    delta[3] = delta[3] * 1e-40
+    delta[4] = 0
+    delta[7] = 0
+    delta[8, :5] = 0.5  # fewer non-zero entries than k: the first zeros fill the row
+    delta[8, 5:] = 0
+    return delta
+
+
+@pytest.mark.parametrize("keep", [1, 7, 150, 3000])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_topk_with_sums_keeps_what_topk_keeps_and_nothing_of_zero_rows(keep, threads, monkeypatch):
+    monkeypatch.setattr(native, "SELECTION_GRAIN", 1)  # a part per row or so
+    delta = rows_of_every_kind()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sums, row_start, columns, values = native.topk_with_sums(delta, keep)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(sums, delta.abs().sum(1), rtol=1e-6, atol=0)
+    nonzero = (delta != 0).any(1)
+    assert torch.equal(sums != 0, nonzero)  # exactly 0 on the zero rows (denormals are not)
+    counts = torch.where(nonzero, keep, 0)
+    assert torch.equal(row_start, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    rows = nonzero.nonzero().flatten()
+    _, expected_columns, expected_values = native.topk(delta[rows], counts[rows])
+    assert torch.equal(columns, expected_columns)
+    assert torch.equal(values, expected_values)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "overflow"])
+def test_topk_with_sums_leaves_rows_not_finite_or_near_overflow_to_the_caller(bad):
+    """None (the caller's own Σ |δ| and checks decide): a NaN or ±Inf entry, or finite entries
+    whose sum is within 1% of float32's largest value, where another summation order could
+    round to inf."""
+    delta = rows_of_every_kind()
+    if bad == "overflow":
+        delta[5, :2] = torch.finfo(torch.float32).max / 2
+    else:
+        delta[5, 10] = bad
+    assert native.topk_with_sums(delta, 20) is None
+    with pytest.raises(ValueError, match="keep must be in"):
+        native.topk_with_sums(rows_of_every_kind(), 0)
+    with pytest.raises(ValueError, match="float32"):
+        native.topk_with_sums(rows_of_every_kind().double(), 3)
+
+
+def depthwise_separable_cnn() -> nn.Module:
+    """The speed benchmark's MobileNet-style block at a small size: a first conv on one channel,
+    a depthwise and a pointwise conv with BatchNorm and ReLU, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),  # (B, 8, 6, 6)
+        nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 32, 1, bias=True), nn.BatchNorm2d(32), nn.ReLU(),  # fan-in 8: dense
+        nn.Conv2d(32, 32, 1), nn.ReLU(),  # fan-in 32: the native convolution kernel
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("policy", ["topk", "tinyprop"])
+def test_training_with_the_summed_selection_equals_the_separate_one(threads, policy, monkeypatch):
+    """Three steps with samples whose loss (so δ) is zero in every layer: the same k, kept
+    rows, kernels, ledger and weights bit for bit with and without the one-pass selection
+    (``tinyprop`` never takes it: k follows Y_l there)."""
+    for name in ("SELECTION_GRAIN", "BACKWARD_GRAIN", "LAYOUT_GRAIN"):
+        monkeypatch.setattr(native, name, 1)
+    calls = []
+    original = native.topk_with_sums
+    monkeypatch.setattr(
+        native, "topk_with_sums", lambda *a: calls.append(a[1]) or original(*a)
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 1, 12, 12, generator=generator), torch.randint(0, 4, (8,)))
+        for _ in range(3)
+    ]
+    trained = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1.0])  # two samples' δ is zero
+
+    def loss(output, target):
+        return nn.functional.cross_entropy(output, target, reduction="none") * trained
+
+    def train(summed: bool):
+        torch.manual_seed(0)
+        model = tinyprop.apply(
+            depthwise_separable_cnn(), tinyprop.TinyPropConfig(policy=policy, ratio=0.1)
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ledger = tinyprop.Ledger()
+        with monkeypatch.context() as patch:
+            if not summed:
+                patch.setattr(tinyprop.autograd, "fixed_native_keep", lambda *a: None)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                stats = [tinyprop.train_step(model, x, y, loss, optimizer) for x, y in batches]
+            finally:
+                torch.set_num_threads(before)
+        for step in stats:
+            ledger += step.macs
+        return model, stats, ledger
+
+    separate, separate_stats, separate_ledger = train(summed=False)
+    assert not calls
+    summed, summed_stats, summed_ledger = train(summed=True)
+    # a step's depthwise and 32 -> 32 convolutions (the first one's 10% is past its native limit)
+    assert len(calls) == (6 if policy == "topk" else 0)
+    for step, expected in zip(summed_stats, separate_stats, strict=True):
+        assert step.kernels == expected.kernels
+        assert step.kernels["3"] == tinyprop.autograd.NATIVE_SPARSE
+        for name, keep in step.keep.items():
+            assert torch.equal(keep, expected.keep[name]), name
+    assert summed_ledger.ratio() == separate_ledger.ratio()
+    for (name, value), expected in zip(
+        summed.state_dict().items(), separate.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, expected), name
