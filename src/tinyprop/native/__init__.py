@@ -108,6 +108,14 @@ def _scratch_buffer(dtype: torch.dtype, size: int) -> Tensor:
     return buffer
 
 
+@functools.lru_cache(maxsize=256)
+def _sizes(values: tuple[int, ...]) -> Tensor:
+    """``values`` as an int64 CPU tensor for a kernel to read (never written: the kernels take
+    their sizes as const), made once per distinct tuple: a layer's sizes are the same every
+    step, and a tensor made from a list costs a few tensor operations each call."""
+    return torch.tensor([int(value) for value in values], dtype=torch.int64)
+
+
 def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -448,8 +456,7 @@ def conv_backward(
         scratch = _float32_empty(threads, in_h * in_w * channels_in)
     if needs_weight:
         grad_weight = _float32_empty(*weight.shape)
-    dims = torch.tensor(shape, dtype=torch.int64)
-    padding = torch.tensor(pads, dtype=torch.int64)
+    dims, padding = _sizes(tuple(shape)), _sizes(tuple(pads))
     status = library().tp_conv_backward_planes_f32(
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(), padding.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
@@ -514,7 +521,7 @@ def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight,
     x, weight, row_start, column, value = inputs
     grad_input = torch.empty_like(x) if needs_input else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
-    dims = torch.tensor(shape, dtype=torch.int64)
+    dims = _sizes(tuple(shape))
     status = getattr(library(), name)(
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
@@ -541,7 +548,7 @@ def channels_last(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     batch, channels, height, width = x.shape
     top, bottom, left, right = pads
     out = _float32_empty(batch, top + height + bottom, left + width + right, channels)
-    shape = torch.tensor([batch, channels, height, width, *pads], dtype=torch.int64)
+    shape = _sizes((batch, channels, height, width, *pads))
     threads = threads_for(out.numel(), LAYOUT_GRAIN)
     library().tp_channels_last_f32(x.data_ptr(), shape.data_ptr(), out.data_ptr(), threads)
     return out
@@ -555,7 +562,7 @@ def channels_first(grad: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     top, bottom, left, right = pads
     height, width = padded_h - top - bottom, padded_w - left - right
     out = _float32_empty(batch, channels, height, width)
-    shape = torch.tensor([batch, channels, height, width, *pads], dtype=torch.int64)
+    shape = _sizes((batch, channels, height, width, *pads))
     threads = threads_for(out.numel(), LAYOUT_GRAIN)
     library().tp_channels_first_f32(grad.data_ptr(), shape.data_ptr(), out.data_ptr(), threads)
     return out
