@@ -1,15 +1,24 @@
 """Run by tests/test_integrations.py as ``python lightning_ddp_job.py OUT_FOLDER``: the Lightning
 recipe on 2 CPU processes (strategy "ddp", gloo) with accumulate_grad_batches=2, first topk at
 ratio 1.0, then tinypropv2; each rank writes its weights, trained counts and tinyprop's warnings
-as JSON (Lightning starts rank 1 by running this script again)."""
+as JSON (Lightning starts rank 1 by running this script again).
 
+The ranks meet through a file in OUT_FOLDER (:class:`FileStoreDDP`), not through the TCP port
+Lightning picks as free (MASTER_PORT) before rank 0 binds it: a job running at the same time
+could take that port, or join the group."""
+
+import datetime
+import gc
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 import tinyprop
@@ -27,6 +36,23 @@ def mlp() -> nn.Module:
 def data():
     x = torch.randn(SAMPLES, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return x, x[:, :5].argmax(1)
+
+
+class FileStoreDDP(DDPStrategy):
+    """Lightning's DDP strategy, its process group made through a FileStore in the output
+    folder (Lightning then finds it made and uses it)."""
+
+    def setup_distributed(self) -> None:
+        self.set_world_ranks()
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo",
+                init_method="file://" + os.path.join(os.path.abspath(sys.argv[1]), "store"),
+                rank=self.global_rank,
+                world_size=self.world_size,
+                timeout=datetime.timedelta(seconds=120),
+            )
+        super().setup_distributed()
 
 
 class Classifier(pl.LightningModule):
@@ -50,7 +76,7 @@ def fit(config) -> dict:
     module = Classifier(tinyprop.apply(mlp(), config))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data()), batch_size=BATCH)
     trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+        max_epochs=1, accelerator="cpu", devices=2, strategy=FileStoreDDP(), logger=False,
         accumulate_grad_batches=ACCUMULATE, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[TinyPropCallback()],
     )  # fmt: skip
@@ -73,3 +99,8 @@ if __name__ == "__main__":
     }
     rank = runs["topk"]["rank"]
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(runs))
+    # Lightning leaves a gloo group to the interpreter's exit: let the models (their DDP
+    # reducers hold the group) go, meet, and tear it down while Python is still whole
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

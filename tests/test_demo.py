@@ -30,4 +30,4 @@ def test_demo_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as error:
         cli.main(["demo", "--epochs", "0"])
     assert error.value.code == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert "must be an integer in [1, 10000]" in capsys.readouterr().err

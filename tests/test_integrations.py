@@ -323,6 +323,8 @@ def test_lightning_ddp_with_gradient_accumulation(tmp_path):
     warned that the model was not wrapped in DDP: Lightning wraps the LightningModule)."""
     pytest.importorskip("pytorch_lightning")
     import json
+    import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -330,10 +332,17 @@ def test_lightning_ddp_with_gradient_accumulation(tmp_path):
     import lightning_ddp_job as job
 
     script = Path(__file__).with_name("lightning_ddp_job.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+    # the ranks meet through a file: a MASTER_PORT held by another job (here: this test) is
+    # not used (rank 0 failed to bind it, or joined a stranger's group, when Lightning's
+    # port was taken between being picked and bound)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(taken.getsockname()[1])}
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True,
+            text=True, timeout=300, env=env,
+        )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     model = job.mlp()  # the reference: Adam on the 16 samples of each optimizer step

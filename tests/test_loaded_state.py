@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tinyprop
+from tinyprop.budget import BudgetController, count_check
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 CONFIG = tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.3)
@@ -38,11 +39,16 @@ def checkpoint() -> dict:
     return net.state_dict()
 
 
-def scaled(checkpoint: dict, names: list[str], factor: float) -> dict:
+def scaled(checkpoint: dict, names: list[str], factor: float, recheck: bool = True) -> dict:
+    """The checkpoint with the named budget counts scaled; ``recheck``: its check value made
+    to fit them (a foreign or hostile checkpoint; a count changed alone does not fit it)."""
     corrupt = dict(checkpoint)
     for name in names:
         entry = f"tinyprop_budget_{name}"
         corrupt[entry] = (corrupt[entry].double() * factor).long()
+    if recheck:
+        counts = [int(corrupt[name]) for name in BudgetController.COUNTS]
+        corrupt[BudgetController.CHECK] = torch.tensor(count_check(counts))
     return corrupt
 
 
@@ -71,6 +77,32 @@ def test_scaled_budget_counts_are_refused(checkpoint, names, factor, match):
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize(
+    "name", ["spent", "dense", "steps", "smoothed_spent", "smoothed_dense", "check"]
+)
+@pytest.mark.parametrize("factor", [10, 0.5])
+def test_one_budget_count_scaled_alone_is_refused_by_the_check_value(checkpoint, name, factor):
+    """One count x 10 (or halved) passed every check on the counts (a run ratio of 0.3 x 10,
+    a step count 10 times too high) and loaded: the controller then held the run away from b.
+    The checkpoint's check value of the five counts tells."""
+    with pytest.raises(ValueError, match="do not give their check value.*afresh"):
+        model().load_state_dict(scaled(checkpoint, [name], factor, recheck=False))
+
+
+def test_a_checkpoint_saved_before_the_check_value_loads_and_resumes(checkpoint):
+    """A checkpoint without the check value (saved before it existed) loads, strict, with its
+    counts; the check value is computed from them, so that it saves and loads again."""
+    old = {k: v for k, v in checkpoint.items() if k != "tinyprop_budget_check"}
+    net = model()
+    net.load_state_dict(old)
+    assert int(net.tinyprop_budget_steps) == 3
+    assert int(net.tinyprop_budget_check) == int(checkpoint["tinyprop_budget_check"]) != 0
+    train(net, 2, start=3)
+    model().load_state_dict(net.state_dict())
+    without = {k: v for k, v in checkpoint.items() if not k.startswith("tinyprop_budget_")}
+    model().load_state_dict(without)  # no controller at all: it starts afresh, as before
+
+
 @pytest.mark.parametrize("value", [1e30, 2.5, -3.0, float("nan")])
 def test_a_count_that_is_no_whole_number_is_refused(checkpoint, value):
     """A float 1e30 became -2^63 in the int64 buffer; 2.5 was cut to 2."""
@@ -80,7 +112,7 @@ def test_a_count_that_is_no_whole_number_is_refused(checkpoint, value):
 
 
 def test_counts_after_zero_steps_are_refused(checkpoint):
-    corrupt = dict(checkpoint, tinyprop_budget_steps=torch.tensor(0))
+    corrupt = scaled(dict(checkpoint, tinyprop_budget_steps=torch.tensor(0)), [], 1)
     with pytest.raises(ValueError, match="tinyprop_budget_steps is 0"):
         model().load_state_dict(corrupt)
 

@@ -235,3 +235,19 @@ def test_a_weight_gradient_that_overflows_from_finite_factors_is_refused():
     with pytest.raises(FloatingPointError, match="a parameter gradient is NaN or infinite"):
         tinyprop.train_step(model, x, torch.zeros(2), wavy, optimizer)
     assert_untouched(model, optimizer, before)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_nan_loss_from_broken_weights_names_the_weights(policy):
+    """A weight holding NaN (a step of too large a learning rate, a broken checkpoint) made
+    every loss NaN, and the error said to check the inputs; it names the weights now."""
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy=policy))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 12, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(FloatingPointError, match="Check the inputs"):
+        tinyprop.train_step(model, x.clone().fill_(float("nan")), y, loss, optimizer)
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="weights hold NaN or inf: 4.weight;"):
+        tinyprop.train_step(model, x, y, loss, optimizer)

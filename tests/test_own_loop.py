@@ -552,3 +552,54 @@ def test_a_finished_step_lets_its_model_output_and_graph_go(policy, loop):
     gc.collect()
     alive = [ref for ref in outputs if ref() is not None]
     assert outputs and not alive, f"{len(alive)} of {len(outputs)} model outputs still alive"
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinyprop", "randomk"])
+@pytest.mark.parametrize("other_applied", [False, True])
+@pytest.mark.parametrize("way", ["backward", "loss"])
+def test_losses_of_another_model_are_refused(policy, other_applied, way):
+    """tinyprop.backward(model_b, losses_of_model_a): the backward ran through A and B's step
+    returned empty stats and an empty ledger, silently (tinypropv2 refused it already: its
+    decision finds that the losses do not depend on B's output). Also when B ran no forward
+    pass since its last step; not when B's sparse layers are frozen on an input without a
+    gradient (nothing of B to run)."""
+    torch.manual_seed(0)
+    config = tinyprop.TinyPropConfig(policy=policy, ratio=0.5)
+    model_a, model_b = build("mlp"), tinyprop.apply(build("mlp"), config)
+    if other_applied:
+        tinyprop.apply(model_a, config)
+    x, y = batch("mlp")
+
+    def step(losses):
+        if way == "backward":
+            return tinyprop.backward(model_b, losses)
+        tinyprop.loss(model_b, losses).backward()
+        return tinyprop.step_stats(model_b)
+
+    model_b(x)  # B ran, the losses are A's
+    with pytest.raises(ValueError, match="reached none of the sparse layers.*called 3 sparse"):
+        step(LOSS(model_a(x), y))
+    with pytest.raises(ValueError, match="ran no forward pass with gradients"):
+        step(LOSS(model_a(x), y))
+    assert step(LOSS(model_b(x), y)).keep  # B's own losses train as before
+    for parameter in model_b.parameters():
+        parameter.requires_grad_(False)
+    model_b(x)  # frozen B: its layer calls need no backward, A's losses go through
+    assert step(LOSS(model_a(x), y)).keep == {}
+
+
+def test_a_detached_output_or_a_sample_dim_outside_it_is_named():
+    """output= a detached tensor gave PyTorch's 'One of the differentiated Tensors does not
+    require grad'; sample_dim=2 of a (B, C) output an IndexError ('tuple index out of
+    range')."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp")
+    output = model(x)
+    with pytest.raises(ValueError, match="does not require grad: it is detached"):
+        tinyprop.backward(model, LOSS(output, y), output=output.detach())
+    output = model(x)
+    with pytest.raises(ValueError, match="sample_dim=2 is not a dimension of the output"):
+        tinyprop.backward(model, LOSS(output, y), sample_dim=2)
+    output = model(x)
+    assert tinyprop.backward(model, LOSS(output, y), output=output, sample_dim=-2).trained

@@ -73,6 +73,9 @@ BAD_ARGUMENTS = [
     (TRAIN + ["--lr", "-1"], "--lr"),
     (TRAIN + ["--epochs", "0"], "--epochs"),
     (TRAIN + ["--epochs", "-1"], "--epochs"),
+    (TRAIN + ["--epochs", "1000000000000"], "--epochs"),  # trained until it was killed
+    (TRAIN + ["--pretrain-epochs", "1000000000000"], "--pretrain-epochs"),
+    (["demo", "--epochs", "100001"], "--epochs"),
     (TRAIN + ["--train-samples", "0"], "--train-samples"),
     (TRAIN + ["--test-samples", "x"], "--test-samples"),
     (TRAIN + ["--seed", "-3"], "--seed"),

@@ -177,6 +177,9 @@ class BudgetController:
     SMOOTHED_DENSE = "tinyprop_budget_smoothed_dense"  # D̂
     LOG_KEEP_SCALE = "tinyprop_budget_log_keep_scale"  # u_k = log c
     LOG_TRAINED_SHARE = "tinyprop_budget_log_trained_share"  # u_q = log(q / q0)
+    CHECK = "tinyprop_budget_check"  # a check value of the five counts (count_check)
+    COUNTS = (SPENT, DENSE, STEPS, SMOOTHED_SPENT, SMOOTHED_DENSE)
+    NAMES = (*COUNTS, LOG_KEEP_SCALE, LOG_TRAINED_SHARE, CHECK)
 
     def __init__(
         self,
@@ -212,6 +215,7 @@ class BudgetController:
             self.SMOOTHED_DENSE: torch.zeros((), **count),
             self.LOG_KEEP_SCALE: torch.tensor(math.log(self.keep_start), dtype=torch.float64),
             self.LOG_TRAINED_SHARE: torch.zeros((), dtype=torch.float64),
+            self.CHECK: torch.zeros((), **count),  # count_check of five zeros
         }
 
     def _buffer(self, name: str) -> Tensor:
@@ -222,9 +226,9 @@ class BudgetController:
         (:meth:`check_counts`), or whose log c, log(q / q0) lie outside the controller's
         limits (NaN, infinite or huge: the step would fail or silently train nothing). The
         counts' scale is checked against this model at the first step (:meth:`check_step`)."""
-        names = (self.SPENT, self.DENSE, self.STEPS, self.SMOOTHED_SPENT, self.SMOOTHED_DENSE)
-        counts = [check_count(state_dict.get(prefix + name), prefix + name) for name in names]
+        counts = [check_count(state_dict.get(prefix + name), prefix + name) for name in self.COUNTS]
         if None not in counts:
+            self._check_value(state_dict.get(prefix + self.CHECK), counts, prefix)
             self.check_counts(*counts, prefix)
             self.unchecked_scale = True
         for name, (low, high) in (
@@ -242,6 +246,36 @@ class BudgetController:
                         "whose controller state does not carry over: delete its "
                         "tinyprop_budget_* entries to start the controller afresh)"
                     )
+
+    def _check_value(self, value, counts: list[int], prefix: str) -> None:
+        """Refuse counts that do not give the checkpoint's check value (:func:`count_check`,
+        written with the counts at every step): one of them was changed after it was saved
+        (a count x 10 passes every other check). A checkpoint without one (saved before the
+        check value existed) is taken as it is: :meth:`accept_without_check`."""
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            return
+        if value.is_floating_point() or int(value) != count_check(counts):
+            names = ", ".join(f"{prefix}{name} = {count}" for name, count in zip(
+                self.COUNTS, counts, strict=True))  # fmt: skip
+            raise ValueError(
+                f"checkpoint entries '{prefix}tinyprop_budget_*' do not give their check value "
+                f"'{prefix}{self.CHECK}' ({names}): one of them was changed after the "
+                f"checkpoint was saved; the checkpoint is corrupt: {RESTART_CONTROLLER}"
+            )
+
+    def accept_without_check(self, missing: list[str], prefix: str) -> None:
+        """A checkpoint saved before the check value existed (its counts loaded, the check
+        value missing): loads, strict, with the check value computed from its counts (which
+        passed every other check)."""
+        entry = prefix + self.CHECK
+        if entry not in missing or any(prefix + name in missing for name in self.COUNTS):
+            return
+        missing.remove(entry)
+        with torch.no_grad():
+            self._buffer(self.CHECK).fill_(self._count_check())
+
+    def _count_check(self) -> int:
+        return count_check([int(self._buffer(name)) for name in self.COUNTS])
 
     def check_counts(
         self, spent: int, dense: int, steps: int, smoothed_spent: int, smoothed_dense: int, prefix
@@ -327,7 +361,7 @@ class BudgetController:
         spent, dense = ledger.backward + ledger.selection, ledger.backward_dense
         if dense <= 0:
             return
-        buffers = {name: self._buffer(name) for name in self.initial_buffers()}
+        buffers = {name: self._buffer(name) for name in self.NAMES}
         run_spent = int(buffers[self.SPENT]) + spent
         run_dense = int(buffers[self.DENSE]) + dense
         steps = int(buffers[self.STEPS]) + 1
@@ -356,6 +390,24 @@ class BudgetController:
             buffers[self.SMOOTHED_DENSE].fill_(smoothed_dense)
             buffers[self.LOG_KEEP_SCALE].fill_(log_keep)
             buffers[self.LOG_TRAINED_SHARE].fill_(log_train)
+            buffers[self.CHECK].fill_(
+                count_check([run_spent, run_dense, steps, smoothed_spent, smoothed_dense])
+            )
+
+
+CHECK_MODULUS = 2**61 - 1  # a prime: the check value fits an int64 buffer
+CHECK_FACTORS = (0x2545F4914F6CDD1D, 0x1B873593CC9E2D51, 0x27D4EB2F165667C5, 0x165667B19E3779F9,
+                 0x0FD7046C5EF9AB54)  # fmt: skip
+
+
+def count_check(counts) -> int:
+    """The check value of the budget controller's five counts (S, D, n, Ŝ, D̂): Σ f_i · c_i mod
+    the prime 2^61 - 1, f_i fixed factors. Written with the counts at every step and checked
+    when a checkpoint is loaded: a count changed by itself (x 10) gives another value,
+    unless its change is a multiple of the prime."""
+    return sum(f * (c % CHECK_MODULUS) for f, c in zip(CHECK_FACTORS, counts, strict=True)) % (
+        CHECK_MODULUS
+    )
 
 
 def _smooth(average: Tensor, value: int) -> int:

@@ -49,6 +49,22 @@ def thread_count(text: str) -> int:
     )
 
 
+MAX_EPOCHS = 10_000  # the suites train 1-50 epochs; 10^12 ran on as if the command hung
+
+
+def epoch_count(text: str) -> int:
+    """Epochs: an integer in [1, 10,000] (``--epochs 1000000000000`` was accepted and trained
+    until it was killed)."""
+    what = f"an integer in [1, {MAX_EPOCHS}]"
+    return _parsed(text, int, what, lambda value: 1 <= value <= MAX_EPOCHS)
+
+
+def pretrain_epoch_count(text: str) -> int:
+    """Pretraining epochs: an integer in [0, 10,000] (0: no pretraining)."""
+    what = f"an integer in [0, {MAX_EPOCHS}]"
+    return _parsed(text, int, what, lambda value: 0 <= value <= MAX_EPOCHS)
+
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     return _parsed(text, int, "an integer >= 0", lambda value: value >= 0)

@@ -95,7 +95,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyprop demo", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--epochs", type=cli_types.positive_int, default=3, help="passes over the training set"
+        "--epochs", type=cli_types.epoch_count, default=3, help="passes over the training set"
     )
     parser.add_argument(
         "--limit", type=cli_types.positive_int, default=None, help="use the first N training images"

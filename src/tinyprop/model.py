@@ -393,6 +393,8 @@ def _accept_plain_checkpoint(model: nn.Module, incompatible_keys) -> None:
         missing[:] = [entry for entry in missing if entry not in names]
     if state.made_on_meta:  # loaded (strict=False: what the checkpoint lacks starts afresh)
         _fill_running_state_made_on_meta(model, state, not_loaded)
+    if state.policy.budget is not None:  # saved before the counts' check value existed
+        state.policy.budget.accept_without_check(missing, prefix)
     unexpected = incompatible_keys.unexpected_keys
     unexpected[:] = [  # another policy's controller or window: nothing here to load it into
         entry

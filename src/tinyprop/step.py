@@ -314,6 +314,8 @@ class StepContext:
             self._count_repeated_backward()
             return
         self.finished = True
+        if not self._calls and not self.failed:  # no sparse layer of the model ran its backward
+            self._check_the_backward_reached_the_model()
         if not self.failed:
             self._check_finite()  # fails the step (or raises) on a NaN / inf δ
         if self.failed:
@@ -376,6 +378,35 @@ class StepContext:
                 self.state.policy.finish_step(self)  # the score window and the controller
             elif self.state.policy.budget is not None:  # a repeated backward (its ledger)
                 self.state.policy.budget.finish_step(*repeated)
+
+    def _check_the_backward_reached_the_model(self) -> None:
+        """A ValueError when the step's backward trained samples but reached none of the
+        model's sparse layers although its forward passes since the last step called one that
+        needs a gradient (or it ran none with gradients): the losses come from another model
+        (``tinyprop.backward(model_b, losses_of_model_a)``). That backward ran through the
+        other model and this one recorded nothing: empty stats and ledger, silently. Called
+        only when no layer call of the step ran its backward (no cost on a normal step); the
+        ``full`` policy's layers run PyTorch's backward and record nothing, and are not
+        checked."""
+        if not self.stats.trained or not self.state.policy.sparse:
+            return
+        calls = [call for forward_pass in self.forward_passes for call in forward_pass.calls]
+        if calls and not any(call.weight_trainable or call.input_requires_grad for call in calls):
+            return  # every sparse layer frozen on an input without a gradient: nothing to run
+        self.failed = True
+        passes = (
+            f"its {len(self.forward_passes)} forward pass(es) since the last step called "
+            f"{len(calls)} sparse layer(s)"
+            if calls
+            else "it ran no forward pass with gradients since the last step"
+        )
+        raise ValueError(
+            "the losses' backward reached none of the sparse layers of the model given to "
+            f"tinyprop.backward / tinyprop.loss ({passes}): the losses come from another "
+            "model, or from a forward pass before the last step. Give tinyprop the model the "
+            "losses were computed from; this backward went through the other model (zero the "
+            "gradients it added)"
+        )
 
     def _check_finite(self) -> None:
         """The deferred NaN / inf checks of the layers' Y_l: one host read for all of them."""
@@ -512,7 +543,9 @@ def loss(
 
     Raises:
         ValueError: losses that are not one value per sample; an output whose sample
-            dimension does not match.
+            dimension does not match, or that does not require grad; when the backward of
+            the returned scalar ends, losses whose backward reached none of the model's
+            sparse layers (they come from another model).
         FloatingPointError: a NaN or infinite loss or output error, when the backward of
             the returned scalar starts (before any gradient), unless a GradScaler scaled it:
             then the NaN goes on into the gradients and the scaler skips the step.
@@ -706,9 +739,9 @@ def _decide_step(
         problem = f"loss is NaN or infinite for samples {bad[:10]} of the batch"
         if not passes_on:
             raise FloatingPointError(
-                f"{problem}; no update was applied. Check the inputs for NaN/inf or lower the "
-                "learning rate (a float16 forward that overflowed, under a GradScaler: let it "
-                "see the loss, tinyprop.backward(..., grad_scaler=scaler) or "
+                f"{problem}; no update was applied. {_where_the_nan_is(module)}(a float16 "
+                "forward that overflowed, under a GradScaler: let it see the loss, "
+                "tinyprop.backward(..., grad_scaler=scaler) or "
                 "scaler.scale(tinyprop.loss(...)).backward(), and it skips the step)."
             )
     state.step = None  # a step whose backward never finished is over
@@ -767,6 +800,24 @@ def _decide_step(
             output = _losses_output(losses, output, passes)
             _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
     return step
+
+
+def _where_the_nan_is(module: nn.Module) -> str:
+    """What to check for a NaN / inf loss: the model's parameters that hold one, by name (an
+    earlier step with too large a learning rate, a broken checkpoint), else the inputs. Only
+    on that error: one pass over the weights."""
+    broken = [
+        name
+        for name, parameter in module.named_parameters()
+        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all())
+    ]
+    if broken:
+        return (
+            f"The model's weights hold NaN or inf: {', '.join(broken[:5])}"
+            f"{f' and {len(broken) - 5} more' if len(broken) > 5 else ''}; reload a "
+            "checkpoint saved before they broke (and lower the learning rate) "
+        )
+    return "Check the inputs for NaN/inf or lower the learning rate "
 
 
 # how far apart Ymax_L and the output layer's Ymax_l may lie (beyond the rows per sample)
@@ -864,6 +915,14 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
     """Y_L of every sample: Σ |∂loss_n / ∂output_n|, (B,) float64; and ∂ Σ losses / ∂ output
     (the output's shape), which the coupled-loss check reuses."""
     batch = losses.shape[0]
+    if isinstance(sample_dim, bool) or not isinstance(sample_dim, int):
+        raise TypeError(f"sample_dim must be an int (0, or 1 for (T, B, ...)), got {sample_dim!r}")
+    if output.dim() and not -output.dim() <= sample_dim < output.dim():
+        raise ValueError(
+            f"sample_dim={sample_dim} is not a dimension of the output, of shape "
+            f"{tuple(output.shape)}: pass the dimension that indexes the samples (0, or 1 for "
+            "sequence-first outputs)"
+        )
     if output.dim() == 0 or output.shape[sample_dim] != batch:
         raise ValueError(
             f"the output has shape {tuple(output.shape)} but there are {batch} losses: its "
@@ -871,6 +930,13 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
             "sequence-first outputs, or output=... the losses come from). Losses of several "
             "forward passes need one tinyprop.backward per pass (scale=1/n adds them up as "
             "one batch)"
+        )
+    if not output.requires_grad:  # detached, or from torch.no_grad: autograd.grad would fail
+        raise ValueError(
+            "the output the skip decision measures (output=, or by default the model's last "
+            "forward pass's) does not require grad: it is detached (output.detach()) or was "
+            "computed under torch.no_grad, so the losses cannot come from it; pass output= "
+            "the tensor the losses were computed from, as it is"
         )
     (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
     if grad is None:

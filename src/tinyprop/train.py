@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", default="scratch", choices=protocols.PROTOCOLS)
     parser.add_argument("--suite", default="small", choices=list(suites.SUITES))
     parser.add_argument(
-        "--epochs", type=cli_types.positive_int, help="epochs (default: the suite's)"
+        "--epochs", type=cli_types.epoch_count, help="epochs (default: the suite's)"
     )
     parser.add_argument(
         "--pretrain-epochs",
-        type=cli_types.non_negative_int,
+        type=cli_types.pretrain_epoch_count,
         help="finetune: dense pretraining epochs",
     )
     parser.add_argument("--seed", type=cli_types.seed, default=0)
