@@ -8,7 +8,6 @@ Lightning picks as free (MASTER_PORT) before rank 0 binds it: a job running at t
 could take that port, or join the group."""
 
 import datetime
-import gc
 import json
 import os
 import sys
@@ -99,8 +98,11 @@ if __name__ == "__main__":
     }
     rank = runs["topk"]["rank"]
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(runs))
-    # Lightning leaves a gloo group to the interpreter's exit: let the models (their DDP
-    # reducers hold the group) go, meet, and tear it down while Python is still whole
-    gc.collect()
+    # Lightning leaves the gloo group to the interpreter's exit; gloo's worker threads outlive
+    # even destroy_process_group, and one freeing a collective's tensor while the interpreter
+    # finalizes aborts the process (see test_distributed.end_without_finalizing)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
