@@ -7,7 +7,9 @@ Two measurements under ``topk`` 0.05, process time (one thread by default):
    PyTorch's |δ| sum and bias sum over δ, top-k of the written δ, and the pooled top-k that
    selects without writing δ; min / median of 25 calls, with the caches flushed before each
    call (cold) and without (warm);
-2. per call of the fused nodes' whole backward in 120 training steps (median, lower quartile).
+2. per call of the fused nodes' whole backward in 120 training steps (median, lower quartile);
+3. the aten operations a step dispatches (torch.profiler, 10 steps), ``full`` and the policy:
+   the per-step fixed cost, the same on every run whatever the machine's load.
 
 A kernel the installed tinyprop does not have prints "-": to compare with older sources, run
 the same command with ``PYTHONPATH=<their src>``, alternating.
@@ -26,6 +28,7 @@ import time
 import torch
 from speed import MODELS, keep_freed_memory, optimizer_for
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import tinyprop
 from tinyprop import data, functional, native, pool_fusion
@@ -146,6 +149,25 @@ def step_table(x, y, batch: int, policy: str, steps: int = 120) -> None:
         print(f"  fused backward of the block with {channels} channels: {quartiles(values)}")
 
 
+def operation_counts(x, y, batch: int, policy: str) -> None:
+    build, _, _, policies = MODELS[MODEL]
+    counts = []
+    for name in ("full", policy):
+        torch.manual_seed(0)
+        model = tinyprop.apply(build(), policies[name])
+        optimizer = optimizer_for(name, model)
+        loss = nn.CrossEntropyLoss(reduction="none")
+        for _ in range(3):
+            tinyprop.train_step(model, x[:batch], y[:batch], loss, optimizer)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(10):
+                tinyprop.train_step(model, x[:batch], y[:batch], loss, optimizer)
+        events = profiler.key_averages()
+        total = sum(event.count for event in events if event.key.startswith("aten::"))
+        counts.append(f"{name} {total / 10:.0f}")
+    print("\naten operations per step: " + ", ".join(counts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -157,6 +179,7 @@ def main() -> None:
     x, y = data.load("mnist", "train", limit=batch * 10).tensors  # (N, 1, 28, 28)
     kernel_table(captured_blocks(x, y, batch, args.policy))
     step_table(x, y, batch, args.policy)
+    operation_counts(x, y, batch, args.policy)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ summing a gradient that missed the selection.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -47,6 +48,7 @@ from tinyprop.autograd import (
     NO_ROW,
     SparseBackprop,
     _count_backward,
+    csr_offsets,
     in_dtype,
     is_dense_small_layer,
     kernel_choice,
@@ -156,21 +158,23 @@ def selected_backward(ctx, x, weight, grad_pooled, pooled, indices):
         return None
     columns, values, magnitude, bias_sum = selected  # (B k,), (B k,), (B,), (C_out,)
     unit = step.error_unit
-    error = magnitude.double() / unit  # (B,) Y_l
-    if not bool(torch.isfinite(error).all()):
+    if unit == 0:  # Y_l = ±inf / NaN: the written path decides
+        return None
+    errors = [value / unit for value in magnitude.tolist()]  # (B,) Y_l = Σ |δ| / unit, float64
+    error = sum(errors)  # Σ Y_l, all the bound of the gradients needs
+    if not math.isfinite(error):  # a NaN / inf Y_l (or a sum past float64's range)
         return None
     batch = x.shape[0]
-    rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
-    trained = rows.numel()
+    rows = [row for row, value in enumerate(errors) if value > 0]  # rows with a non-zero δ
+    trained = len(rows)
     if trained and keep_count * trained > limit * (trained * size):  # as _gradients decides
         return None
     if trained < batch:  # a zero row keeps nothing
-        columns = columns.view(batch, keep_count)[rows].flatten()
-        values = values.view(batch, keep_count)[rows].flatten()
-        error = error[rows]
-        row_start = torch.zeros(batch + 1, dtype=torch.long)  # (B + 1,) CSR
-        row_start[rows + 1] = keep_count
-        row_start = row_start.cumsum(0)
+        index = torch.tensor(rows, dtype=torch.long)  # (R',)
+        columns = columns.view(batch, keep_count)[index].flatten()  # (R' k,)
+        values = values.view(batch, keep_count)[index].flatten()
+        offsets = csr_offsets(batch, rows, [keep_count] * trained)
+        row_start = torch.tensor(offsets, dtype=torch.long)  # (B + 1,) CSR
     else:
         row_start = torch.arange(0, (batch + 1) * keep_count, keep_count)  # (B + 1,) CSR
     keep = torch.full((trained,), keep_count, dtype=torch.long)  # (R',)
@@ -187,7 +191,8 @@ def selected_backward(ctx, x, weight, grad_pooled, pooled, indices):
             x, weight, row_start, columns, values, needs_input, needs_weight
         )
         kernel = NATIVE_SPARSE
-    step.add(call, keep, True, bool(needs_input), False, kernel)
+    full = trained == 0 or keep_count >= size  # every row kept its most
+    step.add(call, keep, True, bool(needs_input), False, kernel, None, full, keep_count * trained)
     if grad_weight is not None:
         step.prove_finite(ctx.weight_id, grad_weight, x, error, unit)
     if grad_bias is not None:  # Σ δ: at most Σ Y_l · unit in size

@@ -641,8 +641,8 @@ def pooled_topk(
         row in ascending column order; None when a row of δ holds NaN or ±Inf (no k largest
         entries exist: the caller takes the path that reports it).
     """
-    grad = grad.detach().to(torch.float32).contiguous()
-    pooled, indices = pooled.detach().contiguous(), indices.to(torch.int64).contiguous()
+    grad, pooled = _readable(grad, torch.float32), _readable(pooled, pooled.dtype)
+    indices = _readable(indices, torch.int64)
     batch, channels = shape[0], shape[1]
     size = channels * shape[2] * shape[3] if len(shape) == 4 else 0  # N
     if (
