@@ -99,12 +99,12 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("batch", [12, 80], ids=["12 rows", "80 rows"])  # a few, or tensors
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("ties", [True, False], ids=["ties", "continuous"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_pool_backward_equals_the_modules_own(name, ties, threads):
-    generator = torch.Generator().manual_seed(len(name) * 7 + ties + threads)
-    batch = 12
+def test_fused_pool_backward_equals_the_modules_own(name, ties, threads, batch):
+    generator = torch.Generator().manual_seed(len(name) * 7 + ties + threads + batch)
     template = block_model(generator, ties)
     if ties:
         x = quantized(batch, 1, 12, 12, generator=generator)
