@@ -1,6 +1,7 @@
 """How closely the C runtime follows PyTorch through its activations (ReLU, ReLU6, LeakyReLU,
-Sigmoid, Tanh, and SiLU, GELU in both forms, Hardswish, Hardsigmoid, Mish, whose derivative
-the runtime takes from their kept input): for a small model per activation (and one with the
+Sigmoid, Tanh, ELU, CELU, SELU, Hardtanh, whose derivative the runtime takes from their
+output, and SiLU, GELU in both forms, Hardswish, Hardsigmoid, Mish, whose derivative it takes
+from their kept input): for a small model per activation (and one with the
 first four), the largest absolute difference of the logits (forward), and of the weights
 after N training steps under each policy (sparse backward and SGD-momentum updates in C
 against ``tinyprop.train_step``), with the skip decisions and k per layer compared for
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         "Hardswish": lambda: model(nn.Hardswish()),
         "Hardsigmoid": lambda: model(nn.Hardsigmoid()),
         "Mish": lambda: model(nn.Mish()),
+        "ELU": lambda: model(nn.ELU()),
+        "ELU(0.5, inplace)": lambda: model(nn.ELU(0.5, inplace=True)),
+        "CELU(0.7)": lambda: model(nn.CELU(0.7)),
+        "SELU": lambda: model(nn.SELU()),
+        "Hardtanh(-2, 3)": lambda: model(nn.Hardtanh(-2.0, 3.0)),
     }
     print(f"| activation | policy | max abs diff logits | max abs diff weights after {args.steps} "
           "steps (relative) | same skips, k | trained |")  # fmt: skip
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         inputs = builds["Hardswish"]()[:1](x)
     outside = float((inputs.abs() >= 3.0).float().mean())
     print(f"Hardswish, Hardsigmoid: {outside:.1%} of the first activation's inputs lie beyond ±3")
+    with torch.no_grad():
+        clamped = builds["Hardtanh(-2, 3)"]()[:2](x)
+    low, high = float((clamped <= -2.0).float().mean()), float((clamped >= 3.0).float().mean())
+    print(f"Hardtanh(-2, 3): {low:.1%} of the first activation's outputs at -2, {high:.1%} at 3")
     print(f"largest relative weight difference {worst:.1e} (the parity tests' bound: 1e-5)")
     return 0 if worst <= 1e-5 else 1
 

@@ -101,8 +101,8 @@ def test_exported_example_trains_like_python_under_asan(tmp_path):
 
 
 def test_unsupported_layers_are_named_with_their_path():
-    with pytest.raises(UnsupportedLayerError, match=r"'1' \(ELU\)"):
-        describe(nn.Sequential(nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 2)), (4,))
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(Softsign\)"):
+        describe(nn.Sequential(nn.Linear(4, 4), nn.Softsign(), nn.Linear(4, 2)), (4,))
     nested = nn.Sequential(
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), nn.Flatten(), nn.Linear(8, 2)
     )
@@ -211,8 +211,8 @@ def test_cli_exports_a_module_and_a_state_dict(tmp_path, capsys):
     header = (tmp_path / "b" / "tinyprop_model.h").read_text()
     assert "TP_OPTIMIZER_ADAM" in header and "0.3};  /* skip_threshold */" in header
     assert export_main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")]) == 2
-    torch.save(nn.Sequential(nn.Linear(4, 4), nn.ELU()), tmp_path / "elu.pt")
-    assert export_main([str(tmp_path / "elu.pt"), "--out", str(tmp_path / "d")]) == 2
-    assert "'1' (ELU)" in capsys.readouterr().out
+    torch.save(nn.Sequential(nn.Linear(4, 4), nn.Softsign()), tmp_path / "softsign.pt")
+    assert export_main([str(tmp_path / "softsign.pt"), "--out", str(tmp_path / "d")]) == 2
+    assert "'1' (Softsign)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "har.pt"), "--config", "nonsense", "--out", str(tmp_path)])

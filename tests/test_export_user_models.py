@@ -141,6 +141,25 @@ class FunctionalSmoothActivations(nn.Module):
         return self.head(nn.functional.hardsigmoid(x))
 
 
+class FunctionalSettingsActivations(nn.Module):
+    """ELU, CELU, SELU and Hardtanh called as functions, their settings given positionally
+    and by name, one in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.pointwise = nn.Conv1d(4, 4, 1)
+        self.hidden = nn.Linear(32, 8)
+        self.middle = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = nn.functional.hardtanh(self.conv(x), -0.4, max_val=0.6)
+        x = nn.functional.elu(self.pointwise(x), 0.3, inplace=True)
+        x = torch.selu(self.hidden(x.flatten(1)))
+        return self.head(nn.functional.celu(self.middle(x), alpha=0.8))
+
+
 class GlobalMean(nn.Module):
     """Global average pooling written as a mean, a squeeze after an adaptive pool."""
 
@@ -257,6 +276,15 @@ EXPORTED = {
         (2, 8, 8),
     ),
     "smooth_activations_as_functions": (FunctionalSmoothActivations, (2, 10)),
+    "settings_activations": (  # in place, their derivative from their output
+        lambda: Seq(
+            nn.Conv1d(2, 6, 3, padding=1), nn.ELU(inplace=True), nn.Conv1d(6, 6, 3, groups=6),
+            nn.Hardtanh(-0.3, 0.3), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(24, 8),
+            nn.SELU(inplace=True), nn.Linear(8, 8), nn.CELU(1.3), nn.Linear(8, 3),
+        ),
+        (2, 10),
+    ),
+    "settings_activations_as_functions": (FunctionalSettingsActivations, (2, 10)),
 }  # fmt: skip
 
 
@@ -331,14 +359,19 @@ REFUSED = [
     (Seq(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)), (1, 6, 6),
      r"layer '1' \(BatchNorm2d\).*fold_batch_norm"),
     (Seq(nn.Linear(6, 8), nn.PReLU(), nn.Linear(8, 3)), (6,),
-     r"'1' \(PReLU\).*ReLU, ReLU6, LeakyReLU.*Mish.*nn\.ReLU\(\)"),
-    (Seq(nn.Linear(6, 8), nn.SELU(), nn.Linear(8, 3)), (6,), r"'1' \(SELU\).*fine-tune"),
+     r"'1' \(PReLU\).*weight.*trains.*nn\.LeakyReLU\(negative_slope=float\(prelu\.weight\)\)"),
+    (Seq(nn.Linear(6, 8), nn.Softsign(), nn.Linear(8, 3)), (6,), r"'1' \(Softsign\).*fine-tune"),
     (Seq(nn.Linear(6, 8), nn.LeakyReLU(-0.1), nn.Linear(8, 3)), (6,),
      r"'1' \(LeakyReLU\): negative_slope=-0\.1.*slope >= 0"),
     (Seq(nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 3)), (6,),
      r"'1' \(Softplus\).*Hardsigmoid and Mish"),
-    (Seq(nn.Linear(6, 8), nn.ELU(), nn.Linear(8, 3)), (6,), r"'1' \(ELU\).*Sigmoid, Tanh"),
-    (Seq(nn.Linear(6, 8), nn.Hardtanh(-1, 1), nn.Linear(8, 3)), (6,), r"'1' \(Hardtanh\)"),
+    (Seq(nn.Linear(6, 8), nn.ELU(-0.5), nn.Linear(8, 3)), (6,),
+     r"'1' \(ELU\): alpha=-0\.5.*derivative from the output.*>= 0"),
+    (Seq(nn.Linear(6, 8), nn.ELU(float("inf")), nn.Linear(8, 3)), (6,),
+     r"'1' \(ELU\): alpha=inf is not finite"),
+    (Seq(nn.Linear(6, 8), nn.Hardtanh(-1, 1), nn.ELU(), nn.Linear(8, 3)), (6,),
+     r"'2' \(ELU\): it follows the activation '1' \(Hardtanh\)"),
+    (Seq(nn.Linear(6, 8), nn.Tanhshrink(), nn.Linear(8, 3)), (6,), r"'1' \(Tanhshrink\)"),
     (Seq(nn.Linear(6, 8), nn.ReLU(), nn.Sigmoid(), nn.Linear(8, 3)), (6,),
      r"'2' \(Sigmoid\): it follows the activation '1' \(ReLU\).*in place"),
     (Seq(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Tanh(), nn.Linear(32, 3)), (2, 10),
@@ -452,7 +485,11 @@ def branch(self, x):
     ("body", "message"),
     [
         (lambda self, x: self.last(x + self.first(x)), "residual sum or a branch"),
-        (lambda self, x: self.last(nn.functional.elu(self.first(x))), "'elu'.*no C "),
+        (lambda self, x: self.last(nn.functional.softplus(self.first(x))), "'softplus'.*no C "),
+        (
+            lambda self, x: self.last(nn.functional.hardtanh(self.first(x), 1.0, -1.0)),
+            "min_val",
+        ),
         (lambda self, x: self.last(self.first(self.first(x))), "calls 'first' more than once"),
         (lambda self, x: self.last(nn.functional.linear(x, self.first.weight)), "first.weight"),
         (lambda self, x: (self.last(self.first(x)), x), "residual sum or a branch"),

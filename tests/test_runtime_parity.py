@@ -125,6 +125,31 @@ def smooth_activations() -> nn.Module:
     return net
 
 
+def settings_activations() -> nn.Module:
+    """The activations with settings that work in place, their derivative from their output:
+    Hardtanh(-0.5, 0.8) after a conv whose weights are scaled up (so that it saturates on both
+    sides), CELU(0.7) after a pointwise conv, SELU, ELU(0.5, inplace=True) (PyTorch then takes
+    its derivative from the output too), ELU on the logits' input."""
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),  # (B, 4, 6, 6)
+        nn.Hardtanh(-0.5, 0.8),
+        nn.MaxPool2d(2),  # (B, 4, 3, 3)
+        nn.Conv2d(4, 6, 1),
+        nn.CELU(0.7),
+        nn.Flatten(),
+        nn.Linear(54, 16),
+        nn.SELU(),
+        nn.Linear(16, 12),
+        nn.ELU(0.5, inplace=True),
+        nn.Linear(12, 8),
+        nn.ELU(),
+        nn.Linear(8, 5),
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(4.0)
+    return net
+
+
 # name -> (builder, one sample's shape, SGD learning rate that makes some samples get skipped)
 MODELS = {
     "mlp": (mlp, (1, 6, 6), 0.05),
@@ -132,6 +157,7 @@ MODELS = {
     "har": (har, (6, 40), 0.05),
     "activations": (activations, (2, 6, 6), 0.1),
     "smooth_activations": (smooth_activations, (2, 6, 6), 0.1),
+    "settings_activations": (settings_activations, (2, 6, 6), 0.1),
 }
 
 
@@ -314,7 +340,10 @@ def test_runtime_rejects_bad_input(library):
 
 # memory modes: (model, first trained dense/conv layer) pairs that freeze a conv, a depthwise
 # conv and everything but the classifier
-FROZEN = [("mlp", 1), ("cnn_depthwise", 2), ("har", 2), ("har", 3), ("smooth_activations", 2)]
+FROZEN = [
+    ("mlp", 1), ("cnn_depthwise", 2), ("har", 2), ("har", 3), ("smooth_activations", 2),
+    ("settings_activations", 3),
+]  # fmt: skip
 
 
 def runs_with_adam_and_sgd(library, model_name, config, memory):
@@ -359,6 +388,7 @@ BIAS_ONLY = [
     ("har", 1, (2,)),
     ("activations", 0, (1, 3)),  # after a max pool of ReLU6, after a Sigmoid
     ("smooth_activations", 0, (2, 3)),  # after a GELU, after a SiLU (inputs still kept)
+    ("settings_activations", 0, (1, 3)),  # after a max pool of Hardtanh, after a SELU
 ]
 
 
@@ -432,6 +462,7 @@ SELECTION_IN_PLACE = [
     ("har", MemoryMode(1, selection_in_place=True)),
     ("activations", MemoryMode(0, selection_in_place=True)),
     ("smooth_activations", MemoryMode(1, selection_in_place=True)),
+    ("settings_activations", MemoryMode(0, selection_in_place=True)),
 ]
 
 
@@ -539,6 +570,7 @@ LEAN_ADAM = [  # (model, memory): Adam in place, 8-bit moments, recomputed input
     ("cnn_depthwise", MemoryMode(0, recompute_layers=(1, 2, 3))),
     ("mlp", MemoryMode(0, recompute_layers=(1, 2))),
     ("activations", MemoryMode(0, recompute_layers=(1, 2, 3, 4))),  # activations in place
+    ("settings_activations", MemoryMode(0, recompute_layers=(1, 2, 3, 4))),  # likewise
     # SiLU and the like recomputed as any layer with an output; their own inputs kept
     ("smooth_activations", MemoryMode(0, recompute_layers=(1, 2, 3, 4, 5, 6))),
     (

@@ -84,7 +84,15 @@ typedef enum {
     TP_LAYER_GELU_TANH = 12,   /* nn.GELU(approximate='tanh') */
     TP_LAYER_HARDSWISH = 13,   /* nn.Hardswish: x min(max(x + 3, 0), 6) / 6 */
     TP_LAYER_HARDSIGMOID = 14, /* nn.Hardsigmoid: min(max(x + 3, 0), 6) / 6 */
-    TP_LAYER_MISH = 15         /* nn.Mish: x tanh(softplus(x)) */
+    TP_LAYER_MISH = 15,        /* nn.Mish: x tanh(softplus(x)) */
+    /* in place again, the derivative from the output (as PyTorch's in-place forms take it) */
+    TP_LAYER_ELU = 16,      /* nn.ELU: x > 0 ? x : alpha (e^x - 1), alpha >= 0 (weight points
+                               at alpha; NULL means 1) */
+    TP_LAYER_CELU = 17,     /* nn.CELU: x > 0 ? x : alpha (e^(x / alpha) - 1) (weight points at
+                               {alpha, 1 / alpha rounded to float}; NULL means {1, 1}) */
+    TP_LAYER_SELU = 18,     /* nn.SELU: scale (x > 0 ? x : alpha (e^x - 1)), PyTorch's constants */
+    TP_LAYER_HARDTANH = 19  /* nn.Hardtanh: min(max(x, min_val), max_val) (weight points at
+                               {min_val, max_val}, min_val <= max_val; NULL means {-1, 1}) */
 } tp_layer_kind;
 
 typedef struct {
@@ -97,7 +105,9 @@ typedef struct {
     int32_t groups;                 /* conv only; 0 means 1; C_in for depthwise */
     int32_t has_bias;               /* dense and conv: 1 with a bias, 0 without */
     const float *weight;            /* initial weights (PyTorch layout); NULL means zeros;
-                                       LeakyReLU: its negative_slope (one float) */
+                                       LeakyReLU: its negative_slope (one float); ELU: alpha;
+                                       CELU: alpha, 1 / alpha; Hardtanh: min_val, max_val
+                                       (copied by tp_init) */
     const float *bias;              /* initial bias; NULL means zeros */
 } tp_layer_spec;
 
@@ -110,11 +120,14 @@ typedef struct {
 #define TP_AVGPOOL_SPEC(kh, kw, sh, sw) \
     {TP_LAYER_AVGPOOL, 0, (kh), (kw), (sh), (sw), 0, 0, 0, 0, 0, 0, NULL, NULL}
 #define TP_FLATTEN_SPEC() {TP_LAYER_FLATTEN, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
-/* the other activations (TP_LAYER_RELU6 ... TP_LAYER_MISH); slope: a pointer to LeakyReLU's
- * negative_slope (>= 0), or NULL */
+/* the other activations (TP_LAYER_RELU6 ... TP_LAYER_HARDTANH) with PyTorch's default
+ * settings; slope: a pointer to LeakyReLU's negative_slope (>= 0), or NULL */
 #define TP_ACTIVATION_SPEC(kind) {(kind), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL}
 #define TP_LEAKY_RELU_SPEC(slope) \
     {TP_LAYER_LEAKY_RELU, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (slope), NULL}
+/* an activation with its settings: a pointer to the floats the kind above names */
+#define TP_ACTIVATION_SETTINGS_SPEC(kind, settings) \
+    {(kind), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (settings), NULL}
 
 typedef struct {
     int32_t input_channels, input_height, input_width; /* one sample's shape (C, H, W) */
@@ -279,7 +292,8 @@ typedef struct {
     float *recomputed_input;     /* where (the last of the recomputed outputs) */
     float *recompute_partner;    /* where the other recomputed outputs alternate */
     float *recompute_scratch;    /* the recomputed convs' forward scratch */
-    float negative_slope;        /* LeakyReLU */
+    float activation[2];         /* LeakyReLU: {negative_slope}; ELU: {alpha}; CELU:
+                                    {alpha, 1 / alpha}; Hardtanh: {min_val, max_val} */
 } tp_layer;
 
 /* The caller allocates this struct (e.g. static); tp_init fills it; the arena holds the rest. */
@@ -336,10 +350,11 @@ tp_status tp_arena_bytes(const tp_model_spec *spec, const tp_policy_config *poli
                          const tp_optimizer_config *optimizer, size_t *bytes);
 
 /* The same for a memory mode (tp_arena_bytes uses tp_memory_defaults()).
- * Stack: both plan on their own copy of the layers, so they take about twice tp_init_mode's
- * stack, which grows with TP_MAX_LAYERS (Cortex-M4, gcc -O2: 372 bytes per layer, 4,360 for
- * 11 layers; tp_init_mode 188 per layer). On a part with little RAM, size the arena with the
- * exported TP_MODEL_ARENA_BYTES and read what tp_init_mode used with tp_read_totals. */
+ * Stack: both hold the arena plan, as tp_init_mode does (112 bytes per layer of TP_MAX_LAYERS
+ * on a Cortex-M4, gcc -O2), and their own copy of the layers (184 bytes per layer, the
+ * tp_model's records): 280 + 296 x TP_MAX_LAYERS bytes in all (3,536 for 11 layers), against
+ * tp_init_mode's 312 + 112 x TP_MAX_LAYERS (1,544). On a part with little RAM, size the arena
+ * with the exported TP_MODEL_ARENA_BYTES and read what tp_init_mode used with tp_read_totals. */
 tp_status tp_arena_bytes_mode(const tp_model_spec *spec, const tp_policy_config *policy,
                               const tp_optimizer_config *optimizer, const tp_memory_config *memory,
                               size_t *bytes);

@@ -1,11 +1,17 @@
 /* activations.c: the elementwise activations besides ReLU, forward and backward with PyTorch's
  * formulas (ATen's CPU kernels, in their order of operations).
  *
- * Two families. ReLU6, LeakyReLU, Sigmoid and Tanh work in place (like ReLU) and take their
- * derivative from their output y, which determines it: ReLU6 passes the error where 0 < y < 6
- * (hardtanh_backward: 0 < x < 6), LeakyReLU (slope >= 0) multiplies it by 1 where y > 0 and by
- * the slope elsewhere (x > 0 exactly where y > 0), Sigmoid by y (1 - y) and Tanh by 1 - y^2
- * (sigmoid_backward: (d (1 - y)) y; tanh_backward: d (1 - y y)).
+ * Two families. ReLU6, LeakyReLU, Sigmoid, Tanh, ELU, CELU, SELU and Hardtanh work in place
+ * (like ReLU) and take their derivative from their output y, which determines it: ReLU6 passes
+ * the error where 0 < y < 6 (hardtanh_backward: 0 < x < 6), Hardtanh where min_val < y <
+ * max_val (the same as min_val < x < max_val), LeakyReLU (slope >= 0) multiplies it by 1 where
+ * y > 0 and by the slope elsewhere (x > 0 exactly where y > 0), Sigmoid by y (1 - y) and Tanh
+ * by 1 - y^2 (sigmoid_backward: (d (1 - y)) y; tanh_backward: d (1 - y y)). ELU, CELU and SELU
+ * are ATen's elu with (alpha, scale, input_scale) = (alpha, 1, 1), (alpha, 1, 1 / alpha) and
+ * PyTorch's SELU constants (with s = scale, c = alpha scale, i = input_scale):
+ *   y = x > 0 ? s x : c (e^(i x) - 1)            y' = y > 0 ? s : i (y + c)
+ * which is elu_backward with is_result (PyTorch's in-place ELU); the out-of-place one takes
+ * i c e^(i x) from the input instead: the same derivative, rounded differently.
  * SiLU, GELU (erf and tanh forms), Hardswish, Hardsigmoid and Mish are not monotonic or flat
  * in places, so their output does not tell their input: they write an output buffer of their
  * own and take their derivative from their input x (the previous layer's output, kept for
@@ -28,14 +34,37 @@
 
 int tp_is_activation(tp_layer_kind kind) {
     return kind == TP_LAYER_RELU || kind == TP_LAYER_RELU6 || kind == TP_LAYER_LEAKY_RELU ||
-           kind == TP_LAYER_SIGMOID || kind == TP_LAYER_TANH || tp_activation_reads_input(kind);
+           kind == TP_LAYER_SIGMOID || kind == TP_LAYER_TANH || tp_activation_reads_input(kind) ||
+           kind == TP_LAYER_ELU || kind == TP_LAYER_CELU || kind == TP_LAYER_SELU ||
+           kind == TP_LAYER_HARDTANH;
+}
+
+/* SELU's alpha and scale as PyTorch writes them (torch.nn.functional.selu) */
+#define TP_SELU_ALPHA 1.6732632423543772848170429916717
+#define TP_SELU_SCALE 1.0507009873554804934193349852946
+
+/* ATen's elu coefficients in float: negcoef = alpha scale (a float product), poscoef = scale,
+ * negiptcoef = input_scale */
+typedef struct {
+    float negative, positive, input;
+} elu_coefficients;
+
+static elu_coefficients elu_of(const tp_layer *layer) {
+    elu_coefficients c;
+    c.positive = layer->kind == TP_LAYER_SELU ? (float)TP_SELU_SCALE : 1.0f;
+    c.negative = layer->kind == TP_LAYER_SELU ? (float)TP_SELU_ALPHA * c.positive
+                                              : layer->activation[0] * c.positive;
+    c.input = layer->kind == TP_LAYER_CELU ? layer->activation[1] : 1.0f;
+    return c;
 }
 
 /* softplus(x) = log1p(exp(x)) as Mish's forward takes it (ATen: beta 1, threshold 20) */
 static float mish_tanh(float x) { return tanhf(x > 20.0f ? x : log1pf(expf(x))); }
 
 void tp_activation_forward(const tp_layer *layer, const float *x, float *y, int32_t n) {
-    const float slope = layer->negative_slope;
+    const float slope = layer->activation[0];
+    const float low = layer->activation[0], high = layer->activation[1];
+    const elu_coefficients elu = elu_of(layer);
     const float alpha = (float)TP_SQRT1_2;
     const float beta = (float)(TP_SQRT2 * TP_2_SQRTPI * 0.5), kappa = 0.044715f;
     int32_t i;
@@ -80,12 +109,27 @@ void tp_activation_forward(const tp_layer *layer, const float *x, float *y, int3
     case TP_LAYER_MISH:
         for (i = 0; i < n; i++) y[i] = x[i] * mish_tanh(x[i]);
         break;
+    case TP_LAYER_ELU:
+    case TP_LAYER_CELU:
+    case TP_LAYER_SELU:
+        for (i = 0; i < n; i++)
+            y[i] = x[i] <= 0.0f ? (expf(x[i] * elu.input) - 1.0f) * elu.negative
+                                : x[i] * elu.positive;
+        break;
+    case TP_LAYER_HARDTANH: /* clamp: min(max(x, min_val), max_val) */
+        for (i = 0; i < n; i++) {
+            const float above = x[i] < low ? low : x[i];
+            y[i] = above > high ? high : above;
+        }
+        break;
     default: break;
     }
 }
 
 void tp_activation_backward(const tp_layer *layer, const float *y, float *delta, int32_t n) {
-    const float slope = layer->negative_slope;
+    const float slope = layer->activation[0];
+    const float low = layer->activation[0], high = layer->activation[1];
+    const elu_coefficients elu = elu_of(layer);
     int32_t i;
     switch (layer->kind) {
     case TP_LAYER_RELU: tp_relu_backward(y, delta, n); break;
@@ -100,6 +144,16 @@ void tp_activation_backward(const tp_layer *layer, const float *y, float *delta,
         break;
     case TP_LAYER_TANH:
         for (i = 0; i < n; i++) delta[i] = delta[i] * (1.0f - y[i] * y[i]);
+        break;
+    case TP_LAYER_ELU:
+    case TP_LAYER_CELU:
+    case TP_LAYER_SELU:
+        for (i = 0; i < n; i++)
+            delta[i] = y[i] <= 0.0f ? delta[i] * elu.input * (y[i] + elu.negative)
+                                    : delta[i] * elu.positive;
+        break;
+    case TP_LAYER_HARDTANH:
+        for (i = 0; i < n; i++) delta[i] = y[i] <= low || y[i] >= high ? 0.0f : delta[i];
         break;
     default: break;
     }

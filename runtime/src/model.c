@@ -126,6 +126,37 @@ static int window_output(int32_t in, int32_t kernel, int32_t stride, int32_t pad
     return 1;
 }
 
+/* The settings of an activation that has some (spec->weight points at them; NULL: PyTorch's
+ * defaults), copied into the layer. Its derivative is taken from its output, which must tell
+ * the side of the input's break: y > 0 exactly where x > 0 for LeakyReLU (slope >= 0), ELU
+ * (alpha >= 0) and CELU (alpha and its reciprocal of one sign, as PyTorch's 1 / alpha is);
+ * Hardtanh's min_val <= max_val (nn.Hardtanh's own condition, min_val < max_val, but equal
+ * ones are a constant). */
+static tp_status activation_settings(const tp_layer_spec *spec, tp_layer *layer) {
+    const float *settings = spec->weight;
+    float first, second = 0.0f;
+    switch (spec->kind) {
+    case TP_LAYER_LEAKY_RELU: first = settings != NULL ? settings[0] : 0.01f; break;
+    case TP_LAYER_ELU: first = settings != NULL ? settings[0] : 1.0f; break;
+    case TP_LAYER_CELU:
+        first = settings != NULL ? settings[0] : 1.0f;
+        second = settings != NULL ? settings[1] : 1.0f;
+        break;
+    default: /* Hardtanh */
+        first = settings != NULL ? settings[0] : -1.0f;
+        second = settings != NULL ? settings[1] : 1.0f;
+        break;
+    }
+    if (!isfinite(first) || !isfinite(second)) return TP_ERR_ARGUMENT;
+    if ((spec->kind == TP_LAYER_LEAKY_RELU || spec->kind == TP_LAYER_ELU) && first < 0.0f)
+        return TP_ERR_UNSUPPORTED;
+    if (spec->kind == TP_LAYER_CELU && !(first * second > 0.0f)) return TP_ERR_ARGUMENT;
+    if (spec->kind == TP_LAYER_HARDTANH && first > second) return TP_ERR_ARGUMENT;
+    layer->activation[0] = first;
+    layer->activation[1] = second;
+    return TP_OK;
+}
+
 tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, int32_t in_w,
                          tp_layer *layer) {
     memset(layer, 0, sizeof *layer);
@@ -183,12 +214,15 @@ tp_status tp_layer_shape(const tp_layer_spec *spec, int32_t in_c, int32_t in_h, 
         return TP_OK;
     }
     case TP_LAYER_LEAKY_RELU:
-        /* the backward tells x > 0 by y > 0: a negative slope would break that */
-        layer->negative_slope = spec->weight != NULL ? spec->weight[0] : 0.01f;
-        if (!isfinite(layer->negative_slope)) return TP_ERR_ARGUMENT;
-        if (layer->negative_slope < 0.0f) return TP_ERR_UNSUPPORTED;
+    case TP_LAYER_ELU:
+    case TP_LAYER_CELU:
+    case TP_LAYER_HARDTANH: {
+        const tp_status status = activation_settings(spec, layer);
+        if (status != TP_OK) return status;
+    }
         /* fall through */
     case TP_LAYER_RELU:
+    case TP_LAYER_SELU:
     case TP_LAYER_RELU6:
     case TP_LAYER_SIGMOID:
     case TP_LAYER_TANH:
@@ -306,9 +340,10 @@ static tp_status plan_model(const tp_model_spec *spec, const tp_policy_config *p
         status = tp_layer_shape(s, c, h, w, layer);
         if (status != TP_OK) return status;
         if (tp_layer_is_trainable(s->kind)) layer->trainable_index = trainable++;
-        /* ReLU ... Tanh work in place: a second one right after another would overwrite the
-         * output whose backward the first needs (ReLU after ReLU changes nothing); SiLU and
-         * the like write an output of their own and take the derivative from their input */
+        /* ReLU ... Tanh, ELU ... Hardtanh work in place: a second one right after another
+         * would overwrite the output whose backward the first needs (ReLU after ReLU changes
+         * nothing); SiLU and the like write an output of their own and take the derivative
+         * from their input */
         if (i > 0 && tp_is_activation(s->kind) && !tp_activation_reads_input(s->kind) &&
             tp_is_activation(previous) && !tp_activation_reads_input(previous) &&
             !(s->kind == TP_LAYER_RELU && previous == TP_LAYER_RELU))
@@ -465,8 +500,9 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
     for (i = 0; i < plan->count; i++) {
         const tp_buffer *buffer = &plan->buffers[i];
         float *at = base + buffer->offset;
-        tp_layer *layer = buffer->layer >= 0 ? &model->layers[buffer->layer] : NULL;
-        switch ((tp_buffer_use)buffer->use) {
+        const int32_t owner = tp_buffer_layer(buffer, model->layer_count);
+        tp_layer *layer = owner >= 0 ? &model->layers[owner] : NULL;
+        switch (tp_buffer_use_of(buffer)) {
         case TP_BUFFER_OUTPUT: layer->output = at; break;
         case TP_BUFFER_FORWARD_SCRATCH: layer->forward_scratch = at; break;
         case TP_BUFFER_LOSS_DELTA: model->loss_delta = at; break;

@@ -133,17 +133,15 @@ size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_d
 static int32_t max_i32(int32_t a, int32_t b) { return a > b ? a : b; }
 
 static tp_status add_buffer(tp_arena_plan *plan, size_t floats, int32_t first, int32_t last,
-                            int32_t layer, tp_buffer_use use) {
+                            tp_buffer_use use) {
     tp_buffer *buffer;
     if (floats == 0) return TP_OK;
     if (plan->count >= TP_MAX_BUFFERS) return TP_ERR_ARGUMENT;
     if (floats > TP_PLAN_MAX_FLOATS) return TP_ERR_SHAPE;
     buffer = &plan->buffers[plan->count++];
-    buffer->floats = (uint32_t)floats;
+    buffer->size_use = (uint32_t)floats | (uint32_t)use << 28;
     buffer->first = (int16_t)first;
     buffer->last = (int16_t)last;
-    buffer->layer = (int16_t)layer;
-    buffer->use = (uint8_t)use;
     buffer->offset = 0;
     return TP_OK;
 }
@@ -160,46 +158,49 @@ static int overlaps(const tp_buffer *a, const tp_buffer *b) {
     return a->first <= b->last && b->first <= a->last;
 }
 
+/* Sorts the buffers themselves into placement order (no index array: the plan's records are
+ * the deepest stack on a device) and places them. */
 static tp_status place(tp_arena_plan *plan) {
-    int32_t order[TP_MAX_BUFFERS];
+    tp_buffer *const buffers = plan->buffers;
     int32_t i, j, placed;
     uint64_t total = 0;
-    for (i = 0; i < plan->count; i++) total += plan->buffers[i].floats;
+    for (i = 0; i < plan->count; i++) total += tp_buffer_floats(&buffers[i]);
     if (total > ((uint64_t)1 << 30)) return TP_ERR_SHAPE; /* offsets + sizes within uint32 */
-    for (i = 0; i < plan->count; i++) order[i] = i;
-    for (i = 1; i < plan->count; i++) { /* insertion sort: larger first, then creation order */
-        const int32_t current = order[i];
-        for (j = i; j > 0 && plan->buffers[order[j - 1]].floats < plan->buffers[current].floats;
-             j--)
-            order[j] = order[j - 1];
-        order[j] = current;
+    for (i = 1; i < plan->count; i++) { /* insertion sort (stable): larger first, then creation
+                                           order */
+        const tp_buffer current = buffers[i];
+        const uint32_t floats = tp_buffer_floats(&current);
+        for (j = i; j > 0 && tp_buffer_floats(&buffers[j - 1]) < floats; j--)
+            buffers[j] = buffers[j - 1];
+        buffers[j] = current;
     }
     plan->transient = 0;
     for (placed = 0; placed < plan->count; placed++) {
-        tp_buffer *buffer = &plan->buffers[order[placed]];
+        tp_buffer *buffer = &buffers[placed];
+        const uint32_t floats = tp_buffer_floats(buffer);
         uint32_t best = UINT32_MAX;
         int32_t c;
         for (c = -1; c < placed; c++) { /* candidates: 0 and the ends of placed buffers */
             uint32_t candidate;
             int fits = 1;
             if (c >= 0) {
-                const tp_buffer *other = &plan->buffers[order[c]];
+                const tp_buffer *other = &buffers[c];
                 if (!overlaps(buffer, other)) continue;
-                candidate = other->offset + other->floats;
+                candidate = other->offset + tp_buffer_floats(other);
             } else {
                 candidate = 0;
             }
             if (candidate >= best) continue;
             for (j = 0; j < placed && fits; j++) {
-                const tp_buffer *other = &plan->buffers[order[j]];
-                fits = !overlaps(buffer, other) || candidate >= other->offset + other->floats ||
-                       other->offset >= candidate + buffer->floats;
+                const tp_buffer *other = &buffers[j];
+                fits = !overlaps(buffer, other) ||
+                       candidate >= other->offset + tp_buffer_floats(other) ||
+                       other->offset >= candidate + floats;
             }
             if (fits) best = candidate;
         }
         buffer->offset = best;
-        if ((size_t)best + buffer->floats > plan->transient)
-            plan->transient = (size_t)best + buffer->floats;
+        if ((size_t)best + floats > plan->transient) plan->transient = (size_t)best + floats;
     }
     return TP_OK;
 }
@@ -220,20 +221,20 @@ static tp_status add_recompute(tp_arena_plan *plan, const tp_layer *layers, int3
         if (layers[j].kind == TP_LAYER_CONV2D && tp_conv_forward_scratch_floats(&layers[j]) > scratch)
             scratch = tp_conv_forward_scratch_floats(&layers[j]);
     }
-    status = add_buffer(plan, largest, step, recompute_reader(layers, i, layer_count), i,
+    status = add_buffer(plan, largest, step, recompute_reader(layers, i, layer_count),
                         TP_BUFFER_RECOMPUTED_INPUT);
     if (status != TP_OK) return status;
     if (outputs > 1 && !(writes_input_delta && (size_t)tp_layer_input_size(&layers[i]) >= largest)) {
-        status = add_buffer(plan, largest, step, step, i, TP_BUFFER_RECOMPUTE_PARTNER);
+        status = add_buffer(plan, largest, step, step, TP_BUFFER_RECOMPUTE_PARTNER);
         if (status != TP_OK) return status;
     }
-    return add_buffer(plan, scratch, step, step, i, TP_BUFFER_RECOMPUTE_SCRATCH);
+    return add_buffer(plan, scratch, step, step, TP_BUFFER_RECOMPUTE_SCRATCH);
 }
 
 tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t class_count,
                         const tp_policy_config *policy, const tp_optimizer_config *optimizer,
                         const tp_memory_config *memory, tp_arena_plan *plan) {
-    int32_t storage[TP_MAX_LAYERS], last_use[TP_MAX_LAYERS];
+    int16_t storage[TP_MAX_LAYERS], last_use[TP_MAX_LAYERS]; /* -1 .. 2L: int16, as the steps */
     const int32_t L = layer_count;
     int32_t i, first = -1;
     size_t blocks = 0;
@@ -263,42 +264,43 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
     /* which layer's buffer holds each output (-1: the sample), and its last reader */
     for (i = 0; i < L; i++) {
         const int aliases = tp_layer_aliases(&layers[i]);
-        storage[i] = aliases ? (i > 0 ? storage[i - 1] : -1) : i;
-        last_use[i] = i;
+        storage[i] = (int16_t)(aliases ? (i > 0 ? storage[i - 1] : -1) : i);
+        last_use[i] = (int16_t)i;
     }
     for (i = 0; i < L; i++) {
         const int32_t input = i > 0 ? storage[i - 1] : -1;
         const tp_layer_kind kind = layers[i].kind;
-        if (input >= 0) last_use[input] = max_i32(last_use[input], i);
+        if (input >= 0) last_use[input] = (int16_t)max_i32(last_use[input], i);
         if (i < first) continue;
         if (input >= 0 &&
             ((layers[i].trained && !layers[i].bias_only && !layers[i].recompute_input) ||
              kind == TP_LAYER_MAXPOOL || kind == TP_LAYER_AVGPOOL ||
              tp_activation_reads_input(kind)))
-            last_use[input] = max_i32(last_use[input], 2 * L - i);
+            last_use[input] = (int16_t)max_i32(last_use[input], 2 * L - i);
         if (tp_is_activation(kind) && !tp_activation_reads_input(kind) && storage[i] >= 0 &&
             !keeps_mask(layers, i, L) && tp_recompute_consumer(layers, i, L) < 0)
-            last_use[storage[i]] = max_i32(last_use[storage[i]], 2 * L - i);
+            last_use[storage[i]] = (int16_t)max_i32(last_use[storage[i]], 2 * L - i);
     }
-    if (storage[L - 1] >= 0) last_use[storage[L - 1]] = max_i32(last_use[storage[L - 1]], L);
+    if (storage[L - 1] >= 0)
+        last_use[storage[L - 1]] = (int16_t)max_i32(last_use[storage[L - 1]], L);
     for (i = 0; i < L; i++) {
         if (storage[i] == i) {
-            status = add_buffer(plan, (size_t)tp_layer_output_size(&layers[i]), i, last_use[i], i,
+            status = add_buffer(plan, (size_t)tp_layer_output_size(&layers[i]), i, last_use[i],
                                 TP_BUFFER_OUTPUT);
             if (status != TP_OK) return status;
         }
         if (layers[i].kind == TP_LAYER_CONV2D) {
-            status = add_buffer(plan, tp_conv_forward_scratch_floats(&layers[i]), i, i, i,
+            status = add_buffer(plan, tp_conv_forward_scratch_floats(&layers[i]), i, i,
                                 TP_BUFFER_FORWARD_SCRATCH);
             if (status != TP_OK) return status;
         }
         if (i >= first && keeps_mask(layers, i, L)) {
             status = add_buffer(plan, (size_t)(tp_layer_output_size(&layers[i]) + 31) / 32, i,
-                                2 * L - i, i, TP_BUFFER_RELU_MASK);
+                                2 * L - i, TP_BUFFER_RELU_MASK);
             if (status != TP_OK) return status;
         }
     }
-    status = add_buffer(plan, (size_t)class_count, L, error_reader(layers, L, L), -1,
+    status = add_buffer(plan, (size_t)class_count, L, error_reader(layers, L, L),
                         TP_BUFFER_LOSS_DELTA);
     if (status != TP_OK) return status;
     for (i = L - 1; i >= first; i--) {
@@ -308,14 +310,14 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                                          layer->kind == TP_LAYER_AVGPOOL);
         if (writer) {
             status = add_buffer(plan, (size_t)tp_layer_input_size(layer), step,
-                                error_reader(layers, i, L), i, TP_BUFFER_INPUT_DELTA);
+                                error_reader(layers, i, L), TP_BUFFER_INPUT_DELTA);
             if (status != TP_OK) return status;
         }
         if (!layer->trained) continue;
         if (layer->kind == TP_LAYER_CONV2D) {
             status = add_buffer(plan, tp_conv_backward_scratch_floats(layer, i > first,
                                                                       !layer->bias_only),
-                                step, step, i, TP_BUFFER_BACKWARD_SCRATCH);
+                                step, step, TP_BUFFER_BACKWARD_SCRATCH);
             if (status != TP_OK) return status;
         }
         /* (a first trained layer that is bias-only selects nothing: its bias gradient is
@@ -325,12 +327,11 @@ tp_status tp_plan_arena(const tp_layer *layers, int32_t layer_count, int32_t cla
                                 memory->selection_in_place
                                     ? TP_RADIX_COUNTS
                                     : 2 * (size_t)tp_layer_output_size(layer),
-                                step, step, i, TP_BUFFER_SELECTION);
+                                step, step, TP_BUFFER_SELECTION);
             if (status != TP_OK) return status;
         }
         if ((memory->sgd_in_place && layer->kind == TP_LAYER_CONV2D) || memory->adam_in_place) {
-            status = add_buffer(plan, trained_parameters(layer), step, step, i,
-                                TP_BUFFER_GRADIENT);
+            status = add_buffer(plan, trained_parameters(layer), step, step, TP_BUFFER_GRADIENT);
             if (status != TP_OK) return status;
         }
         if (layer->recompute_input) {

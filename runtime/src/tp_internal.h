@@ -16,8 +16,9 @@ int32_t tp_layer_output_size(const tp_layer *layer);
 int32_t tp_layer_input_size(const tp_layer *layer);
 int tp_layer_is_trainable(tp_layer_kind kind);
 
-/* ---- activations.c: elementwise activations. ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh work in
- * place, their derivative from their output; SiLU, GELU, Hardswish, Hardsigmoid, Mish write
+/* ---- activations.c: elementwise activations. ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh, ELU,
+ * CELU, SELU, Hardtanh work in place, their derivative from their output; SiLU, GELU,
+ * Hardswish, Hardsigmoid, Mish write
  * an output of their own, their derivative from their input (tp_activation_reads_input) */
 int tp_is_activation(tp_layer_kind kind);
 /* inline, not a call: the arena plan's frame (the deepest stack on a device) stays as it was */
@@ -49,12 +50,31 @@ typedef enum {
     TP_BUFFER_RECOMPUTE_PARTNER = 9,
     TP_BUFFER_RECOMPUTE_SCRATCH = 10
 } tp_buffer_use;
+/* 12 bytes a record (the plan holds TP_MAX_BUFFERS of them on the stack of tp_init_mode and
+ * tp_arena_bytes_mode): the size and the use packed in one word, the layer not stored (its
+ * first step tells it, tp_buffer_layer) */
 typedef struct {
-    uint32_t floats, offset; /* in floats (every buffer holds 4-byte floats or int32s) */
-    int16_t first, last;     /* the steps it is alive */
-    int16_t layer;           /* the layer it belongs to (-1: the loss error) */
-    uint8_t use;             /* tp_buffer_use */
+    uint32_t size_use;   /* floats (bits 0-27: a buffer holds at most 2^26) | use << 28 */
+    uint32_t offset;     /* in floats (every buffer holds 4-byte floats or int32s) */
+    int16_t first, last; /* the steps it is alive */
 } tp_buffer;
+#define TP_BUFFER_SIZE_MASK ((1u << 28) - 1u)
+static inline uint32_t tp_buffer_floats(const tp_buffer *buffer) {
+    return buffer->size_use & TP_BUFFER_SIZE_MASK;
+}
+static inline tp_buffer_use tp_buffer_use_of(const tp_buffer *buffer) {
+    return (tp_buffer_use)(buffer->size_use >> 28);
+}
+/* The layer a buffer belongs to (-1: the loss error): a forward-time buffer (an output, a
+ * forward scratch, a ReLU mask) starts at its layer's forward, step i; every other one at its
+ * layer's backward, step 2L - i. */
+static inline int32_t tp_buffer_layer(const tp_buffer *buffer, int32_t layer_count) {
+    const tp_buffer_use use = tp_buffer_use_of(buffer);
+    if (use == TP_BUFFER_LOSS_DELTA) return -1;
+    if (use == TP_BUFFER_OUTPUT || use == TP_BUFFER_FORWARD_SCRATCH || use == TP_BUFFER_RELU_MASK)
+        return buffer->first;
+    return 2 * layer_count - buffer->first;
+}
 typedef struct {
     size_t parameters, gradients, moments; /* persistent, in floats */
     size_t transient;                      /* the placed buffers' extent, in floats */

@@ -92,6 +92,10 @@ tp_status tp_forward_sample(tp_model *model, const float *x, const float **logit
         case TP_LAYER_HARDSWISH:
         case TP_LAYER_HARDSIGMOID:
         case TP_LAYER_MISH:
+        case TP_LAYER_ELU:
+        case TP_LAYER_CELU:
+        case TP_LAYER_SELU:
+        case TP_LAYER_HARDTANH:
             tp_activation_forward(layer, current, layer->output, tp_layer_output_size(layer));
             break;
         case TP_LAYER_FLATTEN: break;
@@ -257,6 +261,10 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
         case TP_LAYER_LEAKY_RELU:
         case TP_LAYER_SIGMOID:
         case TP_LAYER_TANH:
+        case TP_LAYER_ELU:
+        case TP_LAYER_CELU:
+        case TP_LAYER_SELU:
+        case TP_LAYER_HARDTANH:
             tp_activation_backward(layer, activation_output(model, i), delta,
                                    tp_layer_output_size(layer));
             continue;

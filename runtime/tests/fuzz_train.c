@@ -51,7 +51,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t labels[6], keep[6 * 8];
     uint8_t mask[6];
     static float weights[1 << 20]; /* every layer's initial weights (frozen layers read them) */
-    static const float slopes[4] = {0.01f, 0.0f, 0.3f, -0.2f}; /* LeakyReLU: the last refused */
+    /* LeakyReLU's, ELU's slope or alpha (-0.2 refused); CELU's, Hardtanh's pair from there */
+    static const float slopes[5] = {0.01f, 0.0f, 0.3f, -0.2f, 0.5f};
     tp_memory_config memory;
     int32_t poke;
     float saved = 0.0f;
@@ -66,7 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     spec.layers = layers;
     for (i = 0; i < count; i++) {
         tp_layer_spec *l = &layers[i];
-        l->kind = (tp_layer_kind)(byte(&r) % 17); /* 16 is not a kind */
+        l->kind = (tp_layer_kind)(byte(&r) % 21); /* 20 is not a kind */
         l->out_channels = (int32_t)(byte(&r) % 10) - 1;
         l->kernel_h = byte(&r) % 4;
         l->kernel_w = byte(&r) % 4;
@@ -80,8 +81,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         l->has_bias = byte(&r) % 3;
         l->weight = byte(&r) % 4 ? weights : NULL; /* NULL: zeros, or an error when frozen */
         l->bias = weights;
-        if (l->kind == TP_LAYER_LEAKY_RELU) /* its slope: default, 0, a fraction, or refused */
-            l->weight = byte(&r) % 4 ? &slopes[byte(&r) % 4] : NULL;
+        if (l->kind == TP_LAYER_LEAKY_RELU || l->kind == TP_LAYER_ELU || /* default, 0, a */
+            l->kind == TP_LAYER_CELU || l->kind == TP_LAYER_HARDTANH)     /* fraction, or */
+            l->weight = byte(&r) % 4 ? &slopes[byte(&r) % 4] : NULL;    /* refused */
     }
     policy.policy = (tp_policy)(byte(&r) % 5);
     policy.s_min = setting(&r);

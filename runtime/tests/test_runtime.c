@@ -96,6 +96,26 @@ static tp_layer_spec smooth_layers[] = {
 };
 static const tp_model_spec smooth_spec = {2, 6, 6, 16, smooth_layers};
 
+/* the activations with settings that work in place (ELU, CELU, SELU, Hardtanh): ELU(0.5) on
+ * the sample itself, conv + Hardtanh(-0.5, 0.8) (weights large enough to saturate it), max
+ * pool, pointwise conv + CELU(0.7), flatten, dense + SELU, dense + ELU, dense */
+static float el_w0[4 * 2 * 9], el_b0[4], el_w1[3 * 4], el_b1[3], el_w2[6 * 27], el_b2[6];
+static float el_w3[5 * 6], el_b3[5], el_w4[3 * 5], el_b4[3];
+static float el_alpha[1] = {0.5f}, el_celu[2] = {0.7f, (float)(1.0 / 0.7)};
+static float el_hardtanh[2] = {-0.5f, 0.8f};
+static tp_layer_spec elu_layers[] = {
+    TP_ACTIVATION_SETTINGS_SPEC(TP_LAYER_ELU, el_alpha),
+    TP_CONV_SPEC(4, 3, 3, 1, 1, 1, 1, 1, el_w0, el_b0),
+    TP_ACTIVATION_SETTINGS_SPEC(TP_LAYER_HARDTANH, el_hardtanh),
+    TP_MAXPOOL_SPEC(2, 2, 0, 0),
+    TP_CONV_SPEC(3, 1, 1, 1, 1, 0, 0, 1, el_w1, el_b1),
+    TP_ACTIVATION_SETTINGS_SPEC(TP_LAYER_CELU, el_celu), TP_FLATTEN_SPEC(),
+    TP_DENSE_SPEC(6, el_w2, el_b2), TP_ACTIVATION_SPEC(TP_LAYER_SELU),
+    TP_DENSE_SPEC(5, el_w3, el_b3), TP_ACTIVATION_SPEC(TP_LAYER_ELU),
+    TP_DENSE_SPEC(3, el_w4, el_b4),
+};
+static const tp_model_spec elu_spec = {2, 6, 6, 12, elu_layers};
+
 static void init_weights(void) {
     fill(mlp_w0, 12 * 16, 0.3f); fill(mlp_b0, 12, 0.1f);
     fill(mlp_w1, 8 * 12, 0.3f); fill(mlp_b1, 8, 0.1f);
@@ -117,6 +137,11 @@ static void init_weights(void) {
     fill(sm_w3, 5 * 6, 0.6f); fill(sm_b3, 5, 0.1f);
     fill(sm_w4, 4 * 5, 0.6f); fill(sm_b4, 4, 0.1f);
     fill(sm_w5, 3 * 4, 0.6f); fill(sm_b5, 3, 0.1f);
+    fill(el_w0, 4 * 2 * 9, 0.5f); fill(el_b0, 4, 0.1f);
+    fill(el_w1, 3 * 4, 0.6f); fill(el_b1, 3, 0.1f);
+    fill(el_w2, 6 * 27, 0.4f); fill(el_b2, 6, 0.1f);
+    fill(el_w3, 5 * 6, 0.6f); fill(el_b3, 5, 0.1f);
+    fill(el_w4, 3 * 5, 0.6f); fill(el_b4, 3, 0.1f);
 }
 
 /* A model with a malloc'ed arena of exactly the advertised size. */
@@ -141,9 +166,10 @@ static tp_status make_model(owned_model *m, const tp_model_spec *spec, tp_policy
 /* ------------------------------------------------------------------ tests */
 
 static void test_arena_exact_for_every_model_and_policy(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec, &smooth_spec};
+    const tp_model_spec *specs[] = {&mlp_spec,  &cnn_spec,    &har_spec,
+                                    &act_spec,  &smooth_spec, &elu_spec};
     int s, p, o, step;
-    for (s = 0; s < 5; s++) {
+    for (s = 0; s < 6; s++) {
         for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p++) {
             for (o = 0; o <= 1; o++) {
                 owned_model m;
@@ -417,9 +443,10 @@ static void test_skip_decision(void) {
 /* Full training, batch 1, SGD lr 1: the update equals minus the gradient; compare with central
  * differences of the loss computed through tp_predict. */
 static void test_gradient_matches_finite_differences(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec, &smooth_spec};
+    const tp_model_spec *specs[] = {&mlp_spec,  &cnn_spec,    &har_spec,
+                                    &act_spec,  &smooth_spec, &elu_spec};
     int s;
-    for (s = 0; s < 5; s++) {
+    for (s = 0; s < 6; s++) {
         tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
         tp_optimizer_config sgd = tp_sgd(1.0, 0.0, 0.0);
         static float before[2000], after[2000], x[160], logits[8], grad[8];
@@ -471,10 +498,11 @@ static void test_gradient_matches_finite_differences(void) {
  * recomputes its input, Adam in place with 8-bit moments, selection_in_place; in_place 6: the
  * same recompute with one Adam step per batch, 8-bit moments. */
 static void test_memory_modes(void) {
-    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec, &act_spec, &smooth_spec};
-    const int trainable[] = {3, 4, 3, 5, 6};
+    const tp_model_spec *specs[] = {&mlp_spec,  &cnn_spec,    &har_spec,
+                                    &act_spec,  &smooth_spec, &elu_spec};
+    const int trainable[] = {3, 4, 3, 5, 6, 5};
     int s, first, in_place, p, step;
-    for (s = 0; s < 5; s++) {
+    for (s = 0; s < 6; s++) {
         for (first = 0; first < trainable[s]; first++) {
             for (in_place = 0; in_place <= 6; in_place++) {
                 for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p += 3) {
@@ -807,7 +835,7 @@ static void test_hostile_values(void) {
  * needs its output for its backward). */
 static void test_activations_refused(void) {
     static float w0[4 * 4], b0[4], w1[2 * 4], b1[2];
-    static float slope;
+    static float slope, settings[2];
     static tp_layer_spec layers[] = {
         TP_DENSE_SPEC(4, w0, b0), TP_LEAKY_RELU_SPEC(&slope), TP_RELU_SPEC(),
         TP_DENSE_SPEC(2, w1, b1),
@@ -847,8 +875,64 @@ static void test_activations_refused(void) {
     CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* Sigmoid, GELU */
     layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_MISH);
     CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* Mish, GELU */
-    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC((tp_layer_kind)16); /* not a kind */
+    /* ELU, CELU, SELU and Hardtanh work in place, their derivative from their output: not
+     * right after another in-place activation, and with settings under which the output still
+     * tells it */
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_ELU);
+    layers[2] = (tp_layer_spec)TP_RELU_SPEC();
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED); /* ELU, ReLU */
+    layers[2] = (tp_layer_spec)TP_FLATTEN_SPEC();
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK); /* PyTorch's alpha 1 */
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SETTINGS_SPEC(TP_LAYER_ELU, settings);
+    settings[0] = 0.0f;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK);
+    settings[0] = -0.5f; /* y > 0 for some x < 0 */
     CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED);
+    settings[0] = NAN;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_ARGUMENT);
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SETTINGS_SPEC(TP_LAYER_CELU, settings);
+    settings[0] = -0.7f; /* alpha < 0 with its reciprocal: monotonic, y <= 0 for x <= 0 */
+    settings[1] = (float)(1.0 / -0.7);
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK);
+    settings[1] = -settings[1]; /* a reciprocal of the other sign */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_ARGUMENT);
+    settings[0] = settings[1] = 0.0f; /* PyTorch refuses alpha 0 */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_ARGUMENT);
+    settings[0] = 1.0f;
+    settings[1] = INFINITY;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_ARGUMENT);
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SETTINGS_SPEC(TP_LAYER_HARDTANH, settings);
+    settings[0] = 1.0f; /* min_val > max_val */
+    settings[1] = -1.0f;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_ARGUMENT);
+    settings[0] = -2.0f;
+    settings[1] = 2.0f;
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK);
+    layers[2] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_SELU); /* Hardtanh, SELU */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED);
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC(TP_LAYER_GELU); /* GELU, SELU */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_OK);
+    layers[1] = (tp_layer_spec)TP_ACTIVATION_SPEC((tp_layer_kind)20); /* not a kind */
+    CHECK(tp_arena_bytes(&spec, &policy, &sgd, &bytes) == TP_ERR_UNSUPPORTED);
+}
+
+/* An activation's settings are copied by tp_init: the spec's array may change or go. */
+static void test_activation_settings_are_copied(void) {
+    float settings[2] = {-0.5f, 0.8f}, x[72], before[3], after[3];
+    tp_layer_spec layers[12];
+    tp_model_spec spec = elu_spec;
+    owned_model m;
+    memcpy(layers, elu_layers, sizeof layers);
+    layers[2].weight = settings;
+    spec.layers = layers;
+    fill(x, 72, 1.0f);
+    CHECK(make_model(&m, &spec, TP_POLICY_FULL, TP_OPTIMIZER_SGD) == TP_OK);
+    CHECK(tp_predict(&m.model, x, before, NULL) == TP_OK);
+    settings[0] = -0.1f;
+    settings[1] = 0.1f;
+    CHECK(tp_predict(&m.model, x, after, NULL) == TP_OK);
+    CHECK(memcmp(before, after, sizeof before) == 0);
+    free(m.arena);
 }
 
 int main(void) {
@@ -869,6 +953,7 @@ int main(void) {
     test_batch_api_errors();
     test_hostile_values();
     test_activations_refused();
+    test_activation_settings_are_copied();
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

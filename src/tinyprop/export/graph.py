@@ -1,9 +1,9 @@
 """Walk a sequential PyTorch model into the C runtime's layer list (``tp_layer_spec``).
 
 The runtime runs a chain of layers on one sample of shape (C, H, W): dense, conv2d (a Conv1d is
-a conv2d of height 1), the activations ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh (in place) and
-SiLU, GELU, Hardswish, Hardsigmoid, Mish (an output of their own), max / average pooling and
-flatten. This module turns an
+a conv2d of height 1), the activations ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh, ELU, CELU, SELU,
+Hardtanh (in place) and SiLU, GELU, Hardswish, Hardsigmoid, Mish (an output of their own), max /
+average pooling and flatten. This module turns an
 ``nn.Sequential`` (nested ones are flattened) into that chain with every shape worked out, and
 names any module it cannot run by its type and its path in the model.
 """
@@ -24,6 +24,7 @@ from tinyprop.export.tracing import TracingError, traced_layers
 # tp_layer_kind values of runtime/include/tinyprop.h
 DENSE, CONV2D, RELU, MAXPOOL, AVGPOOL, FLATTEN, RELU6, LEAKY_RELU, SIGMOID, TANH = range(10)
 SILU, GELU, GELU_TANH, HARDSWISH, HARDSIGMOID, MISH = range(10, 16)
+ELU, CELU, SELU, HARDTANH = range(16, 20)
 KIND_NAMES = {
     DENSE: "TP_LAYER_DENSE",
     CONV2D: "TP_LAYER_CONV2D",
@@ -41,19 +42,25 @@ KIND_NAMES = {
     HARDSWISH: "TP_LAYER_HARDSWISH",
     HARDSIGMOID: "TP_LAYER_HARDSIGMOID",
     MISH: "TP_LAYER_MISH",
+    ELU: "TP_LAYER_ELU",
+    CELU: "TP_LAYER_CELU",
+    SELU: "TP_LAYER_SELU",
+    HARDTANH: "TP_LAYER_HARDTANH",
 }
 # elementwise, in place, the derivative taken from the output
-ACTIVATIONS = (RELU, RELU6, LEAKY_RELU, SIGMOID, TANH)
+ACTIVATIONS = (RELU, RELU6, LEAKY_RELU, SIGMOID, TANH, ELU, CELU, SELU, HARDTANH)
 # elementwise with an output of their own, the derivative taken from the input (kept until
 # their backward): tp_activation_reads_input
 INPUT_ACTIVATIONS = (SILU, GELU, GELU_TANH, HARDSWISH, HARDSIGMOID, MISH)
 _ACTIVATION_KINDS = {nn.ReLU: RELU, nn.ReLU6: RELU6, nn.LeakyReLU: LEAKY_RELU,
                      nn.Sigmoid: SIGMOID, nn.Tanh: TANH, nn.SiLU: SILU, nn.GELU: GELU,
                      nn.Hardswish: HARDSWISH, nn.Hardsigmoid: HARDSIGMOID,
-                     nn.Mish: MISH}  # fmt: skip
+                     nn.Mish: MISH, nn.ELU: ELU, nn.CELU: CELU, nn.SELU: SELU,
+                     nn.Hardtanh: HARDTANH}  # fmt: skip
 SUPPORTED = (
     "Linear, Conv1d, Conv2d (incl. depthwise, zero padding), ReLU, ReLU6, LeakyReLU "
-    "(negative_slope >= 0), Sigmoid, Tanh, SiLU, GELU, Hardswish, Hardsigmoid, Mish, "
+    "(negative_slope >= 0), Sigmoid, Tanh, ELU (alpha >= 0), CELU, SELU, Hardtanh, SiLU, GELU, "
+    "Hardswish, Hardsigmoid, Mish, "
     "MaxPool1d/2d, AvgPool1d/2d, "
     "AdaptiveAvgPool1d/2d and AdaptiveMaxPool1d/2d to a size that divides the input, Flatten, "
     "Identity, Dropout with p=0; BatchNorm folded first (tinyprop.export.fold_batch_norm)"
@@ -143,6 +150,10 @@ _RUNTIME_METHODS = {
     nn.Hardswish: ("forward",),
     nn.Hardsigmoid: ("forward",),
     nn.Mish: ("forward",),
+    nn.ELU: ("forward",),
+    nn.CELU: ("forward",),
+    nn.SELU: ("forward",),
+    nn.Hardtanh: ("forward",),
     nn.MaxPool1d: ("forward",),
     nn.MaxPool2d: ("forward",),
     nn.AvgPool1d: ("forward",),
@@ -205,13 +216,13 @@ def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]
 
 
 _ACTIVATIONS = (
-    nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.RReLU, nn.Threshold, nn.GLU,
+    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.LogSigmoid,
+    nn.RReLU, nn.Threshold, nn.GLU,
 )  # fmt: skip
-# (the activations above are the ones the runtime lacks)
+# (the activations above are the ones the runtime lacks; PReLU has its own way out)
 _RUNTIME_ACTIVATIONS = (
-    "ReLU, ReLU6, LeakyReLU (negative_slope >= 0), Sigmoid, Tanh, SiLU, GELU, Hardswish, "
-    "Hardsigmoid and Mish"
+    "ReLU, ReLU6, LeakyReLU (negative_slope >= 0), Sigmoid, Tanh, ELU (alpha >= 0), CELU, "
+    "SELU, Hardtanh, SiLU, GELU, Hardswish, Hardsigmoid and Mish"
 )
 
 
@@ -222,6 +233,13 @@ def _what_to_do(module: nn.Module) -> str:
             "the runtime trains one sample at a time, without batch statistics; fold it into "
             "the layer before it with tinyprop.export.fold_batch_norm(model) (tinyprop export "
             "--fold-batch-norm), which keeps what the model computes in eval mode"
+        )
+    if isinstance(module, nn.PReLU):
+        return (
+            "its weight (the slope of the negative side) trains, and the runtime trains only "
+            "Linear and Conv weights. With the slope fixed it is a LeakyReLU: for "
+            "num_parameters=1 and a slope >= 0, put nn.LeakyReLU(negative_slope=float("
+            "prelu.weight)) in its place (the same function; the slope then no longer trains)"
         )
     if isinstance(module, _ACTIVATIONS):
         return (
@@ -603,24 +621,47 @@ def compiled_original(model: nn.Module) -> nn.Module:
     return original if isinstance(original, nn.Module) else model
 
 
+def _activation_settings(path: str, module: nn.Module, kind: int) -> np.ndarray | None:
+    """The settings the runtime reads through the spec's weight pointer, as float32 (ATen's
+    ``Scalar.to<float>()``): LeakyReLU's negative_slope, ELU's alpha, CELU's alpha and
+    1 / alpha (divided in double, as ``at::celu`` does), Hardtanh's min_val and max_val. Each
+    must leave the output telling what the derivative needs (it is taken from the output)."""
+    if kind == LEAKY_RELU:
+        values, name = [float(module.negative_slope)], "negative_slope"
+    elif kind in (ELU, CELU):
+        alpha = float(module.alpha)
+        values, name = [alpha] + ([1.0 / alpha] if kind == CELU and alpha else []), "alpha"
+    elif kind == HARDTANH:
+        values, name = [float(module.min_val), float(module.max_val)], "min_val, max_val"
+    else:
+        return None
+    settings = np.array(values, dtype=np.float32)
+    shown = ", ".join(f"{v:g}" for v in values)
+    if not np.all(np.isfinite(settings)):
+        raise _unsupported(path, module, f"{name}={shown} is not finite in float32")
+    if kind in (LEAKY_RELU, ELU) and values[0] < 0:
+        raise _unsupported(
+            path, module, f"{name}={shown}: the runtime takes the derivative from the output, "
+            "which tells x > 0 by y > 0 only for a value >= 0; use one >= 0 (PyTorch's default "
+            f"is {0.01 if kind == LEAKY_RELU else 1.0})"
+        )  # fmt: skip
+    if kind == CELU and not values[0]:
+        raise _unsupported(path, module, "alpha=0 (PyTorch refuses it too)")
+    if kind == HARDTANH and values[0] > values[1]:
+        raise _unsupported(path, module, f"min_val > max_val ({shown})")
+    return settings
+
+
 def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) -> LayerSpec:
     """ReLU, ReLU6, LeakyReLU (its negative_slope as the spec's one weight), Sigmoid, Tanh,
-    SiLU, GELU (either form), Hardswish, Hardsigmoid, Mish."""
+    ELU, CELU, SELU, Hardtanh (their settings as the spec's weight), SiLU, GELU (either form),
+    Hardswish, Hardsigmoid, Mish."""
     kind = RELU if isinstance(module, nn.ReLU) else _ACTIVATION_KINDS[type(module)]
     if kind == GELU and module.approximate not in ("none", "tanh"):
         raise _unsupported(path, module, f"approximate={module.approximate!r}")
     if kind == GELU and module.approximate == "tanh":
         kind = GELU_TANH
-    weight = None
-    if kind == LEAKY_RELU:
-        slope = float(module.negative_slope)
-        if not math.isfinite(slope) or slope < 0:
-            raise _unsupported(
-                path, module, f"negative_slope={slope}: the runtime takes the derivative from "
-                "the output, which tells x > 0 by y > 0 only for a slope >= 0; use a slope "
-                ">= 0 (PyTorch's default is 0.01)"
-            )  # fmt: skip
-        weight = np.array([slope], dtype=np.float32)
+    weight = _activation_settings(path, module, kind)
     before = next((x for x in reversed(layers) if x.kind != FLATTEN), None)
     if (
         kind in ACTIVATIONS
@@ -630,9 +671,9 @@ def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) ->
     ):
         raise _unsupported(
             path, module, f"it follows the activation '{before.path}' ({before.module_type}): "
-            "the runtime applies ReLU, ReLU6, LeakyReLU, Sigmoid and Tanh in place, so the second "
-            "would overwrite the output the first one's backward needs; merge them into one "
-            "activation"
+            "the runtime applies ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh, ELU, CELU, SELU and "
+            "Hardtanh in place, so the second would overwrite the output the first one's "
+            "backward needs; merge them into one activation"
         )  # fmt: skip
     return LayerSpec(kind, path, type(module).__name__, shape, shape, weight=weight)
 

@@ -32,6 +32,12 @@ _ELEMENTWISE = {  # the other activations the runtime runs -> their layer
     F.relu6: nn.ReLU6, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
     torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh, F.silu: nn.SiLU,
     F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, F.mish: nn.Mish,
+    F.selu: nn.SELU, torch.selu: nn.SELU,
+}  # fmt: skip
+_WITH_SETTINGS = {  # activations with settings -> (their layer, the settings' names)
+    F.leaky_relu: (nn.LeakyReLU, ("negative_slope",)), F.elu: (nn.ELU, ("alpha",)),
+    F.celu: (nn.CELU, ("alpha",)), torch.celu: (nn.CELU, ("alpha",)),
+    F.hardtanh: (nn.Hardtanh, ("min_val", "max_val")),
 }  # fmt: skip
 _FLATTEN = {torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze}
 _SAME = {"contiguous", "clone"}  # the same values: no layer
@@ -109,10 +115,18 @@ def _layers_of(node: torch.fx.Node, graph_module, source) -> list[nn.Module]:
         arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
         kwargs = arguments.kwargs if arguments is not None else node.kwargs
         return [nn.GELU(approximate=kwargs.get("approximate", "none"))]
-    if target is F.leaky_relu:
+    if target in _WITH_SETTINGS:
+        layer_class, names = _WITH_SETTINGS[target]
         arguments = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
-        kwargs = arguments.kwargs if arguments is not None else {}
-        return [nn.LeakyReLU(kwargs.get("negative_slope", 0.01))]
+        if arguments is None and len(node.args) > 1:  # (the defaults would be wrong)
+            raise TracingError(f"{where}: its settings cannot be read; pass them by name")
+        kwargs = arguments.kwargs if arguments is not None else node.kwargs
+        settings = {name: kwargs[name] for name in names if name in kwargs}
+        if layer_class is nn.Hardtanh and settings.get("min_val", -1.0) >= settings.get(
+            "max_val", 1.0
+        ):
+            raise TracingError(f"{where} has min_val >= max_val ({settings})")
+        return [layer_class(**settings)]
     if target in _SAME:
         return []
     if target in _MEAN:
