@@ -445,3 +445,49 @@ def test_bounds_of_bias_and_weight_gradients():
     assert bounded(x, 3.0, 1.0, torch.float32)  # a sum of Y_l as a float
     assert not bounded(x, 3e37, 1.0, torch.float32)  # 3 · 3e37 > max / 4
     assert not bounded(torch.tensor([[float("nan"), 1.0]]), 1.0, 1.0, torch.float32)
+
+
+def test_row_copies_and_local_errors_are_the_indexing_code_bit_for_bit():
+    """take / put copy rows with index_select / index_copy_ instead of advanced indexing, and
+    local_error sums a 2-D δ without flatten: the same tensors, bit for bit, as the code they
+    replace (float32 and float64, non-contiguous values, a (B,) and a (B, C, P) δ)."""
+    from tinyprop.patches import put, take
+
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(8, 6, 20, generator=generator, dtype=dtype)
+        for rows in ([3], [0, 5], [1, 2, 7], list(range(8))):
+            index = torch.tensor(rows)
+            assert_same_bits(take(x, index), x[index])
+            values = torch.randn(len(rows), 20, 6, generator=generator, dtype=dtype)
+            values = values.transpose(1, 2)  # (R', 6, 20), not contiguous
+            expected = values.contiguous() if len(rows) == 8 else x.new_zeros(x.shape)
+            if len(rows) < 8:
+                expected[index] = values
+            assert_same_bits(put(values, index, x.shape), expected)
+        delta = torch.randn(5, 7, generator=generator, dtype=dtype) * 1e3
+        assert_same_bits(tinyprop.functional.local_error(delta), delta.abs().flatten(1).sum(1))
+        delta3 = torch.randn(5, 4, 9, generator=generator, dtype=dtype)
+        assert_same_bits(tinyprop.functional.local_error(delta3), delta3.abs().flatten(1).sum(1))
+
+
+def test_backward_counts_of_every_layer_are_written_in_one_dispatch():
+    """The layers' backward counts are added by one dispatch per count: each layer counts
+    the backward passes it ran (two calls of one layer in a step count two)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(torch.relu(self.first(x)))))
+
+    torch.manual_seed(0)
+    model = tinyprop.apply(Twice(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    for _ in range(3):
+        tinyprop.train_step(model, torch.randn(5, 4), torch.randint(0, 3, (5,)), loss_fn, optimizer)
+    assert int(model.first.backward_steps) == 6
+    assert int(model.second.backward_steps) == 3

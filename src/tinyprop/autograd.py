@@ -183,7 +183,7 @@ class SparseBackprop(torch.autograd.Function):
             kept_rows, kept_errors, counts, maxima = few
             rows = torch.tensor(kept_rows, dtype=torch.long)  # (R',) rows with a non-zero δ
             if len(kept_rows) < flat.shape[0]:
-                flat = flat[rows]  # (R', N)
+                flat = flat.index_select(0, rows)  # (R', N)
                 delta = flat.view(len(kept_rows), *delta.shape[1:])  # (R', C_out, P)
             error = float(sum(kept_errors))  # Σ Y_l, all the rest needs of the rows' Y_l
             error_max = maxima  # (R',) Python floats: only the last one is written

@@ -18,6 +18,8 @@ from tinyprop import native
 
 def local_error(delta: Tensor) -> Tensor:
     """Y = Σ_i |δ_i| per sample. ``delta`` (B, ...) -> (B,)."""
+    if delta.dim() == 2:  # flatten(1) would return it as it is: one dispatch fewer
+        return delta.abs().sum(1)
     return delta.abs().flatten(1).sum(1)
 
 

@@ -13,24 +13,23 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyprop import native
 
 
 def take(tensor: Tensor, rows: Tensor) -> Tensor:
-    """tensor[rows] for sorted unique ``rows``, without a copy when every row is taken."""
-    return tensor if rows.numel() == tensor.shape[0] else tensor[rows]
+    """tensor[rows] for sorted unique ``rows``, without a copy when every row is taken (one
+    ``index_select``: advanced indexing dispatches several operations for the same copy)."""
+    return tensor if rows.numel() == tensor.shape[0] else tensor.index_select(0, rows)
 
 
 def put(values: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
-    """A zero tensor of ``shape`` with ``values`` at the sorted unique ``rows``."""
+    """A zero tensor of ``shape`` with ``values`` at the sorted unique ``rows`` (the copy of
+    ``out[rows] = values`` by one ``index_copy_``)."""
     if rows.numel() == shape[0]:
         return values.contiguous()
-    out = values.new_zeros(shape)
-    out[rows] = values
-    return out
+    return values.new_zeros(shape).index_copy_(0, rows, values)
 
 
 class LinearPatches:
@@ -72,10 +71,10 @@ class LinearPatches:
             masked = masked.reshape(-1, self.channels_out, self.positions).transpose(1, 2)
             masked = masked.reshape(-1, self.channels_out)  # (B' * P, out)
         grad_input = grad_weight = None
-        if needs_weight:
-            grad_weight = masked.t() @ take(x, rows).reshape(-1, self.fan_in)  # (out, in)
+        if needs_weight:  # torch.mm: the kernel matmul runs on 2-D operands, one call fewer
+            grad_weight = torch.mm(masked.t(), take(x, rows).reshape(-1, self.fan_in))  # (out, in)
         if needs_input:
-            grad_rows = (masked @ weight).reshape(-1, *x.shape[1:])  # (B', *, in)
+            grad_rows = torch.mm(masked, weight).reshape(-1, *x.shape[1:])  # (B', *, in)
             grad_input = put(grad_rows, rows, x.shape)
         return grad_input, grad_weight
 
@@ -129,7 +128,8 @@ class ConvPatches:
         return grad_output.reshape(grad_output.shape[0], self.channels_out, self.positions)
 
     def _padded(self, x: Tensor) -> Tensor:
-        return F.pad(x, self.pad) if any(self.pad) else x
+        """``x`` with the layer's zero padding (the operation ``F.pad`` runs, called directly)."""
+        return torch.constant_pad_nd(x, self.pad) if any(self.pad) else x
 
     def gather(self, x: Tensor, sample: Tensor, position: Tensor, group: Tensor) -> Tensor:
         """Receptive fields of the given (sample, position, group): (U, fan_in)."""
@@ -188,8 +188,7 @@ class ConvPatches:
         """Input and weight gradients from the masked δ (B', N) with PyTorch's convolution
         backward (on the explicitly padded input, so any padding works)."""
         padded = self._padded(take(x, rows))  # (B', C_in, [Hp,] Wp)
-        grad_output = masked.reshape(rows.numel(), self.channels_out, -1)
-        grad_output = grad_output.reshape(rows.numel(), self.channels_out, *self._output_spatial)
+        grad_output = masked.reshape(rows.numel(), self.channels_out, *self._output_spatial)
         grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_output,
             padded,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinyprop.autograd import check_finite
-from tinyprop.functional import local_error
+from tinyprop.functional import few_cpu_rows, local_error
 from tinyprop.ledger import Ledger, step_ledger
 from tinyprop.model import (
     OUTPUT_ERROR_MAX,
@@ -369,8 +369,12 @@ class StepContext:
                     layer.error_max.fill_(value)  # rounded as copy_ rounds it
                 else:  # (fill_ refuses a float past float32's range, where copy_ rounds)
                     layer.error_max.copy_(torch.as_tensor(value, dtype=torch.float64))
+            counted: dict[tuple, list[Tensor]] = {}  # (calls, device) -> the buffers
             for layer, calls in self._backward_calls.items():
-                layer.backward_steps.add_(calls)
+                buffer = layer.backward_steps
+                counted.setdefault((calls, buffer.device), []).append(buffer)
+            for (calls, _), buffers in counted.items():  # one dispatch for all the layers
+                torch._foreach_add_(buffers, calls)
             self._backward_calls = {}  # written: a repeated backward counts on from here
             if self.output_error_max is not None:
                 getattr(self.model, OUTPUT_ERROR_MAX).fill_(self.output_error_max)
@@ -732,7 +736,10 @@ def _decide_step(
     # overflowed, as in plain PyTorch). For tinyprop.loss (scaling None) the backward decides:
     # a loss scaled above 1 (a GradScaler) passes it on, otherwise it raises there
     passes_on = distributed or scaling is not False
-    mean_loss = float(losses.detach().float().mean())  # NaN / inf when any loss is
+    detached = losses.detach()
+    if detached.dtype != torch.float32:  # (a float32 .float() is dispatched all the same)
+        detached = detached.float()
+    mean_loss = float(detached.mean())  # NaN / inf when any loss is
     problem = None
     if not math.isfinite(mean_loss) and not torch.isfinite(losses.detach()).all():
         bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
@@ -791,7 +798,9 @@ def _decide_step(
         if trained_mask.device != losses.device:
             trained_mask = trained_mask.to(losses.device)
         stats.trained_mask = trained_mask
-        stats.trained = int(trained_mask.sum())
+        stats.trained = (  # a few CPU rows counted in Python: no sum and read dispatched
+            sum(trained_mask.tolist()) if few_cpu_rows(trained_mask) else int(trained_mask.sum())
+        )
         stats.skipped = batch - stats.trained
         step.error_unit = 1.0 / step.averaged_samples
         config = policy.config
@@ -955,9 +964,12 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
     by_sample = grad.detach()
     if sample_dim % grad.dim() != 0:
         by_sample = by_sample.movedim(sample_dim, 0)
-    error = local_error(by_sample.double().reshape(batch, -1))
-    # one sum finds a NaN / inf (a sum of finite Y_L past float64's range is looked at again)
-    if not math.isfinite(float(error.sum())) and not torch.isfinite(error).all():
+    by_sample = by_sample.double()
+    error = local_error(by_sample if by_sample.dim() == 2 else by_sample.reshape(batch, -1))
+    # one sum finds a NaN / inf (a sum of finite Y_L past float64's range is looked at again);
+    # a few CPU rows are summed in Python floats, without a sum and a read dispatched
+    total = sum(error.tolist()) if few_cpu_rows(error) else float(error.sum())
+    if not math.isfinite(total) and not torch.isfinite(error).all():
         bad = (~torch.isfinite(error)).nonzero().flatten().tolist()
         raise FloatingPointError(
             f"the output error is NaN or infinite for samples {bad[:10]} (the loss is finite "
