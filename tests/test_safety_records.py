@@ -217,3 +217,20 @@ def test_stale_claims_are_taken_over_and_live_ones_named(tmp_path):
     assert not claims.try_claim(record)
     note = claims.describe_holder(record)
     assert "process 4242 on host another-machine" in note and f"delete {path}" in note
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_report_skips_a_record_holding_nan_or_infinity(tmp_path, capsys, value):
+    """JSON's NaN / Infinity in a record's numbers (a hand-edited record) passed the type
+    check, and the report's statistics failed with a traceback ('float' object has no
+    attribute 'numerator')."""
+    from test_report import RECORDS, write
+
+    write(tmp_path, RECORDS)
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    bad = json.dumps({**record, "metric": 0.0, "seed": 99}).replace(
+        '"metric": 0.0', f'"metric": {value}'
+    )
+    (tmp_path / "edited.json").write_text(bad)
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    assert f"skipping {tmp_path / 'edited.json'}: wrong types for metric" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -30,6 +31,9 @@ def record_problem(record: object) -> str | None:
         for key in NUMBER_KEYS
         if isinstance(record[key], bool) or not isinstance(record[key], int | float)
     ]
+    # JSON's NaN / Infinity (a hand-edited record): the report's statistics failed on them with
+    # a traceback (statistics.stdev: "'float' object has no attribute 'numerator'")
+    wrong += [key for key in NUMBER_KEYS if key not in wrong and not math.isfinite(record[key])]
     if isinstance(record["seed"], bool) or not isinstance(record["seed"], int):
         wrong.append("seed")
     if not isinstance(record["settings"], dict):
