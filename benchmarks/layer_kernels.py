@@ -1,7 +1,8 @@
 """Per layer call of one training step: what each kernel the sparse backward can choose costs.
 
 For one of ``benchmarks/speed.py``'s models under ``topk`` 0.05 (per-sample), every layer
-call's inputs are captured in a step, then timed (process time, best of a few repeats):
+call's inputs are captured in a step, then timed (best of a few repeats; process time, or wall
+time with ``--clock wall``):
 the native sparse kernel on the kept entries, the dense kernels on the masked δ, and the
 selection that both need. The ledger counts the same k · fan-in whichever runs; this says
 which one is cheaper where, and why a step can cost more than its MACs.
@@ -9,6 +10,7 @@ which one is cheaper where, and why a step can cost more than its MACs.
 Run:
     python benchmarks/layer_kernels.py "small CNN 16-32-32"
     python benchmarks/layer_kernels.py "MobileNet-style CNN" --threads 2
+    python benchmarks/layer_kernels.py "wide MLP 784-2048-2048-10" --threads 2 --clock wall
 """
 
 from __future__ import annotations
@@ -56,15 +58,19 @@ def captured_calls(model_name: str) -> tuple[list[tuple], dict[str, str]]:
     return calls, stats.kernels
 
 
+CLOCK = {"process": time.process_time, "wall": time.perf_counter}
+clock = time.process_time  # --clock: process time (all threads' CPU time), or wall time
+
+
 def milliseconds(function, repeats: int = 5, inner: int = 5) -> float:
-    """Best process time of ``inner`` calls over ``repeats``, per call."""
+    """Best time of ``inner`` calls over ``repeats``, per call."""
     function()
     best = float("inf")
     for _ in range(repeats):
-        start = time.process_time()
+        start = clock()
         for _ in range(inner):
             function()
-        best = min(best, (time.process_time() - start) / inner)
+        best = min(best, (clock() - start) / inner)
     return 1000 * best
 
 
@@ -101,10 +107,18 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=5, help="best of this many timings of 5 calls each"
     )
+    parser.add_argument(
+        "--clock", choices=list(CLOCK), default="process",
+        help="process time (one thread: its CPU time) or wall time (more threads: the call's "
+        "duration; process time would add up every thread's, spinning included)",
+    )  # fmt: skip
     args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    print(f"{args.model}, topk 0.05, {args.threads} torch thread(s), ms per layer call")
+    print(f"{args.model}, topk 0.05, {args.threads} torch thread(s), ms per layer call "
+          f"({args.clock} time)")  # fmt: skip
     print("| call | C_in -> C_out (groups) | fan-in | positions | rows | k | native sparse "
           "| dense on masked δ | selection |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -153,6 +153,11 @@ def test_native_backward_kernels_pass_nan_through_and_check_their_entries():
         native.linear_backward(x, weight, row_start, column[:2], value[:2], True, True)
     with pytest.raises(ValueError, match="kept output indices"):
         native.linear_backward(x, weight, row_start, column + 3, value, True, True)
+    for unordered in ([0, 4, 2], [0, 2, 2]):  # a sample's indices must ascend (its sum order)
+        with pytest.raises(ValueError, match="ascending within each sample"):
+            native.linear_backward(x, weight, row_start, torch.tensor(unordered), value, True, True)
+        with pytest.raises(ValueError, match="ascending within each sample"):
+            native.linear_update(x, weight.clone(), row_start, torch.tensor(unordered), value, -0.1)
     images, kernels = torch.randn(1, 4, 4, 2), torch.randn(3, 3, 3, 2)
     images[0, 1, 1, 0] = float("nan")
     shape = (1, 4, 4, 2, 3, 3, 3, 2, 2, 1, 1, 1, 1, 1)

@@ -20,7 +20,7 @@ int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, do
                 double *, double *, int64_t *, int64_t);
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
-                           int64_t *, int64_t *, float *, int64_t);
+                           int64_t *, int64_t *, float *, float *, int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
 
@@ -144,12 +144,14 @@ static void fuzz_linear(reader *r) {
     int64_t *column_start = malloc(sizeof(int64_t) * (n + 1));
     int64_t *by_sample = malloc(sizeof(int64_t) * (nnz + 1));
     float *by_value = malloc(sizeof(float) * (nnz + 1));
+    int64_t threads = 1 + (flags >> 4) % 3; /* each thread's two copies: (2, min(n, 512), 64) */
+    float *strip = grad_input && (flags & 4) ? malloc(sizeof(float) * threads * 2 * n * 64) : NULL;
     int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
                                         grad_weight, grad_input, column_start, by_sample,
-                                        by_value, 1 + (flags >> 4) % 3);
+                                        by_value, strip, threads);
     if (status != expected) abort();
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
-    free(grad_input), free(column_start), free(by_sample), free(by_value);
+    free(grad_input), free(column_start), free(by_sample), free(by_value), free(strip);
 }
 
 static void fuzz_conv(reader *r) {

@@ -18,7 +18,7 @@ int tp_topk_sums_f32(const float *, int64_t, int64_t, int64_t, float *, int64_t 
                      float *, float *, int64_t *, int64_t);
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
-                           int64_t *, int64_t *, float *, int64_t);
+                           int64_t *, int64_t *, float *, float *, int64_t);
 int tp_linear_update_f32(const float *, float *, int64_t, int64_t, int64_t, const int64_t *,
                          const int64_t *, const float *, float, int64_t *, int64_t *, float *,
                          int64_t);
@@ -175,9 +175,13 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     int64_t *column_start = malloc(sizeof(int64_t) * (n + 1));
     int64_t *by_sample = malloc(sizeof(int64_t) * (nnz + 1));
     float *by_value = malloc(sizeof(float) * (nnz + 1));
+    /* NULL (grad_input by the weight's rows) or each thread's two copies of a block of a strip
+     * of the weight: (threads, 2, min(n, 512), 64), exactly; either at any thread count */
+    float *strip = rand() % 2 ? malloc(sizeof(float) * threads * 2 * (n < 512 ? n : 512) * 64)
+                              : NULL;
     int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
                                         grad_weight, grad_input, column_start, by_sample,
-                                        by_value, threads);
+                                        by_value, strip, threads);
     /* grad_input row s: its kept entries in ascending j (as kept_entries gives them), one
      * term at a time from zero, rounded as the kernel rounds them (exactly the same sums) */
     for (int64_t s = 0; status == 0 && s < batch; s++) {
@@ -229,7 +233,7 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     free(buffer), free(expected_buffer);
     free(updated);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
-    free(grad_input), free(column_start), free(by_sample), free(by_value);
+    free(grad_input), free(column_start), free(by_sample), free(by_value), free(strip);
     return status;
 }
 
@@ -505,9 +509,10 @@ int main(int argc, char **argv) {
     for (int trial = 0; trial < cases / 2; trial++)
         if (check_topk_sums(1 + rand() % 6, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
-        if (check_linear(1 + rand() % 6, 1 + rand() % (trial % 4 ? 40 : 300), 1 + rand() % 150,
-                         1 + rand() % 4)) /* up to 300 outputs: several blocks of 128 */
-            return 1;
+        if (check_linear(1 + rand() % 6, trial % 8 == 1 ? 513 + rand() % 1200
+                                         : 1 + rand() % (trial % 4 ? 40 : 300),
+                         1 + rand() % 150, 1 + rand() % 4))
+            return 1; /* up to 300 outputs: several tiles; over 512: blocks of 512 rows */
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_conv(1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)

@@ -49,7 +49,7 @@ def library() -> ctypes.CDLL | None:
     lib.tp_topk_sums_f32.argtypes += [_int64]
     lib.tp_topk_sums_f32.restype = ctypes.c_int
     lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
-    lib.tp_linear_backward_f32.argtypes += [_pointer] * 8 + [_int64]
+    lib.tp_linear_backward_f32.argtypes += [_pointer] * 9 + [_int64]
     lib.tp_linear_backward_f32.restype = ctypes.c_int
     lib.tp_linear_update_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
     lib.tp_linear_update_f32.argtypes += [_pointer] * 3 + [ctypes.c_float] + [_pointer] * 3
@@ -84,6 +84,7 @@ def library() -> ctypes.CDLL | None:
 SELECTION_GRAIN = 1 << 15  # entries of δ per part
 BACKWARD_GRAIN = 1 << 17  # multiply-accumulates per part
 LAYOUT_GRAIN = 1 << 16  # floats copied per part
+TILE, STRIP_ROWS = 64, 512  # kernels.c's: the Linear input gradient's blocks of the weight
 
 
 def threads_for(work: int, grain: int) -> int:
@@ -95,16 +96,17 @@ def threads_for(work: int, grain: int) -> int:
 _scratch = threading.local()  # per thread: (dtype) -> a buffer the kernels may overwrite
 
 
-def _scratch_buffer(dtype: torch.dtype, size: int) -> Tensor:
+def _scratch_buffer(dtype: torch.dtype, size: int, use: str = "") -> Tensor:
     """A CPU tensor of at least ``size`` elements of ``dtype`` for a kernel's scratch (its
-    contents are garbage): one per thread and dtype, grown when a call needs more, so that a
-    layer's backward does not allocate its scratch every step. The kernels only write scratch
-    they read back within the same call; each thread has its own."""
+    contents are garbage): one per thread, dtype and ``use`` (buffers a call needs at the same
+    time have different uses), grown when a call needs more, so that a layer's backward does
+    not allocate its scratch every step. The kernels only write scratch they read back within
+    the same call; each thread has its own."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(dtype)
+    buffer = buffers.get((dtype, use))
     if buffer is None or buffer.numel() < size:
         buffer = torch.empty(max(size, 1), dtype=dtype, device="cpu")
-        buffers[dtype] = buffer
+        buffers[(dtype, use)] = buffer
     return buffer
 
 
@@ -302,7 +304,8 @@ def linear_backward(
     Args:
         x: (B, in) layer input; weight: (out, in).
         row_start: (B + 1,) CSR offsets of each sample's kept entries (empty for skipped ones).
-        column: (M,) kept output index j; value: (M,) δ[s, j] there.
+        column: (M,) kept output index j, ascending within each sample (as the selection
+            gives them: the input gradient sums them in this order); value: (M,) δ[s, j] there.
 
     Returns:
         ``(grad_input (B, in) or None, grad_weight (out, in) or None)``: k · in multiply-
@@ -316,14 +319,17 @@ def linear_backward(
     grad_input = _float32_empty(batch, inputs) if needs_input else None  # (B, in)
     grad_weight = _float32_empty(outputs, inputs) if needs_weight else None  # (out, in)
     scratch = _regroup_scratch(outputs, column.numel())
+    threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
+    strip = None  # one thread walks the weight's rows; more sum copies of its strips (kernels.c)
+    if needs_input and threads > 1:  # (T, 2, min(out, STRIP_ROWS), TILE), each thread's copies
+        size = threads * 2 * min(outputs, STRIP_ROWS) * TILE
+        strip = _scratch_buffer(torch.float32, size, "strip")
     status = library().tp_linear_backward_f32(
         x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
-        _address(grad_weight), _address(grad_input), *scratch,
-        threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN),
+        _address(grad_weight), _address(grad_input), *scratch, _address(strip), threads,
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
+    _check_linear_status(status, outputs, column)
     return grad_input, grad_weight
 
 
@@ -384,8 +390,17 @@ def linear_update(
             momentum_buffer.data_ptr(), momentum, 1.0 - dampening, int(first), int(nesterov),
             *scratch, threads,
         )  # fmt: skip
+    _check_linear_status(status, outputs, column)
+
+
+def _check_linear_status(status: int, outputs: int, column: Tensor) -> None:
+    """Turn a Linear kernel's status into the error it stands for (0: nothing to say)."""
     if status != 0:
-        raise ValueError(f"kept output indices must be in [0, {outputs}), got {column.tolist()}")
+        raise ValueError(
+            f"kept output indices must be in [0, {outputs}) and ascending within each "
+            f"sample's entries (the order the input gradient sums them in), got "
+            f"{column[:20].tolist()}{' ...' if column.numel() > 20 else ''}"
+        )
 
 
 def can_backward(x: Tensor, weight: Tensor) -> bool:

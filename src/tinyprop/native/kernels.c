@@ -4,7 +4,8 @@
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
  * tp_topk_sums_f32: the same for one fixed k, with each row's Σ |δ| from the same read of it.
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
- *     δ only, k · fan_in multiply-accumulates each (grad_input reads the weight row by row).
+ *     δ only, k · fan_in multiply-accumulates each (grad_input sample by sample, a strip of
+ *     the weight's columns at a time).
  * tp_linear_update_f32, tp_linear_update_momentum_f32: SGD's update (plain, or with momentum)
  * of a Linear weight from the same kept entries, the weight
  *     gradient never written (summed tile by tile as tp_linear_backward_f32 sums it).
@@ -562,22 +563,31 @@ int tp_topk_sums_f32(const float *delta, int64_t rows, int64_t n, int64_t k, flo
     return 0;
 }
 
-/* Features per tile of the Linear weight gradient: the tile's outputs are summed in registers.
- * The input gradient reads the weight row by row, asking for the row PREFETCH_ROWS ahead of
- * the one it adds (a thread reads a slice of each row, a row of the weight apart from the last:
- * strided reads the hardware does not fetch ahead by itself). */
-enum { TILE = 64, PREFETCH_ROWS = 4 };
+/* Features per tile of the Linear gradients: a tile's outputs are summed in registers.
+ *
+ * The input gradient, on one thread, reads the weight once, row after row, each row added into
+ * the rows of the samples that kept it, asking for the row WALK_AHEAD ahead of the one it adds
+ * (a thread reads a slice of each row, a row of the weight apart from the last: strided reads
+ * the hardware does not fetch ahead by itself). On more threads that walk does not get faster
+ * (each thread's slice of the samples' rows and of the weight rows fall into the same few
+ * cache sets: rows of a weight whose width is a multiple of 1024 floats lie a multiple of 4 kB
+ * apart), so each thread sums a sample's tile in registers instead, from a copy of the tile's
+ * strip of the weight (STRIP_ROWS rows of TILE columns, contiguous: no two rows share a set),
+ * copying the next block of rows while the samples read the current one, asking for the row
+ * COPY_AHEAD ahead of the one it copies. Both sum δ[s, j] · weight[j] in j order from zero,
+ * rounded alike: the same input gradient, bit for bit. */
+enum { TILE = 64, STRIP_ROWS = 512, WALK_AHEAD = 4, COPY_AHEAD = 16 };
 /* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
  * measured) are written past the caches: they would not stay there, and a streamed store does
  * not read the line it replaces first. */
 #define STREAM_FLOATS ((int64_t)1 << 20)
 
-/* out[i] = (from_out ? out[i] : 0) + Σ_t value[t] · source[index[t] · stride + i] for i in
- * [0, width), over `count` terms in t order (width <= TILE): the tile's sums stay in registers,
- * so each multiply-accumulate loads one source float and out is stored once. */
+/* out[i] = (from_out ? out[i] : 0) + Σ_t value[t] · source[(index[t] - origin) · stride + i]
+ * for i in [0, width), over `count` terms in t order (width <= TILE): the tile's sums stay in
+ * registers, so each multiply-accumulate loads one source float and out is stored once. */
 static void tile_sum(float *restrict out, const float *restrict source, int64_t stride,
-                     int64_t width, const int64_t *index, const float *value, int64_t count,
-                     int from_out, int stream) {
+                     int64_t origin, int64_t width, const int64_t *index, const float *value,
+                     int64_t count, int from_out, int stream) {
 #if defined(__AVX512F__) && defined(__GNUC__)
     __mmask16 k[4];
     for (int q = 0; q < 4; q++) {
@@ -590,7 +600,7 @@ static void tile_sum(float *restrict out, const float *restrict source, int64_t 
         a2 = _mm512_maskz_loadu_ps(k[2], out + 32), a3 = _mm512_maskz_loadu_ps(k[3], out + 48);
     }
     for (int64_t t = 0; t < count; t++) {
-        const float *row = source + index[t] * stride;
+        const float *row = source + (index[t] - origin) * stride;
         __m512 v = _mm512_set1_ps(value[t]);
         a0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k[0], row), a0);
         a1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k[1], row + 16), a1);
@@ -609,7 +619,7 @@ static void tile_sum(float *restrict out, const float *restrict source, int64_t 
     float sum[TILE];
     for (int64_t i = 0; i < width; i++) sum[i] = from_out ? out[i] : 0.0f;
     for (int64_t t = 0; t < count; t++) {
-        const float *restrict row = source + index[t] * stride;
+        const float *restrict row = source + (index[t] - origin) * stride;
         float v = value[t];
         for (int64_t i = 0; i < width; i++) sum[i] += v * row[i];
     }
@@ -648,16 +658,18 @@ static int valid_offsets(const int64_t *row_start, int64_t batch) {
 
 /* The kept entries (CSR by sample) regrouped by output (CSC): column_start (n + 1,), and the
  * samples (ascending) and values of each output's entries. Returns 0, -1 on an index out of
- * range or offsets that decrease. */
+ * range, offsets that decrease or a sample's indices that do not ascend. */
 static int regroup_by_column(int64_t batch, int64_t n, const int64_t *row_start,
                              const int64_t *column, const float *value, int64_t *column_start,
                              int64_t *by_column_sample, float *by_column_value) {
     if (!valid_offsets(row_start, batch)) return -1;
-    int64_t nnz = row_start[batch];
     memset(column_start, 0, (size_t)(n + 1) * sizeof(int64_t));
-    for (int64_t e = 0; e < nnz; e++) {
-        if (column[e] < 0 || column[e] >= n) return -1;
-        column_start[column[e] + 1]++;
+    for (int64_t s = 0; s < batch; s++) {
+        for (int64_t e = row_start[s], previous = -1; e < row_start[s + 1]; e++) {
+            if (column[e] <= previous || column[e] >= n) return -1; /* ascending, in [0, n) */
+            previous = column[e];
+            column_start[column[e] + 1]++;
+        }
     }
     for (int64_t j = 0; j < n; j++) column_start[j + 1] += column_start[j];
     for (int64_t s = 0; s < batch; s++) { /* samples in ascending order inside each column */
@@ -676,19 +688,97 @@ typedef struct {
     const float *x, *weight;
     int64_t batch, n, m;
     int stream; /* write grad_weight with streamed stores */
+    const int64_t *row_start, *column; /* (batch + 1,), (nnz,): the entries by sample */
+    const float *value;
     const int64_t *column_start, *by_column_sample; /* (n + 1,), (nnz,): the entries by output */
     const float *by_column_value;
     float *grad_weight, *grad_input;
+    float *strip; /* NULL: walk the weight's rows; else (threads, 2, min(n, STRIP_ROWS), TILE) */
 } linear_call;
+
+/* The first of the entries [from, to) of a sample (columns ascending) with a column >= value. */
+static int64_t first_at_least(const int64_t *column, int64_t from, int64_t to, int64_t value) {
+    while (from < to) {
+        int64_t mid = from + (to - from) / 2;
+        if (column[mid] < value) from = mid + 1;
+        else to = mid;
+    }
+    return from;
+}
+
+/* copy[(j - first) · TILE + i] := weight[j · m + at + i] for the rows j in [from, to) of the
+ * block [first, last) of the weight's rows and i in [0, width), asking for the row COPY_AHEAD
+ * ahead of the one copied (within the block). */
+static void copy_rows(float *restrict copy, const float *restrict weight, int64_t m, int64_t at,
+                      int64_t width, int64_t first, int64_t last, int64_t from, int64_t to) {
+    for (int64_t j = from; j < to; j++) {
+#if defined(__GNUC__)
+        if (j + COPY_AHEAD < last) /* a hint: nothing depends on it */
+            for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
+                __builtin_prefetch(weight + (j + COPY_AHEAD) * m + at + i, 0, 3);
+#endif
+        memcpy(copy + (j - first) * TILE, weight + j * m + at, (size_t)width * sizeof(float));
+    }
+}
+
+/* grad_input's columns [first, end) (whole tiles but the last), walking the weight's rows: row
+ * s starts at zero and adds δ[s, j] · weight[j] for the outputs j it kept, j ascending; the
+ * weight is read once, row after row, each row added into the samples that kept it. */
+static void input_by_rows(const linear_call *c, int64_t first, int64_t end) {
+    int64_t m = c->m, width = end - first;
+    for (int64_t s = 0; s < c->batch; s++)
+        memset(c->grad_input + s * m + first, 0, (size_t)width * sizeof(float));
+    for (int64_t j = 0; j < c->n; j++) {
+        const float *restrict row = c->weight + j * m + first;
+#if defined(__GNUC__)
+        if (j + WALK_AHEAD < c->n) /* a hint: nothing depends on it */
+            for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
+                __builtin_prefetch(row + WALK_AHEAD * m + i, 0, 3);
+#endif
+        for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
+            row_add(c->grad_input + c->by_column_sample[t] * m + first, row, width,
+                    c->by_column_value[t]);
+    }
+}
+
+/* The same columns by strips: block q of the part's blocks (each tile's strip cut into blocks
+ * of STRIP_ROWS rows, in order) is summed from one of the worker's two copies while block
+ * q + 1 is copied into the other, a share of its rows per sample. A sample's tile sums its
+ * entries of the block in registers, going on from what the blocks before stored. */
+static void input_by_strips(const linear_call *c, int64_t first, int64_t end, int64_t worker) {
+    int64_t m = c->m, n = c->n, batch = c->batch;
+    int64_t rows = n < STRIP_ROWS ? n : STRIP_ROWS, blocks = (n + rows - 1) / rows;
+    int64_t count = (end - first + TILE - 1) / TILE * blocks; /* blocks of these columns */
+    float *copies = c->strip + worker * 2 * rows * TILE;     /* (2, rows, TILE) */
+    if (batch == 0) return;
+    copy_rows(copies, c->weight, m, first, end - first < TILE ? end - first : TILE, 0, rows, 0,
+              rows);
+    for (int64_t q = 0; q < count; q++) {
+        int64_t at = first + q / blocks * TILE, from = q % blocks * rows;
+        int64_t to = n - from < rows ? n : from + rows, width = end - at < TILE ? end - at : TILE;
+        int64_t next_at = first + (q + 1) / blocks * TILE, next_from = (q + 1) % blocks * rows;
+        int64_t next_rows = n - next_from < rows ? n - next_from : rows;
+        int64_t next_width = end - next_at < TILE ? end - next_at : TILE;
+        float *copy = copies + q % 2 * rows * TILE, *next = copies + (q + 1) % 2 * rows * TILE;
+        for (int64_t s = 0; s < batch; s++) {
+            if (q + 1 < count) /* a share of the next block's rows */
+                copy_rows(next, c->weight, m, next_at, next_width, next_from,
+                          next_from + next_rows, next_from + s * next_rows / batch,
+                          next_from + (s + 1) * next_rows / batch);
+            int64_t e = c->row_start[s], last = c->row_start[s + 1];
+            if (from > 0) e = first_at_least(c->column, e, last, from);
+            if (to < n) last = first_at_least(c->column, e, last, to);
+            tile_sum(c->grad_input + s * m + at, copy, TILE, from, width, c->column + e,
+                     c->value + e, last - e, from > 0, 0);
+        }
+    }
+}
 
 /* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. Row by
  * row (each row's tiles written one after the other, not a row of the weight apart), each tile
- * of grad_weight row j sums the x rows of the samples that kept j. Over the part's features,
- * grad_input row s starts at zero and adds δ[s, j] · weight[j] for the outputs j it kept, j
- * ascending: the weight is read once, row after row, each row added into the samples that
- * kept it (their rows of the part stay in the cache). */
+ * of grad_weight row j sums the x rows of the samples that kept j; then grad_input's columns
+ * (see input_by_rows, input_by_strips). */
 static int linear_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
-    (void)worker;
     const linear_call *c = context;
     int64_t m = c->m, tiles = (m + TILE - 1) / TILE;
     int64_t first = slice_start(tiles, part, parts, 1) * TILE;
@@ -698,50 +788,43 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
         for (int64_t j = 0; j < c->n; j++)
             for (int64_t at = first; at < end; at += TILE) {
                 int64_t start = c->column_start[j], width = end - at < TILE ? end - at : TILE;
-                tile_sum(c->grad_weight + j * m + at, c->x + at, m, width,
+                tile_sum(c->grad_weight + j * m + at, c->x + at, m, 0, width,
                          c->by_column_sample + start, c->by_column_value + start,
                          c->column_start[j + 1] - start, 0, c->stream);
             }
     }
-    if (c->grad_input) {
-        int64_t width = end - first;
-        for (int64_t s = 0; s < c->batch; s++)
-            memset(c->grad_input + s * m + first, 0, (size_t)width * sizeof(float));
-        for (int64_t j = 0; j < c->n; j++) {
-            const float *restrict row = c->weight + j * m + first;
-#if defined(__GNUC__)
-            if (j + PREFETCH_ROWS < c->n) /* a hint: nothing depends on it */
-                for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
-                    __builtin_prefetch(row + PREFETCH_ROWS * m + i, 0, 3);
-#endif
-            for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
-                row_add(c->grad_input + c->by_column_sample[t] * m + first, row, width,
-                        c->by_column_value[t]);
-        }
+    if (c->grad_input && first < end) {
+        if (c->strip) input_by_strips(c, first, end, worker);
+        else input_by_rows(c, first, end);
     }
     return 0;
 }
 
 /* Linear backward from the kept entries of δ, given by sample (CSR):
- *   row_start (batch + 1,), column (nnz,) output index j, value (nnz,) δ[s, j].
+ *   row_start (batch + 1,), column (nnz,) output index j (ascending within each sample),
+ *   value (nnz,) δ[s, j].
  * x (batch, m), weight (n, m). Writes (when not NULL):
  *   grad_weight (n, m): row j = Σ_{s keeps j} δ[s, j] · x[s]   (zeros where nobody kept j)
  *   grad_input (batch, m): row s = Σ_{j kept by s} δ[s, j] · weight[j], j ascending
- * The entries are regrouped by output (CSC); the input features are cut into tiles of TILE,
- * shared out among up to `threads` threads, every output summed in the same order whatever the
- * thread count. Scratch: column_start (n + 1,), by_column_sample (nnz,), by_column_value
- * (nnz,). Returns 0, -1 on an index out of range or offsets that decrease. Any float values
+ * The entries are also regrouped by output (CSC) for grad_weight; the input features are cut
+ * into tiles of TILE, shared out among up to `threads` threads, every output summed in the same
+ * order whatever the thread count. Scratch: column_start (n + 1,), by_column_sample (nnz,),
+ * by_column_value (nnz,); strip: NULL (the input gradient walks the weight's rows: best on one
+ * thread), or (threads, 2, min(n, STRIP_ROWS), TILE) floats (it sums strips of the weight).
+ * Returns 0, -1 on an index out of range, offsets that decrease or a
+ * sample's indices that do not ascend (nothing written then). Any float values
  * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
 int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
                            int64_t m, const int64_t *row_start, const int64_t *column,
                            const float *value, float *grad_weight, float *grad_input,
                            int64_t *column_start, int64_t *by_column_sample,
-                           float *by_column_value, int64_t threads) {
+                           float *by_column_value, float *strip, int64_t threads) {
     if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
                           by_column_value) != 0)
         return -1;
-    linear_call call = {.x = x, .weight = weight, .batch = batch, .n = n, .m = m,
-                        .stream = n * m >= STREAM_FLOATS, .column_start = column_start,
+    linear_call call = {.strip = strip, .x = x, .weight = weight, .batch = batch, .n = n, .m = m,
+                        .stream = n * m >= STREAM_FLOATS, .row_start = row_start,
+                        .column = column, .value = value, .column_start = column_start,
                         .by_column_sample = by_column_sample,
                         .by_column_value = by_column_value, .grad_weight = grad_weight,
                         .grad_input = grad_input};
@@ -802,7 +885,7 @@ static int update_part(const void *context, int64_t part, int64_t parts, int64_t
         for (int64_t at = 0; at < m; at += TILE) {
             int64_t width = m - at < TILE ? m - at : TILE;
             if (count) {
-                tile_sum(sum, c->x + at, m, width, c->by_column_sample + start,
+                tile_sum(sum, c->x + at, m, 0, width, c->by_column_sample + start,
                          c->by_column_value + start, count, 0, 0);
             } else {
                 memset(sum, 0, sizeof sum);
@@ -821,8 +904,8 @@ static int update_part(const void *context, int64_t part, int64_t parts, int64_t
 /* SGD's update of a Linear weight from the kept entries of δ, without the weight gradient:
  *   weight (n, m) += scale · Σ_{s keeps j} δ[s, j] · x[s]   row by row (scale = -lr),
  * the gradient rows summed as by tp_linear_backward_f32 (same order at every thread count).
- * Inputs and scratch as for tp_linear_backward_f32. Returns 0, -1 on an index out of range or
- * offsets that decrease (nothing written then). */
+ * Inputs and scratch as for tp_linear_backward_f32. Returns 0, -1 on kept entries it refuses
+ * (nothing written then). */
 int tp_linear_update_f32(const float *x, float *weight, int64_t batch, int64_t n, int64_t m,
                          const int64_t *row_start, const int64_t *column, const float *value,
                          float scale, int64_t *column_start, int64_t *by_column_sample,
@@ -1235,15 +1318,6 @@ static void plane_entry(const plane_call *c, int64_t e, int for_weight) {
 }
 
 
-/* The first of the entries [from, to) of a sample (columns ascending) with a column >= value. */
-static int64_t first_at_least(const int64_t *column, int64_t from, int64_t to, int64_t value) {
-    while (from < to) {
-        int64_t mid = from + (to - from) / 2;
-        if (column[mid] < value) from = mid + 1;
-        else to = mid;
-    }
-    return from;
-}
 
 #if defined(__AVX512F__) && defined(__GNUC__)
 /* Whether the vector path below computes grad_weight: AVX-512, a window of at most 16 taps with
