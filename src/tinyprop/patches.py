@@ -32,6 +32,16 @@ def put(values: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
     return values.new_zeros(shape).index_copy_(0, rows, values)
 
 
+# Rows x MACs per row (C_out · P · fan_in) up to which a few rows' convolution weight gradient
+# runs PyTorch's plain kernel instead of oneDNN's (ConvPatches.few_rows_kernel). One thread,
+# per call, least of 7 x 300 (load 4): the HAR CNN's 16 -> 32 and 32 -> 32 Conv1d (kernel 5,
+# 128k MACs a row) on 2-3 rows 18-22 us against oneDNN's 54-56 (its input gradient alone
+# 52-56, both 103-113); the MNIST CNN's 8 -> 16 3x3 (226k), both gradients, on 2 rows 44 us
+# against 91, on 8 rows 143 against 146. Past about 2M MACs oneDNN wins (64 -> 64 3x3 on
+# 16x16, 9.4M a row: 1.5 ms against 0.96 on 2 rows).
+FEW_ROWS_MACS = 2**21
+
+
 class LinearPatches:
     """Patches of a linear layer: input (R, *, in) -> each middle index is one position."""
 
@@ -122,6 +132,10 @@ class ConvPatches:
         self.plane_shape = (self.channels_in, *spatial, self.channels_out, *kernel, *out)
         self.plane_shape += (*stride, pads[0], pads[2], *dilation, self.groups)
         self.pads = pads  # (top, bottom, left, right), as a 2-D convolution
+        # the plain few-rows kernel (see few_rows_kernel): groups 1, dilation 1
+        self.plain_kernel_fits = self.groups == 1 and dilation == (1, 1)
+        self._plain_stride = list(stride)
+        self.macs_per_row = self.channels_out * self.positions * self.fan_in
 
     def delta_matrix(self, grad_output: Tensor) -> Tensor:
         """(B, C_out, *spatial) -> (B, C_out, positions)."""
@@ -189,6 +203,54 @@ class ConvPatches:
         backward (on the explicitly padded input, so any padding works)."""
         padded = self._padded(take(x, rows))  # (B', C_in, [Hp,] Wp)
         grad_output = masked.reshape(rows.numel(), self.channels_out, *self._output_spatial)
+        # a few rows: the weight gradient by the plain kernel (see few_rows_kernel)
+        plain_weight = needs_weight and self.few_rows_kernel(padded)
+        grad_padded = grad_weight = None
+        if needs_input or not plain_weight:
+            grad_padded, grad_weight = self._onednn_gradients(
+                grad_output, padded, weight, needs_input, needs_weight and not plain_weight
+            )
+        if plain_weight:
+            grad_weight = self._plain_weight_gradient(grad_output, padded, weight)
+        grad_input = None
+        if needs_input:
+            grad_input = put(self._crop(grad_padded), rows, x.shape)
+        return grad_input, grad_weight
+
+    def few_rows_kernel(self, padded: Tensor) -> bool:
+        """Whether the weight gradient of these rows (B', C_in, [Hp,] Wp) goes to PyTorch's
+        plain im2col + GEMM convolution backward (``_slow_conv2d_backward``) instead of the
+        one ``convolution_backward`` picks, oneDNN's on float32 CPU tensors: a few rows (2 to
+        a product of FEW_ROWS_MACS) of a small convolution (groups 1, dilation 1), where
+        oneDNN's fixed cost is most of its time (on two rows it costs about what it costs on
+        eight). Its sums are the same products in another order: the weight gradient equals
+        oneDNN's up to float32 rounding. The input gradient stays oneDNN's, bit for bit: the
+        δ of the layers below, their kept entries and k are the same as before from the same
+        state (docs/benchmark.md). One row keeps ``convolution_backward``, which runs the
+        plain kernel itself there."""
+        rows = padded.shape[0]
+        return (
+            self.plain_kernel_fits
+            and padded.dtype == torch.float32
+            and padded.device.type == "cpu"
+            and 2 <= rows
+            and rows * self.macs_per_row <= FEW_ROWS_MACS
+        )
+
+    def _plain_weight_gradient(self, grad_output, padded, weight) -> Tensor:
+        """The weight gradient by PyTorch's plain convolution backward (a Conv1d as a 2-D one
+        of height 1): (C_out, C_in, *kernel)."""
+        if not self.two_d:  # (B', C, L) -> (B', C, 1, L)
+            grad_output, padded = grad_output.unsqueeze(2), padded.unsqueeze(2)
+            weight = weight.unsqueeze(2)
+        _, grad_weight, _ = torch.ops.aten._slow_conv2d_backward(
+            grad_output, padded, weight, list(weight.shape[2:]), self._plain_stride, [0, 0],
+            [False, True, False],
+        )  # fmt: skip
+        return grad_weight if self.two_d else grad_weight.squeeze(2)
+
+    def _onednn_gradients(self, grad_output, padded, weight, needs_input, needs_weight):
+        """``convolution_backward``: the kernel PyTorch's own backward of the layer picks."""
         grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_output,
             padded,
@@ -202,10 +264,7 @@ class ConvPatches:
             self.groups,
             [needs_input, needs_weight, False],
         )
-        grad_input = None
-        if needs_input:
-            grad_input = put(self._crop(grad_padded), rows, x.shape)
-        return grad_input, grad_weight
+        return grad_padded, grad_weight
 
     def _crop(self, padded: Tensor) -> Tensor:
         """Remove the padding from a gradient w.r.t. the padded input."""
