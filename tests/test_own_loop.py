@@ -554,15 +554,16 @@ def test_a_finished_step_lets_its_model_output_and_graph_go(policy, loop):
     assert outputs and not alive, f"{len(alive)} of {len(outputs)} model outputs still alive"
 
 
-@pytest.mark.parametrize("policy", ["topk", "tinyprop", "randomk"])
+@pytest.mark.parametrize("policy", ["topk", "tinyprop", "randomk", "full"])
 @pytest.mark.parametrize("other_applied", [False, True])
 @pytest.mark.parametrize("way", ["backward", "loss"])
 def test_losses_of_another_model_are_refused(policy, other_applied, way):
     """tinyprop.backward(model_b, losses_of_model_a): the backward ran through A and B's step
     returned empty stats and an empty ledger, silently (tinypropv2 refused it already: its
-    decision finds that the losses do not depend on B's output). Also when B ran no forward
-    pass since its last step; not when B's sparse layers are frozen on an input without a
-    gradient (nothing of B to run)."""
+    decision finds that the losses do not depend on B's output); under ``full`` B's step
+    returned full stats and a full ledger for it. Also when B ran no forward pass since its
+    last step; not when B's sparse layers are frozen on an input without a gradient (nothing
+    of B to run)."""
     torch.manual_seed(0)
     config = tinyprop.TinyPropConfig(policy=policy, ratio=0.5)
     model_a, model_b = build("mlp"), tinyprop.apply(build("mlp"), config)
@@ -577,15 +578,37 @@ def test_losses_of_another_model_are_refused(policy, other_applied, way):
         return tinyprop.step_stats(model_b)
 
     model_b(x)  # B ran, the losses are A's
-    with pytest.raises(ValueError, match="reached none of the sparse layers.*called 3 sparse"):
+    missed = "reache[sd] none of the (sparse layers|trainable parameters).*called 3 sparse"
+    with pytest.raises(ValueError, match=missed):
         step(LOSS(model_a(x), y))
     with pytest.raises(ValueError, match="ran no forward pass with gradients"):
         step(LOSS(model_a(x), y))
-    assert step(LOSS(model_b(x), y)).keep  # B's own losses train as before
+    stats = step(LOSS(model_b(x), y))  # B's own losses train as before
+    assert stats.keep or policy == "full"
+    assert all(p.grad is not None for p in model_b.parameters())
     for parameter in model_b.parameters():
         parameter.requires_grad_(False)
     model_b(x)  # frozen B: its layer calls need no backward, A's losses go through
     assert step(LOSS(model_a(x), y)).keep == {}
+
+
+@pytest.mark.parametrize("weights", ["clones", "leaves"])
+def test_full_policy_takes_the_weights_functional_call_gives(weights):
+    """The ``full`` policy's check for losses of another model walks their graph to the
+    model's parameters; weights given by torch.func.functional_call (clones of them, or new
+    leaves: fast weights) are the model's too, and get plain PyTorch's gradients."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="full"))
+    x, y = batch("mlp")
+    given = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    if weights == "clones":
+        given = {name: p.clone() for name, p in model.named_parameters()}
+    losses = LOSS(torch.func.functional_call(model, given, (x,)), y)
+    expected = torch.autograd.grad(losses.mean(), list(given.values()), retain_graph=True)
+    assert tinyprop.backward(model, losses).trained == len(y)
+    leaves = list(given.values()) if weights == "leaves" else list(model.parameters())
+    for leaf, want in zip(leaves, expected, strict=True):
+        torch.testing.assert_close(leaf.grad, want, rtol=0, atol=0)
 
 
 def test_a_detached_output_or_a_sample_dim_outside_it_is_named():

@@ -106,7 +106,10 @@ class SparseBackpropLayer:
             # the ledger counts the call: frozen, or under no_grad inside a training forward
             # (reentrant activation checkpointing) it has no backward there
             if torch.is_grad_enabled() or state.open_pass is not None:
-                self._record(x, weight)
+                call = self._record(x, weight)
+                if trains and weight.requires_grad:  # (a transposed weight's leaf: its base)
+                    leaf = weight if weight._base is None else weight._base
+                    call.forward_pass.dense_weights.add(id(leaf))
             return self.dense_forward(x, weight, self.bias)
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(

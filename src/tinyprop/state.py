@@ -37,6 +37,9 @@ class ForwardPass:
         # (weakref to the output of a sparse-layer call, that call): the last one, recorded
         # only while a loaded Ymax_L waits for its check (tinyprop.step)
         self.last_layer_output = None
+        # ids of the weights the ``full`` policy's layer calls trained (the module's own, or
+        # those torch.func.functional_call gave it): what the losses' graph must reach
+        self.dense_weights: set[int] = set()
 
     def add(self, call_fields: dict) -> LayerCall:
         call = LayerCall(forward_pass=self, index=len(self.calls), **call_fields)

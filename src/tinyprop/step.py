@@ -13,6 +13,7 @@ maxima, which are written to the layers' buffers only when the whole backward su
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -390,26 +391,21 @@ class StepContext:
         (``tinyprop.backward(model_b, losses_of_model_a)``). That backward ran through the
         other model and this one recorded nothing: empty stats and ledger, silently. Called
         only when no layer call of the step ran its backward (no cost on a normal step); the
-        ``full`` policy's layers run PyTorch's backward and record nothing, and are not
-        checked."""
+        ``full`` policy's layers run PyTorch's backward and record nothing: its steps are
+        checked before the backward (:func:`_check_full_losses_reach_the_model`)."""
         if not self.stats.trained or not self.state.policy.sparse:
             return
         calls = [call for forward_pass in self.forward_passes for call in forward_pass.calls]
         if calls and not any(call.weight_trainable or call.input_requires_grad for call in calls):
             return  # every sparse layer frozen on an input without a gradient: nothing to run
         self.failed = True
-        passes = (
-            f"its {len(self.forward_passes)} forward pass(es) since the last step called "
-            f"{len(calls)} sparse layer(s)"
-            if calls
-            else "it ran no forward pass with gradients since the last step"
-        )
         raise ValueError(
-            "the losses' backward reached none of the sparse layers of the model given to "
-            f"tinyprop.backward / tinyprop.loss ({passes}): the losses come from another "
-            "model, or from a forward pass before the last step. Give tinyprop the model the "
-            "losses were computed from; this backward went through the other model (zero the "
-            "gradients it added)"
+            _losses_of_another_model(
+                self.forward_passes,
+                calls,
+                "reached none of the sparse layers",
+                "this backward went through the other model (zero the gradients it added)",
+            )  # fmt: skip
         )
 
     def _check_finite(self) -> None:
@@ -768,6 +764,8 @@ def _decide_step(
         step.pass_on(problem, warn=False)  # warned when the backward starts, if at all
         return step
     policy = state.policy
+    if not policy.sparse:
+        _check_full_losses_reach_the_model(module, losses, passes)
     if policy.skips:
         output_grad = None  # ∂ Σ losses / ∂ output, when the decision computed it
         if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
@@ -809,6 +807,68 @@ def _decide_step(
             output = _losses_output(losses, output, passes)
             _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
     return step
+
+
+def _losses_of_another_model(passes: list, calls: list, reached: str, done: str) -> str:
+    """The message for losses whose backward does not reach the model given to tinyprop:
+    ``reached`` what it missed, ``done`` what happened to the gradients."""
+    ran = (
+        f"its {len(passes)} forward pass(es) since the last step called {len(calls)} sparse "
+        "layer(s)"
+        if calls
+        else "it ran no forward pass with gradients since the last step"
+    )
+    return (
+        f"the losses' backward {reached} of the model given to tinyprop.backward / "
+        f"tinyprop.loss ({ran}): the losses come from another model, or from a forward pass "
+        f"before the last step. Give tinyprop the model the losses were computed from; {done}"
+    )
+
+
+def _check_full_losses_reach_the_model(module: nn.Module, losses: Tensor, passes: list) -> None:
+    """Under ``full`` (PyTorch's dense backward, nothing recorded by the layers): a ValueError,
+    before the backward, when the losses' autograd graph reaches none of the model's
+    trainable parameters although its forward passes since the last step called a sparse
+    layer that needs a gradient (or it ran none): losses of another model. Its step returned
+    full stats and ledger for a backward that went through the other model, silently. The
+    walk is breadth first from the losses and stops at the first of the model's parameters
+    (a few nodes: the output layer's), or at reentrant activation checkpointing, whose
+    graph is built in the backward."""
+    calls = [call for forward_pass in passes for call in forward_pass.calls]
+    if calls and not any(call.weight_trainable or call.input_requires_grad for call in calls):
+        return  # every sparse layer frozen on an input without a gradient: nothing to check
+    parameters = {id(p) for p in module.parameters() if p.requires_grad}
+    for forward_pass in passes:  # functional_call's weights
+        parameters |= forward_pass.dense_weights
+    if calls and not parameters:
+        return  # the inputs alone need the gradient
+    if calls and _reaches_a_parameter(losses.grad_fn, parameters):
+        return
+    raise ValueError(
+        _losses_of_another_model(
+            passes, calls, "reaches none of the trainable parameters", "no backward ran"
+        )
+    )
+
+
+def _reaches_a_parameter(node, parameters: set[int]) -> bool:
+    """Whether the autograd graph below ``node`` accumulates into one of ``parameters``
+    (ids), breadth first."""
+    seen, todo = set(), collections.deque([node])
+    while todo:
+        node = todo.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            if id(variable) in parameters:
+                return True
+            continue
+        if "Checkpoint" in type(node).__name__:  # reentrant: its graph is built in the backward
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _where_the_nan_is(module: nn.Module) -> str:
