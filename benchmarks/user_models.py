@@ -145,6 +145,64 @@ def whisper():
     return model, (features, labels), labels, token_loss
 
 
+def _images(channels=3, size=32):
+    return torch.randn(BATCH, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def efficientnet():
+    """Depthwise and pointwise convolutions, squeeze-and-excitation, BatchNorm, SiLU."""
+    config = T.EfficientNetConfig(
+        image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
+        num_labels=3, dropout_rate=0.0, drop_connect_rate=0.0,
+    )  # fmt: skip
+    model = T.EfficientNetForImageClassification(config)
+    return model, (_images(),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def resnet():
+    config = T.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
+        layer_type="bottleneck",
+    )  # fmt: skip
+    return T.ResNetForImageClassification(config), (_images(),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def convnext():
+    """Depthwise 7x7 convolutions, channels-last LayerNorm, Linear layers on (B, H, W, C)."""
+    config = T.ConvNextConfig(
+        num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
+        drop_path_rate=0.0,
+    )  # fmt: skip
+    model = T.ConvNextForImageClassification(config)
+    return model, (_images(),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def mobilevit():
+    """Convolutions and transformer blocks on unfolded patches."""
+    config = T.MobileViTConfig(
+        image_size=32, patch_size=2, hidden_sizes=[16, 16, 16],
+        neck_hidden_sizes=[8, 8, 16, 16, 16, 24, 32], num_attention_heads=2, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+    )  # fmt: skip
+    model = T.MobileViTForImageClassification(config)
+    return model, (_images(),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def wav2vec2():
+    """A Conv1d feature encoder on raw audio (GroupNorm), a grouped positional Conv1d under
+    weight_norm, a transformer encoder."""
+    config = T.Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, hidden_dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0, num_labels=3, classifier_proj_size=8,
+    )  # fmt: skip
+    audio = torch.randn(BATCH, 400, generator=torch.Generator().manual_seed(0))
+    model = T.Wav2Vec2ForSequenceClassification(config)
+    return model, (audio,), _ids((BATCH,)) % 3, classifier_loss
+
+
 MODELS = {
     "vit": vit,
     "distilbert": distilbert,
@@ -154,6 +212,11 @@ MODELS = {
     "t5": t5,
     "bart": bart,
     "whisper": whisper,
+    "efficientnet": efficientnet,
+    "resnet": resnet,
+    "convnext": convnext,
+    "mobilevit": mobilevit,
+    "wav2vec2": wav2vec2,
 }
 
 
