@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tinyprop.autograd import check_finite
+from tinyprop.autograd import SparseBackprop, check_finite, reads_are_free
 from tinyprop.functional import few_cpu_rows, local_error
 from tinyprop.ledger import Ledger, step_ledger
+from tinyprop.loss_gradient import OutputBoundary, is_power_of_two, is_row_cross_entropy
+from tinyprop.loss_gradient import output_error as weighted_output_error
 from tinyprop.model import (
     OUTPUT_ERROR_MAX,
     output_the_losses_come_from,
@@ -93,6 +95,9 @@ class StepContext:
         self.error_unit = 1.0 / self.averaged_samples  # δ per unit of one sample's loss
         self.output_error_max: float | None = None
         self.skip_scores: Tensor | None = None  # (B,) what the skip decision ranked
+        # (output, ∂ Σ losses / ∂ output) when δ_L may be taken from the decision's gradient
+        # (tinyprop.loss_gradient), else None
+        self.decision_gradient: tuple[Tensor, Tensor] | None = None
         self.failed = False
         self.finished = False
         self.defers_commit = False  # finish() leaves the running state's writes to commit()
@@ -291,6 +296,7 @@ class StepContext:
         """Called when the backward reaches the step's loss; ``scale`` is its upstream gradient
         (GradScaler's factor, 1/n of gradient accumulation, 1 otherwise)."""
         self.state.step = self
+        self.decision_gradient = None  # (a backward of tinyprop.loss's scalar: not taken)
         if scale != 0.0 and math.isfinite(scale):
             self.error_unit = scale / self.averaged_samples
         if self.passes_overflow is None:  # GradScaler's scales are 2^16 and so on
@@ -625,10 +631,22 @@ def run_backward(
     if not (step.stats.trained or step.distributed):
         step.finish()
         return step
-    scalar = _step_scalar(losses, step)
-    if scale != 1.0:
-        scalar = scalar * scale
-    (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
+    decided = step.decision_gradient
+    step.decision_gradient = None
+    if (
+        decided is not None
+        and scale == 1.0
+        and grad_scaler is None
+        and is_power_of_two(step.averaged_samples)
+    ):  # δ_L from the decision's gradient, bit for bit (tinyprop.loss_gradient)
+        output, gradient = decided
+        delta = weighted_output_error(gradient, step.stats.trained_mask, step.averaged_samples)
+        OutputBoundary.apply(output, step).backward(delta)
+    else:
+        scalar = _step_scalar(losses, step)
+        if scale != 1.0:
+            scalar = scalar * scale
+        (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
     if step.distributed and not scaling:
         _raise_on_every_rank(model, step)
     return step
@@ -789,6 +807,13 @@ def _decide_step(
             finally:
                 state.deciding = False
             step.output_size = output.numel() // batch
+            if (  # a CPU output straight from a sparse layer, per-sample cross-entropy
+                not distributed
+                and reads_are_free(output.device)
+                and getattr(output.grad_fn, "_forward_cls", None) is SparseBackprop
+                and is_row_cross_entropy(losses, output)
+            ):
+                step.decision_gradient = (output, output_grad)
             if state.output_error_max_unchecked:
                 _check_loaded_output_error_max(module, state, passes, output, batch)
         step.skip_scores = scores
