@@ -4,7 +4,9 @@ per-step fixed cost that wall-clock timings on a shared machine cannot resolve.
 torch.profiler counts the aten operations (nested ones included) of steps 20-60 of the bench's
 har and mnist finetune runs (``tinypropv2`` with the bench's setting, and ``full``; most of
 those steps train a few samples) and of 20 steps of ``benchmarks/step_overhead.py``'s model
-(the deep MLP's layers at width 64, batch 64, SGD: ``full`` and ``topk`` 0.05). Each operation
+(the deep MLP's layers at width 64, batch 64, SGD: ``full`` and ``topk`` 0.05), and of 10 steps
+of the speed benchmark's MLPs (wide, batch 128, and deep, batch 64, on random inputs: ``full``,
+``topk`` 0.05 and ``tinypropv2``). Each operation
 costs a few microseconds of dispatch whatever its size, so at these sizes fewer operations is
 a faster step; the count is the same on every run.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from speed import deep_mlp, wide_mlp
 from speed_floor import finetune_workload
 from step_overhead import narrow_deep_mlp
 from torch import nn
@@ -75,6 +78,30 @@ def narrow_counts() -> dict[str, float]:
     return counts
 
 
+def mlp_counts(build, batch: int, inputs: int) -> dict[str, float]:
+    """Operations per step of one of speed.py's MLPs, full, topk 0.05 and tinypropv2."""
+    torch.manual_seed(0)
+    base = build()
+    x, y = torch.randn(batch, inputs), torch.randint(0, 10, (batch,))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    counts = {}
+    for label, config in (
+        ("full", tinyprop.TinyPropConfig(policy="full")),
+        ("topk 0.05", tinyprop.TinyPropConfig(policy="topk", ratio=0.05)),
+        ("tinypropv2", tinyprop.TinyPropConfig(policy="tinypropv2")),
+    ):
+        model = tinyprop.apply(copy.deepcopy(base), config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(model=model, optimizer=optimizer):
+            tinyprop.train_step(model, x, y, loss_fn, optimizer)
+
+        for _ in range(3):
+            step()
+        counts[label] = operations(step, [()] * 10)
+    return counts
+
+
 def main() -> None:
     torch.set_num_threads(1)
     print("aten operations per training step (torch.profiler, one thread)")
@@ -87,6 +114,13 @@ def main() -> None:
     counts = narrow_counts()
     print(f"| deep MLP layers at width 64 | {counts['full']:.0f} | "
           f"{counts['topk 0.05']:.0f} (topk 0.05) |")  # fmt: skip
+    for name, build, batch, inputs in (
+        ("wide MLP 784-2048-2048-10, batch 128", wide_mlp, 128, 784),
+        ("deep MLP 1024-2048-2048-2048-10, batch 64", deep_mlp, 64, 1024),
+    ):
+        counts = mlp_counts(build, batch, inputs)
+        print(f"| {name} | {counts['full']:.0f} | {counts['topk 0.05']:.0f} (topk 0.05), "
+              f"{counts['tinypropv2']:.0f} (tinypropv2) |")  # fmt: skip
 
 
 if __name__ == "__main__":

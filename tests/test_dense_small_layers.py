@@ -39,13 +39,16 @@ def step(config):
 def test_small_fan_in_convolutions_keep_every_entry_and_count_as_dense(policy, monkeypatch):
     settings = {"skip_threshold": 0.0} if policy == "tinypropv2" else {}
     config = tinyprop.TinyPropConfig(policy=policy, ratio=0.1, dense_small_layers=True, **settings)
-    selected = []  # N of every δ the native top-k ran on
-    original = native.topk
-    monkeypatch.setattr(
-        native,
-        "topk",
-        lambda delta, *args, **kw: selected.append(delta.shape[1]) or original(delta, *args, **kw),
-    )
+    selected = []  # N of every δ a native top-k ran on (with or without the sums of |δ|)
+    for name in ("topk", "topk_with_sums"):
+        original = getattr(native, name)
+        monkeypatch.setattr(
+            native,
+            name,
+            lambda delta, *args, original=original, **kw: (
+                selected.append(delta.shape[1]) or original(delta, *args, **kw)
+            ),
+        )
     _, stats = step(config)
     assert stats.keep["0"].tolist() == [8 * 64] * 4  # fan-in 9: dense
     assert stats.keep["2"].tolist() == [8 * 64] * 4  # depthwise, fan-in 9: dense

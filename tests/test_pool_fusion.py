@@ -13,6 +13,7 @@ from torch import nn
 
 import tinyprop
 from tinyprop import native, pool_fusion
+from tinyprop.functional import SCALAR_ROWS
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="needs the native kernels")
 
@@ -99,7 +100,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("batch", [12, 80], ids=["12 rows", "80 rows"])  # a few, or tensors
+@pytest.mark.parametrize(  # a few rows (Python floats), or more (the tensor bookkeeping)
+    "batch", [12, SCALAR_ROWS + 16], ids=["12 rows", "more than SCALAR_ROWS"]
+)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("ties", [True, False], ids=["ties", "continuous"])
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -124,8 +124,9 @@ def test_training_with_the_summed_selection_equals_the_separate_one(threads, pol
     separate, separate_stats, separate_ledger = train(summed=False)
     assert not calls
     summed, summed_stats, summed_ledger = train(summed=True)
-    # a step's depthwise and 32 -> 32 convolutions (the first one's 10% is past its native limit)
-    assert len(calls) == (6 if policy == "topk" else 0)
+    # a step's depthwise and 32 -> 32 convolutions (the first one's 10% is past its native
+    # limit) and the Linear head (k = 1 of 4)
+    assert len(calls) == (9 if policy == "topk" else 0)
     for step, expected in zip(summed_stats, separate_stats, strict=True):
         assert step.kernels == expected.kernels
         assert step.kernels["3"] == tinyprop.autograd.NATIVE_SPARSE
@@ -136,3 +137,86 @@ def test_training_with_the_summed_selection_equals_the_separate_one(threads, pol
         summed.state_dict().items(), separate.state_dict().values(), strict=True
     ):
         assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fused_update", [False, True], ids=["gradients", "fused SGD"])
+@pytest.mark.parametrize("batch", [8, 128])
+def test_linear_layers_with_the_summed_selection_equal_the_separate_one(
+    batch, fused_update, threads, monkeypatch
+):
+    """An MLP's Linear layers take Σ |δ| and their kept entries from one native call: the
+    same k, kernels, ledger, weights and SGD-momentum state bit for bit as Σ |δ| by PyTorch
+    then the selection, with samples whose δ is zero, also when SGD's update is fused into
+    the kernel (train_step(fused_update=True)) and at 128 rows."""
+    for name in ("SELECTION_GRAIN", "BACKWARD_GRAIN"):
+        monkeypatch.setattr(native, name, 1)
+    calls = []
+    original = native.topk_with_sums
+    monkeypatch.setattr(
+        native, "topk_with_sums", lambda *a: calls.append(a[1]) or original(*a)
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(batch, 24, generator=generator), torch.randint(0, 5, (batch,)))
+        for _ in range(3)
+    ]
+    trained = torch.ones(batch)
+    trained[1::3] = 0  # their δ is zero in every layer
+
+    def loss(output, target):
+        return nn.functional.cross_entropy(output, target, reduction="none") * trained
+
+    def train(summed: bool):
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Linear(24, 200), nn.ReLU(), nn.Linear(200, 60), nn.ReLU(),
+                               nn.Linear(60, 5))  # fmt: skip
+        model = tinyprop.apply(layers, tinyprop.TinyPropConfig(policy="topk", ratio=0.05))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with monkeypatch.context() as patch:
+            if not summed:
+                patch.setattr(tinyprop.autograd, "fixed_native_keep", lambda *a: None)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                stats = [
+                    tinyprop.train_step(model, x, y, loss, optimizer, fused_update=fused_update)
+                    for x, y in batches
+                ]
+            finally:
+                torch.set_num_threads(before)
+        return model, optimizer, stats
+
+    separate, separate_optimizer, separate_stats = train(summed=False)
+    assert not calls
+    summed, summed_optimizer, summed_stats = train(summed=True)
+    assert calls == [1, 3, 10] * 3  # k of every Linear layer, output first, in every step
+    for step, expected in zip(summed_stats, separate_stats, strict=True):
+        assert step.kernels == expected.kernels
+        kernel = tinyprop.autograd.FUSED_UPDATE if fused_update else tinyprop.autograd.NATIVE_SPARSE
+        assert step.kernels["0"] == kernel
+        assert vars(step.macs) == vars(expected.macs)
+        for name, keep in step.keep.items():
+            assert torch.equal(keep, expected.keep[name]), name
+            assert keep.numel() == batch - len(range(1, batch, 3))  # the zero rows keep nothing
+    for (name, value), expected in zip(
+        summed.state_dict().items(), separate.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, expected), name
+    for state, expected in zip(
+        summed_optimizer.state.values(), separate_optimizer.state.values(), strict=True
+    ):
+        assert torch.equal(state["momentum_buffer"], expected["momentum_buffer"])
+
+
+def test_a_selection_is_kept_only_where_the_bookkeeping_trains_the_same_rows():
+    """selection_fits: the rows few_rows trains (Y_l > 0) with k = the selection's, as many
+    as the selection kept entries of; not when a Y_l rounds to 0 (fewer rows), another k, or
+    no bookkeeping (None: the tensor code decides)."""
+    fits = tinyprop.autograd.selection_fits
+    errors, maxima = [1.0, 2.0], [1.0, 2.0]
+    assert fits(([0, 2], errors, [5, 5], maxima), 5, 10)
+    assert not fits(([0], errors[:1], [5], maxima[:1]), 5, 10)  # a Y_l rounded to 0
+    assert not fits(([0, 2], errors, [5, 4], maxima), 5, 10)  # another k
+    assert not fits(None, 5, 10)
+    assert fits(([], [], [], []), 5, 0)  # every row's δ is zero

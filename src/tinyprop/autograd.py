@@ -160,7 +160,8 @@ class SparseBackprop(torch.autograd.Function):
         )
         magnitude = getattr(ctx, "local_errors", None)  # from tinyprop.pool_fusion, or
         selected = None  # the kept entries, selected with Σ |δ|, or
-        if magnitude is None and step is not None and not (drop or keeps_everything):
+        # (a unit > 0 keeps Y_l = Σ |δ| / unit > 0 on the rows with entries to select)
+        if magnitude is None and step is not None and unit > 0 and not (drop or keeps_everything):
             fixed = fixed_native_keep(
                 policy, call, geometry, x, weight, flat, *ctx.needs_input_grad[:2]
             )
@@ -176,7 +177,7 @@ class SparseBackprop(torch.autograd.Function):
         counts = None  # k of each row in Python ints, when a few rows' bookkeeping has them
         if step is not None and reads_are_free(flat.device) and few_cpu_rows(magnitude):
             few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
-        if selected is not None and not selection_fits(few, fixed, magnitude):
+        if selected is not None and not selection_fits(few, fixed, selected[1].numel()):
             magnitude, selected = local_error(flat), None  # the code below decides as before
             few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
         if few is not None:
@@ -239,6 +240,7 @@ class SparseBackprop(torch.autograd.Function):
             grad_bias = in_dtype(bias_sum, ctx.bias_dtype)
         select = functools.partial(_select, policy, layer.layer_index, backward_step)
         needs = (needs_input, needs_weight)
+        kept = None  # Σ k in a Python int, when the Python ints of k are the rows' keep
         if rows is None:  # a device that pays for host reads
             grad_input, grad_weight, keep = masked_gradients(
                 policy.config.unified, select, geometry, x, weight, delta, keep,
@@ -255,6 +257,7 @@ class SparseBackprop(torch.autograd.Function):
                     geometry, x, weight, rows, delta, channels, *needs
                 )
         else:
+            kept = None if counts is None else sum(counts)
             defer = None  # train_step(fused_update=True): SGD's update of this weight, later
             if step is not None and needs_weight and ctx.weight_id in step.fused_weights:
                 defer = functools.partial(step.defer_update, ctx.weight_id, error, unit)
@@ -266,7 +269,7 @@ class SparseBackprop(torch.autograd.Function):
             full = None if counts is None else all(count >= size for count in counts)
             step.add(
                 call, keep, not keeps_everything, bool(needs_input), rows is None, kernel, limit,
-                full,
+                full, kept,
             )  # fmt: skip
         if poison is not None:  # the scaler finds the overflow in the gradients
             grad_input = None if grad_input is None else grad_input + poison
@@ -503,32 +506,23 @@ def _gradients(
             EVERY_ENTRY,
         )
 
-    if selected is not None:  # fixed_native_keep made sure the native kernel runs on them
-        return (
-            *geometry.native_gradients(x, weight, *selected, needs_input, needs_weight),
-            NATIVE_SPARSE,
-        )
     is_linear = isinstance(geometry, LinearPatches)
-    use_native, limit = kernel_choice(geometry, x, weight)
-    kept = int(keep.sum()) if counts is None else sum(counts[1])  # M
-    if kept > limit * flat.numel():  # dense kernels on the masked δ
-        masked = select(flat, keep, masked=True)  # (R', N)
-        return (
-            *geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight),
-            MASKED_DENSE,
-        )
-
-    local_row, entry, value = select(flat, keep, with_rows=not use_native, total=kept)  # (M,)
+    if selected is not None:  # fixed_native_keep made sure the native kernel runs on them
+        use_native = True
+        row_start, entry, value = selected  # (R + 1,), (M,), (M,)
+    else:
+        use_native, limit = kernel_choice(geometry, x, weight)
+        kept = int(keep.sum()) if counts is None else sum(counts[1])  # M
+        if kept > limit * flat.numel():  # dense kernels on the masked δ
+            masked = select(flat, keep, masked=True)  # (R', N)
+            return (
+                *geometry.dense_gradients(x, weight, rows, masked, needs_input, needs_weight),
+                MASKED_DENSE,
+            )
+        local_row, entry, value = select(flat, keep, with_rows=not use_native, total=kept)
     if use_native:
-        if counts is not None:  # (R + 1,) CSR, from the Python ints
-            row_start = torch.tensor(csr_offsets(x.shape[0], *counts), dtype=torch.long)
-        else:
-            row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (R + 1,) CSR
-            if rows.numel() == x.shape[0]:  # every row
-                torch.cumsum(keep, 0, out=row_start[1:])
-            else:
-                row_start[rows + 1] = keep  # zero rows keep nothing
-                row_start = row_start.cumsum(0)
+        if selected is None:  # (R + 1,) CSR offsets of the kept entries
+            row_start = kept_row_start(x.shape[0], rows, keep, counts)
         if is_linear and defer is not None and defer(x, row_start, entry, value):
             grad_input = None
             if needs_input:
@@ -548,6 +542,20 @@ def _gradients(
         ),
         PYTORCH_SPARSE,
     )
+
+
+def kept_row_start(batch: int, rows: Tensor, keep: Tensor, counts) -> Tensor:
+    """(B + 1,) CSR offsets of the kept entries of a batch whose rows ``rows`` (R',) keep
+    ``keep`` (R',) entries each and the other rows none; ``counts``: ``rows`` and ``keep`` as
+    Python ints, or None."""
+    if counts is not None:  # from the Python ints
+        return torch.tensor(csr_offsets(batch, *counts), dtype=torch.long)
+    row_start = torch.zeros(batch + 1, dtype=torch.long)  # (B + 1,)
+    if rows.numel() == batch:  # every row
+        torch.cumsum(keep, 0, out=row_start[1:])
+        return row_start
+    row_start[rows + 1] = keep  # zero rows keep nothing
+    return row_start.cumsum(0)
 
 
 def kernel_choice(geometry, x: Tensor, weight: Tensor) -> tuple[bool, float]:
@@ -575,9 +583,10 @@ def fixed_native_keep(
 ) -> int | None:  # fmt: skip
     """k of every row when the native selection may take each row's Σ |δ| from the same read
     of δ (:func:`tinyprop.native.topk_with_sums`), else None. Only where Y_l decides nothing
-    but which rows are zero (and the bounds of ``prove_finite``): a fixed-ratio top-k (k does
-    not follow Y_l), no random scores, no cap at the non-zero entries, not unified; a
-    convolution whose kept entries go to the native kernel (k within its density limit), on
+    but which rows are zero (and the bounds of ``prove_finite`` and the fused update): a
+    fixed-ratio top-k (k does not follow Y_l), no random scores, no cap at the non-zero
+    entries, not unified; a Linear layer or convolution whose kept entries go to the native
+    kernel (k within its density limit), on
     a few float32 CPU rows (:func:`tinyprop.functional.few_cpu_rows`, which the caller's
     bookkeeping then runs). The caller leaves out dense layers and dropped rows."""
     rows, size = flat.shape
@@ -587,7 +596,6 @@ def fixed_native_keep(
         or policy.config.unified
         or policy.caps_keep_at_nonzero()
         or not (needs_input or needs_weight)
-        or isinstance(geometry, LinearPatches)
         or not 0 < rows <= SCALAR_ROWS
         or flat.dtype != torch.float32
         or not native.can_select(flat)
@@ -600,15 +608,15 @@ def fixed_native_keep(
     return counts[0]
 
 
-def selection_fits(few, fixed: int, magnitude: Tensor) -> bool:
+def selection_fits(few, fixed: int, kept: int) -> bool:
     """Whether :func:`few_rows`' bookkeeping ``few`` trains exactly the rows the native
-    selection kept entries of (those with Σ |δ| > 0; not so when Y_l = Σ |δ| / unit rounds
-    to 0 or the unit is negative), each with k = ``fixed``."""
+    selection kept ``kept`` entries of, ``fixed`` each (the rows with Σ |δ| > 0), each with
+    k = ``fixed``. Under a unit > 0 the rows it trains (Y_l = Σ |δ| / unit > 0) are among
+    those, so it trains them all when there are as many; fewer when a Y_l rounds to 0."""
     if few is None:
         return False
     rows, _, counts, _ = few
-    nonzero = [row for row, value in enumerate(magnitude.tolist()) if value > 0]
-    return rows == nonzero and all(count == fixed for count in counts)
+    return len(rows) * fixed == kept and all(count == fixed for count in counts)
 
 
 def csr_offsets(batch: int, rows: list[int], counts: list[int]) -> list[int]:

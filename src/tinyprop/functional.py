@@ -85,7 +85,7 @@ def adaptive_keep_count(
 # same IEEE float64 operations in the same order as the tensor code (so the same k and the same
 # decisions, bit for bit), with one host read instead of about twenty small tensor operations,
 # whose dispatch costs more than the arithmetic at a fine-tuning batch of 8-32 samples.
-SCALAR_ROWS = 64
+SCALAR_ROWS = 128
 LARGEST_EXACT_COUNT = 2.0**62  # a float64 k past this is left to the tensor code's conversion
 
 

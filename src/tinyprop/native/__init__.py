@@ -122,6 +122,13 @@ def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _last_int64(tensor: Tensor) -> int:
+    """The last element of a non-empty contiguous int64 CPU tensor, read from its memory
+    (``int(tensor[-1])`` dispatches three tensor operations, each costing more than the read)."""
+    at = tensor.data_ptr() + (tensor.numel() - 1) * tensor.element_size()
+    return ctypes.c_int64.from_address(at).value
+
+
 def _float32_empty(*shape: int) -> Tensor:
     """A float32 CPU tensor for a kernel to write into. Never ``torch.empty(shape)``: that takes
     torch's default dtype and device, and under ``torch.set_default_dtype(torch.float64)`` the
@@ -141,7 +148,7 @@ def _kernel_inputs(x, weight, row_start, column, value) -> tuple[Tensor, ...]:
         row_start.shape != (x.shape[0] + 1,)
         or column.dim() != 1
         or value.shape != column.shape
-        or int(row_start[-1]) != column.numel()
+        or _last_int64(row_start) != column.numel()
     ):
         raise ValueError(
             f"kept entries must be row_start ({x.shape[0] + 1},) ending at M with column and "
@@ -259,7 +266,9 @@ def topk_with_sums(delta: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor, Te
         raise RuntimeError(
             f"tinyprop's native top-k kernel failed (status {status}); please report"
         )
-    kept = int(row_start[-1])  # M
+    kept = _last_int64(row_start)  # M
+    if kept == columns.numel():  # no zero row: every slot holds an entry
+        return sums, row_start, columns, values
     return sums, row_start, columns[:kept], values[:kept]
 
 
