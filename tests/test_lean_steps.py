@@ -362,6 +362,20 @@ def test_csr_offsets_of_a_few_rows_are_the_tensor_code():
         assert tinyprop.autograd.csr_offsets(batch, rows, keep.tolist()) == expected
 
 
+def test_tensors_of_a_few_rows_python_values_are_torch_tensor():
+    """list_tensor (one full or arange where it can) gives what torch.tensor gives."""
+    cases = [[], [7], [5] * 128, [0, 1, 2, 3], list(range(128)), [0, 2, 5], [1, 2, 3], [3, 1]]
+    for values in cases:
+        expected = torch.tensor(values, dtype=torch.long)
+        made = tinyprop.functional.list_tensor(values, torch.long)
+        assert made.dtype == expected.dtype and made.is_contiguous()
+        assert made.shape == expected.shape and torch.equal(made, expected), values
+    for flags in ([], [True] * 100, [False] * 3, [True, False, True], [False, True]):
+        expected = torch.tensor(flags, dtype=torch.bool)
+        made = tinyprop.functional.list_tensor(flags, torch.bool)
+        assert made.dtype == torch.bool and torch.equal(made, expected), flags
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_kernels_reuse_their_scratch_across_shapes(threads):
     """The native top-k and Linear kernels keep their scratch between calls (one buffer per

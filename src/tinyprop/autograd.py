@@ -23,6 +23,7 @@ from tinyprop import native
 from tinyprop.functional import (
     SCALAR_ROWS,
     few_cpu_rows,
+    list_tensor,
     local_error,
     running_max,
     scalar_running_max,
@@ -182,13 +183,13 @@ class SparseBackprop(torch.autograd.Function):
             few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
         if few is not None:
             kept_rows, kept_errors, counts, maxima = few
-            rows = torch.tensor(kept_rows, dtype=torch.long)  # (R',) rows with a non-zero δ
+            rows = list_tensor(kept_rows, torch.long)  # (R',) rows with a non-zero δ
             if len(kept_rows) < flat.shape[0]:
                 flat = flat.index_select(0, rows)  # (R', N)
                 delta = flat.view(len(kept_rows), *delta.shape[1:])  # (R', C_out, P)
             error = float(sum(kept_errors))  # Σ Y_l, all the rest needs of the rows' Y_l
             error_max = maxima  # (R',) Python floats: only the last one is written
-            keep = torch.tensor(counts, dtype=torch.long)  # (R',)
+            keep = list_tensor(counts, torch.long)  # (R',)
         else:
             error = magnitude.double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
             if reads_are_free(flat.device) or step is None:
@@ -266,7 +267,7 @@ class SparseBackprop(torch.autograd.Function):
                 None if counts is None else (kept_rows, counts), selected,
             )  # fmt: skip
         if step is not None:
-            full = None if counts is None else all(count >= size for count in counts)
+            full = None if counts is None else not counts or min(counts) >= size
             step.add(
                 call, keep, not keeps_everything, bool(needs_input), rows is None, kernel, limit,
                 full, kept,
@@ -347,11 +348,15 @@ def few_rows(
     values = [value / unit for value in magnitude.tolist()]  # (R,) Y_l
     if not math.isfinite(sum(values)):  # a NaN / inf Y_l (or a sum past float64's range)
         return None
-    rows = [row for row, value in enumerate(values) if value > 0]
+    if min(values, default=1.0) > 0:  # every row (the common case, without the loops)
+        rows, errors = list(range(len(values))), values
+    else:
+        rows = [row for row, value in enumerate(values) if value > 0]
+        errors = [values[row] for row in rows]
     if drop:
         trained = step.stats.trained_mask.tolist()  # (B,)
         rows = [row for row in rows if trained[row]]
-    errors = [values[row] for row in rows]
+        errors = [values[row] for row in rows]
     maxima = errors  # k does not follow Y_l / Ymax_l: no running maximum needed
     if policy.adaptive:
         previous = step.error_max_float(layer)
@@ -616,7 +621,7 @@ def selection_fits(few, fixed: int, kept: int) -> bool:
     if few is None:
         return False
     rows, _, counts, _ = few
-    return len(rows) * fixed == kept and all(count == fixed for count in counts)
+    return len(rows) * fixed == kept and counts.count(fixed) == len(counts)
 
 
 def csr_offsets(batch: int, rows: list[int], counts: list[int]) -> list[int]:

@@ -98,6 +98,19 @@ def few_cpu_rows(*tensors: Tensor) -> bool:
     )
 
 
+def list_tensor(values: list, dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)`` on the CPU for a few rows' Python ints or bools,
+    by one ``full`` when every value is the same or one ``arange`` for 0, 1, ..., n - 1 (the
+    rows of a layer call that every row trains): a tensor from a list of a hundred values
+    costs ten times as much as either."""
+    count = len(values)
+    if count and values.count(values[0]) == count:
+        return torch.full((count,), values[0], dtype=dtype)
+    if dtype == torch.long and values == list(range(count)):
+        return torch.arange(count, dtype=dtype)
+    return torch.tensor(values, dtype=dtype)
+
+
 def scalar_keep_counts(
     errors: list[float],
     maxima: list[float],

@@ -16,6 +16,7 @@ from tinyprop.functional import (
     adaptive_keep_count,
     few_cpu_rows,
     fixed_keep_count,
+    list_tensor,
     percentile_keep,
     running_max,
     scalar_keep_counts,
@@ -244,7 +245,7 @@ class TinyPropV2Policy(TinyPropPolicy):
             )  # fmt: skip
             if decided is not None:
                 trained, step.output_error_max = decided
-                return torch.tensor(trained, dtype=torch.bool)
+                return list_tensor(trained, torch.bool)
         previous = step.previous_output_error_max()  # () Ymax_L before this step
         error_max = running_max(scores, previous)  # (B,) Ymax_L
         step.output_error_max = float(error_max[-1])
