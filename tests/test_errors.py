@@ -92,6 +92,29 @@ def test_batch_size_mismatch():
         tinyprop.train_step(model, x, y[:3], LOSS, optimizer)
 
 
+def test_an_optimizer_over_another_model_is_refused():
+    """An optimizer built before the model was copied (or over the model tinyprop.apply was
+    not given): train_step computed gradients and stepped an optimizer that held none of the
+    model's parameters, so the weights never moved, silently. One of them is enough (a head
+    trained alone); a group added later is checked again."""
+    torch.manual_seed(0)
+    model, other = build("mlp"), build("mlp")
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    x, y = batch("mlp")
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="holds none of the model's 6 trainable parameters"):
+        tinyprop.train_step(model, x, y, loss_fn, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    head = list(model.parameters())[-2:]
+    optimizer = torch.optim.SGD(head, lr=0.1)
+    assert tinyprop.train_step(model, x, y, loss_fn, optimizer).stepped
+    assert not torch.equal(head[0], before[-2])
+    optimizer.add_param_group({"params": list(other.parameters())})
+    assert tinyprop.train_step(model, x, y, loss_fn, optimizer).stepped
+
+
 def test_model_without_supported_layers():
     with pytest.raises(ValueError, match="no layer tinyprop supports.*Embedding"):
         tinyprop.apply(nn.Sequential(nn.Embedding(10, 4), nn.ReLU()))

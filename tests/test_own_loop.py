@@ -592,6 +592,19 @@ def test_losses_of_another_model_are_refused(policy, other_applied, way):
     assert step(LOSS(model_a(x), y)).keep == {}
 
 
+def test_the_same_losses_twice_under_tinypropv2_name_the_used_forward_pass():
+    """A second tinyprop.backward on the same losses (tinypropv2) asked for output=..., which
+    would not help: the forward pass they come from belongs to the first step."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp")
+    losses = LOSS(model(x), y)
+    tinyprop.backward(model, losses)
+    with pytest.raises(ValueError, match="no forward pass with gradients since its last step"):
+        tinyprop.backward(model, losses)
+    assert tinyprop.backward(model, LOSS(model(x), y)).trained
+
+
 @pytest.mark.parametrize("weights", ["clones", "leaves"])
 def test_full_policy_takes_the_weights_functional_call_gives(weights):
     """The ``full`` policy's check for losses of another model walks their graph to the

@@ -128,6 +128,9 @@ class TinyPropState:
     # a checkpoint loaded Ymax_L > 0: checked at the next skip decision against the output
     # layer's Ymax_l (tinyprop.step._check_loaded_output_error_max)
     output_error_max_unchecked: bool = False
+    # (id, parameter count) of the optimizer train_step found holding some of the model's
+    # trainable parameters: not checked again until another optimizer (or group) comes
+    checked_optimizer: tuple | None = None
 
     _policy: Policy | None = None
 
@@ -143,7 +146,7 @@ class TinyPropState:
         state = dict(self.__dict__)
         state.update(
             open_pass=None, pending=[], step=None, last_stats=None, _policy=None,
-            inside_ddp=False, deciding=False, geometry_cache={},
+            inside_ddp=False, deciding=False, geometry_cache={}, checked_optimizer=None,
         )  # fmt: skip
         return state
 

@@ -790,6 +790,13 @@ def _decide_step(
             scores = losses.detach().double()
         else:  # TinyPropv2 ranks the output errors
             output = _losses_output(losses, output, passes)
+            if not isinstance(output, Tensor) and not passes:
+                raise ValueError(
+                    "the model ran no forward pass with gradients since its last step, so "
+                    "the losses come from a forward pass a step used already (the same "
+                    "losses given to tinyprop twice?) or from another model: run the "
+                    "model's forward pass again for each step"
+                )
             if not isinstance(output, Tensor):
                 raise ValueError(
                     "tinypropv2 needs the model output the losses come from, for the skip "

@@ -63,7 +63,7 @@ def train_step(
         >>> stats = train_step(model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer)
         >>> stats.loss, stats.trained, stats.macs.backward_ratio()
     """
-    state_of(model)  # a clear error when tinyprop is not applied
+    check_optimizer_holds_the_model(model, optimizer)  # a clear error when not applied too
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batched tensor (B, ...), got {describe(x)}")
     batch_size = x.shape[0]
@@ -109,6 +109,31 @@ def train_step(
         apply_updates(step, optimizer)
         stats.stepped = True
     return stats
+
+
+def check_optimizer_holds_the_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError when the optimizer holds none of the model's trainable parameters: it was
+    built over another model (before ``copy.deepcopy``, a reload, or an ``apply`` to a copy),
+    and train_step computed gradients that no step ever applied, silently. Checked once per
+    optimizer and number of parameters (a group added is checked again)."""
+    module = unwrap(model)
+    state = state_of(module)
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return  # not a torch.optim optimizer: nothing to look into
+    key = (id(optimizer), sum(len(group["params"]) for group in groups))
+    if state.checked_optimizer == key:
+        return
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    held = {id(p) for group in groups for p in group["params"]}
+    if trainable and not trainable & held:
+        raise ValueError(
+            f"the optimizer holds none of the model's {len(trainable)} trainable parameters: "
+            "it was built over another model (before copy.deepcopy, a reload or tinyprop.apply "
+            "to a copy), so no step would change this model. Build it over the model given "
+            "to train_step: torch.optim.SGD(model.parameters(), ...)"
+        )
+    state.checked_optimizer = key
 
 
 def in_join(model: nn.Module) -> bool:
