@@ -605,6 +605,27 @@ def test_the_same_losses_twice_under_tinypropv2_name_the_used_forward_pass():
     assert tinyprop.backward(model, LOSS(model(x), y)).trained
 
 
+def test_losses_of_two_forward_passes_ask_which_output_decides():
+    """Losses from two forward passes since the last step (a consistency term on a second
+    forward): tinypropv2 measured Y_L of the last output alone, whose gradient is the small
+    consistency term's, and skipped every sample from the second step on (one forward: 6 of 6
+    trained), silently. An evaluation forward run with
+    gradients before the training forward is not part of the losses and changes nothing."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp")
+    first = model(x)
+    second = model(x + 0.01)
+    losses = LOSS(first, y) + 1e-3 * (second - first.detach()).pow(2).sum(1)
+    with pytest.raises(ValueError, match="come from 2 forward passes of the model"):
+        tinyprop.backward(model, losses)
+    first = model(x)
+    losses = LOSS(first, y) + 1e-3 * (model(x + 0.01) - first.detach()).pow(2).sum(1)
+    assert tinyprop.backward(model, losses, output=first).trained == len(y)
+    model(x[:2])  # an evaluation with gradients
+    assert tinyprop.backward(model, LOSS(model(x), y)).trained
+
+
 @pytest.mark.parametrize("weights", ["clones", "leaves"])
 def test_full_policy_takes_the_weights_functional_call_gives(weights):
     """The ``full`` policy's check for losses of another model walks their graph to the

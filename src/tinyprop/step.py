@@ -789,7 +789,10 @@ def _decide_step(
         if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
             scores = losses.detach().double()
         else:  # TinyPropv2 ranks the output errors
+            chosen = output is not None
             output = _losses_output(losses, output, passes)
+            if not chosen and len(passes) > 1 and _one_loss_per_row(losses, output, sample_dim):
+                _check_one_forward_pass(losses, output, passes)  # (other shapes: named later)
             if not isinstance(output, Tensor) and not passes:
                 raise ValueError(
                     "the model ran no forward pass with gradients since its last step, so "
@@ -973,6 +976,48 @@ def _losses_output(losses: Tensor, output, passes):
         if isinstance(output, tuple):
             output = output_the_losses_come_from(losses, output)
     return output
+
+
+def _one_loss_per_row(losses: Tensor, output, sample_dim: int) -> bool:
+    """Whether ``output`` is a tensor with as many samples along ``sample_dim`` as losses."""
+    if not isinstance(output, Tensor) or not -output.dim() <= sample_dim < output.dim():
+        return False
+    return output.shape[sample_dim] == losses.shape[0]
+
+
+def _check_one_forward_pass(losses: Tensor, output: Tensor, passes: list) -> None:
+    """A ValueError when the losses come from several forward passes of the model since its
+    last step (two views of a batch, a consistency or distillation term of a second
+    forward): the skip decision measured Y_L of the last pass's output alone and skipped
+    samples by a part of their loss (a KL term near zero skipped every sample, silently).
+    Walks the losses' graph down to the last output (not below it) for a sparse layer of an
+    earlier pass: only when the step has several passes (an evaluation run with gradients
+    is one too, and is not reached)."""
+    earlier = {id(forward_pass) for forward_pass in passes[:-1]}
+    stop, seen, todo = output.grad_fn, set(), collections.deque([losses.grad_fn])
+    reached_last = reached_earlier = False  # (losses of an earlier pass alone: named later)
+    while todo and not (reached_last and reached_earlier):
+        node = todo.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node is stop:
+            reached_last = True
+            continue
+        call = getattr(node, "call", None)  # a sparse layer's backward (its LayerCall)
+        if isinstance(call, LayerCall) and id(call.forward_pass) in earlier:
+            reached_earlier = True
+            continue
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    if reached_last and reached_earlier:
+        raise ValueError(
+            f"the losses come from {len(passes)} forward passes of the model since its last "
+            "step (two views, a consistency or distillation term of a second forward), and "
+            "tinypropv2's skip decision measures the output error Y_L of one output: the "
+            "last pass's alone leaves the other losses out of it. Pass the output whose "
+            "error should decide, tinyprop.backward(model, losses, output=...) (or "
+            "tinyprop.loss), or give each forward pass its own losses and tinyprop.backward"
+        )
 
 
 def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, grad, dim) -> None:
