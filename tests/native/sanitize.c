@@ -425,9 +425,17 @@ static float rounded(double v) { /* to float32, ±Inf beyond its range */
  * and tp_pooled_topk_f32 against tp_topk_f32 on that δ: the same status, kept entries, values
  * and sums, bit for bit; a keep outside [1, n] refused. */
 static int check_pooled_topk(int64_t threads) {
-    int64_t batch = 1 + rand() % 9, channels = 1 + rand() % 6, pooled_size = 1 + rand() % 40;
-    int64_t plane_size = pooled_size * (1 + rand() % 4), n = channels * plane_size;
-    int64_t planes = batch * channels, size = planes * pooled_size, keep = 1 + rand() % n;
+    /* the windows' maxima: in windows along the plane (in the row's order), in 2-D windows
+     * (the pooled order differs from the row's within a window row), or anywhere (repeats) */
+    int layout = rand() % 3;
+    int64_t pooled_h = 1 + rand() % 6, pooled_w = 1 + rand() % 7, kh = 1 + rand() % 3;
+    int64_t kw = 1 + rand() % 3, plane_w = pooled_w * kw + rand() % 2;
+    int64_t plane_h = pooled_h * kh + rand() % 2;
+    int64_t batch = 1 + rand() % 9, channels = 1 + rand() % 6;
+    int64_t pooled_size = layout == 1 ? pooled_h * pooled_w : 1 + rand() % 40;
+    int64_t plane_size = layout == 1 ? plane_h * plane_w : pooled_size * (1 + rand() % 4);
+    int64_t n = channels * plane_size, planes = batch * channels, size = planes * pooled_size;
+    int64_t keep = 1 + rand() % (rand() % 2 ? n : channels * pooled_size); /* often k <= m */
     int kind = rand() % 5;
     float *grad = malloc(sizeof(float) * size), *pooled = malloc(sizeof(float) * size);
     int64_t *index = malloc(sizeof(int64_t) * size);
@@ -446,7 +454,11 @@ static int check_pooled_topk(int64_t threads) {
     int64_t *index_scratch = malloc(sizeof(int64_t) * threads * n);
     for (int64_t i = 0; i < size; i++) {
         grad[i] = entry(kind), pooled[i] = entry(rand() % 5);
-        index[i] = i % pooled_size * (plane_size / pooled_size) + rand() % (plane_size / pooled_size);
+        int64_t q = i % pooled_size, width = plane_size / pooled_size;
+        index[i] = layout == 0 ? q * width + rand() % width
+                   : layout == 1 ? (q / pooled_w * kh + rand() % kh) * plane_w +
+                                       q % pooled_w * kw + rand() % kw
+                                 : rand() % plane_size;
     }
     for (int64_t s = 0; s < batch; s++) keeps[s] = keep;
     int status = tp_relu_unpool_f32(grad, pooled, index, planes, pooled_size, plane_size, plain,

@@ -1616,27 +1616,29 @@ enum { UNPOOL_BLOCK = 256 };
  * order in eight lanes (q mod 8) added up lane by lane. Returns 0, -1 on an index outside the
  * plane (nothing written then). The values of a block are computed first, with a select the
  * compiler vectorizes (written as one loop with the stores, it became a branch on the sign of
- * z, mispredicted on about every other entry), then stored at their places. */
-static int unpool_plane(const unpool_call *c, int64_t p, float *plane) {
+ * z, mispredicted on about every other entry), then stored at their places. With `compact`
+ * (pooled_size,) instead, the values go there in pooled order and `plane` is not written. */
+static int unpool_plane(const unpool_call *c, int64_t p, float *plane, float *compact) {
     int64_t size = c->pooled_size;
     const float *grad = c->grad + p * size, *pooled = c->pooled + p * size;
     const int64_t *index = c->indices + p * size;
     uint64_t outside = 0;
     for (int64_t q = 0; q < size; q++) outside |= (uint64_t)index[q] >= (uint64_t)c->plane_size;
     if (outside) return -1;
-    memset(plane, 0, (size_t)c->plane_size * sizeof(float));
+    if (compact == NULL) memset(plane, 0, (size_t)c->plane_size * sizeof(float));
     double absolute[8] = {0}, total[8] = {0};
 #if defined(__AVX512F__) && defined(__GNUC__)
     __m512d lanes_abs = _mm512_setzero_pd(), lanes_sum = _mm512_setzero_pd();
 #endif
     for (int64_t block = 0; block < size; block += UNPOOL_BLOCK) {
         int64_t count = size - block < UNPOOL_BLOCK ? size - block : UNPOOL_BLOCK;
-        float value[UNPOOL_BLOCK];
+        float stack[UNPOOL_BLOCK], *value = compact ? compact + block : stack;
         for (int64_t i = 0; i < count; i++) {
             float kept = 0.0f + grad[block + i];
             value[i] = pooled[block + i] <= 0.0f ? 0.0f : kept;
         }
-        for (int64_t i = 0; i < count; i++) plane[index[block + i]] = value[i];
+        if (compact == NULL)
+            for (int64_t i = 0; i < count; i++) plane[index[block + i]] = value[i];
         if (c->plane_abs == NULL) continue;
 #if defined(__AVX512F__) && defined(__GNUC__)
         /* eight at a time; the lanes past the end add +0.0, which changes no sum (no lane is
@@ -1669,7 +1671,7 @@ static int unpool_part(const void *context, int64_t part, int64_t parts, int64_t
     int64_t first = slice_start(c->planes, part, parts, 1);
     int64_t end = slice_start(c->planes, part + 1, parts, 1);
     for (int64_t p = first; p < end; p++)
-        if (unpool_plane(c, p, c->delta + p * c->plane_size)) return -1;
+        if (unpool_plane(c, p, c->delta + p * c->plane_size, NULL)) return -1;
     return 0;
 }
 
@@ -1731,24 +1733,101 @@ typedef struct {
     int64_t *columns;
     float *values, *scratch;     /* scratch (threads, 3 n): a row of δ, then top-k's 2 n */
     int64_t *index_scratch;      /* (threads, n) */
-    const int64_t *sampled;
+    const int64_t *sampled;      /* top-k's sample places in a row of δ (n) */
+    const int64_t *pooled_sampled; /* and in a row of the pooled entries (channels · pooled) */
+    int by_pooled;               /* whether pooled_row_topk may run (see there) */
 } pooled_topk_call;
 
-/* Samples [first, end): each sample's row of δ (its planes one after the other) written into
- * the worker's scratch, where it stays in the cache, and its keep entries of largest |δ|
- * chosen from there by topk_row_f32 into columns and values at keep · s. */
+/* Sample s's row of δ built in `row` (n,) from its planes, and its keep entries of largest |δ|
+ * chosen there by topk_row_f32 (scratch: row + n, 2 n floats; index (n,)). */
+static int built_row_topk(const pooled_topk_call *c, int64_t s, float *row, int64_t *index) {
+    int64_t plane_size = c->unpool.plane_size, n = c->channels * plane_size;
+    for (int64_t ch = 0; ch < c->channels; ch++)
+        if (unpool_plane(&c->unpool, s * c->channels + ch, row + ch * plane_size, NULL)) return -1;
+    return topk_row_f32(row, n, c->keep, c->columns + s * c->keep, c->values + s * c->keep, NULL,
+                        row + n, index, c->sampled);
+}
+
+/* marks[place[q]] = q for q in [0, size) in order (the last one wins), one store at a time:
+ * vectorized, it became an AVX-512 scatter, microcoded and several times slower on AMD's
+ * cores. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+static void mark_places(int32_t *marks, const int64_t *place, int64_t size) {
+#if defined(__clang__)
+#pragma clang loop vectorize(disable)
+#endif
+    for (int64_t q = 0; q < size; q++) marks[place[q]] = (int32_t)q;
+}
+
+/* Sample s's keep entries of largest |δ| chosen among its pooled entries, without building its
+ * row of δ (n = channels · plane_size entries, of which only the m = channels · pooled_size
+ * pooled ones can be non-zero): the values of the pooled entries in pooled order (with the
+ * planes' sums, as unpool_plane computes them) into `compact` (m,), topk_row_f32 on those, then
+ * each kept entry's place in the row, c · plane_size + indices[q], the places of a channel put
+ * in ascending order (the pooled order differs from the row's only within a channel: a window
+ * row spans several image rows). The same entries as in the built row whenever its k-th largest
+ * |δ| t is not 0 (every entry of the row that is not a pooled entry is 0) and every entry at t
+ * is kept (the row's rule, ties to the lower place, then has nothing to choose). Returns 0, -1
+ * on an index outside the plane, -2 on a broken invariant, or 2 when the row must be built
+ * after all: t = 0, ties cut at t, a NaN or ±Inf (the built row tells whether it is in the
+ * row), or a kept entry whose place a later pooled entry of its plane also names (in the built
+ * row the later one's value is there: never so for max pooling's windows, which do not
+ * overlap). `marks` (plane_size,) int32 scratch. */
+static int pooled_row_topk(const pooled_topk_call *c, int64_t s, float *compact, int64_t *index,
+                           int32_t *marks) {
+    int64_t size = c->unpool.pooled_size, plane_size = c->unpool.plane_size, k = c->keep;
+    int64_t channels = c->channels, m = channels * size;
+    for (int64_t ch = 0; ch < channels; ch++)
+        if (unpool_plane(&c->unpool, s * channels + ch, NULL, compact + ch * size)) return -1;
+    if (m < k) return 2; /* fewer pooled entries than k: zeros of the row are kept */
+    int64_t *columns = c->columns + s * k;
+    float *values = c->values + s * k;
+    int status = topk_row_f32(compact, m, k, columns, values, NULL, compact + m, index,
+                              c->pooled_sampled);
+    if (status) return status == 1 ? 2 : status; /* a NaN or ±Inf: the built row reports it */
+    float threshold = fabsf(values[0]); /* the k-th largest |δ|: the least kept one */
+    for (int64_t w = 1; w < k; w++) threshold = fabsf(values[w]) < threshold ? fabsf(values[w])
+                                                                             : threshold;
+    if (threshold == 0) return 2; /* fewer than k non-zero entries */
+    int64_t ties = 0, kept_ties = 0;
+    for (int64_t i = 0; i < m; i++) ties += fabsf(compact[i]) == threshold;
+    for (int64_t w = 0; w < k; w++) kept_ties += fabsf(values[w]) == threshold;
+    if (ties != kept_ties) return 2; /* the row's tie rule would choose among them */
+    for (int64_t w = 0; w < k;) { /* a channel's kept entries: columns[w, end) */
+        int64_t ch = columns[w] / size, end = w;
+        const int64_t *place = c->unpool.indices + (s * channels + ch) * size;
+        mark_places(marks, place, size);
+        for (; end < k && columns[end] < (ch + 1) * size; end++) {
+            int64_t q = columns[end] - ch * size, column = ch * plane_size + place[q];
+            if (marks[place[q]] != q) return 2; /* a later entry at the same place */
+            float value = values[end];
+            int64_t at = end; /* insertion: the pooled order is nearly the row's */
+            for (; at > w && columns[at - 1] > column; at--)
+                columns[at] = columns[at - 1], values[at] = values[at - 1];
+            columns[at] = column, values[at] = value;
+        }
+        w = end;
+    }
+    return 0;
+}
+
+/* Samples [first, end): each sample's keep entries of largest |δ|, into columns and values at
+ * keep · s, by pooled_row_topk where it may run, else (or where it says so) from the sample's
+ * row of δ written into the worker's scratch, where it stays in the cache. */
 static int pooled_topk_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     const pooled_topk_call *c = context;
-    int64_t plane_size = c->unpool.plane_size, n = c->channels * plane_size;
+    int64_t n = c->channels * c->unpool.plane_size, m = c->channels * c->unpool.pooled_size;
     int64_t first = slice_start(c->batch, part, parts, 1);
     int64_t end = slice_start(c->batch, part + 1, parts, 1);
     float *row = c->scratch + worker * 3 * n;
+    int64_t *index = c->index_scratch + worker * n;
     for (int64_t s = first; s < end; s++) {
-        for (int64_t ch = 0; ch < c->channels; ch++)
-            if (unpool_plane(&c->unpool, s * c->channels + ch, row + ch * plane_size)) return -1;
-        int status = topk_row_f32(row, n, c->keep, c->columns + s * c->keep,
-                                  c->values + s * c->keep, NULL, row + n,
-                                  c->index_scratch + worker * n, c->sampled);
+        int status = 2;
+        if (c->by_pooled) /* marks after the m candidates top-k may collect: see by_pooled */
+            status = pooled_row_topk(c, s, row, index, (int32_t *)(void *)(index + m));
+        if (status == 2) status = built_row_topk(c, s, row, index);
         if (status == 1) return s < INT_MAX - 1 ? (int)s + 1 : INT_MAX;
         if (status) return status;
     }
@@ -1756,9 +1835,10 @@ static int pooled_topk_part(const void *context, int64_t part, int64_t parts, in
 }
 
 /* tp_relu_unpool_sums_f32's sums and tp_topk_f32's selection of δ with the same keep for every
- * row (batch rows of n = channels · plane_size), without writing δ: each sample's row is built
- * in the worker's scratch (threads, 3 n) from the pooled entries, as tp_relu_unpool_f32 writes
- * it, and top-k runs on it there; index_scratch (threads, n). Writes columns and values
+ * row (batch rows of n = channels · plane_size), without writing δ: each sample's entries are
+ * chosen among its pooled entries (pooled_row_topk), or where that cannot tell, its row is
+ * built in the worker's scratch (threads, 3 n) from the pooled entries, as tp_relu_unpool_f32
+ * writes it, and top-k runs on it there; index_scratch (threads, n). Writes columns and values
  * (batch · keep,), row by row, every row's keep entries (a row whose δ is all zero keeps its
  * first zeros, as tp_topk_f32 would), row_abs (batch,), channel_sum (channels,); plane_sums
  * (2 · batch · channels,) is scratch. Returns 0; -1 on an index outside the plane; -4 when
@@ -1771,12 +1851,17 @@ int tp_pooled_topk_f32(const float *grad, const float *pooled, const int64_t *in
                        int64_t *index_scratch, int64_t threads) {
     int64_t planes = batch * channels, n = channels * plane_size;
     if (keep < 1 || keep > n) return -4;
-    int64_t sampled[4 * SAMPLE];
+    int64_t sampled[4 * SAMPLE], pooled_sampled[4 * SAMPLE];
     sample_places(n, sampled);
+    sample_places(channels * pooled_size, pooled_sampled);
+    /* windows of two entries or more: the pooled entries' m = n / 2 or fewer candidates leave
+     * room in a worker's index scratch (n int64) for a plane's marks (plane_size int32) */
+    int by_pooled = 2 * pooled_size <= plane_size && plane_size <= INT32_MAX;
     pooled_topk_call call = {
         {grad, pooled, indices, planes, pooled_size, plane_size, NULL, plane_sums,
          plane_sums + planes},
-        batch, channels, keep, columns, values, scratch, index_scratch, sampled};
+        batch, channels, keep, columns, values, scratch, index_scratch, sampled,
+        pooled_sampled, by_pooled};
     int status = run_parts(pooled_topk_part, &call, parts_for(batch, threads), threads);
     if (status == 0) add_plane_sums(plane_sums, batch, channels, row_abs, channel_sum);
     return status;
