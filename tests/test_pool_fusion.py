@@ -146,6 +146,35 @@ def test_fused_pool_backward_equals_the_modules_own(name, ties, threads, batch):
         assert torch.equal(fused_stats.keep[key], value), key
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape, kernel, stride",
+    [((5, 3, 9, 11), 2, None), ((3, 5, 7, 8), (2, 3), (2, 3)), ((2, 9, 12, 12), 3, 3)],
+    ids=["2x2 odd sides", "2x3", "3x3"],
+)
+def test_the_fused_pool_forward_gives_the_plain_pooling(threads, shape, kernel, stride):
+    """The fused node's pooling (PyTorch's kernel on a channels-last copy) against the
+    module's own on contiguous input: the same maxima and window indices bit for bit, with
+    NaN, +inf, ties and all-zero windows (each window's first maximum, its last NaN), and
+    contiguous, as the module returns them."""
+    generator = torch.Generator().manual_seed(11)
+    y = quantized(*shape, generator=generator)  # ties and zero windows behind the ReLU
+    y[0] = torch.randn(shape[1:], generator=generator)
+    y[0, 0, 1, :5] = torch.tensor([float("nan"), 1.0, float("nan"), 2.0, float("inf")])
+    y[-1, -1] = float("nan")
+    relu = torch.relu(y)
+    pool = nn.MaxPool2d(kernel, stride)
+    torch.set_num_threads(threads)
+    try:
+        expected = nn.functional.max_pool2d_with_indices(relu, pool.kernel_size, pool.stride)
+        pooled, indices = pool_fusion.channels_last_pool(relu, pool)
+    finally:
+        torch.set_num_threads(1)
+    assert pooled.is_contiguous() and indices.is_contiguous()
+    assert torch.equal(pooled.view(torch.int32), expected[0].view(torch.int32))
+    assert torch.equal(indices, expected[1])
+
+
 def test_relu_unpool_equals_max_pooling_then_relu_backward():
     """NaN, ±inf, -0.0 and ties in the ReLU'd input; NaN, -0.0 and zeros in the gradient."""
     generator = torch.Generator().manual_seed(3)
