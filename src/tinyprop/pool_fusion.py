@@ -128,12 +128,15 @@ def channels_last_pool(relu_output: Tensor, pool: nn.MaxPool2d) -> tuple[Tensor,
     kernel run on a channels-last copy: the same maxima and window indices bit for bit (each
     window's first maximum, a NaN where the window holds one), returned contiguous as the plain
     module returns them. PyTorch's kernel for contiguous (B, C, H, W) input walks each window
-    one entry at a time; on channels-last input it compares C channels at once. The copy is the
-    native layout kernel's (PyTorch's own transposing copy took three times longer): the small
-    CNN's first pooling (128 x 16 x 28 x 28, one thread) 5.9 ms against 1.7, copies included."""
-    wide = native.channels_last(relu_output, (0, 0, 0, 0)).permute(0, 3, 1, 2)  # (B, C, H, W)
+    one entry at a time; on channels-last input it compares C channels at once. The copies of
+    the floats are the native layout kernels' (PyTorch's own transposing copy took two to three
+    times longer): the small CNN's first pooling (128 x 16 x 28 x 28, one thread) 5.9 ms
+    against 1.7, copies included."""
+    unpadded = (0, 0, 0, 0)
+    wide = native.channels_last(relu_output, unpadded).permute(0, 3, 1, 2)  # (B, C, H, W)
     pooled, indices = F.max_pool2d_with_indices(wide, pool.kernel_size, pool.stride)
-    return pooled.contiguous(), indices.contiguous()
+    pooled = native.channels_first(pooled.permute(0, 2, 3, 1), unpadded)  # (B, C, H', W')
+    return pooled, indices.contiguous()
 
 
 def selected_backward(ctx, x, weight, grad_pooled, pooled, indices):
