@@ -237,6 +237,17 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     return status;
 }
 
+/* acc + v · w as the convolution kernel adds a product: fused on its AVX-512 path (cg a multiple
+ * of 16), else as the compiler rounds the plain expression. */
+static float conv_madd(float acc, float v, float w, int64_t cg) {
+#if defined(__AVX512F__) && defined(__GNUC__)
+    if (cg % 16 == 0) return fmaf(v, w, acc);
+#else
+    (void)cg;
+#endif
+    return acc + v * w;
+}
+
 static int check_conv(int64_t threads) {
     int kind = rand() % 5;
     int64_t groups = 1 + rand() % 3, cg = rand() % 4 ? 1 + rand() % 3 : 16 * (1 + rand() % 2);
@@ -244,6 +255,9 @@ static int check_conv(int64_t threads) {
     int64_t kh = 1 + rand() % 3, kw = 1 + rand() % 3, sh = 1 + rand() % 2, sw = 1 + rand() % 2;
     int64_t dh = 1 + rand() % 2, dw = 1 + rand() % 2, batch = 1 + rand() % 3;
     int64_t in_h = dh * (kh - 1) + 1 + rand() % 5, in_w = dw * (kw - 1) + 1 + rand() % 5;
+    /* now and then a pointwise one with more entries per channel than the kernel sums at a time
+     * (GATHERED): 4-8 samples of 256-576 positions, a fifth of them kept */
+    if (rand() % 8 == 0) kh = kw = sh = sw = 1, batch = 4 + rand() % 5, in_h = 16 + rand() % 9, in_w = in_h;
     int64_t out_h = (in_h - dh * (kh - 1) - 1) / sh + 1, out_w = (in_w - dw * (kw - 1) - 1) / sw + 1;
     int64_t cin = groups * cg, cout = groups * per_group, n = cout * out_h * out_w;
     int64_t shape[14] = {batch, in_h, in_w, cin, cout, kh, kw, out_h, out_w, sh, sw, dh, dw, groups};
@@ -254,10 +268,42 @@ static int check_conv(int64_t threads) {
     int64_t *row_start = malloc(sizeof(int64_t) * (batch + 1)), *column;
     float *value;
     kept_entries(batch, n, row_start, &column, &value, kind);
+    if (rand() % 2) /* each sample's entries in descending order: the kernel's unsorted path */
+        for (int64_t s = 0; s < batch; s++)
+            for (int64_t a = row_start[s], b = row_start[s + 1] - 1; a < b; a++, b--) {
+                int64_t c = column[a];
+                float v = value[a];
+                column[a] = column[b], value[a] = value[b], column[b] = c, value[b] = v;
+            }
     float *grad_weight = malloc(sizeof(float) * cout * kh * kw * cg);
     float *grad_input = malloc(sizeof(float) * batch * in_h * in_w * cin);
     int status = tp_conv_backward_f32(x, weight, shape, row_start, column, value, grad_weight,
                                       grad_input, threads);
+    /* both gradients as the definition sums them, entries in their order, one multiply-add
+     * each as the kernel's vector path (fused) or its scalar one rounds it: the same floats,
+     * whichever way the kernel walks the entries (runs of a channel, or by channel) */
+    int64_t positions = out_h * out_w, size = batch * in_h * in_w * cin, taps = kh * kw;
+    float *expected_input = calloc((size_t)size, sizeof(float));
+    float *expected_weight = calloc((size_t)(cout * taps * cg), sizeof(float));
+    for (int64_t s = 0; s < batch; s++)
+        for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+            int64_t ch = column[e] / positions, p = column[e] % positions;
+            int64_t corner = ((s * in_h + p / out_w * sh) * in_w + p % out_w * sw) * cin;
+            corner += ch / per_group * cg;
+            for (int64_t tap = 0; tap < taps; tap++)
+                for (int64_t i = 0; i < cg; i++) {
+                    int64_t at = corner + (tap / kw * dh * in_w + tap % kw * dw) * cin + i;
+                    float *gw = expected_weight + (ch * taps + tap) * cg + i;
+                    float *gx = expected_input + at, w = weight[(ch * taps + tap) * cg + i];
+                    *gw = conv_madd(*gw, value[e], x[at], cg);
+                    *gx = conv_madd(*gx, value[e], w, cg);
+                }
+        }
+    for (int64_t i = 0; status == 0 && i < size; i++)
+        if (memcmp(grad_input + i, expected_input + i, sizeof(float))) status = 1;
+    for (int64_t i = 0; status == 0 && i < cout * taps * cg; i++)
+        if (memcmp(grad_weight + i, expected_weight + i, sizeof(float))) status = 1;
+    free(expected_input), free(expected_weight);
     /* the same with the input gradient channels first, cropped: the values of the channels-
      * first copy of the padded gradient, padding of up to a third of each side */
     int64_t pads[4] = {rand() % (in_h / 3 + 1), 0, rand() % (in_w / 3 + 1), 0};

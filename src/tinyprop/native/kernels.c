@@ -1031,7 +1031,19 @@ typedef struct {
     const int64_t *pads; /* NULL: grad_input padded channels-last; else {top, bottom, left,
                           * right}: grad_input (batch, C_in, H, W), through `scratch` */
     float *scratch;      /* (threads, in_h · in_w · C_in): one padded sample per worker */
+    /* each sample's columns ascending (as the selection gives them): the entries are walked in
+     * runs of one channel per sample, without the places above (NULL then). column (nnz,);
+     * position_start (P,): the offset of output position p's window in a sample; per worker,
+     * run_end (threads, batch): where each sample's run of the current channel ends, and
+     * gathered / gathered_value (threads, GATHERED): a channel's entries (patch offsets in x,
+     * δ) for conv_weight_part */
+    int sorted;
+    const int64_t *column, *position_start;
+    int64_t *run_end, *gathered;
+    float *gathered_value;
 } conv_call;
+
+enum { GATHERED = 256 }; /* entries of a channel summed at a time (its lists stay in L1) */
 
 /* For every kept entry e (column c · P + p of sample s): entry_channel[e] = c and entry_start[e]
  * = the offset in x of the first input its patch reads (sample s, the window's top-left at
@@ -1069,16 +1081,67 @@ static int64_t patch_offset(const int64_t *shape, int64_t q) {
     return (tap / kw * shape[11] * in_w + tap % kw * shape[12]) * channels_in + i;
 }
 
-/* grad_weight of output channel ch from its entries (in entry order). With AVX-512 and cg a
- * multiple of 16, four vectors of the channel's weights at a time are summed in registers over
- * every entry, then stored once; else each entry adds into grad_weight. Either way each weight
- * sums the entries in the same order. */
-static void conv_channel_weight(const conv_call *c, int64_t ch) {
+/* One kept entry's patch gradient: δ = v times its channel's weights w (kh, kw, cg) added into
+ * the patch at gx, whose taps lie row_step and col_step floats apart (16 floats at a time with
+ * AVX-512 when cg allows). */
+static inline void add_patch(float *gx, const float *restrict w, float v, int64_t cg,
+                             int64_t kh, int64_t kw, int64_t row_step, int64_t col_step) {
+    for (int64_t ky = 0; ky < kh; ky++) {
+        for (int64_t kx = 0; kx < kw; kx++, w += cg) {
+            float *restrict tap = gx + ky * row_step + kx * col_step;
+#if defined(__AVX512F__) && defined(__GNUC__)
+            if (cg % 16 == 0) {
+                __m512 value = _mm512_set1_ps(v);
+                for (int64_t i = 0; i < cg; i += 16)
+                    _mm512_storeu_ps(tap + i, _mm512_fmadd_ps(value, _mm512_loadu_ps(w + i),
+                                                              _mm512_loadu_ps(tap + i)));
+                continue;
+            }
+#endif
+            for (int64_t i = 0; i < cg; i++) tap[i] += v * w[i];
+        }
+    }
+}
+
+/* The kept entries of samples [first, end) into `out` (grad_input, or a sample's scratch placed
+ * so that the sample's entries land in it), in entry order. With each sample's columns
+ * ascending (`sorted`), a run of one channel's entries at a time: its channel, weights and
+ * group found once for the run; else from the entries' places. */
+static void conv_input_entries(const conv_call *c, int64_t first, int64_t end, float *out) {
+    const int64_t *shape = c->shape, *column = c->column;
+    int64_t channels_in = shape[3], kh = shape[5], kw = shape[6], cg = channels_in / shape[13];
+    int64_t row_step = shape[11] * shape[2] * channels_in, col_step = shape[12] * channels_in;
+    if (!c->sorted) {
+        for (int64_t e = c->row_start[first]; e < c->row_start[end]; e++)
+            add_patch(out + c->entry_start[e], c->weight + c->entry_channel[e] * kh * kw * cg,
+                      c->value[e], cg, kh, kw, row_step, col_step);
+        return;
+    }
+    int64_t positions = shape[7] * shape[8], per_group = shape[4] / shape[13];
+    int64_t sample_size = shape[1] * shape[2] * channels_in;
+    for (int64_t s = first; s < end; s++) {
+        int64_t e = c->row_start[s], stop = c->row_start[s + 1];
+        while (e < stop) { /* a run of one channel's entries */
+            int64_t ch = column[e] / positions, base = ch * positions, limit = base + positions;
+            float *group = out + s * sample_size + ch / per_group * cg;
+            const float *w = c->weight + ch * kh * kw * cg;
+            for (; e < stop && column[e] < limit; e++)
+                add_patch(group + c->position_start[column[e] - base], w, c->value[e], cg, kh, kw,
+                          row_step, col_step);
+        }
+    }
+}
+
+/* grad_weight of output channel ch from `count` entries, in order, added to its sum so far
+ * (`more`) or to zero: the patch of entry t starts at x + start[t], its δ is value[t]. With
+ * AVX-512 and cg a multiple of 16, four vectors of the channel's weights at a time are summed in
+ * registers over every entry, then stored; else each entry adds into grad_weight. Either way
+ * each weight adds the entries in the same order, one multiply-add each. */
+static void channel_weight(const conv_call *c, int64_t ch, const int64_t *start,
+                           const float *value, int64_t count, int more) {
     const int64_t *shape = c->shape;
     int64_t in_w = shape[2], channels_in = shape[3], kh = shape[5], kw = shape[6];
     int64_t cg = channels_in / shape[13], taps = kh * kw, size = taps * cg;
-    const int64_t *entries = c->by_channel + c->channel_start[ch];
-    int64_t count = c->channel_start[ch + 1] - c->channel_start[ch];
     float *restrict gw = c->grad_weight + ch * size;
 #if defined(__AVX512F__) && defined(__GNUC__)
     if (cg % 16 == 0) {
@@ -1087,9 +1150,13 @@ static void conv_channel_weight(const conv_call *c, int64_t ch) {
             int64_t o0 = patch_offset(shape, q), o1 = patch_offset(shape, q + 1);
             int64_t o2 = patch_offset(shape, q + 2), o3 = patch_offset(shape, q + 3);
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            if (more) {
+                a0 = _mm512_loadu_ps(gw + 16 * q), a1 = _mm512_loadu_ps(gw + 16 * q + 16);
+                a2 = _mm512_loadu_ps(gw + 16 * q + 32), a3 = _mm512_loadu_ps(gw + 16 * q + 48);
+            }
             for (int64_t t = 0; t < count; t++) {
-                const float *patch = c->x + c->entry_start[entries[t]];
-                __m512 v = _mm512_set1_ps(c->value[entries[t]]);
+                const float *patch = c->x + start[t];
+                __m512 v = _mm512_set1_ps(value[t]);
                 a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o0), a0);
                 a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o1), a1);
                 a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(patch + o2), a2);
@@ -1100,68 +1167,75 @@ static void conv_channel_weight(const conv_call *c, int64_t ch) {
         }
         for (; q < vectors; q++) {
             int64_t o = patch_offset(shape, q);
-            __m512 a = _mm512_setzero_ps();
+            __m512 a = more ? _mm512_loadu_ps(gw + 16 * q) : _mm512_setzero_ps();
             for (int64_t t = 0; t < count; t++)
-                a = _mm512_fmadd_ps(_mm512_set1_ps(c->value[entries[t]]),
-                                    _mm512_loadu_ps(c->x + c->entry_start[entries[t]] + o), a);
+                a = _mm512_fmadd_ps(_mm512_set1_ps(value[t]), _mm512_loadu_ps(c->x + start[t] + o),
+                                    a);
             _mm512_storeu_ps(gw + 16 * q, a);
         }
         return;
     }
 #endif
-    memset(gw, 0, (size_t)size * sizeof(float));
+    if (!more) memset(gw, 0, (size_t)size * sizeof(float));
     for (int64_t t = 0; t < count; t++) {
-        int64_t start = c->entry_start[entries[t]];
-        float v = c->value[entries[t]];
+        float v = value[t];
         for (int64_t ky = 0, tap = 0; ky < kh; ky++) {
             for (int64_t kx = 0; kx < kw; kx++, tap++) {
                 const float *restrict patch =
-                    c->x + start + (ky * shape[11] * in_w + kx * shape[12]) * channels_in;
+                    c->x + start[t] + (ky * shape[11] * in_w + kx * shape[12]) * channels_in;
                 for (int64_t i = 0; i < cg; i++) gw[tap * cg + i] += v * patch[i];
             }
         }
     }
 }
 
-/* The kept entries of samples [first, end) into `out` (grad_input, or a sample's scratch placed
- * so that the sample's entries land in it), in entry order: each adds δ times its channel's
- * weights into its patch (16 floats at a time with AVX-512 when cg allows). */
-static void conv_input_entries(const conv_call *c, int64_t first, int64_t end, float *out) {
-    const int64_t *shape = c->shape;
-    int64_t in_w = shape[2], channels_in = shape[3], kh = shape[5], kw = shape[6];
-    int64_t dilation_h = shape[11], dilation_w = shape[12];
-    int64_t cg = channels_in / shape[13], taps = kh * kw;
-    for (int64_t e = c->row_start[first]; e < c->row_start[end]; e++) {
-        int64_t ch = c->entry_channel[e], start = c->entry_start[e];
-        float v = c->value[e];
-        const float *restrict w = c->weight + ch * taps * cg;
-        for (int64_t ky = 0; ky < kh; ky++) {
-            for (int64_t kx = 0; kx < kw; kx++, w += cg) {
-                int64_t at = start + (ky * dilation_h * in_w + kx * dilation_w) * channels_in;
-                float *restrict gx = out + at;
-#if defined(__AVX512F__) && defined(__GNUC__)
-                if (cg % 16 == 0) {
-                    __m512 value = _mm512_set1_ps(v);
-                    for (int64_t i = 0; i < cg; i += 16)
-                        _mm512_storeu_ps(gx + i, _mm512_fmadd_ps(value, _mm512_loadu_ps(w + i),
-                                                                 _mm512_loadu_ps(gx + i)));
-                    continue;
-                }
-#endif
-                for (int64_t i = 0; i < cg; i++) gx[i] += v * w[i];
-            }
-        }
-    }
+/* A channel's entries gathered for channel_weight, GATHERED at a time at most. */
+typedef struct {
+    const conv_call *c;
+    int64_t ch, count, *start; /* start, value: the worker's lists */
+    float *value;
+    int more; /* a part of the channel's entries is summed into grad_weight already */
+} gathering;
+
+static void gather(gathering *g, int64_t start, float value) {
+    g->start[g->count] = start, g->value[g->count] = value;
+    if (++g->count < GATHERED) return;
+    channel_weight(g->c, g->ch, g->start, g->value, g->count, g->more);
+    g->count = 0, g->more = 1;
 }
 
-/* Output channels [first, end) of grad_weight: every sample's entries of those channels. */
+/* grad_weight of output channels [first, end), each channel's entries in entry order. With each
+ * sample's columns ascending (`sorted`) a channel's entries are one run per sample (its columns
+ * c · P .. c · P + P - 1), each continuing where the last channel's ended; else
+ * entries_by_channel's lists. */
 static int conv_weight_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
-    (void)worker;
     const conv_call *c = context;
-    int64_t channels_out = c->shape[4];
-    int64_t first = slice_start(channels_out, part, parts, 1);
-    int64_t end = slice_start(channels_out, part + 1, parts, 1);
-    for (int64_t ch = first; ch < end; ch++) conv_channel_weight(c, ch);
+    const int64_t *shape = c->shape, *column = c->column, *row_start = c->row_start;
+    int64_t batch = shape[0], channels_in = shape[3], positions = shape[7] * shape[8];
+    int64_t per_group = shape[4] / shape[13], cg = channels_in / shape[13];
+    int64_t sample_size = shape[1] * shape[2] * channels_in;
+    int64_t first = slice_start(shape[4], part, parts, 1);
+    int64_t end = slice_start(shape[4], part + 1, parts, 1);
+    int64_t *next = c->run_end + worker * batch;
+    for (int64_t s = 0; c->sorted && s < batch; s++)
+        next[s] = first_at_least(column, row_start[s], row_start[s + 1], first * positions);
+    for (int64_t ch = first; ch < end; ch++) {
+        gathering g = {c, ch, 0, c->gathered + worker * GATHERED,
+                       c->gathered_value + worker * GATHERED, 0};
+        if (c->sorted) {
+            int64_t base = ch * positions, limit = base + positions;
+            for (int64_t s = 0; s < batch; s++) {
+                int64_t e = next[s], origin = s * sample_size + ch / per_group * cg;
+                for (; e < row_start[s + 1] && column[e] < limit; e++)
+                    gather(&g, origin + c->position_start[column[e] - base], c->value[e]);
+                next[s] = e;
+            }
+        } else {
+            for (int64_t t = c->channel_start[ch]; t < c->channel_start[ch + 1]; t++)
+                gather(&g, c->entry_start[c->by_channel[t]], c->value[c->by_channel[t]]);
+        }
+        if (g.count || !g.more) channel_weight(c, ch, g.start, g.value, g.count, g.more);
+    }
     return 0;
 }
 
@@ -1201,10 +1275,13 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
  * cg contiguous in all three arrays. grad_weight is split by output channel, grad_input by
  * sample, into up to `threads` parts each. shape: {batch, in_h, in_w, channels_in,
  * channels_out, kh, kw, out_h, out_w, stride_h, stride_w, dilation_h, dilation_w, groups}.
- * Returns 0, -1 on an index out of range or offsets that decrease (checked before anything is
- * written), -3 when the (3 nnz + P + C_out + 1) integers of the entries' places cannot be
- * allocated; float
- * values, NaN and ±Inf included, only flow into the gradients. */
+ * Each sample's entries in ascending column order (as the selection gives them) are walked in
+ * runs of one channel, by every thread; in another order, each entry's place is found and the
+ * entries are sorted by channel first (one thread). Either way every output sums its entries in
+ * entry order. Returns 0, -1 on an index out of range or offsets that decrease (checked before
+ * anything is written), -3 when the P + threads · (batch + 2 · GATHERED) integers of the runs
+ * (3 nnz + P + C_out + 1 more out of order) cannot be allocated; float values, NaN
+ * and ±Inf included, only flow into the gradients. */
 static int conv_backward(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
                          float *grad_weight, float *grad_input, const int64_t *pads,
@@ -1214,14 +1291,33 @@ static int conv_backward(const float *x, const float *weight, const int64_t *sha
     int64_t nnz = row_start[batch];
     for (int64_t e = 0; e < nnz; e++)
         if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
-    int64_t *places = malloc((size_t)(3 * nnz + positions + channels_out + 1) * sizeof(int64_t));
+    int sorted = 1;
+    for (int64_t s = 0; s < batch; s++)
+        for (int64_t e = row_start[s] + 1; e < row_start[s + 1]; e++)
+            sorted &= column[e - 1] < column[e];
+    /* the P window offsets, per worker the run ends and a channel's gathered entries; unsorted,
+     * also every entry's places and the entries by channel */
+    int64_t workers = threads < 1 ? 1 : threads;
+    int64_t runs = positions + workers * (batch + 2 * GATHERED);
+    int64_t *places = malloc((size_t)(runs + (sorted ? 0 : 3 * nnz + positions + channels_out + 1))
+                             * sizeof(int64_t));
     if (places == NULL) return -3;
-    int64_t *entry_channel = places, *entry_start = places + nnz, *by_channel = places + 2 * nnz;
-    int64_t *channel_start = by_channel + nnz + positions; /* after conv_entry_places' scratch */
-    conv_entry_places(shape, row_start, column, entry_channel, entry_start, by_channel + nnz);
-    if (grad_weight) entries_by_channel(nnz, channels_out, entry_channel, channel_start, by_channel);
+    int64_t in_w = shape[2], channels_in = shape[3], out_w = shape[8];
+    for (int64_t p = 0; p < positions; p++)
+        places[p] = (p / out_w * shape[9] * in_w + p % out_w * shape[10]) * channels_in;
+    int64_t *entry_channel = NULL, *entry_start = NULL, *by_channel = NULL, *channel_start = NULL;
+    if (!sorted) {
+        entry_channel = places + runs, entry_start = entry_channel + nnz;
+        by_channel = entry_start + nnz, channel_start = by_channel + nnz + positions;
+        conv_entry_places(shape, row_start, column, entry_channel, entry_start, by_channel + nnz);
+        if (grad_weight)
+            entries_by_channel(nnz, channels_out, entry_channel, channel_start, by_channel);
+    }
     conv_call call = {x, weight, shape, row_start, entry_channel, entry_start, channel_start,
-                      by_channel, value, grad_weight, grad_input, pads, scratch};
+                      by_channel, value, grad_weight, grad_input, pads, scratch, sorted, column,
+                      places, places + positions, places + positions + workers * batch,
+                      (float *)(void *)(places + positions + workers * (batch + GATHERED))};
+    threads = workers;
     if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
     if (grad_input) run_parts(conv_input_part, &call, parts_for(batch, threads), threads);
     free(places);

@@ -1,0 +1,176 @@
+"""The native convolution backward of two versions of ``kernels.c``, call for call in one process.
+
+As ``benchmarks/linear_kernel_ab.py`` does for the Linear kernel: builds ``kernels.c`` at a git
+revision and as it is in the working tree, loads both, and runs their
+``tp_conv_backward_planes_f32`` on the kept entries of every convolution with more than one
+input channel per group (the pointwise ones of the MobileNet-style CNN; with ``--kind
+depthwise``, ``tp_plane_conv_backward_f32`` on those with one input channel per group) of a
+training step of one of ``benchmarks/speed.py``'s models under ``topk`` 0.05, alternately
+(which goes first alternates too), the caches flushed before each round as a step's forward
+would leave them.
+It prints, per version, the least and the median time of a round (every such layer once) and
+the median of the paired ratios new / old, and whether both give the same gradients bit for bit.
+One thread is timed in process time, more threads in wall time.
+
+Run:
+    python benchmarks/conv_kernel_ab.py --old main --threads 2
+    python benchmarks/conv_kernel_ab.py --old HEAD~1 --threads 1 --kind depthwise
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from layer_kernels import captured_calls
+from speed import MODELS
+
+from tinyprop import native
+from tinyprop.native import build
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = "src/tinyprop/native/kernels.c"
+
+
+def compiled(source: str, folder: Path, name: str) -> ctypes.CDLL:
+    """``source`` built as tinyprop builds it."""
+    path = folder / f"{name}.c"
+    path.write_text(source)
+    library = folder / f"{name}.so"
+    command = [build._compiler(), *build.FLAGS, *build.OPENMP, str(path), "-o", str(library)]
+    subprocess.run([*command, "-lm"], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def kernel_inputs(call: tuple, threads: int, gradients: str) -> dict:
+    """The arguments ``ConvPatches.native_gradients`` passes the kernel (channels-last ones for
+    a convolution with more than one input channel per group), for the ``gradients`` the layer
+    needs among "input", "weight" or "both"."""
+    geometry, x, weight, rows, flat, keep, needs_input, needs_weight = call
+    needs_input = needs_input and gradients != "weight"
+    needs_weight = needs_weight and gradients != "input"
+    _, column, value = native.topk(flat, keep, with_rows=False)  # (M,) each, ascending per row
+    row_start = torch.zeros(x.shape[0] + 1, dtype=torch.long)  # (B + 1,) CSR
+    row_start[rows + 1] = keep
+    row_start = row_start.cumsum(0)
+    if geometry.one_channel_per_group:  # the input as it is, (B, C_in, H, W)
+        return {
+            "x": x.contiguous(),
+            "weight": weight.reshape(geometry.channels_out, -1).contiguous(),  # (C_out, kh kw)
+            "shape": torch.tensor((x.shape[0], *geometry.plane_shape), dtype=torch.long),
+            "kept": (row_start, column, value),
+            "grad_weight": torch.empty(weight.numel()) if needs_weight else None,
+            "grad_input": torch.empty(x.numel()) if needs_input else None,
+        }
+    padded = native.channels_last(x, geometry.pads)  # (B, Hp, Wp, C_in)
+    kernel = weight.reshape(geometry.channels_out, geometry.channels_per_group, *weight.shape[2:])
+    shape = (x.shape[0], *geometry.native_shape)
+    return {
+        "x": padded,
+        "weight": kernel.permute(0, 2, 3, 1).contiguous(),  # (C_out, kh, kw, C_in / G)
+        "shape": torch.tensor(shape, dtype=torch.long),
+        "pads": torch.tensor(geometry.pads, dtype=torch.long),
+        "kept": (row_start, column, value),
+        "grad_weight": torch.empty(weight.numel()) if needs_weight else None,
+        "grad_input": torch.empty(x.numel()) if needs_input else None,  # (B, C_in, H, W)
+        "scratch": torch.empty(threads * padded[0].numel()),
+    }
+
+
+def run(library: ctypes.CDLL, inputs: dict, threads: int) -> None:
+    pointer = ctypes.c_void_p
+    outputs = [inputs["grad_weight"], inputs["grad_input"]]
+    if "pads" not in inputs:  # one input channel per group
+        status = library.tp_plane_conv_backward_f32(
+            pointer(inputs["x"].data_ptr()), pointer(inputs["weight"].data_ptr()),
+            pointer(inputs["shape"].data_ptr()), *(pointer(t.data_ptr()) for t in inputs["kept"]),
+            *(pointer(None if t is None else t.data_ptr()) for t in outputs),
+            ctypes.c_int64(threads),
+        )  # fmt: skip
+        assert status == 0, status
+        return
+    status = library.tp_conv_backward_planes_f32(
+        pointer(inputs["x"].data_ptr()), pointer(inputs["weight"].data_ptr()),
+        pointer(inputs["shape"].data_ptr()), pointer(inputs["pads"].data_ptr()),
+        *(pointer(t.data_ptr()) for t in inputs["kept"]),
+        *(pointer(None if t is None else t.data_ptr()) for t in outputs),
+        pointer(inputs["scratch"].data_ptr()), ctypes.c_int64(threads),
+    )  # fmt: skip
+    assert status == 0, status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--old", default="main", help="git revision of the old kernels.c")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=list(MODELS), default="MobileNet-style CNN")
+    parser.add_argument("--rounds", type=int, default=100, help="rounds of each version")
+    parser.add_argument("--gradients", choices=["input", "weight", "both"], default="both")
+    parser.add_argument(
+        "--kind", choices=["pointwise", "depthwise"], default="pointwise",
+        help="the convolutions timed: more than one input channel per group, or one",
+    )  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    old_source = subprocess.run(
+        ["git", "show", f"{args.old}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    calls, _ = captured_calls(args.model)
+    layers = [
+        kernel_inputs(call, args.threads, args.gradients)
+        for call in calls
+        if call[0].__class__.__name__ == "ConvPatches"
+        and call[0].one_channel_per_group == (args.kind == "depthwise")
+    ]
+    flush = torch.zeros(1 << 24)  # 64 MB
+    with tempfile.TemporaryDirectory() as folder:
+        versions = {
+            "old": compiled(old_source, Path(folder), "old"),
+            "new": compiled((ROOT / SOURCE).read_text(), Path(folder), "new"),
+        }
+
+        # one thread: its process time (a wait for a core counts nothing); more: wall time
+        clock = time.process_time if args.threads == 1 else time.perf_counter
+
+        def round_of(name: str) -> float:
+            flush.add_(1.0)
+            start = clock()
+            for inputs in layers:
+                run(versions[name], inputs, args.threads)
+            return clock() - start
+
+        outputs_of = {}  # the same gradients bit for bit
+        for name in versions:
+            round_of(name)
+            gradients = [(inputs["grad_weight"], inputs["grad_input"]) for inputs in layers]
+            outputs_of[name] = [t.clone() for pair in gradients for t in pair if t is not None]
+        same = all(map(torch.equal, outputs_of["old"], outputs_of["new"]))
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for index in range(args.rounds + 1):
+            for name in ("old", "new") if index % 2 else ("new", "old"):
+                seconds = round_of(name)
+                if index:  # the first round warms up
+                    times[name].append(1e3 * seconds)
+    ratios = [new / old for new, old in zip(times["new"], times["old"], strict=True)]
+    print(
+        f"{args.model}: {len(layers)} {args.kind} convolution(s), {args.gradients} "
+        f"gradient(s), {args.threads} thread(s), {args.rounds} rounds each (ms per round):"
+    )
+    for name, values in times.items():
+        label = args.old if name == "old" else "working tree"
+        print(
+            f"  {name} ({label}): least {min(values):.3f}, median {statistics.median(values):.3f}"
+        )
+    print(f"  new / old, median of the paired rounds: {statistics.median(ratios):.2f}; "
+          f"gradients {'identical' if same else 'DIFFERENT'}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
