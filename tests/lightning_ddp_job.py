@@ -8,6 +8,7 @@ Lightning picks as free (MASTER_PORT) before rank 0 binds it: a job running at t
 could take that port, or join the group."""
 
 import datetime
+import faulthandler
 import json
 import os
 import sys
@@ -25,6 +26,12 @@ from tinyprop.integrations.lightning import TinyPropCallback
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 SAMPLES, BATCH, ACCUMULATE = 96, 4, 2
+# seconds rank 0 waits for rank 1 in the rendezvous (and either waits in a collective): rank 0
+# enters it as soon as it has started rank 1, which first imports torch, Lightning and
+# tinyprop: 37-90 s on 2 cores under load 9-10 (8 s of CPU), leaving 120 s a margin of 30 s
+# (past it rank 0 fails with "Wait timeout"). Below the test's 600 s, so that a hang shows as
+# a rank's own timeout in its log
+TIMEOUT = 240
 
 
 def mlp() -> nn.Module:
@@ -49,7 +56,7 @@ class FileStoreDDP(DDPStrategy):
                 init_method="file://" + os.path.join(os.path.abspath(sys.argv[1]), "store"),
                 rank=self.global_rank,
                 world_size=self.world_size,
-                timeout=datetime.timedelta(seconds=120),
+                timeout=datetime.timedelta(seconds=TIMEOUT),
             )
         super().setup_distributed()
 
@@ -91,7 +98,18 @@ def fit(config) -> dict:
     }
 
 
+def log_to_file(folder: str) -> None:
+    """This rank's stderr to ``rank{LOCAL_RANK}.log`` in the output folder (Lightning starts
+    rank 1 with LOCAL_RANK set and rank 0's stderr, so a crash of rank 1 would otherwise show
+    only as rank 0 killed by Lightning), with Python's stacks on a fatal signal."""
+    rank = os.environ.get("LOCAL_RANK", "0")
+    log = os.open(os.path.join(folder, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.dup2(log, sys.stderr.fileno())
+    faulthandler.enable()
+
+
 if __name__ == "__main__":
+    log_to_file(sys.argv[1])
     runs = {
         "topk": fit(tinyprop.TinyPropConfig(policy="topk", ratio=1.0)),
         "tinypropv2": fit(tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)),

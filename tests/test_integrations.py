@@ -339,12 +339,21 @@ def test_lightning_ddp_with_gradient_accumulation(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(taken.getsockname()[1])}
-        done = subprocess.run(
+        done = subprocess.run(  # 40-210 s on 2 cores under load 6-10; a hang ends sooner
             [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True,
-            text=True, timeout=300, env=env,
+            text=True, timeout=600, env=env,
         )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    said = "\n".join(  # each rank's stderr (a crash of rank 1 kills rank 0 silently)
+        f"--- rank {rank} stderr ---\n"
+        + (log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)")
+        for rank, log in enumerate(logs)
+    )
+    outputs = [tmp_path / f"rank{rank}.json" for rank in (0, 1)]
+    assert done.returncode == 0 and all(map(Path.exists, outputs)), (
+        f"exit code {done.returncode}\n{done.stderr[-2000:]}\n{said}"
+    )
+    ranks = [json.loads(output.read_text()) for output in outputs]
     model = job.mlp()  # the reference: Adam on the 16 samples of each optimizer step
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     x, y = job.data()
