@@ -21,31 +21,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from kernel_ab import alternate, compiled, identical, source_at, summary
 from layer_kernels import captured_calls
 from speed import MODELS
 
 from tinyprop import native
-from tinyprop.native import build
-
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = "src/tinyprop/native/kernels.c"
-
-
-def compiled(source: str, folder: Path, name: str) -> ctypes.CDLL:
-    """``source`` built as tinyprop builds it."""
-    path = folder / f"{name}.c"
-    path.write_text(source)
-    library = folder / f"{name}.so"
-    command = [build._compiler(), *build.FLAGS, *build.OPENMP, str(path), "-o", str(library)]
-    subprocess.run([*command, "-lm"], check=True)
-    return ctypes.CDLL(str(library))
 
 
 def kernel_inputs(call: tuple, threads: int, gradients: str) -> dict:
@@ -118,10 +103,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old_source = subprocess.run(
-        ["git", "show", f"{args.old}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True,
-        check=True,
-    ).stdout  # fmt: skip
+    old_source = source_at(args.old)
     calls, _ = captured_calls(args.model)
     layers = [
         kernel_inputs(call, args.threads, args.gradients)
@@ -133,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         versions = {
             "old": compiled(old_source, Path(folder), "old"),
-            "new": compiled((ROOT / SOURCE).read_text(), Path(folder), "new"),
+            "new": compiled(source_at(None), Path(folder), "new"),
         }
 
         # one thread: its process time (a wait for a core counts nothing); more: wall time
@@ -146,30 +128,14 @@ def main() -> None:
                 run(versions[name], inputs, args.threads)
             return clock() - start
 
-        outputs_of = {}  # the same gradients bit for bit
-        for name in versions:
-            round_of(name)
-            gradients = [(inputs["grad_weight"], inputs["grad_input"]) for inputs in layers]
-            outputs_of[name] = [t.clone() for pair in gradients for t in pair if t is not None]
-        same = all(map(torch.equal, outputs_of["old"], outputs_of["new"]))
-        times: dict[str, list[float]] = {"old": [], "new": []}
-        for index in range(args.rounds + 1):
-            for name in ("old", "new") if index % 2 else ("new", "old"):
-                seconds = round_of(name)
-                if index:  # the first round warms up
-                    times[name].append(1e3 * seconds)
-    ratios = [new / old for new, old in zip(times["new"], times["old"], strict=True)]
-    print(
+        gradients = [inputs[key] for inputs in layers for key in ("grad_weight", "grad_input")]
+        same = identical(round_of, lambda: gradients)  # the same gradients bit for bit
+        times = alternate(round_of, args.rounds)
+    heading = (
         f"{args.model}: {len(layers)} {args.kind} convolution(s), {args.gradients} "
         f"gradient(s), {args.threads} thread(s), {args.rounds} rounds each (ms per round):"
     )
-    for name, values in times.items():
-        label = args.old if name == "old" else "working tree"
-        print(
-            f"  {name} ({label}): least {min(values):.3f}, median {statistics.median(values):.3f}"
-        )
-    print(f"  new / old, median of the paired rounds: {statistics.median(ratios):.2f}; "
-          f"gradients {'identical' if same else 'DIFFERENT'}")  # fmt: skip
+    summary(heading, times, args.old, same, "rounds")
 
 
 if __name__ == "__main__":

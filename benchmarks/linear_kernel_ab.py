@@ -18,30 +18,20 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import kernel_ab
 import torch
-
-from tinyprop.native import build
-
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = "src/tinyprop/native/kernels.c"
+from kernel_ab import alternate, identical, source_at, summary
 
 
 def compiled(source: str, folder: Path, name: str) -> tuple[ctypes.CDLL, bool]:
     """``source`` built as tinyprop builds it; also whether its Linear kernel takes the strip
     scratch (the argument before the thread count)."""
-    path = folder / f"{name}.c"
-    path.write_text(source)
-    library = folder / f"{name}.so"
-    command = [build._compiler(), *build.FLAGS, *build.OPENMP, str(path), "-o", str(library)]
-    subprocess.run([*command, "-lm"], check=True)
     prototype = source[source.index("int tp_linear_backward_f32(") :].split("{", 1)[0]
-    return ctypes.CDLL(str(library)), "float *strip" in prototype
+    return kernel_ab.compiled(source, folder, name), "float *strip" in prototype
 
 
 def kept_entries(batch: int, outputs: int, k: int, generator) -> tuple[torch.Tensor, ...]:
@@ -64,10 +54,7 @@ def main() -> None:
     parser.add_argument("--gradients", choices=["input", "weight", "both"], default="both")
     parser.add_argument("--calls", type=int, default=200, help="calls of each version")
     args = parser.parse_args()
-    old_source = subprocess.run(
-        ["git", "show", f"{args.old}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True,
-        check=True,
-    ).stdout  # fmt: skip
+    old_source = source_at(args.old)
     generator = torch.Generator().manual_seed(0)
     batch, outputs, inputs = args.batch, args.outputs, args.inputs
     x, weight = torch.rand(batch, inputs, generator=generator), torch.rand(outputs, inputs)
@@ -83,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         versions = {
             "old": compiled(old_source, Path(folder), "old"),
-            "new": compiled((ROOT / SOURCE).read_text(), Path(folder), "new"),
+            "new": compiled(source_at(None), Path(folder), "new"),
         }
 
         def call(name: str) -> float:
@@ -104,30 +91,13 @@ def main() -> None:
             assert status == 0, status
             return seconds
 
-        outputs_of = {}  # the same gradients bit for bit
-        for name in versions:
-            call(name)
-            outputs_of[name] = [t.clone() for t in (grad_weight, grad_input) if t is not None]
-        same = all(map(torch.equal, outputs_of["old"], outputs_of["new"]))
-        times: dict[str, list[float]] = {"old": [], "new": []}
-        for index in range(args.calls + 1):
-            order = ("old", "new") if index % 2 else ("new", "old")
-            for name in order:
-                seconds = call(name)
-                if index:  # the first round warms up
-                    times[name].append(1e3 * seconds)
-    ratios = [new / old for new, old in zip(times["new"], times["old"], strict=True)]
-    print(
+        same = identical(call, lambda: [grad_weight, grad_input])  # the same bit for bit
+        times = alternate(call, args.calls)
+    heading = (
         f"Linear {inputs} -> {outputs}, batch {batch}, {args.keep} kept per sample, "
         f"{args.gradients} gradient(s), {args.threads} thread(s), {args.calls} calls each (ms):"
     )
-    for name, values in times.items():
-        label = args.old if name == "old" else "working tree"
-        print(
-            f"  {name} ({label}): least {min(values):.3f}, median {statistics.median(values):.3f}"
-        )
-    print(f"  new / old, median of the paired calls: {statistics.median(ratios):.2f}; "
-          f"gradients {'identical' if same else 'DIFFERENT'}")  # fmt: skip
+    summary(heading, times, args.old, same, "calls")
 
 
 if __name__ == "__main__":

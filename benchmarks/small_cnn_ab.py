@@ -24,13 +24,13 @@ import argparse
 import ctypes
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from fused_block import captured_blocks
+from kernel_ab import compiled, source_at
 from speed import MODELS, keep_freed_memory, optimizer_for
 from torch import nn
 
@@ -38,24 +38,17 @@ import tinyprop
 from tinyprop import data, functional, native
 from tinyprop.native import build
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "small CNN 16-32-32"
 
 
 def libraries(old: str) -> dict[str, ctypes.CDLL]:
     """The kernels at git revision ``old`` and in the working tree, each set up as
     ``native.library()`` sets up its own."""
-    source = subprocess.run(
-        ["git", "show", f"{old}:src/tinyprop/native/kernels.c"], cwd=ROOT, capture_output=True,
-        text=True, check=True,
-    ).stdout  # fmt: skip
-    folder = Path(tempfile.mkdtemp())
-    (folder / "old.c").write_text(source)
-    command = [build._compiler(), *build.FLAGS, *build.OPENMP, str(folder / "old.c")]
-    subprocess.run([*command, "-o", str(folder / "old.so"), "-lm"], check=True)
+    source = source_at(old)
     new = native.library()
+    built = compiled(source, Path(tempfile.mkdtemp()), "old")
     load = build.load
-    build.load = lambda: ctypes.CDLL(str(folder / "old.so"))
+    build.load = lambda: built
     try:
         old_library = native.library.__wrapped__()  # the argument types set as for the new
     finally:
