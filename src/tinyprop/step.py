@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -889,21 +890,27 @@ def _check_full_losses_reach_the_model(module: nn.Module, losses: Tensor, passes
 def _reaches_a_parameter(node, parameters: set[int]) -> bool:
     """Whether the autograd graph below ``node`` accumulates into one of ``parameters``
     (ids), breadth first."""
-    seen, todo = set(), collections.deque([node])
+    for node in _autograd_nodes(node, lambda node: getattr(node, "variable", None) is None):
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) in parameters:
+            return True
+        if "Checkpoint" in type(node).__name__:  # reentrant: its graph is built in the backward
+            return True
+    return False
+
+
+def _autograd_nodes(start, descend: Callable) -> Iterator:
+    """The autograd nodes reached from ``start``, breadth first, each once; the walk goes on
+    below a node only where ``descend(node)`` holds."""
+    seen, todo = set(), collections.deque([start])
     while todo:
         node = todo.popleft()
         if node is None or node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
-        if variable is not None:
-            if id(variable) in parameters:
-                return True
-            continue
-        if "Checkpoint" in type(node).__name__:  # reentrant: its graph is built in the backward
-            return True
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return False
+        yield node
+        if descend(node):
+            todo.extend(next_node for next_node, _ in node.next_functions)
 
 
 def _where_the_nan_is(module: nn.Module) -> str:
@@ -994,21 +1001,20 @@ def _check_one_forward_pass(losses: Tensor, output: Tensor, passes: list) -> Non
     earlier pass: only when the step has several passes (an evaluation run with gradients
     is one too, and is not reached)."""
     earlier = {id(forward_pass) for forward_pass in passes[:-1]}
-    stop, seen, todo = output.grad_fn, set(), collections.deque([losses.grad_fn])
-    reached_last = reached_earlier = False  # (losses of an earlier pass alone: named later)
-    while todo and not (reached_last and reached_earlier):
-        node = todo.popleft()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node is stop:
-            reached_last = True
-            continue
+    stop = output.grad_fn
+
+    def of_an_earlier_pass(node) -> bool:
         call = getattr(node, "call", None)  # a sparse layer's backward (its LayerCall)
-        if isinstance(call, LayerCall) and id(call.forward_pass) in earlier:
-            reached_earlier = True
-            continue
-        todo.extend(next_node for next_node, _ in node.next_functions)
+        return isinstance(call, LayerCall) and id(call.forward_pass) in earlier
+
+    reached_last = reached_earlier = False  # (losses of an earlier pass alone: named later)
+    for node in _autograd_nodes(
+        losses.grad_fn, lambda node: node is not stop and not of_an_earlier_pass(node)
+    ):
+        reached_last = reached_last or node is stop
+        reached_earlier = reached_earlier or (node is not stop and of_an_earlier_pass(node))
+        if reached_last and reached_earlier:
+            break
     if reached_last and reached_earlier:
         raise ValueError(
             f"the losses come from {len(passes)} forward passes of the model since its last "
