@@ -4,6 +4,7 @@ with exactly the advertised arena, the CLI takes the mode, bad modes get clear e
 
 from __future__ import annotations
 
+import copy
 import subprocess
 
 import numpy as np
@@ -204,3 +205,71 @@ def test_freeze_stops_gradients_of_the_first_layers():
     assert freeze(net, MemoryMode(2)) == ["0", "3"]
     trainable = [name for name, p in net.named_parameters() if p.requires_grad]
     assert trainable == ["6.weight", "6.bias", "10.weight", "10.bias"]
+
+
+def frozen_mlp():
+    """An MLP fine-tuned on its last layers: the first frozen, the second's weight frozen."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )  # fmt: skip
+    net[0].requires_grad_(False)
+    net[2].weight.requires_grad_(False)
+    return net
+
+
+def test_layers_frozen_in_pytorch_stay_frozen_in_the_runtime(tmp_path):
+    """A model whose first layers are frozen (``requires_grad=False``: last-layers fine-tuning)
+    was exported, and run by RuntimeModel, with every layer trained: the C program trained
+    the weights the PyTorch run keeps fixed, silently. Without a memory mode the frozen
+    parameters now give it (first_trained_layer 1, layer 1 bias-only): C trains what
+    tinyprop.train_step trains, to float32 rounding."""
+    net = frozen_mlp()
+    config = tinyprop.TinyPropConfig("topk", ratio=0.5)
+    optimizer = OptimizerSpec("sgd", 0.1)
+    c_model = RuntimeModel(net, (6,), config, optimizer)
+    assert c_model.memory_mode == MemoryMode(1, bias_only_layers=(1,))
+    python_model = tinyprop.apply(copy.deepcopy(net), config)
+    python_optimizer = torch.optim.SGD(
+        [p for p in python_model.parameters() if p.requires_grad], lr=0.1
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = (
+            torch.randn(8, 6, generator=generator),
+            torch.randint(0, 3, (8,), generator=generator),
+        )
+        c_model.train_batch(x.numpy(), y.numpy())
+        tinyprop.train_step(python_model, x, y, torch.nn.CrossEntropyLoss(reduction="none"),
+                            python_optimizer)  # fmt: skip
+    c_weights, initial = c_model.parameters(), net.state_dict()
+    for name, value in tinyprop.remove(python_model).state_dict().items():
+        np.testing.assert_allclose(c_weights[name], value.numpy().ravel(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)  # fmt: skip
+    for name in ("0.weight", "0.bias", "2.weight"):  # kept fixed; the others trained
+        assert np.array_equal(c_weights[name], initial[name].numpy().ravel()), name
+    assert not np.array_equal(c_weights["2.bias"], initial["2.bias"].numpy())
+    result = export_c(net, config, tmp_path / "out", optimizer=optimizer)
+    assert result.memory.frozen_parameters == 6 * 16 + 16 + 16 * 16
+    assert result.memory == footprint(net, (6,), config, optimizer)
+
+
+def test_a_mode_that_trains_a_frozen_parameter_is_refused(tmp_path):
+    net, config = frozen_mlp(), tinyprop.TinyPropConfig("tinypropv2")
+    refusal = r"weight and bias of layer '0'.*froze its weight and bias.*first_trained_layer=1, "
+    with pytest.raises(ValueError, match=refusal + r"bias_only_layers=\(1,\)"):
+        export_c(net, config, tmp_path / "out", memory=MemoryMode())
+    with pytest.raises(ValueError, match=r"layer '2' .*froze its weight.*--bias-only-layers 1"):
+        export_c(net, config, tmp_path / "out", memory=MemoryMode(1))
+    assert not (tmp_path / "out").exists()
+    assert export_c(net, config, tmp_path / "out", memory=MemoryMode(2)).memory.trained_parameters
+    middle = frozen_mlp().requires_grad_(True)
+    middle[2].requires_grad_(False)  # a frozen layer between trained ones
+    with pytest.raises(ValueError, match="layer '2' .*frozen after a trained layer"):
+        footprint(middle, (6,), config)
+    middle[2].weight.requires_grad_(True)  # its weight trains, its bias does not
+    with pytest.raises(ValueError, match="layer '2' .*trains its weight but not its bias"):
+        footprint(middle, (6,), config)
+    with pytest.raises(ValueError, match="every Linear/Conv layer of the model is frozen"):
+        footprint(frozen_mlp().requires_grad_(False), (6,), config)

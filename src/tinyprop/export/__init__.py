@@ -23,6 +23,7 @@ from tinyprop.export import ownership
 from tinyprop.export.c_source import makefile, model_header, samples_header
 from tinyprop.export.folding import fold_batch_norm
 from tinyprop.export.footprint import MemoryReport, footprint, footprint_of_layers
+from tinyprop.export.frozen import mode_of_frozen_layers
 from tinyprop.export.graph import (
     INT32_MAX,
     LayerSpec,
@@ -131,8 +132,11 @@ def export_c(
         epochs: passes over the built-in samples.
         model_name: text for the header comment (escaped).
         force: overwrite files in ``out_dir`` that an earlier export did not write.
-        memory: the memory mode (frozen first layers, in-place SGD); every layer trained when
-            omitted.
+        memory: the memory mode (frozen first layers, in-place SGD); when omitted, the mode
+            that trains what the model trains (``requires_grad``: leading frozen layers before
+            ``first_trained_layer``, a frozen weight beside a trained bias in
+            ``bias_only_layers``; every layer when nothing is frozen). A mode that trains a
+            parameter the model froze is a ValueError naming the layer.
         ram_bytes: the device's SRAM: a ValueError, before anything is written, when the
             example program needs more on a Cortex-M4 (:mod:`tinyprop.export.sram`: the
             training arena, one sample's buffer, the program's data, heap and stack; the
@@ -169,9 +173,9 @@ def export_c(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     optimizer = optimizer or OptimizerSpec()
-    memory = memory or MemoryMode()
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     layers = describe(model, shape)
+    memory = mode_of_frozen_layers(model, layers, memory)  # the layers the model froze
     report = footprint_of_layers(layers, config, optimizer, memory)  # checks the mode
     if batch_size > MAX_BATCH_SIZE:
         raise ValueError(

@@ -26,6 +26,7 @@ from tinyprop.export.arena import (
     trained_flags,
     trained_parameters,
 )
+from tinyprop.export.frozen import mode_of_frozen_layers
 from tinyprop.export.graph import LayerSpec, describe, inference_bytes
 from tinyprop.export.runtime import OptimizerSpec
 from tinyprop.memory import MemoryMode
@@ -96,8 +97,9 @@ def footprint(
         input_shape: one sample's shape.
         config: the policy (sparse policies need selection scratch).
         optimizer: SGD (default) or Adam settings.
-        mode: the memory mode; every layer trained when omitted.
+        mode: the memory mode; when omitted, the one that trains what the model trains
+            (``requires_grad``, :mod:`tinyprop.export.frozen`).
     """
-    return footprint_of_layers(
-        describe(model, input_shape), config, optimizer or OptimizerSpec(), mode or MemoryMode()
-    )
+    layers = describe(model, input_shape)
+    mode = mode_of_frozen_layers(model, layers, mode)
+    return footprint_of_layers(layers, config, optimizer or OptimizerSpec(), mode)

@@ -28,6 +28,7 @@ from torch import nn
 
 from tinyprop.config import TinyPropConfig
 from tinyprop.data.cache import cache_dir, digest_matches, private_folder, record_digest
+from tinyprop.export.frozen import mode_of_frozen_layers
 from tinyprop.export.graph import LayerSpec, describe
 from tinyprop.ledger import Ledger
 from tinyprop.memory import MemoryMode
@@ -428,8 +429,9 @@ class RuntimeModel:
         config: the policy (``full``, ``topk``, ``tinyprop``, ``tinypropv2``).
         optimizer: :class:`OptimizerSpec`.
         library: a loaded runtime (see :func:`load_library`); built when omitted.
-        memory: the :class:`tinyprop.memory.MemoryMode` (frozen layers, in-place SGD); every
-            layer trained, one update per batch, when omitted.
+        memory: the :class:`tinyprop.memory.MemoryMode` (frozen layers, in-place SGD); when
+            omitted, the one that trains what the model trains (``requires_grad``,
+            :mod:`tinyprop.export.frozen`), one update per batch.
     """
 
     def __init__(
@@ -442,9 +444,9 @@ class RuntimeModel:
         memory: MemoryMode | None = None,
     ):
         self.lib = library or load_library()
-        self.memory_mode = memory or MemoryMode()
-        self.memory_mode.check(optimizer.kind, optimizer.momentum, optimizer.nesterov)
         self.layers: list[LayerSpec] = describe(model, input_shape)
+        self.memory_mode = mode_of_frozen_layers(model, self.layers, memory)
+        self.memory_mode.check(optimizer.kind, optimizer.momentum, optimizer.nesterov)
         limit = runtime_max_layers()
         if len(self.layers) > limit:
             raise ValueError(
