@@ -1,10 +1,10 @@
 """The harness the A/B benchmarks of two versions of ``kernels.c`` share.
 
-``conv_kernel_ab.py``, ``linear_kernel_ab.py`` and ``small_cnn_ab.py`` build ``kernels.c`` at a
-git revision ("old") and as it is in the working tree ("new"), load both into one process and
-time them alternately, since separate processes on a shared machine differ by more than a
-kernel change saves. This module builds and loads a version, alternates the timed calls and
-prints the summary.
+``conv_kernel_ab.py``, ``linear_kernel_ab.py``, ``selection_ab.py`` and ``small_cnn_ab.py``
+build ``kernels.c`` at a git revision ("old") and as it is in the working tree ("new"), load both
+into one process and time them alternately, since separate processes on a shared machine differ
+by more than a kernel change saves. This module builds and loads a version, alternates the timed
+calls and prints the summary.
 """
 
 from __future__ import annotations

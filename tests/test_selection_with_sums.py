@@ -27,6 +27,17 @@ def rows_of_every_kind(rows: int = 12, size: int = 3000) -> torch.Tensor:
     return delta
 
 
+def lane_order_sums(delta: torch.Tensor, lanes: int = 32) -> torch.Tensor:
+    """(R,) float32 Σ |δ| of each row of ``delta`` (R, N) summed as the native kernel sums it:
+    entry i into lane i mod 32 in float64, in order, then the lanes one after the other (the
+    zeros padding the last block add nothing; cumsum adds in order)."""
+    rows, size = delta.shape
+    padded = torch.zeros(rows, -(-size // lanes) * lanes, dtype=torch.float64)
+    padded[:, :size] = delta.double().abs()
+    lane = padded.view(rows, -1, lanes).cumsum(1)[:, -1]  # (R, 32)
+    return lane.cumsum(1)[:, -1].float()
+
+
 @pytest.mark.parametrize("keep", [1, 7, 150, 3000])
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_topk_with_sums_keeps_what_topk_keeps_and_nothing_of_zero_rows(keep, threads, monkeypatch):
@@ -39,6 +50,7 @@ def test_topk_with_sums_keeps_what_topk_keeps_and_nothing_of_zero_rows(keep, thr
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(sums, delta.abs().sum(1), rtol=1e-6, atol=0)
+    assert torch.equal(sums, lane_order_sums(delta))  # bit for bit, whichever path summed
     nonzero = (delta != 0).any(1)
     assert torch.equal(sums != 0, nonzero)  # exactly 0 on the zero rows (denormals are not)
     counts = torch.where(nonzero, keep, 0)

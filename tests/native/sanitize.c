@@ -109,8 +109,8 @@ static int check_topk(int64_t rows, int64_t n, int64_t threads) {
 }
 
 /* tp_topk_sums_f32 on rows of every kind, some all zero, exactly-sized buffers: a row with a
- * NaN or ±Inf gives 1 + its index or an earlier one's; else each row's sum is within rounding
- * of Σ |δ| (0 exactly for a zero row, which keeps nothing), the offsets count k per other row,
+ * NaN or ±Inf gives 1 + its index or an earlier one's; else each row's sum is Σ |δ| summed in
+ * the kernel's order, bit for bit (0 exactly for a zero row, which keeps nothing), the offsets count k per other row,
  * and every kept row is what tp_topk_f32 keeps of it. */
 static int check_topk_sums(int64_t rows, int64_t n, int64_t threads) {
     float *delta = malloc(sizeof(float) * rows * n), *sums = malloc(sizeof(float) * rows);
@@ -130,11 +130,12 @@ static int check_topk_sums(int64_t rows, int64_t n, int64_t threads) {
     failed |= tp_topk_sums_f32(delta, rows, n, 0, sums, row_start, columns, values, scratch, index,
                                threads) != -1;
     for (int64_t r = 0; !failed && status == 0 && r < rows; r++) {
-        double sum = 0;
-        for (int64_t i = 0; i < n; i++) sum += fabs((double)delta[r * n + i]);
+        double lane[32] = {0}, sum = 0; /* the kernel's order: 32 lanes, then lane by lane */
+        for (int64_t i = 0; i < n; i++) lane[i % 32] += fabs((double)delta[r * n + i]);
+        for (int j = 0; j < 32; j++) sum += lane[j];
         int64_t count = row_start[r + 1] - row_start[r];
         failed |= sum == 0 ? sums[r] != 0 || count != 0
-                           : fabs(sums[r] - sum) > 1e-6 * sum || count != k ||
+                           : sums[r] != (float)sum || count != k ||
                                  !topk_row_is_valid_f32(delta + r * n, n, k,
                                                         columns + row_start[r],
                                                         values + row_start[r], NULL);

@@ -199,16 +199,28 @@ static double kth_smallest_f64(double *a, int64_t n, int64_t index) {
 
 /* The k-th largest of a[0:n] >= 0 (k in [1, n]), a unchanged. Float32: the largest bit pattern
  * t with at least k entries >= t (floats >= 0 order like their bit patterns), built bit by bit;
- * each of the 31 steps is one branch-free count the compiler vectorizes. */
+ * each step is one branch-free count the compiler vectorizes. The answer lies between the least
+ * and the largest pattern, so it starts with the leading bits those two share: the steps start
+ * at the first bit where they differ (the candidates of a row, close in size, share the sign
+ * and most of the exponent), and t is the same as from bit 30. */
 static float kth_largest_f32(const float *a, int64_t n, int64_t k, float *work) {
     int32_t *bits = (int32_t *)(void *)work;
+    int32_t least = INT32_MAX, most = 0;
     for (int64_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, a + i, sizeof u);
         bits[i] = (int32_t)u;
+        least = bits[i] < least ? bits[i] : least, most = bits[i] > most ? bits[i] : most;
     }
-    int32_t t = 0;
-    for (int bit = 30; bit >= 0; bit--) {
+    uint32_t differ = (uint32_t)(least ^ most);
+    if (differ == 0) { /* every entry the same */
+        float result;
+        memcpy(&result, &most, sizeof result);
+        return result;
+    }
+    int first = 31 - __builtin_clz(differ); /* the highest bit where least and most differ */
+    int32_t t = (int32_t)((uint32_t)most & ~((2u << first) - 1)); /* the shared leading bits */
+    for (int bit = first; bit >= 0; bit--) {
         int32_t trial = t | (int32_t)(1u << bit), at_least = 0, more = 0;
         int64_t i = 0;
         for (; i + 32 <= n; i += 32) /* two independent sums: twice the compares per cycle */
@@ -260,15 +272,16 @@ static void sample_places(int64_t n, int64_t *sampled) {
     }
 }
 
-/* index[0:count], magnitude[0:count] := the entries with |row[i]| >= bound or NaN (unordered
- * compares), ascending; returns count. Every NaN and ±Inf of the row is collected whatever the
- * bound, so the caller finds them among the candidates. With AVX-512 (or AVX2), sixteen (eight)
- * comparisons become one bit mask; AVX-512 packs the candidates of a block with one compress, so
- * the loop has no branch per candidate. Whole blocks are stored at `count` <= i: they end
- * before i + 16 <= n, inside both buffers. */
-static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *index,
-                           float *magnitude) {
-    int64_t count = 0, i = 0;
+/* index[0:count], magnitude[0:count] := the entries i in [from, to) with |row[i]| >= bound or
+ * NaN (unordered compares), ascending; returns count. Every NaN and ±Inf of the row is collected
+ * whatever the bound, so the caller finds them among the candidates. With AVX-512 (or AVX2),
+ * sixteen (eight) comparisons become one bit mask; AVX-512 packs the candidates of a block with
+ * one compress, so the loop has no branch per candidate. Whole blocks are stored at `count`
+ * <= i - from: for buffers of n slots holding at most `from` candidates before index[0] (the
+ * caller's earlier spans), they end before i + 16 <= to <= n, inside both buffers. */
+static int64_t collect_span_f32(const float *row, int64_t from, int64_t to, float bound,
+                                int64_t *index, float *magnitude) {
+    int64_t count = 0, i = from, n = to;
 #if defined(__AVX512F__) && defined(__GNUC__)
     const __m512 limit = _mm512_set1_ps(bound);
     const __m512i low_lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
@@ -304,6 +317,11 @@ static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *in
         count += !(a < bound);
     }
     return count;
+}
+
+static int64_t collect_f32(const float *row, int64_t n, float bound, int64_t *index,
+                           float *magnitude) {
+    return collect_span_f32(row, 0, n, bound, index, magnitude);
 }
 
 static int64_t collect_f64(const double *row, int64_t n, double bound, int64_t *index,
@@ -373,21 +391,42 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
  * Every other entry is below e <= t, so t and its ties are among the candidates. If fewer than
  * k entries reach e (a bad sample), or k is large, the candidates are all non-zero |δ|. */
 #define DEFINE_TOPK(SUFFIX, T, ABS, SMALLEST, LARGEST)                                       \
+    /* Whether the row's sample gives a bound (k small against n), and that bound: every entry \
+     * below it is below the k-th largest |δ|. scratch (2 n) is worked in. */                 \
+    static int topk_bound_##SUFFIX(const T *row, int64_t n, int64_t k, T *scratch,           \
+                                   const int64_t *sampled, T *bound) {                       \
+        T *work = scratch + n;                                                               \
+        int64_t sample = sample_size(n);                                                     \
+        if (!(sample && 8 * k <= n)) return 0;                                               \
+        for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[sampled[i]]);                \
+        double expected = (double)k * (double)sample / (double)n; /* rank of t */            \
+        int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */            \
+        *bound = kth_largest_##SUFFIX(work, sample, rank + 1, scratch);                      \
+        if (*bound < SMALLEST) *bound = SMALLEST; /* zeros are never needed as candidates */ \
+        return 1;                                                                            \
+    }                                                                                        \
+                                                                                             \
+    static int topk_kept_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t *columns,      \
+                                  T *values, T *masked, T *scratch, int64_t *index,          \
+                                  int64_t count);                                            \
+                                                                                             \
     /* One row: 0, 1 when it holds NaN or ±Inf, -2 on a broken invariant. */                 \
     static int topk_row_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t *columns,       \
                                  T *values, T *masked, T *scratch, int64_t *index,           \
                                  const int64_t *sampled) {                                   \
+        int64_t count = 0; /* candidates index[0:count], ascending, |δ| in scratch[0:count] */ \
+        T bound;                                                                             \
+        if (topk_bound_##SUFFIX(row, n, k, scratch, sampled, &bound))                        \
+            count = collect_##SUFFIX(row, n, bound, index, scratch);                         \
+        return topk_kept_##SUFFIX(row, n, k, columns, values, masked, scratch, index, count); \
+    }                                                                                        \
+                                                                                             \
+    /* The rest of topk_row from the candidates index[0:count] (|δ| in scratch[0:count]) of a \
+     * bound, or none (count 0): the k kept entries written. */                              \
+    static int topk_kept_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t *columns,      \
+                                  T *values, T *masked, T *scratch, int64_t *index,          \
+                                  int64_t count) {                                           \
         T *magnitude = scratch, *work = scratch + n;                                         \
-        int64_t count = 0; /* candidates index[0:count], ascending, |δ| in magnitude */      \
-        int64_t sample = sample_size(n);                                                     \
-        if (sample && 8 * k <= n) {                                                          \
-            for (int64_t i = 0; i < sample; i++) work[i] = ABS(row[sampled[i]]);            \
-            double expected = (double)k * (double)sample / (double)n; /* rank of t */        \
-            int64_t rank = (int64_t)(expected + 2 * sqrt(expected)) + 4; /* margin */        \
-            T bound = kth_largest_##SUFFIX(work, sample, rank + 1, magnitude);               \
-            if (bound < SMALLEST) bound = SMALLEST; /* zeros are never needed as candidates */ \
-            count = collect_##SUFFIX(row, n, bound, index, magnitude);                       \
-        }                                                                                    \
         if (count < k) /* no usable bound: every non-zero entry is a candidate */            \
             count = collect_##SUFFIX(row, n, SMALLEST, index, magnitude);                    \
         int not_finite = 0; /* every NaN and ±Inf is a candidate */                          \
@@ -496,6 +535,55 @@ static double row_magnitude(const float *row, int64_t n) {
     return sum;
 }
 
+/* row_magnitude and, from the same read of the row (with AVX-512), its candidates of `bound` as
+ * collect_f32 gives them (index[0:*count], magnitude[0:*count]): the same sum, the same
+ * candidates. */
+static double row_magnitude_collect(const float *row, int64_t n, float bound, int64_t *index,
+                                    float *magnitude, int64_t *count) {
+#if !(defined(__AVX512F__) && defined(__GNUC__))
+    *count = collect_f32(row, n, bound, index, magnitude); /* two passes (one block of lanes at */
+    return row_magnitude(row, n);                         /* a time, spilled, was slower) */
+#else
+    double lane[LANES] = {0};
+    int64_t i = 0, found = 0;
+    /* lanes 0-7, 8-15, 16-23, 24-31 in four registers: each lane adds the same terms in the same
+     * order as row_magnitude's; each block of 16 collected as collect_span_f32 does */
+    __m512d sum0 = _mm512_setzero_pd(), sum1 = sum0, sum2 = sum0, sum3 = sum0;
+    const __m512 limit = _mm512_set1_ps(bound);
+    const __m512i low_lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i high_lanes = _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + LANES <= n; i += LANES) {
+        for (int half = 0; half < 2; half++) {
+            int64_t at = i + 16 * half;
+            __m512 a = _mm512_abs_ps(_mm512_loadu_ps(row + at)); /* |row[at..at+16)| */
+            __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+            __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                _mm512_castps_pd(a), 1)));
+            if (half) sum2 = _mm512_add_pd(sum2, low), sum3 = _mm512_add_pd(sum3, high);
+            else sum0 = _mm512_add_pd(sum0, low), sum1 = _mm512_add_pd(sum1, high);
+            __mmask16 mask = _mm512_cmp_ps_mask(a, limit, _CMP_NLT_UQ);
+            __m512i start = _mm512_set1_epi64(at);
+            __mmask8 low_mask = (__mmask8)mask, high_mask = (__mmask8)(mask >> 8);
+            int64_t low_count = __builtin_popcount(low_mask);
+            _mm512_storeu_ps(magnitude + found, _mm512_maskz_compress_ps(mask, a));
+            _mm512_storeu_si512((void *)(index + found), _mm512_maskz_compress_epi64(
+                low_mask, _mm512_add_epi64(start, low_lanes)));
+            _mm512_storeu_si512((void *)(index + found + low_count), _mm512_maskz_compress_epi64(
+                high_mask, _mm512_add_epi64(start, high_lanes)));
+            found += __builtin_popcount(mask);
+        }
+    }
+    _mm512_storeu_pd(lane, sum0), _mm512_storeu_pd(lane + 8, sum1);
+    _mm512_storeu_pd(lane + 16, sum2), _mm512_storeu_pd(lane + 24, sum3);
+    found += collect_span_f32(row, i, n, bound, index + found, magnitude + found);
+    for (int j = 0; i < n; i++, j++) lane[j] += fabs((double)row[i]);
+    double sum = 0;
+    for (int j = 0; j < LANES; j++) sum += lane[j];
+    *count = found;
+    return sum;
+#endif
+}
+
 /* A row's Σ |δ| at or above this is left to the caller's own sum (NaN, ±Inf, or a finite row
  * near float32's overflow, where another summation order could round to inf). */
 #define NEAR_OVERFLOW (FLT_MAX / 1.01f)
@@ -516,14 +604,18 @@ static int topk_sums_part(const void *context, int64_t part, int64_t parts, int6
     int64_t end = slice_start(c->rows, part + 1, parts, 1);
     for (int64_t r = first; r < end; r++) {
         const float *row = c->delta + r * n;
-        double sum = row_magnitude(row, n); /* reads the row into the cache for its selection */
+        float *scratch = c->scratch + worker * 2 * n, bound;
+        int64_t *index = c->index_scratch + worker * n, count = 0;
+        /* the sum and the candidates of the sample's bound from one read of the row */
+        double sum = topk_bound_f32(row, n, k, scratch, c->sampled, &bound)
+                         ? row_magnitude_collect(row, n, bound, index, scratch, &count)
+                         : row_magnitude(row, n);
         c->sums[r] = (float)sum;
         c->counts[r] = 0;
         if (!(sum < (double)NEAR_OVERFLOW)) return r < INT_MAX - 1 ? (int)r + 1 : INT_MAX;
         if (sum == 0) continue; /* a zero row keeps nothing */
-        int status = topk_row_f32(row, n, k, c->columns + r * k, c->values + r * k, NULL,
-                                  c->scratch + worker * 2 * n, c->index_scratch + worker * n,
-                                  c->sampled);
+        int status = topk_kept_f32(row, n, k, c->columns + r * k, c->values + r * k, NULL,
+                                   scratch, index, count);
         if (status) return status == 1 ? (int)(r < INT_MAX - 1 ? r + 1 : INT_MAX) : status;
         c->counts[r] = k;
     }
