@@ -177,3 +177,49 @@ def test_native_update_is_sgds_step_on_the_native_gradient(threads):
     torch.testing.assert_close(updated, parameter.detach(), rtol=1e-6, atol=1e-6)
     untouched = (grad == 0).all(1)  # (200,) rows nobody kept
     assert untouched.any() and torch.equal(updated[untouched], weight[untouched])
+
+
+class SharedWeights(nn.Module):
+    """A Linear weight used twice: the layer called twice, two layers tied to it, or the
+    layer and an ``F.linear`` of its weight."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.first, self.head = kind, nn.Linear(16, 16), nn.Linear(16, 3)
+        self.second = nn.Linear(16, 16) if kind == "tied" else self.first
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        if self.kind == "functional":
+            return self.head(hidden + nn.functional.linear(hidden, self.first.weight))
+        return self.head(torch.relu(self.second(hidden)))
+
+
+@pytest.mark.parametrize("kind", ["called-twice", "tied", "functional"])
+@pytest.mark.parametrize("policy", ["topk", "tinypropv2"])
+def test_a_weight_of_two_calls_steps_as_sgd_with_momentum(policy, kind):
+    """A weight used twice in a step (one Linear called twice, tied weights, an ``F.linear``
+    of it) had its sparse call's update fused and the other use's gradient stepped by the
+    optimizer: with momentum that step took the buffer the fused update had just written
+    (SGD's buffer then held momentum · g_1 + g_2 + g_1 after the first step), 1e-2 off after
+    4 steps, silently. Such a weight now steps through the optimizer: SGD's weights and
+    buffers."""
+    models, optimizers = [], []
+    for fused in (False, True):
+        model = tinyprop.apply(SharedWeights(kind), tinyprop.TinyPropConfig(policy, ratio=0.3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(16, 16, generator=generator)
+            y = torch.randint(0, 3, (16,), generator=generator)
+            loss_fn = nn.CrossEntropyLoss(reduction="none")
+            tinyprop.train_step(model, x, y, loss_fn, optimizer, fused_update=fused)
+        models.append(model)
+        optimizers.append(optimizer)
+    (plain, fused), (plain_optimizer, fused_optimizer) = models, optimizers
+    for (name, expected), actual in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.equal(actual, expected), name
+        buffer = fused_optimizer.state[actual]["momentum_buffer"]
+        assert torch.equal(buffer, plain_optimizer.state[expected]["momentum_buffer"]), name

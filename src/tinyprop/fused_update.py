@@ -21,14 +21,17 @@ Only where that is exactly SGD's update: ``torch.optim.SGD`` without weight deca
 ``maximize``, not ``differentiable`` or ``fused``, a float learning rate and no optimizer
 hooks; a float32, contiguous CPU weight of a sparse ``nn.Linear``, without gradient hooks, whose
 momentum buffer (if the optimizer holds one) is float32 and contiguous, updated by its native
-kernel (2-D input); a weight gradient the bound of ``StepContext.prove_finite`` proves finite.
-Every other parameter (biases, other layers, the rest of a second call) steps through the
-optimizer.
+kernel (2-D input); a weight gradient the bound of ``StepContext.prove_finite`` proves finite;
+a weight of one call in the step's forward. Every other parameter (biases, other layers, a
+weight two calls use: a layer called twice, tied weights) steps through the optimizer; so does
+a weight that also gets a gradient from elsewhere (``F.linear`` of it, an embedding tied to
+it), its fused part added to that gradient (:func:`fold_into_gradients`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -54,6 +57,14 @@ def fusable_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
             )
         return {}
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    # calls of each weight in the step's forward: a weight of two calls (a layer called twice,
+    # tied weights) steps through the optimizer, whose momentum would otherwise take the
+    # buffer the first call's fused update had just written (momentum counted twice)
+    calls = Counter(
+        id(getattr(state.layers[call.layer_index][1], "weight", None))
+        for forward_pass in state.pending
+        for call in forward_pass.calls
+    )
     weights = {}
     for _, layer in state.layers:
         weight = getattr(layer, "weight", None)
@@ -62,6 +73,7 @@ def fusable_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
             and not layer.transposed_weight
             and isinstance(weight, nn.Parameter)
             and id(weight) in in_optimizer
+            and calls[id(weight)] <= 1
             and weight.requires_grad
             and weight.dtype == torch.float32
             and weight.device.type == "cpu"
@@ -103,6 +115,27 @@ def _buffer_fits(optimizer: torch.optim.Optimizer, weight: nn.Parameter) -> bool
         and buffer.is_contiguous()
         and buffer.shape == weight.shape
     )
+
+
+def fold_into_gradients(step) -> None:
+    """Before the optimizer's step: a deferred update whose weight got a gradient from
+    elsewhere too (the weight used outside its sparse layer: ``F.linear`` of it, an embedding
+    tied to it) is added to that gradient instead, ``.grad += W'``, so that the optimizer steps
+    the weight once, on its whole gradient (fused, SGD's momentum took the buffer twice)."""
+    deferred = []
+    for weight, x, row_start, column, value in step.deferred_updates:
+        gradient = weight.grad
+        if gradient is None:
+            deferred.append((weight, x, row_start, column, value))
+            continue
+        if not (
+            gradient.layout == torch.strided
+            and gradient.dtype == torch.float32
+            and gradient.is_contiguous()
+        ):
+            gradient = weight.grad = gradient.to_dense().float().contiguous()
+        native.linear_update(x, gradient, row_start, column, value, 1.0)  # .grad += W'
+    step.deferred_updates = deferred
 
 
 def apply_updates(step, optimizer: torch.optim.Optimizer) -> None:

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tinyprop.fused_update import apply_updates, fusable_weights
+from tinyprop.fused_update import apply_updates, fold_into_gradients, fusable_weights
 from tinyprop.model import state_of, unwrap
 from tinyprop.step import (
     StepStats,
@@ -105,6 +105,7 @@ def train_step(
         dist.all_reduce(count)
         trained = int(count)
     if trained:
+        fold_into_gradients(step)  # a fused weight with a gradient from elsewhere too
         optimizer.step()
         apply_updates(step, optimizer)
         stats.stepped = True
