@@ -200,6 +200,24 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
             if (!(got == sum || (isnan(got) && isnan(sum)))) status = 1;
         }
     }
+    /* grad_weight row j: the samples that kept j in ascending order, one term at a time from
+     * zero (whole tiles two at a time or one: the same sums either way) */
+    for (int64_t j = 0; status == 0 && j < n; j++) {
+        for (int64_t i = 0; i < m; i++) {
+            float sum = 0.0f;
+            for (int64_t s = 0; s < batch; s++)
+                for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
+                    if (column[e] != j) continue;
+#if defined(__AVX512F__) && defined(__GNUC__)
+                    sum = fmaf(value[e], x[s * m + i], sum);
+#else
+                    sum += value[e] * x[s * m + i];
+#endif
+                }
+            float got = grad_weight[j * m + i];
+            if (!(got == sum || (isnan(got) && isnan(sum)))) status = 1;
+        }
+    }
     /* the fused SGD update: weight += -lr · grad_weight, the same sums (exactly, as the
      * kernel's sums run in the same order) */
     float *updated = malloc(sizeof(float) * n * m);
@@ -570,8 +588,9 @@ int main(int argc, char **argv) {
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_linear(1 + rand() % 6, trial % 8 == 1 ? 513 + rand() % 1200
                                          : 1 + rand() % (trial % 4 ? 40 : 300),
-                         1 + rand() % 150, 1 + rand() % 4))
-            return 1; /* up to 300 outputs: several tiles; over 512: blocks of 512 rows */
+                         trial % 8 == 3 ? 513 + rand() % 800 : 1 + rand() % 150, 1 + rand() % 4))
+            return 1; /* up to 300 outputs: several tiles; over 512: blocks of 512 rows; over
+                       * 512 inputs: parts of several tiles (grad_weight two tiles at a time) */
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_conv(1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)

@@ -719,6 +719,44 @@ static void tile_sum(float *restrict out, const float *restrict source, int64_t 
 #endif
 }
 
+/* tile_sum of two whole tiles side by side (out[i] for i in [0, 2 TILE)), from zero, with no
+ * origin: the same sums, rounded alike, with twice the independent sums per term, so that a
+ * few terms (a weight gradient row's handful of samples) keep the multiply-adds busy instead
+ * of waiting on each other. */
+static void two_tile_sum(float *restrict out, const float *restrict source, int64_t stride,
+                         const int64_t *index, const float *value, int64_t count, int stream) {
+#if defined(__AVX512F__) && defined(__GNUC__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+    __m512 a7 = a0;
+    for (int64_t t = 0; t < count; t++) {
+        const float *row = source + index[t] * stride;
+        __m512 v = _mm512_set1_ps(value[t]);
+        a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row), a0);
+        a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 16), a1);
+        a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 32), a2);
+        a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 48), a3);
+        a4 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 64), a4);
+        a5 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 80), a5);
+        a6 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 96), a6);
+        a7 = _mm512_fmadd_ps(v, _mm512_loadu_ps(row + 112), a7);
+    }
+    if (stream && ((uintptr_t)out & 63) == 0) {
+        _mm512_stream_ps(out, a0), _mm512_stream_ps(out + 16, a1);
+        _mm512_stream_ps(out + 32, a2), _mm512_stream_ps(out + 48, a3);
+        _mm512_stream_ps(out + 64, a4), _mm512_stream_ps(out + 80, a5);
+        _mm512_stream_ps(out + 96, a6), _mm512_stream_ps(out + 112, a7);
+        return;
+    }
+    _mm512_storeu_ps(out, a0), _mm512_storeu_ps(out + 16, a1);
+    _mm512_storeu_ps(out + 32, a2), _mm512_storeu_ps(out + 48, a3);
+    _mm512_storeu_ps(out + 64, a4), _mm512_storeu_ps(out + 80, a5);
+    _mm512_storeu_ps(out + 96, a6), _mm512_storeu_ps(out + 112, a7);
+#else
+    tile_sum(out, source, stride, 0, TILE, index, value, count, 0, stream);
+    tile_sum(out + TILE, source + TILE, stride, 0, TILE, index, value, count, 0, stream);
+#endif
+}
+
 /* out[i] += v · row[i] for i in [0, width): the step tile_sum takes per term, rounded as it
  * rounds it (a fused multiply-add with AVX-512, the same C expression without). */
 static void row_add(float *restrict out, const float *restrict row, int64_t width, float v) {
@@ -868,8 +906,8 @@ static void input_by_strips(const linear_call *c, int64_t first, int64_t end, in
 
 /* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. Row by
  * row (each row's tiles written one after the other, not a row of the weight apart), each tile
- * of grad_weight row j sums the x rows of the samples that kept j; then grad_input's columns
- * (see input_by_rows, input_by_strips). */
+ * of grad_weight row j sums the x rows of the samples that kept j (two tiles at a time while
+ * two are left); then grad_input's columns (see input_by_rows, input_by_strips). */
 static int linear_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     const linear_call *c = context;
     int64_t m = c->m, tiles = (m + TILE - 1) / TILE;
@@ -877,13 +915,18 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
     int64_t end = slice_start(tiles, part + 1, parts, 1) * TILE;
     if (end > m) end = m;
     if (c->grad_weight) {
-        for (int64_t j = 0; j < c->n; j++)
-            for (int64_t at = first; at < end; at += TILE) {
-                int64_t start = c->column_start[j], width = end - at < TILE ? end - at : TILE;
-                tile_sum(c->grad_weight + j * m + at, c->x + at, m, 0, width,
-                         c->by_column_sample + start, c->by_column_value + start,
-                         c->column_start[j + 1] - start, 0, c->stream);
-            }
+        for (int64_t j = 0; j < c->n; j++) {
+            int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
+            const int64_t *sample = c->by_column_sample + start;
+            const float *value = c->by_column_value + start;
+            int64_t at = first;
+            for (; end - at >= 2 * TILE; at += 2 * TILE)
+                two_tile_sum(c->grad_weight + j * m + at, c->x + at, m, sample, value, count,
+                             c->stream);
+            for (; at < end; at += TILE)
+                tile_sum(c->grad_weight + j * m + at, c->x + at, m, 0,
+                         end - at < TILE ? end - at : TILE, sample, value, count, 0, c->stream);
+        }
     }
     if (c->grad_input && first < end) {
         if (c->strip) input_by_strips(c, first, end, worker);
