@@ -8,14 +8,16 @@ tree, built as tinyprop builds it) and alternated:
 1. ``tp_pooled_topk_f32`` on each fused block's inputs captured in a ``topk`` 0.05 step, the
    caches flushed before each call (as a step's forward leaves them): least and median process
    time per version, and whether both gave the same entries, values and sums bit for bit;
-2. training steps as ``benchmarks/speed.py`` runs them (a fresh model per episode, 25 distinct
-   batches, chunks of 5 steps, the first chunk untimed), the old library, the new one and
+2. training steps (``topk`` 0.05, or ``--policy``) as ``benchmarks/speed.py`` runs them (a
+   fresh model per episode, 25 distinct batches, chunks of 5 steps, the first chunk untimed),
+   the old library, the new one and
    ``full`` taking turns chunk by chunk: per-step time, the paired ratio new / old, and whether
    both ended with the same weights bit for bit.
 
 Run:
     python benchmarks/small_cnn_ab.py --old main
     python benchmarks/small_cnn_ab.py --old HEAD~1 --episodes 12 --threads 2
+    python benchmarks/small_cnn_ab.py --old main --policy tinypropv2
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def pooled_calls(libs: dict, x, y, batch: int, calls: int) -> None:
               f"same output: {same}")  # fmt: skip
 
 
-def steps(libs: dict, x, y, batch: int, episodes: int, threads: int) -> None:
+def steps(libs: dict, x, y, batch: int, episodes: int, threads: int, policy: str) -> None:
     build_model, _, _, policies = MODELS[MODEL]
     clock = time.process_time if threads == 1 else time.perf_counter
     loss = nn.CrossEntropyLoss(reduction="none")
@@ -103,10 +105,10 @@ def steps(libs: dict, x, y, batch: int, episodes: int, threads: int) -> None:
         for episode in range(episodes):
             runs = {}
             for name in times:
-                policy = "full" if name == "full" else "topk 0.05"
+                config = "full" if name == "full" else policy
                 torch.manual_seed(0)
-                model = tinyprop.apply(build_model(), policies[policy])
-                runs[name] = (model, optimizer_for(policy, model))
+                model = tinyprop.apply(build_model(), policies[config])
+                runs[name] = (model, optimizer_for(config, model))
             order = list(times)[episode % 3 :] + list(times)[: episode % 3]
             for chunk in range(5):
                 for name in order:
@@ -129,7 +131,7 @@ def steps(libs: dict, x, y, batch: int, episodes: int, threads: int) -> None:
         native.library = library
     median = {name: statistics.median(t) for name, t in times.items()}
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"], strict=True))
-    print(f"topk 0.05 steps, {threads} thread(s), {episodes} episodes, ms per step (median): "
+    print(f"{policy} steps, {threads} thread(s), {episodes} episodes, ms per step (median): "
           f"old {median['old']:.2f}, new {median['new']:.2f}, full {median['full']:.2f}; "
           f"new / old paired {paired:.3f}; of full: old {median['old'] / median['full']:.3f}, "
           f"new {median['new'] / median['full']:.3f}; same weights: {same}")  # fmt: skip
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=30, help="pooled top-k calls per version")
     parser.add_argument("--episodes", type=int, default=8, help="25-step runs per version")
+    parser.add_argument("--policy", default="topk 0.05", help="the policy of the timed steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -149,7 +152,7 @@ def main() -> None:
     libs = libraries(args.old)
     print(f"load {os.getloadavg()[0]:.1f} at the start")
     pooled_calls(libs, x, y, batch, args.calls)
-    steps(libs, x, y, batch, args.episodes, args.threads)
+    steps(libs, x, y, batch, args.episodes, args.threads, args.policy)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -410,6 +410,22 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
                                   T *values, T *masked, T *scratch, int64_t *index,          \
                                   int64_t count);                                            \
                                                                                              \
+    /* The end p of the shortest prefix row[0:p) that holds `zeros` (>= 1) zero entries, or -1 \
+     * if the row has fewer. Blocks of 64 are counted whole (a loop the compiler vectorizes:  \
+     * entry by entry, the branch on each entry's zeroness was mispredicted about every other \
+     * entry), the block that reaches `zeros` entry by entry. */                             \
+    static int64_t zeros_end_##SUFFIX(const T *row, int64_t n, int64_t zeros) {              \
+        int64_t p = 0, seen = 0;                                                             \
+        for (; p + 64 <= n; p += 64) {                                                       \
+            int64_t block = 0;                                                               \
+            for (int64_t j = 0; j < 64; j++) block += row[p + j] == 0;                       \
+            if (seen + block >= zeros) break;                                                \
+            seen += block;                                                                   \
+        }                                                                                    \
+        for (; p < n && seen < zeros; p++) seen += row[p] == 0;                              \
+        return seen == zeros ? p : -1;                                                       \
+    }                                                                                        \
+                                                                                             \
     /* One row: 0, 1 when it holds NaN or ±Inf, -2 on a broken invariant. */                 \
     static int topk_row_##SUFFIX(const T *row, int64_t n, int64_t k, int64_t *columns,       \
                                  T *values, T *masked, T *scratch, int64_t *index,           \
@@ -439,14 +455,23 @@ static int64_t pack_at_least_f64(const double *magnitude, int64_t *index, int64_
             room -= magnitude[c] > threshold, ties += magnitude[c] == threshold;             \
         if (masked) memset(masked, 0, (size_t)n * sizeof(T));                                \
         int64_t written = 0;                                                                 \
-        if (threshold == 0) { /* every non-zero entry, then the first zeros */               \
-            for (int64_t i = 0; i < n && written < k; i++) {                                 \
-                if (row[i] != 0 || room-- > 0) {                                             \
-                    if (columns) columns[written] = i;                                       \
-                    if (values) values[written] = row[i];                                    \
-                    if (masked) masked[i] = row[i];                                          \
-                    written++;                                                               \
-                }                                                                            \
+        if (threshold == 0) { /* every non-zero entry (the candidates), then the first zeros: \
+                               * the whole prefix row[0:p) that holds `room` zeros, then the   \
+                               * candidates from p on (the p - room candidates below p are in  \
+                               * the prefix) */                                                \
+            int64_t p = zeros_end_##SUFFIX(row, n, room);                                    \
+            if (p < 0 || p - room > count) return -2;                                        \
+            for (int64_t i = 0; i < p; i++) {                                                \
+                if (columns) columns[i] = i;                                                 \
+                if (values) values[i] = row[i];                                              \
+            }                                                                                \
+            if (masked) memcpy(masked, row, (size_t)p * sizeof(T));                          \
+            written = p;                                                                     \
+            for (int64_t c = p - room; c < count && written < k; c++, written++) {           \
+                int64_t i = index[c];                                                        \
+                if (columns) columns[written] = i;                                           \
+                if (values) values[written] = row[i];                                        \
+                if (masked) masked[i] = row[i];                                              \
             }                                                                                \
         } else { /* the kept candidates packed to index[0:written] in place */              \
             if (ties <= room) { /* every tie fits: every candidate >= threshold is kept */   \
