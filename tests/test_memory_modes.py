@@ -13,7 +13,7 @@ import torch
 
 import tinyprop
 from tinyprop import models
-from tinyprop.export import MemoryMode, export_c, footprint
+from tinyprop.export import MemoryMode, export_c, fold_batch_norm, footprint
 from tinyprop.export.cli import main as export_main
 from tinyprop.export.runtime import OptimizerSpec, RuntimeModel
 from tinyprop.memory import MODES, TrainingMode, freeze
@@ -273,3 +273,24 @@ def test_a_mode_that_trains_a_frozen_parameter_is_refused(tmp_path):
         footprint(middle, (6,), config)
     with pytest.raises(ValueError, match="every Linear/Conv layer of the model is frozen"):
         footprint(frozen_mlp().requires_grad_(False), (6,), config)
+
+
+def test_a_frozen_layer_and_norm_stay_frozen_after_folding():
+    """fold_batch_norm gave the folded bias requires_grad=True whatever the layer and the
+    BatchNorm had: a frozen Conv + BatchNorm became a layer training its bias alone, and the
+    export trained it. Now the folded bias trains only when the layer's bias or the norm's
+    affine parameters do."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(24, 3),
+    ).eval()  # fmt: skip
+    net[0].requires_grad_(False)
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    # the norm trains: the folded bias trains alone (4), beside the Linear (24 · 3 + 3)
+    assert footprint(fold_batch_norm(net), (2, 8), config).trained_parameters == 4 + 24 * 3 + 3
+    net[1].requires_grad_(False)  # the norm frozen too: the folded layer trains nothing
+    assert footprint(fold_batch_norm(net), (2, 8), config) == footprint(
+        fold_batch_norm(net), (2, 8), config, mode=MemoryMode(1)
+    )
+    assert not any(p.requires_grad for p in fold_batch_norm(net)[0].parameters())

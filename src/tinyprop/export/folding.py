@@ -88,8 +88,13 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
                 path, norm, "the folded weight or bias is NaN or infinite (a negative or NaN "
                 "running_var, or NaN statistics); check the BatchNorm's buffers"
             )  # fmt: skip
+        # the folded bias trains when the layer's bias or the norm's affine parameters do
+        # (a frozen layer and norm stay frozen: tinyprop.export.frozen reads requires_grad)
+        trains = any(
+            p is not None and p.requires_grad for p in (layer.bias, norm.weight, norm.bias)
+        )
         layer.weight = nn.Parameter(weight.detach(), requires_grad=layer.weight.requires_grad)
-        layer.bias = nn.Parameter(bias.detach())
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=trains)
         parent_path, _, name = path.rpartition(".")
         parent = folded.get_submodule(parent_path) if parent_path else folded
         setattr(parent, name, nn.Identity())
