@@ -91,3 +91,38 @@ def test_a_compiled_applied_model_trains_as_plain_pytorch_and_pickles(tmp_path):
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
     stats = tinyprop.train_step(loaded, x, y, LOSS, torch.optim.SGD(loaded.parameters(), lr=0.1))
     assert stats.trained == 8
+
+
+def test_unwrap_finds_a_compiled_module_wherever_the_wrapper_holds_it():
+    """unwrap looks ``_orig_mod`` up without hasattr's AttributeError on plain modules: the
+    compiled module inside torch.compile's wrapper, inside DataParallel, held as a plain
+    attribute, or reached through a wrapper's own ``__getattr__`` (as before); a plain module,
+    or one whose ``_orig_mod`` is not a module, is its own."""
+    from tinyprop.model import state_of, unwrap
+
+    model = tinyprop.apply(nn.Sequential(nn.Linear(4, 2)), tinyprop.TinyPropConfig())
+    compiled = torch.compile(model, backend="aot_eager")
+
+    class Forwarding(nn.Module):  # a wrapper forwarding unknown attributes (peft-style)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    class Held(nn.Module):
+        pass
+
+    held, not_a_module = Held(), Held()
+    object.__setattr__(held, "_orig_mod", model)  # in __dict__, not a submodule
+    not_a_module._orig_mod = 3
+    assert unwrap(compiled) is model and unwrap(nn.DataParallel(compiled)) is model
+    assert unwrap(Forwarding(compiled)) is model and unwrap(held) is model
+    assert unwrap(model) is model and unwrap(not_a_module) is not_a_module
+    assert state_of(compiled) is state_of(model)
+    with pytest.raises(ValueError, match="does not have tinyprop applied"):
+        state_of(nn.Linear(2, 2))

@@ -181,9 +181,10 @@ def is_tinyprop(model: nn.Module) -> bool:
 
 def state_of(model: nn.Module) -> TinyPropState:
     """The shared state of an applied model; a clear error when tinyprop is not applied."""
-    if not is_tinyprop(model):
+    state = getattr(unwrap(model), _STATE, None)  # one unwrap (is_tinyprop's test, inline)
+    if not isinstance(state, TinyPropState):
         raise ValueError("model does not have tinyprop applied; call tinyprop.apply(model, config)")
-    return getattr(unwrap(model), _STATE)
+    return state
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -191,10 +192,28 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
+            continue
+        inner = _compiled_module(model)
+        if inner is None:
             return model
+        model = inner
+
+
+def _compiled_module(model) -> nn.Module | None:
+    """torch.compile's module inside its wrapper (``_orig_mod``), else None. A module with
+    nn.Module's own attribute lookup holds it in ``_modules`` or ``__dict__``: looked up there,
+    without the AttributeError (and its message) that ``hasattr`` costs on every other module,
+    every step; others (a ``__getattr__`` of their own) are asked as before."""
+    if isinstance(model, nn.Module) and type(model).__getattr__ is nn.Module.__getattr__:
+        inner = model.__dict__.get("_orig_mod")
+        if inner is None:
+            found = hasattr(type(model), "_orig_mod")  # a class attribute, else a submodule
+            inner = model._orig_mod if found else model._modules.get("_orig_mod")
+    elif hasattr(model, "_orig_mod"):
+        inner = model._orig_mod
+    else:
+        return None
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _open_forward_pass(model: nn.Module, args, kwargs) -> None:

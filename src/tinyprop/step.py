@@ -873,9 +873,10 @@ def _check_full_losses_reach_the_model(module: nn.Module, losses: Tensor, passes
     calls = [call for forward_pass in passes for call in forward_pass.calls]
     if calls and not any(call.weight_trainable or call.input_requires_grad for call in calls):
         return  # every sparse layer frozen on an input without a gradient: nothing to check
-    parameters = {id(p) for p in module.parameters() if p.requires_grad}
-    for forward_pass in passes:  # functional_call's weights
-        parameters |= forward_pass.dense_weights
+    trained = set().union(*(forward_pass.dense_weights for forward_pass in passes))
+    if calls and trained and _reaches_a_parameter(losses.grad_fn, trained):
+        return  # the weights the layer calls trained are among the parameters looked for
+    parameters = {id(p) for p in module.parameters() if p.requires_grad} | trained
     if calls and not parameters:
         return  # the inputs alone need the gradient
     if calls and _reaches_a_parameter(losses.grad_fn, parameters):
