@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import tempfile
-import time
-from pathlib import Path
 
 import torch
-from kernel_ab import alternate, compiled, identical, source_at, summary
+from kernel_ab import compare_rounds, summary
 from layer_kernels import captured_calls
 from speed import MODELS
 
@@ -103,7 +100,6 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old_source = source_at(args.old)
     calls, _ = captured_calls(args.model)
     layers = [
         kernel_inputs(call, args.threads, args.gradients)
@@ -111,26 +107,10 @@ def main() -> None:
         if call[0].__class__.__name__ == "ConvPatches"
         and call[0].one_channel_per_group == (args.kind == "depthwise")
     ]
-    flush = torch.zeros(1 << 24)  # 64 MB
-    with tempfile.TemporaryDirectory() as folder:
-        versions = {
-            "old": compiled(old_source, Path(folder), "old"),
-            "new": compiled(source_at(None), Path(folder), "new"),
-        }
-
-        # one thread: its process time (a wait for a core counts nothing); more: wall time
-        clock = time.process_time if args.threads == 1 else time.perf_counter
-
-        def round_of(name: str) -> float:
-            flush.add_(1.0)
-            start = clock()
-            for inputs in layers:
-                run(versions[name], inputs, args.threads)
-            return clock() - start
-
-        gradients = [inputs[key] for inputs in layers for key in ("grad_weight", "grad_input")]
-        same = identical(round_of, lambda: gradients)  # the same gradients bit for bit
-        times = alternate(round_of, args.rounds)
+    gradients = [inputs[key] for inputs in layers for key in ("grad_weight", "grad_input")]
+    same, times = compare_rounds(  # same: the same gradients bit for bit
+        args.old, run, layers, args.threads, args.rounds, lambda: gradients
+    )
     heading = (
         f"{args.model}: {len(layers)} {args.kind} convolution(s), {args.gradients} "
         f"gradient(s), {args.threads} thread(s), {args.rounds} rounds each (ms per round):"

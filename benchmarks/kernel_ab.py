@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import statistics
 import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +66,39 @@ def alternate(call: Callable[[str], float], rounds: int) -> dict[str, list[float
             if index:  # the first round warms up
                 times[name].append(1e3 * seconds)
     return times
+
+
+def compare_rounds(
+    revision: str,
+    run: Callable[[ctypes.CDLL, dict, int], None],
+    layers: list[dict],
+    threads: int,
+    rounds: int,
+    outputs: Callable[[], list],
+) -> tuple[bool, dict[str, list[float]]]:
+    """``kernels.c`` at ``revision`` ("old") against the working tree's ("new"): a round runs
+    ``run(library, inputs, threads)`` for every captured call's ``inputs`` in ``layers``, the
+    caches flushed first (as a step's forward leaves them). Returns whether one round of each
+    left the same ``outputs()`` bit for bit, and the milliseconds of ``rounds`` alternated
+    rounds; one thread is timed by process time (a wait for a core counts nothing), more by
+    wall time."""
+    old_source = source_at(revision)
+    flush = torch.zeros(1 << 24)  # 64 MB
+    clock = time.process_time if threads == 1 else time.perf_counter
+    with tempfile.TemporaryDirectory() as folder:
+        versions = {
+            "old": compiled(old_source, Path(folder), "old"),
+            "new": compiled(source_at(None), Path(folder), "new"),
+        }
+
+        def round_of(name: str) -> float:
+            flush.add_(1.0)
+            start = clock()
+            for inputs in layers:
+                run(versions[name], inputs, threads)
+            return clock() - start
+
+        return identical(round_of, outputs), alternate(round_of, rounds)
 
 
 def summary(

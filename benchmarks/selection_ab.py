@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import tempfile
-import time
-from pathlib import Path
 
 import torch
-from kernel_ab import alternate, compiled, identical, source_at, summary
+from kernel_ab import compare_rounds, summary
 from layer_kernels import captured_calls
 from speed import MODELS
 
@@ -66,31 +63,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100, help="rounds of each version")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old_source = source_at(args.old)
     calls, _ = captured_calls(args.model)
     layers = []
     for _, _, _, _, flat, keep, *_ in calls:  # the selections the native path runs
         k = int(keep[0])
         if flat.shape[1] > 1 and bool((keep == k).all()) and 1 <= k <= flat.shape[1]:
             layers.append(selection_inputs(flat, k, args.threads))
-    flush = torch.zeros(1 << 24)  # 64 MB
-    with tempfile.TemporaryDirectory() as folder:
-        versions = {
-            "old": compiled(old_source, Path(folder), "old"),
-            "new": compiled(source_at(None), Path(folder), "new"),
-        }
-        clock = time.process_time if args.threads == 1 else time.perf_counter
-
-        def round_of(name: str) -> float:
-            flush.add_(1.0)
-            start = clock()
-            for inputs in layers:
-                run(versions[name], inputs, args.threads)
-            return clock() - start
-
-        keys = ("sums", "row_start", "columns", "values")
-        same = identical(round_of, lambda: [inputs[key] for inputs in layers for key in keys])
-        times = alternate(round_of, args.rounds)
+    keys = ("sums", "row_start", "columns", "values")
+    same, times = compare_rounds(
+        args.old, run, layers, args.threads, args.rounds,
+        lambda: [inputs[key] for inputs in layers for key in keys],
+    )  # fmt: skip
     kept = sum(math.prod(inputs["columns"].shape) for inputs in layers)
     heading = (
         f"{args.model}: {len(layers)} selections ({kept} slots), {args.threads} thread(s), "
