@@ -430,3 +430,29 @@ def test_checkpoint_of_another_policy_loads_its_weights_and_maxima(saved, loaded
         partial.setdefault("tinyprop_budget_steps", torch.tensor(1))
         with pytest.raises(RuntimeError, match="tinyprop_budget_spent"):
             target.load_state_dict(partial)
+
+
+def test_input_gradients_for_saliency_are_exact_on_a_removed_copy_and_sparse_on_the_model():
+    """A saliency map or an adversarial example (FGSM) needs the exact input gradient. Through
+    the applied model, torch.autograd.grad runs the sparse layers (k entries per row, the
+    running state moved), as docs/models-and-loops.md says; tinyprop.remove on a deep copy
+    gives plain PyTorch's gradient and leaves the training model's state as it was."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
+    )
+    model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(policy="tinyprop"))
+    x, y = torch.randn(8, 20), torch.randint(0, 3, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay plain's
+    tinyprop.train_step(model, x, y, nn.CrossEntropyLoss(reduction="none"), optimizer)
+    before = copy.deepcopy(model.state_dict())
+    probe = x.clone().requires_grad_()
+    exact = torch.autograd.grad(F.cross_entropy(plain(probe), y), probe)[0]
+
+    copied = tinyprop.remove(copy.deepcopy(model))
+    assert torch.equal(torch.autograd.grad(F.cross_entropy(copied(probe), y), probe)[0], exact)
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)  # the model untouched
+
+    sparse = torch.autograd.grad(F.cross_entropy(model(probe), y), probe)[0]
+    assert not torch.allclose(sparse, exact)  # the documented behaviour: sparse, not exact
