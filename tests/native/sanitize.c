@@ -164,6 +164,17 @@ static int64_t kept_entries(int64_t batch, int64_t n, int64_t *row_start, int64_
     return nnz;
 }
 
+/* Each sample's kept entries (CSR) in reverse order, in place. */
+static void reverse_each_sample(int64_t batch, const int64_t *row_start, int64_t *column,
+                                float *value) {
+    for (int64_t s = 0; s < batch; s++)
+        for (int64_t a = row_start[s], b = row_start[s + 1] - 1; a < b; a++, b--) {
+            int64_t c = column[a];
+            float v = value[a];
+            column[a] = column[b], value[a] = value[b], column[b] = c, value[b] = v;
+        }
+}
+
 static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     int kind = rand() % 5; /* NaN and ±Inf flow into the gradients, nothing else */
     float *x = malloc(sizeof(float) * batch * m), *weight = malloc(sizeof(float) * n * m);
@@ -288,12 +299,7 @@ static int check_conv(int64_t threads) {
     float *value;
     kept_entries(batch, n, row_start, &column, &value, kind);
     if (rand() % 2) /* each sample's entries in descending order: the kernel's unsorted path */
-        for (int64_t s = 0; s < batch; s++)
-            for (int64_t a = row_start[s], b = row_start[s + 1] - 1; a < b; a++, b--) {
-                int64_t c = column[a];
-                float v = value[a];
-                column[a] = column[b], value[a] = value[b], column[b] = c, value[b] = v;
-            }
+        reverse_each_sample(batch, row_start, column, value);
     float *grad_weight = malloc(sizeof(float) * cout * kh * kw * cg);
     float *grad_input = malloc(sizeof(float) * batch * in_h * in_w * cin);
     int status = tp_conv_backward_f32(x, weight, shape, row_start, column, value, grad_weight,
@@ -370,12 +376,7 @@ static int check_plane_conv(int64_t threads) {
     float *value;
     kept_entries(batch, n, row_start, &column, &value, kind);
     if (rand() % 2) /* each sample's entries in descending order: the kernel's unsorted path */
-        for (int64_t s = 0; s < batch; s++)
-            for (int64_t a = row_start[s], b = row_start[s + 1] - 1; a < b; a++, b--) {
-                int64_t c = column[a];
-                float v = value[a];
-                column[a] = column[b], value[a] = value[b], column[b] = c, value[b] = v;
-            }
+        reverse_each_sample(batch, row_start, column, value);
     float *grad_weight = malloc(sizeof(float) * cout * kh * kw);
     float *grad_input = malloc(sizeof(float) * batch * groups * in_h * in_w);
     int status = tp_plane_conv_backward_f32(x, weight, shape, row_start, column, value,
