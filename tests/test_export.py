@@ -192,6 +192,37 @@ def test_export_rejects_randomk_and_bad_samples(tmp_path):
         export_c(nn.Sequential(nn.Conv2d(1, 2, 3)), tinyprop.TinyPropConfig(), tmp_path)
 
 
+# settings the runtime would run as another algorithm -> what the refusal names
+OTHER_ALGORITHMS = {
+    "skip_zero_entries": ({"policy": "topk", "skip_zero_entries": True}, "skip_zero_entries=False"),
+    "unified": ({"policy": "topk", "unified": True}, "unified=False"),
+    "dense_output_layer": ({"dense_output_layer": True}, "dense_output_layer=False"),
+    "dense_small_layers": ({"dense_small_layers": True}, "dense_small_layers=False"),
+    "mean_over_trained": ({"mean_over_trained": True}, "mean_over_trained=False"),
+    "running_max_per_batch": ({"running_max_per_batch": True}, "running_max_per_batch=False"),
+    "budget": ({"policy": "topk", "budget": 0.3}, "without budget"),
+    "selective_backprop": ({"policy": "selective_backprop"}, "no selective_backprop"),
+    "randomk": ({"policy": "randomk"}, "no randomk policy"),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_ALGORITHMS))
+def test_settings_the_runtime_cannot_run_are_refused_by_export_and_runtime_model(tmp_path, name):
+    """export_c and RuntimeModel (the parity tests' and benchmarks' C model) refuse alike,
+    nothing written: skip_zero_entries caps k at the non-zero entries of δ, which the runtime
+    does not (the same weights, other k and MACs); it was exported silently."""
+    from tinyprop.export.runtime import RuntimeModel
+
+    fields, message = OTHER_ALGORITHMS[name]
+    config = tinyprop.TinyPropConfig(**fields)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=message):
+        export_c(net, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=message):
+        RuntimeModel(net, (4,), config, OptimizerSpec())
+
+
 def test_cli_exports_a_module_and_a_state_dict(tmp_path, capsys):
     net = models.build("har")
     torch.save(net, tmp_path / "har.pt")

@@ -31,7 +31,7 @@ from tinyprop.export.graph import (
     describe,
     inference_bytes,
 )
-from tinyprop.export.runtime import OptimizerSpec, runtime_dir
+from tinyprop.export.runtime import OptimizerSpec, check_config, runtime_dir
 from tinyprop.export.sram import SramEstimate, fitting_modes, mode_flags, sram_estimate
 from tinyprop.memory import MemoryMode
 
@@ -149,27 +149,7 @@ def export_c(
         UnsupportedLayerError: naming the type and path of a layer the runtime cannot run.
         FileExistsError: ``out_dir`` holds files export would overwrite and did not write.
     """
-    if not isinstance(config, TinyPropConfig):
-        raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
-    if config.dense_output_layer or config.dense_small_layers or config.unified:
-        raise ValueError(
-            "the C runtime backpropagates every layer sparsely, k entries chosen per sample; "
-            "export with dense_output_layer=False, dense_small_layers=False, unified=False"
-        )
-    if config.mean_over_trained or config.running_max_per_batch:
-        raise ValueError(
-            "the C runtime averages the loss over the batch and updates Ymax_l after each "
-            "sample; export with mean_over_trained=False, running_max_per_batch=False"
-        )
-    if config.budget is not None or config.policy == "selective_backprop":
-        raise ValueError(
-            "the C runtime has no budget controller and no selective_backprop policy; export "
-            "with fixed settings (full, topk, tinyprop or tinypropv2 without budget)"
-        )
-    if config.policy == "randomk":
-        raise ValueError(
-            "the C runtime has no randomk policy; export with full, topk, tinyprop or tinypropv2"
-        )
+    check_config(config)  # the settings the runtime runs as the library does
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     optimizer = optimizer or OptimizerSpec()

@@ -383,12 +383,47 @@ class OptimizerSpec:
         )
 
 
-def policy_to_c(config: TinyPropConfig) -> PolicyC:
-    """The ``tp_policy_config`` struct of a :class:`TinyPropConfig`."""
+def check_config(config: TinyPropConfig) -> None:
+    """Refuse, naming the setting and what to export with, a :class:`TinyPropConfig` the
+    runtime would run as another algorithm than the library's ``train_step``.
+
+    The runtime backpropagates every layer sparsely with k entries chosen per sample among all
+    of δ (zeros too), averages the loss over the batch and updates Ymax_l after each sample.
+    """
+    if not isinstance(config, TinyPropConfig):
+        raise TypeError(f"config must be a TinyPropConfig, got {type(config).__name__}")
+    if config.budget is not None or config.policy == "selective_backprop":
+        raise ValueError(
+            "the C runtime has no budget controller and no selective_backprop policy; export "
+            "with fixed settings (full, topk, tinyprop or tinypropv2 without budget)"
+        )
     if config.policy not in POLICY_CODES:
         raise ValueError(
-            f"the C runtime offers the policies {list(POLICY_CODES)}, not {config.policy!r}"
+            f"the C runtime has no {config.policy} policy; export with one of "
+            f"{', '.join(POLICY_CODES)}"
         )
+    if config.dense_output_layer or config.dense_small_layers or config.unified:
+        raise ValueError(
+            "the C runtime backpropagates every layer sparsely, k entries chosen per sample; "
+            "export with dense_output_layer=False, dense_small_layers=False, unified=False"
+        )
+    if config.mean_over_trained or config.running_max_per_batch:
+        raise ValueError(
+            "the C runtime averages the loss over the batch and updates Ymax_l after each "
+            "sample; export with mean_over_trained=False, running_max_per_batch=False"
+        )
+    if config.skip_zero_entries:
+        raise ValueError(
+            "the C runtime chooses k entries of δ among all of them, zeros too, and counts their "
+            "MACs; skip_zero_entries=True caps k at the non-zero entries, which gives the same "
+            "weights but other k and MAC counts: export with skip_zero_entries=False"
+        )
+
+
+def policy_to_c(config: TinyPropConfig) -> PolicyC:
+    """The ``tp_policy_config`` struct of a :class:`TinyPropConfig` (checked by
+    :func:`check_config`)."""
+    check_config(config)
     return PolicyC(
         POLICY_CODES[config.policy],
         config.s_min,
