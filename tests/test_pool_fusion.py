@@ -149,14 +149,30 @@ def test_fused_pool_backward_equals_the_modules_own(name, ties, threads, batch):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "shape, kernel, stride",
-    [((5, 3, 9, 11), 2, None), ((3, 5, 7, 8), (2, 3), (2, 3)), ((2, 9, 12, 12), 3, 3)],
-    ids=["2x2 odd sides", "2x3", "3x3"],
+    [
+        ((5, 3, 9, 11), 2, None),
+        ((2, 3, 6, 37), 2, None),  # 18 windows a row: a block of 16, then 2
+        ((3, 5, 7, 8), (2, 3), (2, 3)),
+        ((2, 9, 12, 12), 3, 3),
+    ],
+    ids=["2x2 odd sides", "2x2 wide", "2x3", "3x3"],
 )
-def test_the_fused_pool_forward_gives_the_plain_pooling(threads, shape, kernel, stride):
-    """The fused node's pooling (PyTorch's kernel on a channels-last copy) against the
-    module's own on contiguous input: the same maxima and window indices bit for bit, with
-    NaN, +inf, ties and all-zero windows (each window's first maximum, its last NaN), and
-    contiguous, as the module returns them."""
+@pytest.mark.parametrize(
+    "forward",
+    [
+        pool_fusion.pool_forward,
+        pool_fusion.channels_last_pool,
+        lambda relu, pool: native.max_pool(relu, pool_fusion._pair(pool.kernel_size)),
+    ],
+    ids=["pool_forward", "channels_last_pool", "native max_pool"],
+)
+def test_the_fused_pool_forward_gives_the_plain_pooling(
+    threads, shape, kernel, stride, forward, monkeypatch
+):
+    """The fused node's pooling (the native kernel's, or PyTorch's kernel on a channels-last
+    copy) against the module's own on contiguous input: the same maxima and window indices
+    bit for bit, with NaN, +inf, ties and all-zero windows (each window's first maximum, its
+    last NaN), and contiguous, as the module returns them."""
     generator = torch.Generator().manual_seed(11)
     y = quantized(*shape, generator=generator)  # ties and zero windows behind the ReLU
     y[0] = torch.randn(shape[1:], generator=generator)
@@ -164,15 +180,27 @@ def test_the_fused_pool_forward_gives_the_plain_pooling(threads, shape, kernel, 
     y[-1, -1] = float("nan")
     relu = torch.relu(y)
     pool = nn.MaxPool2d(kernel, stride)
+    monkeypatch.setattr(native, "LAYOUT_GRAIN", 1)  # split even these small inputs
     torch.set_num_threads(threads)
     try:
         expected = nn.functional.max_pool2d_with_indices(relu, pool.kernel_size, pool.stride)
-        pooled, indices = pool_fusion.channels_last_pool(relu, pool)
+        pooled, indices = forward(relu, pool)
     finally:
         torch.set_num_threads(1)
     assert pooled.is_contiguous() and indices.is_contiguous()
     assert torch.equal(pooled.view(torch.int32), expected[0].view(torch.int32))
     assert torch.equal(indices, expected[1])
+
+
+@pytest.mark.parametrize(
+    "x, window",
+    [(torch.zeros(3, 4, 4), (2, 2)), (torch.zeros(1, 1, 4, 4, dtype=torch.float64), (2, 2)),
+     (torch.zeros(1, 1, 4, 3), (2, 4)), (torch.zeros(1, 1, 4, 4), (0, 2))],
+    ids=["3-d", "float64", "wider than x", "empty window"],
+)  # fmt: skip
+def test_native_max_pool_names_bad_input(x, window):
+    with pytest.raises(ValueError, match="pass x \\(B, C, H, W\\) float32"):
+        native.max_pool(x, window)
 
 
 def test_relu_unpool_equals_max_pooling_then_relu_backward():

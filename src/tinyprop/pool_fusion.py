@@ -7,8 +7,9 @@ there in two passes over the convolution's whole output (max pooling's backward 
 tensor and scatters the pooled gradient into it; ReLU's backward masks it again). Here the
 pool module of such a block, when its input is exactly the ReLU of a sparse convolution's
 output, runs one autograd node in their place: its forward is the pool's own
-(``max_pool2d_with_indices`` on the ReLU's output, PyTorch's kernel on a channels-last copy:
-the same maxima and indices, several times faster), its backward writes δ
+(``max_pool2d_with_indices`` on the ReLU's output: the native kernel's for 2x2 windows, else
+PyTorch's kernel on a channels-last copy; the same maxima and indices, several times faster
+than PyTorch's kernel on the contiguous output), its backward writes δ
 in one pass from the pooled gradient g, the pooled values z and the window maxima:
 
     δ[argmax of window q] = 0 + g[q] where not z[q] <= 0, and 0 everywhere else,
@@ -93,7 +94,7 @@ class PooledSparseBackprop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu_output: Tensor, pool: nn.MaxPool2d, node) -> Tensor:
-        pooled, indices = channels_last_pool(relu_output, pool)  # (B, C, H', W') each
+        pooled, indices = pool_forward(relu_output, pool)  # (B, C, H', W') each
         ctx.layer, ctx.call, ctx.weight_id = node.layer, node.call, node.weight_id
         ctx.bias_id = node.bias_id
         ctx.bias_dtype, ctx.input_shape = node.bias_dtype, relu_output.shape
@@ -121,6 +122,18 @@ class PooledSparseBackprop(torch.autograd.Function):
         )  # fmt: skip
         grad_input, grad_weight, grad_bias = SparseBackprop.backward(convolution, delta)[:3]
         return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def pool_forward(relu_output: Tensor, pool: nn.MaxPool2d) -> tuple[Tensor, Tensor]:
+    """``F.max_pool2d_with_indices`` of the ReLU's output (B, C, H, W) float32, the same maxima
+    and indices bit for bit, returned contiguous: 2x2 windows by :func:`tinyprop.native.max_pool`
+    where the kernels run them vectorized (the small CNN's first pooling, 128 x 16 x 28 x 28,
+    one thread: 0.3 ms against 1.3 by :func:`channels_last_pool`, 6.3 by PyTorch's own),
+    other windows by :func:`channels_last_pool`."""
+    window = _pair(pool.kernel_size)
+    if window == (2, 2) and native.library().tp_max_pool_2x2_vectorized():
+        return native.max_pool(relu_output, window)
+    return channels_last_pool(relu_output, pool)
 
 
 def channels_last_pool(relu_output: Tensor, pool: nn.MaxPool2d) -> tuple[Tensor, Tensor]:

@@ -42,6 +42,8 @@ int tp_relu_unpool_sums_f32(const float *, const float *, const int64_t *, int64
 int tp_pooled_topk_f32(const float *, const float *, const int64_t *, int64_t, int64_t, int64_t,
                        int64_t, int64_t, int64_t *, float *, double *, float *, float *, float *,
                        int64_t *, int64_t);
+void tp_max_pool_f32(const float *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
+                     int64_t *, int64_t);
 
 static float uniform(void) { return (float)rand() / (float)RAND_MAX - 0.5f; }
 
@@ -578,6 +580,39 @@ static int check_pooled_topk(int64_t threads) {
     return status;
 }
 
+/* Max pooling with non-overlapping windows against PyTorch's rule, window by window: the
+ * entries in row-major order, each taken when greater than the maximum so far (-inf at first,
+ * at the window's first entry) or NaN. 2x2 windows half the time (the vector path, with rows
+ * of up to 40 windows: blocks of 16 and their remainders), odd sides (floor mode). */
+static int check_max_pool(int64_t threads) {
+    int64_t kh = rand() % 2 ? 2 : 1 + rand() % 3, kw = kh == 2 && rand() % 2 ? 2 : 1 + rand() % 3;
+    int64_t planes = 1 + rand() % 12, height = kh * (1 + rand() % 6) + rand() % kh;
+    int64_t width = kw * (1 + rand() % 40) + rand() % kw;
+    int64_t out_h = height / kh, out_w = width / kw, size = planes * height * width;
+    float *in = malloc(sizeof(float) * size), *out = malloc(sizeof(float) * planes * out_h * out_w);
+    int64_t *index = malloc(sizeof(int64_t) * planes * out_h * out_w);
+    int kind = rand() % 5;
+    for (int64_t i = 0; i < size; i++) in[i] = entry(kind);
+    tp_max_pool_f32(in, planes, height, width, kh, kw, out, index, threads);
+    int status = 0;
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t i = 0; i < out_h; i++)
+            for (int64_t j = 0; j < out_w; j++) {
+                float best = -INFINITY;
+                int64_t at = i * kh * width + j * kw;
+                for (int64_t a = 0; a < kh; a++)
+                    for (int64_t b = 0; b < kw; b++) {
+                        int64_t place = (i * kh + a) * width + j * kw + b;
+                        float v = in[p * height * width + place];
+                        if (v > best || isnan(v)) best = v, at = place;
+                    }
+                int64_t q = (p * out_h + i) * out_w + j;
+                status |= memcmp(&out[q], &best, sizeof best) != 0 || index[q] != at;
+            }
+    free(in), free(out), free(index);
+    return status;
+}
+
 /* argv[1]: how many random cases of each kernel (default 2000 top-k, 300 of the others). */
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 2000;
@@ -602,6 +637,8 @@ int main(int argc, char **argv) {
         if (check_unpool(1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_pooled_topk(1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases * 3 / 20; trial++)
+        if (check_max_pool(1 + rand() % 4)) return 1;
     puts("ok");
     return 0;
 }

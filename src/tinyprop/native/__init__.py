@@ -76,6 +76,10 @@ def library() -> ctypes.CDLL | None:
     for name in ("tp_channels_last_f32", "tp_channels_first_f32"):
         getattr(lib, name).argtypes = [_pointer] * 3 + [_int64]
         getattr(lib, name).restype = None
+    lib.tp_max_pool_f32.argtypes = [_pointer] + [_int64] * 5 + [_pointer] * 2 + [_int64]
+    lib.tp_max_pool_f32.restype = None
+    lib.tp_max_pool_2x2_vectorized.argtypes = []
+    lib.tp_max_pool_2x2_vectorized.restype = ctypes.c_int
     return lib
 
 
@@ -590,6 +594,36 @@ def channels_first(grad: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     threads = threads_for(out.numel(), LAYOUT_GRAIN)
     library().tp_channels_first_f32(grad.data_ptr(), shape.data_ptr(), out.data_ptr(), threads)
     return out
+
+
+def max_pool(x: Tensor, kernel: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``F.max_pool2d_with_indices(x, kernel)`` (stride = kernel size, no padding, floor mode)
+    of ``x`` (B, C, H, W) float32, in one pass over the planes as they lie: the same maxima
+    and window indices bit for bit (each window's first maximum, its last NaN; PyTorch's
+    kernel walks each window one entry at a time, this one a window row across a whole
+    output row). Returns ``(pooled (B, C, H / kh, W / kw) float32, indices int64 alike)``."""
+    x = x.detach().contiguous()
+    kernel_h, kernel_w = kernel
+    if (
+        x.dim() != 4
+        or x.dtype != torch.float32
+        or not 1 <= kernel_h <= x.shape[2]
+        or not 1 <= kernel_w <= x.shape[3]
+    ):
+        raise ValueError(
+            f"max_pool: x {tuple(x.shape)} {x.dtype}, window {kernel}: pass x (B, C, H, W) "
+            "float32 and a window of at least 1x1 that fits in its H x W plane"
+        )
+    batch, channels, height, width = x.shape
+    out_shape = (batch, channels, height // kernel_h, width // kernel_w)
+    pooled = _float32_empty(*out_shape)
+    indices = torch.empty(out_shape, dtype=torch.int64, device="cpu")
+    threads = threads_for(x.numel(), LAYOUT_GRAIN)
+    library().tp_max_pool_f32(
+        x.data_ptr(), batch * channels, height, width, kernel_h, kernel_w, pooled.data_ptr(),
+        indices.data_ptr(), threads,
+    )  # fmt: skip
+    return pooled, indices
 
 
 def relu_unpool(

@@ -15,6 +15,8 @@
  *     depthwise one), on the unpadded input as PyTorch holds it.
  * tp_channels_last_f32, tp_channels_first_f32: a batch from channels first to zero-padded
  *     channels-last (the convolution kernel's input) and its gradient back, cropped.
+ * tp_max_pool_f32: max pooling with non-overlapping windows, with PyTorch's window indices
+ *     (2x2 windows vectorized where tp_max_pool_2x2_vectorized says so).
  * tp_relu_unpool_f32, tp_relu_unpool_sums_f32: δ of a convolution's output behind ReLU and max
  *     pooling, from the pooled gradient (with Σ |δ| per sample and Σ δ per channel).
  * tp_pooled_topk_f32: those sums and tp_topk_f32's selection of that δ, without writing it.
@@ -1850,6 +1852,132 @@ void tp_channels_last_f32(const float *x, const int64_t *shape, float *out, int6
 void tp_channels_first_f32(const float *grad, const int64_t *shape, float *out, int64_t threads) {
     layout_call call = {grad, out, shape};
     run_parts(channels_first_part, &call, parts_for(shape[0], threads), threads);
+}
+
+/* --- max pooling with non-overlapping windows (tinyprop/pool_fusion.py's forward) ---------- */
+
+typedef struct {
+    const float *in;
+    float *out;
+    int64_t *indices;
+    int64_t planes, height, width, kernel_h, kernel_w;
+} pool_call;
+
+#if defined(__AVX512F__) && defined(__GNUC__)
+/* pool_part's windows of 2x2, 16 at a time across an output row (its rows are short: 14 or 7
+ * entries in a small CNN, too few for the compiler's vectors): the first entry a of each
+ * window taken as it is (the rule takes it whatever it is, or keeps -inf at its index: the
+ * same), then b, c, d each where it is greater than the maximum so far or NaN. */
+static void pool_2x2(const pool_call *c, int64_t first, int64_t end) {
+    int64_t width = c->width, out_h = c->height / 2, out_w = width / 2;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i lane = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14); /* 2 j of lane j */
+    const __m512i one = _mm512_set1_epi32(1), below = _mm512_set1_epi32((int)width);
+    const __m512i below_next = _mm512_set1_epi32((int)width + 1);
+    for (int64_t p = first; p < end; p++) {
+        const float *plane = c->in + p * c->height * width;
+        for (int64_t i = 0; i < out_h; i++) {
+            float *out = c->out + (p * out_h + i) * out_w;
+            int64_t *index = c->indices + (p * out_h + i) * out_w;
+            const float *top = plane + 2 * i * width, *bottom = top + width;
+            for (int64_t j = 0; j < out_w; j += 16) {
+                int64_t n = out_w - j < 16 ? out_w - j : 16; /* windows in this block */
+                __mmask16 low = (__mmask16)(2 * n >= 16 ? 0xFFFF : (1u << (2 * n)) - 1);
+                __mmask16 high = (__mmask16)(2 * n <= 16 ? 0 : (1u << (2 * n - 16)) - 1);
+                __mmask16 outs = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+                __m512 t0 = _mm512_maskz_loadu_ps(low, top + 2 * j);
+                __m512 t1 = _mm512_maskz_loadu_ps(high, top + 2 * j + 16);
+                __m512 b0 = _mm512_maskz_loadu_ps(low, bottom + 2 * j);
+                __m512 b1 = _mm512_maskz_loadu_ps(high, bottom + 2 * j + 16);
+                __m512 m = _mm512_permutex2var_ps(t0, even, t1); /* a */
+                __m512i offset = _mm512_setzero_si512();
+                __m512 v = _mm512_permutex2var_ps(t0, odd, t1); /* b */
+                __mmask16 take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) |
+                                 _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m = _mm512_mask_mov_ps(m, take, v);
+                offset = _mm512_mask_mov_epi32(offset, take, one);
+                v = _mm512_permutex2var_ps(b0, even, b1); /* c */
+                take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) |
+                       _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m = _mm512_mask_mov_ps(m, take, v);
+                offset = _mm512_mask_mov_epi32(offset, take, below);
+                v = _mm512_permutex2var_ps(b0, odd, b1); /* d */
+                take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) |
+                       _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                m = _mm512_mask_mov_ps(m, take, v);
+                offset = _mm512_mask_mov_epi32(offset, take, below_next);
+                _mm512_mask_storeu_ps(out + j, outs, m);
+                __m512i at = _mm512_add_epi64(_mm512_set1_epi64(2 * i * width + 2 * j), lane);
+                __m512i first8 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(offset));
+                __m512i last8 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(offset, 1));
+                _mm512_mask_storeu_epi64(index + j, (__mmask8)outs, _mm512_add_epi64(at, first8));
+                __m512i at8 = _mm512_add_epi64(at, _mm512_set1_epi64(16));
+                _mm512_mask_storeu_epi64(index + j + 8, (__mmask8)(outs >> 8),
+                                         _mm512_add_epi64(at8, last8));
+            }
+        }
+    }
+}
+#define POOL_2X2 1
+#else
+#define POOL_2X2 0
+#endif
+
+/* Planes [first, end) of in (planes, height, width) pooled into out and indices (planes,
+ * height / kernel_h, width / kernel_w): each window's maximum and its index into the plane,
+ * by PyTorch's rule (max_pool2d_with_indices on the CPU): the window's entries in row-major
+ * order, each taken when it is greater than the maximum so far (-inf at first, the index of
+ * the window's first entry) or NaN. So the first of equal maxima, the last NaN. A window row
+ * at a time across the output row, so that the compiler vectorizes it. */
+static int pool_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const pool_call *c = context;
+    int64_t kh = c->kernel_h, kw = c->kernel_w, width = c->width;
+    int64_t out_h = c->height / kh, out_w = width / kw;
+    int64_t first = slice_start(c->planes, part, parts, 1);
+    int64_t end = slice_start(c->planes, part + 1, parts, 1);
+#if POOL_2X2
+    if (kh == 2 && kw == 2 && width <= INT32_MAX - 1) {
+        pool_2x2(c, first, end);
+        return 0;
+    }
+#endif
+    for (int64_t p = first; p < end; p++) {
+        const float *plane = c->in + p * c->height * width;
+        for (int64_t i = 0; i < out_h; i++) {
+            float *restrict out = c->out + (p * out_h + i) * out_w;
+            int64_t *restrict index = c->indices + (p * out_h + i) * out_w;
+            int64_t top = i * kh * width;
+            for (int64_t j = 0; j < out_w; j++) out[j] = -INFINITY, index[j] = top + j * kw;
+            for (int64_t a = 0; a < kh; a++)
+                for (int64_t b = 0; b < kw; b++) {
+                    int64_t place = top + a * width + b;
+                    const float *restrict row = plane + place;
+                    for (int64_t j = 0; j < out_w; j++) {
+                        float v = row[j * kw];
+                        int take = (v > out[j]) | (v != v);
+                        out[j] = take ? v : out[j];
+                        index[j] = take ? place + j * kw : index[j];
+                    }
+                }
+        }
+    }
+    return 0;
+}
+
+/* 1 when tp_max_pool_f32 runs 2x2 windows vectorized (an AVX-512 build), else 0. */
+int tp_max_pool_2x2_vectorized(void) { return POOL_2X2; }
+
+/* in (planes, height, width) -> out, indices (planes, height / kernel_h, width / kernel_w):
+ * max pooling with stride = kernel size, no padding, floor mode (see pool_part), the same
+ * maxima and indices as PyTorch's max_pool2d_with_indices, at every thread count. */
+void tp_max_pool_f32(const float *in, int64_t planes, int64_t height, int64_t width,
+                     int64_t kernel_h, int64_t kernel_w, float *out, int64_t *indices,
+                     int64_t threads) {
+    pool_call call = {in, out, indices, planes, height, width, kernel_h, kernel_w};
+    run_parts(pool_part, &call, parts_for(planes, threads), threads);
 }
 
 /* --- δ of a convolution's output behind ReLU and max pooling (tinyprop/pool_fusion.py) ------ */
