@@ -12,7 +12,11 @@ from torch import nn
 
 from tinyprop import loss_gradient, step
 from tinyprop.data import cache_dir
-from tinyprop.loss_gradient import is_row_cross_entropy, output_error
+from tinyprop.loss_gradient import (
+    is_row_cross_entropy,
+    output_error,
+    row_cross_entropy_gradient,
+)
 
 
 def test_output_error_is_the_weighted_loss_backward_bit_for_bit():
@@ -34,6 +38,26 @@ def test_output_error_is_the_weighted_loss_backward_bit_for_bit():
         delta = output_error(gradient, mask, averaged)
         assert torch.equal(delta[mask].view(torch.int32), expected[mask].view(torch.int32))
         assert torch.equal(delta, expected)  # skipped rows: zeros (of either sign)
+
+
+def test_the_decision_gradient_without_a_backward_is_autograds_bit_for_bit():
+    """The skip decision's ∂ Σ losses / ∂ output from the NLL and log-softmax kernels on the
+    nodes' saved tensors, against torch.autograd.grad: the same bits, confident rows and
+    ignored targets (the default -100 and another ignore_index) included."""
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        batch, classes = [(8, 4), (32, 10), (5, 3), (64, 1000)][trial % 4]
+        scale = [1.0, 10.0, 100.0][trial % 3]
+        leaf = (torch.randn(batch, classes, generator=generator) * scale).requires_grad_()
+        output = leaf.clone()  # (B, C) not a leaf, as a model's output
+        labels = torch.randint(0, classes, (batch,), generator=generator)
+        ignore = [-100, 2][trial % 2]
+        labels[torch.rand(batch, generator=generator) < 0.2] = ignore
+        losses = F.cross_entropy(output, labels, reduction="none", ignore_index=ignore)
+        assert is_row_cross_entropy(losses, output)
+        (expected,) = torch.autograd.grad(losses.sum(), output, retain_graph=True)
+        got = row_cross_entropy_gradient(losses)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
 def test_a_scale_that_is_not_a_power_of_two_would_round_differently():

@@ -29,6 +29,7 @@ from tinyprop.state import ForwardPass, TinyPropState, backward_running, recompu
 # user-registered linear-like classes -> whether their weight is stored (in, out)
 _REGISTERED_LINEAR: dict[type, bool] = {}
 _REGISTERED = "_RegisteredLinear"  # the name of their sparse classes' mixin
+CALL_FIELDS_CACHE_SIZE = 256  # (layer, input shape, gradient flags) remembered per model
 
 
 def register_linear(module_class: type, transposed: bool = False) -> None:
@@ -123,22 +124,29 @@ class SparseBackpropLayer:
             state.open_pass.last_layer_output = (weakref.ref(output), call)
         return output
 
+    def geometry_settings(self) -> tuple:
+        """The layer settings its patch geometry depends on besides the shapes."""
+        return ()
+
     def _record(self, x: Tensor, weight: Tensor):
         state = self.tinyprop_state
-        geometry = cached_patches_for(state.geometry_cache, self, x.shape, weight.shape)
         grad = torch.is_grad_enabled()
-        fields = dict(
-            layer_name=self.layer_name,
-            layer_index=self.layer_index,
-            rows=x.shape[0],
-            output_size=geometry.channels_out * geometry.positions,
-            fan_in=geometry.fan_in,
-            input_size=math.prod(x.shape[1:]),  # x[0] fails on an empty batch
-            has_bias=grad and self.bias is not None and self.bias.requires_grad,
-            weight_trainable=grad and weight.requires_grad,
-            input_requires_grad=grad and x.requires_grad,
-            geometry=geometry,
+        bias = self.bias
+        flags = (  # has_bias, weight_trainable, input_requires_grad
+            grad and bias is not None and bias.requires_grad,
+            grad and weight.requires_grad,
+            grad and x.requires_grad,
         )
+        key = (
+            self, self.layer_name, self.layer_index, x.shape, weight.shape, flags,
+            self.geometry_settings(),
+        )  # fmt: skip
+        fields = state.call_fields.get(key)  # the same for every call of this shape
+        if fields is None:
+            fields = self._call_fields(x, weight, flags)
+            if len(state.call_fields) >= CALL_FIELDS_CACHE_SIZE:
+                state.call_fields.clear()
+            state.call_fields[key] = fields
         if state.open_pass is not None:
             return state.open_pass.add(fields)
         if backward_running():  # activation checkpointing runs the forward again
@@ -148,6 +156,26 @@ class SparseBackpropLayer:
         forward_pass = ForwardPass()
         state.finish_pass(forward_pass)
         return forward_pass.add({**fields, "fixed_depth": self.registration_depth})
+
+    def _call_fields(self, x: Tensor, weight: Tensor, flags: tuple) -> dict:
+        """The fields of a :class:`~tinyprop.state.LayerCall` on an input like ``x``: kept by
+        :meth:`_record` per layer, shapes and gradient flags (a frozen dict is rebuilt no
+        more; reused as it is, never written to)."""
+        state = self.tinyprop_state
+        geometry = cached_patches_for(state.geometry_cache, self, x.shape, weight.shape)
+        has_bias, weight_trainable, input_requires_grad = flags
+        return dict(
+            layer_name=self.layer_name,
+            layer_index=self.layer_index,
+            rows=x.shape[0],
+            output_size=geometry.channels_out * geometry.positions,
+            fan_in=geometry.fan_in,
+            input_size=math.prod(x.shape[1:]),  # x[0] fails on an empty batch
+            has_bias=has_bias,
+            weight_trainable=weight_trainable,
+            input_requires_grad=input_requires_grad,
+            geometry=geometry,
+        )
 
 
 class _LinearLayer(SparseBackpropLayer):
@@ -199,6 +227,12 @@ class _ConvLayer(SparseBackpropLayer):
 
     def dense_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
+
+    def geometry_settings(self) -> tuple:
+        return (
+            tuple(self.stride), tuple(self._reversed_padding_repeated_twice),
+            tuple(self.dilation), self.groups,
+        )  # fmt: skip
 
 
 class _Conv1dLayer(_ConvLayer):

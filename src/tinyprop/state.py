@@ -42,7 +42,9 @@ class ForwardPass:
         self.dense_weights: set[int] = set()
 
     def add(self, call_fields: dict) -> LayerCall:
-        call = LayerCall(forward_pass=self, index=len(self.calls), **call_fields)
+        """Record a layer call; ``call_fields``: every field of :class:`LayerCall` but
+        ``forward_pass`` and ``index`` (``fixed_depth`` and ``recomputed`` optional)."""
+        call = LayerCall.of(call_fields, self, len(self.calls))
         self.calls.append(call)
         return call
 
@@ -71,6 +73,17 @@ class LayerCall:
     fixed_depth: int | None = None  # set for a call outside a root forward (registration order)
     recomputed: bool = False  # run again by activation checkpointing (forward counted once)
 
+    @classmethod
+    def of(cls, call_fields: dict, forward_pass: ForwardPass, index: int) -> LayerCall:
+        """The call with these fields, as ``LayerCall(**call_fields, forward_pass=...,
+        index=...)`` makes it but without the frozen dataclass's ``__init__``, which sets each
+        field through ``object.__setattr__``: a third of a small layer's bookkeeping per
+        forward."""
+        call = object.__new__(cls)
+        call.__dict__.update(CALL_DEFAULTS, **call_fields)
+        call.__dict__.update(forward_pass=forward_pass, index=index)
+        return call
+
     @property
     def depth(self) -> int:
         """d: how many sparse-layer calls came after this one in its forward pass."""
@@ -81,6 +94,9 @@ class LayerCall:
     @property
     def forward_macs(self) -> int:
         return self.rows * self.output_size * self.fan_in
+
+
+CALL_DEFAULTS = {"fixed_depth": None, "recomputed": False}  # LayerCall.of's defaults
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +124,7 @@ class TinyPropState:
     step: object = None  # the StepContext whose backward is running (tinyprop.step)
     other_macs_cache: dict = field(default_factory=dict)  # input signature -> other MACs
     geometry_cache: dict = field(default_factory=dict)  # convolution call -> its patch geometry
+    call_fields: dict = field(default_factory=dict)  # layer call key -> its LayerCall's fields
     warned: set = field(default_factory=set)
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
@@ -146,7 +163,8 @@ class TinyPropState:
         state = dict(self.__dict__)
         state.update(
             open_pass=None, pending=[], step=None, last_stats=None, _policy=None,
-            inside_ddp=False, deciding=False, geometry_cache={}, checked_optimizer=None,
+            inside_ddp=False, deciding=False, geometry_cache={}, call_fields={},
+            checked_optimizer=None,
         )  # fmt: skip
         return state
 

@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from tinyprop.autograd import SparseBackprop, check_finite, reads_are_free
 from tinyprop.functional import few_cpu_rows, local_error
 from tinyprop.ledger import Ledger, step_ledger
-from tinyprop.loss_gradient import OutputBoundary, is_power_of_two, is_row_cross_entropy
+from tinyprop.loss_gradient import (
+    OutputBoundary,
+    is_power_of_two,
+    is_row_cross_entropy,
+    row_cross_entropy_gradient,
+)
 from tinyprop.loss_gradient import output_error as weighted_output_error
 from tinyprop.model import (
     OUTPUT_ERROR_MAX,
@@ -1091,7 +1096,10 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
             "computed under torch.no_grad, so the losses cannot come from it; pass output= "
             "the tensor the losses were computed from, as it is"
         )
-    (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
+    if is_row_cross_entropy(losses, output) and not output._backward_hooks:
+        grad = row_cross_entropy_gradient(losses)  # the same, without a backward pass
+    else:
+        (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
     if grad is None:
         raise ValueError(
             "the losses do not depend on the output (by default the one of the model's last "
