@@ -190,3 +190,41 @@ def test_other_macs_follow_a_flag_argument_and_the_training_mode(mode):
         ledgers.append(tinyprop.backward(model, LOSS(output, y)).macs.unattributed)
     assert ledgers[1] - ledgers[0] == 3 * 4 * 16 * 16  # forward + twice it backward, B = 4
     assert ledgers[2] == ledgers[0]
+
+
+class UnusedHead(nn.Module):
+    """The MLP of CASES and an auxiliary head called last whose output the loss leaves out."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = build("mlp")
+        self.aux = nn.Linear(16, 3).to(self.mlp[0].weight.dtype)
+
+    def forward(self, x):
+        features = self.mlp[:-1](x)
+        return self.mlp[-1](features), self.aux(features)
+
+
+@pytest.mark.parametrize("way", ["unused head", "backward(inputs=...)"])
+def test_a_layer_the_backward_never_reached_is_not_in_the_dense_backward(way):
+    """Plain PyTorch does not backpropagate a head whose output no loss uses, nor layers that
+    ``backward(inputs=...)`` leaves out; the dense backward the step is measured against counted
+    them (the unused head: 115 MACs per sample more, a saving nobody made). Hand counts of
+    CASES: the head adds its forward only."""
+    size = 3
+    model = tinyprop.apply(UnusedHead(), tinyprop.TinyPropConfig(policy="topk", ratio=0.25))
+    x, y = batch("mlp", size=size)
+    logits, _ = model(x)
+    losses = LOSS(logits, y)
+    if way == "unused head":
+        stats = tinyprop.backward(model, losses)
+        expected = CASES[("mlp", "topk")]
+    else:  # the last layer alone, as CASES counts it (its input gradient is formed too)
+        head = list(model.mlp[-1].parameters())
+        tinyprop.loss(model, losses).backward(inputs=head)
+        stats = tinyprop.step_stats(model)
+        expected = dict(forward=528, backward=53, backward_dense=181, selection=5)
+    expected = {key: value * size for key, value in expected.items()}
+    expected["forward"] += size * 16 * 3  # the head's forward ran
+    assert {k: getattr(stats.macs, k) for k in expected} == expected
+    assert set(stats.keep) == ({"mlp.0", "mlp.2", "mlp.4"} if way == "unused head" else {"mlp.4"})
