@@ -69,6 +69,7 @@ def test_all_policies_start_from_the_same_pretrained_weights(tmp_path):
     assert not all(torch.equal(first[name], different[name]) for name in first)
 
 
+@pytest.mark.ray  # in a pytest process of its own (tests/conftest.py)
 def test_ray_runs_each_run_as_a_task(tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

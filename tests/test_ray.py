@@ -15,6 +15,8 @@ import pytest
 
 from tinyprop.bench import cluster, runner
 
+pytestmark = pytest.mark.ray  # Ray runs in a pytest process of its own (tests/conftest.py)
+
 TIMINGS = {"wall_s", "train_wall_s"}
 SWEEP = ["--suite", "tiny", "--protocol", "finetune", "--datasets", "tiny-blobs"]
 
