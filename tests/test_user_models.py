@@ -107,6 +107,7 @@ class Checkpointed(nn.Module):
 CHECKPOINT_POLICIES = [
     tinyprop.TinyPropConfig(policy="topk", ratio=0.3),
     tinyprop.TinyPropConfig(policy="tinyprop"),
+    tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.9),  # skips 2, then 4 of 8
     tinyprop.TinyPropConfig(policy="full"),
 ]
 
@@ -117,7 +118,8 @@ def test_activation_checkpointing_equals_the_plain_forward(reentrant, config):
     """Non-reentrant checkpointing unpacked the saved tensors twice (CheckpointError); the
     recomputed forward left stray forward passes that the next step's ledger counted (topk:
     backward ratio 0.23 instead of 0.41), and under reentrant checkpointing the layers' dense
-    backward was counted twice (1.86). Now gradients, k and ledger equal the plain run."""
+    backward was counted twice (1.86). Now gradients, k, ledger, skips and running state
+    (Ymax_l, Ymax_L, backward counts) equal the plain run."""
     torch.manual_seed(0)
     plain = tinyprop.apply(Checkpointed(None).double(), config)
     checkpointed = copy.deepcopy(plain)
@@ -137,6 +139,15 @@ def test_activation_checkpointing_equals_the_plain_forward(reentrant, config):
             name: keep.tolist() for name, keep in expected_stats.keep.items()
         }
         assert state_of(checkpointed).pending == []
+        assert (got_stats.trained, got_stats.skipped) == (
+            expected_stats.trained,
+            expected_stats.skipped,
+        )
+        # the forward run again moves no running state: Ymax_l, Ymax_L, backward counts
+        for (name, got_buffer), want in zip(
+            checkpointed.named_buffers(), plain.buffers(), strict=True
+        ):
+            assert torch.equal(got_buffer, want), name
 
 
 def test_transformers_gradient_checkpointing_trains_sparse():
