@@ -103,8 +103,13 @@ class SparseBackprop(torch.autograd.Function):
     """y = layer(x); backward keeps k output gradients per row (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer, call) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer, call, relu_input=None
+    ) -> Tensor:  # fmt: skip
+        """``relu_input``: the input y of the ReLU whose output x is (tinyprop.relu_fusion):
+        the backward then returns the gradient at y (ReLU's backward fused), None at x."""
         ctx.layer, ctx.call = layer, call
+        ctx.relu_fused = relu_input is not None
         ctx.weight_id = id(weight)  # the parameter, for StepContext.prove_finite
         ctx.bias_id = id(bias)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -113,6 +118,20 @@ class SparseBackprop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if not getattr(ctx, "relu_fused", False):
+            return SparseBackprop.layer_backward(ctx, grad_output, None)
+        relu = {"masked": False}  # the ReLU's output x, and whether a native kernel masked
+        grad_input, *rest = SparseBackprop.layer_backward(ctx, grad_output, relu)
+        if grad_input is not None and not relu["masked"]:  # what the ReLU's backward computes
+            grad_input = torch.ops.aten.threshold_backward(grad_input, relu["x"], 0)
+        return None, *rest, grad_input
+
+    @staticmethod
+    def layer_backward(ctx, grad_output: Tensor, relu: dict | None):
+        """The layer's backward: (grad_input at x, grad_weight, grad_bias, None, None).
+        ``relu``: None, or (fused ReLU, see :mod:`tinyprop.relu_fusion`) a dict that receives
+        the saved x under "x" and, under "masked", whether the native convolution kernel
+        returned the input gradient at the ReLU's input already."""
         if torch.is_grad_enabled():  # create_graph=True: the sparse backward has no backward
             raise RuntimeError(
                 f"layer '{ctx.layer.layer_name}': tinyprop's sparse backward cannot be "
@@ -130,6 +149,8 @@ class SparseBackprop(torch.autograd.Function):
                 "model that calls them outside an nn.Sequential"
             )
         x, weight = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
+        if relu is not None:
+            relu["x"] = x
         input_dtype, weight_dtype = x.dtype, weight.dtype
         layer, call = ctx.layer, ctx.call
         state = layer.tinyprop_state
@@ -137,6 +158,8 @@ class SparseBackprop(torch.autograd.Function):
         if step is None and policy.skips and not state.deciding:
             warn_outside_step(state)
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        if relu is not None:  # the gradient at the ReLU's input y, through x
+            needs_input = ctx.needs_input_grad[5]
         geometry = call.geometry  # computed once, in the forward
         compute = compute_dtype(input_dtype, weight_dtype)  # float16 / bfloat16 -> float32
         x, weight = in_dtype(x, compute), in_dtype(weight, compute)
@@ -264,7 +287,7 @@ class SparseBackprop(torch.autograd.Function):
                 defer = functools.partial(step.defer_update, ctx.weight_id, error, unit)
             grad_input, grad_weight, kernel = _gradients(
                 select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs, defer,
-                None if counts is None else (kept_rows, counts), selected,
+                None if counts is None else (kept_rows, counts), selected, relu,
             )  # fmt: skip
         if step is not None:
             full = None if counts is None else not counts or min(counts) >= size
@@ -489,7 +512,7 @@ def masked_gradients(
 
 def _gradients(
     select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
-    defer=None, counts=None, selected=None,
+    defer=None, counts=None, selected=None, relu=None,
 ):  # fmt: skip
     """Input and weight gradients of the rows ``rows`` (R',) from their kept entries, and the
     kernel that computed them (one of :data:`KERNELS`). ``defer(x, row_start, column, value)``:
@@ -498,7 +521,9 @@ def _gradients(
     two lists of Python ints when a few rows' bookkeeping has them (fewer tensor operations,
     the same gradients), else None. ``selected``: the kept entries of the whole batch as
     (row_start (B + 1,), column (M,), value (M,)) when :func:`fixed_native_keep`'s selection
-    found them already (the native kernel then runs on them), else None."""
+    found them already (the native kernel then runs on them), else None. ``relu``: None, or
+    (``x`` is a fused ReLU's output) a dict whose "masked" is set True when the native
+    convolution kernel returns the input gradient at the ReLU's input."""
     if not (needs_input or needs_weight):
         return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
@@ -535,6 +560,14 @@ def _gradients(
                     x, weight, row_start, entry, value, True, False
                 )
             return grad_input, None, FUSED_UPDATE
+        if relu is not None and not is_linear:  # the kernel masks by x
+            relu["masked"] = True
+            return (
+                *geometry.native_gradients(
+                    x, weight, row_start, entry, value, needs_input, needs_weight, True
+                ),
+                NATIVE_SPARSE,
+            )
         return (
             *geometry.native_gradients(
                 x, weight, row_start, entry, value, needs_input, needs_weight

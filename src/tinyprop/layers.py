@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from tinyprop.autograd import SparseBackprop
 from tinyprop.patches import cached_patches_for
+from tinyprop.relu_fusion import relu_input, take_mark
 from tinyprop.state import ForwardPass, TinyPropState, backward_running, recomputed_call
 
 # user-registered linear-like classes -> whether their weight is stored (in, out)
@@ -93,6 +94,7 @@ class SparseBackpropLayer:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        mark = take_mark(x)  # from a fused ReLU before this layer (tinyprop.relu_fusion)
         if isinstance(x, Tensor) and x.dim() == self.unbatched_dims:  # one unbatched sample
             return self.forward(x.unsqueeze(0)).squeeze(0)
         # the weight is computed once per call: a parametrization (spectral_norm's power
@@ -119,7 +121,9 @@ class SparseBackpropLayer:
                 "(or use the 'full' policy), or tinyprop.backward on a batch"
             )
         call = self._record(x, weight)
-        output = SparseBackprop.apply(x, weight, self.bias, self, call)
+        relu = None if mark is None else relu_input(x, self, mark)  # the ReLU's input y
+        fused = () if relu is None else (relu,)  # the backward then returns dL/dy, not dL/dx
+        output = SparseBackprop.apply(x, weight, self.bias, self, call, *fused)
         if state.output_error_max_unchecked and state.open_pass is not None:
             state.open_pass.last_layer_output = (weakref.ref(output), call)
         return output

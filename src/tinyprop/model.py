@@ -19,6 +19,7 @@ from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
 from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
 from tinyprop.pool_fusion import fuse_pools, restore_pools
+from tinyprop.relu_fusion import fuse_relus, restore_relus
 from tinyprop.state import ForwardPass, TinyPropState
 
 OUTPUT_ERROR_MAX = "tinyprop_output_error_max"  # Ymax_L of the skip decision, on the root module
@@ -132,6 +133,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
         state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
     state.pools = fuse_pools(model, [module for _, module in targets])
+    state.relus = fuse_relus(model, [module for _, module in targets])
     device = _device(targets[-1][1])
     model.register_buffer(OUTPUT_ERROR_MAX, torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device))
     for name, value in state.policy.control_buffers().items():  # budget controller (budget.py)
@@ -157,6 +159,7 @@ def remove(model: nn.Module) -> nn.Module:
         module.__class__ = nn.MultiheadAttention
     restore_batch_norms(state.batch_norms)
     restore_pools(getattr(state, "pools", []))
+    restore_relus(getattr(state, "relus", []))
     for _, module in state.layers:
         original = getattr(module, _ORIGINAL_CLASS)
         if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)

@@ -169,16 +169,20 @@ class ConvPatches:
             grad = padded[:, :, 0, left : padded.shape[3] - right]
         return grad.reshape(input_shape)
 
-    def native_gradients(self, x, weight, row_start, column, value, needs_input, needs_weight):
+    def native_gradients(
+        self, x, weight, row_start, column, value, needs_input, needs_weight, relu_mask=False
+    ):  # fmt: skip
         """Input and weight gradients from the kept entries (CSR by sample over the whole
         batch: ``row_start`` (B + 1,), ``column`` (M,) = c · P + p, ``value`` (M,)) with the
-        native kernel, channels-last (a depthwise convolution: on the input as it is)."""
+        native kernel, channels-last (a depthwise convolution: on the input as it is).
+        ``relu_mask``: ``x`` is a ReLU's output, the input gradient is taken through it
+        (:mod:`tinyprop.relu_fusion`)."""
         if self.one_channel_per_group:
             grad_input, grad_weight = native.plane_conv_backward(
                 x.reshape(x.shape[0], self.channels_in, *self.plane_shape[1:3]),
                 weight.reshape(self.channels_out, *self.native_shape[4:6]),
                 (x.shape[0], *self.plane_shape),
-                row_start, column, value, needs_input, needs_weight,
+                row_start, column, value, needs_input, needs_weight, relu_mask,
             )  # fmt: skip
             grad_input = None if grad_input is None else grad_input.reshape(x.shape)
             grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
@@ -191,6 +195,7 @@ class ConvPatches:
             (x.shape[0], *self.native_shape),
             row_start, column, value, needs_input, needs_weight,
             pads=self.pads,  # grad_input (B, C_in, H, W), as PyTorch holds it
+            relu_mask=relu_mask,
         )  # fmt: skip
         if grad_weight is not None:  # (C_out, kh, kw, C_in / G) -> the weight's shape
             grad_weight = grad_weight.permute(0, 3, 1, 2).reshape(weight.shape)

@@ -130,6 +130,7 @@ class TinyPropState:
     attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
     batch_norms: list = field(default_factory=list)  # BatchNorms swapped (tinyprop.batch_norm)
     pools: list = field(default_factory=list)  # MaxPool2d swapped (tinyprop.pool_fusion)
+    relus: list = field(default_factory=list)  # ReLUs swapped (tinyprop.relu_fusion)
     # every BatchNorm of the model: in training mode it hands skipped samples a δ through the
     # batch statistics, the only case where drop_skipped_rows has rows to leave out
     coupling_norms: list = field(default_factory=list)

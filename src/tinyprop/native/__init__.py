@@ -65,6 +65,10 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_int
     lib.tp_conv_backward_planes_f32.argtypes = [_pointer] * 10 + [_int64]
     lib.tp_conv_backward_planes_f32.restype = ctypes.c_int
+    lib.tp_conv_backward_planes_relu_f32.argtypes = [_pointer] * 10 + [_int64] * 2
+    lib.tp_conv_backward_planes_relu_f32.restype = ctypes.c_int
+    lib.tp_plane_conv_backward_relu_f32.argtypes = [_pointer] * 8 + [_int64] * 2
+    lib.tp_plane_conv_backward_relu_f32.restype = ctypes.c_int
     lib.tp_relu_unpool_f32.argtypes = [_pointer] * 3 + [_int64] * 3 + [_pointer, _int64]
     lib.tp_relu_unpool_f32.restype = ctypes.c_int
     lib.tp_relu_unpool_sums_f32.argtypes = [_pointer] * 3 + [_int64] * 4 + [_pointer] * 4
@@ -435,6 +439,7 @@ def conv_backward(
     needs_input: bool,
     needs_weight: bool,
     pads: tuple[int, int, int, int] | None = None,
+    relu_mask: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Input and weight gradients of a convolution from the kept entries of δ only.
 
@@ -449,6 +454,9 @@ def conv_backward(
         pads: (top, bottom, left, right), the padding of ``x``: grad_input comes channels
             first without it, (B, C_in, Hp - top - bottom, Wp - left - right), as
             :func:`channels_first` would give it, without the padded copy.
+        relu_mask: ``x`` is the output of a ReLU (needs ``pads``): grad_input is the gradient
+            at the ReLU's input, ``threshold_backward(grad_input, x, 0)`` bit for bit, masked
+            in the kernel (ReLU's backward fused).
 
     Returns:
         ``(grad_input (B, Hp, Wp, C_in) or None, grad_weight (C_out, kh, kw, C_in / G) or
@@ -471,6 +479,8 @@ def conv_backward(
     inputs = (x, weight, row_start, column, value)
     macs_per_entry = kh * kw * (channels_in // groups)
     if pads is None:
+        if relu_mask:
+            raise ValueError("conv_backward: relu_mask needs pads (the channels-first gradient)")
         return _conv_kernel(
             "tp_conv_backward_f32", inputs, shape, macs_per_entry, needs_input, needs_weight
         )
@@ -485,10 +495,10 @@ def conv_backward(
     if needs_weight:
         grad_weight = _float32_empty(*weight.shape)
     dims, padding = _sizes(tuple(shape)), _sizes(tuple(pads))
-    status = library().tp_conv_backward_planes_f32(
+    status = library().tp_conv_backward_planes_relu_f32(
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(), padding.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
-        _address(grad_weight), _address(grad_input), _address(scratch), threads,
+        _address(grad_weight), _address(grad_input), _address(scratch), threads, int(relu_mask),
     )  # fmt: skip
     _check_conv_status(status, "tp_conv_backward_planes_f32", column, shape)
     return grad_input, grad_weight
@@ -503,6 +513,7 @@ def plane_conv_backward(
     value: Tensor,
     needs_input: bool,
     needs_weight: bool,
+    relu_mask: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Input and weight gradients of a convolution with one input channel per group (depthwise)
     from the kept entries of δ only, on the unpadded input as it is (channels first).
@@ -512,6 +523,8 @@ def plane_conv_backward(
         shape: (B, C_in, H, W, C_out, kh, kw, H_out, W_out, stride_h, stride_w, pad_top,
             pad_left, dilation_h, dilation_w, G) with C_in = G.
         row_start, column, value: the kept entries as for :func:`conv_backward`.
+        relu_mask: ``x`` is the output of a ReLU: grad_input is the gradient at the ReLU's
+            input, ``threshold_backward(grad_input, x, 0)`` bit for bit (as :func:`conv_backward`).
 
     Returns:
         ``(grad_input (B, C_in, H, W) or None, grad_weight (C_out, kh, kw) or None)``: kh · kw
@@ -537,24 +550,29 @@ def plane_conv_backward(
     # (zeroed, then added into): that counts too, so a large one is split among the threads
     written = x.numel() if needs_input else 0
     return _conv_kernel(
-        "tp_plane_conv_backward_f32", inputs, shape, kh * kw, needs_input, needs_weight, written
-    )
+        "tp_plane_conv_backward_relu_f32", inputs, shape, kh * kw, needs_input, needs_weight,
+        written, relu_mask,
+    )  # fmt: skip
 
 
-def _conv_kernel(name, inputs, shape, macs_per_entry, needs_input, needs_weight, written=0):
+def _conv_kernel(
+    name, inputs, shape, macs_per_entry, needs_input, needs_weight, written=0, relu_mask=None
+):  # fmt: skip
     """Run the convolution kernel ``name`` on its checked ``inputs`` (x, weight, row_start,
     column, value); returns ``(grad_input or None, grad_weight or None)`` shaped like x and
     weight. ``written``: floats the kernel writes besides its multiply-accumulates (work that
-    decides the thread count with them)."""
+    decides the thread count with them). ``relu_mask``: None for a kernel without that last
+    argument, else its value."""
     x, weight, row_start, column, value = inputs
     grad_input = torch.empty_like(x) if needs_input else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
     dims = _sizes(tuple(shape))
+    mask = () if relu_mask is None else (int(relu_mask),)
     status = getattr(library(), name)(
         x.data_ptr(), weight.data_ptr(), dims.data_ptr(),
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input),
-        threads_for(column.numel() * macs_per_entry + written, BACKWARD_GRAIN),
+        threads_for(column.numel() * macs_per_entry + written, BACKWARD_GRAIN), *mask,
     )  # fmt: skip
     _check_conv_status(status, name, column, shape)
     return grad_input, grad_weight

@@ -13,6 +13,8 @@
  * tp_conv_backward_planes_f32: the same with the input gradient written channels first, cropped.
  * tp_plane_conv_backward_f32: the same for a convolution with one input channel per group (a
  *     depthwise one), on the unpadded input as PyTorch holds it.
+ * tp_conv_backward_planes_relu_f32, tp_plane_conv_backward_relu_f32: those two, the input
+ *     gradient through the ReLU whose output the input is (relu_mask: ReLU's backward fused).
  * tp_channels_last_f32, tp_channels_first_f32: a batch from channels first to zero-padded
  *     channels-last (the convolution kernel's input) and its gradient back, cropped.
  * tp_max_pool_f32: max pooling with non-overlapping windows, with PyTorch's window indices
@@ -1183,6 +1185,13 @@ static void copy_sample(float *planes, float *copy, int64_t channels, int64_t he
     }
 }
 
+/* ReLU's backward at an input x = ReLU(y) of a convolution, on its input gradient g, in place:
+ * g[i] = x[i] <= 0 ? 0 : g[i] over n floats, the value PyTorch's threshold_backward(g, x, 0)
+ * writes (x NaN keeps g; +0 written). */
+static void relu_mask_span(float *restrict g, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = x[i] <= 0.0f ? 0.0f : g[i];
+}
+
 typedef struct {
     const float *x, *weight;
     const int64_t *shape, *row_start;
@@ -1203,6 +1212,7 @@ typedef struct {
     const int64_t *column, *position_start;
     int64_t *run_end, *gathered;
     float *gathered_value;
+    int relu_mask; /* grad_input through the ReLU whose output x is (relu_mask_span) */
 } conv_call;
 
 enum { GATHERED = 256 }; /* entries of a channel summed at a time (its lists stay in L1) */
@@ -1411,6 +1421,8 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
     if (c->pads == NULL) {
         memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
         conv_input_entries(c, first, end, c->grad_input);
+        if (c->relu_mask)
+            relu_mask_span(c->grad_input + first * size, c->x + first * size, (end - first) * size);
         return 0;
     }
     /* one sample at a time in the worker's padded channels-last scratch (it stays in the cache),
@@ -1421,6 +1433,7 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
     for (int64_t s = first; s < end; s++) {
         memset(scratch, 0, (size_t)size * sizeof(float));
         conv_input_entries(c, s, s + 1, scratch - s * size);
+        if (c->relu_mask) relu_mask_span(scratch, c->x + s * size, size); /* padding: cropped */
         copy_sample(c->grad_input + s * channels * height * width, scratch, channels, height,
                     width, in_w, top, left, 0);
     }
@@ -1447,7 +1460,7 @@ static int conv_input_part(const void *context, int64_t part, int64_t parts, int
 static int conv_backward(const float *x, const float *weight, const int64_t *shape,
                          const int64_t *row_start, const int64_t *column, const float *value,
                          float *grad_weight, float *grad_input, const int64_t *pads,
-                         float *scratch, int64_t threads) {
+                         float *scratch, int64_t threads, int relu_mask) {
     int64_t batch = shape[0], channels_out = shape[4], positions = shape[7] * shape[8];
     if (!valid_offsets(row_start, batch)) return -1;
     int64_t nnz = row_start[batch];
@@ -1478,7 +1491,8 @@ static int conv_backward(const float *x, const float *weight, const int64_t *sha
     conv_call call = {x, weight, shape, row_start, entry_channel, entry_start, channel_start,
                       by_channel, value, grad_weight, grad_input, pads, scratch, sorted, column,
                       places, places + positions, places + positions + workers * batch,
-                      (float *)(void *)(places + positions + workers * (batch + GATHERED))};
+                      (float *)(void *)(places + positions + workers * (batch + GATHERED)),
+                      relu_mask};
     threads = workers;
     if (grad_weight) run_parts(conv_weight_part, &call, parts_for(channels_out, threads), threads);
     if (grad_input) run_parts(conv_input_part, &call, parts_for(batch, threads), threads);
@@ -1490,7 +1504,7 @@ int tp_conv_backward_f32(const float *x, const float *weight, const int64_t *sha
                          const int64_t *row_start, const int64_t *column, const float *value,
                          float *grad_weight, float *grad_input, int64_t threads) {
     return conv_backward(x, weight, shape, row_start, column, value, grad_weight, grad_input,
-                         NULL, NULL, threads);
+                         NULL, NULL, threads, 0);
 }
 
 /* tp_conv_backward_f32 with grad_input written as PyTorch holds it: (batch, C_in, H, W),
@@ -1504,7 +1518,19 @@ int tp_conv_backward_planes_f32(const float *x, const float *weight, const int64
                                 const int64_t *column, const float *value, float *grad_weight,
                                 float *grad_input, float *scratch, int64_t threads) {
     return conv_backward(x, weight, shape, row_start, column, value, grad_weight, grad_input,
-                         pads, scratch, threads);
+                         pads, scratch, threads, 0);
+}
+
+/* tp_conv_backward_planes_f32 for a convolution whose input x is the output of a ReLU: with
+ * relu_mask, grad_input is the gradient at the ReLU's input instead, each sample's masked in
+ * the cache before it is written out (relu_mask_span): ReLU's backward pass fused. */
+int tp_conv_backward_planes_relu_f32(const float *x, const float *weight, const int64_t *shape,
+                                     const int64_t *pads, const int64_t *row_start,
+                                     const int64_t *column, const float *value,
+                                     float *grad_weight, float *grad_input, float *scratch,
+                                     int64_t threads, int64_t relu_mask) {
+    return conv_backward(x, weight, shape, row_start, column, value, grad_weight, grad_input,
+                         pads, scratch, threads, relu_mask != 0);
 }
 
 typedef struct {
@@ -1520,6 +1546,7 @@ typedef struct {
     float *grad_weight, *grad_input;
     const int64_t *column; /* (nnz,) the kept columns c · P + p */
     int sorted; /* each sample's columns ascend (the vector path of grad_weight needs it) */
+    int relu_mask; /* grad_input through the ReLU whose output x is (relu_mask_span) */
 } plane_call;
 
 /* One kept entry's products δ · weight added into the input plane `plane` of its sample and
@@ -1722,10 +1749,12 @@ static int plane_input_part(const void *context, int64_t part, int64_t parts, in
     int64_t end = slice_start(c->shape[0], part + 1, parts, 1);
     if (c->sorted) {
         for (int64_t s = first; s < end; s++) plane_input_sample(c, s);
-        return 0;
+    } else {
+        memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
+        for (int64_t e = c->row_start[first]; e < c->row_start[end]; e++) plane_entry(c, e, 0);
     }
-    memset(c->grad_input + first * size, 0, (size_t)((end - first) * size) * sizeof(float));
-    for (int64_t e = c->row_start[first]; e < c->row_start[end]; e++) plane_entry(c, e, 0);
+    if (c->relu_mask)
+        relu_mask_span(c->grad_input + first * size, c->x + first * size, (end - first) * size);
     return 0;
 }
 
@@ -1740,10 +1769,10 @@ static int plane_input_part(const void *context, int64_t part, int64_t parts, in
  * 0, -1 on an index out of range or offsets that decrease (checked before anything is
  * written), -3 when the (5 nnz + 2 P + C_out + 1) integers of the entries' places cannot be
  * allocated. */
-int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
+static int plane_conv_backward(const float *x, const float *weight, const int64_t *shape,
                                const int64_t *row_start, const int64_t *column,
                                const float *value, float *grad_weight, float *grad_input,
-                               int64_t threads) {
+                               int64_t threads, int relu_mask) {
     int64_t batch = shape[0], channels_in = shape[1], channels_out = shape[4];
     int64_t out_w = shape[8], positions = shape[7] * out_w, plane = shape[2] * shape[3];
     int64_t per_group = channels_out / shape[15];
@@ -1773,7 +1802,7 @@ int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_
             sorted &= column[e - 1] < column[e];
     plane_call call = {x, weight, shape, row_start, entry_plane, entry_position, entry_channel,
                        top, left, inside, tap_offset, channel_start, by_channel, value,
-                       grad_weight, grad_input, column, sorted};
+                       grad_weight, grad_input, column, sorted, relu_mask};
     int by_entry = grad_weight && !plane_weight_vectorized(&call); /* plane_entry's weights */
     for (int64_t s = 0; s < batch && (by_entry || (grad_input && !sorted)); s++) {
         int64_t ch = 0, base = -1, at = 0; /* one division per channel of a sample, as a rule */
@@ -1790,6 +1819,25 @@ int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_
     if (grad_input) run_parts(plane_input_part, &call, parts_for(batch, threads), threads);
     free(places);
     return 0;
+}
+
+int tp_plane_conv_backward_f32(const float *x, const float *weight, const int64_t *shape,
+                               const int64_t *row_start, const int64_t *column,
+                               const float *value, float *grad_weight, float *grad_input,
+                               int64_t threads) {
+    return plane_conv_backward(x, weight, shape, row_start, column, value, grad_weight,
+                               grad_input, threads, 0);
+}
+
+/* tp_plane_conv_backward_f32 for a convolution whose input x is the output of a ReLU: with
+ * relu_mask, grad_input is the gradient at the ReLU's input instead (relu_mask_span, after
+ * the part's samples): ReLU's backward pass fused. */
+int tp_plane_conv_backward_relu_f32(const float *x, const float *weight, const int64_t *shape,
+                                    const int64_t *row_start, const int64_t *column,
+                                    const float *value, float *grad_weight, float *grad_input,
+                                    int64_t threads, int64_t relu_mask) {
+    return plane_conv_backward(x, weight, shape, row_start, column, value, grad_weight,
+                               grad_input, threads, relu_mask != 0);
 }
 
 typedef struct {

@@ -1,0 +1,114 @@
+"""ReLU -> sparse Conv2d: the ReLU's backward fused into the convolution's input gradient.
+
+A MobileNet block ``nn.Sequential(..., nn.BatchNorm2d(C), nn.ReLU(), conv, ...)`` backpropagates
+the convolution's input gradient g through the ReLU with one more pass over the whole
+activation (PyTorch's ``threshold_backward(g, r, 0)``: r <= 0 ? 0 : g, with r the ReLU's
+output, which is the convolution's input x). Here the ReLU of such a block hands the
+convolution the ReLU's input y with its output x (an attribute of x, taken by the
+convolution's forward), and the convolution's sparse backward
+(:class:`tinyprop.autograd.SparseBackprop`) returns the gradient at y instead of at x:
+
+    dL/dy = (x <= 0 ? 0 : g),
+
+written by the native convolution kernels while each sample's g is still in the cache
+(``relu_mask``), and by PyTorch's ``threshold_backward`` on the other paths (dense, unified,
+PyTorch's sparse kernels): the values the ReLU's own backward writes, bit for bit. The ReLU's
+node then receives no gradient from the convolution and computes nothing; a gradient that
+reaches x from elsewhere still goes through it, and the two add up at y as before.
+
+Only an ``nn.ReLU`` (not in place) directly before a sparse ``nn.Conv2d`` in an
+``nn.Sequential``, on float32 CPU tensors, and under the conditions of
+:func:`tinyprop.pool_fusion.fusion_allowed` (no hooks, no activation checkpointing or
+saved-tensor hooks, not compiling or tracing, native kernels); anything else runs the ReLU as
+PyTorch does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tinyprop.pool_fusion import fusion_allowed
+
+# the attribute of a fused ReLU's output x that holds (y, the ReLU module, x's version)
+RELU_INPUT = "_tinyprop_relu_input"
+
+
+class ConvInputReLU(nn.ReLU):
+    """``nn.ReLU`` before a sparse ``Conv2d`` in an ``nn.Sequential``: the same forward, its
+    output marked for the convolution (see module docstring). ``tinyprop_fused_convs``: the
+    convolutions it precedes (by id)."""
+
+    tinyprop_fused_convs: frozenset
+
+    def _get_name(self) -> str:  # printed as the module it stands for
+        return "ReLU"
+
+    def forward(self, input: Tensor) -> Tensor:
+        output = super().forward(input)
+        if (
+            not self.inplace
+            and torch.is_grad_enabled()
+            and isinstance(input, Tensor)
+            and input.requires_grad
+            and input.dtype == torch.float32
+            and input.device.type == "cpu"
+            and input.dim() == 4
+            and output.grad_fn is not None
+        ):
+            setattr(output, RELU_INPUT, (input, self, output._version))
+        return output
+
+
+def take_mark(x) -> tuple | None:
+    """The mark a fused ReLU left on its output ``x`` (None: none), removed from x (it would
+    keep the ReLU's input alive)."""
+    return x.__dict__.pop(RELU_INPUT, None) if isinstance(x, Tensor) else None
+
+
+def relu_input(x: Tensor, conv: nn.Module, mark: tuple) -> Tensor | None:
+    """The input y of the fused ReLU whose output ``x`` is (``mark``: :func:`take_mark`'s),
+    when ``conv`` (the sparse convolution now called on x) may take the ReLU's backward into
+    its own; else None."""
+    y, relu, version = mark
+    if (
+        id(conv) not in relu.tinyprop_fused_convs
+        or x._version != version  # changed in place since the ReLU wrote it
+        or x.grad_fn is None
+        or x.grad_fn.name() != "ReluBackward0"
+        or not fusion_allowed(relu, conv)
+    ):
+        return None
+    return y
+
+
+def fuse_relus(model: nn.Module, convolutions: list[nn.Module]) -> list[nn.Module]:
+    """Swap the class of every ``nn.ReLU`` that comes right before a sparse ``Conv2d`` (one of
+    ``convolutions``) in an ``nn.Sequential`` of ``model``; returns the swapped ReLUs (for
+    :func:`restore_relus`)."""
+    sparse = {id(conv) for conv in convolutions if isinstance(conv, nn.Conv2d)}
+    links: dict[int, tuple[nn.Module, set[int]]] = {}
+    for module in model.modules():
+        if (
+            not isinstance(module, nn.Sequential)
+            or type(module).forward is not nn.Sequential.forward
+        ):
+            continue
+        children = list(module._modules.values())
+        for relu, conv in zip(children, children[1:], strict=False):
+            if type(relu) is nn.ReLU and not relu.inplace and id(conv) in sparse:
+                links.setdefault(id(relu), (relu, set()))[1].add(id(conv))
+    relus = []
+    for relu, convs in links.values():
+        relu.__class__ = ConvInputReLU
+        relu.tinyprop_fused_convs = frozenset(convs)
+        relu._tinyprop_original_class = nn.ReLU  # what it computes (the exporter reads it)
+        relus.append(relu)
+    return relus
+
+
+def restore_relus(relus: list[nn.Module]) -> None:
+    """Undo :func:`fuse_relus`."""
+    for relu in relus:
+        relu.__class__ = nn.ReLU
+        del relu.tinyprop_fused_convs, relu._tinyprop_original_class
