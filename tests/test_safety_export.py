@@ -186,6 +186,54 @@ def test_shared_weights_are_refused(tmp_path, capsys, kind):
     assert not (tmp_path / "out").exists()
 
 
+def _settings_that_lie(kind: str) -> nn.Sequential:
+    """A model file whose layer settings say other than its weights (or than PyTorch allows)."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))  # fmt: skip
+    if kind == "out_features":  # the C program read 6 x 6 floats of a 3 x 6 weight array
+        net[6].out_features = 6
+    elif kind == "weight":
+        net[4].weight = nn.Parameter(torch.zeros(2, 16))
+    elif kind == "bias":
+        net[0].bias = nn.Parameter(torch.zeros(9))
+    elif kind == "kernel_size":  # read 4 x 2 x 5 x 5 floats of a 4 x 2 x 3 x 3 weight
+        net[0].kernel_size = (5, 5)
+        net[4].in_features = 4
+        net[4].weight = nn.Parameter(torch.zeros(6, 4))
+    elif kind == "groups":
+        net[0].groups = 2
+    elif kind == "stride":  # a ZeroDivisionError
+        net[2].stride = 0
+    elif kind == "padding":
+        net[0].padding = (-1, -1)
+    return net
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("out_features", "layer '6' (Linear): its weight is (3, 6) but out_features=6"),
+        ("weight", "layer '4' (Linear): its weight is (2, 16) but out_features=6"),
+        ("bias", "layer '0' (Conv2d): its bias is (9,) but"),
+        ("kernel_size", "layer '0' (Conv2d): its weight is (4, 2, 3, 3) but"),
+        ("groups", "layer '0' (Conv2d): its weight is (4, 2, 3, 3) but"),
+        ("stride", "layer '2' (MaxPool2d): stride=0"),
+        ("padding", "layer '0' (Conv2d): padding=(-1, -1)"),
+    ],
+)
+def test_layer_settings_that_do_not_fit_the_weights_are_refused(tmp_path, capsys, kind, expected):
+    """A whole model file carries each layer's settings beside its weights; the exporter sized
+    the C layers by the settings and wrote the weights as they were: a Linear saying
+    out_features=6 beside a 3 x 6 weight became a program reading past the weight array
+    (AddressSanitizer: global-buffer-overflow in tp_init). Now one line names the layer."""
+    torch.save(_settings_that_lie(kind), tmp_path / "model.pt")
+    argv = [str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--input-shape", "2,6,6"]
+    assert export_main(argv) == 2
+    line = _one_line_error(capsys)
+    assert expected in line and "save the model again from PyTorch" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["nan", "empty"])
 def test_nan_weights_and_empty_models_get_one_line(tmp_path, capsys, kind):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from tinyprop.export.geometry import check_geometry
 from tinyprop.export.tracing import TracingError, traced_layers
 
 # tp_layer_kind values of runtime/include/tinyprop.h
@@ -552,6 +553,7 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
             )  # fmt: skip
         if isinstance(module, (nn.Identity, *DROPOUTS)):
             continue
+        check_geometry(path, module)  # its settings against its weights (a file may lie)
         if isinstance(module, nn.Linear):
             if rank != 1:
                 raise _unsupported(
@@ -626,15 +628,18 @@ def _activation_settings(path: str, module: nn.Module, kind: int) -> np.ndarray 
     ``Scalar.to<float>()``): LeakyReLU's negative_slope, ELU's alpha, CELU's alpha and
     1 / alpha (divided in double, as ``at::celu`` does), Hardtanh's min_val and max_val. Each
     must leave the output telling what the derivative needs (it is taken from the output)."""
-    if kind == LEAKY_RELU:
-        values, name = [float(module.negative_slope)], "negative_slope"
-    elif kind in (ELU, CELU):
-        alpha = float(module.alpha)
-        values, name = [alpha] + ([1.0 / alpha] if kind == CELU and alpha else []), "alpha"
-    elif kind == HARDTANH:
-        values, name = [float(module.min_val), float(module.max_val)], "min_val, max_val"
-    else:
+    names = {LEAKY_RELU: ("negative_slope",), ELU: ("alpha",), CELU: ("alpha",),
+             HARDTANH: ("min_val", "max_val")}.get(kind)  # fmt: skip
+    if names is None:
         return None
+    try:  # (a model loaded from a file may hold anything there)
+        values = [float(getattr(module, setting)) for setting in names]
+    except (TypeError, ValueError):
+        shown = ", ".join(f"{setting}={getattr(module, setting)!r}" for setting in names)
+        raise _unsupported(path, module, f"{shown} is not a number") from None
+    name = ", ".join(names)
+    if kind == CELU and values[0]:
+        values.append(1.0 / values[0])
     settings = np.array(values, dtype=np.float32)
     shown = ", ".join(f"{v:g}" for v in values)
     if not np.all(np.isfinite(settings)):
