@@ -533,3 +533,56 @@ def test_a_model_deeper_than_the_runtime_holds_names_the_limit(library):
         RuntimeModel(model, (4,), config, OptimizerSpec(lr=0.05), library)
     shallower = nn.Sequential(*layers[:47])
     assert RuntimeModel(shallower, (4,), config, OptimizerSpec(lr=0.05), library).arena_bytes > 0
+
+
+def fine_tune_head() -> nn.Sequential:
+    """A conv net to fine-tune with an optimizer over some of its layers, every parameter
+    keeping requires_grad (the usual way to fine-tune a head)."""
+    torch.manual_seed(0)
+    return Seq(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 8), nn.ReLU(),
+               nn.Linear(8, 3))  # fmt: skip
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adam"])
+def test_parameters_the_torch_optimizer_leaves_out_stay_fixed_in_c(library, optimizer_kind):
+    """OptimizerSpec.from_torch of an optimizer over the head only: the C program trained every
+    layer (the conv's weights moved by up to 0.0094 with SGD, 0.030 with Adam, in 3 steps
+    of 8 samples, where PyTorch keeps them); now the
+    layers it leaves out are frozen as PyTorch leaves them, weights equal within 1e-5."""
+    net = fine_tune_head()
+    python_model = tinyprop.apply(copy.deepcopy(net), tinyprop.TinyPropConfig("topk"))
+
+    def optimizer_of(model):
+        head = [*model[3].parameters(), *model[5].parameters()]
+        if optimizer_kind == "adam":
+            return torch.optim.Adam(head, lr=0.01)
+        return torch.optim.SGD(head, lr=0.05, momentum=0.9)
+
+    spec = OptimizerSpec.from_torch(optimizer_of(net))
+    c_model = RuntimeModel(net, (2, 10), tinyprop.TinyPropConfig("topk"), spec, library)
+    python_optimizer = optimizer_of(python_model)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    for x, y in batches((2, 10), 3, 3, 8, 0):
+        tinyprop.train_step(python_model, x, y, loss_fn, python_optimizer)
+        c_model.train_batch(x.numpy(), y.numpy())
+    state = python_model.state_dict()
+    np.testing.assert_array_equal(state["0.weight"].numpy(), net[0].weight.detach().numpy())
+    for name, value in c_model.parameters().items():
+        expected = state[name].numpy().reshape(-1)
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert c_model.memory_mode.first_trained_layer == 1
+
+
+def test_an_optimizer_that_leaves_out_a_middle_layer_is_refused(library, tmp_path):
+    """The runtime freezes only the first layers: a middle layer outside the optimizer is named
+    (it was trained in C, silently)."""
+    from tinyprop.export import export_c
+
+    net = fine_tune_head()
+    spec = OptimizerSpec.from_torch(torch.optim.SGD([*net[0].parameters(), *net[5].parameters()]))
+    config = tinyprop.TinyPropConfig("topk")
+    with pytest.raises(ValueError, match=r"layer '3' \(Linear.*optimizer leaves it out"):
+        export_c(net, config, tmp_path / "out", (2, 10), spec)
+    with pytest.raises(ValueError, match=r"layer '3' \(Linear.*optimizer leaves it out"):
+        RuntimeModel(net, (2, 10), config, spec, library)
+    assert not (tmp_path / "out").exists()

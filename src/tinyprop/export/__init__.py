@@ -155,7 +155,8 @@ def export_c(
     optimizer = optimizer or OptimizerSpec()
     shape = tuple(input_shape) if input_shape is not None else infer_input_shape(model)
     layers = describe(model, shape)
-    memory = mode_of_frozen_layers(model, layers, memory)  # the layers the model froze
+    # the layers the model froze, or its optimizer leaves out
+    memory = mode_of_frozen_layers(model, layers, memory, optimizer.parameters)
     report = footprint_of_layers(layers, config, optimizer, memory)  # checks the mode
     if batch_size > MAX_BATCH_SIZE:
         raise ValueError(

@@ -101,5 +101,6 @@ def footprint(
             (``requires_grad``, :mod:`tinyprop.export.frozen`).
     """
     layers = describe(model, input_shape)
-    mode = mode_of_frozen_layers(model, layers, mode)
-    return footprint_of_layers(layers, config, optimizer or OptimizerSpec(), mode)
+    optimizer = optimizer or OptimizerSpec()
+    mode = mode_of_frozen_layers(model, layers, mode, optimizer.parameters)
+    return footprint_of_layers(layers, config, optimizer, mode)

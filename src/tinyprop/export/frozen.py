@@ -27,11 +27,17 @@ NONE, BIAS, WEIGHT, ALL = "nothing", "its bias only", "its weight only", "its we
 FROZEN = {NONE: "its weight and bias", BIAS: "its weight", WEIGHT: "its bias"}  # what it froze
 
 
-def _trains(model: nn.Module, layer: LayerSpec) -> str:
-    """What the PyTorch model trains of a dense/conv layer: NONE, BIAS, WEIGHT or ALL."""
+def _trains(model: nn.Module, layer: LayerSpec, updated: frozenset[int] | None) -> str:
+    """What the PyTorch model trains of a dense/conv layer: NONE, BIAS, WEIGHT or ALL (a
+    parameter outside ``updated``, the ids of the tensors a torch optimizer steps, stays as it
+    is: frozen as well)."""
     module = model if layer.path == "<root>" else model.get_submodule(layer.path)
-    weight = module.weight.requires_grad
-    bias = module.bias is not None and module.bias.requires_grad
+
+    def trained(tensor) -> bool:
+        return tensor.requires_grad and (updated is None or id(tensor) in updated)
+
+    weight = trained(module.weight)
+    bias = module.bias is not None and trained(module.bias)
     if weight:
         return WEIGHT if module.bias is not None and not bias else ALL
     return BIAS if bias else NONE
@@ -60,7 +66,10 @@ def _suggestion(trains: list[str], memory: MemoryMode) -> str:
 
 
 def mode_of_frozen_layers(
-    model: nn.Module, layers: list[LayerSpec], memory: MemoryMode | None
+    model: nn.Module,
+    layers: list[LayerSpec],
+    memory: MemoryMode | None,
+    updated: frozenset[int] | None = None,
 ) -> MemoryMode:
     """The memory mode to export ``model`` with.
 
@@ -68,6 +77,9 @@ def mode_of_frozen_layers(
         model: the model ``layers`` were described from.
         layers: its runtime layers (:func:`tinyprop.export.graph.describe`).
         memory: the mode asked for, or None.
+        updated: the ids of the parameters the PyTorch optimizer updates
+            (``OptimizerSpec.from_torch(...).parameters``); one it leaves out counts as frozen.
+            None: every parameter with ``requires_grad``.
 
     Returns:
         ``memory`` when given, else the mode that trains what the model trains: its leading
@@ -83,7 +95,7 @@ def mode_of_frozen_layers(
     """
     model = compiled_original(model)
     dense_or_conv = [layer for layer in layers if layer.trainable]
-    trains = [_trains(model, layer) for layer in dense_or_conv]  # per dense/conv layer
+    trains = [_trains(model, layer, updated) for layer in dense_or_conv]  # per dense/conv layer
     if memory is not None:
         for index, (layer, what) in enumerate(zip(dense_or_conv, trains, strict=True)):
             if index < memory.first_trained_layer or what == ALL:
@@ -94,15 +106,17 @@ def mode_of_frozen_layers(
                 raise ValueError(
                     f"the memory mode trains {asked} of layer '{layer.path}' "
                     f"({layer.module_type}, dense/conv layer {index}), but the model froze "
-                    f"{frozen} (requires_grad False): the exported program would train what "
-                    f"the PyTorch model keeps fixed. Export with {_suggestion(trains, memory)}, "
-                    "or set requires_grad=True on it"
+                    f"{frozen} (requires_grad False, or its optimizer leaves it out): the "
+                    "exported program would train what the PyTorch model keeps fixed. Export "
+                    f"with {_suggestion(trains, memory)}, or set requires_grad=True on it (and "
+                    "give it to the optimizer)"
                 )
         return memory
     if all(what == NONE for what in trains):
         raise ValueError(
             "every Linear/Conv layer of the model is frozen (requires_grad False on all its "
-            "parameters): nothing to train; set requires_grad=True on the layers to train"
+            "parameters, or the optimizer leaves them out): nothing to train; set "
+            "requires_grad=True on the layers to train and give them to the optimizer"
         )
     first = next(index for index, what in enumerate(trains) if what != NONE)
     for index, what in enumerate(trains):
@@ -110,14 +124,16 @@ def mode_of_frozen_layers(
             layer = dense_or_conv[index]
             raise ValueError(
                 f"layer '{layer.path}' ({layer.module_type}) trains its weight but not its bias "
-                "(bias.requires_grad False); the C runtime trains a layer's weight and bias, its "
-                "bias alone, or neither: set requires_grad alike on both"
+                "(bias.requires_grad False, or the optimizer leaves it out); the C runtime "
+                "trains a layer's weight and bias, its bias alone, or neither: set "
+                "requires_grad alike on both (and give both to the optimizer)"
             )
         if what == NONE and index > first:
             layer = dense_or_conv[index]
             raise ValueError(
                 f"layer '{layer.path}' ({layer.module_type}, dense/conv layer {index}) is frozen "
-                f"after a trained layer ('{dense_or_conv[first].path}'); the C runtime freezes "
+                f"after a trained layer ('{dense_or_conv[first].path}') (requires_grad False, or "
+                "the optimizer leaves it out); the C runtime freezes "
                 "only the first layers (first_trained_layer) and can train a later layer's "
                 "bias alone (bias_only_layers, which needs a bias): unfreeze it, give it a "
                 "trainable bias, or freeze the layers before it too"

@@ -19,7 +19,7 @@ import math
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +313,9 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # from_torch: the ids of the tensors the torch optimizer updates; the export freezes a
+    # parameter it leaves out (None: every parameter with requires_grad)
+    parameters: frozenset[int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         """Refuse what the runtime's ``tp_check_optimizer`` refuses, before anything is written
@@ -338,10 +341,12 @@ class OptimizerSpec:
 
     @classmethod
     def from_torch(cls, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
-        """The settings of a ``torch.optim.SGD`` or ``torch.optim.Adam`` with one param group."""
+        """The settings of a ``torch.optim.SGD`` or ``torch.optim.Adam`` with one param group,
+        and the parameters it updates (an export freezes those it leaves out, as PyTorch does)."""
         if len(optimizer.param_groups) != 1:
             raise ValueError("the C runtime supports one parameter group (one lr for all)")
         group = optimizer.param_groups[0]
+        updated = frozenset(id(parameter) for parameter in group["params"])
         if group.get("maximize") or group.get("differentiable"):
             raise ValueError("maximize/differentiable optimizers are not supported by the runtime")
         if type(optimizer) is torch.optim.SGD:
@@ -353,6 +358,7 @@ class OptimizerSpec:
                 float(group["momentum"]),
                 bool(group["nesterov"]),
                 float(group["weight_decay"]),
+                parameters=updated,
             )
         if type(optimizer) is torch.optim.Adam:
             if group["amsgrad"] or group.get("decoupled_weight_decay"):
@@ -363,6 +369,7 @@ class OptimizerSpec:
                 weight_decay=float(group["weight_decay"]),
                 betas=tuple(map(float, group["betas"])),
                 eps=float(group["eps"]),
+                parameters=updated,
             )
         raise ValueError(
             "the C runtime runs torch.optim.SGD or torch.optim.Adam, "
@@ -480,7 +487,7 @@ class RuntimeModel:
     ):
         self.lib = library or load_library()
         self.layers: list[LayerSpec] = describe(model, input_shape)
-        self.memory_mode = mode_of_frozen_layers(model, self.layers, memory)
+        self.memory_mode = mode_of_frozen_layers(model, self.layers, memory, optimizer.parameters)
         self.memory_mode.check(optimizer.kind, optimizer.momentum, optimizer.nesterov)
         limit = runtime_max_layers()
         if len(self.layers) > limit:
