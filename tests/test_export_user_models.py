@@ -586,3 +586,37 @@ def test_an_optimizer_that_leaves_out_a_middle_layer_is_refused(library, tmp_pat
     with pytest.raises(ValueError, match=r"layer '3' \(Linear.*optimizer leaves it out"):
         RuntimeModel(net, (2, 10), config, spec, library)
     assert not (tmp_path / "out").exists()
+
+
+class ForwardWithBatchNorm(nn.Module):
+    """The usual hand-written CNN: conv, BatchNorm, F.relu, pooling, BatchNorm1d in the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, bias=False)
+        self.norm = nn.BatchNorm2d(4)
+        self.hidden = nn.Linear(16, 8)
+        self.hidden_norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(nn.functional.relu(self.norm(self.conv(x))), 2)
+        return self.head(torch.relu(self.hidden_norm(self.hidden(x.flatten(1)))))
+
+
+def test_batch_norm_in_a_forward_written_in_python_is_folded(library):
+    """fold_batch_norm walked nn.Sequential leaves only: on a model whose forward calls its
+    layers it returned the model unfolded, and the export's refusal of the BatchNorm told the
+    user to fold it. Now it reads the chain the forward calls (input_shape given, or inferred
+    for an MLP): the same eval output, and training in C as in the library."""
+    model = with_statistics(ForwardWithBatchNorm())
+    folded = fold_batch_norm(model, (1, 6, 6))
+    assert isinstance(folded.norm, nn.Identity) and isinstance(folded.hidden_norm, nn.Identity)
+    assert isinstance(model.norm, nn.BatchNorm2d)  # the model itself is left as it was
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.9)
+    run_parity(library, lambda: copy.deepcopy(folded), (1, 6, 6), config, OptimizerSpec(lr=0.05))
+    with pytest.raises(ValueError, match="pass input_shape"):
+        fold_batch_norm(model)  # a convolutional model: its input shape cannot be inferred

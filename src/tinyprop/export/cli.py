@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, shape = _load(args)
         if args.fold_batch_norm:
-            model = fold_batch_norm(model)
+            model = fold_batch_norm(model, shape)
         optimizer = OptimizerSpec(
             args.optimizer, args.lr, args.momentum, weight_decay=args.weight_decay
         )

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from tinyprop.export.graph import written_in_python
+from tinyprop.export.tracing import TracingError, traced_layers
+
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _FOLDS_INTO = {nn.BatchNorm1d: (nn.Linear, nn.Conv1d), nn.BatchNorm2d: (nn.Conv2d,)}
 
@@ -43,13 +46,28 @@ def _refuse(path: str, norm: nn.Module, why: str) -> ValueError:
     return ValueError(f"cannot fold layer '{path}' ({type(norm).__name__}): {why}")
 
 
-def fold_batch_norm(model: nn.Module) -> nn.Module:
+def _called_layers(model: nn.Module, input_shape) -> list[tuple[str, nn.Module]]:
+    """The chain of layers a forward written in Python calls, with their paths (torch.fx)."""
+    if input_shape is None:
+        from tinyprop.export import infer_input_shape  # (that module imports this one)
+
+        input_shape = infer_input_shape(model)  # an MLP's; a ValueError for a conv model
+    try:
+        return traced_layers(model, tuple(input_shape))
+    except TracingError as error:
+        raise ValueError(f"cannot fold the BatchNorms of {type(model).__name__}: {error}") from None
+
+
+def fold_batch_norm(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """A copy of ``model`` with every BatchNorm1d/2d folded into the layer before it.
 
     Args:
-        model: an ``nn.Sequential`` (possibly nested) in which each BatchNorm comes right
-            after a Linear / Conv1d (BatchNorm1d) or a Conv2d (BatchNorm2d) with as many
-            output channels, and keeps running statistics.
+        model: an ``nn.Sequential`` (possibly nested), or a module whose forward calls its
+            layers in a chain, in which each BatchNorm comes right after a Linear / Conv1d
+            (BatchNorm1d) or a Conv2d (BatchNorm2d) with as many output channels, and keeps
+            running statistics.
+        input_shape: one sample's shape, to read the chain a forward written in Python calls
+            (inferred for an MLP); not needed for an ``nn.Sequential``.
 
     Returns:
         The folded copy: each BatchNorm replaced by ``nn.Identity``, the layer before it given
@@ -59,7 +77,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
         ValueError: naming the BatchNorm that cannot be folded and why.
     """
     folded = copy.deepcopy(model)
-    leaves = _leaves(folded)
+    # (a forward written in Python: the layers it calls; the Sequential walk saw none of them)
+    leaves = _called_layers(folded, input_shape) if written_in_python(folded) else _leaves(folded)
     for index, (path, norm) in enumerate(leaves):
         if not isinstance(norm, _BATCH_NORMS):
             continue

@@ -263,16 +263,21 @@ def _what_to_do(module: nn.Module) -> str:
     return "leave it out, or replace it by layers the runtime runs"
 
 
-def _layers_of(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
-    """The layers ``model`` runs with their paths: an nn.Sequential's leaves, or the chain a
-    forward written in Python calls (read by torch.fx, :mod:`tinyprop.export.tracing`)."""
+def written_in_python(model: nn.Module) -> bool:
+    """True for a module with layers whose own forward calls them (read by torch.fx), False
+    for an nn.Sequential or a single layer."""
     kind = getattr(model, "_tinyprop_original_class", type(model))
-    written_in_python = (
+    return (
         not issubclass(kind, tuple(_RUNTIME_METHODS))
         and kind.forward is not nn.Module.forward
         and any(True for _ in model.children())
     )
-    if not written_in_python:
+
+
+def _layers_of(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
+    """The layers ``model`` runs with their paths: an nn.Sequential's leaves, or the chain a
+    forward written in Python calls (read by torch.fx, :mod:`tinyprop.export.tracing`)."""
+    if not written_in_python(model):
         return _sequence(model)
     _check_computes_its_base("<root>", model)  # lazy layers, forward hooks
     try:
