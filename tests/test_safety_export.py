@@ -400,6 +400,7 @@ _X, _Y = np.zeros((2, 5), np.float32), np.array([0, 1])
         ({"optimizer": lambda: OptimizerSpec("sgd", -0.1)}, "optimizer lr must be finite and in"),
         ({"optimizer": lambda: OptimizerSpec("sgd", 0.1, float("inf"))}, "optimizer momentum"),
         ({"optimizer": lambda: OptimizerSpec("adam", 1e-3, betas=(0.9, 1.0))}, "betas"),
+        ({"optimizer": lambda: OptimizerSpec("adam", 1e-3, 0.9)}, "no meaning for Adam"),
         ({"input_shape": (5.0,)}, "input_shape must be one sample's shape"),
         ({"samples": (np.full((2, 5), np.nan, np.float32), _Y)}, "sample 0: value 0 is nan"),
         (
@@ -417,6 +418,7 @@ _X, _Y = np.zeros((2, 5), np.float32), np.array([0, 1])
         "lr-negative",
         "momentum-inf",
         "beta-1",
+        "adam-momentum",
         "float-shape",
         "nan-sample",
         "float32-overflow",

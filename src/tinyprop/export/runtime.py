@@ -331,6 +331,11 @@ class OptimizerSpec:
                     f"optimizer {name} must be finite and in [0, {MAX_OPTIMIZER_SETTING:g}] (the "
                     f"C runtime's range), got {value!r}"
                 )
+        if self.kind == "adam" and self.momentum:
+            raise ValueError(
+                f"optimizer momentum={self.momentum!r} has no meaning for Adam (it would be "
+                "ignored): Adam's moments take betas; give momentum 0, or use SGD"
+            )
         if self.nesterov and self.momentum <= 0:
             raise ValueError("Nesterov needs momentum > 0, as in torch.optim.SGD")
         betas = tuple(self.betas)
