@@ -31,8 +31,8 @@
  * every thread count.
  *
  * C99 with OpenMP or POSIX threads; every buffer is caller-owned (PyTorch tensors); the only
- * allocations are the small record of a threaded call's parts and the convolution's entry
- * places.
+ * allocations are the small record of a threaded call's parts, the convolution's entry places
+ * and the Linear input gradient's block of sums (batch · 128 floats) when it walks the weight.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <float.h>
@@ -689,15 +689,21 @@ int tp_topk_sums_f32(const float *delta, int64_t rows, int64_t n, int64_t k, flo
  * The input gradient, on one thread, reads the weight once, row after row, each row added into
  * the rows of the samples that kept it, asking for the row WALK_AHEAD ahead of the one it adds
  * (a thread reads a slice of each row, a row of the weight apart from the last: strided reads
- * the hardware does not fetch ahead by itself). On more threads that walk does not get faster
- * (each thread's slice of the samples' rows and of the weight rows fall into the same few
- * cache sets: rows of a weight whose width is a multiple of 1024 floats lie a multiple of 4 kB
- * apart), so each thread sums a sample's tile in registers instead, from a copy of the tile's
- * strip of the weight (STRIP_ROWS rows of TILE columns, contiguous: no two rows share a set),
- * copying the next block of rows while the samples read the current one, asking for the row
- * COPY_AHEAD ahead of the one it copies. Both sum δ[s, j] · weight[j] in j order from zero,
- * rounded alike: the same input gradient, bit for bit. */
-enum { TILE = 64, STRIP_ROWS = 512, WALK_AHEAD = 4, COPY_AHEAD = 16 };
+ * the hardware does not fetch ahead by itself). It walks WALK_COLUMNS columns at a time, into a
+ * contiguous block, so that the samples' rows it adds into stay in the core's L2 cache (128
+ * samples: 64 kB) while the weight streams past: walking whole rows, the batch's input
+ * gradient (1 MB for 128 samples of 2048) went out to L3 and came back for every kept entry,
+ * and walking a block of grad_input's own rows (8 kB apart) filled a few cache sets. On more
+ * threads that
+ * walk does not get faster (each thread's slice of the samples' rows and of the weight rows
+ * fall into the same few cache sets: rows of a weight whose width is a multiple of 1024
+ * floats lie a multiple of 4 kB apart), so each thread sums a sample's tile in registers
+ * instead, from a copy of the tile's strip of the weight (STRIP_ROWS rows of TILE columns,
+ * contiguous: no two rows share a set), copying the next block of rows while the samples read
+ * the current one, asking for the row COPY_AHEAD ahead of the one it copies. Both sum
+ * δ[s, j] · weight[j] in j order from zero, rounded alike: the same input gradient, bit for
+ * bit. */
+enum { TILE = 64, STRIP_ROWS = 512, WALK_AHEAD = 4, COPY_AHEAD = 16, WALK_COLUMNS = 128 };
 /* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
  * measured) are written past the caches: they would not stay there, and a streamed store does
  * not read the line it replaces first. */
@@ -882,22 +888,34 @@ static void copy_rows(float *restrict copy, const float *restrict weight, int64_
 
 /* grad_input's columns [first, end) (whole tiles but the last), walking the weight's rows: row
  * s starts at zero and adds δ[s, j] · weight[j] for the outputs j it kept, j ascending; the
- * weight is read once, row after row, each row added into the samples that kept it. */
+ * weight is read once, row after row, each row added into the samples that kept it, a block
+ * of WALK_COLUMNS columns at a time (each column's sum in the same order), summed in a
+ * contiguous copy of the block (batch, WALK_COLUMNS) and copied into grad_input when done (in
+ * grad_input itself when that copy cannot be had). */
 static void input_by_rows(const linear_call *c, int64_t first, int64_t end) {
-    int64_t m = c->m, width = end - first;
-    for (int64_t s = 0; s < c->batch; s++)
-        memset(c->grad_input + s * m + first, 0, (size_t)width * sizeof(float));
-    for (int64_t j = 0; j < c->n; j++) {
-        const float *restrict row = c->weight + j * m + first;
+    int64_t m = c->m, batch = c->batch;
+    void *held = malloc((size_t)(batch * WALK_COLUMNS) * sizeof(float) + 64);
+    float *block = held ? (float *)(((uintptr_t)held + 63) & ~(uintptr_t)63) : NULL;
+    for (int64_t from = first; from < end; from += WALK_COLUMNS) {
+        int64_t width = end - from < WALK_COLUMNS ? end - from : WALK_COLUMNS;
+        float *out = block ? block : c->grad_input + from; /* sample s's sums at s · stride */
+        int64_t stride = block ? width : m;
+        for (int64_t s = 0; s < batch; s++)
+            memset(out + s * stride, 0, (size_t)width * sizeof(float));
+        for (int64_t j = 0; j < c->n; j++) {
+            const float *restrict row = c->weight + j * m + from;
 #if defined(__GNUC__)
-        if (j + WALK_AHEAD < c->n) /* a hint: nothing depends on it */
-            for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
-                __builtin_prefetch(row + WALK_AHEAD * m + i, 0, 3);
+            if (j + WALK_AHEAD < c->n) /* a hint: nothing depends on it */
+                for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
+                    __builtin_prefetch(row + WALK_AHEAD * m + i, 0, 3);
 #endif
-        for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
-            row_add(c->grad_input + c->by_column_sample[t] * m + first, row, width,
-                    c->by_column_value[t]);
+            for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
+                row_add(out + c->by_column_sample[t] * stride, row, width, c->by_column_value[t]);
+        }
+        for (int64_t s = 0; block && s < batch; s++)
+            memcpy(c->grad_input + s * m + from, block + s * width, (size_t)width * sizeof(float));
     }
+    free(held);
 }
 
 /* The same columns by strips: block q of the part's blocks (each tile's strip cut into blocks
