@@ -12,6 +12,7 @@ waiting for a core.
 Run:
     python benchmarks/linear_kernel_ab.py --old main --threads 2
     python benchmarks/linear_kernel_ab.py --old HEAD~1 --threads 1 --batch 64 --gradients input
+    python benchmarks/linear_kernel_ab.py --old HEAD --threads 2 --strips old  # strips vs walk
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=102, help="kept outputs per sample")
     parser.add_argument("--gradients", choices=["input", "weight", "both"], default="both")
     parser.add_argument("--calls", type=int, default=200, help="calls of each version")
+    parser.add_argument(
+        "--strips",
+        choices=["none", "old", "both"],
+        default="none",
+        help="versions given each thread's strip copies (2+ threads; tinyprop passes none)",
+    )
     args = parser.parse_args()
     old_source = source_at(args.old)
     generator = torch.Generator().manual_seed(0)
@@ -76,7 +83,8 @@ def main() -> None:
         def call(name: str) -> float:
             library, takes_strip = versions[name]
             pointers = [t.data_ptr() if t is not None else None for t in (grad_weight, grad_input)]
-            extra = [strip.data_ptr() if args.threads > 1 else None] if takes_strip else []
+            with_strips = args.threads > 1 and args.strips in (name, "both")
+            extra = [strip.data_ptr() if with_strips else None] if takes_strip else []
             flush.add_(1.0)
             start = time.perf_counter()
             status = library.tp_linear_backward_f32(

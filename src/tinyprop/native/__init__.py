@@ -92,7 +92,6 @@ def library() -> ctypes.CDLL | None:
 SELECTION_GRAIN = 1 << 15  # entries of δ per part
 BACKWARD_GRAIN = 1 << 17  # multiply-accumulates per part
 LAYOUT_GRAIN = 1 << 16  # floats copied per part
-TILE, STRIP_ROWS = 64, 512  # kernels.c's: the Linear input gradient's blocks of the weight
 
 
 def threads_for(work: int, grain: int) -> int:
@@ -337,14 +336,12 @@ def linear_backward(
     grad_weight = _float32_empty(outputs, inputs) if needs_weight else None  # (out, in)
     scratch = _regroup_scratch(outputs, column.numel())
     threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
-    strip = None  # one thread walks the weight's rows; more sum copies of its strips (kernels.c)
-    if needs_input and threads > 1:  # (T, 2, min(out, STRIP_ROWS), TILE), each thread's copies
-        size = threads * 2 * min(outputs, STRIP_ROWS) * TILE
-        strip = _scratch_buffer(torch.float32, size, "strip")
+    # no strip copies (None): every thread walks the weight's rows, into contiguous blocks of
+    # sums (kernels.c); summing copies of the weight's strips measured slower at two threads
     status = library().tp_linear_backward_f32(
         x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
-        _address(grad_weight), _address(grad_input), *scratch, _address(strip), threads,
+        _address(grad_weight), _address(grad_input), *scratch, None, threads,
     )  # fmt: skip
     _check_linear_status(status, outputs, column)
     return grad_input, grad_weight

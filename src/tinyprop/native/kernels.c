@@ -686,23 +686,21 @@ int tp_topk_sums_f32(const float *delta, int64_t rows, int64_t n, int64_t k, flo
 
 /* Features per tile of the Linear gradients: a tile's outputs are summed in registers.
  *
- * The input gradient, on one thread, reads the weight once, row after row, each row added into
- * the rows of the samples that kept it, asking for the row WALK_AHEAD ahead of the one it adds
- * (a thread reads a slice of each row, a row of the weight apart from the last: strided reads
- * the hardware does not fetch ahead by itself). It walks WALK_COLUMNS columns at a time, into a
- * contiguous block, so that the samples' rows it adds into stay in the core's L2 cache (128
- * samples: 64 kB) while the weight streams past: walking whole rows, the batch's input
- * gradient (1 MB for 128 samples of 2048) went out to L3 and came back for every kept entry,
- * and walking a block of grad_input's own rows (8 kB apart) filled a few cache sets. On more
- * threads that
- * walk does not get faster (each thread's slice of the samples' rows and of the weight rows
- * fall into the same few cache sets: rows of a weight whose width is a multiple of 1024
- * floats lie a multiple of 4 kB apart), so each thread sums a sample's tile in registers
- * instead, from a copy of the tile's strip of the weight (STRIP_ROWS rows of TILE columns,
- * contiguous: no two rows share a set), copying the next block of rows while the samples read
- * the current one, asking for the row COPY_AHEAD ahead of the one it copies. Both sum
- * δ[s, j] · weight[j] in j order from zero, rounded alike: the same input gradient, bit for
- * bit. */
+ * The input gradient reads the weight once, row after row, each row added into the rows of the
+ * samples that kept it, asking for the row WALK_AHEAD ahead of the one it adds (a thread reads a
+ * slice of each row, a row of the weight apart from the last: strided reads the hardware does
+ * not fetch ahead by itself). It walks WALK_COLUMNS columns at a time, into a contiguous block,
+ * so that the samples' rows it adds into stay in the core's L2 cache (128 samples: 64 kB) while
+ * the weight streams past: walking whole rows, the batch's input gradient (1 MB for 128 samples
+ * of 2048) went out to L3 and came back for every kept entry, and walking a block of
+ * grad_input's own rows (8 kB apart: rows of a width that is a multiple of 1024 floats lie a
+ * multiple of 4 kB apart) filled a few cache sets. A caller may instead pass strip scratch:
+ * each thread then sums a sample's tile in registers, from a copy of the tile's strip of the
+ * weight (STRIP_ROWS rows of TILE columns, contiguous: no two rows share a set), copying the
+ * next block of rows while the samples read the current one, asking for the row COPY_AHEAD
+ * ahead of the one it copies (tinyprop passes none: the walk into blocks measured faster at
+ * one and two threads). Both sum δ[s, j] · weight[j] in j order from zero, rounded alike: the
+ * same input gradient, bit for bit. */
 enum { TILE = 64, STRIP_ROWS = 512, WALK_AHEAD = 4, COPY_AHEAD = 16, WALK_COLUMNS = 128 };
 /* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
  * measured) are written past the caches: they would not stay there, and a streamed store does
@@ -991,8 +989,9 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
  * The entries are also regrouped by output (CSC) for grad_weight; the input features are cut
  * into tiles of TILE, shared out among up to `threads` threads, every output summed in the same
  * order whatever the thread count. Scratch: column_start (n + 1,), by_column_sample (nnz,),
- * by_column_value (nnz,); strip: NULL (the input gradient walks the weight's rows: best on one
- * thread), or (threads, 2, min(n, STRIP_ROWS), TILE) floats (it sums strips of the weight).
+ * by_column_value (nnz,); strip: NULL (the input gradient walks the weight's rows, into blocks:
+ * tinyprop's choice), or (threads, 2, min(n, STRIP_ROWS), TILE) floats (it sums strips of the
+ * weight).
  * Returns 0, -1 on an index out of range, offsets that decrease or a
  * sample's indices that do not ascend (nothing written then). Any float values
  * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
