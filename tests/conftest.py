@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(session: pytest.Session, items: list) -> None:
 
 class RayOutcome:
     """Runs every ``ray`` test of the session in one child pytest process (at the first of
-    them), then reports the one test's outcome from the child's JUnit XML report."""
+    them), then reports the one test's outcome from the outcomes the child wrote (JSON)."""
 
     outcomes: dict | None = None  # node id -> (outcome, message), shared by the session
 
