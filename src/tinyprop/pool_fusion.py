@@ -299,19 +299,42 @@ def non_overlapping(module: nn.Module) -> bool:
     )
 
 
+def plain_sequential_children(model: nn.Module):
+    """The children of every ``nn.Sequential`` in ``model`` whose forward is
+    ``nn.Sequential``'s own, in the order it calls them (a subclass with a forward of its own
+    may call them in another)."""
+    for module in model.modules():
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            yield list(module._modules.values())
+
+
+def swap_classes(links: dict, fused_class: type, original_class: type) -> list[nn.Module]:
+    """Swap the class of each module of ``links`` (id -> (module, ids of the sparse
+    convolutions it is fused with)) to ``fused_class``; returns the swapped modules (for
+    :func:`restore_classes`)."""
+    modules = []
+    for module, convs in links.values():
+        module.__class__ = fused_class
+        module.tinyprop_fused_convs = frozenset(convs)
+        module._tinyprop_original_class = original_class  # what it computes (the exporter reads it)
+        modules.append(module)
+    return modules
+
+
+def restore_classes(modules: list[nn.Module], original_class: type) -> None:
+    """Undo :func:`swap_classes`."""
+    for module in modules:
+        module.__class__ = original_class
+        del module.tinyprop_fused_convs, module._tinyprop_original_class
+
+
 def fuse_pools(model: nn.Module, convolutions: list[nn.Module]) -> list[nn.Module]:
     """Swap the class of every pool that follows a sparse ``Conv2d`` (one of ``convolutions``)
     and an ``nn.ReLU`` in an ``nn.Sequential`` of ``model``; returns the swapped pools (for
     :func:`restore_pools`)."""
     sparse = {id(conv) for conv in convolutions if isinstance(conv, nn.Conv2d)}
     links: dict[int, tuple[nn.Module, set[int]]] = {}
-    for module in model.modules():
-        if (
-            not isinstance(module, nn.Sequential)
-            or type(module).forward is not nn.Sequential.forward
-        ):
-            continue
-        children = list(module._modules.values())
+    for children in plain_sequential_children(model):
         for conv, relu, pool in zip(children, children[1:], children[2:], strict=False):
             if (
                 id(conv) in sparse
@@ -320,17 +343,9 @@ def fuse_pools(model: nn.Module, convolutions: list[nn.Module]) -> list[nn.Modul
                 and non_overlapping(pool)
             ):
                 links.setdefault(id(pool), (pool, set()))[1].add(id(conv))
-    pools = []
-    for pool, convs in links.values():
-        pool.__class__ = FusedMaxPool2d
-        pool.tinyprop_fused_convs = frozenset(convs)
-        pool._tinyprop_original_class = nn.MaxPool2d  # what it computes (the exporter reads it)
-        pools.append(pool)
-    return pools
+    return swap_classes(links, FusedMaxPool2d, nn.MaxPool2d)
 
 
 def restore_pools(pools: list[nn.Module]) -> None:
     """Undo :func:`fuse_pools`."""
-    for pool in pools:
-        pool.__class__ = nn.MaxPool2d
-        del pool.tinyprop_fused_convs, pool._tinyprop_original_class
+    restore_classes(pools, nn.MaxPool2d)

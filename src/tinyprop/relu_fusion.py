@@ -28,7 +28,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tinyprop.pool_fusion import fusion_allowed
+from tinyprop.pool_fusion import (
+    fusion_allowed,
+    plain_sequential_children,
+    restore_classes,
+    swap_classes,
+)
 
 # the attribute of a fused ReLU's output x that holds (y, the ReLU module, x's version)
 RELU_INPUT = "_tinyprop_relu_input"
@@ -88,27 +93,13 @@ def fuse_relus(model: nn.Module, convolutions: list[nn.Module]) -> list[nn.Modul
     :func:`restore_relus`)."""
     sparse = {id(conv) for conv in convolutions if isinstance(conv, nn.Conv2d)}
     links: dict[int, tuple[nn.Module, set[int]]] = {}
-    for module in model.modules():
-        if (
-            not isinstance(module, nn.Sequential)
-            or type(module).forward is not nn.Sequential.forward
-        ):
-            continue
-        children = list(module._modules.values())
+    for children in plain_sequential_children(model):
         for relu, conv in zip(children, children[1:], strict=False):
             if type(relu) is nn.ReLU and not relu.inplace and id(conv) in sparse:
                 links.setdefault(id(relu), (relu, set()))[1].add(id(conv))
-    relus = []
-    for relu, convs in links.values():
-        relu.__class__ = ConvInputReLU
-        relu.tinyprop_fused_convs = frozenset(convs)
-        relu._tinyprop_original_class = nn.ReLU  # what it computes (the exporter reads it)
-        relus.append(relu)
-    return relus
+    return swap_classes(links, ConvInputReLU, nn.ReLU)
 
 
 def restore_relus(relus: list[nn.Module]) -> None:
     """Undo :func:`fuse_relus`."""
-    for relu in relus:
-        relu.__class__ = nn.ReLU
-        del relu.tinyprop_fused_convs, relu._tinyprop_original_class
+    restore_classes(relus, nn.ReLU)
