@@ -813,7 +813,8 @@ def _decide_step(
                 )
             state.deciding = True  # an output= before sparse layers: no step work in them
             try:
-                scores, output_grad = _output_error(losses, output, sample_dim)  # (B,) Y_L
+                # (B,) Y_L; ∂ Σ losses / ∂ output; whether the losses are row cross-entropy
+                scores, output_grad, row_cross_entropy = _output_error(losses, output, sample_dim)
             except FloatingPointError as error:
                 if not passes_on:
                     raise
@@ -827,7 +828,7 @@ def _decide_step(
                 not distributed
                 and reads_are_free(output.device)
                 and getattr(output.grad_fn, "_forward_cls", None) is SparseBackprop
-                and is_row_cross_entropy(losses, output)
+                and row_cross_entropy
             ):
                 step.decision_gradient = (output, output_grad)
             if state.output_error_max_unchecked:
@@ -1069,9 +1070,10 @@ def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, grad
         )
 
 
-def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tensor, Tensor]:
-    """Y_L of every sample: Σ |∂loss_n / ∂output_n|, (B,) float64; and ∂ Σ losses / ∂ output
-    (the output's shape), which the coupled-loss check reuses."""
+def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tensor, Tensor, bool]:
+    """Y_L of every sample: Σ |∂loss_n / ∂output_n|, (B,) float64; ∂ Σ losses / ∂ output
+    (the output's shape), which the coupled-loss check reuses; and whether the losses are
+    per-sample cross-entropy of the output (:func:`is_row_cross_entropy`)."""
     batch = losses.shape[0]
     if isinstance(sample_dim, bool) or not isinstance(sample_dim, int):
         raise TypeError(f"sample_dim must be an int (0, or 1 for (T, B, ...)), got {sample_dim!r}")
@@ -1096,7 +1098,8 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
             "computed under torch.no_grad, so the losses cannot come from it; pass output= "
             "the tensor the losses were computed from, as it is"
         )
-    if is_row_cross_entropy(losses, output) and not output._backward_hooks:
+    row_cross_entropy = is_row_cross_entropy(losses, output)
+    if row_cross_entropy and not output._backward_hooks:
         grad = row_cross_entropy_gradient(losses)  # the same, without a backward pass
     else:
         (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
@@ -1127,7 +1130,7 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
             f"the output error is NaN or infinite for samples {bad[:10]} (the loss is finite "
             "but its gradient is not); no update was applied"
         )
-    return error, grad
+    return error, grad, row_cross_entropy
 
 
 def _check_sample_dim(losses: Tensor, output: Tensor, grad: Tensor, sample_dim: int, others):
