@@ -118,7 +118,7 @@ class SparseBackprop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if not getattr(ctx, "relu_fused", False):
+        if not ctx.relu_fused:
             return SparseBackprop.layer_backward(ctx, grad_output, None)
         relu = {"masked": False}  # the ReLU's output x, and whether a native kernel masked
         grad_input, *rest = SparseBackprop.layer_backward(ctx, grad_output, relu)

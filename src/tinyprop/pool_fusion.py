@@ -120,7 +120,9 @@ class PooledSparseBackprop(torch.autograd.Function):
             bias_dtype=ctx.bias_dtype, needs_input_grad=ctx.needs_input_grad,
             saved_tensors=(x, weight), local_errors=local_errors, bias_sum=bias_sum,
         )  # fmt: skip
-        grad_input, grad_weight, grad_bias = SparseBackprop.backward(convolution, delta)[:3]
+        grad_input, grad_weight, grad_bias = SparseBackprop.layer_backward(
+            convolution, delta, None
+        )[:3]
         return grad_input, grad_weight, grad_bias, None, None, None
 
 

@@ -497,7 +497,7 @@ def conv_backward(
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input), _address(scratch), threads, int(relu_mask),
     )  # fmt: skip
-    _check_conv_status(status, "tp_conv_backward_planes_f32", column, shape)
+    _check_conv_status(status, "tp_conv_backward_planes_relu_f32", column, shape)
     return grad_input, grad_weight
 
 
