@@ -33,6 +33,12 @@ int tp_conv_backward_planes_f32(const float *, const float *, const int64_t *, c
                                 float *, int64_t);
 int tp_plane_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                                const int64_t *, const float *, float *, float *, int64_t);
+int tp_conv_backward_planes_relu_f32(const float *, const float *, const int64_t *,
+                                     const int64_t *, const int64_t *, const int64_t *,
+                                     const float *, float *, float *, float *, int64_t, int64_t);
+int tp_plane_conv_backward_relu_f32(const float *, const float *, const int64_t *,
+                                    const int64_t *, const int64_t *, const float *, float *,
+                                    float *, int64_t, int64_t);
 void tp_channels_last_f32(const float *, const int64_t *, float *, int64_t);
 void tp_channels_first_f32(const float *, const int64_t *, float *, int64_t);
 int tp_relu_unpool_f32(const float *, const float *, const int64_t *, int64_t, int64_t, int64_t,
@@ -280,6 +286,13 @@ static float conv_madd(float acc, float v, float w, int64_t cg) {
     return acc + v * w;
 }
 
+/* ReLU's backward on a convolution's input gradient g (n floats) at its input x = ReLU(y), in
+ * place: zero (+0) where x <= 0, g kept elsewhere (x NaN too), as threshold_backward(g, x, 0). */
+static void relu_backward(float *g, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] <= 0.0f) g[i] = 0.0f;
+}
+
 static int check_conv(int64_t threads) {
     int kind = rand() % 5;
     int64_t groups = 1 + rand() % 3, cg = rand() % 4 ? 1 + rand() % 3 : 16 * (1 + rand() % 2);
@@ -349,6 +362,17 @@ static int check_conv(int64_t threads) {
         if (memcmp(planes + i, expected + i, sizeof(float))) status = 1;
     for (int64_t i = 0; status == 0 && i < cout * kh * kw * cg; i++)
         if (memcmp(planes_weight + i, grad_weight + i, sizeof(float))) status = 1;
+    /* with relu_mask (x is a ReLU's output): the same gradient through the ReLU's backward */
+    relu_backward(grad_input, x, size);
+    if (status == 0) tp_channels_first_f32(grad_input, layout, expected, threads);
+    if (status == 0 && tp_conv_backward_planes_relu_f32(x, weight, shape, pads, row_start, column,
+                                                        value, planes_weight, planes, scratch,
+                                                        threads, 1))
+        status = 1;
+    for (int64_t i = 0; status == 0 && i < batch * cin * height * width; i++)
+        if (memcmp(planes + i, expected + i, sizeof(float))) status = 1;
+    for (int64_t i = 0; status == 0 && i < cout * kh * kw * cg; i++)
+        if (memcmp(planes_weight + i, grad_weight + i, sizeof(float))) status = 1;
     free(planes), free(expected), free(scratch), free(planes_weight);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input);
@@ -398,6 +422,13 @@ static int check_plane_conv(int64_t threads) {
                         plane[row * in_w + col] += value[e] * weight[(ch * kh + ky) * kw + kx];
                 }
         }
+    for (int64_t i = 0; status == 0 && i < size; i++)
+        if (memcmp(grad_input + i, expected + i, sizeof(float))) status = 1;
+    /* with relu_mask (x is a ReLU's output): the same gradient through the ReLU's backward */
+    relu_backward(expected, x, size);
+    if (status == 0 && tp_plane_conv_backward_relu_f32(x, weight, shape, row_start, column, value,
+                                                       grad_weight, grad_input, threads, 1))
+        status = 1;
     for (int64_t i = 0; status == 0 && i < size; i++)
         if (memcmp(grad_input + i, expected + i, sizeof(float))) status = 1;
     free(expected);
