@@ -1929,6 +1929,14 @@ typedef struct {
 } pool_call;
 
 #if defined(__AVX512F__) && defined(__GNUC__)
+/* One more entry v of 16 windows, at offset `at` from each window's first entry, taken where
+ * it is greater than the maximum m so far or NaN (PyTorch's rule); offset: each window's. */
+static inline void pool_take(__m512 *m, __m512i *offset, __m512 v, __m512i at) {
+    __mmask16 take = _mm512_cmp_ps_mask(v, *m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    *m = _mm512_mask_mov_ps(*m, take, v);
+    *offset = _mm512_mask_mov_epi32(*offset, take, at);
+}
+
 /* pool_part's windows of 2x2, 16 at a time across an output row (its rows are short: 14 or 7
  * entries in a small CNN, too few for the compiler's vectors): the first entry a of each
  * window taken as it is (the rule takes it whatever it is, or keeps -inf at its index: the
@@ -1958,21 +1966,9 @@ static void pool_2x2(const pool_call *c, int64_t first, int64_t end) {
                 __m512 b1 = _mm512_maskz_loadu_ps(high, bottom + 2 * j + 16);
                 __m512 m = _mm512_permutex2var_ps(t0, even, t1); /* a */
                 __m512i offset = _mm512_setzero_si512();
-                __m512 v = _mm512_permutex2var_ps(t0, odd, t1); /* b */
-                __mmask16 take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) |
-                                 _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                m = _mm512_mask_mov_ps(m, take, v);
-                offset = _mm512_mask_mov_epi32(offset, take, one);
-                v = _mm512_permutex2var_ps(b0, even, b1); /* c */
-                take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) |
-                       _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                m = _mm512_mask_mov_ps(m, take, v);
-                offset = _mm512_mask_mov_epi32(offset, take, below);
-                v = _mm512_permutex2var_ps(b0, odd, b1); /* d */
-                take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) |
-                       _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                m = _mm512_mask_mov_ps(m, take, v);
-                offset = _mm512_mask_mov_epi32(offset, take, below_next);
+                pool_take(&m, &offset, _mm512_permutex2var_ps(t0, odd, t1), one);         /* b */
+                pool_take(&m, &offset, _mm512_permutex2var_ps(b0, even, b1), below);      /* c */
+                pool_take(&m, &offset, _mm512_permutex2var_ps(b0, odd, b1), below_next);  /* d */
                 _mm512_mask_storeu_ps(out + j, outs, m);
                 __m512i at = _mm512_add_epi64(_mm512_set1_epi64(2 * i * width + 2 * j), lane);
                 __m512i first8 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(offset));
