@@ -1,30 +1,34 @@
-"""What a tinypropv2 step of the mnist finetune run must at least cost: the same algorithm
-written out by hand in plain PyTorch (no autograd graph, no per-layer Python machinery, no
-ledger or checks), against the library's ``full`` and ``tinypropv2`` steps, plain PyTorch's
-dense step and the forward, loss and Adam alone.
+"""What a tinypropv2 step of a finetune run (mnist or har) must at least cost: the same
+algorithm written out by hand in plain PyTorch (no autograd graph, no per-layer Python
+machinery, no ledger or checks), against the library's ``full`` and ``tinypropv2`` steps,
+plain PyTorch's dense step and the forward, loss and Adam alone.
 
-The hand-written step (:class:`HandWrittenStep`) runs on the run's MLP 784-128-64-10: the
-forward without a graph, δ_L from PyTorch's cross-entropy backward kernels, Y_L and the
-skip decision D >= τ on Python floats (:func:`tinyprop.functional.scalar_skip_decision`), then
-for each layer from the output down, on the trained rows only: Y_l, Ymax_l and k
-(:func:`tinyprop.functional.scalar_keep_counts`), the top-k of |δ| (``tinyprop.native.topk``),
-the bias and weight gradients and the next δ (ReLU's mask; the products on the masked δ, or
-the native kernel on the kept entries below the library's density limit), then Adam. It takes
-the same skips and k and gives the same weights as the library's step (``--check`` compares
-them step by step, and the weights after the steps bit for bit), so its time is what the
-algorithm costs when the bookkeeping around it is free: the floor any implementation of the
-step in PyTorch operations has to beat.
+The hand-written step (:class:`HandWrittenStep`) runs on the run's plain ``nn.Sequential``
+(mnist's MLP 784-128-64-10, har's CNN of three Conv1d, ReLU, max / average pooling and a
+Linear): the forward without a graph, keeping each module's input, δ_L from PyTorch's
+cross-entropy backward kernels, Y_L and the skip decision D >= τ on Python floats
+(:func:`tinyprop.functional.scalar_skip_decision`), then for each module from the output down,
+on the trained rows only: a sparse layer's Y_l, Ymax_l and k
+(:func:`tinyprop.functional.scalar_keep_counts`), its bias gradient and the library's own
+per-layer kernels for the kept entries (``tinyprop.autograd._gradients``: the native top-k,
+then the native kernels, PyTorch's sparse products or the dense ones on the masked δ, as the
+library chooses); ReLU's and the pools' backward by the aten kernels autograd runs
+(``threshold_backward``, ``max_pool2d_with_indices_backward`` with the indices found on the
+trained rows, ``avg_pool2d_backward``); then Adam. It takes the same skips and k and gives the
+same weights as the library's step (``--check`` compares them step by step, and the weights
+after the steps bit for bit), so its time is what the algorithm costs when the bookkeeping
+around it is free: what a graph-free step of the library could reach.
 
 Run:
-    python benchmarks/finetune_floor.py            # one thread, process time, interleaved
-    python benchmarks/finetune_floor.py --check    # the same skips, k and weights as the library
+    python benchmarks/finetune_floor.py            # mnist, one thread, process time, chunks
+    python benchmarks/finetune_floor.py --dataset har --runs 10   # whole runs, interleaved
+    python benchmarks/finetune_floor.py --check --dataset har     # the library's skips, k, weights
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import os
 import statistics
 import time
@@ -37,34 +41,44 @@ from torch import nn
 
 import tinyprop
 from tinyprop import native
-from tinyprop.autograd import NATIVE_DENSE_KERNEL_DENSITY
+from tinyprop.autograd import _gradients
 from tinyprop.functional import scalar_keep_counts, scalar_running_max, scalar_skip_decision
+from tinyprop.patches import patches_for
 
 aten = torch.ops.aten
+SPARSE = (nn.Linear, nn.Conv1d)  # the layers tinyprop backpropagates sparsely
 
 
 class HandWrittenStep:
-    """One tinypropv2 training step of a Flatten-Linear-ReLU-...-Linear model, by hand."""
+    """One tinypropv2 training step of a plain ``nn.Sequential`` of Linear, Conv1d, ReLU,
+    MaxPool1d, AvgPool1d and Flatten modules (the finetune runs' MLP and har CNN), by hand."""
 
     def __init__(self, model: nn.Sequential, optimizer, config: tinyprop.TinyPropConfig):
-        self.layers = [module for module in model if isinstance(module, nn.Linear)]
+        self.modules = list(model)
+        self.layers = [module for module in model if isinstance(module, SPARSE)]
         self.model, self.optimizer, self.config = model, optimizer, config
+        self.parameters = list(model.parameters())
         self.output_error_max = 0.0  # Ymax_L, kept in float32 as the library's buffer
         self.error_max = [0.0] * len(self.layers)  # Ymax_l, float32 as well
         self.last_keep: dict[int, list[int]] = {}  # k of each layer's trained rows, last step
         self.last_trained = 0
+        self.geometries: dict = {}  # each layer's patch geometry per input shape
+        self.first_trainable = next(
+            position
+            for position, module in enumerate(self.modules)
+            if any(parameter.requires_grad for parameter in module.parameters())
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        config, layers = self.config, self.layers
-        for parameter in self.model.parameters():
+        config = self.config
+        for parameter in self.parameters:
             parameter.grad = None
         with torch.no_grad():
-            inputs = [x.flatten(1)]  # each layer's input: (B, in)
-            for index, layer in enumerate(layers):
-                z = F.linear(inputs[-1], layer.weight, layer.bias)  # (B, out)
-                inputs.append(torch.relu(z) if index < len(layers) - 1 else z)
-            output = inputs.pop()  # (B, C) logits
-            log_probabilities = torch.log_softmax(output, 1)
+            inputs, output = [], x  # each module's input
+            for module in self.modules:
+                inputs.append(output)
+                output = module(output)  # a max pool without its indices (the same values)
+            log_probabilities = torch.log_softmax(output, 1)  # (B, C) from the logits
             F.nll_loss(log_probabilities, y, reduction="none")  # the losses (B,)
             batch = len(y)
             ones = torch.ones(()).expand(batch)  # (B,) ∂ Σ losses / ∂ loss_n
@@ -82,34 +96,74 @@ class HandWrittenStep:
             self.last_trained = len(rows)
             if not rows:
                 return
-            index = torch.tensor(rows)  # (R,)
+            index = torch.tensor(rows)  # (R,) the trained samples
             unit = 1.0 / batch  # δ per unit of one sample's loss
             delta = gradient.index_select(0, index) * unit  # (R, C) δ_L of the trained rows
-            for number in reversed(range(len(layers))):
-                layer, depth = layers[number], len(layers) - 1 - number
-                errors = [value / unit for value in delta.abs().sum(1).tolist()]  # (R,) Y_l
-                maxima = scalar_running_max(errors, self.error_max[number])
-                self.error_max[number] = float(np.float32(maxima[-1]))
-                keep = scalar_keep_counts(
-                    errors, maxima, config.s_min, config.s_max, config.zeta, depth,
-                    delta.shape[1], 1.0,
-                )  # fmt: skip
-                self.last_keep[number] = keep
-                layer_input = inputs[number].index_select(0, index)  # (R, in)
-                layer.bias.grad = delta.sum(0)  # (out,) from the whole δ
-                if sum(keep) > NATIVE_DENSE_KERNEL_DENSITY * delta.numel():  # as the library
-                    masked = native.topk(delta, torch.tensor(keep), masked=True)  # (R, out)
-                    layer.weight.grad = torch.mm(masked.t(), layer_input)  # (out, in)
-                    grad_input = torch.mm(masked, layer.weight) if number else None  # (R, in)
-                else:  # the native kernel on the kept entries
-                    _, column, value = native.topk(delta, torch.tensor(keep), with_rows=False)
-                    row_start = torch.tensor(list(itertools.accumulate(keep, initial=0)))
-                    grad_input, layer.weight.grad = native.linear_backward(
-                        layer_input, layer.weight, row_start, column, value, number > 0, True
-                    )  # (R, in), (out, in)
-                if number:  # δ of the layer below, through its ReLU
-                    delta = grad_input * (layer_input > 0)  # (R, in)
+            number = len(self.layers)
+            for position in reversed(range(len(self.modules))):
+                module, below = self.modules[position], inputs[position].index_select(0, index)
+                if isinstance(module, SPARSE):
+                    number -= 1
+                    needs_input = position > self.first_trainable  # a layer below trains
+                    delta = self.layer_backward(number, module, below, delta, unit, needs_input)
+                elif isinstance(module, nn.ReLU):  # ReLU's backward, on its output
+                    delta = aten.threshold_backward(
+                        delta, inputs[position + 1].index_select(0, index), 0
+                    )
+                elif isinstance(module, nn.MaxPool1d):  # as a 2-D pool of height 1
+                    _, pool_index = aten.max_pool1d_with_indices(  # of the trained rows
+                        below, [module.kernel_size], [module.stride]
+                    )  # (R, C, L / 2)
+                    delta = aten.max_pool2d_with_indices_backward(
+                        delta.unsqueeze(2), below.unsqueeze(2), [1, module.kernel_size],
+                        [1, module.stride], [0, 0], [1, 1], False, pool_index.unsqueeze(2),
+                    ).squeeze(2)  # fmt: skip
+                elif isinstance(module, nn.AvgPool1d):  # as a 2-D pool of height 1
+                    delta = aten.avg_pool2d_backward(
+                        delta.unsqueeze(2), below.unsqueeze(2), [1, *module.kernel_size],
+                        [1, *module.stride], [0, *module.padding], module.ceil_mode,
+                        module.count_include_pad, None,
+                    ).squeeze(2)  # fmt: skip
+                else:  # Flatten
+                    delta = delta.reshape(below.shape)
+                if delta is None:
+                    break
         self.optimizer.step()
+
+    def layer_backward(self, number, layer, x, delta, unit, needs_input):
+        """The sparse layer's backward on the trained rows: its kept entries, the bias and
+        weight gradients (set), the input gradient (R, ...) or None."""
+        config, depth = self.config, len(self.layers) - 1 - number
+        key = (number, x.shape)
+        geometry = self.geometries.get(key)
+        if geometry is None:
+            geometry = self.geometries[key] = patches_for(layer, x.shape, layer.weight.shape)
+        flat = delta.reshape(len(x), -1)  # (R, N)
+        errors = [value / unit for value in flat.abs().sum(1).tolist()]  # (R,) Y_l
+        rows = [row for row, error in enumerate(errors) if error > 0]  # a zero δ keeps nothing
+        if len(rows) < len(errors):
+            flat, errors = flat[rows], [errors[row] for row in rows]  # (R', N), (R',)
+        if not rows:  # as the library: zero gradients, Adam still steps the moments
+            layer.weight.grad = torch.zeros_like(layer.weight)
+            layer.bias.grad = torch.zeros_like(layer.bias)
+            return torch.zeros_like(x) if needs_input else None
+        maxima = scalar_running_max(errors, self.error_max[number])
+        self.error_max[number] = float(np.float32(maxima[-1]))
+        keep = scalar_keep_counts(
+            errors, maxima, config.s_min, config.s_max, config.zeta, depth, flat.shape[1], 1.0
+        )
+        self.last_keep[number] = keep
+        layer.bias.grad = flat.view(len(rows), geometry.channels_out, -1).sum((0, 2))  # (C_out,)
+        grad_input, layer.weight.grad, _ = _gradients(
+            select, geometry, x, layer.weight, torch.tensor(rows), flat,
+            torch.tensor(keep), False, needs_input, True, None, (rows, keep),
+        )  # fmt: skip
+        return grad_input
+
+
+def select(flat, keep, masked=False, with_rows=True, total=None):
+    """The kept entries of δ (R, N): top-|δ|, the library's native selection."""
+    return native.topk(flat, keep, masked=masked, with_rows=with_rows, total=total)
 
 
 def steps(workload: dict) -> dict:
@@ -158,7 +212,7 @@ def check(workload: dict, count: int) -> None:
     optimizer = workload["optimizer"](model)
     hand_model = copy.deepcopy(workload["model"])
     hand = HandWrittenStep(hand_model, workload["optimizer"](hand_model), config)
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = [name for name, module in model.named_modules() if isinstance(module, SPARSE)]
     differing = 0
     for x, y in workload["batches"][:count]:
         stats = tinyprop.train_step(model, x, y, workload["loss"], optimizer)
@@ -193,6 +247,28 @@ def measure(workload: dict, rounds: int, chunk: int) -> None:
                 function(*batches[step % len(batches)])
             if round_index:
                 times[label].append((time.process_time() - start) / chunk * 1e3)
+    report(times)
+
+
+def measure_runs(workload: dict, repeats: int) -> None:
+    """Process time per step of whole runs (every batch of the run once, from the pretrained
+    weights and fresh running state), each step kind in turn, ``repeats`` times after one
+    untimed run each; each repeat's ratio to the library's ``full`` run."""
+    batches = workload["batches"]
+    times: dict[str, list[float]] = {}
+    for repeat in range(repeats + 1):
+        for label, function in steps(workload).items():  # fresh copies, untimed
+            start = time.process_time()
+            for batch in batches:
+                function(*batch)
+            if repeat:
+                elapsed = (time.process_time() - start) / len(batches) * 1e3
+                times.setdefault(label, []).append(elapsed)
+    report(times)
+
+
+def report(times: dict[str, list[float]]) -> None:
+    """A table of each step kind's median ms per step and its ratio to ``full``'s."""
     full = times["full"]
     print("| step                   | ms (median) | vs full (quartiles) |")
     print("|------------------------|-------------|---------------------|")
@@ -209,14 +285,19 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=20, help="steps per chunk")
     parser.add_argument("--check", action="store_true", help="compare with the library's step")
     parser.add_argument("--steps", type=int, default=200, help="steps compared by --check")
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "har"])
+    parser.add_argument("--runs", type=int, default=0, help="time whole runs instead, N times")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the bench runs
-    workload = finetune_workload("mnist")
+    workload = finetune_workload(args.dataset)
     if args.check:
         check(workload, args.steps)
         return
     start_load = os.getloadavg()[0]
-    measure(workload, args.rounds, args.chunk)
+    if args.runs:
+        measure_runs(workload, args.runs)
+    else:
+        measure(workload, args.rounds, args.chunk)
     print(f"load average {start_load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
 
 
