@@ -17,7 +17,9 @@ library chooses); ReLU's and the pools' backward by the aten kernels autograd ru
 trained rows, ``avg_pool2d_backward``); then Adam. It takes the same skips and k and gives the
 same weights as the library's step (``--check`` compares them step by step, and the weights
 after the steps bit for bit), so its time is what the algorithm costs when the bookkeeping
-around it is free: what a graph-free step of the library could reach.
+around it is free: what a graph-free step of the library could reach. Beside it, the
+graph-free prototype of ``graph_free_step.py``: the library's own step without an autograd
+graph, its bookkeeping included (``--check`` compares it with ``tinyprop.train_step`` too).
 
 Run:
     python benchmarks/finetune_floor.py            # mnist, one thread, process time, chunks
@@ -36,6 +38,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from graph_free_step import GraphFreeStep
 from speed_floor import finetune_workload
 from torch import nn
 
@@ -195,12 +198,14 @@ def steps(workload: dict) -> dict:
         alone_optimizer.step()
 
     hand = copy.deepcopy(workload["model"])
+    graph_free = tinyprop.apply(copy.deepcopy(workload["model"]), config)
     return {
         "full": library(tinyprop.TinyPropConfig(policy="full")),
         "tinypropv2": library(config),
         "plain PyTorch, dense": plain_step,
         "forward + loss + Adam": forward_loss_adam,
         "tinypropv2 by hand": HandWrittenStep(hand, make(hand), config),
+        "tinypropv2 graph-free": GraphFreeStep(graph_free, make(graph_free)),
     }
 
 
@@ -232,6 +237,36 @@ def check(workload: dict, count: int) -> None:
     )
     print(f"{count} steps: {differing} with other skips or k; weights after them "
           f"{'equal bit for bit' if equal else f'differ by at most {largest:.3g}'}")  # fmt: skip
+    check_graph_free(workload, count)
+
+
+def check_graph_free(workload: dict, count: int) -> None:
+    """The graph-free prototype against ``tinyprop.train_step``: the step's trained samples,
+    k, kernels and ledger at every step; the weights and running state (the state dict) and
+    the optimizer state after ``count`` steps, bit for bit."""
+    config, make = workload["policy"][1], workload["optimizer"]
+    models = [tinyprop.apply(copy.deepcopy(workload["model"]), config) for _ in range(2)]
+    optimizers = [make(model) for model in models]
+    graph_free = GraphFreeStep(models[1], optimizers[1])
+    differing = 0
+    for x, y in workload["batches"][:count]:
+        stats = tinyprop.train_step(models[0], x, y, workload["loss"], optimizers[0])
+        other = graph_free(x, y)
+        fields = (stats.trained, stats.stepped, stats.macs, stats.kernels, list(stats.keep))
+        same = fields == (other.trained, other.stepped, other.macs, other.kernels, list(other.keep))
+        same = same and all(torch.equal(stats.keep[name], other.keep[name]) for name in stats.keep)
+        differing += not same
+    states = [model.state_dict() for model in models]
+    equal = all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    parameters = zip(models[0].parameters(), models[1].parameters(), strict=True)
+    moments = all(
+        torch.equal(optimizers[0].state[a][key], optimizers[1].state[b][key])
+        for a, b in parameters
+        for key in optimizers[0].state[a]
+    )
+    print(f"graph-free: {differing} of {count} steps with other skips, k, kernels or ledger; "
+          f"weights and running state {'equal' if equal else 'DIFFERENT'}, optimizer state "
+          f"{'equal' if moments else 'DIFFERENT'} after them")  # fmt: skip
 
 
 def measure(workload: dict, rounds: int, chunk: int) -> None:
