@@ -58,6 +58,26 @@ def test_unreadable_model_file_gets_one_line(tmp_path, capsys, content):
     assert "is not a readable torch file" in _one_line_error(capsys)
 
 
+def test_a_model_file_damaged_in_a_weight_is_refused(tmp_path, capsys):
+    """One bit flipped in a tensor's record: PyTorch's reader loads the file (the weight
+    changed); the record's CRC-32 tells, and nothing is written."""
+    import struct
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    torch.save(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name, extra = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    data[record.header_offset + 30 + name + extra + 2] ^= 0x40  # a weight's exponent bit
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=False) is not None  # PyTorch reads it as it is
+    assert export_main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "is damaged: a record fails its check (Bad CRC-32 for file" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_tinyprop_layers_are_refused_with_what_to_do(tmp_path, capsys):
     net = tinyprop.apply(models.build("har"), tinyprop.TinyPropConfig())
     torch.save(net, tmp_path / "applied.pt")

@@ -4,13 +4,16 @@
 builds tensors, containers and numbers and nothing else. A whole pickled model (``torch.save(
 model)``) is loaded through the same unpickler with PyTorch's own ``torch.nn`` layer classes
 allow-listed, so a file naming any other class or function is refused before anything in it
-runs.
+runs. The records of a zip file (what ``torch.save`` writes) are checked against their CRC-32
+first: PyTorch's reader does not check them, and a file damaged in a tensor's record loaded with
+that weight changed, silently.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -46,6 +49,12 @@ def load_model_file(path: Path) -> object:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"model file {path} {what}")
+    damaged = damaged_record(path)
+    if damaged is not None:
+        raise UnsafeModelFileError(
+            f"{path} is damaged: {damaged}; nothing was exported (its weights would be wrong). "
+            "Copy or save the file again (torch.save)"
+        )
     try:
         with torch.serialization.safe_globals(list(ALLOWED_MODULES)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -61,6 +70,25 @@ def load_model_file(path: Path) -> object:
         raise UnsafeModelFileError(
             f"{path} is not a readable torch file ({reason}); give a file written by torch.save"
         ) from None
+
+
+def damaged_record(path: Path, chunk: int = 1 << 20) -> str | None:
+    """What is wrong with the zip file ``path`` when one of its records (a tensor's bytes, the
+    pickle) does not match the CRC-32 stored for it, or its directory cannot be read; None for
+    a sound zip file and for a file that is no zip (``torch.load`` says what that is)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as record:  # BadZipFile at its end on a CRC mismatch
+                    while record.read(chunk):
+                        pass
+    except zipfile.BadZipFile as error:
+        return f"a record fails its check ({str(error).rstrip('.')})"
+    except (OSError, ValueError, EOFError, NotImplementedError, UnicodeDecodeError) as error:
+        return f"its zip directory is unreadable ({type(error).__name__}: {str(error)[:80]})"
+    return None
 
 
 def is_tensor_dict(value: object) -> bool:
