@@ -457,3 +457,87 @@ def test_hostile_export_arguments_are_refused_before_writing(tmp_path, arguments
         export_c(_small_mlp(), tinyprop.TinyPropConfig(), tmp_path / "out", shape, optimizer(),
                  **arguments)  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def _aliased(kind: str) -> nn.Sequential:
+    """A model whose parameters share memory: views of one tensor (a file keeps them so)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    flat = torch.randn(64)
+    if kind == "overlapping views":  # layer 2's weight is part of layer 0's
+        net[0].weight = nn.Parameter(flat[0:16].view(4, 4))
+        net[2].weight = nn.Parameter(flat[4:16].view(3, 4))
+    elif kind == "bias inside the weight":
+        net[0].weight = nn.Parameter(flat[0:16].view(4, 4))
+        net[0].bias = nn.Parameter(flat[12:16])
+    elif kind == "overlapping rows":  # 7 places for 16 values
+        net[0].weight = nn.Parameter(flat.as_strided((4, 4), (1, 1)))
+    elif kind == "expanded":
+        net[0].weight = nn.Parameter(flat[:4].expand(4, 4))
+    elif kind == "disjoint views":  # one flat buffer, every parameter its own part: fine
+        for index, layer in ((0, net[0]), (2, net[2])):
+            size = layer.weight.numel()
+            start = 0 if index == 0 else 20
+            layer.weight = nn.Parameter(flat[start : start + size].view_as(layer.weight))
+            layer.bias = nn.Parameter(flat[start + size : start + size + layer.out_features])
+    return net
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("overlapping views", "layer '2's weight and layer '0's weight share memory"),
+        ("bias inside the weight", "layer '0's bias and layer '0's weight share memory"),
+        ("overlapping rows", "layer '0' has a weight of shape (4, 4) whose values overlap"),
+        ("expanded", "layer '0' has a weight of shape (4, 4) whose values overlap"),
+    ],
+)
+def test_parameters_sharing_memory_are_refused(tmp_path, capsys, kind, expected):
+    """Parameters that are views of one tensor (saved so in the file) train together in
+    PyTorch, or cannot train at all (overlapping elements); the exporter wrote each value once
+    per parameter, and the device trained them apart, silently."""
+    torch.save(_aliased(kind), tmp_path / "model.pt")
+    assert export_main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert expected in line and "clone()" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_disjoint_views_of_one_buffer_export_exactly(tmp_path):
+    """Parameters placed side by side in one flat buffer (as some training frameworks keep
+    them) share no value: exported, each with its own values."""
+    net = _aliased("disjoint views")
+    layers = export_c(net, tinyprop.TinyPropConfig("full"), tmp_path / "out").layers
+    assert np.array_equal(layers[2].weight, net[2].weight.detach().numpy().reshape(-1))
+    assert np.array_equal(layers[0].bias, net[0].bias.detach().numpy())
+
+
+def test_a_forward_replaced_on_the_module_is_refused():
+    """``layer.forward = ...`` on one module (a patch, a wrapper library): PyTorch runs it, the
+    exporter wrote the plain layer, silently."""
+    import types
+
+    from tinyprop.export import UnsupportedLayerError, describe
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    net[0].forward = types.MethodType(lambda self, x: 2 * nn.Linear.forward(self, x), net[0])
+    with pytest.raises(UnsupportedLayerError, match=r"layer '0' \(Linear\): its forward is rep"):
+        export_c(net, tinyprop.TinyPropConfig("full"), "never-written")
+    del net[0].forward
+    assert describe(net, (4,))[0].module_type == "Linear"
+
+
+@pytest.mark.parametrize("entry", ["none", "dropout nan", "dropout negative"])
+def test_sequential_entries_pytorch_cannot_run_get_one_line(tmp_path, capsys, entry):
+    """A file whose nn.Sequential holds None (an AttributeError traceback), or a Dropout whose
+    p is NaN or negative (left out as if p were 0; PyTorch refuses to train it)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.ReLU(), nn.Linear(8, 3))
+    if entry == "none":
+        net._modules["1"] = None
+    else:
+        net[1].p = float("nan") if entry == "dropout nan" else -0.5
+    torch.save(net, tmp_path / "model.pt")
+    assert export_main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert ("holds NoneType there" if entry == "none" else "the runtime has no dropout") in line
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ names any module it cannot run by its type and its path in the model.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -186,6 +187,16 @@ def _check_computes_its_base(path: str, module: nn.Module) -> None:
             path, module, "its weights are not drawn yet (a lazy layer before its first "
             "forward); run one forward pass of the model (e.g. model(example_batch)) first"
         )  # fmt: skip
+    replaced = [
+        name for name in vars(module) if inspect.isroutine(getattr(type(module), name, None))
+    ]
+    if replaced:
+        raise _unsupported(
+            path, module, f"its {replaced[0]} is replaced on the module itself (module."
+            f"{replaced[0]} = ...), so it may compute something else than its class (the C "
+            f"runtime and torch.fx run the class's {replaced[0]}); delete the attribute (del "
+            f"module.{replaced[0]}) or write the change as layers"
+        )  # fmt: skip
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     if any(getattr(hook, "__module__", None) != "tinyprop.model" for hook in hooks):
         raise _unsupported(
@@ -211,6 +222,12 @@ def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]
     if isinstance(model, nn.Sequential):
         leaves = []
         for name, child in model._modules.items():
+            if not isinstance(child, nn.Module):  # (PyTorch's forward would call it)
+                raise UnsupportedLayerError(
+                    f"cannot export layer '{prefix + '.' if prefix else ''}{name}': the "
+                    f"nn.Sequential holds {type(child).__name__} there, not a layer (its forward "
+                    "would fail); remove the entry (del model[i]) or put nn.Identity() there"
+                )
             leaves += _sequence(child, f"{prefix}.{name}" if prefix else name)
         return leaves
     return [(prefix or "<root>", model)]
@@ -296,9 +313,53 @@ def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedLayerErro
     )
 
 
-def _check_not_shared(path: str, module: nn.Module, owners: dict[int, str]) -> None:
+EXACT_OVERLAP_ELEMENTS = 1 << 22  # larger views whose ranges meet count as sharing memory
+
+
+def _element_offsets(tensor: torch.Tensor) -> np.ndarray:
+    """The storage offsets (in elements) of every element of ``tensor``, flattened."""
+    offsets = np.full((1,) * tensor.dim(), tensor.storage_offset(), dtype=np.int64)
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+        shape = [1] * tensor.dim()
+        shape[dim] = size
+        offsets = offsets + (np.arange(size, dtype=np.int64) * stride).reshape(shape)
+    return offsets.reshape(-1)
+
+
+def _overlaps_itself(tensor: torch.Tensor) -> bool:
+    """True when two elements of ``tensor`` are one place in memory (a stride of 0, an
+    ``as_strided`` view whose rows overlap): PyTorch cannot update such a parameter in place."""
+    if (
+        tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size()
+        or tensor.numel() > RUNTIME_MAX_ELEMENTS
+    ):
+        return False  # refused for its storage or its size (_as_float32), before any copy
+    reach = 0
+    dims = zip(tensor.stride(), tensor.shape, strict=True)
+    for stride, size in sorted((stride, size) for stride, size in dims if size > 1):
+        if stride <= reach:  # may overlap: count the distinct places
+            return stride == 0 or len(np.unique(_element_offsets(tensor))) < tensor.numel()
+        reach += stride * (size - 1)
+    return False
+
+
+def _extent(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, byte after the last) of ``tensor`` in its storage."""
+    size = tensor.element_size()
+    first = tensor.storage_offset() + sum(
+        (n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True) if st < 0
+    )
+    last = tensor.storage_offset() + sum(
+        (n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True) if st > 0
+    )
+    return tensor.untyped_storage().data_ptr(), first * size, (last + 1) * size
+
+
+def _check_not_shared(path: str, module: nn.Module, owners: dict[int, str], seen: dict) -> None:
     """Refuse a layer whose weight or bias is another layer's (a module held twice, tied
-    weights): the runtime gives every layer its own copy, which training would drift apart."""
+    weights), or shares memory with another parameter (views of one tensor, a file that makes
+    them so) or with itself: the runtime gives every layer and every value its own copy, which
+    training would drift apart from what PyTorch trains."""
     for name, tensor in module.named_parameters(recurse=False):
         if tensor.numel() == 0:
             continue
@@ -311,6 +372,34 @@ def _check_not_shared(path: str, module: nn.Module, owners: dict[int, str]) -> N
                 f"model[i].{name} = nn.Parameter(model[i].{name}.detach().clone()))"
             )
         owners.setdefault(key, path)
+        if tensor.is_meta:
+            continue
+        fix = (
+            "the C runtime gives every value its own place and would train them apart; export "
+            f"a copy of its own (e.g. model[i].{name} = nn.Parameter(model[i].{name}.detach()"
+            ".clone()))"
+        )
+        if _overlaps_itself(tensor):
+            raise UnsupportedLayerError(
+                f"layer '{path}' has a {name} of shape {tuple(tensor.shape)} whose values "
+                f"overlap in memory (strides {tuple(tensor.stride())}): PyTorch cannot train it; "
+                + fix
+            )
+        storage, low, high = _extent(tensor)
+        for other_path, other_name, other, other_low, other_high in seen.get(storage, []):
+            if (
+                low < other_high
+                and other_low < high
+                and (
+                    max(tensor.numel(), other.numel()) > EXACT_OVERLAP_ELEMENTS
+                    or len(np.intersect1d(_element_offsets(tensor), _element_offsets(other)))
+                )
+            ):
+                raise UnsupportedLayerError(
+                    f"layer '{path}'s {name} and layer '{other_path}'s {other_name} share memory "
+                    "(views of one tensor): training one changes the other in PyTorch; " + fix
+                )
+        seen.setdefault(storage, []).append((path, name, tensor, low, high))
 
 
 def _window(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
@@ -548,10 +637,11 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
     rank = len(input_shape)  # the PyTorch tensor rank of one sample, to check layer inputs
     layers: list[LayerSpec] = []
     owners: dict[int, str] = {}  # address of every weight and bias -> its first layer's path
+    seen: dict = {}  # storage address -> (path, name, tensor, first byte, byte after) so far
     for path, module in _layers_of(model, tuple(int(size) for size in input_shape)):
-        _check_not_shared(path, module, owners)
+        _check_not_shared(path, module, owners, seen)
         name = type(module).__name__
-        if isinstance(module, DROPOUTS) and module.p > 0:
+        if isinstance(module, DROPOUTS) and not module.p == 0:  # (NaN and p < 0 too)
             raise _unsupported(
                 path, module, f"p={module.p}: the runtime has no dropout; set its p to 0 or put "
                 "nn.Identity() in its place to export (training then runs without dropout)"
