@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -541,3 +542,22 @@ def test_sequential_entries_pytorch_cannot_run_get_one_line(tmp_path, capsys, en
     line = _one_line_error(capsys)
     assert ("holds NoneType there" if entry == "none" else "the runtime has no dropout") in line
     assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_the_package_or_the_runtime_is_refused(tmp_path):
+    """--out inside the installed package (or the C runtime it copies) wrote a Makefile,
+    main.c and a header among the library's own files; with --force over them."""
+    from tinyprop.export.runtime import runtime_dir
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    package = Path(tinyprop.__file__).resolve().parent
+    inside = package / "export" / f"exported-by-a-test-{os.getpid()}"
+    try:
+        for out in (inside, runtime_dir(), runtime_dir().parent):
+            with pytest.raises(ValueError, match="own files") as error:
+                export_c(net, tinyprop.TinyPropConfig("full"), out, force=True)
+            assert str(out) in str(error.value)
+        assert not inside.exists()
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+    assert export_c(net, tinyprop.TinyPropConfig("full"), tmp_path / "runtime").files

@@ -180,6 +180,7 @@ def export_c(
     if ram_bytes is not None and sram.total_bytes > ram_bytes:
         raise ValueError(too_little_ram(layers, config, optimizer, memory, ram_bytes, sram))
     out = Path(out_dir)
+    ownership.refuse_package_folders(out, Path(__file__).resolve().parents[1], runtime_dir())
     out.mkdir(parents=True, exist_ok=True)
     ownership.refuse_foreign_files(out, planned_files(samples is not None), force)
     files = []

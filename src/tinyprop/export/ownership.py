@@ -25,6 +25,28 @@ def _written(out: Path) -> dict[str, str]:
     return record if isinstance(record, dict) else {}
 
 
+def refuse_package_folders(out: Path, package: Path, runtime: Path) -> None:
+    """Raise ValueError when ``out`` lies inside the installed ``package`` or the C ``runtime``
+    it copies from, or would copy ``runtime`` onto itself (``out/runtime`` is it): an export
+    there wrote its Makefile, main.c and header among the library's own files (``--force``
+    replaced them), whatever ``force`` says."""
+    resolved = out.resolve()
+    for folder, what in ((package, "the installed tinyprop package"), (runtime, "the C runtime")):
+        folder = folder.resolve()
+        if resolved == folder:
+            where = f"is {what}"
+        elif folder in resolved.parents:
+            where = f"lies inside {what}"
+        elif (resolved / "runtime").resolve() == folder:
+            where = f"holds {what} as its runtime/ folder (the copy would be made onto itself)"
+        else:
+            continue
+        raise ValueError(
+            f"--out {out} {where} ({folder}); an export there would write among the library's "
+            "own files (--force replaced them). Choose a folder of your own"
+        )
+
+
 def refuse_foreign_files(out: Path, names: list[str], force: bool) -> None:
     """Raise FileExistsError naming the files among ``names`` (relative to ``out``) that exist
     and were not written, unchanged, by an earlier export; nothing when ``force``."""
