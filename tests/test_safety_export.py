@@ -561,3 +561,19 @@ def test_out_inside_the_package_or_the_runtime_is_refused(tmp_path):
     finally:
         shutil.rmtree(inside, ignore_errors=True)
     assert export_c(net, tinyprop.TinyPropConfig("full"), tmp_path / "runtime").files
+
+
+def test_too_little_ram_names_the_largest_layer_and_buffer(tmp_path, capsys):
+    """The refusal named the arena's total alone; now its parts, with the layer that holds
+    the most parameters and the largest buffer of one step."""
+    features = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+    net = nn.Sequential(*features, nn.Linear(16 * 14 * 14, 64), nn.ReLU(), nn.Linear(64, 10))
+    torch.save(net, tmp_path / "model.pt")
+    argv = [str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--input-shape", "1,28,28"]
+    assert export_main(argv + ["--sram", "64K", "--optimizer", "adam"]) == 2
+    line = _one_line_error(capsys)
+    weights = 4 * (16 * 14 * 14 * 64 + 64)
+    assert f"(the largest: layer '4' (Linear), {weights:,})" in line, line
+    output = 4 * 16 * 28 * 28
+    assert f"(the largest: layer '0' (Conv2d)'s top-k selection scratch, {2 * output:,})" in line
+    assert not (tmp_path / "out").exists()

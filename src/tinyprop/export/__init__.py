@@ -32,7 +32,13 @@ from tinyprop.export.graph import (
     inference_bytes,
 )
 from tinyprop.export.runtime import OptimizerSpec, check_config, runtime_dir
-from tinyprop.export.sram import SramEstimate, fitting_modes, mode_flags, sram_estimate
+from tinyprop.export.sram import (
+    SramEstimate,
+    fitting_modes,
+    largest_parts,
+    mode_flags,
+    sram_estimate,
+)
 from tinyprop.memory import MemoryMode
 
 MAX_BATCH_SIZE = 1 << 24  # tp_batch_begin's and tp_train_batch's limit
@@ -285,6 +291,7 @@ def too_little_ram(
     return (
         f"the example program needs {sram.total_bytes:,} bytes of SRAM on a Cortex-M4 "
         f"({sram.describe()}) but the device has {ram_bytes:,}; nothing was written. "
+        f"{largest_parts(layers, config, optimizer, memory)}. "
         f"{advice[0].upper()}{advice[1:]}. Training some layers' bias only "
         "(--bias-only-layers) and recomputing inputs (--recompute-layers) lower it too"
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tinyprop.config import TinyPropConfig
+from tinyprop.export import arena
 from tinyprop.export.footprint import footprint_of_layers
 from tinyprop.export.graph import LayerSpec
 from tinyprop.export.runtime import OptimizerSpec
@@ -110,6 +111,53 @@ def sram_estimate(layer_count: int, arena_bytes: int, sample_bytes: int) -> Sram
         heap_bytes=pages * HEAP_PAGE_BYTES + HEAP_PAST_PAGE_BYTES - static,
         stack_bytes=stack_bytes(layer_count),
     )
+
+
+BUFFER_USES = {
+    arena.OUTPUT: "output",
+    arena.FORWARD_SCRATCH: "forward scratch",
+    arena.LOSS_DELTA: "error",
+    arena.INPUT_DELTA: "input's error",
+    arena.BACKWARD_SCRATCH: "backward scratch",
+    arena.SELECTION: "top-k selection scratch",
+    arena.GRADIENT: "gradient of its in-place step",
+    arena.RELU_MASK: "ReLU mask",
+    arena.RECOMPUTED_INPUT: "recomputed input",
+    arena.RECOMPUTE_PARTNER: "recomputed input's partner",
+    arena.RECOMPUTE_SCRATCH: "recomputation scratch",
+}
+
+
+def largest_parts(
+    layers: list[LayerSpec], config: TinyPropConfig, optimizer: OptimizerSpec, mode: MemoryMode
+) -> str:
+    """Where the arena's bytes go: trained parameters, gradients, optimizer state and one
+    step's buffers, each with its largest layer or buffer (what to shrink first)."""
+    plan = arena.plan_arena(layers, config.policy, optimizer.kind, optimizer.momentum, mode)
+    trained = arena.trained_flags(layers, mode)
+    bias_only = arena.bias_only_flags(layers, mode)
+    count, index = max(
+        (arena.trained_parameters(x, b), i)
+        for i, (x, t, b) in enumerate(zip(layers, trained, bias_only, strict=True))
+        if t
+    )  # (ties: the last such layer)
+    layer = layers[index]
+    parts = [
+        f"trained parameters {4 * plan.parameters:,} (the largest: layer '{layer.path}' "
+        f"({layer.module_type}), {4 * count:,})"
+    ]
+    for name, floats in (("gradients", plan.gradients), ("optimizer state", plan.moments)):
+        if floats:
+            parts.append(f"{name} {4 * floats:,}")
+    if plan.buffers:
+        buffer = max(plan.buffers, key=lambda b: b.floats)
+        owner = layers[buffer.layer] if buffer.layer >= 0 else layers[-1]
+        use = "loss's error" if buffer.layer < 0 else BUFFER_USES[buffer.use]
+        parts.append(
+            f"one step's buffers {4 * plan.transient_floats:,} (the largest: layer "
+            f"'{owner.path}' ({owner.module_type})'s {use}, {4 * buffer.floats:,})"
+        )
+    return "The arena holds " + ", ".join(parts)
 
 
 def mode_flags(mode: MemoryMode) -> str:
