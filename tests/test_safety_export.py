@@ -544,6 +544,26 @@ def test_sequential_entries_pytorch_cannot_run_get_one_line(tmp_path, capsys, en
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("edit", ["holds itself", "hooks", "no parameters"])
+def test_a_module_no_working_model_has_gets_one_line(tmp_path, capsys, edit):
+    """A file can build modules PyTorch never would: a Sequential that holds itself (a
+    RecursionError traceback), a hook table that is a number, a layer without its parameter
+    table (AttributeError tracebacks)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    if edit == "holds itself":
+        net._modules["3"] = net
+    elif edit == "hooks":
+        net[1]._forward_hooks = 5
+    else:
+        del net[0].__dict__["_parameters"]
+    torch.save(net, tmp_path / "model.pt")
+    assert export_main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    expected = "holds itself" if edit == "holds itself" else "holds a module export cannot read"
+    assert expected in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_inside_the_package_or_the_runtime_is_refused(tmp_path):
     """--out inside the installed package (or the C runtime it copies) wrote a Makefile,
     main.c and a header among the library's own files; with --force over them."""

@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
         print(f"tinyprop export: {error}")
         return 2
+    except (AttributeError, LookupError, RecursionError) as error:  # a module built by a file
+        print(
+            f"tinyprop export: {args.model_file} holds a module export cannot read "
+            f"({type(error).__name__}: {str(error)[:160]}), not one torch.save wrote from a "
+            "working model; save the model again from PyTorch"
+        )
+        return 2
     print(f"wrote {len(result.files)} files to {result.out_dir}")
     print(
         f"parameters {result.parameters}, training arena {result.arena_bytes} bytes, "

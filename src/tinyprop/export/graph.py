@@ -215,11 +215,19 @@ def _check_computes_its_base(path: str, module: nn.Module) -> None:
             return
 
 
-def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+def _sequence(
+    model: nn.Module, prefix: str = "", holders: tuple[int, ...] = ()
+) -> list[tuple[str, nn.Module]]:
     """The leaf modules of (nested) nn.Sequential containers, in order, with their paths (a
-    module held twice comes twice: ``named_children`` would leave the second out)."""
+    module held twice comes twice: ``named_children`` would leave the second out); ``holders``:
+    the ids of the containers above (a file can make one hold itself)."""
     _check_computes_its_base(prefix or "<root>", model)
     if isinstance(model, nn.Sequential):
+        if id(model) in holders:
+            raise UnsupportedLayerError(
+                f"cannot export layer '{prefix}': an nn.Sequential that holds itself (its "
+                "forward would never end); save the model again from PyTorch"
+            )
         leaves = []
         for name, child in model._modules.items():
             if not isinstance(child, nn.Module):  # (PyTorch's forward would call it)
@@ -228,7 +236,9 @@ def _sequence(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]
                     f"nn.Sequential holds {type(child).__name__} there, not a layer (its forward "
                     "would fail); remove the entry (del model[i]) or put nn.Identity() there"
                 )
-            leaves += _sequence(child, f"{prefix}.{name}" if prefix else name)
+            leaves += _sequence(
+                child, f"{prefix}.{name}" if prefix else name, (*holders, id(model))
+            )
         return leaves
     return [(prefix or "<root>", model)]
 
