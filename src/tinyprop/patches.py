@@ -244,7 +244,11 @@ class ConvPatches:
 
     def _plain_weight_gradient(self, grad_output, padded, weight) -> Tensor:
         """The weight gradient by PyTorch's plain convolution backward (a Conv1d as a 2-D one
-        of height 1): (C_out, C_in, *kernel)."""
+        of height 1): (C_out, C_in, *kernel). The kernel gets its tensors in the default
+        strides: it refused a channels-last input ("grad_weight must be contiguous"), and
+        wrote a wrong gradient for the weight of a channels-last 1x1 convolution (strides (C_in,
+        1, C_in, C_in), which ``is_contiguous()`` accepts)."""
+        padded, weight = default_strides(padded), default_strides(weight)
         if not self.two_d:  # (B', C, L) -> (B', C, 1, L)
             grad_output, padded = grad_output.unsqueeze(2), padded.unsqueeze(2)
             weight = weight.unsqueeze(2)
@@ -278,6 +282,18 @@ class ConvPatches:
             return padded[:, :, top : padded.shape[2] - bottom, left : padded.shape[3] - right]
         left, right = self.pad
         return padded[:, :, left : padded.shape[2] - right]
+
+
+def default_strides(tensor: Tensor) -> Tensor:
+    """``tensor``, or a copy of it in the row-major strides of its shape (the strides of size-1
+    dimensions included) when it has others."""
+    stride, strides = 1, []
+    for size in reversed(tensor.shape):
+        strides.append(stride)
+        stride *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 @functools.lru_cache(maxsize=64)
