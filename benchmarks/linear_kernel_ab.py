@@ -1,4 +1,5 @@
-"""The native Linear backward of two versions of ``kernels.c``, call for call in one process.
+"""The native Linear backward (or SGD's fused update) of two versions of ``kernels.c``, call
+for call in one process.
 
 Two-thread wall times on a shared machine swing by ten times from one call to the next (a
 thread of the call waits for a core another job holds), so comparing runs of separate
@@ -7,12 +8,15 @@ tree, loads both, and times their ``tp_linear_backward_f32`` on the same random 
 alternately (which goes first alternates too), the caches flushed before each call as a
 training step's forward would leave them. It prints, per version, the least and the median
 time and the median of the paired ratios new / old; the least is the call that ran without
-waiting for a core.
+waiting for a core. ``--gradients update`` times ``tp_linear_update_f32`` instead (SGD's
+fused update, lr 0.01): each version updates its own copy of the same weight in place, the
+same number of times, so the copies must end equal.
 
 Run:
     python benchmarks/linear_kernel_ab.py --old main --threads 2
     python benchmarks/linear_kernel_ab.py --old HEAD~1 --threads 1 --batch 64 --gradients input
     python benchmarks/linear_kernel_ab.py --old HEAD --threads 2 --strips old  # strips vs walk
+    python benchmarks/linear_kernel_ab.py --old HEAD~1 --threads 1 --batch 64 --gradients update
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ def main() -> None:
     parser.add_argument("--outputs", type=int, default=2048)
     parser.add_argument("--inputs", type=int, default=2048)
     parser.add_argument("--keep", type=int, default=102, help="kept outputs per sample")
-    parser.add_argument("--gradients", choices=["input", "weight", "both"], default="both")
+    parser.add_argument(
+        "--gradients", choices=["input", "weight", "both", "update"], default="both"
+    )
     parser.add_argument("--calls", type=int, default=200, help="calls of each version")
     parser.add_argument(
         "--strips",
@@ -66,9 +72,12 @@ def main() -> None:
     batch, outputs, inputs = args.batch, args.outputs, args.inputs
     x, weight = torch.rand(batch, inputs, generator=generator), torch.rand(outputs, inputs)
     row_start, column, value = kept_entries(batch, outputs, args.keep, generator)
-    needs_weight, needs_input = args.gradients != "input", args.gradients != "weight"
+    update = args.gradients == "update"  # SGD's fused update: a weight per version, in place
+    needs_weight = args.gradients in ("weight", "both")
+    needs_input = args.gradients in ("input", "both")
     grad_weight = torch.empty(outputs, inputs) if needs_weight else None
     grad_input = torch.empty(batch, inputs) if needs_input else None
+    updated = {name: weight.clone() for name in ("old", "new")}  # (out, in) each
     kept = column.numel()
     scratch = [torch.empty(outputs + 1, dtype=torch.long), torch.empty(kept, dtype=torch.long),
                torch.empty(kept)]  # fmt: skip
@@ -87,6 +96,17 @@ def main() -> None:
             extra = [strip.data_ptr() if with_strips else None] if takes_strip else []
             flush.add_(1.0)
             start = time.perf_counter()
+            if update:
+                status = library.tp_linear_update_f32(
+                    ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(updated[name].data_ptr()),
+                    ctypes.c_int64(batch), ctypes.c_int64(outputs), ctypes.c_int64(inputs),
+                    *(ctypes.c_void_p(t.data_ptr()) for t in (row_start, column, value)),
+                    ctypes.c_float(-0.01), *(ctypes.c_void_p(t.data_ptr()) for t in scratch),
+                    ctypes.c_int64(args.threads),
+                )  # fmt: skip
+                seconds = time.perf_counter() - start
+                assert status == 0, status
+                return seconds
             status = library.tp_linear_backward_f32(
                 ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(weight.data_ptr()),
                 ctypes.c_int64(batch), ctypes.c_int64(outputs), ctypes.c_int64(inputs),
@@ -99,11 +119,16 @@ def main() -> None:
             assert status == 0, status
             return seconds
 
-        same = identical(call, lambda: [grad_weight, grad_input])  # the same bit for bit
-        times = alternate(call, args.calls)
+        if update:  # as many updates of each copy: the same weights bit for bit
+            times = alternate(call, args.calls)
+            same = torch.equal(updated["old"], updated["new"])
+        else:
+            same = identical(call, lambda: [grad_weight, grad_input])  # the same bit for bit
+            times = alternate(call, args.calls)
+    what = "SGD's fused update" if update else f"{args.gradients} gradient(s)"
     heading = (
         f"Linear {inputs} -> {outputs}, batch {batch}, {args.keep} kept per sample, "
-        f"{args.gradients} gradient(s), {args.threads} thread(s), {args.calls} calls each (ms):"
+        f"{what}, {args.threads} thread(s), {args.calls} calls each (ms):"
     )
     summary(heading, times, args.old, same, "calls")
 

@@ -702,6 +702,8 @@ int tp_topk_sums_f32(const float *delta, int64_t rows, int64_t n, int64_t k, flo
  * one and two threads). Both sum δ[s, j] · weight[j] in j order from zero, rounded alike: the
  * same input gradient, bit for bit. */
 enum { TILE = 64, STRIP_ROWS = 512, WALK_AHEAD = 4, COPY_AHEAD = 16, WALK_COLUMNS = 128 };
+/* how many rows ahead of the one it updates SGD's fused update asks for a weight row */
+enum { UPDATE_AHEAD = 2 };
 /* Weight gradients of at least this many floats (4 MB, twice a core's L2 cache on the machines
  * measured) are written past the caches: they would not stay there, and a streamed store does
  * not read the line it replaces first. */
@@ -1053,24 +1055,34 @@ static void momentum_tile(const update_call *c, float *restrict w, float *restri
 /* The rows [part, part + 1) · n / parts of the weight: row j += scale · (its gradient row,
  * summed tile by tile as tp_linear_backward_f32 sums it), read and written once, in order (x
  * stays in the cache); rows nobody kept stay as they are under plain SGD, and take a zero
- * gradient under momentum (their buffer still decays, their weight still moves). */
+ * gradient under momentum (their buffer still decays, their weight still moves). Plain SGD
+ * sums two tiles at a time (two_tile_sum, the same sums) and asks for the weight row
+ * UPDATE_AHEAD rows ahead, to be written: the update then waits less on memory. */
 static int update_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
     const update_call *c = context;
     int64_t m = c->m, first = slice_start(c->n, part, parts, 1);
     int64_t end = slice_start(c->n, part + 1, parts, 1);
-    float sum[TILE];
+    float sum[2 * TILE];
     for (int64_t j = first; j < end; j++) {
         int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
+        const int64_t *sample = c->by_column_sample + start;
+        const float *value = c->by_column_value + start;
         if (count == 0 && c->buffer == NULL) continue; /* a zero gradient row: w + scale · 0 */
-        for (int64_t at = 0; at < m; at += TILE) {
-            int64_t width = m - at < TILE ? m - at : TILE;
-            if (count) {
-                tile_sum(sum, c->x + at, m, 0, width, c->by_column_sample + start,
-                         c->by_column_value + start, count, 0, 0);
-            } else {
+#if defined(__GNUC__)
+        if (c->buffer == NULL && j + UPDATE_AHEAD < end) /* a hint: nothing depends on it */
+            for (int64_t i = 0; i < m; i += 64 / (int64_t)sizeof(float))
+                __builtin_prefetch(c->weight + (j + UPDATE_AHEAD) * m + i, 1, 3);
+#endif
+        for (int64_t at = 0, width; at < m; at += width) {
+            int pair = count && c->buffer == NULL && m - at >= 2 * TILE;
+            width = pair ? 2 * TILE : m - at < TILE ? m - at : TILE;
+            if (!count)
                 memset(sum, 0, sizeof sum);
-            }
+            else if (width == 2 * TILE) /* two tiles' sums, as tp_linear_backward_f32's */
+                two_tile_sum(sum, c->x + at, m, sample, value, count, 0);
+            else
+                tile_sum(sum, c->x + at, m, 0, width, sample, value, count, 0, 0);
             float *restrict w = c->weight + j * m + at;
             if (c->buffer) {
                 momentum_tile(c, w, c->buffer + j * m + at, sum, width);
