@@ -90,6 +90,57 @@ def test_the_plain_kernel_is_left_to_large_grouped_or_dilated_convolutions():
         assert not geometry.few_rows_kernel(padded.double())
 
 
+# inputs whose strides are not the contiguous ones: (layer, a function of the rows giving x)
+STRIDED_INPUTS = {
+    # a Conv1d on a (B, T, D) sequence transposed to (B, D, T): channels-last strides
+    "conv1d_on_transposed": (nn.Conv1d(8, 16, 3), lambda rows: torch.randn(rows, 20, 8).mT),
+    "conv1d_on_every_second_step": (nn.Conv1d(8, 16, 3), lambda r: torch.randn(r, 8, 40)[..., ::2]),
+    "conv2d_on_transpose_2_3": (nn.Conv2d(8, 16, 3), lambda r: torch.randn(r, 8, 9, 9).mT),
+    "conv2d_on_every_second_channel": (
+        nn.Conv2d(8, 16, 3, stride=2),
+        lambda rows: torch.randn(rows, 16, 9, 9)[:, ::2],
+    ),
+    "conv2d_on_channels_last": (
+        nn.Conv2d(8, 16, 3),
+        lambda rows: torch.randn(rows, 8, 9, 9).contiguous(memory_format=torch.channels_last),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STRIDED_INPUTS))
+def test_few_rows_of_a_strided_input_give_the_contiguous_inputs_gradients(case, monkeypatch):
+    """The plain kernel reads its input in the default strides (patches.default_strides
+    gives it them): on x[..., ::2] or x.transpose(2, 3) (no padding to copy it) the weight
+    gradient was 0.3-0.5 off, silently, and a channels-last input (a Conv1d on a transposed
+    sequence; transformers' ConvNeXt, whose channels-first LayerNorm permutes) raised
+    'slow_conv2d: grad_weight must be contiguous' (tests/test_input_layouts.py: channels-last
+    Conv2d models and inputs). Now: the contiguous copy's gradients bit for bit, and
+    PyTorch's up to float32 rounding."""
+    calls = []
+    plain_kernel = ConvPatches._plain_weight_gradient
+    monkeypatch.setattr(
+        ConvPatches, "_plain_weight_gradient", lambda *a: calls.append(1) or plain_kernel(*a)
+    )
+    layer, draw = STRIDED_INPUTS[case]
+    torch.manual_seed(0)
+    x = draw(2)  # (2, C_in, ...) two rows: the plain kernel's
+    assert not x.is_contiguous()
+    plain = nn.Sequential(copy.deepcopy(layer), nn.Flatten(), nn.LazyLinear(3))
+    plain(x)  # the head's weights drawn
+    y = torch.tensor([0, 2])
+    config = tinyprop.TinyPropConfig("topk", ratio=1.0)
+    strided, contiguous = (tinyprop.apply(copy.deepcopy(plain), config) for _ in range(2))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    tinyprop.backward(strided, loss(strided(x), y))
+    tinyprop.backward(contiguous, loss(contiguous(x.contiguous()), y))
+    assert len(calls) == 2  # both ran the plain kernel
+    loss(plain(x), y).mean().backward()
+    models = (strided, contiguous, plain)
+    for got, same, expected in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(got.grad, same.grad)
+        torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=1e-6)
+
+
 def finetune_run(dataset: str) -> tuple[list, dict]:
     """Each step's trained samples and k of each layer's rows, and the final weights, of the
     bench's finetune run (small suite, seed 0, tinypropv2 with the bench's setting)."""
