@@ -3,12 +3,16 @@
 For each transformers model family, built from a small config (no downloaded weights), in
 float64 with dropout off: ``full`` and ``topk`` at ratio 1.0 must give the gradients of
 ``losses.mean().backward()``, ``topk`` at 0.1 those of a per-row top-k reference (the masked
-reference of tests/test_model_matrix.py), to 1e-10; ``tinypropv2`` must run. Then PyTorch
+reference of tests/test_model_matrix.py), to 1e-10; ``tinypropv2`` must run. With
+``--float32`` the same in float32, where the native kernels run: ``full`` bit for bit, the
+others to 1e-5 of the largest gradient entry (the float64 pass never reached those kernels:
+ConvNeXt's first float32 step raised 'grad_weight must be contiguous'). Then PyTorch
 Lightning with ``accumulate_grad_batches=2``, gradient clipping and ``precision="bf16-mixed"``
 against the same steps written by hand.
 
     .venv/bin/python benchmarks/user_models.py            # everything (a few minutes)
     .venv/bin/python benchmarks/user_models.py vit llama  # some models only
+    .venv/bin/python benchmarks/user_models.py --float32  # float32: the native kernels
 """
 
 from __future__ import annotations
@@ -203,6 +207,50 @@ def wav2vec2():
     return model, (audio,), _ids((BATCH,)) % 3, classifier_loss
 
 
+def mobilenet_v2():
+    """Inverted residuals: 1x1 expansion, depthwise 3x3 (TensorFlow padding), ReLU6, BatchNorm."""
+    config = T.MobileNetV2Config(
+        image_size=32, depth_multiplier=0.25, num_labels=3, classifier_dropout_prob=0.0
+    )
+    model = T.MobileNetV2ForImageClassification(config)
+    return model, (_images(),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def qwen2():
+    """Grouped KV heads (4 query heads on 2), rotary, biased q/k/v, tied embeddings."""
+    config = T.Qwen2Config(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    ids = _ids((BATCH, 7))
+    return T.Qwen2ForCausalLM(config), (ids,), ids, causal_lm_loss
+
+
+def deberta_v2():
+    """Disentangled attention: position projections called on the relative embeddings (one row
+    of positions, no batch), content-to-position and position-to-content scores."""
+    config = T.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, relative_attention=True, position_buckets=8,
+        pos_att_type=["p2c", "c2p"],
+    )  # fmt: skip
+    model = T.DebertaV2ForSequenceClassification(config)
+    return model, (_ids((BATCH, 7)),), _ids((BATCH,)) % 3, classifier_loss
+
+
+def mamba():
+    """A selective state-space model: a depthwise causal Conv1d on the transposed in_proj
+    output, the scan in PyTorch (no CUDA kernels)."""
+    config = T.MambaConfig(
+        vocab_size=40, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
+        conv_kernel=4, use_mambapy=False,
+    )  # fmt: skip
+    ids = _ids((BATCH, 7))
+    return T.MambaForCausalLM(config), (ids,), ids, causal_lm_loss
+
+
 MODELS = {
     "vit": vit,
     "distilbert": distilbert,
@@ -217,21 +265,35 @@ MODELS = {
     "convnext": convnext,
     "mobilevit": mobilevit,
     "wav2vec2": wav2vec2,
+    "mobilenet_v2": mobilenet_v2,
+    "qwen2": qwen2,
+    "deberta_v2": deberta_v2,
+    "mamba": mamba,
 }
 
 
-def build(name: str):
+def build(name: str, dtype=torch.float64):
     torch.manual_seed(0)
     model, inputs, y, loss = MODELS[name]()
-    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    return model.double(), inputs, y, loss
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    return model.to(dtype), inputs, y, loss
 
 
-def check_model(name: str) -> list[str]:
+def verdict(worst: float, largest: float, policy: str, dtype) -> str:
+    """float64: equal to 1e-10. float32 (the native kernels): ``full`` equal bit for bit, the
+    others to 1e-5 of the largest gradient entry (float32 sums in another order)."""
+    if dtype == torch.float64:
+        return "equal" if worst < 1e-10 else "DIFFERENT"
+    if policy == "full":
+        return "equal" if worst == 0 else "DIFFERENT"
+    return "equal" if worst <= 1e-5 * largest else "DIFFERENT"
+
+
+def check_model(name: str, dtype=torch.float64) -> list[str]:
     """One line per policy: the largest gradient difference, or that tinypropv2 ran."""
     lines = []
     for policy in ("full", "topk-1.0", "topk-0.1", "tinypropv2"):
-        model, inputs, y, loss = build(name)
+        model, inputs, y, loss = build(name, dtype)
         if policy == "topk-0.1":
             expected = plain_gradients(masked_reference(copy.deepcopy(model), 0.1), inputs, y, loss)
             config = tinyprop.TinyPropConfig(policy="topk", ratio=0.1)
@@ -250,8 +312,9 @@ def check_model(name: str) -> list[str]:
             continue
         assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))
         worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
-        verdict = "equal" if worst < 1e-10 else "DIFFERENT"
-        lines.append(f"{name:20} {policy:10} {verdict} (max difference {worst:.1e}), {ratio}")
+        largest = max(value.abs().max().item() for value in expected.values())
+        same = verdict(worst, largest, policy, dtype)
+        lines.append(f"{name:20} {policy:10} {same} (max difference {worst:.1e}), {ratio}")
     return lines
 
 
@@ -317,10 +380,12 @@ def check_lightning() -> list[str]:
 
 def main(names: list[str]) -> None:
     warnings.simplefilter("ignore")  # dense modules named by apply, deprecations
+    dtype = torch.float32 if "--float32" in names else torch.float64
+    names = [name for name in names if name != "--float32"]
     for name in names or MODELS:
-        for line in check_model(name):
+        for line in check_model(name, dtype):
             print(line, flush=True)
-    if not names:
+    if not names and dtype == torch.float64:
         for line in check_lightning():
             print(line, flush=True)
 
