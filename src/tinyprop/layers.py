@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyprop.autograd import SparseBackprop
-from tinyprop.patches import cached_patches_for
+from tinyprop.patches import cached_patches_for, zero_padding
 from tinyprop.relu_fusion import relu_input, take_mark
 from tinyprop.state import ForwardPass, TinyPropState, backward_running, recomputed_call
 
@@ -234,7 +234,7 @@ class _ConvLayer(SparseBackpropLayer):
 
     def geometry_settings(self) -> tuple:
         return (
-            tuple(self.stride), tuple(self._reversed_padding_repeated_twice),
+            tuple(self.stride), zero_padding(self),
             tuple(self.dilation), self.groups,
         )  # fmt: skip
 

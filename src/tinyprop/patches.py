@@ -95,7 +95,7 @@ class ConvPatches:
     def __init__(self, layer: nn.Conv1d | nn.Conv2d, input_shape: torch.Size):
         two_d = isinstance(layer, nn.Conv2d)
         self.two_d = two_d
-        self.pad = layer._reversed_padding_repeated_twice  # (left, right[, top, bottom])
+        self.pad = zero_padding(layer)  # (left, right[, top, bottom])
         spatial = tuple(input_shape[2:]) if two_d else (1, input_shape[2])
         pads = (
             (self.pad[2], self.pad[3], self.pad[0], self.pad[1])
@@ -284,6 +284,27 @@ class ConvPatches:
         return padded[:, :, left : padded.shape[2] - right]
 
 
+def zero_padding(layer: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """The zeros a convolution's forward pads its input with, (left, right[, top, bottom]),
+    from its ``padding`` as it is now, as PyTorch's forward reads it (``'same'`` from its
+    kernel size and dilation). ``_reversed_padding_repeated_twice``, which the module computes
+    once when built, missed a ``padding`` set afterwards (``conv.padding = (0, 1)``): the
+    backward then took the old padding, a wrong weight gradient, silently."""
+    padding, kernel, dilation = layer.padding, layer.kernel_size, layer.dilation
+    if isinstance(padding, int):  # conv.padding = 1 works in PyTorch's forward too
+        padding = (padding,) * len(kernel)
+    pads: list[int] = []
+    for i in reversed(range(len(kernel))):  # the last dimension first, as F.pad takes them
+        if padding == "valid":
+            pads += [0, 0]
+        elif padding == "same":
+            total = dilation[i] * (kernel[i] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [padding[i], padding[i]]
+    return tuple(pads)
+
+
 def default_strides(tensor: Tensor) -> Tensor:
     """``tensor``, or a copy of it in the row-major strides of its shape (the strides of size-1
     dimensions included) when it has others."""
@@ -323,7 +344,7 @@ def cached_patches_for(
         return LinearPatches(input_shape, weight_shape)
     key = (
         layer, tuple(input_shape), tuple(weight_shape), tuple(layer.stride),
-        tuple(layer._reversed_padding_repeated_twice), tuple(layer.dilation), layer.groups,
+        zero_padding(layer), tuple(layer.dilation), layer.groups,
     )  # fmt: skip
     geometry = cache.get(key)
     if geometry is None:
