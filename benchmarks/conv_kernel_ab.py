@@ -7,7 +7,8 @@ input channel per group (the pointwise ones of the MobileNet-style CNN; with ``-
 depthwise``, ``tp_plane_conv_backward_f32`` on those with one input channel per group) of a
 training step of one of ``benchmarks/speed.py``'s models under ``topk`` 0.05, alternately
 (which goes first alternates too), the caches flushed before each round as a step's forward
-would leave them.
+would leave them. ``--relu-mask`` runs the ReLU-fused variants instead (the input gradient
+masked by x, a ReLU's output), as the MobileNet-style blocks call them.
 It prints, per version, the least and the median time of a round (every such layer once) and
 the median of the paired ratios new / old, and whether both give the same gradients bit for bit.
 One thread is timed in process time, more threads in wall time.
@@ -15,12 +16,14 @@ One thread is timed in process time, more threads in wall time.
 Run:
     python benchmarks/conv_kernel_ab.py --old main --threads 2
     python benchmarks/conv_kernel_ab.py --old HEAD~1 --threads 1 --kind depthwise
+    python benchmarks/conv_kernel_ab.py --old main --threads 1 --kind depthwise --relu-mask
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 
 import torch
 from kernel_ab import compare_rounds, summary
@@ -65,24 +68,33 @@ def kernel_inputs(call: tuple, threads: int, gradients: str) -> dict:
     }
 
 
-def run(library: ctypes.CDLL, inputs: dict, threads: int) -> None:
+def run(library: ctypes.CDLL, inputs: dict, threads: int, relu_mask: bool = False) -> None:
+    """One call of the kernel on ``inputs``; ``relu_mask``: its ReLU-fused variant, the input
+    gradient masked by x (as the MobileNet-style blocks call it, x being a ReLU's output)."""
     pointer = ctypes.c_void_p
     outputs = [inputs["grad_weight"], inputs["grad_input"]]
+    mask = (ctypes.c_int64(1),) if relu_mask else ()
     if "pads" not in inputs:  # one input channel per group
-        status = library.tp_plane_conv_backward_f32(
+        function = library.tp_plane_conv_backward_f32
+        if relu_mask:
+            function = library.tp_plane_conv_backward_relu_f32
+        status = function(
             pointer(inputs["x"].data_ptr()), pointer(inputs["weight"].data_ptr()),
             pointer(inputs["shape"].data_ptr()), *(pointer(t.data_ptr()) for t in inputs["kept"]),
             *(pointer(None if t is None else t.data_ptr()) for t in outputs),
-            ctypes.c_int64(threads),
+            ctypes.c_int64(threads), *mask,
         )  # fmt: skip
         assert status == 0, status
         return
-    status = library.tp_conv_backward_planes_f32(
+    function = library.tp_conv_backward_planes_f32
+    if relu_mask:
+        function = library.tp_conv_backward_planes_relu_f32
+    status = function(
         pointer(inputs["x"].data_ptr()), pointer(inputs["weight"].data_ptr()),
         pointer(inputs["shape"].data_ptr()), pointer(inputs["pads"].data_ptr()),
         *(pointer(t.data_ptr()) for t in inputs["kept"]),
         *(pointer(None if t is None else t.data_ptr()) for t in outputs),
-        pointer(inputs["scratch"].data_ptr()), ctypes.c_int64(threads),
+        pointer(inputs["scratch"].data_ptr()), ctypes.c_int64(threads), *mask,
     )  # fmt: skip
     assert status == 0, status
 
@@ -98,6 +110,11 @@ def main() -> None:
         "--kind", choices=["pointwise", "depthwise"], default="pointwise",
         help="the convolutions timed: more than one input channel per group, or one",
     )  # fmt: skip
+    parser.add_argument(
+        "--relu-mask", action="store_true",
+        help="the ReLU-fused kernels (input gradient masked by x), as the MobileNet-style "
+        "blocks run them",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     calls, _ = captured_calls(args.model)
@@ -109,11 +126,17 @@ def main() -> None:
     ]
     gradients = [inputs[key] for inputs in layers for key in ("grad_weight", "grad_input")]
     same, times = compare_rounds(  # same: the same gradients bit for bit
-        args.old, run, layers, args.threads, args.rounds, lambda: gradients
+        args.old,
+        functools.partial(run, relu_mask=args.relu_mask),
+        layers,
+        args.threads,
+        args.rounds,
+        lambda: gradients,
     )
     heading = (
         f"{args.model}: {len(layers)} {args.kind} convolution(s), {args.gradients} "
-        f"gradient(s), {args.threads} thread(s), {args.rounds} rounds each (ms per round):"
+        f"gradient(s){', ReLU-masked' if args.relu_mask else ''}, "
+        f"{args.threads} thread(s), {args.rounds} rounds each (ms per round):"
     )
     summary(heading, times, args.old, same, "rounds")
 
