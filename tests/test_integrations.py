@@ -434,3 +434,68 @@ def test_peft_lora_trains_the_adapters_as_plain_pytorch_and_saves(ratio, tmp_pat
         plain = peft.PeftModel.from_pretrained(base, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
+
+
+def accumulated_run(config, accelerate: bool) -> nn.Module:
+    """SGD with momentum over the batches of learnable_data, an optimizer step every second
+    batch: through accelerate's Accelerator(gradient_accumulation_steps=2), or by hand."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    if config is not None:
+        tinyprop.apply(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = learnable_data()
+    if accelerate:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)  # process-wide: the Trainer tests leave theirs
+        GradientState._reset_state()
+        accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        try:
+            trained = 0  # samples trained since the last optimizer step
+            for start in range(0, len(x), BATCH):
+                with accelerator.accumulate(prepared):
+                    losses = LOSS(prepared(x[start : start + BATCH]), y[start : start + BATCH])
+                    accelerator.backward(tinyprop.loss(prepared, losses))
+                    trained += tinyprop.step_stats(prepared).trained
+                    if accelerator.sync_gradients:  # the second batch
+                        if trained:  # else zero gradients: momentum alone would move
+                            optimizer.step()
+                        optimizer.zero_grad()
+                        trained = 0
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        return model
+    for index, start in enumerate(range(0, len(x), BATCH), start=1):
+        losses = LOSS(model(x[start : start + BATCH]), y[start : start + BATCH])
+        if config is None:
+            (losses.mean() / 2).backward()
+        else:
+            tinyprop.backward(model, losses, scale=1 / 2)
+        if index % 2 == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("config", [CONFIG, tinyprop.TinyPropConfig(policy="topk", ratio=1.0)])
+def test_accelerate_gradient_accumulation_equals_the_hand_loop(config):
+    """accelerate's recipe: accelerator.backward(tinyprop.loss(model, losses)) inside
+    accelerator.accumulate(model) (the Accelerator divides the loss by 2, tinyprop reads that
+    scale from the backward) gives the weights of tinyprop.backward(..., scale=1 / 2) by hand,
+    skips included, when the optimizer does not step after two batches whose samples were all
+    skipped (their tinyprop.loss leaves zero gradients, and SGD's momentum would step on them:
+    0.05 off the hand loop, whose tinyprop.backward left no gradient); at topk 1.0 plain
+    PyTorch's."""
+    pytest.importorskip("accelerate")
+    got = accumulated_run(config, accelerate=True)
+    expected = accumulated_run(config, accelerate=False)
+    references = [expected]
+    if config.policy == "topk":
+        references.append(accumulated_run(None, accelerate=False))
+    for reference in references:
+        for (name, p), q in zip(got.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-10, msg=name)
