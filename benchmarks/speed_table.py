@@ -1,5 +1,5 @@
 """Markdown tables of the wall-clock records, their floors and unified vs per-sample top-k
-(for docs/benchmark.md), read from ``benchmarks/results/speed.json``, ``speed_floor.json``,
+(for docs/speed.md), read from ``benchmarks/results/speed.json``, ``speed_floor.json``,
 ``finetune_speed.json`` and ``unified_accuracy.json``; ``--readme`` writes the summary of the
 targets into README.md between its speed-table markers.
 

@@ -231,7 +231,7 @@ class ConvPatches:
         eight). Its sums are the same products in another order: the weight gradient equals
         oneDNN's up to float32 rounding. The input gradient stays oneDNN's, bit for bit: the
         δ of the layers below, their kept entries and k are the same as before from the same
-        state (docs/benchmark.md). One row keeps ``convolution_backward``, which runs the
+        state (docs/speed.md). One row keeps ``convolution_backward``, which runs the
         plain kernel itself there."""
         rows = padded.shape[0]
         return (
