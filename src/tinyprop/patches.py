@@ -132,6 +132,12 @@ class ConvPatches:
         self.plane_shape = (self.channels_in, *spatial, self.channels_out, *kernel, *out)
         self.plane_shape += (*stride, pads[0], pads[2], *dilation, self.groups)
         self.pads = pads  # (top, bottom, left, right), as a 2-D convolution
+        # the layer's own padding when it is the same on both sides of each dimension (else
+        # None: the dense kernels run on the explicitly padded input, see dense_gradients)
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        self._padding = None
+        if symmetric:
+            self._padding = [pads[0], pads[2]] if two_d else [pads[2]]
         # the plain few-rows kernel (see few_rows_kernel): groups 1, dilation 1
         self.plain_kernel_fits = self.groups == 1 and dilation == (1, 1)
         self._plain_stride = list(stride)
@@ -205,11 +211,28 @@ class ConvPatches:
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):
         """Input and weight gradients from the masked δ (B', N) with PyTorch's convolution
-        backward (on the explicitly padded input, so any padding works)."""
-        padded = self._padded(take(x, rows))  # (B', C_in, [Hp,] Wp)
+        backward: with the layer's own padding where it is the same on both sides (the call
+        PyTorch's own backward of the layer makes, so the same bits), else on the explicitly
+        padded input (any padding). On a padded input oneDNN's depthwise backward took 1.4-10
+        times as long (docs/speed.md), and a strided Conv1d's input gradient could differ
+        from PyTorch's in the last bits."""
+        taken = take(x, rows)  # (B', C_in, [H,] W)
         grad_output = masked.reshape(rows.numel(), self.channels_out, *self._output_spatial)
         # a few rows: the weight gradient by the plain kernel (see few_rows_kernel)
-        plain_weight = needs_weight and self.few_rows_kernel(padded)
+        plain_weight = needs_weight and self.few_rows_kernel(taken)
+        if self._padding is not None:
+            grad_taken = grad_weight = None
+            if needs_input or not plain_weight:
+                grad_taken, grad_weight, _ = torch.ops.aten.convolution_backward(
+                    grad_output, taken, weight, None, self._stride, self._padding,
+                    self._dilation, False, [0] * len(self._stride), self.groups,
+                    [needs_input, needs_weight and not plain_weight, False],
+                )  # fmt: skip
+            if plain_weight:
+                grad_weight = self._plain_weight_gradient(grad_output, self._padded(taken), weight)
+            grad_input = put(grad_taken, rows, x.shape) if needs_input else None
+            return grad_input, grad_weight
+        padded = self._padded(taken)  # (B', C_in, [Hp,] Wp)
         grad_padded = grad_weight = None
         if needs_input or not plain_weight:
             grad_padded, grad_weight = self._onednn_gradients(
