@@ -220,33 +220,25 @@ class ConvPatches:
         grad_output = masked.reshape(rows.numel(), self.channels_out, *self._output_spatial)
         # a few rows: the weight gradient by the plain kernel (see few_rows_kernel)
         plain_weight = needs_weight and self.few_rows_kernel(taken)
-        if self._padding is not None:
-            grad_taken = grad_weight = None
-            if needs_input or not plain_weight:
-                grad_taken, grad_weight, _ = torch.ops.aten.convolution_backward(
-                    grad_output, taken, weight, None, self._stride, self._padding,
-                    self._dilation, False, [0] * len(self._stride), self.groups,
-                    [needs_input, needs_weight and not plain_weight, False],
-                )  # fmt: skip
-            if plain_weight:
-                grad_weight = self._plain_weight_gradient(grad_output, self._padded(taken), weight)
-            grad_input = put(grad_taken, rows, x.shape) if needs_input else None
-            return grad_input, grad_weight
-        padded = self._padded(taken)  # (B', C_in, [Hp,] Wp)
-        grad_padded = grad_weight = None
+        own_padding = self._padding is not None
+        source = taken if own_padding else self._padded(taken)  # (B', C_in, [H(p),] W(p))
+        grad_source = grad_weight = None
         if needs_input or not plain_weight:
-            grad_padded, grad_weight = self._onednn_gradients(
-                grad_output, padded, weight, needs_input, needs_weight and not plain_weight
-            )
+            grad_source, grad_weight = self._onednn_gradients(
+                grad_output, source, weight, self._padding, needs_input,
+                needs_weight and not plain_weight,
+            )  # fmt: skip
         if plain_weight:
+            padded = self._padded(taken) if own_padding else source
             grad_weight = self._plain_weight_gradient(grad_output, padded, weight)
         grad_input = None
         if needs_input:
-            grad_input = put(self._crop(grad_padded), rows, x.shape)
+            grad_taken = grad_source if own_padding else self._crop(grad_source)
+            grad_input = put(grad_taken, rows, x.shape)
         return grad_input, grad_weight
 
-    def few_rows_kernel(self, padded: Tensor) -> bool:
-        """Whether the weight gradient of these rows (B', C_in, [Hp,] Wp) goes to PyTorch's
+    def few_rows_kernel(self, taken: Tensor) -> bool:
+        """Whether the weight gradient of these rows (B', C_in, [H,] W) goes to PyTorch's
         plain im2col + GEMM convolution backward (``_slow_conv2d_backward``) instead of the
         one ``convolution_backward`` picks, oneDNN's on float32 CPU tensors: a few rows (2 to
         a product of FEW_ROWS_MACS) of a small convolution (groups 1, dilation 1), where
@@ -256,11 +248,11 @@ class ConvPatches:
         δ of the layers below, their kept entries and k are the same as before from the same
         state (docs/speed.md). One row keeps ``convolution_backward``, which runs the
         plain kernel itself there."""
-        rows = padded.shape[0]
+        rows = taken.shape[0]
         return (
             self.plain_kernel_fits
-            and padded.dtype == torch.float32
-            and padded.device.type == "cpu"
+            and taken.dtype == torch.float32
+            and taken.device.type == "cpu"
             and 2 <= rows
             and rows * self.macs_per_row <= FEW_ROWS_MACS
         )
@@ -281,22 +273,16 @@ class ConvPatches:
         )  # fmt: skip
         return grad_weight if self.two_d else grad_weight.squeeze(2)
 
-    def _onednn_gradients(self, grad_output, padded, weight, needs_input, needs_weight):
-        """``convolution_backward``: the kernel PyTorch's own backward of the layer picks."""
-        grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_output,
-            padded,
-            weight,
-            None,
-            self._stride,
-            [0] * len(self._stride),
-            self._dilation,
-            False,
-            [0] * len(self._stride),
-            self.groups,
+    def _onednn_gradients(self, grad_output, source, weight, padding, needs_input, needs_weight):
+        """``convolution_backward``: the kernel PyTorch's own backward of the layer picks, on
+        ``source`` with ``padding`` (None: an input padded already, padding 0)."""
+        zeros = [0] * len(self._stride)
+        grad_source, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output, source, weight, None, self._stride,
+            zeros if padding is None else padding, self._dilation, False, zeros, self.groups,
             [needs_input, needs_weight, False],
-        )
-        return grad_padded, grad_weight
+        )  # fmt: skip
+        return grad_source, grad_weight
 
     def _crop(self, padded: Tensor) -> Tensor:
         """Remove the padding from a gradient w.r.t. the padded input."""
