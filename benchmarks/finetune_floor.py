@@ -37,8 +37,7 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from graph_free_step import GraphFreeStep
+from graph_free_step import GraphFreeStep, cross_entropy_gradient, module_backward
 from speed_floor import finetune_workload
 from torch import nn
 
@@ -48,7 +47,6 @@ from tinyprop.autograd import _gradients
 from tinyprop.functional import scalar_keep_counts, scalar_running_max, scalar_skip_decision
 from tinyprop.patches import patches_for
 
-aten = torch.ops.aten
 SPARSE = (nn.Linear, nn.Conv1d)  # the layers tinyprop backpropagates sparsely
 
 
@@ -81,14 +79,8 @@ class HandWrittenStep:
             for module in self.modules:
                 inputs.append(output)
                 output = module(output)  # a max pool without its indices (the same values)
-            log_probabilities = torch.log_softmax(output, 1)  # (B, C) from the logits
-            F.nll_loss(log_probabilities, y, reduction="none")  # the losses (B,)
+            _, gradient = cross_entropy_gradient(output, y)  # (B, C) ∂ loss_n / ∂ output_n
             batch = len(y)
-            ones = torch.ones(()).expand(batch)  # (B,) ∂ Σ losses / ∂ loss_n
-            target = aten.nll_loss_backward(ones, log_probabilities, y, None, 0, -100, ones[0])
-            gradient = aten._log_softmax_backward_data(  # (B, C) ∂ loss_n / ∂ output_n
-                target, log_probabilities, 1, log_probabilities.dtype
-            )
             scores = gradient.abs().sum(1).tolist()  # (B,) Y_L
             trained, error_max = scalar_skip_decision(
                 scores, self.output_error_max, config.d_min, config.d_max, config.beta,
@@ -109,26 +101,8 @@ class HandWrittenStep:
                     number -= 1
                     needs_input = position > self.first_trainable  # a layer below trains
                     delta = self.layer_backward(number, module, below, delta, unit, needs_input)
-                elif isinstance(module, nn.ReLU):  # ReLU's backward, on its output
-                    delta = aten.threshold_backward(
-                        delta, inputs[position + 1].index_select(0, index), 0
-                    )
-                elif isinstance(module, nn.MaxPool1d):  # as a 2-D pool of height 1
-                    _, pool_index = aten.max_pool1d_with_indices(  # of the trained rows
-                        below, [module.kernel_size], [module.stride]
-                    )  # (R, C, L / 2)
-                    delta = aten.max_pool2d_with_indices_backward(
-                        delta.unsqueeze(2), below.unsqueeze(2), [1, module.kernel_size],
-                        [1, module.stride], [0, 0], [1, 1], False, pool_index.unsqueeze(2),
-                    ).squeeze(2)  # fmt: skip
-                elif isinstance(module, nn.AvgPool1d):  # as a 2-D pool of height 1
-                    delta = aten.avg_pool2d_backward(
-                        delta.unsqueeze(2), below.unsqueeze(2), [1, *module.kernel_size],
-                        [1, *module.stride], [0, *module.padding], module.ceil_mode,
-                        module.count_include_pad, None,
-                    ).squeeze(2)  # fmt: skip
-                else:  # Flatten
-                    delta = delta.reshape(below.shape)
+                else:  # ReLU, pools and Flatten, by autograd's kernels
+                    delta = module_backward(module, delta, below)
                 if delta is None:
                     break
         self.optimizer.step()

@@ -42,6 +42,39 @@ from tinyprop.trainer import check_gradients
 aten = torch.ops.aten
 
 
+def cross_entropy_gradient(output: torch.Tensor, y: torch.Tensor):
+    """The per-sample cross-entropy losses (B,) and ∂ loss_n / ∂ output_n (B, C), by the
+    kernels autograd runs for ``F.cross_entropy(output, y, reduction="none")``."""
+    log_probabilities = torch.log_softmax(output, 1)  # (B, C)
+    losses = nn.functional.nll_loss(log_probabilities, y, reduction="none")  # (B,)
+    ones = torch.ones(()).expand(len(y))  # (B,) ∂ Σ losses / ∂ loss_n
+    target = aten.nll_loss_backward(ones, log_probabilities, y, None, 0, -100, ones[0])
+    gradient = aten._log_softmax_backward_data(  # (B, C) ∂ loss_n / ∂ output_n
+        target, log_probabilities, 1, log_probabilities.dtype
+    )
+    return losses, gradient
+
+
+def module_backward(module: nn.Module, delta: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """δ at the input ``below`` of a ReLU, 1-D pool or Flatten from δ at its output, by the
+    aten kernels autograd runs (ReLU's mask from its input: x > 0 where ReLU(x) > 0)."""
+    if isinstance(module, nn.ReLU):
+        return aten.threshold_backward(delta, below, 0)
+    if isinstance(module, nn.MaxPool1d):  # as a 2-D pool of height 1, indices found again
+        _, index = aten.max_pool1d_with_indices(below, [module.kernel_size], [module.stride])
+        return aten.max_pool2d_with_indices_backward(
+            delta.unsqueeze(2), below.unsqueeze(2), [1, module.kernel_size],
+            [1, module.stride], [0, 0], [1, 1], False, index.unsqueeze(2),
+        ).squeeze(2)  # fmt: skip
+    if isinstance(module, nn.AvgPool1d):
+        return aten.avg_pool2d_backward(
+            delta.unsqueeze(2), below.unsqueeze(2), [1, *module.kernel_size],
+            [1, *module.stride], [0, *module.padding], module.ceil_mode,
+            module.count_include_pad, None,
+        ).squeeze(2)  # fmt: skip
+    return delta.reshape(below.shape)  # Flatten
+
+
 class GraphFreeStep:
     """``tinyprop.train_step(model, x, y, cross-entropy, optimizer)`` without a graph."""
 
@@ -61,15 +94,8 @@ class GraphFreeStep:
             parameter.grad = None
         state.take_passes()
         inputs, calls, output = self.forward(x)  # each module's input; position -> call
-        batch = len(y)
         with torch.no_grad():
-            log_probabilities = torch.log_softmax(output, 1)  # (B, C)
-            losses = nn.functional.nll_loss(log_probabilities, y, reduction="none")  # (B,)
-            ones = torch.ones(()).expand(batch)  # (B,) ∂ Σ losses / ∂ loss_n
-            target = aten.nll_loss_backward(ones, log_probabilities, y, None, 0, -100, ones[0])
-            gradient = aten._log_softmax_backward_data(  # (B, C) ∂ loss_n / ∂ output_n
-                target, log_probabilities, 1, log_probabilities.dtype
-            )
+            losses, gradient = cross_entropy_gradient(output, y)  # (B,), (B, C)
             step = self.decide(losses, gradient, output)
             stats = step.stats
             if not stats.trained:
@@ -139,18 +165,4 @@ class GraphFreeStep:
                 context, delta, None
             )
             return delta
-        if isinstance(module, nn.ReLU):
-            return aten.threshold_backward(delta, inputs[position + 1], 0)
-        if isinstance(module, nn.MaxPool1d):  # as a 2-D pool of height 1
-            _, index = aten.max_pool1d_with_indices(below, [module.kernel_size], [module.stride])
-            return aten.max_pool2d_with_indices_backward(
-                delta.unsqueeze(2), below.unsqueeze(2), [1, module.kernel_size],
-                [1, module.stride], [0, 0], [1, 1], False, index.unsqueeze(2),
-            ).squeeze(2)  # fmt: skip
-        if isinstance(module, nn.AvgPool1d):
-            return aten.avg_pool2d_backward(
-                delta.unsqueeze(2), below.unsqueeze(2), [1, *module.kernel_size],
-                [1, *module.stride], [0, *module.padding], module.ceil_mode,
-                module.count_include_pad, None,
-            ).squeeze(2)  # fmt: skip
-        return delta.reshape(below.shape)  # Flatten
+        return module_backward(module, delta, below)
