@@ -114,6 +114,7 @@ class SparseBackpropLayer:
                     leaf = weight if weight._base is None else weight._base
                     call.forward_pass.dense_weights.add(id(leaf))
             return self.dense_forward(x, weight, self.bias)
+        self.check_sparse_settings()
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 f"layer '{self.layer_name}': tinyprop's sparse backward does not run under "
@@ -131,6 +132,10 @@ class SparseBackpropLayer:
     def geometry_settings(self) -> tuple:
         """The layer settings its patch geometry depends on besides the shapes."""
         return ()
+
+    def check_sparse_settings(self) -> None:
+        """Refuse settings changed after :func:`tinyprop.apply` that the sparse backward
+        cannot follow (a clear error, never a wrong gradient)."""
 
     def _record(self, x: Tensor, weight: Tensor):
         state = self.tinyprop_state
@@ -215,19 +220,32 @@ class _ConvLayer(SparseBackpropLayer):
         return self.spatial_dims + 1
 
     def check_input(self, x: Tensor, weight: Tensor) -> None:
+        # C_in from the weight (C_out, C_in / G, *kernel), as PyTorch's forward reads it:
+        # in_channels is set once when the layer is built and misses a weight replaced since
+        channels = weight.shape[1] * self.groups
         if not isinstance(x, Tensor) or x.dim() != self.spatial_dims + 2:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(self._shape_message(shape))
-        if x.shape[1] != self.in_channels:
-            raise ValueError(self._shape_message(tuple(x.shape)))
+            raise ValueError(self._shape_message(shape, channels))
+        if x.shape[1] != channels:
+            raise ValueError(self._shape_message(tuple(x.shape), channels))
 
-    def _shape_message(self, shape) -> str:
+    def _shape_message(self, shape, channels: int) -> str:
         spatial = "L" if self.spatial_dims == 1 else "H, W"
         return (
-            f"layer '{self.layer_name}' (Conv{self.spatial_dims}d, in_channels="
-            f"{self.in_channels}) expects input of shape (batch, {self.in_channels}, "
-            f"{spatial}), got {shape}"
+            f"layer '{self.layer_name}' (Conv{self.spatial_dims}d, in_channels={channels}) "
+            f"expects input of shape (batch, {channels}, {spatial}), got {shape}"
         )
+
+    def check_sparse_settings(self) -> None:
+        """``padding_mode`` set to ``'reflect'`` (or another) after apply: the forward pads
+        that way, the sparse backward would take zeros (a wrong weight gradient, silently)."""
+        if self.padding_mode != "zeros":
+            raise ValueError(
+                f"layer '{self.layer_name}' (Conv{self.spatial_dims}d) has padding_mode="
+                f"'{self.padding_mode}', set after tinyprop.apply; its sparse backward pads "
+                "with zeros only. Set padding_mode before tinyprop.apply (the layer then keeps "
+                "its dense backward), or call tinyprop.remove(model) and apply again"
+            )
 
     def dense_forward(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)

@@ -92,10 +92,19 @@ class LinearPatches:
 class ConvPatches:
     """Patches of ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, dilation, groups)."""
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d, input_shape: torch.Size):
+    def __init__(
+        self,
+        layer: nn.Conv1d | nn.Conv2d,
+        input_shape: torch.Size,
+        weight_shape: torch.Size | None = None,
+    ):
         two_d = isinstance(layer, nn.Conv2d)
         self.two_d = two_d
-        self.pad = zero_padding(layer)  # (left, right[, top, bottom])
+        # (C_out, C_in / G, *kernel) from the weight the forward convolves with, as PyTorch's
+        # forward reads it: kernel_size and out_channels are set once when the layer is built
+        # and miss a weight replaced since (a 2x2 weight in a layer built 3x3)
+        weight_shape = layer.weight.shape if weight_shape is None else weight_shape
+        self.pad = zero_padding(layer, weight_shape[2:])  # (left, right[, top, bottom])
         spatial = tuple(input_shape[2:]) if two_d else (1, input_shape[2])
         pads = (
             (self.pad[2], self.pad[3], self.pad[0], self.pad[1])
@@ -103,7 +112,7 @@ class ConvPatches:
             else (0, 0, self.pad[0], self.pad[1])
         )
         padded = (spatial[0] + pads[0] + pads[1], spatial[1] + pads[2] + pads[3])
-        kernel = tuple(layer.kernel_size) if two_d else (1, layer.kernel_size[0])
+        kernel = tuple(weight_shape[2:]) if two_d else (1, weight_shape[2])
         stride = tuple(layer.stride) if two_d else (1, layer.stride[0])
         dilation = tuple(layer.dilation) if two_d else (1, layer.dilation[0])
         out = tuple(
@@ -111,7 +120,7 @@ class ConvPatches:
         )
         self.groups = layer.groups
         self.channels_in = input_shape[1]
-        self.channels_out = layer.out_channels
+        self.channels_out = weight_shape[0]
         self.channels_per_group = self.channels_in // self.groups
         self.fan_in = self.channels_per_group * kernel[0] * kernel[1]
         self.positions = out[0] * out[1]
@@ -293,13 +302,15 @@ class ConvPatches:
         return padded[:, :, left : padded.shape[2] - right]
 
 
-def zero_padding(layer: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+def zero_padding(layer: nn.Conv1d | nn.Conv2d, kernel: tuple | None = None) -> tuple[int, ...]:
     """The zeros a convolution's forward pads its input with, (left, right[, top, bottom]),
-    from its ``padding`` as it is now, as PyTorch's forward reads it (``'same'`` from its
-    kernel size and dilation). ``_reversed_padding_repeated_twice``, which the module computes
-    once when built, missed a ``padding`` set afterwards (``conv.padding = (0, 1)``): the
-    backward then took the old padding, a wrong weight gradient, silently."""
-    padding, kernel, dilation = layer.padding, layer.kernel_size, layer.dilation
+    from its ``padding`` as it is now, as PyTorch's forward reads it (``'same'`` from the
+    ``kernel`` size, by default the layer's, and dilation). ``_reversed_padding_repeated_twice``,
+    which the module computes once when built, missed a ``padding`` set afterwards
+    (``conv.padding = (0, 1)``): the backward then took the old padding, a wrong weight
+    gradient, silently."""
+    padding, dilation = layer.padding, layer.dilation
+    kernel = layer.kernel_size if kernel is None else kernel
     if isinstance(padding, int):  # conv.padding = 1 works in PyTorch's forward too
         padding = (padding,) * len(kernel)
     pads: list[int] = []
@@ -359,7 +370,7 @@ def cached_patches_for(
     if geometry is None:
         if len(cache) >= _GEOMETRY_CACHE_SIZE:
             cache.clear()
-        geometry = cache[key] = ConvPatches(layer, input_shape)
+        geometry = cache[key] = ConvPatches(layer, input_shape, weight_shape)
     return geometry
 
 
@@ -369,5 +380,5 @@ def patches_for(
     """The patch geometry of a sparse layer for one input shape (``weight_shape`` as the
     sparse backward sees the weight: (out, in) for every linear layer)."""
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        return ConvPatches(layer, input_shape)
+        return ConvPatches(layer, input_shape, weight_shape)
     return LinearPatches(input_shape, weight_shape)
