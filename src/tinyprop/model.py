@@ -49,7 +49,9 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     Converted: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (zero padding) and their
     subclasses that keep the parent's forward, and classes registered with
     :func:`tinyprop.register_linear`; lazy ones (``nn.LazyLinear``) too, before their first
-    forward. A layer's distance d from the output comes from the order
+    forward; a supported layer set into the model afterwards (``model[0] = nn.Linear(...)``,
+    ``model.head = ...``; not ``Sequential.insert``, which writes ``_modules`` directly) is made
+    sparse at the next forward. A layer's distance d from the output comes from the order
     in which the forward pass calls the layers (the last one called has d = 0). Other trainable
     modules stay dense, are counted dense by the ledger, and are named in a warning
     (normalisation and embedding layers without one).
@@ -116,22 +118,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     ]
     if config.batch_norm_trained_rows:
         state.batch_norms = swap_batch_norms(model, state)
-    count = len(targets)
     for index, (name, module) in enumerate(targets):
-        original = type(module)
-        module.__class__ = sparse_class(original)
-        setattr(module, _ORIGINAL_CLASS, original)
-        if isinstance(module, LazyModuleMixin):  # nn.LazyLinear before its first forward
-            module.cls_to_become = sparse_class(original.cls_to_become)
-        module.tinyprop_state = state
-        module.layer_name = name or "<root>"
-        module.layer_index = index
-        module.registration_depth = count - 1 - index
-        device = _device(module)
-        maximum = torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device)
-        module.register_buffer("error_max", maximum)
-        module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
-        state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
+        _make_sparse(module, state, name, index, len(targets))
     state.pools = fuse_pools(model, [module for _, module in targets])
     state.relus = fuse_relus(model, [module for _, module in targets])
     device = _device(targets[-1][1])
@@ -146,7 +134,80 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     ]
     state.made_on_meta = any(buffer.is_meta for buffer in _running_state(model, state).values())
     setattr(model, _STATE, state)
+    _watch_module_changes()
+    state.module_changes = _MODULE_CHANGES[0]
     return model
+
+
+def _make_sparse(module: nn.Module, state: TinyPropState, name: str, index: int, count: int):
+    """Turn one supported layer into its sparse class, the ``index``-th of ``count``."""
+    original = type(module)
+    module.__class__ = sparse_class(original)
+    setattr(module, _ORIGINAL_CLASS, original)
+    if isinstance(module, LazyModuleMixin):  # nn.LazyLinear before its first forward
+        module.cls_to_become = sparse_class(original.cls_to_become)
+    module.tinyprop_state = state
+    module.layer_name = name or "<root>"
+    module.layer_index = index
+    module.registration_depth = count - 1 - index
+    device = _device(module)
+    maximum = torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device)
+    module.register_buffer("error_max", maximum)
+    module.register_buffer("backward_steps", torch.zeros((), dtype=torch.long, device=device))
+    state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
+
+
+# submodules registered anywhere in the process since the first apply (nn.Module.__setattr__,
+# add_module, Sequential / ModuleList / ModuleDict item assignment all register): a cheap
+# test, at each forward, of whether an applied model may have changed
+_MODULE_CHANGES = [0]
+_MODULE_CHANGE_HOOK: list = []
+
+
+def _count_module_change(module: nn.Module, name: str, submodule) -> None:
+    _MODULE_CHANGES[0] += 1
+
+
+def _watch_module_changes() -> None:
+    if not _MODULE_CHANGE_HOOK:
+        register = nn.modules.module.register_module_module_registration_hook
+        _MODULE_CHANGE_HOOK.append(register(_count_module_change))
+
+
+def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
+    """After model surgery (``model[0] = nn.Linear(...)``, ``model.head = nn.Conv2d(...)``, an
+    adapter added): make the supported layers set into the model since :func:`apply` sparse,
+    as apply would have, and forget the sparse layers no longer in it. Before, a layer set
+    after apply kept its dense backward without a word, and the ledger left its compute out
+    (its MACs were neither a sparse layer's nor in the other modules' count measured before)."""
+    state.module_changes = _MODULE_CHANGES[0]
+    modules = list(model.named_modules())
+    current = {id(module) for _, module in modules}
+    layers = [
+        (name, module)
+        for name, module in modules
+        if getattr(module, "tinyprop_state", None) is state
+        or (
+            not isinstance(module, SparseBackpropLayer)
+            and layer_kind(module) not in (None, "override")
+        )
+    ]
+    known = {id(module) for _, module in state.layers}
+    if [id(m) for _, m in layers] == [id(m) for _, m in state.layers] and all(
+        m.layer_name == (name or "<root>") for name, m in layers
+    ):
+        return
+    state.detached += [entry for entry in state.layers if id(entry[1]) not in current]
+    for index, (name, module) in enumerate(layers):
+        if id(module) in known:
+            module.layer_name, module.layer_index = name or "<root>", index
+            module.registration_depth = len(layers) - 1 - index
+        else:
+            _make_sparse(module, state, name, index, len(layers))
+    state.layers = layers
+    state.other_macs_cache.clear()  # what the other modules compute changed too
+    state.call_fields.clear()
+    state.geometry_cache.clear()
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -160,7 +221,7 @@ def remove(model: nn.Module) -> nn.Module:
     restore_batch_norms(state.batch_norms)
     restore_pools(getattr(state, "pools", []))
     restore_relus(getattr(state, "relus", []))
-    for _, module in state.layers:
+    for _, module in state.layers + state.detached:
         original = getattr(module, _ORIGINAL_CLASS)
         if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)
             del module.cls_to_become
@@ -222,6 +283,8 @@ def _compiled_module(model) -> nn.Module | None:
 def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
     """Root forward pre-hook: record the sparse-layer calls of a training forward pass."""
     state = getattr(model, _STATE)
+    if state.module_changes != _MODULE_CHANGES[0]:
+        _follow_module_changes(model, state)
     if state.made_on_meta:
         _fill_running_state_made_on_meta(model, state)
     if not torch.is_grad_enabled() or state.open_pass is not None or torch.jit.is_tracing():

@@ -138,6 +138,10 @@ class TinyPropState:
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
     deciding: bool = False  # the skip decision's gradient runs (tinyprop.step._output_error)
+    # module registrations seen (tinyprop.model.module_changes): a layer set into the model
+    # after apply (model[0] = nn.Linear(...)) is made sparse at the next forward
+    module_changes: int = 0
+    detached: list = field(default_factory=list)  # sparse layers taken out of the model
     load_prefix: str | None = None  # the model's prefix in the state_dict being loaded
     # the running state was made on the meta device: ``to_empty`` fills it with whatever the
     # memory held, so it starts afresh before the first training forward (a checkpoint loaded
