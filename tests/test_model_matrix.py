@@ -209,3 +209,42 @@ def test_whole_model_save_load_and_deepcopy_train_on():
         assert stats.trained == 4 and stats.keep
         tinyprop.remove(twin)
         assert not tinyprop.is_tinyprop(twin)
+
+
+def to_float32(built):
+    """A zoo entry in float32: the dtype the native kernels and the few-row paths run in (the
+    float64 matrix never reaches them; both layout bugs of the convolution kernels hid there)."""
+    model, inputs, y, loss_fn = built
+    inputs = tuple(x.float() if x.is_floating_point() else x for x in inputs)
+    return model.float(), inputs, y, loss_fn
+
+
+FLOAT32_CASES = [name for name in MODELS if not name.startswith("encoder")]
+FLOAT32_CASES += ["encoder_batch_first", "encoder_seq_first"]
+
+
+@pytest.mark.parametrize("name", FLOAT32_CASES)
+@pytest.mark.parametrize("policy", ["full", "topk-1.0", "topk-0.1"])
+def test_float32_gradients_equal_plain_pytorch(name, policy):
+    """``full``: PyTorch's own backward, bit for bit. ``topk``: other kernels summing in
+    another order, so equal to float32 rounding: each gradient within 1e-5 of its largest
+    entry, or 1e-11 (float32's epsilon is 1.2e-7; a wrong layout or padding was off by 1e-2
+    or more)."""
+    model, inputs, y, loss_fn = to_float32(MODELS[name]())
+    ratio = 0.1 if policy == "topk-0.1" else 1.0
+    reference = copy.deepcopy(model)
+    if ratio < 1.0:
+        reference = masked_reference(reference, ratio)
+    expected = plain_gradients(reference, inputs, y, loss_fn)
+    config = tinyprop.TinyPropConfig(policy=policy.split("-")[0], ratio=ratio)
+    got, stats = tinyprop_gradients(model, inputs, y, loss_fn, config)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if policy == "full":
+            assert torch.equal(got[key], value), key
+        else:
+            # (a key bias's gradient is 0 up to rounding: softmax ignores it; 1e-14 here)
+            scale = max(float(value.abs().max()), 1e-6)
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5 * scale, msg=key)
+    if policy != "full":
+        assert stats.keep, "no sparse layer ran"
