@@ -14,6 +14,7 @@ Per-step state (the trained samples, the records of the backward) lives in a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -119,7 +120,8 @@ class TinyPropState:
 
     config: TinyPropConfig
     layers: list[tuple[str, nn.Module]] = field(default_factory=list)
-    open_pass: ForwardPass | None = None  # the root forward that is running
+    # thread id -> the root forward running in that thread (see :attr:`open_pass`)
+    open_passes: dict = field(default_factory=dict)
     pending: list[ForwardPass] = field(default_factory=list)  # finished, not yet accounted
     step: object = None  # the StepContext whose backward is running (tinyprop.step)
     other_macs_cache: dict = field(default_factory=dict)  # input signature -> other MACs
@@ -167,11 +169,34 @@ class TinyPropState:
         """For torch.save / pickle of a whole model: the per-step leftovers are not kept."""
         state = dict(self.__dict__)
         state.update(
-            open_pass=None, pending=[], step=None, last_stats=None, _policy=None,
+            open_passes={}, pending=[], step=None, last_stats=None, _policy=None,
             inside_ddp=False, deciding=False, geometry_cache={}, call_fields={},
             checked_optimizer=None,
         )  # fmt: skip
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A whole model pickled before the open forward passes were kept per thread."""
+        state.pop("open_pass", None)
+        state.setdefault("open_passes", {})
+        self.__dict__.update(state)
+
+    @property
+    def open_pass(self) -> ForwardPass | None:
+        """The root forward running in this thread, else None. Per thread: a forward under
+        ``torch.no_grad`` in another thread (an evaluation beside the training loop, on the
+        same model) neither joins the training forward's pass nor closes it; it did both, and
+        the training step took the evaluation's output and layer calls (other depths, so
+        another k and other weights, silently) while the evaluation failed ("trying to pop
+        from empty mode stack")."""
+        return self.open_passes.get(threading.get_ident()) if self.open_passes else None
+
+    @open_pass.setter
+    def open_pass(self, forward_pass: ForwardPass | None) -> None:
+        if forward_pass is None:
+            self.open_passes.pop(threading.get_ident(), None)
+        else:
+            self.open_passes[threading.get_ident()] = forward_pass
 
     def finish_pass(self, forward_pass: ForwardPass) -> None:
         if self.pending:  # only the newest pass holds on to its output tensor
