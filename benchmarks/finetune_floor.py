@@ -17,9 +17,11 @@ library chooses); ReLU's and the pools' backward by the aten kernels autograd ru
 trained rows, ``avg_pool2d_backward``); then Adam. It takes the same skips and k and gives the
 same weights as the library's step (``--check`` compares them step by step, and the weights
 after the steps bit for bit), so its time is what the algorithm costs when the bookkeeping
-around it is free: what a graph-free step of the library could reach. Beside it, the
-graph-free prototype of ``graph_free_step.py``: the library's own step without an autograd
-graph, its bookkeeping included (``--check`` compares it with ``tinyprop.train_step`` too).
+around it is free. The library's ``tinypropv2`` step runs these plain ``nn.Sequential`` models
+without an autograd graph (:mod:`tinyprop.graph_free`); beside it, the same step by the
+library's autograd path (``tinypropv2, autograd path``: ``tinyprop.graph_free.eligible``
+turned off), and ``--check`` compares the two step by step (trained samples, k, kernels,
+ledger) and the weights, running state and optimizer state after the run, bit for bit.
 
 Run:
     python benchmarks/finetune_floor.py            # mnist, one thread, process time, chunks
@@ -34,20 +36,47 @@ import copy
 import os
 import statistics
 import time
+from unittest import mock
 
 import numpy as np
 import torch
-from graph_free_step import GraphFreeStep, cross_entropy_gradient, module_backward
 from speed_floor import finetune_workload
 from torch import nn
 
 import tinyprop
-from tinyprop import native
+from tinyprop import graph_free, native
 from tinyprop.autograd import _gradients
 from tinyprop.functional import scalar_keep_counts, scalar_running_max, scalar_skip_decision
+from tinyprop.graph_free import module_backward
 from tinyprop.patches import patches_for
 
+aten = torch.ops.aten
+
 SPARSE = (nn.Linear, nn.Conv1d)  # the layers tinyprop backpropagates sparsely
+
+
+def cross_entropy_gradient(output: torch.Tensor, y: torch.Tensor):
+    """The per-sample cross-entropy losses (B,) and ∂ loss_n / ∂ output_n (B, C), by the
+    kernels autograd runs for ``F.cross_entropy(output, y, reduction="none")``."""
+    log_probabilities = torch.log_softmax(output, 1)  # (B, C)
+    losses = nn.functional.nll_loss(log_probabilities, y, reduction="none")  # (B,)
+    ones = torch.ones(()).expand(len(y))  # (B,) ∂ Σ losses / ∂ loss_n
+    target = aten.nll_loss_backward(ones, log_probabilities, y, None, 0, -100, ones[0])
+    gradient = aten._log_softmax_backward_data(  # (B, C) ∂ loss_n / ∂ output_n
+        target, log_probabilities, 1, log_probabilities.dtype
+    )
+    return losses, gradient
+
+
+def autograd_path(step):
+    """``step`` (a function running ``tinyprop.train_step``) with the graph-free step
+    turned off."""
+
+    def run(*args):
+        with mock.patch.object(graph_free, "eligible", return_value=False):
+            return step(*args)
+
+    return run
 
 
 class HandWrittenStep:
@@ -172,14 +201,13 @@ def steps(workload: dict) -> dict:
         alone_optimizer.step()
 
     hand = copy.deepcopy(workload["model"])
-    graph_free = tinyprop.apply(copy.deepcopy(workload["model"]), config)
     return {
         "full": library(tinyprop.TinyPropConfig(policy="full")),
         "tinypropv2": library(config),
+        "tinypropv2, autograd path": autograd_path(library(config)),
         "plain PyTorch, dense": plain_step,
         "forward + loss + Adam": forward_loss_adam,
         "tinypropv2 by hand": HandWrittenStep(hand, make(hand), config),
-        "tinypropv2 graph-free": GraphFreeStep(graph_free, make(graph_free)),
     }
 
 
@@ -215,17 +243,16 @@ def check(workload: dict, count: int) -> None:
 
 
 def check_graph_free(workload: dict, count: int) -> None:
-    """The graph-free prototype against ``tinyprop.train_step``: the step's trained samples,
-    k, kernels and ledger at every step; the weights and running state (the state dict) and
-    the optimizer state after ``count`` steps, bit for bit."""
+    """The library's step (graph-free) against its autograd path: the step's trained
+    samples, k, kernels and ledger at every step; the weights and running state (the state
+    dict) and the optimizer state after ``count`` steps, bit for bit."""
     config, make = workload["policy"][1], workload["optimizer"]
     models = [tinyprop.apply(copy.deepcopy(workload["model"]), config) for _ in range(2)]
     optimizers = [make(model) for model in models]
-    graph_free = GraphFreeStep(models[1], optimizers[1])
     differing = 0
     for x, y in workload["batches"][:count]:
-        stats = tinyprop.train_step(models[0], x, y, workload["loss"], optimizers[0])
-        other = graph_free(x, y)
+        stats = autograd_path(tinyprop.train_step)(models[0], x, y, workload["loss"], optimizers[0])
+        other = tinyprop.train_step(models[1], x, y, workload["loss"], optimizers[1])
         fields = (stats.trained, stats.stepped, stats.macs, stats.kernels, list(stats.keep))
         same = fields == (other.trained, other.stepped, other.macs, other.kernels, list(other.keep))
         same = same and all(torch.equal(stats.keep[name], other.keep[name]) for name in stats.keep)
@@ -238,9 +265,9 @@ def check_graph_free(workload: dict, count: int) -> None:
         for a, b in parameters
         for key in optimizers[0].state[a]
     )
-    print(f"graph-free: {differing} of {count} steps with other skips, k, kernels or ledger; "
-          f"weights and running state {'equal' if equal else 'DIFFERENT'}, optimizer state "
-          f"{'equal' if moments else 'DIFFERENT'} after them")  # fmt: skip
+    print(f"graph-free: {differing} of {count} steps with other skips, k, kernels or ledger "
+          f"than the autograd path; weights and running state {'equal' if equal else 'DIFFERENT'}"
+          f", optimizer state {'equal' if moments else 'DIFFERENT'} after them")  # fmt: skip
 
 
 def measure(workload: dict, rounds: int, chunk: int) -> None:

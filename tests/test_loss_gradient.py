@@ -10,13 +10,21 @@ from test_few_rows_conv import DATASET_FILES, finetune_run
 from test_lean_steps import assert_same_bits, train
 from torch import nn
 
-from tinyprop import loss_gradient, step
+from tinyprop import graph_free, loss_gradient, step
 from tinyprop.data import cache_dir
 from tinyprop.loss_gradient import (
     is_row_cross_entropy,
     output_error,
     row_cross_entropy_gradient,
 )
+
+
+@pytest.fixture(autouse=True)
+def autograd_path(monkeypatch):
+    """These steps run the autograd path, whose output node (OutputBoundary) is under test
+    (the graph-free step of a plain nn.Sequential takes δ_L the same way:
+    tests/test_graph_free.py)."""
+    monkeypatch.setattr(graph_free, "eligible", lambda *arguments: False)
 
 
 def test_output_error_is_the_weighted_loss_backward_bit_for_bit():

@@ -46,7 +46,7 @@ def is_row_cross_entropy(losses: Tensor, output: Tensor) -> bool:
     nll = losses.grad_fn
     if (
         nll is None
-        or output.grad_fn is None
+        or not output.requires_grad
         or output.dim() != 2
         or output.dtype != torch.float32
         or losses.dtype != torch.float32
@@ -56,12 +56,16 @@ def is_row_cross_entropy(losses: Tensor, output: Tensor) -> bool:
     ):
         return False
     log_softmax = nll.next_functions[0][0]
-    return (
-        log_softmax is not None
-        and log_softmax.name() == "LogSoftmaxBackward0"
-        and log_softmax._saved_dim == 1
-        and log_softmax.next_functions[0][0] is output.grad_fn
-    )
+    if (
+        log_softmax is None
+        or log_softmax.name() != "LogSoftmaxBackward0"
+        or log_softmax._saved_dim != 1
+    ):
+        return False
+    source = log_softmax.next_functions[0][0]  # the output's node: of a leaf, its accumulation
+    if output.grad_fn is None:
+        return getattr(source, "variable", None) is output
+    return source is output.grad_fn
 
 
 def row_cross_entropy_gradient(losses: Tensor) -> Tensor:

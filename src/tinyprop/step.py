@@ -721,16 +721,23 @@ def _step_scalar(losses: Tensor, step: StepContext) -> Tensor:
 
 
 def _open_step(
-    model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool | None = False
+    model: nn.Module,
+    losses: Tensor,
+    output,
+    sample_dim: int,
+    scaling: bool | None = False,
+    from_sparse_layer: bool | None = None,
 ) -> StepContext:
     """The step of these losses, its skip decision made; the forward passes it takes let go of
     their output tensors afterwards (kept, each output's graph holds the step's layer calls,
     which hold their pass: a cycle through autograd's nodes that the garbage collector cannot
-    break, one model output and graph kept alive per step)."""
+    break, one model output and graph kept alive per step). ``from_sparse_layer``: whether
+    the output is a sparse layer's (None: found in its autograd graph; the graph-free step,
+    :mod:`tinyprop.graph_free`, tells it of its leaf output)."""
     state = state_of(unwrap(model))
     pending = state.pending  # the list take_passes hands to the step
     try:
-        return _decide_step(model, losses, output, sample_dim, scaling)
+        return _decide_step(model, losses, output, sample_dim, scaling, from_sparse_layer)
     finally:
         if state.pending is not pending:  # taken by this step
             for forward_pass in pending:
@@ -738,7 +745,12 @@ def _open_step(
 
 
 def _decide_step(
-    model: nn.Module, losses: Tensor, output, sample_dim: int, scaling: bool | None = False
+    model: nn.Module,
+    losses: Tensor,
+    output,
+    sample_dim: int,
+    scaling: bool | None = False,
+    from_sparse_layer: bool | None = None,
 ) -> StepContext:
     module = unwrap(model)
     state = state_of(module)
@@ -824,10 +836,12 @@ def _decide_step(
             finally:
                 state.deciding = False
             step.output_size = output.numel() // batch
+            if from_sparse_layer is None:
+                from_sparse_layer = getattr(output.grad_fn, "_forward_cls", None) is SparseBackprop
             if (  # a CPU output straight from a sparse layer, per-sample cross-entropy
                 not distributed
                 and reads_are_free(output.device)
-                and getattr(output.grad_fn, "_forward_cls", None) is SparseBackprop
+                and from_sparse_layer
                 and row_cross_entropy
             ):
                 step.decision_gradient = (output, output_grad)

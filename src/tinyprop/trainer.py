@@ -6,9 +6,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tinyprop import graph_free
 from tinyprop.fused_update import apply_updates, fold_into_gradients, fusable_weights
 from tinyprop.model import state_of, unwrap
 from tinyprop.step import (
+    StepContext,
     StepStats,
     describe,
     how_to_get_per_sample_losses,
@@ -72,24 +74,13 @@ def train_step(
     unwrap(model).zero_grad(set_to_none=True)  # also parameters outside the optimizer
     optimizer.zero_grad(set_to_none=True)
     state_of(model).take_passes()  # earlier forward passes with grad (an evaluation) have no
-    output = model(x)  # backward: only this step's forward belongs to its ledger
-    if not isinstance(output, Tensor) or output.shape[:1] != (batch_size,):
-        raise ValueError(
-            f"the model must return one output tensor (B, ...) with B={batch_size}; "
-            f"got {describe(output)}"
-        )
-    losses = loss_fn(output, y)
-    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
-        raise ValueError(
-            f"loss_fn must return one loss per sample, shape ({batch_size},), got "
-            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
-        )
+    # backward: only this step's forward belongs to its ledger
     try:
-        fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
-        if is_distributed(model):  # the gradients go through the all-reduce
-            fused = None
-        # the running state is written only once the gradients passed the check (commit)
-        step = run_backward(model, losses, output, 0, None, 1.0, fused, defers_commit=True)
+        step = None  # a plain nn.Sequential: the same step without an autograd graph
+        if graph_free.eligible(model, x, fused_update):
+            step = graph_free.run_step(model, x, y, loss_fn)
+        if step is None:
+            step = _autograd_step(model, x, y, loss_fn, optimizer, fused_update)
         stats = step.stats
         check_gradients(optimizer, step.proven_finite)
     except FloatingPointError:
@@ -101,7 +92,7 @@ def train_step(
     if in_join(model):  # ranks that ran out of data shadow DDP's collectives only: no count
         trained = 1  # every rank steps, as in plain DDP (a zero gradient when none trained)
     elif is_distributed(model):  # every rank steps when any rank trained: weights stay equal
-        count = torch.tensor([trained], dtype=torch.long, device=output.device)
+        count = torch.tensor([trained], dtype=torch.long, device=stats.trained_mask.device)
         dist.all_reduce(count)
         trained = int(count)
     if trained:
@@ -110,6 +101,29 @@ def train_step(
         apply_updates(step, optimizer)
         stats.stepped = True
     return stats
+
+
+def _autograd_step(model, x, y, loss_fn, optimizer, fused_update: bool) -> StepContext:
+    """The forward with a graph and :func:`tinyprop.step.run_backward`: the step, its running
+    state not committed yet."""
+    batch_size = x.shape[0]
+    output = model(x)
+    if not isinstance(output, Tensor) or output.shape[:1] != (batch_size,):
+        raise ValueError(
+            f"the model must return one output tensor (B, ...) with B={batch_size}; "
+            f"got {describe(output)}"
+        )
+    losses = loss_fn(output, y)
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({batch_size},), got "
+            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
+        )
+    fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
+    if is_distributed(model):  # the gradients go through the all-reduce
+        fused = None
+    # the running state is written only once the gradients passed the check (commit)
+    return run_backward(model, losses, output, 0, None, 1.0, fused, defers_commit=True)
 
 
 def check_optimizer_holds_the_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

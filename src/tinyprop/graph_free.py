@@ -1,0 +1,307 @@
+"""``train_step`` without an autograd graph, for a plain ``nn.Sequential``.
+
+The step's graph costs more than the sparse backward of a small model (the har and mnist
+finetune runs): one node per module, saved tensors, the engine's bookkeeping. For a model
+where autograd would only chain the modules' own backward functions,
+:func:`tinyprop.train_step` runs the same step without it (:func:`run_step`):
+
+1. the forward under ``torch.no_grad``, keeping each module's input; each sparse layer call is
+   recorded as the library's forward records it (the same :class:`~tinyprop.state.LayerCall`,
+   the same forward MACs);
+2. the model output y_L made a leaf that requires grad, and the user's ``loss_fn(y_L, y)``:
+   autograd differentiates the loss alone (a graph of one or two nodes), so any loss works and
+   δ_L = ∂ Σ_n w_n loss_n / ∂ y_L is what the step's backward receives at the output today;
+   the skip decision is the library's own (:func:`tinyprop.step.run_backward`'s);
+3. from the output down, each sparse layer's backward by the function its autograd Function
+   calls (:meth:`~tinyprop.autograd.SparseBackprop.layer_backward`: k, the kept entries, the
+   kernels, records, running maxima, finiteness checks), ReLU's, the pools' and Flatten's by
+   the aten kernels autograd runs for them;
+4. the step's end as before: records and ledger, the gradient check, the running state's
+   commit, the optimizer step.
+
+The same skips, k, weights, ledger, :class:`~tinyprop.step.StepStats` and optimizer state as
+the autograd path, bit for bit (tests/test_graph_free.py). :func:`eligible` says when it
+applies; anything else (hooks, other module types, autocast, DistributedDataParallel, the
+``full`` policy, other dtypes or devices, an input that requires grad, ``fused_update``) takes
+the autograd path.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+from tinyprop import model as model_hooks
+from tinyprop.autograd import SparseBackprop
+from tinyprop.layers import TinyPropConv1d, TinyPropConv2d, TinyPropLinear
+from tinyprop.loss_gradient import is_power_of_two
+from tinyprop.loss_gradient import output_error as weighted_output_error
+from tinyprop.model import state_of
+from tinyprop.step import StepContext, _open_step, describe, how_to_get_per_sample_losses
+
+aten = torch.ops.aten
+
+SPARSE_LAYERS = (TinyPropLinear, TinyPropConv1d, TinyPropConv2d)  # exact types, no subclass
+PASSING = (nn.Flatten, nn.Identity)  # δ passes unchanged but for its shape
+
+
+def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
+    """Whether :func:`tinyprop.train_step` may run the step of ``model`` on ``x`` without a
+    graph: a plain ``nn.Sequential`` of sparse Linear / Conv1d / Conv2d layers (exactly those
+    classes), ReLU, non-overlapping MaxPool1d, AvgPool1d, Flatten, Identity and Dropout in
+    eval mode (or p = 0); float32 CPU parameters and input, the input not requiring grad, no
+    sparse layer whose bias alone trains with nothing below it training; no module, parameter
+    or global hook but the library's own, no saved-tensor hooks, autocast, tracing or
+    torch.func transforms; a sparse policy; no fused update."""
+    if type(model) is not nn.Sequential or fused_update:
+        return False
+    state = state_of(model)
+    if (
+        not state.policy.sparse
+        or state.output_error_max_unchecked
+        or state.made_on_meta
+        or state.inside_ddp
+        or not torch.is_grad_enabled()
+        or torch.is_autocast_enabled("cpu")
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        or type(x) is not Tensor
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or x.layout != torch.strided
+    ):
+        return False
+    hooks = nn.modules.module
+    if (
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+        or len(model._forward_pre_hooks) != 1  # the library's two root hooks only
+        or len(model._forward_hooks) != 1
+        or model._backward_hooks
+        or model._backward_pre_hooks
+    ):
+        return False
+    trainable = False  # a parameter of this module or one before it trains
+    for module in model._modules.values():
+        if not _module_eligible(module):
+            return False
+        if type(module) in SPARSE_LAYERS and not (trainable or module.weight.requires_grad):
+            bias = module.bias  # trained alone by PyTorch's dense backward there
+            if bias is not None and bias.requires_grad:
+                return False
+        for parameter in module._parameters.values():
+            if parameter is None:  # a Linear without bias
+                continue
+            if (
+                type(parameter) is not nn.Parameter
+                or parameter.dtype != torch.float32
+                or parameter.device.type != "cpu"
+                or parameter._backward_hooks
+                or parameter._post_accumulate_grad_hooks
+            ):
+                return False
+            trainable = trainable or parameter.requires_grad
+    return trainable
+
+
+def _module_eligible(module: nn.Module) -> bool:
+    """Whether the graph-free step can run ``module``'s backward as autograd would."""
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module._modules
+    ):
+        return False
+    kind = type(module)
+    if kind in SPARSE_LAYERS:
+        return True
+    if kind is nn.ReLU or kind in PASSING or kind is nn.AvgPool1d:
+        return True
+    if kind is nn.Dropout:
+        return not module.training or module.p == 0
+    if kind is nn.MaxPool1d:
+        return (
+            not module.return_indices
+            and not module.ceil_mode
+            and module.padding == 0
+            and module.dilation == 1
+            and module.stride == module.kernel_size
+        )
+    return False
+
+
+class _Unbatched(Exception):
+    """A sparse layer received one unbatched sample: the autograd path handles it."""
+
+
+def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
+    """What :func:`tinyprop.step.run_backward` does in ``train_step`` (``defers_commit``),
+    from the forward on, without a graph, on a model :func:`eligible` accepted: the step, its
+    records and ledger finished, the gradients set, the running state not committed yet;
+    None when the forward found that it cannot (the autograd path then runs the step,
+    nothing of this attempt kept)."""
+    modules = list(model._modules.values())
+    first_trainable = next(  # modules after it get an input gradient
+        position
+        for position, module in enumerate(modules)
+        if any(p is not None and p.requires_grad for p in module._parameters.values())
+    )
+    forward = _forward(model, modules, x, first_trainable)
+    if forward is None:
+        return None
+    inputs, calls, output = forward
+    batch_size = x.shape[0]
+    if output.shape[:1] != (batch_size,):
+        raise ValueError(
+            f"the model must return one output tensor (B, ...) with B={batch_size}; "
+            f"got {describe(output)}"
+        )
+    output = output.detach().requires_grad_()  # y_L: a leaf, the loss's graph ends there
+    losses = loss_fn(output, y)
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({batch_size},), got "
+            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
+        )
+    # the autograd path takes δ_L from the decision's gradient when y_L comes from a sparse
+    # layer's backward (tinyprop.loss_gradient)
+    last = len(modules) - 1
+    from_sparse_layer = last in calls and calls[last][1]
+    step = _open_step(model, losses, output, 0, False, from_sparse_layer=from_sparse_layer)
+    step.defers_commit = True
+    step.passes_overflow = step.quiet_overflow = False
+    if step.stats.trained:
+        delta = _output_error(step, losses, output)  # (B, ...) δ_L
+        step.state.step = step  # what StepContext.begin_backward opens
+        with torch.no_grad():
+            _backward(modules, inputs, calls, delta)
+    step.finish()  # records, ledger, the deferred finiteness checks
+    return step
+
+
+def _forward(model: nn.Sequential, modules: list, x: Tensor, first_trainable: int):
+    """The forward without a graph, recorded as the library's hooks record it: each module's
+    input, position -> (the sparse layer's LayerCall, whether autograd would run its
+    backward), the output; None for an unbatched input of a sparse layer."""
+    model_hooks._open_forward_pass(model, (x,), {})
+    inputs, calls, output = [], {}, x
+    try:
+        with torch.no_grad():
+            for position, module in enumerate(modules):
+                inputs.append(output)
+                if type(module) in SPARSE_LAYERS:
+                    weight = module.weight
+                    module.check_input(output, weight)
+                    if output.dim() == module.unbatched_dims:
+                        raise _Unbatched
+                    input_grad = position > first_trainable  # as x.requires_grad would be
+                    stand_in = output.detach().requires_grad_(input_grad)  # for the flags
+                    with torch.enable_grad():
+                        call = module._record(stand_in, weight)
+                    trains = input_grad or weight.requires_grad
+                    calls[position] = (call, trains)
+                    output = module.dense_forward(output, weight, module.bias)
+                else:
+                    output = module(output)
+    except _Unbatched:
+        _abandon_forward_pass(model)
+        return None
+    except BaseException:
+        model_hooks._close_forward_pass(model, (x,), {}, None)  # as its always_call hook
+        raise
+    model_hooks._close_forward_pass(model, (x,), {}, output)
+    return inputs, calls, output
+
+
+def _abandon_forward_pass(model: nn.Module) -> None:
+    """Drop the open forward pass unrecorded (its FLOP counter closed, nothing cached)."""
+    state = state_of(model)
+    forward_pass, state.open_pass = state.open_pass, None
+    if forward_pass is not None and forward_pass.counter is not None:
+        forward_pass.counter.__exit__(None, None, None)
+        forward_pass.counter = None
+
+
+def _output_error(step: StepContext, losses: Tensor, output: Tensor) -> Tensor:
+    """δ_L (B, ...): what the autograd path's backward hands the output, bit for bit: from
+    the decision's ∂ Σ losses / ∂ y_L where that path takes it, else autograd's gradient of
+    the step loss Σ_n w_n loss_n (w_n the trained mask over the averaged samples) at y_L."""
+    decided, step.decision_gradient = step.decision_gradient, None
+    if decided is not None and is_power_of_two(step.averaged_samples):
+        return weighted_output_error(decided[1], step.stats.trained_mask, step.averaged_samples)
+    weights = step.stats.trained_mask.to(losses.dtype) / step.averaged_samples  # (B,)
+    (delta,) = torch.autograd.grad((losses * weights).sum(), output)
+    return delta
+
+
+def _backward(modules: list, inputs: list, calls: dict, delta: Tensor) -> None:
+    """From δ at the output down: each module's backward, until no module below needs δ."""
+    for position in reversed(range(len(modules))):
+        module, below = modules[position], inputs[position]
+        if position in calls:
+            call, trains = calls[position]
+            if not trains:  # no parameter at or below it trains
+                return
+            delta = _layer_backward(module, call, below, delta)
+        else:
+            delta = module_backward(module, delta, below)
+        if delta is None:
+            return
+
+
+def _layer_backward(layer, call, x: Tensor, delta: Tensor) -> Tensor | None:
+    """A sparse layer's backward by :meth:`SparseBackprop.layer_backward`, its gradients set
+    as autograd's accumulation sets them on ``.grad`` of None: δ at its input, or None."""
+    weight, bias = layer.weight, layer.bias
+    input_grad = call.input_requires_grad
+    context = types.SimpleNamespace(
+        layer=layer, call=call, relu_fused=False, weight_id=id(weight), bias_id=id(bias),
+        bias_dtype=None if bias is None else bias.dtype, saved_tensors=(x, weight),
+        needs_input_grad=(
+            input_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+            False, False,
+        ),
+    )  # fmt: skip
+    grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(context, delta, None)
+    if weight.requires_grad and grad_weight is not None:
+        weight.grad = _as_accumulated(grad_weight, weight)
+    if bias is not None and bias.requires_grad and grad_bias is not None:
+        bias.grad = _as_accumulated(grad_bias, bias)
+    return grad_input if input_grad else None
+
+
+def _as_accumulated(grad: Tensor, parameter: nn.Parameter) -> Tensor:
+    """``grad`` as autograd stores a first gradient: itself when its strides are the
+    parameter's, else a copy with them (the same values)."""
+    if grad.stride() == parameter.stride():
+        return grad
+    return torch.empty_like(parameter).copy_(grad)
+
+
+def module_backward(module: nn.Module, delta: Tensor, below: Tensor) -> Tensor:
+    """δ at the input ``below`` of a ReLU, pool, Flatten, Identity or Dropout (eval) from δ
+    at its output, by the aten kernels autograd runs (ReLU's mask from its input: x > 0
+    exactly where ReLU(x) > 0)."""
+    if type(module) is nn.ReLU:
+        return aten.threshold_backward(delta, below, 0)
+    if type(module) is nn.MaxPool1d:  # as a 2-D pool of height 1, its indices found again
+        _, index = aten.max_pool1d_with_indices(below, [module.kernel_size], [module.stride])
+        return aten.max_pool2d_with_indices_backward(
+            delta.unsqueeze(2), below.unsqueeze(2), [1, module.kernel_size],
+            [1, module.stride], [0, 0], [1, 1], False, index.unsqueeze(2),
+        ).squeeze(2)  # fmt: skip
+    if type(module) is nn.AvgPool1d:
+        return aten.avg_pool2d_backward(
+            delta.unsqueeze(2), below.unsqueeze(2), [1, *module.kernel_size],
+            [1, *module.stride], [0, *module.padding], module.ceil_mode,
+            module.count_include_pad, None,
+        ).squeeze(2)  # fmt: skip
+    return delta.reshape(below.shape)  # Flatten, Identity, Dropout in eval

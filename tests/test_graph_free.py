@@ -1,0 +1,296 @@
+"""train_step without an autograd graph (tinyprop.graph_free) on a plain nn.Sequential: the
+same skips, k, kernels, ledger, StepStats, weights, running state and optimizer state as the
+autograd path, bit for bit; everything it does not take runs the autograd path."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import tinyprop
+from tinyprop import graph_free
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+cross_entropy = nn.CrossEntropyLoss(reduction="none")
+
+
+def autograd_step(model, x, y, loss_fn, optimizer):
+    """train_step with the graph-free step turned off (the autograd path)."""
+    with mock.patch.object(graph_free, "eligible", return_value=False):
+        return tinyprop.train_step(model, x, y, loss_fn, optimizer)
+
+
+def graph_free_step(model, x, y, loss_fn, optimizer, expected=True):
+    """train_step, checking whether the graph-free step ran it (``expected``)."""
+    with mock.patch.object(graph_free, "run_step", wraps=graph_free.run_step) as run:
+        stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
+    assert (run.call_count == 1) == expected
+    return stats
+
+
+def fields(stats):
+    return (
+        stats.loss, stats.trained, stats.skipped, stats.stepped, stats.macs, stats.kernels,
+        list(stats.keep), stats.trained_mask.tolist(),
+    )  # fmt: skip
+
+
+def assert_same_runs(model, config, batches, loss_fn, make_optimizer, expected=True):
+    """Both paths over ``batches`` from the same start: every step's stats, then weights,
+    running state and optimizer state, bit for bit."""
+    models = [tinyprop.apply(copy.deepcopy(model), config) for _ in range(2)]
+    optimizers = [make_optimizer(copy) for copy in models]
+    steps = []
+    for x, y in batches:
+        a = autograd_step(models[0], x, y, loss_fn, optimizers[0])
+        b = graph_free_step(models[1], x, y, loss_fn, optimizers[1], expected)
+        steps.append(b)
+        assert fields(a) == fields(b)
+        assert all(torch.equal(a.keep[name], b.keep[name]) for name in a.keep)
+    states = [copy.state_dict() for copy in models]
+    for key in states[0]:  # (an empty score window holds NaN)
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        state = optimizers[0].state[a]
+        assert state.keys() == optimizers[1].state[b].keys()
+        assert all(torch.equal(state[key], optimizers[1].state[b][key]) for key in state)
+    return steps
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dataset", ["har", "mnist"])
+def test_finetune_runs_are_the_autograd_path_bit_for_bit(dataset, threads):
+    from speed_floor import finetune_workload
+
+    workload = finetune_workload(dataset)
+    batches = workload["batches"] if dataset == "har" else workload["batches"][:300]
+    assert_same_runs(
+        workload["model"], workload["policy"][1], batches, workload["loss"], workload["optimizer"]
+    )
+
+
+def mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 16),
+        nn.ReLU(), nn.Linear(16, 5),
+    )  # fmt: skip
+
+
+def cnn1d():
+    return nn.Sequential(
+        nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(8, 40, 3),
+        nn.ReLU(), nn.AvgPool1d(3), nn.Flatten(), nn.Linear(40, 5, bias=False),
+    )  # fmt: skip
+
+
+def cnn2d():
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Identity(),
+        nn.Linear(6 * 36, 5),
+    )  # fmt: skip
+
+
+MODELS = {"mlp": (mlp, (12,)), "cnn1d": (cnn1d, (3, 14)), "cnn2d": (cnn2d, (2, 6, 6))}
+POLICIES = {
+    "topk": {"policy": "topk", "ratio": 0.1},
+    "randomk": {"policy": "randomk", "ratio": 0.2},
+    "tinyprop": {"policy": "tinyprop"},
+    "tinypropv2": {"policy": "tinypropv2", "skip_threshold": 0.3},
+    "unified": {"policy": "topk", "ratio": 0.1, "unified": True},
+    "budget": {"policy": "tinypropv2", "budget": 0.2},
+    "mean over trained": {"policy": "tinypropv2", "mean_over_trained": True},
+}
+
+
+def batches(shape, batch, count=6, classes=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, *shape, generator=generator),
+         torch.randint(0, classes, (batch,), generator=generator))
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_small_models_with_each_policy(name, policy):
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    config = tinyprop.TinyPropConfig(seed=0, **POLICIES[policy])
+    adam = lambda model: torch.optim.Adam(model.parameters(), lr=0.01)  # noqa: E731
+    assert_same_runs(make(), config, batches(shape, 16), cross_entropy, adam)
+
+
+def test_full_policy_takes_the_autograd_path():
+    torch.manual_seed(0)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: E731
+    config = tinyprop.TinyPropConfig(policy="full")
+    assert_same_runs(mlp(), config, batches((12,), 8), cross_entropy, sgd, expected=False)
+
+
+def squared_error(output, y):
+    """A loss that is not cross-entropy: autograd differentiates it at the leaf output."""
+    target = nn.functional.one_hot(y, output.shape[1]).to(output.dtype)
+    return ((output - target) ** 2).mean(1)
+
+
+@pytest.mark.parametrize("batch", [6, 16])  # δ_L by autograd, or from the decision's gradient
+@pytest.mark.parametrize("loss_fn", [cross_entropy, squared_error], ids=["ce", "mse"])
+def test_any_loss_frozen_layers_and_batch_sizes(loss_fn, batch):
+    torch.manual_seed(1)
+    model = mlp()
+    model[1].requires_grad_(False)  # a frozen first layer: no input gradient below layer 4
+    model[4].bias.requires_grad_(False)
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.2)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    assert_same_runs(model, config, batches((12,), batch), loss_fn, sgd)
+
+
+def test_every_sample_skipped_and_no_optimizer_step():
+    torch.manual_seed(0)
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=1.0)  # D = 1: Ymax_L
+    adam = lambda model: torch.optim.Adam(model.parameters(), lr=0.001)  # noqa: E731
+    steps = assert_same_runs(mlp(), config, batches((12,), 8, count=1) * 4, cross_entropy, adam)
+    assert 0 in [stats.trained for stats in steps]
+    assert not all(stats.stepped for stats in steps)
+
+
+def hooked(model):
+    model[1].register_forward_hook(lambda module, args, output: None)
+    return model
+
+
+def double(model):
+    return model.double()
+
+
+def training_dropout(model):
+    model[3].p = 0.5
+    return model
+
+
+def with_tanh(model):
+    model[2] = nn.Tanh()
+    return model
+
+
+def in_a_module(model):
+    return nn.Sequential(model)
+
+
+def parameter_hook(model):
+    model[1].weight.register_hook(lambda grad: grad)
+    return model
+
+
+def bias_alone(model):
+    model[1].weight.requires_grad_(False)  # the first layer's bias trains, densely
+    return model
+
+
+INELIGIBLE = {
+    "bias alone trains": bias_alone,
+    "forward hook": hooked,
+    "float64": double,
+    "dropout in training": training_dropout,
+    "other module": with_tanh,
+    "nested sequential": in_a_module,
+    "parameter hook": parameter_hook,
+}
+
+
+@pytest.mark.parametrize("reason", list(INELIGIBLE))
+def test_ineligible_models_take_the_autograd_path(reason):
+    torch.manual_seed(0)
+    model = INELIGIBLE[reason](mlp())
+    dtype = next(model.parameters()).dtype
+    applied = tinyprop.apply(model, tinyprop.TinyPropConfig(policy="tinypropv2"))
+    optimizer = torch.optim.SGD(applied.parameters(), lr=0.1)
+    x, y = batches((12,), 8, count=1)[0]
+    graph_free_step(applied, x.to(dtype), y, cross_entropy, optimizer, expected=False)
+
+
+def test_ineligible_steps_take_the_autograd_path():
+    torch.manual_seed(0)
+    model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches((12,), 8, count=1)[0]
+    graph_free_step(model, x, y, cross_entropy, optimizer)
+    graph_free_step(model, x.requires_grad_(), y, cross_entropy, optimizer, expected=False)
+    x = x.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graph_free_step(model, x, y, cross_entropy, optimizer, expected=False)
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        graph_free_step(model, x, y, cross_entropy, optimizer, expected=False)
+    finally:
+        handle.remove()
+    with mock.patch.object(graph_free, "run_step", wraps=graph_free.run_step) as run:
+        tinyprop.train_step(model, x, y, cross_entropy, optimizer, fused_update=True)
+    assert run.call_count == 0
+    model.load_state_dict(model.state_dict())  # a loaded Ymax_L is checked by the autograd path
+    graph_free_step(model, x, y, cross_entropy, optimizer, expected=False)
+    graph_free_step(model, x, y, cross_entropy, optimizer)
+
+
+def test_nan_loss_and_nan_delta_raise_before_any_update():
+    torch.manual_seed(0)
+    model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = batches((12,), 8, count=1)[0]
+    graph_free_step(model, x, y, cross_entropy, optimizer)
+    before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    broken = x.clone()
+    broken[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"loss is NaN or infinite for samples \[3\]"):
+        graph_free_step(model, broken, y, cross_entropy, optimizer)
+
+    def distance(output, target):  # finite at 0, its gradient there NaN
+        return torch.sqrt(((output - target) ** 2).sum(1))
+
+    with torch.no_grad():
+        target = model(x)
+    target[:2] += 1.0  # samples 2.. at distance 0: their δ_L is NaN
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        graph_free_step(model, x, target, distance, optimizer)
+    state = model.state_dict()
+    assert all(torch.equal(state[key], before[0][key]) for key in state)
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert str(optimizer.state_dict()) == str(before[1])
+
+
+def test_dropout_in_eval_mode_and_an_unbatched_layer_input():
+    torch.manual_seed(0)
+    model = training_dropout(mlp()).eval()  # Dropout(0.5) in eval mode: the identity
+    config = tinyprop.TinyPropConfig(policy="tinypropv2")
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: E731
+    assert_same_runs(model, config, batches((12,), 8, count=3), cross_entropy, sgd)
+    # a sparse layer fed one unbatched sample: the forward is dropped, the autograd path runs
+    flat = tinyprop.apply(nn.Sequential(nn.Flatten(0), nn.Linear(24, 5)), config)
+    optimizer = torch.optim.SGD(flat.parameters(), lr=0.1)
+    returned = []
+    run_step = graph_free.run_step
+
+    def recorded(*args):
+        returned.append(run_step(*args))
+        return returned[-1]
+
+    with mock.patch.object(graph_free, "run_step", recorded):
+        with pytest.raises(ValueError, match="one output tensor"):
+            tinyprop.train_step(flat, torch.randn(2, 12), torch.zeros(2), cross_entropy, optimizer)
+    assert returned == [None]
+    assert tinyprop.model.state_of(flat).open_pass is None
