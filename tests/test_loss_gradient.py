@@ -3,6 +3,8 @@ error without a second backward through the loss, bit for bit."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from test_few_rows_conv import DATASET_FILES, finetune_run
 from test_lean_steps import assert_same_bits, train
 from torch import nn
 
+import tinyprop
 from tinyprop import graph_free, loss_gradient, step
 from tinyprop.data import cache_dir
 from tinyprop.loss_gradient import (
@@ -66,6 +69,7 @@ def test_the_decision_gradient_without_a_backward_is_autograds_bit_for_bit():
         (expected,) = torch.autograd.grad(losses.sum(), output, retain_graph=True)
         got = row_cross_entropy_gradient(losses)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+        assert not got.requires_grad  # no graph of its own
 
 
 def test_a_scale_that_is_not_a_power_of_two_would_round_differently():
@@ -152,3 +156,25 @@ def test_the_har_finetune_run_is_bit_identical_with_the_decisions_gradient(monke
     assert taken
     monkeypatch.setattr(step, "is_row_cross_entropy", lambda *arguments: False)
     assert_same_bits(fast, finetune_run("har"))
+
+
+def test_the_decision_gradient_is_no_graph_and_a_coupled_step_warns_nothing():
+    """∂ Σ losses / ∂ output from the saved tensors was computed with gradients on: a tensor
+    that required grad (an autograd graph kept with the step), read with float() where the
+    step checks whether the losses couple the samples (a BatchNorm model whose samples are
+    skipped), so PyTorch warned "Converting a tensor with requires_grad=True to a scalar"
+    in the user's loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    losses = loss_fn(model(x), y)
+    assert not row_cross_entropy_gradient(losses).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+        stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
+    assert 0 < stats.skipped < 16  # the check of a coupled loss ran

@@ -72,7 +72,10 @@ def row_cross_entropy_gradient(losses: Tensor) -> Tensor:
     """g = ∂ Σ losses / ∂ output (B, C) of losses that :func:`is_row_cross_entropy` found, by
     the two kernels autograd runs for it (the NLL backward on a gradient of ones, then the
     log-softmax backward) on the tensors their nodes saved: the same g bit for bit, without
-    starting a backward pass (the skip decision's Y_L, every step)."""
+    starting a backward pass (the skip decision's Y_L, every step). Under no_grad: with
+    gradients on, these kernels on the saved tensors recorded a graph of their own, and g
+    required grad (kept alive with the step; ``float()`` of it in the check of a coupled loss
+    warned "Converting a tensor with requires_grad=True to a scalar" in the user's loop)."""
     nll = losses.grad_fn
     log_softmax = nll.next_functions[0][0]
     log_probabilities = nll._saved_self  # (B, C)
@@ -80,13 +83,14 @@ def row_cross_entropy_gradient(losses: Tensor) -> Tensor:
     ignore_index = nll._saved_ignore_index  # read back as an unsigned 64-bit integer
     if ignore_index >= 2**63:
         ignore_index -= 2**64
-    target = torch.ops.aten.nll_loss_backward(  # (B, C) ∂ Σ losses / ∂ log-probabilities
-        ones, log_probabilities, nll._saved_target, None, 0, ignore_index,
-        nll._saved_total_weight,
-    )  # fmt: skip
-    return torch.ops.aten._log_softmax_backward_data(
-        target, log_softmax._saved_result, 1, log_probabilities.dtype
-    )
+    with torch.no_grad():
+        target = torch.ops.aten.nll_loss_backward(  # (B, C) ∂ Σ losses / ∂ log-probabilities
+            ones, log_probabilities, nll._saved_target, None, 0, ignore_index,
+            nll._saved_total_weight,
+        )  # fmt: skip
+        return torch.ops.aten._log_softmax_backward_data(
+            target, log_softmax._saved_result, 1, log_probabilities.dtype
+        )
 
 
 def is_power_of_two(count: int) -> bool:
