@@ -1571,6 +1571,8 @@ typedef struct {
      * (C_out + 1,), (nnz,): the entries by output channel */
     const int64_t *entry_plane, *entry_position, *entry_channel, *top, *left, *inside;
     const int64_t *tap_offset, *channel_start, *by_channel;
+    /* (P, kh kw): a tap's offset in the input plane at window p, -1 in the padding */
+    const int64_t *tap_at;
     const float *value;
     float *grad_weight, *grad_input;
     const int64_t *column; /* (nnz,) the kept columns c · P + p */
@@ -1725,6 +1727,18 @@ static int plane_weight_part(const void *context, int64_t part, int64_t parts, i
     return 0;
 }
 
+/* A 3 x 3 window that overlaps the padding: its taps inside the plane add δ · weight there, in
+ * tap order, the taps in the padding into `sink` (never read): the same floats as plane_taps
+ * without a test per tap, whose outcome changes from entry to entry (a mispredicted branch
+ * each: 7 x 7 planes have half their windows on the border). `at`: (9,) tap_at of the window. */
+static void border_taps(float *plane, const int64_t *at, const float *w, float v) {
+    float sink[9];
+    for (int64_t tap = 0; tap < 9; tap++) {
+        float *target = at[tap] >= 0 ? plane + at[tap] : sink + tap;
+        *target += v * w[tap];
+    }
+}
+
 /* grad_input of sample s from its entries with each sample's columns ascending (`sorted`): a
  * run of one channel's entries at a time, its weights read once for the run, the plane found
  * once per run, not per entry (plane_entry's places are not needed). A 3 x 3 window inside the
@@ -1750,7 +1764,7 @@ static void plane_input_sample(const plane_call *c, int64_t s) {
             for (; e < last && column[e] < limit; e++) {
                 int64_t p = column[e] - base;
                 if (!c->inside[p]) {
-                    plane_taps(c, plane, c->top[p], c->left[p], w, c->value[e]);
+                    border_taps(plane, c->tap_at + p * 9, w, c->value[e]);
                     continue;
                 }
                 float v = c->value[e];
@@ -1796,8 +1810,8 @@ static int plane_input_part(const void *context, int64_t part, int64_t parts, in
  * pad_left, dilation_h, dilation_w, groups}. grad_weight is split by output channel, grad_input
  * by sample; every output sums its entries in entry order whatever the thread count. Returns
  * 0, -1 on an index out of range or offsets that decrease (checked before anything is
- * written), -3 when the (5 nnz + 2 P + C_out + 1) integers of the entries' places cannot be
- * allocated. */
+ * written), -3 when the (4 nnz + (3 + kh kw) P + kh kw + C_out + 1) integers of the entries'
+ * places cannot be allocated. */
 static int plane_conv_backward(const float *x, const float *weight, const int64_t *shape,
                                const int64_t *row_start, const int64_t *column,
                                const float *value, float *grad_weight, float *grad_input,
@@ -1810,13 +1824,14 @@ static int plane_conv_backward(const float *x, const float *weight, const int64_
     for (int64_t e = 0; e < nnz; e++)
         if (column[e] < 0 || column[e] >= channels_out * positions) return -1;
     int64_t kh = shape[5], kw = shape[6], taps = kh * kw;
-    int64_t *places = malloc((size_t)(4 * nnz + 3 * positions + taps + channels_out + 1) * 8);
+    int64_t *places = malloc((size_t)(4 * nnz + (3 + taps) * positions + taps + channels_out + 1) *
+                             8);
     if (places == NULL) return -3;
     int64_t *entry_plane = places, *entry_position = places + nnz;
     int64_t *entry_channel = places + 2 * nnz, *by_channel = places + 3 * nnz;
     int64_t *top = places + 4 * nnz, *left = top + positions;
     int64_t *inside = left + positions, *tap_offset = inside + positions;
-    int64_t *channel_start = tap_offset + taps;
+    int64_t *channel_start = tap_offset + taps, *tap_at = channel_start + channels_out + 1;
     for (int64_t tap = 0; tap < taps; tap++)
         tap_offset[tap] = tap / kw * shape[13] * shape[3] + tap % kw * shape[14];
     for (int64_t p = 0; p < positions; p++) {
@@ -1824,13 +1839,18 @@ static int plane_conv_backward(const float *x, const float *weight, const int64_
         left[p] = p % out_w * shape[10] - shape[12];
         inside[p] = top[p] >= 0 && top[p] + (kh - 1) * shape[13] < shape[2] && left[p] >= 0 &&
                     left[p] + (kw - 1) * shape[14] < shape[3];
+        for (int64_t tap = 0; tap < taps; tap++) {
+            int64_t row = top[p] + tap / kw * shape[13], col = left[p] + tap % kw * shape[14];
+            int64_t in = row >= 0 && row < shape[2] && col >= 0 && col < shape[3];
+            tap_at[p * taps + tap] = in ? row * shape[3] + col : -1;
+        }
     }
     int sorted = 1;
     for (int64_t s = 0; s < batch; s++)
         for (int64_t e = row_start[s] + 1; e < row_start[s + 1]; e++)
             sorted &= column[e - 1] < column[e];
     plane_call call = {x, weight, shape, row_start, entry_plane, entry_position, entry_channel,
-                       top, left, inside, tap_offset, channel_start, by_channel, value,
+                       top, left, inside, tap_offset, channel_start, by_channel, tap_at, value,
                        grad_weight, grad_input, column, sorted, relu_mask};
     int by_entry = grad_weight && !plane_weight_vectorized(&call); /* plane_entry's weights */
     for (int64_t s = 0; s < batch && (by_entry || (grad_input && !sorted)); s++) {
