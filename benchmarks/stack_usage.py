@@ -23,7 +23,7 @@ from pathlib import Path
 # The runtime calls a program makes: set up, train, predict.
 RUNTIME_ENTRY_POINTS = (
     "tp_arena_bytes_mode",
-    "tp_init_mode",
+    "tp_init_mode_checked",  # tp_init_mode in a program (the header's macro)
     "tp_batch_begin",
     "tp_batch_add",
     "tp_batch_end",

@@ -183,3 +183,32 @@ def test_a_header_the_runtime_refuses_stops_with_the_status_code(tmp_path, edit,
     out = run.stdout.decode()
     line = expected.format(arena=arena, larger=arena + 4)
     assert run.returncode == 1 and out.strip().splitlines() == [line], out + run.stderr.decode()
+
+
+@pytest.mark.parametrize("program_layers", [None, 60], ids=["exported", "larger"])
+def test_a_runtime_built_with_another_layer_limit_is_refused_by_tp_init(tmp_path, program_layers):
+    """The runtime built as a library of its own with the default TP_MAX_LAYERS (a PlatformIO
+    library, the user's Makefile) and main.c with the exported -DTP_MAX_LAYERS = 3 (or 60):
+    their tp_model differ. tp_init's memset of the runtime's struct wrote past the program's
+    (an AddressSanitizer report; without it the arena beside it was overwritten)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    result = export_c(net, tinyprop.TinyPropConfig("tinypropv2"), tmp_path / "out", (5,),
+                      OptimizerSpec("sgd", 0.05), 4)  # fmt: skip
+    out = result.out_dir
+    flags = ["gcc", "-std=c99", "-O0", *SANITIZE, "-I", str(out / "runtime" / "include")]
+    objects = []
+    for source in sorted((out / "runtime" / "src").glob("*.c")):  # the runtime's default
+        objects.append(str(tmp_path / f"{source.stem}.o"))
+        subprocess.run([*flags, "-c", str(source), "-o", objects[-1]], check=True)
+    layers = program_layers or len(result.layers)
+    program = tmp_path / "train"
+    subprocess.run([*flags, f"-DTP_MAX_LAYERS={layers}", "-I", str(out), str(out / "main.c"),
+                    *objects, "-lm", "-o", str(program)], check=True)  # fmt: skip
+    data = records(np.ones((4, 5)), np.arange(4) % 3)
+    run = subprocess.run([str(program)], input=data, capture_output=True, timeout=60)
+    assert run.returncode == 1 and run.stderr == b"", run.stdout.decode() + run.stderr.decode()
+    assert run.stdout.decode().strip() == (
+        "tp_init: status -9 (the program was compiled with another TP_MAX_LAYERS than the "
+        "runtime (their tp_model differ): build both with the same -DTP_MAX_LAYERS)"
+    )

@@ -102,3 +102,18 @@ def test_c_unit_tests_on_a_cortex_m4(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith("0 failures"), run.stdout
     assert int(run.stdout.split()[0]) > 500
+
+
+@pytest.mark.parametrize("flag", ["-ffast-math", "-Ofast", "-ffinite-math-only"])
+def test_a_build_without_nan_checks_is_refused_by_name(tmp_path, flag):
+    """-ffast-math lets the compiler drop every isfinite(): a NaN input record was trained
+    into the weights with status ok. The runtime now stops the build; -fno-finite-math-only
+    after it keeps the other fast-math settings and the checks."""
+    root = runtime_dir()
+    command = ["gcc", "-std=c99", "-O2", flag, "-fsyntax-only", "-I", str(root / "include"),
+               str(root / "src" / "train.c")]  # fmt: skip
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "build it without -ffast-math / -Ofast, or add -fno-finite-math-only" in refused.stderr
+    kept = subprocess.run([*command, "-fno-finite-math-only"], capture_output=True, text=True)
+    assert kept.returncode == 0, kept.stderr

@@ -84,7 +84,7 @@ def test_the_estimate_is_the_cortex_m4_build(tmp_path, hidden):
     assert estimate.stack_bytes == sram.stack_bytes(layers)
     # 8 bytes over: main's frame is 8 bytes larger with built-in samples, which counts
     assert estimate.stack_bytes - bound["bytes"] == 8, bound["chain"]
-    deepest = "printf" if hidden == 1 else "tp_init_mode"
+    deepest = "printf" if hidden == 1 else "tp_init_mode_checked"
     assert bound["chain"][:3] == ["main", *(["end_batch", "printf"] if hidden == 1 else
                                             [deepest, "plan_model.part.0"])]  # fmt: skip
     # only newlib's stdio calls through pointers (its own frames are counted)

@@ -57,7 +57,9 @@ typedef enum {
     TP_ERR_NONFINITE = -6,   /* a loss, input, gradient, weight or logit is NaN or infinite:
                                 nothing changed */
     TP_ERR_STATE = -7,       /* the model was not initialised by tp_init */
-    TP_ERR_UNSUPPORTED = -8  /* a layer or setting this runtime does not offer */
+    TP_ERR_UNSUPPORTED = -8, /* a layer or setting this runtime does not offer */
+    TP_ERR_BUILD = -9        /* the program was compiled with another TP_MAX_LAYERS (or enum
+                                size) than the runtime: their tp_model differ; nothing written */
 } tp_status;
 
 /* A short English text for a status code (never NULL). */
@@ -188,7 +190,12 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   layer updates each weight where its gradient is formed (no gradient buffer), a conv layer
  *   gathers its gradient in a buffer of its own size that lives only during its backward.
  *   The batch given to tp_train_batch is then a list of samples, each trained with lr (not
- *   lr / batch). If a sample's loss is not finite, the samples before it stay applied.
+ *   lr / batch). If a sample's loss is not finite, the samples before it stay applied. A
+ *   layer's gradient is checked before its step (sgd_in_place and adam_in_place): when it is
+ *   NaN or infinite (finite inputs and loss, values near the float range), TP_ERR_NONFINITE,
+ *   that layer and the ones below it are not stepped for the sample (the layers above it,
+ *   whose gradients were finite, keep its step: their backward ran first), the running
+ *   maxima are those before the sample and the batch is cancelled.
  * - bias_only_layers: bit i set: trainable layer i (from first_trained_layer on, with a bias)
  *   trains its bias only (TinyTL-style): its weights stay in the spec's const arrays, its
  *   error still passes on to the layers below, its input is not kept for the backward, and
@@ -218,7 +225,8 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   layers and selection_in_place work with it; not with sgd_in_place or momentum_in_place.
  *   A sample whose error is zero from some layer down (sparse policies) steps those layers
  *   with a zero gradient, as torch.optim.Adam does. If a sample's loss is not finite, the
- *   samples before it stay applied.
+ *   samples before it stay applied; a gradient that is not finite as under sgd_in_place (t
+ *   counts the sample when a layer above took its step).
  * - moment_bits: 32 (or 0: float moments) or 8 (Adam only, TP_ERR_ARGUMENT otherwise): Adam
  *   keeps m and v between steps in 8 bits per entry plus one float per block of
  *   TP_MOMENT_BLOCK entries of each weight and bias (m: codes -127..127 times max|m| / 127;
@@ -362,16 +370,45 @@ tp_status tp_arena_bytes_mode(const tp_model_spec *spec, const tp_policy_config 
 /* Bytes inference alone needs if the weights stay in read-only memory: two activation buffers. */
 tp_status tp_inference_bytes(const tp_model_spec *spec, size_t *bytes);
 
-/* Validate everything, lay the arena out and copy the initial weights into it. */
-tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
-                  const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes);
+/* Validate everything, lay the arena out and copy the initial weights into it.
+ * tp_init and tp_init_mode are macros (below) that pass the caller's struct sizes to
+ * tp_init_checked / tp_init_mode_checked: a program compiled with another TP_MAX_LAYERS than
+ * the runtime (a PlatformIO or Makefile build that sets it for one but not the other) holds a
+ * tp_model of another size and layout than the runtime writes, and gets TP_ERR_BUILD with
+ * nothing written. The functions tp_init and tp_init_mode (called by
+ * name, e.g. from a language binding that allocates tp_model_struct_bytes()) do not check. */
+tp_status(tp_init)(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                   const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes);
 
 /* tp_init under a memory mode (tp_init uses tp_memory_defaults()). Frozen layers need their
  * weights (and biases) in the spec: TP_ERR_NULL otherwise. sgd_in_place needs plain SGD:
  * TP_ERR_ARGUMENT otherwise. A NaN or infinite weight or bias in the spec: TP_ERR_NONFINITE. */
-tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
-                       const tp_optimizer_config *optimizer, const tp_memory_config *memory,
-                       void *arena, size_t arena_bytes);
+tp_status(tp_init_mode)(tp_model *model, const tp_model_spec *spec,
+                        const tp_policy_config *policy, const tp_optimizer_config *optimizer,
+                        const tp_memory_config *memory, void *arena, size_t arena_bytes);
+
+/* tp_init and tp_init_mode after checking that the caller was compiled with the runtime's
+ * tp_model and enum sizes: `build` is the caller's TP_BUILD_SIZES (TP_ERR_BUILD, nothing
+ * written, when it differs from the runtime's). */
+tp_status tp_init_checked(tp_model *model, const tp_model_spec *spec,
+                          const tp_policy_config *policy, const tp_optimizer_config *optimizer,
+                          void *arena, size_t arena_bytes, size_t build);
+tp_status tp_init_mode_checked(tp_model *model, const tp_model_spec *spec,
+                               const tp_policy_config *policy,
+                               const tp_optimizer_config *optimizer,
+                               const tp_memory_config *memory, void *arena, size_t arena_bytes,
+                               size_t build);
+
+/* This file's compile-time sizes in one value: sizeof(tp_model), which TP_MAX_LAYERS sets
+ * (every layer record adds to it), and the size of an enum (1 under -fshort-enums, arm-none-eabi-gcc's default, else 4). One
+ * argument, so that the call takes no more stack than tp_init_mode's on a Cortex-M. */
+#define TP_BUILD_SIZES (sizeof(tp_model) * 16u + sizeof(tp_layer_kind))
+#define tp_init(model, spec, policy, optimizer, arena, arena_bytes)                       \
+    tp_init_checked((model), (spec), (policy), (optimizer), (arena), (arena_bytes),          \
+                    TP_BUILD_SIZES)
+#define tp_init_mode(model, spec, policy, optimizer, memory, arena, arena_bytes)             \
+    tp_init_mode_checked((model), (spec), (policy), (optimizer), (memory), (arena),          \
+                         (arena_bytes), TP_BUILD_SIZES)
 
 /* One training step on a batch: per sample forward, loss, skip decision (v2) and sparse
  * backward; one optimizer update with the gradient of the mean loss over the batch, none when

@@ -16,6 +16,9 @@ const char *tp_status_string(tp_status status) {
         return "a loss, input, gradient, weight or logit is NaN or infinite; nothing changed";
     case TP_ERR_STATE: return "the model was not initialised by tp_init";
     case TP_ERR_UNSUPPORTED: return "a layer or setting this runtime does not offer";
+    case TP_ERR_BUILD:
+        return "the program was compiled with another TP_MAX_LAYERS than the runtime (their "
+               "tp_model differ): build both with the same -DTP_MAX_LAYERS";
     }
     return "unknown status";
 }
@@ -536,12 +539,19 @@ static void place_transient(tp_model *model, const tp_arena_plan *plan, float *b
     }
 }
 
-tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
-                       const tp_optimizer_config *optimizer, const tp_memory_config *memory,
-                       void *arena, size_t arena_bytes) {
+/* tp_init_mode after comparing the caller's compile-time sizes (TP_BUILD_SIZES) with this
+ * build's: another TP_MAX_LAYERS gives another tp_model (its layer records, then every field
+ * after them), whose memset alone would write past a smaller struct. The checked function
+ * holds the body, so that a program's deepest stack is the one it had before the check. */
+tp_status tp_init_mode_checked(tp_model *model, const tp_model_spec *spec,
+                               const tp_policy_config *policy,
+                               const tp_optimizer_config *optimizer,
+                               const tp_memory_config *memory, void *arena, size_t arena_bytes,
+                               size_t build) {
     tp_arena_plan plan;
     tp_status status;
     float *cursor;
+    if (build != TP_BUILD_SIZES) return TP_ERR_BUILD;
     if (model == NULL || spec == NULL || policy == NULL || optimizer == NULL || memory == NULL ||
         arena == NULL)
         return TP_ERR_NULL;
@@ -601,10 +611,24 @@ tp_status tp_init_mode(tp_model *model, const tp_model_spec *spec, const tp_poli
     return TP_OK;
 }
 
-tp_status tp_init(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
-                  const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes) {
+tp_status(tp_init_mode)(tp_model *model, const tp_model_spec *spec,
+                        const tp_policy_config *policy, const tp_optimizer_config *optimizer,
+                        const tp_memory_config *memory, void *arena, size_t arena_bytes) {
+    return tp_init_mode_checked(model, spec, policy, optimizer, memory, arena, arena_bytes,
+                                TP_BUILD_SIZES);
+}
+
+tp_status tp_init_checked(tp_model *model, const tp_model_spec *spec,
+                          const tp_policy_config *policy, const tp_optimizer_config *optimizer,
+                          void *arena, size_t arena_bytes, size_t build) {
     const tp_memory_config memory = tp_memory_defaults();
-    return tp_init_mode(model, spec, policy, optimizer, &memory, arena, arena_bytes);
+    return tp_init_mode_checked(model, spec, policy, optimizer, &memory, arena, arena_bytes,
+                                build);
+}
+
+tp_status(tp_init)(tp_model *model, const tp_model_spec *spec, const tp_policy_config *policy,
+                   const tp_optimizer_config *optimizer, void *arena, size_t arena_bytes) {
+    return tp_init_checked(model, spec, policy, optimizer, arena, arena_bytes, TP_BUILD_SIZES);
 }
 
 tp_status tp_parameter_count(const tp_model *model, size_t *count) {

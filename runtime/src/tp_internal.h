@@ -4,6 +4,13 @@
 
 #include "tinyprop.h"
 
+/* -ffast-math (-Ofast, -ffinite-math-only) lets the compiler assume no NaN or infinity: every
+ * isfinite() check is compiled away, and a NaN input or an overflowing gradient is trained
+ * into the weights with status ok. */
+#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
+#error "the tinyprop runtime checks for NaN and infinity: build it without -ffast-math / -Ofast, or add -fno-finite-math-only"
+#endif
+
 #define TP_MAGIC 0x54505632u /* "TPV2" */
 
 /* ---- model.c */

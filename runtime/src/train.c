@@ -137,10 +137,36 @@ static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta) {
     return k;
 }
 
+/* The in-place modes step a layer as soon as its backward is done, so its gradient is checked
+ * first (the batch modes check the whole gradient before their update): a NaN or infinite one
+ * (finite inputs and loss, values near the float range) would be written into every weight. */
+#define TP_NOT_FINITE (-1)
+
+/* A dense layer's gradient d_j x_i, formed where it is applied (sgd_in_place): every product
+ * is finite iff delta and x are and the largest |d_j| |x_i| is. */
+static int dense_products_finite(const float *delta, int32_t n, const float *x, int32_t fan_in) {
+    float largest_delta = 0.0f, largest_x = 0.0f;
+    int32_t i;
+    if (!tp_all_finite(delta, (size_t)n) || !tp_all_finite(x, (size_t)fan_in)) return 0;
+    for (i = 0; i < n; i++)
+        if (fabsf(delta[i]) > largest_delta) largest_delta = fabsf(delta[i]);
+    for (i = 0; i < fan_in; i++)
+        if (fabsf(x[i]) > largest_x) largest_x = fabsf(x[i]);
+    return isfinite(largest_delta * largest_x);
+}
+
+/* The gradient a layer gathered in its own buffer for this sample (weights, then bias). */
+static int gathered_gradient_finite(const tp_layer *layer) {
+    const size_t weights = layer->bias_only ? 0 : (size_t)layer->out_c * (size_t)layer->fan_in;
+    return tp_all_finite(layer->grad_weight, weights) &&
+           (!layer->has_bias || tp_all_finite(layer->grad_bias, (size_t)layer->out_c));
+}
+
 /* Sparse backward of one trained layer: choose k, select, accumulate gradients (or, in place,
  * update the weights), and write the input gradient (unless it is the first trained layer).
  * Returns k; 0 when a sparse policy finds this sample's delta all zero: as in the library, the
- * sample then has no backward here or below (nothing to add, nothing counted). */
+ * sample then has no backward here or below (nothing to add, nothing counted); TP_NOT_FINITE
+ * in place when this sample's gradient of the layer is NaN or infinite (nothing stepped). */
 static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
                                   float *delta, float *delta_in, tp_ledger *macs) {
     const int32_t n = tp_layer_output_size(layer);
@@ -166,11 +192,13 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
                                                                        : layer->grad_weight,
                 (layer->bias_only ? 0 : (size_t)layer->out_c * (size_t)layer->fan_in) +
                     (layer->has_bias ? (size_t)layer->out_c : 0));
+    if ((in_place || adam_in_place) && !tp_all_finite(delta, (size_t)n)) return TP_NOT_FINITE;
     if (first && layer->bias_only) {
         /* nothing of it needs a selection (no weight gradient, no input error): the dense
          * bias gradient, as the library's backward of a layer whose input and weight need no
          * gradient */
         tp_bias_gradient(layer, delta);
+        if (adam_in_place && !gathered_gradient_finite(layer)) return TP_NOT_FINITE;
         if (adam_in_place) tp_adam_step_layer(model, layer, 1, 0);
         macs->backward += tp_macs_backward(layer, n, first);
         return n;
@@ -207,6 +235,7 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         }
     }
     if (layer->kind == TP_LAYER_DENSE && in_place) {
+        if (!dense_products_finite(delta, n, x, layer->fan_in)) return TP_NOT_FINITE;
         tp_dense_backward_sgd(layer, &model->optimizer, x, delta, kept, k,
                               first ? NULL : delta_in);
     } else if (layer->kind == TP_LAYER_DENSE) {
@@ -215,8 +244,10 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         /* the kept entries' position sort goes where the selection's values were */
         tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in,
                          layer->backward_scratch, (int32_t *)(void *)values, bias_done);
+        if (in_place && !gathered_gradient_finite(layer)) return TP_NOT_FINITE;
         if (in_place) tp_sgd_step_layer(&model->optimizer, layer);
     }
+    if (adam_in_place && !gathered_gradient_finite(layer)) return TP_NOT_FINITE;
     if (adam_in_place) tp_adam_step_layer(model, layer, 1, 0);
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
@@ -246,6 +277,7 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
                                     tp_ledger *macs) {
     float *delta = model->loss_delta;
     int32_t i;
+    int stepped = 0; /* a layer above took this sample's step (in place) */
     for (i = model->layer_count - 1; i >= model->first_trained_layer; i--) {
         tp_layer *layer = &model->layers[i];
         const float *input = layer_input(model, i, x);
@@ -297,6 +329,12 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
         case TP_LAYER_CONV2D: {
             const float *kept_input = layer->recompute_input ? recompute_input(model, x, i) : input;
             const int32_t k = backward_trainable(model, layer, kept_input, delta, spare, macs);
+            if (k == TP_NOT_FINITE) {
+                /* adam_in_place: no layer took step t when this was the top trained one */
+                if (model->memory.adam_in_place && !stepped) model->optimizer_steps--;
+                return TP_ERR_NONFINITE;
+            }
+            stepped = 1;
             if (keep_row != NULL) keep_row[layer->trainable_index] = k;
             if (k == 0) { /* a zero error here and below: in place, only the decay steps */
                 if (model->memory.sgd_in_place || model->memory.adam_in_place)

@@ -313,6 +313,65 @@ static void test_nonfinite_loss_with_momentum_in_place(void) {
     free(arena);
 }
 
+/* The in-place modes step a layer as soon as its backward is done: a gradient that is NaN or
+ * infinite from finite inputs and loss (values near the float range) was written into the
+ * weights with status ok (-inf and NaN weights; every later step then failed). Now
+ * TP_ERR_NONFINITE before the step: the layer whose gradient is not finite and those below
+ * it are left as they were, and the model trains on afterwards. */
+static void test_nonfinite_gradient_in_place(void) {
+    /* A: the top (only) layer, a 1x1 conv whose two output positions are the logits: the
+     * gradient 1 x 2e38 + (-1) x (-2e38) overflows; no step at all */
+    static float conv_w[1], conv_b[1];
+    static tp_layer_spec conv_layers[] = {TP_CONV_SPEC(1, 1, 1, 1, 1, 0, 0, 1, conv_w, conv_b)};
+    static const tp_model_spec conv_spec = {1, 1, 2, 1, conv_layers};
+    /* B: two dense layers; the top one's huge weights give the lower one an infinite error */
+    static float w0[2 * 4], b0[2], w1[2 * 2];
+    static tp_layer_spec dense_layers[] = {
+        TP_FLATTEN_SPEC(), TP_DENSE_SPEC(2, w0, b0), TP_RELU_SPEC(),
+        {TP_LAYER_DENSE, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, w1, NULL},
+    };
+    static const tp_model_spec dense_spec = {1, 1, 4, 4, dense_layers};
+    const tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
+    float huge[2] = {2e38f, -2e38f}, ones[4] = {1.0f, 1.0f, 1.0f, 1.0f}, small[4] = {0.5f};
+    float before[14], after[14];
+    int32_t label = 1, zero = 0;
+    int mode, i;
+    conv_w[0] = 1e-30f;
+    for (i = 0; i < 8; i++) w0[i] = 1e-31f;
+    for (i = 0; i < 4; i++) w1[i] = i < 2 ? 3e38f : -3e38f; /* error below: 6e38 */
+    for (mode = 0; mode < 2; mode++) { /* sgd_in_place, adam_in_place */
+        tp_memory_config memory = tp_memory_defaults();
+        const tp_optimizer_config opt = mode == 0 ? tp_sgd(0.1, 0.0, 0.0) : tp_adam(0.1, 0.0);
+        tp_model model;
+        tp_step_stats stats;
+        size_t bytes;
+        void *arena;
+        if (mode == 0) memory.sgd_in_place = 1;
+        else memory.adam_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&conv_spec, &full, &opt, &memory, &bytes) == TP_OK);
+        arena = malloc(bytes);
+        CHECK(tp_init_mode(&model, &conv_spec, &full, &opt, &memory, arena, bytes) == TP_OK);
+        tp_read_parameters(&model, before, 2);
+        CHECK(tp_train_batch(&model, huge, &label, 1, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+        tp_read_parameters(&model, after, 2);
+        CHECK(memcmp(before, after, 2 * sizeof(float)) == 0);
+        CHECK(model.optimizer_steps == 0);
+        CHECK(tp_train_batch(&model, small, &zero, 1, &stats, NULL, NULL) == TP_OK);
+        CHECK(model.optimizer_steps == 1);
+        free(arena);
+
+        CHECK(tp_arena_bytes_mode(&dense_spec, &full, &opt, &memory, &bytes) == TP_OK);
+        arena = malloc(bytes);
+        CHECK(tp_init_mode(&model, &dense_spec, &full, &opt, &memory, arena, bytes) == TP_OK);
+        tp_read_parameters(&model, before, 14);
+        CHECK(tp_train_batch(&model, ones, &label, 1, &stats, NULL, NULL) == TP_ERR_NONFINITE);
+        tp_read_parameters(&model, after, 14);
+        CHECK(memcmp(before, after, 10 * sizeof(float)) == 0); /* the lower layer */
+        CHECK(tp_all_finite(after, 14));
+        free(arena);
+    }
+}
+
 static void test_all_skipped_batch_makes_no_update(void) {
     owned_model m;
     float before[400], after[400], x[4 * 16];
@@ -935,9 +994,41 @@ static void test_activation_settings_are_copied(void) {
     free(m.arena);
 }
 
+/* A program compiled with another TP_MAX_LAYERS (or enum size) than the runtime holds a
+ * tp_model of another layout: tp_init refuses it before writing a byte (its memset of the
+ * runtime's sizeof(tp_model) wrote past a smaller struct). */
+static void test_another_build_is_refused(void) {
+    const tp_policy_config policy = tp_policy_defaults(TP_POLICY_TINYPROPV2);
+    const tp_optimizer_config opt = tp_sgd(0.1, 0.0, 0.0);
+    const tp_memory_config memory = tp_memory_defaults();
+    static tp_model model;
+    static unsigned char untouched[sizeof(tp_model)];
+    size_t bytes = 0;
+    void *arena;
+    CHECK(tp_arena_bytes(&mlp_spec, &policy, &opt, &bytes) == TP_OK);
+    arena = malloc(bytes);
+    memset(&model, 0xA5, sizeof model);
+    memcpy(untouched, &model, sizeof model);
+    /* the sizes of a tp_model of one layer record fewer, or more, and of another enum size */
+    CHECK(tp_init_checked(&model, &mlp_spec, &policy, &opt, arena, bytes,
+                          TP_BUILD_SIZES - 16 * sizeof(tp_layer)) == TP_ERR_BUILD);
+    CHECK(tp_init_mode_checked(&model, &mlp_spec, &policy, &opt, &memory, arena, bytes,
+                               TP_BUILD_SIZES + 16 * sizeof(tp_layer)) == TP_ERR_BUILD);
+    CHECK(tp_init_checked(&model, &mlp_spec, &policy, &opt, arena, bytes,
+                          sizeof(tp_model) * 16 + (sizeof(tp_layer_kind) == 1 ? 4 : 1)) ==
+          TP_ERR_BUILD); /* arm-none-eabi-gcc makes enums short: 1 byte */
+    CHECK(memcmp(untouched, &model, sizeof model) == 0);
+    CHECK(strstr(tp_status_string(TP_ERR_BUILD), "-DTP_MAX_LAYERS") != NULL);
+    /* the macros pass this file's sizes: the same build initialises */
+    CHECK(tp_init(&model, &mlp_spec, &policy, &opt, arena, bytes) == TP_OK);
+    CHECK(tp_init_mode(&model, &mlp_spec, &policy, &opt, &memory, arena, bytes) == TP_OK);
+    free(arena);
+}
+
 int main(void) {
     init_weights();
     test_arguments_are_checked();
+    test_another_build_is_refused();
     test_arena_exact_for_every_model_and_policy();
     test_nonfinite_loss_changes_nothing();
     test_all_skipped_batch_makes_no_update();
@@ -949,6 +1040,7 @@ int main(void) {
     test_gradient_matches_finite_differences();
     test_memory_modes();
     test_nonfinite_loss_with_momentum_in_place(); /* fill() draws from one sequence */
+    test_nonfinite_gradient_in_place();
     test_samples_one_at_a_time_equal_the_whole_batch();
     test_batch_api_errors();
     test_hostile_values();

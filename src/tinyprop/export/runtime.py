@@ -46,6 +46,7 @@ STATUS = {
     -6: "a loss, input, gradient or weight is NaN or infinite; nothing was updated",
     -7: "the model was not initialised",
     -8: "a layer or setting the runtime does not offer",
+    -9: "the program and the runtime were compiled with different TP_MAX_LAYERS",
 }
 
 
