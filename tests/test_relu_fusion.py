@@ -1,6 +1,6 @@
-"""ReLU -> sparse Conv2d with the ReLU's backward fused into the convolution's input gradient
-(tinyprop.relu_fusion): the same gradients, kept entries, skips, running maxima and ledger as
-the ReLU's own backward, bit for bit, whichever kernel the convolution's backward runs."""
+"""ReLU -> sparse Conv2d or Linear with the ReLU's backward fused into the layer's input
+gradient (tinyprop.relu_fusion): the same gradients, kept entries, skips, running maxima and
+ledger as the ReLU's own backward, bit for bit, whichever kernel the layer's backward runs."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def separable_model() -> nn.Module:
     )
 
 
+def mlp() -> nn.Module:
+    """An MLP's blocks: Linear -> ReLU -> Linear, twice."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(144, 96), nn.ReLU(), nn.Linear(96, 80), nn.ReLU(),
+        nn.Linear(80, 5),
+    )  # fmt: skip
+
+
 CONFIGS = {
     "topk 0.05": tinyprop.TinyPropConfig(policy="topk", ratio=0.05),
     "topk 0.6 (dense kernels)": tinyprop.TinyPropConfig(policy="topk", ratio=0.6),
@@ -47,13 +56,14 @@ CONFIGS = {
 }
 
 
-def train(config, fused: bool, threads: int, monkeypatch):
-    """Three steps of the separable model; its state, the steps' stats, and the ReLU
-    backward passes PyTorch ran (threshold_backward) in the last step."""
+def train(config, fused: bool, threads: int, monkeypatch, build=separable_model, **step):
+    """Three steps of the separable model (or ``build``'s); its state, the steps' stats, and
+    the ReLU backward passes PyTorch ran (threshold_backward) in the last step. ``step``:
+    train_step's keywords (fused_update)."""
     with monkeypatch.context() as patch:
         if not fused:
             patch.setattr(tinyprop_model, "fuse_relus", lambda model, convolutions: [])
-        model = tinyprop.apply(separable_model(), config)
+        model = tinyprop.apply(build(), config)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 1, 12, 12, generator=generator), torch.arange(12) % 5
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -61,9 +71,9 @@ def train(config, fused: bool, threads: int, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        stats = [tinyprop.train_step(model, x, y, loss, optimizer) for _ in range(2)]
+        stats = [tinyprop.train_step(model, x, y, loss, optimizer, **step) for _ in range(2)]
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            stats.append(tinyprop.train_step(model, x, y, loss, optimizer))
+            stats.append(tinyprop.train_step(model, x, y, loss, optimizer, **step))
     finally:
         torch.set_num_threads(previous)
     masks = sum(e.count for e in profiler.key_averages() if e.key == "aten::threshold_backward")
@@ -86,6 +96,66 @@ def test_fused_relu_backward_equals_the_relus_own(name, threads, monkeypatch):
     for a, b in zip(fused_stats, plain_stats, strict=True):
         assert a.macs == b.macs and a.kernels == b.kernels and a.skipped == b.skipped
         assert a.loss == b.loss
+
+
+@pytest.mark.parametrize("fused_update", [False, True], ids=["gradients", "fused SGD"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_relu_backward_of_an_mlp_equals_the_relus_own(
+    name, threads, fused_update, monkeypatch
+):  # fmt: skip
+    """Linear -> ReLU -> Linear: the native Linear kernel masks the input gradient (with the
+    weight gradient, or alone under SGD's fused update), other kernels by threshold_backward."""
+    config, step = CONFIGS[name], {"fused_update": fused_update}
+    fused, fused_stats, fused_masks = train(config, True, threads, monkeypatch, mlp, **step)
+    plain, plain_stats, plain_masks = train(config, False, threads, monkeypatch, mlp, **step)
+    assert sum(type(m) is relu_fusion.ConvInputReLU for m in fused) == 2
+    assert not any(type(m) is relu_fusion.ConvInputReLU for m in plain)
+    assert plain_masks == 2  # every ReLU's own backward
+    if name == "topk 0.05":  # the native Linear kernel masks both
+        assert fused_masks == 0
+    for (key, a), b in zip(fused.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key  # weights, running maxima
+    for a, b in zip(fused_stats, plain_stats, strict=True):
+        assert a.macs == b.macs and a.kernels == b.kernels and a.skipped == b.skipped
+        assert a.loss == b.loss
+
+
+@pytest.mark.parametrize("batch", [3, 129])
+def test_the_linear_kernels_relu_mask_is_threshold_backward(batch):
+    """The native Linear kernel's relu_mask against PyTorch's ReLU backward of its input
+    gradient, on an input with zeros, positive values and NaN, with and without the weight
+    gradient (which the mask leaves as it is), at 1 and 2 threads."""
+    generator = torch.Generator().manual_seed(4)
+    inputs, outputs = 200, 48
+    x = torch.relu(torch.randn(batch, inputs, generator=generator))  # (B, in)
+    x[0, :3] = float("nan")
+    weight = torch.randn(outputs, inputs, generator=generator)  # (out, in)
+    delta = torch.randn(batch, outputs, generator=generator)
+    keep = torch.full((batch,), 7)
+    _, column, value = native.topk(delta, keep, with_rows=False, total=int(keep.sum()))
+    row_start = torch.arange(batch + 1) * 7
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for needs_weight in (True, False):
+                plain, plain_weight = native.linear_backward(
+                    x, weight, row_start, column, value, True, needs_weight
+                )
+                masked, masked_weight = native.linear_backward(
+                    x, weight, row_start, column, value, True, needs_weight, relu_mask=True
+                )
+                assert torch.equal(masked, torch.ops.aten.threshold_backward(plain, x, 0))
+                assert not torch.equal(masked, plain)  # the mask changed something
+                assert torch.equal(masked[0, :3], plain[0, :3])  # NaN in x keeps the gradient
+                assert (plain_weight is None) == (masked_weight is None)
+                if needs_weight:  # bit for bit, NaN where x had NaN
+                    torch.testing.assert_close(
+                        masked_weight, plain_weight, rtol=0, atol=0, equal_nan=True
+                    )
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["1x1 planes", "depthwise"])

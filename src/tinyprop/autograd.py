@@ -130,7 +130,7 @@ class SparseBackprop(torch.autograd.Function):
     def layer_backward(ctx, grad_output: Tensor, relu: dict | None):
         """The layer's backward: (grad_input at x, grad_weight, grad_bias, None, None).
         ``relu``: None, or (fused ReLU, see :mod:`tinyprop.relu_fusion`) a dict that receives
-        the saved x under "x" and, under "masked", whether the native convolution kernel
+        the saved x under "x" and, under "masked", whether the native kernel
         returned the input gradient at the ReLU's input already."""
         if torch.is_grad_enabled():  # create_graph=True: the sparse backward has no backward
             raise RuntimeError(
@@ -523,7 +523,7 @@ def _gradients(
     (row_start (B + 1,), column (M,), value (M,)) when :func:`fixed_native_keep`'s selection
     found them already (the native kernel then runs on them), else None. ``relu``: None, or
     (``x`` is a fused ReLU's output) a dict whose "masked" is set True when the native
-    convolution kernel returns the input gradient at the ReLU's input."""
+    kernel returns the input gradient at the ReLU's input."""
     if not (needs_input or needs_weight):
         return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
@@ -556,11 +556,13 @@ def _gradients(
         if is_linear and defer is not None and defer(x, row_start, entry, value):
             grad_input = None
             if needs_input:
+                if relu is not None:  # the kernel masks by x
+                    relu["masked"] = True
                 grad_input, _ = geometry.native_gradients(
-                    x, weight, row_start, entry, value, True, False
+                    x, weight, row_start, entry, value, True, False, relu is not None
                 )
             return grad_input, None, FUSED_UPDATE
-        if relu is not None and not is_linear:  # the kernel masks by x
+        if relu is not None:  # the kernel masks by x
             relu["masked"] = True
             return (
                 *geometry.native_gradients(

@@ -68,11 +68,14 @@ class LinearPatches:
         grad.index_add_(0, sample * self.positions + position, grad_patches)
         return grad.reshape(input_shape)
 
-    def native_gradients(self, x, weight, row_start, column, value, needs_input, needs_weight):
+    def native_gradients(
+        self, x, weight, row_start, column, value, needs_input, needs_weight, relu_mask=False
+    ):  # fmt: skip
         """Input and weight gradients from the kept entries (CSR by sample over the whole
-        batch) with the native kernel; x (B, in) only."""
+        batch) with the native kernel; x (B, in) only. ``relu_mask``: ``x`` is a ReLU's
+        output, the input gradient is taken through it (:mod:`tinyprop.relu_fusion`)."""
         return native.linear_backward(
-            x, weight, row_start, column, value, needs_input, needs_weight
+            x, weight, row_start, column, value, needs_input, needs_weight, relu_mask
         )
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):

@@ -1,4 +1,4 @@
-"""ReLU -> sparse Conv2d: the ReLU's backward fused into the convolution's input gradient.
+"""ReLU -> sparse Conv2d or Linear: the ReLU's backward fused into the layer's input gradient.
 
 A MobileNet block ``nn.Sequential(..., nn.BatchNorm2d(C), nn.ReLU(), conv, ...)`` backpropagates
 the convolution's input gradient g through the ReLU with one more pass over the whole
@@ -12,15 +12,17 @@ convolution's forward), and the convolution's sparse backward
 
 written by the native convolution kernels while each sample's g is still in the cache
 (``relu_mask``), and by PyTorch's ``threshold_backward`` on the other paths (dense, unified,
-PyTorch's sparse kernels): the values the ReLU's own backward writes, bit for bit. The ReLU's
-node then receives no gradient from the convolution and computes nothing; a gradient that
-reaches x from elsewhere still goes through it, and the two add up at y as before.
+PyTorch's sparse kernels): the values the ReLU's own backward writes, bit for bit. An MLP's
+``nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)`` fuses the same way: the native Linear
+kernel masks each block of the input gradient's sums before writing it out. The ReLU's node
+then receives no gradient from the layer and computes nothing; a gradient that reaches x
+from elsewhere still goes through it, and the two add up at y as before.
 
-Only an ``nn.ReLU`` (not in place) directly before a sparse ``nn.Conv2d`` in an
-``nn.Sequential``, on float32 CPU tensors, and under the conditions of
-:func:`tinyprop.pool_fusion.fusion_allowed` (no hooks, no activation checkpointing or
-saved-tensor hooks, not compiling or tracing, native kernels); anything else runs the ReLU as
-PyTorch does.
+Only an ``nn.ReLU`` (not in place) directly before a sparse ``nn.Conv2d`` (a batch of
+planes) or ``nn.Linear`` (a batch of vectors) in an ``nn.Sequential``, on float32 CPU
+tensors, and under the conditions of :func:`tinyprop.pool_fusion.fusion_allowed` (no hooks,
+no activation checkpointing or saved-tensor hooks, not compiling or tracing, native kernels);
+anything else runs the ReLU as PyTorch does.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ RELU_INPUT = "_tinyprop_relu_input"
 
 
 class ConvInputReLU(nn.ReLU):
-    """``nn.ReLU`` before a sparse ``Conv2d`` in an ``nn.Sequential``: the same forward, its
-    output marked for the convolution (see module docstring). ``tinyprop_fused_convs``: the
-    convolutions it precedes (by id)."""
+    """``nn.ReLU`` before a sparse ``Conv2d`` or ``Linear`` in an ``nn.Sequential``: the same
+    forward, its output marked for the layer (see module docstring). ``tinyprop_fused_convs``:
+    the layers it precedes (by id)."""
 
     tinyprop_fused_convs: frozenset
 
@@ -58,7 +60,7 @@ class ConvInputReLU(nn.ReLU):
             and input.requires_grad
             and input.dtype == torch.float32
             and input.device.type == "cpu"
-            and input.dim() == 4
+            and input.dim() in (2, 4)  # (B, in) of a Linear, (B, C, H, W) of a Conv2d
             and output.grad_fn is not None
         ):
             setattr(output, RELU_INPUT, (input, self, output._version))
@@ -88,10 +90,10 @@ def relu_input(x: Tensor, conv: nn.Module, mark: tuple) -> Tensor | None:
 
 
 def fuse_relus(model: nn.Module, convolutions: list[nn.Module]) -> list[nn.Module]:
-    """Swap the class of every ``nn.ReLU`` that comes right before a sparse ``Conv2d`` (one of
-    ``convolutions``) in an ``nn.Sequential`` of ``model``; returns the swapped ReLUs (for
-    :func:`restore_relus`)."""
-    sparse = {id(conv) for conv in convolutions if isinstance(conv, nn.Conv2d)}
+    """Swap the class of every ``nn.ReLU`` that comes right before a sparse ``Conv2d`` or
+    ``Linear`` (one of ``convolutions``, the sparse layers) in an ``nn.Sequential`` of
+    ``model``; returns the swapped ReLUs (for :func:`restore_relus`)."""
+    sparse = {id(conv) for conv in convolutions if isinstance(conv, nn.Conv2d | nn.Linear)}
     links: dict[int, tuple[nn.Module, set[int]]] = {}
     for children in plain_sequential_children(model):
         for relu, conv in zip(children, children[1:], strict=False):

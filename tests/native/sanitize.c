@@ -19,6 +19,9 @@ int tp_topk_sums_f32(const float *, int64_t, int64_t, int64_t, float *, int64_t 
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
                            int64_t *, int64_t *, float *, float *, int64_t);
+int tp_linear_backward_relu_f32(const float *, const float *, int64_t, int64_t, int64_t,
+                                const int64_t *, const int64_t *, const float *, float *,
+                                float *, int64_t *, int64_t *, float *, float *, int64_t);
 int tp_linear_update_f32(const float *, float *, int64_t, int64_t, int64_t, const int64_t *,
                          const int64_t *, const float *, float, int64_t *, int64_t *, float *,
                          int64_t);
@@ -199,12 +202,15 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
      * of the weight: (threads, 2, min(n, 512), 64), exactly; either at any thread count */
     float *strip = rand() % 2 ? malloc(sizeof(float) * threads * 2 * (n < 512 ? n : 512) * 64)
                               : NULL;
-    int status = tp_linear_backward_f32(x, weight, batch, n, m, row_start, column, value,
-                                        grad_weight, grad_input, column_start, by_sample,
-                                        by_value, strip, threads);
+    /* the input gradient through a ReLU whose output x is (masked: x <= 0 gives 0), or none
+     * (the weight gradient alone, cut by rows) */
+    int relu = rand() % 2, weight_only = rand() % 4 == 0;
+    int status = (relu ? tp_linear_backward_relu_f32 : tp_linear_backward_f32)(
+        x, weight, batch, n, m, row_start, column, value, grad_weight,
+        weight_only ? NULL : grad_input, column_start, by_sample, by_value, strip, threads);
     /* grad_input row s: its kept entries in ascending j (as kept_entries gives them), one
      * term at a time from zero, rounded as the kernel rounds them (exactly the same sums) */
-    for (int64_t s = 0; status == 0 && s < batch; s++) {
+    for (int64_t s = 0; status == 0 && !weight_only && s < batch; s++) {
         for (int64_t i = 0; i < m; i++) {
             float sum = 0.0f;
             for (int64_t e = row_start[s]; e < row_start[s + 1]; e++) {
@@ -215,8 +221,10 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
                 sum += value[e] * term;
 #endif
             }
+            int masked = relu && x[s * m + i] <= 0.0f; /* threshold_backward's rule: +0 */
             float got = grad_input[s * m + i];
-            if (!(got == sum || (isnan(got) && isnan(sum)))) status = 1;
+            if (masked ? got != 0.0f || signbit(got) : !(got == sum || (isnan(got) && isnan(sum))))
+                status = 1;
         }
     }
     /* grad_weight row j: the samples that kept j in ascending order, one term at a time from

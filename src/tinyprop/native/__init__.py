@@ -48,9 +48,10 @@ def library() -> ctypes.CDLL | None:
     lib.tp_topk_sums_f32.argtypes = [_pointer, _int64, _int64, _int64] + [_pointer] * 6
     lib.tp_topk_sums_f32.argtypes += [_int64]
     lib.tp_topk_sums_f32.restype = ctypes.c_int
-    lib.tp_linear_backward_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
-    lib.tp_linear_backward_f32.argtypes += [_pointer] * 9 + [_int64]
-    lib.tp_linear_backward_f32.restype = ctypes.c_int
+    for name in ("tp_linear_backward_f32", "tp_linear_backward_relu_f32"):
+        getattr(lib, name).argtypes = [_pointer, _pointer, _int64, _int64, _int64]
+        getattr(lib, name).argtypes += [_pointer] * 9 + [_int64]
+        getattr(lib, name).restype = ctypes.c_int
     lib.tp_linear_update_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
     lib.tp_linear_update_f32.argtypes += [_pointer] * 3 + [ctypes.c_float] + [_pointer] * 3
     lib.tp_linear_update_f32.argtypes += [_int64]
@@ -314,6 +315,7 @@ def linear_backward(
     value: Tensor,
     needs_input: bool,
     needs_weight: bool,
+    relu_mask: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Input and weight gradients of ``y = x Wᵀ`` from the kept entries of δ only.
 
@@ -322,6 +324,9 @@ def linear_backward(
         row_start: (B + 1,) CSR offsets of each sample's kept entries (empty for skipped ones).
         column: (M,) kept output index j, ascending within each sample (as the selection
             gives them: the input gradient sums them in this order); value: (M,) δ[s, j] there.
+        relu_mask: x is a ReLU's output: the input gradient is the one at the ReLU's input,
+            0 where x <= 0 (what PyTorch's ``threshold_backward(grad_input, x, 0)`` writes,
+            bit for bit), written by the kernel while it is still in the cache.
 
     Returns:
         ``(grad_input (B, in) or None, grad_weight (out, in) or None)``: k · in multiply-
@@ -338,7 +343,9 @@ def linear_backward(
     threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
     # no strip copies (None): every thread walks the weight's rows, into contiguous blocks of
     # sums (kernels.c); summing copies of the weight's strips measured slower at two threads
-    status = library().tp_linear_backward_f32(
+    lib = library()
+    kernel = lib.tp_linear_backward_relu_f32 if relu_mask else lib.tp_linear_backward_f32
+    status = kernel(
         x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
         row_start.data_ptr(), column.data_ptr(), value.data_ptr(),
         _address(grad_weight), _address(grad_input), *scratch, None, threads,

@@ -5,7 +5,8 @@
  * tp_topk_sums_f32: the same for one fixed k, with each row's Σ |δ| from the same read of it.
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each (grad_input sample by sample, a strip of
- *     the weight's columns at a time).
+ *     the weight's columns at a time); tp_linear_backward_relu_f32: the same with the input
+ *     gradient through the ReLU whose output the input is (ReLU's backward fused).
  * tp_linear_update_f32, tp_linear_update_momentum_f32: SGD's update (plain, or with momentum)
  * of a Linear weight from the same kept entries, the weight
  *     gradient never written (summed tile by tile as tp_linear_backward_f32 sums it).
@@ -708,6 +709,16 @@ enum { UPDATE_AHEAD = 2 };
  * measured) are written past the caches: they would not stay there, and a streamed store does
  * not read the line it replaces first. */
 #define STREAM_FLOATS ((int64_t)1 << 20)
+/* A weight gradient alone is cut by rows when x (batch · m floats) is at most this (512 kB,
+ * half a core's L2 cache on the machines measured): every thread then reads all of x. */
+#define WEIGHT_ROWS_X_FLOATS ((int64_t)1 << 17)
+
+/* ReLU's backward at an input x = ReLU(y) of a Linear layer or a convolution, on its input gradient g, in place:
+ * g[i] = x[i] <= 0 ? 0 : g[i] over n floats, the value PyTorch's threshold_backward(g, x, 0)
+ * writes (x NaN keeps g; +0 written). */
+static void relu_mask_span(float *restrict g, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = x[i] <= 0.0f ? 0.0f : g[i];
+}
 
 /* out[i] = (from_out ? out[i] : 0) + Σ_t value[t] · source[(index[t] - origin) · stride + i]
  * for i in [0, width), over `count` terms in t order (width <= TILE): the tile's sums stay in
@@ -853,6 +864,7 @@ typedef struct {
     const float *x, *weight;
     int64_t batch, n, m;
     int stream; /* write grad_weight with streamed stores */
+    int relu_mask; /* grad_input through the ReLU whose output x is (relu_mask_span) */
     const int64_t *row_start, *column; /* (batch + 1,), (nnz,): the entries by sample */
     const float *value;
     const int64_t *column_start, *by_column_sample; /* (n + 1,), (nnz,): the entries by output */
@@ -912,8 +924,13 @@ static void input_by_rows(const linear_call *c, int64_t first, int64_t end) {
             for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
                 row_add(out + c->by_column_sample[t] * stride, row, width, c->by_column_value[t]);
         }
-        for (int64_t s = 0; block && s < batch; s++)
-            memcpy(c->grad_input + s * m + from, block + s * width, (size_t)width * sizeof(float));
+        for (int64_t s = 0; s < batch; s++) {
+            if (block)
+                memcpy(c->grad_input + s * m + from, block + s * width,
+                       (size_t)width * sizeof(float));
+            if (c->relu_mask) /* the sums still in the cache */
+                relu_mask_span(c->grad_input + s * m + from, c->x + s * m + from, width);
+        }
     }
     free(held);
 }
@@ -949,6 +966,8 @@ static void input_by_strips(const linear_call *c, int64_t first, int64_t end, in
                      c->value + e, last - e, from > 0, 0);
         }
     }
+    for (int64_t s = 0; c->relu_mask && s < batch; s++)
+        relu_mask_span(c->grad_input + s * m + first, c->x + s * m + first, end - first);
 }
 
 /* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. Row by
@@ -982,6 +1001,32 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
     return 0;
 }
 
+/* The rows [part, part + 1) · n / parts of grad_weight alone (no input gradient), each row
+ * whole, written once from its first feature to its last (as linear_part sums its tiles: the
+ * same sums). Cutting by rows instead of by tiles of features gives each row one pass over
+ * its samples, not one per part, and each thread a contiguous share of the output; a
+ * thread then reads every feature of x, which a narrow layer's x (batch · m floats) keeps
+ * in its cache. */
+static int weight_rows_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
+    (void)worker;
+    const linear_call *c = context;
+    int64_t m = c->m, first = slice_start(c->n, part, parts, 1);
+    int64_t end = slice_start(c->n, part + 1, parts, 1);
+    for (int64_t j = first; j < end; j++) {
+        int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
+        const int64_t *sample = c->by_column_sample + start;
+        const float *value = c->by_column_value + start;
+        int64_t at = 0;
+        for (; m - at >= 2 * TILE; at += 2 * TILE)
+            two_tile_sum(c->grad_weight + j * m + at, c->x + at, m, sample, value, count,
+                         c->stream);
+        for (; at < m; at += TILE)
+            tile_sum(c->grad_weight + j * m + at, c->x + at, m, 0, m - at < TILE ? m - at : TILE,
+                     sample, value, count, 0, c->stream);
+    }
+    return 0;
+}
+
 /* Linear backward from the kept entries of δ, given by sample (CSR):
  *   row_start (batch + 1,), column (nnz,) output index j (ascending within each sample),
  *   value (nnz,) δ[s, j].
@@ -997,11 +1042,12 @@ static int linear_part(const void *context, int64_t part, int64_t parts, int64_t
  * Returns 0, -1 on an index out of range, offsets that decrease or a
  * sample's indices that do not ascend (nothing written then). Any float values
  * (NaN, ±Inf) only flow into the gradients: no branch depends on them. */
-int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
+static int linear_backward(const float *x, const float *weight, int64_t batch, int64_t n,
                            int64_t m, const int64_t *row_start, const int64_t *column,
                            const float *value, float *grad_weight, float *grad_input,
                            int64_t *column_start, int64_t *by_column_sample,
-                           float *by_column_value, float *strip, int64_t threads) {
+                           float *by_column_value, float *strip, int64_t threads,
+                           int relu_mask) {
     if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
                           by_column_value) != 0)
         return -1;
@@ -1010,13 +1056,39 @@ int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, i
                         .column = column, .value = value, .column_start = column_start,
                         .by_column_sample = by_column_sample,
                         .by_column_value = by_column_value, .grad_weight = grad_weight,
-                        .grad_input = grad_input};
-    int64_t parts = parts_for((m + TILE - 1) / TILE, threads);
-    int status = run_parts(linear_part, &call, parts, threads);
+                        .grad_input = grad_input, .relu_mask = relu_mask};
+    int status;
+    if (grad_input == NULL && grad_weight != NULL && batch * m <= WEIGHT_ROWS_X_FLOATS)
+        status = run_parts(weight_rows_part, &call, parts_for(n, threads), threads);
+    else
+        status = run_parts(linear_part, &call, parts_for((m + TILE - 1) / TILE, threads), threads);
 #if defined(__AVX512F__) && defined(__GNUC__)
     _mm_sfence(); /* the streamed stores of grad_weight are visible before the caller reads */
 #endif
     return status;
+}
+
+int tp_linear_backward_f32(const float *x, const float *weight, int64_t batch, int64_t n,
+                           int64_t m, const int64_t *row_start, const int64_t *column,
+                           const float *value, float *grad_weight, float *grad_input,
+                           int64_t *column_start, int64_t *by_column_sample,
+                           float *by_column_value, float *strip, int64_t threads) {
+    return linear_backward(x, weight, batch, n, m, row_start, column, value, grad_weight,
+                           grad_input, column_start, by_column_sample, by_column_value, strip,
+                           threads, 0);
+}
+
+/* tp_linear_backward_f32 with x the output of a ReLU: grad_input is the gradient at the ReLU's
+ * input instead, x[s, i] <= 0 ? 0 : the sum (relu_mask_span), each block of sums masked while
+ * it is still in the cache: ReLU's backward pass fused. */
+int tp_linear_backward_relu_f32(const float *x, const float *weight, int64_t batch, int64_t n,
+                                int64_t m, const int64_t *row_start, const int64_t *column,
+                                const float *value, float *grad_weight, float *grad_input,
+                                int64_t *column_start, int64_t *by_column_sample,
+                                float *by_column_value, float *strip, int64_t threads) {
+    return linear_backward(x, weight, batch, n, m, row_start, column, value, grad_weight,
+                           grad_input, column_start, by_column_sample, by_column_value, strip,
+                           threads, 1);
 }
 
 typedef struct {
@@ -1212,13 +1284,6 @@ static void copy_sample(float *planes, float *copy, int64_t channels, int64_t he
                 else planes[(c * height + row) * width + col] = line[col * channels + c];
             }
     }
-}
-
-/* ReLU's backward at an input x = ReLU(y) of a convolution, on its input gradient g, in place:
- * g[i] = x[i] <= 0 ? 0 : g[i] over n floats, the value PyTorch's threshold_backward(g, x, 0)
- * writes (x NaN keeps g; +0 written). */
-static void relu_mask_span(float *restrict g, const float *restrict x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) g[i] = x[i] <= 0.0f ? 0.0f : g[i];
 }
 
 typedef struct {
