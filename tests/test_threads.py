@@ -10,6 +10,7 @@ from core_models import batch, build
 from torch import nn
 
 import tinyprop
+from tinyprop import graph_free
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 CONFIGS = [
@@ -20,14 +21,14 @@ CONFIGS = [
 ]
 
 
-def train(model, name, steps, seed=0, before_each=None) -> list:
+def train(model, name, steps, seed=0, before_each=None, dtype=torch.float64) -> list:
     """``steps`` SGD steps through tinyprop.train_step; what each step trained and counted."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     done = []
     for step in range(steps):
         if before_each is not None:
             before_each()
-        x, y = batch(name, size=8, seed=seed * 100 + step)
+        x, y = batch(name, size=8, seed=seed * 100 + step, dtype=dtype)
         stats = tinyprop.train_step(model, x, y, LOSS, optimizer)
         done.append((stats.trained_mask.tolist(), stats.macs))
     return done
@@ -100,3 +101,56 @@ def test_two_models_trained_in_two_threads_equal_them_trained_one_after_the_othe
     assert done == expected
     for model, reference in zip(models, alone, strict=True):
         assert_same_state(model, reference)
+
+
+class _Waits(nn.Module):
+    """Holds its forward until released: a forward in the middle of its FLOP measurement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        self.inside.set()
+        assert self.release.wait(timeout=60)
+        return x
+
+
+def test_a_first_forward_measured_in_another_thread_hooks_nothing_here():
+    """The ledger measures a model's first forward with torch's FLOP counter, whose module
+    tracker registered process-wide module hooks while it ran: a model stepping in another
+    thread got gradient hooks on its tensors, and the graph-free step (its loss taken on a leaf
+    output) failed with "A leaf node was passed to _will_engine_execute_node". The training
+    equals the same steps taken with no other thread."""
+    config = tinyprop.TinyPropConfig(policy="tinypropv2")
+    model = tinyprop.apply(build("conv1d", dtype=torch.float32), config)
+    alone = copy.deepcopy(model)
+    x, _ = batch("conv1d", size=8, dtype=torch.float32)
+    assert graph_free.eligible(model, x, fused_update=False)
+    train(model, "conv1d", 1, seed=1, dtype=torch.float32)  # its own first forward, measured
+    expected = train(alone, "conv1d", 1, seed=1, dtype=torch.float32)
+    expected += train(alone, "conv1d", 3, dtype=torch.float32)
+
+    waits = _Waits()
+    measuring = tinyprop.apply(nn.Sequential(nn.Linear(3, 4), waits), config)
+    errors = []
+
+    def first_forward():
+        try:
+            measuring(torch.ones(2, 3))
+        except Exception as error:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(error)
+
+    thread = threading.Thread(target=first_forward)
+    thread.start()
+    try:
+        assert waits.inside.wait(timeout=60)
+        hooks = nn.modules.module
+        assert not hooks._global_forward_pre_hooks and not hooks._global_forward_hooks
+        done = train(model, "conv1d", 3, dtype=torch.float32)
+    finally:
+        waits.release.set()
+        thread.join()
+    assert errors == []
+    assert [expected[0], *done] == expected
+    assert_same_state(model, alone)

@@ -10,13 +10,12 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
-from tinyprop import flop_formulas  # noqa: F401 (registers attention on the CPU)
 from tinyprop.attention import TinyPropMultiheadAttention
 from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
 from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
+from tinyprop.flop_formulas import forward_flop_counter
 from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
 from tinyprop.pool_fusion import fuse_pools, restore_pools
 from tinyprop.relu_fusion import fuse_relus, restore_relus
@@ -298,7 +297,7 @@ def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
     if signature in state.other_macs_cache:
         forward_pass.other_macs = state.other_macs_cache[signature]
     else:  # first pass with these shapes: measure what the other modules compute
-        forward_pass.counter = FlopCounterMode(display=False)
+        forward_pass.counter = forward_flop_counter()
         forward_pass.signature = signature
         forward_pass.counter.__enter__()
 
