@@ -14,8 +14,9 @@ where autograd would only chain the modules' own backward functions,
    the skip decision is the library's own (:func:`tinyprop.step.run_backward`'s);
 3. from the output down, each sparse layer's backward by the function its autograd Function
    calls (:meth:`~tinyprop.autograd.SparseBackprop.layer_backward`: k, the kept entries, the
-   kernels, records, running maxima, finiteness checks), ReLU's, the pools' and Flatten's by
-   the aten kernels autograd runs for them;
+   kernels, records, running maxima, finiteness checks; a ReLU right below it fused into its
+   input gradient as :mod:`tinyprop.relu_fusion` fuses it), ReLU's, the pools' and Flatten's
+   by the aten kernels autograd runs for them;
 4. the step's end as before: records and ledger, the gradient check, the running state's
    commit, the optimizer step.
 
@@ -39,6 +40,7 @@ from tinyprop.layers import TinyPropConv1d, TinyPropConv2d, TinyPropLinear
 from tinyprop.loss_gradient import is_power_of_two
 from tinyprop.loss_gradient import output_error as weighted_output_error
 from tinyprop.model import state_of
+from tinyprop.relu_fusion import ConvInputReLU
 from tinyprop.step import StepContext, _open_step, describe, how_to_get_per_sample_losses
 
 aten = torch.ops.aten
@@ -123,7 +125,7 @@ def _module_eligible(module: nn.Module) -> bool:
     kind = type(module)
     if kind in SPARSE_LAYERS:
         return True
-    if kind is nn.ReLU or kind in PASSING or kind is nn.AvgPool1d:
+    if kind is nn.ReLU or kind is ConvInputReLU or kind in PASSING or kind is nn.AvgPool1d:
         return True
     if kind is nn.Dropout:
         return not module.training or module.p == 0
@@ -243,23 +245,34 @@ def _output_error(step: StepContext, losses: Tensor, output: Tensor) -> Tensor:
 
 
 def _backward(modules: list, inputs: list, calls: dict, delta: Tensor) -> None:
-    """From δ at the output down: each module's backward, until no module below needs δ."""
-    for position in reversed(range(len(modules))):
+    """From δ at the output down: each module's backward, until no module below needs δ. A
+    ReLU fused with the sparse layer above it (:mod:`tinyprop.relu_fusion`) is passed over:
+    the layer's backward returned δ at the ReLU's input already."""
+    position = len(modules) - 1
+    while position >= 0:
         module, below = modules[position], inputs[position]
         if position in calls:
             call, trains = calls[position]
             if not trains:  # no parameter at or below it trains
                 return
-            delta = _layer_backward(module, call, below, delta)
+            relu = modules[position - 1] if position > 0 else None
+            if type(relu) is ConvInputReLU and id(module) in relu.tinyprop_fused_convs:
+                delta = _layer_backward(module, call, below, delta, fused_relu=True)
+                position -= 1  # the ReLU's backward is done
+            else:
+                delta = _layer_backward(module, call, below, delta)
         else:
             delta = module_backward(module, delta, below)
         if delta is None:
             return
+        position -= 1
 
 
-def _layer_backward(layer, call, x: Tensor, delta: Tensor) -> Tensor | None:
+def _layer_backward(layer, call, x: Tensor, delta: Tensor, fused_relu=False) -> Tensor | None:
     """A sparse layer's backward by :meth:`SparseBackprop.layer_backward`, its gradients set
-    as autograd's accumulation sets them on ``.grad`` of None: δ at its input, or None."""
+    as autograd's accumulation sets them on ``.grad`` of None: δ at its input (with
+    ``fused_relu``, at the input of the ReLU whose output x is, as the fused autograd node
+    returns it), or None."""
     weight, bias = layer.weight, layer.bias
     input_grad = call.input_requires_grad
     context = types.SimpleNamespace(
@@ -267,10 +280,13 @@ def _layer_backward(layer, call, x: Tensor, delta: Tensor) -> Tensor | None:
         bias_dtype=None if bias is None else bias.dtype, saved_tensors=(x, weight),
         needs_input_grad=(
             input_grad, weight.requires_grad, bias is not None and bias.requires_grad,
-            False, False,
+            False, False, input_grad,  # the last: the fused ReLU's input y
         ),
     )  # fmt: skip
-    grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(context, delta, None)
+    relu = {"masked": False} if fused_relu else None
+    grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(context, delta, relu)
+    if fused_relu and grad_input is not None and not relu["masked"]:
+        grad_input = aten.threshold_backward(grad_input, relu["x"], 0)  # as SparseBackprop does
     if weight.requires_grad and grad_weight is not None:
         weight.grad = _as_accumulated(grad_weight, weight)
     if bias is not None and bias.requires_grad and grad_bias is not None:
@@ -290,7 +306,7 @@ def module_backward(module: nn.Module, delta: Tensor, below: Tensor) -> Tensor:
     """δ at the input ``below`` of a ReLU, pool, Flatten, Identity or Dropout (eval) from δ
     at its output, by the aten kernels autograd runs (ReLU's mask from its input: x > 0
     exactly where ReLU(x) > 0)."""
-    if type(module) is nn.ReLU:
+    if type(module) is nn.ReLU or type(module) is ConvInputReLU:
         return aten.threshold_backward(delta, below, 0)
     if type(module) is nn.MaxPool1d:  # as a 2-D pool of height 1, its indices found again
         _, index = aten.max_pool1d_with_indices(below, [module.kernel_size], [module.stride])
