@@ -247,6 +247,49 @@ def test_ineligible_steps_take_the_autograd_path():
     graph_free_step(model, x, y, cross_entropy, optimizer)
 
 
+@pytest.mark.parametrize("reads", ["weights", "a learnt temperature"])
+def test_a_loss_reading_other_tensors_takes_the_autograd_path(reads):
+    """A loss with a penalty on the weights (or a temperature that trains) sends gradients
+    past y_L; the graph-free step differentiated the loss at y_L alone and dropped them (the
+    weights 0.03-0.04 off after one step)."""
+    torch.manual_seed(0)
+    models = [tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))]
+    models.append(copy.deepcopy(models[0]))
+    temperature = [torch.ones(1, requires_grad=True) for _ in models]
+    optimizers = [
+        torch.optim.SGD([*model.parameters(), weight], lr=0.1)
+        for model, weight in zip(models, temperature, strict=True)
+    ]
+
+    def loss_for(model, weight):
+        def loss_fn(output, target):
+            if reads == "weights":
+                return cross_entropy(output, target) + 0.5 * sum(
+                    (p**2).sum() for p in model.parameters()
+                )
+            return cross_entropy(output / weight, target)
+
+        return loss_fn
+
+    returned = []
+
+    def run_step(*args):
+        returned.append(original(*args))
+        return returned[-1]
+
+    original = graph_free.run_step
+    for x, y in batches((12,), 8, count=3):
+        autograd_step(models[0], x, y, loss_for(models[0], temperature[0]), optimizers[0])
+        with mock.patch.object(graph_free, "run_step", run_step):
+            tinyprop.train_step(models[1], x, y, loss_for(models[1], temperature[1]), optimizers[1])
+    assert returned == [None] * 3  # tried, and left to the autograd path
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(temperature[0], temperature[1])
+    if reads == "a learnt temperature":
+        assert not torch.equal(temperature[0], torch.ones(1))
+
+
 def test_nan_loss_and_nan_delta_raise_before_any_update():
     torch.manual_seed(0)
     model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="tinypropv2"))

@@ -173,6 +173,9 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
             f"loss_fn must return one loss per sample, shape ({batch_size},), got "
             f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
         )
+    if not _reaches_only(losses, output):  # a penalty on the weights, a learnt loss weight:
+        state_of(model).take_passes()  # gradients past y_L; the autograd path runs the step
+        return None
     # the autograd path takes δ_L from the decision's gradient when y_L comes from a sparse
     # layer's backward (tinyprop.loss_gradient)
     last = len(modules) - 1
@@ -221,6 +224,23 @@ def _forward(model: nn.Sequential, modules: list, x: Tensor, first_trainable: in
         raise
     model_hooks._close_forward_pass(model, (x,), {}, output)
     return inputs, calls, output
+
+
+def _reaches_only(losses: Tensor, output: Tensor) -> bool:
+    """Whether the graph of ``losses`` reaches no tensor that requires grad but the leaf
+    ``output`` (y_L): a loss that also reads the parameters (``+ λ·Σ w²``) or a tensor computed
+    from them sends them gradients the graph-free step would drop."""
+    seen, nodes = set(), [losses.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None and variable is not output:
+            return False
+        nodes.extend(function for function, _ in node.next_functions)
+    return True
 
 
 def _abandon_forward_pass(model: nn.Module) -> None:
