@@ -1,5 +1,7 @@
 """Bad input gets a clear error that names the problem."""
 
+import warnings
+
 import pytest
 import torch
 from core_models import batch, build
@@ -145,4 +147,15 @@ def test_circular_padding_conv_stays_dense_with_warning():
         nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(12, 2)
     )
     with pytest.warns(UserWarning, match=r"0 \(Conv1d\)"):
+        tinyprop.apply(model)
+
+
+def test_normalisation_layers_stay_dense_without_a_warning():
+    """nn.RMSNorm, like LayerNorm and GroupNorm, is dense by design (before: a warning named it
+    among the layers tinyprop could not make sparse)."""
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.LayerNorm(8), nn.RMSNorm(8), nn.GroupNorm(2, 8), nn.Linear(8, 2)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         tinyprop.apply(model)

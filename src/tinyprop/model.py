@@ -39,6 +39,7 @@ _DENSE_BY_DESIGN = (
     nn.GroupNorm,
     nn.Embedding,
     nn.EmbeddingBag,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # torch >= 2.4
 )
 
 
@@ -133,7 +134,6 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     ]
     state.made_on_meta = any(buffer.is_meta for buffer in _running_state(model, state).values())
     setattr(model, _STATE, state)
-    _watch_module_changes()
     state.module_changes = _MODULE_CHANGES[0]
     return model
 
@@ -156,21 +156,19 @@ def _make_sparse(module: nn.Module, state: TinyPropState, name: str, index: int,
     state.handles.append(module.register_load_state_dict_pre_hook(_check_loaded_maxima))
 
 
-# submodules registered anywhere in the process since the first apply (nn.Module.__setattr__,
-# add_module, Sequential / ModuleList / ModuleDict item assignment all register): a cheap
-# test, at each forward, of whether an applied model may have changed
+# submodules registered anywhere in the process since tinyprop was imported (nn.Module's
+# __setattr__, add_module, Sequential / ModuleList / ModuleDict item assignment all register):
+# a cheap test, at each forward, of whether an applied model may have changed. Counted from
+# the import, not from the first apply: a model unpickled in a process that never applied
+# (torch.load, a spawned worker) follows its changes too
 _MODULE_CHANGES = [0]
-_MODULE_CHANGE_HOOK: list = []
 
 
 def _count_module_change(module: nn.Module, name: str, submodule) -> None:
     _MODULE_CHANGES[0] += 1
 
 
-def _watch_module_changes() -> None:
-    if not _MODULE_CHANGE_HOOK:
-        register = nn.modules.module.register_module_module_registration_hook
-        _MODULE_CHANGE_HOOK.append(register(_count_module_change))
+nn.modules.module.register_module_module_registration_hook(_count_module_change)
 
 
 def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
@@ -316,7 +314,7 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
         if len(state.other_macs_cache) >= _MAX_SIGNATURES:
             state.other_macs_cache.pop(next(iter(state.other_macs_cache)))
         state.other_macs_cache[forward_pass.signature] = forward_pass.other_macs
-    forward_pass.output = _main_tensor(output)
+    forward_pass.output = main_tensor(output)
     state.finish_pass(forward_pass)
 
 
@@ -339,7 +337,7 @@ def _signature(args, kwargs) -> tuple:
     )
 
 
-def _main_tensor(output) -> Tensor | tuple[Tensor, ...] | None:
+def main_tensor(output) -> Tensor | tuple[Tensor, ...] | None:
     """The tensor the losses are computed from: the output, or its ``logits``; for another
     tuple / dict output, its tensors with a gradient (the step finds the one the losses come
     from: :func:`output_the_losses_come_from`)."""

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from tinyprop import graph_free
 from tinyprop.fused_update import apply_updates, fold_into_gradients, fusable_weights
-from tinyprop.model import state_of, unwrap
+from tinyprop.model import main_tensor, state_of, unwrap
 from tinyprop.step import (
     StepContext,
     StepStats,
@@ -41,7 +41,9 @@ def train_step(
             wrapper.
         x: (B, ...) a batch of inputs.
         y: (B, ...) targets, passed to ``loss_fn`` unchanged.
-        loss_fn: ``loss_fn(output, y) -> (B,)`` per-sample losses, e.g.
+        loss_fn: ``loss_fn(output, y) -> (B,)`` per-sample losses (``output`` as the model
+            returns it: a transformers ``ModelOutput`` too, whose ``logits`` the skip decision
+            measures), e.g.
             ``nn.CrossEntropyLoss(reduction="none")``.
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
         fused_update: with ``torch.optim.SGD`` (plain, or with momentum, dampening and
@@ -108,10 +110,13 @@ def _autograd_step(model, x, y, loss_fn, optimizer, fused_update: bool) -> StepC
     state not committed yet."""
     batch_size = x.shape[0]
     output = model(x)
-    if not isinstance(output, Tensor) or output.shape[:1] != (batch_size,):
+    # a transformers model's ModelOutput: its logits (loss_fn gets the whole output)
+    main = output if isinstance(output, Tensor) else main_tensor(output)
+    if not isinstance(main, Tensor) or main.shape[:1] != (batch_size,):
         raise ValueError(
-            f"the model must return one output tensor (B, ...) with B={batch_size}; "
-            f"got {describe(output)}"
+            f"the model must return one output tensor (B, ...) with B={batch_size}, or an "
+            f"output holding its logits; got {describe(output)}. For another output, call "
+            "tinyprop.backward(model, losses, output=...) in your own loop"
         )
     losses = loss_fn(output, y)
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
@@ -123,7 +128,7 @@ def _autograd_step(model, x, y, loss_fn, optimizer, fused_update: bool) -> StepC
     if is_distributed(model):  # the gradients go through the all-reduce
         fused = None
     # the running state is written only once the gradients passed the check (commit)
-    return run_backward(model, losses, output, 0, None, 1.0, fused, defers_commit=True)
+    return run_backward(model, losses, main, 0, None, 1.0, fused, defers_commit=True)
 
 
 def check_optimizer_holds_the_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
