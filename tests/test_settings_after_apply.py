@@ -142,3 +142,22 @@ def test_a_layer_set_into_the_model_after_apply_is_sparse_and_counted(change, po
     assert model.state_dict().keys() == fresh.state_dict().keys()
     tinyprop.remove(model)
     assert all(not isinstance(m, SparseBackpropLayer) for m in model.modules())
+
+
+def test_a_padding_mode_set_after_apply_is_refused_by_train_step_too():
+    """train_step's graph-free path (a plain float32 nn.Sequential) runs the layers without
+    their forward, where the refusal above sits: it took the reflect padding in the forward
+    and zeros in the backward, silently (0.021 off at topk ratio 1.0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 18, 3),
+    )  # fmt: skip
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    x, y = torch.randn(8, 2, 20), torch.randint(0, 3, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tinyprop.train_step(model, x, y, LOSS, optimizer)
+    model[2].padding_mode = "reflect"
+    model[2]._reversed_padding_repeated_twice = [1, 1]  # what __init__ would have set
+    with pytest.raises(ValueError, match=r"layer '2' \(Conv1d\) has padding_mode='reflect'"):
+        tinyprop.train_step(model, x, y, LOSS, optimizer)

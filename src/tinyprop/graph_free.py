@@ -123,8 +123,8 @@ def _module_eligible(module: nn.Module) -> bool:
     ):
         return False
     kind = type(module)
-    if kind in SPARSE_LAYERS:
-        return True
+    if kind in SPARSE_LAYERS:  # padding_mode set after apply: the forward's error says so
+        return getattr(module, "padding_mode", "zeros") == "zeros"
     if kind is nn.ReLU or kind is ConvInputReLU or kind in PASSING or kind is nn.AvgPool1d:
         return True
     if kind is nn.Dropout:
