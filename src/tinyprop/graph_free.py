@@ -56,7 +56,8 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
     eval mode (or p = 0); float32 CPU parameters and input, the input not requiring grad, no
     sparse layer whose bias alone trains with nothing below it training; no module, parameter
     or global hook but the library's own, no saved-tensor hooks, autocast, tracing or
-    torch.func transforms; a sparse policy; no fused update."""
+    torch.func transforms; no module twice and no parameter two modules share (their
+    gradients add up); a sparse policy; no fused update."""
     if type(model) is not nn.Sequential or fused_update:
         return False
     state = state_of(model)
@@ -90,9 +91,11 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
     ):
         return False
     trainable = False  # a parameter of this module or one before it trains
+    seen = set()  # a module called twice or a weight two layers share: gradients that add up
     for module in model._modules.values():
-        if not _module_eligible(module):
+        if not _module_eligible(module) or id(module) in seen:
             return False
+        seen.add(id(module))
         if type(module) in SPARSE_LAYERS and not (trainable or module.weight.requires_grad):
             bias = module.bias  # trained alone by PyTorch's dense backward there
             if bias is not None and bias.requires_grad:
@@ -100,6 +103,9 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
         for parameter in module._parameters.values():
             if parameter is None:  # a Linear without bias
                 continue
+            if id(parameter) in seen:
+                return False
+            seen.add(id(parameter))
             if (
                 type(parameter) is not nn.Parameter
                 or parameter.dtype != torch.float32
