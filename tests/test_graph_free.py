@@ -314,6 +314,37 @@ def test_a_loss_reading_other_tensors_takes_the_autograd_path(reads):
         assert not torch.equal(temperature[0], torch.ones(1))
 
 
+def test_a_pool_sized_by_a_tuple_of_one():
+    """nn.MaxPool1d((2,)) keeps the tuple; the graph-free step passed it on as a size."""
+    torch.manual_seed(0)
+    model = cnn1d()
+    model[2] = nn.MaxPool1d((2,))
+    config = tinyprop.TinyPropConfig(policy="tinypropv2")
+    adam = lambda model: torch.optim.Adam(model.parameters(), lr=0.01)  # noqa: E731
+    assert_same_runs(model, config, batches((3, 14), 8, count=3), cross_entropy, adam)
+
+
+def test_a_loss_changing_the_output_in_place_takes_the_autograd_path():
+    """In place on y_L, a leaf there, PyTorch refuses; the autograd path runs the loss on the
+    layer's output, where it works."""
+    torch.manual_seed(0)
+
+    def masked(output, target):
+        output[:, 0] = output[:, 0] - 1.0
+        return cross_entropy(output, target)
+
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.5)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: E731
+    models = [tinyprop.apply(mlp(), config)]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [sgd(model) for model in models]
+    for x, y in batches((12,), 8, count=3):
+        autograd_step(models[0], x, y, masked, optimizers[0])
+        tinyprop.train_step(models[1], x, y, masked, optimizers[1])
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_nan_loss_and_nan_delta_raise_before_any_update():
     torch.manual_seed(0)
     model = tinyprop.apply(mlp(), tinyprop.TinyPropConfig(policy="tinypropv2"))

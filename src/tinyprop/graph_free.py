@@ -33,6 +33,7 @@ import types
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _single
 
 from tinyprop import model as model_hooks
 from tinyprop.autograd import SparseBackprop
@@ -139,9 +140,9 @@ def _module_eligible(module: nn.Module) -> bool:
         return (
             not module.return_indices
             and not module.ceil_mode
-            and module.padding == 0
-            and module.dilation == 1
-            and module.stride == module.kernel_size
+            and _single(module.padding) == (0,)
+            and _single(module.dilation) == (1,)
+            and _single(module.stride) == _single(module.kernel_size)
         )
     return False
 
@@ -173,7 +174,11 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
             f"got {describe(output)}"
         )
     output = output.detach().requires_grad_()  # y_L: a leaf, the loss's graph ends there
-    losses = loss_fn(output, y)
+    try:
+        losses = loss_fn(output, y)
+    except Exception:  # noqa: BLE001 (e.g. an in-place change of y_L, refused on a leaf):
+        state_of(model).take_passes()  # the autograd path runs the step, and raises what
+        return None  # the loss itself raises there
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
         raise ValueError(
             f"loss_fn must return one loss per sample, shape ({batch_size},), got "
@@ -336,10 +341,11 @@ def module_backward(module: nn.Module, delta: Tensor, below: Tensor) -> Tensor:
     if type(module) is nn.ReLU or type(module) is ConvInputReLU:
         return aten.threshold_backward(delta, below, 0)
     if type(module) is nn.MaxPool1d:  # as a 2-D pool of height 1, its indices found again
-        _, index = aten.max_pool1d_with_indices(below, [module.kernel_size], [module.stride])
+        (size,) = _single(module.kernel_size)  # an int or a tuple of one
+        _, index = aten.max_pool1d_with_indices(below, [size], [size])
         return aten.max_pool2d_with_indices_backward(
-            delta.unsqueeze(2), below.unsqueeze(2), [1, module.kernel_size],
-            [1, module.stride], [0, 0], [1, 1], False, index.unsqueeze(2),
+            delta.unsqueeze(2), below.unsqueeze(2), [1, size], [1, size], [0, 0], [1, 1], False,
+            index.unsqueeze(2),
         ).squeeze(2)  # fmt: skip
     if type(module) is nn.AvgPool1d:
         return aten.avg_pool2d_backward(
