@@ -41,6 +41,7 @@ from tinyprop.layers import TinyPropConv1d, TinyPropConv2d, TinyPropLinear
 from tinyprop.loss_gradient import is_power_of_two
 from tinyprop.loss_gradient import output_error as weighted_output_error
 from tinyprop.model import state_of
+from tinyprop.pool_fusion import global_module_hooks, has_hooks
 from tinyprop.relu_fusion import ConvInputReLU
 from tinyprop.step import StepContext, _open_step, describe, how_to_get_per_sample_losses
 
@@ -79,12 +80,8 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
         or x.layout != torch.strided
     ):
         return False
-    hooks = nn.modules.module
     if (
-        hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks
-        or hooks._global_backward_hooks
-        or hooks._global_backward_pre_hooks
+        global_module_hooks()
         or len(model._forward_pre_hooks) != 1  # the library's two root hooks only
         or len(model._forward_hooks) != 1
         or model._backward_hooks
@@ -121,13 +118,7 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
 
 def _module_eligible(module: nn.Module) -> bool:
     """Whether the graph-free step can run ``module``'s backward as autograd would."""
-    if (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or module._modules
-    ):
+    if has_hooks(module) or module._modules:
         return False
     kind = type(module)
     if kind in SPARSE_LAYERS:  # padding_mode set after apply: the forward's error says so

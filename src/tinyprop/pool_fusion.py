@@ -256,24 +256,32 @@ def fusable_node(pool: FusedMaxPool2d, input: Tensor):
     return node if fusion_allowed(pool, node.layer) else None
 
 
-def fusion_allowed(pool: nn.Module, conv: nn.Module) -> bool:
-    """No hooks that would see (or change) what the fusion leaves out, not under activation
-    checkpointing or a saved-tensor hook, not while compiling or tracing, native kernels."""
-    for module in (pool, conv):
-        if (
-            module._forward_hooks
-            or module._forward_pre_hooks
-            or module._backward_hooks
-            or module._backward_pre_hooks
-        ):
-            return False
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def global_module_hooks() -> bool:
+    """Whether module hooks registered for every module (``register_module_forward_hook``
+    and the like) are in place."""
     hooks = nn.modules.module
-    if (
+    return bool(
         hooks._global_forward_hooks
         or hooks._global_forward_pre_hooks
         or hooks._global_backward_hooks
         or hooks._global_backward_pre_hooks
-    ):
+    )
+
+
+def fusion_allowed(pool: nn.Module, conv: nn.Module) -> bool:
+    """No hooks that would see (or change) what the fusion leaves out, not under activation
+    checkpointing or a saved-tensor hook, not while compiling or tracing, native kernels."""
+    if has_hooks(pool) or has_hooks(conv) or global_module_hooks():
         return False
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return False
