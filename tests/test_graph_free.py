@@ -28,10 +28,18 @@ def autograd_step(model, x, y, loss_fn, optimizer):
 
 
 def graph_free_step(model, x, y, loss_fn, optimizer, expected=True):
-    """train_step, checking whether the graph-free step ran it (``expected``)."""
-    with mock.patch.object(graph_free, "run_step", wraps=graph_free.run_step) as run:
+    """train_step, checking whether the graph-free step ran it (``expected``; not when it was
+    tried and handed the step to the autograd path)."""
+    returned = []
+    original = graph_free.run_step
+
+    def run_step(*args):
+        returned.append(original(*args))
+        return returned[-1]
+
+    with mock.patch.object(graph_free, "run_step", run_step):
         stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
-    assert (run.call_count == 1) == expected
+    assert (len(returned) == 1 and returned[0] is not None) == expected
     return stats
 
 
@@ -343,6 +351,55 @@ def test_a_loss_changing_the_output_in_place_takes_the_autograd_path():
         tinyprop.train_step(models[1], x, y, masked, optimizers[1])
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _ignored(batch):  # labels with ignore_index rows (-100)
+    x, y = batch
+    return x, torch.where(torch.arange(len(y)) % 3 == 0, -100, y)
+
+
+def _soft(batch):  # probability targets
+    x, y = batch
+    return x, nn.functional.one_hot(y, 5).float() * 0.9 + 0.02
+
+
+def _channels_last(model):
+    return model.to(memory_format=torch.channels_last)
+
+
+def _strided_convs():
+    return nn.Sequential(
+        nn.Conv1d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(8, 8, 3, groups=4, padding="same", dilation=2), nn.ReLU(),
+        nn.AvgPool1d(2, ceil_mode=True, count_include_pad=False, padding=1), nn.Flatten(),
+        nn.Linear(8 * 5, 5),
+    )  # fmt: skip
+
+
+USERS_BRING = {  # name: (model, input shape, loss, batch transform)
+    "linear on (B, T, F)": (
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Flatten(), nn.Linear(40, 5)),
+        (5, 6), cross_entropy, None,
+    ),
+    "channels-last conv": (lambda: _channels_last(cnn2d()), (2, 6, 6), cross_entropy, None),
+    "ignore_index": (mlp, (12,), cross_entropy, _ignored),
+    "probability targets": (mlp, (12,), cross_entropy, _soft),
+    "label smoothing": (
+        mlp, (12,), nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1), None,
+    ),
+    "strided, grouped, dilated convs": (_strided_convs, (3, 16), cross_entropy, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(USERS_BRING))
+def test_what_users_bring_equals_the_autograd_path(case):
+    make, shape, loss_fn, transform = USERS_BRING[case]
+    torch.manual_seed(0)
+    data = batches(shape, 8, count=4)
+    data = data if transform is None else [transform(batch) for batch in data]
+    config = tinyprop.TinyPropConfig(policy="tinypropv2")
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    assert_same_runs(make(), config, data, loss_fn, sgd)
 
 
 def test_nan_loss_and_nan_delta_raise_before_any_update():
