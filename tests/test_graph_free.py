@@ -4,6 +4,7 @@ autograd path, bit for bit; everything it does not take runs the autograd path."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -27,9 +28,10 @@ def autograd_step(model, x, y, loss_fn, optimizer):
         return tinyprop.train_step(model, x, y, loss_fn, optimizer)
 
 
-def graph_free_step(model, x, y, loss_fn, optimizer, expected=True):
-    """train_step, checking whether the graph-free step ran it (``expected``; not when it was
-    tried and handed the step to the autograd path)."""
+@contextlib.contextmanager
+def run_steps_returned():
+    """The list of what each call of graph_free.run_step returned inside the block (None: it
+    handed the step to the autograd path)."""
     returned = []
     original = graph_free.run_step
 
@@ -38,6 +40,13 @@ def graph_free_step(model, x, y, loss_fn, optimizer, expected=True):
         return returned[-1]
 
     with mock.patch.object(graph_free, "run_step", run_step):
+        yield returned
+
+
+def graph_free_step(model, x, y, loss_fn, optimizer, expected=True):
+    """train_step, checking whether the graph-free step ran it (``expected``; not when it was
+    tried and handed the step to the autograd path)."""
+    with run_steps_returned() as returned:
         stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
     assert (len(returned) == 1 and returned[0] is not None) == expected
     return stats
@@ -303,16 +312,9 @@ def test_a_loss_reading_other_tensors_takes_the_autograd_path(reads):
 
         return loss_fn
 
-    returned = []
-
-    def run_step(*args):
-        returned.append(original(*args))
-        return returned[-1]
-
-    original = graph_free.run_step
-    for x, y in batches((12,), 8, count=3):
-        autograd_step(models[0], x, y, loss_for(models[0], temperature[0]), optimizers[0])
-        with mock.patch.object(graph_free, "run_step", run_step):
+    with run_steps_returned() as returned:
+        for x, y in batches((12,), 8, count=3):
+            autograd_step(models[0], x, y, loss_for(models[0], temperature[0]), optimizers[0])
             tinyprop.train_step(models[1], x, y, loss_for(models[1], temperature[1]), optimizers[1])
     assert returned == [None] * 3  # tried, and left to the autograd path
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
@@ -437,14 +439,7 @@ def test_dropout_in_eval_mode_and_an_unbatched_layer_input():
     # a sparse layer fed one unbatched sample: the forward is dropped, the autograd path runs
     flat = tinyprop.apply(nn.Sequential(nn.Flatten(0), nn.Linear(24, 5)), config)
     optimizer = torch.optim.SGD(flat.parameters(), lr=0.1)
-    returned = []
-    run_step = graph_free.run_step
-
-    def recorded(*args):
-        returned.append(run_step(*args))
-        return returned[-1]
-
-    with mock.patch.object(graph_free, "run_step", recorded):
+    with run_steps_returned() as returned:
         with pytest.raises(ValueError, match="one output tensor"):
             tinyprop.train_step(flat, torch.randn(2, 12), torch.zeros(2), cross_entropy, optimizer)
     assert returned == [None]
