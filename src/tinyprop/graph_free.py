@@ -43,7 +43,7 @@ from tinyprop.loss_gradient import output_error as weighted_output_error
 from tinyprop.model import state_of
 from tinyprop.pool_fusion import global_module_hooks, has_hooks
 from tinyprop.relu_fusion import ConvInputReLU
-from tinyprop.step import StepContext, _open_step, describe, how_to_get_per_sample_losses
+from tinyprop.step import StepContext, _open_step, check_loss_fn_output, describe
 
 aten = torch.ops.aten
 
@@ -170,11 +170,7 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
     except Exception:  # noqa: BLE001 (e.g. an in-place change of y_L, refused on a leaf):
         state_of(model).take_passes()  # the autograd path runs the step, and raises what
         return None  # the loss itself raises there
-    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
-        raise ValueError(
-            f"loss_fn must return one loss per sample, shape ({batch_size},), got "
-            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
-        )
+    check_loss_fn_output(losses, batch_size)
     if not _reaches_only(losses, output):  # a penalty on the weights, a learnt loss weight:
         state_of(model).take_passes()  # gradients past y_L; the autograd path runs the step
         return None

@@ -1185,6 +1185,15 @@ def _loss_n_comes_from_slice_n(losses: Tensor, output: Tensor, grad: Tensor) -> 
     return along
 
 
+def check_loss_fn_output(losses, batch_size: int) -> None:
+    """ValueError unless ``loss_fn`` returned one loss per sample, shape (B,)."""
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({batch_size},), got "
+            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
+        )
+
+
 def how_to_get_per_sample_losses(losses) -> str:
     """What to do about losses that are not one per sample: a scalar (a reduced loss), or
     (B, T, ...) losses (one per token or pixel) to reduce over all but the sample dimension."""

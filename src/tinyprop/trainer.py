@@ -12,8 +12,8 @@ from tinyprop.model import main_tensor, state_of, unwrap
 from tinyprop.step import (
     StepContext,
     StepStats,
+    check_loss_fn_output,
     describe,
-    how_to_get_per_sample_losses,
     is_distributed,
     run_backward,
 )
@@ -119,11 +119,7 @@ def _autograd_step(model, x, y, loss_fn, optimizer, fused_update: bool) -> StepC
             "tinyprop.backward(model, losses, output=...) in your own loop"
         )
     losses = loss_fn(output, y)
-    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
-        raise ValueError(
-            f"loss_fn must return one loss per sample, shape ({batch_size},), got "
-            f"{describe(losses)}; " + how_to_get_per_sample_losses(losses)
-        )
+    check_loss_fn_output(losses, batch_size)
     fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
     if is_distributed(model):  # the gradients go through the all-reduce
         fused = None
