@@ -12,12 +12,13 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tinyprop import train
-from tinyprop.bench import claims, protocols, report, runner, store
+from tinyprop.bench import claims, protocols, report, runner, store, suites
 
 TINY = ["--suite", "tiny", "--protocol", "scratch", "--datasets", "tiny-blobs"]
 DAMAGE = {"truncated": b'{"dataset": "tiny-blobs", "pol', "empty": b"", "binary": os.urandom(300)}
@@ -234,3 +235,28 @@ def test_report_skips_a_record_holding_nan_or_infinity(tmp_path, capsys, value):
     (tmp_path / "edited.json").write_text(bad)
     assert report.main([str(tmp_path), "--no-plots"]) == 0
     assert f"skipping {tmp_path / 'edited.json'}: wrong types for metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["epochs", "train_samples"])
+def test_a_results_folder_of_another_configuration_is_refused_before_any_run(
+    tmp_path, monkeypatch, capsys, change
+):
+    """A real record of the tiny suite, then the same command with the suite's plan changed
+    (another suite's epochs, or its sample cap, which only the record's plan holds): it was
+    counted as done and reported as this configuration's run, silently."""
+    results = tmp_path / "results"
+    argv = TINY + ["--policies", "full", "--results", str(results)]
+    assert runner.main(argv) == 0
+    (path,) = results.glob("*.json")
+    assert store.load_record(path)[0]["plan"]["epochs"] == 2
+    plan = suites.TINY.datasets["tiny-blobs"]
+    other = replace(plan, **{change: 3})
+    monkeypatch.setitem(suites.TINY.datasets, "tiny-blobs", other)
+    executed = []
+    monkeypatch.setattr(runner, "execute_run", lambda *args, **kwargs: executed.append(args))
+    capsys.readouterr()
+    assert runner.main(argv) == 2 and executed == []
+    error = capsys.readouterr().err
+    assert f"{results} holds 1 records of another configuration" in error
+    assert path.name in error and "--results" in error
+    assert ("epochs 2 (this run: 3)" if change == "epochs" else "'train_samples': None") in error

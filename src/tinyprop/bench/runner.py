@@ -12,10 +12,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -344,6 +345,7 @@ def execute_run(
         "final_loss": result.last_loss,
         "epochs": spec.plan.epochs,
         "batch_size": spec.plan.batch_size,
+        "plan": _as_json(asdict(spec.plan)),
         "lr": lr,
         "optimizer": optimizer,
         "train_samples": len(splits.train),
@@ -404,6 +406,52 @@ def run_ray(runs: list[RunSpec], address: str = "local", retries: int = 2) -> li
     from tinyprop.bench import cluster
 
     return cluster.run_ray(runs, address, retries)
+
+
+def _as_json(value):
+    """``value`` as it reads back from a JSON record (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def other_configuration(spec: RunSpec, record: dict) -> str | None:
+    """What in ``spec``'s finished ``record`` says it was trained in another configuration
+    (another suite's epochs, batch size, learning rate, optimizer, settings or dataset plan,
+    e.g. a ``--suite small`` folder given to ``--suite paper``), or None. Only the entries the
+    record holds are compared (older records have no ``plan``). Taken as done, such a record
+    was reported as this suite's run, silently."""
+    expected = {
+        "settings": _as_json(spec.settings),
+        "epochs": spec.plan.epochs,
+        "batch_size": spec.plan.batch_size,
+        "lr": spec.settings.get("lr", spec.plan.lr),
+        "optimizer": spec.settings.get("optimizer", "adam"),
+        "plan": _as_json(asdict(spec.plan)),
+    }
+    differing = [
+        f"{key} {record[key]!r} (this run: {value!r})"
+        for key, value in expected.items()
+        if key in record and record[key] != value
+    ]
+    return ", ".join(differing) or None
+
+
+def check_same_configuration(runs: list[RunSpec]) -> None:
+    """Raise ValueError naming the records of ``runs`` that another configuration wrote into
+    this results folder (:func:`other_configuration`), before any run starts: resumed, they
+    were counted as done and reported as this configuration's runs."""
+    others = []
+    for spec in runs:
+        record, _ = store.load_record(spec.path)
+        difference = None if record is None else other_configuration(spec, record)
+        if difference is not None:
+            others.append((spec.path, difference))
+    if others:
+        path, difference = others[0]
+        raise ValueError(
+            f"{path.parent} holds {len(others)} records of another configuration than these "
+            f"runs (e.g. {path.name}: {difference}); give this configuration a results folder "
+            "of its own (--results), or move those records away to run them again"
+        )
 
 
 def _finished(spec: RunSpec, say: bool = False) -> bool:
@@ -508,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             suite, args.protocol, results, args.datasets, args.policies, args.seeds,
             args.max_settings, data_dir, store.commit_hash(), args.threads, args.settings,
         )  # fmt: skip
+        check_same_configuration(runs)
     except (ValueError, TypeError) as error:
         print(f"tinyprop bench: {error}", file=sys.stderr)
         return 2
