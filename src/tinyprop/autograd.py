@@ -166,6 +166,7 @@ class SparseBackprop(torch.autograd.Function):
 
         delta = in_dtype(geometry.delta_matrix(grad_output), compute)  # (R, C_out, P)
         flat = delta.reshape(delta.shape[0], -1)  # (R, N)
+        free = reads_are_free(flat.device)  # the host may read values (the CPU)
         if state.deciding:  # the skip decision's gradient by an output= before this layer:
             rows = torch.arange(flat.shape[0], device=flat.device)  # dense, nothing recorded
             grad_input, _ = geometry.dense_gradients(x, weight, rows, flat, needs_input, False)
@@ -199,7 +200,7 @@ class SparseBackprop(torch.autograd.Function):
         poison = None  # NaN when a row's δ is not finite and a GradScaler must see it
         few = None  # a few CPU rows: their rows, k and Ymax_l in Python floats
         counts = None  # k of each row in Python ints, when a few rows' bookkeeping has them
-        if step is not None and reads_are_free(flat.device) and few_cpu_rows(magnitude):
+        if step is not None and free and few_cpu_rows(magnitude):
             few = few_rows(policy, step, layer, call.depth, size, magnitude, unit, drop)
         if selected is not None and not selection_fits(few, fixed, selected[1].numel()):
             magnitude, selected = local_error(flat), None  # the code below decides as before
@@ -215,7 +216,7 @@ class SparseBackprop(torch.autograd.Function):
             keep = list_tensor(counts, torch.long)  # (R',)
         else:
             error = magnitude.double() / unit  # (R,) Y_l, also finds NaN/inf and zero rows
-            if reads_are_free(flat.device) or step is None:
+            if free or step is None:
                 if not bool(torch.isfinite(error).all()):
                     if step is not None and step.passes_overflow_on(layer.layer_name):
                         dtypes = (input_dtype, weight_dtype)
@@ -225,7 +226,7 @@ class SparseBackprop(torch.autograd.Function):
                 step.check_finite_later(error, layer.layer_name)
                 if step.passes_overflow:
                     poison = error.sum() * 0  # () NaN when any row's Y_l is NaN or inf
-            if reads_are_free(flat.device):
+            if free:
                 rows = (error > 0).nonzero().flatten()  # (R',) rows with a non-zero δ
                 if drop:
                     rows = skipped_rows_dropped(step, rows)  # (R'',) the trained samples' rows
@@ -300,7 +301,7 @@ class SparseBackprop(torch.autograd.Function):
             grad_weight = None if grad_weight is None else grad_weight + poison
         if grad_input is not None:
             grad_input = in_dtype(grad_input, input_dtype)
-        proves = step is not None and poison is None and reads_are_free(flat.device)
+        proves = step is not None and poison is None and free
         if grad_weight is not None:
             grad_weight = in_dtype(grad_weight, weight_dtype)
             if proves:

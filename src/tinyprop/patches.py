@@ -197,28 +197,28 @@ class ConvPatches:
         (:mod:`tinyprop.relu_fusion`)."""
         if self.one_channel_per_group:
             grad_input, grad_weight = native.plane_conv_backward(
-                x.reshape(x.shape[0], self.channels_in, *self.plane_shape[1:3]),
-                weight.reshape(self.channels_out, *self.native_shape[4:6]),
+                x if self.two_d else x.unsqueeze(2),  # (B, C_in, H, W)
+                weight.reshape(self.channels_out, *self.native_shape[4:6]),  # (C_out, kh, kw)
                 (x.shape[0], *self.plane_shape),
                 row_start, column, value, needs_input, needs_weight, relu_mask,
             )  # fmt: skip
+        else:
+            planes = x if self.two_d else x.unsqueeze(2)  # (B, C_in, H, W)
+            grad_input, grad_weight = native.conv_backward(
+                native.channels_last(planes, self.pads),  # (B, Hp, Wp, C_in)
+                (weight if self.two_d else weight.unsqueeze(2)).permute(0, 2, 3, 1),
+                (x.shape[0], *self.native_shape),  # weight above: (C_out, kh, kw, C_in / G)
+                row_start, column, value, needs_input, needs_weight,
+                pads=self.pads,  # grad_input (B, C_in, H, W), as PyTorch holds it
+                relu_mask=relu_mask,
+            )  # fmt: skip
+            if grad_weight is not None:  # (C_out, kh, kw, C_in / G) -> (C_out, C_in / G, kh, kw)
+                grad_weight = grad_weight.permute(0, 3, 1, 2)
+        if not self.two_d:  # (B, C_in, 1, W) and (C_out, C_in / G, 1, kw) for a Conv1d
             grad_input = None if grad_input is None else grad_input.reshape(x.shape)
             grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
-            return grad_input, grad_weight
-        planes = x if self.two_d else x.unsqueeze(2)  # (B, C_in, H, W)
-        grad_input, grad_weight = native.conv_backward(
-            native.channels_last(planes, self.pads),  # (B, Hp, Wp, C_in)
-            weight.reshape(self.channels_out, self.channels_per_group, *self.native_shape[4:6])
-            .permute(0, 2, 3, 1),  # (C_out, kh, kw, C_in / G)
-            (x.shape[0], *self.native_shape),
-            row_start, column, value, needs_input, needs_weight,
-            pads=self.pads,  # grad_input (B, C_in, H, W), as PyTorch holds it
-            relu_mask=relu_mask,
-        )  # fmt: skip
-        if grad_weight is not None:  # (C_out, kh, kw, C_in / G) -> the weight's shape
-            grad_weight = grad_weight.permute(0, 3, 1, 2).reshape(weight.shape)
-        if grad_input is not None:  # (B, C_in, [1,] W) for a Conv1d
-            grad_input = grad_input.reshape(x.shape)
+        elif self.one_channel_per_group and grad_weight is not None:  # (C_out, kh, kw)
+            grad_weight = grad_weight.reshape(weight.shape)
         return grad_input, grad_weight
 
     def dense_gradients(self, x, weight, rows, masked, needs_input, needs_weight):

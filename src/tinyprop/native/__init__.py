@@ -495,7 +495,7 @@ def conv_backward(
     grad_input = grad_weight = scratch = None
     if needs_input:  # (B, C_in, H, W), and one padded channels-last sample per thread
         grad_input = _float32_empty(batch, channels_in, in_h - top - bottom, in_w - left - right)
-        scratch = _float32_empty(threads, in_h * in_w * channels_in)
+        scratch = _scratch_buffer(torch.float32, threads * in_h * in_w * channels_in, "planes")
     if needs_weight:
         grad_weight = _float32_empty(*weight.shape)
     dims, padding = _sizes(tuple(shape)), _sizes(tuple(pads))
