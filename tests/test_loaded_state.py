@@ -136,6 +136,28 @@ def test_a_layer_backward_count_that_is_negative_huge_or_nan_is_refused(value):
         net.load_state_dict(corrupt)
 
 
+@pytest.mark.parametrize(
+    "entry, dtype",
+    [  # before: loaded through PyTorch's copy, silently
+        ("tinyprop_score_window", torch.int64),  # NaN (empty) slots: -9.2e18, every sample trained
+        ("tinyprop_output_error_max", torch.bool),  # Ymax_L became 1.0
+        ("2.error_max", torch.complex64),  # imaginary part dropped
+        ("0.backward_steps", torch.bool),
+        ("tinyprop_budget_log_keep_scale", torch.int64),  # log c rounded to a whole number
+        ("tinyprop_budget_spent", torch.complex128),
+    ],
+)
+def test_an_entry_of_a_dtype_tinyprop_never_writes_is_refused(checkpoint, entry, dtype):
+    corrupt = dict(checkpoint)
+    corrupt[entry] = checkpoint[entry].to(dtype)
+    with pytest.raises(ValueError, match=f"'{entry}' is a {dtype} tensor, but tinyprop saves it"):
+        model().load_state_dict(corrupt)
+    sound = dict(checkpoint)
+    if checkpoint[entry].is_floating_point():  # a half-precision model's float16 entries load
+        sound[entry] = checkpoint[entry].half()
+    model().load_state_dict(sound)
+
+
 def applied_on_meta() -> nn.Module:
     """The model of :func:`model` built and applied on the meta device (how large models are
     made before their weights are read), then given memory with ``to_empty``."""

@@ -194,8 +194,10 @@ def test_empty_batch_forward_works_and_backward_says_why():
     x, y = data()
     output = model(x[:0])  # IndexError in the layer before
     assert output.shape == (0, 3)
-    with pytest.raises(ValueError, match="one loss per sample"):
-        tinyprop.backward(model, LOSS(output, y[:0]))
+    with pytest.raises(ValueError, match=r"one loss per sample.*an empty batch \(B = 0\)"):
+        tinyprop.backward(model, LOSS(output, y[:0]))  # it said: use reduction='none'
+    with pytest.raises(ValueError, match=r"an empty batch \(B = 0\) has no sample to train"):
+        tinyprop.loss(model, LOSS(model(x[:0]), y[:0]))
 
 
 def test_torch_func_transforms_give_a_clear_error():

@@ -416,6 +416,7 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
     """Refuse a checkpoint whose running maxima are NaN, infinite or negative (or, on the
     root module, whose budget controller or score window is corrupt). The buffers it loads
     into are widened first: a float16 model keeps them in float32 (or float64)."""
+    _check_loaded_dtypes(module, state_dict, prefix)
     state = getattr(module, _STATE, None)
     if state is not None:
         state.load_prefix = prefix  # where this model sits in the module being loaded
@@ -441,6 +442,36 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
                     "loads into); the checkpoint is corrupt: reset it to 0 to restart the error "
                     "statistics"
                 )
+
+
+def _check_loaded_dtypes(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Refuse a checkpoint entry of tinyprop's running state (``tinyprop_*`` on the root,
+    ``error_max`` and ``backward_steps`` on a sparse layer) of a kind tinyprop never writes:
+    bool or complex, or an integer where tinyprop saves a float. PyTorch's copy took them as
+    they came: an integer score window turned its NaN (empty) slots into -9.2e18 scores and
+    trained every sample, a bool running maximum became 1.0, a complex one's imaginary part
+    was dropped, silently (or ``"gt_cpu" not implemented for 'ComplexFloat'``)."""
+    for name, buffer in module._buffers.items():
+        if buffer is None or not name.startswith(("tinyprop_", "error_max", "backward_steps")):
+            continue
+        value = state_dict.get(prefix + name)
+        if not isinstance(value, Tensor):
+            continue
+        if (
+            value.dtype == torch.bool
+            or value.is_complex()
+            or (buffer.is_floating_point() and not value.is_floating_point())
+        ):
+            restart = (  # what starts that part of the running state afresh
+                "delete its tinyprop_budget_* and tinyprop_score_window* entries"
+                if name.startswith(_CONTROL_GROUPS)
+                else f"set it to a {buffer.dtype} zero"
+            )
+            raise ValueError(
+                f"checkpoint entry '{prefix + name}' is a {value.dtype} tensor, but tinyprop "
+                f"saves it as {buffer.dtype}: the checkpoint was changed or written by another "
+                f"program, and its value cannot be trusted; {restart} to start it afresh"
+            )
 
 
 # the entries of the budget controller and of the score window (tinyprop.budget): one group each

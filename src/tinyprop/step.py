@@ -1196,7 +1196,13 @@ def check_loss_fn_output(losses, batch_size: int) -> None:
 
 def how_to_get_per_sample_losses(losses) -> str:
     """What to do about losses that are not one per sample: a scalar (a reduced loss), or
-    (B, T, ...) losses (one per token or pixel) to reduce over all but the sample dimension."""
+    (B, T, ...) losses (one per token or pixel) to reduce over all but the sample dimension,
+    or no losses at all (an empty batch: it said to use reduction='none', which they had)."""
+    if isinstance(losses, Tensor) and losses.dim() == 1 and losses.numel() == 0:
+        return (
+            "an empty batch (B = 0) has no sample to train: leave it out of the loop "
+            "(if len(x) == 0: continue), no optimizer step for it"
+        )
     if isinstance(losses, Tensor) and losses.dim() > 1:
         return (
             "reduce each sample's losses to one, keeping dimension 0 the samples: "
