@@ -83,6 +83,26 @@ def test_two_calls_on_halves_equal_one_call_on_the_batch(name, config, way):
         assert 0 < expected.trained < 8  # the decision did skip some samples
 
 
+@pytest.mark.parametrize("config", [tinyprop.preset("full"), KEEP_ALL], ids=["full", "topk"])
+def test_forward_passes_of_micro_batches_first_then_one_backward_each(config):
+    """The micro-batches' forward passes run first, then ``tinyprop.backward(..., scale=1/2)``
+    for each: plain PyTorch's gradient of the whole batch, and the whole batch's ledger
+    (the first step counts both forward passes). Under ``full`` the second backward raised
+    ValueError ("the losses come from another model"): no forward pass since the last step."""
+    plain = build("mlp")
+    model = tinyprop.apply(copy.deepcopy(plain), config)
+    whole = copy.deepcopy(model)
+    x, y = batch("mlp", size=8)
+    LOSS(plain(x), y).mean().backward()
+    expected = tinyprop.backward(whole, LOSS(whole(x), y)).macs
+    outputs = [model(x[part]) for part in (slice(0, 4), slice(4, 8))]
+    ledger = tinyprop.Ledger()
+    for output, part in zip(outputs, (slice(0, 4), slice(4, 8)), strict=True):
+        ledger += tinyprop.backward(model, LOSS(output, y[part]), scale=0.5).macs
+    assert_same(gradients(model), gradients(plain))
+    assert ledger == expected
+
+
 def test_scale_must_be_positive_and_finite():
     model = tinyprop.apply(build("mlp"), KEEP_ALL)
     x, y = batch("mlp")

@@ -173,8 +173,15 @@ def step_ledger(
             ledger.backward += 2 * other
     if backward_ran and policy.sparse:
         ledger.backward += bias_only_backward(forward_passes, records, batch_size, trained)
+    taken = {id(call) for forward_pass in forward_passes for call in forward_pass.calls}
     for record in records:
         call = record.call
+        if id(call) not in taken:  # of a forward pass an earlier step took, unreached there
+            # (micro-batches' forward passes first, then one backward each): its dense
+            # reference comes with its backward, else the backward ratio counted it in neither
+            ledger.backward_dense += call.rows * layer_backward_macs(
+                call, call.output_size, call.input_requires_grad
+            )
         fixed = layer_backward_macs(call, 0, record.computes_input_grad)
         per_keep = layer_backward_macs(call, 1, record.computes_input_grad) - fixed
         kept = int(record.keep.sum()) if record.kept is None else record.kept  # Σ k

@@ -899,8 +899,9 @@ def _check_full_losses_reach_the_model(module: nn.Module, losses: Tensor, passes
     parameters = {id(p) for p in module.parameters() if p.requires_grad} | trained
     if calls and not parameters:
         return  # the inputs alone need the gradient
-    if calls and _reaches_a_parameter(losses.grad_fn, parameters):
-        return
+    if _reaches_a_parameter(losses.grad_fn, parameters):
+        return  # also without a forward pass since the last step: the forward passes of
+        # micro-batches run first, then one tinyprop.backward each (it raised on the second)
     raise ValueError(
         _losses_of_another_model(
             passes, calls, "reaches none of the trainable parameters", "no backward ran"
