@@ -150,6 +150,56 @@ def test_lightning_manual_optimization_with_two_optimizers_equals_own_loop(tmp_p
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
 
 
+def test_lightning_model_applied_in_configure_model_trains_two_epochs_as_the_hand_loop(tmp_path):
+    """A LightningModule that builds and applies its model in ``configure_model`` (Lightning
+    calls it after the callbacks' ``setup``), two epochs: the weights of ``train_step`` on the
+    same batches. TinyPropCallback looked for the applied model at ``setup``, found none and
+    stopped the fit with "found 0 modules with tinyprop applied ... pass the one to follow",
+    a model the user could not yet pass."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from tinyprop.integrations.lightning import TinyPropCallback
+
+    class Built(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = None
+
+        def configure_model(self):
+            if self.model is None:
+                torch.manual_seed(0)
+                self.model = tinyprop.apply(mlp().double(), CONFIG)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return tinyprop.loss(self.model, LOSS(self.model(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    expected = tinyprop.apply(mlp().double(), CONFIG)
+    optimizer = torch.optim.Adam(expected.parameters(), lr=0.01)
+    x, y = learnable_data(6 * BATCH)
+    for _ in range(2):
+        for i in range(0, len(x), BATCH):
+            tinyprop.train_step(expected, x[i : i + BATCH], y[i : i + BATCH], LOSS, optimizer)
+    module = Built()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[TinyPropCallback(log=False)],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(module, loader)
+    assert trainer.global_step == 2 * 6
+    for (name, got), want in zip(
+        module.model.named_parameters(), expected.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+
+
 def tiny_transformer(kind: str):
     """A small BERT classifier or GPT-2 language model from a config (no weights loaded),
     dropout off, float64."""

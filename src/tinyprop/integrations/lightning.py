@@ -43,7 +43,8 @@ class TinyPropCallback(pl.Callback):
 
     Args:
         model: the module given to :func:`tinyprop.apply`; by default the one module of the
-            LightningModule (or the LightningModule itself) that has tinyprop applied.
+            LightningModule (or the LightningModule itself) that has tinyprop applied when
+            training starts (in ``__init__`` or in ``configure_model``).
         log: log the statistics of every step with ``LightningModule.log``.
     """
 
@@ -54,7 +55,10 @@ class TinyPropCallback(pl.Callback):
         self._stepped = False  # an optimizer stepped since the last backward
         self._counted = None  # the StepStats last counted
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # not at setup: a LightningModule may build and apply its model in configure_model,
+        # which Lightning calls after setup (the callback then found no applied module and
+        # asked for one the user could not yet pass)
         if self.model is None:
             found = [module for module in pl_module.modules() if tinyprop.is_tinyprop(module)]
             if len(found) != 1:
