@@ -680,3 +680,7 @@ def test_a_detached_output_or_a_sample_dim_outside_it_is_named():
         tinyprop.backward(model, LOSS(output, y), sample_dim=2)
     output = model(x)
     assert tinyprop.backward(model, LOSS(output, y), output=output, sample_dim=-2).trained
+    # two heads given together: it asked for the output= it was given
+    first, second = model(x), model(x)
+    with pytest.raises(ValueError, match=r"output= must be one tensor.*got a tuple.*heads"):
+        tinyprop.backward(model, LOSS(first, y) + LOSS(second, y), output=(first, second))

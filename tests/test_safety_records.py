@@ -100,6 +100,32 @@ def test_report_skips_hostile_records(tmp_path, capsys):
     assert "| mnist |" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.parametrize(
+    "change, problem",
+    [  # before: a traceback, one line naming no file, or reported as it was
+        ({"settings_label": 5}, "wrong types for settings_label"),  # AttributeError traceback
+        ({"pretrained_metric": "x"}, "wrong types for pretrained_metric"),  # exit 2, no file
+        ({"val_metric_name": 3}, "wrong types for val_metric_name"),
+        ({"metric": -5.0}, "impossible values: metric -5.0 (outside [0, 100])"),
+        ({"metric": 1e308}, "impossible values: metric 1e+308"),
+        ({"skip_rate": 2.0}, "impossible values: skip_rate 2.0 (outside [0, 1])"),
+        ({"backward_ratio": -0.1}, "impossible values: backward_ratio -0.1"),
+        ({"val_metric_name": "neg_mse", "val_metric": 0.5}, "impossible values: val_metric 0.5"),
+    ],
+)
+def test_report_skips_a_record_of_wrong_types_or_impossible_values(
+    tmp_path, capsys, change, problem
+):
+    from test_report import RECORDS, make_record, write
+
+    write(tmp_path, RECORDS)
+    edited = make_record("topk", {}, 0, 50.0, 50.0, 0.2) | change
+    store.write_record(tmp_path / "edited.json", edited)
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    assert f"skipping {tmp_path / 'edited.json'}: {problem}" in capsys.readouterr().err
+    assert "| mnist |" in (tmp_path / "report.md").read_text()
+
+
 def _unwritable(tmp_path):
     """A results path nobody can write to, even root: below a regular file."""
     blocker = tmp_path / "a-file"

@@ -818,6 +818,12 @@ def _decide_step(
                     "losses given to tinyprop twice?) or from another model: run the "
                     "model's forward pass again for each step"
                 )
+            if not isinstance(output, Tensor) and chosen:  # (it asked for the output= given)
+                raise ValueError(
+                    f"output= must be one tensor, the model output the losses come from; got "
+                    f"{describe(output)}. With several heads (their losses summed), pass the "
+                    "one whose output error should decide the skip, e.g. output=logits"
+                )
             if not isinstance(output, Tensor):
                 raise ValueError(
                     "tinypropv2 needs the model output the losses come from, for the skip "

@@ -16,6 +16,38 @@ REQUIRED_KEYS = (
 )  # fmt: skip
 TEXT_KEYS = ("dataset", "source", "model", "policy", "protocol", "metric_name", "commit")
 NUMBER_KEYS = ("metric", "val_metric", "compute_ratio", "backward_ratio", "skip_rate", "wall_s")
+# entries the report reads when a record has them: text, or a number (null allowed)
+OPTIONAL_TEXT_KEYS = ("settings_label", "val_metric_name")
+OPTIONAL_NUMBER_KEYS = ("pretrained_metric", "val_samples")
+# what each number can be: a share of the batch, MACs over full training's, seconds, or a
+# metric in percent (accuracy, AUC) or the negative MSE
+RANGES = {
+    "skip_rate": (0.0, 1.0), "compute_ratio": (0.0, math.inf),
+    "backward_ratio": (0.0, math.inf), "wall_s": (0.0, math.inf),
+}  # fmt: skip
+METRIC_RANGES = {"accuracy": (0.0, 100.0), "auc": (0.0, 100.0), "neg_mse": (-math.inf, 0.0)}
+
+
+def _is_number(value) -> bool:
+    """A finite JSON number (not a bool, NaN or Infinity)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _out_of_range(record: dict) -> list[str]:
+    """The numbers of a well-typed record outside what a run can give (a skip rate of 2, a
+    negative compute ratio, an accuracy of -5 or 1e308)."""
+    ranges = dict(RANGES)
+    for key, name_key in (("metric", "metric_name"), ("val_metric", "val_metric_name")):
+        name = record.get(name_key, record["metric_name"])
+        if name in METRIC_RANGES:
+            ranges[key] = METRIC_RANGES[name]
+    if record.get("pretrained_metric") is not None and record["metric_name"] in METRIC_RANGES:
+        ranges["pretrained_metric"] = METRIC_RANGES[record["metric_name"]]
+    return [
+        f"{key} {record[key]!r} (outside [{low:g}, {high:g}])"
+        for key, (low, high) in ranges.items()
+        if not low <= record[key] <= high
+    ]
 
 
 def record_problem(record: object) -> str | None:
@@ -38,7 +70,16 @@ def record_problem(record: object) -> str | None:
         wrong.append("seed")
     if not isinstance(record["settings"], dict):
         wrong.append("settings")
-    return f"wrong types for {', '.join(wrong)}" if wrong else None
+    wrong += [k for k in OPTIONAL_TEXT_KEYS if k in record and not isinstance(record[k], str)]
+    wrong += [
+        key
+        for key in OPTIONAL_NUMBER_KEYS
+        if record.get(key) is not None and not _is_number(record[key])
+    ]
+    if wrong:  # a settings_label of 5 stopped the report with an AttributeError traceback
+        return f"wrong types for {', '.join(wrong)}"
+    outside = _out_of_range(record)  # reported as they were, silently
+    return f"impossible values: {', '.join(outside)}" if outside else None
 
 
 MAX_RECORD_BYTES = 16 * 2**20  # a run record is a few kilobytes (the largest kept: 62 KB)
