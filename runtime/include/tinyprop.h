@@ -58,8 +58,11 @@ typedef enum {
                                 nothing changed */
     TP_ERR_STATE = -7,       /* the model was not initialised by tp_init */
     TP_ERR_UNSUPPORTED = -8, /* a layer or setting this runtime does not offer */
-    TP_ERR_BUILD = -9        /* the program was compiled with another TP_MAX_LAYERS (or enum
+    TP_ERR_BUILD = -9,       /* the program was compiled with another TP_MAX_LAYERS (or enum
                                 size) than the runtime: their tp_model differ; nothing written */
+    TP_ERR_ALIGNMENT = -10   /* a float or int32 buffer (input, labels, keep, logits, running
+                                maxima, a spec's weights) is not at a multiple of 4 bytes: the
+                                Cortex-M4's float loads fault there; nothing read or written */
 } tp_status;
 
 /* A short English text for a status code (never NULL). */
@@ -415,7 +418,8 @@ tp_status tp_init_mode_checked(tp_model *model, const tp_model_spec *spec,
  * every sample is skipped. x: (batch, C, H, W) float32; labels: (batch,).
  * `keep` (optional, batch * trainable_count): k per sample and trainable layer, 0 if skipped.
  * `trained_mask` (optional, batch): 1 if the sample was trained. Either may be NULL.
- * Every label and input value is checked first (TP_ERR_LABEL, TP_ERR_NONFINITE: nothing ran).
+ * Every label and input value is checked first (TP_ERR_LABEL, TP_ERR_NONFINITE: nothing ran);
+ * x, labels or keep at an address that is not a multiple of 4: TP_ERR_ALIGNMENT, nothing ran.
  * On TP_ERR_NONFINITE (also a loss, or a gradient that summed to infinity, outside the
  * in-place modes) nothing (weights, optimizer, running maxima) has changed. */
 tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels, int32_t batch,
@@ -428,7 +432,8 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
  * [0, classes) is TP_ERR_LABEL and an input value that is NaN or infinite TP_ERR_NONFINITE,
  * and neither changes anything (the batch goes on without that sample); a non-finite loss is
  * TP_ERR_NONFINITE, leaves the model as tp_train_batch leaves it and cancels the batch
- * (TP_ERR_STATE until the next tp_batch_begin); more than `size` samples: TP_ERR_STATE.
+ * (TP_ERR_STATE until the next tp_batch_begin); more than `size` samples: TP_ERR_STATE; x or
+ * keep_row not at a multiple of 4 bytes: TP_ERR_ALIGNMENT, nothing changed (as for a label).
  * tp_batch_end: the update (none when every sample was skipped) and the batch's stats;
  * TP_ERR_ARGUMENT, the batch still pending, until exactly `size` samples were added; a
  * gradient that summed to infinity: TP_ERR_NONFINITE, the batch cancelled as for a loss.
@@ -446,7 +451,8 @@ tp_status tp_batch_shorten(tp_model *model, tp_batch *batch);
 size_t tp_batch_struct_bytes(void);
 
 /* Forward one sample; writes class_count logits (optional) and the arg-max class (optional).
- * TP_ERR_NONFINITE (nothing written) when an input value or a logit is NaN or infinite. */
+ * TP_ERR_NONFINITE (nothing written) when an input value or a logit is NaN or infinite;
+ * TP_ERR_ALIGNMENT (nothing read or written) when x or logits is not at a multiple of 4. */
 tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *predicted);
 
 /* Copy all parameters out, layer by layer (weight then bias), as in a PyTorch state_dict;

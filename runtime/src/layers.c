@@ -25,6 +25,8 @@ void tp_zero(float *p, size_t n) {
     for (i = 0; i < n; i++) p[i] = 0.0f;
 }
 
+int tp_aligned(const void *p) { return ((uintptr_t)p & 3u) == 0; }
+
 int tp_all_finite(const float *values, size_t n) {
     size_t i;
     for (i = 0; i < n; i++)

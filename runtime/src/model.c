@@ -19,6 +19,9 @@ const char *tp_status_string(tp_status status) {
     case TP_ERR_BUILD:
         return "the program was compiled with another TP_MAX_LAYERS than the runtime (their "
                "tp_model differ): build both with the same -DTP_MAX_LAYERS";
+    case TP_ERR_ALIGNMENT:
+        return "a float or int32 buffer is not at a 4-byte aligned address (a Cortex-M4 "
+               "faults there): copy it into a float / int32_t array; nothing changed";
     }
     return "unknown status";
 }
@@ -455,6 +458,7 @@ static tp_status place_parameters(tp_model *model, const tp_model_spec *spec) {
         const tp_layer_spec *s = &spec->layers[i];
         const size_t count = (size_t)layer->out_c * (size_t)layer->fan_in;
         if (!tp_layer_is_trainable(layer->kind)) continue;
+        if (!tp_aligned(s->weight) || !tp_aligned(s->bias)) return TP_ERR_ALIGNMENT;
         /* a NaN or infinite initial weight (a corrupted header) would make every loss NaN */
         if ((s->weight != NULL && !tp_all_finite(s->weight, count)) ||
             (layer->has_bias && s->bias != NULL && !tp_all_finite(s->bias, (size_t)layer->out_c)))
@@ -669,6 +673,7 @@ tp_status tp_read_running_max(const tp_model *model, float *layer_max, int32_t c
     int32_t i;
     if (model == NULL || layer_max == NULL || output_max == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    if (!tp_aligned(layer_max) || !tp_aligned(output_max)) return TP_ERR_ALIGNMENT;
     if (count != model->trainable_count) return TP_ERR_ARGUMENT;
     for (i = 0; i < model->layer_count; i++)
         if (model->layers[i].trainable_index >= 0)

@@ -109,6 +109,8 @@ size_t tp_conv_backward_scratch_floats(const tp_layer *layer, int writes_input_d
 /* ---- layers.c: one sample, (C, H, W) layout */
 void tp_zero(float *p, size_t n); /* p[0..n) = 0 */
 int tp_all_finite(const float *values, size_t n); /* 1 when no entry is NaN or infinite */
+/* 1 when p (NULL included) may hold a float or int32: a multiple of 4 bytes */
+int tp_aligned(const void *p);
 void tp_dense_forward(const tp_layer *layer, const float *x, float *y);
 /* conv.c; scratch: tp_conv_forward_scratch_floats(layer) floats */
 /* relu: also apply the ReLU that follows in place (y = max(y, 0) in the bias pass) */

@@ -432,7 +432,8 @@ tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t
     if (model->magic != TP_MAGIC || batch->magic != TP_MAGIC || batch->model != model ||
         batch->added >= batch->size)
         return TP_ERR_STATE;
-    if (label < 0 || label >= model->class_count) return TP_ERR_LABEL; /* nothing changed */
+    if (!tp_aligned(x) || !tp_aligned(keep_row)) return TP_ERR_ALIGNMENT; /* nothing changed */
+    if (label < 0 || label >= model->class_count) return TP_ERR_LABEL; /* likewise */
     if (!tp_all_finite(x, (size_t)model->input_size)) return TP_ERR_NONFINITE; /* likewise */
     if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
     if (model->memory.sgd_in_place || model->memory.adam_in_place) save_maxima(model, batch);
@@ -495,6 +496,7 @@ tp_status tp_train_batch(tp_model *model, const float *x, const int32_t *labels,
     if (model == NULL || x == NULL || labels == NULL || stats == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
     if (batch < 1 || batch > (1 << 24)) return TP_ERR_ARGUMENT;
+    if (!tp_aligned(x) || !tp_aligned(labels) || !tp_aligned(keep)) return TP_ERR_ALIGNMENT;
     for (b = 0; b < batch; b++) /* every label first: a bad one changes nothing */
         if (labels[b] < 0 || labels[b] >= model->class_count) return TP_ERR_LABEL;
     /* every input value too: an infinite one can give a finite loss (a ReLU zeroes -inf) and
@@ -515,6 +517,7 @@ tp_status tp_predict(tp_model *model, const float *x, float *logits, int32_t *pr
     tp_status status;
     if (model == NULL || x == NULL) return TP_ERR_NULL;
     if (model->magic != TP_MAGIC) return TP_ERR_STATE;
+    if (!tp_aligned(x) || !tp_aligned(logits)) return TP_ERR_ALIGNMENT;
     for (i = 0; i < model->input_size; i++) /* ReLU and max pooling would hide a NaN */
         if (!isfinite(x[i])) return TP_ERR_NONFINITE;
     status = tp_forward_sample(model, x, &out);

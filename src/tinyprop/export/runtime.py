@@ -47,6 +47,7 @@ STATUS = {
     -7: "the model was not initialised",
     -8: "a layer or setting the runtime does not offer",
     -9: "the program and the runtime were compiled with different TP_MAX_LAYERS",
+    -10: "a float or int32 buffer is not at a 4-byte aligned address; nothing changed",
 }
 
 
