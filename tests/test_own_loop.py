@@ -612,6 +612,20 @@ def test_losses_of_another_model_are_refused(policy, other_applied, way):
     assert step(LOSS(model_a(x), y)).keep == {}
 
 
+def test_an_evaluation_forward_with_gradients_after_the_training_one_is_named():
+    """An evaluation forward pass of 5 rows run with gradients between the training forward
+    and tinyprop.backward: it asked for sample_dim=, which the shapes did not call for."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    x, y = batch("mlp", size=8)
+    output = model(x)
+    model(x[:5])  # evaluation, forgotten torch.no_grad()
+    with pytest.raises(ValueError, match=r"8 losses.*shape \(5, .*2 forward passes.*no_grad"):
+        tinyprop.backward(model, LOSS(output, y))
+    output = model(x)
+    assert tinyprop.backward(model, LOSS(output, y)).trained  # one pass: trains
+
+
 def test_the_same_losses_twice_under_tinypropv2_name_the_used_forward_pass():
     """A second tinyprop.backward on the same losses (tinypropv2) asked for output=..., which
     would not help: the forward pass they come from belongs to the first step."""

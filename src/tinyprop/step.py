@@ -811,6 +811,8 @@ def _decide_step(
             output = _losses_output(losses, output, passes)
             if not chosen and len(passes) > 1 and _one_loss_per_row(losses, output, sample_dim):
                 _check_one_forward_pass(losses, output, passes)  # (other shapes: named later)
+            elif not chosen and len(passes) > 1 and isinstance(output, Tensor):
+                _name_the_forward_passes(losses, output, passes)
             if not isinstance(output, Tensor) and not passes:
                 raise ValueError(
                     "the model ran no forward pass with gradients since its last step, so "
@@ -1052,6 +1054,22 @@ def _check_one_forward_pass(losses: Tensor, output: Tensor, passes: list) -> Non
             "error should decide, tinyprop.backward(model, losses, output=...) (or "
             "tinyprop.loss), or give each forward pass its own losses and tinyprop.backward"
         )
+
+
+def _name_the_forward_passes(losses: Tensor, output: Tensor, passes: list) -> None:
+    """A ValueError naming the forward passes when the losses do not fit the last pass's
+    output in size (an evaluation forward run with gradients after the training forward, or
+    the losses of several passes concatenated): it asked for ``sample_dim=``, which the
+    output's shape did not call for."""
+    if losses.shape[0] in output.shape:
+        return  # a dimension of as many samples (sample_dim=): _output_error names it
+    raise ValueError(
+        f"there are {losses.shape[0]} losses, but the model's last forward pass gave an "
+        f"output of shape {tuple(output.shape)}, and {len(passes)} forward passes ran with "
+        "gradients since the last step: run evaluation forward passes under torch.no_grad(), "
+        "call one tinyprop.backward per pass with its own losses (scale=1/n adds them up as "
+        "one batch), or pass output= the tensor the losses come from"
+    )
 
 
 def _keep_rows_of_a_coupled_loss(step: StepContext, losses: Tensor, output, grad, dim) -> None:
