@@ -186,6 +186,52 @@ def test_every_sample_skipped_and_no_optimizer_step():
     assert not all(stats.stepped for stats in steps)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native kernels", "PyTorch's"])
+@pytest.mark.parametrize("name", ["cnn1d", "cnn2d"])
+def test_a_step_skipping_samples_backpropagates_the_trained_rows_alone(name, native):
+    """The ReLU's, the pools' and the sparse layers' backward see the trained samples' rows
+    only (a skipped sample's δ is zero all the way down), with the same results bit for bit
+    (a convolution's geometry on those rows; PyTorch's sparse kernels scatter into it)."""
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    settings = {"skip_threshold": 0.9, "s_min": 0.01, "s_max": 0.01}  # PyTorch's: k / N < 0.02
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", **settings)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: E731
+    rows, original = [], graph_free._layer_backward
+
+    def layer_backward(layer, call, x, delta, fused_relu=False):
+        rows.append((x.shape[0], delta.shape[0]))
+        return original(layer, call, x, delta, fused_relu)
+
+    with contextlib.ExitStack() as stack:
+        if not native:
+            stack.enter_context(
+                mock.patch.object(tinyprop.native, "can_backward", return_value=False)
+            )
+        stack.enter_context(mock.patch.object(graph_free, "_layer_backward", layer_backward))
+        large = [(10 * x, y) for x, y in batches(shape, 16)]  # confident outputs: Y_L differ
+        steps = assert_same_runs(make(), config, large, cross_entropy, sgd)
+    trained = [stats.trained for stats in steps if stats.trained]
+    assert any(0 < count < 16 for count in trained)  # some steps skip some samples
+    layers = len(rows) // len(trained)  # every sparse layer of every step that trains
+    assert rows == [(count, count) for count in trained for _ in range(layers)]
+
+
+def coupled(output, y):
+    """Cross-entropy plus a term coupling the samples (their spread around the batch's mean):
+    a skipped sample's output gets a gradient from the trained samples' losses."""
+    return cross_entropy(output, y) + 0.1 * (output - output.mean(0)).pow(2).sum(1)
+
+
+def test_a_loss_coupling_the_samples_backpropagates_the_skipped_rows_too():
+    torch.manual_seed(0)
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.9)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: E731
+    large = [(10 * x, y) for x, y in batches((3, 14), 16)]  # confident outputs: Y_L differ
+    steps = assert_same_runs(cnn1d(), config, large, coupled, sgd)
+    assert any(0 < stats.trained < 16 for stats in steps)
+
+
 def hooked(model):
     model[1].register_forward_hook(lambda module, args, output: None)
     return model

@@ -37,10 +37,12 @@ from torch.nn.modules.utils import _single
 
 from tinyprop import model as model_hooks
 from tinyprop.autograd import SparseBackprop
+from tinyprop.functional import list_tensor
 from tinyprop.layers import TinyPropConv1d, TinyPropConv2d, TinyPropLinear
 from tinyprop.loss_gradient import is_power_of_two
 from tinyprop.loss_gradient import output_error as weighted_output_error
 from tinyprop.model import state_of
+from tinyprop.patches import cached_patches_for
 from tinyprop.pool_fusion import global_module_hooks, has_hooks
 from tinyprop.relu_fusion import ConvInputReLU
 from tinyprop.step import StepContext, _open_step, check_loss_fn_output, describe
@@ -185,7 +187,10 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
         delta = _output_error(step, losses, output)  # (B, ...) δ_L
         step.state.step = step  # what StepContext.begin_backward opens
         with torch.no_grad():
-            _backward(modules, inputs, calls, delta)
+            trained = _trained_rows(step, delta)  # (R,) the trained samples, None: every row
+            if trained is not None:
+                delta = delta.index_select(0, trained)  # (R, ...) the rows that are not zero
+            _backward(modules, inputs, calls, delta, trained)
     step.finish()  # records, ledger, the deferred finiteness checks
     return step
 
@@ -263,13 +268,40 @@ def _output_error(step: StepContext, losses: Tensor, output: Tensor) -> Tensor:
     return delta
 
 
-def _backward(modules: list, inputs: list, calls: dict, delta: Tensor) -> None:
+def _trained_rows(step: StepContext, delta: Tensor) -> Tensor | None:
+    """(R,) the trained samples of a step that skipped some, else None. A skipped sample's
+    δ_L (``delta`` (B, ...)) is zero for per-sample losses (w_n = 0) and stays zero down the
+    model (ReLU, the pools and the sparse layers' input gradients are zero on a zero row),
+    and a row of zero Σ |δ| adds nothing to a sparse layer's gradients (its backward leaves
+    it out), so the backward may run on the trained rows alone: the same rows reach each
+    layer's kernels, the same gradients bit for bit, without copying each layer's input
+    gradient back into the batch and running the ReLU's and the pools' backward on rows of
+    zeros. None too when a skipped sample's δ_L is not zero: a loss that couples the samples
+    (sample n's loss reads sample m's output) sends it a gradient, backpropagated as before."""
+    stats = step.stats
+    batch = len(stats.trained_mask)
+    if stats.trained == batch or step.couples_samples:  # (drop_skipped_rows: the batch's rows)
+        return None
+    mask = stats.trained_mask.tolist()  # (B,)
+    skipped = list_tensor([row for row in range(batch) if not mask[row]], torch.long)
+    if bool(delta.index_select(0, skipped).any()):  # a loss coupling the samples
+        return None
+    return list_tensor([row for row in range(batch) if mask[row]], torch.long)
+
+
+def _backward(
+    modules: list, inputs: list, calls: dict, delta: Tensor, trained: Tensor | None = None
+) -> None:
     """From δ at the output down: each module's backward, until no module below needs δ. A
     ReLU fused with the sparse layer above it (:mod:`tinyprop.relu_fusion`) is passed over:
-    the layer's backward returned δ at the ReLU's input already."""
+    the layer's backward returned δ at the ReLU's input already. ``trained``: δ holds these
+    rows (R,) of the batch only (:func:`_trained_rows`), and so does each module's input
+    here; None: every row."""
     position = len(modules) - 1
     while position >= 0:
         module, below = modules[position], inputs[position]
+        if trained is not None:
+            below = below.index_select(0, trained)  # (R, ...)
         if position in calls:
             call, trains = calls[position]
             if not trains:  # no parameter at or below it trains
@@ -302,8 +334,18 @@ def _layer_backward(layer, call, x: Tensor, delta: Tensor, fused_relu=False) -> 
             False, False, input_grad,  # the last: the fused ReLU's input y
         ),
     )  # fmt: skip
+    geometry = call.geometry  # of the batch's rows, computed in the forward
+    if x.shape[0] != call.rows and type(layer) is not TinyPropLinear:  # the trained rows':
+        state = layer.tinyprop_state  # a convolution's geometry holds the batch size
+        trained = cached_patches_for(state.geometry_cache, layer, x.shape, weight.shape)
+        object.__setattr__(call, "geometry", trained)  # for this backward (a frozen record)
     relu = {"masked": False} if fused_relu else None
-    grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(context, delta, relu)
+    try:
+        grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(
+            context, delta, relu
+        )
+    finally:
+        object.__setattr__(call, "geometry", geometry)
     if fused_relu and grad_input is not None and not relu["masked"]:
         grad_input = aten.threshold_backward(grad_input, relu["x"], 0)  # as SparseBackprop does
     if weight.requires_grad and grad_weight is not None:
