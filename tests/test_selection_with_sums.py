@@ -78,6 +78,105 @@ def test_topk_with_sums_leaves_rows_not_finite_or_near_overflow_to_the_caller(ba
         native.topk_with_sums(rows_of_every_kind().double(), 3)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_column_sums_are_pytorchs_bit_for_bit(threads):
+    """With ``column_sums``, Σ δ over the rows from the selection's read of δ: what
+    ``delta.sum((0, 2))`` of the layer's (R, C_out, 1) δ gives (the bias gradient), bit for bit,
+    at every thread count, for row counts around PyTorch's groups of 16 rows and its levels
+    (256, 4096 rows), on entries spanning many magnitudes (where the order of the sum shows)."""
+    generator = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, size in [(1, 32), (15, 64), (16, 2048), (17, 96), (64, 2048), (100, 160),
+                           (128, 2048), (257, 64), (4100, 32)]:  # fmt: skip
+            spread = torch.exp(6 * torch.randn(rows, size, generator=generator))
+            delta = torch.randn(rows, size, generator=generator) * spread  # (R, N)
+            keep = max(1, size // 20)
+            sums, row_start, columns, values, column_sum = native.topk_with_sums(
+                delta, keep, column_sums=True
+            )
+            expected = delta.view(rows, 1, size).transpose(1, 2).sum((0, 2))  # (N,)
+            assert torch.equal(column_sum, expected), (rows, size)
+            if rows > 16:  # the order shows: the sum in float64, rounded once, is another
+                assert not torch.equal(column_sum, delta.double().sum(0).float()), (rows, size)
+            for got, alone in zip((sums, row_start, columns, values),
+                                  native.topk_with_sums(delta, keep), strict=True):  # fmt: skip
+                assert torch.equal(got, alone)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_column_sums_are_left_to_the_caller_where_pytorch_sums_otherwise():
+    """None for the fifth item: a zero row (the caller sums the rows it keeps) or a width that
+    is not a multiple of 32 (PyTorch adds its last columns in another order)."""
+    delta = torch.randn(40, 64)
+    delta[7] = 0
+    *selected, column_sum = native.topk_with_sums(delta, 3, column_sums=True)
+    assert column_sum is None and selected[1][-1] == 39 * 3
+    assert native.topk_with_sums(torch.randn(40, 48), 3, column_sums=True)[4] is None
+    assert not native.sums_columns_as_torch(40, 48) and native.sums_columns_as_torch(40, 64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_bias_gradients_from_the_selection_equal_pytorchs_sum(threads, monkeypatch):
+    """A wide MLP's hidden Linear layers take their bias gradient Σ δ from the selection's
+    read of δ (no separate pass): weights, biases and momentum bit for bit as with PyTorch's
+    ``delta.sum``, over three steps; with a sample whose δ is zero the layer sums itself."""
+    taken = []
+    original = native.topk_with_sums
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if kwargs.get("column_sums") and result is not None:
+            taken.append((args[0].shape[1], result[4] is not None))  # (N, native Σ δ)
+        return result
+
+    monkeypatch.setattr(native, "topk_with_sums", spy)
+    generator = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(48, 40, generator=generator), torch.randint(0, 5, (48,)))
+               for _ in range(3)]  # fmt: skip
+    weights = torch.ones(48)
+
+    def loss(output, target):
+        return nn.functional.cross_entropy(output, target, reduction="none") * weights
+
+    def train(native_sums: bool):
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 96), nn.ReLU(),
+                               nn.Linear(96, 5))  # fmt: skip
+        model = tinyprop.apply(layers, tinyprop.TinyPropConfig(policy="topk", ratio=0.05))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with monkeypatch.context() as patch:
+            if not native_sums:
+                patch.setattr(native, "sums_columns_as_torch", lambda rows, size: False)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                for x, y in batches:
+                    tinyprop.train_step(model, x, y, loss, optimizer)
+            finally:
+                torch.set_num_threads(before)
+        return model, optimizer
+
+    for zero_row in (False, True):
+        weights[5] = 0.0 if zero_row else 1.0
+        taken.clear()
+        summed, summed_optimizer = train(native_sums=False)
+        assert taken == [(5, False), (96, False), (256, False)] * 3  # output layer first
+        taken.clear()
+        native_model, native_optimizer = train(native_sums=True)
+        assert taken == [(5, False), (96, not zero_row), (256, not zero_row)] * 3  # 5: not 32 k
+        for (name, value), expected in zip(
+            native_model.state_dict().items(), summed.state_dict().values(), strict=True
+        ):
+            assert torch.equal(value, expected), name
+        for state, expected in zip(
+            native_optimizer.state.values(), summed_optimizer.state.values(), strict=True
+        ):
+            assert torch.equal(state["momentum_buffer"], expected["momentum_buffer"])
+
+
 def depthwise_separable_cnn() -> nn.Module:
     """The speed benchmark's MobileNet-style block at a small size: a first conv on one channel,
     a depthwise and a pointwise conv with BatchNorm and ReLU, a linear head."""
@@ -101,7 +200,7 @@ def test_training_with_the_summed_selection_equals_the_separate_one(threads, pol
     calls = []
     original = native.topk_with_sums
     monkeypatch.setattr(
-        native, "topk_with_sums", lambda *a: calls.append(a[1]) or original(*a)
+        native, "topk_with_sums", lambda *a, **k: calls.append(a[1]) or original(*a, **k)
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     batches = [
@@ -166,7 +265,7 @@ def test_linear_layers_with_the_summed_selection_equal_the_separate_one(
     calls = []
     original = native.topk_with_sums
     monkeypatch.setattr(
-        native, "topk_with_sums", lambda *a: calls.append(a[1]) or original(*a)
+        native, "topk_with_sums", lambda *a, **k: calls.append(a[1]) or original(*a, **k)
     )  # fmt: skip
     generator = torch.Generator().manual_seed(2)
     batches = [

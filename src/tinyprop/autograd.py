@@ -185,15 +185,20 @@ class SparseBackprop(torch.autograd.Function):
         )
         magnitude = getattr(ctx, "local_errors", None)  # from tinyprop.pool_fusion, or
         selected = None  # the kept entries, selected with Σ |δ|, or
+        every_row_sum = None  # (C_out,) Σ δ over every row of δ, from the same read
+        all_rows = flat.shape[0]
         # (a unit > 0 keeps Y_l = Σ |δ| / unit > 0 on the rows with entries to select)
         if magnitude is None and step is not None and unit > 0 and not (drop or keeps_everything):
             fixed = fixed_native_keep(
                 policy, call, geometry, x, weight, flat, *ctx.needs_input_grad[:2]
             )
             if fixed is not None:
-                summed = native.topk_with_sums(flat, fixed)  # None: a row left to local_error
+                sums_bias = ctx.bias_dtype is not None and needs_bias and delta.shape[2] == 1
+                # None: a row left to local_error
+                summed = native.topk_with_sums(flat, fixed, column_sums=sums_bias)
                 if summed is not None:
-                    magnitude, *selected = summed  # (R,) Σ |δ|; CSR of every row
+                    magnitude, *selected = summed[:4]  # (R,) Σ |δ|; CSR of every row
+                    every_row_sum = summed[4] if sums_bias else None
         if magnitude is None:
             magnitude = local_error(flat)  # (R,) Σ |δ| in the compute dtype
         rows = None  # None: every row, zero rows keep nothing (no host read of δ)
@@ -260,6 +265,8 @@ class SparseBackprop(torch.autograd.Function):
         grad_bias = None
         if ctx.bias_dtype is not None and needs_bias:
             bias_sum = None if drop else getattr(ctx, "bias_sum", None)  # pool_fusion's
+            if bias_sum is None and delta.shape[0] == all_rows:  # the selection's, if any
+                bias_sum = every_row_sum  # delta.sum((0, 2)) bit for bit
             if bias_sum is None:
                 bias_sum = delta.sum((0, 2))  # (C_out,), dense
             grad_bias = in_dtype(bias_sum, ctx.bias_dtype)

@@ -16,6 +16,8 @@ int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, do
                 double *, double *, int64_t *, int64_t);
 int tp_topk_sums_f32(const float *, int64_t, int64_t, int64_t, float *, int64_t *, int64_t *,
                      float *, float *, int64_t *, int64_t);
+int tp_topk_sums_columns_f32(const float *, int64_t, int64_t, int64_t, float *, int64_t *,
+                             int64_t *, float *, float *, int64_t *, float *, float *, int64_t);
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
                            int64_t *, int64_t *, float *, float *, int64_t);
@@ -157,6 +159,70 @@ static int check_topk_sums(int64_t rows, int64_t n, int64_t threads) {
                 (long long)rows, (long long)n, (long long)k, kind, status, first_bad);
     free(delta), free(sums), free(row_start), free(columns), free(index), free(values);
     free(scratch);
+    return failed;
+}
+
+/* Column j's Σ_r δ[r, j] as PyTorch's multi_row_sum (SumKernel.cpp) adds it for a block column:
+ * four levels of accumulators; rows into level 0, and after every 16 rows each level adds into
+ * the next while the rows summed are a multiple of 16 to its power; then the rows after the
+ * last 16 and the levels 1-3 into level 0, in order. */
+static float torch_column_sum(const float *delta, int64_t rows, int64_t n, int64_t j) {
+    float level[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    while (i + 16 <= rows) {
+        for (int64_t t = 0; t < 16; t++, i++) level[0] += delta[i * n + j];
+        for (int l = 1; l < 4; l++) {
+            level[l] += level[l - 1];
+            level[l - 1] = 0.0f;
+            if (i & (int64_t)15 << (4 * l)) break;
+        }
+    }
+    for (; i < rows; i++) level[0] += delta[i * n + j];
+    for (int l = 1; l < 4; l++) level[0] += level[l];
+    return level[0];
+}
+
+/* tp_topk_sums_columns_f32: what tp_topk_sums_f32 writes, and each column's Σ δ as PyTorch sums
+ * it (bit for bit, NaN where it is NaN) when no row is zero (a quarter of the cases have one);
+ * k out of range: -1. */
+static int check_topk_sums_columns(int64_t rows, int64_t n, int64_t threads) {
+    int kind = rand() % 5, zero_row = rand() % 4 == 0 ? (int)(rand() % rows) : -1;
+    int64_t k = 1 + rand() % n, groups_size = (rows + 15) / 16 * n;
+    float *delta = malloc(sizeof(float) * rows * n), *sums = malloc(sizeof(float) * rows);
+    float *sums2 = malloc(sizeof(float) * rows), *column_sum = malloc(sizeof(float) * n);
+    float *groups = malloc(sizeof(float) * groups_size);
+    for (int64_t i = 0; i < rows * n; i++) delta[i] = entry(kind);
+    for (int64_t i = 0; zero_row >= 0 && i < n; i++) delta[zero_row * n + i] = 0.0f;
+    int64_t *row_start = malloc(sizeof(int64_t) * (rows + 1));
+    int64_t *row_start2 = malloc(sizeof(int64_t) * (rows + 1));
+    int64_t *columns = malloc(sizeof(int64_t) * rows * k), *index = malloc(sizeof(int64_t) * threads * n);
+    int64_t *columns2 = malloc(sizeof(int64_t) * rows * k);
+    float *values = malloc(sizeof(float) * rows * k), *scratch = malloc(sizeof(float) * threads * 2 * n);
+    float *values2 = malloc(sizeof(float) * rows * k);
+    int status = tp_topk_sums_columns_f32(delta, rows, n, k, sums, row_start, columns, values,
+                                          scratch, index, groups, column_sum, threads);
+    int status2 = tp_topk_sums_f32(delta, rows, n, k, sums2, row_start2, columns2, values2, scratch,
+                                   index, threads);
+    int failed = status != status2;
+    failed |= tp_topk_sums_columns_f32(delta, rows, n, n + 1, sums, row_start, columns, values,
+                                       scratch, index, groups, column_sum, threads) != -1;
+    if (!failed && status == 0) {
+        failed |= memcmp(sums, sums2, sizeof(float) * rows) != 0;
+        failed |= memcmp(row_start, row_start2, sizeof(int64_t) * (rows + 1)) != 0;
+        failed |= memcmp(columns, columns2, sizeof(int64_t) * row_start[rows]) != 0;
+        failed |= memcmp(values, values2, sizeof(float) * row_start[rows]) != 0;
+        for (int64_t j = 0; row_start[rows] == rows * k && j < n; j++) { /* no zero row */
+            float expected = torch_column_sum(delta, rows, n, j);
+            failed |= isnan(expected) ? !isnan(column_sum[j])
+                                      : memcmp(&expected, column_sum + j, sizeof(float)) != 0;
+        }
+    }
+    if (failed)
+        fprintf(stderr, "topk_sums_columns rows %lld n %lld k %lld kind %d: status %d / %d\n",
+                (long long)rows, (long long)n, (long long)k, kind, status, status2);
+    free(delta), free(sums), free(sums2), free(column_sum), free(groups), free(row_start);
+    free(row_start2), free(columns), free(index), free(columns2), free(values), free(scratch);
+    free(values2);
     return failed;
 }
 
@@ -662,6 +728,10 @@ int main(int argc, char **argv) {
         if (check_topk(1 + rand() % 4, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
     for (int trial = 0; trial < cases / 2; trial++)
         if (check_topk_sums(1 + rand() % 6, 1 + rand() % 3000, 1 + rand() % 4)) return 1;
+    for (int trial = 0; trial < cases / 10; trial++) /* up to 300 rows: groups of 16, levels */
+        if (check_topk_sums_columns(1 + rand() % (trial % 4 ? 40 : 300), 1 + rand() % 300,
+                                    1 + rand() % 4))
+            return 1;
     for (int trial = 0; trial < cases * 3 / 20; trial++)
         if (check_linear(1 + rand() % 6, trial % 8 == 1 ? 513 + rand() % 1200
                                          : 1 + rand() % (trial % 4 ? 40 : 300),

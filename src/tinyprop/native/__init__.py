@@ -48,6 +48,9 @@ def library() -> ctypes.CDLL | None:
     lib.tp_topk_sums_f32.argtypes = [_pointer, _int64, _int64, _int64] + [_pointer] * 6
     lib.tp_topk_sums_f32.argtypes += [_int64]
     lib.tp_topk_sums_f32.restype = ctypes.c_int
+    lib.tp_topk_sums_columns_f32.argtypes = [_pointer, _int64, _int64, _int64] + [_pointer] * 8
+    lib.tp_topk_sums_columns_f32.argtypes += [_int64]
+    lib.tp_topk_sums_columns_f32.restype = ctypes.c_int
     for name in ("tp_linear_backward_f32", "tp_linear_backward_relu_f32"):
         getattr(lib, name).argtypes = [_pointer, _pointer, _int64, _int64, _int64]
         getattr(lib, name).argtypes += [_pointer] * 9 + [_int64]
@@ -233,7 +236,25 @@ def topk(
     return rows, columns, values
 
 
-def topk_with_sums(delta: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+# PyTorch's CPU sum over the rows of a (R, N) float32 tensor (delta.sum(0)) adds each column's
+# rows 16 at a time, in levels, for the columns it takes in blocks of 4 vectors of 8 floats (its
+# threads split the columns at multiples of 32 floats); the columns after the last whole block
+# it adds in 4 interleaved sums. The native kernel sums as the blocks do: it gives Σ δ by column
+# only when N is a multiple of 32 and R below 2^20 (tests/test_selection_with_sums.py checks
+# its sums against delta.sum bit for bit).
+COLUMN_BLOCK = 32
+CASCADE_ROWS_LIMIT = 1 << 20
+
+
+def sums_columns_as_torch(rows: int, size: int) -> bool:
+    """Whether :func:`topk_with_sums` can give ``delta.sum(0)`` of a (rows, size) float32
+    tensor bit for bit (see ``COLUMN_BLOCK``)."""
+    return size % COLUMN_BLOCK == 0 and 0 < rows < CASCADE_ROWS_LIMIT
+
+
+def topk_with_sums(
+    delta: Tensor, keep: int, column_sums: bool = False
+) -> tuple[Tensor, ...] | None:
     """Each row's Σ |δ| and, for a ``keep`` that is the same for every row, its kept entries
     (as :func:`topk`), from one read of the row: a row whose Σ |δ| is 0 keeps nothing.
 
@@ -242,7 +263,10 @@ def topk_with_sums(delta: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor, Te
     ``delta.abs().sum(1)`` in the last bits; exactly 0 for a zero row), (R + 1,) CSR offsets
     of the kept entries, and (M,) their indices and δ, row by row in ascending order. None
     when a row's Σ |δ| is NaN, infinite or within 1% of float32's largest value (the caller's
-    own sums and checks decide those rows).
+    own sums and checks decide those rows). With ``column_sums``, a fifth item: (N,) Σ δ over
+    the rows (a Linear layer's bias gradient), ``delta.sum(0)`` bit for bit from the same
+    read, or None when :func:`sums_columns_as_torch` says no or a row is zero (the caller then
+    sums the rows it keeps itself).
 
     Raises:
         ValueError: ``keep`` outside [1, N], or ``delta`` not (R, N) float32 on the CPU.
@@ -263,10 +287,14 @@ def topk_with_sums(delta: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor, Te
     row_start = torch.empty(samples + 1, dtype=torch.int64)  # (R + 1,)
     columns = torch.empty(samples * keep, dtype=torch.int64)  # (R k,) slots
     values = _float32_empty(samples * keep)  # (R k,)
-    status = library().tp_topk_sums_f32(
+    column_sum = groups = None
+    if column_sums and sums_columns_as_torch(samples, size):
+        column_sum = _float32_empty(size)  # (N,)
+        groups = _scratch_buffer(torch.float32, -(-samples // 16) * size, "groups")  # (G, N)
+    status = library().tp_topk_sums_columns_f32(
         delta.data_ptr(), samples, size, keep, sums.data_ptr(), row_start.data_ptr(),
         columns.data_ptr(), values.data_ptr(), scratch.data_ptr(), index_scratch.data_ptr(),
-        threads,
+        _address(groups), _address(column_sum), threads,
     )  # fmt: skip
     if status > 0:  # a row the caller's own sum must judge
         return None
@@ -275,9 +303,11 @@ def topk_with_sums(delta: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor, Te
             f"tinyprop's native top-k kernel failed (status {status}); please report"
         )
     kept = _last_int64(row_start)  # M
+    extra = (column_sum,) if column_sums else ()
     if kept == columns.numel():  # no zero row: every slot holds an entry
-        return sums, row_start, columns, values
-    return sums, row_start, columns[:kept], values[:kept]
+        return sums, row_start, columns, values, *extra
+    extra = (None,) if column_sums else ()  # the sums of other rows than the caller keeps
+    return sums, row_start, columns[:kept], values[:kept], *extra
 
 
 def _check_selection(status: int, delta: Tensor, keep: Tensor) -> None:

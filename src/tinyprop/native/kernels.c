@@ -2,7 +2,8 @@
  *
  * tp_topk_{f32,f64}: the k entries of largest magnitude of each row, ties to the lower index:
  *     the rule of tinyprop.functional.select_topk and the C runtime (runtime/src/selection.c).
- * tp_topk_sums_f32: the same for one fixed k, with each row's Σ |δ| from the same read of it.
+ * tp_topk_sums_f32: the same for one fixed k, with each row's Σ |δ| from the same read of it;
+ *     tp_topk_sums_columns_f32 also with each column's Σ δ (a Linear layer's bias gradient).
  * tp_linear_backward_f32: weight and input gradients of a Linear layer from the kept entries of
  *     δ only, k · fan_in multiply-accumulates each (grad_input sample by sample, a strip of
  *     the weight's columns at a time); tp_linear_backward_relu_f32: the same with the input
@@ -626,16 +627,55 @@ typedef struct {
     float *values, *scratch;
     int64_t *index_scratch;
     const int64_t *sampled;
+    float *groups; /* NULL, or (⌈rows / GROUP_ROWS⌉, n): each group of rows' Σ δ by column */
 } topk_sums_call;
+
+/* Rows summed one after the other from zero into a group's column sums: PyTorch's CPU sum over
+ * the rows of a (rows, n) float32 tensor (delta.sum(0), cascade_sum's multi_row_sum) adds its
+ * rows GROUP_ROWS at a time into one accumulator per column, then adds the groups up in levels
+ * (column_cascade); below 2^20 rows its level step is 16 rows, at any thread count (its threads
+ * split the columns). */
+enum { GROUP_ROWS = 16, CASCADE_ROWS_LIMIT = 1 << 20 };
+
+/* groups[r / GROUP_ROWS] (n,) := 0 + row for the first row of its group, else += row. */
+static void add_to_group(float *restrict group, const float *restrict row, int64_t n, int first) {
+    if (first)
+        for (int64_t i = 0; i < n; i++) group[i] = 0.0f + row[i];
+    else
+        for (int64_t i = 0; i < n; i++) group[i] += row[i];
+}
+
+/* sum[c] = Σ_r δ[r, c] from the groups' sums as PyTorch's multi_row_sum adds them (four levels
+ * of accumulators, each taking the one below every 16 groups of the one below it, then the
+ * rows after the last whole group plus the levels in order): delta.sum(0) bit for bit. */
+static void column_cascade(const float *groups, int64_t rows, int64_t n, float *sum) {
+    int64_t whole = rows / GROUP_ROWS;
+    for (int64_t c = 0; c < n; c++) {
+        float level1 = 0.0f, level2 = 0.0f, level3 = 0.0f;
+        for (int64_t g = 0; g < whole; g++) {
+            int64_t done = (g + 1) * GROUP_ROWS; /* rows summed so far */
+            level1 += groups[g * n + c];
+            if (done & (int64_t)(GROUP_ROWS - 1) << 4) continue; /* not a multiple of 16² */
+            level2 += level1, level1 = 0.0f;
+            if (done & (int64_t)(GROUP_ROWS - 1) << 8) continue; /* nor of 16³ */
+            level3 += level2, level2 = 0.0f;
+        }
+        float last = rows % GROUP_ROWS ? groups[whole * n + c] : 0.0f;
+        sum[c] = ((last + level1) + level2) + level3;
+    }
+}
 
 static int topk_sums_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     const topk_sums_call *c = context;
-    int64_t n = c->n, k = c->k, first = slice_start(c->rows, part, parts, 1);
-    int64_t end = slice_start(c->rows, part + 1, parts, 1);
+    int64_t align = c->groups ? GROUP_ROWS : 1; /* a group of rows in one part */
+    int64_t n = c->n, k = c->k, first = slice_start(c->rows, part, parts, align);
+    int64_t end = slice_start(c->rows, part + 1, parts, align);
     for (int64_t r = first; r < end; r++) {
         const float *row = c->delta + r * n;
         float *scratch = c->scratch + worker * 2 * n, bound;
         int64_t *index = c->index_scratch + worker * n, count = 0;
+        if (c->groups) /* while the row is in the cache */
+            add_to_group(c->groups + r / GROUP_ROWS * n, row, n, r % GROUP_ROWS == 0);
         /* the sum and the candidates of the sample's bound from one read of the row */
         double sum = topk_bound_f32(row, n, k, scratch, c->sampled, &bound)
                          ? row_magnitude_collect(row, n, bound, index, scratch, &count)
@@ -652,6 +692,37 @@ static int topk_sums_part(const void *context, int64_t part, int64_t parts, int6
     return 0;
 }
 
+/* tp_topk_sums_f32 (below) and, from the same read of each row, column_sum (n,) = Σ_r δ[r, :]
+ * (a Linear layer's bias gradient Σ δ) as PyTorch's delta.sum(0) sums a block column, bit for
+ * bit (column_cascade), when no row is zero (row_start[rows] == rows · k; else column_sum is
+ * unspecified: the rows the caller keeps are not these). groups: scratch of ⌈rows / 16⌉ · n
+ * floats. Rows from CASCADE_ROWS_LIMIT on PyTorch sums in other levels: -1 then, nothing
+ * written. */
+int tp_topk_sums_columns_f32(const float *delta, int64_t rows, int64_t n, int64_t k, float *sums,
+                             int64_t *row_start, int64_t *columns, float *values, float *scratch,
+                             int64_t *index_scratch, float *groups, float *column_sum,
+                             int64_t threads) {
+    if (k < 1 || k > n || (groups && rows >= CASCADE_ROWS_LIMIT)) return -1;
+    int64_t sampled[4 * SAMPLE];
+    sample_places(n, sampled);
+    topk_sums_call call = {delta, rows, n, k, sums, row_start + 1, columns, values, scratch,
+                           index_scratch, sampled, column_sum ? groups : NULL};
+    int status = run_parts(topk_sums_part, &call, parts_for(rows, threads), threads);
+    if (status) return status;
+    row_start[0] = 0; /* row_start[r + 1] held row r's count: make it the offsets, and move
+                       * every row's entries from its slot r · k down to row_start[r] */
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t count = row_start[r + 1], at = row_start[r];
+        if (at != r * k && count) {
+            memmove(columns + at, columns + r * k, (size_t)count * sizeof(int64_t));
+            memmove(values + at, values + r * k, (size_t)count * sizeof(float));
+        }
+        row_start[r + 1] = at + count;
+    }
+    if (call.groups && row_start[rows] == rows * k) column_cascade(groups, rows, n, column_sum);
+    return 0;
+}
+
 /* Top-k with each row's local error, for a k that does not depend on it (fixed-ratio top-k):
  * sums[r] = Σ |δ| of row r (float32, summed in double: see row_magnitude), and the k entries of
  * largest |δ| of every row whose sum is not 0, as tp_topk_f32 keeps them; a zero row keeps
@@ -665,24 +736,8 @@ static int topk_sums_part(const void *context, int64_t part, int64_t parts, int6
 int tp_topk_sums_f32(const float *delta, int64_t rows, int64_t n, int64_t k, float *sums,
                      int64_t *row_start, int64_t *columns, float *values, float *scratch,
                      int64_t *index_scratch, int64_t threads) {
-    if (k < 1 || k > n) return -1;
-    int64_t sampled[4 * SAMPLE];
-    sample_places(n, sampled);
-    topk_sums_call call = {delta, rows, n, k, sums, row_start + 1, columns, values, scratch,
-                           index_scratch, sampled};
-    int status = run_parts(topk_sums_part, &call, parts_for(rows, threads), threads);
-    if (status) return status;
-    row_start[0] = 0; /* row_start[r + 1] held row r's count: make it the offsets, and move
-                       * every row's entries from its slot r · k down to row_start[r] */
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t count = row_start[r + 1], at = row_start[r];
-        if (at != r * k && count) {
-            memmove(columns + at, columns + r * k, (size_t)count * sizeof(int64_t));
-            memmove(values + at, values + r * k, (size_t)count * sizeof(float));
-        }
-        row_start[r + 1] = at + count;
-    }
-    return 0;
+    return tp_topk_sums_columns_f32(delta, rows, n, k, sums, row_start, columns, values, scratch,
+                                    index_scratch, NULL, NULL, threads);
 }
 
 /* Features per tile of the Linear gradients: a tile's outputs are summed in registers.
