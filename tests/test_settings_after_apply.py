@@ -112,7 +112,20 @@ def add_block(model):  # a new layer before the head; the head renamed "6.2"
     model[6] = nn.Sequential(nn.Linear(16, 16).double(), nn.Tanh(), model[6])
 
 
-REPLACEMENTS = [replace_conv, replace_head, add_block]
+def insert_layer(model):  # Sequential.insert writes _modules itself: the head renamed "7"
+    model.insert(6, nn.Linear(16, 16).double())
+
+
+def delete_layer(model):  # del renumbers: the head renamed "5"
+    del model[3]
+
+
+def pop_and_insert(model):  # a layer swapped through pop and insert
+    model.pop(2)
+    model.insert(2, nn.Conv2d(4, 4, 3, stride=2).double())
+
+
+REPLACEMENTS = [replace_conv, replace_head, add_block, insert_layer, delete_layer, pop_and_insert]
 
 
 @pytest.mark.parametrize("policy", ["full", "topk-1.0", "topk-0.1"])
@@ -120,7 +133,10 @@ REPLACEMENTS = [replace_conv, replace_head, add_block]
 def test_a_layer_set_into_the_model_after_apply_is_sparse_and_counted(change, policy):
     """Before: ``model[2] = nn.Conv2d(...)`` after apply kept the new layer dense without a
     word, and the ledger left its compute out: forward 21456 MACs against 29232 for the same
-    model applied afresh, dense backward 23034 against 39978, under every policy."""
+    model applied afresh, dense backward 23034 against 39978, under every policy. So did
+    ``Sequential.insert`` until recently (it writes ``_modules`` past the registration hook;
+    the inserted layer was missing from ``stats.keep``), and after ``del model[3]`` the head
+    kept its old name "6" in ``stats.keep``."""
     name, _, ratio = policy.partition("-")
     config = tinyprop.TinyPropConfig(policy=name, ratio=float(ratio or 1.0))
     model = tinyprop.apply(cnn(), config)
@@ -161,3 +177,39 @@ def test_a_padding_mode_set_after_apply_is_refused_by_train_step_too():
     model[2]._reversed_padding_repeated_twice = [1, 1]  # what __init__ would have set
     with pytest.raises(ValueError, match=r"layer '2' \(Conv1d\) has padding_mode='reflect'"):
         tinyprop.train_step(model, x, y, LOSS, optimizer)
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": nn.utils.parametrizations.weight_norm,
+    "orthogonal": nn.utils.parametrizations.orthogonal,
+}
+
+
+@pytest.mark.parametrize("kind", list(PARAMETRIZATIONS))
+def test_a_parametrization_registered_after_apply_trains_and_survives_remove(kind):
+    """weight_norm (or any torch.nn.utils.parametrize) registered on a sparse layer after
+    apply: PyTorch's gradients at ratio 1.0, and ``tinyprop.remove`` leaves the layer
+    parametrized as PyTorch made it. Before, remove gave it back its plain class without the
+    parametrization's property: the next forward failed with "'Linear' object has no
+    attribute 'weight'"."""
+    model = tinyprop.apply(cnn(), tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    plain = cnn()
+    x, y = data()
+    tinyprop.backward(model, LOSS(model(x), y))  # a first step with the model as applied
+    for net in (model, plain):
+        torch.manual_seed(3)  # orthogonal draws a base
+        PARAMETRIZATIONS[kind](net[6])
+    model.zero_grad()
+    tinyprop.backward(model, LOSS(model(x), y))
+    expected = plain_gradients(plain, (x,), y, LOSS)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=0, atol=1e-12, msg=name)
+    tinyprop.remove(model)
+    assert type(model[6]).__name__ == type(plain[6]).__name__ == "ParametrizedLinear"
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert torch.equal(model(x), plain(x))
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=0.25))  # again
+    assert "6" in tinyprop.backward(model, LOSS(model(x), y)).keep
+    tinyprop.remove(model)
+    nn.utils.parametrize.remove_parametrizations(model[6], "weight")
+    assert type(model[6]) is nn.Linear and torch.allclose(model(x), plain(x), atol=1e-12)

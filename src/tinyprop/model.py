@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -50,8 +51,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     subclasses that keep the parent's forward, and classes registered with
     :func:`tinyprop.register_linear`; lazy ones (``nn.LazyLinear``) too, before their first
     forward; a supported layer set into the model afterwards (``model[0] = nn.Linear(...)``,
-    ``model.head = ...``; not ``Sequential.insert``, which writes ``_modules`` directly) is made
-    sparse at the next forward. A layer's distance d from the output comes from the order
+    ``model.head = ...``, ``Sequential.insert``, ``append``, an adapter) is made sparse at the
+    next forward. A layer's distance d from the output comes from the order
     in which the forward pass calls the layers (the last one called has d = 0). Other trainable
     modules stay dense, are counted dense by the ledger, and are named in a warning
     (normalisation and embedding layers without one).
@@ -171,6 +172,33 @@ def _count_module_change(module: nn.Module, name: str, submodule) -> None:
 nn.modules.module.register_module_module_registration_hook(_count_module_change)
 
 
+def _counting_module_changes(method):
+    """``method`` of a torch container, counting a module change once it has run."""
+
+    @functools.wraps(method)
+    def counted(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        _MODULE_CHANGES[0] += 1
+        return result
+
+    return counted
+
+
+# the container methods that write ``_modules`` without the registration hook: a layer
+# inserted after apply (Sequential.insert, ModuleList.insert) kept its dense backward and was
+# left out of the ledger, silently; after a deletion (del model[0], pop) the layers behind it
+# kept their old names in StepStats.keep
+for _container, _method in (
+    (nn.Sequential, "insert"),
+    (nn.ModuleList, "insert"),
+    (nn.Sequential, "__delitem__"),
+    (nn.ModuleList, "__delitem__"),
+    (nn.ModuleDict, "__delitem__"),
+    (nn.ModuleDict, "clear"),
+):
+    setattr(_container, _method, _counting_module_changes(getattr(_container, _method)))
+
+
 def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
     """After model surgery (``model[0] = nn.Linear(...)``, ``model.head = nn.Conv2d(...)``, an
     adapter added): make the supported layers set into the model since :func:`apply` sparse,
@@ -224,7 +252,7 @@ def remove(model: nn.Module) -> nn.Module:
             del module.cls_to_become
             if not isinstance(module, LazyModuleMixin):  # initialized by a forward since
                 original = original.cls_to_become
-        module.__class__ = original
+        module.__class__ = _restored_class(type(module), original)
         for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):
             delattr(module, attribute)
         del module._buffers["error_max"], module._buffers["backward_steps"]
@@ -233,6 +261,21 @@ def remove(model: nn.Module) -> nn.Module:
         del model._buffers[name]
     delattr(model, _STATE)
     return model
+
+
+def _restored_class(made: type, original: type) -> type:
+    """The class :func:`remove` gives back to a sparse layer of class ``made``: ``original``,
+    or, when a parametrization was registered on the layer after :func:`apply` (weight_norm,
+    spectral_norm, ``torch.nn.utils.parametrize``: a subclass of the sparse class made for this
+    one module, holding the property that computes the weight), that subclass made again on
+    ``original``. Before, the layer lost it, and its weight with it ("'Linear' object has no
+    attribute 'weight'")."""
+    if len(made.__bases__) != 1:  # the sparse class itself: (mixin, original); see sparse_class
+        return original
+    base = made.__bases__[0]
+    restored = _restored_class(base, original)
+    name = made.__name__.replace(base.__name__, restored.__name__)  # ParametrizedLinear
+    return type(name, (restored,), dict(made.__dict__))
 
 
 def is_tinyprop(model: nn.Module) -> bool:
