@@ -213,3 +213,26 @@ def test_a_parametrization_registered_after_apply_trains_and_survives_remove(kin
     tinyprop.remove(model)
     nn.utils.parametrize.remove_parametrizations(model[6], "weight")
     assert type(model[6]) is nn.Linear and torch.allclose(model(x), plain(x), atol=1e-12)
+
+
+def test_a_checkpoint_of_a_model_changed_after_apply_loads_before_its_first_forward():
+    """A builder that applies, then adds a layer (``append``): the checkpoint of a trained
+    model loads into a fresh one, strict, the new layer's running maximum too, and the fresh
+    model saves the same keys. Before, the new layer became sparse only at the first forward:
+    "Unexpected key(s) in state_dict: "7.error_max", "7.backward_steps"", and a model saved
+    before its first forward left them out."""
+
+    def build():
+        model = tinyprop.apply(cnn(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+        model.append(nn.Linear(3, 3).double())
+        return model
+
+    trained = build()
+    x, y = data()
+    tinyprop.backward(trained, LOSS(trained(x), y))
+    assert float(trained[7].error_max) > 0
+    fresh = build()
+    assert fresh.state_dict().keys() == trained.state_dict().keys()
+    fresh.load_state_dict(trained.state_dict())
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

@@ -130,6 +130,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     state.handles += [
         model.register_load_state_dict_pre_hook(_check_loaded_maxima),
         model.register_load_state_dict_post_hook(_accept_plain_checkpoint),
+        model.register_state_dict_pre_hook(_follow_changes_before_saving),
         model.register_forward_pre_hook(_open_forward_pass, with_kwargs=True),
         model.register_forward_hook(_close_forward_pass, with_kwargs=True, always_call=True),
     ]
@@ -233,6 +234,14 @@ def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
     state.other_macs_cache.clear()  # what the other modules compute changed too
     state.call_fields.clear()
     state.geometry_cache.clear()
+
+
+def _follow_changes_before_saving(model: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """Root state_dict pre-hook: the running state of a layer set into the model since the
+    last forward is saved too, as it would be after one (see :func:`_check_loaded_maxima`)."""
+    state = getattr(model, _STATE)
+    if state.module_changes != _MODULE_CHANGES[0]:
+        _follow_module_changes(model, state)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -462,6 +471,8 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
     _check_loaded_dtypes(module, state_dict, prefix)
     state = getattr(module, _STATE, None)
     if state is not None:
+        if state.module_changes != _MODULE_CHANGES[0]:  # a layer set in since the last forward:
+            _follow_module_changes(module, state)  # its running maxima load too (it refused them)
         state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
         state.policy.check_loaded(state_dict, prefix)
