@@ -131,6 +131,51 @@ def test_unsupported_trainable_module_is_named_in_a_warning():
     assert type(model[0]).__name__ == "TinyPropLinear"
 
 
+class OwnRMSNorm(nn.Module):
+    """Another library's RMSNorm (as transformers' LlamaRMSNorm, GemmaRMSNorm): a weight vector
+    and a forward of its own."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class LayerScale(nn.Module):  # ConvNeXt's per-channel scale
+    def __init__(self, size):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((size, 1), 1e-6))
+
+    def forward(self, x):
+        return x * self.gamma.squeeze(-1)
+
+
+class Mixing(nn.Module):  # a matrix product tinyprop does not know
+    def __init__(self, size):
+        super().__init__()
+        self.mix = nn.Parameter(torch.eye(size))
+
+    def forward(self, x):
+        return x @ self.mix
+
+
+def test_modules_with_vector_parameters_only_stay_dense_without_a_warning():
+    """A normalisation of another library, a layer scale, PReLU: their parameters are vectors,
+    multiplied entry by entry, as nn.LayerNorm's; dense by design like it. Before, every
+    LLaMA-style transformers model named each of its RMSNorms in the warning (nn.RMSNorm was
+    not named). A module with a matrix of its own is still named."""
+    model = nn.Sequential(
+        nn.Linear(4, 8), OwnRMSNorm(8), LayerScale(8), nn.PReLU(8), Mixing(8), nn.Linear(8, 2)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tinyprop.apply(model)
+    messages = [str(warning.message) for warning in caught]
+    assert [message.split(": ", 1)[1] for message in messages] == ["4 (Mixing)"]
+
+
 def test_apply_twice_and_remove_without_apply():
     model, _ = prepared()
     with pytest.raises(ValueError, match="already has tinyprop applied"):

@@ -636,6 +636,7 @@ def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
         if kinds[name] in (None, "override")
         and not isinstance(module, _DENSE_BY_DESIGN)
         and not _parametrizes_a_target(name, module, kinds)
+        and not (kinds[name] is None and _vector_parameters_only(module))
         and any(p.requires_grad for p in module.parameters(recurse=False))
     ]
     if dense:
@@ -644,6 +645,20 @@ def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
             "the ledger): " + ", ".join(dense),
             stacklevel=3,
         )
+
+
+def _vector_parameters_only(module: nn.Module) -> bool:
+    """True when each trainable parameter of the module itself is a vector (one entry per
+    feature: at most one dimension longer than 1): a normalisation of another library
+    (transformers' LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm), a layer scale, PReLU. Such a
+    module multiplies or adds its parameters entry by entry, as nn.LayerNorm does: no matrix
+    product to make sparse, so dense by design, without the warning (every LLaMA-style model
+    named each of its RMSNorms in it, though nn.RMSNorm was not named)."""
+    return all(
+        sum(size > 1 for size in parameter.shape) <= 1
+        for parameter in module.parameters(recurse=False)
+        if parameter.requires_grad
+    )
 
 
 def _parametrizes_a_target(name: str, module: nn.Module, kinds: dict) -> bool:
