@@ -193,12 +193,15 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   layer updates each weight where its gradient is formed (no gradient buffer), a conv layer
  *   gathers its gradient in a buffer of its own size that lives only during its backward.
  *   The batch given to tp_train_batch is then a list of samples, each trained with lr (not
- *   lr / batch). If a sample's loss is not finite, the samples before it stay applied. A
- *   layer's gradient is checked before its step (sgd_in_place and adam_in_place): when it is
- *   NaN or infinite (finite inputs and loss, values near the float range), TP_ERR_NONFINITE,
- *   that layer and the ones below it are not stepped for the sample (the layers above it,
- *   whose gradients were finite, keep its step: their backward ran first), the running
- *   maxima are those before the sample and the batch is cancelled.
+ *   lr / batch). If a sample's loss is not finite, the samples before it stay applied. Every
+ *   layer's error and gradient is shown finite before the first step (sgd_in_place and
+ *   adam_in_place): by a bound (max |input| of the trained layers, max |W|, fan-out, pool
+ *   windows and activation slopes; a pass over the trained weights and the kept inputs per
+ *   trained sample) or, where the bound exceeds FLT_MAX / 64, by a dry run of the backward
+ *   that forms and checks them without stepping (then the forward and the backward again).
+ *   When one is NaN or infinite (finite inputs and loss, values near the float range):
+ *   TP_ERR_NONFINITE, no layer is stepped for the sample, the running maxima are those before
+ *   the sample and the batch is cancelled.
  * - bias_only_layers: bit i set: trainable layer i (from first_trained_layer on, with a bias)
  *   trains its bias only (TinyTL-style): its weights stay in the spec's const arrays, its
  *   error still passes on to the layers below, its input is not kept for the backward, and
@@ -228,8 +231,8 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   layers and selection_in_place work with it; not with sgd_in_place or momentum_in_place.
  *   A sample whose error is zero from some layer down (sparse policies) steps those layers
  *   with a zero gradient, as torch.optim.Adam does. If a sample's loss is not finite, the
- *   samples before it stay applied; a gradient that is not finite as under sgd_in_place (t
- *   counts the sample when a layer above took its step).
+ *   samples before it stay applied; a gradient that is not finite as under sgd_in_place (no
+ *   step, t as before the sample).
  * - moment_bits: 32 (or 0: float moments) or 8 (Adam only, TP_ERR_ARGUMENT otherwise): Adam
  *   keeps m and v between steps in 8 bits per entry plus one float per block of
  *   TP_MOMENT_BLOCK entries of each weight and bias (m: codes -127..127 times max|m| / 127;
@@ -281,6 +284,8 @@ typedef struct {
     int32_t groups, has_bias;
     int32_t trainable_index;     /* 0.. in forward order, -1 if the layer has no parameters */
     int32_t depth;               /* d_l = L - l for trainable layers */
+    float input_max;             /* recompute_input in sgd_in_place / adam_in_place: max |input|
+                                    of this sample, taken in its forward (fills padding) */
     double depth_scale;          /* zeta^d_l */
     int32_t fan_in;              /* in_features, or C_in/groups * kh * kw */
     int32_t input_is_sample;     /* 1 when this layer reads the sample itself */

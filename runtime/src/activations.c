@@ -211,3 +211,21 @@ void tp_activation_backward_input(const tp_layer *layer, const float *x, float *
     default: break;
     }
 }
+
+double tp_activation_gain(const tp_layer *layer) {
+    const elu_coefficients elu = elu_of(layer);
+    switch (layer->kind) {
+    case TP_LAYER_LEAKY_RELU: return fmax(1.0, fabs((double)layer->activation[0]));
+    case TP_LAYER_ELU: /* y <= 0 only on the negative side, where |y| <= |alpha scale| */
+    case TP_LAYER_CELU:
+    case TP_LAYER_SELU:
+        return fmax(fabs((double)elu.positive),
+                    2.0 * fabs((double)elu.input) * fabs((double)elu.negative));
+    case TP_LAYER_HARDSWISH: return 1.5;
+    case TP_LAYER_SILU: /* at most 1.1; GELU 1.13, Mish 1.09; with room for rounding */
+    case TP_LAYER_GELU:
+    case TP_LAYER_GELU_TANH:
+    case TP_LAYER_MISH: return 1.25;
+    default: return 1.0; /* ReLU, ReLU6, Hardtanh, Hardsigmoid, Sigmoid, Tanh */
+    }
+}

@@ -39,6 +39,11 @@ void tp_activation_backward(const tp_layer *layer, const float *y, float *delta,
 /* delta *= the derivative, from the activation's input x (second family) */
 void tp_activation_backward_input(const tp_layer *layer, const float *x, float *delta,
                                   int32_t n);
+/* The largest |derivative| the backward above multiplies delta by, given a finite output
+ * (first family) or an input of at most TP_GAIN_INPUT_LIMIT in magnitude (second family; GELU
+ * tanh's x^3 overflows beyond it) */
+#define TP_GAIN_INPUT_LIMIT 1e15
+double tp_activation_gain(const tp_layer *layer);
 
 /* ---- plan.c: the arena plan (see plan.c for the lifetimes and the placement) */
 /* at most 9 transient buffers per layer (output, forward and backward scratch, input error,

@@ -1,5 +1,6 @@
 /* train.c: the training step: per sample forward, loss, skip decision and sparse backward;
  * one optimizer update per batch. */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -56,11 +57,33 @@ static const float *activation_output(const tp_model *model, int32_t i) {
     return consumer >= 0 ? model->layers[consumer].recomputed_input : model->layers[i].output;
 }
 
+/* max |v[i]|, or infinity when some v[i] is NaN */
+static float max_abs(const float *v, size_t n) {
+    float largest = 0.0f;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        const float a = fabsf(v[i]);
+        if (!(a <= largest)) {
+            if (a != a) return INFINITY;
+            largest = a;
+        }
+    }
+    return largest;
+}
+
+static int steps_in_place(const tp_model *model) {
+    return model->memory.sgd_in_place || model->memory.adam_in_place;
+}
+
 tp_status tp_forward_sample(tp_model *model, const float *x, const float **logits) {
     const float *current = x;
+    const int in_place = steps_in_place(model);
     int32_t i;
     for (i = 0; i < model->layer_count; i++) {
         tp_layer *layer = &model->layers[i];
+        /* its input is gone when its backward runs: the bound before the backward needs it */
+        if (layer->recompute_input && in_place)
+            layer->input_max = max_abs(current, (size_t)tp_layer_input_size(layer));
         switch (layer->kind) {
         case TP_LAYER_DENSE: tp_dense_forward(layer, current, layer->output); break;
         case TP_LAYER_CONV2D: {
@@ -116,7 +139,7 @@ static int any_nonzero(const float *delta, int32_t n) {
 
 /* selection_in_place: Y and the bias gradient from delta, then the entries top-k does not keep
  * set to zero in delta (the backward then skips zeros). Returns k, 0 when delta is all zero. */
-static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta) {
+static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta, int dry) {
     const int32_t n = tp_layer_output_size(layer);
     const int32_t plane = layer->kind == TP_LAYER_CONV2D ? layer->out_h * layer->out_w : 1;
     float *const grad_bias = layer->has_bias ? layer->grad_bias : NULL;
@@ -128,8 +151,10 @@ static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta) {
     int32_t k;
     if (nonzero == 0) return 0;
     if (adaptive) {
-        if (local_error > layer->running_max) layer->running_max = local_error;
-        k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
+        const float running_max = local_error > layer->running_max ? local_error
+                                                                   : layer->running_max;
+        if (!dry) layer->running_max = running_max;
+        k = tp_keep_count(&model->policy, local_error, running_max, layer->depth_scale, n);
     } else {
         k = tp_keep_count(&model->policy, 0.0f, 0.0f, 1.0, n);
     }
@@ -155,6 +180,19 @@ static int dense_products_finite(const float *delta, int32_t n, const float *x, 
     return isfinite(largest_delta * largest_x);
 }
 
+/* sgd_in_place, a dry run: a dense layer's input error alone, with the same floats as
+ * tp_dense_backward_sgd's (kept rows in ascending order, each added to a zeroed delta_in). */
+static void dense_input_error(const tp_layer *layer, const float *delta, const int32_t *kept,
+                              int32_t k, float *delta_in) {
+    int32_t r, i;
+    tp_zero(delta_in, (size_t)layer->fan_in);
+    for (r = 0; r < (kept == NULL ? layer->out_c : k); r++) {
+        const int32_t j = kept == NULL ? r : kept[r];
+        const float d = delta[j], *row = layer->weight + (size_t)j * (size_t)layer->fan_in;
+        for (i = 0; i < layer->fan_in; i++) delta_in[i] += d * row[i];
+    }
+}
+
 /* The gradient a layer gathered in its own buffer for this sample (weights, then bias). */
 static int gathered_gradient_finite(const tp_layer *layer) {
     const size_t weights = layer->bias_only ? 0 : (size_t)layer->out_c * (size_t)layer->fan_in;
@@ -168,7 +206,7 @@ static int gathered_gradient_finite(const tp_layer *layer) {
  * sample then has no backward here or below (nothing to add, nothing counted); TP_NOT_FINITE
  * in place when this sample's gradient of the layer is NaN or infinite (nothing stepped). */
 static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float *x,
-                                  float *delta, float *delta_in, tp_ledger *macs) {
+                                  float *delta, float *delta_in, tp_ledger *macs, int dry) {
     const int32_t n = tp_layer_output_size(layer);
     const int first = layer == &model->layers[model->first_trained_layer];
     const int in_place = model->memory.sgd_in_place;
@@ -199,12 +237,12 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
          * gradient */
         tp_bias_gradient(layer, delta);
         if (adam_in_place && !gathered_gradient_finite(layer)) return TP_NOT_FINITE;
-        if (adam_in_place) tp_adam_step_layer(model, layer, 1, 0);
+        if (adam_in_place && !dry) tp_adam_step_layer(model, layer, 1, 0);
         macs->backward += tp_macs_backward(layer, n, first);
         return n;
     }
     if (layer->skip_zero_errors) { /* selection_in_place under a sparse policy */
-        k = select_in_place(model, layer, delta);
+        k = select_in_place(model, layer, delta, dry);
         if (k == 0) return 0;
         bias_done = layer->has_bias;
     } else if (policy == TP_POLICY_TINYPROP || policy == TP_POLICY_TINYPROPV2) {
@@ -214,9 +252,11 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         const int32_t nonzero =
             tp_gather_nonzero_sum(delta, n, values, indices, &local_error, plane, grad_bias);
         bias_done = grad_bias != NULL;
+        float running_max;
         if (nonzero == 0) return 0;
-        if (local_error > layer->running_max) layer->running_max = local_error;
-        k = tp_keep_count(&model->policy, local_error, layer->running_max, layer->depth_scale, n);
+        running_max = local_error > layer->running_max ? local_error : layer->running_max;
+        if (!dry) layer->running_max = running_max;
+        k = tp_keep_count(&model->policy, local_error, running_max, layer->depth_scale, n);
         if (k < n) {
             tp_select_topk_gathered(delta, n, k, values, indices, nonzero);
             kept = indices;
@@ -236,8 +276,10 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
     }
     if (layer->kind == TP_LAYER_DENSE && in_place) {
         if (!dense_products_finite(delta, n, x, layer->fan_in)) return TP_NOT_FINITE;
-        tp_dense_backward_sgd(layer, &model->optimizer, x, delta, kept, k,
-                              first ? NULL : delta_in);
+        if (dry && !first) dense_input_error(layer, delta, kept, k, delta_in);
+        if (!dry)
+            tp_dense_backward_sgd(layer, &model->optimizer, x, delta, kept, k,
+                                  first ? NULL : delta_in);
     } else if (layer->kind == TP_LAYER_DENSE) {
         tp_dense_backward(layer, x, delta, kept, k, first ? NULL : delta_in, bias_done);
     } else {
@@ -245,10 +287,10 @@ static int32_t backward_trainable(tp_model *model, tp_layer *layer, const float 
         tp_conv_backward(layer, x, delta, kept, k, first ? NULL : delta_in,
                          layer->backward_scratch, (int32_t *)(void *)values, bias_done);
         if (in_place && !gathered_gradient_finite(layer)) return TP_NOT_FINITE;
-        if (in_place) tp_sgd_step_layer(&model->optimizer, layer);
+        if (in_place && !dry) tp_sgd_step_layer(&model->optimizer, layer);
     }
     if (adam_in_place && !gathered_gradient_finite(layer)) return TP_NOT_FINITE;
-    if (adam_in_place) tp_adam_step_layer(model, layer, 1, 0);
+    if (adam_in_place && !dry) tp_adam_step_layer(model, layer, 1, 0);
     macs->backward += tp_macs_backward(layer, k, first);
     macs->selection += tp_macs_selection(layer, policy);
     return k;
@@ -269,12 +311,15 @@ static void decay_layers_in_place(tp_model *model, int32_t from) {
 }
 
 /* The backward of one trained sample, from the loss error down to the first trained layer (a
- * function of its own so that instruction counts can tell trained from skipped steps). */
+ * function of its own so that instruction counts can tell trained from skipped steps). `dry`
+ * (in place): every error and gradient formed and checked, no layer stepped, no running
+ * maximum moved; the buffers it writes are those of a backward, which overwrite some that
+ * the next backward reads. */
 #if defined(__GNUC__)
 __attribute__((noinline))
 #endif
 static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *keep_row,
-                                    tp_ledger *macs) {
+                                    tp_ledger *macs, int dry) {
     float *delta = model->loss_delta;
     int32_t i;
     int stepped = 0; /* a layer above took this sample's step (in place) */
@@ -328,17 +373,17 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
         case TP_LAYER_DENSE:
         case TP_LAYER_CONV2D: {
             const float *kept_input = layer->recompute_input ? recompute_input(model, x, i) : input;
-            const int32_t k = backward_trainable(model, layer, kept_input, delta, spare, macs);
+            const int32_t k =
+                backward_trainable(model, layer, kept_input, delta, spare, macs, dry);
             if (k == TP_NOT_FINITE) {
                 /* adam_in_place: no layer took step t when this was the top trained one */
-                if (model->memory.adam_in_place && !stepped) model->optimizer_steps--;
+                if (model->memory.adam_in_place && !stepped && !dry) model->optimizer_steps--;
                 return TP_ERR_NONFINITE;
             }
             stepped = 1;
             if (keep_row != NULL) keep_row[layer->trainable_index] = k;
             if (k == 0) { /* a zero error here and below: in place, only the decay steps */
-                if (model->memory.sgd_in_place || model->memory.adam_in_place)
-                    decay_layers_in_place(model, i);
+                if (steps_in_place(model) && !dry) decay_layers_in_place(model, i);
                 return TP_OK;
             }
             if (i == model->first_trained_layer) return TP_OK;
@@ -351,6 +396,64 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
     return TP_OK;
 }
 
+/* Sums of floats round: a computed sum of n terms exceeds the sum of their magnitudes by at
+ * most (1 + 2^-24)^n, under 2 for the sizes a model here has (n < 2^23 along the backward);
+ * a bound at most FLT_MAX / 64 leaves room for that. */
+#define TP_BOUND_LIMIT ((double)FLT_MAX / 64.0)
+
+/* In place, a layer steps as soon as its backward is done, so a NaN or infinite error or
+ * gradient found in a layer below would come after the layers above took the sample's step.
+ * This bound proves before any step that none will be: max |delta| of the loss error is 1
+ * (softmax minus one-hot), a layer's backward multiplies it by at most its gain (dense: out
+ * features x max |W|; conv: out channels per group x kh x kw x max |W|, as each input entry
+ * meets every weight of its group at most once; pools: kh x kw windows; activations:
+ * tp_activation_gain, given the values their backward reads), and a weight gradient is at
+ * most positions x max |delta| x max |input|. 1 when every error and gradient is finite,
+ * 0 when the bound cannot show it. */
+static int backward_bounded(const tp_model *model, const float *x) {
+    double error = 1.0;
+    int32_t i;
+    for (i = model->layer_count - 1; i >= model->first_trained_layer; i--) {
+        const tp_layer *layer = &model->layers[i];
+        const size_t out = (size_t)tp_layer_output_size(layer);
+        switch (layer->kind) {
+        case TP_LAYER_DENSE:
+        case TP_LAYER_CONV2D: {
+            const int conv = layer->kind == TP_LAYER_CONV2D;
+            const double positions = conv ? (double)layer->out_h * layer->out_w : 1.0;
+            const double input =
+                layer->bias_only ? 0.0
+                : layer->recompute_input
+                    ? layer->input_max
+                    : max_abs(layer_input(model, i, x), (size_t)tp_layer_input_size(layer));
+            const double fan_out =
+                conv ? (double)(layer->out_c / layer->groups) * layer->kernel_h * layer->kernel_w
+                     : (double)layer->out_c;
+            if (!(positions * error * fmax(input, 1.0) <= TP_BOUND_LIMIT)) return 0;
+            if (i == model->first_trained_layer) return 1;
+            error *= fan_out * max_abs(layer->weight, (size_t)layer->out_c * layer->fan_in);
+            break;
+        }
+        case TP_LAYER_MAXPOOL:
+        case TP_LAYER_AVGPOOL: error *= (double)layer->kernel_h * layer->kernel_w; break;
+        case TP_LAYER_FLATTEN:
+        case TP_LAYER_RELU: break; /* a NaN output passes no error: y > 0 is false */
+        default:
+            if (tp_activation_reads_input(layer->kind)) {
+                if (!(max_abs(layer_input(model, i, x), out) <= TP_GAIN_INPUT_LIMIT)) return 0;
+            } else {
+                const int32_t consumer = tp_recompute_consumer(model->layers, i, model->layer_count);
+                const float largest = consumer >= 0 ? model->layers[consumer].input_max
+                                                    : max_abs(layer->output, out);
+                if (!(largest <= FLT_MAX)) return 0;
+            }
+            error *= tp_activation_gain(layer);
+            break;
+        }
+        if (!(error <= TP_BOUND_LIMIT)) return 0;
+    }
+    return 1;
+}
 
 tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
                          int *trained, int32_t *keep_row, tp_ledger *macs) {
@@ -384,7 +487,21 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         tp_momentum_begin_batch(model, model->momentum_batch);
         model->momentum_batch = 0;
     }
-    return tp_backward_sample(model, x, keep_row, macs);
+    if (steps_in_place(model) && !backward_bounded(model, x)) {
+        /* the bound does not show it: a dry run checks every error and gradient before any
+         * step, then the forward and the loss error again (the dry run overwrote buffers the
+         * backward reads; the same weights give the same floats) */
+        tp_ledger unused = {0, 0, 0, 0};
+        status = tp_backward_sample(model, x, NULL, &unused, 1);
+        if (status != TP_OK) {
+            if (model->memory.adam_in_place) model->optimizer_steps--; /* no step taken */
+            return status;
+        }
+        status = tp_forward_sample(model, x, &logits);
+        if (status != TP_OK) return status;
+        tp_cross_entropy(logits, model->class_count, label, delta);
+    }
+    return tp_backward_sample(model, x, keep_row, macs, 0);
 }
 
 /* The batch's state before its first sample (or, in the in-place modes, before the current

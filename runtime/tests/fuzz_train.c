@@ -119,6 +119,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (tp_init_mode(&model, &spec, &policy, &optimizer, &memory, arena, bytes) == TP_OK &&
         model.total_parameter_count <= (1u << 20)) { /* frozen weights within `weights` */
         const int32_t n = spec.input_channels * spec.input_height * spec.input_width;
+        const int in_place = memory.sgd_in_place || memory.adam_in_place;
         if (model.arena_bytes_used != bytes) abort(); /* the size said is the size used */
         for (step = 0; step < 3; step++) {
             for (i = 0; i < 6 * n; i++) x[i] = byte(&r) < 250 ? (float)(int8_t)byte(&r) / 16.0f
@@ -130,10 +131,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 tp_batch pending;
                 const int32_t adds = (int32_t)(byte(&r) % 7);
                 if (tp_batch_begin(&model, &pending, batch) == TP_OK) {
-                    for (i = 0; i < adds; i++)
-                        (void)tp_batch_add(&model, &pending, x + (size_t)i * (size_t)n, labels[i],
-                                           keep + (size_t)i * (size_t)model.trainable_count,
-                                           mask + i);
+                    for (i = 0; i < adds; i++) {
+                        /* in place, a refused sample leaves every layer as it was */
+                        const size_t count = model.total_parameter_count;
+                        float *before = in_place ? malloc(2 * count * sizeof(float) + 4) : NULL;
+                        if (in_place && before == NULL) abort();
+                        if (in_place) (void)tp_read_parameters(&model, before, count);
+                        if (tp_batch_add(&model, &pending, x + (size_t)i * (size_t)n, labels[i],
+                                         keep + (size_t)i * (size_t)model.trainable_count,
+                                         mask + i) == TP_ERR_NONFINITE &&
+                            in_place) {
+                            (void)tp_read_parameters(&model, before + count, count);
+                            if (memcmp(before, before + count, count * sizeof(float)) != 0)
+                                abort();
+                        }
+                        free(before);
+                    }
                     if (adds < batch && byte(&r) % 2) /* the input ended early */
                         (void)tp_batch_shorten(&model, &pending);
                     (void)tp_batch_end(&model, &pending, &stats);

@@ -325,15 +325,14 @@ static void test_nonfinite_gradient_in_place(void) {
     static tp_layer_spec conv_layers[] = {TP_CONV_SPEC(1, 1, 1, 1, 1, 0, 0, 1, conv_w, conv_b)};
     static const tp_model_spec conv_spec = {1, 1, 2, 1, conv_layers};
     /* B: two dense layers; the top one's huge weights give the lower one an infinite error */
-    static float w0[2 * 4], b0[2], w1[2 * 2];
+    static float w0[2 * 4], b0[2], w1[2 * 2], b1[2];
     static tp_layer_spec dense_layers[] = {
-        TP_FLATTEN_SPEC(), TP_DENSE_SPEC(2, w0, b0), TP_RELU_SPEC(),
-        {TP_LAYER_DENSE, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, w1, NULL},
+        TP_FLATTEN_SPEC(), TP_DENSE_SPEC(2, w0, b0), TP_RELU_SPEC(), TP_DENSE_SPEC(2, w1, b1),
     };
     static const tp_model_spec dense_spec = {1, 1, 4, 4, dense_layers};
     const tp_policy_config full = tp_policy_defaults(TP_POLICY_FULL);
     float huge[2] = {2e38f, -2e38f}, ones[4] = {1.0f, 1.0f, 1.0f, 1.0f}, small[4] = {0.5f};
-    float before[14], after[14];
+    float before[16], after[16];
     int32_t label = 1, zero = 0;
     int mode, i;
     conv_w[0] = 1e-30f;
@@ -363,12 +362,68 @@ static void test_nonfinite_gradient_in_place(void) {
         CHECK(tp_arena_bytes_mode(&dense_spec, &full, &opt, &memory, &bytes) == TP_OK);
         arena = malloc(bytes);
         CHECK(tp_init_mode(&model, &dense_spec, &full, &opt, &memory, arena, bytes) == TP_OK);
-        tp_read_parameters(&model, before, 14);
+        CHECK(tp_read_parameters(&model, before, 16) == TP_OK);
         CHECK(tp_train_batch(&model, ones, &label, 1, &stats, NULL, NULL) == TP_ERR_NONFINITE);
-        tp_read_parameters(&model, after, 14);
-        CHECK(memcmp(before, after, 10 * sizeof(float)) == 0); /* the lower layer */
-        CHECK(tp_all_finite(after, 14));
+        CHECK(tp_read_parameters(&model, after, 16) == TP_OK);
+        /* the whole model as it was: the top layer's bias took no step either (it did before
+         * the check came ahead of every step) */
+        CHECK(memcmp(before, after, sizeof before) == 0);
+        CHECK(model.optimizer_steps == 0);
         free(arena);
+    }
+}
+
+/* In place, a sample the bound cannot prove finite (inputs near the float range, where the
+ * bound exceeds FLT_MAX / 64 though every gradient is finite) goes through the dry run, the
+ * forward again and the real backward: the same floats as plain SGD on batches of one, which
+ * sgd_in_place equals for dense layers. Under tinypropv2 the running maxima move once. */
+static void test_in_place_dry_run_trains_as_plain_sgd(void) {
+    static float w0[3 * 4], b0[3], w1[2 * 3], b1[2];
+    static tp_layer_spec layers[] = {
+        TP_FLATTEN_SPEC(), TP_DENSE_SPEC(3, w0, b0), TP_ACTIVATION_SPEC(TP_LAYER_TANH), TP_DENSE_SPEC(2, w1, b1),
+    };
+    static const tp_model_spec spec = {1, 1, 4, 4, layers};
+    const tp_optimizer_config sgd = tp_sgd(0.1, 0.0, 0.0);
+    float x[4] = {3e37f, -1e37f, 2e37f, 0.5f}, small[4] = {0.3f, -0.2f, 0.1f, 0.4f};
+    float plain[23], in_place[23], plain_max[3], in_place_max[3], out_plain, out_in_place;
+    int32_t label = 1, other = 0;
+    int policy, i;
+    for (i = 0; i < 12; i++) w0[i] = (float)(i % 5) * 1e-38f - 2e-38f;
+    for (i = 0; i < 6; i++) w1[i] = i % 2 ? 0.9f : -0.7f;
+    for (policy = 0; policy < 2; policy++) { /* full, tinypropv2 */
+        const tp_policy_config config =
+            tp_policy_defaults(policy ? TP_POLICY_TINYPROPV2 : TP_POLICY_FULL);
+        tp_memory_config memory = tp_memory_defaults();
+        tp_model a, b;
+        tp_step_stats stats;
+        size_t bytes_a, bytes_b;
+        void *arena_a, *arena_b;
+        int step;
+        CHECK(tp_arena_bytes(&spec, &config, &sgd, &bytes_a) == TP_OK);
+        memory.sgd_in_place = 1;
+        CHECK(tp_arena_bytes_mode(&spec, &config, &sgd, &memory, &bytes_b) == TP_OK);
+        arena_a = malloc(bytes_a);
+        arena_b = malloc(bytes_b);
+        CHECK(tp_init(&a, &spec, &config, &sgd, arena_a, bytes_a) == TP_OK);
+        CHECK(tp_init_mode(&b, &spec, &config, &sgd, &memory, arena_b, bytes_b) == TP_OK);
+        for (step = 0; step < 4; step++) {
+            const float *sample = step == 0 ? x : small;
+            const int32_t *y = step % 2 ? &other : &label;
+            CHECK(tp_train_batch(&a, sample, y, 1, &stats, NULL, NULL) == TP_OK);
+            CHECK(tp_train_batch(&b, sample, y, 1, &stats, NULL, NULL) == TP_OK);
+        }
+        CHECK(tp_read_parameters(&a, plain, 23) == TP_OK);
+        CHECK(tp_read_parameters(&b, in_place, 23) == TP_OK);
+        CHECK(tp_all_finite(in_place, 23));
+        CHECK(memcmp(plain, in_place, sizeof plain) == 0);
+        for (i = 0, step = 0; i < 12; i++) step += fabsf(in_place[i]) > 1e30f;
+        CHECK(step > 0); /* the huge inputs' gradient was applied */
+        tp_read_running_max(&a, plain_max, 2, &out_plain);
+        tp_read_running_max(&b, in_place_max, 2, &out_in_place);
+        CHECK(memcmp(plain_max, in_place_max, 2 * sizeof(float)) == 0);
+        CHECK(out_plain == out_in_place);
+        free(arena_a);
+        free(arena_b);
     }
 }
 
@@ -1120,6 +1175,7 @@ int main(void) {
     test_memory_modes();
     test_nonfinite_loss_with_momentum_in_place(); /* fill() draws from one sequence */
     test_nonfinite_gradient_in_place();
+    test_in_place_dry_run_trains_as_plain_sgd();
     test_samples_one_at_a_time_equal_the_whole_batch();
     test_batch_api_errors();
     test_hostile_values();
