@@ -212,14 +212,14 @@ def _forward(model: nn.Sequential, modules: list, x: Tensor, first_trainable: in
                     if output.dim() == module.unbatched_dims:
                         raise _Unbatched
                     input_grad = position > first_trainable  # as x.requires_grad would be
-                    stand_in = output.detach().requires_grad_(input_grad)  # for the flags
-                    with torch.enable_grad():
-                        call = module._record(stand_in, weight)
-                    trains = input_grad or weight.requires_grad
-                    calls[position] = (call, trains)
-                    output = module.dense_forward(output, weight, module.bias)
-                else:
-                    output = module(output)
+                    bias = module.bias
+                    flags = (  # as the forward with gradients records them
+                        bias is not None and bias.requires_grad, weight.requires_grad, input_grad
+                    )  # fmt: skip
+                    calls[position] = (module._record(output, weight, flags), any(flags[1:]))
+                    output = module.dense_forward(output, weight, bias)
+                else:  # its forward itself (eligible: no hooks to run)
+                    output = module.forward(output)
     except _Unbatched:
         _abandon_forward_pass(model)
         return None

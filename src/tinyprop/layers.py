@@ -137,15 +137,19 @@ class SparseBackpropLayer:
         """Refuse settings changed after :func:`tinyprop.apply` that the sparse backward
         cannot follow (a clear error, never a wrong gradient)."""
 
-    def _record(self, x: Tensor, weight: Tensor):
+    def _record(self, x: Tensor, weight: Tensor, flags: tuple | None = None):
+        """The :class:`~tinyprop.state.LayerCall` of this call on ``x``; ``flags``: its
+        (has_bias, weight_trainable, input_requires_grad), when the caller knows them (the
+        graph-free step, :mod:`tinyprop.graph_free`), else found from the tensors."""
         state = self.tinyprop_state
-        grad = torch.is_grad_enabled()
-        bias = self.bias
-        flags = (  # has_bias, weight_trainable, input_requires_grad
-            grad and bias is not None and bias.requires_grad,
-            grad and weight.requires_grad,
-            grad and x.requires_grad,
-        )
+        if flags is None:
+            grad = torch.is_grad_enabled()
+            bias = self.bias
+            flags = (  # has_bias, weight_trainable, input_requires_grad
+                grad and bias is not None and bias.requires_grad,
+                grad and weight.requires_grad,
+                grad and x.requires_grad,
+            )
         key = (
             self, self.layer_name, self.layer_index, x.shape, weight.shape, flags,
             self.geometry_settings(),
