@@ -72,21 +72,11 @@ def test_lightning_recipe_equals_train_step(tmp_path, monkeypatch):
     )
     trained = Trained()
     monkeypatch.chdir(tmp_path)
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[TinyPropCallback(), trained],
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-        trainer.fit(module, loader)
+    trainer = fit(pl, module, loader, 1, [TinyPropCallback(), trained])
     assert trainer.global_step == STEPS
     assert trained.trained == expected_trained
     assert 0 in trained.trained and sum(trained.trained) < STEPS * BATCH / 2  # steps skipped
-    for (name, got), want in zip(
-        module.model.named_parameters(), expected.parameters(), strict=True
-    ):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+    assert_same_weights(module.model, expected)
     assert "tinyprop/backward_ratio" in trainer.callback_metrics
     assert list(tmp_path.iterdir()) == []  # no logs or checkpoints left behind
 
@@ -136,18 +126,8 @@ def test_lightning_manual_optimization_with_two_optimizers_equals_own_loop(tmp_p
     torch.manual_seed(0)
     module = Manual(tinyprop.apply(mlp().double(), CONFIG))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-    trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[TinyPropCallback(log=False)],
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-        trainer.fit(module, loader)
-    for (name, got), want in zip(
-        module.model.named_parameters(), expected.parameters(), strict=True
-    ):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+    fit(pl, module, loader, 1, [TinyPropCallback(log=False)], tmp_path)
+    assert_same_weights(module.model, expected)
 
 
 def test_lightning_model_applied_in_configure_model_trains_two_epochs_as_the_hand_loop(tmp_path):
@@ -185,19 +165,9 @@ def test_lightning_model_applied_in_configure_model_trains_two_epochs_as_the_han
             tinyprop.train_step(expected, x[i : i + BATCH], y[i : i + BATCH], LOSS, optimizer)
     module = Built()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-    trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[TinyPropCallback(log=False)],
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-        trainer.fit(module, loader)
+    trainer = fit(pl, module, loader, 2, [TinyPropCallback(log=False)], tmp_path)
     assert trainer.global_step == 2 * 6
-    for (name, got), want in zip(
-        module.model.named_parameters(), expected.parameters(), strict=True
-    ):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+    assert_same_weights(module.model, expected)
 
 
 def tiny_transformer(kind: str):
@@ -549,3 +519,22 @@ def test_accelerate_gradient_accumulation_equals_the_hand_loop(config):
     for reference in references:
         for (name, p), q in zip(got.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-10, msg=name)
+
+
+def fit(pl, module, loader, epochs: int, callbacks: list, root=None):
+    """``Trainer.fit`` on the CPU, quiet (no logger, checkpoints, progress bar or summary)."""
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, callbacks=callbacks,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(module, loader)
+    return trainer
+
+
+def assert_same_weights(model: nn.Module, expected: nn.Module) -> None:
+    """The parameters of ``model`` equal ``expected``'s to 1e-10, by name."""
+    for (name, got), want in zip(model.named_parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
