@@ -236,3 +236,58 @@ def test_a_checkpoint_of_a_model_changed_after_apply_loads_before_its_first_forw
     fresh.load_state_dict(trained.state_dict())
     for name, value in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+class OptionalBlock(nn.Module):
+    """A model whose forward skips ``extra`` once it is deleted (a block taken out by name)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.extra, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, 4) -> (B, 3)
+        x = torch.relu(self.body(x))
+        if "extra" in self._modules:
+            x = torch.relu(self.extra(x))
+        return self.head(x)
+
+
+def delete_attribute(model):
+    del model.extra
+
+
+def delete_with_delattr(model):
+    delattr(model, "extra")
+
+
+@pytest.mark.parametrize("policy", ["randomk", "topk"])
+@pytest.mark.parametrize("change", [delete_attribute, delete_with_delattr])
+def test_a_sparse_layer_deleted_as_an_attribute_after_apply_leaves_the_bookkeeping(change, policy):
+    """``del model.extra`` / ``delattr`` after apply: the same names, ledger, state_dict
+    keys and gradients as the model applied afresh, and remove gives the deleted layer back
+    plain. Before, nn.Module.__delattr__ went unnoticed: the deleted layer stayed among the
+    model's sparse layers and the head kept its registration index 2 (a fresh apply gives
+    1), so random-k drew other rows for it than the same model applied afresh."""
+    config = tinyprop.TinyPropConfig(policy=policy, ratio=0.3)
+    model = tinyprop.apply(OptionalBlock().double(), config)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    tinyprop.backward(model, LOSS(model(x), y))  # a first step with the model as applied
+    extra = model.extra
+    change(model)
+    fresh = tinyprop.apply(tinyprop.remove(copy.deepcopy(model)), config)
+    fresh.load_state_dict(model.state_dict())  # the steps taken (random-k's seed), the maxima
+    model.zero_grad()
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    fresh_stats = tinyprop.backward(fresh, LOSS(fresh(x), y))
+    assert list(stats.keep) == list(fresh_stats.keep) == ["body", "head"]
+    assert stats.macs == fresh_stats.macs
+    assert model.state_dict().keys() == fresh.state_dict().keys()
+    assert [name for name, _ in model._tinyprop_state.layers] == ["body", "head"]
+    fresh_parameters = dict(fresh.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.grad, fresh_parameters[name].grad), name
+    tinyprop.remove(model)
+    assert type(extra) is nn.Linear and type(model.head) is nn.Linear

@@ -185,7 +185,8 @@ def _counting_module_changes(method):
     return counted
 
 
-# the container methods that write ``_modules`` without the registration hook: a layer
+# the container methods that write ``_modules`` without the registration hook (and
+# nn.Module.__delattr__, below): a layer
 # inserted after apply (Sequential.insert, ModuleList.insert) kept its dense backward and was
 # left out of the ledger, silently; after a deletion (del model[0], pop) the layers behind it
 # kept their old names in StepStats.keep
@@ -198,6 +199,25 @@ for _container, _method in (
     (nn.ModuleDict, "clear"),
 ):
     setattr(_container, _method, _counting_module_changes(getattr(_container, _method)))
+
+
+def _counting_submodule_deletions(method):
+    """``nn.Module.__delattr__``, counting a module change when it deletes a submodule: after
+    ``del model.head`` (or ``delattr``) the removed layer stayed in tinyprop's bookkeeping and
+    the layers behind it kept their registration index (random-k drew other rows than a fresh
+    apply). Deleting a parameter, a buffer or a plain attribute counts nothing."""
+
+    @functools.wraps(method)
+    def counted(self, name):
+        submodule = name in self.__dict__.get("_modules", ())
+        method(self, name)
+        if submodule:
+            _MODULE_CHANGES[0] += 1
+
+    return counted
+
+
+nn.Module.__delattr__ = _counting_submodule_deletions(nn.Module.__delattr__)
 
 
 def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
