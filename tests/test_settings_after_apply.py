@@ -291,3 +291,55 @@ def test_a_sparse_layer_deleted_as_an_attribute_after_apply_leaves_the_bookkeepi
         assert torch.equal(parameter.grad, fresh_parameters[name].grad), name
     tinyprop.remove(model)
     assert type(extra) is nn.Linear and type(model.head) is nn.Linear
+
+
+def small_mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def test_a_sparse_layer_moved_between_two_applied_models_becomes_the_new_ones():
+    """``target[2] = source[2]`` (both applied): the moved layer is the target's, with its
+    running state: the target's names, ledger and gradients are those of the same model
+    applied afresh (its checkpoint loaded), and removing the source leaves it sparse. Before,
+    it stayed the source's: missing from the target's ``StepStats.keep``, its MACs
+    unattributed (432) and its rows selected at the source's ratio, silently."""
+    source = tinyprop.apply(small_mlp(0), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.25)
+    target = tinyprop.apply(small_mlp(1), config)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    for model in (source, target):
+        tinyprop.backward(model, LOSS(model(x), y))
+    head = source[2]
+    source[2] = nn.Linear(8, 3).double()
+    target[2] = head
+    fresh = tinyprop.apply(tinyprop.remove(copy.deepcopy(target)), config)
+    fresh.load_state_dict(target.state_dict())
+    target.zero_grad()
+    stats = tinyprop.backward(target, LOSS(target(x), y))
+    fresh_stats = tinyprop.backward(fresh, LOSS(fresh(x), y))
+    assert list(stats.keep) == list(fresh_stats.keep) == ["0", "2"]
+    assert stats.macs == fresh_stats.macs and stats.macs.unattributed == 0
+    fresh_parameters = dict(fresh.named_parameters())
+    for name, parameter in target.named_parameters():
+        assert torch.equal(parameter.grad, fresh_parameters[name].grad), name
+    tinyprop.backward(source, LOSS(source(x), y))
+    tinyprop.remove(source)
+    assert isinstance(target[2], SparseBackpropLayer)
+    tinyprop.remove(target)
+    assert type(head) is nn.Linear
+
+
+def test_a_sparse_layer_in_two_applied_models_at_once_is_refused():
+    """The same layer set into a second applied model while still in the first: one layer
+    cannot follow two policies and two models' passes. Before, the second model trained it
+    as the first one's, left out of its own ``StepStats.keep`` and ledger, silently."""
+    first = tinyprop.apply(small_mlp(0), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    second = tinyprop.apply(small_mlp(1), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    second[2] = first[2]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\) is in two models given to"):
+        second(x)
+    first(x)  # the model the layer came from goes on

@@ -220,7 +220,9 @@ def _counting_submodule_deletions(method):
 nn.Module.__delattr__ = _counting_submodule_deletions(nn.Module.__delattr__)
 
 
-def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
+def _follow_module_changes(
+    model: nn.Module, state: TinyPropState, refuse_shared: bool = True
+) -> None:
     """After model surgery (``model[0] = nn.Linear(...)``, ``model.head = nn.Conv2d(...)``, an
     adapter added): make the supported layers set into the model since :func:`apply` sparse,
     as apply would have, and forget the sparse layers no longer in it. Before, a layer set
@@ -229,6 +231,12 @@ def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
     state.module_changes = _MODULE_CHANGES[0]
     modules = list(model.named_modules())
     current = {id(module) for _, module in modules}
+    moved = [  # sparse layers of another applied model set into this one
+        (name, module)
+        for name, module in modules
+        if isinstance(module, SparseBackpropLayer) and module.tinyprop_state is not state
+    ]
+    moved = [entry for entry in moved if _take_over_moved_layer(*entry, state, refuse_shared)]
     layers = [
         (name, module)
         for name, module in modules
@@ -238,7 +246,7 @@ def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
             and layer_kind(module) not in (None, "override")
         )
     ]
-    known = {id(module) for _, module in state.layers}
+    known = {id(module) for _, module in state.layers + moved}
     if [id(m) for _, m in layers] == [id(m) for _, m in state.layers] and all(
         m.layer_name == (name or "<root>") for name, m in layers
     ):
@@ -256,6 +264,37 @@ def _follow_module_changes(model: nn.Module, state: TinyPropState) -> None:
     state.geometry_cache.clear()
 
 
+def _take_over_moved_layer(
+    name: str, layer: nn.Module, state: TinyPropState, refuse_shared: bool
+) -> bool:
+    """A sparse layer of another applied model set into this one (``target.head =
+    source.head``) becomes this model's, with its running state, as if this model had been
+    applied with it. Before, it stayed the other model's: left out of this model's
+    ``StepStats.keep`` and ledger, selected by the other model's policy, and left sparse by
+    ``tinyprop.remove`` of this model. A layer still inside the other model too is refused
+    (one layer cannot follow two models' policies and passes), or, for ``tinyprop.remove``
+    (``refuse_shared`` False), left to the other model. True when taken over."""
+    other = layer.tinyprop_state
+    if other.root is not None and any(module is layer for module in other.root.modules()):
+        if not refuse_shared:
+            return False
+        raise ValueError(
+            f"layer '{name or '<root>'}' ({getattr(layer, _ORIGINAL_CLASS).__name__}) is in "
+            f"two models given to tinyprop.apply: it is still '{layer.layer_name}' of the "
+            "other one (copy.deepcopy of a sparse layer copies the model around it too). Take "
+            "the layer out of the other model first, or give this model a new layer with the "
+            "weights copied: new.load_state_dict(layer.state_dict(), strict=False)"
+        )
+    other.layers = [entry for entry in other.layers if entry[1] is not layer]
+    other.detached = [entry for entry in other.detached if entry[1] is not layer]
+    hooks = layer._load_state_dict_pre_hooks  # its _check_loaded_maxima goes with it
+    handles = [handle for handle in other.handles if handle.hooks_dict_ref() is hooks]
+    other.handles = [handle for handle in other.handles if handle not in handles]
+    state.handles += handles
+    layer.tinyprop_state = state  # named and numbered by the caller, with the others
+    return True
+
+
 def _follow_changes_before_saving(model: nn.Module, prefix: str, keep_vars: bool) -> None:
     """Root state_dict pre-hook: the running state of a layer set into the model since the
     last forward is saved too, as it would be after one (see :func:`_check_loaded_maxima`)."""
@@ -268,6 +307,8 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: plain torch modules, the same ``state_dict`` keys and values."""
     model = unwrap(model)
     state = state_of(model)
+    if state.module_changes != _MODULE_CHANGES[0]:  # a sparse layer moved in before a forward
+        _follow_module_changes(model, state, refuse_shared=False)
     for handle in state.handles:
         handle.remove()
     for module in state.attention:
