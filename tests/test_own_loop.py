@@ -628,13 +628,14 @@ def test_an_evaluation_forward_with_gradients_after_the_training_one_is_named():
 
 def test_the_same_losses_twice_under_tinypropv2_name_the_used_forward_pass():
     """A second tinyprop.backward on the same losses (tinypropv2) asked for output=..., which
-    would not help: the forward pass they come from belongs to the first step."""
+    would not help: the forward pass they come from belongs to the first step, whose
+    backward ran through it."""
     torch.manual_seed(0)
     model = tinyprop.apply(build("mlp"), tinyprop.TinyPropConfig(policy="tinypropv2"))
     x, y = batch("mlp")
     losses = LOSS(model(x), y)
     tinyprop.backward(model, losses)
-    with pytest.raises(ValueError, match="no forward pass with gradients since its last step"):
+    with pytest.raises(ValueError, match="the same losses given to tinyprop twice"):
         tinyprop.backward(model, losses)
     assert tinyprop.backward(model, LOSS(model(x), y)).trained
 
@@ -698,3 +699,47 @@ def test_a_detached_output_or_a_sample_dim_outside_it_is_named():
     first, second = model(x), model(x)
     with pytest.raises(ValueError, match=r"output= must be one tensor.*got a tuple.*heads"):
         tinyprop.backward(model, LOSS(first, y) + LOSS(second, y), output=(first, second))
+
+
+@pytest.mark.parametrize("policy", ["full", "topk"])
+def test_two_losses_of_one_forward_pass_each_with_its_own_backward(policy):
+    """``tinyprop.backward(model, losses_a, retain_graph=True)`` then
+    ``tinyprop.backward(model, losses_b)`` on one forward pass: plain PyTorch's gradient of
+    the sum at ratio 1.0, and the forward counted once. Before, tinyprop.backward took no
+    ``retain_graph`` (TypeError), and without it PyTorch asked for one."""
+    plain = build("mlp")
+    model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(policy=policy, ratio=1.0))
+    x, y = batch("mlp", size=8)
+    output = plain(x)
+    (LOSS(output, y).mean() + output.square().mean(1).mean()).backward()
+    output = model(x)
+    first = tinyprop.backward(model, LOSS(output, y), retain_graph=True)
+    second = tinyprop.backward(model, output.square().mean(1))
+    assert_same(gradients(model), gradients(plain))
+    assert first.macs.forward > 0 and second.macs.forward == 0
+    assert (second.trained, second.skipped) == (8, 0)
+
+
+@pytest.mark.parametrize("way", ["backward", "loss"])
+def test_a_second_skip_decision_on_one_forward_pass_is_refused(way):
+    """Under tinypropv2 the second losses of a forward pass whose backward a step ran
+    already would be decided alone, against Ymax_L of the first losses (here a small
+    auxiliary loss skipped every sample, silently): a ValueError before any backward, saying
+    to add the losses. Micro-batches' forward passes, each decided on its own, still run."""
+    config = tinyprop.TinyPropConfig(policy="tinypropv2")
+    model = tinyprop.apply(build("mlp"), config)
+    x, y = batch("mlp", size=8)
+    output = model(x)
+    if way == "backward":
+        tinyprop.backward(model, LOSS(output, y), retain_graph=True)
+    else:
+        tinyprop.loss(model, LOSS(output, y)).backward(retain_graph=True)
+    once = gradients(model)
+    for given in (None, output):
+        with pytest.raises(ValueError, match=r"losses_a \+ losses_b"):
+            tinyprop.backward(model, output.square().mean(1), output=given)
+    assert_same(gradients(model), once, atol=0)
+    outputs = [model(x[part]) for part in (slice(0, 4), slice(4, 8))]
+    for output, part in zip(outputs, (slice(0, 4), slice(4, 8)), strict=True):
+        stats = tinyprop.backward(model, LOSS(output, y[part]), output=output, scale=0.5)
+        assert stats.trained + stats.skipped == 4

@@ -137,6 +137,9 @@ class TinyPropState:
     # batch statistics, the only case where drop_skipped_rows has rows to leave out
     coupling_norms: list = field(default_factory=list)
     last_stats: object = None  # StepStats of the last finished step
+    # the forward passes whose layer calls the last finished step's backward ran through
+    # (their graph may be kept, retain_graph=True, for another step's losses)
+    backpropagated: list = field(default_factory=list)
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
     deciding: bool = False  # the skip decision's gradient runs (tinyprop.step._output_error)
@@ -170,6 +173,7 @@ class TinyPropState:
         state = dict(self.__dict__)
         state.update(
             open_passes={}, pending=[], step=None, last_stats=None, _policy=None,
+            backpropagated=[],
             inside_ddp=False, deciding=False, geometry_cache={}, call_fields={},
             checked_optimizer=None,
         )  # fmt: skip

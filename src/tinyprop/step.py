@@ -337,6 +337,8 @@ class StepContext:
             return
         self.records = self._make_records(self._calls)
         self._accounted_calls = len(self._calls)
+        reached = {id(record.call.forward_pass): record.call for record in self.records}
+        self.state.backpropagated = [call.forward_pass for call in reached.values()]
         stats = self.stats
         passes = self.forward_passes + [self.recomputed_pass]
         stats.macs = step_ledger(
@@ -578,6 +580,7 @@ def backward(
     sample_dim: int = 0,
     grad_scaler=None,
     scale: float = 1.0,
+    retain_graph: bool = False,
 ) -> StepStats:
     """Accumulate into ``.grad`` what ``losses.mean().backward()`` would under the policy.
 
@@ -597,6 +600,13 @@ def backward(
             batches of ``B`` samples accumulate the gradient of one batch of ``n · B``
             (gradient accumulation). As with ``GradScaler``'s factor, the policy sees the
             unscaled errors (running maxima and k do not depend on it).
+        retain_graph: keep the autograd graph of the forward pass for another backward
+            through it, as ``loss.backward(retain_graph=True)``: two losses of one forward
+            pass, each given to its own ``tinyprop.backward`` (the last one without it).
+            The second call is a step of its own that adds its backward to the ledger (the
+            forward pass was counted once, by the first) and to ``.grad``; under a policy
+            that skips samples (``tinypropv2``) it is a ValueError, before any backward:
+            the skip decision is made once per forward pass, from the sum of its losses.
 
     Returns:
         :class:`StepStats` of the step (``stepped`` stays False).
@@ -606,7 +616,11 @@ def backward(
         >>> stats = tinyprop.backward(model, loss_fn(model(x), y))
         >>> optimizer.step()
     """
-    return run_backward(model, losses, output, sample_dim, grad_scaler, scale).stats
+    if not isinstance(retain_graph, bool):
+        raise TypeError(f"retain_graph must be True or False, got {retain_graph!r}")
+    return run_backward(
+        model, losses, output, sample_dim, grad_scaler, scale, retain_graph=retain_graph
+    ).stats
 
 
 def run_backward(
@@ -618,6 +632,7 @@ def run_backward(
     scale: float,
     fused_weights: dict | None = None,
     defers_commit: bool = False,
+    retain_graph: bool = False,
 ) -> StepContext:
     """:func:`backward`, returning the whole :class:`StepContext` (``train_step`` also reads
     the gradients it proved finite, and the weight updates it deferred, from
@@ -647,12 +662,13 @@ def run_backward(
     ):  # δ_L from the decision's gradient, bit for bit (tinyprop.loss_gradient)
         output, gradient = decided
         delta = weighted_output_error(gradient, step.stats.trained_mask, step.averaged_samples)
-        OutputBoundary.apply(output, step).backward(delta)
+        OutputBoundary.apply(output, step).backward(delta, retain_graph=retain_graph)
     else:
         scalar = _step_scalar(losses, step)
         if scale != 1.0:
             scalar = scalar * scale
-        (grad_scaler.scale(scalar) if grad_scaler is not None else scalar).backward()
+        scaled = grad_scaler.scale(scalar) if grad_scaler is not None else scalar
+        scaled.backward(retain_graph=retain_graph)
     if step.distributed and not scaling:
         _raise_on_every_rank(model, step)
     return step
@@ -803,6 +819,8 @@ def _decide_step(
     if not policy.sparse:
         _check_full_losses_reach_the_model(module, losses, passes)
     if policy.skips:
+        if not passes:
+            _check_a_forward_pass_is_decided_once(losses, state.backpropagated)
         output_grad = None  # ∂ Σ losses / ∂ output, when the decision computed it
         if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
             scores = losses.detach().double()
@@ -1053,6 +1071,35 @@ def _check_one_forward_pass(losses: Tensor, output: Tensor, passes: list) -> Non
             "last pass's alone leaves the other losses out of it. Pass the output whose "
             "error should decide, tinyprop.backward(model, losses, output=...) (or "
             "tinyprop.loss), or give each forward pass its own losses and tinyprop.backward"
+        )
+
+
+def _check_a_forward_pass_is_decided_once(losses: Tensor, backpropagated: list) -> None:
+    """A ValueError, before any backward, when losses of a forward pass whose backward the
+    last step ran already (``tinyprop.backward(model, losses_a, retain_graph=True)`` then
+    ``tinyprop.backward(model, losses_b)``) come to a policy that skips samples: a second
+    decision from ``losses_b`` alone skipped other samples than one from the sum of the
+    losses, against a running maximum Ymax_L of the first losses' errors (a small auxiliary
+    loss skipped every sample, silently). Walks the losses' graph down to the first sparse
+    layer of such a pass: only on a step without a forward pass of its own."""
+    earlier = {id(forward_pass) for forward_pass in backpropagated}
+    if not earlier:
+        return
+
+    def of_a_backpropagated_pass(node) -> bool:
+        call = getattr(node, "call", None)  # a sparse layer's backward (its LayerCall)
+        return isinstance(call, LayerCall) and id(call.forward_pass) in earlier
+
+    nodes = _autograd_nodes(losses.grad_fn, lambda node: not of_a_backpropagated_pass(node))
+    if any(of_a_backpropagated_pass(node) for node in nodes):
+        raise ValueError(
+            "these losses come from a forward pass whose backward the last step ran already: "
+            "the same losses given to tinyprop twice (run the model's forward pass again for "
+            "each step), or other losses of that forward pass after retain_graph=True. A "
+            "policy that skips samples (tinypropv2) decides once per forward pass, from all "
+            "of its losses (a second decision from these losses alone would skip other "
+            "samples): add the per-sample losses and call tinyprop.backward once, "
+            "tinyprop.backward(model, losses_a + losses_b) (no gradient was added by this call)"
         )
 
 
