@@ -391,6 +391,44 @@ def test_tuple_output_finds_the_tensor_the_losses_come_from(returns):
             tinyprop.loss(model, losses)
 
 
+class TwoHeadsSideBySide(TwoOutputs):
+    """TwoOutputs' two heads as one output, side by side: (B, 10)."""
+
+    def forward(self, x):
+        hidden = torch.relu(self.body(x))
+        return torch.cat([self.head(hidden), self.other(hidden)], dim=1)
+
+
+def test_several_heads_decide_as_one_output_of_the_heads_side_by_side():
+    """``output=(logits_a, logits_b)``, their losses summed: tinypropv2's Y_L of a sample is
+    Σ |δ_L| over both heads' elements, the output error of the heads as one output layer, and
+    the steps (skips, gradients, running maxima) are those of a model whose output is the two
+    heads side by side. It was a ValueError (output= must be one tensor)."""
+    torch.manual_seed(0)
+    config = tinyprop.TinyPropConfig(policy="tinypropv2", skip_threshold=0.95)
+    model = tinyprop.apply(TwoOutputs("tuple").double(), config)
+    side_by_side = tinyprop.apply(TwoHeadsSideBySide("tuple").double(), config)
+    side_by_side.load_state_dict(model.state_dict())
+    skipped = 0
+    for step in range(4):  # the later steps read Ymax_L of the earlier ones
+        x, y = batch("mlp", size=8, seed=step)
+        model.zero_grad()
+        side_by_side.zero_grad()
+        _, scores, other = model(x)
+        stats = tinyprop.backward(model, LOSS(scores, y) + LOSS(other, y), output=(scores, other))
+        both = side_by_side(x)
+        expected = tinyprop.backward(side_by_side, LOSS(both[:, :5], y) + LOSS(both[:, 5:], y))
+        assert torch.equal(stats.trained_mask, expected.trained_mask)
+        assert stats.macs == expected.macs
+        assert_same(gradients(model), gradients(side_by_side))
+        assert_same(buffers(model), buffers(side_by_side))
+        skipped += stats.skipped
+    assert 0 < skipped < 32  # the decision did skip some samples, not all
+    _, scores, other = model(x)
+    with pytest.raises(ValueError, match="do not depend on the output"):  # a head left out
+        tinyprop.backward(model, LOSS(scores, y), output=(scores, other))
+
+
 def test_losses_of_several_forward_passes_say_what_to_do():
     """Two forward passes, their losses concatenated (or the first pass's only): tinypropv2
     named only sample_dim (or said 'the given output' of a call that gave none); one
@@ -695,10 +733,10 @@ def test_a_detached_output_or_a_sample_dim_outside_it_is_named():
         tinyprop.backward(model, LOSS(output, y), sample_dim=2)
     output = model(x)
     assert tinyprop.backward(model, LOSS(output, y), output=output, sample_dim=-2).trained
-    # two heads given together: it asked for the output= it was given
-    first, second = model(x), model(x)
-    with pytest.raises(ValueError, match=r"output= must be one tensor.*got a tuple.*heads"):
-        tinyprop.backward(model, LOSS(first, y) + LOSS(second, y), output=(first, second))
+    # output= neither a tensor nor a tuple of tensors: it asked for the output= it was given
+    first = model(x)
+    with pytest.raises(ValueError, match=r"output= must be .*tuple of tensors.*got a dict"):
+        tinyprop.backward(model, LOSS(first, y), output={"logits": first})
 
 
 @pytest.mark.parametrize("policy", ["full", "topk"])

@@ -496,7 +496,8 @@ def output_the_losses_come_from(losses: Tensor, candidates: tuple[Tensor, ...]) 
         f"the model returned {len(candidates)} tensors with a gradient and the losses depend on "
         f"{reached} of them, so tinypropv2 cannot tell which one is the output its skip "
         "decision measures; pass it: tinyprop.backward(model, losses, output=logits) (or "
-        "tinyprop.loss(..., output=logits))"
+        "tinyprop.loss(..., output=logits)), or several heads whose losses are summed "
+        "together, output=(logits_a, logits_b)"
     )
 
 

@@ -549,6 +549,9 @@ def loss(
             tensor, or the ``logits`` of a dict-like output; of another tuple or dict output, the
             one tensor the losses are computed from, found in their autograd graph: the
             logits, not the features they come from; a ValueError when that is ambiguous).
+            Several heads whose losses are summed: a tuple, ``output=(logits_a, logits_b)``;
+            Y_L is then Σ |δ_L| over all their elements, as of one output of the heads side
+            by side.
         sample_dim: the dimension of ``output`` that indexes the samples (1 for
             sequence-first outputs (T, B, ...)).
 
@@ -822,6 +825,7 @@ def _decide_step(
         if not passes:
             _check_a_forward_pass_is_decided_once(losses, state.backpropagated)
         output_grad = None  # ∂ Σ losses / ∂ output, when the decision computed it
+        heads = None  # output=(head_a, head_b): several heads, their losses summed
         if policy.skip_score == "loss":  # Selective-Backprop ranks the losses
             scores = losses.detach().double()
         else:  # TinyPropv2 ranks the output errors
@@ -838,13 +842,15 @@ def _decide_step(
                     "losses given to tinyprop twice?) or from another model: run the "
                     "model's forward pass again for each step"
                 )
-            if not isinstance(output, Tensor) and chosen:  # (it asked for the output= given)
+            if chosen and _several_heads(output):
+                heads = tuple(output)
+            elif not isinstance(output, Tensor) and chosen:  # (it asked for the output= given)
                 raise ValueError(
-                    f"output= must be one tensor, the model output the losses come from; got "
-                    f"{describe(output)}. With several heads (their losses summed), pass the "
-                    "one whose output error should decide the skip, e.g. output=logits"
+                    f"output= must be the model output the losses come from, one tensor or "
+                    f"a tuple of tensors (several heads, their losses summed: "
+                    f"output=(logits_a, logits_b)); got {describe(output)}"
                 )
-            if not isinstance(output, Tensor):
+            if not isinstance(output, Tensor) and heads is None:
                 raise ValueError(
                     "tinypropv2 needs the model output the losses come from, for the skip "
                     "decision: pass it as output=..."
@@ -852,7 +858,12 @@ def _decide_step(
             state.deciding = True  # an output= before sparse layers: no step work in them
             try:
                 # (B,) Y_L; ∂ Σ losses / ∂ output; whether the losses are row cross-entropy
-                scores, output_grad, row_cross_entropy = _output_error(losses, output, sample_dim)
+                if heads is None:
+                    scores, output_grad, row_cross_entropy = _output_error(
+                        losses, output, sample_dim
+                    )
+                else:
+                    scores, output_grad = _output_error_of_heads(losses, heads, sample_dim)
             except FloatingPointError as error:
                 if not passes_on:
                     raise
@@ -861,18 +872,20 @@ def _decide_step(
                 return step
             finally:
                 state.deciding = False
-            step.output_size = output.numel() // batch
-            if from_sparse_layer is None:
-                from_sparse_layer = getattr(output.grad_fn, "_forward_cls", None) is SparseBackprop
-            if (  # a CPU output straight from a sparse layer, per-sample cross-entropy
-                not distributed
-                and reads_are_free(output.device)
-                and from_sparse_layer
-                and row_cross_entropy
-            ):
-                step.decision_gradient = (output, output_grad)
-            if state.output_error_max_unchecked:
-                _check_loaded_output_error_max(module, state, passes, output, batch)
+            step.output_size = sum(head.numel() // batch for head in heads or (output,))
+            if heads is None:  # (several heads: δ_L is no one layer's, Ymax_L no one layer's)
+                if from_sparse_layer is None:
+                    forward_class = getattr(output.grad_fn, "_forward_cls", None)
+                    from_sparse_layer = forward_class is SparseBackprop
+                if (  # a CPU output straight from a sparse layer, per-sample cross-entropy
+                    not distributed
+                    and reads_are_free(output.device)
+                    and from_sparse_layer
+                    and row_cross_entropy
+                ):
+                    step.decision_gradient = (output, output_grad)
+                if state.output_error_max_unchecked:
+                    _check_loaded_output_error_max(module, state, passes, output, batch)
         step.skip_scores = scores
         trained_mask = policy.trained_mask(scores, step)  # (B,)
         if trained_mask.device != losses.device:
@@ -885,7 +898,11 @@ def _decide_step(
         step.error_unit = 1.0 / step.averaged_samples
         config = policy.config
         leaves_out = config.drop_skipped_rows or config.batch_norm_trained_rows
-        if 0 < stats.skipped and leaves_out and step.couples_samples:
+        if 0 < stats.skipped and leaves_out and step.couples_samples and heads is not None:
+            for head, grad in zip(heads, output_grad, strict=True):
+                if not step.loss_couples_samples:
+                    _keep_rows_of_a_coupled_loss(step, losses, head, grad, sample_dim)
+        elif 0 < stats.skipped and leaves_out and step.couples_samples:
             output = _losses_output(losses, output, passes)
             _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
     return step
@@ -1217,6 +1234,27 @@ def _output_error(losses: Tensor, output: Tensor, sample_dim: int) -> tuple[Tens
             "but its gradient is not); no update was applied"
         )
     return error, grad, row_cross_entropy
+
+
+def _several_heads(output) -> bool:
+    """Whether ``output`` (given as output=) is a tuple or list of tensors: several heads."""
+    if not isinstance(output, (tuple, list)) or not output:
+        return False
+    return all(isinstance(head, Tensor) for head in output)
+
+
+def _output_error_of_heads(losses: Tensor, heads: tuple, sample_dim: int):
+    """Y_L of every sample over several heads whose losses are summed (output=(logits_a,
+    logits_b)): Σ |∂loss_n / ∂head_n| over every head's elements, the output error of the
+    heads side by side as one output layer; (B,) float64, and ∂ Σ losses / ∂ head of each
+    head. Each head is checked as one output is (a head the losses do not depend on, a
+    sample dimension that does not fit, NaN: the same errors)."""
+    errors, grads = [], []
+    for head in heads:
+        error, grad, _ = _output_error(losses, head, sample_dim)
+        errors.append(error)
+        grads.append(grad)
+    return torch.stack(errors).sum(0), tuple(grads)
 
 
 def _check_sample_dim(losses: Tensor, output: Tensor, grad: Tensor, sample_dim: int, others):
