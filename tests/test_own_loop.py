@@ -756,6 +756,11 @@ def test_two_losses_of_one_forward_pass_each_with_its_own_backward(policy):
     assert_same(gradients(model), gradients(plain))
     assert first.macs.forward > 0 and second.macs.forward == 0
     assert (second.trained, second.skipped) == (8, 0)
+    if policy == "topk":  # k of every row and layer, all kept at 1.0 (its keep was empty)
+        assert list(second.keep) == list(first.keep) == ["0", "2", "4"]
+        for name, keep in first.keep.items():
+            assert torch.equal(second.keep[name], keep) and keep.numel() == 8
+        assert second.kernels.keys() == first.kernels.keys()
 
 
 @pytest.mark.parametrize("way", ["backward", "loss"])

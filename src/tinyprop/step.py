@@ -352,6 +352,7 @@ class StepContext:
         )
         by_call = {id(record.call): record for record in self.records}
         calls = [call for forward_pass in passes for call in forward_pass.calls]
+        calls += _calls_of_earlier_passes(self.records, calls)
         for call in calls:  # forward order
             record = by_call.get(id(call))
             if record is None:
@@ -497,6 +498,17 @@ class StepContext:
                 )
             )
         return records
+
+
+def _calls_of_earlier_passes(records: list, calls: list) -> list:
+    """The layer calls of ``records`` that are not among the step's own ``calls``, in forward
+    order: of a forward pass an earlier step took (a second loss of one forward pass after
+    retain_graph=True, a micro-batch whose forward ran before the last step). Their k and
+    kernel were left out of the step's ``keep`` and ``kernels``."""
+    own = {id(call) for call in calls}
+    earlier = [record.call for record in reversed(records) if id(record.call) not in own]
+    passes = {id(call.forward_pass): order for order, call in enumerate(reversed(earlier))}
+    return sorted(earlier, key=lambda call: (passes[id(call.forward_pass)], call.index))
 
 
 def _bounded(x: Tensor | None, error: Tensor | float, unit: float, dtype: torch.dtype) -> bool:
