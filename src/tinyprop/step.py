@@ -619,7 +619,8 @@ def backward(
             through it, as ``loss.backward(retain_graph=True)``: two losses of one forward
             pass, each given to its own ``tinyprop.backward`` (the last one without it).
             The second call is a step of its own that adds its backward to the ledger (the
-            forward pass was counted once, by the first) and to ``.grad``; under a policy
+            forward pass was counted once, by the first; under ``full`` the first counted
+            its one dense backward too) and to ``.grad``; under a policy
             that skips samples (``tinypropv2``) it is a ValueError, before any backward:
             the skip decision is made once per forward pass, from the sum of its losses.
 
