@@ -227,7 +227,11 @@ def _follow_module_changes(
     adapter added): make the supported layers set into the model since :func:`apply` sparse,
     as apply would have, and forget the sparse layers no longer in it. Before, a layer set
     after apply kept its dense backward without a word, and the ledger left its compute out
-    (its MACs were neither a sparse layer's nor in the other modules' count measured before)."""
+    (its MACs were neither a sparse layer's nor in the other modules' count measured before).
+    Returns at once when no module was registered or removed anywhere in the process since
+    the model's last look (the counter ``_MODULE_CHANGES``)."""
+    if state.module_changes == _MODULE_CHANGES[0]:
+        return
     state.module_changes = _MODULE_CHANGES[0]
     modules = list(model.named_modules())
     current = {id(module) for _, module in modules}
@@ -298,17 +302,14 @@ def _take_over_moved_layer(
 def _follow_changes_before_saving(model: nn.Module, prefix: str, keep_vars: bool) -> None:
     """Root state_dict pre-hook: the running state of a layer set into the model since the
     last forward is saved too, as it would be after one (see :func:`_check_loaded_maxima`)."""
-    state = getattr(model, _STATE)
-    if state.module_changes != _MODULE_CHANGES[0]:
-        _follow_module_changes(model, state)
+    _follow_module_changes(model, getattr(model, _STATE))
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: plain torch modules, the same ``state_dict`` keys and values."""
     model = unwrap(model)
     state = state_of(model)
-    if state.module_changes != _MODULE_CHANGES[0]:  # a sparse layer moved in before a forward
-        _follow_module_changes(model, state, refuse_shared=False)
+    _follow_module_changes(model, state, refuse_shared=False)  # a layer moved in since a forward
     for handle in state.handles:
         handle.remove()
     for module in state.attention:
@@ -393,8 +394,7 @@ def _compiled_module(model) -> nn.Module | None:
 def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
     """Root forward pre-hook: record the sparse-layer calls of a training forward pass."""
     state = getattr(model, _STATE)
-    if state.module_changes != _MODULE_CHANGES[0]:
-        _follow_module_changes(model, state)
+    _follow_module_changes(model, state)
     if state.made_on_meta:
         _fill_running_state_made_on_meta(model, state)
     if not torch.is_grad_enabled() or state.open_pass is not None or torch.jit.is_tracing():
@@ -533,8 +533,8 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
     _check_loaded_dtypes(module, state_dict, prefix)
     state = getattr(module, _STATE, None)
     if state is not None:
-        if state.module_changes != _MODULE_CHANGES[0]:  # a layer set in since the last forward:
-            _follow_module_changes(module, state)  # its running maxima load too (it refused them)
+        _follow_module_changes(module, state)  # a layer set in since the last forward: its
+        # running maxima load too (it refused them)
         state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
         state.policy.check_loaded(state_dict, prefix)
