@@ -911,13 +911,14 @@ def _decide_step(
         step.error_unit = 1.0 / step.averaged_samples
         config = policy.config
         leaves_out = config.drop_skipped_rows or config.batch_norm_trained_rows
-        if 0 < stats.skipped and leaves_out and step.couples_samples and heads is not None:
-            for head, grad in zip(heads, output_grad, strict=True):
-                if not step.loss_couples_samples:
-                    _keep_rows_of_a_coupled_loss(step, losses, head, grad, sample_dim)
-        elif 0 < stats.skipped and leaves_out and step.couples_samples:
-            output = _losses_output(losses, output, passes)
-            _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
+        if 0 < stats.skipped and leaves_out and step.couples_samples:
+            if heads is None:
+                output = _losses_output(losses, output, passes)
+                _keep_rows_of_a_coupled_loss(step, losses, output, output_grad, sample_dim)
+            else:  # each head's output gradient, until one shows the loss couples samples
+                for head, grad in zip(heads, output_grad, strict=True):
+                    if not step.loss_couples_samples:
+                        _keep_rows_of_a_coupled_loss(step, losses, head, grad, sample_dim)
     return step
 
 
