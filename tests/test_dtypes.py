@@ -157,3 +157,39 @@ def test_a_float32_model_under_another_default_dtype_gets_the_float32_default_gr
     for name, grad in expected.items():
         assert torch.equal(got[name], grad), name
     assert dtypes == expected_dtypes  # Ymax_l, Ymax_L float32 under a float16 default too
+
+
+def complex_model(dtype=torch.complex64) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    return model.to(dtype), torch.randn(4, 6, dtype=torch.complex64), torch.arange(4) % 3
+
+
+def complex_losses(output, y):  # real per-sample losses of a complex output
+    return torch.nn.functional.cross_entropy(output.abs(), y, reduction="none")
+
+
+@pytest.mark.parametrize("policy", ["topk", "tinyprop", "tinypropv2"])
+@pytest.mark.parametrize("when", ["before apply", "after apply"])
+def test_complex_layers_are_refused_by_sparse_policies_and_train_under_full(policy, when):
+    """A complex Linear failed inside the backward with PyTorch's '"aminmax_cpu" not
+    implemented for 'ComplexFloat'', naming neither the layer nor tinyprop; now the forward
+    names the layer and the way out, and ``full`` trains as plain PyTorch."""
+    model, x, y = complex_model(torch.float32 if when == "after apply" else torch.complex64)
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy=policy))
+    model = model.to(torch.complex64)
+    with pytest.raises(TypeError, match=r"layer '0' has a complex weight.*'full' policy"):
+        tinyprop.backward(model, complex_losses(model(x), y))
+    tinyprop.remove(model)
+    model.zero_grad()
+    plain = copy.deepcopy(model)
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="full"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for _ in range(2):
+        tinyprop.train_step(model, x, y, complex_losses, optimizer)
+        plain_optimizer.zero_grad()
+        complex_losses(plain(x), y).mean().backward()
+        plain_optimizer.step()
+    for got, expected in zip(model.parameters(), plain.parameters(), strict=True):
+        assert got.dtype == torch.complex64 and torch.equal(got, expected)

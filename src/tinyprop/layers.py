@@ -115,6 +115,13 @@ class SparseBackpropLayer:
                     call.forward_pass.dense_weights.add(id(leaf))
             return self.dense_forward(x, weight, self.bias)
         self.check_sparse_settings()
+        if weight.is_complex() or x.is_complex():
+            raise TypeError(
+                f"layer '{self.layer_name}' has a complex weight or input ({weight.dtype}, "
+                f"{x.dtype}); tinyprop's sparse backward ranks real output gradients |δ| only. "
+                "Use the 'full' policy (PyTorch's dense backward, which trains complex layers), "
+                "or call tinyprop.remove(model) first"
+            )
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 f"layer '{self.layer_name}': tinyprop's sparse backward does not run under "
