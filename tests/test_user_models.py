@@ -408,6 +408,45 @@ def test_lazy_layers_applied_before_their_first_forward_train_sparse(ratio):
     assert [type(layer).__name__ for layer in untouched][::3] == ["LazyConv2d", "LazyLinear"]
 
 
+LAZY_DENSE_LAYERS = {  # a lazy layer tinyprop keeps dense, the input, its forward MACs per sample
+    "LazyConv3d": (lambda: nn.LazyConv3d(4, 3), (2, 5, 5, 5), 4 * 3**3 * 2 * 3**3),
+    "LazyConvTranspose2d": (lambda: nn.LazyConvTranspose2d(4, 3), (2, 5, 5), 2 * 5**2 * 4 * 3**2),
+    "LazyConv1d reflect": (
+        lambda: nn.LazyConv1d(4, 3, padding=1, padding_mode="reflect"),
+        (3, 7),
+        4 * 7 * 3 * 3,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LAZY_DENSE_LAYERS))
+def test_a_lazy_layer_kept_dense_applied_before_its_first_forward_trains_as_pytorch(name):
+    """apply on a model holding a lazy layer tinyprop keeps dense (Conv3d, ConvTranspose2d, a
+    padding mode other than zeros), before its first forward, failed: "Can't access the shape
+    of an uninitialized parameter" (the dense-module warning read its shape). Now the layer
+    is named in that warning, trains as in PyTorch and is counted dense in the ledger."""
+    build, shape, layer_macs = LAZY_DENSE_LAYERS[name]
+    x = torch.randn(4, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 1])
+
+    def lazy_model():
+        torch.manual_seed(0)
+        return nn.Sequential(build(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+
+    with pytest.warns(UserWarning, match=rf"dense.*: 0 \({name.split()[0]}\)"):
+        model = tinyprop.apply(lazy_model(), tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    plain = lazy_model()
+    plain_gradients(plain, (x,), y, LOSS)  # draws the weights, as the model's first forward
+    torch.manual_seed(0)
+    stats = tinyprop.train_step(model, x, y, LOSS, torch.optim.SGD(model.parameters(), lr=0.0))
+    expected = plain_gradients(plain, (x,), y, LOSS)
+    assert_same(gradients(model), expected)
+    assert list(stats.keep) == ["3"]  # the LazyLinear is sparse
+    head_macs = plain[3].weight.numel()
+    assert stats.macs.forward == 4 * (layer_macs + head_macs)
+    assert stats.macs.unattributed == 3 * 4 * layer_macs  # its forward and dense backward
+
+
 CHECKPOINT_CONFIGS = {
     "tinypropv2": tinyprop.TinyPropConfig(policy="tinypropv2"),
     "tinypropv2-budget": tinyprop.TinyPropConfig(policy="tinypropv2", budget=0.3),

@@ -715,9 +715,12 @@ def _vector_parameters_only(module: nn.Module) -> bool:
     (transformers' LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm), a layer scale, PReLU. Such a
     module multiplies or adds its parameters entry by entry, as nn.LayerNorm does: no matrix
     product to make sparse, so dense by design, without the warning (every LLaMA-style model
-    named each of its RMSNorms in it, though nn.RMSNorm was not named)."""
+    named each of its RMSNorms in it, though nn.RMSNorm was not named). A lazy module before
+    its first forward (``nn.LazyConv3d``, ``nn.LazyConvTranspose2d``) has no shape yet: it is
+    named (reading its shape made ``apply`` fail)."""
     return all(
-        sum(size > 1 for size in parameter.shape) <= 1
+        not isinstance(parameter, nn.parameter.UninitializedParameter)
+        and sum(size > 1 for size in parameter.shape) <= 1
         for parameter in module.parameters(recurse=False)
         if parameter.requires_grad
     )
