@@ -228,3 +228,30 @@ def test_a_layer_the_backward_never_reached_is_not_in_the_dense_backward(way):
     expected["forward"] += size * 16 * 3  # the head's forward ran
     assert {k: getattr(stats.macs, k) for k in expected} == expected
     assert set(stats.keep) == ({"mlp.0", "mlp.2", "mlp.4"} if way == "unused head" else {"mlp.4"})
+
+
+class Unrolled(nn.Module):
+    """A dense GRU cell (8 -> 16) unrolled ``steps`` times, a count given as an int."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, steps: int):
+        h = torch.zeros(x.shape[0], 16)
+        for _ in range(steps):
+            h = self.cell(x, h)
+        return self.head(h)
+
+
+def test_other_macs_follow_an_int_argument_such_as_an_unrolling_count():
+    """Numbers counted by their type: model(x, steps=5) after model(x, steps=1) was counted
+    with one step of the dense cell (the first call's MACs), a fifth of its work."""
+    model = tinyprop.apply(Unrolled(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    cell_macs = 4 * 3 * 16 * (8 + 16)  # B x the three gates' input and hidden products
+    for steps in (1, 5, 1):
+        stats = tinyprop.backward(model, LOSS(model(x, steps=steps), y))
+        assert stats.macs.forward == steps * cell_macs + 4 * 16 * 3
+        assert stats.macs.unattributed == 3 * steps * cell_macs  # forward + twice it backward

@@ -434,10 +434,11 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
 def _signature(args, kwargs) -> tuple:
     """What decides the MACs of a forward call besides the module's own code: each tensor's
     shape, dtype and whether it requires grad, the names of the keyword arguments, and the
-    values of flags (bools, strings, None: ``output_hidden_states=True`` runs more than
-    ``False``; they were all one signature, and the ledger counted the first call's MACs for
-    every later one). Numbers count by their type: a value that changes at every call would
-    run the FLOP counter at every call."""
+    values of flags and counts (bools, ints, strings, None: ``output_hidden_states=True`` runs
+    more than ``False``, ``model(x, steps=5)`` unrolls a dense cell five times; they were one
+    signature, and the ledger counted the first call's MACs for every later one). Other
+    numbers (floats) count by their type, and a tensor by its shape: a value that changes at
+    every call would run the FLOP counter at every call."""
     if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # model(x): no flattening
         leaves = args
     else:
@@ -445,7 +446,7 @@ def _signature(args, kwargs) -> tuple:
     return tuple(sorted(kwargs)) + tuple(
         (tuple(leaf.shape), leaf.dtype, leaf.requires_grad)
         if isinstance(leaf, Tensor)
-        else (leaf if isinstance(leaf, (bool, str, type(None))) else type(leaf))
+        else ((type(leaf), leaf) if isinstance(leaf, (bool, int, str, type(None))) else type(leaf))
         for leaf in leaves
     )
 
