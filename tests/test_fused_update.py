@@ -178,6 +178,49 @@ def test_native_update_is_sgds_step_on_the_native_gradient(threads):
     assert untouched.any() and torch.equal(updated[untouched], weight[untouched])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("sgd", ["plain", "momentum", "first", "nesterov"])
+@pytest.mark.parametrize("relu_mask", [False, True])
+def test_one_walk_gives_the_input_gradient_and_the_update_of_two_calls(threads, sgd, relu_mask):
+    """linear_input_update walks the weight's rows once for the input gradient and SGD's step:
+    the input gradient of the weight before the step and the weight (and momentum buffer) of
+    the update, bit for bit as linear_backward then linear_update give them, at any thread
+    count; widths that end in part of a tile, a sample that kept nothing."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(threads)
+        x = torch.randn(9, 300, generator=generator).relu()  # (B, in) a ReLU's output
+        weight = torch.randn(150, 300, generator=generator)  # (out, in)
+        keep = torch.randint(1, 12, (9,), generator=generator)
+        _, column, value = tinyprop.native.topk(torch.randn(9, 150, generator=generator), keep)
+        ends = keep.cumsum(0).tolist()
+        kept = torch.ones(column.numel(), dtype=torch.bool)
+        kept[ends[3] : ends[4]] = False  # sample 4 kept nothing
+        column, value, keep[4] = column[kept], value[kept], 0
+        row_start = torch.cat([torch.zeros(1, dtype=torch.long), keep.cumsum(0)])  # (B + 1,)
+        settings = {
+            "plain": {},
+            "momentum": {"momentum": 0.9, "dampening": 0.25},
+            "first": {"momentum": 0.9, "first": True},
+            "nesterov": {"momentum": 0.9, "nesterov": True},
+        }[sgd]
+        buffers = [torch.randn(150, 300, generator=generator) if settings else None]
+        buffers.append(None if buffers[0] is None else buffers[0].clone())
+        updated = [weight.clone(), weight.clone()]
+        entries = (row_start, column, value)
+        expected, _ = tinyprop.native.linear_backward(x, weight, *entries, True, False, relu_mask)
+        tinyprop.native.linear_update(x, updated[0], *entries, -0.3, buffers[0], **settings)
+        walked = tinyprop.native.linear_input_update(
+            x, updated[1], *entries, -0.3, buffers[1], **settings, relu_mask=relu_mask
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.equal(walked, expected)
+    assert torch.equal(updated[1], updated[0]) and not torch.equal(updated[1], weight)
+    assert buffers[0] is None or torch.equal(buffers[1], buffers[0])
+
+
 class SharedWeights(nn.Module):
     """A Linear weight used twice: the layer called twice, two layers tied to it, or the
     layer and an ``F.linear`` of its weight."""

@@ -31,6 +31,10 @@ int tp_linear_update_momentum_f32(const float *, float *, int64_t, int64_t, int6
                                   const int64_t *, const int64_t *, const float *, float, float *,
                                   float, float, int64_t, int64_t, int64_t *, int64_t *, float *,
                                   int64_t);
+int tp_linear_input_update_f32(const float *, float *, int64_t, int64_t, int64_t,
+                               const int64_t *, const int64_t *, const float *, float *,
+                               int64_t, float, float *, float, float, int64_t, int64_t,
+                               int64_t *, int64_t *, float *, int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
 int tp_conv_backward_planes_f32(const float *, const float *, const int64_t *, const int64_t *,
@@ -327,7 +331,9 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
     int first = rand() % 2, nesterov = rand() % 2;
     float momentum = 0.9f, damped = nesterov ? 1.0f : 0.75f;
     float *buffer = malloc(sizeof(float) * n * m), *expected_buffer = malloc(sizeof(float) * n * m);
+    float *buffer_before = malloc(sizeof(float) * n * m);
     for (int64_t i = 0; i < n * m; i++) updated[i] = weight[i], buffer[i] = entry(kind);
+    memcpy(buffer_before, buffer, sizeof(float) * n * m);
     for (int64_t i = 0; i < n * m; i++)
         expected_buffer[i] = first ? grad_weight[i] : fmaf(grad_weight[i], damped, buffer[i] * momentum);
     if (status == 0 && tp_linear_update_momentum_f32(x, updated, batch, n, m, row_start, column,
@@ -342,6 +348,29 @@ static int check_linear(int64_t batch, int64_t n, int64_t m, int64_t threads) {
         int same = buffer[i] == b || (isnan(buffer[i]) && isnan(b));
         if (!same || !(updated[i] == expected || (isnan(updated[i]) && isnan(expected)))) status = 1;
     }
+    /* the input gradient and the update in one walk (tp_linear_input_update_f32): the input
+     * gradient of the weight before the step (as tp_linear_backward's, same relu), the weight
+     * and buffer as the update kernels leave them, bit for bit */
+    int with_buffer = rand() % 2;
+    float *walked = malloc(sizeof(float) * n * m), *walked_input = malloc(sizeof(float) * batch * m);
+    for (int64_t i = 0; i < n * m; i++) walked[i] = weight[i];
+    if (status == 0 && tp_linear_input_update_f32(
+                           x, walked, batch, n, m, row_start, column, value, walked_input, relu,
+                           -0.5f, with_buffer ? buffer_before : NULL, momentum, damped, first,
+                           nesterov, column_start, by_sample, by_value, threads))
+        status = 1;
+    for (int64_t i = 0; status == 0 && i < n * m; i++) {
+        float expected = with_buffer ? updated[i] : weight[i] + -0.5f * grad_weight[i];
+        float b = buffer[i], got_buffer = buffer_before[i];
+        int same = !with_buffer || got_buffer == b || (isnan(got_buffer) && isnan(b));
+        if (!same || !(walked[i] == expected || (isnan(walked[i]) && isnan(expected)))) status = 1;
+    }
+    for (int64_t i = 0; status == 0 && !weight_only && i < batch * m; i++) {
+        float got = walked_input[i], expected = grad_input[i];
+        if (isnan(got) ? !isnan(expected) : got != expected || signbit(got) != signbit(expected))
+            status = 1;
+    }
+    free(walked), free(walked_input), free(buffer_before);
     free(buffer), free(expected_buffer);
     free(updated);
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);

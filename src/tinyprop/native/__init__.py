@@ -64,6 +64,11 @@ def library() -> ctypes.CDLL | None:
     lib.tp_linear_update_momentum_f32.argtypes += [ctypes.c_float] * 2 + [_int64] * 2
     lib.tp_linear_update_momentum_f32.argtypes += [_pointer] * 3 + [_int64]
     lib.tp_linear_update_momentum_f32.restype = ctypes.c_int
+    lib.tp_linear_input_update_f32.argtypes = [_pointer, _pointer, _int64, _int64, _int64]
+    lib.tp_linear_input_update_f32.argtypes += [_pointer] * 4 + [_int64, ctypes.c_float, _pointer]
+    lib.tp_linear_input_update_f32.argtypes += [ctypes.c_float] * 2 + [_int64] * 2
+    lib.tp_linear_input_update_f32.argtypes += [_pointer] * 3 + [_int64]
+    lib.tp_linear_input_update_f32.restype = ctypes.c_int
     for name in ("tp_conv_backward_f32", "tp_plane_conv_backward_f32"):
         getattr(lib, name).argtypes = [_pointer] * 8 + [_int64]
         getattr(lib, name).restype = ctypes.c_int
@@ -411,24 +416,11 @@ def linear_update(
         row_start, column, value: the kept entries as for :func:`linear_backward`.
         momentum_buffer: None, or (out, in) float32, contiguous: SGD's momentum buffer.
     """
-    tensors = [weight] if momentum_buffer is None else [weight, momentum_buffer]
-    if not all(
-        tensor.is_contiguous() and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
-        for tensor in tensors
-    ):
-        raise ValueError("linear_update needs a contiguous float32 CPU weight (and buffer)")
-    if momentum_buffer is not None and momentum_buffer.shape != weight.shape:
-        raise ValueError(
-            f"momentum buffer {tuple(momentum_buffer.shape)} does not match the weight "
-            f"{tuple(weight.shape)}"
-        )
-    x, _, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
+    x, row_start, column, value, scratch, threads = _update_inputs(
+        x, weight, row_start, column, value, momentum_buffer
+    )
     batch, inputs = x.shape
     outputs = weight.shape[0]
-    scratch = _regroup_scratch(outputs, column.numel())
-    threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
     kept = (row_start.data_ptr(), column.data_ptr(), value.data_ptr())
     if momentum_buffer is None:
         status = library().tp_linear_update_f32(
@@ -442,6 +434,73 @@ def linear_update(
             *scratch, threads,
         )  # fmt: skip
     _check_linear_status(status, outputs, column)
+
+
+def _update_inputs(x, weight, row_start, column, value, momentum_buffer):
+    """The kernel inputs of an update of ``weight`` in place (see :func:`linear_update`),
+    checked: (x, row_start, column, value, regroup scratch, threads)."""
+    tensors = [weight] if momentum_buffer is None else [weight, momentum_buffer]
+    if not all(
+        tensor.is_contiguous() and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+        for tensor in tensors
+    ):
+        raise ValueError("the fused SGD update needs a contiguous float32 CPU weight (and buffer)")
+    if momentum_buffer is not None and momentum_buffer.shape != weight.shape:
+        raise ValueError(
+            f"momentum buffer {tuple(momentum_buffer.shape)} does not match the weight "
+            f"{tuple(weight.shape)}"
+        )
+    x, _, row_start, column, value = _kernel_inputs(x, weight, row_start, column, value)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"need x (B, in), weight (out, in), got {x.shape}, {weight.shape}")
+    batch, inputs = x.shape
+    outputs = weight.shape[0]
+    scratch = _regroup_scratch(outputs, column.numel())
+    threads = threads_for((column.numel() + outputs) * inputs, BACKWARD_GRAIN)
+    return x, row_start, column, value, scratch, threads
+
+
+def linear_input_update(
+    x: Tensor,
+    weight: Tensor,
+    row_start: Tensor,
+    column: Tensor,
+    value: Tensor,
+    scale: float,
+    momentum_buffer: Tensor | None = None,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    first: bool = False,
+    relu_mask: bool = False,
+) -> Tensor:
+    """:func:`linear_backward`'s input gradient and :func:`linear_update`'s SGD step of the
+    weight in one walk down the weight's rows: each piece of a row is added into the input
+    gradient of the samples that kept it, then stepped, so the weight is read once and written
+    once instead of read by the backward and read and written again by the update.
+
+    The input gradient is the one of the weight before the step (``relu_mask`` as for
+    :func:`linear_backward`), the weight (and ``momentum_buffer``) come out as
+    :func:`linear_update` leaves them, bit for bit, at every thread count. Arguments as for
+    :func:`linear_update`.
+
+    Returns:
+        grad_input (B, in).
+    """
+    x, row_start, column, value, scratch, threads = _update_inputs(
+        x, weight, row_start, column, value, momentum_buffer
+    )
+    batch, inputs = x.shape
+    outputs = weight.shape[0]
+    grad_input = _float32_empty(batch, inputs)  # (B, in)
+    status = library().tp_linear_input_update_f32(
+        x.data_ptr(), weight.data_ptr(), batch, outputs, inputs,
+        row_start.data_ptr(), column.data_ptr(), value.data_ptr(), grad_input.data_ptr(),
+        int(relu_mask), scale, _address(momentum_buffer), momentum, 1.0 - dampening,
+        int(first), int(nesterov), *scratch, threads,
+    )  # fmt: skip
+    _check_linear_status(status, outputs, column)
+    return grad_input
 
 
 def _check_linear_status(status: int, outputs: int, column: Tensor) -> None:

@@ -926,6 +926,7 @@ typedef struct {
     const float *by_column_value;
     float *grad_weight, *grad_input;
     float *strip; /* NULL: walk the weight's rows; else (threads, 2, min(n, STRIP_ROWS), TILE) */
+    const struct update_call *update; /* NULL; else SGD's step of the weight, in the walk */
 } linear_call;
 
 /* The first of the entries [from, to) of a sample (columns ascending) with a column >= value. */
@@ -953,12 +954,31 @@ static void copy_rows(float *restrict copy, const float *restrict weight, int64_
     }
 }
 
+/* grad_weight[j, at .. end) = Σ_{s keeps j} δ[s, j] · x[s, at .. end), the samples in
+ * ascending order, from zero: two tiles at a time while two are left, then tile by tile (every
+ * float the same sum however the columns are cut). */
+static void weight_piece(const linear_call *c, int64_t j, int64_t at, int64_t width,
+                         const int64_t *sample, const float *value, int64_t count) {
+    int64_t m = c->m, end = at + width;
+    for (; end - at >= 2 * TILE; at += 2 * TILE)
+        two_tile_sum(c->grad_weight + j * m + at, c->x + at, m, sample, value, count, c->stream);
+    for (; at < end; at += TILE)
+        tile_sum(c->grad_weight + j * m + at, c->x + at, m, 0, end - at < TILE ? end - at : TILE,
+                 sample, value, count, 0, c->stream);
+}
+
+static void row_update(const struct update_call *c, int64_t j, int64_t from, int64_t width,
+                       const int64_t *sample, const float *value, int64_t count);
+
 /* grad_input's columns [first, end) (whole tiles but the last), walking the weight's rows: row
  * s starts at zero and adds δ[s, j] · weight[j] for the outputs j it kept, j ascending; the
  * weight is read once, row after row, each row added into the samples that kept it, a block
  * of WALK_COLUMNS columns at a time (each column's sum in the same order), summed in a
  * contiguous copy of the block (batch, WALK_COLUMNS) and copied into grad_input when done (in
- * grad_input itself when that copy cannot be had). */
+ * grad_input itself when that copy cannot be had). In the same walk, while the row's piece is
+ * in the cache: grad_weight's piece of row j (when asked for; the sums linear_part's own loop
+ * makes), or SGD's step of it (c->update, after the row was added: the input gradient takes
+ * the weight before the step), so that the weight is read once and written at most once. */
 static void input_by_rows(const linear_call *c, int64_t first, int64_t end) {
     int64_t m = c->m, batch = c->batch;
     void *held = malloc((size_t)(batch * WALK_COLUMNS) * sizeof(float) + 64);
@@ -971,13 +991,20 @@ static void input_by_rows(const linear_call *c, int64_t first, int64_t end) {
             memset(out + s * stride, 0, (size_t)width * sizeof(float));
         for (int64_t j = 0; j < c->n; j++) {
             const float *restrict row = c->weight + j * m + from;
+            int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
+            const int64_t *sample = c->by_column_sample + start;
+            const float *value = c->by_column_value + start;
 #if defined(__GNUC__)
             if (j + WALK_AHEAD < c->n) /* a hint: nothing depends on it */
                 for (int64_t i = 0; i < width; i += 64 / (int64_t)sizeof(float))
                     __builtin_prefetch(row + WALK_AHEAD * m + i, 0, 3);
 #endif
-            for (int64_t t = c->column_start[j]; t < c->column_start[j + 1]; t++)
-                row_add(out + c->by_column_sample[t] * stride, row, width, c->by_column_value[t]);
+            for (int64_t t = 0; t < count; t++)
+                row_add(out + sample[t] * stride, row, width, value[t]);
+            if (c->update)
+                row_update(c->update, j, from, width, sample, value, count);
+            else if (c->grad_weight)
+                weight_piece(c, j, from, width, sample, value, count);
         }
         for (int64_t s = 0; s < batch; s++) {
             if (block)
@@ -1025,28 +1052,23 @@ static void input_by_strips(const linear_call *c, int64_t first, int64_t end, in
         relu_mask_span(c->grad_input + s * m + first, c->x + s * m + first, end - first);
 }
 
-/* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. Row by
- * row (each row's tiles written one after the other, not a row of the weight apart), each tile
- * of grad_weight row j sums the x rows of the samples that kept j (two tiles at a time while
- * two are left); then grad_input's columns (see input_by_rows, input_by_strips). */
+/* The tiles [part, part + 1) · tiles / parts of TILE input features of both gradients. With
+ * grad_input walking the weight's rows (input_by_rows), grad_weight (or SGD's step of the
+ * weight) comes in the same walk; else row by row (each row's tiles written one after the
+ * other, not a row of the weight apart), each tile of grad_weight row j sums the x rows of the
+ * samples that kept j (weight_piece), then grad_input's columns (input_by_strips). */
 static int linear_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     const linear_call *c = context;
     int64_t m = c->m, tiles = (m + TILE - 1) / TILE;
     int64_t first = slice_start(tiles, part, parts, 1) * TILE;
     int64_t end = slice_start(tiles, part + 1, parts, 1) * TILE;
     if (end > m) end = m;
-    if (c->grad_weight) {
+    int walks = c->grad_input && !c->strip; /* input_by_rows writes grad_weight too */
+    if (c->grad_weight && !walks) {
         for (int64_t j = 0; j < c->n; j++) {
             int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
-            const int64_t *sample = c->by_column_sample + start;
-            const float *value = c->by_column_value + start;
-            int64_t at = first;
-            for (; end - at >= 2 * TILE; at += 2 * TILE)
-                two_tile_sum(c->grad_weight + j * m + at, c->x + at, m, sample, value, count,
-                             c->stream);
-            for (; at < end; at += TILE)
-                tile_sum(c->grad_weight + j * m + at, c->x + at, m, 0,
-                         end - at < TILE ? end - at : TILE, sample, value, count, 0, c->stream);
+            weight_piece(c, j, first, end - first, c->by_column_sample + start,
+                         c->by_column_value + start, count);
         }
     }
     if (c->grad_input && first < end) {
@@ -1146,7 +1168,7 @@ int tp_linear_backward_relu_f32(const float *x, const float *weight, int64_t bat
                            threads, 1);
 }
 
-typedef struct {
+typedef struct update_call {
     const float *x;
     int64_t n, m;
     const int64_t *column_start, *by_column_sample;
@@ -1179,44 +1201,48 @@ static void momentum_tile(const update_call *c, float *restrict w, float *restri
     }
 }
 
-/* The rows [part, part + 1) · n / parts of the weight: row j += scale · (its gradient row,
- * summed tile by tile as tp_linear_backward_f32 sums it), read and written once, in order (x
- * stays in the cache); rows nobody kept stay as they are under plain SGD, and take a zero
- * gradient under momentum (their buffer still decays, their weight still moves). Plain SGD
- * sums two tiles at a time (two_tile_sum, the same sums) and asks for the weight row
- * UPDATE_AHEAD rows ahead, to be written: the update then waits less on memory. */
+/* SGD's step of the weight's row j over the columns [from, from + width): += scale · (its
+ * gradient, summed as tp_linear_backward_f32 sums it), read and written once; a row nobody
+ * kept stays as it is under plain SGD, and takes a zero gradient under momentum (its buffer
+ * still decays, its weight still moves). Two tiles are summed at a time while two are left
+ * (two_tile_sum, the same sums). */
+static void row_update(const update_call *c, int64_t j, int64_t from, int64_t width,
+                       const int64_t *sample, const float *value, int64_t count) {
+    float sum[2 * TILE];
+    if (count == 0 && c->buffer == NULL) return; /* a zero gradient row: w + scale · 0 */
+    for (int64_t at = from, end = from + width, piece; at < end; at += piece) {
+        piece = end - at >= 2 * TILE ? 2 * TILE : end - at < TILE ? end - at : TILE;
+        if (!count)
+            memset(sum, 0, sizeof sum);
+        else if (piece == 2 * TILE) /* two tiles' sums, as tp_linear_backward_f32's */
+            two_tile_sum(sum, c->x + at, c->m, sample, value, count, 0);
+        else
+            tile_sum(sum, c->x + at, c->m, 0, piece, sample, value, count, 0, 0);
+        float *restrict w = c->weight + j * c->m + at;
+        if (c->buffer) {
+            momentum_tile(c, w, c->buffer + j * c->m + at, sum, piece);
+            continue;
+        }
+        for (int64_t i = 0; i < piece; i++) w[i] += c->scale * sum[i];
+    }
+}
+
+/* The rows [part, part + 1) · n / parts of the weight, each row's SGD step whole (row_update),
+ * in order (x stays in the cache), asking for the weight row UPDATE_AHEAD rows ahead, to be
+ * written: the update then waits less on memory. */
 static int update_part(const void *context, int64_t part, int64_t parts, int64_t worker) {
     (void)worker;
     const update_call *c = context;
     int64_t m = c->m, first = slice_start(c->n, part, parts, 1);
     int64_t end = slice_start(c->n, part + 1, parts, 1);
-    float sum[2 * TILE];
     for (int64_t j = first; j < end; j++) {
         int64_t start = c->column_start[j], count = c->column_start[j + 1] - start;
-        const int64_t *sample = c->by_column_sample + start;
-        const float *value = c->by_column_value + start;
-        if (count == 0 && c->buffer == NULL) continue; /* a zero gradient row: w + scale · 0 */
 #if defined(__GNUC__)
         if (c->buffer == NULL && j + UPDATE_AHEAD < end) /* a hint: nothing depends on it */
             for (int64_t i = 0; i < m; i += 64 / (int64_t)sizeof(float))
                 __builtin_prefetch(c->weight + (j + UPDATE_AHEAD) * m + i, 1, 3);
 #endif
-        for (int64_t at = 0, width; at < m; at += width) {
-            int pair = count && c->buffer == NULL && m - at >= 2 * TILE;
-            width = pair ? 2 * TILE : m - at < TILE ? m - at : TILE;
-            if (!count)
-                memset(sum, 0, sizeof sum);
-            else if (width == 2 * TILE) /* two tiles' sums, as tp_linear_backward_f32's */
-                two_tile_sum(sum, c->x + at, m, sample, value, count, 0);
-            else
-                tile_sum(sum, c->x + at, m, 0, width, sample, value, count, 0, 0);
-            float *restrict w = c->weight + j * m + at;
-            if (c->buffer) {
-                momentum_tile(c, w, c->buffer + j * m + at, sum, width);
-                continue;
-            }
-            for (int64_t i = 0; i < width; i++) w[i] += c->scale * sum[i];
-        }
+        row_update(c, j, 0, m, c->by_column_sample + start, c->by_column_value + start, count);
     }
     return 0;
 }
@@ -1259,6 +1285,38 @@ int tp_linear_update_momentum_f32(const float *x, float *weight, int64_t batch, 
                         .buffer = buffer, .momentum = momentum, .damped = damped,
                         .first = first != 0, .nesterov = nesterov != 0};
     return run_parts(update_part, &call, parts_for(n, threads), threads);
+}
+
+/* tp_linear_backward_f32's input gradient and SGD's step of the weight (tp_linear_update_f32,
+ * or with buffer not NULL tp_linear_update_momentum_f32) in one walk down the weight's rows:
+ * each piece of a row is added into the input gradient of the samples that kept it and then
+ * stepped, read once and written once, instead of read for the input gradient and read and
+ * written again by the update. grad_input (batch, m) as tp_linear_backward_f32 writes it from
+ * the weight before the step (relu_mask: as tp_linear_backward_relu_f32 writes it); the weight
+ * (and buffer) as the update writes them, bit for bit, at every thread count (threads split
+ * the input features, each walking every row for its own). Returns 0, -1 on kept entries it
+ * refuses (nothing written then). */
+int tp_linear_input_update_f32(const float *x, float *weight, int64_t batch, int64_t n,
+                               int64_t m, const int64_t *row_start, const int64_t *column,
+                               const float *value, float *grad_input, int64_t relu_mask,
+                               float scale, float *buffer, float momentum, float damped,
+                               int64_t first, int64_t nesterov, int64_t *column_start,
+                               int64_t *by_column_sample, float *by_column_value,
+                               int64_t threads) {
+    if (regroup_by_column(batch, n, row_start, column, value, column_start, by_column_sample,
+                          by_column_value) != 0)
+        return -1;
+    update_call update = {.x = x, .n = n, .m = m, .column_start = column_start,
+                          .by_column_sample = by_column_sample,
+                          .by_column_value = by_column_value, .weight = weight, .scale = scale,
+                          .buffer = buffer, .momentum = momentum, .damped = damped,
+                          .first = first != 0, .nesterov = nesterov != 0};
+    linear_call call = {.x = x, .weight = weight, .batch = batch, .n = n, .m = m,
+                        .row_start = row_start, .column = column, .value = value,
+                        .column_start = column_start, .by_column_sample = by_column_sample,
+                        .by_column_value = by_column_value, .grad_input = grad_input,
+                        .relu_mask = relu_mask != 0, .update = &update};
+    return run_parts(linear_part, &call, parts_for((m + TILE - 1) / TILE, threads), threads);
 }
 
 /* by_channel (nnz,): the entries 0 .. nnz - 1 grouped by channel, each channel's in entry order
