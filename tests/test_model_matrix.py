@@ -183,6 +183,61 @@ def test_attention_with_masks_equals_pytorch(batch_first, masks):
     assert type(model.attention) is torch.nn.MultiheadAttention
 
 
+class WeightedAttention(torch.nn.Module):
+    """Attention called as most code calls it (need_weights=True, the default), its returned
+    weights part of the loss."""
+
+    def __init__(self, batch_first: bool, average: bool):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = torch.nn.Linear(8, 3)
+        self.batch_first, self.average = batch_first, average
+
+    def forward(self, x, key_padding_mask, attn_mask, is_causal):
+        x = x if self.batch_first else x.transpose(0, 1)
+        attended, weights = self.attention(
+            x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            is_causal=is_causal, average_attn_weights=self.average,
+        )  # fmt: skip
+        attended = attended if self.batch_first else attended.transpose(0, 1)
+        self.weights = weights
+        return self.head(attended.mean(1)) + weights.flatten(1)[:, :3]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("masks", ["none", "causal+padding", "float 3-D"])
+def test_attention_returning_its_weights_has_a_sparse_out_proj(batch_first, average, masks):
+    """need_weights=True (nn.MultiheadAttention's default) went to PyTorch's own forward,
+    which applies out_proj as a function: the projection stayed dense, counted dense. Now it
+    is sparse, the weights returned are PyTorch's bit for bit, and the gradients (through
+    the weights too) PyTorch's at ratio 1.0."""
+    torch.manual_seed(0)
+    model = WeightedAttention(batch_first, average).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    arguments = {
+        "none": (None, None, False),
+        "causal+padding": (padding, causal, True),
+        "float 3-D": (None, torch.randn(6, 5, 5, dtype=torch.float64), False),
+    }[masks]
+    expected = copy.deepcopy(model)
+    expected.zero_grad()
+    F.cross_entropy(expected(x, *arguments), y).backward()
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    stats = tinyprop.backward(model, F.cross_entropy(model(x, *arguments), y, reduction="none"))
+    assert "attention.out_proj" in stats.keep
+    assert torch.equal(model.weights, expected.weights)
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=name)
+    rows, embed = 3 * 5, 8  # tokens (B·L), E; q kᵀ and A v: S = 5 products of E per token
+    attention_macs = 3 * rows * embed**2 + 2 * rows * 5 * embed  # in-projection, q kᵀ, A v
+    assert stats.macs.forward == attention_macs + rows * embed**2 + 3 * embed * 3
+    assert stats.macs.unattributed == 3 * attention_macs  # forward + twice it backward
+
+
 def test_gpt2_body_is_sparse_and_counted():
     model, inputs, y, loss_fn = build("gpt2")
     _, stats = tinyprop_gradients(

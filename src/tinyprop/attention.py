@@ -3,14 +3,18 @@
 PyTorch's ``nn.MultiheadAttention.forward`` applies ``out_proj`` as a function of its weight,
 never calling the module, so a sparse ``out_proj`` would never run. ``apply`` gives attention
 modules this subclass: for the case every transformer layer uses (packed in-projection, no
-``bias_k`` / ``add_zero_attn``, ``need_weights=False``) it computes the same attention with
-``scaled_dot_product_attention`` and then calls ``self.out_proj`` on the (L·N, E) token rows;
-any other call goes to PyTorch's own forward (dense, and counted dense), and so does every
-call where ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own attention,
-to the bit: the rewritten one rounds differently) and under ``torch.no_grad`` (evaluation).
+``bias_k`` / ``add_zero_attn``, batched) it computes the same attention, with
+``scaled_dot_product_attention`` under ``need_weights=False`` and as PyTorch does under
+``need_weights=True`` (the default: the weights softmax(q kᵀ / √d + mask), returned averaged
+over the heads or not), and then calls ``self.out_proj`` on the (L·N, E) token rows; any
+other call goes to PyTorch's own forward (dense, and counted dense), and so does every call
+where ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own attention, to
+the bit: the rewritten one rounds differently) and under ``torch.no_grad`` (evaluation).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +36,7 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ):
         if (
-            need_weights
-            or not self._sparse_out_proj()
+            not self._sparse_out_proj()
             or not self._qkv_same_embed_dim
             or self.bias_k is not None
             or self.add_zero_attn
@@ -49,21 +52,36 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         sources = key.shape[0]  # S
         heads = self.num_heads
         attn_mask, is_causal = _attention_mask(
-            attn_mask, key_padding_mask, is_causal, query.dtype, batch, heads, sources
-        )
+            attn_mask, key_padding_mask, is_causal, need_weights, query.dtype, batch, heads,
+            sources,
+        )  # fmt: skip
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
         weights = self.in_proj_weight.chunk(3)
         q, k, v = (
             F.linear(x, w, b).reshape(x.shape[0], batch * heads, -1).transpose(0, 1)
             for x, w, b in zip((query, key, value), weights, biases, strict=True)
         )  # (N·H, L or S, E / H)
-        q, k, v = (t.reshape(batch, heads, t.shape[1], t.shape[2]) for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask, self.dropout if self.training else 0.0, is_causal
-        )  # (N, H, L, E / H)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            attended, attention = _attention_with_weights(q, k, v, attn_mask, dropout)
+            attended = attended.reshape(batch, heads, targets, -1)  # (N, H, L, E / H)
+            attention = attention.view(batch, heads, targets, sources)  # (N, H, L, S)
+            attention = attention.mean(dim=1) if average_attn_weights else attention
+        else:
+            q, k, v = (t.reshape(batch, heads, t.shape[1], t.shape[2]) for t in (q, k, v))
+            if attn_mask is not None:
+                attn_mask = (
+                    attn_mask.view(batch, heads, -1, sources)
+                    if attn_mask.shape[0] > 1
+                    else attn_mask.unsqueeze(0)
+                )
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask, dropout, is_causal
+            )  # (N, H, L, E / H)
+            attention = None
         rows = attended.permute(2, 0, 1, 3).reshape(targets * batch, embed)  # (L·N, E)
         output = self.out_proj(rows).reshape(targets, batch, -1)  # (L, N, E)
-        return (output.transpose(0, 1) if self.batch_first else output), None
+        return (output.transpose(0, 1) if self.batch_first else output), attention
 
     def _sparse_out_proj(self) -> bool:
         """Whether this call's ``out_proj`` runs tinyprop's sparse backward: a sparse policy,
@@ -78,16 +96,19 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         return torch.is_grad_enabled() or state.open_pass is not None
 
 
-def _attention_mask(attn_mask, key_padding_mask, is_causal, dtype, batch, heads, sources):
-    """The float mask of scaled_dot_product_attention, merged as PyTorch's attention merges
-    ``attn_mask`` (L, S) or (N·H, L, S) and ``key_padding_mask`` (N, S)."""
+def _attention_mask(
+    attn_mask, key_padding_mask, is_causal, need_weights, dtype, batch, heads, sources
+):
+    """The float mask (1 or N·H, L, S), merged as PyTorch's attention merges ``attn_mask``
+    (L, S) or (N·H, L, S) and ``key_padding_mask`` (N, S), and whether the attention is
+    causal without it (``is_causal`` and no padding mask; the weights take the mask)."""
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask, mask_name="key_padding_mask",
         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=dtype,
     )  # fmt: skip
     if is_causal and attn_mask is None:
         raise RuntimeError("is_causal needs attn_mask, as in nn.MultiheadAttention")
-    if is_causal and key_padding_mask is None:
+    if is_causal and key_padding_mask is None and not need_weights:
         return None, True
     attn_mask = F._canonical_mask(
         mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
@@ -98,11 +119,20 @@ def _attention_mask(attn_mask, key_padding_mask, is_causal, dtype, batch, heads,
         padding = key_padding_mask.view(batch, 1, 1, sources).expand(-1, heads, -1, -1)
         padding = padding.reshape(batch * heads, 1, sources)
         attn_mask = padding if attn_mask is None else attn_mask + padding
-    if attn_mask is not None:
-        if attn_mask.dim() == 2:  # (L, S)
-            attn_mask = attn_mask.view(1, 1, *attn_mask.shape)
-        elif attn_mask.shape[0] == 1:
-            attn_mask = attn_mask.unsqueeze(0)
-        else:
-            attn_mask = attn_mask.view(batch, heads, -1, sources)
-    return attn_mask, is_causal
+    if attn_mask is not None and attn_mask.dim() == 2:  # (L, S)
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask, is_causal  # (1 or N·H, L, S)
+
+
+def _attention_with_weights(q, k, v, attn_mask, dropout: float):
+    """PyTorch's attention when ``need_weights=True``, in its order of operations: the output
+    (N·H, L, E / H) and the weights softmax(q kᵀ / √d + mask) (N·H, L, S), d = E / H."""
+    q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
+    if attn_mask is None:
+        attention = torch.bmm(q_scaled, k.transpose(-2, -1))
+    else:
+        attention = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+    attention = F.softmax(attention, dim=-1)
+    if dropout > 0.0:
+        attention = F.dropout(attention, p=dropout)
+    return torch.bmm(attention, v), attention
