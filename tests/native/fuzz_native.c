@@ -21,6 +21,10 @@ int tp_topk_f64(const double *, int64_t, int64_t, const int64_t *, int64_t *, do
 int tp_linear_backward_f32(const float *, const float *, int64_t, int64_t, int64_t,
                            const int64_t *, const int64_t *, const float *, float *, float *,
                            int64_t *, int64_t *, float *, float *, int64_t);
+int tp_linear_input_update_f32(const float *, float *, int64_t, int64_t, int64_t,
+                               const int64_t *, const int64_t *, const float *, float *,
+                               int64_t, float, float *, float, float, int64_t, int64_t,
+                               int64_t *, int64_t *, float *, int64_t);
 int tp_conv_backward_f32(const float *, const float *, const int64_t *, const int64_t *,
                          const int64_t *, const float *, float *, float *, int64_t);
 
@@ -150,6 +154,16 @@ static void fuzz_linear(reader *r) {
                                         grad_weight, grad_input, column_start, by_sample,
                                         by_value, strip, threads);
     if (status != expected) abort();
+    if (grad_input && (flags & 8)) { /* the input gradient and SGD's step in one walk */
+        float *buffer = (flags & 64) ? malloc(sizeof(float) * n * m) : NULL;
+        if (buffer) fill(r, buffer, n * m, spread);
+        status = tp_linear_input_update_f32(x, weight, batch, n, m, row_start, column, value,
+                                            grad_input, (flags >> 7) & 1, -0.5f, buffer, 0.9f,
+                                            0.75f, spread & 1, (spread >> 1) & 1, column_start,
+                                            by_sample, by_value, threads);
+        if (status != expected) abort();
+        free(buffer);
+    }
     free(x), free(weight), free(row_start), free(column), free(value), free(grad_weight);
     free(grad_input), free(column_start), free(by_sample), free(by_value), free(strip);
 }
