@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from model_zoo import zoo
+from model_zoo import cross_entropy, zoo
 from transformers.pytorch_utils import Conv1D  # the test extra: the matrix runs, never skips
 
 import tinyprop
@@ -236,6 +236,46 @@ def test_attention_returning_its_weights_has_a_sparse_out_proj(batch_first, aver
     attention_macs = 3 * rows * embed**2 + 2 * rows * 5 * embed  # in-projection, q kᵀ, A v
     assert stats.macs.forward == attention_macs + rows * embed**2 + 3 * embed * 3
     assert stats.macs.unattributed == 3 * attention_macs  # forward + twice it backward
+
+
+class CrossAttention(torch.nn.Module):
+    """Queries of 8 features attending over keys and values of 5 and 6 (kdim, vdim)."""
+
+    def __init__(self, batch_first: bool, need_weights: bool):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=5, vdim=6)
+        self.head = torch.nn.Linear(8, 3)
+        self.batch_first, self.need_weights = batch_first, need_weights
+
+    def forward(self, x):  # (B, 4, 8): queries; keys, values from its last 5 / 6 features
+        query, key, value = x, x[..., 3:], x[..., 2:]
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        attended, _ = self.attention(query, key, value, need_weights=self.need_weights)
+        attended = attended if self.batch_first else attended.transpose(0, 1)
+        return self.head(attended.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_attention_with_kdim_and_vdim_has_a_sparse_out_proj(batch_first, need_weights, ratio):
+    """Attention with its own key and value sizes (separate q / k / v projection weights) went
+    to PyTorch's own forward: out_proj stayed dense, counted dense."""
+    torch.manual_seed(0)
+    model = CrossAttention(batch_first, need_weights).double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    reference = copy.deepcopy(model)
+    if ratio < 1.0:
+        reference = masked_reference(reference, ratio)
+    expected = plain_gradients(reference, (x,), y, cross_entropy)
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=ratio)
+    got, stats = tinyprop_gradients(model, (x,), y, cross_entropy, config)
+    assert "attention.out_proj" in stats.keep
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)
 
 
 def test_gpt2_body_is_sparse_and_counted():

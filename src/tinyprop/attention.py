@@ -2,14 +2,15 @@
 
 PyTorch's ``nn.MultiheadAttention.forward`` applies ``out_proj`` as a function of its weight,
 never calling the module, so a sparse ``out_proj`` would never run. ``apply`` gives attention
-modules this subclass: for the case every transformer layer uses (packed in-projection, no
-``bias_k`` / ``add_zero_attn``, batched) it computes the same attention, with
-``scaled_dot_product_attention`` under ``need_weights=False`` and as PyTorch does under
-``need_weights=True`` (the default: the weights softmax(q kᵀ / √d + mask), returned averaged
-over the heads or not), and then calls ``self.out_proj`` on the (L·N, E) token rows; any
-other call goes to PyTorch's own forward (dense, and counted dense), and so does every call
-where ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own attention, to
-the bit: the rewritten one rounds differently) and under ``torch.no_grad`` (evaluation).
+modules this subclass: for the calls every transformer layer makes (no ``bias_k`` /
+``add_zero_attn``, batched; a packed in-projection or ``kdim`` / ``vdim``) it computes the
+same attention, with ``scaled_dot_product_attention`` under ``need_weights=False`` and as
+PyTorch does under ``need_weights=True`` (the default: the weights softmax(q kᵀ / √d + mask),
+returned averaged over the heads or not), and then calls ``self.out_proj`` on the (L·N, E)
+token rows; any other call goes to PyTorch's own forward (dense, and counted dense), and so
+does every call where ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own
+attention, to the bit: the rewritten one rounds differently) and under ``torch.no_grad``
+(evaluation).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
     ):
         if (
             not self._sparse_out_proj()
-            or not self._qkv_same_embed_dim
             or self.bias_k is not None
             or self.add_zero_attn
             or query.dim() != 3
@@ -56,7 +56,10 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
             sources,
         )  # fmt: skip
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        weights = self.in_proj_weight.chunk(3)
+        if self._qkv_same_embed_dim:  # packed (3E, E)
+            weights = self.in_proj_weight.chunk(3)
+        else:  # kdim / vdim: (E, E), (E, kdim), (E, vdim)
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         q, k, v = (
             F.linear(x, w, b).reshape(x.shape[0], batch * heads, -1).transpose(0, 1)
             for x, w, b in zip((query, key, value), weights, biases, strict=True)
