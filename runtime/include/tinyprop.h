@@ -196,9 +196,13 @@ tp_optimizer_config tp_adam(double lr, double weight_decay);
  *   lr / batch). If a sample's loss is not finite, the samples before it stay applied. Every
  *   layer's error and gradient is shown finite before the first step (sgd_in_place and
  *   adam_in_place): by a bound (max |input| of the trained layers, max |W|, fan-out, pool
- *   windows and activation slopes; a pass over the trained weights and the kept inputs per
- *   trained sample) or, where the bound exceeds FLT_MAX / 64, by a dry run of the backward
- *   that forms and checks them without stepping (then the forward and the backward again).
+ *   windows and activation slopes; a pass over the kept inputs per trained sample, and over
+ *   the trained weights under adam_in_place: under sgd_in_place each trained layer follows a
+ *   bound on its max |W| from step to step, from lr, weight_decay and the bound on its
+ *   gradient, and its weights are read again only when the bound fails on that) or, where the
+ *   bound exceeds FLT_MAX / 64, by a dry run of the backward that forms and checks them
+ *   without stepping (then the forward and the backward again). A program that writes a
+ *   trained layer's weights itself between samples sets its activation[0] to 0 (not known).
  *   When one is NaN or infinite (finite inputs and loss, values near the float range):
  *   TP_ERR_NONFINITE, no layer is stepped for the sample, the running maxima are those before
  *   the sample and the batch is cancelled.
@@ -309,7 +313,9 @@ typedef struct {
     float *recompute_partner;    /* where the other recomputed outputs alternate */
     float *recompute_scratch;    /* the recomputed convs' forward scratch */
     float activation[2];         /* LeakyReLU: {negative_slope}; ELU: {alpha}; CELU:
-                                    {alpha, 1 / alpha}; Hardtanh: {min_val, max_val} */
+                                    {alpha, 1 / alpha}; Hardtanh: {min_val, max_val}; a
+                                    trained dense or conv layer in sgd_in_place: {a bound on
+                                    max |W| followed from step to step, 0 when not known} */
 } tp_layer;
 
 /* The caller allocates this struct (e.g. static); tp_init fills it; the arena holds the rest. */

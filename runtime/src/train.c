@@ -168,16 +168,10 @@ static int32_t select_in_place(tp_model *model, tp_layer *layer, float *delta, i
 #define TP_NOT_FINITE (-1)
 
 /* A dense layer's gradient d_j x_i, formed where it is applied (sgd_in_place): every product
- * is finite iff delta and x are and the largest |d_j| |x_i| is. */
+ * is finite iff delta and x are and the largest |d_j| |x_i| is (max_abs is infinite when a
+ * value is NaN or infinite, and 0 x infinity is NaN: one pass over each). */
 static int dense_products_finite(const float *delta, int32_t n, const float *x, int32_t fan_in) {
-    float largest_delta = 0.0f, largest_x = 0.0f;
-    int32_t i;
-    if (!tp_all_finite(delta, (size_t)n) || !tp_all_finite(x, (size_t)fan_in)) return 0;
-    for (i = 0; i < n; i++)
-        if (fabsf(delta[i]) > largest_delta) largest_delta = fabsf(delta[i]);
-    for (i = 0; i < fan_in; i++)
-        if (fabsf(x[i]) > largest_x) largest_x = fabsf(x[i]);
-    return isfinite(largest_delta * largest_x);
+    return isfinite(max_abs(delta, (size_t)n) * max_abs(x, (size_t)fan_in));
 }
 
 /* sgd_in_place, a dry run: a dense layer's input error alone, with the same floats as
@@ -401,6 +395,39 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
  * a bound at most FLT_MAX / 64 leaves room for that. */
 #define TP_BOUND_LIMIT ((double)FLT_MAX / 64.0)
 
+/* sgd_in_place: a step moves a weight w to w - lr (g + weight_decay w), so |w| grows by at
+ * most |w| lr |weight_decay| + lr |g| per sample, with |g| <= positions x max |delta| x
+ * max |input|, the bound's own terms. A trained layer keeps a bound on max |W| followed that
+ * way from sample to sample (4 x the gradient's bound for the rounding of the sums, x 1.001 for
+ * the step's own), so the bound below reads no weights; it is kept in the layer's activation
+ * settings, which a dense or conv layer has no use for (0: not known, read the weights). */
+static int follows_weights(const tp_model *model, const tp_layer *layer) {
+    return model->memory.sgd_in_place && layer->trained;
+}
+
+static void forget_weight_bounds(tp_model *model) {
+    int32_t i;
+    for (i = 0; i < model->layer_count; i++)
+        if (model->layers[i].kind == TP_LAYER_DENSE || model->layers[i].kind == TP_LAYER_CONV2D)
+            model->layers[i].activation[0] = 0.0f;
+}
+
+/* max |W| of a layer before this sample's step: its kept bound, or read (`exact`, or none
+ * kept); then, when it follows its weights, the bound after the step is kept. */
+static double weight_bound(const tp_model *model, tp_layer *layer, double gradient, int exact) {
+    const int follow = follows_weights(model, layer);
+    const double weights = follow && !exact && layer->activation[0] > 0.0f
+                               ? (double)layer->activation[0]
+                               : max_abs(layer->weight, (size_t)layer->out_c * layer->fan_in);
+    if (follow) {
+        const double lr = fabs((double)(float)model->optimizer.lr);
+        const double decay = fabs((double)(float)model->optimizer.weight_decay);
+        const double after = (weights * (1.0 + lr * decay) + lr * 4.0 * gradient) * 1.001;
+        layer->activation[0] = after <= (double)FLT_MAX / 2.0 ? (float)after : 0.0f;
+    }
+    return weights;
+}
+
 /* In place, a layer steps as soon as its backward is done, so a NaN or infinite error or
  * gradient found in a layer below would come after the layers above took the sample's step.
  * This bound proves before any step that none will be: max |delta| of the loss error is 1
@@ -408,13 +435,15 @@ static tp_status tp_backward_sample(tp_model *model, const float *x, int32_t *ke
  * features x max |W|; conv: out channels per group x kh x kw x max |W|, as each input entry
  * meets every weight of its group at most once; pools: kh x kw windows; activations:
  * tp_activation_gain, given the values their backward reads), and a weight gradient is at
- * most positions x max |delta| x max |input|. 1 when every error and gradient is finite,
- * 0 when the bound cannot show it. */
-static int backward_bounded(const tp_model *model, const float *x) {
+ * most positions x max |delta| x max |input|. max |W| is the kept bound (sgd_in_place), or
+ * read (`exact`). 1 when every error and gradient is finite, 0 when the bound cannot show it;
+ * *read_weights: 1 when it used only weights it read. */
+static int backward_bounded(tp_model *model, const float *x, int exact, int *read_weights) {
     double error = 1.0;
     int32_t i;
+    *read_weights = 1;
     for (i = model->layer_count - 1; i >= model->first_trained_layer; i--) {
-        const tp_layer *layer = &model->layers[i];
+        tp_layer *layer = &model->layers[i];
         const size_t out = (size_t)tp_layer_output_size(layer);
         switch (layer->kind) {
         case TP_LAYER_DENSE:
@@ -429,9 +458,12 @@ static int backward_bounded(const tp_model *model, const float *x) {
             const double fan_out =
                 conv ? (double)(layer->out_c / layer->groups) * layer->kernel_h * layer->kernel_w
                      : (double)layer->out_c;
+            const double gradient = positions * error * input;
             if (!(positions * error * fmax(input, 1.0) <= TP_BOUND_LIMIT)) return 0;
             if (i == model->first_trained_layer) return 1;
-            error *= fan_out * max_abs(layer->weight, (size_t)layer->out_c * layer->fan_in);
+            if (!exact && follows_weights(model, layer) && layer->activation[0] > 0.0f)
+                *read_weights = 0;
+            error *= fan_out * weight_bound(model, layer, gradient, exact);
             break;
         }
         case TP_LAYER_MAXPOOL:
@@ -453,6 +485,13 @@ static int backward_bounded(const tp_model *model, const float *x) {
         if (!(error <= TP_BOUND_LIMIT)) return 0;
     }
     return 1;
+}
+
+/* The bound with the kept bounds on max |W|; when it fails on them, with the weights read. */
+static int in_place_bounded(tp_model *model, const float *x) {
+    int read_weights;
+    if (backward_bounded(model, x, 0, &read_weights)) return 1;
+    return !read_weights && backward_bounded(model, x, 1, &read_weights);
 }
 
 tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
@@ -487,11 +526,12 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         tp_momentum_begin_batch(model, model->momentum_batch);
         model->momentum_batch = 0;
     }
-    if (steps_in_place(model) && !backward_bounded(model, x)) {
+    if (steps_in_place(model) && !in_place_bounded(model, x)) {
         /* the bound does not show it: a dry run checks every error and gradient before any
          * step, then the forward and the loss error again (the dry run overwrote buffers the
          * backward reads; the same weights give the same floats) */
         tp_ledger unused = {0, 0, 0, 0};
+        forget_weight_bounds(model); /* the step below is not bounded: read them next time */
         status = tp_backward_sample(model, x, NULL, &unused, 1);
         if (status != TP_OK) {
             if (model->memory.adam_in_place) model->optimizer_steps--; /* no step taken */

@@ -9,6 +9,7 @@
  * arena is exactly tp_arena_bytes long, so AddressSanitizer catches any write past it;
  * every function must return a status instead of crashing.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,20 @@ static float any_float(reader *r) {
 static double setting(reader *r) { /* mostly sensible, sometimes out of range */
     const uint8_t b = byte(r);
     return b < 240 ? (double)b / 200.0 : (double)any_float(r);
+}
+
+/* sgd_in_place: a trained layer's kept bound on max |W| (activation[0], 0 when not known) is
+ * at least its weights' max |W| after every sample, trained, skipped or refused */
+static void check_weight_bounds(const tp_model *model) {
+    int32_t i;
+    size_t j;
+    if (!model->memory.sgd_in_place) return;
+    for (i = 0; i < model->layer_count; i++) {
+        const tp_layer *layer = &model->layers[i];
+        if (!layer->trained || !(layer->activation[0] > 0.0f)) continue;
+        for (j = 0; j < (size_t)layer->out_c * (size_t)layer->fan_in; j++)
+            if (!(fabsf(layer->weight[j]) <= layer->activation[0])) abort();
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -127,6 +142,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             for (i = 0; i < 6; i++) labels[i] = (int32_t)(byte(&r) % 16) - 1;
             if (byte(&r) % 2) {
                 (void)tp_train_batch(&model, x, labels, batch, &stats, keep, mask);
+                check_weight_bounds(&model);
             } else { /* one sample at a time: sometimes too few or too many before the end */
                 tp_batch pending;
                 const int32_t adds = (int32_t)(byte(&r) % 7);
@@ -146,6 +162,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                                 abort();
                         }
                         free(before);
+                        check_weight_bounds(&model);
                     }
                     if (adds < batch && byte(&r) % 2) /* the input ended early */
                         (void)tp_batch_shorten(&model, &pending);

@@ -427,6 +427,80 @@ static void test_in_place_dry_run_trains_as_plain_sgd(void) {
     }
 }
 
+/* sgd_in_place: the bound before a sample's backward takes max |W| of each trained layer from
+ * a bound the layer follows from step to step instead of reading its weights. After every
+ * sample, of every policy and model, with or without weight decay, with frozen
+ * first layers, that kept bound is at least the weights' max |W|; a kept bound so loose that the
+ * bound fails is read again from the weights (no dry run), with the same floats. */
+static float largest_weight(const tp_layer *layer) {
+    float largest = 0.0f;
+    size_t i;
+    for (i = 0; i < (size_t)layer->out_c * (size_t)layer->fan_in; i++)
+        if (fabsf(layer->weight[i]) > largest) largest = fabsf(layer->weight[i]);
+    return largest;
+}
+
+static void test_in_place_weight_bound_follows_the_weights(void) {
+    const tp_model_spec *specs[] = {&mlp_spec, &cnn_spec, &har_spec};
+    int s, p, variant, step, i;
+    fill(mlp_w0, 12 * 16, 0.5f), fill(mlp_w1, 8 * 12, 0.5f), fill(mlp_w2, 4 * 8, 0.5f);
+    fill(cnn_w0, 72, 0.5f), fill(cnn_w1, 36, 0.5f), fill(cnn_w2, 24, 0.5f), fill(cnn_w3, 30, 0.5f);
+    fill(har_w0, 120, 0.5f), fill(har_w1, 320, 0.5f), fill(har_w2, 24, 0.5f);
+    for (s = 0; s < 3; s++) {
+        const tp_model_spec *spec = specs[s];
+        const int input = spec->input_channels * spec->input_height * spec->input_width;
+        for (p = 0; p <= (int)TP_POLICY_TINYPROPV2; p++) {
+            for (variant = 0; variant < 3; variant++) { /* all trained, first frozen, no decay */
+                const tp_optimizer_config sgd = variant == 2 ? tp_sgd(0.2, 0.0, 0.0)
+                                                             : tp_sgd(0.5, 0.0, 0.01);
+                const tp_policy_config config = tp_policy_defaults((tp_policy)p);
+                tp_memory_config memory = tp_memory_defaults();
+                tp_model model;
+                tp_step_stats stats;
+                float x[160], before[1000], after[1000];
+                int32_t label;
+                size_t bytes, count;
+                void *arena;
+                int followed = 0;
+                memory.sgd_in_place = 1;
+                if (variant == 1) memory.first_trained_layer = 1;
+                CHECK(tp_arena_bytes_mode(spec, &config, &sgd, &memory, &bytes) == TP_OK);
+                arena = malloc(bytes);
+                CHECK(tp_init_mode(&model, spec, &config, &sgd, &memory, arena, bytes) == TP_OK);
+                for (step = 0; step < 40; step++) {
+                    fill(x, (size_t)input, step % 7 == 3 ? 10.0f : 2.0f);
+                    label = step % model.class_count;
+                    CHECK(tp_train_batch(&model, x, &label, 1, &stats, NULL, NULL) == TP_OK);
+                    for (i = model.first_trained_layer + 1; i < model.layer_count; i++) {
+                        const tp_layer *layer = &model.layers[i];
+                        if (layer->kind != TP_LAYER_DENSE && layer->kind != TP_LAYER_CONV2D)
+                            continue;
+                        if (stats.trained == 1) CHECK(layer->activation[0] > 0.0f);
+                        CHECK(largest_weight(layer) <= layer->activation[0] ||
+                              layer->activation[0] == 0.0f);
+                        followed += layer->activation[0] > 0.0f;
+                    }
+                }
+                CHECK(followed > 0);
+                /* a kept bound far above the weights: the bound fails on it, reads them */
+                tp_parameter_count(&model, &count);
+                tp_read_parameters(&model, before, count);
+                for (i = model.first_trained_layer + 1; i < model.layer_count; i++)
+                    if (model.layers[i].kind == TP_LAYER_DENSE) model.layers[i].activation[0] = 1e37f;
+                fill(x, (size_t)input, 1.0f);
+                label = 0;
+                CHECK(tp_train_batch(&model, x, &label, 1, &stats, NULL, NULL) == TP_OK);
+                tp_read_parameters(&model, after, count);
+                if (stats.trained == 1) {
+                    CHECK(memcmp(before, after, count * sizeof(float)) != 0);
+                    CHECK(model.layers[model.layer_count - 1].activation[0] < 1e30f);
+                }
+                free(arena);
+            }
+        }
+    }
+}
+
 static void test_all_skipped_batch_makes_no_update(void) {
     owned_model m;
     float before[400], after[400], x[4 * 16];
@@ -1182,6 +1256,7 @@ int main(void) {
     test_activations_refused();
     test_activation_settings_are_copied();
     test_unaligned_buffers_are_refused();
+    test_in_place_weight_bound_follows_the_weights(); /* last: it fills the specs' weights */
     printf("%d checks, %d failures\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }
