@@ -278,6 +278,50 @@ def test_attention_with_kdim_and_vdim_has_a_sparse_out_proj(batch_first, need_we
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)
 
 
+class SequenceAtATime(torch.nn.Module):
+    """Sequences of different lengths attended one at a time, unbatched (L, E), as a loop over
+    variable-length inputs does; a padding mask hides the last key of each."""
+
+    def __init__(self, batch_first: bool, need_weights: bool):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = torch.nn.Linear(8, 3)
+        self.need_weights = need_weights
+
+    def forward(self, x):  # (B, 5, 8): sample n keeps its first 3 + n % 3 tokens
+        pooled = []
+        for n, sample in enumerate(x):
+            tokens = sample[: 3 + n % 3]  # (L, E)
+            padding = torch.zeros(tokens.shape[0], dtype=torch.bool)
+            padding[-1] = True
+            attended, _ = self.attention(
+                tokens, tokens, tokens, key_padding_mask=padding, need_weights=self.need_weights
+            )
+            pooled.append(attended.mean(0))
+        return self.head(torch.stack(pooled))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_unbatched_attention_has_a_sparse_out_proj(batch_first, need_weights, ratio):
+    """An unbatched query (L, E) went to PyTorch's own forward: out_proj stayed dense."""
+    torch.manual_seed(0)
+    model = SequenceAtATime(batch_first, need_weights).double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    reference = copy.deepcopy(model)
+    if ratio < 1.0:
+        reference = masked_reference(reference, ratio)
+    expected = plain_gradients(reference, (x,), y, cross_entropy)
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=ratio)
+    got, stats = tinyprop_gradients(model, (x,), y, cross_entropy, config)
+    assert "attention.out_proj" in stats.keep
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)
+
+
 def test_gpt2_body_is_sparse_and_counted():
     model, inputs, y, loss_fn = build("gpt2")
     _, stats = tinyprop_gradients(

@@ -3,7 +3,7 @@
 PyTorch's ``nn.MultiheadAttention.forward`` applies ``out_proj`` as a function of its weight,
 never calling the module, so a sparse ``out_proj`` would never run. ``apply`` gives attention
 modules this subclass: for the calls every transformer layer makes (no ``bias_k`` /
-``add_zero_attn``, batched; a packed in-projection or ``kdim`` / ``vdim``) it computes the
+``add_zero_attn``; batched or not, a packed in-projection or ``kdim`` / ``vdim``) it computes the
 same attention, with ``scaled_dot_product_attention`` under ``need_weights=False`` and as
 PyTorch does under ``need_weights=True`` (the default: the weights softmax(q kᵀ / √d + mask),
 returned averaged over the heads or not), and then calls ``self.out_proj`` on the (L·N, E)
@@ -40,12 +40,21 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
             not self._sparse_out_proj()
             or self.bias_k is not None
             or self.add_zero_attn
-            or query.dim() != 3
+            or query.dim() not in (2, 3)
+            or not query.dim() == key.dim() == value.dim()
         ):
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal,
             )  # fmt: skip
+        if query.dim() == 2:  # one unbatched sequence (L, E): a batch of one, as in PyTorch
+            dim = 0 if self.batch_first else 1
+            padding = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+            output, attention = self.forward(
+                query.unsqueeze(dim), key.unsqueeze(dim), value.unsqueeze(dim), padding,
+                need_weights, attn_mask, average_attn_weights, is_causal,
+            )  # fmt: skip
+            return output.squeeze(dim), None if attention is None else attention.squeeze(0)
         if self.batch_first:
             query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
         targets, batch, embed = query.shape  # (L, N, E)
