@@ -43,7 +43,8 @@ from tinyprop.export.runtime import runtime_dir
 from tinyprop.memory import TrainingMode, modes_for
 
 M4_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
-SRAM_SIZES = (64 * 1024, 256 * 1024)  # common Cortex-M4 parts' SRAM: a build that fits runs in it
+SRAM_SIZES = (64 * 1024, 128 * 1024, 256 * 1024)  # common Cortex-M4 parts' SRAM: a build
+# that fits runs in the smallest it fits
 QEMU = ["qemu-system-arm", "-machine", "mps2-an386", "-nographic", "-semihosting", "-kernel"]
 POLICIES = ("full", "tinypropv2")  # dense backprop of the trained layers, and TinyPropv2
 EXAMPLES = {
@@ -271,7 +272,7 @@ def sram_needed(record: dict) -> int:
 
 def run_in_sram(record: dict, link, out: Path, painted_output: str) -> dict | None:
     """Run the program again with its stack at the top of the smallest SRAM size it fits
-    (64 KB or 256 KB), as on such a part; its weights must still be the host's."""
+    (64 KB, 128 KB or 256 KB), as on such a part; its weights must still be the host's."""
     needed = sram_needed(record)
     fitting = [size for size in SRAM_SIZES if needed <= size]
     if not fitting:

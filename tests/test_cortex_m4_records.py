@@ -119,3 +119,20 @@ def test_readme_fit_table_counts_heap_and_stack():
             for p in ("full", "tinypropv2")
         )
         assert cells[1] == every
+
+
+def test_every_build_ran_in_the_smallest_sram_it_fits():
+    """Each record that fits 64 KB, 128 KB or 256 KB (data + bss, heap, stack) ran under QEMU
+    with its stack at the top of the smallest of them, to the weights of its painted run; one
+    that fits none has no such run."""
+    benchmark = cortex_m4()
+    assert benchmark.SRAM_SIZES == (64 * 1024, 128 * 1024, 256 * 1024)
+    for record in RECORDS:
+        fitting = [size for size in benchmark.SRAM_SIZES if benchmark.sram_needed(record) <= size]
+        run = record.get("sram_run")
+        name = (record["model"], record["mode"], record["policy"])
+        if not fitting:
+            assert run is None, name
+            continue
+        assert run["sram_bytes"] == fitting[0], name
+        assert run["fits"] and run["same_weights_as_painted_run"], name
