@@ -538,3 +538,64 @@ def assert_same_weights(model: nn.Module, expected: nn.Module) -> None:
     """The parameters of ``model`` equal ``expected``'s to 1e-10, by name."""
     for (name, got), want in zip(model.named_parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+
+
+def lora_llama_classifier(applied_first: tinyprop.TinyPropConfig | None = None):
+    """A LLaMA sequence classifier of a small config with peft's LoRA on q_proj and v_proj and
+    its head in ``modules_to_save`` (what peft's task_type="SEQ_CLS" does): peft trains a copy
+    of the head. With ``applied_first``, tinyprop is applied before peft wraps the model."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForSequenceClassification(config).double()
+    if applied_first is not None:
+        tinyprop.apply(model, applied_first)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0,
+        modules_to_save=["score"],
+    )  # fmt: skip
+    model = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.1])
+def test_peft_modules_to_save_after_apply_trains_as_before_apply(ratio):
+    """peft wrapping an applied model copies its head (a sparse layer) for modules_to_save:
+    the copy is the model's sparse layer, and the gradients and ledger are those of the
+    model applied after peft (at ratio 1.0 plain PyTorch's). Before, the forward refused the
+    copy: "layer 'score.modules_to_save.default' (Linear) is in two models given to
+    tinyprop.apply" (copy.deepcopy of the sparse head had copied the whole model with it)."""
+    from test_model_matrix import plain_gradients
+
+    def losses(output, y):
+        return nn.functional.cross_entropy(output.logits, y, reduction="none")
+
+    generator = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(3, 40, (4, 7), generator=generator), torch.tensor([0, 1, 2, 1])
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=ratio)
+    model = lora_llama_classifier(applied_first=config)
+    reference = tinyprop.apply(lora_llama_classifier(), config)
+    stats = tinyprop.backward(model, losses(model(ids), y))
+    reference_stats = tinyprop.backward(reference, losses(reference(ids), y))
+    assert stats.macs == reference_stats.macs
+    assert [name.removeprefix("base_model.model.") for name in reference_stats.keep] == list(
+        stats.keep
+    )
+    assert "score.modules_to_save.default" in stats.keep
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    if ratio == 1.0:
+        expected = plain_gradients(lora_llama_classifier(), (ids,), y, losses)
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)

@@ -343,3 +343,62 @@ def test_a_sparse_layer_in_two_applied_models_at_once_is_refused():
     with pytest.raises(ValueError, match=r"layer '2' \(Linear\) is in two models given to"):
         second(x)
     first(x)  # the model the layer came from goes on
+
+
+def two_hidden_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("policy", ["randomk", "topk"])
+def test_a_sparse_layer_copied_alone_is_taken_over_by_the_model_it_is_set_into(policy):
+    """``copy.deepcopy`` of one sparse layer of an applied model, set into that model (peft's
+    ``modules_to_save`` copies a classification head so): the model's names, ledger and
+    gradients are those of the same model applied afresh (its checkpoint loaded), and remove
+    gives the copy back plain, without tinyprop's load_state_dict hook. Before, the copy took
+    a hidden copy of the whole model with it and stayed its layer: the forward refused it
+    ("is in two models given to tinyprop.apply")."""
+    config = tinyprop.TinyPropConfig(policy=policy, ratio=0.3)
+    model = tinyprop.apply(two_hidden_layers(), config)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    tinyprop.backward(model, LOSS(model(x), y))  # running maxima and steps to copy
+    copied = copy.deepcopy(model[2])
+    model.insert(3, copied)
+    fresh = tinyprop.apply(tinyprop.remove(copy.deepcopy(model)), config)
+    fresh.load_state_dict(model.state_dict())
+    model.zero_grad()
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    fresh_stats = tinyprop.backward(fresh, LOSS(fresh(x), y))
+    assert list(stats.keep) == list(fresh_stats.keep) == ["0", "2", "3", "5"]
+    assert stats.macs == fresh_stats.macs and stats.macs.unattributed == 0
+    fresh_parameters = dict(fresh.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.grad, fresh_parameters[name].grad), name
+    tinyprop.remove(model)
+    assert type(copied) is nn.Linear and not copied._load_state_dict_pre_hooks
+
+
+def test_a_layer_set_in_after_apply_leaves_the_swapped_batch_norms_as_they_are():
+    """``batch_norm_trained_rows=True`` swaps the BatchNorms, which then hold the model's
+    state too: a layer set into the model after apply made them sparse layers as well
+    (TinyPropTinyPropBatchNorm1d): the forward failed ("IndexError: tuple index out of
+    range"), tinyprop.remove too (KeyError). Now the model trains as the same model applied
+    afresh."""
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.5, batch_norm_trained_rows=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model = tinyprop.apply(model.double(), config)
+    model.append(nn.Linear(3, 2).double())
+    fresh = tinyprop.apply(tinyprop.remove(copy.deepcopy(model)), config)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    fresh_stats = tinyprop.backward(fresh, LOSS(fresh(x), y))
+    assert list(stats.keep) == list(fresh_stats.keep) == ["0", "3", "4"]
+    fresh_parameters = dict(fresh.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.grad, fresh_parameters[name].grad), name

@@ -241,10 +241,11 @@ def _follow_module_changes(
         if isinstance(module, SparseBackpropLayer) and module.tinyprop_state is not state
     ]
     moved = [entry for entry in moved if _take_over_moved_layer(*entry, state, refuse_shared)]
-    layers = [
+    layers = [  # the sparse layers only: a swapped BatchNorm holds the state too, and a
+        # wrapper may hand out its inner layer's (peft's ModulesToSaveWrapper.__getattr__)
         (name, module)
         for name, module in modules
-        if getattr(module, "tinyprop_state", None) is state
+        if (isinstance(module, SparseBackpropLayer) and module.tinyprop_state is state)
         or (
             not isinstance(module, SparseBackpropLayer)
             and layer_kind(module) not in (None, "override")
@@ -285,7 +286,7 @@ def _take_over_moved_layer(
         raise ValueError(
             f"layer '{name or '<root>'}' ({getattr(layer, _ORIGINAL_CLASS).__name__}) is in "
             f"two models given to tinyprop.apply: it is still '{layer.layer_name}' of the "
-            "other one (copy.deepcopy of a sparse layer copies the model around it too). Take "
+            "other one. Take "
             "the layer out of the other model first, or give this model a new layer with the "
             "weights copied: new.load_state_dict(layer.state_dict(), strict=False)"
         )
@@ -294,6 +295,11 @@ def _take_over_moved_layer(
     hooks = layer._load_state_dict_pre_hooks  # its _check_loaded_maxima goes with it
     handles = [handle for handle in other.handles if handle.hooks_dict_ref() is hooks]
     other.handles = [handle for handle in other.handles if handle not in handles]
+    if not handles:  # a copy (copy.deepcopy): its hook came with the dict, without a handle
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "hook", None) is _check_loaded_maxima:
+                del hooks[key]
+        handles = [layer.register_load_state_dict_pre_hook(_check_loaded_maxima)]
     state.handles += handles
     layer.tinyprop_state = state  # named and numbered by the caller, with the others
     return True

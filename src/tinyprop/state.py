@@ -14,6 +14,7 @@ Per-step state (the trained samples, the records of the backward) lives in a
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 
@@ -178,6 +179,20 @@ class TinyPropState:
             checked_optimizer=None,
         )  # fmt: skip
         return state
+
+    def __deepcopy__(self, memo: dict) -> TinyPropState:
+        """``copy.deepcopy`` of the applied model copies this state for the copy. A part of the
+        model copied alone (one sparse layer: peft's ``modules_to_save`` copies the head it
+        wraps) gets a state of its own, without a model: the applied model it is set into takes
+        it over (:func:`tinyprop.model._take_over_moved_layer`). Before, the part took a hidden
+        copy of the whole model with it, whose layer it stayed, and the model it was set into
+        refused it at the forward pass ("is in two models given to tinyprop.apply")."""
+        if self.root is not None and id(self.root) not in memo:  # the model is not copied
+            alone = memo[id(self)] = TinyPropState(config=self.config)
+            return alone
+        copied = memo[id(self)] = object.__new__(TinyPropState)
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     def __setstate__(self, state: dict) -> None:
         """A whole model pickled before the open forward passes were kept per thread."""
