@@ -18,7 +18,12 @@ from tinyprop.export.c_source import float_literal
 from tinyprop.export.cli import main as export_main
 from tinyprop.export.runtime import OptimizerSpec
 
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# float-cast-overflow (undefined behaviour) is not part of -fsanitize=undefined
+SANITIZE = [
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
 
 
 def test_float_literals_are_exact():

@@ -18,7 +18,12 @@ import tinyprop
 from tinyprop.export import OptimizerSpec, export_c
 from tinyprop.export.runtime import runtime_max_layers
 
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# float-cast-overflow (undefined behaviour) is not part of -fsanitize=undefined
+SANITIZE = [
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("make") is None, reason="needs gcc and make"

@@ -14,7 +14,12 @@ from tinyprop.export.runtime import runtime_dir
 
 WARNINGS = ["-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Wshadow", "-Wconversion",
             "-Wno-sign-conversion", "-Werror"]  # fmt: skip
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# float-cast-overflow (undefined behaviour) is not part of -fsanitize=undefined
+SANITIZE = [
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
 
 
 @pytest.mark.parametrize(
