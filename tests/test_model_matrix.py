@@ -146,10 +146,10 @@ class MaskedAttention(torch.nn.Module):
         self.head = torch.nn.Linear(8, 3)
         self.batch_first = batch_first
 
-    def forward(self, x, key_padding_mask, attn_mask, is_causal):
+    def forward(self, x, key_padding_mask, attn_mask, is_causal, need_weights=False):
         x = x if self.batch_first else x.transpose(0, 1)
         attended, _ = self.attention(
-            x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
+            x, x, x, key_padding_mask=key_padding_mask, need_weights=need_weights,
             attn_mask=attn_mask, is_causal=is_causal,
         )  # fmt: skip
         attended = attended if self.batch_first else attended.transpose(0, 1)
@@ -320,6 +320,34 @@ def test_unbatched_attention_has_a_sparse_out_proj(batch_first, need_weights, ra
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("appended", ["bias_kv", "zero_attn", "both"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_attention_with_appended_keys_has_a_sparse_out_proj(appended, need_weights):
+    """add_bias_kv=True / add_zero_attn=True (a learned or a zero key and value appended to
+    each sequence) went to PyTorch's own forward: out_proj stayed dense. Now it is sparse and
+    the gradients equal PyTorch's at ratio 1.0, with a padding mask and a causal one."""
+    bias_kv, zero_attention = appended in ("bias_kv", "both"), appended in ("zero_attn", "both")
+    torch.manual_seed(0)
+    model = MaskedAttention(batch_first=False).double()
+    model.attention = torch.nn.MultiheadAttention(
+        8, 2, add_bias_kv=bias_kv, add_zero_attn=zero_attention
+    ).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    arguments = (padding, causal, True)
+    expected = copy.deepcopy(model)
+    expected.zero_grad()
+    F.cross_entropy(expected(x, *arguments, need_weights), y).backward()
+    tinyprop.apply(model, tinyprop.TinyPropConfig(policy="topk", ratio=1.0))
+    output = model(x, *arguments, need_weights)
+    stats = tinyprop.backward(model, F.cross_entropy(output, y, reduction="none"))
+    assert "attention.out_proj" in stats.keep
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=name)
 
 
 def test_gpt2_body_is_sparse_and_counted():

@@ -2,15 +2,14 @@
 
 PyTorch's ``nn.MultiheadAttention.forward`` applies ``out_proj`` as a function of its weight,
 never calling the module, so a sparse ``out_proj`` would never run. ``apply`` gives attention
-modules this subclass: for the calls every transformer layer makes (no ``bias_k`` /
-``add_zero_attn``; batched or not, a packed in-projection or ``kdim`` / ``vdim``) it computes the
-same attention, with ``scaled_dot_product_attention`` under ``need_weights=False`` and as
-PyTorch does under ``need_weights=True`` (the default: the weights softmax(q kᵀ / √d + mask),
-returned averaged over the heads or not), and then calls ``self.out_proj`` on the (L·N, E)
-token rows; any other call goes to PyTorch's own forward (dense, and counted dense), and so
-does every call where ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own
-attention, to the bit: the rewritten one rounds differently) and under ``torch.no_grad``
-(evaluation).
+modules this subclass: for every call (batched or not, a packed in-projection or ``kdim`` /
+``vdim``, ``bias_k`` / ``add_zero_attn``) it computes the same attention, with
+``scaled_dot_product_attention`` under ``need_weights=False`` and as PyTorch does under
+``need_weights=True`` (the default: the weights softmax(q kᵀ / √d + mask), returned averaged
+over the heads or not), and then calls ``self.out_proj`` on the (L·N, E) token rows. Inputs
+of other dimensions go to PyTorch's own forward (its errors), and so does every call where
+``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own attention, to the bit:
+the rewritten one rounds differently) and under ``torch.no_grad`` (evaluation).
 """
 
 from __future__ import annotations
@@ -38,8 +37,6 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
     ):
         if (
             not self._sparse_out_proj()
-            or self.bias_k is not None
-            or self.add_zero_attn
             or query.dim() not in (2, 3)
             or not query.dim() == key.dim() == value.dim()
         ):
@@ -58,11 +55,12 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         if self.batch_first:
             query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
         targets, batch, embed = query.shape  # (L, N, E)
-        sources = key.shape[0]  # S
+        added = (self.bias_k is not None) + int(self.add_zero_attn)  # keys appended to each
+        sources = key.shape[0] + added  # S, the appended keys included
         heads = self.num_heads
         attn_mask, is_causal = _attention_mask(
             attn_mask, key_padding_mask, is_causal, need_weights, query.dtype, batch, heads,
-            sources,
+            sources, added,
         )  # fmt: skip
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
         if self._qkv_same_embed_dim:  # packed (3E, E)
@@ -70,9 +68,15 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         else:  # kdim / vdim: (E, E), (E, kdim), (E, vdim)
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         q, k, v = (
-            F.linear(x, w, b).reshape(x.shape[0], batch * heads, -1).transpose(0, 1)
-            for x, w, b in zip((query, key, value), weights, biases, strict=True)
-        )  # (N·H, L or S, E / H)
+            F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )  # (L or S, N, E)
+        if self.bias_k is not None:  # a learned key and value appended to each sequence
+            k = torch.cat([k, self.bias_k.repeat(1, batch, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, batch, 1)])
+        q, k, v = (t.reshape(t.shape[0], batch * heads, -1).transpose(0, 1) for t in (q, k, v))
+        if self.add_zero_attn:  # a zero key and value appended: (N·H, S, E / H)
+            k = torch.cat([k, k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
+            v = torch.cat([v, v.new_zeros(v.shape[0], 1, v.shape[2])], dim=1)
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             attended, attention = _attention_with_weights(q, k, v, attn_mask, dropout)
@@ -109,15 +113,18 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
 
 
 def _attention_mask(
-    attn_mask, key_padding_mask, is_causal, need_weights, dtype, batch, heads, sources
+    attn_mask, key_padding_mask, is_causal, need_weights, dtype, batch, heads, sources, added
 ):
     """The float mask (1 or N·H, L, S), merged as PyTorch's attention merges ``attn_mask``
     (L, S) or (N·H, L, S) and ``key_padding_mask`` (N, S), and whether the attention is
-    causal without it (``is_causal`` and no padding mask; the weights take the mask)."""
+    causal without it (``is_causal`` and no padding mask; the weights take the mask). Both
+    masks leave the ``added`` keys (``bias_k``, ``add_zero_attn``) at the end unmasked."""
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask, mask_name="key_padding_mask",
         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=dtype,
     )  # fmt: skip
+    if key_padding_mask is not None and added:
+        key_padding_mask = F.pad(key_padding_mask, (0, added))
     if is_causal and attn_mask is None:
         raise RuntimeError("is_causal needs attn_mask, as in nn.MultiheadAttention")
     if is_causal and key_padding_mask is None and not need_weights:
@@ -126,6 +133,8 @@ def _attention_mask(
         mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
         target_type=dtype, check_other=False,
     )  # fmt: skip
+    if attn_mask is not None and added:
+        attn_mask = F.pad(attn_mask, (0, added))
     if key_padding_mask is not None:
         is_causal = False
         padding = key_padding_mask.view(batch, 1, 1, sources).expand(-1, heads, -1, -1)
