@@ -599,3 +599,6 @@ def test_peft_modules_to_save_after_apply_trains_as_before_apply(ratio):
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-10, msg=name)
+    merged = reference.merge_and_unload()  # its layers are the PeftModel's
+    with pytest.raises(ValueError, match="sparse layer of the PeftModel given to tinyprop.apply"):
+        tinyprop.backward(merged, losses(merged(ids), y))

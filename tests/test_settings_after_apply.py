@@ -402,3 +402,49 @@ def test_a_layer_set_in_after_apply_leaves_the_swapped_batch_norms_as_they_are()
     fresh_parameters = dict(fresh.named_parameters())
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter.grad, fresh_parameters[name].grad), name
+
+
+def test_a_sparse_layer_copied_into_a_model_not_applied_is_made_sparse_afresh_by_apply():
+    """A copy of one sparse layer (``copy.deepcopy``) in a model not applied yet: backward
+    asks for apply, and apply makes the copy a sparse layer of that model, as a plain layer
+    (remove gives it back plain, without tinyprop's hook). Before, apply refused it ("'2'
+    inside this model already has tinyprop applied ... call tinyprop.remove on the module
+    that was applied first"): no module could be removed to free it."""
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.5)
+    source = tinyprop.apply(small_mlp(0), config)
+    model = small_mlp(1)
+    model[2] = copy.deepcopy(source[2])
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    with pytest.raises(ValueError, match=r"^model does not have tinyprop applied; call tinyprop"):
+        tinyprop.backward(model, LOSS(model(x), y))
+    tinyprop.apply(model, config)
+    fresh = tinyprop.apply(tinyprop.remove(copy.deepcopy(model)), config)
+    stats = tinyprop.backward(model, LOSS(model(x), y))
+    fresh_stats = tinyprop.backward(fresh, LOSS(fresh(x), y))
+    assert list(stats.keep) == list(fresh_stats.keep) == ["0", "2"]
+    assert stats.macs == fresh_stats.macs
+    fresh_parameters = dict(fresh.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.grad, fresh_parameters[name].grad), name
+    tinyprop.remove(model)
+    assert type(model[2]) is nn.Linear and not model[2]._load_state_dict_pre_hooks
+    assert isinstance(source[2], SparseBackpropLayer)
+
+
+def test_a_part_of_an_applied_model_passed_as_the_model_names_the_applied_one():
+    """tinyprop.backward / step_stats / remove on a part of an applied model (the model
+    peft's merge_and_unload() returns is one) name the model that was applied. Before: "model
+    does not have tinyprop applied; call tinyprop.apply(model, config)", and apply then
+    refused the part."""
+    outer = tinyprop.apply(nn.Sequential(small_mlp(0)), tinyprop.TinyPropConfig(policy="topk"))
+    part = outer[0]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    message = r"its layer '0' is a sparse layer of the Sequential given to tinyprop.apply"
+    for call in (
+        lambda: tinyprop.backward(part, LOSS(part(x), torch.zeros(6, dtype=torch.long))),
+        lambda: tinyprop.step_stats(part),
+        lambda: tinyprop.remove(part),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -82,6 +82,10 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         )
     if is_tinyprop(model):
         raise ValueError("model already has tinyprop applied; call tinyprop.remove(model) first")
+    for module in model.modules():  # a copy of a sparse layer that no applied model holds
+        if isinstance(module, SparseBackpropLayer) and module.tinyprop_state.root is None:
+            _drop_copied_hook(module)
+            _make_plain(module)  # (copy.deepcopy of the layer alone): made sparse afresh below
     inner = next(
         (
             name
@@ -296,13 +300,20 @@ def _take_over_moved_layer(
     handles = [handle for handle in other.handles if handle.hooks_dict_ref() is hooks]
     other.handles = [handle for handle in other.handles if handle not in handles]
     if not handles:  # a copy (copy.deepcopy): its hook came with the dict, without a handle
-        for key, hook in list(hooks.items()):
-            if getattr(hook, "hook", None) is _check_loaded_maxima:
-                del hooks[key]
+        _drop_copied_hook(layer)
         handles = [layer.register_load_state_dict_pre_hook(_check_loaded_maxima)]
     state.handles += handles
     layer.tinyprop_state = state  # named and numbered by the caller, with the others
     return True
+
+
+def _drop_copied_hook(layer: nn.Module) -> None:
+    """Take :func:`_check_loaded_maxima` off a copied sparse layer (``copy.deepcopy`` copies
+    the hook with the layer, but no handle of the model's removes it)."""
+    hooks = layer._load_state_dict_pre_hooks
+    for key, hook in list(hooks.items()):
+        if getattr(hook, "hook", None) is _check_loaded_maxima:
+            del hooks[key]
 
 
 def _follow_changes_before_saving(model: nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -324,20 +335,25 @@ def remove(model: nn.Module) -> nn.Module:
     restore_pools(getattr(state, "pools", []))
     restore_relus(getattr(state, "relus", []))
     for _, module in state.layers + state.detached:
-        original = getattr(module, _ORIGINAL_CLASS)
-        if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)
-            del module.cls_to_become
-            if not isinstance(module, LazyModuleMixin):  # initialized by a forward since
-                original = original.cls_to_become
-        module.__class__ = _restored_class(type(module), original)
-        for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):
-            delattr(module, attribute)
-        del module._buffers["error_max"], module._buffers["backward_steps"]
+        _make_plain(module)
     del model._buffers[OUTPUT_ERROR_MAX]
     for name in state.policy.control_buffers():
         del model._buffers[name]
     delattr(model, _STATE)
     return model
+
+
+def _make_plain(module: nn.Module) -> None:
+    """One sparse layer back to its plain class, without tinyprop's attributes and buffers."""
+    original = getattr(module, _ORIGINAL_CLASS)
+    if "cls_to_become" in module.__dict__:  # a lazy layer (LazyLinear, LazyConv2d)
+        del module.cls_to_become
+        if not isinstance(module, LazyModuleMixin):  # initialized by a forward since
+            original = original.cls_to_become
+    module.__class__ = _restored_class(type(module), original)
+    for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):
+        delattr(module, attribute)
+    del module._buffers["error_max"], module._buffers["backward_steps"]
 
 
 def _restored_class(made: type, original: type) -> type:
@@ -364,8 +380,33 @@ def state_of(model: nn.Module) -> TinyPropState:
     """The shared state of an applied model; a clear error when tinyprop is not applied."""
     state = getattr(unwrap(model), _STATE, None)  # one unwrap (is_tinyprop's test, inline)
     if not isinstance(state, TinyPropState):
-        raise ValueError("model does not have tinyprop applied; call tinyprop.apply(model, config)")
+        raise ValueError(_not_applied(unwrap(model)))
     return state
+
+
+def _not_applied(model: nn.Module) -> str:
+    """Why ``model`` has no tinyprop state, and what to do: apply it, or, when it holds the
+    sparse layers of a model that was applied (it is a part of that model: the model peft's
+    ``merge_and_unload()`` returns from an applied PeftModel), pass that model. Before, the
+    part was told to call apply, which then refused it ("already has tinyprop applied")."""
+    modules = model.named_modules() if isinstance(model, nn.Module) else ()
+    held = next(
+        (
+            (name, module)
+            for name, module in modules
+            if isinstance(module, SparseBackpropLayer) and module.tinyprop_state.root is not None
+        ),
+        None,
+    )
+    if held is None:
+        return "model does not have tinyprop applied; call tinyprop.apply(model, config)"
+    name, layer = held
+    return (
+        f"model does not have tinyprop applied, but its layer '{name}' is a sparse layer of "
+        f"the {type(layer.tinyprop_state.root).__name__} given to tinyprop.apply (this model is "
+        "a part of it, such as the model peft's merge_and_unload() returns): pass that model, "
+        "or call tinyprop.remove on it first and then tinyprop.apply(model, config)"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
