@@ -543,3 +543,42 @@ def test_a_convolution_padding_set_after_it_was_built_is_the_one_backpropagated(
     tinyprop.backward(model, LOSS(model(x), y))
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_train_step_takes_a_tokenizers_batch_as_keyword_inputs():
+    """``train_step(model, batch, y, ...)`` with ``batch`` a mapping of keyword inputs (a
+    tokenizer's BatchEncoding: input_ids and an attention mask with padding) calls
+    ``model(**batch)``: at topk 1.0 plain PyTorch's weights after two SGD steps. Before, it
+    refused the batch ("x must be a non-empty batched tensor (B, ...), got a
+    BatchEncoding"). Tensors of different B are refused, naming each entry."""
+    import transformers
+
+    def losses(output, y):
+        return nn.functional.cross_entropy(output.logits, y, reduction="none")
+
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    plain = transformers.BertForSequenceClassification(config).double()
+    model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(policy="topk", ratio=1))
+    ids = torch.randint(3, 40, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = mask[2, 3:] = 0  # padded samples
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    y = torch.tensor([0, 1, 2, 1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.5)
+    for _ in range(2):
+        stats = tinyprop.train_step(model, batch, y, losses, optimizer)
+        plain_optimizer.zero_grad()
+        losses(plain(**batch), y).mean().backward()
+        plain_optimizer.step()
+    assert stats.trained == 4 and stats.stepped
+    for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+    with pytest.raises(ValueError, match=r"tensors are all \(B, \.\.\.\) with one B; got "):
+        tinyprop.train_step(model, {"input_ids": ids, "attention_mask": mask[:3]}, y, losses,
+                            optimizer)  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -39,7 +41,8 @@ def train_step(
     Args:
         model: a model prepared by :func:`tinyprop.apply`, or its DistributedDataParallel
             wrapper.
-        x: (B, ...) a batch of inputs.
+        x: (B, ...) a batch of inputs, or a mapping of keyword inputs, each (B, ...), for
+            ``model(**x)`` (a tokenizer's output: ``input_ids``, ``attention_mask``).
         y: (B, ...) targets, passed to ``loss_fn`` unchanged.
         loss_fn: ``loss_fn(output, y) -> (B,)`` per-sample losses (``output`` as the model
             returns it: a transformers ``ModelOutput`` too, whose ``logits`` the skip decision
@@ -68,9 +71,7 @@ def train_step(
         >>> stats.loss, stats.trained, stats.macs.backward_ratio()
     """
     check_optimizer_holds_the_model(model, optimizer)  # a clear error when not applied too
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batched tensor (B, ...), got {describe(x)}")
-    batch_size = x.shape[0]
+    batch_size = _batch_size(x)
     if isinstance(y, Tensor) and (y.dim() == 0 or y.shape[0] != batch_size):
         raise ValueError(f"x has batch size {batch_size} but y has shape {tuple(y.shape)}")
     unwrap(model).zero_grad(set_to_none=True)  # also parameters outside the optimizer
@@ -105,11 +106,26 @@ def train_step(
     return stats
 
 
+def _batch_size(x) -> int:
+    """B of ``x``: a (B, ...) tensor, or a mapping whose tensors are all (B, ...) (keyword
+    inputs; a dict or a tokenizer's BatchEncoding was refused: "x must be a non-empty batched
+    tensor (B, ...), got a BatchEncoding")."""
+    tensors = [v for v in x.values() if isinstance(v, Tensor)] if isinstance(x, Mapping) else [x]
+    sizes = {t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else 0 for t in tensors}
+    if len(sizes) != 1 or 0 in sizes:
+        shapes = {k: describe(v) for k, v in x.items()} if isinstance(x, Mapping) else describe(x)
+        raise ValueError(
+            "x must be a non-empty batched tensor (B, ...), or a mapping of keyword inputs "
+            f"whose tensors are all (B, ...) with one B; got {shapes}"
+        )
+    return sizes.pop()
+
+
 def _autograd_step(model, x, y, loss_fn, optimizer, fused_update: bool) -> StepContext:
     """The forward with a graph and :func:`tinyprop.step.run_backward`: the step, its running
     state not committed yet."""
-    batch_size = x.shape[0]
-    output = model(x)
+    batch_size = _batch_size(x)
+    output = model(**x) if isinstance(x, Mapping) else model(x)
     # a transformers model's ModelOutput: its logits (loss_fn gets the whole output)
     main = output if isinstance(output, Tensor) else main_tensor(output)
     if not isinstance(main, Tensor) or main.shape[:1] != (batch_size,):
