@@ -251,6 +251,51 @@ def mamba():
     return T.MambaForCausalLM(config), (ids,), ids, causal_lm_loss
 
 
+def clip():
+    """Two towers (a text transformer, a ViT) and one contrastive loss coupling the samples:
+    each image's loss against every text of the batch, and each text's against every image."""
+    text = T.CLIPTextConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=8,
+    )  # fmt: skip
+    vision = T.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=8, patch_size=4, projection_dim=8,
+    )  # fmt: skip
+    config = T.CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
+    )
+    model = ImageTextLogits(T.CLIPModel(config))
+    images = torch.randn(BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return model, (_ids((BATCH, 5)), images), torch.arange(BATCH), contrastive_loss
+
+
+class ImageTextLogits(nn.Module):
+    """CLIP called with (input_ids, pixel_values), returning its (images, texts) logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, images):
+        return self.model(input_ids=ids, pixel_values=images).logits_per_image
+
+
+def contrastive_loss(logits, y):
+    return (LOSS(logits, y) + LOSS(logits.t(), y)) / 2
+
+
+def swin():
+    """Shifted-window attention on patch merging stages."""
+    config = T.SwinConfig(
+        image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
+        num_heads=[2, 2], window_size=4, num_labels=3, drop_path_rate=0.0,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = T.SwinForImageClassification(config)
+    return model, (_images(size=16),), _ids((BATCH,)) % 3, classifier_loss
+
+
 MODELS = {
     "vit": vit,
     "distilbert": distilbert,
@@ -269,6 +314,8 @@ MODELS = {
     "qwen2": qwen2,
     "deberta_v2": deberta_v2,
     "mamba": mamba,
+    "clip": clip,
+    "swin": swin,
 }
 
 
