@@ -334,6 +334,77 @@ def test_ineligible_steps_take_the_autograd_path():
     graph_free_step(model, x, y, cross_entropy, optimizer)
 
 
+def forward_hook(model):
+    return model[1].register_forward_hook(lambda module, args, output: None).remove
+
+
+def parameter_hook_after_apply(model):
+    return model[0].weight.register_hook(lambda grad: grad).remove
+
+
+def overlapping_pool(model):
+    pool = model[2]
+    pool.stride = 1  # overlapping windows: ineligible
+    return lambda: setattr(pool, "stride", 2)
+
+
+def replaced_layer(model):
+    model[3] = nn.Conv1d(8, 40, 3)  # plain, made sparse by the next forward with gradients
+    return None
+
+
+def retyped_parameter(model):
+    weight = model[0].weight
+    weight.data = weight.data.double()  # no registration: the parameter's dtype alone
+    return lambda: setattr(weight, "data", weight.data.float())
+
+
+def frozen_weight(model):
+    model[0].weight.requires_grad_(False)  # the first layer's bias trains alone: dense
+    return lambda: model[0].weight.requires_grad_(True)
+
+
+def dropout_trains(model):
+    model.insert(3, nn.Dropout(0.5))  # (a module change too)
+    model.eval()  # p > 0 in eval mode: eligible
+    return model.train
+
+
+# change of an applied CNN whose steps ran graph-free -> (it, whether eligible after it); each
+# returns what undoes it (None: a change undone by the next forward)
+CHANGES_AFTER_STEPS = {
+    "a forward hook added": (forward_hook, False),
+    "a parameter hook added": (parameter_hook_after_apply, False),
+    "a module replaced": (replaced_layer, False),
+    "a pool's stride changed": (overlapping_pool, False),
+    "a parameter's dtype changed": (retyped_parameter, False),
+    "a weight frozen": (frozen_weight, False),
+    "dropout in eval mode, then training": (dropout_trains, True),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES_AFTER_STEPS))
+def test_eligibility_follows_changes_after_steps(change):
+    """graph_free.eligible keeps its walk over the modules per model until something it reads
+    changes: after steps that ran graph-free, each change takes the next step to the autograd
+    path (or back), and undoing it brings the graph-free step back."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(cnn1d(), tinyprop.TinyPropConfig(policy="tinypropv2"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches((3, 14), 8, count=1)[0]
+    for _ in range(2):
+        graph_free_step(model, x, y, cross_entropy, optimizer)
+    make, eligible_after = CHANGES_AFTER_STEPS[change]
+    undo = make(model)
+    assert graph_free.eligible(model, x, False) is eligible_after
+    if undo is not None:
+        undo()
+        assert graph_free.eligible(model, x, False) is not eligible_after
+    else:  # the autograd path's forward made the new layer sparse: graph-free from then on
+        graph_free_step(model, x, y, cross_entropy, optimizer, expected=False)
+        graph_free_step(model, x, y, cross_entropy, optimizer)
+
+
 @pytest.mark.parametrize("reads", ["weights", "a learnt temperature"])
 def test_a_loss_reading_other_tensors_takes_the_autograd_path(reads):
     """A loss with a penalty on the weights (or a temperature that trains) sends gradients

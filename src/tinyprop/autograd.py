@@ -127,11 +127,13 @@ class SparseBackprop(torch.autograd.Function):
         return None, *rest, grad_input
 
     @staticmethod
-    def layer_backward(ctx, grad_output: Tensor, relu: dict | None):
+    def layer_backward(ctx, grad_output: Tensor, relu: dict | None, geometry=None):
         """The layer's backward: (grad_input at x, grad_weight, grad_bias, None, None).
         ``relu``: None, or (fused ReLU, see :mod:`tinyprop.relu_fusion`) a dict that receives
         the saved x under "x" and, under "masked", whether the native kernel
-        returned the input gradient at the ReLU's input already."""
+        returned the input gradient at the ReLU's input already. ``geometry``: the patch
+        geometry of the saved x when it is not the call's (the graph-free step's trained
+        rows of a convolution, :mod:`tinyprop.graph_free`), None: the call's."""
         if torch.is_grad_enabled():  # create_graph=True: the sparse backward has no backward
             raise RuntimeError(
                 f"layer '{ctx.layer.layer_name}': tinyprop's sparse backward cannot be "
@@ -160,7 +162,8 @@ class SparseBackprop(torch.autograd.Function):
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if relu is not None:  # the gradient at the ReLU's input y, through x
             needs_input = ctx.needs_input_grad[5]
-        geometry = call.geometry  # computed once, in the forward
+        if geometry is None:
+            geometry = call.geometry  # computed once, in the forward
         compute = compute_dtype(input_dtype, weight_dtype)  # float16 / bfloat16 -> float32
         x, weight = in_dtype(x, compute), in_dtype(weight, compute)
 

@@ -91,11 +91,13 @@ LARGEST_EXACT_COUNT = 2.0**62  # a float64 k past this is left to the tensor cod
 
 def few_cpu_rows(*tensors: Tensor) -> bool:
     """True when every tensor is a 1-D CPU tensor of the same 1 to ``SCALAR_ROWS`` rows."""
-    first = tensors[0]
-    return (
-        all(t.dim() == 1 and t.device.type == "cpu" and t.shape == first.shape for t in tensors)
-        and 0 < first.numel() <= SCALAR_ROWS
-    )
+    first = tensors[0]  # (is_cpu and a loop without a generator: called a few times a step)
+    if first.dim() != 1 or not first.is_cpu or not 0 < first.shape[0] <= SCALAR_ROWS:
+        return False
+    for other in tensors[1:]:
+        if other.dim() != 1 or not other.is_cpu or other.shape != first.shape:
+            return False
+    return True
 
 
 def list_tensor(values: list, dtype: torch.dtype) -> Tensor:

@@ -30,6 +30,7 @@ the autograd path.
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,9 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
     sparse layer whose bias alone trains with nothing below it training; no module, parameter
     or global hook but the library's own, no saved-tensor hooks, autocast, tracing or
     torch.func transforms; no module twice and no parameter two modules share (their
-    gradients add up); a sparse policy; no fused update."""
+    gradients add up); a sparse policy; no fused update. The walk over the modules and
+    their parameters is kept per model until something it reads changes
+    (:func:`_modules_key`)."""
     if type(model) is not nn.Sequential or fused_update:
         return False
     state = state_of(model)
@@ -90,6 +93,54 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
         or model._backward_pre_hooks
     ):
         return False
+    key = _modules_key(model)
+    cached = _VERDICTS.get(model)
+    if cached is None or cached[0] != key:  # checked again after any change it reads
+        cached = _VERDICTS[model] = (key, _modules_eligible(model))
+    return cached[1]
+
+
+# model -> (what _modules_eligible read, its verdict): the walk over the modules and their
+# parameters, once per model until one of them changes
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# a module's attributes that _module_eligible reads, by its type
+_SETTINGS = {
+    nn.Dropout: ("p",),
+    nn.MaxPool1d: ("return_indices", "ceil_mode", "padding", "dilation", "stride", "kernel_size"),
+    **{layer: ("padding_mode",) for layer in SPARSE_LAYERS},
+}
+
+
+def _modules_key(model: nn.Sequential) -> list:
+    """What :func:`_modules_eligible` reads of ``model``, as values that compare equal when
+    nothing changed: the process-wide count of module registrations (a module set, inserted
+    or deleted anywhere: ``model._MODULE_CHANGES``), then each module, its training flag,
+    whether it has hooks and the attributes it is judged by, and each parameter: its
+    identity, requires_grad, dtype, device and whether it has hooks (none of these counts as
+    a registration when it changes)."""
+    key = [model_hooks._MODULE_CHANGES[0]]
+    for module in model._modules.values():
+        key += (
+            id(module), module.training, not module._forward_hooks,
+            not module._forward_pre_hooks, not module._backward_hooks,
+            not module._backward_pre_hooks,
+        )  # fmt: skip
+        settings = module.__dict__
+        for name in _SETTINGS.get(type(module), ()):
+            key.append(settings.get(name))
+        for parameter in module._parameters.values():
+            if parameter is None:
+                key.append(None)
+            else:
+                key += (
+                    id(parameter), parameter.requires_grad, parameter.dtype, parameter.device,
+                    not parameter._backward_hooks, not parameter._post_accumulate_grad_hooks,
+                )  # fmt: skip
+    return key
+
+
+def _modules_eligible(model: nn.Sequential) -> bool:
+    """The part of :func:`eligible` that reads the model's modules and parameters."""
     trainable = False  # a parameter of this module or one before it trains
     seen = set()  # a module called twice or a weight two layers share: gradients that add up
     for module in model._modules.values():
@@ -184,12 +235,10 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
     step.defers_commit = True
     step.passes_overflow = step.quiet_overflow = False
     if step.stats.trained:
-        delta = _output_error(step, losses, output)  # (B, ...) δ_L
+        # (R, ...) δ_L of the trained samples (R,), None: of every row
+        delta, trained = _output_error(step, losses, output)
         step.state.step = step  # what StepContext.begin_backward opens
         with torch.no_grad():
-            trained = _trained_rows(step, delta)  # (R,) the trained samples, None: every row
-            if trained is not None:
-                delta = delta.index_select(0, trained)  # (R, ...) the rows that are not zero
             _backward(modules, inputs, calls, delta, trained)
     step.finish()  # records, ledger, the deferred finiteness checks
     return step
@@ -256,16 +305,30 @@ def _abandon_forward_pass(model: nn.Module) -> None:
         forward_pass.counter = None
 
 
-def _output_error(step: StepContext, losses: Tensor, output: Tensor) -> Tensor:
-    """δ_L (B, ...): what the autograd path's backward hands the output, bit for bit: from
-    the decision's ∂ Σ losses / ∂ y_L where that path takes it, else autograd's gradient of
-    the step loss Σ_n w_n loss_n (w_n the trained mask over the averaged samples) at y_L."""
+def _output_error(step: StepContext, losses: Tensor, output: Tensor):
+    """δ_L of the rows to backpropagate (R, ...), and those rows (R,) of the batch (None:
+    every row, R = B): what the autograd path's backward hands the output on them, bit for
+    bit. From the decision's g = ∂ Σ losses / ∂ y_L where that path takes it: w_n · g_n with
+    w_n = 1 / n on the trained rows (a power of two: no rounding), computed on those rows
+    alone (a skipped row's is zero); else autograd's gradient of the step loss Σ_n w_n loss_n
+    (w_n the trained mask over the averaged samples n) at y_L, and its trained rows
+    (:func:`_trained_rows`)."""
     decided, step.decision_gradient = step.decision_gradient, None
-    if decided is not None and is_power_of_two(step.averaged_samples):
-        return weighted_output_error(decided[1], step.stats.trained_mask, step.averaged_samples)
-    weights = step.stats.trained_mask.to(losses.dtype) / step.averaged_samples  # (B,)
+    stats, averaged = step.stats, step.averaged_samples
+    if decided is not None and is_power_of_two(averaged):
+        gradient = decided[1]  # (B, ...) g
+        if stats.trained == len(stats.trained_mask):  # every w_n = 1 / n
+            return gradient * (1.0 / averaged), None
+        if step.couples_samples:  # (drop_skipped_rows: the batch's rows)
+            return weighted_output_error(gradient, stats.trained_mask, averaged), None
+        trained = stats.trained_mask.nonzero().flatten()  # (R,)
+        return gradient.index_select(0, trained) * (1.0 / averaged), trained
+    weights = stats.trained_mask.to(losses.dtype) / averaged  # (B,)
     (delta,) = torch.autograd.grad((losses * weights).sum(), output)
-    return delta
+    trained = _trained_rows(step, delta)
+    if trained is not None:
+        delta = delta.index_select(0, trained)  # (R, ...) the rows that are not zero
+    return delta, trained
 
 
 def _trained_rows(step: StepContext, delta: Tensor) -> Tensor | None:
@@ -334,18 +397,14 @@ def _layer_backward(layer, call, x: Tensor, delta: Tensor, fused_relu=False) -> 
             False, False, input_grad,  # the last: the fused ReLU's input y
         ),
     )  # fmt: skip
-    geometry = call.geometry  # of the batch's rows, computed in the forward
+    geometry = None  # the call's, of the batch's rows (computed in the forward), or
     if x.shape[0] != call.rows and type(layer) is not TinyPropLinear:  # the trained rows':
         state = layer.tinyprop_state  # a convolution's geometry holds the batch size
-        trained = cached_patches_for(state.geometry_cache, layer, x.shape, weight.shape)
-        object.__setattr__(call, "geometry", trained)  # for this backward (a frozen record)
+        geometry = cached_patches_for(state.geometry_cache, layer, x.shape, weight.shape)
     relu = {"masked": False} if fused_relu else None
-    try:
-        grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(
-            context, delta, relu
-        )
-    finally:
-        object.__setattr__(call, "geometry", geometry)
+    grad_input, grad_weight, grad_bias, _, _ = SparseBackprop.layer_backward(
+        context, delta, relu, geometry
+    )
     if fused_relu and grad_input is not None and not relu["masked"]:
         grad_input = aten.threshold_backward(grad_input, relu["x"], 0)  # as SparseBackprop does
     if weight.requires_grad and grad_weight is not None:

@@ -79,7 +79,7 @@ def row_cross_entropy_gradient(losses: Tensor) -> Tensor:
     nll = losses.grad_fn
     log_softmax = nll.next_functions[0][0]
     log_probabilities = nll._saved_self  # (B, C)
-    ones = torch.ones((), dtype=losses.dtype).expand(losses.shape)  # (B,) ∂ Σ losses / ∂ loss_n
+    ones = torch.ones(losses.shape, dtype=losses.dtype, device=losses.device)  # (B,) ∂ Σ / ∂ loss_n
     ignore_index = nll._saved_ignore_index  # read back as an unsigned 64-bit integer
     if ignore_index >= 2**63:
         ignore_index -= 2**64
@@ -88,7 +88,7 @@ def row_cross_entropy_gradient(losses: Tensor) -> Tensor:
             ones, log_probabilities, nll._saved_target, None, 0, ignore_index,
             nll._saved_total_weight,
         )  # fmt: skip
-        return torch.ops.aten._log_softmax_backward_data(
+        return torch._log_softmax_backward_data(  # (its binding: no Python dispatch of its own)
             target, log_softmax._saved_result, 1, log_probabilities.dtype
         )
 
