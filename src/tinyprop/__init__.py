@@ -14,7 +14,7 @@ Example:
 from tinyprop.config import POLICIES, PRESETS, TinyPropConfig, preset
 from tinyprop.layers import register_linear
 from tinyprop.ledger import Ledger
-from tinyprop.model import apply, is_tinyprop, remove
+from tinyprop.model import apply, is_tinyprop, remove, reset_error_maxima
 from tinyprop.step import StepStats, backward, loss, step_stats
 from tinyprop.trainer import train_step
 
@@ -33,6 +33,7 @@ __all__ = [
     "preset",
     "register_linear",
     "remove",
+    "reset_error_maxima",
     "step_stats",
     "train_step",
 ]

@@ -322,6 +322,39 @@ def _follow_changes_before_saving(model: nn.Module, prefix: str, keep_vars: bool
     _follow_module_changes(model, getattr(model, _STATE))
 
 
+def reset_error_maxima(model: nn.Module) -> nn.Module:
+    """Start TinyProp's running maxima afresh: Ymax_l of every sparse layer and the skip
+    decision's Ymax_L at 0, as :func:`apply` leaves them.
+
+    Ymax_l ← max(Ymax_l, Y_l) is never decayed, so after a change of data (another dataset,
+    fine-tuning a pretrained model on a new task, a new loss) the errors are measured against
+    the largest ones of the old data: k_l near S_min · ζ^(d_l) · N_l for every row, and under
+    ``tinypropv2`` α = Y_L / Ymax_L small enough to skip nearly every sample. After the reset
+    the next step raises them from the new data's errors, as at the start of training. The
+    weights, the layers' backward counts (random-k's draws), the budget controller and the
+    score window (which forgets old scores after its W = 256 samples) stay as they are.
+
+    Args:
+        model: the model given to :func:`apply` (or its DistributedDataParallel wrapper;
+            call it on every rank).
+
+    Returns:
+        The same model.
+
+    Example:
+        >>> tinyprop.reset_error_maxima(model)  # before fine-tuning on the new dataset
+    """
+    module = unwrap(model)
+    state = state_of(module)
+    _follow_module_changes(module, state)  # a sparse layer moved in since the last forward
+    with torch.no_grad():
+        for _, layer in state.layers:
+            layer.error_max.zero_()
+        getattr(module, OUTPUT_ERROR_MAX).zero_()
+    state.output_error_max_unchecked = False  # 0 is the initial value: nothing to check
+    return model
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: plain torch modules, the same ``state_dict`` keys and values."""
     model = unwrap(model)
