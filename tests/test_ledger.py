@@ -1,5 +1,7 @@
 """The ledger's MAC counts against counts done by hand (see the comments)."""
 
+import dataclasses
+
 import pytest
 import torch
 from core_models import batch, build
@@ -255,3 +257,53 @@ def test_other_macs_follow_an_int_argument_such_as_an_unrolling_count():
         stats = tinyprop.backward(model, LOSS(model(x, steps=steps), y))
         assert stats.macs.forward == steps * cell_macs + 4 * 16 * 3
         assert stats.macs.unattributed == 3 * steps * cell_macs  # forward + twice it backward
+
+
+def loop_ledgers(policy: str, way: str) -> list:
+    """The steps' ledgers of two backward passes over the forward passes of one batch of 8:
+    two losses of one forward pass (retain_graph=True), or the forward passes of two
+    micro-batches first, then one backward each. A dense custom module beside the sparse
+    layers: its MACs are counted as other modules' (unattributed)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="CustomLinear"):
+        model = tinyprop.apply(
+            nn.Sequential(nn.Linear(6, 16), nn.ReLU(), CustomLinear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 3)),
+            tinyprop.TinyPropConfig(policy=policy, ratio=1.0),
+        )  # fmt: skip
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    if way == "two losses":
+        output = model(x)
+        first = tinyprop.backward(model, LOSS(output, y), retain_graph=True)
+        return [first.macs, tinyprop.backward(model, output.square().mean(1)).macs]
+    halves = (slice(0, 4), slice(4, 8))
+    outputs = [model(x[half]) for half in halves]
+    return [
+        tinyprop.backward(model, LOSS(output, y[half]), scale=0.5).macs
+        for output, half in zip(outputs, halves, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("way", ["two losses", "micro-batches"])
+def test_each_step_counts_the_backward_it_ran_under_full_as_under_topk(way):
+    """Each step's ledger holds the forward passes it took and the backward it ran, under
+    ``full`` as under ``topk`` at 1.0 (the same work, selection aside), the custom module's
+    dense backward included. Before, under ``full`` the first step counted the backward of
+    every forward pass and the second none: a second loss's backward, which PyTorch ran, was
+    in neither (the ratio of two loops' ledgers was off by it), and ``topk`` left the custom
+    module's backward of the second step out."""
+    full, topk = loop_ledgers("full", way), loop_ledgers("topk", way)
+    other = 8 * 16 * 16 if way == "two losses" else 4 * 16 * 16  # the custom module, per pass
+    for full_step, topk_step in zip(full, topk, strict=True):
+        assert full_step.backward == full_step.backward_dense > 0
+        assert topk_step.selection > 0
+        assert full_step == dataclasses.replace(topk_step, selection=0)
+        assert full_step.backward_dense >= 2 * other
+    assert (
+        full[1].forward == 0 and full[0].unattributed == (3 if way == "two losses" else 4) * other
+    )
+    assert full[1].unattributed == 2 * other  # the second step's backward of the custom module
+    if way == "two losses":  # one forward pass, two backward passes through all of it
+        assert full[1].backward == full[0].backward
+    else:  # two halves of one batch: the same work each
+        assert full[0].backward == full[1].backward

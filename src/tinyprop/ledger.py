@@ -128,6 +128,52 @@ def unreached_calls(forward_passes: list, records: list) -> set[int]:
     }
 
 
+def reached_passes(forward_passes: list, records: list, backward_ran: bool) -> list:
+    """The forward passes a step's backward went through: its own passes but those whose
+    layer calls needed a gradient and recorded no backward (an evaluation forward run with
+    gradients, a micro-batch's forward pass another step backpropagates), and the passes of
+    earlier steps its records come from (a second loss of one forward pass, micro-batches
+    whose forward passes ran first). ``forward_passes`` itself when that is every one of them
+    and no other (the common step), and when no layer recorded (the ``full`` policy, which
+    records nothing) or no backward ran (the dense reference is what full training would
+    have done)."""
+    if not records or not backward_ran:
+        return forward_passes
+    recorded = {}  # id -> pass, in record order
+    for record in records:
+        forward_pass = record.call.forward_pass
+        recorded[id(forward_pass)] = forward_pass
+    own, reached = set(), []
+    for forward_pass in forward_passes:
+        own.add(id(forward_pass))
+        if id(forward_pass) in recorded or not _needs_gradient(forward_pass):
+            reached.append(forward_pass)
+    earlier = [forward_pass for key, forward_pass in recorded.items() if key not in own]
+    if len(reached) == len(forward_passes) and not earlier:
+        return forward_passes
+    return reached + earlier
+
+
+def _needs_gradient(forward_pass) -> bool:
+    """Whether a layer call of the pass needed a gradient (a trainable weight or an input
+    that requires grad)."""
+    for call in forward_pass.calls:
+        if call.weight_trainable or call.input_requires_grad:
+            return True
+    return False
+
+
+def _add_other_backward(ledger: Ledger, forward_pass, backward_ran: bool) -> None:
+    """The backward of the modules that stay dense in a pass the step's backward went
+    through: about twice their forward (gradients of their inputs and of their weights),
+    done for the whole batch whenever a backward runs."""
+    other = forward_pass.other_macs
+    ledger.backward_dense += 2 * other
+    if backward_ran:
+        ledger.unattributed += 2 * other
+        ledger.backward += 2 * other
+
+
 def step_ledger(
     forward_passes: list,
     records: list,
@@ -136,8 +182,10 @@ def step_ledger(
     trained: int,
     output_size: int,
     backward_ran: bool,
+    reached: list | None = None,
 ) -> Ledger:
-    """The ledger of one training step.
+    """The ledger of one training step: the forward of its own passes, and the backward
+    (done, and the dense reference) of the passes its backward went through.
 
     Args:
         forward_passes: the step's forward passes (``tinyprop.state.ForwardPass``): every
@@ -148,14 +196,19 @@ def step_ledger(
         trained: samples that were backpropagated.
         output_size: elements of the output error per sample (the skip decision's Y_L).
         backward_ran: whether a backward pass ran (not when every sample was skipped).
+        reached: the passes the backward went through, its own and earlier steps' (the
+            ``full`` policy's, found from their outputs); None: :func:`reached_passes`.
     """
     ledger = Ledger()
     unreached = unreached_calls(forward_passes, records) if backward_ran and policy.sparse else ()
+    if reached is None:
+        reached = reached_passes(forward_passes, records, backward_ran)
     for forward_pass in forward_passes:
+        backpropagated = reached is forward_passes or any(forward_pass is p for p in reached)
         for call in forward_pass.calls:
             if not call.recomputed:  # activation checkpointing's second forward is not counted
                 ledger.forward += call.forward_macs
-            if id(call) in unreached:  # its output never reached the losses: no backward
+            if not backpropagated or id(call) in unreached:  # no backward reached it
                 continue
             dense = call.rows * layer_backward_macs(
                 call, call.output_size, call.input_requires_grad
@@ -163,14 +216,22 @@ def step_ledger(
             ledger.backward_dense += dense
             if backward_ran and not policy.sparse:
                 ledger.backward += dense
-        # modules that stay dense: their backward is about twice their forward (gradients of
-        # their inputs and of their weights), done for the whole batch whenever a backward runs
-        other = forward_pass.other_macs
-        ledger.forward += other
-        ledger.backward_dense += 2 * other
-        ledger.unattributed += other + (2 * other if backward_ran else 0)
-        if backward_ran:
-            ledger.backward += 2 * other
+        ledger.forward += forward_pass.other_macs
+        ledger.unattributed += forward_pass.other_macs
+        if backpropagated:
+            _add_other_backward(ledger, forward_pass, backward_ran)
+    if reached is not forward_passes:  # passes an earlier step took, backpropagated by this one
+        for forward_pass in reached:
+            if any(forward_pass is p for p in forward_passes):
+                continue
+            if not policy.sparse:  # (the sparse policies' come with their records, below)
+                for call in forward_pass.calls:
+                    dense = call.rows * layer_backward_macs(
+                        call, call.output_size, call.input_requires_grad
+                    )
+                    ledger.backward_dense += dense
+                    ledger.backward += dense
+            _add_other_backward(ledger, forward_pass, backward_ran)
     if backward_ran and policy.sparse:
         ledger.backward += bias_only_backward(forward_passes, records, batch_size, trained)
     taken = {id(call) for forward_pass in forward_passes for call in forward_pass.calls}

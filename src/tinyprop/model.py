@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -508,6 +509,12 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
             state.other_macs_cache.pop(next(iter(state.other_macs_cache)))
         state.other_macs_cache[forward_pass.signature] = forward_pass.other_macs
     forward_pass.output = main_tensor(output)
+    if not state.policy.sparse:  # which passes a step reaches (tinyprop.step._full_reached)
+        outputs = forward_pass.output
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        forward_pass.output_refs = tuple(
+            weakref.ref(tensor) for tensor in outputs if isinstance(tensor, Tensor)
+        )
     state.finish_pass(forward_pass)
 
 

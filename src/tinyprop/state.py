@@ -42,6 +42,9 @@ class ForwardPass:
         # ids of the weights the ``full`` policy's layer calls trained (the module's own, or
         # those torch.func.functional_call gave it): what the losses' graph must reach
         self.dense_weights: set[int] = set()
+        # weak references to the output tensors (the ``full`` policy's): which passes a step's
+        # backward goes through, when it has several or none of its own (tinyprop.step)
+        self.output_refs: tuple = ()
 
     def add(self, call_fields: dict) -> LayerCall:
         """Record a layer call; ``call_fields``: every field of :class:`LayerCall` but
@@ -141,6 +144,9 @@ class TinyPropState:
     # the forward passes whose layer calls the last finished step's backward ran through
     # (their graph may be kept, retain_graph=True, for another step's losses)
     backpropagated: list = field(default_factory=list)
+    # under ``full``: the forward passes of the last step that took any (a later step's losses
+    # may come from them: micro-batches' forward passes first, a second loss of one pass)
+    earlier_passes: list = field(default_factory=list)
     root: object = None  # the applied model (holds the budget controller's buffers)
     inside_ddp: bool = False  # run inside a DistributedDataParallel around a larger module
     deciding: bool = False  # the skip decision's gradient runs (tinyprop.step._output_error)
@@ -174,7 +180,7 @@ class TinyPropState:
         state = dict(self.__dict__)
         state.update(
             open_passes={}, pending=[], step=None, last_stats=None, _policy=None,
-            backpropagated=[],
+            backpropagated=[], earlier_passes=[],
             inside_ddp=False, deciding=False, geometry_cache={}, call_fields={},
             checked_optimizer=None,
         )  # fmt: skip
@@ -195,9 +201,11 @@ class TinyPropState:
         return copied
 
     def __setstate__(self, state: dict) -> None:
-        """A whole model pickled before the open forward passes were kept per thread."""
+        """A whole model pickled before the open forward passes were kept per thread (or
+        before ``earlier_passes``)."""
         state.pop("open_pass", None)
         state.setdefault("open_passes", {})
+        state.setdefault("earlier_passes", [])
         self.__dict__.update(state)
 
     @property

@@ -136,6 +136,9 @@ class StepContext:
         self.fused_weights: dict[int, nn.Parameter] = {}
         self.deferred_updates: list[tuple[nn.Parameter, Tensor, Tensor, Tensor, Tensor]] = []
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
+        # under ``full``: the forward passes the losses come from, its own and earlier steps',
+        # when it has several or none of its own (None: its own passes)
+        self.full_reached: list | None = None
         self._matched: set[int] = set()  # ids of the original calls of recomputed ones
 
     def original_call(self, call_fields: dict) -> LayerCall | None:
@@ -339,6 +342,8 @@ class StepContext:
         self._accounted_calls = len(self._calls)
         reached = {id(record.call.forward_pass): record.call for record in self.records}
         self.state.backpropagated = [call.forward_pass for call in reached.values()]
+        if self.forward_passes and not self.state.policy.sparse:
+            self.state.earlier_passes = self.forward_passes
         stats = self.stats
         passes = self.forward_passes + [self.recomputed_pass]
         stats.macs = step_ledger(
@@ -349,6 +354,7 @@ class StepContext:
             stats.trained,
             self.output_size,
             backward_ran=bool(self.records) or (stats.trained > 0 and not self.state.policy.sparse),
+            reached=None if self.full_reached is None else self.full_reached + passes[-1:],
         )
         by_call = {id(record.call): record for record in self.records}
         calls = [call for forward_pass in passes for call in forward_pass.calls]
@@ -619,8 +625,7 @@ def backward(
             through it, as ``loss.backward(retain_graph=True)``: two losses of one forward
             pass, each given to its own ``tinyprop.backward`` (the last one without it).
             The second call is a step of its own that adds its backward to the ledger (the
-            forward pass was counted once, by the first; under ``full`` the first counted
-            its one dense backward too) and to ``.grad``; under a policy
+            forward pass was counted once, by the first) and to ``.grad``; under a policy
             that skips samples (``tinypropv2``) it is a ValueError, before any backward:
             the skip decision is made once per forward pass, from the sum of its losses.
 
@@ -834,6 +839,7 @@ def _decide_step(
     policy = state.policy
     if not policy.sparse:
         _check_full_losses_reach_the_model(module, losses, passes)
+        step.full_reached = _full_reached(losses, passes, state.earlier_passes)
     if policy.skips:
         if not passes:
             _check_a_forward_pass_is_decided_once(losses, state.backpropagated)
@@ -964,6 +970,34 @@ def _check_full_losses_reach_the_model(module: nn.Module, losses: Tensor, passes
             passes, calls, "reaches none of the trainable parameters", "no backward ran"
         )
     )
+
+
+def _full_reached(losses: Tensor, passes: list, earlier: list) -> list | None:
+    """Under ``full`` (whose layers record nothing), the forward passes the losses come from,
+    when the step has several forward passes or none of its own (micro-batches' forward
+    passes first, then one backward each; a second loss of one forward pass after
+    retain_graph=True): those of the step's passes, or else of the last step's, whose output
+    the losses' autograd graph reaches. None (the step's own passes) for one pass of its own,
+    or when no output is left to tell (the tensors were let go). Before, the first step
+    counted the backward of every pass and a later one none: the steps' ledgers added up,
+    but a second loss's backward was in none of them, though PyTorch ran it."""
+    if len(passes) == 1:
+        return None
+    candidates = passes or earlier
+    outputs = {}  # autograd node of an output tensor -> its pass (the nodes held while walking)
+    for forward_pass in candidates:
+        for reference in forward_pass.output_refs:
+            tensor = reference()
+            if tensor is not None and tensor.grad_fn is not None:
+                outputs[tensor.grad_fn] = forward_pass
+    if not outputs:
+        return None
+    found = {
+        id(outputs[node])
+        for node in _autograd_nodes(losses.grad_fn, lambda node: node not in outputs)
+        if node in outputs
+    }
+    return [forward_pass for forward_pass in candidates if id(forward_pass) in found] or None
 
 
 def _reaches_a_parameter(node, parameters: set[int]) -> bool:
