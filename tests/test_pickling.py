@@ -4,6 +4,7 @@ of subclasses (``nn.MultiheadAttention``'s ``out_proj``) and of registered class
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -126,3 +127,35 @@ def test_unwrap_finds_a_compiled_module_wherever_the_wrapper_holds_it():
     assert state_of(compiled) is state_of(model)
     with pytest.raises(ValueError, match="does not have tinyprop applied"):
         state_of(nn.Linear(2, 2))
+
+
+def test_a_layer_saved_alone_is_refused_with_the_way_out_and_its_copy_trains(tmp_path):
+    """torch.save of one sparse layer pickles the model it belongs to along with it (its state
+    refers to that model), so the loaded layer is still a layer of a hidden copy of the model.
+    Given to apply, the refusal told the user to call tinyprop.remove on a module they do not
+    have; now it names the cause and the way out, copy.deepcopy(layer), which trains as the same
+    weights in a fresh layer."""
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.5)
+    torch.manual_seed(0)
+    source = tinyprop.apply(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), config)
+    torch.save(source[2], tmp_path / "head.pt")
+    head = torch.load(tmp_path / "head.pt", weights_only=False)
+    with pytest.raises(ValueError, match=r"torch.load brings it back.*copy.deepcopy\(layer\)"):
+        tinyprop.apply(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), head), config)
+    applied = tinyprop.apply(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), config)
+    applied[2] = head
+    with pytest.raises(ValueError, match=r"torch.load brings it back.*copy.deepcopy\(layer\)"):
+        applied(torch.randn(2, 4))
+
+    torch.manual_seed(1)
+    body = nn.Linear(4, 16)
+    plain_head = nn.Linear(16, 3)
+    plain_head.load_state_dict({"weight": head.weight, "bias": head.bias})
+    expected = tinyprop.apply(nn.Sequential(copy.deepcopy(body), nn.ReLU(), plain_head), config)
+    copied = tinyprop.apply(nn.Sequential(body, nn.ReLU(), copy.deepcopy(head)), config)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for model in (copied, expected):
+        stats = tinyprop.backward(model, LOSS(model(x), y))
+        assert set(stats.keep) == {"0", "2"}
+    for p, q in zip(copied.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)

@@ -87,14 +87,23 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         if isinstance(module, SparseBackpropLayer) and module.tinyprop_state.root is None:
             _drop_copied_hook(module)
             _make_plain(module)  # (copy.deepcopy of the layer alone): made sparse afresh below
-    inner = next(
+    inner, inner_module = next(
         (
-            name
+            (name, module)
             for name, module in model.named_modules()
             if isinstance(module, SparseBackpropLayer) or is_tinyprop(module)
         ),
-        None,
+        (None, None),
     )
+    if isinstance(inner_module, SparseBackpropLayer) and not any(
+        module is inner_module.tinyprop_state.root for module in model.modules()
+    ):  # a layer of another applied model (or of the copy torch.load made of that model)
+        raise ValueError(
+            f"'{inner}' is a sparse layer of another applied model (torch.save or pickle of a "
+            "layer alone saves that model with it, and torch.load brings it back); give this "
+            "model a copy of its own, copy.deepcopy(layer), which apply makes sparse afresh, "
+            "or call tinyprop.remove on the model it came from first"
+        )
     if inner is not None:  # a part of it, or a model containing it, was applied before
         raise ValueError(
             f"'{inner}' inside this model already has tinyprop applied (it, or a module "
@@ -291,9 +300,9 @@ def _take_over_moved_layer(
         raise ValueError(
             f"layer '{name or '<root>'}' ({getattr(layer, _ORIGINAL_CLASS).__name__}) is in "
             f"two models given to tinyprop.apply: it is still '{layer.layer_name}' of the "
-            "other one. Take "
-            "the layer out of the other model first, or give this model a new layer with the "
-            "weights copied: new.load_state_dict(layer.state_dict(), strict=False)"
+            "other one (torch.save or pickle of a layer alone saves that model with it, and "
+            "torch.load brings it back). Take the layer out of the other model first, or give "
+            "this model a copy of its own: copy.deepcopy(layer)"
         )
     other.layers = [entry for entry in other.layers if entry[1] is not layer]
     other.detached = [entry for entry in other.detached if entry[1] is not layer]
