@@ -95,15 +95,17 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         ),
         (None, None),
     )
-    if isinstance(inner_module, SparseBackpropLayer) and not any(
-        module is inner_module.tinyprop_state.root for module in model.modules()
-    ):  # a layer of another applied model (or of the copy torch.load made of that model)
-        raise ValueError(
-            f"'{inner}' is a sparse layer of another applied model (torch.save or pickle of a "
-            "layer alone saves that model with it, and torch.load brings it back); give this "
-            "model a copy of its own, copy.deepcopy(layer), which apply makes sparse afresh, "
-            "or call tinyprop.remove on the model it came from first"
-        )
+    if isinstance(inner_module, SparseBackpropLayer):  # its root is set: copies made plain above
+        root = inner_module.tinyprop_state.root
+        if not any(module is root for module in model.modules()) and not any(
+            module is model for module in root.modules()
+        ):  # a layer of another applied model (or of the copy torch.load made of that model)
+            raise ValueError(
+                f"'{inner}' is a sparse layer of another applied model (torch.save or pickle "
+                "of a layer alone saves that model with it, and torch.load brings it back); "
+                "give this model a copy of its own, copy.deepcopy(layer), which apply makes "
+                "sparse afresh, or call tinyprop.remove on the model it came from first"
+            )
     if inner is not None:  # a part of it, or a model containing it, was applied before
         raise ValueError(
             f"'{inner}' inside this model already has tinyprop applied (it, or a module "
