@@ -1,6 +1,7 @@
 """The ledger's MAC counts against counts done by hand (see the comments)."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -257,6 +258,24 @@ def test_other_macs_follow_an_int_argument_such_as_an_unrolling_count():
         stats = tinyprop.backward(model, LOSS(model(x, steps=steps), y))
         assert stats.macs.forward == steps * cell_macs + 4 * 16 * 3
         assert stats.macs.unattributed == 3 * steps * cell_macs  # forward + twice it backward
+
+
+def test_a_signature_that_changes_at_every_call_is_warned_once(monkeypatch):
+    """An int that changes at every call (a step index) runs the FLOP counter at every
+    forward, each a new signature: once the remembered signatures are full, one warning says
+    so and what to do; the ledger stays right (each call measured)."""
+    monkeypatch.setattr(tinyprop.model, "_MAX_SIGNATURES", 3)
+    model = tinyprop.apply(Unrolled(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    cell_macs = 4 * 3 * 16 * (8 + 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(8):
+            steps = 1 + step % 5
+            stats = tinyprop.backward(model, LOSS(model(x, steps=steps), y))
+            assert stats.macs.forward == steps * cell_macs + 4 * 16 * 3
+    churn = [w for w in caught if "different call signatures" in str(w.message)]
+    assert len(churn) == 1 and "as a tensor" in str(churn[0].message)
 
 
 def loop_ledgers(policy: str, way: str) -> list:

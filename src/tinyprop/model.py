@@ -518,6 +518,7 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
         forward_pass.other_macs = max(0, counter.get_total_flops() // 2 - sparse)
         if len(state.other_macs_cache) >= _MAX_SIGNATURES:
             state.other_macs_cache.pop(next(iter(state.other_macs_cache)))
+            _warn_signatures_churn(state)
         state.other_macs_cache[forward_pass.signature] = forward_pass.other_macs
     forward_pass.output = main_tensor(output)
     if not state.policy.sparse:  # which passes a step reaches (tinyprop.step._full_reached)
@@ -527,6 +528,24 @@ def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
             weakref.ref(tensor) for tensor in outputs if isinstance(tensor, Tensor)
         )
     state.finish_pass(forward_pass)
+
+
+def _warn_signatures_churn(state: TinyPropState) -> None:
+    """Once per model: the other modules' MACs were measured for ``_MAX_SIGNATURES`` call
+    signatures, and each new one runs the FLOP counter again (a counted forward). An int that
+    changes at every call without changing the work (a step index) is the usual cause; it
+    made steps up to 1.4x slower, silently."""
+    if "signatures" not in state.warned:
+        state.warned.add("signatures")
+        warnings.warn(
+            f"tinyprop: the ledger has measured the MACs of the modules it keeps dense for "
+            f"{_MAX_SIGNATURES} different call signatures (input shapes, int / bool / str "
+            "arguments) and measures again at every new one, a forward under a FLOP counter "
+            "each time; an argument that changes at every call without changing the work (a "
+            "step index as an int) can be passed as a tensor instead, and inputs of many "
+            "lengths can be padded to a few",
+            stacklevel=4,
+        )
 
 
 def _signature(args, kwargs) -> tuple:
