@@ -352,6 +352,30 @@ def two_hidden_layers() -> nn.Sequential:
     ).double()
 
 
+@pytest.mark.parametrize("part", ["linear", "conv", "encoder block"])
+def test_a_sparse_layer_copied_alone_trains_as_pytorch_outside_any_applied_model(part):
+    """A copy of a sparse layer alone (copy.deepcopy) used in a model nobody applied ran the
+    sparse backward of the policy it was copied under, with nobody counting it: a plain
+    training loop got top-k gradients, silently (1.12 off for a 40 -> 3 Linear at topk 0.5).
+    It now trains as PyTorch's layer until an applied model takes it over."""
+    torch.manual_seed(0)
+    layer, x = {
+        "linear": (nn.Linear(40, 3), torch.randn(4, 40)),
+        "conv": (nn.Conv2d(3, 6, 3), torch.randn(2, 3, 6, 6)),
+        "encoder block": (
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+            torch.randn(4, 5, 8),
+        ),
+    }[part]
+    plain = copy.deepcopy(layer)
+    model = tinyprop.apply(nn.Sequential(layer), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    lone = copy.deepcopy(model[0])
+    lone(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for (name, p), q in zip(lone.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("policy", ["randomk", "topk"])
 def test_a_sparse_layer_copied_alone_is_taken_over_by_the_model_it_is_set_into(policy):
     """``copy.deepcopy`` of one sparse layer of an applied model, set into that model (peft's

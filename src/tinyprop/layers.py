@@ -102,6 +102,8 @@ class SparseBackpropLayer:
         weight = self.sparse_weight()
         self.check_input(x, weight)
         state = self.tinyprop_state
+        if state.root is None:  # a copy of the layer alone (copy.deepcopy), in no applied model
+            return self.dense_forward(x, weight, self.bias)  # yet: PyTorch's layer, uncounted
         trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if torch.jit.is_tracing():  # torch.jit.trace records the plain layer, for inference
             return self.dense_forward(x, weight, self.bias)
