@@ -29,11 +29,11 @@ import statistics
 import time
 
 import torch
-from speed import MODELS, POLICIES, keep_freed_memory
+from speed import MODELS, POLICIES, keep_freed_memory, padded_mnist
 from torch import nn
 
 import tinyprop
-from tinyprop import data, native
+from tinyprop import native
 
 # the native calls of a sparse layer's backward, by what they do
 PARTS = {
@@ -131,9 +131,7 @@ def main() -> None:
     keep_freed_memory()
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     build, batch_size, side, _ = MODELS[args.model]
-    x, y = data.load("mnist", "train", limit=batch_size * 10).tensors  # (N, 1, 28, 28)
-    pad = (side - x.shape[-1]) // 2
-    x = nn.functional.pad(x, (pad,) * 4) if pad else x
+    x, y = padded_mnist(side, limit=batch_size * 10)  # (N, 1, side, side)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     runs, clocks, kernels = {}, {}, {}
     for name in ("full", args.policy):

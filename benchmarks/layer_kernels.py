@@ -19,11 +19,11 @@ import argparse
 import time
 
 import torch
-from speed import MODELS, POLICIES, keep_freed_memory
+from speed import MODELS, POLICIES, keep_freed_memory, padded_mnist
 from torch import nn
 
 import tinyprop
-from tinyprop import autograd, data, native
+from tinyprop import autograd, native
 from tinyprop.patches import LinearPatches
 
 
@@ -31,9 +31,7 @@ def captured_calls(model_name: str) -> tuple[list[tuple], dict[str, str]]:
     """The arguments of every layer call's gradient computation in the second step (backward
     order), and the kernel each layer ran there."""
     build, batch_size, side, _ = MODELS[model_name]
-    x, y = data.load("mnist", "train", limit=2 * batch_size).tensors  # (2 B, 1, 28, 28)
-    pad = (side - x.shape[-1]) // 2
-    x = nn.functional.pad(x, (pad,) * 4) if pad else x
+    x, y = padded_mnist(side, limit=2 * batch_size)  # (N, 1, side, side)
     calls, original = [], autograd._gradients
 
     def capture(select, geometry, inputs, weight, rows, flat, keep, everything, *needs_and_defer):

@@ -15,11 +15,10 @@ import pstats
 import time
 
 import torch
-from speed import FUSED, MODELS, keep_freed_memory, optimizer_for
+from speed import FUSED, MODELS, keep_freed_memory, optimizer_for, padded_mnist
 from torch import nn
 
 import tinyprop
-from tinyprop import data
 
 
 def main() -> None:
@@ -32,9 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     build, batch_size, side, policies = MODELS[args.model]
-    x, y = data.load("mnist", "train", limit=batch_size * 10).tensors  # (N, 1, 28, 28)
-    pad = (side - x.shape[-1]) // 2
-    x = nn.functional.pad(x, (pad,) * 4) if pad else x
+    x, y = padded_mnist(side, limit=batch_size * 10)  # (N, 1, side, side)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     for name in ("full", args.policy):
         torch.manual_seed(0)

@@ -142,6 +142,21 @@ HEADER = (
     "| backward MACs vs full | skipped |\n|------------------------|-----------"
     "|------------------------|-----------|-----------------------|---------|"
 )
+
+
+def padded_mnist(side: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` MNIST training images, zero-padded from 28x28 to ``side`` x
+    ``side`` as a model of :data:`MODELS` takes them, and their labels: (N, 1, side, side), (N,)."""
+    x, y = data.load("mnist", "train", limit=limit).tensors  # (N, 1, 28, 28)
+    return pad_to_side(x, side), y
+
+
+def pad_to_side(images: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, 1, 28, 28) images zero-padded on every border to (N, 1, side, side)."""
+    pad = (side - images.shape[-1]) // 2
+    return torch.nn.functional.pad(images, (pad,) * 4) if pad else images
+
+
 # name -> (builder, batch size, input side: MNIST's 28x28, or zero-padded to 32x32, policies)
 MODELS = {
     "wide MLP 784-2048-2048-10": (wide_mlp, 128, 28, POLICIES),
@@ -297,8 +312,7 @@ def main() -> None:
         record["threads"][str(threads)] = models = {}
         for model_name in args.models:
             build, batch_size, side, policies = MODELS[model_name]
-            pad = (side - images.shape[-1]) // 2
-            x = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+            x = pad_to_side(images, side)
             results = measure(build, policies, x, y, batch_size, args.rounds, args.chunk)
             models[model_name] = {"batch_size": batch_size, "policies": results}
             print(f"\n{model_name}, batch {batch_size}, MNIST {side}x{side}, {threads} threads")
