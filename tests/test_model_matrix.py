@@ -156,6 +156,20 @@ class MaskedAttention(torch.nn.Module):
         return self.head(attended.mean(1))
 
 
+def mask_arguments(masks: str) -> tuple:
+    """(key_padding_mask, attn_mask, is_causal) of 3 float64 sequences of 5 tokens, 2 heads:
+    "none", "padding" (two shortened), "causal", "causal+padding", "float 3-D" (N·H, L, S)."""
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    return {
+        "none": (None, None, False),
+        "padding": (padding, None, False),
+        "causal": (None, causal, True),
+        "causal+padding": (padding, causal, True),
+        "float 3-D": (None, torch.randn(6, 5, 5, dtype=torch.float64), False),
+    }[masks]
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("masks", ["padding", "causal", "causal+padding", "float 3-D"])
 def test_attention_with_masks_equals_pytorch(batch_first, masks):
@@ -163,14 +177,7 @@ def test_attention_with_masks_equals_pytorch(batch_first, masks):
     model = MaskedAttention(batch_first).double()
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
-    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
-    arguments = {
-        "padding": (padding, None, False),
-        "causal": (None, causal, True),
-        "causal+padding": (padding, causal, True),
-        "float 3-D": (None, torch.randn(6, 5, 5, dtype=torch.float64), False),
-    }[masks]
+    arguments = mask_arguments(masks)
     expected = copy.deepcopy(model)
     expected.zero_grad()
     F.cross_entropy(expected(x, *arguments), y).backward()
@@ -216,13 +223,7 @@ def test_attention_returning_its_weights_has_a_sparse_out_proj(batch_first, aver
     model = WeightedAttention(batch_first, average).double()
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
-    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
-    arguments = {
-        "none": (None, None, False),
-        "causal+padding": (padding, causal, True),
-        "float 3-D": (None, torch.randn(6, 5, 5, dtype=torch.float64), False),
-    }[masks]
+    arguments = mask_arguments(masks)
     expected = copy.deepcopy(model)
     expected.zero_grad()
     F.cross_entropy(expected(x, *arguments), y).backward()
@@ -336,9 +337,7 @@ def test_attention_with_appended_keys_has_a_sparse_out_proj(appended, need_weigh
     ).double()
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
-    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
-    arguments = (padding, causal, True)
+    arguments = mask_arguments("causal+padding")
     expected = copy.deepcopy(model)
     expected.zero_grad()
     F.cross_entropy(expected(x, *arguments, need_weights), y).backward()
