@@ -238,3 +238,33 @@ def test_an_absurd_but_finite_running_maximum_is_refused_at_the_first_step(entry
             train(net, 1, start=3)
     for name, value in net.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("policy", ["tinypropv2", "randomk"])
+def test_a_model_moved_to_meta_after_apply_starts_its_running_state_afresh(policy):
+    """``model.to("meta")`` of an applied (and trained) model, then ``to_empty`` and weights of
+    one's own: tinyprop's buffers held whatever the memory held (Ymax_l of 7e14, random-k
+    seeded by a garbage backward count), silently, where a model applied on meta starts
+    afresh. It trains as the same weights applied anew."""
+    config = tinyprop.TinyPropConfig(policy=policy, ratio=0.3)
+
+    def applied(weights: dict | None = None) -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+        if weights is not None:
+            net.load_state_dict(weights)
+        return tinyprop.apply(net, config)
+
+    moved = applied()
+    weights = {name: value.clone() for name, value in moved.named_parameters()}
+    train(moved, 2)
+    moved.to("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for buffer in tinyprop_entries(moved).values():
+            buffer.fill_(7e14 if buffer.is_floating_point() else 123456789)  # what memory held
+        for name, parameter in moved.named_parameters():  # an init of one's own
+            parameter.copy_(weights[name])
+    fresh = applied(weights)
+    assert train(moved, 3) == train(fresh, 3)
+    for name, value in fresh.state_dict().items():
+        torch.testing.assert_close(moved.state_dict()[name], value, rtol=0, atol=0, msg=name)

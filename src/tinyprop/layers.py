@@ -64,13 +64,17 @@ class SparseBackpropLayer:
 
     def _apply(self, fn, recurse=True):
         """As ``nn.Module._apply`` (``.half()``, ``.to()``, ``.cuda()``), but Ymax_l keeps at
-        least float32: in float16 a running maximum past 65504 would become inf."""
+        least float32: in float16 a running maximum past 65504 would become inf. Moved to the
+        meta device (``model.to("meta")``), the running state has no values left: it starts
+        afresh once the model has memory again (``to_empty``), as a model applied on meta."""
         kept = self._buffers.get("error_max")
         module = super()._apply(fn, recurse)
         cast = self._buffers.get("error_max")
         if kept is not None and cast is not None and cast.dtype != kept.dtype:
             wide = torch.promote_types(cast.dtype, torch.float32)
             self._buffers["error_max"] = kept.to(device=cast.device, dtype=wide)
+        if kept is not None and cast is not None and cast.is_meta and not kept.is_meta:
+            self.tinyprop_state.made_on_meta = True
         return module
 
     def __reduce_ex__(self, protocol):
