@@ -258,6 +258,7 @@ def _forward(model: nn.Sequential, modules: list, x: Tensor, first_trainable: in
                     weight = module.weight
                     module.check_input(output, weight)
                     module.check_sparse_settings()  # as the layer's own forward refuses
+                    module.check_qconfig()
                     if output.dim() == module.unbatched_dims:
                         raise _Unbatched
                     input_grad = position > first_trainable  # as x.requires_grad would be

@@ -31,6 +31,7 @@ from tinyprop.state import ForwardPass, TinyPropState, backward_running, recompu
 _REGISTERED_LINEAR: dict[type, bool] = {}
 _REGISTERED = "_RegisteredLinear"  # the name of their sparse classes' mixin
 CALL_FIELDS_CACHE_SIZE = 256  # (layer, input shape, gradient flags) remembered per model
+QCONFIG_AT_APPLY = "_tinyprop_qconfig"  # a layer's qconfig when it was made sparse
 
 
 def register_linear(module_class: type, transposed: bool = False) -> None:
@@ -105,6 +106,7 @@ class SparseBackpropLayer:
         # iteration) must run as often as in PyTorch's own forward
         weight = self.sparse_weight()
         self.check_input(x, weight)
+        self.check_qconfig()
         state = self.tinyprop_state
         if state.root is None:  # a copy of the layer alone (copy.deepcopy), in no applied model
             return self.dense_forward(x, weight, self.bias)  # yet: PyTorch's layer, uncounted
@@ -145,6 +147,22 @@ class SparseBackpropLayer:
     def geometry_settings(self) -> tuple:
         """The layer settings its patch geometry depends on besides the shapes."""
         return ()
+
+    def check_qconfig(self) -> None:
+        """Refuse a layer given a ``qconfig`` since it was made sparse: torch.ao.quantization's
+        ``prepare_qat`` / ``prepare`` ran on the applied model. They swap and observe modules
+        by their exact class, which a sparse layer's is not: the layer trained and converted
+        without any (fake) quantization, silently."""
+        qconfig = self.__dict__.get("qconfig")
+        if qconfig is not None and qconfig is not self.__dict__.get(QCONFIG_AT_APPLY):
+            raise ValueError(
+                f"layer '{self.layer_name}' was given a qconfig after tinyprop.apply "
+                "(torch.ao.quantization's prepare_qat or prepare ran on the applied model); "
+                "they swap modules by their exact class and skip tinyprop's layers, which "
+                "would train and convert without quantization. Call tinyprop.remove(model), "
+                "prepare_qat, then tinyprop.apply (its fake-quantized layers stay dense), and "
+                "tinyprop.remove(model) again before torch.ao.quantization.convert"
+            )
 
     def check_sparse_settings(self) -> None:
         """Refuse settings changed after :func:`tinyprop.apply` that the sparse backward

@@ -18,7 +18,7 @@ from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
 from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
 from tinyprop.flop_formulas import forward_flop_counter
-from tinyprop.layers import SparseBackpropLayer, layer_kind, sparse_class
+from tinyprop.layers import QCONFIG_AT_APPLY, SparseBackpropLayer, layer_kind, sparse_class
 from tinyprop.pool_fusion import fuse_pools, restore_pools
 from tinyprop.relu_fusion import fuse_relus, restore_relus
 from tinyprop.state import ForwardPass, TinyPropState
@@ -123,6 +123,12 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
             "model has no layer tinyprop supports (nn.Linear, nn.Conv1d, nn.Conv2d with "
             "padding_mode='zeros', or a class given to tinyprop.register_linear); found only: "
             f"{_module_types(model)}"
+            + (
+                " (the quantization-aware layers of torch.ao.quantization.prepare_qat "
+                "fake-quantize their weight in their own forward: they stay dense)"
+                if any(_fake_quantized(module) for module in model.modules())
+                else ""
+            )
         )
     _warn_dense_modules(model, kinds)
     state = TinyPropState(config=config, layers=targets, root=model)
@@ -167,6 +173,7 @@ def _make_sparse(module: nn.Module, state: TinyPropState, name: str, index: int,
     module.layer_name = name or "<root>"
     module.layer_index = index
     module.registration_depth = count - 1 - index
+    module.__dict__[QCONFIG_AT_APPLY] = module.__dict__.get("qconfig")  # see check_qconfig
     device = _device(module)
     maximum = torch.zeros((), dtype=RUNNING_MAX_DTYPE, device=device)
     module.register_buffer("error_max", maximum)
@@ -398,6 +405,7 @@ def _make_plain(module: nn.Module) -> None:
     module.__class__ = _restored_class(type(module), original)
     for attribute in (_ORIGINAL_CLASS, *_LAYER_ATTRIBUTES):
         delattr(module, attribute)
+    module.__dict__.pop(QCONFIG_AT_APPLY, None)
     del module._buffers["error_max"], module._buffers["backward_steps"]
 
 
@@ -805,9 +813,11 @@ def _fill_running_state_made_on_meta(
 
 def _warn_dense_modules(model: nn.Module, kinds: dict) -> None:
     dense = [
-        f"{name or '<root>'} ({type(module).__name__}"
+        f"{name or '<root>'} ({_type_name(module)}"
         + (
-            ", forward overridden: see tinyprop.register_linear"
+            ", quantization-aware: its forward fake-quantizes the weight"
+            if _fake_quantized(module)
+            else ", forward overridden: see tinyprop.register_linear"
             if kinds[name] == "override"
             else ""
         )
@@ -861,5 +871,17 @@ def _device(layer: nn.Module) -> torch.device:
 
 
 def _module_types(model: nn.Module) -> str:
-    names = sorted({type(module).__name__ for module in model.modules()})
+    names = sorted({_type_name(module) for module in model.modules()})
     return ", ".join(names)
+
+
+def _type_name(module: nn.Module) -> str:
+    """The class name, with its package for torch.ao.nn.qat's layers (named Linear, Conv2d)."""
+    kind = type(module)
+    return f"{kind.__module__}.{kind.__name__}" if _fake_quantized(module) else kind.__name__
+
+
+def _fake_quantized(module: nn.Module) -> bool:
+    """A quantization-aware layer (``torch.ao.quantization.prepare_qat``'s ``qat.Linear``,
+    ``qat.Conv2d``, the fused ``ConvBnReLU2d``...): its forward fake-quantizes its weight."""
+    return "weight_fake_quant" in module._modules
