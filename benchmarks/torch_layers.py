@@ -1,8 +1,11 @@
 """torch's own layers and layer settings, checked against plain PyTorch (not part of ``make test``).
 
 Each case is a small model around one layer setting (convolution padding, padding modes,
-dilation, strides, groups, channels-last, batch 1; Linear on 3-D, 4-D, transposed and expanded
-inputs, called in a loop; attention, transformer layers; layers tinyprop keeps dense). Per case:
+dilation, strides, groups, channels-last, batch 1, ``F.pad`` before a convolution; Linear on
+3-D, 4-D, transposed and expanded inputs, on ``nn.Unfold`` patches, called in a loop, its
+weight also used by ``F.linear``, forward hooks that change its input or output; the fused
+float modules of ``torch.ao.nn.intrinsic``; attention, transformer layers; layers tinyprop
+keeps dense). Per case:
 
 - float64: ``full`` and ``topk`` at ratio 1.0 against ``losses.mean().backward()``, ``topk`` at
   0.1 against the per-row top-k reference of tests/test_model_matrix.py (PyTorch's kernels);
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn import intrinsic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -115,11 +119,67 @@ def conv(*args, **kwargs) -> Head:
     return Head(kind(*args, **kwargs), nn.Tanh())
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
+class PaddedConv(nn.Module):
+    """``F.pad`` by (left 0, right 2, top 1, bottom 0), then a convolution without padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):  # (B, 3, H, W)
+        return self.head(torch.tanh(self.conv(F.pad(x, (0, 2, 1, 0)))).flatten(1))
 
 
-CASES = {  # name: (model builder, input shape, input layout)
+class PatchLinear(nn.Module):
+    """``nn.Unfold`` into 2x2 patches, a Linear on each patch, ``nn.Fold`` back."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(2)
+        self.layer = nn.Linear(12, 5)
+        self.fold = nn.Fold((5, 5), 1)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):  # (B, 3, 6, 6)
+        patches = self.unfold(x).transpose(1, 2)  # (B, 25, 12)
+        h = torch.tanh(self.layer(patches)).transpose(1, 2)  # (B, 5, 25)
+        return self.head(self.fold(h).flatten(1))
+
+
+class SharedWeights(nn.Module):
+    """Weights of a ParameterList used with ``F.linear``, and a Linear's weight used by
+    ``F.linear`` too (its gradient adds up from both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(6, 6) / 3) for _ in range(2)])
+        self.inner = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # (B, 6)
+        h = torch.tanh(F.linear(x, self.weights[0]))
+        h = torch.tanh(self.inner(h))
+        h = torch.tanh(F.linear(h, self.weights[1]) + F.linear(h, self.inner.weight))
+        return self.head(h)
+
+
+class Hooked(nn.Module):
+    """A Linear whose input a forward pre-hook changes, or whose output a forward hook does."""
+
+    def __init__(self, hook: str):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        if hook == "pre":
+            self.second.register_forward_pre_hook(lambda module, args: (args[0] * 2 + 0.1,))
+        else:
+            self.second.register_forward_hook(lambda module, args, output: output * 3 - 0.2)
+
+    def forward(self, x):  # (B, 6)
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+CASES = {  # name: (model builder, input shape, memory format of the input and the model)
     "conv2d padding='same'": (lambda: conv(3, 4, 3, padding="same"), (3, 7, 7), None),
     "conv2d same, even kernel (2, 4)": (
         lambda: conv(3, 4, (2, 4), padding="same"),
@@ -138,11 +198,28 @@ CASES = {  # name: (model builder, input shape, input layout)
         (3, 7, 9),
         None,
     ),
-    "conv2d channels-last": (lambda: conv(3, 4, 3, padding=1), (3, 7, 7), channels_last),
+    "conv2d channels-last": (lambda: conv(3, 4, 3, padding=1), (3, 7, 7), torch.channels_last),
     "conv2d channels-last, depthwise x2 dilated": (
         lambda: conv(4, 8, 3, groups=4, dilation=2, stride=2, padding=1),
         (4, 9, 8),
-        channels_last,
+        torch.channels_last,
+    ),
+    "conv2d same, kernel 2, dilation 3": (
+        lambda: conv(3, 4, 2, padding="same", dilation=3),
+        (3, 7, 7),
+        None,
+    ),
+    "conv1d same, kernel 2, dilation 5, groups 3": (
+        lambda: conv(3, 6, 2, padding="same", dilation=5, groups=3, dims=1),
+        (3, 9),
+        None,
+    ),
+    "conv2d padding 3 > kernel 2": (lambda: conv(3, 4, 2, padding=3), (3, 5, 5), None),
+    "F.pad (0, 2, 1, 0), then conv2d": (PaddedConv, (3, 7, 7), None),
+    "intrinsic ConvReLU2d (fused float modules)": (
+        lambda: Head(intrinsic.ConvReLU2d(nn.Conv2d(3, 4, 3), nn.ReLU())),
+        (3, 7, 7),
+        None,
     ),
     "conv1d stride 5, dilation 3": (
         lambda: conv(4, 6, 2, stride=5, dilation=3, padding=2, dims=1),
@@ -165,12 +242,31 @@ CASES = {  # name: (model builder, input shape, input layout)
         (3, 5, 5),
         None,
     ),
+    "conv3d channels-last (dense)": (
+        lambda: conv(2, 3, 3, dims=3),
+        (2, 5, 5, 5),
+        torch.channels_last_3d,
+    ),
+    "conv_transpose1d output_padding (dense)": (
+        lambda: Head(nn.ConvTranspose1d(4, 6, 3, stride=3, output_padding=2, groups=2)),
+        (4, 5),
+        None,
+    ),
     "lstm (dense)": (lambda: Sequences(nn.LSTM(8, 8, batch_first=True)), (24,), None),
     "linear on 3-D input": (lambda: LinearOn("3-D"), (36,), None),
     "linear on 4-D input": (lambda: LinearOn("4-D"), (36,), None),
     "linear on a transposed input": (lambda: LinearOn("transposed"), (36,), None),
     "linear on an expanded input": (lambda: LinearOn("expanded"), (36,), None),
     "linear called 3 times": (Unrolled, (6,), None),
+    "linear on Unfold patches, then Fold": (PatchLinear, (3, 6, 6), None),
+    "linear weights with F.linear, ParameterList": (SharedWeights, (6,), None),
+    "linear, forward pre-hook changes its input": (lambda: Hooked("pre"), (6,), None),
+    "linear, forward hook changes its output": (lambda: Hooked("post"), (6,), None),
+    "intrinsic LinearReLU (fused float modules)": (
+        lambda: nn.Sequential(intrinsic.LinearReLU(nn.Linear(24, 8), nn.ReLU()), nn.Linear(8, 3)),
+        (24,),
+        None,
+    ),
     "attention, need_weights=True": (
         lambda: Sequences(nn.MultiheadAttention(8, 2, batch_first=True), "attention"),
         (24,),
@@ -214,8 +310,8 @@ def build(name: str, dtype: torch.dtype):
     with torch.no_grad():
         model(x)
     if layout is not None:
-        x = layout(x)
-        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=layout)
+        model = model.to(memory_format=layout)
     return model, x, y
 
 
