@@ -74,8 +74,7 @@ def train_step(
     batch_size = _batch_size(x)
     if isinstance(y, Tensor) and (y.dim() == 0 or y.shape[0] != batch_size):
         raise ValueError(f"x has batch size {batch_size} but y has shape {tuple(y.shape)}")
-    unwrap(model).zero_grad(set_to_none=True)  # also parameters outside the optimizer
-    optimizer.zero_grad(set_to_none=True)
+    zero_gradients(unwrap(model), optimizer)  # also parameters outside the optimizer
     state_of(model).take_passes()  # earlier forward passes with grad (an evaluation) have no
     # backward: only this step's forward belongs to its ledger
     try:
@@ -87,8 +86,7 @@ def train_step(
         stats = step.stats
         check_gradients(optimizer, step.proven_finite)
     except FloatingPointError:
-        unwrap(model).zero_grad(set_to_none=True)
-        optimizer.zero_grad(set_to_none=True)
+        zero_gradients(unwrap(model), optimizer)
         raise
     step.commit()
     trained = stats.trained
@@ -104,6 +102,45 @@ def train_step(
         apply_updates(step, optimizer)
         stats.stepped = True
     return stats
+
+
+def zero_gradients(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``module.zero_grad(set_to_none=True)`` and ``optimizer.zero_grad(set_to_none=True)``:
+    every gradient of the module's parameters and of the optimizer's set to None. Where
+    PyTorch's own methods would run, by a walk over the modules' and groups' parameters
+    itself: ``Module.parameters()`` and the optimizer's wrapper (``torch._disable_dynamo``, a
+    profiler range) cost about 35 µs a step on the CPU, 2-3% of a small model's step.
+    Overridden methods (``zero_grad``, or ``named_modules`` of a module the walk meets) are
+    called as they are."""
+    if type(module).zero_grad is not nn.Module.zero_grad or getattr(module, "_is_replica", False):
+        module.zero_grad(set_to_none=True)
+    elif not _zero_module_gradients(module):
+        module.zero_grad(set_to_none=True)  # a module lists its submodules its own way
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                parameter.grad = None
+
+
+def _zero_module_gradients(module: nn.Module) -> bool:
+    """Set the gradient of every parameter ``module.parameters()`` yields to None, by the
+    modules' ``_modules`` and ``_parameters`` (what ``Module.named_modules`` walks); False
+    when a module overrides ``named_modules`` (the caller then calls ``zero_grad``)."""
+    modules = [module]
+    while modules:
+        current = modules.pop()
+        if current is None:  # a submodule registered as None
+            continue
+        if type(current).named_modules is not nn.Module.named_modules:
+            return False
+        for parameter in current._parameters.values():
+            if parameter is not None and parameter.grad is not None:
+                parameter.grad = None
+        modules.extend(current._modules.values())
+    return True
 
 
 def _batch_size(x) -> int:
