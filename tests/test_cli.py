@@ -3,6 +3,7 @@ line naming it, a pipe closed early ends quietly."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -52,3 +53,17 @@ def test_a_pipe_closed_early_ends_quietly():
     error = process.stderr.read().decode()
     assert process.wait(timeout=120) == cli.EXIT_BROKEN_PIPE
     assert error == ""
+
+
+def test_usage_and_demo_help_name_every_policy_the_demo_trains(capsys):
+    # the usage line said "full, topk and tinypropv2" while the demo trains TinyProp v1 too
+    from tinyprop import demo
+
+    trained = {config.policy for config in demo.POLICIES.values()}
+    demo_line = next(line for line in cli.usage().splitlines() if line.split()[:1] == ["demo"])
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    description = capsys.readouterr().out.split("options:")[0]
+    for text in (demo_line, description):
+        words = set(re.findall(r"[\w-]+", text))
+        assert trained <= words, (sorted(trained - words), text)

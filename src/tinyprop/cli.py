@@ -16,7 +16,7 @@ import tinyprop
 from tinyprop.extras import MissingExtraError
 
 SUBCOMMANDS = {
-    "demo": ("tinyprop.demo", "train the MNIST reference model with full, topk and tinypropv2"),
+    "demo": ("tinyprop.demo", "train MNIST's MLP with full, topk (meProp), tinyprop, tinypropv2"),
     "train": ("tinyprop.train", "train one dataset's reference model with one policy"),
     "bench": ("tinyprop.bench.runner", "run a benchmark suite (datasets x policies x seeds)"),
     "report": ("tinyprop.bench.report", "tables and plots from a results folder"),

@@ -58,11 +58,6 @@ class TinyPropConfig:
         skip_threshold: τ, a sample is skipped when D < τ (``tinypropv2`` only).
         seed: seed of the random choice of ``randomk``.
 
-    Valid ranges, checked at construction (ValueError or TypeError naming the field):
-    every float finite; 0 <= S_min <= S_max <= 1; 0 < ζ <= 1; 0 < ratio <= 1;
-    0 <= D_min <= D_max <= 1e6 (τ >= 0, so a negative D_min would only move where D crosses τ,
-    which τ itself sets); 0 < β <= 1e6; 0 <= τ <= D_max·β, the largest value D reaches (a
-    larger τ would skip every sample); 0 <= seed <= 2^31 - 1.
         dense_output_layer: keep the output layer (d = 0) dense, as meProp's reference code
             does. None (default) becomes False without a budget (every layer sparse, as
             ``docs/algorithm.md`` defines); with a budget it stays None, which keeps the output
@@ -139,6 +134,12 @@ class TinyPropConfig:
         budget_steps: T, the run's length in optimizer steps (``train_step`` calls) over
             which ``budget_schedule`` spreads the budget; needed when ``budget_schedule`` is
             not 0. None (default).
+
+    Valid ranges, checked at construction (ValueError or TypeError naming the field):
+    every float finite; 0 <= S_min <= S_max <= 1; 0 < ζ <= 1; 0 < ratio <= 1;
+    0 <= D_min <= D_max <= 1e6 (τ >= 0, so a negative D_min would only move where D crosses τ,
+    which τ itself sets); 0 < β <= 1e6; 0 <= τ <= D_max·β, the largest value D reaches (a
+    larger τ would skip every sample); 0 <= seed <= 2^31 - 1.
 
     Example:
         >>> cfg = TinyPropConfig(policy="topk", ratio=0.05)
@@ -341,7 +342,23 @@ PRESETS: dict[str, TinyPropConfig] = {
 
 
 def preset(name: str) -> TinyPropConfig:
-    """A named configuration, e.g. ``preset("meprop")``."""
+    """The configuration of one of the paper's policies by name (:data:`PRESETS`).
+
+    ``full`` (dense training), ``meprop`` (top-k, ratio 0.1, dense output layer, as meProp's
+    code), ``randomk`` (ratio 0.1), ``tinyprop`` (TinyProp v1: S_min 0.1, S_max 0.9, ζ 0.5,
+    the authors' C examples), ``tinyprop-notebook`` (S_min 0, S_max 1, ζ 1, the authors'
+    PyTorch notebook) and ``tinypropv2`` (``TinyPropConfig()``'s defaults). The configs are
+    frozen: change a setting with :meth:`TinyPropConfig.replace`.
+
+    Args:
+        name: one of the keys of :data:`PRESETS`; a ValueError naming them otherwise.
+
+    Example:
+        >>> preset("meprop").ratio
+        0.1
+        >>> preset("meprop").replace(ratio=0.05).dense_output_layer
+        True
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]

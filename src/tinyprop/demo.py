@@ -1,4 +1,4 @@
-"""``tinyprop demo``: real MNIST, the reference MLP, trained with full, topk and tinypropv2.
+"""``tinyprop demo``: real MNIST's MLP trained with full, topk (meProp), tinyprop, tinypropv2.
 
 Prints one table: test accuracy, total and backward compute vs full (exact MACs), samples
 skipped and wall time. The default (three epochs over all 60,000 training images, from the same

@@ -31,6 +31,18 @@ from dataclasses import asdict, dataclass
 class Ledger:
     """MAC counts, per step (``StepStats.macs``) or accumulated with ``+=``.
 
+    Multiply-accumulates as ``docs/algorithm.md`` ("How compute is counted") defines them;
+    :meth:`backward_ratio` and :meth:`ratio` compare them with full training on the same samples.
+
+    Attributes:
+        forward: the forward pass's MACs (every sample, skipped ones too).
+        backward: the backward work done: the sparse layers' products on the kept entries,
+            the dense modules' backward, nothing for a skipped sample.
+        backward_dense: the backward full training would have done on the same samples.
+        selection: the policy's own work: local errors Y_l, top-k selection, skip decision.
+        unattributed: MACs of the modules tinyprop keeps dense (measured with torch's FLOP
+            counter); already included in ``forward``, ``backward`` and ``backward_dense``.
+
     Example:
         >>> total = Ledger()
         >>> total += Ledger(forward=10, backward=4, backward_dense=20, selection=1)

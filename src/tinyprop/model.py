@@ -375,7 +375,27 @@ def reset_error_maxima(model: nn.Module) -> nn.Module:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: plain torch modules, the same ``state_dict`` keys and values."""
+    """Undo :func:`apply`: plain torch modules, the same ``state_dict`` keys and values.
+
+    Every sparse layer gets its own class back (``nn.Linear``, ``nn.Conv2d``, a registered
+    class, a lazy layer's class), and so do the swapped BatchNorms, fused pools and ReLUs and
+    ``nn.MultiheadAttention``; tinyprop's buffers (the running maxima Ymax_l, Ymax_L and the
+    budget controller's) are deleted. The weights and the optimizer's state are untouched.
+    Call it before saving a model for plain PyTorch, before ``torch.ao.quantization.convert``,
+    or to apply another config (:func:`apply` refuses a model already applied).
+
+    Args:
+        model: the model given to :func:`apply` (or its DistributedDataParallel,
+            DataParallel or ``torch.compile`` wrapper). A ValueError when it is not applied.
+
+    Returns:
+        The model given to :func:`apply` (inside any wrapper).
+
+    Example:
+        >>> net = apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        >>> type(remove(net)[0]).__name__, is_tinyprop(net)
+        ('Linear', False)
+    """
     model = unwrap(model)
     state = state_of(model)
     _follow_module_changes(model, state, refuse_shared=False)  # a layer moved in since a forward
@@ -425,7 +445,18 @@ def _restored_class(made: type, original: type) -> type:
 
 
 def is_tinyprop(model: nn.Module) -> bool:
-    """True when :func:`apply` has been called on ``model`` (and not undone)."""
+    """True when :func:`apply` has been called on ``model`` (and not undone by :func:`remove`).
+
+    Args:
+        model: any ``nn.Module``, or a DistributedDataParallel, DataParallel or
+            ``torch.compile`` wrapper (the model inside is asked). False for a part of an
+            applied model (one of its layers or submodules).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> is_tinyprop(net), is_tinyprop(apply(net))
+        (False, True)
+    """
     return isinstance(getattr(unwrap(model), _STATE, None), TinyPropState)
 
 

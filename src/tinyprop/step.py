@@ -76,6 +76,12 @@ class StepStats:
             whichever ran), layers in forward order.
         trained_mask: (B,) True where the sample was trained.
         stepped: whether the optimizer stepped (set by :func:`tinyprop.train_step`).
+
+    Example:
+        >>> stats = tinyprop.train_step(model, x, y, loss_fn, optimizer)
+        >>> stats.trained + stats.skipped == len(x)
+        True
+        >>> {name: k.float().mean().item() for name, k in stats.keep.items()}  # mean k per layer
     """
 
     loss: float
@@ -717,7 +723,22 @@ def _raise_on_every_rank(model: nn.Module, step: StepContext) -> None:
 
 
 def step_stats(model: nn.Module) -> StepStats | None:
-    """The :class:`StepStats` of the model's last finished step (None before the first)."""
+    """The :class:`StepStats` of the model's last finished step (None before the first).
+
+    A step finishes when its backward has run: :func:`train_step` and :func:`backward`
+    return these stats themselves; after ``tinyprop.loss(model, losses).backward()`` (a
+    ``GradScaler``, Lightning, a transformers ``Trainer``) this is where they are. A step whose
+    backward stopped on a NaN / inf under a ``GradScaler`` is returned too, its ledger empty.
+
+    Args:
+        model: the model given to :func:`tinyprop.apply` (or its DistributedDataParallel
+            wrapper).
+
+    Example:
+        >>> tinyprop.loss(model, loss_fn(model(x), y)).backward()
+        >>> stats = tinyprop.step_stats(model)
+        >>> stats.trained, stats.skipped, stats.macs.backward_ratio()
+    """
     return state_of(unwrap(model)).last_stats
 
 
