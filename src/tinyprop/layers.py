@@ -102,26 +102,26 @@ class SparseBackpropLayer:
         mark = take_mark(x)  # from a fused ReLU before this layer (tinyprop.relu_fusion)
         if isinstance(x, Tensor) and x.dim() == self.unbatched_dims:  # one unbatched sample
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        # the weight is computed once per call: a parametrization (spectral_norm's power
-        # iteration) must run as often as in PyTorch's own forward
-        weight = self.sparse_weight()
+        # the weight and the bias are computed once per call: a parametrization (spectral_norm's
+        # power iteration, a dropout of the bias) must run as often as in PyTorch's own forward
+        weight, bias = self.sparse_weight(), self.bias
         self.check_input(x, weight)
         self.check_qconfig()
         state = self.tinyprop_state
         if state.root is None:  # a copy of the layer alone (copy.deepcopy), in no applied model
-            return self.dense_forward(x, weight, self.bias)  # yet: PyTorch's layer, uncounted
+            return self.dense_forward(x, weight, bias)  # yet: PyTorch's layer, uncounted
         trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if torch.jit.is_tracing():  # torch.jit.trace records the plain layer, for inference
-            return self.dense_forward(x, weight, self.bias)
+            return self.dense_forward(x, weight, bias)
         if not trains or not state.policy.sparse:
             # the ledger counts the call: frozen, or under no_grad inside a training forward
             # (reentrant activation checkpointing) it has no backward there
             if torch.is_grad_enabled() or state.open_pass is not None:
-                call = self._record(x, weight)
+                call = self._record(x, weight, bias=bias)
                 if trains and weight.requires_grad:  # (a transposed weight's leaf: its base)
                     leaf = weight if weight._base is None else weight._base
                     call.forward_pass.dense_weights.add(id(leaf))
-            return self.dense_forward(x, weight, self.bias)
+            return self.dense_forward(x, weight, bias)
         self.check_sparse_settings()
         if weight.is_complex() or x.is_complex():
             raise TypeError(
@@ -136,10 +136,10 @@ class SparseBackpropLayer:
                 "torch.func transforms (grad, vmap, jacrev); call tinyprop.remove(model) first "
                 "(or use the 'full' policy), or tinyprop.backward on a batch"
             )
-        call = self._record(x, weight)
+        call = self._record(x, weight, bias=bias)
         relu = None if mark is None else relu_input(x, self, mark)  # the ReLU's input y
         fused = () if relu is None else (relu,)  # the backward then returns dL/dy, not dL/dx
-        output = SparseBackprop.apply(x, weight, self.bias, self, call, *fused)
+        output = SparseBackprop.apply(x, weight, bias, self, call, *fused)
         if state.output_error_max_unchecked and state.open_pass is not None:
             state.open_pass.last_layer_output = (weakref.ref(output), call)
         return output
@@ -168,14 +168,14 @@ class SparseBackpropLayer:
         """Refuse settings changed after :func:`tinyprop.apply` that the sparse backward
         cannot follow (a clear error, never a wrong gradient)."""
 
-    def _record(self, x: Tensor, weight: Tensor, flags: tuple | None = None):
-        """The :class:`~tinyprop.state.LayerCall` of this call on ``x``; ``flags``: its
-        (has_bias, weight_trainable, input_requires_grad), when the caller knows them (the
-        graph-free step, :mod:`tinyprop.graph_free`), else found from the tensors."""
+    def _record(self, x: Tensor, weight: Tensor, flags: tuple | None = None, bias=None):
+        """The :class:`~tinyprop.state.LayerCall` of this call on ``x`` with ``weight`` and
+        ``bias``; ``flags``: its (has_bias, weight_trainable, input_requires_grad), when the
+        caller knows them (the graph-free step, :mod:`tinyprop.graph_free`), else found from
+        the tensors."""
         state = self.tinyprop_state
         if flags is None:
             grad = torch.is_grad_enabled()
-            bias = self.bias
             flags = (  # has_bias, weight_trainable, input_requires_grad
                 grad and bias is not None and bias.requires_grad,
                 grad and weight.requires_grad,

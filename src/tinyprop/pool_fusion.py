@@ -253,7 +253,17 @@ def fusable_node(pool: FusedMaxPool2d, input: Tensor):
         return None
     if getattr(node, "pool_fusion", None) is not None or not non_overlapping(pool):
         return None
+    if _parametrized_bias(node.layer):
+        return None
     return node if fusion_allowed(pool, node.layer) else None
+
+
+def _parametrized_bias(layer: nn.Module) -> bool:
+    """A bias computed at each access (``torch.nn.utils.parametrize``): the fused pool would
+    compute it again instead of taking the convolution's (a dropout of the bias draws another
+    mask: a wrong bias gradient, silently)."""
+    parametrizations = layer._modules.get("parametrizations")
+    return parametrizations is not None and "bias" in parametrizations._modules
 
 
 def has_hooks(module: nn.Module) -> bool:
