@@ -68,6 +68,16 @@ def test_overridden_zero_grad_and_named_modules_are_called():
     trainer.zero_gradients(own, torch.optim.SGD(own.linear.parameters(), lr=0.1))
     assert own.hidden[0].weight.grad is None  # by its own named_modules, as zero_grad does
 
+    class SomeParameters(nn.Sequential):  # offers only its last layer's parameters
+        def parameters(self, recurse=True):
+            return self[-1].parameters(recurse)
+
+    some = SomeParameters(nn.Linear(3, 3), nn.Linear(3, 3))
+    for parameter in nn.Module.parameters(some):
+        parameter.grad = torch.ones_like(parameter)
+    trainer.zero_gradients(some, torch.optim.SGD(some[1].parameters(), lr=0.1))
+    assert some[0].weight.grad is not None and some[1].weight.grad is None  # as zero_grad
+
 
 def test_a_stale_gradient_outside_the_model_is_not_stepped():
     """A parameter the optimizer holds but the model does not: its gradient from before the
