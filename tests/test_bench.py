@@ -213,6 +213,25 @@ def test_standardize_last_axis_uses_the_reference_statistics_only():
         standardize_last_axis(train.x[:1], train)
 
 
+def test_train_command_takes_every_dataset_its_help_names(tmp_path, capsys, monkeypatch):
+    # fashion_mnist and digits have a plan only in the budget suite: `tinyprop train --dataset
+    # digits` (default --suite small) was a KeyError traceback
+    from tinyprop import train
+
+    monkeypatch.chdir(tmp_path)
+    named = train.dataset_names()
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert ", ".join(named) in " ".join(capsys.readouterr().out.split())
+    assert {"digits", "fashion_mnist", "tiny-blobs"} <= set(named)
+    limits = ["--epochs", "1", "--train-samples", "120", "--test-samples", "40"]
+    for dataset in ("digits", "tiny-blobs"):  # no plan in the small suite, both offline
+        assert train.main(["--dataset", dataset, "--policy", "topk", *limits]) == 0
+        assert "test accuracy" in capsys.readouterr().out
+    assert train.main(["--dataset", "imagenet"]) == 2
+    assert ", ".join(named) in capsys.readouterr().err
+
+
 def test_pretrain_key_ignores_new_plan_fields_at_their_defaults():
     from tinyprop.bench.protocols import pretrain_key
     from tinyprop.bench.suites import DatasetPlan
