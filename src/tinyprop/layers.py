@@ -40,7 +40,12 @@ def register_linear(module_class: type, transposed: bool = False) -> None:
     The class must hold a 2-D ``weight`` and a ``bias`` (or ``None``) and compute
     ``y = x @ weight.T + bias`` on inputs (..., in), or ``y = x @ weight + bias`` with
     ``transposed=True`` (weight stored (in, out), as transformers' GPT-2 ``Conv1D``). Its
-    ``forward`` is replaced by the sparse one while tinyprop is applied.
+    ``forward`` is replaced by the sparse one while tinyprop is applied. Register before
+    :func:`tinyprop.apply`: the registration holds for the whole process, subclasses included.
+
+    Args:
+        module_class: an ``nn.Module`` subclass (a TypeError otherwise).
+        transposed: the weight is stored (in, out) instead of PyTorch's (out, in).
 
     Example:
         >>> from transformers.pytorch_utils import Conv1D

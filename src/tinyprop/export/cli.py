@@ -84,11 +84,30 @@ def parser() -> argparse.ArgumentParser:
         "state_dict (e.g. state_dict)",
     )
     p.add_argument("--input-shape", type=_shape, help="one sample's shape, e.g. 1,28,28")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=cli_types.positive_float, default=0.01)
-    p.add_argument("--momentum", type=cli_types.non_negative_float, default=0.0)
-    p.add_argument("--weight-decay", type=cli_types.non_negative_float, default=0.0)
-    p.add_argument("--batch-size", type=cli_types.positive_int, default=8)
+    p.add_argument(
+        "--optimizer", choices=("sgd", "adam"), default="sgd", help="the device's optimizer"
+    )
+    p.add_argument(
+        "--lr", type=cli_types.positive_float, default=0.01, help="learning rate (default 0.01)"
+    )
+    p.add_argument(
+        "--momentum",
+        type=cli_types.non_negative_float,
+        default=0.0,
+        help="SGD momentum (0: plain SGD)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=cli_types.non_negative_float,
+        default=0.0,
+        help="L2 weight decay, as torch.optim's",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=cli_types.positive_int,
+        default=8,
+        help="samples per weight update on the device (default 8; it holds one at a time)",
+    )
     p.add_argument(
         "--first-trained-layer",
         type=cli_types.non_negative_int,
