@@ -71,12 +71,14 @@ def optimizer_of(mode: TrainingMode, batch_size: int) -> OptimizerSpec:
 
 def instructions_per_step(host: Path, output: str) -> dict | None:
     """Instructions per skipped and per trained step of the host build (callgrind): the whole
-    per-sample step over every sample, and its backward (tp_backward_sample) over the trained
-    ones; a skipped step is the step without a backward."""
+    per-sample step over every sample, its backward (tp_backward_sample) and, in the in-place
+    modes, the bound that shows every error and gradient finite before it
+    (tp_in_place_bounded), both over the trained ones; a skipped step is the step without
+    these two. ``bound_step``: the bound per trained sample, inside ``trained_step``."""
     if shutil.which("valgrind") is None:
         return None
     totals = {}
-    for function in ("tp_sample_step", "tp_backward_sample"):
+    for function in ("tp_sample_step", "tp_backward_sample", "tp_in_place_bounded"):
         out_file = host.with_suffix(f".{function}.callgrind")
         subprocess.run(
             ["valgrind", "--tool=callgrind", "--collect-atstart=no",
@@ -90,16 +92,36 @@ def instructions_per_step(host: Path, output: str) -> dict | None:
     batches = [x.split() for x in output.splitlines() if x.startswith("batch ")]
     trained = sum(int(b[5]) for b in batches)
     samples = trained + sum(int(b[7]) for b in batches)
-    skipped_step = (totals["tp_sample_step"] - totals["tp_backward_sample"]) / samples
+    trained_only = totals["tp_backward_sample"] + totals["tp_in_place_bounded"]
+    skipped_step = (totals["tp_sample_step"] - trained_only) / samples
     return {
         "build": "x86-64 gcc -O2 -fno-tree-vectorize, callgrind",
         "samples": samples,
         "trained": trained,
         "skipped_step": round(skipped_step),
-        "trained_step": round(skipped_step + totals["tp_backward_sample"] / trained)
-        if trained
-        else None,
+        "trained_step": round(skipped_step + trained_only / trained) if trained else None,
+        "bound_step": round(totals["tp_in_place_bounded"] / trained) if trained else None,
     }
+
+
+def export_example(name: str, mode: TrainingMode, out: Path, policy: str):
+    """Export example ``name`` (its model, built-in samples and epochs) under ``mode`` and
+    ``policy`` into ``out``; returns the export's result, the config and the optimizer."""
+    dataset, shape, count, batch_size, epochs = EXAMPLES[name]
+    torch.manual_seed(0)
+    net = models.build(dataset, input_shape=shape)
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((count, *shape)).astype(np.float32)
+    classes = models.reference(dataset).num_classes
+    y = np.arange(count) % classes
+    config = tinyprop.TinyPropConfig(policy)
+    if mode.memory.in_place:
+        batch_size = 1  # every sample is its own step: a buffer of one sample is enough
+    optimizer = optimizer_of(mode, batch_size)
+    result = export_c(
+        net, config, out, shape, optimizer, batch_size, (x, y), epochs, name, memory=mode.memory
+    )
+    return result, config, optimizer
 
 
 def build_and_run(
@@ -114,21 +136,8 @@ def build_and_run(
     the host, count its instructions and run it under QEMU against the host's weights
     (``run=False``: the sizes and the stack bound only, as ``tests/test_cortex_m4_records.py``
     checks them; ``count_instructions=False``: no callgrind)."""
-    dataset, shape, count, batch_size, epochs = EXAMPLES[name]
-    torch.manual_seed(0)
-    net = models.build(dataset, input_shape=shape)
-    generator = np.random.default_rng(0)
-    x = generator.standard_normal((count, *shape)).astype(np.float32)
-    classes = models.reference(dataset).num_classes
-    y = np.arange(count) % classes
     out = work / f"{name}-{mode.name}-{policy}"
-    config = tinyprop.TinyPropConfig(policy)
-    if mode.memory.in_place:
-        batch_size = 1  # every sample is its own step: a buffer of one sample is enough
-    optimizer = optimizer_of(mode, batch_size)
-    result = export_c(
-        net, config, out, shape, optimizer, batch_size, (x, y), epochs, name, memory=mode.memory
-    )
+    result, config, optimizer = export_example(name, mode, out, policy)
     root = runtime_dir() / "examples" / "cortex_m4"
     sources = [str(out / "main.c"), *map(str, sorted((out / "runtime/src").glob("*.c")))]
     common = ["-std=c99", "-O2", "-DTP_EMBEDDED_SAMPLES", "-DTP_PRINT_PARAMETERS",

@@ -35,8 +35,8 @@ static int measured_step(int32_t index, const char *name, int32_t *keep) {
     int trained = 0;
     tp_ledger macs = {0, 0, 0, 0};
     CALLGRIND_TOGGLE_COLLECT;
-    tp_sample_step(&model, tp_samples_x + (size_t)index * TP_MODEL_INPUT_SIZE, tp_samples_y[index],
-                   &loss, &trained, keep, &macs);
+    tp_sample_step(&model, tp_samples_x + (size_t)index * TP_MODEL_INPUT_SIZE, -1.0f,
+                   tp_samples_y[index], &loss, &trained, keep, &macs);
     CALLGRIND_TOGGLE_COLLECT;
     CALLGRIND_DUMP_STATS_AT(name);
     return trained;

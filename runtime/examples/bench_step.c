@@ -112,7 +112,7 @@ static int step(int32_t label, int32_t *keep, int measured, const char *name) {
     tp_ledger macs = {0, 0, 0, 0};
     memset(model.gradients, 0, model.parameter_count * sizeof(float));
     if (measured) CALLGRIND_TOGGLE_COLLECT;
-    tp_sample_step(&model, sample, label, &loss, &trained, keep, &macs);
+    tp_sample_step(&model, sample, -1.0f, label, &loss, &trained, keep, &macs);
     if (measured) {
         CALLGRIND_TOGGLE_COLLECT;
         CALLGRIND_DUMP_STATS_AT(name);
@@ -275,14 +275,14 @@ int main(void) {
                 model_full = model;
                 model.policy = tp_policy_defaults(TP_POLICY_FULL);
                 CALLGRIND_TOGGLE_COLLECT;
-                tp_sample_step(&model, sample, mean_y[j], &loss, &trained, keep, &macs);
+                tp_sample_step(&model, sample, -1.0f, mean_y[j], &loss, &trained, keep, &macs);
                 CALLGRIND_TOGGLE_COLLECT;
                 snprintf(name, sizeof name, "full%s_sample_%ld", tag, (long)j);
                 CALLGRIND_DUMP_STATS_AT(name);
                 memcpy(arena, arena_full, sizeof arena);
                 model = model_full;
                 CALLGRIND_TOGGLE_COLLECT;
-                tp_sample_step(&model, sample, mean_y[j], &loss, &trained, keep, &macs);
+                tp_sample_step(&model, sample, -1.0f, mean_y[j], &loss, &trained, keep, &macs);
                 CALLGRIND_TOGGLE_COLLECT;
                 snprintf(name, sizeof name, "v2%s_sample_%ld", tag, (long)j);
                 CALLGRIND_DUMP_STATS_AT(name);

@@ -211,9 +211,11 @@ uint64_t tp_macs_backward(const tp_layer *layer, int32_t k, int is_first_trainab
 uint64_t tp_macs_selection(const tp_layer *layer, tp_policy policy);
 void tp_ledger_add(tp_ledger *total, const tp_ledger *part);
 
-/* ---- train.c: one sample (exported for instruction counting) */
-tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
-                         int *trained, int32_t *keep_row, tp_ledger *macs);
+/* ---- train.c: one sample (exported for instruction counting); x_max: max |x| when the
+ * caller took it (tp_batch_add's finiteness check), else negative (the in-place bound reads x) */
+tp_status tp_sample_step(tp_model *model, const float *x, float x_max, int32_t label,
+                         float *loss, int *trained, int32_t *keep_row, tp_ledger *macs);
+int tp_in_place_bounded(tp_model *model, const float *x, float x_max);
 tp_status tp_forward_sample(tp_model *model, const float *x, const float **logits);
 
 #endif

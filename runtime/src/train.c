@@ -71,6 +71,13 @@ static float max_abs(const float *v, size_t n) {
     return largest;
 }
 
+/* max |input| of layer i: x_max when its input is the sample and x_max is known (>= 0) */
+static float input_max(const tp_model *model, int32_t i, const float *x, float x_max) {
+    const float *input = layer_input(model, i, x);
+    if (input == x && x_max >= 0.0f) return x_max;
+    return max_abs(input, (size_t)tp_layer_input_size(&model->layers[i]));
+}
+
 static int steps_in_place(const tp_model *model) {
     return model->memory.sgd_in_place || model->memory.adam_in_place;
 }
@@ -436,9 +443,11 @@ static double weight_bound(const tp_model *model, tp_layer *layer, double gradie
  * meets every weight of its group at most once; pools: kh x kw windows; activations:
  * tp_activation_gain, given the values their backward reads), and a weight gradient is at
  * most positions x max |delta| x max |input|. max |W| is the kept bound (sgd_in_place), or
- * read (`exact`). 1 when every error and gradient is finite, 0 when the bound cannot show it;
+ * read (`exact`); max |x| is x_max when the caller's finiteness check took it (>= 0), else
+ * read. 1 when every error and gradient is finite, 0 when the bound cannot show it;
  * *read_weights: 1 when it used only weights it read. */
-static int backward_bounded(tp_model *model, const float *x, int exact, int *read_weights) {
+static int backward_bounded(tp_model *model, const float *x, float x_max, int exact,
+                            int *read_weights) {
     double error = 1.0;
     int32_t i;
     *read_weights = 1;
@@ -452,9 +461,8 @@ static int backward_bounded(tp_model *model, const float *x, int exact, int *rea
             const double positions = conv ? (double)layer->out_h * layer->out_w : 1.0;
             const double input =
                 layer->bias_only ? 0.0
-                : layer->recompute_input
-                    ? layer->input_max
-                    : max_abs(layer_input(model, i, x), (size_t)tp_layer_input_size(layer));
+                : layer->recompute_input ? layer->input_max
+                                         : input_max(model, i, x, x_max);
             const double fan_out =
                 conv ? (double)(layer->out_c / layer->groups) * layer->kernel_h * layer->kernel_w
                      : (double)layer->out_c;
@@ -472,7 +480,7 @@ static int backward_bounded(tp_model *model, const float *x, int exact, int *rea
         case TP_LAYER_RELU: break; /* a NaN output passes no error: y > 0 is false */
         default:
             if (tp_activation_reads_input(layer->kind)) {
-                if (!(max_abs(layer_input(model, i, x), out) <= TP_GAIN_INPUT_LIMIT)) return 0;
+                if (!(input_max(model, i, x, x_max) <= TP_GAIN_INPUT_LIMIT)) return 0;
             } else {
                 const int32_t consumer = tp_recompute_consumer(model->layers, i, model->layer_count);
                 const float largest = consumer >= 0 ? model->layers[consumer].input_max
@@ -487,15 +495,16 @@ static int backward_bounded(tp_model *model, const float *x, int exact, int *rea
     return 1;
 }
 
-/* The bound with the kept bounds on max |W|; when it fails on them, with the weights read. */
-static int in_place_bounded(tp_model *model, const float *x) {
+/* The bound with the kept bounds on max |W|; when it fails on them, with the weights read.
+ * Not static: instruction counts time it on its own (benchmarks/cortex_m4.py). */
+int tp_in_place_bounded(tp_model *model, const float *x, float x_max) {
     int read_weights;
-    if (backward_bounded(model, x, 0, &read_weights)) return 1;
-    return !read_weights && backward_bounded(model, x, 1, &read_weights);
+    if (backward_bounded(model, x, x_max, 0, &read_weights)) return 1;
+    return !read_weights && backward_bounded(model, x, x_max, 1, &read_weights);
 }
 
-tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *loss,
-                         int *trained, int32_t *keep_row, tp_ledger *macs) {
+tp_status tp_sample_step(tp_model *model, const float *x, float x_max, int32_t label,
+                         float *loss, int *trained, int32_t *keep_row, tp_ledger *macs) {
     const float *logits;
     float *const delta = model->loss_delta;
     int32_t i;
@@ -526,7 +535,7 @@ tp_status tp_sample_step(tp_model *model, const float *x, int32_t label, float *
         tp_momentum_begin_batch(model, model->momentum_batch);
         model->momentum_batch = 0;
     }
-    if (steps_in_place(model) && !in_place_bounded(model, x)) {
+    if (steps_in_place(model) && !tp_in_place_bounded(model, x, x_max)) {
         /* the bound does not show it: a dry run checks every error and gradient before any
          * step, then the forward and the loss error again (the dry run overwrote buffers the
          * backward reads; the same weights give the same floats) */
@@ -582,7 +591,7 @@ tp_status tp_batch_begin(tp_model *model, tp_batch *batch, int32_t size) {
 
 tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t label,
                        int32_t *keep_row, uint8_t *trained_out) {
-    float loss = 0.0f;
+    float loss = 0.0f, x_max;
     int trained = 0;
     tp_status status;
     if (model == NULL || batch == NULL || x == NULL) return TP_ERR_NULL;
@@ -591,10 +600,11 @@ tp_status tp_batch_add(tp_model *model, tp_batch *batch, const float *x, int32_t
         return TP_ERR_STATE;
     if (!tp_aligned(x) || !tp_aligned(keep_row)) return TP_ERR_ALIGNMENT; /* nothing changed */
     if (label < 0 || label >= model->class_count) return TP_ERR_LABEL; /* likewise */
-    if (!tp_all_finite(x, (size_t)model->input_size)) return TP_ERR_NONFINITE; /* likewise */
+    x_max = max_abs(x, (size_t)model->input_size); /* the bound's max |x| in the same pass */
+    if (!(x_max <= FLT_MAX)) return TP_ERR_NONFINITE; /* NaN or infinite: likewise */
     if (keep_row != NULL) memset(keep_row, 0, (size_t)model->trainable_count * sizeof(int32_t));
     if (model->memory.sgd_in_place || model->memory.adam_in_place) save_maxima(model, batch);
-    status = tp_sample_step(model, x, label, &loss, &trained, keep_row, &batch->macs);
+    status = tp_sample_step(model, x, x_max, label, &loss, &trained, keep_row, &batch->macs);
     if (status != TP_OK) {
         restore_and_cancel(model, batch); /* leave the model as it was before the batch */
         return status;
