@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from test_runtime_parity import batches
 from torch import nn
 
 import tinyprop
-from tinyprop.export import UnsupportedLayerError, describe, fold_batch_norm
+from tinyprop.export import UnsupportedLayerError, describe, export_c, fold_batch_norm
 from tinyprop.export.cli import main as export_main
 from tinyprop.export.runtime import OptimizerSpec, RuntimeModel, load_library
 
@@ -620,3 +621,48 @@ def test_batch_norm_in_a_forward_written_in_python_is_folded(library):
     run_parity(library, lambda: copy.deepcopy(folded), (1, 6, 6), config, OptimizerSpec(lr=0.05))
     with pytest.raises(ValueError, match="pass input_shape"):
         fold_batch_norm(model)  # a convolutional model: its input shape cannot be inferred
+
+
+@pytest.mark.parametrize("policy", ["full", "topk", "tinyprop", "tinypropv2"])
+def test_a_model_trained_under_each_policy_exports_as_the_plain_one_with_its_weights(
+    library, tmp_path, policy
+):
+    """A model applied with tinyprop and trained in Python (3 steps) exports exactly what the
+    plain model with the same weights exports: the same files, byte for byte (before, the
+    header named the sparse layers TinyPropConv2d and TinyPropLinear, and a ReLU before a
+    sparse layer ConvInputReLU), and refusals name PyTorch's layers too. The export carries the
+    weights alone: in C, training goes on as in a model applied afresh with those weights
+    (running maxima from 0, a fresh optimizer), weights within 1e-5, the same skips."""
+    torch.manual_seed(0)
+    net = Seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 12),
+              nn.ReLU(), nn.Linear(12, 3))  # fmt: skip
+    shape, config = (1, 8, 8), tinyprop.TinyPropConfig(policy)
+    applied = tinyprop.apply(copy.deepcopy(net), config)
+    optimizer = torch.optim.SGD(applied.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    for x, y in batches(shape, 3, 3, 8, 1):
+        tinyprop.train_step(applied, x, y, loss_fn, optimizer)
+    plain = tinyprop.remove(copy.deepcopy(applied))
+    assert not torch.equal(plain[0].weight, net[0].weight)  # it trained
+    spec = OptimizerSpec("sgd", 0.1, 0.9)
+    written = {}
+    for name, model in (("applied", applied), ("plain", plain)):
+        result = export_c(model, config, tmp_path / name, shape, spec, 8)
+        written[name] = {p.relative_to(result.out_dir): p.read_bytes() for p in result.files}
+    assert written["applied"] == written["plain"]
+    header = written["applied"][Path("tinyprop_model.h")].decode()
+    assert "TinyProp" not in header.replace("TinyPropv2", "") and "ConvInput" not in header
+    with pytest.raises(UnsupportedLayerError, match=r"'3' \(Linear\): a Linear on a 3-D"):
+        describe(Seq(*list(applied)[:3], *list(applied)[4:]), shape)
+    c_model = RuntimeModel(applied, shape, config, spec, library)
+    fresh = tinyprop.apply(copy.deepcopy(plain), config)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    for step, (x, y) in enumerate(batches(shape, 3, 3, 8, 2)):
+        python_stats = tinyprop.train_step(fresh, x, y, loss_fn, fresh_optimizer)
+        c_stats = c_model.train_batch(x.numpy(), y.numpy())
+        assert c_stats.trained_mask.tolist() == python_stats.trained_mask.tolist(), step
+        state = fresh.state_dict()
+        for name, value in c_model.parameters().items():
+            expected = state[name].numpy().reshape(-1)
+            scale = float(np.abs(expected).max())
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5 * scale, err_msg=name)

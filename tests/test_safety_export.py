@@ -17,6 +17,7 @@ import tinyprop
 from tinyprop import models
 from tinyprop.export import OptimizerSpec, export_c
 from tinyprop.export.cli import main as export_main
+from tinyprop.export.flash import flash_estimate
 from tinyprop.export.sram import sram_estimate
 
 
@@ -376,6 +377,34 @@ def test_ram_smaller_than_the_program_needs_is_refused_before_writing(tmp_path, 
     for ram in ("1.5K", "0K", "1X"):
         with pytest.raises(SystemExit):
             export_main(argv + ["--out", str(tmp_path / "bad"), "--ram", ram])
+
+
+def test_flash_smaller_than_the_program_needs_is_refused_before_writing(tmp_path, capsys):
+    """--flash / flash_bytes: the example's code, the initial weights and the built-in samples
+    against the part's flash (tinyprop.export.flash, checked against the Cortex-M4 builds by
+    tests/test_sram.py); before, a model too big for the part's flash was exported without a
+    word and failed at link time on the board."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    torch.save(net, tmp_path / "m.pt")
+    needed = flash_estimate(64 * 256 + 256 + 256 * 10 + 10, 3, 0).total_bytes
+    argv = [str(tmp_path / "m.pt")]
+    assert export_main(argv + ["--out", str(tmp_path / "small"), "--flash", str(needed - 1)]) == 2
+    line = _one_line_error(capsys)
+    assert f"needs {needed:,} bytes of flash" in line and f"has {needed - 1:,}" in line
+    assert "weights 76,840" in line and "'0' (Linear), 66,560 bytes" in line
+    assert not (tmp_path / "small").exists()
+    assert export_main(argv + ["--out", str(tmp_path / "fits"), "--flash", str(needed)]) == 0
+    assert f"flash on a Cortex-M4: {needed:,} bytes" in capsys.readouterr().out
+    x = np.zeros((32, 64), dtype=np.float32)
+    samples = (x, np.arange(32) % 10)
+    with pytest.raises(ValueError, match=r"built-in samples 8,320\b.*saves 8,320"):
+        export_c(net, tinyprop.TinyPropConfig(), tmp_path / "s", samples=samples,
+                 flash_bytes=needed)  # fmt: skip
+    assert not (tmp_path / "s").exists()
+    for flash in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="flash_bytes must be a positive int"):
+            export_c(net, tinyprop.TinyPropConfig(), tmp_path / "b", flash_bytes=flash)
 
 
 def test_ram_too_small_names_memory_modes_that_fit_and_they_do(tmp_path, capsys):

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 import tinyprop
-from tinyprop.export import OptimizerSpec, export_c, sram
+from tinyprop.export import OptimizerSpec, UnsupportedLayerError, export_c, fold_batch_norm, sram
+from tinyprop.export.flash import flash_estimate
 from tinyprop.export.runtime import runtime_dir
+from tinyprop.memory import MemoryMode
 
 ROOT = Path(__file__).resolve().parents[1]
 M4 = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
@@ -75,7 +77,8 @@ def test_the_estimate_is_the_cortex_m4_build(tmp_path, hidden):
     layers = len(result.layers)
     elf = build_m4(tmp_path, layers, "train")
     size = subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True, text=True)
-    _, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
+    text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
+    assert 0 <= result.flash.total_bytes - (text + data) <= 2048  # tinyprop.export.flash
     program_data = data + bss - result.arena_bytes - result.sample_bytes
     estimate = result.sram
     assert estimate.arena_bytes == result.arena_bytes and estimate.sample_bytes == 20
@@ -133,11 +136,15 @@ def test_a_model_exported_for_its_estimate_runs_in_that_sram(tmp_path, hidden):
     assert weights[0] == weights[1] and len(weights[0]) == result.parameters
 
 
+EXAMPLE_SAMPLES = {"har-cnn1d": 16, "keyword-ds-cnn": 8, "mnist-mlp": 16}  # cortex_m4.py's
+
+
 def test_the_estimate_covers_every_cortex_m4_record():
     """Every example build of benchmarks/results/runtime_cortex_m4.json (three models, every
     device mode, full and tinypropv2) needs at most the estimate of its model and arena: data +
     bss + the heap measured + the larger of the measured and the bound stack. (The builds hold
-    their samples in flash, so the estimate's sample buffer and stdin buffer are slack.)"""
+    their samples in flash, so the estimate's sample buffer and stdin buffer are slack.) Their
+    flash, samples included, is within 2 KiB under the flash estimate."""
     from tinyprop import models
     from tinyprop.export import describe
 
@@ -156,6 +163,11 @@ def test_the_estimate_covers_every_cortex_m4_record():
         assert needed <= estimate.total_bytes, (record["model"], record["mode"], record["policy"])
         assert stack <= estimate.stack_bytes
         assert record["ram_bytes"] - record["training_arena_bytes"] <= estimate.program_data_bytes
+        count = EXAMPLE_SAMPLES[record["model"]]  # built in: count inputs and labels
+        flash = flash_estimate(
+            record["parameters"], len(layers), 4 * count * (math.prod(shape) + 1)
+        )
+        assert 0 <= flash.total_bytes - record["flash_bytes"] <= 2048, record["mode"]
 
 
 def smooth_cnn() -> nn.Sequential:
@@ -222,3 +234,126 @@ def test_smooth_activations_train_on_the_cortex_m4_as_on_the_host_within_the_est
 def result_initial_weights(net: nn.Module) -> np.ndarray:
     """The model's weights in the runtime's order (layer by layer, weight then bias)."""
     return np.concatenate([p.detach().numpy().reshape(-1) for p in net.parameters()])
+
+
+def conv1d_har() -> nn.Sequential:
+    """A user's HAR model (9 sensor channels x 128 steps, BatchNorm1d after each conv)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(9, 16, 5), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(16, 24, 5, padding=2), nn.BatchNorm1d(24), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Flatten(), nn.Linear(24 * 31, 6),
+    )  # fmt: skip
+
+
+def separable_cnn() -> nn.Sequential:
+    """A depthwise-separable CNN on 32 x 32 images, BatchNorm2d after each conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    )  # fmt: skip
+
+
+def odd_mlp() -> nn.Sequential:
+    """An MLP of odd widths (37 -> 53 -> 29 -> 7)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(37, 53), nn.ReLU(), nn.Linear(53, 29), nn.Tanh(), nn.Linear(29, 7)
+    )
+
+
+USER_MODELS = {  # name -> (model, one sample's shape, classes)
+    "conv1d-har": (conv1d_har, (9, 128), 6),
+    "separable-cnn": (separable_cnn, (1, 32, 32), 10),
+    "odd-mlp": (odd_mlp, (37,), 7),
+}
+
+
+@needs_qemu
+@pytest.mark.parametrize(
+    ("name", "kib"),
+    [("odd-mlp", 64), ("conv1d-har", 64), ("separable-cnn", 128), ("separable-cnn", 256)],
+)  # fmt: skip
+def test_user_models_run_in_the_sram_of_a_real_part_or_are_refused_with_a_mode_that_does(
+    tmp_path, name, kib
+):
+    """Models the exporter was not written for, their BatchNorms trained and then folded (left
+    in, a refusal naming the layer and the fold), for parts of 64, 128 and 256 KiB of SRAM.
+    Where the estimate is over the part, the export refuses before writing, with the figures and
+    the memory modes that fit; exported in the first of them (else as it is), the program built
+    with its stack at the top of that SRAM runs under QEMU without overflow, its painted stack
+    and its heap within the estimate, and trains to the host build's weights."""
+    build, shape, classes = USER_MODELS[name]
+    model = build()
+    with torch.no_grad():  # running statistics that are not the defaults, then eval mode
+        for _ in range(3):
+            model(torch.randn(16, *shape))
+    model.eval()
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((8, *shape)).astype(np.float32)
+    y = np.arange(8) % classes
+    config = tinyprop.TinyPropConfig("tinypropv2")
+    optimizer = OptimizerSpec("adam", 1e-3)
+    ram = kib * 1024
+    if name != "odd-mlp":
+        with pytest.raises(UnsupportedLayerError, match=r"'1' \(BatchNorm.d\).*fold_batch_norm"):
+            export_c(model, config, tmp_path / "unfolded", shape, optimizer, 4, (x, y))
+        model = fold_batch_norm(model)
+    as_it_is = export_c(model, config, tmp_path / "probe", shape, optimizer, 4, (x, y))
+    mode = None
+    if as_it_is.sram.total_bytes > ram:
+        with pytest.raises(ValueError) as refusal:
+            export_c(model, config, tmp_path / "over", shape, optimizer, 4, (x, y), ram_bytes=ram)
+        assert not (tmp_path / "over").exists()
+        message = str(refusal.value)
+        assert f"needs {as_it_is.sram.total_bytes:,} bytes of SRAM" in message
+        assert f"the device has {ram:,}; nothing was written" in message
+        fitting = sram.fitting_modes(
+            as_it_is.layers, config, optimizer, MemoryMode(), ram, as_it_is.sample_bytes
+        )
+        assert fitting, message
+        mode, estimate = fitting[0]
+        assert f"{sram.mode_flags(mode)} ({estimate.total_bytes:,} bytes)" in message
+    result = export_c(model, config, tmp_path / "m", shape, optimizer, 4, (x, y), 2,
+                      memory=mode, ram_bytes=ram)  # fmt: skip
+    assert result.sram.total_bytes <= ram
+    layers = len(result.layers)
+    flags = ["-DTP_EMBEDDED_SAMPLES", "-DTP_PRINT_PARAMETERS"]
+    paint = str(runtime_dir() / "examples/cortex_m4/stack_paint.c")
+    elf = build_m4(result.out_dir, layers, "train", *flags, paint, "-Wl,--wrap=main",
+                   f"-DTP_SRAM_BYTES={ram}")  # fmt: skip
+    device = subprocess.run([*QEMU, str(elf)], capture_output=True, text=True, timeout=300)
+    assert device.returncode == 0 and "\ndone\n" in device.stdout, device.stdout[-500:]
+    memory = [line.split() for line in device.stdout.splitlines() if line.startswith("memory")]
+    assert memory[0][-3:] == ["sram", str(ram), "fits"], memory
+    size = subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True, text=True)
+    text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
+    assert 0 <= result.flash.total_bytes - (text + data) <= 2048
+    stack, heap = int(memory[0][2]), int(memory[0][4])
+    assert stack <= result.sram.stack_bytes
+    assert data + bss + heap + stack <= result.sram.total_bytes
+    expected = host_weights(result.out_dir, layers, flags)
+    got = weights_printed(device.stdout)
+    assert len(got) == len(expected) == result.memory.trained_parameters
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def weights_printed(output: str) -> np.ndarray:
+    """The trained weights the example prints (``p INDEX HEX``, float32 bit patterns)."""
+    bits = [int(line.split()[2], 16) for line in output.splitlines() if line.startswith("p ")]
+    return np.array(bits, dtype=np.uint32).view(np.float32)
+
+
+def host_weights(out_dir: Path, layers: int, flags: list[str]) -> np.ndarray:
+    """The weights the exported example trains to when built and run on the host."""
+    sources = [str(out_dir / "main.c"), *map(str, sorted((out_dir / "runtime/src").glob("*.c")))]
+    host = out_dir / "train_host"
+    subprocess.run(["gcc", "-std=c99", "-O2", *flags, f"-DTP_MAX_LAYERS={layers}", "-I",
+                    str(out_dir / "runtime/include"), "-I", str(out_dir), *sources, "-lm",
+                    "-o", str(host)], check=True)  # fmt: skip
+    run = subprocess.run([str(host)], capture_output=True, text=True, timeout=300, check=True)
+    return weights_printed(run.stdout)

@@ -21,6 +21,7 @@ from torch import nn
 from tinyprop.config import TinyPropConfig
 from tinyprop.export import ownership
 from tinyprop.export.c_source import makefile, model_header, samples_header
+from tinyprop.export.flash import FlashEstimate, flash_estimate
 from tinyprop.export.folding import fold_batch_norm
 from tinyprop.export.footprint import MemoryReport, footprint, footprint_of_layers
 from tinyprop.export.frozen import mode_of_frozen_layers
@@ -45,6 +46,7 @@ MAX_BATCH_SIZE = 1 << 24  # tp_batch_begin's and tp_train_batch's limit
 
 __all__ = [
     "ExportResult",
+    "FlashEstimate",
     "LayerSpec",
     "MemoryMode",
     "MemoryReport",
@@ -71,6 +73,7 @@ class ExportResult:
     memory: MemoryReport | None = None  # the arena's parts and the weights' flash
     sample_bytes: int = 0  # the example's buffer of one sample (it streams the samples)
     sram: SramEstimate | None = None  # the example's SRAM on a Cortex-M4 (export.sram)
+    flash: FlashEstimate | None = None  # the example's flash on a Cortex-M4 (export.flash)
 
     @property
     def batch_bytes(self) -> int:
@@ -116,6 +119,7 @@ def export_c(
     force: bool = False,
     memory: MemoryMode | None = None,
     ram_bytes: int | None = None,
+    flash_bytes: int | None = None,
 ) -> ExportResult:
     """Write C sources that train ``model`` with ``config`` in the C runtime.
 
@@ -147,6 +151,9 @@ def export_c(
             example program needs more on a Cortex-M4 (:mod:`tinyprop.export.sram`: the
             training arena, one sample's buffer, the program's data, heap and stack; the
             batch size does not change it), naming the memory modes that would fit.
+        flash_bytes: the device's flash: a ValueError, before anything is written, when the
+            example program needs more on a Cortex-M4 (:mod:`tinyprop.export.flash`: code,
+            the initial weights, the built-in ``samples``), naming the largest layer.
 
     Returns:
         :class:`ExportResult`.
@@ -178,13 +185,22 @@ def export_c(
             )
     if samples is not None:
         x, y = checked_samples(samples, layers, epochs)
-    if ram_bytes is not None and (
-        isinstance(ram_bytes, bool) or not isinstance(ram_bytes, int) or ram_bytes < 1
-    ):
-        raise ValueError(f"ram_bytes must be a positive int (bytes), got {ram_bytes!r}")
+    for name, value in (("ram_bytes", ram_bytes), ("flash_bytes", flash_bytes)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int (bytes), got {value!r}")
     sram = sram_estimate(len(layers), report.arena_bytes, sample_bytes)
     if ram_bytes is not None and sram.total_bytes > ram_bytes:
         raise ValueError(too_little_ram(layers, config, optimizer, memory, ram_bytes, sram))
+    parameters = sum(
+        layer.weight.size + (0 if layer.bias is None else layer.bias.size)
+        for layer in layers
+        if layer.trainable
+    )
+    flash = flash_estimate(parameters, len(layers), 0 if samples is None else 4 * (x.size + y.size))
+    if flash_bytes is not None and flash.total_bytes > flash_bytes:
+        raise ValueError(too_little_flash(layers, flash_bytes, flash))
     out = Path(out_dir)
     ownership.refuse_package_folders(out, Path(__file__).resolve().parents[1], runtime_dir())
     out.mkdir(parents=True, exist_ok=True)
@@ -213,17 +229,17 @@ def export_c(
                 shutil.copy(path, target / path.name)
                 files.append(target / path.name)
     ownership.record_written(out, files)
-    trainable = [x for x in layers if x.trainable]
     return ExportResult(
         out_dir=out,
         files=files,
         layers=layers,
-        parameters=sum(x.weight.size + (0 if x.bias is None else x.bias.size) for x in trainable),
+        parameters=parameters,
         arena_bytes=report.arena_bytes,
         inference_bytes=inference_bytes(layers),
         memory=report,
         sample_bytes=sample_bytes,
         sram=sram,
+        flash=flash,
     )
 
 
@@ -266,6 +282,27 @@ def checked_samples(
         index = int(outside[0])
         raise ValueError(f"sample {index}: label {y[index].item()} lies outside [0, {classes})")
     return inputs, y.astype(np.int64)
+
+
+def too_little_flash(layers: list[LayerSpec], flash_bytes: int, flash: FlashEstimate) -> str:
+    """The refusal when the example needs more flash than ``flash_bytes``: the parts, the layer
+    with the most weights, and what lowers the figure."""
+    sizes = [(x.weight.size + (0 if x.bias is None else x.bias.size), i)
+             for i, x in enumerate(layers) if x.trainable]  # fmt: skip
+    count, index = max(sizes)
+    layer = layers[index]
+    samples = (
+        f"; leaving the samples out of the program (read them at run time) saves "
+        f"{flash.sample_bytes:,}"
+        if flash.sample_bytes
+        else ""
+    )
+    return (
+        f"the example program needs {flash.total_bytes:,} bytes of flash on a Cortex-M4 "
+        f"({flash.describe()}) but the device has {flash_bytes:,}; nothing was written. The "
+        f"layer with the most weights: '{layer.path}' ({layer.module_type}), {4 * count:,} "
+        f"bytes; a smaller model lowers it{samples}, or choose a part with more flash"
+    )
 
 
 def too_little_ram(

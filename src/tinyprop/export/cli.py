@@ -139,6 +139,14 @@ def parser() -> argparse.ArgumentParser:
         "that fit",
     )
     p.add_argument(
+        "--flash",
+        type=cli_types.byte_count,
+        metavar="BYTES",
+        help="the device's flash in bytes, or as its datasheet gives it (512K, 1M): refuse "
+        "(nothing written) when the example program needs more on a Cortex-M4 (code, "
+        "weights), naming the layer with the most weights",
+    )
+    p.add_argument(
         "--momentum-in-place",
         action="store_true",
         help="SGD momentum gathers the batch's gradient in its buffer (no gradient buffer)",
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(args.recompute_layers),
             ),
             ram_bytes=args.ram,
+            flash_bytes=args.flash,
         )
     except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
         print(f"tinyprop export: {error}")
@@ -273,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         f"SRAM on a Cortex-M4 (the example as built by arm-none-eabi-gcc -O2 with newlib): "
         f"{sram.total_bytes:,} bytes ({sram.describe()})"
         + (f", of the device's {args.ram:,}" if args.ram is not None else "")
+    )
+    flash = result.flash
+    print(
+        f"flash on a Cortex-M4: {flash.total_bytes:,} bytes ({flash.describe()})"
+        + (f", of the device's {args.flash:,}" if args.flash is not None else "")
     )
     folder = shlex.quote(str(result.out_dir))  # a path with spaces, pasted into a shell
     program = shlex.quote(f"{result.out_dir}/train")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from tinyprop.export.naming import module_name
+
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
 ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
@@ -39,7 +41,7 @@ def _sizes(value, lengths: tuple[int, ...], smallest: int, none: bool = False) -
 
 def _refuse(path: str, module: nn.Module, what: str) -> ValueError:
     return ValueError(
-        f"layer '{path}' ({type(module).__name__}): {what}; PyTorch would not build or run "
+        f"layer '{path}' ({module_name(module)}): {what}; PyTorch would not build or run "
         "such a layer (a file edited or written by another program?): save the model again "
         "from PyTorch, or fix the setting"
     )

@@ -21,6 +21,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from tinyprop.export.geometry import check_geometry
+from tinyprop.export.naming import module_name
 from tinyprop.export.tracing import TracingError, traced_layers
 
 # tp_layer_kind values of runtime/include/tinyprop.h
@@ -318,7 +319,7 @@ def _layers_of(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str
 
 def _unsupported(path: str, module: nn.Module, why: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(
-        f"cannot export layer '{path}' ({type(module).__name__}): {why}. "
+        f"cannot export layer '{path}' ({module_name(module)}): {why}. "
         f"The C runtime supports: {SUPPORTED}."
     )
 
@@ -475,7 +476,7 @@ def _conv(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
         raise _unsupported(path, module, "transposed convolution")
     if channels != module.in_channels:
         raise ValueError(
-            f"layer '{path}' ({type(module).__name__}) expects {module.in_channels} input "
+            f"layer '{path}' ({module_name(module)}) expects {module.in_channels} input "
             f"channels but the previous layer gives {channels}"
         )
     kernel = _pair(module.kernel_size) if two_d else (1, _single(module.kernel_size))
@@ -490,11 +491,11 @@ def _conv(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
     out_h = _window(height, kernel[0], stride[0], padding[0], dilation[0])
     out_w = _window(width, kernel[1], stride[1], padding[1], dilation[1])
     if out_h < 1 or out_w < 1:
-        raise ValueError(f"layer '{path}' ({type(module).__name__}) leaves no output for {shape}")
+        raise ValueError(f"layer '{path}' ({module_name(module)}) leaves no output for {shape}")
     return LayerSpec(
         kind=CONV2D,
         path=path,
-        module_type=type(module).__name__,
+        module_type=module_name(module),
         input_shape=shape,
         output_shape=(module.out_channels, out_h, out_w),
         out_channels=module.out_channels,
@@ -537,13 +538,13 @@ def _pool(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
         )  # fmt: skip
     if any(2 * p > k for p, k in zip(padding, kernel, strict=True)):
         raise ValueError(
-            f"layer '{path}' ({type(module).__name__}): padding {module.padding} is more than "
+            f"layer '{path}' ({module_name(module)}): padding {module.padding} is more than "
             f"half the kernel {module.kernel_size}, which PyTorch refuses to run as well"
         )
     out_h = _window(height, kernel[0], stride[0], padding[0])
     out_w = _window(width, kernel[1], stride[1], padding[1])
     if out_h < 1 or out_w < 1:
-        raise ValueError(f"layer '{path}' ({type(module).__name__}) leaves no output for {shape}")
+        raise ValueError(f"layer '{path}' ({module_name(module)}) leaves no output for {shape}")
     if module.ceil_mode and (out_h, out_w) != tuple(
         _ceil_window(size, k, st, p)
         for size, k, st, p in zip((height, width), kernel, stride, padding, strict=True)
@@ -556,7 +557,7 @@ def _pool(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: bool
     return LayerSpec(
         kind=kind,
         path=path,
-        module_type=type(module).__name__,
+        module_type=module_name(module),
         input_shape=shape,
         output_shape=(channels, out_h, out_w),
         kernel=kernel,
@@ -597,7 +598,7 @@ def _adaptive(path: str, module: nn.Module, shape: tuple[int, int, int], two_d: 
     return LayerSpec(
         kind=kind,
         path=path,
-        module_type=type(module).__name__,
+        module_type=module_name(module),
         input_shape=shape,
         output_shape=(channels, *sizes),
         kernel=kernel,
@@ -650,7 +651,7 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
     seen: dict = {}  # storage address -> (path, name, tensor, first byte, byte after) so far
     for path, module in _layers_of(model, tuple(int(size) for size in input_shape)):
         _check_not_shared(path, module, owners, seen)
-        name = type(module).__name__
+        name = module_name(module)
         if isinstance(module, DROPOUTS) and not module.p == 0:  # (NaN and p < 0 too)
             raise _unsupported(
                 path, module, f"p={module.p}: the runtime has no dropout; set its p to 0 or put "
@@ -785,7 +786,7 @@ def _activation(path: str, module: nn.Module, shape, layers: list[LayerSpec]) ->
             "Hardtanh in place, so the second would overwrite the output the first one's "
             "backward needs; merge them into one activation"
         )  # fmt: skip
-    return LayerSpec(kind, path, type(module).__name__, shape, shape, weight=weight)
+    return LayerSpec(kind, path, module_name(module), shape, shape, weight=weight)
 
 
 def inference_bytes(layers: list[LayerSpec]) -> int:
