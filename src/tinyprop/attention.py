@@ -10,6 +10,12 @@ over the heads or not), and then calls ``self.out_proj`` on the (L·N, E) token 
 of other dimensions go to PyTorch's own forward (its errors), and so does every call where
 ``out_proj`` cannot be sparse: under the ``full`` policy (PyTorch's own attention, to the bit:
 the rewritten one rounds differently) and under ``torch.no_grad`` (evaluation).
+
+A subclass of ``nn.MultiheadAttention`` that keeps its ``forward`` (and ``merge_masks``, which
+that forward calls) computes PyTorch's attention: it gets a subclass of both,
+:func:`sparse_attention_class`, and a sparse ``out_proj`` too (it stayed dense before, named in
+the warning). A subclass with a forward of its own stays as it is: tinyprop cannot know what
+that forward computes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ from torch import Tensor, nn
 
 class TinyPropMultiheadAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention with ``out_proj`` called as a module (sparse under tinyprop)."""
+
+    def __reduce_ex__(self, protocol):
+        """Pickle the class made for a subclass (:func:`sparse_attention_class`) by that
+        subclass: the made class cannot be found by name. Unpickling makes it again."""
+        reduced = super().__reduce_ex__(protocol)
+        if protocol < 2 or type(self) is TinyPropMultiheadAttention:
+            return reduced
+        return (_unpickled_attention, (plain_attention_class(type(self)),), *reduced[2:])
 
     def forward(
         self,
@@ -103,13 +117,60 @@ class TinyPropMultiheadAttention(nn.MultiheadAttention):
         """Whether this call's ``out_proj`` runs tinyprop's sparse backward: a sparse policy,
         in a forward with gradients (or one that records the calls: reentrant activation
         checkpointing runs it under no_grad first). Without tinyprop's state (the class used on
-        its own, as the tests' reference does) ``out_proj`` is always called as a module."""
+        its own, as the tests' reference does) ``out_proj`` is always called as a module; a
+        copy of the module alone (``copy.deepcopy``, in no applied model: its ``out_proj``
+        trains as PyTorch's layer) runs PyTorch's forward, and so does every call that
+        ``torch.jit.trace`` or ``torch.export`` records (the layers record their plain
+        forward there too: the exported model is the plain one, to the bit)."""
         state = getattr(self.out_proj, "tinyprop_state", None)
         if state is None:
             return True
-        if not state.policy.sparse:
+        if state.root is None or not state.policy.sparse or _recorded():
             return False
         return torch.is_grad_enabled() or state.open_pass is not None
+
+
+def _recorded() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` is recording this call."""
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return torch.jit.is_tracing() or (exporting is not None and exporting())
+
+
+_SPARSE_ATTENTION_CLASSES: dict[type, type] = {nn.MultiheadAttention: TinyPropMultiheadAttention}
+
+
+def sparse_attention_class(original: type) -> type | None:
+    """The class :func:`tinyprop.apply` gives an attention module of class ``original``:
+    :class:`TinyPropMultiheadAttention` for ``nn.MultiheadAttention``, a subclass of both for
+    a subclass that keeps PyTorch's ``forward`` and ``merge_masks`` (made once per class);
+    None for any other class (its own forward, or not an attention module)."""
+    if original not in _SPARSE_ATTENTION_CLASSES:
+        keeps_forward = (
+            issubclass(original, nn.MultiheadAttention)
+            and not issubclass(original, TinyPropMultiheadAttention)
+            and original.forward is nn.MultiheadAttention.forward
+            and original.merge_masks is nn.MultiheadAttention.merge_masks
+        )
+        if not keeps_forward:
+            return None
+        name = f"TinyProp{original.__name__}"
+        made = type(name, (TinyPropMultiheadAttention, original), {"__module__": __name__})
+        _SPARSE_ATTENTION_CLASSES[original] = made
+    return _SPARSE_ATTENTION_CLASSES[original]
+
+
+def plain_attention_class(made: type) -> type:
+    """The class :func:`tinyprop.remove` gives back to an attention module of class
+    ``made`` (:func:`sparse_attention_class`'s inverse)."""
+    if made is TinyPropMultiheadAttention:
+        return nn.MultiheadAttention
+    return made.__bases__[1]
+
+
+def _unpickled_attention(original: type) -> nn.Module:
+    """An empty instance of the class made for ``original``, for pickle to fill in."""
+    made = sparse_attention_class(original)
+    return made.__new__(made)
 
 
 def _attention_mask(

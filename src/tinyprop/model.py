@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -13,7 +14,11 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
-from tinyprop.attention import TinyPropMultiheadAttention
+from tinyprop.attention import (
+    TinyPropMultiheadAttention,
+    plain_attention_class,
+    sparse_attention_class,
+)
 from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
 from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
@@ -132,10 +137,7 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
         )
     _warn_dense_modules(model, kinds)
     state = TinyPropState(config=config, layers=targets, root=model)
-    for module in model.modules():  # so that their out_proj is called, and can be sparse
-        if type(module) is nn.MultiheadAttention:
-            module.__class__ = TinyPropMultiheadAttention
-            state.attention.append(module)
+    _swap_attention(model)  # so that their out_proj is called, and can be sparse
     state.coupling_norms = [
         module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
     ]
@@ -160,6 +162,18 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
     setattr(model, _STATE, state)
     state.module_changes = _MODULE_CHANGES[0]
     return model
+
+
+def _swap_attention(model: nn.Module) -> None:
+    """Give each attention module of ``model`` whose ``out_proj`` PyTorch calls as a function
+    (``nn.MultiheadAttention``, a subclass keeping its forward) the class that calls it as a
+    module (:mod:`tinyprop.attention`); at apply, and at the first forward after an attention
+    module was set into the model (before, its ``out_proj`` was made sparse, never called,
+    and trained dense)."""
+    for module in model.modules():
+        made = sparse_attention_class(type(module))
+        if made is not None:
+            module.__class__ = made  # (remove finds them by class: copies set in too)
 
 
 def _make_sparse(module: nn.Module, state: TinyPropState, name: str, index: int, count: int):
@@ -280,6 +294,7 @@ def _follow_module_changes(
     ):
         return
     state.detached += [entry for entry in state.layers if id(entry[1]) not in current]
+    _swap_attention(model)  # an nn.MultiheadAttention set in: its out_proj called
     for index, (name, module) in enumerate(layers):
         if id(module) in known:
             module.layer_name, module.layer_index = name or "<root>", index
@@ -401,8 +416,9 @@ def remove(model: nn.Module) -> nn.Module:
     _follow_module_changes(model, state, refuse_shared=False)  # a layer moved in since a forward
     for handle in state.handles:
         handle.remove()
-    for module in state.attention:
-        module.__class__ = nn.MultiheadAttention
+    for module in model.modules():  # a copy (copy.deepcopy) set in since apply too
+        if isinstance(module, TinyPropMultiheadAttention):
+            module.__class__ = plain_attention_class(type(module))
     restore_batch_norms(state.batch_norms)
     restore_pools(getattr(state, "pools", []))
     restore_relus(getattr(state, "relus", []))
@@ -608,17 +624,21 @@ def _signature(args, kwargs) -> tuple:
 
 
 def main_tensor(output) -> Tensor | tuple[Tensor, ...] | None:
-    """The tensor the losses are computed from: the output, or its ``logits``; for another
-    tuple / dict output, its tensors with a gradient (the step finds the one the losses come
-    from: :func:`output_the_losses_come_from`)."""
+    """The tensor the losses are computed from: the output, or its ``logits`` (a key, or a
+    field of a namedtuple or dataclass); for another tuple / dict / dataclass output, its
+    tensors with a gradient (the step finds the one the losses come from:
+    :func:`output_the_losses_come_from`). A namedtuple's ``logits`` and a dataclass's fields
+    were not looked into: train_step refused both."""
     if isinstance(output, Tensor):
         return output
     try:
         logits = output["logits"]
-        if isinstance(logits, Tensor):
-            return logits
     except (KeyError, TypeError, IndexError):
-        pass
+        logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):  # not a pytree
+        output = [getattr(output, field.name) for field in dataclasses.fields(output)]
     leaves, _ = tree_flatten(output)
     tensors = list({id(leaf): leaf for leaf in leaves if isinstance(leaf, Tensor)}.values())
     with_grad = tuple(tensor for tensor in tensors if tensor.grad_fn is not None)

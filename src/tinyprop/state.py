@@ -133,7 +133,6 @@ class TinyPropState:
     call_fields: dict = field(default_factory=dict)  # layer call key -> its LayerCall's fields
     warned: set = field(default_factory=set)
     handles: list = field(default_factory=list)  # hooks removed by tinyprop.remove
-    attention: list = field(default_factory=list)  # nn.MultiheadAttention modules swapped
     batch_norms: list = field(default_factory=list)  # BatchNorms swapped (tinyprop.batch_norm)
     pools: list = field(default_factory=list)  # MaxPool2d swapped (tinyprop.pool_fusion)
     relus: list = field(default_factory=list)  # ReLUs swapped (tinyprop.relu_fusion)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from tinyprop import graph_free
 from tinyprop.fused_update import apply_updates, fold_into_gradients, fusable_weights
-from tinyprop.model import main_tensor, state_of, unwrap
+from tinyprop.model import main_tensor, output_the_losses_come_from, state_of, unwrap
 from tinyprop.step import (
     StepContext,
     StepStats,
@@ -175,19 +175,41 @@ def _autograd_step(model, x, y, loss_fn, optimizer, fused_update: bool) -> StepC
     output = model(**x) if isinstance(x, Mapping) else model(x)
     # a transformers model's ModelOutput: its logits (loss_fn gets the whole output)
     main = output if isinstance(output, Tensor) else main_tensor(output)
+    losses = None
+    if isinstance(main, tuple):  # (logits, features), a dict, a dataclass: the losses tell
+        losses = loss_fn(output, y)
+        check_loss_fn_output(losses, batch_size)
+        main = _output_of_the_losses(losses, main)
     if not isinstance(main, Tensor) or main.shape[:1] != (batch_size,):
         raise ValueError(
             f"the model must return one output tensor (B, ...) with B={batch_size}, or an "
             f"output holding its logits; got {describe(output)}. For another output, call "
             "tinyprop.backward(model, losses, output=...) in your own loop"
         )
-    losses = loss_fn(output, y)
-    check_loss_fn_output(losses, batch_size)
+    if losses is None:
+        losses = loss_fn(output, y)
+        check_loss_fn_output(losses, batch_size)
     fused = fusable_weights(unwrap(model), optimizer) if fused_update else None
     if is_distributed(model):  # the gradients go through the all-reduce
         fused = None
     # the running state is written only once the gradients passed the check (commit)
     return run_backward(model, losses, main, 0, None, 1.0, fused, defers_commit=True)
+
+
+def _output_of_the_losses(losses: Tensor, candidates: tuple[Tensor, ...]) -> Tensor:
+    """Of the tensors with a gradient in a tuple / dict / dataclass model output, the one the
+    losses come from (the logits of ``(logits, features)``, whichever place it has); a
+    ValueError naming the ways out when the losses depend on several of them (an auxiliary
+    term on the features): train_step takes no ``output=``. Before, train_step refused every
+    such output, even when the losses came from one of its tensors alone."""
+    try:
+        return output_the_losses_come_from(losses, candidates)
+    except ValueError as error:
+        raise ValueError(
+            f"train_step: {error}. train_step takes no output=: have the model return the "
+            "output the skip decision should measure alone, or in a field named 'logits', "
+            "or write the step with tinyprop.backward in your own loop"
+        ) from None
 
 
 def check_optimizer_holds_the_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
