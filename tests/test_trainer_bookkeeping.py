@@ -36,6 +36,43 @@ def test_zero_gradients_sets_every_gradient_pytorch_would_to_none():
     assert all(parameter.grad is None for parameter in [*model.parameters(), outside])
 
 
+class Child(nn.Module):
+    """A submodule that registers the model it belongs to (a cycle in the module tree)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class WithCycle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 4)
+        self.child = Child()
+        self.child.owner = self  # PyTorch's own walks (named_modules) meet it once
+
+    def forward(self, x):
+        return self.child(torch.relu(self.first(x)))
+
+
+def test_a_module_tree_with_a_cycle_is_zeroed_and_trains():
+    """A submodule registering its parent: zeroing walked the cycle forever (train_step hung)."""
+    torch.manual_seed(0)
+    model = tinyprop.apply(WithCycle(), tinyprop.TinyPropConfig(policy="topk", ratio=0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    trainer.zero_gradients(model, optimizer)
+    assert all(parameter.grad is None for parameter in model.parameters())
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    stats = tinyprop.train_step(model, torch.randn(5, 8), torch.arange(5) % 3, LOSS, optimizer)
+    assert stats.trained == 5
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_overridden_zero_grad_and_named_modules_are_called():
     calls = []
 

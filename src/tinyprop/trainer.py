@@ -139,11 +139,12 @@ def _zero_module_gradients(module: nn.Module) -> bool:
     """Set the gradient of every parameter ``module.parameters()`` yields to None, by the
     modules' ``_modules`` and ``_parameters`` (what ``Module.named_modules`` walks); False
     when a module overrides ``named_modules`` (the caller then calls ``zero_grad``)."""
-    modules = [module]
+    modules, seen = [module], set()
     while modules:
         current = modules.pop()
-        if current is None:  # a submodule registered as None
+        if current is None or id(current) in seen:  # None, or met before (shared, a cycle)
             continue
+        seen.add(id(current))
         if type(current).named_modules is not nn.Module.named_modules:
             return False
         for parameter in current._parameters.values():
