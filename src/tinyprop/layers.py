@@ -116,8 +116,8 @@ class SparseBackpropLayer:
         if state.root is None:  # a copy of the layer alone (copy.deepcopy), in no applied model
             return self.dense_forward(x, weight, bias)  # yet: PyTorch's layer, uncounted
         trains = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if torch.jit.is_tracing():  # torch.jit.trace records the plain layer, for inference
-            return self.dense_forward(x, weight, bias)
+        if torch.jit.is_tracing() or exporting():  # jit.trace and torch.export record the
+            return self.dense_forward(x, weight, bias)  # plain layer, for inference
         if not trains or not state.policy.sparse:
             # the ledger counts the call: frozen, or under no_grad inside a training forward
             # (reentrant activation checkpointing) it has no backward there
@@ -331,6 +331,10 @@ def _keeps_forward(module: nn.Module, base: type) -> bool:
     if base is not nn.Linear:
         same = same and kind._conv_forward is base._conv_forward
     return same
+
+
+# whether torch.export records this call (torch >= 2.6; a flag read, 34 ns)
+exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def layer_kind(module: nn.Module) -> str | None:

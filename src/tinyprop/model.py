@@ -23,7 +23,13 @@ from tinyprop.batch_norm import restore_batch_norms, swap_batch_norms
 from tinyprop.budget import check_count
 from tinyprop.config import TinyPropConfig
 from tinyprop.flop_formulas import forward_flop_counter
-from tinyprop.layers import QCONFIG_AT_APPLY, SparseBackpropLayer, layer_kind, sparse_class
+from tinyprop.layers import (
+    QCONFIG_AT_APPLY,
+    SparseBackpropLayer,
+    exporting,
+    layer_kind,
+    sparse_class,
+)
 from tinyprop.pool_fusion import fuse_pools, restore_pools
 from tinyprop.relu_fusion import fuse_relus, restore_relus
 from tinyprop.state import ForwardPass, TinyPropState
@@ -539,7 +545,11 @@ def _compiled_module(model) -> nn.Module | None:
 
 
 def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
-    """Root forward pre-hook: record the sparse-layer calls of a training forward pass."""
+    """Root forward pre-hook: record the sparse-layer calls of a training forward pass; none
+    while torch.export records the model (the plain layers: ``strict=True`` failed here,
+    "Dynamo does not know how to trace the builtin _thread.get_ident")."""
+    if exporting():
+        return
     state = getattr(model, _STATE)
     _follow_module_changes(model, state)
     if state.made_on_meta:
@@ -561,6 +571,8 @@ def _open_forward_pass(model: nn.Module, args, kwargs) -> None:
 
 
 def _close_forward_pass(model: nn.Module, args, kwargs, output) -> None:
+    if exporting():
+        return
     state = getattr(model, _STATE)
     forward_pass = state.open_pass
     if forward_pass is None:

@@ -65,6 +65,7 @@ class ConvInputReLU(nn.ReLU):
             and input.dtype == torch.float32
             and input.device.type == "cpu"
             and input.dim() in (2, 4)  # (B, in) of a Linear, (B, C, H, W) of a Conv2d
+            and not _dynamo_compiling()  # no fusion there; torch.export(strict=True) failed
             and output.grad_fn is not None
         ):
             setattr(output, RELU_INPUT, (input, self, output._version))
