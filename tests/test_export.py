@@ -234,7 +234,7 @@ def test_cli_exports_a_module_and_a_state_dict(tmp_path, capsys):
     torch.save(net.state_dict(), tmp_path / "har_state.pt")
     status = export_main([str(tmp_path / "har.pt"), "--config", "meprop", "--input-shape",
                           "6,100", "--out", str(tmp_path / "m")])  # fmt: skip
-    assert status == 2 and "dense_output_layer=False" in capsys.readouterr().out
+    assert status == 2 and "dense_output_layer=False" in capsys.readouterr().err
     status = export_main([str(tmp_path / "har.pt"), "--config", '{"policy": "topk"}',
                           "--input-shape", "6,100", "--out", str(tmp_path / "a")])  # fmt: skip
     assert status == 0
@@ -249,6 +249,6 @@ def test_cli_exports_a_module_and_a_state_dict(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")]) == 2
     torch.save(nn.Sequential(nn.Linear(4, 4), nn.Softsign()), tmp_path / "softsign.pt")
     assert export_main([str(tmp_path / "softsign.pt"), "--out", str(tmp_path / "d")]) == 2
-    assert "'1' (Softsign)" in capsys.readouterr().out
+    assert "'1' (Softsign)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "har.pt"), "--config", "nonsense", "--out", str(tmp_path)])

@@ -437,7 +437,7 @@ def test_cli_folds_batch_norm_on_request(tmp_path, capsys):
     torch.save(model, path)
     arguments = [str(path), "--input-shape", "1,6,6", "--out", str(tmp_path / "c")]
     assert export_main(arguments) == 2
-    assert "--fold-batch-norm" in capsys.readouterr().out
+    assert "--fold-batch-norm" in capsys.readouterr().err
     assert export_main([*arguments, "--fold-batch-norm"]) == 0
     header = (tmp_path / "c" / "tinyprop_model.h").read_text()
     assert header.count("TP_LAYER_CONV2D") == 1 and "BatchNorm" not in header.split("*/", 1)[1]

@@ -121,7 +121,7 @@ def test_cli_takes_the_mode_and_reports_ram_and_flash(tmp_path, capsys):
                           str(tmp_path / "out2"), "--optimizer", "adam",
                           "--sgd-in-place"])  # fmt: skip
     assert status == 2
-    assert "sgd_in_place needs plain SGD" in capsys.readouterr().out
+    assert "sgd_in_place needs plain SGD" in capsys.readouterr().err
     status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
                           str(tmp_path / "out3"), "--optimizer", "adam",
                           "--bias-only-layers", "1", "2"])  # fmt: skip
@@ -141,7 +141,7 @@ def test_cli_takes_the_mode_and_reports_ram_and_flash(tmp_path, capsys):
                           str(tmp_path / "out5"), "--optimizer", "adam",
                           "--momentum-in-place"])  # fmt: skip
     assert status == 2
-    assert "momentum_in_place needs SGD with momentum" in capsys.readouterr().out
+    assert "momentum_in_place needs SGD with momentum" in capsys.readouterr().err
     assert "0x6u, 0, 0, 0, 32, 0x0u};" in (tmp_path / "out3" / "tinyprop_model.h").read_text()
     status = export_main([str(tmp_path / "har.pt"), "--model", "har", "--out",
                           str(tmp_path / "out6"), "--optimizer", "adam", "--bias-only-layers", "1",

@@ -34,8 +34,9 @@ class RunsCode:
 def _one_line_error(capsys) -> str:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
-    lines = [line for line in captured.out.splitlines() if line.startswith("tinyprop export:")]
-    assert len(lines) == 1, captured.out
+    # on stderr, as the other commands' errors (it was printed to stdout)
+    lines = [line for line in captured.err.splitlines() if line.startswith("tinyprop export:")]
+    assert len(lines) == 1 and "tinyprop export:" not in captured.out, captured
     return lines[0]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.model_file = Path(args.model_file)
     if args.out.exists() and not args.out.is_dir():
-        print(f"tinyprop export: --out {args.out} is a file; give a folder")
+        print(f"tinyprop export: --out {args.out} is a file; give a folder", file=sys.stderr)
         return 2
     try:
         model, shape = _load(args)
@@ -255,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             flash_bytes=args.flash,
         )
     except (UnsupportedLayerError, ValueError, OSError, TypeError) as error:
-        print(f"tinyprop export: {error}")
+        print(f"tinyprop export: {error}", file=sys.stderr)
         return 2
     except (AttributeError, LookupError, RecursionError) as error:  # a module built by a file
         print(
             f"tinyprop export: {args.model_file} holds a module export cannot read "
             f"({type(error).__name__}: {str(error)[:160]}), not one torch.save wrote from a "
-            "working model; save the model again from PyTorch"
+            "working model; save the model again from PyTorch",
+            file=sys.stderr,
         )
         return 2
     print(f"wrote {len(result.files)} files to {result.out_dir}")
