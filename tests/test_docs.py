@@ -1,6 +1,6 @@
 """The documentation: the generated results page and README table are current, the MkDocs site
-builds with no warning (strict), the README stays short, and no link in the README or the docs
-points outside the repository."""
+builds with no warning (strict), the README stays short, no link in the README or the docs
+points outside the repository, and the runtime guide's block that writes samples.bin runs."""
 
 from __future__ import annotations
 
@@ -54,3 +54,21 @@ def test_no_link_leaves_the_repository():
                 resolved = (ROOT / "benchmarks" / file_part).resolve()  # plots, see mkdocs hook
             assert resolved.is_relative_to(ROOT), (path.name, target)
             assert resolved.exists(), (path.name, target)
+
+
+def test_the_runtime_guides_samples_bin_block_writes_the_records_it_describes(tmp_path):
+    # the guide's commands read samples.bin, which it did not say how to write
+    text = (ROOT / "docs" / "runtime.md").read_text()
+    block = re.search(r"here HAR's training split:\n\n```python\n(.*?)```", text, re.S).group(1)
+    run = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    import numpy as np
+
+    import tinyprop.data
+
+    x, y = tinyprop.data.load("har", "train").tensors
+    records = np.fromfile(tmp_path / "samples.bin", dtype=np.int32).reshape(len(x), -1)
+    assert records.shape[1] == x[0].numel() + 1  # TP_MODEL_INPUT_SIZE float32, one int32 label
+    assert np.array_equal(records[:, :-1].view(np.float32), x.reshape(len(x), -1).numpy())
+    assert np.array_equal(records[:, -1], y.numpy())
