@@ -12,6 +12,7 @@ import ctypes
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -187,6 +188,30 @@ def test_a_compiled_model_exports_as_the_module_it_wraps(tmp_path):
     assert compiled.arena_bytes == plain.arena_bytes
     header = (tmp_path / "compiled" / "tinyprop_model.h").read_text()
     assert header == (tmp_path / "plain" / "tinyprop_model.h").read_text()
+
+
+def test_a_data_parallel_model_exports_as_the_module_it_wraps(tmp_path):
+    """nn.DataParallel (and DistributedDataParallel) around the model, or around its compiled
+    form: exported as the module inside, its frozen first layer found through the wrappers;
+    before, the export refused '<root>' (DataParallel) as a forward torch.fx cannot trace.
+    ram_bytes and flash_bytes take NumPy integers too (refused as not an int before)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[0].requires_grad_(False)
+    config, spec = tinyprop.TinyPropConfig("tinypropv2"), OptimizerSpec()
+    plain = export_c(net, config, tmp_path / "plain", (4,), spec, 4)
+    assert plain.memory.frozen_parameters == 40
+    expected = (tmp_path / "plain" / "tinyprop_model.h").read_text()
+    for name, wrapped in (
+        ("dp", nn.DataParallel(net)),
+        ("dp-compiled", nn.DataParallel(torch.compile(net))),
+    ):
+        result = export_c(wrapped, config, tmp_path / name, (4,), spec, 4,
+                          ram_bytes=np.int64(1 << 20), flash_bytes=np.uint32(1 << 20))  # fmt: skip
+        assert result.memory == plain.memory
+        assert (tmp_path / name / "tinyprop_model.h").read_text() == expected
+    with pytest.raises(ValueError, match="flash_bytes must be a positive int"):
+        export_c(net, config, tmp_path / "b", (4,), spec, 4, flash_bytes=np.bool_(True))
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")

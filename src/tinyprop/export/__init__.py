@@ -185,11 +185,10 @@ def export_c(
             )
     if samples is not None:
         x, y = checked_samples(samples, layers, epochs)
-    for name, value in (("ram_bytes", ram_bytes), ("flash_bytes", flash_bytes)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive int (bytes), got {value!r}")
+    ram_bytes, flash_bytes = (
+        byte_count(name, value)
+        for name, value in (("ram_bytes", ram_bytes), ("flash_bytes", flash_bytes))
+    )
     sram = sram_estimate(len(layers), report.arena_bytes, sample_bytes)
     if ram_bytes is not None and sram.total_bytes > ram_bytes:
         raise ValueError(too_little_ram(layers, config, optimizer, memory, ram_bytes, sram))
@@ -282,6 +281,15 @@ def checked_samples(
         index = int(outside[0])
         raise ValueError(f"sample {index}: label {y[index].item()} lies outside [0, {classes})")
     return inputs, y.astype(np.int64)
+
+
+def byte_count(name: str, value) -> int | None:
+    """``value`` as a positive int (a NumPy integer too), None as None, else a ValueError."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name} must be a positive int (bytes), got {value!r}")
+    return int(value)
 
 
 def too_little_flash(layers: list[LayerSpec], flash_bytes: int, flash: FlashEstimate) -> str:

@@ -723,10 +723,17 @@ def describe(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpec]:
 
 
 def compiled_original(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile(model)`` wraps (the same layers and weights), or
-    ``model``."""
-    original = getattr(model, "_orig_mod", None)
-    return original if isinstance(original, nn.Module) else model
+    """The module a ``torch.compile(model)``, ``nn.DataParallel(model)`` or
+    ``DistributedDataParallel(model)`` wraps (the same layers and weights; wrappers in any
+    nesting), or ``model``."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        original = getattr(model, "_orig_mod", None)
+        if not isinstance(original, nn.Module):
+            return model
+        model = original
 
 
 def _activation_settings(path: str, module: nn.Module, kind: int) -> np.ndarray | None:
