@@ -592,6 +592,7 @@ def loss(
             then the NaN goes on into the gradients and the scaler skips the step.
 
     Example:
+        >>> optimizer.zero_grad()
         >>> losses = nn.functional.cross_entropy(model(x), y, reduction="none")
         >>> tinyprop.loss(model, losses).backward()
         >>> optimizer.step()

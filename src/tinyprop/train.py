@@ -44,9 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(dataset_names())}")
-    parser.add_argument("--policy", default="tinypropv2", choices=suites.POLICIES)
-    parser.add_argument("--protocol", default="scratch", choices=protocols.PROTOCOLS)
-    parser.add_argument("--suite", default="small", choices=list(suites.SUITES))
+    parser.add_argument(
+        "--policy", default="tinypropv2", choices=suites.POLICIES, help="(default tinypropv2)"
+    )
+    parser.add_argument(
+        "--protocol",
+        default="scratch",
+        choices=protocols.PROTOCOLS,
+        help="(default scratch; tinyprop bench's is finetune)",
+    )
+    parser.add_argument(
+        "--suite",
+        default="small",
+        choices=list(suites.SUITES),
+        help="whose plan gives the sizes (default small)",
+    )
     parser.add_argument(
         "--epochs", type=cli_types.epoch_count, help="epochs (default: the suite's)"
     )
@@ -55,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli_types.pretrain_epoch_count,
         help="finetune: dense pretraining epochs",
     )
-    parser.add_argument("--seed", type=cli_types.seed, default=0)
+    parser.add_argument("--seed", type=cli_types.seed, default=0, help="(default 0)")
     parser.add_argument("--batch-size", type=cli_types.positive_int)
     parser.add_argument("--lr", type=cli_types.positive_float, help="Adam learning rate")
     parser.add_argument(

@@ -493,8 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a benchmark suite: datasets x policies x settings x seeds. One JSON "
         "record per run in the results folder; finished runs are skipped (resume).",
     )
-    parser.add_argument("--suite", default="small", choices=list(suites.SUITES))
-    parser.add_argument("--protocol", default="finetune", choices=protocols.PROTOCOLS)
+    parser.add_argument(
+        "--suite", default="small", choices=list(suites.SUITES), help="(default small)"
+    )
+    parser.add_argument(
+        "--protocol", default="finetune", choices=protocols.PROTOCOLS, help="(default finetune)"
+    )
     parser.add_argument("--datasets", nargs="+", help="subset of the suite's datasets")
     parser.add_argument("--policies", nargs="+", help="subset of " + ", ".join(suites.POLICIES))
     parser.add_argument(

@@ -46,7 +46,14 @@ def load(name: str, split: str, data_dir: str | None = None, **options):
         options: dataset-specific options (e.g. a subset size), passed to the loader.
 
     Returns:
-        A ``Dataset`` with attributes ``source``, ``num_classes`` and ``input_shape``.
+        A ``Dataset`` with attributes ``source``, ``num_classes`` and ``input_shape``, and
+        ``tensors``: the whole split as ``(x, y)``.
+
+    Example:
+        >>> train = load("har", "train")
+        >>> train.source, train.num_classes, train.input_shape
+        ('basicmotions as har substitute', 4, (6, 100))
+        >>> x, y = train.tensors  # (N, 6, 100) float32, (N,) int64 labels
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of {names()}")
