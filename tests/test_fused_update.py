@@ -3,7 +3,9 @@ entries, without a weight gradient, gives the weights torch.optim.SGD gives."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 import tinyprop
 import tinyprop.native
+from tinyprop import fused_walk, graph_free
 from tinyprop.autograd import FUSED_UPDATE, NATIVE_SPARSE
 
 pytestmark = pytest.mark.skipif(
@@ -265,3 +268,159 @@ def test_a_weight_of_two_calls_steps_as_sgd_with_momentum(policy, kind):
         assert torch.equal(actual, expected), name
         buffer = fused_optimizer.state[actual]["momentum_buffer"]
         assert torch.equal(buffer, plain_optimizer.state[expected]["momentum_buffer"]), name
+
+
+@contextlib.contextmanager
+def counted_walks():
+    """The number of one-walk calls (native.linear_input_update) inside the block."""
+    walks = []
+    original = tinyprop.native.linear_input_update
+
+    def counting(*arguments, **keywords):
+        walks.append(1)
+        return original(*arguments, **keywords)
+
+    with mock.patch.object(tinyprop.native, "linear_input_update", counting):
+        yield walks
+
+
+def walk_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(20, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Dropout(0.0),
+        nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 5),
+    )  # fmt: skip
+
+
+def fused_run(way: str, model: nn.Module, sgd: dict, batches: list):
+    """train_step(fused_update=True) over ``batches``: the library's step (``walk``), the
+    graph-free step with the proof off (``deferred``) or the autograd step (``autograd``);
+    the model, optimizer and the number of walks."""
+    model = tinyprop.apply(copy.deepcopy(model), tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), **{"lr": 0.05, **sgd})
+    patch = contextlib.nullcontext()
+    if way == "deferred":
+        patch = mock.patch.object(fused_walk, "prove", return_value=None)
+    elif way == "autograd":
+        patch = mock.patch.object(graph_free, "eligible", return_value=False)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    with patch, counted_walks() as walks:
+        for x, y in batches:
+            tinyprop.train_step(model, x, y, loss_fn, optimizer, fused_update=True)
+    return model, optimizer, len(walks)
+
+
+def walk_batches(count: int = 5, scale: float = 1.0) -> list:
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(count):
+        x = scale * torch.randn(8, 20, generator=generator)
+        batches.append((x, torch.randint(0, 5, (8,), generator=generator)))
+    return batches
+
+
+def assert_same_state(a, b) -> None:
+    """Weights and momentum buffers bit for bit."""
+    (model_a, optimizer_a), (model_b, optimizer_b) = a, b
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        buffers = [
+            optimizer.state[r].get("momentum_buffer")
+            for optimizer, r in ((optimizer_a, p), (optimizer_b, q))
+        ]
+        assert (buffers[0] is None) == (buffers[1] is None), name
+        assert buffers[0] is None or torch.equal(*buffers), name
+
+
+@pytest.mark.parametrize(
+    "sgd", [{}, *SGD_WITH_MOMENTUM], ids=["plain", "momentum", "dampening", "nesterov"]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_proven_step_walks_and_steps_as_the_deferred_update_bit_for_bit(sgd, threads):
+    """A graph-free fused step proven accepted steps each fused hidden layer in its input
+    gradient's walk (tinyprop.fused_walk): the same weights and momentum buffers bit for bit
+    as the deferred update, graph-free or through autograd (before: no walk)."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batches = walk_batches()
+        runs = {
+            way: fused_run(way, walk_mlp(), sgd, batches)
+            for way in ("walk", "deferred", "autograd")
+        }
+    finally:
+        torch.set_num_threads(threads_before)
+    assert runs["walk"][2] == 3 * len(batches)  # the three layers with an input gradient
+    assert runs["deferred"][2] == runs["autograd"][2] == 0
+    for way in ("deferred", "autograd"):
+        assert_same_state(runs["walk"][:2], runs[way][:2])
+
+
+def test_an_overflow_below_a_walking_layer_refuses_the_step_untouched():
+    """After steps that walked, a weight column of 1e30 under an input of 1e10 (changed in
+    place through PyTorch, a new version): the first layer's weight gradient overflows to
+    inf while the forward, the loss and δ above stay finite. The bound fails, nothing walks,
+    and the refused step leaves every weight and momentum buffer as it was (a walk taken on
+    the bound kept from before the change fails this)."""
+    model = tinyprop.apply(walk_mlp(), tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    with counted_walks() as walks:
+        for x, y in walk_batches(2):
+            tinyprop.train_step(model, x, y, loss_fn, optimizer, fused_update=True)
+    assert len(walks) == 6
+    with torch.no_grad():  # unit 0 of the first hidden layer: 1e-20 after its ReLU
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = 1e-20
+        model[2].weight[:, 0] = 1e30  # δ at that unit about 1e29, times x of 1e10
+    before = copy.deepcopy(model.state_dict())
+    buffers = {
+        name: optimizer.state[p]["momentum_buffer"].clone() for name, p in model.named_parameters()
+    }
+    x, y = walk_batches(1, scale=1e10)[0]
+    with counted_walks() as walks, pytest.raises(FloatingPointError, match="NaN or infinite"):
+        tinyprop.train_step(model, x, y, loss_fn, optimizer, fused_update=True)
+    assert not walks
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], buffers[name]), name
+
+
+def test_huge_weights_that_fail_the_bound_step_as_the_deferred_update():
+    """A weight entry of 1e36 on a unit its ReLU keeps off: every gradient stays finite, but
+    the bound (96 inputs x 1e36 x Σ |δ|) does not hold: no walk, the deferred update's
+    weights bit for bit, and the step is not refused."""
+    model = walk_mlp()
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = -1.0  # unit 0 is off for every input
+        model[2].weight[:, 0] = 1e36
+    batches = walk_batches(3)
+    walked = fused_run("walk", model, {"momentum": 0.9}, batches)
+    deferred = fused_run("deferred", model, {"momentum": 0.9}, batches)
+    assert walked[2] == 0
+    assert_same_state(walked[:2], deferred[:2])
+    assert not torch.equal(walked[0][2].weight, model[2].weight)  # it stepped
+
+
+def test_the_kept_bound_stays_above_the_weight_as_walks_step_it():
+    """The bound on max |W| kept for each walked weight is advanced by lr times a bound on
+    the step (no read of the weight): after steps at a large learning rate it is still at
+    least max |W| (and max |buffer|), and an in-place change through PyTorch is read again."""
+    model = tinyprop.apply(walk_mlp(), tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0, momentum=0.9, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    with counted_walks() as walks:
+        for x, y in walk_batches(6):
+            tinyprop.train_step(model, x, y, loss_fn, optimizer, fused_update=True)
+    assert len(walks) == 18
+    bounds = fused_walk._BOUNDS[model]
+    for layer in (model[2], model[5], model[7]):
+        buffer = optimizer.state[layer.weight]["momentum_buffer"]
+        for tensor in (layer.weight, buffer):
+            kept = bounds[id(tensor)]
+            assert not kept[3]  # advanced, not read
+            assert kept[2] >= fused_walk.largest(tensor) > 0
+    with torch.no_grad():
+        model[2].weight.mul_(1e3)
+    assert fused_walk.bound(bounds, model[2].weight) == fused_walk.largest(model[2].weight)

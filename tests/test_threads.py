@@ -126,7 +126,7 @@ def test_a_first_forward_measured_in_another_thread_hooks_nothing_here():
     model = tinyprop.apply(build("conv1d", dtype=torch.float32), config)
     alone = copy.deepcopy(model)
     x, _ = batch("conv1d", size=8, dtype=torch.float32)
-    assert graph_free.eligible(model, x, fused_update=False)
+    assert graph_free.eligible(model, x)
     train(model, "conv1d", 1, seed=1, dtype=torch.float32)  # its own first forward, measured
     expected = train(alone, "conv1d", 1, seed=1, dtype=torch.float32)
     expected += train(alone, "conv1d", 3, dtype=torch.float32)

@@ -293,12 +293,14 @@ class SparseBackprop(torch.autograd.Function):
                 )
         else:
             kept = None if counts is None else sum(counts)
-            defer = None  # train_step(fused_update=True): SGD's update of this weight, later
+            defer = walk = None  # train_step(fused_update=True): SGD's update of this weight
             if step is not None and needs_weight and ctx.weight_id in step.fused_weights:
                 defer = functools.partial(step.defer_update, ctx.weight_id, error, unit)
+                if step.walks is not None and needs_input:  # now, in the input gradient's walk
+                    walk = functools.partial(step.walk_update, ctx.weight_id)
             grad_input, grad_weight, kernel = _gradients(
                 select, geometry, x, weight, rows, flat, keep, keeps_everything, *needs, defer,
-                None if counts is None else (kept_rows, counts), selected, relu,
+                None if counts is None else (kept_rows, counts), selected, relu, walk,
             )  # fmt: skip
         if step is not None:
             full = None if counts is None else not counts or min(counts) >= size
@@ -523,7 +525,7 @@ def masked_gradients(
 
 def _gradients(
     select, geometry, x, weight, rows, flat, keep, keeps_everything, needs_input, needs_weight,
-    defer=None, counts=None, selected=None, relu=None,
+    defer=None, counts=None, selected=None, relu=None, walk=None,
 ):  # fmt: skip
     """Input and weight gradients of the rows ``rows`` (R',) from their kept entries, and the
     kernel that computed them (one of :data:`KERNELS`). ``defer(x, row_start, column, value)``:
@@ -534,7 +536,9 @@ def _gradients(
     (row_start (B + 1,), column (M,), value (M,)) when :func:`fixed_native_keep`'s selection
     found them already (the native kernel then runs on them), else None. ``relu``: None, or
     (``x`` is a fused ReLU's output) a dict whose "masked" is set True when the native
-    kernel returns the input gradient at the ReLU's input."""
+    kernel returns the input gradient at the ReLU's input. ``walk(x, row_start, column, value,
+    relu_mask)``: the input gradient of the one walk that also steps the weight (then no
+    weight gradient), or None (:meth:`tinyprop.step.StepContext.walk_update`)."""
     if not (needs_input or needs_weight):
         return None, None, NO_GRADIENT
     if rows.numel() == 0:  # every row's δ is zero (e.g. every sample skipped)
@@ -564,6 +568,12 @@ def _gradients(
     if use_native:
         if selected is None:  # (R + 1,) CSR offsets of the kept entries
             row_start = kept_row_start(x.shape[0], rows, keep, counts)
+        if is_linear and walk is not None:
+            grad_input = walk(x, row_start, entry, value, relu is not None)
+            if grad_input is not None:
+                if relu is not None:  # the kernel masks by x
+                    relu["masked"] = True
+                return grad_input, None, FUSED_UPDATE
         if is_linear and defer is not None and defer(x, row_start, entry, value):
             grad_input = None
             if needs_input:

@@ -35,6 +35,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from tinyprop import native
 from tinyprop.layers import TinyPropLinear
@@ -140,7 +141,9 @@ def fold_into_gradients(step) -> None:
 
 def apply_updates(step, optimizer: torch.optim.Optimizer) -> None:
     """The deferred updates of a step whose gradients were all checked: SGD's step of each
-    weight from the kept entries, with the settings of the weight's parameter group."""
+    weight from the kept entries, with the settings of the weight's parameter group. The
+    weight (and buffer) count a new version, as the optimizer's step would (the native kernel
+    writes them without one): :mod:`tinyprop.fused_walk` reads their max |W| again."""
     if not step.deferred_updates:
         return
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -148,6 +151,7 @@ def apply_updates(step, optimizer: torch.optim.Optimizer) -> None:
         for weight, x, row_start, column, value in step.deferred_updates:
             group = groups[id(weight)]
             scale = -float(group["lr"])
+            increment_version(weight)
             if not group["momentum"]:
                 native.linear_update(x, weight.data, row_start, column, value, scale)
                 continue
@@ -161,5 +165,6 @@ def apply_updates(step, optimizer: torch.optim.Optimizer) -> None:
                 float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"]),
                 first,
             )  # fmt: skip
+            increment_version(buffer)
             state["momentum_buffer"] = buffer
     step.deferred_updates = []

@@ -23,8 +23,10 @@ where autograd would only chain the modules' own backward functions,
 The same skips, k, weights, ledger, :class:`~tinyprop.step.StepStats` and optimizer state as
 the autograd path, bit for bit (tests/test_graph_free.py). :func:`eligible` says when it
 applies; anything else (hooks, other module types, autocast, DistributedDataParallel, the
-``full`` policy, other dtypes or devices, an input that requires grad, ``fused_update``) takes
-the autograd path.
+``full`` policy, other dtypes or devices, an input that requires grad) takes the autograd
+path. With ``fused_update`` the fused weights are updated as on the autograd path, and a step
+proven accepted before its backward steps them in their layers' walks
+(:mod:`tinyprop.fused_walk`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _single
 
+from tinyprop import fused_walk
 from tinyprop import model as model_hooks
 from tinyprop.autograd import SparseBackprop
 from tinyprop.functional import list_tensor
+from tinyprop.fused_update import fusable_weights
 from tinyprop.layers import TinyPropConv1d, TinyPropConv2d, TinyPropLinear
 from tinyprop.loss_gradient import is_power_of_two
 from tinyprop.loss_gradient import output_error as weighted_output_error
@@ -54,7 +58,7 @@ SPARSE_LAYERS = (TinyPropLinear, TinyPropConv1d, TinyPropConv2d)  # exact types,
 PASSING = (nn.Flatten, nn.Identity)  # δ passes unchanged but for its shape
 
 
-def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
+def eligible(model: nn.Module, x: Tensor) -> bool:
     """Whether :func:`tinyprop.train_step` may run the step of ``model`` on ``x`` without a
     graph: a plain ``nn.Sequential`` of sparse Linear / Conv1d / Conv2d layers (exactly those
     classes), ReLU, non-overlapping MaxPool1d, AvgPool1d, Flatten, Identity and Dropout in
@@ -62,10 +66,10 @@ def eligible(model: nn.Module, x: Tensor, fused_update: bool) -> bool:
     sparse layer whose bias alone trains with nothing below it training; no module, parameter
     or global hook but the library's own, no saved-tensor hooks, autocast, tracing or
     torch.func transforms; no module twice and no parameter two modules share (their
-    gradients add up); a sparse policy; no fused update. The walk over the modules and
+    gradients add up); a sparse policy. The walk over the modules and
     their parameters is kept per model until something it reads changes
     (:func:`_modules_key`)."""
-    if type(model) is not nn.Sequential or fused_update:
+    if type(model) is not nn.Sequential:
         return False
     state = state_of(model)
     if (
@@ -195,12 +199,12 @@ class _Unbatched(Exception):
     """A sparse layer received one unbatched sample: the autograd path handles it."""
 
 
-def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
+def run_step(model: nn.Sequential, x: Tensor, y, loss_fn, optimizer=None) -> StepContext | None:
     """What :func:`tinyprop.step.run_backward` does in ``train_step`` (``defers_commit``),
     from the forward on, without a graph, on a model :func:`eligible` accepted: the step, its
     records and ledger finished, the gradients set, the running state not committed yet;
     None when the forward found that it cannot (the autograd path then runs the step,
-    nothing of this attempt kept)."""
+    nothing of this attempt kept). ``optimizer``: ``fused_update``'s (None: no fused update)."""
     modules = list(model._modules.values())
     first_trainable = next(  # modules after it get an input gradient
         position
@@ -211,6 +215,7 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
     if forward is None:
         return None
     inputs, calls, output = forward
+    fused = {} if optimizer is None else fusable_weights(model, optimizer)
     batch_size = x.shape[0]
     if output.shape[:1] != (batch_size,):
         raise ValueError(
@@ -234,9 +239,12 @@ def run_step(model: nn.Sequential, x: Tensor, y, loss_fn) -> StepContext | None:
     step = _open_step(model, losses, output, 0, False, from_sparse_layer=from_sparse_layer)
     step.defers_commit = True
     step.passes_overflow = step.quiet_overflow = False
+    step.fused_weights = fused
     if step.stats.trained:
         # (R, ...) δ_L of the trained samples (R,), None: of every row
         delta, trained = _output_error(step, losses, output)
+        if fused:
+            step.walks = fused_walk.prove(model, modules, inputs, calls, delta, step, optimizer)
         step.state.step = step  # what StepContext.begin_backward opens
         with torch.no_grad():
             _backward(modules, inputs, calls, delta, trained)

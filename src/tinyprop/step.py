@@ -141,6 +141,9 @@ class StepContext:
         # entries (tinyprop.fused_update), and the updates taken: (weight, x, CSR of the kept δ)
         self.fused_weights: dict[int, nn.Parameter] = {}
         self.deferred_updates: list[tuple[nn.Parameter, Tensor, Tensor, Tensor, Tensor]] = []
+        # a graph-free fused step proven to be accepted before its backward: the permission
+        # to step a fused weight in its layer's input-gradient walk (tinyprop.fused_walk)
+        self.walks = None
         self.recomputed_pass = ForwardPass()  # calls run again by reentrant checkpointing
         # under ``full``: the forward passes the losses come from, its own and earlier steps',
         # when it has several or none of its own (None: its own passes)
@@ -265,6 +268,18 @@ class StepContext:
         del self.fused_weights[weight_id]
         self.deferred_updates.append((weight, x, row_start, column, value))
         return True
+
+    def walk_update(
+        self, weight_id: int, x: Tensor, row_start, column, value, relu_mask: bool
+    ) -> Tensor | None:  # fmt: skip
+        """A fused Linear layer's input gradient (B, in) by the one walk that also applies
+        SGD's step to its weight (:meth:`tinyprop.fused_walk.Walks.walk`), when the step was
+        proven accepted before its backward; None: :meth:`defer_update`'s path."""
+        weight = self.fused_weights.get(weight_id)
+        if self.walks is None or weight is None or x.numel() == 0:
+            return None
+        del self.fused_weights[weight_id]
+        return self.walks.walk(weight, x, row_start, column, value, relu_mask)
 
     def error_max(self, layer: nn.Module) -> Tensor:
         """Ymax_l as this step has it so far (the buffer until the step's backward wrote one)."""

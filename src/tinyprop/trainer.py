@@ -79,8 +79,8 @@ def train_step(
     # backward: only this step's forward belongs to its ledger
     try:
         step = None  # a plain nn.Sequential: the same step without an autograd graph
-        if graph_free.eligible(model, x, fused_update):
-            step = graph_free.run_step(model, x, y, loss_fn)
+        if graph_free.eligible(model, x):
+            step = graph_free.run_step(model, x, y, loss_fn, optimizer if fused_update else None)
         if step is None:
             step = _autograd_step(model, x, y, loss_fn, optimizer, fused_update)
         stats = step.stats
