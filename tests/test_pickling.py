@@ -5,6 +5,7 @@ of subclasses (``nn.MultiheadAttention``'s ``out_proj``) and of registered class
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 
@@ -129,33 +130,88 @@ def test_unwrap_finds_a_compiled_module_wherever_the_wrapper_holds_it():
         state_of(nn.Linear(2, 2))
 
 
-def test_a_layer_saved_alone_is_refused_with_the_way_out_and_its_copy_trains(tmp_path):
-    """torch.save of one sparse layer pickles the model it belongs to along with it (its state
-    refers to that model), so the loaded layer is still a layer of a hidden copy of the model.
-    Given to apply, the refusal told the user to call tinyprop.remove on a module they do not
-    have; now it names the cause and the way out, copy.deepcopy(layer), which trains as the same
-    weights in a fresh layer."""
+@pytest.mark.parametrize("save", ["torch.save", "pickle"])
+def test_a_layer_saved_alone_saves_the_layer_alone_and_trains_as_pytorch_until_a_model_takes_it(
+    tmp_path, save
+):
+    """torch.save (or pickle) of one sparse layer of an applied model pickled the whole model
+    along with it (its state refers to that model): a 16 -> 3 head's file held the 4 MB body,
+    and loaded as a layer of a hidden copy of the model, which apply and any applied model
+    refused. Now the file holds the layer alone, which loads as a layer of no model (as
+    copy.deepcopy of it): it trains as PyTorch's layer in a plain loop, and the model it is
+    set into takes it over and trains it as the same weights in a fresh layer."""
     config = tinyprop.TinyPropConfig(policy="topk", ratio=0.5)
     torch.manual_seed(0)
-    source = tinyprop.apply(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), config)
-    torch.save(source[2], tmp_path / "head.pt")
-    head = torch.load(tmp_path / "head.pt", weights_only=False)
-    with pytest.raises(ValueError, match=r"torch.load brings it back.*copy.deepcopy\(layer\)"):
-        tinyprop.apply(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), head), config)
-    applied = tinyprop.apply(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), config)
-    applied[2] = head
-    with pytest.raises(ValueError, match=r"torch.load brings it back.*copy.deepcopy\(layer\)"):
-        applied(torch.randn(2, 4))
+    body = [nn.Linear(4, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 16)]
+    source = tinyprop.apply(nn.Sequential(*body, nn.ReLU(), nn.Linear(16, 3)), config)
+    if save == "torch.save":
+        torch.save(source[6], tmp_path / "head.pt")
+        assert (tmp_path / "head.pt").stat().st_size < 100_000  # 4.3 MB before
+        head = torch.load(tmp_path / "head.pt", weights_only=False)
+    else:
+        saved = pickle.dumps(source[6])
+        assert len(saved) < 100_000
+        head = pickle.loads(saved)
+    assert head.tinyprop_state.root is None and head.tinyprop_state is not source[6].tinyprop_state
+
+    plain = nn.Linear(16, 3)
+    plain.load_state_dict({"weight": head.weight, "bias": head.bias})
+    x16 = torch.randn(6, 16)
+    for layer in (head, plain):  # a plain loop: PyTorch's gradients, not top-k ones
+        layer(x16).square().sum().backward()
+    for p, q in zip(head.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        p.grad = q.grad = None
 
     torch.manual_seed(1)
-    body = nn.Linear(4, 16)
-    plain_head = nn.Linear(16, 3)
-    plain_head.load_state_dict({"weight": head.weight, "bias": head.bias})
-    expected = tinyprop.apply(nn.Sequential(copy.deepcopy(body), nn.ReLU(), plain_head), config)
-    copied = tinyprop.apply(nn.Sequential(body, nn.ReLU(), copy.deepcopy(head)), config)
+    start = nn.Linear(4, 16)
+    expected = tinyprop.apply(nn.Sequential(copy.deepcopy(start), nn.ReLU(), plain), config)
+    given = tinyprop.apply(nn.Sequential(copy.deepcopy(start), nn.ReLU(), head), config)
+    taken = tinyprop.apply(nn.Sequential(copy.deepcopy(start), nn.ReLU(), nn.Linear(16, 3)), config)
+    taken[2] = copy.deepcopy(head)  # set into an applied model
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    for model in (copied, expected):
+    for model in (given, taken, expected):
         stats = tinyprop.backward(model, LOSS(model(x), y))
         assert set(stats.keep) == {"0", "2"}
-    for p, q in zip(copied.parameters(), expected.parameters(), strict=True):
+    for model in (given, taken):
+        for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+
+
+def test_a_whole_model_pickled_links_its_layers_to_its_own_state():
+    """The layers are pickled without their state; the model's state links them again: every
+    sparse layer of the loaded model (a layer taken out of it too) shares the loaded model's
+    state, as in the model saved."""
+    config = tinyprop.TinyPropConfig(policy="topk", ratio=0.5)
+    model = tinyprop.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), config)
+    model.append(nn.Linear(3, 2))
+    model(torch.randn(2, 4))  # the appended layer made sparse
+    loaded = pickle.loads(pickle.dumps(model))
+    state = loaded._tinyprop_state
+    assert state.root is loaded and [name for name, _ in state.layers] == ["0", "2", "3"]
+    assert all(loaded[i].tinyprop_state is state for i in (0, 2, 3))
+
+
+def test_a_part_saved_alone_with_a_swapped_batch_norm_is_applied_afresh(tmp_path):
+    """A part of an applied model saved alone (torch.save(model.features)) whose BatchNorm
+    was swapped (batch_norm_trained_rows) took the whole model along through the BatchNorm,
+    and apply refused the part's layers as another model's. Now the BatchNorm loads plain and
+    the part applies afresh: the same step as the same weights applied anew."""
+    config = tinyprop.TinyPropConfig(batch_norm_trained_rows=True)
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU())
+    source = tinyprop.apply(nn.Sequential(features, nn.Linear(16, 3)), config)
+    torch.save(source[0], tmp_path / "features.pt")
+    part = torch.load(tmp_path / "features.pt", weights_only=False)
+    assert type(part[1]) is nn.BatchNorm1d
+    head = nn.Linear(16, 3)
+    plain = tinyprop.remove(copy.deepcopy(source))[0]
+    expected = tinyprop.apply(nn.Sequential(plain, copy.deepcopy(head)), config)
+    model = tinyprop.apply(nn.Sequential(part, head), config)  # ValueError before
+    assert model._tinyprop_state.batch_norms == [part[1]]
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for net in (model, expected):
+        stats = tinyprop.backward(net, LOSS(net(x), y))
+        assert set(stats.keep) == {"0.0", "1"}
+    for p, q in zip(model.parameters(), expected.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)

@@ -89,6 +89,19 @@ class _TrainedRowsBatchNorm:
     def plain_forward(self, x: Tensor) -> Tensor:
         return super().forward(x)
 
+    def __reduce_ex__(self, protocol):
+        """Pickle (``torch.save``, ``copy.deepcopy``) as the plain BatchNorm, without the
+        model's state: the state of a whole model swaps its BatchNorms again
+        (``TinyPropState.__setstate__``), and a part of the model saved or copied alone
+        (``torch.save(model.features)``) is plain PyTorch, as ``apply`` finds it. It took the
+        whole model along, and ``apply`` refused the part's layers as another model's."""
+        reduced = super().__reduce_ex__(protocol)
+        if protocol < 2:
+            return reduced
+        attributes = dict(reduced[2])
+        attributes.pop("tinyprop_state", None)
+        return (_plain_batch_norm, (_ORIGINAL_OF[type(self)],), attributes, *reduced[3:])
+
     def forward(self, x: Tensor) -> Tensor:
         state = self.tinyprop_state
         batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
@@ -115,16 +128,24 @@ for _swapped in _CLASSES.values():
     globals()[_swapped.__name__] = _swapped  # picklable by name
 
 
+def _plain_batch_norm(original: type) -> nn.Module:
+    """An empty plain BatchNorm, for pickle to fill in."""
+    return original.__new__(original)
+
+
 def swap_batch_norms(model: nn.Module, state) -> list[nn.Module]:
     """Give every plain ``nn.BatchNorm1d/2d/3d`` of ``model`` (exactly those classes: a
     subclass may have its own forward) the trained-rows backward; returns the modules."""
-    swapped = []
-    for module in model.modules():
-        if type(module) in _CLASSES:
-            module.__class__ = _CLASSES[type(module)]
-            module.tinyprop_state = state
-            swapped.append(module)
+    swapped = [module for module in model.modules() if type(module) in _CLASSES]
+    for module in swapped:
+        swap_batch_norm(module, state)
     return swapped
+
+
+def swap_batch_norm(module: nn.Module, state) -> None:
+    """Give one plain BatchNorm (or one swapped already) the trained-rows backward."""
+    module.__class__ = _CLASSES[_ORIGINAL_OF.get(type(module), type(module))]
+    object.__setattr__(module, "tinyprop_state", state)  # (also while pickle builds it)
 
 
 def restore_batch_norms(modules: list[nn.Module]) -> None:

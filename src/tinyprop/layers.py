@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyprop.autograd import SparseBackprop
+from tinyprop.config import TinyPropConfig
 from tinyprop.patches import cached_patches_for, zero_padding
 from tinyprop.relu_fusion import relu_input, take_mark
 from tinyprop.state import ForwardPass, TinyPropState, backward_running, recomputed_call
@@ -88,13 +89,21 @@ class SparseBackpropLayer:
         class of a subclass (``NonDynamicallyQuantizableLinear``, the ``out_proj`` of every
         ``nn.MultiheadAttention``) or of a registered class (GPT-2's ``Conv1D``) is made at
         ``apply`` time and cannot be found by name, and pickling the model failed ("attribute
-        lookup TinyPropConv1D on tinyprop.layers failed"). Unpickling makes it again."""
+        lookup TinyPropConv1D on tinyprop.layers failed"). Unpickling makes it again.
+
+        The layer is pickled without its link to the model's state: the state comes with the
+        model, which links its layers again (``TinyPropState.__setstate__``), and a layer
+        pickled alone (``torch.save(model.head)``) is saved alone and loads as a layer of no
+        model, as ``copy.deepcopy`` of it does. It took the whole model along, and loaded as a
+        layer of a hidden copy of that model."""
         reduced = super().__reduce_ex__(protocol)
         if protocol < 2:
             return reduced
         mixin, original = type(self).__bases__  # see sparse_class
         registered = mixin.transposed_weight if mixin.__name__ == _REGISTERED else None
-        return (_unpickled_layer, (original, registered), *reduced[2:])
+        attributes = dict(reduced[2])
+        config = attributes.pop("tinyprop_state").config
+        return (_unpickled_layer, (original, registered, config), attributes, *reduced[3:])
 
     def sparse_weight(self) -> Tensor:
         """The weight as the sparse backward sees it: (out, in) or (C_out, C_in / G, ...)."""
@@ -373,11 +382,18 @@ def sparse_class(original: type) -> type:
     return _SPARSE_CLASSES[original]
 
 
-def _unpickled_layer(original: type, registered: bool | None = None) -> nn.Module:
-    """An empty instance of the sparse class of ``original``, for pickle to fill in; a class
-    that was given to :func:`register_linear` (``registered``: its ``transposed``) is
-    registered again in a process that has not done so (it would become a convolution)."""
+def _unpickled_layer(
+    original: type, registered: bool | None = None, config: TinyPropConfig | None = None
+) -> nn.Module:
+    """An empty instance of the sparse class of ``original``, for pickle to fill in, with a
+    state of no model (``config``: its model's) until its model's state links it again; a
+    class that was given to :func:`register_linear` (``registered``: its ``transposed``) is
+    registered again in a process that has not done so (it would become a convolution). A
+    file saved before ``config`` was passed holds the layer's state itself."""
     if registered is not None and original not in _SPARSE_CLASSES:
         register_linear(original, transposed=registered)
     cls = sparse_class(original)
-    return cls.__new__(cls)
+    layer = cls.__new__(cls)
+    if config is not None:
+        object.__setattr__(layer, "tinyprop_state", TinyPropState(config=config))
+    return layer

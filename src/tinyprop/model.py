@@ -112,8 +112,8 @@ def apply(model: nn.Module, config: TinyPropConfig | None = None) -> nn.Module:
             module is model for module in root.modules()
         ):  # a layer of another applied model (or of the copy torch.load made of that model)
             raise ValueError(
-                f"'{inner}' is a sparse layer of another applied model (torch.save or pickle "
-                "of a layer alone saves that model with it, and torch.load brings it back); "
+                f"'{inner}' is a sparse layer of another applied model (a layer saved alone "
+                "by an older tinyprop took that model with it, and torch.load brings it back); "
                 "give this model a copy of its own, copy.deepcopy(layer), which apply makes "
                 "sparse afresh, or call tinyprop.remove on the model it came from first"
             )
@@ -330,7 +330,7 @@ def _take_over_moved_layer(
         raise ValueError(
             f"layer '{name or '<root>'}' ({getattr(layer, _ORIGINAL_CLASS).__name__}) is in "
             f"two models given to tinyprop.apply: it is still '{layer.layer_name}' of the "
-            "other one (torch.save or pickle of a layer alone saves that model with it, and "
+            "other one (a layer saved alone by an older tinyprop took that model with it, and "
             "torch.load brings it back). Take the layer out of the other model first, or give "
             "this model a copy of its own: copy.deepcopy(layer)"
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tinyprop.batch_norm import swap_batch_norm
 from tinyprop.config import TinyPropConfig
 from tinyprop.policies import Policy, policy_for
 
@@ -200,12 +201,18 @@ class TinyPropState:
         return copied
 
     def __setstate__(self, state: dict) -> None:
-        """A whole model pickled before the open forward passes were kept per thread (or
-        before ``earlier_passes``)."""
+        """Link the sparse layers and swapped BatchNorms to this state again (they are pickled
+        without it: ``SparseBackpropLayer.__reduce_ex__``, ``tinyprop.batch_norm``); a whole
+        model pickled before the open forward passes were kept per thread (or before
+        ``earlier_passes``)."""
         state.pop("open_pass", None)
         state.setdefault("open_passes", {})
         state.setdefault("earlier_passes", [])
         self.__dict__.update(state)
+        for _, layer in self.layers + self.detached:
+            object.__setattr__(layer, "tinyprop_state", self)
+        for module in self.batch_norms:
+            swap_batch_norm(module, self)
 
     @property
     def open_pass(self) -> ForwardPass | None:
