@@ -268,3 +268,31 @@ def test_a_model_moved_to_meta_after_apply_starts_its_running_state_afresh(polic
     assert train(moved, 3) == train(fresh, 3)
     for name, value in fresh.state_dict().items():
         torch.testing.assert_close(moved.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "entry, value",
+    [
+        ("2.error_max", torch.tensor(float("nan"))),
+        ("2.backward_steps", torch.tensor(-3)),
+        ("2.error_max", torch.tensor(1.0, dtype=torch.complex64)),
+    ],
+)
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_corrupt_entry_of_a_later_layer_loads_nothing(checkpoint, entry, value, inside):
+    """The refusal of a later layer's running state came when that layer loaded: the layers
+    before it had taken the checkpoint's weights and running maxima already, so a caller who
+    caught the error went on training a model half one checkpoint's and half the other's. Now
+    the applied model checks every layer's entries before anything loads (also inside a larger
+    module being loaded)."""
+    net = model()
+    loaded, corrupt = (nn.ModuleDict({"net": net}), {}) if inside else (net, {})
+    prefix = "net." if inside else ""
+    corrupt.update({prefix + name: tensor for name, tensor in checkpoint.items()})
+    corrupt[prefix + entry] = value
+    before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+    with pytest.raises(ValueError, match=f"'{prefix}{entry}' is "):
+        loaded.load_state_dict(corrupt)
+    for name, tensor in net.state_dict().items():
+        # '0.weight' loaded before (the score window's empty slots are NaN)
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, equal_nan=True, msg=name)

@@ -718,7 +718,10 @@ def widen_running_state(model: nn.Module) -> None:
 def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
     """Refuse a checkpoint whose running maxima are NaN, infinite or negative (or, on the
     root module, whose budget controller or score window is corrupt). The buffers it loads
-    into are widened first: a float16 model keeps them in float32 (or float64)."""
+    into are widened first: a float16 model keeps them in float32 (or float64). The root,
+    loaded first, checks every sparse layer's entries before any weight loads: a corrupt
+    entry of a later layer left the weights of the layers before it loaded, the model half
+    one checkpoint's and half the other's."""
     _check_loaded_dtypes(module, state_dict, prefix)
     state = getattr(module, _STATE, None)
     if state is not None:
@@ -726,9 +729,19 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
         # running maxima load too (it refused them)
         state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
+        for name, layer in module.named_modules():
+            if layer is not module and isinstance(layer, SparseBackpropLayer):
+                _check_loaded_dtypes(layer, state_dict, f"{prefix}{name}.")
+                _check_loaded_entries(layer, state_dict, f"{prefix}{name}.")
         state.policy.check_loaded(state_dict, prefix)
         loaded = state_dict.get(prefix + OUTPUT_ERROR_MAX)  # checked at the next decision
         state.output_error_max_unchecked = isinstance(loaded, Tensor) and bool(loaded.gt(0).all())
+    _check_loaded_entries(module, state_dict, prefix)
+
+
+def _check_loaded_entries(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Refuse a backward count or a running maximum of ``module`` that the checkpoint cannot
+    hold (see :func:`_check_loaded_maxima`)."""
     # random-k's draws follow it; -5, 2^63 - 1 (wrapping to -2^63) or a float NaN loaded as is
     fix = "set it to 0 (the count of the layer's backward passes)"
     check_count(state_dict.get(prefix + "backward_steps"), prefix + "backward_steps", fix)
