@@ -296,3 +296,20 @@ def test_a_corrupt_entry_of_a_later_layer_loads_nothing(checkpoint, entry, value
     for name, tensor in net.state_dict().items():
         # '0.weight' loaded before (the score window's empty slots are NaN)
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("entry, shape", [("2.weight", (5, 32)), ("2.error_max", (2,))])
+def test_a_checkpoint_entry_of_another_shape_loads_nothing(checkpoint, entry, shape):
+    """PyTorch refuses an entry of another shape when it reaches it, after the modules before
+    it loaded: '0.weight' was the checkpoint's, '2.weight' the model's. The applied model
+    refuses it before anything loads, with PyTorch's message; a one-element entry of a scalar
+    still loads, as in PyTorch."""
+    net = model()
+    before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+    corrupt = {**checkpoint, entry: torch.zeros(shape)}
+    with pytest.raises(RuntimeError, match=f"size mismatch for {entry}: .*Nothing was loaded"):
+        net.load_state_dict(corrupt)
+    for name, tensor in net.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    net.load_state_dict({**checkpoint, "2.error_max": checkpoint["2.error_max"].reshape(1)})
+    assert torch.equal(net[0].weight, checkpoint["0.weight"])

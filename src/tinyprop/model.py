@@ -10,6 +10,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
@@ -729,6 +730,7 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
         # running maxima load too (it refused them)
         state.load_prefix = prefix  # where this model sits in the module being loaded
         widen_running_state(module)
+        _check_loaded_shapes(module, state_dict, prefix)
         for name, layer in module.named_modules():
             if layer is not module and isinstance(layer, SparseBackpropLayer):
                 _check_loaded_dtypes(layer, state_dict, f"{prefix}{name}.")
@@ -737,6 +739,47 @@ def _check_loaded_maxima(module, state_dict, prefix, *args) -> None:
         loaded = state_dict.get(prefix + OUTPUT_ERROR_MAX)  # checked at the next decision
         state.output_error_max_unchecked = isinstance(loaded, Tensor) and bool(loaded.gt(0).all())
     _check_loaded_entries(module, state_dict, prefix)
+
+
+def _check_loaded_shapes(model: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Refuse, before anything loads, a checkpoint entry whose shape is not the one it loads
+    into, as PyTorch's ``load_state_dict`` does when it reaches that entry: by then the
+    modules before it had loaded, and a caller who caught the error trained a model half one
+    checkpoint's and half the other's. Modules that load in their own way (their own
+    ``_load_from_state_dict`` or a load hook that may convert the entries) are left to it."""
+    for name, module in model.named_modules(remove_duplicate=False):  # as load visits them
+        if type(module)._load_from_state_dict not in _PLAIN_LOADS or any(
+            getattr(hook, "hook", None) is not _check_loaded_maxima
+            for hook in module._load_state_dict_pre_hooks.values()
+        ):
+            continue
+        persistent = {
+            key: buffer
+            for key, buffer in module._buffers.items()
+            if key not in module._non_persistent_buffers_set
+        }
+        for key, tensor in {**module._parameters, **persistent}.items():
+            entry = f"{prefix}{name}.{key}" if name else prefix + key
+            value = state_dict.get(entry)
+            if (
+                not isinstance(value, Tensor)
+                or tensor is None
+                or isinstance(tensor, nn.parameter.UninitializedTensorMixin)
+                or (tensor.dim() == 0 and value.shape == (1,))  # PyTorch takes value[0]
+                or value.shape == tensor.shape
+            ):
+                continue
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(model).__name__}:\n\tsize mismatch "
+                f"for {entry}: copying a param with shape {value.shape} from checkpoint, the "
+                f"shape in current model is {tensor.shape}. Nothing was loaded: give a "
+                "checkpoint of this model, or load the entries that fit with strict=False "
+                "after deleting this one"
+            )
+
+
+# the _load_from_state_dict of modules that load their entries as they are
+_PLAIN_LOADS = {nn.Module._load_from_state_dict, _NormBase._load_from_state_dict}
 
 
 def _check_loaded_entries(module: nn.Module, state_dict: dict, prefix: str) -> None:
