@@ -339,23 +339,29 @@ def assert_same_state(a, b) -> None:
 def test_a_proven_step_walks_and_steps_as_the_deferred_update_bit_for_bit(sgd, threads):
     """A graph-free fused step proven accepted steps each fused hidden layer in its input
     gradient's walk (tinyprop.fused_walk): the same weights and momentum buffers bit for bit
-    as the deferred update, graph-free or through autograd (before: no walk)."""
+    as the deferred update, graph-free or through autograd (before: no walk). With momentum
+    only when switched on (its walk measured slower than the deferred update)."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        batches = walk_batches()
-        runs = {
-            way: fused_run(way, walk_mlp(), sgd, batches)
-            for way in ("walk", "deferred", "autograd")
-        }
+        with mock.patch.object(fused_walk, "WALKS_WITH_MOMENTUM", True):
+            batches = walk_batches()
+            runs = {
+                way: fused_run(way, walk_mlp(), sgd, batches)
+                for way in ("walk", "deferred", "autograd")
+            }
+        default = fused_run("walk", walk_mlp(), sgd, batches)  # WALKS_WITH_MOMENTUM False
     finally:
         torch.set_num_threads(threads_before)
     assert runs["walk"][2] == 3 * len(batches)  # the three layers with an input gradient
+    assert default[2] == (0 if sgd.get("momentum") else 3 * len(batches))
+    assert_same_state(default[:2], runs["deferred"][:2])
     assert runs["deferred"][2] == runs["autograd"][2] == 0
     for way in ("deferred", "autograd"):
         assert_same_state(runs["walk"][:2], runs[way][:2])
 
 
+@mock.patch.object(fused_walk, "WALKS_WITH_MOMENTUM", True)  # its walk, kept tested
 def test_an_overflow_below_a_walking_layer_refuses_the_step_untouched():
     """After steps that walked, a weight column of 1e30 under an input of 1e10 (changed in
     place through PyTorch, a new version): the first layer's weight gradient overflows to
@@ -386,6 +392,7 @@ def test_an_overflow_below_a_walking_layer_refuses_the_step_untouched():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], buffers[name]), name
 
 
+@mock.patch.object(fused_walk, "WALKS_WITH_MOMENTUM", True)  # its walk, kept tested
 def test_huge_weights_that_fail_the_bound_step_as_the_deferred_update():
     """A weight entry of 1e36 on a unit its ReLU keeps off: every gradient stays finite, but
     the bound (96 inputs x 1e36 x Σ |δ|) does not hold: no walk, the deferred update's
@@ -403,6 +410,7 @@ def test_huge_weights_that_fail_the_bound_step_as_the_deferred_update():
     assert not torch.equal(walked[0][2].weight, model[2].weight)  # it stepped
 
 
+@mock.patch.object(fused_walk, "WALKS_WITH_MOMENTUM", True)  # its walk, kept tested
 def test_the_kept_bound_stays_above_the_weight_as_walks_step_it():
     """The bound on max |W| kept for each walked weight is advanced by lr times a bound on
     the step (no read of the weight): after steps at a large learning rate it is still at
@@ -424,3 +432,20 @@ def test_the_kept_bound_stays_above_the_weight_as_walks_step_it():
     with torch.no_grad():
         model[2].weight.mul_(1e3)
     assert fused_walk.bound(bounds, model[2].weight) == fused_walk.largest(model[2].weight)
+
+
+def test_a_step_where_no_weight_would_walk_reads_no_bound():
+    """SGD with momentum does not walk (slower than its deferred update): the step proves
+    nothing either, since each deferred update counts a version and the proof would read every
+    weight's max |W| again, every step, for nothing."""
+    model = tinyprop.apply(walk_mlp(), tinyprop.TinyPropConfig(policy="topk", ratio=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    reads = []
+    largest = fused_walk.largest
+    with mock.patch.object(fused_walk, "largest", lambda t: reads.append(t.shape) or largest(t)):
+        with counted_walks() as walks:
+            for x, y in walk_batches(3):
+                tinyprop.train_step(model, x, y, loss_fn, optimizer, fused_update=True)
+    assert len(walks) == 0
+    assert reads == []

@@ -46,6 +46,11 @@ from tinyprop.layers import TinyPropLinear
 from tinyprop.relu_fusion import ConvInputReLU
 
 LIMIT = float(torch.finfo(torch.float32).max) / 4  # a factor 4 to spare, as prove_finite
+# SGD with momentum walks slower than its deferred update: walk / deferred 1.08 (1 thread) and
+# 1.09 (2 threads) for the deep MLP, 1.04 for the wide one at 2 threads (plain SGD 0.94 and
+# 1.00): `python benchmarks/fused_walk_ab.py --model deep --momentum 0.9 --threads 2`. So only
+# plain SGD walks; the momentum walk (same bits) waits for a faster kernel.
+WALKS_WITH_MOMENTUM = False
 ROUNDING = 1.0 + 2.0**-20  # a float32 step's roundings (2^-24 each), with room to spare
 PASSING = (nn.ReLU, ConvInputReLU, nn.Dropout, nn.Identity, nn.Flatten)  # |δ| not raised
 
@@ -57,12 +62,16 @@ class Walks:
     """A fused step's permission to walk (proven by :func:`prove`): the optimizer, its group of
     each parameter, the bound on each fused weight's gradient and the model's kept bounds."""
 
-    def __init__(self, optimizer, gradient_bounds: dict[int, float], bounds: dict):
+    def __init__(self, optimizer, groups: dict, gradient_bounds: dict[int, float], bounds: dict):
         self.optimizer = optimizer
-        self.groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self.groups = groups  # id(parameter) -> its parameter group
         self.gradient_bounds = gradient_bounds  # id(weight) -> bound on max |W'|
         self.bounds = bounds
         self.walked = 0  # weights stepped by a walk in this step
+
+    def pays(self, weight: nn.Parameter) -> bool:
+        """Whether walking this weight is faster than its deferred update."""
+        return pays(self.groups[id(weight)])
 
     def walk(self, weight: nn.Parameter, x: Tensor, row_start, column, value, relu_mask: bool):
         """The input gradient (B, in) of a fused layer, and SGD's step of its weight (and
@@ -98,14 +107,23 @@ class Walks:
         return grad_input
 
 
+def pays(group: dict) -> bool:
+    """Whether walking a weight of this SGD parameter group is faster than its deferred update
+    (plain SGD; with momentum only under ``WALKS_WITH_MOMENTUM``)."""
+    return WALKS_WITH_MOMENTUM or not group["momentum"]
+
+
 def prove(model: nn.Module, modules: list, inputs: list, calls: dict, delta: Tensor, step,
           optimizer) -> Walks | None:  # fmt: skip
     """The permission to walk of a graph-free step whose backward starts from ``delta`` (R, ...)
     at the output of ``modules`` (their ``inputs`` and sparse ``calls`` as
     :func:`tinyprop.graph_free.run_step` has them), or None: no fused layer with an input
     gradient, or a bound that fails (see module docstring)."""
-    if not any(
-        call.input_requires_grad and id(modules[position].weight) in step.fused_weights
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    if not any(  # no weight would walk: no proof (its reads of max |W| would cost for nothing)
+        call.input_requires_grad
+        and id(modules[position].weight) in step.fused_weights
+        and pays(groups[id(modules[position].weight)])
         for position, (call, _) in calls.items()
     ):
         return None
@@ -118,7 +136,7 @@ def prove(model: nn.Module, modules: list, inputs: list, calls: dict, delta: Ten
         gradients = _gradient_bounds(modules, inputs, calls, delta, bounds)
     if gradients is None:
         return None
-    return Walks(optimizer, gradients, bounds)
+    return Walks(optimizer, groups, gradients, bounds)
 
 
 def _gradient_bounds(modules, inputs, calls, delta, bounds) -> dict[int, float] | None:

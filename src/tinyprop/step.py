@@ -276,7 +276,7 @@ class StepContext:
         SGD's step to its weight (:meth:`tinyprop.fused_walk.Walks.walk`), when the step was
         proven accepted before its backward; None: :meth:`defer_update`'s path."""
         weight = self.fused_weights.get(weight_id)
-        if self.walks is None or weight is None or x.numel() == 0:
+        if self.walks is None or weight is None or x.numel() == 0 or not self.walks.pays(weight):
             return None
         del self.fused_weights[weight_id]
         return self.walks.walk(weight, x, row_start, column, value, relu_mask)
