@@ -240,12 +240,13 @@ def test_an_absurd_but_finite_running_maximum_is_refused_at_the_first_step(entry
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("how", ["meta", "in place"])
 @pytest.mark.parametrize("policy", ["tinypropv2", "randomk"])
-def test_a_model_moved_to_meta_after_apply_starts_its_running_state_afresh(policy):
+def test_a_model_given_empty_storage_after_apply_starts_its_running_state_afresh(policy, how):
     """``model.to("meta")`` of an applied (and trained) model, then ``to_empty`` and weights of
-    one's own: tinyprop's buffers held whatever the memory held (Ymax_l of 7e14, random-k
-    seeded by a garbage backward count), silently, where a model applied on meta starts
-    afresh. It trains as the same weights applied anew."""
+    one's own, or ``to_empty`` straight on the CPU: tinyprop's buffers held whatever the memory
+    held (Ymax_l of 7e14, random-k seeded by a garbage backward count), silently, where a model
+    applied on meta starts afresh. It trains as the same weights applied anew."""
     config = tinyprop.TinyPropConfig(policy=policy, ratio=0.3)
 
     def applied(weights: dict | None = None) -> nn.Module:
@@ -258,7 +259,10 @@ def test_a_model_moved_to_meta_after_apply_starts_its_running_state_afresh(polic
     moved = applied()
     weights = {name: value.clone() for name, value in moved.named_parameters()}
     train(moved, 2)
-    moved.to("meta").to_empty(device="cpu")
+    if how == "meta":
+        moved.to("meta").to_empty(device="cpu")
+    else:  # fresh storage on its own device, without the move to meta
+        moved.to_empty(device="cpu")
     with torch.no_grad():
         for buffer in tinyprop_entries(moved).values():
             buffer.fill_(7e14 if buffer.is_floating_point() else 123456789)  # what memory held

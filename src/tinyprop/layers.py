@@ -72,15 +72,17 @@ class SparseBackpropLayer:
     def _apply(self, fn, recurse=True):
         """As ``nn.Module._apply`` (``.half()``, ``.to()``, ``.cuda()``), but Ymax_l keeps at
         least float32: in float16 a running maximum past 65504 would become inf. Moved to the
-        meta device (``model.to("meta")``), the running state has no values left: it starts
-        afresh once the model has memory again (``to_empty``), as a model applied on meta."""
+        meta device (``model.to("meta")``), or given fresh storage in place (``to_empty`` on
+        its own device), the running state has no values left: it starts afresh once the
+        model has memory again, as a model applied on meta."""
         kept = self._buffers.get("error_max")
         module = super()._apply(fn, recurse)
         cast = self._buffers.get("error_max")
         if kept is not None and cast is not None and cast.dtype != kept.dtype:
             wide = torch.promote_types(cast.dtype, torch.float32)
             self._buffers["error_max"] = kept.to(device=cast.device, dtype=wide)
-        if kept is not None and cast is not None and cast.is_meta and not kept.is_meta:
+        emptied = cast is not None and (cast.is_meta or getattr(fn, "__qualname__", "") == EMPTY)
+        if kept is not None and not kept.is_meta and emptied:
             self.tinyprop_state.made_on_meta = True
         return module
 
@@ -341,6 +343,9 @@ def _keeps_forward(module: nn.Module, base: type) -> bool:
         same = same and kind._conv_forward is base._conv_forward
     return same
 
+
+# the function nn.Module.to_empty applies: storage without values (whatever memory held)
+EMPTY = "Module.to_empty.<locals>.<lambda>"
 
 # whether torch.export records this call (torch >= 2.6; a flag read, 34 ns)
 exporting = getattr(torch.compiler, "is_exporting", lambda: False)
