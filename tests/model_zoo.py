@@ -79,16 +79,22 @@ def _classifier(model: nn.Module, shape: tuple, classes: int, size: int, seed: i
     return model.double(), (x,), y, cross_entropy
 
 
-def _bert(size: int, seed: int):
+def tiny_bert(layers: int = 1, seed: int = 0) -> nn.Module:
+    """A BERT sequence classifier from a small config (vocabulary 40, width 16, 3 labels, no
+    weights loaded), dropout off, float64, its weights drawn after ``torch.manual_seed(seed)``."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=16, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config).double()
+    return BertForSequenceClassification(config).double()
+
+
+def _bert(size: int, seed: int):
+    model = tiny_bert(layers=2, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 40, (size, 7), generator=generator)
     y = torch.randint(0, 3, (size,), generator=generator)

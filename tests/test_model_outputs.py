@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_zoo import tiny_bert
 from torch import nn
 
 import tinyprop
@@ -115,15 +116,7 @@ def test_transformers_model_with_return_dict_false_trains_as_with_a_model_output
     """``return_dict=False, output_hidden_states=True``: the model returns (logits,
     hidden_states), a tuple of a tensor and a tuple of tensors. topk 0.5: the same kept
     entries and weights as the ModelOutput run."""
-    import transformers
-
-    config = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    plain = transformers.BertForSequenceClassification(config).double()
+    plain = tiny_bert()
     settings = tinyprop.TinyPropConfig(policy="topk", ratio=0.5)
     dictionary = tinyprop.apply(copy.deepcopy(plain), settings)
     tupled = tinyprop.apply(copy.deepcopy(plain), settings)

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from model_zoo import tiny_bert
 from test_model_matrix import masked_reference, plain_gradients
 from torch import nn
 from torch.nn.utils import parametrize, prune
@@ -606,13 +607,7 @@ def test_train_step_takes_a_tokenizers_batch_as_keyword_inputs():
     def losses(output, y):
         return nn.functional.cross_entropy(output.logits, y, reduction="none")
 
-    config = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    plain = transformers.BertForSequenceClassification(config).double()
+    plain = tiny_bert()
     model = tinyprop.apply(copy.deepcopy(plain), tinyprop.TinyPropConfig(policy="topk", ratio=1))
     ids = torch.randint(3, 40, (4, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
